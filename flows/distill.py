@@ -1,0 +1,50 @@
+"""The whole distillation, top to bottom: data → teacher → teacher's CoT answers → filter → students →
+evaluation → report. Every stage is a content-cached task: a rerun redoes only what changed.
+
+    python -m flows.distill recipes/demo.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from flows.train_teacher import train_teacher
+from kdflow.recipe import StudentData, load_recipe
+from tasks.curate import filter_answers
+from tasks.data import make_data
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_answers
+from tasks.report import write_report
+from tasks.students import train_student
+
+
+@flow(name="distill", log_prints=True)
+def distill(recipe: str = "recipes/demo.yaml") -> dict:
+    r = load_recipe(recipe)  # a bad recipe fails here, before any work
+    run_dir, cot = r.run_dir, r.prompts.cot_text()
+
+    data = make_data(run_dir, r.data)
+    teacher = train_teacher(recipe)
+    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers)
+    students = {
+        s.name: train_student(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
+        for s in r.students
+    }
+    evaluations = {
+        name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, data)
+        for name, model in {"teacher": teacher, **students}.items()
+    }
+    report = write_report(run_dir, r.run.name, evaluations, {s.name: {"data": s.data.value} for s in r.students},
+                          curated)
+
+    print(f"report: {run_dir / 'report.md'}")
+    for name, m in {"teacher": report["teacher"], **report["students"]}.items():
+        print(f"  {name:>10}: accuracy {m['accuracy']:.3f}, {m['params']:,} parameters")
+    return report
+
+
+if __name__ == "__main__":
+    distill(*sys.argv[1:2])

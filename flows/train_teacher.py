@@ -1,0 +1,28 @@
+"""Train the teacher (or take the one the recipe names): the source's first step, runnable alone.
+
+    python -m flows.train_teacher recipes/demo.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from kdflow.outputs import OutputRef
+from kdflow.recipe import load_recipe
+from tasks.data import make_data
+from tasks.teacher import train_teacher_model, use_existing_teacher
+
+
+@flow(name="train-teacher", log_prints=True)
+def train_teacher(recipe: str = "recipes/demo.yaml") -> OutputRef:
+    r = load_recipe(recipe)
+    if r.teacher.model:
+        return use_existing_teacher(r.run_dir, r.teacher)
+    data = make_data(r.run_dir, r.data)
+    return train_teacher_model(r.run_dir, r.teacher, data, r.prompts.cot_text())
+
+
+if __name__ == "__main__":
+    print(train_teacher(*sys.argv[1:2]))

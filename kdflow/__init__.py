@@ -1,0 +1,1 @@
+"""kdflow domain code: plain Python (no Prefect imports), testable without a server."""

@@ -1,0 +1,56 @@
+"""Batched generation with HF transformers: the CPU teacher backend, and how students are evaluated."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def load(model_dir: str):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"  # decoder-only batches must end at the prompt, not at padding
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+             temperature: float = 0.0, seed: int = 0) -> list[dict]:
+    """Answer each user prompt through the chat template.
+
+    Returns one dict per prompt: ``text`` (special tokens removed), ``finish_reason`` ("stop" when the
+    model ended its turn, "length" when it hit ``max_new_tokens``) and ``completion_tokens``.
+    """
+    torch.manual_seed(seed)
+    # Sort by length so each batch pads little; results go back in the input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[dict | None] = [None] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True)
+            for i in idx
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature if temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        for row, i in zip(new.tolist(), idx):
+            ended = tokenizer.eos_token_id in row
+            tokens = row[: row.index(tokenizer.eos_token_id)] if ended else row
+            tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+            out[i] = {
+                "text": tokenizer.decode(tokens, skip_special_tokens=True),
+                "finish_reason": "stop" if ended else "length",
+                "completion_tokens": len(tokens) + int(ended),
+            }
+    return out

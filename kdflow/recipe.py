@@ -1,0 +1,284 @@
+"""Recipes: one YAML per experiment, parsed into typed sections.
+
+A bad recipe fails before any work with ``RecipeError``, naming the file, the field (and its line) and
+the fix. Training knobs pass straight through to TRL's ``SFTConfig`` so that TRL validates them itself.
+Fields listed in a section's ``__throughput_fields__`` (batch sizes for generation and evaluation) change
+how fast a stage runs, not what it produces, so they are left out of cache keys.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunSection(Strict):
+    name: str = Field(description="run folder name under `root`")
+    root: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' only (it becomes a folder name)")
+        return v
+
+
+class Difficulty(Strict):
+    min_steps: int = Field(2, ge=1)
+    max_steps: int = Field(4, ge=1)
+    max_operand: int = Field(99, ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) must be <= max_steps ({self.max_steps})")
+        return self
+
+
+class DataSource(str, enum.Enum):
+    arithmetic = "arithmetic"  # the built-in demo generator (data/arithmetic.py)
+    gsm8k = "gsm8k"  # GSM8K JSONL files (question, answer with '#### N')
+
+
+class DataSection(Strict):
+    source: DataSource
+    seed: int = 0
+    difficulty: Difficulty = Difficulty()
+    # teacher: the teacher's own training data; train: the student's gold set (question + rationale);
+    # prompts: extra questions with only a final answer, for the teacher to write rationales for.
+    splits: dict[str, int] = Field(description="rows per split")
+    path: str | None = Field(None, description="folder of <split>.jsonl files (gsm8k)")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: dict[str, int]) -> dict[str, int]:
+        missing = {"train", "test"} - set(v)
+        if missing:
+            raise ValueError(f"add the split(s) {sorted(missing)}: students train on 'train', evaluation uses 'test'")
+        bad = {k: n for k, n in v.items() if not isinstance(n, int) or n < 1}
+        if bad:
+            raise ValueError(f"split sizes must be positive integers, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _path_for_files(self):
+        if self.source is DataSource.gsm8k and not self.path:
+            raise ValueError("source 'gsm8k' reads local files: set data.path to the folder holding train.jsonl/test.jsonl")
+        return self
+
+
+class PromptsSection(Strict):
+    cot: str = Field("prompts/cot.jinja", description="chain-of-thought template, relative to the repo")
+
+    @field_validator("cot")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not (ROOT / v).is_file():
+            raise ValueError(f"no template at {ROOT / v}: point it at a file under prompts/")
+        return v
+
+    def cot_text(self) -> str:
+        return (ROOT / self.cot).read_text()
+
+
+class Architecture(Strict):
+    hidden: int = Field(ge=8)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    intermediate: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _head_dim(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.hidden // self.heads not in (32, 64, 128):
+            raise ValueError(
+                f"head dimension hidden/heads = {self.hidden // self.heads}; use 32, 64 or 128 "
+                "(vLLM's CPU attention rejects 16)"
+            )
+        return self
+
+
+def _check_sft_config(training: dict[str, Any]) -> dict[str, Any]:
+    """Let TRL validate the knobs: build the SFTConfig now, before any work (hardware settings aside,
+    so that a GPU recipe validates on a CPU machine too)."""
+    from kdflow.sft import sft_config
+
+    reserved = {"output_dir", "seed", "use_cpu"} & set(training)
+    if reserved:
+        raise ValueError(f"remove {sorted(reserved)}: kdflow sets them (the seed is the section's own `seed`)")
+    try:
+        sft_config(training, "/tmp/kdflow-validate", seed=0, cpu=True)
+    except TypeError as e:  # unknown keyword
+        raise ValueError(f"{e}; see trl.SFTConfig for the accepted keys") from None
+    except ValueError as e:
+        raise ValueError(f"TRL rejected these settings: {e}") from None
+    return training
+
+
+class TeacherSection(Strict):
+    model: str | None = Field(None, description="an existing model folder: skips teacher training")
+    architecture: Architecture | None = None
+    vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
+    seed: int = 0
+    training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
+
+    @field_validator("training")
+    @classmethod
+    def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_sft_config(v)
+
+    @model_validator(mode="after")
+    def _train_or_load(self):
+        if self.model is None and self.architecture is None:
+            raise ValueError("set teacher.model (an existing model folder) or teacher.architecture (to train one)")
+        if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
+            raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
+        return self
+
+
+class Backend(str, enum.Enum):
+    hf = "hf"  # transformers, batched, in-process
+    vllm = "vllm"  # a vLLM OpenAI-compatible server (teacher-querying issue)
+    openai = "openai"  # any OpenAI-compatible API (teacher-querying issue)
+
+
+class GenerationSection(Strict):
+    __throughput_fields__: ClassVar[set[str]] = {"batch_size"}
+    backend: Backend = Backend.hf
+    splits: list[str] = Field(description="splits whose questions the teacher answers")
+    max_new_tokens: int = Field(96, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(256, ge=1)
+
+
+class FiltersSection(Strict):
+    correctness: bool = Field(True, description="drop answers whose final answer differs from the gold one")
+
+
+class StudentData(str, enum.Enum):
+    gold = "gold"  # SFT on the gold rationales of the train split: the baseline
+    teacher = "teacher"  # SFT on the teacher's kept answers (sequence-level KD)
+
+
+class StudentSection(Strict):
+    name: str
+    data: StudentData
+    model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
+    architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
+    seed: int = 0
+    training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
+
+    @field_validator("training")
+    @classmethod
+    def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_sft_config(v)
+
+
+    @model_validator(mode="after")
+    def _one_init(self):
+        if (self.model is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model (fine-tune a pretrained student) or architecture (a fresh one)")
+        return self
+
+
+class EvaluationSection(Strict):
+    __throughput_fields__: ClassVar[set[str]] = {"batch_size"}
+    split: str = "test"
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class Recipe(Strict):
+    run: RunSection
+    data: DataSection
+    prompts: PromptsSection = PromptsSection()
+    teacher: TeacherSection
+    generation: GenerationSection
+    filters: FiltersSection = FiltersSection()
+    students: list[StudentSection] = Field(min_length=1)
+    evaluation: EvaluationSection = EvaluationSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [s.name for s in self.students]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"students.name must be unique; rename {dup}")
+        for split in [*self.generation.splits, self.evaluation.split]:
+            if split not in self.data.splits:
+                raise ValueError(f"split {split!r} is not in data.splits {sorted(self.data.splits)}: add it there")
+        if self.evaluation.split in self.generation.splits:
+            raise ValueError(f"generation.splits includes the evaluation split {self.evaluation.split!r}: "
+                             "students would train on test questions; remove it")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        root = Path(self.run.root)
+        return (root if root.is_absolute() else ROOT / root) / self.run.name
+
+
+def _line_of(node, loc: tuple) -> int | None:
+    """The 1-based YAML line of the field at ``loc`` (or of its closest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [v for k, v in node.value if k.value == part]
+            if not match:
+                return line
+            node = match[0]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            return line
+        line = node.start_mark.line + 1
+    return line
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with sections run, data, teacher, ...")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        root = yaml.compose(text)
+        problems = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown field; remove it or check its spelling"
+            elif err["type"] == "missing":
+                msg = "required field is missing; add it"
+            problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")
+        raise RecipeError("invalid recipe\n  " + "\n  ".join(problems)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    return parse_recipe(path.read_text(), source=str(path))
