@@ -1,0 +1,135 @@
+"""The distill flow end to end on the miniature recipe, and the stage cache around it (real Prefect)."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kdflow.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+STAGE_RUNS = 10  # per distill run of mini.yaml: data x2 (flow and teacher subflow), teacher, generate, curate,
+# 2 students, 3 evaluations
+STAGES = {"make_data", "train_teacher_model", "generate_answers", "filter_answers", "train_student", "evaluate_model"}
+
+
+def task_states(since: float) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs started after ``since`` (this test's flow runs)."""
+    import asyncio
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+
+    async def read():
+        # Task run states reach the server as events, recorded in batches: wait until all are final.
+        async with get_client() as client:
+            after = datetime.fromtimestamp(since, timezone.utc)
+            flow_runs = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after))
+            for _ in range(60):
+                runs = await client.read_task_runs(flow_run_filter=flow_runs)
+                runs = [r for r in runs if r.task_key.rsplit("-", 1)[0] in STAGES]
+                if len(runs) >= STAGE_RUNS and all(r.state is not None and r.state.is_final() for r in runs):
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                raise AssertionError(f"task run states never became final: {[r.state for r in runs]}")
+        states: dict[str, list[str]] = {}
+        for run in runs:  # not write_report (it always runs) nor the subflow's placeholder task run
+            states.setdefault(run.task_key.rsplit("-", 1)[0], []).append(run.state.name)
+        return states
+
+    return asyncio.run(read())
+
+
+def run_distill(recipe_path) -> tuple[dict, dict[str, list[str]]]:
+    from flows.distill import distill
+
+    start = time.time()
+    report = distill(str(recipe_path))
+    return report, task_states(start - 1)
+
+
+def stage_names(states: dict[str, list[str]], state: str) -> set[str]:
+    return {name for name, names in states.items() if state in names}
+
+
+def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_recipe):
+    recipe = load_recipe(mini_recipe)
+
+    # 1. A full run: every stage executes, the report has the teacher and both students.
+    report, states = run_distill(mini_recipe)
+    # The teacher's subflow asks for the data again: that second call, alone, is a cache hit.
+    assert sorted(states.pop("make_data")) == ["Cached", "Completed"]
+    assert stage_names(states, "Cached") == set()
+    run_dir = recipe.run_dir
+    on_disk = json.loads((run_dir / "report.json").read_text())
+    assert on_disk == report
+    assert set(report["students"]) == {"baseline", "seq-kd"}
+    for m in [report["teacher"], *report["students"].values()]:
+        assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0
+    assert report["teacher"]["params"] > report["students"]["baseline"]["params"]
+    assert "| baseline | gold |" in (run_dir / "report.md").read_text()
+    c = report["curation"]
+    assert c["kept"] + c["dropped"] == c["input_rows"] == 80  # train 40 + prompts 40
+    for stage in ("data", "teacher", "generate", "curate", "students", "evaluate"):
+        outputs = [p for p in (run_dir / stage).iterdir()]
+        assert outputs and all((p / "manifest.json").is_file() for p in outputs), stage
+
+    # 2. The same recipe again: every stage is a cache hit, nothing recomputed.
+    report2, states = run_distill(mini_recipe)
+    executed = stage_names(states, "Completed")
+    assert executed == set(), f"stages recomputed on an unchanged rerun: {executed}"
+    assert stage_names(states, "Cached") == STAGES
+    assert report2 == report
+
+    # 3. Only the student section changes: only students (and their evaluations) run again.
+    text = mini_recipe.read_text().replace("learning_rate: 3.0e-3, logging_steps: 5}", "learning_rate: 1.0e-3, logging_steps: 5}", 1)
+    mini_recipe.write_text(text)
+    _, states = run_distill(mini_recipe)
+    assert stage_names(states, "Completed") == {"train_student", "evaluate_model"}
+    assert states["train_student"].count("Completed") == 1  # the other student is untouched
+    assert states["evaluate_model"].count("Completed") == 1
+    assert {"make_data", "train_teacher_model", "generate_answers", "filter_answers"} <= stage_names(states, "Cached")
+
+    # 4. A deleted output folder is recomputed, not trusted; what follows it is reused when its content is
+    #    unchanged (the curate stage's output is deterministic given the same answers).
+    for folder in (run_dir / "curate").iterdir():
+        shutil.rmtree(folder)
+    _, states = run_distill(mini_recipe)
+    assert states["filter_answers"] == ["Completed"]
+    assert "Cached" in states["generate_answers"]
+    assert all((p / "manifest.json").is_file() for p in (run_dir / "curate").iterdir())
+
+
+def test_report_artifact_is_published(prefect_server, mini_recipe):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.distill import distill
+
+    distill(str(mini_recipe))
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mini-report"])))
+
+    artifacts = asyncio.run(latest())
+    assert artifacts and "kdflow report: mini" in artifacts[-1].data
+
+
+def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):
+    from flows.distill import distill
+    from kdflow.recipe import RecipeError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(__file__).with_name("mini.yaml").read_text().replace("root: runs", f"root: {tmp_path}/runs")
+                   .replace("heads: 2,", "heads: 4,", 1))
+    with pytest.raises(RecipeError, match="teacher.architecture: head dimension"):
+        distill(str(bad))
+    assert not (tmp_path / "runs").exists()
