@@ -1,7 +1,11 @@
 """The demo task: multi-step arithmetic with a written-out rationale and an exactly checkable answer.
 
-A problem is a chain of additions and subtractions, e.g. ``47+18-25``; its gold rationale evaluates it
-left to right, one step per line, and ends with ``Answer: 40``. Running totals never go negative, so every
+A problem is a chain of additions and subtractions, e.g. ``47+18-25+7``; its gold rationale reduces it
+left to right, one operation per line, rewriting what is left (``=65-25+7``, ``=40+7``, ``=47``), and
+ends with ``Answer: 47``. Rewriting the rest of the chain on every line keeps each step local: the next
+operation is always the first one on the previous line, so a tiny model learns to reduce, not to count
+how far along the question it is (with lines like ``65-25=40`` a 1M-parameter teacher mostly failed at
+fetching the right operand from the question: 25 % accuracy after 1,200 steps). Running totals never go negative, so every
 number is written with digits only. Everything is a pure function of (seed, split, index), so the splits
 are deterministic and disjoint by construction (each split draws from its own seeded stream, and problems
 that also occur in the test split are skipped in the others).
@@ -35,18 +39,19 @@ class Difficulty:
 def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
     """One problem: question, gold rationale (one step per line) and the integer answer."""
     n_steps = rng.randint(difficulty.min_steps, difficulty.max_steps)
-    total = rng.randint(1, difficulty.max_operand)
-    question, lines = str(total), []
+    values = [rng.randint(1, difficulty.max_operand)]
+    ops, totals = [], [values[0]]
     for _ in range(n_steps):
         operand = rng.randint(1, difficulty.max_operand)
         # Subtract only when the result stays >= 0, so answers never need a minus sign.
-        op = "-" if operand <= total and rng.random() < 0.5 else "+"
-        new_total = total - operand if op == "-" else total + operand
-        lines.append(f"{total}{op}{operand}={new_total}")
-        question += f"{op}{operand}"
-        total = new_total
-    lines.append(f"Answer: {total}")
-    return {"question": question, "rationale": "\n".join(lines), "answer": total}
+        op = "-" if operand <= totals[-1] and rng.random() < 0.5 else "+"
+        ops.append(op)
+        values.append(operand)
+        totals.append(totals[-1] - operand if op == "-" else totals[-1] + operand)
+    rest = lambda k: "".join(f"{ops[i]}{values[i + 1]}" for i in range(k, n_steps))  # ops k.. still to do
+    lines = [f"={totals[k]}{rest(k)}" for k in range(1, n_steps + 1)]
+    lines.append(f"Answer: {totals[-1]}")
+    return {"question": f"{values[0]}{rest(0)}", "rationale": "\n".join(lines), "answer": totals[-1]}
 
 
 def split_seed(seed: int, split: str) -> int:

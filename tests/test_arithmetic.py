@@ -37,9 +37,11 @@ def test_splits_are_disjoint():
 def test_gold_rationale_is_right_and_checker_accepts_it():
     for row in generate_splits(SIZES, seed=3, difficulty=Difficulty())["train"]:
         assert row["answer"] == evaluate_chain(row["question"]) >= 0
-        for line in row["rationale"].splitlines()[:-1]:
-            lhs, rhs = line.split("=")
-            assert evaluate_chain(lhs) == int(rhs)
+        steps = row["rationale"].splitlines()[:-1]
+        for before, line in zip([row["question"], *[s[1:] for s in steps]], steps):
+            assert line.startswith("=") and evaluate_chain(line[1:]) == evaluate_chain(before)
+            assert line[1:].count("+") + line[1:].count("-") == before.count("+") + before.count("-") - 1
+        assert steps[-1] == f"={row['answer']}"
         assert check_answer(row["rationale"], row["answer"])
 
 
