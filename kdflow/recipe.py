@@ -263,18 +263,24 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        root = yaml.compose(text)
-        problems = []
-        for err in e.errors():
-            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            field = ".".join(str(p) for p in loc) or "(top level)"
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown field; remove it or check its spelling"
-            elif err["type"] == "missing":
-                msg = "required field is missing; add it"
-            problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")
-        raise RecipeError("invalid recipe\n  " + "\n  ".join(problems)) from None
+        raise RecipeError("invalid recipe\n  " + "\n  ".join(validation_problems(e, text, source))) from None
+
+
+def validation_problems(error: ValidationError, text: str, source: str, skip: frozenset[str] = frozenset()) -> list[str]:
+    """One ``file:line: field: fix`` line per pydantic error. ``skip``: location parts that are not YAML keys
+    (e.g. the tags of a discriminated union), left out of the field name and the line lookup."""
+    root = yaml.compose(text)
+    problems = []
+    for err in error.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in skip)))
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; remove it or check its spelling"
+        elif err["type"] == "missing":
+            msg = "required field is missing; add it"
+        problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")
+    return problems
 
 
 def load_recipe(path: str | Path) -> Recipe:
