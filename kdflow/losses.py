@@ -73,13 +73,14 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     return reduce(nll, mask, reduction)
 
 
-def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
                 alpha: float, temperature: float, mask: torch.Tensor | None = None,
                 reduction: Reduction = "mean") -> torch.Tensor:
     """``α · CE(y, softmax(z_s)) + (1 − α) · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
 
     ``student_logits``, ``teacher_logits``: (..., C); ``labels``: (...); ``mask``: (...) or None.
-    ``alpha = 1`` is plain hard-label training (the teacher is ignored); ``alpha = 0`` is soft targets only.
+    ``alpha = 1`` is plain hard-label training (``teacher_logits`` may then be None); ``alpha = 0`` is soft
+    targets only.
     Positions without a label (``IGNORE_INDEX``) are left out of both terms, so that the two are
     averaged over the same positions.
     """
@@ -90,6 +91,8 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labe
     hard = cross_entropy(student_logits, labels, mask, reduction)
     if alpha == 1.0:  # skip the teacher entirely: a hard-label student needs no teacher logits
         return hard
+    if teacher_logits is None:
+        raise ValueError(f"alpha = {alpha} < 1 mixes in soft targets: pass the teacher's logits")
     return alpha * hard + (1.0 - alpha) * kd_kl(student_logits, teacher_logits, temperature, mask, reduction)
 
 

@@ -100,3 +100,10 @@ def test_bad_arguments_are_refused():
         kd_kl(z, torch.randn(2, 4))
     with pytest.raises(ValueError, match="reduction"):
         kd_kl(z, z, 1.0, reduction="batchmean")
+
+
+def test_hard_label_only_needs_no_teacher():
+    z, y = torch.tensor([ZS]), torch.tensor([2])
+    assert hinton_loss(z, None, y, 1.0, 4.0).item() == pytest.approx(cross_entropy(z, y).item())
+    with pytest.raises(ValueError, match="teacher's logits"):
+        hinton_loss(z, None, y, 0.5, 4.0)

@@ -1,0 +1,41 @@
+"""Classic KD (Hinton et al. 2015), top to bottom: data → teacher ensemble → hard-label student and
+distilled student → report, once per seed. Every stage is a content-cached task.
+
+    python -m flows.distill_classifier recipes/classifier-digits.yaml
+"""
+
+from __future__ import annotations
+
+import sys
+
+from prefect import flow
+
+from kdflow.classifier_recipe import load_classifier_recipe
+from tasks.classifier import (SeedRun, classifier_data, score_ensemble, train_classifier_student,
+                              train_classifier_teacher, write_classifier_report)
+
+
+@flow(name="distill-classifier", log_prints=True)
+def distill_classifier(recipe: str = "recipes/classifier-digits.yaml") -> dict:
+    r = load_classifier_recipe(recipe)  # a bad recipe fails here, before any work
+    run_dir = r.run_dir
+
+    data = classifier_data(run_dir, r.data)
+    runs = []
+    for seed in r.seeds:
+        members = [train_classifier_teacher(run_dir, r.teacher.model, data, s) for s in r.member_seeds(seed)]
+        hard = train_classifier_student(run_dir, r.student.model, data, [], None, seed)
+        kd = train_classifier_student(run_dir, r.student.model, data, members, r.distill, seed)
+        runs.append(SeedRun(seed=seed, members=members, ensemble=score_ensemble(data, members), hard=hard, kd=kd))
+    report = write_classifier_report(run_dir, r.run.name, data, r.distill, runs)
+
+    print(f"report: {run_dir / 'report.md'}")
+    for name, m in report["models"].items():
+        acc, err = m["test_accuracy"], m["test_errors"]
+        print(f"  {name:>20}: test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %, "
+              f"errors {err['values']}, {m['params']:,} parameters")
+    return report
+
+
+if __name__ == "__main__":
+    distill_classifier(*sys.argv[1:2])

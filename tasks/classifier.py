@@ -1,0 +1,207 @@
+"""Classic KD stages: the classifier data, teachers (one per ensemble member), students (hard-label or
+distilled) and the reports. Thin Prefect tasks over ``kdflow/classifier_kd.py`` (MLPs on the digits) and
+``kdflow/classifier_hf.py`` (transformers on the generated reviews), content-keyed like every stage.
+
+Every model stage keeps its logits on all three splits (``logits.safetensors``), so that what comes after
+it (an ensemble, a student's soft targets, the report) needs only those, never the model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel
+from safetensors.torch import load_file, save_file
+
+from kdflow import classifier_hf, classifier_kd
+from kdflow.classifier_kd import SPLITS, Split
+from kdflow.classifier_recipe import MLP, ClassifierData, DataSection, DistillSection, Transformer
+from kdflow.outputs import OutputRef, building, existing_output, finish
+from tasks.caching import StageCache, stage_key
+
+DATA, TEACHER, STUDENT = "classifier-data", "classifier-teacher", "classifier-student"
+VERSION = "1"
+LOGITS = "logits.safetensors"
+
+
+@task(cache_policy=StageCache(DATA, VERSION), persist_result=True)
+def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
+    """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer
+    and the generated rows as text (``rows.jsonl``)."""
+    inputs = {"section": section}
+    key = stage_key(DATA, VERSION, inputs)
+    if done := existing_output(run_dir, DATA, key):
+        return done
+    with building(run_dir, DATA, key) as tmp:
+        if section.source is ClassifierData.digits:
+            splits = classifier_kd.load_digits_splits(section.seed, section.test_fraction, section.val_fraction)
+        else:
+            tokenizer = classifier_hf.word_tokenizer()
+            splits, rows = classifier_hf.load_review_splits(section.rows, section.seed, section.test_fraction,
+                                                            section.val_fraction, tokenizer)
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            with open(tmp / "rows.jsonl", "w") as f:
+                f.writelines(json.dumps({**r, "split": name}) + "\n" for name, part in rows.items() for r in part)
+        save_file({f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
+                  tmp / "splits.safetensors")
+        counts = {name: len(s) for name, s in splits.items()}
+        finish(tmp, DATA, key, inputs=inputs, rows=sum(counts.values()), splits=counts, source=section.source.value)
+    return existing_output(run_dir, DATA, key)
+
+
+def read_splits(data: OutputRef) -> dict[str, Split]:
+    tensors = load_file(Path(data.path) / "splits.safetensors")
+    return {name: Split(tensors[f"{name}.x"], tensors[f"{name}.y"]) for name in SPLITS}
+
+
+def read_logits(ref: OutputRef, split: str) -> torch.Tensor:
+    return load_file(Path(ref.path) / LOGITS)[split]
+
+
+def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher_logits: torch.Tensor | None = None,
+        alpha: float = 1.0, temperature: float = 1.0) -> int:
+    """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split;
+    returns its parameter count."""
+    splits = read_splits(data)
+    if isinstance(model, MLP):
+        net = classifier_kd.mlp(splits["train"].x.shape[1], model.hidden, int(splits["train"].y.max()) + 1,
+                                model.dropout, seed)
+        t = model.training
+        classifier_kd.train(net, splits["train"], classifier_kd.Training(t.epochs, t.batch_size, t.learning_rate,
+                                                                         t.weight_decay),
+                            seed, teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
+        save_file(net.state_dict(), out / "model.safetensors")
+        logits = {name: classifier_kd.predict_logits(net, s.x) for name, s in splits.items()}
+        return _save_logits(logits, out, classifier_kd.count_params(net))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
+    net = classifier_hf.sequence_classifier(tokenizer, model.hidden, model.layers, model.heads, model.intermediate, seed)
+    classifier_hf.train_classifier(net, splits["train"], tokenizer.pad_token_id, model.training, out, seed,
+                                   teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
+    net.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    logits = {name: classifier_hf.predict_logits(net, s.x, tokenizer.pad_token_id) for name, s in splits.items()}
+    return _save_logits(logits, out, classifier_kd.count_params(net))
+
+
+def _save_logits(logits: dict[str, torch.Tensor], out: Path, params: int) -> int:
+    save_file({name: z.contiguous() for name, z in logits.items()}, out / LOGITS)
+    return params
+
+
+def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
+    """Accuracy and error counts on val and test."""
+    splits = read_splits(data)
+    return {name: classifier_kd.accuracy(logits[name], splits[name].y) for name in ("val", "test")}
+
+
+# No retries: a failed training run is a bug or a bad recipe, not a blip.
+@task(cache_policy=StageCache(TEACHER, VERSION), persist_result=True)
+def train_classifier_teacher(run_dir: Path, model: MLP | Transformer, data: OutputRef, seed: int) -> OutputRef:
+    """One teacher (or one ensemble member: members differ by ``seed`` only), on hard labels."""
+    inputs = {"model": model, "data": data, "seed": seed}
+    key = stage_key(TEACHER, VERSION, inputs)
+    if done := existing_output(run_dir, TEACHER, key):
+        return done
+    with building(run_dir, TEACHER, key) as tmp:
+        start = time.perf_counter()
+        params = fit(model, data, seed, tmp)
+        logits = load_file(tmp / LOGITS)
+        finish(tmp, TEACHER, key, inputs=inputs, rows=data.manifest()["splits"]["train"], params=params,
+               metrics=metrics_of(logits, data), seconds=round(time.perf_counter() - start, 1))
+    return existing_output(run_dir, TEACHER, key)
+
+
+@task(cache_policy=StageCache(STUDENT, VERSION), persist_result=True)
+def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: OutputRef, teachers: list[OutputRef],
+                             distill: DistillSection | None, seed: int) -> OutputRef:
+    """A student: hard labels only (``teachers=[]``, ``distill=None``: the baseline, keyed without any
+    teacher so that a new teacher does not retrain it), or Hinton's loss against the soft targets of the
+    ``teachers``' ensemble (one teacher is an ensemble of one)."""
+    if (distill is None) != (not teachers):
+        raise ValueError("a distilled student needs both teachers and a distill section; a baseline neither")
+    inputs = {"model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed}
+    key = stage_key(STUDENT, VERSION, inputs)
+    if done := existing_output(run_dir, STUDENT, key):
+        return done
+    with building(run_dir, STUDENT, key) as tmp:
+        start = time.perf_counter()
+        if distill is None:
+            params = fit(model, data, seed, tmp)
+        else:
+            soft = classifier_kd.ensemble_logits([read_logits(t, "train") for t in teachers])
+            params = fit(model, data, seed, tmp, soft, distill.alpha, distill.temperature)
+        finish(tmp, STUDENT, key, inputs=inputs, rows=data.manifest()["splits"]["train"], params=params,
+               metrics=metrics_of(load_file(tmp / LOGITS), data), seconds=round(time.perf_counter() - start, 1))
+    return existing_output(run_dir, STUDENT, key)
+
+
+# Cheap (an average of saved logits), so not cached.
+@task
+def score_ensemble(data: OutputRef, members: list[OutputRef]) -> dict:
+    """The ensemble's val / test metrics (mean of the members' log-probabilities) and its total size."""
+    logits = {split: classifier_kd.ensemble_logits([read_logits(m, split) for m in members]) for split in ("val", "test")}
+    return {"metrics": metrics_of(logits, data), "params": sum(m.manifest()["params"] for m in members)}
+
+
+class SeedRun(BaseModel):
+    """What one experiment seed produced: the teacher's members (the first is "the single teacher"), the
+    hard-label student and the distilled student."""
+
+    seed: int
+    members: list[OutputRef]
+    ensemble: dict
+    hard: OutputRef
+    kd: OutputRef
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """A stable artifact key: Prefect accepts only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower())
+
+
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    part = path.with_name(f".{path.name}.part")
+    part.write_bytes(text) if isinstance(text, bytes) else part.write_text(text)
+    os.replace(part, path)
+
+
+def seed_metrics(run: SeedRun) -> dict[str, dict]:
+    """Model name -> {params, val, test} for one seed (the names the reports use)."""
+    single = run.members[0].manifest()
+    hard, kd = run.hard.manifest(), run.kd.manifest()
+    return {
+        "teacher": {"params": single["params"], **single["metrics"]},
+        f"ensemble of {len(run.members)}": {"params": run.ensemble["params"], **run.ensemble["metrics"]},
+        "hard-label student": {"params": hard["params"], **hard["metrics"]},
+        "KD student": {"params": kd["params"], **kd["metrics"]},
+    }
+
+
+# Cheap and its outputs live outside any stage folder, so it always runs (no cache).
+@task
+def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, distill: DistillSection,
+                            runs: list[SeedRun]) -> dict:
+    """``report.json``, ``report.md`` and ``report.png`` at the top of the run folder, and Prefect
+    artifacts ``<run>-report`` (markdown, with the plot) and ``<run>-table`` (table)."""
+    per_seed = {r.seed: seed_metrics(r) for r in runs}
+    report = classifier_kd.summarize(run_name, data.manifest(), distill.model_dump(), per_seed)
+    png = classifier_kd.plot_models(report)
+    run_dir = Path(run_dir)
+    _write_atomic(run_dir / "report.png", png)
+    markdown = classifier_kd.render_markdown(report, plot="report.png")
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    _write_atomic(run_dir / "report.md", markdown)
+    create_markdown_artifact(key=artifact_key(run_name, "report"), markdown=classifier_kd.render_markdown(report, png=png),
+                             description=f"classic KD report for {run_name} ({run_dir / 'report.md'})")
+    create_table_artifact(key=artifact_key(run_name, "table"), table=classifier_kd.table_rows(report),
+                          description=f"test accuracy per model, mean and spread over seeds {report['seeds']}")
+    return report
