@@ -257,3 +257,97 @@ def plot_models(report: dict) -> bytes:
     ax.set_title(f"{report['run']}: T = {report['distill']['temperature']}, α = {report['distill']['alpha']}, "
                  f"{len(report['seeds'])} seeds", fontsize=10)
     return _png(fig)
+
+
+def summarize_sweep(run_name: str, data_manifest: dict, references: dict[int, dict[str, dict]],
+                    points: list[dict]) -> dict:
+    """``references``: seed -> name -> {params, val, test} for the fixed models (single teacher, ensembles,
+    hard-label student); ``points``: one per trained student, {seed, ensemble, alpha, temperature, params,
+    val, test}. The grid gives each (ensemble, alpha, temperature) its spread over seeds."""
+    names = list(next(iter(references.values())))
+    cells: dict[tuple, list[dict]] = {}
+    for p in points:
+        cells.setdefault((p["ensemble"], p["alpha"], p["temperature"]), []).append(p)
+    grid = [{"ensemble": k, "alpha": a, "temperature": t, **model_stats(ps)} for (k, a, t), ps in sorted(cells.items())]
+    return {
+        "run": run_name,
+        "data": {"source": data_manifest["source"], "splits": data_manifest["splits"]},
+        "seeds": list(references),
+        "references": {n: model_stats([r[n] for r in references.values()]) for n in names},
+        "grid": grid,
+        # chosen on the validation split, so that its test accuracy is an honest estimate
+        "best_on_val": max(grid, key=lambda g: g["val_accuracy"]["mean"]),
+    }
+
+
+def sweep_table_rows(sweep: dict) -> list[dict]:
+    return [
+        {"ensemble size": g["ensemble"], "alpha": g["alpha"], "T": g["temperature"],
+         "test accuracy % (mean)": round(100 * g["test_accuracy"]["mean"], 2),
+         "test accuracy % (std)": round(100 * g["test_accuracy"]["std"], 2),
+         "test errors (mean)": round(g["test_errors"]["mean"], 2),
+         "val accuracy % (mean)": round(100 * g["val_accuracy"]["mean"], 2)}
+        for g in sweep["grid"]
+    ]
+
+
+def render_sweep_markdown(sweep: dict, plot: str | None = None, png: bytes | None = None) -> str:
+    s, seeds = sweep["data"]["splits"], sweep["seeds"]
+    lines = [
+        f"# Classic KD sweep: {sweep['run']}",
+        "",
+        f"Data: `{sweep['data']['source']}`, splits train {s['train']} / val {s['val']} / test {s['test']}. "
+        f"Mean ± sample standard deviation over {len(seeds)} seeds {seeds}.",
+        "",
+        "| reference | parameters | test accuracy % | test errors | val accuracy % |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, m in sweep["references"].items():
+        lines.append(f"| {name} | {m['params']:,} | {_pm(m['test_accuracy'], 100)} | {_pm(m['test_errors'], digits=1)} "
+                     f"| {_pm(m['val_accuracy'], 100)} |")
+    lines += ["", "| teacher ensemble size | α | T | test accuracy % | test errors | val accuracy % |",
+              "|---:|---:|---:|---:|---:|---:|"]
+    for g in sweep["grid"]:
+        lines.append(f"| {g['ensemble']} | {g['alpha']} | {g['temperature']} | {_pm(g['test_accuracy'], 100)} | "
+                     f"{_pm(g['test_errors'], digits=1)} | {_pm(g['val_accuracy'], 100)} |")
+    b = sweep["best_on_val"]
+    lines += ["", f"Best on the validation split: ensemble {b['ensemble']}, α = {b['alpha']}, T = {b['temperature']}: "
+              f"test accuracy {_pm(b['test_accuracy'], 100)} %, {_pm(b['test_errors'], digits=1)} errors.", ""]
+    if png is not None:
+        import base64
+
+        lines += [f"![student accuracy vs T](data:image/png;base64,{base64.b64encode(png).decode()})", ""]
+    elif plot is not None:
+        lines += [f"![student accuracy vs T]({plot})", ""]
+    return "\n".join(lines)
+
+
+def plot_sweep(sweep: dict) -> bytes:
+    """Student test accuracy vs T (log axis), one line per (ensemble size, α) with the spread over seeds;
+    the hard-label student, the single teacher and the largest ensemble as horizontal references."""
+    fig, ax = _figure(7.5, 4.5)
+    lines: dict[tuple, list[dict]] = {}
+    for g in sweep["grid"]:
+        lines.setdefault((g["ensemble"], g["alpha"]), []).append(g)
+    for (k, alpha), gs in lines.items():
+        ax.errorbar([g["temperature"] for g in gs], [100 * g["test_accuracy"]["mean"] for g in gs],
+                    yerr=[100 * g["test_accuracy"]["std"] for g in gs], marker="o", ms=4, capsize=3,
+                    label=f"KD student, teacher ensemble {k}, α={alpha}")
+    refs = sweep["references"]
+    ensembles = [n for n in refs if n.startswith("ensemble")]
+    styles = {"hard-label student": ("black", "--"), "teacher": ("tab:gray", ":")}
+    if ensembles:
+        styles[max(ensembles, key=lambda n: int(n.split()[-1]))] = ("tab:red", ":")
+    for name, (color, style) in styles.items():
+        m = refs[name]["test_accuracy"]
+        ax.axhline(100 * m["mean"], color=color, ls=style, label=f"{name} ({100 * m['mean']:.2f} %)")
+        ax.axhspan(100 * (m["mean"] - m["std"]), 100 * (m["mean"] + m["std"]), color=color, alpha=0.08)
+    ax.set_xscale("log")
+    temps = sorted({g["temperature"] for g in sweep["grid"]})
+    ax.set_xticks(temps, [f"{t:g}" for t in temps])
+    ax.minorticks_off()  # a log axis labels its minor ticks "2×10⁰"; the swept values are the ticks
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{sweep['run']}: student test accuracy vs T ({len(sweep['seeds'])} seeds, ± std)", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)

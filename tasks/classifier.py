@@ -205,3 +205,53 @@ def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, disti
     create_table_artifact(key=artifact_key(run_name, "table"), table=classifier_kd.table_rows(report),
                           description=f"test accuracy per model, mean and spread over seeds {report['seeds']}")
     return report
+
+
+class SweepSeed(BaseModel):
+    """The fixed models of one seed in a sweep: the members, each ensemble size's score, the baseline."""
+
+    seed: int
+    members: list[OutputRef]
+    ensembles: dict[int, dict]
+    hard: OutputRef
+
+
+class SweepPoint(BaseModel):
+    """One distilled student of a sweep: from the first ``ensemble`` members, at (alpha, temperature)."""
+
+    seed: int
+    ensemble: int
+    alpha: float
+    temperature: float
+    student: OutputRef
+
+
+def _model_metrics(ref: OutputRef) -> dict:
+    m = ref.manifest()
+    return {"params": m["params"], **m["metrics"]}
+
+
+@task
+def write_sweep_report(run_dir: Path, run_name: str, data: OutputRef, seeds: list[SweepSeed],
+                       points: list[SweepPoint]) -> dict:
+    """``sweep-report.json``, ``sweep-report.md`` and ``sweep.png`` at the top of the run folder, and
+    Prefect artifacts ``<run>-sweep-report`` (markdown, with the plot) and ``<run>-sweep-table``."""
+    references = {}
+    for s in seeds:
+        ensembles = {f"ensemble of {k}": {"params": e["params"], **e["metrics"]} for k, e in s.ensembles.items() if k > 1}
+        references[s.seed] = {"teacher": _model_metrics(s.members[0]), **ensembles,
+                              "hard-label student": _model_metrics(s.hard)}
+    rows = [{"seed": p.seed, "ensemble": p.ensemble, "alpha": p.alpha, "temperature": p.temperature,
+             **_model_metrics(p.student)} for p in points]
+    sweep = classifier_kd.summarize_sweep(run_name, data.manifest(), references, rows)
+    png = classifier_kd.plot_sweep(sweep)
+    run_dir = Path(run_dir)
+    _write_atomic(run_dir / "sweep.png", png)
+    _write_atomic(run_dir / "sweep-report.json", json.dumps(sweep, indent=2))
+    _write_atomic(run_dir / "sweep-report.md", classifier_kd.render_sweep_markdown(sweep, plot="sweep.png"))
+    create_markdown_artifact(key=artifact_key(run_name, "sweep-report"),
+                             markdown=classifier_kd.render_sweep_markdown(sweep, png=png),
+                             description=f"classic KD sweep for {run_name} ({run_dir / 'sweep-report.md'})")
+    create_table_artifact(key=artifact_key(run_name, "sweep-table"), table=classifier_kd.sweep_table_rows(sweep),
+                          description=f"KD student test accuracy per (ensemble size, alpha, T) over seeds {sweep['seeds']}")
+    return sweep
