@@ -39,10 +39,10 @@ def classifier_sweep(recipe: str = "recipes/classifier-digits.yaml") -> dict:
                     points.append(SweepPoint(seed=seed, ensemble=k, alpha=alpha, temperature=t, student=student))
     report = write_sweep_report(run_dir, r.run.name, data, seeds, points)
 
-    best = report["best_on_val"]
     print(f"sweep report: {run_dir / 'sweep-report.md'}")
-    print(f"  best on val: ensemble {best['ensemble']}, alpha {best['alpha']}, T {best['temperature']}: "
-          f"test accuracy {100 * best['test_accuracy']['mean']:.2f} ± {100 * best['test_accuracy']['std']:.2f} %")
+    for best in report["best_on_val"]:
+        print(f"  best on val: ensemble {best['ensemble']}, alpha {best['alpha']}, T {best['temperature']}: "
+              f"test accuracy {100 * best['test_accuracy']['mean']:.2f} ± {100 * best['test_accuracy']['std']:.2f} %")
     return report
 
 
