@@ -67,34 +67,31 @@ def read_logits(ref: OutputRef, split: str) -> torch.Tensor:
 
 def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher_logits: torch.Tensor | None = None,
         alpha: float = 1.0, temperature: float = 1.0) -> int:
-    """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split;
-    returns its parameter count."""
+    """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split
+    (``logits.safetensors``); returns its parameter count."""
     splits = read_splits(data)
+    kd = dict(teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
     if isinstance(model, MLP):
-        net = classifier_kd.mlp(splits["train"].x.shape[1], model.hidden, int(splits["train"].y.max()) + 1,
-                                model.dropout, seed)
+        classes = int(splits["train"].y.max()) + 1
+        net = classifier_kd.mlp(splits["train"].x.shape[1], model.hidden, classes, model.dropout, seed)
         t = model.training
-        classifier_kd.train(net, splits["train"], classifier_kd.Training(t.epochs, t.batch_size, t.learning_rate,
-                                                                         t.weight_decay),
-                            seed, teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
+        training = classifier_kd.Training(t.epochs, t.batch_size, t.learning_rate, t.weight_decay)
+        classifier_kd.train(net, splits["train"], training, seed, **kd)
         save_file(net.state_dict(), out / "model.safetensors")
         logits = {name: classifier_kd.predict_logits(net, s.x) for name, s in splits.items()}
-        return _save_logits(logits, out, classifier_kd.count_params(net))
-    from transformers import AutoTokenizer
+    else:
+        from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-    net = classifier_hf.sequence_classifier(tokenizer, model.hidden, model.layers, model.heads, model.intermediate, seed)
-    classifier_hf.train_classifier(net, splits["train"], tokenizer.pad_token_id, model.training, out, seed,
-                                   teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
-    net.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    logits = {name: classifier_hf.predict_logits(net, s.x, tokenizer.pad_token_id) for name, s in splits.items()}
-    return _save_logits(logits, out, classifier_kd.count_params(net))
-
-
-def _save_logits(logits: dict[str, torch.Tensor], out: Path, params: int) -> int:
+        tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
+        pad = tokenizer.pad_token_id
+        net = classifier_hf.sequence_classifier(tokenizer, model.hidden, model.layers, model.heads,
+                                                model.intermediate, seed)
+        classifier_hf.train_classifier(net, splits["train"], pad, model.training, out, seed, **kd)
+        net.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+        logits = {name: classifier_hf.predict_logits(net, s.x, pad) for name, s in splits.items()}
     save_file({name: z.contiguous() for name, z in logits.items()}, out / LOGITS)
-    return params
+    return classifier_kd.count_params(net)
 
 
 def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
