@@ -5,7 +5,9 @@ import pytest
 from kdflow.recipe import RecipeError, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted((ROOT / "recipes").glob("*.yaml")) + [ROOT / "tests" / "mini.yaml"]
+# LLM distillation recipes; the classic-KD recipes (classifier-*.yaml) have their own loader and tests.
+SHIPPED = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("classifier-"))
+SHIPPED += [ROOT / "tests" / "mini.yaml"]
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()
 
 
