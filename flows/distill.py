@@ -1,5 +1,6 @@
 """The whole distillation, top to bottom: data → teacher → teacher's CoT answers → filter → students →
-evaluation → report. Every stage is a content-cached task: a rerun redoes only what changed.
+evaluation (quality per model; cost of all models, measured back to back; lm-eval where it can run) → report.
+Every stage is a content-cached task: a rerun redoes only what changed.
 
     python -m flows.distill recipes/demo.yaml
 """
@@ -14,7 +15,7 @@ from flows.train_teacher import train_teacher
 from kdflow.recipe import StudentData, load_recipe
 from tasks.curate import filter_answers
 from tasks.data import make_data
-from tasks.evaluate import evaluate_model
+from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
 from tasks.students import train_student
@@ -33,16 +34,18 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
         s.name: train_student(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
         for s in r.students
     }
-    evaluations = {
-        name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, data)
-        for name, model in {"teacher": teacher, **students}.items()
-    }
-    report = write_report(run_dir, r.run.name, evaluations, {s.name: {"data": s.data.value} for s in r.students},
-                          curated)
+    models = {"teacher": teacher, **students}
+    evaluations = {name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
+                   for name, model in models.items()}
+    deployment = measure_deployment(run_dir, models, r.evaluation.deployment, cot, data, r.evaluation.split)
+    benchmarks = run_lm_eval(run_dir, models, r.evaluation.lm_eval)
+    report = write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
+                          {s.name: {"data": s.data.value} for s in r.students}, curated)
 
     print(f"report: {run_dir / 'report.md'}")
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():
-        print(f"  {name:>10}: accuracy {m['accuracy']:.3f}, {m['params']:,} parameters")
+        print(f"  {name:>10}: accuracy {m['accuracy']:.3f}, perplexity {m['perplexity']:.3f}, "
+              f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token")
     return report
 
 

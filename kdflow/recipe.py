@@ -200,10 +200,45 @@ class StudentSection(Strict):
 
 
 class EvaluationSection(Strict):
-    __throughput_fields__: ClassVar[set[str]] = {"batch_size"}
+    class Deployment(Strict):
+        """How cost is measured: every model back to back, in one stage run, on the machine running it.
+        These settings change the figures measured, so they are part of that stage's key."""
+
+        latency_tokens: int = Field(32, ge=2, description="tokens each model generates per timed run")
+        throughput_batch: int = Field(64, ge=1, description="prompts per batch for throughput and peak memory")
+        repeats: int = Field(5, ge=1, description="timed runs per model (models alternate); the median is reported")
+
+    class LmEval(Strict):
+        """An lm-evaluation-harness run for real-scale models: needs a CUDA GPU and `pip install lm-eval`
+        (not a default dependency); where either is missing the report says it was skipped and why."""
+
+        enabled: bool = False
+        tasks: list[str] = Field(default_factory=lambda: ["gsm8k"], min_length=1)
+        num_fewshot: int | None = Field(None, ge=0)
+        limit: int | None = Field(None, ge=1, description="questions per task; None for all (real figures)")
+
+    # deployment and lm_eval are handed to their own stages, which key on them; leaving them out of this
+    # section's key keeps a new latency setting from re-running every model's evaluation.
+    __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval"}
     split: str = "test"
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(256, ge=1)
+    pass_at_k: int | None = Field(None, ge=1, description="also report pass@k from `samples` sampled answers")
+    samples: int | None = Field(None, ge=1, description="sampled answers per question for pass@k (default: k)")
+    temperature: float = Field(0.8, gt=0.0, description="sampling temperature for pass@k")
+    deployment: Deployment = Deployment()
+    lm_eval: LmEval = LmEval()
+
+    @model_validator(mode="after")
+    def _samples_cover_k(self):
+        if self.pass_at_k is not None and self.samples is not None and self.samples < self.pass_at_k:
+            raise ValueError(f"samples ({self.samples}) must be >= pass_at_k ({self.pass_at_k}): "
+                             "pass@k needs at least k sampled answers per question")
+        return self
+
+    @property
+    def pass_samples(self) -> int | None:
+        return None if self.pass_at_k is None else self.samples or self.pass_at_k
 
 
 class Recipe(Strict):

@@ -1,38 +1,306 @@
-"""The run report: teacher and students side by side, as JSON (for machines) and Markdown (for people)."""
+"""The run report: is each student good enough to ship, what does it cost to run, and what did distillation
+buy — teacher and students side by side, as JSON (for machines), Markdown (for people) and PNG plots."""
 
 from __future__ import annotations
 
+import base64
+import io
 
-def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict) -> dict:
-    """``teacher`` and each student: metrics with at least accuracy and params."""
+# Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
+COST_COLUMNS = [
+    ("params", "parameters", lambda v: f"{v:,}"),
+    ("flops_per_token", "FLOPs / token", lambda v: _si(v)),
+    ("size_bytes", "size on disk", lambda v: _bytes(v)),
+    ("peak_memory_bytes", "peak memory", lambda v: _bytes(v)),
+    ("latency_ms_per_token", "latency ms / token", lambda v: f"{v:.3g}"),
+    ("throughput_tokens_per_s", "throughput tokens / s", lambda v: f"{v:,.0f}"),
+]
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.3g}"
+
+
+def _bytes(v: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g} {unit}"
+    return f"{v:.0f} B"
+
+
+def gap_closure(student: float, baseline: float, teacher: float) -> float | None:
+    """(student − baseline) / (teacher − baseline): 0 = no better than the baseline, 1 = as good as the
+    teacher; None when the teacher is no better than the baseline (there is no gap to close)."""
+    if teacher <= baseline:
+        return None
+    return (student - baseline) / (teacher - baseline)
+
+
+def baseline_student(students: dict[str, dict]) -> str | None:
+    """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD."""
+    return next((name for name, s in students.items() if s.get("data") == "gold"), None)
+
+
+def ratios(model: dict, teacher: dict) -> dict:
+    """model / teacher for every deployment figure both have."""
+    return {k: model[k] / teacher[k] for k, _, _ in COST_COLUMNS if model.get(k) is not None and teacher.get(k)}
+
+
+def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict,
+                 deployment: dict | None = None, lm_eval: dict | None = None) -> dict:
+    """``teacher`` and each student: their metrics, with at least accuracy and params (each student also
+    its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage."""
+    baseline = baseline_student(students)
+    out = {}
+    for name, m in students.items():
+        closed = None if baseline is None else gap_closure(m["accuracy"], students[baseline]["accuracy"], teacher["accuracy"])
+        out[name] = {**m, "compression": round(teacher["params"] / m["params"], 1), "gap_closure": closed,
+                     "vs_teacher": ratios(m, teacher)}
+    if baseline is None:
+        note = "not applicable: no student is trained on gold data only (recipe `data: gold`) to serve as the baseline"
+    elif gap_closure(1.0, students[baseline]["accuracy"], teacher["accuracy"]) is None:
+        note = f"not defined: the teacher is no more accurate than the baseline `{baseline}`"
+    else:
+        note = f"(student − {baseline}) / (teacher − {baseline}) on accuracy"
     return {
         "run": run_name,
         "teacher": teacher,
-        "students": {
-            name: {**m, "compression": round(teacher["params"] / m["params"], 1)} for name, m in students.items()
-        },
+        "students": out,
+        "gap_closure": {"baseline": baseline, "metric": "accuracy", "note": note},
         "curation": curation,
+        "deployment": deployment,
+        "lm_eval": lm_eval or {"status": "off"},
     }
 
 
-def render_markdown(report: dict) -> str:
-    t = report["teacher"]
+# ---- Markdown ----------------------------------------------------------------------------------------
+
+def _num(v, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def _models(report: dict) -> dict[str, dict]:
+    return {"teacher": {**report["teacher"], "data": "gold"}, **report["students"]}
+
+
+def quality_table(report: dict) -> list[str]:
+    models = _models(report)
+    has_pass = any(m.get("pass_at_k") is not None for m in models.values())
+    k = next((m["k"] for m in models.values() if m.get("k")), None)
+    baseline = report["gap_closure"]["baseline"]
+    head = ["model", "trained on", "accuracy", *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
+            "top-1 agreement", "KL(teacher ‖ model)"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for name, m in models.items():
+        if name == "teacher":
+            closed = "1 (teacher)"
+        elif name == baseline:
+            closed = "0 (baseline)"
+        else:
+            closed = _num(m.get("gap_closure"), ".2f")
+        cells = [name, m["data"], _num(m["accuracy"], ".3f"), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
+                 closed, _num(m.get("perplexity"), ".3f"), _num(m.get("agreement"), ".3f"), _num(m.get("kl"), ".4f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def cost_table(report: dict) -> list[str]:
+    settings = (report.get("deployment") or {}).get("settings", {})
+    titles = [t.replace("tokens / s", f"tokens / s (batch {settings['throughput_batch']})") if settings else t
+              for _, t, _ in COST_COLUMNS]
+    titles = [t.replace("latency ms / token", "latency ms / token (batch 1)") for t in titles]
+    lines = ["| model | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(COST_COLUMNS)]
+    for name, m in _models(report).items():
+        ratio = m.get("vs_teacher", {})
+        cells = []
+        for key, _, fmt in COST_COLUMNS:
+            if m.get(key) is None:
+                cells.append("—")
+            else:
+                cells.append(fmt(m[key]) + ("" if name == "teacher" or key not in ratio else f" ({ratio[key]:.2g}×)"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def notes(report: dict) -> list[str]:
+    t, gap = report["teacher"], report["gap_closure"]
+    out = [f"- **Accuracy**: greedy chain-of-thought on the `{t['split']}` split ({t['rows']} questions), exact final "
+           "answer through the answer checker."]
+    if t.get("pass_at_k") is not None:
+        out.append(f"- **pass@{t['k']}**: unbiased estimator (Chen et al. 2021) from {t['samples']} sampled answers per "
+                   "question.")
+    if t.get("perplexity") is not None:
+        out.append(f"- **Perplexity, agreement, KL**: teacher-forced on the split's gold rationales "
+                   f"({t['reference_tokens']:,} answer tokens, prompt tokens not scored); agreement = share of answer "
+                   "positions where the model's most likely next token is the teacher's; KL(teacher ‖ model) in nats "
+                   "per token. The teacher against itself: 1 and 0.")
+    out.append(f"- **Gap closed**: {gap['note']}.")
+    dep = report.get("deployment")
+    if dep:
+        s, mc = dep["settings"], dep["machine"]
+        out += [
+            f"- **FLOPs / token** (forward, one generated token, analytic from the config): {dep['flops_formula']}; "
+            f"here c = the mean context of the latency run ({report['teacher'].get('context', '?')} keys).",
+            "- **Size on disk**: the weight files. **Peak memory**: live tensors while generating "
+            f"{s['throughput_batch']} × {s['latency_tokens']} tokens (weights, KV cache, activations; torch's allocator "
+            "on a GPU, its profiler's allocation records on a CPU); the Python/torch runtime (the same for every "
+            "model) is not counted.",
+            f"- **Latency**: wall time per generated token at batch 1 ({s['latency_tokens']} tokens after a one-question "
+            f"prompt, prefill included); **throughput**: {s['throughput_batch']} × {s['latency_tokens']} tokens / wall "
+            f"time. Median of {s['repeats']} runs; all models measured back to back, alternating, in one stage run on "
+            f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",
+            "- Ratios in parentheses: model / teacher.",
+        ]
+    return out
+
+
+def lm_eval_lines(lm_eval: dict) -> list[str]:
+    status = lm_eval.get("status", "off")
+    if status == "off":
+        return ["lm-evaluation-harness: off (set `evaluation.lm_eval.enabled: true` in the recipe, on a GPU)."]
+    if status == "skipped":
+        return [f"lm-evaluation-harness: **skipped**: {lm_eval['reason']}."]
+    metrics = sorted({(task, m) for r in lm_eval["results"].values() for task, ms in r.items() for m in ms})
+    lines = ["| model | " + " | ".join(f"{task} {m}" for task, m in metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, r in lm_eval["results"].items():
+        lines.append(f"| {name} | " + " | ".join(_num(r.get(task, {}).get(m), ".3f") for task, m in metrics) + " |")
+    limit = f", first {lm_eval['limit']} questions per task" if lm_eval.get("limit") else ""
+    return [f"lm-evaluation-harness ({', '.join(lm_eval['tasks'])}{limit}):", "", *lines]
+
+
+def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
+    """The report as Markdown. ``images``: plot title -> where to find it (a file name next to report.md,
+    or a ``data:`` URI to embed it in a Prefect artifact)."""
+    c = report["curation"]
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none"
     lines = [
         f"# kdflow report: {report['run']}",
         "",
-        f"Evaluated on the `{t['split']}` split ({t['rows']} questions), greedy chain-of-thought, exact final answer.",
+        "## Quality: is the student good enough to ship?",
         "",
-        "| model | data | accuracy | parameters | teacher / student size |",
-        "|---|---|---:|---:|---:|",
-        f"| teacher | gold | {t['accuracy']:.3f} | {t['params']:,} | 1.0× |",
-    ]
-    for name, s in report["students"].items():
-        lines.append(f"| {name} | {s['data']} | {s['accuracy']:.3f} | {s['params']:,} | {s['compression']}× |")
-    c = report["curation"]
-    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none"
-    lines += [
+        *quality_table(report),
+        "",
+        "## Cost: what does each model take to run?",
+        "",
+        *cost_table(report),
+        "",
+        "## How these were measured",
+        "",
+        *notes(report),
         "",
         f"Teacher answers: {c['input_rows']} generated, {c['kept']} kept, {c['dropped']} dropped ({reasons}).",
         "",
+        *lm_eval_lines(report.get("lm_eval") or {"status": "off"}),
+        "",
     ]
+    if images:
+        lines += ["## Plots", ""]
+        for title, src in images.items():
+            lines += [f"![{title}]({src})", ""]
     return "\n".join(lines)
+
+
+def table_rows(report: dict) -> list[dict]:
+    """One flat row per model, for a Prefect table artifact."""
+    keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl", *[k for k, _, _ in COST_COLUMNS]]
+    return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in _models(report).items()]
+
+
+def embed(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+# ---- Plots (matplotlib, off-screen) -------------------------------------------------------------------
+
+def _figure(panels: int, width: float, height: float, per_row: int = 3):
+    """A figure of ``panels`` axes, at most ``per_row`` to a row, each ``width`` × ``height`` inches."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # off-screen: flows run without a display
+    import matplotlib.pyplot as plt
+
+    columns, rows = min(panels, per_row), -(-panels // per_row)
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[panels:]:
+        ax.remove()
+    return fig, list(axes.flat[:panels])
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def loss_curves(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """Loss series of a trainer's log history: ``loss`` (the total) and every other ``*loss*`` key logged
+    during training (e.g. the CE and KD terms of a distillation loss), as (steps, values); the end-of-training
+    summary (``train_loss``) and evaluation losses are left out."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for entry in history:
+        if "step" not in entry or "train_runtime" in entry:
+            continue
+        for key, value in entry.items():
+            if "loss" in key and not key.startswith(("train_", "eval_")) and isinstance(value, (int, float)):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(entry["step"])
+                values.append(value)
+    return series
+
+
+def plot_losses(histories: dict[str, list[dict]]) -> bytes | None:
+    """Training loss per model (one panel each), its terms apart where the trainer logged them."""
+    curves = {name: c for name, h in histories.items() if (c := loss_curves(h))}
+    if not curves:
+        return None
+    from matplotlib import ticker
+
+    fig, axes = _figure(len(curves), 3.6, 3.0)
+    for ax, (name, series) in zip(axes, curves.items()):
+        for key, (steps, values) in series.items():
+            ax.plot(steps, values, label=key, lw=1.5)
+        ax.set_yscale("log")  # losses fall by orders of magnitude; the late steps matter too
+        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 5)))
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[::3]:
+        ax.set_ylabel("training loss (log scale)")
+    return _png(fig)
+
+
+def plot_tradeoff(report: dict) -> bytes:
+    """Accuracy against parameters and against latency: up and to the left is better."""
+    models = _models(report)
+    panels = [("params", "parameters (log scale)", True), ("latency_ms_per_token", "latency ms / token, batch 1", False)]
+    panels = [p for p in panels if all(m.get(p[0]) is not None for m in models.values())]
+    fig, axes = _figure(len(panels), 4.2, 3.2)
+    for ax, (key, label, log) in zip(axes, panels):
+        at: dict[tuple, list[str]] = {}  # models at the same point share one label
+        for name, m in models.items():
+            at.setdefault((m[key], m["accuracy"]), []).append(name)
+        for (x, y), names in at.items():
+            ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if log:
+            from matplotlib import ticker
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _si(v)))
+            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: _si(v)))
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['run']}: accuracy vs cost", fontsize=10)
+    return _png(fig)

@@ -1,40 +1,68 @@
-"""Stage 6: report.json + report.md at the top of the run folder, and a Prefect markdown artifact."""
+"""Stage 6: report.json, report.md and the plots at the top of the run folder, and Prefect artifacts
+``<run>-report`` (markdown, plots embedded) and ``<run>-table`` (one row per model)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kdflow.outputs import OutputRef
-from kdflow.report import build_report, render_markdown
+from kdflow.report import build_report, embed, plot_losses, plot_tradeoff, render_markdown, table_rows
+
+LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, content: str | bytes) -> None:
     part = path.with_name(f".{path.name}.part")
-    part.write_text(text)
+    part.write_bytes(content) if isinstance(content, bytes) else part.write_text(content)
     os.replace(part, path)
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """A stable artifact key: Prefect accepts only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower())
+
+
+def training_history(model: OutputRef) -> list[dict]:
+    """The trainer's log history saved next to a trained model; none for a model that was not trained here."""
+    path = Path(model.path) / "log_history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
-def write_report(run_dir: Path, run_name: str, evaluations: dict[str, OutputRef], students: dict[str, dict],
-                 curated: OutputRef) -> dict:
-    """``evaluations``: the evaluate stage's output per model ("teacher" and each student by name);
-    ``students``: what each student was trained on (its recipe ``data`` field)."""
-    metrics = {name: ref.manifest()["metrics"] for name, ref in evaluations.items()}
-    curation = {k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")}
+def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
+                 deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef) -> dict:
+    """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
+    its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
+    what each student was trained on (its recipe ``data`` field)."""
+    dep = deployment.manifest()
+    metrics = {name: {**ref.manifest()["metrics"], **dep["figures"][name]} for name, ref in evaluations.items()}
     report = build_report(
         run_name,
         teacher=metrics["teacher"],
         students={name: {**metrics[name], **info} for name, info in students.items()},
-        curation=curation,
+        curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
+        deployment={k: dep[k] for k in ("machine", "settings", "flops_formula")},
+        lm_eval=lm_eval,
     )
-    markdown = render_markdown(report)
-    _write_atomic(Path(run_dir) / "report.json", json.dumps(report, indent=2))
-    _write_atomic(Path(run_dir) / "report.md", markdown)
-    create_markdown_artifact(key=f"{run_name}-report", markdown=markdown, description=f"kdflow report for {run_name}")
+    run_dir = Path(run_dir)
+    plots = {"training loss per model": (LOSS_PLOT, plot_losses({n: training_history(m) for n, m in models.items()})),
+             "accuracy vs parameters and latency": (TRADEOFF_PLOT, plot_tradeoff(report))}
+    plots = {title: (name, png) for title, (name, png) in plots.items() if png is not None}
+    for name, png in plots.values():
+        _write_atomic(run_dir / name, png)
+    report["plots"] = [name for name, _ in plots.values()]
+    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    _write_atomic(run_dir / "report.md", render_markdown(report, {t: name for t, (name, _) in plots.items()}))
+    create_markdown_artifact(key=artifact_key(run_name, "report"),
+                             markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
+                             description=f"kdflow report for {run_name} ({run_dir / 'report.md'})")
+    create_table_artifact(key=artifact_key(run_name, "table"), table=table_rows(report),
+                          description=f"quality and cost per model, {run_name}")
     return report

@@ -1,0 +1,238 @@
+"""Quality and cost metrics on cases with known answers: planted outputs, a model against itself, closed
+forms, and the FLOPs formula against a hand count and torch's own FLOP counter."""
+
+import math
+
+import pytest
+import torch
+
+from kdflow import deployment, evaluate
+from kdflow.evaluate import (judge_prompts, outcome, parse_verdict, pass_at_k, reference_sequences,
+                             same_vocabulary, score_reference, win_rate)
+from kdflow.tiny_models import llama_model, train_tokenizer
+
+torch.set_num_threads(1)
+COT = "Solve step by step: {{ question }}"
+ROWS = [
+    {"id": "t-0", "question": "12+7", "rationale": "=19\nAnswer: 19", "answer": "19"},
+    {"id": "t-1", "question": "30-4+5", "rationale": "=26+5\n=31\nAnswer: 31", "answer": "31"},
+    {"id": "t-2", "question": "8+8-1", "rationale": "=16-1\n=15\nAnswer: 15", "answer": "15"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"Solve step by step: {r['question']}\n{r['rationale']}" for r in ROWS] * 20
+    return train_tokenizer(texts, vocab_size=40)
+
+
+def tiny(tokenizer, seed=0, hidden=64, layers=1):
+    model = llama_model(tokenizer, hidden=hidden, layers=layers, heads=2, intermediate=64, seed=seed)
+    return model.eval()
+
+
+def check(text: str, gold: str) -> bool:
+    return text.strip().endswith(f"Answer: {gold}")
+
+
+# ---- accuracy and pass@k on planted outputs ----------------------------------------------------------
+
+def planted(texts):
+    """A stand-in for generate(): returns ``texts`` in order, whatever the model."""
+    def fake(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
+        assert len(prompts) == len(texts)
+        return [{"text": t, "finish_reason": "stop", "completion_tokens": 3} for t in texts]
+    return fake
+
+
+def test_accuracy_on_planted_outputs(monkeypatch):
+    monkeypatch.setattr(evaluate, "generate", planted(["=19\nAnswer: 19", "=31\nAnswer: 30", "=15"]))
+    acc, predictions = evaluate.accuracy(None, None, ROWS, COT, check, 8, 2)
+    assert acc == pytest.approx(1 / 3)
+    assert [p["correct"] for p in predictions] == [True, False, False]
+    assert [p["id"] for p in predictions] == ["t-0", "t-1", "t-2"]
+
+
+def test_pass_at_k_closed_forms():
+    assert pass_at_k(10, 0, 3) == 0.0
+    assert pass_at_k(10, 10, 3) == 1.0
+    assert pass_at_k(10, 4, 1) == pytest.approx(0.4)  # pass@1 is the fraction correct
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))  # 0.7
+    assert pass_at_k(5, 4, 2) == 1.0  # fewer wrong samples than k: some pick of k always has a right one
+    with pytest.raises(ValueError, match="1 <= k <= n"):
+        pass_at_k(2, 1, 3)
+
+
+def test_sampled_pass_at_k_counts_correct_samples_per_question(monkeypatch):
+    samples = ["Answer: 19", "Answer: 1",      # question 0: 1 of 2 right
+               "Answer: 31", "Answer: 31",     # question 1: 2 of 2
+               "Answer: 0", "no answer"]       # question 2: 0 of 2
+    monkeypatch.setattr(evaluate, "generate", planted(samples))
+    score, correct = evaluate.sampled_pass_at_k(None, None, ROWS, COT, check, k=1, samples=2, temperature=0.8,
+                                                max_new_tokens=8, batch_size=4)
+    assert correct == [1, 2, 0]
+    assert score == pytest.approx((0.5 + 1 + 0) / 3)
+
+
+# ---- perplexity and agreement on reference text ------------------------------------------------------
+
+def test_reference_sequences_mark_the_answer_tokens(tokenizer):
+    for (ids, start), row in zip(reference_sequences(tokenizer, ROWS, COT), ROWS):
+        assert tokenizer.decode(ids[start:]) == row["rationale"] + "<|end|>"
+        assert tokenizer.decode(ids[:start]).endswith("<|assistant|>")
+
+
+def test_a_model_against_itself_agrees_everywhere_with_zero_kl(tokenizer):
+    model = tiny(tokenizer)
+    scores = score_reference(model, tokenizer, reference_sequences(tokenizer, ROWS, COT), batch_size=2, teacher=model)
+    assert scores["agreement"] == 1.0
+    assert scores["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_perplexity_is_exp_of_the_answer_tokens_mean_nll(tokenizer):
+    model = tiny(tokenizer)
+    sequences = reference_sequences(tokenizer, ROWS, COT)
+    # By hand: HF's own loss with the prompt tokens masked out, over all rows' answer tokens at once.
+    nll = tokens = 0.0
+    for ids, start in sequences:
+        labels = torch.tensor([[-100] * start + ids[start:]])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+        nll += loss * (len(ids) - start)
+        tokens += len(ids) - start
+    for batch_size in (1, 3):  # right padding must not change the figure
+        scores = score_reference(model, tokenizer, sequences, batch_size)
+        assert scores["reference_tokens"] == tokens
+        assert scores["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+        assert "agreement" not in scores
+
+
+def test_agreement_and_kl_between_two_different_models(tokenizer):
+    sequences = reference_sequences(tokenizer, ROWS, COT)
+    student, teacher = tiny(tokenizer, seed=1), tiny(tokenizer, seed=2)
+    scores = score_reference(student, tokenizer, sequences, batch_size=2, teacher=teacher)
+    # By hand, position by position.
+    agree = kl = n = 0
+    with torch.no_grad():
+        for ids, start in sequences:
+            x = torch.tensor([ids])
+            s = torch.log_softmax(student(x).logits[0, start - 1 : len(ids) - 1], -1)
+            t = torch.log_softmax(teacher(x).logits[0, start - 1 : len(ids) - 1], -1)
+            agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
+            kl += torch.nn.functional.kl_div(s, t, log_target=True, reduction="sum").item()
+            n += len(ids) - start
+    assert scores["agreement"] == pytest.approx(agree / n)
+    assert scores["kl"] == pytest.approx(kl / n, rel=1e-4) and scores["kl"] > 0
+
+
+def test_same_vocabulary(tokenizer):
+    other = train_tokenizer(["completely different words here"] * 5, vocab_size=30)
+    assert same_vocabulary(tokenizer, tokenizer)
+    assert not same_vocabulary(tokenizer, other)
+
+
+# ---- LLM judge --------------------------------------------------------------------------------------
+
+def test_parse_verdict_on_planted_judgements():
+    assert parse_verdict("A is right.\nVerdict: A") == "A"
+    assert parse_verdict("verdict: **b**") == "B"
+    assert parse_verdict("Both are fine. Verdict: Tie") == "tie"
+    assert parse_verdict("Verdict: A ... on reflection, Verdict: B") == "B"  # the last verdict counts
+    assert parse_verdict("I prefer answer A") is None
+    assert parse_verdict("Verdict: Apple") is None
+
+
+def test_win_rate_scores_both_orders_and_keeps_unparsed_apart():
+    items = judge_prompts("Q: {{ question }}\nA: {{ answer_a }}\nB: {{ answer_b }}",
+                          [{"id": 1, "question": "2+2", "student": "4", "teacher": "5"}])
+    assert [i["student_is"] for i in items] == ["A", "B"]
+    assert items[0]["prompt"] == "Q: 2+2\nA: 4\nB: 5" and items[1]["prompt"] == "Q: 2+2\nA: 5\nB: 4"
+    # A judge that always says "A" prefers a position, not an answer: the student wins once, loses once.
+    assert [outcome("A", i["student_is"]) for i in items] == ["win", "loss"]
+    assert outcome("tie", "B") == "tie" and outcome(None, "A") is None
+    summary = win_rate([{"outcome": o} for o in ("win", "loss", "tie", None)])
+    assert summary == {"win_rate": pytest.approx(0.5), "judged": 3, "unparsed": 1}
+    assert win_rate([{"outcome": None}])["win_rate"] is None
+
+
+def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
+    """A tiny model trained to answer every judge prompt with "Verdict: A": every judgement parses, and
+    because each pair is judged in both orders, its position bias scores the student exactly ½."""
+    from pathlib import Path
+
+    from kdflow.prompts import chat
+    from kdflow.sft import train_sft
+
+    template = (Path(__file__).resolve().parent.parent / "prompts" / "judge.jinja").read_text()
+    rows = [{"id": i, "question": f"{i}+{i}", "student": f"Answer: {2 * i}", "teacher": f"Answer: {2 * i + 1}"}
+            for i in range(4)]
+    prompts = [j["prompt"] for j in judge_prompts(template, rows)]
+    tok = train_tokenizer(prompts + ["Verdict: A"], vocab_size=120)
+    judge = llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0)
+    train_sft(judge, tok, [chat(p, "Verdict: A") for p in prompts] * 4,
+              {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 40},
+              tmp_path, seed=0)
+    judge.eval()
+    tok.padding_side = "left"
+    summary, judgements = evaluate.judge_win_rate(judge, tok, template, rows, max_new_tokens=8, batch_size=8)
+    assert len(judgements) == 2 * len(rows)
+    assert 0.0 <= summary["win_rate"] <= 1.0
+    assert summary == {"win_rate": 0.5, "judged": 8, "unparsed": 0}
+
+
+# ---- deployment figures --------------------------------------------------------------------------------
+
+def test_flops_per_token_against_a_hand_count():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=32, intermediate_size=128, vocab_size=40)
+    # per layer: q 64·64 + k, v 2·64·32 + o 64·64 + gate, up, down 3·64·128 = 36,864 weights
+    # 2 layers 73,728 + LM head 64·40 = 2,560 -> 76,288 multiply-adds -> 152,576 FLOPs
+    # attention at 10 keys: 4 · 2 layers · 2 heads · 32 · 10 = 5,120 FLOPs
+    assert deployment.flops_per_token(config, context=10) == 152_576 + 5_120
+    assert deployment.flops_per_token(config, context=0) == 152_576
+
+
+def test_flops_per_token_matches_torch_flop_counter(tokenizer):
+    """A forward pass over n tokens with eager attention computes every query against all n keys, so its
+    FLOPs are n × flops_per_token(context = n), exactly."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = llama_model(tokenizer, hidden=64, layers=2, heads=2, intermediate=96, seed=0)
+    model.config._attn_implementation = "eager"  # torch's counter does not see the CPU SDPA kernel
+    n = 12
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, len(tokenizer), (1, n)))
+    assert counter.get_total_flops() == n * deployment.flops_per_token(model.config, context=n)
+
+
+def test_size_on_disk_is_the_weight_files(tokenizer, tmp_path):
+    model = tiny(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    size = deployment.size_on_disk(tmp_path)
+    assert size == (tmp_path / "model.safetensors").stat().st_size
+    assert size >= 4 * sum(p.numel() for p in model.parameters())  # float32
+
+
+def test_peak_memory_counts_weights_and_grows_with_the_batch(tokenizer):
+    model = tiny(tokenizer, hidden=64, layers=2)
+    one = deployment.encode(tokenizer, ["Solve step by step: 1+2"], model.device)
+    many = deployment.encode(tokenizer, ["Solve step by step: 1+2"] * 32, model.device)
+    peak_one = deployment.peak_generation_memory(model, tokenizer, one, tokens=16)
+    peak_many = deployment.peak_generation_memory(model, tokenizer, many, tokens=16)
+    assert peak_one > deployment.resident_bytes(model)
+    # 31 more rows of KV cache: 2 layers × (k, v) × 64 floats × 4 bytes per token, over ~25 tokens
+    assert peak_many - peak_one > 31 * 2 * 2 * 64 * 4 * 20
+
+
+def test_measure_all_reports_every_figure_for_every_model(tokenizer):
+    models = {"big": (tiny(tokenizer, hidden=64, layers=2), tokenizer), "small": (tiny(tokenizer, hidden=32), tokenizer)}
+    figures = deployment.measure_all(models, "Solve step by step: 1+2", ["Solve step by step: 3+4"] * 4,
+                                     tokens=4, repeats=2)
+    assert set(figures) == {"big", "small"}
+    for f in figures.values():
+        assert f["latency_ms_per_token"] > 0 and f["throughput_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0
+        assert f["context"] > 4
+    assert figures["big"]["peak_memory_bytes"] > figures["small"]["peak_memory_bytes"]
