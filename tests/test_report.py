@@ -1,0 +1,200 @@
+"""The report: gap closure and ratios on known numbers, every metric on the page, the files and Prefect
+artifacts written, lm-eval's skip stated, and the command that compares run folders."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdflow import compare
+from kdflow.report import baseline_student, build_report, gap_closure, render_markdown, table_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+CURATION = {"input_rows": 10, "kept": 8, "dropped": 2, "drop_reasons": {"wrong_answer": 2}}
+DEPLOYMENT = {"machine": {"device": "test CPU", "cpu_count": 2, "torch_threads": 1, "platform": "linux", "torch": "2"},
+              "settings": {"latency_tokens": 32, "throughput_batch": 64, "repeats": 5}, "flops_formula": "2N + 4·L·h·hd·c"}
+
+
+def model(accuracy: float, params: int, **extra) -> dict:
+    return {"accuracy": accuracy, "params": params, "rows": 100, "split": "test", "perplexity": 1.5, "agreement": 0.9,
+            "kl": 0.05, "reference_tokens": 1000, "flops_per_token": 2 * params, "size_bytes": 4 * params,
+            "peak_memory_bytes": 10 * params, "latency_ms_per_token": params / 1e5, "throughput_tokens_per_s": 1e9 / params,
+            "context": 40.5, **extra}
+
+
+def planted_report(run="demo") -> dict:
+    teacher = model(0.9, 1_000_000, agreement=1.0, kl=0.0)
+    students = {"baseline": {**model(0.5, 100_000), "data": "gold"}, "seq-kd": {**model(0.8, 100_000), "data": "teacher"}}
+    return build_report(run, teacher, students, CURATION, DEPLOYMENT)
+
+
+def test_gap_closure_known_values():
+    assert gap_closure(0.8, baseline=0.5, teacher=1.0) == pytest.approx(0.6)
+    assert gap_closure(0.5, baseline=0.5, teacher=1.0) == 0.0
+    assert gap_closure(1.0, baseline=0.5, teacher=1.0) == 1.0
+    assert gap_closure(0.4, baseline=0.5, teacher=1.0) == pytest.approx(-0.2)  # worse than no KD: negative
+    assert gap_closure(0.7, baseline=0.6, teacher=0.6) is None  # no gap to close
+
+
+def test_report_gap_closure_ratios_and_backward_compatible_fields():
+    r = planted_report()
+    assert r["gap_closure"]["baseline"] == "baseline"
+    assert r["students"]["seq-kd"]["gap_closure"] == pytest.approx(0.75)  # (0.8 - 0.5) / (0.9 - 0.5)
+    assert r["students"]["baseline"]["gap_closure"] == 0.0
+    ratio = r["students"]["seq-kd"]["vs_teacher"]
+    assert ratio["params"] == pytest.approx(0.1) and ratio["throughput_tokens_per_s"] == pytest.approx(10)
+    # what older readers of report.json rely on
+    assert {"accuracy", "params"} <= set(r["teacher"]) and r["students"]["seq-kd"]["compression"] == 10.0
+
+
+def test_no_gold_student_means_gap_closure_not_applicable():
+    students = {"seq-kd": {**model(0.8, 100), "data": "teacher"}}
+    assert baseline_student(students) is None
+    r = build_report("x", model(0.9, 1000), students, CURATION)
+    assert r["students"]["seq-kd"]["gap_closure"] is None
+    assert r["gap_closure"]["note"].startswith("not applicable")
+    assert "not applicable" in render_markdown(r)
+
+
+def test_markdown_shows_every_metric_for_every_model():
+    md = render_markdown(planted_report(), {"training loss per model": "report-loss.png"})
+    for header in ("accuracy", "gap closed", "perplexity", "top-1 agreement", "KL(teacher ‖ model)", "parameters",
+                   "FLOPs / token", "size on disk", "peak memory", "latency ms / token (batch 1)",
+                   "throughput tokens / s (batch 64)"):
+        assert header in md, header
+    assert "| teacher | gold | 0.900 | 1 (teacher) | 1.500 | 1.000 | 0.0000 |" in md
+    assert "| seq-kd | teacher | 0.800 | 0.75 |" in md
+    assert "| baseline | 100,000 (0.1×) | 200 k (0.1×) | 400 kB (0.1×) | 1 MB (0.1×) |" in md
+    assert "2N + 4·L·h·hd·c" in md and "test CPU" in md and "![training loss per model](report-loss.png)" in md
+    assert "lm-evaluation-harness: off" in md
+    rows = table_rows(planted_report())
+    assert [r["model"] for r in rows] == ["teacher", "baseline", "seq-kd"] and rows[2]["gap_closure"] == pytest.approx(0.75)
+
+
+def test_lm_eval_skip_and_results_are_shown():
+    r = planted_report()
+    r["lm_eval"] = {"status": "skipped", "reason": "no CUDA GPU"}
+    assert "lm-evaluation-harness: **skipped**: no CUDA GPU." in render_markdown(r)
+    r["lm_eval"] = {"status": "done", "tasks": ["gsm8k"], "limit": None,
+                    "results": {"teacher": {"gsm8k": {"exact_match,strict-match": 0.7}},
+                                "seq-kd": {"gsm8k": {"exact_match,strict-match": 0.4}}}}
+    md = render_markdown(r)
+    assert "| model | gsm8k exact_match,strict-match |" in md and "| seq-kd | 0.400 |" in md
+
+
+# ---- the comparison command ---------------------------------------------------------------------------
+
+def write_run(folder: Path, report: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    return folder
+
+
+def test_compare_two_run_folders(tmp_path, capsys):
+    a = write_run(tmp_path / "runs" / "demo", planted_report("demo"))
+    longer = planted_report("demo-long")
+    longer["students"]["seq-kd"]["accuracy"] = 0.85
+    b = write_run(tmp_path / "runs" / "demo-long", longer)
+    out_file = tmp_path / "compare.md"
+    assert compare.main([str(a), str(b), "--out", str(out_file)]) == 0
+    table = capsys.readouterr().out
+    assert table == out_file.read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| demo")]
+    assert [line.split(" | ")[:2] for line in lines] == [
+        ["| demo", "teacher"], ["| demo", "baseline"], ["| demo", "seq-kd"],
+        ["| demo-long", "teacher"], ["| demo-long", "baseline"], ["| demo-long", "seq-kd"]]
+    assert "| demo | seq-kd | teacher | 0.800 | 0.75 |" in table
+    assert "| demo-long | seq-kd | teacher | 0.850 | 0.75 |" in table  # the report's own figure, not recomputed
+    assert "- demo: test CPU" in table
+
+
+def test_compare_reads_old_reports_and_says_what_is_missing(tmp_path):
+    old = write_run(tmp_path / "old", {"run": "old", "teacher": {"accuracy": 0.9, "params": 1000},
+                                       "students": {"s": {"accuracy": 0.5, "params": 100, "data": "gold"}}})
+    new = write_run(tmp_path / "new", planted_report("new"))
+    text = compare.render({"old": compare.load_report(old), "new": compare.load_report(new / "report.json")})
+    assert "| old | s | gold | 0.500 | — | — | — | — | 100 | — | — | — |" in text
+    assert "- old: not recorded" in text
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        compare.load_report(tmp_path / "missing")
+
+
+def test_compare_command_line(tmp_path):
+    a = write_run(tmp_path / "a" / "demo", planted_report())
+    b = write_run(tmp_path / "b" / "demo", planted_report())  # same folder name: labelled by path
+    done = subprocess.run([sys.executable, "-m", "kdflow.compare", str(a), str(b)], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert f"| {a} | teacher |" in done.stdout and f"| {b} | seq-kd |" in done.stdout
+    one = subprocess.run([sys.executable, "-m", "kdflow.compare", str(a)], cwd=ROOT, capture_output=True, text=True)
+    assert one.returncode == 2 and "two or more" in one.stderr
+
+
+# ---- write_report: files and Prefect artifacts ---------------------------------------------------------
+
+def stage(run_dir: Path, name: str, key: str, files: dict[str, str] | None = None, **manifest):
+    from kdflow.outputs import building, existing_output, finish
+
+    key = key.ljust(64, "0")
+    with building(run_dir, name, key) as tmp:
+        for file, text in (files or {}).items():
+            (tmp / file).write_text(text)
+        finish(tmp, name, key, inputs={}, **manifest)
+    return existing_output(run_dir, name, key)
+
+
+def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
+    import asyncio
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from kdflow.recipe import EvaluationSection
+    from tasks.evaluate import run_lm_eval
+    from tasks.report import write_report
+
+    run_dir = tmp_path / "runs" / "Report_Test"
+    planted = planted_report()
+    history = json.dumps([{"loss": 3.0 / s, "step": s} for s in range(1, 20)] + [{"train_loss": 1.0, "train_runtime": 1}])
+    models = {"teacher": stage(run_dir, "teacher", "a", {"log_history.json": history}),
+              "baseline": stage(run_dir, "students", "b", {"log_history.json": history}),
+              "seq-kd": stage(run_dir, "students", "c")}  # no log history: left out of the loss plot
+    metrics = {"teacher": planted["teacher"], **planted["students"]}
+    evaluations = {n: stage(run_dir, "evaluate", f"e{i}", metrics=metrics[n]) for i, n in enumerate(models)}
+    figures = {n: {k: metrics[n][k] for k in ("params", "flops_per_token", "size_bytes", "peak_memory_bytes",
+                                               "latency_ms_per_token", "throughput_tokens_per_s", "context")}
+               for n in models}
+    deployment = stage(run_dir, "deployment", "d", figures=figures, **DEPLOYMENT)
+    curated = stage(run_dir, "curate", "f", **CURATION)
+
+    @flow
+    def report_only():
+        lm_eval = run_lm_eval(run_dir, models, EvaluationSection.LmEval(enabled=True))
+        return write_report(run_dir, "Report_Test", models, evaluations, deployment, lm_eval,
+                            {"baseline": {"data": "gold"}, "seq-kd": {"data": "teacher"}}, curated)
+
+    report = report_only()
+    assert json.loads((run_dir / "report.json").read_text()) == report
+    assert report["students"]["seq-kd"]["gap_closure"] == pytest.approx(0.75)
+    # lm-eval is not installed here, and there is no GPU: a skip with its reason, not an error
+    assert report["lm_eval"]["status"] == "skipped" and report["lm_eval"]["reason"]
+    md = (run_dir / "report.md").read_text()
+    assert "lm-evaluation-harness: **skipped**" in md
+    for png in ("report-loss.png", "report-tradeoff.png"):
+        assert (run_dir / png).read_bytes().startswith(b"\x89PNG") and f"]({png})" in md
+    assert report["plots"] == ["report-loss.png", "report-tradeoff.png"]
+
+    async def artifacts():
+        async with get_client() as client:
+            keys = ["report-test-report", "report-test-table"]
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+    found = {a.key: a for a in asyncio.run(artifacts())}
+    assert set(found) == {"report-test-report", "report-test-table"}
+    assert "kdflow report: Report_Test" in found["report-test-report"].data
+    assert "data:image/png;base64," in found["report-test-report"].data  # plots embedded in the artifact
+    table = found["report-test-table"].data
+    table = json.loads(table) if isinstance(table, str) else table
+    assert [row["model"] for row in table] == ["teacher", "baseline", "seq-kd"]
