@@ -73,9 +73,18 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
         assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0
     assert report["teacher"]["params"] > report["students"]["baseline"]["params"]
     assert "| baseline | gold |" in (run_dir / "report.md").read_text()
+    # Quality and cost side by side for every model, measured in this run.
+    assert report["teacher"]["agreement"] == 1.0 and report["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for m in [report["teacher"], *report["students"].values()]:
+        assert m["perplexity"] >= 1.0 and 0.0 <= m["agreement"] <= 1.0 and m["kl"] >= -1e-6
+        for key in ("flops_per_token", "size_bytes", "peak_memory_bytes", "latency_ms_per_token", "throughput_tokens_per_s"):
+            assert m[key] > 0, key
+    assert report["gap_closure"]["baseline"] == "baseline" and "gap_closure" in report["students"]["seq-kd"]
+    assert report["deployment"]["machine"]["torch_threads"] >= 1 and report["lm_eval"]["status"] == "off"
+    assert all((run_dir / png).is_file() for png in report["plots"]) and len(report["plots"]) == 2
     c = report["curation"]
     assert c["kept"] + c["dropped"] == c["input_rows"] == 80  # train 40 + prompts 40
-    for stage in ("data", "teacher", "generate", "curate", "students", "evaluate"):
+    for stage in ("data", "teacher", "generate", "curate", "students", "evaluate", "deployment"):
         outputs = [p for p in (run_dir / stage).iterdir()]
         assert outputs and all((p / "manifest.json").is_file() for p in outputs), stage
 
@@ -121,6 +130,12 @@ def test_report_artifact_is_published(prefect_server, mini_recipe):
 
     artifacts = asyncio.run(latest())
     assert artifacts and "kdflow report: mini" in artifacts[-1].data
+
+    async def table():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mini-table"])))
+
+    assert asyncio.run(table()), "no mini-table artifact"
 
 
 def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):
