@@ -81,6 +81,22 @@ def _batch(sequences: list[tuple[list[int], int]], pad_id: int, device) -> tuple
     return ids.to(device), attention.to(device), target.to(device)
 
 
+LOGIT_BUDGET = 1 << 30  # bytes of float32 logits per forward pass: a 150k vocabulary fits only a few rows
+
+
+def _chunks(sequences: list[tuple[list[int], int]], batch_size: int, vocab: int):
+    """Batches of at most ``batch_size`` rows whose logits fit ``LOGIT_BUDGET``, shortest rows first (less
+    padding); the scores are sums over tokens, so the order does not change them."""
+    chunk: list[tuple[list[int], int]] = []
+    for seq in sorted(sequences, key=lambda s: len(s[0])):
+        if chunk and (len(chunk) == batch_size or (len(chunk) + 1) * len(seq[0]) * vocab * 4 > LOGIT_BUDGET):
+            yield chunk
+            chunk = []
+        chunk.append(seq)
+    if chunk:
+        yield chunk
+
+
 def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     """Token-level agreement needs one vocabulary: the same token id must mean the same string."""
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
@@ -101,8 +117,8 @@ def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], ba
     vocab = len(tokenizer)
     nll = agree = kl = 0.0
     tokens = 0
-    for start in range(0, len(sequences), batch_size):
-        ids, attention, target = _batch(sequences[start : start + batch_size], tokenizer.pad_token_id, model.device)
+    for chunk in _chunks(sequences, batch_size, vocab):
+        ids, attention, target = _batch(chunk, tokenizer.pad_token_id, model.device)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab].float(), -1)
         logp = logp[target]  # (T, V): answer positions only
         nll -= logp.gather(-1, ids[:, 1:][target].unsqueeze(-1)).sum().item()

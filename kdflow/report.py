@@ -157,6 +157,22 @@ def notes(report: dict) -> list[str]:
     return out
 
 
+def summary(report: dict) -> list[str]:
+    """One line per student: its accuracy against the teacher's, the gap it closed, and what it saves."""
+    t, baseline = report["teacher"], report["gap_closure"]["baseline"]
+    lines = []
+    for name, s in report["students"].items():
+        share = f" ({s['accuracy'] / t['accuracy']:.0%} of the teacher's)" if t["accuracy"] else ""
+        line = f"- **{name}** (trained on {s['data']}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
+        if name != baseline and s.get("gap_closure") is not None:
+            line += f"; closes {s['gap_closure']:.0%} of the gap over `{baseline}`"
+        r = s.get("vs_teacher", {})
+        costs = [f"{r[k]:.2g}× the {what}" for k, what in (("params", "parameters"), ("latency_ms_per_token", "latency"),
+                                                             ("throughput_tokens_per_s", "throughput")) if k in r]
+        lines.append(line + (f"; {', '.join(costs)}." if costs else "."))
+    return lines
+
+
 def lm_eval_lines(lm_eval: dict) -> list[str]:
     status = lm_eval.get("status", "off")
     if status == "off":
@@ -178,6 +194,8 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none"
     lines = [
         f"# kdflow report: {report['run']}",
+        "",
+        *summary(report),
         "",
         "## Quality: is the student good enough to ship?",
         "",

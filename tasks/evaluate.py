@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -88,6 +89,8 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     prompts = [render(template, question=r["question"]) for r in rows[: settings.throughput_batch]]
     prompts += prompts[-1:] * (settings.throughput_batch - len(prompts))  # a split smaller than the batch
     loaded = {name: load(model_location(ref)) for name, ref in models.items()}
+    if torch.cuda.is_available():  # cost is measured on the device the models would be served from
+        loaded = {name: (net.to("cuda"), tok) for name, (net, tok) in loaded.items()}
     measured = deployment.measure_all(loaded, prompts[0], prompts, settings.latency_tokens, settings.repeats)
     figures = {
         name: {"params": count_params(net), "flops_per_token": deployment.flops_per_token(net.config, measured[name]["context"]),
@@ -106,8 +109,6 @@ LM_EVAL_STAGE, LM_EVAL_VERSION = "lm-eval", "1"
 
 def lm_eval_unavailable() -> str | None:
     """Why lm-evaluation-harness cannot run here, or None when it can."""
-    import torch
-
     if importlib.util.find_spec("lm_eval") is None:
         return "lm-evaluation-harness is not installed (pip install lm-eval; it is not a default dependency)"
     if not torch.cuda.is_available():

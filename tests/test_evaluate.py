@@ -107,6 +107,17 @@ def test_perplexity_is_exp_of_the_answer_tokens_mean_nll(tokenizer):
         assert "agreement" not in scores
 
 
+def test_logit_budget_splits_batches_without_changing_the_scores(tokenizer, monkeypatch):
+    model, teacher = tiny(tokenizer, seed=1), tiny(tokenizer, seed=2)
+    sequences = reference_sequences(tokenizer, ROWS, COT)
+    whole = score_reference(model, tokenizer, sequences, batch_size=8, teacher=teacher)
+    longest = max(len(ids) for ids, _ in sequences)
+    monkeypatch.setattr(evaluate, "LOGIT_BUDGET", longest * len(tokenizer) * 4)  # one row's logits per pass
+    assert [len(c) for c in evaluate._chunks(sequences, 8, len(tokenizer))] == [1, 1, 1]
+    split = score_reference(model, tokenizer, sequences, batch_size=8, teacher=teacher)
+    assert split == pytest.approx(whole, rel=1e-5)
+
+
 def test_agreement_and_kl_between_two_different_models(tokenizer):
     sequences = reference_sequences(tokenizer, ROWS, COT)
     student, teacher = tiny(tokenizer, seed=1), tiny(tokenizer, seed=2)
