@@ -247,3 +247,41 @@ def test_measure_all_reports_every_figure_for_every_model(tokenizer):
         assert f["latency_ms_per_token"] > 0 and f["throughput_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0
         assert f["context"] > 4
     assert figures["big"]["peak_memory_bytes"] > figures["small"]["peak_memory_bytes"]
+
+
+# ---- the evaluate stage's body, without Prefect ---------------------------------------------------------
+
+def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
+    import pandas as pd
+
+    from kdflow.models import write_location
+    from kdflow.outputs import building, existing_output, finish
+    from kdflow.recipe import DataSource, EvaluationSection
+    from tasks.evaluate import evaluate_model
+
+    def stage(name, key, build):
+        key = key.ljust(64, "0")
+        with building(tmp_path, name, key) as tmp:
+            build(tmp)
+            finish(tmp, name, key, inputs={})
+        return existing_output(tmp_path, name, key)
+
+    def saved(seed):
+        def build(tmp):
+            tiny(tokenizer, seed=seed).save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            write_location(tmp, "model")
+        return build
+
+    data = stage("data", "d", lambda tmp: pd.DataFrame(ROWS).to_parquet(tmp / "test.parquet"))
+    teacher, student = stage("teacher", "t", saved(1)), stage("students", "s", saved(2))
+    section = EvaluationSection(max_new_tokens=6, batch_size=4, pass_at_k=2, samples=3)
+    evaluate = evaluate_model.fn(tmp_path, section, COT, DataSource.arithmetic, student, teacher, data)
+    m = evaluate.manifest()["metrics"]
+    assert m["rows"] == 3 and m["k"] == 2 and m["samples"] == 3
+    assert 0 <= m["accuracy"] <= 1 and 0 <= m["pass_at_k"] <= 1
+    assert m["perplexity"] > 1 and 0 <= m["agreement"] <= 1 and m["kl"] > 0
+    predictions = pd.read_parquet(f"{evaluate.path}/predictions.parquet")
+    assert list(predictions["id"]) == ["t-0", "t-1", "t-2"] and set(predictions["correct_samples"]) <= {0, 1, 2, 3}
+    itself = evaluate_model.fn(tmp_path, section, COT, DataSource.arithmetic, teacher, teacher, data).manifest()["metrics"]
+    assert itself["agreement"] == 1.0 and itself["kl"] == pytest.approx(0.0, abs=1e-6)
