@@ -42,9 +42,16 @@ def flops_per_token(config, context: int) -> int:
     return round(2 * (layers * per_layer + d * vocab) + 4 * layers * heads * hd * context)
 
 
-def size_on_disk(model_dir: str | Path) -> int:
-    """Bytes of the weight files in a saved model folder (tokenizer and configs are left out)."""
-    return sum(f.stat().st_size for f in Path(model_dir).rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+def size_on_disk(location: str | Path) -> int:
+    """Bytes of the weight files of a saved model (tokenizer and configs left out): a local folder, or a hub
+    id already in the local hub cache (it was loaded to be measured)."""
+    folder = Path(location)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(location), local_files_only=True))
+    # resolve(): the hub cache keeps files as links to blobs; a link's own size is not the file's
+    return sum(f.resolve().stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
 
 
 def resident_bytes(model) -> int:
