@@ -1,11 +1,12 @@
 """The demo task: multi-step arithmetic with a written-out rationale and an exactly checkable answer.
 
-A problem is a chain of additions and subtractions, e.g. ``47+18-25+7``; its gold rationale reduces it
-left to right, one operation per line, rewriting what is left (``=65-25+7``, ``=40+7``, ``=47``), and
-ends with ``Answer: 47``. Rewriting the rest of the chain on every line keeps each step local: the next
-operation is always the first one on the previous line, so a tiny model learns to reduce, not to count
-how far along the question it is (with lines like ``65-25=40`` a 1M-parameter teacher mostly failed at
-fetching the right operand from the question: 25 % accuracy after 1,200 steps). Running totals never go negative, so every
+A problem is a chain of additions and subtractions, e.g. ``7+8-5+9``; its gold rationale reduces it left
+to right, one operation per line, writing the operation out and then what is left of the chain
+(``7+8=15-5+9``, ``15-5=10+9``, ``10+9=19``), and ends with ``Answer: 19``. Every step is local: the
+operation to do is the first one after ``=`` on the previous line, and its operands sit right before the
+new ``=``. Measured with a 1M-parameter Llama: with lines like ``15-5=10`` that leave the next operand in
+the question, the model mostly failed at fetching the right operand (25 % accuracy after 1,200 steps);
+with 2-digit operands (max_operand 99) no format reached 5 % within the demo's training budget. Running totals never go negative, so every
 number is written with digits only. Everything is a pure function of (seed, split, index), so the splits
 are deterministic and disjoint by construction (each split draws from its own seeded stream, and problems
 that also occur in the test split are skipped in the others).
@@ -27,7 +28,7 @@ ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)\s*$")
 class Difficulty:
     min_steps: int = 2
     max_steps: int = 4
-    max_operand: int = 99
+    max_operand: int = 9
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -49,7 +50,7 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
         values.append(operand)
         totals.append(totals[-1] - operand if op == "-" else totals[-1] + operand)
     rest = lambda k: "".join(f"{ops[i]}{values[i + 1]}" for i in range(k, n_steps))  # ops k.. still to do
-    lines = [f"={totals[k]}{rest(k)}" for k in range(1, n_steps + 1)]
+    lines = [f"{totals[k]}{ops[k]}{values[k + 1]}={totals[k + 1]}{rest(k + 1)}" for k in range(n_steps)]
     lines.append(f"Answer: {totals[-1]}")
     return {"question": f"{values[0]}{rest(0)}", "rationale": "\n".join(lines), "answer": totals[-1]}
 

@@ -29,7 +29,7 @@ def test_same_seed_same_splits_and_other_seed_differs():
 
 
 def test_splits_are_disjoint():
-    splits = generate_splits(SIZES, seed=0, difficulty=Difficulty(1, 2, 20))  # small space: collisions likely
+    splits = generate_splits(SIZES, seed=0, difficulty=Difficulty(1, 2, 9))  # small space: collisions likely
     questions = [set(r["question"] for r in rows) for rows in splits.values()]
     assert sum(map(len, questions)) == len(set().union(*questions)) == sum(SIZES.values())
 
@@ -38,10 +38,13 @@ def test_gold_rationale_is_right_and_checker_accepts_it():
     for row in generate_splits(SIZES, seed=3, difficulty=Difficulty())["train"]:
         assert row["answer"] == evaluate_chain(row["question"]) >= 0
         steps = row["rationale"].splitlines()[:-1]
-        for before, line in zip([row["question"], *[s[1:] for s in steps]], steps):
-            assert line.startswith("=") and evaluate_chain(line[1:]) == evaluate_chain(before)
-            assert line[1:].count("+") + line[1:].count("-") == before.count("+") + before.count("-") - 1
-        assert steps[-1] == f"={row['answer']}"
+        before = row["question"]
+        for line in steps:
+            done, after = line.split("=")
+            assert before.startswith(done) and evaluate_chain(done) == int(after.split("+")[0].split("-")[0])
+            assert evaluate_chain(after) == evaluate_chain(before)  # the rest is copied, not changed
+            before = after
+        assert before == str(row["answer"])
         assert check_answer(row["rationale"], row["answer"])
 
 
@@ -49,6 +52,7 @@ def test_checker_rejects_perturbed_answers():
     rows = generate_splits({"test": 200}, seed=4, difficulty=Difficulty())["test"]
     for row in rows:
         wrong = row["rationale"].rsplit(" ", 1)[0] + f" {row['answer'] + 1}"
+        assert row["rationale"].endswith(f"Answer: {row['answer']}")
         assert not check_answer(wrong, row["answer"])
         assert not check_answer(row["rationale"].rsplit("\n", 1)[0], row["answer"])  # no Answer line
         assert not check_answer(row["rationale"] + " and more", row["answer"])  # answer not at the end
