@@ -154,6 +154,9 @@ def notes(report: dict) -> list[str]:
             f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",
             "- Ratios in parentheses: model / teacher.",
         ]
+    for name, m in _models(report).items():  # a figure that could not be had says why ("—" in the tables)
+        out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
+                if key.endswith("_skipped")]
     return out
 
 

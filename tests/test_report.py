@@ -49,6 +49,14 @@ def test_report_gap_closure_ratios_and_backward_compatible_fields():
     assert {"accuracy", "params"} <= set(r["teacher"]) and r["students"]["seq-kd"]["compression"] == 10.0
 
 
+def test_a_figure_that_could_not_be_had_says_why():
+    r = planted_report()
+    r["students"]["seq-kd"] |= {"agreement": None, "agreement_skipped": "the student's tokenizer differs from the teacher's"}
+    md = render_markdown(r)
+    assert "| seq-kd | teacher | 0.800 | 0.75 | 1.500 | — |" in md
+    assert "- seq-kd: agreement not measured: the student's tokenizer differs from the teacher's" in md
+
+
 def test_no_gold_student_means_gap_closure_not_applicable():
     students = {"seq-kd": {**model(0.8, 100), "data": "teacher"}}
     assert baseline_student(students) is None
