@@ -21,7 +21,9 @@ from tasks.report import write_report
 from tasks.students import train_student
 
 
-@flow(name="distill", log_prints=True)
+# No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
+# dumps their bytecode into the run log (thousands of lines per training stage).
+@flow(name="distill")
 def distill(recipe: str = "recipes/demo.yaml") -> dict:
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
     run_dir, cot = r.run_dir, r.prompts.cot_text()

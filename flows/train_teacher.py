@@ -15,7 +15,8 @@ from tasks.data import make_data
 from tasks.teacher import train_teacher_model, use_existing_teacher
 
 
-@flow(name="train-teacher", log_prints=True)
+# No log_prints (see flows/distill.py).
+@flow(name="train-teacher")
 def train_teacher(recipe: str = "recipes/demo.yaml") -> OutputRef:
     r = load_recipe(recipe)
     if r.teacher.model:
