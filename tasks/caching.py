@@ -8,7 +8,8 @@ not what it is, so it is left out.
 
 A cached result is only an ``OutputRef``; before it is trusted, the folder it points to must still exist
 inside this run's folder with the manifest it was made with. If not (deleted, half-deleted, another run's
-folder), the stage runs again under a fresh key, which Prefect has never seen.
+folder), the stale record is removed and the stage runs again under the same key, so that the next run is
+a plain cache hit again.
 """
 
 from __future__ import annotations
@@ -41,7 +42,19 @@ class StageCache(CachePolicy):
         ref = store.read(key).result
         if isinstance(ref, OutputRef) and ref.is_complete() and _inside(ref.path, inputs.get("run_dir")):
             return key
+        if _forget(store, key):
+            return key
+        # A result storage we cannot delete from: recompute under a key Prefect has never seen.
         return f"{key}-recompute-{uuid.uuid4().hex}"
+
+
+def _forget(store, key: str) -> bool:
+    """Delete a stale cache record; True when done (local result storage, where records are files)."""
+    basepath = getattr(store.result_storage, "basepath", None)
+    if basepath is None or store.metadata_storage is not None:
+        return False
+    (Path(basepath).expanduser() / key).unlink(missing_ok=True)
+    return not store.exists(key)
 
 
 def _inside(path: str, run_dir) -> bool:

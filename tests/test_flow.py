@@ -112,6 +112,9 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     assert states["filter_answers"] == ["Completed"]
     assert "Cached" in states["generate_answers"]
     assert all((p / "manifest.json").is_file() for p in (run_dir / "curate").iterdir())
+    # ... and the recomputed output is trusted again: the next run is a plain cache hit.
+    _, states = run_distill(mini_recipe)
+    assert states["filter_answers"] == ["Cached"]
 
 
 def test_report_artifact_is_published(prefect_server, mini_recipe):

@@ -39,7 +39,7 @@ def line_of(text: str, needle: str) -> int:
 
 
 def test_unknown_field_names_field_line_and_fix():
-    text = DEMO.replace("  max_new_tokens: 64\n  batch_size: 512\n\nfilters", "  max_new_token: 64\n  batch_size: 512\n\nfilters")
+    text = DEMO.replace("  max_new_tokens: 96\n  batch_size: 512\n\nfilters", "  max_new_token: 96\n  batch_size: 512\n\nfilters")
     msg = error_of(text)
     assert f"demo.yaml:{line_of(text, 'max_new_token:')}: generation.max_new_token: unknown field" in msg
     assert "spelling" in msg
@@ -91,4 +91,4 @@ def test_throughput_knobs_are_not_content():
     a = parse_recipe(DEMO)
     b = parse_recipe(DEMO.replace("batch_size: 512", "batch_size: 64"))
     assert canonical(a.generation) == canonical(b.generation)
-    assert canonical(a.generation) != canonical(parse_recipe(DEMO.replace("max_new_tokens: 64", "max_new_tokens: 65", 1)).generation)
+    assert canonical(a.generation) != canonical(parse_recipe(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 97", 1)).generation)
