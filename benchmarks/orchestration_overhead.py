@@ -39,7 +39,7 @@ def direct(recipe_path: str) -> dict:
     from kdflow.recipe import StudentData, load_recipe
     from tasks.curate import filter_answers
     from tasks.data import make_data
-    from tasks.evaluate import evaluate_model
+    from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval
     from tasks.generate import generate_answers
     from tasks.report import write_report
     from tasks.students import train_student
@@ -53,10 +53,13 @@ def direct(recipe_path: str) -> dict:
     curated = filter_answers.fn(run_dir, r.filters, r.data.source, answers)
     students = {s.name: train_student.fn(run_dir, s, cot, teacher, data,
                                          curated if s.data is StudentData.teacher else None) for s in r.students}
-    evaluations = {name: evaluate_model.fn(run_dir, r.evaluation, cot, r.data.source, model, data)
-                   for name, model in {"teacher": teacher, **students}.items()}
-    return write_report.fn(run_dir, r.run.name, evaluations, {s.name: {"data": s.data.value} for s in r.students},
-                           curated)
+    models = {"teacher": teacher, **students}
+    evaluations = {name: evaluate_model.fn(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
+                   for name, model in models.items()}
+    deployment = measure_deployment.fn(run_dir, models, r.evaluation.deployment, cot, data, r.evaluation.split)
+    benchmarks = run_lm_eval.fn(run_dir, models, r.evaluation.lm_eval)
+    return write_report.fn(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
+                           {s.name: {"data": s.data.value} for s in r.students}, curated)
 
 
 def main() -> None:
