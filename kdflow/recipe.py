@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -155,18 +155,119 @@ class TeacherSection(Strict):
 
 
 class Backend(str, enum.Enum):
-    hf = "hf"  # transformers, batched, in-process
-    vllm = "vllm"  # a vLLM OpenAI-compatible server (teacher-querying issue)
-    openai = "openai"  # any OpenAI-compatible API (teacher-querying issue)
+    hf = "hf"  # transformers, batched, in-process (CPUs)
+    vllm = "vllm"  # a local vLLM OpenAI-compatible server the stage starts and stops itself
+    openai = "openai"  # any OpenAI-compatible API: OpenAI, a vLLM or SGLang server, ...
+
+
+class Endpoint(str, enum.Enum):
+    chat = "chat"  # /v1/chat/completions: the model's chat template applies
+    completions = "completions"  # /v1/completions: the rendered prompt is sent as raw text
+
+
+def _template_text(path: str | None) -> str | None:
+    return None if path is None else (ROOT / path).read_text()
+
+
+def _template_exists(path: str | None) -> str | None:
+    if path is not None and not (ROOT / path).is_file():
+        raise ValueError(f"no template at {ROOT / path}: point it at a file under prompts/")
+    return path
+
+
+class ApiSection(Strict):
+    """How the stage talks to an OpenAI-compatible endpoint (backends `openai` and `vllm`). The API key is
+    read at run time from the environment variable or Prefect Secret block named here, never from the
+    recipe, so it appears in no cache key, manifest or log."""
+
+    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1 (openai backend; vllm starts its own)")
+    model: str | None = Field(None, description="model name the endpoint serves; default: the teacher's model")
+    endpoint: Endpoint = Endpoint.chat
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key_secret_block: str | None = Field(None, description="or: a Prefect Secret block holding it")
+    token_ids: bool = Field(False, description="ask for exact token ids with logprobs (vLLM/SGLang servers only)")
+    concurrency: int = Field(32, ge=1, description="requests in flight at once")
+    timeout_s: float = Field(120.0, gt=0, description="per request")
+    max_retries: int = Field(6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
+    max_failure_fraction: float = Field(0.01, ge=0.0, le=1.0,
+                                        description="the stage fails when more requests than this fail for good")
+
+
+class VllmServerSection(Strict):
+    """The local vLLM server of the `vllm` backend: started for the stage, stopped after it."""
+
+    python: str = Field(".venv-vllm/bin/python", description="interpreter with vllm installed (relative to the repo)")
+    extra_args: list[str] = Field(default_factory=list, description="more api_server flags, e.g. [--dtype, bfloat16]")
+    port: int | None = Field(None, ge=1, le=65535, description="default: a free port")
+    startup_timeout_s: float = Field(600.0, gt=0)
+
+
+class IclSection(Strict):
+    """Few-shot in-context distillation: the teacher sees `k` solved demonstrations drawn from `pool_split`
+    (its gold rationales); the stored training example is the zero-shot prompt with the teacher's answer."""
+
+    k: int = Field(3, ge=1)
+    pool_split: str = Field("train", description="split whose questions and gold rationales are the demonstrations")
+    template: str = "prompts/few_shot.jinja"
+    seed: int = 0
+
+    @field_validator("template")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return _template_exists(v)
+
+    @computed_field  # in model_dump, hence in the cache key: editing the template reruns the stage
+    @property
+    def template_text(self) -> str:
+        return _template_text(self.template)
 
 
 class GenerationSection(Strict):
-    __throughput_fields__: ClassVar[set[str]] = {"batch_size"}
+    # Throughput and plumbing, not content: left out of the cache key (a nested dict: pydantic's exclude).
+    __throughput_fields__: ClassVar[dict] = {
+        "batch_size": True,
+        "api": {"api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries", "max_failure_fraction"},
+        "vllm": {"python", "port", "startup_timeout_s"},
+    }
     backend: Backend = Backend.hf
     splits: list[str] = Field(description="splits whose questions the teacher answers")
+    template: str | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
+    system_prompt: str | None = None
     max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, description="answers sampled per prompt (column `sample`: 0..n-1)")
+    seed: int | None = Field(None, description="sampling seed (backends that take one)")
+    logprobs: int | None = Field(None, ge=0, description="keep the top-k logprobs of each generated token")
     batch_size: int = Field(256, ge=1)
+    api: ApiSection = ApiSection()
+    vllm: VllmServerSection = VllmServerSection()
+    icl: IclSection | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        return _template_exists(v)
+
+    @computed_field  # in model_dump, hence in the cache key
+    @property
+    def template_text(self) -> str | None:
+        return _template_text(self.template)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.n > 1 and self.temperature == 0.0:
+            raise ValueError(f"n = {self.n} samples at temperature 0 are all the same answer; set temperature > 0")
+        if self.backend is Backend.openai and not self.api.base_url:
+            raise ValueError("backend 'openai' needs api.base_url (e.g. https://api.openai.com/v1)")
+        if self.backend is Backend.hf:
+            unsupported = [f for f in ("system_prompt", "logprobs") if getattr(self, f) is not None]
+            unsupported += ["top_p"] if self.top_p != 1.0 else []
+            if unsupported:
+                raise ValueError(f"backend 'hf' does not support {unsupported}: remove them or use backend 'vllm' or 'openai'")
+        if self.logprobs is not None and self.logprobs > 20 and "api.openai.com" in (self.api.base_url or ""):
+            raise ValueError(f"logprobs = {self.logprobs}: OpenAI's API returns at most 20 top logprobs; use <= 20")
+        return self
 
 
 class FiltersSection(Strict):
