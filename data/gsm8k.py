@@ -1,12 +1,17 @@
-"""GSM8K from local JSONL files (``{"question", "answer"}`` per line, the answer ending in ``#### N``)."""
+"""GSM8K from local files (``{"question", "answer"}`` per row, the answer ending in ``#### N``), read through
+``kdflow.loaders`` (JSONL, parquet or a saved HF dataset). Teacher answers are checked with
+``kdflow.verify`` (math-verify equivalence: ``72``, ``72.0``, ``$72``, ``\\boxed{72}`` are one answer)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-FINAL_RE = re.compile(r"(?:####|Answer:)\s*\$?\s*(-?[\d,]*\.?\d+)")
+from kdflow import verify
+from kdflow.loaders import DataError, load_located_rows
+
+# The gold answer in GSM8K's own solutions: always a plain number after '####'.
+GOLD_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
 
 
 def normalize_number(text: str) -> str | None:
@@ -18,34 +23,30 @@ def normalize_number(text: str) -> str | None:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
-def final_answer(text: str) -> str | None:
-    """The number after the last ``####`` (or ``Answer:``) in the text."""
-    matches = FINAL_RE.findall(text)
+def gold_answer(solution: str) -> str | None:
+    """The number after the last ``####`` of a GSM8K solution, normalised."""
+    matches = GOLD_RE.findall(solution)
     return normalize_number(matches[-1]) if matches else None
 
 
-def check_answer(text: str, gold: str) -> bool:
-    got = final_answer(text)
-    return got is not None and got == normalize_number(str(gold))
+def final_answer(text: str) -> str | None:
+    """The final answer of a teacher's text (``#### N``, ``Answer: N``, ``\\boxed{N}``, ...), or None."""
+    return verify.final_answer(text)
+
+
+def check_answer(text: str, gold) -> bool:
+    return verify.check_answer(text, gold)
 
 
 def load_split(path: Path, n: int | None = None) -> list[dict]:
-    """Rows ``{id, question, rationale, answer}``; a malformed line fails naming the file and line."""
+    """Rows ``{id, question, rationale, answer}``; a malformed row fails naming the file and line."""
+    path = Path(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if n is not None and len(rows) >= n:
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            missing = {"question", "answer"} - set(record)
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {sorted(missing)}; GSM8K rows need question and answer")
-            answer = final_answer(record["answer"])
-            if answer is None:
-                raise ValueError(f"{path}:{lineno}: the answer does not end in '#### <number>'")
-            rows.append({"id": f"{path.stem}-{lineno - 1:06d}", "question": record["question"],
-                         "rationale": record["answer"], "answer": answer})
+    located = load_located_rows(path, required=("question", "answer"), prompt_field="question", n=n)
+    for i, (at, record) in enumerate(located):
+        answer = gold_answer(str(record["answer"]))
+        if answer is None:
+            raise DataError(f"{at}: the answer does not end in '#### <number>'")
+        rows.append({"id": f"{path.stem}-{i:06d}", "question": record["question"],
+                     "rationale": record["answer"], "answer": answer})
     return rows
