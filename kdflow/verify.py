@@ -14,10 +14,11 @@ from __future__ import annotations
 import enum
 import re
 import threading
-from collections import Counter
 from collections.abc import Callable
 
 from math_verify import parse, verify
+
+from kdflow.recipe import SelectPolicy as Policy
 
 CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 # The last final-answer marker; what follows it (to the end of its line) is the answer.
@@ -75,12 +76,6 @@ def check_answer(text: str, gold) -> bool:
 # ---- self-consistency -----------------------------------------------------------------------------------
 
 
-class Policy(str, enum.Enum):
-    all = "all"  # every correct (or majority) sample
-    shortest = "shortest"  # the shortest one
-    best_k = "best_k"  # the k shortest, distinct texts
-
-
 def select(samples: list[dict], policy: Policy, k: int = 1, length: Callable[[dict], int] = lambda r: len(r["text"])) -> list[int]:
     """Indices (into ``samples``) of the samples one prompt keeps under ``policy``; all of ``samples`` qualify.
     Shorter wins because, among equally correct rationales, the short one is the cheaper thing to imitate."""
@@ -97,21 +92,22 @@ def select(samples: list[dict], policy: Policy, k: int = 1, length: Callable[[di
     return chosen
 
 
-def majority(answers: list[list]) -> int | None:
-    """The index of one answer of the strict-plurality equivalence class, or None (no answers, or a tie).
-    Classes are built with math-verify, so ``72`` and ``72.0`` vote together."""
-    classes: list[list[int]] = []  # indices of equivalent answers, the first one representing its class
-    for i, a in enumerate(answers):
-        if not a:
+def majority(texts: list[str], check: Callable[[str, object], bool], extract: Callable[[str], object]) -> int | None:
+    """The index of one text of the strict-plurality answer class, or None (no answers, or a tie). Two texts
+    vote together when ``check`` accepts one against the other's extracted answer, so with this module's
+    ``check_answer`` ``72`` and ``72.0`` are one vote class, and with the demo's exact checker equal integers are."""
+    classes: list[tuple[object, list[int]]] = []  # (the first member's answer, members)
+    for i, text in enumerate(texts):
+        answer = extract(text)
+        if answer is None:
             continue
-        for members in classes:
-            if equivalent(answers[members[0]], a):
+        for first, members in classes:
+            if check(text, first):
                 members.append(i)
                 break
         else:
-            classes.append([i])
-    sizes = Counter({c[0]: len(c) for c in classes})
-    top = sizes.most_common(2)
-    if not top or (len(top) == 2 and top[0][1] == top[1][1]):
+            classes.append((answer, [i]))
+    sizes = sorted((len(members) for _, members in classes), reverse=True)
+    if not sizes or (len(sizes) > 1 and sizes[0] == sizes[1]):
         return None
-    return top[0][0]
+    return next(members[0] for _, members in classes if len(members) == sizes[0])

@@ -1,4 +1,5 @@
-"""Stage 3: keep the teacher's answers whose final answer matches the gold one; drops keep their reasons."""
+"""Stage 3: curate the teacher's answers (verified answers, the recipe's filters); every drop is kept with its
+reasons in dropped.parquet, and report.md / report.json / lengths.png say what went and why."""
 
 from __future__ import annotations
 
@@ -9,41 +10,84 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from data import arithmetic, gsm8k
-from kdflow.curate import filter_by_correctness, reason_counts
+from kdflow import drop_report
+from kdflow.curate import curate, reason_counts
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from kdflow.recipe import DataSource, FiltersSection
 from tasks.caching import StageCache, stage_key
 
-STAGE, VERSION = "curate", "1"
+STAGE, VERSION = "curate", "2"
 
 
 def answer_checker(source: DataSource):
-    """(check(text, gold) -> bool, extract(text) -> answer | None) for the data source's answer format."""
+    """(check(text, gold) -> bool, extract(text) -> answer | None) for the data source's answer format: the
+    demo's exact ``Answer: N`` checker, or math-verify equivalence for GSM8K-style and free-form answers."""
     if source is DataSource.arithmetic:
         return arithmetic.check_answer, arithmetic.extract_answer
     return gsm8k.check_answer, gsm8k.final_answer
 
 
+def token_counts(rows: list[dict], section: FiltersSection) -> list[int] | None:
+    """Answer lengths for the length filter: in the student's tokenizer when the recipe names one, else the
+    teacher's own count (the demo's students share the teacher's tokenizer)."""
+    if section.length is None:
+        return None
+    if section.length.tokenizer is None:
+        if rows and "completion_tokens" not in rows[0]:
+            raise ValueError("filters.length needs filters.length.tokenizer: these answers carry no completion_tokens")
+        return [int(r["completion_tokens"]) for r in rows]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(section.length.tokenizer)
+    return [len(ids) for ids in tokenizer([r["text"] or "" for r in rows], add_special_tokens=False)["input_ids"]]
+
+
+def teacher_completer(teacher: OutputRef, max_new_tokens: int, batch_size: int):
+    """prompts -> replies from the HF teacher (the judge); an API backend plugs in with the same signature."""
+    from kdflow.generate_hf import generate, load
+    from kdflow.models import model_location
+
+    model, tokenizer = load(model_location(teacher))
+    return lambda prompts: [o["text"] for o in generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+
+
+def save_rows(rows: list[dict], columns: list[str], path: Path) -> None:
+    # Explicit columns: an empty drops dataset still has the schema of the answers plus the reasons.
+    extra = [c for r in rows for c in r if c not in columns]
+    pd.DataFrame(rows, columns=list(dict.fromkeys(columns + extra))).to_parquet(path, index=False)
+
+
 @task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
-def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef) -> OutputRef:
-    inputs = {"section": section, "source": source.value, "answers": answers}
+def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef,
+                   teacher: OutputRef | None = None) -> OutputRef:
+    """``teacher`` is needed only by the LLM-judge filter (it answers the judge template)."""
+    judge_template = section.judge.template_text() if section.judge else None
+    inputs = {"section": section, "source": source.value, "answers": answers, "teacher": teacher,
+              "judge_template": judge_template}
     key = stage_key(STAGE, VERSION, inputs)
     if done := existing_output(run_dir, STAGE, key):
         return done
     rows = pd.read_parquet(Path(answers.path) / "answers.parquet").to_dict("records")
-    if section.correctness:
-        kept, dropped = filter_by_correctness(rows, *answer_checker(source))
-    else:
-        kept, dropped = rows, []
+    complete = None
+    if section.judge is not None:
+        if teacher is None:
+            raise ValueError("filters.judge is set but no teacher was passed to the curate stage")
+        complete = teacher_completer(teacher, section.judge.max_new_tokens, section.judge_batch_size)
+    check, extract = answer_checker(source)
+    kept, dropped = curate(rows, section, check, extract, token_counts(rows, section), judge_template, complete)
     counts = reason_counts(dropped)
+    columns = list(rows[0]) if rows else ["id", "question", "answer", "text", "finish_reason"]
     with building(run_dir, STAGE, key) as tmp:
-        pd.DataFrame(kept, columns=list(rows[0])).to_parquet(tmp / "kept.parquet", index=False)
-        pd.DataFrame(dropped, columns=[*rows[0], "reasons"]).to_parquet(tmp / "dropped.parquet", index=False)
+        save_rows(kept, columns, tmp / "kept.parquet")
+        save_rows(dropped, [*columns, "reasons", "detail"], tmp / "dropped.parquet")
+        report = drop_report.write(tmp, kept, dropped)
         finish(tmp, STAGE, key, inputs=inputs, rows=len(kept), input_rows=len(rows), kept=len(kept),
-               dropped=len(dropped), drop_reasons=counts)
+               dropped=len(dropped), drop_reasons=counts, length_histogram=report["length_histogram"])
     create_table_artifact(
         key="curate-drops",
-        table=[{"reason": r, "rows": n} for r, n in sorted(counts.items())] + [{"reason": "(kept)", "rows": len(kept)}],
-        description=f"Teacher answers kept and dropped by reason, out of {len(rows)}",
+        table=[*report["reasons"], {"reason": "(kept)", "rows": len(kept), "only": None,
+                                    "% of input": round(100 * len(kept) / max(len(rows), 1), 2)}],
+        description=f"Teacher answers kept and dropped by reason, out of {len(rows)}; "
+                    f"every drop is in {Path(existing_output(run_dir, STAGE, key).path) / 'dropped.parquet'}",
     )
     return existing_output(run_dir, STAGE, key)

@@ -1,9 +1,24 @@
+"""Curation: every filter's drops carry its reason, kept + dropped = input, self-consistency, the report."""
+
+import json
+
+import pytest
+
 from data.arithmetic import check_answer, extract_answer
-from kdflow.curate import NO_FINAL_ANSWER, TRUNCATED, WRONG_ANSWER, filter_by_correctness, reason_counts
+from data.gsm8k import check_answer as math_check
+from data.gsm8k import final_answer as math_extract
+from kdflow import drop_report
+from kdflow.curate import curate, filter_by_correctness, reason_counts
+from kdflow.filters import Reason, parse_score
+from kdflow.recipe import FiltersSection
 
 
-def answer(i, text, finish="stop", gold="15"):
-    return {"id": f"r{i}", "question": "12+3", "answer": gold, "text": text, "finish_reason": finish}
+def answer(i, text, finish="stop", gold="15", question="12+3", sample=None, tokens=None):
+    row = {"id": f"r{i}", "question": question, "answer": gold, "text": text, "finish_reason": finish,
+           "completion_tokens": tokens if tokens is not None else len(text)}
+    if sample is not None:
+        row["sample"] = sample
+    return row
 
 
 ROWS = [
@@ -16,17 +31,121 @@ ROWS = [
 ]
 
 
+def by_id(dropped):
+    return {f"{r['id']}/{r['sample']}": r["reasons"] for r in dropped}
+
+
+def filters(**settings) -> FiltersSection:
+    return FiltersSection.model_validate(settings)
+
+
 def test_kept_plus_dropped_is_the_input_and_every_drop_has_a_reason():
     kept, dropped = filter_by_correctness(ROWS, check_answer, extract_answer)
     assert [r["id"] for r in kept] == ["r0", "r5"]
     assert sorted(r["id"] for r in kept + dropped) == sorted(r["id"] for r in ROWS)
     reasons = {r["id"]: r["reasons"] for r in dropped}
-    assert reasons == {"r1": [WRONG_ANSWER], "r2": [NO_FINAL_ANSWER], "r3": [TRUNCATED, NO_FINAL_ANSWER],
-                       "r4": [TRUNCATED]}
+    assert reasons == {"r1": ["wrong_answer"], "r2": ["no_final_answer"], "r3": ["truncated", "no_final_answer"],
+                       "r4": ["truncated"]}
     assert all(r["text"] for r in dropped)  # the raw text stays with the drop
-    assert reason_counts(dropped) == {WRONG_ANSWER: 1, NO_FINAL_ANSWER: 2, TRUNCATED: 2}
+    assert reason_counts(dropped) == {"wrong_answer": 1, "no_final_answer": 2, "truncated": 2}
 
 
 def test_nothing_dropped_when_all_are_right():
     kept, dropped = filter_by_correctness([ROWS[0], ROWS[5]], check_answer, extract_answer)
     assert len(kept) == 2 and dropped == []
+
+
+def test_each_generic_filter_drops_with_its_own_reason():
+    rows = [
+        answer(0, "12+3=15\nAnswer: 15", tokens=6),
+        answer(1, "   ", tokens=0),
+        answer(2, "Answer: 15", tokens=2),  # too short
+        answer(3, "12+3=15\n" * 20 + "Answer: 15", tokens=90),  # too long
+        answer(4, "I'm sorry, I can't help with that. Answer: 15", tokens=8),
+        answer(5, "12+3=15\nAnswer: 15", tokens=6, question="12+3"),  # an exact copy of r0
+        answer(6, "12 + 3 = 15.\nAnswer: 15", tokens=6),  # the same words: a copy once normalised
+        answer(7, "twelve plus three\nAnswer: 15", tokens=6, question="3+12"),
+    ]
+    section = filters(length={"min_tokens": 3, "max_tokens": 50}, patterns={"required": r"\d ?\+ ?\d|plus"},
+                      dedup={"near": False})
+    kept, dropped = curate(rows, section, check_answer, extract_answer, tokens=[r["completion_tokens"] for r in rows])
+    assert len(kept) + len(dropped) == len(rows)
+    assert [r["id"] for r in kept] == ["r0", "r7"]
+    assert by_id(dropped) == {
+        "r1/0": ["empty_answer", "too_short", "format_mismatch", "no_final_answer"],
+        "r2/0": ["too_short", "format_mismatch"],
+        "r3/0": ["too_long"],
+        "r4/0": ["refusal", "format_mismatch"],
+        "r5/0": ["duplicate"],
+        "r6/0": ["duplicate"],
+    }
+    details = {r["id"]: r["detail"] for r in dropped}
+    assert details["r5"] == "duplicate of r0/0"
+
+
+def test_near_duplicates_are_dropped_and_point_at_the_kept_row():
+    base = ("First add twelve and three to get fifteen, then check the sum once more by counting up from twelve "
+            "one step at a time until three steps are done, and write the total down carefully.\nAnswer: 15")
+    rows = [answer(0, base), answer(1, base.replace("carefully", "neatly")), answer(2, "12+3=15\nAnswer: 15"),
+            answer(3, "Start from twelve, count three more: thirteen, fourteen, fifteen. Answer: 15")]
+    kept, dropped = curate(rows, filters(dedup={"on": "text", "threshold": 0.6}), check_answer, extract_answer)
+    assert [r["id"] for r in kept] == ["r0", "r2", "r3"]
+    assert by_id(dropped) == {"r1/0": ["near_duplicate"]} and dropped[0]["detail"] == "near_duplicate of r0/0"
+
+
+def test_self_consistency_with_gold_keeps_the_correct_samples_under_the_policy():
+    rows = [answer(0, t, sample=s) for s, t in enumerate(
+        ["12+3=15\nAnswer: 15", "Answer: 16", "12+3=15, so\nAnswer: 15", "Answer: 15"])]
+    for policy, k, expected in [("all", 1, [0, 2, 3]), ("shortest", 1, [3]), ("best_k", 2, [3, 0])]:
+        kept, dropped = curate(rows, filters(self_consistency={"policy": policy, "k": k}), check_answer, extract_answer)
+        assert sorted(r["sample"] for r in kept) == sorted(expected), policy
+        assert by_id(dropped)["r0/1"] == ["wrong_answer"]
+        assert all(reasons == ["not_selected"] for name, reasons in by_id(dropped).items() if name != "r0/1")
+
+
+def test_self_consistency_without_gold_keeps_the_majority_answer():
+    texts = ["so #### 72", "it is 72.0 dollars, #### 72.0", "#### 70", "\\boxed{72}", "I do not know"]
+    rows = [answer(0, t, gold=None, sample=s, question="q") for s, t in enumerate(texts)]
+    rows += [answer(1, t, gold="", sample=s, question="q2") for s, t in enumerate(["#### 3", "#### 4"])]
+    kept, dropped = curate(rows, filters(self_consistency={"policy": "all"}), math_check, math_extract)
+    assert [(r["id"], r["sample"]) for r in kept] == [("r0", 0), ("r0", 1), ("r0", 3)]
+    assert by_id(dropped) == {"r0/2": ["minority_answer"], "r0/4": ["no_final_answer"],
+                              "r1/0": ["no_majority"], "r1/1": ["no_majority"]}
+
+
+def test_judge_filter_scores_with_planted_replies_and_keeps_the_reply():
+    rows = [answer(i, f"12+3=15 ({i})\nAnswer: 15") for i in range(4)] + [answer(4, "Answer: 16")]
+    replies = {"(0)": "Clear.\nScore: 9", "(1)": "Weak.\nScore: 3", "(2)": "no score here", "(3)": "Score: 6"}
+    prompts_seen = []
+
+    def complete(prompts):
+        prompts_seen.extend(prompts)
+        return [next(v for k, v in replies.items() if k in p) for p in prompts]
+
+    template = "Q: {{ question }}\nA: {{ answer }}\nScore:"
+    kept, dropped = curate(rows, filters(judge={"threshold": 6}), check_answer, extract_answer,
+                           judge_template=template, complete=complete)
+    assert len(prompts_seen) == 4  # the wrong answer never reaches the (expensive) judge
+    assert [r["id"] for r in kept] == ["r0", "r3"] and kept[0]["judge_score"] == 9.0
+    assert by_id(dropped) == {"r1/0": ["judge_low_score"], "r2/0": ["judge_unparsed"], "r4/0": ["wrong_answer"]}
+    assert {r["id"]: r["judge_reply"] for r in dropped if r["id"] != "r4"} == {"r1": replies["(1)"], "r2": replies["(2)"]}
+    with pytest.raises(ValueError, match="judge"):
+        curate(rows, filters(judge={}), check_answer, extract_answer)
+    assert parse_score("Score: 4\n...\nScore: 7.5") == 7.5 and parse_score("none") is None
+
+
+def test_report_counts_reasons_and_histograms_every_row(tmp_path):
+    kept, dropped = filter_by_correctness(ROWS, check_answer, extract_answer)
+    summary = drop_report.write(tmp_path, kept, dropped)
+    assert summary["input_rows"] == 6 and summary["kept"] == 2 and summary["dropped"] == 4
+    assert {r["reason"]: r["rows"] for r in summary["reasons"]} == reason_counts(dropped)
+    hist = summary["length_histogram"]
+    assert sum(h["kept"] for h in hist) == 2 and sum(h["dropped"] for h in hist) == 4
+    md = (tmp_path / "report.md").read_text()
+    assert "| truncated | 2 |" in md and "lengths.png" in md
+    assert (tmp_path / "lengths.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "report.json").read_text())["kept"] == 2
+
+
+def test_reason_codes_are_an_enum_of_stable_strings():
+    assert Reason("near_duplicate") is Reason.near_duplicate and Reason.truncated.value == "truncated"

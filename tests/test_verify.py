@@ -1,6 +1,7 @@
 """math-verify based final-answer checking and self-consistency (majority vote, selection policies)."""
 
-from kdflow.verify import Policy, Verdict, extract, judge, majority, select
+from data import arithmetic
+from kdflow.verify import Policy, Verdict, check_answer, final_answer, judge, majority, select
 
 
 def test_verdicts():
@@ -12,10 +13,12 @@ def test_verdicts():
 
 
 def test_majority_vote_groups_equivalent_forms():
-    answers = [extract(t) for t in ["#### 72", "Answer: 72.0", "\\boxed{71}", "no idea", "$72"]]
-    assert majority(answers) == 0  # 72, 72.0 and $72 vote together against one 71
-    assert majority([extract("#### 3"), extract("#### 4")]) is None  # a tie has no majority
-    assert majority([extract("nothing"), []]) is None
+    texts = ["\\boxed{71}", "#### 72", "Answer: 72.0", "no idea", "$72", "#### 71"]
+    assert majority(texts, check_answer, final_answer) == 1  # 72, 72.0 and $72 vote together against two 71s
+    assert majority(["#### 3", "#### 4"], check_answer, final_answer) is None  # a tie has no majority
+    assert majority(["nothing", ""], check_answer, final_answer) is None
+    # The demo's exact checker votes the same way.
+    assert majority(["Answer: 5", "Answer: 6", "Answer: 6"], arithmetic.check_answer, arithmetic.extract_answer) == 1
 
 
 def test_selection_policies():
