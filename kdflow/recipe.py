@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
+from kdflow.logit_cache import ValueEncoding
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -437,6 +439,46 @@ class EvaluationSection(Strict):
         return None if self.pass_at_k is None else self.samples or self.pass_at_k
 
 
+class CaptureSource(str, enum.Enum):
+    hf = "hf"  # the teacher's own forward pass (transformers, batched): exact tail mass, any temperature
+    vllm = "vllm"  # a vLLM server's prompt_logprobs (teacher-forced; started for the teacher if no base_url)
+    api = "api"  # the top_logprobs an API returned while generating (gray-box KD; generation.logprobs, k <= 20)
+
+
+class EnsembleMember(Strict):
+    model: str = Field(description="a local model folder sharing the teacher's tokenizer")
+    weight: float = Field(1.0, gt=0.0)
+
+
+class LogitCacheSection(Strict):
+    """The teacher's top-k distributions on the kept answers, captured once for KD from disk
+    (kdflow/logit_cache.py). Sizes per answer token: see README "Logit cache"."""
+
+    # How fast, or where from, not what: left out of the stage's key.
+    __throughput_fields__: ClassVar[set[str]] = {"batch_tokens", "concurrency", "base_url"}
+    source: CaptureSource = CaptureSource.hf
+    k: int = Field(20, ge=1, description="token ids and log-probs kept per position")
+    temperature: float = Field(1.0, gt=0.0, description="capture temperature: softmax(z / T)")
+    value_encoding: ValueEncoding = Field(ValueEncoding.u8, description="u8 (1 byte, error <= 1/24 nat) or fp16")
+    shard_rows: int = Field(1024, ge=1, description="rows per shard: the unit a crashed capture resumes from")
+    teacher_weight: float = Field(1.0, gt=0.0, description="the teacher's weight when `ensemble` adds members")
+    ensemble: list[EnsembleMember] = Field(default_factory=list, description="more teachers (source hf only)")
+    batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward pass (hf)")
+    concurrency: int = Field(8, ge=1, description="requests in flight (vllm)")
+    base_url: str | None = Field(None, description="a running vLLM server serving the teacher (vllm)")
+
+    @model_validator(mode="after")
+    def _source_limits(self):
+        if self.source is not CaptureSource.hf and self.temperature != 1.0:
+            raise ValueError(f"temperature {self.temperature} needs source 'hf': {self.source.value} gives only the "
+                             "top-k at T = 1, and rescaling needs the whole distribution")
+        if self.source is not CaptureSource.hf and self.ensemble:
+            raise ValueError("ensemble members are captured with source 'hf'; set source: hf")
+        if self.source is CaptureSource.api and self.k > 20:
+            raise ValueError(f"k={self.k}: APIs return at most 20 top_logprobs; use k <= 20")
+        return self
+
+
 class Recipe(Strict):
     run: RunSection
     data: DataSection
@@ -446,6 +488,7 @@ class Recipe(Strict):
     filters: FiltersSection = FiltersSection()
     students: list[StudentSection] = Field(min_length=1)
     evaluation: EvaluationSection = EvaluationSection()
+    logit_cache: LogitCacheSection | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self):
