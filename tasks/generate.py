@@ -1,45 +1,212 @@
-"""Stage 2: the teacher answers questions with chain-of-thought (HF transformers backend, batched)."""
+"""Stage 2: the teacher answers questions (chain-of-thought by default; the recipe may pick another template,
+a system prompt, few-shot demonstrations, n samples per prompt and top-k logprobs).
+
+Backends: ``hf`` (transformers, batched, in-process: CPUs), ``openai`` (any OpenAI-compatible API) and
+``vllm`` (a local vLLM server started for the stage and stopped after it, used through the same client).
+API answers are persisted one by one as they arrive (``kdflow.answer_shards``) in a folder next to the
+output, so a crash, a kill or a rerun never pays twice for an answer; the output has exactly one answer per
+(row, sample) in ``answers.parquet``, and requests that failed for good in ``failures.parquet`` with their
+reason code and error.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from tqdm import tqdm
 
-from kdflow.generate_hf import generate, load
+from kdflow.answer_shards import ShardWriter, read_shards
 from kdflow.models import model_location
-from kdflow.outputs import OutputRef, building, existing_output, finish
-from kdflow.prompts import render
+from kdflow.openai_teacher import Accounting, FatalApiError, Sampling, run_all
+from kdflow.outputs import OutputRef, building, existing_output, finish, output_dir
 from kdflow.recipe import Backend, GenerationSection
+from kdflow.teacher_prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
+from kdflow.vllm_server import vllm_server
 from tasks.caching import StageCache, stage_key
 from tasks.data import read_split
 
-STAGE, VERSION = "generate", "1"
+STAGE, VERSION = "generate", "2"
+PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to watch, rare enough to cost nothing
+ROW_FIELDS = ("id", "split", "question", "answer")
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=2, retry_delay_seconds=10)
+class TooManyFailures(RuntimeError):
+    """More teacher requests failed for good than the recipe allows."""
+
+
+def shard_folder(run_dir: Path, key: str) -> Path:
+    """Where answers are persisted while the stage runs (kept across crashes; removed once the output is done)."""
+    return output_dir(run_dir, STAGE, key).with_name(f".shards-{key[:16]}")
+
+
+def api_key(section: GenerationSection) -> str | None:
+    """The key from the Prefect Secret block or environment variable the recipe names (the value never is)."""
+    if section.api.api_key_secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(section.api.api_key_secret_block).get()
+    return os.environ.get(section.api.api_key_env) if section.api.api_key_env else None
+
+
+def _no_retry_on_verdicts(task, task_run, state) -> bool:
+    """Retry the task on a blip (its answers are kept), not when the API refused the key or too many rows failed."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, (FatalApiError, TooManyFailures))
+
+
+def prompted_rows(section: GenerationSection, template: str, data: OutputRef) -> list[dict]:
+    """Every (row, sample) to answer, with the zero-shot ``prompt`` and the ``teacher_prompt`` it is asked with."""
+    rows = [{**{k: r[k] for k in ROW_FIELDS if k in r}, "split": split}
+            for split in section.splits for r in read_split(data, split)]
+    icl = section.icl
+    pool = read_split(data, icl.pool_split) if icl else []
+    if icl:
+        check_pool(pool, icl.k, icl.pool_split)
+    out = []
+    for row in rows:
+        demos = demonstrations(row["id"], pool, icl.k, icl.seed) if icl else []
+        asked = teacher_prompt(template, row, icl.template_text if icl else None, demos)
+        extra = {"demo_ids": [d["id"] for d in demos]} if icl else {}
+        for sample in range(section.n):
+            out.append({**row, "sample": sample, "prompt": zero_shot(template, row), "teacher_prompt": asked, **extra})
+    return out
+
+
+def hf_answers(section: GenerationSection, teacher: OutputRef, rows: list[dict]) -> tuple[list[dict], Accounting]:
+    from kdflow.generate_hf import generate, load
+
+    model, tokenizer = load(model_location(teacher))
+    start = time.perf_counter()
+    outputs = generate(model, tokenizer, [r["teacher_prompt"] for r in rows], section.max_new_tokens,
+                       section.batch_size, section.temperature, seed=section.seed or 0)
+    acct = Accounting(requests=len(rows), answers=len(rows), seconds=time.perf_counter() - start,
+                      completion_tokens=sum(o["completion_tokens"] for o in outputs))
+    return [{"id": r["id"], "sample": r["sample"], "ok": True, **o} for r, o in zip(rows, outputs)], acct
+
+
+class Progress:
+    """A terminal progress bar and a Prefect progress artifact, both fed by the client's accounting."""
+
+    def __init__(self, total: int, already: int):
+        self.total, self.already, self.last = total, already, 0.0
+        self.bar = tqdm(total=total, initial=already, desc="teacher", unit="req", mininterval=1.0)
+        self.artifact = create_progress_artifact(progress=100.0 * already / max(total, 1), key="teacher-progress",
+                                                 description="teacher requests answered or failed for good")
+
+    def __call__(self, acct: Accounting) -> None:
+        done = self.already + acct.answers + acct.failures
+        self.bar.update(done - self.bar.n)
+        self.bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
+        if time.monotonic() - self.last >= PROGRESS_EVERY_S or done == self.total:
+            self.last = time.monotonic()
+            update_progress_artifact(self.artifact, progress=100.0 * done / max(self.total, 1))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def api_answers(section: GenerationSection, model: str, rows: list[dict], folder: Path, on_progress=None
+                ) -> tuple[list[dict], list[dict], Accounting]:
+    """Ask for every (row, sample) the shards in ``folder`` do not answer yet; return all answers and the
+    failures for good. ``model``: the served model name (backend openai), or the model folder vLLM serves."""
+    answered, _ = read_shards(folder)
+    todo = [r for r in rows if (str(r["id"]), r["sample"]) not in answered]
+    s = Sampling(model=model, max_tokens=section.max_new_tokens, temperature=section.temperature, top_p=section.top_p,
+                 seed=section.seed, logprobs=section.logprobs, endpoint=section.api.endpoint,
+                 token_ids=section.api.token_ids or section.backend is Backend.vllm)
+    requests = (teacher_request(r, r["sample"], r["teacher_prompt"], section.system_prompt, section.api.endpoint)
+                for r in todo)
+    run = {"concurrency": section.api.concurrency, "max_retries": section.api.max_retries, "seed": section.seed or 0,
+           "on_progress": on_progress}
+    with ShardWriter(folder) as shard:
+        run["on_record"] = shard.append
+        if section.backend is Backend.vllm:
+            v = section.vllm
+            with vllm_server(model, port=v.port, extra_args=v.extra_args, python=v.python,
+                             startup_timeout_s=v.startup_timeout_s) as base_url:
+                acct = run_all(base_url, None, section.api.timeout_s, requests, s, **run)
+        else:
+            acct = run_all(section.api.base_url, api_key(section), section.api.timeout_s, requests, s, **run)
+    acct.resumed = len(rows) - len(todo)
+    answered, failed = read_shards(folder)
+    return list(answered.values()), list(failed.values()), acct
+
+
+def check_failures(failures: list[dict], total: int, section: GenerationSection, folder: Path) -> None:
+    if not failures or len(failures) / total <= section.api.max_failure_fraction:
+        return
+    reasons = dict(Counter(f["reason"] for f in failures))
+    raise TooManyFailures(
+        f"{len(failures)} of {total} teacher requests failed for good ({len(failures) / total:.1%} > "
+        f"generation.api.max_failure_fraction {section.api.max_failure_fraction:.1%}); by reason {reasons}; "
+        f"first: {failures[0]['error']}. The {total - len(failures)} answers are kept in {folder}: "
+        "a rerun asks only for the failed and missing ones")
+
+
+def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
+    """One row per (row, sample) answered: the row's fields, the prompt a student trains on, the answer."""
+    by_key = {(str(r["id"]), r["sample"]): r for r in rows}
+    out = []
+    for rec in records:
+        row = by_key[(str(rec["id"]), rec["sample"])]
+        logprobs = rec.get("logprobs") or {}
+        out.append({**{k: v for k, v in row.items() if k != "teacher_prompt"},
+                    "text": rec["text"], "finish_reason": rec["finish_reason"],
+                    "completion_tokens": rec["completion_tokens"], "prompt_tokens": rec.get("prompt_tokens"),
+                    **logprobs})
+    order = {key: i for i, key in enumerate(by_key)}
+    out.sort(key=lambda a: order[(str(a["id"]), a["sample"])])
+    return pd.DataFrame(out)
+
+
+def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:
+    by_key = {(str(r["id"]), r["sample"]): r for r in rows}
+    columns = [*ROW_FIELDS, "sample", "prompt", "reason", "status", "error", "attempts"]
+    out = [{**{k: v for k, v in by_key[(str(f["id"]), f["sample"])].items() if k != "teacher_prompt"},
+            **{k: f.get(k) for k in ("reason", "status", "error", "attempts")}} for f in failed]
+    return pd.DataFrame(out, columns=columns if not out else None)
+
+
+@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_no_retry_on_verdicts)
 def generate_answers(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef,
                      data: OutputRef) -> OutputRef:
+    """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one."""
     inputs = {"section": section, "template": template, "teacher": teacher, "data": data}
     key = stage_key(STAGE, VERSION, inputs)
     if done := existing_output(run_dir, STAGE, key):
         return done
-    if section.backend is not Backend.hf:
-        raise NotImplementedError(f"generation.backend {section.backend.value!r} arrives with the teacher-querying "
-                                  "issue; use 'hf' for now")
-    rows = [{**r, "split": split} for split in section.splits for r in read_split(data, split)]
-    model, tokenizer = load(model_location(teacher))
-    start = time.perf_counter()
-    outputs = generate(model, tokenizer, [render(template, question=r["question"]) for r in rows],
-                       section.max_new_tokens, section.batch_size, section.temperature)
-    seconds = time.perf_counter() - start
-    answers = [{"id": r["id"], "split": r["split"], "question": r["question"], "answer": r["answer"], **o}
-               for r, o in zip(rows, outputs)]
+    rows = prompted_rows(section, section.template_text or template, data)
+    folder = shard_folder(run_dir, key)
+    if section.backend is Backend.hf:
+        (answered, acct), failed = hf_answers(section, teacher, rows), []
+    else:
+        already = len(read_shards(folder)[0])
+        progress = Progress(len(rows), already)
+        try:
+            # A local vLLM server serves the teacher's folder under its path; a remote API may name it otherwise.
+            local = section.backend is Backend.vllm
+            model = model_location(teacher) if local else section.api.model or model_location(teacher)
+            answered, failed, acct = api_answers(section, model, rows, folder, progress)
+        finally:
+            progress.close()
+    check_failures(failed, len(rows), section, folder)
+    answers = answer_table(rows, answered)
+    failures = failure_table(rows, failed)
     with building(run_dir, STAGE, key) as tmp:
-        pd.DataFrame(answers).to_parquet(tmp / "answers.parquet", index=False)
-        tokens = sum(o["completion_tokens"] for o in outputs)
-        finish(tmp, STAGE, key, inputs=inputs, rows=len(answers), completion_tokens=tokens,
-               seconds=round(seconds, 1), tokens_per_second=round(tokens / seconds, 1))
+        answers.to_parquet(tmp / "answers.parquet", index=False)
+        failures.to_parquet(tmp / "failures.parquet", index=False)
+        tokens = int(answers["completion_tokens"].fillna(0).sum()) if len(answers) else 0
+        finish(tmp, STAGE, key, inputs=inputs, rows=len(answers), failed=len(failures), backend=section.backend.value,
+               accounting=acct.as_dict(), completion_tokens=tokens)
+    shutil.rmtree(folder, ignore_errors=True)  # everything it held is in the output now
+    create_table_artifact(key="teacher-accounting", table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
+                          description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time")
     return existing_output(run_dir, STAGE, key)

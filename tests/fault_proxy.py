@@ -1,0 +1,119 @@
+"""A small fault-injecting HTTP proxy for teacher-client tests: in front of a real server (vLLM), it answers a
+set fraction of requests with a fault instead of forwarding them, and records what it received.
+
+Faults (drawn uniformly among ``faults`` for a faulty request):
+  "429"  - 429 Too Many Requests with ``Retry-After-Ms`` (and ``Retry-After``) set
+  "500"  - 500 Internal Server Error
+  "slow" - holds the request for ``slow_s`` (past the client's timeout), then closes
+  "drop" - closes the connection without any answer
+
+    with FaultProxy("http://127.0.0.1:8000", rate=0.2) as proxy:
+        client = openai.OpenAI(base_url=proxy.url + "/v1", ...)
+        ...
+        proxy.faults      # Counter of faults injected, by kind
+        proxy.bodies      # Counter of request bodies received (JSON text) - repeats show up as counts > 1
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+FAULTS = ("429", "500", "slow", "drop")
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str, rate: float = 0.0, faults=FAULTS, slow_s: float = 3.0, retry_after_ms: int = 100,
+                 seed: int = 0):
+        self.upstream = urlsplit(upstream)
+        self.rate, self.kinds, self.slow_s, self.retry_after_ms = rate, tuple(faults), slow_s, retry_after_ms
+        self.rng = random.Random(seed)
+        self.lock = threading.Lock()
+        self.faults: Counter[str] = Counter()
+        self.bodies: Counter[str] = Counter()
+        self.forwarded = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _draw(self) -> str | None:
+        with self.lock:
+            return self.rng.choice(self.kinds) if self.kinds and self.rng.random() < self.rate else None
+
+    def requests_with(self, text: str) -> list[dict]:
+        """The JSON bodies received that contain ``text``."""
+        return [json.loads(b) for b in self.bodies if text in b]
+
+    def _handler(self):
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet: pytest shows stderr of failing tests only, keep it readable
+                pass
+
+            def do_GET(self):
+                self._forward(b"")
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with proxy.lock:
+                    proxy.bodies[body.decode(errors="replace")] += 1
+                fault = proxy._draw()
+                if fault is None:
+                    return self._forward(body)
+                with proxy.lock:
+                    proxy.faults[fault] += 1
+                if fault == "429":
+                    return self._reply(429, b'{"error": {"message": "rate limited (injected)"}}',
+                                       {"Retry-After-Ms": str(proxy.retry_after_ms), "Retry-After": "1"})
+                if fault == "500":
+                    return self._reply(500, b'{"error": {"message": "server error (injected)"}}')
+                if fault == "slow":
+                    time.sleep(proxy.slow_s)
+                self.close_connection = True  # "slow" and "drop": no answer at all
+
+            def _reply(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                headers = headers or {}
+                if not any(k.lower() == "content-type" for k in headers):
+                    headers["Content-Type"] = "application/json"
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _forward(self, body: bytes):
+                up = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=600)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
+                try:
+                    up.request(self.command, self.path, body=body or None, headers=headers)
+                    resp = up.getresponse()
+                    data = resp.read()
+                finally:
+                    up.close()
+                with proxy.lock:
+                    proxy.forwarded += 1
+                try:
+                    self._reply(resp.status, data, {k: v for k, v in resp.getheaders() if k.lower() not in HOP_HEADERS})
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) meanwhile
+                    self.close_connection = True
+
+        return Handler
+
+    def __enter__(self) -> FaultProxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
