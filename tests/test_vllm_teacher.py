@@ -1,0 +1,263 @@
+"""The generate stage against a real vLLM server (conftest.vllm_server_url) with the real openai client: answers
+and logprobs with exact token ids, the ICL template, 20 % injected faults, SIGKILL + rerun, a 401, the API
+key nowhere it must not be, and braces in a question reaching the teacher as written."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from prefect import flow
+
+from conftest import ROOT, VLLM_TEST_API_KEY
+from fault_proxy import FaultProxy
+from kdflow.answer_shards import read_shards
+from kdflow.openai_teacher import FatalApiError
+from kdflow.outputs import OutputRef, building, existing_output, finish
+from kdflow.prompts import render
+from kdflow.recipe import GenerationSection, TeacherSection
+from tasks.caching import stage_key
+from tasks.generate import STAGE, VERSION, generate_answers, shard_folder
+from tasks.teacher import use_existing_teacher
+
+pytestmark = pytest.mark.slow
+
+COT = (ROOT / "prompts" / "cot.jinja").read_text()
+KEY_ENV = "KDFLOW_TEST_TEACHER_KEY"
+LITERAL = "What is {{ 7*7 }}?"
+
+
+def data_ref(run_dir: Path, splits: dict[str, int], literal: bool = False) -> OutputRef:
+    """A data stage output of arithmetic-like rows (train rows have a gold rationale, for ICL demonstrations)."""
+    tables = {}
+    for split, n in splits.items():
+        rows = [{"id": f"{split}-{i:04d}", "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}",
+                 "rationale": f"{i % 9 + 1}+{i % 7 + 1}={i % 9 + i % 7 + 2}\nAnswer: {i % 9 + i % 7 + 2 - i % 5}",
+                 "answer": str(i % 9 + i % 7 + 2 - i % 5)} for i in range(n)]
+        if literal and split != "train":
+            rows[0]["question"] = LITERAL
+        tables[split] = rows
+    key = stage_key("data", "test", {"splits": tables})
+    with building(run_dir, "data", key) as tmp:
+        for split, rows in tables.items():
+            pd.DataFrame(rows).to_parquet(tmp / f"{split}.parquet", index=False)
+        finish(tmp, "data", key, inputs={"splits": splits}, rows=sum(splits.values()), splits=splits)
+    return existing_output(run_dir, "data", key)
+
+
+def section(base_url: str, model_dir: Path, **kw) -> GenerationSection:
+    api = {"base_url": base_url, "model": str(model_dir), "api_key_env": KEY_ENV, "token_ids": True,
+           "concurrency": 4, "timeout_s": 30, **kw.pop("api", {})}
+    return GenerationSection(backend="openai", splits=kw.pop("splits", ["prompts"]), max_new_tokens=16, api=api, **kw)
+
+
+def teacher(run_dir: Path, model_dir: Path) -> OutputRef:
+    return use_existing_teacher.fn(run_dir, TeacherSection(model=str(model_dir)))
+
+
+def answers_of(ref: OutputRef) -> pd.DataFrame:
+    return pd.read_parquet(Path(ref.path) / "answers.parquet")
+
+
+@flow(name="generate-only")
+def generate_flow(run_dir: Path, s: GenerationSection, template: str, teacher_ref: OutputRef, data: OutputRef):
+    return generate_answers(run_dir, s, template, teacher_ref, data)
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, VLLM_TEST_API_KEY)
+
+
+def test_stage_answers_with_logprobs_and_token_ids_and_leaks_no_key(prefect_server, vllm_server_url, vllm_model_dir,
+                                                                    tmp_path, key_env, capfd):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    data = data_ref(run_dir, {"train": 4, "prompts": 10}, literal=True)
+    with FaultProxy(vllm_server_url.removesuffix("/v1")) as proxy:
+        s = section(proxy.url + "/v1", vllm_model_dir, n=2, temperature=0.8, seed=3, logprobs=4)
+        ref = generate_flow(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
+    answers = answers_of(ref)
+    assert len(answers) == 20 and not answers.duplicated(["id", "sample"]).any()
+    assert set(answers["sample"]) == {0, 1}
+    for col in ("id", "split", "question", "answer", "text", "finish_reason", "completion_tokens", "prompt"):
+        assert col in answers.columns, col
+    assert pd.read_parquet(Path(ref.path) / "failures.parquet").empty
+
+    # {{ 7*7 }} reached the teacher as written: in the request, and as the tokens the server counted.
+    literal = answers[answers["question"] == LITERAL].iloc[0]
+    sent = proxy.requests_with("7*7")
+    assert sent and all("{{ 7*7 }}" in b["messages"][-1]["content"] for b in sent)
+    assert not proxy.requests_with("49")
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    messages = [{"role": "user", "content": render(COT, question=LITERAL)}]
+    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert literal["prompt"] == render(COT, question=LITERAL) and literal["prompt_tokens"] == len(prompt_ids)
+
+    # Logprobs: exact token ids, top-4 per generated token, equal to the HF model's own log-probabilities.
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    for _, row in answers.iterrows():
+        ids, top = list(row["token_ids"]), [list(t) for t in row["top_ids"]]
+        assert ids and len(ids) == len(top) == len(row["token_logprobs"]) and all(len(t) == 4 for t in top)
+        assert all(0 <= i < len(tokenizer) for i in ids)
+    row = literal
+    ids = [int(i) for i in row["token_ids"]]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1: -1]
+    hf = torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)]
+    assert torch.allclose(hf, torch.tensor(list(row["token_logprobs"]), dtype=torch.float32), atol=2e-3)
+
+    acct = ref.manifest()["accounting"]
+    assert acct["answers"] == 20 and acct["failures"] == 0 and acct["prompt_tokens"] > 0 and acct["completion_tokens"] > 0
+
+    # The key is nowhere: run folder (every file), console, Prefect logs and artifacts.
+    for path in run_dir.rglob("*"):
+        assert not path.is_file() or VLLM_TEST_API_KEY.encode() not in path.read_bytes(), path
+    out, err = capfd.readouterr()
+    assert VLLM_TEST_API_KEY not in out + err
+    everything, artifacts = prefect_logs_and_artifacts()
+    assert VLLM_TEST_API_KEY not in everything
+    # Accounting and progress reached Prefect as artifacts.
+    assert {"teacher-progress", "teacher-accounting"} <= {a["key"] for a in artifacts}
+    assert max(a["data"] for a in artifacts if a["key"] == "teacher-progress") == 100.0
+
+
+def prefect_logs_and_artifacts() -> tuple[str, list[dict]]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs()
+            artifacts = await client.read_artifacts()
+            runs = await client.read_task_runs()
+        artifacts = [a.model_dump(mode="json") for a in artifacts]
+        return json.dumps([l.model_dump(mode="json") for l in logs] + artifacts
+                          + [r.model_dump(mode="json") for r in runs]), artifacts
+
+    return asyncio.run(read())
+
+
+def test_icl_shows_k_demonstrations_and_stores_the_zero_shot_prompt(prefect_server, vllm_server_url, vllm_model_dir,
+                                                                     tmp_path, key_env):
+    run_dir = tmp_path / "run"
+    data = data_ref(run_dir, {"train": 8, "prompts": 6})
+    train = {r["id"]: r for r in pd.read_parquet(Path(data.path) / "train.parquet").to_dict("records")}
+    with FaultProxy(vllm_server_url.removesuffix("/v1")) as proxy:
+        s = section(proxy.url + "/v1", vllm_model_dir, icl={"k": 2, "pool_split": "train"}, system_prompt="Be brief.")
+        ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
+    answers = answers_of(ref)
+    assert len(answers) == 6
+    bodies = {b["messages"][-1]["content"]: b for b in proxy.requests_with("messages")}
+    assert len(bodies) == 6
+    for _, row in answers.iterrows():
+        zero_shot = render(COT, question=row["question"])
+        assert row["prompt"] == zero_shot  # the training example: no demonstrations in it
+        demos = [train[i] for i in row["demo_ids"]]
+        asked = [c for c in bodies if c.endswith(zero_shot)]
+        assert len(demos) == 2 and len(asked) == 1
+        for d in demos:  # each demonstration: its zero-shot prompt and its gold rationale, in the request
+            assert f"{render(COT, question=d['question'])}\n{d['rationale']}" in asked[0]
+        assert bodies[asked[0]]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_all_rows_complete_under_20_percent_faults_with_retries_counted(prefect_server, vllm_server_url,
+                                                                         vllm_model_dir, tmp_path, key_env):
+    run_dir = tmp_path / "run"
+    data = data_ref(run_dir, {"train": 2, "prompts": 40})
+    with FaultProxy(vllm_server_url.removesuffix("/v1"), rate=0.2, slow_s=2.5, seed=1) as proxy:
+        s = section(proxy.url + "/v1", vllm_model_dir, api={"timeout_s": 1.5, "max_retries": 10, "concurrency": 8})
+        ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
+    answers = answers_of(ref)
+    assert len(answers) == 40 and not answers.duplicated(["id", "sample"]).any()
+    acct = ref.manifest()["accounting"]
+    injected = sum(proxy.faults.values())
+    assert injected >= 4 and set(proxy.faults) == {"429", "500", "slow", "drop"}, proxy.faults
+    assert acct["retries"] == injected and acct["failures"] == 0  # every fault retried, once, and counted
+    by_kind = {"429": "rate_limited", "500": "server_error", "slow": "timeout", "drop": "connection"}
+    assert acct["retries_by_reason"] == {by_kind[k]: n for k, n in proxy.faults.items()}
+
+
+def test_a_401_fails_at_once_with_a_clear_message(prefect_server, vllm_server_url, vllm_model_dir, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-wrong-key")
+    run_dir = tmp_path / "run"
+    data = data_ref(run_dir, {"train": 2, "prompts": 30})
+    with FaultProxy(vllm_server_url.removesuffix("/v1")) as proxy:
+        s = section(proxy.url + "/v1", vllm_model_dir)
+        with pytest.raises(FatalApiError, match="401 .the API key was rejected"):
+            generate_flow(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
+    assert sum(proxy.bodies.values()) <= s.api.concurrency  # no retries, no task retry: the requests in flight
+    outputs = [p for p in (run_dir / "generate").iterdir() if not p.name.startswith(".")]
+    assert outputs == []  # no output; nothing answered
+
+
+CHILD = """
+import json, sys
+from pathlib import Path
+from kdflow.outputs import OutputRef
+from kdflow.recipe import GenerationSection
+from tasks.generate import api_answers, prompted_rows
+spec = json.loads(Path(sys.argv[1]).read_text())
+section = GenerationSection(**spec["section"])
+rows = prompted_rows(section, spec["template"], OutputRef(**spec["data"]))
+api_answers(section, spec["model"], rows, Path(spec["folder"]))
+"""
+
+
+def answered(folder: Path) -> int:
+    return len(read_shards(folder)[0]) if folder.is_dir() else 0
+
+
+def run_and_kill(spec: Path, folder: Path, at: int, env: dict) -> None:
+    """Run the stage's generation in a child process and SIGKILL it once ``at`` answers are persisted."""
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(spec)], cwd=ROOT, env=env)
+    try:
+        while answered(folder) < at:
+            assert child.poll() is None, f"the child finished (rc {child.returncode}) before it could be killed"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+
+
+def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(prefect_server, vllm_server_url,
+                                                                             vllm_model_dir, tmp_path, key_env):
+    run_dir, concurrency, rows = tmp_path / "run", 4, 160
+    data = data_ref(run_dir, {"train": 2, "prompts": rows})
+    teacher_ref = teacher(run_dir, vllm_model_dir)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with FaultProxy(vllm_server_url.removesuffix("/v1")) as proxy:
+        kw = {"api": {"concurrency": concurrency}, "max_new_tokens": 32}
+        s = section(proxy.url + "/v1", vllm_model_dir, **kw)
+        key = stage_key(STAGE, VERSION, {"section": s, "template": COT, "teacher": teacher_ref, "data": data})
+        folder = shard_folder(run_dir, key)
+        spec = tmp_path / "spec.json"
+        spec.write_text(json.dumps({"section": {"backend": "openai", "splits": ["prompts"], "max_new_tokens": 32,
+                                                "api": s.api.model_dump(mode="json")},
+                                    "template": COT, "data": data.model_dump(), "model": str(vllm_model_dir),
+                                    "folder": str(folder)}))
+        repeats = []
+        for at in (rows // 4, rows // 2):  # two kills, each mid-run
+            before = Counter(proxy.bodies)
+            run_and_kill(spec, folder, at, env)
+            after = Counter(proxy.bodies)
+            repeats.append(sum(n for b, n in (after - before).items() if before[b]))
+        before = Counter(proxy.bodies)
+        ref = generate_answers.fn(run_dir, s, COT, teacher_ref, data)  # the rerun: only what is missing
+        repeats.append(sum(n for b, n in (Counter(proxy.bodies) - before).items() if before[b]))
+    answers = answers_of(ref)
+    assert len(answers) == rows and not answers.duplicated(["id", "sample"]).any()
+    assert all(r <= concurrency for r in repeats), repeats
+    assert sum(proxy.bodies.values()) - len(proxy.bodies) == sum(repeats)
+    assert ref.manifest()["accounting"]["resumed"] >= rows // 2
+    assert not folder.exists()  # its answers are in the output now
