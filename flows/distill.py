@@ -13,6 +13,7 @@ from prefect import flow
 
 from flows.train_teacher import train_teacher
 from kdflow.recipe import StudentData, load_recipe
+from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval
@@ -32,6 +33,7 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
     teacher = train_teacher(recipe)
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers)
+    logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
     students = {
         s.name: train_student(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
         for s in r.students

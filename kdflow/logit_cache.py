@@ -52,6 +52,7 @@ import torch
 
 FORMAT, FORMAT_VERSION = "kdflow-logit-cache", 1
 MANIFEST = "cache.json"
+CAPTURE_SETTINGS = "capture.json"  # the settings of a capture in progress: a resume must not mix two
 ROW_GROUP_ROWS = 32  # random access reads one row group: small enough to be cheap, big enough to compress
 U8_STEPS_PER_NAT = 12
 CACHED_ROW_GROUPS = 4  # decoded row groups a reader keeps: memory bounded, neighbours in a batch reuse them
@@ -261,15 +262,15 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def finished_shard(folder: Path, index: int, row_ids: list[str]) -> dict | None:
-    """A shard a previous (crashed) capture finished: its sidecar exists, lists exactly these rows, and
-    the file still has the recorded checksum. Anything else is redone."""
+def finished_shard(folder: Path, index: int, row_ids: list[str], recorded: dict | None = None) -> dict | None:
+    """A shard a previous (crashed) capture finished: its sidecar (or the manifest's entry, ``recorded``)
+    lists exactly these rows, and the file still has the recorded checksum. Anything else is redone."""
     sidecar = folder / f"{shard_name(index)}.json"
-    if not sidecar.is_file():
-        return None
     try:
-        entry = json.loads(sidecar.read_text())
+        entry = json.loads(sidecar.read_text()) if sidecar.is_file() else recorded
     except json.JSONDecodeError:
+        return None
+    if entry is None:
         return None
     path = folder / shard_name(index)
     if entry.get("row_ids") != row_ids or not path.is_file() or file_sha256(path) != entry.get("sha256"):
@@ -289,10 +290,20 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
     if len(set(row_ids)) != len(row_ids):
         raise ValueError("row ids must be unique: the cache is looked up by row id")
     folder.mkdir(parents=True, exist_ok=True)
+    settings = folder / CAPTURE_SETTINGS
+    if settings.is_file() and json.loads(settings.read_text()) != meta:
+        raise ValueError(f"{folder} holds a capture made with other settings; capture into an empty folder")
+    settings.write_text(json.dumps(meta))
+    done = {}  # a finished cache (its sidecars already folded into the manifest) is checked shard by shard too
+    if (folder / MANIFEST).is_file():
+        finished = json.loads((folder / MANIFEST).read_text())
+        if {k: v for k, v in finished.items() if k not in ("rows", "positions", "bytes", "shards")} != meta:
+            raise ValueError(f"{folder} holds a cache made with other settings; capture into an empty folder")
+        done = dict(enumerate(finished["shards"]))
     shards = []
     for index, begin in enumerate(range(0, len(row_ids), shard_rows)):
         ids = row_ids[begin : begin + shard_rows]
-        entry = finished_shard(folder, index, ids)
+        entry = finished_shard(folder, index, ids, done.get(index))
         if entry is None:
             rows = compute(list(range(begin, begin + len(ids))))
             if [r.row_id for r in rows] != ids:
@@ -305,9 +316,11 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
         shards.append(entry)
         if on_shard is not None:
             on_shard(index, entry)
+    manifest = write_manifest(folder, meta, shards)
     for sidecar in folder.glob("shard-*.parquet.json"):
         sidecar.unlink()
-    return write_manifest(folder, meta, shards)
+    settings.unlink()
+    return manifest
 
 
 # ---- reading ------------------------------------------------------------------------------------------

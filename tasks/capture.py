@@ -1,0 +1,161 @@
+"""Stage: the logit cache — the teacher's top-k distributions on the kept answers, captured once so that a KD
+student trains from disk without the teacher in memory (format: kdflow/logit_cache.py).
+
+Rows are the curate stage's kept answers, tokenized exactly as the students' SFT sees them (prompt +
+answer through the chat template) and named ``<id>/<sample>``. The shards are written into a work folder
+named by the stage's key, so a crashed capture resumes from its last finished shard; when every shard is
+there they move into the stage folder, whose manifest is written last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_logger, get_run_logger
+
+from kdflow import capture
+from kdflow.logit_cache import MANIFEST, LogitCache, cache_meta, capture_shards, merge_caches
+from kdflow.models import model_location
+from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
+from kdflow.recipe import CaptureSource, LogitCacheSection
+from tasks.caching import StageCache, stage_key
+from tasks.teacher import sft_rows
+
+STAGE, VERSION = "logit-cache", "1"
+
+
+def cache_row_id(row: dict) -> str:
+    """The id a KD collator looks a training row up by (the curate stage's row name)."""
+    return f"{row['id']}/{row.get('sample', 0)}"
+
+
+def encoded_rows(kept: list[dict], template: str, tokenizer) -> list[capture.EncodedRow]:
+    chats = sft_rows(kept, template, "text")
+    return [capture.encode_row(tokenizer, cache_row_id(r), c["prompt"], c["completion"]) for r, c in zip(kept, chats)]
+
+
+def api_records(row: dict) -> list[dict]:
+    """The generate stage's per-token logprob columns -> records for ``capture.topk_from_api_records``."""
+    if row.get("token_ids") is None or row.get("top_ids") is None:
+        raise ValueError(f"row {cache_row_id(row)!r} has no token ids with its top_logprobs: generate with "
+                         "generation.logprobs set and token ids returned (return_tokens_as_token_ids)")
+    return [{"token_id": t, "logprob": lp, "top": list(zip(ids, lps))}
+            for t, lp, ids, lps in zip(row["token_ids"], row["token_logprobs"], row["top_ids"], row["top_logprobs"])]
+
+
+def capture_hf(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
+    from kdflow.generate_hf import load
+
+    model, tokenizer = load(model_dir)
+    return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
+                          lambda idx: capture.hf_topk(model, [rows[i] for i in idx], section.k, section.temperature,
+                                                      section.batch_tokens, tokenizer.pad_token_id or 0), log)
+
+
+def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
+    import openai
+
+    from kdflow.vllm_server import vllm_server
+
+    def run(base_url: str) -> dict:
+        client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5)
+        return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
+                              lambda idx: capture.vllm_topk(client, model_dir, [rows[i] for i in idx], section.k,
+                                                            section.concurrency), log)
+
+    if section.base_url:
+        return run(section.base_url)
+    # Prefix caching off: a cached prefix would skip the positions whose prompt_logprobs we need. The model's
+    # own dtype: vLLM's "auto" would run a float32 teacher in 16 bits, and the cache would not be its logits.
+    args = ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", _dtype(model_dir)]
+    with vllm_server(model_dir, extra_args=args) as url:
+        return run(url)
+
+
+def _dtype(model_dir: str) -> str:
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
+
+
+def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection, meta: dict, log) -> dict:
+    return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
+                          lambda idx: [capture.topk_from_api_records(rows[i], api_records(kept[i]), section.k)
+                                       for i in idx], log)
+
+
+@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=1, retry_delay_seconds=10)
+def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
+                   curated: OutputRef) -> OutputRef:
+    """A retry (or a rerun after a crash) keeps every shard already written."""
+    inputs = {"section": section, "template": template, "teacher": teacher, "curated": curated}
+    key = stage_key(STAGE, VERSION, inputs)
+    if done := existing_output(run_dir, STAGE, key):
+        return done
+    logger = run_logger()
+    from transformers import AutoTokenizer
+
+    model_dir = model_location(teacher)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    kept = pd.read_parquet(Path(curated.path) / "kept.parquet").to_dict("records")
+    rows = encoded_rows(kept, template, tokenizer)
+    vocab = _vocab_size(model_dir)
+    members = [(model_dir, teacher.sha256, section.teacher_weight)]
+    members += [(m.model, hash_folder(Path(m.model)), m.weight) for m in section.ensemble]
+    work = Path(run_dir) / STAGE / f".work-{key[:16]}"
+
+    def log(index: int, entry: dict) -> None:
+        logger.info(f"logit cache: shard {index} ({entry['rows']} rows, {entry['positions']} positions) done")
+
+    start = time.perf_counter()
+    parts = []
+    for j, (location, revision, weight) in enumerate(members):
+        meta = cache_meta(teachers=[{"model": str(location), "revision": revision, "weight": weight}],
+                          tokenizer=tokenizer, vocab_size=vocab, k=section.k, temperature=section.temperature,
+                          encoding=section.value_encoding, source=section.source.value)
+        folder = work / f"teacher-{j}"
+        if section.source is CaptureSource.hf:
+            capture_hf(folder, str(location), rows, section, meta, log)
+        elif section.source is CaptureSource.vllm:
+            capture_vllm(folder, str(location), rows, section, meta, log)
+        else:
+            capture_api(folder, kept, rows, section, meta, log)
+        parts.append(folder)
+    if len(parts) > 1:
+        caches = [LogitCache.open(p, expect_tokenizer=tokenizer) for p in parts]
+        merge_caches(caches, [w for _, _, w in members], work / "ensemble", k=section.k)
+        parts.append(work / "ensemble")
+    seconds = time.perf_counter() - start
+    with building(run_dir, STAGE, key) as tmp:
+        final = parts[-1]
+        for file in sorted(final.iterdir()):
+            os.rename(file, tmp / file.name)  # same file system: a rename, not a copy
+        manifest = LogitCache.open(tmp, expect_tokenizer=tokenizer).manifest
+        finish(tmp, STAGE, key, inputs=inputs, rows=manifest["rows"], positions=manifest["positions"],
+               bytes=manifest["bytes"], bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
+               k=section.k, source=section.source.value, cache_manifest=MANIFEST,
+               seconds=round(seconds, 1), positions_per_second=round(manifest["positions"] / seconds, 1))
+    shutil.rmtree(work, ignore_errors=True)
+    return existing_output(run_dir, STAGE, key)
+
+
+def run_logger():
+    """Prefect's run logger; a plain logger when the body runs outside a run (``capture_logits.fn``)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return get_logger("kdflow.capture")
+
+
+def _vocab_size(model_dir: str) -> int:
+    """The teacher's logits per position (its config's vocab_size, which may exceed the tokenizer's)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).vocab_size

@@ -1,0 +1,192 @@
+"""Capturing teacher distributions: the stage body end to end (HF, ensemble), the vLLM and API converters on
+constructed responses, and HF vs a real vLLM server on the same tiny model."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from kdflow.capture import (AlignmentError, EncodedRow, encode_row, hf_topk, topk_from_api_records,
+                            topk_from_prompt_logprobs, vllm_topk)
+from kdflow.logit_cache import LogitCache, kl_full_vs_cache, rebuild_logprobs
+from kdflow.models import write_location
+from kdflow.outputs import building, existing_output, finish
+from kdflow.prompts import chat
+from kdflow.recipe import LogitCacheSection
+from kdflow.tiny_models import llama_model, train_tokenizer
+
+torch.set_num_threads(1)
+TEMPLATE = "Solve step by step: {{ question }}"
+
+
+def tiny_teacher(folder, seed=0, sharpen=1.0):
+    """A saved 1-layer Llama; ``sharpen`` scales its (tied) embeddings so its distributions are peaked, as a
+    trained teacher's are, instead of nearly uniform."""
+    corpus = [f"Solve step by step: {a}+{b}\n{a}+{b}={a + b}\nAnswer: {a + b}" for a in range(10) for b in range(10)]
+    tokenizer = train_tokenizer(corpus, 48)
+    model = llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=128, seed=seed)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(sharpen)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+def stage_ref(run_dir, stage, files):
+    key = f"{stage}-fixture-key-0000000000"
+    with building(run_dir, stage, key) as tmp:
+        files(tmp)
+        finish(tmp, stage, key, inputs={})
+    return existing_output(run_dir, stage, key)
+
+
+def kept_rows(n):
+    rows = []
+    for i in range(n):
+        a, b = i % 10, (3 * i) % 10
+        rows.append({"id": f"prompts-{i:06d}", "sample": i % 2, "split": "prompts", "question": f"{a}+{b}",
+                     "answer": str(a + b), "text": f"{a}+{b}={a + b}\nAnswer: {a + b}"})
+    return rows
+
+
+def test_capture_stage_body_writes_a_cache_keyed_by_row_name(tmp_path):
+    from tasks.capture import capture_logits
+
+    run_dir = tmp_path / "run"
+    model, tokenizer = tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
+    kept = kept_rows(23)
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept).to_parquet(d / "kept.parquet"))
+    section = LogitCacheSection(k=5, shard_rows=10, value_encoding="fp16")
+
+    ref = capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
+    assert ref.rows == 23 and ref.manifest()["k"] == 5
+    cache = LogitCache.open(ref.path, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
+    cache.verify()
+    assert [r.row_id for r in cache.iter_rows()] == [f"{r['id']}/{r['sample']}" for r in kept]
+    assert len(cache.manifest["shards"]) == 3 and cache.manifest["teachers"][0]["revision"] == teacher.sha256
+    # The cached sequence is the student's: prompt + kept answer through the chat template.
+    row = kept[7]
+    messages = chat(f"Solve step by step: {row['question']}", row["text"])
+    expected = encode_row(tokenizer, "x", messages["prompt"], messages["completion"])
+    got = cache["prompts-000007/1"]
+    assert got.input_ids.tolist() == expected.input_ids.tolist() and got.start == expected.start
+    with torch.inference_mode():
+        full = torch.log_softmax(model(input_ids=got.input_ids[None]).logits[0, got.positions], dim=-1)
+    assert torch.equal(got.ids, full.topk(5, dim=-1).indices)
+    assert torch.allclose(got.logprobs, full.topk(5, dim=-1).values, rtol=1e-3, atol=1e-4)  # fp16
+    # Cached: the second call finds the finished folder; no work folder is left behind.
+    assert capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated) == ref
+    assert not list((run_dir / "logit-cache").glob(".work-*"))
+
+
+def test_capture_stage_merges_an_ensemble(tmp_path):
+    from tasks.capture import capture_logits
+
+    run_dir = tmp_path / "run"
+    first, tokenizer = tiny_teacher(tmp_path / "t0", seed=0, sharpen=10.0)
+    second, _ = tiny_teacher(tmp_path / "t1", seed=1, sharpen=10.0)
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "t0")))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(6)).to_parquet(d / "kept.parquet"))
+    section = LogitCacheSection(k=8, value_encoding="fp16", teacher_weight=3.0,
+                                ensemble=[{"model": str(tmp_path / "t1"), "weight": 1.0}])
+    cache = LogitCache.open(capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated).path)
+    assert cache.manifest["source"] == "ensemble" and [t["weight"] for t in cache.manifest["teachers"]] == [3.0, 1.0]
+    got = cache["prompts-000002/0"]
+    with torch.inference_mode():
+        members = [torch.log_softmax(m(input_ids=got.input_ids[None]).logits[0, got.positions], -1)
+                   for m in (first, second)]
+    truth = torch.log(0.75 * members[0].exp() + 0.25 * members[1].exp())
+    kl = kl_full_vs_cache(truth, rebuild_logprobs(got.ids, got.logprobs, got.tail, cache.vocab_size))
+    assert kl.mean() < 0.02  # the top-8 of each member hold most of the mass of these peaked teachers
+
+
+def prompt_logprobs_response(input_ids, distributions, k):
+    """What vLLM returns: None first, then per token its top-k by rank plus the actual token if it ranks
+    below k (keys are token ids as strings)."""
+    out = [None]
+    for t in range(1, len(input_ids)):
+        lp = distributions[t - 1]
+        order = np.argsort(-lp)
+        entries = {str(i): {"logprob": float(lp[i]), "rank": r + 1, "decoded_token": "?"}
+                   for r, i in enumerate(order[:k])}
+        actual = int(input_ids[t])
+        rank = int(np.where(order == actual)[0][0]) + 1
+        entries.setdefault(str(actual), {"logprob": float(lp[actual]), "rank": rank, "decoded_token": "?"})
+        out.append(entries)
+    return out
+
+
+def test_vllm_prompt_logprobs_become_the_completion_positions_top_k():
+    rng = np.random.default_rng(0)
+    input_ids = rng.integers(0, 30, size=9)
+    dists = np.log(rng.dirichlet(np.ones(30) * 0.3, size=8))
+    row = EncodedRow("r", input_ids, start=4)
+    got = topk_from_prompt_logprobs(row, prompt_logprobs_response(input_ids, dists, k=3), k=3)
+    assert got.ids.shape == (4, 3) and got.start == 4
+    for j in range(4):  # logit position 4 + j is vLLM's entry 5 + j
+        assert got.ids[j].tolist() == np.argsort(-dists[4 + j])[:3].tolist()
+        assert np.allclose(got.logprobs[j], np.sort(dists[4 + j])[::-1][:3], atol=1e-6)
+        assert math.isclose(math.exp(got.tail[j]), 1 - np.exp(got.logprobs[j]).sum(), rel_tol=1e-4)
+    with pytest.raises(ValueError, match="max-logprobs"):
+        topk_from_prompt_logprobs(row, prompt_logprobs_response(input_ids, dists, k=2), k=3)
+
+
+def test_api_top_logprobs_records_become_a_cache_row():
+    row = EncodedRow("q/0", np.array([1, 5, 6, 7, 8, 2]), start=2)  # completion: 7, 8, 2
+    records = [{"token_id": t, "logprob": -0.1, "top": [(t, -0.1), (t + 1, -2.5), (t + 2, -3.0)]} for t in (7, 8, 2)]
+    got = topk_from_api_records(row, records, k=2)
+    assert got.ids.tolist() == [[7, 8], [8, 9], [2, 3]]
+    assert np.allclose(got.logprobs, [[-0.1, -2.5]] * 3)
+    assert np.allclose(np.exp(got.tail), 1 - np.exp(-0.1) - np.exp(-2.5), atol=1e-6)
+    wrong = [*records[:1], {**records[1], "token_id": 9}, records[2]]
+    with pytest.raises(AlignmentError, match="token 1 is \\[9\\], the student's \\[8\\]"):
+        topk_from_api_records(row, wrong, k=2)
+    with pytest.raises(ValueError, match="at most 20"):
+        topk_from_api_records(row, records, k=21)
+
+
+def test_api_records_come_from_the_generate_stages_columns():
+    from tasks.capture import api_records
+
+    row = {"id": "q", "sample": 0, "token_ids": [7, 2], "token_logprobs": [-0.1, -0.2],
+           "top_ids": [[7, 8], [2, 3]], "top_logprobs": [[-0.1, -2.5], [-0.2, -1.8]]}
+    assert api_records(row) == [{"token_id": 7, "logprob": -0.1, "top": [(7, -0.1), (8, -2.5)]},
+                                {"token_id": 2, "logprob": -0.2, "top": [(2, -0.2), (3, -1.8)]}]
+    with pytest.raises(ValueError, match="token ids"):
+        api_records({**row, "top_ids": None})
+
+
+@pytest.mark.slow
+def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_model_dir):
+    """Same model, same token ids: HF's forward pass and vLLM's prompt_logprobs give the same top-k."""
+    import openai
+    from conftest import VLLM_TEST_API_KEY
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    rows = []
+    for i, (q, a) in enumerate([("7+8-5", "7+8=15-5\n15-5=10\nAnswer: 10"), ("15-5", "15-5=10\nAnswer: 10"),
+                                ("7+8", "7+8=15\nAnswer: 15")]):
+        m = chat(f"Solve step by step: {q}", a)
+        rows.append(encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"]))
+    k = 8
+    client = openai.OpenAI(base_url=vllm_server_url, api_key=VLLM_TEST_API_KEY, max_retries=2)
+    from_vllm = vllm_topk(client, str(vllm_model_dir), rows, k, concurrency=2)
+    from_hf = hf_topk(model, rows, k)
+    unambiguous = 0
+    for v, h in zip(from_vllm, from_hf):
+        assert np.abs(v.logprobs - h.logprobs).max() < 1e-3
+        with torch.inference_mode():
+            logits = model(input_ids=torch.from_numpy(h.input_ids)[None]).logits[0, h.positions]
+        full = torch.log_softmax(logits, -1)
+        assert np.abs(full.gather(-1, torch.from_numpy(v.ids)).numpy() - v.logprobs).max() < 1e-3
+        # Where no two of the top k + 1 are within 1e-4 of each other the order is unambiguous: ids equal.
+        top = full.topk(k + 1, dim=-1).values
+        clear = (top[:, :-1] - top[:, 1:]).min(-1).values > 1e-4
+        assert np.array_equal(v.ids[clear.numpy()], h.ids[clear.numpy()])
+        unambiguous += int(clear.sum())
+    assert unambiguous >= 0.5 * sum(len(h.ids) for h in from_hf)
