@@ -115,7 +115,7 @@ def dedup(rows: list[dict], alive: list[int], section: FiltersSection, reasons: 
           details: list[str]) -> None:
     """Step 3: the first of a set of (near) copies stays; the others point at it."""
     d = section.dedup
-    found = duplicate_reasons([dedup_key(rows[i], d.on) for i in alive], d.exact, d.near, d.threshold, d.ngram, d.num_perm)
+    found = duplicate_reasons([dedup_key(rows[i], d.by) for i in alive], d.exact, d.near, d.threshold, d.ngram, d.num_perm)
     for i, match in zip(alive, found):
         if match is not None:
             reasons[i].append(match[0])

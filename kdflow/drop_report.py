@@ -27,8 +27,11 @@ def reason_table(kept: list[dict], dropped: list[dict]) -> pd.DataFrame:
 
 def lengths(rows: list[dict]) -> list[int]:
     """Answer lengths in tokens: the student's (``tokens``) when measured, else the teacher's count."""
-    return [int(r["tokens"]) if "tokens" in r and r["tokens"] is not None else int(r.get("completion_tokens", 0))
-            for r in rows]
+    return [_count(r.get("tokens")) if r.get("tokens") is not None else _count(r.get("completion_tokens")) for r in rows]
+
+
+def _count(value) -> int:
+    return 0 if value is None or pd.isna(value) else int(value)
 
 
 def length_histogram(kept: list[dict], dropped: list[dict], bins: int = 10) -> pd.DataFrame:

@@ -28,6 +28,8 @@ class Reason(str, enum.Enum):
     near_duplicate = "near_duplicate"  # MinHash Jaccard >= dedup.threshold with an earlier kept row
     judge_low_score = "judge_low_score"  # the LLM judge scored it below judge.threshold
     judge_unparsed = "judge_unparsed"  # the judge's reply had no score line
+    no_instruction = "no_instruction"  # self-instruct: the teacher's reply held no numbered or bulleted line
+    near_seed = "near_seed"  # self-instruct: a new instruction too close to a seed instruction
 
 
 def length_reasons(tokens: int, min_tokens: int, max_tokens: int | None) -> list[Reason]:

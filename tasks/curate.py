@@ -35,7 +35,7 @@ def token_counts(rows: list[dict], section: FiltersSection) -> list[int] | None:
     if section.length.tokenizer is None:
         if rows and "completion_tokens" not in rows[0]:
             raise ValueError("filters.length needs filters.length.tokenizer: these answers carry no completion_tokens")
-        return [int(r["completion_tokens"]) for r in rows]
+        return [0 if pd.isna(r["completion_tokens"]) else int(r["completion_tokens"]) for r in rows]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(section.length.tokenizer)

@@ -88,7 +88,7 @@ def test_near_duplicates_are_dropped_and_point_at_the_kept_row():
             "one step at a time until three steps are done, and write the total down carefully.\nAnswer: 15")
     rows = [answer(0, base), answer(1, base.replace("carefully", "neatly")), answer(2, "12+3=15\nAnswer: 15"),
             answer(3, "Start from twelve, count three more: thirteen, fourteen, fifteen. Answer: 15")]
-    kept, dropped = curate(rows, filters(dedup={"on": "text", "threshold": 0.6}), check_answer, extract_answer)
+    kept, dropped = curate(rows, filters(dedup={"by": "text", "threshold": 0.6}), check_answer, extract_answer)
     assert [r["id"] for r in kept] == ["r0", "r2", "r3"]
     assert by_id(dropped) == {"r1/0": ["near_duplicate"]} and dropped[0]["detail"] == "near_duplicate of r0/0"
 
