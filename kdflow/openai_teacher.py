@@ -44,6 +44,7 @@ class FailureReason(str, enum.Enum):
     timeout = "timeout"  # no answer within the timeout, every try
     connection = "connection"  # the connection failed or dropped, every try
     bad_request = "bad_request"  # 400/413/422...: the server rejects this request; not retried
+    invalid_response = "invalid_response"  # a 2xx whose body the client could not read; not retried
 
 
 class FatalApiError(RuntimeError):
@@ -137,6 +138,8 @@ def classify(error: Exception) -> tuple[FailureReason | None, bool]:
         if status >= 500 or status in RETRYABLE_STATUS:
             return FailureReason.server_error, True
         return FailureReason.bad_request, False
+    if isinstance(error, openai.APIResponseValidationError):
+        return FailureReason.invalid_response, False
     raise TypeError(f"not an API error: {type(error).__name__}")
 
 
@@ -232,10 +235,10 @@ async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, 
 async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest], s: Sampling, *, concurrency: int,
                   max_retries: int, on_record: Callable[[dict], None],
                   on_progress: Callable[[Accounting], None] | None = None, secret: str | None = None,
-                  seed: int = 0) -> Accounting:
+                  seed: int = 0, resumed: int = 0) -> Accounting:
     """Ask every request with at most ``concurrency`` in flight; ``on_record`` gets each answer or failure
     record as it arrives (persist it there). A ``FatalApiError`` cancels the requests in flight and propagates."""
-    acct, rng, pending = Accounting(), random.Random(seed), iter(requests)
+    acct, rng, pending = Accounting(resumed=resumed), random.Random(seed), iter(requests)
     start = time.perf_counter()
 
     async def worker():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -92,23 +93,35 @@ def hf_answers(section: GenerationSection, teacher: OutputRef, rows: list[dict])
 
 
 class Progress:
-    """A terminal progress bar and a Prefect progress artifact, both fed by the client's accounting."""
+    """A terminal progress bar, and a Prefect progress artifact refreshed every few seconds by a thread of its
+    own: the client calls this from inside its event loop, where Prefect's sync API would not run (and an
+    HTTP call per answer would slow the requests down)."""
 
     def __init__(self, total: int, already: int):
-        self.total, self.already, self.last = total, already, 0.0
+        self.total, self.done = total, already
         self.bar = tqdm(total=total, initial=already, desc="teacher", unit="req", mininterval=1.0)
-        self.artifact = create_progress_artifact(progress=100.0 * already / max(total, 1), key="teacher-progress",
+        self.artifact = create_progress_artifact(progress=self.percent(), key="teacher-progress",
                                                  description="teacher requests answered or failed for good")
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._publish, daemon=True)
+        self.thread.start()
+
+    def percent(self) -> float:
+        return round(100.0 * self.done / max(self.total, 1), 2)
 
     def __call__(self, acct: Accounting) -> None:
-        done = self.already + acct.answers + acct.failures
-        self.bar.update(done - self.bar.n)
+        self.done = acct.resumed + acct.answers + acct.failures
+        self.bar.update(self.done - self.bar.n)
         self.bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
-        if time.monotonic() - self.last >= PROGRESS_EVERY_S or done == self.total:
-            self.last = time.monotonic()
-            update_progress_artifact(self.artifact, progress=100.0 * done / max(self.total, 1))
+
+    def _publish(self) -> None:
+        while not self.stopped.wait(PROGRESS_EVERY_S):
+            update_progress_artifact(self.artifact, progress=self.percent())
 
     def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        update_progress_artifact(self.artifact, progress=self.percent())
         self.bar.close()
 
 
@@ -124,17 +137,19 @@ def api_answers(section: GenerationSection, model: str, rows: list[dict], folder
     requests = (teacher_request(r, r["sample"], r["teacher_prompt"], section.system_prompt, section.api.endpoint)
                 for r in todo)
     run = {"concurrency": section.api.concurrency, "max_retries": section.api.max_retries, "seed": section.seed or 0,
-           "on_progress": on_progress}
-    with ShardWriter(folder) as shard:
-        run["on_record"] = shard.append
-        if section.backend is Backend.vllm:
-            v = section.vllm
-            with vllm_server(model, port=v.port, extra_args=v.extra_args, python=v.python,
-                             startup_timeout_s=v.startup_timeout_s) as base_url:
-                acct = run_all(base_url, None, section.api.timeout_s, requests, s, **run)
-        else:
-            acct = run_all(section.api.base_url, api_key(section), section.api.timeout_s, requests, s, **run)
-    acct.resumed = len(rows) - len(todo)
+           "on_progress": on_progress, "resumed": len(rows) - len(todo)}
+    if not todo:  # all answered before a crash: no server to start, nothing to ask
+        acct = Accounting(resumed=len(rows))
+    else:
+        with ShardWriter(folder) as shard:
+            run["on_record"] = shard.append
+            if section.backend is Backend.vllm:
+                v = section.vllm
+                with vllm_server(model, port=v.port, extra_args=v.extra_args, python=v.python,
+                                 startup_timeout_s=v.startup_timeout_s) as base_url:
+                    acct = run_all(base_url, None, section.api.timeout_s, requests, s, **run)
+            else:
+                acct = run_all(section.api.base_url, api_key(section), section.api.timeout_s, requests, s, **run)
     answered, failed = read_shards(folder)
     return list(answered.values()), list(failed.values()), acct
 

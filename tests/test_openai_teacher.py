@@ -204,3 +204,21 @@ def test_generation_section_validates_and_keys_on_content_only():
     assert key(base) != key(section(backend="openai", api={"base_url": "http://x/v1"}, temperature=0.5))
     assert key(section(template="prompts/instruct.jinja")) != key(section())
     assert "template_text" in base.model_dump()
+
+
+def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(tmp_path):
+    from tasks.generate import TooManyFailures, check_failures, failure_table
+
+    s = section(backend="openai", api={"base_url": "http://x/v1", "max_failure_fraction": 0.1})
+    rows = [{"id": f"r{i}", "split": "train", "question": "q", "answer": "1", "sample": 0, "prompt": "p",
+             "teacher_prompt": "p"} for i in range(10)]
+    failed = [{"id": "r1", "sample": 0, "ok": False, "reason": "timeout", "status": None, "error": "APITimeoutError",
+               "attempts": 7}]
+    check_failures(failed, 10, s, tmp_path)  # 10 %: allowed
+    with pytest.raises(TooManyFailures, match=r"2 of 10 teacher requests failed for good \(20.0% > .*10.0%\).*timeout"):
+        check_failures(failed * 2, 10, s, tmp_path)
+    table = failure_table(rows, failed)
+    assert table.to_dict("records")[0] | {} == {"id": "r1", "split": "train", "question": "q", "answer": "1",
+                                                 "sample": 0, "prompt": "p", "reason": "timeout", "status": None,
+                                                 "error": "APITimeoutError", "attempts": 7}
+    assert list(failure_table(rows, []).columns)[-4:] == ["reason", "status", "error", "attempts"]
