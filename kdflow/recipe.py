@@ -321,7 +321,7 @@ class DedupOn(str, enum.Enum):
 class DedupFilter(Strict):
     exact: bool = True
     near: bool = True
-    on: DedupOn = DedupOn.question_and_text
+    by: DedupOn = Field(DedupOn.question_and_text, description="what two rows must share to be copies")
     threshold: float = Field(0.8, gt=0.0, le=1.0, description="MinHash Jaccard of word n-grams that counts as near")
     ngram: int = Field(3, ge=1)
     num_perm: int = Field(128, ge=16)
