@@ -32,7 +32,7 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
     data = make_data(run_dir, r.data)
     teacher = train_teacher(recipe)
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
-    curated = filter_answers(run_dir, r.filters, r.data.source, answers)
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
     students = {
         s.name: train_student(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
