@@ -84,6 +84,9 @@ def test_value_encodings_keep_their_stated_error():
     fp16 = decode_values(encode_values(lp, ValueEncoding.fp16), ValueEncoding.fp16, 20)
     assert np.abs(fp16 - lp).max() <= 21 * 2**-11
     assert len(encode_values(lp, ValueEncoding.u8)) == lp.size
+    shuffled = lp[:, np.random.default_rng(1).permutation(20)]  # differences wrap mod 256: any order is exact
+    assert np.array_equal(decode_values(encode_values(shuffled, ValueEncoding.u8), ValueEncoding.u8, 20),
+                          u8[:, np.random.default_rng(1).permutation(20)])
 
 
 def test_capture_matches_the_full_softmax(tmp_path, tokenizer, model):
