@@ -29,6 +29,11 @@ FAULTS = ("429", "500", "slow", "drop")
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 512  # the default backlog of 5 refuses connections at concurrency 32: faults not injected
+
+
 class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.0, faults=FAULTS, slow_s: float = 3.0, retry_after_ms: int = 100,
                  seed: int = 0):
@@ -39,8 +44,7 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()
         self.bodies: Counter[str] = Counter()
         self.forwarded = 0
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.server.daemon_threads = True
+        self.server = Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def _draw(self) -> str | None:
@@ -111,6 +115,52 @@ class FaultProxy:
         return Handler
 
     def __enter__(self) -> FaultProxy:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class FakeTeacher:
+    """A stand-in OpenAI-compatible chat server for offline tests: answers every chat completion with
+    ``echo: <last user message>`` (usage counted in characters), after ``delay_s``. Put a FaultProxy in front
+    of it for faults; the real-server tests use vLLM instead."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.server = Server(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def _handler(self):
+        teacher = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                time.sleep(teacher.delay_s)
+                content = request["messages"][-1]["content"]
+                body = json.dumps({
+                    "id": "fake", "object": "chat.completion", "created": 0, "model": request["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                                 "message": {"role": "assistant", "content": f"echo: {content}"}}],
+                    "usage": {"prompt_tokens": len(content), "completion_tokens": len(content) + 6,
+                              "total_tokens": 2 * len(content) + 6}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        return Handler
+
+    def __enter__(self) -> FakeTeacher:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 

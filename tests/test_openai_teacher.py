@@ -222,3 +222,24 @@ def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(
                                                  "sample": 0, "prompt": "p", "reason": "timeout", "status": None,
                                                  "error": "APITimeoutError", "attempts": 7}
     assert list(failure_table(rows, []).columns)[-4:] == ["reason", "status", "error", "attempts"]
+
+
+def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_path):
+    """api_answers (the generate stage's durable path, no Prefect) against a fake teacher behind the fault proxy."""
+    from fault_proxy import FakeTeacher, FaultProxy
+    from tasks.generate import api_answers
+
+    rows = [{"id": f"r{i}", "split": "prompts", "question": f"{i} {{{{ 7*7 }}}}", "answer": "1", "sample": s,
+             "prompt": f"q{i}", "teacher_prompt": f"q{i} {{{{ 7*7 }}}} #{s}"} for i in range(30) for s in range(2)]
+    with FakeTeacher() as fake, FaultProxy(fake.url, rate=0.2, faults=("429", "500", "drop"), seed=3) as proxy:
+        s = section(backend="openai", n=2, temperature=0.5,
+                    api={"base_url": proxy.url + "/v1", "model": "m", "api_key_env": None, "max_retries": 20})
+        answers, failures, acct = api_answers(s, "m", rows, tmp_path / "shards")
+        assert len(answers) == 60 and not failures and acct.answers == 60
+        assert acct.retries == sum(proxy.faults.values()) > 0
+        assert {(a["id"], a["sample"]) for a in answers} == {(r["id"], r["sample"]) for r in rows}
+        assert all(a["text"] == f"echo: {r['teacher_prompt']}" for a, r in
+                   zip(sorted(answers, key=lambda a: (a["id"], a["sample"])), sorted(rows, key=lambda r: (r["id"], r["sample"]))))
+        sent = sum(proxy.bodies.values())
+        again = api_answers(s, "m", rows, tmp_path / "shards")
+        assert sum(proxy.bodies.values()) == sent and again[2].resumed == 60 and len(again[0]) == 60
