@@ -174,17 +174,21 @@ def test_all_rows_complete_under_20_percent_faults_with_retries_counted(prefect_
                                                                          vllm_model_dir, tmp_path, key_env):
     run_dir = tmp_path / "run"
     data = data_ref(run_dir, {"train": 2, "prompts": 40})
-    with FaultProxy(vllm_server_url.removesuffix("/v1"), rate=0.2, slow_s=2.5, seed=1) as proxy:
-        s = section(proxy.url + "/v1", vllm_model_dir, api={"timeout_s": 1.5, "max_retries": 10, "concurrency": 8})
+    with FaultProxy(vllm_server_url.removesuffix("/v1"), rate=0.2, slow_s=6, seed=1) as proxy:
+        s = section(proxy.url + "/v1", vllm_model_dir, api={"timeout_s": 3, "max_retries": 10, "concurrency": 8})
         ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
     answers = answers_of(ref)
     assert len(answers) == 40 and not answers.duplicated(["id", "sample"]).any()
     acct = ref.manifest()["accounting"]
     injected = sum(proxy.faults.values())
     assert injected >= 4 and set(proxy.faults) == {"429", "500", "slow", "drop"}, proxy.faults
-    assert acct["retries"] == injected and acct["failures"] == 0  # every fault retried, once, and counted
-    by_kind = {"429": "rate_limited", "500": "server_error", "slow": "timeout", "drop": "connection"}
-    assert acct["retries_by_reason"] == {by_kind[k]: n for k, n in proxy.faults.items()}
+    assert acct["failures"] == 0 and acct["requests"] == 40 + acct["retries"]
+    # Every injected fault was retried once and counted under its reason. A request that is merely slow on a
+    # busy machine may time out too, so timeouts are at least the injected ones.
+    by_reason = acct["retries_by_reason"]
+    assert [by_reason.get(r, 0) for r in ("rate_limited", "server_error", "connection")] == \
+        [proxy.faults["429"], proxy.faults["500"], proxy.faults["drop"]]
+    assert by_reason.get("timeout", 0) >= proxy.faults["slow"] and acct["retries"] >= injected
 
 
 def test_a_401_fails_at_once_with_a_clear_message(prefect_server, vllm_server_url, vllm_model_dir, tmp_path,
