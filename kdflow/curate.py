@@ -29,9 +29,6 @@ from kdflow.prompts import render
 from kdflow.recipe import DedupOn, FiltersSection
 from kdflow.verify import majority, select
 
-# Kept for callers of the first version of this module.
-TRUNCATED, NO_FINAL_ANSWER, WRONG_ANSWER = Reason.truncated.value, Reason.no_final_answer.value, Reason.wrong_answer.value
-
 Check = Callable[[str, object], bool]
 Extract = Callable[[str], object]
 

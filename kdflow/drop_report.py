@@ -72,7 +72,7 @@ def examples(dropped: list[dict]) -> list[dict]:
         if seen[reason] < EXAMPLES_PER_REASON:
             seen[reason] += 1
             out.append({"reason": ", ".join(row["reasons"]), "id": f"{row['id']}/{row.get('sample', 0)}",
-                        "detail": row.get("detail", ""), "text": row["text"][:200]})
+                        "detail": row.get("detail", ""), "text": (row["text"] or "")[:200]})
     return out
 
 

@@ -149,3 +149,57 @@ def test_report_counts_reasons_and_histograms_every_row(tmp_path):
 
 def test_reason_codes_are_an_enum_of_stable_strings():
     assert Reason("near_duplicate") is Reason.near_duplicate and Reason.truncated.value == "truncated"
+
+
+@pytest.mark.slow
+def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_path):
+    """The stage body on GSM8K-style answers with n samples per prompt: the student's tokenizer for lengths,
+    self-consistency, dedup, and a tiny HF teacher as the judge (untrained: its replies carry no score, so
+    every judged row must be dropped with judge_unparsed, its reply kept)."""
+    import pandas as pd
+
+    from kdflow.models import write_location
+    from kdflow.outputs import building, existing_output, finish
+    from kdflow.recipe import DataSource
+    from kdflow.tiny_models import llama_model, train_tokenizer
+    from tasks.curate import filter_answers
+
+    texts = ["5+5=10, so #### 10", "It is \\boxed{10}", "#### 11", "I'm sorry, I can't help with that.", "#### 10"]
+    rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": s, "text": t,
+             "finish_reason": "stop", "completion_tokens": len(t)} for s, t in enumerate(texts)]
+    rows += [{"id": "q1", "split": "prompts", "question": "What is 2+2?", "answer": "4", "sample": 0,
+              "text": "2+2=4 and then", "finish_reason": "length", "completion_tokens": 96}]
+    tok = train_tokenizer(texts + ["Score: 7", "What is 5+5?"], vocab_size=80)
+    tok.save_pretrained(tmp_path / "student-tokenizer")
+
+    def stage(name, build):
+        key = name.ljust(64, "0")
+        with building(tmp_path, name, key) as tmp:
+            build(tmp)
+            finish(tmp, name, key, inputs={})
+        return existing_output(tmp_path, name, key)
+
+    def teacher_folder(tmp):
+        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0).save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        write_location(tmp, "model")
+
+    answers = stage("generate", lambda tmp: pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False))
+    teacher = stage("teacher", teacher_folder)
+    section = filters(length={"min_tokens": 2, "tokenizer": str(tmp_path / "student-tokenizer")}, patterns={},
+                      self_consistency={"policy": "all"}, dedup={"by": "question_and_text"},
+                      judge={"threshold": 5, "max_new_tokens": 4})
+    ref = filter_answers.fn(tmp_path, section, DataSource.gsm8k, answers, teacher)
+    out = Path(ref.path)
+    kept, dropped = pd.read_parquet(out / "kept.parquet"), pd.read_parquet(out / "dropped.parquet")
+    assert len(kept) + len(dropped) == len(rows) and len(kept) == 0
+    reasons = {f"{r.id}/{r.sample}": list(r.reasons) for r in dropped.itertuples()}
+    assert reasons["q0/2"] == ["wrong_answer"] and reasons["q0/3"] == ["refusal", "no_final_answer"]
+    assert reasons["q1/0"] == ["truncated", "no_final_answer"]
+    assert reasons["q0/0"] == reasons["q0/1"] == reasons["q0/4"] == ["judge_unparsed"]
+    judged = dropped[(dropped["id"] == "q0") & (dropped["sample"] == 0)]
+    assert isinstance(judged["judge_reply"].item(), str) and judged["detail"].item() == "judge gave no score"
+    m = ref.manifest()
+    assert (m["input_rows"], m["kept"], m["dropped"]) == (6, 0, 6) and m["drop_reasons"]["judge_unparsed"] == 3
+    assert {"report.md", "report.json", "lengths.png"} <= {p.name for p in out.iterdir()}
+    assert filter_answers.fn(tmp_path, section, DataSource.gsm8k, answers, teacher) == ref  # the same content, kept
