@@ -243,3 +243,34 @@ def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_
         sent = sum(proxy.bodies.values())
         again = api_answers(s, "m", rows, tmp_path / "shards")
         assert sum(proxy.bodies.values()) == sent and again[2].resumed == 60 and len(again[0]) == 60
+
+
+@pytest.mark.slow
+def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp_path):
+    """The CPU backend through the stage body: n samples per question, the answers' columns, the ICL prompt."""
+    import pandas as pd
+
+    from conftest import build_tiny_teacher
+    from kdflow.outputs import building, existing_output, finish
+    from kdflow.recipe import TeacherSection
+    from tasks.generate import generate_answers
+    from tasks.teacher import use_existing_teacher
+
+    run_dir = tmp_path / "run"
+    rows = {"train": [{"id": f"t{i}", "question": f"{i}+1", "rationale": f"{i}+1={i + 1}", "answer": str(i + 1)}
+                      for i in range(4)],
+            "prompts": [{"id": f"p{i}", "question": f"{i}+2 {{{{ 7*7 }}}}", "answer": str(i + 2)} for i in range(3)]}
+    with building(run_dir, "data", "k" * 64) as tmp:
+        for split, table in rows.items():
+            pd.DataFrame(table).to_parquet(tmp / f"{split}.parquet", index=False)
+        finish(tmp, "data", "k" * 64, inputs={}, splits={k: len(v) for k, v in rows.items()})
+    data = existing_output(run_dir, "data", "k" * 64)
+    teacher = use_existing_teacher.fn(run_dir, TeacherSection(model=str(build_tiny_teacher(tmp_path / "teacher"))))
+    s = section(splits=["prompts"], n=2, temperature=1.0, seed=0, max_new_tokens=4, icl={"k": 2, "pool_split": "train"})
+    ref = generate_answers.fn(run_dir, s, COT, teacher, data)
+    answers = pd.read_parquet(f"{ref.path}/answers.parquet")
+    assert len(answers) == 6 and sorted(answers["sample"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert {"id", "split", "question", "answer", "text", "finish_reason", "completion_tokens", "sample", "prompt",
+            "demo_ids"} <= set(answers.columns)
+    assert answers["prompt"].tolist()[0] == "Solve step by step: 0+2 {{ 7*7 }}"
+    assert ref.manifest()["accounting"]["answers"] == 6 and ref.manifest()["failed"] == 0

@@ -265,3 +265,16 @@ def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(pre
     assert sum(proxy.bodies.values()) - len(proxy.bodies) == sum(repeats)
     assert ref.manifest()["accounting"]["resumed"] >= rows // 2
     assert not folder.exists()  # its answers are in the output now
+
+
+def test_completions_endpoint_with_logprobs(prefect_server, vllm_server_url, vllm_model_dir, tmp_path, key_env):
+    run_dir = tmp_path / "run"
+    data = data_ref(run_dir, {"train": 2, "prompts": 4})
+    s = section(vllm_server_url, vllm_model_dir, logprobs=3, api={"endpoint": "completions"})
+    answers = answers_of(generate_answers.fn(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data))
+    assert len(answers) == 4
+    for _, row in answers.iterrows():
+        ids = list(row["token_ids"])
+        assert ids and len(ids) == len(row["top_ids"]) == len(row["token_logprobs"])
+        # vLLM's completions top_logprobs hold the top k, plus the sampled token when it is not among them
+        assert all(3 <= len(t) <= 4 for t in row["top_ids"])
