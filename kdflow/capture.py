@@ -73,12 +73,19 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, V) logits -> top-k ids (P, k), their log-probs (P, k) and the exact tail ``log Σ_{rest} p`` (P,)
-    of ``softmax(logits / T)``."""
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, ids = logprobs.topk(k, dim=-1)
-    rest = logprobs.scatter(-1, ids, float("-inf"))
-    return ids, values, torch.logsumexp(rest, dim=-1)
+    """(P, V) logits -> top-k ids (P, k), their log-probs (P, k) and the tail ``log Σ_{rest} p`` (P,) of
+    ``softmax(logits / T)``.
+
+    Two passes over V (top-k, logsumexp) and no (P, V) log-softmax: on a small teacher these passes cost
+    as much as its forward. The tail is ``log(1 − exp(lse_top − lse))`` in float64, exact up to the float32
+    rounding of the two logsumexps (≈ 1e-6 of the mass).
+    """
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    top, ids = z.topk(k, dim=-1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    values = top - lse
+    inside = torch.logsumexp(values.double(), dim=-1).clamp(max=0.0)
+    return ids, values, torch.log(-torch.expm1(inside)).float()
 
 
 @torch.inference_mode()
@@ -86,7 +93,9 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
             pad_id: int = 0) -> list[TopK]:
     """The teacher's top-k at every completion position of ``rows`` (returned in the same order).
 
-    Right padding: in a causal model, padding after a sequence does not change its earlier positions.
+    Right padding: in a causal model, padding after a sequence does not change its earlier positions. Logits
+    are computed only from the batch's earliest completion position on (``logits_to_keep``), through the
+    model's own head.
     """
     out: list[TopK | None] = [None] * len(rows)
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens):
@@ -97,9 +106,11 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
             n = len(rows[i].input_ids)
             ids[b, :n] = torch.from_numpy(rows[i].input_ids)
             mask[b, :n] = 1
-        logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        first = min(rows[i].start for i in batch)
+        keep = torch.arange(first, width - 1)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, width-1-first, V)
         spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
-        picked = torch.cat([logits[b, s:e] for b, (s, e) in enumerate(spans)])  # (P, V): completion positions
+        picked = torch.cat([logits[b, s - first : e - first] for b, (s, e) in enumerate(spans)])  # (P, V)
         top_ids, top_lp, tail = topk_of_logits(picked, k, temperature)
         at = 0
         for i, (s, e) in zip(batch, spans):
