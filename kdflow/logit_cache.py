@@ -325,8 +325,9 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
         if on_shard is not None:
             on_shard(index, entry)
     manifest = write_manifest(folder, meta, shards)
-    for sidecar in folder.glob("shard-*.parquet.json"):
-        sidecar.unlink()
+    # Sidecars are folded into the manifest; half-written files of a crashed attempt are not part of the cache.
+    for leftover in [*folder.glob("shard-*.parquet.json"), *folder.glob(".*.part")]:
+        leftover.unlink()
     settings.unlink()
     return manifest
 

@@ -190,3 +190,38 @@ def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_
         assert np.array_equal(v.ids[clear.numpy()], h.ids[clear.numpy()])
         unambiguous += int(clear.sum())
     assert unambiguous >= 0.5 * sum(len(h.ids) for h in from_hf)
+
+
+@pytest.mark.slow
+def test_capture_flow_on_the_mini_recipe_then_cached(prefect_server, mini_recipe):
+    """data → teacher → answers → curate → logit cache through Prefect; a rerun is a cache hit."""
+    from transformers import AutoTokenizer
+
+    from flows.capture_logits import capture_logits_flow
+    from kdflow.models import model_location
+    from kdflow.prompts import render
+    from kdflow.recipe import load_recipe
+
+    mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 8, shard_rows: 16}\n")
+    ref = capture_logits_flow(str(mini_recipe))
+    recipe = load_recipe(mini_recipe)
+    teacher_dir = next((recipe.run_dir / "teacher").glob("*/model.json")).parent
+    tokenizer = AutoTokenizer.from_pretrained(model_location(existing_output_of(teacher_dir)))
+    cache = LogitCache.open(ref.path, expect_tokenizer=tokenizer)
+    cache.verify()
+    kept = pd.read_parquet(next((recipe.run_dir / "curate").glob("*/kept.parquet"))).to_dict("records")
+    assert cache.row_ids == [f"{r['id']}/{r.get('sample', 0)}" for r in kept] and kept
+    row = kept[0]
+    m = chat(render(recipe.prompts.cot_text(), question=row["question"]), row["text"])
+    expected = encode_row(tokenizer, "x", m["prompt"], m["completion"])
+    assert cache[cache.row_ids[0]].input_ids.tolist() == expected.input_ids.tolist()
+    assert capture_logits_flow(str(mini_recipe)).path == ref.path
+
+
+def existing_output_of(folder):
+    import json
+
+    from kdflow.outputs import OutputRef
+
+    m = json.loads((folder / "manifest.json").read_text())
+    return OutputRef(stage=m["stage"], key=m["key"], path=str(folder), sha256=m["sha256"])

@@ -230,7 +230,8 @@ def test_sigkill_mid_capture_then_rerun_completes_without_duplicates(tmp_path, t
     cache.verify()
     streamed = [r.row_id for r in cache.iter_rows()]
     assert streamed == [f"r{i:03d}" for i in range(50)]
-    assert cache.manifest["rows"] == 50 and not list(folder.glob("*.json.part")) and not list(folder.glob("*.parquet.json"))
+    assert cache.manifest["rows"] == 50  # and nothing else is left in the folder: no sidecars, no .part files
+    assert sorted(p.name for p in folder.iterdir()) == ["cache.json", *(shard_name(i) for i in range(7))]
 
 
 def test_ensemble_merge_is_the_weighted_mean_of_probabilities():
