@@ -179,14 +179,16 @@ def topk_from_api_records(row: EncodedRow, records: list[dict], k: int) -> TopK:
     """Gray-box KD: the ``top_logprobs`` an API returned at generation time -> ``TopK``.
 
     ``records``: one per generated token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``; they
-    must be exactly the row's completion tokens (``input_ids[start + 1:]``), else ``AlignmentError``
-    says where they part. ``k`` ≤ 20 (and ≤ what the records hold).
+    must be the row's completion tokens (``input_ids[start + 1:]``), else ``AlignmentError`` says where
+    they part. An API that does not return its end-of-turn token may stop one short: the cache then covers
+    every completion position but the last (``len(ids)`` says how many). ``k`` ≤ 20 (and ≤ what the
+    records hold).
     """
     if k > API_TOP_LOGPROBS_MAX:
         raise ValueError(f"k={k}: APIs return at most {API_TOP_LOGPROBS_MAX} top_logprobs")
     completion = [int(t) for t in row.input_ids[row.start + 1 :]]
     generated = [int(r["token_id"]) for r in records]
-    if generated != completion:
+    if generated not in (completion, completion[:-1]):
         at = common_prefix_length(generated, completion)
         raise AlignmentError(f"row {row.row_id!r}: the API's token {at} is {generated[at:at + 1]}, the student's "
                              f"{completion[at:at + 1]} ({len(generated)} vs {len(completion)} tokens): re-tokenizing "

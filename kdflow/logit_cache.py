@@ -81,7 +81,8 @@ class TopK:
 
     ``input_ids``: (n,) the full token sequence; ``start``: the first stored logit position;
     ``ids``: (L, k) int64 and ``logprobs``: (L, k) float32, best first; ``tail``: (L,) float32,
-    ``log(1 − Σ exp(logprobs))``. ``L = n − 1 − start``.
+    ``log(1 − Σ exp(logprobs))``. ``L = n − 1 − start`` (every completion position), or fewer when the
+    source gave fewer (an API that does not return the end-of-turn token: then the last one is missing).
     """
 
     row_id: str
@@ -228,8 +229,9 @@ def file_sha256(path: Path) -> str:
 def write_shard(path: Path, rows: list[TopK], k: int, id_bytes: int, encoding: ValueEncoding) -> dict:
     """Write one shard atomically (``.part`` then rename); returns its manifest entry."""
     for r in rows:
-        if r.ids.shape != (len(r.input_ids) - 1 - r.start, k) or r.logprobs.shape != r.ids.shape:
-            raise ValueError(f"row {r.row_id!r}: ids {r.ids.shape} / logprobs {r.logprobs.shape} do not cover "
+        L = len(r.input_ids) - 1 - r.start
+        if r.ids.ndim != 2 or r.ids.shape[1] != k or not 0 < len(r.ids) <= L or r.logprobs.shape != r.ids.shape:
+            raise ValueError(f"row {r.row_id!r}: ids {r.ids.shape} / logprobs {r.logprobs.shape} do not fit "
                              f"positions {r.start}..{len(r.input_ids) - 2} with k={k}")
     table = pa.table({
         "row_id": [r.row_id for r in rows],

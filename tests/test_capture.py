@@ -141,6 +141,10 @@ def test_api_top_logprobs_records_become_a_cache_row():
     assert got.ids.tolist() == [[7, 8], [8, 9], [2, 3]]
     assert np.allclose(got.logprobs, [[-0.1, -2.5]] * 3)
     assert np.allclose(np.exp(got.tail), 1 - np.exp(-0.1) - np.exp(-2.5), atol=1e-6)
+    without_end = topk_from_api_records(row, records[:2], k=2)  # the end-of-turn token was not returned
+    assert without_end.ids.tolist() == [[7, 8], [8, 9]] and without_end.positions.tolist() == [2, 3]
+    with pytest.raises(AlignmentError):
+        topk_from_api_records(row, records[:1], k=2)
     wrong = [*records[:1], {**records[1], "token_id": 9}, records[2]]
     with pytest.raises(AlignmentError, match="token 1 is \\[9\\], the student's \\[8\\]"):
         topk_from_api_records(row, wrong, k=2)
