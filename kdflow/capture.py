@@ -7,7 +7,8 @@ kept at every position whose next token is a completion token.
 
 Three sources, one output type (``TopK``):
 
-- ``hf_topk``: an HF model's forward pass (batched by a token budget, no grad); exact tail mass;
+- ``hf_topk``: an HF model's forward pass (batched by a token budget, no grad); the tail from the whole
+  distribution;
 - ``vllm_topk``: a vLLM server's ``prompt_logprobs`` through the openai client's completions endpoint
   (the server must run without prefix caching and with ``--max-logprobs`` ≥ k; vLLM's default
   ``logprobs_mode`` is ``raw_logprobs``, the model's own log-softmax, not the sampler's);
