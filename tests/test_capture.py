@@ -229,3 +229,21 @@ def existing_output_of(folder):
 
     m = json.loads((folder / "manifest.json").read_text())
     return OutputRef(stage=m["stage"], key=m["key"], path=str(folder), sha256=m["sha256"])
+
+
+@pytest.mark.parametrize("section, message", [
+    ("{source: api, k: 30}", "logit_cache: k=30: APIs return at most 20 top_logprobs; use k <= 20"),
+    ("{source: vllm, temperature: 2.0}", "logit_cache: temperature 2.0 needs source 'hf'"),
+    ("{value_encoding: fp8}", "logit_cache.value_encoding: Input should be 'fp16' or 'u8'"),
+    ("{k: 0}", "logit_cache.k: Input should be greater than or equal to 1"),
+])
+def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
+    from pathlib import Path
+
+    from kdflow.recipe import RecipeError, parse_recipe
+
+    text = (Path(__file__).parent / "mini.yaml").read_text() + f"\nlogit_cache: {section}\n"
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, "mini.yaml")
+    line = text.count("\n")  # the section is the last line
+    assert f"mini.yaml:{line}: {message}" in str(e.value)
