@@ -317,8 +317,11 @@ def plot_tradeoff(report: dict) -> bytes:
             from matplotlib import ticker
 
             ax.set_xscale("log")
+            # Labels at 1-2-5 only: labelling every minor tick of a one-decade range overlaps them.
+            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _si(v)))
-            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: _si(v)))
+            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.margins(x=0.15)  # room for the labels of the extreme points
         ax.set_xlabel(label)
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.05, 1.05)
