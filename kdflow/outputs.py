@@ -20,6 +20,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 MANIFEST = "manifest.json"
+# Test hook for failure-and-rerun tests (tests/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
+# stage fail as it starts building its output. Unset in normal use.
+FAIL_STAGE_ENV = "KDFLOW_FAIL_STAGE"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised where KDFLOW_FAIL_STAGE names the stage being built."""
 
 
 class OutputRef(BaseModel):
@@ -98,6 +105,8 @@ def building(run_dir: Path, stage: str, key: str):
     Use ``finish(tmp, ...)`` inside the block to write the manifest. On an exception the temporary
     folder is removed and nothing is left under the final name.
     """
+    if os.environ.get(FAIL_STAGE_ENV) == stage:
+        raise InjectedFailure(f"{FAIL_STAGE_ENV}={stage}: injected failure (a test hook; unset it to run the stage)")
     final = output_dir(run_dir, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
@@ -119,7 +128,12 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
         os.rename(final, trash)
         shutil.rmtree(trash, ignore_errors=True)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():
+            raise
+        # A concurrent run renamed the same content into place between our check and our rename: keep theirs.
 
 
 def finish(tmp: Path, stage: str, key: str, *, inputs: dict, rows: int | None = None, **extra) -> None:

@@ -1,0 +1,44 @@
+"""What a run folder already holds: its finished stage outputs, found from their manifests.
+
+A stage flow rerun alone on an existing run ("retrain the students of run X with a new loss") takes its
+inputs from here instead of recomputing them: the newest complete output of each upstream stage. Only
+folders whose ``manifest.json`` is there count (no manifest, not finished); temporary and trash folders
+(hidden names) are never looked at.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kdflow.outputs import MANIFEST, OutputRef
+
+
+class MissingStage(LookupError):
+    """The run folder has no finished output of a stage another stage needs."""
+
+
+def outputs(run_dir: Path, stage: str) -> list[OutputRef]:
+    """Every complete output of ``stage`` in the run folder, oldest first (by the manifest's time of writing)."""
+    folder = Path(run_dir) / stage
+    found = []
+    for manifest in folder.glob(f"[!.]*/{MANIFEST}"):
+        try:
+            m = json.loads(manifest.read_text())
+        except json.JSONDecodeError:
+            continue  # being replaced right now, or damaged: not an output to build on
+        ref = OutputRef(stage=stage, key=m["key"], path=str(manifest.parent.resolve()), sha256=m["sha256"],
+                        rows=m.get("rows"))
+        # created_at has one-second resolution; the file's mtime breaks ties between outputs of one second.
+        found.append((m.get("created_at", ""), manifest.stat().st_mtime_ns, ref))
+    return [ref for *_, ref in sorted(found, key=lambda t: t[:2])]
+
+
+def latest(run_dir: Path, stage: str, name: str | None = None) -> OutputRef:
+    """The newest complete output of ``stage`` (of the student called ``name``, for the students stage)."""
+    refs = [r for r in outputs(run_dir, stage) if name is None or r.manifest().get("name") == name]
+    if not refs:
+        what = f"{stage!r} output" + (f" named {name!r}" if name else "")
+        raise MissingStage(f"no finished {what} in {run_dir}: run that stage first "
+                           f"(python -m kdflow.cli {stage} <recipe>), or the whole flow (python -m kdflow.cli distill <recipe>)")
+    return refs[-1]
