@@ -1,0 +1,31 @@
+"""The generate stage alone, on an existing run folder: the teacher answers with the recipe's generation
+settings, from the run's finished data and teacher outputs (found by their manifests, not recomputed).
+
+    python -m flows.generate recipes/demo.yaml [RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from kdflow import run_folder
+from kdflow.outputs import OutputRef
+from kdflow.recipe import load_recipe
+from tasks.generate import generate_answers
+
+
+# No log_prints (see flows/distill.py).
+@flow(name="generate")
+def generate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> OutputRef:
+    """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
+    r = load_recipe(recipe)
+    run = Path(run_dir) if run_dir else r.run_dir
+    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
+    return generate_answers(run, r.generation, r.prompts.cot_text(), teacher, data)
+
+
+if __name__ == "__main__":
+    print(generate(*sys.argv[1:3]))
