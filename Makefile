@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench setup vllm clean
+.PHONY: demo test bench setup vllm chromium clean
 
 setup: $(STAMP)
 
@@ -44,10 +44,14 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server"
 	touch $@
 
+# Headless Chromium for the Prefect UI test (tests/test_deployment.py): Debian's package, installed once (root).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 demo: $(STAMP)
 	$(PY) -m flows.distill recipes/demo.yaml
 
-test: $(STAMP) $(VLLM_STAMP)
+test: $(STAMP) $(VLLM_STAMP) chromium
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(VLLM_STAMP)

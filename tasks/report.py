@@ -18,7 +18,7 @@ LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 
 
 def _write_atomic(path: Path, content: str | bytes) -> None:
-    part = path.with_name(f".{path.name}.part")
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")  # per process: concurrent runs of a recipe
     part.write_bytes(content) if isinstance(content, bytes) else part.write_text(content)
     os.replace(part, path)
 

@@ -1,0 +1,142 @@
+"""prefect.yaml for real: `prefect server start` on 127.0.0.1 (its own SQLite under a temporary PREFECT_HOME),
+`prefect --no-prompt deploy` of the demo deployment, a flow run created through the REST API as the UI's
+"Run" button does (with the miniature recipe as its parameter), a process worker that runs it, the report
+artifact read back from the API, and the flow run's UI page loaded in headless Chromium (screenshot kept in
+the test's tmp folder)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFECT = [sys.executable, "-m", "prefect"]
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,900", "--virtual-time-budget=15000"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(api: str, server: subprocess.Popen, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"prefect server exited with {server.returncode}")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"prefect server not healthy after {timeout_s} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGINT first (a worker ignores SIGTERM for a while, GUIDE §3), then SIGKILL the process group."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(api url, env for CLI calls) of a fresh `prefect server start` on a free port."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           # The UI asks this address for the API; without it, it tries port 4200 (GUIDE §3).
+           "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = open(tmp_path / "server.log", "w")
+    process = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(api, process)
+        yield api, env
+    finally:
+        stop(process)
+        log.close()
+
+
+def prefect_cli(env: dict, *args: str) -> str:
+    done = subprocess.run([*PREFECT, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 300) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        if worker.poll() is not None and run["state"]["type"] == "SCHEDULED":
+            raise AssertionError(f"the worker exited ({worker.returncode}) without picking the run up")
+        time.sleep(1)
+    raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s: {run['state']}")
+
+
+def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path):
+    import httpx
+
+    api, env = server
+    prefect_cli(env, "work-pool", "create", "kdflow-cpu", "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--name", "demo")
+    deployment = httpx.get(f"{api}/deployments/name/distill/demo", timeout=10).json()
+    assert deployment["enforce_parameter_schema"] is True
+    assert deployment["parameter_openapi_schema"]["properties"]["recipe"]["type"] == "string"  # the UI's form
+    assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+
+    # What the UI's "Run" button sends: a flow run of the deployment with the form's parameters.
+    created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
+                         json={"parameters": {"recipe": str(mini_recipe)}}, timeout=10)
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "kdflow-cpu", "--run-once"], env=env,
+                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        run = wait_final(api, run_id, worker)
+    finally:
+        stop(worker)
+        log.close()
+    assert run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
+    assert (mini_recipe.parent / "runs" / "mini" / "report.md").is_file()
+
+    artifacts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": ["mini-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
+    assert artifacts and "kdflow report: mini" in artifacts[0]["data"]
+
+    # The flow run's page as a user opens it: the UI must reach the API and show this run.
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium on PATH: `make test` installs it (apt-get install -y chromium)"
+    page = f"http://127.0.0.1:{api.split(':')[2].split('/')[0]}/runs/flow-run/{run_id}"
+    browse = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
+    dom = subprocess.run([*browse, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    assert run["name"] in dom, "the UI page does not show the flow run's name"
+    assert "Can't connect to Server API" not in dom
+    screenshot = tmp_path / "flow-run.png"
+    subprocess.run([*browse, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
+    assert screenshot.is_file() and screenshot.stat().st_size > 10_000, "no (or an empty) screenshot"
+    print(f"screenshot of the flow run's UI page: {screenshot}")
