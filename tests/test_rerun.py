@@ -136,3 +136,20 @@ def test_concurrent_runs_of_one_recipe_do_not_corrupt_each_other(prefect_server,
     summaries = [[line for line in (tmp_path / f"run{i}.log").read_text().splitlines() if ": accuracy " in line]
                  for i in range(2)]
     assert summaries[0] and summaries[0] == summaries[1]
+
+
+def test_run_folder_finds_the_newest_finished_output(tmp_path):
+    from kdflow.outputs import building, finish
+
+    for i, name in enumerate(["baseline", "seq-kd", "baseline"]):
+        with building(tmp_path, "students", str(i) * 64) as tmp:
+            (tmp / "weights").write_text(str(i))
+            finish(tmp, "students", str(i) * 64, inputs={"i": i}, name=name)
+    (tmp_path / "students" / "unfinished").mkdir()  # no manifest: never an output
+    (tmp_path / "students" / ".tmp-x").mkdir()
+    assert len(run_folder.outputs(tmp_path, "students")) == 3
+    newest = run_folder.latest(tmp_path, "students", "baseline")
+    assert newest.key == "2" * 64 and newest.is_complete()
+    assert run_folder.latest(tmp_path, "students").key == "2" * 64
+    with pytest.raises(run_folder.MissingStage, match="no finished 'curate' output"):
+        run_folder.latest(tmp_path, "curate")
