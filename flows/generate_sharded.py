@@ -1,0 +1,82 @@
+"""The generate stage sharded across the workers of a Dask cluster (prefect-dask's DaskTaskRunner): each worker
+asks the teacher for its share of the (row, sample) requests and persists every answer in the stage's
+exactly-once shard folder; the ordinary generate task then finds them all there, asks for nothing more (it
+would ask for whatever a lost worker left out) and writes the same output, under the same content key, as the
+unsharded stage. API backends only (`openai`, `vllm`): the `hf` backend has no shard folder to share.
+
+    python -m flows.generate_sharded recipes/gsm8k-qwen7b-to-0.5b.yaml --workers 2            # a local cluster
+    python -m flows.generate_sharded RECIPE --address tcp://scheduler:8786                      # an existing one
+
+With the `vllm` backend every worker starts the teacher's vLLM server on its own machine (data parallel;
+`generation.vllm.extra_args: [--tensor-parallel-size, "4"]` splits each server over that machine's GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from kdflow import run_folder
+from kdflow.models import model_location
+from kdflow.outputs import OutputRef, existing_output
+from kdflow.recipe import Backend, GenerationSection, load_recipe
+from tasks.caching import stage_key
+from tasks.generate import STAGE, VERSION, api_answers, generate_answers, prompted_rows, shard_folder
+
+
+def generate_key(section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef) -> str:
+    """The generate task's own key (same inputs, same stage and version), so its shard folder is shared."""
+    return stage_key(STAGE, VERSION, {"section": section, "template": template, "teacher": teacher, "data": data})
+
+
+# No cache policy: a shard's answers are durable in the shard folder; rerun, it asks only for what is missing.
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def answer_shard(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef,
+                 shard: int, shards: int) -> dict:
+    """Ask for every ``shards``-th (row, sample), starting at ``shard``; returns who answered how many."""
+    folder = shard_folder(run_dir, generate_key(section, template, teacher, data))
+    rows = prompted_rows(section, section.template_text or template, data)[shard::shards]
+    local = section.backend is Backend.vllm
+    model = model_location(teacher) if local else section.api.model or model_location(teacher)
+    _, _, acct = api_answers(section, model, rows, folder)
+    return {"shard": shard, "host": socket.gethostname(), "pid": os.getpid(), **acct.as_dict()}
+
+
+@flow(name="generate-sharded")
+def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -> OutputRef:
+    """Run under a DaskTaskRunner (see ``main``); ``shards``: one per worker is plenty."""
+    r = load_recipe(recipe)
+    if r.generation.backend is Backend.hf:
+        raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
+    run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
+    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
+    if not existing_output(run, STAGE, generate_key(r.generation, cot, teacher, data)):
+        futures = [answer_shard.submit(run, r.generation, cot, teacher, data, i, shards) for i in range(shards)]
+        done = [f.result() for f in futures]
+        create_table_artifact(key="teacher-shards", table=done, description="teacher requests per shard and worker")
+    return generate_answers(run, r.generation, cot, teacher, data)
+
+
+def main() -> None:
+    from prefect_dask import DaskTaskRunner
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
+    parser.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    parser.add_argument("--shards", type=int, help="default: one per local worker")
+    args = parser.parse_args()
+    runner = (DaskTaskRunner(address=args.address) if args.address else
+              DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
+    print(generate_sharded.with_options(task_runner=runner)(args.recipe, args.run_dir, args.shards or args.workers))
+
+
+if __name__ == "__main__":
+    main()

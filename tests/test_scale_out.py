@@ -1,0 +1,62 @@
+"""Teacher generation sharded over a local Dask cluster of 2 worker processes (prefect-dask's DaskTaskRunner),
+against a fake OpenAI-compatible teacher: every (row, sample) asked exactly once, by both workers together, and
+the stage's output the same as the unsharded stage's (same content key, one answer per row)."""
+
+import asyncio
+import json
+import re
+
+import pandas as pd
+import pytest
+
+from kdflow import run_folder
+from kdflow.recipe import load_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def openai_recipe(mini_recipe, teacher_dir, base_url: str):
+    text = mini_recipe.read_text()
+    text = re.sub(r"teacher:\n(  .*\n)+", f"teacher:\n  model: {teacher_dir}\n", text)
+    text = re.sub(r"generation:\n(  .*\n)+", "generation:\n  backend: openai\n  splits: [train, prompts]\n"
+                  f"  max_new_tokens: 24\n  api: {{base_url: '{base_url}', model: m, api_key_env: null, concurrency: 4}}\n",
+                  text)
+    mini_recipe.write_text(text)
+    return mini_recipe
+
+
+def test_generation_sharded_on_two_dask_workers_asks_each_request_once(prefect_server, mini_recipe, tmp_path):
+    from prefect_dask import DaskTaskRunner
+
+    from conftest import build_tiny_teacher
+    from fault_proxy import FakeTeacher, FaultProxy
+    from flows.generate_sharded import generate_sharded
+    from flows.train_teacher import train_teacher
+
+    teacher_dir = build_tiny_teacher(tmp_path / "teacher")
+    with FakeTeacher(delay_s=0.01) as fake, FaultProxy(fake.url) as proxy:
+        recipe = openai_recipe(mini_recipe, teacher_dir, proxy.url + "/v1")
+        train_teacher(str(recipe))  # data, and the existing teacher recorded in the run folder
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+        ref = generate_sharded.with_options(task_runner=runner)(str(recipe), None, 2)
+        sent = sum(proxy.bodies.values())
+    answers = pd.read_parquet(f"{ref.path}/answers.parquet")
+    assert len(answers) == 80 and not answers.duplicated(["id", "sample"]).any()
+    assert sent == 80, "each (row, sample) asked exactly once across both workers"
+    acct = ref.manifest()["accounting"]
+    assert acct["requests"] == 0 and acct["resumed"] == 80  # the stage itself asked nothing: the shards did
+    assert run_folder.latest(load_recipe(recipe).run_dir, "generate") == ref
+
+    shards = asyncio.run(latest_table("teacher-shards"))
+    assert sorted(s["shard"] for s in shards) == [0, 1] and len({s["pid"] for s in shards}) == 2  # two workers
+    assert sum(s["answers"] for s in shards) == 80
+
+
+async def latest_table(key: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    table = json.loads(artifacts[-1].data)
+    return table if isinstance(table, list) else [dict(zip(table["columns"], row)) for row in table["data"]]
