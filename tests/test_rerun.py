@@ -67,7 +67,7 @@ def assert_run_folder_sound(run_dir: Path) -> None:
     assert json.loads((run_dir / "report.json").read_text())["students"]
 
 
-def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it(prefect_server, mini_recipe, monkeypatch):
+def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it_then_stage_flows_alone(prefect_server, mini_recipe, monkeypatch):
     from flows.distill import distill
 
     run_dir = load_recipe(mini_recipe).run_dir
@@ -88,6 +88,29 @@ def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it(prefect_server,
     # The failed stage and every later one ran: both students (10 steps each), and all three evaluations.
     assert training_steps(made_since(before, run_dir, "students")) == 20
     assert len(made_since(before, run_dir, "evaluate")) == 3
+    assert_run_folder_sound(run_dir)
+
+    # Each stage flow alone on the finished run folder: unchanged stages find their outputs ...
+    from flows.curate import curate
+    from flows.generate import generate
+    from kdflow.cli import main as cli
+
+    before = snapshot(run_dir)
+    assert generate(str(mini_recipe)) == run_folder.latest(run_dir, "generate")
+    assert curate(str(mini_recipe), str(run_dir)) == run_folder.latest(run_dir, "curate")
+    assert snapshot(run_dir) == before
+    # ... and "retrain the students of this run with new settings", then evaluate them, from the shell's entry point.
+    mini_recipe.write_text(mini_recipe.read_text().replace("learning_rate: 3.0e-3", "learning_rate: 2.0e-3"))
+    cli(["students", str(mini_recipe), "--run-dir", str(run_dir)])
+    assert training_steps(made_since(before, run_dir, "students")) == 20
+    assert training_steps(made_since(before, run_dir, "teacher")) == 0
+    assert teacher_requests(made_since(before, run_dir, "generate")) == 0
+    cli(["evaluate", str(mini_recipe), "--run-dir", str(run_dir)])
+    assert len(made_since(before, run_dir, "evaluate")) == 2  # the two new students; the teacher's is reused
+    report = json.loads((run_dir / "report.json").read_text())
+    evaluated = {r.manifest()["inputs"]["model"]["sha256"] for r in made_since(before, run_dir, "evaluate")}
+    assert evaluated == {r.sha256 for r in made_since(before, run_dir, "students")}
+    assert set(report["students"]) == {"baseline", "seq-kd"}
     assert_run_folder_sound(run_dir)
 
 
