@@ -35,11 +35,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def recipe_copy(recipe: Path, root: Path) -> str:
     """The recipe with its run folder under ``root`` (the same run name)."""
-    text = recipe.read_text()
-    assert "root: runs" in text, f"{recipe}: expected `root: runs` to redirect"
+    import yaml
+
+    content = yaml.safe_load(recipe.read_text())
+    content["run"]["root"] = str(root)
     path = root / recipe.name
     root.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace("root: runs", f"root: {root}"))
+    path.write_text(yaml.safe_dump(content, sort_keys=False))
     return str(path)
 
 
