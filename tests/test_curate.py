@@ -1,6 +1,7 @@
 """Curation: every filter's drops carry its reason, kept + dropped = input, self-consistency, the report."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -168,7 +169,7 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": s, "text": t,
              "finish_reason": "stop", "completion_tokens": len(t)} for s, t in enumerate(texts)]
     rows += [{"id": "q1", "split": "prompts", "question": "What is 2+2?", "answer": "4", "sample": 0,
-              "text": "2+2=4 and then", "finish_reason": "length", "completion_tokens": 96}]
+              "text": "Let me think about it step by", "finish_reason": "length", "completion_tokens": 96}]
     tok = train_tokenizer(texts + ["Score: 7", "What is 5+5?"], vocab_size=80)
     tok.save_pretrained(tmp_path / "student-tokenizer")
 
@@ -180,7 +181,7 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
         return existing_output(tmp_path, name, key)
 
     def teacher_folder(tmp):
-        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0).save_pretrained(tmp / "model")
+        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0, max_positions=1024).save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
         write_location(tmp, "model")
 
