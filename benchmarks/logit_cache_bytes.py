@@ -101,57 +101,112 @@ def relabel(row: TopK, mapping: np.ndarray) -> TopK:
     return TopK(row.row_id, mapping[row.input_ids], row.start, mapping[row.ids], row.logprobs, row.tail)
 
 
+def measure(name: str, model, tokenizer, rows: list[EncodedRow], vocabs: list[int], mapping=None) -> list[dict]:
+    """Bytes per answer token and KL for every k (≤ V) and value encoding; ``vocabs``: the id spaces to
+    write (the model's own, and a Qwen-sized one through ``mapping``)."""
+    V = model.config.vocab_size
+    ids = [r.row_id for r in rows]
+    results, caches = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in [k for k in KS if k <= V]:
+            topk = {r.row_id: r for r in hf_topk(model, rows, k)}
+            for encoding in ValueEncoding:
+                for vocab in vocabs:
+                    fn = (lambda r: r) if vocab == V else (lambda r: relabel(r, mapping))
+                    meta = cache_meta(teachers=[{"model": name, "revision": None, "weight": 1.0}],
+                                      tokenizer=tokenizer, vocab_size=vocab, k=k, temperature=1.0,
+                                      encoding=encoding, source="hf")
+                    folder = Path(tmp) / f"k{k}-{encoding.value}-{vocab}"
+                    m = capture_shards(folder, ids, 1024, meta, lambda idx: [fn(topk[ids[i]]) for i in idx])
+                    results.append({"teacher": name, "k": k, "encoding": encoding.value, "vocab": vocab,
+                                    "id_bytes": m["id_bytes"], "bytes_per_token": m["bytes"] / m["positions"],
+                                    "positions": m["positions"]})
+                    if vocab == V:
+                        caches[(k, encoding.value)] = LogitCache.open(folder)
+        kl = {key: [] for key in caches}
+        truncation = {k: [] for k, _ in caches}  # KL of exact top-k + exact tail, same policy: no encoding at all
+        tail_mass = {k: [] for k, _ in caches}
+        with torch.inference_mode():
+            for r in rows:
+                logits = model(input_ids=torch.from_numpy(r.input_ids)[None]).logits[0, r.start : len(r.input_ids) - 1]
+                full = torch.log_softmax(logits.float(), dim=-1)
+                for (k, encoding), cache in caches.items():
+                    c = cache[r.row_id]
+                    kl[(k, encoding)].append(kl_full_vs_cache(full, rebuild_logprobs(c.ids, c.logprobs, c.tail, V)))
+                    if encoding == ValueEncoding.fp16.value:
+                        exact = full.topk(k, dim=-1)
+                        rest = torch.logsumexp(full.scatter(-1, exact.indices, float("-inf")), dim=-1)
+                        truncation[k].append(kl_full_vs_cache(full, rebuild_logprobs(exact.indices, exact.values, rest, V)))
+                        tail_mass[k].append(rest.exp())
+    for res in results:
+        res["kl_mean"] = float(torch.cat(kl[(res["k"], res["encoding"])]).mean())
+        res["kl_truncation_only"] = float(torch.cat(truncation[res["k"]]).mean())
+        res["kl_from_encoding"] = res["kl_mean"] - res["kl_truncation_only"]
+        res["tail_mass_mean"] = float(torch.cat(tail_mass[res["k"]]).mean())
+    return results
+
+
+def print_table(results: list[dict], title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'k':>3} {'values':>6} {'vocab':>8} {'id B':>4} {'bytes/token':>11} {'KL(full||cache)':>16} "
+          f"{'of which encoding':>17} {'tail mass':>9}")
+    for r in results:
+        print(f"{r['k']:>3} {r['encoding']:>6} {r['vocab']:>8,} {r['id_bytes']:>4} {r['bytes_per_token']:>11.1f} "
+              f"{r['kl_mean']:>16.5f} {r['kl_from_encoding']:>17.2e} {r['tail_mass_mean']:>9.2e}")
+
+
+def demo_teacher_rows(run: Path, n: int):
+    """The demo's trained teacher and its test split's gold rationales (held out from its training), if a
+    demo run is there."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdflow.prompts import render
+
+    teachers = sorted(run.glob("teacher/*/manifest.json"))
+    tests = sorted(run.glob("data/*/test.parquet"))
+    if not teachers or not tests:
+        return None
+    import pandas as pd
+
+    model_dir = teachers[0].parent / "model"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    template = (ROOT / "prompts" / "cot.jinja").read_text()
+    rows = []
+    for r in pd.read_parquet(tests[0]).head(n).to_dict("records"):
+        m = chat(render(template, question=r["question"]), r["rationale"])
+        rows.append(encode_row(tokenizer, str(r["id"]), m["prompt"], m["completion"]))
+    return model, tokenizer, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=200, help="held-out sequences")
+    parser.add_argument("--demo-run", default=str(ROOT / "runs" / "demo"), help="also measure the demo's teacher")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = text_teacher()
     V = model.config.vocab_size
     rows = held_out_rows(tokenizer, args.rows)
     mapping = np.random.default_rng(0).permutation(QWEN_VOCAB)[:V]  # one-to-one into a Qwen-sized vocabulary
-    results, folders = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for k in KS:
-            topk = {r.row_id: r for r in hf_topk(model, rows, k)}
-            for encoding in ValueEncoding:
-                for vocab, label in ((V, f"{V:,}"), (QWEN_VOCAB, f"{QWEN_VOCAB:,}")):
-                    fn = (lambda r: r) if vocab == V else (lambda r: relabel(r, mapping))
-                    meta = cache_meta(teachers=[{"model": "text-teacher", "revision": None, "weight": 1.0}],
-                                      tokenizer=tokenizer, vocab_size=vocab, k=k, temperature=1.0,
-                                      encoding=encoding, source="hf")
-                    folder = Path(tmp) / f"k{k}-{encoding.value}-{vocab}"
-                    ids = [r.row_id for r in rows]
-                    m = capture_shards(folder, ids, 1024, meta, lambda idx: [fn(topk[ids[i]]) for i in idx])
-                    results.append({"k": k, "encoding": encoding.value, "vocab": vocab, "id_bytes": m["id_bytes"],
-                                    "bytes_per_token": m["bytes"] / m["positions"], "positions": m["positions"]})
-                    if vocab == V:
-                        folders[(k, encoding.value)] = folder
-                    print(f"  k={k:>2} {encoding.value:>4} vocab {label:>7}: {m['bytes'] / m['positions']:6.1f} bytes/token")
-        kl = {key: [] for key in folders}
-        caches = {key: LogitCache.open(f) for key, f in folders.items()}
-        with torch.inference_mode():
-            for r in rows:
-                logits = model(input_ids=torch.from_numpy(r.input_ids)[None]).logits[0, r.start : len(r.input_ids) - 1]
-                full = torch.log_softmax(logits.float(), dim=-1)
-                for key, cache in caches.items():
-                    c = cache[r.row_id]
-                    kl[key].append(kl_full_vs_cache(full, rebuild_logprobs(c.ids, c.logprobs, c.tail, V)))
-    for res in results:
-        res["kl_mean"] = float(torch.cat(kl[(res["k"], res["encoding"])]).mean())
-    print(f"\nteacher: Llama {TEACHER['hidden']}x{TEACHER['layers']}, vocab {V:,}; held-out: {len(rows)} sequences, "
-          f"{results[0]['positions']:,} answer tokens")
-    print(f"{'k':>3} {'values':>6} {'vocab':>8} {'id bytes':>8} {'bytes/token':>11} {'KL(full||cache) nats':>21}")
-    for res in results:
-        print(f"{res['k']:>3} {res['encoding']:>6} {res['vocab']:>8,} {res['id_bytes']:>8} "
-              f"{res['bytes_per_token']:>11.1f} {res['kl_mean']:>21.5f}")
+    results = measure("text-teacher", model, tokenizer, rows, [V, QWEN_VOCAB], mapping)
+    print_table(results, f"text teacher: Llama {TEACHER['hidden']}x{TEACHER['layers']}, vocab {V:,}; held-out: "
+                         f"{len(rows)} sequences, {results[0]['positions']:,} answer tokens")
+    demo = demo_teacher_rows(Path(args.demo_run), args.rows)
+    demo_results = []
+    if demo is not None:
+        demo_results = measure("demo-teacher", *demo, [demo[0].config.vocab_size])
+        print_table(demo_results, f"demo teacher (arithmetic, vocab {demo[0].config.vocab_size}): test-split "
+                                  f"rationales, {demo_results[0]['positions']:,} answer tokens")
+    else:
+        print(f"\n(no trained demo teacher under {args.demo_run}: run `make demo` to measure it too)")
     headline = next(r for r in results if r["k"] == 50 and r["encoding"] == "u8" and r["vocab"] == QWEN_VOCAB)
     ratio = headline["bytes_per_token"] / DISTILLKIT_K50
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "logit_cache_bytes.json").write_text(json.dumps(
-        {"teacher": {**TEACHER, "vocab_size": V}, "rows": len(rows), "results": results,
+        {"text_teacher": {**TEACHER, "vocab_size": V}, "rows": len(rows), "results": results + demo_results,
          "anchor_distillkit_k50_bytes": DISTILLKIT_K50, "ratio_k50_u8_qwen_vocab_vs_distillkit": ratio}, indent=1))
-    print(f"bytes/token at k=50 (u8, {QWEN_VOCAB:,}-token ids) / DistillKit's 114: {ratio:.3f}")
+    print(f"\nbytes/token at k=50 (u8, {QWEN_VOCAB:,}-token ids; KL {headline['kl_mean']:.4f} nats, "
+          f"{headline['kl_from_encoding']:.6f} of it from the encoding) / DistillKit's 114: {ratio:.3f}")
 
 
 if __name__ == "__main__":

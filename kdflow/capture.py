@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kdflow.logit_cache import TopK, tail_from_topk
+from kdflow.logit_cache import TAIL_FLOOR, TopK, tail_from_topk
 
 API_TOP_LOGPROBS_MAX = 20  # OpenAI's cap on top_logprobs
 
@@ -79,14 +79,14 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[to
 
     Two passes over V (top-k, logsumexp) and no (P, V) log-softmax: on a small teacher these passes cost
     as much as its forward. The tail is ``log(1 − exp(lse_top − lse))`` in float64, exact up to the float32
-    rounding of the two logsumexps (≈ 1e-6 of the mass).
+    rounding of the two logsumexps (≈ 1e-6 of the mass), floored at ``TAIL_FLOOR``.
     """
     z = logits.float() if temperature == 1.0 else logits.float() / temperature
     top, ids = z.topk(k, dim=-1)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     values = top - lse
     inside = torch.logsumexp(values.double(), dim=-1).clamp(max=0.0)
-    return ids, values, torch.log(-torch.expm1(inside)).float()
+    return ids, values, torch.log(-torch.expm1(inside)).clamp(min=TAIL_FLOOR).float()
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ Encodings (measured in ``benchmarks/logit_cache_bytes.py``):
 - log-probs: ``ValueEncoding.fp16``, or ``ValueEncoding.u8``: ``round(−log p · 12)`` clipped to 0..255
   (steps of 1/12 nat, floor at −21.25 nats, p ≈ 6e-10; error ≤ 1/24 nat, i.e. ≤ 4.2 % of each p),
   stored as differences along the top-k;
-- tail: ``log(1 − Σ top-k p)`` as float16 (``-inf`` when the top-k holds all the mass).
+- tail: ``log(1 − Σ top-k p)`` as float16, floored at ``TAIL_FLOOR`` (−30 nats: never exactly zero).
 
 Tail policy (how a distribution is rebuilt from the cache): the top-k get ``exp(logprob)``, the tail
 mass is spread evenly over the ``V − k`` other ids, and the whole is renormalised to sum 1 (quantised
@@ -56,6 +56,9 @@ MANIFEST = "cache.json"
 CAPTURE_SETTINGS = "capture.json"  # the settings of a capture in progress: a resume must not mix two
 ROW_GROUP_ROWS = 32  # random access reads one row group: small enough to be cheap, big enough to compress
 U8_STEPS_PER_NAT = 12
+# A tail is never stored as zero mass: the rebuilt distribution would give the other V − k tokens
+# probability 0 where the teacher's is merely tiny, and KL(teacher ‖ cache) would be infinite. e^-30 ≈ 1e-13.
+TAIL_FLOOR = -30.0
 CACHED_ROW_GROUPS = 4  # decoded row groups a reader keeps: memory bounded, neighbours in a batch reuse them
 
 SCHEMA = pa.schema([("row_id", pa.string()), ("start", pa.int32()), ("input_ids", pa.binary()),
@@ -176,11 +179,11 @@ def decode_values(blob: bytes, encoding: ValueEncoding, k: int) -> np.ndarray:
 
 
 def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
-    """``log(1 − Σ exp(logprobs))`` over the last axis, for sources that give only the top-k (vLLM, APIs);
-    ``-inf`` where the top-k already hold all the mass (rounding can push the sum a hair above 1)."""
+    """``log(1 − Σ exp(logprobs))`` over the last axis, for sources that give only the top-k (vLLM, APIs),
+    floored at ``TAIL_FLOOR`` (rounding can push the sum to 1 or a hair above)."""
     total = np.exp(np.asarray(logprobs, dtype=np.float64)).sum(-1)
     with np.errstate(divide="ignore"):
-        return np.log(np.clip(1.0 - total, 0.0, None)).astype(np.float32)
+        return np.maximum(np.log(np.clip(1.0 - total, 0.0, None)), TAIL_FLOOR).astype(np.float32)
 
 
 # ---- rebuilding distributions -------------------------------------------------------------------------
@@ -488,7 +491,7 @@ def merge_topk(members: list[TopK], weights: list[float], vocab_size: int, k: in
         order = np.argsort(-mean, kind="stable")[:k]
         out_ids[t], out_lp[t] = union[order], np.log(mean[order])
         with np.errstate(divide="ignore"):
-            out_tail[t] = np.log(max(1.0 - mean[order].sum(), 0.0))
+            out_tail[t] = max(np.log(max(1.0 - mean[order].sum(), 0.0)), TAIL_FLOOR)
     return TopK(first.row_id, first.input_ids, first.start, out_ids, out_lp, out_tail)
 
 

@@ -266,3 +266,19 @@ def test_merge_caches_streams_two_teachers_into_one(tmp_path, tokenizer, model):
         assert torch.allclose(got.logprobs, mean.topk(6, dim=-1).values, atol=4e-3)  # fp16 on |log p| ~ 4
         assert torch.allclose(got.logprobs, mean.gather(-1, got.ids), atol=4e-3)
         assert torch.allclose(got.tail.exp(), 1 - mean.gather(-1, got.ids).exp().sum(-1), atol=2e-3)
+
+
+def test_a_near_certain_teacher_keeps_a_nonzero_tail():
+    """When the top-k hold all but ~1e-20 of the mass, the tail is floored, not zero: every token keeps some
+    probability in the rebuilt distribution, so KL(teacher ‖ cache) stays finite (and tiny)."""
+    from kdflow.capture import topk_of_logits
+    from kdflow.logit_cache import TAIL_FLOOR, tail_from_topk
+
+    logits = torch.full((3, 10), -40.0)
+    logits[:, 0] = 10.0
+    ids, values, tail = topk_of_logits(logits, 8, 1.0)
+    assert (tail >= TAIL_FLOOR).all() and torch.isfinite(tail).all()
+    full = torch.log_softmax(logits, -1)
+    kl = kl_full_vs_cache(full, rebuild_logprobs(ids, values, tail, 10))
+    assert torch.isfinite(kl).all() and kl.max() < 1e-6
+    assert (tail_from_topk(np.zeros((2, 1), np.float32)) == TAIL_FLOOR).all()
