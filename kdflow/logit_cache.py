@@ -16,8 +16,10 @@ best first) and the log of the remaining tail mass. ``positions[j] = start + j``
 
 Encodings (measured in ``benchmarks/logit_cache_bytes.py``):
 
-- ids: unsigned integers of the smallest width that holds the vocabulary (1 byte up to 256 tokens, 2 up
-  to 65,536, 3 up to 16.7M — a 152k Qwen vocabulary — else 4), stored as byte planes;
+- ids: each shard keeps a table of its distinct top-k ids, most frequent first (in the parquet file's
+  metadata, ids of the smallest width that holds the vocabulary: 1 byte up to 256 tokens, 2 up to 65,536,
+  3 up to 16.7M — a 152k Qwen vocabulary — else 4), and stores ranks in that table (1–2 bytes), as byte
+  planes: the common candidates get small ranks whatever the vocabulary's size or order;
 - log-probs: ``ValueEncoding.fp16``, or ``ValueEncoding.u8``: ``round(−log p · 12)`` clipped to 0..255
   (steps of 1/12 nat, floor at −21.25 nats, p ≈ 6e-10; error ≤ 1/24 nat, i.e. ≤ 4.2 % of each p),
   stored as differences along the top-k;
@@ -61,6 +63,7 @@ U8_STEPS_PER_NAT = 12
 TAIL_FLOOR = -30.0
 CACHED_ROW_GROUPS = 4  # decoded row groups a reader keeps: memory bounded, neighbours in a batch reuse them
 
+ID_TABLE, LOCAL_ID_BYTES = b"kdflow.id_table", b"kdflow.local_id_bytes"  # per shard, in the parquet metadata
 SCHEMA = pa.schema([("row_id", pa.string()), ("start", pa.int32()), ("input_ids", pa.binary()),
                     ("ids", pa.binary()), ("values", pa.binary()), ("tail", pa.binary())])
 
@@ -229,6 +232,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_ids(rows: list[TopK]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The shard's id table (its distinct top-k ids, most frequent first) and each row's ids as ranks in it.
+
+    Top-k candidates concentrate on a few thousand common tokens, so ranks are small where it matters and
+    take 1–2 bytes whatever the vocabulary's size or order; the table costs one id per distinct token.
+    """
+    uniq, inverse, counts = np.unique(np.concatenate([r.ids.ravel() for r in rows]), return_inverse=True,
+                                      return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq))
+    ranks = rank[inverse]
+    bounds = np.cumsum([0, *(r.ids.size for r in rows)])
+    return uniq[order], [ranks[a:b].reshape(r.ids.shape) for r, a, b in zip(rows, bounds[:-1], bounds[1:])]
+
+
 def write_shard(path: Path, rows: list[TopK], k: int, id_bytes: int, encoding: ValueEncoding) -> dict:
     """Write one shard atomically (``.part`` then rename); returns its manifest entry."""
     for r in rows:
@@ -236,14 +255,16 @@ def write_shard(path: Path, rows: list[TopK], k: int, id_bytes: int, encoding: V
         if r.ids.ndim != 2 or r.ids.shape[1] != k or not 0 < len(r.ids) <= L or r.logprobs.shape != r.ids.shape:
             raise ValueError(f"row {r.row_id!r}: ids {r.ids.shape} / logprobs {r.logprobs.shape} do not fit "
                              f"positions {r.start}..{len(r.input_ids) - 2} with k={k}")
+    vocab, local = shard_ids(rows)
+    width = id_bytes_for(len(vocab))
     table = pa.table({
         "row_id": [r.row_id for r in rows],
         "start": [r.start for r in rows],
         "input_ids": [encode_ids(r.input_ids, id_bytes) for r in rows],
-        "ids": [encode_ids(r.ids, id_bytes) for r in rows],
+        "ids": [encode_ids(ids, width) for ids in local],
         "values": [encode_values(r.logprobs, encoding) for r in rows],
         "tail": [np.asarray(r.tail, dtype="<f2").tobytes() for r in rows],
-    }, schema=SCHEMA)
+    }, schema=SCHEMA.with_metadata({ID_TABLE: encode_ids(vocab, id_bytes), LOCAL_ID_BYTES: str(width)}))
     part = path.with_name(f".{path.name}.part")
     pq.write_table(table, part, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     os.replace(part, path)
@@ -258,7 +279,8 @@ def cache_meta(*, teachers: list[dict], tokenizer, vocab_size: int, k: int, temp
         raise ValueError(f"k={k} exceeds the vocabulary ({vocab_size}); use k <= {vocab_size}")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "teachers": teachers, **tokenizer_fingerprint(tokenizer),
             "vocab_size": vocab_size, "k": k, "temperature": temperature, "value_encoding": encoding.value,
-            "id_bytes": id_bytes_for(vocab_size), "source": source,
+            "id_bytes": id_bytes_for(vocab_size), "id_encoding": "per-shard frequency table + ranks, byte planes",
+            "source": source,
             "tail": "log(1 - sum of top-k p), float16; rebuilt spread evenly over the other V - k ids"}
 
 
@@ -396,8 +418,9 @@ class LogitCache:
         for s, shard in enumerate(self.manifest["shards"]):
             self._verify(s)
             with pq.ParquetFile(self.folder / shard["file"]) as f:
+                vocab = self._id_table(f)
                 for g in range(f.num_row_groups):
-                    yield from (as_tensors(r) for r in self._decode(f.read_row_group(g)))
+                    yield from (as_tensors(r) for r in self._decode(f.read_row_group(g), *vocab))
 
     def verify(self) -> None:
         """Check every shard's checksum now (reading each once, streamed)."""
@@ -422,18 +445,22 @@ class LogitCache:
             return self._groups[key]
         self._verify(s)
         with pq.ParquetFile(self.folder / self.manifest["shards"][s]["file"]) as f:
-            rows = self._decode(f.read_row_group(group))
+            rows = self._decode(f.read_row_group(group), *self._id_table(f))
         self._groups[key] = rows
         if len(self._groups) > CACHED_ROW_GROUPS:
             self._groups.popitem(last=False)
         return rows
 
-    def _decode(self, table: pa.Table) -> list[TopK]:
+    def _id_table(self, f: pq.ParquetFile) -> tuple[np.ndarray, int]:
+        meta = f.schema_arrow.metadata
+        return decode_ids(meta[ID_TABLE], self.id_bytes, 1).reshape(-1), int(meta[LOCAL_ID_BYTES])
+
+    def _decode(self, table: pa.Table, vocab: np.ndarray, width: int) -> list[TopK]:
         cols = table.to_pydict()
         out = []
         for row_id, start, input_ids, ids, values, tail in zip(*(cols[n] for n in SCHEMA.names)):
             out.append(TopK(row_id, decode_ids(input_ids, self.id_bytes, 1).reshape(-1), start,
-                            decode_ids(ids, self.id_bytes, self.k), decode_values(values, self.encoding, self.k),
+                            vocab[decode_ids(ids, width, self.k)], decode_values(values, self.encoding, self.k),
                             np.frombuffer(tail, dtype="<f2").astype(np.float32)))
         return out
 
