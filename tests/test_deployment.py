@@ -82,7 +82,7 @@ def prefect_cli(env: dict, *args: str) -> str:
     return done.stdout
 
 
-def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 300) -> dict:
+def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 900) -> dict:
     import httpx
 
     deadline = time.monotonic() + timeout_s
