@@ -54,7 +54,8 @@ def data_ref(run_dir: Path, splits: dict[str, int], literal: bool = False) -> Ou
 def section(base_url: str, model_dir: Path, **kw) -> GenerationSection:
     api = {"base_url": base_url, "model": str(model_dir), "api_key_env": KEY_ENV, "token_ids": True,
            "concurrency": 4, "timeout_s": 30, **kw.pop("api", {})}
-    return GenerationSection(backend="openai", splits=kw.pop("splits", ["prompts"]), max_new_tokens=16, api=api, **kw)
+    kw = {"splits": ["prompts"], "max_new_tokens": 16, **kw}
+    return GenerationSection(backend="openai", api=api, **kw)
 
 
 def teacher(run_dir: Path, model_dir: Path) -> OutputRef:
@@ -173,16 +174,17 @@ def test_icl_shows_k_demonstrations_and_stores_the_zero_shot_prompt(prefect_serv
 def test_all_rows_complete_under_20_percent_faults_with_retries_counted(prefect_server, vllm_server_url,
                                                                          vllm_model_dir, tmp_path, key_env):
     run_dir = tmp_path / "run"
-    data = data_ref(run_dir, {"train": 2, "prompts": 40})
-    with FaultProxy(vllm_server_url.removesuffix("/v1"), rate=0.2, slow_s=6, seed=1) as proxy:
+    data = data_ref(run_dir, {"train": 2, "prompts": 50})
+    # seed 7: the first 50 draws hold every kind of fault (5 x 429, 5 x 500, 4 drops, 3 slow)
+    with FaultProxy(vllm_server_url.removesuffix("/v1"), rate=0.2, slow_s=6, seed=7) as proxy:
         s = section(proxy.url + "/v1", vllm_model_dir, api={"timeout_s": 3, "max_retries": 10, "concurrency": 8})
         ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, vllm_model_dir), data)
     answers = answers_of(ref)
-    assert len(answers) == 40 and not answers.duplicated(["id", "sample"]).any()
+    assert len(answers) == 50 and not answers.duplicated(["id", "sample"]).any()
     acct = ref.manifest()["accounting"]
     injected = sum(proxy.faults.values())
     assert injected >= 4 and set(proxy.faults) == {"429", "500", "slow", "drop"}, proxy.faults
-    assert acct["failures"] == 0 and acct["requests"] == 40 + acct["retries"]
+    assert acct["failures"] == 0 and acct["requests"] == 50 + acct["retries"]
     # Every injected fault was retried once and counted under its reason. A request that is merely slow on a
     # busy machine may time out too, so timeouts are at least the injected ones.
     by_reason = acct["retries_by_reason"]
