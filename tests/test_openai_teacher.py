@@ -184,7 +184,7 @@ def test_demonstrations_are_stable_and_never_the_row_itself():
 
 
 def section(**kw) -> GenerationSection:
-    return GenerationSection(splits=["train"], **kw)
+    return GenerationSection(**{"splits": ["train"], **kw})
 
 
 def test_generation_section_validates_and_keys_on_content_only():
