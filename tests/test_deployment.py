@@ -2,7 +2,7 @@
 `prefect --no-prompt deploy` of the demo deployment, a flow run created through the REST API as the UI's
 "Run" button does (with the miniature recipe as its parameter), a process worker that runs it, the report
 artifact read back from the API, and the flow run's UI page loaded in headless Chromium (screenshot kept in
-the test's tmp folder)."""
+the test's tmp folder, a copy in .pytest_cache/d/kdflow-ui/)."""
 
 import os
 import shutil
@@ -96,7 +96,7 @@ def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float
     raise AssertionError(f"flow run {run_id} not finished after {timeout_s} s: {run['state']}")
 
 
-def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path):
+def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path, request):
     import httpx
 
     api, env = server
@@ -141,4 +141,6 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path)
     screenshot = tmp_path / "flow-run.png"
     subprocess.run([*browse, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, "no (or an empty) screenshot"
-    print(f"screenshot of the flow run's UI page: {screenshot}")
+    # pytest keeps only its last 3 tmp folders (other pytest runs rotate them away): a copy in its cache folder.
+    kept = shutil.copy(screenshot, request.config.cache.mkdir("kdflow-ui") / "flow-run.png")
+    print(f"screenshot of the flow run's UI page: {screenshot} (kept: {kept})")
