@@ -121,7 +121,7 @@ def read_tokens_per_s(folder: Path, shuffled: bool) -> float:
 
 
 RSS_CHILD = """
-import resource, sys, tempfile
+import sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 import torch
@@ -136,7 +136,9 @@ n = int(sys.argv[1])
 rows = [EncodedRow(f"r{{i:06d}}", base[i % 40].input_ids[: base[i % 40].start + 49], base[i % 40].start) for i in range(n)]
 with tempfile.TemporaryDirectory() as tmp:
     m = capture(model, rows, tokenizer, Path(tmp) / "c")
-print(m["positions"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the parent's peak.
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(m["positions"], hwm)
 """
 
 
