@@ -59,7 +59,7 @@ def plot_lengths(kept: list[dict], dropped: list[dict], path: Path) -> None:
     ax.hist([lengths(kept), lengths(dropped)], bins=bins, label=["kept", "dropped"], stacked=True)
     ax.set_xlabel("answer length (tokens)")
     ax.set_ylabel("rows")
-    ax.legend()
+    ax.legend(loc="upper right")  # "best" searches every bar: slow on 100k rows
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
