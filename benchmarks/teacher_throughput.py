@@ -34,9 +34,17 @@ def questions(n: int) -> list[dict]:
 
 
 def stage_side(section, model: str, rows: list[dict], folder: Path) -> int:
+    """As the stage runs it, progress bar included (the Prefect progress artifact aside: it needs a server)."""
+    from tqdm import tqdm
+
     from tasks.generate import api_answers
 
-    answers, failures, _ = api_answers(section, model, rows, folder)
+    with tqdm(total=len(rows), desc="teacher", unit="req", mininterval=1.0) as bar:
+        def progress(acct):
+            if bar.update(acct.answers + acct.failures - bar.n):
+                bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
+
+        answers, failures, _ = api_answers(section, model, rows, folder, progress)
     return len(answers) + len(failures)
 
 

@@ -111,8 +111,8 @@ class Progress:
 
     def __call__(self, acct: Accounting) -> None:
         self.done = acct.resumed + acct.answers + acct.failures
-        self.bar.update(self.done - self.bar.n)
-        self.bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
+        if self.bar.update(self.done - self.bar.n):  # True when the bar redrew (at most once a second)
+            self.bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
 
     def _publish(self) -> None:
         while not self.stopped.wait(PROGRESS_EVERY_S):
