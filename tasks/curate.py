@@ -76,18 +76,23 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
     check, extract = answer_checker(source)
     kept, dropped = curate(rows, section, check, extract, token_counts(rows, section), judge_template, complete)
     counts = reason_counts(dropped)
+    # Requests that failed for good never became answers; the generate stage keeps them, this stage counts them.
+    failures_file = Path(answers.path) / "failures.parquet"
+    failed = len(pd.read_parquet(failures_file)) if failures_file.is_file() else 0
     columns = list(rows[0]) if rows else ["id", "question", "answer", "text", "finish_reason"]
     with building(run_dir, STAGE, key) as tmp:
         save_rows(kept, columns, tmp / "kept.parquet")
         save_rows(dropped, [*columns, "reasons", "detail"], tmp / "dropped.parquet")
         report = drop_report.write(tmp, kept, dropped)
         finish(tmp, STAGE, key, inputs=inputs, rows=len(kept), input_rows=len(rows), kept=len(kept),
-               dropped=len(dropped), drop_reasons=counts, length_histogram=report["length_histogram"])
+               dropped=len(dropped), drop_reasons=counts, teacher_failures=failed,
+               length_histogram=report["length_histogram"])
     create_table_artifact(
         key="curate-drops",
         table=[*report["reasons"], {"reason": "(kept)", "rows": len(kept), "only": None,
                                     "% of input": round(100 * len(kept) / max(len(rows), 1), 2)}],
-        description=f"Teacher answers kept and dropped by reason, out of {len(rows)}; "
+        description=f"Teacher answers kept and dropped by reason, out of {len(rows)} "
+                    f"({failed} teacher requests failed for good: see the generate stage's failures.parquet); "
                     f"every drop is in {Path(existing_output(run_dir, STAGE, key).path) / 'dropped.parquet'}",
     )
     return existing_output(run_dir, STAGE, key)

@@ -202,5 +202,6 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     assert isinstance(judged["judge_reply"].item(), str) and judged["detail"].item() == "judge gave no score"
     m = ref.manifest()
     assert (m["input_rows"], m["kept"], m["dropped"]) == (6, 0, 6) and m["drop_reasons"]["judge_unparsed"] == 3
+    assert m["teacher_failures"] == 0
     assert {"report.md", "report.json", "lengths.png"} <= {p.name for p in out.iterdir()}
     assert filter_answers.fn(tmp_path, section, DataSource.gsm8k, answers, teacher) == ref  # the same content, kept
