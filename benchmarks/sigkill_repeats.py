@@ -1,7 +1,8 @@
 """Requests paid twice after a SIGKILL: the generate stage's request path runs in a child process against a
 real vLLM server behind a counting proxy, is SIGKILLed mid-run several times (each rerun resumes from the
-shards), then finishes. A request is repeated when the proxy received the same body before; after each kill
-only the requests that were in flight may be repeated, so each kill's repeats must be <= the concurrency.
+shards), then finishes. A request is repeated when the proxy received the same body before the run that sends
+it again (each distinct request counted once; a retry within a run is the client's accounting, not this);
+after each kill only the requests that were in flight may be repeated: each kill's repeats <= the concurrency.
 
 Prints the repeats per kill, checks exactly one answer per (prompt, sample), and last the ratio
 max repeats per kill / concurrency limit (judged: <= 1).
@@ -36,6 +37,11 @@ from tasks.generate import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
 """
+
+
+def repeated(before: Counter, now: Counter) -> int:
+    """Distinct requests received since ``before`` that had been received before it."""
+    return sum(1 for body in Counter(now) - before if before[body])
 
 
 def answered(folder: Path) -> int:
@@ -81,17 +87,18 @@ def main() -> None:
             os.kill(child.pid, signal.SIGKILL)
             child.wait()
             killed_at.append(answered(folder))
-            repeats.append(sum(n for b, n in (Counter(proxy.bodies) - before).items() if before[b]))
+            repeats.append(repeated(before, proxy.bodies))
             print(f"kill {k + 1}: {killed_at[-1]} answers persisted; this run repeated {repeats[-1]} requests", flush=True)
         before = Counter(proxy.bodies)
         answers, failures, acct = api_answers(GenerationSection(**section), model, rows, folder)
-        final_repeats = sum(n for b, n in (Counter(proxy.bodies) - before).items() if before[b])
+        final_repeats = repeated(before, proxy.bodies)
 
     keys = [(a["id"], a["sample"]) for a in read_shards(folder)[0].values()]
     assert len(answers) == len(rows) == len(set(keys)) and not failures, "not exactly one answer per (prompt, sample)"
     per_kill = repeats[1:] + [final_repeats]  # the run after kill i repeats what kill i cut off
     result = {"requests": args.requests, "concurrency": args.concurrency, "kills": args.kills, "killed_at": killed_at,
               "repeats_per_kill": per_kill, "total_requests_sent": sum(proxy.bodies.values()),
+              "final_run_retries": acct.retries,
               "max_repeats_over_concurrency": round(max(per_kill) / args.concurrency, 3)}
     out = ROOT / "benchmarks" / "results" / "sigkill_repeats.json"
     out.parent.mkdir(parents=True, exist_ok=True)
