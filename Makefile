@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # Everything Prefect writes (its SQLite database, cached results) stays inside the repo.
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The temporary local server gets 20 s to start by default; a loaded 2-core machine has been seen to need more.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT))
 # Before anything imports prefect (which creates PREFECT_HOME on import).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts slowly
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
