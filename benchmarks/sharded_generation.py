@@ -67,6 +67,8 @@ def main() -> None:
     from fault_proxy import FakeTeacher
     from flows.generate_sharded import generate_sharded
     from flows.train_teacher import train_teacher
+    from kdflow.recipe import load_recipe
+    from tasks.data import make_data
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sharded-"))
     teacher_dir = build_tiny_teacher(work / "teacher")
@@ -79,7 +81,9 @@ def main() -> None:
             for workers in (1, 2):
                 recipe = recipe_in(work / f"w{workers}-{rep}", teacher_dir, base_url, args.model, args.prompts,
                                    args.concurrency)
-                train_teacher(recipe)  # the data and the teacher's record, outside the timing
+                r = load_recipe(recipe)
+                make_data.fn(r.run_dir, r.data)  # the data and the teacher's record, outside the timing
+                train_teacher(recipe)
                 runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
                 start = time.perf_counter()
                 ref = generate_sharded.with_options(task_runner=runner)(recipe, None, workers)

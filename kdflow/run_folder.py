@@ -39,6 +39,6 @@ def latest(run_dir: Path, stage: str, name: str | None = None) -> OutputRef:
     refs = [r for r in outputs(run_dir, stage) if name is None or r.manifest().get("name") == name]
     if not refs:
         what = f"{stage!r} output" + (f" named {name!r}" if name else "")
-        raise MissingStage(f"no finished {what} in {run_dir}: run that stage first "
-                           f"(python -m kdflow.cli {stage} <recipe>), or the whole flow (python -m kdflow.cli distill <recipe>)")
+        raise MissingStage(f"no finished {what} in {run_dir}: run the stage that makes it first, or the whole "
+                           "flow (python -m kdflow.cli distill <recipe>)")
     return refs[-1]

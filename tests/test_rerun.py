@@ -174,5 +174,5 @@ def test_run_folder_finds_the_newest_finished_output(tmp_path):
     newest = run_folder.latest(tmp_path, "students", "baseline")
     assert newest.key == "2" * 64 and newest.is_complete()
     assert run_folder.latest(tmp_path, "students").key == "2" * 64
-    with pytest.raises(run_folder.MissingStage, match="no finished 'curate' output"):
+    with pytest.raises(run_folder.MissingStage, match="no finished .curate. output in"):
         run_folder.latest(tmp_path, "curate")

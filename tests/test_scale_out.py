@@ -32,11 +32,14 @@ def test_generation_sharded_on_two_dask_workers_asks_each_request_once(prefect_s
     from fault_proxy import FakeTeacher, FaultProxy
     from flows.generate_sharded import generate_sharded
     from flows.train_teacher import train_teacher
+    from tasks.data import make_data
 
     teacher_dir = build_tiny_teacher(tmp_path / "teacher")
     with FakeTeacher(delay_s=0.01) as fake, FaultProxy(fake.url) as proxy:
         recipe = openai_recipe(mini_recipe, teacher_dir, proxy.url + "/v1")
-        train_teacher(str(recipe))  # data, and the existing teacher recorded in the run folder
+        r = load_recipe(recipe)
+        make_data.fn(r.run_dir, r.data)
+        train_teacher(str(recipe))  # the existing teacher, recorded in the run folder
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
         ref = generate_sharded.with_options(task_runner=runner)(str(recipe), None, 2)
         sent = sum(proxy.bodies.values())
