@@ -279,3 +279,32 @@ def test_completions_endpoint_with_logprobs(prefect_server, vllm_server_url, vll
         assert ids and len(ids) == len(row["top_ids"]) == len(row["token_logprobs"])
         # vLLM's completions top_logprobs hold the top k, plus the sampled token when it is not among them
         assert all(3 <= len(t) <= 4 for t in row["top_ids"])
+
+
+def vllm_processes_for(model_dir: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(model_dir).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):  # ended while we looked
+            continue
+    return pids
+
+
+def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_path, monkeypatch):
+    """The recipe switch `backend: vllm`: the stage serves the teacher's folder itself, then stops the server."""
+    from conftest import build_tiny_teacher
+    from kdflow.vllm_server import vllm_python
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    run_dir, model_dir = tmp_path / "run", build_tiny_teacher(tmp_path / "own-teacher")
+    data = data_ref(run_dir, {"train": 2, "prompts": 6})
+    s = GenerationSection(backend="vllm", splits=["prompts"], max_new_tokens=8, logprobs=2,
+                          vllm={"extra_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]})
+    ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, model_dir), data)
+    answers = answers_of(ref)
+    assert len(answers) == 6 and all(len(ids) > 0 for ids in answers["token_ids"])  # ids: vLLM's exact token ids
+    assert vllm_processes_for(model_dir.resolve()) == []  # the server and its engine are gone
