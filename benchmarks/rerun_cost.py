@@ -61,6 +61,21 @@ def first_run_span_s(run_dir: Path) -> float:
     return (max(stamps) - min(data)).total_seconds()
 
 
+def matches(recipe: Path, run_dir: Path) -> bool:
+    """The run folder holds the teacher this recipe asks for (else a "rerun" would retrain it)."""
+    from kdflow.outputs import existing_output
+    from kdflow.recipe import load_recipe
+    from tasks.caching import stage_key
+    from tasks.data import STAGE as DATA, VERSION as DATA_VERSION
+    from tasks.teacher import STAGE as TEACHER, VERSION as TEACHER_VERSION
+
+    r = load_recipe(recipe)
+    data = existing_output(run_dir, DATA, stage_key(DATA, DATA_VERSION, {"section": r.data}))
+    inputs = {"section": r.teacher, "data": data, "template": r.prompts.cot_text()}
+    return data is not None and (r.teacher.model is not None or
+                                 existing_output(run_dir, TEACHER, stage_key(TEACHER, TEACHER_VERSION, inputs)) is not None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
@@ -86,7 +101,13 @@ def main() -> None:
 
         completed = ROOT / args.completed
         run_dir = load_recipe(completed).run_dir
-        if (run_dir / "report.json").is_file():
+        out = ROOT / "benchmarks" / "results" / "rerun_cost.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))  # the fresh figure is kept even if what follows is stopped
+        if not matches(completed, run_dir):
+            print(f"{run_dir} was not made with {args.completed} as it is now (its teacher differs): a rerun would "
+                  "recompute, so no figure for it; run `make demo` first")
+        elif (run_dir / "report.json").is_file():
             copy = work / "completed"
             shutil.copytree(run_dir, copy / run_dir.name)
             recipe = recipe_copy(completed, copy)
@@ -100,8 +121,6 @@ def main() -> None:
         else:
             print(f"{run_dir} has no report.json: run `make demo` first for the demo's figure")
 
-    out = ROOT / "benchmarks" / "results" / "rerun_cost.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"rerun / first run, mini: {result['fresh']['ratio']:.3f}")
     if "completed" in result:
