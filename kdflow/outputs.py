@@ -8,6 +8,7 @@ written: no manifest, no output. Stages pass each other small ``OutputRef``s, ne
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -122,18 +123,21 @@ def building(run_dir: Path, stage: str, key: str):
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
-    if (final / MANIFEST).is_file():
-        return  # a concurrent run finished the same content first; keep theirs, drop ours
-    if final.exists():  # an incomplete folder (no manifest): never trusted, set aside and removed
-        trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.rename(final, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    # Concurrent builds of the same key (two flow runs, two workers) serialise here: without the lock one
+    # run could take a folder another run had just completed for a stale one and set it aside.
+    # The lock is on the stage folder itself, so it leaves no file behind.
+    fd = os.open(final.parent, os.O_RDONLY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():
+            return  # a concurrent run finished the same content first; keep theirs, drop ours
+        if final.exists():  # an incomplete folder (no manifest): never trusted, set aside and removed
+            trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         os.rename(tmp, final)
-    except OSError:
-        if not (final / MANIFEST).is_file():
-            raise
-        # A concurrent run renamed the same content into place between our check and our rename: keep theirs.
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def finish(tmp: Path, stage: str, key: str, *, inputs: dict, rows: int | None = None, **extra) -> None:

@@ -55,19 +55,25 @@ def test_an_incomplete_folder_is_replaced_not_trusted(tmp_path):
 
 
 def test_concurrent_builds_of_the_same_key_leave_one_complete_output(tmp_path):
-    refs, errors = [], []
+    # Many rounds, because the race this guards against (one run setting aside another's just-completed
+    # folder) needs an unlucky interleaving; 40 rounds of 6 threads found it reliably before the fix.
+    for round_ in range(40):
+        key = f"{round_:02d}" * 32
+        refs, errors = [], []
 
-    def worker(i):
-        try:
-            refs.append(build(tmp_path, "c" * 64, payload="same"))
-        except Exception as e:  # collected and asserted below
-            errors.append(e)
+        def worker():
+            try:
+                refs.append(build(tmp_path, key, payload="same"))
+            except Exception as e:  # collected and asserted below
+                errors.append(e)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert errors == [] and len({r.sha256 for r in refs}) == 1 and refs[0].is_complete()
-    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["c" * 16]
+        threads = [threading.Thread(target=worker) for _ in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert errors == [] and None not in refs, f"round {round_}: {errors} {refs}"
+        assert len({r.sha256 for r in refs}) == 1 and refs[0].is_complete()
+    names = sorted(p.name for p in (tmp_path / "stage").iterdir())
+    assert names == sorted(f"{r:02d}" * 8 for r in range(40))  # no temporaries or trash left behind
 
 
 def test_content_key_depends_on_content_only():
