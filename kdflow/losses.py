@@ -20,6 +20,8 @@ magnitude as the hard-label term's when ``T`` changes.
 
 from __future__ import annotations
 
+import enum
+import math
 from typing import Literal
 
 import torch
@@ -34,6 +36,90 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
+class Divergence(str, enum.Enum):
+    """D(teacher ‖ student) for white-box KD, over a shared class axis. ``p`` = teacher, ``q`` = student.
+
+    - ``forward_kl``: ``KL(p ‖ q)``, mean-seeking (Hinton's term);
+    - ``reverse_kl``: ``KL(q ‖ p)``, mode-seeking (MiniLLM);
+    - ``jsd``: generalized JSD(β) = ``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)``, ``m = β·p + (1 − β)·q``, as in TRL's
+      GKD (so offline and online KD mean the same thing by β): β = 0 is taken as forward KL and β = 1 as
+      reverse KL, the limits of JSD(β) / β and JSD(β) / (1 − β);
+    - ``skew_kl``: ``KL(p ‖ λ·p + (1 − λ)·q)`` and ``skew_reverse_kl``: ``KL(q ‖ λ·q + (1 − λ)·p)``
+      (DistiLLM, Ko et al. 2024): λ = 0 gives KL / reverse KL, and the mixture keeps the loss finite where
+      the student gives ~0 mass;
+    - ``tv``: total variation, ``½ Σ |p − q|``.
+    """
+
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    skew_reverse_kl = "skew_reverse_kl"
+    tv = "tv"
+
+
+def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Divergence,
+               beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """Per-position ``D(p ‖ q)`` from log-probabilities (..., C) -> (...). No temperature, no scaling:
+    ``kd_loss`` adds both. ``beta`` is used by ``jsd`` only, ``skew`` (λ) by the skew variants only."""
+    kind = Divergence(kind)  # an enum member or its exact name; anything else raises
+    if teacher_logp.shape != student_logp.shape:
+        raise ValueError(f"teacher {tuple(teacher_logp.shape)} and student {tuple(student_logp.shape)} "
+                         "log-probs must have the same shape (..., C)")
+    lp, lq = teacher_logp.float(), student_logp.float()
+    if kind is Divergence.forward_kl:
+        return _kl(lp, lq)
+    if kind is Divergence.reverse_kl:
+        return _kl(lq, lp)
+    if kind is Divergence.jsd:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+        if beta == 0.0:
+            return _kl(lp, lq)
+        if beta == 1.0:
+            return _kl(lq, lp)
+        m = _mix(lp, lq, beta)
+        return beta * _kl(lp, m) + (1.0 - beta) * _kl(lq, m)
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew (λ) must be in [0, 1), got {skew}")
+    if kind is Divergence.skew_kl:
+        return _kl(lp, _mix(lp, lq, skew))
+    if kind is Divergence.skew_reverse_kl:
+        return _kl(lq, _mix(lq, lp, skew))
+    return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)  # tv
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """``Σ a (log a − log b)`` over the last axis; classes with a = 0 add 0 (x·log x -> 0), not NaN."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
+    """``log(w·a + (1 − w)·b)``, computed in log space."""
+    if weight == 0.0:
+        return log_b
+    return torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence = Divergence.forward_kl,
+            temperature: float = 1.0, mask: torch.Tensor | None = None, reduction: Reduction = "mean",
+            beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """``T² · D(softmax(z_t/T) ‖ softmax(z_s/T))`` per position, reduced over the positions ``mask`` keeps.
+
+    ``student_logits``, ``teacher_logits``: (..., C); the teacher as logits or log-probs (``-inf`` allowed
+    where it gives no mass). ``mask``: (...) or None. T² keeps the gradient's size independent of T
+    (Hinton et al.): the soft-target gradient scales as 1/T² for large T.
+    """
+    _check_temperature(temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (..., C)")
+    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return reduce(temperature**2 * divergence(log_p, log_q, kind, beta, skew), mask, reduction)
+
+
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
           mask: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
     """Forward KL at temperature T, scaled by T²:  ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
@@ -45,16 +131,58 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
     Per position: ``T² · Σ_c p_t,c (log p_t,c − log p_s,c)`` with ``p = softmax(z / T)``; 0 when the two
     distributions are equal, and ≥ 0 always.
     """
+    return kd_loss(student_logits, teacher_logits, Divergence.forward_kl, temperature, mask, reduction)
+
+
+# ---- sparse (top-k) teacher targets ---------------------------------------------------------------------
+# Tail policy for a cached top-k teacher (kdflow/logit_cache.py): the divergence is taken over k + 1 buckets
+# — the teacher's top-k ids, then one bucket for every other id — with the student's distribution collapsed
+# onto the same buckets (its mass on those k ids, and the rest). Nothing is densified to the vocabulary,
+# and the student is not pushed to spread its tail evenly (the cache does not know the teacher's tail
+# shape, only its mass). For forward KL this is a lower bound of the full-vocabulary KL against the
+# cache's even-spread tail (log-sum inequality), equal to it when the student's tail is even too.
+
+def teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """Cached top-k log-probs (..., k) and tail log-mass (...) -> (..., k + 1) log-probs at temperature T.
+
+    The cache holds the teacher at T = 1; at another T each of the V − k tail ids (mass ``tail / (V − k)``
+    each, the cache's even spread) is tempered like the top-k, so the bucket's log-mass becomes
+    ``log(V − k) + (tail − log(V − k)) / T``.
+    """
     _check_temperature(temperature)
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (..., C)")
-    log_ps = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_pt = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    pt = log_pt.exp()
-    # where p_t = 0 the term is 0 by the limit x·log x -> 0; computing it would give 0·(-inf) = NaN.
-    per_class = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt))
-    return reduce(temperature**2 * per_class.sum(dim=-1), mask, reduction)
+    k = logprobs.shape[-1]
+    log_rest = math.log(max(vocab_size - k, 1))
+    bucket = log_rest + (tail.float() - log_rest) / temperature
+    if k >= vocab_size:  # the top-k are the whole vocabulary: a stored tail is only its floor, not mass
+        bucket = torch.full_like(bucket, float("-inf"))
+    joint = torch.cat([logprobs.float() / temperature, bucket.unsqueeze(-1)], dim=-1)
+    return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+
+def student_buckets(student_logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Student logits (..., V) and the teacher's top-k ids (..., k) -> (..., k + 1) log-probs at T:
+    the student's log-probs of those ids, then ``log(1 − Σ of them)`` for every other id."""
+    _check_temperature(temperature)
+    full = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    top = full.gather(-1, ids.long())
+    # log(1 − Σ p_top) = log(Σ p_rest): computed from the rest directly, which stays exact when the top-k
+    # hold almost all the mass (1 − 0.99999 loses digits in float32; a logsumexp over the rest does not).
+    rest = full.scatter(-1, ids.long(), float("-inf"))
+    return torch.cat([top, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
+
+
+def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
+                   kind: Divergence = Divergence.forward_kl, temperature: float = 1.0,
+                   mask: torch.Tensor | None = None, reduction: Reduction = "mean",
+                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """``T² · D`` between a cached top-k teacher and the student, over k + 1 buckets (the tail policy above).
+
+    ``student_logits``: (..., V); ``ids``, ``logprobs``: (..., k) the teacher's top-k at T = 1; ``tail``:
+    (...) its log tail mass; ``mask``: (...) or None.
+    """
+    p = teacher_buckets(logprobs, tail, student_logits.shape[-1], temperature)
+    q = student_buckets(student_logits, ids, temperature)
+    return reduce(temperature**2 * divergence(p, q, kind, beta, skew), mask, reduction)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,

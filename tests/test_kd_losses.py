@@ -1,0 +1,138 @@
+"""The white-box KD divergences (kdflow/losses.py) against closed forms, and the sparse top-k tail policy."""
+
+import math
+
+import pytest
+import torch
+
+from kdflow.logit_cache import TAIL_FLOOR, rebuild_logprobs, sparse_target
+from kdflow.losses import (Divergence, divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets)
+
+
+def logp(*probs):
+    return torch.tensor(probs, dtype=torch.float64).log()
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+P, Q = [0.7, 0.2, 0.1], [0.3, 0.3, 0.4]
+
+
+@pytest.mark.parametrize("kind", list(Divergence))
+def test_each_divergence_is_zero_on_identical_distributions_and_positive_otherwise(kind):
+    z = torch.randn(4, 5, 11, generator=torch.Generator().manual_seed(0))
+    assert kd_loss(z, z.clone(), kind, temperature=2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert kd_loss(z, z + 1.5, kind).item() == pytest.approx(0.0, abs=1e-6)  # softmax is shift-invariant
+    other = torch.randn(4, 5, 11, generator=torch.Generator().manual_seed(1))
+    assert kd_loss(z, other, kind, temperature=2.0).item() > 1e-3
+
+
+def test_forward_and_reverse_kl_closed_forms():
+    assert divergence(logp(*P), logp(*Q), Divergence.forward_kl).item() == pytest.approx(kl(P, Q))
+    assert divergence(logp(*P), logp(*Q), Divergence.reverse_kl).item() == pytest.approx(kl(Q, P))
+
+
+def test_jsd_reduces_to_its_closed_forms():
+    p, q = logp(*P), logp(*Q)
+    assert divergence(p, q, Divergence.jsd, beta=0.0).item() == pytest.approx(kl(P, Q))
+    assert divergence(p, q, Divergence.jsd, beta=1.0).item() == pytest.approx(kl(Q, P))
+    m = [(a + b) / 2 for a, b in zip(P, Q)]  # the classic Jensen-Shannon divergence at β = 0.5
+    assert divergence(p, q, Divergence.jsd, beta=0.5).item() == pytest.approx(0.5 * kl(P, m) + 0.5 * kl(Q, m))
+    b = 0.3
+    m = [b * a + (1 - b) * c for a, c in zip(P, Q)]
+    assert divergence(p, q, Divergence.jsd, beta=b).item() == pytest.approx(b * kl(P, m) + (1 - b) * kl(Q, m))
+    # β = 0 and 1 are the limits of JSD(β)/β and JSD(β)/(1 − β), so the convention is continuous
+    eps = 1e-5
+    assert divergence(p, q, Divergence.jsd, beta=eps).item() / eps == pytest.approx(kl(P, Q), rel=1e-3)
+    assert divergence(p, q, Divergence.jsd, beta=1 - eps).item() / eps == pytest.approx(kl(Q, P), rel=1e-3)
+
+
+def test_skew_variants_reduce_to_their_closed_forms():
+    p, q = logp(*P), logp(*Q)
+    assert divergence(p, q, Divergence.skew_kl, skew=0.0).item() == pytest.approx(kl(P, Q))
+    assert divergence(p, q, Divergence.skew_reverse_kl, skew=0.0).item() == pytest.approx(kl(Q, P))
+    lam = 0.1
+    assert divergence(p, q, Divergence.skew_kl, skew=lam).item() == pytest.approx(
+        kl(P, [lam * a + (1 - lam) * c for a, c in zip(P, Q)]))
+    assert divergence(p, q, Divergence.skew_reverse_kl, skew=lam).item() == pytest.approx(
+        kl(Q, [lam * c + (1 - lam) * a for a, c in zip(P, Q)]))
+    # where the student gives a class ~0 mass, KL blows up and the skewed one stays bounded by -log λ
+    q0 = logp(0.5, 0.5 - 1e-30, 1e-30)
+    assert divergence(p, q0, Divergence.forward_kl).item() > 6
+    assert divergence(p, q0, Divergence.skew_kl, skew=lam).item() < -math.log(lam)
+
+
+def test_total_variation_closed_form():
+    assert divergence(logp(*P), logp(*Q), Divergence.tv).item() == pytest.approx(0.5 * (0.4 + 0.1 + 0.3))
+
+
+def test_a_divergence_is_chosen_by_enum_not_by_substring():
+    with pytest.raises(ValueError):
+        divergence(logp(*P), logp(*Q), "kl")
+    with pytest.raises(ValueError, match="beta"):
+        divergence(logp(*P), logp(*Q), Divergence.jsd, beta=1.5)
+
+
+def test_t_squared_keeps_the_gradient_comparable_across_temperatures():
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(64, 50, generator=g), torch.randn(64, 50, generator=g)
+
+    def grad_norm(temperature, scaled=True):
+        s = student.clone().requires_grad_(True)
+        loss = kd_loss(s, teacher, Divergence.forward_kl, temperature)
+        (loss if scaled else loss / temperature**2).backward()
+        return s.grad.norm().item()
+
+    # T²·KL's gradient tends to (z_s − z_t − mean)/(C·N) as T grows: the same size at T = 4 and T = 8 ...
+    assert 0.8 < grad_norm(8.0) / grad_norm(4.0) < 1.25
+    # ... while the unscaled term's gradient shrinks as 1/T² (so the check above can fail)
+    assert grad_norm(8.0, scaled=False) / grad_norm(4.0, scaled=False) < 0.4
+
+
+def test_masked_positions_do_not_count():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 6, 9, generator=g), torch.randn(2, 6, 9, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    for kind in Divergence:
+        before = kd_loss(s, t, kind, 2.0, mask)
+        s2 = s.clone()
+        s2[~mask] = torch.randn(int((~mask).sum()), 9, generator=g) * 5
+        assert kd_loss(s2, t, kind, 2.0, mask).item() == pytest.approx(before.item(), rel=1e-6)
+        per_pos = kd_loss(s, t, kind, 2.0, reduction="none")
+        assert before.item() == pytest.approx((per_pos[mask].sum() / mask.sum()).item(), rel=1e-6)
+
+
+def test_the_sparse_loss_with_the_whole_vocabulary_is_the_dense_loss():
+    g = torch.Generator().manual_seed(0)
+    V = 12
+    teacher = torch.log_softmax(torch.randn(5, V, generator=g), -1)
+    student = torch.randn(5, V, generator=g)
+    ids = teacher.argsort(-1, descending=True)
+    lps = teacher.gather(-1, ids)
+    tail = torch.full((5,), TAIL_FLOOR)
+    for kind in Divergence:
+        for T in (1.0, 2.0):
+            assert sparse_kd_loss(student, ids, lps, tail, kind, T).item() == pytest.approx(
+                kd_loss(student, teacher, kind, T).item(), rel=1e-4, abs=1e-6)
+
+
+def test_sparse_buckets_follow_the_cache_tail_policy():
+    g = torch.Generator().manual_seed(0)
+    V, k = 40, 5
+    full = torch.log_softmax(torch.randn(3, V, generator=g) * 3, -1)
+    ids = full.argsort(-1, descending=True)[:, :k]
+    lps = full.gather(-1, ids)
+    tail = torch.log1p(-lps.exp().sum(-1))
+    # at T = 1 the teacher's buckets are the cache's sparse target
+    assert torch.allclose(teacher_buckets(lps, tail, V, 1.0), sparse_target(lps, tail), atol=1e-6)
+    # at T = 2 they are the even-spread dense distribution the cache stands for, tempered, then bucketed
+    dense = torch.log_softmax(rebuild_logprobs(ids, lps, tail, V) / 2.0, -1)
+    top = dense.gather(-1, ids)
+    rest = torch.logsumexp(dense.scatter(-1, ids, float("-inf")), -1, keepdim=True)
+    assert torch.allclose(teacher_buckets(lps, tail, V, 2.0), torch.cat([top, rest], -1), atol=1e-5)
+    # a student equal to the rebuilt teacher has zero loss; the student's buckets sum to 1
+    rebuilt = rebuild_logprobs(ids, lps, tail, V)
+    assert sparse_kd_loss(rebuilt, ids, lps, tail, Divergence.forward_kl).item() == pytest.approx(0, abs=1e-5)
+    assert torch.allclose(student_buckets(torch.randn(3, V), ids, 1.5).exp().sum(-1), torch.ones(3), atol=1e-5)
