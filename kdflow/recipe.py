@@ -11,12 +11,13 @@ from __future__ import annotations
 import enum
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
 from kdflow.logit_cache import ValueEncoding
+from kdflow.losses import Divergence
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,8 @@ class Strict(BaseModel):
 class RunSection(Strict):
     name: str = Field(description="run folder name under `root`")
     root: str = "runs"
+    seeds: list[int] | None = Field(None, min_length=1, description="train and evaluate every student once per "
+                                    "seed (named `<name>@<seed>`); the report gives mean and spread")
 
     @field_validator("name")
     @classmethod
@@ -376,9 +379,54 @@ class StudentData(str, enum.Enum):
     teacher = "teacher"  # SFT on the teacher's kept answers (sequence-level KD)
 
 
+class KDMethod(str, enum.Enum):
+    offline = "offline"  # white-box KD from the logit cache: no teacher in memory (kdflow/kd_trainer.py)
+    online = "online"  # TRL's GKD with the live teacher: on-policy fraction lmbda, JSD(beta), temperature
+    feature = "feature"  # hidden-state KD with the live teacher, added to the language-modelling loss
+
+
+class FeatureKD(Strict):
+    layers: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs of "
+                                                 "hidden_states indices (0 = embeddings); default: spread evenly")
+    kind: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0.0)
+
+
+class KDSection(Strict):
+    """White-box KD: ``alpha · CE(teacher's tokens) + (1 − alpha) · T² · D(teacher ‖ student)`` at temperature T."""
+
+    method: KDMethod = KDMethod.offline
+    divergence: Divergence = Divergence.forward_kl
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the cross-entropy term; 1 - alpha on KD")
+    temperature: float = Field(1.0, gt=0.0, description="softmax(z / T) on both sides; the KD term is scaled by T²")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd, and method online)")
+    skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="online: the fraction of batches the student generates")
+    max_new_tokens: int = Field(128, ge=1, description="online: tokens the student generates per on-policy sample")
+    feature: FeatureKD | None = Field(None, description="method feature: the layer mapping and its loss")
+    cross_tokenizer: Literal["gold"] | None = Field(None, description="gold: TRL's GOLD (cross-tokenizer ULD) "
+                                                    "where the student's tokenizer differs from the teacher's")
+
+    @model_validator(mode="after")
+    def _method_settings(self):
+        if self.method is KDMethod.online and self.divergence is not Divergence.jsd:
+            raise ValueError(f"method online trains with TRL's GKD, whose loss is JSD(beta): set divergence: jsd "
+                             f"(beta 0 = forward KL, 1 = reverse KL), not {self.divergence.value}")
+        if self.method is KDMethod.feature and self.feature is None:
+            raise ValueError("method feature needs a `feature:` section (layers, kind, weight); "
+                             "`feature: {}` takes the defaults")
+        if self.method is not KDMethod.feature and self.feature is not None:
+            raise ValueError(f"`feature` is used by method feature only; remove it or set method: feature")
+        if self.cross_tokenizer and self.method is KDMethod.offline:
+            raise ValueError("cross_tokenizer gold trains with the live teacher; a logit cache holds the teacher's "
+                             "token ids, which another tokenizer cannot use: set method: online")
+        return self
+
+
 class StudentSection(Strict):
     name: str
     data: StudentData
+    kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
     model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
     seed: int = 0
@@ -415,9 +463,63 @@ class EvaluationSection(Strict):
         num_fewshot: int | None = Field(None, ge=0)
         limit: int | None = Field(None, ge=1, description="questions per task; None for all (real figures)")
 
-    # deployment and lm_eval are handed to their own stages, which key on them; leaving them out of this
-    # section's key keeps a new latency setting from re-running every model's evaluation.
-    __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval"}
+    class Judge(Strict):
+        """An LLM judge comparing each student's greedy answers with the teacher's on the evaluation questions
+        (for instruction data, where no answer checker exists). Each pair is judged twice, the student's answer
+        first as A, then as B, so a judge that prefers a position scores the student ½, not 1 or 0.
+
+        The judge: ``backend: openai``, a model an OpenAI-compatible API serves at ``base_url``; ``backend: vllm``,
+        a local model folder (or hub id) served by the stage itself; ``backend: hf``, that folder run in-process.
+        A local judge is keyed by its path, not its weights: point ``model`` at a new folder for a new judge."""
+
+        # How fast or with which credentials, not what is judged: left out of the stage's key.
+        __throughput_fields__: ClassVar[dict] = {
+            **{f: True for f in ("api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries",
+                                 "max_failure_fraction", "batch_size")},
+            "vllm": {"python", "port", "startup_timeout_s"},
+        }
+        backend: Backend = Backend.openai
+        model: str = Field(description="openai: the served model name; vllm, hf: a local model folder or hub id")
+        base_url: str | None = Field(None, description="the API's URL, e.g. https://api.openai.com/v1 (openai only)")
+        template: str = Field("prompts/judge.jinja", description="judge prompt; its reply ends 'Verdict: A|B|tie'")
+        max_questions: int | None = Field(None, ge=1, description="the first N questions of the split; None: all")
+        max_new_tokens: int = Field(256, ge=1, description="room for the judge's reasoning and its verdict line")
+        concurrency: int = Field(16, ge=1, description="requests in flight at once (openai, vllm)")
+        batch_size: int = Field(16, ge=1, description="prompts per generate call (hf)")
+        api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+        api_key_secret_block: str | None = Field(None, description="or: a Prefect Secret block holding it")
+        timeout_s: float = Field(120.0, gt=0, description="per request")
+        max_retries: int = Field(6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
+        max_failure_fraction: float = Field(0.05, ge=0.0, le=1.0,
+                                            description="the stage fails when more requests than this fail for good")
+        vllm: VllmServerSection = VllmServerSection()
+
+        @field_validator("template")
+        @classmethod
+        def _exists(cls, v: str) -> str:
+            return _template_exists(v)
+
+        @computed_field  # in model_dump, hence in the cache key: editing the template re-judges
+        @property
+        def template_text(self) -> str:
+            return _template_text(self.template)
+
+        @model_validator(mode="after")
+        def _judge_named(self):
+            if self.backend is Backend.openai and not self.base_url:
+                raise ValueError("backend 'openai' needs base_url (e.g. https://api.openai.com/v1); for a local "
+                                 "model folder use backend 'vllm' or 'hf'")
+            if self.backend is not Backend.openai and self.base_url:
+                raise ValueError(f"base_url is for backend 'openai'; backend '{self.backend.value}' runs the judge "
+                                 "itself: remove base_url, or set backend: openai to use a running server")
+            if self.backend is not Backend.openai and not Path(self.model).exists() and "/" not in self.model:
+                raise ValueError(f"model {self.model!r} is neither a local folder nor a hub id "
+                                 f"(backend '{self.backend.value}' loads it itself)")
+            return self
+
+    # deployment, lm_eval and judge are handed to their own stages, which key on them; leaving them out of this
+    # section's key keeps a new latency setting or judge from re-running every model's evaluation.
+    __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval", "judge"}
     split: str = "test"
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -426,6 +528,7 @@ class EvaluationSection(Strict):
     temperature: float = Field(0.8, gt=0.0, description="sampling temperature for pass@k")
     deployment: Deployment = Deployment()
     lm_eval: LmEval = LmEval()
+    judge: Judge | None = Field(None, description="an LLM judge's win rate of each student against the teacher")
 
     @model_validator(mode="after")
     def _samples_cover_k(self):
@@ -502,7 +605,22 @@ class Recipe(Strict):
         if self.evaluation.split in self.generation.splits:
             raise ValueError(f"generation.splits includes the evaluation split {self.evaluation.split!r}: "
                              "students would train on test questions; remove it")
+        for s in self.students:
+            if s.kd is None:
+                continue
+            if s.data is not StudentData.teacher:
+                raise ValueError(f"student {s.name!r}: kd distils the teacher on its own answers; set data: teacher")
+            if s.kd.method is KDMethod.offline and self.logit_cache is None:
+                raise ValueError(f"student {s.name!r}: kd method offline trains from the logit cache; add a "
+                                 "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)")
         return self
+
+    def student_runs(self) -> list[StudentSection]:
+        """The students to train: as listed, or each once per ``run.seeds`` seed, named ``<name>@<seed>``."""
+        if not self.run.seeds:
+            return list(self.students)
+        return [s.model_copy(update={"name": f"{s.name}@{seed}", "seed": seed})
+                for s in self.students for seed in self.run.seeds]
 
     @property
     def run_dir(self) -> Path:

@@ -1,0 +1,149 @@
+"""Offline white-box KD from a real logit cache (kdflow/kd_trainer.py): alignment by row id, masks, the loss
+going down with both terms logged, refusals (packing, another tokenizer), and resuming from a checkpoint."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from kdflow.kd_trainer import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
+from kdflow.logit_cache import CacheMismatch, LogitCache
+from kdflow.losses import IGNORE_INDEX, Divergence
+from kdflow.models import write_location
+from kdflow.recipe import LogitCacheSection
+from kdflow.tiny_models import llama_model, train_tokenizer
+from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
+
+torch.set_num_threads(1)
+TRAINING = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 10,
+            "max_length": 64}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A real cache: a sharpened tiny teacher's top-5 on 48 kept answers, through the capture stage."""
+    from tasks.capture import capture_logits
+
+    tmp = tmp_path_factory.mktemp("kd")
+    run_dir = tmp / "run"
+    _, tokenizer = tiny_teacher(tmp / "teacher-model", sharpen=20.0)
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp / "teacher-model")))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(48)).to_parquet(d / "kept.parquet"))
+    ref = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE,
+                            teacher, curated)
+    return LogitCache.open(ref.path, expect_tokenizer=tokenizer), tokenizer
+
+
+def student(tokenizer, seed=0):
+    return llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=seed)
+
+
+def test_the_collator_aligns_teacher_positions_with_completion_tokens(cache):
+    cache, tok = cache
+    rows = cache_rows(cache)
+    batch = CachedLogitsCollator(cache, tok.pad_token_id)(rows[:4])
+    for b, r in enumerate(rows[:4]):
+        cached, n, start = cache[r["row_id"]], len(r["input_ids"]), r["start"]
+        assert batch["attention_mask"][b].sum() == n
+        # labels: the completion tokens only; the prompt and the padding are -100
+        assert (batch["labels"][b, :start + 1] == IGNORE_INDEX).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
+        assert torch.equal(batch["labels"][b, start + 1:n], cached.input_ids[start + 1:n])
+        # teacher distributions sit at the logit positions that predict exactly those tokens
+        at = batch["teacher_mask"][b].nonzero().squeeze(-1)
+        assert at.tolist() == list(range(start, n - 1))
+        assert torch.equal(batch["teacher_ids"][b, at], cached.ids) and torch.equal(batch["teacher_tail"][b, at], cached.tail)
+
+
+def test_alignment_holds_across_shuffles_and_a_tampered_row_is_refused(cache):
+    cache, tok = cache
+    rows = cache_rows(cache)
+    collate = CachedLogitsCollator(cache, tok.pad_token_id)
+    by_id = {r["row_id"]: collate([r]) for r in rows}
+    shuffled = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(3)).tolist()]
+    batch = collate(shuffled[:8])
+    for b, r in enumerate(shuffled[:8]):
+        one, n = by_id[r["row_id"]], len(r["input_ids"])
+        assert torch.equal(batch["teacher_logprobs"][b, :n], one["teacher_logprobs"][0, :n])
+    swapped = {**rows[0], "input_ids": rows[1]["input_ids"]}
+    with pytest.raises(ValueError, match="out of step"):
+        collate([swapped])
+
+
+
+def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_path):
+    cache, tok = cache
+    seen = []
+    original = CachedLogitsCollator.__call__
+
+    def recording(self, examples):
+        seen.extend(e["row_id"] for e in examples)
+        return original(self, examples)
+
+    model = student(tok)
+    CachedLogitsCollator.__call__ = recording
+    try:
+        history = train_offline_kd(model, tok, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0),
+                                   {**TRAINING, "max_steps": 60}, tmp_path / "out", seed=0)
+    finally:
+        CachedLogitsCollator.__call__ = original
+    logs = [h for h in history if "kd_loss" in h]
+    assert len(logs) == 6 and all("ce_loss" in h for h in logs)
+    assert logs[-1]["kd_loss"] < 0.7 * logs[0]["kd_loss"] and logs[-1]["ce_loss"] < logs[0]["ce_loss"]
+    # 60 steps of 8 = 10 epochs of 48 rows: every row seen each epoch, in a shuffled order
+    assert sorted(seen) == sorted(cache.row_ids * 10) and seen[:48] != cache.row_ids
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_each_divergence_trains_without_nans(cache, tmp_path):
+    cache, tok = cache
+    for kind in Divergence:
+        history = train_offline_kd(student(tok), tok, cache.folder, KDLoss(kind, alpha=0.0),
+                                   {**TRAINING, "max_steps": 4, "logging_steps": 2}, tmp_path / kind.value, seed=0)
+        losses = [h["kd_loss"] for h in history if "kd_loss" in h]
+        assert losses and all(torch.isfinite(torch.tensor(losses))), kind
+
+
+def test_packing_and_a_cache_for_another_tokenizer_are_refused_before_training(cache, tmp_path):
+    cache, tok = cache
+    with pytest.raises(ValueError, match="packing"):
+        train_offline_kd(student(tok), tok, cache.folder, KDLoss(), {**TRAINING, "packing": True}, tmp_path, 0)
+    other = train_tokenizer([f"{a}*{b}={a * b}" for a in range(10) for b in range(10)], 40)
+    with pytest.raises(CacheMismatch):
+        train_offline_kd(student(other), other, cache.folder, KDLoss(), TRAINING, tmp_path, 0)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+class CountSteps(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(cache, tmp_path):
+    cache, tok = cache
+    training = {**TRAINING, "max_steps": 20, "save_steps": 5, "logging_steps": 1}
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train_offline_kd(student(tok), tok, cache.folder, KDLoss(), training, tmp_path / "a", 0, checkpoints,
+                         callbacks=[StopAt(12)])
+    assert (checkpoints / "checkpoint-10").is_dir()
+    counter = CountSteps()
+    history = train_offline_kd(student(tok, seed=1), tok, cache.folder, KDLoss(), training, tmp_path / "b", 0,
+                               checkpoints, callbacks=[counter])
+    assert history[0] == {"resumed_from": "checkpoint-10"}
+    assert counter.steps == list(range(11, 21))  # continued from step 10: 10 more steps, not 20 from 0
+    assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 21))  # one log, no step twice
+    assert json.loads((tmp_path / "b" / "log_history.json").read_text())[0] == {"resumed_from": "checkpoint-10"}
+    assert not checkpoints.exists()  # removed once the model is saved
