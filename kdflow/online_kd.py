@@ -31,7 +31,8 @@ def gkd_config(training: dict, output_dir: str, seed: int, cpu: bool, **gkd):
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
         from trl.experimental.gkd import GKDConfig
 
-        return GKDConfig(output_dir=output_dir, seed=seed, **{**DEFAULTS, **training, **gkd, **(CPU_OVERRIDES if cpu else {})})
+        return GKDConfig(output_dir=output_dir, seed=seed,
+                         **{**DEFAULTS, **training, **gkd, **(CPU_OVERRIDES if cpu else {})})
 
 
 def messages_row(row: dict) -> dict:

@@ -35,7 +35,8 @@ def teacher_and_student(tokenizer):
     return teacher, student
 
 
-TRAINING = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=5, lr_scheduler_type="constant")
+TRAINING = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=5,
+                lr_scheduler_type="constant")
 
 
 @pytest.mark.parametrize("kind", list(FeatureLossKind))
