@@ -14,7 +14,7 @@ from prefect import flow
 from kdflow import run_folder
 from kdflow.outputs import OutputRef
 from kdflow.recipe import StudentData, load_recipe
-from tasks.students import train_student
+from tasks.students import student_inputs, train_student
 
 
 # No log_prints (see flows/distill.py).
@@ -26,8 +26,9 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
     # Only a student that learns from the teacher's answers needs the curate stage (as in flows/distill.py).
     curated = run_folder.latest(run, "curate") if any(s.data is StudentData.teacher for s in r.students) else None
-    return {s.name: train_student(run, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
-            for s in r.students}
+    logits = run_folder.latest(run, "logit-cache") if any(s.kd for s in r.students) else None
+    return {s.name: train_student(run, s, cot, teacher, data, *student_inputs(s, curated, logits))
+            for s in r.student_runs()}
 
 
 if __name__ == "__main__":

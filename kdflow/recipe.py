@@ -438,6 +438,14 @@ class StudentSection(Strict):
         return _check_sft_config(v)
 
 
+    def summary(self) -> dict:
+        """What the report says of how this student was trained."""
+        out = {"data": self.data.value, "seed": self.seed}
+        if self.kd is not None:
+            out |= {"kd": self.kd.method.value, "divergence": self.kd.divergence.value, "alpha": self.kd.alpha,
+                    "temperature": self.kd.temperature}
+        return out
+
     @model_validator(mode="after")
     def _one_init(self):
         if (self.model is None) == (self.architecture is None):
