@@ -15,7 +15,6 @@ Teacher and student must share the tokenizer (positions are compared one to one)
 from __future__ import annotations
 
 import enum
-import json
 from pathlib import Path
 
 import torch
@@ -97,9 +96,9 @@ class FeatureKDTrainer(SFTTrainer):
     The projections are attached to the student as a submodule (``student.feature_projections``) before the
     Trainer is built. That one step makes everything the Trainer does to the model also happen to them:
     moved to the device, seen by the optimizer and the LR schedule, clipped with the model's gradients,
-    synchronised by DDP, stored in checkpoints (so a resumed run keeps them). Overriding
-    ``create_optimizer`` instead would cover only the optimizer. ``detach_projections`` removes them
-    before saving, so the saved student is a plain causal LM.
+    synchronised by DDP, stored in checkpoints (so a resumed run restores them with the student).
+    Overriding ``create_optimizer`` instead would cover only the optimizer. When ``train`` returns they are
+    detached again (still at ``trainer.projections``), so the student saves as a plain causal LM.
     """
 
     def __init__(self, model, teacher_model, *, layer_map: list[tuple[int, int]], kind: FeatureLossKind | str,
@@ -151,36 +150,35 @@ class FeatureKDTrainer(SFTTrainer):
             share = share * self.accelerator.num_processes
         return share
 
-    def detach_projections(self) -> nn.ModuleDict:
-        """Remove the projections from the student (so it saves as a plain causal LM) and return them."""
-        model = self.accelerator.unwrap_model(self.model)
-        if hasattr(model, PROJECTIONS):
-            delattr(model, PROJECTIONS)
-        return self.projections
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # also after an interruption: a caller may save what it has, and it must be a plain causal LM
+            model = self.accelerator.unwrap_model(self.model)
+            if hasattr(model, PROJECTIONS):
+                delattr(model, PROJECTIONS)
 
 
 def train_feature_kd(student, teacher, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int, *,
-                     layer_map: list[tuple[int, int]] | None, kind: FeatureLossKind | str, weight: float) -> list[dict]:
+                     layer_map: list[tuple[int, int]] | None, kind: FeatureLossKind | str, weight: float,
+                     checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
     """Train ``student`` in place with CE + feature KD from ``teacher`` on prompt-completion ``rows``.
 
-    ``layer_map`` None maps the layers uniformly (``default_layer_map``). Saves the student (a plain causal
-    LM, without the projections) and the tokenizer to ``out_dir/"model"``; returns the log history (with
-    ``ce_loss`` and ``feature_loss`` per logging step), also written to ``out_dir/"log_history.json"``.
+    ``layer_map`` None maps the layers uniformly (``default_layer_map``). ``checkpoints``: as in
+    ``kdflow.sft.train_sft`` (checkpoints hold the projections too, so a resumed run continues with them).
+    Saves the student (a plain causal LM, without the projections) and the tokenizer to ``out_dir/"model"``;
+    returns the log history (with ``ce_loss`` and ``feature_loss`` per logging step), also written to
+    ``out_dir/"log_history.json"``.
     """
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.sft import sft_config
+    from kdflow.sft import fit, sft_config
 
     disable_progress_bars()
     if layer_map is None:
         layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    config = sft_config(training, str(out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available())
+    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
+                        checkpoints=checkpoints is not None)
     trainer = FeatureKDTrainer(student, teacher, layer_map=layer_map, kind=kind, weight=weight, args=config,
-                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train()
-    trainer.detach_projections()
-    student.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    history = trainer.state.log_history
-    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-    return history
+                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
+    return fit(trainer, student, tokenizer, out_dir, checkpoints)

@@ -13,26 +13,7 @@ temperature of the on-policy completions only; the divergence is taken at T = 1.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-
-def gkd_config(training: dict, output_dir: str, seed: int, cpu: bool, **gkd):
-    """TRL's GKDConfig (an SFTConfig) from a recipe's ``training`` keys plus the GKD knobs; TRL validates both
-    (``lmbda`` and ``beta`` outside [0, 1] are refused by GKDConfig itself)."""
-    import warnings
-
-    from trl.import_utils import TRLExperimentalWarning
-
-    from kdflow.sft import CPU_OVERRIDES, DEFAULTS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GKD lives only there
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        from trl.experimental.gkd import GKDConfig
-
-        return GKDConfig(output_dir=output_dir, seed=seed,
-                         **{**DEFAULTS, **training, **gkd, **(CPU_OVERRIDES if cpu else {})})
 
 
 def messages_row(row: dict) -> dict:
@@ -42,27 +23,35 @@ def messages_row(row: dict) -> dict:
 
 
 def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int, *,
-                 lmbda: float, beta: float, temperature: float, max_new_tokens: int) -> list[dict]:
+                 lmbda: float, beta: float, temperature: float, max_new_tokens: int,
+                 checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
     """Train ``student`` in place by GKD from the live ``teacher`` on prompt-completion ``rows``.
 
     ``lmbda``: fraction of steps trained on the student's own samples (0 = the dataset's completions only);
     ``beta``: JSD interpolation (0 forward KL, 1 reverse KL); ``temperature``: sampling temperature of the
-    on-policy completions; ``max_new_tokens``: their length cap. Teacher and student must share the
-    tokenizer (check with ``kdflow.tokenizer_compat.check_tokenizers``). Saves the student and the tokenizer
-    to ``out_dir/"model"``; returns the log history, also written to ``out_dir/"log_history.json"``.
+    on-policy completions; ``max_new_tokens``: their length cap. GKDConfig refuses ``lmbda`` or ``beta``
+    outside [0, 1]. Teacher and student must share the tokenizer (check with
+    ``kdflow.tokenizer_compat.check_tokenizers``). ``checkpoints``: as in ``kdflow.sft.train_sft``.
+
+    Saves the student and the tokenizer to ``out_dir/"model"``; returns the log history, also written to
+    ``out_dir/"log_history.json"``.
     """
+    import warnings
+
     import torch
     from datasets import Dataset, disable_progress_bars
-    from trl.experimental.gkd import GKDTrainer
+    from trl.import_utils import TRLExperimentalWarning
+
+    from kdflow.sft import fit, sft_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GKD lives only there
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     disable_progress_bars()
-    config = gkd_config(training, str(out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
+    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
+                        checkpoints=checkpoints is not None, config_class=GKDConfig,
                         lmbda=lmbda, beta=beta, temperature=temperature, max_new_tokens=max_new_tokens)
-    trainer = GKDTrainer(model=student, teacher_model=teacher.eval(), args=config,
+    trainer = GKDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
                          train_dataset=Dataset.from_list([messages_row(r) for r in rows]), processing_class=tokenizer)
-    trainer.train()
-    student.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
-    history = trainer.state.log_history
-    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-    return history
+    return fit(trainer, student, tokenizer, out_dir, checkpoints)

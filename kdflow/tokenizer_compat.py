@@ -10,7 +10,6 @@ loss aligns the two tokenizations by the bytes they cover.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -83,28 +82,9 @@ def template_difference(teacher_template: str | None, student_template: str | No
             f"first difference at char {at})")
 
 
-def gold_config(training: dict, output_dir: str, seed: int, cpu: bool, **gold):
-    """TRL's GOLDConfig (an SFTConfig) from a recipe's ``training`` keys plus the GOLD knobs; TRL validates both.
-
-    Any other GOLD setting (``uld_crossentropy_weight``, ``uld_use_hybrid_loss``, ``beta`` for the hybrid
-    loss's matched tokens, ``uld_*_temperature``) passes through ``training`` like every training key.
-    GOLDConfig's own learning-rate default is 1e-7: a recipe should set ``learning_rate``.
-    """
-    from trl.import_utils import TRLExperimentalWarning
-
-    from kdflow.sft import CPU_OVERRIDES, DEFAULTS
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GOLD lives only there
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        from trl.experimental.gold import GOLDConfig
-
-        return GOLDConfig(output_dir=output_dir, seed=seed,
-                          **{**DEFAULTS, **training, **gold, **(CPU_OVERRIDES if cpu else {})})
-
-
 def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: list[dict], training: dict, out_dir: Path,
-               seed: int, *, lmbda: float, temperature: float, max_new_tokens: int) -> list[dict]:
+               seed: int, *, lmbda: float, temperature: float, max_new_tokens: int,
+               checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
     """Train ``student`` in place from a live ``teacher`` with a different tokenizer, by TRL's GOLD trainer.
 
     The loss is ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation"): at each aligned position,
@@ -113,7 +93,12 @@ def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: lis
     token covers and merges the probabilities of tokens one side splits (both tokenizers must be
     byte-level BPE for that; else set ``use_extended_uld: false`` in ``training``). ``lmbda``: fraction of
     steps trained on the student's own samples; ``temperature``: their sampling temperature;
-    ``max_new_tokens``: their length cap. Rows are prompt-completion conversations.
+    ``max_new_tokens``: their length cap. Rows are prompt-completion conversations. ``checkpoints``: as in
+    ``kdflow.sft.train_sft``.
+
+    Other GOLD settings (``uld_crossentropy_weight``, ``uld_use_hybrid_loss`` and ``beta`` for its matched
+    tokens, ``uld_*_temperature``) pass through ``training`` like every training key. GOLDConfig's own
+    learning-rate default is 1e-7: a recipe should set ``learning_rate``.
 
     Saves the student and its tokenizer to ``out_dir/"model"``; returns the log history (GOLD adds
     ``on_policy_loss`` / ``off_policy_loss``), also written to ``out_dir/"log_history.json"``.
@@ -122,22 +107,24 @@ def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: lis
 
     import torch
     from datasets import Dataset, disable_progress_bars
+    from trl.import_utils import TRLExperimentalWarning
+
+    from kdflow.sft import fit, sft_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GOLD lives only there
+        from trl.experimental.gold import GOLDConfig, GOLDTrainer
 
     disable_progress_bars()
-    # GOLD loads the teacher's tokenizer by name or path only, so hand it a saved copy; it is read once, in
+    # GOLD loads the teacher's tokenizer by name or path only, so it gets a saved copy; it is read once, in
     # the trainer's constructor.
     with tempfile.TemporaryDirectory(prefix="kdflow-teacher-tokenizer-") as teacher_tokenizer_dir:
         teacher_tokenizer.save_pretrained(teacher_tokenizer_dir)
-        config = gold_config(training, str(out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
-                             use_uld_loss=True, teacher_tokenizer_name_or_path=teacher_tokenizer_dir, lmbda=lmbda,
-                             temperature=temperature, max_completion_length=max_new_tokens)
-        from trl.experimental.gold import GOLDTrainer  # after gold_config, which silenced the experimental notice
-
-        trainer = GOLDTrainer(model=student, teacher_model=teacher.eval(), args=config,
+        config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
+                            cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
+                            config_class=GOLDConfig, use_uld_loss=True,
+                            teacher_tokenizer_name_or_path=teacher_tokenizer_dir, lmbda=lmbda,
+                            temperature=temperature, max_completion_length=max_new_tokens)
+        trainer = GOLDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
                               train_dataset=Dataset.from_list(rows), processing_class=student_tokenizer)
-    trainer.train()
-    student.save_pretrained(out_dir / "model")
-    student_tokenizer.save_pretrained(out_dir / "model")
-    history = trainer.state.log_history
-    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-    return history
+    return fit(trainer, student, student_tokenizer, out_dir, checkpoints)

@@ -1,6 +1,6 @@
 """Feature KD: the distance on hand examples (identical -> 0, cosine closed form, masking), the layer map, and a
 tiny student trained against a wider, deeper live teacher (projection learns, feature loss falls, the saved
-student is a plain causal LM)."""
+student is a plain causal LM, an interrupted run resumes with its trained projection)."""
 
 import math
 import random
@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from kdflow.feature_kd import (FeatureKDTrainer, FeatureLossKind, check_layer_map, default_layer_map, feature_loss,
                                train_feature_kd)
@@ -114,6 +115,7 @@ def test_training_learns_the_projection_and_lowers_the_feature_loss(tokenizer, t
     assert logged[-1]["feature_loss"] < 0.7 * logged[0]["feature_loss"]
     assert not torch.allclose(projection.weight, initial)  # the optimizer saw the projection
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in teacher_before.items())  # the teacher is frozen
+    assert not hasattr(student, "feature_projections")  # detached once training returns
 
 
 def test_train_feature_kd_saves_a_plain_causal_lm(tokenizer, tmp_path):
@@ -131,3 +133,40 @@ def test_train_feature_kd_saves_a_plain_causal_lm(tokenizer, tmp_path):
     assert type(reloaded).__name__ == "LlamaForCausalLM"
     assert not any("projection" in k for k in reloaded.state_dict())
     assert set(reloaded.state_dict()) == set(student.state_dict())
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+class FirstProjection(TrainerCallback):
+    """The projection weight the (resumed) run starts its first step with."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not hasattr(self, "weight"):
+            self.weight = model.feature_projections["s1_t2"].weight.detach().clone()
+
+
+def test_a_resumed_run_continues_with_the_checkpointed_projections(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    training = dict(TRAINING, max_steps=10, save_steps=5, logging_steps=1)
+    checkpoints = tmp_path / "checkpoints"
+    teacher, student = teacher_and_student(tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        train_feature_kd(student, teacher, tokenizer, rows(16), training, tmp_path / "a", seed=0,
+                         layer_map=None, kind="mse", weight=1.0, checkpoints=checkpoints, callbacks=[StopAt(7)])
+    saved = load_file(checkpoints / "checkpoint-5" / "model.safetensors")["feature_projections.s1_t2.weight"]
+    first = FirstProjection()
+    teacher, student = teacher_and_student(tokenizer)
+    history = train_feature_kd(student, teacher, tokenizer, rows(16), training, tmp_path / "b", seed=0,
+                               layer_map=None, kind="mse", weight=1.0, checkpoints=checkpoints, callbacks=[first])
+    assert history[0] == {"resumed_from": "checkpoint-5"}
+    assert [e["step"] for e in history if "feature_loss" in e] == list(range(1, 11))
+    assert torch.equal(first.weight, saved)  # not a fresh projection: the one trained for 5 steps
+    assert not checkpoints.exists()

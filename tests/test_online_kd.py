@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from kdflow.online_kd import gkd_config, messages_row, train_online
+from kdflow.online_kd import messages_row, train_online
 from kdflow.prompts import chat
 from kdflow.tiny_models import llama_model, train_tokenizer
 
@@ -34,9 +34,11 @@ def test_a_row_becomes_one_conversation():
     assert messages_row(row) == {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-def test_gkd_refuses_an_out_of_range_lambda(tmp_path):
+def test_an_out_of_range_lambda_is_refused_before_training(tokenizer, tmp_path):
+    student = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=2)
     with pytest.raises(ValueError, match="lmbda must be in the range"):
-        gkd_config({}, str(tmp_path), 0, cpu=True, lmbda=1.5, beta=0.5, temperature=1.0, max_new_tokens=4)
+        train_online(student, student, tokenizer, rows(4), TRAINING, tmp_path, seed=0,
+                     lmbda=1.5, beta=0.5, temperature=1.0, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.5])
