@@ -20,6 +20,7 @@ COLUMNS = [  # (key in a model's report entry, column title, format)
     ("perplexity", "perplexity", "{:.3f}"),
     ("agreement", "top-1 agreement", "{:.3f}"),
     ("kl", "KL(teacher ‖ model)", "{:.4f}"),
+    ("judge_win_rate", "judge win rate vs teacher", "{:.3f}"),
     ("params", "parameters", "{:,}"),
     ("flops_per_token", "FLOPs / token", "{:,}"),
     ("latency_ms_per_token", "latency ms / token", "{:.3g}"),

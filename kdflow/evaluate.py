@@ -170,22 +170,59 @@ def outcome(verdict: str | None, student_is: str) -> str | None:
     return "win" if verdict == student_is else "loss"
 
 
+UNPARSED = "unparsed_verdict"  # the judge answered, but with no "Verdict: A|B|tie" line
+
+
+def judge_pairs(questions: list[dict], student: list[dict], teacher: list[dict], limit: int | None) -> list[dict]:
+    """``{id, question, student, teacher}`` for the first ``limit`` questions (all when None), in the split's
+    order. ``student`` and ``teacher``: each model's answers (``id``, ``text``) to those questions."""
+    answers = {"student": {str(p["id"]): p["text"] for p in student}, "teacher": {str(p["id"]): p["text"] for p in teacher}}
+    rows = questions[:limit]
+    for who, by_id in answers.items():
+        missing = [r["id"] for r in rows if str(r["id"]) not in by_id]
+        if missing:
+            raise ValueError(f"the {who}'s answers lack {len(missing)} of the {len(rows)} questions (first: {missing[0]}); "
+                             "judge answers to the same split")
+    return [{"id": r["id"], "question": r["question"], "student": answers["student"][str(r["id"])],
+             "teacher": answers["teacher"][str(r["id"])]} for r in rows]
+
+
+def judgement(item: dict, reply: dict) -> dict:
+    """One judgement: a ``judge_prompts`` item with the judge's raw reply, its verdict and the student's outcome.
+    ``reply``: ``{"ok": True, "text"}``, or a request that failed for good (``ok`` False, ``reason``, ``error``),
+    which keeps its reason code and is never scored."""
+    if not reply["ok"]:
+        return {**item, "text": None, "verdict": None, "outcome": None, "reason": reply["reason"],
+                "error": reply.get("error")}
+    verdict = parse_verdict(reply["text"])
+    return {**item, "text": reply["text"], "verdict": verdict, "outcome": outcome(verdict, item["student_is"]),
+            "reason": None if verdict is not None else UNPARSED, "error": None}
+
+
 def win_rate(judgements: list[dict]) -> dict:
-    """``judgements``: each with ``outcome``. The student's mean score (win 1, tie ½, loss 0) over the parsed
-    ones; unparsed judgements are counted apart, never scored."""
-    scored = [SCORE[j["outcome"]] for j in judgements if j["outcome"] is not None]
-    return {"win_rate": sum(scored) / len(scored) if scored else None, "judged": len(scored),
-            "unparsed": len(judgements) - len(scored)}
+    """``judgements``: each with ``outcome`` (and ``reason`` when it has none). The student's mean score
+    (win 1, tie ½, loss 0) over the parsed ones, with the counts behind it. A reply without a verdict
+    (``unparsed``) and a request that failed for good (``failed``: a ``reason`` other than UNPARSED) are
+    counted apart, never scored: judged + unparsed + failed = every judgement. ``consistent_pairs``: of the
+    questions whose two orders both parsed (``pairs_parsed``), those where the student got the same outcome
+    both times; a judge that follows the position, not the answer, has few."""
+    scored = [j["outcome"] for j in judgements if j["outcome"] is not None]
+    failed = sum(j["outcome"] is None and j.get("reason") not in (None, UNPARSED) for j in judgements)
+    by_id: dict = {}
+    for j in judgements:
+        by_id.setdefault(j.get("id"), []).append(j["outcome"])
+    both = [o for o in by_id.values() if len(o) == 2 and None not in o]
+    return {"win_rate": sum(SCORE[o] for o in scored) / len(scored) if scored else None, "judged": len(scored),
+            "wins": scored.count("win"), "ties": scored.count("tie"), "losses": scored.count("loss"),
+            "unparsed": len(judgements) - len(scored) - failed, "failed": failed,
+            "pairs_parsed": len(both), "consistent_pairs": sum(a == b for a, b in both)}
 
 
 def judge_win_rate(judge, tokenizer, template: str, rows: list[dict], max_new_tokens: int,
                    batch_size: int) -> tuple[dict, list[dict]]:
-    """(win rate summary, every judgement with the judge's raw text and its parsed verdict)."""
+    """(win rate summary, every judgement with the judge's raw text and its parsed verdict), the judge an HF
+    model in this process."""
     items = judge_prompts(template, rows)
     outputs = generate(judge, tokenizer, [i["prompt"] for i in items], max_new_tokens, batch_size)
-    judgements = []
-    for item, o in zip(items, outputs):
-        verdict = parse_verdict(o["text"])
-        judgements.append({**item, "text": o["text"], "verdict": verdict, "outcome": outcome(verdict, item["student_is"]),
-                           "reason": None if verdict is not None else "unparsed_verdict"})
+    judgements = [judgement(item, {"ok": True, **o}) for item, o in zip(items, outputs)]
     return win_rate(judgements), judgements

@@ -49,16 +49,23 @@ def ratios(model: dict, teacher: dict) -> dict:
     return {k: model[k] / teacher[k] for k, _, _ in COST_COLUMNS if model.get(k) is not None and teacher.get(k)}
 
 
+JUDGE_OFF = {"status": "not run", "reason": "the recipe sets no evaluation.judge"}
+
+
 def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict,
-                 deployment: dict | None = None, lm_eval: dict | None = None) -> dict:
+                 deployment: dict | None = None, lm_eval: dict | None = None, judge: dict | None = None) -> dict:
     """``teacher`` and each student: their metrics, with at least accuracy and params (each student also
-    its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage."""
+    its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage;
+    ``judge``: {"judge", "split", "questions", "win_rates": {student: win_rate(...)}} of the judge stage, None
+    when the recipe has no judge."""
     baseline = baseline_student(students)
     out = {}
     for name, m in students.items():
         closed = None if baseline is None else gap_closure(m["accuracy"], students[baseline]["accuracy"], teacher["accuracy"])
         out[name] = {**m, "compression": round(teacher["params"] / m["params"], 1), "gap_closure": closed,
                      "vs_teacher": ratios(m, teacher)}
+        if judge is not None:
+            out[name] |= {"judge_win_rate": judge["win_rates"][name]["win_rate"], "judge": judge["win_rates"][name]}
     if baseline is None:
         note = "not applicable: no student is trained on gold data only (recipe `data: gold`) to serve as the baseline"
     elif gap_closure(1.0, students[baseline]["accuracy"], teacher["accuracy"]) is None:
@@ -73,6 +80,7 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         "curation": curation,
         "deployment": deployment,
         "lm_eval": lm_eval or {"status": "off"},
+        "judge": JUDGE_OFF if judge is None else {"status": "done", **{k: v for k, v in judge.items() if k != "win_rates"}},
     }
 
 
@@ -86,13 +94,17 @@ def _models(report: dict) -> dict[str, dict]:
     return {"teacher": {**report["teacher"], "data": "gold"}, **report["students"]}
 
 
+def _judged(report: dict) -> bool:
+    return (report.get("judge") or JUDGE_OFF)["status"] == "done"
+
+
 def quality_table(report: dict) -> list[str]:
     models = _models(report)
     has_pass = any(m.get("pass_at_k") is not None for m in models.values())
     k = next((m["k"] for m in models.values() if m.get("k")), None)
     baseline = report["gap_closure"]["baseline"]
     head = ["model", "trained on", "accuracy", *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
-            "top-1 agreement", "KL(teacher ‖ model)"]
+            "top-1 agreement", "KL(teacher ‖ model)", *(["judge win rate vs teacher"] if _judged(report) else [])]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, m in models.items():
         if name == "teacher":
@@ -103,6 +115,8 @@ def quality_table(report: dict) -> list[str]:
             closed = _num(m.get("gap_closure"), ".2f")
         cells = [name, m["data"], _num(m["accuracy"], ".3f"), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
                  closed, _num(m.get("perplexity"), ".3f"), _num(m.get("agreement"), ".3f"), _num(m.get("kl"), ".4f")]
+        if _judged(report):
+            cells.append("(reference)" if name == "teacher" else _num(m.get("judge_win_rate"), ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -138,6 +152,7 @@ def notes(report: dict) -> list[str]:
                    "positions where the model's most likely next token is the teacher's; KL(teacher ‖ model) in nats "
                    "per token. The teacher against itself: 1 and 0.")
     out.append(f"- **Gap closed**: {gap['note']}.")
+    out += judge_notes(report)
     dep = report.get("deployment")
     if dep:
         s, mc = dep["settings"], dep["machine"]
@@ -157,6 +172,24 @@ def notes(report: dict) -> list[str]:
     for name, m in _models(report).items():  # a figure that could not be had says why ("—" in the tables)
         out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
                 if key.endswith("_skipped")]
+    return out
+
+
+def judge_notes(report: dict) -> list[str]:
+    j = report.get("judge") or JUDGE_OFF
+    if j["status"] != "done":
+        return ["- **Judge win rate vs teacher**: not run (set `evaluation.judge` in the recipe to have an LLM judge "
+                "compare each student's answers with the teacher's)."]
+    who = j["judge"]
+    out = [f"- **Judge win rate vs teacher**: `{who['model']}` ({who['backend']}, template `{who['template']}`) compared "
+           f"each student's greedy answer with the teacher's on the first {j['questions']} questions of the "
+           f"`{j['split']}` split, each pair twice with the answers' places swapped (a judge that favours a place "
+           "scores ½); win 1, tie ½, loss 0, over the verdicts it could parse. 0.5 = as good as the teacher."]
+    for name, s in report["students"].items():
+        c = s.get("judge") or {}
+        out.append(f"  - {name}: {c.get('wins', 0)} wins, {c.get('ties', 0)} ties, {c.get('losses', 0)} losses; "
+                   f"{c.get('unparsed', 0)} replies without a verdict, {c.get('failed', 0)} requests failed; "
+                   f"{c.get('consistent_pairs', 0)} of {c.get('pairs_parsed', 0)} questions judged alike in both orders.")
     return out
 
 
@@ -226,7 +259,8 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
 
 def table_rows(report: dict) -> list[dict]:
     """One flat row per model, for a Prefect table artifact."""
-    keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl", *[k for k, _, _ in COST_COLUMNS]]
+    keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
+            *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS]]
     return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in _models(report).items()]
 
 

@@ -1,12 +1,16 @@
 """Stage 5: how good each model is (evaluate_model, one per model), what each costs to run
-(measure_deployment, all models back to back), and lm-evaluation-harness where it can run (run_lm_eval)."""
+(measure_deployment, all models back to back), an LLM judge's win rate of each student against the teacher
+where the recipe names a judge (judge_students), and lm-evaluation-harness where it can run (run_lm_eval)."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -15,13 +19,17 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from kdflow import deployment
-from kdflow.evaluate import accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k, score_reference
-from kdflow.generate_hf import load
+from kdflow.answer_shards import ShardWriter, read_shards
+from kdflow.evaluate import (accuracy, judge_pairs, judge_prompts, judgement, reference_sequences, same_vocabulary,
+                             sampled_pass_at_k, score_reference, win_rate)
+from kdflow.generate_hf import generate, load
 from kdflow.models import model_location
-from kdflow.outputs import OutputRef, building, existing_output, finish
+from kdflow.openai_teacher import Accounting, Sampling, TeacherRequest, run_all
+from kdflow.outputs import OutputRef, building, content_key, existing_output, finish
 from kdflow.prompts import render
-from kdflow.recipe import DataSource, EvaluationSection
+from kdflow.recipe import Backend, DataSource, EvaluationSection
 from kdflow.tiny_models import count_params
+from kdflow.vllm_server import vllm_server
 from tasks.caching import StageCache, stage_key
 from tasks.curate import answer_checker
 from tasks.data import read_split
@@ -108,6 +116,121 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
         finish(tmp, DEPLOY_STAGE, key, inputs=inputs, rows=len(figures), figures=figures, machine=deployment.machine(),
                settings=settings.model_dump(), flops_formula=deployment.FLOPS_FORMULA)
     return existing_output(run_dir, DEPLOY_STAGE, key)
+
+
+JUDGE_STAGE, JUDGE_VERSION = "judge", "1"
+
+
+class TooManyJudgeFailures(RuntimeError):
+    """More judge requests failed for good than evaluation.judge.max_failure_fraction allows."""
+
+
+def reply_folder(run_dir: Path, section: EvaluationSection.Judge) -> Path:
+    """Where this judge's replies are persisted as they arrive (``kdflow.answer_shards``), one per prompt, keyed
+    by the prompt's hash: a crash, a rerun or a new student asks the judge nothing it has answered already.
+    Kept after the stage (hidden, so no stage output): judge calls cost money."""
+    judge = {k: getattr(section, k) for k in ("backend", "model", "base_url", "max_new_tokens")}
+    who = content_key("judge-replies", JUDGE_VERSION, {**judge, "vllm_args": section.vllm.extra_args})
+    return Path(run_dir) / JUDGE_STAGE / f".replies-{who[:16]}"
+
+
+def prompt_id(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode()).hexdigest()[:32]
+
+
+def judge_api_key(section: EvaluationSection.Judge) -> str | None:
+    """The key from the Prefect Secret block or environment variable the recipe names (the value never is)."""
+    if section.api_key_secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(section.api_key_secret_block).get()
+    return os.environ.get(section.api_key_env) if section.api_key_env else None
+
+
+def _ask(section: EvaluationSection.Judge, todo: dict[str, str], shard: ShardWriter) -> Accounting:
+    """Ask the judge every prompt of ``todo`` (id -> prompt), greedy, appending each reply to ``shard``."""
+    if section.backend is Backend.hf:
+        net, tokenizer = load(section.model)
+        start = time.perf_counter()
+        outputs = generate(net, tokenizer, list(todo.values()), section.max_new_tokens, section.batch_size)
+        for i, o in zip(todo, outputs):
+            shard.append({"id": i, "sample": 0, "ok": True, **o})
+        return Accounting(requests=len(todo), answers=len(todo), seconds=time.perf_counter() - start,
+                          completion_tokens=sum(o["completion_tokens"] for o in outputs))
+    requests = [TeacherRequest(id=i, sample=0, messages=[{"role": "user", "content": p}]) for i, p in todo.items()]
+    sampling = Sampling(model=section.model, max_tokens=section.max_new_tokens)
+    run = {"concurrency": section.concurrency, "max_retries": section.max_retries, "on_record": shard.append}
+    if section.backend is Backend.vllm:  # served under its path, the name the requests use
+        v = section.vllm
+        with vllm_server(section.model, port=v.port, extra_args=v.extra_args, python=v.python,
+                         startup_timeout_s=v.startup_timeout_s) as base_url:
+            return run_all(base_url, None, section.timeout_s, requests, sampling, **run)
+    return run_all(section.base_url, judge_api_key(section), section.timeout_s, requests, sampling, **run)
+
+
+def ask_judge(section: EvaluationSection.Judge, prompts: list[str], folder: Path) -> tuple[dict[str, dict], Accounting]:
+    """The judge's reply record (``ok`` True with ``text``, or a failure with its ``reason``) to every prompt, by
+    ``prompt_id``. Only prompts ``folder`` holds no reply to are asked; no server starts when there are none."""
+    ids = {prompt_id(p): p for p in prompts}
+    answered, _ = read_shards(folder)
+    todo = {i: p for i, p in ids.items() if (i, 0) not in answered}
+    acct = Accounting(resumed=len(ids) - len(todo))
+    if todo:
+        with ShardWriter(folder) as shard:
+            acct = _ask(section, todo, shard)
+        acct.resumed = len(ids) - len(todo)
+    answered, failed = read_shards(folder)
+    return {i: answered.get((i, 0)) or failed[(i, 0)] for i in ids}, acct
+
+
+def check_judge_failures(judgements: list[dict], section: EvaluationSection.Judge, folder: Path) -> None:
+    failed = [j for j in judgements if j["text"] is None]
+    if failed and len(failed) / len(judgements) > section.max_failure_fraction:
+        reasons = dict(Counter(j["reason"] for j in failed))
+        raise TooManyJudgeFailures(
+            f"{len(failed)} of {len(judgements)} judge requests failed for good ({len(failed) / len(judgements):.1%} > "
+            f"evaluation.judge.max_failure_fraction {section.max_failure_fraction:.1%}); by reason {reasons}; first: "
+            f"{failed[0]['error']}. The replies received are kept in {folder}: a rerun asks only for the others")
+
+
+def predictions(evaluation: OutputRef) -> list[dict]:
+    """A model's greedy answers (``id``, ``text``, ...) from its evaluate-stage output."""
+    return pd.read_parquet(Path(evaluation.path) / "predictions.parquet").to_dict("records")
+
+
+@task(cache_policy=StageCache(JUDGE_STAGE, JUDGE_VERSION), persist_result=True)
+def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: dict[str, OutputRef],
+                   teacher: OutputRef, data: OutputRef, split: str) -> OutputRef:
+    """Each student's win rate against the teacher, by an LLM judge, on the first questions of ``split``.
+
+    ``students`` and ``teacher``: evaluate-stage outputs; their greedy answers (``predictions.parquet``) are
+    what is judged, so nothing is generated again. Each pair is judged in both orders. One output for all
+    students (a local judge is started once); replies are kept by prompt (``reply_folder``), so a new student
+    costs only its own judgements. Output: ``judgements.parquet`` (every judgement with the judge's raw reply,
+    its verdict, the student's outcome, or the reason it has none) and ``win_rates.json`` per student."""
+    inputs = {"section": section, "students": students, "teacher": teacher, "data": data, "split": split}
+    key = stage_key(JUDGE_STAGE, JUDGE_VERSION, inputs)
+    if done := existing_output(run_dir, JUDGE_STAGE, key):
+        return done
+    questions, reference = read_split(data, split), predictions(teacher)
+    items = {name: judge_prompts(section.template_text,
+                                 judge_pairs(questions, predictions(ref), reference, section.max_questions))
+             for name, ref in students.items()}
+    folder = reply_folder(run_dir, section)
+    replies, acct = ask_judge(section, [i["prompt"] for its in items.values() for i in its], folder)
+    judgements = [{"student": name, **judgement(i, replies[prompt_id(i["prompt"])])}
+                  for name, its in items.items() for i in its]
+    check_judge_failures(judgements, section, folder)
+    results = {name: win_rate([j for j in judgements if j["student"] == name]) for name in students}
+    with building(run_dir, JUDGE_STAGE, key) as tmp:
+        pd.DataFrame(judgements).to_parquet(tmp / "judgements.parquet", index=False)
+        (tmp / "win_rates.json").write_text(json.dumps(results, indent=2))
+        finish(tmp, JUDGE_STAGE, key, inputs=inputs, rows=len(judgements), win_rates=results, split=split,
+               questions=len(next(iter(items.values()), [])) // 2,
+               judge={"backend": section.backend.value, "model": section.model, "base_url": section.base_url,
+                      "template": section.template},
+               accounting=acct.as_dict())
+    return existing_output(run_dir, JUDGE_STAGE, key)
 
 
 LM_EVAL_STAGE, LM_EVAL_VERSION = "lm-eval", "1"

@@ -37,10 +37,12 @@ def training_history(model: OutputRef) -> list[dict]:
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
-                 deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef) -> dict:
+                 deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef,
+                 judge: OutputRef | None = None) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
-    what each student was trained on (its recipe ``data`` field)."""
+    what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
+    when the recipe names no judge (the report says it was not run)."""
     dep = deployment.manifest()
     metrics = {name: {**ref.manifest()["metrics"], **dep["figures"][name]} for name, ref in evaluations.items()}
     report = build_report(
@@ -50,6 +52,7 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
         deployment={k: dep[k] for k in ("machine", "settings", "flops_formula")},
         lm_eval=lm_eval,
+        judge=None if judge is None else {k: judge.manifest()[k] for k in ("judge", "split", "questions", "win_rates")},
     )
     run_dir = Path(run_dir)
     plots = {"training loss per model": (LOSS_PLOT, plot_losses({n: training_history(m) for n, m in models.items()})),

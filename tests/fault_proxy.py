@@ -131,11 +131,11 @@ class FaultProxy:
 
 class FakeTeacher:
     """A stand-in OpenAI-compatible chat server for offline tests: answers every chat completion with
-    ``echo: <last user message>`` (usage counted in characters), after ``delay_s``. Put a FaultProxy in front
-    of it for faults; the real-server tests use vLLM instead."""
+    ``reply(<last user message>)`` (default ``echo: <message>``; usage counted in characters), after
+    ``delay_s``. Put a FaultProxy in front of it for faults; the real-server tests use vLLM instead."""
 
-    def __init__(self, delay_s: float = 0.0):
-        self.delay_s = delay_s
+    def __init__(self, delay_s: float = 0.0, reply=lambda content: f"echo: {content}"):
+        self.delay_s, self.reply = delay_s, reply
         self.server = Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -155,7 +155,7 @@ class FakeTeacher:
                 body = json.dumps({
                     "id": "fake", "object": "chat.completion", "created": 0, "model": request["model"],
                     "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": f"echo: {content}"}}],
+                                 "message": {"role": "assistant", "content": teacher.reply(content)}}],
                     "usage": {"prompt_tokens": len(content), "completion_tokens": len(content) + 6,
                               "total_tokens": 2 * len(content) + 6}}).encode()
                 self.send_response(200)

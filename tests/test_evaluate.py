@@ -161,8 +161,12 @@ def test_win_rate_scores_both_orders_and_keeps_unparsed_apart():
     # A judge that always says "A" prefers a position, not an answer: the student wins once, loses once.
     assert [outcome("A", i["student_is"]) for i in items] == ["win", "loss"]
     assert outcome("tie", "B") == "tie" and outcome(None, "A") is None
-    summary = win_rate([{"outcome": o} for o in ("win", "loss", "tie", None)])
-    assert summary == {"win_rate": pytest.approx(0.5), "judged": 3, "unparsed": 1}
+    judgements = [{"id": i // 2, "outcome": o, "reason": r} for i, (o, r) in enumerate(
+        [("win", None), ("win", None), ("loss", None), ("tie", None), (None, "unparsed_verdict"), ("tie", None),
+         (None, "server_error"), (None, "unparsed_verdict")])]
+    summary = win_rate(judgements)
+    assert summary == {"win_rate": pytest.approx((1 + 1 + 0 + 0.5 + 0.5) / 5), "judged": 5, "wins": 2, "ties": 2,
+                       "losses": 1, "unparsed": 2, "failed": 1, "pairs_parsed": 2, "consistent_pairs": 1}
     assert win_rate([{"outcome": None}])["win_rate"] is None
 
 
@@ -188,7 +192,8 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
     summary, judgements = evaluate.judge_win_rate(judge, tok, template, rows, max_new_tokens=8, batch_size=8)
     assert len(judgements) == 2 * len(rows)
     assert 0.0 <= summary["win_rate"] <= 1.0
-    assert summary == {"win_rate": 0.5, "judged": 8, "unparsed": 0}
+    assert (summary["win_rate"], summary["judged"], summary["unparsed"]) == (0.5, 8, 0)
+    assert (summary["wins"], summary["losses"], summary["consistent_pairs"]) == (4, 4, 0)
 
 
 # ---- deployment figures --------------------------------------------------------------------------------

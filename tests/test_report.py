@@ -81,6 +81,41 @@ def test_markdown_shows_every_metric_for_every_model():
     assert [r["model"] for r in rows] == ["teacher", "baseline", "seq-kd"] and rows[2]["gap_closure"] == pytest.approx(0.75)
 
 
+JUDGE = {"judge": {"backend": "openai", "model": "gpt-judge", "base_url": "http://judge/v1", "template": "prompts/judge.jinja"},
+         "split": "test", "questions": 50,
+         "win_rates": {"baseline": {"win_rate": 0.25, "judged": 98, "wins": 10, "ties": 29, "losses": 59, "unparsed": 1,
+                                    "failed": 1, "pairs_parsed": 48, "consistent_pairs": 40},
+                       "seq-kd": {"win_rate": 0.45, "judged": 100, "wins": 30, "ties": 30, "losses": 40, "unparsed": 0,
+                                  "failed": 0, "pairs_parsed": 50, "consistent_pairs": 44}}}
+
+
+def test_judge_win_rate_column_and_counts_when_a_judge_ran():
+    teacher = model(0.9, 1_000_000, agreement=1.0, kl=0.0)
+    students = {"baseline": {**model(0.5, 100_000), "data": "gold"}, "seq-kd": {**model(0.8, 100_000), "data": "teacher"}}
+    r = build_report("demo", teacher, students, CURATION, DEPLOYMENT, judge=JUDGE)
+    assert r["judge"]["status"] == "done" and r["judge"]["questions"] == 50 and "win_rates" not in r["judge"]
+    assert r["students"]["seq-kd"]["judge_win_rate"] == 0.45 and r["students"]["baseline"]["judge"]["failed"] == 1
+    md = render_markdown(r)
+    assert "| KL(teacher ‖ model) | judge win rate vs teacher |" in md
+    assert "| teacher | gold | 0.900 | 1 (teacher) | 1.500 | 1.000 | 0.0000 | (reference) |" in md
+    assert "| seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | 0.450 |" in md
+    assert "`gpt-judge` (openai, template `prompts/judge.jinja`)" in md and "first 50 questions of the `test` split" in md
+    assert "  - baseline: 10 wins, 29 ties, 59 losses; 1 replies without a verdict, 1 requests failed; 40 of 48" in md
+    assert [row["judge_win_rate"] for row in table_rows(r)] == [None, 0.25, 0.45]
+    text = compare.render({"demo": r, "old": planted_report("old")})
+    assert "| demo | seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | 0.450 |" in text
+    assert "| old | seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | — |" in text
+
+
+def test_no_judge_means_no_column_and_says_not_run():
+    r = planted_report()
+    assert r["judge"] == {"status": "not run", "reason": "the recipe sets no evaluation.judge"}
+    md = render_markdown(r)
+    assert "judge win rate" not in md.split("## How")[0]
+    assert "- **Judge win rate vs teacher**: not run (set `evaluation.judge` in the recipe" in md
+    assert "judge_win_rate" not in table_rows(r)[1]
+
+
 def test_lm_eval_skip_and_results_are_shown():
     r = planted_report()
     r["lm_eval"] = {"status": "skipped", "reason": "no CUDA GPU"}
@@ -123,7 +158,7 @@ def test_compare_reads_old_reports_and_says_what_is_missing(tmp_path):
                                        "students": {"s": {"accuracy": 0.5, "params": 100, "data": "gold"}}})
     new = write_run(tmp_path / "new", planted_report("new"))
     text = compare.render({"old": compare.load_report(old), "new": compare.load_report(new / "report.json")})
-    assert "| old | s | gold | 0.500 | — | — | — | — | 100 | — | — | — |" in text
+    assert "| old | s | gold | 0.500 | — | — | — | — | — | 100 | — | — | — |" in text
     assert "- old: not recorded" in text
     with pytest.raises(FileNotFoundError, match="no report.json"):
         compare.load_report(tmp_path / "missing")
