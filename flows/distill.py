@@ -1,5 +1,6 @@
 """The whole distillation, top to bottom: data → teacher → teacher's CoT answers → filter → students →
-evaluation (quality per model; cost of all models, measured back to back; lm-eval where it can run) → report.
+evaluation (quality per model; cost of all models, measured back to back; an LLM judge's win rate
+against the teacher where the recipe names a judge; lm-eval where it can run) → report.
 Every stage is a content-cached task: a rerun redoes only what changed.
 
     python -m flows.distill recipes/demo.yaml
@@ -16,7 +17,7 @@ from kdflow.recipe import StudentData, load_recipe
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
-from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval
+from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
 from tasks.students import train_student
@@ -43,8 +44,10 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
                    for name, model in models.items()}
     deployment = measure_deployment(run_dir, models, r.evaluation.deployment, cot, data, r.evaluation.split)
     benchmarks = run_lm_eval(run_dir, models, r.evaluation.lm_eval)
+    judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.students},
+                             evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     report = write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
-                          {s.name: {"data": s.data.value} for s in r.students}, curated)
+                          {s.name: {"data": s.data.value} for s in r.students}, curated, judged)
 
     print(f"report: {run_dir / 'report.md'}")
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():

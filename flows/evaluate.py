@@ -13,7 +13,7 @@ from prefect import flow
 
 from kdflow import run_folder
 from kdflow.recipe import load_recipe
-from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval
+from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.report import write_report
 
 
@@ -29,8 +29,10 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
                    for name, model in models.items()}
     deployment = measure_deployment(run, models, r.evaluation.deployment, cot, data, r.evaluation.split)
     benchmarks = run_lm_eval(run, models, r.evaluation.lm_eval)
+    judged = (judge_students(run, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.students},
+                             evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     return write_report(run, r.run.name, models, evaluations, deployment, benchmarks,
-                        {s.name: {"data": s.data.value} for s in r.students}, curated)
+                        {s.name: {"data": s.data.value} for s in r.students}, curated, judged)
 
 
 if __name__ == "__main__":
