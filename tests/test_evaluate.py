@@ -2,6 +2,7 @@
 forms, and the FLOPs formula against a hand count and torch's own FLOP counter."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,6 +253,86 @@ def test_measure_all_reports_every_figure_for_every_model(tokenizer):
         assert f["latency_ms_per_token"] > 0 and f["throughput_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0
         assert f["context"] > 4
     assert figures["big"]["peak_memory_bytes"] > figures["small"]["peak_memory_bytes"]
+
+
+def test_latency_and_throughput_from_a_scripted_clock(tokenizer, monkeypatch):
+    """measure_all's arithmetic on known timings: latency = median(seconds / tokens) at batch 1, throughput =
+    median(rows × tokens / seconds) at the larger batch; warm-up runs first and not counted; models alternate."""
+    big, small = tiny(tokenizer, hidden=64), tiny(tokenizer, hidden=32)
+    names = {id(big): "big", id(small): "small"}
+    clock = {("big", 1): [0.2, 0.1, 0.3], ("big", 4): [0.5, 0.4, 2.0],  # 10 tokens; 4 rows × 10 tokens = 40
+             ("small", 1): [0.05, 0.05, 0.04], ("small", 4): [0.1, 0.2, 0.1]}
+    calls = []
+
+    def timed(model, tok, enc, tokens):
+        rows = enc["input_ids"].shape[0]
+        calls.append((names[id(model)], rows, tokens))
+        return 99.0 if tokens == 2 else clock[(names[id(model)], rows)].pop(0)  # 2 tokens: the warm-up
+
+    monkeypatch.setattr(deployment, "timed_generate", timed)
+    monkeypatch.setattr(deployment, "peak_generation_memory", lambda model, tok, enc, tokens: 1)
+    figures = deployment.measure_all({"big": (big, tokenizer), "small": (small, tokenizer)}, "Solve step by step: 1+2",
+                                     ["Solve step by step: 3+4"] * 4, tokens=10, repeats=3)
+    assert figures["big"]["latency_ms_per_token"] == pytest.approx(20.0)  # median of 20, 10, 30 ms
+    assert figures["big"]["throughput_tokens_per_s"] == pytest.approx(80.0)  # median of 80, 100, 20
+    assert figures["small"]["latency_ms_per_token"] == pytest.approx(5.0)
+    assert figures["small"]["throughput_tokens_per_s"] == pytest.approx(400.0)  # median of 400, 200, 400
+    assert calls[:4] == [("big", 1, 2), ("big", 4, 2), ("small", 1, 2), ("small", 4, 2)]
+    assert calls[4:8] == [("big", 1, 10), ("big", 4, 10), ("small", 1, 10), ("small", 4, 10)]  # alternating
+    assert all(not v for v in clock.values())
+
+
+def test_every_model_writes_exactly_the_timed_number_of_tokens(tokenizer):
+    """A model that would end its turn early must not look faster: generation is forced to ``tokens``."""
+    model = tiny(tokenizer)
+    enc = deployment.encode(tokenizer, ["Solve step by step: 1+2", "Solve step by step: 30-4+5"], model.device)
+    with torch.no_grad():
+        out = deployment._generate(model, enc, 7, tokenizer.pad_token_id)
+    assert out.shape == (2, enc["input_ids"].shape[1] + 7)
+    # The mean context of the latency run: the prompt's tokens plus, on average, half the generated ones.
+    one = deployment.encode(tokenizer, ["Solve step by step: 1+2"], model.device)
+    assert deployment.context_of(one, 7) == one["input_ids"].shape[1] + 4
+
+
+def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machine(tokenizer, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from kdflow.models import write_location
+    from kdflow.outputs import building, existing_output, finish
+    from kdflow.recipe import EvaluationSection
+    from tasks.evaluate import measure_deployment
+
+    def stage(name, key, build):
+        key = key.ljust(64, "0")
+        with building(tmp_path, name, key) as tmp:
+            build(tmp)
+            finish(tmp, name, key, inputs={})
+        return existing_output(tmp_path, name, key)
+
+    def saved(hidden):
+        def build(tmp):
+            tiny(tokenizer, hidden=hidden).save_pretrained(tmp / "model")
+            tokenizer.save_pretrained(tmp / "model")
+            write_location(tmp, "model")
+        return build
+
+    data = stage("data", "d", lambda tmp: pd.DataFrame(ROWS).to_parquet(tmp / "test.parquet"))
+    models = {"teacher": stage("teacher", "t", saved(64)), "student": stage("students", "s", saved(32))}
+    settings = EvaluationSection.Deployment(latency_tokens=3, throughput_batch=5, repeats=1)  # 5 > 3 rows: repeated
+    ref = measure_deployment.fn(tmp_path, models, settings, COT, data, "test")
+    m = ref.manifest()
+    assert m["flops_formula"] == deployment.FLOPS_FORMULA and m["machine"]["cpu_count"] >= 1
+    assert m["settings"] == {"latency_tokens": 3, "throughput_batch": 5, "repeats": 1}
+    assert json.loads((Path(ref.path) / "deployment.json").read_text()) == m["figures"]
+    for name, f in m["figures"].items():
+        net = tiny(tokenizer, hidden=64 if name == "teacher" else 32)
+        assert f["params"] == sum(p.numel() for p in net.parameters())
+        assert f["flops_per_token"] == deployment.flops_per_token(net.config, f["context"])
+        assert f["size_bytes"] == (Path(models[name].path) / "model" / "model.safetensors").stat().st_size
+        assert f["latency_ms_per_token"] > 0 and f["throughput_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0
+    assert m["figures"]["teacher"]["params"] > m["figures"]["student"]["params"]
 
 
 # ---- the evaluate stage's body, without Prefect ---------------------------------------------------------

@@ -127,6 +127,20 @@ def test_lm_eval_skip_and_results_are_shown():
     assert "| model | gsm8k exact_match,strict-match |" in md and "| seq-kd | 0.400 |" in md
 
 
+def test_loss_curves_keep_the_ce_and_kd_terms_apart():
+    from kdflow.report import loss_curves, plot_losses
+
+    history = [{"loss": 2.0, "ce_loss": 1.5, "kd_loss": 2.5, "step": 5, "learning_rate": 1e-3, "epoch": 0.1},
+               {"loss": 1.0, "ce_loss": 0.5, "kd_loss": 1.5, "step": 10},
+               {"eval_loss": 9.0, "step": 10},  # an evaluation, not a training term
+               {"train_loss": 1.5, "train_runtime": 3.0, "step": 10}]  # the end-of-training summary
+    assert loss_curves(history) == {"loss": ([5, 10], [2.0, 1.0]), "ce_loss": ([5, 10], [1.5, 0.5]),
+                                    "kd_loss": ([5, 10], [2.5, 1.5])}
+    assert loss_curves([{"loss": 3.0, "step": 1}]) == {"loss": ([1], [3.0])}  # plain SFT: the total only
+    assert plot_losses({"seq-kd": history, "baseline": [{"loss": 3.0, "step": 1}]}).startswith(b"\x89PNG")
+    assert plot_losses({"teacher": []}) is None  # no model trained here: no plot, not an empty one
+
+
 # ---- the comparison command ---------------------------------------------------------------------------
 
 def write_run(folder: Path, report: dict) -> Path:
