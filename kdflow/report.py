@@ -185,9 +185,9 @@ def judge_notes(report: dict) -> list[str]:
            f"each student's greedy answer with the teacher's on the first {j['questions']} questions of the "
            f"`{j['split']}` split, each pair twice with the answers' places swapped (a judge that favours a place "
            "scores ½); win 1, tie ½, loss 0, over the verdicts it could parse. 0.5 = as good as the teacher."]
-    for name, s in report["students"].items():
+    for name, s in report["students"].items():  # nested by 4 spaces: Python-Markdown needs 4, CommonMark takes it
         c = s.get("judge") or {}
-        out.append(f"  - {name}: {c.get('wins', 0)} wins, {c.get('ties', 0)} ties, {c.get('losses', 0)} losses; "
+        out.append(f"    - {name}: {c.get('wins', 0)} wins, {c.get('ties', 0)} ties, {c.get('losses', 0)} losses; "
                    f"{c.get('unparsed', 0)} replies without a verdict, {c.get('failed', 0)} requests failed; "
                    f"{c.get('consistent_pairs', 0)} of {c.get('pairs_parsed', 0)} questions judged alike in both orders.")
     return out
@@ -346,7 +346,9 @@ def plot_tradeoff(report: dict) -> bytes:
             at.setdefault((m[key], m["accuracy"]), []).append(name)
         for (x, y), names in at.items():
             ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            # Below the point near the top, where a label above it would run into the frame (accuracy ~1).
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if y > 0.9 else 4),
+                        fontsize=8)
         if log:
             from matplotlib import ticker
 

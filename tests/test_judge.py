@@ -282,7 +282,7 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     md = (run_dir / "report.md").read_text()
     assert "| model | trained on | accuracy | gap closed | perplexity | top-1 agreement | KL(teacher ‖ model) | judge win rate vs teacher |" in md
     assert re.search(r"\| teacher \| gold \|.*\| \(reference\) \|", md) and re.search(r"\| seq-kd \| teacher \|.*\| 0\.500 \|", md)
-    assert "  - seq-kd: 0 wins, 12 ties, 0 losses; 0 replies without a verdict, 0 requests failed" in md
+    assert "    - seq-kd: 0 wins, 12 ties, 0 losses; 0 replies without a verdict, 0 requests failed" in md
     assert json.loads((run_dir / "report.json").read_text())["students"]["baseline"]["judge_win_rate"] == 0.5
 
 

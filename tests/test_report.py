@@ -100,7 +100,7 @@ def test_judge_win_rate_column_and_counts_when_a_judge_ran():
     assert "| teacher | gold | 0.900 | 1 (teacher) | 1.500 | 1.000 | 0.0000 | (reference) |" in md
     assert "| seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | 0.450 |" in md
     assert "`gpt-judge` (openai, template `prompts/judge.jinja`)" in md and "first 50 questions of the `test` split" in md
-    assert "  - baseline: 10 wins, 29 ties, 59 losses; 1 replies without a verdict, 1 requests failed; 40 of 48" in md
+    assert "    - baseline: 10 wins, 29 ties, 59 losses; 1 replies without a verdict, 1 requests failed; 40 of 48" in md
     assert [row["judge_win_rate"] for row in table_rows(r)] == [None, 0.25, 0.45]
     text = compare.render({"demo": r, "old": planted_report("old")})
     assert "| demo | seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | 0.450 |" in text
