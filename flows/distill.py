@@ -13,14 +13,14 @@ import sys
 from prefect import flow
 
 from flows.train_teacher import train_teacher
-from kdflow.recipe import StudentData, load_recipe
+from kdflow.recipe import load_recipe
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
-from tasks.students import train_student
+from tasks.students import student_inputs, train_student
 
 
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
@@ -35,19 +35,17 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
-    students = {
-        s.name: train_student(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
-        for s in r.students
-    }
+    students = {s.name: train_student(run_dir, s, cot, teacher, data, *student_inputs(s, curated, logits))
+                for s in r.student_runs()}
     models = {"teacher": teacher, **students}
     evaluations = {name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
                    for name, model in models.items()}
     deployment = measure_deployment(run_dir, models, r.evaluation.deployment, cot, data, r.evaluation.split)
     benchmarks = run_lm_eval(run_dir, models, r.evaluation.lm_eval)
-    judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.students},
+    judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     report = write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
-                          {s.name: {"data": s.data.value} for s in r.students}, curated, judged)
+                          {s.name: s.summary() for s in r.student_runs()}, curated, judged)
 
     print(f"report: {run_dir / 'report.md'}")
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():

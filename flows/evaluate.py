@@ -24,15 +24,15 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     r = load_recipe(recipe)
     run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
     data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
-    models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.students}}
+    models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
     evaluations = {name: evaluate_model(run, r.evaluation, cot, r.data.source, model, teacher, data)
                    for name, model in models.items()}
     deployment = measure_deployment(run, models, r.evaluation.deployment, cot, data, r.evaluation.split)
     benchmarks = run_lm_eval(run, models, r.evaluation.lm_eval)
-    judged = (judge_students(run, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.students},
+    judged = (judge_students(run, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     return write_report(run, r.run.name, models, evaluations, deployment, benchmarks,
-                        {s.name: {"data": s.data.value} for s in r.students}, curated, judged)
+                        {s.name: s.summary() for s in r.student_runs()}, curated, judged)
 
 
 if __name__ == "__main__":

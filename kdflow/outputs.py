@@ -58,7 +58,10 @@ def canonical(value):
     if isinstance(value, OutputRef):
         return {"ref": value.stage, "sha256": value.sha256}
     if isinstance(value, BaseModel):
-        return canonical(value.model_dump(mode="json", exclude=getattr(value, "__throughput_fields__", set())))
+        # Settings left at their defaults are left out, so that a new option added to a section (at a default
+        # that keeps the old behaviour) does not change every existing output's key and redo finished work.
+        return canonical(value.model_dump(mode="json", exclude_defaults=True,
+                                          exclude=getattr(value, "__throughput_fields__", set())))
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
@@ -120,6 +123,19 @@ def building(run_dir: Path, stage: str, key: str):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive(run_dir: Path, stage: str, key: str):
+    """Hold the lock of one stage output while it is built: a second run of the same content (another flow
+    run, another worker) waits here, then finds the output finished, instead of training beside the first
+    and sharing its resumable work folder. The lock file (``.lock-<key>``, empty) stays; the kernel drops
+    the lock when the holder exits, also on a crash or a kill."""
+    folder = Path(run_dir) / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".lock-{key[:16]}", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:

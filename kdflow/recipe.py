@@ -398,7 +398,8 @@ class KDSection(Strict):
     method: KDMethod = KDMethod.offline
     divergence: Divergence = Divergence.forward_kl
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the cross-entropy term; 1 - alpha on KD")
-    temperature: float = Field(1.0, gt=0.0, description="softmax(z / T) on both sides; the KD term is scaled by T²")
+    temperature: float = Field(1.0, gt=0.0, description="offline / feature: softmax(z / T) on both sides, the KD "
+                               "term scaled by T²; online (TRL's GKD): the student's sampling temperature only")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd, and method online)")
     skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="online: the fraction of batches the student generates")
@@ -417,9 +418,9 @@ class KDSection(Strict):
                              "`feature: {}` takes the defaults")
         if self.method is not KDMethod.feature and self.feature is not None:
             raise ValueError(f"`feature` is used by method feature only; remove it or set method: feature")
-        if self.cross_tokenizer and self.method is KDMethod.offline:
-            raise ValueError("cross_tokenizer gold trains with the live teacher; a logit cache holds the teacher's "
-                             "token ids, which another tokenizer cannot use: set method: online")
+        if self.cross_tokenizer and self.method is not KDMethod.online:
+            raise ValueError("cross_tokenizer gold is TRL's GOLD trainer, an online method with the live teacher (a "
+                             "logit cache or hidden states hold the teacher's token positions): set method: online")
         return self
 
 
@@ -427,6 +428,8 @@ class StudentSection(Strict):
     name: str
     data: StudentData
     kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0, description="train on this share of the student's rows: a "
+                                 "subset fixed by the seed, the same for every method (transfer-set sweeps)")
     model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
     seed: int = 0
@@ -441,6 +444,8 @@ class StudentSection(Strict):
     def summary(self) -> dict:
         """What the report says of how this student was trained."""
         out = {"data": self.data.value, "seed": self.seed}
+        if self.data_fraction < 1.0:
+            out["data_fraction"] = self.data_fraction
         if self.kd is not None:
             out |= {"kd": self.kd.method.value, "divergence": self.kd.divergence.value, "alpha": self.kd.alpha,
                     "temperature": self.kd.temperature}

@@ -92,3 +92,24 @@ def test_throughput_knobs_are_not_content():
     b = parse_recipe(DEMO.replace("batch_size: 512", "batch_size: 64"))
     assert canonical(a.generation) == canonical(b.generation)
     assert canonical(a.generation) != canonical(parse_recipe(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 97", 1)).generation)
+
+
+def test_kd_students_are_checked_before_any_work():
+    no_cache = DEMO.replace("logit_cache:\n  k: 20\n", "")
+    assert "logit-fkl" in error_of(no_cache) and "add a `logit_cache:` section" in error_of(no_cache)
+    gold = DEMO.replace("  - name: logit-fkl         # forward KL(teacher ‖ student): Hinton's soft targets\n    data: teacher",
+                        "  - name: logit-fkl\n    data: gold")
+    assert "set data: teacher" in error_of(gold)
+    online = DEMO.replace("kd: {method: offline, divergence: forward_kl", "kd: {method: online, divergence: forward_kl")
+    assert "set divergence: jsd" in error_of(online)
+    bad = DEMO.replace("divergence: reverse_kl", "divergence: kl")
+    message = error_of(bad)
+    assert f"demo.yaml:{line_of(DEMO, 'divergence: reverse_kl')}: students.3.kd.divergence" in message
+    assert "'forward_kl'" in message  # the choices are named
+
+
+def test_seeds_train_every_student_once_per_seed():
+    recipe = parse_recipe(DEMO.replace("  name: demo\n", "  name: demo\n  seeds: [0, 1, 2]\n"))
+    runs = recipe.student_runs()
+    assert [s.name for s in runs[:3]] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 12
+    assert [s.seed for s in runs[:3]] == [0, 1, 2] and runs[5].kd is None and runs[7].kd.divergence.value == "forward_kl"
