@@ -39,9 +39,47 @@ def gap_closure(student: float, baseline: float, teacher: float) -> float | None
     return (student - baseline) / (teacher - baseline)
 
 
-def baseline_student(students: dict[str, dict]) -> str | None:
-    """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD."""
-    return next((name for name, s in students.items() if s.get("data") == "gold"), None)
+def baseline_student(students: dict[str, dict], seed: int | None = None) -> str | None:
+    """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD;
+    with ``run.seeds``, the one trained with ``seed`` (a student is compared with the baseline of its seed)."""
+    return next((name for name, s in students.items() if s.get("data") == "gold" and s.get("kd") is None
+                 and (seed is None or s.get("seed") == seed)), None)
+
+
+def base_name(name: str) -> str:
+    """``seq-kd@2`` -> ``seq-kd`` (the recipe's student name, before ``run.seeds`` expanded it)."""
+    return name.rsplit("@", 1)[0]
+
+
+def trained_on(m: dict) -> str:
+    """What a student learnt from, for the tables: its data, and the KD loss where there is one."""
+    if not m.get("kd"):
+        return m["data"]
+    return f"{m['data']} + {m['kd']} {m['divergence']} (α {m['alpha']:g}, T {m['temperature']:g})"
+
+
+def seed_summary(students: dict[str, dict], teacher: dict) -> dict[str, dict]:
+    """Per recipe student trained with several seeds (``name@seed``): accuracy mean, sample standard
+    deviation, min and max over the seeds, and the gap closed by the mean accuracy over the baseline's mean.
+    Empty when no student was trained with more than one seed."""
+    groups: dict[str, list[str]] = {}
+    for name in students:
+        groups.setdefault(base_name(name), []).append(name)
+    if all(len(names) < 2 for names in groups.values()):
+        return {}
+    out = {}
+    for base, names in groups.items():
+        acc = [students[n]["accuracy"] for n in names]
+        mean = sum(acc) / len(acc)
+        std = (sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0
+        out[base] = {"seeds": [students[n].get("seed") for n in names], "accuracy": acc, "accuracy_mean": mean,
+                     "accuracy_std": std, "accuracy_min": min(acc), "accuracy_max": max(acc),
+                     "trained_on": trained_on(students[names[0]])}
+    baseline = next((b for b, names in groups.items() if baseline_student({n: students[n] for n in names})), None)
+    for base, g in out.items():
+        g["gap_closure_of_means"] = (None if baseline is None else
+                                     gap_closure(g["accuracy_mean"], out[baseline]["accuracy_mean"], teacher["accuracy"]))
+    return out
 
 
 def ratios(model: dict, teacher: dict) -> dict:
@@ -58,10 +96,12 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
     its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage;
     ``judge``: {"judge", "split", "questions", "win_rates": {student: win_rate(...)}} of the judge stage, None
     when the recipe has no judge."""
+    seeded = any("@" in name for name in students)
     baseline = baseline_student(students)
     out = {}
     for name, m in students.items():
-        closed = None if baseline is None else gap_closure(m["accuracy"], students[baseline]["accuracy"], teacher["accuracy"])
+        own = baseline_student(students, m.get("seed")) if seeded else baseline
+        closed = None if own is None else gap_closure(m["accuracy"], students[own]["accuracy"], teacher["accuracy"])
         out[name] = {**m, "compression": round(teacher["params"] / m["params"], 1), "gap_closure": closed,
                      "vs_teacher": ratios(m, teacher)}
         if judge is not None:
@@ -72,11 +112,15 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         note = f"not defined: the teacher is no more accurate than the baseline `{baseline}`"
     else:
         note = f"(student − {baseline}) / (teacher − {baseline}) on accuracy"
+        if seeded:
+            note = (f"(student − {base_name(baseline)}) / (teacher − {base_name(baseline)}) on accuracy, each student "
+                    "against the baseline trained with its own seed")
     return {
         "run": run_name,
         "teacher": teacher,
         "students": out,
         "gap_closure": {"baseline": baseline, "metric": "accuracy", "note": note},
+        "seeds": seed_summary(students, teacher),
         "curation": curation,
         "deployment": deployment,
         "lm_eval": lm_eval or {"status": "off"},
@@ -109,11 +153,11 @@ def quality_table(report: dict) -> list[str]:
     for name, m in models.items():
         if name == "teacher":
             closed = "1 (teacher)"
-        elif name == baseline:
+        elif m.get("data") == "gold" and not m.get("kd"):
             closed = "0 (baseline)"
         else:
             closed = _num(m.get("gap_closure"), ".2f")
-        cells = [name, m["data"], _num(m["accuracy"], ".3f"), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
+        cells = [name, trained_on(m), _num(m["accuracy"], ".3f"), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
                  closed, _num(m.get("perplexity"), ".3f"), _num(m.get("agreement"), ".3f"), _num(m.get("kl"), ".4f")]
         if _judged(report):
             cells.append("(reference)" if name == "teacher" else _num(m.get("judge_win_rate"), ".3f"))
@@ -199,14 +243,30 @@ def summary(report: dict) -> list[str]:
     lines = []
     for name, s in report["students"].items():
         share = f" ({s['accuracy'] / t['accuracy']:.0%} of the teacher's)" if t["accuracy"] else ""
-        line = f"- **{name}** (trained on {s['data']}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
-        if name != baseline and s.get("gap_closure") is not None:
-            line += f"; closes {s['gap_closure']:.0%} of the gap over `{baseline}`"
+        line = f"- **{name}** (trained on {trained_on(s)}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
+        if not (s.get("data") == "gold" and not s.get("kd")) and s.get("gap_closure") is not None:
+            line += f"; closes {s['gap_closure']:.0%} of the gap over `{base_name(baseline)}`"
         r = s.get("vs_teacher", {})
         costs = [f"{r[k]:.2g}× the {what}" for k, what in (("params", "parameters"), ("latency_ms_per_token", "latency"),
                                                              ("throughput_tokens_per_s", "throughput")) if k in r]
         lines.append(line + (f"; {', '.join(costs)}." if costs else "."))
     return lines
+
+
+def seeds_table(report: dict) -> list[str]:
+    """Mean and spread over seeds, per recipe student (only when ``run.seeds`` trained several)."""
+    seeds = report.get("seeds") or {}
+    if not seeds:
+        return []
+    lines = ["## Over seeds", "",
+             "| student | trained on | seeds | accuracy mean ± sd | min – max | gap closed (means) |",
+             "|---|---|---|---:|---:|---:|"]
+    for base, g in seeds.items():
+        lines.append(f"| {base} | {g['trained_on']} | {', '.join(str(x) for x in g['seeds'])} | "
+                     f"{g['accuracy_mean']:.3f} ± {g['accuracy_std']:.3f} | {g['accuracy_min']:.3f} – "
+                     f"{g['accuracy_max']:.3f} | {_num(g['gap_closure_of_means'], '.2f')} |")
+    return lines + ["", "sd: sample standard deviation over the seeds. Gap closed (means): (mean − baseline's mean) / "
+                    "(teacher − baseline's mean).", ""]
 
 
 def lm_eval_lines(lm_eval: dict) -> list[str]:
@@ -237,6 +297,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         "",
         *quality_table(report),
         "",
+        *seeds_table(report),
         "## Cost: what does each model take to run?",
         "",
         *cost_table(report),

@@ -255,3 +255,26 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
     table = found["report-test-table"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["model"] for row in table] == ["teacher", "baseline", "seq-kd"]
+
+
+def test_seeds_give_mean_and_spread_and_each_student_meets_its_own_seeds_baseline():
+    from kdflow.report import render_markdown
+
+    kd = {"kd": "offline", "divergence": "forward_kl", "alpha": 0.5, "temperature": 2.0}
+    students = {}
+    for seed, (base, seq, logit) in enumerate([(0.10, 0.80, 0.90), (0.20, 0.70, 0.80), (0.30, 0.90, 0.70)]):
+        students[f"baseline@{seed}"] = model(base, 100, data="gold", seed=seed)
+        students[f"seq-kd@{seed}"] = model(seq, 100, data="teacher", seed=seed)
+        students[f"logit@{seed}"] = model(logit, 100, data="teacher", seed=seed, **kd)
+    r = build_report("demo", model(1.0, 1000), students, CURATION, DEPLOYMENT)
+    # per seed, against that seed's baseline: (0.7 − 0.2) / (1 − 0.2) for seq-kd@1
+    assert r["students"]["seq-kd@1"]["gap_closure"] == pytest.approx(0.625)
+    g = r["seeds"]["seq-kd"]
+    assert g["seeds"] == [0, 1, 2] and g["accuracy_mean"] == pytest.approx(0.8)
+    assert g["accuracy_std"] == pytest.approx(0.1) and (g["accuracy_min"], g["accuracy_max"]) == (0.7, 0.9)
+    assert g["gap_closure_of_means"] == pytest.approx((0.8 - 0.2) / (1.0 - 0.2))
+    assert r["seeds"]["logit"]["trained_on"] == "teacher + offline forward_kl (α 0.5, T 2)"
+    md = render_markdown(r)
+    assert "## Over seeds" in md and "| seq-kd | teacher | 0, 1, 2 | 0.800 ± 0.100 | 0.700 – 0.900 | 0.75 |" in md
+    # one seed: no seeds section
+    assert build_report("demo", model(1.0, 1000), {"a": model(0.5, 10, data="gold")}, CURATION)["seeds"] == {}
