@@ -20,7 +20,8 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 
 from kdflow import capture
-from kdflow.logit_cache import MANIFEST, LogitCache, cache_meta, capture_shards, merge_caches
+from kdflow.cache_parts import COUNTS
+from kdflow.logit_cache import MANIFEST, CorruptShard, LogitCache, cache_meta, capture_shards, merge_caches
 from kdflow.models import model_location
 from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
 from kdflow.recipe import CaptureSource, LogitCacheSection
@@ -91,15 +92,18 @@ def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection
                                        for i in idx], log)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=1, retry_delay_seconds=10)
-def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
-                   curated: OutputRef) -> OutputRef:
-    """A retry (or a rerun after a crash) keeps every shard already written."""
-    inputs = {"section": section, "template": template, "teacher": teacher, "curated": curated}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
-    logger = run_logger()
+def capture_inputs(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef) -> dict:
+    """The stage's inputs by name, as ``capture_logits`` takes them: its cache key is made from these."""
+    return {"section": section, "template": template, "teacher": teacher, "curated": curated}
+
+
+def work_folder(run_dir: Path, key: str) -> Path:
+    """Where a capture in progress keeps its shards (per teacher; per worker part when sharded)."""
+    return Path(run_dir) / STAGE / f".work-{key[:16]}"
+
+
+def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef):
+    """The teacher's tokenizer, the kept rows and their encodings, and each teacher's (model, cache meta, weight)."""
     from transformers import AutoTokenizer
 
     model_dir = model_location(teacher)
@@ -109,30 +113,73 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
     vocab = _vocab_size(model_dir)
     members = [(model_dir, teacher.sha256, section.teacher_weight)]
     members += [(m.model, hash_folder(Path(m.model)), m.weight) for m in section.ensemble]
-    work = Path(run_dir) / STAGE / f".work-{key[:16]}"
+    teachers = [(str(location), cache_meta(teachers=[{"model": str(location), "revision": revision, "weight": weight}],
+                                           tokenizer=tokenizer, vocab_size=vocab, k=section.k,
+                                           temperature=section.temperature, encoding=section.value_encoding,
+                                           source=section.source.value), weight)
+                for location, revision, weight in members]
+    return tokenizer, kept, rows, teachers
+
+
+def capture_member(folder: Path, section: LogitCacheSection, location: str, kept: list[dict], rows, meta: dict,
+                   log) -> bool:
+    """Capture one teacher's cache of ``rows`` in ``folder``; False when it was there already, whole.
+
+    A finished cache (a crashed run's, or joined from workers' parts by flows/capture_sharded.py) is checked,
+    not captured again: loading a real teacher, or starting its vLLM server, only to find every shard done
+    costs minutes.
+    """
+    if _finished(folder, meta):
+        return False
+    if section.source is CaptureSource.hf:
+        capture_hf(folder, location, rows, section, meta, log)
+    elif section.source is CaptureSource.vllm:
+        capture_vllm(folder, location, rows, section, meta, log)
+    else:
+        capture_api(folder, kept, rows, section, meta, log)
+    return True
+
+
+def _finished(folder: Path, meta: dict) -> bool:
+    try:
+        cache = LogitCache.open(folder)
+        cache.verify()
+    except (FileNotFoundError, CorruptShard):
+        return False  # capture_shards keeps the shards that are whole and redoes the rest
+    return {k: v for k, v in cache.manifest.items() if k not in COUNTS} == meta
+
+
+def shard_logger():
+    logger = run_logger()
 
     def log(index: int, entry: dict) -> None:
         logger.info(f"logit cache: shard {index} ({entry['rows']} rows, {entry['positions']} positions) done")
 
+    return log
+
+
+@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=1, retry_delay_seconds=10)
+def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
+                   curated: OutputRef) -> OutputRef:
+    """A retry (or a rerun after a crash) keeps every shard already written."""
+    inputs = capture_inputs(section, template, teacher, curated)
+    key = stage_key(STAGE, VERSION, inputs)
+    if done := existing_output(run_dir, STAGE, key):
+        return done
+    tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
+    work, log = work_folder(run_dir, key), shard_logger()
+
     start = time.perf_counter()
-    parts = []
-    for j, (location, revision, weight) in enumerate(members):
-        meta = cache_meta(teachers=[{"model": str(location), "revision": revision, "weight": weight}],
-                          tokenizer=tokenizer, vocab_size=vocab, k=section.k, temperature=section.temperature,
-                          encoding=section.value_encoding, source=section.source.value)
-        folder = work / f"teacher-{j}"
-        if section.source is CaptureSource.hf:
-            capture_hf(folder, str(location), rows, section, meta, log)
-        elif section.source is CaptureSource.vllm:
-            capture_vllm(folder, str(location), rows, section, meta, log)
-        else:
-            capture_api(folder, kept, rows, section, meta, log)
-        parts.append(folder)
+    parts = [work / f"teacher-{j}" for j in range(len(teachers))]
+    captured = [capture_member(folder, section, location, kept, rows, meta, log)
+                for folder, (location, meta, _) in zip(parts, teachers)]
     if len(parts) > 1:
         caches = [LogitCache.open(p, expect_tokenizer=tokenizer) for p in parts]
-        merge_caches(caches, [w for _, _, w in members], work / "ensemble", k=section.k)
+        merge_caches(caches, [w for *_, w in teachers], work / "ensemble", k=section.k)
         parts.append(work / "ensemble")
-    seconds = time.perf_counter() - start
+    # Time and speed of a capture made here; a cache captured elsewhere (sharded over workers) has its
+    # timings in that flow's artifact, and this task only checked it.
+    seconds = time.perf_counter() - start if any(captured) else None
     with building(run_dir, STAGE, key) as tmp:
         final = parts[-1]
         for file in sorted(final.iterdir()):
@@ -141,7 +188,8 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
         finish(tmp, STAGE, key, inputs=inputs, rows=manifest["rows"], positions=manifest["positions"],
                bytes=manifest["bytes"], bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
                k=section.k, source=section.source.value, cache_manifest=MANIFEST,
-               seconds=round(seconds, 1), positions_per_second=round(manifest["positions"] / seconds, 1))
+               seconds=None if seconds is None else round(seconds, 1),
+               positions_per_second=None if seconds is None else round(manifest["positions"] / seconds, 1))
     shutil.rmtree(work, ignore_errors=True)
     return existing_output(run_dir, STAGE, key)
 

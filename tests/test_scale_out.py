@@ -1,6 +1,7 @@
-"""Teacher generation sharded over a local Dask cluster of 2 worker processes (prefect-dask's DaskTaskRunner),
-against a fake OpenAI-compatible teacher: every (row, sample) asked exactly once, by both workers together, and
-the stage's output the same as the unsharded stage's (same content key, one answer per row)."""
+"""Teacher generation and logit capture sharded over a local Dask cluster of 2 worker processes (prefect-dask's
+DaskTaskRunner). Generation, against a fake OpenAI-compatible teacher: every (row, sample) asked exactly once, by
+both workers together, and the stage's output the same as the unsharded stage's (same content key, one answer per
+row). Capture, with a tiny HF teacher: one cache, every row exactly once, the same as one process's capture."""
 
 import asyncio
 import json
@@ -8,6 +9,7 @@ import re
 
 import pandas as pd
 import pytest
+import torch
 
 from kdflow import run_folder
 from kdflow.recipe import load_recipe
@@ -63,3 +65,41 @@ async def latest_table(key: str) -> list[dict]:
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     table = json.loads(artifacts[-1].data)
     return table if isinstance(table, list) else [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_once(prefect_server, mini_recipe,
+                                                                                    tmp_path):
+    from prefect_dask import DaskTaskRunner
+
+    from flows.capture_sharded import capture_sharded
+    from kdflow.logit_cache import LogitCache
+    from kdflow.models import write_location
+    from tasks.capture import capture_logits
+    from test_capture import kept_rows, stage_ref, tiny_teacher
+
+    mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 5, shard_rows: 4, value_encoding: fp16}\n")
+    r = load_recipe(mini_recipe)
+    tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
+    teacher = stage_ref(r.run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
+    curated = stage_ref(r.run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
+
+    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    ref = capture_sharded.with_options(task_runner=runner)(str(mini_recipe), None, 2)
+    cache = LogitCache.open(ref.path)
+    cache.verify()
+    assert len(cache.row_ids) == len(set(cache.row_ids)) == ref.rows == 23
+    assert len(cache.manifest["shards"]) == 6 and not list((r.run_dir / "logit-cache").glob(".work-*"))
+    assert run_folder.latest(r.run_dir, "logit-cache") == ref
+
+    parts = asyncio.run(latest_table("logit-cache-parts"))
+    assert sorted(p["part"] for p in parts) == [0, 1] and len({p["pid"] for p in parts}) == 2  # two workers
+    assert sorted(p["rows"] for p in parts) == [11, 12]  # 6 shards of 4 (the last 3): 3 shards each
+
+    # One process capturing every row (the unsharded stage, elsewhere) makes the same cache under the same key.
+    single = capture_logits.fn(tmp_path / "single", r.logit_cache, r.prompts.cot_text(), teacher, curated)
+    assert single.key == ref.key
+    alone = LogitCache.open(single.path)
+    assert alone.row_ids == cache.row_ids
+    for a, b in zip(alone.iter_rows(), cache.iter_rows()):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.ids, b.ids)
+        assert torch.allclose(a.logprobs, b.logprobs, atol=1e-3) and torch.allclose(a.tail, b.tail, atol=1e-3)

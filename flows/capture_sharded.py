@@ -1,0 +1,96 @@
+"""The logit-cache stage sharded across the workers of a Dask cluster (prefect-dask's DaskTaskRunner): each worker
+captures one part of the kept rows — whole shards, in row order (kdflow/cache_parts.py) — into the stage's work
+folder; one task joins the parts into one cache (its cache.json written last); the ordinary capture task then
+finds that cache whole, captures nothing, and publishes it under the same content key as the unsharded stage.
+
+    python -m flows.capture_sharded recipes/demo.yaml --workers 2                 # a local cluster
+    python -m flows.capture_sharded RECIPE --address tcp://scheduler:8786         # an existing one
+
+The workers write into the run folder, so on several machines it must be on storage they all mount. With
+`logit_cache.source: vllm` each worker starts the teacher's vLLM server on its own machine (data parallel), or
+they all ask the one at `logit_cache.base_url`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from kdflow import run_folder
+from kdflow.cache_parts import join_parts, part_bounds
+from kdflow.outputs import OutputRef, existing_output
+from kdflow.recipe import LogitCacheSection, RecipeError, load_recipe
+from tasks.caching import stage_key
+from tasks.capture import (STAGE, VERSION, capture_inputs, capture_logits, capture_member, capture_setup,
+                           shard_logger, work_folder)
+
+
+def part_folder(work: Path, part: int, member: int) -> Path:
+    return work / f"part-{part}" / f"teacher-{member}"
+
+
+# No cache policy: a part's shards are durable in the work folder; rerun, it captures only what is missing.
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
+def capture_part(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
+                 part: int, parts: int) -> dict:
+    """Capture part ``part`` of ``parts`` for every teacher; returns who captured how much, how fast."""
+    work = work_folder(run_dir, stage_key(STAGE, VERSION, capture_inputs(section, template, teacher, curated)))
+    _, kept, rows, teachers = capture_setup(section, template, teacher, curated)
+    begin, end = part_bounds(len(rows), section.shard_rows, parts)[part]
+    start = time.perf_counter()
+    for j, (location, meta, _) in enumerate(teachers):
+        capture_member(part_folder(work, part, j), section, location, kept[begin:end], rows[begin:end], meta,
+                       shard_logger())
+    return {"part": part, "rows": end - begin, "seconds": round(time.perf_counter() - start, 1),
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+@task(cache_policy=NO_CACHE)
+def join_cache(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
+               parts: int) -> None:
+    """Join each teacher's parts into the one cache the capture task looks for (``teacher-<j>``)."""
+    work = work_folder(run_dir, stage_key(STAGE, VERSION, capture_inputs(section, template, teacher, curated)))
+    for j in range(1 + len(section.ensemble)):
+        join_parts([part_folder(work, p, j) for p in range(parts)], work / f"teacher-{j}")
+
+
+@flow(name="capture-sharded")
+def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> OutputRef:
+    """Run under a DaskTaskRunner (see ``main``); ``parts``: one per worker is plenty."""
+    r = load_recipe(recipe)
+    if r.logit_cache is None:
+        raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
+    run, cot, section = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text(), r.logit_cache
+    teacher, curated = run_folder.latest(run, "teacher"), run_folder.latest(run, "curate")
+    if not existing_output(run, STAGE, stage_key(STAGE, VERSION, capture_inputs(section, cot, teacher, curated))):
+        futures = [capture_part.submit(run, section, cot, teacher, curated, p, parts) for p in range(parts)]
+        done = [f.result() for f in futures]
+        join_cache(run, section, cot, teacher, curated, parts)
+        create_table_artifact(key="logit-cache-parts", table=done, description="rows captured per part and worker")
+    return capture_logits(run, section, cot, teacher, curated)
+
+
+def main() -> None:
+    from prefect_dask import DaskTaskRunner
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
+    parser.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+    parser.add_argument("--parts", type=int, help="default: one per local worker")
+    args = parser.parse_args()
+    runner = (DaskTaskRunner(address=args.address) if args.address else
+              DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
+    print(capture_sharded.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers))
+
+
+if __name__ == "__main__":
+    main()
