@@ -17,7 +17,7 @@ from kdflow.report import build_report, embed, plot_losses, plot_tradeoff, rende
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 
 
-def _write_atomic(path: Path, content: str | bytes) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     part = path.with_name(f".{path.name}.{os.getpid()}.part")  # per process: concurrent runs of a recipe
     part.write_bytes(content) if isinstance(content, bytes) else part.write_text(content)
     os.replace(part, path)
@@ -59,10 +59,10 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
              "accuracy vs parameters and latency": (TRADEOFF_PLOT, plot_tradeoff(report))}
     plots = {title: (name, png) for title, (name, png) in plots.items() if png is not None}
     for name, png in plots.values():
-        _write_atomic(run_dir / name, png)
+        write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-    _write_atomic(run_dir / "report.md", render_markdown(report, {t: name for t, (name, _) in plots.items()}))
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.md", render_markdown(report, {t: name for t, (name, _) in plots.items()}))
     create_markdown_artifact(key=artifact_key(run_name, "report"),
                              markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
                              description=f"kdflow report for {run_name} ({run_dir / 'report.md'})")

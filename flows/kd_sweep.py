@@ -1,0 +1,65 @@
+"""Does white-box KD add anything? Transfer-set sizes × {seq-KD, logit KD} × seeds on one recipe's run, with
+a table, a plot and a stated verdict (kdflow/sweep.py). Not part of `make demo`: it trains many students.
+
+    python -m flows.kd_sweep recipes/kd-sweep.yaml
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.train_teacher import train_teacher
+from kdflow import sweep as sw
+from kdflow.outputs import OutputRef
+from kdflow.recipe import load_recipe
+from tasks.capture import capture_logits
+from tasks.curate import filter_answers
+from tasks.data import make_data
+from tasks.evaluate import evaluate_model
+from tasks.generate import generate_answers
+from tasks.report import artifact_key, write_atomic
+from tasks.students import student_inputs, student_rows, train_student
+
+SEQ_KD = "seq-kd"
+
+
+# No log_prints (see flows/distill.py).
+@flow(name="kd-sweep")
+def kd_sweep(sweep: str = "recipes/kd-sweep.yaml") -> dict:
+    s = sw.load_sweep(sweep)  # a bad sweep or recipe fails here, before any work
+    r = load_recipe(s.recipe_path())
+    run_dir, cot = r.run_dir, r.prompts.cot_text()
+    students = s.students()
+
+    # The recipe's own stages: cached, so a sweep after `make demo` starts at the students.
+    data = make_data(run_dir, r.data)
+    teacher = train_teacher(str(s.recipe_path()))
+    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
+    logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None
+
+    trained: dict[str, OutputRef] = {st.name: train_student(run_dir, st, cot, teacher, data,
+                                                            *student_inputs(st, curated, logits)) for st in students}
+    evaluations = {name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
+                   for name, model in {"teacher": teacher, **trained}.items()}
+
+    accuracy = {name: ref.manifest()["metrics"]["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
+    rows = {st.data_fraction: len(student_rows(st, cot, data, curated)) for st in students if st.seed == s.seeds[0]}
+    summary = sw.summarise(accuracy, rows, evaluations["teacher"].manifest()["metrics"]["accuracy"])
+    reference = next((m for m, kd in s.methods.items() if kd is None), SEQ_KD)
+    out = run_dir / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "sweep.png", sw.plot_curves(summary, rows))
+    write_atomic(out / "sweep.json", json.dumps({"sweep": s.model_dump(mode="json"), "rows": rows, **summary}, indent=2))
+    write_atomic(out / "sweep.md", sw.render(summary, reference, "sweep.png"))
+    print(f"sweep report: {out / 'sweep.md'}")
+    print("\n".join(sw.regime_lines(summary, reference)))
+    return summary
+
+
+if __name__ == "__main__":
+    kd_sweep(*sys.argv[1:2])
