@@ -14,6 +14,7 @@ from prefect import flow
 
 from flows.train_teacher import train_teacher
 from kdflow.recipe import load_recipe
+from kdflow.remote import push_files
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
@@ -46,6 +47,8 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     report = write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
                           {s.name: s.summary() for s in r.student_runs()}, curated, judged)
+    if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)
+        push_files(run_dir, ["report.json", "report.md", *report["plots"]], r.run.url)
 
     print(f"report: {run_dir / 'report.md'}")
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():

@@ -4,6 +4,11 @@
 from (see ``content_key``), so two different inputs never share a folder and the same inputs always map to
 the same one. A folder is built under a temporary name and renamed into place only after its manifest is
 written: no manifest, no output. Stages pass each other small ``OutputRef``s, never the data itself.
+
+A run folder on remote storage (``run.root: s3://…``, kdflow/remote.py) is wired in here, where every stage looks
+up and finishes its output, rather than in each flow: every stage, and every stage flow rerun alone, gets it at
+once with no flow or task changed. ``existing_output`` downloads an output that only the remote has, and
+``building`` uploads each finished one (manifest last).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from kdflow import remote
 
 MANIFEST = "manifest.json"
 # Test hook for failure-and-rerun tests (tests/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
@@ -95,6 +103,7 @@ def output_dir(run_dir: Path, stage: str, key: str) -> Path:
 def existing_output(run_dir: Path, stage: str, key: str) -> OutputRef | None:
     """The ref of a complete output for this key, or None (missing, or no manifest: incomplete)."""
     final = output_dir(run_dir, stage, key)
+    sync(run_dir, stage, final.name)
     manifest = final / MANIFEST
     if not manifest.is_file():
         return None
@@ -120,8 +129,41 @@ def building(run_dir: Path, stage: str, key: str):
         if not (tmp / MANIFEST).is_file():
             raise RuntimeError(f"stage {stage!r} built {tmp} without calling finish(): no manifest, not complete")
         _move_into_place(tmp, final)
+        if url := remote_url(run_dir, stage, final.name):
+            remote.push(final, url)
     finally:
         if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remote_url(run_dir: Path, stage: str, name: str) -> str | None:
+    """Where the output folder ``name`` of a run folder on remote storage goes; None for a local run folder."""
+    url = remote.bound_url(run_dir)
+    return None if url is None else f"{url}/{stage}/{name}"
+
+
+def sync(run_dir: Path, stage: str, name: str) -> None:
+    """For a run folder on remote storage: download the output folder ``name`` when only the remote has it, and
+    upload it when only this machine has it (its upload was cut short). A plain local run folder: nothing."""
+    url = remote_url(run_dir, stage, name)
+    if url is None:
+        return
+    final = Path(run_dir) / stage / name
+    if (final / MANIFEST).is_file():
+        if not remote.exists_complete(url):
+            remote.push(final, url)
+    elif remote.exists_complete(url):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".pull-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            remote.pull(url, tmp)
+            # Verified before it is trusted: a damaged copy, or one replaced while it was read, is not taken; the
+            # stage builds the output again and its upload replaces the remote copy.
+            if hash_folder(tmp) == json.loads((tmp / MANIFEST).read_text())["sha256"]:
+                _move_into_place(tmp, final)
+            else:
+                logging.getLogger(__name__).warning(f"{url}: files do not match its manifest; not used")
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
 
+from kdflow import remote
 from kdflow.logit_cache import ValueEncoding
 from kdflow.losses import Divergence
 
@@ -33,7 +34,11 @@ class Strict(BaseModel):
 
 class RunSection(Strict):
     name: str = Field(description="run folder name under `root`")
-    root: str = "runs"
+    root: str = Field("runs", description="where run folders live: a local folder, or an fsspec URL (s3://bucket/"
+                      "runs, gs://…, file:///mnt/runs): stages then compute in `staging` and upload each finished "
+                      "output there (kdflow/remote.py)")
+    staging: str = Field("runs/.staging", description="with a URL `root`: the local folder stages compute in (models "
+                         "and parquet files need local paths); outputs already at the URL are downloaded here")
     seeds: list[int] | None = Field(None, min_length=1, description="train and evaluate every student once per "
                                     "seed (named `<name>@<seed>`); the report gives mean and spread")
 
@@ -43,6 +48,26 @@ class RunSection(Strict):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' or '-' only (it becomes a folder name)")
         return v
+
+    @field_validator("root")
+    @classmethod
+    def _reachable(cls, v: str) -> str:
+        if remote.is_url(v):
+            remote.check_url(v)
+        return v
+
+    @property
+    def url(self) -> str | None:
+        """The run folder's URL when `root` is one; None for a local run folder."""
+        return f"{self.root.rstrip('/')}/{self.name}" if remote.is_url(self.root) else None
+
+    def local_dir(self, base: Path) -> Path:
+        """The folder stages write to: `root/name`, or with a URL root `staging/name`, bound to that URL."""
+        if self.url is None:
+            root = Path(self.root)
+            return (root if root.is_absolute() else base / root) / self.name
+        staging = Path(self.staging).expanduser()
+        return remote.bind((staging if staging.is_absolute() else base / staging) / self.name, self.url)
 
 
 class Difficulty(Strict):
@@ -637,8 +662,7 @@ class Recipe(Strict):
 
     @property
     def run_dir(self) -> Path:
-        root = Path(self.run.root)
-        return (root if root.is_absolute() else ROOT / root) / self.run.name
+        return self.run.local_dir(ROOT)
 
 
 def _line_of(node, loc: tuple) -> int | None:

@@ -3,7 +3,8 @@
 A stage flow rerun alone on an existing run ("retrain the students of run X with a new loss") takes its
 inputs from here instead of recomputing them: the newest complete output of each upstream stage. Only
 folders whose ``manifest.json`` is there count (no manifest, not finished); temporary and trash folders
-(hidden names) are never looked at.
+(hidden names) are never looked at. A run folder on remote storage (kdflow/remote.py) counts the outputs there
+too: those this machine lacks are downloaded first (a stage flow rerun alone on a fresh machine).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kdflow.outputs import MANIFEST, OutputRef
+from kdflow import remote
+from kdflow.outputs import MANIFEST, OutputRef, sync
 
 
 class MissingStage(LookupError):
@@ -21,6 +23,9 @@ class MissingStage(LookupError):
 def outputs(run_dir: Path, stage: str) -> list[OutputRef]:
     """Every complete output of ``stage`` in the run folder, oldest first (by the manifest's time of writing)."""
     folder = Path(run_dir) / stage
+    if (url := remote.bound_url(run_dir)) is not None:
+        for name in remote.complete_outputs(f"{url}/{stage}"):
+            sync(run_dir, stage, name)
     found = []
     for manifest in folder.glob(f"[!.]*/{MANIFEST}"):
         try:

@@ -1,0 +1,164 @@
+"""Run folders on an fsspec file system (kdflow/remote.py): push / pull with the manifest last, an upload cut
+short is never an output, and the stage contract (kdflow/outputs.py, kdflow/run_folder.py) uploads each finished
+output and takes one only the remote has. Fast: fsspec's in-memory file system and a file:// URL."""
+
+import importlib.util
+import json
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from kdflow import remote, run_folder
+from kdflow.outputs import MANIFEST, building, existing_output, finish, output_dir
+from kdflow.recipe import RecipeError, parse_recipe
+
+STAGE = "stage"
+
+
+@pytest.fixture
+def memory_url():
+    """A fresh memory:// folder (the in-memory file system is one per process), removed afterwards."""
+    url = f"memory://kdflow-tests/{uuid.uuid4().hex}"
+    yield url
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+@pytest.fixture(params=["memory", "file"])
+def url(request, memory_url, tmp_path):
+    return memory_url if request.param == "memory" else f"file://{tmp_path / 'remote'}"
+
+
+def an_output(folder: Path) -> Path:
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "model.bin").write_bytes(b"\0\1\2" * 1000)
+    (folder / "rows.parquet").write_text("rows")
+    (folder / MANIFEST).write_text(json.dumps({"sha256": "x"}))
+    return folder
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_then_pull_gives_back_every_file(url, tmp_path):
+    local = an_output(tmp_path / "out")
+    assert not remote.exists_complete(f"{url}/stage/out")
+    remote.push(local, f"{url}/stage/out")
+    assert remote.exists_complete(f"{url}/stage/out") and remote.complete_outputs(f"{url}/stage") == ["out"]
+    remote.pull(f"{url}/stage/out", tmp_path / "back")
+    assert files_under(tmp_path / "back") == files_under(local)
+
+
+def test_the_manifest_is_uploaded_last(memory_url, tmp_path, monkeypatch):
+    order = []
+    put = MemoryFileSystem.put_file
+    monkeypatch.setattr(MemoryFileSystem, "put_file", lambda fs, src, dst, **kw: (order.append(dst), put(fs, src, dst, **kw)))
+    remote.push(an_output(tmp_path / "out"), f"{memory_url}/out")
+    assert len(order) == 3 and order[-1].endswith(f"/out/{MANIFEST}")
+
+
+def test_an_upload_cut_short_is_not_an_output(memory_url, tmp_path, monkeypatch):
+    target = f"{memory_url}/out"
+    remote.push(an_output(tmp_path / "old"), target)  # a complete older copy, replaced by a push that dies
+    put, calls = MemoryFileSystem.put_file, []
+
+    def dies_on_second_file(fs, src, dst, **kw):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise ConnectionError("network gone")
+        return put(fs, src, dst, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "put_file", dies_on_second_file)
+    with pytest.raises(ConnectionError):
+        remote.push(an_output(tmp_path / "new"), target)
+    assert not remote.exists_complete(target) and remote.complete_outputs(memory_url) == []
+    with pytest.raises(FileNotFoundError, match="not a finished output"):
+        remote.pull(target, tmp_path / "back")
+
+
+def build(run_dir, key, payload="x"):
+    with building(run_dir, STAGE, key) as tmp:
+        (tmp / "data.txt").write_text(payload)
+        finish(tmp, STAGE, key, inputs={"payload": payload}, rows=1)
+    return existing_output(run_dir, STAGE, key)
+
+
+def test_stages_upload_finished_outputs_and_a_fresh_staging_folder_takes_them(url, tmp_path):
+    run = f"{url}/runs/r1"
+    first = remote.bind(tmp_path / "staging-a" / "r1", run)
+    ref = build(first, "a" * 64)
+    assert remote.exists_complete(f"{run}/{STAGE}/{'a' * 16}")
+
+    # Another machine (an empty staging folder bound to the same URL) finds it there, whole, and builds nothing.
+    second = remote.bind(tmp_path / "staging-b" / "r1", run)
+    got = existing_output(second, STAGE, "a" * 64)
+    assert got.sha256 == ref.sha256 and got.path == str(output_dir(second, STAGE, "a" * 64).resolve())
+    assert files_under(Path(got.path)) == files_under(Path(ref.path))
+    assert existing_output(second, STAGE, "b" * 64) is None  # never built anywhere
+    assert not [p for p in (second / STAGE).iterdir() if p.name.startswith(".pull-")]
+
+
+def test_an_upload_cut_short_is_made_again_on_the_next_lookup(memory_url, tmp_path):
+    run_dir = remote.bind(tmp_path / "r1", memory_url)
+    ref = build(run_dir, "c" * 64)
+    fs = fsspec.filesystem("memory")
+    fs.rm_file(f"{memory_url}/{STAGE}/{'c' * 16}/{MANIFEST}")  # as if the upload had died before its manifest
+    assert existing_output(run_dir, STAGE, "c" * 64) == ref
+    assert remote.exists_complete(f"{memory_url}/{STAGE}/{'c' * 16}")
+
+
+def test_a_damaged_remote_output_is_not_taken(memory_url, tmp_path):
+    build(remote.bind(tmp_path / "a", memory_url), "d" * 64)
+    fsspec.filesystem("memory").pipe_file(f"{memory_url}/{STAGE}/{'d' * 16}/data.txt", b"changed")
+    fresh = remote.bind(tmp_path / "b", memory_url)
+    assert existing_output(fresh, STAGE, "d" * 64) is None  # the stage builds it again...
+    ref = build(fresh, "d" * 64)
+    other = remote.bind(tmp_path / "c", memory_url)
+    assert existing_output(other, STAGE, "d" * 64).sha256 == ref.sha256  # ... and its upload replaces the bad copy
+
+
+def test_a_stage_flow_rerun_on_a_fresh_machine_finds_remote_outputs(memory_url, tmp_path):
+    build(remote.bind(tmp_path / "a", memory_url), "e" * 64, payload="older")
+    newest = build(remote.bind(tmp_path / "a", memory_url), "f" * 64, payload="newer")
+    fresh = remote.bind(tmp_path / "b", memory_url)
+    assert run_folder.latest(fresh, STAGE).sha256 == newest.sha256
+    assert len(run_folder.outputs(fresh, STAGE)) == 2
+
+
+def test_a_plain_local_run_folder_touches_no_remote(tmp_path):
+    assert remote.bound_url(tmp_path) is None
+    build(tmp_path, "g" * 64)
+    assert [p.name for p in tmp_path.iterdir()] == [STAGE]
+
+
+def recipe_with_run(run: str) -> str:
+    text = (Path(__file__).with_name("mini.yaml")).read_text()
+    return text.replace("run:\n  name: mini\n  root: runs\n", run)
+
+
+def test_a_url_root_stages_locally_bound_to_the_run_url(memory_url, tmp_path):
+    staging = tmp_path / "staging"
+    r = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/runs\n  staging: {staging}\n"),
+                     "mini.yaml")
+    assert r.run.url == f"{memory_url}/runs/mini" and r.run_dir == staging / "mini"
+    assert remote.bound_url(r.run_dir) == r.run.url
+    local = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {tmp_path}\n"), "mini.yaml")
+    assert local.run.url is None and remote.bound_url(local.run_dir) is None  # the same folder, not staging
+    other = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/elsewhere\n  staging: {staging}\n"),
+                         "mini.yaml")
+    with pytest.raises(ValueError, match="staging folder of .*, not of .*: set run.staging"):
+        other.run_dir
+
+
+@pytest.mark.parametrize("root, message", [("nosuch://bucket/runs", "unknown file system 'nosuch'"),
+                                           ("s3://bucket/runs", "Install s3fs")])
+def test_a_url_fsspec_cannot_open_says_how_to_fix_it(root, message):
+    if root.startswith("s3://") and importlib.util.find_spec("s3fs") is not None:
+        pytest.skip("s3fs is installed here")
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {root}\n"), "mini.yaml")
