@@ -1,7 +1,7 @@
 """Does white-box KD add anything? Transfer-set sizes × {seq-KD, logit KD} × seeds on one recipe's run, with
 a table, a plot and a stated verdict (kdflow/sweep.py). Not part of `make demo`: it trains many students.
 
-    python -m flows.kd_sweep recipes/kd-sweep.yaml
+    python -m flows.kd_sweep recipes/sweeps/transfer-size.yaml
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SEQ_KD = "seq-kd"
 
 # No log_prints (see flows/distill.py).
 @flow(name="kd-sweep")
-def kd_sweep(sweep: str = "recipes/kd-sweep.yaml") -> dict:
+def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     s = sw.load_sweep(sweep)  # a bad sweep or recipe fails here, before any work
     r = load_recipe(s.recipe_path())
     run_dir, cot = r.run_dir, r.prompts.cot_text()

@@ -146,8 +146,7 @@ class ClassifierRecipe(Strict):
 
     @property
     def run_dir(self) -> Path:
-        root = Path(self.run.root)
-        return (root if root.is_absolute() else ROOT / root) / self.run.name
+        return self.run.local_dir(ROOT)  # a URL root: a local staging folder bound to it (kdflow/remote.py)
 
     def member_seeds(self, seed: int) -> list[int]:
         """The ensemble members' training seeds for one experiment seed: distinct across members and seeds."""

@@ -73,8 +73,7 @@ class SelfInstructRecipe(Strict):
 
     @property
     def run_dir(self) -> Path:
-        root = Path(self.run.root)
-        return (root if root.is_absolute() else ROOT / root) / self.run.name
+        return self.run.local_dir(ROOT)  # a URL root: a local staging folder bound to it (kdflow/remote.py)
 
 
 def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:

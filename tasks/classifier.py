@@ -9,8 +9,6 @@ it (an ensemble, a student's soft targets, the report) needs only those, never t
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from kdflow.classifier_kd import SPLITS, Split
 from kdflow.classifier_recipe import MLP, ClassifierData, DataSection, DistillSection, Transformer
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from tasks.caching import StageCache, stage_key
+from tasks.report import artifact_key, write_atomic
 
 DATA, TEACHER, STUDENT = "classifier-data", "classifier-teacher", "classifier-student"
 VERSION = "1"
@@ -160,17 +159,6 @@ class SeedRun(BaseModel):
     kd: OutputRef
 
 
-def artifact_key(run_name: str, what: str) -> str:
-    """A stable artifact key: Prefect accepts only lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower())
-
-
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_bytes(text) if isinstance(text, bytes) else part.write_text(text)
-    os.replace(part, path)
-
-
 def seed_metrics(run: SeedRun) -> dict[str, dict]:
     """Model name -> {params, val, test} for one seed (the names the reports use)."""
     single = run.members[0].manifest()
@@ -193,10 +181,10 @@ def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, disti
     report = classifier_kd.summarize(run_name, data.manifest(), distill.model_dump(), per_seed)
     png = classifier_kd.plot_models(report)
     run_dir = Path(run_dir)
-    _write_atomic(run_dir / "report.png", png)
+    write_atomic(run_dir / "report.png", png)
     markdown = classifier_kd.render_markdown(report, plot="report.png")
-    _write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-    _write_atomic(run_dir / "report.md", markdown)
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
+    write_atomic(run_dir / "report.md", markdown)
     create_markdown_artifact(key=artifact_key(run_name, "report"), markdown=classifier_kd.render_markdown(report, png=png),
                              description=f"classic KD report for {run_name} ({run_dir / 'report.md'})")
     create_table_artifact(key=artifact_key(run_name, "table"), table=classifier_kd.table_rows(report),
@@ -243,9 +231,9 @@ def write_sweep_report(run_dir: Path, run_name: str, data: OutputRef, seeds: lis
     sweep = classifier_kd.summarize_sweep(run_name, data.manifest(), references, rows)
     png = classifier_kd.plot_sweep(sweep)
     run_dir = Path(run_dir)
-    _write_atomic(run_dir / "sweep.png", png)
-    _write_atomic(run_dir / "sweep-report.json", json.dumps(sweep, indent=2))
-    _write_atomic(run_dir / "sweep-report.md", classifier_kd.render_sweep_markdown(sweep, plot="sweep.png"))
+    write_atomic(run_dir / "sweep.png", png)
+    write_atomic(run_dir / "sweep-report.json", json.dumps(sweep, indent=2))
+    write_atomic(run_dir / "sweep-report.md", classifier_kd.render_sweep_markdown(sweep, plot="sweep.png"))
     create_markdown_artifact(key=artifact_key(run_name, "sweep-report"),
                              markdown=classifier_kd.render_sweep_markdown(sweep, png=png),
                              description=f"classic KD sweep for {run_name} ({run_dir / 'sweep-report.md'})")
