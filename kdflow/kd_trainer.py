@@ -145,11 +145,12 @@ class CachedKDTrainer(SFTTrainer):
 
 def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, training: dict, out_dir: Path, seed: int,
                      checkpoints: Path | None = None, row_ids: list[str] | None = None,
-                     callbacks: list | None = None) -> list[dict]:
+                     callbacks: list | None = None, peft_config=None) -> list[dict]:
     """Train ``model`` in place from the logit cache at ``cache_dir``, save it and the tokenizer to
     ``out_dir/model``; returns the log history (``loss``, ``ce_loss``, ``kd_loss`` per logging step).
 
     The cache must have been captured with this tokenizer and chat template (checked before any work).
+    ``peft_config``: train LoRA adapters only; both loss terms then come from the adapted model's logits.
     """
     from datasets import Dataset, disable_progress_bars
 
@@ -167,7 +168,7 @@ def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, traini
     rows = cache_rows(cache, row_ids, config.max_length)
     trainer = CachedKDTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
                               processing_class=tokenizer, data_collator=CachedLogitsCollator(cache, _pad_id(tokenizer)),
-                              kd=kd, callbacks=callbacks)
+                              kd=kd, callbacks=callbacks, peft_config=peft_config)
     return fit(trainer, model, tokenizer, out_dir, checkpoints)
 
 

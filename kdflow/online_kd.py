@@ -24,14 +24,14 @@ def messages_row(row: dict) -> dict:
 
 def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int, *,
                  lmbda: float, beta: float, temperature: float, max_new_tokens: int,
-                 checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
+                 checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
     """Train ``student`` in place by GKD from the live ``teacher`` on prompt-completion ``rows``.
 
     ``lmbda``: fraction of steps trained on the student's own samples (0 = the dataset's completions only);
     ``beta``: JSD interpolation (0 forward KL, 1 reverse KL); ``temperature``: sampling temperature of the
     on-policy completions; ``max_new_tokens``: their length cap. GKDConfig refuses ``lmbda`` or ``beta``
     outside [0, 1]. Teacher and student must share the tokenizer (check with
-    ``kdflow.tokenizer_compat.check_tokenizers``). ``checkpoints``: as in ``kdflow.sft.train_sft``.
+    ``kdflow.tokenizer_compat.check_tokenizers``). ``checkpoints``, ``peft_config``: as in ``kdflow.sft.train_sft``.
 
     Saves the student and the tokenizer to ``out_dir/"model"``; returns the log history, also written to
     ``out_dir/"log_history.json"``.
@@ -53,5 +53,6 @@ def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, 
                         checkpoints=checkpoints is not None, config_class=GKDConfig,
                         lmbda=lmbda, beta=beta, temperature=temperature, max_new_tokens=max_new_tokens)
     trainer = GKDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
+                         peft_config=peft_config,
                          train_dataset=Dataset.from_list([messages_row(r) for r in rows]), processing_class=tokenizer)
     return fit(trainer, student, tokenizer, out_dir, checkpoints)

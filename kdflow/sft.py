@@ -43,31 +43,51 @@ def last_checkpoint(folder: Path | None) -> str | None:
 
 def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> list[dict]:
     """Train (resuming from the newest checkpoint in ``checkpoints`` if one is there), save the model and
-    tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``.
+    tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``. A LoRA student (the
+    trainer holds a peft model) is saved merged, its adapter beside it in ``out_dir/adapter``.
 
     No blind retry: a rerun after a crash or kill continues from the checkpoint's step, with its optimizer,
     scheduler and RNG states. Checkpoints are removed once the model is saved.
+
+    Under ``accelerate launch`` every process gets here holding the same weights (DDP keeps them in step):
+    the main process alone writes, and the others wait until it has, so all return with the output complete.
     """
     resume = last_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model if model is None else model
-    model.save_pretrained(out_dir / "model")
-    tokenizer.save_pretrained(out_dir / "model")
     history = trainer.state.log_history
     if resume:
         history = [{"resumed_from": Path(resume).name}, *history]
-    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
-    if checkpoints is not None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if trainer.accelerator.is_main_process:
+        save_model(trainer, model, tokenizer, out_dir)
+        (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return history
 
 
+def save_model(trainer, model, tokenizer, out_dir: Path) -> None:
+    """``model`` (the trainer's own when None) and the tokenizer to ``out_dir/model``; a peft model merged."""
+    from accelerate.utils import is_peft_model
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(trained):
+        from kdflow.lora import save_merged
+
+        model = save_merged(trained, out_dir)
+    elif model is None:
+        model = trained
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+
+
 def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int,
-              checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
+              checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
     """Train ``model`` in place on ``rows`` and save it (with the tokenizer) to ``out_dir``.
 
     ``checkpoints``: a folder that outlives a failed attempt (not inside ``out_dir``, which is a temporary
-    folder) to checkpoint into and resume from. Returns the trainer's log history (loss per logging step).
+    folder) to checkpoint into and resume from. ``peft_config``: train LoRA adapters only
+    (``kdflow.lora.lora_config``). Returns the trainer's log history (loss per logging step).
     """
     import torch
     from datasets import Dataset, disable_progress_bars
@@ -77,5 +97,5 @@ def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path,
     config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
                         cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None)
     trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                         callbacks=callbacks)
+                         callbacks=callbacks, peft_config=peft_config)
     return fit(trainer, model, tokenizer, out_dir, checkpoints)

@@ -3,23 +3,31 @@
 the logit cache (offline), with the live teacher (online GKD), or on its hidden states (feature KD).
 
 Training checkpoints go to a work folder named by the stage's key, outside the temporary output folder, so
-a rerun after a crash or a kill resumes from the last checkpoint instead of starting over."""
+a rerun after a crash or a kill resumes from the last checkpoint instead of starting over.
+
+A student whose section has ``launch:`` trains in processes of its own, started by ``accelerate launch``
+(``kdflow/train_student_cli.py``, which runs ``train_here`` below in each process), e.g. DDP over a node's GPUs."""
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
+from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.models import model_location, write_location
 from kdflow.outputs import OutputRef, building, exclusive, existing_output, finish
-from kdflow.recipe import KDMethod, StudentData, StudentSection
+from kdflow.recipe import ROOT, KDMethod, StudentData, StudentSection
 from kdflow.sft import train_sft
-from kdflow.tiny_models import count_params, llama_model
+from kdflow.tiny_models import llama_model
 from tasks.capture import cache_row_id
 from tasks.caching import StageCache, stage_key
 from tasks.data import read_split
@@ -85,13 +93,19 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     kd, training, seed = section.kd, section.training, section.seed
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
+    # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
+    peft = None
+    if section.lora is not None:
+        from kdflow.lora import lora_config
+
+        peft = lora_config(section.lora, model)
     if kd is None:
-        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints)
+        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, peft_config=peft)
     if kd.method is KDMethod.offline:
         from kdflow.kd_trainer import KDLoss, train_offline_kd
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
-                                row_ids=row_ids)
+                                row_ids=row_ids, peft_config=peft)
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
     if kd.cross_tokenizer == "gold":
         from kdflow.tokenizer_compat import train_gold
@@ -103,11 +117,79 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
         from kdflow.online_kd import train_online
 
         return train_online(model, live, tokenizer, rows, training, out, seed, lmbda=kd.lmbda, beta=kd.beta,
-                            temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints)
+                            temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
+                            peft_config=peft)
     from kdflow.feature_kd import train_feature_kd
 
     return train_feature_kd(model, live, tokenizer, rows, training, out, seed, layer_map=kd.feature.layers,
                             kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints)
+
+
+def train_here(section: StudentSection, rows: list[dict], teacher: OutputRef, logits: OutputRef | None, out: Path,
+               checkpoints: Path | None) -> None:
+    """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
+    it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
+    model, tokenizer = init_student(section, teacher)
+    check_student_tokenizer(section, teacher, tokenizer)
+    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints)
+
+
+class StudentJob(BaseModel):
+    """What a launched training process is handed: the section and the very inputs the stage keyed it on
+    (not the newest outputs of the run folder, which a concurrent run may have replaced meanwhile)."""
+
+    section: StudentSection
+    template: str
+    teacher: OutputRef
+    data: OutputRef
+    curated: OutputRef | None = None
+    logits: OutputRef | None = None
+    checkpoints: str | None = None
+
+    def write(self, path: Path) -> None:
+        # Computed fields (a template's or config's text) are derived on load, and the strict sections refuse them.
+        Path(path).write_text(self.model_dump_json(exclude_computed_fields=True, indent=1))
+
+    @classmethod
+    def read(cls, path: Path) -> "StudentJob":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+LOG_TAIL = 40  # lines of a failed launch's log quoted in the error
+
+
+def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> None:
+    """Train ``job`` into ``out`` by ``accelerate launch`` with the section's config, each process running
+    ``kdflow.train_student_cli``. The launcher's output (every rank's) goes to ``log``; a non-zero exit
+    raises with its last lines."""
+    launch = job.section.launch
+    job.write(job_file)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_path),
+           *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
+           "-m", "kdflow.train_student_cli", "--job", str(job_file), "--out", str(out)]
+    # The processes import kdflow and tasks from this checkout, whatever the caller's working directory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-LOG_TAIL:])
+        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with {code}; the last lines "
+                           f"of {log}:\n{tail}")
+    if not (Path(out) / "model" / "config.json").is_file():
+        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with 0 but wrote no model to "
+                           f"{out}; see {log}")
+    job_file.unlink(missing_ok=True)
+
+
+def saved_params(model_dir: Path) -> int:
+    """Parameters of a saved model, from its safetensors headers (no weights loaded; tied ones saved once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total
 
 
 @task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
@@ -125,16 +207,20 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
     rows = student_rows(section, template, data, curated)
     if not rows:
         raise ValueError(f"student {section.name!r} has no training rows: the filter kept no teacher answers")
-    model, tokenizer = init_student(section, teacher)
-    check_student_tokenizer(section, teacher, tokenizer)
-    checkpoints = Path(run_dir) / STAGE / f".work-{key[:16]}"
+    stage_dir = Path(run_dir) / STAGE
+    checkpoints = stage_dir / f".work-{key[:16]}"
     with exclusive(run_dir, STAGE, key):
         if done := existing_output(run_dir, STAGE, key):
             return done  # a concurrent run of the same student finished it while this one waited
         with building(run_dir, STAGE, key) as tmp:
             start = time.perf_counter()
-            fit_student(model, tokenizer, section, rows, teacher, logits, tmp, checkpoints)
+            if section.launch is None:
+                train_here(section, rows, teacher, logits, tmp, checkpoints)
+            else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
+                job = StudentJob(section=section, template=template, teacher=teacher, data=data, curated=curated,
+                                 logits=logits, checkpoints=str(checkpoints))
+                launch_student(job, tmp, stage_dir / f".launch-{key[:16]}.json", stage_dir / f".launch-{key[:16]}.log")
             write_location(tmp, "model")
-            finish(tmp, STAGE, key, inputs=inputs, rows=len(rows), name=section.name, params=count_params(model),
-                   seconds=round(time.perf_counter() - start, 1))
+            finish(tmp, STAGE, key, inputs=inputs, rows=len(rows), name=section.name,
+                   params=saved_params(tmp / "model"), seconds=round(time.perf_counter() - start, 1))
     return existing_output(run_dir, STAGE, key)
