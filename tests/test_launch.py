@@ -1,0 +1,83 @@
+"""Training one student outside Prefect (kdflow/train_student_cli.py) and through `accelerate launch`.
+
+The CLI on a run folder takes the run's newest finished inputs and trains like the students stage. The stage,
+for a student with `launch:`, runs `accelerate launch` with accelerate/cpu_2proc.yaml: two CPU processes in one
+gloo process group (DDP) train a LoRA offline-KD student; both ranks take part (each logs its rank in the group
+of 2, and the epoch count shows the global batch was twice the per-process one), rank 0 alone writes, and the
+stage's output is complete and reloads as a plain causal LM. A launch that fails raises with its log's tail."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from kdflow.recipe import ROOT, StudentSection
+from kdflow.tiny_models import count_params
+from test_capture import TEMPLATE
+from test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)
+
+torch.set_num_threads(1)
+TRAINING = {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 2,
+            "max_length": 64}
+
+
+def lora_kd_student(setup, **fields) -> StudentSection:
+    return StudentSection(name="lora-kd", data="teacher", model=str(setup["base"]), lora={"r": 4},
+                          kd={"divergence": "forward_kl"}, training=TRAINING, **fields)
+
+
+def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(setup, tmp_path):  # noqa: F811
+    import yaml
+
+    from kdflow.train_student_cli import main
+
+    raw = yaml.safe_load((ROOT / "tests" / "mini.yaml").read_text())
+    raw["run"] = {"name": setup["run_dir"].name, "root": str(setup["run_dir"].parent)}
+    raw["logit_cache"] = {"k": 5}
+    raw["students"] = [lora_kd_student(setup).model_dump(mode="json", exclude_defaults=True)]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    main(["--recipe", str(recipe), "--student", "lora-kd", "--out", str(tmp_path / "out")])
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")) is LlamaForCausalLM
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    history = json.loads((tmp_path / "out" / "log_history.json").read_text())
+    assert any("kd_loss" in h for h in history) and history[-1]["step"] == 6
+    with pytest.raises(SystemExit, match="no student 'nobody'.*'lora-kd'"):
+        main(["--recipe", str(recipe), "--student", "nobody", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_the_students_stage_trains_through_accelerate_launch_on_2_cpu_processes(setup):  # noqa: F811
+    from tasks.students import train_student
+
+    section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
+    ref = train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
+                           setup["logits"])
+    out = Path(ref.path)
+    log = (out.parent / f".launch-{ref.key[:16]}.log").read_text()
+    for rank in (0, 1):  # each rank started, and finished as a member of a process group of 2 (torch.distributed)
+        assert f"[rank {rank}/2] training 'lora-kd' on 48 rows" in log
+    assert "[rank 0/2] done: wrote" in log and "[rank 1/2] done: rank 0 writes the model" in log
+    history = json.loads((out / "log_history.json").read_text())
+    # 6 steps of 2 processes x 4 rows = 48 rows = one epoch (one process would have seen half of them)
+    assert history[-1]["step"] == 6 and history[-1]["epoch"] == 1.0
+    assert any("kd_loss" in h for h in history)
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model) is LlamaForCausalLM and not any("lora" in k for k in model.state_dict())
+    assert ref.manifest()["params"] == count_params(model) == count_params(AutoModelForCausalLM.from_pretrained(setup["base"]))
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (out.parent / f".launch-{ref.key[:16]}.json").exists()  # the job file is removed once done
+    assert not (out.parent / f".work-{ref.key[:16]}").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_launch_raises_with_the_last_lines_of_its_log(setup, tmp_path):  # noqa: F811
+    from tasks.students import train_student
+
+    section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
+    section = section.model_copy(update={"model": str(tmp_path / "no-such-model"), "name": "broken"})
+    with pytest.raises(RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*no-such-model"):
+        train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
+                         setup["logits"])
