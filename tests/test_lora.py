@@ -1,5 +1,5 @@
-"""LoRA students (kdflow/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT and
-by offline KD from a real logit cache. Only the adapters train (the base weights are bit-for-bit unchanged at
+"""LoRA students (kdflow/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT, by
+offline KD from a real logit cache, and by online GKD against a live teacher. Only the adapters train (the base weights are bit-for-bit unchanged at
 the end of training), the loss goes down, the saved model is the adapter merged into the base (a plain causal
 LM that differs from the base and equals base + adapter), the adapter is kept beside it, and an interrupted
 LoRA run resumes from its checkpoint. Also the recipe's refusals and the students stage with a LoRA student."""
@@ -212,3 +212,19 @@ def test_the_students_stage_trains_a_lora_kd_student_and_records_the_plain_model
     assert (Path(ref.path) / "adapter" / "adapter_model.safetensors").is_file()
     history = json.loads((Path(ref.path) / "log_history.json").read_text())
     assert any("kd_loss" in h for h in history)
+
+
+def test_lora_online_gkd_trains_the_adapters_against_a_live_teacher(setup, tmp_path):
+    from kdflow.models import model_location
+    from kdflow.online_kd import train_online
+
+    tok, base_dir = setup["tokenizer"], setup["base"]
+    teacher = AutoModelForCausalLM.from_pretrained(model_location(setup["teacher"]))
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    seen = Inspect()
+    history = train_online(model, teacher, tok, sft_rows()[:16], {**TRAINING, "max_steps": 4, "logging_steps": 2},
+                           tmp_path, seed=0, lmbda=0.5, beta=0.5, temperature=1.0, max_new_tokens=8,
+                           callbacks=[seen], peft_config=lora_config(LoraSection(r=4), model))
+    check_only_adapters_trained(seen, AutoModelForCausalLM.from_pretrained(base_dir), r=4)
+    assert [math.isfinite(h["loss"]) for h in history if "loss" in h] == [True, True]
+    check_merged_output(tmp_path, base_dir, tok)
