@@ -230,6 +230,19 @@ class VllmServerSection(Strict):
     extra_args: list[str] = Field(default_factory=list, description="more api_server flags, e.g. [--dtype, bfloat16]")
     port: int | None = Field(None, ge=1, le=65535, description="default: a free port")
     startup_timeout_s: float = Field(600.0, gt=0)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split across (vLLM's "
+                                      "--tensor-parallel-size): a teacher too big for one GPU")
+
+    @model_validator(mode="after")
+    def _one_tp_setting(self):
+        if any(a.startswith("--tensor-parallel-size") or a == "-tp" for a in self.extra_args):
+            raise ValueError("set tensor_parallel_size, not --tensor-parallel-size in extra_args")
+        return self
+
+    def server_args(self) -> list[str]:
+        """The api_server flags: ``extra_args`` plus the tensor-parallel size."""
+        tp = ["--tensor-parallel-size", str(self.tensor_parallel_size)] if self.tensor_parallel_size > 1 else []
+        return [*self.extra_args, *tp]
 
 
 class IclSection(Strict):
@@ -257,7 +270,7 @@ class GenerationSection(Strict):
     __throughput_fields__: ClassVar[dict] = {
         "batch_size": True,
         "api": {"api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries", "max_failure_fraction"},
-        "vllm": {"python", "port", "startup_timeout_s"},
+        "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size"},
     }
     backend: Backend = Backend.hf
     splits: list[str] = Field(description="splits whose questions the teacher answers")
@@ -592,7 +605,7 @@ class EvaluationSection(Strict):
         __throughput_fields__: ClassVar[dict] = {
             **{f: True for f in ("api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries",
                                  "max_failure_fraction", "batch_size")},
-            "vllm": {"python", "port", "startup_timeout_s"},
+            "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size"},
         }
         backend: Backend = Backend.openai
         model: str = Field(description="openai: the served model name; vllm, hf: a local model folder or hub id")

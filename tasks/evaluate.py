@@ -162,7 +162,7 @@ def _ask(section: EvaluationSection.Judge, todo: dict[str, str], shard: ShardWri
     run = {"concurrency": section.concurrency, "max_retries": section.max_retries, "on_record": shard.append}
     if section.backend is Backend.vllm:  # served under its path, the name the requests use
         v = section.vllm
-        with vllm_server(section.model, port=v.port, extra_args=v.extra_args, python=v.python,
+        with vllm_server(section.model, port=v.port, extra_args=v.server_args(), python=v.python,
                          startup_timeout_s=v.startup_timeout_s) as base_url:
             return run_all(base_url, None, section.timeout_s, requests, sampling, **run)
     return run_all(section.base_url, judge_api_key(section), section.timeout_s, requests, sampling, **run)

@@ -145,7 +145,7 @@ def api_answers(section: GenerationSection, model: str, rows: list[dict], folder
             run["on_record"] = shard.append
             if section.backend is Backend.vllm:
                 v = section.vllm
-                with vllm_server(model, port=v.port, extra_args=v.extra_args, python=v.python,
+                with vllm_server(model, port=v.port, extra_args=v.server_args(), python=v.python,
                                  startup_timeout_s=v.startup_timeout_s) as base_url:
                     acct = run_all(base_url, None, section.api.timeout_s, requests, s, **run)
             else:

@@ -113,3 +113,17 @@ def test_seeds_train_every_student_once_per_seed():
     runs = recipe.student_runs()
     assert [s.name for s in runs[:3]] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 12
     assert [s.seed for s in runs[:3]] == [0, 1, 2] and runs[5].kd is None and runs[7].kd.divergence.value == "forward_kl"
+
+
+def test_vllm_tensor_parallel_size_reaches_the_server_flags_and_not_the_cache_key():
+    from kdflow.outputs import canonical
+
+    gpu = (ROOT / "recipes" / "gsm8k-qwen7b-to-0.5b.yaml").read_text()
+    one = parse_recipe(gpu).generation
+    four = parse_recipe(gpu.replace("tensor_parallel_size: 1", "tensor_parallel_size: 4")).generation
+    assert one.vllm.server_args() == ["--dtype", "bfloat16"]
+    assert four.vllm.server_args() == ["--dtype", "bfloat16", "--tensor-parallel-size", "4"]
+    assert canonical(one) == canonical(four)  # the same answers, only served faster
+    both = gpu.replace("extra_args: [--dtype, bfloat16]", "extra_args: [--tensor-parallel-size, '2']")
+    with pytest.raises(RecipeError, match="set tensor_parallel_size, not --tensor-parallel-size"):
+        parse_recipe(both)
