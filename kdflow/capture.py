@@ -26,6 +26,9 @@ import torch
 from kdflow.logit_cache import TAIL_FLOOR, TopK, tail_from_topk
 
 API_TOP_LOGPROBS_MAX = 20  # OpenAI's cap on top_logprobs
+# Logits per top-k step in hf_topk: 16 MiB of float32, a size whose buffers the allocator reuses (at 64 MiB and
+# up each chunk was mapped and page-faulted afresh, and capture ran ~10 % slower; at 1 MiB, ops' fixed costs add up).
+CHUNK_LOGITS = 1 << 22
 
 
 @dataclass
@@ -77,16 +80,24 @@ def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[to
     """(P, V) logits -> top-k ids (P, k), their log-probs (P, k) and the tail ``log Σ_{rest} p`` (P,) of
     ``softmax(logits / T)``.
 
-    Two passes over V (top-k, logsumexp) and no (P, V) log-softmax: on a small teacher these passes cost
-    as much as its forward. The tail is ``log(1 − exp(lse_top − lse))`` in float64, exact up to the float32
-    rounding of the two logsumexps (≈ 1e-6 of the mass), floored at ``TAIL_FLOOR``.
+    Two passes over V (top-k, then exp-sum) and no (P, V) log-softmax: on a small teacher these passes cost
+    as much as its forward. The logsumexp is shifted by the top-1 logit, the max ``torch.logsumexp`` would
+    find in a pass of its own. The tail is ``log(1 − exp(lse_top − lse))`` in float64, exact up to the
+    float32 rounding of the two logsumexps (≈ 1e-6 of the mass), floored at ``TAIL_FLOOR``.
     """
     z = logits.float() if temperature == 1.0 else logits.float() / temperature
     top, ids = z.topk(k, dim=-1)
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    best = top[:, :1]
+    lse = (z - best).exp_().sum(-1, keepdim=True).log_().add_(best)
     values = top - lse
     inside = torch.logsumexp(values.double(), dim=-1).clamp(max=0.0)
     return ids, values, torch.log(-torch.expm1(inside)).clamp(min=TAIL_FLOOR).float()
+
+
+def answer_positions(spans: list[tuple[int, int]], first: int, width: int) -> torch.Tensor:
+    """Row indices into a batch's logits flattened to ``(B · width, V)`` (logit ``first`` at column 0) of
+    every answer position: ``spans[b] = (start, end)`` of sequence ``b``, in order."""
+    return torch.cat([torch.arange(b * width + s - first, b * width + e - first) for b, (s, e) in enumerate(spans)])
 
 
 @torch.inference_mode()
@@ -111,8 +122,14 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
         keep = torch.arange(first, width - 1)
         logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, width-1-first, V)
         spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
-        picked = torch.cat([logits[b, s - first : e - first] for b, (s, e) in enumerate(spans)])  # (P, V)
-        top_ids, top_lp, tail = topk_of_logits(picked, k, temperature)
+        flat = logits.flatten(0, 1)
+        # The answer positions a chunk at a time, never all P of them gathered into one fresh (P, V) copy (130 MB
+        # for 8k tokens of a 4k vocabulary, page-faulted in on every batch), which was a large part of what capture
+        # added to the forward. Chunks also bound top-k's and exp-sum's temporaries whatever the vocabulary.
+        step = max(1, CHUNK_LOGITS // flat.shape[1])
+        chunks = [topk_of_logits(flat.index_select(0, at), k, temperature)
+                  for at in answer_positions(spans, first, logits.shape[1]).split(step)]
+        top_ids, top_lp, tail = (torch.cat(parts) for parts in zip(*chunks))
         at = 0
         for i, (s, e) in zip(batch, spans):
             r = rows[i]

@@ -237,15 +237,20 @@ def shard_ids(rows: list[TopK]) -> tuple[np.ndarray, list[np.ndarray]]:
 
     Top-k candidates concentrate on a few thousand common tokens, so ranks are small where it matters and
     take 1–2 bytes whatever the vocabulary's size or order; the table costs one id per distinct token.
+
+    Counted with ``bincount`` (ids are below the vocabulary size) rather than ``np.unique``, whose argsort
+    over every stored id took ~0.1 s per shard of 15k positions at k = 50 (bincount: a few ms). Same table:
+    equally frequent ids stay in ascending order.
     """
-    uniq, inverse, counts = np.unique(np.concatenate([r.ids.ravel() for r in rows]), return_inverse=True,
-                                      return_counts=True)
-    order = np.argsort(-counts, kind="stable")
-    rank = np.empty(len(uniq), dtype=np.int64)
-    rank[order] = np.arange(len(uniq))
-    ranks = rank[inverse]
+    flat = np.concatenate([r.ids.ravel() for r in rows])
+    counts = np.bincount(flat)
+    uniq = np.flatnonzero(counts)  # ascending
+    table = uniq[np.argsort(-counts[uniq], kind="stable")]
+    rank = np.zeros(len(counts), dtype=np.int64)
+    rank[table] = np.arange(len(table))
+    ranks = rank[flat]
     bounds = np.cumsum([0, *(r.ids.size for r in rows)])
-    return uniq[order], [ranks[a:b].reshape(r.ids.shape) for r, a, b in zip(rows, bounds[:-1], bounds[1:])]
+    return table, [ranks[a:b].reshape(r.ids.shape) for r, a, b in zip(rows, bounds[:-1], bounds[1:])]
 
 
 def write_shard(path: Path, rows: list[TopK], k: int, id_bytes: int, encoding: ValueEncoding) -> dict:
