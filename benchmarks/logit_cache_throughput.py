@@ -17,7 +17,10 @@ the shuffled lookup's), peak RSS 10N/N (goal ≈ 1).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import inspect
 import json
+import pstats
 import random
 import statistics
 import subprocess
@@ -32,8 +35,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-from kdflow.capture import hf_topk, length_batches  # noqa: E402
-from kdflow.logit_cache import LogitCache, ValueEncoding, cache_meta, capture_shards  # noqa: E402
+import kdflow.capture  # noqa: E402
+from kdflow.capture import hf_topk, length_batches, topk_of_logits  # noqa: E402
+from kdflow.logit_cache import LogitCache, ValueEncoding, cache_meta, capture_shards, write_shard  # noqa: E402
 from kdflow.tiny_models import llama_model  # noqa: E402
 from logit_cache_bytes import RESULTS, held_out_rows, text_teacher  # noqa: E402
 
@@ -81,6 +85,32 @@ def capture_vs_forward(model, rows, tokenizer, folder: Path, reps: int) -> tuple
         m = capture(model, rows, tokenizer, folder / f"rep{rep}")
         capture_s.append(time.perf_counter() - start)
     return tokens / statistics.median(forward_s), tokens / statistics.median(capture_s), m
+
+
+def capture_time_by_part(model, rows, tokenizer, folder: Path) -> dict[str, float]:
+    """Seconds of one capture by part, from cProfile (which adds a little to each Python call; the ratio above
+    is timed without it): the model's forward (through its head), top-k, the exp-sum of the logsumexp, the
+    rest of ``topk_of_logits``, gathering the answer positions' logits, writing shards, everything else."""
+    profile = cProfile.Profile()
+    profile.runcall(capture, model, rows, tokenizer, folder)
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive calls, own s, cumulative s, callers)}
+
+    def key(fn) -> tuple:
+        code = inspect.unwrap(fn).__code__
+        return code.co_filename, code.co_firstlineno, code.co_name
+
+    def called_from(module, method: str) -> float:
+        """Cumulative seconds of a tensor method called from ``module``'s code (its comprehensions included)."""
+        return sum(t[3] for (f, _, n), v in stats.items() if f == "~" and n.startswith(f"<method '{method}' ")
+                   for (caller, _, _), t in v[4].items() if caller == module.__file__)
+
+    total = sum(v[2] for v in stats.values())
+    parts = {"forward": stats[key(type(model).forward)][3], "top-k": called_from(kdflow.capture, "topk"),
+             "exp-sum": called_from(kdflow.capture, "exp_"),
+             "gather answer logits": called_from(kdflow.capture, "index_select"), "write shards": stats[key(write_shard)][3]}
+    parts["rest of topk_of_logits"] = stats[key(topk_of_logits)][3] - parts["top-k"] - parts["exp-sum"]
+    parts["everything else"] = total - sum(parts.values())
+    return parts
 
 
 def train_tokens_per_s(tokenizer, rows, steps: int = 8) -> float:
@@ -166,6 +196,7 @@ def main() -> None:
         forward_tps, capture_tps, m = capture_vs_forward(model, rows, tokenizer, Path(tmp) / "text", args.reps)
         wide_forward_tps, wide_capture_tps, _ = capture_vs_forward(wide, rows[:40], tokenizer, Path(tmp) / "wide",
                                                                    args.reps)
+        by_part = capture_time_by_part(model, rows, tokenizer, Path(tmp) / "profiled")
         folder = Path(tmp) / "text" / "rep0"
         read_seq = statistics.median(read_tokens_per_s(folder, shuffled=False) for _ in range(args.reps))
         read_random = statistics.median(read_tokens_per_s(folder, shuffled=True) for _ in range(args.reps))
@@ -178,6 +209,9 @@ def main() -> None:
     print(f"  capture (+ shards):    {capture_tps:12,.0f} tokens/s")
     print(f"  wider teacher (hidden {WIDE['hidden']}, {WIDE['layers']} layers): forward {wide_forward_tps:,.0f}, "
           f"capture {wide_capture_tps:,.0f} tokens/s: ratio {wide_capture_tps / wide_forward_tps:.2f}")
+    print("  one capture, by part (cProfile), per token: " + ", ".join(
+        f"{name} {seconds / tokens * 1e6:.1f} us" for name, seconds in by_part.items()) +
+          f"; the plain forward takes {1e6 / forward_tps:.1f} us per token")
     print(f"  read, streamed:        {read_seq:12,.0f} answer tokens/s")
     print(f"  read, shuffled row ids:{read_random:12,.0f} answer tokens/s")
     print(f"  student training:      {train_tps:12,.0f} answer tokens/s (hidden {STUDENT['hidden']}, batch {TRAIN_BATCH})")
@@ -189,7 +223,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "logit_cache_throughput.json").write_text(json.dumps(
         {"k": K, "rows": len(rows), "tokens": tokens, "wide_teacher": WIDE, "forward_tokens_per_s": forward_tps,
-         "capture_tokens_per_s": capture_tps, "read_streamed_tokens_per_s": read_seq,
+         "capture_tokens_per_s": capture_tps, "capture_seconds_by_part": by_part, "read_streamed_tokens_per_s": read_seq,
          "read_shuffled_tokens_per_s": read_random, "train_tokens_per_s": train_tps,
          "peak_rss_kib": {str(n1): rss1, str(n10): rss10}, **ratios}, indent=1))
     print(f"capture/forward {ratios['capture_vs_forward']:.2f} (wider teacher {ratios['capture_vs_forward_wide']:.2f}); read (shuffled)/train "
