@@ -50,8 +50,9 @@ $(VLLM_STAMP):
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
+# `make demo SEEDS="0 1 2"` trains and evaluates every student once per seed (the teacher stages stay cached).
 demo: $(STAMP)
-	$(PY) -m flows.distill recipes/demo.yaml
+	$(PY) -m flows.distill recipes/demo.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
 test: $(STAMP) $(VLLM_STAMP) chromium
 	$(PY) -m pytest -q

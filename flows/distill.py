@@ -3,12 +3,12 @@ evaluation (quality per model; cost of all models, measured back to back; an LLM
 against the teacher where the recipe names a judge; lm-eval where it can run) → report.
 Every stage is a content-cached task: a rerun redoes only what changed.
 
-    python -m flows.distill recipes/demo.yaml
+    python -m flows.distill recipes/demo.yaml [--seeds 0 1 2]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 from prefect import flow
 
@@ -27,8 +27,10 @@ from tasks.students import student_inputs, train_student
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
 # dumps their bytecode into the run log (thousands of lines per training stage).
 @flow(name="distill")
-def distill(recipe: str = "recipes/demo.yaml") -> dict:
+def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -> dict:
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
+    if seeds:  # every student once per seed, on the same cached teacher, answers and logits
+        r = r.with_seeds(seeds)
     run_dir, cot = r.run_dir, r.prompts.cot_text()
 
     data = make_data(run_dir, r.data)
@@ -58,4 +60,9 @@ def distill(recipe: str = "recipes/demo.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    distill(*sys.argv[1:2])
+    cli = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_argument("recipe", nargs="?", default="recipes/demo.yaml")
+    cli.add_argument("--seeds", type=int, nargs="+", help="train and evaluate every student once per seed "
+                     "(overrides the recipe's run.seeds)")
+    args = cli.parse_args()
+    distill(args.recipe, args.seeds)

@@ -744,6 +744,10 @@ class Recipe(Strict):
                                  "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)")
         return self
 
+    def with_seeds(self, seeds: list[int]) -> Recipe:
+        """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""
+        return self.model_copy(update={"run": self.run.model_copy(update={"seeds": [int(s) for s in seeds]})})
+
     def student_runs(self) -> list[StudentSection]:
         """The students to train: as listed, or each once per ``run.seeds`` seed, named ``<name>@<seed>``."""
         if not self.run.seeds:

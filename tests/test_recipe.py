@@ -113,6 +113,10 @@ def test_seeds_train_every_student_once_per_seed():
     runs = recipe.student_runs()
     assert [s.name for s in runs[:3]] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 12
     assert [s.seed for s in runs[:3]] == [0, 1, 2] and runs[5].kd is None and runs[7].kd.divergence.value == "forward_kl"
+    # `python -m flows.distill recipes/demo.yaml --seeds 0 1 2`: the same students, the same run folder
+    plain = parse_recipe(DEMO)
+    assert plain.with_seeds([0, 1, 2]).student_runs() == runs and plain.with_seeds([0, 1, 2]).run_dir == plain.run_dir
+    assert plain.student_runs()[0].name == "baseline"  # the recipe itself is unchanged
 
 
 def test_vllm_tensor_parallel_size_reaches_the_server_flags_and_not_the_cache_key():
