@@ -61,7 +61,11 @@ U8_STEPS_PER_NAT = 12
 # A tail is never stored as zero mass: the rebuilt distribution would give the other V − k tokens
 # probability 0 where the teacher's is merely tiny, and KL(teacher ‖ cache) would be infinite. e^-30 ≈ 1e-13.
 TAIL_FLOOR = -30.0
-CACHED_ROW_GROUPS = 4  # decoded row groups a reader keeps: memory bounded, neighbours in a batch reuse them
+# Random access keeps the row groups it has read, still encoded (~2-3 bytes per cached logit), up to this many
+# bytes: a shuffled epoch over a cache that fits then reads each group from disk once, and one that does not
+# costs a parquet read per row (~1 ms, more than a tiny student's step) with memory still bounded.
+READ_BUDGET_BYTES = 256 * 2**20
+OPEN_SHARDS = 32  # shard files a reader keeps open (opening one re-reads its footer and id table)
 
 ID_TABLE, LOCAL_ID_BYTES = b"kdflow.id_table", b"kdflow.local_id_bytes"  # per shard, in the parquet metadata
 SCHEMA = pa.schema([("row_id", pa.string()), ("start", pa.int32()), ("input_ids", pa.binary()),
@@ -369,10 +373,11 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
 class LogitCache:
     """Read a cache by row id (``cache[row_id]``) or stream it in order (``iter_rows()``).
 
-    Memory is bounded: a few decoded row groups are kept, shards are never loaded whole.
+    Memory is bounded: row groups read are kept encoded up to ``read_budget_bytes`` (a row is decoded when
+    asked for), shards are never loaded whole.
     """
 
-    def __init__(self, folder: Path, manifest: dict):
+    def __init__(self, folder: Path, manifest: dict, read_budget_bytes: int = READ_BUDGET_BYTES):
         self.folder, self.manifest = Path(folder), manifest
         self.k, self.vocab_size = manifest["k"], manifest["vocab_size"]
         self.id_bytes, self.encoding = manifest["id_bytes"], ValueEncoding(manifest["value_encoding"])
@@ -381,10 +386,15 @@ class LogitCache:
             for i, row_id in enumerate(shard["row_ids"]):
                 self._where[row_id] = (s, i)
         self._verified: set[int] = set()
-        self._groups: OrderedDict[tuple[int, int], list[TopK]] = OrderedDict()
+        self.read_budget_bytes = read_budget_bytes
+        self._groups: OrderedDict[tuple[int, int], pa.Table] = OrderedDict()  # encoded, least recently used first
+        self._group_bytes = 0
+        self._shards: OrderedDict[int, tuple[pq.ParquetFile, np.ndarray, int]] = OrderedDict()
+        self._pid = os.getpid()
 
     @classmethod
-    def open(cls, folder: str | Path, expect_tokenizer=None, expect_vocab_size: int | None = None) -> "LogitCache":
+    def open(cls, folder: str | Path, expect_tokenizer=None, expect_vocab_size: int | None = None,
+             read_budget_bytes: int = READ_BUDGET_BYTES) -> "LogitCache":
         """Open a cache; with ``expect_tokenizer`` (the student's) refuse one made for other token ids."""
         folder = Path(folder)
         path = folder / MANIFEST
@@ -399,7 +409,7 @@ class LogitCache:
         if expect_vocab_size is not None and expect_vocab_size != manifest["vocab_size"]:
             raise CacheMismatch(f"{folder}: vocab size mismatch: the cache has {manifest['vocab_size']} teacher "
                                 f"logits per position, the student {expect_vocab_size}")
-        return cls(folder, manifest)
+        return cls(folder, manifest, read_budget_bytes)
 
     def __len__(self) -> int:
         return len(self._where)
@@ -416,7 +426,8 @@ class LogitCache:
             raise KeyError(f"row {row_id!r} is not in the logit cache {self.folder}")
         s, i = self._where[row_id]
         group, offset = divmod(i, ROW_GROUP_ROWS)
-        return as_tensors(self._row_group(s, group)[offset])
+        _, vocab, width = self._shard(s)
+        return as_tensors(self._decode(self._row_group(s, group).slice(offset, 1), vocab, width)[0])
 
     def iter_rows(self) -> Iterator[CachedRow]:
         """Every row, shard by shard, one row group at a time."""
@@ -443,18 +454,32 @@ class LogitCache:
             raise CorruptShard(f"{path}: checksum mismatch (truncated or corrupt; recapture it, do not train on it)")
         self._verified.add(s)
 
-    def _row_group(self, s: int, group: int) -> list[TopK]:
+    def _row_group(self, s: int, group: int) -> pa.Table:
         key = (s, group)
         if key in self._groups:
             self._groups.move_to_end(key)
             return self._groups[key]
+        table = self._shard(s)[0].read_row_group(group)
+        self._groups[key] = table
+        self._group_bytes += table.nbytes
+        while self._group_bytes > self.read_budget_bytes and len(self._groups) > 1:
+            self._group_bytes -= self._groups.popitem(last=False)[1].nbytes
+        return table
+
+    def _shard(self, s: int) -> tuple[pq.ParquetFile, np.ndarray, int]:
+        """Shard ``s`` open, with its id table: verified once, kept open (a bounded number at a time)."""
+        if self._pid != os.getpid():  # a forked DataLoader worker: file handles are not shared across processes
+            self._shards.clear()
+            self._pid = os.getpid()
+        if s in self._shards:
+            self._shards.move_to_end(s)
+            return self._shards[s]
         self._verify(s)
-        with pq.ParquetFile(self.folder / self.manifest["shards"][s]["file"]) as f:
-            rows = self._decode(f.read_row_group(group), *self._id_table(f))
-        self._groups[key] = rows
-        if len(self._groups) > CACHED_ROW_GROUPS:
-            self._groups.popitem(last=False)
-        return rows
+        f = pq.ParquetFile(self.folder / self.manifest["shards"][s]["file"])
+        self._shards[s] = (f, *self._id_table(f))
+        if len(self._shards) > OPEN_SHARDS:
+            self._shards.popitem(last=False)[1][0].close()
+        return self._shards[s]
 
     def _id_table(self, f: pq.ParquetFile) -> tuple[np.ndarray, int]:
         meta = f.schema_arrow.metadata

@@ -146,6 +146,34 @@ def test_lookup_by_row_id_survives_shuffling_and_epochs(tmp_path, tokenizer, mod
         cache["train-9999"]
 
 
+def _read_in_child(cache, row_ids, queue):
+    queue.put([cache[r].logprobs.sum().item() for r in row_ids])
+
+
+@pytest.mark.parametrize("budget", [1, 2**30])  # one row group kept at a time / the whole cache
+def test_random_access_is_exact_and_its_memory_bounded_by_the_read_budget(tmp_path, tokenizer, model, budget):
+    import multiprocessing
+
+    write_cache(tmp_path / "c", tokenizer, model, rows_of(tokenizer, 40), k=4, shard_rows=16)
+    streamed = {r.row_id: r for r in LogitCache.open(tmp_path / "c").iter_rows()}
+    cache = LogitCache.open(tmp_path / "c", read_budget_bytes=budget)
+    order = list(streamed)
+    random.Random(0).shuffle(order)
+    for row_id in order * 2:
+        got, want = cache[row_id], streamed[row_id]
+        assert all(torch.equal(getattr(got, f), getattr(want, f)) for f in ("input_ids", "ids", "logprobs", "tail"))
+        assert len(cache._groups) == 1 if budget == 1 else cache._group_bytes <= budget
+    if budget > 1:  # 40 rows of 16-row shards in 32-row groups: 3 groups, each read from disk once
+        assert len(cache._groups) == 3
+    # a forked DataLoader worker inherits the open shards and must not share their file handles
+    ctx, queue = multiprocessing.get_context("fork"), multiprocessing.get_context("fork").Queue()
+    child = ctx.Process(target=_read_in_child, args=(cache, order[:10], queue))
+    child.start()
+    got = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and got == [streamed[r].logprobs.sum().item() for r in order[:10]]
+
+
 def test_a_cache_for_another_tokenizer_template_or_vocab_is_refused(tmp_path, tokenizer, model):
     rows = rows_of(tokenizer, 4)
     write_cache(tmp_path / "c", tokenizer, model, rows, k=4)
