@@ -103,6 +103,7 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         own = baseline_student(students, m.get("seed")) if seeded else baseline
         closed = None if own is None else gap_closure(m["accuracy"], students[own]["accuracy"], teacher["accuracy"])
         out[name] = {**m, "compression": round(teacher["params"] / m["params"], 1), "gap_closure": closed,
+                     "gap_baseline": own,
                      "vs_teacher": ratios(m, teacher)}
         if judge is not None:
             out[name] |= {"judge_win_rate": judge["win_rates"][name]["win_rate"], "judge": judge["win_rates"][name]}
@@ -245,7 +246,7 @@ def summary(report: dict) -> list[str]:
         share = f" ({s['accuracy'] / t['accuracy']:.0%} of the teacher's)" if t["accuracy"] else ""
         line = f"- **{name}** (trained on {trained_on(s)}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
         if not (s.get("data") == "gold" and not s.get("kd")) and s.get("gap_closure") is not None:
-            line += f"; closes {s['gap_closure']:.0%} of the gap over `{base_name(baseline)}`"
+            line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})
         costs = [f"{r[k]:.2g}× the {what}" for k, what in (("params", "parameters"), ("latency_ms_per_token", "latency"),
                                                              ("throughput_tokens_per_s", "throughput")) if k in r]
