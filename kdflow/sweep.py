@@ -160,6 +160,7 @@ def plot_curves(summary: dict, rows: dict[float, int]) -> bytes:
 
     matplotlib.use("Agg")  # off-screen: flows run without a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for method, curve in summary["curves"].items():
@@ -170,6 +171,9 @@ def plot_curves(summary: dict, rows: dict[float, int]) -> bytes:
         ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.2)
     ax.axhline(summary["teacher_accuracy"], color="grey", linestyle="--", label="teacher")
     ax.set_xscale("log")
+    # the measured sizes as the only ticks: log-axis minor labels (3×10², 4×10², …) run into each other
+    ax.set_xticks(sorted(set(rows.values())), [f"{n:,}" for n in sorted(set(rows.values()))])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("transfer set (teacher-labelled rows)")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.02)
