@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -16,20 +15,32 @@ STAGE_RUNS = 10  # per distill run of mini.yaml: data x2 (flow and teacher subfl
 STAGES = {"make_data", "train_teacher_model", "generate_answers", "filter_answers", "train_student", "evaluate_model"}
 
 
-def task_states(since: float) -> dict[str, list[str]]:
-    """Task name -> state names of the task runs started after ``since`` (this test's flow runs)."""
+def task_states(flow_run_id) -> dict[str, list[str]]:
+    """Task name -> state names of the task runs of one flow run and its subflows.
+
+    Selected by flow-run id, never by a time window: two distill runs less than a second apart (a fast
+    machine) would otherwise count the previous run's task runs too."""
     import asyncio
-    from datetime import datetime, timezone
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    async def run_ids(client) -> list:
+        ids, frontier = [flow_run_id], [flow_run_id]
+        while frontier:  # the teacher's subflow, and any subflow of a subflow
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+            frontier = [c.id for c in children if c.id not in ids]
+            ids += frontier
+        return ids
 
     async def read():
-        # Task run states reach the server as events, recorded in batches: wait until all are final.
+        # Task run states reach the server as events, recorded in batches: wait until all are final. The wait
+        # ends on a condition (every expected run final), with a generous bound only against a hang.
         async with get_client() as client:
-            after = datetime.fromtimestamp(since, timezone.utc)
-            flow_runs = FlowRunFilter(start_time=FlowRunFilterStartTime(after_=after))
-            for _ in range(60):
+            ids = await run_ids(client)
+            flow_runs = FlowRunFilter(id=FlowRunFilterId(any_=ids))
+            for _ in range(600):
                 runs = await client.read_task_runs(flow_run_filter=flow_runs)
                 runs = [r for r in runs if r.task_key.rsplit("-", 1)[0] in STAGES]
                 if len(runs) >= STAGE_RUNS and all(r.state is not None and r.state.is_final() for r in runs):
@@ -37,6 +48,7 @@ def task_states(since: float) -> dict[str, list[str]]:
                 await asyncio.sleep(0.5)
             else:
                 raise AssertionError(f"task run states never became final: {[r.state for r in runs]}")
+        assert len(runs) == STAGE_RUNS, [r.name for r in runs]  # exactly this run's stages, no other run's
         states: dict[str, list[str]] = {}
         for run in runs:  # not write_report (it always runs) nor the subflow's placeholder task run
             states.setdefault(run.task_key.rsplit("-", 1)[0], []).append(run.state.name)
@@ -48,9 +60,8 @@ def task_states(since: float) -> dict[str, list[str]]:
 def run_distill(recipe_path) -> tuple[dict, dict[str, list[str]]]:
     from flows.distill import distill
 
-    start = time.time()
-    report = distill(str(recipe_path))
-    return report, task_states(start - 1)
+    state = distill(str(recipe_path), return_state=True)
+    return state.result(), task_states(state.state_details.flow_run_id)
 
 
 def stage_names(states: dict[str, list[str]], state: str) -> set[str]:
@@ -121,24 +132,20 @@ def test_report_artifact_is_published(prefect_server, mini_recipe):
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.distill import distill
 
-    distill(str(mini_recipe))
+    flow_run_id = distill(str(mini_recipe), return_state=True).state_details.flow_run_id
 
-    async def latest():
+    async def of_this_run(key: str):  # by flow-run id: other runs of the session publish the same keys
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mini-report"])))
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
-    artifacts = asyncio.run(latest())
-    assert artifacts and "kdflow report: mini" in artifacts[-1].data
-
-    async def table():
-        async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["mini-table"])))
-
-    assert asyncio.run(table()), "no mini-table artifact"
+    artifacts = asyncio.run(of_this_run("mini-report"))
+    assert len(artifacts) == 1 and "kdflow report: mini" in artifacts[0].data
+    assert len(asyncio.run(of_this_run("mini-table"))) == 1, "no mini-table artifact"
 
 
 def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):

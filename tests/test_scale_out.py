@@ -43,7 +43,8 @@ def test_generation_sharded_on_two_dask_workers_asks_each_request_once(prefect_s
         make_data.fn(r.run_dir, r.data)
         train_teacher(str(recipe))  # the existing teacher, recorded in the run folder
         runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
-        ref = generate_sharded.with_options(task_runner=runner)(str(recipe), None, 2)
+        state = generate_sharded.with_options(task_runner=runner)(str(recipe), None, 2, return_state=True)
+        ref = state.result()
         sent = sum(proxy.bodies.values())
     answers = pd.read_parquet(f"{ref.path}/answers.parquet")
     assert len(answers) == 80 and not answers.duplicated(["id", "sample"]).any()
@@ -52,18 +53,22 @@ def test_generation_sharded_on_two_dask_workers_asks_each_request_once(prefect_s
     assert acct["requests"] == 0 and acct["resumed"] == 80  # the stage itself asked nothing: the shards did
     assert run_folder.latest(load_recipe(recipe).run_dir, "generate") == ref
 
-    shards = asyncio.run(latest_table("teacher-shards"))
+    shards = asyncio.run(run_table(state, "teacher-shards"))
     assert sorted(s["shard"] for s in shards) == [0, 1] and len({s["pid"] for s in shards}) == 2  # two workers
     assert sum(s["answers"] for s in shards) == 80
 
 
-async def latest_table(key: str) -> list[dict]:
+async def run_table(state, key: str) -> list[dict]:
+    """The table artifact ``key`` of the flow run behind ``state``: selected by flow-run id, not by which is newest
+    (an order that other runs of the session, or a fast machine's equal timestamps, can change)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async with get_client() as client:
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    table = json.loads(artifacts[-1].data)
+        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert len(artifacts) == 1, f"{len(artifacts)} {key!r} artifacts in flow run {state.state_details.flow_run_id}"
+    table = json.loads(artifacts[0].data)
     return table if isinstance(table, list) else [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
@@ -84,14 +89,15 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     curated = stage_ref(r.run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
-    ref = capture_sharded.with_options(task_runner=runner)(str(mini_recipe), None, 2)
+    state = capture_sharded.with_options(task_runner=runner)(str(mini_recipe), None, 2, return_state=True)
+    ref = state.result()
     cache = LogitCache.open(ref.path)
     cache.verify()
     assert len(cache.row_ids) == len(set(cache.row_ids)) == ref.rows == 23
     assert len(cache.manifest["shards"]) == 6 and not list((r.run_dir / "logit-cache").glob(".work-*"))
     assert run_folder.latest(r.run_dir, "logit-cache") == ref
 
-    parts = asyncio.run(latest_table("logit-cache-parts"))
+    parts = asyncio.run(run_table(state, "logit-cache-parts"))
     assert sorted(p["part"] for p in parts) == [0, 1] and len({p["pid"] for p in parts}) == 2  # two workers
     assert sorted(p["rows"] for p in parts) == [11, 12]  # 6 shards of 4 (the last 3): 3 shards each
 
