@@ -9,6 +9,17 @@ A run folder on remote storage (``run.root: s3://…``, kdflow/remote.py) is wir
 up and finishes its output, rather than in each flow: every stage, and every stage flow rerun alone, gets it at
 once with no flow or task changed. ``existing_output`` downloads an output that only the remote has, and
 ``building`` uploads each finished one (manifest last).
+
+A finished output is checked against its manifest every time it is reused (``check_output``): the manifest
+lists every file with its size and modification time, so a truncated, replaced or missing file is caught by a
+``stat`` of each file; the whole folder is hashed again when it is small enough to afford it (under
+``KDFLOW_VERIFY_HASH_MAX_BYTES``, 2 GiB by default: ~1.5 s at this machine's 1.4 GB/s sha256) or when any
+file's modification time changed. A damaged output, or one with a torn manifest, is set aside and built again.
+
+Locks are taken on regular files opened for writing (``.lock`` and ``.lock-<key>`` in the stage folder), which
+is what an exclusive lock needs on NFS (Linux emulates ``flock`` there with POSIX byte-range locks, which the
+server arbitrates between machines); a lock per path in this process as well, since POSIX locks do not exclude
+two threads of one process from each other.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -32,6 +44,12 @@ MANIFEST = "manifest.json"
 # Test hook for failure-and-rerun tests (tests/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
 # stage fail as it starts building its output. Unset in normal use.
 FAIL_STAGE_ENV = "KDFLOW_FAIL_STAGE"
+# How a reused output is checked: "full" (the default: sizes always, the content hash when affordable or when a
+# file changed) or "off" (only that the manifest is there: the benchmark's reference, benchmarks/verify_outputs.py).
+VERIFY_ENV = "KDFLOW_VERIFY_OUTPUTS"
+HASH_BUDGET_ENV = "KDFLOW_VERIFY_HASH_MAX_BYTES"
+HASH_BUDGET_BYTES = 2 << 30
+log = logging.getLogger(__name__)
 
 
 class InjectedFailure(RuntimeError):
@@ -49,13 +67,8 @@ class OutputRef(BaseModel):
 
     def is_complete(self) -> bool:
         """The folder still exists, its manifest is there, and it is the content this ref was made from."""
-        manifest = Path(self.path) / MANIFEST
-        if not manifest.is_file():
-            return False
-        try:
-            return json.loads(manifest.read_text())["sha256"] == self.sha256
-        except (json.JSONDecodeError, KeyError):
-            return False
+        manifest = read_manifest(Path(self.path))
+        return manifest is not None and manifest.get("sha256") == self.sha256 and check_output(Path(self.path)) is None
 
     def manifest(self) -> dict:
         return json.loads((Path(self.path) / MANIFEST).read_text())
@@ -101,14 +114,73 @@ def output_dir(run_dir: Path, stage: str, key: str) -> Path:
 
 
 def existing_output(run_dir: Path, stage: str, key: str) -> OutputRef | None:
-    """The ref of a complete output for this key, or None (missing, or no manifest: incomplete)."""
+    """The ref of a complete, undamaged output for this key, or None (missing, no manifest: incomplete).
+
+    An output that no longer matches its manifest (a file truncated, changed or deleted; a torn manifest) is
+    set aside, with a warning naming what is wrong, so that the stage builds it again under the same name."""
     final = output_dir(run_dir, stage, key)
     sync(run_dir, stage, final.name)
-    manifest = final / MANIFEST
-    if not manifest.is_file():
+    if not (final / MANIFEST).is_file():
         return None
-    m = json.loads(manifest.read_text())
+    if (problem := check_output(final)) is not None:
+        _set_aside_if_damaged(final, problem)
+        return None
+    m = read_manifest(final)
     return OutputRef(stage=stage, key=key, path=str(final.resolve()), sha256=m["sha256"], rows=m.get("rows"))
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest of ``folder``; None when it is missing or unreadable (torn by a crash, damaged)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_bytes())
+    except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+        return None
+    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("sha256"), str) else None
+
+
+# Folders verified by hash in this process, by the stat signature they had then: a cache hit checked by the
+# cache policy and again by the task body hashes once. Any change of size, mtime, ctime or inode makes a new one.
+_verified: dict[str, tuple] = {}
+
+
+def check_output(folder: Path) -> str | None:
+    """Why the finished output in ``folder`` does not match its manifest, or None when it does."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return f"{MANIFEST} is missing, torn or not a manifest"
+    if os.environ.get(VERIFY_ENV, "full") == "off":
+        return None
+    stats = {str(f.relative_to(folder)): f.stat() for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST}
+    recorded = manifest.get("files")  # {name: [size, mtime_ns]}; absent in outputs made before it was recorded
+    if recorded is not None:
+        if missing := sorted(set(recorded) - set(stats)):
+            return f"{len(missing)} file(s) of the manifest missing, e.g. {missing[0]}"
+        if extra := sorted(set(stats) - set(recorded)):
+            return f"{len(extra)} file(s) not in the manifest, e.g. {extra[0]}"
+        for name, (size, _) in recorded.items():
+            if stats[name].st_size != size:
+                return f"{name} has {stats[name].st_size} bytes, the manifest says {size}"
+    # ctime too: a write changes it even when the old mtime is put back, and nobody can set it.
+    signature = (manifest["sha256"], tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+                                                  for n, st in stats.items())))
+    if _verified.get(str(folder)) == signature:
+        return None
+    changed = recorded is None or any(stats[n].st_mtime_ns != mtime for n, (_, mtime) in recorded.items())
+    budget = int(os.environ.get(HASH_BUDGET_ENV, HASH_BUDGET_BYTES))
+    if changed or sum(st.st_size for st in stats.values()) <= budget:
+        if hash_folder(folder) != manifest["sha256"]:
+            return "its files do not hash to the manifest's sha256 (changed after it was written)"
+        _verified[str(folder)] = signature
+    return None
+
+
+def _set_aside_if_damaged(final: Path, problem: str) -> None:
+    with _locked(final.parent / ".lock"):
+        if check_output(final) is None:  # replaced by a concurrent run's good output meanwhile
+            return
+        log.warning(f"{final}: {problem}; not reused, set aside and built again")
+        _trash(final)
 
 
 @contextmanager
@@ -175,44 +247,97 @@ def exclusive(run_dir: Path, stage: str, key: str):
     the lock when the holder exits, also on a crash or a kill."""
     folder = Path(run_dir) / stage
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f".lock-{key[:16]}", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(folder / f".lock-{key[:16]}"):
         yield
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on the regular file ``path`` (created empty, kept), between threads and processes.
+
+    The file is opened for writing: on NFS an exclusive lock on a file opened read-only (or on a directory) is
+    refused or not shared between machines. The in-process lock comes first because NFS's POSIX-lock emulation
+    of ``flock`` is per process: two threads of one process would both get it."""
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(str(Path(path).resolve()), threading.Lock())
+    with thread_lock, open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _trash(folder: Path) -> None:
+    trash = folder.with_name(f".trash-{folder.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
     # Concurrent builds of the same key (two flow runs, two workers) serialise here: without the lock one
     # run could take a folder another run had just completed for a stale one and set it aside.
-    # The lock is on the stage folder itself, so it leaves no file behind.
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if (final / MANIFEST).is_file():
+    with _locked(final.parent / ".lock"):
+        if (final / MANIFEST).is_file() and check_output(final) is None:
             return  # a concurrent run finished the same content first; keep theirs, drop ours
-        if final.exists():  # an incomplete folder (no manifest): never trusted, set aside and removed
-            trash = final.with_name(f".trash-{final.name}-{uuid.uuid4().hex[:8]}")
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        if final.exists():  # incomplete (no manifest) or damaged: never trusted, set aside and removed
+            _trash(final)
         os.rename(tmp, final)
-    finally:
-        os.close(fd)  # closing releases the lock
+        _fsync_dir(final.parent)  # the rename itself survives a power cut
 
 
 def finish(tmp: Path, stage: str, key: str, *, inputs: dict, rows: int | None = None, **extra) -> None:
-    """Write the manifest (last): what the output was made from, its content hash, counts and extras."""
+    """Write the manifest (last): what the output was made from, its content hash, every file's size and
+    modification time (checked on every reuse), counts and extras. Files and folder are fsynced first, so a
+    manifest never survives a power cut that the files it describes did not."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for file in files:
+        _fsync_file(file)
     manifest = {
         "stage": stage,
         "key": key,
         "sha256": hash_folder(tmp),
         "rows": rows,
         "inputs": canonical(inputs),
+        "files": {str(f.relative_to(tmp)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         **extra,
     }
-    part = tmp / f".{MANIFEST}.part"
-    part.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(part, tmp / MANIFEST)
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
+    for folder in {f.parent for f in files} | {tmp}:
+        _fsync_dir(folder)
+
+
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary name in the same folder (one per writer: concurrent runs
+    of a recipe write the same report), fsynced, renamed over it."""
+    path = Path(path)
+    part = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    with open(part, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems (and FUSE mounts) refuse fsync on a directory; the rename still stands
+        pass
+    finally:
+        os.close(fd)
 
 
 def _versions() -> dict:

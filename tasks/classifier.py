@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from kdflow import classifier_hf, classifier_kd
 from kdflow.classifier_kd import SPLITS, Split
 from kdflow.classifier_recipe import MLP, ClassifierData, DataSection, DistillSection, Transformer
-from kdflow.outputs import OutputRef, building, existing_output, finish
+from kdflow.outputs import OutputRef, building, existing_output, finish, write_atomic
 from tasks.caching import StageCache, stage_key
-from tasks.report import artifact_key, write_atomic
+from tasks.report import artifact_key
 
 DATA, TEACHER, STUDENT = "classifier-data", "classifier-teacher", "classifier-student"
 VERSION = "1"

@@ -4,23 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from kdflow.outputs import OutputRef
+from kdflow.outputs import OutputRef, write_atomic
 from kdflow.report import build_report, embed, plot_losses, plot_tradeoff, render_markdown, table_rows
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
-
-
-def write_atomic(path: Path, content: str | bytes) -> None:
-    part = path.with_name(f".{path.name}.{os.getpid()}.part")  # per process: concurrent runs of a recipe
-    part.write_bytes(content) if isinstance(content, bytes) else part.write_text(content)
-    os.replace(part, path)
 
 
 def artifact_key(run_name: str, what: str) -> str:

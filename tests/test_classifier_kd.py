@@ -153,7 +153,7 @@ def read_artifacts(keys: list[str]) -> dict[str, object]:
 
 
 def stage_folders(run_dir: Path) -> dict[str, set[str]]:
-    return {stage: {p.name for p in (run_dir / stage).iterdir()}
+    return {stage: {p.name for p in (run_dir / stage).iterdir() if not p.name.startswith(".")}  # not lock files
             for stage in ("classifier-data", "classifier-teacher", "classifier-student")}
 
 
@@ -216,9 +216,10 @@ seeds: [0]
     run_dir = load_classifier_recipe(mini).run_dir
     assert report["data"]["source"] == "reviews"
     assert report["models"]["KD student"]["teacher_size_ratio"] >= 10
-    data = next((run_dir / "classifier-data").iterdir())
+    data = next(p for p in (run_dir / "classifier-data").iterdir() if not p.name.startswith("."))
     assert (data / "tokenizer" / "tokenizer.json").is_file() and (data / "rows.jsonl").is_file()
-    assert all((p / "model" / "config.json").is_file() for p in (run_dir / "classifier-student").iterdir())
+    assert all((p / "model" / "config.json").is_file() for p in (run_dir / "classifier-student").iterdir()
+               if not p.name.startswith("."))
 
 
 def test_sweep_without_a_sweep_section_is_refused_before_any_work(prefect_server, mini):

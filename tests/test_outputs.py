@@ -1,8 +1,13 @@
+import fcntl
 import json
+import multiprocessing
+import os
+import stat
 import threading
 
 import pytest
 
+from kdflow import outputs
 from kdflow.outputs import MANIFEST, OutputRef, building, content_key, existing_output, finish, output_dir
 
 
@@ -20,7 +25,8 @@ def test_a_finished_output_has_its_manifest_and_a_ref(tmp_path):
     assert ref.is_complete() and ref.rows == 1
     manifest = json.loads((output_dir(tmp_path, "stage", "k" * 64) / MANIFEST).read_text())
     assert manifest["sha256"] == ref.sha256 and manifest["inputs"] == {"payload": "x"}
-    assert [p.name for p in (tmp_path / "stage").iterdir()] == ["k" * 16]  # no temporary left behind
+    # No temporary left behind; .lock is the stage folder's lock file (a regular file, kept: see _locked).
+    assert sorted(p.name for p in (tmp_path / "stage").iterdir()) == [".lock", "k" * 16]
 
 
 def test_a_failed_build_leaves_nothing(tmp_path):
@@ -72,7 +78,7 @@ def test_concurrent_builds_of_the_same_key_leave_one_complete_output(tmp_path):
         [t.join() for t in threads]
         assert errors == [] and None not in refs, f"round {round_}: {errors} {refs}"
         assert len({r.sha256 for r in refs}) == 1 and refs[0].is_complete()
-    names = sorted(p.name for p in (tmp_path / "stage").iterdir())
+    names = sorted(p.name for p in (tmp_path / "stage").iterdir() if p.name != ".lock")
     assert names == sorted(f"{r:02d}" * 8 for r in range(40))  # no temporaries or trash left behind
 
 
@@ -82,3 +88,119 @@ def test_content_key_depends_on_content_only():
     assert a == b
     assert a != content_key("s", "2", {"x": 1, "ref": OutputRef(stage="d", key="k", path="/a", sha256="h")})
     assert a != content_key("s", "1", {"x": 2, "ref": OutputRef(stage="d", key="k", path="/a", sha256="h")})
+
+
+# ---- damaged outputs are detected and rebuilt, never reused (issue 12, item 2) --------------------------------
+
+def test_a_truncated_file_under_an_intact_manifest_is_not_reused_and_is_rebuilt(tmp_path, caplog):
+    ref = build(tmp_path, "t" * 64, payload="the whole answer")
+    data = output_dir(tmp_path, "stage", "t" * 64) / "data.txt"
+    data.write_text("the whole")  # truncated: a smaller file under the same manifest
+    assert not ref.is_complete()
+    assert existing_output(tmp_path, "stage", "t" * 64) is None
+    assert "data.txt has 9 bytes, the manifest says 16" in caplog.text and "built again" in caplog.text
+    again = build(tmp_path, "t" * 64, payload="the whole answer")
+    assert again.is_complete() and data.read_text() == "the whole answer"
+
+
+def test_a_same_size_change_is_caught_by_the_content_hash(tmp_path, caplog):
+    ref = build(tmp_path, "c" * 64, payload="aaaa")
+    folder = output_dir(tmp_path, "stage", "c" * 64)
+    recorded = json.loads((folder / MANIFEST).read_text())["files"]["data.txt"]
+    (folder / "data.txt").write_text("aaab")
+    os.utime(folder / "data.txt", ns=(recorded[1], recorded[1]))  # even with its old mtime put back
+    assert not ref.is_complete() and existing_output(tmp_path, "stage", "c" * 64) is None
+    assert "do not hash to the manifest" in caplog.text
+
+
+def test_a_changed_file_is_hashed_even_above_the_hash_budget(tmp_path, monkeypatch):
+    ref = build(tmp_path, "b" * 64, payload="aaaa")
+    monkeypatch.setenv(outputs.HASH_BUDGET_ENV, "0")  # sizes only, unless a file's mtime changed
+    assert ref.is_complete()
+    (output_dir(tmp_path, "stage", "b" * 64) / "data.txt").write_text("aaab")  # same size, new mtime
+    assert not ref.is_complete()
+
+
+def test_missing_and_extra_files_are_damage(tmp_path):
+    build(tmp_path, "x" * 64)
+    folder = output_dir(tmp_path, "stage", "x" * 64)
+    (folder / "stray.bin").write_bytes(b"1")
+    assert outputs.check_output(folder) == "1 file(s) not in the manifest, e.g. stray.bin"
+    (folder / "stray.bin").unlink()
+    (folder / "data.txt").unlink()
+    assert outputs.check_output(folder) == "1 file(s) of the manifest missing, e.g. data.txt"
+    assert existing_output(tmp_path, "stage", "x" * 64) is None
+
+
+def test_a_torn_manifest_is_rebuilt_not_a_json_error(tmp_path, caplog):
+    build(tmp_path, "j" * 64)
+    manifest = output_dir(tmp_path, "stage", "j" * 64) / MANIFEST
+    manifest.write_text(manifest.read_text()[:40])  # torn mid-write (an old writer, a disk that lied)
+    assert existing_output(tmp_path, "stage", "j" * 64) is None
+    assert "torn" in caplog.text
+    assert build(tmp_path, "j" * 64).is_complete()
+
+
+def test_an_output_made_before_file_lists_is_verified_by_its_hash(tmp_path):
+    ref = build(tmp_path, "o" * 64)
+    manifest = output_dir(tmp_path, "stage", "o" * 64) / MANIFEST
+    m = json.loads(manifest.read_text())
+    del m["files"]
+    manifest.write_text(json.dumps(m))
+    assert ref.is_complete()  # reused as it is: run folders made before the change are not recomputed
+    (output_dir(tmp_path, "stage", "o" * 64) / "data.txt").write_text("y")
+    assert not ref.is_complete()
+
+
+def test_files_and_folder_are_fsynced_before_the_manifest_and_the_rename(tmp_path, monkeypatch):
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ref = build(tmp_path, "s" * 64)
+    names = [os.path.basename(p) for p in synced]
+    data, manifest_part = names.index("data.txt"), next(i for i, n in enumerate(names) if n.startswith(".manifest"))
+    assert data < manifest_part  # the data is on disk before a manifest can describe it
+    assert names[-1] == "stage" and str(tmp_path / "stage") == synced[-1]  # the rename into place, last
+    assert ref.is_complete()
+
+
+# ---- locks that hold on NFS: a regular file opened for writing (issue 12, item 1) ---------------------------
+
+def test_locks_are_taken_on_regular_files_opened_for_writing(tmp_path, monkeypatch):
+    seen, real = [], fcntl.flock
+
+    def flock(f, op):
+        fd = f if isinstance(f, int) else f.fileno()
+        seen.append((stat.S_ISREG(os.fstat(fd).st_mode), fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE))
+        return real(f, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    build(tmp_path, "l" * 64)
+    with outputs.exclusive(tmp_path, "stage", "l" * 64):
+        pass
+    assert len(seen) == 2 and all(regular and mode in (os.O_WRONLY, os.O_RDWR) for regular, mode in seen), seen
+
+
+def _finish_in_process(run_dir, key, barrier, payload):
+    barrier.wait()  # every process reaches the build together
+    ref = build(run_dir, key, payload=payload)
+    assert ref is not None and ref.is_complete()
+
+
+def test_two_processes_finishing_the_same_key_leave_one_complete_output(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        key = f"p{round_}" * 32
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_finish_in_process, args=(tmp_path, key, barrier, "same")) for _ in range(4)]
+        [p.start() for p in procs]
+        [p.join(120) for p in procs]
+        assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"
+        ref = existing_output(tmp_path, "stage", key)
+        assert ref is not None and ref.is_complete() and outputs.check_output(output_dir(tmp_path, "stage", key)) is None
+    names = sorted(p.name for p in (tmp_path / "stage").iterdir() if p.name != ".lock")
+    assert names == sorted(f"p{r}" * 8 for r in range(10))  # no temporaries or trash left behind
