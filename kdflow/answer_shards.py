@@ -3,7 +3,10 @@
 Teacher calls cost money and hours, so every answer is written the moment it arrives, and a rerun asks only
 for what no shard holds yet. Each writing process appends to a shard file of its own (no two writers share a
 file), one ``os.write`` per record: a SIGKILL loses only the requests still in flight, and at worst tears
-the last line of its own shard, which the reader skips (that request is simply asked again). Records are
+the last line of its own shard, which the reader skips (that request is simply asked again). A write the
+kernel takes only in part (a full disk, a signal) is completed or, if it fails, ends the torn line so the next
+record starts on a line of its own; the reader skips any line that is not a whole record, with a warning,
+instead of refusing the shard and every paid answer in it. Records are
 never rewritten; a later success supersedes an earlier failure of the same (id, sample), and the first
 success wins over any duplicate (two runs racing on the same folder), so the result has exactly one answer
 per (prompt, sample).
@@ -15,11 +18,13 @@ there is no fsync per record, which would cost more than most teacher calls save
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 
 Key = tuple[str, int]  # (row id, sample index)
+log = logging.getLogger(__name__)
 
 
 def record_key(record: dict) -> Key:
@@ -33,10 +38,21 @@ class ShardWriter:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"shard-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._torn = False  # a write failed part way: the shard ends in a line without its newline
 
     def append(self, record: dict) -> None:
         """``record`` needs ``id``, ``sample`` and ``ok`` (True: an answer; False: a failure with a reason)."""
-        os.write(self._fd, (json.dumps(record, separators=(",", ":")) + "\n").encode())
+        data = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        if self._torn:  # end the torn line first, so that this record is a line of its own
+            data = b"\n" + data
+        view = memoryview(data)
+        try:
+            while view:  # os.write may take fewer bytes than asked (a full disk, a signal): write the rest
+                view = view[os.write(self._fd, view):]
+        except OSError:
+            self._torn = len(view) < len(data) or self._torn
+            raise
+        self._torn = False
 
     def close(self) -> None:
         os.close(self._fd)
@@ -54,11 +70,13 @@ def _records(shard: Path):
         if not line:
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # no newline after it: the writer was killed mid-line; asked again
-                return
-            raise ValueError(f"{shard}: line {i + 1} is not JSON and not the torn last line; the shard is damaged")
+            record = json.loads(line)
+            record_key(record), record["ok"]
+        except (ValueError, KeyError, TypeError):  # torn (a killed writer, a failed write) or damaged
+            if i < len(lines) - 1:  # the torn last line of a killed writer is expected; anything else is said
+                log.warning(f"{shard}: line {i + 1} is not a whole record; skipped (that request is asked again)")
+            continue
+        yield record
 
 
 def read_shards(folder: Path) -> tuple[dict[Key, dict], dict[Key, dict]]:

@@ -54,7 +54,7 @@ def join_parts(parts: list[Path], folder: Path) -> dict:
     for part, m in zip(parts, manifests):
         for entry in m["shards"]:
             name = shard_name(len(shards))
-            _link(Path(part) / entry["file"], tmp / name)
+            link_or_copy(Path(part) / entry["file"], tmp / name)
             shards.append({**entry, "file": name})
     manifest = write_manifest(tmp, meta, shards)
     if folder.exists():  # a cache left by an earlier attempt (captured whole, or joined): this join replaces it
@@ -63,7 +63,8 @@ def join_parts(parts: list[Path], folder: Path) -> dict:
     return manifest
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` the same bytes as ``src``, which stays: a hard link, or a copy where links are refused."""
     try:
         os.link(src, dst)
     except OSError:  # no hard links here (some network file systems): copy

@@ -53,6 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kdflow.outputs import write_atomic
+
 FORMAT, FORMAT_VERSION = "kdflow-logit-cache", 1
 MANIFEST = "cache.json"
 CAPTURE_SETTINGS = "capture.json"  # the settings of a capture in progress: a resume must not mix two
@@ -322,6 +324,13 @@ def finished_shard(folder: Path, index: int, row_ids: list[str], recorded: dict 
     return entry
 
 
+def _read_settings(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:  # torn by a writer older than write_atomic: which settings its shards used is unknown
+        raise ValueError(f"{path} is damaged (not JSON): delete {path.parent} to capture those rows again") from None
+
+
 def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict,
                    compute: Callable[[list[int]], list[TopK]], on_shard=None) -> dict:
     """Write the cache in ``folder`` shard by shard, resuming after a crash.
@@ -335,9 +344,9 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
         raise ValueError("row ids must be unique: the cache is looked up by row id")
     folder.mkdir(parents=True, exist_ok=True)
     settings = folder / CAPTURE_SETTINGS
-    if settings.is_file() and json.loads(settings.read_text()) != meta:
+    if settings.is_file() and _read_settings(settings) != meta:
         raise ValueError(f"{folder} holds a capture made with other settings; capture into an empty folder")
-    settings.write_text(json.dumps(meta))
+    write_atomic(settings, json.dumps(meta))  # never torn: a resume compares it with its own settings
     done = {}  # a finished cache (its sidecars already folded into the manifest) is checked shard by shard too
     if (folder / MANIFEST).is_file():
         finished = json.loads((folder / MANIFEST).read_text())

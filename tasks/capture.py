@@ -4,7 +4,7 @@ student trains from disk without the teacher in memory (format: kdflow/logit_cac
 Rows are the curate stage's kept answers, tokenized exactly as the students' SFT sees them (prompt +
 answer through the chat template) and named ``<id>/<sample>``. The shards are written into a work folder
 named by the stage's key, so a crashed capture resumes from its last finished shard; when every shard is
-there they move into the stage folder, whose manifest is written last.
+there they are linked into the stage folder, whose manifest is written last, and the work folder goes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 
 from kdflow import capture
-from kdflow.cache_parts import COUNTS
+from kdflow.cache_parts import COUNTS, link_or_copy
 from kdflow.logit_cache import MANIFEST, CorruptShard, LogitCache, cache_meta, capture_shards, merge_caches
 from kdflow.models import model_location
 from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
@@ -183,14 +183,16 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
     with building(run_dir, STAGE, key) as tmp:
         final = parts[-1]
         for file in sorted(final.iterdir()):
-            os.rename(file, tmp / file.name)  # same file system: a rename, not a copy
+            # Linked, not moved: the work folder keeps every shard until the output is in place, so a failure
+            # before the rename (a full disk at finish) retries from whole shards instead of capturing again.
+            link_or_copy(file, tmp / file.name)
         manifest = LogitCache.open(tmp, expect_tokenizer=tokenizer).manifest
         finish(tmp, STAGE, key, inputs=inputs, rows=manifest["rows"], positions=manifest["positions"],
                bytes=manifest["bytes"], bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
                k=section.k, source=section.source.value, cache_manifest=MANIFEST,
                seconds=None if seconds is None else round(seconds, 1),
                positions_per_second=None if seconds is None else round(manifest["positions"] / seconds, 1))
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # only now that the output is in place
     return existing_output(run_dir, STAGE, key)
 
 

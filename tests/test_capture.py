@@ -247,3 +247,36 @@ def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
         parse_recipe(text, "mini.yaml")
     line = text.count("\n")  # the section is the last line
     assert f"mini.yaml:{line}: {message}" in str(e.value)
+
+
+def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_path, monkeypatch):
+    """A disk-full at finish (after the shards were captured, before the rename): the retry captures nothing."""
+    import errno
+
+    import kdflow.capture
+    import tasks.capture
+    from tasks.capture import capture_logits, work_folder
+
+    run_dir = tmp_path / "run"
+    tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
+    section = LogitCacheSection(k=5, shard_rows=6, value_encoding="fp16")
+    captured, real_topk, real_finish = [], kdflow.capture.hf_topk, tasks.capture.finish
+    monkeypatch.setattr(kdflow.capture, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tasks.capture, "finish", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
+    assert len(captured) == 23
+    work = list((run_dir / "logit-cache").glob(".work-*"))
+    assert len(work) == 1 and len(list(work[0].rglob("shard-*.parquet"))) == 4  # all 4 shards kept
+
+    monkeypatch.setattr(tasks.capture, "finish", real_finish)
+    ref = capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
+    assert len(captured) == 23, "the retry captured rows again"
+    assert ref.rows == 23 and ref.is_complete() and not work[0].exists()
+    LogitCache.open(ref.path).verify()
