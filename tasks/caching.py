@@ -10,19 +10,28 @@ A cached result is only an ``OutputRef``; before it is trusted, the folder it po
 inside this run's folder with the manifest it was made with. If not (deleted, half-deleted, another run's
 folder), the stale record is removed and the stage runs again under the same key, so that the next run is
 a plain cache hit again.
+
+Results are stored as JSON (``STAGE_RESULTS``), never pickled: result storage on a shared mount (as the README
+advises for several nodes) would let whoever can write there run code on every worker that loads a pickle. And
+since Prefect picks the deserializer named *in the stored record*, a record is read here as plain JSON first:
+anything but a JSON ``OutputRef`` is dropped and recomputed, before Prefect's own lookup can unpickle it.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 from typing import Any
 
+from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.cache_policies import CachePolicy
 
 from kdflow.outputs import OutputRef, content_key
 
 NOT_CONTENT = {"run_dir"}
+# Every stage task: its small OutputRef result kept across runs, as JSON (see above).
+STAGE_RESULTS = {"persist_result": True, "result_serializer": "json"}
 
 
 def stage_key(stage: str, version: str, inputs: dict[str, Any]) -> str:
@@ -37,15 +46,49 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
         key = stage_key(self.stage, self.version, inputs)
         store = task_ctx.result_store
-        if store is None or not store.exists(key):
+        if store is None or store.result_storage is None:
             return key
-        ref = store.read(key).result
-        if isinstance(ref, OutputRef) and ref.is_complete() and _inside(ref.path, inputs.get("run_dir")):
+        found, ref = _stored_ref(store, key)
+        if not found:
+            return key
+        if ref is not None and ref.is_complete() and _inside(ref.path, inputs.get("run_dir")):
             return key
         if _forget(store, key):
             return key
         # A result storage we cannot delete from: recompute under a key Prefect has never seen.
         return f"{key}-recompute-{uuid.uuid4().hex}"
+
+
+def _stored_ref(store, key: str) -> tuple[bool, OutputRef | None]:
+    """(a record exists, the OutputRef it holds): read as plain JSON, never through a serializer the record
+    names. A record that is not a JSON OutputRef (a pickle, another object, damaged) gives (True, None)."""
+    def read(storage, path):
+        return call_explicitly_sync_block_method(storage, "read_path", (path,), {})
+
+    try:
+        if store.metadata_storage is not None:
+            metadata = json.loads(read(store.metadata_storage, key))
+            record = {"metadata": metadata, "result": read(store.result_storage, metadata["storage_key"])}
+        else:
+            record = json.loads(read(store.result_storage, key))
+    except (OSError, ValueError):  # ValueError: not there (some storages), or not JSON
+        return _exists(store, key), None
+    try:
+        if record["metadata"]["serializer"]["type"] != "json":
+            return True, None
+        value = record["result"]
+        value = json.loads(value if isinstance(value, (str, bytes)) else json.dumps(value))
+        if value.get("__class__") != f"{OutputRef.__module__}.{OutputRef.__name__}":
+            return True, None
+        return True, OutputRef.model_validate(value["data"])
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return True, None
+
+
+def _exists(store, key: str) -> bool:
+    """Whether a record file is there, without reading it (local result storage); otherwise assume not."""
+    basepath = getattr(store.result_storage, "basepath", None)
+    return basepath is not None and (Path(basepath).expanduser() / key).exists()
 
 
 def _forget(store, key: str) -> bool:

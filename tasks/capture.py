@@ -25,7 +25,7 @@ from kdflow.logit_cache import MANIFEST, CorruptShard, LogitCache, cache_meta, c
 from kdflow.models import model_location
 from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
 from kdflow.recipe import CaptureSource, LogitCacheSection
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.teacher import sft_rows
 
 STAGE, VERSION = "logit-cache", "1"
@@ -158,7 +158,7 @@ def shard_logger():
     return log
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=1, retry_delay_seconds=10)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS, retries=1, retry_delay_seconds=10)
 def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
                    curated: OutputRef) -> OutputRef:
     """A retry (or a rerun after a crash) keeps every shard already written."""

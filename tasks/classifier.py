@@ -22,7 +22,7 @@ from kdflow import classifier_hf, classifier_kd
 from kdflow.classifier_kd import SPLITS, Split
 from kdflow.classifier_recipe import MLP, ClassifierData, DataSection, DistillSection, Transformer
 from kdflow.outputs import OutputRef, building, existing_output, finish, write_atomic
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.report import artifact_key
 
 DATA, TEACHER, STUDENT = "classifier-data", "classifier-teacher", "classifier-student"
@@ -30,7 +30,7 @@ VERSION = "1"
 LOGITS = "logits.safetensors"
 
 
-@task(cache_policy=StageCache(DATA, VERSION), persist_result=True)
+@task(cache_policy=StageCache(DATA, VERSION), **STAGE_RESULTS)
 def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
     """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer
     and the generated rows as text (``rows.jsonl``)."""
@@ -100,7 +100,7 @@ def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip.
-@task(cache_policy=StageCache(TEACHER, VERSION), persist_result=True)
+@task(cache_policy=StageCache(TEACHER, VERSION), **STAGE_RESULTS)
 def train_classifier_teacher(run_dir: Path, model: MLP | Transformer, data: OutputRef, seed: int) -> OutputRef:
     """One teacher (or one ensemble member: members differ by ``seed`` only), on hard labels."""
     inputs = {"model": model, "data": data, "seed": seed}
@@ -116,7 +116,7 @@ def train_classifier_teacher(run_dir: Path, model: MLP | Transformer, data: Outp
     return existing_output(run_dir, TEACHER, key)
 
 
-@task(cache_policy=StageCache(STUDENT, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STUDENT, VERSION), **STAGE_RESULTS)
 def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: OutputRef, teachers: list[OutputRef],
                              distill: DistillSection | None, seed: int) -> OutputRef:
     """A student: hard labels only (``teachers=[]``, ``distill=None``: the baseline, keyed without any

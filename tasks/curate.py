@@ -14,7 +14,7 @@ from kdflow import drop_report
 from kdflow.curate import curate, reason_counts
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from kdflow.recipe import DataSource, FiltersSection
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 STAGE, VERSION = "curate", "2"
 
@@ -57,7 +57,7 @@ def save_rows(rows: list[dict], columns: list[str], path: Path) -> None:
     pd.DataFrame(rows, columns=list(dict.fromkeys(columns + extra))).to_parquet(path, index=False)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef,
                    teacher: OutputRef | None = None) -> OutputRef:
     """``teacher`` is needed only by the LLM-judge filter (it answers the judge template)."""

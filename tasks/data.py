@@ -10,7 +10,7 @@ from prefect import task
 from data import arithmetic, gsm8k
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from kdflow.recipe import ROOT, DataSection, DataSource
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 STAGE, VERSION = "data", "1"
 
@@ -35,7 +35,7 @@ def read_split(data: OutputRef, split: str) -> list[dict]:
     return pd.read_parquet(Path(data.path) / f"{split}.parquet").to_dict("records")
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def make_data(run_dir: Path, section: DataSection) -> OutputRef:
     key = stage_key(STAGE, VERSION, {"section": section})
     if done := existing_output(run_dir, STAGE, key):

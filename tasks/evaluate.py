@@ -30,7 +30,7 @@ from kdflow.prompts import render
 from kdflow.recipe import Backend, DataSource, EvaluationSection
 from kdflow.tiny_models import count_params
 from kdflow.vllm_server import vllm_server
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.curate import answer_checker
 from tasks.data import read_split
 
@@ -50,7 +50,7 @@ def reference_metrics(net, tokenizer, teacher: OutputRef, model: OutputRef, rows
     return score_reference(net, tokenizer, sequences, batch_size, teacher=t_net)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
                    model: OutputRef, teacher: OutputRef, data: OutputRef) -> OutputRef:
     """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher)."""
@@ -91,7 +91,7 @@ def flops(config, context: float) -> dict:
         return {"flops_per_token": None, "flops_skipped": str(e)}
 
 
-@task(cache_policy=StageCache(DEPLOY_STAGE, DEPLOY_VERSION), persist_result=True)
+@task(cache_policy=StageCache(DEPLOY_STAGE, DEPLOY_VERSION), **STAGE_RESULTS)
 def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.Deployment,
                        template: str, data: OutputRef, split: str) -> OutputRef:
     """Parameters, FLOPs/token, size on disk, peak memory, latency and throughput of every model, measured
@@ -198,7 +198,7 @@ def predictions(evaluation: OutputRef) -> list[dict]:
     return pd.read_parquet(Path(evaluation.path) / "predictions.parquet").to_dict("records")
 
 
-@task(cache_policy=StageCache(JUDGE_STAGE, JUDGE_VERSION), persist_result=True)
+@task(cache_policy=StageCache(JUDGE_STAGE, JUDGE_VERSION), **STAGE_RESULTS)
 def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: dict[str, OutputRef],
                    teacher: OutputRef, data: OutputRef, split: str) -> OutputRef:
     """Each student's win rate against the teacher, by an LLM judge, on the first questions of ``split``.

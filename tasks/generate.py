@@ -30,7 +30,7 @@ from kdflow.outputs import OutputRef, building, existing_output, finish, output_
 from kdflow.recipe import Backend, GenerationSection
 from kdflow.teacher_prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 from kdflow.vllm_server import vllm_server
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
 
 STAGE, VERSION = "generate", "2"
@@ -189,7 +189,7 @@ def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns if not out else None)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True, retries=2, retry_delay_seconds=10,
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS, retries=2, retry_delay_seconds=10,
       retry_condition_fn=_no_retry_on_verdicts)
 def generate_answers(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef,
                      data: OutputRef) -> OutputRef:

@@ -14,7 +14,7 @@ from kdflow.loaders import load_rows
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from kdflow.self_instruct import candidates, dedup_instructions, expansion_prompts
 from kdflow.self_instruct_recipe import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection, SeedsSection
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 PROMPTS_STAGE, INSTRUCTIONS_STAGE, VERSION = "self-instruct-prompts", "self-instruct-instructions", "1"
 
@@ -25,7 +25,7 @@ def read_seeds(section: SeedsSection) -> list[str]:
     return [r[section.field].strip() for r in rows]
 
 
-@task(cache_policy=StageCache(PROMPTS_STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(PROMPTS_STAGE, VERSION), **STAGE_RESULTS)
 def make_expansion_prompts(run_dir: Path, section: ExpansionSection, template: str, seeds: list[str]) -> OutputRef:
     inputs = {"section": section, "template": template, "seeds": seeds}
     key = stage_key(PROMPTS_STAGE, VERSION, inputs)
@@ -38,7 +38,7 @@ def make_expansion_prompts(run_dir: Path, section: ExpansionSection, template: s
     return existing_output(run_dir, PROMPTS_STAGE, key)
 
 
-@task(cache_policy=StageCache(INSTRUCTIONS_STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(INSTRUCTIONS_STAGE, VERSION), **STAGE_RESULTS)
 def pick_instructions(run_dir: Path, section: ExpansionSection, seeds: list[str], written: OutputRef) -> OutputRef:
     """``written``: the generate stage's output for the expansion prompts. Writes ``instructions.parquet``
     (a split the generate stage can answer) and ``dropped.parquet`` (every candidate or reply not kept)."""

@@ -29,7 +29,7 @@ from kdflow.recipe import ROOT, KDMethod, StudentData, StudentSection
 from kdflow.sft import train_sft
 from kdflow.tiny_models import llama_model
 from tasks.capture import cache_row_id
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
 from tasks.teacher import sft_rows
 
@@ -192,7 +192,7 @@ def saved_params(model_dir: Path) -> int:
     return total
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def train_student(run_dir: Path, section: StudentSection, template: str, teacher: OutputRef, data: OutputRef,
                   curated: OutputRef | None, logits: OutputRef | None = None) -> OutputRef:
     """``curated`` is None for a gold-only student, so that a new filter does not retrain the baseline;

@@ -16,7 +16,7 @@ from kdflow.prompts import chat, render
 from kdflow.recipe import TeacherSection
 from kdflow.sft import train_sft
 from kdflow.tiny_models import count_params, llama_model, train_tokenizer
-from tasks.caching import StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
 
 STAGE, VERSION = "teacher", "1"
@@ -33,7 +33,7 @@ def teacher_split(data: OutputRef) -> str:
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip; it is not retried blindly.
-@task(cache_policy=StageCache(STAGE, VERSION), persist_result=True)
+@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef, template: str) -> OutputRef:
     inputs = {"section": section, "data": data, "template": template}
     key = stage_key(STAGE, VERSION, inputs)
