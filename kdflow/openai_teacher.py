@@ -5,8 +5,10 @@ full jitter on 429 / 408 / 409 / 5xx / timeouts / dropped connections (Retry-Aft
 The client's own retries are off (``max_retries=0``) so that every retry is counted here and waits as the
 server asks. Errors split three ways:
 
-- transient (429, 408, 409, 5xx, timeout, connection): retried; after ``max_retries`` the request is a
-  failure *row* with its reason code and the server's message;
+- transient (429, 408, 409, 5xx, timeout, connection, and a 2xx that is no completion: HTML from a proxy,
+  ``choices: []``, a null message or content, a body that is not JSON): retried; after ``max_retries`` the
+  request is a failure *row* with its reason code and the server's message (and, for a malformed 2xx, the
+  raw body);
 - this request is wrong (400, 413, 422, ...): not retried; a failure row;
 - the whole run is wrong (401 bad key, 403 forbidden, 404 no such model or endpoint): ``FatalApiError`` at
   once, the other requests cancelled: retrying cannot help and every row would fail the same way.
@@ -17,6 +19,7 @@ The API key never appears in what this module raises or returns: messages pass t
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import enum
 import random
@@ -44,11 +47,23 @@ class FailureReason(str, enum.Enum):
     timeout = "timeout"  # no answer within the timeout, every try
     connection = "connection"  # the connection failed or dropped, every try
     bad_request = "bad_request"  # 400/413/422...: the server rejects this request; not retried
-    invalid_response = "invalid_response"  # a 2xx whose body the client could not read; not retried
+    invalid_response = "invalid_response"  # a 2xx that is no completion, still after every retry
+
+
+RAW_KEEP_CHARS = 8_000  # of a malformed reply's body kept in its failure row: a proxy's HTML page can be large
 
 
 class FatalApiError(RuntimeError):
     """An error no retry and no other row can fix (bad key, forbidden, unknown model): stop the run."""
+
+
+class InvalidResponse(Exception):
+    """A 2xx reply that is not a completion. Retried like a transient error: it comes from a proxy's error page
+    or an overloaded server far more often than from this request, and the next try is usually fine."""
+
+    def __init__(self, problem: str, raw: str | None, status: int | None, headers=None):
+        super().__init__(problem)
+        self.raw, self.status, self.headers = raw, status, headers
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class Accounting:
     seconds: float = 0.0
     resumed: int = 0  # answers an earlier (crashed or killed) run had already persisted: not asked again
     retries_by_reason: dict[str, int] = field(default_factory=dict)
+    failures_by_reason: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -114,8 +130,14 @@ def retry_after_seconds(headers) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value.strip() else None
-        return None if when is None else max(0.0, when.timestamp() - time.time())
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):  # "soon", "", a day 32: the server's wish is unreadable, so our own backoff
+        return None
+    if when.tzinfo is None:  # "-0000" parses to a naive datetime; RFC 9110 dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - time.time())
 
 
 def backoff_seconds(attempt: int, retry_after: float | None, rng: random.Random) -> float:
@@ -139,7 +161,7 @@ def classify(error: Exception) -> tuple[FailureReason | None, bool]:
             return FailureReason.server_error, True
         return FailureReason.bad_request, False
     if isinstance(error, openai.APIResponseValidationError):
-        return FailureReason.invalid_response, False
+        return FailureReason.invalid_response, True
     raise TypeError(f"not an API error: {type(error).__name__}")
 
 
@@ -174,6 +196,7 @@ def parse_completion_logprobs(lp) -> dict:
 
 
 async def _create(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling):
+    """The raw HTTP response (``.parse()`` gives the completion), so that a malformed body keeps its text."""
     kwargs = {"model": s.model, "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "n": 1}
     if s.seed is not None:
         kwargs["seed"] = s.seed + request.sample
@@ -182,18 +205,52 @@ async def _create(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampli
     if s.endpoint is Endpoint.chat:
         if s.logprobs is not None:
             kwargs |= {"logprobs": True, "top_logprobs": s.logprobs}
-        return await client.chat.completions.create(messages=request.messages, **kwargs)
+        return await client.chat.completions.with_raw_response.create(messages=request.messages, **kwargs)
     if s.logprobs is not None:
         kwargs["logprobs"] = s.logprobs
-    return await client.completions.create(prompt=request.prompt, **kwargs)
+    return await client.completions.with_raw_response.create(prompt=request.prompt, **kwargs)
+
+
+def completion_text(response, s: Sampling) -> str:
+    """The first choice's text; ``InvalidResponse`` naming what is missing when the body is no completion."""
+    if not hasattr(response, "choices"):  # the client hands back a non-JSON body (an HTML page) as a plain str
+        raise InvalidResponse("the body is not a completion", None, None)
+    if not response.choices:
+        raise InvalidResponse("the completion has no choices (choices: [])", None, None)
+    choice = response.choices[0]
+    if s.endpoint is not Endpoint.chat:
+        if choice.text is None:
+            raise InvalidResponse("the choice's text is null", None, None)
+        return choice.text
+    if choice.message is None:
+        raise InvalidResponse("the choice's message is null", None, None)
+    if choice.message.content is None:
+        refusal = getattr(choice.message, "refusal", None)
+        raise InvalidResponse(f"the message's content is null{f' (refusal: {refusal})' if refusal else ''}", None, None)
+    return choice.message.content
+
+
+def read_reply(raw, request: TeacherRequest, s: Sampling) -> dict:
+    """The answer record of a 2xx ``raw`` response, or ``InvalidResponse`` carrying its body and headers."""
+    http = raw.http_response
+    try:
+        return answer_record(request, raw.parse(), s)
+    except InvalidResponse as e:
+        problem = str(e)
+    # The client builds response objects without validation, so any field can hold anything (a string of
+    # usage, logprobs of the wrong shape); reading them fails with one of these.
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as e:  # ValueError: JSONDecodeError
+        problem = f"unreadable completion ({type(e).__name__}: {e})"
+    kind = http.headers.get("content-type", "no content-type")
+    raise InvalidResponse(f"HTTP {http.status_code} ({kind}): {problem}", http.text, http.status_code, http.headers)
 
 
 def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
+    text = completion_text(response, s)
     choice = response.choices[0]
     chat = s.endpoint is Endpoint.chat
     usage = response.usage
-    record = {"id": request.id, "sample": request.sample, "ok": True,
-              "text": (choice.message.content if chat else choice.text) or "",
+    record = {"id": request.id, "sample": request.sample, "ok": True, "text": text,
               "finish_reason": choice.finish_reason or "unknown",
               "prompt_tokens": usage.prompt_tokens if usage else None,
               "completion_tokens": usage.completion_tokens if usage else None}
@@ -202,34 +259,50 @@ def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
     return record
 
 
+def kept_raw(raw: str | None, secret: str | None) -> str | None:
+    if raw is None:
+        return None
+    raw = redact(raw, secret)
+    return raw if len(raw) <= RAW_KEEP_CHARS else f"{raw[:RAW_KEEP_CHARS]}[... {len(raw) - RAW_KEEP_CHARS} more characters]"
+
+
 async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, max_retries: int,
               acct: Accounting, rng: random.Random, secret: str | None = None) -> dict:
-    """One answer record, or a failure record (``ok`` False, ``reason``, ``error``, ``attempts``)."""
+    """One answer record, or a failure record (``ok`` False, ``reason``, ``status``, ``error``, ``attempts``, and
+    ``raw``: the body of a malformed 2xx, else None)."""
     for attempt in range(max_retries + 1):
         acct.requests += 1
+        raw = None
         try:
-            response = await _create(client, request, s)
+            record = read_reply(await _create(client, request, s), request, s)
         except openai.APIError as e:
             status = getattr(e, "status_code", None)
             if status in FATAL_STATUS:
                 raise FatalApiError(f"the teacher API at {client.base_url} answered {status} "
                                     f"({FATAL_STATUS[status]}): {redact(str(e), secret)}") from None
             reason, retryable = classify(e)
-            if not retryable or attempt == max_retries:
-                acct.failures += 1
-                return {"id": request.id, "sample": request.sample, "ok": False, "reason": reason.value,
-                        "status": status, "error": redact(f"{type(e).__name__}: {e}", secret), "attempts": attempt + 1}
-            acct.retries += 1
-            acct.retries_by_reason[reason.value] = acct.retries_by_reason.get(reason.value, 0) + 1
+            error = f"{type(e).__name__}: {e}"
             response = getattr(e, "response", None)  # status errors carry one; timeouts and dropped connections not
-            await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(response.headers if response else None), rng))
-            continue
-        record = answer_record(request, response, s)
-        acct.answers += 1
-        acct.prompt_tokens += record["prompt_tokens"] or 0
-        acct.completion_tokens += record["completion_tokens"] or 0
-        return record
-    raise AssertionError("unreachable: the loop returns or raises")
+            headers = response.headers if response is not None else None
+        except InvalidResponse as e:
+            reason, retryable, status, headers, raw = FailureReason.invalid_response, True, e.status, e.headers, e.raw
+            error = f"InvalidResponse: {e}"
+        else:
+            break
+        if not retryable or attempt == max_retries:
+            acct.failures += 1
+            acct.failures_by_reason[reason.value] = acct.failures_by_reason.get(reason.value, 0) + 1
+            return {"id": request.id, "sample": request.sample, "ok": False, "reason": reason.value, "status": status,
+                    "error": redact(error, secret), "attempts": attempt + 1, "raw": kept_raw(raw, secret)}
+        acct.retries += 1
+        acct.retries_by_reason[reason.value] = acct.retries_by_reason.get(reason.value, 0) + 1
+        await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(headers), rng))
+    else:
+        raise AssertionError("unreachable: the last attempt returns a failure record")
+    acct.answers += 1
+    acct.prompt_tokens += record["prompt_tokens"] or 0
+    acct.completion_tokens += record["completion_tokens"] or 0
+    return record
 
 
 async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest], s: Sampling, *, concurrency: int,

@@ -6,7 +6,7 @@ Backends: ``hf`` (transformers, batched, in-process: CPUs), ``openai`` (any Open
 API answers are persisted one by one as they arrive (``kdflow.answer_shards``) in a folder next to the
 output, so a crash, a kill or a rerun never pays twice for an answer; the output has exactly one answer per
 (row, sample) in ``answers.parquet``, and requests that failed for good in ``failures.parquet`` with their
-reason code and error.
+reason code, error and (for a reply that was no completion) the raw body.
 """
 
 from __future__ import annotations
@@ -183,9 +183,10 @@ def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
 
 def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:
     by_key = {(str(r["id"]), r["sample"]): r for r in rows}
-    columns = [*ROW_FIELDS, "sample", "prompt", "reason", "status", "error", "attempts"]
+    # raw: the body of a reply that was no completion (invalid_response), kept so it can be read; else None.
+    columns = [*ROW_FIELDS, "sample", "prompt", "reason", "status", "error", "attempts", "raw"]
     out = [{**{k: v for k, v in by_key[(str(f["id"]), f["sample"])].items() if k != "teacher_prompt"},
-            **{k: f.get(k) for k in ("reason", "status", "error", "attempts")}} for f in failed]
+            **{k: f.get(k) for k in ("reason", "status", "error", "attempts", "raw")}} for f in failed]
     return pd.DataFrame(out, columns=columns if not out else None)
 
 

@@ -6,6 +6,18 @@ Faults (drawn uniformly among ``faults`` for a faulty request):
   "500"  - 500 Internal Server Error
   "slow" - holds the request for ``slow_s`` (past the client's timeout), then closes
   "drop" - closes the connection without any answer
+Malformed replies seen from real servers and proxies (MALFORMED; none is in the default draw):
+  "429-soon"      - 429 whose only wait is ``Retry-After: soon`` (not a number, not a date)
+  "429-date"      - 429 whose ``Retry-After`` is an HTTP date (now: the wait is at most a second)
+  "html"          - 200 with an HTML page (``text/html``), as a gateway's error page
+  "empty-choices" - 200 completion with ``choices: []``
+  "null-message"  - 200 completion whose choice has ``message: null``
+  "null-content"  - 200 completion whose message has ``content: null``
+  "not-json"      - 200 ``application/json`` with a truncated body
+
+Which requests are faulted: each with probability ``rate``; only those whose body contains ``match`` when it
+is set; and with ``first=n``, only the first n times a body is received (then it is forwarded: a fault that
+clears up on retry). ``first=None``: a body is faulted every time it is drawn (with rate 1, a fault that stays).
 
     with FaultProxy("http://127.0.0.1:8000", rate=0.2) as proxy:
         client = openai.OpenAI(base_url=proxy.url + "/v1", ...)
@@ -16,6 +28,7 @@ Faults (drawn uniformly among ``faults`` for a faulty request):
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import random
@@ -27,6 +40,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "slow", "drop")
+MALFORMED = ("429-soon", "429-date", "html", "empty-choices", "null-message", "null-content", "not-json")
+HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1> (injected)</body></html>"
+
+
+def malformed_completion(choices: list) -> bytes:
+    return json.dumps({"id": "injected", "object": "chat.completion", "created": 0, "model": "m", "choices": choices,
+                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
+
+MALFORMED_BODIES = {  # fault -> (content type, body)
+    "html": ("text/html; charset=utf-8", HTML_PAGE),
+    "empty-choices": ("application/json", malformed_completion([])),
+    "null-message": ("application/json", malformed_completion([{"index": 0, "message": None, "finish_reason": "stop"}])),
+    "null-content": ("application/json", malformed_completion(
+        [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}])),
+    "not-json": ("application/json", b'{"id": "injected", "object": "chat.completion", "choices": [{"index": 0, "mess'),
+}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
@@ -42,9 +72,10 @@ class Server(ThreadingHTTPServer):
 
 class FaultProxy:
     def __init__(self, upstream: str, rate: float = 0.0, faults=FAULTS, slow_s: float = 3.0, retry_after_ms: int = 100,
-                 seed: int = 0):
+                 seed: int = 0, match: str | None = None, first: int | None = None):
         self.upstream = urlsplit(upstream)
         self.rate, self.kinds, self.slow_s, self.retry_after_ms = rate, tuple(faults), slow_s, retry_after_ms
+        self.match, self.first = match, first
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.faults: Counter[str] = Counter()
@@ -53,8 +84,14 @@ class FaultProxy:
         self.server = Server(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def _draw(self) -> str | None:
+    def _draw(self, body: str) -> str | None:
+        """Count ``body`` as received and draw its fault, if any."""
         with self.lock:
+            self.bodies[body] += 1
+            if self.match is not None and self.match not in body:
+                return None
+            if self.first is not None and self.bodies[body] > self.first:
+                return None
             return self.rng.choice(self.kinds) if self.kinds and self.rng.random() < self.rate else None
 
     def requests_with(self, text: str) -> list[dict]:
@@ -75,9 +112,7 @@ class FaultProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with proxy.lock:
-                    proxy.bodies[body.decode(errors="replace")] += 1
-                fault = proxy._draw()
+                fault = proxy._draw(body.decode(errors="replace"))
                 if fault is None:
                     return self._forward(body)
                 with proxy.lock:
@@ -87,6 +122,12 @@ class FaultProxy:
                                        {"Retry-After-Ms": str(proxy.retry_after_ms), "Retry-After": "1"})
                 if fault == "500":
                     return self._reply(500, b'{"error": {"message": "server error (injected)"}}')
+                if fault in ("429-soon", "429-date"):
+                    wait = "soon" if fault == "429-soon" else email.utils.formatdate(usegmt=True)
+                    return self._reply(429, b'{"error": {"message": "rate limited (injected)"}}', {"Retry-After": wait})
+                if fault in MALFORMED_BODIES:
+                    kind, reply = MALFORMED_BODIES[fault]
+                    return self._reply(200, reply, {"Content-Type": kind})
                 if fault == "slow":
                     time.sleep(proxy.slow_s)
                 self.close_connection = True  # "slow" and "drop": no answer at all

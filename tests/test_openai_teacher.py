@@ -221,8 +221,8 @@ def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(
     table = failure_table(rows, failed)
     assert table.to_dict("records")[0] | {} == {"id": "r1", "split": "train", "question": "q", "answer": "1",
                                                  "sample": 0, "prompt": "p", "reason": "timeout", "status": None,
-                                                 "error": "APITimeoutError", "attempts": 7}
-    assert list(failure_table(rows, []).columns)[-4:] == ["reason", "status", "error", "attempts"]
+                                                 "error": "APITimeoutError", "attempts": 7, "raw": None}
+    assert list(failure_table(rows, []).columns)[-5:] == ["reason", "status", "error", "attempts", "raw"]
 
 
 def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_path):
