@@ -15,10 +15,18 @@ import enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdflow.recipe import ROOT, RecipeError, RunSection, Strict, validation_problems
+from kdflow.recipe import (
+    ROOT,
+    RecipeError,
+    RunSection,
+    Strict,
+    check_training_values,
+    load_yaml,
+    read_recipe_text,
+    validation_problems,
+)
 
 
 class ClassifierData(str, enum.Enum):
@@ -80,11 +88,14 @@ class Transformer(Strict):
     @field_validator("training")
     @classmethod
     def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from transformers import TrainingArguments
+
         from kdflow.classifier_hf import training_arguments
 
         reserved = RESERVED_TRAINING_KEYS & set(v)
         if reserved:
             raise ValueError(f"remove {sorted(reserved)}: kdflow sets them")
+        check_training_values(v, TrainingArguments)
         try:
             training_arguments(v, "/tmp/kdflow-validate", seed=0)
         except TypeError as e:  # unknown keyword
@@ -154,12 +165,7 @@ class ClassifierRecipe(Strict):
 
 
 def parse_classifier_recipe(text: str, source: str = "<recipe>") -> ClassifierRecipe:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping with sections run, data, teacher, student, ...")
+    raw = load_yaml(text, source, "a recipe is a YAML mapping with sections run, data, teacher, student, ...")
     try:
         return ClassifierRecipe.model_validate(raw)
     except ValidationError as e:
@@ -171,4 +177,4 @@ def load_classifier_recipe(path: str | Path) -> ClassifierRecipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    return parse_classifier_recipe(path.read_text(), source=str(path))
+    return parse_classifier_recipe(read_recipe_text(path), source=str(path))

@@ -1,10 +1,15 @@
-"""Prompt templates are files under prompts/ (Jinja); a missing variable is an error, not an empty string."""
+"""Prompt templates are files under prompts/ (Jinja); a missing variable is an error, not an empty string.
+
+Templates render in Jinja's immutable sandbox: a template is a file a recipe names, so it may read the values it
+is given and nothing else (``{{ ''.__class__.__mro__ }}`` and the like raise ``SecurityError`` instead of
+reaching Python's internals), and it cannot change the rows passed to it."""
 
 from __future__ import annotations
 
-import jinja2
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False, autoescape=False)
 
 
 def render(template_text: str, **variables) -> str:

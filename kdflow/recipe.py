@@ -8,13 +8,28 @@ how fast a stage runs, not what it produces, so they are left out of cache keys.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    computed_field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from kdflow import remote
 from kdflow.logit_cache import ValueEncoding
@@ -27,9 +42,71 @@ class RecipeError(ValueError):
     pass
 
 
+class FieldError(ValueError):
+    """A validator's error about one entry inside its field (a split name, a training key): ``loc`` is the path
+    from the field down to it, so that the message names that entry and its own line."""
+
+    def __init__(self, message: str, *loc: str | int):
+        super().__init__(message)
+        self.loc = loc
+
+
 class Strict(BaseModel):
     # extra="forbid": a misspelt key is an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# Names that become a file or folder name (run, split and student names): one path component, never '.' or
+# '..' (a leading dot is refused), never a separator, so that nothing a recipe names is written outside its run
+# folder.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SAFE_NAME_FIX = "use letters, digits, '.', '_' or '-' only, starting with a letter or digit"
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        raise ValueError(f"{what} {name!r}: {SAFE_NAME_FIX} (it becomes a file or folder name)")
+    return name
+
+
+SafeName = Annotated[str, AfterValidator(check_name)]
+
+
+def _student_name(name: str) -> str:
+    # run.seeds trains `<name>@<seed>` (Recipe.student_runs), and a launched student's section is read back
+    # under that name (tasks/students.py StudentJob), so the seed suffix is part of the safe set here.
+    base, at, seed = name.partition("@")
+    check_name(base, "student name")
+    if at and not re.fullmatch(r"-?\d+", seed):
+        raise ValueError(f"student name {name!r}: '@' is followed by the seed only; {SAFE_NAME_FIX}")
+    return name
+
+
+StudentName = Annotated[str, AfterValidator(_student_name)]
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` with any ``user:password@`` replaced by ``***@``: what manifests, cache keys and messages show."""
+    if not url or "@" not in url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _confined(path: str, info: ValidationInfo | None, what: str = "template") -> str:
+    """A file a recipe names, read into prompts, cache keys and manifests: it must lie in the project folder
+    (paths are relative to it) or the recipe's own folder, so that a recipe cannot read /etc/passwd or ~/.ssh."""
+    file = (ROOT / path).resolve()
+    folders = [ROOT]
+    if info is not None and info.context and info.context.get("recipe_dir"):
+        folders.append(Path(info.context["recipe_dir"]).resolve())
+    if not any(file.is_relative_to(f) for f in folders):
+        raise ValueError(f"{what} {path!r} is outside the project folder ({ROOT})"
+                         + (f" and the recipe's folder ({folders[1]})" if len(folders) > 1 else "")
+                         + ": copy it under prompts/ and point at it there")
+    return path
 
 
 class RunSection(Strict):
@@ -45,14 +122,18 @@ class RunSection(Strict):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
-            raise ValueError("use letters, digits, '.', '_' or '-' only (it becomes a folder name)")
+        if not SAFE_NAME.fullmatch(v):
+            raise ValueError(f"{SAFE_NAME_FIX} (it becomes a folder name)")
         return v
 
     @field_validator("root")
     @classmethod
     def _reachable(cls, v: str) -> str:
         if remote.is_url(v):
+            if redact_url(v) != v:  # bound into the staging folder (.remote.json) and shown in every message
+                raise ValueError(f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
+                                 "system the usual way (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fsspec's "
+                                 "config): the URL is written into the run folder")
             remote.check_url(v)
         return v
 
@@ -99,6 +180,9 @@ class DataSection(Strict):
     @field_validator("splits")
     @classmethod
     def _splits(cls, v: dict[str, int]) -> dict[str, int]:
+        for name in v:  # each becomes <name>.parquet in the data stage's output, and <name>.jsonl is read
+            if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+                raise FieldError(f"split name {name!r}: {SAFE_NAME_FIX} (it becomes a file name: {name}.parquet)", name)
         missing = {"train", "test"} - set(v)
         if missing:
             raise ValueError(f"add the split(s) {sorted(missing)}: students train on 'train', evaluation uses 'test'")
@@ -119,10 +203,8 @@ class PromptsSection(Strict):
 
     @field_validator("cot")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        if not (ROOT / v).is_file():
-            raise ValueError(f"no template at {ROOT / v}: point it at a file under prompts/")
-        return v
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_template(v, info)
 
     def cot_text(self) -> str:
         return (ROOT / self.cot).read_text()
@@ -146,14 +228,72 @@ class Architecture(Strict):
         return self
 
 
+# Training keys that hold credentials. A recipe's sections reach cache keys, manifests and Prefect's records, so a
+# secret has no place in one: the Hub token comes from the environment, where transformers looks for it anyway.
+SECRET_TRAINING_KEYS = {"hub_token": "set HF_TOKEN in the environment (or run `hf auth login`) instead"}
+
+# Ranges the config classes leave unchecked until training fails (or silently trains on: max_steps -5).
+TRAINING_RANGES = {
+    "learning_rate": (lambda v: v > 0, "must be > 0 (e.g. 3.0e-4)"),
+    "num_train_epochs": (lambda v: v > 0, "must be > 0"),
+    "max_steps": (lambda v: v == -1 or v > 0, "must be a positive number of steps (or -1: train num_train_epochs)"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "must be >= 1"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "max_length": (lambda v: v >= 1, "must be >= 1 (tokens)"),
+}
+
+
+def _scalar_types(annotation) -> tuple[set[type], bool] | None:
+    """({int}, {float} or {bool}, None allowed) for a config field typed as a plain scalar; None otherwise."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    scalars = {a for a in args if a in (int, float, bool)}
+    if not scalars or any(a not in (int, float, bool, type(None)) for a in args):
+        return None
+    return scalars, type(None) in args
+
+
+def _value_ok(value, scalars: set[type]) -> bool:
+    if isinstance(value, bool):
+        return bool in scalars
+    if isinstance(value, int):
+        return int in scalars or float in scalars
+    return isinstance(value, float) and float in scalars
+
+
+def check_training_values(training: dict[str, Any], config_class) -> None:
+    """Types and ranges of the numeric knobs, which the config dataclasses take without checking: "abc" as a
+    learning rate fails only when the optimizer starts; YAML reads 3e-4 (no dot) as text."""
+    for key, fix in SECRET_TRAINING_KEYS.items():
+        if key in training:
+            raise FieldError(f"remove it: a secret in a recipe reaches cache keys, manifests and logs; {fix}", key)
+    fields = {f.name: f.type for f in dataclasses.fields(config_class)}
+    for key, value in training.items():
+        typed = _scalar_types(fields.get(key))
+        if typed is not None and not (value is None and typed[1]) and not _value_ok(value, typed[0]):
+            want = " or ".join(sorted(t.__name__ for t in typed[0]))
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+                hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value):.1e})"
+            raise FieldError(f"{value!r} is not a {want}{hint}", key)
+        if key in TRAINING_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok, rule = TRAINING_RANGES[key]
+            if not ok(value):
+                raise FieldError(f"{value!r}: {rule}", key)
+
+
 def _check_sft_config(training: dict[str, Any]) -> dict[str, Any]:
     """Let TRL validate the knobs: build the SFTConfig now, before any work (hardware settings aside,
     so that a GPU recipe validates on a CPU machine too)."""
+    from trl import SFTConfig
+
     from kdflow.sft import sft_config
 
     reserved = {"output_dir", "seed", "use_cpu"} & set(training)
     if reserved:
         raise ValueError(f"remove {sorted(reserved)}: kdflow sets them (the seed is the section's own `seed`)")
+    check_training_values(training, SFTConfig)
     try:
         sft_config(training, "/tmp/kdflow-validate", seed=0, cpu=True)
     except TypeError as e:  # unknown keyword
@@ -199,8 +339,8 @@ def _template_text(path: str | None) -> str | None:
     return None if path is None else (ROOT / path).read_text()
 
 
-def _template_exists(path: str | None) -> str | None:
-    if path is not None and not (ROOT / path).is_file():
+def check_template(path: str | None, info: ValidationInfo | None = None) -> str | None:
+    if path is not None and not (ROOT / _confined(path, info)).is_file():
         raise ValueError(f"no template at {ROOT / path}: point it at a file under prompts/")
     return path
 
@@ -222,6 +362,13 @@ class ApiSection(Strict):
     max_failure_fraction: float = Field(0.01, ge=0.0, le=1.0,
                                         description="the stage fails when more requests than this fail for good")
 
+    @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
+    def _no_password(self, v: str | None) -> str | None:
+        return redact_url(v)
+
+
+PYTHON_NAME = re.compile(r"python(\d+(\.\d+)*)?")
+
 
 class VllmServerSection(Strict):
     """The local vLLM server of the `vllm` backend: started for the stage, stopped after it."""
@@ -232,6 +379,16 @@ class VllmServerSection(Strict):
     startup_timeout_s: float = Field(600.0, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split across (vLLM's "
                                       "--tensor-parallel-size): a teacher too big for one GPU")
+
+    @field_validator("python")
+    @classmethod
+    def _a_python(cls, v: str) -> str:
+        # The stage runs this file: it must at least be named like a Python (kdflow/vllm_server.py also asks it
+        # for its version before starting the server).
+        if not PYTHON_NAME.fullmatch(Path(v).name):
+            raise ValueError(f"{v!r} is not a Python interpreter: point it at the python of the virtualenv that has "
+                             "vllm (e.g. .venv-vllm/bin/python, made by `make vllm`)")
+        return v
 
     @model_validator(mode="after")
     def _one_tp_setting(self):
@@ -250,14 +407,14 @@ class IclSection(Strict):
     (its gold rationales); the stored training example is the zero-shot prompt with the teacher's answer."""
 
     k: int = Field(3, ge=1)
-    pool_split: str = Field("train", description="split whose questions and gold rationales are the demonstrations")
+    pool_split: SafeName = Field("train", description="split whose questions and gold rationales are the demonstrations")
     template: str = "prompts/few_shot.jinja"
     seed: int = 0
 
     @field_validator("template")
     @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        return _template_exists(v)
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_template(v, info)
 
     @computed_field  # in model_dump, hence in the cache key: editing the template reruns the stage
     @property
@@ -273,7 +430,7 @@ class GenerationSection(Strict):
         "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size"},
     }
     backend: Backend = Backend.hf
-    splits: list[str] = Field(description="splits whose questions the teacher answers")
+    splits: list[SafeName] = Field(description="splits whose questions the teacher answers")
     template: str | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
     system_prompt: str | None = None
     max_new_tokens: int = Field(96, ge=1)
@@ -289,8 +446,8 @@ class GenerationSection(Strict):
 
     @field_validator("template")
     @classmethod
-    def _exists(cls, v: str | None) -> str | None:
-        return _template_exists(v)
+    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return check_template(v, info)
 
     @computed_field  # in model_dump, hence in the cache key
     @property
@@ -388,10 +545,8 @@ class JudgeFilter(Strict):
 
     @field_validator("template")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        if not (ROOT / v).is_file():
-            raise ValueError(f"no template at {ROOT / v}: point it at a file under prompts/")
-        return v
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_template(v, info)
 
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()
@@ -523,7 +678,7 @@ class LaunchSection(Strict):
 
 
 class StudentSection(Strict):
-    name: str
+    name: StudentName = Field(description="names the student in the report (and `<name>@<seed>` with run.seeds)")
     data: StudentData
     kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
     data_fraction: float = Field(1.0, gt=0.0, le=1.0, description="train on this share of the student's rows: a "
@@ -625,13 +780,17 @@ class EvaluationSection(Strict):
 
         @field_validator("template")
         @classmethod
-        def _exists(cls, v: str) -> str:
-            return _template_exists(v)
+        def _exists(cls, v: str, info: ValidationInfo) -> str:
+            return check_template(v, info)
 
         @computed_field  # in model_dump, hence in the cache key: editing the template re-judges
         @property
         def template_text(self) -> str:
             return _template_text(self.template)
+
+        @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
+        def _no_password(self, v: str | None) -> str | None:
+            return redact_url(v)
 
         @model_validator(mode="after")
         def _judge_named(self):
@@ -649,7 +808,7 @@ class EvaluationSection(Strict):
     # deployment, lm_eval and judge are handed to their own stages, which key on them; leaving them out of this
     # section's key keeps a new latency setting or judge from re-running every model's evaluation.
     __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval", "judge"}
-    split: str = "test"
+    split: SafeName = "test"
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(256, ge=1)
     pass_at_k: int | None = Field(None, ge=1, description="also report pass@k from `samples` sampled answers")
@@ -698,6 +857,10 @@ class LogitCacheSection(Strict):
     batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward pass (hf)")
     concurrency: int = Field(8, ge=1, description="requests in flight (vllm)")
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (vllm)")
+
+    @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
+    def _no_password(self, v: str | None) -> str | None:
+        return redact_url(v)
 
     @model_validator(mode="after")
     def _source_limits(self):
@@ -777,15 +940,59 @@ def _line_of(node, loc: tuple) -> int | None:
     return line
 
 
-def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+def read_recipe_text(path: Path) -> str:
+    """A recipe file's text; a byte that is not UTF-8 is a ``RecipeError`` naming the file, line and offset."""
+    data = Path(path).read_bytes()
     try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8 ({e.reason}); "
+                          "save the file as UTF-8") from None
+
+
+def _duplicate_key(node, path: tuple = ()) -> tuple[str, int, int] | None:
+    """(field, line, first line) of the first key that a mapping repeats: PyYAML silently keeps the last value."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: overriding merged keys is what it is for
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in seen:
+                return ".".join(map(str, (*path, name))), key.start_mark.line + 1, seen[name]
+            seen[name] = key.start_mark.line + 1
+            if found := _duplicate_key(value, (*path, name)):
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            if found := _duplicate_key(item, (*path, i)):
+                return found
+    return None
+
+
+def load_yaml(text: str, source: str, what: str = "a recipe is a YAML mapping with sections run, data, teacher, ..."
+              ) -> dict:
+    """The YAML mapping of a recipe of any kind; invalid YAML, a repeated key or a non-mapping is a ``RecipeError``."""
+    try:
+        duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    if duplicate:
+        field, line, first = duplicate
+        raise RecipeError(f"{source}:{line}: {field}: set twice (first at line {first}); YAML would silently keep "
+                          "the last value: remove one of them")
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping with sections run, data, teacher, ...")
+        raise RecipeError(f"{source}: {what}")
+    return raw
+
+
+def parse_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> Recipe:
+    """``folder``: the recipe file's folder, where (besides the project folder) the templates it names may lie."""
+    raw = load_yaml(text, source)
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={"recipe_dir": folder})
     except ValidationError as e:
         raise RecipeError("invalid recipe\n  " + "\n  ".join(validation_problems(e, text, source))) from None
 
@@ -797,6 +1004,8 @@ def validation_problems(error: ValidationError, text: str, source: str, skip: fr
     problems = []
     for err in error.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in skip)))
+        if isinstance(cause := (err.get("ctx") or {}).get("error"), FieldError):
+            loc += cause.loc  # the entry inside the field: its own name and line
         field = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -811,4 +1020,4 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    return parse_recipe(path.read_text(), source=str(path))
+    return parse_recipe(read_recipe_text(path), source=str(path), folder=path.parent)

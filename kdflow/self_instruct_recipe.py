@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from kdflow.recipe import (
     ROOT,
@@ -17,6 +16,9 @@ from kdflow.recipe import (
     RunSection,
     Strict,
     TeacherSection,
+    check_template,
+    load_yaml,
+    read_recipe_text,
     validation_problems,
 )
 
@@ -44,10 +46,8 @@ class ExpansionSection(Strict):
 
     @field_validator("template")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        if not (ROOT / v).is_file():
-            raise ValueError(f"no template at {ROOT / v}: point it at a file under prompts/")
-        return v
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_template(v, info)  # in the project or the recipe's folder, and there
 
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()
@@ -80,8 +80,9 @@ def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
-    text = path.read_text()
+    text = read_recipe_text(path)
+    raw = load_yaml(text, str(path), "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...")
     try:
-        return SelfInstructRecipe.model_validate(yaml.safe_load(text))
+        return SelfInstructRecipe.model_validate(raw, context={"recipe_dir": path.parent})
     except ValidationError as e:
         raise RecipeError("invalid recipe\n  " + "\n  ".join(validation_problems(e, text, str(path)))) from None

@@ -16,15 +16,28 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from kdflow.recipe import ROOT, KDSection, RecipeError, Strict, StudentData, load_recipe, validation_problems
+from kdflow.recipe import (
+    ROOT,
+    SAFE_NAME,
+    SAFE_NAME_FIX,
+    FieldError,
+    KDSection,
+    RecipeError,
+    SafeName,
+    Strict,
+    StudentData,
+    load_recipe,
+    load_yaml,
+    read_recipe_text,
+    validation_problems,
+)
 
 
 class SweepRecipe(Strict):
     recipe: str = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) is used")
-    student: str = Field(description="the recipe student (data: teacher) whose architecture and training are swept")
+    student: SafeName = Field(description="the recipe student (data: teacher) whose architecture and training are swept")
     fractions: list[float] = Field(min_length=1, description="shares of the kept teacher answers, each in (0, 1]")
     seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
     methods: dict[str, KDSection | None] = Field(min_length=2, description="name -> kd section; null = seq-KD (SFT)")
@@ -36,6 +49,15 @@ class SweepRecipe(Strict):
         if any(not 0.0 < f <= 1.0 for f in v):
             raise ValueError(f"each fraction must be in (0, 1], got {v}")
         return sorted(set(v))
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, v: dict) -> dict:
+        # each becomes a student name, `<method>-<fraction>@<seed>` (parse_name splits it again)
+        for name in v:
+            if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+                raise FieldError(f"method name {name!r}: {SAFE_NAME_FIX} (it names the students trained with it)", name)
+        return v
 
     @model_validator(mode="after")
     def _one_sft(self):
@@ -65,9 +87,10 @@ def load_sweep(path: str | Path) -> SweepRecipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such sweep file")
-    text = path.read_text()
+    text = read_recipe_text(path)
+    raw = load_yaml(text, str(path), "a sweep is a YAML mapping with recipe, student, fractions, seeds, methods")
     try:
-        sweep = SweepRecipe.model_validate(yaml.safe_load(text))
+        sweep = SweepRecipe.model_validate(raw)
     except ValidationError as e:
         raise RecipeError("invalid sweep\n  " + "\n  ".join(validation_problems(e, text, str(path)))) from None
     if not sweep.recipe_path().is_file():

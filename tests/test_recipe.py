@@ -1,3 +1,4 @@
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,180 @@ def test_vllm_tensor_parallel_size_reaches_the_server_flags_and_not_the_cache_ke
     both = gpu.replace("extra_args: [--dtype, bfloat16]", "extra_args: [--tensor-parallel-size, '2']")
     with pytest.raises(RecipeError, match="set tensor_parallel_size, not --tensor-parallel-size"):
         parse_recipe(both)
+
+
+# ---- names, files and interpreters a recipe names stay where they belong (reliability issue, item 5) ---------
+
+
+def a_recipe_file(tmp_path: Path, text: str) -> Path:
+    """``text`` as recipes/r.yaml under ``tmp_path``, its run folder under tmp_path/runs."""
+    path = tmp_path / "recipes" / "r.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace("  name: demo\n", f"  name: demo\n  root: {tmp_path / 'runs'}\n", 1))
+    return path
+
+
+def test_a_split_name_that_climbs_out_is_refused_at_its_line(tmp_path):
+    text = DEMO.replace("    prompts: 8000 ", "    ../../../escaped: 8000 ")
+    path = a_recipe_file(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert (f"{path}:{line_of(path.read_text(), '../../../escaped')}: data.splits.../../../escaped: split name "
+            f"'../../../escaped': use letters, digits") in str(e.value)
+    assert "it becomes a file name" in str(e.value)
+    for bad in ["/etc/x", ".hidden", "a/b", "..", ""]:
+        assert "split name" in error_of(DEMO.replace("    prompts: 8000 ", f"    '{bad}': 8000 ")), bad
+    assert not list(tmp_path.parent.glob("escaped*")) and not (tmp_path / "runs").exists()
+
+
+def test_student_and_sweep_method_names_are_path_safe():
+    assert "student name '../x'" in error_of(DEMO.replace("name: seq-kd", "name: ../x"))
+    assert "students.1.name" in error_of(DEMO.replace("name: seq-kd", "name: a/b"))
+    assert "'@' is followed by the seed only" in error_of(DEMO.replace("name: seq-kd", "name: a@b"))
+    seeded = parse_recipe(DEMO.replace("  name: demo\n", "  name: demo\n  seeds: [3]\n")).student_runs()[0]
+    assert type(seeded).model_validate(seeded.model_dump(exclude_computed_fields=True)).name == "baseline@3"
+    msg = error_of(DEMO.replace("splits: [train, prompts]", "splits: [train, ../prompts]"))
+    assert "generation.splits.1" in msg and "'../prompts'" in msg
+
+
+def test_a_sweep_method_name_that_is_no_file_name_is_refused(tmp_path):
+    from kdflow.sweep import load_sweep
+
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
+                     "methods:\n  seq-kd: null\n  ../up: {method: offline}\n")
+    with pytest.raises(RecipeError, match=rf"{sweep}:7: methods\.\.\./up: method name '\.\./up': use letters"):
+        load_sweep(sweep)
+
+
+@pytest.mark.parametrize("template", ["/etc/passwd", "../../../../../../etc/passwd", "prompts/../../outside.jinja"])
+def test_a_template_outside_the_project_and_the_recipe_folder_is_refused(tmp_path, template):
+    text = DEMO.replace("  cot: prompts/cot.jinja", f"  cot: {template}")
+    path = a_recipe_file(tmp_path, text)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert f"{path}:{line_of(path.read_text(), '  cot:')}: prompts.cot: template '{template}' is outside the project folder" in str(e.value)
+    assert "and the recipe's folder" in str(e.value) and "copy it under prompts/" in str(e.value)
+    assert "root:x:0:0" not in str(e.value)
+    judge = DEMO.replace("filters:\n  correctness: true\n", f"filters:\n  correctness: true\n  judge: {{template: {template}}}\n")
+    assert "filters.judge.template: template" in error_of(judge)
+
+
+def test_a_template_beside_the_recipe_is_read(tmp_path):
+    mine = tmp_path / "recipes" / "mine.jinja"
+    path = a_recipe_file(tmp_path, DEMO.replace("  cot: prompts/cot.jinja", f"  cot: {mine}"))
+    mine.write_text("Q: {{ question }}")
+    assert load_recipe(path).prompts.cot_text() == "Q: {{ question }}"
+    with pytest.raises(RecipeError, match="outside the project folder"):  # the same text, with no file to be beside
+        parse_recipe(path.read_text(), "r.yaml")
+
+
+def test_templates_render_in_a_sandbox():
+    import jinja2
+
+    from kdflow.prompts import render
+
+    assert render("Q: {{ question }}", question="{{ 7*7 }}") == "Q: {{ 7*7 }}"
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    rows = [{"q": 1}]
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render("{{ rows.append(2) }}", rows=rows)
+    assert rows == [{"q": 1}]
+
+
+def test_the_vllm_interpreter_must_be_a_python(tmp_path):
+    gpu = (ROOT / "recipes" / "gsm8k-qwen7b-to-0.5b.yaml").read_text()
+    assert "python:" not in gpu
+    vllm = "  vllm: {tensor_parallel_size: 1, "
+    text = gpu.replace(vllm, "  vllm: {python: /bin/sh, tensor_parallel_size: 1, ")
+    msg = error_of(text)
+    assert f"demo.yaml:{line_of(text, 'python: /bin/sh')}: generation.vllm.python: '/bin/sh' is not a Python" in msg
+    assert ".venv-vllm/bin/python" in msg
+    assert parse_recipe(gpu.replace(vllm, "  vllm: {python: /opt/vllm/bin/python3.12, "))
+
+    from kdflow.vllm_server import VllmServerError, check_python, vllm_server
+
+    fake = tmp_path / "bin" / "python"  # named like one, but a shell
+    fake.parent.mkdir()
+    fake.symlink_to("/bin/sh")
+    with pytest.raises(VllmServerError, match=r"is not a Python 3 .*point generation.vllm.python"):
+        check_python(fake)
+    with pytest.raises(VllmServerError, match=r"/bin/sh is not a Python interpreter"):
+        with vllm_server(tmp_path / "model", python="/bin/sh"):
+            pass
+    check_python(Path(sys.executable))
+
+
+# ---- bad values that used to pass validation and fail later (reliability issue, item 9) -------------------------
+
+
+def test_training_numbers_are_checked_where_they_are_written():
+    teacher_lr = "    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n    warmup_steps: 50\n    max_length: 128\n\ngen"
+    text = DEMO.replace(teacher_lr, teacher_lr.replace("3.0e-3", "abc"))
+    assert f"demo.yaml:{line_of(text, 'learning_rate: abc')}: teacher.training.learning_rate: 'abc' is not a float" in error_of(text)
+    text = DEMO.replace("      max_steps: 1500", "      max_steps: -5")
+    msg = error_of(text)
+    assert f"demo.yaml:{line_of(text, 'max_steps: -5')}: students.0.training.max_steps: -5: must be a positive" in msg
+    assert "(or -1: train num_train_epochs)" in msg
+    msg = error_of(DEMO.replace("      learning_rate: 3.0e-3", "      learning_rate: 3e-3"))
+    assert "students.0.training.learning_rate: '3e-3' is not a float (YAML reads 3e-3 as text: write it with a dot" in msg
+    assert "students.0.training.learning_rate: 0: must be > 0" in error_of(DEMO.replace("      learning_rate: 3.0e-3", "      learning_rate: 0"))
+    assert "per_device_train_batch_size: 0: must be >= 1" in error_of(DEMO.replace("      per_device_train_batch_size: 64", "      per_device_train_batch_size: 0"))
+    assert "max_steps: 'many' is not a int" in error_of(DEMO.replace("      max_steps: 1500", "      max_steps: many"))
+    assert parse_recipe(DEMO.replace("      max_steps: 1500", "      max_steps: -1\n      num_train_epochs: 2"))
+
+
+def test_classifier_training_arguments_are_checked_too():
+    from kdflow.classifier_recipe import parse_classifier_recipe
+
+    text = (ROOT / "tests" / "classifier_mini.yaml").read_text()
+    head = text[:text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
+    text = head + ("teacher:\n  model: {kind: transformer, hidden: 64, layers: 1, heads: 2, intermediate: 128,\n"
+                   "          training: {max_steps: -5}}\n"
+                   "student:\n  model: {kind: transformer, hidden: 8, layers: 1, heads: 2, intermediate: 8}\n"
+                   "distill: {temperature: 2.0, alpha: 0.5}\nseeds: [0]\n")
+    with pytest.raises(RecipeError, match=rf"c.yaml:{line_of(text, 'max_steps: -5')}: teacher.model.training.max_steps: "
+                                          r"-5: must be a positive number of steps"):
+        parse_classifier_recipe(text, "c.yaml")
+
+
+def test_a_key_set_twice_is_refused_with_both_lines(tmp_path):
+    text = DEMO.replace("    max_steps: 600\n", "    max_steps: 600\n    max_steps: 61\n", 1)
+    assert (f"demo.yaml:{line_of(text, 'max_steps: 61')}: teacher.training.max_steps: set twice (first at line "
+            f"{line_of(text, 'max_steps: 600')}); YAML would silently keep the last value: remove one") in error_of(text)
+    top = DEMO + "\nrun:\n  name: other\n"
+    assert f"demo.yaml:{len(top.splitlines()) - 1}: run: set twice (first at line 5)" in error_of(top)
+    assert parse_recipe(DEMO)  # the anchors and aliases of the demo's students are not repeats
+
+    from kdflow.classifier_recipe import parse_classifier_recipe
+    from kdflow.self_instruct_recipe import load_self_instruct_recipe
+    from kdflow.sweep import load_sweep
+
+    with pytest.raises(RecipeError, match=r"c.yaml:3: seeds: set twice \(first at line 2\)"):
+        parse_classifier_recipe("run: {name: c}\nseeds: [0]\nseeds: [1]\n", "c.yaml")
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nstudent: baseline\n")
+    with pytest.raises(RecipeError, match=rf"{sweep}:3: student: set twice"):
+        load_sweep(sweep)
+    si = tmp_path / "si.yaml"
+    si.write_text((ROOT / "recipes" / "self-instruct" / "qwen7b.yaml").read_text() + "\nfilters: {}\nfilters: {}\n")
+    with pytest.raises(RecipeError, match=rf"{si}:\d+: filters: set twice"):
+        load_self_instruct_recipe(si)
+
+
+def test_a_byte_that_is_not_utf8_names_the_file_line_and_offset(tmp_path):
+    path = tmp_path / "r.yaml"
+    data = DEMO.encode().replace(b"name: seq-kd", b"name: seq-kd\xe9", 1)
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(RecipeError, match=rf"{path}:{line_of(DEMO, 'name: seq-kd')}: byte 0xe9 at offset {offset} is "
+                                          r"not UTF-8 .*save the file as UTF-8"):
+        load_recipe(path)
+
+    from kdflow.classifier_recipe import load_classifier_recipe
+    from kdflow.sweep import load_sweep
+
+    for loader in (load_classifier_recipe, load_sweep):
+        with pytest.raises(RecipeError, match=rf"{path}:\d+: byte 0xe9"):
+            loader(path)
