@@ -13,8 +13,10 @@ knows where to upload, in any process on that machine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
+import re
 from pathlib import Path
 
 import fsspec
@@ -55,17 +57,33 @@ def push(local_dir: Path, url: str) -> None:
         fs.put_file(str(local_dir / rel), f"{root}/{rel}")
 
 
+class UnsafeKey(ValueError):
+    """A remote key or file name that would be written outside the folder it belongs in."""
+
+
+def inside(local_dir: Path, rel: str, source: str) -> Path:
+    """``local_dir / rel``, refused when ``rel`` is absolute or climbs out with '..' (an object store's keys
+    may hold any bytes: a key named ``out/../../x`` must not write beside the staging folder)."""
+    local_dir = Path(local_dir).resolve()
+    target = (local_dir / rel).resolve()
+    if not rel or posixpath.isabs(rel) or not target.is_relative_to(local_dir) or target == local_dir:
+        raise UnsafeKey(f"{source}: the file name {rel!r} would be written outside {local_dir}; remove that object "
+                        "from the remote run folder (kdflow never writes such names)")
+    return target
+
+
 def pull(url: str, local_dir: Path) -> None:
-    """Download the complete output at ``url`` into ``local_dir``, its manifest last."""
+    """Download the complete output at ``url`` into ``local_dir``, its manifest last. Every name is checked
+    before anything is downloaded: a remote output with a key outside it is refused whole."""
     fs, root = url_to_fs(url.rstrip("/"))
     if not fs.isfile(f"{root}/{MANIFEST}"):
         raise FileNotFoundError(f"{url} has no {MANIFEST}: not a finished output (an upload cut short?)")
     local_dir = Path(local_dir)
-    for path in sorted(fs.find(root)):
-        rel = path[len(root):].lstrip("/")
-        if rel != MANIFEST:
-            (local_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(path, str(local_dir / rel))
+    files = {path: path[len(root):].lstrip("/") for path in sorted(fs.find(root))}
+    targets = {path: inside(local_dir, rel, url) for path, rel in files.items() if rel != MANIFEST}
+    for path, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
     fs.get_file(f"{root}/{MANIFEST}", str(local_dir / MANIFEST))
 
 
@@ -75,15 +93,24 @@ def exists_complete(url: str) -> bool:
     return fs.isfile(f"{root}/{MANIFEST}")
 
 
+OUTPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # key[:16] in kdflow; never '..' or a hidden name
+
+
 def complete_outputs(stage_url: str) -> list[str]:
-    """The folder names of the finished outputs under a stage's URL."""
+    """The folder names of the finished outputs under a stage's URL (names kdflow could not have written, such
+    as '..', are left out with a warning: they become local folder names)."""
     fs, root = url_to_fs(stage_url.rstrip("/"))
-    return sorted(path[len(root):].strip("/").split("/")[0] for path in fs.glob(f"{root}/*/{MANIFEST}"))
+    names = sorted(path[len(root):].strip("/").split("/")[0] for path in fs.glob(f"{root}/*/{MANIFEST}"))
+    for bad in [n for n in names if not OUTPUT_NAME.fullmatch(n)]:
+        logging.getLogger(__name__).warning(f"{stage_url}/{bad}: not an output folder name kdflow writes; ignored")
+    return [n for n in names if OUTPUT_NAME.fullmatch(n)]
 
 
 def push_files(local_dir: Path, names: list[str], url: str) -> None:
     """Upload single files of a run folder (its report) to the run's URL."""
     fs, root = url_to_fs(url.rstrip("/"))
+    for name in names:  # a name like ../x would also land outside the run's URL
+        inside(local_dir, name, str(local_dir))
     fs.makedirs(root, exist_ok=True)
     for name in names:
         fs.put_file(str(Path(local_dir) / name), f"{root}/{name}")

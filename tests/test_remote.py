@@ -162,3 +162,38 @@ def test_a_url_fsspec_cannot_open_says_how_to_fix_it(root, message):
         pytest.skip("s3fs is installed here")
     with pytest.raises(RecipeError, match=message):
         parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {root}\n"), "mini.yaml")
+
+
+def test_a_remote_key_that_climbs_out_is_refused_and_nothing_lands_outside(memory_url, tmp_path):
+    """Object stores take any key: `out/../../../escaped` is one. A pull writes inside its folder or not at all."""
+    target = f"{memory_url}/runs/r1/{STAGE}/out"
+    remote.push(an_output(tmp_path / "made"), target)
+    fsspec.filesystem("memory").pipe_file(f"{target}/../../../../escaped.txt", b"planted")
+    local = tmp_path / "staging" / "r1" / STAGE / "out"
+    with pytest.raises(remote.UnsafeKey, match=r"the file name '\.\./\.\./\.\./\.\./escaped\.txt' would be written "
+                                               r"outside .*/staging/r1/stage/out; remove that object"):
+        remote.pull(target, local)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["manifest.json", "model.bin", "rows.parquet"]
+
+    # The stage contract: such an output is not taken, and the run folder holds nothing from it.
+    run_dir = remote.bind(tmp_path / "fresh" / "r1", f"{memory_url}/runs/r1")
+    with pytest.raises(remote.UnsafeKey):
+        run_folder.outputs(run_dir, STAGE)
+    assert not list((tmp_path / "fresh").rglob("escaped*")) and not list(tmp_path.rglob("escaped*"))
+
+
+def test_remote_output_names_that_are_no_folder_name_are_ignored(memory_url, tmp_path, caplog):
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"{memory_url}/{STAGE}/../{MANIFEST}", b"{}")
+    remote.push(an_output(tmp_path / "ok"), f"{memory_url}/{STAGE}/" + "a" * 16)
+    assert remote.complete_outputs(f"{memory_url}/{STAGE}") == ["a" * 16]
+    assert "not an output folder name kdflow writes" in caplog.text
+
+
+def test_push_files_takes_names_inside_the_run_folder_only(memory_url, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.md").write_text("r")
+    (tmp_path / "secret.txt").write_text("s")
+    with pytest.raises(remote.UnsafeKey, match=r"'\.\./secret\.txt' would be written outside"):
+        remote.push_files(tmp_path / "run", ["report.md", "../secret.txt"], f"{memory_url}/runs/r1")
+    assert not fsspec.filesystem("memory").exists(f"{memory_url}/runs/secret.txt")
