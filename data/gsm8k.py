@@ -5,13 +5,18 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
 
 from kdflow import verify
 from kdflow.loaders import DataError, load_located_rows
 
-# The gold answer in GSM8K's own solutions: always a plain number after '####'.
-GOLD_RE = re.compile(r"####\s*\$?\s*(-?[\d,]*\.?\d+)")
+# The gold answer after the last '####': a number (1,234 / -3.5 / 1e5 / 3/4), optionally after '$'. GSM8K's own are
+# all integers, but a file in its format may hold others, and a prefix of one (3 of 3/4, 1 of 1e5) is a wrong gold.
+NUMBER = r"-?(?:\d[\d,]*)?\.?\d+"
+GOLD_RE = re.compile(rf"####\s*\$?\s*(?P<num>{NUMBER}(?:[eE][-+]?\d+)?(?:\s*/\s*{NUMBER})?)(?P<rest>[^\n]*)")
+# What may follow the number on its line: nothing, or words and punctuation that do not continue the number.
+CONTINUES = re.compile(r"[\d.,/eE^]\s*\d|[/^eE]")
 
 
 def normalize_number(text: str) -> str | None:
@@ -23,10 +28,29 @@ def normalize_number(text: str) -> str | None:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def parse_gold(solution: str) -> tuple[str | None, str]:
+    """(the number after the last ``####``, normalised; or None) and, when None, why: ``1e5`` -> ``100000``,
+    ``3/4`` -> ``3/4`` (math-verify compares it with 0.75), ``6/8`` -> ``3/4``, ``4/2`` -> ``2``."""
+    if "####" not in solution:
+        return None, "the answer does not end in '#### <number>'"
+    tail = solution.rsplit("####", 1)[1].strip().split("\n", 1)[0]
+    match = GOLD_RE.match("####" + tail)
+    if match is None or CONTINUES.match(match["rest"]):
+        return None, (f"the gold answer '#### {tail[:40]}' is not a number kdflow reads (integers, decimals, 1e5, "
+                      "3/4); write the final number after '####'")
+    text = re.sub(r"\s+", "", match["num"]).replace(",", "")
+    if "/" not in text:
+        return normalize_number(text), ""
+    numerator, denominator = (Fraction(part) for part in text.split("/"))
+    if denominator == 0:
+        return None, f"the gold answer '#### {tail[:40]}' divides by zero; write the final number after '####'"
+    value = numerator / denominator
+    return (str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"), ""
+
+
 def gold_answer(solution: str) -> str | None:
-    """The number after the last ``####`` of a GSM8K solution, normalised."""
-    matches = GOLD_RE.findall(solution)
-    return normalize_number(matches[-1]) if matches else None
+    """The number after the last ``####`` of a GSM8K solution, normalised (None when there is none)."""
+    return parse_gold(solution)[0]
 
 
 def final_answer(text: str) -> str | None:
@@ -43,10 +67,13 @@ def load_split(path: Path, n: int | None = None) -> list[dict]:
     path = Path(path)
     rows = []
     located = load_located_rows(path, required=("question", "answer"), prompt_field="question", n=n)
+    if not located:  # an empty split would fail much later, dividing by its zero rows
+        raise DataError(f"{path}: no rows; put GSM8K rows in it (one JSON object per line with question and answer) "
+                        "or remove the split from data.splits")
     for i, (at, record) in enumerate(located):
-        answer = gold_answer(str(record["answer"]))
+        answer, why = parse_gold(str(record["answer"]))
         if answer is None:
-            raise DataError(f"{at}: the answer does not end in '#### <number>'")
+            raise DataError(f"{at}: {why}")
         rows.append({"id": f"{path.stem}-{i:06d}", "question": record["question"],
                      "rationale": record["answer"], "answer": answer})
     return rows

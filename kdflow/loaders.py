@@ -8,11 +8,40 @@ what to fix: a line that is not JSON or not UTF-8, a missing field, an empty pro
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 
 class DataError(ValueError):
     pass
+
+
+# Half of a UTF-16 pair without its other half: a JSON "\ud83d" escape alone decodes to one. Python strings hold
+# it, but UTF-8 cannot, so pyarrow (parquet, and pandas' string columns) refuses the whole table.
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def lone_surrogate(value, field: str) -> tuple[str, int] | None:
+    """(field, character index) of the first lone surrogate in ``value`` (a string, or lists / dicts of them)."""
+    if isinstance(value, str):
+        found = LONE_SURROGATE.search(value)
+        return (field, found.start()) if found else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if found := lone_surrogate(item, f"{field}.{key}"):
+            return found
+    return None
+
+
+def check_utf8(rows: list[dict], what: str, id_field: str = "id") -> None:
+    """Before rows become a parquet table: a lone surrogate fails naming the row (by ``id_field``) and the field,
+    where pyarrow would only say 'surrogates not allowed'."""
+    for i, row in enumerate(rows):
+        for field, value in row.items():
+            if found := lone_surrogate(value, field):
+                raise DataError(f"{what}: row {row.get(id_field, f'#{i}')!r}, field {found[0]!r}: a lone surrogate "
+                                f"at character {found[1]} (half of a UTF-16 pair, e.g. a JSON \\ud83d escape without "
+                                "its other half) cannot be stored as UTF-8; fix or remove that row")
 
 
 def load_rows(source: str | Path, required: tuple[str, ...] = (), prompt_field: str | None = None,
@@ -54,6 +83,11 @@ def _check(at: str, row, required, prompt_field) -> None:
         prompt = row.get(prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{at}: empty prompt in field {prompt_field!r}; remove the row or fill it in")
+    for field, value in row.items():
+        if found := lone_surrogate(value, field):
+            raise DataError(f"{at}: field {found[0]!r} holds a lone surrogate at character {found[1]} (a JSON "
+                            "\\ud83d-style escape without its other half), which cannot be stored as UTF-8; fix "
+                            "the escape or remove the row")
 
 
 def _jsonl(path: Path, n: int | None) -> list[tuple[int, dict]]:

@@ -8,6 +8,7 @@ import pandas as pd
 from prefect import task
 
 from data import arithmetic, gsm8k
+from kdflow.loaders import check_utf8
 from kdflow.outputs import OutputRef, building, existing_output, finish
 from kdflow.recipe import ROOT, DataSection, DataSource
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
@@ -41,6 +42,8 @@ def make_data(run_dir: Path, section: DataSection) -> OutputRef:
     if done := existing_output(run_dir, STAGE, key):
         return done
     splits = build_splits(section)
+    for name, rows in splits.items():
+        check_utf8(rows, f"data split {name!r}")
     with building(run_dir, STAGE, key) as tmp:
         for name, rows in splits.items():
             pd.DataFrame(rows).to_parquet(tmp / f"{name}.parquet", index=False)

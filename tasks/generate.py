@@ -178,7 +178,13 @@ def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
                     **logprobs})
     order = {key: i for i, key in enumerate(by_key)}
     out.sort(key=lambda a: order[(str(a["id"]), a["sample"])])
-    return pd.DataFrame(out)
+    try:
+        return pd.DataFrame(out)
+    except UnicodeEncodeError:  # a lone surrogate in a reply: pyarrow names neither the row nor the field
+        from kdflow.loaders import check_utf8
+
+        check_utf8(out, "teacher answers")
+        raise
 
 
 def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """The GSM8K loader and the math-verify checker on the real files in ../shared/data/gsm8k."""
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -57,3 +58,40 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     bad.write_text(good + "\n\n" + json.dumps({"question": "q", "answer": "two"}) + "\n")
     with pytest.raises(DataError, match=r"train.jsonl:3: the answer does not end in '#### <number>'"):
         load_split(bad)
+
+
+def test_fractions_and_scientific_notation_are_read_whole_or_refused(tmp_path):
+    # A prefix of the number is a wrong gold answer: '#### 3/4' is not 3 and '#### 1e5' is not 1.
+    assert gold_answer("x\n#### 3/4") == "3/4" and check_answer("#### 0.75", gold_answer("#### 3/4"))
+    assert not check_answer("#### 3", gold_answer("#### 3/4"))
+    assert gold_answer("#### 6/8") == "3/4" and gold_answer("#### 4/2") == "2" and gold_answer("#### 1e5") == "100000"
+    assert gold_answer("#### 1.5E-3") == "0.0015" and gold_answer("#### $1,234 dollars") == "1234"
+    path = tmp_path / "test.jsonl"
+    for bad, why in [("3/0", "divides by zero"), ("1.2.3", "is not a number kdflow reads"), ("2^10", "is not a number"),
+                     ("3/4/5", "is not a number"), ("1e", "is not a number")]:
+        path.write_text(json.dumps({"question": "q", "answer": "1+1=2\n#### 2"}) + "\n"
+                        + json.dumps({"question": "q", "answer": f"so\n#### {bad}"}) + "\n")
+        with pytest.raises(DataError, match=rf"test.jsonl:2: the gold answer '#### {re.escape(bad)}' {why}"):
+            load_split(path)
+
+
+def test_an_empty_file_is_refused_when_it_is_loaded(tmp_path):
+    for text in ("", "\n\n"):
+        (tmp_path / "train.jsonl").write_text(text)
+        with pytest.raises(DataError, match=rf"{tmp_path / 'train.jsonl'}: no rows; put GSM8K rows in it"):
+            load_split(tmp_path / "train.jsonl")
+
+
+def test_a_lone_surrogate_names_the_line_and_field_before_any_parquet_write(tmp_path):
+    from tasks.data import build_splits
+    from kdflow.recipe import DataSection
+
+    good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(good + "\n")
+    # json.dumps escapes the lone surrogate as \ud83d, exactly what a broken export writes
+    (tmp_path / "test.jsonl").write_text(good + "\n" + json.dumps({"question": "caf\ud83d", "answer": "#### 2"}) + "\n")
+    section = DataSection(source="gsm8k", path=str(tmp_path), splits={"train": 1, "test": 2})
+    with pytest.raises(DataError, match=r"test.jsonl:2: field 'question' holds a lone surrogate at character 3"):
+        build_splits(section)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl"]

@@ -54,3 +54,23 @@ def test_malformed_parquet_names_the_row_and_unknown_formats_say_what_is_read(tm
     (tmp_path / "rows.csv").write_text("a,b\n")
     with pytest.raises(DataError, match=r"rows.csv: .*\.jsonl, \.parquet"):
         load_rows(tmp_path / "rows.csv")
+
+
+def test_a_lone_surrogate_names_the_row_and_field(tmp_path):
+    from kdflow.loaders import check_utf8
+    from tasks.generate import answer_table
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], {"question": "ok", "answer": "caf\udce9"}])
+    with pytest.raises(DataError, match=r"rows.jsonl:2: field 'answer' holds a lone surrogate at character 3"):
+        load_rows(path)
+    check_utf8(ROWS, "rows")  # nothing to say
+    with pytest.raises(DataError, match=r"rows: row 'r7', field 'tags.1': a lone surrogate at character 0"):
+        check_utf8([{"id": "r7", "tags": ["fine", "\ud800x"]}], "rows")
+
+    # A teacher's reply holding one (a JSON "\ud83d" escape on its own): the answers table names the row.
+    rows = [{"id": "r1", "split": "prompts", "question": "q", "answer": "1", "sample": 0, "prompt": "p",
+             "teacher_prompt": "p"}]
+    reply = {"id": "r1", "sample": 0, "text": "smile \ud83d", "finish_reason": "stop", "completion_tokens": 2}
+    with pytest.raises(DataError, match=r"teacher answers: row 'r1', field 'text': a lone surrogate at character 6"):
+        answer_table(rows, [reply])
+    assert answer_table(rows, [{**reply, "text": "smile \U0001f600"}])["text"][0] == "smile \U0001f600"
