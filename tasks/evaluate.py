@@ -8,7 +8,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow import deployment
+from kdflow import api_keys, deployment
 from kdflow.answer_shards import ShardWriter, read_shards
 from kdflow.evaluate import (accuracy, judge_pairs, judge_prompts, judgement, reference_sequences, same_vocabulary,
                              sampled_pass_at_k, score_reference, win_rate)
@@ -27,7 +26,7 @@ from kdflow.models import model_location
 from kdflow.openai_teacher import Accounting, Sampling, TeacherRequest, run_all
 from kdflow.outputs import OutputRef, building, content_key, existing_output, finish
 from kdflow.prompts import render
-from kdflow.recipe import Backend, DataSource, EvaluationSection
+from kdflow.recipe import Backend, DataSource, EvaluationSection, redact_url
 from kdflow.tiny_models import count_params
 from kdflow.vllm_server import vllm_server
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
@@ -129,7 +128,8 @@ def reply_folder(run_dir: Path, section: EvaluationSection.Judge) -> Path:
     """Where this judge's replies are persisted as they arrive (``kdflow.answer_shards``), one per prompt, keyed
     by the prompt's hash: a crash, a rerun or a new student asks the judge nothing it has answered already.
     Kept after the stage (hidden, so no stage output): judge calls cost money."""
-    judge = {k: getattr(section, k) for k in ("backend", "model", "base_url", "max_new_tokens")}
+    judge = {k: getattr(section, k) for k in ("backend", "model", "max_new_tokens")} | {
+        "base_url": redact_url(section.base_url)}  # a password in the URL is no part of what was judged
     who = content_key("judge-replies", JUDGE_VERSION, {**judge, "vllm_args": section.vllm.extra_args})
     return Path(run_dir) / JUDGE_STAGE / f".replies-{who[:16]}"
 
@@ -144,7 +144,7 @@ def judge_api_key(section: EvaluationSection.Judge) -> str | None:
         from prefect.blocks.system import Secret
 
         return Secret.load(section.api_key_secret_block).get()
-    return os.environ.get(section.api_key_env) if section.api_key_env else None
+    return api_keys.from_env(section.api_key_env, "evaluation.judge.api_key_env")
 
 
 def _ask(section: EvaluationSection.Judge, todo: dict[str, str], shard: ShardWriter) -> Accounting:
@@ -227,8 +227,8 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
         (tmp / "win_rates.json").write_text(json.dumps(results, indent=2))
         finish(tmp, JUDGE_STAGE, key, inputs=inputs, rows=len(judgements), win_rates=results, split=split,
                questions=len(next(iter(items.values()), [])) // 2,
-               judge={"backend": section.backend.value, "model": section.model, "base_url": section.base_url,
-                      "template": section.template},
+               judge={"backend": section.backend.value, "model": section.model,
+                      "base_url": redact_url(section.base_url), "template": section.template},
                accounting=acct.as_dict())
     return existing_output(run_dir, JUDGE_STAGE, key)
 

@@ -11,7 +11,6 @@ reason code, error and (for a reply that was no completion) the raw body.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -53,7 +52,9 @@ def api_key(section: GenerationSection) -> str | None:
         from prefect.blocks.system import Secret
 
         return Secret.load(section.api.api_key_secret_block).get()
-    return os.environ.get(section.api.api_key_env) if section.api.api_key_env else None
+    from kdflow.api_keys import from_env  # an unset or empty variable fails naming it (not as a 401)
+
+    return from_env(section.api.api_key_env, "generation.api.api_key_env")
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:

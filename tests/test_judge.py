@@ -311,3 +311,25 @@ def test_a_tiny_model_judge_on_the_real_vllm_server(vllm_server_url, vllm_model_
         assert r["unparsed"] == int(table[(table["student"] == name)]["outcome"].isna().sum())
     for path in run_dir.rglob("*"):  # the key is in no file the stage wrote
         assert not path.is_file() or VLLM_TEST_API_KEY.encode() not in path.read_bytes(), path
+
+
+def test_a_password_in_the_judge_url_and_its_key_stay_out_of_the_run_folder(run, monkeypatch):
+    from tasks.caching import stage_key
+    from tasks.evaluate import JUDGE_STAGE, JUDGE_VERSION
+
+    password = "pw-judge-SENTINEL-0c41"
+    monkeypatch.setenv("KDFLOW_TEST_JUDGE_KEY", VLLM_TEST_API_KEY)
+    run_dir, data, students, teacher = run
+    with FakeTeacher(reply=by_content) as fake:
+        url = fake.url.replace("http://", f"http://kd:{password}@")
+        section = EvaluationSection.Judge(base_url=url + "/v1", model="fake-judge", api_key_env="KDFLOW_TEST_JUDGE_KEY")
+        ref = judge_students.fn(run_dir, section, students, teacher, data, "test")
+    assert ref.manifest()["win_rates"]["good"]["win_rate"] == pytest.approx(5 / 8)
+    assert ref.manifest()["judge"]["base_url"] == fake.url.replace("http://", "http://***@") + "/v1"
+    leaks = [p for p in Path(run_dir).rglob("*") if p.is_file()
+             and (password.encode() in p.read_bytes() or VLLM_TEST_API_KEY.encode() in p.read_bytes())]
+    assert leaks == []  # manifests, judgements, and the hidden reply shards alike
+    key = lambda u: stage_key(JUDGE_STAGE, JUDGE_VERSION, {"section": judge(u), "students": students,
+                                                           "teacher": teacher, "data": data, "split": "test"})
+    assert key(url) == key(url.replace(password, "another"))  # a new password is not a new judge
+    assert reply_folder(run_dir, judge(url)) == reply_folder(run_dir, judge(url.replace(password, "another")))
