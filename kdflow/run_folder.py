@@ -10,6 +10,7 @@ too: those this machine lacks are downloaded first (a stage flow rerun alone on 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from kdflow import remote
@@ -30,10 +31,14 @@ def outputs(run_dir: Path, stage: str) -> list[OutputRef]:
     for manifest in folder.glob(f"[!.]*/{MANIFEST}"):
         try:
             m = json.loads(manifest.read_text())
-        except json.JSONDecodeError:
-            continue  # being replaced right now, or damaged: not an output to build on
-        ref = OutputRef(stage=stage, key=m["key"], path=str(manifest.parent.resolve()), sha256=m["sha256"],
-                        rows=m.get("rows"))
+            ref = OutputRef(stage=stage, key=m["key"], path=str(manifest.parent.resolve()), sha256=m["sha256"],
+                            rows=m.get("rows"))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            # Damaged (a manifest is replaced atomically, so never half-written by kdflow): not an output to build
+            # on, and said, so that a stage that seems to have vanished can be found.
+            logging.getLogger(__name__).warning(f"{manifest.parent}: damaged {MANIFEST} ({type(e).__name__}: {e}); "
+                                                "not counted as a finished output: delete the folder to rebuild it")
+            continue
         # created_at has one-second resolution; the file's mtime breaks ties between outputs of one second.
         found.append((m.get("created_at", ""), manifest.stat().st_mtime_ns, ref))
     return [ref for *_, ref in sorted(found, key=lambda t: t[:2])]
