@@ -27,7 +27,7 @@ from kdflow.filters import (
 )
 from kdflow.prompts import render
 from kdflow.recipe import DedupOn, FiltersSection
-from kdflow.verify import majority, select
+from kdflow.verify import VerifyTimeout, majority, select
 
 Check = Callable[[str, object], bool]
 Extract = Callable[[str], object]
@@ -43,8 +43,9 @@ def row_name(row: dict) -> str:
 
 
 def row_reasons(row: dict, section: FiltersSection, check: Check, extract: Extract, tokens: int | None,
-                patterns: tuple[list[re.Pattern], re.Pattern | None] | None) -> list[Reason]:
-    """Step 1: every per-row reason that applies (all of them, not just the first)."""
+                patterns: tuple[list[re.Pattern], re.Pattern | None] | None) -> tuple[list[Reason], str]:
+    """Step 1: every per-row reason that applies (all of them, not just the first), and a detail when one
+    needs it (why verification gave up)."""
     text = row["text"] or ""
     reasons = []
     if section.truncated and row.get("finish_reason") == "length":
@@ -55,11 +56,14 @@ def row_reasons(row: dict, section: FiltersSection, check: Check, extract: Extra
         reasons += length_reasons(tokens, section.length.min_tokens, section.length.max_tokens)
     if patterns is not None:
         reasons += pattern_reasons(text, *patterns)
-    if section.correctness and has_gold(row):
-        reasons += correctness_reasons(text, row["answer"], check, extract)
-    elif section.self_consistency is not None and extract(text) is None:
-        reasons.append(Reason.no_final_answer)  # no gold: the majority vote needs an answer
-    return reasons
+    try:
+        if section.correctness and has_gold(row):
+            reasons += correctness_reasons(text, row["answer"], check, extract)
+        elif section.self_consistency is not None and extract(text) is None:
+            reasons.append(Reason.no_final_answer)  # no gold: the majority vote needs an answer
+    except VerifyTimeout as e:
+        return [*reasons, Reason.verify_timeout], str(e)
+    return reasons, ""
 
 
 def compile_patterns(section: FiltersSection):
@@ -83,18 +87,31 @@ def self_consistency(rows: list[dict], alive: list[int], section: FiltersSection
     for members in groups.values():
         if not has_gold(rows[members[0]]):
             texts = [rows[i]["text"] for i in members]
-            winner = majority(texts, check, extract)
+            gave_up: dict[int, str] = {}  # index into members -> why math-verify gave no verdict
+            winner = majority(texts, check, extract, gave_up)
+            agrees: dict[int, bool] = {}  # index into members -> its answer is the majority's
+            if winner is not None:
+                answer = extract(texts[winner])  # parsed in the vote a moment ago (the worker caches it)
+                for j in range(len(members)):
+                    try:
+                        agrees[j] = j not in gave_up and check(texts[j], answer)
+                    except VerifyTimeout as e:
+                        gave_up[j] = str(e)
+                agrees = {j: same for j, same in agrees.items() if j not in gave_up}
+            for j, why in gave_up.items():
+                reasons[members[j]].append(Reason.verify_timeout)
+                details[members[j]] = why
             if winner is None:
-                for i in members:
-                    reasons[i].append(Reason.no_majority)
-                    details[i] = f"no majority among {len(members)} samples"
+                for j, i in enumerate(members):
+                    if j not in gave_up:
+                        reasons[i].append(Reason.no_majority)
+                        details[i] = f"no majority among {len(members) - len(gave_up)} samples"
                 continue
-            answer = extract(texts[winner])
-            losers = [i for i in members if not check(rows[i]["text"], answer)]
+            losers = [members[j] for j, same in agrees.items() if not same]
             for i in losers:
                 reasons[i].append(Reason.minority_answer)
                 details[i] = f"majority answer {answer}"
-            members = [i for i in members if i not in losers]
+            members = [members[j] for j, same in agrees.items() if same]
         chosen = {members[j] for j in select([rows[i] for i in members], sc.policy, sc.k)}
         for i in members:
             if i not in chosen:
@@ -151,8 +168,8 @@ def curate(rows: list[dict], section: FiltersSection, check: Check, extract: Ext
     if tokens is not None:
         rows = [{**r, "tokens": t} for r, t in zip(rows, tokens, strict=True)]
     patterns = compile_patterns(section)
-    reasons = [row_reasons(r, section, check, extract, r.get("tokens"), patterns) for r in rows]
-    details = [""] * len(rows)
+    reasons, details = map(list, zip(*[row_reasons(r, section, check, extract, r.get("tokens"), patterns)
+                                        for r in rows])) if rows else ([], [])
     alive = lambda: [i for i in range(len(rows)) if not reasons[i]]  # noqa: E731
     if section.self_consistency is not None:
         self_consistency(rows, alive(), section, check, extract, reasons, details)

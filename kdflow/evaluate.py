@@ -12,14 +12,26 @@ import torch
 
 from kdflow.generate_hf import generate
 from kdflow.prompts import render
+from kdflow.verify import VerifyTimeout
+
+
+def checked(check: Callable[[str, str], bool], text: str, gold) -> tuple[bool, str | None]:
+    """(correct, why it could not be verified). An answer math-verify gives no verdict on within its bound
+    counts as not correct, and the prediction says why, rather than ending the evaluation."""
+    try:
+        return bool(check(text, gold)), None
+    except VerifyTimeout as e:
+        return False, str(e)
 
 
 def accuracy(model, tokenizer, rows: list[dict], template: str, check: Callable[[str, str], bool],
              max_new_tokens: int, batch_size: int) -> tuple[float, list[dict]]:
-    """(accuracy, per-row predictions with ``text``, ``finish_reason`` and ``correct``)."""
+    """(accuracy, per-row predictions with ``text``, ``finish_reason``, ``correct`` and ``unverified``: None, or
+    why the checker gave no verdict in time)."""
     outputs = generate(model, tokenizer, [render(template, question=r["question"]) for r in rows],
                        max_new_tokens, batch_size)
-    predictions = [{"id": r["id"], "answer": r["answer"], **o, "correct": check(o["text"], r["answer"])}
+    predictions = [{"id": r["id"], "answer": r["answer"], **o,
+                    **dict(zip(("correct", "unverified"), checked(check, o["text"], r["answer"])))}
                    for r, o in zip(rows, outputs)]
     return sum(p["correct"] for p in predictions) / len(predictions), predictions
 
@@ -43,7 +55,7 @@ def sampled_pass_at_k(model, tokenizer, rows: list[dict], template: str, check: 
     prompts = [render(template, question=r["question"]) for r in rows]
     outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens, batch_size,
                        temperature=temperature, seed=seed)
-    correct = [sum(check(o["text"], r["answer"]) for o in outputs[i * samples:(i + 1) * samples])
+    correct = [sum(checked(check, o["text"], r["answer"])[0] for o in outputs[i * samples:(i + 1) * samples])
                for i, r in enumerate(rows)]
     return sum(pass_at_k(samples, c, k) for c in correct) / len(rows), correct
 

@@ -17,6 +17,7 @@ class Reason(str, enum.Enum):
     empty_answer = "empty_answer"  # nothing but whitespace
     no_final_answer = "no_final_answer"  # no final answer could be extracted
     wrong_answer = "wrong_answer"  # the final answer differs from the gold one
+    verify_timeout = "verify_timeout"  # math-verify gave no verdict within kdflow.verify.TIMEOUT_S (9^9^9^9)
     too_short = "too_short"  # fewer tokens (student's tokenizer) than length.min_tokens
     too_long = "too_long"  # more than length.max_tokens
     refusal = "refusal"  # matches a refusal pattern ("I can't help with that")

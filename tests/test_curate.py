@@ -205,3 +205,56 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     assert m["teacher_failures"] == 0
     assert {"report.md", "report.json", "lengths.png"} <= {p.name for p in out.iterdir()}
     assert filter_answers.fn(tmp_path, section, DataSource.gsm8k, answers, teacher) == ref  # the same content, kept
+
+
+# ---- a verification that runs away is a drop with its reason, not a hung stage ---------------------------
+
+RUNAWAY = "so the answer is #### 9^9^9^9"  # a power math-verify would compute for ever
+
+
+@pytest.fixture
+def short_verify_bound(monkeypatch):
+    monkeypatch.setattr("kdflow.verify.TIMEOUT_S", 1.0)
+
+
+def in_a_thread(fn, *args):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # as Prefect runs a task; the timeout only guards against a hang
+        return pool.submit(fn, *args).result(timeout=300)
+
+
+def test_an_answer_math_verify_cannot_finish_is_dropped_as_verify_timeout(short_verify_bound):
+    rows = [answer(0, "5+5=10, so #### 10", gold="10"), answer(1, RUNAWAY, gold="10"), answer(2, "#### 11", gold="10")]
+    kept, dropped = in_a_thread(curate, rows, FiltersSection(), math_check, math_extract)
+    assert [r["id"] for r in kept] == ["r0"]
+    assert by_id(dropped) == {"r1/0": ["verify_timeout"], "r2/0": ["wrong_answer"]}
+    (timed_out,) = [r for r in dropped if r["id"] == "r1"]
+    assert timed_out["text"] == RUNAWAY and "9^9^9^9" in timed_out["detail"] and "TIMEOUT_S" in timed_out["detail"]
+
+
+def test_self_consistency_without_gold_votes_without_the_runaway_answer(short_verify_bound):
+    texts = ["#### 72", RUNAWAY, "#### 72.0", "#### 70"]
+    rows = [answer(0, t, gold=None, sample=s, question="q") for s, t in enumerate(texts)]
+    kept, dropped = in_a_thread(curate, rows, filters(self_consistency={"policy": "all"}), math_check, math_extract)
+    assert [r["sample"] for r in kept] == [0, 2]
+    assert by_id(dropped) == {"r0/1": ["verify_timeout"], "r0/3": ["minority_answer"]}
+
+
+def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server, tmp_path, short_verify_bound):
+    import pandas as pd
+
+    from kdflow.outputs import building, existing_output, finish
+    from kdflow.recipe import DataSource
+    from tasks.curate import filter_answers
+
+    rows = [{"id": f"q{i}", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0, "text": t,
+             "finish_reason": "stop", "completion_tokens": len(t)} for i, t in enumerate(["#### 10", RUNAWAY])]
+    with building(tmp_path, "generate", "g" * 64) as tmp:
+        pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False)
+        finish(tmp, "generate", "g" * 64, inputs={})
+    ref = filter_answers.fn(tmp_path, FiltersSection(), DataSource.gsm8k, existing_output(tmp_path, "generate", "g" * 64))
+    dropped = pd.read_parquet(Path(ref.path) / "dropped.parquet")
+    assert dropped["id"].tolist() == ["q1"] and list(dropped["reasons"].item()) == ["verify_timeout"]
+    assert dropped["text"].item() == RUNAWAY and "9^9^9^9" in dropped["detail"].item()
+    assert ref.manifest()["drop_reasons"] == {"verify_timeout": 1} and ref.manifest()["kept"] == 1

@@ -54,6 +54,19 @@ def test_accuracy_on_planted_outputs(monkeypatch):
     assert [p["id"] for p in predictions] == ["t-0", "t-1", "t-2"]
 
 
+def test_an_answer_the_checker_cannot_finish_is_scored_wrong_and_says_why(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from data import gsm8k
+
+    monkeypatch.setattr("kdflow.verify.TIMEOUT_S", 1.0)
+    monkeypatch.setattr(evaluate, "generate", planted(["#### 19", "so #### 9^9^9^9", "#### 15"]))
+    with ThreadPoolExecutor(1) as pool:  # a worker thread, as Prefect runs tasks; the timeout only guards a hang
+        acc, predictions = pool.submit(evaluate.accuracy, None, None, ROWS, COT, gsm8k.check_answer, 8, 2).result(300)
+    assert acc == pytest.approx(2 / 3) and [p["correct"] for p in predictions] == [True, False, True]
+    assert predictions[0]["unverified"] is None and "9^9^9^9" in predictions[1]["unverified"]
+
+
 def test_pass_at_k_closed_forms():
     assert pass_at_k(10, 0, 3) == 0.0
     assert pass_at_k(10, 10, 3) == 1.0
