@@ -50,8 +50,8 @@ CONFIGS = ("sft", "offline", "online", "feature")
 
 def rows(n: int) -> list[dict]:
     from data.arithmetic import make_problem
-    from kdflow.prompts import chat, render
-    from kdflow.recipe import Difficulty
+    from kdflow.config.templates import chat, render
+    from kdflow.config.recipe import Difficulty
 
     rng, template = random.Random(0), (ROOT / "prompts" / "cot.jinja").read_text()
     problems = [make_problem(rng, Difficulty(min_steps=2, max_steps=5, max_operand=9)) for _ in range(n)]
@@ -64,9 +64,9 @@ def prepare(folder: Path, n: int) -> None:
     top-20 cache over ``n`` rows."""
     import torch
 
-    from kdflow.capture import encode_row, hf_topk
-    from kdflow.logit_cache import ValueEncoding, cache_meta, capture_shards
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.logit_cache.topk import encode_row, hf_topk
+    from kdflow.logit_cache.format import ValueEncoding, cache_meta, capture_shards
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     data = rows(n)
     tokenizer = train_tokenizer([r["prompt"][0]["content"] + r["completion"][0]["content"] for r in data], 64)
@@ -98,7 +98,7 @@ def child(folder: Path, config: str, steps: int, threads: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-    from kdflow.tiny_models import llama_model
+    from kdflow.training.tiny_models import llama_model
 
     torch.set_num_threads(threads)
 
@@ -120,20 +120,20 @@ def child(folder: Path, config: str, steps: int, threads: int) -> dict:
     teacher = None if config in ("sft", "offline") else AutoModelForCausalLM.from_pretrained(folder / "teacher").eval()
     rss_before = rss_mb()
     if config == "sft":
-        from kdflow.sft import train_sft
+        from kdflow.training.sft import train_sft
 
         train_sft(student, tokenizer, data, training, out, 0, callbacks=[timer])
     elif config == "offline":
-        from kdflow.kd_trainer import KDLoss, train_offline_kd
+        from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
         train_offline_kd(student, tokenizer, folder / "cache", KDLoss(), training, out, 0, callbacks=[timer])
     elif config == "online":
-        from kdflow.online_kd import train_online
+        from kdflow.training.online_kd import train_online
 
         train_online(student, teacher, tokenizer, data, training, out, 0, lmbda=0.0, beta=0.5, temperature=1.0,
                      max_new_tokens=64, callbacks=[timer])
     else:
-        from kdflow.feature_kd import train_feature_kd
+        from kdflow.training.feature_kd import train_feature_kd
 
         train_feature_kd(student, teacher, tokenizer, data, training, out, 0, layer_map=None, kind="mse", weight=1.0,
                          callbacks=[timer])

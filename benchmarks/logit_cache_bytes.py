@@ -31,10 +31,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kdflow.capture import EncodedRow, encode_row, hf_topk  # noqa: E402
-from kdflow.logit_cache import (LogitCache, TopK, ValueEncoding, cache_meta, capture_shards,  # noqa: E402
+from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk  # noqa: E402
+from kdflow.logit_cache.format import (LogitCache, TopK, ValueEncoding, cache_meta, capture_shards,  # noqa: E402
                                 kl_full_vs_cache, rebuild_logprobs)
-from kdflow.prompts import chat  # noqa: E402
+from kdflow.config.templates import chat  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TEACHER_DIR = RESULTS / "text-teacher"
@@ -60,7 +60,7 @@ def text_teacher():
     """The benchmark's teacher, trained once and kept under benchmarks/results/ (reused when its settings match)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     stamp = TEACHER_DIR / "settings.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == TEACHER:
@@ -160,7 +160,7 @@ def demo_teacher_rows(run: Path, n: int):
     demo run is there."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdflow.prompts import render
+    from kdflow.config.templates import render
 
     teachers = sorted(run.glob("teacher/*/manifest.json"))
     tests = sorted(run.glob("data/*/test.parquet"))

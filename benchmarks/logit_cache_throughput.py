@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
-import kdflow.capture  # noqa: E402
-from kdflow.capture import hf_topk, length_batches, topk_of_logits  # noqa: E402
-from kdflow.logit_cache import LogitCache, ValueEncoding, cache_meta, capture_shards, write_shard  # noqa: E402
-from kdflow.tiny_models import llama_model  # noqa: E402
+import kdflow.logit_cache.topk  # noqa: E402
+from kdflow.logit_cache.topk import hf_topk, length_batches, topk_of_logits  # noqa: E402
+from kdflow.logit_cache.format import LogitCache, ValueEncoding, cache_meta, capture_shards, write_shard  # noqa: E402
+from kdflow.training.tiny_models import llama_model  # noqa: E402
 from logit_cache_bytes import RESULTS, held_out_rows, text_teacher  # noqa: E402
 
 K, BATCH_TOKENS, SHARD_ROWS = 50, 8192, 64
@@ -105,9 +105,9 @@ def capture_time_by_part(model, rows, tokenizer, folder: Path) -> dict[str, floa
                    for (caller, _, _), t in v[4].items() if caller == module.__file__)
 
     total = sum(v[2] for v in stats.values())
-    parts = {"forward": stats[key(type(model).forward)][3], "top-k": called_from(kdflow.capture, "topk"),
-             "exp-sum": called_from(kdflow.capture, "exp_"),
-             "gather answer logits": called_from(kdflow.capture, "index_select"), "write shards": stats[key(write_shard)][3]}
+    parts = {"forward": stats[key(type(model).forward)][3], "top-k": called_from(kdflow.logit_cache.topk, "topk"),
+             "exp-sum": called_from(kdflow.logit_cache.topk, "exp_"),
+             "gather answer logits": called_from(kdflow.logit_cache.topk, "index_select"), "write shards": stats[key(write_shard)][3]}
     parts["rest of topk_of_logits"] = stats[key(topk_of_logits)][3] - parts["top-k"] - parts["exp-sum"]
     parts["everything else"] = total - sum(parts.values())
     return parts
@@ -156,7 +156,7 @@ from pathlib import Path
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 import torch
 torch.set_num_threads(1)
-from kdflow.capture import EncodedRow
+from kdflow.logit_cache.topk import EncodedRow
 from logit_cache_throughput import capture
 from logit_cache_bytes import held_out_rows, text_teacher
 model, tokenizer = text_teacher()

@@ -63,8 +63,8 @@ def first_run_span_s(run_dir: Path) -> float:
 
 def matches(recipe: Path, run_dir: Path) -> bool:
     """The run folder holds the teacher this recipe asks for (else a "rerun" would retrain it)."""
-    from kdflow.outputs import existing_output
-    from kdflow.recipe import load_recipe
+    from kdflow.store.outputs import existing_output
+    from kdflow.config.recipe import load_recipe
     from tasks.caching import stage_key
     from tasks.data import STAGE as DATA, VERSION as DATA_VERSION
     from tasks.teacher import STAGE as TEACHER, VERSION as TEACHER_VERSION
@@ -86,7 +86,7 @@ def main() -> None:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.distill import distill
-    from kdflow.recipe import load_recipe
+    from kdflow.config.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-rerun-"))
     flow(name="warm-up")(lambda: None)()  # the temporary local server starts once, outside every timing

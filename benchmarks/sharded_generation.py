@@ -68,7 +68,7 @@ def main() -> None:
     from fault_proxy import FakeTeacher
     from flows.generate_sharded import generate_sharded
     from flows.train_teacher import train_teacher
-    from kdflow.recipe import load_recipe
+    from kdflow.config.recipe import load_recipe
     from tasks.data import make_data
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sharded-"))

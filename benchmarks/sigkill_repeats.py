@@ -32,7 +32,7 @@ from fault_proxy import FaultProxy  # noqa: E402
 CHILD = """
 import json, sys
 from pathlib import Path
-from kdflow.recipe import GenerationSection
+from kdflow.config.recipe import GenerationSection
 from tasks.generate import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
@@ -45,7 +45,7 @@ def repeated(before: Counter, now: Counter) -> int:
 
 
 def answered(folder: Path) -> int:
-    from kdflow.answer_shards import read_shards
+    from kdflow.teacher.answer_shards import read_shards
 
     return len(read_shards(folder)[0]) if folder.is_dir() else 0
 
@@ -57,9 +57,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     args = parser.parse_args()
 
-    from kdflow.answer_shards import read_shards
-    from kdflow.recipe import GenerationSection
-    from kdflow.vllm_server import vllm_server
+    from kdflow.teacher.answer_shards import read_shards
+    from kdflow.config.recipe import GenerationSection
+    from kdflow.teacher.vllm_server import vllm_server
     from tasks.generate import api_answers
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sigkill-"))

@@ -73,9 +73,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
 
-    from kdflow.prompts import render
-    from kdflow.recipe import GenerationSection
-    from kdflow.vllm_server import vllm_server
+    from kdflow.config.templates import render
+    from kdflow.config.recipe import GenerationSection
+    from kdflow.teacher.vllm_server import vllm_server
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-teacher-"))
     model = str(build_tiny_teacher(work / "teacher"))

@@ -47,8 +47,8 @@ def main() -> None:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     from flows.distill import distill
-    from kdflow import outputs
-    from kdflow.recipe import load_recipe
+    from kdflow.store import outputs
+    from kdflow.config.recipe import load_recipe
     from rerun_cost import matches, recipe_copy
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-verify-"))

@@ -1,6 +1,6 @@
 """GSM8K from local files (``{"question", "answer"}`` per row, the answer ending in ``#### N``), read through
-``kdflow.loaders`` (JSONL, parquet or a saved HF dataset). Teacher answers are checked with
-``kdflow.verify`` (math-verify equivalence: ``72``, ``72.0``, ``$72``, ``\\boxed{72}`` are one answer)."""
+``kdflow.store.data_files`` (JSONL, parquet or a saved HF dataset). Teacher answers are checked with
+``kdflow.curation.verify`` (math-verify equivalence: ``72``, ``72.0``, ``$72``, ``\\boxed{72}`` are one answer)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from kdflow import verify
-from kdflow.loaders import DataError, load_located_rows
+from kdflow.curation import verify
+from kdflow.store.data_files import DataError, load_located_rows
 
 # The gold answer after the last '####': a number (1,234 / -3.5 / 1e5 / 3/4), optionally after '$'. GSM8K's own are
 # all integers, but a file in its format may hold others, and a prefix of one (3 of 3/4, 1 of 1e5) is a wrong gold.

@@ -11,8 +11,8 @@ import sys
 from prefect import flow
 
 from flows.train_teacher import train_teacher
-from kdflow.outputs import OutputRef
-from kdflow.recipe import RecipeError, load_recipe
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import RecipeError, load_recipe
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data

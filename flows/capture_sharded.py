@@ -1,5 +1,5 @@
 """The logit-cache stage sharded across the workers of a Dask cluster (prefect-dask's DaskTaskRunner): each worker
-captures one part of the kept rows — whole shards, in row order (kdflow/cache_parts.py) — into the stage's work
+captures one part of the kept rows — whole shards, in row order (kdflow/logit_cache/parts.py) — into the stage's work
 folder; one task joins the parts into one cache (its cache.json written last); the ordinary capture task then
 finds that cache whole, captures nothing, and publishes it under the same content key as the unsharded stage.
 
@@ -23,10 +23,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from kdflow import run_folder
-from kdflow.cache_parts import join_parts, part_bounds
-from kdflow.outputs import OutputRef, existing_output
-from kdflow.recipe import LogitCacheSection, RecipeError, load_recipe
+from kdflow.store import run_folder
+from kdflow.logit_cache.parts import join_parts, part_bounds
+from kdflow.store.outputs import OutputRef, existing_output
+from kdflow.config.recipe import LogitCacheSection, RecipeError, load_recipe
 from tasks.caching import stage_key
 from tasks.capture import (STAGE, VERSION, capture_inputs, capture_logits, capture_member, capture_setup,
                            shard_logger, work_folder)

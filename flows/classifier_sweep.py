@@ -11,8 +11,8 @@ import sys
 
 from prefect import flow
 
-from kdflow.classifier_recipe import DistillSection, load_classifier_recipe
-from kdflow.recipe import RecipeError
+from kdflow.config.classic import DistillSection, load_classifier_recipe
+from kdflow.config.recipe import RecipeError
 from tasks.classifier import (SweepPoint, SweepSeed, classifier_data, score_ensemble, train_classifier_student,
                               train_classifier_teacher, write_sweep_report)
 

@@ -13,8 +13,8 @@ import argparse
 from prefect import flow
 
 from flows.train_teacher import train_teacher
-from kdflow.recipe import load_recipe
-from kdflow.remote import push_files
+from kdflow.config.recipe import load_recipe
+from kdflow.store.remote import push_files
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data

@@ -10,7 +10,7 @@ import sys
 
 from prefect import flow
 
-from kdflow.classifier_recipe import load_classifier_recipe
+from kdflow.config.classic import load_classifier_recipe
 from tasks.classifier import (SeedRun, classifier_data, score_ensemble, train_classifier_student,
                               train_classifier_teacher, write_classifier_report)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from kdflow import run_folder
-from kdflow.recipe import load_recipe
+from kdflow.store import run_folder
+from kdflow.config.recipe import load_recipe
 from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.report import write_report
 

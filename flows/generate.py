@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from kdflow import run_folder
-from kdflow.outputs import OutputRef
-from kdflow.recipe import load_recipe
+from kdflow.store import run_folder
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import load_recipe
 from tasks.generate import generate_answers
 
 

@@ -22,10 +22,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from kdflow import run_folder
-from kdflow.models import model_location
-from kdflow.outputs import OutputRef, existing_output
-from kdflow.recipe import Backend, GenerationSection, load_recipe
+from kdflow.store import run_folder
+from kdflow.store.model_folders import model_location
+from kdflow.store.outputs import OutputRef, existing_output
+from kdflow.config.recipe import Backend, GenerationSection, load_recipe
 from tasks.caching import stage_key
 from tasks.generate import STAGE, VERSION, api_answers, generate_answers, prompted_rows, shard_folder
 

@@ -1,5 +1,5 @@
 """Does white-box KD add anything? Transfer-set sizes × {seq-KD, logit KD} × seeds on one recipe's run, with
-a table, a plot and a stated verdict (kdflow/sweep.py). Not part of `make demo`: it trains many students.
+a table, a plot and a stated verdict (kdflow/reporting/sweep.py). Not part of `make demo`: it trains many students.
 
     python -m flows.kd_sweep recipes/sweeps/transfer-size.yaml
 """
@@ -13,9 +13,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.train_teacher import train_teacher
-from kdflow import sweep as sw
-from kdflow.outputs import OutputRef
-from kdflow.recipe import load_recipe
+from kdflow.reporting import sweep as sw
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import load_recipe
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data

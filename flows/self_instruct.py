@@ -11,8 +11,8 @@ import sys
 
 from prefect import flow
 
-from kdflow.recipe import ROOT, DataSource
-from kdflow.self_instruct_recipe import load_self_instruct_recipe
+from kdflow.config.recipe import ROOT, DataSource
+from kdflow.config.self_instruct import load_self_instruct_recipe
 from tasks.curate import filter_answers
 from tasks.generate import generate_answers
 from tasks.self_instruct import make_expansion_prompts, pick_instructions, read_seeds

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from kdflow import run_folder
-from kdflow.outputs import OutputRef
-from kdflow.recipe import StudentData, load_recipe
+from kdflow.store import run_folder
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import StudentData, load_recipe
 from tasks.students import student_inputs, train_student
 
 

@@ -9,8 +9,8 @@ import sys
 
 from prefect import flow
 
-from kdflow.outputs import OutputRef
-from kdflow.recipe import load_recipe
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import load_recipe
 from tasks.data import make_data
 from tasks.teacher import train_teacher_model, use_existing_teacher
 

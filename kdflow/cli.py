@@ -3,7 +3,7 @@
     python -m kdflow.cli distill recipes/demo.yaml
     python -m kdflow.cli students recipes/demo.yaml --run-dir runs/demo   # retrain the students of a run
 
-A single stage takes its inputs from the run folder's finished outputs (kdflow.run_folder). Each stage is a
+A single stage takes its inputs from the run folder's finished outputs (kdflow.store.run_folder). Each stage is a
 Prefect flow of its own (flows/), so it shows in the UI and can be deployed like ``distill``.
 """
 

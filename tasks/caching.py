@@ -27,7 +27,7 @@ from typing import Any
 from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.cache_policies import CachePolicy
 
-from kdflow.outputs import OutputRef, content_key
+from kdflow.store.outputs import OutputRef, content_key
 
 NOT_CONTENT = {"run_dir"}
 # Every stage task: its small OutputRef result kept across runs, as JSON (see above).

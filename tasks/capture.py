@@ -1,5 +1,5 @@
 """Stage: the logit cache — the teacher's top-k distributions on the kept answers, captured once so that a KD
-student trains from disk without the teacher in memory (format: kdflow/logit_cache.py).
+student trains from disk without the teacher in memory (format: kdflow/logit_cache/format.py).
 
 Rows are the curate stage's kept answers, tokenized exactly as the students' SFT sees them (prompt +
 answer through the chat template) and named ``<id>/<sample>``. The shards are written into a work folder
@@ -19,12 +19,12 @@ from prefect import task
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_logger, get_run_logger
 
-from kdflow import capture
-from kdflow.cache_parts import COUNTS, link_or_copy
-from kdflow.logit_cache import MANIFEST, CorruptShard, LogitCache, cache_meta, capture_shards, merge_caches
-from kdflow.models import model_location
-from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
-from kdflow.recipe import CaptureSource, LogitCacheSection
+from kdflow.logit_cache import topk as capture
+from kdflow.logit_cache.parts import COUNTS, link_or_copy
+from kdflow.logit_cache.format import MANIFEST, CorruptShard, LogitCache, cache_meta, capture_shards, merge_caches
+from kdflow.store.model_folders import model_location
+from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
+from kdflow.config.recipe import CaptureSource, LogitCacheSection
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.teacher import sft_rows
 
@@ -51,7 +51,7 @@ def api_records(row: dict) -> list[dict]:
 
 
 def capture_hf(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
-    from kdflow.generate_hf import load
+    from kdflow.teacher.hf_generate import load
 
     model, tokenizer = load(model_dir)
     return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
@@ -62,7 +62,7 @@ def capture_hf(folder: Path, model_dir: str, rows, section: LogitCacheSection, m
 def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
     import openai
 
-    from kdflow.vllm_server import vllm_server
+    from kdflow.teacher.vllm_server import vllm_server
 
     def run(base_url: str) -> dict:
         client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5)
@@ -201,7 +201,7 @@ def run_logger():
     try:
         return get_run_logger()
     except MissingContextError:
-        return get_logger("kdflow.capture")
+        return get_logger("kdflow.logit_cache.topk")
 
 
 def _vocab_size(model_dir: str) -> int:

@@ -1,6 +1,6 @@
 """Classic KD stages: the classifier data, teachers (one per ensemble member), students (hard-label or
-distilled) and the reports. Thin Prefect tasks over ``kdflow/classifier_kd.py`` (MLPs on the digits) and
-``kdflow/classifier_hf.py`` (transformers on the generated reviews), content-keyed like every stage.
+distilled) and the reports. Thin Prefect tasks over ``kdflow/classic/digits.py`` (MLPs on the digits) and
+``kdflow/classic/hf.py`` (transformers on the generated reviews), content-keyed like every stage.
 
 Every model stage keeps its logits on all three splits (``logits.safetensors``), so that what comes after
 it (an ensemble, a student's soft targets, the report) needs only those, never the model itself.
@@ -18,10 +18,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
-from kdflow import classifier_hf, classifier_kd
-from kdflow.classifier_kd import SPLITS, Split
-from kdflow.classifier_recipe import MLP, ClassifierData, DataSection, DistillSection, Transformer
-from kdflow.outputs import OutputRef, building, existing_output, finish, write_atomic
+from kdflow.classic import hf as classifier_hf
+
+from kdflow.classic import digits as classifier_kd
+from kdflow.classic.digits import SPLITS, Split
+from kdflow.config.classic import MLP, ClassifierData, DataSection, DistillSection, Transformer
+from kdflow.store.outputs import OutputRef, building, existing_output, finish, write_atomic
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.report import artifact_key
 

@@ -10,10 +10,10 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 
 from data import arithmetic, gsm8k
-from kdflow import drop_report
-from kdflow.curate import curate, reason_counts
-from kdflow.outputs import OutputRef, building, existing_output, finish
-from kdflow.recipe import DataSource, FiltersSection
+from kdflow.curation import drop_report
+from kdflow.curation.pipeline import curate, reason_counts
+from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.config.recipe import DataSource, FiltersSection
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 STAGE, VERSION = "curate", "2"
@@ -44,8 +44,8 @@ def token_counts(rows: list[dict], section: FiltersSection) -> list[int] | None:
 
 def teacher_completer(teacher: OutputRef, max_new_tokens: int, batch_size: int):
     """prompts -> replies from the HF teacher (the judge); an API backend plugs in with the same signature."""
-    from kdflow.generate_hf import generate, load
-    from kdflow.models import model_location
+    from kdflow.teacher.hf_generate import generate, load
+    from kdflow.store.model_folders import model_location
 
     model, tokenizer = load(model_location(teacher))
     return lambda prompts: [o["text"] for o in generate(model, tokenizer, prompts, max_new_tokens, batch_size)]

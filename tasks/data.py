@@ -8,9 +8,9 @@ import pandas as pd
 from prefect import task
 
 from data import arithmetic, gsm8k
-from kdflow.loaders import check_utf8
-from kdflow.outputs import OutputRef, building, existing_output, finish
-from kdflow.recipe import ROOT, DataSection, DataSource
+from kdflow.store.data_files import check_utf8
+from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.config.recipe import ROOT, DataSection, DataSource
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 STAGE, VERSION = "data", "1"

@@ -17,18 +17,20 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow import api_keys, deployment
-from kdflow.answer_shards import ShardWriter, read_shards
-from kdflow.evaluate import (accuracy, judge_pairs, judge_prompts, judgement, reference_sequences, same_vocabulary,
+from kdflow.teacher import api_keys
+
+from kdflow.evaluation import deployment
+from kdflow.teacher.answer_shards import ShardWriter, read_shards
+from kdflow.evaluation.quality import (accuracy, judge_pairs, judge_prompts, judgement, reference_sequences, same_vocabulary,
                              sampled_pass_at_k, score_reference, win_rate)
-from kdflow.generate_hf import generate, load
-from kdflow.models import model_location
-from kdflow.openai_teacher import Accounting, Sampling, TeacherRequest, run_all
-from kdflow.outputs import OutputRef, building, content_key, existing_output, finish
-from kdflow.prompts import render
-from kdflow.recipe import Backend, DataSource, EvaluationSection, redact_url
-from kdflow.tiny_models import count_params
-from kdflow.vllm_server import vllm_server
+from kdflow.teacher.hf_generate import generate, load
+from kdflow.store.model_folders import model_location
+from kdflow.teacher.api_client import Accounting, Sampling, TeacherRequest, run_all
+from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
+from kdflow.config.templates import render
+from kdflow.config.recipe import Backend, DataSource, EvaluationSection, redact_url
+from kdflow.training.tiny_models import count_params
+from kdflow.teacher.vllm_server import vllm_server
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.curate import answer_checker
 from tasks.data import read_split
@@ -125,7 +127,7 @@ class TooManyJudgeFailures(RuntimeError):
 
 
 def reply_folder(run_dir: Path, section: EvaluationSection.Judge) -> Path:
-    """Where this judge's replies are persisted as they arrive (``kdflow.answer_shards``), one per prompt, keyed
+    """Where this judge's replies are persisted as they arrive (``kdflow.teacher.answer_shards``), one per prompt, keyed
     by the prompt's hash: a crash, a rerun or a new student asks the judge nothing it has answered already.
     Kept after the stage (hidden, so no stage output): judge calls cost money."""
     judge = {k: getattr(section, k) for k in ("backend", "model", "max_new_tokens")} | {

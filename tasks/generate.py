@@ -3,7 +3,7 @@ a system prompt, few-shot demonstrations, n samples per prompt and top-k logprob
 
 Backends: ``hf`` (transformers, batched, in-process: CPUs), ``openai`` (any OpenAI-compatible API) and
 ``vllm`` (a local vLLM server started for the stage and stopped after it, used through the same client).
-API answers are persisted one by one as they arrive (``kdflow.answer_shards``) in a folder next to the
+API answers are persisted one by one as they arrive (``kdflow.teacher.answer_shards``) in a folder next to the
 output, so a crash, a kill or a rerun never pays twice for an answer; the output has exactly one answer per
 (row, sample) in ``answers.parquet``, and requests that failed for good in ``failures.parquet`` with their
 reason code, error and (for a reply that was no completion) the raw body.
@@ -22,13 +22,13 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from tqdm import tqdm
 
-from kdflow.answer_shards import ShardWriter, read_shards
-from kdflow.models import model_location
-from kdflow.openai_teacher import Accounting, FatalApiError, Sampling, run_all
-from kdflow.outputs import OutputRef, building, existing_output, finish, output_dir
-from kdflow.recipe import Backend, GenerationSection
-from kdflow.teacher_prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
-from kdflow.vllm_server import vllm_server
+from kdflow.teacher.answer_shards import ShardWriter, read_shards
+from kdflow.store.model_folders import model_location
+from kdflow.teacher.api_client import Accounting, FatalApiError, Sampling, run_all
+from kdflow.store.outputs import OutputRef, building, existing_output, finish, output_dir
+from kdflow.config.recipe import Backend, GenerationSection
+from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
+from kdflow.teacher.vllm_server import vllm_server
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
 
@@ -52,7 +52,7 @@ def api_key(section: GenerationSection) -> str | None:
         from prefect.blocks.system import Secret
 
         return Secret.load(section.api.api_key_secret_block).get()
-    from kdflow.api_keys import from_env  # an unset or empty variable fails naming it (not as a 401)
+    from kdflow.teacher.api_keys import from_env  # an unset or empty variable fails naming it (not as a 401)
 
     return from_env(section.api.api_key_env, "generation.api.api_key_env")
 
@@ -82,7 +82,7 @@ def prompted_rows(section: GenerationSection, template: str, data: OutputRef) ->
 
 
 def hf_answers(section: GenerationSection, teacher: OutputRef, rows: list[dict]) -> tuple[list[dict], Accounting]:
-    from kdflow.generate_hf import generate, load
+    from kdflow.teacher.hf_generate import generate, load
 
     model, tokenizer = load(model_location(teacher))
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
     try:
         return pd.DataFrame(out)
     except UnicodeEncodeError:  # a lone surrogate in a reply: pyarrow names neither the row nor the field
-        from kdflow.loaders import check_utf8
+        from kdflow.store.data_files import check_utf8
 
         check_utf8(out, "teacher answers")
         raise

@@ -10,8 +10,8 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from kdflow.outputs import OutputRef, write_atomic
-from kdflow.report import build_report, embed, plot_losses, plot_tradeoff, render_markdown, table_rows
+from kdflow.store.outputs import OutputRef, write_atomic
+from kdflow.reporting.run_report import build_report, embed, plot_losses, plot_tradeoff, render_markdown, table_rows
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 

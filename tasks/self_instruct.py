@@ -10,10 +10,10 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from kdflow.loaders import load_rows
-from kdflow.outputs import OutputRef, building, existing_output, finish
-from kdflow.self_instruct import candidates, dedup_instructions, expansion_prompts
-from kdflow.self_instruct_recipe import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection, SeedsSection
+from kdflow.store.data_files import load_rows
+from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.curation.expansion import candidates, dedup_instructions, expansion_prompts
+from kdflow.config.self_instruct import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection, SeedsSection
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 
 PROMPTS_STAGE, INSTRUCTIONS_STAGE, VERSION = "self-instruct-prompts", "self-instruct-instructions", "1"

@@ -6,7 +6,7 @@ Training checkpoints go to a work folder named by the stage's key, outside the t
 a rerun after a crash or a kill resumes from the last checkpoint instead of starting over.
 
 A student whose section has ``launch:`` trains in processes of its own, started by ``accelerate launch``
-(``kdflow/train_student_cli.py``, which runs ``train_here`` below in each process), e.g. DDP over a node's GPUs."""
+(``kdflow/training/cli.py``, which runs ``train_here`` below in each process), e.g. DDP over a node's GPUs."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ from prefect import task
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdflow.models import model_location, write_location
-from kdflow.outputs import OutputRef, building, exclusive, existing_output, finish
-from kdflow.recipe import ROOT, KDMethod, StudentData, StudentSection
-from kdflow.sft import train_sft
-from kdflow.tiny_models import llama_model
+from kdflow.store.model_folders import model_location, write_location
+from kdflow.store.outputs import OutputRef, building, exclusive, existing_output, finish
+from kdflow.config.recipe import ROOT, KDMethod, StudentData, StudentSection
+from kdflow.training.sft import train_sft
+from kdflow.training.tiny_models import llama_model
 from tasks.capture import cache_row_id
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
@@ -82,7 +82,7 @@ def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokeniz
     unless the recipe asks for GOLD (cross-tokenizer)."""
     if section.kd is None:
         return  # sequence-level KD learns from text; any tokenizer will do
-    from kdflow.tokenizer_compat import check_tokenizers
+    from kdflow.training.tokenizer_compat import check_tokenizers
 
     check_tokenizers(AutoTokenizer.from_pretrained(model_location(teacher)), tokenizer,
                      cross_tokenizer=section.kd.cross_tokenizer)
@@ -96,30 +96,30 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
     peft = None
     if section.lora is not None:
-        from kdflow.lora import lora_config
+        from kdflow.training.lora import lora_config
 
         peft = lora_config(section.lora, model)
     if kd is None:
         return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, peft_config=peft)
     if kd.method is KDMethod.offline:
-        from kdflow.kd_trainer import KDLoss, train_offline_kd
+        from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
                                 row_ids=row_ids, peft_config=peft)
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
     if kd.cross_tokenizer == "gold":
-        from kdflow.tokenizer_compat import train_gold
+        from kdflow.training.tokenizer_compat import train_gold
 
         return train_gold(model, live, tokenizer, AutoTokenizer.from_pretrained(model_location(teacher)), rows,
                           training, out, seed, lmbda=kd.lmbda, temperature=kd.temperature,
                           max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints)
     if kd.method is KDMethod.online:
-        from kdflow.online_kd import train_online
+        from kdflow.training.online_kd import train_online
 
         return train_online(model, live, tokenizer, rows, training, out, seed, lmbda=kd.lmbda, beta=kd.beta,
                             temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
                             peft_config=peft)
-    from kdflow.feature_kd import train_feature_kd
+    from kdflow.training.feature_kd import train_feature_kd
 
     return train_feature_kd(model, live, tokenizer, rows, training, out, seed, layer_map=kd.feature.layers,
                             kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints)
@@ -160,13 +160,13 @@ LOG_TAIL = 40  # lines of a failed launch's log quoted in the error
 
 def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> None:
     """Train ``job`` into ``out`` by ``accelerate launch`` with the section's config, each process running
-    ``kdflow.train_student_cli``. The launcher's output (every rank's) goes to ``log``; a non-zero exit
+    ``kdflow.training.cli``. The launcher's output (every rank's) goes to ``log``; a non-zero exit
     raises with its last lines."""
     launch = job.section.launch
     job.write(job_file)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_path),
            *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
-           "-m", "kdflow.train_student_cli", "--job", str(job_file), "--out", str(out)]
+           "-m", "kdflow.training.cli", "--job", str(job_file), "--out", str(out)]
     # The processes import kdflow and tasks from this checkout, whatever the caller's working directory.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as f:

@@ -10,12 +10,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow.models import write_location
-from kdflow.outputs import OutputRef, building, existing_output, finish, hash_folder
-from kdflow.prompts import chat, render
-from kdflow.recipe import TeacherSection
-from kdflow.sft import train_sft
-from kdflow.tiny_models import count_params, llama_model, train_tokenizer
+from kdflow.store.model_folders import write_location
+from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
+from kdflow.config.templates import chat, render
+from kdflow.config.recipe import TeacherSection
+from kdflow.training.sft import train_sft
+from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.data import read_split
 

@@ -51,7 +51,7 @@ TINY_TEACHER_CORPUS = ["Solve step by step: 7+8-5", "7+8=15-5", "15-5=10", "Answ
 
 def build_tiny_teacher(folder: Path) -> Path:
     """A 1-layer Llama (head dim 32, float32) and its BPE tokenizer with a chat template, saved to ``folder``."""
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     tokenizer = train_tokenizer(TINY_TEACHER_CORPUS * 20, vocab_size=64)
     model = llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=128, seed=0, max_positions=1024)
@@ -68,7 +68,7 @@ def vllm_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vllm_server_url(vllm_model_dir):
     """``http://127.0.0.1:<port>/v1`` of a vLLM server for ``vllm_model_dir`` (API key VLLM_TEST_API_KEY)."""
-    from kdflow.vllm_server import vllm_python, vllm_server
+    from kdflow.teacher.vllm_server import vllm_python, vllm_server
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")

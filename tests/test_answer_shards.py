@@ -1,8 +1,8 @@
-"""Answer shards: paid teacher answers survive partial writes and damaged lines (kdflow/answer_shards.py)."""
+"""Answer shards: paid teacher answers survive partial writes and damaged lines (kdflow/teacher/answer_shards.py)."""
 
 import pytest
 
-from kdflow.answer_shards import ShardWriter, read_shards
+from kdflow.teacher.answer_shards import ShardWriter, read_shards
 
 
 def test_a_write_taken_in_part_is_completed_or_its_torn_line_ended(tmp_path, monkeypatch, caplog):

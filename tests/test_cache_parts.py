@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from kdflow.cache_parts import join_parts, part_bounds
-from kdflow.logit_cache import MANIFEST, LogitCache
+from kdflow.logit_cache.parts import join_parts, part_bounds
+from kdflow.logit_cache.format import MANIFEST, LogitCache
 from test_logit_cache import model, rows_of, tokenizer, write_cache  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)

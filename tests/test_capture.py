@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow.capture import (AlignmentError, EncodedRow, encode_row, hf_topk, topk_from_api_records,
+from kdflow.logit_cache.topk import (AlignmentError, EncodedRow, encode_row, hf_topk, topk_from_api_records,
                             topk_from_prompt_logprobs, vllm_topk)
-from kdflow.logit_cache import LogitCache, kl_full_vs_cache, rebuild_logprobs
-from kdflow.models import write_location
-from kdflow.outputs import building, existing_output, finish
-from kdflow.prompts import chat
-from kdflow.recipe import LogitCacheSection
-from kdflow.tiny_models import llama_model, train_tokenizer
+from kdflow.logit_cache.format import LogitCache, kl_full_vs_cache, rebuild_logprobs
+from kdflow.store.model_folders import write_location
+from kdflow.store.outputs import building, existing_output, finish
+from kdflow.config.templates import chat
+from kdflow.config.recipe import LogitCacheSection
+from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
 TEMPLATE = "Solve step by step: {{ question }}"
@@ -202,9 +202,9 @@ def test_capture_flow_on_the_mini_recipe_then_cached(prefect_server, mini_recipe
     from transformers import AutoTokenizer
 
     from flows.capture_logits import capture_logits_flow
-    from kdflow.models import model_location
-    from kdflow.prompts import render
-    from kdflow.recipe import load_recipe
+    from kdflow.store.model_folders import model_location
+    from kdflow.config.templates import render
+    from kdflow.config.recipe import load_recipe
 
     mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 8, shard_rows: 16}\n")
     ref = capture_logits_flow(str(mini_recipe))
@@ -225,7 +225,7 @@ def test_capture_flow_on_the_mini_recipe_then_cached(prefect_server, mini_recipe
 def existing_output_of(folder):
     import json
 
-    from kdflow.outputs import OutputRef
+    from kdflow.store.outputs import OutputRef
 
     m = json.loads((folder / "manifest.json").read_text())
     return OutputRef(stage=m["stage"], key=m["key"], path=str(folder), sha256=m["sha256"])
@@ -240,7 +240,7 @@ def existing_output_of(folder):
 def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
     from pathlib import Path
 
-    from kdflow.recipe import RecipeError, parse_recipe
+    from kdflow.config.recipe import RecipeError, parse_recipe
 
     text = (Path(__file__).parent / "mini.yaml").read_text() + f"\nlogit_cache: {section}\n"
     with pytest.raises(RecipeError) as e:
@@ -253,7 +253,7 @@ def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_
     """A disk-full at finish (after the shards were captured, before the rename): the retry captures nothing."""
     import errno
 
-    import kdflow.capture
+    import kdflow.logit_cache.topk
     import tasks.capture
     from tasks.capture import capture_logits, work_folder
 
@@ -262,8 +262,8 @@ def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
     section = LogitCacheSection(k=5, shard_rows=6, value_encoding="fp16")
-    captured, real_topk, real_finish = [], kdflow.capture.hf_topk, tasks.capture.finish
-    monkeypatch.setattr(kdflow.capture, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a))
+    captured, real_topk, real_finish = [], kdflow.logit_cache.topk.hf_topk, tasks.capture.finish
+    monkeypatch.setattr(kdflow.logit_cache.topk, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

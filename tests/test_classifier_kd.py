@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow import classifier_hf, classifier_kd
-from kdflow.classifier_recipe import load_classifier_recipe, parse_classifier_recipe
-from kdflow.losses import hinton_loss
-from kdflow.recipe import RecipeError
+from kdflow.classic import hf as classifier_hf
+
+from kdflow.classic import digits as classifier_kd
+from kdflow.config.classic import load_classifier_recipe, parse_classifier_recipe
+from kdflow.training.losses import hinton_loss
+from kdflow.config.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "tests" / "classifier_mini.yaml"

@@ -8,10 +8,10 @@ import pytest
 from data.arithmetic import check_answer, extract_answer
 from data.gsm8k import check_answer as math_check
 from data.gsm8k import final_answer as math_extract
-from kdflow import drop_report
-from kdflow.curate import curate, filter_by_correctness, reason_counts
-from kdflow.filters import Reason, parse_score
-from kdflow.recipe import FiltersSection
+from kdflow.curation import drop_report
+from kdflow.curation.pipeline import curate, filter_by_correctness, reason_counts
+from kdflow.curation.filters import Reason, parse_score
+from kdflow.config.recipe import FiltersSection
 
 
 def answer(i, text, finish="stop", gold="15", question="12+3", sample=None, tokens=None):
@@ -159,10 +159,10 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     every judged row must be dropped with judge_unparsed, its reply kept)."""
     import pandas as pd
 
-    from kdflow.models import write_location
-    from kdflow.outputs import building, existing_output, finish
-    from kdflow.recipe import DataSource
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.config.recipe import DataSource
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
     from tasks.curate import filter_answers
 
     texts = ["5+5=10, so #### 10", "It is \\boxed{10}", "#### 11", "I'm sorry, I can't help with that.", "#### 10"]
@@ -214,7 +214,7 @@ RUNAWAY = "so the answer is #### 9^9^9^9"  # a power math-verify would compute f
 
 @pytest.fixture
 def short_verify_bound(monkeypatch):
-    monkeypatch.setattr("kdflow.verify.TIMEOUT_S", 1.0)
+    monkeypatch.setattr("kdflow.curation.verify.TIMEOUT_S", 1.0)
 
 
 def in_a_thread(fn, *args):
@@ -244,8 +244,8 @@ def test_self_consistency_without_gold_votes_without_the_runaway_answer(short_ve
 def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server, tmp_path, short_verify_bound):
     import pandas as pd
 
-    from kdflow.outputs import building, existing_output, finish
-    from kdflow.recipe import DataSource
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.config.recipe import DataSource
     from tasks.curate import filter_answers
 
     rows = [{"id": f"q{i}", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0, "text": t,

@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow import deployment, evaluate
-from kdflow.evaluate import (judge_prompts, outcome, parse_verdict, pass_at_k, reference_sequences,
+from kdflow.evaluation import deployment
+
+from kdflow.evaluation import quality as evaluate
+from kdflow.evaluation.quality import (judge_prompts, outcome, parse_verdict, pass_at_k, reference_sequences,
                              same_vocabulary, score_reference, win_rate)
-from kdflow.tiny_models import llama_model, train_tokenizer
+from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
 COT = "Solve step by step: {{ question }}"
@@ -59,7 +61,7 @@ def test_an_answer_the_checker_cannot_finish_is_scored_wrong_and_says_why(monkey
 
     from data import gsm8k
 
-    monkeypatch.setattr("kdflow.verify.TIMEOUT_S", 1.0)
+    monkeypatch.setattr("kdflow.curation.verify.TIMEOUT_S", 1.0)
     monkeypatch.setattr(evaluate, "generate", planted(["#### 19", "so #### 9^9^9^9", "#### 15"]))
     with ThreadPoolExecutor(1) as pool:  # a worker thread, as Prefect runs tasks; the timeout only guards a hang
         acc, predictions = pool.submit(evaluate.accuracy, None, None, ROWS, COT, gsm8k.check_answer, 8, 2).result(300)
@@ -189,8 +191,8 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
     because each pair is judged in both orders, its position bias scores the student exactly ½."""
     from pathlib import Path
 
-    from kdflow.prompts import chat
-    from kdflow.sft import train_sft
+    from kdflow.config.templates import chat
+    from kdflow.training.sft import train_sft
 
     template = (Path(__file__).resolve().parent.parent / "prompts" / "judge.jinja").read_text()
     rows = [{"id": i, "question": f"{i}+{i}", "student": f"Answer: {2 * i}", "teacher": f"Answer: {2 * i + 1}"}
@@ -312,9 +314,9 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 
     import pandas as pd
 
-    from kdflow.models import write_location
-    from kdflow.outputs import building, existing_output, finish
-    from kdflow.recipe import EvaluationSection
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.config.recipe import EvaluationSection
     from tasks.evaluate import measure_deployment
 
     def stage(name, key, build):
@@ -353,9 +355,9 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
     import pandas as pd
 
-    from kdflow.models import write_location
-    from kdflow.outputs import building, existing_output, finish
-    from kdflow.recipe import DataSource, EvaluationSection
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.config.recipe import DataSource, EvaluationSection
     from tasks.evaluate import evaluate_model
 
     def stage(name, key, build):

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kdflow.feature_kd import (FeatureKDTrainer, FeatureLossKind, check_layer_map, default_layer_map, feature_loss,
+from kdflow.training.feature_kd import (FeatureKDTrainer, FeatureLossKind, check_layer_map, default_layer_map, feature_loss,
                                train_feature_kd)
-from kdflow.prompts import chat
-from kdflow.tiny_models import llama_model, train_tokenizer
+from kdflow.config.templates import chat
+from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
 CORPUS = [f"Solve step by step: {a}+{b}\n{a}+{b}={a + b}\nAnswer: {a + b}" for a in range(10) for b in range(10)]
@@ -99,7 +99,7 @@ def test_default_layer_map_is_uniform_and_maps_last_to_last():
 def test_training_learns_the_projection_and_lowers_the_feature_loss(tokenizer, tmp_path):
     from datasets import Dataset
 
-    from kdflow.sft import sft_config
+    from kdflow.training.sft import sft_config
 
     teacher, student = teacher_and_student(tokenizer)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}

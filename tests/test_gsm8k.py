@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data.gsm8k import check_answer, final_answer, gold_answer, load_split
-from kdflow.loaders import DataError
+from kdflow.store.data_files import DataError
 
 GSM8K = Path(os.environ.get("KDFLOW_GSM8K", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
 needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"GSM8K not found at {GSM8K} (set KDFLOW_GSM8K)")
@@ -84,7 +84,7 @@ def test_an_empty_file_is_refused_when_it_is_loaded(tmp_path):
 
 def test_a_lone_surrogate_names_the_line_and_field_before_any_parquet_write(tmp_path):
     from tasks.data import build_splits
-    from kdflow.recipe import DataSection
+    from kdflow.config.recipe import DataSection
 
     good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
     for split in ("train", "test"):

@@ -14,8 +14,8 @@ import yaml
 
 from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FakeTeacher, FaultProxy
-from kdflow.outputs import building, existing_output, finish
-from kdflow.recipe import EvaluationSection, RecipeError, parse_recipe
+from kdflow.store.outputs import building, existing_output, finish
+from kdflow.config.recipe import EvaluationSection, RecipeError, parse_recipe
 from tasks.evaluate import TooManyJudgeFailures, judge_students, reply_folder
 
 QUESTIONS = [{"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)]
@@ -109,7 +109,7 @@ def test_max_questions_takes_the_first_questions(run):
 
 
 def test_failed_requests_fail_the_stage_and_a_rerun_asks_only_for_them(run, monkeypatch):
-    monkeypatch.setattr("kdflow.openai_teacher.BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr("kdflow.teacher.api_client.BACKOFF_BASE_S", 0.001)
     with FakeTeacher(reply=by_content) as fake, FaultProxy(fake.url, rate=0.3, faults=("500",), seed=1) as proxy:
         with pytest.raises(TooManyJudgeFailures, match=r"judge requests failed for good .*'server_error'"):
             judged(run, proxy.url, max_retries=0, max_failure_fraction=0.0)
@@ -125,7 +125,7 @@ def test_failed_requests_fail_the_stage_and_a_rerun_asks_only_for_them(run, monk
 
 
 def test_failed_requests_within_the_allowance_are_counted_apart(run, monkeypatch):
-    monkeypatch.setattr("kdflow.openai_teacher.BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr("kdflow.teacher.api_client.BACKOFF_BASE_S", 0.001)
     with FakeTeacher(reply=by_content) as fake, FaultProxy(fake.url, rate=0.3, faults=("500",), seed=1) as proxy:
         ref, rates = judged(run, proxy.url, max_retries=0, max_failure_fraction=1.0)
     table = pd.read_parquet(Path(ref.path) / "judgements.parquet")
@@ -224,7 +224,7 @@ def test_recipe_judge_section_validates_with_the_field_named():
 
 
 def test_a_judge_leaves_the_evaluate_stage_key_alone():
-    from kdflow.outputs import canonical
+    from kdflow.store.outputs import canonical
 
     plain = EvaluationSection()
     with_judge = EvaluationSection(judge={"base_url": "http://x/v1", "model": "m"})
@@ -238,9 +238,9 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     """flows/evaluate.py on a run folder of tiny models: the judge stage runs only with evaluation.judge, and
     report.md / report.json / the table artifact carry its column; without a judge, the report says so."""
     from flows.evaluate import evaluate
-    from kdflow.models import write_location
-    from kdflow.recipe import DataSection
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.store.model_folders import write_location
+    from kdflow.config.recipe import DataSection
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
     from tasks.data import make_data
 
     recipe = mini(deployment={"latency_tokens": 4, "throughput_batch": 2, "repeats": 1})

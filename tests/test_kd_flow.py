@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow
 
 def test_offline_kd_students_and_seeds_in_the_distill_flow(prefect_server, mini_recipe):
     from flows.distill import distill
-    from kdflow.recipe import load_recipe
+    from kdflow.config.recipe import load_recipe
 
     raw = yaml.safe_load(mini_recipe.read_text())
     raw["run"]["seeds"] = [0, 1]

@@ -1,12 +1,12 @@
-"""The white-box KD divergences (kdflow/losses.py) against closed forms, and the sparse top-k tail policy."""
+"""The white-box KD divergences (kdflow/training/losses.py) against closed forms, and the sparse top-k tail policy."""
 
 import math
 
 import pytest
 import torch
 
-from kdflow.logit_cache import TAIL_FLOOR, rebuild_logprobs, sparse_target
-from kdflow.losses import (Divergence, divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets)
+from kdflow.logit_cache.format import TAIL_FLOOR, rebuild_logprobs, sparse_target
+from kdflow.training.losses import (Divergence, divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets)
 
 
 def logp(*probs):

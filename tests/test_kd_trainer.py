@@ -1,4 +1,4 @@
-"""Offline white-box KD from a real logit cache (kdflow/kd_trainer.py): alignment by row id, masks, the loss
+"""Offline white-box KD from a real logit cache (kdflow/training/offline_kd.py): alignment by row id, masks, the loss
 going down with both terms logged, refusals (packing, another tokenizer), and resuming from a checkpoint."""
 
 import json
@@ -8,12 +8,12 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kdflow.kd_trainer import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
-from kdflow.logit_cache import CacheMismatch, LogitCache
-from kdflow.losses import IGNORE_INDEX, Divergence
-from kdflow.models import write_location
-from kdflow.recipe import LogitCacheSection
-from kdflow.tiny_models import llama_model, train_tokenizer
+from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
+from kdflow.logit_cache.format import CacheMismatch, LogitCache
+from kdflow.training.losses import IGNORE_INDEX, Divergence
+from kdflow.store.model_folders import write_location
+from kdflow.config.recipe import LogitCacheSection
+from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Training one student outside Prefect (kdflow/train_student_cli.py) and through `accelerate launch`.
+"""Training one student outside Prefect (kdflow/training/cli.py) and through `accelerate launch`.
 
 The CLI on a run folder takes the run's newest finished inputs and trains like the students stage. The stage,
 for a student with `launch:`, runs `accelerate launch` with accelerate/cpu_2proc.yaml: two CPU processes in one
@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from kdflow.recipe import ROOT, StudentSection
-from kdflow.tiny_models import count_params
+from kdflow.config.recipe import ROOT, StudentSection
+from kdflow.training.tiny_models import count_params
 from test_capture import TEMPLATE
 from test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)
 
@@ -31,7 +31,7 @@ def lora_kd_student(setup, **fields) -> StudentSection:
 def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(setup, tmp_path):  # noqa: F811
     import yaml
 
-    from kdflow.train_student_cli import main
+    from kdflow.training.cli import main
 
     raw = yaml.safe_load((ROOT / "tests" / "mini.yaml").read_text())
     raw["run"] = {"name": setup["run_dir"].name, "root": str(setup["run_dir"].parent)}

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from kdflow.loaders import DataError, load_rows
+from kdflow.store.data_files import DataError, load_rows
 
 ROWS = [{"question": "What is 2+2?", "answer": "4"}, {"question": "Name a colour.", "answer": "red"}]
 
@@ -57,7 +57,7 @@ def test_malformed_parquet_names_the_row_and_unknown_formats_say_what_is_read(tm
 
 
 def test_a_lone_surrogate_names_the_row_and_field(tmp_path):
-    from kdflow.loaders import check_utf8
+    from kdflow.store.data_files import check_utf8
     from tasks.generate import answer_table
 
     path = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], {"question": "ok", "answer": "caf\udce9"}])

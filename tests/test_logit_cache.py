@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdflow.capture import encode_row, hf_topk
-from kdflow.logit_cache import (CacheMismatch, CorruptShard, LogitCache, TopK, ValueEncoding, cache_meta,
+from kdflow.logit_cache.topk import encode_row, hf_topk
+from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, LogitCache, TopK, ValueEncoding, cache_meta,
                                 capture_shards, decode_ids, decode_values, encode_ids, encode_values, id_bytes_for,
                                 kl_full_vs_cache, merge_caches, merge_topk, rebuild_logprobs, shard_name)
-from kdflow.prompts import chat
-from kdflow.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
+from kdflow.config.templates import chat
+from kdflow.training.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,7 @@ CRASHING_CAPTURE = textwrap.dedent("""
     import os, signal, sys, json
     import numpy as np
     from pathlib import Path
-    from kdflow.logit_cache import TopK, capture_shards
+    from kdflow.logit_cache.format import TopK, capture_shards
 
     folder, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     meta = json.loads(sys.argv[3])
@@ -299,8 +299,8 @@ def test_merge_caches_streams_two_teachers_into_one(tmp_path, tokenizer, model):
 def test_a_near_certain_teacher_keeps_a_nonzero_tail():
     """When the top-k hold all but ~1e-20 of the mass, the tail is floored, not zero: every token keeps some
     probability in the rebuilt distribution, so KL(teacher ‖ cache) stays finite (and tiny)."""
-    from kdflow.capture import topk_of_logits
-    from kdflow.logit_cache import TAIL_FLOOR, tail_from_topk
+    from kdflow.logit_cache.topk import topk_of_logits
+    from kdflow.logit_cache.format import TAIL_FLOOR, tail_from_topk
 
     logits = torch.full((3, 10), -40.0)
     logits[:, 0] = 10.0

@@ -1,4 +1,4 @@
-"""LoRA students (kdflow/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT, by
+"""LoRA students (kdflow/training/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT, by
 offline KD from a real logit cache, and by online GKD against a live teacher. Only the adapters train (the base weights are bit-for-bit unchanged at
 the end of training), the loss goes down, the saved model is the adapter merged into the base (a plain causal
 LM that differs from the base and equals base + adapter), the adapter is kept beside it, and an interrupted
@@ -14,15 +14,15 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback
 
-from kdflow.kd_trainer import KDLoss, train_offline_kd
-from kdflow.logit_cache import LogitCache
-from kdflow.lora import lora_config
-from kdflow.losses import Divergence
-from kdflow.models import write_location
-from kdflow.prompts import chat
-from kdflow.recipe import LogitCacheSection, LoraSection, StudentSection
-from kdflow.sft import train_sft
-from kdflow.tiny_models import count_params, llama_model
+from kdflow.training.offline_kd import KDLoss, train_offline_kd
+from kdflow.logit_cache.format import LogitCache
+from kdflow.training.lora import lora_config
+from kdflow.training.losses import Divergence
+from kdflow.store.model_folders import write_location
+from kdflow.config.templates import chat
+from kdflow.config.recipe import LogitCacheSection, LoraSection, StudentSection
+from kdflow.training.sft import train_sft
+from kdflow.training.tiny_models import count_params, llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
@@ -190,7 +190,7 @@ def test_the_recipe_refuses_bad_lora_and_launch_settings(fields, message):
 
 
 def test_a_lora_error_in_a_recipe_names_the_field_line_and_fix():
-    from kdflow.recipe import RecipeError, parse_recipe
+    from kdflow.config.recipe import RecipeError, parse_recipe
     from test_recipe import DEMO
 
     text = DEMO.replace("    data: gold\n", "    data: gold\n    lora: {r: 8}\n", 1)
@@ -215,8 +215,8 @@ def test_the_students_stage_trains_a_lora_kd_student_and_records_the_plain_model
 
 
 def test_lora_online_gkd_trains_the_adapters_against_a_live_teacher(setup, tmp_path):
-    from kdflow.models import model_location
-    from kdflow.online_kd import train_online
+    from kdflow.store.model_folders import model_location
+    from kdflow.training.online_kd import train_online
 
     tok, base_dir = setup["tokenizer"], setup["base"]
     teacher = AutoModelForCausalLM.from_pretrained(model_location(setup["teacher"]))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kdflow.losses import IGNORE_INDEX, cross_entropy, hinton_loss, kd_kl, soft_targets
+from kdflow.training.losses import IGNORE_INDEX, cross_entropy, hinton_loss, kd_kl, soft_targets
 
 
 def softmax(xs, t=1.0):

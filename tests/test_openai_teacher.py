@@ -12,13 +12,13 @@ import httpx
 import openai
 import pytest
 
-from kdflow.answer_shards import ShardWriter, read_shards
-from kdflow.openai_teacher import (BACKOFF_CAP_S, FatalApiError, FailureReason, Sampling, TeacherRequest, ask_all,
+from kdflow.teacher.answer_shards import ShardWriter, read_shards
+from kdflow.teacher.api_client import (BACKOFF_CAP_S, FatalApiError, FailureReason, Sampling, TeacherRequest, ask_all,
                                    backoff_seconds, classify, retry_after_seconds)
-from kdflow.outputs import content_key
-from kdflow.recipe import GenerationSection
-from kdflow.teacher_prompts import demonstrations, teacher_prompt, teacher_request
-from kdflow.recipe import Endpoint
+from kdflow.store.outputs import content_key
+from kdflow.config.recipe import GenerationSection
+from kdflow.teacher.prompts import demonstrations, teacher_prompt, teacher_request
+from kdflow.config.recipe import Endpoint
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"
@@ -51,7 +51,7 @@ def requests(n=3):
 
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr("kdflow.openai_teacher.BACKOFF_BASE_S", 0.001)
+    monkeypatch.setattr("kdflow.teacher.api_client.BACKOFF_BASE_S", 0.001)
 
 
 def test_transient_errors_are_retried_and_counted_then_answered():
@@ -252,8 +252,8 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
     import pandas as pd
 
     from conftest import build_tiny_teacher
-    from kdflow.outputs import building, existing_output, finish
-    from kdflow.recipe import TeacherSection
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.config.recipe import TeacherSection
     from tasks.generate import generate_answers
     from tasks.teacher import use_existing_teacher
 

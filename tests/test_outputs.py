@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from kdflow import outputs
-from kdflow.outputs import MANIFEST, OutputRef, building, content_key, existing_output, finish, output_dir
+from kdflow.store import outputs
+from kdflow.store.outputs import MANIFEST, OutputRef, building, content_key, existing_output, finish, output_dir
 
 
 def build(run_dir, key, payload="x", fail=False):

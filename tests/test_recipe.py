@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.recipe import RecipeError, load_recipe, parse_recipe
+from kdflow.config.recipe import RecipeError, load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # LLM distillation recipes; the classic-KD recipes (classifier-*.yaml) have their own loader and tests.
@@ -19,7 +19,7 @@ def test_every_shipped_recipe_validates(path):
 
 
 def test_demo_students_are_at_least_10x_smaller_than_the_teacher():
-    from kdflow.tiny_models import count_params, llama_model, train_tokenizer
+    from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
 
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     tok = train_tokenizer(["1+2=3\nAnswer: 3", "Solve step by step: 45-12+7"], recipe.teacher.vocab_size)
@@ -87,7 +87,7 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_throughput_knobs_are_not_content():
-    from kdflow.outputs import canonical
+    from kdflow.store.outputs import canonical
 
     a = parse_recipe(DEMO)
     b = parse_recipe(DEMO.replace("batch_size: 512", "batch_size: 64"))
@@ -121,7 +121,7 @@ def test_seeds_train_every_student_once_per_seed():
 
 
 def test_vllm_tensor_parallel_size_reaches_the_server_flags_and_not_the_cache_key():
-    from kdflow.outputs import canonical
+    from kdflow.store.outputs import canonical
 
     gpu = (ROOT / "recipes" / "gsm8k-qwen7b-to-0.5b.yaml").read_text()
     one = parse_recipe(gpu).generation
@@ -169,7 +169,7 @@ def test_student_and_sweep_method_names_are_path_safe():
 
 
 def test_a_sweep_method_name_that_is_no_file_name_is_refused(tmp_path):
-    from kdflow.sweep import load_sweep
+    from kdflow.reporting.sweep import load_sweep
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
@@ -203,7 +203,7 @@ def test_a_template_beside_the_recipe_is_read(tmp_path):
 def test_templates_render_in_a_sandbox():
     import jinja2
 
-    from kdflow.prompts import render
+    from kdflow.config.templates import render
 
     assert render("Q: {{ question }}", question="{{ 7*7 }}") == "Q: {{ 7*7 }}"
     with pytest.raises(jinja2.exceptions.SecurityError):
@@ -224,7 +224,7 @@ def test_the_vllm_interpreter_must_be_a_python(tmp_path):
     assert ".venv-vllm/bin/python" in msg
     assert parse_recipe(gpu.replace(vllm, "  vllm: {python: /opt/vllm/bin/python3.12, "))
 
-    from kdflow.vllm_server import VllmServerError, check_python, vllm_server
+    from kdflow.teacher.vllm_server import VllmServerError, check_python, vllm_server
 
     fake = tmp_path / "bin" / "python"  # named like one, but a shell
     fake.parent.mkdir()
@@ -257,7 +257,7 @@ def test_training_numbers_are_checked_where_they_are_written():
 
 
 def test_classifier_training_arguments_are_checked_too():
-    from kdflow.classifier_recipe import parse_classifier_recipe
+    from kdflow.config.classic import parse_classifier_recipe
 
     text = (ROOT / "tests" / "classifier_mini.yaml").read_text()
     head = text[:text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
@@ -278,9 +278,9 @@ def test_a_key_set_twice_is_refused_with_both_lines(tmp_path):
     assert f"demo.yaml:{len(top.splitlines()) - 1}: run: set twice (first at line 5)" in error_of(top)
     assert parse_recipe(DEMO)  # the anchors and aliases of the demo's students are not repeats
 
-    from kdflow.classifier_recipe import parse_classifier_recipe
-    from kdflow.self_instruct_recipe import load_self_instruct_recipe
-    from kdflow.sweep import load_sweep
+    from kdflow.config.classic import parse_classifier_recipe
+    from kdflow.config.self_instruct import load_self_instruct_recipe
+    from kdflow.reporting.sweep import load_sweep
 
     with pytest.raises(RecipeError, match=r"c.yaml:3: seeds: set twice \(first at line 2\)"):
         parse_classifier_recipe("run: {name: c}\nseeds: [0]\nseeds: [1]\n", "c.yaml")
@@ -303,8 +303,8 @@ def test_a_byte_that_is_not_utf8_names_the_file_line_and_offset(tmp_path):
                                           r"not UTF-8 .*save the file as UTF-8"):
         load_recipe(path)
 
-    from kdflow.classifier_recipe import load_classifier_recipe
-    from kdflow.sweep import load_sweep
+    from kdflow.config.classic import load_classifier_recipe
+    from kdflow.reporting.sweep import load_sweep
 
     for loader in (load_classifier_recipe, load_sweep):
         with pytest.raises(RecipeError, match=rf"{path}:\d+: byte 0xe9"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.recipe import load_recipe
+from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kdflow import compare
-from kdflow.report import baseline_student, build_report, gap_closure, render_markdown, table_rows
+from kdflow.reporting import compare
+from kdflow.reporting.run_report import baseline_student, build_report, gap_closure, render_markdown, table_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CURATION = {"input_rows": 10, "kept": 8, "dropped": 2, "drop_reasons": {"wrong_answer": 2}}
@@ -128,7 +128,7 @@ def test_lm_eval_skip_and_results_are_shown():
 
 
 def test_loss_curves_keep_the_ce_and_kd_terms_apart():
-    from kdflow.report import loss_curves, plot_losses
+    from kdflow.reporting.run_report import loss_curves, plot_losses
 
     history = [{"loss": 2.0, "ce_loss": 1.5, "kd_loss": 2.5, "step": 5, "learning_rate": 1e-3, "epoch": 0.1},
                {"loss": 1.0, "ce_loss": 0.5, "kd_loss": 1.5, "step": 10},
@@ -181,17 +181,17 @@ def test_compare_reads_old_reports_and_says_what_is_missing(tmp_path):
 def test_compare_command_line(tmp_path):
     a = write_run(tmp_path / "a" / "demo", planted_report())
     b = write_run(tmp_path / "b" / "demo", planted_report())  # same folder name: labelled by path
-    done = subprocess.run([sys.executable, "-m", "kdflow.compare", str(a), str(b)], cwd=ROOT, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kdflow.reporting.compare", str(a), str(b)], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     assert f"| {a} | teacher |" in done.stdout and f"| {b} | seq-kd |" in done.stdout
-    one = subprocess.run([sys.executable, "-m", "kdflow.compare", str(a)], cwd=ROOT, capture_output=True, text=True)
+    one = subprocess.run([sys.executable, "-m", "kdflow.reporting.compare", str(a)], cwd=ROOT, capture_output=True, text=True)
     assert one.returncode == 2 and "two or more" in one.stderr
 
 
 # ---- write_report: files and Prefect artifacts ---------------------------------------------------------
 
 def stage(run_dir: Path, name: str, key: str, files: dict[str, str] | None = None, **manifest):
-    from kdflow.outputs import building, existing_output, finish
+    from kdflow.store.outputs import building, existing_output, finish
 
     key = key.ljust(64, "0")
     with building(run_dir, name, key) as tmp:
@@ -208,7 +208,7 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from kdflow.recipe import EvaluationSection
+    from kdflow.config.recipe import EvaluationSection
     from tasks.evaluate import run_lm_eval
     from tasks.report import write_report
 
@@ -258,7 +258,7 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
 
 
 def test_seeds_give_mean_and_spread_and_each_student_meets_its_own_seeds_baseline():
-    from kdflow.report import render_markdown
+    from kdflow.reporting.run_report import render_markdown
 
     kd = {"kd": "offline", "divergence": "forward_kl", "alpha": 0.5, "temperature": 2.0}
     students = {}

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kdflow import run_folder
-from kdflow.outputs import FAIL_STAGE_ENV, MANIFEST, InjectedFailure, hash_folder
-from kdflow.recipe import load_recipe
+from kdflow.store import run_folder
+from kdflow.store.outputs import FAIL_STAGE_ENV, MANIFEST, InjectedFailure, hash_folder
+from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -162,7 +162,7 @@ def test_concurrent_runs_of_one_recipe_do_not_corrupt_each_other(prefect_server,
 
 
 def test_run_folder_finds_the_newest_finished_output(tmp_path):
-    from kdflow.outputs import building, finish
+    from kdflow.store.outputs import building, finish
 
     for i, name in enumerate(["baseline", "seq-kd", "baseline"]):
         with building(tmp_path, "students", str(i) * 64) as tmp:

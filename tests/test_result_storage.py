@@ -5,7 +5,7 @@ import json
 import pickle
 from pathlib import Path
 
-from kdflow.recipe import load_recipe
+from kdflow.config.recipe import load_recipe
 
 
 class Planted:

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow import run_folder
-from kdflow.recipe import load_recipe
+from kdflow.store import run_folder
+from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,8 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     from prefect_dask import DaskTaskRunner
 
     from flows.capture_sharded import capture_sharded
-    from kdflow.logit_cache import LogitCache
-    from kdflow.models import write_location
+    from kdflow.logit_cache.format import LogitCache
+    from kdflow.store.model_folders import write_location
     from tasks.capture import capture_logits
     from test_capture import kept_rows, stage_ref, tiny_teacher
 

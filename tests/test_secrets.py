@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.openai_teacher import FatalApiError
-from kdflow.outputs import building, content_key, existing_output, finish
-from kdflow.recipe import EvaluationSection, GenerationSection, RecipeError, parse_recipe, redact_url
+from kdflow.teacher.api_client import FatalApiError
+from kdflow.store.outputs import building, content_key, existing_output, finish
+from kdflow.config.recipe import EvaluationSection, GenerationSection, RecipeError, parse_recipe, redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kdflow.dedup import shingles
-from kdflow.self_instruct import candidates, dedup_instructions, expansion_prompts, parse_instructions
-from kdflow.self_instruct_recipe import load_self_instruct_recipe
+from kdflow.curation.dedup import shingles
+from kdflow.curation.expansion import candidates, dedup_instructions, expansion_prompts, parse_instructions
+from kdflow.config.self_instruct import load_self_instruct_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = (ROOT / "prompts" / "self_instruct.jinja").read_text()
@@ -68,7 +68,7 @@ def test_the_shipped_recipe_validates():
 
 
 def test_a_bad_recipe_names_the_line(tmp_path):
-    from kdflow.recipe import RecipeError
+    from kdflow.config.recipe import RecipeError
 
     text = (ROOT / "recipes" / "self-instruct" / "qwen7b.yaml").read_text().replace("splits: [instructions]", "splits: [test]")
     (tmp_path / "bad.yaml").write_text(text)
@@ -78,9 +78,9 @@ def test_a_bad_recipe_names_the_line(tmp_path):
 
 def tiny_teacher(folder: Path, prompts: list[str]) -> Path:
     """A tiny Llama trained to answer every expansion prompt with PLANTED (and to say something to others)."""
-    from kdflow.prompts import chat
-    from kdflow.sft import train_sft
-    from kdflow.tiny_models import llama_model, train_tokenizer
+    from kdflow.config.templates import chat
+    from kdflow.training.sft import train_sft
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     tok = train_tokenizer(prompts + [PLANTED] + SEEDS, vocab_size=300)
     model = llama_model(tok, hidden=64, layers=2, heads=2, intermediate=128, seed=0, max_positions=512)

@@ -1,4 +1,4 @@
-"""The transfer-set sweep (kdflow/sweep.py, flows/kd_sweep.py): statistics and verdict on planted accuracies,
+"""The transfer-set sweep (kdflow/reporting/sweep.py, flows/kd_sweep.py): statistics and verdict on planted accuracies,
 validation before any work, and the flow end to end on the miniature recipe (real Prefect)."""
 
 import json
@@ -6,8 +6,8 @@ import json
 import pytest
 import yaml
 
-from kdflow.recipe import RecipeError
-from kdflow.sweep import load_sweep, parse_name, regime_lines, render, summarise
+from kdflow.config.recipe import RecipeError
+from kdflow.reporting.sweep import load_sweep, parse_name, regime_lines, render, summarise
 
 PLANTED = {
     # small transfer set: logit KD ahead by far more than the spread
@@ -65,7 +65,7 @@ def test_a_bad_sweep_fails_before_any_work_naming_the_line(tmp_path):
 @pytest.mark.slow
 def test_the_sweep_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path):
     from flows.kd_sweep import kd_sweep
-    from kdflow.recipe import load_recipe
+    from kdflow.config.recipe import load_recipe
 
     raw = yaml.safe_load(mini_recipe.read_text())
     raw["logit_cache"] = {"k": 8}

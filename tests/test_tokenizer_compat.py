@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
-from kdflow.prompts import chat
-from kdflow.tiny_models import llama_model, train_tokenizer
-from kdflow.tokenizer_compat import TokenizerMismatch, check_tokenizers, train_gold
+from kdflow.config.templates import chat
+from kdflow.training.tiny_models import llama_model, train_tokenizer
+from kdflow.training.tokenizer_compat import TokenizerMismatch, check_tokenizers, train_gold
 
 torch.set_num_threads(1)
 CORPUS = [f"Solve step by step: {a}+{b}\n{a}+{b}={a + b}\nAnswer: {a + b}" for a in range(10) for b in range(10)]

@@ -1,7 +1,7 @@
 """math-verify based final-answer checking and self-consistency (majority vote, selection policies)."""
 
 from data import arithmetic
-from kdflow.verify import Policy, Verdict, check_answer, final_answer, judge, majority, select
+from kdflow.curation.verify import Policy, Verdict, check_answer, final_answer, judge, majority, select
 
 
 def test_verdicts():
@@ -30,15 +30,15 @@ def test_selection_policies():
 
 # ---- every verification bounded, in any thread ------------------------------------------------------------
 # math-verify's own timeout is SIGALRM (main thread only), and nothing interrupts the big-integer power of
-# 9^9^9^9 in C: kdflow.verify runs it in a worker process it kills. The tests take a 1 s bound; the
+# 9^9^9^9 in C: kdflow.curation.verify runs it in a worker process it kills. The tests take a 1 s bound; the
 # `result(timeout=...)` below only keeps a regression from hanging the suite, it measures nothing.
 
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kdflow import verify  # noqa: E402
-from kdflow.verify import VerifyTimeout, run_calls  # noqa: E402
+from kdflow.curation import verify  # noqa: E402
+from kdflow.curation.verify import VerifyTimeout, run_calls  # noqa: E402
 
 MONSTER = "so the answer is #### 9^9^9^9"
 HANG_GUARD_S = 300

@@ -17,11 +17,11 @@ from prefect import flow
 
 from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FaultProxy
-from kdflow.answer_shards import read_shards
-from kdflow.openai_teacher import FatalApiError
-from kdflow.outputs import OutputRef, building, existing_output, finish
-from kdflow.prompts import render
-from kdflow.recipe import GenerationSection, TeacherSection
+from kdflow.teacher.answer_shards import read_shards
+from kdflow.teacher.api_client import FatalApiError
+from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.config.templates import render
+from kdflow.config.recipe import GenerationSection, TeacherSection
 from tasks.caching import stage_key
 from tasks.generate import STAGE, VERSION, generate_answers, shard_folder
 from tasks.teacher import use_existing_teacher
@@ -210,8 +210,8 @@ def test_a_401_fails_at_once_with_a_clear_message(prefect_server, vllm_server_ur
 CHILD = """
 import json, sys
 from pathlib import Path
-from kdflow.outputs import OutputRef
-from kdflow.recipe import GenerationSection
+from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import GenerationSection
 from tasks.generate import api_answers, prompted_rows
 spec = json.loads(Path(sys.argv[1]).read_text())
 section = GenerationSection(**spec["section"])
@@ -295,7 +295,7 @@ def vllm_processes_for(model_dir: Path) -> list[int]:
 def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_path, monkeypatch):
     """The recipe switch `backend: vllm`: the stage serves the teacher's folder itself, then stops the server."""
     from conftest import build_tiny_teacher
-    from kdflow.vllm_server import vllm_python
+    from kdflow.teacher.vllm_server import vllm_python
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")

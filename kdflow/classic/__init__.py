@@ -1,0 +1,1 @@
+"""Hinton's classic KD of classifiers (digits MLPs, HF sequence classifiers)."""

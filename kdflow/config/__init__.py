@@ -1,0 +1,1 @@
+"""Recipes: typed sections for every recipe kind, one YAML loader, prompt templates."""

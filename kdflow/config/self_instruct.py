@@ -1,0 +1,88 @@
+"""The self-instruct recipe: seed instructions, a teacher, how it writes new instructions and answers them,
+and the filters its answers go through. Same conventions as ``kdflow.config.recipe`` (typed, extra="forbid", errors
+as ``file:line: field: fix``); the teacher, generation and filters sections are the distill recipe's own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from kdflow.config.recipe import (
+    ROOT,
+    FiltersSection,
+    GenerationSection,
+    RecipeError,
+    RunSection,
+    Strict,
+    TeacherSection,
+    check_template,
+    load_yaml,
+    read_recipe_text,
+    validation_problems,
+)
+
+WRITE_SPLIT, ANSWER_SPLIT = "expand", "instructions"
+
+
+class SeedsSection(Strict):
+    path: str = Field(description="JSONL / parquet / saved HF dataset of seed instructions, relative to the repo")
+    field: str = Field("instruction", description="the column holding the instruction text")
+
+    def location(self) -> Path:
+        return Path(self.path) if Path(self.path).is_absolute() else ROOT / self.path
+
+
+class ExpansionSection(Strict):
+    template: str = Field("prompts/self_instruct.jinja")
+    prompts: int = Field(20, ge=1, description="expansion prompts the teacher answers")
+    seeds_per_prompt: int = Field(3, ge=1, description="seed instructions shown in each prompt")
+    new_per_prompt: int = Field(5, ge=1, description="new instructions asked for in each prompt")
+    seed: int = 0
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(80, ge=1)
+    threshold: float = Field(0.7, gt=0.0, le=1.0, description="MinHash Jaccard (word n-grams) that counts as a near copy")
+    ngram: int = Field(2, ge=1, description="instructions are short: word pairs, not the answers' triples")
+
+    @field_validator("template")
+    @classmethod
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        return check_template(v, info)  # in the project or the recipe's folder, and there
+
+    def template_text(self) -> str:
+        return (ROOT / self.template).read_text()
+
+
+class SelfInstructRecipe(Strict):
+    run: RunSection
+    seeds: SeedsSection
+    teacher: TeacherSection
+    expansion: ExpansionSection = ExpansionSection()
+    writing: GenerationSection = Field(description=f"how the teacher writes instructions; splits: [{WRITE_SPLIT}]")
+    answering: GenerationSection = Field(description=f"how the teacher answers them; splits: [{ANSWER_SPLIT}]")
+    filters: FiltersSection = FiltersSection()
+
+    @model_validator(mode="after")
+    def _checks(self):
+        if self.teacher.model is None:
+            raise ValueError("self-instruct needs an existing teacher: set teacher.model (a folder or hub id)")
+        for name, section, split in (("writing", self.writing, WRITE_SPLIT), ("answering", self.answering, ANSWER_SPLIT)):
+            if section.splits != [split]:
+                raise ValueError(f"{name}.splits must be [{split}] (the stage's own split), got {section.splits}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.local_dir(ROOT)  # a URL root: a local staging folder bound to it (kdflow/store/remote.py)
+
+
+def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    text = read_recipe_text(path)
+    raw = load_yaml(text, str(path), "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...")
+    try:
+        return SelfInstructRecipe.model_validate(raw, context={"recipe_dir": path.parent})
+    except ValidationError as e:
+        raise RecipeError("invalid recipe\n  " + "\n  ".join(validation_problems(e, text, str(path)))) from None

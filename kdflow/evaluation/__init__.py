@@ -1,0 +1,1 @@
+"""How good a model is (quality) and what it costs to run (deployment)."""

@@ -1,0 +1,1 @@
+"""White-box KD data: the teacher's top-k distributions, captured and stored compactly."""

@@ -1,0 +1,222 @@
+"""Capturing the teacher's top-k distributions for a logit cache (``kdflow/logit_cache/format.py``).
+
+Teacher-forced on the exact token ids the student trains on: each row is tokenized the way TRL's
+SFTTrainer tokenizes a conversational prompt-completion row (prompt with the generation prompt, then
+prompt + completion, the completion starting where the two diverge), and the teacher's distribution is
+kept at every position whose next token is a completion token.
+
+Three sources, one output type (``TopK``):
+
+- ``hf_topk``: an HF model's forward pass (batched by a token budget, no grad); the tail from the whole
+  distribution;
+- ``vllm_topk``: a vLLM server's ``prompt_logprobs`` through the openai client's completions endpoint
+  (the server must run without prefix caching and with ``--max-logprobs`` ≥ k; vLLM's default
+  ``logprobs_mode`` is ``raw_logprobs``, the model's own log-softmax, not the sampler's);
+- ``topk_from_api_records``: the ``top_logprobs`` (≤ 20) an API returned while generating (gray-box KD).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kdflow.logit_cache.format import TAIL_FLOOR, TopK, tail_from_topk
+
+API_TOP_LOGPROBS_MAX = 20  # OpenAI's cap on top_logprobs
+# Logits per top-k step in hf_topk: 16 MiB of float32, a size whose buffers the allocator reuses (at 64 MiB and
+# up each chunk was mapped and page-faulted afresh, and capture ran ~10 % slower; at 1 MiB, ops' fixed costs add up).
+CHUNK_LOGITS = 1 << 22
+
+
+@dataclass
+class EncodedRow:
+    """A training sequence: ``input_ids`` (n,) and ``start``, the logit position predicting its first
+    completion token (the prompt length − 1)."""
+
+    row_id: str
+    input_ids: np.ndarray
+    start: int
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_row(tokenizer, row_id: str, prompt: list[dict], completion: list[dict]) -> EncodedRow:
+    """Token ids exactly as TRL's SFTTrainer builds them for a conversational prompt-completion row."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+    start = common_prefix_length(prompt_ids, full) - 1
+    if start < 0 or start >= len(full) - 1:
+        raise ValueError(f"row {row_id!r}: no completion tokens after the prompt ({len(full)} tokens in all)")
+    return EncodedRow(row_id, np.asarray(full, dtype=np.int64), start)
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length so that each padded batch holds at most ``batch_tokens`` tokens
+    (a single longer row still gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def topk_of_logits(logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, V) logits -> top-k ids (P, k), their log-probs (P, k) and the tail ``log Σ_{rest} p`` (P,) of
+    ``softmax(logits / T)``.
+
+    Two passes over V (top-k, then exp-sum) and no (P, V) log-softmax: on a small teacher these passes cost
+    as much as its forward. The logsumexp is shifted by the top-1 logit, the max ``torch.logsumexp`` would
+    find in a pass of its own. The tail is ``log(1 − exp(lse_top − lse))`` in float64, exact up to the
+    float32 rounding of the two logsumexps (≈ 1e-6 of the mass), floored at ``TAIL_FLOOR``.
+    """
+    z = logits.float() if temperature == 1.0 else logits.float() / temperature
+    top, ids = z.topk(k, dim=-1)
+    best = top[:, :1]
+    lse = (z - best).exp_().sum(-1, keepdim=True).log_().add_(best)
+    values = top - lse
+    inside = torch.logsumexp(values.double(), dim=-1).clamp(max=0.0)
+    return ids, values, torch.log(-torch.expm1(inside)).clamp(min=TAIL_FLOOR).float()
+
+
+def answer_positions(spans: list[tuple[int, int]], first: int, width: int) -> torch.Tensor:
+    """Row indices into a batch's logits flattened to ``(B · width, V)`` (logit ``first`` at column 0) of
+    every answer position: ``spans[b] = (start, end)`` of sequence ``b``, in order."""
+    return torch.cat([torch.arange(b * width + s - first, b * width + e - first) for b, (s, e) in enumerate(spans)])
+
+
+@torch.inference_mode()
+def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
+            pad_id: int = 0) -> list[TopK]:
+    """The teacher's top-k at every completion position of ``rows`` (returned in the same order).
+
+    Right padding: in a causal model, padding after a sequence does not change its earlier positions. Logits
+    are computed only from the batch's earliest completion position on (``logits_to_keep``), through the
+    model's own head.
+    """
+    out: list[TopK | None] = [None] * len(rows)
+    for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens):
+        width = max(len(rows[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, i in enumerate(batch):
+            n = len(rows[i].input_ids)
+            ids[b, :n] = torch.from_numpy(rows[i].input_ids)
+            mask[b, :n] = 1
+        first = min(rows[i].start for i in batch)
+        keep = torch.arange(first, width - 1)
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, width-1-first, V)
+        spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
+        flat = logits.flatten(0, 1)
+        # The answer positions a chunk at a time, never all P of them gathered into one fresh (P, V) copy (130 MB
+        # for 8k tokens of a 4k vocabulary, page-faulted in on every batch), which was a large part of what capture
+        # added to the forward. Chunks also bound top-k's and exp-sum's temporaries whatever the vocabulary.
+        step = max(1, CHUNK_LOGITS // flat.shape[1])
+        chunks = [topk_of_logits(flat.index_select(0, at), k, temperature)
+                  for at in answer_positions(spans, first, logits.shape[1]).split(step)]
+        top_ids, top_lp, tail = (torch.cat(parts) for parts in zip(*chunks))
+        at = 0
+        for i, (s, e) in zip(batch, spans):
+            r = rows[i]
+            out[i] = TopK(r.row_id, r.input_ids, r.start, top_ids[at : at + e - s].numpy(),
+                          top_lp[at : at + e - s].numpy(), tail[at : at + e - s].numpy())
+            at += e - s
+    return out
+
+
+def topk_from_prompt_logprobs(row: EncodedRow, prompt_logprobs: list[dict | None], k: int) -> TopK:
+    """A vLLM ``prompt_logprobs`` response -> ``TopK``.
+
+    ``prompt_logprobs[t]`` (None at t = 0) maps token ids (as strings) to ``{"logprob", "rank", ...}`` for
+    the distribution of token t given tokens < t: our logit position t − 1. It holds the top-k plus the
+    actual token when that one ranks below k; ranks pick the top-k.
+    """
+    if len(prompt_logprobs) != len(row.input_ids):
+        raise ValueError(f"row {row.row_id!r}: {len(prompt_logprobs)} prompt_logprobs for {len(row.input_ids)} tokens")
+    L = len(row.input_ids) - 1 - row.start
+    ids = np.zeros((L, k), dtype=np.int64)
+    lps = np.zeros((L, k), dtype=np.float32)
+    for j in range(L):
+        entries = prompt_logprobs[row.start + 1 + j]
+        top = sorted(((int(tid), e["rank"], e["logprob"]) for tid, e in entries.items() if e["rank"] <= k),
+                     key=lambda x: x[1])
+        if len(top) != k:
+            raise ValueError(f"row {row.row_id!r}, position {row.start + j}: the server returned {len(top)} "
+                             f"top entries, expected k={k} (start it with --max-logprobs >= {k})")
+        ids[j] = [t for t, _, _ in top]
+        lps[j] = [lp for _, _, lp in top]
+    return TopK(row.row_id, row.input_ids, row.start, ids, lps, tail_from_topk(lps))
+
+
+def _field(obj, name: str):
+    """A field of an openai response object that the SDK does not model (vLLM extensions)."""
+    value = getattr(obj, name, None)
+    if value is None and getattr(obj, "model_extra", None):
+        value = obj.model_extra.get(name)
+    return value
+
+
+def vllm_topk(client, model: str, rows: list[EncodedRow], k: int, concurrency: int = 8) -> list[TopK]:
+    """Teacher-forced top-k from a vLLM server: one completions request per row, ``max_tokens=1``.
+
+    ``client``: an ``openai.OpenAI`` pointed at the server (its ``max_retries`` retries transient errors
+    with backoff and honours Retry-After; a 400 is not retried).
+    """
+    def one(row: EncodedRow) -> TopK:
+        response = client.completions.create(model=model, prompt=[int(t) for t in row.input_ids], max_tokens=1,
+                                             temperature=0.0, extra_body={"prompt_logprobs": k})
+        prompt_logprobs = _field(response.choices[0], "prompt_logprobs")
+        if prompt_logprobs is None:
+            raise ValueError(f"row {row.row_id!r}: the server returned no prompt_logprobs (is it a vLLM server?)")
+        return topk_from_prompt_logprobs(row, prompt_logprobs, k)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, rows))
+
+
+class AlignmentError(ValueError):
+    """An API's generated tokens are not the tokens the student trains on."""
+
+
+def topk_from_api_records(row: EncodedRow, records: list[dict], k: int) -> TopK:
+    """Gray-box KD: the ``top_logprobs`` an API returned at generation time -> ``TopK``.
+
+    ``records``: one per generated token, ``{"token_id", "logprob", "top": [(id, logprob), ...]}``; they
+    must be the row's completion tokens (``input_ids[start + 1:]``), else ``AlignmentError`` says where
+    they part. An API that does not return its end-of-turn token may stop one short: the cache then covers
+    every completion position but the last (``len(ids)`` says how many). ``k`` ≤ 20 (and ≤ what the
+    records hold).
+    """
+    if k > API_TOP_LOGPROBS_MAX:
+        raise ValueError(f"k={k}: APIs return at most {API_TOP_LOGPROBS_MAX} top_logprobs")
+    completion = [int(t) for t in row.input_ids[row.start + 1 :]]
+    generated = [int(r["token_id"]) for r in records]
+    if generated not in (completion, completion[:-1]):
+        at = common_prefix_length(generated, completion)
+        raise AlignmentError(f"row {row.row_id!r}: the API's token {at} is {generated[at:at + 1]}, the student's "
+                             f"{completion[at:at + 1]} ({len(generated)} vs {len(completion)} tokens): re-tokenizing "
+                             "the answer changed its tokens; this row cannot use the API's logprobs")
+    ids = np.zeros((len(records), k), dtype=np.int64)
+    lps = np.zeros((len(records), k), dtype=np.float32)
+    for j, r in enumerate(records):
+        top = sorted(((int(t), float(lp)) for t, lp in r["top"]), key=lambda x: -x[1])[:k]
+        if len(top) < k:
+            raise ValueError(f"row {row.row_id!r}, token {j}: {len(top)} top_logprobs recorded, k={k}")
+        ids[j] = [t for t, _ in top]
+        lps[j] = [lp for _, lp in top]
+    return TopK(row.row_id, row.input_ids, row.start, ids, lps, tail_from_topk(lps))

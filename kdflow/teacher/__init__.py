@@ -1,0 +1,1 @@
+"""Asking a teacher: the OpenAI-compatible client, a local vLLM server, HF generation, durable answer shards."""

@@ -1,0 +1,1 @@
+"""Students: losses, one trainer module per method, LoRA, tokenizer compatibility, the training CLI."""

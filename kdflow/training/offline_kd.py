@@ -1,0 +1,176 @@
+"""Offline white-box KD: a TRL SFTTrainer that trains a student from a logit cache (kdflow/logit_cache/format.py).
+
+TRL's distillation trainers all need a live teacher; this one reads the teacher's top-k distributions from
+disk, so the teacher is never in memory while the student trains. Per batch:
+
+    loss = α · CE(teacher's tokens) + (1 − α) · T² · D(teacher ‖ student)
+
+at the completion positions only (the prompt and padding are masked out of both terms, which are averaged
+over the same positions), with D one of ``losses.Divergence`` and the top-k tail handled as in
+``losses.sparse_kd_loss`` (k + 1 buckets). Both terms are logged apart, per logging step (``ce_loss``,
+``kd_loss``), so a KD term 1000× smaller than the CE is seen, not guessed.
+
+Alignment: the training rows *are* the cache's rows — each row's token ids come from the cache, and the
+collator fetches the teacher's distributions by row id (never by step or batch position), checking the
+ids again, so shuffling, epochs and resumes cannot misalign them. Packing would merge rows and is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trl import SFTTrainer
+
+from kdflow.logit_cache.format import LogitCache
+from kdflow.training.losses import IGNORE_INDEX, Divergence, cross_entropy, sparse_kd_loss
+
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail", "teacher_mask")
+
+
+@dataclass(frozen=True)
+class KDLoss:
+    """The loss's settings (the recipe's ``kd`` section carries the same names)."""
+
+    divergence: Divergence = Divergence.forward_kl
+    alpha: float = 0.5
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+
+    @classmethod
+    def of(cls, section) -> "KDLoss":
+        return cls(Divergence(section.divergence), section.alpha, section.temperature, section.beta, section.skew)
+
+
+def cache_rows(cache: LogitCache, row_ids: list[str] | None = None, max_length: int | None = None) -> list[dict]:
+    """The training rows of a cache: ``{row_id, input_ids, start}``, truncated to ``max_length`` tokens.
+
+    ``row_ids``: a subset (e.g. a transfer-set size), default every row. A row whose completion would be cut
+    away entirely by ``max_length`` is an error, not a silently empty example.
+    """
+    wanted = set(row_ids) if row_ids is not None else None
+    rows = []
+    for r in cache.iter_rows():
+        if wanted is not None and r.row_id not in wanted:
+            continue
+        ids = r.input_ids.tolist()
+        if max_length is not None and len(ids) > max_length:
+            if r.start + 1 >= max_length:
+                raise ValueError(f"row {r.row_id!r}: its prompt alone is {r.start + 1} tokens, max_length is "
+                                 f"{max_length}; raise training.max_length")
+            ids = ids[:max_length]
+        rows.append({"row_id": r.row_id, "input_ids": ids, "start": r.start})
+    if wanted is not None and len(rows) != len(wanted):
+        missing = sorted(wanted - {r["row_id"] for r in rows})[:5]
+        raise KeyError(f"{len(wanted) - len(rows)} requested rows are not in the cache {cache.folder}, e.g. {missing}")
+    return rows
+
+
+class CachedLogitsCollator:
+    """Pads a batch of cache rows and carries the teacher's top-k, aligned to the logit positions.
+
+    Out: ``input_ids``, ``attention_mask``, ``labels`` (B, L) — labels are the completion tokens, -100
+    elsewhere, unshifted as in transformers — and ``teacher_ids``, ``teacher_logprobs`` (B, L, k),
+    ``teacher_tail`` (B, L), ``teacher_mask`` (B, L): True at logit position t where the cache holds the
+    teacher's distribution of token t + 1.
+    """
+
+    def __init__(self, cache: LogitCache, pad_token_id: int):
+        self.cache, self.pad = cache, pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        B, L, k = len(examples), max(len(e["input_ids"]) for e in examples), self.cache.k
+        out = {
+            "input_ids": torch.full((B, L), self.pad, dtype=torch.long),
+            "attention_mask": torch.zeros(B, L, dtype=torch.long),
+            "labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
+            "teacher_ids": torch.zeros(B, L, k, dtype=torch.long),
+            "teacher_logprobs": torch.zeros(B, L, k),
+            "teacher_tail": torch.zeros(B, L),
+            "teacher_mask": torch.zeros(B, L, dtype=torch.bool),
+        }
+        for b, e in enumerate(examples):
+            ids, start = torch.as_tensor(e["input_ids"], dtype=torch.long), e["start"]
+            row = self.cache[e["row_id"]]
+            n = len(ids)
+            if not torch.equal(row.input_ids[:n], ids):
+                raise ValueError(f"row {e['row_id']!r}: its token ids differ from the logit cache's; the dataset "
+                                 "and the cache are out of step (rebuild the rows with kd_trainer.cache_rows)")
+            out["input_ids"][b, :n], out["attention_mask"][b, :n] = ids, 1
+            out["labels"][b, start + 1:n] = ids[start + 1:]
+            # cached position j is logit position start + j; positions cut off by truncation are dropped
+            keep = min(len(row.ids), n - 1 - start)
+            span = slice(start, start + keep)
+            out["teacher_ids"][b, span] = row.ids[:keep]
+            out["teacher_logprobs"][b, span] = row.logprobs[:keep]
+            out["teacher_tail"][b, span] = row.tail[:keep]
+            out["teacher_mask"][b, span] = True
+        return out
+
+
+class CachedKDTrainer(SFTTrainer):
+    """SFTTrainer whose loss mixes CE on the teacher's tokens with a KD term on its cached distributions."""
+
+    def __init__(self, *args, kd: KDLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kd = kd
+        # The loss is a mean over this micro-batch's positions: let Trainer divide it by the accumulation steps
+        # (it skips that for models that take num_items_in_batch, which this loss does not use).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher = {key: inputs.pop(key) for key in TEACHER_KEYS}
+        labels = inputs.pop("labels")
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        logits = outputs.logits[:, :-1]  # logits[:, t] predicts token t + 1
+        targets = labels[:, 1:]
+        ce = cross_entropy(logits, targets)
+        kd = None
+        if self.kd.alpha < 1.0:
+            at = teacher["teacher_mask"][:, :-1]
+            # only the completion positions' logits: (N, V), never the whole batch's (B, L, V) twice over
+            kd = sparse_kd_loss(logits[at], teacher["teacher_ids"][:, :-1][at], teacher["teacher_logprobs"][:, :-1][at],
+                                teacher["teacher_tail"][:, :-1][at], self.kd.divergence, self.kd.temperature,
+                                beta=self.kd.beta, skew=self.kd.skew)
+        loss = ce if kd is None else self.kd.alpha * ce + (1.0 - self.kd.alpha) * kd
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["ce_loss"].append(ce.item())
+        if kd is not None:
+            self._metrics[mode]["kd_loss"].append(kd.item())
+        return (loss, outputs) if return_outputs else loss
+
+
+def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, training: dict, out_dir: Path, seed: int,
+                     checkpoints: Path | None = None, row_ids: list[str] | None = None,
+                     callbacks: list | None = None, peft_config=None) -> list[dict]:
+    """Train ``model`` in place from the logit cache at ``cache_dir``, save it and the tokenizer to
+    ``out_dir/model``; returns the log history (``loss``, ``ce_loss``, ``kd_loss`` per logging step).
+
+    The cache must have been captured with this tokenizer and chat template (checked before any work).
+    ``peft_config``: train LoRA adapters only; both loss terms then come from the adapted model's logits.
+    """
+    from datasets import Dataset, disable_progress_bars
+
+    from kdflow.training.sft import fit, sft_config
+
+    if training.get("packing"):
+        raise ValueError("training.packing: true merges rows into one sequence, which breaks their alignment with "
+                         "the cached teacher logits; set packing: false for a KD student")
+    disable_progress_bars()
+    cache = LogitCache.open(cache_dir, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
+    # The rows are already token ids; TRL must not re-tokenize, truncate or drop the row id and start.
+    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
+                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
+                        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    rows = cache_rows(cache, row_ids, config.max_length)
+    trainer = CachedKDTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
+                              processing_class=tokenizer, data_collator=CachedLogitsCollator(cache, _pad_id(tokenizer)),
+                              kd=kd, callbacks=callbacks, peft_config=peft_config)
+    return fit(trainer, model, tokenizer, out_dir, checkpoints)
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,101 @@
+"""Supervised fine-tuning with TRL's SFTTrainer on prompt-completion rows (loss on the completion only),
+and the save-and-resume contract every kdflow trainer shares (``fit``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+DEFAULTS = dict(save_strategy="no", logging_steps=25, report_to=[], disable_tqdm=True)
+# With a checkpoint folder: a checkpoint every 10 % of the steps (a float < 1 is a fraction of the total),
+# only the newest kept. An interrupted run resumes from it instead of starting over.
+CHECKPOINTING = dict(save_strategy="steps", save_steps=0.1, save_total_limit=1)
+# TRL turns bf16 and gradient checkpointing on by default; on a CPU both are wrong (bf16 is refused
+# outright), so without a GPU these win over the recipe. A GPU recipe keeps its own settings there.
+CPU_OVERRIDES = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+
+
+def sft_config(training: dict, output_dir: str, seed: int, cpu: bool, checkpoints: bool = False, config_class=None,
+               **fixed):
+    """A TRL config from a recipe's ``training`` keys (TRL validates them: unknown keys, bad values).
+
+    ``config_class``: SFTConfig unless given (GKD and GOLD have their own); ``fixed``: settings a trainer
+    needs whatever the recipe says.
+    """
+    import warnings
+
+    from trl import SFTConfig
+
+    base = {**DEFAULTS, **(CHECKPOINTING if checkpoints else {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return (config_class or SFTConfig)(output_dir=output_dir, seed=seed,
+                                           **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed})
+
+
+def last_checkpoint(folder: Path | None) -> str | None:
+    """The newest complete ``checkpoint-<step>`` in ``folder``, or None (Trainer writes it atomically)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(folder)) if folder is not None and Path(folder).is_dir() else None
+
+
+def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> list[dict]:
+    """Train (resuming from the newest checkpoint in ``checkpoints`` if one is there), save the model and
+    tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``. A LoRA student (the
+    trainer holds a peft model) is saved merged, its adapter beside it in ``out_dir/adapter``.
+
+    No blind retry: a rerun after a crash or kill continues from the checkpoint's step, with its optimizer,
+    scheduler and RNG states. Checkpoints are removed once the model is saved.
+
+    Under ``accelerate launch`` every process gets here holding the same weights (DDP keeps them in step):
+    the main process alone writes, and the others wait until it has, so all return with the output complete.
+    """
+    resume = last_checkpoint(checkpoints)
+    trainer.train(resume_from_checkpoint=resume)
+    history = trainer.state.log_history
+    if resume:
+        history = [{"resumed_from": Path(resume).name}, *history]
+    if trainer.accelerator.is_main_process:
+        save_model(trainer, model, tokenizer, out_dir)
+        (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        if checkpoints is not None:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    return history
+
+
+def save_model(trainer, model, tokenizer, out_dir: Path) -> None:
+    """``model`` (the trainer's own when None) and the tokenizer to ``out_dir/model``; a peft model merged."""
+    from accelerate.utils import is_peft_model
+
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    if is_peft_model(trained):
+        from kdflow.training.lora import save_merged
+
+        model = save_merged(trained, out_dir)
+    elif model is None:
+        model = trained
+    model.save_pretrained(out_dir / "model")
+    tokenizer.save_pretrained(out_dir / "model")
+
+
+def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int,
+              checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
+    """Train ``model`` in place on ``rows`` and save it (with the tokenizer) to ``out_dir``.
+
+    ``checkpoints``: a folder that outlives a failed attempt (not inside ``out_dir``, which is a temporary
+    folder) to checkpoint into and resume from. ``peft_config``: train LoRA adapters only
+    (``kdflow.training.lora.lora_config``). Returns the trainer's log history (loss per logging step).
+    """
+    import torch
+    from datasets import Dataset, disable_progress_bars
+    from trl import SFTTrainer
+
+    disable_progress_bars()
+    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
+                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=callbacks, peft_config=peft_config)
+    return fit(trainer, model, tokenizer, out_dir, checkpoints)
