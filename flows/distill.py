@@ -21,7 +21,8 @@ from tasks.data import make_data
 from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
-from tasks.students import student_inputs, train_student
+from kdflow.training.student import student_inputs
+from tasks.students import train_student
 
 
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions

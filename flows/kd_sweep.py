@@ -22,7 +22,8 @@ from tasks.data import make_data
 from tasks.evaluate import evaluate_model
 from tasks.generate import generate_answers
 from tasks.report import artifact_key, write_atomic
-from tasks.students import student_inputs, student_rows, train_student
+from kdflow.training.student import student_inputs, student_rows
+from tasks.students import train_student
 
 SEQ_KD = "seq-kd"
 

@@ -14,7 +14,8 @@ from prefect import flow
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import StudentData, load_recipe
-from tasks.students import student_inputs, train_student
+from kdflow.training.student import student_inputs
+from tasks.students import train_student
 
 
 # No log_prints (see flows/distill.py).

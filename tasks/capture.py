@@ -21,19 +21,15 @@ from prefect.logging import get_logger, get_run_logger
 
 from kdflow.logit_cache import topk as capture
 from kdflow.logit_cache.parts import COUNTS, link_or_copy
-from kdflow.logit_cache.format import MANIFEST, CorruptShard, LogitCache, cache_meta, capture_shards, merge_caches
+from kdflow.config.templates import sft_rows
+from kdflow.logit_cache.format import (MANIFEST, CorruptShard, LogitCache, cache_meta, cache_row_id, capture_shards,
+                                      merge_caches)
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
 from kdflow.config.recipe import CaptureSource, LogitCacheSection
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
-from tasks.teacher import sft_rows
 
 STAGE, VERSION = "logit-cache", "1"
-
-
-def cache_row_id(row: dict) -> str:
-    """The id a KD collator looks a training row up by (the curate stage's row name)."""
-    return f"{row['id']}/{row.get('sample', 0)}"
 
 
 def encoded_rows(kept: list[dict], template: str, tokenizer) -> list[capture.EncodedRow]:

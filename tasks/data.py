@@ -32,10 +32,6 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     return out
 
 
-def read_split(data: OutputRef, split: str) -> list[dict]:
-    return pd.read_parquet(Path(data.path) / f"{split}.parquet").to_dict("records")
-
-
 @task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
 def make_data(run_dir: Path, section: DataSection) -> OutputRef:
     key = stage_key(STAGE, VERSION, {"section": section})

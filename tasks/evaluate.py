@@ -27,13 +27,13 @@ from kdflow.teacher.hf_generate import generate, load
 from kdflow.store.model_folders import model_location
 from kdflow.teacher.api_client import Accounting, Sampling, TeacherRequest, run_all
 from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
+from kdflow.store.run_folder import read_split
 from kdflow.config.templates import render
 from kdflow.config.recipe import Backend, DataSource, EvaluationSection, redact_url
 from kdflow.training.tiny_models import count_params
 from kdflow.teacher.vllm_server import vllm_server
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
 from tasks.curate import answer_checker
-from tasks.data import read_split
 
 STAGE, VERSION = "evaluate", "2"
 

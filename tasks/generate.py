@@ -26,11 +26,11 @@ from kdflow.teacher.answer_shards import ShardWriter, read_shards
 from kdflow.store.model_folders import model_location
 from kdflow.teacher.api_client import Accounting, FatalApiError, Sampling, run_all
 from kdflow.store.outputs import OutputRef, building, existing_output, finish, output_dir
+from kdflow.store.run_folder import read_split
 from kdflow.config.recipe import Backend, GenerationSection
 from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 from kdflow.teacher.vllm_server import vllm_server
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
-from tasks.data import read_split
 
 STAGE, VERSION = "generate", "2"
 PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to watch, rare enough to cost nothing

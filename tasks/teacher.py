@@ -11,20 +11,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from kdflow.store.model_folders import write_location
+from kdflow.store.run_folder import read_split
 from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
-from kdflow.config.templates import chat, render
+from kdflow.config.templates import sft_rows
 from kdflow.config.recipe import TeacherSection
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
 from tasks.caching import STAGE_RESULTS, StageCache, stage_key
-from tasks.data import read_split
 
 STAGE, VERSION = "teacher", "1"
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
-
-
-def sft_rows(rows: list[dict], template: str, answer_field: str) -> list[dict]:
-    return [chat(render(template, question=r["question"]), r[answer_field]) for r in rows]
 
 
 def teacher_split(data: OutputRef) -> str:

@@ -22,3 +22,8 @@ def chat(user: str, assistant: str | None = None) -> dict:
     if assistant is not None:
         row["completion"] = [{"role": "assistant", "content": assistant}]
     return row
+
+
+def sft_rows(rows: list[dict], template: str, answer_field: str) -> list[dict]:
+    """Prompt-completion rows: each row's question through ``template``, its ``answer_field`` as the completion."""
+    return [chat(render(template, question=r["question"]), r[answer_field]) for r in rows]

@@ -304,6 +304,11 @@ def write_manifest(folder: Path, meta: dict, shards: list[dict]) -> dict:
     return manifest
 
 
+def cache_row_id(row: dict) -> str:
+    """The id a KD collator looks a training row up by (the curate stage's row name)."""
+    return f"{row['id']}/{row.get('sample', 0)}"
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 

@@ -52,3 +52,10 @@ def latest(run_dir: Path, stage: str, name: str | None = None) -> OutputRef:
         raise MissingStage(f"no finished {what} in {run_dir}: run the stage that makes it first, or the whole "
                            "flow (python -m kdflow.cli distill <recipe>)")
     return refs[-1]
+
+
+def read_split(data: OutputRef, split: str) -> list[dict]:
+    """The rows of one split of the data stage's output."""
+    import pandas as pd
+
+    return pd.read_parquet(Path(data.path) / f"{split}.parquet").to_dict("records")

@@ -5,7 +5,7 @@
         -m kdflow.training.cli --recipe R --student NAME --run-dir D --out OUT
 
 takes the run's finished inputs from its run folder (the newest output of each stage the student needs, as
-``flows/train_students.py`` does) and trains exactly as the students stage does (``tasks.students.train_here``),
+``flows/train_students.py`` does) and trains exactly as the students stage does (``kdflow.training.student.train_here``),
 writing ``OUT/model`` (a plain causal LM; LoRA merged), ``OUT/log_history.json`` and, for LoRA, ``OUT/adapter``.
 Under ``accelerate launch`` the main process alone writes them. ``--student`` is a name from the recipe, or
 ``<name>@<seed>`` where the recipe sets ``run.seeds``.
@@ -26,7 +26,7 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
     """A ``StudentJob`` for the recipe's student ``student`` on the run folder's newest finished outputs."""
     from kdflow.store import run_folder
     from kdflow.config.recipe import KDMethod, StudentData, load_recipe
-    from tasks.students import StudentJob
+    from kdflow.training.student import StudentJob
 
     r = load_recipe(recipe)
     sections = {s.name: s for s in r.student_runs()}
@@ -74,7 +74,7 @@ def run(argv: list[str] | None) -> None:
     if args.job and (args.student or args.run_dir or args.checkpoints):
         parser.error("--job carries the student, its inputs and its checkpoint folder; drop the other options")
 
-    from tasks.students import StudentJob, student_rows, train_here  # late: torch, TRL and Prefect take seconds
+    from kdflow.training.student import StudentJob, student_rows, train_here  # late: torch and TRL take seconds
 
     job = StudentJob.read(args.job) if args.job else job_from_run(args.recipe, args.student, args.run_dir,
                                                                  args.checkpoints)

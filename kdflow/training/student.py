@@ -1,0 +1,181 @@
+"""Training one student: its rows, its initial model, the trainer its method uses, and ``accelerate launch`` for a
+student trained in processes of its own. Plain Python: the students stage (tasks/students.py) and the training
+CLI (kdflow/training/cli.py, run in each launched process) both call ``train_here``."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+from pydantic import BaseModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kdflow.config.recipe import ROOT, KDMethod, StudentData, StudentSection
+from kdflow.config.templates import sft_rows
+from kdflow.logit_cache.format import cache_row_id
+from kdflow.store.model_folders import model_location
+from kdflow.store.outputs import OutputRef
+from kdflow.store.run_folder import read_split
+from kdflow.training.sft import train_sft
+from kdflow.training.tiny_models import llama_model
+
+
+def subset(row_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """A ``fraction`` of ``row_ids`` chosen by the seed alone: the same rows for every method trained with
+    this seed (so seq-KD and logit KD are compared on one transfer set), nested as the fraction grows."""
+    n = max(1, round(len(row_ids) * fraction))
+    rank = lambda rid: hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()
+    return set(sorted(row_ids, key=rank)[:n])
+
+
+def student_rows(section: StudentSection, template: str, data: OutputRef, curated: OutputRef | None) -> list[dict]:
+    """The student's prompt-completion rows, each with its ``row_id`` (the logit cache's name for it)."""
+    if section.data is StudentData.gold:
+        rows = read_split(data, "train")
+        rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(rows, sft_rows(rows, template, "rationale"))]
+    elif curated is None:
+        raise ValueError(f"student {section.name!r} learns from the teacher's answers; pass the curate stage's output")
+    else:
+        kept = pd.read_parquet(Path(curated.path) / "kept.parquet").to_dict("records")
+        rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(kept, sft_rows(kept, template, "text"))]
+    if section.data_fraction < 1.0:
+        keep = subset([r["row_id"] for r in rows], section.data_fraction, section.seed)
+        rows = [r for r in rows if r["row_id"] in keep]
+    return rows
+
+
+def init_student(section: StudentSection, teacher: OutputRef):
+    """A pretrained student with its own tokenizer, or a fresh Llama sharing the teacher's tokenizer."""
+    if section.model:
+        return AutoModelForCausalLM.from_pretrained(section.model), AutoTokenizer.from_pretrained(section.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_location(teacher))
+    a = section.architecture
+    return llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed), tokenizer
+
+
+def student_inputs(section: StudentSection, curated: OutputRef | None,
+                   logits: OutputRef | None) -> tuple[OutputRef | None, OutputRef | None]:
+    """What of the run a student trains from: the curated answers unless it learns from gold alone, the logit
+    cache only for offline KD — so a new filter or a new cache retrains only the students that use them."""
+    offline = section.kd is not None and section.kd.method is KDMethod.offline
+    return (curated if section.data is StudentData.teacher else None), (logits if offline else None)
+
+
+def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokenizer) -> None:
+    """White-box KD compares distributions token by token: refuse another tokenizer before any work,
+    unless the recipe asks for GOLD (cross-tokenizer)."""
+    if section.kd is None:
+        return  # sequence-level KD learns from text; any tokenizer will do
+    from kdflow.training.tokenizer_compat import check_tokenizers
+
+    check_tokenizers(AutoTokenizer.from_pretrained(model_location(teacher)), tokenizer,
+                     cross_tokenizer=section.kd.cross_tokenizer)
+
+
+def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], teacher: OutputRef,
+                logits: OutputRef | None, out: Path, checkpoints: Path) -> list[dict]:
+    kd, training, seed = section.kd, section.training, section.seed
+    row_ids = [r["row_id"] for r in rows]
+    rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
+    # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
+    peft = None
+    if section.lora is not None:
+        from kdflow.training.lora import lora_config
+
+        peft = lora_config(section.lora, model)
+    if kd is None:
+        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, peft_config=peft)
+    if kd.method is KDMethod.offline:
+        from kdflow.training.offline_kd import KDLoss, train_offline_kd
+
+        return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
+                                row_ids=row_ids, peft_config=peft)
+    live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
+    if kd.cross_tokenizer == "gold":
+        from kdflow.training.tokenizer_compat import train_gold
+
+        return train_gold(model, live, tokenizer, AutoTokenizer.from_pretrained(model_location(teacher)), rows,
+                          training, out, seed, lmbda=kd.lmbda, temperature=kd.temperature,
+                          max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints)
+    if kd.method is KDMethod.online:
+        from kdflow.training.online_kd import train_online
+
+        return train_online(model, live, tokenizer, rows, training, out, seed, lmbda=kd.lmbda, beta=kd.beta,
+                            temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
+                            peft_config=peft)
+    from kdflow.training.feature_kd import train_feature_kd
+
+    return train_feature_kd(model, live, tokenizer, rows, training, out, seed, layer_map=kd.feature.layers,
+                            kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints)
+
+
+def train_here(section: StudentSection, rows: list[dict], teacher: OutputRef, logits: OutputRef | None, out: Path,
+               checkpoints: Path | None) -> None:
+    """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
+    it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
+    model, tokenizer = init_student(section, teacher)
+    check_student_tokenizer(section, teacher, tokenizer)
+    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints)
+
+
+class StudentJob(BaseModel):
+    """What a launched training process is handed: the section and the very inputs the stage keyed it on
+    (not the newest outputs of the run folder, which a concurrent run may have replaced meanwhile)."""
+
+    section: StudentSection
+    template: str
+    teacher: OutputRef
+    data: OutputRef
+    curated: OutputRef | None = None
+    logits: OutputRef | None = None
+    checkpoints: str | None = None
+
+    def write(self, path: Path) -> None:
+        # Computed fields (a template's or config's text) are derived on load, and the strict sections refuse them.
+        Path(path).write_text(self.model_dump_json(exclude_computed_fields=True, indent=1))
+
+    @classmethod
+    def read(cls, path: Path) -> "StudentJob":
+        return cls.model_validate_json(Path(path).read_text())
+
+
+LOG_TAIL = 40  # lines of a failed launch's log quoted in the error
+
+
+def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> None:
+    """Train ``job`` into ``out`` by ``accelerate launch`` with the section's config, each process running
+    ``kdflow.training.cli``. The launcher's output (every rank's) goes to ``log``; a non-zero exit
+    raises with its last lines."""
+    launch = job.section.launch
+    job.write(job_file)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_path),
+           *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
+           "-m", "kdflow.training.cli", "--job", str(job_file), "--out", str(out)]
+    # The processes import kdflow from this checkout, whatever the caller's working directory.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-LOG_TAIL:])
+        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with {code}; the last lines "
+                           f"of {log}:\n{tail}")
+    if not (Path(out) / "model" / "config.json").is_file():
+        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with 0 but wrote no model to "
+                           f"{out}; see {log}")
+    job_file.unlink(missing_ok=True)
+
+
+def saved_params(model_dir: Path) -> int:
+    """Parameters of a saved model, from its safetensors headers (no weights loaded; tied ones saved once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+    return total

@@ -1,0 +1,53 @@
+"""The architecture, checked from the code's own imports: the library (kdflow/) is plain Python that never
+imports Prefect, tasks/ or flows/ (so it is testable and reusable without a server), and it is grouped in wings."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WINGS = {"store", "config", "teacher", "curation", "logit_cache", "training", "evaluation", "reporting", "classic"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (imports inside functions count too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)  # and `from kdflow.store import outputs`: the module kdflow.store.outputs
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_library_never_imports_prefect_tasks_or_flows():
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] in {"prefect", "tasks", "flows"})
+                 for p in (ROOT / "kdflow").rglob("*.py")}
+    assert {p: m for p, m in offenders.items() if m} == {}
+
+
+def test_the_library_is_in_wings():
+    top = {p.name for p in (ROOT / "kdflow").iterdir() if not p.name.startswith((".", "__pycache__"))}
+    assert {p for p in top if (ROOT / "kdflow" / p).is_dir()} == WINGS
+    assert {p for p in top if p.endswith(".py")} == {"__init__.py", "cli.py"}  # the one entry point beside the wings
+    for wing in WINGS:
+        assert (ROOT / "kdflow" / wing / "__init__.py").read_text().startswith('"""'), f"{wing} says what it holds"
+
+
+def test_no_import_cycle_between_wings_and_the_library_imports_no_task():
+    # A wing may use another; the check that matters is that the graph between modules has no cycle.
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in (ROOT / "kdflow").rglob("*.py")}
+    graph = {m: {i for i in imported_modules(p) if i in modules and i != m} for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, stack):
+        state[m] = 1
+        for n in graph[m]:
+            assert state.get(n) != 1, f"import cycle: {' -> '.join(stack + [m, n])}"
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
