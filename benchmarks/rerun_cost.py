@@ -63,17 +63,14 @@ def first_run_span_s(run_dir: Path) -> float:
 
 def matches(recipe: Path, run_dir: Path) -> bool:
     """The run folder holds the teacher this recipe asks for (else a "rerun" would retrain it)."""
-    from kdflow.store.outputs import existing_output
     from kdflow.config.recipe import load_recipe
-    from tasks.caching import stage_key
-    from tasks.data import STAGE as DATA, VERSION as DATA_VERSION
-    from tasks.teacher import STAGE as TEACHER, VERSION as TEACHER_VERSION
+    from tasks.data import DATA
+    from tasks.teacher import TEACHER
 
     r = load_recipe(recipe)
-    data = existing_output(run_dir, DATA, stage_key(DATA, DATA_VERSION, {"section": r.data}))
-    inputs = {"section": r.teacher, "data": data, "template": r.prompts.cot_text()}
+    data = DATA.output(run_dir, section=r.data).done
     return data is not None and (r.teacher.model is not None or
-                                 existing_output(run_dir, TEACHER, stage_key(TEACHER, TEACHER_VERSION, inputs)) is not None)
+                                 TEACHER.output(run_dir, section=r.teacher, data=data, template=r.prompts.cot_text()).done is not None)
 
 
 def main() -> None:

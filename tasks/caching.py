@@ -27,24 +27,22 @@ from typing import Any
 from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.cache_policies import CachePolicy
 
-from kdflow.store.outputs import OutputRef, content_key
+from kdflow.store.outputs import OutputRef
+from kdflow.store.stage import Stage
 
-NOT_CONTENT = {"run_dir"}
 # Every stage task: its small OutputRef result kept across runs, as JSON (see above).
 STAGE_RESULTS = {"persist_result": True, "result_serializer": "json"}
 
 
-def stage_key(stage: str, version: str, inputs: dict[str, Any]) -> str:
-    return content_key(stage, version, {k: v for k, v in inputs.items() if k not in NOT_CONTENT})
-
-
 class StageCache(CachePolicy):
-    def __init__(self, stage: str, version: str):
+    """Prefect's key for a stage task: ``Stage.key`` of the task's arguments, the very key its body builds under."""
+
+    def __init__(self, stage: Stage):
         super().__init__()
-        self.stage, self.version = stage, version
+        self.stage = stage
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str:
-        key = stage_key(self.stage, self.version, inputs)
+        key = self.stage.key(**inputs)
         store = task_ctx.result_store
         if store is None or store.result_storage is None:
             return key

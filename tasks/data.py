@@ -9,11 +9,12 @@ from prefect import task
 
 from data import arithmetic, gsm8k
 from kdflow.store.data_files import check_utf8
-from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.store.outputs import OutputRef
+from kdflow.store.stage import Stage
 from kdflow.config.recipe import ROOT, DataSection, DataSource
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "data", "1"
+DATA = Stage("data", "1", lambda section: {"section": section})
 
 
 def build_splits(section: DataSection) -> dict[str, list[dict]]:
@@ -32,17 +33,17 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     return out
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="make_data[{section.source.value}]")
 def make_data(run_dir: Path, section: DataSection) -> OutputRef:
-    key = stage_key(STAGE, VERSION, {"section": section})
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = DATA.output(run_dir, section=section)
+    if out.done:
+        return out.done
     splits = build_splits(section)
     for name, rows in splits.items():
         check_utf8(rows, f"data split {name!r}")
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         for name, rows in splits.items():
             pd.DataFrame(rows).to_parquet(tmp / f"{name}.parquet", index=False)
         counts = {name: len(rows) for name, rows in splits.items()}
-        finish(tmp, STAGE, key, inputs={"section": section}, rows=sum(counts.values()), splits=counts)
-    return existing_output(run_dir, STAGE, key)
+        out.finish(tmp, rows=sum(counts.values()), splits=counts)
+    return out.ref()

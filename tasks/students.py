@@ -17,42 +17,43 @@ from prefect import task
 
 from kdflow.config.recipe import KDMethod, StudentSection
 from kdflow.store.model_folders import write_location
-from kdflow.store.outputs import OutputRef, building, exclusive, existing_output, finish
+from kdflow.store.outputs import OutputRef, exclusive
+from kdflow.store.stage import Stage
 from kdflow.training.student import StudentJob, launch_student, saved_params, student_rows, train_here
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "students", "1"
+STUDENTS = Stage("students", "1", lambda section, template, teacher, data, curated, logits=None: {
+    "section": section, "template": template, "teacher": teacher, "data": data, "curated": curated, "logits": logits})
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(STUDENTS), **STAGE_RESULTS, task_run_name="train_student[{section.name}]")
 def train_student(run_dir: Path, section: StudentSection, template: str, teacher: OutputRef, data: OutputRef,
                   curated: OutputRef | None, logits: OutputRef | None = None) -> OutputRef:
     """``curated`` is None for a gold-only student, so that a new filter does not retrain the baseline;
     ``logits`` (the logit cache) is passed to offline-KD students only."""
-    inputs = {"section": section, "template": template, "teacher": teacher, "data": data, "curated": curated,
-              "logits": logits}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = STUDENTS.output(run_dir, section=section, template=template, teacher=teacher, data=data, curated=curated,
+                          logits=logits)
+    if out.done:
+        return out.done
     if section.kd is not None and section.kd.method is KDMethod.offline and logits is None:
         raise ValueError(f"student {section.name!r} trains from the logit cache: pass the logit-cache stage's output")
     rows = student_rows(section, template, data, curated)
     if not rows:
         raise ValueError(f"student {section.name!r} has no training rows: the filter kept no teacher answers")
-    stage_dir = Path(run_dir) / STAGE
-    checkpoints = stage_dir / f".work-{key[:16]}"
-    with exclusive(run_dir, STAGE, key):
-        if done := existing_output(run_dir, STAGE, key):
-            return done  # a concurrent run of the same student finished it while this one waited
-        with building(run_dir, STAGE, key) as tmp:
+    stage_dir, checkpoints = Path(run_dir) / STUDENTS.name, out.work
+    with exclusive(run_dir, STUDENTS.name, out.key):
+        if out.done:
+            return out.done  # a concurrent run of the same student finished it while this one waited
+        with out.building() as tmp:
             start = time.perf_counter()
             if section.launch is None:
                 train_here(section, rows, teacher, logits, tmp, checkpoints)
             else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
                 job = StudentJob(section=section, template=template, teacher=teacher, data=data, curated=curated,
                                  logits=logits, checkpoints=str(checkpoints))
-                launch_student(job, tmp, stage_dir / f".launch-{key[:16]}.json", stage_dir / f".launch-{key[:16]}.log")
+                launch_student(job, tmp, stage_dir / f".launch-{out.key[:16]}.json",
+                               stage_dir / f".launch-{out.key[:16]}.log")
             write_location(tmp, "model")
-            finish(tmp, STAGE, key, inputs=inputs, rows=len(rows), name=section.name,
-                   params=saved_params(tmp / "model"), seconds=round(time.perf_counter() - start, 1))
-    return existing_output(run_dir, STAGE, key)
+            out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / "model"),
+                       seconds=round(time.perf_counter() - start, 1))
+    return out.ref()

@@ -12,14 +12,19 @@ from prefect.cache_policies import NO_CACHE
 
 from kdflow.store.model_folders import write_location
 from kdflow.store.run_folder import read_split
-from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
-from kdflow.config.templates import sft_rows
+from kdflow.store.outputs import OutputRef, hash_folder
+from kdflow.store.stage import Stage
+from kdflow.config.templates import render, sft_rows
 from kdflow.config.recipe import TeacherSection
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "teacher", "1"
+TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template})
+# A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
+# invalidates what follows.
+EXISTING_TEACHER = Stage("teacher", "1", lambda section: {
+    "section": section, "weights": hash_folder(Path(section.model)) if Path(section.model).is_dir() else None})
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
 
 
@@ -29,14 +34,13 @@ def teacher_split(data: OutputRef) -> str:
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip; it is not retried blindly.
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(TEACHER), **STAGE_RESULTS, task_run_name="train_teacher_model")
 def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef, template: str) -> OutputRef:
-    inputs = {"section": section, "data": data, "template": template}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = TEACHER.output(run_dir, section=section, data=data, template=template)
+    if out.done:
+        return out.done
     rows = read_split(data, teacher_split(data))
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         start = time.perf_counter()
         corpus = [render(template, question=r["question"]) + "\n" + r["rationale"] for r in rows[:TOKENIZER_CORPUS_ROWS]]
         tokenizer = train_tokenizer(corpus, section.vocab_size)
@@ -44,23 +48,20 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
         model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
         train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), section.training, tmp, section.seed)
         write_location(tmp, "model")
-        finish(tmp, STAGE, key, inputs=inputs, rows=len(rows), params=count_params(model),
-               seconds=round(time.perf_counter() - start, 1))
-    return existing_output(run_dir, STAGE, key)
+        out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
+    return out.ref()
 
 
 # Not Prefect-cached: the key must cover the weights' bytes, which are not a task input; the body finds its
 # own finished output by that key instead.
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="use_existing_teacher[{section.model}]")
 def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
     """A teacher named by the recipe (a local folder or a hub id): recorded, not copied."""
-    local = Path(section.model)
-    # A local folder is keyed by its bytes, so replacing the weights in place invalidates what follows.
-    identity = {"section": section, "weights": hash_folder(local) if local.is_dir() else None}
-    key = stage_key(STAGE, VERSION, identity)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
-    with building(run_dir, STAGE, key) as tmp:
+    out = EXISTING_TEACHER.output(run_dir, section=section)
+    if out.done:
+        return out.done
+    with out.building() as tmp:
+        local = Path(section.model)
         write_location(tmp, str(local.resolve()) if local.is_dir() else section.model)
-        finish(tmp, STAGE, key, inputs=identity)
-    return existing_output(run_dir, STAGE, key)
+        out.finish(tmp)
+    return out.ref()

@@ -27,8 +27,7 @@ def storage_path() -> Path:
 def test_stage_results_are_json_and_a_planted_pickle_is_never_loaded(prefect_server, mini_recipe, tmp_path):
     from prefect import flow
 
-    from tasks.caching import stage_key
-    from tasks.data import STAGE, VERSION, make_data
+    from tasks.data import DATA, make_data
 
     r = load_recipe(mini_recipe)
 
@@ -37,7 +36,7 @@ def test_stage_results_are_json_and_a_planted_pickle_is_never_loaded(prefect_ser
         return make_data(r.run_dir, r.data)
 
     first = data_only()
-    key = stage_key(STAGE, VERSION, {"run_dir": r.run_dir, "section": r.data})
+    key = DATA.key(run_dir=r.run_dir, section=r.data)
     record = json.loads((storage_path() / key).read_bytes())
     assert record["metadata"]["serializer"]["type"] == "json"
     assert json.loads(record["result"])["data"]["sha256"] == first.sha256  # plain data, readable by anyone
