@@ -6,17 +6,14 @@ distributions on the kept answers, for KD from disk.
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
 
-from flows.train_teacher import train_teacher
+from flows.cli import run_as_script
+from flows.chain import upstream
 from kdflow.store.outputs import OutputRef
-from kdflow.config.recipe import RecipeError, load_recipe
-from tasks.capture import capture_logits
-from tasks.curate import filter_answers
-from tasks.data import make_data
-from tasks.generate import generate_answers
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import load_recipe
 
 
 # No log_prints (see flows/distill.py).
@@ -25,13 +22,7 @@ def capture_logits_flow(recipe: str = "recipes/demo.yaml") -> OutputRef:
     r = load_recipe(recipe)
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
-    run_dir, cot = r.run_dir, r.prompts.cot_text()
-
-    data = make_data(run_dir, r.data)
-    teacher = train_teacher(recipe)
-    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
-    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)  # as flows/distill.py: same key
-    cache = capture_logits(run_dir, r.logit_cache, cot, teacher, curated)
+    cache = upstream(recipe, r).logits  # the same chain (and keys) as flows/distill.py
 
     m = cache.manifest()
     print(f"logit cache: {cache.path}: {m['rows']:,} rows, {m['positions']:,} answer tokens, "
@@ -40,4 +31,4 @@ def capture_logits_flow(recipe: str = "recipes/demo.yaml") -> OutputRef:
 
 
 if __name__ == "__main__":
-    capture_logits_flow(*sys.argv[1:2])
+    run_as_script("logit-cache")  # the same arguments and --help as `kdflow logit-cache`

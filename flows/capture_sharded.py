@@ -25,11 +25,11 @@ from prefect.cache_policies import NO_CACHE
 
 from kdflow.store import run_folder
 from kdflow.logit_cache.parts import join_parts, part_bounds
-from kdflow.store.outputs import OutputRef, existing_output
-from kdflow.config.recipe import LogitCacheSection, RecipeError, load_recipe
-from tasks.caching import stage_key
-from tasks.capture import (STAGE, VERSION, capture_inputs, capture_logits, capture_member, capture_setup,
-                           shard_logger, work_folder)
+from kdflow.store.outputs import OutputRef
+from kdflow.config.loading import RecipeError
+from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.config.recipe import load_recipe
+from tasks.capture import CAPTURE, capture_logits, capture_member, capture_setup, shard_logger
 
 
 def part_folder(work: Path, part: int, member: int) -> Path:
@@ -41,7 +41,7 @@ def part_folder(work: Path, part: int, member: int) -> Path:
 def capture_part(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
                  part: int, parts: int) -> dict:
     """Capture part ``part`` of ``parts`` for every teacher; returns who captured how much, how fast."""
-    work = work_folder(run_dir, stage_key(STAGE, VERSION, capture_inputs(section, template, teacher, curated)))
+    work = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated).work
     _, kept, rows, teachers = capture_setup(section, template, teacher, curated)
     begin, end = part_bounds(len(rows), section.shard_rows, parts)[part]
     start = time.perf_counter()
@@ -56,7 +56,7 @@ def capture_part(run_dir: Path, section: LogitCacheSection, template: str, teach
 def join_cache(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
                parts: int) -> None:
     """Join each teacher's parts into the one cache the capture task looks for (``teacher-<j>``)."""
-    work = work_folder(run_dir, stage_key(STAGE, VERSION, capture_inputs(section, template, teacher, curated)))
+    work = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated).work
     for j in range(1 + len(section.ensemble)):
         join_parts([part_folder(work, p, j) for p in range(parts)], work / f"teacher-{j}")
 
@@ -69,7 +69,7 @@ def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> 
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
     run, cot, section = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text(), r.logit_cache
     teacher, curated = run_folder.latest(run, "teacher"), run_folder.latest(run, "curate")
-    if not existing_output(run, STAGE, stage_key(STAGE, VERSION, capture_inputs(section, cot, teacher, curated))):
+    if not CAPTURE.output(run, section=section, template=cot, teacher=teacher, curated=curated).done:
         futures = [capture_part.submit(run, section, cot, teacher, curated, p, parts) for p in range(parts)]
         done = [f.result() for f in futures]
         join_cache(run, section, cot, teacher, curated, parts)

@@ -7,12 +7,13 @@ teachers and students with ``distill_classifier`` on the same recipe (same conte
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
 
+from flows.cli import run_as_script
+
 from kdflow.config.classic import DistillSection, load_classifier_recipe
-from kdflow.config.recipe import RecipeError
+from kdflow.config.loading import RecipeError
 from tasks.classifier import (SweepPoint, SweepSeed, classifier_data, score_ensemble, train_classifier_student,
                               train_classifier_teacher, write_sweep_report)
 
@@ -47,4 +48,4 @@ def classifier_sweep(recipe: str = "recipes/classifier-digits.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    classifier_sweep(*sys.argv[1:2])
+    run_as_script("classifier-sweep")  # the same arguments and --help as `kdflow classifier-sweep`

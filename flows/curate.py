@@ -6,10 +6,11 @@ answers (the judge filter asks the run's teacher).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
+
+from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
@@ -28,4 +29,4 @@ def curate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> Out
 
 
 if __name__ == "__main__":
-    print(curate(*sys.argv[1:3]))
+    run_as_script("curate")  # the same arguments and --help as `kdflow curate`

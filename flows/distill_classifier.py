@@ -6,9 +6,10 @@ distilled student → report, once per seed. Every stage is a content-cached tas
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
+
+from flows.cli import run_as_script
 
 from kdflow.config.classic import load_classifier_recipe
 from tasks.classifier import (SeedRun, classifier_data, score_ensemble, train_classifier_student,
@@ -38,4 +39,4 @@ def distill_classifier(recipe: str = "recipes/classifier-digits.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    distill_classifier(*sys.argv[1:2])
+    run_as_script("classifier")  # the same arguments and --help as `kdflow classifier`

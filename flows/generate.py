@@ -6,10 +6,11 @@ settings, from the run's finished data and teacher outputs (found by their manif
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
+
+from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
@@ -28,4 +29,4 @@ def generate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> O
 
 
 if __name__ == "__main__":
-    print(generate(*sys.argv[1:3]))
+    run_as_script("generate")  # the same arguments and --help as `kdflow generate`

@@ -24,15 +24,10 @@ from prefect.cache_policies import NO_CACHE
 
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
-from kdflow.store.outputs import OutputRef, existing_output
-from kdflow.config.recipe import Backend, GenerationSection, load_recipe
-from tasks.caching import stage_key
-from tasks.generate import STAGE, VERSION, api_answers, generate_answers, prompted_rows, shard_folder
-
-
-def generate_key(section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef) -> str:
-    """The generate task's own key (same inputs, same stage and version), so its shard folder is shared."""
-    return stage_key(STAGE, VERSION, {"section": section, "template": template, "teacher": teacher, "data": data})
+from kdflow.store.outputs import OutputRef
+from kdflow.config.generation import Backend, GenerationSection
+from kdflow.config.recipe import load_recipe
+from tasks.generate import GENERATE, api_answers, generate_answers, prompted_rows, shard_folder
 
 
 # No cache policy: a shard's answers are durable in the shard folder; rerun, it asks only for what is missing.
@@ -40,7 +35,7 @@ def generate_key(section: GenerationSection, template: str, teacher: OutputRef, 
 def answer_shard(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef,
                  shard: int, shards: int) -> dict:
     """Ask for every ``shards``-th (row, sample), starting at ``shard``; returns who answered how many."""
-    folder = shard_folder(run_dir, generate_key(section, template, teacher, data))
+    folder = shard_folder(run_dir, GENERATE.key(section=section, template=template, teacher=teacher, data=data))
     rows = prompted_rows(section, section.template_text or template, data)[shard::shards]
     local = section.backend is Backend.vllm
     model = model_location(teacher) if local else section.api.model or model_location(teacher)
@@ -56,7 +51,7 @@ def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -
         raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
     run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
     data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
-    if not existing_output(run, STAGE, generate_key(r.generation, cot, teacher, data)):
+    if not GENERATE.output(run, section=r.generation, template=cot, teacher=teacher, data=data).done:
         futures = [answer_shard.submit(run, r.generation, cot, teacher, data, i, shards) for i in range(shards)]
         done = [f.result() for f in futures]
         create_table_artifact(key="teacher-shards", table=done, description="teacher requests per shard and worker")

@@ -7,20 +7,15 @@ a table, a plot and a stated verdict (kdflow/reporting/sweep.py). Not part of `m
 from __future__ import annotations
 
 import json
-import sys
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.train_teacher import train_teacher
+from flows.cli import run_as_script
+from flows.chain import evaluate_models, upstream
 from kdflow.reporting import sweep as sw
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import load_recipe
-from tasks.capture import capture_logits
-from tasks.curate import filter_answers
-from tasks.data import make_data
-from tasks.evaluate import evaluate_model
-from tasks.generate import generate_answers
 from tasks.report import artifact_key, write_atomic
 from kdflow.training.student import student_inputs, student_rows
 from tasks.students import train_student
@@ -37,16 +32,11 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     students = s.students()
 
     # The recipe's own stages: cached, so a sweep after `make demo` starts at the students.
-    data = make_data(run_dir, r.data)
-    teacher = train_teacher(str(s.recipe_path()))
-    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
-    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
-    logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None
-
+    u = upstream(str(s.recipe_path()), r)
+    data, teacher, curated = u.data, u.teacher, u.curated
     trained: dict[str, OutputRef] = {st.name: train_student(run_dir, st, cot, teacher, data,
-                                                            *student_inputs(st, curated, logits)) for st in students}
-    evaluations = {name: evaluate_model(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
-                   for name, model in {"teacher": teacher, **trained}.items()}
+                                                            *student_inputs(st, curated, u.logits)) for st in students}
+    evaluations = evaluate_models(run_dir, r, {"teacher": teacher, **trained}, teacher, data)
 
     accuracy = {name: ref.manifest()["metrics"]["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
     rows = {st.data_fraction: len(student_rows(st, cot, data, curated)) for st in students if st.seed == s.seeds[0]}
@@ -63,4 +53,4 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    kd_sweep(*sys.argv[1:2])
+    run_as_script("sweep")  # the same arguments and --help as `kdflow sweep`

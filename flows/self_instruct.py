@@ -7,11 +7,13 @@ of instruction-following examples, with every dropped instruction and answer kep
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
 
-from kdflow.config.recipe import ROOT, DataSource
+from flows.cli import run_as_script
+
+from kdflow.config.data import DataSource
+from kdflow.config.fields import ROOT
 from kdflow.config.self_instruct import load_self_instruct_recipe
 from tasks.curate import filter_answers
 from tasks.generate import generate_answers
@@ -46,4 +48,4 @@ def self_instruct(recipe: str = "recipes/self-instruct/qwen7b.yaml") -> dict:
 
 
 if __name__ == "__main__":
-    self_instruct(*sys.argv[1:2])
+    run_as_script("self-instruct")  # the same arguments and --help as `kdflow self-instruct`

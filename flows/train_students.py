@@ -6,16 +6,28 @@ student of the recipe, trained on the run's finished data, teacher and curated a
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from prefect import flow
 
+from flows.cli import run_as_script
+
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
-from kdflow.config.recipe import StudentData, load_recipe
-from kdflow.training.student import student_inputs
+from kdflow.config.recipe import load_recipe
+from kdflow.config.student import StudentSection
+from kdflow.training.student import needs_curated, needs_logit_cache, student_inputs
 from tasks.students import train_student
+
+
+def inputs_from_run(run: Path, students: list[StudentSection]) -> tuple[OutputRef, OutputRef, OutputRef | None,
+                                                                       OutputRef | None]:
+    """(data, teacher, curated answers, logit cache) from the run folder's finished outputs: the curated answers
+    only when a student learns from them, the logit cache only when one trains offline from it."""
+    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
+    curated = run_folder.latest(run, "curate") if any(needs_curated(s) for s in students) else None
+    logits = run_folder.latest(run, "logit-cache") if any(needs_logit_cache(s) for s in students) else None
+    return data, teacher, curated, logits
 
 
 # No log_prints (see flows/distill.py).
@@ -24,13 +36,10 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r = load_recipe(recipe)
     run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
-    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
-    # Only a student that learns from the teacher's answers needs the curate stage (as in flows/distill.py).
-    curated = run_folder.latest(run, "curate") if any(s.data is StudentData.teacher for s in r.students) else None
-    logits = run_folder.latest(run, "logit-cache") if any(s.kd for s in r.students) else None
+    data, teacher, curated, logits = inputs_from_run(run, r.students)
     return {s.name: train_student(run, s, cot, teacher, data, *student_inputs(s, curated, logits))
             for s in r.student_runs()}
 
 
 if __name__ == "__main__":
-    print(train_students(*sys.argv[1:3]))
+    run_as_script("students")  # the same arguments and --help as `kdflow students`

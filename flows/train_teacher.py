@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
+
+from flows.cli import run_as_script
 
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import load_recipe
@@ -26,4 +27,4 @@ def train_teacher(recipe: str = "recipes/demo.yaml") -> OutputRef:
 
 
 if __name__ == "__main__":
-    print(train_teacher(*sys.argv[1:2]))
+    run_as_script("teacher")  # the same arguments and --help as `kdflow teacher`

@@ -41,11 +41,12 @@ def teacher_requests(refs) -> int:
 
 
 def distill_process(recipe: Path, log: Path) -> subprocess.Popen:
-    """``python -m kdflow.cli distill`` in a process (and session) of its own, on this session's Prefect server."""
+    """`kdflow distill` (``python -m flows.cli distill``) in a process (and session) of its own, on this session's
+    Prefect server."""
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.Popen([sys.executable, "-m", "kdflow.cli", "distill", str(recipe)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "distill", str(recipe)], cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -93,7 +94,7 @@ def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it_then_stage_flow
     # Each stage flow alone on the finished run folder: unchanged stages find their outputs ...
     from flows.curate import curate
     from flows.generate import generate
-    from kdflow.cli import main as cli
+    from flows.cli import main as cli
 
     before = snapshot(run_dir)
     assert generate(str(mini_recipe)) == run_folder.latest(run_dir, "generate")

@@ -50,7 +50,7 @@ def latest(run_dir: Path, stage: str, name: str | None = None) -> OutputRef:
     if not refs:
         what = f"{stage!r} output" + (f" named {name!r}" if name else "")
         raise MissingStage(f"no finished {what} in {run_dir}: run the stage that makes it first, or the whole "
-                           "flow (python -m kdflow.cli distill <recipe>)")
+                           "flow (kdflow distill <recipe>)")
     return refs[-1]
 
 

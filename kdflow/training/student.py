@@ -15,7 +15,9 @@ import pandas as pd
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdflow.config.recipe import ROOT, KDMethod, StudentData, StudentSection
+from kdflow.config.fields import ROOT
+from kdflow.config.kd import KDMethod
+from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import model_location
@@ -58,12 +60,21 @@ def init_student(section: StudentSection, teacher: OutputRef):
     return llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed), tokenizer
 
 
+def needs_curated(section: StudentSection) -> bool:
+    """The student learns from the teacher's kept answers (not from gold alone)."""
+    return section.data is StudentData.teacher
+
+
+def needs_logit_cache(section: StudentSection) -> bool:
+    """Only offline KD reads the logit cache; online and feature KD run the teacher live."""
+    return section.kd is not None and section.kd.method is KDMethod.offline
+
+
 def student_inputs(section: StudentSection, curated: OutputRef | None,
                    logits: OutputRef | None) -> tuple[OutputRef | None, OutputRef | None]:
     """What of the run a student trains from: the curated answers unless it learns from gold alone, the logit
     cache only for offline KD — so a new filter or a new cache retrains only the students that use them."""
-    offline = section.kd is not None and section.kd.method is KDMethod.offline
-    return (curated if section.data is StudentData.teacher else None), (logits if offline else None)
+    return (curated if needs_curated(section) else None), (logits if needs_logit_cache(section) else None)
 
 
 def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokenizer) -> None:

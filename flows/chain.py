@@ -1,0 +1,63 @@
+"""The two chains several flows share, written once.
+
+``upstream``: data → teacher → the teacher's answers → curated answers → the logit cache (where the recipe has
+one), every stage cached: what distill, the logit-cache flow and the sweep start from.
+``evaluate_and_report``: every model evaluated (run names say which), the cost of all of them measured back to back,
+lm-eval and the LLM judge where the recipe turns them on, then the report: what distill and the evaluate flow end with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flows.train_teacher import train_teacher
+from kdflow.config.recipe import Recipe
+from kdflow.store.outputs import OutputRef
+from tasks.capture import capture_logits
+from tasks.curate import filter_answers
+from tasks.data import make_data
+from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
+from tasks.generate import generate_answers
+from tasks.report import write_report
+
+
+@dataclass
+class Upstream:
+    data: OutputRef
+    teacher: OutputRef
+    answers: OutputRef
+    curated: OutputRef
+    logits: OutputRef | None
+
+
+def upstream(recipe: str, r: Recipe) -> Upstream:
+    """``recipe``: the recipe's path (the teacher's subflow loads it itself); ``r``: that recipe, loaded."""
+    run_dir, cot = r.run_dir, r.prompts.cot_text()
+    data = make_data(run_dir, r.data)
+    teacher = train_teacher(recipe)
+    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
+    logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
+    return Upstream(data, teacher, answers, curated, logits)
+
+
+def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,
+                    data: OutputRef) -> dict[str, OutputRef]:
+    """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``)."""
+    return {name: evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
+                run_dir, r.evaluation, r.prompts.cot_text(), r.data.source, model, teacher, data)
+            for name, model in models.items()}
+
+
+def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], data: OutputRef,
+                        curated: OutputRef | None) -> dict:
+    """``models``: the teacher (under "teacher") and every student of the recipe. Returns the report."""
+    evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)
+    deployment = measure_deployment(run_dir, models, r.evaluation.deployment, r.prompts.cot_text(), data,
+                                    r.evaluation.split)
+    benchmarks = run_lm_eval(run_dir, models, r.evaluation.lm_eval)
+    judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
+                             evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
+    return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
+                        {s.name: s.summary() for s in r.student_runs()}, curated, judged)

@@ -1,0 +1,81 @@
+"""The `kdflow` command: the whole distillation, one stage of it, a study, or a comparison of runs.
+
+    kdflow distill recipes/demo.yaml [--seeds 0 1 2]
+    kdflow students recipes/demo.yaml --run-dir runs/demo      # retrain the students of a finished run
+    kdflow compare runs/a runs/b
+
+A single stage takes its inputs from the run folder's finished outputs. Each command is a Prefect flow (flows/),
+so it shows in the UI and can be deployed like ``distill``. ``--help`` (of the command or of one of them) starts
+nothing: Prefect and torch are imported only once the arguments are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# command -> (module, flow function, what it does); the stage commands are named after the run folder's stages.
+COMMANDS = {
+    "distill": ("flows.distill", "distill", "the whole distillation: data, teacher, answers, curation, logit cache, "
+                "students, evaluation, report"),
+    "teacher": ("flows.train_teacher", "train_teacher", "train the teacher (or record the one the recipe names)"),
+    "generate": ("flows.generate", "generate", "the teacher's answers (hf, vllm or an OpenAI-compatible API)"),
+    "curate": ("flows.curate", "curate", "filter the teacher's answers; every drop kept with its reason"),
+    "logit-cache": ("flows.capture_logits", "capture_logits_flow", "capture the teacher's top-k distributions"),
+    "students": ("flows.train_students", "train_students", "train every student of the recipe"),
+    "evaluate": ("flows.evaluate", "evaluate", "evaluate the teacher and the students, and write the report"),
+    "sweep": ("flows.kd_sweep", "kd_sweep", "transfer-set sizes x methods x seeds (a sweep recipe)"),
+    "self-instruct": ("flows.self_instruct", "self_instruct", "self-instruct expansion (a self-instruct recipe)"),
+    "classifier": ("flows.distill_classifier", "distill_classifier", "Hinton's classic KD of a classifier "
+                   "(a classifier recipe)"),
+    "classifier-sweep": ("flows.classifier_sweep", "classifier_sweep", "classic KD over temperatures and seeds"),
+}
+TAKES_RUN_DIR = {"generate", "curate", "students", "evaluate"}  # the others recompute their inputs (cached)
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(prog="kdflow", description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = cli.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, _, what) in COMMANDS.items():
+        sub = commands.add_parser(name, help=what, description=what)
+        sub.add_argument("recipe", help="the recipe YAML")
+        if name in TAKES_RUN_DIR:
+            sub.add_argument("--run-dir", help="the run folder to take inputs from and write to (default: the recipe's)")
+        if name == "distill":
+            sub.add_argument("--seeds", type=int, nargs="+",
+                             help="train and evaluate every student once per seed (overrides the recipe's run.seeds)")
+    compare = commands.add_parser("compare", help="compare two or more runs in one table (their report.json)")
+    compare.add_argument("runs", nargs="+", help="run folders (runs/<name>) or their report.json files")
+    compare.add_argument("--out", help="also write the table to this Markdown file")
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "compare":
+        from kdflow.reporting.compare import main as compare
+
+        return compare([*args.runs, *(["--out", args.out] if args.out else [])])
+    module, name, _ = COMMANDS[args.command]
+    stage_flow = getattr(importlib.import_module(module), name)  # imported late: Prefect and torch take seconds
+    if args.command == "distill":
+        result = stage_flow(args.recipe, args.seeds)
+    elif getattr(args, "run_dir", None):
+        result = stage_flow(args.recipe, args.run_dir)
+    else:
+        result = stage_flow(args.recipe)
+    if args.command != "distill":  # distill prints its own summary
+        print(json.dumps(result, indent=2, default=lambda o: o.model_dump() if hasattr(o, "model_dump") else str(o)))
+    return 0
+
+
+def run_as_script(command: str) -> None:
+    """``python -m flows.<module> ARGS`` is ``kdflow <command> ARGS`` (the same arguments and --help)."""
+    sys.exit(main([command, *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""How the flows are wired, without running them: what a stage flow rerun alone takes from the run folder, and
+the `kdflow` command (whose --help starts nothing)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdflow.config.recipe import load_recipe
+from kdflow.store import run_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+ONLINE_STUDENT = """  - name: gkd
+    data: teacher
+    architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}
+    training: {max_steps: 10, per_device_train_batch_size: 16, learning_rate: 3.0e-3, logging_steps: 5}
+    kd: {method: online, divergence: jsd}
+"""
+
+
+def finished(run_dir: Path, stage: str) -> None:
+    from kdflow.store.outputs import building, finish
+
+    key = f"{stage}-fixture".ljust(64, "0")
+    with building(run_dir, stage, key) as tmp:
+        (tmp / "x").write_text(stage)
+        finish(tmp, stage, key, inputs={})
+
+
+def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
+    """An online-KD student runs the teacher live: retraining it on a run without a logit cache must not demand one
+    (it did: any `kd:` section asked for the logit-cache stage's output)."""
+    from flows.train_students import inputs_from_run
+
+    text = mini_recipe.read_text().replace("\nevaluation:", ONLINE_STUDENT + "\nevaluation:", 1)
+    mini_recipe.write_text(text)
+    r = load_recipe(mini_recipe)
+    for stage in ("data", "teacher", "curate"):
+        finished(r.run_dir, stage)
+    data, teacher, curated, logits = inputs_from_run(r.run_dir, r.students)
+    assert logits is None and curated is not None and {data.stage, teacher.stage} == {"data", "teacher"}
+
+    offline = [s.model_copy(update={"kd": s.kd.model_copy(update={"method": "offline"})}) if s.kd else s
+               for s in r.students]
+    with pytest.raises(run_folder.MissingStage, match="logit-cache"):  # an offline student does need it
+        inputs_from_run(r.run_dir, offline)
+
+
+def kdflow_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_kdflow_help_lists_the_stages_and_starts_nothing():
+    done = kdflow_command("--help")
+    assert done.returncode == 0
+    for command in ("distill", "teacher", "generate", "curate", "logit-cache", "students", "evaluate", "compare"):
+        assert command in done.stdout
+    probe = "import sys, flows.cli; flows.cli.parser(); print(sorted(m for m in ('prefect', 'torch') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["flows.distill", "flows.train_teacher", "flows.train_students", "flows.generate"])
+def test_a_flow_module_run_as_a_script_answers_help_without_starting_work(module, tmp_path):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path)})
+    assert done.returncode == 0 and "usage: kdflow" in done.stdout
+    assert "Starting temporary server" not in done.stdout + done.stderr and "RecipeError" not in done.stderr
+
+
+def test_kdflow_distill_takes_seeds_and_students_a_run_dir():
+    from flows.cli import parser
+
+    args = parser().parse_args(["distill", "recipes/demo.yaml", "--seeds", "0", "1", "2"])
+    assert args.seeds == [0, 1, 2]
+    assert parser().parse_args(["students", "recipes/demo.yaml", "--run-dir", "runs/x"]).run_dir == "runs/x"
+    with pytest.raises(SystemExit):
+        parser().parse_args(["teacher", "recipes/demo.yaml", "--run-dir", "runs/x"])  # the teacher has no run dir
+
+
+def test_kdflow_compare_compares_reports(tmp_path):
+    import json
+
+    for name, acc in (("a", 0.5), ("b", 0.75)):
+        (tmp_path / name).mkdir()
+        report = {"run": name, "teacher": {"accuracy": 0.9, "params": 10}, "students": {"s": {"accuracy": acc, "params": 1}}}
+        (tmp_path / name / "report.json").write_text(json.dumps(report))
+    done = kdflow_command("compare", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert done.returncode == 0, done.stderr
+    assert "0.5" in done.stdout and "0.75" in done.stdout
