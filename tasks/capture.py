@@ -25,11 +25,13 @@ from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import (MANIFEST, CorruptShard, LogitCache, cache_meta, cache_row_id, capture_shards,
                                       merge_caches)
 from kdflow.store.model_folders import model_location
-from kdflow.store.outputs import OutputRef, building, existing_output, finish, hash_folder
-from kdflow.config.recipe import CaptureSource, LogitCacheSection
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from kdflow.store.outputs import OutputRef, hash_folder
+from kdflow.store.stage import Stage
+from kdflow.config.logit_cache import CaptureSource, LogitCacheSection
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "logit-cache", "1"
+CAPTURE = Stage("logit-cache", "1", lambda section, template, teacher, curated: {
+    "section": section, "template": template, "teacher": teacher, "curated": curated})
 
 
 def encoded_rows(kept: list[dict], template: str, tokenizer) -> list[capture.EncodedRow]:
@@ -88,16 +90,6 @@ def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection
                                        for i in idx], log)
 
 
-def capture_inputs(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef) -> dict:
-    """The stage's inputs by name, as ``capture_logits`` takes them: its cache key is made from these."""
-    return {"section": section, "template": template, "teacher": teacher, "curated": curated}
-
-
-def work_folder(run_dir: Path, key: str) -> Path:
-    """Where a capture in progress keeps its shards (per teacher; per worker part when sharded)."""
-    return Path(run_dir) / STAGE / f".work-{key[:16]}"
-
-
 def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef):
     """The teacher's tokenizer, the kept rows and their encodings, and each teacher's (model, cache meta, weight)."""
     from transformers import AutoTokenizer
@@ -154,16 +146,16 @@ def shard_logger():
     return log
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS, retries=1, retry_delay_seconds=10)
+@task(cache_policy=StageCache(CAPTURE), **STAGE_RESULTS, retries=1, retry_delay_seconds=10,
+      task_run_name="capture_logits[{section.source.value} top-{section.k}]")
 def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
                    curated: OutputRef) -> OutputRef:
     """A retry (or a rerun after a crash) keeps every shard already written."""
-    inputs = capture_inputs(section, template, teacher, curated)
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated)
+    if out.done:
+        return out.done
     tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
-    work, log = work_folder(run_dir, key), shard_logger()
+    work, log = out.work, shard_logger()
 
     start = time.perf_counter()
     parts = [work / f"teacher-{j}" for j in range(len(teachers))]
@@ -176,20 +168,20 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
     # Time and speed of a capture made here; a cache captured elsewhere (sharded over workers) has its
     # timings in that flow's artifact, and this task only checked it.
     seconds = time.perf_counter() - start if any(captured) else None
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         final = parts[-1]
         for file in sorted(final.iterdir()):
             # Linked, not moved: the work folder keeps every shard until the output is in place, so a failure
             # before the rename (a full disk at finish) retries from whole shards instead of capturing again.
             link_or_copy(file, tmp / file.name)
         manifest = LogitCache.open(tmp, expect_tokenizer=tokenizer).manifest
-        finish(tmp, STAGE, key, inputs=inputs, rows=manifest["rows"], positions=manifest["positions"],
+        out.finish(tmp, rows=manifest["rows"], positions=manifest["positions"],
                bytes=manifest["bytes"], bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
                k=section.k, source=section.source.value, cache_manifest=MANIFEST,
                seconds=None if seconds is None else round(seconds, 1),
                positions_per_second=None if seconds is None else round(manifest["positions"] / seconds, 1))
     shutil.rmtree(work, ignore_errors=True)  # only now that the output is in place
-    return existing_output(run_dir, STAGE, key)
+    return out.ref()
 
 
 def run_logger():

@@ -23,24 +23,26 @@ from kdflow.classic import hf as classifier_hf
 from kdflow.classic import digits as classifier_kd
 from kdflow.classic.digits import SPLITS, Split
 from kdflow.config.classic import MLP, ClassifierData, DataSection, DistillSection, Transformer
-from kdflow.store.outputs import OutputRef, building, existing_output, finish, write_atomic
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from kdflow.store.outputs import OutputRef, write_atomic
+from kdflow.store.stage import Stage
+from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.report import artifact_key
 
-DATA, TEACHER, STUDENT = "classifier-data", "classifier-teacher", "classifier-student"
-VERSION = "1"
+DATA = Stage("classifier-data", "1", lambda section: {"section": section})
+TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed})
+STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill, seed: {
+    "model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed})
 LOGITS = "logits.safetensors"
 
 
-@task(cache_policy=StageCache(DATA, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="classifier_data[{section.source.value}]")
 def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
     """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer
     and the generated rows as text (``rows.jsonl``)."""
-    inputs = {"section": section}
-    key = stage_key(DATA, VERSION, inputs)
-    if done := existing_output(run_dir, DATA, key):
-        return done
-    with building(run_dir, DATA, key) as tmp:
+    out = DATA.output(run_dir, section=section)
+    if out.done:
+        return out.done
+    with out.building() as tmp:
         if section.source is ClassifierData.digits:
             splits = classifier_kd.load_digits_splits(section.seed, section.test_fraction, section.val_fraction)
         else:
@@ -53,8 +55,8 @@ def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
         save_file({f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
                   tmp / "splits.safetensors")
         counts = {name: len(s) for name, s in splits.items()}
-        finish(tmp, DATA, key, inputs=inputs, rows=sum(counts.values()), splits=counts, source=section.source.value)
-    return existing_output(run_dir, DATA, key)
+        out.finish(tmp, rows=sum(counts.values()), splits=counts, source=section.source.value)
+    return out.ref()
 
 
 def read_splits(data: OutputRef) -> dict[str, Split]:
@@ -102,23 +104,31 @@ def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip.
-@task(cache_policy=StageCache(TEACHER, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(TEACHER), **STAGE_RESULTS,
+      task_run_name="train_classifier_teacher[{model.kind} seed {seed}]")
 def train_classifier_teacher(run_dir: Path, model: MLP | Transformer, data: OutputRef, seed: int) -> OutputRef:
     """One teacher (or one ensemble member: members differ by ``seed`` only), on hard labels."""
-    inputs = {"model": model, "data": data, "seed": seed}
-    key = stage_key(TEACHER, VERSION, inputs)
-    if done := existing_output(run_dir, TEACHER, key):
-        return done
-    with building(run_dir, TEACHER, key) as tmp:
+    out = TEACHER.output(run_dir, model=model, data=data, seed=seed)
+    if out.done:
+        return out.done
+    with out.building() as tmp:
         start = time.perf_counter()
         params = fit(model, data, seed, tmp)
         logits = load_file(tmp / LOGITS)
-        finish(tmp, TEACHER, key, inputs=inputs, rows=data.manifest()["splits"]["train"], params=params,
-               metrics=metrics_of(logits, data), seconds=round(time.perf_counter() - start, 1))
-    return existing_output(run_dir, TEACHER, key)
+        out.finish(tmp, rows=data.manifest()["splits"]["train"], params=params,
+                   metrics=metrics_of(logits, data), seconds=round(time.perf_counter() - start, 1))
+    return out.ref()
 
 
-@task(cache_policy=StageCache(STUDENT, VERSION), **STAGE_RESULTS)
+def _student_name(parameters: dict) -> str:
+    """``train_classifier_student[mlp seed 0 hard labels]`` or ``[... KD from 3 teachers, alpha 0.5, T 4.0]``."""
+    distill, teachers = parameters["distill"], parameters["teachers"]
+    how = "hard labels" if distill is None else (
+        f"KD from {len(teachers)} teacher{'s' * (len(teachers) > 1)}, alpha {distill.alpha}, T {distill.temperature}")
+    return f"train_classifier_student[{parameters['model'].kind} seed {parameters['seed']} {how}]"
+
+
+@task(cache_policy=StageCache(STUDENT), **STAGE_RESULTS, task_run_name=_student_name)
 def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: OutputRef, teachers: list[OutputRef],
                              distill: DistillSection | None, seed: int) -> OutputRef:
     """A student: hard labels only (``teachers=[]``, ``distill=None``: the baseline, keyed without any
@@ -126,20 +136,19 @@ def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: Outp
     ``teachers``' ensemble (one teacher is an ensemble of one)."""
     if (distill is None) != (not teachers):
         raise ValueError("a distilled student needs both teachers and a distill section; a baseline neither")
-    inputs = {"model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed}
-    key = stage_key(STUDENT, VERSION, inputs)
-    if done := existing_output(run_dir, STUDENT, key):
-        return done
-    with building(run_dir, STUDENT, key) as tmp:
+    out = STUDENT.output(run_dir, model=model, data=data, teachers=teachers, distill=distill, seed=seed)
+    if out.done:
+        return out.done
+    with out.building() as tmp:
         start = time.perf_counter()
         if distill is None:
             params = fit(model, data, seed, tmp)
         else:
             soft = classifier_kd.ensemble_logits([read_logits(t, "train") for t in teachers])
             params = fit(model, data, seed, tmp, soft, distill.alpha, distill.temperature)
-        finish(tmp, STUDENT, key, inputs=inputs, rows=data.manifest()["splits"]["train"], params=params,
-               metrics=metrics_of(load_file(tmp / LOGITS), data), seconds=round(time.perf_counter() - start, 1))
-    return existing_output(run_dir, STUDENT, key)
+        out.finish(tmp, rows=data.manifest()["splits"]["train"], params=params,
+                   metrics=metrics_of(load_file(tmp / LOGITS), data), seconds=round(time.perf_counter() - start, 1))
+    return out.ref()
 
 
 # Cheap (an average of saved logits), so not cached.

@@ -12,11 +12,17 @@ from prefect.artifacts import create_table_artifact
 from data import arithmetic, gsm8k
 from kdflow.curation import drop_report
 from kdflow.curation.pipeline import curate, reason_counts
-from kdflow.store.outputs import OutputRef, building, existing_output, finish
-from kdflow.config.recipe import DataSource, FiltersSection
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from kdflow.store.outputs import OutputRef
+from kdflow.store.stage import Stage
+from kdflow.config.data import DataSource
+from kdflow.config.filters import FiltersSection
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "curate", "2"
+# The judge filter's template is read from its file here, so that Prefect's key (computed from the task's
+# arguments) sees an edit of the prompt too, not only the body.
+CURATE = Stage("curate", "2", lambda section, source, answers, teacher=None: {
+    "section": section, "source": source.value, "answers": answers, "teacher": teacher,
+    "judge_template": section.judge.template_text() if section.judge else None})
 
 
 def answer_checker(source: DataSource):
@@ -57,16 +63,14 @@ def save_rows(rows: list[dict], columns: list[str], path: Path) -> None:
     pd.DataFrame(rows, columns=list(dict.fromkeys(columns + extra))).to_parquet(path, index=False)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(CURATE), **STAGE_RESULTS, task_run_name="filter_answers[{source.value}]")
 def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef,
                    teacher: OutputRef | None = None) -> OutputRef:
     """``teacher`` is needed only by the LLM-judge filter (it answers the judge template)."""
-    judge_template = section.judge.template_text() if section.judge else None
-    inputs = {"section": section, "source": source.value, "answers": answers, "teacher": teacher,
-              "judge_template": judge_template}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = CURATE.output(run_dir, section=section, source=source, answers=answers, teacher=teacher)
+    if out.done:
+        return out.done
+    judge_template = out.inputs["judge_template"]
     rows = pd.read_parquet(Path(answers.path) / "answers.parquet").to_dict("records")
     complete = None
     if section.judge is not None:
@@ -80,19 +84,18 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
     failures_file = Path(answers.path) / "failures.parquet"
     failed = len(pd.read_parquet(failures_file)) if failures_file.is_file() else 0
     columns = list(rows[0]) if rows else ["id", "question", "answer", "text", "finish_reason"]
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         save_rows(kept, columns, tmp / "kept.parquet")
         save_rows(dropped, [*columns, "reasons", "detail"], tmp / "dropped.parquet")
         report = drop_report.write(tmp, kept, dropped)
-        finish(tmp, STAGE, key, inputs=inputs, rows=len(kept), input_rows=len(rows), kept=len(kept),
-               dropped=len(dropped), drop_reasons=counts, teacher_failures=failed,
-               length_histogram=report["length_histogram"])
+        out.finish(tmp, rows=len(kept), input_rows=len(rows), kept=len(kept), dropped=len(dropped),
+                   drop_reasons=counts, teacher_failures=failed, length_histogram=report["length_histogram"])
     create_table_artifact(
         key="curate-drops",
         table=[*report["reasons"], {"reason": "(kept)", "rows": len(kept), "only": None,
                                     "% of input": round(100 * len(kept) / max(len(rows), 1), 2)}],
         description=f"Teacher answers kept and dropped by reason, out of {len(rows)} "
                     f"({failed} teacher requests failed for good: see the generate stage's failures.parquet); "
-                    f"every drop is in {Path(existing_output(run_dir, STAGE, key).path) / 'dropped.parquet'}",
+                    f"every drop is in {Path(out.ref().path) / 'dropped.parquet'}",
     )
-    return existing_output(run_dir, STAGE, key)
+    return out.ref()

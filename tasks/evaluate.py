@@ -26,16 +26,22 @@ from kdflow.evaluation.quality import (accuracy, judge_pairs, judge_prompts, jud
 from kdflow.teacher.hf_generate import generate, load
 from kdflow.store.model_folders import model_location
 from kdflow.teacher.api_client import Accounting, Sampling, TeacherRequest, run_all
-from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
+from kdflow.store.outputs import OutputRef, content_key
+from kdflow.store.stage import Stage
 from kdflow.store.run_folder import read_split
 from kdflow.config.templates import render
-from kdflow.config.recipe import Backend, DataSource, EvaluationSection, redact_url
+from kdflow.config.data import DataSource
+from kdflow.config.evaluation import EvaluationSection
+from kdflow.config.fields import redact_url
+from kdflow.config.generation import Backend
 from kdflow.training.tiny_models import count_params
 from kdflow.teacher.vllm_server import vllm_server
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.curate import answer_checker
 
-STAGE, VERSION = "evaluate", "2"
+EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data: {
+    "section": section, "template": template, "source": source.value, "model": model, "teacher": teacher,
+    "data": data})
 
 
 def reference_metrics(net, tokenizer, teacher: OutputRef, model: OutputRef, rows: list[dict], template: str,
@@ -51,15 +57,15 @@ def reference_metrics(net, tokenizer, teacher: OutputRef, model: OutputRef, rows
     return score_reference(net, tokenizer, sequences, batch_size, teacher=t_net)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS)
+# Its task run name is given by the flow (``.with_options``): only the flow knows which model this is.
+@task(cache_policy=StageCache(EVALUATE), **STAGE_RESULTS)
 def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
                    model: OutputRef, teacher: OutputRef, data: OutputRef) -> OutputRef:
     """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher)."""
-    inputs = {"section": section, "template": template, "source": source.value, "model": model, "teacher": teacher,
-              "data": data}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = EVALUATE.output(run_dir, section=section, template=template, source=source, model=model, teacher=teacher,
+                          data=data)
+    if out.done:
+        return out.done
     rows = read_split(data, section.split)
     net, tokenizer = load(model_location(model))
     check = answer_checker(source)[0]
@@ -74,14 +80,15 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
         predictions = [{**p, "correct_samples": c} for p, c in zip(predictions, correct)]
     metrics |= reference_metrics(net, tokenizer, teacher, model, rows, template, section.batch_size)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         pd.DataFrame(predictions).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        finish(tmp, STAGE, key, inputs=inputs, rows=len(rows), metrics=metrics)
-    return existing_output(run_dir, STAGE, key)
+        out.finish(tmp, rows=len(rows), metrics=metrics)
+    return out.ref()
 
 
-DEPLOY_STAGE, DEPLOY_VERSION = "deployment", "1"
+DEPLOYMENT = Stage("deployment", "1", lambda models, settings, template, data, split: {
+    "models": models, "settings": settings, "template": template, "data": data, "split": split})
 
 
 def flops(config, context: float) -> dict:
@@ -92,16 +99,16 @@ def flops(config, context: float) -> dict:
         return {"flops_per_token": None, "flops_skipped": str(e)}
 
 
-@task(cache_policy=StageCache(DEPLOY_STAGE, DEPLOY_VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(DEPLOYMENT), **STAGE_RESULTS,
+      task_run_name=lambda parameters: f"measure_deployment[{', '.join(parameters['models'])}]")
 def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.Deployment,
                        template: str, data: OutputRef, split: str) -> OutputRef:
     """Parameters, FLOPs/token, size on disk, peak memory, latency and throughput of every model, measured
     back to back here (never one model per run: timings of different runs or machines do not compare).
     Prompts: the first questions of ``split``."""
-    inputs = {"models": models, "settings": settings, "template": template, "data": data, "split": split}
-    key = stage_key(DEPLOY_STAGE, DEPLOY_VERSION, inputs)
-    if done := existing_output(run_dir, DEPLOY_STAGE, key):
-        return done
+    out = DEPLOYMENT.output(run_dir, models=models, settings=settings, template=template, data=data, split=split)
+    if out.done:
+        return out.done
     rows = read_split(data, split)
     prompts = [render(template, question=r["question"]) for r in rows[: settings.throughput_batch]]
     prompts += prompts[-1:] * (settings.throughput_batch - len(prompts))  # a split smaller than the batch
@@ -112,14 +119,16 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     figures = {name: {"params": count_params(net), **flops(net.config, measured[name]["context"]),
                       "size_bytes": deployment.size_on_disk(model_location(models[name])), **measured[name]}
                for name, (net, _) in loaded.items()}
-    with building(run_dir, DEPLOY_STAGE, key) as tmp:
+    with out.building() as tmp:
         (tmp / "deployment.json").write_text(json.dumps(figures, indent=2))
-        finish(tmp, DEPLOY_STAGE, key, inputs=inputs, rows=len(figures), figures=figures, machine=deployment.machine(),
-               settings=settings.model_dump(), flops_formula=deployment.FLOPS_FORMULA)
-    return existing_output(run_dir, DEPLOY_STAGE, key)
+        out.finish(tmp, rows=len(figures), figures=figures, machine=deployment.machine(),
+                   settings=settings.model_dump(), flops_formula=deployment.FLOPS_FORMULA)
+    return out.ref()
 
 
-JUDGE_STAGE, JUDGE_VERSION = "judge", "1"
+# The judge's template text is in the section (a computed field), hence in the key: editing the prompt re-judges.
+JUDGE = Stage("judge", "1", lambda section, students, teacher, data, split: {
+    "section": section, "students": students, "teacher": teacher, "data": data, "split": split})
 
 
 class TooManyJudgeFailures(RuntimeError):
@@ -132,8 +141,8 @@ def reply_folder(run_dir: Path, section: EvaluationSection.Judge) -> Path:
     Kept after the stage (hidden, so no stage output): judge calls cost money."""
     judge = {k: getattr(section, k) for k in ("backend", "model", "max_new_tokens")} | {
         "base_url": redact_url(section.base_url)}  # a password in the URL is no part of what was judged
-    who = content_key("judge-replies", JUDGE_VERSION, {**judge, "vllm_args": section.vllm.extra_args})
-    return Path(run_dir) / JUDGE_STAGE / f".replies-{who[:16]}"
+    who = content_key("judge-replies", JUDGE.version, {**judge, "vllm_args": section.vllm.extra_args})
+    return Path(run_dir) / JUDGE.name / f".replies-{who[:16]}"
 
 
 def prompt_id(prompt: str) -> str:
@@ -200,7 +209,8 @@ def predictions(evaluation: OutputRef) -> list[dict]:
     return pd.read_parquet(Path(evaluation.path) / "predictions.parquet").to_dict("records")
 
 
-@task(cache_policy=StageCache(JUDGE_STAGE, JUDGE_VERSION), **STAGE_RESULTS)
+@task(cache_policy=StageCache(JUDGE), **STAGE_RESULTS,
+      task_run_name="judge_students[{section.backend.value} {section.model}]")
 def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: dict[str, OutputRef],
                    teacher: OutputRef, data: OutputRef, split: str) -> OutputRef:
     """Each student's win rate against the teacher, by an LLM judge, on the first questions of ``split``.
@@ -210,10 +220,9 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
     students (a local judge is started once); replies are kept by prompt (``reply_folder``), so a new student
     costs only its own judgements. Output: ``judgements.parquet`` (every judgement with the judge's raw reply,
     its verdict, the student's outcome, or the reason it has none) and ``win_rates.json`` per student."""
-    inputs = {"section": section, "students": students, "teacher": teacher, "data": data, "split": split}
-    key = stage_key(JUDGE_STAGE, JUDGE_VERSION, inputs)
-    if done := existing_output(run_dir, JUDGE_STAGE, key):
-        return done
+    out = JUDGE.output(run_dir, section=section, students=students, teacher=teacher, data=data, split=split)
+    if out.done:
+        return out.done
     questions, reference = read_split(data, split), predictions(teacher)
     items = {name: judge_prompts(section.template_text,
                                  judge_pairs(questions, predictions(ref), reference, section.max_questions))
@@ -224,18 +233,20 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
                   for name, its in items.items() for i in its]
     check_judge_failures(judgements, section, folder)
     results = {name: win_rate([j for j in judgements if j["student"] == name]) for name in students}
-    with building(run_dir, JUDGE_STAGE, key) as tmp:
+    with out.building() as tmp:
         pd.DataFrame(judgements).to_parquet(tmp / "judgements.parquet", index=False)
         (tmp / "win_rates.json").write_text(json.dumps(results, indent=2))
-        finish(tmp, JUDGE_STAGE, key, inputs=inputs, rows=len(judgements), win_rates=results, split=split,
+        out.finish(tmp, rows=len(judgements), win_rates=results, split=split,
                questions=len(next(iter(items.values()), [])) // 2,
                judge={"backend": section.backend.value, "model": section.model,
                       "base_url": redact_url(section.base_url), "template": section.template},
                accounting=acct.as_dict())
-    return existing_output(run_dir, JUDGE_STAGE, key)
+    return out.ref()
 
 
-LM_EVAL_STAGE, LM_EVAL_VERSION = "lm-eval", "1"
+# The harness's version is content: a new release may score differently.
+LM_EVAL = Stage("lm-eval", "1", lambda models, settings: {
+    "models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")})
 
 
 def lm_eval_unavailable() -> str | None:
@@ -249,7 +260,7 @@ def lm_eval_unavailable() -> str | None:
 
 # Not Prefect-cached: a skip must be re-decided every run (the package or a GPU may be there next time); a run
 # that happened finds its own finished output by key.
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name=lambda parameters: f"run_lm_eval[{', '.join(parameters['models'])}]")
 def run_lm_eval(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.LmEval) -> dict:
     """``{"status": "off" | "skipped" | "done", "reason"?, "results"?: {model: {task: {metric: value}}}}``."""
     if not settings.enabled:
@@ -259,9 +270,8 @@ def run_lm_eval(run_dir: Path, models: dict[str, OutputRef], settings: Evaluatio
         return {"status": "skipped", "reason": why}
     import lm_eval
 
-    inputs = {"models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")}
-    key = stage_key(LM_EVAL_STAGE, LM_EVAL_VERSION, inputs)
-    if not (done := existing_output(run_dir, LM_EVAL_STAGE, key)):
+    out = LM_EVAL.output(run_dir, models=models, settings=settings)
+    if not (done := out.done):
         results = {}
         for name, ref in models.items():
             out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_location(ref), "dtype": "auto"},
@@ -269,9 +279,9 @@ def run_lm_eval(run_dir: Path, models: dict[str, OutputRef], settings: Evaluatio
                                           batch_size="auto", device="cuda")
             results[name] = {t: {m: v for m, v in r.items() if isinstance(v, (int, float)) and "stderr" not in m}
                              for t, r in out["results"].items()}
-        with building(run_dir, LM_EVAL_STAGE, key) as tmp:
+        with out.building() as tmp:
             (tmp / "results.json").write_text(json.dumps(results, indent=2))
-            finish(tmp, LM_EVAL_STAGE, key, inputs=inputs, rows=len(results))
-        done = existing_output(run_dir, LM_EVAL_STAGE, key)
+            out.finish(tmp, rows=len(results))
+        done = out.ref()
     return {"status": "done", "results": json.loads((Path(done.path) / "results.json").read_text()),
             "tasks": settings.tasks, "limit": settings.limit}

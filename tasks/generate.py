@@ -25,14 +25,18 @@ from tqdm import tqdm
 from kdflow.teacher.answer_shards import ShardWriter, read_shards
 from kdflow.store.model_folders import model_location
 from kdflow.teacher.api_client import Accounting, FatalApiError, Sampling, run_all
-from kdflow.store.outputs import OutputRef, building, existing_output, finish, output_dir
+from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.store.run_folder import read_split
-from kdflow.config.recipe import Backend, GenerationSection
+from kdflow.config.generation import Backend, GenerationSection
 from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 from kdflow.teacher.vllm_server import vllm_server
-from tasks.caching import STAGE_RESULTS, StageCache, stage_key
+from kdflow.store.stage import Stage
+from tasks.caching import STAGE_RESULTS, StageCache
 
-STAGE, VERSION = "generate", "2"
+# Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
+# prompt inside the section (its template_text fields are computed, hence in its dump).
+GENERATE = Stage("generate", "2", lambda section, template, teacher, data: {
+    "section": section, "template": template, "teacher": teacher, "data": data})
 PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to watch, rare enough to cost nothing
 ROW_FIELDS = ("id", "split", "question", "answer")
 
@@ -43,7 +47,7 @@ class TooManyFailures(RuntimeError):
 
 def shard_folder(run_dir: Path, key: str) -> Path:
     """Where answers are persisted while the stage runs (kept across crashes; removed once the output is done)."""
-    return output_dir(run_dir, STAGE, key).with_name(f".shards-{key[:16]}")
+    return output_dir(run_dir, GENERATE.name, key).with_name(f".shards-{key[:16]}")
 
 
 def api_key(section: GenerationSection) -> str | None:
@@ -197,17 +201,23 @@ def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out, columns=columns if not out else None)
 
 
-@task(cache_policy=StageCache(STAGE, VERSION), **STAGE_RESULTS, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=_no_retry_on_verdicts)
+def run_name(parameters: dict) -> str:
+    """``generate_answers[openai gpt-4o-mini]``, ``[vllm]``, ``[hf]``: the backend, and the model an API names."""
+    section = parameters["section"]
+    model = section.api.model if section.backend is Backend.openai else None
+    return f"generate_answers[{section.backend.value}{' ' + model if model else ''}]"
+
+
+@task(cache_policy=StageCache(GENERATE), **STAGE_RESULTS, retries=2, retry_delay_seconds=10,
+      retry_condition_fn=_no_retry_on_verdicts, task_run_name=run_name)
 def generate_answers(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef,
                      data: OutputRef) -> OutputRef:
     """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one."""
-    inputs = {"section": section, "template": template, "teacher": teacher, "data": data}
-    key = stage_key(STAGE, VERSION, inputs)
-    if done := existing_output(run_dir, STAGE, key):
-        return done
+    out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
+    if out.done:
+        return out.done
     rows = prompted_rows(section, section.template_text or template, data)
-    folder = shard_folder(run_dir, key)
+    folder = shard_folder(run_dir, out.key)
     if section.backend is Backend.hf:
         (answered, acct), failed = hf_answers(section, teacher, rows), []
     else:
@@ -223,13 +233,13 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
     check_failures(failed, len(rows), section, folder)
     answers = answer_table(rows, answered)
     failures = failure_table(rows, failed)
-    with building(run_dir, STAGE, key) as tmp:
+    with out.building() as tmp:
         answers.to_parquet(tmp / "answers.parquet", index=False)
         failures.to_parquet(tmp / "failures.parquet", index=False)
         tokens = int(answers["completion_tokens"].fillna(0).sum()) if len(answers) else 0
-        finish(tmp, STAGE, key, inputs=inputs, rows=len(answers), failed=len(failures), backend=section.backend.value,
-               accounting=acct.as_dict(), completion_tokens=tokens)
+        out.finish(tmp, rows=len(answers), failed=len(failures), backend=section.backend.value,
+                   accounting=acct.as_dict(), completion_tokens=tokens)
     shutil.rmtree(folder, ignore_errors=True)  # everything it held is in the output now
     create_table_artifact(key="teacher-accounting", table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
                           description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time")
-    return existing_output(run_dir, STAGE, key)
+    return out.ref()

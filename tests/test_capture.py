@@ -14,7 +14,7 @@ from kdflow.logit_cache.format import LogitCache, kl_full_vs_cache, rebuild_logp
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import building, existing_output, finish
 from kdflow.config.templates import chat
-from kdflow.config.recipe import LogitCacheSection
+from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
@@ -240,7 +240,8 @@ def existing_output_of(folder):
 def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
     from pathlib import Path
 
-    from kdflow.config.recipe import RecipeError, parse_recipe
+    from kdflow.config.loading import RecipeError
+    from kdflow.config.recipe import parse_recipe
 
     text = (Path(__file__).parent / "mini.yaml").read_text() + f"\nlogit_cache: {section}\n"
     with pytest.raises(RecipeError) as e:
@@ -254,28 +255,28 @@ def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_
     import errno
 
     import kdflow.logit_cache.topk
-    import tasks.capture
-    from tasks.capture import capture_logits, work_folder
+    import kdflow.store.stage
+    from tasks.capture import capture_logits
 
     run_dir = tmp_path / "run"
     tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
     section = LogitCacheSection(k=5, shard_rows=6, value_encoding="fp16")
-    captured, real_topk, real_finish = [], kdflow.logit_cache.topk.hf_topk, tasks.capture.finish
+    captured, real_topk, real_finish = [], kdflow.logit_cache.topk.hf_topk, kdflow.store.stage.finish
     monkeypatch.setattr(kdflow.logit_cache.topk, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tasks.capture, "finish", disk_full)
+    monkeypatch.setattr(kdflow.store.stage, "finish", disk_full)
     with pytest.raises(OSError, match="No space left"):
         capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
     assert len(captured) == 23
     work = list((run_dir / "logit-cache").glob(".work-*"))
     assert len(work) == 1 and len(list(work[0].rglob("shard-*.parquet"))) == 4  # all 4 shards kept
 
-    monkeypatch.setattr(tasks.capture, "finish", real_finish)
+    monkeypatch.setattr(kdflow.store.stage, "finish", real_finish)
     ref = capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
     assert len(captured) == 23, "the retry captured rows again"
     assert ref.rows == 23 and ref.is_complete() and not work[0].exists()

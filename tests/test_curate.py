@@ -11,7 +11,7 @@ from data.gsm8k import final_answer as math_extract
 from kdflow.curation import drop_report
 from kdflow.curation.pipeline import curate, filter_by_correctness, reason_counts
 from kdflow.curation.filters import Reason, parse_score
-from kdflow.config.recipe import FiltersSection
+from kdflow.config.filters import FiltersSection
 
 
 def answer(i, text, finish="stop", gold="15", question="12+3", sample=None, tokens=None):
@@ -161,7 +161,7 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
 
     from kdflow.store.model_folders import write_location
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.recipe import DataSource
+    from kdflow.config.data import DataSource
     from kdflow.training.tiny_models import llama_model, train_tokenizer
     from tasks.curate import filter_answers
 
@@ -245,7 +245,7 @@ def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server
     import pandas as pd
 
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.recipe import DataSource
+    from kdflow.config.data import DataSource
     from tasks.curate import filter_answers
 
     rows = [{"id": f"q{i}", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0, "text": t,
@@ -258,3 +258,54 @@ def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server
     assert dropped["id"].tolist() == ["q1"] and list(dropped["reasons"].item()) == ["verify_timeout"]
     assert dropped["text"].item() == RUNAWAY and "9^9^9^9" in dropped["detail"].item()
     assert ref.manifest()["drop_reasons"] == {"verify_timeout": 1} and ref.manifest()["kept"] == 1
+
+
+@pytest.mark.slow
+def test_editing_the_judge_filter_template_reruns_the_curate_stage(prefect_server, tmp_path):
+    """The judge filter's prompt is content of the curate stage for Prefect's key too, not only for the body's:
+    an edit of the template file (the recipe names a path, not the text) must rerun the stage, not return the
+    output judged with the old prompt from Prefect's cache."""
+    import pandas as pd
+    from prefect import flow
+
+    from kdflow.config.data import DataSource
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
+    from tasks.curate import filter_answers
+
+    rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0,
+             "text": "#### 10", "finish_reason": "stop", "completion_tokens": 3}]
+    tok = train_tokenizer(["#### 10", "Score: 7", "What is 5+5?"], vocab_size=60)
+
+    def stage(name, build):
+        with building(tmp_path, name, name.ljust(64, "0")) as tmp:
+            build(tmp)
+            finish(tmp, name, name.ljust(64, "0"), inputs={})
+        return existing_output(tmp_path, name, name.ljust(64, "0"))
+
+    def teacher_folder(tmp):
+        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0, max_positions=256).save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        write_location(tmp, "model")
+
+    answers = stage("generate", lambda tmp: pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False))
+    teacher = stage("teacher", teacher_folder)
+    template = tmp_path / "prompts" / "my_judge.jinja"
+    template.parent.mkdir()
+    template.write_text("Rate this answer: {{ answer }}")
+    section = FiltersSection.model_validate({"judge": {"template": str(template), "max_new_tokens": 2}},
+                                            context={"recipe_dir": str(tmp_path)})
+
+    @flow
+    def curate_flow():
+        return filter_answers(tmp_path, section, DataSource.gsm8k, answers, teacher, return_state=True)
+
+    first = curate_flow()
+    assert first.name == "Completed"
+    assert curate_flow().name == "Cached"  # the same prompt: Prefect's cache answers
+    template.write_text("Score this answer from 1 to 10: {{ answer }}")
+    edited = curate_flow()
+    assert edited.name != "Cached", "the edited judge prompt came back from Prefect's cache with the old output"
+    assert edited.result().key != first.result().key
+    assert edited.result().manifest()["inputs"]["judge_template"].startswith("Score this answer")

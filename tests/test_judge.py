@@ -15,7 +15,9 @@ import yaml
 from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FakeTeacher, FaultProxy
 from kdflow.store.outputs import building, existing_output, finish
-from kdflow.config.recipe import EvaluationSection, RecipeError, parse_recipe
+from kdflow.config.evaluation import EvaluationSection
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import parse_recipe
 from tasks.evaluate import TooManyJudgeFailures, judge_students, reply_folder
 
 QUESTIONS = [{"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)]
@@ -138,8 +140,7 @@ def test_failed_requests_within_the_allowance_are_counted_apart(run, monkeypatch
 
 
 def test_the_stage_is_cached_by_content(run):
-    from tasks.caching import stage_key
-    from tasks.evaluate import JUDGE_STAGE, JUDGE_VERSION
+    from tasks.evaluate import JUDGE
 
     run_dir, data, students, teacher = run
     with FakeTeacher(reply=by_content) as fake:
@@ -147,8 +148,8 @@ def test_the_stage_is_cached_by_content(run):
         assert judged(run, fake.url, concurrency=3, timeout_s=9, max_retries=1)[0] == first  # throughput knobs
 
     def key(section, **inputs):
-        return stage_key(JUDGE_STAGE, JUDGE_VERSION, {"section": section, "students": students, "teacher": teacher,
-                                                      "data": data, "split": "test", **inputs})
+        return JUDGE.key(**{"section": section, "students": students, "teacher": teacher, "data": data,
+                            "split": "test", **inputs})
 
     changed = [judge(fake.url, max_questions=3), judge(fake.url, max_new_tokens=9), judge(fake.url + "/other")]
     assert len({key(judge(fake.url)), *map(key, changed), key(judge(fake.url), students={"good": students["good"]})}) == 5
@@ -239,7 +240,7 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     report.md / report.json / the table artifact carry its column; without a judge, the report says so."""
     from flows.evaluate import evaluate
     from kdflow.store.model_folders import write_location
-    from kdflow.config.recipe import DataSection
+    from kdflow.config.data import DataSection
     from kdflow.training.tiny_models import llama_model, train_tokenizer
     from tasks.data import make_data
 
@@ -314,8 +315,7 @@ def test_a_tiny_model_judge_on_the_real_vllm_server(vllm_server_url, vllm_model_
 
 
 def test_a_password_in_the_judge_url_and_its_key_stay_out_of_the_run_folder(run, monkeypatch):
-    from tasks.caching import stage_key
-    from tasks.evaluate import JUDGE_STAGE, JUDGE_VERSION
+    from tasks.evaluate import JUDGE
 
     password = "pw-judge-SENTINEL-0c41"
     monkeypatch.setenv("KDFLOW_TEST_JUDGE_KEY", VLLM_TEST_API_KEY)
@@ -329,7 +329,6 @@ def test_a_password_in_the_judge_url_and_its_key_stay_out_of_the_run_folder(run,
     leaks = [p for p in Path(run_dir).rglob("*") if p.is_file()
              and (password.encode() in p.read_bytes() or VLLM_TEST_API_KEY.encode() in p.read_bytes())]
     assert leaks == []  # manifests, judgements, and the hidden reply shards alike
-    key = lambda u: stage_key(JUDGE_STAGE, JUDGE_VERSION, {"section": judge(u), "students": students,
-                                                           "teacher": teacher, "data": data, "split": "test"})
+    key = lambda u: JUDGE.key(section=judge(u), students=students, teacher=teacher, data=data, split="test")
     assert key(url) == key(url.replace(password, "another"))  # a new password is not a new judge
     assert reply_folder(run_dir, judge(url)) == reply_folder(run_dir, judge(url.replace(password, "another")))

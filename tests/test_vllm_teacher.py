@@ -19,11 +19,11 @@ from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FaultProxy
 from kdflow.teacher.answer_shards import read_shards
 from kdflow.teacher.api_client import FatalApiError
-from kdflow.store.outputs import OutputRef, building, existing_output, finish
+from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
 from kdflow.config.templates import render
-from kdflow.config.recipe import GenerationSection, TeacherSection
-from tasks.caching import stage_key
-from tasks.generate import STAGE, VERSION, generate_answers, shard_folder
+from kdflow.config.generation import GenerationSection
+from kdflow.config.teacher import TeacherSection
+from tasks.generate import GENERATE, generate_answers, shard_folder
 from tasks.teacher import use_existing_teacher
 
 pytestmark = pytest.mark.slow
@@ -43,7 +43,7 @@ def data_ref(run_dir: Path, splits: dict[str, int], literal: bool = False) -> Ou
         if literal and split != "train":
             rows[0]["question"] = LITERAL
         tables[split] = rows
-    key = stage_key("data", "test", {"splits": tables})
+    key = content_key("data", "test", {"splits": tables})
     with building(run_dir, "data", key) as tmp:
         for split, rows in tables.items():
             pd.DataFrame(rows).to_parquet(tmp / f"{split}.parquet", index=False)
@@ -211,7 +211,7 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from kdflow.store.outputs import OutputRef
-from kdflow.config.recipe import GenerationSection
+from kdflow.config.generation import GenerationSection
 from tasks.generate import api_answers, prompted_rows
 spec = json.loads(Path(sys.argv[1]).read_text())
 section = GenerationSection(**spec["section"])
@@ -245,7 +245,7 @@ def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(pre
     with FaultProxy(vllm_server_url.removesuffix("/v1")) as proxy:
         kw = {"api": {"concurrency": concurrency}, "max_new_tokens": 32}
         s = section(proxy.url + "/v1", vllm_model_dir, **kw)
-        key = stage_key(STAGE, VERSION, {"section": s, "template": COT, "teacher": teacher_ref, "data": data})
+        key = GENERATE.key(section=s, template=COT, teacher=teacher_ref, data=data)
         folder = shard_folder(run_dir, key)
         spec = tmp_path / "spec.json"
         spec.write_text(json.dumps({"section": {"backend": "openai", "splits": ["prompts"], "max_new_tokens": 32,
