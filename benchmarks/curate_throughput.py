@@ -29,7 +29,7 @@ from data import arithmetic  # noqa: E402
 from data import gsm8k  # noqa: E402
 from kdflow.curation import drop_report  # noqa: E402
 from kdflow.curation.pipeline import curate  # noqa: E402
-from kdflow.config.recipe import FiltersSection  # noqa: E402
+from kdflow.config.filters import FiltersSection  # noqa: E402
 
 ROWS, VERIFY_ROWS, DEMO_ROWS, REPEATS = 100_000, 5_000, 9_000, 3
 WORDS = [f"w{i}" for i in range(2_000)] + ["add", "then", "so", "total", "each", "per", "and"]

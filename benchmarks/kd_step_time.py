@@ -51,7 +51,7 @@ CONFIGS = ("sft", "offline", "online", "feature")
 def rows(n: int) -> list[dict]:
     from data.arithmetic import make_problem
     from kdflow.config.templates import chat, render
-    from kdflow.config.recipe import Difficulty
+    from kdflow.config.data import Difficulty
 
     rng, template = random.Random(0), (ROOT / "prompts" / "cot.jinja").read_text()
     problems = [make_problem(rng, Difficulty(min_steps=2, max_steps=5, max_operand=9)) for _ in range(n)]
@@ -65,7 +65,8 @@ def prepare(folder: Path, n: int) -> None:
     import torch
 
     from kdflow.logit_cache.topk import encode_row, hf_topk
-    from kdflow.logit_cache.format import ValueEncoding, cache_meta, capture_shards
+    from kdflow.config.logit_cache import ValueEncoding
+    from kdflow.logit_cache.format import cache_meta, capture_shards
     from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     data = rows(n)

@@ -32,7 +32,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk  # noqa: E402
-from kdflow.logit_cache.format import (LogitCache, TopK, ValueEncoding, cache_meta, capture_shards,  # noqa: E402
+from kdflow.config.logit_cache import ValueEncoding  # noqa: E402
+from kdflow.logit_cache.format import (LogitCache, TopK, cache_meta, capture_shards,  # noqa: E402
                                 kl_full_vs_cache, rebuild_logprobs)
 from kdflow.config.templates import chat  # noqa: E402
 

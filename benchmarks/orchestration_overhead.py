@@ -37,7 +37,8 @@ def recipe_in(root: Path) -> str:
 
 def direct(recipe_path: str) -> dict:
     """The distill flow's body with every task's plain function: no Prefect in the loop."""
-    from kdflow.config.recipe import StudentData, load_recipe
+    from kdflow.config.recipe import load_recipe
+    from kdflow.config.student import StudentData
     from tasks.curate import filter_answers
     from tasks.data import make_data
     from tasks.evaluate import evaluate_model, measure_deployment, run_lm_eval

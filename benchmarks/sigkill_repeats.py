@@ -32,7 +32,7 @@ from fault_proxy import FaultProxy  # noqa: E402
 CHILD = """
 import json, sys
 from pathlib import Path
-from kdflow.config.recipe import GenerationSection
+from kdflow.config.generation import GenerationSection
 from tasks.generate import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from kdflow.teacher.answer_shards import read_shards
-    from kdflow.config.recipe import GenerationSection
+    from kdflow.config.generation import GenerationSection
     from kdflow.teacher.vllm_server import vllm_server
     from tasks.generate import api_answers
 

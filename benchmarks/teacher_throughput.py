@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from kdflow.config.templates import render
-    from kdflow.config.recipe import GenerationSection
+    from kdflow.config.generation import GenerationSection
     from kdflow.teacher.vllm_server import vllm_server
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-teacher-"))

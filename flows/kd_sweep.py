@@ -16,6 +16,7 @@ from flows.chain import evaluate_models, upstream
 from kdflow.reporting import sweep as sw
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import load_recipe
+from kdflow.config.sweep import load_sweep
 from tasks.report import artifact_key, write_atomic
 from kdflow.training.student import student_inputs, student_rows
 from tasks.students import train_student
@@ -26,7 +27,7 @@ SEQ_KD = "seq-kd"
 # No log_prints (see flows/distill.py).
 @flow(name="kd-sweep")
 def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
-    s = sw.load_sweep(sweep)  # a bad sweep or recipe fails here, before any work
+    s = load_sweep(sweep)  # a bad sweep or recipe fails here, before any work
     r = load_recipe(s.recipe_path())
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     students = s.students()

@@ -11,7 +11,8 @@ from data import arithmetic, gsm8k
 from kdflow.store.data_files import check_utf8
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
-from kdflow.config.recipe import ROOT, DataSection, DataSource
+from kdflow.config.data import DataSection, DataSource
+from kdflow.config.fields import ROOT
 from tasks.caching import STAGE_RESULTS, StageCache
 
 DATA = Stage("data", "1", lambda section: {"section": section})

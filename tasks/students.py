@@ -15,7 +15,8 @@ from pathlib import Path
 
 from prefect import task
 
-from kdflow.config.recipe import KDMethod, StudentSection
+from kdflow.config.kd import KDMethod
+from kdflow.config.student import StudentSection
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage

@@ -15,7 +15,7 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.outputs import OutputRef, hash_folder
 from kdflow.store.stage import Stage
 from kdflow.config.templates import render, sft_rows
-from kdflow.config.recipe import TeacherSection
+from kdflow.config.teacher import TeacherSection
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
 from tasks.caching import STAGE_RESULTS, StageCache

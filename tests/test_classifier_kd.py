@@ -13,7 +13,7 @@ from kdflow.classic import hf as classifier_hf
 from kdflow.classic import digits as classifier_kd
 from kdflow.config.classic import load_classifier_recipe, parse_classifier_recipe
 from kdflow.training.losses import hinton_loss
-from kdflow.config.recipe import RecipeError
+from kdflow.config.loading import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "tests" / "classifier_mini.yaml"

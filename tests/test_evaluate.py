@@ -316,7 +316,7 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 
     from kdflow.store.model_folders import write_location
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.recipe import EvaluationSection
+    from kdflow.config.evaluation import EvaluationSection
     from tasks.evaluate import measure_deployment
 
     def stage(name, key, build):
@@ -357,7 +357,8 @@ def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
 
     from kdflow.store.model_folders import write_location
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.recipe import DataSource, EvaluationSection
+    from kdflow.config.data import DataSource
+    from kdflow.config.evaluation import EvaluationSection
     from tasks.evaluate import evaluate_model
 
     def stage(name, key, build):

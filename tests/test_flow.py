@@ -151,7 +151,7 @@ def test_report_artifact_is_published(prefect_server, mini_recipe):
 
 def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):
     from flows.distill import distill
-    from kdflow.config.recipe import RecipeError
+    from kdflow.config.loading import RecipeError
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(Path(__file__).with_name("mini.yaml").read_text().replace("root: runs", f"root: {tmp_path}/runs")

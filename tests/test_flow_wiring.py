@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kdflow.config.kd import OfflineKD
 from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
 
@@ -41,8 +42,8 @@ def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
     data, teacher, curated, logits = inputs_from_run(r.run_dir, r.students)
     assert logits is None and curated is not None and {data.stage, teacher.stage} == {"data", "teacher"}
 
-    offline = [s.model_copy(update={"kd": s.kd.model_copy(update={"method": "offline"})}) if s.kd else s
-               for s in r.students]
+    # each method is its own model (kdflow/config/kd.py): the same student with an offline section
+    offline = [s.model_copy(update={"kd": OfflineKD()}) if s.kd else s for s in r.students]
     with pytest.raises(run_folder.MissingStage, match="logit-cache"):  # an offline student does need it
         inputs_from_run(r.run_dir, offline)
 

@@ -84,7 +84,7 @@ def test_an_empty_file_is_refused_when_it_is_loaded(tmp_path):
 
 def test_a_lone_surrogate_names_the_line_and_field_before_any_parquet_write(tmp_path):
     from tasks.data import build_splits
-    from kdflow.config.recipe import DataSection
+    from kdflow.config.data import DataSection
 
     good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
     for split in ("train", "test"):

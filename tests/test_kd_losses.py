@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kdflow.logit_cache.format import TAIL_FLOOR, rebuild_logprobs, sparse_target
-from kdflow.training.losses import (Divergence, divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets)
+from kdflow.config.kd import Divergence
+from kdflow.training.losses import divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets
 
 
 def logp(*probs):

@@ -10,9 +10,10 @@ from transformers import TrainerCallback
 
 from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
 from kdflow.logit_cache.format import CacheMismatch, LogitCache
-from kdflow.training.losses import IGNORE_INDEX, Divergence
+from kdflow.config.kd import Divergence
+from kdflow.training.losses import IGNORE_INDEX
 from kdflow.store.model_folders import write_location
-from kdflow.config.recipe import LogitCacheSection
+from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 

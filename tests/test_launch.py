@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from kdflow.config.recipe import ROOT, StudentSection
+from kdflow.config.fields import ROOT
+from kdflow.config.student import StudentSection
 from kdflow.training.tiny_models import count_params
 from test_capture import TEMPLATE
 from test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from kdflow.logit_cache.topk import encode_row, hf_topk
-from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, LogitCache, TopK, ValueEncoding, cache_meta,
-                                capture_shards, decode_ids, decode_values, encode_ids, encode_values, id_bytes_for,
-                                kl_full_vs_cache, merge_caches, merge_topk, rebuild_logprobs, shard_name)
+from kdflow.config.logit_cache import ValueEncoding
+from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, LogitCache, TopK, cache_meta, capture_shards,
+                                decode_ids, decode_values, encode_ids, encode_values, id_bytes_for, kl_full_vs_cache,
+                                merge_caches, merge_topk, rebuild_logprobs, shard_name)
 from kdflow.config.templates import chat
 from kdflow.training.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
 

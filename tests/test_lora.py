@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback
 from kdflow.training.offline_kd import KDLoss, train_offline_kd
 from kdflow.logit_cache.format import LogitCache
 from kdflow.training.lora import lora_config
-from kdflow.training.losses import Divergence
+from kdflow.config.kd import Divergence
 from kdflow.store.model_folders import write_location
 from kdflow.config.templates import chat
-from kdflow.config.recipe import LogitCacheSection, LoraSection, StudentSection
+from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.config.student import LoraSection, StudentSection
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
@@ -190,7 +191,8 @@ def test_the_recipe_refuses_bad_lora_and_launch_settings(fields, message):
 
 
 def test_a_lora_error_in_a_recipe_names_the_field_line_and_fix():
-    from kdflow.config.recipe import RecipeError, parse_recipe
+    from kdflow.config.loading import RecipeError
+    from kdflow.config.recipe import parse_recipe
     from test_recipe import DEMO
 
     text = DEMO.replace("    data: gold\n", "    data: gold\n    lora: {r: 8}\n", 1)

@@ -16,9 +16,9 @@ from kdflow.teacher.answer_shards import ShardWriter, read_shards
 from kdflow.teacher.api_client import (BACKOFF_CAP_S, FatalApiError, FailureReason, Sampling, TeacherRequest, ask_all,
                                    backoff_seconds, classify, retry_after_seconds)
 from kdflow.store.outputs import content_key
-from kdflow.config.recipe import GenerationSection
+from kdflow.config.generation import GenerationSection
 from kdflow.teacher.prompts import demonstrations, teacher_prompt, teacher_request
-from kdflow.config.recipe import Endpoint
+from kdflow.config.generation import Endpoint
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"
@@ -253,7 +253,7 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
 
     from conftest import build_tiny_teacher
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.recipe import TeacherSection
+    from kdflow.config.teacher import TeacherSection
     from tasks.generate import generate_answers
     from tasks.teacher import use_existing_teacher
 

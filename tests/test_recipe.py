@@ -1,9 +1,12 @@
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from kdflow.config.recipe import RecipeError, load_recipe, parse_recipe
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import load_recipe, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 # LLM distillation recipes; the classic-KD recipes (classifier-*.yaml) have their own loader and tests.
@@ -101,8 +104,12 @@ def test_kd_students_are_checked_before_any_work():
     gold = DEMO.replace("  - name: logit-fkl         # forward KL(teacher ‖ student): Hinton's soft targets\n    data: teacher",
                         "  - name: logit-fkl\n    data: gold")
     assert "set data: teacher" in error_of(gold)
-    online = DEMO.replace("kd: {method: offline, divergence: forward_kl", "kd: {method: online, divergence: forward_kl")
+    online = DEMO.replace("kd: {method: offline, divergence: forward_kl, alpha: 0.5", "kd: {method: online, divergence: forward_kl")
     assert "set divergence: jsd" in error_of(online)
+    # GKD has no cross-entropy weight: an online section that keeps offline's alpha is told so, at alpha's line
+    online = DEMO.replace("kd: {method: offline, divergence: forward_kl", "kd: {method: online, divergence: jsd")
+    line = line_of(DEMO, "divergence: forward_kl")
+    assert f"demo.yaml:{line}: students.2.kd.alpha: not a setting of kd method online; remove it, or set method: offline" in error_of(online)
     bad = DEMO.replace("divergence: reverse_kl", "divergence: kl")
     message = error_of(bad)
     assert f"demo.yaml:{line_of(DEMO, 'divergence: reverse_kl')}: students.3.kd.divergence" in message
@@ -169,7 +176,7 @@ def test_student_and_sweep_method_names_are_path_safe():
 
 
 def test_a_sweep_method_name_that_is_no_file_name_is_refused(tmp_path):
-    from kdflow.reporting.sweep import load_sweep
+    from kdflow.config.sweep import load_sweep
 
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
@@ -280,7 +287,7 @@ def test_a_key_set_twice_is_refused_with_both_lines(tmp_path):
 
     from kdflow.config.classic import parse_classifier_recipe
     from kdflow.config.self_instruct import load_self_instruct_recipe
-    from kdflow.reporting.sweep import load_sweep
+    from kdflow.config.sweep import load_sweep
 
     with pytest.raises(RecipeError, match=r"c.yaml:3: seeds: set twice \(first at line 2\)"):
         parse_classifier_recipe("run: {name: c}\nseeds: [0]\nseeds: [1]\n", "c.yaml")
@@ -304,8 +311,17 @@ def test_a_byte_that_is_not_utf8_names_the_file_line_and_offset(tmp_path):
         load_recipe(path)
 
     from kdflow.config.classic import load_classifier_recipe
-    from kdflow.reporting.sweep import load_sweep
+    from kdflow.config.sweep import load_sweep
 
     for loader in (load_classifier_recipe, load_sweep):
         with pytest.raises(RecipeError, match=rf"{path}:\d+: byte 0xe9"):
             loader(path)
+
+
+def test_importing_a_recipe_imports_neither_torch_nor_pyarrow():
+    # The enums the sections use (Divergence, ValueEncoding) live in kdflow/config, not beside the losses and the
+    # cache format: a flow, a CLI or a test that only reads a recipe does not pay for torch.
+    probe = "import sys, kdflow.config.recipe; print(sorted({'torch', 'pyarrow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

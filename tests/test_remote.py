@@ -15,7 +15,8 @@ from kdflow.store import remote
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import MANIFEST, building, existing_output, finish, output_dir
-from kdflow.config.recipe import RecipeError, parse_recipe
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import parse_recipe
 
 STAGE = "stage"
 

@@ -208,7 +208,7 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from kdflow.config.recipe import EvaluationSection
+    from kdflow.config.evaluation import EvaluationSection
     from tasks.evaluate import run_lm_eval
     from tasks.report import write_report
 

@@ -8,7 +8,11 @@ import pytest
 
 from kdflow.teacher.api_client import FatalApiError
 from kdflow.store.outputs import building, content_key, existing_output, finish
-from kdflow.config.recipe import EvaluationSection, GenerationSection, RecipeError, parse_recipe, redact_url
+from kdflow.config.evaluation import EvaluationSection
+from kdflow.config.fields import redact_url
+from kdflow.config.generation import GenerationSection
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()

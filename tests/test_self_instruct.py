@@ -68,7 +68,7 @@ def test_the_shipped_recipe_validates():
 
 
 def test_a_bad_recipe_names_the_line(tmp_path):
-    from kdflow.config.recipe import RecipeError
+    from kdflow.config.loading import RecipeError
 
     text = (ROOT / "recipes" / "self-instruct" / "qwen7b.yaml").read_text().replace("splits: [instructions]", "splits: [test]")
     (tmp_path / "bad.yaml").write_text(text)

@@ -6,8 +6,9 @@ import json
 import pytest
 import yaml
 
-from kdflow.config.recipe import RecipeError
-from kdflow.reporting.sweep import load_sweep, parse_name, regime_lines, render, summarise
+from kdflow.config.loading import RecipeError
+from kdflow.config.sweep import load_sweep
+from kdflow.reporting.sweep import parse_name, regime_lines, render, summarise
 
 PLANTED = {
     # small transfer set: logit KD ahead by far more than the spread

@@ -15,18 +15,12 @@ import enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.recipe import (
-    ROOT,
-    RecipeError,
-    RunSection,
-    Strict,
-    check_training_values,
-    load_yaml,
-    read_recipe_text,
-    validation_problems,
-)
+from kdflow.config.fields import ROOT, Strict
+from kdflow.config.loading import parse_yaml, read_recipe_file
+from kdflow.config.run import RunSection
+from kdflow.config.training import check_training_values
 
 
 class ClassifierData(str, enum.Enum):
@@ -165,16 +159,9 @@ class ClassifierRecipe(Strict):
 
 
 def parse_classifier_recipe(text: str, source: str = "<recipe>") -> ClassifierRecipe:
-    raw = load_yaml(text, source, "a recipe is a YAML mapping with sections run, data, teacher, student, ...")
-    try:
-        return ClassifierRecipe.model_validate(raw)
-    except ValidationError as e:
-        problems = validation_problems(e, text, source, skip=MODEL_KINDS)
-        raise RecipeError("invalid recipe\n  " + "\n  ".join(problems)) from None
+    return parse_yaml(ClassifierRecipe, text, source,
+                      "a recipe is a YAML mapping with sections run, data, teacher, student, ...", skip=MODEL_KINDS)
 
 
 def load_classifier_recipe(path: str | Path) -> ClassifierRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    return parse_classifier_recipe(read_recipe_text(path), source=str(path))
+    return parse_classifier_recipe(read_recipe_file(path), source=str(path))

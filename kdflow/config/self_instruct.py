@@ -6,21 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from kdflow.config.recipe import (
-    ROOT,
-    FiltersSection,
-    GenerationSection,
-    RecipeError,
-    RunSection,
-    Strict,
-    TeacherSection,
-    check_template,
-    load_yaml,
-    read_recipe_text,
-    validation_problems,
-)
+from kdflow.config.fields import ROOT, Strict, check_template
+from kdflow.config.filters import FiltersSection
+from kdflow.config.generation import GenerationSection
+from kdflow.config.loading import parse_yaml, read_recipe_file
+from kdflow.config.run import RunSection
+from kdflow.config.teacher import TeacherSection
 
 WRITE_SPLIT, ANSWER_SPLIT = "expand", "instructions"
 
@@ -78,11 +71,6 @@ class SelfInstructRecipe(Strict):
 
 def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
-    text = read_recipe_text(path)
-    raw = load_yaml(text, str(path), "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...")
-    try:
-        return SelfInstructRecipe.model_validate(raw, context={"recipe_dir": path.parent})
-    except ValidationError as e:
-        raise RecipeError("invalid recipe\n  " + "\n  ".join(validation_problems(e, text, str(path)))) from None
+    return parse_yaml(SelfInstructRecipe, read_recipe_file(path), str(path),
+                      "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...",
+                      context={"recipe_dir": path.parent})

@@ -26,7 +26,7 @@ from kdflow.curation.filters import (
     pattern_reasons,
 )
 from kdflow.config.templates import render
-from kdflow.config.recipe import DedupOn, FiltersSection
+from kdflow.config.filters import DedupOn, FiltersSection
 from kdflow.curation.verify import VerifyTimeout, majority, select
 
 Check = Callable[[str, object], bool]

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from kdflow.config.recipe import SelectPolicy as Policy
+from kdflow.config.filters import SelectPolicy as Policy
 from kdflow.curation.verify_worker import answer_span  # noqa: F401  (where the answer is; the rest runs in the worker)
 
 # Every parse and verify runs in a worker process (kdflow.curation.verify_worker), killed and replaced when one answer

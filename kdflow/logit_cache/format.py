@@ -39,7 +39,6 @@ Rows are found by ``row_id`` only — never by step or batch position — so shu
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import json
 import os
@@ -53,6 +52,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from kdflow.config.logit_cache import ValueEncoding
 from kdflow.store.outputs import write_atomic
 
 FORMAT, FORMAT_VERSION = "kdflow-logit-cache", 1
@@ -72,11 +72,6 @@ OPEN_SHARDS = 32  # shard files a reader keeps open (opening one re-reads its fo
 ID_TABLE, LOCAL_ID_BYTES = b"kdflow.id_table", b"kdflow.local_id_bytes"  # per shard, in the parquet metadata
 SCHEMA = pa.schema([("row_id", pa.string()), ("start", pa.int32()), ("input_ids", pa.binary()),
                     ("ids", pa.binary()), ("values", pa.binary()), ("tail", pa.binary())])
-
-
-class ValueEncoding(str, enum.Enum):
-    fp16 = "fp16"  # log-probs as float16: 2 bytes each
-    u8 = "u8"  # log-probs on a 1/12-nat grid: 1 byte each
 
 
 class CacheMismatch(ValueError):

@@ -51,11 +51,17 @@ def base_name(name: str) -> str:
     return name.rsplit("@", 1)[0]
 
 
+KD_SETTINGS = [("alpha", "α"), ("beta", "β"), ("lmbda", "λ"), ("temperature", "T"), ("weight", "weight")]
+
+
 def trained_on(m: dict) -> str:
     """What a student learnt from, for the tables: its data, and the KD loss where there is one."""
     if not m.get("kd"):
         return m["data"]
-    return f"{m['data']} + {m['kd']} {m['divergence']} (α {m['alpha']:g}, T {m['temperature']:g})"
+    # Each KD method reports its own settings (kdflow/config/kd.py, ``summary``): offline α and T, online β, λ and
+    # T, feature the loss and its weight.
+    knobs = ", ".join(f"{symbol} {m[key]:g}" for key, symbol in KD_SETTINGS if key in m)
+    return f"{m['data']} + {m['kd']} {m.get('divergence') or m.get('feature')} ({knobs})"
 
 
 def seed_summary(students: dict[str, dict], teacher: dict) -> dict[str, dict]:

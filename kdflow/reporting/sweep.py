@@ -7,96 +7,13 @@ per method — plain SFT on the teacher's text (seq-KD) and one or more white-bo
 reports accuracy against transfer-set size with the seed spread.
 
 The verdict is deliberately conservative: at a given size, a method *beats* another only when its mean
-accuracy exceeds the other's by more than the sum of their seed standard deviations.
+accuracy exceeds the other's by more than the sum of their seed standard deviations. The sweep's recipe
+(``SweepRecipe``, ``load_sweep``) is in kdflow/config/sweep.py.
 """
 
 from __future__ import annotations
 
 import statistics
-from pathlib import Path
-from typing import Any
-
-from pydantic import Field, ValidationError, field_validator, model_validator
-
-from kdflow.config.recipe import (
-    ROOT,
-    SAFE_NAME,
-    SAFE_NAME_FIX,
-    FieldError,
-    KDSection,
-    RecipeError,
-    SafeName,
-    Strict,
-    StudentData,
-    load_recipe,
-    load_yaml,
-    read_recipe_text,
-    validation_problems,
-)
-
-
-class SweepRecipe(Strict):
-    recipe: str = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) is used")
-    student: SafeName = Field(description="the recipe student (data: teacher) whose architecture and training are swept")
-    fractions: list[float] = Field(min_length=1, description="shares of the kept teacher answers, each in (0, 1]")
-    seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
-    methods: dict[str, KDSection | None] = Field(min_length=2, description="name -> kd section; null = seq-KD (SFT)")
-    training: dict[str, Any] = Field(default_factory=dict, description="overrides of the student's training keys")
-
-    @field_validator("fractions")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if any(not 0.0 < f <= 1.0 for f in v):
-            raise ValueError(f"each fraction must be in (0, 1], got {v}")
-        return sorted(set(v))
-
-    @field_validator("methods")
-    @classmethod
-    def _method_names(cls, v: dict) -> dict:
-        # each becomes a student name, `<method>-<fraction>@<seed>` (parse_name splits it again)
-        for name in v:
-            if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
-                raise FieldError(f"method name {name!r}: {SAFE_NAME_FIX} (it names the students trained with it)", name)
-        return v
-
-    @model_validator(mode="after")
-    def _one_sft(self):
-        if not any(kd is None for kd in self.methods.values()):
-            raise ValueError("methods needs one seq-KD entry (`name: null`) for the others to be compared with")
-        return self
-
-    def recipe_path(self) -> Path:
-        p = Path(self.recipe)
-        return p if p.is_absolute() else ROOT / p
-
-    def students(self):
-        """Every student to train: ``<method>-<fraction>@<seed>``, the recipe student's copy for each."""
-        r = load_recipe(self.recipe_path())
-        base = next((s for s in r.students if s.name == self.student), None)
-        if base is None:
-            raise RecipeError(f"{self.recipe}: no student named {self.student!r}; students: {[s.name for s in r.students]}")
-        if base.data is not StudentData.teacher:
-            raise RecipeError(f"sweep.student: {self.student!r} learns from gold data; pick a `data: teacher` student")
-        training = {**base.training, **self.training}
-        return [base.model_copy(update={"name": f"{method}-{fraction:g}@{seed}", "kd": kd, "seed": seed,
-                                        "data_fraction": fraction, "training": training})
-                for fraction in self.fractions for method, kd in self.methods.items() for seed in self.seeds]
-
-
-def load_sweep(path: str | Path) -> SweepRecipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such sweep file")
-    text = read_recipe_text(path)
-    raw = load_yaml(text, str(path), "a sweep is a YAML mapping with recipe, student, fractions, seeds, methods")
-    try:
-        sweep = SweepRecipe.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError("invalid sweep\n  " + "\n  ".join(validation_problems(e, text, str(path)))) from None
-    if not sweep.recipe_path().is_file():
-        raise RecipeError(f"{path}: recipe: no file {sweep.recipe_path()}; point it at a distillation recipe")
-    load_recipe(sweep.recipe_path())  # a bad recipe fails here too, before any work
-    return sweep
 
 
 def parse_name(name: str) -> tuple[str, float, int]:

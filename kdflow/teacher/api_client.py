@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import httpx
 import openai
 
-from kdflow.config.recipe import Endpoint
+from kdflow.config.generation import Endpoint
 
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 RETRY_AFTER_CAP_S = 300.0  # a server asking for longer than this is treated as asking for this

@@ -12,7 +12,7 @@ import random
 
 from kdflow.teacher.api_client import TeacherRequest
 from kdflow.config.templates import render
-from kdflow.config.recipe import Endpoint
+from kdflow.config.generation import Endpoint
 
 
 def zero_shot(template: str, row: dict) -> str:

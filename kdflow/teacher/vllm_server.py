@@ -31,7 +31,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kdflow.config.recipe import PYTHON_NAME, ROOT
+from kdflow.config.fields import ROOT
+from kdflow.config.generation import PYTHON_NAME
 
 DEFAULT_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 PR_SET_PDEATHSIG = 1

@@ -25,7 +25,9 @@ from pathlib import Path
 def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: str | None):
     """A ``StudentJob`` for the recipe's student ``student`` on the run folder's newest finished outputs."""
     from kdflow.store import run_folder
-    from kdflow.config.recipe import KDMethod, StudentData, load_recipe
+    from kdflow.config.kd import KDMethod
+    from kdflow.config.recipe import load_recipe
+    from kdflow.config.student import StudentData
     from kdflow.training.student import StudentJob
 
     r = load_recipe(recipe)

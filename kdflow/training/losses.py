@@ -20,11 +20,12 @@ magnitude as the hard-label term's when ``T`` changes.
 
 from __future__ import annotations
 
-import enum
 import math
 from typing import Literal
 
 import torch
+
+from kdflow.config.kd import Divergence  # with the recipe's kd section, so that a recipe loads without torch
 
 Reduction = Literal["mean", "sum", "none"]
 IGNORE_INDEX = -100  # the label value transformers and TRL use for "no label at this position"
@@ -34,28 +35,6 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(z / T)`` over the last axis. ``logits``: (..., C) -> probabilities (..., C)."""
     _check_temperature(temperature)
     return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-class Divergence(str, enum.Enum):
-    """D(teacher ‖ student) for white-box KD, over a shared class axis. ``p`` = teacher, ``q`` = student.
-
-    - ``forward_kl``: ``KL(p ‖ q)``, mean-seeking (Hinton's term);
-    - ``reverse_kl``: ``KL(q ‖ p)``, mode-seeking (MiniLLM);
-    - ``jsd``: generalized JSD(β) = ``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)``, ``m = β·p + (1 − β)·q``, as in TRL's
-      GKD (so offline and online KD mean the same thing by β): β = 0 is taken as forward KL and β = 1 as
-      reverse KL, the limits of JSD(β) / β and JSD(β) / (1 − β);
-    - ``skew_kl``: ``KL(p ‖ λ·p + (1 − λ)·q)`` and ``skew_reverse_kl``: ``KL(q ‖ λ·q + (1 − λ)·p)``
-      (DistiLLM, Ko et al. 2024): λ = 0 gives KL / reverse KL, and the mixture keeps the loss finite where
-      the student gives ~0 mass;
-    - ``tv``: total variation, ``½ Σ |p − q|``.
-    """
-
-    forward_kl = "forward_kl"
-    reverse_kl = "reverse_kl"
-    jsd = "jsd"
-    skew_kl = "skew_kl"
-    skew_reverse_kl = "skew_reverse_kl"
-    tv = "tv"
 
 
 def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Divergence,

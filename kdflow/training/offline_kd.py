@@ -24,7 +24,8 @@ import torch
 from trl import SFTTrainer
 
 from kdflow.logit_cache.format import LogitCache
-from kdflow.training.losses import IGNORE_INDEX, Divergence, cross_entropy, sparse_kd_loss
+from kdflow.config.kd import Divergence
+from kdflow.training.losses import IGNORE_INDEX, cross_entropy, sparse_kd_loss
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail", "teacher_mask")
 

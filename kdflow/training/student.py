@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.fields import ROOT
-from kdflow.config.kd import KDMethod
+from kdflow.config.kd import KDMethod, OnlineKD
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import cache_row_id
@@ -84,8 +84,8 @@ def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokeniz
         return  # sequence-level KD learns from text; any tokenizer will do
     from kdflow.training.tokenizer_compat import check_tokenizers
 
-    check_tokenizers(AutoTokenizer.from_pretrained(model_location(teacher)), tokenizer,
-                     cross_tokenizer=section.kd.cross_tokenizer)
+    cross = section.kd.cross_tokenizer if isinstance(section.kd, OnlineKD) else None  # GOLD is an online method
+    check_tokenizers(AutoTokenizer.from_pretrained(model_location(teacher)), tokenizer, cross_tokenizer=cross)
 
 
 def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], teacher: OutputRef,
@@ -107,7 +107,7 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
                                 row_ids=row_ids, peft_config=peft)
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
-    if kd.cross_tokenizer == "gold":
+    if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
         from kdflow.training.tokenizer_compat import train_gold
 
         return train_gold(model, live, tokenizer, AutoTokenizer.from_pretrained(model_location(teacher)), rows,

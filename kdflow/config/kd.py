@@ -1,0 +1,133 @@
+"""A student's ``kd`` section: white-box KD on top of its data, one model per method, told apart by ``method``.
+
+Each method takes only its own settings (``extra="forbid"``): ``lmbda`` on an offline student, or ``alpha`` on an
+online one, is an error that names the method, not a setting silently ignored. ``method`` may be left out and
+means ``offline``, as it did when one section served every method; the field names and defaults are those of that
+section, so that a recipe written for it keys its students the same (``kdflow.store.outputs.canonical``).
+
+``Divergence`` lives here rather than beside the losses (kdflow/training/losses.py imports it), so that loading a
+recipe does not import torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field, field_validator
+
+from kdflow.config.fields import Strict
+from kdflow.config.loading import FieldError
+
+
+class Divergence(str, enum.Enum):
+    """D(teacher ‖ student) for white-box KD, over a shared class axis. ``p`` = teacher, ``q`` = student.
+
+    - ``forward_kl``: ``KL(p ‖ q)``, mean-seeking (Hinton's term);
+    - ``reverse_kl``: ``KL(q ‖ p)``, mode-seeking (MiniLLM);
+    - ``jsd``: generalized JSD(β) = ``β·KL(p ‖ m) + (1 − β)·KL(q ‖ m)``, ``m = β·p + (1 − β)·q``, as in TRL's
+      GKD (so offline and online KD mean the same thing by β): β = 0 is taken as forward KL and β = 1 as
+      reverse KL, the limits of JSD(β) / β and JSD(β) / (1 − β);
+    - ``skew_kl``: ``KL(p ‖ λ·p + (1 − λ)·q)`` and ``skew_reverse_kl``: ``KL(q ‖ λ·q + (1 − λ)·p)``
+      (DistiLLM, Ko et al. 2024): λ = 0 gives KL / reverse KL, and the mixture keeps the loss finite where
+      the student gives ~0 mass;
+    - ``tv``: total variation, ``½ Σ |p − q|``.
+    """
+
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    skew_reverse_kl = "skew_reverse_kl"
+    tv = "tv"
+
+
+class KDMethod(str, enum.Enum):
+    offline = "offline"  # white-box KD from the logit cache: no teacher in memory (kdflow/training/offline_kd.py)
+    online = "online"  # TRL's GKD with the live teacher: on-policy fraction lmbda, JSD(beta), temperature
+    feature = "feature"  # hidden-state KD with the live teacher, added to the language-modelling loss
+
+
+class OfflineKD(Strict):
+    """``alpha · CE(teacher's tokens) + (1 − alpha) · T² · D(teacher ‖ student)`` at temperature T, the teacher's
+    side read from the logit cache."""
+
+    method: Literal[KDMethod.offline] = KDMethod.offline
+    divergence: Divergence = Divergence.forward_kl
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the cross-entropy term; 1 - alpha on KD")
+    temperature: float = Field(1.0, gt=0.0, description="softmax(z / T) on both sides, the KD term scaled by T²")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd)")
+    skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
+
+    def summary(self) -> dict:
+        return {"kd": self.method.value, "divergence": self.divergence.value, "alpha": self.alpha,
+                "temperature": self.temperature}
+
+
+class OnlineKD(Strict):
+    """TRL's GKD against the live teacher: JSD(beta) on a mix of the student's own samples (a fraction ``lmbda``
+    of batches) and the teacher's answers; with ``cross_tokenizer: gold``, TRL's GOLD for another tokenizer."""
+
+    method: Literal[KDMethod.online]
+    # GKD's loss is always JSD(beta); the recipe still says so, and it stays in the key as it always was.
+    divergence: Divergence = Field(description="jsd: TRL's GKD trains with JSD(beta)")
+    temperature: float = Field(1.0, gt=0.0, description="the student's sampling temperature")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β: 0 = forward KL, 1 = reverse KL")
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="the fraction of batches the student generates")
+    max_new_tokens: int = Field(128, ge=1, description="tokens the student generates per on-policy sample")
+    cross_tokenizer: Literal["gold"] | None = Field(None, description="gold: TRL's GOLD (cross-tokenizer ULD) "
+                                                    "where the student's tokenizer differs from the teacher's")
+
+    @field_validator("divergence")
+    @classmethod
+    def _jsd(cls, v: Divergence) -> Divergence:
+        if v is not Divergence.jsd:
+            raise ValueError(f"method online trains with TRL's GKD, whose loss is JSD(beta): set divergence: jsd "
+                             f"(beta 0 = forward KL, 1 = reverse KL), not {v.value}")
+        return v
+
+    def summary(self) -> dict:
+        return {"kd": self.method.value, "divergence": self.divergence.value, "beta": self.beta,
+                "lmbda": self.lmbda, "temperature": self.temperature}
+
+
+class FeatureLoss(Strict):
+    layers: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs of "
+                                                 "hidden_states indices (0 = embeddings); default: spread evenly")
+    kind: Literal["mse", "cosine"] = "mse"
+    weight: float = Field(1.0, gt=0.0)
+
+
+class FeatureKD(Strict):
+    """The language-modelling loss plus ``weight ·`` a loss between projected student and teacher hidden states
+    (kdflow/training/feature_kd.py)."""
+
+    method: Literal[KDMethod.feature]
+    feature: FeatureLoss = Field(description="the layer mapping and its loss; `feature: {}` takes the defaults")
+
+    def summary(self) -> dict:
+        return {"kd": self.method.value, "feature": self.feature.kind, "weight": self.feature.weight}
+
+
+def _method_settings(value):
+    """``value`` with ``method`` filled in (it was optional, meaning offline, before each method had its own model);
+    a setting of another method is refused here with that method's name, which ``extra="forbid"`` cannot say."""
+    if not isinstance(value, dict):
+        return value
+    value = {"method": KDMethod.offline.value, **value}
+    try:
+        method = KDMethod(value["method"])
+    except ValueError:
+        raise ValueError(f"method {value['method']!r}: use one of {[m.value for m in KDMethod]}") from None
+    for key in value:
+        if key not in MODELS[method].model_fields:
+            owners = [m.value for m, model in MODELS.items() if key in model.model_fields]
+            fix = f"remove it, or set method: {owners[0]}" if owners else "remove it or check its spelling"
+            raise FieldError(f"not a setting of kd method {method.value}; {fix}", key)
+    return value
+
+
+MODELS = {KDMethod.offline: OfflineKD, KDMethod.online: OnlineKD, KDMethod.feature: FeatureKD}
+KDSection = Annotated[OfflineKD | OnlineKD | FeatureKD, Field(discriminator="method"),
+                      BeforeValidator(_method_settings)]
+KD_METHODS = frozenset(m.value for m in KDMethod)  # the union's tags: not YAML keys, left out of error paths

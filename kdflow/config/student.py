@@ -1,0 +1,146 @@
+"""A ``students`` entry: how one student starts (a pretrained model or a fresh architecture), what it learns from
+(gold rationales or the teacher's answers, with white-box KD on top), and optionally LoRA or ``accelerate launch``."""
+
+from __future__ import annotations
+
+import enum
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, Field, computed_field, field_validator, model_validator
+
+from kdflow.config.fields import ROOT, SAFE_NAME_FIX, Strict, check_name
+from kdflow.config.kd import FeatureKD, KDSection, OnlineKD
+from kdflow.config.training import Architecture, check_sft_config
+
+
+def _student_name(name: str) -> str:
+    # run.seeds trains `<name>@<seed>` (Recipe.student_runs), and a launched student's section is read back
+    # under that name (tasks/students.py StudentJob), so the seed suffix is part of the safe set here.
+    base, at, seed = name.partition("@")
+    check_name(base, "student name")
+    if at and not re.fullmatch(r"-?\d+", seed):
+        raise ValueError(f"student name {name!r}: '@' is followed by the seed only; {SAFE_NAME_FIX}")
+    return name
+
+
+StudentName = Annotated[str, AfterValidator(_student_name)]
+
+
+class StudentData(str, enum.Enum):
+    gold = "gold"  # SFT on the gold rationales of the train split: the baseline
+    teacher = "teacher"  # SFT on the teacher's kept answers (sequence-level KD)
+
+
+
+class LoraSection(Strict):
+    """LoRA (Hu et al. 2021) through peft: the pretrained student's weights stay frozen and a low-rank update
+    ``(alpha / r) · B·A`` is learned beside each targeted linear layer. On save the update is merged into the
+    base weights, so the student's model folder is a plain causal LM; the adapter alone is kept in ``adapter/``."""
+
+    r: int = Field(16, ge=1, description="rank of the update")
+    alpha: float = Field(32.0, gt=0.0, description="the update is scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="'all-linear': every linear layer but the LM head (peft's shorthand); or module "
+        "names, e.g. [q_proj, v_proj] (Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("an empty list adapts nothing: name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
+            bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][\w.]*", n)]
+            if bad:
+                raise ValueError(f"{bad} are not module names; use names such as q_proj, v_proj, or 'all-linear'")
+        return v
+
+
+class LaunchSection(Strict):
+    """Train the student in processes of its own, started by ``accelerate launch`` (e.g. DDP over a node's GPUs),
+    instead of inside the stage's process. The number of processes multiplies the global batch, so it and the
+    config's text are part of the student's key."""
+
+    accelerate_config: str = Field(description="an accelerate config file, relative to the repo (e.g. "
+                                   "accelerate/multi_gpu.yaml) or absolute")
+    num_processes: int | None = Field(None, ge=1, description="overrides the config's num_processes (e.g. the "
+                                      "node's GPU count)")
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _exists(cls, v: str) -> str:
+        if not (ROOT / v).is_file():  # an absolute path stays absolute under ROOT / v
+            raise ValueError(f"no accelerate config at {ROOT / v}: use accelerate/multi_gpu.yaml, "
+                             "accelerate/cpu_2proc.yaml, or a file written by `accelerate config`")
+        return v
+
+    @model_validator(mode="after")
+    def _process_count(self):
+        config = yaml.safe_load(self.config_text) or {}
+        if self.num_processes is None and config.get("num_processes", -1) == -1:
+            raise ValueError(f"{self.accelerate_config} leaves the number of processes to you: set "
+                             "launch.num_processes (e.g. the node's GPU count)")
+        return self
+
+    @computed_field  # in model_dump, hence in the key: editing the config (e.g. mixed precision) retrains
+    @property
+    def config_text(self) -> str:
+        return (ROOT / self.accelerate_config).read_text()
+
+    @property
+    def config_path(self) -> Path:
+        return ROOT / self.accelerate_config
+
+
+class StudentSection(Strict):
+    name: StudentName = Field(description="names the student in the report (and `<name>@<seed>` with run.seeds)")
+    data: StudentData
+    kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
+    data_fraction: float = Field(1.0, gt=0.0, le=1.0, description="train on this share of the student's rows: a "
+                                 "subset fixed by the seed, the same for every method (transfer-set sweeps)")
+    model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
+    architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
+    seed: int = 0
+    training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
+    lora: LoraSection | None = Field(None, description="train LoRA adapters on the pretrained `model` (peft)")
+    launch: LaunchSection | None = Field(None, description="train through `accelerate launch` (multi-GPU)")
+
+    @field_validator("training")
+    @classmethod
+    def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_sft_config(v)
+
+    def summary(self) -> dict:
+        """What the report says of how this student was trained."""
+        out = {"data": self.data.value, "seed": self.seed}
+        if self.data_fraction < 1.0:
+            out["data_fraction"] = self.data_fraction
+        if self.kd is not None:
+            out |= self.kd.summary()
+        if self.lora is not None:
+            out["lora_r"] = self.lora.r
+        return out
+
+    @model_validator(mode="after")
+    def _one_init(self):
+        if (self.model is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model (fine-tune a pretrained student) or architecture (a fresh one)")
+        if self.lora is not None:
+            self._check_lora()
+        return self
+
+    def _check_lora(self) -> None:
+        if self.architecture is not None:
+            raise ValueError("lora: adapters train beside frozen pretrained weights, and a fresh `architecture:` "
+                             "student has none worth freezing: set `model:` to a pretrained model folder (or hub "
+                             "id) instead of `architecture:`, or remove `lora:` to train every weight")
+        kd = self.kd
+        if isinstance(kd, FeatureKD):
+            raise ValueError("lora with kd method feature: peft would freeze the learned feature projections "
+                             "with the base weights; remove `lora:`, or use kd method offline or online")
+        if isinstance(kd, OnlineKD) and kd.cross_tokenizer is not None:
+            raise ValueError("lora with kd.cross_tokenizer gold is not supported yet; remove `lora:` to train "
+                             "the whole student with GOLD")

@@ -1,0 +1,32 @@
+"""The ``teacher`` section: an existing model folder, or a fresh one to train on the teacher split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from kdflow.config.fields import Strict
+from kdflow.config.training import Architecture, check_sft_config
+
+
+class TeacherSection(Strict):
+    model: str | None = Field(None, description="an existing model folder: skips teacher training")
+    architecture: Architecture | None = None
+    vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
+    seed: int = 0
+    training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
+
+    @field_validator("training")
+    @classmethod
+    def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return check_sft_config(v)
+
+    @model_validator(mode="after")
+    def _train_or_load(self):
+        if self.model is None and self.architecture is None:
+            raise ValueError("set teacher.model (an existing model folder) or teacher.architecture (to train one)")
+        if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
+            raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
+        return self

@@ -1,0 +1,108 @@
+"""What a model is trained as: a fresh Llama's size, and the training keywords passed through to TRL's ``SFTConfig``
+(checked here for types, ranges and secrets, then by TRL itself), shared by the teacher and student sections."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from kdflow.config.fields import Strict
+from kdflow.config.loading import FieldError
+
+
+class Architecture(Strict):
+    hidden: int = Field(ge=8)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    intermediate: int = Field(ge=8)
+
+    @model_validator(mode="after")
+    def _head_dim(self):
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.hidden // self.heads not in (32, 64, 128):
+            raise ValueError(
+                f"head dimension hidden/heads = {self.hidden // self.heads}; use 32, 64 or 128 "
+                "(vLLM's CPU attention rejects 16)"
+            )
+        return self
+
+
+# Training keys that hold credentials. A recipe's sections reach cache keys, manifests and Prefect's records, so a
+# secret has no place in one: the Hub token comes from the environment, where transformers looks for it anyway.
+SECRET_TRAINING_KEYS = {"hub_token": "set HF_TOKEN in the environment (or run `hf auth login`) instead"}
+
+# Ranges the config classes leave unchecked until training fails (or silently trains on: max_steps -5).
+TRAINING_RANGES = {
+    "learning_rate": (lambda v: v > 0, "must be > 0 (e.g. 3.0e-4)"),
+    "num_train_epochs": (lambda v: v > 0, "must be > 0"),
+    "max_steps": (lambda v: v == -1 or v > 0, "must be a positive number of steps (or -1: train num_train_epochs)"),
+    "per_device_train_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, "must be >= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, "must be >= 1"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "max_length": (lambda v: v >= 1, "must be >= 1 (tokens)"),
+}
+
+
+def _scalar_types(annotation) -> tuple[set[type], bool] | None:
+    """({int}, {float} or {bool}, None allowed) for a config field typed as a plain scalar; None otherwise."""
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    scalars = {a for a in args if a in (int, float, bool)}
+    if not scalars or any(a not in (int, float, bool, type(None)) for a in args):
+        return None
+    return scalars, type(None) in args
+
+
+def _value_ok(value, scalars: set[type]) -> bool:
+    if isinstance(value, bool):
+        return bool in scalars
+    if isinstance(value, int):
+        return int in scalars or float in scalars
+    return isinstance(value, float) and float in scalars
+
+
+def check_training_values(training: dict[str, Any], config_class) -> None:
+    """Types and ranges of the numeric knobs, which the config dataclasses take without checking: "abc" as a
+    learning rate fails only when the optimizer starts; YAML reads 3e-4 (no dot) as text."""
+    for key, fix in SECRET_TRAINING_KEYS.items():
+        if key in training:
+            raise FieldError(f"remove it: a secret in a recipe reaches cache keys, manifests and logs; {fix}", key)
+    fields = {f.name: f.type for f in dataclasses.fields(config_class)}
+    for key, value in training.items():
+        typed = _scalar_types(fields.get(key))
+        if typed is not None and not (value is None and typed[1]) and not _value_ok(value, typed[0]):
+            want = " or ".join(sorted(t.__name__ for t in typed[0]))
+            hint = ""
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
+                hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value):.1e})"
+            raise FieldError(f"{value!r} is not a {want}{hint}", key)
+        if key in TRAINING_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok, rule = TRAINING_RANGES[key]
+            if not ok(value):
+                raise FieldError(f"{value!r}: {rule}", key)
+
+
+def check_sft_config(training: dict[str, Any]) -> dict[str, Any]:
+    """Let TRL validate the knobs: build the SFTConfig now, before any work (hardware settings aside,
+    so that a GPU recipe validates on a CPU machine too)."""
+    from trl import SFTConfig
+
+    from kdflow.training.sft import sft_config
+
+    reserved = {"output_dir", "seed", "use_cpu"} & set(training)
+    if reserved:
+        raise ValueError(f"remove {sorted(reserved)}: kdflow sets them (the seed is the section's own `seed`)")
+    check_training_values(training, SFTConfig)
+    try:
+        sft_config(training, "/tmp/kdflow-validate", seed=0, cpu=True)
+    except TypeError as e:  # unknown keyword
+        raise ValueError(f"{e}; see trl.SFTConfig for the accepted keys") from None
+    except ValueError as e:
+        raise ValueError(f"TRL rejected these settings: {e}") from None
+    return training
