@@ -33,7 +33,7 @@ CHILD = """
 import json, sys
 from pathlib import Path
 from kdflow.config.generation import GenerationSection
-from tasks.generate import api_answers
+from kdflow.teacher.generation import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
 """
@@ -60,7 +60,7 @@ def main() -> None:
     from kdflow.teacher.answer_shards import read_shards
     from kdflow.config.generation import GenerationSection
     from kdflow.teacher.vllm_server import vllm_server
-    from tasks.generate import api_answers
+    from kdflow.teacher.generation import api_answers
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sigkill-"))
     model = str(build_tiny_teacher(work / "teacher"))

@@ -37,7 +37,7 @@ def stage_side(section, model: str, rows: list[dict], folder: Path) -> int:
     """As the stage runs it, progress bar included (the Prefect progress artifact aside: it needs a server)."""
     from tqdm import tqdm
 
-    from tasks.generate import api_answers
+    from kdflow.teacher.generation import api_answers
 
     with tqdm(total=len(rows), desc="teacher", unit="req", mininterval=1.0) as bar:
         def progress(acct):

@@ -27,7 +27,8 @@ from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.config.recipe import load_recipe
-from tasks.generate import GENERATE, api_answers, generate_answers, prompted_rows, shard_folder
+from kdflow.teacher.generation import api_answers, prompted_rows
+from tasks.generate import GENERATE, api_key, generate_answers, shard_folder
 
 
 # No cache policy: a shard's answers are durable in the shard folder; rerun, it asks only for what is missing.
@@ -39,7 +40,7 @@ def answer_shard(run_dir: Path, section: GenerationSection, template: str, teach
     rows = prompted_rows(section, section.template_text or template, data)[shard::shards]
     local = section.backend is Backend.vllm
     model = model_location(teacher) if local else section.api.model or model_location(teacher)
-    _, _, acct = api_answers(section, model, rows, folder)
+    _, _, acct = api_answers(section, model, rows, folder, api_key=lambda: api_key(section))
     return {"shard": shard, "host": socket.gethostname(), "pid": os.getpid(), **acct.as_dict()}
 
 

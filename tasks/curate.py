@@ -9,13 +9,17 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from data import arithmetic, gsm8k
-from kdflow.curation import drop_report
-from kdflow.curation.pipeline import curate, reason_counts
-from kdflow.store.outputs import OutputRef
-from kdflow.store.stage import Stage
 from kdflow.config.data import DataSource
 from kdflow.config.filters import FiltersSection
+from kdflow.config.generation import Backend
+from kdflow.curation import drop_report
+from kdflow.curation.answers import answer_checker, token_counts
+from kdflow.curation.pipeline import curate, reason_counts
+from kdflow.store.data_files import save_rows
+from kdflow.store.model_folders import model_location
+from kdflow.store.outputs import OutputRef
+from kdflow.store.stage import Stage
+from kdflow.teacher.completion import TeacherBackend
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # The judge filter's template is read from its file here, so that Prefect's key (computed from the task's
@@ -23,44 +27,6 @@ from tasks.caching import STAGE_RESULTS, StageCache
 CURATE = Stage("curate", "2", lambda section, source, answers, teacher=None: {
     "section": section, "source": source.value, "answers": answers, "teacher": teacher,
     "judge_template": section.judge.template_text() if section.judge else None})
-
-
-def answer_checker(source: DataSource):
-    """(check(text, gold) -> bool, extract(text) -> answer | None) for the data source's answer format: the
-    demo's exact ``Answer: N`` checker, or math-verify equivalence for GSM8K-style and free-form answers."""
-    if source is DataSource.arithmetic:
-        return arithmetic.check_answer, arithmetic.extract_answer
-    return gsm8k.check_answer, gsm8k.final_answer
-
-
-def token_counts(rows: list[dict], section: FiltersSection) -> list[int] | None:
-    """Answer lengths for the length filter: in the student's tokenizer when the recipe names one, else the
-    teacher's own count (the demo's students share the teacher's tokenizer)."""
-    if section.length is None:
-        return None
-    if section.length.tokenizer is None:
-        if rows and "completion_tokens" not in rows[0]:
-            raise ValueError("filters.length needs filters.length.tokenizer: these answers carry no completion_tokens")
-        return [0 if pd.isna(r["completion_tokens"]) else int(r["completion_tokens"]) for r in rows]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(section.length.tokenizer)
-    return [len(ids) for ids in tokenizer([r["text"] or "" for r in rows], add_special_tokens=False)["input_ids"]]
-
-
-def teacher_completer(teacher: OutputRef, max_new_tokens: int, batch_size: int):
-    """prompts -> replies from the HF teacher (the judge); an API backend plugs in with the same signature."""
-    from kdflow.teacher.hf_generate import generate, load
-    from kdflow.store.model_folders import model_location
-
-    model, tokenizer = load(model_location(teacher))
-    return lambda prompts: [o["text"] for o in generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
-
-
-def save_rows(rows: list[dict], columns: list[str], path: Path) -> None:
-    # Explicit columns: an empty drops dataset still has the schema of the answers plus the reasons.
-    extra = [c for r in rows for c in r if c not in columns]
-    pd.DataFrame(rows, columns=list(dict.fromkeys(columns + extra))).to_parquet(path, index=False)
 
 
 @task(cache_policy=StageCache(CURATE), **STAGE_RESULTS, task_run_name="filter_answers[{source.value}]")
@@ -76,7 +42,9 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
     if section.judge is not None:
         if teacher is None:
             raise ValueError("filters.judge is set but no teacher was passed to the curate stage")
-        complete = teacher_completer(teacher, section.judge.max_new_tokens, section.judge_batch_size)
+        # The HF teacher judges (an API backend would plug in through the same TeacherBackend).
+        judge = TeacherBackend(Backend.hf, model_location(teacher), batch_size=section.judge_batch_size)
+        complete = judge.completer(section.judge.max_new_tokens)
     check, extract = answer_checker(source)
     kept, dropped = curate(rows, section, check, extract, token_counts(rows, section), judge_template, complete)
     counts = reason_counts(dropped)

@@ -18,7 +18,8 @@ from kdflow.store.outputs import building, existing_output, finish
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
-from tasks.evaluate import TooManyJudgeFailures, judge_students, reply_folder
+from kdflow.evaluation.judge import TooManyJudgeFailures
+from tasks.evaluate import judge_students, reply_folder
 
 QUESTIONS = [{"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)]
 # What each model answered (its evaluate-stage predictions): a judge that reads the answers prefers RIGHT.
@@ -170,7 +171,7 @@ def test_a_local_judge_is_served_by_the_stage_under_its_path(run, monkeypatch, t
             served.append((str(model_dir), kw))
             yield fake.url + "/v1"
 
-        monkeypatch.setattr("tasks.evaluate.vllm_server", fake_server)
+        monkeypatch.setattr("kdflow.teacher.completion.vllm_server", fake_server)
         section = EvaluationSection.Judge(backend="vllm", model=str(folder), vllm={"extra_args": ["--dtype", "float32"]})
         run_dir, data, students, teacher = run
         ref = judge_students.fn(run_dir, section, students, teacher, data, "test")

@@ -58,7 +58,7 @@ def test_malformed_parquet_names_the_row_and_unknown_formats_say_what_is_read(tm
 
 def test_a_lone_surrogate_names_the_row_and_field(tmp_path):
     from kdflow.store.data_files import check_utf8
-    from tasks.generate import answer_table
+    from kdflow.teacher.generation import answer_table
 
     path = write_jsonl(tmp_path / "rows.jsonl", [ROWS[0], {"question": "ok", "answer": "caf\udce9"}])
     with pytest.raises(DataError, match=r"rows.jsonl:2: field 'answer' holds a lone surrogate at character 3"):

@@ -55,7 +55,7 @@ def test_a_response_the_client_could_not_validate_is_retried():
 @pytest.mark.parametrize("fault", MALFORMED)
 def test_a_malformed_reply_that_clears_up_is_retried_into_an_answer(tmp_path, fault):
     """Every request is answered with ``fault`` once, then forwarded to the teacher."""
-    from tasks.generate import api_answers
+    from kdflow.teacher.generation import api_answers
 
     rows = stage_rows()
     with FakeTeacher() as fake, FaultProxy(fake.url, rate=1.0, faults=(fault,), first=1) as proxy:

@@ -208,7 +208,7 @@ def test_generation_section_validates_and_keys_on_content_only():
 
 
 def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(tmp_path):
-    from tasks.generate import TooManyFailures, check_failures, failure_table
+    from kdflow.teacher.generation import TooManyFailures, check_failures, failure_table
 
     s = section(backend="openai", api={"base_url": "http://x/v1", "max_failure_fraction": 0.1})
     rows = [{"id": f"r{i}", "split": "train", "question": "q", "answer": "1", "sample": 0, "prompt": "p",
@@ -228,7 +228,7 @@ def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(
 def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_path):
     """api_answers (the generate stage's durable path, no Prefect) against a fake teacher behind the fault proxy."""
     from fault_proxy import FakeTeacher, FaultProxy
-    from tasks.generate import api_answers
+    from kdflow.teacher.generation import api_answers
 
     rows = [{"id": f"r{i}", "split": "prompts", "question": f"{i} {{{{ 7*7 }}}}", "answer": "1", "sample": s,
              "prompt": f"q{i}", "teacher_prompt": f"q{i} {{{{ 7*7 }}}} #{s}"} for i in range(30) for s in range(2)]

@@ -212,7 +212,7 @@ import json, sys
 from pathlib import Path
 from kdflow.store.outputs import OutputRef
 from kdflow.config.generation import GenerationSection
-from tasks.generate import api_answers, prompted_rows
+from kdflow.teacher.generation import api_answers, prompted_rows
 spec = json.loads(Path(sys.argv[1]).read_text())
 section = GenerationSection(**spec["section"])
 rows = prompted_rows(section, spec["template"], OutputRef(**spec["data"]))

@@ -164,3 +164,26 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def flops(config, context: float) -> dict:
+    """FLOPs per token, or why the formula does not apply to this architecture (the other figures stand)."""
+    try:
+        return {"flops_per_token": flops_per_token(config, context)}
+    except ValueError as e:
+        return {"flops_per_token": None, "flops_skipped": str(e)}
+
+
+def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int, repeats: int) -> dict[str, dict]:
+    """Parameters, FLOPs/token, size on disk, peak memory, latency and throughput of every model, measured back to
+    back here (timings of different runs or machines do not compare). ``prompts``: one throughput batch."""
+    from kdflow.teacher.hf_generate import load
+    from kdflow.training.tiny_models import count_params
+
+    loaded = {name: load(d) for name, d in model_dirs.items()}
+    if torch.cuda.is_available():  # cost is measured on the device the models would be served from
+        loaded = {name: (net.to("cuda"), tok) for name, (net, tok) in loaded.items()}
+    measured = measure_all(loaded, prompts[0], prompts, latency_tokens, repeats)
+    return {name: {"params": count_params(net), **flops(net.config, measured[name]["context"]),
+                   "size_bytes": size_on_disk(model_dirs[name]), **measured[name]}
+            for name, (net, _) in loaded.items()}

@@ -11,6 +11,8 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
+
 
 class DataError(ValueError):
     pass
@@ -147,3 +149,9 @@ def _hub(name: str, split: str, n: int | None) -> list[tuple[int, dict]]:
         raise DataError(f"{name}: could not load this hub dataset ({e}); download it and point the recipe at "
                         "the local files instead") from None
     return list(enumerate(data.to_list(), 1))
+
+
+def save_rows(rows: list[dict], columns: list[str], path: Path) -> None:
+    """``rows`` as a parquet file with ``columns`` first, so that an empty dataset (no drops) still has its schema."""
+    extra = [c for r in rows for c in r if c not in columns]
+    pd.DataFrame(rows, columns=list(dict.fromkeys(columns + extra))).to_parquet(path, index=False)

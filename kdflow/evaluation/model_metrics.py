@@ -1,0 +1,43 @@
+"""One model's quality on a split, without Prefect: accuracy (greedy), pass@k where asked, perplexity on the gold
+rationales and agreement with the teacher — what the evaluate stage records."""
+
+from __future__ import annotations
+
+import time
+
+from kdflow.config.evaluation import EvaluationSection
+from kdflow.evaluation.quality import (accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k,
+                                       score_reference)
+from kdflow.teacher.hf_generate import load
+from kdflow.training.tiny_models import count_params
+
+
+def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int) -> dict:
+    """Perplexity on the split's gold rationales, and agreement with the teacher where the vocabularies match.
+    ``teacher_dir`` None: the model is the teacher (agreement 1 and KL 0 by definition, and measured so)."""
+    sequences = reference_sequences(tokenizer, rows, template)
+    if teacher_dir is None:
+        return score_reference(net, tokenizer, sequences, batch_size, teacher=net)
+    t_net, t_tokenizer = load(teacher_dir)
+    if not same_vocabulary(tokenizer, t_tokenizer):
+        return {**score_reference(net, tokenizer, sequences, batch_size),
+                "agreement_skipped": "the student's tokenizer differs from the teacher's"}
+    return score_reference(net, tokenizer, sequences, batch_size, teacher=t_net)
+
+
+def evaluate(model_dir: str, teacher_dir: str | None, rows: list[dict], template: str, check,
+             section: EvaluationSection) -> tuple[dict, list[dict]]:
+    """(metrics, one prediction per row) for the model in ``model_dir``; ``check(text, gold) -> bool``."""
+    net, tokenizer = load(model_dir)
+    start = time.perf_counter()
+    acc, predictions = accuracy(net, tokenizer, rows, template, check, section.max_new_tokens, section.batch_size)
+    metrics = {"accuracy": acc, "params": count_params(net), "rows": len(rows), "split": section.split}
+    if section.pass_at_k:
+        metrics["pass_at_k"], correct = sampled_pass_at_k(net, tokenizer, rows, template, check, section.pass_at_k,
+                                                          section.pass_samples, section.temperature,
+                                                          section.max_new_tokens, section.batch_size)
+        metrics |= {"k": section.pass_at_k, "samples": section.pass_samples}
+        predictions = [{**p, "correct_samples": c} for p, c in zip(predictions, correct)]
+    metrics |= reference_metrics(net, tokenizer, teacher_dir, rows, template, section.batch_size)
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    return metrics, predictions
