@@ -29,7 +29,8 @@ from kdflow.store.outputs import OutputRef
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.recipe import load_recipe
-from tasks.capture import CAPTURE, capture_logits, capture_member, capture_setup, shard_logger
+from kdflow.logit_cache.capture import capture_member, capture_setup
+from tasks.capture import CAPTURE, capture_logits, shard_logger
 
 
 def part_folder(work: Path, part: int, member: int) -> Path:

@@ -153,7 +153,7 @@ def test_api_top_logprobs_records_become_a_cache_row():
 
 
 def test_api_records_come_from_the_generate_stages_columns():
-    from tasks.capture import api_records
+    from kdflow.logit_cache.capture import api_records
 
     row = {"id": "q", "sample": 0, "token_ids": [7, 2], "token_logprobs": [-0.1, -0.2],
            "top_ids": [[7, 8], [2, 3]], "top_logprobs": [[-0.1, -2.5], [-0.2, -1.8]]}
