@@ -17,7 +17,8 @@ from kdflow.config.fields import ROOT
 from kdflow.config.self_instruct import load_self_instruct_recipe
 from tasks.curate import filter_answers
 from tasks.generate import generate_answers
-from tasks.self_instruct import make_expansion_prompts, pick_instructions, read_seeds
+from kdflow.curation.expansion import read_seeds
+from tasks.self_instruct import make_expansion_prompts, pick_instructions
 from tasks.teacher import use_existing_teacher
 
 INSTRUCT = (ROOT / "prompts" / "instruct.jinja").read_text()  # the prompt as it is (it is already a full prompt)

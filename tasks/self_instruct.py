@@ -3,18 +3,17 @@ and the new instructions picked from its replies (parsed, deduplicated against t
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
-from kdflow.store.data_files import load_rows
+from kdflow.config.self_instruct import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection
+from kdflow.curation.expansion import expansion_prompts
+from kdflow.curation.expansion import pick_instructions as pick
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
-from kdflow.curation.expansion import candidates, dedup_instructions, expansion_prompts
-from kdflow.config.self_instruct import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection, SeedsSection
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # ``template``: the expansion prompt's text (the flow reads it from section.template), so an edit reruns the stage.
@@ -22,12 +21,6 @@ PROMPTS = Stage("self-instruct-prompts", "1", lambda section, template, seeds: {
     "section": section, "template": template, "seeds": seeds})
 INSTRUCTIONS = Stage("self-instruct-instructions", "1", lambda section, seeds, written: {
     "section": section, "seeds": seeds, "written": written})
-
-
-def read_seeds(section: SeedsSection) -> list[str]:
-    """The seed instructions (a malformed file fails naming its line)."""
-    rows = load_rows(section.location(), required=(section.field,), prompt_field=section.field)
-    return [r[section.field].strip() for r in rows]
 
 
 @task(cache_policy=StageCache(PROMPTS), **STAGE_RESULTS,
@@ -52,23 +45,18 @@ def pick_instructions(run_dir: Path, section: ExpansionSection, seeds: list[str]
     if out.done:
         return out.done
     replies = pd.read_parquet(Path(written.path) / "answers.parquet").to_dict("records")
-    found, unusable = candidates(replies, section.min_words, section.max_words)
-    kept, copies = dedup_instructions(found, seeds, section.threshold, section.ngram)
-    dropped = unusable + copies
-    counts = dict(Counter(reason for row in dropped for reason in row["reasons"]))
-    instructions = [{"id": f"instruction-{i:06d}", "question": r["instruction"], "answer": "", "source": r["source"]}
-                    for i, r in enumerate(kept)]
+    picked = pick(replies, seeds, section)
+    instructions, dropped, counts = picked["instructions"], picked["dropped"], picked["counts"]
     with out.building() as tmp:
         pd.DataFrame(instructions, columns=["id", "question", "answer", "source"]).to_parquet(
             tmp / f"{ANSWER_SPLIT}.parquet", index=False)
         pd.DataFrame(dropped, columns=["source", "instruction", "text", "reasons", "detail"]).to_parquet(
             tmp / "dropped.parquet", index=False)
-        out.finish(tmp, rows=len(kept), replies=len(replies),
-                   candidates=len(found) + sum(r["instruction"] != "" for r in unusable), kept=len(kept),
-                   dropped=len(dropped), drop_reasons=counts)
+        out.finish(tmp, rows=len(instructions), replies=len(replies), candidates=picked["candidates"],
+                   kept=len(instructions), dropped=len(dropped), drop_reasons=counts)
     create_table_artifact(
         key="self-instruct-drops",
-        table=[{"reason": r, "rows": n} for r, n in sorted(counts.items())] + [{"reason": "(kept)", "rows": len(kept)}],
+        table=[{"reason": r, "rows": n} for r, n in sorted(counts.items())] + [{"reason": "(kept)", "rows": len(instructions)}],
         description=f"New instructions from {len(replies)} teacher replies: kept, and dropped by reason",
     )
     return out.ref()

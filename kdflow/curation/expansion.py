@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 from kdflow.curation.dedup import exact_duplicates, near_duplicates
 from kdflow.curation.filters import Reason
+from kdflow.config.self_instruct import ExpansionSection, SeedsSection
 from kdflow.config.templates import render
+from kdflow.store.data_files import load_rows
 
 ITEM_RE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s*(.+?)\s*$")  # "4. Write ...", "5) ...", "- ..."
 
@@ -74,3 +77,22 @@ def dedup_instructions(rows: list[dict], seeds: list[str], threshold: float, ngr
             kept.append(row)
     assert len(kept) + len(dropped) == len(rows)
     return kept, dropped
+
+
+def read_seeds(section: SeedsSection) -> list[str]:
+    """The seed instructions (a malformed file fails naming its line)."""
+    rows = load_rows(section.location(), required=(section.field,), prompt_field=section.field)
+    return [r[section.field].strip() for r in rows]
+
+
+def pick_instructions(replies: list[dict], seeds: list[str], section: ExpansionSection) -> dict:
+    """The teacher's replies -> ``instructions`` (rows a generate stage can answer), ``dropped`` (every candidate
+    or reply not kept, with its reasons), ``counts`` by reason and ``candidates`` (lines that parsed)."""
+    found, unusable = candidates(replies, section.min_words, section.max_words)
+    kept, copies = dedup_instructions(found, seeds, section.threshold, section.ngram)
+    dropped = unusable + copies
+    instructions = [{"id": f"instruction-{i:06d}", "question": r["instruction"], "answer": "", "source": r["source"]}
+                    for i, r in enumerate(kept)]
+    return {"instructions": instructions, "dropped": dropped,
+            "counts": dict(Counter(reason for row in dropped for reason in row["reasons"])),
+            "candidates": len(found) + sum(r["instruction"] != "" for r in unusable)}
