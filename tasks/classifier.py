@@ -12,17 +12,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
-from safetensors.torch import load_file, save_file
-
-from kdflow.classic import hf as classifier_hf
+from safetensors.torch import load_file
 
 from kdflow.classic import digits as classifier_kd
-from kdflow.classic.digits import SPLITS, Split
-from kdflow.config.classic import MLP, ClassifierData, DataSection, DistillSection, Transformer
+from kdflow.classic.fit import LOGITS, fit, metrics_of, read_logits, write_splits
+from kdflow.config.classic import MLP, DataSection, DistillSection, Transformer
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
@@ -32,7 +29,6 @@ DATA = Stage("classifier-data", "1", lambda section: {"section": section})
 TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed})
 STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill, seed: {
     "model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed})
-LOGITS = "logits.safetensors"
 
 
 @task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="classifier_data[{section.source.value}]")
@@ -43,64 +39,10 @@ def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
     if out.done:
         return out.done
     with out.building() as tmp:
-        if section.source is ClassifierData.digits:
-            splits = classifier_kd.load_digits_splits(section.seed, section.test_fraction, section.val_fraction)
-        else:
-            tokenizer = classifier_hf.word_tokenizer()
-            splits, rows = classifier_hf.load_review_splits(section.rows, section.seed, section.test_fraction,
-                                                            section.val_fraction, tokenizer)
-            tokenizer.save_pretrained(tmp / "tokenizer")
-            with open(tmp / "rows.jsonl", "w") as f:
-                f.writelines(json.dumps({**r, "split": name}) + "\n" for name, part in rows.items() for r in part)
-        save_file({f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
-                  tmp / "splits.safetensors")
+        splits = write_splits(section, tmp)
         counts = {name: len(s) for name, s in splits.items()}
         out.finish(tmp, rows=sum(counts.values()), splits=counts, source=section.source.value)
     return out.ref()
-
-
-def read_splits(data: OutputRef) -> dict[str, Split]:
-    tensors = load_file(Path(data.path) / "splits.safetensors")
-    return {name: Split(tensors[f"{name}.x"], tensors[f"{name}.y"]) for name in SPLITS}
-
-
-def read_logits(ref: OutputRef, split: str) -> torch.Tensor:
-    return load_file(Path(ref.path) / LOGITS)[split]
-
-
-def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher_logits: torch.Tensor | None = None,
-        alpha: float = 1.0, temperature: float = 1.0) -> int:
-    """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split
-    (``logits.safetensors``); returns its parameter count."""
-    splits = read_splits(data)
-    kd = dict(teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
-    if isinstance(model, MLP):
-        classes = int(splits["train"].y.max()) + 1
-        net = classifier_kd.mlp(splits["train"].x.shape[1], model.hidden, classes, model.dropout, seed)
-        t = model.training
-        training = classifier_kd.Training(t.epochs, t.batch_size, t.learning_rate, t.weight_decay)
-        classifier_kd.train(net, splits["train"], training, seed, **kd)
-        save_file(net.state_dict(), out / "model.safetensors")
-        logits = {name: classifier_kd.predict_logits(net, s.x) for name, s in splits.items()}
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
-        pad = tokenizer.pad_token_id
-        net = classifier_hf.sequence_classifier(tokenizer, model.hidden, model.layers, model.heads,
-                                                model.intermediate, seed)
-        classifier_hf.train_classifier(net, splits["train"], pad, model.training, out, seed, **kd)
-        net.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        logits = {name: classifier_hf.predict_logits(net, s.x, pad) for name, s in splits.items()}
-    save_file({name: z.contiguous() for name, z in logits.items()}, out / LOGITS)
-    return classifier_kd.count_params(net)
-
-
-def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
-    """Accuracy and error counts on val and test."""
-    splits = read_splits(data)
-    return {name: classifier_kd.accuracy(logits[name], splits[name].y) for name in ("val", "test")}
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip.
