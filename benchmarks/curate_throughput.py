@@ -13,7 +13,6 @@ Results go to benchmarks/results/curate_throughput.json; the line printed last i
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from data import arithmetic  # noqa: E402
 from data import gsm8k  # noqa: E402
@@ -33,6 +33,7 @@ from kdflow.config.filters import FiltersSection  # noqa: E402
 
 ROWS, VERIFY_ROWS, DEMO_ROWS, REPEATS = 100_000, 5_000, 9_000, 3
 WORDS = [f"w{i}" for i in range(2_000)] + ["add", "then", "so", "total", "each", "per", "and"]
+from results import save  # noqa: E402
 
 
 def synthetic(n: int, seed: int = 0) -> list[dict]:
@@ -115,9 +116,7 @@ def main() -> None:
         "math_verify_rows_per_s": round(VERIFY_ROWS / verify_s), "math_verify_accepted": verified,
         "demo_stage_seconds_9000_rows": round(demo_s, 2),
     }
-    out = ROOT / "benchmarks" / "results" / "curate_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save("curate_throughput", result)
     print(f"per-row filters: {result['per_row_filters_kept']} kept, {result['per_row_filters_dropped']} dropped of {ROWS}")
     print(f"dedup (exact + MinHash near, question+answer): {result['dedup_dropped']} dropped, "
           f"{result['dedup_rows_per_s']:,} rows/s, peak {result['dedup_peak_mib']} MiB "

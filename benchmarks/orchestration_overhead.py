@@ -12,8 +12,6 @@ Prints the medians, then, last, the ratio flow / direct.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import tempfile
@@ -22,9 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts it slowly
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import prefect_env  # noqa: E402,F401  (before anything imports prefect)
+from results import save  # noqa: E402
 
 
 def recipe_in(root: Path) -> str:
@@ -92,9 +90,7 @@ def main() -> None:
     flow_s, direct_s = statistics.median(times["flow"]), statistics.median(times["direct"])
     result = {"reps": args.reps, "server_start_s": round(server_start, 2), "flow_median_s": round(flow_s, 2),
               "direct_median_s": round(direct_s, 2), "ratio_flow_over_direct": round(flow_s / direct_s, 3)}
-    out = ROOT / "benchmarks" / "results" / "orchestration_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**result, "times": times}, indent=2))
+    save("orchestration_overhead", {**result, "times": times})
     print(f"temporary Prefect server start (once, excluded): {server_start:.1f} s")
     print(f"median through the flow: {flow_s:.2f} s, stage functions called directly: {direct_s:.2f} s")
     print(f"orchestration overhead ratio (flow / direct): {flow_s / direct_s:.3f}")

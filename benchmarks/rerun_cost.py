@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -28,10 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts it slowly
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import prefect_env  # noqa: E402  (before anything imports prefect)
+from results import save  # noqa: E402
 
 
 def recipe_copy(recipe: Path, root: Path) -> str:
@@ -79,16 +77,12 @@ def main() -> None:
     parser.add_argument("--completed", default="recipes/demo.yaml", help="a recipe whose run folder is finished")
     args = parser.parse_args()
 
-    from prefect import flow
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     from flows.distill import distill
     from kdflow.config.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-rerun-"))
-    flow(name="warm-up")(lambda: None)()  # the temporary local server starts once, outside every timing
     result: dict = {"reps": args.reps}
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with prefect_env.warm_server():
         mini = recipe_copy(ROOT / "tests" / "mini.yaml", work / "fresh")
         first = timed(distill, mini)
         reruns = [timed(distill, mini) for _ in range(args.reps)]
@@ -98,9 +92,7 @@ def main() -> None:
 
         completed = ROOT / args.completed
         run_dir = load_recipe(completed).run_dir
-        out = ROOT / "benchmarks" / "results" / "rerun_cost.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))  # the fresh figure is kept even if what follows is stopped
+        save("rerun_cost", result)  # the fresh figure is kept even if what follows is stopped
         if not matches(completed, run_dir):
             print(f"{run_dir} was not made with {args.completed} as it is now (its teacher differs): a rerun would "
                   "recompute, so no figure for it; run `make demo` first")
@@ -118,7 +110,7 @@ def main() -> None:
         else:
             print(f"{run_dir} has no report.json: run `make demo` first for the demo's figure")
 
-    out.write_text(json.dumps(result, indent=2))
+    save("rerun_cost", result)
     print(f"rerun / first run, mini: {result['fresh']['ratio']:.3f}")
     if "completed" in result:
         print(f"rerun / first run, {args.completed}: {result['completed']['ratio']:.4f}")

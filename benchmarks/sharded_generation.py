@@ -12,7 +12,6 @@ Prints the medians, then, last, the speed-up (1 worker / 2 workers).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,11 +21,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine starts it slowly
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import prefect_env  # noqa: E402,F401  (before anything imports prefect)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from results import save  # noqa: E402
 
 
 def recipe_in(root: Path, teacher_dir: Path, base_url: str, model: str, prompts: int, concurrency: int) -> str:
@@ -98,9 +96,7 @@ def main() -> None:
     result = {"reps": args.reps, "prompts": args.prompts, "teacher": args.base_url or f"fake, {args.delay_ms} ms/request",
               "concurrency_per_worker": args.concurrency, "median_1_worker_s": round(one, 2),
               "median_2_workers_s": round(two, 2), "speedup_2_over_1": round(one / two, 3), "times": times}
-    out = ROOT / "benchmarks" / "results" / "sharded_generation.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save("sharded_generation", result)
     print(f"median wall time, {args.prompts} requests: 1 worker {one:.2f} s, 2 workers {two:.2f} s")
     print(f"speed-up, 2 Dask workers over 1: {one / two:.2f}")
 

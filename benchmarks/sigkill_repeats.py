@@ -37,6 +37,7 @@ from kdflow.teacher.generation import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
 """
+from results import save  # noqa: E402
 
 
 def repeated(before: Counter, now: Counter) -> int:
@@ -100,9 +101,7 @@ def main() -> None:
               "repeats_per_kill": per_kill, "total_requests_sent": sum(proxy.bodies.values()),
               "final_run_retries": acct.retries,
               "max_repeats_over_concurrency": round(max(per_kill) / args.concurrency, 3)}
-    out = ROOT / "benchmarks" / "results" / "sigkill_repeats.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save("sigkill_repeats", result)
     print(f"{args.kills} SIGKILLs over {args.requests} requests at concurrency {args.concurrency}: repeats per kill "
           f"{per_kill}, {sum(proxy.bodies.values())} requests sent in all; exactly one answer per (prompt, sample)")
     print(f"max repeated requests per kill / concurrency limit: {max(per_kill) / args.concurrency:.3f}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import build_tiny_teacher  # noqa: E402  (also sets PREFECT_HOME & co. before prefect is imported)
 
 COT = "Solve step by step: {{ question }}"
+from results import save  # noqa: E402
 
 
 def questions(n: int) -> list[dict]:
@@ -103,9 +103,7 @@ def main() -> None:
     result = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
               "reps": args.reps, "stage_requests_per_s": round(stage, 2), "bare_requests_per_s": round(bare, 2),
               "ratio_stage_over_bare": round(stage / bare, 3), "rates": rates}
-    out = ROOT / "benchmarks" / "results" / "teacher_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save("teacher_throughput", result)
     print(f"median: stage {stage:.1f} requests/s, bare asyncio openai client {bare:.1f} requests/s "
           f"({args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens})")
     print(f"teacher throughput ratio (stage / bare client): {stage / bare:.3f}")

@@ -13,7 +13,6 @@ fresh `make demo` process starts with none. Goal: ratio <= 1.5 and the verified 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -25,10 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-bench-prefect-"))
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import prefect_env  # noqa: E402  (before anything imports prefect)
+from results import save  # noqa: E402
 
 
 def folder_bytes(run_dir: Path) -> tuple[int, int]:
@@ -43,19 +40,15 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/demo.yaml", help="a recipe whose run folder is finished")
     args = parser.parse_args()
 
-    from prefect import flow
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
     from flows.distill import distill
     from kdflow.store import outputs
     from kdflow.config.recipe import load_recipe
     from rerun_cost import matches, recipe_copy
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-verify-"))
-    flow(name="warm-up")(lambda: None)()  # the temporary local server starts once, outside every timing
     completed = ROOT / args.recipe
     run_dir = load_recipe(completed).run_dir
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with prefect_env.warm_server():
         if (run_dir / "report.json").is_file() and matches(completed, run_dir):
             shutil.copytree(run_dir, work / "copy" / run_dir.name)
             recipe, name = recipe_copy(completed, work / "copy"), args.recipe
@@ -80,9 +73,7 @@ def main() -> None:
     result = {"recipe": name, "reps": args.reps, "outputs_files": files, "outputs_bytes": size,
               "hash_budget_bytes": outputs.HASH_BUDGET_BYTES, "off_s": [round(t, 2) for t in times["off"]],
               "full_s": [round(t, 2) for t in times["full"]], "ratio": round(full / off, 3)}
-    out = ROOT / "benchmarks" / "results" / "verify_outputs.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save("verify_outputs", result)
     print(f"{name}: {files} output files, {size / 2**20:.1f} MiB; unchanged rerun median: "
           f"verification off {off:.2f} s, on {full:.2f} s (goal: on < 60 s)")
     print(f"rerun with verification / without: {full / off:.3f} (goal <= 1.5)")

@@ -13,7 +13,6 @@ they all ask the one at `logit_cache.base_url`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+
+from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.logit_cache.parts import join_parts, part_bounds
@@ -64,7 +65,7 @@ def join_cache(run_dir: Path, section: LogitCacheSection, template: str, teacher
 
 @flow(name="capture-sharded")
 def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> OutputRef:
-    """Run under a DaskTaskRunner (see ``main``); ``parts``: one per worker is plenty."""
+    """Run under a DaskTaskRunner (`kdflow logit-cache-sharded` makes one); ``parts``: one per worker is plenty."""
     r = load_recipe(recipe)
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
@@ -78,20 +79,5 @@ def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> 
     return capture_logits(run, section, cot, teacher, curated)
 
 
-def main() -> None:
-    from prefect_dask import DaskTaskRunner
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("recipe")
-    parser.add_argument("--run-dir")
-    parser.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
-    parser.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
-    parser.add_argument("--parts", type=int, help="default: one per local worker")
-    args = parser.parse_args()
-    runner = (DaskTaskRunner(address=args.address) if args.address else
-              DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
-    print(capture_sharded.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers))
-
-
 if __name__ == "__main__":
-    main()
+    run_as_script("logit-cache-sharded")  # the same arguments and --help as `kdflow logit-cache-sharded`

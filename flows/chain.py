@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.train_teacher import train_teacher
-from kdflow.config.recipe import Recipe
+from kdflow.config.recipe import Recipe, load_recipe
 from kdflow.store.outputs import OutputRef
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
@@ -20,6 +20,13 @@ from tasks.data import make_data
 from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
+
+
+def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
+    """A stage flow rerun alone: the recipe, and the run folder to take inputs from and write to (the recipe's
+    unless ``run_dir`` names another)."""
+    r = load_recipe(recipe)  # a bad recipe fails here, before any work
+    return r, Path(run_dir) if run_dir else r.run_dir
 
 
 @dataclass

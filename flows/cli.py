@@ -32,18 +32,29 @@ COMMANDS = {
                    "(a classifier recipe)"),
     "classifier-sweep": ("flows.classifier_sweep", "classifier_sweep", "classic KD over temperatures and seeds"),
 }
-TAKES_RUN_DIR = {"generate", "curate", "students", "evaluate"}  # the others recompute their inputs (cached)
+# Sharded over a Dask cluster: a local one of --workers processes, or an existing one at --address.
+SHARDED = {
+    "generate-sharded": ("flows.generate_sharded", "generate_sharded", "the teacher's requests sharded over a Dask "
+                         "cluster"),
+    "logit-cache-sharded": ("flows.capture_sharded", "capture_sharded", "the logit capture sharded over a Dask "
+                            "cluster"),
+}
+TAKES_RUN_DIR = {"generate", "curate", "students", "evaluate", *SHARDED}  # the others recompute their inputs (cached)
 
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(prog="kdflow", description=__doc__.split("\n\n")[0],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = cli.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, _, what) in COMMANDS.items():
+    for name, (_, _, what) in {**COMMANDS, **SHARDED}.items():
         sub = commands.add_parser(name, help=what, description=what)
         sub.add_argument("recipe", help="the recipe YAML")
         if name in TAKES_RUN_DIR:
             sub.add_argument("--run-dir", help="the run folder to take inputs from and write to (default: the recipe's)")
+        if name in SHARDED:
+            sub.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
+            sub.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
+            sub.add_argument("--parts", type=int, help="how many parts the work is cut into (default: --workers)")
         if name == "distill":
             sub.add_argument("--seeds", type=int, nargs="+",
                              help="train and evaluate every student once per seed (overrides the recipe's run.seeds)")
@@ -59,9 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         from kdflow.reporting.compare import main as compare
 
         return compare([*args.runs, *(["--out", args.out] if args.out else [])])
-    module, name, _ = COMMANDS[args.command]
+    module, name, _ = {**COMMANDS, **SHARDED}[args.command]
     stage_flow = getattr(importlib.import_module(module), name)  # imported late: Prefect and torch take seconds
-    if args.command == "distill":
+    if args.command in SHARDED:
+        from prefect_dask import DaskTaskRunner
+
+        runner = (DaskTaskRunner(address=args.address) if args.address else
+                  DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
+        result = stage_flow.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers)
+    elif args.command == "distill":
         result = stage_flow(args.recipe, args.seeds)
     elif getattr(args, "run_dir", None):
         result = stage_flow(args.recipe, args.run_dir)

@@ -6,13 +6,10 @@ each student the recipe names, evaluated and measured back to back, then report.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
-from flows.chain import evaluate_and_report
+from flows.chain import evaluate_and_report, recipe_and_run
 from flows.cli import run_as_script
-from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
 
 
@@ -20,8 +17,7 @@ from kdflow.store import run_folder
 @flow(name="evaluate")
 def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> dict:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's). Returns the report."""
-    r = load_recipe(recipe)
-    run = Path(run_dir) if run_dir else r.run_dir
+    r, run = recipe_and_run(recipe, run_dir)
     data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
     models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
     return evaluate_and_report(run, r, models, data, curated)

@@ -6,15 +6,13 @@ settings, from the run's finished data and teacher outputs (found by their manif
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
+from flows.chain import recipe_and_run
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
-from kdflow.config.recipe import load_recipe
 from tasks.generate import generate_answers
 
 
@@ -22,8 +20,7 @@ from tasks.generate import generate_answers
 @flow(name="generate")
 def generate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> OutputRef:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
-    r = load_recipe(recipe)
-    run = Path(run_dir) if run_dir else r.run_dir
+    r, run = recipe_and_run(recipe, run_dir)
     data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
     return generate_answers(run, r.generation, r.prompts.cot_text(), teacher, data)
 

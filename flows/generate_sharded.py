@@ -13,7 +13,6 @@ With the `vllm` backend every worker starts the teacher's vLLM server on its own
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from pathlib import Path
@@ -21,6 +20,8 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+
+from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
@@ -46,7 +47,7 @@ def answer_shard(run_dir: Path, section: GenerationSection, template: str, teach
 
 @flow(name="generate-sharded")
 def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -> OutputRef:
-    """Run under a DaskTaskRunner (see ``main``); ``shards``: one per worker is plenty."""
+    """Run under a DaskTaskRunner (`kdflow generate-sharded` makes one); ``shards``: one per worker is plenty."""
     r = load_recipe(recipe)
     if r.generation.backend is Backend.hf:
         raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
@@ -59,20 +60,5 @@ def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -
     return generate_answers(run, r.generation, cot, teacher, data)
 
 
-def main() -> None:
-    from prefect_dask import DaskTaskRunner
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("recipe")
-    parser.add_argument("--run-dir")
-    parser.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
-    parser.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
-    parser.add_argument("--shards", type=int, help="default: one per local worker")
-    args = parser.parse_args()
-    runner = (DaskTaskRunner(address=args.address) if args.address else
-              DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
-    print(generate_sharded.with_options(task_runner=runner)(args.recipe, args.run_dir, args.shards or args.workers))
-
-
 if __name__ == "__main__":
-    main()
+    run_as_script("generate-sharded")  # the same arguments and --help as `kdflow generate-sharded`

@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 from flows.cli import run_as_script
 from flows.chain import evaluate_models, upstream
 from kdflow.reporting import sweep as sw
-from kdflow.store.outputs import OutputRef
+from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.config.recipe import load_recipe
 from kdflow.config.sweep import load_sweep
-from tasks.report import artifact_key, write_atomic
 from kdflow.training.student import student_inputs, student_rows
 from tasks.students import train_student
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.chain import recipe_and_run
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
-from kdflow.config.recipe import load_recipe
 from kdflow.config.student import StudentSection
 from kdflow.training.student import needs_curated, needs_logit_cache, student_inputs
 from tasks.students import train_student
@@ -34,8 +34,8 @@ def inputs_from_run(run: Path, students: list[StudentSection]) -> tuple[OutputRe
 @flow(name="train-students")
 def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> dict[str, OutputRef]:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
-    r = load_recipe(recipe)
-    run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
+    r, run = recipe_and_run(recipe, run_dir)
+    cot = r.prompts.cot_text()
     data, teacher, curated, logits = inputs_from_run(run, r.students)
     return {s.name: train_student(run, s, cot, teacher, data, *student_inputs(s, curated, logits))
             for s in r.student_runs()}

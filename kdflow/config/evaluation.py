@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, ValidationInfo, computed_field, field_serializer, field_validator, model_validator
+from pydantic import Field, computed_field, field_serializer, model_validator
 
-from kdflow.config.fields import SafeName, Strict, check_template, read_template, redact_url
+from kdflow.config.fields import SafeName, Strict, Template, read_template, redact_url
 from kdflow.config.generation import Backend, VllmServerSection
 
 
@@ -48,7 +48,7 @@ class EvaluationSection(Strict):
         backend: Backend = Backend.openai
         model: str = Field(description="openai: the served model name; vllm, hf: a local model folder or hub id")
         base_url: str | None = Field(None, description="the API's URL, e.g. https://api.openai.com/v1 (openai only)")
-        template: str = Field("prompts/judge.jinja", description="judge prompt; its reply ends 'Verdict: A|B|tie'")
+        template: Template = Field("prompts/judge.jinja", description="judge prompt; its reply ends 'Verdict: A|B|tie'")
         max_questions: int | None = Field(None, ge=1, description="the first N questions of the split; None: all")
         max_new_tokens: int = Field(256, ge=1, description="room for the judge's reasoning and its verdict line")
         concurrency: int = Field(16, ge=1, description="requests in flight at once (openai, vllm)")
@@ -61,10 +61,6 @@ class EvaluationSection(Strict):
                                             description="the stage fails when more requests than this fail for good")
         vllm: VllmServerSection = VllmServerSection()
 
-        @field_validator("template")
-        @classmethod
-        def _exists(cls, v: str, info: ValidationInfo) -> str:
-            return check_template(v, info)
 
         @computed_field  # in model_dump, hence in the cache key: editing the template re-judges
         @property

@@ -66,3 +66,11 @@ def check_template(path: str | None, info: ValidationInfo | None = None) -> str 
     if path is not None and not (ROOT / _confined(path, info)).is_file():
         raise ValueError(f"no template at {ROOT / path}: point it at a file under prompts/")
     return path
+
+
+def _template_field(path: str, info: ValidationInfo) -> str:
+    return check_template(path, info)  # both parameters required: pydantic passes ``info`` only then
+
+
+# A prompt template's path: it must be a file in the project folder or the recipe's own.
+Template = Annotated[str, AfterValidator(_template_field)]

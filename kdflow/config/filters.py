@@ -7,9 +7,9 @@ import enum
 import re
 from typing import ClassVar
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import ROOT, Strict, check_template
+from kdflow.config.fields import ROOT, Strict, Template
 
 
 class LengthFilter(Strict):
@@ -81,14 +81,10 @@ class SelfConsistency(Strict):
 
 
 class JudgeFilter(Strict):
-    template: str = Field("prompts/judge_filter.jinja", description="judge prompt; its reply ends 'Score: N'")
+    template: Template = Field("prompts/judge_filter.jinja", description="judge prompt; its reply ends 'Score: N'")
     threshold: float = Field(6.0, description="answers scored below this are dropped")
     max_new_tokens: int = Field(64, ge=1)
 
-    @field_validator("template")
-    @classmethod
-    def _exists(cls, v: str, info: ValidationInfo) -> str:
-        return check_template(v, info)
 
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()

@@ -11,23 +11,18 @@ from typing import ClassVar
 
 from pydantic import (
     Field,
-    ValidationInfo,
     computed_field,
     field_serializer,
     field_validator,
     model_validator,
 )
 
-from kdflow.config.fields import ROOT, SafeName, Strict, check_template, read_template, redact_url
+from kdflow.config.fields import ROOT, SafeName, Strict, Template, read_template, redact_url
 
 
 class PromptsSection(Strict):
-    cot: str = Field("prompts/cot.jinja", description="chain-of-thought template, relative to the repo")
+    cot: Template = Field("prompts/cot.jinja", description="chain-of-thought template, relative to the repo")
 
-    @field_validator("cot")
-    @classmethod
-    def _exists(cls, v: str, info: ValidationInfo) -> str:
-        return check_template(v, info)
 
     def cot_text(self) -> str:
         return (ROOT / self.cot).read_text()
@@ -108,13 +103,9 @@ class IclSection(Strict):
 
     k: int = Field(3, ge=1)
     pool_split: SafeName = Field("train", description="split whose questions and gold rationales are the demonstrations")
-    template: str = "prompts/few_shot.jinja"
+    template: Template = "prompts/few_shot.jinja"
     seed: int = 0
 
-    @field_validator("template")
-    @classmethod
-    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return check_template(v, info)
 
     @computed_field  # in model_dump, hence in the cache key: editing the template reruns the stage
     @property
@@ -131,7 +122,7 @@ class GenerationSection(Strict):
     }
     backend: Backend = Backend.hf
     splits: list[SafeName] = Field(description="splits whose questions the teacher answers")
-    template: str | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
+    template: Template | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
     system_prompt: str | None = None
     max_new_tokens: int = Field(96, ge=1)
     temperature: float = Field(0.0, ge=0.0)
@@ -144,10 +135,6 @@ class GenerationSection(Strict):
     vllm: VllmServerSection = VllmServerSection()
     icl: IclSection | None = None
 
-    @field_validator("template")
-    @classmethod
-    def _exists(cls, v: str | None, info: ValidationInfo) -> str | None:
-        return check_template(v, info)
 
     @computed_field  # in model_dump, hence in the cache key
     @property

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from kdflow.config.fields import ROOT, Strict, check_template
+from kdflow.config.fields import ROOT, Strict, Template
 from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import GenerationSection
 from kdflow.config.loading import parse_yaml, read_recipe_file
@@ -27,7 +27,7 @@ class SeedsSection(Strict):
 
 
 class ExpansionSection(Strict):
-    template: str = Field("prompts/self_instruct.jinja")
+    template: Template = Field("prompts/self_instruct.jinja")
     prompts: int = Field(20, ge=1, description="expansion prompts the teacher answers")
     seeds_per_prompt: int = Field(3, ge=1, description="seed instructions shown in each prompt")
     new_per_prompt: int = Field(5, ge=1, description="new instructions asked for in each prompt")
@@ -37,10 +37,6 @@ class ExpansionSection(Strict):
     threshold: float = Field(0.7, gt=0.0, le=1.0, description="MinHash Jaccard (word n-grams) that counts as a near copy")
     ngram: int = Field(2, ge=1, description="instructions are short: word pairs, not the answers' triples")
 
-    @field_validator("template")
-    @classmethod
-    def _exists(cls, v: str, info: ValidationInfo) -> str:
-        return check_template(v, info)  # in the project or the recipe's folder, and there
 
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()

@@ -153,7 +153,6 @@ def quality_table(report: dict) -> list[str]:
     models = _models(report)
     has_pass = any(m.get("pass_at_k") is not None for m in models.values())
     k = next((m["k"] for m in models.values() if m.get("k")), None)
-    baseline = report["gap_closure"]["baseline"]
     head = ["model", "trained on", "accuracy", *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
             "top-1 agreement", "KL(teacher ‖ model)", *(["judge win rate vs teacher"] if _judged(report) else [])]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
