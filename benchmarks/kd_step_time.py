@@ -66,7 +66,8 @@ def prepare(folder: Path, n: int) -> None:
 
     from kdflow.logit_cache.topk import encode_row, hf_topk
     from kdflow.config.logit_cache import ValueEncoding
-    from kdflow.logit_cache.format import cache_meta, capture_shards
+    from kdflow.logit_cache.format import cache_meta
+    from kdflow.logit_cache.writer import capture_shards
     from kdflow.training.tiny_models import llama_model, train_tokenizer
 
     data = rows(n)

@@ -33,8 +33,9 @@ import torch  # noqa: E402
 
 from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk  # noqa: E402
 from kdflow.config.logit_cache import ValueEncoding  # noqa: E402
-from kdflow.logit_cache.format import (LogitCache, TopK, cache_meta, capture_shards,  # noqa: E402
-                                kl_full_vs_cache, rebuild_logprobs)
+from kdflow.logit_cache.format import TopK, cache_meta, kl_full_vs_cache, rebuild_logprobs  # noqa: E402
+from kdflow.logit_cache.reader import LogitCache  # noqa: E402
+from kdflow.logit_cache.writer import capture_shards  # noqa: E402
 from kdflow.config.templates import chat  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -38,7 +38,9 @@ import torch  # noqa: E402
 import kdflow.logit_cache.topk  # noqa: E402
 from kdflow.logit_cache.topk import hf_topk, length_batches, topk_of_logits  # noqa: E402
 from kdflow.config.logit_cache import ValueEncoding  # noqa: E402
-from kdflow.logit_cache.format import LogitCache, cache_meta, capture_shards, write_shard  # noqa: E402
+from kdflow.logit_cache.format import cache_meta, write_shard
+from kdflow.logit_cache.writer import capture_shards
+from kdflow.logit_cache.reader import LogitCache  # noqa: E402
 from kdflow.training.tiny_models import llama_model  # noqa: E402
 from logit_cache_bytes import RESULTS, held_out_rows, text_teacher  # noqa: E402
 

@@ -11,7 +11,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kdflow.store.outputs import OutputRef, write_atomic
-from kdflow.reporting.run_report import build_report, embed, plot_losses, plot_tradeoff, render_markdown, table_rows
+from kdflow.reporting.plots import plot_losses, plot_tradeoff
+from kdflow.reporting.run_report import build_report, embed, render_markdown, table_rows
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 

@@ -10,7 +10,8 @@ import torch
 
 from kdflow.logit_cache.topk import (AlignmentError, EncodedRow, encode_row, hf_topk, topk_from_api_records,
                             topk_from_prompt_logprobs, vllm_topk)
-from kdflow.logit_cache.format import LogitCache, kl_full_vs_cache, rebuild_logprobs
+from kdflow.logit_cache.format import kl_full_vs_cache, rebuild_logprobs
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import building, existing_output, finish
 from kdflow.config.templates import chat

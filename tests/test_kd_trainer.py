@@ -9,7 +9,8 @@ import torch
 from transformers import TrainerCallback
 
 from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
-from kdflow.logit_cache.format import CacheMismatch, LogitCache
+from kdflow.logit_cache.format import CacheMismatch
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.config.kd import Divergence
 from kdflow.training.losses import IGNORE_INDEX
 from kdflow.store.model_folders import write_location

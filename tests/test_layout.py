@@ -51,3 +51,18 @@ def test_no_import_cycle_between_wings_and_the_library_imports_no_task():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_no_module_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for folder in ("kdflow", "tasks", "flows") for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}, "split these by what they do"
+
+
+def test_tasks_import_no_other_task_for_domain_code():
+    """A task body calls the library; tasks share only the cache policy and the report's artifacts."""
+    allowed = {"tasks.caching", "tasks.report"}
+    found = {str(p.relative_to(ROOT)): sorted({".".join(m.split(".")[:2]) for m in imported_modules(p)
+                                               if m.startswith("tasks.")} - allowed)
+             for p in (ROOT / "tasks").glob("*.py")}
+    assert {p: m for p, m in found.items() if m} == {}

@@ -17,9 +17,12 @@ import torch
 
 from kdflow.logit_cache.topk import encode_row, hf_topk
 from kdflow.config.logit_cache import ValueEncoding
-from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, LogitCache, TopK, cache_meta, capture_shards,
-                                decode_ids, decode_values, encode_ids, encode_values, id_bytes_for, kl_full_vs_cache,
-                                merge_caches, merge_topk, rebuild_logprobs, shard_name)
+from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, TopK, cache_meta, decode_ids, decode_values,
+                                       encode_ids, encode_values, id_bytes_for, kl_full_vs_cache, rebuild_logprobs,
+                                       shard_name)
+from kdflow.logit_cache.writer import capture_shards
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.ensemble import merge_caches, merge_topk
 from kdflow.config.templates import chat
 from kdflow.training.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
 
@@ -216,7 +219,8 @@ CRASHING_CAPTURE = textwrap.dedent("""
     import os, signal, sys, json
     import numpy as np
     from pathlib import Path
-    from kdflow.logit_cache.format import TopK, capture_shards
+    from kdflow.logit_cache.format import TopK
+    from kdflow.logit_cache.writer import capture_shards
 
     folder, kill_at = Path(sys.argv[1]), int(sys.argv[2])
     meta = json.loads(sys.argv[3])

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback
 
 from kdflow.training.offline_kd import KDLoss, train_offline_kd
-from kdflow.logit_cache.format import LogitCache
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.training.lora import lora_config
 from kdflow.config.kd import Divergence
 from kdflow.store.model_folders import write_location

@@ -128,7 +128,7 @@ def test_lm_eval_skip_and_results_are_shown():
 
 
 def test_loss_curves_keep_the_ce_and_kd_terms_apart():
-    from kdflow.reporting.run_report import loss_curves, plot_losses
+    from kdflow.reporting.plots import loss_curves, plot_losses
 
     history = [{"loss": 2.0, "ce_loss": 1.5, "kd_loss": 2.5, "step": 5, "learning_rate": 1e-3, "epoch": 0.1},
                {"loss": 1.0, "ce_loss": 0.5, "kd_loss": 1.5, "step": 10},

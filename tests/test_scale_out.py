@@ -77,7 +77,7 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     from prefect_dask import DaskTaskRunner
 
     from flows.capture_sharded import capture_sharded
-    from kdflow.logit_cache.format import LogitCache
+    from kdflow.logit_cache.reader import LogitCache
     from kdflow.store.model_folders import write_location
     from tasks.capture import capture_logits
     from test_capture import kept_rows, stage_ref, tiny_teacher

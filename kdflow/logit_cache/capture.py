@@ -16,7 +16,10 @@ import pandas as pd
 from kdflow.config.logit_cache import CaptureSource, LogitCacheSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache import topk
-from kdflow.logit_cache.format import CorruptShard, LogitCache, cache_meta, cache_row_id, capture_shards, merge_caches
+from kdflow.logit_cache.format import CorruptShard, cache_meta, cache_row_id
+from kdflow.logit_cache.writer import capture_shards
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.ensemble import merge_caches
 from kdflow.logit_cache.parts import COUNTS
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder

@@ -4,12 +4,11 @@ buy — teacher and students side by side, as JSON (for machines), Markdown (for
 from __future__ import annotations
 
 import base64
-import io
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
 COST_COLUMNS = [
     ("params", "parameters", lambda v: f"{v:,}"),
-    ("flops_per_token", "FLOPs / token", lambda v: _si(v)),
+    ("flops_per_token", "FLOPs / token", lambda v: si_number(v)),
     ("size_bytes", "size on disk", lambda v: _bytes(v)),
     ("peak_memory_bytes", "peak memory", lambda v: _bytes(v)),
     ("latency_ms_per_token", "latency ms / token", lambda v: f"{v:.3g}"),
@@ -17,7 +16,7 @@ COST_COLUMNS = [
 ]
 
 
-def _si(v: float) -> str:
+def si_number(v: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
             return f"{v / scale:.3g} {unit}"
@@ -141,7 +140,7 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
-def _models(report: dict) -> dict[str, dict]:
+def report_models(report: dict) -> dict[str, dict]:
     return {"teacher": {**report["teacher"], "data": "gold"}, **report["students"]}
 
 
@@ -150,7 +149,7 @@ def _judged(report: dict) -> bool:
 
 
 def quality_table(report: dict) -> list[str]:
-    models = _models(report)
+    models = report_models(report)
     has_pass = any(m.get("pass_at_k") is not None for m in models.values())
     k = next((m["k"] for m in models.values() if m.get("k")), None)
     head = ["model", "trained on", "accuracy", *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
@@ -177,7 +176,7 @@ def cost_table(report: dict) -> list[str]:
               for _, t, _ in COST_COLUMNS]
     titles = [t.replace("latency ms / token", "latency ms / token (batch 1)") for t in titles]
     lines = ["| model | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(COST_COLUMNS)]
-    for name, m in _models(report).items():
+    for name, m in report_models(report).items():
         ratio = m.get("vs_teacher", {})
         cells = []
         for key, _, fmt in COST_COLUMNS:
@@ -219,7 +218,7 @@ def notes(report: dict) -> list[str]:
             f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",
             "- Ratios in parentheses: model / teacher.",
         ]
-    for name, m in _models(report).items():  # a figure that could not be had says why ("—" in the tables)
+    for name, m in report_models(report).items():  # a figure that could not be had says why ("—" in the tables)
         out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
                 if key.endswith("_skipped")]
     return out
@@ -328,106 +327,8 @@ def table_rows(report: dict) -> list[dict]:
     """One flat row per model, for a Prefect table artifact."""
     keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
             *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS]]
-    return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in _models(report).items()]
+    return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in report_models(report).items()]
 
 
 def embed(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-# ---- Plots (matplotlib, off-screen) -------------------------------------------------------------------
-
-def _figure(panels: int, width: float, height: float, per_row: int = 3):
-    """A figure of ``panels`` axes, at most ``per_row`` to a row, each ``width`` × ``height`` inches."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # off-screen: flows run without a display
-    import matplotlib.pyplot as plt
-
-    columns, rows = min(panels, per_row), -(-panels // per_row)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat[panels:]:
-        ax.remove()
-    return fig, list(axes.flat[:panels])
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def loss_curves(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """Loss series of a trainer's log history: ``loss`` (the total) and every other ``*loss*`` key logged
-    during training (e.g. the CE and KD terms of a distillation loss), as (steps, values); the end-of-training
-    summary (``train_loss``) and evaluation losses are left out."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for entry in history:
-        if "step" not in entry or "train_runtime" in entry:
-            continue
-        for key, value in entry.items():
-            if "loss" in key and not key.startswith(("train_", "eval_")) and isinstance(value, (int, float)):
-                steps, values = series.setdefault(key, ([], []))
-                steps.append(entry["step"])
-                values.append(value)
-    return series
-
-
-def plot_losses(histories: dict[str, list[dict]]) -> bytes | None:
-    """Training loss per model (one panel each), its terms apart where the trainer logged them."""
-    curves = {name: c for name, h in histories.items() if (c := loss_curves(h))}
-    if not curves:
-        return None
-    from matplotlib import ticker
-
-    fig, axes = _figure(len(curves), 3.6, 3.0)
-    for ax, (name, series) in zip(axes, curves.items()):
-        for key, (steps, values) in series.items():
-            ax.plot(steps, values, label=key, lw=1.5)
-        ax.set_yscale("log")  # losses fall by orders of magnitude; the late steps matter too
-        ax.yaxis.set_minor_locator(ticker.LogLocator(subs=(2, 5)))
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    for ax in axes[::3]:
-        ax.set_ylabel("training loss (log scale)")
-    return _png(fig)
-
-
-def plot_tradeoff(report: dict) -> bytes:
-    """Accuracy against parameters and against latency: up and to the left is better."""
-    models = _models(report)
-    panels = [("params", "parameters (log scale)", True), ("latency_ms_per_token", "latency ms / token, batch 1", False)]
-    panels = [p for p in panels if all(m.get(p[0]) is not None for m in models.values())]
-    fig, axes = _figure(len(panels), 4.2, 3.2)
-    for ax, (key, label, log) in zip(axes, panels):
-        at: dict[tuple, list[str]] = {}  # models at the same point share one label
-        for name, m in models.items():
-            at.setdefault((m[key], m["accuracy"]), []).append(name)
-        for (x, y), names in at.items():
-            ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)
-            # Below the point near the top, where a label above it would run into the frame (accuracy ~1).
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if y > 0.9 else 4),
-                        fontsize=8)
-        if log:
-            from matplotlib import ticker
-
-            ax.set_xscale("log")
-            # Labels at 1-2-5 only: labelling every minor tick of a one-decade range overlaps them.
-            ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: _si(v)))
-            ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.margins(x=0.15)  # room for the labels of the extreme points
-        ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{report['run']}: accuracy vs cost", fontsize=10)
-    return _png(fig)

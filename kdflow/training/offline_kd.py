@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from kdflow.logit_cache.format import LogitCache
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.config.kd import Divergence
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, sparse_kd_loss
 
