@@ -85,7 +85,6 @@ class JudgeFilter(Strict):
     threshold: float = Field(6.0, description="answers scored below this are dropped")
     max_new_tokens: int = Field(64, ge=1)
 
-
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()
 
