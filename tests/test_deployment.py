@@ -130,6 +130,12 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
         "artifacts": {"key": {"any_": ["mini-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
     assert artifacts and "kdflow report: mini" in artifacts[0]["data"]
 
+    # Task runs say what they are for (the student, the model, the backend), as the UI lists them.
+    names = {r["name"] for r in httpx.post(f"{api}/task_runs/filter", timeout=10, json={
+        "flow_runs": {"id": {"any_": [run_id]}}}).json()}
+    assert {"train_student[baseline]", "train_student[seq-kd]", "evaluate_model[teacher]",
+            "evaluate_model[baseline]", "evaluate_model[seq-kd]", "generate_answers[hf]"} <= names, names
+
     # The flow run's page as a user opens it: the UI must reach the API and show this run.
     chromium = shutil.which("chromium")
     assert chromium, "no chromium on PATH: `make test` installs it (apt-get install -y chromium)"
@@ -137,6 +143,7 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     browse = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     dom = subprocess.run([*browse, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
     assert run["name"] in dom, "the UI page does not show the flow run's name"
+    assert "train_student[seq-kd]" in dom, "the UI page does not name the task runs after their student"
     assert "Can't connect to Server API" not in dom
     screenshot = tmp_path / "flow-run.png"
     subprocess.run([*browse, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
