@@ -14,6 +14,7 @@ Malformed replies seen from real servers and proxies (MALFORMED; none is in the 
   "null-message"  - 200 completion whose choice has ``message: null``
   "null-content"  - 200 completion whose message has ``content: null``
   "not-json"      - 200 ``application/json`` with a truncated body
+  "surrogate"     - 200 completion whose content escapes a lone surrogate (``\\ud800``): valid JSON, no valid text
 
 Which requests are faulted: each with probability ``rate``; only those whose body contains ``match`` when it
 is set; and with ``first=n``, only the first n times a body is received (then it is forwarded: a fault that
@@ -40,7 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "slow", "drop")
-MALFORMED = ("429-soon", "429-date", "html", "empty-choices", "null-message", "null-content", "not-json")
+MALFORMED = ("429-soon", "429-date", "html", "empty-choices", "null-message", "null-content", "not-json", "surrogate")
 HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad Gateway</h1> (injected)</body></html>"
 
 
@@ -56,6 +57,8 @@ MALFORMED_BODIES = {  # fault -> (content type, body)
     "null-content": ("application/json", malformed_completion(
         [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}])),
     "not-json": ("application/json", b'{"id": "injected", "object": "chat.completion", "choices": [{"index": 0, "mess'),
+    "surrogate": ("application/json", malformed_completion(
+        [{"index": 0, "message": {"role": "assistant", "content": "7+8=15\ud800"}, "finish_reason": "stop"}])),
 }
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 

@@ -19,7 +19,7 @@ from kdflow.config.generation import GenerationSection
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"
-BODY_FAULTS = ("html", "empty-choices", "null-message", "null-content", "not-json")
+BODY_FAULTS = ("html", "empty-choices", "null-message", "null-content", "not-json", "surrogate")
 
 
 @pytest.fixture(autouse=True)

@@ -221,13 +221,23 @@ def completion_text(response, s: Sampling) -> str:
     if s.endpoint is not Endpoint.chat:
         if choice.text is None:
             raise InvalidResponse("the choice's text is null", None, None)
-        return choice.text
+        return whole_text(choice.text)
     if choice.message is None:
         raise InvalidResponse("the choice's message is null", None, None)
     if choice.message.content is None:
         refusal = getattr(choice.message, "refusal", None)
         raise InvalidResponse(f"the message's content is null{f' (refusal: {refusal})' if refusal else ''}", None, None)
-    return choice.message.content
+    return whole_text(choice.message.content)
+
+
+def whole_text(text: str) -> str:
+    """``text`` if it is valid Unicode: a JSON body may escape a lone surrogate (\\ud800), which no parquet file can
+    hold; such a reply is malformed (retried, then a failure row), not an answer that fails the stage's write."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidResponse(f"the text holds a lone surrogate at character {e.start}", None, None) from None
+    return text
 
 
 def read_reply(raw, request: TeacherRequest, s: Sampling) -> dict:
@@ -260,6 +270,8 @@ def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
 
 
 def kept_raw(raw: str | None, secret: str | None) -> str | None:
+    if raw is not None:  # storable whatever it holds: a lone surrogate becomes its escape
+        raw = raw.encode("utf-8", "backslashreplace").decode("utf-8")
     if raw is None:
         return None
     raw = redact(raw, secret)
