@@ -12,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.train_teacher import train_teacher
+from kdflow.config.evaluation import EvaluationSection
+from kdflow.config.generation import GenerationSection
 from kdflow.config.recipe import Recipe, load_recipe
 from kdflow.store.outputs import OutputRef
+from kdflow.teacher import api_keys
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
@@ -29,6 +32,32 @@ def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
     return r, Path(run_dir) if run_dir else r.run_dir
 
 
+def check_api_keys(generation: GenerationSection | None = None, judge: EvaluationSection.Judge | None = None) -> None:
+    """Before any work: each API off this machine that the run will call (the teacher's, the judge's) has its key,
+    in the environment variable or the Prefect Secret block the recipe names; else ``MissingApiKey`` naming it and
+    the fix, instead of a 401 once the stage has started."""
+    needs = api_keys.key_needs(generation, judge)
+    api_keys.check_env_keys(needs)  # the variables; the Secret blocks need Prefect, so they are read here
+    for n in needs:
+        if n.secret_block:
+            _check_secret_block(n)
+
+
+def _check_secret_block(n: api_keys.KeyNeed) -> None:
+    from prefect.blocks.system import Secret
+
+    fix = (f"create it (`prefect block create secret`, or in Python Secret(value=<your key>).save({n.secret_block!r})) "
+           f"on the Prefect server the flow runs against, or set {n.field}.api_key_secret_block: null and name an "
+           f"environment variable in {n.field}.api_key_env (nothing was started)")
+    try:
+        value = Secret.load(n.secret_block).get()
+    except ValueError as e:
+        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: no Prefect Secret block named "
+                                     f"{n.secret_block!r} ({e}): {fix}") from None
+    if not str(value or "").strip():
+        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: the Secret block {n.secret_block!r} is empty: {fix}")
+
+
 @dataclass
 class Upstream:
     data: OutputRef
@@ -38,8 +67,10 @@ class Upstream:
     logits: OutputRef | None
 
 
-def upstream(recipe: str, r: Recipe) -> Upstream:
-    """``recipe``: the recipe's path (the teacher's subflow loads it itself); ``r``: that recipe, loaded."""
+def upstream(recipe: str, r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:
+    """``recipe``: the recipe's path (the teacher's subflow loads it itself); ``r``: that recipe, loaded;
+    ``judge``: the judge the caller runs afterwards, its key checked with the teacher's before any work."""
+    check_api_keys(r.generation, judge)  # a missing key fails now, not as a 401 after the teacher has trained
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     data = make_data(run_dir, r.data)
     teacher = train_teacher(recipe)

@@ -27,7 +27,7 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -
         r = r.with_seeds(seeds)
     run_dir, cot = r.run_dir, r.prompts.cot_text()
 
-    u = upstream(recipe, r)  # data → teacher → answers → curated → logit cache
+    u = upstream(recipe, r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
     students = {s.name: train_student(run_dir, s, cot, u.teacher, u.data, *student_inputs(s, u.curated, u.logits))
                 for s in r.student_runs()}
     report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **students}, u.data, u.curated)

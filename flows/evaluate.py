@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import evaluate_and_report, recipe_and_run
+from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run
 from flows.cli import run_as_script
 from kdflow.store import run_folder
 
@@ -18,6 +18,7 @@ from kdflow.store import run_folder
 def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> dict:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's). Returns the report."""
     r, run = recipe_and_run(recipe, run_dir)
+    check_api_keys(judge=r.evaluation.judge)  # the judge's key, before any model is evaluated
     data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
     models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
     return evaluate_and_report(run, r, models, data, curated)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.chain import check_api_keys
 from flows.cli import run_as_script
 
 from kdflow.config.data import DataSource
@@ -27,6 +28,8 @@ INSTRUCT = (ROOT / "prompts" / "instruct.jinja").read_text()  # the prompt as it
 @flow(name="self-instruct")
 def self_instruct(recipe: str = "recipes/self-instruct/qwen7b.yaml") -> dict:
     r = load_self_instruct_recipe(recipe)  # a bad recipe fails here, before any work
+    for section in (r.writing, r.answering):  # and a missing API key, naming it, not as a 401 mid-stage
+        check_api_keys(section)
     run_dir, seeds = r.run_dir, read_seeds(r.seeds)
 
     teacher = use_existing_teacher(run_dir, r.teacher)
