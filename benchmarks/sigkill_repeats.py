@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_teacher  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
+from results import save  # noqa: E402
 
 CHILD = """
 import json, sys
@@ -37,7 +38,6 @@ from kdflow.teacher.generation import api_answers
 spec = json.loads(Path(sys.argv[1]).read_text())
 api_answers(GenerationSection(**spec["section"]), spec["model"], spec["rows"], Path(spec["folder"]))
 """
-from results import save  # noqa: E402
 
 
 def repeated(before: Counter, now: Counter) -> int:
