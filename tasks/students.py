@@ -22,6 +22,7 @@ from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
 from kdflow.training.student import StudentJob, launch_student, saved_params, student_rows, train_here
 from tasks.caching import STAGE_RESULTS, StageCache
+from tasks.progress import TrainingArtifact
 
 STUDENTS = Stage("students", "1", lambda section, template, teacher, data, curated, logits=None: {
     "section": section, "template": template, "teacher": teacher, "data": data, "curated": curated, "logits": logits})
@@ -47,8 +48,9 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
             return out.done  # a concurrent run of the same student finished it while this one waited
         with out.building() as tmp:
             start = time.perf_counter()
-            if section.launch is None:
-                train_here(section, rows, teacher, logits, tmp, checkpoints)
+            if section.launch is None:  # progress lines in the terminal, and the artifact training-<student>
+                progress = TrainingArtifact(STUDENTS.name, section.name)
+                train_here(section, rows, teacher, logits, tmp, checkpoints, progress)
             else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
                 job = StudentJob(section=section, template=template, teacher=teacher, data=data, curated=curated,
                                  logits=logits, checkpoints=str(checkpoints))

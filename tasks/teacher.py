@@ -16,9 +16,11 @@ from kdflow.store.outputs import OutputRef, hash_folder
 from kdflow.store.stage import Stage
 from kdflow.config.templates import render, sft_rows
 from kdflow.config.teacher import TeacherSection
+from kdflow.training.progress import TrainingProgress
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer
 from tasks.caching import STAGE_RESULTS, StageCache
+from tasks.progress import TrainingArtifact
 
 TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template})
 # A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
@@ -46,7 +48,10 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
         tokenizer = train_tokenizer(corpus, section.vocab_size)
         a = section.architecture
         model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
-        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), section.training, tmp, section.seed)
+        # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
+        progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
+        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), section.training, tmp, section.seed,
+                  callbacks=[progress])
         write_location(tmp, "model")
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()

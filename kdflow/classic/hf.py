@@ -173,6 +173,8 @@ def train_classifier(model, data: Split, pad_id: int, training: dict, out_dir: P
     from datasets import Dataset, disable_progress_bars
     from transformers import default_data_collator
 
+    from kdflow.training.progress import report_progress
+
     disable_progress_bars()
     columns = {"input_ids": data.x, "attention_mask": (data.x != pad_id).long(), "labels": data.y}
     if teacher_logits is not None:
@@ -181,6 +183,8 @@ def train_classifier(model, data: Split, pad_id: int, training: dict, out_dir: P
     args = training_arguments(training, str(out_dir / "checkpoints"), seed)
     trainer = HintonTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
                             alpha=alpha, temperature=temperature)
+    who = f"classifier seed {seed}" + (f", KD alpha {alpha}" if teacher_logits is not None else "")
+    report_progress(trainer, "classic", who)  # progress lines naming it, not the trainer's bare {'loss': ...} dicts
     trainer.train()
     history = trainer.state.log_history
     (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))

@@ -44,7 +44,9 @@ def last_checkpoint(folder: Path | None) -> str | None:
 def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> list[dict]:
     """Train (resuming from the newest checkpoint in ``checkpoints`` if one is there), save the model and
     tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``. A LoRA student (the
-    trainer holds a peft model) is saved merged, its adapter beside it in ``out_dir/adapter``.
+    trainer holds a peft model) is saved merged, its adapter beside it in ``out_dir/adapter``. Progress lines
+    come from the ``kdflow.training.progress.TrainingProgress`` among the trainer's callbacks (give one naming
+    the stage and the model).
 
     No blind retry: a rerun after a crash or kill continues from the checkpoint's step, with its optimizer,
     scheduler and RNG states. Checkpoints are removed once the model is saved.
@@ -52,6 +54,9 @@ def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> l
     Under ``accelerate launch`` every process gets here holding the same weights (DDP keeps them in step):
     the main process alone writes, and the others wait until it has, so all return with the output complete.
     """
+    from kdflow.training.progress import report_progress
+
+    report_progress(trainer)  # progress lines naming the model, not transformers' bare {'loss': ...} dicts
     resume = last_checkpoint(checkpoints)
     trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
@@ -87,7 +92,8 @@ def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path,
 
     ``checkpoints``: a folder that outlives a failed attempt (not inside ``out_dir``, which is a temporary
     folder) to checkpoint into and resume from. ``peft_config``: train LoRA adapters only
-    (``kdflow.training.lora.lora_config``). Returns the trainer's log history (loss per logging step).
+    (``kdflow.training.lora.lora_config``). ``callbacks``: e.g. a ``TrainingProgress`` naming the model. Returns
+    the trainer's log history (loss per logging step).
     """
     import torch
     from datasets import Dataset, disable_progress_bars

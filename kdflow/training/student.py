@@ -23,6 +23,7 @@ from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
+from kdflow.training.progress import OnProgress, TrainingProgress
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import llama_model
 
@@ -89,8 +90,12 @@ def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokeniz
 
 
 def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], teacher: OutputRef,
-                logits: OutputRef | None, out: Path, checkpoints: Path) -> list[dict]:
+                logits: OutputRef | None, out: Path, checkpoints: Path, on_progress: OnProgress | None = None
+                ) -> list[dict]:
+    """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
+    student are printed either way)."""
     kd, training, seed = section.kd, section.training, section.seed
+    callbacks = [TrainingProgress("students", section.name, on_progress)]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
@@ -100,38 +105,40 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
 
         peft = lora_config(section.lora, model)
     if kd is None:
-        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, peft_config=peft)
+        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, callbacks, peft_config=peft)
     if kd.method is KDMethod.offline:
         from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
-                                row_ids=row_ids, peft_config=peft)
+                                row_ids=row_ids, peft_config=peft, callbacks=callbacks)
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
     if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
         from kdflow.training.tokenizer_compat import train_gold
 
         return train_gold(model, live, tokenizer, AutoTokenizer.from_pretrained(model_location(teacher)), rows,
                           training, out, seed, lmbda=kd.lmbda, temperature=kd.temperature,
-                          max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints)
+                          max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
+                          callbacks=callbacks)
     if kd.method is KDMethod.online:
         from kdflow.training.online_kd import train_online
 
         return train_online(model, live, tokenizer, rows, training, out, seed, lmbda=kd.lmbda, beta=kd.beta,
                             temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
-                            peft_config=peft)
+                            peft_config=peft, callbacks=callbacks)
     from kdflow.training.feature_kd import train_feature_kd
 
     return train_feature_kd(model, live, tokenizer, rows, training, out, seed, layer_map=kd.feature.layers,
-                            kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints)
+                            kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints,
+                            callbacks=callbacks)
 
 
 def train_here(section: StudentSection, rows: list[dict], teacher: OutputRef, logits: OutputRef | None, out: Path,
-               checkpoints: Path | None) -> None:
+               checkpoints: Path | None, on_progress: OnProgress | None = None) -> None:
     """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
     it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
     model, tokenizer = init_student(section, teacher)
     check_student_tokenizer(section, teacher, tokenizer)
-    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints)
+    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints, on_progress)
 
 
 class StudentJob(BaseModel):
