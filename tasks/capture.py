@@ -24,6 +24,7 @@ from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.parts import link_or_copy
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
+from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
 CAPTURE = Stage("logit-cache", "1", lambda section, template, teacher, curated: {
@@ -39,7 +40,13 @@ def shard_logger():
     return log
 
 
+def _no_retry_on_startup(task, task_run, state) -> bool:
+    """A vLLM server that did not start fails the same way again: no retry (a blip mid-capture is retried)."""
+    return not isinstance(state.result(raise_on_failure=False), VllmStartupError)
+
+
 @task(cache_policy=StageCache(CAPTURE), **STAGE_RESULTS, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_no_retry_on_startup,
       task_run_name="capture_logits[{section.source.value} top-{section.k}]")
 def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
                    curated: OutputRef) -> OutputRef:

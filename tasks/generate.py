@@ -24,6 +24,7 @@ from kdflow.teacher.api_client import Accounting, FatalApiError
 from kdflow.teacher.generation import (TooManyFailures, answer_table, api_answers, check_failures, failure_table,
                                        hf_answers, prompted_rows)
 from kdflow.store.stage import Stage
+from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
@@ -49,9 +50,10 @@ def api_key(section: GenerationSection) -> str | None:
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:
-    """Retry the task on a blip (its answers are kept), not when the API refused the key or too many rows failed."""
+    """Retry the task on a blip (its answers are kept), not when the API refused the key, too many rows failed or
+    the vLLM server did not start (a bad flag or too little memory fails the same way again)."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, (FatalApiError, TooManyFailures))
+    return not isinstance(error, (FatalApiError, TooManyFailures, VllmStartupError))
 
 
 class Progress:

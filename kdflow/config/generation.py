@@ -74,6 +74,8 @@ class VllmServerSection(Strict):
     startup_timeout_s: float = Field(600.0, gt=0)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split across (vLLM's "
                                       "--tensor-parallel-size): a teacher too big for one GPU")
+    kv_cache_gib: int | None = Field(None, ge=1, description="GiB of KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE); "
+                                     "default: what the model can use, at most half the free memory after its weights")
 
     @field_validator("python")
     @classmethod
@@ -118,7 +120,7 @@ class GenerationSection(Strict):
     __throughput_fields__: ClassVar[dict] = {
         "batch_size": True,
         "api": {"api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries", "max_failure_fraction"},
-        "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size"},
+        "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size", "kv_cache_gib"},
     }
     backend: Backend = Backend.hf
     splits: list[SafeName] = Field(description="splits whose questions the teacher answers")

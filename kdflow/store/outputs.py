@@ -81,8 +81,13 @@ def canonical(value):
     if isinstance(value, BaseModel):
         # Settings left at their defaults are left out, so that a new option added to a section (at a default
         # that keeps the old behaviour) does not change every existing output's key and redo finished work.
-        return canonical(value.model_dump(mode="json", exclude_defaults=True,
-                                          exclude=getattr(value, "__throughput_fields__", set())))
+        exclude = getattr(value, "__throughput_fields__", set())
+        dump = value.model_dump(mode="json", exclude_defaults=True, exclude=exclude)
+        # A nested section set only in its throughput knobs (`vllm: {kv_cache_gib: 4}`) dumps as {}: the same
+        # content as leaving it out, so the same key.
+        nested = exclude.items() if isinstance(exclude, dict) else ()
+        emptied = [k for k, sub in nested if isinstance(sub, (set, dict)) and dump.get(k) == {}]
+        return canonical({k: v for k, v in dump.items() if k not in emptied})
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):

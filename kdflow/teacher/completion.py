@@ -52,7 +52,7 @@ class TeacherBackend:
         if self.backend is Backend.vllm:
             v = self.vllm
             with vllm_server(self.model, port=v.port, extra_args=v.server_args(), python=v.python,
-                             startup_timeout_s=v.startup_timeout_s) as base_url:
+                             startup_timeout_s=v.startup_timeout_s, kv_cache_gib=v.kv_cache_gib) as base_url:
                 return run_all(base_url, None, self.timeout_s, requests, sampling, **run)
         if self.backend is Backend.hf:
             raise ValueError("backend hf answers in process (hf_generate), not per request")
