@@ -55,7 +55,8 @@ def _check_secret_block(n: api_keys.KeyNeed) -> None:
         raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: no Prefect Secret block named "
                                      f"{n.secret_block!r} ({e}): {fix}") from None
     if not str(value or "").strip():
-        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: the Secret block {n.secret_block!r} is empty: {fix}")
+        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: the Secret block {n.secret_block!r} is empty: "
+                                     f"{fix}")
 
 
 @dataclass

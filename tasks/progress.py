@@ -7,6 +7,7 @@ import re
 import time
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext, TaskRunContext
 
 EVERY_S = 2.0  # artifact updates: often enough to watch, rare enough to cost nothing (one API call each)
 
@@ -18,17 +19,21 @@ def artifact_key(name: str) -> str:
 
 class TrainingArtifact:
     """Called as ``on_progress``: the artifact shows the percent of steps done, and its description the step,
-    the loss and the time left, at most every ``EVERY_S`` seconds and always at the last step."""
+    the loss and the time left, at most every ``EVERY_S`` seconds and always at the last step. Outside a Prefect
+    run (a task body called with ``.fn`` in a test) there is no run to attach it to, and no artifact: creating one
+    there would start a temporary Prefect server."""
 
     def __init__(self, stage: str, name: str):
         self.what = f"{stage} {name}"
-        self.artifact = create_progress_artifact(progress=0.0, key=artifact_key(name),
-                                                 description=f"{self.what}: training steps done")
+        self.artifact = None
+        if TaskRunContext.get() or FlowRunContext.get():
+            self.artifact = create_progress_artifact(progress=0.0, key=artifact_key(name),
+                                                     description=f"{self.what}: training steps done")
         self.updated = float("-inf")
 
     def __call__(self, step: int, total: int, loss: float, seconds_left: float) -> None:
         now = time.perf_counter()
-        if now - self.updated < EVERY_S and step < total:
+        if self.artifact is None or (now - self.updated < EVERY_S and step < total):
             return
         self.updated = now
         update_progress_artifact(self.artifact, progress=round(100.0 * step / max(total, 1), 2),

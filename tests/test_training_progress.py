@@ -77,13 +77,41 @@ def test_the_prefect_artifact_is_keyed_by_student_and_updated_at_a_bounded_rate(
     created, updates = [], []
     monkeypatch.setattr(p, "create_progress_artifact", lambda **kw: created.append(kw) or "artifact-id")
     monkeypatch.setattr(p, "update_progress_artifact", lambda artifact, **kw: updates.append((artifact, kw)))
+    assert p.TrainingArtifact("students", "x").artifact is None and created == []  # no Prefect run: no artifact
+    monkeypatch.setattr(p.TaskRunContext, "get", classmethod(lambda cls: object()))  # as inside a task run
     on_progress = p.TrainingArtifact("students", "seq-kd@1")
     for step in range(1, 101):  # faster than EVERY_S: only the first and the last step reach the server
         on_progress(step, 100, 0.5, 100 - step)
-    assert created == [{"progress": 0.0, "key": "training-seq-kd-1", "description": "students seq-kd@1: training steps done"}]
+    assert created == [{"progress": 0.0, "key": "training-seq-kd-1",
+                        "description": "students seq-kd@1: training steps done"}]
     assert [u[1]["progress"] for u in updates] == [1.0, 100.0] and updates[0][0] == "artifact-id"
     assert updates[-1][1]["description"] == "students seq-kd@1: step 100/100, loss 0.5000, about 0 s left"
 
 
 def test_duration():
     assert [duration(s) for s in (0, 42.4, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
+
+
+def test_inside_a_prefect_run_the_artifact_follows_the_training(prefect_server):
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.progress import TrainingArtifact
+
+    @task
+    def train():
+        on_progress = TrainingArtifact("students", "seq-kd@2")
+        for step in (5, 10):
+            on_progress(step, 10, 0.25, 10.0 - step)
+
+    @flow
+    def training():
+        train()
+
+    training()
+    with get_client(sync_client=True) as client:
+        key = ArtifactFilterKey(any_=["training-seq-kd-2"])
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=key))
+    assert [(a.type, a.data) for a in artifacts][-1] == ("progress", 100.0)
+    assert artifacts[-1].description == "students seq-kd@2: step 10/10, loss 0.2500, about 0 s left"
