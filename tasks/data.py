@@ -12,7 +12,7 @@ from kdflow.store.data_files import check_utf8
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from kdflow.config.data import DataSection, DataSource
-from kdflow.config.fields import ROOT
+from kdflow.config.fields import PATH_RULE, ROOT
 from tasks.caching import STAGE_RESULTS, StageCache
 
 DATA = Stage("data", "1", lambda section: {"section": section})
@@ -29,7 +29,8 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     for name, n in section.splits.items():
         file = folder / f"{name}.jsonl"
         if not file.is_file():
-            raise FileNotFoundError(f"data.splits names {name!r} but {file} does not exist: add the file or remove the split")
+            raise FileNotFoundError(f"data.splits names {name!r} but {file} does not exist: add the file or remove the "
+                                    f"split (data.path {section.path!r}: {PATH_RULE})")
         out[name] = gsm8k.load_split(file, n)
     return out
 

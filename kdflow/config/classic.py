@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import ROOT, Strict
+from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.loading import parse_yaml, read_recipe_file
 from kdflow.config.run import RunSection
 from kdflow.config.training import check_training_values
@@ -158,10 +158,12 @@ class ClassifierRecipe(Strict):
         return [seed * 1000 + m for m in range(self.teacher.ensemble)]
 
 
-def parse_classifier_recipe(text: str, source: str = "<recipe>") -> ClassifierRecipe:
+def parse_classifier_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> ClassifierRecipe:
+    """``folder``: the recipe file's folder (``fields.PATH_RULE``)."""
     return parse_yaml(ClassifierRecipe, text, source,
-                      "a recipe is a YAML mapping with sections run, data, teacher, student, ...", skip=MODEL_KINDS)
+                      "a recipe is a YAML mapping with sections run, data, teacher, student, ...", skip=MODEL_KINDS,
+                      context=recipe_context(folder))
 
 
 def load_classifier_recipe(path: str | Path) -> ClassifierRecipe:
-    return parse_classifier_recipe(read_recipe_file(path), source=str(path))
+    return parse_classifier_recipe(read_recipe_file(path), source=str(path), folder=Path(path).parent)

@@ -6,7 +6,7 @@ import enum
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, Strict
+from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, RecipePath, Strict
 from kdflow.config.loading import FieldError
 
 
@@ -34,7 +34,8 @@ class DataSection(Strict):
     # teacher: the teacher's own training data; train: the student's gold set (question + rationale);
     # prompts: extra questions with only a final answer, for the teacher to write rationales for.
     splits: dict[str, int] = Field(description="rows per split")
-    path: str | None = Field(None, description="folder of <split>.jsonl files (gsm8k)")
+    path: RecipePath | None = Field(None, description="folder of <split>.jsonl files (gsm8k; a relative path: see "
+                                    "fields.PATH_RULE)")
 
     @field_validator("splits")
     @classmethod

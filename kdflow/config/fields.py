@@ -1,8 +1,10 @@
-"""What every recipe kind's sections share: strict models, names that become file names, files a recipe may read
-(confined to the project or the recipe's folder), and URLs shown without their password."""
+"""What every recipe kind's sections share: strict models, names that become file names, where a recipe's relative
+paths point (``PATH_RULE``), files a recipe may read (confined to the project or the recipe's folder), and URLs shown
+without their password."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +13,45 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 ROOT = Path(__file__).resolve().parents[2]  # the project folder (kdflow/config/fields.py)
+
+# Where a recipe's relative paths (run.root, run.staging, templates, data.path, seeds.path, accelerate configs, a
+# sweep's recipe) point. A copied recipe used to write into the checkout's runs/ whatever folder it was in.
+PATH_RULE = ("relative paths in a recipe inside the project (recipes/, tests/) resolve against the project folder; in "
+             "a recipe outside it, against the recipe's own folder, except that a file it reads (a template, data, "
+             "seeds, an accelerate config) found there only is read from the project folder")
+
+
+def recipe_base(folder: Path | None) -> Path:
+    """The folder the relative paths of a recipe in ``folder`` resolve against (``PATH_RULE``)."""
+    if folder is None:
+        return ROOT
+    folder = Path(folder).resolve()
+    return ROOT if folder.is_relative_to(ROOT) else folder
+
+
+def recipe_context(folder: Path | None) -> dict:
+    """Pydantic's validation context for a recipe file in ``folder``: its folder, and where its paths point."""
+    return {"recipe_dir": folder, "base": recipe_base(folder)}
+
+
+def resolve(path: str | None, info: ValidationInfo | None, reads: bool = True) -> str | None:
+    """``path`` as ``PATH_RULE`` says. Left as written (relative to the project folder, where it is read as
+    ``ROOT / path``) for a recipe inside the project, so that the shipped recipes' sections, and the cache keys made
+    of them, stay what they were; and for a file a recipe outside it ``reads`` that only the project has (a copied
+    recipe's ``prompts/cot.jinja``). Otherwise absolute, under the recipe's folder."""
+    base = info.context.get("base") if info is not None and info.context else None
+    if path is None or base is None or Path(base) == ROOT or "://" in path or Path(path).is_absolute():
+        return path
+    beside = Path(os.path.normpath(Path(base) / path))
+    return path if reads and not beside.exists() and (ROOT / path).exists() else str(beside)
+
+
+def _resolved(path: str | None, info: ValidationInfo) -> str | None:
+    return resolve(path, info)  # both parameters required: pydantic passes ``info`` only then
+
+
+# A path to something a recipe reads (a folder or a file, checked where it is read), resolved by ``PATH_RULE``.
+RecipePath = Annotated[str, AfterValidator(_resolved)]
 
 
 class Strict(BaseModel):
@@ -44,10 +85,10 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
-def _confined(path: str, info: ValidationInfo | None, what: str = "template") -> str:
-    """A file a recipe names, read into prompts, cache keys and manifests: it must lie in the project folder
-    (paths are relative to it) or the recipe's own folder, so that a recipe cannot read /etc/passwd or ~/.ssh."""
-    file = (ROOT / path).resolve()
+def _confined(path: str, resolved: str, info: ValidationInfo | None, what: str = "template") -> str:
+    """A file a recipe names (``path``, found at ``resolved``), read into prompts, cache keys and manifests: it must lie
+    in the project folder or the recipe's own folder, so that a recipe cannot read /etc/passwd or ~/.ssh."""
+    file = (ROOT / resolved).resolve()
     folders = [ROOT]
     if info is not None and info.context and info.context.get("recipe_dir"):
         folders.append(Path(info.context["recipe_dir"]).resolve())
@@ -55,7 +96,7 @@ def _confined(path: str, info: ValidationInfo | None, what: str = "template") ->
         raise ValueError(f"{what} {path!r} is outside the project folder ({ROOT})"
                          + (f" and the recipe's folder ({folders[1]})" if len(folders) > 1 else "")
                          + ": copy it under prompts/ and point at it there")
-    return path
+    return resolved
 
 
 def read_template(path: str | None) -> str | None:
@@ -63,9 +104,13 @@ def read_template(path: str | None) -> str | None:
 
 
 def check_template(path: str | None, info: ValidationInfo | None = None) -> str | None:
-    if path is not None and not (ROOT / _confined(path, info)).is_file():
-        raise ValueError(f"no template at {ROOT / path}: point it at a file under prompts/")
-    return path
+    if path is None:
+        return None
+    file = _confined(path, resolve(path, info), info)
+    if not (ROOT / file).is_file():
+        raise ValueError(f"no template at {ROOT / file} ({PATH_RULE}): point it at a file under prompts/ or beside "
+                         "the recipe")
+    return file
 
 
 def _template_field(path: str, info: ValidationInfo) -> str:

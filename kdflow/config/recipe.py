@@ -17,7 +17,7 @@ from pydantic import Field, model_validator
 
 from kdflow.config.data import DataSection
 from kdflow.config.evaluation import EvaluationSection
-from kdflow.config.fields import ROOT, Strict
+from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import GenerationSection, PromptsSection
 from kdflow.config.kd import KD_METHODS, OfflineKD
@@ -78,9 +78,10 @@ class Recipe(Strict):
 
 
 def parse_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> Recipe:
-    """``folder``: the recipe file's folder, where (besides the project folder) the templates it names may lie."""
+    """``folder``: the recipe file's folder, where (besides the project folder) the templates it names may lie, and
+    what its relative paths resolve against when it is outside the project (``fields.PATH_RULE``)."""
     return parse_yaml(Recipe, text, source, "a recipe is a YAML mapping with sections run, data, teacher, ...",
-                      context={"recipe_dir": folder}, skip=KD_METHODS)
+                      context=recipe_context(folder), skip=KD_METHODS)
 
 
 def load_recipe(path: str | Path) -> Recipe:

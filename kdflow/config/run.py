@@ -4,19 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, Strict, redact_url
+from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, Strict, redact_url, resolve
 from kdflow.store import remote
 
 
 class RunSection(Strict):
     name: str = Field(description="run folder name under `root`")
-    root: str = Field("runs", description="where run folders live: a local folder, or an fsspec URL (s3://bucket/"
-                      "runs, gs://…, file:///mnt/runs): stages then compute in `staging` and upload each finished "
-                      "output there (kdflow/store/remote.py)")
-    staging: str = Field("runs/.staging", description="with a URL `root`: the local folder stages compute in (models "
-                         "and parquet files need local paths); outputs already at the URL are downloaded here")
+    # Defaults are validated too: a recipe outside the project that names no root writes beside itself.
+    root: str = Field("runs", validate_default=True, description="where run folders live: a local folder "
+                      "(relative: to the project for a recipe inside it, to the recipe's folder for one outside), or "
+                      "an fsspec URL (s3://bucket/runs, gs://…, file:///mnt/runs): stages then compute in `staging` "
+                      "and upload each finished output there (kdflow/store/remote.py)")
+    staging: str = Field("runs/.staging", validate_default=True, description="with a URL `root`: the local folder "
+                         "stages compute in (models and parquet files need local paths); outputs already at the URL "
+                         "are downloaded here")
     seeds: list[int] | None = Field(None, min_length=1, description="train and evaluate every student once per "
                                     "seed (named `<name>@<seed>`); the report gives mean and spread")
 
@@ -27,15 +30,21 @@ class RunSection(Strict):
             raise ValueError(f"{SAFE_NAME_FIX} (it becomes a folder name)")
         return v
 
+    @field_validator("staging")
+    @classmethod
+    def _staging(cls, v: str, info: ValidationInfo) -> str:
+        return resolve(v, info, reads=False)
+
     @field_validator("root")
     @classmethod
-    def _reachable(cls, v: str) -> str:
-        if remote.is_url(v):
-            if redact_url(v) != v:  # bound into the staging folder (.remote.json) and shown in every message
-                raise ValueError(f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
-                                 "system the usual way (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fsspec's "
-                                 "config): the URL is written into the run folder")
-            remote.check_url(v)
+    def _reachable(cls, v: str, info: ValidationInfo) -> str:
+        if not remote.is_url(v):
+            return resolve(v, info, reads=False)  # fields.PATH_RULE: beside a recipe outside the project
+        if redact_url(v) != v:  # bound into the staging folder (.remote.json) and shown in every message
+            raise ValueError(f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
+                             "system the usual way (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fsspec's "
+                             "config): the URL is written into the run folder")
+        remote.check_url(v)
         return v
 
     @property

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from kdflow.config.fields import ROOT, Strict, Template
+from kdflow.config.fields import ROOT, RecipePath, Strict, Template, recipe_context
 from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import GenerationSection
 from kdflow.config.loading import parse_yaml, read_recipe_file
@@ -19,7 +19,8 @@ WRITE_SPLIT, ANSWER_SPLIT = "expand", "instructions"
 
 
 class SeedsSection(Strict):
-    path: str = Field(description="JSONL / parquet / saved HF dataset of seed instructions, relative to the repo")
+    path: RecipePath = Field(description="JSONL / parquet / saved HF dataset of seed instructions (a relative path: "
+                             "see fields.PATH_RULE)")
     field: str = Field("instruction", description="the column holding the instruction text")
 
     def location(self) -> Path:
@@ -69,4 +70,4 @@ def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:
     path = Path(path)
     return parse_yaml(SelfInstructRecipe, read_recipe_file(path), str(path),
                       "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...",
-                      context={"recipe_dir": path.parent})
+                      context=recipe_context(path.parent))

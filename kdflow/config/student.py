@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, computed_field, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator, model_validator
 
-from kdflow.config.fields import ROOT, SAFE_NAME_FIX, Strict, check_name
+from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME_FIX, Strict, check_name, resolve
 from kdflow.config.kd import FeatureKD, KDSection, OnlineKD
 from kdflow.config.training import Architecture, check_sft_config
 
@@ -71,10 +71,12 @@ class LaunchSection(Strict):
 
     @field_validator("accelerate_config")
     @classmethod
-    def _exists(cls, v: str) -> str:
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        v = resolve(v, info)
         if not (ROOT / v).is_file():  # an absolute path stays absolute under ROOT / v
-            raise ValueError(f"no accelerate config at {ROOT / v}: use accelerate/multi_gpu.yaml, "
-                             "accelerate/cpu_2proc.yaml, or a file written by `accelerate config`")
+            raise ValueError(f"no accelerate config at {ROOT / v} ({PATH_RULE}): use "
+                             "accelerate/multi_gpu.yaml, accelerate/cpu_2proc.yaml, or a file written by "
+                             "`accelerate config`")
         return v
 
     @model_validator(mode="after")

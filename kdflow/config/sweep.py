@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import ROOT, SAFE_NAME, SAFE_NAME_FIX, SafeName, Strict
+from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, SafeName, Strict, recipe_context
 from kdflow.config.kd import KD_METHODS, KDSection
 from kdflow.config.loading import FieldError, RecipeError, parse_yaml, read_recipe_file
 from kdflow.config.recipe import load_recipe
@@ -16,7 +16,8 @@ from kdflow.config.student import StudentData
 
 
 class SweepRecipe(Strict):
-    recipe: str = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) is used")
+    recipe: RecipePath = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) "
+                               "is used (a relative path: see fields.PATH_RULE)")
     student: SafeName = Field(description="the recipe student (data: teacher) whose architecture and training are swept")
     fractions: list[float] = Field(min_length=1, description="shares of the kept teacher answers, each in (0, 1]")
     seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
@@ -68,8 +69,9 @@ def load_sweep(path: str | Path) -> SweepRecipe:
     path = Path(path)
     sweep = parse_yaml(SweepRecipe, read_recipe_file(path, "sweep"), str(path),
                        "a sweep is a YAML mapping with recipe, student, fractions, seeds, methods", kind="sweep",
-                       skip=KD_METHODS)
+                       skip=KD_METHODS, context=recipe_context(path.parent))
     if not sweep.recipe_path().is_file():
-        raise RecipeError(f"{path}: recipe: no file {sweep.recipe_path()}; point it at a distillation recipe")
+        raise RecipeError(f"{path}: recipe: no file {sweep.recipe_path()} ({PATH_RULE}); point it at a distillation "
+                          "recipe")
     load_recipe(sweep.recipe_path())  # a bad recipe fails here too, before any work
     return sweep
