@@ -151,3 +151,44 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     # pytest keeps only its last 3 tmp folders (other pytest runs rotate them away): a copy in its cache folder.
     kept = shutil.copy(screenshot, request.config.cache.mkdir("kdflow-ui") / "flow-run.png")
     print(f"screenshot of the flow run's UI page: {screenshot} (kept: {kept})")
+
+
+def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_stops(server, tmp_path):
+    """The README's commands on a fresh server: `deploy --all` with only kdflow-cpu deploys the CPU deployments
+    (the GPU one is in prefect-gpu.yaml, refused until its pool exists); a worker started with --run-once exits by
+    itself, and an idle worker stops on one Ctrl-C (SIGINT)."""
+    import httpx
+
+    api, env = server
+    prefect_cli(env, "work-pool", "create", "kdflow-cpu", "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--all")
+    names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+    assert names == {"demo", "demo-students"}
+
+    gpu = [*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect-gpu.yaml"]
+    refused = subprocess.run(gpu, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and "kdflow-gpu" in refused.stdout + refused.stderr
+    prefect_cli(env, "work-pool", "create", "kdflow-gpu", "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect-gpu.yaml")
+    deployment = httpx.get(f"{api}/deployments/name/distill/gsm8k-qwen7b-to-0.5b", timeout=10).json()
+    assert deployment["work_pool_name"] == "kdflow-gpu"
+    assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
+
+    once = subprocess.run([*PREFECT, "worker", "start", "--pool", "kdflow-cpu", "--run-once"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert once.returncode == 0, once.stdout + once.stderr
+
+    log_path = tmp_path / "idle-worker.log"
+    with open(log_path, "w") as log:
+        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "kdflow-cpu"], env=env, cwd=tmp_path,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while "started!" not in log_path.read_text() and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.5)
+        assert "started!" in log_path.read_text(), log_path.read_text()
+        start = time.monotonic()
+        os.kill(worker.pid, signal.SIGINT)  # what Ctrl-C sends
+        assert worker.wait(15) == 0 and time.monotonic() - start < 15, log_path.read_text()
+    finally:
+        stop(worker)
