@@ -99,7 +99,7 @@ def test_default_layer_map_is_uniform_and_maps_last_to_last():
 def test_training_learns_the_projection_and_lowers_the_feature_loss(tokenizer, tmp_path):
     from datasets import Dataset
 
-    from kdflow.training.sft import sft_config
+    from kdflow.config.training import sft_config
 
     teacher, student = teacher_and_student(tokenizer)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -67,3 +67,14 @@ def test_tasks_import_no_other_task_for_domain_code():
                                                if m.startswith("tasks.")} - allowed)
              for p in (ROOT / "tasks").glob("*.py")}
     assert {p: m for p, m in found.items() if m} == {}
+
+
+def test_the_wings_form_no_loop():
+    """Wing A uses wing B, never both ways round (config, the recipes, is at the bottom; classic at the top)."""
+    uses: dict[str, set[str]] = {w: set() for w in WINGS}
+    for wing in WINGS:
+        for p in (ROOT / "kdflow" / wing).rglob("*.py"):
+            uses[wing] |= {m.split(".")[1] for m in imported_modules(p)
+                           if m.startswith("kdflow.") and m.split(".")[1] in WINGS} - {wing}
+    loops = sorted((a, b) for a in WINGS for b in uses[a] if a in uses[b] and a < b)
+    assert loops == [], f"wings that import each other: {loops}"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
+from kdflow.config.classic import training_arguments
 from kdflow.classic.digits import Split
 from kdflow.training.losses import hinton_loss
 
@@ -124,22 +125,6 @@ def sequence_classifier(tokenizer, hidden: int, layers: int, heads: int, interme
     )
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
-
-
-DEFAULTS = dict(save_strategy="no", logging_steps=25, report_to=[], disable_tqdm=True)
-
-
-def training_arguments(training: dict, output_dir: str, seed: int):
-    """``TrainingArguments`` from a recipe's ``training`` keys (transformers validates them).
-
-    ``remove_unused_columns=False`` keeps the ``teacher_logits`` column, which the model's ``forward`` does
-    not take; off a GPU the run is forced onto the CPU.
-    """
-    from transformers import TrainingArguments
-
-    cpu = {} if torch.cuda.is_available() else dict(use_cpu=True, bf16=False, fp16=False)
-    return TrainingArguments(output_dir=output_dir, seed=seed, remove_unused_columns=False,
-                             **{**DEFAULTS, **training, **cpu})
 
 
 class HintonTrainer(Trainer):

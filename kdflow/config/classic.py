@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.loading import parse_yaml, read_recipe_file
 from kdflow.config.run import RunSection
-from kdflow.config.training import check_training_values
+from kdflow.config.training import DEFAULTS, check_training_values
 
 
 class ClassifierData(str, enum.Enum):
@@ -83,8 +83,6 @@ class Transformer(Strict):
     @classmethod
     def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
         from transformers import TrainingArguments
-
-        from kdflow.classic.hf import training_arguments
 
         reserved = RESERVED_TRAINING_KEYS & set(v)
         if reserved:
@@ -167,3 +165,18 @@ def parse_classifier_recipe(text: str, source: str = "<recipe>", folder: Path | 
 
 def load_classifier_recipe(path: str | Path) -> ClassifierRecipe:
     return parse_classifier_recipe(read_recipe_file(path), source=str(path), folder=Path(path).parent)
+
+
+def training_arguments(training: dict, output_dir: str, seed: int):
+    """``TrainingArguments`` from a recipe's ``training`` keys (transformers validates them; built once when the
+    recipe loads, and again by the trainer in kdflow/classic/hf.py).
+
+    ``remove_unused_columns=False`` keeps the ``teacher_logits`` column, which the model's ``forward`` does
+    not take; off a GPU the run is forced onto the CPU.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    cpu = {} if torch.cuda.is_available() else dict(use_cpu=True, bf16=False, fp16=False)
+    return TrainingArguments(output_dir=output_dir, seed=seed, remove_unused_columns=False,
+                             **{**DEFAULTS, **training, **cpu})

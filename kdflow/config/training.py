@@ -88,12 +88,39 @@ def check_training_values(training: dict[str, Any], config_class) -> None:
                 raise FieldError(f"{value!r}: {rule}", key)
 
 
+# The TRL config every trainer builds from a recipe's `training:` keys (kdflow/training/ builds it; here it is
+# also built once when a recipe loads, so that TRL validates the keys before any work).
+DEFAULTS = dict(save_strategy="no", logging_steps=25, report_to=[], disable_tqdm=True)
+# With a checkpoint folder: a checkpoint every 10 % of the steps (a float < 1 is a fraction of the total),
+# only the newest kept. An interrupted run resumes from it instead of starting over.
+CHECKPOINTING = dict(save_strategy="steps", save_steps=0.1, save_total_limit=1)
+# TRL turns bf16 and gradient checkpointing on by default; on a CPU both are wrong (bf16 is refused
+# outright), so without a GPU these win over the recipe. A GPU recipe keeps its own settings there.
+CPU_OVERRIDES = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
+
+
+def sft_config(training: dict, output_dir: str, seed: int, cpu: bool, checkpoints: bool = False, config_class=None,
+               **fixed):
+    """A TRL config from a recipe's ``training`` keys (TRL validates them: unknown keys, bad values).
+
+    ``config_class``: SFTConfig unless given (GKD and GOLD have their own); ``fixed``: settings a trainer
+    needs whatever the recipe says.
+    """
+    import warnings
+
+    from trl import SFTConfig
+
+    base = {**DEFAULTS, **(CHECKPOINTING if checkpoints else {})}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
+        return (config_class or SFTConfig)(output_dir=output_dir, seed=seed,
+                                           **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed})
+
+
 def check_sft_config(training: dict[str, Any]) -> dict[str, Any]:
     """Let TRL validate the knobs: build the SFTConfig now, before any work (hardware settings aside,
     so that a GPU recipe validates on a CPU machine too)."""
     from trl import SFTConfig
-
-    from kdflow.training.sft import sft_config
 
     reserved = {"output_dir", "seed", "use_cpu"} & set(training)
     if reserved:

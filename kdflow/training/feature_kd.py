@@ -172,7 +172,8 @@ def train_feature_kd(student, teacher, tokenizer, rows: list[dict], training: di
     """
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.training.sft import fit, sft_config
+    from kdflow.config.training import sft_config
+    from kdflow.training.sft import fit
 
     disable_progress_bars()
     if layer_map is None:

@@ -155,7 +155,8 @@ def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, traini
     """
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.training.sft import fit, sft_config
+    from kdflow.config.training import sft_config
+    from kdflow.training.sft import fit
 
     if training.get("packing"):
         raise ValueError("training.packing: true merges rows into one sequence, which breaks their alignment with "

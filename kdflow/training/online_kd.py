@@ -42,7 +42,8 @@ def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, 
     from datasets import Dataset, disable_progress_bars
     from trl.import_utils import TRLExperimentalWarning
 
-    from kdflow.training.sft import fit, sft_config
+    from kdflow.config.training import sft_config
+    from kdflow.training.sft import fit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GKD lives only there

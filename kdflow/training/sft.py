@@ -7,32 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-DEFAULTS = dict(save_strategy="no", logging_steps=25, report_to=[], disable_tqdm=True)
-# With a checkpoint folder: a checkpoint every 10 % of the steps (a float < 1 is a fraction of the total),
-# only the newest kept. An interrupted run resumes from it instead of starting over.
-CHECKPOINTING = dict(save_strategy="steps", save_steps=0.1, save_total_limit=1)
-# TRL turns bf16 and gradient checkpointing on by default; on a CPU both are wrong (bf16 is refused
-# outright), so without a GPU these win over the recipe. A GPU recipe keeps its own settings there.
-CPU_OVERRIDES = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
-
-
-def sft_config(training: dict, output_dir: str, seed: int, cpu: bool, checkpoints: bool = False, config_class=None,
-               **fixed):
-    """A TRL config from a recipe's ``training`` keys (TRL validates them: unknown keys, bad values).
-
-    ``config_class``: SFTConfig unless given (GKD and GOLD have their own); ``fixed``: settings a trainer
-    needs whatever the recipe says.
-    """
-    import warnings
-
-    from trl import SFTConfig
-
-    base = {**DEFAULTS, **(CHECKPOINTING if checkpoints else {})}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        return (config_class or SFTConfig)(output_dir=output_dir, seed=seed,
-                                           **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed})
-
+from kdflow.config.training import sft_config
 
 def last_checkpoint(folder: Path | None) -> str | None:
     """The newest complete ``checkpoint-<step>`` in ``folder``, or None (Trainer writes it atomically)."""

@@ -109,7 +109,8 @@ def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: lis
     from datasets import Dataset, disable_progress_bars
     from trl.import_utils import TRLExperimentalWarning
 
-    from kdflow.training.sft import fit, sft_config
+    from kdflow.config.training import sft_config
+    from kdflow.training.sft import fit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GOLD lives only there
