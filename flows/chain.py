@@ -20,7 +20,7 @@ from kdflow.teacher import api_keys
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
-from tasks.evaluate import evaluate_model, judge_students, measure_deployment, run_lm_eval
+from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.report import write_report
 
@@ -83,19 +83,29 @@ def upstream(recipe: str, r: Recipe, judge: EvaluationSection.Judge | None = Non
 
 def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,
                     data: OutputRef) -> dict[str, OutputRef]:
-    """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``)."""
-    return {name: evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
-                run_dir, r.evaluation, r.prompts.cot_text(), r.data.source, model, teacher, data)
+    """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``); an API teacher's through its
+    API (``evaluate_api_teacher[<model>]``)."""
+    cot = r.prompts.cot_text()
+    return {name: evaluate_api_teacher(run_dir, r.evaluation, cot, r.data.source, r.generation, model, data)
+            if name == "teacher" and r.teacher.api else
+            evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
+                run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
             for name, model in models.items()}
+
+
+def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef]:
+    """The models whose weights are here to measure: all but an API teacher."""
+    return {name: ref for name, ref in models.items() if not (name == "teacher" and r.teacher.api)}
 
 
 def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], data: OutputRef,
                         curated: OutputRef | None) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe. Returns the report."""
     evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)
-    deployment = measure_deployment(run_dir, models, r.evaluation.deployment, r.prompts.cot_text(), data,
+    local = with_weights(r, models)  # an API teacher has no cost figures or benchmarks here (the report says why)
+    deployment = measure_deployment(run_dir, local, r.evaluation.deployment, r.prompts.cot_text(), data,
                                     r.evaluation.split)
-    benchmarks = run_lm_eval(run_dir, models, r.evaluation.lm_eval)
+    benchmarks = run_lm_eval(run_dir, local, r.evaluation.lm_eval)
     judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,

@@ -36,6 +36,9 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -
 
     print(f"report: {run_dir / 'report.md'}")
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():
+        if m.get("api"):  # an API teacher: accuracy only (its weights are not here)
+            print(f"  {name:>10}: accuracy {m['accuracy']:.3f} ({m['model']} through the API; {m['weights']})")
+            continue
         print(f"  {name:>10}: accuracy {m['accuracy']:.3f}, perplexity {m['perplexity']:.3f}, "
               f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token")
     return report

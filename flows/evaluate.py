@@ -18,7 +18,8 @@ from kdflow.store import run_folder
 def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> dict:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's). Returns the report."""
     r, run = recipe_and_run(recipe, run_dir)
-    check_api_keys(judge=r.evaluation.judge)  # the judge's key, before any model is evaluated
+    # The judge's key (and an API teacher's: it answers the test questions), before any model is evaluated.
+    check_api_keys(r.generation if r.teacher.api else None, judge=r.evaluation.judge)
     data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
     models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
     return evaluate_and_report(run, r, models, data, curated)

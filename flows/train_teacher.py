@@ -1,4 +1,5 @@
-"""Train the teacher (or take the one the recipe names): the source's first step, runnable alone.
+"""Train the teacher (or take the one the recipe names, or record the API model that is the teacher): the source's
+first step, runnable alone.
 
     python -m flows.train_teacher recipes/demo.yaml
 """
@@ -13,7 +14,7 @@ from flows.cli import run_as_script
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import load_recipe
 from tasks.data import make_data
-from tasks.teacher import train_teacher_model, use_existing_teacher
+from tasks.teacher import record_api_teacher, train_teacher_model, use_existing_teacher
 
 
 # No log_prints (see flows/distill.py).
@@ -23,6 +24,8 @@ def train_teacher(recipe: str = "recipes/demo.yaml") -> OutputRef:
     if r.teacher.model:
         return use_existing_teacher(r.run_dir, r.teacher)
     data = make_data(r.run_dir, r.data)
+    if r.teacher.api:  # black-box: the API answers; only the students' shared tokenizer is made here
+        return record_api_teacher(r.run_dir, r.teacher, r.generation.api, data, r.prompts.cot_text())
     return train_teacher_model(r.run_dir, r.teacher, data, r.prompts.cot_text())
 
 

@@ -1,4 +1,5 @@
-"""Stage 5: how good each model is (evaluate_model, one per model), what each costs to run
+"""Stage 5: how good each model is (evaluate_model, one per model; evaluate_api_teacher for an API teacher, through
+its API: accuracy only), what each costs to run
 (measure_deployment, all models back to back), an LLM judge's win rate of each student against the teacher
 where the recipe names a judge (judge_students), and lm-evaluation-harness where it can run (run_lm_eval)."""
 
@@ -14,10 +15,12 @@ from prefect.cache_policies import NO_CACHE
 
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
+from kdflow.config.generation import ApiSection, Backend, GenerationSection
 from kdflow.config.fields import redact_url
 from kdflow.config.templates import render
 from kdflow.curation.answers import answer_checker
 from kdflow.evaluation import deployment, harness
+from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy
 from kdflow.evaluation.judge import ask_judge, backend, check_judge_failures, predictions, prompt_id
 from kdflow.evaluation.model_metrics import evaluate
 from kdflow.evaluation.quality import judge_pairs, judge_prompts, judgement, win_rate
@@ -26,6 +29,7 @@ from kdflow.store.outputs import OutputRef, content_key
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from kdflow.teacher import api_keys
+from kdflow.teacher.completion import TeacherBackend
 from tasks.caching import STAGE_RESULTS, StageCache
 
 EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data: {
@@ -44,12 +48,60 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
         return out.done
     rows = read_split(data, section.split)
     teacher_dir = None if teacher == model else model_location(teacher)
+    no_teacher = WEIGHTS_UNAVAILABLE if teacher.manifest().get("api") else None  # an API teacher: nothing to agree with
     metrics, predictions = evaluate(model_location(model), teacher_dir, rows, template, answer_checker(source)[0],
-                                    section)
+                                    section, no_teacher)
     with out.building() as tmp:
         pd.DataFrame(predictions).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.finish(tmp, rows=len(rows), metrics=metrics)
+    return out.ref()
+
+
+# The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model.
+API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
+    "section": section, "template": template, "source": source.value, "api": generation.api.identity(),
+    "teacher": teacher, "data": data})
+
+
+def teacher_api_key(api: ApiSection) -> str | None:
+    """The API teacher's key, as the generate stage reads it (Secret block or environment variable)."""
+    if api.api_key_secret_block:
+        from prefect.blocks.system import Secret
+
+        return Secret.load(api.api_key_secret_block).get()
+    return api_keys.from_env(api.api_key_env, "generation.api.api_key_env")
+
+
+class TooManyApiFailures(RuntimeError):
+    """More of the API teacher's evaluation requests failed for good than generation.api.max_failure_fraction allows."""
+
+
+@task(cache_policy=StageCache(API_EVALUATE), **STAGE_RESULTS, task_run_name="evaluate_api_teacher[{generation.api.model}]")
+def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
+                         generation: GenerationSection, teacher: OutputRef, data: OutputRef) -> OutputRef:
+    """The API teacher's accuracy on ``section.split``: greedy, through its API, the same answer checker as the
+    students'. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls cost money."""
+    out = API_EVALUATE.output(run_dir, section=section, template=template, source=source, generation=generation,
+                              teacher=teacher, data=data)
+    if out.done:
+        return out.done
+    api, rows = generation.api, read_split(data, section.split)
+    model = TeacherBackend(Backend.openai, api.model, base_url=api.base_url, api_key=lambda: teacher_api_key(api),
+                           timeout_s=api.timeout_s, concurrency=api.concurrency, max_retries=api.max_retries)
+    who = content_key("api-replies", API_EVALUATE.version, {**api.identity(), "max_new_tokens": section.max_new_tokens})
+    folder = Path(run_dir) / API_EVALUATE.name / f".replies-{who[:16]}"
+    metrics, predictions, acct = api_accuracy(model, rows, template, answer_checker(source)[0],
+                                              section.max_new_tokens, folder)
+    if metrics["failed"] > api.max_failure_fraction * len(rows):
+        raise TooManyApiFailures(f"{metrics['failed']} of {len(rows)} requests to the API teacher failed for good "
+                                 f"(> generation.api.max_failure_fraction {api.max_failure_fraction:.1%}); the replies "
+                                 f"received are kept in {folder}: a rerun asks only for the others")
+    metrics |= {"split": section.split, "model": api.model, "api": api.identity(), "weights": WEIGHTS_UNAVAILABLE}
+    with out.building() as tmp:
+        pd.DataFrame(predictions).to_parquet(tmp / "predictions.parquet", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        out.finish(tmp, rows=len(rows), metrics=metrics, accounting=acct.as_dict())
     return out.ref()
 
 

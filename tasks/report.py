@@ -38,7 +38,8 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
     what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
     when the recipe names no judge (the report says it was not run)."""
     dep = deployment.manifest()
-    metrics = {name: {**ref.manifest()["metrics"], **dep["figures"][name]} for name, ref in evaluations.items()}
+    # An API teacher has no deployment figures (nothing of it runs here).
+    metrics = {name: {**ref.manifest()["metrics"], **dep["figures"].get(name, {})} for name, ref in evaluations.items()}
     report = build_report(
         run_name,
         teacher=metrics["teacher"],

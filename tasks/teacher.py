@@ -1,6 +1,8 @@
 """Stage 1: the teacher. Trained from scratch on the gold rationales (the source's first step: "first
-train the big teacher, then distil the student from it"), or an existing model named by the recipe.
-The shared tokenizer is trained here and saved with the teacher, so students inherit it."""
+train the big teacher, then distil the student from it"), an existing model named by the recipe, or the API model
+``generation.api`` names (``teacher.api: true``: recorded, nothing trained or loaded).
+The shared tokenizer is trained here and saved with the teacher (or alone, for an API teacher), so from-scratch
+students inherit it."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.outputs import OutputRef, hash_folder
 from kdflow.store.stage import Stage
 from kdflow.config.templates import render, sft_rows
+from kdflow.config.generation import ApiSection
 from kdflow.config.teacher import TeacherSection
 from kdflow.training.progress import TrainingProgress
 from kdflow.training.sft import train_sft
@@ -27,12 +30,22 @@ TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": sect
 # invalidates what follows.
 EXISTING_TEACHER = Stage("teacher", "1", lambda section: {
     "section": section, "weights": hash_folder(Path(section.model)) if Path(section.model).is_dir() else None})
+# An API teacher: the model's identity (name, base_url without a password) is what it is; the tokenizer for
+# from-scratch students is made from the data's gold text with the prompt template.
+API_TEACHER = Stage("teacher", "1", lambda section, api, data, template: {
+    "section": section, "api": api.identity(), "data": data, "template": template})
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
 
 
 def teacher_split(data: OutputRef) -> str:
     """The teacher learns from its own split when the data has one, else from the students' gold set."""
     return "teacher" if "teacher" in data.manifest()["splits"] else "train"
+
+
+def gold_tokenizer(rows: list[dict], template: str, vocab_size: int):
+    """The shared BPE tokenizer, learnt from the prompts and gold rationales of the first rows."""
+    corpus = [render(template, question=r["question"]) + "\n" + r["rationale"] for r in rows[:TOKENIZER_CORPUS_ROWS]]
+    return train_tokenizer(corpus, vocab_size)
 
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip; it is not retried blindly.
@@ -44,8 +57,7 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
     rows = read_split(data, teacher_split(data))
     with out.building() as tmp:
         start = time.perf_counter()
-        corpus = [render(template, question=r["question"]) + "\n" + r["rationale"] for r in rows[:TOKENIZER_CORPUS_ROWS]]
-        tokenizer = train_tokenizer(corpus, section.vocab_size)
+        tokenizer = gold_tokenizer(rows, template, section.vocab_size)
         a = section.architecture
         model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
         # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
@@ -69,4 +81,20 @@ def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
         local = Path(section.model)
         write_location(tmp, str(local.resolve()) if local.is_dir() else section.model)
         out.finish(tmp)
+    return out.ref()
+
+
+@task(cache_policy=StageCache(API_TEACHER), **STAGE_RESULTS, task_run_name="record_api_teacher[{api.model}]")
+def record_api_teacher(run_dir: Path, section: TeacherSection, api: ApiSection, data: OutputRef,
+                       template: str) -> OutputRef:
+    """The API model as the teacher: its identity in the manifest (``api``), and the tokenizer from-scratch students
+    share in ``tokenizer/`` (where ``model_location`` points). No weights: nothing here can run the teacher."""
+    out = API_TEACHER.output(run_dir, section=section, api=api, data=data, template=template)
+    if out.done:
+        return out.done
+    rows = read_split(data, teacher_split(data))
+    with out.building() as tmp:
+        gold_tokenizer(rows, template, section.vocab_size).save_pretrained(tmp / "tokenizer")
+        write_location(tmp, "tokenizer")
+        out.finish(tmp, rows=len(rows), api=api.identity(), weights=None)
     return out.ref()

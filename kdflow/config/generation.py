@@ -61,6 +61,10 @@ class ApiSection(Strict):
     def _no_password(self, v: str | None) -> str | None:
         return redact_url(v)
 
+    def identity(self) -> dict:
+        """Which model answers (an API teacher's name in keys, manifests and the report): no key, no password."""
+        return {"model": self.model, "base_url": redact_url(self.base_url), "endpoint": self.endpoint.value}
+
 
 PYTHON_NAME = re.compile(r"python(\d+(\.\d+)*)?")
 

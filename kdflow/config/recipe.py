@@ -19,9 +19,9 @@ from kdflow.config.data import DataSection
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.filters import FiltersSection
-from kdflow.config.generation import GenerationSection, PromptsSection
+from kdflow.config.generation import Backend, GenerationSection, PromptsSection
 from kdflow.config.kd import KD_METHODS, OfflineKD
-from kdflow.config.loading import parse_yaml, read_recipe_file
+from kdflow.config.loading import FieldError, parse_yaml, read_recipe_file
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.run import RunSection
 from kdflow.config.student import StudentData, StudentSection
@@ -59,7 +59,30 @@ class Recipe(Strict):
             if isinstance(s.kd, OfflineKD) and self.logit_cache is None:
                 raise ValueError(f"student {s.name!r}: kd method offline trains from the logit cache; add a "
                                  "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)")
+        if self.teacher.api:
+            self._api_teacher_checks()
         return self
+
+    def _api_teacher_checks(self) -> None:
+        """An API teacher is only the answers the API returns: what needs its weights is refused here, with why."""
+        g, why = self.generation, "teacher.api: true: the API model is the teacher and its weights are not available"
+        if g.backend is not Backend.openai:
+            raise FieldError("teacher.api: true asks the model generation.api names; set generation.backend: openai with "
+                             "api.base_url and api.model", "generation", "backend")
+        if not g.api.model:
+            raise FieldError("teacher.api: true: name the API's model (the teacher) in generation.api.model",
+                             "generation", "api")
+        if self.logit_cache is not None:
+            raise FieldError(f"{why}; the logit cache needs its forward pass (source hf/vllm) or, for source api, its "
+                             "tokenizer (the students' is trained here); remove logit_cache", "logit_cache")
+        for i, s in enumerate(self.students):
+            if s.kd is not None:
+                raise FieldError(f"student {s.name!r}: {why}; kd ({s.kd.method.value}) needs its logits or hidden "
+                                 "states; remove kd (the student learns from the API's answers: data: teacher)",
+                                 "students", i, "kd")
+        if self.filters.judge is not None:
+            raise FieldError(f"{why}; the judge filter runs the teacher locally; remove filters.judge",
+                             "filters", "judge")
 
     def with_seeds(self, seeds: list[int]) -> Recipe:
         """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""

@@ -1,4 +1,5 @@
-"""The ``teacher`` section: an existing model folder, or a fresh one to train on the teacher split."""
+"""The ``teacher`` section: an existing model folder, a fresh one to train on the teacher split, or (``api: true``)
+the model ``generation.api`` names, whose weights this machine never sees (black-box distillation)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from kdflow.config.training import Architecture, check_sft_config
 
 
 class TeacherSection(Strict):
+    api: bool = Field(False, description="the teacher is the model generation.api names (backend openai): nothing "
+                      "is trained or loaded here; students learn from its verified answers")
     model: str | None = Field(None, description="an existing model folder: skips teacher training")
     architecture: Architecture | None = None
     vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
@@ -25,8 +28,15 @@ class TeacherSection(Strict):
 
     @model_validator(mode="after")
     def _train_or_load(self):
+        if self.api:
+            local = [f for f in ("model", "architecture", "training") if getattr(self, f)]
+            if local:
+                raise ValueError(f"teacher.api: true makes the API model the teacher; remove teacher.{local[0]} "
+                                 "(or set api: false to train or load a local teacher)")
+            return self
         if self.model is None and self.architecture is None:
-            raise ValueError("set teacher.model (an existing model folder) or teacher.architecture (to train one)")
+            raise ValueError("set teacher.model (an existing model folder), teacher.architecture (to train one) or "
+                             "teacher.api: true (the model generation.api names)")
         if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
             raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
         return self

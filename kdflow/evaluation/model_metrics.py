@@ -12,10 +12,14 @@ from kdflow.teacher.hf_generate import load
 from kdflow.training.tiny_models import count_params
 
 
-def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int) -> dict:
+def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int,
+                      no_teacher: str | None = None) -> dict:
     """Perplexity on the split's gold rationales, and agreement with the teacher where the vocabularies match.
-    ``teacher_dir`` None: the model is the teacher (agreement 1 and KL 0 by definition, and measured so)."""
+    ``teacher_dir`` None: the model is the teacher (agreement 1 and KL 0 by definition, and measured so);
+    ``no_teacher``: why there are no teacher weights to agree with (an API teacher): perplexity only."""
     sequences = reference_sequences(tokenizer, rows, template)
+    if no_teacher:
+        return {**score_reference(net, tokenizer, sequences, batch_size), "agreement_skipped": no_teacher}
     if teacher_dir is None:
         return score_reference(net, tokenizer, sequences, batch_size, teacher=net)
     t_net, t_tokenizer = load(teacher_dir)
@@ -26,8 +30,9 @@ def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict],
 
 
 def evaluate(model_dir: str, teacher_dir: str | None, rows: list[dict], template: str, check,
-             section: EvaluationSection) -> tuple[dict, list[dict]]:
-    """(metrics, one prediction per row) for the model in ``model_dir``; ``check(text, gold) -> bool``."""
+             section: EvaluationSection, no_teacher: str | None = None) -> tuple[dict, list[dict]]:
+    """(metrics, one prediction per row) for the model in ``model_dir``; ``check(text, gold) -> bool``;
+    ``no_teacher``: as in ``reference_metrics``."""
     net, tokenizer = load(model_dir)
     start = time.perf_counter()
     acc, predictions = accuracy(net, tokenizer, rows, template, check, section.max_new_tokens, section.batch_size)
@@ -38,6 +43,6 @@ def evaluate(model_dir: str, teacher_dir: str | None, rows: list[dict], template
                                                           section.max_new_tokens, section.batch_size)
         metrics |= {"k": section.pass_at_k, "samples": section.pass_samples}
         predictions = [{**p, "correct_samples": c} for p, c in zip(predictions, correct)]
-    metrics |= reference_metrics(net, tokenizer, teacher_dir, rows, template, section.batch_size)
+    metrics |= reference_metrics(net, tokenizer, teacher_dir, rows, template, section.batch_size, no_teacher)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     return metrics, predictions

@@ -72,15 +72,24 @@ def plot_losses(histories: dict[str, list[dict]]) -> bytes | None:
     return _png(fig)
 
 
-def plot_tradeoff(report: dict) -> bytes:
+def plot_tradeoff(report: dict) -> bytes | None:
     """Accuracy against parameters and against latency: up and to the left is better."""
     models = report_models(report)
     panels = [("params", "parameters (log scale)", True), ("latency_ms_per_token", "latency ms / token, batch 1", False)]
-    panels = [p for p in panels if all(m.get(p[0]) is not None for m in models.values())]
+    # A figure some model lacks (an API teacher has no parameters or latency here): that model is a dashed line.
+    panels = [p for p in panels if sum(m.get(p[0]) is not None for m in models.values()) >= 2
+              or all(m.get(p[0]) is not None for m in models.values())]
+    if not panels:
+        return None
     fig, axes = _figure(len(panels), 4.2, 3.2)
     for ax, (key, label, log) in zip(axes, panels):
         at: dict[tuple, list[str]] = {}  # models at the same point share one label
         for name, m in models.items():
+            if m.get(key) is None:
+                ax.axhline(m["accuracy"], ls="--", lw=1, color="#d62728" if name == "teacher" else "#1f77b4")
+                ax.annotate(f"{name} ({m['data']})", (0.02, m["accuracy"]), xycoords=("axes fraction", "data"),
+                            textcoords="offset points", xytext=(0, 3), fontsize=8)
+                continue
             at.setdefault((m[key], m["accuracy"]), []).append(name)
         for (x, y), names in at.items():
             ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)

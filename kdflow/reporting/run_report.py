@@ -107,7 +107,8 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
     for name, m in students.items():
         own = baseline_student(students, m.get("seed")) if seeded else baseline
         closed = None if own is None else gap_closure(m["accuracy"], students[own]["accuracy"], teacher["accuracy"])
-        out[name] = {**m, "compression": round(teacher["params"] / m["params"], 1), "gap_closure": closed,
+        compression = round(teacher["params"] / m["params"], 1) if teacher.get("params") else None  # API: unknown
+        out[name] = {**m, "compression": compression, "gap_closure": closed,
                      "gap_baseline": own,
                      "vs_teacher": ratios(m, teacher)}
         if judge is not None:
@@ -140,8 +141,13 @@ def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
 
 
+def teacher_source(teacher: dict) -> str:
+    """What the teacher row says it was trained on: gold, or (an API teacher) the API model it is."""
+    return f"API model {teacher['model']}" if teacher.get("api") else "gold"
+
+
 def report_models(report: dict) -> dict[str, dict]:
-    return {"teacher": {**report["teacher"], "data": "gold"}, **report["students"]}
+    return {"teacher": {**report["teacher"], "data": teacher_source(report["teacher"])}, **report["students"]}
 
 
 def _judged(report: dict) -> bool:
@@ -195,19 +201,26 @@ def notes(report: dict) -> list[str]:
     if t.get("pass_at_k") is not None:
         out.append(f"- **pass@{t['k']}**: unbiased estimator (Chen et al. 2021) from {t['samples']} sampled answers per "
                    "question.")
-    if t.get("perplexity") is not None:
+    if t.get("api"):
+        out.append(f"- **Teacher**: `{t['model']}` behind an OpenAI-compatible API ({t['api']['base_url']}), answering "
+                   "the same prompts greedily through the API, scored by the same answer checker. Perplexity, agreement, "
+                   f"KL and every cost figure are absent for it (— in the tables): {t['weights']}.")
+    scored = next((m for m in report_models(report).values() if m.get("perplexity") is not None), None)
+    if scored is not None:
         out.append(f"- **Perplexity, agreement, KL**: teacher-forced on the split's gold rationales "
-                   f"({t['reference_tokens']:,} answer tokens, prompt tokens not scored); agreement = share of answer "
-                   "positions where the model's most likely next token is the teacher's; KL(teacher ‖ model) in nats "
-                   "per token. The teacher against itself: 1 and 0.")
+                   f"({scored['reference_tokens']:,} answer tokens, prompt tokens not scored); agreement = share of "
+                   "answer positions where the model's most likely next token is the teacher's; KL(teacher ‖ model) in "
+                   "nats per token. " + ("Agreement and KL need the teacher's weights: none for an API teacher."
+                                        if t.get("api") else "The teacher against itself: 1 and 0."))
     out.append(f"- **Gap closed**: {gap['note']}.")
     out += judge_notes(report)
     dep = report.get("deployment")
     if dep:
         s, mc = dep["settings"], dep["machine"]
+        context = next((m["context"] for m in report_models(report).values() if m.get("context") is not None), "?")
         out += [
             f"- **FLOPs / token** (forward, one generated token, analytic from the config): {dep['flops_formula']}; "
-            f"here c = the mean context of the latency run ({report['teacher'].get('context', '?')} keys).",
+            f"here c = the mean context of the latency run ({context} keys).",
             "- **Size on disk**: the weight files. **Peak memory**: live tensors while generating "
             f"{s['throughput_batch']} × {s['latency_tokens']} tokens (weights, KV cache, activations; torch's allocator "
             "on a GPU, its profiler's allocation records on a CPU); the Python/torch runtime (the same for every "
@@ -220,7 +233,7 @@ def notes(report: dict) -> list[str]:
         ]
     for name, m in report_models(report).items():  # a figure that could not be had says why ("—" in the tables)
         out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
-                if key.endswith("_skipped")]
+                if key.endswith("_skipped") and not (t.get("api") and why == t.get("weights"))]  # said once above
     return out
 
 
