@@ -58,10 +58,11 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
     return out.ref()
 
 
-# The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model.
+# The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model,
+# and it is asked as it was for the students' answers (the generation template, else the CoT one; the system prompt).
 API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
-    "section": section, "template": template, "source": source.value, "api": generation.api.identity(),
-    "teacher": teacher, "data": data})
+    "section": section, "template": generation.template_text or template, "source": source.value,
+    "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data})
 
 
 def teacher_api_key(api: ApiSection) -> str | None:
@@ -89,10 +90,11 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     api, rows = generation.api, read_split(data, section.split)
     model = TeacherBackend(Backend.openai, api.model, base_url=api.base_url, api_key=lambda: teacher_api_key(api),
                            timeout_s=api.timeout_s, concurrency=api.concurrency, max_retries=api.max_retries)
-    who = content_key("api-replies", API_EVALUATE.version, {**api.identity(), "max_new_tokens": section.max_new_tokens})
+    who = content_key("api-replies", API_EVALUATE.version, {**api.identity(), "max_new_tokens": section.max_new_tokens,
+                                                             "system_prompt": generation.system_prompt})
     folder = Path(run_dir) / API_EVALUATE.name / f".replies-{who[:16]}"
-    metrics, predictions, acct = api_accuracy(model, rows, template, answer_checker(source)[0],
-                                              section.max_new_tokens, folder)
+    metrics, predictions, acct = api_accuracy(model, rows, out.inputs["template"], answer_checker(source)[0],
+                                              section.max_new_tokens, folder, generation.system_prompt)
     if metrics["failed"] > api.max_failure_fraction * len(rows):
         raise TooManyApiFailures(f"{metrics['failed']} of {len(rows)} requests to the API teacher failed for good "
                                  f"(> generation.api.max_failure_fraction {api.max_failure_fraction:.1%}); the replies "

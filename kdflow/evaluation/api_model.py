@@ -19,11 +19,12 @@ WEIGHTS_UNAVAILABLE = "API model: weights not available"
 
 
 def api_accuracy(model: TeacherBackend, rows: list[dict], template: str, check: Callable[[str, str], bool],
-                 max_new_tokens: int, folder: Path) -> tuple[dict, list[dict], Accounting]:
-    """(metrics, one prediction per row, what the requests cost). A request that failed for good is a wrong answer
-    whose prediction keeps the failure's ``reason`` (``failed`` in the metrics counts them)."""
+                 max_new_tokens: int, folder: Path, system: str | None = None) -> tuple[dict, list[dict], Accounting]:
+    """(metrics, one prediction per row, what the requests cost). ``template`` and ``system``: the prompt the model
+    answered the students' questions with. A request that failed for good is a wrong answer whose prediction keeps
+    the failure's ``reason`` (``failed`` in the metrics counts them)."""
     prompts = [render(template, question=r["question"]) for r in rows]
-    replies, acct = ask_judge(model, max_new_tokens, prompts, folder)
+    replies, acct = ask_judge(model, max_new_tokens, prompts, folder, system)
     predictions = []
     for r, prompt in zip(rows, prompts):
         reply = replies[prompt_id(prompt)]

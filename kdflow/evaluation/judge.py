@@ -40,17 +40,18 @@ def backend(section: EvaluationSection.Judge, api_key: Callable[[], str | None] 
                           batch_size=section.batch_size, vllm=section.vllm)
 
 
-def ask_judge(judge: TeacherBackend, max_new_tokens: int, prompts: list[str], folder: Path
+def ask_judge(judge: TeacherBackend, max_new_tokens: int, prompts: list[str], folder: Path, system: str | None = None
               ) -> tuple[dict[str, dict], Accounting]:
     """The judge's reply record (``ok`` True with ``text``, or a failure with its ``reason``) to every prompt, by
-    ``prompt_id``. Only prompts ``folder`` holds no reply to are asked; no server starts when there are none."""
+    ``prompt_id``. Only prompts ``folder`` holds no reply to are asked; no server starts when there are none.
+    ``system``: a system message before each prompt (name ``folder`` after it: replies are kept by prompt alone)."""
     ids = {prompt_id(p): p for p in prompts}
     answered, _ = read_shards(folder)
     todo = {i: p for i, p in ids.items() if (i, 0) not in answered}
     acct = Accounting(resumed=len(ids) - len(todo))
     if todo:
         with ShardWriter(folder) as shard:
-            acct = judge.ask(todo, max_new_tokens, shard.append)
+            acct = judge.ask(todo, max_new_tokens, shard.append, system)
         acct.resumed = len(ids) - len(todo)
     answered, failed = read_shards(folder)
     return {i: answered.get((i, 0)) or failed[(i, 0)] for i in ids}, acct

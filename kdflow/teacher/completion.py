@@ -58,15 +58,21 @@ class TeacherBackend:
             raise ValueError("backend hf answers in process (hf_generate), not per request")
         return run_all(self.base_url, self.api_key(), self.timeout_s, requests, sampling, **run)
 
-    def ask(self, prompts: dict[str, str], max_new_tokens: int, on_record: Callable[[dict], None]) -> Accounting:
+    def ask(self, prompts: dict[str, str], max_new_tokens: int, on_record: Callable[[dict], None],
+            system: str | None = None) -> Accounting:
         """Each prompt (id -> user message) answered greedily, its record (``id``, ``sample`` 0, ``ok``, ``text``...
-        or a failure with its ``reason``) handed to ``on_record`` as it arrives."""
+        or a failure with its ``reason``) handed to ``on_record`` as it arrives. ``system``: a system message before
+        each (API backends)."""
         if self.backend is Backend.hf:
+            if system:
+                raise ValueError("backend hf takes no system prompt")
             outputs, acct = self.hf_generate(list(prompts.values()), max_new_tokens)
             for i, o in zip(prompts, outputs):
                 on_record({"id": i, "sample": 0, "ok": True, **o})
             return acct
-        requests = [TeacherRequest(id=i, sample=0, messages=[{"role": "user", "content": p}]) for i, p in prompts.items()]
+        first = [{"role": "system", "content": system}] if system else []
+        requests = [TeacherRequest(id=i, sample=0, messages=[*first, {"role": "user", "content": p}])
+                    for i, p in prompts.items()]
         return self.run(requests, Sampling(model=self.model, max_tokens=max_new_tokens), on_record=on_record)
 
     def completer(self, max_new_tokens: int) -> Callable[[list[str]], list[str]]:
