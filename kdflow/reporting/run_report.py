@@ -229,7 +229,7 @@ def notes(report: dict) -> list[str]:
             f"prompt, prefill included); **throughput**: {s['throughput_batch']} × {s['latency_tokens']} tokens / wall "
             f"time. Median of {s['repeats']} runs; all models measured back to back, alternating, in one stage run on "
             f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",
-            "- Ratios in parentheses: model / teacher.",
+            *([] if t.get("api") else ["- Ratios in parentheses: model / teacher."]),
         ]
     for name, m in report_models(report).items():  # a figure that could not be had says why ("—" in the tables)
         out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
