@@ -213,7 +213,7 @@ def test_recipe_judge_section_validates_with_the_field_named():
     assert parse_recipe((ROOT / "tests" / "mini.yaml").read_text()).evaluation.judge is None
     cases = {
         "base_url: http://x/v1\nmodel: m\ntemplate: prompts/nope.jinja":
-            r"evaluation\.judge\.template: no template at .*prompts/nope\.jinja: point it at a file under prompts/",
+            r"evaluation\.judge\.template: no template at .*prompts/nope\.jinja \(.*\): point it at a file under prompts/",
         "model: m": r"evaluation\.judge: backend 'openai' needs base_url",
         "backend: hf\nmodel: no-such-folder": r"evaluation\.judge: model 'no-such-folder' is neither a local folder",
         "backend: vllm\nmodel: org/judge\nbase_url: http://x/v1": r"evaluation\.judge: base_url is for backend 'openai'",
