@@ -15,7 +15,6 @@ Two measurements, both printed; the ratio last is the demo's when its run folder
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import prefect_env  # noqa: E402  (before anything imports prefect)
-from results import save  # noqa: E402
+from results import options, save  # noqa: E402
 
 
 def recipe_copy(recipe: Path, root: Path) -> str:
@@ -72,10 +71,7 @@ def matches(recipe: Path, run_dir: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--completed", default="recipes/demo.yaml", help="a recipe whose run folder is finished")
-    args = parser.parse_args()
+    args = options(__doc__, reps=3, completed="recipes/demo.yaml")  # completed: a recipe whose run folder is finished
 
     from flows.distill import distill
     from kdflow.config.recipe import load_recipe

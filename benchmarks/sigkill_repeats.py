@@ -12,7 +12,6 @@ max repeats per kill / concurrency limit (judged: <= 1).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -28,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from conftest import build_tiny_teacher  # noqa: E402
 from fault_proxy import FaultProxy  # noqa: E402
-from results import save  # noqa: E402
+from results import options, save  # noqa: E402
 
 CHILD = """
 import json, sys
@@ -52,11 +51,7 @@ def answered(folder: Path) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--concurrency", type=int, default=8)
-    args = parser.parse_args()
+    args = options(__doc__, kills=5, requests=400, concurrency=8)
 
     from kdflow.teacher.answer_shards import read_shards
     from kdflow.config.generation import GenerationSection

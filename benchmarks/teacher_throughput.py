@@ -11,7 +11,6 @@ figures and then, last, the ratio stage / bare (judged: >= 0.9).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import statistics
 import sys
@@ -25,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import build_tiny_teacher  # noqa: E402  (also sets PREFECT_HOME & co. before prefect is imported)
 
 COT = "Solve step by step: {{ question }}"
-from results import save  # noqa: E402
+from results import options, save  # noqa: E402
 
 
 def questions(n: int) -> list[dict]:
@@ -66,12 +65,7 @@ def bare_side(base_url: str, model: str, rows: list[dict], concurrency: int, max
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--reps", type=int, default=3)
-    args = parser.parse_args()
+    args = options(__doc__, requests=300, concurrency=16, max_tokens=32, reps=3)
 
     from kdflow.config.templates import render
     from kdflow.config.generation import GenerationSection

@@ -12,7 +12,6 @@ fresh `make demo` process starts with none. Goal: ratio <= 1.5 and the verified 
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import prefect_env  # noqa: E402  (before anything imports prefect)
-from results import save  # noqa: E402
+from results import options, save  # noqa: E402
 
 
 def folder_bytes(run_dir: Path) -> tuple[int, int]:
@@ -35,10 +34,7 @@ def folder_bytes(run_dir: Path) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--recipe", default="recipes/demo.yaml", help="a recipe whose run folder is finished")
-    args = parser.parse_args()
+    args = options(__doc__, reps=3, recipe="recipes/demo.yaml")  # recipe: one whose run folder is finished
 
     from flows.distill import distill
     from kdflow.store import outputs
