@@ -9,9 +9,9 @@ from pydantic import ValidationError
 
 from kdflow.config.kd import FeatureKD, OfflineKD, OnlineKD
 from kdflow.config.loading import RecipeError
-from kdflow.config.recipe import parse_recipe
 from kdflow.config.student import StudentSection
 from kdflow.store.outputs import canonical
+from test_recipe import error_of, line_of
 
 DEMO = (Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml").read_text()
 ARCH = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128}
@@ -28,16 +28,6 @@ KEYED = [
     ({"method": "feature", "feature": {"layers": [[1, 2]], "kind": "cosine", "weight": 0.5}},
      {"feature": {"kind": "cosine", "layers": [[1, 2]], "weight": 0.5}, "method": "feature"}),
 ]
-
-
-def error_of(text: str) -> str:
-    with pytest.raises(RecipeError) as e:
-        parse_recipe(text, "demo.yaml")
-    return str(e.value)
-
-
-def line_of(text: str, needle: str) -> int:
-    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
 
 
 @pytest.mark.parametrize("kd, keyed", KEYED, ids=lambda v: str(v)[:40])
