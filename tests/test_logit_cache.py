@@ -315,3 +315,22 @@ def test_a_near_certain_teacher_keeps_a_nonzero_tail():
     kl = kl_full_vs_cache(full, rebuild_logprobs(ids, values, tail, 10))
     assert torch.isfinite(kl).all() and kl.max() < 1e-6
     assert (tail_from_topk(np.zeros((2, 1), np.float32)) == TAIL_FLOOR).all()
+
+
+def test_the_capture_settings_file_is_written_whole_and_a_torn_one_is_named(tmp_path, tokenizer, model, monkeypatch):
+    """capture.json says which settings a capture in progress was made with: it is written under a temporary name and
+    renamed (never torn by a crash), and a torn one from an older writer is an error naming the folder to delete."""
+    import kdflow.logit_cache.writer as writer
+
+    rows = rows_of(tokenizer, 4)
+    written = []
+    real = writer.write_atomic
+    monkeypatch.setattr(writer, "write_atomic", lambda path, text: written.append(path.name) or real(path, text))
+    write_cache(tmp_path / "c", tokenizer, model, rows, k=3)
+    assert written == ["capture.json"] and not (tmp_path / "c" / "capture.json").exists()  # removed when complete
+
+    folder = tmp_path / "torn"
+    folder.mkdir()
+    (folder / "capture.json").write_text('{"format": "kdflow-logit-ca')
+    with pytest.raises(ValueError, match=rf"{folder / 'capture.json'} is damaged .*delete {folder}"):
+        write_cache(folder, tokenizer, model, rows, k=3)
