@@ -52,8 +52,8 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
                    curated: OutputRef) -> OutputRef:
     """A retry (or a rerun after a crash) keeps every shard already written."""
     out = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
     work, log = out.work, shard_logger()
 

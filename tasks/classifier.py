@@ -36,8 +36,8 @@ def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
     """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer
     and the generated rows as text (``rows.jsonl``)."""
     out = DATA.output(run_dir, section=section)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     with out.building() as tmp:
         splits = write_splits(section, tmp)
         counts = {name: len(s) for name, s in splits.items()}
@@ -51,8 +51,8 @@ def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
 def train_classifier_teacher(run_dir: Path, model: MLP | Transformer, data: OutputRef, seed: int) -> OutputRef:
     """One teacher (or one ensemble member: members differ by ``seed`` only), on hard labels."""
     out = TEACHER.output(run_dir, model=model, data=data, seed=seed)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     with out.building() as tmp:
         start = time.perf_counter()
         params = fit(model, data, seed, tmp)
@@ -79,8 +79,8 @@ def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: Outp
     if (distill is None) != (not teachers):
         raise ValueError("a distilled student needs both teachers and a distill section; a baseline neither")
     out = STUDENT.output(run_dir, model=model, data=data, teachers=teachers, distill=distill, seed=seed)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     with out.building() as tmp:
         start = time.perf_counter()
         if distill is None:

@@ -34,8 +34,8 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
                    teacher: OutputRef | None = None) -> OutputRef:
     """``teacher`` is needed only by the LLM-judge filter (it answers the judge template)."""
     out = CURATE.output(run_dir, section=section, source=source, answers=answers, teacher=teacher)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     judge_template = out.inputs["judge_template"]
     rows = pd.read_parquet(Path(answers.path) / "answers.parquet").to_dict("records")
     complete = None

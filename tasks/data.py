@@ -38,8 +38,8 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
 @task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="make_data[{section.source.value}]")
 def make_data(run_dir: Path, section: DataSection) -> OutputRef:
     out = DATA.output(run_dir, section=section)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     splits = build_splits(section)
     for name, rows in splits.items():
         check_utf8(rows, f"data split {name!r}")

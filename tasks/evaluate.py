@@ -44,8 +44,8 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
     """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher)."""
     out = EVALUATE.output(run_dir, section=section, template=template, source=source, model=model, teacher=teacher,
                           data=data)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = read_split(data, section.split)
     teacher_dir = None if teacher == model else model_location(teacher)
     no_teacher = WEIGHTS_UNAVAILABLE if teacher.manifest().get("api") else None  # an API teacher: nothing to agree with
@@ -85,8 +85,8 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     students'. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls cost money."""
     out = API_EVALUATE.output(run_dir, section=section, template=template, source=source, generation=generation,
                               teacher=teacher, data=data)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     api, rows = generation.api, read_split(data, section.split)
     model = TeacherBackend(Backend.openai, api.model, base_url=api.base_url, api_key=lambda: teacher_api_key(api),
                            timeout_s=api.timeout_s, concurrency=api.concurrency, max_retries=api.max_retries)
@@ -119,8 +119,8 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     back to back here (never one model per run: timings of different runs or machines do not compare).
     Prompts: the first questions of ``split``."""
     out = DEPLOYMENT.output(run_dir, models=models, settings=settings, template=template, data=data, split=split)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = read_split(data, split)
     prompts = [render(template, question=r["question"]) for r in rows[: settings.throughput_batch]]
     prompts += prompts[-1:] * (settings.throughput_batch - len(prompts))  # a split smaller than the batch
@@ -169,8 +169,8 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
     costs only its own judgements. Output: ``judgements.parquet`` (every judgement with the judge's raw reply,
     its verdict, the student's outcome, or the reason it has none) and ``win_rates.json`` per student."""
     out = JUDGE.output(run_dir, section=section, students=students, teacher=teacher, data=data, split=split)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     questions, reference = read_split(data, split), predictions(teacher)
     items = {name: judge_prompts(section.template_text,
                                  judge_pairs(questions, predictions(ref), reference, section.max_questions))

@@ -102,8 +102,8 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
                      data: OutputRef) -> OutputRef:
     """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one."""
     out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = prompted_rows(section, section.template_text or template, data)
     folder = shard_folder(run_dir, out.key)
     if section.backend is Backend.hf:

@@ -27,8 +27,8 @@ INSTRUCTIONS = Stage("self-instruct-instructions", "1", lambda section, seeds, w
       task_run_name="make_expansion_prompts[{section.prompts} prompts]")
 def make_expansion_prompts(run_dir: Path, section: ExpansionSection, template: str, seeds: list[str]) -> OutputRef:
     out = PROMPTS.output(run_dir, section=section, template=template, seeds=seeds)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = expansion_prompts(seeds, template, section.prompts, section.seeds_per_prompt, section.new_per_prompt, section.seed)
     with out.building() as tmp:
         pd.DataFrame(rows).to_parquet(tmp / f"{WRITE_SPLIT}.parquet", index=False)
@@ -42,8 +42,8 @@ def pick_instructions(run_dir: Path, section: ExpansionSection, seeds: list[str]
     """``written``: the generate stage's output for the expansion prompts. Writes ``instructions.parquet``
     (a split the generate stage can answer) and ``dropped.parquet`` (every candidate or reply not kept)."""
     out = INSTRUCTIONS.output(run_dir, section=section, seeds=seeds, written=written)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     replies = pd.read_parquet(Path(written.path) / "answers.parquet").to_dict("records")
     picked = pick(replies, seeds, section)
     instructions, dropped, counts = picked["instructions"], picked["dropped"], picked["counts"]

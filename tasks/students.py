@@ -35,8 +35,8 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
     ``logits`` (the logit cache) is passed to offline-KD students only."""
     out = STUDENTS.output(run_dir, section=section, template=template, teacher=teacher, data=data, curated=curated,
                           logits=logits)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     if section.kd is not None and section.kd.method is KDMethod.offline and logits is None:
         raise ValueError(f"student {section.name!r} trains from the logit cache: pass the logit-cache stage's output")
     rows = student_rows(section, template, data, curated)
@@ -44,8 +44,8 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
         raise ValueError(f"student {section.name!r} has no training rows: the filter kept no teacher answers")
     stage_dir, checkpoints = Path(run_dir) / STUDENTS.name, out.work
     with exclusive(run_dir, STUDENTS.name, out.key):
-        if out.done:
-            return out.done  # a concurrent run of the same student finished it while this one waited
+        if done := out.done:
+            return done  # a concurrent run of the same student finished it while this one waited
         with out.building() as tmp:
             start = time.perf_counter()
             if section.launch is None:  # progress lines in the terminal, and the artifact training-<student>

@@ -52,8 +52,8 @@ def gold_tokenizer(rows: list[dict], template: str, vocab_size: int):
 @task(cache_policy=StageCache(TEACHER), **STAGE_RESULTS, task_run_name="train_teacher_model")
 def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef, template: str) -> OutputRef:
     out = TEACHER.output(run_dir, section=section, data=data, template=template)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = read_split(data, teacher_split(data))
     with out.building() as tmp:
         start = time.perf_counter()
@@ -75,8 +75,8 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
 def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
     """A teacher named by the recipe (a local folder or a hub id): recorded, not copied."""
     out = EXISTING_TEACHER.output(run_dir, section=section)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     with out.building() as tmp:
         local = Path(section.model)
         write_location(tmp, str(local.resolve()) if local.is_dir() else section.model)
@@ -90,8 +90,8 @@ def record_api_teacher(run_dir: Path, section: TeacherSection, api: ApiSection, 
     """The API model as the teacher: its identity in the manifest (``api``), and the tokenizer from-scratch students
     share in ``tokenizer/`` (where ``model_location`` points). No weights: nothing here can run the teacher."""
     out = API_TEACHER.output(run_dir, section=section, api=api, data=data, template=template)
-    if out.done:
-        return out.done
+    if done := out.done:
+        return done
     rows = read_split(data, teacher_split(data))
     with out.building() as tmp:
         gold_tokenizer(rows, template, section.vocab_size).save_pretrained(tmp / "tokenizer")

@@ -152,6 +152,31 @@ def test_reason_codes_are_an_enum_of_stable_strings():
     assert Reason("near_duplicate") is Reason.near_duplicate and Reason.truncated.value == "truncated"
 
 
+def answers_and_teacher(run_dir, rows, tok, max_positions):
+    """Finished generate and teacher outputs: ``rows`` as the teacher's answers, a tiny untrained Llama with ``tok``
+    as the teacher (the judge filter asks it)."""
+    import pandas as pd
+
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.training.tiny_models import llama_model
+
+    def stage(name, build):
+        with building(run_dir, name, name.ljust(64, "0")) as tmp:
+            build(tmp)
+            finish(tmp, name, name.ljust(64, "0"), inputs={})
+        return existing_output(run_dir, name, name.ljust(64, "0"))
+
+    def teacher_folder(tmp):
+        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0,
+                    max_positions=max_positions).save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        write_location(tmp, "model")
+
+    answers = stage("generate", lambda tmp: pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False))
+    return answers, stage("teacher", teacher_folder)
+
+
 @pytest.mark.slow
 def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_path):
     """The stage body on GSM8K-style answers with n samples per prompt: the student's tokenizer for lengths,
@@ -159,10 +184,8 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     every judged row must be dropped with judge_unparsed, its reply kept)."""
     import pandas as pd
 
-    from kdflow.store.model_folders import write_location
-    from kdflow.store.outputs import building, existing_output, finish
     from kdflow.config.data import DataSource
-    from kdflow.training.tiny_models import llama_model, train_tokenizer
+    from kdflow.training.tiny_models import train_tokenizer
     from tasks.curate import filter_answers
 
     texts = ["5+5=10, so #### 10", "It is \\boxed{10}", "#### 11", "I'm sorry, I can't help with that.", "#### 10"]
@@ -173,20 +196,7 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     tok = train_tokenizer(texts + ["Score: 7", "What is 5+5?"], vocab_size=80)
     tok.save_pretrained(tmp_path / "student-tokenizer")
 
-    def stage(name, build):
-        key = name.ljust(64, "0")
-        with building(tmp_path, name, key) as tmp:
-            build(tmp)
-            finish(tmp, name, key, inputs={})
-        return existing_output(tmp_path, name, key)
-
-    def teacher_folder(tmp):
-        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0, max_positions=1024).save_pretrained(tmp / "model")
-        tok.save_pretrained(tmp / "model")
-        write_location(tmp, "model")
-
-    answers = stage("generate", lambda tmp: pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False))
-    teacher = stage("teacher", teacher_folder)
+    answers, teacher = answers_and_teacher(tmp_path, rows, tok, max_positions=1024)
     section = filters(length={"min_tokens": 2, "tokenizer": str(tmp_path / "student-tokenizer")}, patterns={},
                       self_consistency={"policy": "all"}, dedup={"by": "question_and_text"},
                       judge={"threshold": 5, "max_new_tokens": 4})
@@ -265,32 +275,17 @@ def test_editing_the_judge_filter_template_reruns_the_curate_stage(prefect_serve
     """The judge filter's prompt is content of the curate stage for Prefect's key too, not only for the body's:
     an edit of the template file (the recipe names a path, not the text) must rerun the stage, not return the
     output judged with the old prompt from Prefect's cache."""
-    import pandas as pd
     from prefect import flow
 
     from kdflow.config.data import DataSource
-    from kdflow.store.model_folders import write_location
-    from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.training.tiny_models import llama_model, train_tokenizer
+    from kdflow.training.tiny_models import train_tokenizer
     from tasks.curate import filter_answers
 
     rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0,
              "text": "#### 10", "finish_reason": "stop", "completion_tokens": 3}]
     tok = train_tokenizer(["#### 10", "Score: 7", "What is 5+5?"], vocab_size=60)
 
-    def stage(name, build):
-        with building(tmp_path, name, name.ljust(64, "0")) as tmp:
-            build(tmp)
-            finish(tmp, name, name.ljust(64, "0"), inputs={})
-        return existing_output(tmp_path, name, name.ljust(64, "0"))
-
-    def teacher_folder(tmp):
-        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0, max_positions=256).save_pretrained(tmp / "model")
-        tok.save_pretrained(tmp / "model")
-        write_location(tmp, "model")
-
-    answers = stage("generate", lambda tmp: pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False))
-    teacher = stage("teacher", teacher_folder)
+    answers, teacher = answers_and_teacher(tmp_path, rows, tok, max_positions=256)
     template = tmp_path / "prompts" / "my_judge.jinja"
     template.parent.mkdir()
     template.write_text("Rate this answer: {{ answer }}")

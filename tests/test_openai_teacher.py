@@ -130,9 +130,10 @@ def test_logprobs_with_token_ids_are_kept_per_token():
 def test_retry_after_and_backoff():
     assert retry_after_seconds(httpx.Headers({"retry-after-ms": "250"})) == 0.25
     assert retry_after_seconds(httpx.Headers({"retry-after": "3"})) == 3.0
-    # An HTTP date an hour ahead: parsed into the seconds left (whole seconds; generous for a slow machine).
-    date = format_datetime(datetime.now(timezone.utc) + timedelta(hours=1), usegmt=True)
-    assert 3000 < retry_after_seconds(httpx.Headers({"retry-after": date})) <= 3600
+    # An HTTP date an hour ahead: parsed into the seconds left, counted from a fixed clock (no race with the real one).
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=timezone.utc)
+    date = format_datetime(now + timedelta(hours=1), usegmt=True)
+    assert retry_after_seconds(httpx.Headers({"retry-after": date}), now.timestamp()) == 3600
     assert retry_after_seconds(httpx.Headers({})) is None
     rng = random.Random(0)
     assert backoff_seconds(0, 2.5, rng) == 2.5  # the server's wish, not our jitter

@@ -67,8 +67,8 @@ class OutputRef(BaseModel):
 
     def is_complete(self) -> bool:
         """The folder still exists, its manifest is there, and it is the content this ref was made from."""
-        manifest = read_manifest(Path(self.path))
-        return manifest is not None and manifest.get("sha256") == self.sha256 and check_output(Path(self.path)) is None
+        manifest, problem = verified_manifest(Path(self.path))
+        return problem is None and manifest["sha256"] == self.sha256
 
     def manifest(self) -> dict:
         return json.loads((Path(self.path) / MANIFEST).read_text())
@@ -127,10 +127,10 @@ def existing_output(run_dir: Path, stage: str, key: str) -> OutputRef | None:
     sync(run_dir, stage, final.name)
     if not (final / MANIFEST).is_file():
         return None
-    if (problem := check_output(final)) is not None:
+    m, problem = verified_manifest(final)
+    if problem is not None:
         _set_aside_if_damaged(final, problem)
         return None
-    m = read_manifest(final)
     return OutputRef(stage=stage, key=key, path=str(final.resolve()), sha256=m["sha256"], rows=m.get("rows"))
 
 
@@ -148,36 +148,41 @@ def read_manifest(folder: Path) -> dict | None:
 _verified: dict[str, tuple] = {}
 
 
-def check_output(folder: Path) -> str | None:
-    """Why the finished output in ``folder`` does not match its manifest, or None when it does."""
+def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
+    """(the manifest of the finished output in ``folder``, why the folder does not match it or None when it does)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
-        return f"{MANIFEST} is missing, torn or not a manifest"
+        return None, f"{MANIFEST} is missing, torn or not a manifest"
     if os.environ.get(VERIFY_ENV, "full") == "off":
-        return None
+        return manifest, None
     stats = {str(f.relative_to(folder)): f.stat() for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST}
     recorded = manifest.get("files")  # {name: [size, mtime_ns]}; absent in outputs made before it was recorded
     if recorded is not None:
         if missing := sorted(set(recorded) - set(stats)):
-            return f"{len(missing)} file(s) of the manifest missing, e.g. {missing[0]}"
+            return manifest, f"{len(missing)} file(s) of the manifest missing, e.g. {missing[0]}"
         if extra := sorted(set(stats) - set(recorded)):
-            return f"{len(extra)} file(s) not in the manifest, e.g. {extra[0]}"
+            return manifest, f"{len(extra)} file(s) not in the manifest, e.g. {extra[0]}"
         for name, (size, _) in recorded.items():
             if stats[name].st_size != size:
-                return f"{name} has {stats[name].st_size} bytes, the manifest says {size}"
+                return manifest, f"{name} has {stats[name].st_size} bytes, the manifest says {size}"
     # ctime too: a write changes it even when the old mtime is put back, and nobody can set it.
     signature = (manifest["sha256"], tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
                                                   for n, st in stats.items())))
     if _verified.get(str(folder)) == signature:
-        return None
+        return manifest, None
     changed = recorded is None or any(stats[n].st_mtime_ns != mtime for n, (_, mtime) in recorded.items())
     budget = int(os.environ.get(HASH_BUDGET_ENV, HASH_BUDGET_BYTES))
     if changed or sum(st.st_size for st in stats.values()) <= budget:
         if hash_folder(folder) != manifest["sha256"]:
-            return "its files do not hash to the manifest's sha256 (changed after it was written)"
+            return manifest, "its files do not hash to the manifest's sha256 (changed after it was written)"
         _verified[str(folder)] = signature
-    return None
+    return manifest, None
+
+
+def check_output(folder: Path) -> str | None:
+    """Why the finished output in ``folder`` does not match its manifest, or None when it does."""
+    return verified_manifest(folder)[1]
 
 
 def _set_aside_if_damaged(final: Path, problem: str) -> None:

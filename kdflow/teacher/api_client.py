@@ -115,8 +115,9 @@ def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "[redacted]") if secret else text
 
 
-def retry_after_seconds(headers) -> float | None:
-    """The server's requested wait: ``retry-after-ms`` (OpenAI), ``retry-after`` in seconds or as an HTTP date."""
+def retry_after_seconds(headers, now: float | None = None) -> float | None:
+    """The server's requested wait: ``retry-after-ms`` (OpenAI), ``retry-after`` in seconds or as an HTTP date
+    (counted from ``now``, a Unix time: the clock unless given)."""
     if headers is None:
         return None
     if (ms := headers.get("retry-after-ms")) is not None:
@@ -137,7 +138,7 @@ def retry_after_seconds(headers) -> float | None:
         return None
     if when.tzinfo is None:  # "-0000" parses to a naive datetime; RFC 9110 dates are GMT
         when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def backoff_seconds(attempt: int, retry_after: float | None, rng: random.Random) -> float:

@@ -20,12 +20,18 @@ def from_env(variable: str | None, field: str) -> str | None:
     ``field``: the recipe field that names it, for the message."""
     if variable is None:
         return None
-    value = os.environ.get(variable)
-    if value is None or not value.strip():
-        state = "is not set" if value is None else "is empty"
+    if state := unset(variable):
         raise FatalApiError(f"{field}: the environment variable {variable} {state}; export {variable}=<your key> "
                             f"where the stage runs, or set {field}: null for a server that takes no key")
-    return value
+    return os.environ[variable]
+
+
+def unset(variable: str) -> str | None:
+    """How ``$variable`` holds no key ("is not set", "is empty"), or None when it holds one."""
+    value = os.environ.get(variable)
+    if value is None:
+        return "is not set"
+    return "is empty" if not value.strip() else None
 
 
 # Hosts that are this machine: a server there (vLLM, SGLang, a test double) usually takes no key, so a missing one
@@ -72,9 +78,7 @@ def check_env_keys(needs: list[KeyNeed]) -> None:
     for n in needs:
         if n.secret_block:
             continue
-        value = os.environ.get(n.env)
-        if value is None or not value.strip():
-            state = "is not set" if value is None else "is empty"
+        if state := unset(n.env):
             raise MissingApiKey(
                 f"{n.field}.api_key_env: the environment variable {n.env} {state}, and {n.field}.base_url "
                 f"{redact_url(n.base_url) or '(the OpenAI default, https://api.openai.com/v1)'} is not this machine: "
