@@ -34,7 +34,7 @@ IGNORE_INDEX = -100  # the label value transformers and TRL use for "no label at
 def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(z / T)`` over the last axis. ``logits``: (..., C) -> probabilities (..., C)."""
     _check_temperature(temperature)
-    return torch.softmax(logits.float() / temperature, dim=-1)
+    return torch.softmax(upcast(logits) / temperature, dim=-1)
 
 
 def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Divergence,
@@ -45,7 +45,7 @@ def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Div
     if teacher_logp.shape != student_logp.shape:
         raise ValueError(f"teacher {tuple(teacher_logp.shape)} and student {tuple(student_logp.shape)} "
                          "log-probs must have the same shape (..., C)")
-    lp, lq = teacher_logp.float(), student_logp.float()
+    lp, lq = upcast(teacher_logp), upcast(student_logp)
     if kind is Divergence.forward_kl:
         return _kl(lp, lq)
     if kind is Divergence.reverse_kl:
@@ -94,8 +94,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Di
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (..., C)")
-    log_q = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     return reduce(temperature**2 * divergence(log_p, log_q, kind, beta, skew), mask, reduction)
 
 
@@ -131,10 +131,10 @@ def teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int,
     _check_temperature(temperature)
     k = logprobs.shape[-1]
     log_rest = math.log(max(vocab_size - k, 1))
-    bucket = log_rest + (tail.float() - log_rest) / temperature
+    bucket = log_rest + (upcast(tail) - log_rest) / temperature
     if k >= vocab_size:  # the top-k are the whole vocabulary: a stored tail is only its floor, not mass
         bucket = torch.full_like(bucket, float("-inf"))
-    joint = torch.cat([logprobs.float() / temperature, bucket.unsqueeze(-1)], dim=-1)
+    joint = torch.cat([upcast(logprobs) / temperature, bucket.unsqueeze(-1)], dim=-1)
     return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
 
 
@@ -142,7 +142,7 @@ def student_buckets(student_logits: torch.Tensor, ids: torch.Tensor, temperature
     """Student logits (..., V) and the teacher's top-k ids (..., k) -> (..., k + 1) log-probs at T:
     the student's log-probs of those ids, then ``log(1 − Σ of them)`` for every other id."""
     _check_temperature(temperature)
-    full = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    full = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
     top = full.gather(-1, ids.long())
     # log(1 − Σ p_top) = log(Σ p_rest): computed from the rest directly, which stays exact when the top-k
     # hold almost all the mass (1 − 0.99999 loses digits in float32; a logsumexp over the rest does not).
@@ -175,7 +175,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
         raise ValueError(f"labels {tuple(labels.shape)} must match the logits' leading axes {tuple(logits.shape[:-1])}")
     labelled = labels != IGNORE_INDEX
     mask = labelled if mask is None else mask.bool() & labelled
-    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_p = torch.log_softmax(upcast(logits), dim=-1)
     nll = -log_p.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return reduce(nll, mask, reduction)
 
@@ -218,6 +218,12 @@ def reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction
         # an all-masked batch contributes 0, not NaN
         return values.sum() / torch.clamp(torch.as_tensor(kept, dtype=values.dtype), min=1)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 for the softmax and the divergence (bf16/fp16 logits lose digits there); float64 stays
+    float64, so that the float64 tests check the math rather than float32 rounding."""
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _check_temperature(temperature: float) -> None:
