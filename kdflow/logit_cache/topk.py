@@ -7,8 +7,8 @@ kept at every position whose next token is a completion token.
 
 Three sources, one output type (``TopK``):
 
-- ``hf_topk``: an HF model's forward pass (batched by a token budget, no grad); the tail from the whole
-  distribution;
+- ``hf_topk``: an HF model's forward pass (batched by a token budget, no grad, in the model's dtype; the LM head
+  only at answer positions, a chunk at a time; log-probs in float32); the tail from the whole distribution;
 - ``vllm_topk``: a vLLM server's ``prompt_logprobs`` through the openai client's completions endpoint
   (the server must run without prefix caching and with ``--max-logprobs`` ≥ k; vLLM's default
   ``logprobs_mode`` is ``raw_logprobs``, the model's own log-softmax, not the sampler's);
@@ -100,35 +100,67 @@ def answer_positions(spans: list[tuple[int, int]], first: int, width: int) -> to
     return torch.cat([torch.arange(b * width + s - first, b * width + e - first) for b, (s, e) in enumerate(spans)])
 
 
+def padded_batch(rows: list[EncodedRow], batch: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (B, width) of ``rows[i] for i in batch``. In a causal model
+    padding after a sequence does not change its earlier positions."""
+    width = max(len(rows[i].input_ids) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for b, i in enumerate(batch):
+        n = len(rows[i].input_ids)
+        ids[b, :n] = torch.from_numpy(rows[i].input_ids)
+        mask[b, :n] = 1
+    return ids, mask
+
+
+# Config fields of architectures whose logits are not just ``lm_head(final hidden state)`` (Gemma 2's soft-capping,
+# Cohere's scale, Granite's divisor): for those hf_topk takes the logits from the model's own forward instead.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def head_of(model):
+    """(the decoder without its LM head, the head) when the logits are the head applied to the decoder's final
+    hidden states, else None."""
+    head, base = model.get_output_embeddings(), getattr(model, "base_model", None)
+    plain = not any(getattr(model.config, name, None) not in (None, 1.0) for name in LOGIT_TRANSFORMS)
+    return (base, head) if plain and head is not None and base is not None and base is not model else None
+
+
+def chunk_positions(vocab: int) -> int:
+    """Answer positions per trip through the LM head: ``CHUNK_LOGITS`` logits (16 MiB of float32), at least 64
+    positions — below that, reading the whole (V, H) head from memory for a handful of rows costs more than its
+    matmul (at V = 151,936 that floor is 39 MiB of float32 logits, still one chunk's worth, whatever the batch)."""
+    return max(64, CHUNK_LOGITS // vocab)
+
+
 @torch.inference_mode()
 def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
             pad_id: int = 0) -> list[TopK]:
     """The teacher's top-k at every completion position of ``rows`` (returned in the same order).
 
-    Right padding: in a causal model, padding after a sequence does not change its earlier positions. Logits
-    are computed only from the batch's earliest completion position on (``logits_to_keep``), through the
-    model's own head.
+    Memory stays bounded at any vocabulary: the decoder runs on a batch of at most ``batch_tokens`` padded
+    tokens in the model's own dtype; only the answer positions' final hidden states, (P, H), are gathered, and
+    they go through the LM head ``chunk_positions(V)`` at a time, each chunk's logits reduced to its top-k (in
+    float32) before the next is made — never (B, L, V) logits, nor (P, V) at once. At V = 151,936 a 16k-token
+    batch's full logits would be 10 GB in float32.
     """
+    split = head_of(model)
     out: list[TopK | None] = [None] * len(rows)
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens):
-        width = max(len(rows[i].input_ids) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):
-            n = len(rows[i].input_ids)
-            ids[b, :n] = torch.from_numpy(rows[i].input_ids)
-            mask[b, :n] = 1
-        first = min(rows[i].start for i in batch)
-        keep = torch.arange(first, width - 1)
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits  # (B, width-1-first, V)
+        ids, mask = padded_batch(rows, batch, pad_id)
         spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
-        flat = logits.flatten(0, 1)
-        # The answer positions a chunk at a time, never all P of them gathered into one fresh (P, V) copy (130 MB
-        # for 8k tokens of a 4k vocabulary, page-faulted in on every batch), which was a large part of what capture
-        # added to the forward. Chunks also bound top-k's and exp-sum's temporaries whatever the vocabulary.
-        step = max(1, CHUNK_LOGITS // flat.shape[1])
-        chunks = [topk_of_logits(flat.index_select(0, at), k, temperature)
-                  for at in answer_positions(spans, first, logits.shape[1]).split(step)]
+        if split is None:  # logits with a transform of their own: the model's forward, from the first answer on
+            first = min(s for s, _ in spans)
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1] - 1)).logits
+            states, project = logits.flatten(0, 1), lambda x: x
+            positions = answer_positions(spans, first, logits.shape[1])
+        else:
+            base, head = split
+            states, project = base(input_ids=ids, attention_mask=mask).last_hidden_state.flatten(0, 1), head
+            positions = answer_positions(spans, 0, ids.shape[1])
+        step = chunk_positions(model.config.vocab_size)
+        chunks = [topk_of_logits(project(states.index_select(0, part)), k, temperature)
+                  for part in positions.split(step)]
         top_ids, top_lp, tail = (torch.cat(parts) for parts in zip(*chunks))
         at = 0
         for i, (s, e) in zip(batch, spans):
