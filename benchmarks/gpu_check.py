@@ -157,7 +157,7 @@ def generate(base_url: str, model: str, questions: list[str], sizes: Sizes) -> t
     # padding rows past the tokenizer (they decode to nothing) and leave every answer empty.
     sampling = Sampling(model=model, max_tokens=sizes.max_new_tokens, temperature=1.0, seed=0)
     acct = run_all(base_url, None, 600.0, requests, sampling,
-                   concurrency=64, max_retries=2, on_record=lambda r: records.__setitem__(r["id"], r))
+                   concurrency=256, max_retries=2, on_record=lambda r: records.__setitem__(r["id"], r))
     failed = [r for r in records.values() if not r["ok"]]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(requests)} generation requests failed, e.g. {failed[0]}")
