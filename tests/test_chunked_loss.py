@@ -111,13 +111,13 @@ def test_a_top_k_holding_the_whole_vocabulary_and_a_near_certain_student_stay_fi
 
 def test_no_call_to_the_head_sees_more_than_one_chunk_of_rows(monkeypatch):
     seen = []
-    original = chunked._logits
+    original = chunked._Buffers.logits
 
-    def recording(hidden, weight, bias):
+    def recording(self, hidden, bias):
         seen.append(hidden.shape[0])
-        return original(hidden, weight, bias)
+        return original(self, hidden, bias)
 
-    monkeypatch.setattr(chunked, "_logits", recording)
+    monkeypatch.setattr(chunked._Buffers, "logits", recording)
     hidden, weight, bias, ids, logprobs, tail, labels = problem()
     ce, kd = head_losses(hidden, weight, bias, labels, Teacher(ids, logprobs, tail), chunk_size=10)
     (ce.sum() + kd.sum()).backward()

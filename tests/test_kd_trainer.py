@@ -149,3 +149,62 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(cache, tmp_path):
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 21))  # one log, no step twice
     assert json.loads((tmp_path / "b" / "log_history.json").read_text())[0] == {"resumed_from": "checkpoint-10"}
     assert not checkpoints.exists()  # removed once the model is saved
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_the_chunked_head_trains_the_same_student_as_the_dense_loss(cache, tmp_path, monkeypatch, lora):
+    """Forced through the chunked head (3 rows a chunk, so a batch's ~80 answer positions take ~27 chunks), six
+    steps log the same CE and KD terms and end at the same weights as the dense loss; a LoRA student too (its
+    hidden states come from the adapted decoder)."""
+    import kdflow.training.chunked_loss as chunked
+    import kdflow.training.offline_kd as offline_kd
+    from kdflow.config.student import LoraSection
+    from kdflow.training.lora import lora_config
+
+    cache, tok = cache
+    calls = []
+
+    def run(name):
+        model = student(tok)
+        peft = lora_config(LoraSection(r=4), model) if lora else None
+        history = train_offline_kd(model, tok, cache.folder, KDLoss(Divergence.jsd, alpha=0.3, temperature=2.0),
+                                   {**TRAINING, "max_steps": 6, "logging_steps": 1}, tmp_path / name, seed=0,
+                                   peft_config=peft)
+        from transformers import AutoModelForCausalLM
+
+        # the saved model is the trained one (merged with its adapter for LoRA)
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+        return [(h["ce_loss"], h["kd_loss"]) for h in history if "kd_loss" in h], saved
+
+    dense, dense_weights = run("dense")
+    original = offline_kd.head_losses
+    monkeypatch.setattr(offline_kd, "head_losses", lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 3 * len(tok))
+    fused, fused_weights = run("chunked")
+    assert len(calls) == 6  # every step took the chunked head
+    assert len(fused) == len(dense) == 6
+    torch.testing.assert_close(torch.tensor(fused), torch.tensor(dense), rtol=1e-4, atol=1e-5)
+    for name, value in dense_weights.items():
+        torch.testing.assert_close(fused_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    assert any(not torch.equal(value, student(tok).state_dict()[name]) for name, value in fused_weights.items())
+
+
+def test_a_model_whose_logits_need_more_than_its_head_takes_the_dense_path_and_says_why(cache, caplog):
+    from peft import get_peft_model
+
+    from kdflow.config.student import LoraSection
+    from kdflow.training.lora import lora_config
+    from kdflow.training.offline_kd import dense_reason, fused_head
+
+    _, tok = cache
+    capped = student(tok)
+    capped.config.final_logit_softcapping = 30.0  # Gemma 2's tanh cap after the head
+    assert "final_logit_softcapping" in dense_reason(capped)
+    with caplog.at_level("WARNING"):
+        assert fused_head(capped, 10**9) is None
+    assert "dense loss path" in caplog.text and "final_logit_softcapping" in caplog.text
+    plain = student(tok)
+    assert dense_reason(plain) is None and fused_head(plain, 10**9) is plain.lm_head
+    assert fused_head(plain, 1) is None  # one chunk holds every row (the demo's 52 ids): the dense path, unchanged
+    adapted = get_peft_model(student(tok), lora_config(LoraSection(r=4), student(tok)))
+    assert dense_reason(adapted) is None and fused_head(adapted, 10**9) is adapted.get_base_model().lm_head
