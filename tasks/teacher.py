@@ -18,6 +18,7 @@ from kdflow.store.outputs import OutputRef, hash_folder
 from kdflow.store.stage import Stage
 from kdflow.config.templates import render, sft_rows
 from kdflow.config.generation import ApiSection
+from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.teacher import TeacherSection
 from kdflow.training.progress import TrainingProgress
 from kdflow.training.sft import train_sft
@@ -54,16 +55,19 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
     out = TEACHER.output(run_dir, section=section, data=data, template=template)
     if done := out.done:
         return done
+    check_trainable_here(section.dtype, "teacher")
     rows = read_split(data, teacher_split(data))
     with out.building() as tmp:
         start = time.perf_counter()
         tokenizer = gold_tokenizer(rows, template, section.vocab_size)
         a = section.architecture
         model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
+        if section.dtype is not None:
+            model = model.to(weights_dtype(section.dtype))
         # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
         progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
-        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), section.training, tmp, section.seed,
-                  callbacks=[progress])
+        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"),
+                  {**section.training, **training_flags(section.dtype)}, tmp, section.seed, callbacks=[progress])
         write_location(tmp, "model")
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()

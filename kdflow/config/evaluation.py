@@ -10,6 +10,7 @@ from pydantic import Field, computed_field, field_serializer, model_validator
 
 from kdflow.config.fields import SafeName, Strict, Template, read_template, redact_url
 from kdflow.config.generation import Backend, VllmServerSection
+from kdflow.config.precision import Dtype, dtype_field
 
 
 class EvaluationSection(Strict):
@@ -96,6 +97,7 @@ class EvaluationSection(Strict):
     deployment: Deployment = Deployment()
     lm_eval: LmEval = LmEval()
     judge: Judge | None = Field(None, description="an LLM judge's win rate of each student against the teacher")
+    dtype: Dtype | None = dtype_field("every model evaluated (and the teacher it is compared with) is loaded in it")
 
     @model_validator(mode="after")
     def _samples_cover_k(self):

@@ -9,6 +9,7 @@ from typing import ClassVar
 from pydantic import Field, field_serializer, model_validator
 
 from kdflow.config.fields import Strict, redact_url
+from kdflow.config.precision import Dtype, dtype_field
 
 
 class ValueEncoding(str, enum.Enum):
@@ -43,6 +44,8 @@ class LogitCacheSection(Strict):
     batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward pass (hf)")
     concurrency: int = Field(8, ge=1, description="requests in flight (vllm)")
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (vllm)")
+    dtype: Dtype | None = dtype_field("the teacher's precision during capture (hf: loaded in it; vllm: served in it; "
+                                      "log-probs in float32 either way)")
 
     @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
     def _no_password(self, v: str | None) -> str | None:
@@ -55,6 +58,11 @@ class LogitCacheSection(Strict):
                              "top-k at T = 1, and rescaling needs the whole distribution")
         if self.source is not CaptureSource.hf and self.ensemble:
             raise ValueError("ensemble members are captured with source 'hf'; set source: hf")
+        if self.source is CaptureSource.api and self.dtype is not None:
+            raise ValueError("dtype: with source 'api' the API's own model made the logprobs; remove dtype")
+        if self.source is CaptureSource.vllm and self.base_url and self.dtype is not None:
+            raise ValueError("dtype: a running server (base_url) serves in the dtype it was started with; remove "
+                             "dtype, or remove base_url to let the stage start the server in that dtype")
         if self.source is CaptureSource.api and self.k > 20:
             raise ValueError(f"k={self.k}: APIs return at most 20 top_logprobs; use k <= 20")
         return self

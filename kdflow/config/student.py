@@ -13,6 +13,7 @@ from pydantic import AfterValidator, Field, ValidationInfo, computed_field, fiel
 
 from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME_FIX, Strict, check_name, resolve
 from kdflow.config.kd import FeatureKD, KDSection, OnlineKD
+from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 
 
@@ -109,6 +110,7 @@ class StudentSection(Strict):
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
     lora: LoraSection | None = Field(None, description="train LoRA adapters on the pretrained `model` (peft)")
     launch: LaunchSection | None = Field(None, description="train through `accelerate launch` (multi-GPU)")
+    dtype: Dtype | None = dtype_field("the student's weights and training precision (and an online teacher's)")
 
     @field_validator("training")
     @classmethod
@@ -124,6 +126,8 @@ class StudentSection(Strict):
             out |= self.kd.summary()
         if self.lora is not None:
             out["lora_r"] = self.lora.r
+        if self.dtype is not None:
+            out["dtype"] = self.dtype.value
         return out
 
     @model_validator(mode="after")
@@ -132,6 +136,7 @@ class StudentSection(Strict):
             raise ValueError("set exactly one of model (fine-tune a pretrained student) or architecture (a fresh one)")
         if self.lora is not None:
             self._check_lora()
+        check_precision(self.dtype, self.training)
         return self
 
     def _check_lora(self) -> None:

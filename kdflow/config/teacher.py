@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from kdflow.config.fields import Strict
+from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 
 
@@ -20,6 +21,7 @@ class TeacherSection(Strict):
     vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
     seed: int = 0
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
+    dtype: Dtype | None = dtype_field("the teacher's weights and training precision when it is trained here")
 
     @field_validator("training")
     @classmethod
@@ -29,7 +31,7 @@ class TeacherSection(Strict):
     @model_validator(mode="after")
     def _train_or_load(self):
         if self.api:
-            local = [f for f in ("model", "architecture", "training") if getattr(self, f)]
+            local = [f for f in ("model", "architecture", "training", "dtype") if getattr(self, f)]
             if local:
                 raise ValueError(f"teacher.api: true makes the API model the teacher; remove teacher.{local[0]} "
                                  "(or set api: false to train or load a local teacher)")
@@ -39,4 +41,5 @@ class TeacherSection(Strict):
                              "teacher.api: true (the model generation.api names)")
         if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
             raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
+        check_precision(self.dtype, self.training)
         return self

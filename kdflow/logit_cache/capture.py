@@ -42,7 +42,7 @@ def api_records(row: dict) -> list[dict]:
 def capture_hf(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
     from kdflow.teacher.hf_generate import load
 
-    model, tokenizer = load(model_dir)
+    model, tokenizer = load(model_dir, section.dtype)  # runs in that dtype; top-k log-probs in float32
     return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
                           lambda idx: topk.hf_topk(model, [rows[i] for i in idx], section.k, section.temperature,
                                                       section.batch_tokens, tokenizer.pad_token_id or 0), log)
@@ -61,11 +61,16 @@ def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection,
 
     if section.base_url:
         return run(section.base_url)
-    # Prefix caching off: a cached prefix would skip the positions whose prompt_logprobs we need. The model's
-    # own dtype: vLLM's "auto" would run a float32 teacher in 16 bits, and the cache would not be its logits.
-    args = ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", _dtype(model_dir)]
-    with vllm_server(model_dir, extra_args=args) as url:
+    with vllm_server(model_dir, extra_args=vllm_capture_args(section, model_dir)) as url:
         return run(url)
+
+
+def vllm_capture_args(section: LogitCacheSection, model_dir: str) -> list[str]:
+    """The capture server's flags. Prefix caching off: a cached prefix would skip the positions whose
+    prompt_logprobs we need. The section's dtype, else the model's own: vLLM's "auto" would run a float32
+    teacher in 16 bits, and the cache would not be its logits."""
+    dtype = section.dtype.value if section.dtype is not None else _dtype(model_dir)
+    return ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", dtype]
 
 
 def _dtype(model_dir: str) -> str:

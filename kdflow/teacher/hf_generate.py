@@ -5,11 +5,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from kdflow.config.precision import Dtype, load_dtype
 
-def load(model_dir: str):
+
+def load(model_dir: str, dtype: Dtype | None = None):
+    """The model in ``dtype`` (float32 when None) and its tokenizer, padding on the left."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"  # decoder-only batches must end at the prompt, not at padding
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype(dtype))
     model.eval()
     return model, tokenizer
 

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.fields import ROOT
 from kdflow.config.kd import KDMethod, OnlineKD
+from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import cache_row_id
@@ -53,12 +54,16 @@ def student_rows(section: StudentSection, template: str, data: OutputRef, curate
 
 
 def init_student(section: StudentSection, teacher: OutputRef):
-    """A pretrained student with its own tokenizer, or a fresh Llama sharing the teacher's tokenizer."""
+    """A pretrained student with its own tokenizer, or a fresh Llama sharing the teacher's tokenizer; in the
+    section's ``dtype`` when set."""
+    dtype = weights_dtype(section.dtype)
     if section.model:
-        return AutoModelForCausalLM.from_pretrained(section.model), AutoTokenizer.from_pretrained(section.model)
+        model = AutoModelForCausalLM.from_pretrained(section.model, **({} if dtype is None else {"dtype": dtype}))
+        return model, AutoTokenizer.from_pretrained(section.model)
     tokenizer = AutoTokenizer.from_pretrained(model_location(teacher))
     a = section.architecture
-    return llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed), tokenizer
+    model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
+    return (model if dtype is None else model.to(dtype)), tokenizer
 
 
 def needs_curated(section: StudentSection) -> bool:
@@ -94,7 +99,7 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
                 ) -> list[dict]:
     """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
-    kd, training, seed = section.kd, section.training, section.seed
+    kd, training, seed = section.kd, {**section.training, **training_flags(section.dtype)}, section.seed
     callbacks = [TrainingProgress("students", section.name, on_progress)]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
@@ -111,7 +116,9 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
                                 row_ids=row_ids, peft_config=peft, callbacks=callbacks)
-    live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
+    dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
+    live = AutoModelForCausalLM.from_pretrained(model_location(teacher),
+                                                **({} if dtype is None else {"dtype": dtype})).eval()
     if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
         from kdflow.training.tokenizer_compat import train_gold
 
@@ -136,6 +143,7 @@ def train_here(section: StudentSection, rows: list[dict], teacher: OutputRef, lo
                checkpoints: Path | None, on_progress: OnProgress | None = None) -> None:
     """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
     it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
+    check_trainable_here(section.dtype, f"student {section.name!r}")
     model, tokenizer = init_student(section, teacher)
     check_student_tokenizer(section, teacher, tokenizer)
     fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints, on_progress)
