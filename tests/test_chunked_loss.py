@@ -133,3 +133,40 @@ def test_mismatched_shapes_are_refused_with_the_shapes_named():
         head_losses(hidden, weight, bias, labels[:-1])
     with pytest.raises(ValueError, match="teacher ids"):
         head_losses(hidden, weight, bias, teacher=Teacher(ids[:-1], logprobs[:-1], tail[:-1]))
+
+
+def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tmp_path, monkeypatch):
+    """train_sft forced through the chunked head (3 rows a chunk) logs the same losses and ends at the same weights
+    as TRL's own loss (which it takes when one chunk would hold every position, as here by default)."""
+    from transformers import AutoModelForCausalLM
+
+    import kdflow.training.head as head
+    from kdflow.config.templates import chat
+    from kdflow.training.sft import train_sft
+    from kdflow.training.tiny_models import llama_model
+    from test_capture import TEMPLATE, kept_rows, tiny_teacher
+
+    _, tok = tiny_teacher(tmp_path / "teacher")
+    rows = [chat(TEMPLATE.replace("{{ question }}", r["question"]), r["text"]) for r in kept_rows(32)]
+    training = {"max_steps": 5, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
+                "max_length": 64}
+    calls = []
+    original = head.fused_head
+    monkeypatch.setattr(head, "fused_head", lambda *a: calls.append(original(*a)) or calls[-1])
+
+    def run(name):
+        model = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
+        history = train_sft(model, tok, rows, training, tmp_path / name, seed=0)
+        weights = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
+        return [h["loss"] for h in history if "loss" in h], weights
+
+    trl_losses, trl_weights = run("trl")
+    assert calls and all(c is None for c in calls)  # TRL's loss: one chunk holds every position
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 3 * len(tok))
+    calls.clear()
+    ours, our_weights = run("chunked")
+    assert len(calls) == 5 and all(c is not None for c in calls)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(trl_losses), rtol=1e-4, atol=1e-5)
+    assert len(ours) == 5 and ours[-1] < ours[0]
+    for name, value in trl_weights.items():
+        torch.testing.assert_close(our_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)

@@ -194,7 +194,7 @@ def test_a_model_whose_logits_need_more_than_its_head_takes_the_dense_path_and_s
 
     from kdflow.config.student import LoraSection
     from kdflow.training.lora import lora_config
-    from kdflow.training.offline_kd import dense_reason, fused_head
+    from kdflow.training.head import dense_reason, fused_head
 
     _, tok = cache
     capped = student(tok)

@@ -13,7 +13,7 @@ over the same positions), with D one of ``losses.Divergence`` and the top-k tail
 At a large vocabulary the logits are never built whole: the decoder runs without its LM head, the answer positions'
 hidden states are gathered, and both terms come from kdflow.training.chunked_loss, one chunk of positions at a
 time (same values). Where one chunk would hold every position anyway (the demo's 52-token vocabulary), or where the
-model's logits need more than its head (a logit softcap or scale; ``dense_reason``), the loss is the dense one.
+model's logits need more than its head (a logit softcap or scale; ``kdflow.training.head.dense_reason``), the loss is the dense one.
 
 Alignment: the training rows *are* the cache's rows — each row's token ids come from the cache, and the
 collator fetches the teacher's distributions by row id (never by step or batch position), checking the
@@ -22,8 +22,6 @@ ids again, so shuffling, epochs and resumes cannot misalign them. Packing would 
 
 from __future__ import annotations
 
-import inspect
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +30,9 @@ from trl import SFTTrainer
 
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.config.kd import Divergence
-from kdflow.training.chunked_loss import Teacher, chunk_rows, head_losses
+from kdflow.training.chunked_loss import Teacher, head_losses
+from kdflow.training.head import final_hidden_states, fused_head
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_kd_loss
-
-log = logging.getLogger(__name__)
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail", "teacher_mask")
 
@@ -142,12 +139,11 @@ class CachedKDTrainer(SFTTrainer):
         if head is not None:
             # The decoder without the LM head (the head sees one position); then the head on the answer positions
             # only, chunk by chunk (kdflow.training.chunked_loss): never (B, L, V) logits, nor (N, V) at once.
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                            output_hidden_states=True, logits_to_keep=1)
+            outputs, hidden = final_hidden_states(model, inputs)
             kd_teacher = None if self.kd.alpha == 1.0 else Teacher(
                 *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.kd.divergence, self.kd.temperature,
                 self.kd.beta, self.kd.skew)
-            ce_rows, kd_rows = head_losses(outputs.hidden_states[-1][:, :-1][at], head.weight, head.bias,
+            ce_rows, kd_rows = head_losses(hidden[:, :-1][at], head.weight, head.bias,
                                            labels=targets[at], teacher=kd_teacher)
             ce = reduce(ce_rows, targets[at] != IGNORE_INDEX, "mean")
             kd = None if kd_rows is None else reduce(kd_rows, kd_at[at], "mean")
@@ -166,58 +162,6 @@ class CachedKDTrainer(SFTTrainer):
         if kd is not None:
             self._metrics[mode]["kd_loss"].append(kd.item())
         return (loss, outputs) if return_outputs else loss
-
-
-# Logit transforms some architectures apply after the LM head; the chunked loss computes plain hidden @ W.T + b.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
-
-
-def dense_reason(model) -> str | None:
-    """Why the chunked loss cannot compute this model's logits (it then takes the dense path), or None.
-
-    ``model``: the trainer's model, maybe wrapped (accelerate, DDP) or a peft model (LoRA adapters inside the
-    decoder are fine: the hidden states come from the adapted decoder; an adapter on the LM head is not).
-    """
-    from accelerate.utils import extract_model_from_parallel, is_peft_model
-    from torch import nn
-
-    lm = extract_model_from_parallel(model)
-    lm = lm.get_base_model() if is_peft_model(lm) else lm
-    config = lm.config.get_text_config()
-    transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1.0)]
-    if transforms:
-        return f"{type(lm).__name__} transforms its logits after the LM head ({', '.join(transforms)})"
-    head = lm.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return f"its LM head is a {type(head).__name__}, not a plain nn.Linear (an adapter on lm_head?)"
-    if "logits_to_keep" not in inspect.signature(type(lm).forward).parameters:
-        return f"{type(lm).__name__}.forward takes no logits_to_keep (it would compute every position's logits)"
-    return None
-
-
-def fused_head(model, rows: int):
-    """The LM head (``nn.Linear``) to run the chunked loss through for ``rows`` answer positions, or None for the
-    dense path: when the model's logits need more than the head (``dense_reason``, logged once), or when one
-    chunk holds every row anyway (e.g. the demo's 52-token vocabulary) — then the dense path *is* one chunk, and
-    its figures stay those measured before the chunked loss existed."""
-    from accelerate.utils import extract_model_from_parallel, is_peft_model
-
-    lm = extract_model_from_parallel(model)
-    lm = lm.get_base_model() if is_peft_model(lm) else lm
-    head = lm.get_output_embeddings()
-    if rows <= chunk_rows(head.weight.shape[0]):
-        return None
-    reason = dense_reason(model)
-    if reason is not None:
-        if reason not in _LOGGED:
-            _LOGGED.add(reason)
-            log.warning("offline KD: the dense loss path, holding (positions x vocabulary) logits, because %s", reason)
-        return None
-    return head
-
-
-_LOGGED: set[str] = set()
 
 
 def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, training: dict, out_dir: Path, seed: int,
