@@ -1,7 +1,7 @@
 """KD cost at a large vocabulary: an offline-KD step beside an SFT step, V = 151,936 (Qwen2.5's), B × L = 4 × 1,024.
 
-A Qwen2-architecture student (random weights, bf16, hidden 256, 2 layers, 4 heads / 2 KV heads, tied 151,936-row
-embedding: the LM head is what matters at this vocabulary), the same batch of 4 rows × 1,024 tokens (64 prompt
+A Qwen2-architecture student (kdflow.training.tiny_models.qwen2_model: random weights, bf16, hidden 256, 2 layers,
+4 heads / 2 KV heads, tied 151,936-row embedding: the LM head is what matters at this vocabulary), the same batch of 4 rows × 1,024 tokens (64 prompt
 tokens, 960 answer tokens each), three sides, each in a fresh process, alternating, several repetitions:
 
 - ``kd``: kdflow's CachedKDTrainer (α 0.5, forward KL, k = 50 synthetic teacher top-k per answer position) on the
@@ -70,14 +70,14 @@ class Sampler:
 
 
 def student():
+    """kdflow's Qwen2 builder (Qwen2.5's architecture and 151,936-row tied embedding), shrunk: the LM head is what
+    matters at this vocabulary, and a CPU step then takes a minute, not an hour."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                         num_key_value_heads=KV_HEADS, intermediate_size=INTERMEDIATE, max_position_embeddings=LENGTH,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return Qwen2ForCausalLM(config).to(torch.bfloat16)
+    from kdflow.training.tiny_models import qwen2_model
+
+    return qwen2_model(None, seed=0, dtype=torch.bfloat16, hidden=HIDDEN, layers=LAYERS, heads=HEADS,
+                       kv_heads=KV_HEADS, intermediate=INTERMEDIATE)
 
 
 def rows() -> list[dict]:

@@ -6,8 +6,9 @@ Per chunk of rows the forward computes the logits through the LM head, their log
 label and at the teacher's top-k, the logsumexp of the rest, and the divergence over the k + 1 buckets; it keeps
 per row only three numbers (two logsumexps, the rest) and the divergence's gradient with respect to the k + 1
 bucket log-probs. The backward recomputes each chunk's logits and turns them into the logits' gradient in closed
-form (below), then into the hidden states' and the head's gradients, accumulated in fp32. Peak memory: one chunk
-of logits and a few same-sized temporaries (``chunk_rows``), whatever the number of positions.
+form (below), then into the hidden states' gradient (a GEMM in the head's dtype, as autograd computes it for bf16
+logits) and the head's (accumulated over chunks in fp32). Peak memory: three chunk-sized fp32 buffers reused by
+every chunk (``chunk_rows``; 64 MiB each at V = 151,936), whatever the number of positions.
 
 The values are those of ``losses.cross_entropy`` and ``losses.sparse_kd_loss`` on ``hidden @ weight.T + bias``,
 for every divergence and temperature (the divergence itself is the same function, differentiated on the small
@@ -20,7 +21,8 @@ log-probs ``top_j = z[id_j] − lse`` and ``rest = logsumexp(z over ids ∉ top-
 
     ∂D/∂z_v = Σ_j g_top,j [v = id_j]  +  g_rest · [v ∉ top-k] · exp(z_v − lse − rest)  −  (Σ g) · P_v
 
-and ``∂/∂logits = ∂/∂z / T``. Cross-entropy adds ``P¹ − onehot(label)`` (``P¹`` the softmax at T = 1).
+and ``∂/∂logits = ∂/∂z / T`` (a top-k holding every id has no rest: its term and its share of ``Σ g`` drop).
+Cross-entropy adds ``P¹ − onehot(label)`` (``P¹`` the softmax at T = 1).
 """
 
 from __future__ import annotations
