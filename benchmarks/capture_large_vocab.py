@@ -11,8 +11,12 @@ their gold answers, teacher-forced, k = 50.
    the logits capture needs, which is what capture ran before it chunked) vs capture (``hf_topk`` + writing
    u8 shards, as the logit_cache stage does), the same rows and batches (``--batch-tokens``); each side in a
    fresh process, alternating, ``--reps`` each, median; each process's peak RSS too.
-2. peak RSS of a capture of N and 10 N rows, each in a fresh process: the whole process's, and over the RSS
-   with the model loaded (VmHWM reset after loading).
+2. peak RSS of a capture of N and 10 N rows (the N rows ten times, under new row ids: the same lengths, since
+   the peak follows the longest sequence in a batch), each in a fresh process: the whole process's, and over
+   the RSS with the model loaded (VmHWM reset after loading).
+
+One torch thread unless ``BENCH_THREADS`` says otherwise: on this shared 2-core machine two threads' barriers
+stall behind other jobs and both sides ran several times slower.
 
 Prints the figures, then, last, one JSON line: ``throughput_ratio`` (capture / forward tokens/s, goal >= 0.9)
 and ``memory_ratio_10n_vs_n`` (peak RSS over the loaded model, 10 N / N: goal ~ 1, flat).
@@ -61,12 +65,12 @@ def build(folder: Path, layers: int, dtype: str) -> dict:
             "tokenizer_s": round(tokenizer_s, 1)}
 
 
-def load(folder: Path, rows: int, dtype: str):
+def load(folder: Path, rows: int, dtype: str, repeat: int = 1):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdflow.config.templates import chat
-    from kdflow.logit_cache.topk import encode_row
+    from kdflow.logit_cache.topk import EncodedRow, encode_row
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -76,6 +80,9 @@ def load(folder: Path, rows: int, dtype: str):
     for i, r in enumerate(records):
         c = chat(r["question"], r["answer"])
         encoded.append(encode_row(tokenizer, f"test-{i:05d}", c["prompt"], c["completion"]))
+    # The same rows again under new row ids: 10 N rows with N's lengths, so that the peak compares row counts,
+    # not the longest sequence each sample happens to hold (attention's memory grows with it).
+    encoded = [EncodedRow(f"{r.row_id}-{j}", r.input_ids, r.start) for j in range(repeat) for r in encoded]
     return model, tokenizer, encoded
 
 
@@ -91,14 +98,19 @@ def plain_forward(model, rows, batch_tokens: int, pad_id: int) -> None:
             model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1] - 1)).logits
 
 
-def capture(model, tokenizer, rows, batch_tokens: int, folder: Path) -> dict:
+def meta_of(model, tokenizer) -> dict:
+    """The cache's settings: hashing a 151,665-token tokenizer takes ~1 s, once per capture (the stage's setup)."""
     from kdflow.config.logit_cache import ValueEncoding
     from kdflow.logit_cache.format import cache_meta
+
+    return cache_meta(teachers=[{"model": "qwen2-bench", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
+                      vocab_size=model.config.vocab_size, k=K, temperature=1.0, encoding=ValueEncoding.u8, source="hf")
+
+
+def capture(model, tokenizer, rows, batch_tokens: int, folder: Path, meta: dict) -> dict:
     from kdflow.logit_cache.topk import hf_topk
     from kdflow.logit_cache.writer import capture_shards
 
-    meta = cache_meta(teachers=[{"model": "qwen2-bench", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=model.config.vocab_size, k=K, temperature=1.0, encoding=ValueEncoding.u8, source="hf")
     return capture_shards(folder, [r.row_id for r in rows], SHARD_ROWS, meta,
                           lambda idx: hf_topk(model, [rows[i] for i in idx], K, 1.0, batch_tokens, tokenizer.pad_token_id))
 
@@ -107,17 +119,18 @@ def status_kib(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
 
-def child(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str) -> dict:
+def child(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str, repeat: int) -> dict:
     """One side in this (fresh) process: a warm-up batch, then the timed pass; peak RSS over the loaded model."""
-    model, tokenizer, encoded = load(folder, rows, dtype)
+    model, tokenizer, encoded = load(folder, rows, dtype, repeat)
     pad = tokenizer.pad_token_id
     with tempfile.TemporaryDirectory() as tmp:
         if side == "forward":
             run = lambda: plain_forward(model, encoded, batch_tokens, pad)
             plain_forward(model, encoded[:4], batch_tokens, pad)
         else:
-            run = lambda: capture(model, tokenizer, encoded, batch_tokens, Path(tmp) / "cache")
-            capture(model, tokenizer, encoded[:4], batch_tokens, Path(tmp) / "warm")
+            meta = meta_of(model, tokenizer)
+            run = lambda: capture(model, tokenizer, encoded, batch_tokens, Path(tmp) / "cache", meta)
+            capture(model, tokenizer, encoded[:4], batch_tokens, Path(tmp) / "warm", meta)
         loaded = status_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM: the peak from here on
         start = time.perf_counter()
@@ -125,14 +138,14 @@ def child(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str) -> 
         seconds = time.perf_counter() - start
     tokens = sum(len(r.input_ids) for r in encoded)
     answer = sum(len(r.input_ids) - 1 - r.start for r in encoded)
-    return {"side": side, "rows": rows, "tokens": tokens, "answer_tokens": answer, "seconds": seconds,
+    return {"side": side, "rows": len(encoded), "tokens": tokens, "answer_tokens": answer, "seconds": seconds,
             "tokens_per_s": tokens / seconds, "loaded_mib": loaded / 1024, "peak_mib": status_kib("VmHWM") / 1024,
             "peak_over_loaded_mib": (status_kib("VmHWM") - loaded) / 1024}
 
 
-def fresh(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str) -> dict:
+def fresh(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str, repeat: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--rows", str(rows),
-           "--batch-tokens", str(batch_tokens), "--dtype", dtype]
+           "--batch-tokens", str(batch_tokens), "--dtype", dtype, "--repeat", str(repeat)]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         raise RuntimeError(f"{side} child failed:\n{out.stderr[-3000:]}")
@@ -143,7 +156,7 @@ def main() -> None:
     if "--child" in sys.argv:
         args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
         print(json.dumps(child(args["--child"], Path(args["--folder"]), int(args["--rows"]),
-                               int(args["--batch-tokens"]), args["--dtype"])))
+                               int(args["--batch-tokens"]), args["--dtype"], int(args["--repeat"]))))
         return
     opts = options(__doc__, rows=8, reps=3, layers=4, dtype="bfloat16", batch_tokens=1024)
     with tempfile.TemporaryDirectory(prefix="capture-large-vocab-") as tmp:
@@ -154,7 +167,7 @@ def main() -> None:
             forward.append(fresh("forward", folder, opts.rows, opts.batch_tokens, opts.dtype))
             captured.append(fresh("capture", folder, opts.rows, opts.batch_tokens, opts.dtype))
         small = fresh("capture", folder, opts.rows, opts.batch_tokens, opts.dtype)
-        large = fresh("capture", folder, 10 * opts.rows, opts.batch_tokens, opts.dtype)
+        large = fresh("capture", folder, opts.rows, opts.batch_tokens, opts.dtype, repeat=10)
     median = lambda runs, key: statistics.median(r[key] for r in runs)
     forward_tps, capture_tps = median(forward, "tokens_per_s"), median(captured, "tokens_per_s")
     result = {
