@@ -382,10 +382,13 @@ def main() -> None:
                                                             tokenizer, rows, args.kl_rows))
             print_large_vocab(saved["large_vocab"][-1])
             del model
-        head = saved["large_vocab"][0]
+        head, worst = saved["large_vocab"]
         saved["headline"] = {"vocab": head["vocab"], "k": K, "teacher": head["teacher"],
                              "kdflow_u8_bytes_per_token": round(head["kdflow_u8_bytes_per_token"], 1),
                              "distillkit_bytes_per_token": round(head["distillkit_bytes_per_token"], 1),
+                             "untrained_kdflow_u8_bytes_per_token": round(worst["kdflow_u8_bytes_per_token"], 1),
+                             "untrained_ratio_kdflow_u8_vs_distillkit": round(
+                                 worst["kdflow_u8_bytes_per_token"] / worst["distillkit_bytes_per_token"], 3),
                              "ratio_kdflow_u8_vs_distillkit": round(head["kdflow_u8_bytes_per_token"]
                                                                     / head["distillkit_bytes_per_token"], 3)}
         save("logit_cache_bytes", saved)  # now too: the small part can take as long again
