@@ -167,6 +167,7 @@ def generate(base_url: str, model: str, questions: list[str], sizes: Sizes) -> t
 def capture(folder: Path, base_url: str, model: str, tokenizer, rows: list, sizes: Sizes) -> dict:
     """The teacher's top-k at every answer position (prompt_logprobs) into a logit cache in ``folder``."""
     import openai
+    from transformers import AutoConfig
 
     from kdflow.config.logit_cache import ValueEncoding
     from kdflow.logit_cache.format import cache_meta
@@ -174,8 +175,6 @@ def capture(folder: Path, base_url: str, model: str, tokenizer, rows: list, size
     from kdflow.logit_cache.writer import capture_shards
 
     client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=2, timeout=600.0)
-    from transformers import AutoConfig
-
     meta = cache_meta(teachers=[{"model": model, "revision": None, "weight": 1.0}], tokenizer=tokenizer,
                       vocab_size=AutoConfig.from_pretrained(model).vocab_size, k=sizes.k, temperature=1.0,
                       encoding=ValueEncoding.u8, source="vllm")
