@@ -84,7 +84,7 @@ def roofline(figures: dict, devices: tuple[DeviceProfile, ...] = DEVICES) -> dic
     for d in devices:
         r = roofline_seconds(figures.get("flops_per_token"), figures["memory_bytes_per_token"],
                              figures.get("compute_dtype", "fp32"), d)
-        out[d.name] = {"us_per_token": round(r["seconds"] * 1e6, 4), "bound": r["bound"],
+        out[d.name] = {"us_per_token": float(f"{r['seconds'] * 1e6:.4g}"), "bound": r["bound"],
                        "compute_term": r["compute_term"]}
     return out
 

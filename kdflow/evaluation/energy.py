@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 POWERCAP = Path("/sys/class/powercap")
-ENERGY_FORMULA = ("energy/token: measured = (counter after − counter before) ÷ tokens over each timed batch-1 run, "
+ENERGY_FORMULA = ("measured = (counter after − counter before) ÷ tokens over each timed batch-1 run, "
                   "median of the runs; estimated = stated power (W) × measured latency per token (s)")
 
 
