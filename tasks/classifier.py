@@ -157,7 +157,7 @@ def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, disti
     extra = ""
     if omitted_class is not None:
         report["omitted_class"] = omitted_section(data, omitted_class.label, runs)
-        extra = omitted.render_markdown(report["omitted_class"])
+        extra = "\n" + omitted.render_markdown(report["omitted_class"])
     png = classifier_kd.plot_models(report)
     run_dir = Path(run_dir)
     write_atomic(run_dir / "report.png", png)
