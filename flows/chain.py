@@ -22,6 +22,7 @@ from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
+from tasks.quantize import quantized_name, quantize_students
 from tasks.report import write_report
 
 
@@ -100,13 +101,20 @@ def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef
 
 def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], data: OutputRef,
                         curated: OutputRef | None) -> dict:
-    """``models``: the teacher (under "teacher") and every student of the recipe. Returns the report."""
-    evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)
+    """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
+    student's quantized copies join them (``seq-kd-int8``). Returns the report."""
+    trained = {s.name: s.summary() for s in r.student_runs()}
+    quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
+    # what each quantized copy was made from, for the report's KD × quantization table
+    students = {**trained, **{quantized_name(name, m): {**info, "quantized": m, "quantized_from": name}
+                              for m in r.evaluation.quantize for name, info in trained.items()}}
     local = with_weights(r, models)  # an API teacher has no cost figures or benchmarks here (the report says why)
-    deployment = measure_deployment(run_dir, local, r.evaluation.deployment, r.prompts.cot_text(), data,
-                                    r.evaluation.split)
-    benchmarks = run_lm_eval(run_dir, local, r.evaluation.lm_eval)
+    models = {**models, **quantized}
+    evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)
+    deployment = measure_deployment(run_dir, {**local, **quantized}, r.evaluation.deployment, r.prompts.cot_text(),
+                                    data, r.evaluation.split)
+    benchmarks = run_lm_eval(run_dir, local, r.evaluation.lm_eval)  # the harness loads transformers checkpoints only
     judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
-    return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
-                        {s.name: s.summary() for s in r.student_runs()}, curated, judged)
+    return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks, students, curated, judged,
+                        r.evaluation.deployment.power)

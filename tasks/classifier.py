@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from kdflow.classic import digits as classifier_kd
-from kdflow.classic.fit import LOGITS, fit, metrics_of, read_logits, write_splits
-from kdflow.config.classic import MLP, DataSection, DistillSection, Transformer
+from kdflow.classic import omitted
+from kdflow.classic.fit import (LOGITS, class_accuracy_of, fit, metrics_of, read_logits, score_omitted,
+                                transfer_rows, write_splits)
+from kdflow.config.classic import MLP, DataSection, DistillSection, OmittedClassSection, Transformer
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
@@ -27,8 +29,10 @@ from tasks.report import artifact_key
 
 DATA = Stage("classifier-data", "1", lambda section: {"section": section})
 TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed})
-STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill, seed: {
-    "model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed})
+# omit_class enters the key only when set, so that every student made before it existed keeps its key
+STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill, seed, omit_class=None: {
+    "model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed,
+    **({} if omit_class is None else {"omit_class": omit_class})})
 
 
 @task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="classifier_data[{section.source.value}]")
@@ -67,28 +71,32 @@ def _student_name(parameters: dict) -> str:
     distill, teachers = parameters["distill"], parameters["teachers"]
     how = "hard labels" if distill is None else (
         f"KD from {len(teachers)} teacher{'s' * (len(teachers) > 1)}, alpha {distill.alpha}, T {distill.temperature}")
+    if parameters.get("omit_class") is not None:
+        how += f", no {parameters['omit_class']}s"
     return f"train_classifier_student[{parameters['model'].kind} seed {parameters['seed']} {how}]"
 
 
 @task(cache_policy=StageCache(STUDENT), **STAGE_RESULTS, task_run_name=_student_name)
 def train_classifier_student(run_dir: Path, model: MLP | Transformer, data: OutputRef, teachers: list[OutputRef],
-                             distill: DistillSection | None, seed: int) -> OutputRef:
+                             distill: DistillSection | None, seed: int, omit_class: int | None = None) -> OutputRef:
     """A student: hard labels only (``teachers=[]``, ``distill=None``: the baseline, keyed without any
     teacher so that a new teacher does not retrain it), or Hinton's loss against the soft targets of the
-    ``teachers``' ensemble (one teacher is an ensemble of one)."""
+    ``teachers``' ensemble (one teacher is an ensemble of one). ``omit_class``: its transfer set is the
+    training split without that class (Hinton's omitted class); ``rows`` counts what it trained on."""
     if (distill is None) != (not teachers):
         raise ValueError("a distilled student needs both teachers and a distill section; a baseline neither")
-    out = STUDENT.output(run_dir, model=model, data=data, teachers=teachers, distill=distill, seed=seed)
+    out = STUDENT.output(run_dir, model=model, data=data, teachers=teachers, distill=distill, seed=seed,
+                         omit_class=omit_class)
     if done := out.done:
         return done
     with out.building() as tmp:
         start = time.perf_counter()
         if distill is None:
-            params = fit(model, data, seed, tmp)
+            params = fit(model, data, seed, tmp, omit_class=omit_class)
         else:
             soft = classifier_kd.ensemble_logits([read_logits(t, "train") for t in teachers])
-            params = fit(model, data, seed, tmp, soft, distill.alpha, distill.temperature)
-        out.finish(tmp, rows=data.manifest()["splits"]["train"], params=params,
+            params = fit(model, data, seed, tmp, soft, distill.alpha, distill.temperature, omit_class)
+        out.finish(tmp, rows=transfer_rows(data, omit_class), params=params, omit_class=omit_class,
                    metrics=metrics_of(load_file(tmp / LOGITS), data), seconds=round(time.perf_counter() - start, 1))
     return out.ref()
 
@@ -103,13 +111,15 @@ def score_ensemble(data: OutputRef, members: list[OutputRef]) -> dict:
 
 class SeedRun(BaseModel):
     """What one experiment seed produced: the teacher's members (the first is "the single teacher"), the
-    hard-label student and the distilled student."""
+    hard-label student and the distilled student; with an omitted class, also both students trained without it."""
 
     seed: int
     members: list[OutputRef]
     ensemble: dict
     hard: OutputRef
     kd: OutputRef
+    hard_omitted: OutputRef | None = None
+    kd_omitted: OutputRef | None = None
 
 
 def seed_metrics(run: SeedRun) -> dict[str, dict]:
@@ -124,21 +134,38 @@ def seed_metrics(run: SeedRun) -> dict[str, dict]:
     }
 
 
+def omitted_section(data: OutputRef, label: int, runs: list[SeedRun]) -> dict:
+    """The report's omitted-class figures: both students trained without class ``label`` (bias raise chosen on
+    val), beside the teacher ensemble and the usual KD student, which did see the class."""
+    students = {r.seed: {"hard-label student": score_omitted(r.hard_omitted, data, label),
+                         "KD student": score_omitted(r.kd_omitted, data, label)} for r in runs}
+    ensemble = lambda r: classifier_kd.ensemble_logits([read_logits(m, "test") for m in r.members])  # noqa: E731
+    references = {r.seed: {f"ensemble of {len(r.members)}": class_accuracy_of(ensemble(r), data, "test", label),
+                           "KD student (all classes)": class_accuracy_of(read_logits(r.kd, "test"), data, "test",
+                                                                         label)} for r in runs}
+    return omitted.summarize(label, runs[0].kd_omitted.manifest()["rows"], students, references)
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, distill: DistillSection,
-                            runs: list[SeedRun]) -> dict:
+                            runs: list[SeedRun], omitted_class: OmittedClassSection | None = None) -> dict:
     """``report.json``, ``report.md`` and ``report.png`` at the top of the run folder, and Prefect
     artifacts ``<run>-report`` (markdown, with the plot) and ``<run>-table`` (table)."""
     per_seed = {r.seed: seed_metrics(r) for r in runs}
     report = classifier_kd.summarize(run_name, data.manifest(), distill.model_dump(), per_seed)
+    extra = ""
+    if omitted_class is not None:
+        report["omitted_class"] = omitted_section(data, omitted_class.label, runs)
+        extra = "\n" + omitted.render_markdown(report["omitted_class"])
     png = classifier_kd.plot_models(report)
     run_dir = Path(run_dir)
     write_atomic(run_dir / "report.png", png)
-    markdown = classifier_kd.render_markdown(report, plot="report.png")
+    markdown = classifier_kd.render_markdown(report, plot="report.png") + extra
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
     write_atomic(run_dir / "report.md", markdown)
-    create_markdown_artifact(key=artifact_key(run_name, "report"), markdown=classifier_kd.render_markdown(report, png=png),
+    create_markdown_artifact(key=artifact_key(run_name, "report"),
+                             markdown=classifier_kd.render_markdown(report, png=png) + extra,
                              description=f"classic KD report for {run_name} ({run_dir / 'report.md'})")
     create_table_artifact(key=artifact_key(run_name, "table"), table=classifier_kd.table_rows(report),
                           description=f"test accuracy per model, mean and spread over seeds {report['seeds']}")

@@ -23,6 +23,7 @@ from kdflow.evaluation import deployment, harness
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy
 from kdflow.evaluation.judge import ask_judge, backend, check_judge_failures, predictions, prompt_id
 from kdflow.evaluation.model_metrics import evaluate
+from kdflow.evaluation.traffic import TRAFFIC_FORMULA
 from kdflow.evaluation.quality import judge_pairs, judge_prompts, judgement, win_rate
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, content_key
@@ -107,7 +108,8 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     return out.ref()
 
 
-DEPLOYMENT = Stage("deployment", "1", lambda models, settings, template, data, split: {
+# 2: memory traffic per token, arithmetic intensity and measured energy (where a counter is readable) added.
+DEPLOYMENT = Stage("deployment", "2", lambda models, settings, template, data, split: {
     "models": models, "settings": settings, "template": template, "data": data, "split": split})
 
 
@@ -115,8 +117,8 @@ DEPLOYMENT = Stage("deployment", "1", lambda models, settings, template, data, s
       task_run_name=lambda parameters: f"measure_deployment[{', '.join(parameters['models'])}]")
 def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.Deployment,
                        template: str, data: OutputRef, split: str) -> OutputRef:
-    """Parameters, FLOPs/token, size on disk, peak memory, latency and throughput of every model, measured
-    back to back here (never one model per run: timings of different runs or machines do not compare).
+    """Parameters, FLOPs/token, memory traffic/token, size on disk, peak memory, latency, throughput and energy (where
+    a counter is readable) of every model, measured back to back here (never one model per run: timings of different runs or machines do not compare).
     Prompts: the first questions of ``split``."""
     out = DEPLOYMENT.output(run_dir, models=models, settings=settings, template=template, data=data, split=split)
     if done := out.done:
@@ -124,12 +126,13 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     rows = read_split(data, split)
     prompts = [render(template, question=r["question"]) for r in rows[: settings.throughput_batch]]
     prompts += prompts[-1:] * (settings.throughput_batch - len(prompts))  # a split smaller than the batch
-    figures = deployment.figures({name: model_location(ref) for name, ref in models.items()}, prompts,
-                                 settings.latency_tokens, settings.repeats)
+    figures, energy = deployment.figures({name: model_location(ref) for name, ref in models.items()}, prompts,
+                                         settings.latency_tokens, settings.repeats)
     with out.building() as tmp:
         (tmp / "deployment.json").write_text(json.dumps(figures, indent=2))
         out.finish(tmp, rows=len(figures), figures=figures, machine=deployment.machine(),
-                   settings=settings.model_dump(), flops_formula=deployment.FLOPS_FORMULA)
+                   settings=settings.model_dump(exclude={"power"}), flops_formula=deployment.FLOPS_FORMULA,
+                   traffic_formula=TRAFFIC_FORMULA, energy=energy)
     return out.ref()
 
 

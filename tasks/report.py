@@ -10,6 +10,10 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
+from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
+from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
+from kdflow.evaluation.traffic import INTENSITY_FORMULA
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import build_report, embed, render_markdown, table_rows
@@ -28,24 +32,36 @@ def training_history(model: OutputRef) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def cost(figures: dict | None, power: PowerFigure) -> dict:
+    """A model's deployment figures with its energy per token (measured, else estimated from ``power``) and its
+    roofline bound per device profile; {} for a model with none (an API teacher)."""
+    if figures is None:
+        return {}
+    return {**figures, **energy_per_token(figures, power.watts, power.source), "roofline": roofline(figures)}
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
                  deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef,
-                 judge: OutputRef | None = None) -> dict:
+                 judge: OutputRef | None = None, power: PowerFigure = DEFAULT_POWER) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
     what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
-    when the recipe names no judge (the report says it was not run)."""
+    when the recipe names no judge (the report says it was not run); ``power``: the recipe's stated power, for the
+    energy of models no counter measured (``energy_source: estimated``)."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
-    metrics = {name: {**ref.manifest()["metrics"], **dep["figures"].get(name, {})} for name, ref in evaluations.items()}
+    metrics = {name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
+               for name, ref in evaluations.items()}
     report = build_report(
         run_name,
         teacher=metrics["teacher"],
         students={name: {**metrics[name], **info} for name, info in students.items()},
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
-        deployment={k: dep[k] for k in ("machine", "settings", "flops_formula")},
+        deployment={**{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
+                    "intensity_formula": INTENSITY_FORMULA, "energy_formula": ENERGY_FORMULA,
+                    "roofline_formula": ROOFLINE_FORMULA, "power": power.model_dump(), "devices": device_table()},
         lm_eval=lm_eval,
         judge=None if judge is None else {k: judge.manifest()[k] for k in ("judge", "split", "questions", "win_rates")},
     )

@@ -176,8 +176,22 @@ def test_distill_classifier_then_sweep_on_the_miniature_recipe(prefect_server, m
     assert "| KD student |" in (run_dir / "report.md").read_text()
     assert (run_dir / "report.png").read_bytes().startswith(b"\x89PNG")
     folders = stage_folders(run_dir)
-    # one data split; 2 seeds x 2 members; 2 seeds x (hard-label + KD) students; every one complete
-    assert [len(folders[s]) for s in folders] == [1, 4, 4]
+    # one data split; 2 seeds x 2 members; 2 seeds x (hard-label + KD) x (all classes, no 3s); every one complete
+    assert [len(folders[s]) for s in folders] == [1, 4, 8]
+    # Hinton's omitted class: both students without 3s, the bias raise chosen on val, in json and md
+    section = report["omitted_class"]
+    assert section["label"] == 3 and section["seeds"] == [0, 1] and section["bias_chosen_on"] == "val"
+    assert set(section["students"]) == {"hard-label student", "KD student"}
+    assert set(section["references"]) == {"ensemble of 2", "KD student (all classes)"}
+    for s in section["students"].values():
+        assert len(s["class_errors"]["values"]) == 2 and min(s["bias"]["values"]) >= 0
+    manifests = [json.loads((run_dir / "classifier-student" / f / "manifest.json").read_text())
+                 for f in folders["classifier-student"]]
+    no_threes = [m for m in manifests if m["omit_class"] == 3]
+    # the training split has 808 images, 82 of them 3s
+    assert len(no_threes) == 4 and {m["rows"] for m in no_threes} == {section["transfer_rows"]} == {808 - 82}
+    assert {m["rows"] for m in manifests if m["omit_class"] is None} == {808}
+    assert "## Omitted class: no 3s" in (run_dir / "report.md").read_text()
     assert all((run_dir / s / f / "manifest.json").is_file() for s in folders for f in folders[s])
 
     sweep = classifier_sweep(str(mini))

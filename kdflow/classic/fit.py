@@ -12,6 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from kdflow.classic import digits as classifier_kd
 from kdflow.classic import hf as classifier_hf
+from kdflow.classic.omitted import class_accuracy, drop_class
+from kdflow.classic.omitted import evaluate as evaluate_omitted
 from kdflow.classic.digits import SPLITS, Split
 from kdflow.config.classic import MLP, ClassifierData, DataSection, Transformer
 from kdflow.store.outputs import OutputRef
@@ -46,17 +48,23 @@ def read_logits(ref: OutputRef, split: str) -> torch.Tensor:
 
 
 def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher_logits: torch.Tensor | None = None,
-        alpha: float = 1.0, temperature: float = 1.0) -> int:
+        alpha: float = 1.0, temperature: float = 1.0, omit_class: int | None = None) -> int:
     """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split
-    (``logits.safetensors``); returns its parameter count."""
+    (``logits.safetensors``); returns its parameter count. ``omit_class``: train on the training split without
+    that class (Hinton's omitted class; MLPs only); the logits still cover every row of every split."""
     splits = read_splits(data)
+    train = splits["train"]
+    if omit_class is not None:
+        if not isinstance(model, MLP):
+            raise ValueError("omit_class is for the digits MLPs only")
+        train, teacher_logits = drop_class(train, omit_class, teacher_logits)
     kd = dict(teacher_logits=teacher_logits, alpha=alpha, temperature=temperature)
     if isinstance(model, MLP):
-        classes = int(splits["train"].y.max()) + 1
-        net = classifier_kd.mlp(splits["train"].x.shape[1], model.hidden, classes, model.dropout, seed)
+        classes = int(splits["train"].y.max()) + 1  # the full split's: a class left out still gets its output
+        net = classifier_kd.mlp(train.x.shape[1], model.hidden, classes, model.dropout, seed)
         t = model.training
         training = classifier_kd.Training(t.epochs, t.batch_size, t.learning_rate, t.weight_decay)
-        classifier_kd.train(net, splits["train"], training, seed, **kd)
+        classifier_kd.train(net, train, training, seed, **kd)
         save_file(net.state_dict(), out / "model.safetensors")
         logits = {name: classifier_kd.predict_logits(net, s.x) for name, s in splits.items()}
     else:
@@ -78,3 +86,20 @@ def metrics_of(logits: dict[str, torch.Tensor], data: OutputRef) -> dict:
     """Accuracy and error counts on val and test."""
     splits = read_splits(data)
     return {name: classifier_kd.accuracy(logits[name], splits[name].y) for name in ("val", "test")}
+
+
+def transfer_rows(data: OutputRef, omit_class: int | None = None) -> int:
+    """How many training rows a student learns from: all of them, or those not of ``omit_class``."""
+    y = read_splits(data)["train"].y
+    return len(y) if omit_class is None else int((y != omit_class).sum())
+
+
+def score_omitted(ref: OutputRef, data: OutputRef, label: int) -> dict:
+    """A student's figures on the class left out of its transfer set (``omitted.evaluate``), from its saved
+    logits: the bias raise is chosen on val and scored on test."""
+    logits = load_file(Path(ref.path) / LOGITS)
+    return evaluate_omitted(logits, read_splits(data), label)
+
+
+def class_accuracy_of(logits: torch.Tensor, data: OutputRef, split: str, label: int) -> dict:
+    return class_accuracy(logits, read_splits(data)[split].y, label)

@@ -124,6 +124,14 @@ class SweepSection(Strict):
     ensemble_sizes: list[Annotated[int, Field(ge=1)]] = Field([1], min_length=1)
 
 
+class OmittedClassSection(Strict):
+    """Hinton et al. 2015, §3: the students' transfer set drops every example of one class (the teachers still
+    train on all of them); the report then gives each student's accuracy on that class, as trained and with its
+    bias raised by a value chosen on the validation split."""
+
+    label: int = Field(ge=0, description="the class left out of the students' transfer set (a digit, 0-9)")
+
+
 class ClassifierRecipe(Strict):
     run: RunSection
     data: DataSection
@@ -132,6 +140,7 @@ class ClassifierRecipe(Strict):
     distill: DistillSection
     seeds: list[int] = Field(min_length=1, description="one full experiment per seed; the report gives the spread")
     sweep: SweepSection | None = None
+    omitted_class: OmittedClassSection | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -145,6 +154,12 @@ class ClassifierRecipe(Strict):
         if self.sweep and max(self.sweep.ensemble_sizes) > self.teacher.ensemble:
             raise ValueError(f"sweep.ensemble_sizes goes up to {max(self.sweep.ensemble_sizes)} but teacher.ensemble "
                              f"is {self.teacher.ensemble}: raise teacher.ensemble or drop the larger sizes")
+        if self.omitted_class is not None:
+            if self.data.source is not ClassifierData.digits:
+                raise ValueError("omitted_class works on data.source 'digits' only (a two-class set without one "
+                                 "class leaves nothing to tell apart): remove the omitted_class section")
+            if self.omitted_class.label > 9:
+                raise ValueError(f"omitted_class.label is {self.omitted_class.label} but the digits are 0-9")
         return self
 
     @property

@@ -4,7 +4,7 @@ lm-evaluation-harness run and an LLM judge of each student against the teacher."
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, computed_field, field_serializer, model_validator
 
@@ -13,14 +13,31 @@ from kdflow.config.generation import Backend, VllmServerSection
 from kdflow.config.precision import Dtype, dtype_field
 
 
+class PowerFigure(Strict):
+    """A stated average power of the machine while it generates, for the energy estimate where no energy counter is
+    readable (kdflow/evaluation/energy.py): energy/token = watts × measured latency/token, labelled "estimated"."""
+
+    watts: float = Field(gt=0, description="average power while generating, in watts")
+    source: str = Field(min_length=3, description="where the figure comes from (a data sheet, a wall-meter reading)")
+
+
+# This project's machines: 2 cores of an AMD EPYC server CPU. The CPU's share only (no DRAM, disks, fans, PSU losses).
+DEFAULT_POWER = PowerFigure(watts=7.5, source="2 cores' share of a server CPU: AMD EPYC 9654, default TDP 360 W over "
+                                              "96 cores = 3.75 W per core (AMD's product page) × 2 cores")
+
+
 class EvaluationSection(Strict):
     class Deployment(Strict):
         """How cost is measured: every model back to back, in one stage run, on the machine running it.
-        These settings change the figures measured, so they are part of that stage's key."""
+        These settings change the figures measured, so they are part of that stage's key — except ``power``, which
+        only turns measured latencies into estimated energy in the report (editing it reruns the report alone)."""
 
+        __throughput_fields__: ClassVar[set[str]] = {"power"}
         latency_tokens: int = Field(32, ge=2, description="tokens each model generates per timed run")
         throughput_batch: int = Field(64, ge=1, description="prompts per batch for throughput and peak memory")
         repeats: int = Field(5, ge=1, description="timed runs per model (models alternate); the median is reported")
+        power: PowerFigure = Field(DEFAULT_POWER, description="for the energy estimate where no counter is readable; "
+                                   "give both watts and source")
 
     class LmEval(Strict):
         """An lm-evaluation-harness run for real-scale models: needs a CUDA GPU and `pip install lm-eval`
@@ -85,9 +102,9 @@ class EvaluationSection(Strict):
                                  f"(backend '{self.backend.value}' loads it itself)")
             return self
 
-    # deployment, lm_eval and judge are handed to their own stages, which key on them; leaving them out of this
-    # section's key keeps a new latency setting or judge from re-running every model's evaluation.
-    __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval", "judge"}
+    # deployment, lm_eval, judge and quantize are handed to their own stages, which key on them; leaving them out of
+    # this section's key keeps a new latency setting, judge or quantization from re-running every model's evaluation.
+    __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval", "judge", "quantize"}
     split: SafeName = "test"
     max_new_tokens: int = Field(96, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -98,6 +115,9 @@ class EvaluationSection(Strict):
     lm_eval: LmEval = LmEval()
     judge: Judge | None = Field(None, description="an LLM judge's win rate of each student against the teacher")
     dtype: Dtype | None = dtype_field("every model evaluated (and the teacher it is compared with) is loaded in it")
+    quantize: list[Literal["int8"]] = Field(
+        default_factory=list, description="post-training quantized copies of every student, evaluated beside it "
+        "(`<student>-int8`): int8 = torch dynamic quantization of the Linear layers (CPU)")
 
     @model_validator(mode="after")
     def _samples_cover_k(self):

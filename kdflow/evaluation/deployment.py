@@ -55,7 +55,9 @@ def size_on_disk(location: str | Path) -> int:
 
 
 def resident_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    from kdflow.evaluation.traffic import stored_weight_bytes
+
+    return stored_weight_bytes(model)  # parameters and buffers, and the int8 matrices of a quantized model
 
 
 def _generate(model, enc: dict, tokens: int, pad_token_id: int):
@@ -119,20 +121,26 @@ def context_of(enc: dict, tokens: int) -> float:
     return prompt + (tokens + 1) / 2
 
 
-def measure_all(models: dict[str, tuple], prompt: str, batch_prompts: list[str], tokens: int, repeats: int) -> dict:
+def measure_all(models: dict[str, tuple], prompt: str, batch_prompts: list[str], tokens: int, repeats: int,
+                counter=None) -> dict:
     """Back-to-back cost of each ``name -> (model, tokenizer)``: latency per token at batch 1 on ``prompt``,
     throughput at batch ``len(batch_prompts)``, each the median of ``repeats`` runs with the models
-    alternating (after one warm-up run each), then peak memory at the larger batch."""
+    alternating (after one warm-up run each), then peak memory at the larger batch. ``counter``: an energy counter
+    (``energy.Counter``) read around every timed batch-1 run, for the measured energy per token."""
     single = {n: encode(t, [prompt], m.device) for n, (m, t) in models.items()}
     batch = {n: encode(t, batch_prompts, m.device) for n, (m, t) in models.items()}
     for name, (model, tok) in models.items():  # warm-up: first calls pay for lazy initialisation
         timed_generate(model, tok, single[name], 2)
         timed_generate(model, tok, batch[name], 2)
     latency: dict[str, list[float]] = {n: [] for n in models}
+    joules: dict[str, list[float]] = {n: [] for n in models}
     throughput: dict[str, list[float]] = {n: [] for n in models}
     for _ in range(repeats):
         for name, (model, tok) in models.items():
+            before = counter.read_joules() if counter else None
             latency[name].append(timed_generate(model, tok, single[name], tokens) / tokens)
+            if counter:
+                joules[name].append((counter.read_joules() - before) / tokens)
             throughput[name].append(len(batch_prompts) * tokens / timed_generate(model, tok, batch[name], tokens))
     out = {}
     for name, (model, tok) in models.items():
@@ -142,6 +150,8 @@ def measure_all(models: dict[str, tuple], prompt: str, batch_prompts: list[str],
             "peak_memory_bytes": peak_generation_memory(model, tok, batch[name], tokens),
             "context": round(context_of(single[name], tokens), 1),
         }
+        if counter:
+            out[name] |= {"measured_energy_j_per_token": statistics.median(joules[name]), "energy_counter": counter.what}
     return out
 
 
@@ -174,16 +184,27 @@ def flops(config, context: float) -> dict:
         return {"flops_per_token": None, "flops_skipped": str(e)}
 
 
-def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int, repeats: int) -> dict[str, dict]:
-    """Parameters, FLOPs/token, size on disk, peak memory, latency and throughput of every model, measured back to
-    back here (timings of different runs or machines do not compare). ``prompts``: one throughput batch."""
-    from kdflow.teacher.hf_generate import load
-    from kdflow.training.tiny_models import count_params
+def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int, repeats: int) -> tuple[dict, dict]:
+    """Parameters, FLOPs/token, memory traffic/token, size on disk, peak memory, latency, throughput and (where a
+    counter is readable) energy of every model, measured back to back here (timings of different runs or machines do
+    not compare). ``prompts``: one throughput batch. Returns (figures per model, the energy counter used or why none)."""
+    from kdflow.evaluation import energy
+    from kdflow.evaluation.quantize import count_params, is_quantized, load
+    from kdflow.evaluation.traffic import traffic
 
     loaded = {name: load(d) for name, d in model_dirs.items()}
     if torch.cuda.is_available():  # cost is measured on the device the models would be served from
-        loaded = {name: (net.to("cuda"), tok) for name, (net, tok) in loaded.items()}
-    measured = measure_all(loaded, prompts[0], prompts, latency_tokens, repeats)
-    return {name: {"params": count_params(net), **flops(net.config, measured[name]["context"]),
-                   "size_bytes": size_on_disk(model_dirs[name]), **measured[name]}
-            for name, (net, _) in loaded.items()}
+        # int8 models (torch's dynamic quantization) have CPU kernels only: they stay on the CPU
+        loaded = {name: (net if is_quantized(model_dirs[name]) else net.to("cuda"), tok)
+                  for name, (net, tok) in loaded.items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    counter, why = energy.counter_for(device)
+    measured = measure_all(loaded, prompts[0], prompts, latency_tokens, repeats, counter)
+    out = {}
+    for name, (net, _) in loaded.items():
+        if net.device.type != device:  # the counter measured another device than the one this model ran on
+            measured[name].pop("measured_energy_j_per_token", None)
+        fl = flops(net.config, measured[name]["context"])
+        out[name] = {"params": count_params(net), **fl, **traffic(net, measured[name]["context"], fl["flops_per_token"]),
+                     "size_bytes": size_on_disk(model_dirs[name]), "device": net.device.type, **measured[name]}
+    return out, {"counter": counter.what if counter else None, "why_not": why}

@@ -8,8 +8,7 @@ import time
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.evaluation.quality import (accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k,
                                        score_reference)
-from kdflow.teacher.hf_generate import load
-from kdflow.training.tiny_models import count_params
+from kdflow.evaluation.quantize import count_params, load  # load: int8 folders too (evaluated like any model)
 
 
 def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int,

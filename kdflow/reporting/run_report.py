@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 
+from kdflow.reporting import cost_report
+
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
 COST_COLUMNS = [
     ("params", "parameters", lambda v: f"{v:,}"),
@@ -41,8 +43,13 @@ def gap_closure(student: float, baseline: float, teacher: float) -> float | None
 def baseline_student(students: dict[str, dict], seed: int | None = None) -> str | None:
     """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD;
     with ``run.seeds``, the one trained with ``seed`` (a student is compared with the baseline of its seed)."""
-    return next((name for name, s in students.items() if s.get("data") == "gold" and s.get("kd") is None
-                 and (seed is None or s.get("seed") == seed)), None)
+    return next((name for name, s in students.items() if is_baseline(s) and (seed is None or s.get("seed") == seed)),
+                None)
+
+
+def is_baseline(m: dict) -> bool:
+    """Trained on gold data only, no KD, weights as trained (its int8 copy is a quantized model, not the baseline)."""
+    return m.get("data") == "gold" and m.get("kd") is None and not m.get("quantized")
 
 
 def base_name(name: str) -> str:
@@ -55,6 +62,8 @@ KD_SETTINGS = [("alpha", "α"), ("beta", "β"), ("lmbda", "λ"), ("temperature",
 
 def trained_on(m: dict) -> str:
     """What a student learnt from, for the tables: its data, and the KD loss where there is one."""
+    if m.get("quantized"):  # a post-training quantized copy: what its source learnt from, then the quantization
+        return f"{trained_on({k: v for k, v in m.items() if k != 'quantized'})}; weights {m['quantized']} after training"
     if not m.get("kd"):
         return m["data"]
     # Each KD method reports its own settings (kdflow/config/kd.py, ``summary``): offline α and T, online β, λ and
@@ -164,7 +173,7 @@ def quality_table(report: dict) -> list[str]:
     for name, m in models.items():
         if name == "teacher":
             closed = "1 (teacher)"
-        elif m.get("data") == "gold" and not m.get("kd"):
+        elif is_baseline(m):
             closed = "0 (baseline)"
         else:
             closed = _num(m.get("gap_closure"), ".2f")
@@ -262,7 +271,7 @@ def summary(report: dict) -> list[str]:
     for name, s in report["students"].items():
         share = f" ({s['accuracy'] / t['accuracy']:.0%} of the teacher's)" if t["accuracy"] else ""
         line = f"- **{name}** (trained on {trained_on(s)}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
-        if not (s.get("data") == "gold" and not s.get("kd")) and s.get("gap_closure") is not None:
+        if not is_baseline(s) and s.get("gap_closure") is not None:
             line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})
         costs = [f"{r[k]:.2g}× the {what}" for k, what in (("params", "parameters"), ("latency_ms_per_token", "latency"),
@@ -320,9 +329,11 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         "",
         *cost_table(report),
         "",
+        *cost_report.sections(report, report_models(report), trained_on),
         "## How these were measured",
         "",
         *notes(report),
+        *cost_report.notes(report),
         "",
         f"Teacher answers: {c['input_rows']} generated, {c['kept']} kept, {c['dropped']} dropped ({reasons}).",
         "",
@@ -339,7 +350,8 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
 def table_rows(report: dict) -> list[dict]:
     """One flat row per model, for a Prefect table artifact."""
     keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
-            *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS]]
+            *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS],
+            "memory_bytes_per_token", "arithmetic_intensity", "energy_j_per_token", "energy_source"]
     return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in report_models(report).items()]
 
 
