@@ -79,13 +79,15 @@ def load_int8(model_dir: str):
     return net, tokenizer
 
 
-def load(model_dir: str):
-    """Any model folder the evaluation meets: an int8 one from ``save_int8``, else a transformers checkpoint."""
+def load(model_dir: str, dtype=None):
+    """Any model folder the evaluation meets: an int8 one from ``save_int8`` (its precision is its own: int8
+    Linear weights, float32 elsewhere, whatever ``dtype``), else a transformers checkpoint in ``dtype``
+    (a ``config.precision.Dtype``; None: float32)."""
     if is_quantized(model_dir):
         return load_int8(model_dir)
     from kdflow.teacher.hf_generate import load as load_hf
 
-    return load_hf(model_dir)
+    return load_hf(model_dir, dtype)
 
 
 def is_int8_linear(module) -> bool:
