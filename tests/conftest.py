@@ -26,7 +26,9 @@ def prefect_server():
     from prefect.testing.utilities import prefect_test_harness
 
     # The heartbeat thread adds ~1 s to the end of every flow run and tests nothing here.
-    with prefect_test_harness(), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # The harness gives its server 30 s by default; a loaded 2-core machine has been seen to need more, and a test
+    # must not fail because the machine is slow (None would wait forever on a server that cannot start).
+    with prefect_test_harness(server_startup_timeout=300), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 
