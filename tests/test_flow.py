@@ -10,9 +10,10 @@ from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
-STAGE_RUNS = 10  # per distill run of mini.yaml: data x2 (flow and teacher subflow), teacher, generate, curate,
-# 2 students, 3 evaluations
-STAGES = {"make_data", "train_teacher_model", "generate_answers", "filter_answers", "train_student", "evaluate_model"}
+STAGE_RUNS = 14  # per distill run of mini.yaml with int8 copies: data x2 (flow and teacher subflow), teacher,
+# generate, curate, 2 students, 2 int8 copies, 5 evaluations
+STAGES = {"make_data", "train_teacher_model", "generate_answers", "filter_answers", "train_student", "quantize_model",
+          "evaluate_model"}
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -69,7 +70,10 @@ def stage_names(states: dict[str, list[str]], state: str) -> set[str]:
 
 
 def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_recipe):
+    # int8 copies of the students too: the quantize stage wired through the flow like any other
+    mini_recipe.write_text(mini_recipe.read_text().replace("evaluation:\n", "evaluation:\n  quantize: [int8]\n", 1))
     recipe = load_recipe(mini_recipe)
+    assert recipe.evaluation.quantize == ["int8"]
 
     # 1. A full run: every stage executes, the report has the teacher and both students.
     report, states = run_distill(mini_recipe)
@@ -79,7 +83,13 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     run_dir = recipe.run_dir
     on_disk = json.loads((run_dir / "report.json").read_text())
     assert on_disk == report
-    assert set(report["students"]) == {"baseline", "seq-kd"}
+    assert set(report["students"]) == {"baseline", "seq-kd", "baseline-int8", "seq-kd-int8"}
+    for name in ("baseline", "seq-kd"):  # the copy is smaller and measured like its source
+        q, f = report["students"][f"{name}-int8"], report["students"][name]
+        assert q["size_bytes"] < f["size_bytes"] and q["memory_bytes_per_token"] < f["memory_bytes_per_token"]
+    for m in [report["teacher"], *report["students"].values()]:
+        assert m["energy_source"] in ("measured", "estimated") and m["energy_j_per_token"] > 0
+        assert m["arithmetic_intensity"] > 0
     for m in [report["teacher"], *report["students"].values()]:
         assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0
     assert report["teacher"]["params"] > report["students"]["baseline"]["params"]
@@ -110,9 +120,10 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     text = mini_recipe.read_text().replace("learning_rate: 3.0e-3, logging_steps: 5}", "learning_rate: 1.0e-3, logging_steps: 5}", 1)
     mini_recipe.write_text(text)
     _, states = run_distill(mini_recipe)
-    assert stage_names(states, "Completed") == {"train_student", "evaluate_model"}
+    assert stage_names(states, "Completed") == {"train_student", "quantize_model", "evaluate_model"}
     assert states["train_student"].count("Completed") == 1  # the other student is untouched
-    assert states["evaluate_model"].count("Completed") == 1
+    assert states["quantize_model"].count("Completed") == 1
+    assert states["evaluate_model"].count("Completed") == 2  # the student and its int8 copy
     assert {"make_data", "train_teacher_model", "generate_answers", "filter_answers"} <= stage_names(states, "Cached")
 
     # 4. A deleted output folder is recomputed, not trusted; what follows it is reused when its content is
