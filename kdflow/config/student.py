@@ -106,6 +106,8 @@ class StudentSection(Strict):
     model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
     seed: int = 0
+    curve_points: int = Field(0, ge=0, le=100, description="save the weights at this many evenly spaced steps (the "
+                              "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none")
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
     lora: LoraSection | None = Field(None, description="train LoRA adapters on the pretrained `model` (peft)")
     launch: LaunchSection | None = Field(None, description="train through `accelerate launch` (multi-GPU)")

@@ -23,6 +23,7 @@ from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
+from kdflow.training.curves import curve_snapshots
 from kdflow.training.progress import OnProgress, TrainingProgress
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import llama_model
@@ -95,7 +96,7 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
     kd, training, seed = section.kd, section.training, section.seed
-    callbacks = [TrainingProgress("students", section.name, on_progress)]
+    callbacks = [TrainingProgress("students", section.name, on_progress), *curve_snapshots(section, out, tokenizer)]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
