@@ -3,7 +3,7 @@ of a distillation recipe, and added ones), each trained once per seed with evenl
 answers the test split; a table, a two-panel plot (accuracy vs steps, vs wall time) and the verdicts
 (kdflow/reporting/curves.py). Not part of `make demo`: it trains arms × seeds students.
 
-    python -m flows.learning_curves recipes/study-curves.yaml
+    python -m flows.learning_curves recipes/sweeps/study-curves.yaml
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def warm_section(section: StudentSection, source: OutputRef, step: int) -> Stude
 
 # No log_prints (see flows/distill.py).
 @flow(name="learning-curves")
-def learning_curves(study: str = "recipes/study-curves.yaml") -> dict:
+def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
     s = load_study(study)  # a bad study or recipe fails here, before any work
     r = load_recipe(s.recipe_path())
     run_dir, cot = r.run_dir, r.prompts.cot_text()

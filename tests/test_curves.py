@@ -160,3 +160,11 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and "| 5 |" in (out / "curves.md").read_text()
     # a second run trains and evaluates nothing: the same students and curves, from the stage outputs
     assert learning_curves(str(path))["arms"] == summary["arms"]
+
+
+@pytest.mark.parametrize("name", ["study-curves.yaml", "study-commuted.yaml"])
+def test_the_shipped_studies_load(name):
+    from kdflow.config.fields import ROOT
+
+    s = load_study(ROOT / "recipes" / "sweeps" / name)
+    assert len(s.runs(load_recipe(s.recipe_path()))) >= 6 and len(s.seeds) == 3
