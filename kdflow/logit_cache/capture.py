@@ -63,12 +63,12 @@ def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection,
         return run(section.base_url)
     # Prefix caching off: a cached prefix would skip the positions whose prompt_logprobs we need. The model's
     # own dtype: vLLM's "auto" would run a float32 teacher in 16 bits, and the cache would not be its logits.
-    args = ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", _dtype(model_dir)]
+    args = ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", served_dtype(model_dir)]
     with vllm_server(model_dir, extra_args=args) as url:
         return run(url)
 
 
-def _dtype(model_dir: str) -> str:
+def served_dtype(model_dir: str) -> str:
     from transformers import AutoConfig
 
     dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.fields import ROOT
-from kdflow.config.kd import KDMethod, OnlineKD
+from kdflow.config.kd import KDMethod, OnlineKD, OnPolicyKD
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import cache_row_id
@@ -68,8 +68,10 @@ def needs_curated(section: StudentSection) -> bool:
 
 
 def needs_logit_cache(section: StudentSection) -> bool:
-    """Only offline KD reads the logit cache; online and feature KD run the teacher live."""
-    return section.kd is not None and section.kd.method is KDMethod.offline
+    """Offline KD reads the logit cache, and on-policy KD for its off-policy share (lmbda < 1); online and feature
+    KD run the teacher live."""
+    kd = section.kd
+    return kd is not None and (kd.method is KDMethod.offline or isinstance(kd, OnPolicyKD) and kd.lmbda < 1.0)
 
 
 def student_inputs(section: StudentSection, curated: OutputRef | None,
@@ -112,6 +114,12 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
                                 row_ids=row_ids, peft_config=peft, callbacks=callbacks)
+    if isinstance(kd, OnPolicyKD):  # the teacher scores out of process: never loaded here
+        from kdflow.training.on_policy import train_on_policy
+
+        return train_on_policy(model, tokenizer, [{**r, "row_id": i} for r, i in zip(rows, row_ids)], kd,
+                               model_location(teacher), logits.path if logits is not None else None, training, out,
+                               seed, checkpoints, callbacks=callbacks, peft_config=peft)
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher)).eval()
     if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
         from kdflow.training.tokenizer_compat import train_gold
@@ -198,3 +206,14 @@ def saved_params(model_dir: Path) -> int:
         with safe_open(file, "pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
+
+
+def on_policy_accounting(out: Path) -> dict:
+    """An on-policy student's accounting for its manifest (``on_policy``: tokens sampled and scored, seconds
+    sampling / scoring / training), read from the file its trainer wrote; {} for any other student."""
+    import json
+
+    from kdflow.training.on_policy import ACCOUNTING_FILE
+
+    path = Path(out) / ACCOUNTING_FILE
+    return {"on_policy": json.loads(path.read_text())} if path.is_file() else {}
