@@ -31,7 +31,7 @@ def check_warm_starts(s: StudyRecipe, arms: list[StudentSection]) -> None:
     """Each warm start names a step its source arm saves a snapshot at; said before any training."""
     by_name = {a.name: a for a in arms}
     for arm, warm in s.warm_starts.items():
-        max_steps = {**by_name[warm.student].training, **s.training}.get("max_steps")
+        max_steps = s.training_of(by_name[warm.student]).get("max_steps")
         if not max_steps or max_steps < 1:
             raise ValueError(f"warm_starts.{arm}: {warm.student!r} needs training.max_steps for its snapshot steps")
         steps = curve_steps(max_steps, s.curve_points)

@@ -129,6 +129,12 @@ def test_a_bad_study_fails_before_any_work(tmp_path):
     runs = s.runs(load_recipe(s.recipe_path()))
     assert [r.name for r in runs][:3] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 6
     assert all(r.curve_points == 5 for r in runs) and [r.seed for r in runs[:3]] == [0, 1, 2]
+    added = {"name": "short", "data": "teacher", "architecture": {"hidden": 64, "layers": 2, "heads": 2,
+                                                                  "intermediate": 128}, "training": {"max_steps": 400}}
+    s = load_study(write(tmp_path, add=[added], training={"max_steps": 1000, "learning_rate": 1e-3}))
+    training = {r.name: r.training for r in s.runs(load_recipe(s.recipe_path()))}
+    assert training["seq-kd@1"]["max_steps"] == 1000 and training["seq-kd@1"]["learning_rate"] == 1e-3
+    assert training["short@1"] == {"max_steps": 400}  # an added arm's training is its own, whole
     with pytest.raises(RecipeError, match="no student named \\['nope'\\]"):
         load_study(write(tmp_path, students=["seq-kd", "nope"]))
     with pytest.raises(RecipeError, match="reference 'seq-kd' is not an arm"):

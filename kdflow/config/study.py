@@ -36,7 +36,8 @@ class StudyRecipe(Strict):
     reference: SafeName = Field("seq-kd", description="the arm the others are compared with")
     warm_starts: dict[SafeName, WarmStart] = Field(default_factory=dict, description="arm -> the snapshot it starts "
                                                    "from (the arm is trained from those weights)")
-    training: dict[str, Any] = Field(default_factory=dict, description="overrides of every arm's training keys")
+    training: dict[str, Any] = Field(default_factory=dict, description="overrides of the training keys of the "
+                                     "recipe's students (an added arm has its own, whole)")
 
     @model_validator(mode="after")
     def _arms(self):
@@ -69,10 +70,14 @@ class StudyRecipe(Strict):
         arms = [by_name[n] for n in self.students] + list(self.add)
         return sorted(arms, key=lambda s: s.name in self.warm_starts)
 
+    def training_of(self, arm: StudentSection) -> dict[str, Any]:
+        """An arm's training keys: a recipe student's with the study's overrides, an added arm's as written."""
+        return arm.training if arm.name not in self.students else {**arm.training, **self.training}
+
     def runs(self, recipe: Recipe) -> list[StudentSection]:
         """Every student to train: ``<arm>@<seed>`` with the study's snapshots and training overrides."""
         return [arm.model_copy(update={"name": f"{arm.name}@{seed}", "seed": seed, "curve_points": self.curve_points,
-                                       "training": {**arm.training, **self.training}})
+                                       "training": self.training_of(arm)})
                 for arm in self.arms(recipe) for seed in self.seeds]
 
 
