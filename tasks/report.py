@@ -28,6 +28,12 @@ def training_history(model: OutputRef) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def trained(model: OutputRef) -> dict:
+    """What a student's manifest says of its training that the report shows: an on-policy student's accounting."""
+    on_policy = model.manifest().get("on_policy")
+    return {"on_policy": on_policy} if on_policy else {}
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
@@ -43,7 +49,7 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
     report = build_report(
         run_name,
         teacher=metrics["teacher"],
-        students={name: {**metrics[name], **info} for name, info in students.items()},
+        students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
         deployment={k: dep[k] for k in ("machine", "settings", "flops_formula")},
         lm_eval=lm_eval,

@@ -280,3 +280,29 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
     manifest = ref.manifest()
     assert manifest["on_policy"]["on_policy_batches"] == 6 and manifest["on_policy"]["teacher_backend"] == "vllm"
     assert manifest["on_policy"]["teacher_tokens_scored"] == manifest["on_policy"]["student_tokens_sampled"] > 0
+
+
+def test_the_report_shows_each_on_policy_students_tokens_and_time_split():
+    from kdflow.reporting.run_report import build_report, render_markdown
+    from test_report import CURATION, DEPLOYMENT, model
+
+    accounting = {"sample_s": 6.0, "score_s": 3.0, "train_s": 3.0, "student_tokens_sampled": 12345,
+                  "teacher_tokens_scored": 12345, "on_policy_batches": 50, "off_policy_batches": 0,
+                  "teacher_backend": "hf"}
+    students = {"seq-kd": {**model(0.8, 100_000), "data": "teacher"},
+                "on-policy": {**model(0.85, 100_000), "data": "teacher", "kd": "on_policy", "on_policy": accounting}}
+    md = render_markdown(build_report("demo", model(0.9, 1_000_000), students, CURATION, DEPLOYMENT))
+    assert "## On-policy training" in md
+    assert "| on-policy | hf | 12,345 | 12,345 | 6.0 (50%) | 3.0 (25%) | 3.0 (25%) | 50 / 0 |" in md
+    assert "| seq-kd | hf" not in md  # only the students trained on-policy
+    assert "## On-policy training" not in render_markdown(build_report("demo", model(0.9, 1_000_000),
+                                                                       {"seq-kd": students["seq-kd"]}, CURATION,
+                                                                       DEPLOYMENT))
+
+
+def test_a_launched_on_policy_student_needs_one_served_teacher():
+    launch = {"accelerate_config": "accelerate/cpu_2proc.yaml", "num_processes": 2}
+    with pytest.raises(ValueError, match="every launched process would start a teacher of its own"):
+        StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd={"method": "on_policy"})
+    served = {"method": "on_policy", "teacher_backend": "vllm", "base_url": "http://10.0.0.5:8000/v1"}
+    assert StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd=served).launch

@@ -12,7 +12,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator, model_validator
 
 from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME_FIX, Strict, check_name, resolve
-from kdflow.config.kd import FeatureKD, KDSection, OnlineKD
+from kdflow.config.kd import FeatureKD, KDSection, OnlineKD, OnPolicyKD
 from kdflow.config.training import Architecture, check_sft_config
 
 
@@ -134,6 +134,9 @@ class StudentSection(Strict):
             raise ValueError("set exactly one of model (fine-tune a pretrained student) or architecture (a fresh one)")
         if self.lora is not None:
             self._check_lora()
+        if self.launch is not None and isinstance(self.kd, OnPolicyKD) and self.kd.base_url is None:
+            raise ValueError("launch with kd method on_policy: every launched process would start a teacher of its "
+                             "own; serve the teacher once (vLLM) and set kd.teacher_backend: vllm with kd.base_url")
         return self
 
     def _check_lora(self) -> None:
