@@ -314,3 +314,37 @@ def test_a_launched_on_policy_student_needs_one_served_teacher():
         StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd={"method": "on_policy"})
     served = {"method": "on_policy", "teacher_backend": "vllm", "base_url": "http://10.0.0.5:8000/v1"}
     assert StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd=served).launch
+
+
+def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_it(vllm_server_url, vllm_model_dir,
+                                                                                   tmp_path, monkeypatch):
+    """teacher_backend vllm without base_url: a server for the teacher's folder for the length of the training, with
+    what prompt_logprobs need (no prefix caching, --max-logprobs k, the teacher's own dtype). The server's process
+    lifecycle itself is kdflow.teacher.vllm_server's (tests/test_vllm_startup.py); here it is the session's server."""
+    import contextlib
+
+    from conftest import VLLM_TEST_API_KEY
+
+    import kdflow.teacher.vllm_server as vllm_server_module
+
+    monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
+    started = []
+
+    @contextlib.contextmanager
+    def server(model_dir, extra_args=(), log_path=None, **kwargs):
+        started.append({"model": str(model_dir), "args": list(extra_args), "log": log_path, "stopped": False})
+        try:
+            yield vllm_server_url
+        finally:
+            started[-1]["stopped"] = True
+
+    monkeypatch.setattr(vllm_server_module, "vllm_server", server)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    kd = OnPolicyKD(method="on_policy", k=5, max_new_tokens=6, teacher_backend="vllm")
+    train_on_policy(student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2},
+                    tmp_path / "out", 0)
+    assert started == [{"model": str(vllm_model_dir), "log": tmp_path / "out" / "teacher-scorer.log", "stopped": True,
+                        "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32"]}]
+    assert json.loads((tmp_path / "out" / "on_policy.json").read_text())["teacher_tokens_scored"] > 0
