@@ -9,6 +9,7 @@ import torch
 import yaml
 from transformers import TrainerCallback
 
+from kdflow.config.fields import ROOT
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
 from kdflow.config.study import load_study
@@ -20,6 +21,7 @@ from test_capture import tiny_teacher
 from test_training_progress import TRAINING, rows, student
 
 torch.set_num_threads(1)
+ROOT_SWEEPS = ROOT / "recipes" / "sweeps"
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,17 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
 
 @pytest.mark.parametrize("name", ["study-curves.yaml", "study-commuted.yaml"])
 def test_the_shipped_studies_load(name):
-    from kdflow.config.fields import ROOT
-
-    s = load_study(ROOT / "recipes" / "sweeps" / name)
+    s = load_study(ROOT_SWEEPS / name)
     assert len(s.runs(load_recipe(s.recipe_path()))) >= 6 and len(s.seeds) == 3
+
+
+def test_a_warm_start_must_name_a_step_its_source_saves(tmp_path):
+    from flows.learning_curves import check_warm_starts
+
+    s = load_study(ROOT_SWEEPS / "study-curves.yaml")
+    r = load_recipe(s.recipe_path())
+    check_warm_starts(s, s.arms(r))  # the shipped one: seq-kd's snapshot at 200 of its 1,000 steps
+    bad = s.model_copy(update={"warm_starts": {"seq-kd-then-on-policy": s.warm_starts["seq-kd-then-on-policy"]
+                                               .model_copy(update={"step": 250})}})
+    with pytest.raises(ValueError, match=r"step 250: 'seq-kd' saves snapshots at \[200, 400, 600, 800\]"):
+        check_warm_starts(bad, bad.arms(r))
