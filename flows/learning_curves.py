@@ -80,7 +80,7 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
         teacher = evaluated.manifest()["metrics"]["accuracy"]
 
     summary = cv.summarise(curves, s.reference, teacher)
-    out = run_dir / "curves" / Path(study).stem
+    out = run_dir / "studies" / Path(study).stem  # beside the stage folders (curves/ is the curves stage)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "curves.png", cv.plot_curves(summary))
     write_atomic(out / "curves.json", json.dumps({"study": s.model_dump(mode="json"), "curves": curves, **summary},

@@ -162,7 +162,7 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
     assert set(summary["arms"]) == {"baseline", "seq-kd", "warm"}
     assert list(summary["arms"]["seq-kd"]) == [5, 10] and list(summary["arms"]["warm"]) == [7, 9]  # 5 + (2, 4)
     assert all(c["seeds"] == 2 and 0.0 <= c["mean"] <= 1.0 for curve in summary["arms"].values() for c in curve.values())
-    out = load_recipe(mini_recipe).run_dir / "curves" / "study"
+    out = load_recipe(mini_recipe).run_dir / "studies" / "study"
     saved = json.loads((out / "curves.json").read_text())
     assert saved["curves"]["warm@1"][0]["seconds"] > saved["curves"]["seq-kd@1"][0]["seconds"]  # warm start counted
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG" and "| 5 |" in (out / "curves.md").read_text()
@@ -170,7 +170,7 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
     assert learning_curves(str(path))["arms"] == summary["arms"]
 
 
-@pytest.mark.parametrize("name", ["study-curves.yaml", "study-commuted.yaml"])
+@pytest.mark.parametrize("name", ["study-curves.yaml", "study-on-policy.yaml", "study-commuted.yaml"])
 def test_the_shipped_studies_load(name):
     s = load_study(ROOT_SWEEPS / name)
     assert len(s.runs(load_recipe(s.recipe_path()))) >= 6 and len(s.seeds) == 3
@@ -179,7 +179,7 @@ def test_the_shipped_studies_load(name):
 def test_a_warm_start_must_name_a_step_its_source_saves(tmp_path):
     from flows.learning_curves import check_warm_starts
 
-    s = load_study(ROOT_SWEEPS / "study-curves.yaml")
+    s = load_study(ROOT_SWEEPS / "study-on-policy.yaml")
     r = load_recipe(s.recipe_path())
     check_warm_starts(s, s.arms(r))  # the shipped one: seq-kd's snapshot at 200 of its 1,000 steps
     bad = s.model_copy(update={"warm_starts": {"seq-kd-then-on-policy": s.warm_starts["seq-kd-then-on-policy"]
