@@ -272,7 +272,8 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
                               kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url, "k": 5,
                                   "max_new_tokens": 6, "concurrency": 2})
 
-    with DiesAfter(vllm_server_url.removesuffix("/v1"), n=4 * 3) as proxy:  # 4 samples a step: dies in step 4
+    # 4 samples a step in 2 requests (concurrency 2): the server answers steps 1-3, and dies in step 4
+    with DiesAfter(vllm_server_url.removesuffix("/v1"), n=2 * 3) as proxy:
         with pytest.raises(TeacherScoringError) as failed:
             train_student.fn(run_dir, section(proxy.url + "/v1"), TEMPLATE, teacher, data, curated)
     message = str(failed.value)
