@@ -69,6 +69,29 @@ def test_a_student_saves_its_weights_at_each_curve_step(tokenizer, tmp_path):
     assert (out / "curve" / "step-6" / "tokenizer.json").is_file()  # each snapshot loads on its own
 
 
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise KeyboardInterrupt("killed at step 7")
+
+
+def test_a_resumed_student_keeps_the_snapshots_and_the_clock_of_the_attempt_that_crashed(tokenizer, tmp_path):
+    work, training = tmp_path / "work", {**TRAINING, "max_steps": 9}
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(student(tokenizer), tokenizer, rows(), training, tmp_path / "first", seed=0, checkpoints=work,
+                  callbacks=[CurveSnapshots(tmp_path / "first", 3, tokenizer, work), Crash()])
+    assert (work / "curve" / "step-3").is_dir() and (work / "checkpoint-6").is_dir()
+    out = tmp_path / "second"  # a new temporary output folder, as a rerun of the stage builds
+    train_sft(student(tokenizer), tokenizer, rows(), training, out, seed=0, checkpoints=work,
+              callbacks=[CurveSnapshots(out, 3, tokenizer, work)])
+    curve = read_curve(out)
+    assert [p["step"] for p in curve["points"]] == [3, 6, 9] and curve["resumed_at"] == 6
+    seconds = [p["seconds"] for p in curve["points"]]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    assert (out / "curve" / "step-3" / "model.safetensors").is_file() and (out / "curve" / "step-6").is_dir()
+    assert not work.exists()  # checkpoints (and the waiting snapshots) removed once the model is saved
+
+
 def test_a_student_without_a_curve_says_how_to_get_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="curve_points: N"):
         read_curve(tmp_path)

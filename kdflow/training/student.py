@@ -98,7 +98,8 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
     kd, training, seed = section.kd, section.training, section.seed
-    callbacks = [TrainingProgress("students", section.name, on_progress), *curve_snapshots(section, out, tokenizer)]
+    callbacks = [TrainingProgress("students", section.name, on_progress),
+                 *curve_snapshots(section, out, tokenizer, checkpoints)]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
