@@ -13,6 +13,11 @@ that also occur in the test split are skipped in the others).
 
 The difficulty knob is (min_steps, max_steps, max_operand): more steps means a longer chain of dependent
 carries for the model to get right.
+
+``commuted`` (the data section's ``solution_order: commuted``) writes each addition's two operands in either order,
+drawn at random (``15+9=24`` or ``9+15=24``): several valid rationales per question, so that a teacher trained on
+them spreads its next-token distribution over right answers, something soft targets can transfer and its greedy
+text cannot. The order is drawn from a stream of its own, so the questions (and every split) stay the same.
 """
 
 from __future__ import annotations
@@ -37,8 +42,9 @@ class Difficulty:
             raise ValueError(f"max_operand must be >= 2, got {self.max_operand}")
 
 
-def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
-    """One problem: question, gold rationale (one step per line) and the integer answer."""
+def make_problem(rng: random.Random, difficulty: Difficulty, order_rng: random.Random | None = None) -> dict:
+    """One problem: question, gold rationale (one step per line) and the integer answer. ``order_rng``: write each
+    addition's operands in an order it draws (commuted), else the running total first."""
     n_steps = rng.randint(difficulty.min_steps, difficulty.max_steps)
     values = [rng.randint(1, difficulty.max_operand)]
     ops, totals = [], [values[0]]
@@ -50,7 +56,9 @@ def make_problem(rng: random.Random, difficulty: Difficulty) -> dict:
         values.append(operand)
         totals.append(totals[-1] - operand if op == "-" else totals[-1] + operand)
     rest = lambda k: "".join(f"{ops[i]}{values[i + 1]}" for i in range(k, n_steps))  # ops k.. still to do
-    lines = [f"{totals[k]}{ops[k]}{values[k + 1]}={totals[k + 1]}{rest(k + 1)}" for k in range(n_steps)]
+    swapped = [order_rng is not None and ops[k] == "+" and order_rng.random() < 0.5 for k in range(n_steps)]
+    step = lambda k: f"{values[k + 1]}+{totals[k]}" if swapped[k] else f"{totals[k]}{ops[k]}{values[k + 1]}"
+    lines = [f"{step(k)}={totals[k + 1]}{rest(k + 1)}" for k in range(n_steps)]
     lines.append(f"Answer: {totals[-1]}")
     return {"question": f"{values[0]}{rest(0)}", "rationale": "\n".join(lines), "answer": totals[-1]}
 
@@ -60,13 +68,16 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(split))
 
 
-def generate_split(split: str, n: int, seed: int, difficulty: Difficulty, exclude: set[str] = frozenset()) -> list[dict]:
-    """``n`` problems for ``split``, skipping questions in ``exclude`` (used to keep test problems out)."""
+def generate_split(split: str, n: int, seed: int, difficulty: Difficulty, exclude: set[str] = frozenset(),
+                   commuted: bool = False) -> list[dict]:
+    """``n`` problems for ``split``, skipping questions in ``exclude`` (used to keep test problems out);
+    ``commuted``: rationales in random valid orders (the same questions)."""
     rng = random.Random(split_seed(seed, split))
+    order_rng = random.Random(split_seed(seed, split) + 1) if commuted else None
     rows: list[dict] = []
     seen = set(exclude)
     while len(rows) < n:
-        problem = make_problem(rng, difficulty)
+        problem = make_problem(rng, difficulty, order_rng)
         if problem["question"] in seen:
             continue
         seen.add(problem["question"])
@@ -74,14 +85,15 @@ def generate_split(split: str, n: int, seed: int, difficulty: Difficulty, exclud
     return rows
 
 
-def generate_splits(sizes: dict[str, int], seed: int, difficulty: Difficulty) -> dict[str, list[dict]]:
+def generate_splits(sizes: dict[str, int], seed: int, difficulty: Difficulty, commuted: bool = False
+                    ) -> dict[str, list[dict]]:
     """All splits, disjoint: the test split is drawn first and every other split avoids its questions
-    and each other's."""
+    and each other's. ``commuted``: as in ``generate_split``."""
     order = sorted(sizes, key=lambda s: (s != "test", s != "validation", s))
     taken: set[str] = set()
     out = {}
     for split in order:
-        out[split] = generate_split(split, sizes[split], seed, difficulty, exclude=taken)
+        out[split] = generate_split(split, sizes[split], seed, difficulty, exclude=taken, commuted=commuted)
         taken |= {row["question"] for row in out[split]}
     return out
 

@@ -27,6 +27,8 @@ COMMANDS = {
     "students": ("flows.train_students", "train_students", "train every student of the recipe"),
     "evaluate": ("flows.evaluate", "evaluate", "evaluate the teacher and the students, and write the report"),
     "sweep": ("flows.kd_sweep", "kd_sweep", "transfer-set sizes x methods x seeds (a sweep recipe)"),
+    "curves": ("flows.learning_curves", "learning_curves", "learning curves: accuracy vs student steps and wall "
+               "time, per arm and seed (a study recipe)"),
     "self-instruct": ("flows.self_instruct", "self_instruct", "self-instruct expansion (a self-instruct recipe)"),
     "classifier": ("flows.distill_classifier", "distill_classifier", "Hinton's classic KD of a classifier "
                    "(a classifier recipe)"),

@@ -11,7 +11,7 @@ from data import arithmetic, gsm8k
 from kdflow.store.data_files import check_utf8
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
-from kdflow.config.data import DataSection, DataSource
+from kdflow.config.data import DataSection, DataSource, SolutionOrder
 from kdflow.config.fields import PATH_RULE, ROOT
 from tasks.caching import STAGE_RESULTS, StageCache
 
@@ -22,7 +22,8 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     if section.source is DataSource.arithmetic:
         d = section.difficulty
         difficulty = arithmetic.Difficulty(d.min_steps, d.max_steps, d.max_operand)
-        splits = arithmetic.generate_splits(section.splits, section.seed, difficulty)
+        splits = arithmetic.generate_splits(section.splits, section.seed, difficulty,
+                                            commuted=section.solution_order is SolutionOrder.commuted)
         return {name: [{**r, "answer": str(r["answer"])} for r in rows] for name, rows in splits.items()}
     folder = Path(section.path) if Path(section.path).is_absolute() else ROOT / section.path
     out = {}

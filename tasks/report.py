@@ -32,6 +32,12 @@ def training_history(model: OutputRef) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def trained(model: OutputRef) -> dict:
+    """What a student's manifest says of its training that the report shows: an on-policy student's accounting."""
+    on_policy = model.manifest().get("on_policy")
+    return {"on_policy": on_policy} if on_policy else {}
+
+
 def cost(figures: dict | None, power: PowerFigure) -> dict:
     """A model's deployment figures with its energy per token (measured, else estimated from ``power``) and its
     roofline bound per device profile; {} for a model with none (an API teacher)."""
@@ -57,7 +63,7 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
     report = build_report(
         run_name,
         teacher=metrics["teacher"],
-        students={name: {**metrics[name], **info} for name, info in students.items()},
+        students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
         deployment={**{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
                     "intensity_formula": INTENSITY_FORMULA, "energy_formula": ENERGY_FORMULA,

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from prefect import task
 
-from kdflow.config.kd import KDMethod
 from kdflow.config.student import StudentSection
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
-from kdflow.training.student import StudentJob, launch_student, saved_params, student_rows, train_here
+from kdflow.training.student import (StudentJob, launch_student, needs_logit_cache, on_policy_accounting,
+                                     saved_params, student_rows, train_here)
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
@@ -37,7 +37,7 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
                           logits=logits)
     if done := out.done:
         return done
-    if section.kd is not None and section.kd.method is KDMethod.offline and logits is None:
+    if needs_logit_cache(section) and logits is None:
         raise ValueError(f"student {section.name!r} trains from the logit cache: pass the logit-cache stage's output")
     rows = student_rows(section, template, data, curated)
     if not rows:
@@ -58,5 +58,5 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
                                stage_dir / f".launch-{out.key[:16]}.log")
             write_location(tmp, "model")
             out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / "model"),
-                       seconds=round(time.perf_counter() - start, 1))
+                       seconds=round(time.perf_counter() - start, 1), **on_policy_accounting(tmp))
     return out.ref()

@@ -72,3 +72,33 @@ def test_difficulty_knob_sets_the_number_of_steps():
 def test_bad_difficulty_is_refused():
     with pytest.raises(ValueError, match="min_steps"):
         Difficulty(3, 2, 9)
+
+
+def test_commuted_order_keeps_the_questions_and_writes_valid_rationales_in_both_orders():
+    fixed = generate_splits(SIZES, seed=5, difficulty=Difficulty(2, 5, 9))
+    commuted = generate_splits(SIZES, seed=5, difficulty=Difficulty(2, 5, 9), commuted=True)
+    assert {k: [r["question"] for r in v] for k, v in commuted.items()} == {k: [r["question"] for r in v]
+                                                                           for k, v in fixed.items()}
+    swapped = kept = 0
+    for a, b in zip(fixed["train"], commuted["train"]):
+        assert a["answer"] == b["answer"] and check_answer(b["rationale"], b["answer"])
+        for line_a, line_b in zip(a["rationale"].splitlines()[:-1], b["rationale"].splitlines()[:-1]):
+            done_a, after_a = line_a.split("=")
+            done_b, after_b = line_b.split("=")
+            assert after_a == after_b  # the same step, its operands perhaps the other way round
+            if done_a != done_b:
+                x, y = done_a.split("+")
+                assert done_b == f"{y}+{x}"
+                swapped += 1
+            else:
+                kept += 1
+    assert swapped > 100 and kept > 100  # both orders occur (each addition's order is a fair coin)
+    assert generate_splits(SIZES, seed=5, difficulty=Difficulty(2, 5, 9), commuted=True) == commuted
+
+
+def test_solution_order_is_for_the_arithmetic_generator_only():
+    from kdflow.config.data import DataSection
+
+    assert DataSection(source="arithmetic", splits={"train": 1, "test": 1}, solution_order="commuted")
+    with pytest.raises(ValueError, match="solution_order is for the arithmetic generator: remove it"):
+        DataSection(source="gsm8k", path="data", splits={"train": 1, "test": 1}, solution_order="commuted")

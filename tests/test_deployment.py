@@ -162,7 +162,7 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
     prefect_cli(env, "work-pool", "create", "kdflow-cpu", "--type", "process")
     prefect_cli(env, "--no-prompt", "deploy", "--all")
     names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
-    assert names == {"demo", "demo-students"}
+    assert names == {"demo", "demo-students", "on-policy"}
 
     gpu = [*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect-gpu.yaml"]
     refused = subprocess.run(gpu, env=env, cwd=ROOT, capture_output=True, text=True, timeout=180)

@@ -55,7 +55,7 @@ def test_a_setting_of_another_method_is_refused_at_its_line_naming_the_method():
     assert "students.3.kd.divergence: not a setting of kd method feature; remove it, or set method: offline" in error_of(feature)
     typo = DEMO.replace("kd: {method: offline, divergence: reverse_kl", "kd: {method: offline, divergance: reverse_kl")
     assert "students.3.kd.divergance: not a setting of kd method offline; remove it or check its spelling" in error_of(typo)
-    assert "students.3.kd: method 'distil': use one of ['offline', 'online', 'feature']" in error_of(
+    assert "students.3.kd: method 'distil': use one of ['offline', 'online', 'feature', 'on_policy']" in error_of(
         DEMO.replace("method: offline, divergence: reverse_kl", "method: distil, divergence: reverse_kl"))
 
 

@@ -27,10 +27,18 @@ class DataSource(str, enum.Enum):
     gsm8k = "gsm8k"  # GSM8K JSONL files (question, answer with '#### N')
 
 
+class SolutionOrder(str, enum.Enum):
+    fixed = "fixed"  # each step written running total first: 15+9=24
+    commuted = "commuted"  # each addition's operands in a random order, both valid: 15+9=24 or 9+15=24
+
+
 class DataSection(Strict):
     source: DataSource
     seed: int = 0
     difficulty: Difficulty = Difficulty()
+    solution_order: SolutionOrder = Field(SolutionOrder.fixed, description="arithmetic: commuted writes each addition's "
+                                          "operands in a random order (several valid rationales per question, so the "
+                                          "teacher's distribution carries something its greedy text does not)")
     # teacher: the teacher's own training data; train: the student's gold set (question + rationale);
     # prompts: extra questions with only a final answer, for the teacher to write rationales for.
     splits: dict[str, int] = Field(description="rows per split")
@@ -55,4 +63,7 @@ class DataSection(Strict):
     def _path_for_files(self):
         if self.source is DataSource.gsm8k and not self.path:
             raise ValueError("source 'gsm8k' reads local files: set data.path to the folder holding train.jsonl/test.jsonl")
+        if self.source is not DataSource.arithmetic and self.solution_order is not SolutionOrder.fixed:
+            raise FieldError(f"source {self.source.value!r} has its own rationales; solution_order is for the "
+                             "arithmetic generator: remove it", "solution_order")
         return self

@@ -12,11 +12,11 @@ recipe does not import torch.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_serializer, field_validator, model_validator
 
-from kdflow.config.fields import Strict
+from kdflow.config.fields import Strict, redact_url
 from kdflow.config.loading import FieldError
 
 
@@ -46,6 +46,7 @@ class KDMethod(str, enum.Enum):
     offline = "offline"  # white-box KD from the logit cache: no teacher in memory (kdflow/training/offline_kd.py)
     online = "online"  # TRL's GKD with the live teacher: on-policy fraction lmbda, JSD(beta), temperature
     feature = "feature"  # hidden-state KD with the live teacher, added to the language-modelling loss
+    on_policy = "on_policy"  # the student samples, a teacher out of process scores those tokens (training/on_policy.py)
 
 
 class OfflineKD(Strict):
@@ -109,6 +110,53 @@ class FeatureKD(Strict):
         return {"kd": self.method.value, "feature": self.feature.kind, "weight": self.feature.weight}
 
 
+class OnPolicyKD(Strict):
+    """On-policy distillation (GKD, Agarwal et al. 2024; MiniLLM, Gu et al. 2024) with the teacher out of the
+    training process: each step the student samples completions of a batch of prompts at ``temperature``, the
+    teacher scores exactly those tokens (its top-``k`` at every completion position, from an HF teacher in a
+    process of its own or a vLLM server's prompt_logprobs), and the student minimises ``D`` per token over the
+    teacher's top-k + tail buckets. A share ``1 − lmbda`` of the steps trains on cached rows of the logit cache
+    instead (the teacher's own answers, off-policy), as GKD's λ."""
+
+    # Where the teacher runs says nothing about what it is: a URL or a worker count does not retrain the student.
+    __throughput_fields__: ClassVar[set[str]] = {"base_url", "concurrency"}
+
+    method: Literal[KDMethod.on_policy]
+    divergence: Divergence = Field(Divergence.reverse_kl, description="per-token D(teacher ‖ student); reverse_kl "
+                                   "(mode-seeking) is what on-policy distillation minimises")
+    temperature: float = Field(1.0, gt=0.0, description="the student's sampling temperature")
+    max_new_tokens: int = Field(128, ge=1, description="tokens the student samples per prompt (capped by "
+                                "training.max_length)")
+    lmbda: float = Field(1.0, ge=0.0, le=1.0, description="share of steps on the student's own samples (GKD's λ); "
+                         "the rest train on cached rows of the logit cache (needs a `logit_cache:` section)")
+    k: int = Field(20, ge=1, le=1000, description="the teacher's top-k kept per scored position (the rest is one "
+                   "tail bucket)")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd)")
+    skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
+    teacher_backend: Literal["hf", "vllm"] = Field("hf", description="hf: the teacher in a scoring process of its "
+                                                   "own; vllm: a vLLM server's prompt_logprobs (started by the stage "
+                                                   "unless base_url names one)")
+    base_url: str | None = Field(None, description="a running vLLM server serving the teacher (teacher_backend vllm)")
+    concurrency: int = Field(8, ge=1, description="requests in flight to the vLLM server")
+
+    @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
+    def _redacted(self, v: str | None) -> str | None:
+        return redact_url(v)
+
+    @model_validator(mode="after")
+    def _server(self):
+        if self.base_url is not None and self.teacher_backend != "vllm":
+            raise ValueError("base_url names a vLLM server; set teacher_backend: vllm, or remove base_url to score "
+                             "with the HF teacher in a process of its own")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url {self.base_url!r}: give the server's OpenAI base, e.g. http://127.0.0.1:8000/v1")
+        return self
+
+    def summary(self) -> dict:
+        return {"kd": self.method.value, "divergence": self.divergence.value, "lmbda": self.lmbda,
+                "temperature": self.temperature, "k": self.k}
+
+
 def _method_settings(value):
     """``value`` with ``method`` filled in (it was optional, meaning offline, before each method had its own model);
     a setting of another method is refused here with that method's name, which ``extra="forbid"`` cannot say."""
@@ -127,7 +175,8 @@ def _method_settings(value):
     return value
 
 
-MODELS = {KDMethod.offline: OfflineKD, KDMethod.online: OnlineKD, KDMethod.feature: FeatureKD}
-KDSection = Annotated[OfflineKD | OnlineKD | FeatureKD, Field(discriminator="method"),
+MODELS = {KDMethod.offline: OfflineKD, KDMethod.online: OnlineKD, KDMethod.feature: FeatureKD,
+          KDMethod.on_policy: OnPolicyKD}
+KDSection = Annotated[OfflineKD | OnlineKD | FeatureKD | OnPolicyKD, Field(discriminator="method"),
                       BeforeValidator(_method_settings)]
 KD_METHODS = frozenset(m.value for m in KDMethod)  # the union's tags: not YAML keys, left out of error paths

@@ -20,7 +20,7 @@ from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import Backend, GenerationSection, PromptsSection
-from kdflow.config.kd import KD_METHODS, OfflineKD
+from kdflow.config.kd import KD_METHODS, OfflineKD, OnPolicyKD
 from kdflow.config.loading import FieldError, parse_yaml, read_recipe_file
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.run import RunSection
@@ -59,6 +59,9 @@ class Recipe(Strict):
             if isinstance(s.kd, OfflineKD) and self.logit_cache is None:
                 raise ValueError(f"student {s.name!r}: kd method offline trains from the logit cache; add a "
                                  "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)")
+            if isinstance(s.kd, OnPolicyKD) and s.kd.lmbda < 1.0 and self.logit_cache is None:
+                raise ValueError(f"student {s.name!r}: kd method on_policy with lmbda {s.kd.lmbda} < 1 trains a share "
+                                 "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1")
         if self.teacher.api:
             self._api_teacher_checks()
         return self

@@ -12,7 +12,7 @@ import yaml
 from pydantic import AfterValidator, Field, ValidationInfo, computed_field, field_validator, model_validator
 
 from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME_FIX, Strict, check_name, resolve
-from kdflow.config.kd import FeatureKD, KDSection, OnlineKD
+from kdflow.config.kd import FeatureKD, KDSection, OnlineKD, OnPolicyKD
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 
@@ -107,6 +107,8 @@ class StudentSection(Strict):
     model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
     seed: int = 0
+    curve_points: int = Field(0, ge=0, le=100, description="save the weights at this many evenly spaced steps (the "
+                              "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none")
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
     lora: LoraSection | None = Field(None, description="train LoRA adapters on the pretrained `model` (peft)")
     launch: LaunchSection | None = Field(None, description="train through `accelerate launch` (multi-GPU)")
@@ -137,6 +139,9 @@ class StudentSection(Strict):
         if self.lora is not None:
             self._check_lora()
         check_precision(self.dtype, self.training)
+        if self.launch is not None and isinstance(self.kd, OnPolicyKD) and self.kd.base_url is None:
+            raise ValueError("launch with kd method on_policy: every launched process would start a teacher of its "
+                             "own; serve the teacher once (vLLM) and set kd.teacher_backend: vllm with kd.base_url")
         return self
 
     def _check_lora(self) -> None:

@@ -69,11 +69,11 @@ def vllm_capture_args(section: LogitCacheSection, model_dir: str) -> list[str]:
     """The capture server's flags. Prefix caching off: a cached prefix would skip the positions whose
     prompt_logprobs we need. The section's dtype, else the model's own: vLLM's "auto" would run a float32
     teacher in 16 bits, and the cache would not be its logits."""
-    dtype = section.dtype.value if section.dtype is not None else _dtype(model_dir)
+    dtype = section.dtype.value if section.dtype is not None else served_dtype(model_dir)
     return ["--no-enable-prefix-caching", "--max-logprobs", str(section.k), "--dtype", dtype]
 
 
-def _dtype(model_dir: str) -> str:
+def served_dtype(model_dir: str) -> str:
     from transformers import AutoConfig
 
     dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)

@@ -296,6 +296,25 @@ def seeds_table(report: dict) -> list[str]:
                     "(teacher − baseline's mean).", ""]
 
 
+def on_policy_lines(report: dict) -> list[str]:
+    """What each on-policy student's training took: tokens it sampled, tokens the teacher scored, where the time
+    went (from its manifest's ``on_policy``)."""
+    rows = {name: s["on_policy"] for name, s in report["students"].items() if s.get("on_policy")}
+    if not rows:
+        return []
+    lines = ["## On-policy training", "", "| student | teacher scoring | tokens sampled | tokens scored | sample s | "
+             "score s | train s | on / off-policy batches |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, a in rows.items():
+        total = max(a["sample_s"] + a["score_s"] + a["train_s"], 1e-9)
+        share = lambda k: f"{a[k]:.1f} ({a[k] / total:.0%})"
+        lines.append(f"| {name} | {a.get('teacher_backend', '—')} | {a['student_tokens_sampled']:,} | "
+                     f"{a['teacher_tokens_scored']:,} | {share('sample_s')} | {share('score_s')} | {share('train_s')} | "
+                     f"{a['on_policy_batches']} / {a['off_policy_batches']} |")
+    return lines + ["", "Sample: the student's generate; score: the teacher's top-k of exactly those tokens, in its own "
+                    "process or on a vLLM server (the round trip included); train: the rest of each optimizer step "
+                    "(forward, backward, update). Off-policy batches are cached rows of the logit cache (lmbda < 1).", ""]
+
+
 def lm_eval_lines(lm_eval: dict) -> list[str]:
     status = lm_eval.get("status", "off")
     if status == "off":
@@ -325,6 +344,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         *quality_table(report),
         "",
         *seeds_table(report),
+        *on_policy_lines(report),
         "## Cost: what does each model take to run?",
         "",
         *cost_table(report),

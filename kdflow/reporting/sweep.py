@@ -33,7 +33,7 @@ def summarise(accuracy: dict[str, float], rows: dict[float, int], teacher: float
     for name, acc in accuracy.items():
         method, fraction, _ = parse_name(name)
         cells.setdefault(method, {}).setdefault(fraction, []).append(acc)
-    curves = {m: {f: _stats(v) for f, v in sorted(by_f.items())} for m, by_f in cells.items()}
+    curves = {m: {f: stats(v) for f, v in sorted(by_f.items())} for m, by_f in cells.items()}
     verdicts = []
     for fraction in sorted({f for by_f in curves.values() for f in by_f}):
         here = {m: curves[m][fraction] for m in curves if fraction in curves[m]}
@@ -41,16 +41,24 @@ def summarise(accuracy: dict[str, float], rows: dict[float, int], teacher: float
         for other in here:
             if other == best:
                 continue
-            margin = here[best]["mean"] - here[other]["mean"]
-            spread = here[best]["sd"] + here[other]["sd"]
+            v = beats(here[best], here[other])
             verdicts.append({"fraction": fraction, "rows": rows.get(fraction), "best": best, "other": other,
-                             "margin": margin, "spread": spread, "beats": margin > spread})
+                             "margin": v["margin"], "spread": v["spread"], "beats": v["verdict"] == "beats"})
     return {"teacher_accuracy": teacher, "curves": curves, "verdicts": verdicts}
 
 
-def _stats(values: list[float]) -> dict:
+def stats(values: list[float]) -> dict:
+    """Accuracies over seeds: the values, mean, sample standard deviation (0 for one seed), min and max."""
     return {"accuracy": values, "mean": statistics.fmean(values),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def beats(a: dict, b: dict) -> dict:
+    """The verdict rule, for two ``stats``: ``a`` beats ``b`` only when its mean exceeds b's by more than the sum of
+    their seed standard deviations (and loses when b's exceeds a's so); otherwise they are within the spread."""
+    margin, spread = a["mean"] - b["mean"], a["sd"] + b["sd"]
+    verdict = "beats" if margin > spread else "loses" if -margin > spread else "within"
+    return {"margin": margin, "spread": spread, "verdict": verdict}
 
 
 def regime_lines(summary: dict, reference: str) -> list[str]:

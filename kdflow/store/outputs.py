@@ -87,6 +87,12 @@ def canonical(value):
         # content as leaving it out, so the same key.
         nested = exclude.items() if isinstance(exclude, dict) else ()
         emptied = [k for k, sub in nested if isinstance(sub, (set, dict)) and dump.get(k) == {}]
+        # A nested section's own knobs (a student's kd: {base_url, concurrency}) are left out too; its emptied
+        # dump stays (kd: {} is offline KD at its defaults, not the same as no kd).
+        for name, sub in value:
+            own = getattr(sub, "__throughput_fields__", None)
+            if isinstance(own, set) and isinstance(dump.get(name), dict):
+                dump[name] = {k: v for k, v in dump[name].items() if k not in own}
         return canonical({k: v for k, v in dump.items() if k not in emptied})
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items())}

