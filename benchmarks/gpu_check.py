@@ -221,21 +221,10 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
     """One student, ``sft`` or ``kd`` (offline, forward KL, α 0.5), from the same initial weights: median step
     time after the warm-up, tokens/s, and peak GPU memory (allocated by tensors, from the step's start)."""
     import torch
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
 
+    from benchmarks.step_timer import StepTimer
     from kdflow.training.tiny_models import qwen2_model
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.steps, self.begun = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.begun = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.steps.append(time.perf_counter() - self.begun)
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     student = qwen2_model(tokenizer, seed=1, **sizes.student)
@@ -243,7 +232,7 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
     training = {"max_steps": sizes.steps, "per_device_train_batch_size": sizes.batch, "learning_rate": 1e-4,
                 "max_length": sizes.max_length, "logging_steps": max(1, sizes.steps // 5),
                 "bf16": sizes.dtype == "bfloat16", "gradient_checkpointing": False}
-    clock, out = Clock(), work / f"student-{kind}"
+    clock, out = StepTimer(), work / f"student-{kind}"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -255,13 +244,13 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
         from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
         train_offline_kd(student, tokenizer, work / "cache", KDLoss(), training, out, seed=0, callbacks=[clock])
-    step = statistics.median(clock.steps[sizes.warmup:] or clock.steps)
+    step = statistics.median(clock.times[sizes.warmup:] or clock.times)
     # Tokens per step: the rows' mean length after truncation (steps draw rows evenly over the epochs).
     lengths = [min(len(tokenizer.apply_chat_template(c["prompt"] + c["completion"], tokenize=True,
                                                      return_dict=True)["input_ids"]), sizes.max_length) for c in chats]
     tokens_per_step = statistics.mean(lengths) * sizes.batch
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    result = {"steps": len(clock.steps), "step_s": round(step, 4), "tokens_per_s": round(tokens_per_step / step, 1),
+    result = {"steps": len(clock.times), "step_s": round(step, 4), "tokens_per_s": round(tokens_per_step / step, 1),
               "peak_gpu_mib": round(peak, 1) if peak is not None else None,
               "parameters": student.num_parameters()}
     print(f"train {kind}: {result['steps']} steps, median {step * 1000:.1f} ms/step, {result['tokens_per_s']:,} "

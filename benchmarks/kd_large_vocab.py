@@ -111,23 +111,13 @@ class SyntheticTeacher:
 def child(side: str, steps: int, threads: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     import kdflow.training.offline_kd as offline_kd
+    from benchmarks.step_timer import StepTimer
     from kdflow.training.tiny_models import train_tokenizer
 
     torch.set_num_threads(threads)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
 
     model, data, timer = student(), rows(), StepTimer()
     tokenizer = train_tokenizer(["the student reads the teacher"], 64)  # a processing class; the rows are ids

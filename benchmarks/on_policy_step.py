@@ -65,27 +65,16 @@ def demo_inputs(run_dir: Path) -> dict:
 
 def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | None) -> dict:
     """One training run in this (fresh) process: median step time, and the on-policy split over the same steps."""
-    import time
-
     import pandas as pd
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from benchmarks.step_timer import StepTimer
     from kdflow.config.kd import OnPolicyKD
     from kdflow.config.templates import sft_rows
     from kdflow.logit_cache.format import cache_row_id
 
     torch.set_num_threads(threads)
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
 
     kept = pd.read_parquet(Path(inputs["curated"]) / "kept.parquet").to_dict("records")
     rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(kept, sft_rows(kept, inputs["template"], "text"))]
