@@ -61,7 +61,7 @@ def test_the_section_validates_and_keys_on_content_not_on_where_the_teacher_runs
         return StudentSection(name="op", data="teacher", architecture=ARCH, kd={"method": "on_policy", **kd})
 
     a = section(teacher_backend="vllm", base_url="http://user:pw@10.0.0.5:8000/v1", concurrency=2)
-    b = section(teacher_backend="vllm", base_url="http://127.0.0.1:9/v1")
+    b = section(teacher_backend="vllm", base_url="http://127.0.0.1:9/v1", batch_tokens=4096)
     assert canonical(a) == canonical(b) != canonical(section(teacher_backend="vllm", lmbda=0.5))
     assert a.kd.divergence.value == "reverse_kl" and a.kd.lmbda == 1.0  # GKD's on-policy defaults
     assert "user:pw" not in a.model_dump_json()

@@ -2,7 +2,7 @@
 then answer each pickled list of ``EncodedRow`` on stdin with the pickled list of their ``TopK`` on stdout, until
 stdin closes.
 
-    python -m kdflow.logit_cache.score_worker MODEL_DIR K THREADS
+    python -m kdflow.logit_cache.score_worker MODEL_DIR K THREADS BATCH_TOKENS
 
 Messages are ``(kind, value)``: ``("ready", None)`` once the teacher is loaded, then ``("topk", [...])`` per
 request, or ``("error", text)`` for a request it could not score. Anything else printed to stdout would corrupt
@@ -17,7 +17,7 @@ import sys
 
 
 def main(argv: list[str]) -> None:
-    model_dir, k, threads = argv[0], int(argv[1]), int(argv[2])
+    model_dir, k, threads, batch_tokens = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (libraries') go to the log, not the channel
     requests = sys.stdin.buffer
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         except EOFError:
             return  # the trainer closed the pipe (or died): done
         try:
-            result = topk.hf_topk(model, rows, k, pad_id=pad)
+            result = topk.hf_topk(model, rows, k, batch_tokens=batch_tokens, pad_id=pad)
         except (ValueError, RuntimeError, IndexError) as e:  # a bad request: say so, keep serving
             send("error", f"{type(e).__name__}: {e}")
             continue

@@ -44,14 +44,15 @@ class HFScorer:
     The child loads the teacher once; it exits when its stdin closes (``close``, or this process dying), so no
     orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``."""
 
-    def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None,
+                 batch_tokens: int = 1024):
         self.model_dir, self.log = str(model_dir), Path(log)
         import torch
 
         # As many torch threads as this process uses (training and scoring take turns, not overlap); on a CPU the
         # teacher runs in float32 (transformers' default device), where a GPU teacher wants the vLLM backend.
         cmd = [sys.executable, "-m", "kdflow.logit_cache.score_worker", self.model_dir, str(k),
-               str(threads or torch.get_num_threads())]
+               str(threads or torch.get_num_threads()), str(batch_tokens)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
@@ -120,12 +121,12 @@ class VllmScorer:
 
 @contextlib.contextmanager
 def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
-                   concurrency: int = 8) -> Iterator[HFScorer | VllmScorer]:
+                   concurrency: int = 8, batch_tokens: int = 1024) -> Iterator[HFScorer | VllmScorer]:
     """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
     ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
-    ``log``)."""
+    ``log``); ``batch_tokens``: padded tokens per forward of the HF scoring process."""
     if backend == "hf":
-        scorer = HFScorer(model_dir, k, log)
+        scorer = HFScorer(model_dir, k, log, batch_tokens=batch_tokens)
         try:
             yield scorer
         finally:

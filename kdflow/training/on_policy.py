@@ -227,7 +227,7 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
     log = Path(checkpoints or out_dir) / "teacher-scorer.log"  # kept with the checkpoints when training fails
     log.parent.mkdir(parents=True, exist_ok=True)
     with teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log, settings.base_url,
-                        settings.concurrency) as scorer:
+                        settings.concurrency, settings.batch_tokens) as scorer:
         trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
                                   processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
                                   callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
