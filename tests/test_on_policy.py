@@ -128,6 +128,57 @@ def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never
     assert history[-1]["on_policy_batches"] == 30  # logged with the run's summary too
 
 
+def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_scores_the_next(teacher, tmp_path,
+                                                                                                monkeypatch):
+    from kdflow.training import on_policy
+
+    folder, tok = teacher
+    sampled, trained = [], []  # (global step when sampled, tokens) / tokens, in order
+    sample = on_policy.OnPolicyTrainer.sample
+
+    def spy_sample(self, model, prompts, mask):
+        rows = sample(self, model, prompts, mask)
+        sampled.append((self.state.global_step, [r.input_ids.tolist() for r in rows]))
+        return rows
+
+    batch = on_policy.teacher_batch
+    monkeypatch.setattr(on_policy.OnPolicyTrainer, "sample", spy_sample)
+    monkeypatch.setattr(on_policy, "teacher_batch",
+                        lambda items, *a: trained.append([ids.tolist() for ids, _, _ in items]) or batch(items, *a))
+    history = train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING,
+                              tmp_path / "out", 0)
+    steps = TRAINING["max_steps"]
+    # the first step samples its prompts twice (filling the pipeline); each later one trains on the batch sampled
+    # the step before, by the weights before the last update; the last batch sampled is scored, never trained on
+    assert len(trained) == steps and len(sampled) == steps + 1
+    assert trained == [tokens for _, tokens in sampled[:-1]]
+    assert [step for step, _ in sampled] == [0, 0] + list(range(1, steps))
+    losses = [h["kd_loss"] for h in history if "kd_loss" in h]
+    assert losses[-1] < 0.7 * losses[0], losses  # reverse KL to the teacher still goes down
+    a = json.loads((tmp_path / "out" / "on_policy.json").read_text())
+    assert a["teacher_tokens_scored"] == a["student_tokens_sampled"]  # the last batch was scored too
+    assert a["on_policy_batches"] == steps and a["teacher_s"] > 0
+
+
+def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its_checkpoints(teacher, tmp_path,
+                                                                                            monkeypatch):
+    folder, tok = teacher
+    calls, score = [], HFScorer.score
+
+    def dying(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 5:
+            self.proc.kill()
+            self.proc.wait()
+        return score(self, rows)
+
+    monkeypatch.setattr(HFScorer, "score", dying)
+    with pytest.raises(TeacherScoringError, match=r"(?s)exited with code -9 while scoring 8 samples.*"
+                                                  r"On-policy training stopped at step \d+; its checkpoints are in"):
+        train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "o", 0)
+    assert len(calls) == 5  # nothing more was handed to the dead teacher
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step

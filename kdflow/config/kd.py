@@ -138,6 +138,10 @@ class OnPolicyKD(Strict):
                                                    "unless base_url names one)")
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (teacher_backend vllm)")
     concurrency: int = Field(8, ge=1, description="requests in flight to the vLLM server")
+    overlap: bool = Field(False, description="the teacher scores the next batch of samples while the student trains "
+                          "on this one (asynchronous, as in PipelineRL / Noukhovitch et al. 2024): a step waits on "
+                          "the teacher only for what training did not hide, and each batch was sampled by the "
+                          "student one on-policy batch ago, not by the current one")
     # Small batches, not one: on the demo's 1M teacher a step's 64 samples as one 5,504-token batch took 247 ms on
     # one CPU thread, in batches of <= 1,024 tokens 128 ms (less padding, and activations that stay in cache).
     batch_tokens: int = Field(1024, ge=16, description="padded tokens per forward pass of the HF scoring process "
@@ -158,7 +162,7 @@ class OnPolicyKD(Strict):
 
     def summary(self) -> dict:
         return {"kd": self.method.value, "divergence": self.divergence.value, "lmbda": self.lmbda,
-                "temperature": self.temperature, "k": self.k}
+                "temperature": self.temperature, "k": self.k} | ({"overlap": True} if self.overlap else {})
 
 
 def _method_settings(value):

@@ -17,9 +17,18 @@ with the optimizer, scheduler and RNG states, resume, the progress lines and LoR
 the loss is the offline trainer's own. Only ``training_step`` changes: the batch it is handed (prompts) is replaced
 by the student's scored samples, as TRL's GKD trainer does.
 
+With ``overlap`` the teacher scores batch t+1 while the student trains on batch t (asynchronous, as PipelineRL and
+Noukhovitch et al. 2024's asynchronous RLHF): each step samples a new batch with the current weights, hands it to
+the teacher and trains on the batch handed over the step before, whose scores came back meanwhile. The samples are
+then one on-policy batch old (drawn by the weights before the last update), a deliberate change of method for
+throughput: the teacher's forward, on other cores or another machine, hides behind the student's sampling and
+training instead of adding to them. The first on-policy step (and the first after a resume) fills the pipeline
+by sampling its prompts twice; the last batch handed over is scored and left untrained.
+
 Accounting (``Accounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k came
 back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
-optimizer). It is logged with every loss, saved in each checkpoint (a resumed run continues its counts) and
+optimizer); ``score_s`` is the time training waited on the teacher, ``teacher_s`` the teacher's round trips
+themselves (the same without ``overlap``; with it, the part of ``teacher_s`` not in ``score_s`` was hidden). It is logged with every loss, saved in each checkpoint (a resumed run continues its counts) and
 written to ``on_policy.json`` beside the model.
 """
 
@@ -29,6 +38,7 @@ import dataclasses
 import json
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +46,7 @@ import torch
 from transformers import TrainerCallback
 
 from kdflow.config.kd import OnPolicyKD
+from kdflow.logit_cache.format import TopK
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.scoring import TeacherScoringError, teacher_scorer
 from kdflow.logit_cache.topk import EncodedRow, encode_row
@@ -49,6 +60,7 @@ class Accounting:
     sample_s: float = 0.0
     score_s: float = 0.0
     train_s: float = 0.0
+    teacher_s: float = 0.0
     student_tokens_sampled: int = 0
     teacher_tokens_scored: int = 0
     on_policy_batches: int = 0
@@ -119,12 +131,20 @@ class OnPolicyTrainer(CachedKDTrainer):
         self.accounting = Accounting()
         self.add_callback(StepClock(self.accounting))
         self._step, self._micro = -1, 0
+        # overlap: one thread talks to the teacher (a pipe or HTTP: it waits without the GIL) while this one trains
+        self._teacher: ThreadPoolExecutor | None = None
+        self._pending: tuple[list[EncodedRow], Future] | None = None
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         saved = Path(resume_from_checkpoint or "") / ACCOUNTING_FILE
         if resume_from_checkpoint and saved.is_file():  # the counts so far, not from zero
             self.accounting.__dict__.update(json.loads(saved.read_text()))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if self._teacher is not None:  # the last batch handed over: let the teacher finish it, then stop
+                self._teacher.shutdown(wait=True, cancel_futures=True)
+                self._teacher, self._pending = None, None
 
     def on_policy_now(self) -> bool:
         """This micro-batch trains on the student's samples with probability λ, drawn from (seed, step, micro)."""
@@ -159,22 +179,56 @@ class OnPolicyTrainer(CachedKDTrainer):
         student.train(was_training)
         return samples(prompts.cpu(), mask.cpu(), out.cpu(), self.eos)
 
-    def scored_samples(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def timed_score(self, rows: list[EncodedRow]) -> list[TopK]:
+        """The teacher's top-k of ``rows``; its round trip counted in ``teacher_s``, its positions in
+        ``teacher_tokens_scored`` (from the teacher's thread under ``overlap``: one request, so one writer, at a
+        time)."""
         began = time.perf_counter()
-        rows = self.sample(model, prompts, mask)
-        sampled = time.perf_counter()
         try:
             scored = self.scorer.score(rows)
+        finally:
+            self.accounting.teacher_s += time.perf_counter() - began
+        self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
+        return scored
+
+    def sampled(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> list[EncodedRow]:
+        began = time.perf_counter()
+        rows = self.sample(model, prompts, mask)
+        self.accounting.sample_s += time.perf_counter() - began
+        self.accounting.student_tokens_sampled += sum(len(r.input_ids) - 1 - r.start for r in rows)
+        return rows
+
+    def scored_samples(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This micro-batch's training inputs: the student's samples of ``prompts`` and the teacher's top-k of them
+        — or, under ``overlap``, the samples handed to the teacher one on-policy micro-batch ago (and these
+        handed over in their place)."""
+        if not self.settings.overlap:
+            rows = self.sampled(model, prompts, mask)
+            waited = time.perf_counter()
+            scored = self.teacher_answer(lambda: self.timed_score(rows))
+        else:
+            if self._teacher is None:
+                self._teacher = ThreadPoolExecutor(1, thread_name_prefix="teacher")
+            if self._pending is None:  # an empty pipeline (the first step, a resume): this batch, sampled twice
+                first = self.sampled(model, prompts, mask)
+                self._pending = first, self._teacher.submit(self.timed_score, first)
+            fresh = self.sampled(model, prompts, mask)
+            (rows, answer), waited = self._pending, time.perf_counter()
+            # Handed over once the teacher has answered the last batch (it is busy with it until then anyway), so a
+            # teacher that failed is never handed another.
+            scored = self.teacher_answer(answer.result)
+            self._pending = fresh, self._teacher.submit(self.timed_score, fresh)
+        self.accounting.score_s += time.perf_counter() - waited
+        return teacher_batch([(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)],
+                             self.settings.k, self.pad)
+
+    def teacher_answer(self, answer) -> list[TopK]:
+        try:
+            return answer()
         except TeacherScoringError as e:
             raise TeacherScoringError(f"{e}\nOn-policy training stopped at step {self.state.global_step}; its "
                                       f"checkpoints are in {self.args.output_dir}: rerun the stage once the teacher "
                                       "answers again and it resumes from the last one.") from e
-        a = self.accounting
-        a.sample_s, a.score_s = a.sample_s + sampled - began, a.score_s + time.perf_counter() - sampled
-        a.student_tokens_sampled += sum(len(r.input_ids) - 1 - r.start for r in rows)
-        a.teacher_tokens_scored += sum(len(t.ids) for t in scored)
-        return teacher_batch([(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)],
-                             self.settings.k, self.pad)
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs or "train_runtime" in logs:
