@@ -351,9 +351,12 @@ def test_the_report_shows_each_on_policy_students_tokens_and_time_split():
                   "teacher_backend": "hf"}
     students = {"seq-kd": {**model(0.8, 100_000), "data": "teacher"},
                 "on-policy": {**model(0.85, 100_000), "data": "teacher", "kd": "on_policy", "on_policy": accounting}}
+    students["overlapped"] = {**students["on-policy"], "on_policy": {**accounting, "score_s": 0.5, "teacher_s": 2.9,
+                                                                      "overlap": True}}
     md = render_markdown(build_report("demo", model(0.9, 1_000_000), students, CURATION, DEPLOYMENT))
     assert "## On-policy training" in md
-    assert "| on-policy | hf | 12,345 | 12,345 | 6.0 (50%) | 3.0 (25%) | 3.0 (25%) | 50 / 0 |" in md
+    assert "| on-policy | hf | 12,345 | 12,345 | 6.0 (50%) | 3.0 (25%) | 3.0 (25%) | — | 50 / 0 |" in md
+    assert "| overlapped | hf, overlap | 12,345 | 12,345 | 6.0 (63%) | 0.5 (5%) | 3.0 (32%) | 2.9 | 50 / 0 |" in md
     assert "| seq-kd | hf" not in md  # only the students trained on-policy
     assert "## On-policy training" not in render_markdown(build_report("demo", model(0.9, 1_000_000),
                                                                        {"seq-kd": students["seq-kd"]}, CURATION,

@@ -303,16 +303,21 @@ def on_policy_lines(report: dict) -> list[str]:
     if not rows:
         return []
     lines = ["## On-policy training", "", "| student | teacher scoring | tokens sampled | tokens scored | sample s | "
-             "score s | train s | on / off-policy batches |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "score s | train s | teacher s | on / off-policy batches |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, a in rows.items():
         total = max(a["sample_s"] + a["score_s"] + a["train_s"], 1e-9)
         share = lambda k: f"{a[k]:.1f} ({a[k] / total:.0%})"
-        lines.append(f"| {name} | {a.get('teacher_backend', '—')} | {a['student_tokens_sampled']:,} | "
-                     f"{a['teacher_tokens_scored']:,} | {share('sample_s')} | {share('score_s')} | {share('train_s')} | "
+        scoring = a.get("teacher_backend", "—") + (", overlap" if a.get("overlap") else "")
+        teacher = f"{a['teacher_s']:.1f}" if "teacher_s" in a else "—"  # accounted since overlap came
+        lines.append(f"| {name} | {scoring} | {a['student_tokens_sampled']:,} | {a['teacher_tokens_scored']:,} | "
+                     f"{share('sample_s')} | {share('score_s')} | {share('train_s')} | {teacher} | "
                      f"{a['on_policy_batches']} / {a['off_policy_batches']} |")
-    return lines + ["", "Sample: the student's generate; score: the teacher's top-k of exactly those tokens, in its own "
-                    "process or on a vLLM server (the round trip included); train: the rest of each optimizer step "
-                    "(forward, backward, update). Off-policy batches are cached rows of the logit cache (lmbda < 1).", ""]
+    return lines + ["", "Sample: the student's generate; score: the time training waited for the teacher's top-k of "
+                    "exactly those tokens, in its own process or on a vLLM server (the round trip included); train: "
+                    "the rest of each optimizer step (forward, backward, update); teacher: the teacher's round trips "
+                    "themselves — the same as score, except under overlap, where the teacher scores the next batch "
+                    "while the student trains (its samples one step old) and only the wait counts as score. Off-policy "
+                    "batches are cached rows of the logit cache (lmbda < 1).", ""]
 
 
 def lm_eval_lines(lm_eval: dict) -> list[str]:

@@ -289,5 +289,6 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
         history = fit(trainer, model, tokenizer, out_dir, checkpoints)
     if trainer.accelerator.is_main_process:
         (out_dir / ACCOUNTING_FILE).write_text(json.dumps({**trainer.accounting.rounded(),
-                                                           "teacher_backend": settings.teacher_backend}, indent=1))
+                                                           "teacher_backend": settings.teacher_backend,
+                                                           "overlap": settings.overlap}, indent=1))
     return history
