@@ -21,9 +21,9 @@ left out). For the on-policy runs the step is split, from the trainer's own acco
 sample (the student's generate), score (the teacher's top-k of those tokens, round trip included) and train (the
 rest: forward, backward, update); with overlap, score is only the wait for the teacher, and ``teacher`` its round
 trips themselves. Training processes run with ``--threads`` torch threads (default 1) and so does the HF scoring
-process (1 + 1 threads on this 2-core machine: the teacher's own core, where a real one has its own GPU or server);
-the vLLM server runs its own threads. seq-KD at 2 threads took 59 ms, at 1 thread 80 ms: the ratio at 1 thread is the
-stricter one for a teacher that scores on the same machine.
+process (1 + 1 threads on this 2-core machine: the student has one core, the teacher the other, as a real teacher
+has its own GPU or server); the vLLM server runs its own threads. Given both cores, seq-KD is faster (59 vs 80 ms a
+step in one run at ``--threads 2``), so against a seq-KD student that has the whole machine the ratios are larger.
 
     python benchmarks/on_policy_step.py [--steps 40] [--reps 3] [--run-dir runs/demo] [--vllm 1]
 

@@ -28,8 +28,9 @@ by sampling its prompts twice; the last batch handed over is scored and left unt
 Accounting (``Accounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k came
 back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
 optimizer); ``score_s`` is the time training waited on the teacher, ``teacher_s`` the teacher's round trips
-themselves (the same without ``overlap``; with it, the part of ``teacher_s`` not in ``score_s`` was hidden). It is logged with every loss, saved in each checkpoint (a resumed run continues its counts) and
-written to ``on_policy.json`` beside the model.
+themselves (the same without ``overlap``; with it, the part of ``teacher_s`` not in ``score_s`` was hidden). It is
+logged with every loss, saved in each checkpoint (a resumed run continues its counts) and written to
+``on_policy.json`` beside the model.
 """
 
 from __future__ import annotations
