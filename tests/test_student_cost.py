@@ -205,6 +205,9 @@ def test_an_unknown_quantization_is_a_recipe_error(tmp_path):
     (tmp_path / "r.yaml").write_text(text)
     with pytest.raises(RecipeError, match="quantize"):
         load_recipe(tmp_path / "r.yaml")
+    (tmp_path / "r.yaml").write_text(text.replace("quantize: [int4]", "quantize: [int8, int8]"))
+    with pytest.raises(RecipeError, match=r"quantize.*int8 listed more than once.*list it once"):
+        load_recipe(tmp_path / "r.yaml")
 
 
 # ---- int8 students --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, computed_field, field_serializer, model_validator
+from pydantic import Field, computed_field, field_serializer, field_validator, model_validator
 
 from kdflow.config.fields import SafeName, Strict, Template, read_template, redact_url
 from kdflow.config.generation import Backend, VllmServerSection
@@ -118,6 +118,15 @@ class EvaluationSection(Strict):
     quantize: list[Literal["int8"]] = Field(
         default_factory=list, description="post-training quantized copies of every student, evaluated beside it "
         "(`<student>-int8`): int8 = torch dynamic quantization of the Linear layers (CPU)")
+
+    @field_validator("quantize")
+    @classmethod
+    def _each_once(cls, v: list[str]) -> list[str]:
+        twice = sorted({q for q in v if v.count(q) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once: each quantization makes one copy of every "
+                             "student; list it once")
+        return v
 
     @model_validator(mode="after")
     def _samples_cover_k(self):
