@@ -160,6 +160,30 @@ def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_s
     assert a["on_policy_batches"] == steps and a["teacher_s"] > 0
 
 
+def test_under_overlap_training_and_the_scoring_process_split_the_threads_then_this_process_gets_its_back(
+        teacher, tmp_path, monkeypatch):
+    folder, tok = teacher
+    given, during = [], []
+    init = HFScorer.__init__
+    monkeypatch.setattr(HFScorer, "__init__", lambda self, *a, threads=None, **kw:
+                        given.append(threads) or init(self, *a, threads=threads, **kw))
+
+    class Threads(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            during.append(torch.get_num_threads())
+
+    torch.set_num_threads(4)
+    try:
+        for overlap in (True, False):
+            train_on_policy(student(tok), tok, rows(16), settings(overlap=overlap), folder, None,
+                            {**TRAINING, "max_steps": 2}, tmp_path / str(overlap), 0, callbacks=[Threads()])
+            assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(1)
+    # overlap: 2 threads train while the teacher's process scores on 2; without it they take turns on all 4
+    assert given == [2, None] and during == [2, 2, 4, 4]
+
+
 def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its_checkpoints(teacher, tmp_path,
                                                                                             monkeypatch):
     folder, tok = teacher

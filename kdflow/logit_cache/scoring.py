@@ -49,8 +49,8 @@ class HFScorer:
         self.model_dir, self.log = str(model_dir), Path(log)
         import torch
 
-        # As many torch threads as this process uses (training and scoring take turns, not overlap); on a CPU the
-        # teacher runs in float32 (transformers' default device), where a GPU teacher wants the vLLM backend.
+        # By default as many torch threads as this process uses (training and scoring take turns; under overlap
+        # the trainer splits the cores and says how many); on a CPU the teacher runs in float32 (transformers' default device), where a GPU teacher wants the vLLM backend.
         cmd = [sys.executable, "-m", "kdflow.logit_cache.score_worker", self.model_dir, str(k),
                str(threads or torch.get_num_threads()), str(batch_tokens)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -121,12 +121,14 @@ class VllmScorer:
 
 @contextlib.contextmanager
 def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
-                   concurrency: int = 8, batch_tokens: int = 1024) -> Iterator[HFScorer | VllmScorer]:
+                   concurrency: int = 8, batch_tokens: int = 1024,
+                   threads: int | None = None) -> Iterator[HFScorer | VllmScorer]:
     """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
     ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
-    ``log``); ``batch_tokens``: padded tokens per forward of the HF scoring process."""
+    ``log``); ``batch_tokens``, ``threads``: the HF scoring process's padded tokens per forward and torch threads
+    (default: this process's)."""
     if backend == "hf":
-        scorer = HFScorer(model_dir, k, log, batch_tokens=batch_tokens)
+        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens)
         try:
             yield scorer
         finally:

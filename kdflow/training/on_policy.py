@@ -35,6 +35,7 @@ logged with every loss, saved in each checkpoint (a resumed run continues its co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -281,8 +282,18 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     log = Path(checkpoints or out_dir) / "teacher-scorer.log"  # kept with the checkpoints when training fails
     log.parent.mkdir(parents=True, exist_ok=True)
-    with teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log, settings.base_url,
-                        settings.concurrency, settings.batch_tokens) as scorer:
+    threads, teacher_threads = torch.get_num_threads(), None
+    if settings.overlap and settings.teacher_backend == "hf" and threads > 1:
+        # Training and the scoring process now run at once: half the cores each. Each with all of them
+        # oversubscribes the machine — a demo on-policy student with overlap then took 5m56s for 500 steps on 2
+        # cores (2 + 2 threads), twice the 3m without it.
+        teacher_threads = threads // 2
+        torch.set_num_threads(threads - teacher_threads)
+    with contextlib.ExitStack() as restore:
+        restore.callback(torch.set_num_threads, threads)
+        scorer = restore.enter_context(teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log,
+                                                      settings.base_url, settings.concurrency, settings.batch_tokens,
+                                                      teacher_threads))
         trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
                                   processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
                                   callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
