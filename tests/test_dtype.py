@@ -128,8 +128,11 @@ def test_a_vllm_capture_serves_the_teacher_in_the_sections_dtype(teacher):
 
     tmp, _, _ = teacher
     model_dir = str(tmp / "teacher-model")
-    assert vllm_capture_args(LogitCacheSection(source="vllm", dtype="bfloat16"), model_dir)[-2:] == ["--dtype", "bfloat16"]
-    assert vllm_capture_args(LogitCacheSection(source="vllm"), model_dir)[-2:] == ["--dtype", "float32"]  # the model's
+    def dtype(args):
+        return args[args.index("--dtype") + 1]
+
+    assert dtype(vllm_capture_args(LogitCacheSection(source="vllm", dtype="bfloat16"), model_dir)) == "bfloat16"
+    assert dtype(vllm_capture_args(LogitCacheSection(source="vllm"), model_dir)) == "float32"  # the model's
     with pytest.raises(ValueError, match="source 'api'"):
         LogitCacheSection(source="api", dtype="bfloat16")
 

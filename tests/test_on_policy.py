@@ -425,5 +425,6 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
     train_on_policy(student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2},
                     tmp_path / "out", 0)
     assert started == [{"model": str(vllm_model_dir), "log": tmp_path / "out" / "teacher-scorer.log", "stopped": True,
-                        "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32"]}]
+                        "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32",
+                                 "--skip-tokenizer-init"]}]
     assert json.loads((tmp_path / "out" / "on_policy.json").read_text())["teacher_tokens_scored"] > 0

@@ -141,12 +141,11 @@ def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_
         finally:
             scorer.close()
         return
-    from kdflow.logit_cache.capture import served_dtype
+    from kdflow.logit_cache.capture import prompt_logprobs_args, served_dtype
     from kdflow.teacher.vllm_server import vllm_server
 
-    # As for a capture: prefix caching off (a cached prefix has no prompt_logprobs), the teacher's own dtype.
-    args = ["--no-enable-prefix-caching", "--max-logprobs", str(k), "--dtype", served_dtype(str(model_dir))]
-    with vllm_server(model_dir, extra_args=args, log_path=log) as url:
+    # As for a capture, at the teacher's own dtype.
+    with vllm_server(model_dir, extra_args=prompt_logprobs_args(k, served_dtype(str(model_dir))), log_path=log) as url:
         scorer = VllmScorer(url, str(model_dir), k, concurrency)
         try:
             yield scorer
