@@ -18,9 +18,10 @@ process, alternating, ``--reps`` times:
 
 Step time is the median wall time per optimizer step after ``WARMUP`` steps (a trainer callback; setup and saving
 left out). For the on-policy runs the step is split, from the trainer's own accounting over the same steps, into
-sample (the student's generate), score (the teacher's top-k of those tokens, round trip included) and train (the
-rest: forward, backward, update); with overlap, score is only the wait for the teacher, and ``teacher`` its round
-trips themselves. Training processes run with ``--threads`` torch threads (default 1) and so does the HF scoring
+sample (the student's generate), score (the time training waited for the teacher's top-k of those tokens) and
+train (the rest: forward, backward, update), with ``teacher`` the teacher's round trips themselves (request to last
+part): an exact step trains on each part of the teacher's answer while it scores the next, and with overlap the
+teacher scores the next batch while the student samples and trains. Training processes run with ``--threads`` torch threads (default 1) and so does the HF scoring
 process (1 + 1 threads on this 2-core machine: the student has one core, the teacher the other, as a real teacher
 has its own GPU or server); the vLLM server runs its own threads. Given both cores, seq-KD is faster (59 vs 80 ms a
 step in one run at ``--threads 2``), so against a seq-KD student that has the whole machine the ratios are larger.

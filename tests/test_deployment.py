@@ -18,6 +18,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 HANG_S = 300  # a bound on waits that only catches a hang (the suite's Prefect server gets as long to start)
+RETRIES_503 = 8
+HTTP_TIMEOUT_S = 60  # per request: catches a dead server, not a slow one
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1400,900", "--virtual-time-budget=15000"]
@@ -45,6 +47,20 @@ def wait_healthy(api: str, server: subprocess.Popen, timeout_s: float = HANG_S) 
             pass
         time.sleep(0.5)
     raise AssertionError(f"prefect server not healthy after {timeout_s} s")
+
+
+def call(method: str, url: str, **kwargs):
+    """One REST call to the Prefect server, retried while it answers 503: the server's word for "retry" (its
+    SQLite was locked by its own background services — it happened here under a full suite's load), which the
+    Prefect client and the UI retry too. Bounded by a count, not a time."""
+    import httpx
+
+    for attempt in range(RETRIES_503):
+        response = httpx.request(method, url, timeout=HTTP_TIMEOUT_S, **kwargs)
+        if response.status_code != 503:
+            return response
+        time.sleep(min(2 ** attempt, 10))
+    return response
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -84,11 +100,9 @@ def prefect_cli(env: dict, *args: str) -> str:
 
 
 def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float = 900) -> dict:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
+        run = call("GET", f"{api}/flow_runs/{run_id}").json()
         if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         if worker.poll() is not None:
@@ -98,19 +112,17 @@ def wait_final(api: str, run_id: str, worker: subprocess.Popen, timeout_s: float
 
 
 def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path, request):
-    import httpx
-
     api, env = server
     prefect_cli(env, "work-pool", "create", "kdflow-cpu", "--type", "process")
     prefect_cli(env, "--no-prompt", "deploy", "--name", "demo")
-    deployment = httpx.get(f"{api}/deployments/name/distill/demo", timeout=10).json()
+    deployment = call("GET", f"{api}/deployments/name/distill/demo").json()
     assert deployment["enforce_parameter_schema"] is True
     assert deployment["parameter_openapi_schema"]["properties"]["recipe"]["type"] == "string"  # the UI's form
     assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
 
     # What the UI's "Run" button sends: a flow run of the deployment with the form's parameters.
-    created = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run",
-                         json={"parameters": {"recipe": str(mini_recipe)}}, timeout=10)
+    created = call("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
+                   json={"parameters": {"recipe": str(mini_recipe)}})
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
 
@@ -127,12 +139,12 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     assert run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
     assert (mini_recipe.parent / "runs" / "mini" / "report.md").is_file()
 
-    artifacts = httpx.post(f"{api}/artifacts/filter", timeout=10, json={
+    artifacts = call("POST", f"{api}/artifacts/filter", json={
         "artifacts": {"key": {"any_": ["mini-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
     assert artifacts and "kdflow report: mini" in artifacts[0]["data"]
 
     # Task runs say what they are for (the student, the model, the backend), as the UI lists them.
-    names = {r["name"] for r in httpx.post(f"{api}/task_runs/filter", timeout=10, json={
+    names = {r["name"] for r in call("POST", f"{api}/task_runs/filter", json={
         "flow_runs": {"id": {"any_": [run_id]}}}).json()}
     assert {"train_student[baseline]", "train_student[seq-kd]", "evaluate_model[teacher]",
             "evaluate_model[baseline]", "evaluate_model[seq-kd]", "generate_answers[hf]"} <= names, names
@@ -157,12 +169,10 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
     """The README's commands on a fresh server: `deploy --all` with only kdflow-cpu deploys the CPU deployments
     (the GPU one is in prefect-gpu.yaml, refused until its pool exists); a worker started with --run-once exits by
     itself, and an idle worker stops on one Ctrl-C (SIGINT)."""
-    import httpx
-
     api, env = server
     prefect_cli(env, "work-pool", "create", "kdflow-cpu", "--type", "process")
     prefect_cli(env, "--no-prompt", "deploy", "--all")
-    names = {d["name"] for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+    names = {d["name"] for d in call("POST", f"{api}/deployments/filter", json={}).json()}
     assert names == {"demo", "demo-students", "on-policy"}
 
     gpu = [*PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect-gpu.yaml"]
@@ -170,7 +180,7 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
     assert refused.returncode != 0 and "kdflow-gpu" in refused.stdout + refused.stderr
     prefect_cli(env, "work-pool", "create", "kdflow-gpu", "--type", "process")
     prefect_cli(env, "--no-prompt", "deploy", "--all", "--prefect-file", "prefect-gpu.yaml")
-    deployment = httpx.get(f"{api}/deployments/name/distill/gsm8k-qwen7b-to-0.5b", timeout=10).json()
+    deployment = call("GET", f"{api}/deployments/name/distill/gsm8k-qwen7b-to-0.5b").json()
     assert deployment["work_pool_name"] == "kdflow-gpu"
     assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
 

@@ -275,6 +275,75 @@ def test_a_dead_scoring_process_is_an_error_naming_it_and_its_log(teacher, tmp_p
         scorer.close()
 
 
+def test_the_scoring_process_answers_batch_by_batch_and_a_request_left_early_leaves_the_next_clean(teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder, tok = teacher
+    batch = [EncodedRow(r["row_id"], np.asarray(r["input_ids"]), r["start"]) for r in prompt_rows(tok, rows(12), None)]
+    scorer = HFScorer(folder, 5, tmp_path / "scorer.log", threads=1, batch_tokens=120)
+    try:
+        parts = list(scorer.parts(batch))
+        assert len(parts) > 2 and sorted(i for indices, _ in parts for i in indices) == list(range(12))
+        unfinished = scorer.parts(batch)
+        next(unfinished)
+        unfinished.close()  # left after one part: the rest of that answer is read and dropped
+        scored = scorer.score(batch)
+    finally:
+        scorer.close()
+    reference = hf_topk(AutoModelForCausalLM.from_pretrained(folder).eval(), batch, 5, pad_id=tok.pad_token_id)
+    for got, want in zip(scored, reference):
+        assert got.row_id == want.row_id and np.array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+
+
+def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_whole_batch(teacher, tmp_path):
+    """Exact on-policy steps train part by part while the teacher scores the next part: the gradient, the loss and
+    the logged KD loss must be those of one backward over the whole micro-batch, up to float rounding."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from kdflow.config.training import sft_config
+    from kdflow.logit_cache.topk import hf_topk_parts
+    from kdflow.training.on_policy import OnPolicyCollator, OnPolicyTrainer
+
+    folder, tok = teacher
+    in_process = AutoModelForCausalLM.from_pretrained(folder).eval()  # here, to see the parts; the stage never does
+
+    class Scorer:
+        def __init__(self, batch_tokens):
+            self.batch_tokens, self.parts_sent = batch_tokens, 0
+
+        def parts(self, rows_):
+            for part in hf_topk_parts(in_process, rows_, 5, batch_tokens=self.batch_tokens, pad_id=tok.pad_token_id):
+                self.parts_sent += 1
+                yield part
+
+    data = prompt_rows(tok, rows(16), TRAINING["max_length"])
+    inputs = OnPolicyCollator(tok.pad_token_id)(data)
+    seen = {}
+    for batch_tokens in (10**6, 120):
+        model = student(tok)
+        config = sft_config(TRAINING, str(tmp_path / str(batch_tokens)), 0, cpu=True, remove_unused_columns=False,
+                            dataset_kwargs={"skip_prepare_dataset": True})
+        scorer = Scorer(batch_tokens)
+        trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
+                                  processing_class=tok, data_collator=OnPolicyCollator(tok.pad_token_id),
+                                  settings=settings(), scorer=scorer, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+        torch.manual_seed(0)  # the same samples both times
+        loss = trainer.training_step(model, dict(inputs))
+        seen[batch_tokens] = (scorer.parts_sent, loss, trainer._metrics["train"]["kd_loss"],
+                              [p.grad.clone() for p in model.parameters()])
+    (one, whole_loss, whole_logged, whole), (many, parts_loss, parts_logged, parts) = seen.values()
+    assert one == 1 and many > 2
+    assert torch.allclose(parts_loss, whole_loss, rtol=1e-5) and whole_loss > 0
+    assert len(parts_logged) == len(whole_logged) == 1 and parts_logged[0] == pytest.approx(whole_logged[0], rel=1e-5)
+    for p, w in zip(parts, whole):
+        torch.testing.assert_close(p, w, rtol=1e-4, atol=1e-7)
+    assert max(float(w.abs().max()) for w in whole) > 1e-3  # a gradient there is to compare
+
+
 # ---- a real vLLM server -------------------------------------------------------------------------------------
 
 def served_samples(model_dir, n=6, new=10):

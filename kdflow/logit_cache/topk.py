@@ -17,6 +17,7 @@ Three sources, one output type (``TopK``):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -137,10 +138,23 @@ def chunk_positions(vocab: int) -> int:
     return max(128, CHUNK_LOGITS // vocab)
 
 
-@torch.inference_mode()
 def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
             pad_id: int = 0) -> list[TopK]:
-    """The teacher's top-k at every completion position of ``rows`` (returned in the same order).
+    """The teacher's top-k at every completion position of ``rows`` (returned in the same order); see
+    ``hf_topk_parts``."""
+    out: list[TopK | None] = [None] * len(rows)
+    for batch, scored in hf_topk_parts(model, rows, k, temperature, batch_tokens, pad_id):
+        for i, t in zip(batch, scored):
+            out[i] = t
+    return out
+
+
+@torch.inference_mode()
+def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
+                  pad_id: int = 0) -> Iterator[tuple[list[int], list[TopK]]]:
+    """The teacher's top-k at every completion position of ``rows``, one padded batch at a time, as soon as it
+    is done: ``(indices into rows, their TopK)`` per batch (rows of similar length together), so that a caller can
+    use one batch's answers while the next is computed (on-policy KD trains on them as they come).
 
     Memory stays bounded at any vocabulary: the decoder runs on a batch of at most ``batch_tokens`` padded
     tokens in the model's own dtype; only the answer positions' final hidden states, (P, H), are gathered, and
@@ -149,7 +163,6 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
     batch's full logits would be 10 GB in float32.
     """
     split = head_of(model)
-    out: list[TopK | None] = [None] * len(rows)
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens):
         ids, mask = padded_batch(rows, batch, pad_id)
         spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
@@ -169,13 +182,13 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
                   for part in positions.split(chunk_positions(vocab))
                   for logits in project(states.index_select(0, part)).split(max(1, CHUNK_LOGITS // vocab))]
         top_ids, top_lp, tail = (torch.cat(parts) for parts in zip(*chunks))
-        at = 0
+        at, scored = 0, []
         for i, (s, e) in zip(batch, spans):
             r = rows[i]
-            out[i] = TopK(r.row_id, r.input_ids, r.start, top_ids[at : at + e - s].numpy(),
-                          top_lp[at : at + e - s].numpy(), tail[at : at + e - s].numpy())
+            scored.append(TopK(r.row_id, r.input_ids, r.start, top_ids[at : at + e - s].numpy(),
+                               top_lp[at : at + e - s].numpy(), tail[at : at + e - s].numpy()))
             at += e - s
-    return out
+        yield batch, scored
 
 
 def topk_from_prompt_logprobs(row: EncodedRow, prompt_logprobs: list[dict | None], k: int) -> TopK:
@@ -232,6 +245,14 @@ def vllm_topk_batched(client, model: str, rows: list[EncodedRow], k: int, reques
     """As ``vllm_topk``, with the rows sent in ``requests`` completions requests of many prompts each (vLLM's
     completions endpoint takes a list of token-id prompts): one round trip per chunk instead of one per row, and
     the server schedules the chunk's forwards together. For a batch scored at once (on-policy KD's samples)."""
+    return [t for _, part in vllm_topk_parts(client, model, rows, k, requests) for t in part]
+
+
+def vllm_topk_parts(client, model: str, rows: list[EncodedRow], k: int,
+                    requests: int = 8) -> Iterator[tuple[list[int], list[TopK]]]:
+    """``vllm_topk_batched``'s requests, all sent at once, answered one request at a time in the rows' order:
+    ``(indices into rows, their TopK)`` as soon as that request's answer is in (as ``hf_topk_parts``). Closing the
+    generator early waits for the requests in flight."""
     size = -(-len(rows) // max(1, requests))
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
 
@@ -250,7 +271,9 @@ def vllm_topk_batched(client, model: str, rows: list[EncodedRow], k: int, reques
         return out
 
     with ThreadPoolExecutor(len(chunks) or 1) as pool:
-        return [t for part in pool.map(one, chunks) for t in part]
+        # in submission order, not as completed: a part's place in the sum of gradients is then the same every run
+        for at, answer in zip(range(0, len(rows), size), pool.map(one, chunks)):
+            yield list(range(at, at + len(answer))), answer
 
 
 class AlignmentError(ValueError):

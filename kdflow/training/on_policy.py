@@ -17,6 +17,13 @@ with the optimizer, scheduler and RNG states, resume, the progress lines and LoR
 the loss is the offline trainer's own. Only ``training_step`` changes: the batch it is handed (prompts) is replaced
 by the student's scored samples, as TRL's GKD trainer does.
 
+An exact step does not wait for the whole batch's scores: the teacher answers part by part (a padded batch of
+its scoring process, a request to vLLM), and the student's forward and backward run on each part while the teacher
+scores the next, each part's loss weighted by its share of the batch's positions — the same gradient as one
+backward over the batch (``streamed_step``). Only the teacher's first part and the last part's training are not
+hidden. (In distributed training each rank would then run as many backwards as its teacher sent parts — all-reduces
+that differ between ranks — so there a step waits for the whole batch.)
+
 With ``overlap`` the teacher scores batch t+1 while the student trains on batch t (asynchronous, as PipelineRL and
 Noukhovitch et al. 2024's asynchronous RLHF): each step samples a new batch with the current weights, hands it to
 the teacher and trains on the batch handed over the step before, whose scores came back meanwhile. The samples are
@@ -28,7 +35,8 @@ by sampling its prompts twice; the last batch handed over is scored and left unt
 Accounting (``Accounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k came
 back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
 optimizer); ``score_s`` is the time training waited on the teacher, ``teacher_s`` the teacher's round trips
-themselves (the same without ``overlap``; with it, the part of ``teacher_s`` not in ``score_s`` was hidden). It is
+themselves, from the request to its last part (the part of ``teacher_s`` not in ``score_s`` was hidden: behind
+training on the parts already in, or, with ``overlap``, behind the next batch's sampling and training). It is
 logged with every loss, saved in each checkpoint (a resumed run continues its counts) and written to
 ``on_policy.json`` beside the model.
 """
@@ -45,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 
 from kdflow.config.kd import OnPolicyKD
@@ -133,6 +142,7 @@ class OnPolicyTrainer(CachedKDTrainer):
         self.accounting = Accounting()
         self.add_callback(StepClock(self.accounting))
         self._step, self._micro = -1, 0
+        self._weight = 1.0  # the share of the micro-batch's positions in the part being trained (streamed_step)
         # overlap: one thread talks to the teacher (a pipe or HTTP: it waits without the GIL) while this one trains
         self._teacher: ThreadPoolExecutor | None = None
         self._pending: tuple[list[EncodedRow], Future] | None = None
@@ -160,12 +170,58 @@ class OnPolicyTrainer(CachedKDTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prompts, mask = inputs.pop("prompt_ids"), inputs.pop("prompt_mask")
-        if self.on_policy_now():
-            inputs = self.scored_samples(model, prompts, mask)
-            self.accounting.on_policy_batches += 1
-        else:
+        if not self.on_policy_now():
             self.accounting.off_policy_batches += 1
-        return super().training_step(model, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
+        self.accounting.on_policy_batches += 1
+        if self.settings.overlap or self.accelerator.distributed_type != DistributedType.NO:
+            # Streamed parts would mean a backward per part: in DDP an all-reduce each, as many as the teacher's
+            # parts on that rank — which differ between ranks and would hang them. One backward per micro-batch.
+            return super().training_step(model, self.scored_samples(model, prompts, mask), num_items_in_batch)
+        return self.streamed_step(model, prompts, mask, num_items_in_batch)
+
+    def streamed_step(self, model, prompts: torch.Tensor, mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """Exact on-policy, trained part by part as the teacher's answers come in: while the student's forward and
+        backward run on one part of the samples, the teacher scores the next (``scorer.parts``: a padded batch of
+        the HF scoring process, a request to vLLM). Each part's loss, a mean over its positions, is weighted by
+        its share of the micro-batch's positions, so the gradients add up to the whole micro-batch's mean; only
+        float rounding differs (tested). The wait is the teacher's first part and whatever training outruns."""
+        rows = self.sampled(model, prompts, mask)
+        positions = sum(len(r.input_ids) - 1 - r.start for r in rows)
+        began, loss, weights = time.perf_counter(), None, []
+        parts = self.scorer.parts(rows)
+        try:
+            while True:
+                waited = time.perf_counter()
+                part = self.teacher_answer(lambda: next(parts, None))
+                self.accounting.score_s += time.perf_counter() - waited
+                if part is None:
+                    break
+                indices, scored = part
+                self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
+                batch = teacher_batch([(torch.from_numpy(rows[i].input_ids), rows[i].start, t)
+                                       for i, t in zip(indices, scored)], self.settings.k, self.pad)
+                self._weight = int(batch["teacher_mask"].sum()) / positions
+                weights.append(self._weight)
+                part_loss = super().training_step(model, batch, num_items_in_batch)
+                loss = part_loss if loss is None else loss + part_loss
+        finally:
+            self._weight = 1.0
+            parts.close()
+            self.accounting.teacher_s += time.perf_counter() - began
+        if abs(sum(weights) - 1.0) > 1e-6:
+            raise TeacherScoringError(f"the teacher scored {sum(weights):.1%} of the sampled positions at step "
+                                      f"{self.state.global_step}; every sampled token must be scored")
+        for name in ("ce_loss", "kd_loss"):  # one logged value per micro-batch, as unstreamed: its weighted mean
+            values = self._metrics["train"][name]
+            values[-len(weights):] = [sum(w * v for w, v in zip(weights, values[-len(weights):]))]
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._weight == 1.0:
+            return loss
+        return (loss[0] * self._weight, loss[1]) if return_outputs else loss * self._weight
 
     @torch.no_grad()
     def sample(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> list[EncodedRow]:
