@@ -4,6 +4,7 @@
 artifact read back from the API, and the flow run's UI page loaded in headless Chromium (screenshot kept in
 the test's tmp folder, a copy in .pytest_cache/d/kdflow-ui/)."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -189,8 +190,13 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
     assert once.returncode == 0, once.stdout + once.stderr
 
     log_path = tmp_path / "idle-worker.log"
+    # `python -m prefect worker start`, with one addition for a diagnosis: SIGUSR1 dumps every thread's stack to the
+    # log (once, in a fresh-clone full suite under load, a worker printed "Received SIGINT" and never exited; not
+    # reproduced in 40 tries since, under CPU load too).
+    dumpable = [sys.executable, "-c", "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, "
+                "all_threads=True); from prefect.cli import app; app()"]
     with open(log_path, "w") as log:
-        worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "kdflow-cpu"], env=env, cwd=tmp_path,
+        worker = subprocess.Popen([*dumpable, "worker", "start", "--pool", "kdflow-cpu"], env=env, cwd=tmp_path,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         # The bounds below only keep a hung worker from hanging the suite: generous, so that no machine's speed
@@ -203,6 +209,9 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
         try:
             code = worker.wait(HANG_S)
         except subprocess.TimeoutExpired:
+            os.kill(worker.pid, signal.SIGUSR1)  # its threads' stacks, into the log
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.wait(5)
             pytest.fail(f"the idle worker did not stop within {HANG_S} s of one SIGINT:\n{log_path.read_text()}")
         assert code == 0, log_path.read_text()
     finally:
