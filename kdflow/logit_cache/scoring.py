@@ -39,18 +39,6 @@ class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
 
 
-def assembled(n: int, parts: Iterator[Part]) -> list[TopK]:
-    """The ``n`` rows' top-k in the rows' order, from a scorer's parts."""
-    out: list[TopK | None] = [None] * n
-    for indices, scored in parts:
-        for i, t in zip(indices, scored):
-            out[i] = t
-    missing = [i for i, t in enumerate(out) if t is None]
-    if missing:
-        raise TeacherScoringError(f"the teacher answered {n - len(missing)} of {n} rows (none for rows {missing[:5]})")
-    return out
-
-
 def _tail(path: Path) -> str:
     lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL:] if path.is_file() else ["(no log)"]
     return "\n".join(f"  {line}" for line in lines)
@@ -122,7 +110,7 @@ class HFScorer:
                     finished = True
 
     def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
-        return assembled(len(rows), self.parts(rows))
+        return topk.in_order(len(rows), self.parts(rows))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -158,7 +146,7 @@ class VllmScorer:
                                       f"{type(e).__name__}: {e}") from e
 
     def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
-        return assembled(len(rows), self.parts(rows))
+        return topk.in_order(len(rows), self.parts(rows))
 
     def close(self) -> None:
         self.client.close()

@@ -142,10 +142,18 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
             pad_id: int = 0) -> list[TopK]:
     """The teacher's top-k at every completion position of ``rows`` (returned in the same order); see
     ``hf_topk_parts``."""
-    out: list[TopK | None] = [None] * len(rows)
-    for batch, scored in hf_topk_parts(model, rows, k, temperature, batch_tokens, pad_id):
-        for i, t in zip(batch, scored):
+    return in_order(len(rows), hf_topk_parts(model, rows, k, temperature, batch_tokens, pad_id))
+
+
+def in_order(n: int, parts: Iterator[tuple[list[int], list[TopK]]]) -> list[TopK]:
+    """``n`` rows' top-k in the rows' order, from parts of ``(indices into the rows, their TopK)``."""
+    out: list[TopK | None] = [None] * n
+    for indices, scored in parts:
+        for i, t in zip(indices, scored):
             out[i] = t
+    missing = [i for i, t in enumerate(out) if t is None]
+    if missing:
+        raise ValueError(f"the teacher answered {n - len(missing)} of {n} rows (none for rows {missing[:5]})")
     return out
 
 
@@ -245,7 +253,7 @@ def vllm_topk_batched(client, model: str, rows: list[EncodedRow], k: int, reques
     """As ``vllm_topk``, with the rows sent in ``requests`` completions requests of many prompts each (vLLM's
     completions endpoint takes a list of token-id prompts): one round trip per chunk instead of one per row, and
     the server schedules the chunk's forwards together. For a batch scored at once (on-policy KD's samples)."""
-    return [t for _, part in vllm_topk_parts(client, model, rows, k, requests) for t in part]
+    return in_order(len(rows), vllm_topk_parts(client, model, rows, k, requests))
 
 
 def vllm_topk_parts(client, model: str, rows: list[EncodedRow], k: int,
