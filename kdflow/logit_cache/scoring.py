@@ -32,9 +32,6 @@ from kdflow.logit_cache.format import TopK
 LOG_TAIL = 20  # lines of a dead scoring process's log quoted in the error
 
 
-Part = tuple[list[int], list[TopK]]  # (indices into the rows scored, their top-k): what a scorer yields at a time
-
-
 class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
 
@@ -81,7 +78,7 @@ class HFScorer:
                                       f"not {' or '.join(map(repr, expect))}")
         return value
 
-    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[Part]:
+    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
         """The top-k of ``rows`` one scored batch at a time (``topk.hf_topk_parts``), each as soon as the child
         has it. Closing the generator early reads the request's remaining parts, so the next request starts
         clean."""
@@ -134,7 +131,7 @@ class VllmScorer:
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
                                     max_retries=max_retries)
 
-    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[Part]:
+    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
         """The top-k of ``rows``, one request's rows at a time, in order (``topk.vllm_topk_parts``)."""
         import openai
 

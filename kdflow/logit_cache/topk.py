@@ -26,6 +26,7 @@ import torch
 
 from kdflow.logit_cache.format import TAIL_FLOOR, TopK, tail_from_topk
 
+Part = tuple[list[int], list[TopK]]  # (indices into the rows scored, their top-k): an answer, part by part
 API_TOP_LOGPROBS_MAX = 20  # OpenAI's cap on top_logprobs
 # Logits per top-k step in hf_topk: 16 MiB of float32, a size whose buffers the allocator reuses (at 64 MiB and
 # up each chunk was mapped and page-faulted afresh, and capture ran ~10 % slower; at 1 MiB, ops' fixed costs add up).
@@ -145,7 +146,7 @@ def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, bat
     return in_order(len(rows), hf_topk_parts(model, rows, k, temperature, batch_tokens, pad_id))
 
 
-def in_order(n: int, parts: Iterator[tuple[list[int], list[TopK]]]) -> list[TopK]:
+def in_order(n: int, parts: Iterator[Part]) -> list[TopK]:
     """``n`` rows' top-k in the rows' order, from parts of ``(indices into the rows, their TopK)``."""
     out: list[TopK | None] = [None] * n
     for indices, scored in parts:
@@ -159,7 +160,7 @@ def in_order(n: int, parts: Iterator[tuple[list[int], list[TopK]]]) -> list[TopK
 
 @torch.inference_mode()
 def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
-                  pad_id: int = 0) -> Iterator[tuple[list[int], list[TopK]]]:
+                  pad_id: int = 0) -> Iterator[Part]:
     """The teacher's top-k at every completion position of ``rows``, one padded batch at a time, as soon as it
     is done: ``(indices into rows, their TopK)`` per batch (rows of similar length together), so that a caller can
     use one batch's answers while the next is computed (on-policy KD trains on them as they come).
@@ -257,7 +258,7 @@ def vllm_topk_batched(client, model: str, rows: list[EncodedRow], k: int, reques
 
 
 def vllm_topk_parts(client, model: str, rows: list[EncodedRow], k: int,
-                    requests: int = 8) -> Iterator[tuple[list[int], list[TopK]]]:
+                    requests: int = 8) -> Iterator[Part]:
     """``vllm_topk_batched``'s requests, all sent at once, answered one request at a time in the rows' order:
     ``(indices into rows, their TopK)`` as soon as that request's answer is in (as ``hf_topk_parts``). Closing the
     generator early waits for the requests in flight."""
