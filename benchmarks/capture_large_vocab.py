@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results import options, save  # noqa: E402
 
-GSM8K = Path("/work/shared/data/gsm8k")
+GSM8K = ROOT / "data" / "gsm8k"
 K, SHARD_ROWS = 50, 1024
 HEAD_SCALE = 8.0  # random weights give near-uniform distributions over 151,936 ids; scaled, logits' std is ~2
 

@@ -52,7 +52,7 @@ from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk  # noqa: E40
 from kdflow.logit_cache.writer import capture_shards  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"  # as recipes/gsm8k-qwen7b-to-0.5b.yaml finds it
+GSM8K = ROOT / "data" / "gsm8k"  # as recipes/gsm8k-qwen7b-to-0.5b.yaml finds it
 K = 50
 SHARD_ROWS = LogitCacheSection.model_fields["shard_rows"].default  # the recipe default: the id table is per shard
 # The large-vocabulary teacher: Qwen2 at 151,936 embedding rows, narrow so that a few minutes on 2 cores train it.

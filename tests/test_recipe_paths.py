@@ -64,11 +64,11 @@ def test_a_template_and_data_beside_a_copied_recipe_are_read_from_there(elsewher
     path = copy_of("recipes/gsm8k-qwen7b-to-0.5b.yaml", elsewhere)
     (path.parent / "prompts").mkdir()
     (path.parent / "prompts" / "cot_gsm8k.jinja").write_text("Mine: {{ question }}")
-    (elsewhere / "shared" / "data" / "gsm8k").mkdir(parents=True)
+    (path.parent / "data" / "gsm8k").mkdir(parents=True)
     r = load_recipe(path)
     assert r.prompts.cot == str(path.parent / "prompts" / "cot_gsm8k.jinja")
     assert r.prompts.cot_text() == "Mine: {{ question }}"
-    assert r.data.path == str(elsewhere / "shared" / "data" / "gsm8k")  # ../shared/data/gsm8k, from the copy
+    assert r.data.path == str(path.parent / "data" / "gsm8k")  # data/gsm8k, beside the copy
     assert r.run_dir == path.parent / "runs" / r.run.name
     assert GENERATE.key(section=r.generation, template="t", teacher=None, data=None)  # keyable
 
