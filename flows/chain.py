@@ -15,6 +15,9 @@ from flows.train_teacher import train_teacher
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
 from kdflow.config.recipe import Recipe, load_recipe
+from kdflow.config.student import StudentSection
+from kdflow.models.gguf import is_gguf_path
+from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
 from tasks.capture import capture_logits
@@ -22,6 +25,7 @@ from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
+from tasks.models import import_gguf_model, prune_teacher
 from tasks.quantize import quantized_name, quantize_students
 from tasks.report import write_report
 
@@ -82,6 +86,27 @@ def upstream(recipe: str, r: Recipe, judge: EvaluationSection.Judge | None = Non
     return Upstream(data, teacher, answers, curated, logits)
 
 
+@dataclass
+class Starts:
+    students: list[StudentSection]  # as they train: a pruned or GGUF start replaced by its stage's model folder
+    floors: dict[str, OutputRef]  # each pruned copy, untrained, by its report name
+    floor_info: dict[str, dict]  # what the report says of each
+
+
+def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRef) -> Starts:
+    """Where each student starts: a student with ``init`` from the teacher pruned once per init (the prune stage),
+    a student named by a GGUF file from its import; the rest as the recipe says."""
+    cot = r.prompts.cot_text()
+    runs = r.student_runs()
+    pruned = {s.init: prune_teacher(run_dir, s.init, teacher, data, cot) for s in runs if s.init}
+    imported = {s.model: import_gguf_model(run_dir, s.model, s.dtype) for s in runs if is_gguf_path(s.model)}
+    start = {**{k: model_location(v) for k, v in pruned.items()}, **{k: model_location(v) for k, v in imported.items()}}
+    students = [s.model_copy(update={"model": start[s.init], "init": None}) if s.init else
+                s.model_copy(update={"model": start[s.model]}) if is_gguf_path(s.model) else s for s in runs]
+    return Starts(students, {i.label: ref for i, ref in pruned.items()},
+                  {i.label: {"data": f"none ({i.summary()['init']}; untrained)", "untrained": True} for i in pruned})
+
+
 def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,
                     data: OutputRef) -> dict[str, OutputRef]:
     """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``); an API teacher's through its
@@ -100,14 +125,16 @@ def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef
 
 
 def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], data: OutputRef,
-                        curated: OutputRef | None) -> dict:
+                        curated: OutputRef | None, untrained: dict[str, dict] | None = None) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
-    student's quantized copies join them (``seq-kd-int8``). Returns the report."""
+    student's quantized copies join them (``seq-kd-int8``); ``untrained``: what the report says of models in
+    ``models`` that no recipe student trained (the pruned floors). Returns the report."""
     trained = {s.name: s.summary() for s in r.student_runs()}
     quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
     # what each quantized copy was made from, for the report's KD × quantization table
-    students = {**trained, **{quantized_name(name, m): {**info, "quantized": m, "quantized_from": name}
-                              for m in r.evaluation.quantize for name, info in trained.items()}}
+    students = {**(untrained or {}), **trained,
+                **{quantized_name(name, m): {**info, "quantized": m, "quantized_from": name}
+                   for m in r.evaluation.quantize for name, info in trained.items()}}
     local = with_weights(r, models)  # an API teacher has no cost figures or benchmarks here (the report says why)
     models = {**models, **quantized}
     evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import evaluate_and_report, upstream
+from flows.chain import evaluate_and_report, starting_points, upstream
 from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
 from kdflow.store.remote import push_files
@@ -28,9 +28,11 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -
     run_dir, cot = r.run_dir, r.prompts.cot_text()
 
     u = upstream(recipe, r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
+    starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
     students = {s.name: train_student(run_dir, s, cot, u.teacher, u.data, *student_inputs(s, u.curated, u.logits))
-                for s in r.student_runs()}
-    report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **students}, u.data, u.curated)
+                for s in starts.students}
+    report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated,
+                                 starts.floor_info)
     if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)
         push_files(run_dir, ["report.json", "report.md", *report["plots"]], r.run.url)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run
+from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run, starting_points
 from flows.cli import run_as_script
 from kdflow.store import run_folder
 
@@ -21,8 +21,10 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     # The judge's key (and an API teacher's: it answers the test questions), before any model is evaluated.
     check_api_keys(r.generation if r.teacher.api else None, judge=r.evaluation.judge)
     data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
-    models = {"teacher": teacher, **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
-    return evaluate_and_report(run, r, models, data, curated)
+    starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
+    models = {"teacher": teacher, **starts.floors,
+              **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
+    return evaluate_and_report(run, r, models, data, curated, starts.floor_info)
 
 
 if __name__ == "__main__":

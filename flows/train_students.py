@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.chain import recipe_and_run
+from flows.chain import recipe_and_run, starting_points
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
@@ -37,8 +37,9 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     r, run = recipe_and_run(recipe, run_dir)
     cot = r.prompts.cot_text()
     data, teacher, curated, logits = inputs_from_run(run, r.students)
+    starts = starting_points(run, r, teacher, data)  # students pruned from the teacher or named by a GGUF file
     return {s.name: train_student(run, s, cot, teacher, data, *student_inputs(s, curated, logits))
-            for s in r.student_runs()}
+            for s in starts.students}
 
 
 if __name__ == "__main__":

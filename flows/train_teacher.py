@@ -13,7 +13,9 @@ from flows.cli import run_as_script
 
 from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import load_recipe
+from kdflow.models.gguf import is_gguf_path
 from tasks.data import make_data
+from tasks.models import import_gguf_model
 from tasks.teacher import record_api_teacher, train_teacher_model, use_existing_teacher
 
 
@@ -21,6 +23,8 @@ from tasks.teacher import record_api_teacher, train_teacher_model, use_existing_
 @flow(name="train-teacher")
 def train_teacher(recipe: str = "recipes/demo.yaml") -> OutputRef:
     r = load_recipe(recipe)
+    if is_gguf_path(r.teacher.model):  # dequantized once into a Hugging Face folder that every backend reads
+        return import_gguf_model(r.run_dir, r.teacher.model, r.teacher.dtype)
     if r.teacher.model:
         return use_existing_teacher(r.run_dir, r.teacher)
     data = make_data(r.run_dir, r.data)

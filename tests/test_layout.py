@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WINGS = {"store", "config", "teacher", "curation", "logit_cache", "training", "evaluation", "reporting", "classic"}
+WINGS = {"store", "config", "teacher", "curation", "logit_cache", "training", "evaluation", "reporting", "classic", "models"}
 
 
 def imported_modules(path: Path) -> set[str]:

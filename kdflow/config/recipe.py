@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
-from kdflow.config.data import DataSection
+from kdflow.config.data import DataSection, DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import ROOT, Strict, recipe_context
 from kdflow.config.filters import FiltersSection
@@ -64,7 +64,37 @@ class Recipe(Strict):
                                  "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1")
         if self.teacher.api:
             self._api_teacher_checks()
+        if self.data.source is DataSource.instructions:
+            self._free_text_checks()
+        self._pruning_checks()
         return self
+
+    def _pruning_checks(self) -> None:
+        """A student pruned from the teacher keeps at most the teacher's layers (known here for a teacher folder, a
+        GGUF file or an architecture to train), and needs the teacher's weights."""
+        for i, s in enumerate(self.students):
+            if s.init is None:
+                continue
+            if self.teacher.api:
+                raise FieldError(f"student {s.name!r}: init from the teacher prunes its layers, and an API teacher's "
+                                 "weights are not here; use model: or architecture:", "students", i, "init")
+            n = self.teacher.layer_count()
+            if n is not None and s.init.layers > n:
+                raise FieldError(f"student {s.name!r}: init.layers {s.init.layers} is more than the teacher's {n} "
+                                 f"layers; keep between 1 and {n}", "students", i, "init", "layers")
+
+    def _free_text_checks(self) -> None:
+        """Instruction data has reference answers, not answers a checker can verify: what needs a checker is refused."""
+        why = "data.source 'instructions' is free text, with no answer checker"
+        if self.filters.correctness:
+            raise FieldError(f"{why}: set filters.correctness: false (the filters for free text stay: empty, truncated, "
+                             "length, patterns, dedup, judge)", "filters", "correctness")
+        if self.filters.self_consistency is not None:
+            raise FieldError(f"{why}; self-consistency votes on final answers: remove filters.self_consistency",
+                             "filters", "self_consistency")
+        if self.evaluation.pass_at_k is not None:
+            raise FieldError(f"{why}; pass@k counts correct samples: remove evaluation.pass_at_k (quality is ROUGE-L "
+                             "against the reference)", "evaluation", "pass_at_k")
 
     def _api_teacher_checks(self) -> None:
         """An API teacher is only the answers the API returns: what needs its weights is refused here, with why."""

