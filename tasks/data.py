@@ -1,4 +1,4 @@
-"""Stage 0: the task data (the demo generator, or GSM8K from local files), one parquet file per split."""
+"""Stage 0: the task data (the demo generator, GSM8K or instruction files), one parquet file per split."""
 
 from __future__ import annotations
 
@@ -7,15 +7,25 @@ from pathlib import Path
 import pandas as pd
 from prefect import task
 
-from data import arithmetic, gsm8k
+from data import arithmetic, gsm8k, instructions
 from kdflow.store.data_files import check_utf8
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from kdflow.config.data import DataSection, DataSource, SolutionOrder
-from kdflow.config.fields import PATH_RULE, ROOT
+from kdflow.config.fields import PATH_RULE
 from tasks.caching import STAGE_RESULTS, StageCache
 
-DATA = Stage("data", "1", lambda section: {"section": section})
+
+def data_content(section: DataSection) -> dict:
+    """What the splits are made from: the section, and for instruction files their content (an edited file makes new
+    splits; the other sources' keys are as they were)."""
+    if section.source is not DataSource.instructions:
+        return {"section": section}
+    return {"section": section, "files": {field: instructions.file_sha256(section.location(field))
+                                          for field in ("transfer", "test")}}
+
+
+DATA = Stage("data", "1", data_content)
 
 
 def build_splits(section: DataSection) -> dict[str, list[dict]]:
@@ -25,7 +35,10 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
         splits = arithmetic.generate_splits(section.splits, section.seed, difficulty,
                                             commuted=section.solution_order is SolutionOrder.commuted)
         return {name: [{**r, "answer": str(r["answer"])} for r in rows] for name, rows in splits.items()}
-    folder = Path(section.path) if Path(section.path).is_absolute() else ROOT / section.path
+    if section.source is DataSource.instructions:
+        return instructions.load_splits(section.location("transfer"), section.location("test"), section.splits,
+                                        section.seed)
+    folder = section.location("path")
     out = {}
     for name, n in section.splits.items():
         file = folder / f"{name}.jsonl"

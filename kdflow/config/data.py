@@ -1,12 +1,14 @@
-"""The ``data`` section: which questions a run starts from (the built-in arithmetic generator or GSM8K files)."""
+"""The ``data`` section: which questions a run starts from (the built-in arithmetic generator, GSM8K files, or
+instruction files: free-text prompts with reference answers)."""
 
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, RecipePath, Strict
+from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, Strict
 from kdflow.config.loading import FieldError
 
 
@@ -25,6 +27,7 @@ class Difficulty(Strict):
 class DataSource(str, enum.Enum):
     arithmetic = "arithmetic"  # the built-in demo generator (data/arithmetic.py)
     gsm8k = "gsm8k"  # GSM8K JSONL files (question, answer with '#### N')
+    instructions = "instructions"  # free-text prompts with reference answers (data/instructions.py): no answer checker
 
 
 class SolutionOrder(str, enum.Enum):
@@ -44,6 +47,12 @@ class DataSection(Strict):
     splits: dict[str, int] = Field(description="rows per split")
     path: RecipePath | None = Field(None, description="folder of <split>.jsonl files (gsm8k; a relative path: see "
                                     "fields.PATH_RULE)")
+    transfer: RecipePath | None = Field(None, description="instructions: the transfer prompts, one {id, prompt, "
+                                        "completion} a line (e.g. data/t0-short/prompts.jsonl); every split but test "
+                                        "is drawn from it, disjoint, seeded by data.seed")
+    test: RecipePath | None = Field(None, description="instructions: the test split's file in Self-Instruct's format, "
+                                    "{id, instruction, instances: [{input, output}]} a line (e.g. "
+                                    "data/self-instruct/user_oriented_instructions.jsonl)")
 
     @field_validator("splits")
     @classmethod
@@ -63,7 +72,31 @@ class DataSection(Strict):
     def _path_for_files(self):
         if self.source is DataSource.gsm8k and not self.path:
             raise ValueError("source 'gsm8k' reads local files: set data.path to the folder holding train.jsonl/test.jsonl")
+        if self.source is DataSource.instructions:
+            self._instruction_files()
+        else:
+            for field in ("transfer", "test"):
+                if getattr(self, field) is not None:
+                    raise FieldError(f"{field} is a file of source 'instructions'; source {self.source.value!r} does "
+                                     "not read it: remove it", field)
         if self.source is not DataSource.arithmetic and self.solution_order is not SolutionOrder.fixed:
             raise FieldError(f"source {self.source.value!r} has its own rationales; solution_order is for the "
                              "arithmetic generator: remove it", "solution_order")
         return self
+
+    def _instruction_files(self) -> None:
+        if self.path is not None:
+            raise FieldError("source 'instructions' reads two files, not a folder: remove data.path and set "
+                             "data.transfer and data.test", "path")
+        for field, example in (("transfer", "data/t0-short/prompts.jsonl"),
+                               ("test", "data/self-instruct/user_oriented_instructions.jsonl")):
+            if getattr(self, field) is None:
+                raise FieldError(f"source 'instructions' needs data.{field}: set it to a file such as {example}", field)
+            if not self.location(field).is_file():
+                raise FieldError(f"no file at {self.location(field)}: point data.{field} at an existing file, e.g. "
+                                 f"{example} ({PATH_RULE})", field)
+
+    def location(self, field: str) -> Path:
+        """Where the file (or folder) that ``field`` names is read from: as written when absolute, else in the project."""
+        path = Path(getattr(self, field))
+        return path if path.is_absolute() else ROOT / path

@@ -1,0 +1,113 @@
+"""Instruction data from local files (``source: instructions``): free-text prompts with reference answers.
+
+Two files, two roles. The transfer file (T0's prompts, ``{"id", "prompt", "completion"}`` per line) gives every
+split but ``test``: the questions the teacher answers and the students learn from, drawn without overlap, seeded.
+The test file (Self-Instruct's 252 user-oriented instructions, ``{"id", "instruction", "instances": [{"input",
+"output"}]}``) is the ``test`` split, the held-out evaluation that MiniLLM and later LM-distillation papers report.
+
+Rows have the fields the pipeline uses: ``id``, ``question`` (the prompt), ``rationale`` (the reference answer: what
+``data: gold`` students are fine-tuned on) and ``answer`` (the same reference, which evaluation scores ROUGE-L
+against). There is no answer checker: a reference is one good answer among many."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+from kdflow.store.data_files import DataError, load_located_rows
+
+TEST = "test"  # the split read from the test file; every other split comes from the transfer file
+
+
+def self_instruct_question(instruction: str, input_text: str) -> str:
+    """The user turn for one Self-Instruct instance: the instruction, then a blank line and the input when it has one.
+
+    MiniLLM (microsoft/LMOps, minillm/tools/process_data_dolly.py) prompts its base models with Alpaca's
+    ``### Instruction:\\n{instruction}\\n\\n### Input:\\n{input}\\n\\n### Response:\\n`` and leaves the input part
+    out when the input is empty. Here the model's own chat template is the scaffold (the pipeline applies it), so the
+    user turn keeps that text without Alpaca's headers: instruction, blank line, input."""
+    input_text = input_text.strip()
+    return f"{instruction.strip()}\n\n{input_text}" if input_text else instruction.strip()
+
+
+def read_transfer(path: Path) -> list[dict]:
+    """Every row of a transfer file, in file order; a line without ``id``, ``prompt`` or ``completion`` fails naming
+    ``file:line``."""
+    located = load_located_rows(path, required=("id", "prompt", "completion"), prompt_field="prompt")
+    rows = [{"id": str(r["id"]), "question": r["prompt"], "rationale": r["completion"], "answer": r["completion"]}
+            for _, r in located]
+    return _unique(rows, [at for at, _ in located])
+
+
+def read_test(path: Path) -> list[dict]:
+    """Every instruction of a Self-Instruct-format file, in file order (its first instance: the user-oriented set has
+    one per instruction); a line without ``id``, ``instruction`` or an instance with ``input`` and ``output`` fails
+    naming ``file:line``."""
+    located = load_located_rows(path, required=("id", "instruction", "instances"), prompt_field="instruction")
+    rows = []
+    for at, r in located:
+        instances = r["instances"]
+        if not (isinstance(instances, list) and instances and isinstance(instances[0], dict)
+                and {"input", "output"} <= set(instances[0])):
+            raise DataError(f"{at}: 'instances' must be a list whose first item has 'input' and 'output' (Self-Instruct's "
+                            "format); fix the row or remove it")
+        first = instances[0]
+        if not str(first["output"]).strip():
+            raise DataError(f"{at}: the instance's 'output' is empty: there is no reference to score against; fill it "
+                            "in or remove the row")
+        rows.append({"id": str(r["id"]), "question": self_instruct_question(r["instruction"], str(first["input"])),
+                     "rationale": first["output"], "answer": first["output"]})
+    return _unique(rows, [at for at, _ in located])
+
+
+def _unique(rows: list[dict], where: list[str]) -> list[dict]:
+    # Rows are joined by id downstream (teacher answers, the logit cache, predictions): two rows with one id would mix.
+    seen: dict[str, str] = {}
+    for row, at in zip(rows, where):
+        if row["id"] in seen:
+            raise DataError(f"{at}: id {row['id']!r} is also the id of {seen[row['id']]}; ids must be unique")
+        seen[row["id"]] = at
+    return rows
+
+
+def sample(count: int, n: int, seed: int) -> list[int]:
+    """``n`` of ``count`` row indices, seeded, in file order (all of them, in order, when ``n == count``)."""
+    return sorted(random.Random(seed).sample(range(count), n))
+
+
+def load_splits(transfer: Path, test: Path, splits: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """``test`` from the test file, every other split from the transfer file: disjoint, each split's rows in file
+    order. Splits are dealt from one seeded shuffle in sorted name order, so that the rows a split gets depend on the
+    splits' names and sizes and the seed, not on the order the recipe lists them in (which the cache key ignores)."""
+    out = {}
+    if TEST in splits:
+        rows = read_test(test)
+        if splits[TEST] > len(rows):
+            raise DataError(f"data.splits.{TEST} asks for {splits[TEST]:,} rows but {test} has {len(rows):,}: lower it "
+                            f"to at most {len(rows):,}, or point data.test at a larger file")
+        out[TEST] = [rows[i] for i in sample(len(rows), splits[TEST], seed)]
+    drawn = {name: n for name, n in sorted(splits.items()) if name != TEST}
+    if drawn:
+        rows = read_transfer(transfer)
+        if sum(drawn.values()) > len(rows):
+            asked = ", ".join(f"{name} {n:,}" for name, n in drawn.items())
+            raise DataError(f"data.splits: {asked} ask for {sum(drawn.values()):,} rows of the transfer file, without "
+                            f"overlap, but {transfer} has {len(rows):,}: lower them to at most {len(rows):,} together, "
+                            "or point data.transfer at a larger file")
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        start = 0
+        for name, n in drawn.items():
+            out[name] = [rows[i] for i in sorted(order[start:start + n])]
+            start += n
+    return {name: out[name] for name in splits}  # the recipe's order, as the other sources
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content hash, for the data stage's key: an edited data file makes new splits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
