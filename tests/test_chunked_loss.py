@@ -170,3 +170,17 @@ def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tm
     assert len(ours) == 5 and ours[-1] < ours[0]
     for name, value in trl_weights.items():
         torch.testing.assert_close(our_weights[name], value, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_masked_row_with_a_nan_teacher_passes_no_nan_gradient_and_a_used_one_is_nan():
+    """Issue 23, finding 1: ``reduce`` drops a masked row's KD value; its backward must then pass 0 for that row, not
+    0 · the divergence's gradient (NaN for a NaN teacher). A NaN teacher in a row that counts makes the loss NaN."""
+    hidden, weight, bias, ids, logprobs, tail, _ = problem()
+    logprobs = logprobs.clone()
+    logprobs[3] = float("nan")
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[3] = False
+    loss = chunked_sparse_kd_loss(hidden, weight, ids, logprobs, tail, mask=mask, bias=bias, chunk_size=5)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(x.grad).all() for x in (hidden, weight, bias))
+    assert torch.isnan(chunked_sparse_kd_loss(hidden, weight, ids, logprobs, tail, bias=bias, chunk_size=5))

@@ -137,3 +137,54 @@ def test_sparse_buckets_follow_the_cache_tail_policy():
     rebuilt = rebuild_logprobs(ids, lps, tail, V)
     assert sparse_kd_loss(rebuilt, ids, lps, tail, Divergence.forward_kl).item() == pytest.approx(0, abs=1e-5)
     assert torch.allclose(student_buckets(torch.randn(3, V), ids, 1.5).exp().sum(-1), torch.ones(3), atol=1e-5)
+
+
+# ---- non-finite teachers (issue 23, finding 1): no NaN gradient from a masked entry, no NaN dropped silently ------
+
+@pytest.mark.parametrize("kind", [Divergence.forward_kl, Divergence.reverse_kl])
+def test_classes_neither_side_gives_mass_add_nothing_to_the_value_or_the_gradient(kind):
+    """Classes where teacher and student both have 0 mass (``-inf``) add 0 to KL and nothing to its gradient: the
+    product used to be masked after it was taken, and 0 · (−inf − −inf) made reverse KL's gradient NaN there."""
+    teacher = logp(0.7, 0.3, 0.0, 0.0)
+    student = torch.tensor([0.5, 0.0, float("-inf"), float("-inf")], dtype=torch.float64, requires_grad=True)
+    loss = divergence(teacher, torch.log_softmax(student, -1), kind)
+    q = torch.softmax(student.detach(), -1)
+    p, q2 = [0.7, 0.3], q[:2].tolist()
+    assert loss.item() == pytest.approx(kl(p, q2) if kind is Divergence.forward_kl else kl(q2, p))
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad[2:].eq(0).all()
+
+
+@pytest.mark.parametrize("kind", list(Divergence))
+def test_a_nan_teacher_makes_the_loss_nan_instead_of_a_finite_loss_with_nan_gradients(kind):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, generator=g, requires_grad=True), torch.randn(3, 5, generator=g)
+    t[1, 2] = float("nan")
+    assert torch.isnan(kd_loss(s, t, kind))  # seen by the trainer's check, which names the step
+
+
+@pytest.mark.parametrize("kind", list(Divergence))
+def test_whatever_a_masked_position_of_the_teacher_holds_reaches_neither_the_loss_nor_its_gradient(kind):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    clean = s.clone().requires_grad_()
+    kd_loss(clean, t, kind, 2.0, mask).backward()
+    bad = t.clone()
+    bad[0, 2], bad[0, 3, 1], bad[1, 3, 0] = float("nan"), float("inf"), float("-inf")
+    poisoned = s.clone().requires_grad_()
+    loss = kd_loss(poisoned, bad, kind, 2.0, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(kd_loss(s, t, kind, 2.0, mask).item(), rel=1e-12)
+    assert torch.equal(poisoned.grad, clean.grad)
+    # the sparse (top-k) loss likewise: a masked position's NaN log-probs, NaN tail and an id past the vocabulary
+    ids = torch.randint(0, 6, (2, 4, 3), generator=g)
+    lps, tail = torch.log_softmax(torch.randn(2, 4, 4, generator=g, dtype=torch.float64), -1).split([3, 1], -1)
+    tail = tail.squeeze(-1)
+    clean = s.clone().requires_grad_()
+    sparse_kd_loss(clean, ids, lps, tail, kind, mask=mask).backward()
+    ids2, lps2, tail2 = ids.clone(), lps.clone(), tail.clone()
+    ids2[0, 3], lps2[1, 1], tail2[1, 3] = 99, float("nan"), float("nan")
+    poisoned = s.clone().requires_grad_()
+    sparse_kd_loss(poisoned, ids2, lps2, tail2, kind, mask=mask).backward()
+    assert torch.equal(poisoned.grad, clean.grad)

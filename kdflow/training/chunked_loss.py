@@ -196,8 +196,11 @@ class _HeadLosses(torch.autograd.Function):
                 torch.sub(z, lse1[rows, None], out=dz).exp_().mul_(g[:, None])
                 dz.scatter_add_(-1, labels[rows].clamp(min=0).unsqueeze(-1), -g.unsqueeze(-1))
             if use_kd:
-                dz += _bucket_grad(z, ids[rows], lse_t[rows], rest[rows], grad_q[rows] * grad_kd[rows, None].to(acc),
-                                   temperature, buf.fp[2][:z.shape[0]])
+                # A row whose KD value is not used (masked out by ``reduce``: upstream gradient 0) passes 0 on, not
+                # 0 · its divergence's gradient, which is NaN where that row's teacher holds a NaN.
+                g = grad_kd[rows, None].to(acc)
+                g = torch.where(g == 0, torch.zeros((), dtype=acc, device=g.device), grad_q[rows] * g)
+                dz += _bucket_grad(z, ids[rows], lse_t[rows], rest[rows], g, temperature, buf.fp[2][:z.shape[0]])
             h = hidden[rows]
             if need_h:
                 grad_h[rows] = buf.grad_hidden(dz)

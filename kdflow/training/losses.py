@@ -69,9 +69,14 @@ def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Div
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """``Σ a (log a − log b)`` over the last axis; classes with a = 0 add 0 (x·log x -> 0), not NaN."""
+    """``Σ a (log a − log b)`` over the last axis; classes with a = 0 add 0 (x·log x -> 0) and no gradient.
+
+    The difference is filled with 0 at those classes *before* the product, as TRL's and Liger's losses fill masked
+    entries: a ``torch.where`` after the product gave the right value but a NaN gradient (0 · (−inf − −inf) in the
+    backward). A NaN in ``a`` (a NaN teacher) is not a = 0: it makes the value NaN, where it is seen, instead of
+    dropping the class silently."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    return (a * torch.where(a == 0, torch.zeros_like(a), log_a - log_b)).sum(-1)
 
 
 def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tensor:
@@ -94,6 +99,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Di
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (..., C)")
+    teacher_logits = kept(teacher_logits, mask)
     log_q = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     return reduce(temperature**2 * divergence(log_p, log_q, kind, beta, skew), mask, reduction)
@@ -159,6 +165,7 @@ def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: to
     ``student_logits``: (..., V); ``ids``, ``logprobs``: (..., k) the teacher's top-k at T = 1; ``tail``:
     (...) its log tail mass; ``mask``: (...) or None.
     """
+    ids, logprobs, tail = kept(ids, mask), kept(logprobs, mask), kept(tail, mask)
     p = teacher_buckets(logprobs, tail, student_logits.shape[-1], temperature)
     q = student_buckets(student_logits, ids, temperature)
     return reduce(temperature**2 * divergence(p, q, kind, beta, skew), mask, reduction)
@@ -203,6 +210,18 @@ def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | Non
     return alpha * hard + (1.0 - alpha) * kd_kl(student_logits, teacher_logits, temperature, mask, reduction)
 
 
+def kept(teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The teacher's values (...) or (..., C) with 0 at the positions ``mask`` (...) drops: what a padded position
+    holds (NaN, ±inf, an id past the vocabulary) then reaches neither the loss nor, through ``reduce``'s
+    ``torch.where``, its gradient (0 · NaN is NaN there). The student's logits are the model's own and not filled."""
+    if mask is None:
+        return teacher
+    if teacher.shape[:mask.dim()] != mask.shape:
+        raise ValueError(f"mask {tuple(mask.shape)} must have the positions' shape {tuple(teacher.shape[:mask.dim()])}")
+    at = mask.bool().reshape(*mask.shape, *[1] * (teacher.dim() - mask.dim()))
+    return torch.where(at, teacher, torch.zeros((), dtype=teacher.dtype, device=teacher.device))
+
+
 def reduce(values: torch.Tensor, mask: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
     """Combine per-position ``values`` (...) over the positions ``mask`` (...) keeps (see the module doc)."""
     if mask is not None:
@@ -227,5 +246,5 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
