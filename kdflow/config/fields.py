@@ -55,8 +55,10 @@ RecipePath = Annotated[str, AfterValidator(_resolved)]
 
 
 class Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid": a misspelt key is an error, not a silently ignored setting. allow_inf_nan=False: YAML reads
+    # `.inf` and `.nan` as floats, and a learning rate or temperature of inf trained to NaN weights without a word.
+    # (The free `training:` dicts are checked in kdflow.config.training.check_training_values.)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # Names that become a file or folder name (run, split and student names): one path component, never '.' or

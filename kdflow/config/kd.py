@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BeforeValidator, Field, field_serializer, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, field_serializer, field_validator, model_validator
 
 from kdflow.config.fields import Strict, redact_url
 from kdflow.config.loading import FieldError
@@ -42,6 +42,23 @@ class Divergence(str, enum.Enum):
     tv = "tv"
 
 
+# The softmax temperatures a KD method takes (``softmax(z / T)``). Beyond them nothing useful is left and the
+# arithmetic breaks without a word: as T -> 0, z / T overflows (the loss turns NaN); as T grows, both sides tend to
+# uniform and offline KD's T² factor multiplies rounding noise (at T = inf every weight trained to NaN). Hinton et al.
+# used T up to 20 (so does recipes/classifier-digits.yaml's sweep); T = 0.01 samples all but greedily.
+TEMPERATURES = (0.01, 50.0)
+
+
+def _temperature(t: float) -> float:
+    low, high = TEMPERATURES
+    if not low <= t <= high:
+        raise ValueError(f"{t!r}: a softmax temperature must be in [{low}, {high}]; use e.g. 1.0")
+    return t
+
+
+Temperature = Annotated[float, AfterValidator(_temperature)]
+
+
 class KDMethod(str, enum.Enum):
     offline = "offline"  # white-box KD from the logit cache: no teacher in memory (kdflow/training/offline_kd.py)
     online = "online"  # TRL's GKD with the live teacher: on-policy fraction lmbda, JSD(beta), temperature
@@ -56,7 +73,7 @@ class OfflineKD(Strict):
     method: Literal[KDMethod.offline] = KDMethod.offline
     divergence: Divergence = Divergence.forward_kl
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the cross-entropy term; 1 - alpha on KD")
-    temperature: float = Field(1.0, gt=0.0, description="softmax(z / T) on both sides, the KD term scaled by T²")
+    temperature: Temperature = Field(1.0, description="softmax(z / T) on both sides, the KD term scaled by T²")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd)")
     skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
 
@@ -72,7 +89,7 @@ class OnlineKD(Strict):
     method: Literal[KDMethod.online]
     # GKD's loss is always JSD(beta); the recipe still says so, and it stays in the key as it always was.
     divergence: Divergence = Field(description="jsd: TRL's GKD trains with JSD(beta)")
-    temperature: float = Field(1.0, gt=0.0, description="the student's sampling temperature")
+    temperature: Temperature = Field(1.0, description="the student's sampling temperature")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β: 0 = forward KL, 1 = reverse KL")
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="the fraction of batches the student generates")
     max_new_tokens: int = Field(128, ge=1, description="tokens the student generates per on-policy sample")
@@ -124,7 +141,7 @@ class OnPolicyKD(Strict):
     method: Literal[KDMethod.on_policy]
     divergence: Divergence = Field(Divergence.reverse_kl, description="per-token D(teacher ‖ student); reverse_kl "
                                    "(mode-seeking) is what on-policy distillation minimises")
-    temperature: float = Field(1.0, gt=0.0, description="the student's sampling temperature")
+    temperature: Temperature = Field(1.0, description="the student's sampling temperature")
     max_new_tokens: int = Field(128, ge=1, description="tokens the student samples per prompt (capped by "
                                 "training.max_length)")
     lmbda: float = Field(1.0, ge=0.0, le=1.0, description="share of steps on the student's own samples (GKD's λ); "

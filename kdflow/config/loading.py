@@ -17,6 +17,10 @@ class RecipeError(ValueError):
     pass
 
 
+# YAML reads `.inf`, `-.inf` and `.nan` as floats; no recipe setting means them (a learning rate of inf trains NaN).
+NOT_FINITE = "{value!r} is not a finite number: write a number (YAML reads .inf and .nan as infinity and not-a-number)"
+
+
 class FieldError(ValueError):
     """A validator's error about one entry inside its field (a split name, a training key): ``loc`` is the path
     from the field down to it, so that the message names that entry and its own line."""
@@ -144,5 +148,7 @@ def validation_problems(error: ValidationError, text: str, source: str, skip: fr
             msg = "unknown field; remove it or check its spelling"
         elif err["type"] == "missing":
             msg = "required field is missing; add it"
+        elif err["type"] == "finite_number":
+            msg = NOT_FINITE.format(value=err["input"])
         problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")
     return problems

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -12,7 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from kdflow.config.fields import Strict
-from kdflow.config.loading import FieldError
+from kdflow.config.loading import NOT_FINITE, FieldError
 
 
 class Architecture(Strict):
@@ -67,12 +68,26 @@ def _value_ok(value, scalars: set[type]) -> bool:
     return isinstance(value, float) and float in scalars
 
 
+def _non_finite(value, *loc) -> tuple | None:
+    """The path to the first float in ``value`` (a scalar, or dicts and lists of them) that is inf or NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return loc
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((found for k, v in items if (found := _non_finite(v, *loc, k)) is not None), None)
+
+
 def check_training_values(training: dict[str, Any], config_class) -> None:
     """Types and ranges of the numeric knobs, which the config dataclasses take without checking: "abc" as a
-    learning rate fails only when the optimizer starts; YAML reads 3e-4 (no dot) as text."""
+    learning rate fails only when the optimizer starts; YAML reads 3e-4 (no dot) as text. No float anywhere in
+    them may be inf or NaN (``learning_rate: .inf`` trained every weight to NaN, and the run was marked done)."""
     for key, fix in SECRET_TRAINING_KEYS.items():
         if key in training:
             raise FieldError(f"remove it: a secret in a recipe reaches cache keys, manifests and logs; {fix}", key)
+    if (loc := _non_finite(training)) is not None:
+        value = training
+        for part in loc:
+            value = value[part]
+        raise FieldError(NOT_FINITE.format(value=value), *loc)
     fields = {f.name: f.type for f in dataclasses.fields(config_class)}
     for key, value in training.items():
         typed = _scalar_types(fields.get(key))
