@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flows.train_teacher import train_teacher
+from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
 from kdflow.config.recipe import Recipe, load_recipe
@@ -110,12 +111,20 @@ def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRe
 def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,
                     data: OutputRef) -> dict[str, OutputRef]:
     """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``); an API teacher's through its
-    API (``evaluate_api_teacher[<model>]``)."""
+    API (``evaluate_api_teacher[<model>]``). On instruction data the teacher (with weights) is evaluated first and each
+    other model's evaluation takes the teacher's: agreement and KL are measured on its answers to the test prompts."""
     cot = r.prompts.cot_text()
-    return {name: evaluate_api_teacher(run_dir, r.evaluation, cot, r.data.source, r.generation, model, data)
-            if name == "teacher" and r.teacher.api else
-            evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
-                run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
+
+    def evaluate(name: str, model: OutputRef, **teacher_eval: OutputRef) -> OutputRef:
+        if name == "teacher" and r.teacher.api:
+            return evaluate_api_teacher(run_dir, r.evaluation, cot, r.data.source, r.generation, model, data)
+        return evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
+            run_dir, r.evaluation, cot, r.data.source, model, teacher, data, **teacher_eval)
+
+    if r.data.source is not DataSource.instructions or r.teacher.api:
+        return {name: evaluate(name, model) for name, model in models.items()}
+    answers = evaluate("teacher", teacher)
+    return {name: answers if name == "teacher" else evaluate(name, model, teacher_eval=answers)
             for name, model in models.items()}
 
 

@@ -13,6 +13,7 @@ from prefect import flow
 from flows.chain import evaluate_and_report, starting_points, upstream
 from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
+from kdflow.reporting.quality_metric import QUALITY, metric_of
 from kdflow.store.remote import push_files
 from kdflow.training.student import student_inputs
 from tasks.students import train_student
@@ -37,11 +38,13 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -
         push_files(run_dir, ["report.json", "report.md", *report["plots"]], r.run.url)
 
     print(f"report: {run_dir / 'report.md'}")
+    key = metric_of(report)  # accuracy, or ROUGE-L on instruction data
+    title, fmt = QUALITY[key]
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():
-        if m.get("api"):  # an API teacher: accuracy only (its weights are not here)
-            print(f"  {name:>10}: accuracy {m['accuracy']:.3f} ({m['model']} through the API; {m['weights']})")
+        if m.get("api"):  # an API teacher: its quality only (its weights are not here)
+            print(f"  {name:>10}: {title} {m[key]:{fmt}} ({m['model']} through the API; {m['weights']})")
             continue
-        print(f"  {name:>10}: accuracy {m['accuracy']:.3f}, perplexity {m['perplexity']:.3f}, "
+        print(f"  {name:>10}: {title} {m[key]:{fmt}}, perplexity {m['perplexity']:.3f}, "
               f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token")
     return report
 

@@ -1,5 +1,5 @@
-"""Stage 5: how good each model is (evaluate_model, one per model; evaluate_api_teacher for an API teacher, through
-its API: accuracy only), what each costs to run
+"""Stage 5: how good each model is (evaluate_model, one per model: accuracy, or ROUGE-L on instruction data;
+evaluate_api_teacher for an API teacher, through its API: accuracy or ROUGE-L only), what each costs to run
 (measure_deployment, all models back to back), an LLM judge's win rate of each student against the teacher
 where the recipe names a judge (judge_students), and lm-evaluation-harness where it can run (run_lm_eval)."""
 
@@ -20,7 +20,8 @@ from kdflow.config.fields import redact_url
 from kdflow.config.templates import render
 from kdflow.curation.answers import answer_checker
 from kdflow.evaluation import deployment, harness
-from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy
+from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
+from kdflow.evaluation.free_text import evaluate_free_text
 from kdflow.evaluation.judge import ask_judge, backend, check_judge_failures, predictions, prompt_id
 from kdflow.evaluation.model_metrics import evaluate
 from kdflow.evaluation.traffic import TRAFFIC_FORMULA
@@ -33,27 +34,37 @@ from kdflow.teacher import api_keys
 from kdflow.teacher.completion import TeacherBackend
 from tasks.caching import STAGE_RESULTS, StageCache
 
-EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data: {
+# ``teacher_eval`` (instruction data: the teacher's evaluation, whose answers a student is scored on) is in the key only
+# where it is passed, so that the other sources' keys are as they were.
+EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data, teacher_eval=None: {
     "section": section, "template": template, "source": source.value, "model": model, "teacher": teacher,
-    "data": data})
+    "data": data, **({"teacher_eval": teacher_eval} if teacher_eval is not None else {})})
 
 
 # Its task run name is given by the flow (``.with_options``): only the flow knows which model this is.
 @task(cache_policy=StageCache(EVALUATE), **STAGE_RESULTS)
 def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
-                   model: OutputRef, teacher: OutputRef, data: OutputRef) -> OutputRef:
-    """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher)."""
+                   model: OutputRef, teacher: OutputRef, data: OutputRef,
+                   teacher_eval: OutputRef | None = None) -> OutputRef:
+    """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher);
+    ``teacher_eval``: for instruction data, the teacher's evaluate output on the same split: agreement and KL are
+    measured on its greedy answers (none of which any student trained on)."""
     out = EVALUATE.output(run_dir, section=section, template=template, source=source, model=model, teacher=teacher,
-                          data=data)
+                          data=data, teacher_eval=teacher_eval)
     if done := out.done:
         return done
     rows = read_split(data, section.split)
     teacher_dir = None if teacher == model else model_location(teacher)
     no_teacher = WEIGHTS_UNAVAILABLE if teacher.manifest().get("api") else None  # an API teacher: nothing to agree with
-    metrics, predictions = evaluate(model_location(model), teacher_dir, rows, template, answer_checker(source)[0],
-                                    section, no_teacher)
+    if source is DataSource.instructions:
+        answers = None if teacher_eval is None else predictions(teacher_eval)
+        metrics, predicted = evaluate_free_text(model_location(model), teacher_dir, rows, template, section, answers,
+                                                no_teacher)
+    else:
+        metrics, predicted = evaluate(model_location(model), teacher_dir, rows, template, answer_checker(source)[0],
+                                      section, no_teacher)
     with out.building() as tmp:
-        pd.DataFrame(predictions).to_parquet(tmp / "predictions.parquet", index=False)
+        pd.DataFrame(predicted).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.finish(tmp, rows=len(rows), metrics=metrics)
     return out.ref()
@@ -82,8 +93,8 @@ class TooManyApiFailures(RuntimeError):
 @task(cache_policy=StageCache(API_EVALUATE), **STAGE_RESULTS, task_run_name="evaluate_api_teacher[{generation.api.model}]")
 def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
                          generation: GenerationSection, teacher: OutputRef, data: OutputRef) -> OutputRef:
-    """The API teacher's accuracy on ``section.split``: greedy, through its API, the same answer checker as the
-    students'. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls cost money."""
+    """The API teacher's accuracy on ``section.split`` (ROUGE-L on instruction data): greedy, through its API, scored
+    as the students' answers are. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls cost money."""
     out = API_EVALUATE.output(run_dir, section=section, template=template, source=source, generation=generation,
                               teacher=teacher, data=data)
     if done := out.done:
@@ -94,15 +105,19 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     who = content_key("api-replies", API_EVALUATE.version, {**api.identity(), "max_new_tokens": section.max_new_tokens,
                                                              "system_prompt": generation.system_prompt})
     folder = Path(run_dir) / API_EVALUATE.name / f".replies-{who[:16]}"
-    metrics, predictions, acct = api_accuracy(model, rows, out.inputs["template"], answer_checker(source)[0],
-                                              section.max_new_tokens, folder, generation.system_prompt)
+    if source is DataSource.instructions:
+        metrics, predicted, acct = api_rouge_l(model, rows, out.inputs["template"], section.max_new_tokens, folder,
+                                               generation.system_prompt)
+    else:
+        metrics, predicted, acct = api_accuracy(model, rows, out.inputs["template"], answer_checker(source)[0],
+                                                section.max_new_tokens, folder, generation.system_prompt)
     if metrics["failed"] > api.max_failure_fraction * len(rows):
         raise TooManyApiFailures(f"{metrics['failed']} of {len(rows)} requests to the API teacher failed for good "
                                  f"(> generation.api.max_failure_fraction {api.max_failure_fraction:.1%}); the replies "
                                  f"received are kept in {folder}: a rerun asks only for the others")
     metrics |= {"split": section.split, "model": api.model, "api": api.identity(), "weights": WEIGHTS_UNAVAILABLE}
     with out.building() as tmp:
-        pd.DataFrame(predictions).to_parquet(tmp / "predictions.parquet", index=False)
+        pd.DataFrame(predicted).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         out.finish(tmp, rows=len(rows), metrics=metrics, accounting=acct.as_dict())
     return out.ref()

@@ -13,9 +13,12 @@ import json
 import sys
 from pathlib import Path
 
+from kdflow.reporting.quality_metric import metric_of
+
 COLUMNS = [  # (key in a model's report entry, column title, format)
     ("data", "trained on", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("rouge_l", "ROUGE-L", "{:.1f}"),  # instruction data (source: instructions), where there is no accuracy
     ("gap_closure", "gap closed", "{:.2f}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("agreement", "top-1 agreement", "{:.3f}"),
@@ -37,6 +40,12 @@ def load_report(path: str | Path) -> dict:
     return json.loads(file.read_text())
 
 
+def columns(reports: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """``COLUMNS``, less the quality metric no run was judged by (ROUGE-L for runs on checked answers, and back)."""
+    used = {metric_of(report) for report in reports.values()}
+    return [c for c in COLUMNS if c[0] not in {"accuracy", "rouge_l"} - used]
+
+
 def rows(reports: dict[str, dict]) -> list[dict]:
     """One row per (run, model): the teacher first, then the students, in each report's order. Fields a
     report does not have (an older report, a metric not measured) are None."""
@@ -44,7 +53,7 @@ def rows(reports: dict[str, dict]) -> list[dict]:
     for label, report in reports.items():
         models = {"teacher": {"data": "gold", **report["teacher"]}, **report["students"]}
         for name, m in models.items():
-            out.append({"run": label, "model": name, **{key: m.get(key) for key, _, _ in COLUMNS}})
+            out.append({"run": label, "model": name, **{key: m.get(key) for key, _, _ in columns(reports)}})
     return out
 
 
@@ -53,9 +62,10 @@ def _cell(value, fmt: str) -> str:
 
 
 def render(reports: dict[str, dict]) -> str:
-    lines = ["| run | model | " + " | ".join(t for _, t, _ in COLUMNS) + " |", "|---|---|---|" + "---:|" * (len(COLUMNS) - 1)]
+    shown = columns(reports)
+    lines = ["| run | model | " + " | ".join(t for _, t, _ in shown) + " |", "|---|---|---|" + "---:|" * (len(shown) - 1)]
     for r in rows(reports):
-        lines.append(f"| {r['run']} | {r['model']} | " + " | ".join(_cell(r[k], f) for k, _, f in COLUMNS) + " |")
+        lines.append(f"| {r['run']} | {r['model']} | " + " | ".join(_cell(r[k], f) for k, _, f in shown) + " |")
     lines += ["", "Machines (latency and throughput compare across runs only on the same one):"]
     for label, report in reports.items():
         m = (report.get("deployment") or {}).get("machine")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from kdflow.reporting.quality_metric import QUALITY, metric_of
+
 
 def _si(v: float, unit: str) -> str:
     for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3), ("", 1.0), ("m", 1e-3), ("µ", 1e-6), ("n", 1e-9)):
@@ -55,12 +57,14 @@ def quantization_table(report: dict, trained_on: Callable[[dict], str]) -> list[
              if m.get("quantized") and m.get("quantized_from") in students]
     if not pairs:
         return []
-    lines = ["| student | trained on | weights | accuracy | gap closed | perplexity | size on disk | bytes / token | "
+    key = metric_of(report)
+    title, fmt = QUALITY[key]
+    lines = [f"| student | trained on | weights | {title} | gap closed | perplexity | size on disk | bytes / token | "
              "latency ms / token | energy / token |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
 
     def row(name: str, m: dict, label: str) -> str:
         num = (lambda k, f: "—" if m.get(k) is None else format(m[k], f))
-        return (f"| {name} | {trained_on(m)} | {label} | {num('accuracy', '.3f')} | {num('gap_closure', '.2f')} | "
+        return (f"| {name} | {trained_on(m)} | {label} | {num(key, fmt)} | {num('gap_closure', '.2f')} | "
                 f"{num('perplexity', '.3f')} | {'—' if m.get('size_bytes') is None else _si(m['size_bytes'], 'B')} | "
                 f"{'—' if m.get('memory_bytes_per_token') is None else _si(m['memory_bytes_per_token'], 'B')} | "
                 f"{num('latency_ms_per_token', '.3g')} | {energy_cell(m)} |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+from kdflow.reporting.quality_metric import QUALITY, metric_of
 from kdflow.reporting.run_report import report_models, si_number
 
 
@@ -73,8 +74,10 @@ def plot_losses(histories: dict[str, list[dict]]) -> bytes | None:
 
 
 def plot_tradeoff(report: dict) -> bytes | None:
-    """Accuracy against parameters and against latency: up and to the left is better."""
+    """Accuracy (ROUGE-L on instruction data) against parameters and against latency: up and to the left is better."""
     models = report_models(report)
+    key = metric_of(report)
+    title, top = QUALITY[key][0], 1.0 if key == "accuracy" else 100.0  # accuracy is a share; ROUGE-L is × 100
     panels = [("params", "parameters (log scale)", True), ("latency_ms_per_token", "latency ms / token, batch 1", False)]
     # A figure some model lacks (an API teacher has no parameters or latency here): that model is a dashed line.
     panels = [p for p in panels if sum(m.get(p[0]) is not None for m in models.values()) >= 2
@@ -82,19 +85,19 @@ def plot_tradeoff(report: dict) -> bytes | None:
     if not panels:
         return None
     fig, axes = _figure(len(panels), 4.2, 3.2)
-    for ax, (key, label, log) in zip(axes, panels):
+    for ax, (x_key, label, log) in zip(axes, panels):
         at: dict[tuple, list[str]] = {}  # models at the same point share one label
         for name, m in models.items():
-            if m.get(key) is None:
-                ax.axhline(m["accuracy"], ls="--", lw=1, color="#d62728" if name == "teacher" else "#1f77b4")
-                ax.annotate(f"{name} ({m['data']})", (0.02, m["accuracy"]), xycoords=("axes fraction", "data"),
+            if m.get(x_key) is None:
+                ax.axhline(m[key], ls="--", lw=1, color="#d62728" if name == "teacher" else "#1f77b4")
+                ax.annotate(f"{name} ({m['data']})", (0.02, m[key]), xycoords=("axes fraction", "data"),
                             textcoords="offset points", xytext=(0, 3), fontsize=8)
                 continue
-            at.setdefault((m[key], m["accuracy"]), []).append(name)
+            at.setdefault((m[x_key], m[key]), []).append(name)
         for (x, y), names in at.items():
             ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)
             # Below the point near the top, where a label above it would run into the frame (accuracy ~1).
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if y > 0.9 else 4),
+            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if y > 0.9 * top else 4),
                         fontsize=8)
         if log:
             from matplotlib import ticker
@@ -106,8 +109,8 @@ def plot_tradeoff(report: dict) -> bytes | None:
             ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.margins(x=0.15)  # room for the labels of the extreme points
         ax.set_xlabel(label)
-        ax.set_ylabel("accuracy")
-        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(title)
+        ax.set_ylim(-0.05 * top, 1.05 * top)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{report['run']}: accuracy vs cost", fontsize=10)
+    fig.suptitle(f"{report['run']}: {title} vs cost", fontsize=10)
     return _png(fig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 from kdflow.reporting import cost_report
+from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
 COST_COLUMNS = [
@@ -72,10 +73,10 @@ def trained_on(m: dict) -> str:
     return f"{m['data']} + {m['kd']} {m.get('divergence') or m.get('feature')} ({knobs})"
 
 
-def seed_summary(students: dict[str, dict], teacher: dict) -> dict[str, dict]:
-    """Per recipe student trained with several seeds (``name@seed``): accuracy mean, sample standard
-    deviation, min and max over the seeds, and the gap closed by the mean accuracy over the baseline's mean.
-    Empty when no student was trained with more than one seed."""
+def seed_summary(students: dict[str, dict], teacher: dict, key: str = "accuracy") -> dict[str, dict]:
+    """Per recipe student trained with several seeds (``name@seed``): the mean of the quality metric ``key``
+    (``<key>_mean``), its sample standard deviation, min and max over the seeds, and the gap closed by the mean over
+    the baseline's mean. Empty when no student was trained with more than one seed."""
     groups: dict[str, list[str]] = {}
     for name in students:
         groups.setdefault(base_name(name), []).append(name)
@@ -83,16 +84,16 @@ def seed_summary(students: dict[str, dict], teacher: dict) -> dict[str, dict]:
         return {}
     out = {}
     for base, names in groups.items():
-        acc = [students[n]["accuracy"] for n in names]
-        mean = sum(acc) / len(acc)
-        std = (sum((a - mean) ** 2 for a in acc) / (len(acc) - 1)) ** 0.5 if len(acc) > 1 else 0.0
-        out[base] = {"seeds": [students[n].get("seed") for n in names], "accuracy": acc, "accuracy_mean": mean,
-                     "accuracy_std": std, "accuracy_min": min(acc), "accuracy_max": max(acc),
+        values = [students[n][key] for n in names]
+        mean = sum(values) / len(values)
+        std = (sum((a - mean) ** 2 for a in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+        out[base] = {"seeds": [students[n].get("seed") for n in names], key: values, f"{key}_mean": mean,
+                     f"{key}_std": std, f"{key}_min": min(values), f"{key}_max": max(values),
                      "trained_on": trained_on(students[names[0]])}
     baseline = next((b for b, names in groups.items() if baseline_student({n: students[n] for n in names})), None)
     for base, g in out.items():
         g["gap_closure_of_means"] = (None if baseline is None else
-                                     gap_closure(g["accuracy_mean"], out[baseline]["accuracy_mean"], teacher["accuracy"]))
+                                     gap_closure(g[f"{key}_mean"], out[baseline][f"{key}_mean"], teacher[key]))
     return out
 
 
@@ -106,16 +107,17 @@ JUDGE_OFF = {"status": "not run", "reason": "the recipe sets no evaluation.judge
 
 def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict,
                  deployment: dict | None = None, lm_eval: dict | None = None, judge: dict | None = None) -> dict:
-    """``teacher`` and each student: their metrics, with at least accuracy and params (each student also
-    its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage;
+    """``teacher`` and each student: their metrics, with at least accuracy (or, on instruction data, rouge_l: the
+    quality metric, ``quality_key``) and params (each student also its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage;
     ``judge``: {"judge", "split", "questions", "win_rates": {student: win_rate(...)}} of the judge stage, None
     when the recipe has no judge."""
     seeded = any("@" in name for name in students)
     baseline = baseline_student(students)
+    key = quality_key(teacher)
     out = {}
     for name, m in students.items():
         own = baseline_student(students, m.get("seed")) if seeded else baseline
-        closed = None if own is None else gap_closure(m["accuracy"], students[own]["accuracy"], teacher["accuracy"])
+        closed = None if own is None else gap_closure(m[key], students[own][key], teacher[key])
         compression = round(teacher["params"] / m["params"], 1) if teacher.get("params") else None  # API: unknown
         out[name] = {**m, "compression": compression, "gap_closure": closed,
                      "gap_baseline": own,
@@ -124,19 +126,20 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
             out[name] |= {"judge_win_rate": judge["win_rates"][name]["win_rate"], "judge": judge["win_rates"][name]}
     if baseline is None:
         note = "not applicable: no student is trained on gold data only (recipe `data: gold`) to serve as the baseline"
-    elif gap_closure(1.0, students[baseline]["accuracy"], teacher["accuracy"]) is None:
-        note = f"not defined: the teacher is no more accurate than the baseline `{baseline}`"
+    elif gap_closure(1.0, students[baseline][key], teacher[key]) is None:
+        better = "more accurate" if key == "accuracy" else f"higher on {QUALITY[key][0]}"
+        note = f"not defined: the teacher is no {better} than the baseline `{baseline}`"
     else:
-        note = f"(student − {baseline}) / (teacher − {baseline}) on accuracy"
+        note = f"(student − {baseline}) / (teacher − {baseline}) on {QUALITY[key][0]}"
         if seeded:
-            note = (f"(student − {base_name(baseline)}) / (teacher − {base_name(baseline)}) on accuracy, each student "
-                    "against the baseline trained with its own seed")
+            note = (f"(student − {base_name(baseline)}) / (teacher − {base_name(baseline)}) on {QUALITY[key][0]}, each "
+                    "student against the baseline trained with its own seed")
     return {
         "run": run_name,
         "teacher": teacher,
         "students": out,
-        "gap_closure": {"baseline": baseline, "metric": "accuracy", "note": note},
-        "seeds": seed_summary(students, teacher),
+        "gap_closure": {"baseline": baseline, "metric": key, "note": note},
+        "seeds": seed_summary(students, teacher, key),
         "curation": curation,
         "deployment": deployment,
         "lm_eval": lm_eval or {"status": "off"},
@@ -167,7 +170,9 @@ def quality_table(report: dict) -> list[str]:
     models = report_models(report)
     has_pass = any(m.get("pass_at_k") is not None for m in models.values())
     k = next((m["k"] for m in models.values() if m.get("k")), None)
-    head = ["model", "trained on", "accuracy", *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
+    key = metric_of(report)
+    title, fmt = QUALITY[key]
+    head = ["model", "trained on", title, *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
             "top-1 agreement", "KL(teacher ‖ model)", *(["judge win rate vs teacher"] if _judged(report) else [])]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, m in models.items():
@@ -177,7 +182,7 @@ def quality_table(report: dict) -> list[str]:
             closed = "0 (baseline)"
         else:
             closed = _num(m.get("gap_closure"), ".2f")
-        cells = [name, trained_on(m), _num(m["accuracy"], ".3f"), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
+        cells = [name, trained_on(m), _num(m[key], fmt), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
                  closed, _num(m.get("perplexity"), ".3f"), _num(m.get("agreement"), ".3f"), _num(m.get("kl"), ".4f")]
         if _judged(report):
             cells.append("(reference)" if name == "teacher" else _num(m.get("judge_win_rate"), ".3f"))
@@ -204,25 +209,15 @@ def cost_table(report: dict) -> list[str]:
 
 
 def notes(report: dict) -> list[str]:
-    t, gap = report["teacher"], report["gap_closure"]
-    out = [f"- **Accuracy**: greedy chain-of-thought on the `{t['split']}` split ({t['rows']} questions), exact final "
-           "answer through the answer checker."]
-    if t.get("pass_at_k") is not None:
-        out.append(f"- **pass@{t['k']}**: unbiased estimator (Chen et al. 2021) from {t['samples']} sampled answers per "
-                   "question.")
-    if t.get("api"):
-        out.append(f"- **Teacher**: `{t['model']}` behind an OpenAI-compatible API ({t['api']['base_url']}), answering "
-                   "the same prompts greedily through the API, scored by the same answer checker. Perplexity, agreement, "
-                   f"KL and every cost figure are absent for it (— in the tables): {t['weights']}.")
-    scored = next((m for m in report_models(report).values() if m.get("perplexity") is not None), None)
-    if scored is not None:
-        out.append(f"- **Perplexity, agreement, KL**: teacher-forced on the split's gold rationales "
-                   f"({scored['reference_tokens']:,} answer tokens, prompt tokens not scored); agreement = share of "
-                   "answer positions where the model's most likely next token is the teacher's; KL(teacher ‖ model) in "
-                   "nats per token. " + ("Agreement and KL need the teacher's weights: none for an API teacher."
-                                        if t.get("api") else "The teacher against itself: 1 and 0."))
-    out.append(f"- **Gap closed**: {gap['note']}.")
-    out += judge_notes(report)
+    """How every figure of the report was measured: quality (``quality_metric.quality_notes``), the gap closed, the
+    judge, cost."""
+    return [*quality_notes(report), f"- **Gap closed**: {report['gap_closure']['note']}.", *judge_notes(report),
+            *deployment_notes(report)]
+
+
+def deployment_notes(report: dict) -> list[str]:
+    """How cost was measured, and each figure that could not be had, with why."""
+    t, out = report["teacher"], []
     dep = report.get("deployment")
     if dep:
         s, mc = dep["settings"], dep["machine"]
@@ -265,12 +260,16 @@ def judge_notes(report: dict) -> list[str]:
 
 
 def summary(report: dict) -> list[str]:
-    """One line per student: its accuracy against the teacher's, the gap it closed, and what it saves."""
+    """One line per student: its quality (accuracy, or ROUGE-L) against the teacher's, the gap it closed, and what it
+    saves."""
     t, baseline = report["teacher"], report["gap_closure"]["baseline"]
+    key = metric_of(report)
+    title, fmt = QUALITY[key]
     lines = []
     for name, s in report["students"].items():
-        share = f" ({s['accuracy'] / t['accuracy']:.0%} of the teacher's)" if t["accuracy"] else ""
-        line = f"- **{name}** (trained on {trained_on(s)}): accuracy {s['accuracy']:.3f} vs the teacher's {t['accuracy']:.3f}{share}"
+        share = f" ({s[key] / t[key]:.0%} of the teacher's)" if t[key] else ""
+        line = (f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}} vs the teacher's "
+                f"{t[key]:{fmt}}{share}")
         if not is_baseline(s) and s.get("gap_closure") is not None:
             line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})
@@ -285,13 +284,15 @@ def seeds_table(report: dict) -> list[str]:
     seeds = report.get("seeds") or {}
     if not seeds:
         return []
+    key = metric_of(report)
+    title, fmt = QUALITY[key]
     lines = ["## Over seeds", "",
-             "| student | trained on | seeds | accuracy mean ± sd | min – max | gap closed (means) |",
+             f"| student | trained on | seeds | {title} mean ± sd | min – max | gap closed (means) |",
              "|---|---|---|---:|---:|---:|"]
     for base, g in seeds.items():
         lines.append(f"| {base} | {g['trained_on']} | {', '.join(str(x) for x in g['seeds'])} | "
-                     f"{g['accuracy_mean']:.3f} ± {g['accuracy_std']:.3f} | {g['accuracy_min']:.3f} – "
-                     f"{g['accuracy_max']:.3f} | {_num(g['gap_closure_of_means'], '.2f')} |")
+                     f"{g[f'{key}_mean']:{fmt}} ± {g[f'{key}_std']:{fmt}} | {g[f'{key}_min']:{fmt}} – "
+                     f"{g[f'{key}_max']:{fmt}} | {_num(g['gap_closure_of_means'], '.2f')} |")
     return lines + ["", "sd: sample standard deviation over the seeds. Gap closed (means): (mean − baseline's mean) / "
                     "(teacher − baseline's mean).", ""]
 
@@ -374,7 +375,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
 
 def table_rows(report: dict) -> list[dict]:
     """One flat row per model, for a Prefect table artifact."""
-    keys = ["accuracy", "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
+    keys = [metric_of(report), "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
             *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS],
             "memory_bytes_per_token", "arithmetic_intensity", "energy_j_per_token", "energy_source"]
     return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in report_models(report).items()]
