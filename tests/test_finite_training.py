@@ -60,3 +60,111 @@ def test_kd_temperatures_outside_their_range_are_refused_with_the_range(temperat
 def test_the_shipped_temperatures_and_learning_rates_still_load():
     assert parse_recipe(DEMO.replace("temperature: 1.0}", "temperature: 20.0}", 1), "demo.yaml")
     assert math.isfinite(parse_recipe(DEMO, "demo.yaml").students[0].training["learning_rate"])
+
+
+# ---- while training --------------------------------------------------------------------------------------------
+
+TRAINING = {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
+            "max_length": 64}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    from test_capture import tiny_teacher
+
+    folder = tmp_path_factory.mktemp("finite") / "teacher"
+    return folder, tiny_teacher(folder, sharpen=20.0)[1]
+
+
+def student(tokenizer):
+    from kdflow.training.tiny_models import llama_model
+
+    return llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
+
+
+def sft_rows():
+    from kdflow.config.templates import chat
+    from test_capture import TEMPLATE, kept_rows
+
+    return [chat(TEMPLATE.replace("{{ question }}", r["question"]), r["text"]) for r in kept_rows(32)]
+
+
+def test_a_learning_rate_that_overflows_the_weights_fails_at_that_step_and_saves_nothing(teacher, tmp_path):
+    from kdflow.training.finite import NonFiniteTraining
+    from kdflow.training.progress import TrainingProgress
+    from kdflow.training.sft import train_sft
+
+    _, tok = teacher
+    with pytest.raises(NonFiniteTraining, match=r"^\[students huge-lr\] the update made weights (NaN|infinite) at step "
+                                                r"1 of 6; training stopped .*training.learning_rate is 1e\+300 here"):
+        train_sft(student(tok), tok, sft_rows(), {**TRAINING, "learning_rate": 1e300, "save_steps": 1},
+                  tmp_path / "out", 0, tmp_path / "checkpoints", callbacks=[TrainingProgress("students", "huge-lr")])
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "log_history.json").exists()
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # the step that overflowed was never saved
+
+
+def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoints_stay_finite(teacher, tmp_path,
+                                                                                                monkeypatch):
+    """A NaN in the teacher's cached log-probs of step 3's batch: the loss is NaN (no longer a finite loss with a
+    NaN gradient), training stops at step 3 before its update; checkpoint-2 is finite and a rerun resumes from it."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from kdflow.config.logit_cache import LogitCacheSection
+    from kdflow.store.model_folders import write_location
+    from kdflow.training.finite import NonFiniteTraining
+    from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, train_offline_kd
+    from tasks.capture import capture_logits
+    from test_capture import TEMPLATE, kept_rows, stage_ref
+
+    folder, tok = teacher
+    run_dir = tmp_path / "run"
+    teacher_ref = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(folder)))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(32)).to_parquet(d / "kept.parquet"))
+    cache = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16), TEMPLATE, teacher_ref, curated).path
+    calls, collate = [], CachedLogitsCollator.__call__
+
+    def poisoned(self, examples):
+        batch = collate(self, examples)
+        calls.append(len(examples))
+        if len(calls) == 3:  # the third batch is step 3's (the loader keeps the order, whatever it prefetches)
+            b, t = batch["teacher_mask"].nonzero()[0].tolist()
+            batch["teacher_logprobs"][b, t, 0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(CachedLogitsCollator, "__call__", poisoned)
+    training, checkpoints = {**TRAINING, "save_steps": 2}, tmp_path / "checkpoints"
+    with pytest.raises(NonFiniteTraining, match=r"the loss became NaN at step 3 of 6; training stopped before that "
+                                                r"step's update"):
+        train_offline_kd(student(tok), tok, cache, KDLoss(alpha=0.5), training, tmp_path / "a", 0, checkpoints)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    weights = load_file(checkpoints / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not (tmp_path / "a" / "model").exists()
+    monkeypatch.setattr(CachedLogitsCollator, "__call__", collate)  # the teacher is healthy again
+    history = train_offline_kd(student(tok), tok, cache, KDLoss(alpha=0.5), training, tmp_path / "b", 0, checkpoints)
+    assert history[0] == {"resumed_from": "checkpoint-2"}
+    assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
+
+
+def test_the_students_stage_writes_no_manifest_for_a_model_that_did_not_stay_finite(teacher, tmp_path):
+    import pandas as pd
+
+    from kdflow.config.student import StudentSection
+    from kdflow.store.model_folders import write_location
+    from kdflow.training.finite import NonFiniteTraining
+    from tasks.students import STUDENTS, train_student
+    from test_capture import TEMPLATE, kept_rows, stage_ref
+
+    folder, _ = teacher
+    run_dir = tmp_path / "run"
+    teacher_ref = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(folder)))
+    data = stage_ref(run_dir, "data", lambda d: None)
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(16)).to_parquet(d / "kept.parquet"))
+    section = StudentSection(name="huge-lr", data="teacher", training={**TRAINING, "learning_rate": 1e300},
+                             architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64})
+    with pytest.raises(NonFiniteTraining, match=r"^\[students huge-lr\] the update made weights .* at step 1 of 6"):
+        train_student.fn(run_dir, section, TEMPLATE, teacher_ref, data, curated)
+    out = STUDENTS.output(run_dir, section=section, template=TEMPLATE, teacher=teacher_ref, data=data, curated=curated,
+                          logits=None)
+    assert out.done is None  # not complete: a rerun trains it again rather than reusing and evaluating NaN weights

@@ -59,10 +59,14 @@ class TrainingProgress(TrainerCallback):
         print(f"{self.label} {text}", file=sys.stdout, flush=True)  # sys.stdout looked up now: pytest swaps it
 
 
-def report_progress(trainer, stage: str = "training", name: str = "model") -> None:
+def report_progress(trainer, stage: str = "training", name: str = "model") -> str:
     """``trainer`` prints the lines of the ``TrainingProgress`` among its callbacks (if it has none, one for
-    ``stage`` and ``name``) instead of its own dicts or tqdm bar."""
+    ``stage`` and ``name``) instead of its own dicts or tqdm bar. Returns its label (``[students seq-kd]``), for
+    other messages about this training."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if not any(isinstance(c, TrainingProgress) for c in trainer.callback_handler.callbacks):
-        trainer.add_callback(TrainingProgress(stage, name))
+    progress = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TrainingProgress)), None)
+    if progress is None:
+        progress = TrainingProgress(stage, name)
+        trainer.add_callback(progress)
+    return progress.label

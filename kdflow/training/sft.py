@@ -8,12 +8,7 @@ import shutil
 from pathlib import Path
 
 from kdflow.config.training import sft_config
-
-def last_checkpoint(folder: Path | None) -> str | None:
-    """The newest complete ``checkpoint-<step>`` in ``folder``, or None (Trainer writes it atomically)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(folder)) if folder is not None and Path(folder).is_dir() else None
+from kdflow.training.checkpoints import last_checkpoint, saving
 
 
 def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> list[dict]:
@@ -23,23 +18,33 @@ def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> l
     come from the ``kdflow.training.progress.TrainingProgress`` among the trainer's callbacks (give one naming
     the stage and the model).
 
-    No blind retry: a rerun after a crash or kill continues from the checkpoint's step, with its optimizer,
-    scheduler and RNG states. Checkpoints are removed once the model is saved.
+    No blind retry: a rerun after a crash or kill continues from the newest whole checkpoint's step, with its
+    optimizer, scheduler and RNG states (a torn one is set aside: ``kdflow.training.checkpoints``); a save that fails
+    for want of space raises ``DiskFull`` naming the folder. Checkpoints are removed once the model is saved.
+
+    Training stays finite or fails (``kdflow.training.finite``): a non-finite loss, gradient or weight stops it at
+    that step, before the update, and the model is saved only with finite weights, so a stage that writes its
+    manifest after this returns never marks a NaN model complete.
 
     Under ``accelerate launch`` every process gets here holding the same weights (DDP keeps them in step):
     the main process alone writes, and the others wait until it has, so all return with the output complete.
     """
+    from kdflow.training.finite import check_weights, guard
     from kdflow.training.progress import report_progress
 
-    report_progress(trainer)  # progress lines naming the model, not transformers' bare {'loss': ...} dicts
-    resume = last_checkpoint(checkpoints)
-    trainer.train(resume_from_checkpoint=resume)
+    label = report_progress(trainer)  # progress lines naming the model, not transformers' bare {'loss': ...} dicts
+    guard(trainer, f"{label} ")
+    resume = last_checkpoint(checkpoints, set_aside=trainer.accelerator.is_main_process)
+    with saving(Path(trainer.args.output_dir)):
+        trainer.train(resume_from_checkpoint=resume)
     history = trainer.state.log_history
     if resume:
         history = [{"resumed_from": Path(resume).name}, *history]
     if trainer.accelerator.is_main_process:
-        save_model(trainer, model, tokenizer, out_dir)
-        (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+        check_weights(trainer.accelerator.unwrap_model(trainer.model), f"saving it to {out_dir}")
+        with saving(out_dir):
+            save_model(trainer, model, tokenizer, out_dir)
+            (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
