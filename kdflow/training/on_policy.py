@@ -284,9 +284,10 @@ class OnPolicyTrainer(CachedKDTrainer):
         try:
             return answer()
         except TeacherScoringError as e:
-            raise TeacherScoringError(f"{e}\nOn-policy training stopped at step {self.state.global_step}; its "
-                                      f"checkpoints are in {self.args.output_dir}: rerun the stage once the teacher "
-                                      "answers again and it resumes from the last one.") from e
+            done = self.state.global_step  # the finished steps: this one's update has not happened
+            raise TeacherScoringError(f"{e}\nOn-policy training stopped at step {done + 1}, before its update ({done} "
+                                      f"steps done); its checkpoints are in {self.args.output_dir}: rerun the stage "
+                                      "once the teacher answers again and it resumes from the last one.") from e
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs or "train_runtime" in logs:
@@ -350,7 +351,7 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
         restore.callback(torch.set_num_threads, threads)
         scorer = restore.enter_context(teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log,
                                                       settings.base_url, settings.concurrency, settings.batch_tokens,
-                                                      teacher_threads))
+                                                      teacher_threads, vocab_size=model.config.vocab_size))
         trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
                                   processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
                                   callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
