@@ -168,3 +168,17 @@ def test_the_students_stage_writes_no_manifest_for_a_model_that_did_not_stay_fin
     out = STUDENTS.output(run_dir, section=section, template=TEMPLATE, teacher=teacher_ref, data=data, curated=curated,
                           logits=None)
     assert out.done is None  # not complete: a rerun trains it again rather than reusing and evaluating NaN weights
+
+
+def test_under_fp16_loss_scaling_an_overflowing_gradient_is_left_to_the_scaler():
+    """The scaler skips such a step and lowers its scale (weights unchanged); everywhere else it is an error."""
+    from types import SimpleNamespace
+
+    from kdflow.training.finite import FiniteSteps, NonFiniteTraining
+
+    model = torch.nn.Linear(2, 2)
+    model.weight.grad = torch.full((2, 2), float("inf"))
+    state, args = SimpleNamespace(global_step=4, max_steps=10), SimpleNamespace(learning_rate=1e-3)
+    FiniteSteps(grads=False).on_pre_optimizer_step(args, state, None, model=model)
+    with pytest.raises(NonFiniteTraining, match=r"^the gradient became infinite at step 5 of 10"):
+        FiniteSteps().on_pre_optimizer_step(args, state, None, model=model)

@@ -41,12 +41,15 @@ def _stopped(label: str, trouble: str, state, args) -> NonFiniteTraining:
 
 class FiniteSteps(TrainerCallback):
     """Fails training at the first step whose gradient or updated weights are not finite (``guard`` adds the loss
-    check, which needs the trainer). ``label``: who is training, e.g. ``[students seq-kd] ``."""
+    check, which needs the trainer). ``label``: who is training, e.g. ``[students seq-kd] ``. ``grads``: False under
+    fp16 loss scaling, where an overflowing gradient is routine — the scaler skips that step and lowers its scale."""
 
-    def __init__(self, label: str = ""):
-        self.label = label
+    def __init__(self, label: str = "", grads: bool = True):
+        self.label, self.grads = label, grads
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self.grads:
+            return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not all_finite(grads):
             bad = next(g for g in grads if not torch.isfinite(g).all())
@@ -63,7 +66,7 @@ def guard(trainer, label: str = "") -> None:
     """Check ``trainer``'s loss, gradient and weights every step (module docstring). The loss check wraps the
     trainer's own ``training_step`` (on this instance), since no callback sees the loss: one place for every trainer
     ``sft.fit`` runs, TRL's own (GKD, GOLD) among them."""
-    trainer.add_callback(FiniteSteps(label))
+    trainer.add_callback(FiniteSteps(label, grads=getattr(trainer.accelerator, "scaler", None) is None))
     step = trainer.training_step
 
     def checked(model, inputs, num_items_in_batch=None):
