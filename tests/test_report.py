@@ -279,3 +279,20 @@ def test_seeds_give_mean_and_spread_and_each_student_meets_its_own_seeds_baselin
     assert "**seq-kd@1** (trained on teacher): accuracy 0.700" in md and "closes 62% of the gap over `baseline@1`" in md
     # one seed: no seeds section
     assert build_report("demo", model(1.0, 1000), {"a": model(0.5, 10, data="gold")}, CURATION)["seeds"] == {}
+
+
+def test_gap_closed_from_the_pruned_floor_on_every_metric_whichever_way_it_improves():
+    """(student − floor) / (teacher − floor): ROUGE-L and agreement improve upwards, KL and log perplexity downwards;
+    the floor itself has no row, and a report without a floor has no table."""
+    teacher = {"rouge_l": 20.0, "params": 1000, "rows": 3, "split": "test", "agreement": 1.0, "kl": 0.0,
+               "nll_per_token": 1.0}
+    floor = {"rouge_l": 2.0, "params": 600, "agreement": 0.2, "kl": 4.0, "nll_per_token": 5.0, "data": "none",
+             "untrained": True}
+    student = {"rouge_l": 11.0, "params": 600, "agreement": 0.6, "kl": 1.0, "nll_per_token": 2.0, "data": "teacher"}
+    r = build_report("real", teacher, {"pruned-15-importance": floor, "seq-kd": student}, CURATION)
+    f = r["floor_gaps"]
+    assert f["floor"] == "pruned-15-importance" and list(f["closed"]) == ["seq-kd"]
+    assert f["closed"]["seq-kd"] == pytest.approx({"rouge_l": 0.5, "kl": 0.75, "agreement": 0.5, "nll_per_token": 0.75})
+    page = render_markdown(r)
+    assert "| seq-kd | 0.50 | 0.75 | 0.50 | 0.75 |" in page and "untrained `pruned-15-importance`" in page
+    assert planted_report()["floor_gaps"] is None and "untrained" not in render_markdown(planted_report())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 from kdflow.reporting import cost_report
+from kdflow.reporting.floor import floor_gaps, floor_table
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
@@ -139,6 +140,7 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         "teacher": teacher,
         "students": out,
         "gap_closure": {"baseline": baseline, "metric": key, "note": note},
+        "floor_gaps": floor_gaps(teacher, students, key),
         "seeds": seed_summary(students, teacher, key),
         "curation": curation,
         "deployment": deployment,
@@ -349,6 +351,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         "",
         *quality_table(report),
         "",
+        *floor_table(report, QUALITY[metric_of(report)][0]),
         *seeds_table(report),
         *on_policy_lines(report),
         "## Cost: what does each model take to run?",
