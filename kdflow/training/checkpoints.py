@@ -50,9 +50,8 @@ def last_checkpoint(folder: Path | None, set_aside: bool = True) -> str | None:
     launch``; the others just pass over them)."""
     if folder is None or not Path(folder).is_dir():
         return None
-    found = sorted(((int(m[1]), p) for p in Path(folder).iterdir() if (m := CHECKPOINT.fullmatch(p.name)) and p.is_dir()),
-                   reverse=True)
-    for _, path in found:
+    found = [(int(m[1]), p) for p in Path(folder).iterdir() if (m := CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+    for _, path in sorted(found, reverse=True):
         if whole(path):
             return str(path)
         if set_aside:
