@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-check setup vllm chromium clean smollm2 study-smollm2
+.PHONY: demo test bench gpu-check setup vllm chromium clean smollm2 study-smollm2 docs
 
 setup: $(STAMP)
 
@@ -67,8 +67,19 @@ chromium:
 demo: $(STAMP)
 	$(PY) -m flows.distill recipes/demo.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
-test: $(STAMP) $(VLLM_STAMP) chromium
+test: $(STAMP) $(VLLM_STAMP) chromium docs
 	$(PY) -m pytest -q
+
+# The docs site (mkdocs.yml) into build/site, --strict: a broken link, a missing page or an unresolved reference fails.
+# `make test` runs it so the docs cannot rot silently. The `docs` extra is installed once per pyproject.toml change.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[test,docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 # Every benchmark but the GPU check, which needs a GPU (below).
 bench: $(STAMP) $(VLLM_STAMP)
