@@ -189,8 +189,10 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     screenshot = tmp_path / "flow-run.png"
     subprocess.run([*browse, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
     assert screenshot.is_file() and screenshot.stat().st_size > 10_000, "no (or an empty) screenshot"
-    # pytest keeps only its last 3 tmp folders (other pytest runs rotate them away): a copy in its cache folder.
-    kept = shutil.copy(screenshot, request.config.cache.mkdir("kdflow-ui") / "flow-run.png")
+    # pytest keeps only its last 3 tmp folders (other pytest runs rotate them away): a copy in its cache folder,
+    # where there is one (`-p no:cacheprovider` leaves config.cache out).
+    cache = getattr(request.config, "cache", None)
+    kept = shutil.copy(screenshot, cache.mkdir("kdflow-ui") / "flow-run.png") if cache else "no pytest cache"
     print(f"screenshot of the flow run's UI page: {screenshot} (kept: {kept})")
 
 
