@@ -136,7 +136,7 @@ class OnPolicyKD(Strict):
     instead (the teacher's own answers, off-policy), as GKD's λ."""
 
     # Where the teacher runs says nothing about what it is: a URL or a worker count does not retrain the student.
-    __throughput_fields__: ClassVar[set[str]] = {"base_url", "concurrency", "batch_tokens"}
+    __throughput_fields__: ClassVar[set[str]] = {"base_url", "concurrency", "batch_tokens", "timeout_s"}
 
     method: Literal[KDMethod.on_policy]
     divergence: Divergence = Field(Divergence.reverse_kl, description="per-token D(teacher ‖ student); reverse_kl "
@@ -159,6 +159,9 @@ class OnPolicyKD(Strict):
                           "on this one (asynchronous, as in PipelineRL / Noukhovitch et al. 2024): a step waits on "
                           "the teacher only for what training did not hide, and each batch was sampled by the "
                           "student one on-policy batch ago, not by the current one")
+    timeout_s: float = Field(600.0, gt=0, description="seconds the teacher may stay silent (loading, one scored "
+                             "batch, one try of a request) before the stage fails naming the step: a stopped scoring "
+                             "process or a server that never replies would otherwise hold training forever")
     # Small batches, not one: on the demo's 1M teacher a step's 64 samples as one 5,504-token batch took 247 ms on
     # one CPU thread, in batches of <= 1,024 tokens 128 ms (less padding, and activations that stay in cache).
     batch_tokens: int = Field(1024, ge=16, description="padded tokens per forward pass of the HF scoring process "

@@ -33,7 +33,7 @@ class LogitCacheSection(Strict):
     (kdflow/logit_cache/format.py). Sizes per answer token: see README "Logit cache"."""
 
     # How fast, or where from, not what: left out of the stage's key.
-    __throughput_fields__: ClassVar[set[str]] = {"batch_tokens", "concurrency", "base_url"}
+    __throughput_fields__: ClassVar[set[str]] = {"batch_tokens", "concurrency", "base_url", "timeout_s"}
     source: CaptureSource = CaptureSource.hf
     k: int = Field(20, ge=1, description="token ids and log-probs kept per position")
     temperature: float = Field(1.0, gt=0.0, description="capture temperature: softmax(z / T)")
@@ -44,6 +44,8 @@ class LogitCacheSection(Strict):
     batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward pass (hf)")
     concurrency: int = Field(8, ge=1, description="requests in flight (vllm)")
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (vllm)")
+    timeout_s: float = Field(600.0, gt=0, description="seconds one try of a request may go unanswered (vllm): a "
+                             "server that accepts and never replies fails the capture instead of holding it forever")
     dtype: Dtype | None = dtype_field("the teacher's precision during capture (hf: loaded in it; vllm: served in it; "
                                       "log-probs in float32 either way)")
 

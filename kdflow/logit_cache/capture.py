@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pandas as pd
 
+from kdflow.config.fields import redact_url
 from kdflow.config.logit_cache import CaptureSource, LogitCacheSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache import topk
-from kdflow.logit_cache.format import CorruptShard, cache_meta, cache_row_id
+from kdflow.logit_cache.format import CorruptShard, TopK, cache_meta, cache_row_id
 from kdflow.logit_cache.writer import capture_shards
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.ensemble import merge_caches
 from kdflow.logit_cache.parts import COUNTS
+from kdflow.logit_cache.scoring import TeacherScoringError
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder
 
@@ -54,10 +56,21 @@ def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection,
     from kdflow.teacher.vllm_server import vllm_server
 
     def run(base_url: str) -> dict:
-        client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5)
-        return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
-                              lambda idx: topk.vllm_topk(client, model_dir, [rows[i] for i in idx], section.k,
-                                                            section.concurrency), log)
+        # A timeout per try: the client's default (600 s, times 6 tries) is ours too, but written down and a recipe
+        # field, so that a server that accepts and never replies fails the capture in a time the recipe chose.
+        client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5,
+                               timeout=section.timeout_s)
+
+        def compute(idx: list[int]) -> list[TopK]:
+            try:
+                return topk.vllm_topk(client, model_dir, [rows[i] for i in idx], section.k, section.concurrency)
+            except openai.APITimeoutError as e:
+                raise TeacherScoringError(f"the teacher's vLLM server at {redact_url(base_url)} gave no answer within "
+                                          f"{section.timeout_s:g} s on any of {client.max_retries + 1} tries while "
+                                          f"capturing rows {idx[0]} to {idx[-1]} (raise logit_cache.timeout_s if it "
+                                          "is only slow)") from e
+
+        return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta, compute, log)
 
     if section.base_url:
         return run(section.base_url)

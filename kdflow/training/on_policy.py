@@ -351,7 +351,8 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
         restore.callback(torch.set_num_threads, threads)
         scorer = restore.enter_context(teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log,
                                                       settings.base_url, settings.concurrency, settings.batch_tokens,
-                                                      teacher_threads, vocab_size=model.config.vocab_size))
+                                                      teacher_threads, vocab_size=model.config.vocab_size,
+                                                      timeout_s=settings.timeout_s))
         trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
                                   processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
                                   callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
