@@ -65,9 +65,11 @@ def test_the_manifest_is_uploaded_last(memory_url, tmp_path, monkeypatch):
     assert len(order) == 3 and order[-1].endswith(f"/out/{MANIFEST}")
 
 
-def test_an_upload_cut_short_is_not_an_output(memory_url, tmp_path, monkeypatch):
-    target = f"{memory_url}/out"
-    remote.push(an_output(tmp_path / "old"), target)  # a complete older copy, replaced by a push that dies
+def test_an_upload_cut_short_is_not_an_output_and_leaves_a_complete_copy_there_whole(memory_url, tmp_path,
+                                                                                       monkeypatch):
+    target, fs = f"{memory_url}/out", fsspec.filesystem("memory")
+    old = an_output(tmp_path / "old")
+    remote.push(old, target)  # a complete older copy, which a push of other bytes that dies must not take away
     put, calls = MemoryFileSystem.put_file, []
 
     def dies_on_second_file(fs, src, dst, **kw):
@@ -77,11 +79,62 @@ def test_an_upload_cut_short_is_not_an_output(memory_url, tmp_path, monkeypatch)
         return put(fs, src, dst, **kw)
 
     monkeypatch.setattr(MemoryFileSystem, "put_file", dies_on_second_file)
+    new = an_output(tmp_path / "new")
+    (new / "rows.parquet").write_text("other rows")
+    (new / MANIFEST).write_text(json.dumps({"sha256": "y"}))
     with pytest.raises(ConnectionError):
-        remote.push(an_output(tmp_path / "new"), target)
-    assert not remote.exists_complete(target) and remote.complete_outputs(memory_url) == []
+        remote.push(new, target)
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        remote.push(new, f"{memory_url}/first")  # nothing was there before
+    monkeypatch.setattr(MemoryFileSystem, "put_file", put)
+    remote.pull(target, tmp_path / "back")
+    assert files_under(tmp_path / "back") == files_under(old)
+    assert remote.complete_outputs(memory_url) == ["out"] and not remote.exists_complete(f"{memory_url}/first")
+    assert not [p for p in fs.find(memory_url) if "/.upload-" in p]  # no half upload left behind
     with pytest.raises(FileNotFoundError, match="not a finished output"):
-        remote.pull(target, tmp_path / "back")
+        remote.pull(f"{memory_url}/first", tmp_path / "none")
+
+
+def test_a_pull_during_a_re_push_gets_the_whole_old_copy_and_after_it_the_new_one(memory_url, tmp_path, monkeypatch):
+    """Issue 23, finding 7: the push deleted the remote copy before uploading the new one, so a pull in between
+    failed. Here the pull runs inside the new push's upload (a fact, not a timing)."""
+    target = f"{memory_url}/out"
+    old, new = an_output(tmp_path / "old"), an_output(tmp_path / "new")
+    (new / "rows.parquet").write_text("other rows")
+    (new / MANIFEST).write_text(json.dumps({"sha256": "y"}))
+    remote.push(old, target)
+    put, pulled = MemoryFileSystem.put_file, []
+
+    def pull_while_uploading(fs, src, dst, **kw):
+        if not pulled:
+            pulled.append(tmp_path / "during")
+            remote.pull(target, pulled[0])
+        return put(fs, src, dst, **kw)
+
+    monkeypatch.setattr(MemoryFileSystem, "put_file", pull_while_uploading)
+    remote.push(new, target)
+    assert files_under(pulled[0]) == files_under(old)
+    remote.pull(target, tmp_path / "after")
+    assert files_under(tmp_path / "after") == files_under(new)
+    assert not [p for p in fsspec.filesystem("memory").find(memory_url) if "/.upload-" in p]
+
+
+def test_a_second_push_of_the_same_content_leaves_the_complete_copy_alone(memory_url, tmp_path, monkeypatch):
+    target, fs = f"{memory_url}/out", fsspec.filesystem("memory")
+    remote.push(an_output(tmp_path / "a"), target)
+    again = an_output(tmp_path / "b")  # another machine's build: the same files, other timings in the manifest
+    (again / MANIFEST).write_text(json.dumps({"sha256": "x", "seconds": 12.5}))
+    touched = []
+    for name in ("put_file", "rm_file", "rm", "mv"):
+        monkeypatch.setattr(MemoryFileSystem, name, lambda *a, _name=name, **kw: touched.append(_name))
+    remote.push(again, target)
+    assert touched == []
+    monkeypatch.undo()
+    fs.pipe_file(f"{target}/rows.parquet", b"truncated")  # a copy whose files are not ours is replaced
+    remote.push(again, target)
+    remote.pull(target, tmp_path / "back")
+    assert files_under(tmp_path / "back") == files_under(again)
 
 
 def build(run_dir, key, payload="x"):

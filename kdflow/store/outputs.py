@@ -251,6 +251,8 @@ def sync(run_dir: Path, stage: str, name: str) -> None:
                 _move_into_place(tmp, final)
             else:
                 logging.getLogger(__name__).warning(f"{url}: files do not match its manifest; not used")
+        except FileNotFoundError as e:  # swapped by another machine's push while it was read: as if not there
+            logging.getLogger(__name__).warning(f"{url}: changed while it was downloaded ({e}); not used")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import re
+import uuid
 from pathlib import Path
 
 import fsspec
@@ -43,17 +44,59 @@ def check_url(url: str) -> None:
 
 
 def push(local_dir: Path, url: str) -> None:
-    """Upload the finished output ``local_dir`` to ``url``, replacing whatever is there, its manifest last."""
+    """Upload the finished output ``local_dir`` to ``url``, its manifest last.
+
+    A complete copy of the same content already there (the same manifest sha256, the same files and sizes) is left
+    as it is: a second machine that built the same output does not take a good copy away. Otherwise the files go
+    first to a hidden folder beside it (``.upload-<name>-<id>``) and are moved into place only once all are up:
+    deleting first, as this did, left no complete copy for the whole upload, and a pull in that time failed.
+    Moves within a store are server-side copies, so what remains is a short swap without a manifest."""
     fs, root = url_to_fs(url.rstrip("/"))
     local_dir = Path(local_dir)
-    if fs.exists(f"{root}/{MANIFEST}"):
-        fs.rm_file(f"{root}/{MANIFEST}")  # incomplete from here on, until the new manifest lands
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
     files = [p.relative_to(local_dir).as_posix() for p in sorted(local_dir.rglob("*")) if p.is_file()]
+    if _same_copy(fs, root, local_dir, files):
+        return
+    data = [rel for rel in files if rel != MANIFEST]
+    staging = f"{posixpath.dirname(root)}/.upload-{posixpath.basename(root)}-{uuid.uuid4().hex[:8]}"
+    try:
+        _put(fs, local_dir, data, staging)
+        if fs.exists(f"{root}/{MANIFEST}"):
+            fs.rm_file(f"{root}/{MANIFEST}")  # incomplete from here on, until the new manifest lands
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+        _makedirs(fs, root, files)
+        for rel in data:
+            fs.mv(f"{staging}/{rel}", f"{root}/{rel}")
+        fs.put_file(str(local_dir / MANIFEST), f"{root}/{MANIFEST}")
+    finally:
+        if fs.exists(staging):  # a push cut short leaves no half upload behind (unless the process itself dies)
+            fs.rm(staging, recursive=True)
+
+
+def _same_copy(fs, root: str, local_dir: Path, files: list[str]) -> bool:
+    """``root`` holds a complete copy of ``local_dir``: its manifest's sha256 (over every file's name and bytes but
+    the manifest's) is ours, and its files have our sizes (a cheap check that catches a truncated or replaced
+    file; a pull verifies the bytes)."""
+    try:
+        there = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except (FileNotFoundError, ValueError):
+        return False
+    ours = json.loads((local_dir / MANIFEST).read_text())
+    if not isinstance(there, dict) or there.get("sha256") != ours.get("sha256"):
+        return False
+    sizes = {path[len(root):].lstrip("/"): info["size"] for path, info in fs.find(root, detail=True).items()}
+    sizes.pop(MANIFEST, None)  # its timings differ between two builds of the same content
+    return sizes == {rel: (local_dir / rel).stat().st_size for rel in files if rel != MANIFEST}
+
+
+def _makedirs(fs, root: str, files: list[str]) -> None:
     for folder in sorted({posixpath.dirname(f"{root}/{rel}") for rel in files}):
         fs.makedirs(folder, exist_ok=True)  # a local or mounted file system needs them; object stores ignore it
-    for rel in [rel for rel in files if rel != MANIFEST] + [MANIFEST]:
+
+
+def _put(fs, local_dir: Path, files: list[str], root: str) -> None:
+    _makedirs(fs, root, files)
+    for rel in files:
         fs.put_file(str(local_dir / rel), f"{root}/{rel}")
 
 
