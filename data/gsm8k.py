@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,13 +20,25 @@ GOLD_RE = re.compile(rf"####\s*\$?\s*(?P<num>{NUMBER}(?:[eE][-+]?\d+)?(?:\s*/\s*
 CONTINUES = re.compile(r"[\d.,/eE^]\s*\d|[/^eE]")
 
 
+# Digits a gold number may take written out (before or after the point). Exact arithmetic has no other limit, but
+# '#### 1e999999' would be written out as a million digits: no GSM8K-style answer is that long.
+MAX_DIGITS = 100
+
+
 def normalize_number(text: str) -> str | None:
-    """'1,234' -> '1234', '72.0' -> '72', '-3.50' -> '-3.5'; None when it is not a number."""
+    """'1,234' -> '1234', '72.0' -> '72', '-3.50' -> '-3.5', '1e5' -> '100000', exactly (a float turned
+    12345678901234567891 into ...7168 and 1e400 into inf); None when it is not a number, or longer than
+    ``MAX_DIGITS`` digits written out."""
     try:
-        value = float(text.replace(",", ""))
-    except ValueError:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
         return None
-    return str(int(value)) if value.is_integer() else repr(value)
+    if not value.is_finite():
+        return None
+    _, digits, exponent = value.normalize().as_tuple()
+    if max(len(digits) + exponent, len(digits), -exponent) > MAX_DIGITS:
+        return None
+    return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
 
 
 def parse_gold(solution: str) -> tuple[str | None, str]:
@@ -40,7 +53,10 @@ def parse_gold(solution: str) -> tuple[str | None, str]:
                       "3/4); write the final number after '####'")
     text = re.sub(r"\s+", "", match["num"]).replace(",", "")
     if "/" not in text:
-        return normalize_number(text), ""
+        if (number := normalize_number(text)) is None:
+            return None, (f"the gold answer '#### {tail[:40]}' has more than {MAX_DIGITS} digits written out; write "
+                          "the final number after '####'")
+        return number, ""
     numerator, denominator = (Fraction(part) for part in text.split("/"))
     if denominator == 0:
         return None, f"the gold answer '#### {tail[:40]}' divides by zero; write the final number after '####'"

@@ -95,3 +95,18 @@ def test_a_lone_surrogate_names_the_line_and_field_before_any_parquet_write(tmp_
     with pytest.raises(DataError, match=r"test.jsonl:2: field 'question' holds a lone surrogate at character 3"):
         build_splits(section)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.jsonl", "train.jsonl"]
+
+
+def test_gold_numbers_are_kept_exact_and_absurd_lengths_refused(tmp_path):
+    """Issue 23, finding 9: through float, '#### 12345678901234567891' became ...7168 and '#### 1e400' inf."""
+    assert gold_answer("#### 12345678901234567891") == "12345678901234567891"
+    assert check_answer("#### 12345678901234567891", gold_answer("#### 12345678901234567891"))
+    assert not check_answer("#### 12345678901234567168", gold_answer("#### 12345678901234567891"))
+    assert gold_answer("#### 0.1") == "0.1" and gold_answer("#### -3.50") == "-3.5" and gold_answer("#### 72.0") == "72"
+    assert gold_answer("#### 1e-5") == "0.00001" and gold_answer("#### 1e99") == "1" + "0" * 99
+    path = tmp_path / "test.jsonl"
+    for bad in ("1e400", "1e100", "1" * 101, "0." + "0" * 100 + "1"):
+        path.write_text(json.dumps({"question": "q", "answer": f"so\n#### {bad}"}) + "\n")
+        with pytest.raises(DataError, match=rf"test.jsonl:1: the gold answer '#### {re.escape(bad[:40])}' has more than "
+                                            r"100 digits written out"):
+            load_split(path)
