@@ -212,8 +212,8 @@ def _table_sizes(folder: Path) -> list[int]:
 
 def print_large_vocab(res: dict) -> None:
     f = res["fidelity"]
-    print(f"\n{res['teacher']}: Qwen2, {res['vocab']:,} logits ({res['tokenizer_tokens']:,} tokenizer tokens), "
-          f"k = {res['k']}; {res['rows']} GSM8K test rows, {res['answer_tokens']:,} answer tokens; "
+    print(f"\n{res['teacher']}: {res['vocab']:,} logits ({res['tokenizer_tokens']:,} tokenizer tokens), "
+          f"k = {res['k']}; {res['rows']} held-out rows, {res['answer_tokens']:,} answer tokens; "
           f"{res['distinct_topk_ids']:,} distinct ids among the top-{res['k']}; id table per shard "
           f"{res['kdflow_id_table_entries_per_shard']}; teacher entropy {f['entropy_mean_nats']:.2f} nats, "
           f"mass outside the top-{res['k']} {f['tail_mass_mean']:.3f}; KL on {f['rows']} rows, of which truncation "
@@ -339,6 +339,27 @@ def print_table(results: list[dict], title: str) -> None:
               f"{r['kl_mean']:>16.5f} {r['kl_from_encoding']:>17.2e} {r['tail_mass_mean']:>9.2e} {theirs}")
 
 
+def smollm2_teacher():
+    """SmolLM2-135M-Instruct, imported from its GGUF (`make smollm2` fetches it) into a folder under results/."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdflow.models.gguf import import_gguf
+    from kdflow.models.smollm2 import gguf_path
+
+    folder = RESULTS / "smollm2-135m-instruct"
+    if not (folder / "model.safetensors").is_file():
+        import_gguf(gguf_path(), folder, "float32")
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def self_instruct_rows(tokenizer, n: int) -> list[EncodedRow]:
+    """The first ``n`` user-oriented Self-Instruct instructions with their human references, as chat rows."""
+    from data.instructions import read_test
+
+    rows = read_test(ROOT / "data" / "self-instruct" / "user_oriented_instructions.jsonl")[:n]
+    return [encode_row(tokenizer, str(r["id"]), *chat(r["question"], r["rationale"]).values()) for r in rows]
+
+
 def demo_teacher_rows(run: Path, n: int):
     """The demo's trained teacher and its test split's gold rationales (held out from its training), if a
     demo run is there."""
@@ -368,10 +389,23 @@ def main() -> None:
     parser.add_argument("--kl-rows", type=int, default=100, help="of which the KL is measured on (dense: slow)")
     parser.add_argument("--text-rows", type=int, default=200, help="held-out sequences for the 4,096-token teacher")
     parser.add_argument("--demo-run", default=str(ROOT / "runs" / "demo"), help="also measure the demo's teacher")
-    parser.add_argument("--part", choices=("all", "large", "small"), default="all",
-                        help="large: the 151,936-logit teachers only; small: the 4,096- and 52-token ones only")
+    parser.add_argument("--part", choices=("all", "large", "small", "smollm2"), default="all",
+                        help="large: the 151,936-logit teachers only; small: the 4,096- and 52-token ones only; "
+                             "smollm2: the real SmolLM2-135M-Instruct (49,152 logits) alone")
+    parser.add_argument("--smollm2-rows", type=int, default=64,
+                        help="Self-Instruct instructions with their references, through SmolLM2's chat template")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.part == "smollm2":  # a real pretrained LM: the like-for-like figure against DistillKit at k = 50
+        model, tokenizer = smollm2_teacher()
+        res = measure_large_vocab("smollm2-135m-instruct", model, tokenizer, self_instruct_rows(tokenizer, args.smollm2_rows),
+                                  min(args.kl_rows, args.smollm2_rows))
+        print_large_vocab(res)
+        save("logit_cache_bytes_smollm2", {**res, "ratio_kdflow_u8_vs_distillkit": round(
+            res["kdflow_u8_bytes_per_token"] / res["distillkit_bytes_per_token"], 3)})
+        print(f"\nratio kdflow u8 / DistillKit budget layout, SmolLM2-135M-Instruct, V {res['vocab']:,}, k {K}: "
+              f"{res['kdflow_u8_bytes_per_token'] / res['distillkit_bytes_per_token']:.3f}")
+        return
     saved = {"qwen_teacher": QWEN_TEACHER, "text_teacher": TEACHER}
     if args.part in ("all", "large"):
         saved["large_vocab"] = []

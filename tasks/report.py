@@ -38,6 +38,18 @@ def trained(model: OutputRef) -> dict:
     return {"on_policy": on_policy} if on_policy else {}
 
 
+def origin(teacher: OutputRef) -> dict:
+    """Where a teacher the recipe named came from, for the report's "trained on" column: a GGUF file dequantized by
+    the import-gguf stage, or a model folder / hub id; {} for a teacher trained here."""
+    m = teacher.manifest()
+    if m.get("dequantized"):
+        return {"origin": f"given: {m['gguf']} ({m.get('model_name') or m['architecture']}, {m['quantization']} GGUF), "
+                          f"dequantized to {m['dtype']}"}
+    if m.get("stage") == "teacher" and not m.get("params") and not m.get("api"):
+        return {"origin": f"given: {json.loads((Path(teacher.path) / 'model.json').read_text())['location']}"}
+    return {}
+
+
 def cost(figures: dict | None, power: PowerFigure) -> dict:
     """A model's deployment figures with its energy per token (measured, else estimated from ``power``) and its
     roofline bound per device profile; {} for a model with none (an API teacher)."""
@@ -62,7 +74,7 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
                for name, ref in evaluations.items()}
     report = build_report(
         run_name,
-        teacher=metrics["teacher"],
+        teacher={**metrics["teacher"], **origin(models["teacher"])},
         students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
         deployment={**{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},

@@ -156,8 +156,11 @@ def _num(v, fmt: str) -> str:
 
 
 def teacher_source(teacher: dict) -> str:
-    """What the teacher row says it was trained on: gold, or (an API teacher) the API model it is."""
-    return f"API model {teacher['model']}" if teacher.get("api") else "gold"
+    """What the teacher row says it is: trained here on gold, an API model, or a model it was given (a GGUF file,
+    dequantized, or a folder / hub id)."""
+    if teacher.get("api"):
+        return f"API model {teacher['model']}"
+    return teacher.get("origin") or "gold"
 
 
 def report_models(report: dict) -> dict[str, dict]:
