@@ -88,6 +88,60 @@ def test_the_prefect_artifact_is_keyed_by_student_and_updated_at_a_bounded_rate(
     assert updates[-1][1]["description"] == "students seq-kd@1: step 100/100, loss 0.5000, about 0 s left"
 
 
+def broken_artifact(monkeypatch, update):
+    """tasks.progress as inside a task run, with ``update`` as Prefect's update_progress_artifact; the warnings it
+    logs are returned as they come."""
+    import logging
+
+    import tasks.progress as p
+
+    warnings = []
+    monkeypatch.setattr(p, "create_progress_artifact", lambda **kw: "artifact-id")
+    monkeypatch.setattr(p, "update_progress_artifact", update)
+    monkeypatch.setattr(p.TaskRunContext, "get", classmethod(lambda cls: object()))
+    monkeypatch.setattr(p, "EVERY_S", 0.0)  # every logging step tries the server
+    monkeypatch.setattr(p, "get_logger", lambda name: type("L", (), {"warning": lambda self, m: warnings.append(m)})())
+    return p.TrainingArtifact("students", "seq-kd"), warnings
+
+
+def test_a_prefect_server_gone_mid_training_is_logged_once_and_the_training_finishes(tokenizer, tmp_path,
+                                                                                     monkeypatch):
+    import httpx
+
+    tries = []
+
+    def refused(artifact, **kw):  # what update_progress_artifact raised once the server had gone (issue 23, #5)
+        tries.append(kw["progress"])
+        raise httpx.ConnectError("All connection attempts failed")
+
+    artifact, warnings = broken_artifact(monkeypatch, refused)
+    progress = TrainingProgress("students", "seq-kd", artifact)
+    train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0, callbacks=[progress])
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert tries == [25.0]  # tried once; not again for every step
+    assert warnings == ["students seq-kd: progress artifact not updated (ConnectError: All connection attempts "
+                        "failed); training goes on without it"]
+
+
+def test_a_prefect_server_that_never_answers_holds_a_step_no_longer_than_the_call_bound(tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    import threading
+
+    import tasks.progress as p
+
+    release = threading.Event()
+    artifact, warnings = broken_artifact(monkeypatch, lambda artifact, **kw: release.wait())  # hangs until released
+    monkeypatch.setattr(p, "CALL_TIMEOUT_S", 0.2)
+    try:
+        train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0,
+                  callbacks=[TrainingProgress("students", "seq-kd", artifact)])
+    finally:
+        release.set()
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert warnings == ["students seq-kd: progress artifact not updated (TimeoutError: no answer from the Prefect API "
+                        "within 0.2 s); training goes on without it"]
+
+
 def test_duration():
     assert [duration(s) for s in (0, 42.4, 185, 3720)] == ["0s", "42s", "3m05s", "1h02m"]
 
