@@ -30,7 +30,7 @@ class EnsembleMember(Strict):
 
 class LogitCacheSection(Strict):
     """The teacher's top-k distributions on the kept answers, captured once for KD from disk
-    (kdflow/logit_cache/format.py). Sizes per answer token: see README "Logit cache"."""
+    (kdflow/logit_cache/format.py). Sizes per answer token: docs/results/benchmarks.md."""
 
     # How fast, or where from, not what: left out of the stage's key.
     __throughput_fields__: ClassVar[set[str]] = {"batch_tokens", "concurrency", "base_url", "timeout_s"}
