@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PREFECT = [sys.executable, "-m", "prefect"]
 HANG_S = 300  # a bound on waits that only catches a hang (the suite's Prefect server gets as long to start)
-GRACE_S = 30  # README "Stopping a worker": a worker still running this long after one Ctrl-C gets a second
+GRACE_S = 30  # docs, "Stopping a worker": a worker still running this long after one Ctrl-C gets a second
 RETRIES_503 = 8
 HTTP_TIMEOUT_S = 60  # per request: catches a dead server, not a slow one
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -197,9 +197,9 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
 
 
 def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_stops(server, tmp_path):
-    """The README's commands on a fresh server: `deploy --all` with only kdflow-cpu deploys the CPU deployments
+    """The documented commands on a fresh server: `deploy --all` with only kdflow-cpu deploys the CPU deployments
     (the GPU one is in prefect-gpu.yaml, refused until its pool exists); a worker started with --run-once exits by
-    itself; and an idle worker stops by the README's "Stopping a worker", exactly: Ctrl-C (SIGINT); if it still
+    itself; and an idle worker stops by the docs' "Stopping a worker", exactly: Ctrl-C (SIGINT); if it still
     runs GRACE_S later, Ctrl-C again (Prefect's handler answers a second SIGINT with SIGKILL); if even that finds
     no Python to run it, kill -KILL.
 
@@ -244,7 +244,7 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
             time.sleep(0.5)
         assert "started!" in log_path.read_text(), log_path.read_text()
 
-        # README "Stopping a worker", step by step. GRACE_S only chooses when to take the next step; which step
+        # The docs' "Stopping a worker", step by step. GRACE_S only chooses when to take the next step; which step
         # stopped the worker does not decide the result, so the machine's speed does not either.
         os.kill(worker.pid, signal.SIGINT)  # Ctrl-C
         stopped_by, evidence = "one SIGINT", ""

@@ -1,6 +1,6 @@
-"""What "the same figures" can mean (README, "Which figures vary"): on one machine, training is deterministic —
+"""What "the same figures" can mean (results log, "Which figures vary"): on one machine, training is deterministic —
 the same recipe trains bit-identical weights and the same loss curve twice; across machines CPU kernels may sum in
-another order, which is why the README states a spread instead of promising equal figures."""
+another order, which is why the docs state a spread instead of promising equal figures."""
 
 import torch
 

@@ -85,7 +85,7 @@ def test_kv_bytes_per_token_count_the_key_value_heads():
 # --- --max-model-len ----------------------------------------------------------------------------------------------
 
 def test_max_model_len_is_the_models_positions_no_more_than_one_sequence_the_cache_holds():
-    assert fit_max_model_len(DEMO_TEACHER, kv_cache_gib=1) == 256  # not the README's old 1024
+    assert fit_max_model_len(DEMO_TEACHER, kv_cache_gib=1) == 256  # the model's positions, not more
     assert fit_max_model_len(DEMO_TEACHER, kv_cache_gib=None) == 256
     per_token = kv_bytes_per_token(QWEN_7B, 2)
     assert fit_max_model_len(QWEN_7B, kv_cache_gib=4, dtype_bytes=2) == 32768  # 1.75 GiB for one sequence: fits
