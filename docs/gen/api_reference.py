@@ -28,7 +28,8 @@ index = ["# API reference", "",
 for wing in wings():
     names = modules(wing)
     index.append(f"| [`kdflow.{wing}`]({wing}.md) | {', '.join(f'`{n}`' for n in names)} |")
-    lines = [f"# `kdflow.{wing}`", "", f"::: kdflow.{wing}", "    options:", "      members: false", ""]
+    lines = [f"# `kdflow.{wing}`", "", f"::: kdflow.{wing}", "    options:", "      members: false",
+             "      show_root_heading: false", ""]  # the package's docstring under the page's own title
     for name in names:
         lines += [f"::: kdflow.{wing}.{name}", ""]
     with mkdocs_gen_files.open(f"reference/api/{wing}.md", "w") as f:
