@@ -22,8 +22,8 @@ from kdflow.logit_cache.capture import capture_setup, capture_teachers
 from kdflow.logit_cache.format import MANIFEST
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.parts import link_or_copy
-from kdflow.store.outputs import OutputRef
-from kdflow.store.stage import Stage
+from kdflow.store.outputs import OutputRef, exclusive
+from kdflow.store.stage import Stage, StageOutput
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
@@ -50,10 +50,21 @@ def _no_retry_on_startup(task, task_run, state) -> bool:
       task_run_name="capture_logits[{section.source.value} top-{section.k}]")
 def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
                    curated: OutputRef) -> OutputRef:
-    """A retry (or a rerun after a crash) keeps every shard already written."""
+    """A retry (or a rerun after a crash) keeps every shard already written. Two runs of one key (two flow runs,
+    two workers) take turns on its work folder: the second waits, then finds the output finished."""
     out = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated)
     if done := out.done:
         return done
+    # Without the lock both captures wrote the same shards and sidecars, and one crashed on the other's half-written
+    # files (6 of 6 races in issue 23); with it the second one's shards are the first one's, finished.
+    with exclusive(run_dir, CAPTURE.name, out.key):
+        if done := out.done:
+            return done  # a concurrent run of the same key finished it while this one waited
+        return _capture(out, section, template, teacher, curated)
+
+
+def _capture(out: StageOutput, section: LogitCacheSection, template: str, teacher: OutputRef,
+             curated: OutputRef) -> OutputRef:
     tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
     work, log = out.work, shard_logger()
 

@@ -317,3 +317,82 @@ def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_
     assert len(captured) == 23, "the retry captured rows again"
     assert ref.rows == 23 and ref.is_complete() and not work[0].exists()
     LogitCache.open(ref.path).verify()
+
+
+def test_two_captures_of_one_key_take_turns_and_both_return_the_finished_output(tmp_path, monkeypatch):
+    """Issue 23, finding 6: the second capture reaches the stage's lock while the first is capturing (a fact the
+    test waits for, not a guess about timing); it waits, then finds the output finished and captures nothing."""
+    import threading
+
+    import tasks.capture as stage
+
+    run_dir = tmp_path / "run"
+    tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
+    teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
+    curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(9)).to_parquet(d / "kept.parquet"))
+    section = LogitCacheSection(k=5, shard_rows=4, value_encoding="fp16")
+    capturing, go, at_lock, captures = threading.Event(), threading.Event(), threading.Event(), []
+    real_capture, real_exclusive = stage.capture_teachers, stage.exclusive
+
+    def capture_teachers(*args):
+        captures.append(threading.current_thread().name)
+        capturing.set()
+        assert go.wait(60), "the second capture never reached the stage's lock"
+        return real_capture(*args)
+
+    def exclusive(*args):
+        if threading.current_thread().name == "second":
+            at_lock.set()
+        return real_exclusive(*args)
+
+    monkeypatch.setattr(stage, "capture_teachers", capture_teachers)
+    monkeypatch.setattr(stage, "exclusive", exclusive)
+    refs, errors = {}, []
+
+    def run(name):
+        try:
+            refs[name] = stage.capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated)
+        except Exception as e:  # noqa: BLE001  (reported by the assertion below)
+            errors.append(e)
+
+    first = threading.Thread(target=run, args=("first",), name="first")
+    first.start()
+    assert capturing.wait(120)
+    second = threading.Thread(target=run, args=("second",), name="second")
+    second.start()
+    assert at_lock.wait(60)
+    go.set()
+    first.join(120)
+    second.join(120)
+    assert errors == [] and captures == ["first"]
+    assert refs["first"] == refs["second"] and refs["first"].rows == 9
+    LogitCache.open(refs["first"].path).verify()
+    assert not list((run_dir / "logit-cache").glob(".work-*"))
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("nan", r"the teacher \(t0\), capturing shard 1, gave a NaN log-prob for sample 5 \('r5'\) at completion "
+            r"position 1"),
+    ("-inf", r"capturing shard 1, gave a -inf log-prob for sample 5 \('r5'\)"),
+    ("id", r"capturing shard 1, gave token id 64 for sample 5 \('r5'\), outside the cache's vocabulary \(0 to 63\)"),
+])
+def test_a_capture_refuses_scores_that_are_not_a_distribution_before_writing_the_shard(tmp_path, fault, match):
+    from kdflow.logit_cache.format import TopK, shard_name, tail_from_topk
+    from kdflow.logit_cache.scoring import TeacherScoringError
+    from kdflow.logit_cache.writer import capture_shards
+
+    def topk(i):
+        lps = np.log(np.full((3, 2), 0.25, dtype=np.float32))
+        ids = np.tile(np.arange(2), (3, 1))
+        if i == 5:
+            if fault == "id":
+                ids[2, 1] = 64
+            else:
+                lps[1, 0] = np.nan if fault == "nan" else -np.inf
+        return TopK(f"r{i}", np.arange(6), 2, ids, lps, tail_from_topk(lps))
+
+    meta = {"teachers": [{"model": "t0"}], "vocab_size": 64, "k": 2, "id_bytes": 1, "value_encoding": "fp16"}
+    folder = tmp_path / "cache"
+    with pytest.raises(TeacherScoringError, match=match):
+        capture_shards(folder, [f"r{i}" for i in range(8)], 4, meta, lambda idx: [topk(i) for i in idx])
+    assert (folder / shard_name(0)).is_file() and not (folder / shard_name(1)).exists()  # whole shards kept

@@ -11,7 +11,12 @@ from pathlib import Path
 from kdflow.config.logit_cache import ValueEncoding
 from kdflow.logit_cache.format import (CAPTURE_SETTINGS, MANIFEST, TopK, file_sha256, shard_name, write_manifest,
                                        write_shard)
+from kdflow.logit_cache.scoring import check_scores
 from kdflow.store.outputs import write_atomic
+
+
+def _teachers(meta: dict) -> str:
+    return ", ".join(str(t.get("model")) for t in meta.get("teachers", [])) or "unnamed"
 
 
 def finished_shard(folder: Path, index: int, row_ids: list[str], recorded: dict | None = None) -> dict | None:
@@ -67,6 +72,10 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
             rows = compute(list(range(begin, begin + len(ids))))
             if [r.row_id for r in rows] != ids:
                 raise RuntimeError(f"shard {index}: compute() returned rows out of order")
+            # Before the shard exists: a NaN or -inf stored in the cache (u8 would even clamp it to a plausible
+            # value) trains every student on it, and a finished shard is never captured again.
+            check_scores((list(range(begin, begin + len(ids))), rows), meta.get("vocab_size"),
+                         f"the teacher ({_teachers(meta)}), capturing shard {index},", "the cache's vocabulary")
             entry = write_shard(folder / shard_name(index), rows, meta["k"], meta["id_bytes"],
                                 ValueEncoding(meta["value_encoding"]))
             sidecar = folder / f"{shard_name(index)}.json"
