@@ -14,7 +14,8 @@ a plain cache hit again.
 Results are stored as JSON (``STAGE_RESULTS``), never pickled: result storage on a shared mount (as docs/howto/scale-out.md
 advises for several nodes) would let whoever can write there run code on every worker that loads a pickle. And
 since Prefect picks the deserializer named *in the stored record*, a record is read here as plain JSON first:
-anything but a JSON ``OutputRef`` is dropped and recomputed, before Prefect's own lookup can unpickle it.
+anything but a JSON ``OutputRef`` with Prefect's own JSON serializer, in exactly the shape Prefect writes it, is
+dropped and recomputed before Prefect's own lookup can unpickle it or import a module it names.
 """
 
 from __future__ import annotations
@@ -26,12 +27,17 @@ from typing import Any
 
 from prefect._internal.compatibility.blocks import call_explicitly_sync_block_method
 from prefect.cache_policies import CachePolicy
+from prefect.serializers import JSONSerializer
 
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 
 # Every stage task: its small OutputRef result kept across runs, as JSON (see above).
 STAGE_RESULTS = {"persist_result": True, "result_serializer": "json"}
+OUTPUT_REF = f"{OutputRef.__module__}.{OutputRef.__name__}"
+# The serializer a stage's record must name, exactly as Prefect writes it: its jsonlib and object_decoder are
+# modules Prefect imports before it reads a byte of the result, so a record naming others is not read.
+JSON_SERIALIZER = JSONSerializer().model_dump(mode="json")
 
 
 class StageCache(CachePolicy):
@@ -72,15 +78,27 @@ def _stored_ref(store, key: str) -> tuple[bool, OutputRef | None]:
     except (OSError, ValueError):  # ValueError: not there (some storages), or not JSON
         return _exists(store, key), None
     try:
-        if record["metadata"]["serializer"]["type"] != "json":
+        if record["metadata"]["serializer"] != JSON_SERIALIZER:
             return True, None
         value = record["result"]
-        value = json.loads(value if isinstance(value, (str, bytes)) else json.dumps(value))
-        if value.get("__class__") != f"{OutputRef.__module__}.{OutputRef.__name__}":
-            return True, None
-        return True, OutputRef.model_validate(value["data"])
+        return True, _plain_ref(json.loads(value if isinstance(value, (str, bytes)) else json.dumps(value)))
     except (KeyError, TypeError, AttributeError, ValueError):
         return True, None
+
+
+def _plain_ref(value) -> OutputRef | None:
+    """The OutputRef of a decoded result that has exactly the shape Prefect's JSON serializer gives one —
+    ``{"__class__": OutputRef, "data": {field: string, number or null}}`` — else None. Checking only the outer
+    ``__class__`` was not enough: Prefect's decoder imports the module any nested ``__class__`` names (an extra key
+    ``{"__class__": "some.module.X", ...}`` in ``data``, which OutputRef's validation ignores) while it reads."""
+    if not isinstance(value, dict) or value.keys() != {"__class__", "data"} or value["__class__"] != OUTPUT_REF:
+        return None
+    data = value["data"]
+    if not isinstance(data, dict) or not data.keys() <= OutputRef.model_fields.keys():
+        return None
+    if any(v is not None and type(v) not in (str, int) for v in data.values()):
+        return None
+    return OutputRef.model_validate(data)
 
 
 def _exists(store, key: str) -> bool:
