@@ -325,3 +325,16 @@ def test_importing_a_recipe_imports_neither_torch_nor_pyarrow():
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_names_and_sizes_beyond_any_real_run_are_refused_at_load():
+    """Issue 23, finding 9: a 300-character name and 1e9-row splits passed the recipe and failed stages later."""
+    long = "a" * 101
+    assert "at most 100 characters" in error_of(DEMO.replace("  name: demo\n", f"  name: {long}\n", 1))
+    assert f"student name '{long}'" in error_of(DEMO.replace("name: seq-kd", f"name: {long}"))
+    assert "at most 100 characters" in error_of(DEMO.replace("    prompts: 8000 ", f"    {long}: 8000 "))
+    parse_recipe(DEMO.replace("name: seq-kd", "name: " + "a" * 100))  # 100 is fine
+    assert ("data.splits: split sizes must be integers from 1 to 10,000,000, got {'prompts': 1000000000}"
+            in error_of(DEMO.replace("    prompts: 8000 ", "    prompts: 1000000000 ")))
+    assert "generation.max_new_tokens: Input should be less than or equal to 1048576" in \
+        error_of(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 1000000000", 1))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, Strict
+from kdflow.config.fields import MAX_ROWS, PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, Strict
 from kdflow.config.loading import FieldError
 
 
@@ -63,9 +63,9 @@ class DataSection(Strict):
         missing = {"train", "test"} - set(v)
         if missing:
             raise ValueError(f"add the split(s) {sorted(missing)}: students train on 'train', evaluation uses 'test'")
-        bad = {k: n for k, n in v.items() if not isinstance(n, int) or n < 1}
+        bad = {k: n for k, n in v.items() if not isinstance(n, int) or not 1 <= n <= MAX_ROWS}
         if bad:
-            raise ValueError(f"split sizes must be positive integers, got {bad}")
+            raise ValueError(f"split sizes must be integers from 1 to {MAX_ROWS:,}, got {bad}")
         return v
 
     @model_validator(mode="after")

@@ -8,7 +8,8 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, computed_field, field_serializer, field_validator, model_validator
 
-from kdflow.config.fields import SafeName, Strict, Template, read_template, redact_url
+from kdflow.config.fields import (MAX_NEW_TOKENS, MAX_SAMPLES, SafeName, Strict, Template, read_template,
+                                  redact_url)
 from kdflow.config.generation import Backend, VllmServerSection
 from kdflow.config.precision import Dtype, dtype_field
 
@@ -68,7 +69,7 @@ class EvaluationSection(Strict):
         base_url: str | None = Field(None, description="the API's URL, e.g. https://api.openai.com/v1 (openai only)")
         template: Template = Field("prompts/judge.jinja", description="judge prompt; its reply ends 'Verdict: A|B|tie'")
         max_questions: int | None = Field(None, ge=1, description="the first N questions of the split; None: all")
-        max_new_tokens: int = Field(256, ge=1, description="room for the judge's reasoning and its verdict line")
+        max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS, description="room for the judge's reasoning and its verdict line")
         concurrency: int = Field(16, ge=1, description="requests in flight at once (openai, vllm)")
         batch_size: int = Field(16, ge=1, description="prompts per generate call (hf)")
         api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
@@ -106,10 +107,10 @@ class EvaluationSection(Strict):
     # this section's key keeps a new latency setting, judge or quantization from re-running every model's evaluation.
     __throughput_fields__: ClassVar[set[str]] = {"batch_size", "deployment", "lm_eval", "judge", "quantize"}
     split: SafeName = "test"
-    max_new_tokens: int = Field(96, ge=1)
+    max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
     batch_size: int = Field(256, ge=1)
-    pass_at_k: int | None = Field(None, ge=1, description="also report pass@k from `samples` sampled answers")
-    samples: int | None = Field(None, ge=1, description="sampled answers per question for pass@k (default: k)")
+    pass_at_k: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="also report pass@k from `samples` sampled answers")
+    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="sampled answers per question for pass@k (default: k)")
     temperature: float = Field(0.8, gt=0.0, description="sampling temperature for pass@k")
     deployment: Deployment = Deployment()
     lm_eval: LmEval = LmEval()

@@ -64,8 +64,17 @@ class Strict(BaseModel):
 # Names that become a file or folder name (run, split and student names): one path component, never '.' or
 # '..' (a leading dot is refused), never a separator, so that nothing a recipe names is written outside its run
 # folder.
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-SAFE_NAME_FIX = "use letters, digits, '.', '_' or '-' only, starting with a letter or digit"
+# At most MAX_NAME characters: a 300-character name passed the recipe and failed later as a folder name (255 bytes
+# at most on common file systems, less once a stage adds its suffixes).
+MAX_NAME = 100
+SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
+SAFE_NAME_FIX = (f"use letters, digits, '.', '_' or '-' only, starting with a letter or digit, at most {MAX_NAME} "
+                 "characters")
+# Sizes beyond any real run, refused at load instead of failing (or filling memory) stages later: rows of one data
+# split, tokens one answer may take (2^20: more than any model's context), answers sampled per prompt.
+MAX_ROWS = 10_000_000
+MAX_NEW_TOKENS = 1 << 20
+MAX_SAMPLES = 1000
 
 
 def check_name(name: str, what: str = "name") -> str:

@@ -17,7 +17,8 @@ from pydantic import (
     model_validator,
 )
 
-from kdflow.config.fields import ROOT, SafeName, Strict, Template, read_template, redact_url
+from kdflow.config.fields import (MAX_NEW_TOKENS, MAX_SAMPLES, ROOT, SafeName, Strict, Template, read_template,
+                                  redact_url)
 
 
 class PromptsSection(Strict):
@@ -130,10 +131,10 @@ class GenerationSection(Strict):
     splits: list[SafeName] = Field(description="splits whose questions the teacher answers")
     template: Template | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
     system_prompt: str | None = None
-    max_new_tokens: int = Field(96, ge=1)
+    max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, description="answers sampled per prompt (column `sample`: 0..n-1)")
+    n: int = Field(1, ge=1, le=MAX_SAMPLES, description="answers sampled per prompt (column `sample`: 0..n-1)")
     seed: int | None = Field(None, description="sampling seed (backends that take one)")
     logprobs: int | None = Field(None, ge=0, description="keep the top-k logprobs of each generated token")
     batch_size: int = Field(256, ge=1)
