@@ -200,7 +200,9 @@ class FakeTeacher:
                     "id": "fake", "object": "chat.completion", "created": 0, "model": request["model"],
                     "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                                  "message": {"role": "assistant", "content": teacher.reply(content)}}],
-                    "usage": {"prompt_tokens": len(content), "completion_tokens": len(content) + 6,
+                    # as a real server, never more tokens than the request's max_tokens
+                    "usage": {"prompt_tokens": len(content),
+                              "completion_tokens": min(len(content) + 6, request.get("max_tokens") or 1 << 30),
                               "total_tokens": 2 * len(content) + 6}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

@@ -5,6 +5,7 @@ accounting, never an exception that ends the stage. The real ``openai`` client o
 FakeTeacher, behind the FaultProxy that injects the replies."""
 
 import asyncio
+import re
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 
@@ -118,3 +119,43 @@ def test_a_malformed_reply_is_kept_redacted_and_cut_to_a_bounded_size():
     assert SENTINEL not in record["raw"] and record["raw"].startswith("<html>[redacted] xxx")
     assert record["raw"].endswith("more characters]") and len(record["raw"]) < 8_100
     assert acct.failures_by_reason == {"invalid_response": 1} and acct.retries_by_reason == {"invalid_response": 1}
+
+
+@pytest.mark.parametrize("text, tokens, problem", [
+    ("x" * 5_000_000, 64, r"the reply is 5,000,000 characters, more than 64 tokens \(max_tokens\) of at most 256 "
+                          "characters each can hold"),
+    ("x" * 5_000_000, None, "the reply is 5,000,000 characters"),
+    ("7+8=15", 1_250_000, r"the reply is 1250000 completion tokens, over the request's max_tokens 64"),
+])
+def test_a_reply_longer_than_max_tokens_allows_is_a_failure_row_not_an_answer(text, tokens, problem):
+    """Issue 23, finding 9: a server ignoring the limit sent 5 MB to a 64-token request, and it was kept whole."""
+    records = []
+    usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": (tokens or 0) + 1} if tokens else None
+    body = {"id": "big", "object": "chat.completion", "created": 0, "model": "m", "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+
+    async def main():
+        handler = lambda request: httpx.Response(200, json=body)  # noqa: E731
+        async with openai.AsyncOpenAI(base_url="http://teacher.test/v1", api_key="k", max_retries=0,
+                                      http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler))) as client:
+            request = TeacherRequest(id="r0", sample=0, messages=[{"role": "user", "content": "q"}])
+            return await ask_all(client, [request], Sampling(model="m", max_tokens=64), concurrency=1, max_retries=1,
+                                 on_record=records.append)
+
+    acct = asyncio.run(main())
+    (record,) = records
+    assert record["ok"] is False and record["reason"] == "invalid_response" and record["attempts"] == 2
+    assert re.search(problem, record["error"]), record["error"]
+    assert len(record["raw"]) < 8_100 and acct.answers == 0 and acct.failures_by_reason == {"invalid_response": 1}
+
+
+def test_a_reply_within_max_tokens_is_an_answer():
+    from types import SimpleNamespace
+
+    from kdflow.teacher.api_client import answer_record
+
+    response = SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="y" * 256 * 64),
+                                                        finish_reason="length", logprobs=None)],
+                               usage=SimpleNamespace(prompt_tokens=3, completion_tokens=64))
+    request = TeacherRequest(id="r0", sample=0, messages=[])
+    assert answer_record(request, response, Sampling(model="m", max_tokens=64))["completion_tokens"] == 64

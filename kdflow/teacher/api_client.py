@@ -51,6 +51,9 @@ class FailureReason(str, enum.Enum):
 
 
 RAW_KEEP_CHARS = 8_000  # of a malformed reply's body kept in its failure row: a proxy's HTML page can be large
+# The longest text one token can decode to, generously: real vocabularies' longest tokens are runs of ~100 spaces or
+# dashes. A reply longer than this many characters per max_tokens did not come from a server that kept the limit.
+MAX_CHARS_PER_TOKEN = 256
 
 
 class FatalApiError(RuntimeError):
@@ -261,6 +264,7 @@ def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
     choice = response.choices[0]
     chat = s.endpoint is Endpoint.chat
     usage = response.usage
+    check_length(text, usage.completion_tokens if usage else None, s.max_tokens)
     record = {"id": request.id, "sample": request.sample, "ok": True, "text": text,
               "finish_reason": choice.finish_reason or "unknown",
               "prompt_tokens": usage.prompt_tokens if usage else None,
@@ -268,6 +272,18 @@ def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
     if s.logprobs is not None and choice.logprobs is not None:
         record["logprobs"] = parse_chat_logprobs(choice.logprobs.content or []) if chat else parse_completion_logprobs(choice.logprobs)
     return record
+
+
+def check_length(text: str, completion_tokens, max_tokens: int) -> None:
+    """``InvalidResponse`` for a reply longer than the request allowed: a server that ignores ``max_tokens`` (a
+    proxy, a misconfigured deployment) sent 5 MB to a 64-token limit, and it was kept whole as an answer. Its own
+    token count is checked, and, since that may be missing or wrong, its length against ``MAX_CHARS_PER_TOKEN``."""
+    if isinstance(completion_tokens, int) and completion_tokens > max_tokens:
+        raise InvalidResponse(f"the reply is {completion_tokens} completion tokens, over the request's max_tokens "
+                              f"{max_tokens}", None, None)
+    if len(text) > MAX_CHARS_PER_TOKEN * max_tokens:
+        raise InvalidResponse(f"the reply is {len(text):,} characters, more than {max_tokens} tokens (max_tokens) of "
+                              f"at most {MAX_CHARS_PER_TOKEN} characters each can hold", None, None)
 
 
 def kept_raw(raw: str | None, secret: str | None) -> str | None:
