@@ -149,3 +149,54 @@ def test_a_vllm_capture_against_a_silent_server_fails_naming_the_rows(teacher, s
     with pytest.raises(TeacherScoringError, match=r"gave no answer within 0.3 s on any of 1 tries while capturing "
                                                   r"rows 0 to 1 \(raise logit_cache.timeout_s"):
         capture_vllm(tmp_path / "cache", str(folder), rows, section, {"k": 3}, None)
+
+
+def test_on_policy_k_above_the_vocabulary_is_refused_before_the_teacher_starts(teacher, tmp_path, monkeypatch):
+    """Issue 23, finding 9: k = 100 on a 48-token vocabulary reached the teacher, whose top-k failed, and the error
+    advised a rerun once the teacher answered again."""
+    import kdflow.training.on_policy as on_policy
+
+    folder, tok = teacher
+    monkeypatch.setattr(on_policy, "teacher_scorer", lambda *a, **kw: pytest.fail("the teacher was started"))
+    student = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
+    kd = OnPolicyKD(method="on_policy", k=100)
+    with pytest.raises(ValueError, match=rf"kd.k = 100 exceeds the student's vocabulary \({len(tok)} tokens\): .* use "
+                                         rf"k <= {len(tok)}"):
+        train_on_policy(student, tok, chat_rows(4), kd, folder, None, {"max_steps": 1}, tmp_path / "out", 0)
+
+
+def test_a_launched_on_policy_student_gets_the_teachers_url_whole_while_its_job_file_holds_it_redacted(tmp_path,
+                                                                                                       monkeypatch):
+    """Issue 23, finding 9: the job file (a JSON dump) held https://***@host, and the launched processes read it."""
+    from kdflow.config.student import StudentSection
+    from kdflow.store.outputs import OutputRef
+    from kdflow.training.student import TEACHER_URL_ENV, StudentJob
+
+    url = "https://user:s3cret@teacher.example:8000/v1"
+    launch = {"accelerate_config": "accelerate/cpu_2proc.yaml", "num_processes": 2}
+    section = StudentSection(name="op", data="teacher", launch=launch,
+                             architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+                             kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url})
+    ref = OutputRef(stage="x", key="k" * 64, path=str(tmp_path), sha256="0" * 64)
+    job = StudentJob(section=section, template="{{ question }}", teacher=ref, data=ref)
+    job.write(tmp_path / "job.json")
+    assert "s3cret" not in (tmp_path / "job.json").read_text()
+    assert job.secrets() == {TEACHER_URL_ENV: url}
+    monkeypatch.delenv(TEACHER_URL_ENV, raising=False)
+    assert StudentJob.read(tmp_path / "job.json").section.kd.base_url == "https://***@teacher.example:8000/v1"
+    monkeypatch.setenv(TEACHER_URL_ENV, url)  # what launch_student puts in the launched processes' environment
+    assert StudentJob.read(tmp_path / "job.json").section.kd.base_url == url
+    monkeypatch.setenv(TEACHER_URL_ENV, "https://user:pw@elsewhere:1/v1")  # another server's: not taken
+    assert StudentJob.read(tmp_path / "job.json").section.kd.base_url == "https://***@teacher.example:8000/v1"
+
+    import subprocess
+    from types import SimpleNamespace
+
+    from kdflow.training.student import launch_student
+
+    monkeypatch.delenv(TEACHER_URL_ENV)
+    handed = {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env, **kw: handed.update(env) or SimpleNamespace(returncode=1))
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        launch_student(job, tmp_path / "out", tmp_path / "launch.json", tmp_path / "launch.log")
+    assert handed[TEACHER_URL_ENV] == url and "s3cret" not in (tmp_path / "launch.json").read_text()

@@ -324,6 +324,11 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
     if training.get("packing"):
         raise ValueError("training.packing: true merges rows into one sequence; an on-policy student samples each "
                          "prompt's completion on its own: set packing: false")
+    if settings.k > model.config.vocab_size:
+        # Found here, before the teacher is started: its top-k would fail in the scoring process or the server, and
+        # that error's advice (rerun once the teacher answers again) cannot help.
+        raise ValueError(f"kd.k = {settings.k} exceeds the student's vocabulary ({model.config.vocab_size} tokens): "
+                         f"the teacher's top-k cannot hold more ids than there are; use k <= {model.config.vocab_size}")
     disable_progress_bars()
     config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
                         cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,

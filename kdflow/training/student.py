@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kdflow.config.fields import ROOT
+from kdflow.config.fields import ROOT, redact_url
 from kdflow.config.kd import KDMethod, OnlineKD, OnPolicyKD
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
@@ -175,12 +175,27 @@ class StudentJob(BaseModel):
         # Computed fields (a template's or config's text) are derived on load, and the strict sections refuse them.
         Path(path).write_text(self.model_dump_json(exclude_computed_fields=True, indent=1))
 
+    def secrets(self) -> dict[str, str]:
+        """What the job file leaves out, for the launched processes' environment: an on-policy teacher's base URL
+        with its user:password, which the file holds redacted (``https://***@host``), as every JSON dump does."""
+        kd = self.section.kd
+        if isinstance(kd, OnPolicyKD) and kd.base_url and redact_url(kd.base_url) != kd.base_url:
+            return {TEACHER_URL_ENV: kd.base_url}
+        return {}
+
     @classmethod
     def read(cls, path: Path) -> "StudentJob":
-        return cls.model_validate_json(Path(path).read_text())
+        """The job in ``path``, with the teacher's URL whole again when ``TEACHER_URL_ENV`` holds the URL that the
+        file holds redacted: a launched on-policy student was handed ``https://***@host`` and could not reach it."""
+        job = cls.model_validate_json(Path(path).read_text())
+        kd, url = job.section.kd, os.environ.get(TEACHER_URL_ENV)
+        if isinstance(kd, OnPolicyKD) and url and kd.base_url == redact_url(url):
+            job.section = job.section.model_copy(update={"kd": kd.model_copy(update={"base_url": url})})
+        return job
 
 
 LOG_TAIL = 40  # lines of a failed launch's log quoted in the error
+TEACHER_URL_ENV = "KDFLOW_TEACHER_BASE_URL"  # an on-policy teacher's URL with credentials, for launched processes
 
 
 def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> None:
@@ -193,7 +208,8 @@ def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> Non
            *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
            "-m", "kdflow.training.cli", "--job", str(job_file), "--out", str(out)]
     # The processes import kdflow from this checkout, whatever the caller's working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           **job.secrets()}
     with open(log, "w") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
