@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from kdflow.config.templates import plain_text, special_strings
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 FLOPS_FORMULA = ("2·[L·(d·(h + 2·kv)·hd + h·hd·d + 3·d·f) + d·V] + 4·L·h·hd·c  "
@@ -70,8 +72,9 @@ def _generate(model, enc: dict, tokens: int, pad_token_id: int):
 def encode(tokenizer, prompts: list[str], device) -> dict:
     """Prompts through the chat template, left-padded (decoder-only batches end at the prompt)."""
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    specials = special_strings(tokenizer)  # data text is never chat markup (templates.plain_text)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": plain_text(p, specials)}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 

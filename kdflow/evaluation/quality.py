@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from kdflow.teacher.hf_generate import generate
-from kdflow.config.templates import render
+from kdflow.config.templates import plain_text, render, special_strings
 from kdflow.curation.verify import VerifyTimeout
 
 
@@ -65,11 +65,12 @@ def sampled_pass_at_k(model, tokenizer, rows: list[dict], template: str, check: 
 def reference_sequences(tokenizer, rows: list[dict], template: str, field: str = "rationale") -> list[tuple[list[int], int]]:
     """(token ids, index of the first answer token) per row: the question through ``template`` and the
     chat template, the reference answer ``row[field]`` as the assistant turn (its end-of-turn included)."""
-    out = []
+    out, specials = [], special_strings(tokenizer)  # data text is never chat markup (templates.plain_text)
     for r in rows:
-        user = [{"role": "user", "content": render(template, question=r["question"])}]
+        user = [{"role": "user", "content": plain_text(render(template, question=r["question"]), specials)}]
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template([*user, {"role": "assistant", "content": r[field]}], tokenize=False)
+        answer = {"role": "assistant", "content": plain_text(r[field], specials)}
+        full = tokenizer.apply_chat_template([*user, answer], tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if ids[: len(p_ids)] != p_ids or len(ids) == len(p_ids):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdflow.config.templates import plain_messages, special_strings
 from kdflow.logit_cache.format import TAIL_FLOOR, TopK, tail_from_topk
 
 Part = tuple[list[int], list[TopK]]  # (indices into the rows scored, their top-k): an answer, part by part
@@ -53,7 +54,10 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 def encode_row(tokenizer, row_id: str, prompt: list[dict], completion: list[dict]) -> EncodedRow:
-    """Token ids exactly as TRL's SFTTrainer builds them for a conversational prompt-completion row."""
+    """Token ids exactly as TRL's SFTTrainer builds them for a conversational prompt-completion row (whose texts
+    the trainers make plain the same way: ``templates.plain_rows``)."""
+    specials = special_strings(tokenizer)  # data text is never chat markup
+    prompt, completion = plain_messages(prompt, specials), plain_messages(completion, specials)
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]

@@ -13,10 +13,12 @@ are built on them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable
 
 from kdflow.config.generation import Backend, VllmServerSection
+from kdflow.config.templates import plain_messages, special_strings
 from kdflow.teacher.api_client import Accounting, Sampling, TeacherRequest, run_all
 from kdflow.teacher.vllm_server import vllm_server
 
@@ -51,6 +53,7 @@ class TeacherBackend:
         run = {"concurrency": self.concurrency, "max_retries": self.max_retries, **run}
         if self.backend is Backend.vllm:
             v = self.vllm
+            requests = plain_requests(requests, self.model)
             with vllm_server(self.model, port=v.port, extra_args=v.server_args(), python=v.python,
                              startup_timeout_s=v.startup_timeout_s, kv_cache_gib=v.kv_cache_gib) as base_url:
                 return run_all(base_url, None, self.timeout_s, requests, sampling, **run)
@@ -90,3 +93,14 @@ class TeacherBackend:
             return [records[str(i)].get("text") for i in range(len(prompts))]
 
         return complete
+
+
+def plain_requests(requests: Iterable[TeacherRequest], model: str) -> Iterator[TeacherRequest]:
+    """``requests`` whose messages hold no special token of ``model``'s tokenizer (``templates.plain_text``): a vLLM
+    server applies the chat template and tokenizes with special tokens parsed, as HF generation did. (An API's
+    own server is its business: OpenAI's treat message text as text.)"""
+    from transformers import AutoTokenizer
+
+    specials = special_strings(AutoTokenizer.from_pretrained(model))
+    for r in requests:
+        yield replace(r, messages=plain_messages(r.messages, specials)) if r.messages else r

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.precision import Dtype, load_dtype
+from kdflow.config.templates import plain_text, special_strings
 
 
 def load(model_dir: str, dtype: Dtype | None = None):
@@ -28,11 +29,13 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     torch.manual_seed(seed)
     # Sort by length so each batch pads little; results go back in the input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    specials = special_strings(tokenizer)  # a prompt's text is never chat markup (templates.plain_text)
     out: list[dict | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template([{"role": "user", "content": plain_text(prompts[i], specials)}], tokenize=False,
+                                          add_generation_prompt=True)
             for i in idx
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

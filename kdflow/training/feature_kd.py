@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from trl import SFTTrainer
 
+from kdflow.config.templates import plain_rows
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy
 
 PROJECTIONS = "feature_projections"  # the student attribute holding the projections while it trains
@@ -181,5 +182,6 @@ def train_feature_kd(student, teacher, tokenizer, rows: list[dict], training: di
     config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
                         checkpoints=checkpoints is not None)
     trainer = FeatureKDTrainer(student, teacher, layer_map=layer_map, kind=kind, weight=weight, args=config,
-                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=callbacks)
+                               train_dataset=Dataset.from_list(plain_rows(rows, tokenizer)), processing_class=tokenizer,
+                               callbacks=callbacks)
     return fit(trainer, student, tokenizer, out_dir, checkpoints)

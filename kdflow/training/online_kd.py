@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kdflow.config.templates import plain_rows
+
 
 def messages_row(row: dict) -> dict:
     """A prompt-completion row as one ``messages`` conversation: the form GKD's collator reads (it re-renders
@@ -55,5 +57,6 @@ def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, 
                         lmbda=lmbda, beta=beta, temperature=temperature, max_new_tokens=max_new_tokens)
     trainer = GKDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
                          peft_config=peft_config,
-                         train_dataset=Dataset.from_list([messages_row(r) for r in rows]), processing_class=tokenizer)
+                         train_dataset=Dataset.from_list([messages_row(r) for r in plain_rows(rows, tokenizer)]),
+                         processing_class=tokenizer)
     return fit(trainer, student, tokenizer, out_dir, checkpoints)

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from kdflow.config.templates import plain_rows
 from kdflow.config.training import sft_config
 from kdflow.training.checkpoints import last_checkpoint, saving
 
@@ -81,8 +82,10 @@ def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path,
     disable_progress_bars()
     config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
                         cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None)
-    trainer = chunked_sft_trainer()(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                                    processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+    # TRL templates and tokenizes the rows itself: their texts must hold no special token (templates.plain_rows)
+    data = Dataset.from_list(plain_rows(rows, tokenizer))
+    trainer = chunked_sft_trainer()(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                    callbacks=callbacks, peft_config=peft_config)
     return fit(trainer, model, tokenizer, out_dir, checkpoints)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+from kdflow.config.templates import plain_rows
+
 CROSS_TOKENIZER_METHODS = ("gold",)
 SPECIAL_TOKENS = ("bos", "eos", "pad")
 FIX = ("set kd.cross_tokenizer: gold to use TRL's GOLD (cross-tokenizer ULD) trainer, "
@@ -127,5 +129,6 @@ def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: lis
                             teacher_tokenizer_name_or_path=teacher_tokenizer_dir, lmbda=lmbda,
                             temperature=temperature, max_completion_length=max_new_tokens)
         trainer = GOLDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
-                              train_dataset=Dataset.from_list(rows), processing_class=student_tokenizer)
+                              train_dataset=Dataset.from_list(plain_rows(rows, student_tokenizer, teacher_tokenizer)),
+                              processing_class=student_tokenizer)
     return fit(trainer, student, student_tokenizer, out_dir, checkpoints)
