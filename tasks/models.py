@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from kdflow.config.fields import ROOT
 from kdflow.config.precision import Dtype
 from kdflow.config.student import PrunedInit
-from kdflow.config.templates import render
+from kdflow.config.templates import plain_messages, render, special_strings
 from kdflow.models.gguf import import_gguf
 from kdflow.models.pruning import LayerSelect, block_influence, evenly_spaced, keep_layers, most_influential
 from kdflow.models.smollm2 import sha256_file
@@ -85,8 +85,10 @@ def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: Out
 def calibration_batches(tokenizer, rows: list[dict], template: str, max_length: int, batch_size: int = 8):
     """(batches of ``input_ids``/``attention_mask``, real tokens): each row's question through ``template`` and its
     reference ``rationale``, as the chat template lays out a conversation."""
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": render(template, question=r["question"])},
-                                            {"role": "assistant", "content": r["rationale"]}], tokenize=False)
+    specials = special_strings(tokenizer)  # data text is never read as chat markup (templates.plain_text)
+    texts = [tokenizer.apply_chat_template(plain_messages([{"role": "user", "content": render(template, question=r["question"])},
+                                                           {"role": "assistant", "content": r["rationale"]}], specials),
+                                           tokenize=False)
              for r in rows]
     if not texts:
         raise ValueError("prune with select importance: the train split has no rows to calibrate on")

@@ -45,9 +45,7 @@ def origin(teacher: OutputRef) -> dict:
     if m.get("dequantized"):
         return {"origin": f"given: {m['gguf']} ({m.get('model_name') or m['architecture']}, {m['quantization']} GGUF), "
                           f"dequantized to {m['dtype']}"}
-    if m.get("stage") == "teacher" and not m.get("params") and not m.get("api"):
-        return {"origin": f"given: {json.loads((Path(teacher.path) / 'model.json').read_text())['location']}"}
-    return {}
+    return {"origin": f"given: {m['given']}"} if m.get("given") else {}
 
 
 def cost(figures: dict | None, power: PowerFigure) -> dict:

@@ -83,8 +83,9 @@ def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
         return done
     with out.building() as tmp:
         local = Path(section.model)
-        write_location(tmp, str(local.resolve()) if local.is_dir() else section.model)
-        out.finish(tmp)
+        location = str(local.resolve()) if local.is_dir() else section.model
+        write_location(tmp, location)
+        out.finish(tmp, given=location)  # the report's teacher row names it
     return out.ref()
 
 

