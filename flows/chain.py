@@ -99,11 +99,13 @@ def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRe
     a student named by a GGUF file from its import; the rest as the recipe says."""
     cot = r.prompts.cot_text()
     runs = r.student_runs()
-    pruned = {s.init: prune_teacher(run_dir, s.init, teacher, data, cot) for s in runs if s.init}
-    imported = {s.model: import_gguf_model(run_dir, s.model, s.dtype) for s in runs if is_gguf_path(s.model)}
-    start = {**{k: model_location(v) for k, v in pruned.items()}, **{k: model_location(v) for k, v in imported.items()}}
-    students = [s.model_copy(update={"model": start[s.init], "init": None}) if s.init else
-                s.model_copy(update={"model": start[s.model]}) if is_gguf_path(s.model) else s for s in runs]
+    inits = dict.fromkeys(s.init for s in runs if s.init)  # each distinct init once (seeds share it)
+    pruned = {i: prune_teacher(run_dir, i, teacher, data, cot) for i in inits}
+    files = dict.fromkeys((s.model, s.dtype) for s in runs if is_gguf_path(s.model))  # one import per file and dtype
+    imported = {f: model_location(import_gguf_model(run_dir, *f)) for f in files}
+    students = [s.model_copy(update={"model": model_location(pruned[s.init]), "init": None}) if s.init else
+                s.model_copy(update={"model": imported[s.model, s.dtype]}) if is_gguf_path(s.model) else s
+                for s in runs]
     return Starts(students, {i.label: ref for i, ref in pruned.items()},
                   {i.label: {"data": f"none ({i.summary()['init']}; untrained)", "untrained": True} for i in pruned})
 
