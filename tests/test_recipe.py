@@ -17,6 +17,10 @@ DEMO = (ROOT / "recipes" / "demo.yaml").read_text()
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
+    if "models/SmolLM2-135M-Instruct.Q4_1.gguf" in path.read_text():  # what `make smollm2` (and make test) links
+        from kdflow.models.smollm2 import link
+
+        link(ROOT)
     recipe = load_recipe(path)
     assert recipe.students and recipe.run.name
 

