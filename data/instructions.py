@@ -11,7 +11,6 @@ against). There is no answer checker: a reference is one good answer among many.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
@@ -102,12 +101,3 @@ def load_splits(transfer: Path, test: Path, splits: dict[str, int], seed: int) -
             out[name] = [rows[i] for i in sorted(order[start:start + n])]
             start += n
     return {name: out[name] for name in splits}  # the recipe's order, as the other sources
-
-
-def file_sha256(path: Path) -> str:
-    """The file's content hash, for the data stage's key: an edited data file makes new splits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -9,7 +9,7 @@ from prefect import task
 
 from data import arithmetic, gsm8k, instructions
 from kdflow.store.data_files import check_utf8
-from kdflow.store.outputs import OutputRef
+from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.stage import Stage
 from kdflow.config.data import DataSection, DataSource, SolutionOrder
 from kdflow.config.fields import PATH_RULE
@@ -21,7 +21,7 @@ def data_content(section: DataSection) -> dict:
     splits; the other sources' keys are as they were)."""
     if section.source is not DataSource.instructions:
         return {"section": section}
-    return {"section": section, "files": {field: instructions.file_sha256(section.location(field))
+    return {"section": section, "files": {field: file_sha256(section.location(field))
                                           for field in ("transfer", "test")}}
 
 

@@ -20,15 +20,14 @@ from kdflow.config.student import PrunedInit
 from kdflow.config.templates import plain_messages, render, special_strings
 from kdflow.models.gguf import import_gguf
 from kdflow.models.pruning import LayerSelect, block_influence, evenly_spaced, keep_layers, most_influential
-from kdflow.models.smollm2 import sha256_file
 from kdflow.store.model_folders import model_location, write_location
-from kdflow.store.outputs import OutputRef
+from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
 IMPORT_GGUF = Stage("import-gguf", "1", lambda gguf, dtype: {
-    "gguf_sha256": sha256_file(ROOT / gguf), "dtype": (dtype or Dtype.float32).value})
+    "gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value})
 # The calibration rows matter only to importance; evenly spaced layers depend on the teacher alone.
 PRUNE = Stage("prune", "1", lambda init, teacher, data, template: {
     "init": init, "teacher": teacher,

@@ -220,14 +220,10 @@ def kl_full_vs_cache(full_logprobs: torch.Tensor, rebuilt: torch.Tensor) -> torc
     return terms.sum(-1)
 
 
-# ---- writing ------------------------------------------------------------------------------------------
+from kdflow.store.outputs import file_sha256  # noqa: E402,F401 (reader and writer import it from here)
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+
+# ---- writing ------------------------------------------------------------------------------------------
 
 
 def shard_ids(rows: list[TopK]) -> tuple[np.ndarray, list[np.ndarray]]:

