@@ -54,7 +54,7 @@ smollm2: $(STAMP)
 
 # The real-LM study (recipes/smollm2.yaml): SmolLM2-135M-Instruct distilled into students pruned to half its depth.
 study-smollm2: smollm2
-	$(PY) -m flows.distill recipes/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS))
+	$(PY) -m flows.distill recipes/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STUDENTS),--students $(STUDENTS))
 
 # Headless Chromium for the Prefect UI test (tests/test_deployment.py): Debian's package, installed once (root).
 chromium:

@@ -60,6 +60,9 @@ def parser() -> argparse.ArgumentParser:
         if name == "distill":
             sub.add_argument("--seeds", type=int, nargs="+",
                              help="train and evaluate every student once per seed (overrides the recipe's run.seeds)")
+            sub.add_argument("--students", nargs="+", metavar="NAME",
+                             help="only these students of the recipe (the teacher, the floors and their cached stages "
+                                  "are shared with the full run)")
     compare = commands.add_parser("compare", help="compare two or more runs in one table (their report.json)")
     compare.add_argument("runs", nargs="+", help="run folders (runs/<name>) or their report.json files")
     compare.add_argument("--out", help="also write the table to this Markdown file")
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                   DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
         result = stage_flow.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers)
     elif args.command == "distill":
-        result = stage_flow(args.recipe, args.seeds)
+        result = stage_flow(args.recipe, args.seeds, args.students)
     elif getattr(args, "run_dir", None):
         result = stage_flow(args.recipe, args.run_dir)
     else:

@@ -3,7 +3,7 @@ evaluation (quality per model; cost of all models, measured back to back; an LLM
 against the teacher where the recipe names a judge; lm-eval where it can run) → report.
 Every stage is a content-cached task: a rerun redoes only what changed.
 
-    python -m flows.distill recipes/demo.yaml [--seeds 0 1 2]
+    python -m flows.distill recipes/demo.yaml [--seeds 0 1 2] [--students seq-kd logit-fkl]
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ from tasks.students import train_student
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
 # dumps their bytecode into the run log (thousands of lines per training stage).
 @flow(name="distill")
-def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None) -> dict:
+def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
+            students: list[str] | None = None) -> dict:
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
+    if students:  # only these students (the others' outputs stay in the run folder)
+        r = r.with_students(students)
     if seeds:  # every student once per seed, on the same cached teacher, answers and logits
         r = r.with_seeds(seeds)
     run_dir, cot = r.run_dir, r.prompts.cot_text()

@@ -129,6 +129,13 @@ def test_seeds_train_every_student_once_per_seed():
     plain = parse_recipe(DEMO)
     assert plain.with_seeds([0, 1, 2]).student_runs() == runs and plain.with_seeds([0, 1, 2]).run_dir == plain.run_dir
     assert plain.student_runs()[0].name == "baseline"  # the recipe itself is unchanged
+    # `--students seq-kd baseline`: those two, in the recipe's order, each section unchanged (its stage key too)
+    picked = plain.with_students(["seq-kd", "baseline"])
+    assert [s.name for s in picked.students] == ["baseline", "seq-kd"] and picked.students[0] == plain.students[0]
+    assert [s.name for s in picked.with_seeds([1, 2]).student_runs()] == ["baseline@1", "baseline@2", "seq-kd@1",
+                                                                          "seq-kd@2"]
+    with pytest.raises(ValueError, match=r"--students nope: no such student in the recipe; its students are baseline"):
+        plain.with_students(["seq-kd", "nope"])
 
 
 def test_vllm_tensor_parallel_size_reaches_the_server_flags_and_not_the_cache_key():

@@ -121,6 +121,15 @@ class Recipe(Strict):
         """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""
         return self.model_copy(update={"run": self.run.model_copy(update={"seeds": [int(s) for s in seeds]})})
 
+    def with_students(self, names: list[str]) -> Recipe:
+        """This recipe with only the students named (as in the recipe, without a seed suffix), in the recipe's order:
+        the run folder and every cached stage stay the same, so the others' outputs are kept, not retrained."""
+        known = [s.name for s in self.students]
+        if unknown := [n for n in names if n not in known]:
+            raise ValueError(f"--students {' '.join(unknown)}: no such student in the recipe; its students are "
+                             f"{', '.join(known)}")
+        return self.model_copy(update={"students": [s for s in self.students if s.name in names]})
+
     def student_runs(self) -> list[StudentSection]:
         """The students to train: as listed, or each once per ``run.seeds`` seed, named ``<name>@<seed>``."""
         if not self.run.seeds:
