@@ -3,6 +3,8 @@
     kdflow distill recipes/demo.yaml [--seeds 0 1 2]
     kdflow students recipes/demo.yaml --run-dir runs/demo      # retrain the students of a finished run
     kdflow compare runs/a runs/b
+    kdflow logit-cache-export --format axolotl runs/demo exported/      # or distillkit; also `logit-cache export`
+    kdflow logit-cache-import --format distillkit exported/ cache/ --tokenizer models/student
 
 A single stage takes its inputs from the run folder's finished outputs. Each command is a Prefect flow (flows/),
 so it shows in the UI and can be deployed like ``distill``. ``--help`` (of the command or of one of them) starts
@@ -23,7 +25,8 @@ COMMANDS = {
     "teacher": ("flows.train_teacher", "train_teacher", "train the teacher (or record the one the recipe names)"),
     "generate": ("flows.generate", "generate", "the teacher's answers (hf, vllm or an OpenAI-compatible API)"),
     "curate": ("flows.curate", "curate", "filter the teacher's answers; every drop kept with its reason"),
-    "logit-cache": ("flows.capture_logits", "capture_logits_flow", "capture the teacher's top-k distributions"),
+    "logit-cache": ("flows.capture_logits", "capture_logits_flow", "capture the teacher's top-k distributions "
+                    "(other tools' logit datasets: logit-cache-export, logit-cache-import)"),
     "students": ("flows.train_students", "train_students", "train every student of the recipe"),
     "evaluate": ("flows.evaluate", "evaluate", "evaluate the teacher and the students, and write the report"),
     "sweep": ("flows.kd_sweep", "kd_sweep", "transfer-set sizes x methods x seeds (a sweep recipe)"),
@@ -63,18 +66,78 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--students", nargs="+", metavar="NAME",
                              help="only these students of the recipe (the teacher, the floors and their cached stages "
                                   "are shared with the full run)")
+    interop_commands(commands)
     compare = commands.add_parser("compare", help="compare two or more runs in one table (their report.json)")
     compare.add_argument("runs", nargs="+", help="run folders (runs/<name>) or their report.json files")
     compare.add_argument("--out", help="also write the table to this Markdown file")
     return cli
 
 
+def interop_commands(commands) -> None:
+    """Logit datasets in and out (kdflow/logit_cache/interop.py): plain commands, no Prefect."""
+    formats = ("distillkit", "axolotl")
+    export = commands.add_parser("logit-cache-export", help="write a logit cache as DistillKit's compressed parquet or "
+                                 "axolotl's KD columns (also: logit-cache export)")
+    export.add_argument("cache", help="a logit cache folder, or a run folder holding one")
+    export.add_argument("out", help="the folder to write (must not exist)")
+    export.add_argument("--format", required=True, choices=formats)
+    export.add_argument("--layout", choices=("lossless", "budget"), default="lossless",
+                        help="distillkit: every log-prob as float16 (exact for kdflow's u8 and fp16 caches), or "
+                             "DistillKit's README budget pick (top-1 bf16, a polynomial for the rest: lossy)")
+    export.add_argument("--no-tail", action="store_true", help="leave out kdflow_tail (the tail mass per position, "
+                        "which the other tools ignore and a re-import reads back)")
+    imp = commands.add_parser("logit-cache-import", help="read a DistillKit or axolotl logit dataset into a kdflow "
+                              "logit cache a student trains from (also: logit-cache import)")
+    imp.add_argument("file", help="a parquet file, or a folder of them")
+    imp.add_argument("out", help="the cache folder to write (must not exist)")
+    imp.add_argument("--format", required=True, choices=formats)
+    imp.add_argument("--tokenizer", required=True, help="the tokenizer the file's token ids are from (a model folder "
+                     "or hub id): recorded in the cache, and checked against the student's when it trains")
+    imp.add_argument("--vocab-size", type=int, help="the teacher's logits per position, i.e. the student's vocab_size "
+                     "(default: what a kdflow export recorded, DistillKit's d, or the tokenizer's length)")
+    imp.add_argument("--distillkit-config", help="DistillKit's compression_config.yaml (default: beside the files)")
+    imp.add_argument("--teacher", help="the teacher's name, recorded in the cache's manifest")
+    imp.add_argument("--value-encoding", choices=("u8", "fp16"), help="how the cache stores log-probs (default: "
+                     "what a kdflow export recorded, else u8)")
+    imp.add_argument("--shard-rows", type=int, default=1024, help="rows per cache shard")
+
+
+def run_interop(args) -> dict:
+    from kdflow.logit_cache import interop
+
+    if args.command == "logit-cache-export":
+        from kdflow.logit_cache import distillkit
+
+        layout = None
+        if args.layout == "budget":
+            from kdflow.logit_cache.reader import LogitCache
+
+            k = LogitCache.open(interop.find_cache(args.cache)).k
+            layout = distillkit.Layout(k=k)
+        return interop.export_cache(args.cache, args.out, args.format, layout, with_tail=not args.no_tail)
+    from transformers import AutoTokenizer
+
+    from kdflow.config.logit_cache import ValueEncoding
+
+    manifest = interop.import_file(args.file, args.out, args.format, AutoTokenizer.from_pretrained(args.tokenizer),
+                                   vocab_size=args.vocab_size, config=args.distillkit_config, teacher=args.teacher,
+                                   encoding=ValueEncoding(args.value_encoding) if args.value_encoding else None,
+                                   shard_rows=args.shard_rows)
+    return {key: manifest[key] for key in ("rows", "positions", "bytes", "k", "vocab_size", "value_encoding", "tail")}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["logit-cache"] and argv[1:2] in (["export"], ["import"]):  # the spelling issue 26 asked for
+        argv = [f"logit-cache-{argv[1]}", *argv[2:]]
     args = parser().parse_args(argv)
     if args.command == "compare":
         from kdflow.reporting.compare import main as compare
 
         return compare([*args.runs, *(["--out", args.out] if args.out else [])])
+    if args.command in ("logit-cache-export", "logit-cache-import"):
+        print(json.dumps(run_interop(args), indent=2))
+        return 0
     module, name, _ = {**COMMANDS, **SHARDED}[args.command]
     stage_flow = getattr(importlib.import_module(module), name)  # imported late: Prefect and torch take seconds
     if args.command in SHARDED:

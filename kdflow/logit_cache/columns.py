@@ -1,0 +1,84 @@
+"""Arrow list columns to and from numpy, for the logit datasets of other tools (kdflow/logit_cache/interop.py), and
+the error a bad one raises: it names the file, the row (and position) and the fix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+
+class LogitFileError(ValueError):
+    """A logit dataset that cannot be imported (or a cache that cannot be exported): file, row, what, and the fix."""
+
+
+def where(file: Path | str, row: int | None = None, position: int | None = None) -> str:
+    at = "" if row is None else f": row {row}" + ("" if position is None else f", position {position}")
+    return f"{file}{at}"
+
+
+@dataclass
+class Imported:
+    """One sequence read from another tool's file, before it is checked and stored: ``ids`` / ``logprobs`` (L, k)
+    for logit positions ``start … start + L − 1`` (position t predicts ``input_ids[t + 1]``); ``tail`` (L,) when the
+    file carries it (kdflow's own exports), else None."""
+
+    row: int
+    row_id: str | None
+    input_ids: np.ndarray
+    start: int
+    ids: np.ndarray
+    logprobs: np.ndarray
+    tail: np.ndarray | None
+
+
+def list_column(values: list[np.ndarray], item: pa.DataType) -> pa.Array:
+    """list<item> from one 1-D array per row."""
+    offsets = np.cumsum([0, *(len(v) for v in values)]).astype(np.int32)
+    flat = np.concatenate(values) if values else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=item))
+
+
+def nested_column(values: list[np.ndarray], item: pa.DataType) -> pa.Array:
+    """list<list<item>> from one (n_i, width) array per row: one inner list per position."""
+    inner = list_column([row for v in values for row in v], item)
+    offsets = np.cumsum([0, *(len(v) for v in values)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), inner)
+
+
+def _lengths(column: pa.Array, file, first_row: int, name: str) -> np.ndarray:
+    if column.null_count:
+        row = first_row + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise LogitFileError(f"{where(file, row)}: {name} is null; every row needs it (drop the row or fill it)")
+    return column.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def read_lists(column: pa.Array, file, first_row: int, name: str, dtype) -> list[np.ndarray]:
+    """list<…> -> one 1-D array per row."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    bounds = np.cumsum([0, *_lengths(column, file, first_row, name)])
+    flat = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def read_nested(column: pa.Array, file, first_row: int, name: str, dtype) -> list[np.ndarray]:
+    """list<list<…>> -> one (positions, width) array per row; a row whose inner lists differ in length is an error
+    naming the first position that differs."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    outer = _lengths(column, file, first_row, name)
+    inner_lists = column.flatten()
+    inner = _lengths(inner_lists, file, first_row, name)
+    flat = inner_lists.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    rows, at, pos = [], 0, 0
+    for i, n in enumerate(outer):
+        widths = inner[pos : pos + n]
+        if n and (widths != widths[0]).any():
+            j = int(np.flatnonzero(widths != widths[0])[0])
+            raise LogitFileError(f"{where(file, first_row + i, j)}: {name} has {widths[j]} entries where position 0 "
+                                 f"has {widths[0]}; every position of a row needs the same top-k")
+        width = int(widths[0]) if n else 0
+        rows.append(flat[at : at + n * width].reshape(int(n), width))
+        at, pos = at + n * width, pos + n
+    return rows
