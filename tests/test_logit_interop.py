@@ -142,7 +142,7 @@ def test_an_axolotl_file_without_kdflows_tail_gets_one_minus_the_top_k_mass(cach
         expected = torch.from_numpy(tail_from_topk(got.logprobs.numpy())).half().float()
         assert torch.equal(got.tail, expected)  # the tail stated: log(1 - sum of the top-k p)
         assert (normalised[normalised.row_ids[0]].tail <= TAIL_FLOOR + 0.1).all()  # renormalised: the floor
-    assert "computed from the axolotl file" in raw.manifest["tail"]
+    assert "computed from the top-k log-probs of the axolotl file" in raw.manifest["tail"]
 
 
 def test_a_distillkit_file_from_its_own_capture_reads_with_its_config_defaults(cache, teacher, tmp_path):
@@ -164,6 +164,7 @@ def test_a_distillkit_file_from_its_own_capture_reads_with_its_config_defaults(c
         assert got.start == 0 and len(got.ids) == len(r.input_ids) - 1  # every position, the prompt's too
         span = slice(r.start, r.start + len(r.ids))
         assert np.array_equal(got.ids[span].numpy(), r.ids)
+        assert torch.equal(got.tail, torch.from_numpy(tail_from_topk(got.logprobs.numpy())).half().float())
         np.testing.assert_allclose(got.logprobs[span].numpy(), r.logprobs, atol=2e-2)  # fp16 of float32 deltas
         assert (got.ids[: r.start, 0].numpy() == r.input_ids[1 : r.start + 1]).all()  # the prompt: its own tokens
 

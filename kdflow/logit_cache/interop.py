@@ -148,8 +148,9 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
     out = Path(out)
     rows = _topk_rows(files, tags, fmt, layout, d, vocab_size, len(tokenizer))
     with _building(out) as tmp:
-        shards, batch, seen = [], [], set()
-        for r in rows:
+        shards, batch, seen, computed = [], [], set(), 0
+        for r, tail_computed in rows:
+            computed += tail_computed
             if r.row_id in seen:
                 raise LogitFileError(f"{source}: row id {r.row_id!r} twice; the cache is looked up by row id")
             seen.add(r.row_id)
@@ -170,7 +171,7 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
         meta = cache_meta(teachers=teachers, tokenizer=tokenizer, vocab_size=vocab_size, k=k,
                           temperature=temperature or (cached or {}).get("temperature", 1.0), encoding=encoding,
                           source=f"import:{fmt}")
-        meta["tail"] = _tail_note(tags, files, fmt)
+        meta["tail"] = _tail_note(computed, len(seen), fmt)
         meta["imported_from"] = [{"file": str(f), "sha256": file_sha256(f)} for f in files]
         manifest = write_manifest(tmp, meta, shards)
         LogitCache.open(tmp, expect_tokenizer=tokenizer, expect_vocab_size=vocab_size).verify()
@@ -182,8 +183,9 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
     return manifest
 
 
-def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Iterator[TopK]:
-    """Every row of every file, checked, as ``TopK`` (best first, the tail filled in)."""
+def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Iterator[tuple[TopK, bool]]:
+    """Every row of every file, checked, as ``TopK`` with the tail filled in; and whether that tail was computed
+    (the file had none)."""
     for file, tag in zip(files, tags):
         at = 0
         for batch in _batches(file):
@@ -191,7 +193,8 @@ def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Ite
             read = (distillkit.rows_of(batch, layout, d, file, at, spans) if fmt == "distillkit"
                     else axolotl.rows_of(batch, file, at))
             for r in read:
-                yield _checked(r, file, tag["row_ids"][r.row] if tag else f"{file.stem}/{r.row}", vocab_size, tokens)
+                row_id = tag["row_ids"][r.row] if tag else f"{file.stem}/{r.row}"
+                yield _checked(r, file, row_id, vocab_size, tokens), r.tail is None
             at += batch.num_rows
 
 
@@ -238,11 +241,12 @@ def _tag(file: Path) -> dict | None:
     return json.loads(meta[METADATA]) if METADATA in meta else None
 
 
-def _tail_note(tags, files, fmt) -> str:
-    if all(tags):
-        return "log(1 - sum of top-k p) as the exported cache stored it, float16"
-    return (f"log(1 - sum of top-k p) computed from the {fmt} file's top-k log-probs (it stores no tail), floored at "
-            "e^-30; float16. Rebuilt spread evenly over the other V - k ids")
+def _tail_note(computed: int, rows: int, fmt: str) -> str:
+    stored = "log(1 - sum of top-k p), float16; rebuilt spread evenly over the other V - k ids"
+    if not computed:
+        return f"{stored}; as the exported kdflow cache stored it (kdflow_tail)"
+    return (f"{stored}; computed from the top-k log-probs of the {fmt} file, which stores no tail ({computed} of {rows} "
+            "rows), floored at e^-30: the floor where the file's top-k were renormalised to sum 1")
 
 
 def _check_format(fmt: str) -> None:
