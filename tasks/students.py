@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from kdflow.config.student import StudentSection
-from kdflow.store.model_folders import write_location
+from kdflow.store.model_folders import keyed_by_content, write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
 from kdflow.training.student import (StudentJob, launch_student, needs_logit_cache, on_policy_accounting,
@@ -24,8 +24,11 @@ from kdflow.training.student import (StudentJob, launch_student, needs_logit_cac
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
+# A pretrained student's local folder is keyed by its files (model_folders.keyed_by_content): new weights at the same
+# path retrain it; one inside a stage output (a pruned teacher, another student) keeps the key its path gives.
 STUDENTS = Stage("students", "1", lambda section, template, teacher, data, curated, logits=None: {
-    "section": section, "template": template, "teacher": teacher, "data": data, "curated": curated, "logits": logits})
+    "section": keyed_by_content(section), "template": template, "teacher": teacher, "data": data, "curated": curated,
+    "logits": logits})
 
 
 @task(cache_policy=StageCache(STUDENTS), **STAGE_RESULTS, task_run_name="train_student[{section.name}]")

@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow.store.model_folders import write_location
+from kdflow.store.model_folders import folder_sha256, write_location
 from kdflow.store.run_folder import read_split
-from kdflow.store.outputs import OutputRef, hash_folder
+from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from kdflow.config.templates import render, sft_rows
 from kdflow.config.generation import ApiSection
@@ -28,9 +28,9 @@ from tasks.progress import TrainingArtifact
 
 TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template})
 # A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
-# invalidates what follows.
+# invalidates what follows (folder_sha256: hash_folder's digest, hashed again only when a file changed).
 EXISTING_TEACHER = Stage("teacher", "1", lambda section: {
-    "section": section, "weights": hash_folder(Path(section.model)) if Path(section.model).is_dir() else None})
+    "section": section, "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None})
 # An API teacher: the model's identity (name, base_url without a password) is what it is; the tokenizer for
 # from-scratch students is made from the data's gold text with the prompt template.
 API_TEACHER = Stage("teacher", "1", lambda section, api, data, template: {

@@ -10,6 +10,9 @@ sys.path.insert(0, str(ROOT))
 
 # Before anything imports prefect (which creates PREFECT_HOME on import).
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-prefect-"))
+# Folder hashes and what API servers said they serve (kdflow/store/model_folders.py, kdflow/teacher/served.py): a
+# record of the session's own, not the machine's ~/.cache/kdflow.
+os.environ.setdefault("KDFLOW_STATE_DIR", tempfile.mkdtemp(prefix="kdflow-state-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts slowly
 os.environ["HF_HUB_OFFLINE"] = "1"
