@@ -26,13 +26,16 @@ from kdflow.evaluation.judge import ask_judge, backend, check_judge_failures, pr
 from kdflow.evaluation.model_metrics import evaluate
 from kdflow.evaluation.traffic import TRAFFIC_FORMULA
 from kdflow.evaluation.quality import judge_pairs, judge_prompts, judgement, win_rate
-from kdflow.store.model_folders import model_location
+from kdflow.store.model_folders import keyed_by_content, model_location
 from kdflow.store.outputs import OutputRef, content_key
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from kdflow.teacher import api_keys
+from kdflow.teacher.answer_shards import adopt_folder
+from kdflow.teacher.served import served_identity
 from kdflow.teacher.completion import TeacherBackend
 from tasks.caching import STAGE_RESULTS, StageCache
+from tasks.generate import served
 
 # ``teacher_eval`` (instruction data: the teacher's evaluation, whose answers a student is scored on) is in the key only
 # where it is passed, so that the other sources' keys are as they were.
@@ -72,9 +75,11 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
 
 # The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model,
 # and it is asked as it was for the students' answers (the generation template, else the CoT one; the system prompt).
+# The served model's card too (tasks/generate.served): another model under the same name and URL is evaluated anew.
 API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
     "section": section, "template": generation.template_text or template, "source": source.value,
-    "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data})
+    "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data,
+    **served(generation)})
 
 
 def teacher_api_key(api: ApiSection) -> str | None:
@@ -102,9 +107,10 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     api, rows = generation.api, read_split(data, section.split)
     model = TeacherBackend(Backend.openai, api.model, base_url=api.base_url, api_key=lambda: teacher_api_key(api),
                            timeout_s=api.timeout_s, concurrency=api.concurrency, max_retries=api.max_retries)
-    who = content_key("api-replies", API_EVALUATE.version, {**api.identity(), "max_new_tokens": section.max_new_tokens,
-                                                             "system_prompt": generation.system_prompt})
-    folder = Path(run_dir) / API_EVALUATE.name / f".replies-{who[:16]}"
+    asked = {**api.identity(), "max_new_tokens": section.max_new_tokens, "system_prompt": generation.system_prompt}
+    folder, legacy = (Path(run_dir) / API_EVALUATE.name / f".replies-{key[:16]}" for key in (
+        content_key("api-replies", API_EVALUATE.version, who) for who in ({**asked, **served(generation)}, asked)))
+    adopt_folder(legacy, folder)  # replies kept before the served model's card named the folder are this model's
     if source is DataSource.instructions:
         metrics, predicted, acct = api_rouge_l(model, rows, out.inputs["template"], section.max_new_tokens, folder,
                                                generation.system_prompt)
@@ -119,7 +125,7 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
     with out.building() as tmp:
         pd.DataFrame(predicted).to_parquet(tmp / "predictions.parquet", index=False)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        out.finish(tmp, rows=len(rows), metrics=metrics, accounting=acct.as_dict())
+        out.finish(tmp, rows=len(rows), metrics=metrics, accounting=acct.as_dict(), served=out.inputs.get("served"))
     return out.ref()
 
 
@@ -151,18 +157,34 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     return out.ref()
 
 
+def judge_identity(section: EvaluationSection.Judge) -> tuple[EvaluationSection.Judge, dict]:
+    """Which model judges, by content: (the section with a local judge folder as ``sha256:<its files>``, and for an API
+    judge ``{"served": <the card its server lists for the name>}``). A hub id, a folder inside a stage output, or a
+    server that never said which model it serves: the section as it is and ``{}``, keyed as it always was."""
+    if section.backend is not Backend.openai:
+        return keyed_by_content(section), {}
+    identity = served_identity(section.base_url, section.model, lambda: judge_api_key(section))
+    return section, ({"served": identity} if identity else {})
+
+
 # The judge's template text is in the section (a computed field), hence in the key: editing the prompt re-judges.
-JUDGE = Stage("judge", "1", lambda section, students, teacher, data, split: {
-    "section": section, "students": students, "teacher": teacher, "data": data, "split": split})
+def judge_content(section, students, teacher, data, split) -> dict:
+    keyed, served_card = judge_identity(section)
+    return {"section": keyed, **served_card, "students": students, "teacher": teacher, "data": data, "split": split}
 
 
-def reply_folder(run_dir: Path, section: EvaluationSection.Judge) -> Path:
+JUDGE = Stage("judge", "1", judge_content)
+
+
+def reply_folder(run_dir: Path, section: EvaluationSection.Judge, by_content: bool = True) -> Path:
     """Where this judge's replies are persisted as they arrive (``kdflow.teacher.answer_shards``), one per prompt, keyed
     by the prompt's hash: a crash, a rerun or a new student asks the judge nothing it has answered already.
-    Kept after the stage (hidden, so no stage output): judge calls cost money."""
-    judge = {k: getattr(section, k) for k in ("backend", "model", "max_new_tokens")} | {
-        "base_url": redact_url(section.base_url)}  # a password in the URL is no part of what was judged
-    who = content_key("judge-replies", JUDGE.version, {**judge, "vllm_args": section.vllm.extra_args})
+    Kept after the stage (hidden, so no stage output): judge calls cost money. Named by the judge's identity
+    (``judge_identity``); ``by_content=False``: by its name, where replies were kept before that."""
+    keyed, served_card = judge_identity(section) if by_content else (section, {})
+    judge = {"backend": section.backend, "model": keyed.model, "max_new_tokens": section.max_new_tokens,
+             "base_url": redact_url(section.base_url)}  # a password in the URL is no part of what was judged
+    who = content_key("judge-replies", JUDGE.version, {**judge, "vllm_args": section.vllm.extra_args, **served_card})
     return Path(run_dir) / JUDGE.name / f".replies-{who[:16]}"
 
 
@@ -194,6 +216,7 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
                                  judge_pairs(questions, predictions(ref), reference, section.max_questions))
              for name, ref in students.items()}
     folder = reply_folder(run_dir, section)
+    adopt_folder(reply_folder(run_dir, section, by_content=False), folder)  # replies kept before it was by identity
     judge = backend(section, lambda: judge_api_key(section))
     replies, acct = ask_judge(judge, section.max_new_tokens, [i["prompt"] for its in items.values() for i in its],
                               folder)
@@ -207,7 +230,8 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
         out.finish(tmp, rows=len(judgements), win_rates=results, split=split,
                    questions=len(next(iter(items.values()), [])) // 2,
                    judge={"backend": section.backend.value, "model": section.model,
-                          "base_url": redact_url(section.base_url), "template": section.template},
+                          "base_url": redact_url(section.base_url), "template": section.template,
+                          **{k: v for k, v in out.inputs.items() if k == "served"}},
                    accounting=acct.as_dict())
     return out.ref()
 

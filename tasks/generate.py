@@ -19,18 +19,15 @@ from kdflow.config.generation import Backend, GenerationSection
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.teacher import api_keys
-from kdflow.teacher.answer_shards import read_shards
+from kdflow.teacher.answer_shards import adopt_folder, read_shards
 from kdflow.teacher.api_client import Accounting, FatalApiError
 from kdflow.teacher.generation import (TooManyFailures, answer_table, api_answers, check_failures, failure_table,
                                        hf_answers, prompted_rows)
 from kdflow.store.stage import Stage
+from kdflow.teacher.served import served_identity
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
-# Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
-# prompt inside the section (its template_text fields are computed, hence in its dump).
-GENERATE = Stage("generate", "2", lambda section, template, teacher, data: {
-    "section": section, "template": template, "teacher": teacher, "data": data})
 PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to watch, rare enough to cost nothing
 
 
@@ -47,6 +44,23 @@ def api_key(section: GenerationSection) -> str | None:
         return Secret.load(section.api.api_key_secret_block).get()
     # An unset or empty variable fails naming it (not as a 401).
     return api_keys.from_env(section.api.api_key_env, "generation.api.api_key_env")
+
+
+def served(section: GenerationSection) -> dict:
+    """``{"served": <the model's card>}`` where an API answers under a name the recipe gives (``api.model``): a
+    different model served under that name at that URL is new content (kdflow/teacher/served.py); ``{}`` where the
+    run's own weights answer (hf, a local vLLM server, or an API serving the teacher's folder), or where the server
+    never said which model it serves: the key then is what it always was."""
+    if section.backend is not Backend.openai or section.api.model is None:
+        return {}
+    identity = served_identity(section.api.base_url, section.api.model, lambda: api_key(section))
+    return {"served": identity} if identity else {}
+
+
+# Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
+# prompt inside the section (its template_text fields are computed, hence in its dump).
+GENERATE = Stage("generate", "2", lambda section, template, teacher, data: {
+    "section": section, "template": template, "teacher": teacher, "data": data, **served(section)})
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:
@@ -104,8 +118,14 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
     out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
     if done := out.done:
         return done
+    # Answers made before the served model's card was part of this key are taken as this model's, never asked again:
+    # finished ones copied (the same files: nothing downstream reruns), a crashed run's shards moved.
+    if old := out.unrecorded("served"):
+        return out.adopt(old, served=out.inputs["served"])
     rows = prompted_rows(section, section.template_text or template, data)
     folder = shard_folder(run_dir, out.key)
+    if "served" in out.inputs:
+        adopt_folder(shard_folder(run_dir, out.key_without("served")), folder)
     if section.backend is Backend.hf:
         (answered, acct), failed = hf_answers(section, model_location(teacher), rows), []
     else:
@@ -126,7 +146,8 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
         failures.to_parquet(tmp / "failures.parquet", index=False)
         tokens = int(answers["completion_tokens"].fillna(0).sum()) if len(answers) else 0
         out.finish(tmp, rows=len(answers), failed=len(failures), backend=section.backend.value,
-                   accounting=acct.as_dict(), completion_tokens=tokens)
+                   accounting=acct.as_dict(), completion_tokens=tokens,
+                   **{k: v for k, v in out.inputs.items() if k == "served"})  # where known (else adoptable as older ones)
     shutil.rmtree(folder, ignore_errors=True)  # everything it held is in the output now
     create_table_artifact(key="teacher-accounting", table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
                           description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time")

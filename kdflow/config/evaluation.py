@@ -56,7 +56,8 @@ class EvaluationSection(Strict):
 
         The judge: ``backend: openai``, a model an OpenAI-compatible API serves at ``base_url``; ``backend: vllm``,
         a local model folder (or hub id) served by the stage itself; ``backend: hf``, that folder run in-process.
-        A local judge is keyed by its path, not its weights: point ``model`` at a new folder for a new judge."""
+        A local judge folder is keyed by its files, an API judge by what its server lists for the name at
+        ``/v1/models`` (tasks/evaluate.py ``judge_identity``): new weights under the same path or name re-judge."""
 
         # How fast or with which credentials, not what is judged: left out of the stage's key.
         __throughput_fields__: ClassVar[dict] = {

@@ -22,14 +22,19 @@ exactly the stages that read it.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
+from kdflow.store.outputs import MANIFEST, OutputRef, building, content_key, existing_output, finish, read_manifest
 
 NOT_CONTENT = {"run_dir"}
+# What a manifest says of itself rather than of the output's content: not carried over by ``StageOutput.adopt``.
+OWN_FIELDS = {"stage", "key", "sha256", "rows", "inputs", "files", "created_at", "versions"}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,3 +86,40 @@ class StageOutput:
 
     def finish(self, tmp: Path, rows: int | None = None, **extra) -> None:
         finish(tmp, self.stage.name, self.key, inputs=self.inputs, rows=rows, **extra)
+
+    def key_without(self, name: str) -> str:
+        """The key these inputs had before ``name`` was one of them: where older code put the same output."""
+        return content_key(self.stage.name, self.stage.version, {k: v for k, v in self.inputs.items() if k != name})
+
+    def unrecorded(self, name: str) -> OutputRef | None:
+        """The finished output older code made of these inputs less ``name`` (``key_without``), if its manifest records
+        no ``name``: made before ``name`` was part of the key, so nothing says it was made of another one."""
+        if name not in self.inputs:
+            return None
+        old = existing_output(self.run_dir, self.stage.name, self.key_without(name))
+        if old is None or name in old.manifest() or self._adopted(old.key):
+            return None
+        return old
+
+    def _adopted(self, key: str) -> bool:
+        """Whether another output was made as a copy of the output ``key`` already: it is that one's, not this one's
+        (the identity the first adopter recorded is the one it was taken for)."""
+        for manifest in (self.run_dir / self.stage.name).glob(f"[!.]*/{MANIFEST}"):
+            record = read_manifest(manifest.parent)
+            if record is not None and record.get("adopted_from") == key:
+                return True
+        return False
+
+    def adopt(self, old: OutputRef, **extra) -> OutputRef:
+        """Finish this output as a copy of ``old``'s files — the same files, so the same sha256: nothing made from it
+        is made again — with ``old``'s manifest figures, ``extra`` and ``adopted_from`` (its key)."""
+        manifest = old.manifest()
+        log.warning(f"stage {self.stage.name!r}: taking {old.path} (made before its key recorded "
+                    f"{sorted(set(self.inputs) - set(manifest.get('inputs', {})))}) as the output of {self.key[:16]}")
+        with self.building() as tmp:
+            for file in sorted(p for p in Path(old.path).rglob("*") if p.is_file() and p.name != MANIFEST):
+                (tmp / file.relative_to(old.path)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(file, tmp / file.relative_to(old.path))
+            kept = {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
+            self.finish(tmp, rows=manifest.get("rows"), **{**kept, **extra, "adopted_from": old.key})
+        return self.ref()

@@ -92,3 +92,16 @@ def read_shards(folder: Path) -> tuple[dict[Key, dict], dict[Key, dict]]:
             else:
                 failures[key] = record
     return answers, {k: v for k, v in failures.items() if k not in answers}
+
+
+def adopt_folder(old: Path, new: Path) -> bool:
+    """Move the records in ``old`` to ``new`` when only ``old`` has any (a folder named by a key that older code
+    computed from less content): paid answers are never asked twice because a key grew. True when moved."""
+    if Path(new).exists() or not Path(old).is_dir():
+        return False
+    try:
+        os.rename(old, new)
+    except FileNotFoundError:  # another process moved it first
+        return False
+    log.warning(f"{old}: answers recorded before its key named the model's identity, kept as {Path(new).name}")
+    return True
