@@ -30,12 +30,11 @@ from kdflow.store.model_folders import keyed_by_content, model_location
 from kdflow.store.outputs import OutputRef, content_key
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
-from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import adopt_folder
 from kdflow.teacher.served import served_identity
 from kdflow.teacher.completion import TeacherBackend
 from tasks.caching import STAGE_RESULTS, StageCache
-from tasks.generate import served
+from tasks.api_keys import read_api_key, served
 
 # ``teacher_eval`` (instruction data: the teacher's evaluation, whose answers a student is scored on) is in the key only
 # where it is passed, so that the other sources' keys are as they were.
@@ -75,7 +74,7 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
 
 # The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model,
 # and it is asked as it was for the students' answers (the generation template, else the CoT one; the system prompt).
-# The served model's card too (tasks/generate.served): another model under the same name and URL is evaluated anew.
+# The served model's card too (tasks/api_keys.served): another model under the same name and URL is evaluated anew.
 API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
     "section": section, "template": generation.template_text or template, "source": source.value,
     "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data,
@@ -84,11 +83,7 @@ API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generati
 
 def teacher_api_key(api: ApiSection) -> str | None:
     """The API teacher's key, as the generate stage reads it (Secret block or environment variable)."""
-    if api.api_key_secret_block:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(api.api_key_secret_block).get()
-    return api_keys.from_env(api.api_key_env, "generation.api.api_key_env")
+    return read_api_key(api.api_key_secret_block, api.api_key_env, "generation.api.api_key_env")
 
 
 class TooManyApiFailures(RuntimeError):
@@ -189,12 +184,7 @@ def reply_folder(run_dir: Path, section: EvaluationSection.Judge, by_content: bo
 
 
 def judge_api_key(section: EvaluationSection.Judge) -> str | None:
-    """The key from the Prefect Secret block or environment variable the recipe names (the value never is)."""
-    if section.api_key_secret_block:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(section.api_key_secret_block).get()
-    return api_keys.from_env(section.api_key_env, "evaluation.judge.api_key_env")
+    return read_api_key(section.api_key_secret_block, section.api_key_env, "evaluation.judge.api_key_env")
 
 
 @task(cache_policy=StageCache(JUDGE), **STAGE_RESULTS,

@@ -18,14 +18,13 @@ from tqdm import tqdm
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
-from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import adopt_folder, read_shards
 from kdflow.teacher.api_client import Accounting, FatalApiError
 from kdflow.teacher.generation import (TooManyFailures, answer_table, api_answers, check_failures, failure_table,
                                        hf_answers, prompted_rows)
 from kdflow.store.stage import Stage
-from kdflow.teacher.served import served_identity
 from kdflow.teacher.vllm_server import VllmStartupError
+from tasks.api_keys import generation_api_key, served
 from tasks.caching import STAGE_RESULTS, StageCache
 
 PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to watch, rare enough to cost nothing
@@ -34,27 +33,6 @@ PROGRESS_EVERY_S = 2.0  # Prefect progress artifact updates: often enough to wat
 def shard_folder(run_dir: Path, key: str) -> Path:
     """Where answers are persisted while the stage runs (kept across crashes; removed once the output is done)."""
     return output_dir(run_dir, GENERATE.name, key).with_name(f".shards-{key[:16]}")
-
-
-def api_key(section: GenerationSection) -> str | None:
-    """The key from the Prefect Secret block or environment variable the recipe names (the value never is)."""
-    if section.api.api_key_secret_block:
-        from prefect.blocks.system import Secret
-
-        return Secret.load(section.api.api_key_secret_block).get()
-    # An unset or empty variable fails naming it (not as a 401).
-    return api_keys.from_env(section.api.api_key_env, "generation.api.api_key_env")
-
-
-def served(section: GenerationSection) -> dict:
-    """``{"served": <the model's card>}`` where an API answers under a name the recipe gives (``api.model``): a
-    different model served under that name at that URL is new content (kdflow/teacher/served.py); ``{}`` where the
-    run's own weights answer (hf, a local vLLM server, or an API serving the teacher's folder), or where the server
-    never said which model it serves: the key then is what it always was."""
-    if section.backend is not Backend.openai or section.api.model is None:
-        return {}
-    identity = served_identity(section.api.base_url, section.api.model, lambda: api_key(section))
-    return {"served": identity} if identity else {}
 
 
 # Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
@@ -135,7 +113,7 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
             # A local vLLM server serves the teacher's folder under its path; a remote API may name it otherwise.
             local = section.backend is Backend.vllm
             model = model_location(teacher) if local else section.api.model or model_location(teacher)
-            answered, failed, acct = api_answers(section, model, rows, folder, progress, lambda: api_key(section))
+            answered, failed, acct = api_answers(section, model, rows, folder, progress, lambda: generation_api_key(section))
         finally:
             progress.close()
     check_failures(failed, len(rows), section, folder)

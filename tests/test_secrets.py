@@ -66,7 +66,7 @@ def test_credentials_in_a_run_url_are_refused_without_being_echoed():
 @pytest.mark.parametrize("value, state", [(None, "is not set"), ("", "is empty"), ("  ", "is empty")])
 def test_an_unset_api_key_variable_is_named_not_reported_as_a_401(monkeypatch, value, state):
     from tasks.evaluate import judge_api_key
-    from tasks.generate import api_key
+    from tasks.api_keys import generation_api_key as api_key
 
     if value is None:
         monkeypatch.delenv("KDFLOW_TEST_NO_KEY", raising=False)
