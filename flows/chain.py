@@ -16,10 +16,11 @@ from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
 from kdflow.config.recipe import Recipe, load_recipe
-from kdflow.config.student import StudentSection
+from kdflow.config.student import PrunedInit, StudentInit, StudentSection
 from kdflow.models.gguf import is_gguf_path
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
+from kdflow.training.student import student_inputs
 from kdflow.teacher import api_keys
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
@@ -29,6 +30,7 @@ from tasks.generate import generate_answers
 from tasks.models import import_gguf_model, prune_teacher
 from tasks.quantize import quantized_name, quantize_students
 from tasks.report import write_report
+from tasks.students import train_student
 
 
 def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
@@ -96,18 +98,31 @@ class Starts:
 
 def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRef) -> Starts:
     """Where each student starts: a student with ``init`` from the teacher pruned once per init (the prune stage),
-    a student named by a GGUF file from its import; the rest as the recipe says."""
+    a student named by a GGUF file from its import; the rest as the recipe says (one started from another student
+    keeps its ``init``: ``train_in_order`` resolves it once that student is trained)."""
     cot = r.prompts.cot_text()
     runs = r.student_runs()
-    inits = dict.fromkeys(s.init for s in runs if s.init)  # each distinct init once (seeds share it)
+    inits = dict.fromkeys(s.init for s in runs if isinstance(s.init, PrunedInit))  # each once (seeds share it)
     pruned = {i: prune_teacher(run_dir, i, teacher, data, cot) for i in inits}
     files = dict.fromkeys((s.model, s.dtype) for s in runs if is_gguf_path(s.model))  # one import per file and dtype
     imported = {f: model_location(import_gguf_model(run_dir, *f)) for f in files}
-    students = [s.model_copy(update={"model": model_location(pruned[s.init]), "init": None}) if s.init else
+    students = [s.model_copy(update={"model": model_location(pruned[s.init]), "init": None}) if s.init in pruned else
                 s.model_copy(update={"model": imported[s.model, s.dtype]}) if is_gguf_path(s.model) else s
                 for s in runs]
     return Starts(students, {i.label: ref for i, ref in pruned.items()},
                   {i.label: {"data": f"none ({i.summary()['init']}; untrained)", "untrained": True} for i in pruned})
+
+
+def train_in_order(run_dir: Path, students: list[StudentSection], template: str, teacher: OutputRef,
+                   data: OutputRef, curated: OutputRef | None, logits: OutputRef | None) -> dict[str, OutputRef]:
+    """Each student (as ``starting_points`` returns them), in the recipe's order; one started from another student
+    (``init: {from: student}``) starts from that student's trained model folder, whose path carries its key."""
+    trained: dict[str, OutputRef] = {}
+    for s in students:
+        if isinstance(s.init, StudentInit):
+            s = s.model_copy(update={"model": model_location(trained[s.init.student]), "init": None})
+        trained[s.name] = train_student(run_dir, s, template, teacher, data, *student_inputs(s, curated, logits))
+    return trained
 
 
 def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,

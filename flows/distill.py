@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import evaluate_and_report, starting_points, upstream
+from flows.chain import evaluate_and_report, starting_points, train_in_order, upstream
 from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
 from kdflow.reporting.quality_metric import QUALITY, metric_of
 from kdflow.store.remote import push_files
-from kdflow.training.student import student_inputs
-from tasks.students import train_student
 
 
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
@@ -33,8 +31,7 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
 
     u = upstream(recipe, r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
     starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
-    students = {s.name: train_student(run_dir, s, cot, u.teacher, u.data, *student_inputs(s, u.curated, u.logits))
-                for s in starts.students}
+    students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits)
     report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated,
                                  starts.floor_info)
     if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)

@@ -10,14 +10,13 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.chain import recipe_and_run, starting_points
+from flows.chain import recipe_and_run, starting_points, train_in_order
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from kdflow.config.student import StudentSection
-from kdflow.training.student import needs_curated, needs_logit_cache, student_inputs
-from tasks.students import train_student
+from kdflow.training.student import needs_curated, needs_logit_cache
 
 
 def inputs_from_run(run: Path, students: list[StudentSection]) -> tuple[OutputRef, OutputRef, OutputRef | None,
@@ -38,8 +37,7 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     cot = r.prompts.cot_text()
     data, teacher, curated, logits = inputs_from_run(run, r.students)
     starts = starting_points(run, r, teacher, data)  # students pruned from the teacher or named by a GGUF file
-    return {s.name: train_student(run, s, cot, teacher, data, *student_inputs(s, curated, logits))
-            for s in starts.students}
+    return train_in_order(run, starts.students, cot, teacher, data, curated, logits)
 
 
 if __name__ == "__main__":

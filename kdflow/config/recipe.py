@@ -24,7 +24,7 @@ from kdflow.config.kd import KD_METHODS, OfflineKD, OnPolicyKD
 from kdflow.config.loading import FieldError, parse_yaml, read_recipe_file
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.run import RunSection
-from kdflow.config.student import StudentData, StudentSection
+from kdflow.config.student import PrunedInit, StudentData, StudentInit, StudentSection
 from kdflow.config.teacher import TeacherSection
 
 
@@ -71,8 +71,18 @@ class Recipe(Strict):
 
     def _pruning_checks(self) -> None:
         """A student pruned from the teacher keeps at most the teacher's layers (known here for a teacher folder, a
-        GGUF file or an architecture to train), and needs the teacher's weights."""
+        GGUF file or an architecture to train), and needs the teacher's weights. A student started from another
+        starts from one listed before it (the order students train in)."""
         for i, s in enumerate(self.students):
+            if isinstance(s.init, StudentInit):
+                before = [t.name for t in self.students[:i]]
+                if s.init.student not in before:
+                    later = ("is the student itself" if s.init.student == s.name else "is listed after it"
+                             if s.init.student in {t.name for t in self.students} else "is not a student of the recipe")
+                    raise FieldError(f"student {s.name!r}: init.student {s.init.student!r} {later}; name a student "
+                                     f"listed before {s.name!r} ({', '.join(before) or 'none is'}), which it starts from "
+                                     "once trained", "students", i, "init", "student")
+                continue
             if s.init is None:
                 continue
             if self.teacher.api:
@@ -128,18 +138,29 @@ class Recipe(Strict):
         if unknown := [n for n in names if n not in known]:
             raise ValueError(f"--students {' '.join(unknown)}: no such student in the recipe; its students are "
                              f"{', '.join(known)}")
-        return self.model_copy(update={"students": [s for s in self.students if s.name in names]})
+        wanted = set(names)
+        for s in reversed(self.students):  # a student started from another needs that one (cached if trained)
+            if s.name in wanted and isinstance(s.init, StudentInit):
+                wanted.add(s.init.student)
+        return self.model_copy(update={"students": [s for s in self.students if s.name in wanted]})
 
     def student_runs(self) -> list[StudentSection]:
         """The students to train: as listed, or each once per ``run.seeds`` seed, named ``<name>@<seed>``."""
         if not self.run.seeds:
             return list(self.students)
-        return [s.model_copy(update={"name": f"{s.name}@{seed}", "seed": seed})
+        return [s.model_copy(update={"name": f"{s.name}@{seed}", "seed": seed, "init": seeded(s.init, seed)})
                 for s in self.students for seed in self.run.seeds]
 
     @property
     def run_dir(self) -> Path:
         return self.run.local_dir(ROOT)
+
+
+def seeded(init: PrunedInit | StudentInit | None, seed: int) -> PrunedInit | StudentInit | None:
+    """A student's init under run.seeds: one started from another student starts from that student's same seed."""
+    if isinstance(init, StudentInit):
+        return init.model_copy(update={"student": f"{init.student}@{seed}"})
+    return init
 
 
 def parse_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> Recipe:

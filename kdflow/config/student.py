@@ -85,6 +85,21 @@ class PrunedInit(Strict):
         return f"pruned-{self.layers}-{self.select.value.replace('_', '-')}"
 
 
+class StudentInit(Strict):
+    """Start from another student's trained weights: staged distillation, e.g. offline KD or seq-KD first and
+    on-policy KD after it, as GKD and on-policy distillation recipes warm-start. A student sampling its own answers
+    from an untrained pruned copy writes text the teacher would never write, and the teacher's scores of it teach
+    little; starting from a student that already writes the teacher's kind of answer gives on-policy KD something
+    to correct. The parent is listed before this student; with run.seeds, ``<name>@<seed>`` starts from
+    ``<student>@<seed>``."""
+
+    from_: Literal["student"] = Field(alias="from", description="the model started from: another student's")
+    student: StudentName = Field(description="the student whose trained model this one starts from (listed before it)")
+
+    def summary(self) -> dict:
+        return {"init": f"from the trained student {self.student}"}
+
+
 class LaunchSection(Strict):
     """Train the student in processes of its own, started by ``accelerate launch`` (e.g. DDP over a node's GPUs),
     instead of inside the stage's process. The number of processes multiplies the global batch, so it and the
@@ -131,8 +146,9 @@ class StudentSection(Strict):
                                  "subset fixed by the seed, the same for every method (transfer-set sweeps)")
     model: str | None = Field(None, description="a pretrained model folder, hub id or GGUF file to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
-    init: PrunedInit | None = Field(None, description="or: the teacher with a subset of its layers, e.g. "
-                                    "{from: teacher, layers: 15, select: importance}")
+    init: Annotated[PrunedInit | StudentInit, Field(discriminator="from_")] | None = Field(
+        None, description="or: the teacher with a subset of its layers, e.g. {from: teacher, layers: 15, select: "
+        "importance}; or another student's trained model, e.g. {from: student, student: offline-kd}")
     seed: int = 0
     curve_points: int = Field(0, ge=0, le=100, description="save the weights at this many evenly spaced steps (the "
                               "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none")
@@ -166,7 +182,7 @@ class StudentSection(Strict):
         starts = [f for f in ("model", "architecture", "init") if getattr(self, f) is not None]
         if len(starts) != 1:
             raise ValueError(f"set exactly one of model (fine-tune a pretrained student), architecture (a fresh one) "
-                             f"or init (pruned from the teacher); {'got ' + ' and '.join(starts) if starts else 'none is set'}")
+                             f"or init (pruned from the teacher, or a trained student); {'got ' + ' and '.join(starts) if starts else 'none is set'}")
         if self.lora is not None:
             self._check_lora()
         if is_gguf_path(self.model):
