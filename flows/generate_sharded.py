@@ -30,7 +30,9 @@ from kdflow.store.outputs import OutputRef
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.config.recipe import load_recipe
 from kdflow.teacher.generation import api_answers, prompted_rows
-from tasks.generate import GENERATE, api_key, generate_answers, shard_folder
+from kdflow.teacher.answer_shards import adopt_folder
+from tasks.api_keys import generation_api_key
+from tasks.generate import GENERATE, generate_answers, shard_folder
 
 
 # No cache policy: a shard's answers are durable in the shard folder; rerun, it asks only for what is missing.
@@ -38,11 +40,14 @@ from tasks.generate import GENERATE, api_key, generate_answers, shard_folder
 def answer_shard(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef,
                  shard: int, shards: int) -> dict:
     """Ask for every ``shards``-th (row, sample), starting at ``shard``; returns who answered how many."""
-    folder = shard_folder(run_dir, GENERATE.key(section=section, template=template, teacher=teacher, data=data))
+    out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
+    folder = shard_folder(run_dir, out.key)
+    if "served" in out.inputs:  # a shard's answers asked before the served model's card was part of the key
+        adopt_folder(shard_folder(run_dir, out.key_without("served")), folder)
     rows = prompted_rows(section, section.template_text or template, data)[shard::shards]
     local = section.backend is Backend.vllm
     model = model_location(teacher) if local else section.api.model or model_location(teacher)
-    _, _, acct = api_answers(section, model, rows, folder, api_key=lambda: api_key(section))
+    _, _, acct = api_answers(section, model, rows, folder, api_key=lambda: generation_api_key(section))
     return {"shard": shard, "host": socket.gethostname(), "pid": os.getpid(), **acct.as_dict()}
 
 
