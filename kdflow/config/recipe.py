@@ -6,7 +6,7 @@ Fields listed in a section's ``__throughput_fields__`` (batch sizes for generati
 how fast a stage runs, not what it produces, so they are left out of cache keys.
 
 Each section lives in a module of its own beside this one (run, data, generation, filters, teacher, student, kd,
-evaluation, logit_cache); this one holds the whole recipe, the checks across its sections, and its loader.
+evaluation, logit_cache, cost); this one holds the whole recipe, the checks across its sections, and its loader.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pydantic import Field, model_validator
 
+from kdflow.config.cost import CostSection
 from kdflow.config.data import DataSection, DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import ROOT, Strict, recipe_context
@@ -38,6 +39,7 @@ class Recipe(Strict):
     students: list[StudentSection] = Field(min_length=1)
     evaluation: EvaluationSection = EvaluationSection()
     logit_cache: LogitCacheSection | None = None
+    cost: CostSection | None = None  # the report's prices only: given to no stage, so in no stage's key
 
     @model_validator(mode="after")
     def _cross_checks(self):
