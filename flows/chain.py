@@ -170,4 +170,4 @@ def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], 
     judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
                              evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
     return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks, students, curated, judged,
-                        r.evaluation.deployment.power)
+                        r.evaluation.deployment.power, r.cost)

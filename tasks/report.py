@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
 
+from kdflow.config.cost import CostSection
 from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
 from kdflow.store.outputs import OutputRef, write_atomic
+from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import build_report, embed, render_markdown, table_rows
 
@@ -56,16 +60,28 @@ def cost(figures: dict | None, power: PowerFigure) -> dict:
     return {**figures, **energy_per_token(figures, power.watts, power.source), "roofline": roofline(figures)}
 
 
+def flow_started() -> datetime | None:
+    """When the flow run writing the report started (its Running state's time; else when it was to start): an output
+    made since was made in this run, an older one reused. None outside a flow run."""
+    context = FlowRunContext.get()
+    run = context.flow_run if context is not None else None
+    if run is None:
+        return None
+    return run.state.timestamp if run.state is not None and run.state.is_running() else run.expected_start_time
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
                  deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef,
-                 judge: OutputRef | None = None, power: PowerFigure = DEFAULT_POWER) -> dict:
+                 judge: OutputRef | None = None, power: PowerFigure = DEFAULT_POWER,
+                 prices: CostSection | None = None) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
     what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
     when the recipe names no judge (the report says it was not run); ``power``: the recipe's stated power, for the
-    energy of models no counter measured (``energy_source: estimated``)."""
+    energy of models no counter measured (``energy_source: estimated``); ``prices``: the recipe's ``cost`` section, for
+    the cost ledger's money (tokens and device-hours without it)."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
@@ -81,6 +97,12 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
         lm_eval=lm_eval,
         judge=None if judge is None else {k: judge.manifest()[k] for k in ("judge", "split", "questions", "win_rates")},
     )
+    # what every output behind the report cost to make, read from their manifests (kdflow/reporting/ledger.py)
+    report["ledger"] = build_ledger(
+        run_dir, {name: [models[name], evaluations[name]] for name in students},
+        {"teacher": [models["teacher"], evaluations["teacher"]], "deployment": [deployment], "curation": [curated],
+         "judge": [judge]},
+        {name: s.get("gap_closure") for name, s in report["students"].items()}, prices, flow_started())
     run_dir = Path(run_dir)
     plots = {"training loss per model": (LOSS_PLOT, plot_losses({n: training_history(m) for n, m in models.items()})),
              "accuracy vs parameters and latency": (TRADEOFF_PLOT, plot_tradeoff(report))}

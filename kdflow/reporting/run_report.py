@@ -7,6 +7,7 @@ import base64
 
 from kdflow.reporting import cost_report
 from kdflow.reporting.floor import floor_gaps, floor_table
+from kdflow.reporting.ledger import section as ledger_section
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
@@ -362,6 +363,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         *cost_table(report),
         "",
         *cost_report.sections(report, report_models(report), trained_on),
+        *ledger_section(report.get("ledger")),
         "## How these were measured",
         "",
         *notes(report),
