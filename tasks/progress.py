@@ -1,5 +1,5 @@
 """A Prefect progress artifact per model being trained (``training-seq-kd``, ``training-teacher``), fed by the
-library's ``on_progress(step, total, loss, seconds_left)`` (kdflow/training/progress.py), which knows no Prefect.
+library's ``on_progress(step, total, loss, seconds_left, topk)`` (kdflow/training/progress.py), which knows no Prefect.
 
 Best effort: the artifact is a view of the training, not part of it. A Prefect server that goes away mid-training
 made ``update_progress_artifact`` raise ``httpx.ConnectError`` inside a Trainer callback, which failed the student;
@@ -17,6 +17,8 @@ import time
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_logger
+
+from kdflow.training.topk_diagnostics import brief
 
 EVERY_S = 2.0  # artifact updates: often enough to watch, rare enough to cost nothing (one API call each)
 CALL_TIMEOUT_S = 30.0  # one artifact call: a healthy server answers in milliseconds; this only ends a hang
@@ -50,7 +52,8 @@ def bounded(call, *args, **kwargs):
 
 class TrainingArtifact:
     """Called as ``on_progress``: the artifact shows the percent of steps done, and its description the step,
-    the loss and the time left, at most every ``EVERY_S`` seconds and always at the last step. Outside a Prefect
+    the loss, a top-k KD student's diagnostics (teacher kept / tail mass, top-1 outside top-k, KD/CE) and the time
+    left, at most every ``EVERY_S`` seconds and always at the last step. Outside a Prefect
     run (a task body called with ``.fn`` in a test) there is no run to attach it to, and no artifact: creating one
     there would start a temporary Prefect server."""
 
@@ -62,13 +65,15 @@ class TrainingArtifact:
             self.artifact = self._call(create_progress_artifact, progress=0.0, key=artifact_key(name),
                                        description=f"{self.what}: training steps done")
 
-    def __call__(self, step: int, total: int, loss: float, seconds_left: float) -> None:
+    def __call__(self, step: int, total: int, loss: float, seconds_left: float, topk: dict | None = None) -> None:
         now = time.perf_counter()
         if self.artifact is None or (now - self.updated < EVERY_S and step < total):
             return
         self.updated = now
+        diagnostics = brief(topk or {}).replace("  ", ", ")
         self._call(update_progress_artifact, self.artifact, progress=round(100.0 * step / max(total, 1), 2),
-                   description=f"{self.what}: step {step}/{total}, loss {loss:.4f}, about {seconds_left:.0f} s left")
+                   description=f"{self.what}: step {step}/{total}, loss {loss:.4f}, "
+                               f"{diagnostics + ', ' if diagnostics else ''}about {seconds_left:.0f} s left")
 
     def _call(self, call, *args, **kwargs):
         try:

@@ -69,13 +69,18 @@ def chunked_sparse_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torc
 
 
 class Teacher:
-    """The KD term's inputs for ``head_losses``: a cached top-k teacher (N rows) and the divergence's settings."""
+    """The KD term's inputs for ``head_losses``: a cached top-k teacher (N rows) and the divergence's settings.
+
+    ``student_outside``: (N,) bool, True where the student's top-1 id is none of these top-k ids (a tie counts as
+    inside), filled in by ``head_losses`` from the maxima its chunks find anyway (for
+    ``kdflow.training.topk_diagnostics``); None before."""
 
     def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
                  kind: Divergence = Divergence.forward_kl, temperature: float = 1.0, beta: float = 0.5,
                  skew: float = 0.1):
         self.ids, self.logprobs, self.tail = ids.long(), logprobs, tail
         self.kind, self.temperature, self.beta, self.skew = Divergence(kind), temperature, beta, skew
+        self.student_outside: torch.Tensor | None = None
 
 
 def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -85,7 +90,8 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
     ``hidden``: (N, H); ``weight``: (V, H); ``bias``: (V,) or None; ``labels``: (N,) or None (no CE; 0 where
     ``IGNORE_INDEX``); ``teacher``: N rows or None (no KD). Returns ``(ce, kd)``, each (N,) fp32 (fp64 for fp64
-    inputs) or None. ``chunk_size``: rows per chunk, default ``chunk_rows(V)``.
+    inputs) or None. ``chunk_size``: rows per chunk, default ``chunk_rows(V)``. With a teacher, sets its
+    ``student_outside``.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden {tuple(hidden.shape)} must be (N, H) and weight {tuple(weight.shape)} (V, H)")
@@ -102,7 +108,10 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         p = teacher_buckets(teacher.logprobs, teacher.tail, vocab, teacher.temperature)
         ids = teacher.ids
         settings = (teacher.temperature, teacher.kind, teacher.beta, teacher.skew)
-    return _HeadLosses.apply(hidden, weight, bias, labels, ids, p, settings, chunk_size or chunk_rows(vocab))
+    ce, kd, outside = _HeadLosses.apply(hidden, weight, bias, labels, ids, p, settings, chunk_size or chunk_rows(vocab))
+    if teacher is not None:
+        teacher.student_outside = outside
+    return ce, kd
 
 
 class _Buffers:
@@ -135,9 +144,14 @@ class _Buffers:
 
 def _logsumexp(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
     """``logsumexp(z, -1)`` (rows,) through ``scratch`` (rows, V) instead of a fresh buffer; rows of -inf give -inf."""
-    top = z.amax(-1, keepdim=True)
-    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)  # an all -inf row: exp(-inf - 0) = 0, not NaN
-    return (torch.sub(z, top, out=scratch).exp_().sum(-1).log_() + top.squeeze(-1))
+    return _logsumexp_and_max(z, scratch)[0]
+
+
+def _logsumexp_and_max(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_logsumexp`` and the rows' maximum (rows,), which it finds anyway."""
+    peak = z.amax(-1, keepdim=True)
+    top = torch.where(torch.isinf(peak), torch.zeros_like(peak), peak)  # an all -inf row: exp(-inf - 0) = 0, not NaN
+    return torch.sub(z, top, out=scratch).exp_().sum(-1).log_() + top.squeeze(-1), peak.squeeze(-1)
 
 
 class _HeadLosses(torch.autograd.Function):
@@ -155,6 +169,7 @@ class _HeadLosses(torch.autograd.Function):
         lse1 = hidden.new_zeros(n, dtype=acc)
         lse_t, rest = hidden.new_zeros(n, dtype=acc), hidden.new_zeros(n, dtype=acc)
         grad_q = hidden.new_zeros((n, p.shape[1]), dtype=acc) if p is not None else None
+        outside = hidden.new_zeros(n, dtype=torch.bool) if p is not None else None  # diagnostics only, not used
         for s in range(0, n, chunk):
             rows = slice(s, min(s + chunk, n))
             z, scratch = buf.logits(hidden[rows], bias), buf.fp[1][:rows.stop - s]
@@ -166,16 +181,22 @@ class _HeadLosses(torch.autograd.Function):
             if p is not None:
                 zt = z if temperature == 1.0 else z.div_(temperature)
                 lse_t[rows] = lse1[rows] if temperature == 1.0 else _logsumexp(zt, scratch)
-                top = zt.gather(-1, ids[rows]) - lse_t[rows, None]
-                rest[rows] = _logsumexp(zt.scatter_(-1, ids[rows], float("-inf")), scratch) - lse_t[rows]
+                picked = zt.gather(-1, ids[rows])
+                top = picked - lse_t[rows, None]
+                rest_lse, rest_max = _logsumexp_and_max(zt.scatter_(-1, ids[rows], float("-inf")), scratch)
+                rest[rows] = rest_lse - lse_t[rows]
+                # the student's top-1 is outside the top-k when the rest's best logit beats theirs (no extra pass)
+                outside[rows] = rest_max > picked.amax(-1)
                 q = torch.cat([top, rest[rows, None]], dim=-1)
                 kd[rows], grad_q[rows] = _divergence_and_grad(p[rows], q, kind, temperature, beta, skew)
         ctx.save_for_backward(hidden, weight, bias, labels, ids, lse1, lse_t, rest, grad_q)
         ctx.temperature, ctx.chunk = temperature, chunk
-        return ce, kd
+        if outside is not None:
+            ctx.mark_non_differentiable(outside)
+        return ce, kd, outside
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_kd):
+    def backward(ctx, grad_ce, grad_kd, grad_outside=None):
         hidden, weight, bias, labels, ids, lse1, lse_t, rest, grad_q = ctx.saved_tensors
         temperature, chunk, n = ctx.temperature, ctx.chunk, hidden.shape[0]
         buf = _Buffers(min(chunk, n), weight, 3)

@@ -8,7 +8,9 @@ disk, so the teacher is never in memory while the student trains. Per batch:
 at the completion positions only (the prompt and padding are masked out of both terms, which are averaged
 over the same positions), with D one of ``losses.Divergence`` and the top-k tail handled as in
 ``losses.sparse_kd_loss`` (k + 1 buckets). Both terms are logged apart, per logging step (``ce_loss``,
-``kd_loss``), so a KD term 1000× smaller than the CE is seen, not guessed.
+``kd_loss``, and their ratio ``kd_ce_ratio``), so a KD term 1000× smaller than the CE is seen, not guessed; so are
+the top-k diagnostics (``kdflow.training.topk_diagnostics``: the teacher's kept and tail mass, the share of positions
+whose student top-1 lies outside the teacher's top-k), from tensors the loss already holds, under no_grad.
 
 At a large vocabulary the logits are never built whole: the decoder runs without its LM head, the answer positions'
 hidden states are gathered, and both terms come from kdflow.training.chunked_loss, one chunk of positions at a
@@ -33,6 +35,7 @@ from kdflow.config.kd import Divergence
 from kdflow.training.chunked_loss import Teacher, head_losses
 from kdflow.training.head import final_hidden_states, fused_head
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_kd_loss
+from kdflow.training.topk_diagnostics import outside_topk, position_means, window_ratio
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail", "teacher_mask")
 
@@ -158,6 +161,9 @@ class CachedKDTrainer(SFTTrainer):
                                            labels=targets[at], teacher=kd_teacher)
             ce = reduce(ce_rows, targets[at] != IGNORE_INDEX, "mean")
             kd = None if kd_rows is None else reduce(kd_rows, kd_at[at], "mean")
+            if kd_teacher is not None:  # where the student's top-1 lies came out of the same chunks
+                diagnostics = position_means(kd_teacher.logprobs, kd_teacher.tail, kd_teacher.student_outside,
+                                             head.weight.shape[0], kd_at[at])
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             logits = outputs.logits[:, :-1]
@@ -165,14 +171,27 @@ class CachedKDTrainer(SFTTrainer):
             kd = None
             if self.kd.alpha < 1.0:
                 # only the completion positions' logits: (N, V), never the whole batch's (B, L, V) twice over
-                kd = sparse_kd_loss(logits[kd_at], *(teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]),
+                kd_teacher = [teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]]
+                kd = sparse_kd_loss(logits[kd_at], *kd_teacher,
                                     self.kd.divergence, self.kd.temperature, beta=self.kd.beta, skew=self.kd.skew)
+                with torch.no_grad():  # the argmax of the logits already there: (B, L) ids, no (N, V) copy
+                    outside = outside_topk(logits.argmax(-1)[kd_at], kd_teacher[0])
+                    diagnostics = position_means(*kd_teacher[1:], outside, logits.shape[-1])
         loss = ce if kd is None else self.kd.alpha * ce + (1.0 - self.kd.alpha) * kd
         mode = "train" if model.training else "eval"
         self._metrics[mode]["ce_loss"].append(ce.item())
         if kd is not None:
             self._metrics[mode]["kd_loss"].append(kd.item())
+            for name, value in diagnostics.items():
+                self._metrics[mode][name].append(value)
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, start_time=None):
+        """TRL averages each metric over the logging window; the KD/CE ratio is taken of those means, not averaged."""
+        mode = "train" if self.model.training else "eval"
+        prefix = "" if mode == "train" else "eval_"
+        ratio = window_ratio(self._metrics[mode])
+        super().log({**logs, **{prefix + k: v for k, v in ratio.items()}}, start_time)
 
 
 def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, training: dict, out_dir: Path, seed: int,

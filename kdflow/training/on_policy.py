@@ -62,6 +62,7 @@ from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.scoring import TeacherScoringError, teacher_scorer
 from kdflow.logit_cache.topk import EncodedRow, encode_row
 from kdflow.training.offline_kd import CachedKDTrainer, CachedLogitsCollator, KDLoss, cache_rows, teacher_batch
+from kdflow.training.topk_diagnostics import PER_POSITION
 
 ACCOUNTING_FILE = "on_policy.json"  # in each checkpoint, and beside the trained model
 
@@ -212,7 +213,9 @@ class OnPolicyTrainer(CachedKDTrainer):
         if abs(sum(weights) - 1.0) > 1e-6:
             raise TeacherScoringError(f"the teacher scored {sum(weights):.1%} of the sampled positions at step "
                                       f"{self.state.global_step}; every sampled token must be scored")
-        for name in ("ce_loss", "kd_loss"):  # one logged value per micro-batch, as unstreamed: its weighted mean
+        # one logged value per micro-batch, as unstreamed: its weighted mean (the diagnostics are means over positions
+        # too, appended with each part's kd_loss)
+        for name in ("ce_loss", "kd_loss", *PER_POSITION):
             values = self._metrics["train"][name]
             values[-len(weights):] = [sum(w * v for w, v in zip(weights, values[-len(weights):]))]
         return loss

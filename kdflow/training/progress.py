@@ -1,8 +1,9 @@
 """Training progress a person can read: one line per logging step, at most one every few seconds, naming the stage
 and the model (``[students seq-kd] step 120/1500  loss 0.5321  2m14s left``), in place of the bare
 ``{'loss': ..., 'epoch': ...}`` dicts transformers' ``PrinterCallback`` prints (264 of them in a demo log, naming
-no model, step count or time left). A caller without Prefect passes ``on_progress(step, total, loss, seconds_left)``,
-called on every logging step, e.g. to update a Prefect progress artifact (tasks/students.py)."""
+no model, step count or time left). A caller without Prefect passes ``on_progress(step, total, loss, seconds_left,
+topk)``, called on every logging step, e.g. to update a Prefect progress artifact (tasks/students.py); ``topk`` holds
+a top-k KD student's diagnostics of the step (``kdflow.training.topk_diagnostics``, also on its line), {} for others."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Callable
 
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
-OnProgress = Callable[[int, int, float, float], None]  # step, total steps, loss, estimated seconds left
+from kdflow.training import topk_diagnostics
+
+# step, total steps, loss, estimated seconds left, top-k diagnostics ({} without)
+OnProgress = Callable[[int, int, float, float, dict], None]
 EVERY_S = 5.0  # the terminal gets a line at most this often (and always the first and the last)
 
 
@@ -45,12 +49,15 @@ class TrainingProgress(TrainerCallback):
         if "loss" in logs:
             elapsed = time.perf_counter() - self.started
             left = elapsed / max(step - self.first_step, 1) * (total - step)
+            topk = topk_diagnostics.of(logs)
             if self.on_progress is not None:
-                self.on_progress(step, total, float(logs["loss"]), left)
+                self.on_progress(step, total, float(logs["loss"]), left, topk)
             now = time.perf_counter()
             if state.is_world_process_zero and (now - self.printed >= self.every_s or step >= total):
                 self.printed = now
-                self._print(f"step {step}/{total}  loss {logs['loss']:.4f}  {duration(left)} left")
+                brief = topk_diagnostics.brief(topk)
+                self._print(f"step {step}/{total}  loss {logs['loss']:.4f}  {brief + '  ' if brief else ''}"
+                            f"{duration(left)} left")
         elif "train_runtime" in logs and state.is_world_process_zero:
             self._print(f"done: {step}/{total} steps in {duration(logs['train_runtime'])}, "
                         f"mean loss {logs.get('train_loss', float('nan')):.4f}")
