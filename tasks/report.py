@@ -21,6 +21,7 @@ from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import build_report, embed, render_markdown, table_rows
+from kdflow.reporting.topk_report import with_warnings
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 
@@ -37,9 +38,11 @@ def training_history(model: OutputRef) -> list[dict]:
 
 
 def trained(model: OutputRef) -> dict:
-    """What a student's manifest says of its training that the report shows: an on-policy student's accounting."""
-    on_policy = model.manifest().get("on_policy")
-    return {"on_policy": on_policy} if on_policy else {}
+    """What a student's manifest says of its training that the report shows: an on-policy student's accounting, a
+    top-k KD student's diagnostics (with the values that should worry a reader)."""
+    manifest = model.manifest()
+    on_policy, topk = manifest.get("on_policy"), with_warnings(manifest.get("topk") or {})
+    return {**({"on_policy": on_policy} if on_policy else {}), **({"topk": topk} if topk else {})}
 
 
 def origin(teacher: OutputRef) -> dict:

@@ -20,7 +20,7 @@ from kdflow.store.model_folders import keyed_by_content, write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
 from kdflow.training.student import (StudentJob, launch_student, needs_logit_cache, on_policy_accounting,
-                                     saved_params, student_rows, train_here)
+                                     saved_params, student_rows, topk_summary, train_here)
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
@@ -61,5 +61,6 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
                                stage_dir / f".launch-{out.key[:16]}.log")
             write_location(tmp, "model")
             out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / "model"),
-                       seconds=round(time.perf_counter() - start, 1), **on_policy_accounting(tmp))
+                       seconds=round(time.perf_counter() - start, 1), **on_policy_accounting(tmp),
+                       **topk_summary(tmp, section))
     return out.ref()

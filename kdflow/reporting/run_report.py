@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from kdflow.reporting import cost_report
+from kdflow.reporting import cost_report, topk_report
 from kdflow.reporting.floor import floor_gaps, floor_table
 from kdflow.reporting.ledger import section as ledger_section
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
@@ -358,6 +358,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         *floor_table(report, QUALITY[metric_of(report)][0]),
         *seeds_table(report),
         *on_policy_lines(report),
+        *topk_report.lines(report),
         "## Cost: what does each model take to run?",
         "",
         *cost_table(report),

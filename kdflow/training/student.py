@@ -242,3 +242,18 @@ def on_policy_accounting(out: Path) -> dict:
 
     path = Path(out) / ACCOUNTING_FILE
     return {"on_policy": json.loads(path.read_text())} if path.is_file() else {}
+
+
+def topk_summary(out: Path, section: StudentSection) -> dict:
+    """A top-k KD student's diagnostics for its manifest (``topk``: the teacher's kept and tail mass, the share of
+    positions whose student top-1 lies outside the teacher's top-k, the KD and CE terms and their ratio; mean over
+    training, first and last logging window), from the log history its trainer wrote; {} for any other student."""
+    import json
+
+    from kdflow.training.topk_diagnostics import summary
+
+    path = Path(out) / "log_history.json"
+    kd = section.kd
+    alpha = 0.0 if isinstance(kd, OnPolicyKD) else getattr(kd, "alpha", None)  # on-policy: the divergence alone
+    topk = summary(json.loads(path.read_text()), alpha) if path.is_file() else {}
+    return {"topk": topk} if topk else {}
