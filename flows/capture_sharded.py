@@ -22,6 +22,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.chain import run_teacher
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
@@ -70,7 +71,7 @@ def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> 
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
     run, cot, section = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text(), r.logit_cache
-    teacher, curated = run_folder.latest(run, "teacher"), run_folder.latest(run, "curate")
+    teacher, curated = run_teacher(run, r), run_folder.latest(run, "curate")
     if not CAPTURE.output(run, section=section, template=cot, teacher=teacher, curated=curated).done:
         futures = [capture_part.submit(run, section, cot, teacher, curated, p, parts) for p in range(parts)]
         done = [f.result() for f in futures]

@@ -18,6 +18,7 @@ from kdflow.config.generation import GenerationSection
 from kdflow.config.recipe import Recipe, load_recipe
 from kdflow.config.student import PrunedInit, StudentInit, StudentSection
 from kdflow.models.gguf import is_gguf_path
+from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.training.student import student_inputs
@@ -27,7 +28,7 @@ from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
-from tasks.models import import_gguf_model, prune_teacher
+from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
 from tasks.quantize import quantized_name, quantize_students
 from tasks.report import write_report
 from tasks.students import train_student
@@ -38,6 +39,17 @@ def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
     unless ``run_dir`` names another)."""
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
     return r, Path(run_dir) if run_dir else r.run_dir
+
+
+def run_teacher(run: Path, r: Recipe) -> OutputRef:
+    """A run's finished teacher, for a stage rerun alone: a GGUF teacher's import (the import-gguf stage's output for
+    this file and dtype), else the teacher stage's newest output."""
+    if is_gguf_path(r.teacher.model):
+        if done := IMPORT_GGUF.output(run, gguf=r.teacher.model, dtype=r.teacher.dtype).done:
+            return done
+        raise run_folder.MissingStage(f"no finished import of the teacher {r.teacher.model} in {run}: run `kdflow "
+                                      "teacher <recipe>` (or the whole flow, kdflow distill <recipe>) first")
+    return run_folder.latest(run, "teacher")
 
 
 def check_api_keys(generation: GenerationSection | None = None, judge: EvaluationSection.Judge | None = None) -> None:

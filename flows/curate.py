@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import recipe_and_run
+from flows.chain import recipe_and_run, run_teacher
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
@@ -21,7 +21,7 @@ from tasks.curate import filter_answers
 def curate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> OutputRef:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
-    answers, teacher = run_folder.latest(run, "generate"), run_folder.latest(run, "teacher")
+    answers, teacher = run_folder.latest(run, "generate"), run_teacher(run, r)
     return filter_answers(run, r.filters, r.data.source, answers, teacher)
 
 

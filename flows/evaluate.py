@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run, starting_points
+from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run, run_teacher, starting_points
 from flows.cli import run_as_script
 from kdflow.store import run_folder
 
@@ -20,7 +20,7 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     r, run = recipe_and_run(recipe, run_dir)
     # The judge's key (and an API teacher's: it answers the test questions), before any model is evaluated.
     check_api_keys(r.generation if r.teacher.api else None, judge=r.evaluation.judge)
-    data, teacher, curated = (run_folder.latest(run, stage) for stage in ("data", "teacher", "curate"))
+    data, teacher, curated = run_folder.latest(run, "data"), run_teacher(run, r), run_folder.latest(run, "curate")
     starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
     models = {"teacher": teacher, **starts.floors,
               **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}

@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import check_api_keys
+from flows.chain import check_api_keys, run_teacher
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
@@ -59,7 +59,7 @@ def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -
         raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
     check_api_keys(r.generation)  # a missing key fails now, naming it, not as a 401 in every shard
     run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
-    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
+    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
     if not GENERATE.output(run, section=r.generation, template=cot, teacher=teacher, data=data).done:
         futures = [answer_shard.submit(run, r.generation, cot, teacher, data, i, shards) for i in range(shards)]
         done = [f.result() for f in futures]

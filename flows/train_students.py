@@ -10,20 +10,21 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.chain import recipe_and_run, starting_points, train_in_order
+from flows.chain import recipe_and_run, run_teacher, starting_points, train_in_order
 from flows.cli import run_as_script
 
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
+from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
 from kdflow.training.student import needs_curated, needs_logit_cache
 
 
-def inputs_from_run(run: Path, students: list[StudentSection]) -> tuple[OutputRef, OutputRef, OutputRef | None,
-                                                                       OutputRef | None]:
+def inputs_from_run(run: Path, r: Recipe, students: list[StudentSection]) -> tuple[OutputRef, OutputRef,
+                                                                                  OutputRef | None, OutputRef | None]:
     """(data, teacher, curated answers, logit cache) from the run folder's finished outputs: the curated answers
     only when a student learns from them, the logit cache only when one trains offline from it."""
-    data, teacher = run_folder.latest(run, "data"), run_folder.latest(run, "teacher")
+    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
     curated = run_folder.latest(run, "curate") if any(needs_curated(s) for s in students) else None
     logits = run_folder.latest(run, "logit-cache") if any(needs_logit_cache(s) for s in students) else None
     return data, teacher, curated, logits
@@ -35,7 +36,7 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
     cot = r.prompts.cot_text()
-    data, teacher, curated, logits = inputs_from_run(run, r.students)
+    data, teacher, curated, logits = inputs_from_run(run, r, r.students)
     starts = starting_points(run, r, teacher, data)  # students pruned from the teacher or named by a GGUF file
     return train_in_order(run, starts.students, cot, teacher, data, curated, logits)
 

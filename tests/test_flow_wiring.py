@@ -39,18 +39,18 @@ def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
     r = load_recipe(mini_recipe)
     for stage in ("data", "teacher", "curate"):
         finished(r.run_dir, stage)
-    data, teacher, curated, logits = inputs_from_run(r.run_dir, r.students)
+    data, teacher, curated, logits = inputs_from_run(r.run_dir, r, r.students)
     assert logits is None and curated is not None and {data.stage, teacher.stage} == {"data", "teacher"}
 
     # each method is its own model (kdflow/config/kd.py): the same student with an offline section
     offline = [s.model_copy(update={"kd": OfflineKD()}) if s.kd else s for s in r.students]
     with pytest.raises(run_folder.MissingStage, match="logit-cache"):  # an offline student does need it
-        inputs_from_run(r.run_dir, offline)
+        inputs_from_run(r.run_dir, r, offline)
 
 
 def kdflow_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=900)  # only stops a hang (see below)
 
 
 def test_kdflow_help_lists_the_stages_and_starts_nothing():
@@ -64,8 +64,10 @@ def test_kdflow_help_lists_the_stages_and_starts_nothing():
 
 @pytest.mark.parametrize("module", ["flows.distill", "flows.train_teacher", "flows.train_students", "flows.generate"])
 def test_a_flow_module_run_as_a_script_answers_help_without_starting_work(module, tmp_path):
+    # The timeout only stops a hang: a flow module imports Prefect and torch before it reads its arguments, which
+    # took 60 s on a loaded 2-core machine (120 s was once too little).
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path)})
+                          timeout=900, env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path)})
     assert done.returncode == 0 and "usage: kdflow" in done.stdout
     assert "Starting temporary server" not in done.stdout + done.stderr and "RecipeError" not in done.stderr
 
@@ -90,3 +92,29 @@ def test_kdflow_compare_compares_reports(tmp_path):
     done = kdflow_command("compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr
     assert "0.5" in done.stdout and "0.75" in done.stdout
+
+
+def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
+    """A GGUF teacher is the import-gguf stage's output, not a teacher stage's: `kdflow generate|curate|students|
+    evaluate` on such a run found no teacher (they looked for the teacher stage only)."""
+    from flows.chain import run_teacher
+    from kdflow.models.smollm2 import link
+    from kdflow.store.outputs import building, finish
+    from tasks.models import IMPORT_GGUF
+
+    link(ROOT)  # what `make smollm2` links: the recipe names models/SmolLM2-135M-Instruct.Q4_1.gguf
+    r = load_recipe(ROOT / "recipes" / "smollm2.yaml")
+    run = tmp_path / "runs" / "smollm2"
+    with pytest.raises(run_folder.MissingStage, match=r"no finished import of the teacher models/SmolLM2-135M-"
+                                                      r"Instruct.Q4_1.gguf in .*: run `kdflow teacher <recipe>`"):
+        run_teacher(run, r)
+    finished(run, "teacher")  # a teacher stage's output is not this teacher
+    finished(run, "import-gguf")  # nor another file's import
+    with pytest.raises(run_folder.MissingStage):
+        run_teacher(run, r)
+    key = IMPORT_GGUF.key(gguf=r.teacher.model, dtype=r.teacher.dtype)
+    with building(run, "import-gguf", key) as tmp:
+        finish(tmp, "import-gguf", key, inputs={})
+    assert run_teacher(run, r).key == key
+    mini = load_recipe(ROOT / "tests" / "mini.yaml")
+    assert run_teacher(run, mini).stage == "teacher"  # a trained teacher: the teacher stage's newest output
