@@ -12,6 +12,7 @@ from prefect import flow
 from flows.cli import run_as_script
 
 from kdflow.config.classic import load_classifier_recipe
+from kdflow.reporting.run_report import REPORT_MD
 from tasks.classifier import (SeedRun, classifier_data, score_ensemble, train_classifier_student,
                               train_classifier_teacher, write_classifier_report)
 
@@ -35,7 +36,7 @@ def distill_classifier(recipe: str = "recipes/classifier-digits.yaml") -> dict:
         runs.append(run)
     report = write_classifier_report(run_dir, r.run.name, data, r.distill, runs, r.omitted_class)
 
-    print(f"report: {run_dir / 'report.md'}")
+    print(f"report: {run_dir / REPORT_MD}")
     for name, m in report["models"].items():
         acc, err = m["test_accuracy"], m["test_errors"]
         print(f"  {name:>20}: test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %, "

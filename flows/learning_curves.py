@@ -18,6 +18,7 @@ from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
 from kdflow.config.student import StudentSection
 from kdflow.config.study import StudyRecipe, load_study
+from kdflow.evaluation.curves import CURVE_FILE
 from kdflow.reporting import curves as cv
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.training.curves import curve_steps, read_curve
@@ -71,7 +72,7 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
     for name, ref in trained.items():
         out = evaluate_curve.with_options(task_run_name=f"curve[{name}]")(run_dir, r.evaluation, cot, r.data.source,
                                                                           ref, u.data)
-        points = json.loads((Path(out.path) / "curve.json").read_text())["points"]
+        points = json.loads((Path(out.path) / CURVE_FILE).read_text())["points"]
         curves[name] = cv.shifted(points, *offsets[name]) if name in offsets else points
     teacher = None
     if not r.teacher.api:  # cached after `make demo`

@@ -28,7 +28,7 @@ from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
 CAPTURE = Stage("logit-cache", "1", lambda section, template, teacher, curated: {
-    "section": section, "template": template, "teacher": teacher, "curated": curated})
+    "section": section, "template": template, "teacher": teacher, "curated": curated}, files=(MANIFEST,))
 
 
 def shard_logger():

@@ -19,20 +19,22 @@ from safetensors.torch import load_file
 
 from kdflow.classic import digits as classifier_kd
 from kdflow.classic import omitted
-from kdflow.classic.fit import (LOGITS, class_accuracy_of, fit, metrics_of, read_logits, score_omitted,
+from kdflow.classic.fit import (LOGITS, SPLITS_FILE, class_accuracy_of, fit, metrics_of, read_logits, score_omitted,
                                 transfer_rows, write_splits)
 from kdflow.config.classic import MLP, DataSection, DistillSection, OmittedClassSection, Transformer
+from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.report import artifact_key
 
-DATA = Stage("classifier-data", "1", lambda section: {"section": section})
-TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed})
+DATA = Stage("classifier-data", "1", lambda section: {"section": section}, files=(SPLITS_FILE,))
+TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed},
+                files=(LOGITS,))
 # omit_class enters the key only when set, so that every student made before it existed keeps its key
 STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill, seed, omit_class=None: {
     "model": model, "data": data, "teachers": teachers, "distill": distill, "seed": seed,
-    **({} if omit_class is None else {"omit_class": omit_class})})
+    **({} if omit_class is None else {"omit_class": omit_class})}, files=(LOGITS,))
 
 
 @task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="classifier_data[{section.source.value}]")
@@ -162,11 +164,11 @@ def write_classifier_report(run_dir: Path, run_name: str, data: OutputRef, disti
     run_dir = Path(run_dir)
     write_atomic(run_dir / "report.png", png)
     markdown = classifier_kd.render_markdown(report, plot="report.png") + extra
-    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(run_dir / "report.md", markdown)
+    write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2))
+    write_atomic(run_dir / REPORT_MD, markdown)
     create_markdown_artifact(key=artifact_key(run_name, "report"),
                              markdown=classifier_kd.render_markdown(report, png=png) + extra,
-                             description=f"classic KD report for {run_name} ({run_dir / 'report.md'})")
+                             description=f"classic KD report for {run_name} ({run_dir / REPORT_MD})")
     create_table_artifact(key=artifact_key(run_name, "table"), table=classifier_kd.table_rows(report),
                           description=f"test accuracy per model, mean and spread over seeds {report['seeds']}")
     return report

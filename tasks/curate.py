@@ -14,19 +14,21 @@ from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import Backend
 from kdflow.curation import drop_report
 from kdflow.curation.answers import answer_checker, token_counts
-from kdflow.curation.pipeline import curate, reason_counts
+from kdflow.curation.pipeline import DROPPED, KEPT, curate, reason_counts
 from kdflow.store.data_files import save_rows
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from kdflow.teacher.completion import TeacherBackend
+from kdflow.teacher.generation import ANSWERS, FAILURES
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # The judge filter's template is read from its file here, so that Prefect's key (computed from the task's
 # arguments) sees an edit of the prompt too, not only the body.
 CURATE = Stage("curate", "2", lambda section, source, answers, teacher=None: {
     "section": section, "source": source.value, "answers": answers, "teacher": teacher,
-    "judge_template": section.judge.template_text() if section.judge else None})
+    "judge_template": section.judge.template_text() if section.judge else None},
+    files=(KEPT, DROPPED, *drop_report.FILES))
 
 
 @task(cache_policy=StageCache(CURATE), **STAGE_RESULTS, task_run_name="filter_answers[{source.value}]")
@@ -37,7 +39,7 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
     if done := out.done:
         return done
     judge_template = out.inputs["judge_template"]
-    rows = pd.read_parquet(Path(answers.path) / "answers.parquet").to_dict("records")
+    rows = pd.read_parquet(Path(answers.path) / ANSWERS).to_dict("records")
     complete = None
     if section.judge is not None:
         if teacher is None:
@@ -49,12 +51,12 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
     kept, dropped = curate(rows, section, check, extract, token_counts(rows, section), judge_template, complete)
     counts = reason_counts(dropped)
     # Requests that failed for good never became answers; the generate stage keeps them, this stage counts them.
-    failures_file = Path(answers.path) / "failures.parquet"
+    failures_file = Path(answers.path) / FAILURES
     failed = len(pd.read_parquet(failures_file)) if failures_file.is_file() else 0
     columns = list(rows[0]) if rows else ["id", "question", "answer", "text", "finish_reason"]
     with out.building() as tmp:
-        save_rows(kept, columns, tmp / "kept.parquet")
-        save_rows(dropped, [*columns, "reasons", "detail"], tmp / "dropped.parquet")
+        save_rows(kept, columns, tmp / KEPT)
+        save_rows(dropped, [*columns, "reasons", "detail"], tmp / DROPPED)
         report = drop_report.write(tmp, kept, dropped)
         out.finish(tmp, rows=len(kept), input_rows=len(rows), kept=len(kept), dropped=len(dropped),
                    drop_reasons=counts, teacher_failures=failed, length_histogram=report["length_histogram"])
@@ -63,7 +65,7 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
         table=[*report["reasons"], {"reason": "(kept)", "rows": len(kept), "only": None,
                                     "% of input": round(100 * len(kept) / max(len(rows), 1), 2)}],
         description=f"Teacher answers kept and dropped by reason, out of {len(rows)} "
-                    f"({failed} teacher requests failed for good: see the generate stage's failures.parquet); "
-                    f"every drop is in {Path(out.ref().path) / 'dropped.parquet'}",
+                    f"({failed} teacher requests failed for good: see the generate stage's {FAILURES}); "
+                    f"every drop is in {Path(out.ref().path) / DROPPED}",
     )
     return out.ref()

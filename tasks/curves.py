@@ -11,14 +11,15 @@ from prefect import task
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.curation.answers import answer_checker
-from kdflow.evaluation.curves import curve_accuracy
+from kdflow.evaluation.curves import CURVE_FILE, curve_accuracy
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
 CURVES = Stage("curves", "1", lambda section, template, source, student, data: {
-    "section": section, "template": template, "source": source.value, "student": student, "data": data})
+    "section": section, "template": template, "source": source.value, "student": student, "data": data},
+    files=(CURVE_FILE,))
 
 
 # Its task run name is given by the flow (``.with_options``): only the flow knows which student this is.
@@ -32,6 +33,6 @@ def evaluate_curve(run_dir: Path, section: EvaluationSection, template: str, sou
     curve = curve_accuracy(Path(student.path), rows, template, answer_checker(source)[0], section.max_new_tokens,
                            section.batch_size)
     with out.building() as tmp:
-        (tmp / "curve.json").write_text(json.dumps(curve, indent=1))
+        (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1))
         out.finish(tmp, rows=len(rows), points=len(curve["points"]), name=student.manifest().get("name"))
     return out.ref()

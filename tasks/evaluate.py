@@ -22,8 +22,8 @@ from kdflow.curation.answers import answer_checker
 from kdflow.evaluation import deployment, harness
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
 from kdflow.evaluation.free_text import evaluate_free_text
-from kdflow.evaluation.judge import ask_judge, backend, check_judge_failures, predictions, prompt_id
-from kdflow.evaluation.model_metrics import evaluate
+from kdflow.evaluation.judge import JUDGEMENTS, WIN_RATES, ask_judge, backend, check_judge_failures, predictions, prompt_id
+from kdflow.evaluation.model_metrics import METRICS, PREDICTIONS, evaluate
 from kdflow.evaluation.traffic import TRAFFIC_FORMULA
 from kdflow.evaluation.quality import judge_pairs, judge_prompts, judgement, win_rate
 from kdflow.store.model_folders import keyed_by_content, model_location
@@ -40,7 +40,7 @@ from tasks.api_keys import read_api_key, served
 # where it is passed, so that the other sources' keys are as they were.
 EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data, teacher_eval=None: {
     "section": section, "template": template, "source": source.value, "model": model, "teacher": teacher,
-    "data": data, **({"teacher_eval": teacher_eval} if teacher_eval is not None else {})})
+    "data": data, **({"teacher_eval": teacher_eval} if teacher_eval is not None else {})}, files=(PREDICTIONS, METRICS))
 
 
 # Its task run name is given by the flow (``.with_options``): only the flow knows which model this is.
@@ -66,8 +66,8 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
         metrics, predicted = evaluate(model_location(model), teacher_dir, rows, template, answer_checker(source)[0],
                                       section, no_teacher)
     with out.building() as tmp:
-        pd.DataFrame(predicted).to_parquet(tmp / "predictions.parquet", index=False)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        pd.DataFrame(predicted).to_parquet(tmp / PREDICTIONS, index=False)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
         out.finish(tmp, rows=len(rows), metrics=metrics)
     return out.ref()
 
@@ -78,7 +78,7 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
 API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
     "section": section, "template": generation.template_text or template, "source": source.value,
     "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data,
-    **served(generation)})
+    **served(generation)}, files=(PREDICTIONS, METRICS))
 
 
 def teacher_api_key(api: ApiSection) -> str | None:
@@ -118,15 +118,16 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
                                  f"received are kept in {folder}: a rerun asks only for the others")
     metrics |= {"split": section.split, "model": api.model, "api": api.identity(), "weights": WEIGHTS_UNAVAILABLE}
     with out.building() as tmp:
-        pd.DataFrame(predicted).to_parquet(tmp / "predictions.parquet", index=False)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        pd.DataFrame(predicted).to_parquet(tmp / PREDICTIONS, index=False)
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
         out.finish(tmp, rows=len(rows), metrics=metrics, accounting=acct.as_dict(), served=out.inputs.get("served"))
     return out.ref()
 
 
 # 2: memory traffic per token, arithmetic intensity and measured energy (where a counter is readable) added.
 DEPLOYMENT = Stage("deployment", "2", lambda models, settings, template, data, split: {
-    "models": models, "settings": settings, "template": template, "data": data, "split": split})
+    "models": models, "settings": settings, "template": template, "data": data, "split": split},
+    files=(deployment.FIGURES,))
 
 
 @task(cache_policy=StageCache(DEPLOYMENT), **STAGE_RESULTS,
@@ -145,7 +146,7 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     figures, energy = deployment.figures({name: model_location(ref) for name, ref in models.items()}, prompts,
                                          settings.latency_tokens, settings.repeats)
     with out.building() as tmp:
-        (tmp / "deployment.json").write_text(json.dumps(figures, indent=2))
+        (tmp / deployment.FIGURES).write_text(json.dumps(figures, indent=2))
         out.finish(tmp, rows=len(figures), figures=figures, machine=deployment.machine(),
                    settings=settings.model_dump(exclude={"power"}), flops_formula=deployment.FLOPS_FORMULA,
                    traffic_formula=TRAFFIC_FORMULA, energy=energy)
@@ -168,7 +169,7 @@ def judge_content(section, students, teacher, data, split) -> dict:
     return {"section": keyed, **served_card, "students": students, "teacher": teacher, "data": data, "split": split}
 
 
-JUDGE = Stage("judge", "1", judge_content)
+JUDGE = Stage("judge", "1", judge_content, files=(JUDGEMENTS, WIN_RATES))
 
 
 def reply_folder(run_dir: Path, section: EvaluationSection.Judge, by_content: bool = True) -> Path:
@@ -215,8 +216,8 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
     check_judge_failures(judgements, section, folder)
     results = {name: win_rate([j for j in judgements if j["student"] == name]) for name in students}
     with out.building() as tmp:
-        pd.DataFrame(judgements).to_parquet(tmp / "judgements.parquet", index=False)
-        (tmp / "win_rates.json").write_text(json.dumps(results, indent=2))
+        pd.DataFrame(judgements).to_parquet(tmp / JUDGEMENTS, index=False)
+        (tmp / WIN_RATES).write_text(json.dumps(results, indent=2))
         out.finish(tmp, rows=len(judgements), win_rates=results, split=split,
                    questions=len(next(iter(items.values()), [])) // 2,
                    judge={"backend": section.backend.value, "model": section.model,
@@ -228,7 +229,7 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
 
 # The harness's version is content: a new release may score differently.
 LM_EVAL = Stage("lm-eval", "1", lambda models, settings: {
-    "models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")})
+    "models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")}, files=(harness.RESULTS,))
 
 
 # Not Prefect-cached: a skip must be re-decided every run (the package or a GPU may be there next time); a run
@@ -246,8 +247,8 @@ def run_lm_eval(run_dir: Path, models: dict[str, OutputRef], settings: Evaluatio
         results = harness.run({name: model_location(ref) for name, ref in models.items()}, settings.tasks,
                               settings.num_fewshot, settings.limit)
         with out.building() as tmp:
-            (tmp / "results.json").write_text(json.dumps(results, indent=2))
+            (tmp / harness.RESULTS).write_text(json.dumps(results, indent=2))
             out.finish(tmp, rows=len(results))
         done = out.ref()
-    return {"status": "done", "results": json.loads((Path(done.path) / "results.json").read_text()),
+    return {"status": "done", "results": json.loads((Path(done.path) / harness.RESULTS).read_text()),
             "tasks": settings.tasks, "limit": settings.limit}

@@ -20,7 +20,7 @@ from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.teacher.answer_shards import adopt_folder, read_shards
 from kdflow.teacher.api_client import Accounting, FatalApiError
-from kdflow.teacher.generation import (TooManyFailures, answer_table, api_answers, check_failures, failure_table,
+from kdflow.teacher.generation import (ANSWERS, FAILURES, TooManyFailures, answer_table, api_answers, check_failures, failure_table,
                                        hf_answers, prompted_rows)
 from kdflow.store.stage import Stage
 from kdflow.teacher.vllm_server import VllmStartupError
@@ -38,7 +38,8 @@ def shard_folder(run_dir: Path, key: str) -> Path:
 # Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
 # prompt inside the section (its template_text fields are computed, hence in its dump).
 GENERATE = Stage("generate", "2", lambda section, template, teacher, data: {
-    "section": section, "template": template, "teacher": teacher, "data": data, **served(section)})
+    "section": section, "template": template, "teacher": teacher, "data": data, **served(section)},
+    files=(ANSWERS, FAILURES))
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:
@@ -120,8 +121,8 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
     answers = answer_table(rows, answered)
     failures = failure_table(rows, failed)
     with out.building() as tmp:
-        answers.to_parquet(tmp / "answers.parquet", index=False)
-        failures.to_parquet(tmp / "failures.parquet", index=False)
+        answers.to_parquet(tmp / ANSWERS, index=False)
+        failures.to_parquet(tmp / FAILURES, index=False)
         tokens = int(answers["completion_tokens"].fillna(0).sum()) if len(answers) else 0
         out.finish(tmp, rows=len(answers), failed=len(failures), backend=section.backend.value,
                    accounting=acct.as_dict(), completion_tokens=tokens,

@@ -19,19 +19,21 @@ from kdflow.config.precision import Dtype
 from kdflow.config.student import PrunedInit
 from kdflow.config.templates import plain_messages, render, special_strings
 from kdflow.models.gguf import import_gguf
-from kdflow.models.pruning import LayerSelect, block_influence, evenly_spaced, keep_layers, most_influential
-from kdflow.store.model_folders import model_location, write_location
+from kdflow.models.pruning import PRUNING, LayerSelect, block_influence, evenly_spaced, keep_layers, most_influential
+from kdflow.store.model_folders import MODEL, SOURCE, model_location, write_location
 from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
 IMPORT_GGUF = Stage("import-gguf", "1", lambda gguf, dtype: {
-    "gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value})
+    "gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value},
+    files=(SOURCE, f"{MODEL}/"))
 # The calibration rows matter only to importance; evenly spaced layers depend on the teacher alone.
 PRUNE = Stage("prune", "1", lambda init, teacher, data, template: {
     "init": init, "teacher": teacher,
-    **({"data": data, "template": template} if init.select is LayerSelect.importance else {})})
+    **({"data": data, "template": template} if init.select is LayerSelect.importance else {})},
+    files=(SOURCE, f"{MODEL}/", PRUNING))
 
 
 # Not Prefect-cached: the key covers the file's bytes, which are not a task input; the body finds its own output.
@@ -44,8 +46,8 @@ def import_gguf_model(run_dir: Path, gguf: str, dtype: Dtype | None) -> OutputRe
         return done
     with out.building() as tmp:
         start = time.perf_counter()
-        info = import_gguf(ROOT / gguf, tmp / "model", (dtype or Dtype.float32).value)
-        write_location(tmp, "model")
+        info = import_gguf(ROOT / gguf, tmp / MODEL, (dtype or Dtype.float32).value)
+        write_location(tmp, MODEL)
         out.finish(tmp, **info, source=str(gguf), dequantized=True, seconds=round(time.perf_counter() - start, 1))
     return out.ref()
 
@@ -73,10 +75,10 @@ def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: Out
         kept = evenly_spaced(n, init.layers)
     pruned = keep_layers(model, kept)
     with out.building() as tmp:
-        pruned.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        (tmp / "pruning.json").write_text(json.dumps({**record, "kept": kept}, indent=2))
-        write_location(tmp, "model")
+        pruned.save_pretrained(tmp / MODEL)
+        tokenizer.save_pretrained(tmp / MODEL)
+        (tmp / PRUNING).write_text(json.dumps({**record, "kept": kept}, indent=2))
+        write_location(tmp, MODEL)
         out.finish(tmp, kept=kept, params=sum(p.numel() for p in pruned.parameters()), untrained=True)
     return out.ref()
 

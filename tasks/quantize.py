@@ -9,13 +9,14 @@ import torch
 from prefect import task
 
 from kdflow.evaluation import quantize
-from kdflow.store.model_folders import model_location, write_location
+from kdflow.store.model_folders import MODEL, SOURCE, model_location, write_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # The quantizer is torch's: its version is content (another release may round or pack differently).
-QUANTIZE = Stage("quantize", "1", lambda method, model: {"method": method, "model": model, "torch": torch.__version__})
+QUANTIZE = Stage("quantize", "1", lambda method, model: {"method": method, "model": model, "torch": torch.__version__},
+                 files=(SOURCE, f"{MODEL}/"))
 
 
 def quantized_name(name: str, method: str) -> str:
@@ -34,8 +35,8 @@ def quantize_model(run_dir: Path, method: str, model: OutputRef) -> OutputRef:
     if done := out.done:
         return done
     with out.building() as tmp:
-        info = quantize.save_int8(model_location(model), tmp / "model")
-        write_location(tmp, "model")
+        info = quantize.save_int8(model_location(model), tmp / MODEL)
+        write_location(tmp, MODEL)
         out.finish(tmp, quantization=info)
     return out.ref()
 

@@ -17,10 +17,11 @@ from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
+from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
-from kdflow.reporting.run_report import build_report, embed, render_markdown, table_rows
+from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD, build_report, embed, render_markdown, table_rows
 from kdflow.reporting.topk_report import with_warnings
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
@@ -33,7 +34,7 @@ def artifact_key(run_name: str, what: str) -> str:
 
 def training_history(model: OutputRef) -> list[dict]:
     """The trainer's log history saved next to a trained model; none for a model that was not trained here."""
-    path = Path(model.path) / "log_history.json"
+    path = Path(model.path) / LOG_HISTORY
     return json.loads(path.read_text()) if path.is_file() else []
 
 
@@ -113,11 +114,11 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
     for name, png in plots.values():
         write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
-    write_atomic(run_dir / "report.json", json.dumps(report, indent=2))
-    write_atomic(run_dir / "report.md", render_markdown(report, {t: name for t, (name, _) in plots.items()}))
+    write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2))
+    write_atomic(run_dir / REPORT_MD, render_markdown(report, {t: name for t, (name, _) in plots.items()}))
     create_markdown_artifact(key=artifact_key(run_name, "report"),
                              markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
-                             description=f"kdflow report for {run_name} ({run_dir / 'report.md'})")
+                             description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})")
     create_table_artifact(key=artifact_key(run_name, "table"), table=table_rows(report),
                           description=f"quality and cost per model, {run_name}")
     return report

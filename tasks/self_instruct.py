@@ -12,15 +12,17 @@ from prefect.artifacts import create_table_artifact
 from kdflow.config.self_instruct import ANSWER_SPLIT, WRITE_SPLIT, ExpansionSection
 from kdflow.curation.expansion import expansion_prompts
 from kdflow.curation.expansion import pick_instructions as pick
+from kdflow.curation.pipeline import DROPPED
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
+from kdflow.teacher.generation import ANSWERS
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # ``template``: the expansion prompt's text (the flow reads it from section.template), so an edit reruns the stage.
 PROMPTS = Stage("self-instruct-prompts", "1", lambda section, template, seeds: {
-    "section": section, "template": template, "seeds": seeds})
+    "section": section, "template": template, "seeds": seeds}, files=(f"{WRITE_SPLIT}.parquet",))
 INSTRUCTIONS = Stage("self-instruct-instructions", "1", lambda section, seeds, written: {
-    "section": section, "seeds": seeds, "written": written})
+    "section": section, "seeds": seeds, "written": written}, files=(f"{ANSWER_SPLIT}.parquet", DROPPED))
 
 
 @task(cache_policy=StageCache(PROMPTS), **STAGE_RESULTS,
@@ -44,14 +46,14 @@ def pick_instructions(run_dir: Path, section: ExpansionSection, seeds: list[str]
     out = INSTRUCTIONS.output(run_dir, section=section, seeds=seeds, written=written)
     if done := out.done:
         return done
-    replies = pd.read_parquet(Path(written.path) / "answers.parquet").to_dict("records")
+    replies = pd.read_parquet(Path(written.path) / ANSWERS).to_dict("records")
     picked = pick(replies, seeds, section)
     instructions, dropped, counts = picked["instructions"], picked["dropped"], picked["counts"]
     with out.building() as tmp:
         pd.DataFrame(instructions, columns=["id", "question", "answer", "source"]).to_parquet(
             tmp / f"{ANSWER_SPLIT}.parquet", index=False)
         pd.DataFrame(dropped, columns=["source", "instruction", "text", "reasons", "detail"]).to_parquet(
-            tmp / "dropped.parquet", index=False)
+            tmp / DROPPED, index=False)
         out.finish(tmp, rows=len(instructions), replies=len(replies), candidates=picked["candidates"],
                    kept=len(instructions), dropped=len(dropped), drop_reasons=counts)
     create_table_artifact(

@@ -16,7 +16,7 @@ from pathlib import Path
 from prefect import task
 
 from kdflow.config.student import StudentSection
-from kdflow.store.model_folders import keyed_by_content, write_location
+from kdflow.store.model_folders import MODEL, SOURCE, keyed_by_content, write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
 from kdflow.training.student import (StudentJob, launch_student, needs_logit_cache, on_policy_accounting,
@@ -28,7 +28,7 @@ from tasks.progress import TrainingArtifact
 # path retrain it; one inside a stage output (a pruned teacher, another student) keeps the key its path gives.
 STUDENTS = Stage("students", "1", lambda section, template, teacher, data, curated, logits=None: {
     "section": keyed_by_content(section), "template": template, "teacher": teacher, "data": data, "curated": curated,
-    "logits": logits})
+    "logits": logits}, files=(SOURCE, f"{MODEL}/"))
 
 
 @task(cache_policy=StageCache(STUDENTS), **STAGE_RESULTS, task_run_name="train_student[{section.name}]")
@@ -59,8 +59,8 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
                                  logits=logits, checkpoints=str(checkpoints))
                 launch_student(job, tmp, stage_dir / f".launch-{out.key[:16]}.json",
                                stage_dir / f".launch-{out.key[:16]}.log")
-            write_location(tmp, "model")
-            out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / "model"),
+            write_location(tmp, MODEL)
+            out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / MODEL),
                        seconds=round(time.perf_counter() - start, 1), **on_policy_accounting(tmp),
                        **topk_summary(tmp, section))
     return out.ref()

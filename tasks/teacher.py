@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow.store.model_folders import folder_sha256, write_location
+from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
 from kdflow.store.run_folder import read_split
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
@@ -26,15 +26,17 @@ from kdflow.training.tiny_models import count_params, llama_model, train_tokeniz
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
-TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template})
+TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template},
+                files=(SOURCE, f"{MODEL}/"))
 # A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
 # invalidates what follows (folder_sha256: hash_folder's digest, hashed again only when a file changed).
 EXISTING_TEACHER = Stage("teacher", "1", lambda section: {
-    "section": section, "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None})
+    "section": section, "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None},
+    files=(SOURCE,))
 # An API teacher: the model's identity (name, base_url without a password) is what it is; the tokenizer for
 # from-scratch students is made from the data's gold text with the prompt template.
 API_TEACHER = Stage("teacher", "1", lambda section, api, data, template: {
-    "section": section, "api": api.identity(), "data": data, "template": template})
+    "section": section, "api": api.identity(), "data": data, "template": template}, files=(SOURCE, "tokenizer/"))
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
 
 
@@ -68,7 +70,7 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
         progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
         train_sft(model, tokenizer, sft_rows(rows, template, "rationale"),
                   {**section.training, **training_flags(section.dtype)}, tmp, section.seed, callbacks=[progress])
-        write_location(tmp, "model")
+        write_location(tmp, MODEL)
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()
 

@@ -43,6 +43,25 @@ def test_a_build_without_manifest_is_refused(tmp_path):
     assert existing_output(tmp_path, "stage", "m" * 64) is None
 
 
+def test_a_stage_output_without_a_declared_file_gets_no_manifest(tmp_path):
+    from kdflow.store.stage import Stage
+
+    stage = Stage("stage", "1", lambda n: {"n": n}, files=("answers.parquet", "model/"))
+    assert stage.key(n=1) == Stage("stage", "1", lambda n: {"n": n}).key(n=1)  # the files are no part of the key
+    out = stage.output(tmp_path, n=1)
+    with pytest.raises(RuntimeError, match="built no model/: not complete"):
+        with out.building() as tmp:
+            (tmp / "answers.parquet").write_text("a")
+            out.finish(tmp)
+    assert out.done is None
+    with out.building() as tmp:
+        (tmp / "answers.parquet").write_text("a")
+        (tmp / "model").mkdir()
+        (tmp / "model" / "w").write_text("w")
+        out.finish(tmp)
+    assert out.done is not None
+
+
 def test_deleted_or_changed_outputs_are_not_complete(tmp_path):
     ref = build(tmp_path, "d" * 64)
     (output_dir(tmp_path, "stage", "d" * 64) / MANIFEST).unlink()

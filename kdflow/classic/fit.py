@@ -18,7 +18,8 @@ from kdflow.classic.digits import SPLITS, Split
 from kdflow.config.classic import MLP, ClassifierData, DataSection, Transformer
 from kdflow.store.outputs import OutputRef
 
-LOGITS = "logits.safetensors"
+LOGITS = "logits.safetensors"  # a classifier's logits on every split
+SPLITS_FILE = "splits.safetensors"  # the classifier-data stage's splits as tensors
 
 
 def write_splits(section: DataSection, out: Path) -> dict[str, Split]:
@@ -34,12 +35,12 @@ def write_splits(section: DataSection, out: Path) -> dict[str, Split]:
         with open(out / "rows.jsonl", "w") as f:
             f.writelines(json.dumps({**r, "split": name}) + "\n" for name, part in rows.items() for r in part)
     save_file({f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
-              out / "splits.safetensors")
+              out / SPLITS_FILE)
     return splits
 
 
 def read_splits(data: OutputRef) -> dict[str, Split]:
-    tensors = load_file(Path(data.path) / "splits.safetensors")
+    tensors = load_file(Path(data.path) / SPLITS_FILE)
     return {name: Split(tensors[f"{name}.x"], tensors[f"{name}.y"]) for name in SPLITS}
 
 

@@ -28,6 +28,7 @@ from transformers import Trainer
 
 from kdflow.config.classic import training_arguments
 from kdflow.classic.digits import Split
+from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.training.losses import hinton_loss
 
 SUBJECTS = ["the food", "the service", "the staff", "the room", "the screen", "the battery", "this phone",
@@ -172,7 +173,7 @@ def train_classifier(model, data: Split, pad_id: int, training: dict, out_dir: P
     report_progress(trainer, "classic", who)  # progress lines naming it, not the trainer's bare {'loss': ...} dicts
     trainer.train()
     history = trainer.state.log_history
-    (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+    (out_dir / LOG_HISTORY).write_text(json.dumps(history, indent=1))
     return history
 
 

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 EXAMPLES_PER_REASON = 3
+REPORT_MD, REPORT_JSON, LENGTHS = "report.md", "report.json", "lengths.png"
+FILES = (REPORT_MD, REPORT_JSON, LENGTHS)
 
 
 def reason_table(kept: list[dict], dropped: list[dict]) -> pd.DataFrame:
@@ -89,7 +91,7 @@ def _cells(values) -> str:
 def write(folder: Path, kept: list[dict], dropped: list[dict]) -> dict:
     """report.md, report.json and lengths.png in ``folder``; returns report.json's content."""
     reasons, hist = reason_table(kept, dropped), length_histogram(kept, dropped)
-    plot_lengths(kept, dropped, folder / "lengths.png")
+    plot_lengths(kept, dropped, folder / LENGTHS)
     total = len(kept) + len(dropped)
     summary = {"input_rows": total, "kept": len(kept), "dropped": len(dropped),
                "reasons": reasons.to_dict("records"), "length_histogram": hist.to_dict("records"),
@@ -115,6 +117,6 @@ def write(folder: Path, kept: list[dict], dropped: list[dict]) -> dict:
         markdown(ex) if len(ex) else "None.",
         "",
     ]
-    (folder / "report.md").write_text("\n".join(md))
-    (folder / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+    (folder / REPORT_MD).write_text("\n".join(md))
+    (folder / REPORT_JSON).write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -29,6 +29,9 @@ from kdflow.config.templates import render
 from kdflow.config.filters import DedupOn, FiltersSection
 from kdflow.curation.verify import VerifyTimeout, majority, select
 
+# The curate stage's datasets: the answers kept (what students train on), and every drop with its reasons.
+KEPT, DROPPED = "kept.parquet", "dropped.parquet"
+
 Check = Callable[[str, object], bool]
 Extract = Callable[[str], object]
 

@@ -11,6 +11,8 @@ from kdflow.evaluation.quality import accuracy
 from kdflow.teacher.hf_generate import load
 from kdflow.training.curves import read_curve
 
+CURVE_FILE = "curve.json"  # the curves stage's output: what ``curve_accuracy`` returns
+
 
 def curve_accuracy(student_dir: Path, rows: list[dict], template: str, check: Callable[[str, str], bool],
                    max_new_tokens: int, batch_size: int) -> dict:

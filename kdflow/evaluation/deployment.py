@@ -16,6 +16,7 @@ import torch
 
 from kdflow.config.templates import plain_text, special_strings
 
+FIGURES = "deployment.json"  # the deployment stage's output: every model's figures
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 FLOPS_FORMULA = ("2·[L·(d·(h + 2·kv)·hd + h·hd·d + 3·d·f) + d·V] + 4·L·h·hd·c  "

@@ -6,6 +6,8 @@ import importlib.util
 
 import torch
 
+RESULTS = "results.json"  # the lm-eval stage's output: {model: {task: {metric: value}}}
+
 
 def unavailable() -> str | None:
     """Why lm-evaluation-harness cannot run here, or None when it can."""

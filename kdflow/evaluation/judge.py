@@ -13,11 +13,16 @@ from typing import Callable
 import pandas as pd
 
 from kdflow.config.evaluation import EvaluationSection
+from kdflow.evaluation.model_metrics import PREDICTIONS
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import ShardWriter, read_shards
 from kdflow.teacher.api_client import Accounting
 from kdflow.teacher.completion import TeacherBackend
+
+
+# The judge stage's files: every judgement with the raw reply, and each student's win rate.
+JUDGEMENTS, WIN_RATES = "judgements.parquet", "win_rates.json"
 
 
 class TooManyJudgeFailures(RuntimeError):
@@ -69,4 +74,4 @@ def check_judge_failures(judgements: list[dict], section: EvaluationSection.Judg
 
 def predictions(evaluation: OutputRef) -> list[dict]:
     """A model's greedy answers (``id``, ``text``, ...) from its evaluate-stage output."""
-    return pd.read_parquet(Path(evaluation.path) / "predictions.parquet").to_dict("records")
+    return pd.read_parquet(Path(evaluation.path) / PREDICTIONS).to_dict("records")

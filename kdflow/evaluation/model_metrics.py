@@ -10,6 +10,9 @@ from kdflow.evaluation.quality import (accuracy, reference_sequences, same_vocab
                                        score_reference)
 from kdflow.evaluation.quantize import count_params, load  # load: int8 folders too (evaluated like any model)
 
+# The evaluate stage's files, one output per model: every answer with its verdict, and the figures.
+PREDICTIONS, METRICS = "predictions.parquet", "metrics.json"
+
 
 def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int,
                       no_teacher: str | None = None, dtype=None) -> dict:

@@ -24,6 +24,7 @@ from kdflow.logit_cache.ensemble import merge_caches
 from kdflow.logit_cache.parts import COUNTS
 # The scoring server's flags live with the scorer (on-policy starts one too); capture reads them from there.
 from kdflow.logit_cache.scoring import TeacherScoringError, prompt_logprobs_args, served_dtype  # noqa: F401
+from kdflow.curation.pipeline import KEPT
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder
 
@@ -98,7 +99,7 @@ def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef,
 
     model_dir = model_location(teacher)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    kept = pd.read_parquet(Path(curated.path) / "kept.parquet").to_dict("records")
+    kept = pd.read_parquet(Path(curated.path) / KEPT).to_dict("records")
     rows = encoded_rows(kept, template, tokenizer)
     vocab = _vocab_size(model_dir)
     members = [(model_dir, teacher.sha256, section.teacher_weight)]

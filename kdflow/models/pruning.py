@@ -19,6 +19,8 @@ import enum
 
 # torch is imported where used: the recipe models (kdflow.config) import LayerSelect, and loading a recipe stays light.
 
+PRUNING = "pruning.json"  # the prune stage's record: the layers kept and, for importance, each one's influence
+
 
 class LayerSelect(str, enum.Enum):
     every_other = "every_other"

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from kdflow.reporting.quality_metric import metric_of
+from kdflow.reporting.run_report import REPORT_JSON
 
 COLUMNS = [  # (key in a model's report entry, column title, format)
     ("data", "trained on", "{}"),
@@ -34,9 +35,9 @@ COLUMNS = [  # (key in a model's report entry, column title, format)
 def load_report(path: str | Path) -> dict:
     """A run's report.json, from the run folder or the file itself."""
     path = Path(path)
-    file = path / "report.json" if path.is_dir() else path
+    file = path / REPORT_JSON if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{path}: no report.json; pass a run folder (runs/<name>) whose flow has finished")
+        raise FileNotFoundError(f"{path}: no {REPORT_JSON}; pass a run folder (runs/<name>) whose flow has finished")
     return json.loads(file.read_text())
 
 

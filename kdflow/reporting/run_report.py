@@ -11,6 +11,8 @@ from kdflow.reporting.ledger import section as ledger_section
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
+REPORT_JSON, REPORT_MD = "report.json", "report.md"  # at the top of the run folder, rewritten every run
+
 COST_COLUMNS = [
     ("params", "parameters", lambda v: f"{v:,}"),
     ("flops_per_token", "FLOPs / token", lambda v: si_number(v)),

@@ -21,6 +21,8 @@ from pathlib import Path
 from kdflow.store.outputs import MANIFEST, OutputRef, hash_folder, read_manifest, write_atomic
 
 SOURCE = "model.json"  # {"location": <folder relative to the stage output, absolute folder, or hub id>}
+MODEL = "model"  # the folder a stage that makes a model saves it in (weights, tokenizer, chat template)
+LOG_HISTORY = "log_history.json"  # the trainer's log history, beside a model trained here
 STATE_ENV = "KDFLOW_STATE_DIR"  # where kdflow keeps small records across runs; default ~/.cache/kdflow
 HASHES = "folder-sha256.json"
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@ key, the lookup of a finished output, building the next one — follows from tha
 
     CURATE = Stage("curate", "2", lambda section, source, answers, teacher=None: {
         "section": section, "source": source.value, "answers": answers, "teacher": teacher,
-        "judge_template": section.judge.template_text() if section.judge else None})
+        "judge_template": section.judge.template_text() if section.judge else None},
+        files=(KEPT, DROPPED, *drop_report.FILES))
 
     out = CURATE.output(run_dir, section=section, source=source, answers=answers, teacher=teacher)
     if out.done:
@@ -18,6 +19,12 @@ task body and the sharded flows all call it with the task's arguments, so they c
 the task's arguments (``run_dir`` aside: it says where, not what) and returns the inputs by content — recipe
 sections, upstream refs, and the text of every prompt the stage uses, so that editing a prompt file reruns
 exactly the stages that read it.
+
+``files`` names what every output of the stage holds beside its manifest (a folder name ends with ``/``): ``finish``
+refuses to write the manifest of an output that lacks one, and docs/concepts/run-folders.md lists them. The names
+themselves are constants of the library module that writes or reads the format (``KEPT`` in
+kdflow/curation/pipeline.py, ``LOG_HISTORY`` in kdflow/store/model_folders.py): a task, a flow and a library
+module downstream name a file by that constant, never by a string of their own.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class Stage:
     name: str  # the run folder's stage folder, runs/<run>/<name>/<key>/
     version: str  # bumped when the stage's code changes what it makes
     content: Callable[..., dict[str, Any]]
+    files: tuple[str, ...] = ()  # what each output holds, always (not part of the key: where, not what)
 
     def inputs(self, **args) -> dict[str, Any]:
         """What the output is made from, by content (recorded in its manifest)."""
@@ -85,6 +93,9 @@ class StageOutput:
             yield tmp
 
     def finish(self, tmp: Path, rows: int | None = None, **extra) -> None:
+        """The manifest, last; refused while one of the stage's declared ``files`` is missing."""
+        if missing := [f for f in self.stage.files if not (Path(tmp) / f).exists()]:
+            raise RuntimeError(f"stage {self.stage.name!r} built no {', '.join(missing)}: not complete, no manifest")
         finish(tmp, self.stage.name, self.key, inputs=self.inputs, rows=rows, **extra)
 
     def key_without(self, name: str) -> str:
@@ -121,5 +132,7 @@ class StageOutput:
                 (tmp / file.relative_to(old.path)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, tmp / file.relative_to(old.path))
             kept = {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
-            self.finish(tmp, rows=manifest.get("rows"), **{**kept, **extra, "adopted_from": old.key})
+            # Not checked against ``files``: a copy holds what the older code made, as the older output did.
+            finish(tmp, self.stage.name, self.key, inputs=self.inputs, rows=manifest.get("rows"),
+                   **{**kept, **extra, "adopted_from": old.key})
         return self.ref()

@@ -23,6 +23,8 @@ from kdflow.teacher.completion import TeacherBackend
 from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 
 ROW_FIELDS = ("id", "split", "question", "answer")
+# The generate stage's files: one answer per (row, sample), and the requests that failed for good.
+ANSWERS, FAILURES = "answers.parquet", "failures.parquet"
 
 
 class TooManyFailures(RuntimeError):

@@ -25,6 +25,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 CURVE = "curve"  # the folder inside a student's output
+INDEX = "curve.json"  # in it: the snapshots saved, with their steps and times
 
 
 def curve_steps(max_steps: int, points: int) -> list[int]:
@@ -100,7 +101,7 @@ class CurveSnapshots(TrainerCallback):
                     shutil.move(str(self.saving / Path(row["model"]).name), str(self.folder / Path(row["model"]).name))
         (self.saving / "partial.json").unlink(missing_ok=True)
         index = {"points": self.rows, "max_steps": state.max_steps, "resumed_at": self.resumed_at}
-        (self.folder / "curve.json").write_text(json.dumps(index, indent=1))
+        (self.folder / INDEX).write_text(json.dumps(index, indent=1))
 
 
 def curve_snapshots(section, out_dir: Path, tokenizer, work: Path | None = None) -> list[TrainerCallback]:
@@ -111,7 +112,7 @@ def curve_snapshots(section, out_dir: Path, tokenizer, work: Path | None = None)
 
 def read_curve(student_dir: Path) -> dict:
     """A finished student's ``curve/curve.json``; an error naming the student folder and the fix when it has none."""
-    path = Path(student_dir) / CURVE / "curve.json"
+    path = Path(student_dir) / CURVE / INDEX
     if not path.is_file():
         raise FileNotFoundError(f"{student_dir} has no learning curve ({path} is missing): train the student with "
                                 "`curve_points: N` in its section (a study recipe sets it)")

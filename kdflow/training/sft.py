@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kdflow.config.templates import plain_rows
 from kdflow.config.training import sft_config
+from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.training.checkpoints import last_checkpoint, saving
 
 
@@ -45,7 +46,7 @@ def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> l
         check_weights(trainer.accelerator.unwrap_model(trainer.model), f"saving it to {out_dir}")
         with saving(out_dir):
             save_model(trainer, model, tokenizer, out_dir)
-            (out_dir / "log_history.json").write_text(json.dumps(history, indent=1))
+            (out_dir / LOG_HISTORY).write_text(json.dumps(history, indent=1))
         if checkpoints is not None:
             shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()

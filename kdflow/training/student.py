@@ -21,7 +21,8 @@ from kdflow.config.precision import check_trainable_here, training_flags, weight
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
 from kdflow.logit_cache.format import cache_row_id
-from kdflow.store.model_folders import model_location
+from kdflow.curation.pipeline import KEPT
+from kdflow.store.model_folders import LOG_HISTORY, model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 from kdflow.training.curves import curve_snapshots
@@ -46,7 +47,7 @@ def student_rows(section: StudentSection, template: str, data: OutputRef, curate
     elif curated is None:
         raise ValueError(f"student {section.name!r} learns from the teacher's answers; pass the curate stage's output")
     else:
-        kept = pd.read_parquet(Path(curated.path) / "kept.parquet").to_dict("records")
+        kept = pd.read_parquet(Path(curated.path) / KEPT).to_dict("records")
         rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(kept, sft_rows(kept, template, "text"))]
     if section.data_fraction < 1.0:
         keep = subset([r["row_id"] for r in rows], section.data_fraction, section.seed)
@@ -252,7 +253,7 @@ def topk_summary(out: Path, section: StudentSection) -> dict:
 
     from kdflow.training.topk_diagnostics import summary
 
-    path = Path(out) / "log_history.json"
+    path = Path(out) / LOG_HISTORY
     kd = section.kd
     alpha = 0.0 if isinstance(kd, OnPolicyKD) else getattr(kd, "alpha", None)  # on-policy: the divergence alone
     topk = summary(json.loads(path.read_text()), alpha) if path.is_file() else {}
