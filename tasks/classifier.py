@@ -26,7 +26,7 @@ from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
-from tasks.report import artifact_key
+from tasks.artifacts import artifact_key
 
 DATA = Stage("classifier-data", "1", lambda section: {"section": section}, files=(SPLITS_FILE,))
 TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed},

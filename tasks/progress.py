@@ -19,14 +19,15 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging import get_logger
 
 from kdflow.training.topk_diagnostics import brief
+from tasks.artifacts import artifact_key
 
 EVERY_S = 2.0  # artifact updates: often enough to watch, rare enough to cost nothing (one API call each)
 CALL_TIMEOUT_S = 30.0  # one artifact call: a healthy server answers in milliseconds; this only ends a hang
 
 
-def artifact_key(name: str) -> str:
-    """Prefect's artifact keys take lowercase letters, digits and dashes only: ``seq-kd@1`` -> ``training-seq-kd-1``."""
-    return "training-" + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model")
+def training_key(name: str) -> str:
+    """``seq-kd@1`` -> ``training-seq-kd-1``: the name's runs of other characters (dashes too) one dash, none at the ends."""
+    return artifact_key("training", re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model")
 
 
 def bounded(call, *args, **kwargs):
@@ -62,7 +63,7 @@ class TrainingArtifact:
         self.artifact = None
         self.updated = float("-inf")
         if TaskRunContext.get() or FlowRunContext.get():
-            self.artifact = self._call(create_progress_artifact, progress=0.0, key=artifact_key(name),
+            self.artifact = self._call(create_progress_artifact, progress=0.0, key=training_key(name),
                                        description=f"{self.what}: training steps done")
 
     def __call__(self, step: int, total: int, loss: float, seconds_left: float, topk: dict | None = None) -> None:

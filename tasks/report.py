@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from pathlib import Path
 
@@ -23,13 +22,9 @@ from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD, build_report, embed, render_markdown, table_rows
 from kdflow.reporting.topk_report import with_warnings
+from tasks.artifacts import artifact_key
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
-
-
-def artifact_key(run_name: str, what: str) -> str:
-    """A stable artifact key: Prefect accepts only lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower())
 
 
 def training_history(model: OutputRef) -> list[dict]:
