@@ -13,7 +13,8 @@ from prefect import flow
 from flows.chain import evaluate_and_report, starting_points, train_in_order, upstream
 from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
-from kdflow.reporting.quality_metric import QUALITY, metric_of
+from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD
+from kdflow.reporting.summary import summary_lines
 from kdflow.store.remote import push_files
 
 
@@ -35,17 +36,8 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
     report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated,
                                  starts.floor_info)
     if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)
-        push_files(run_dir, ["report.json", "report.md", *report["plots"]], r.run.url)
-
-    print(f"report: {run_dir / 'report.md'}")
-    key = metric_of(report)  # accuracy, or ROUGE-L on instruction data
-    title, fmt = QUALITY[key]
-    for name, m in {"teacher": report["teacher"], **report["students"]}.items():
-        if m.get("api"):  # an API teacher: its quality only (its weights are not here)
-            print(f"  {name:>10}: {title} {m[key]:{fmt}} ({m['model']} through the API; {m['weights']})")
-            continue
-        print(f"  {name:>10}: {title} {m[key]:{fmt}}, perplexity {m['perplexity']:.3f}, "
-              f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token")
+        push_files(run_dir, [REPORT_JSON, REPORT_MD, *report["plots"]], r.run.url)
+    print("\n".join(summary_lines(report, run_dir / REPORT_MD)))
     return report
 
 

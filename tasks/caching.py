@@ -63,18 +63,22 @@ class StageCache(CachePolicy):
         return f"{key}-recompute-{uuid.uuid4().hex}"
 
 
+def read_path(storage, path: str) -> bytes:
+    """The bytes a result-storage block holds at ``path``, read synchronously. The one use of a private Prefect
+    import: a storage block's ``read_path`` is async-compatible, and this helper is how Prefect's own result store
+    calls it from sync code (tests/test_prefect_glue.py checks it against the pinned Prefect version)."""
+    return call_explicitly_sync_block_method(storage, "read_path", (path,), {})
+
+
 def _stored_ref(store, key: str) -> tuple[bool, OutputRef | None]:
     """(a record exists, the OutputRef it holds): read as plain JSON, never through a serializer the record
     names. A record that is not a JSON OutputRef (a pickle, another object, damaged) gives (True, None)."""
-    def read(storage, path):
-        return call_explicitly_sync_block_method(storage, "read_path", (path,), {})
-
     try:
         if store.metadata_storage is not None:
-            metadata = json.loads(read(store.metadata_storage, key))
-            record = {"metadata": metadata, "result": read(store.result_storage, metadata["storage_key"])}
+            metadata = json.loads(read_path(store.metadata_storage, key))
+            record = {"metadata": metadata, "result": read_path(store.result_storage, metadata["storage_key"])}
         else:
-            record = json.loads(read(store.result_storage, key))
+            record = json.loads(read_path(store.result_storage, key))
     except (OSError, ValueError):  # ValueError: not there (some storages), or not JSON
         return _exists(store, key), None
     try:
