@@ -21,7 +21,7 @@ from kdflow.classic import digits as classifier_kd
 from kdflow.classic import omitted
 from kdflow.classic.fit import (LOGITS, SPLITS_FILE, class_accuracy_of, fit, metrics_of, read_logits, score_omitted,
                                 transfer_rows, write_splits)
-from kdflow.config.classic import MLP, DataSection, DistillSection, OmittedClassSection, Transformer
+from kdflow.config.classic import MLP, ClassifierDataSection, DistillSection, OmittedClassSection, Transformer
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
@@ -38,7 +38,7 @@ STUDENT = Stage("classifier-student", "1", lambda model, data, teachers, distill
 
 
 @task(cache_policy=StageCache(DATA), **STAGE_RESULTS, task_run_name="classifier_data[{section.source.value}]")
-def classifier_data(run_dir: Path, section: DataSection) -> OutputRef:
+def classifier_data(run_dir: Path, section: ClassifierDataSection) -> OutputRef:
     """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer
     and the generated rows as text (``rows.jsonl``)."""
     out = DATA.output(run_dir, section=section)

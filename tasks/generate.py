@@ -19,7 +19,7 @@ from kdflow.config.generation import Backend, GenerationSection
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.teacher.answer_shards import adopt_folder, read_shards
-from kdflow.teacher.api_client import Accounting, FatalApiError
+from kdflow.teacher.api_client import FatalApiError, RequestAccounting
 from kdflow.teacher.generation import (ANSWERS, FAILURES, TooManyFailures, answer_table, api_answers, check_failures, failure_table,
                                        hf_answers, prompted_rows)
 from kdflow.store.stage import Stage
@@ -66,7 +66,7 @@ class Progress:
     def percent(self) -> float:
         return round(100.0 * self.done / max(self.total, 1), 2)
 
-    def __call__(self, acct: Accounting) -> None:
+    def __call__(self, acct: RequestAccounting) -> None:
         self.done = acct.resumed + acct.answers + acct.failures
         if self.bar.update(self.done - self.bar.n):  # True when the bar redrew (at most once a second)
             self.bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)

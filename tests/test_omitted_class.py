@@ -54,11 +54,11 @@ def test_drop_class_removes_every_row_of_the_class_and_keeps_soft_targets_aligne
 @pytest.fixture(scope="module")
 def digits_data(tmp_path_factory):
     """The digits splits written as the data stage writes them, behind a ref ``fit`` can read."""
-    from kdflow.config.classic import DataSection
+    from kdflow.config.classic import ClassifierDataSection
     from kdflow.store.outputs import OutputRef
 
     folder = tmp_path_factory.mktemp("data")
-    write_splits(DataSection(source="digits"), folder)
+    write_splits(ClassifierDataSection(source="digits"), folder)
     return OutputRef(stage="classifier-data", key="k", path=str(folder), sha256="s")
 
 

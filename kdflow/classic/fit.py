@@ -15,14 +15,14 @@ from kdflow.classic import hf as classifier_hf
 from kdflow.classic.omitted import class_accuracy, drop_class
 from kdflow.classic.omitted import evaluate as evaluate_omitted
 from kdflow.classic.digits import SPLITS, Split
-from kdflow.config.classic import MLP, ClassifierData, DataSection, Transformer
+from kdflow.config.classic import MLP, ClassifierData, ClassifierDataSection, Transformer
 from kdflow.store.outputs import OutputRef
 
 LOGITS = "logits.safetensors"  # a classifier's logits on every split
 SPLITS_FILE = "splits.safetensors"  # the classifier-data stage's splits as tensors
 
 
-def write_splits(section: DataSection, out: Path) -> dict[str, Split]:
+def write_splits(section: ClassifierDataSection, out: Path) -> dict[str, Split]:
     """The train / val / test splits as tensors (``splits.safetensors``); for reviews also the tokenizer and the
     generated rows as text (``rows.jsonl``)."""
     if section.source is ClassifierData.digits:

@@ -28,7 +28,7 @@ class ClassifierData(str, enum.Enum):
     reviews = "reviews"  # a generated review-sentiment set (kdflow/classic/hf.py says exactly what it is)
 
 
-class DataSection(Strict):
+class ClassifierDataSection(Strict):
     source: ClassifierData
     seed: int = Field(0, description="fixes the split (and, for reviews, the generated rows); not the training seed")
     test_fraction: float = Field(0.4, gt=0, lt=1)
@@ -102,12 +102,12 @@ MODEL_KINDS = frozenset({"mlp", "transformer"})  # the union's tags: not YAML ke
 KIND_FOR_SOURCE = {ClassifierData.digits: "mlp", ClassifierData.reviews: "transformer"}
 
 
-class TeacherSection(Strict):
+class ClassifierTeacherSection(Strict):
     model: Model
     ensemble: int = Field(1, ge=1, description="members trained from different seeds; their predictions averaged")
 
 
-class StudentSection(Strict):
+class ClassifierStudentSection(Strict):
     model: Model
 
 
@@ -134,9 +134,9 @@ class OmittedClassSection(Strict):
 
 class ClassifierRecipe(Strict):
     run: RunSection
-    data: DataSection
-    teacher: TeacherSection
-    student: StudentSection
+    data: ClassifierDataSection
+    teacher: ClassifierTeacherSection
+    student: ClassifierStudentSection
     distill: DistillSection
     seeds: list[int] = Field(min_length=1, description="one full experiment per seed; the report gives the spread")
     sweep: SweepSection | None = None

@@ -14,14 +14,14 @@ from kdflow.config.templates import render
 from kdflow.evaluation.judge import ask_judge, prompt_id
 from kdflow.evaluation.free_text import scored
 from kdflow.evaluation.quality import checked
-from kdflow.teacher.api_client import Accounting
+from kdflow.teacher.api_client import RequestAccounting
 from kdflow.teacher.completion import TeacherBackend
 
 WEIGHTS_UNAVAILABLE = "API model: weights not available"
 
 
 def api_answers(model: TeacherBackend, rows: list[dict], template: str, max_new_tokens: int, folder: Path,
-                system: str | None = None) -> tuple[list[dict], Accounting]:
+                system: str | None = None) -> tuple[list[dict], RequestAccounting]:
     """(one prediction per row: ``id``, ``answer``, ``text``, ``finish_reason``, ``failure``; what the requests cost).
     ``template`` and ``system``: the prompt the model answered the students' questions with. A request that failed for
     good has ``text`` None and keeps the failure's reason."""
@@ -37,7 +37,8 @@ def api_answers(model: TeacherBackend, rows: list[dict], template: str, max_new_
 
 
 def api_accuracy(model: TeacherBackend, rows: list[dict], template: str, check: Callable[[str, str], bool],
-                 max_new_tokens: int, folder: Path, system: str | None = None) -> tuple[dict, list[dict], Accounting]:
+                 max_new_tokens: int, folder: Path,
+                 system: str | None = None) -> tuple[dict, list[dict], RequestAccounting]:
     """(metrics, one prediction per row, what the requests cost), as ``api_answers``, each answer checked: a request
     that failed for good is a wrong answer (``failed`` in the metrics counts them)."""
     answers, acct = api_answers(model, rows, template, max_new_tokens, folder, system)
@@ -53,7 +54,7 @@ def api_accuracy(model: TeacherBackend, rows: list[dict], template: str, check: 
 
 
 def api_rouge_l(model: TeacherBackend, rows: list[dict], template: str, max_new_tokens: int, folder: Path,
-                system: str | None = None) -> tuple[dict, list[dict], Accounting]:
+                system: str | None = None) -> tuple[dict, list[dict], RequestAccounting]:
     """As ``api_accuracy`` for free text (``source: instructions``): each answer's ROUGE-L against the reference, a
     request that failed for good scoring 0."""
     predictions, acct = api_answers(model, rows, template, max_new_tokens, folder, system)

@@ -17,7 +17,7 @@ from kdflow.evaluation.model_metrics import PREDICTIONS
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import ShardWriter, read_shards
-from kdflow.teacher.api_client import Accounting
+from kdflow.teacher.api_client import RequestAccounting
 from kdflow.teacher.completion import TeacherBackend
 
 
@@ -46,14 +46,14 @@ def backend(section: EvaluationSection.Judge, api_key: Callable[[], str | None] 
 
 
 def ask_judge(judge: TeacherBackend, max_new_tokens: int, prompts: list[str], folder: Path, system: str | None = None
-              ) -> tuple[dict[str, dict], Accounting]:
+              ) -> tuple[dict[str, dict], RequestAccounting]:
     """The judge's reply record (``ok`` True with ``text``, or a failure with its ``reason``) to every prompt, by
     ``prompt_id``. Only prompts ``folder`` holds no reply to are asked; no server starts when there are none.
     ``system``: a system message before each prompt (name ``folder`` after it: replies are kept by prompt alone)."""
     ids = {prompt_id(p): p for p in prompts}
     answered, _ = read_shards(folder)
     todo = {i: p for i, p in ids.items() if (i, 0) not in answered}
-    acct = Accounting(resumed=len(ids) - len(todo))
+    acct = RequestAccounting(resumed=len(ids) - len(todo))
     if todo:
         with ShardWriter(folder) as shard:
             acct = judge.ask(todo, max_new_tokens, shard.append, system)

@@ -92,7 +92,7 @@ class Sampling:
 
 
 @dataclass
-class Accounting:
+class RequestAccounting:
     """What the run cost: HTTP attempts, retries, failures for good, tokens, answers, wall time."""
 
     requests: int = 0
@@ -296,7 +296,7 @@ def kept_raw(raw: str | None, secret: str | None) -> str | None:
 
 
 async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, max_retries: int,
-              acct: Accounting, rng: random.Random, secret: str | None = None) -> dict:
+              acct: RequestAccounting, rng: random.Random, secret: str | None = None) -> dict:
     """One answer record, or a failure record (``ok`` False, ``reason``, ``status``, ``error``, ``attempts``, and
     ``raw``: the body of a malformed 2xx, else None)."""
     for attempt in range(max_retries + 1):
@@ -336,11 +336,11 @@ async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, 
 
 async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest], s: Sampling, *, concurrency: int,
                   max_retries: int, on_record: Callable[[dict], None],
-                  on_progress: Callable[[Accounting], None] | None = None, secret: str | None = None,
-                  seed: int = 0, resumed: int = 0) -> Accounting:
+                  on_progress: Callable[[RequestAccounting], None] | None = None, secret: str | None = None,
+                  seed: int = 0, resumed: int = 0) -> RequestAccounting:
     """Ask every request with at most ``concurrency`` in flight; ``on_record`` gets each answer or failure
     record as it arrives (persist it there). A ``FatalApiError`` cancels the requests in flight and propagates."""
-    acct, rng, pending = Accounting(resumed=resumed), random.Random(seed), iter(requests)
+    acct, rng, pending = RequestAccounting(resumed=resumed), random.Random(seed), iter(requests)
     start = time.perf_counter()
 
     async def worker():
@@ -364,7 +364,7 @@ async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest]
 
 
 def run_all(base_url: str, api_key: str | None, timeout_s: float, requests: Iterable[TeacherRequest], s: Sampling,
-            **kwargs) -> Accounting:
+            **kwargs) -> RequestAccounting:
     """``ask_all`` from synchronous code, with a client built (and closed) here."""
 
     async def main():

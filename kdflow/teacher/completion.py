@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from kdflow.config.generation import Backend, VllmServerSection
 from kdflow.config.templates import plain_messages, special_strings
-from kdflow.teacher.api_client import Accounting, Sampling, TeacherRequest, run_all
+from kdflow.teacher.api_client import RequestAccounting, Sampling, TeacherRequest, run_all
 from kdflow.teacher.vllm_server import vllm_server
 
 
@@ -36,7 +36,7 @@ class TeacherBackend:
     batch_size: int = 16  # prompts per generate call (hf)
     vllm: VllmServerSection = field(default_factory=VllmServerSection)
 
-    def hf_generate(self, prompts: list[str], max_new_tokens: int, **sampling) -> tuple[list[dict], Accounting]:
+    def hf_generate(self, prompts: list[str], max_new_tokens: int, **sampling) -> tuple[list[dict], RequestAccounting]:
         """Every prompt answered in this process: one output per prompt (``text``, ``finish_reason``,
         ``completion_tokens``...), and what it cost. ``sampling``: hf_generate.generate's temperature, seed."""
         from kdflow.teacher.hf_generate import generate, load
@@ -44,10 +44,11 @@ class TeacherBackend:
         model, tokenizer = load(self.model)
         start = time.perf_counter()
         outputs = generate(model, tokenizer, prompts, max_new_tokens, self.batch_size, **sampling)
-        return outputs, Accounting(requests=len(prompts), answers=len(prompts), seconds=time.perf_counter() - start,
-                                   completion_tokens=sum(o["completion_tokens"] for o in outputs))
+        return outputs, RequestAccounting(requests=len(prompts), answers=len(prompts),
+                                          seconds=time.perf_counter() - start,
+                                          completion_tokens=sum(o["completion_tokens"] for o in outputs))
 
-    def run(self, requests: Iterable[TeacherRequest], sampling: Sampling, **run) -> Accounting:
+    def run(self, requests: Iterable[TeacherRequest], sampling: Sampling, **run) -> RequestAccounting:
         """Every request through the API, or through a vLLM server started here for them and stopped after
         (backend vllm). ``run``: ``run_all``'s own arguments (on_record, on_progress, seed, resumed)."""
         run = {"concurrency": self.concurrency, "max_retries": self.max_retries, **run}
@@ -62,7 +63,7 @@ class TeacherBackend:
         return run_all(self.base_url, self.api_key(), self.timeout_s, requests, sampling, **run)
 
     def ask(self, prompts: dict[str, str], max_new_tokens: int, on_record: Callable[[dict], None],
-            system: str | None = None) -> Accounting:
+            system: str | None = None) -> RequestAccounting:
         """Each prompt (id -> user message) answered greedily, its record (``id``, ``sample`` 0, ``ok``, ``text``...
         or a failure with its ``reason``) handed to ``on_record`` as it arrives. ``system``: a system message before
         each (API backends)."""

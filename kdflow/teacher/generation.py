@@ -18,7 +18,7 @@ from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import ShardWriter, read_shards
-from kdflow.teacher.api_client import Accounting, FatalApiError, Sampling
+from kdflow.teacher.api_client import FatalApiError, RequestAccounting, Sampling
 from kdflow.teacher.completion import TeacherBackend
 from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 
@@ -70,7 +70,7 @@ def backend(section: GenerationSection, model: str, api_key: Callable[[], str | 
                           batch_size=section.batch_size, vllm=section.vllm)
 
 
-def hf_answers(section: GenerationSection, model_dir: str, rows: list[dict]) -> tuple[list[dict], Accounting]:
+def hf_answers(section: GenerationSection, model_dir: str, rows: list[dict]) -> tuple[list[dict], RequestAccounting]:
     outputs, acct = backend(section, model_dir).hf_generate(
         [r["teacher_prompt"] for r in rows], section.max_new_tokens, temperature=section.temperature,
         seed=section.seed or 0)
@@ -78,7 +78,7 @@ def hf_answers(section: GenerationSection, model_dir: str, rows: list[dict]) -> 
 
 
 def api_answers(section: GenerationSection, model: str, rows: list[dict], folder: Path, on_progress=None,
-                api_key: Callable[[], str | None] | None = None) -> tuple[list[dict], list[dict], Accounting]:
+                api_key: Callable[[], str | None] | None = None) -> tuple[list[dict], list[dict], RequestAccounting]:
     """Ask for every (row, sample) the shards in ``folder`` do not answer yet; return all answers and the
     failures for good. ``model``: the served model name (backend openai), or the model folder vLLM serves."""
     answered, _ = read_shards(folder)
@@ -89,7 +89,7 @@ def api_answers(section: GenerationSection, model: str, rows: list[dict], folder
     requests = (teacher_request(r, r["sample"], r["teacher_prompt"], section.system_prompt, section.api.endpoint)
                 for r in todo)
     if not todo:  # all answered before a crash: no server to start, nothing to ask
-        acct = Accounting(resumed=len(rows))
+        acct = RequestAccounting(resumed=len(rows))
     else:
         with ShardWriter(folder) as shard:
             acct = backend(section, model, api_key).run(requests, s, seed=section.seed or 0, on_progress=on_progress,

@@ -32,8 +32,8 @@ throughput: the teacher's forward, on other cores or another machine, hides behi
 training instead of adding to them. The first on-policy step (and the first after a resume) fills the pipeline
 by sampling its prompts twice; the last batch handed over is scored and left untrained.
 
-Accounting (``Accounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k came
-back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
+Accounting (``OnPolicyAccounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k
+came back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
 optimizer); ``score_s`` is the time training waited on the teacher, ``teacher_s`` the teacher's round trips
 themselves, from the request to its last part (the part of ``teacher_s`` not in ``score_s`` was hidden: behind
 training on the parts already in, or, with ``overlap``, behind the next batch's sampling and training). It is
@@ -68,7 +68,7 @@ ACCOUNTING_FILE = "on_policy.json"  # in each checkpoint, and beside the trained
 
 
 @dataclasses.dataclass
-class Accounting:
+class OnPolicyAccounting:
     sample_s: float = 0.0
     score_s: float = 0.0
     train_s: float = 0.0
@@ -117,7 +117,7 @@ def samples(prompts: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor, 
 class StepClock(TrainerCallback):
     """Each optimizer step's wall time, less what sampling and scoring took in it, is training time."""
 
-    def __init__(self, accounting: Accounting):
+    def __init__(self, accounting: OnPolicyAccounting):
         self.accounting, self.began, self.outside = accounting, 0.0, 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -140,7 +140,7 @@ class OnPolicyTrainer(CachedKDTrainer):
         kd = KDLoss(settings.divergence, alpha=0.0, temperature=1.0, beta=settings.beta, skew=settings.skew)
         super().__init__(*args, kd=kd, **kwargs)
         self.settings, self.scorer, self.eos, self.pad = settings, scorer, eos_token_id, pad_token_id
-        self.accounting = Accounting()
+        self.accounting = OnPolicyAccounting()
         self.add_callback(StepClock(self.accounting))
         self._step, self._micro = -1, 0
         self._weight = 1.0  # the share of the micro-batch's positions in the part being trained (streamed_step)
