@@ -22,7 +22,7 @@ def capture_logits_flow(recipe: str = "recipes/demo.yaml") -> OutputRef:
     r = load_recipe(recipe)
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
-    cache = upstream(recipe, r).logits  # the same chain (and keys) as flows/distill.py
+    cache = upstream(r).logits  # the same chain (and keys) as flows/distill.py
 
     m = cache.manifest()
     print(f"logit cache: {cache.path}: {m['rows']:,} rows, {m['positions']:,} answer tokens, "

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.train_teacher import train_teacher
+from flows.train_teacher import teacher_chain
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
@@ -88,13 +88,13 @@ class Upstream:
     logits: OutputRef | None
 
 
-def upstream(recipe: str, r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:
-    """``recipe``: the recipe's path (the teacher's subflow loads it itself); ``r``: that recipe, loaded;
-    ``judge``: the judge the caller runs afterwards, its key checked with the teacher's before any work."""
+def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:
+    """``r``: the recipe, parsed once by the calling flow; ``judge``: the judge the caller runs afterwards, its key
+    checked with the teacher's before any work."""
     check_api_keys(r.generation, judge)  # a missing key fails now, not as a 401 after the teacher has trained
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     data = make_data(run_dir, r.data)
-    teacher = train_teacher(recipe)
+    teacher = teacher_chain(r, data)
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk

@@ -30,7 +30,7 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
         r = r.with_seeds(seeds)
     run_dir, cot = r.run_dir, r.prompts.cot_text()
 
-    u = upstream(recipe, r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
+    u = upstream(r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
     starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
     students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits)
     report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated,

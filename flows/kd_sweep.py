@@ -31,7 +31,7 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     students = s.students()
 
     # The recipe's own stages: cached, so a sweep after `make demo` starts at the students.
-    u = upstream(str(s.recipe_path()), r)
+    u = upstream(r)
     data, teacher, curated = u.data, u.teacher, u.curated
     trained: dict[str, OutputRef] = {st.name: train_student(run_dir, st, cot, teacher, data,
                                                             *student_inputs(st, curated, u.logits)) for st in students}

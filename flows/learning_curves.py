@@ -55,7 +55,7 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     check_warm_starts(s, s.arms(r))
 
-    u = upstream(str(s.recipe_path()), r)  # cached: a study after `make demo` starts at the students
+    u = upstream(r)  # cached: a study after `make demo` starts at the students
     trained: dict[str, OutputRef] = {}
     offsets: dict[str, tuple[int, float]] = {}
     for st in s.runs(r):  # warm-started arms come last, after the arms they start from
