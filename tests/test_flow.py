@@ -114,7 +114,11 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     executed = stage_names(states, "Completed")
     assert executed == set(), f"stages recomputed on an unchanged rerun: {executed}"
     assert stage_names(states, "Cached") == STAGES
+    # the same report, but for its cost ledger, which says when each output was made: now all reused, none made
+    ledger, ledger2 = report.pop("ledger"), report2.pop("ledger")
     assert report2 == report
+    assert ledger2["total"] == ledger["total"] and ledger2["outputs"] and ledger2["this_run"]["outputs"] == 0
+    assert not any(o["made_in_this_run"] for o in ledger2["outputs"])
 
     # 3. Only the student section changes: only students (and their evaluations) run again.
     text = mini_recipe.read_text().replace("learning_rate: 3.0e-3, logging_steps: 5}", "learning_rate: 1.0e-3, logging_steps: 5}", 1)

@@ -1,6 +1,7 @@
 """The real-model path end to end, at CI's sizes: tests/smollm2_mini.yaml through the distill flow on
 SmolLM2-135M-Instruct (the GGUF from the registry wheel) — import, answers, top-k capture, a pruned 2-layer student
-trained 2 steps by SFT, seq-KD, offline KD and on-policy KD, the untrained pruned floor, ROUGE-L evaluation, report."""
+trained 2 steps by SFT, seq-KD, offline KD and on-policy KD (from the pruned copy, and from the offline-KD student), a
+student named by the GGUF file itself, the untrained pruned floor, ROUGE-L evaluation, report."""
 
 import json
 from pathlib import Path
@@ -36,7 +37,8 @@ def test_a_pruned_student_distilled_from_the_real_model_by_every_method(prefect_
     assert pruning["kept"] == sorted(sorted(range(30), key=lambda i: -pruning["influence"][i])[:2])
 
     students = report["students"]
-    assert set(students) == {"pruned-2-importance", "sft", "seq-kd", "offline-kd", "on-policy"}
+    assert set(students) == {"pruned-2-importance", "sft", "seq-kd", "offline-kd", "on-policy", "on-policy-warm",
+                             "gguf-sft"}
     floor = students["pruned-2-importance"]
     assert floor["params"] == students["sft"]["params"] < report["teacher"]["params"]
     for name, m in students.items():
@@ -46,3 +48,12 @@ def test_a_pruned_student_distilled_from_the_real_model_by_every_method(prefect_
     on_policy = json.loads(next(p for p in (run / "students").glob("*/manifest.json")
                                 if json.loads(p.read_text()).get("name") == "on-policy").read_text())
     assert on_policy["on_policy"]["student_tokens_sampled"] > 0
+
+    folders = {json.loads(p.read_text()).get("name"): p.parent for p in (run / "students").glob("*/manifest.json")}
+    manifests = {name: json.loads((folder / "manifest.json").read_text()) for name, folder in folders.items()}
+    # the warm student starts from the offline-KD student's trained folder, the GGUF student from the teacher's import
+    assert manifests["on-policy-warm"]["inputs"]["section"]["model"] == str(folders["offline-kd"] / "model")
+    assert manifests["on-policy-warm"]["on_policy"]["student_tokens_sampled"] > 0
+    [imported] = [p.parent for p in (run / "import-gguf").glob("*/manifest.json")]  # one, for teacher and student
+    assert manifests["gguf-sft"]["inputs"]["section"]["model"] == str(imported / "model")
+    assert students["gguf-sft"]["params"] == report["teacher"]["params"] == 134_515_008
