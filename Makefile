@@ -12,7 +12,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench gpu-check setup vllm chromium clean smollm2 study-smollm2 docs
+.PHONY: demo test lint bench gpu-check setup vllm chromium clean smollm2 study-smollm2 docs
 
 setup: $(STAMP)
 
@@ -64,8 +64,14 @@ chromium:
 demo: $(STAMP)
 	$(PY) -m flows.distill recipes/demo.yaml $(if $(SEEDS),--seeds $(SEEDS))
 
-test: $(STAMP) $(VLLM_STAMP) chromium docs smollm2
+test: lint $(STAMP) $(VLLM_STAMP) chromium docs smollm2
 	$(PY) -m pytest -q
+
+# ruff (pinned in the `test` extra; settings in pyproject.toml): the linter, then the formatter's check, which changes
+# nothing. `$(PY) -m ruff format .` applies the formatting.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The docs site (mkdocs.yml) into build/site, --strict: a broken link, a missing page or an unresolved reference fails.
 # `make test` runs it so the docs cannot rot silently. The `docs` extra is installed once per pyproject.toml change.
