@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from results import options, save  # noqa: E402
+from results import options, save
 
 GSM8K = ROOT / "data" / "gsm8k"
 K, SHARD_ROWS = 50, 1024

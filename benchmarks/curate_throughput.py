@@ -25,15 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data import arithmetic  # noqa: E402
-from data import gsm8k  # noqa: E402
-from kdflow.curation import drop_report  # noqa: E402
-from kdflow.curation.pipeline import curate  # noqa: E402
-from kdflow.config.filters import FiltersSection  # noqa: E402
+from data import arithmetic, gsm8k
+from kdflow.config.filters import FiltersSection
+from kdflow.curation import drop_report
+from kdflow.curation.pipeline import curate
 
 ROWS, VERIFY_ROWS, DEMO_ROWS, REPEATS = 100_000, 5_000, 9_000, 3
 WORDS = [f"w{i}" for i in range(2_000)] + ["add", "then", "so", "total", "each", "per", "and"]
-from results import save  # noqa: E402
+from results import save
 
 
 def synthetic(n: int, seed: int = 0) -> list[dict]:

@@ -22,8 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import ROOT as _  # noqa: E402,F401  (sets PREFECT_HOME & co. before anything imports prefect)
-from results import options, save  # noqa: E402
+from conftest import ROOT as _  # noqa: F401  (sets PREFECT_HOME & co. before anything imports prefect)
+
+# isort: split
+from results import options, save
 
 
 def prompts(n: int) -> dict[str, str]:

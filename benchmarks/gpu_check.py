@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import save  # noqa: E402
+from benchmarks.results import save
 
 
 @dataclass(frozen=True)

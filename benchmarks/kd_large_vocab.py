@@ -1,8 +1,9 @@
 """KD cost at a large vocabulary: an offline-KD step beside an SFT step, V = 151,936 (Qwen2.5's), B × L = 4 × 1,024.
 
 A Qwen2-architecture student (kdflow.training.tiny_models.qwen2_model: random weights, bf16, hidden 256, 2 layers,
-4 heads / 2 KV heads, tied 151,936-row embedding: the LM head is what matters at this vocabulary), the same batch of 4 rows × 1,024 tokens (64 prompt
-tokens, 960 answer tokens each), three sides, each in a fresh process, alternating, several repetitions:
+4 heads / 2 KV heads, tied 151,936-row embedding: the LM head is what matters at this vocabulary), the same batch of 4
+rows × 1,024 tokens (64 prompt tokens, 960 answer tokens each), three sides, each in a fresh process, alternating,
+several repetitions:
 
 - ``kd``: kdflow's CachedKDTrainer (α 0.5, forward KL, k = 50 synthetic teacher top-k per answer position) on the
   chunked head (kdflow.training.chunked_loss): the decoder's hidden states, the head on the answer positions only;
@@ -36,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import options, save  # noqa: E402
+from benchmarks.results import options, save
 
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 151_936, 256, 2, 4, 2, 512
 ROWS, LENGTH, PROMPT, K = 4, 1024, 64, 50

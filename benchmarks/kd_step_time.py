@@ -50,8 +50,8 @@ CONFIGS = ("sft", "offline", "online", "feature")
 
 def rows(n: int) -> list[dict]:
     from data.arithmetic import make_problem
-    from kdflow.config.templates import chat, render
     from kdflow.config.data import Difficulty
+    from kdflow.config.templates import chat, render
 
     rng, template = random.Random(0), (ROOT / "prompts" / "cot.jinja").read_text()
     problems = [make_problem(rng, Difficulty(min_steps=2, max_steps=5, max_operand=9)) for _ in range(n)]
@@ -64,9 +64,9 @@ def prepare(folder: Path, n: int) -> None:
     top-20 cache over ``n`` rows."""
     import torch
 
-    from kdflow.logit_cache.topk import encode_row, hf_topk
     from kdflow.config.logit_cache import ValueEncoding
     from kdflow.logit_cache.format import cache_meta
+    from kdflow.logit_cache.topk import encode_row, hf_topk
     from kdflow.logit_cache.writer import capture_shards
     from kdflow.training.tiny_models import llama_model, train_tokenizer
 

@@ -6,13 +6,13 @@ rebuilt from the cache), on held-out answers.
 (kdflow.training.tiny_models.qwen2_model, 151,936 embedding rows, hidden 64) with a 151,665-token byte-level BPE
 learnt locally (large_vocab_tokenizer: GSM8K's text plus made-up words), trained here on GSM8K's train split
 (question + answer through the chat template; 120 steps of 8 × 128 tokens, ~10-25 min on a shared 2-core CPU), so
-that its next-token distributions are learnt, not the near-uniform ones of random weights. Captured: its top-50 at every answer position of GSM8K
-test rows (question → gold answer), teacher-forced (hf_topk). Written: kdflow's cache (writer.capture_shards,
-u8 and fp16 log-probs) and DistillKit's layout of the SAME top-k (benchmarks/distillkit_layout.py: 18-bit
-packed ids, its "budget pick" values: top-1 in bf16 + 3 float32 polynomial coefficients, uncompressed; and the
-parquet file its capture script would write). The same architecture with its random initial weights is
-measured too: the worst case for kdflow's ids (every shard's candidates spread over the whole vocabulary),
-while DistillKit's fixed-width layout costs the same on any teacher.
+that its next-token distributions are learnt, not the near-uniform ones of random weights. Captured: its top-50 at every
+answer position of GSM8K test rows (question → gold answer), teacher-forced (hf_topk). Written: kdflow's cache
+(writer.capture_shards, u8 and fp16 log-probs) and DistillKit's layout of the SAME top-k
+(benchmarks/distillkit_layout.py: 18-bit packed ids, its "budget pick" values: top-1 in bf16 + 3 float32 polynomial
+coefficients, uncompressed; and the parquet file its capture script would write). The same architecture with its random
+initial weights is measured too: the worst case for kdflow's ids (every shard's candidates spread over the whole
+vocabulary), while DistillKit's fixed-width layout costs the same on any teacher.
 
 **At a 4,096-token vocabulary** (kept from before, labelled so): a small Llama trained for a minute on
 Python's standard-library sources, held-out stdlib files; and the demo's 52-token arithmetic teacher when a
@@ -38,18 +38,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks import distillkit_layout as dk  # noqa: E402
-from benchmarks.results import save  # noqa: E402
-from kdflow.config.logit_cache import LogitCacheSection, ValueEncoding  # noqa: E402
-from kdflow.config.templates import chat  # noqa: E402
-from kdflow.logit_cache.format import (TopK, cache_meta, kl_full_vs_cache, rebuild_logprobs,  # noqa: E402
-                                       tail_from_topk)
-from kdflow.logit_cache.reader import LogitCache  # noqa: E402
-from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk  # noqa: E402
-from kdflow.logit_cache.writer import capture_shards  # noqa: E402
+from benchmarks import distillkit_layout as dk
+from benchmarks.results import save
+from kdflow.config.logit_cache import LogitCacheSection, ValueEncoding
+from kdflow.config.templates import chat
+from kdflow.logit_cache.format import TopK, cache_meta, kl_full_vs_cache, rebuild_logprobs, tail_from_topk
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.topk import EncodedRow, encode_row, hf_topk
+from kdflow.logit_cache.writer import capture_shards
 
 RESULTS = ROOT / "benchmarks" / "results"
 GSM8K = ROOT / "data" / "gsm8k"  # as recipes/gsm8k-qwen7b-to-0.5b.yaml finds it

@@ -33,16 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import torch  # noqa: E402
+import torch
 
-import kdflow.logit_cache.topk  # noqa: E402
-from kdflow.logit_cache.topk import hf_topk, length_batches, topk_of_logits  # noqa: E402
-from kdflow.config.logit_cache import ValueEncoding  # noqa: E402
+import kdflow.logit_cache.topk
+from kdflow.config.logit_cache import ValueEncoding
 from kdflow.logit_cache.format import cache_meta, write_shard
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.topk import hf_topk, length_batches, topk_of_logits
 from kdflow.logit_cache.writer import capture_shards
-from kdflow.logit_cache.reader import LogitCache  # noqa: E402
-from kdflow.training.tiny_models import llama_model  # noqa: E402
-from logit_cache_bytes import RESULTS, held_out_rows, text_teacher  # noqa: E402
+from kdflow.training.tiny_models import llama_model
+from logit_cache_bytes import RESULTS, held_out_rows, text_teacher
 
 K, BATCH_TOKENS, SHARD_ROWS = 50, 8192, 64
 STUDENT = dict(hidden=64, layers=2, heads=2, intermediate=128)  # the demo's students
@@ -166,7 +166,8 @@ model, tokenizer = text_teacher()
 base = held_out_rows(tokenizer, 40)
 n = int(sys.argv[1])
 # Short sequences (the last 48 tokens' worth of answer), repeated under new row ids: N and 10 N rows.
-rows = [EncodedRow(f"r{{i:06d}}", base[i % 40].input_ids[: base[i % 40].start + 49], base[i % 40].start) for i in range(n)]
+rows = [EncodedRow(f"r{{i:06d}}", base[i % 40].input_ids[: base[i % 40].start + 49], base[i % 40].start)
+        for i in range(n)]
 with tempfile.TemporaryDirectory() as tmp:
     m = capture(model, rows, tokenizer, Path(tmp) / "c")
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the parent's peak.
@@ -229,7 +230,8 @@ def main() -> None:
          "capture_tokens_per_s": capture_tps, "capture_seconds_by_part": by_part, "read_streamed_tokens_per_s": read_seq,
          "read_shuffled_tokens_per_s": read_random, "train_tokens_per_s": train_tps,
          "peak_rss_kib": {str(n1): rss1, str(n10): rss10}, **ratios}, indent=1))
-    print(f"capture/forward {ratios['capture_vs_forward']:.2f} (wider teacher {ratios['capture_vs_forward_wide']:.2f}); read (shuffled)/train "
+    print(f"capture/forward {ratios['capture_vs_forward']:.2f} "
+          f"(wider teacher {ratios['capture_vs_forward_wide']:.2f}); read (shuffled)/train "
           f"{ratios['read_shuffled_vs_train']:.1f} (streamed {ratios['read_streamed_vs_train']:.1f}); "
           f"peak RSS 10N/N {ratios['peak_rss_10x_vs_1x']:.2f}")
 

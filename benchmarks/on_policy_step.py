@@ -21,10 +21,11 @@ left out). For the on-policy runs the step is split, from the trainer's own acco
 sample (the student's generate), score (the time training waited for the teacher's top-k of those tokens) and
 train (the rest: forward, backward, update), with ``teacher`` the teacher's round trips themselves (request to last
 part): an exact step trains on each part of the teacher's answer while it scores the next, and with overlap the
-teacher scores the next batch while the student samples and trains. Training processes run with ``--threads`` torch threads (default 1) and so does the HF scoring
-process (1 + 1 threads on this 2-core machine: the student has one core, the teacher the other, as a real teacher
-has its own GPU or server); the vLLM server runs its own threads. Given both cores, seq-KD is faster (59 vs 80 ms a
-step in one run at ``--threads 2``), so against a seq-KD student that has the whole machine the ratios are larger.
+teacher scores the next batch while the student samples and trains. Training processes run with ``--threads`` torch
+threads (default 1) and so does the HF scoring process (1 + 1 threads on this 2-core machine: the student has one core,
+the teacher the other, as a real teacher has its own GPU or server); the vLLM server runs its own threads. Given both
+cores, seq-KD is faster (59 vs 80 ms a step in one run at ``--threads 2``), so against a seq-KD student that has the
+whole machine the ratios are larger.
 
     python benchmarks/on_policy_step.py [--steps 40] [--reps 3] [--run-dir runs/demo] [--vllm 1]
 
@@ -44,7 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.results import options, save  # noqa: E402
+from benchmarks.results import options, save
 
 TRAINING = {"per_device_train_batch_size": 64, "learning_rate": 3e-3, "logging_steps": 1, "max_length": 128}
 K, WARMUP, MAX_NEW_TOKENS = 20, 5, 96

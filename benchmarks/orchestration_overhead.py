@@ -21,8 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import prefect_env  # noqa: E402,F401  (before anything imports prefect)
-from results import save  # noqa: E402
+import prefect_env  # noqa: F401  (before anything imports prefect)
+
+# isort: split
+from results import save
 
 
 def recipe_in(root: Path) -> str:

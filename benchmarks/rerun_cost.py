@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import prefect_env  # noqa: E402  (before anything imports prefect)
-from results import options, save  # noqa: E402
+import prefect_env  # before anything imports prefect
+
+# isort: split
+from results import options, save
 
 
 def recipe_copy(recipe: Path, root: Path) -> str:

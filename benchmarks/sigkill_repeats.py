@@ -25,9 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import build_tiny_teacher  # noqa: E402
-from fault_proxy import FaultProxy  # noqa: E402
-from results import options, save  # noqa: E402
+from conftest import build_tiny_teacher
+from fault_proxy import FaultProxy
+from results import options, save
 
 CHILD = """
 import json, sys
@@ -53,10 +53,10 @@ def answered(folder: Path) -> int:
 def main() -> None:
     args = options(__doc__, kills=5, requests=400, concurrency=8)
 
-    from kdflow.teacher.answer_shards import read_shards
     from kdflow.config.generation import GenerationSection
-    from kdflow.teacher.vllm_server import vllm_server
+    from kdflow.teacher.answer_shards import read_shards
     from kdflow.teacher.generation import api_answers
+    from kdflow.teacher.vllm_server import vllm_server
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sigkill-"))
     model = str(build_tiny_teacher(work / "teacher"))

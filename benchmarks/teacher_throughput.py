@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from conftest import build_tiny_teacher  # noqa: E402  (also sets PREFECT_HOME & co. before prefect is imported)
+from conftest import build_tiny_teacher  # also sets PREFECT_HOME & co. before prefect is imported
 
 COT = "Solve step by step: {{ question }}"
-from results import options, save  # noqa: E402
+from results import options, save
 
 
 def questions(n: int) -> list[dict]:
@@ -67,8 +67,8 @@ def bare_side(base_url: str, model: str, rows: list[dict], concurrency: int, max
 def main() -> None:
     args = options(__doc__, requests=300, concurrency=16, max_tokens=32, reps=3)
 
-    from kdflow.config.templates import render
     from kdflow.config.generation import GenerationSection
+    from kdflow.config.templates import render
     from kdflow.teacher.vllm_server import vllm_server
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-teacher-"))

@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import prefect_env  # noqa: E402  (before anything imports prefect)
-from results import options, save  # noqa: E402
+import prefect_env  # before anything imports prefect
+
+# isort: split
+from results import options, save
 
 
 def folder_bytes(run_dir: Path) -> tuple[int, int]:
@@ -37,8 +39,8 @@ def main() -> None:
     args = options(__doc__, reps=3, recipe="recipes/demo.yaml")  # recipe: one whose run folder is finished
 
     from flows.distill import distill
-    from kdflow.store import outputs
     from kdflow.config.recipe import load_recipe
+    from kdflow.store import outputs
     from rerun_cost import matches, recipe_copy
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-verify-"))

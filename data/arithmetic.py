@@ -6,9 +6,9 @@ to right, one operation per line, writing the operation out and then what is lef
 operation to do is the first one after ``=`` on the previous line, and its operands sit right before the
 new ``=``. Measured with a 1M-parameter Llama: with lines like ``15-5=10`` that leave the next operand in
 the question, the model mostly failed at fetching the right operand (25 % accuracy after 1,200 steps);
-with 2-digit operands (max_operand 99) no format reached 5 % within the demo's training budget. Running totals never go negative, so every
-number is written with digits only. Everything is a pure function of (seed, split, index), so the splits
-are deterministic and disjoint by construction (each split draws from its own seeded stream, and problems
+with 2-digit operands (max_operand 99) no format reached 5 % within the demo's training budget. Running totals never go
+negative, so every number is written with digits only. Everything is a pure function of (seed, split, index), so the
+splits are deterministic and disjoint by construction (each split draws from its own seeded stream, and problems
 that also occur in the test split are skipped in the others).
 
 The difficulty knob is (min_steps, max_steps, max_operand): more steps means a longer chain of dependent

@@ -6,14 +6,13 @@ distributions on the kept answers, for KD from disk.
 
 from __future__ import annotations
 
-
 from prefect import flow
 
-from flows.cli import run_as_script
 from flows.chain import upstream
-from kdflow.store.outputs import OutputRef
+from flows.cli import run_as_script
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
+from kdflow.store.outputs import OutputRef
 
 
 # No log_prints (see flows/distill.py).

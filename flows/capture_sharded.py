@@ -24,14 +24,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import run_teacher
 from flows.cli import run_as_script
-
-from kdflow.store import run_folder
-from kdflow.logit_cache.parts import join_parts, part_bounds
-from kdflow.store.outputs import OutputRef
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.recipe import load_recipe
 from kdflow.logit_cache.capture import capture_member, capture_setup
+from kdflow.logit_cache.parts import join_parts, part_bounds
+from kdflow.store import run_folder
+from kdflow.store.outputs import OutputRef
 from tasks.capture import CAPTURE, capture_logits, shard_logger
 
 

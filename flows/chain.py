@@ -21,15 +21,15 @@ from kdflow.models.gguf import is_gguf_path
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
-from kdflow.training.student import student_inputs
 from kdflow.teacher import api_keys
+from kdflow.training.student import student_inputs
 from tasks.capture import capture_logits
 from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
-from tasks.quantize import quantized_name, quantize_students
+from tasks.quantize import quantize_students, quantized_name
 from tasks.report import write_report
 from tasks.students import train_student
 

@@ -7,15 +7,20 @@ teachers and students with ``distill_classifier`` on the same recipe (same conte
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.cli import run_as_script
-
 from kdflow.config.classic import DistillSection, load_classifier_recipe
 from kdflow.config.loading import RecipeError
-from tasks.classifier import (SweepPoint, SweepSeed, classifier_data, score_ensemble, train_classifier_student,
-                              train_classifier_teacher, write_sweep_report)
+from tasks.classifier import (
+    SweepPoint,
+    SweepSeed,
+    classifier_data,
+    score_ensemble,
+    train_classifier_student,
+    train_classifier_teacher,
+    write_sweep_report,
+)
 
 
 @flow(name="classifier-sweep", log_prints=True)

@@ -10,7 +10,6 @@ from prefect import flow
 
 from flows.chain import recipe_and_run, run_teacher
 from flows.cli import run_as_script
-
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from tasks.curate import filter_answers

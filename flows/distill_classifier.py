@@ -6,15 +6,19 @@ distilled student → report, once per seed. Every stage is a content-cached tas
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.cli import run_as_script
-
 from kdflow.config.classic import load_classifier_recipe
 from kdflow.reporting.run_report import REPORT_MD
-from tasks.classifier import (SeedRun, classifier_data, score_ensemble, train_classifier_student,
-                              train_classifier_teacher, write_classifier_report)
+from tasks.classifier import (
+    SeedRun,
+    classifier_data,
+    score_ensemble,
+    train_classifier_student,
+    train_classifier_teacher,
+    write_classifier_report,
+)
 
 
 @flow(name="distill-classifier", log_prints=True)

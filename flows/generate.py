@@ -10,7 +10,6 @@ from prefect import flow
 
 from flows.chain import check_api_keys, recipe_and_run, run_teacher
 from flows.cli import run_as_script
-
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from tasks.generate import generate_answers

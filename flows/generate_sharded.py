@@ -23,14 +23,13 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.chain import check_api_keys, run_teacher
 from flows.cli import run_as_script
-
+from kdflow.config.generation import Backend, GenerationSection
+from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
-from kdflow.config.generation import Backend, GenerationSection
-from kdflow.config.recipe import load_recipe
-from kdflow.teacher.generation import api_answers, prompted_rows
 from kdflow.teacher.answer_shards import adopt_folder
+from kdflow.teacher.generation import api_answers, prompted_rows
 from tasks.api_keys import generation_api_key
 from tasks.generate import GENERATE, generate_answers, shard_folder
 

@@ -10,12 +10,12 @@ import json
 
 from prefect import flow
 
-from flows.cli import run_as_script
 from flows.chain import evaluate_models, upstream
-from kdflow.reporting import sweep as sw
-from kdflow.store.outputs import OutputRef, write_atomic
+from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
 from kdflow.config.sweep import load_sweep
+from kdflow.reporting import sweep as sw
+from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.training.student import student_inputs, student_rows
 from tasks.students import train_student
 

@@ -7,18 +7,16 @@ of instruction-following examples, with every dropped instruction and answer kep
 
 from __future__ import annotations
 
-
 from prefect import flow
 
 from flows.chain import check_api_keys
 from flows.cli import run_as_script
-
 from kdflow.config.data import DataSource
 from kdflow.config.fields import ROOT
 from kdflow.config.self_instruct import load_self_instruct_recipe
+from kdflow.curation.expansion import read_seeds
 from tasks.curate import filter_answers
 from tasks.generate import generate_answers
-from kdflow.curation.expansion import read_seeds
 from tasks.self_instruct import make_expansion_prompts, pick_instructions
 from tasks.teacher import use_existing_teacher
 

@@ -12,11 +12,10 @@ from prefect import flow
 
 from flows.chain import recipe_and_run, run_teacher, starting_points, train_in_order
 from flows.cli import run_as_script
-
-from kdflow.store import run_folder
-from kdflow.store.outputs import OutputRef
 from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
+from kdflow.store import run_folder
+from kdflow.store.outputs import OutputRef
 from kdflow.training.student import needs_curated, needs_logit_cache
 
 

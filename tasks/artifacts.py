@@ -7,5 +7,6 @@ import re
 
 
 def artifact_key(*parts: str) -> str:
-    """``parts`` joined by dashes, each other character made a dash: ``("Demo_run", "report")`` -> ``demo-run-report``."""
+    """``parts`` joined by dashes, each other character made a dash: ``("Demo_run", "report")`` ->
+    ``demo-run-report``."""
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower())

@@ -11,10 +11,10 @@ inside this run's folder with the manifest it was made with. If not (deleted, ha
 folder), the stale record is removed and the stage runs again under the same key, so that the next run is
 a plain cache hit again.
 
-Results are stored as JSON (``STAGE_RESULTS``), never pickled: result storage on a shared mount (as docs/howto/scale-out.md
-advises for several nodes) would let whoever can write there run code on every worker that loads a pickle. And
-since Prefect picks the deserializer named *in the stored record*, a record is read here as plain JSON first:
-anything but a JSON ``OutputRef`` with Prefect's own JSON serializer, in exactly the shape Prefect writes it, is
+Results are stored as JSON (``STAGE_RESULTS``), never pickled: result storage on a shared mount (as
+docs/howto/scale-out.md advises for several nodes) would let whoever can write there run code on every worker that loads
+a pickle. And since Prefect picks the deserializer named *in the stored record*, a record is read here as plain JSON
+first: anything but a JSON ``OutputRef`` with Prefect's own JSON serializer, in exactly the shape Prefect writes it, is
 dropped and recomputed before Prefect's own lookup can unpickle it or import a module it names.
 """
 

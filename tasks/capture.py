@@ -20,8 +20,8 @@ from prefect.logging import get_logger, get_run_logger
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.logit_cache.capture import capture_setup, capture_teachers
 from kdflow.logit_cache.format import MANIFEST
-from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.parts import link_or_copy
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage, StageOutput
 from kdflow.teacher.vllm_server import VllmStartupError

@@ -19,14 +19,23 @@ from safetensors.torch import load_file
 
 from kdflow.classic import digits as classifier_kd
 from kdflow.classic import omitted
-from kdflow.classic.fit import (LOGITS, SPLITS_FILE, class_accuracy_of, fit, metrics_of, read_logits, score_omitted,
-                                transfer_rows, write_splits)
+from kdflow.classic.fit import (
+    LOGITS,
+    SPLITS_FILE,
+    class_accuracy_of,
+    fit,
+    metrics_of,
+    read_logits,
+    score_omitted,
+    transfer_rows,
+    write_splits,
+)
 from kdflow.config.classic import MLP, ClassifierDataSection, DistillSection, OmittedClassSection, Transformer
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.stage import Stage
-from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.artifacts import artifact_key
+from tasks.caching import STAGE_RESULTS, StageCache
 
 DATA = Stage("classifier-data", "1", lambda section: {"section": section}, files=(SPLITS_FILE,))
 TEACHER = Stage("classifier-teacher", "1", lambda model, data, seed: {"model": model, "data": data, "seed": seed},
@@ -72,7 +81,8 @@ def _student_name(parameters: dict) -> str:
     """``train_classifier_student[mlp seed 0 hard labels]`` or ``[... KD from 3 teachers, alpha 0.5, T 4.0]``."""
     distill, teachers = parameters["distill"], parameters["teachers"]
     how = "hard labels" if distill is None else (
-        f"KD from {len(teachers)} teacher{'s' * (len(teachers) > 1)}, alpha {distill.alpha}, T {distill.temperature}")
+        f"KD from {len(teachers)} teacher{'s' * (len(teachers) > 1)}, "
+        f"alpha {distill.alpha}, T {distill.temperature}")
     if parameters.get("omit_class") is not None:
         how += f", no {parameters['omit_class']}s"
     return f"train_classifier_student[{parameters['model'].kind} seed {parameters['seed']} {how}]"

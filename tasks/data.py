@@ -8,11 +8,11 @@ import pandas as pd
 from prefect import task
 
 from data import arithmetic, gsm8k, instructions
+from kdflow.config.data import DataSection, DataSource, SolutionOrder
+from kdflow.config.fields import PATH_RULE
 from kdflow.store.data_files import check_utf8
 from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.stage import Stage
-from kdflow.config.data import DataSection, DataSource, SolutionOrder
-from kdflow.config.fields import PATH_RULE
 from tasks.caching import STAGE_RESULTS, StageCache
 
 

@@ -15,26 +15,34 @@ from prefect.cache_policies import NO_CACHE
 
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
-from kdflow.config.generation import ApiSection, Backend, GenerationSection
 from kdflow.config.fields import redact_url
+from kdflow.config.generation import ApiSection, Backend, GenerationSection
 from kdflow.config.templates import render
 from kdflow.curation.answers import answer_checker
 from kdflow.evaluation import deployment, harness
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
 from kdflow.evaluation.free_text import evaluate_free_text
-from kdflow.evaluation.judge import JUDGEMENTS, WIN_RATES, ask_judge, backend, check_judge_failures, predictions, prompt_id
+from kdflow.evaluation.judge import (
+    JUDGEMENTS,
+    WIN_RATES,
+    ask_judge,
+    backend,
+    check_judge_failures,
+    predictions,
+    prompt_id,
+)
 from kdflow.evaluation.model_metrics import METRICS, PREDICTIONS, evaluate
-from kdflow.evaluation.traffic import TRAFFIC_FORMULA
 from kdflow.evaluation.quality import judge_pairs, judge_prompts, judgement, win_rate
+from kdflow.evaluation.traffic import TRAFFIC_FORMULA
 from kdflow.store.model_folders import keyed_by_content, model_location
 from kdflow.store.outputs import OutputRef, content_key
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from kdflow.teacher.answer_shards import adopt_folder
-from kdflow.teacher.served import served_identity
 from kdflow.teacher.completion import TeacherBackend
-from tasks.caching import STAGE_RESULTS, StageCache
+from kdflow.teacher.served import served_identity
 from tasks.api_keys import read_api_key, served
+from tasks.caching import STAGE_RESULTS, StageCache
 
 # ``teacher_eval`` (instruction data: the teacher's evaluation, whose answers a student is scored on) is in the key only
 # where it is passed, so that the other sources' keys are as they were.
@@ -94,7 +102,8 @@ class TooManyApiFailures(RuntimeError):
 def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
                          generation: GenerationSection, teacher: OutputRef, data: OutputRef) -> OutputRef:
     """The API teacher's accuracy on ``section.split`` (ROUGE-L on instruction data): greedy, through its API, scored
-    as the students' answers are. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls cost money."""
+    as the students' answers are. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls
+    cost money."""
     out = API_EVALUATE.output(run_dir, section=section, template=template, source=source, generation=generation,
                               teacher=teacher, data=data)
     if done := out.done:
@@ -135,8 +144,8 @@ DEPLOYMENT = Stage("deployment", "2", lambda models, settings, template, data, s
 def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.Deployment,
                        template: str, data: OutputRef, split: str) -> OutputRef:
     """Parameters, FLOPs/token, memory traffic/token, size on disk, peak memory, latency, throughput and energy (where
-    a counter is readable) of every model, measured back to back here (never one model per run: timings of different runs or machines do not compare).
-    Prompts: the first questions of ``split``."""
+    a counter is readable) of every model, measured back to back here (never one model per run: timings of different
+    runs or machines do not compare). Prompts: the first questions of ``split``."""
     out = DEPLOYMENT.output(run_dir, models=models, settings=settings, template=template, data=data, split=split)
     if done := out.done:
         return done

@@ -18,11 +18,20 @@ from tqdm import tqdm
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
+from kdflow.store.stage import Stage
 from kdflow.teacher.answer_shards import adopt_folder, read_shards
 from kdflow.teacher.api_client import FatalApiError, RequestAccounting
-from kdflow.teacher.generation import (ANSWERS, FAILURES, TooManyFailures, answer_table, api_answers, check_failures, failure_table,
-                                       hf_answers, prompted_rows)
-from kdflow.store.stage import Stage
+from kdflow.teacher.generation import (
+    ANSWERS,
+    FAILURES,
+    TooManyFailures,
+    answer_table,
+    api_answers,
+    check_failures,
+    failure_table,
+    hf_answers,
+    prompted_rows,
+)
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.api_keys import generation_api_key, served
 from tasks.caching import STAGE_RESULTS, StageCache

@@ -26,7 +26,8 @@ CALL_TIMEOUT_S = 30.0  # one artifact call: a healthy server answers in millisec
 
 
 def training_key(name: str) -> str:
-    """``seq-kd@1`` -> ``training-seq-kd-1``: the name's runs of other characters (dashes too) one dash, none at the ends."""
+    """``seq-kd@1`` -> ``training-seq-kd-1``: the name's runs of other characters (dashes too) one dash, none at the
+    ends."""
     return artifact_key("training", re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model")
 
 

@@ -16,12 +16,12 @@ from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
-from kdflow.store.model_folders import LOG_HISTORY
-from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD, build_report, embed, render_markdown, table_rows
 from kdflow.reporting.topk_report import with_warnings
+from kdflow.store.model_folders import LOG_HISTORY
+from kdflow.store.outputs import OutputRef, write_atomic
 from tasks.artifacts import artifact_key
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"

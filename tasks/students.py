@@ -6,7 +6,8 @@ Training checkpoints go to a work folder named by the stage's key, outside the t
 a rerun after a crash or a kill resumes from the last checkpoint instead of starting over.
 
 A student whose section has ``launch:`` trains in processes of its own, started by ``accelerate launch``
-(``kdflow/training/cli.py``, which runs ``kdflow.training.student.train_here`` in each process), e.g. DDP over a node's GPUs."""
+(``kdflow/training/cli.py``, which runs ``kdflow.training.student.train_here`` in each process), e.g. DDP over a node's
+GPUs."""
 
 from __future__ import annotations
 
@@ -19,8 +20,16 @@ from kdflow.config.student import StudentSection
 from kdflow.store.model_folders import MODEL, SOURCE, keyed_by_content, write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
-from kdflow.training.student import (StudentJob, launch_student, needs_logit_cache, on_policy_accounting,
-                                     saved_params, student_rows, topk_summary, train_here)
+from kdflow.training.student import (
+    StudentJob,
+    launch_student,
+    needs_logit_cache,
+    on_policy_accounting,
+    saved_params,
+    student_rows,
+    topk_summary,
+    train_here,
+)
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 

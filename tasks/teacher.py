@@ -12,14 +12,14 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
-from kdflow.store.run_folder import read_split
-from kdflow.store.outputs import OutputRef
-from kdflow.store.stage import Stage
-from kdflow.config.templates import render, sft_rows
 from kdflow.config.generation import ApiSection
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.teacher import TeacherSection
+from kdflow.config.templates import render, sft_rows
+from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
+from kdflow.store.outputs import OutputRef
+from kdflow.store.run_folder import read_split
+from kdflow.store.stage import Stage
 from kdflow.training.progress import TrainingProgress
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model, train_tokenizer

@@ -101,7 +101,7 @@ def test_report_has_the_api_model_as_teacher_without_weight_metrics():
     assert report["students"]["seq-kd"]["compression"] is None and report["students"]["seq-kd"]["vs_teacher"] == {}
     md = render_markdown(report)
     assert "| teacher | API model gpt-x | 0.900 | 1 (teacher) | — | — | — |" in md
-    assert f"`gpt-x` behind an OpenAI-compatible API (https://api.example/v1)" in md and WEIGHTS_UNAVAILABLE in md
+    assert "`gpt-x` behind an OpenAI-compatible API (https://api.example/v1)" in md and WEIGHTS_UNAVAILABLE in md
     assert "agreement not measured" not in md  # said once, for the teacher, not per student
     assert table_rows(report)[0]["data"] == "API model gpt-x" and table_rows(report)[0]["params"] is None
     assert plot_tradeoff(report)  # the teacher is a dashed line where it has no parameters or latency

@@ -8,14 +8,21 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow.logit_cache.topk import (AlignmentError, EncodedRow, encode_row, hf_topk, topk_from_api_records,
-                            topk_from_prompt_logprobs, vllm_topk)
+from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.config.templates import chat
 from kdflow.logit_cache.format import kl_full_vs_cache, rebuild_logprobs
 from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.topk import (
+    AlignmentError,
+    EncodedRow,
+    encode_row,
+    hf_topk,
+    topk_from_api_records,
+    topk_from_prompt_logprobs,
+    vllm_topk,
+)
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import building, existing_output, finish
-from kdflow.config.templates import chat
-from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
@@ -194,8 +201,9 @@ def assert_same_topk(from_vllm, from_hf, model, k: int) -> None:
 def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_model_dir):
     """Same model, same token ids: HF's forward pass and vLLM's prompt_logprobs give the same top-k."""
     import openai
-    from conftest import VLLM_TEST_API_KEY
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import VLLM_TEST_API_KEY
 
     tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
     model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
@@ -238,9 +246,9 @@ def test_capture_flow_on_the_mini_recipe_then_cached(prefect_server, mini_recipe
     from transformers import AutoTokenizer
 
     from flows.capture_logits import capture_logits_flow
-    from kdflow.store.model_folders import model_location
-    from kdflow.config.templates import render
     from kdflow.config.recipe import load_recipe
+    from kdflow.config.templates import render
+    from kdflow.store.model_folders import model_location
 
     mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 8, shard_rows: 16}\n")
     ref = capture_logits_flow(str(mini_recipe))

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow.classic import hf as classifier_hf
-
 from kdflow.classic import digits as classifier_kd
+from kdflow.classic import hf as classifier_hf
 from kdflow.config.classic import load_classifier_recipe, parse_classifier_recipe
-from kdflow.training.losses import hinton_loss
 from kdflow.config.loading import RecipeError
+from kdflow.training.losses import hinton_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 MINI = ROOT / "tests" / "classifier_mini.yaml"

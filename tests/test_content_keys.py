@@ -175,7 +175,6 @@ def test_a_pretrained_students_folder_is_keyed_by_its_files_not_its_path(tmp_pat
 def test_a_start_inside_a_stage_output_keeps_the_key_its_path_gives(tmp_path):
     """What chain.starting_points passes for a pruned (or imported, or another student's) start: keyed exactly as
     before content keys, so a resumed run finds the students it trained."""
-    from tasks.students import STUDENTS
 
     output = stage_output(tmp_path / "runs" / "x", "prune", "ab" * 32)
     start = str(output / "model")

@@ -8,10 +8,10 @@ import pytest
 from data.arithmetic import check_answer, extract_answer
 from data.gsm8k import check_answer as math_check
 from data.gsm8k import final_answer as math_extract
-from kdflow.curation import drop_report
-from kdflow.curation.pipeline import curate, filter_by_correctness, reason_counts
-from kdflow.curation.filters import Reason, parse_score
 from kdflow.config.filters import FiltersSection
+from kdflow.curation import drop_report
+from kdflow.curation.filters import Reason, parse_score
+from kdflow.curation.pipeline import curate, filter_by_correctness, reason_counts
 
 
 def answer(i, text, finish="stop", gold="15", question="12+3", sample=None, tokens=None):
@@ -254,8 +254,8 @@ def test_self_consistency_without_gold_votes_without_the_runaway_answer(short_ve
 def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server, tmp_path, short_verify_bound):
     import pandas as pd
 
-    from kdflow.store.outputs import building, existing_output, finish
     from kdflow.config.data import DataSource
+    from kdflow.store.outputs import building, existing_output, finish
     from tasks.curate import filter_answers
 
     rows = [{"id": f"q{i}", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0, "text": t,

@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from kdflow.evaluation import deployment
-
 from kdflow.evaluation import quality as evaluate
-from kdflow.evaluation.quality import (judge_prompts, outcome, parse_verdict, pass_at_k, reference_sequences,
-                             same_vocabulary, score_reference, win_rate)
+from kdflow.evaluation.quality import (
+    judge_prompts,
+    outcome,
+    parse_verdict,
+    pass_at_k,
+    reference_sequences,
+    same_vocabulary,
+    score_reference,
+    win_rate,
+)
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
@@ -314,9 +321,9 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 
     import pandas as pd
 
+    from kdflow.config.evaluation import EvaluationSection
     from kdflow.store.model_folders import write_location
     from kdflow.store.outputs import building, existing_output, finish
-    from kdflow.config.evaluation import EvaluationSection
     from tasks.evaluate import measure_deployment
 
     def stage(name, key, build):
@@ -355,10 +362,10 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
     import pandas as pd
 
-    from kdflow.store.model_folders import write_location
-    from kdflow.store.outputs import building, existing_output, finish
     from kdflow.config.data import DataSource
     from kdflow.config.evaluation import EvaluationSection
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, existing_output, finish
     from tasks.evaluate import evaluate_model
 
     def stage(name, key, build):

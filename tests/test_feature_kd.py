@@ -10,9 +10,15 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from kdflow.training.feature_kd import (FeatureKDTrainer, FeatureLossKind, check_layer_map, default_layer_map, feature_loss,
-                               train_feature_kd)
 from kdflow.config.templates import chat
+from kdflow.training.feature_kd import (
+    FeatureKDTrainer,
+    FeatureLossKind,
+    check_layer_map,
+    default_layer_map,
+    feature_loss,
+    train_feature_kd,
+)
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)

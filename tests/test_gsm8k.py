@@ -1,8 +1,8 @@
 """The GSM8K loader and the math-verify checker on the real files in data/gsm8k."""
 
 import json
-import re
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -83,8 +83,8 @@ def test_an_empty_file_is_refused_when_it_is_loaded(tmp_path):
 
 
 def test_a_lone_surrogate_names_the_line_and_field_before_any_parquet_write(tmp_path):
-    from tasks.data import build_splits
     from kdflow.config.data import DataSection
+    from tasks.data import build_splits
 
     good = json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
     for split in ("train", "test"):

@@ -14,11 +14,11 @@ import yaml
 
 from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FakeTeacher, FaultProxy
-from kdflow.store.outputs import building, existing_output, finish
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
 from kdflow.evaluation.judge import TooManyJudgeFailures
+from kdflow.store.outputs import building, existing_output, finish
 from tasks.evaluate import judge_students, reply_folder
 
 QUESTIONS = [{"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)]
@@ -212,12 +212,11 @@ def test_recipe_judge_section_validates_with_the_field_named():
     assert r.evaluation.judge.max_questions == 50 and r.evaluation.judge.template == "prompts/judge.jinja"
     assert parse_recipe((ROOT / "tests" / "mini.yaml").read_text()).evaluation.judge is None
     cases = {
-        "base_url: http://x/v1\nmodel: m\ntemplate: prompts/nope.jinja":
-            r"evaluation\.judge\.template: no template at .*prompts/nope\.jinja \(.*\): point it at a file under prompts/",
+        "base_url: http://x/v1\nmodel: m\ntemplate: prompts/nope.jinja": r"evaluation\.judge\.template: no template at .*prompts/nope\.jinja \(.*\): point it at a file under prompts/",  # noqa: E501
         "model: m": r"evaluation\.judge: backend 'openai' needs base_url",
         "backend: hf\nmodel: no-such-folder": r"evaluation\.judge: model 'no-such-folder' is neither a local folder",
-        "backend: vllm\nmodel: org/judge\nbase_url: http://x/v1": r"evaluation\.judge: base_url is for backend 'openai'",
-        "base_url: http://x/v1\nmodel: m\nmax_questions: 0": r"evaluation\.judge\.max_questions: Input should be greater",
+        "backend: vllm\nmodel: org/judge\nbase_url: http://x/v1": r"evaluation\.judge: base_url is for backend 'openai'",  # noqa: E501
+        "base_url: http://x/v1\nmodel: m\nmax_questions: 0": r"evaluation\.judge\.max_questions: Input should be greater",  # noqa: E501
         "base_url: http://x/v1\nmodel: m\nconcurency: 4": r"evaluation\.judge\.concurency: unknown field",
     }
     for body, message in cases.items():
@@ -241,7 +240,6 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     report.md / report.json / the table artifact carry its column; without a judge, the report says so."""
     from flows.evaluate import evaluate
     from kdflow.store.model_folders import write_location
-    from kdflow.config.data import DataSection
     from kdflow.training.tiny_models import llama_model, train_tokenizer
     from tasks.data import make_data
 
@@ -282,7 +280,8 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     for name in ("baseline", "seq-kd"):
         assert report["students"][name]["judge_win_rate"] == 0.5 and report["students"][name]["judge"]["ties"] == 12
     md = (run_dir / "report.md").read_text()
-    assert "| model | trained on | accuracy | gap closed | perplexity | top-1 agreement | KL(teacher ‖ model) | judge win rate vs teacher |" in md
+    assert ("| model | trained on | accuracy | gap closed | perplexity | top-1 agreement | KL(teacher ‖ model) "
+            "| judge win rate vs teacher |") in md
     assert re.search(r"\| teacher \| gold \|.*\| \(reference\) \|", md) and re.search(r"\| seq-kd \| teacher \|.*\| 0\.500 \|", md)
     assert "    - seq-kd: 0 wins, 12 ties, 0 losses; 0 replies without a verdict, 0 requests failed" in md
     assert json.loads((run_dir / "report.json").read_text())["students"]["baseline"]["judge_win_rate"] == 0.5

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from kdflow.logit_cache.format import TAIL_FLOOR, rebuild_logprobs, sparse_target
 from kdflow.config.kd import Divergence
+from kdflow.logit_cache.format import TAIL_FLOOR, rebuild_logprobs, sparse_target
 from kdflow.training.losses import divergence, kd_loss, sparse_kd_loss, student_buckets, teacher_buckets
 
 

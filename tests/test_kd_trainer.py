@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
+from kdflow.config.kd import Divergence
+from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.logit_cache.format import CacheMismatch
 from kdflow.logit_cache.reader import LogitCache
-from kdflow.config.kd import Divergence
-from kdflow.training.losses import IGNORE_INDEX
 from kdflow.store.model_folders import write_location
-from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.training.losses import IGNORE_INDEX
+from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
@@ -193,8 +193,8 @@ def test_a_model_whose_logits_need_more_than_its_head_takes_the_dense_path_and_s
     from peft import get_peft_model
 
     from kdflow.config.student import LoraSection
-    from kdflow.training.lora import lora_config
     from kdflow.training.head import dense_reason, fused_head
+    from kdflow.training.lora import lora_config
 
     _, tok = cache
     capped = student(tok)

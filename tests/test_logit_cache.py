@@ -15,15 +15,26 @@ import numpy as np
 import pytest
 import torch
 
-from kdflow.logit_cache.topk import encode_row, hf_topk
 from kdflow.config.logit_cache import ValueEncoding
-from kdflow.logit_cache.format import (CacheMismatch, CorruptShard, TopK, cache_meta, decode_ids, decode_values,
-                                       encode_ids, encode_values, id_bytes_for, kl_full_vs_cache, rebuild_logprobs,
-                                       shard_name)
-from kdflow.logit_cache.writer import capture_shards
-from kdflow.logit_cache.reader import LogitCache
-from kdflow.logit_cache.ensemble import merge_caches, merge_topk
 from kdflow.config.templates import chat
+from kdflow.logit_cache.ensemble import merge_caches, merge_topk
+from kdflow.logit_cache.format import (
+    CacheMismatch,
+    CorruptShard,
+    TopK,
+    cache_meta,
+    decode_ids,
+    decode_values,
+    encode_ids,
+    encode_values,
+    id_bytes_for,
+    kl_full_vs_cache,
+    rebuild_logprobs,
+    shard_name,
+)
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.topk import encode_row, hf_topk
+from kdflow.logit_cache.writer import capture_shards
 from kdflow.training.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
 
 torch.set_num_threads(1)
@@ -304,8 +315,8 @@ def test_merge_caches_streams_two_teachers_into_one(tmp_path, tokenizer, model):
 def test_a_near_certain_teacher_keeps_a_nonzero_tail():
     """When the top-k hold all but ~1e-20 of the mass, the tail is floored, not zero: every token keeps some
     probability in the rebuilt distribution, so KL(teacher ‖ cache) stays finite (and tiny)."""
-    from kdflow.logit_cache.topk import topk_of_logits
     from kdflow.logit_cache.format import TAIL_FLOOR, tail_from_topk
+    from kdflow.logit_cache.topk import topk_of_logits
 
     logits = torch.full((3, 10), -40.0)
     logits[:, 0] = 10.0

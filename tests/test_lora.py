@@ -1,8 +1,9 @@
-"""LoRA students (kdflow/training/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT, by
-offline KD from a real logit cache, and by online GKD against a live teacher. Only the adapters train (the base weights are bit-for-bit unchanged at
-the end of training), the loss goes down, the saved model is the adapter merged into the base (a plain causal
-LM that differs from the base and equals base + adapter), the adapter is kept beside it, and an interrupted
-LoRA run resumes from its checkpoint. Also the recipe's refusals and the students stage with a LoRA student."""
+"""LoRA students (kdflow/training/lora.py): a tiny pretrained student saved to a folder is trained through peft by SFT,
+by offline KD from a real logit cache, and by online GKD against a live teacher. Only the adapters train (the base
+weights are bit-for-bit unchanged at the end of training), the loss goes down, the saved model is the adapter merged
+into the base (a plain causal LM that differs from the base and equals base + adapter), the adapter is kept beside it,
+and an interrupted LoRA run resumes from its checkpoint. Also the recipe's refusals and the students stage with a LoRA
+student."""
 
 import json
 import math
@@ -14,14 +15,14 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, TrainerCallback
 
-from kdflow.training.offline_kd import KDLoss, train_offline_kd
-from kdflow.logit_cache.reader import LogitCache
-from kdflow.training.lora import lora_config
 from kdflow.config.kd import Divergence
-from kdflow.store.model_folders import write_location
-from kdflow.config.templates import chat
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.student import LoraSection, StudentSection
+from kdflow.config.templates import chat
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.store.model_folders import write_location
+from kdflow.training.lora import lora_config
+from kdflow.training.offline_kd import KDLoss, train_offline_kd
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher

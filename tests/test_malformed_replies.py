@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 
 from fault_proxy import MALFORMED, MALFORMED_BODIES, FakeTeacher, FaultProxy
-from kdflow.teacher.api_client import FailureReason, Sampling, TeacherRequest, ask_all, classify, retry_after_seconds
 from kdflow.config.generation import GenerationSection
+from kdflow.teacher.api_client import FailureReason, Sampling, TeacherRequest, ask_all, classify, retry_after_seconds
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"
@@ -72,8 +72,8 @@ def test_a_malformed_reply_that_clears_up_is_retried_into_an_answer(tmp_path, fa
 @pytest.mark.parametrize("fault", BODY_FAULTS)
 def test_a_reply_that_stays_malformed_is_a_failure_row_and_the_stage_completes(prefect_server, tmp_path, fault):
     """The generate stage's body: row p3 is answered with ``fault`` every time; the other three are fine."""
-    from kdflow.store.outputs import building, existing_output, finish
     from kdflow.config.teacher import TeacherSection
+    from kdflow.store.outputs import building, existing_output, finish
     from tasks.generate import generate_answers
     from tasks.teacher import use_existing_teacher
 

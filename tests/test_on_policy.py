@@ -365,8 +365,9 @@ def served_samples(model_dir, n=6, new=10):
 
 
 def test_a_vllm_server_scores_a_students_samples_as_the_hf_teacher_does(vllm_server_url, vllm_model_dir, monkeypatch):
-    from conftest import VLLM_TEST_API_KEY
     from transformers import AutoModelForCausalLM
+
+    from conftest import VLLM_TEST_API_KEY
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     rows_ = served_samples(vllm_model_dir)
@@ -401,7 +402,6 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
                                                                                     tmp_path, monkeypatch):
     from conftest import VLLM_TEST_API_KEY
     from fault_proxy import FaultProxy
-
     from tasks.students import STUDENTS, train_student
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
@@ -473,9 +473,8 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
     lifecycle itself is kdflow.teacher.vllm_server's (tests/test_vllm_startup.py); here it is the session's server."""
     import contextlib
 
-    from conftest import VLLM_TEST_API_KEY
-
     import kdflow.teacher.vllm_server as vllm_server_module
+    from conftest import VLLM_TEST_API_KEY
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     started = []

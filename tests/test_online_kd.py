@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
-from kdflow.training.online_kd import messages_row, train_online
 from kdflow.config.templates import chat
+from kdflow.training.online_kd import messages_row, train_online
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)

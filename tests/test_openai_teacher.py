@@ -5,20 +5,28 @@ are in test_vllm_teacher.py."""
 import asyncio
 import json
 import random
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import httpx
 import openai
 import pytest
 
-from kdflow.teacher.answer_shards import ShardWriter, read_shards
-from kdflow.teacher.api_client import (BACKOFF_CAP_S, FatalApiError, FailureReason, Sampling, TeacherRequest, ask_all,
-                                   backoff_seconds, classify, retry_after_seconds)
+from kdflow.config.generation import Endpoint, GenerationSection
 from kdflow.store.outputs import content_key
-from kdflow.config.generation import GenerationSection
+from kdflow.teacher.answer_shards import ShardWriter, read_shards
+from kdflow.teacher.api_client import (
+    BACKOFF_CAP_S,
+    FailureReason,
+    FatalApiError,
+    Sampling,
+    TeacherRequest,
+    ask_all,
+    backoff_seconds,
+    classify,
+    retry_after_seconds,
+)
 from kdflow.teacher.prompts import demonstrations, teacher_prompt, teacher_request
-from kdflow.config.generation import Endpoint
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"
@@ -253,8 +261,8 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
     import pandas as pd
 
     from conftest import build_tiny_teacher
-    from kdflow.store.outputs import building, existing_output, finish
     from kdflow.config.teacher import TeacherSection
+    from kdflow.store.outputs import building, existing_output, finish
     from tasks.generate import generate_answers
     from tasks.teacher import use_existing_teacher
 

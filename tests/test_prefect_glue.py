@@ -19,7 +19,8 @@ def test_artifact_keys_are_stable_and_in_prefects_characters():
 
 
 def test_a_result_storage_block_is_read_from_sync_code_on_the_pinned_prefect(tmp_path):
-    """tasks/caching.read_path wraps prefect._internal (no public sync reader): this fails first on a Prefect upgrade."""
+    """tasks/caching.read_path wraps prefect._internal (no public sync reader): this fails first on a Prefect
+    upgrade."""
     assert version("prefect") == "3.9.1", "a new Prefect: check tasks/caching.read_path, then update this pin"
     (tmp_path / "record").write_bytes(b'{"a": 1}')
     assert read_path(LocalFileSystem(basepath=str(tmp_path)), "record") == b'{"a": 1}'

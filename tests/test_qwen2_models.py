@@ -6,8 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdflow.training.tiny_models import (QWEN25_05B, QWEN25_TOKENS, QWEN25_VOCAB_ROWS, Qwen2ForCausalLM, count_params,
-                                         large_vocab_tokenizer, qwen2_config, qwen2_model, save_qwen2, train_tokenizer)
+from kdflow.training.tiny_models import (
+    QWEN25_05B,
+    QWEN25_TOKENS,
+    QWEN25_VOCAB_ROWS,
+    Qwen2ForCausalLM,
+    count_params,
+    large_vocab_tokenizer,
+    qwen2_config,
+    qwen2_model,
+    save_qwen2,
+    train_tokenizer,
+)
 
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
 TEXTS = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",

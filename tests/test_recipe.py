@@ -65,8 +65,10 @@ def test_bad_head_dimension_says_what_to_use():
 
 
 def test_trl_validates_training_knobs():
-    text = DEMO.replace("    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n    warmup_steps: 50\n    max_length: 128\n\ngeneration",
-                        "    learnin_rate: 3.0e-3\n    lr_scheduler_type: cosine\n    warmup_steps: 50\n    max_length: 128\n\ngeneration")
+    text = DEMO.replace("    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
+                        "    warmup_steps: 50\n    max_length: 128\n\ngeneration",
+                        "    learnin_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
+                        "    warmup_steps: 50\n    max_length: 128\n\ngeneration")
     msg = error_of(text)
     assert "teacher.training" in msg and "learnin_rate" in msg and "trl.SFTConfig" in msg
     msg = error_of(DEMO.replace("lr_scheduler_type: cosine", "lr_scheduler_type: cosinus", 1))
@@ -202,7 +204,8 @@ def test_a_template_outside_the_project_and_the_recipe_folder_is_refused(tmp_pat
     path = a_recipe_file(tmp_path, text)
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert f"{path}:{line_of(path.read_text(), '  cot:')}: prompts.cot: template '{template}' is outside the project folder" in str(e.value)
+    assert (f"{path}:{line_of(path.read_text(), '  cot:')}: prompts.cot: "
+            f"template '{template}' is outside the project folder") in str(e.value)
     assert "and the recipe's folder" in str(e.value) and "copy it under prompts/" in str(e.value)
     assert "root:x:0:0" not in str(e.value)
     judge = DEMO.replace("filters:\n  correctness: true\n", f"filters:\n  correctness: true\n  judge: {{template: {template}}}\n")

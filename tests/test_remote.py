@@ -1,6 +1,6 @@
 """Run folders on an fsspec file system (kdflow/store/remote.py): push / pull with the manifest last, an upload cut
-short is never an output, and the stage contract (kdflow/store/outputs.py, kdflow/store/run_folder.py) uploads each finished
-output and takes one only the remote has. Fast: fsspec's in-memory file system and a file:// URL."""
+short is never an output, and the stage contract (kdflow/store/outputs.py, kdflow/store/run_folder.py) uploads each
+finished output and takes one only the remote has. Fast: fsspec's in-memory file system and a file:// URL."""
 
 import importlib.util
 import json
@@ -11,12 +11,10 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from kdflow.store import remote
-
-from kdflow.store import run_folder
-from kdflow.store.outputs import MANIFEST, building, existing_output, finish, output_dir
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
+from kdflow.store import remote, run_folder
+from kdflow.store.outputs import MANIFEST, building, existing_output, finish, output_dir
 
 STAGE = "stage"
 

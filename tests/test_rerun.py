@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
 from kdflow.store.outputs import FAIL_STAGE_ENV, MANIFEST, InjectedFailure, hash_folder
-from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +92,9 @@ def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it_then_stage_flow
     assert_run_folder_sound(run_dir)
 
     # Each stage flow alone on the finished run folder: unchanged stages find their outputs ...
+    from flows.cli import main as cli
     from flows.curate import curate
     from flows.generate import generate
-    from flows.cli import main as cli
 
     before = snapshot(run_dir)
     assert generate(str(mini_recipe)) == run_folder.latest(run_dir, "generate")

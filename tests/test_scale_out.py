@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kdflow.store import run_folder
 from kdflow.config.recipe import load_recipe
+from kdflow.store import run_folder
 
 pytestmark = pytest.mark.slow
 

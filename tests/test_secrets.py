@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from kdflow.teacher.api_client import FatalApiError
-from kdflow.store.outputs import building, content_key, existing_output, finish
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import redact_url
 from kdflow.config.generation import GenerationSection
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
+from kdflow.store.outputs import building, content_key, existing_output, finish
+from kdflow.teacher.api_client import FatalApiError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()
@@ -65,8 +65,8 @@ def test_credentials_in_a_run_url_are_refused_without_being_echoed():
 
 @pytest.mark.parametrize("value, state", [(None, "is not set"), ("", "is empty"), ("  ", "is empty")])
 def test_an_unset_api_key_variable_is_named_not_reported_as_a_401(monkeypatch, value, state):
-    from tasks.evaluate import judge_api_key
     from tasks.api_keys import generation_api_key as api_key
+    from tasks.evaluate import judge_api_key
 
     if value is None:
         monkeypatch.delenv("KDFLOW_TEST_NO_KEY", raising=False)

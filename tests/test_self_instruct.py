@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kdflow.config.self_instruct import load_self_instruct_recipe
 from kdflow.curation.dedup import shingles
 from kdflow.curation.expansion import candidates, dedup_instructions, expansion_prompts, parse_instructions
-from kdflow.config.self_instruct import load_self_instruct_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = (ROOT / "prompts" / "self_instruct.jinja").read_text()

@@ -22,8 +22,7 @@ from kdflow.training.chunked_loss import Teacher, head_losses
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_kd_loss
 from kdflow.training.offline_kd import TEACHER_KEYS, KDLoss, train_offline_kd
 from kdflow.training.tiny_models import llama_model
-from kdflow.training.topk_diagnostics import (brief, outside_topk, position_means, summary, teacher_mass,
-                                              window_ratio)
+from kdflow.training.topk_diagnostics import brief, outside_topk, position_means, summary, teacher_mass, window_ratio
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)

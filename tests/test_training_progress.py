@@ -91,7 +91,6 @@ def test_the_prefect_artifact_is_keyed_by_student_and_updated_at_a_bounded_rate(
 def broken_artifact(monkeypatch, update):
     """tasks.progress as inside a task run, with ``update`` as Prefect's update_progress_artifact; the warnings it
     logs are returned as they come."""
-    import logging
 
     import tasks.progress as p
 

@@ -11,8 +11,15 @@ from prefect import flow
 
 from kdflow.config.generation import GenerationSection
 from kdflow.teacher import vllm_server as vs
-from kdflow.teacher.vllm_sizing import (GiB, available_memory, choose_kv_cache_gib, cpu_settings, fit_max_model_len,
-                                        flag, kv_bytes_per_token)
+from kdflow.teacher.vllm_sizing import (
+    GiB,
+    available_memory,
+    choose_kv_cache_gib,
+    cpu_settings,
+    fit_max_model_len,
+    flag,
+    kv_bytes_per_token,
+)
 
 MEMINFO = "MemTotal:       24000000 kB\nMemFree:         2000000 kB\nMemAvailable:   11639194 kB\n"  # 11.1 GiB
 NODE0 = ("Node 0 MemTotal:       13201817 kB\nNode 0 MemFree:        9000000 kB\nNode 0 Active(file):     500000 kB\n"
@@ -41,12 +48,12 @@ Traceback (most recent call last):
   File "/x/vllm/v1/engine/utils.py", line 1431, in wait_for_engine_startup
     raise RuntimeError(
 RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore': 1}
-"""
+"""  # noqa: E501  (log lines as vLLM writes them)
 PYDANTIC_LOG = """\
 pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
   Value error, User-specified max_model_len (1024) is greater than the derived max_model_len (max_position_embeddings=256.0 or model_max_length=None in model's config.json).
     For further information visit https://errors.pydantic.dev/2.14/v/value_error
-"""
+"""  # noqa: E501  (log lines as vLLM writes them)
 
 
 # --- the memory this process may use ---------------------------------------------------------------------------

@@ -17,12 +17,12 @@ from prefect import flow
 
 from conftest import ROOT, VLLM_TEST_API_KEY
 from fault_proxy import FaultProxy
-from kdflow.teacher.answer_shards import read_shards
-from kdflow.teacher.api_client import FatalApiError
-from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
-from kdflow.config.templates import render
 from kdflow.config.generation import GenerationSection
 from kdflow.config.teacher import TeacherSection
+from kdflow.config.templates import render
+from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
+from kdflow.teacher.answer_shards import read_shards
+from kdflow.teacher.api_client import FatalApiError
 from tasks.generate import GENERATE, generate_answers, shard_folder
 from tasks.teacher import use_existing_teacher
 
@@ -142,7 +142,7 @@ def prefect_logs_and_artifacts() -> tuple[str, list[dict]]:
             artifacts = await client.read_artifacts()
             runs = await client.read_task_runs()
         artifacts = [a.model_dump(mode="json") for a in artifacts]
-        return json.dumps([l.model_dump(mode="json") for l in logs] + artifacts
+        return json.dumps([entry.model_dump(mode="json") for entry in logs] + artifacts
                           + [r.model_dump(mode="json") for r in runs]), artifacts
 
     return asyncio.run(read())

@@ -202,7 +202,8 @@ def render_markdown(report: dict, plot: str | None = None, png: bytes | None = N
         f"Distillation: T = {d['temperature']}, α = {d['alpha']} (weight of the hard-label term). "
         f"Mean ± sample standard deviation over {len(seeds)} seeds {seeds}; errors out of {rows} test rows.",
         "",
-        "| model | parameters | teacher / model size | test accuracy % | test errors | errors per seed | val accuracy % |",
+        "| model | parameters | teacher / model size | test accuracy % | test errors | errors per seed "
+        "| val accuracy % |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in report["models"].items():

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from kdflow.classic import digits as classifier_kd
 from kdflow.classic import hf as classifier_hf
+from kdflow.classic.digits import SPLITS, Split
 from kdflow.classic.omitted import class_accuracy, drop_class
 from kdflow.classic.omitted import evaluate as evaluate_omitted
-from kdflow.classic.digits import SPLITS, Split
 from kdflow.config.classic import MLP, ClassifierData, ClassifierDataSection, Transformer
 from kdflow.store.outputs import OutputRef
 

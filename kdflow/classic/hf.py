@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from kdflow.config.classic import training_arguments
 from kdflow.classic.digits import Split
+from kdflow.config.classic import training_arguments
 from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.training.losses import hinton_loss
 

@@ -97,6 +97,7 @@ class DataSection(Strict):
                                  f"{example} ({PATH_RULE})", field)
 
     def location(self, field: str) -> Path:
-        """Where the file (or folder) that ``field`` names is read from: as written when absolute, else in the project."""
+        """Where the file (or folder) that ``field`` names is read from: as written when absolute, else in the
+        project."""
         path = Path(getattr(self, field))
         return path if path.is_absolute() else ROOT / path

@@ -8,8 +8,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, computed_field, field_serializer, field_validator, model_validator
 
-from kdflow.config.fields import (MAX_NEW_TOKENS, MAX_SAMPLES, SafeName, Strict, Template, read_template,
-                                  redact_url)
+from kdflow.config.fields import MAX_NEW_TOKENS, MAX_SAMPLES, SafeName, Strict, Template, read_template, redact_url
 from kdflow.config.generation import Backend, VllmServerSection
 from kdflow.config.precision import Dtype, dtype_field
 

@@ -17,8 +17,16 @@ from pydantic import (
     model_validator,
 )
 
-from kdflow.config.fields import (MAX_NEW_TOKENS, MAX_SAMPLES, ROOT, SafeName, Strict, Template, read_template,
-                                  redact_url)
+from kdflow.config.fields import (
+    MAX_NEW_TOKENS,
+    MAX_SAMPLES,
+    ROOT,
+    SafeName,
+    Strict,
+    Template,
+    read_template,
+    redact_url,
+)
 
 
 class PromptsSection(Strict):

@@ -182,7 +182,8 @@ class StudentSection(Strict):
         starts = [f for f in ("model", "architecture", "init") if getattr(self, f) is not None]
         if len(starts) != 1:
             raise ValueError(f"set exactly one of model (fine-tune a pretrained student), architecture (a fresh one) "
-                             f"or init (pruned from the teacher, or a trained student); {'got ' + ' and '.join(starts) if starts else 'none is set'}")
+                             f"or init (pruned from the teacher, or a trained student); "
+                             f"{'got ' + ' and '.join(starts) if starts else 'none is set'}")
         if self.lora is not None:
             self._check_lora()
         if is_gguf_path(self.model):

@@ -9,10 +9,10 @@ import random
 import re
 from collections import Counter
 
-from kdflow.curation.dedup import exact_duplicates, near_duplicates
-from kdflow.curation.filters import Reason
 from kdflow.config.self_instruct import ExpansionSection, SeedsSection
 from kdflow.config.templates import render
+from kdflow.curation.dedup import exact_duplicates, near_duplicates
+from kdflow.curation.filters import Reason
 from kdflow.store.data_files import load_rows
 
 ITEM_RE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s*(.+?)\s*$")  # "4. Write ...", "5) ...", "- ..."

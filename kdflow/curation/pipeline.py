@@ -16,6 +16,8 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
+from kdflow.config.filters import DedupOn, FiltersSection
+from kdflow.config.templates import render
 from kdflow.curation.filters import (
     Reason,
     correctness_reasons,
@@ -25,8 +27,6 @@ from kdflow.curation.filters import (
     parse_score,
     pattern_reasons,
 )
-from kdflow.config.templates import render
-from kdflow.config.filters import DedupOn, FiltersSection
 from kdflow.curation.verify import VerifyTimeout, majority, select
 
 # The curate stage's datasets: the answers kept (what students train on), and every drop with its reasons.

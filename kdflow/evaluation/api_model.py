@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from kdflow.config.templates import render
-from kdflow.evaluation.judge import ask_judge, prompt_id
 from kdflow.evaluation.free_text import scored
+from kdflow.evaluation.judge import ask_judge, prompt_id
 from kdflow.evaluation.quality import checked
 from kdflow.teacher.api_client import RequestAccounting
 from kdflow.teacher.completion import TeacherBackend

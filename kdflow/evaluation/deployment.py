@@ -191,7 +191,8 @@ def flops(config, context: float) -> dict:
 def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int, repeats: int) -> tuple[dict, dict]:
     """Parameters, FLOPs/token, memory traffic/token, size on disk, peak memory, latency, throughput and (where a
     counter is readable) energy of every model, measured back to back here (timings of different runs or machines do
-    not compare). ``prompts``: one throughput batch. Returns (figures per model, the energy counter used or why none)."""
+    not compare). ``prompts``: one throughput batch. Returns (figures per model, the energy counter used or why
+    none)."""
     from kdflow.evaluation import energy
     from kdflow.evaluation.quantize import count_params, is_quantized, load
     from kdflow.evaluation.traffic import traffic

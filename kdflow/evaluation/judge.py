@@ -20,7 +20,6 @@ from kdflow.teacher.answer_shards import ShardWriter, read_shards
 from kdflow.teacher.api_client import RequestAccounting
 from kdflow.teacher.completion import TeacherBackend
 
-
 # The judge stage's files: every judgement with the raw reply, and each student's win rate.
 JUDGEMENTS, WIN_RATES = "judgements.parquet", "win_rates.json"
 

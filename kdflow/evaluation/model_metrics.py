@@ -6,8 +6,7 @@ from __future__ import annotations
 import time
 
 from kdflow.config.evaluation import EvaluationSection
-from kdflow.evaluation.quality import (accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k,
-                                       score_reference)
+from kdflow.evaluation.quality import accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k, score_reference
 from kdflow.evaluation.quantize import count_params, load  # load: int8 folders too (evaluated like any model)
 
 # The evaluate stage's files, one output per model: every answer with its verdict, and the figures.

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from kdflow.teacher.hf_generate import generate
 from kdflow.config.templates import plain_text, render, special_strings
 from kdflow.curation.verify import VerifyTimeout
+from kdflow.teacher.hf_generate import generate
 
 
 def checked(check: Callable[[str, str], bool], text: str, gold) -> tuple[bool, str | None]:

@@ -29,7 +29,15 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from kdflow.logit_cache.columns import Imported, LogitFileError, list_column, nested_column, read_lists, read_nested, where
+from kdflow.logit_cache.columns import (
+    Imported,
+    LogitFileError,
+    list_column,
+    nested_column,
+    read_lists,
+    read_nested,
+    where,
+)
 from kdflow.logit_cache.format import TopK
 
 PAD_LOGPROB = -1e9  # collator.py's padding value for target_logprobs

@@ -16,15 +16,16 @@ import pandas as pd
 from kdflow.config.fields import redact_url
 from kdflow.config.logit_cache import CaptureSource, LogitCacheSection
 from kdflow.config.templates import sft_rows
+from kdflow.curation.pipeline import KEPT
 from kdflow.logit_cache import topk
-from kdflow.logit_cache.format import CorruptShard, TopK, cache_meta, cache_row_id
-from kdflow.logit_cache.writer import capture_shards
-from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.ensemble import merge_caches
+from kdflow.logit_cache.format import CorruptShard, TopK, cache_meta, cache_row_id
 from kdflow.logit_cache.parts import COUNTS
+from kdflow.logit_cache.reader import LogitCache
+
 # The scoring server's flags live with the scorer (on-policy starts one too); capture reads them from there.
 from kdflow.logit_cache.scoring import TeacherScoringError, prompt_logprobs_args, served_dtype  # noqa: F401
-from kdflow.curation.pipeline import KEPT
+from kdflow.logit_cache.writer import capture_shards
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder
 

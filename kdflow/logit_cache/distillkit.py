@@ -261,7 +261,8 @@ def decode(values: np.ndarray, packed_ids: np.ndarray, layout: Layout, vocab_siz
 
 def write_like_distillkit(path: Path, rows: list, layout: Layout, vocab_size: int) -> int:
     """The rows (``TopK``: the answer positions only, as kdflow stores them) written the way DistillKit's capture
-    writes its parquet, without the positions before them; returns the file's bytes (benchmarks/logit_cache_bytes.py)."""
+    writes its parquet, without the positions before them; returns the file's bytes
+    (benchmarks/logit_cache_bytes.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 

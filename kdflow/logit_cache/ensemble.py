@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from kdflow.config.logit_cache import ValueEncoding
-from kdflow.logit_cache.format import CacheMismatch, CachedRow, TAIL_FLOOR, TopK
+from kdflow.logit_cache.format import TAIL_FLOOR, CachedRow, CacheMismatch, TopK
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.writer import capture_shards
 

@@ -222,7 +222,6 @@ def kl_full_vs_cache(full_logprobs: torch.Tensor, rebuilt: torch.Tensor) -> torc
 
 from kdflow.store.outputs import file_sha256  # noqa: E402,F401 (reader and writer import it from here)
 
-
 # ---- writing ------------------------------------------------------------------------------------------
 
 

@@ -38,8 +38,16 @@ import pyarrow.parquet as pq
 from kdflow.config.logit_cache import ValueEncoding
 from kdflow.logit_cache import axolotl, distillkit
 from kdflow.logit_cache.columns import Imported, LogitFileError, where
-from kdflow.logit_cache.format import (MANIFEST, TopK, cache_meta, id_bytes_for, shard_name, tail_from_topk,
-                                       write_manifest, write_shard)
+from kdflow.logit_cache.format import (
+    MANIFEST,
+    TopK,
+    cache_meta,
+    id_bytes_for,
+    shard_name,
+    tail_from_topk,
+    write_manifest,
+    write_shard,
+)
 from kdflow.logit_cache.reader import LogitCache, check_tokenizer
 from kdflow.store.outputs import file_sha256, finish
 

@@ -15,9 +15,25 @@ import pyarrow.parquet as pq
 import torch
 
 from kdflow.config.logit_cache import ValueEncoding
-from kdflow.logit_cache.format import (CacheMismatch, CachedRow, CorruptShard, FORMAT, FORMAT_VERSION, ID_TABLE,
-                                       LOCAL_ID_BYTES, MANIFEST, OPEN_SHARDS, READ_BUDGET_BYTES, ROW_GROUP_ROWS,
-                                       SCHEMA, TopK, decode_ids, decode_values, file_sha256, tokenizer_fingerprint)
+from kdflow.logit_cache.format import (
+    FORMAT,
+    FORMAT_VERSION,
+    ID_TABLE,
+    LOCAL_ID_BYTES,
+    MANIFEST,
+    OPEN_SHARDS,
+    READ_BUDGET_BYTES,
+    ROW_GROUP_ROWS,
+    SCHEMA,
+    CachedRow,
+    CacheMismatch,
+    CorruptShard,
+    TopK,
+    decode_ids,
+    decode_values,
+    file_sha256,
+    tokenizer_fingerprint,
+)
 
 
 class LogitCache:

@@ -92,7 +92,8 @@ class HFScorer:
         import torch
 
         # By default as many torch threads as this process uses (training and scoring take turns; under overlap
-        # the trainer splits the cores and says how many); on a CPU the teacher runs in float32 (transformers' default device), where a GPU teacher wants the vLLM backend.
+        # the trainer splits the cores and says how many); on a CPU the teacher runs in float32 (transformers' default
+        # device), where a GPU teacher wants the vLLM backend.
         cmd = [sys.executable, "-m", "kdflow.logit_cache.score_worker", self.model_dir, str(k),
                str(threads or torch.get_num_threads()), str(batch_tokens)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

@@ -172,8 +172,8 @@ def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.
     Memory stays bounded at any vocabulary: the decoder runs on a batch of at most ``batch_tokens`` padded
     tokens in the model's own dtype; only the answer positions' final hidden states, (P, H), are gathered, and
     they go through the LM head ``chunk_positions(V)`` at a time, each chunk's logits reduced to its top-k (in
-    float32, ``CHUNK_LOGITS`` at a time) before the next is made — never (B, L, V) logits, nor (P, V) at once. At V = 151,936 a 16k-token
-    batch's full logits would be 10 GB in float32.
+    float32, ``CHUNK_LOGITS`` at a time) before the next is made — never (B, L, V) logits, nor (P, V) at once. At
+    V = 151,936 a 16k-token batch's full logits would be 10 GB in float32.
     """
     split = head_of(model)
     for batch in length_batches([len(r.input_ids) for r in rows], batch_tokens):

@@ -9,8 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from kdflow.config.logit_cache import ValueEncoding
-from kdflow.logit_cache.format import (CAPTURE_SETTINGS, MANIFEST, TopK, file_sha256, shard_name, write_manifest,
-                                       write_shard)
+from kdflow.logit_cache.format import (
+    CAPTURE_SETTINGS,
+    MANIFEST,
+    TopK,
+    file_sha256,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
 from kdflow.logit_cache.scoring import check_scores
 from kdflow.store.outputs import write_atomic
 

@@ -98,7 +98,8 @@ def notes(report: dict) -> list[str]:
     energy = dep.get("energy") or {}
     power = dep.get("power") or {}
     counter = (f"measured from {energy['counter']}" if energy.get("counter") else
-               f"no energy counter here ({energy.get('why_not', 'unknown')}), so estimated: {power.get('watts', '?'):g} W "
+               f"no energy counter here ({energy.get('why_not', 'unknown')}), "
+               f"so estimated: {power.get('watts', '?'):g} W "
                f"({power.get('source', 'no source')}) × the latency measured here")
     out = [f"- **Bytes / token** (batch 1, read from memory once per generated token): {dep['traffic_formula']}; "
            "c = the mean context of the latency run, as for FLOPs.",

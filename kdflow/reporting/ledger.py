@@ -306,7 +306,8 @@ def section(ledger: dict | None) -> list[str]:
 def notes(ledger: dict) -> list[str]:
     p = ledger["prices"]
     if p is None:
-        prices = "no prices in the recipe (add `cost: {api: {input_per_mtok, output_per_mtok}, device: {per_hour}}` for money)"
+        prices = ("no prices in the recipe "
+                  "(add `cost: {api: {input_per_mtok, output_per_mtok}, device: {per_hour}}` for money)")
     else:
         parts = [f"API {p['api']['input_per_mtok']:g} / {p['api']['output_per_mtok']:g} {p['currency']} per million "
                  "input / output tokens" if p["api"] else "API tokens not priced (no `cost.api`)",

@@ -112,9 +112,9 @@ JUDGE_OFF = {"status": "not run", "reason": "the recipe sets no evaluation.judge
 def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict,
                  deployment: dict | None = None, lm_eval: dict | None = None, judge: dict | None = None) -> dict:
     """``teacher`` and each student: their metrics, with at least accuracy (or, on instruction data, rouge_l: the
-    quality metric, ``quality_key``) and params (each student also its ``data``); ``deployment``: {"machine", "settings", "flops_formula"} of the deployment stage;
-    ``judge``: {"judge", "split", "questions", "win_rates": {student: win_rate(...)}} of the judge stage, None
-    when the recipe has no judge."""
+    quality metric, ``quality_key``) and params (each student also its ``data``); ``deployment``: {"machine",
+    "settings", "flops_formula"} of the deployment stage; ``judge``: {"judge", "split", "questions", "win_rates":
+    {student: win_rate(...)}} of the judge stage, None when the recipe has no judge."""
     seeded = any("@" in name for name in students)
     baseline = baseline_student(students)
     key = quality_key(teacher)
@@ -234,10 +234,12 @@ def deployment_notes(report: dict) -> list[str]:
             f"- **FLOPs / token** (forward, one generated token, analytic from the config): {dep['flops_formula']}; "
             f"here c = the mean context of the latency run ({context} keys).",
             "- **Size on disk**: the weight files. **Peak memory**: live tensors while generating "
-            f"{s['throughput_batch']} × {s['latency_tokens']} tokens (weights, KV cache, activations; torch's allocator "
+            f"{s['throughput_batch']} × {s['latency_tokens']} tokens (weights, KV cache, activations; "
+            "torch's allocator "
             "on a GPU, its profiler's allocation records on a CPU); the Python/torch runtime (the same for every "
             "model) is not counted.",
-            f"- **Latency**: wall time per generated token at batch 1 ({s['latency_tokens']} tokens after a one-question "
+            f"- **Latency**: wall time per generated token at batch 1 ({s['latency_tokens']} tokens after a "
+            "one-question "
             f"prompt, prefill included); **throughput**: {s['throughput_batch']} × {s['latency_tokens']} tokens / wall "
             f"time. Median of {s['repeats']} runs; all models measured back to back, alternating, in one stage run on "
             f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",

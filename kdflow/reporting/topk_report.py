@@ -57,7 +57,8 @@ def lines(report: dict) -> list[str]:
         out += [""] + [f"- ⚠ {w}" for w in worries] + ([""] if worries else [])
     return out + [
         "Teacher kept mass: Σ of the teacher's top-k probabilities (T = 1), mean over the KD positions; tail mass = "
-        "1 − kept, the mass the sparse loss sees as one bucket. Student top-1 outside top-k: the share of positions where "
+        "1 − kept, the mass the sparse loss sees as one bucket. Student top-1 outside top-k: the share of positions "
+        "where "
         "the student's most likely token is none of the teacher's top-k ids. KD / CE: the KD term over the CE term, "
         "before α weights them (the mean row: of the mean terms). Worrying: a tail mass above "
         f"{TAIL_WORRY:g}, a top-1 outside share above {OUTSIDE_WORRY:.0%}, a KD term under {RATIO_NEAR_ZERO:g}× "

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import random
 
-from kdflow.teacher.api_client import TeacherRequest
-from kdflow.config.templates import render
 from kdflow.config.generation import Endpoint
+from kdflow.config.templates import render
+from kdflow.teacher.api_client import TeacherRequest
 
 
 def zero_shot(template: str, row: dict) -> str:

@@ -20,8 +20,8 @@ The server's log goes to ``log_path`` (default: a temporary file). When it fails
 log's root cause (the exception lines of every process's traceback, argparse's ``error:``, vLLM's "less than
 desired" memory check), not only the API server's last line ("Engine core initialization failed. See root cause
 above"). A startup failure is ``VllmStartupError``: deterministic (a bad flag, too little memory, a model vLLM
-cannot load), so the stages do not retry it. An API key for the server (``api_key``) is passed in its environment, never on its
-command line (visible in ``ps``).
+cannot load), so the stages do not retry it. An API key for the server (``api_key``) is passed in its environment, never
+on its command line (visible in ``ps``).
 """
 
 from __future__ import annotations
@@ -137,14 +137,14 @@ def root_cause(log: str, max_lines: int = 12) -> list[str]:
         else:
             follow = 0
     found = list(dict.fromkeys(found))
-    specific = [l for l in found if not GENERIC.search(l)]
-    return [l[:1000] for l in (specific or found)][:max_lines]
+    specific = [line for line in found if not GENERIC.search(line)]
+    return [line[:1000] for line in (specific or found)][:max_lines]
 
 
 def startup_error(what: str, log_path: Path, settings: str) -> VllmStartupError:
     log = log_path.read_text(errors="replace") if log_path.is_file() else ""
     cause = root_cause(log)
-    quoted = "\n".join(f"  {l}" for l in cause) if cause else _tail(log_path)
+    quoted = "\n".join(f"  {line}" for line in cause) if cause else _tail(log_path)
     return VllmStartupError(f"{what}{settings}; root cause, from {log_path}:\n{quoted}")
 
 

@@ -5,10 +5,10 @@
         -m kdflow.training.cli --recipe R --student NAME --run-dir D --out OUT
 
 takes the run's finished inputs from its run folder (the newest output of each stage the student needs, as
-``flows/train_students.py`` does) and trains exactly as the students stage does (``kdflow.training.student.train_here``),
-writing ``OUT/model`` (a plain causal LM; LoRA merged), ``OUT/log_history.json`` and, for LoRA, ``OUT/adapter``.
-Under ``accelerate launch`` the main process alone writes them. ``--student`` is a name from the recipe, or
-``<name>@<seed>`` where the recipe sets ``run.seeds``.
+``flows/train_students.py`` does) and trains exactly as the students stage does
+(``kdflow.training.student.train_here``), writing ``OUT/model`` (a plain causal LM; LoRA merged),
+``OUT/log_history.json`` and, for LoRA, ``OUT/adapter``. Under ``accelerate launch`` the main process alone writes them.
+``--student`` is a name from the recipe, or ``<name>@<seed>`` where the recipe sets ``run.seeds``.
 
 The students stage starts this module itself for a student with ``launch:``, with ``--job``: a file holding the
 section and the exact inputs the stage keyed the student on. The output folder is not a stage output (no
@@ -24,9 +24,9 @@ from pathlib import Path
 
 def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: str | None):
     """A ``StudentJob`` for the recipe's student ``student`` on the run folder's newest finished outputs."""
-    from kdflow.store import run_folder
     from kdflow.config.recipe import load_recipe
     from kdflow.config.student import StudentData
+    from kdflow.store import run_folder
     from kdflow.training.student import StudentJob, needs_logit_cache
 
     r = load_recipe(recipe)

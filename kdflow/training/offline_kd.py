@@ -15,7 +15,8 @@ whose student top-1 lies outside the teacher's top-k), from tensors the loss alr
 At a large vocabulary the logits are never built whole: the decoder runs without its LM head, the answer positions'
 hidden states are gathered, and both terms come from kdflow.training.chunked_loss, one chunk of positions at a
 time (same values). Where one chunk would hold every position anyway (the demo's 52-token vocabulary), or where the
-model's logits need more than its head (a logit softcap or scale; ``kdflow.training.head.dense_reason``), the loss is the dense one.
+model's logits need more than its head (a logit softcap or scale; ``kdflow.training.head.dense_reason``), the loss is
+the dense one.
 
 Alignment: the training rows *are* the cache's rows — each row's token ids come from the cache, and the
 collator fetches the teacher's distributions by row id (never by step or batch position), checking the
@@ -30,8 +31,8 @@ from pathlib import Path
 import torch
 from trl import SFTTrainer
 
-from kdflow.logit_cache.reader import LogitCache
 from kdflow.config.kd import Divergence
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.training.chunked_loss import Teacher, head_losses
 from kdflow.training.head import final_hidden_states, fused_head
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_kd_loss

@@ -33,7 +33,8 @@ def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, 
     ``beta``: JSD interpolation (0 forward KL, 1 reverse KL); ``temperature``: sampling temperature of the
     on-policy completions; ``max_new_tokens``: their length cap. GKDConfig refuses ``lmbda`` or ``beta``
     outside [0, 1]. Teacher and student must share the tokenizer (check with
-    ``kdflow.training.tokenizer_compat.check_tokenizers``). ``checkpoints``, ``peft_config``: as in ``kdflow.training.sft.train_sft``.
+    ``kdflow.training.tokenizer_compat.check_tokenizers``). ``checkpoints``, ``peft_config``: as in
+    ``kdflow.training.sft.train_sft``.
 
     Saves the student and the tokenizer to ``out_dir/"model"``; returns the log history, also written to
     ``out_dir/"log_history.json"``.

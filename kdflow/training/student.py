@@ -20,8 +20,8 @@ from kdflow.config.kd import KDMethod, OnlineKD, OnPolicyKD
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
-from kdflow.logit_cache.format import cache_row_id
 from kdflow.curation.pipeline import KEPT
+from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import LOG_HISTORY, model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split

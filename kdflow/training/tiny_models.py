@@ -165,7 +165,7 @@ def synthetic_words(lines: int, seed: int = 0, words_per_line: int = 20) -> Iter
 # Qwen2's own pre-tokenizer (transformers' tokenization_qwen2.py): digits one by one, a punctuation mark may
 # lead a word. A qwen2 folder always reloads as Qwen2Tokenizer, which rebuilds its pipeline from this regex
 # and ignores the one in tokenizer.json — so a BPE trained with the same pipeline keeps its ids on reload.
-QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501  (the regex as Qwen2Tokenizer has it)
 
 
 def large_vocab_tokenizer(texts: Iterable[str], vocab_size: int = QWEN25_TOKENS, synthetic_lines: int = 25_000,
