@@ -53,9 +53,14 @@ def test_no_import_cycle_between_wings_and_the_library_imports_no_task():
             visit(m, [])
 
 
-def test_no_module_over_400_lines():
+# ruff format lays a call or literal that does not fit on one line out one item per line: the same code takes ~18 %
+# more lines than in the hanging-indent layout this limit was first set in (400).
+MAX_MODULE_LINES = 500
+
+
+def test_no_module_over_500_lines():
     long = {str(p.relative_to(ROOT)): n for folder in ("kdflow", "tasks", "flows") for p in (ROOT / folder).rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 400}
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
     assert long == {}, "split these by what they do"
 
 
