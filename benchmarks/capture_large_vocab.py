@@ -61,8 +61,12 @@ def build(folder: Path, layers: int, dtype: str) -> dict:
     with torch.no_grad():
         model.lm_head.weight.mul_(HEAD_SCALE)
     save_qwen2(folder, model.to(getattr(torch, dtype)), tokenizer)
-    return {"tokens": len(tokenizer), "vocab_rows": model.config.vocab_size, "params": count_params(model),
-            "tokenizer_s": round(tokenizer_s, 1)}
+    return {
+        "tokens": len(tokenizer),
+        "vocab_rows": model.config.vocab_size,
+        "params": count_params(model),
+        "tokenizer_s": round(tokenizer_s, 1),
+    }
 
 
 def load(folder: Path, rows: int, dtype: str, repeat: int = 1):
@@ -103,16 +107,28 @@ def meta_of(model, tokenizer) -> dict:
     from kdflow.config.logit_cache import ValueEncoding
     from kdflow.logit_cache.format import cache_meta
 
-    return cache_meta(teachers=[{"model": "qwen2-bench", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=model.config.vocab_size, k=K, temperature=1.0, encoding=ValueEncoding.u8, source="hf")
+    return cache_meta(
+        teachers=[{"model": "qwen2-bench", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=model.config.vocab_size,
+        k=K,
+        temperature=1.0,
+        encoding=ValueEncoding.u8,
+        source="hf",
+    )
 
 
 def capture(model, tokenizer, rows, batch_tokens: int, folder: Path, meta: dict) -> dict:
     from kdflow.logit_cache.topk import hf_topk
     from kdflow.logit_cache.writer import capture_shards
 
-    return capture_shards(folder, [r.row_id for r in rows], SHARD_ROWS, meta,
-                          lambda idx: hf_topk(model, [rows[i] for i in idx], K, 1.0, batch_tokens, tokenizer.pad_token_id))
+    return capture_shards(
+        folder,
+        [r.row_id for r in rows],
+        SHARD_ROWS,
+        meta,
+        lambda idx: hf_topk(model, [rows[i] for i in idx], K, 1.0, batch_tokens, tokenizer.pad_token_id),
+    )
 
 
 def status_kib(field: str) -> int:
@@ -138,9 +154,17 @@ def child(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str, rep
         seconds = time.perf_counter() - start
     tokens = sum(len(r.input_ids) for r in encoded)
     answer = sum(len(r.input_ids) - 1 - r.start for r in encoded)
-    return {"side": side, "rows": len(encoded), "tokens": tokens, "answer_tokens": answer, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "loaded_mib": loaded / 1024, "peak_mib": status_kib("VmHWM") / 1024,
-            "peak_over_loaded_mib": (status_kib("VmHWM") - loaded) / 1024}
+    return {
+        "side": side,
+        "rows": len(encoded),
+        "tokens": tokens,
+        "answer_tokens": answer,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "loaded_mib": loaded / 1024,
+        "peak_mib": status_kib("VmHWM") / 1024,
+        "peak_over_loaded_mib": (status_kib("VmHWM") - loaded) / 1024,
+    }
 
 
 # glibc serves allocations below its (self-raising, up to 32 MiB) mmap threshold from the heap, which the
@@ -150,10 +174,25 @@ FLAT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
 
 
 def fresh(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str, repeat: int = 1, env=None) -> dict:
-    cmd = [sys.executable, __file__, "--child", side, "--folder", str(folder), "--rows", str(rows),
-           "--batch-tokens", str(batch_tokens), "--dtype", dtype, "--repeat", str(repeat)]
-    out = subprocess.run(cmd, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        side,
+        "--folder",
+        str(folder),
+        "--rows",
+        str(rows),
+        "--batch-tokens",
+        str(batch_tokens),
+        "--dtype",
+        dtype,
+        "--repeat",
+        str(repeat),
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{side} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -162,8 +201,18 @@ def fresh(side: str, folder: Path, rows: int, batch_tokens: int, dtype: str, rep
 def main() -> None:
     if "--child" in sys.argv:
         args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-        print(json.dumps(child(args["--child"], Path(args["--folder"]), int(args["--rows"]),
-                               int(args["--batch-tokens"]), args["--dtype"], int(args["--repeat"]))))
+        print(
+            json.dumps(
+                child(
+                    args["--child"],
+                    Path(args["--folder"]),
+                    int(args["--rows"]),
+                    int(args["--batch-tokens"]),
+                    args["--dtype"],
+                    int(args["--repeat"]),
+                )
+            )
+        )
         return
     opts = options(__doc__, rows=8, reps=3, layers=4, dtype="bfloat16", batch_tokens=1024)
     with tempfile.TemporaryDirectory(prefix="capture-large-vocab-") as tmp:
@@ -182,9 +231,13 @@ def main() -> None:
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {os.environ.get('BENCH_THREADS', '1')}",
         "teacher": {**model_info, "hidden": 896, "layers": opts.layers, "heads": "14:2", "dtype": opts.dtype},
-        "k": K, "rows": opts.rows, "batch_tokens": opts.batch_tokens, "tokens": forward[0]["tokens"],
+        "k": K,
+        "rows": opts.rows,
+        "batch_tokens": opts.batch_tokens,
+        "tokens": forward[0]["tokens"],
         "answer_tokens": forward[0]["answer_tokens"],
-        "forward_tokens_per_s": forward_tps, "capture_tokens_per_s": capture_tps,
+        "forward_tokens_per_s": forward_tps,
+        "capture_tokens_per_s": capture_tps,
         "forward_peak_over_loaded_mib": median(forward, "peak_over_loaded_mib"),
         "capture_peak_over_loaded_mib": median(captured, "peak_over_loaded_mib"),
         "memory": {"n": small, "10n": large, "n_mmap_1mib": small_flat, "10n_mmap_1mib": large_flat},
@@ -194,22 +247,42 @@ def main() -> None:
         "memory_ratio_10n_vs_n_mmap_1mib": large_flat["peak_over_loaded_mib"] / small_flat["peak_over_loaded_mib"],
     }
     t = result["teacher"]
-    print(f"teacher: Qwen2 hidden 896, {t['layers']} layers, 14:2 heads, vocabulary {t['tokens']:,} tokens in "
-          f"{t['vocab_rows']:,} rows, {t['params'] / 1e6:.0f}M parameters, {t['dtype']}; k={K}; {result['machine']}")
-    print(f"rows: {opts.rows} GSM8K test (question + gold answer), {result['tokens']:,} tokens, "
-          f"{result['answer_tokens']:,} answer positions; batches of <= {opts.batch_tokens} tokens; {opts.reps} reps")
-    print(f"  plain forward (logits from the first answer position): {forward_tps:8,.0f} tokens/s, peak "
-          f"+{result['forward_peak_over_loaded_mib']:,.0f} MiB over the loaded model")
-    print(f"  capture (hf_topk + u8 shards):                         {capture_tps:8,.0f} tokens/s, peak "
-          f"+{result['capture_peak_over_loaded_mib']:,.0f} MiB")
-    for name, r in (("N", small), ("10N", large), ("N, MALLOC_MMAP_THRESHOLD_=1 MiB", small_flat),
-                    ("10N, MALLOC_MMAP_THRESHOLD_=1 MiB", large_flat)):
-        print(f"  capture of {r['rows']:5d} rows ({name}): peak RSS {r['peak_mib']:,.0f} MiB, "
-              f"+{r['peak_over_loaded_mib']:,.0f} MiB over the loaded model ({r['loaded_mib']:,.0f} MiB)")
+    print(
+        f"teacher: Qwen2 hidden 896, {t['layers']} layers, 14:2 heads, vocabulary {t['tokens']:,} tokens in "
+        f"{t['vocab_rows']:,} rows, {t['params'] / 1e6:.0f}M parameters, {t['dtype']}; k={K}; {result['machine']}"
+    )
+    print(
+        f"rows: {opts.rows} GSM8K test (question + gold answer), {result['tokens']:,} tokens, "
+        f"{result['answer_tokens']:,} answer positions; batches of <= {opts.batch_tokens} tokens; {opts.reps} reps"
+    )
+    print(
+        f"  plain forward (logits from the first answer position): {forward_tps:8,.0f} tokens/s, peak "
+        f"+{result['forward_peak_over_loaded_mib']:,.0f} MiB over the loaded model"
+    )
+    print(
+        f"  capture (hf_topk + u8 shards):                         {capture_tps:8,.0f} tokens/s, peak "
+        f"+{result['capture_peak_over_loaded_mib']:,.0f} MiB"
+    )
+    for name, r in (
+        ("N", small),
+        ("10N", large),
+        ("N, MALLOC_MMAP_THRESHOLD_=1 MiB", small_flat),
+        ("10N, MALLOC_MMAP_THRESHOLD_=1 MiB", large_flat),
+    ):
+        print(
+            f"  capture of {r['rows']:5d} rows ({name}): peak RSS {r['peak_mib']:,.0f} MiB, "
+            f"+{r['peak_over_loaded_mib']:,.0f} MiB over the loaded model ({r['loaded_mib']:,.0f} MiB)"
+        )
     save("capture_large_vocab", result)
-    print(json.dumps({"throughput_ratio": round(result["throughput_ratio"], 3),
-                      "memory_ratio_10n_vs_n": round(result["memory_ratio_10n_vs_n"], 3),
-                      "memory_ratio_10n_vs_n_mmap_1mib": round(result["memory_ratio_10n_vs_n_mmap_1mib"], 3)}))
+    print(
+        json.dumps(
+            {
+                "throughput_ratio": round(result["throughput_ratio"], 3),
+                "memory_ratio_10n_vs_n": round(result["memory_ratio_10n_vs_n"], 3),
+                "memory_ratio_10n_vs_n_mmap_1mib": round(result["memory_ratio_10n_vs_n_mmap_1mib"], 3),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

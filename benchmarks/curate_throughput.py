@@ -56,9 +56,16 @@ def synthetic(n: int, seed: int = 0) -> list[dict]:
             text = ""
         elif 0.91 < kind < 0.92:
             text = "I'm sorry, I can't help with that."
-        rows.append({"id": f"r{i}", "question": f"q{rng.randrange(n)}", "answer": str(gold), "text": text,
-                     "finish_reason": "length" if 0.92 < kind < 0.94 else "stop",
-                     "completion_tokens": len(text.split())})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "question": f"q{rng.randrange(n)}",
+                "answer": str(gold),
+                "text": text,
+                "finish_reason": "length" if 0.92 < kind < 0.94 else "stop",
+                "completion_tokens": len(text.split()),
+            }
+        )
     return rows
 
 
@@ -88,7 +95,9 @@ def main() -> None:
     _, dedup_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     tracemalloc.start()
-    curate(rows, FiltersSection.model_validate({"correctness": False, "truncated": False, "empty": False}), check, extract)
+    curate(
+        rows, FiltersSection.model_validate({"correctness": False, "truncated": False, "empty": False}), check, extract
+    )
     _, baseline_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
@@ -107,19 +116,25 @@ def main() -> None:
     result = {
         "rows": ROWS,
         "per_row_filters_rows_per_s": round(ROWS / filter_s),
-        "per_row_filters_kept": len(kept), "per_row_filters_dropped": len(dropped),
+        "per_row_filters_kept": len(kept),
+        "per_row_filters_dropped": len(dropped),
         "dedup_rows_per_s": round(ROWS / dedup_s),
         "dedup_dropped": len(ddropped),
         "dedup_peak_mib": round(dedup_peak / 2**20, 1),
         "no_filter_pass_peak_mib": round(baseline_peak / 2**20, 1),
-        "math_verify_rows_per_s": round(VERIFY_ROWS / verify_s), "math_verify_accepted": verified,
+        "math_verify_rows_per_s": round(VERIFY_ROWS / verify_s),
+        "math_verify_accepted": verified,
         "demo_stage_seconds_9000_rows": round(demo_s, 2),
     }
     save("curate_throughput", result)
-    print(f"per-row filters: {result['per_row_filters_kept']} kept, {result['per_row_filters_dropped']} dropped of {ROWS}")
-    print(f"dedup (exact + MinHash near, question+answer): {result['dedup_dropped']} dropped, "
-          f"{result['dedup_rows_per_s']:,} rows/s, peak {result['dedup_peak_mib']} MiB "
-          f"(the same pass without dedup: {result['no_filter_pass_peak_mib']} MiB)")
+    print(
+        f"per-row filters: {result['per_row_filters_kept']} kept, {result['per_row_filters_dropped']} dropped of {ROWS}"
+    )
+    print(
+        f"dedup (exact + MinHash near, question+answer): {result['dedup_dropped']} dropped, "
+        f"{result['dedup_rows_per_s']:,} rows/s, peak {result['dedup_peak_mib']} MiB "
+        f"(the same pass without dedup: {result['no_filter_pass_peak_mib']} MiB)"
+    )
     print(f"math-verify checking: {result['math_verify_rows_per_s']:,} rows/s ({verified}/{VERIFY_ROWS} accepted)")
     print(f"demo curate stage body on {DEMO_ROWS} rows (default filters, report, PNG): {demo_s:.2f} s")
     print(f"filter throughput: {result['per_row_filters_rows_per_s']:,} rows/s on {ROWS:,} synthetic rows")

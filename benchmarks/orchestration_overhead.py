@@ -53,15 +53,27 @@ def direct(recipe_path: str) -> dict:
     teacher = train_teacher_model.fn(run_dir, r.teacher, data, cot)
     answers = generate_answers.fn(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers.fn(run_dir, r.filters, r.data.source, answers)
-    students = {s.name: train_student.fn(run_dir, s, cot, teacher, data,
-                                         curated if s.data is StudentData.teacher else None) for s in r.students}
+    students = {
+        s.name: train_student.fn(run_dir, s, cot, teacher, data, curated if s.data is StudentData.teacher else None)
+        for s in r.students
+    }
     models = {"teacher": teacher, **students}
-    evaluations = {name: evaluate_model.fn(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
-                   for name, model in models.items()}
+    evaluations = {
+        name: evaluate_model.fn(run_dir, r.evaluation, cot, r.data.source, model, teacher, data)
+        for name, model in models.items()
+    }
     deployment = measure_deployment.fn(run_dir, models, r.evaluation.deployment, cot, data, r.evaluation.split)
     benchmarks = run_lm_eval.fn(run_dir, models, r.evaluation.lm_eval)
-    return write_report.fn(run_dir, r.run.name, models, evaluations, deployment, benchmarks,
-                           {s.name: {"data": s.data.value} for s in r.students}, curated)
+    return write_report.fn(
+        run_dir,
+        r.run.name,
+        models,
+        evaluations,
+        deployment,
+        benchmarks,
+        {s.name: {"data": s.data.value} for s in r.students},
+        curated,
+    )
 
 
 def main() -> None:
@@ -90,8 +102,13 @@ def main() -> None:
                 print(f"rep {rep} {name:>6}: {times[name][-1]:.2f} s", flush=True)
 
     flow_s, direct_s = statistics.median(times["flow"]), statistics.median(times["direct"])
-    result = {"reps": args.reps, "server_start_s": round(server_start, 2), "flow_median_s": round(flow_s, 2),
-              "direct_median_s": round(direct_s, 2), "ratio_flow_over_direct": round(flow_s / direct_s, 3)}
+    result = {
+        "reps": args.reps,
+        "server_start_s": round(server_start, 2),
+        "flow_median_s": round(flow_s, 2),
+        "direct_median_s": round(direct_s, 2),
+        "ratio_flow_over_direct": round(flow_s / direct_s, 3),
+    }
     save("orchestration_overhead", {**result, "times": times})
     print(f"temporary Prefect server start (once, excluded): {server_start:.1f} s")
     print(f"median through the flow: {flow_s:.2f} s, stage functions called directly: {direct_s:.2f} s")

@@ -53,10 +53,14 @@ def timed(distill, recipe: str) -> float:
 
 def first_run_span_s(run_dir: Path) -> float:
     """From the data stage's manifest to the last manifest written in the run folder."""
-    stamps = [datetime.fromisoformat(json.loads(m.read_text())["created_at"].replace("Z", "+00:00"))
-              for m in run_dir.glob("[!.]*/[!.]*/manifest.json")]
-    data = [datetime.fromisoformat(json.loads(m.read_text())["created_at"].replace("Z", "+00:00"))
-            for m in run_dir.glob("data/[!.]*/manifest.json")]
+    stamps = [
+        datetime.fromisoformat(json.loads(m.read_text())["created_at"].replace("Z", "+00:00"))
+        for m in run_dir.glob("[!.]*/[!.]*/manifest.json")
+    ]
+    data = [
+        datetime.fromisoformat(json.loads(m.read_text())["created_at"].replace("Z", "+00:00"))
+        for m in run_dir.glob("data/[!.]*/manifest.json")
+    ]
     return (max(stamps) - min(data)).total_seconds()
 
 
@@ -68,8 +72,10 @@ def matches(recipe: Path, run_dir: Path) -> bool:
 
     r = load_recipe(recipe)
     data = DATA.output(run_dir, section=r.data).done
-    return data is not None and (r.teacher.model is not None or
-                                 TEACHER.output(run_dir, section=r.teacher, data=data, template=r.prompts.cot_text()).done is not None)
+    return data is not None and (
+        r.teacher.model is not None
+        or TEACHER.output(run_dir, section=r.teacher, data=data, template=r.prompts.cot_text()).done is not None
+    )
 
 
 def main() -> None:
@@ -84,27 +90,38 @@ def main() -> None:
         mini = recipe_copy(ROOT / "tests" / "mini.yaml", work / "fresh")
         first = timed(distill, mini)
         reruns = [timed(distill, mini) for _ in range(args.reps)]
-        result["fresh"] = {"recipe": "tests/mini.yaml", "first_s": round(first, 2), "reruns_s": [round(t, 2) for t in reruns],
-                           "ratio": round(statistics.median(reruns) / first, 4)}
+        result["fresh"] = {
+            "recipe": "tests/mini.yaml",
+            "first_s": round(first, 2),
+            "reruns_s": [round(t, 2) for t in reruns],
+            "ratio": round(statistics.median(reruns) / first, 4),
+        }
         print(f"mini, fresh: first run {first:.1f} s, rerun median {statistics.median(reruns):.2f} s")
 
         completed = ROOT / args.completed
         run_dir = load_recipe(completed).run_dir
         save("rerun_cost", result)  # the fresh figure is kept even if what follows is stopped
         if not matches(completed, run_dir):
-            print(f"{run_dir} was not made with {args.completed} as it is now (its teacher differs): a rerun would "
-                  "recompute, so no figure for it; run `make demo` first")
+            print(
+                f"{run_dir} was not made with {args.completed} as it is now (its teacher differs): a rerun would "
+                "recompute, so no figure for it; run `make demo` first"
+            )
         elif (run_dir / "report.json").is_file():
             copy = work / "completed"
             shutil.copytree(run_dir, copy / run_dir.name)
             recipe = recipe_copy(completed, copy)
             span = first_run_span_s(copy / run_dir.name)
             reruns = [timed(distill, recipe) for _ in range(args.reps)]
-            result["completed"] = {"recipe": args.completed, "first_run_span_s": round(span, 1),
-                                   "reruns_s": [round(t, 2) for t in reruns],
-                                   "ratio": round(statistics.median(reruns) / span, 4)}
-            print(f"{args.completed}, completed: first run >= {span:.0f} s (manifests), "
-                  f"rerun median {statistics.median(reruns):.2f} s")
+            result["completed"] = {
+                "recipe": args.completed,
+                "first_run_span_s": round(span, 1),
+                "reruns_s": [round(t, 2) for t in reruns],
+                "ratio": round(statistics.median(reruns) / span, 4),
+            }
+            print(
+                f"{args.completed}, completed: first run >= {span:.0f} s (manifests), "
+                f"rerun median {statistics.median(reruns):.2f} s"
+            )
         else:
             print(f"{run_dir} has no report.json: run `make demo` first for the demo's figure")
 

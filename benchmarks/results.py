@@ -19,6 +19,7 @@ def options(description: str, **defaults) -> argparse.Namespace:
     """``--name VALUE`` for each default (``max_tokens`` is ``--max-tokens``), typed like its default."""
     parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     for name, default in defaults.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                            help=f"default: {default}")
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=type(default), default=default, help=f"default: {default}"
+        )
     return parser.parse_args()

@@ -79,12 +79,15 @@ def main() -> None:
     with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         for rep in range(args.reps):
             for workers in (1, 2):
-                recipe = recipe_in(work / f"w{workers}-{rep}", teacher_dir, base_url, args.model, args.prompts,
-                                   args.concurrency)
+                recipe = recipe_in(
+                    work / f"w{workers}-{rep}", teacher_dir, base_url, args.model, args.prompts, args.concurrency
+                )
                 r = load_recipe(recipe)
                 make_data.fn(r.run_dir, r.data)  # the data and the teacher's record, outside the timing
                 train_teacher(recipe)
-                runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+                runner = DaskTaskRunner(
+                    cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True}
+                )
                 start = time.perf_counter()
                 ref = generate_sharded.with_options(task_runner=runner)(recipe, None, workers)
                 times[str(workers)].append(time.perf_counter() - start)
@@ -94,9 +97,16 @@ def main() -> None:
         fake.__exit__(None, None, None)
 
     one, two = statistics.median(times["1"]), statistics.median(times["2"])
-    result = {"reps": args.reps, "prompts": args.prompts, "teacher": args.base_url or f"fake, {args.delay_ms} ms/request",
-              "concurrency_per_worker": args.concurrency, "median_1_worker_s": round(one, 2),
-              "median_2_workers_s": round(two, 2), "speedup_2_over_1": round(one / two, 3), "times": times}
+    result = {
+        "reps": args.reps,
+        "prompts": args.prompts,
+        "teacher": args.base_url or f"fake, {args.delay_ms} ms/request",
+        "concurrency_per_worker": args.concurrency,
+        "median_1_worker_s": round(one, 2),
+        "median_2_workers_s": round(two, 2),
+        "speedup_2_over_1": round(one / two, 3),
+        "times": times,
+    }
     save("sharded_generation", result)
     print(f"median wall time, {args.prompts} requests: 1 worker {one:.2f} s, 2 workers {two:.2f} s")
     print(f"speed-up, 2 Dask workers over 1: {one / two:.2f}")

@@ -60,16 +60,34 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-sigkill-"))
     model = str(build_tiny_teacher(work / "teacher"))
-    rows = [{"id": f"q-{i:05d}", "split": "prompts", "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}+{i % 11}",
-             "answer": "0", "sample": 0} for i in range(args.requests)]
+    rows = [
+        {
+            "id": f"q-{i:05d}",
+            "split": "prompts",
+            "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}+{i % 11}",
+            "answer": "0",
+            "sample": 0,
+        }
+        for i in range(args.requests)
+    ]
     rows = [{**r, "prompt": r["question"], "teacher_prompt": r["question"]} for r in rows]
     folder = work / "shards"
     server_args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    with vllm_server(model, extra_args=server_args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url, \
-            FaultProxy(url.removesuffix("/v1")) as proxy:
-        section = {"backend": "openai", "splits": ["prompts"], "max_new_tokens": 32,
-                   "api": {"base_url": proxy.url + "/v1", "model": model, "concurrency": args.concurrency,
-                           "api_key_env": None}}
+    with (
+        vllm_server(model, extra_args=server_args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url,
+        FaultProxy(url.removesuffix("/v1")) as proxy,
+    ):
+        section = {
+            "backend": "openai",
+            "splits": ["prompts"],
+            "max_new_tokens": 32,
+            "api": {
+                "base_url": proxy.url + "/v1",
+                "model": model,
+                "concurrency": args.concurrency,
+                "api_key_env": None,
+            },
+        }
         spec = work / "spec.json"
         spec.write_text(json.dumps({"section": section, "model": model, "rows": rows, "folder": str(folder)}))
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -84,7 +102,9 @@ def main() -> None:
             child.wait()
             killed_at.append(answered(folder))
             repeats.append(repeated(before, proxy.bodies))
-            print(f"kill {k + 1}: {killed_at[-1]} answers persisted; this run repeated {repeats[-1]} requests", flush=True)
+            print(
+                f"kill {k + 1}: {killed_at[-1]} answers persisted; this run repeated {repeats[-1]} requests", flush=True
+            )
         before = Counter(proxy.bodies)
         answers, failures, acct = api_answers(GenerationSection(**section), model, rows, folder)
         final_repeats = repeated(before, proxy.bodies)
@@ -92,13 +112,21 @@ def main() -> None:
     keys = [(a["id"], a["sample"]) for a in read_shards(folder)[0].values()]
     assert len(answers) == len(rows) == len(set(keys)) and not failures, "not exactly one answer per (prompt, sample)"
     per_kill = repeats[1:] + [final_repeats]  # the run after kill i repeats what kill i cut off
-    result = {"requests": args.requests, "concurrency": args.concurrency, "kills": args.kills, "killed_at": killed_at,
-              "repeats_per_kill": per_kill, "total_requests_sent": sum(proxy.bodies.values()),
-              "final_run_retries": acct.retries,
-              "max_repeats_over_concurrency": round(max(per_kill) / args.concurrency, 3)}
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "kills": args.kills,
+        "killed_at": killed_at,
+        "repeats_per_kill": per_kill,
+        "total_requests_sent": sum(proxy.bodies.values()),
+        "final_run_retries": acct.retries,
+        "max_repeats_over_concurrency": round(max(per_kill) / args.concurrency, 3),
+    }
     save("sigkill_repeats", result)
-    print(f"{args.kills} SIGKILLs over {args.requests} requests at concurrency {args.concurrency}: repeats per kill "
-          f"{per_kill}, {sum(proxy.bodies.values())} requests sent in all; exactly one answer per (prompt, sample)")
+    print(
+        f"{args.kills} SIGKILLs over {args.requests} requests at concurrency {args.concurrency}: repeats per kill "
+        f"{per_kill}, {sum(proxy.bodies.values())} requests sent in all; exactly one answer per (prompt, sample)"
+    )
     print(f"max repeated requests per kill / concurrency limit: {max(per_kill) / args.concurrency:.3f}")
 
 

@@ -28,8 +28,10 @@ from results import options, save
 
 
 def questions(n: int) -> list[dict]:
-    return [{"id": f"q-{i:05d}", "split": "prompts", "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}", "answer": "0"}
-            for i in range(n)]
+    return [
+        {"id": f"q-{i:05d}", "split": "prompts", "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}", "answer": "0"}
+        for i in range(n)
+    ]
 
 
 def stage_side(section, model: str, rows: list[dict], folder: Path) -> int:
@@ -39,6 +41,7 @@ def stage_side(section, model: str, rows: list[dict], folder: Path) -> int:
     from kdflow.teacher.generation import api_answers
 
     with tqdm(total=len(rows), desc="teacher", unit="req", mininterval=1.0) as bar:
+
         def progress(acct):
             if bar.update(acct.answers + acct.failures - bar.n):
                 bar.set_postfix(retries=acct.retries, failed=acct.failures, refresh=False)
@@ -53,11 +56,17 @@ def bare_side(base_url: str, model: str, rows: list[dict], concurrency: int, max
     async def main():
         sem = asyncio.Semaphore(concurrency)
         async with openai.AsyncOpenAI(base_url=base_url, api_key="EMPTY", max_retries=0) as client:
+
             async def one(r):
                 async with sem:
                     return await client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": r["teacher_prompt"]}], max_tokens=max_tokens,
-                        temperature=0.0, top_p=1.0, n=1)
+                        model=model,
+                        messages=[{"role": "user", "content": r["teacher_prompt"]}],
+                        max_tokens=max_tokens,
+                        temperature=0.0,
+                        top_p=1.0,
+                        n=1,
+                    )
 
             return await asyncio.gather(*(one(r) for r in rows))
 
@@ -73,16 +82,28 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="kdflow-bench-teacher-"))
     model = str(build_tiny_teacher(work / "teacher"))
-    rows = [{**q, "sample": 0, "prompt": render(COT, question=q["question"]),
-             "teacher_prompt": render(COT, question=q["question"])} for q in questions(args.requests)]
+    rows = [
+        {
+            **q,
+            "sample": 0,
+            "prompt": render(COT, question=q["question"]),
+            "teacher_prompt": render(COT, question=q["question"]),
+        }
+        for q in questions(args.requests)
+    ]
     rates: dict[str, list[float]] = {"stage": [], "bare": []}
     server_args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
     with vllm_server(model, extra_args=server_args, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
-        section = GenerationSection(backend="openai", splits=["prompts"], max_new_tokens=args.max_tokens,
-                                    api={"base_url": url, "model": model, "concurrency": args.concurrency,
-                                         "api_key_env": None})
-        sides = {"stage": lambda rep: stage_side(section, model, rows, work / f"shards-{rep}"),
-                 "bare": lambda rep: bare_side(url, model, rows, args.concurrency, args.max_tokens)}
+        section = GenerationSection(
+            backend="openai",
+            splits=["prompts"],
+            max_new_tokens=args.max_tokens,
+            api={"base_url": url, "model": model, "concurrency": args.concurrency, "api_key_env": None},
+        )
+        sides = {
+            "stage": lambda rep: stage_side(section, model, rows, work / f"shards-{rep}"),
+            "bare": lambda rep: bare_side(url, model, rows, args.concurrency, args.max_tokens),
+        }
         for rep in range(-1, args.reps):  # rep -1: warm-up of both sides, not counted
             for name, run in sides.items():
                 start = time.perf_counter()
@@ -94,12 +115,21 @@ def main() -> None:
                 print(f"rep {rep} {name:>5}: {rate:.1f} requests/s", flush=True)
 
     stage, bare = statistics.median(rates["stage"]), statistics.median(rates["bare"])
-    result = {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-              "reps": args.reps, "stage_requests_per_s": round(stage, 2), "bare_requests_per_s": round(bare, 2),
-              "ratio_stage_over_bare": round(stage / bare, 3), "rates": rates}
+    result = {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "reps": args.reps,
+        "stage_requests_per_s": round(stage, 2),
+        "bare_requests_per_s": round(bare, 2),
+        "ratio_stage_over_bare": round(stage / bare, 3),
+        "rates": rates,
+    }
     save("teacher_throughput", result)
-    print(f"median: stage {stage:.1f} requests/s, bare asyncio openai client {bare:.1f} requests/s "
-          f"({args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens})")
+    print(
+        f"median: stage {stage:.1f} requests/s, bare asyncio openai client {bare:.1f} requests/s "
+        f"({args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens})"
+    )
     print(f"teacher throughput ratio (stage / bare client): {stage / bare:.3f}")
 
 

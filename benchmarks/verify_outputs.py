@@ -51,8 +51,10 @@ def main() -> None:
             shutil.copytree(run_dir, work / "copy" / run_dir.name)
             recipe, name = recipe_copy(completed, work / "copy"), args.recipe
         else:
-            print(f"{run_dir} is not a finished run of {args.recipe} as it is now: measuring tests/mini.yaml instead "
-                  "(run `make demo` first for the demo's figure)")
+            print(
+                f"{run_dir} is not a finished run of {args.recipe} as it is now: measuring tests/mini.yaml instead "
+                "(run `make demo` first for the demo's figure)"
+            )
             recipe, name = recipe_copy(ROOT / "tests" / "mini.yaml", work / "mini"), "tests/mini.yaml"
             distill(recipe)  # the first run, not timed
         files, size = folder_bytes(load_recipe(recipe).run_dir)
@@ -68,12 +70,21 @@ def main() -> None:
         os.environ.pop(outputs.VERIFY_ENV)
 
     off, full = statistics.median(times["off"]), statistics.median(times["full"])
-    result = {"recipe": name, "reps": args.reps, "outputs_files": files, "outputs_bytes": size,
-              "hash_budget_bytes": outputs.HASH_BUDGET_BYTES, "off_s": [round(t, 2) for t in times["off"]],
-              "full_s": [round(t, 2) for t in times["full"]], "ratio": round(full / off, 3)}
+    result = {
+        "recipe": name,
+        "reps": args.reps,
+        "outputs_files": files,
+        "outputs_bytes": size,
+        "hash_budget_bytes": outputs.HASH_BUDGET_BYTES,
+        "off_s": [round(t, 2) for t in times["off"]],
+        "full_s": [round(t, 2) for t in times["full"]],
+        "ratio": round(full / off, 3),
+    }
     save("verify_outputs", result)
-    print(f"{name}: {files} output files, {size / 2**20:.1f} MiB; unchanged rerun median: "
-          f"verification off {off:.2f} s, on {full:.2f} s (goal: on < 60 s)")
+    print(
+        f"{name}: {files} output files, {size / 2**20:.1f} MiB; unchanged rerun median: "
+        f"verification off {off:.2f} s, on {full:.2f} s (goal: on < 60 s)"
+    )
     print(f"rerun with verification / without: {full / off:.3f} (goal <= 1.5)")
 
 

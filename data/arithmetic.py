@@ -68,8 +68,9 @@ def split_seed(seed: int, split: str) -> int:
     return seed * 1_000_003 + sum((i + 1) * ord(c) for i, c in enumerate(split))
 
 
-def generate_split(split: str, n: int, seed: int, difficulty: Difficulty, exclude: set[str] = frozenset(),
-                   commuted: bool = False) -> list[dict]:
+def generate_split(
+    split: str, n: int, seed: int, difficulty: Difficulty, exclude: set[str] = frozenset(), commuted: bool = False
+) -> list[dict]:
     """``n`` problems for ``split``, skipping questions in ``exclude`` (used to keep test problems out);
     ``commuted``: rationales in random valid orders (the same questions)."""
     rng = random.Random(split_seed(seed, split))
@@ -85,8 +86,9 @@ def generate_split(split: str, n: int, seed: int, difficulty: Difficulty, exclud
     return rows
 
 
-def generate_splits(sizes: dict[str, int], seed: int, difficulty: Difficulty, commuted: bool = False
-                    ) -> dict[str, list[dict]]:
+def generate_splits(
+    sizes: dict[str, int], seed: int, difficulty: Difficulty, commuted: bool = False
+) -> dict[str, list[dict]]:
     """All splits, disjoint: the test split is drawn first and every other split avoids its questions
     and each other's. ``commuted``: as in ``generate_split``."""
     order = sorted(sizes, key=lambda s: (s != "test", s != "validation", s))

@@ -49,13 +49,17 @@ def parse_gold(solution: str) -> tuple[str | None, str]:
     tail = solution.rsplit("####", 1)[1].strip().split("\n", 1)[0]
     match = GOLD_RE.match("####" + tail)
     if match is None or CONTINUES.match(match["rest"]):
-        return None, (f"the gold answer '#### {tail[:40]}' is not a number kdflow reads (integers, decimals, 1e5, "
-                      "3/4); write the final number after '####'")
+        return None, (
+            f"the gold answer '#### {tail[:40]}' is not a number kdflow reads (integers, decimals, 1e5, "
+            "3/4); write the final number after '####'"
+        )
     text = re.sub(r"\s+", "", match["num"]).replace(",", "")
     if "/" not in text:
         if (number := normalize_number(text)) is None:
-            return None, (f"the gold answer '#### {tail[:40]}' has more than {MAX_DIGITS} digits written out; write "
-                          "the final number after '####'")
+            return None, (
+                f"the gold answer '#### {tail[:40]}' has more than {MAX_DIGITS} digits written out; write "
+                "the final number after '####'"
+            )
         return number, ""
     numerator, denominator = (Fraction(part) for part in text.split("/"))
     if denominator == 0:
@@ -84,12 +88,20 @@ def load_split(path: Path, n: int | None = None) -> list[dict]:
     rows = []
     located = load_located_rows(path, required=("question", "answer"), prompt_field="question", n=n)
     if not located:  # an empty split would fail much later, dividing by its zero rows
-        raise DataError(f"{path}: no rows; put GSM8K rows in it (one JSON object per line with question and answer) "
-                        "or remove the split from data.splits")
+        raise DataError(
+            f"{path}: no rows; put GSM8K rows in it (one JSON object per line with question and answer) "
+            "or remove the split from data.splits"
+        )
     for i, (at, record) in enumerate(located):
         answer, why = parse_gold(str(record["answer"]))
         if answer is None:
             raise DataError(f"{at}: {why}")
-        rows.append({"id": f"{path.stem}-{i:06d}", "question": record["question"],
-                     "rationale": record["answer"], "answer": answer})
+        rows.append(
+            {
+                "id": f"{path.stem}-{i:06d}",
+                "question": record["question"],
+                "rationale": record["answer"],
+                "answer": answer,
+            }
+        )
     return rows

@@ -34,8 +34,10 @@ def read_transfer(path: Path) -> list[dict]:
     """Every row of a transfer file, in file order; a line without ``id``, ``prompt`` or ``completion`` fails naming
     ``file:line``."""
     located = load_located_rows(path, required=("id", "prompt", "completion"), prompt_field="prompt")
-    rows = [{"id": str(r["id"]), "question": r["prompt"], "rationale": r["completion"], "answer": r["completion"]}
-            for _, r in located]
+    rows = [
+        {"id": str(r["id"]), "question": r["prompt"], "rationale": r["completion"], "answer": r["completion"]}
+        for _, r in located
+    ]
     return _unique(rows, [at for at, _ in located])
 
 
@@ -47,16 +49,30 @@ def read_test(path: Path) -> list[dict]:
     rows = []
     for at, r in located:
         instances = r["instances"]
-        if not (isinstance(instances, list) and instances and isinstance(instances[0], dict)
-                and {"input", "output"} <= set(instances[0])):
-            raise DataError(f"{at}: 'instances' must be a list whose first item has 'input' and 'output' (Self-Instruct's "
-                            "format); fix the row or remove it")
+        if not (
+            isinstance(instances, list)
+            and instances
+            and isinstance(instances[0], dict)
+            and {"input", "output"} <= set(instances[0])
+        ):
+            raise DataError(
+                f"{at}: 'instances' must be a list whose first item has 'input' and 'output' (Self-Instruct's "
+                "format); fix the row or remove it"
+            )
         first = instances[0]
         if not str(first["output"]).strip():
-            raise DataError(f"{at}: the instance's 'output' is empty: there is no reference to score against; fill it "
-                            "in or remove the row")
-        rows.append({"id": str(r["id"]), "question": self_instruct_question(r["instruction"], str(first["input"])),
-                     "rationale": first["output"], "answer": first["output"]})
+            raise DataError(
+                f"{at}: the instance's 'output' is empty: there is no reference to score against; fill it "
+                "in or remove the row"
+            )
+        rows.append(
+            {
+                "id": str(r["id"]),
+                "question": self_instruct_question(r["instruction"], str(first["input"])),
+                "rationale": first["output"],
+                "answer": first["output"],
+            }
+        )
     return _unique(rows, [at for at, _ in located])
 
 
@@ -83,21 +99,25 @@ def load_splits(transfer: Path, test: Path, splits: dict[str, int], seed: int) -
     if TEST in splits:
         rows = read_test(test)
         if splits[TEST] > len(rows):
-            raise DataError(f"data.splits.{TEST} asks for {splits[TEST]:,} rows but {test} has {len(rows):,}: lower it "
-                            f"to at most {len(rows):,}, or point data.test at a larger file")
+            raise DataError(
+                f"data.splits.{TEST} asks for {splits[TEST]:,} rows but {test} has {len(rows):,}: lower it "
+                f"to at most {len(rows):,}, or point data.test at a larger file"
+            )
         out[TEST] = [rows[i] for i in sample(len(rows), splits[TEST], seed)]
     drawn = {name: n for name, n in sorted(splits.items()) if name != TEST}
     if drawn:
         rows = read_transfer(transfer)
         if sum(drawn.values()) > len(rows):
             asked = ", ".join(f"{name} {n:,}" for name, n in drawn.items())
-            raise DataError(f"data.splits: {asked} ask for {sum(drawn.values()):,} rows of the transfer file, without "
-                            f"overlap, but {transfer} has {len(rows):,}: lower them to at most {len(rows):,} together, "
-                            "or point data.transfer at a larger file")
+            raise DataError(
+                f"data.splits: {asked} ask for {sum(drawn.values()):,} rows of the transfer file, without "
+                f"overlap, but {transfer} has {len(rows):,}: lower them to at most {len(rows):,} together, "
+                "or point data.transfer at a larger file"
+            )
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         start = 0
         for name, n in drawn.items():
-            out[name] = [rows[i] for i in sorted(order[start:start + n])]
+            out[name] = [rows[i] for i in sorted(order[start : start + n])]
             start += n
     return {name: out[name] for name in splits}  # the recipe's order, as the other sources

@@ -24,8 +24,10 @@ def capture_logits_flow(recipe: str = "recipes/demo.yaml") -> OutputRef:
     cache = upstream(r).logits  # the same chain (and keys) as flows/distill.py
 
     m = cache.manifest()
-    print(f"logit cache: {cache.path}: {m['rows']:,} rows, {m['positions']:,} answer tokens, "
-          f"{m['bytes_per_position']} bytes/token at k={m['k']}")
+    print(
+        f"logit cache: {cache.path}: {m['rows']:,} rows, {m['positions']:,} answer tokens, "
+        f"{m['bytes_per_position']} bytes/token at k={m['k']}"
+    )
     return cache
 
 

@@ -40,23 +40,37 @@ def part_folder(work: Path, part: int, member: int) -> Path:
 
 # No cache policy: a part's shards are durable in the work folder; rerun, it captures only what is missing.
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10)
-def capture_part(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
-                 part: int, parts: int) -> dict:
+def capture_part(
+    run_dir: Path,
+    section: LogitCacheSection,
+    template: str,
+    teacher: OutputRef,
+    curated: OutputRef,
+    part: int,
+    parts: int,
+) -> dict:
     """Capture part ``part`` of ``parts`` for every teacher; returns who captured how much, how fast."""
     work = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated).work
     _, kept, rows, teachers = capture_setup(section, template, teacher, curated)
     begin, end = part_bounds(len(rows), section.shard_rows, parts)[part]
     start = time.perf_counter()
     for j, (location, meta, _) in enumerate(teachers):
-        capture_member(part_folder(work, part, j), section, location, kept[begin:end], rows[begin:end], meta,
-                       shard_logger())
-    return {"part": part, "rows": end - begin, "seconds": round(time.perf_counter() - start, 1),
-            "host": socket.gethostname(), "pid": os.getpid()}
+        capture_member(
+            part_folder(work, part, j), section, location, kept[begin:end], rows[begin:end], meta, shard_logger()
+        )
+    return {
+        "part": part,
+        "rows": end - begin,
+        "seconds": round(time.perf_counter() - start, 1),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
 
 
 @task(cache_policy=NO_CACHE)
-def join_cache(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef,
-               parts: int) -> None:
+def join_cache(
+    run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef, parts: int
+) -> None:
     """Join each teacher's parts into the one cache the capture task looks for (``teacher-<j>``)."""
     work = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated).work
     for j in range(1 + len(section.ensemble)):

@@ -47,8 +47,10 @@ def run_teacher(run: Path, r: Recipe) -> OutputRef:
     if is_gguf_path(r.teacher.model):
         if done := IMPORT_GGUF.output(run, gguf=r.teacher.model, dtype=r.teacher.dtype).done:
             return done
-        raise run_folder.MissingStage(f"no finished import of the teacher {r.teacher.model} in {run}: run `kdflow "
-                                      "teacher <recipe>` (or the whole flow, kdflow distill <recipe>) first")
+        raise run_folder.MissingStage(
+            f"no finished import of the teacher {r.teacher.model} in {run}: run `kdflow "
+            "teacher <recipe>` (or the whole flow, kdflow distill <recipe>) first"
+        )
     return run_folder.latest(run, "teacher")
 
 
@@ -66,17 +68,21 @@ def check_api_keys(generation: GenerationSection | None = None, judge: Evaluatio
 def _check_secret_block(n: api_keys.KeyNeed) -> None:
     from prefect.blocks.system import Secret
 
-    fix = (f"create it (`prefect block create secret`, or in Python Secret(value=<your key>).save({n.secret_block!r})) "
-           f"on the Prefect server the flow runs against, or set {n.field}.api_key_secret_block: null and name an "
-           f"environment variable in {n.field}.api_key_env (nothing was started)")
+    fix = (
+        f"create it (`prefect block create secret`, or in Python Secret(value=<your key>).save({n.secret_block!r})) "
+        f"on the Prefect server the flow runs against, or set {n.field}.api_key_secret_block: null and name an "
+        f"environment variable in {n.field}.api_key_env (nothing was started)"
+    )
     try:
         value = Secret.load(n.secret_block).get()
     except ValueError as e:
-        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: no Prefect Secret block named "
-                                     f"{n.secret_block!r} ({e}): {fix}") from None
+        raise api_keys.MissingApiKey(
+            f"{n.field}.api_key_secret_block: no Prefect Secret block named {n.secret_block!r} ({e}): {fix}"
+        ) from None
     if not str(value or "").strip():
-        raise api_keys.MissingApiKey(f"{n.field}.api_key_secret_block: the Secret block {n.secret_block!r} is empty: "
-                                     f"{fix}")
+        raise api_keys.MissingApiKey(
+            f"{n.field}.api_key_secret_block: the Secret block {n.secret_block!r} is empty: {fix}"
+        )
 
 
 @dataclass
@@ -118,15 +124,30 @@ def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRe
     pruned = {i: prune_teacher(run_dir, i, teacher, data, cot) for i in inits}
     files = dict.fromkeys((s.model, s.dtype) for s in runs if is_gguf_path(s.model))  # one import per file and dtype
     imported = {f: model_location(import_gguf_model(run_dir, *f)) for f in files}
-    students = [s.model_copy(update={"model": model_location(pruned[s.init]), "init": None}) if s.init in pruned else
-                s.model_copy(update={"model": imported[s.model, s.dtype]}) if is_gguf_path(s.model) else s
-                for s in runs]
-    return Starts(students, {i.label: ref for i, ref in pruned.items()},
-                  {i.label: {"data": f"none ({i.summary()['init']}; untrained)", "untrained": True} for i in pruned})
+    students = [
+        s.model_copy(update={"model": model_location(pruned[s.init]), "init": None})
+        if s.init in pruned
+        else s.model_copy(update={"model": imported[s.model, s.dtype]})
+        if is_gguf_path(s.model)
+        else s
+        for s in runs
+    ]
+    return Starts(
+        students,
+        {i.label: ref for i, ref in pruned.items()},
+        {i.label: {"data": f"none ({i.summary()['init']}; untrained)", "untrained": True} for i in pruned},
+    )
 
 
-def train_in_order(run_dir: Path, students: list[StudentSection], template: str, teacher: OutputRef,
-                   data: OutputRef, curated: OutputRef | None, logits: OutputRef | None) -> dict[str, OutputRef]:
+def train_in_order(
+    run_dir: Path,
+    students: list[StudentSection],
+    template: str,
+    teacher: OutputRef,
+    data: OutputRef,
+    curated: OutputRef | None,
+    logits: OutputRef | None,
+) -> dict[str, OutputRef]:
     """Each student (as ``starting_points`` returns them), in the recipe's order; one started from another student
     (``init: {from: student}``) starts from that student's trained model folder, whose path carries its key."""
     trained: dict[str, OutputRef] = {}
@@ -137,8 +158,9 @@ def train_in_order(run_dir: Path, students: list[StudentSection], template: str,
     return trained
 
 
-def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef,
-                    data: OutputRef) -> dict[str, OutputRef]:
+def evaluate_models(
+    run_dir: Path, r: Recipe, models: dict[str, OutputRef], teacher: OutputRef, data: OutputRef
+) -> dict[str, OutputRef]:
     """Each model's quality, its task run named after it (``evaluate_model[seq-kd@1]``); an API teacher's through its
     API (``evaluate_api_teacher[<model>]``). On instruction data the teacher (with weights) is evaluated first and each
     other model's evaluation takes the teacher's: agreement and KL are measured on its answers to the test prompts."""
@@ -148,13 +170,16 @@ def evaluate_models(run_dir: Path, r: Recipe, models: dict[str, OutputRef], teac
         if name == "teacher" and r.teacher.api:
             return evaluate_api_teacher(run_dir, r.evaluation, cot, r.data.source, r.generation, model, data)
         return evaluate_model.with_options(task_run_name=f"evaluate_model[{name}]")(
-            run_dir, r.evaluation, cot, r.data.source, model, teacher, data, **teacher_eval)
+            run_dir, r.evaluation, cot, r.data.source, model, teacher, data, **teacher_eval
+        )
 
     if r.data.source is not DataSource.instructions or r.teacher.api:
         return {name: evaluate(name, model) for name, model in models.items()}
     answers = evaluate("teacher", teacher)
-    return {name: answers if name == "teacher" else evaluate(name, model, teacher_eval=answers)
-            for name, model in models.items()}
+    return {
+        name: answers if name == "teacher" else evaluate(name, model, teacher_eval=answers)
+        for name, model in models.items()
+    }
 
 
 def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef]:
@@ -162,24 +187,58 @@ def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef
     return {name: ref for name, ref in models.items() if not (name == "teacher" and r.teacher.api)}
 
 
-def evaluate_and_report(run_dir: Path, r: Recipe, models: dict[str, OutputRef], data: OutputRef,
-                        curated: OutputRef | None, untrained: dict[str, dict] | None = None) -> dict:
+def evaluate_and_report(
+    run_dir: Path,
+    r: Recipe,
+    models: dict[str, OutputRef],
+    data: OutputRef,
+    curated: OutputRef | None,
+    untrained: dict[str, dict] | None = None,
+) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
     student's quantized copies join them (``seq-kd-int8``); ``untrained``: what the report says of models in
     ``models`` that no recipe student trained (the pruned floors). Returns the report."""
     trained = {s.name: s.summary() for s in r.student_runs()}
     quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
     # what each quantized copy was made from, for the report's KD × quantization table
-    students = {**(untrained or {}), **trained,
-                **{quantized_name(name, m): {**info, "quantized": m, "quantized_from": name}
-                   for m in r.evaluation.quantize for name, info in trained.items()}}
+    students = {
+        **(untrained or {}),
+        **trained,
+        **{
+            quantized_name(name, m): {**info, "quantized": m, "quantized_from": name}
+            for m in r.evaluation.quantize
+            for name, info in trained.items()
+        },
+    }
     local = with_weights(r, models)  # an API teacher has no cost figures or benchmarks here (the report says why)
     models = {**models, **quantized}
     evaluations = evaluate_models(run_dir, r, models, models["teacher"], data)
-    deployment = measure_deployment(run_dir, {**local, **quantized}, r.evaluation.deployment, r.prompts.cot_text(),
-                                    data, r.evaluation.split)
+    deployment = measure_deployment(
+        run_dir, {**local, **quantized}, r.evaluation.deployment, r.prompts.cot_text(), data, r.evaluation.split
+    )
     benchmarks = run_lm_eval(run_dir, local, r.evaluation.lm_eval)  # the harness loads transformers checkpoints only
-    judged = (judge_students(run_dir, r.evaluation.judge, {s.name: evaluations[s.name] for s in r.student_runs()},
-                             evaluations["teacher"], data, r.evaluation.split) if r.evaluation.judge else None)
-    return write_report(run_dir, r.run.name, models, evaluations, deployment, benchmarks, students, curated, judged,
-                        r.evaluation.deployment.power, r.cost)
+    judged = (
+        judge_students(
+            run_dir,
+            r.evaluation.judge,
+            {s.name: evaluations[s.name] for s in r.student_runs()},
+            evaluations["teacher"],
+            data,
+            r.evaluation.split,
+        )
+        if r.evaluation.judge
+        else None
+    )
+    return write_report(
+        run_dir,
+        r.run.name,
+        models,
+        evaluations,
+        deployment,
+        benchmarks,
+        students,
+        curated,
+        judged,
+        r.evaluation.deployment.power,
+        r.cost,
+    )

@@ -40,15 +40,18 @@ def classifier_sweep(recipe: str = "recipes/classifier-digits.yaml") -> dict:
         for k in sweep.ensemble_sizes:
             for alpha in sweep.alphas:
                 for t in sweep.temperatures:
-                    student = train_classifier_student(run_dir, r.student.model, data, members[:k],
-                                                       DistillSection(temperature=t, alpha=alpha), seed)
+                    student = train_classifier_student(
+                        run_dir, r.student.model, data, members[:k], DistillSection(temperature=t, alpha=alpha), seed
+                    )
                     points.append(SweepPoint(seed=seed, ensemble=k, alpha=alpha, temperature=t, student=student))
     report = write_sweep_report(run_dir, r.run.name, data, seeds, points)
 
     print(f"sweep report: {run_dir / 'sweep-report.md'}")
     for best in report["best_on_val"]:
-        print(f"  best on val: ensemble {best['ensemble']}, alpha {best['alpha']}, T {best['temperature']}: "
-              f"test accuracy {100 * best['test_accuracy']['mean']:.2f} ± {100 * best['test_accuracy']['std']:.2f} %")
+        print(
+            f"  best on val: ensemble {best['ensemble']}, alpha {best['alpha']}, T {best['temperature']}: "
+            f"test accuracy {100 * best['test_accuracy']['mean']:.2f} ± {100 * best['test_accuracy']['std']:.2f} %"
+        )
     return report
 
 

@@ -20,52 +20,82 @@ import sys
 
 # command -> (module, flow function, what it does); the stage commands are named after the run folder's stages.
 COMMANDS = {
-    "distill": ("flows.distill", "distill", "the whole distillation: data, teacher, answers, curation, logit cache, "
-                "students, evaluation, report"),
+    "distill": (
+        "flows.distill",
+        "distill",
+        "the whole distillation: data, teacher, answers, curation, logit cache, students, evaluation, report",
+    ),
     "teacher": ("flows.train_teacher", "train_teacher", "train the teacher (or record the one the recipe names)"),
     "generate": ("flows.generate", "generate", "the teacher's answers (hf, vllm or an OpenAI-compatible API)"),
     "curate": ("flows.curate", "curate", "filter the teacher's answers; every drop kept with its reason"),
-    "logit-cache": ("flows.capture_logits", "capture_logits_flow", "capture the teacher's top-k distributions "
-                    "(other tools' logit datasets: logit-cache-export, logit-cache-import)"),
+    "logit-cache": (
+        "flows.capture_logits",
+        "capture_logits_flow",
+        "capture the teacher's top-k distributions "
+        "(other tools' logit datasets: logit-cache-export, logit-cache-import)",
+    ),
     "students": ("flows.train_students", "train_students", "train every student of the recipe"),
     "evaluate": ("flows.evaluate", "evaluate", "evaluate the teacher and the students, and write the report"),
     "sweep": ("flows.kd_sweep", "kd_sweep", "transfer-set sizes x methods x seeds (a sweep recipe)"),
-    "curves": ("flows.learning_curves", "learning_curves", "learning curves: accuracy vs student steps and wall "
-               "time, per arm and seed (a study recipe)"),
+    "curves": (
+        "flows.learning_curves",
+        "learning_curves",
+        "learning curves: accuracy vs student steps and wall time, per arm and seed (a study recipe)",
+    ),
     "self-instruct": ("flows.self_instruct", "self_instruct", "self-instruct expansion (a self-instruct recipe)"),
-    "classifier": ("flows.distill_classifier", "distill_classifier", "Hinton's classic KD of a classifier "
-                   "(a classifier recipe)"),
+    "classifier": (
+        "flows.distill_classifier",
+        "distill_classifier",
+        "Hinton's classic KD of a classifier (a classifier recipe)",
+    ),
     "classifier-sweep": ("flows.classifier_sweep", "classifier_sweep", "classic KD over temperatures and seeds"),
 }
 # Sharded over a Dask cluster: a local one of --workers processes, or an existing one at --address.
 SHARDED = {
-    "generate-sharded": ("flows.generate_sharded", "generate_sharded", "the teacher's requests sharded over a Dask "
-                         "cluster"),
-    "logit-cache-sharded": ("flows.capture_sharded", "capture_sharded", "the logit capture sharded over a Dask "
-                            "cluster"),
+    "generate-sharded": (
+        "flows.generate_sharded",
+        "generate_sharded",
+        "the teacher's requests sharded over a Dask cluster",
+    ),
+    "logit-cache-sharded": (
+        "flows.capture_sharded",
+        "capture_sharded",
+        "the logit capture sharded over a Dask cluster",
+    ),
 }
 TAKES_RUN_DIR = {"generate", "curate", "students", "evaluate", *SHARDED}  # the others recompute their inputs (cached)
 
 
 def parser() -> argparse.ArgumentParser:
-    cli = argparse.ArgumentParser(prog="kdflow", description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="kdflow", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = cli.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, _, what) in {**COMMANDS, **SHARDED}.items():
         sub = commands.add_parser(name, help=what, description=what)
         sub.add_argument("recipe", help="the recipe YAML")
         if name in TAKES_RUN_DIR:
-            sub.add_argument("--run-dir", help="the run folder to take inputs from and write to (default: the recipe's)")
+            sub.add_argument(
+                "--run-dir", help="the run folder to take inputs from and write to (default: the recipe's)"
+            )
         if name in SHARDED:
             sub.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
             sub.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
             sub.add_argument("--parts", type=int, help="how many parts the work is cut into (default: --workers)")
         if name == "distill":
-            sub.add_argument("--seeds", type=int, nargs="+",
-                             help="train and evaluate every student once per seed (overrides the recipe's run.seeds)")
-            sub.add_argument("--students", nargs="+", metavar="NAME",
-                             help="only these students of the recipe (the teacher, the floors and their cached stages "
-                                  "are shared with the full run)")
+            sub.add_argument(
+                "--seeds",
+                type=int,
+                nargs="+",
+                help="train and evaluate every student once per seed (overrides the recipe's run.seeds)",
+            )
+            sub.add_argument(
+                "--students",
+                nargs="+",
+                metavar="NAME",
+                help="only these students of the recipe (the teacher, the floors and their cached stages "
+                "are shared with the full run)",
+            )
     interop_commands(commands)
     compare = commands.add_parser("compare", help="compare two or more runs in one table (their report.json)")
     compare.add_argument("runs", nargs="+", help="run folders (runs/<name>) or their report.json files")
@@ -76,29 +106,54 @@ def parser() -> argparse.ArgumentParser:
 def interop_commands(commands) -> None:
     """Logit datasets in and out (kdflow/logit_cache/interop.py): plain commands, no Prefect."""
     formats = ("distillkit", "axolotl")
-    export = commands.add_parser("logit-cache-export", help="write a logit cache as DistillKit's compressed parquet or "
-                                 "axolotl's KD columns (also: logit-cache export)")
+    export = commands.add_parser(
+        "logit-cache-export",
+        help="write a logit cache as DistillKit's compressed parquet or "
+        "axolotl's KD columns (also: logit-cache export)",
+    )
     export.add_argument("cache", help="a logit cache folder, or a run folder holding one")
     export.add_argument("out", help="the folder to write (must not exist)")
     export.add_argument("--format", required=True, choices=formats)
-    export.add_argument("--layout", choices=("lossless", "budget"), default="lossless",
-                        help="distillkit: every log-prob as float16 (exact for kdflow's u8 and fp16 caches), or "
-                             "DistillKit's README budget pick (top-1 bf16, a polynomial for the rest: lossy)")
-    export.add_argument("--no-tail", action="store_true", help="leave out kdflow_tail (the tail mass per position, "
-                        "which the other tools ignore and a re-import reads back)")
-    imp = commands.add_parser("logit-cache-import", help="read a DistillKit or axolotl logit dataset into a kdflow "
-                              "logit cache a student trains from (also: logit-cache import)")
+    export.add_argument(
+        "--layout",
+        choices=("lossless", "budget"),
+        default="lossless",
+        help="distillkit: every log-prob as float16 (exact for kdflow's u8 and fp16 caches), or "
+        "DistillKit's README budget pick (top-1 bf16, a polynomial for the rest: lossy)",
+    )
+    export.add_argument(
+        "--no-tail",
+        action="store_true",
+        help="leave out kdflow_tail (the tail mass per position, "
+        "which the other tools ignore and a re-import reads back)",
+    )
+    imp = commands.add_parser(
+        "logit-cache-import",
+        help="read a DistillKit or axolotl logit dataset into a kdflow "
+        "logit cache a student trains from (also: logit-cache import)",
+    )
     imp.add_argument("file", help="a parquet file, or a folder of them")
     imp.add_argument("out", help="the cache folder to write (must not exist)")
     imp.add_argument("--format", required=True, choices=formats)
-    imp.add_argument("--tokenizer", required=True, help="the tokenizer the file's token ids are from (a model folder "
-                     "or hub id): recorded in the cache, and checked against the student's when it trains")
-    imp.add_argument("--vocab-size", type=int, help="the teacher's logits per position, i.e. the student's vocab_size "
-                     "(default: what a kdflow export recorded, DistillKit's d, or the tokenizer's length)")
+    imp.add_argument(
+        "--tokenizer",
+        required=True,
+        help="the tokenizer the file's token ids are from (a model folder "
+        "or hub id): recorded in the cache, and checked against the student's when it trains",
+    )
+    imp.add_argument(
+        "--vocab-size",
+        type=int,
+        help="the teacher's logits per position, i.e. the student's vocab_size "
+        "(default: what a kdflow export recorded, DistillKit's d, or the tokenizer's length)",
+    )
     imp.add_argument("--distillkit-config", help="DistillKit's compression_config.yaml (default: beside the files)")
     imp.add_argument("--teacher", help="the teacher's name, recorded in the cache's manifest")
-    imp.add_argument("--value-encoding", choices=("u8", "fp16"), help="how the cache stores log-probs (default: "
-                     "what a kdflow export recorded, else u8)")
+    imp.add_argument(
+        "--value-encoding",
+        choices=("u8", "fp16"),
+        help="how the cache stores log-probs (default: what a kdflow export recorded, else u8)",
+    )
     imp.add_argument("--shard-rows", type=int, default=1024, help="rows per cache shard")
 
 
@@ -119,10 +174,17 @@ def run_interop(args) -> dict:
 
     from kdflow.config.logit_cache import ValueEncoding
 
-    manifest = interop.import_file(args.file, args.out, args.format, AutoTokenizer.from_pretrained(args.tokenizer),
-                                   vocab_size=args.vocab_size, config=args.distillkit_config, teacher=args.teacher,
-                                   encoding=ValueEncoding(args.value_encoding) if args.value_encoding else None,
-                                   shard_rows=args.shard_rows)
+    manifest = interop.import_file(
+        args.file,
+        args.out,
+        args.format,
+        AutoTokenizer.from_pretrained(args.tokenizer),
+        vocab_size=args.vocab_size,
+        config=args.distillkit_config,
+        teacher=args.teacher,
+        encoding=ValueEncoding(args.value_encoding) if args.value_encoding else None,
+        shard_rows=args.shard_rows,
+    )
     return {key: manifest[key] for key in ("rows", "positions", "bytes", "k", "vocab_size", "value_encoding", "tail")}
 
 
@@ -143,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in SHARDED:
         from prefect_dask import DaskTaskRunner
 
-        runner = (DaskTaskRunner(address=args.address) if args.address else
-                  DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True}))
+        runner = (
+            DaskTaskRunner(address=args.address)
+            if args.address
+            else DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True})
+        )
         result = stage_flow.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers)
     elif args.command == "distill":
         result = stage_flow(args.recipe, args.seeds, args.students)

@@ -21,8 +21,9 @@ from kdflow.store.remote import push_files
 # No log_prints: with print patched by Prefect, the datasets library's fingerprinting of TRL's map functions
 # dumps their bytecode into the run log (thousands of lines per training stage).
 @flow(name="distill")
-def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
-            students: list[str] | None = None) -> dict:
+def distill(
+    recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None, students: list[str] | None = None
+) -> dict:
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
     if students:  # only these students (the others' outputs stay in the run folder)
         r = r.with_students(students)
@@ -33,8 +34,9 @@ def distill(recipe: str = "recipes/demo.yaml", seeds: list[int] | None = None,
     u = upstream(r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
     starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
     students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits)
-    report = evaluate_and_report(run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated,
-                                 starts.floor_info)
+    report = evaluate_and_report(
+        run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated, starts.floor_info
+    )
     if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)
         push_files(run_dir, [REPORT_JSON, REPORT_MD, *report["plots"]], r.run.url)
     print("\n".join(summary_lines(report, run_dir / REPORT_MD)))

@@ -43,14 +43,18 @@ def distill_classifier(recipe: str = "recipes/classifier-digits.yaml") -> dict:
     print(f"report: {run_dir / REPORT_MD}")
     for name, m in report["models"].items():
         acc, err = m["test_accuracy"], m["test_errors"]
-        print(f"  {name:>20}: test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %, "
-              f"errors {err['values']}, {m['params']:,} parameters")
+        print(
+            f"  {name:>20}: test accuracy {100 * acc['mean']:.2f} ± {100 * acc['std']:.2f} %, "
+            f"errors {err['values']}, {m['params']:,} parameters"
+        )
     if omitted_class := report.get("omitted_class"):
         c = omitted_class["label"]
         for name, s in omitted_class["students"].items():
-            print(f"  {name} without {c}s: test {c}s right {100 * s['class_accuracy']['mean']:.1f} %, "
-                  f"{100 * s['class_accuracy_raised']['mean']:.1f} % with its bias for {c} raised "
-                  f"by {s['bias']['mean']:.2f} (chosen on val)")
+            print(
+                f"  {name} without {c}s: test {c}s right {100 * s['class_accuracy']['mean']:.1f} %, "
+                f"{100 * s['class_accuracy_raised']['mean']:.1f} % with its bias for {c} raised "
+                f"by {s['bias']['mean']:.2f} (chosen on val)"
+            )
     return report
 
 

@@ -22,8 +22,11 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     check_api_keys(r.generation if r.teacher.api else None, judge=r.evaluation.judge)
     data, teacher, curated = run_folder.latest(run, "data"), run_teacher(run, r), run_folder.latest(run, "curate")
     starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
-    models = {"teacher": teacher, **starts.floors,
-              **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()}}
+    models = {
+        "teacher": teacher,
+        **starts.floors,
+        **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()},
+    }
     return evaluate_and_report(run, r, models, data, curated, starts.floor_info)
 
 

@@ -36,8 +36,15 @@ from tasks.generate import GENERATE, generate_answers, shard_folder
 
 # No cache policy: a shard's answers are durable in the shard folder; rerun, it asks only for what is missing.
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def answer_shard(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef,
-                 shard: int, shards: int) -> dict:
+def answer_shard(
+    run_dir: Path,
+    section: GenerationSection,
+    template: str,
+    teacher: OutputRef,
+    data: OutputRef,
+    shard: int,
+    shards: int,
+) -> dict:
     """Ask for every ``shards``-th (row, sample), starting at ``shard``; returns who answered how many."""
     out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
     folder = shard_folder(run_dir, out.key)

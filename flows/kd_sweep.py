@@ -33,8 +33,10 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     # The recipe's own stages: cached, so a sweep after `make demo` starts at the students.
     u = upstream(r)
     data, teacher, curated = u.data, u.teacher, u.curated
-    trained: dict[str, OutputRef] = {st.name: train_student(run_dir, st, cot, teacher, data,
-                                                            *student_inputs(st, curated, u.logits)) for st in students}
+    trained: dict[str, OutputRef] = {
+        st.name: train_student(run_dir, st, cot, teacher, data, *student_inputs(st, curated, u.logits))
+        for st in students
+    }
     evaluations = evaluate_models(run_dir, r, {"teacher": teacher, **trained}, teacher, data)
 
     accuracy = {name: ref.manifest()["metrics"]["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
@@ -44,7 +46,9 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     out = run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "sweep.png", sw.plot_curves(summary, rows))
-    write_atomic(out / "sweep.json", json.dumps({"sweep": s.model_dump(mode="json"), "rows": rows, **summary}, indent=2))
+    write_atomic(
+        out / "sweep.json", json.dumps({"sweep": s.model_dump(mode="json"), "rows": rows, **summary}, indent=2)
+    )
     write_atomic(out / "sweep.md", sw.render(summary, reference, "sweep.png"))
     print(f"sweep report: {out / 'sweep.md'}")
     print("\n".join(sw.regime_lines(summary, reference)))

@@ -37,8 +37,10 @@ def check_warm_starts(s: StudyRecipe, arms: list[StudentSection]) -> None:
             raise ValueError(f"warm_starts.{arm}: {warm.student!r} needs training.max_steps for its snapshot steps")
         steps = curve_steps(max_steps, s.curve_points)
         if warm.step not in steps[:-1]:
-            raise ValueError(f"warm_starts.{arm}.step {warm.step}: {warm.student!r} saves snapshots at {steps[:-1]} "
-                             f"(curve_points {s.curve_points} over {max_steps} steps); pick one of those")
+            raise ValueError(
+                f"warm_starts.{arm}.step {warm.step}: {warm.student!r} saves snapshots at {steps[:-1]} "
+                f"(curve_points {s.curve_points} over {max_steps} steps); pick one of those"
+            )
 
 
 def warm_section(section: StudentSection, source: OutputRef, step: int) -> StudentSection:
@@ -70,22 +72,25 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
 
     curves = {}
     for name, ref in trained.items():
-        out = evaluate_curve.with_options(task_run_name=f"curve[{name}]")(run_dir, r.evaluation, cot, r.data.source,
-                                                                          ref, u.data)
+        out = evaluate_curve.with_options(task_run_name=f"curve[{name}]")(
+            run_dir, r.evaluation, cot, r.data.source, ref, u.data
+        )
         points = json.loads((Path(out.path) / CURVE_FILE).read_text())["points"]
         curves[name] = cv.shifted(points, *offsets[name]) if name in offsets else points
     teacher = None
     if not r.teacher.api:  # cached after `make demo`
         evaluated = evaluate_model.with_options(task_run_name="evaluate[teacher]")(
-            run_dir, r.evaluation, cot, r.data.source, u.teacher, u.teacher, u.data)
+            run_dir, r.evaluation, cot, r.data.source, u.teacher, u.teacher, u.data
+        )
         teacher = evaluated.manifest()["metrics"]["accuracy"]
 
     summary = cv.summarise(curves, s.reference, teacher)
     out = run_dir / "studies" / Path(study).stem  # beside the stage folders (curves/ is the curves stage)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "curves.png", cv.plot_curves(summary))
-    write_atomic(out / "curves.json", json.dumps({"study": s.model_dump(mode="json"), "curves": curves, **summary},
-                                                 indent=1))
+    write_atomic(
+        out / "curves.json", json.dumps({"study": s.model_dump(mode="json"), "curves": curves, **summary}, indent=1)
+    )
     write_atomic(out / "curves.md", cv.render(summary, "curves.png", f"kdflow learning curves: {Path(study).stem}"))
     print(f"curves report: {out / 'curves.md'}")
     print("\n".join(cv.verdict_lines(summary)))

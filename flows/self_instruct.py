@@ -39,13 +39,23 @@ def self_instruct(recipe: str = "recipes/self-instruct/qwen7b.yaml") -> dict:
     curated = filter_answers(run_dir, r.filters, DataSource.gsm8k, answers, teacher)
 
     picked, kept = instructions.manifest(), curated.manifest()
-    summary = {"seeds": len(seeds), "replies": picked["replies"], "candidates": picked["candidates"],
-               "instructions": picked["kept"], "instruction_drops": picked["drop_reasons"],
-               "answers": kept["input_rows"], "kept": kept["kept"], "answer_drops": kept["drop_reasons"],
-               "instructions_path": instructions.path, "dataset_path": curated.path}
-    print(f"self-instruct: {summary['candidates']} new instructions from {summary['replies']} replies, "
-          f"{summary['instructions']} kept after dedup; {summary['kept']} of {summary['answers']} answers kept: "
-          f"{curated.path}/kept.parquet")
+    summary = {
+        "seeds": len(seeds),
+        "replies": picked["replies"],
+        "candidates": picked["candidates"],
+        "instructions": picked["kept"],
+        "instruction_drops": picked["drop_reasons"],
+        "answers": kept["input_rows"],
+        "kept": kept["kept"],
+        "answer_drops": kept["drop_reasons"],
+        "instructions_path": instructions.path,
+        "dataset_path": curated.path,
+    }
+    print(
+        f"self-instruct: {summary['candidates']} new instructions from {summary['replies']} replies, "
+        f"{summary['instructions']} kept after dedup; {summary['kept']} of {summary['answers']} answers kept: "
+        f"{curated.path}/kept.parquet"
+    )
     return summary
 
 

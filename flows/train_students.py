@@ -19,8 +19,9 @@ from kdflow.store.outputs import OutputRef
 from kdflow.training.student import needs_curated, needs_logit_cache
 
 
-def inputs_from_run(run: Path, r: Recipe, students: list[StudentSection]) -> tuple[OutputRef, OutputRef,
-                                                                                  OutputRef | None, OutputRef | None]:
+def inputs_from_run(
+    run: Path, r: Recipe, students: list[StudentSection]
+) -> tuple[OutputRef, OutputRef, OutputRef | None, OutputRef | None]:
     """(data, teacher, curated answers, logit cache) from the run folder's finished outputs: the curated answers
     only when a student learns from them, the logit cache only when one trains offline from it."""
     data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)

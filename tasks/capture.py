@@ -27,8 +27,17 @@ from kdflow.store.stage import Stage, StageOutput
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
-CAPTURE = Stage("logit-cache", "1", lambda section, template, teacher, curated: {
-    "section": section, "template": template, "teacher": teacher, "curated": curated}, files=(MANIFEST,))
+CAPTURE = Stage(
+    "logit-cache",
+    "1",
+    lambda section, template, teacher, curated: {
+        "section": section,
+        "template": template,
+        "teacher": teacher,
+        "curated": curated,
+    },
+    files=(MANIFEST,),
+)
 
 
 def shard_logger():
@@ -45,11 +54,17 @@ def _no_retry_on_startup(task, task_run, state) -> bool:
     return not isinstance(state.result(raise_on_failure=False), VllmStartupError)
 
 
-@task(cache_policy=StageCache(CAPTURE), **STAGE_RESULTS, retries=1, retry_delay_seconds=10,
-      retry_condition_fn=_no_retry_on_startup,
-      task_run_name="capture_logits[{section.source.value} top-{section.k}]")
-def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef,
-                   curated: OutputRef) -> OutputRef:
+@task(
+    cache_policy=StageCache(CAPTURE),
+    **STAGE_RESULTS,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_no_retry_on_startup,
+    task_run_name="capture_logits[{section.source.value} top-{section.k}]",
+)
+def capture_logits(
+    run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef
+) -> OutputRef:
     """A retry (or a rerun after a crash) keeps every shard already written. Two runs of one key (two flow runs,
     two workers) take turns on its work folder: the second waits, then finds the output finished."""
     out = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated)
@@ -63,8 +78,9 @@ def capture_logits(run_dir: Path, section: LogitCacheSection, template: str, tea
         return _capture(out, section, template, teacher, curated)
 
 
-def _capture(out: StageOutput, section: LogitCacheSection, template: str, teacher: OutputRef,
-             curated: OutputRef) -> OutputRef:
+def _capture(
+    out: StageOutput, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef
+) -> OutputRef:
     tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
     work, log = out.work, shard_logger()
 
@@ -79,11 +95,18 @@ def _capture(out: StageOutput, section: LogitCacheSection, template: str, teache
             # before the rename (a full disk at finish) retries from whole shards instead of capturing again.
             link_or_copy(file, tmp / file.name)
         manifest = LogitCache.open(tmp, expect_tokenizer=tokenizer).manifest
-        out.finish(tmp, rows=manifest["rows"], positions=manifest["positions"], bytes=manifest["bytes"],
-                   bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
-                   k=section.k, source=section.source.value, cache_manifest=MANIFEST,
-                   seconds=None if seconds is None else round(seconds, 1),
-                   positions_per_second=None if seconds is None else round(manifest["positions"] / seconds, 1))
+        out.finish(
+            tmp,
+            rows=manifest["rows"],
+            positions=manifest["positions"],
+            bytes=manifest["bytes"],
+            bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
+            k=section.k,
+            source=section.source.value,
+            cache_manifest=MANIFEST,
+            seconds=None if seconds is None else round(seconds, 1),
+            positions_per_second=None if seconds is None else round(manifest["positions"] / seconds, 1),
+        )
     shutil.rmtree(work, ignore_errors=True)  # only now that the output is in place
     return out.ref()
 

@@ -25,15 +25,24 @@ from tasks.caching import STAGE_RESULTS, StageCache
 
 # The judge filter's template is read from its file here, so that Prefect's key (computed from the task's
 # arguments) sees an edit of the prompt too, not only the body.
-CURATE = Stage("curate", "2", lambda section, source, answers, teacher=None: {
-    "section": section, "source": source.value, "answers": answers, "teacher": teacher,
-    "judge_template": section.judge.template_text() if section.judge else None},
-    files=(KEPT, DROPPED, *drop_report.FILES))
+CURATE = Stage(
+    "curate",
+    "2",
+    lambda section, source, answers, teacher=None: {
+        "section": section,
+        "source": source.value,
+        "answers": answers,
+        "teacher": teacher,
+        "judge_template": section.judge.template_text() if section.judge else None,
+    },
+    files=(KEPT, DROPPED, *drop_report.FILES),
+)
 
 
 @task(cache_policy=StageCache(CURATE), **STAGE_RESULTS, task_run_name="filter_answers[{source.value}]")
-def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef,
-                   teacher: OutputRef | None = None) -> OutputRef:
+def filter_answers(
+    run_dir: Path, section: FiltersSection, source: DataSource, answers: OutputRef, teacher: OutputRef | None = None
+) -> OutputRef:
     """``teacher`` is needed only by the LLM-judge filter (it answers the judge template)."""
     out = CURATE.output(run_dir, section=section, source=source, answers=answers, teacher=teacher)
     if done := out.done:
@@ -58,14 +67,29 @@ def filter_answers(run_dir: Path, section: FiltersSection, source: DataSource, a
         save_rows(kept, columns, tmp / KEPT)
         save_rows(dropped, [*columns, "reasons", "detail"], tmp / DROPPED)
         report = drop_report.write(tmp, kept, dropped)
-        out.finish(tmp, rows=len(kept), input_rows=len(rows), kept=len(kept), dropped=len(dropped),
-                   drop_reasons=counts, teacher_failures=failed, length_histogram=report["length_histogram"])
+        out.finish(
+            tmp,
+            rows=len(kept),
+            input_rows=len(rows),
+            kept=len(kept),
+            dropped=len(dropped),
+            drop_reasons=counts,
+            teacher_failures=failed,
+            length_histogram=report["length_histogram"],
+        )
     create_table_artifact(
         key="curate-drops",
-        table=[*report["reasons"], {"reason": "(kept)", "rows": len(kept), "only": None,
-                                    "% of input": round(100 * len(kept) / max(len(rows), 1), 2)}],
+        table=[
+            *report["reasons"],
+            {
+                "reason": "(kept)",
+                "rows": len(kept),
+                "only": None,
+                "% of input": round(100 * len(kept) / max(len(rows), 1), 2),
+            },
+        ],
         description=f"Teacher answers kept and dropped by reason, out of {len(rows)} "
-                    f"({failed} teacher requests failed for good: see the generate stage's {FAILURES}); "
-                    f"every drop is in {Path(out.ref().path) / DROPPED}",
+        f"({failed} teacher requests failed for good: see the generate stage's {FAILURES}); "
+        f"every drop is in {Path(out.ref().path) / DROPPED}",
     )
     return out.ref()

@@ -17,21 +17,32 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
-CURVES = Stage("curves", "1", lambda section, template, source, student, data: {
-    "section": section, "template": template, "source": source.value, "student": student, "data": data},
-    files=(CURVE_FILE,))
+CURVES = Stage(
+    "curves",
+    "1",
+    lambda section, template, source, student, data: {
+        "section": section,
+        "template": template,
+        "source": source.value,
+        "student": student,
+        "data": data,
+    },
+    files=(CURVE_FILE,),
+)
 
 
 # Its task run name is given by the flow (``.with_options``): only the flow knows which student this is.
 @task(cache_policy=StageCache(CURVES), **STAGE_RESULTS)
-def evaluate_curve(run_dir: Path, section: EvaluationSection, template: str, source: DataSource, student: OutputRef,
-                   data: OutputRef) -> OutputRef:
+def evaluate_curve(
+    run_dir: Path, section: EvaluationSection, template: str, source: DataSource, student: OutputRef, data: OutputRef
+) -> OutputRef:
     out = CURVES.output(run_dir, section=section, template=template, source=source, student=student, data=data)
     if done := out.done:
         return done
     rows = read_split(data, section.split)
-    curve = curve_accuracy(Path(student.path), rows, template, answer_checker(source)[0], section.max_new_tokens,
-                           section.batch_size)
+    curve = curve_accuracy(
+        Path(student.path), rows, template, answer_checker(source)[0], section.max_new_tokens, section.batch_size
+    )
     with out.building() as tmp:
         (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1))
         out.finish(tmp, rows=len(rows), points=len(curve["points"]), name=student.manifest().get("name"))

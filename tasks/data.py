@@ -21,8 +21,10 @@ def data_content(section: DataSection) -> dict:
     splits; the other sources' keys are as they were)."""
     if section.source is not DataSource.instructions:
         return {"section": section}
-    return {"section": section, "files": {field: file_sha256(section.location(field))
-                                          for field in ("transfer", "test")}}
+    return {
+        "section": section,
+        "files": {field: file_sha256(section.location(field)) for field in ("transfer", "test")},
+    }
 
 
 DATA = Stage("data", "1", data_content)
@@ -32,19 +34,23 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     if section.source is DataSource.arithmetic:
         d = section.difficulty
         difficulty = arithmetic.Difficulty(d.min_steps, d.max_steps, d.max_operand)
-        splits = arithmetic.generate_splits(section.splits, section.seed, difficulty,
-                                            commuted=section.solution_order is SolutionOrder.commuted)
+        splits = arithmetic.generate_splits(
+            section.splits, section.seed, difficulty, commuted=section.solution_order is SolutionOrder.commuted
+        )
         return {name: [{**r, "answer": str(r["answer"])} for r in rows] for name, rows in splits.items()}
     if section.source is DataSource.instructions:
-        return instructions.load_splits(section.location("transfer"), section.location("test"), section.splits,
-                                        section.seed)
+        return instructions.load_splits(
+            section.location("transfer"), section.location("test"), section.splits, section.seed
+        )
     folder = section.location("path")
     out = {}
     for name, n in section.splits.items():
         file = folder / f"{name}.jsonl"
         if not file.is_file():
-            raise FileNotFoundError(f"data.splits names {name!r} but {file} does not exist: add the file or remove the "
-                                    f"split (data.path {section.path!r}: {PATH_RULE})")
+            raise FileNotFoundError(
+                f"data.splits names {name!r} but {file} does not exist: add the file or remove the "
+                f"split (data.path {section.path!r}: {PATH_RULE})"
+            )
         out[name] = gsm8k.load_split(file, n)
     return out
 

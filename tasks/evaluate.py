@@ -46,21 +46,47 @@ from tasks.caching import STAGE_RESULTS, StageCache
 
 # ``teacher_eval`` (instruction data: the teacher's evaluation, whose answers a student is scored on) is in the key only
 # where it is passed, so that the other sources' keys are as they were.
-EVALUATE = Stage("evaluate", "2", lambda section, template, source, model, teacher, data, teacher_eval=None: {
-    "section": section, "template": template, "source": source.value, "model": model, "teacher": teacher,
-    "data": data, **({"teacher_eval": teacher_eval} if teacher_eval is not None else {})}, files=(PREDICTIONS, METRICS))
+EVALUATE = Stage(
+    "evaluate",
+    "2",
+    lambda section, template, source, model, teacher, data, teacher_eval=None: {
+        "section": section,
+        "template": template,
+        "source": source.value,
+        "model": model,
+        "teacher": teacher,
+        "data": data,
+        **({"teacher_eval": teacher_eval} if teacher_eval is not None else {}),
+    },
+    files=(PREDICTIONS, METRICS),
+)
 
 
 # Its task run name is given by the flow (``.with_options``): only the flow knows which model this is.
 @task(cache_policy=StageCache(EVALUATE), **STAGE_RESULTS)
-def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
-                   model: OutputRef, teacher: OutputRef, data: OutputRef,
-                   teacher_eval: OutputRef | None = None) -> OutputRef:
+def evaluate_model(
+    run_dir: Path,
+    section: EvaluationSection,
+    template: str,
+    source: DataSource,
+    model: OutputRef,
+    teacher: OutputRef,
+    data: OutputRef,
+    teacher_eval: OutputRef | None = None,
+) -> OutputRef:
     """``teacher``: the reference for agreement (pass the teacher itself when evaluating the teacher);
     ``teacher_eval``: for instruction data, the teacher's evaluate output on the same split: agreement and KL are
     measured on its greedy answers (none of which any student trained on)."""
-    out = EVALUATE.output(run_dir, section=section, template=template, source=source, model=model, teacher=teacher,
-                          data=data, teacher_eval=teacher_eval)
+    out = EVALUATE.output(
+        run_dir,
+        section=section,
+        template=template,
+        source=source,
+        model=model,
+        teacher=teacher,
+        data=data,
+        teacher_eval=teacher_eval,
+    )
     if done := out.done:
         return done
     rows = read_split(data, section.split)
@@ -68,11 +94,13 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
     no_teacher = WEIGHTS_UNAVAILABLE if teacher.manifest().get("api") else None  # an API teacher: nothing to agree with
     if source is DataSource.instructions:
         answers = None if teacher_eval is None else predictions(teacher_eval)
-        metrics, predicted = evaluate_free_text(model_location(model), teacher_dir, rows, template, section, answers,
-                                                no_teacher)
+        metrics, predicted = evaluate_free_text(
+            model_location(model), teacher_dir, rows, template, section, answers, no_teacher
+        )
     else:
-        metrics, predicted = evaluate(model_location(model), teacher_dir, rows, template, answer_checker(source)[0],
-                                      section, no_teacher)
+        metrics, predicted = evaluate(
+            model_location(model), teacher_dir, rows, template, answer_checker(source)[0], section, no_teacher
+        )
     with out.building() as tmp:
         pd.DataFrame(predicted).to_parquet(tmp / PREDICTIONS, index=False)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2))
@@ -83,10 +111,21 @@ def evaluate_model(run_dir: Path, section: EvaluationSection, template: str, sou
 # The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model,
 # and it is asked as it was for the students' answers (the generation template, else the CoT one; the system prompt).
 # The served model's card too (tasks/api_keys.served): another model under the same name and URL is evaluated anew.
-API_EVALUATE = Stage("evaluate", "2", lambda section, template, source, generation, teacher, data: {
-    "section": section, "template": generation.template_text or template, "source": source.value,
-    "api": generation.api.identity(), "system_prompt": generation.system_prompt, "teacher": teacher, "data": data,
-    **served(generation)}, files=(PREDICTIONS, METRICS))
+API_EVALUATE = Stage(
+    "evaluate",
+    "2",
+    lambda section, template, source, generation, teacher, data: {
+        "section": section,
+        "template": generation.template_text or template,
+        "source": source.value,
+        "api": generation.api.identity(),
+        "system_prompt": generation.system_prompt,
+        "teacher": teacher,
+        "data": data,
+        **served(generation),
+    },
+    files=(PREDICTIONS, METRICS),
+)
 
 
 def teacher_api_key(api: ApiSection) -> str | None:
@@ -98,33 +137,64 @@ class TooManyApiFailures(RuntimeError):
     """More of the API teacher's evaluation requests failed for good than generation.api.max_failure_fraction allows."""
 
 
-@task(cache_policy=StageCache(API_EVALUATE), **STAGE_RESULTS, task_run_name="evaluate_api_teacher[{generation.api.model}]")
-def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: str, source: DataSource,
-                         generation: GenerationSection, teacher: OutputRef, data: OutputRef) -> OutputRef:
+@task(
+    cache_policy=StageCache(API_EVALUATE), **STAGE_RESULTS, task_run_name="evaluate_api_teacher[{generation.api.model}]"
+)
+def evaluate_api_teacher(
+    run_dir: Path,
+    section: EvaluationSection,
+    template: str,
+    source: DataSource,
+    generation: GenerationSection,
+    teacher: OutputRef,
+    data: OutputRef,
+) -> OutputRef:
     """The API teacher's accuracy on ``section.split`` (ROUGE-L on instruction data): greedy, through its API, scored
     as the students' answers are. Replies are kept by prompt beside the stage (hidden, as the judge's are): API calls
     cost money."""
-    out = API_EVALUATE.output(run_dir, section=section, template=template, source=source, generation=generation,
-                              teacher=teacher, data=data)
+    out = API_EVALUATE.output(
+        run_dir, section=section, template=template, source=source, generation=generation, teacher=teacher, data=data
+    )
     if done := out.done:
         return done
     api, rows = generation.api, read_split(data, section.split)
-    model = TeacherBackend(Backend.openai, api.model, base_url=api.base_url, api_key=lambda: teacher_api_key(api),
-                           timeout_s=api.timeout_s, concurrency=api.concurrency, max_retries=api.max_retries)
+    model = TeacherBackend(
+        Backend.openai,
+        api.model,
+        base_url=api.base_url,
+        api_key=lambda: teacher_api_key(api),
+        timeout_s=api.timeout_s,
+        concurrency=api.concurrency,
+        max_retries=api.max_retries,
+    )
     asked = {**api.identity(), "max_new_tokens": section.max_new_tokens, "system_prompt": generation.system_prompt}
-    folder, legacy = (Path(run_dir) / API_EVALUATE.name / f".replies-{key[:16]}" for key in (
-        content_key("api-replies", API_EVALUATE.version, who) for who in ({**asked, **served(generation)}, asked)))
+    folder, legacy = (
+        Path(run_dir) / API_EVALUATE.name / f".replies-{key[:16]}"
+        for key in (
+            content_key("api-replies", API_EVALUATE.version, who) for who in ({**asked, **served(generation)}, asked)
+        )
+    )
     adopt_folder(legacy, folder)  # replies kept before the served model's card named the folder are this model's
     if source is DataSource.instructions:
-        metrics, predicted, acct = api_rouge_l(model, rows, out.inputs["template"], section.max_new_tokens, folder,
-                                               generation.system_prompt)
+        metrics, predicted, acct = api_rouge_l(
+            model, rows, out.inputs["template"], section.max_new_tokens, folder, generation.system_prompt
+        )
     else:
-        metrics, predicted, acct = api_accuracy(model, rows, out.inputs["template"], answer_checker(source)[0],
-                                                section.max_new_tokens, folder, generation.system_prompt)
+        metrics, predicted, acct = api_accuracy(
+            model,
+            rows,
+            out.inputs["template"],
+            answer_checker(source)[0],
+            section.max_new_tokens,
+            folder,
+            generation.system_prompt,
+        )
     if metrics["failed"] > api.max_failure_fraction * len(rows):
-        raise TooManyApiFailures(f"{metrics['failed']} of {len(rows)} requests to the API teacher failed for good "
-                                 f"(> generation.api.max_failure_fraction {api.max_failure_fraction:.1%}); the replies "
-                                 f"received are kept in {folder}: a rerun asks only for the others")
+        raise TooManyApiFailures(
+            f"{metrics['failed']} of {len(rows)} requests to the API teacher failed for good "
+            f"(> generation.api.max_failure_fraction {api.max_failure_fraction:.1%}); the replies "
+            f"received are kept in {folder}: a rerun asks only for the others"
+        )
     metrics |= {"split": section.split, "model": api.model, "api": api.identity(), "weights": WEIGHTS_UNAVAILABLE}
     with out.building() as tmp:
         pd.DataFrame(predicted).to_parquet(tmp / PREDICTIONS, index=False)
@@ -134,15 +204,33 @@ def evaluate_api_teacher(run_dir: Path, section: EvaluationSection, template: st
 
 
 # 2: memory traffic per token, arithmetic intensity and measured energy (where a counter is readable) added.
-DEPLOYMENT = Stage("deployment", "2", lambda models, settings, template, data, split: {
-    "models": models, "settings": settings, "template": template, "data": data, "split": split},
-    files=(deployment.FIGURES,))
+DEPLOYMENT = Stage(
+    "deployment",
+    "2",
+    lambda models, settings, template, data, split: {
+        "models": models,
+        "settings": settings,
+        "template": template,
+        "data": data,
+        "split": split,
+    },
+    files=(deployment.FIGURES,),
+)
 
 
-@task(cache_policy=StageCache(DEPLOYMENT), **STAGE_RESULTS,
-      task_run_name=lambda parameters: f"measure_deployment[{', '.join(parameters['models'])}]")
-def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: EvaluationSection.Deployment,
-                       template: str, data: OutputRef, split: str) -> OutputRef:
+@task(
+    cache_policy=StageCache(DEPLOYMENT),
+    **STAGE_RESULTS,
+    task_run_name=lambda parameters: f"measure_deployment[{', '.join(parameters['models'])}]",
+)
+def measure_deployment(
+    run_dir: Path,
+    models: dict[str, OutputRef],
+    settings: EvaluationSection.Deployment,
+    template: str,
+    data: OutputRef,
+    split: str,
+) -> OutputRef:
     """Parameters, FLOPs/token, memory traffic/token, size on disk, peak memory, latency, throughput and energy (where
     a counter is readable) of every model, measured back to back here (never one model per run: timings of different
     runs or machines do not compare). Prompts: the first questions of ``split``."""
@@ -152,13 +240,21 @@ def measure_deployment(run_dir: Path, models: dict[str, OutputRef], settings: Ev
     rows = read_split(data, split)
     prompts = [render(template, question=r["question"]) for r in rows[: settings.throughput_batch]]
     prompts += prompts[-1:] * (settings.throughput_batch - len(prompts))  # a split smaller than the batch
-    figures, energy = deployment.figures({name: model_location(ref) for name, ref in models.items()}, prompts,
-                                         settings.latency_tokens, settings.repeats)
+    figures, energy = deployment.figures(
+        {name: model_location(ref) for name, ref in models.items()}, prompts, settings.latency_tokens, settings.repeats
+    )
     with out.building() as tmp:
         (tmp / deployment.FIGURES).write_text(json.dumps(figures, indent=2))
-        out.finish(tmp, rows=len(figures), figures=figures, machine=deployment.machine(),
-                   settings=settings.model_dump(exclude={"power"}), flops_formula=deployment.FLOPS_FORMULA,
-                   traffic_formula=TRAFFIC_FORMULA, energy=energy)
+        out.finish(
+            tmp,
+            rows=len(figures),
+            figures=figures,
+            machine=deployment.machine(),
+            settings=settings.model_dump(exclude={"power"}),
+            flops_formula=deployment.FLOPS_FORMULA,
+            traffic_formula=TRAFFIC_FORMULA,
+            energy=energy,
+        )
     return out.ref()
 
 
@@ -187,8 +283,12 @@ def reply_folder(run_dir: Path, section: EvaluationSection.Judge, by_content: bo
     Kept after the stage (hidden, so no stage output): judge calls cost money. Named by the judge's identity
     (``judge_identity``); ``by_content=False``: by its name, where replies were kept before that."""
     keyed, served_card = judge_identity(section) if by_content else (section, {})
-    judge = {"backend": section.backend, "model": keyed.model, "max_new_tokens": section.max_new_tokens,
-             "base_url": redact_url(section.base_url)}  # a password in the URL is no part of what was judged
+    judge = {
+        "backend": section.backend,
+        "model": keyed.model,
+        "max_new_tokens": section.max_new_tokens,
+        "base_url": redact_url(section.base_url),
+    }  # a password in the URL is no part of what was judged
     who = content_key("judge-replies", JUDGE.version, {**judge, "vllm_args": section.vllm.extra_args, **served_card})
     return Path(run_dir) / JUDGE.name / f".replies-{who[:16]}"
 
@@ -197,10 +297,19 @@ def judge_api_key(section: EvaluationSection.Judge) -> str | None:
     return read_api_key(section.api_key_secret_block, section.api_key_env, "evaluation.judge.api_key_env")
 
 
-@task(cache_policy=StageCache(JUDGE), **STAGE_RESULTS,
-      task_run_name="judge_students[{section.backend.value} {section.model}]")
-def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: dict[str, OutputRef],
-                   teacher: OutputRef, data: OutputRef, split: str) -> OutputRef:
+@task(
+    cache_policy=StageCache(JUDGE),
+    **STAGE_RESULTS,
+    task_run_name="judge_students[{section.backend.value} {section.model}]",
+)
+def judge_students(
+    run_dir: Path,
+    section: EvaluationSection.Judge,
+    students: dict[str, OutputRef],
+    teacher: OutputRef,
+    data: OutputRef,
+    split: str,
+) -> OutputRef:
     """Each student's win rate against the teacher, by an LLM judge, on the first questions of ``split``.
 
     ``students`` and ``teacher``: evaluate-stage outputs; their greedy answers (``predictions.parquet``) are
@@ -212,33 +321,51 @@ def judge_students(run_dir: Path, section: EvaluationSection.Judge, students: di
     if done := out.done:
         return done
     questions, reference = read_split(data, split), predictions(teacher)
-    items = {name: judge_prompts(section.template_text,
-                                 judge_pairs(questions, predictions(ref), reference, section.max_questions))
-             for name, ref in students.items()}
+    items = {
+        name: judge_prompts(
+            section.template_text, judge_pairs(questions, predictions(ref), reference, section.max_questions)
+        )
+        for name, ref in students.items()
+    }
     folder = reply_folder(run_dir, section)
     adopt_folder(reply_folder(run_dir, section, by_content=False), folder)  # replies kept before it was by identity
     judge = backend(section, lambda: judge_api_key(section))
-    replies, acct = ask_judge(judge, section.max_new_tokens, [i["prompt"] for its in items.values() for i in its],
-                              folder)
-    judgements = [{"student": name, **judgement(i, replies[prompt_id(i["prompt"])])}
-                  for name, its in items.items() for i in its]
+    replies, acct = ask_judge(
+        judge, section.max_new_tokens, [i["prompt"] for its in items.values() for i in its], folder
+    )
+    judgements = [
+        {"student": name, **judgement(i, replies[prompt_id(i["prompt"])])} for name, its in items.items() for i in its
+    ]
     check_judge_failures(judgements, section, folder)
     results = {name: win_rate([j for j in judgements if j["student"] == name]) for name in students}
     with out.building() as tmp:
         pd.DataFrame(judgements).to_parquet(tmp / JUDGEMENTS, index=False)
         (tmp / WIN_RATES).write_text(json.dumps(results, indent=2))
-        out.finish(tmp, rows=len(judgements), win_rates=results, split=split,
-                   questions=len(next(iter(items.values()), [])) // 2,
-                   judge={"backend": section.backend.value, "model": section.model,
-                          "base_url": redact_url(section.base_url), "template": section.template,
-                          **{k: v for k, v in out.inputs.items() if k == "served"}},
-                   accounting=acct.as_dict())
+        out.finish(
+            tmp,
+            rows=len(judgements),
+            win_rates=results,
+            split=split,
+            questions=len(next(iter(items.values()), [])) // 2,
+            judge={
+                "backend": section.backend.value,
+                "model": section.model,
+                "base_url": redact_url(section.base_url),
+                "template": section.template,
+                **{k: v for k, v in out.inputs.items() if k == "served"},
+            },
+            accounting=acct.as_dict(),
+        )
     return out.ref()
 
 
 # The harness's version is content: a new release may score differently.
-LM_EVAL = Stage("lm-eval", "1", lambda models, settings: {
-    "models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")}, files=(harness.RESULTS,))
+LM_EVAL = Stage(
+    "lm-eval",
+    "1",
+    lambda models, settings: {"models": models, "settings": settings, "lm_eval": importlib.metadata.version("lm_eval")},
+    files=(harness.RESULTS,),
+)
 
 
 # Not Prefect-cached: a skip must be re-decided every run (the package or a GPU may be there next time); a run
@@ -253,11 +380,19 @@ def run_lm_eval(run_dir: Path, models: dict[str, OutputRef], settings: Evaluatio
         return {"status": "skipped", "reason": why}
     out = LM_EVAL.output(run_dir, models=models, settings=settings)
     if not (done := out.done):
-        results = harness.run({name: model_location(ref) for name, ref in models.items()}, settings.tasks,
-                              settings.num_fewshot, settings.limit)
+        results = harness.run(
+            {name: model_location(ref) for name, ref in models.items()},
+            settings.tasks,
+            settings.num_fewshot,
+            settings.limit,
+        )
         with out.building() as tmp:
             (tmp / harness.RESULTS).write_text(json.dumps(results, indent=2))
             out.finish(tmp, rows=len(results))
         done = out.ref()
-    return {"status": "done", "results": json.loads((Path(done.path) / harness.RESULTS).read_text()),
-            "tasks": settings.tasks, "limit": settings.limit}
+    return {
+        "status": "done",
+        "results": json.loads((Path(done.path) / harness.RESULTS).read_text()),
+        "tasks": settings.tasks,
+        "limit": settings.limit,
+    }

@@ -46,9 +46,18 @@ def shard_folder(run_dir: Path, key: str) -> Path:
 
 # Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
 # prompt inside the section (its template_text fields are computed, hence in its dump).
-GENERATE = Stage("generate", "2", lambda section, template, teacher, data: {
-    "section": section, "template": template, "teacher": teacher, "data": data, **served(section)},
-    files=(ANSWERS, FAILURES))
+GENERATE = Stage(
+    "generate",
+    "2",
+    lambda section, template, teacher, data: {
+        "section": section,
+        "template": template,
+        "teacher": teacher,
+        "data": data,
+        **served(section),
+    },
+    files=(ANSWERS, FAILURES),
+)
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:
@@ -66,8 +75,9 @@ class Progress:
     def __init__(self, total: int, already: int):
         self.total, self.done = total, already
         self.bar = tqdm(total=total, initial=already, desc="teacher", unit="req", mininterval=1.0)
-        self.artifact = create_progress_artifact(progress=self.percent(), key="teacher-progress",
-                                                 description="teacher requests answered or failed for good")
+        self.artifact = create_progress_artifact(
+            progress=self.percent(), key="teacher-progress", description="teacher requests answered or failed for good"
+        )
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._publish, daemon=True)
         self.thread.start()
@@ -98,10 +108,17 @@ def run_name(parameters: dict) -> str:
     return f"generate_answers[{section.backend.value}{' ' + model if model else ''}]"
 
 
-@task(cache_policy=StageCache(GENERATE), **STAGE_RESULTS, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=_no_retry_on_verdicts, task_run_name=run_name)
-def generate_answers(run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef,
-                     data: OutputRef) -> OutputRef:
+@task(
+    cache_policy=StageCache(GENERATE),
+    **STAGE_RESULTS,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_no_retry_on_verdicts,
+    task_run_name=run_name,
+)
+def generate_answers(
+    run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef
+) -> OutputRef:
     """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one."""
     out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
     if done := out.done:
@@ -123,7 +140,9 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
             # A local vLLM server serves the teacher's folder under its path; a remote API may name it otherwise.
             local = section.backend is Backend.vllm
             model = model_location(teacher) if local else section.api.model or model_location(teacher)
-            answered, failed, acct = api_answers(section, model, rows, folder, progress, lambda: generation_api_key(section))
+            answered, failed, acct = api_answers(
+                section, model, rows, folder, progress, lambda: generation_api_key(section)
+            )
         finally:
             progress.close()
     check_failures(failed, len(rows), section, folder)
@@ -133,10 +152,19 @@ def generate_answers(run_dir: Path, section: GenerationSection, template: str, t
         answers.to_parquet(tmp / ANSWERS, index=False)
         failures.to_parquet(tmp / FAILURES, index=False)
         tokens = int(answers["completion_tokens"].fillna(0).sum()) if len(answers) else 0
-        out.finish(tmp, rows=len(answers), failed=len(failures), backend=section.backend.value,
-                   accounting=acct.as_dict(), completion_tokens=tokens,
-                   **{k: v for k, v in out.inputs.items() if k == "served"})  # where known (else adoptable as older ones)
+        out.finish(
+            tmp,
+            rows=len(answers),
+            failed=len(failures),
+            backend=section.backend.value,
+            accounting=acct.as_dict(),
+            completion_tokens=tokens,
+            **{k: v for k, v in out.inputs.items() if k == "served"},
+        )  # where known (else adoptable as older ones)
     shutil.rmtree(folder, ignore_errors=True)  # everything it held is in the output now
-    create_table_artifact(key="teacher-accounting", table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
-                          description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time")
+    create_table_artifact(
+        key="teacher-accounting",
+        table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
+        description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time",
+    )
     return out.ref()

@@ -26,14 +26,23 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
-IMPORT_GGUF = Stage("import-gguf", "1", lambda gguf, dtype: {
-    "gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value},
-    files=(SOURCE, f"{MODEL}/"))
+IMPORT_GGUF = Stage(
+    "import-gguf",
+    "1",
+    lambda gguf, dtype: {"gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value},
+    files=(SOURCE, f"{MODEL}/"),
+)
 # The calibration rows matter only to importance; evenly spaced layers depend on the teacher alone.
-PRUNE = Stage("prune", "1", lambda init, teacher, data, template: {
-    "init": init, "teacher": teacher,
-    **({"data": data, "template": template} if init.select is LayerSelect.importance else {})},
-    files=(SOURCE, f"{MODEL}/", PRUNING))
+PRUNE = Stage(
+    "prune",
+    "1",
+    lambda init, teacher, data, template: {
+        "init": init,
+        "teacher": teacher,
+        **({"data": data, "template": template} if init.select is LayerSelect.importance else {}),
+    },
+    files=(SOURCE, f"{MODEL}/", PRUNING),
+)
 
 
 # Not Prefect-cached: the key covers the file's bytes, which are not a task input; the body finds its own output.
@@ -66,10 +75,14 @@ def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: Out
     n = model.config.num_hidden_layers
     record: dict = {"select": init.select.value, "teacher_layers": n}
     if init.select is LayerSelect.importance:
-        batches, tokens = calibration_batches(tokenizer, read_split(data, "train")[:init.calibration_rows], template,
-                                              init.calibration_max_length)
-        record |= {"influence": block_influence(model, batches), "calibration_rows": init.calibration_rows,
-                   "calibration_tokens": tokens}
+        batches, tokens = calibration_batches(
+            tokenizer, read_split(data, "train")[: init.calibration_rows], template, init.calibration_max_length
+        )
+        record |= {
+            "influence": block_influence(model, batches),
+            "calibration_rows": init.calibration_rows,
+            "calibration_tokens": tokens,
+        }
         kept = most_influential(record["influence"], init.layers)
     else:
         kept = evenly_spaced(n, init.layers)
@@ -87,18 +100,37 @@ def calibration_batches(tokenizer, rows: list[dict], template: str, max_length: 
     """(batches of ``input_ids``/``attention_mask``, real tokens): each row's question through ``template`` and its
     reference ``rationale``, as the chat template lays out a conversation."""
     specials = special_strings(tokenizer)  # data text is never read as chat markup (templates.plain_text)
-    texts = [tokenizer.apply_chat_template(plain_messages([{"role": "user", "content": render(template, question=r["question"])},
-                                                           {"role": "assistant", "content": r["rationale"]}], specials),
-                                           tokenize=False)
-             for r in rows]
+    texts = [
+        tokenizer.apply_chat_template(
+            plain_messages(
+                [
+                    {"role": "user", "content": render(template, question=r["question"])},
+                    {"role": "assistant", "content": r["rationale"]},
+                ],
+                specials,
+            ),
+            tokenize=False,
+        )
+        for r in rows
+    ]
     if not texts:
         raise ValueError("prune with select importance: the train split has no rows to calibrate on")
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     try:
-        batches = [dict(tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                                  max_length=max_length, add_special_tokens=False))
-                   for i in range(0, len(texts), batch_size)]
+        batches = [
+            dict(
+                tokenizer(
+                    texts[i : i + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    add_special_tokens=False,
+                )
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
     finally:
         tokenizer.padding_side = side
     return batches, int(sum(b["attention_mask"].sum() for b in batches))

@@ -64,8 +64,12 @@ class TrainingArtifact:
         self.artifact = None
         self.updated = float("-inf")
         if TaskRunContext.get() or FlowRunContext.get():
-            self.artifact = self._call(create_progress_artifact, progress=0.0, key=training_key(name),
-                                       description=f"{self.what}: training steps done")
+            self.artifact = self._call(
+                create_progress_artifact,
+                progress=0.0,
+                key=training_key(name),
+                description=f"{self.what}: training steps done",
+            )
 
     def __call__(self, step: int, total: int, loss: float, seconds_left: float, topk: dict | None = None) -> None:
         now = time.perf_counter()
@@ -73,9 +77,13 @@ class TrainingArtifact:
             return
         self.updated = now
         diagnostics = brief(topk or {}).replace("  ", ", ")
-        self._call(update_progress_artifact, self.artifact, progress=round(100.0 * step / max(total, 1), 2),
-                   description=f"{self.what}: step {step}/{total}, loss {loss:.4f}, "
-                               f"{diagnostics + ', ' if diagnostics else ''}about {seconds_left:.0f} s left")
+        self._call(
+            update_progress_artifact,
+            self.artifact,
+            progress=round(100.0 * step / max(total, 1), 2),
+            description=f"{self.what}: step {step}/{total}, loss {loss:.4f}, "
+            f"{diagnostics + ', ' if diagnostics else ''}about {seconds_left:.0f} s left",
+        )
 
     def _call(self, call, *args, **kwargs):
         try:
@@ -84,6 +92,7 @@ class TrainingArtifact:
         # break the training: say so once and stop updating.
         except Exception as e:  # noqa: BLE001
             self.artifact = None
-            get_logger("kdflow.progress").warning(f"{self.what}: progress artifact not updated ({type(e).__name__}: "
-                                                  f"{e}); training goes on without it")
+            get_logger("kdflow.progress").warning(
+                f"{self.what}: progress artifact not updated ({type(e).__name__}: {e}); training goes on without it"
+            )
             return None

@@ -15,8 +15,12 @@ from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
 # The quantizer is torch's: its version is content (another release may round or pack differently).
-QUANTIZE = Stage("quantize", "1", lambda method, model: {"method": method, "model": model, "torch": torch.__version__},
-                 files=(SOURCE, f"{MODEL}/"))
+QUANTIZE = Stage(
+    "quantize",
+    "1",
+    lambda method, model: {"method": method, "model": model, "torch": torch.__version__},
+    files=(SOURCE, f"{MODEL}/"),
+)
 
 
 def quantized_name(name: str, method: str) -> str:
@@ -43,6 +47,10 @@ def quantize_model(run_dir: Path, method: str, model: OutputRef) -> OutputRef:
 
 def quantize_students(run_dir: Path, methods: list[str], students: dict[str, OutputRef]) -> dict[str, OutputRef]:
     """Every student once per method, named after it (``quantize_model[seq-kd-int8]``)."""
-    return {quantized_name(name, m): quantize_model.with_options(task_run_name=f"quantize_model[{quantized_name(name, m)}]")(
-                run_dir, m, ref)
-            for m in methods for name, ref in students.items()}
+    return {
+        quantized_name(name, m): quantize_model.with_options(
+            task_run_name=f"quantize_model[{quantized_name(name, m)}]"
+        )(run_dir, m, ref)
+        for m in methods
+        for name, ref in students.items()
+    }

@@ -46,8 +46,10 @@ def origin(teacher: OutputRef) -> dict:
     the import-gguf stage, or a model folder / hub id; {} for a teacher trained here."""
     m = teacher.manifest()
     if m.get("dequantized"):
-        return {"origin": f"given: {m['gguf']} ({m.get('model_name') or m['architecture']}, {m['quantization']} GGUF), "
-                          f"dequantized to {m['dtype']}"}
+        return {
+            "origin": f"given: {m['gguf']} ({m.get('model_name') or m['architecture']}, {m['quantization']} GGUF), "
+            f"dequantized to {m['dtype']}"
+        }
     return {"origin": f"given: {m['given']}"} if m.get("given") else {}
 
 
@@ -71,10 +73,19 @@ def flow_started() -> datetime | None:
 
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
-def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], evaluations: dict[str, OutputRef],
-                 deployment: OutputRef, lm_eval: dict, students: dict[str, dict], curated: OutputRef,
-                 judge: OutputRef | None = None, power: PowerFigure = DEFAULT_POWER,
-                 prices: CostSection | None = None) -> dict:
+def write_report(
+    run_dir: Path,
+    run_name: str,
+    models: dict[str, OutputRef],
+    evaluations: dict[str, OutputRef],
+    deployment: OutputRef,
+    lm_eval: dict,
+    students: dict[str, dict],
+    curated: OutputRef,
+    judge: OutputRef | None = None,
+    power: PowerFigure = DEFAULT_POWER,
+    prices: CostSection | None = None,
+) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
     what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
@@ -83,37 +94,59 @@ def write_report(run_dir: Path, run_name: str, models: dict[str, OutputRef], eva
     the cost ledger's money (tokens and device-hours without it)."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
-    metrics = {name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
-               for name, ref in evaluations.items()}
+    metrics = {
+        name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
+        for name, ref in evaluations.items()
+    }
     report = build_report(
         run_name,
         teacher={**metrics["teacher"], **origin(models["teacher"])},
         students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
         curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
-        deployment={**{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
-                    "intensity_formula": INTENSITY_FORMULA, "energy_formula": ENERGY_FORMULA,
-                    "roofline_formula": ROOFLINE_FORMULA, "power": power.model_dump(), "devices": device_table()},
+        deployment={
+            **{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
+            "intensity_formula": INTENSITY_FORMULA,
+            "energy_formula": ENERGY_FORMULA,
+            "roofline_formula": ROOFLINE_FORMULA,
+            "power": power.model_dump(),
+            "devices": device_table(),
+        },
         lm_eval=lm_eval,
         judge=None if judge is None else {k: judge.manifest()[k] for k in ("judge", "split", "questions", "win_rates")},
     )
     # what every output behind the report cost to make, read from their manifests (kdflow/reporting/ledger.py)
     report["ledger"] = build_ledger(
-        run_dir, {name: [models[name], evaluations[name]] for name in students},
-        {"teacher": [models["teacher"], evaluations["teacher"]], "deployment": [deployment], "curation": [curated],
-         "judge": [judge]},
-        {name: s.get("gap_closure") for name, s in report["students"].items()}, prices, flow_started())
+        run_dir,
+        {name: [models[name], evaluations[name]] for name in students},
+        {
+            "teacher": [models["teacher"], evaluations["teacher"]],
+            "deployment": [deployment],
+            "curation": [curated],
+            "judge": [judge],
+        },
+        {name: s.get("gap_closure") for name, s in report["students"].items()},
+        prices,
+        flow_started(),
+    )
     run_dir = Path(run_dir)
-    plots = {"training loss per model": (LOSS_PLOT, plot_losses({n: training_history(m) for n, m in models.items()})),
-             "accuracy vs parameters and latency": (TRADEOFF_PLOT, plot_tradeoff(report))}
+    plots = {
+        "training loss per model": (LOSS_PLOT, plot_losses({n: training_history(m) for n, m in models.items()})),
+        "accuracy vs parameters and latency": (TRADEOFF_PLOT, plot_tradeoff(report)),
+    }
     plots = {title: (name, png) for title, (name, png) in plots.items() if png is not None}
     for name, png in plots.values():
         write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
     write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2))
     write_atomic(run_dir / REPORT_MD, render_markdown(report, {t: name for t, (name, _) in plots.items()}))
-    create_markdown_artifact(key=artifact_key(run_name, "report"),
-                             markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
-                             description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})")
-    create_table_artifact(key=artifact_key(run_name, "table"), table=table_rows(report),
-                          description=f"quality and cost per model, {run_name}")
+    create_markdown_artifact(
+        key=artifact_key(run_name, "report"),
+        markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
+        description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})",
+    )
+    create_table_artifact(
+        key=artifact_key(run_name, "table"),
+        table=table_rows(report),
+        description=f"quality and cost per model, {run_name}",
+    )
     return report

@@ -35,18 +35,36 @@ from tasks.progress import TrainingArtifact
 
 # A pretrained student's local folder is keyed by its files (model_folders.keyed_by_content): new weights at the same
 # path retrain it; one inside a stage output (a pruned teacher, another student) keeps the key its path gives.
-STUDENTS = Stage("students", "1", lambda section, template, teacher, data, curated, logits=None: {
-    "section": keyed_by_content(section), "template": template, "teacher": teacher, "data": data, "curated": curated,
-    "logits": logits}, files=(SOURCE, f"{MODEL}/"))
+STUDENTS = Stage(
+    "students",
+    "1",
+    lambda section, template, teacher, data, curated, logits=None: {
+        "section": keyed_by_content(section),
+        "template": template,
+        "teacher": teacher,
+        "data": data,
+        "curated": curated,
+        "logits": logits,
+    },
+    files=(SOURCE, f"{MODEL}/"),
+)
 
 
 @task(cache_policy=StageCache(STUDENTS), **STAGE_RESULTS, task_run_name="train_student[{section.name}]")
-def train_student(run_dir: Path, section: StudentSection, template: str, teacher: OutputRef, data: OutputRef,
-                  curated: OutputRef | None, logits: OutputRef | None = None) -> OutputRef:
+def train_student(
+    run_dir: Path,
+    section: StudentSection,
+    template: str,
+    teacher: OutputRef,
+    data: OutputRef,
+    curated: OutputRef | None,
+    logits: OutputRef | None = None,
+) -> OutputRef:
     """``curated`` is None for a gold-only student, so that a new filter does not retrain the baseline;
     ``logits`` (the logit cache) is passed to offline-KD students only."""
-    out = STUDENTS.output(run_dir, section=section, template=template, teacher=teacher, data=data, curated=curated,
-                          logits=logits)
+    out = STUDENTS.output(
+        run_dir, section=section, template=template, teacher=teacher, data=data, curated=curated, logits=logits
+    )
     if done := out.done:
         return done
     if needs_logit_cache(section) and logits is None:
@@ -64,12 +82,26 @@ def train_student(run_dir: Path, section: StudentSection, template: str, teacher
                 progress = TrainingArtifact(STUDENTS.name, section.name)
                 train_here(section, rows, teacher, logits, tmp, checkpoints, progress)
             else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
-                job = StudentJob(section=section, template=template, teacher=teacher, data=data, curated=curated,
-                                 logits=logits, checkpoints=str(checkpoints))
-                launch_student(job, tmp, stage_dir / f".launch-{out.key[:16]}.json",
-                               stage_dir / f".launch-{out.key[:16]}.log")
+                job = StudentJob(
+                    section=section,
+                    template=template,
+                    teacher=teacher,
+                    data=data,
+                    curated=curated,
+                    logits=logits,
+                    checkpoints=str(checkpoints),
+                )
+                launch_student(
+                    job, tmp, stage_dir / f".launch-{out.key[:16]}.json", stage_dir / f".launch-{out.key[:16]}.log"
+                )
             write_location(tmp, MODEL)
-            out.finish(tmp, rows=len(rows), name=section.name, params=saved_params(tmp / MODEL),
-                       seconds=round(time.perf_counter() - start, 1), **on_policy_accounting(tmp),
-                       **topk_summary(tmp, section))
+            out.finish(
+                tmp,
+                rows=len(rows),
+                name=section.name,
+                params=saved_params(tmp / MODEL),
+                seconds=round(time.perf_counter() - start, 1),
+                **on_policy_accounting(tmp),
+                **topk_summary(tmp, section),
+            )
     return out.ref()

@@ -26,17 +26,36 @@ from kdflow.training.tiny_models import count_params, llama_model, train_tokeniz
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
-TEACHER = Stage("teacher", "1", lambda section, data, template: {"section": section, "data": data, "template": template},
-                files=(SOURCE, f"{MODEL}/"))
+TEACHER = Stage(
+    "teacher",
+    "1",
+    lambda section, data, template: {"section": section, "data": data, "template": template},
+    files=(SOURCE, f"{MODEL}/"),
+)
 # A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
 # invalidates what follows (folder_sha256: hash_folder's digest, hashed again only when a file changed).
-EXISTING_TEACHER = Stage("teacher", "1", lambda section: {
-    "section": section, "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None},
-    files=(SOURCE,))
+EXISTING_TEACHER = Stage(
+    "teacher",
+    "1",
+    lambda section: {
+        "section": section,
+        "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None,
+    },
+    files=(SOURCE,),
+)
 # An API teacher: the model's identity (name, base_url without a password) is what it is; the tokenizer for
 # from-scratch students is made from the data's gold text with the prompt template.
-API_TEACHER = Stage("teacher", "1", lambda section, api, data, template: {
-    "section": section, "api": api.identity(), "data": data, "template": template}, files=(SOURCE, "tokenizer/"))
+API_TEACHER = Stage(
+    "teacher",
+    "1",
+    lambda section, api, data, template: {
+        "section": section,
+        "api": api.identity(),
+        "data": data,
+        "template": template,
+    },
+    files=(SOURCE, "tokenizer/"),
+)
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
 
 
@@ -68,8 +87,15 @@ def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef,
             model = model.to(weights_dtype(section.dtype))
         # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
         progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
-        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"),
-                  {**section.training, **training_flags(section.dtype)}, tmp, section.seed, callbacks=[progress])
+        train_sft(
+            model,
+            tokenizer,
+            sft_rows(rows, template, "rationale"),
+            {**section.training, **training_flags(section.dtype)},
+            tmp,
+            section.seed,
+            callbacks=[progress],
+        )
         write_location(tmp, MODEL)
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()
@@ -92,8 +118,9 @@ def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
 
 
 @task(cache_policy=StageCache(API_TEACHER), **STAGE_RESULTS, task_run_name="record_api_teacher[{api.model}]")
-def record_api_teacher(run_dir: Path, section: TeacherSection, api: ApiSection, data: OutputRef,
-                       template: str) -> OutputRef:
+def record_api_teacher(
+    run_dir: Path, section: TeacherSection, api: ApiSection, data: OutputRef, template: str
+) -> OutputRef:
     """The API model as the teacher: its identity in the manifest (``api``), and the tokenizer from-scratch students
     share in ``tokenizer/`` (where ``model_location`` points). No weights: nothing here can run the teacher."""
     out = API_TEACHER.output(run_dir, section=section, api=api, data=data, template=template)

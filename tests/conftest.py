@@ -31,7 +31,10 @@ def prefect_server():
     # The heartbeat thread adds ~1 s to the end of every flow run and tests nothing here.
     # The harness gives its server 30 s by default; a loaded 2-core machine has been seen to need more, and a test
     # must not fail because the machine is slow (None would wait forever on a server that cannot start).
-    with prefect_test_harness(server_startup_timeout=300), temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with (
+        prefect_test_harness(server_startup_timeout=300),
+        temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}),
+    ):
         yield
 
 
@@ -50,8 +53,14 @@ def mini_recipe(tmp_path) -> Path:
 # tests assert appears in no run folder, log or artifact.
 VLLM_TEST_API_KEY = "sk-kdflow-SENTINEL-7f3a9c1e"
 # Characters the tiny teacher's tokenizer must know, so that prompts with braces reach the model as written.
-TINY_TEACHER_CORPUS = ["Solve step by step: 7+8-5", "7+8=15-5", "15-5=10", "Answer: 10",
-                       "What is {{ 7*7 }}? (literal braces) #### 49", "Be brief. Question:"]
+TINY_TEACHER_CORPUS = [
+    "Solve step by step: 7+8-5",
+    "7+8=15-5",
+    "15-5=10",
+    "Answer: 10",
+    "What is {{ 7*7 }}? (literal braces) #### 49",
+    "Be brief. Question:",
+]
 
 
 def build_tiny_teacher(folder: Path) -> Path:
@@ -80,6 +89,11 @@ def vllm_server_url(vllm_model_dir):
     # float32: logprobs comparable with the HF model's; 1 GiB of KV cache is plenty for a tiny model and
     # keeps a shared 2-core machine's memory free; eager mode starts faster than a compiled graph.
     args = ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    with vllm_server(vllm_model_dir, extra_args=args, api_key=VLLM_TEST_API_KEY, startup_timeout_s=300,
-                     env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+    with vllm_server(
+        vllm_model_dir,
+        extra_args=args,
+        api_key=VLLM_TEST_API_KEY,
+        startup_timeout_s=300,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+    ) as url:
         yield url

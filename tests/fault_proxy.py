@@ -46,19 +46,38 @@ HTML_PAGE = b"<html><head><title>502 Bad Gateway</title></head><body><h1>502 Bad
 
 
 def malformed_completion(choices: list) -> bytes:
-    return json.dumps({"id": "injected", "object": "chat.completion", "created": 0, "model": "m", "choices": choices,
-                       "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+    return json.dumps(
+        {
+            "id": "injected",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "m",
+            "choices": choices,
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
+    ).encode()
 
 
 MALFORMED_BODIES = {  # fault -> (content type, body)
     "html": ("text/html; charset=utf-8", HTML_PAGE),
     "empty-choices": ("application/json", malformed_completion([])),
-    "null-message": ("application/json", malformed_completion([{"index": 0, "message": None, "finish_reason": "stop"}])),
-    "null-content": ("application/json", malformed_completion(
-        [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}])),
+    "null-message": (
+        "application/json",
+        malformed_completion([{"index": 0, "message": None, "finish_reason": "stop"}]),
+    ),
+    "null-content": (
+        "application/json",
+        malformed_completion(
+            [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "stop"}]
+        ),
+    ),
     "not-json": ("application/json", b'{"id": "injected", "object": "chat.completion", "choices": [{"index": 0, "mess'),
-    "surrogate": ("application/json", malformed_completion(
-        [{"index": 0, "message": {"role": "assistant", "content": "7+8=15\ud800"}, "finish_reason": "stop"}])),
+    "surrogate": (
+        "application/json",
+        malformed_completion(
+            [{"index": 0, "message": {"role": "assistant", "content": "7+8=15\ud800"}, "finish_reason": "stop"}]
+        ),
+    ),
 }
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
@@ -74,8 +93,17 @@ class Server(ThreadingHTTPServer):
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, rate: float = 0.0, faults=FAULTS, slow_s: float = 3.0, retry_after_ms: int = 100,
-                 seed: int = 0, match: str | None = None, first: int | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        rate: float = 0.0,
+        faults=FAULTS,
+        slow_s: float = 3.0,
+        retry_after_ms: int = 100,
+        seed: int = 0,
+        match: str | None = None,
+        first: int | None = None,
+    ):
         self.upstream = urlsplit(upstream)
         self.rate, self.kinds, self.slow_s, self.retry_after_ms = rate, tuple(faults), slow_s, retry_after_ms
         self.match, self.first = match, first
@@ -121,8 +149,11 @@ class FaultProxy:
                 with proxy.lock:
                     proxy.faults[fault] += 1
                 if fault == "429":
-                    return self._reply(429, b'{"error": {"message": "rate limited (injected)"}}',
-                                       {"Retry-After-Ms": str(proxy.retry_after_ms), "Retry-After": "1"})
+                    return self._reply(
+                        429,
+                        b'{"error": {"message": "rate limited (injected)"}}',
+                        {"Retry-After-Ms": str(proxy.retry_after_ms), "Retry-After": "1"},
+                    )
                 if fault == "500":
                     return self._reply(500, b'{"error": {"message": "server error (injected)"}}')
                 if fault in ("429-soon", "429-date"):
@@ -196,14 +227,28 @@ class FakeTeacher:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 time.sleep(teacher.delay_s)
                 content = request["messages"][-1]["content"]
-                body = json.dumps({
-                    "id": "fake", "object": "chat.completion", "created": 0, "model": request["model"],
-                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                                 "message": {"role": "assistant", "content": teacher.reply(content)}}],
-                    # as a real server, never more tokens than the request's max_tokens
-                    "usage": {"prompt_tokens": len(content),
-                              "completion_tokens": min(len(content) + 6, request.get("max_tokens") or 1 << 30),
-                              "total_tokens": 2 * len(content) + 6}}).encode()
+                body = json.dumps(
+                    {
+                        "id": "fake",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": request["model"],
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "logprobs": None,
+                                "message": {"role": "assistant", "content": teacher.reply(content)},
+                            }
+                        ],
+                        # as a real server, never more tokens than the request's max_tokens
+                        "usage": {
+                            "prompt_tokens": len(content),
+                            "completion_tokens": min(len(content) + 6, request.get("max_tokens") or 1 << 30),
+                            "total_tokens": 2 * len(content) + 6,
+                        },
+                    }
+                ).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -14,12 +14,21 @@ def test_a_write_taken_in_part_is_completed_or_its_torn_line_ended(tmp_path, mon
         w.append({"id": "a", "sample": 0, "ok": True, "text": "a"})
         # The kernel takes half the bytes, then the rest: the record is completed, not torn.
         calls = []
-        monkeypatch.setattr(os, "write", lambda fd, b: calls.append(len(b)) or real(fd, bytes(b)[: max(1, len(b) // 2)]))
+        monkeypatch.setattr(
+            os, "write", lambda fd, b: calls.append(len(b)) or real(fd, bytes(b)[: max(1, len(b) // 2)])
+        )
         w.append({"id": "b", "sample": 0, "ok": True, "text": "b" * 50})
         assert len(calls) > 1
         # A full disk after part of a record: the append fails, the next record starts on a line of its own.
-        monkeypatch.setattr(os, "write", lambda fd, b: real(fd, bytes(b)[:10]) if len(b) > 20 else (_ for _ in ()).throw(
-            OSError(errno.ENOSPC, "No space left on device")))
+        monkeypatch.setattr(
+            os,
+            "write",
+            lambda fd, b: (
+                real(fd, bytes(b)[:10])
+                if len(b) > 20
+                else (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+            ),
+        )
         with pytest.raises(OSError):
             w.append({"id": "c", "sample": 0, "ok": True, "text": "c" * 50})
         monkeypatch.setattr(os, "write", real)

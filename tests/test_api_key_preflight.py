@@ -14,8 +14,10 @@ from kdflow.teacher.api_keys import MissingApiKey, is_local, key_needs
 
 ROOT = Path(__file__).resolve().parent.parent
 UNSET = "KDFLOW_TEST_PREFLIGHT_UNSET_KEY"
-OPENAI = ("generation:\n  backend: openai\n  splits: [train, prompts]\n  max_new_tokens: 24\n"
-          "  api: {{base_url: {url}, model: gpt-4o-mini, api_key_env: " + UNSET + "}}\n")
+OPENAI = (
+    "generation:\n  backend: openai\n  splits: [train, prompts]\n  max_new_tokens: 24\n"
+    "  api: {{base_url: {url}, model: gpt-4o-mini, api_key_env: " + UNSET + "}}\n"
+)
 
 
 def openai_recipe(tmp_path: Path, url: str) -> Path:
@@ -76,8 +78,11 @@ def test_a_missing_secret_block_is_named_with_how_to_create_it(prefect_server, m
 
     monkeypatch.delenv(UNSET, raising=False)
     section = generation("https://api.example.com/v1", api_key_secret_block="kdflow-test-no-such-block")
-    with pytest.raises(MissingApiKey, match=r"generation.api.api_key_secret_block: no Prefect Secret block named "
-                                            r"'kdflow-test-no-such-block'.*create it"):
+    with pytest.raises(
+        MissingApiKey,
+        match=r"generation.api.api_key_secret_block: no Prefect Secret block named "
+        r"'kdflow-test-no-such-block'.*create it",
+    ):
         check_api_keys(section)
     Secret(value="sk-from-block").save("kdflow-test-preflight-block", overwrite=True)
     check_api_keys(generation("https://api.example.com/v1", api_key_secret_block="kdflow-test-preflight-block"))

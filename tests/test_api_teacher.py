@@ -22,17 +22,26 @@ LOCAL_TEACHER = """teacher:
 """
 
 
-def api_recipe(base_url: str = "http://127.0.0.1:9/v1", model: str = "served-model", extra: str = "",
-               generation: str | None = None) -> str:
+def api_recipe(
+    base_url: str = "http://127.0.0.1:9/v1", model: str = "served-model", extra: str = "", generation: str | None = None
+) -> str:
     """mini.yaml with the API teacher: few rows, few steps, and filters that keep every answer (the tiny served
     model answers the arithmetic wrongly; its answers still train the seq-kd student)."""
     text = MINI_RECIPE.read_text().replace(LOCAL_TEACHER, "teacher:\n  api: true\n  vocab_size: 48\n")
-    text = text.replace("splits: {teacher: 200, train: 40, prompts: 40, test: 30}",
-                        "splits: {teacher: 100, train: 16, prompts: 16, test: 10}")
-    generation = generation or (f"  backend: openai\n  api: {{base_url: '{base_url}', model: '{model}', "
-                                f"api_key_env: {KEY_ENV}, concurrency: 4, timeout_s: 60}}\n")
-    text = text.replace("  batch_size: 64\n\nstudents", f"  batch_size: 64\n{generation}\n"
-                        "filters: {correctness: false, truncated: false, empty: false}\n" + extra + "\nstudents", 1)
+    text = text.replace(
+        "splits: {teacher: 200, train: 40, prompts: 40, test: 30}",
+        "splits: {teacher: 100, train: 16, prompts: 16, test: 10}",
+    )
+    generation = generation or (
+        f"  backend: openai\n  api: {{base_url: '{base_url}', model: '{model}', "
+        f"api_key_env: {KEY_ENV}, concurrency: 4, timeout_s: 60}}\n"
+    )
+    text = text.replace(
+        "  batch_size: 64\n\nstudents",
+        f"  batch_size: 64\n{generation}\n"
+        "filters: {correctness: false, truncated: false, empty: false}\n" + extra + "\nstudents",
+        1,
+    )
     assert "api: true" in text, "mini.yaml's teacher section changed: update LOCAL_TEACHER"
     return text
 
@@ -46,8 +55,11 @@ def problems(text: str) -> str:
 def test_api_teacher_recipe_loads_and_keys_no_local_teacher():
     r = parse_recipe(api_recipe(), "api.yaml")
     assert r.teacher.api and r.teacher.model is None and r.teacher.architecture is None
-    assert r.generation.api.identity() == {"model": "served-model", "base_url": "http://127.0.0.1:9/v1",
-                                           "endpoint": "chat"}
+    assert r.generation.api.identity() == {
+        "model": "served-model",
+        "base_url": "http://127.0.0.1:9/v1",
+        "endpoint": "chat",
+    }
     shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "api-teacher.yaml")
     assert shipped.teacher.api and shipped.generation.api.model
 
@@ -61,38 +73,65 @@ def test_api_teacher_needs_the_openai_backend_and_a_model_name():
     assert "remove teacher.model" in problems(both)
 
 
-@pytest.mark.parametrize("extra, field", [
-    ("logit_cache: {k: 5}\n", "logit_cache"),
-    ("logit_cache: {source: vllm, k: 5}\n", "logit_cache"),
-    ("logit_cache: {source: api, k: 5}\n", "logit_cache"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        ("logit_cache: {k: 5}\n", "logit_cache"),
+        ("logit_cache: {source: vllm, k: 5}\n", "logit_cache"),
+        ("logit_cache: {source: api, k: 5}\n", "logit_cache"),
+    ],
+)
 def test_white_box_parts_are_refused_with_the_reason(extra, field):
     msg = problems(api_recipe(extra=extra))
     assert f": {field}: teacher.api: true: the API model is the teacher and its weights are not available" in msg
 
 
 def test_kd_students_and_the_judge_filter_are_refused():
-    online = api_recipe().replace("  - name: seq-kd\n    data: teacher\n",
-                                  "  - name: seq-kd\n    data: teacher\n    kd: {method: online, divergence: jsd}\n")
+    online = api_recipe().replace(
+        "  - name: seq-kd\n    data: teacher\n",
+        "  - name: seq-kd\n    data: teacher\n    kd: {method: online, divergence: jsd}\n",
+    )
     msg = problems(online)
     assert "students.1.kd: student 'seq-kd': teacher.api: true" in msg and "kd (online) needs" in msg
-    judged = api_recipe().replace("filters: {correctness: false, truncated: false, empty: false}",
-                                  "filters: {correctness: false, judge: {}}")
+    judged = api_recipe().replace(
+        "filters: {correctness: false, truncated: false, empty: false}", "filters: {correctness: false, judge: {}}"
+    )
     assert "filters.judge: teacher.api: true" in problems(judged)
 
 
 def api_teacher_report() -> dict:
     api = {"model": "gpt-x", "base_url": "https://api.example/v1", "endpoint": "chat"}
-    teacher = {"accuracy": 0.9, "rows": 10, "split": "test", "failed": 0, "model": "gpt-x", "api": api,
-               "weights": WEIGHTS_UNAVAILABLE}
-    student = {"params": 1000, "rows": 10, "split": "test", "perplexity": 2.0, "reference_tokens": 300,
-               "agreement_skipped": WEIGHTS_UNAVAILABLE, "latency_ms_per_token": 1.0, "context": 20}
-    students = {"baseline": {**student, "accuracy": 0.3, "data": "gold"},
-                "seq-kd": {**student, "accuracy": 0.6, "data": "teacher"}}
-    deployment = {"machine": {"device": "cpu", "cpu_count": 2, "torch": "2", "torch_threads": 1},
-                  "settings": {"throughput_batch": 4, "latency_tokens": 8, "repeats": 1}, "flops_formula": "2N"}
-    return build_report("api", teacher, students, {"input_rows": 4, "kept": 4, "dropped": 0, "drop_reasons": {}},
-                        deployment)
+    teacher = {
+        "accuracy": 0.9,
+        "rows": 10,
+        "split": "test",
+        "failed": 0,
+        "model": "gpt-x",
+        "api": api,
+        "weights": WEIGHTS_UNAVAILABLE,
+    }
+    student = {
+        "params": 1000,
+        "rows": 10,
+        "split": "test",
+        "perplexity": 2.0,
+        "reference_tokens": 300,
+        "agreement_skipped": WEIGHTS_UNAVAILABLE,
+        "latency_ms_per_token": 1.0,
+        "context": 20,
+    }
+    students = {
+        "baseline": {**student, "accuracy": 0.3, "data": "gold"},
+        "seq-kd": {**student, "accuracy": 0.6, "data": "teacher"},
+    }
+    deployment = {
+        "machine": {"device": "cpu", "cpu_count": 2, "torch": "2", "torch_threads": 1},
+        "settings": {"throughput_batch": 4, "latency_tokens": 8, "repeats": 1},
+        "flops_formula": "2N",
+    }
+    return build_report(
+        "api", teacher, students, {"input_rows": 4, "kept": 4, "dropped": 0, "drop_reasons": {}}, deployment
+    )
 
 
 def test_report_has_the_api_model_as_teacher_without_weight_metrics():
@@ -116,7 +155,8 @@ def task_run_names(flow_run_id, until: str) -> list[str]:
     async def read():
         async with get_client() as client:
             children = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id]))
+            )
             ids = [flow_run_id, *(c.id for c in children)]
             for _ in range(120):
                 runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
@@ -130,8 +170,7 @@ def task_run_names(flow_run_id, until: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_distill_with_an_api_teacher_end_to_end(prefect_server, vllm_server_url, vllm_model_dir, tmp_path,
-                                                monkeypatch):
+def test_distill_with_an_api_teacher_end_to_end(prefect_server, vllm_server_url, vllm_model_dir, tmp_path, monkeypatch):
     from flows.distill import distill
 
     monkeypatch.setenv(KEY_ENV, VLLM_TEST_API_KEY)

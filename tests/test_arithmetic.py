@@ -77,8 +77,9 @@ def test_bad_difficulty_is_refused():
 def test_commuted_order_keeps_the_questions_and_writes_valid_rationales_in_both_orders():
     fixed = generate_splits(SIZES, seed=5, difficulty=Difficulty(2, 5, 9))
     commuted = generate_splits(SIZES, seed=5, difficulty=Difficulty(2, 5, 9), commuted=True)
-    assert {k: [r["question"] for r in v] for k, v in commuted.items()} == {k: [r["question"] for r in v]
-                                                                           for k, v in fixed.items()}
+    assert {k: [r["question"] for r in v] for k, v in commuted.items()} == {
+        k: [r["question"] for r in v] for k, v in fixed.items()
+    }
     swapped = kept = 0
     for a, b in zip(fixed["train"], commuted["train"]):
         assert a["answer"] == b["answer"] and check_answer(b["rationale"], b["answer"])

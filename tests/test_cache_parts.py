@@ -14,8 +14,9 @@ from test_logit_cache import model, rows_of, tokenizer, write_cache  # noqa: F40
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("rows, shard_rows, parts", [(23, 4, 2), (23, 4, 3), (8, 4, 2), (5, 4, 3), (0, 4, 2),
-                                                     (100, 7, 5)])
+@pytest.mark.parametrize(
+    "rows, shard_rows, parts", [(23, 4, 2), (23, 4, 3), (8, 4, 2), (5, 4, 3), (0, 4, 2), (100, 7, 5)]
+)
 def test_parts_are_whole_shards_covering_every_row_once(rows, shard_rows, parts):
     bounds = part_bounds(rows, shard_rows, parts)
     assert len(bounds) == parts and bounds[0][0] == 0 and bounds[-1][1] == rows

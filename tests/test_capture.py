@@ -54,8 +54,16 @@ def kept_rows(n):
     rows = []
     for i in range(n):
         a, b = i % 10, (3 * i) % 10
-        rows.append({"id": f"prompts-{i:06d}", "sample": i % 2, "split": "prompts", "question": f"{a}+{b}",
-                     "answer": str(a + b), "text": f"{a}+{b}={a + b}\nAnswer: {a + b}"})
+        rows.append(
+            {
+                "id": f"prompts-{i:06d}",
+                "sample": i % 2,
+                "split": "prompts",
+                "question": f"{a}+{b}",
+                "answer": str(a + b),
+                "text": f"{a}+{b}={a + b}\nAnswer: {a + b}",
+            }
+        )
     return rows
 
 
@@ -98,14 +106,16 @@ def test_capture_stage_merges_an_ensemble(tmp_path):
     second, _ = tiny_teacher(tmp_path / "t1", seed=1, sharpen=10.0)
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "t0")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(6)).to_parquet(d / "kept.parquet"))
-    section = LogitCacheSection(k=8, value_encoding="fp16", teacher_weight=3.0,
-                                ensemble=[{"model": str(tmp_path / "t1"), "weight": 1.0}])
+    section = LogitCacheSection(
+        k=8, value_encoding="fp16", teacher_weight=3.0, ensemble=[{"model": str(tmp_path / "t1"), "weight": 1.0}]
+    )
     cache = LogitCache.open(capture_logits.fn(run_dir, section, TEMPLATE, teacher, curated).path)
     assert cache.manifest["source"] == "ensemble" and [t["weight"] for t in cache.manifest["teachers"]] == [3.0, 1.0]
     got = cache["prompts-000002/0"]
     with torch.inference_mode():
-        members = [torch.log_softmax(m(input_ids=got.input_ids[None]).logits[0, got.positions], -1)
-                   for m in (first, second)]
+        members = [
+            torch.log_softmax(m(input_ids=got.input_ids[None]).logits[0, got.positions], -1) for m in (first, second)
+        ]
     truth = torch.log(0.75 * members[0].exp() + 0.25 * members[1].exp())
     kl = kl_full_vs_cache(truth, rebuild_logprobs(got.ids, got.logprobs, got.tail, cache.vocab_size))
     assert kl.mean() < 0.02  # the top-8 of each member hold most of the mass of these peaked teachers
@@ -118,8 +128,9 @@ def prompt_logprobs_response(input_ids, distributions, k):
     for t in range(1, len(input_ids)):
         lp = distributions[t - 1]
         order = np.argsort(-lp)
-        entries = {str(i): {"logprob": float(lp[i]), "rank": r + 1, "decoded_token": "?"}
-                   for r, i in enumerate(order[:k])}
+        entries = {
+            str(i): {"logprob": float(lp[i]), "rank": r + 1, "decoded_token": "?"} for r, i in enumerate(order[:k])
+        }
         actual = int(input_ids[t])
         rank = int(np.where(order == actual)[0][0]) + 1
         entries.setdefault(str(actual), {"logprob": float(lp[actual]), "rank": rank, "decoded_token": "?"})
@@ -163,18 +174,27 @@ def test_api_top_logprobs_records_become_a_cache_row():
 def test_api_records_come_from_the_generate_stages_columns():
     from kdflow.logit_cache.capture import api_records
 
-    row = {"id": "q", "sample": 0, "token_ids": [7, 2], "token_logprobs": [-0.1, -0.2],
-           "top_ids": [[7, 8], [2, 3]], "top_logprobs": [[-0.1, -2.5], [-0.2, -1.8]]}
-    assert api_records(row) == [{"token_id": 7, "logprob": -0.1, "top": [(7, -0.1), (8, -2.5)]},
-                                {"token_id": 2, "logprob": -0.2, "top": [(2, -0.2), (3, -1.8)]}]
+    row = {
+        "id": "q",
+        "sample": 0,
+        "token_ids": [7, 2],
+        "token_logprobs": [-0.1, -0.2],
+        "top_ids": [[7, 8], [2, 3]],
+        "top_logprobs": [[-0.1, -2.5], [-0.2, -1.8]],
+    }
+    assert api_records(row) == [
+        {"token_id": 7, "logprob": -0.1, "top": [(7, -0.1), (8, -2.5)]},
+        {"token_id": 2, "logprob": -0.2, "top": [(2, -0.2), (3, -1.8)]},
+    ]
     with pytest.raises(ValueError, match="token ids"):
         api_records({**row, "top_ids": None})
 
 
 def scored_rows(tokenizer) -> list[EncodedRow]:
     rows = []
-    for i, (q, a) in enumerate([("7+8-5", "7+8=15-5\n15-5=10\nAnswer: 10"), ("15-5", "15-5=10\nAnswer: 10"),
-                                ("7+8", "7+8=15\nAnswer: 15")]):
+    for i, (q, a) in enumerate(
+        [("7+8-5", "7+8=15-5\n15-5=10\nAnswer: 10"), ("15-5", "15-5=10\nAnswer: 10"), ("7+8", "7+8=15\nAnswer: 15")]
+    ):
         m = chat(f"Solve step by step: {q}", a)
         rows.append(encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"]))
     return rows
@@ -231,7 +251,9 @@ def test_a_scoring_server_started_without_its_tokenizer_scores_token_ids_as_hf_d
     rows, k = scored_rows(tokenizer), 8
     args = [*prompt_logprobs_args(k, "float32"), "--max-model-len", "1024", "--enforce-eager"]
     assert "--skip-tokenizer-init" in args
-    with vllm_server(vllm_model_dir, extra_args=args, startup_timeout_s=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+    with vllm_server(
+        vllm_model_dir, extra_args=args, startup_timeout_s=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"}
+    ) as url:
         client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=2)
         one_by_one = vllm_topk(client, str(vllm_model_dir), rows, k, concurrency=2)
         batched = vllm_topk_batched(client, str(vllm_model_dir), rows, k, requests=2)
@@ -275,12 +297,15 @@ def existing_output_of(folder):
     return OutputRef(stage=m["stage"], key=m["key"], path=str(folder), sha256=m["sha256"])
 
 
-@pytest.mark.parametrize("section, message", [
-    ("{source: api, k: 30}", "logit_cache: k=30: APIs return at most 20 top_logprobs; use k <= 20"),
-    ("{source: vllm, temperature: 2.0}", "logit_cache: temperature 2.0 needs source 'hf'"),
-    ("{value_encoding: fp8}", "logit_cache.value_encoding: Input should be 'fp16' or 'u8'"),
-    ("{k: 0}", "logit_cache.k: Input should be greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ("{source: api, k: 30}", "logit_cache: k=30: APIs return at most 20 top_logprobs; use k <= 20"),
+        ("{source: vllm, temperature: 2.0}", "logit_cache: temperature 2.0 needs source 'hf'"),
+        ("{value_encoding: fp8}", "logit_cache.value_encoding: Input should be 'fp16' or 'u8'"),
+        ("{k: 0}", "logit_cache.k: Input should be greater than or equal to 1"),
+    ],
+)
 def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
     from pathlib import Path
 
@@ -308,7 +333,9 @@ def test_a_failure_before_the_output_is_in_place_keeps_every_captured_shard(tmp_
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
     section = LogitCacheSection(k=5, shard_rows=6, value_encoding="fp16")
     captured, real_topk, real_finish = [], kdflow.logit_cache.topk.hf_topk, kdflow.store.stage.finish
-    monkeypatch.setattr(kdflow.logit_cache.topk, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a))
+    monkeypatch.setattr(
+        kdflow.logit_cache.topk, "hf_topk", lambda model, rows, *a: captured.extend(rows) or real_topk(model, rows, *a)
+    )
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -378,12 +405,21 @@ def test_two_captures_of_one_key_take_turns_and_both_return_the_finished_output(
     assert not list((run_dir / "logit-cache").glob(".work-*"))
 
 
-@pytest.mark.parametrize("fault, match", [
-    ("nan", r"the teacher \(t0\), capturing shard 1, gave a NaN log-prob for sample 5 \('r5'\) at completion "
-            r"position 1"),
-    ("-inf", r"capturing shard 1, gave a -inf log-prob for sample 5 \('r5'\)"),
-    ("id", r"capturing shard 1, gave token id 64 for sample 5 \('r5'\), outside the cache's vocabulary \(0 to 63\)"),
-])
+@pytest.mark.parametrize(
+    "fault, match",
+    [
+        (
+            "nan",
+            r"the teacher \(t0\), capturing shard 1, gave a NaN log-prob for sample 5 \('r5'\) at completion "
+            r"position 1",
+        ),
+        ("-inf", r"capturing shard 1, gave a -inf log-prob for sample 5 \('r5'\)"),
+        (
+            "id",
+            r"capturing shard 1, gave token id 64 for sample 5 \('r5'\), outside the cache's vocabulary \(0 to 63\)",
+        ),
+    ],
+)
 def test_a_capture_refuses_scores_that_are_not_a_distribution_before_writing_the_shard(tmp_path, fault, match):
     from kdflow.logit_cache.format import TopK, shard_name, tail_from_topk
     from kdflow.logit_cache.scoring import TeacherScoringError

@@ -24,8 +24,10 @@ SHAPE = dict(layers=2, hidden=128, heads=2, kv_heads=1, intermediate=256)  # hea
 
 def problem(rng: random.Random) -> tuple[str, str]:
     a, b, c = rng.randrange(100), rng.randrange(100), rng.randrange(10)
-    return (f"Tom has {a} apples and buys {b} more, then gives away {c}. How many are left?",
-            f"Tom has {a} + {b} = {a + b} apples.\nHe gives away {c}: {a + b} - {c} = {a + b - c}.\n#### {a + b - c}")
+    return (
+        f"Tom has {a} apples and buys {b} more, then gives away {c}. How many are left?",
+        f"Tom has {a} + {b} = {a + b} apples.\nHe gives away {c}: {a + b} - {c} = {a + b - c}.\n#### {a + b - c}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +80,9 @@ def test_capture_at_151936_ids_equals_the_dense_log_softmax(teacher, tokenizer):
     assert teacher.config.vocab_size == QWEN25_VOCAB_ROWS and head_of(teacher) is not None
     rows = rows_of(tokenizer, 6)
     # a small token budget: several batches, each padded to its longest row
-    assert_matches_dense(teacher, rows, hf_topk(teacher, rows, K, batch_tokens=200, pad_id=tokenizer.pad_token_id),
-                         atol=1e-5)
+    assert_matches_dense(
+        teacher, rows, hf_topk(teacher, rows, K, batch_tokens=200, pad_id=tokenizer.pad_token_id), atol=1e-5
+    )
 
 
 def test_only_answer_positions_reach_the_head_and_at_most_a_chunk_at_a_time(teacher, tokenizer):
@@ -122,9 +125,17 @@ def test_logits_with_a_transform_of_their_own_come_from_the_models_forward(token
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                          num_attention_heads=1, num_key_value_heads=1, head_dim=64, final_logit_softcapping=0.5,
-                          pad_token_id=tokenizer.pad_token_id)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=64,
+        final_logit_softcapping=0.5,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     model = Gemma2ForCausalLM(config).eval()
     assert head_of(model) is None
     rows = rows_of(tokenizer, 3)
@@ -135,17 +146,35 @@ def test_an_offline_kd_student_trains_from_a_151936_id_cache(teacher, tokenizer,
     from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
     rows = rows_of(tokenizer, 24, seed=4)
-    meta = cache_meta(teachers=[{"model": "qwen2-small", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=QWEN25_VOCAB_ROWS, k=K, temperature=1.0, encoding=ValueEncoding.u8, source="hf")
-    capture_shards(tmp_path / "cache", [r.row_id for r in rows], 8, meta,
-                   lambda idx: hf_topk(teacher, [rows[i] for i in idx], K, pad_id=tokenizer.pad_token_id))
+    meta = cache_meta(
+        teachers=[{"model": "qwen2-small", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=QWEN25_VOCAB_ROWS,
+        k=K,
+        temperature=1.0,
+        encoding=ValueEncoding.u8,
+        source="hf",
+    )
+    capture_shards(
+        tmp_path / "cache",
+        [r.row_id for r in rows],
+        8,
+        meta,
+        lambda idx: hf_topk(teacher, [rows[i] for i in idx], K, pad_id=tokenizer.pad_token_id),
+    )
     cache = LogitCache.open(tmp_path / "cache", expect_tokenizer=tokenizer, expect_vocab_size=QWEN25_VOCAB_ROWS)
     assert int(cache[rows[0].row_id].ids.max()) < QWEN25_VOCAB_ROWS and cache.manifest["id_bytes"] == 3
     student = qwen2_model(tokenizer, seed=1, layers=1, hidden=64, heads=1, kv_heads=1, intermediate=128)
-    training = {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1,
-                "max_length": 128}
-    history = train_offline_kd(student, tokenizer, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5),
-                               training, tmp_path / "out", seed=0)
+    training = {
+        "max_steps": 6,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_length": 128,
+    }
+    history = train_offline_kd(
+        student, tokenizer, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5), training, tmp_path / "out", seed=0
+    )
     kd = [h["kd_loss"] for h in history if "kd_loss" in h]
     assert len(kd) == 6 and all(np.isfinite(kd)) and kd[-1] < kd[0]
     assert (tmp_path / "out" / "model" / "config.json").is_file()

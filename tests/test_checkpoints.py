@@ -18,8 +18,14 @@ from kdflow.training.sft import train_sft
 from test_finite_training import sft_rows, student, teacher  # noqa: F401  (teacher: the fixture)
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 6, "save_steps": 2, "per_device_train_batch_size": 8, "learning_rate": 1e-2,
-            "logging_steps": 1, "max_length": 64}
+TRAINING = {
+    "max_steps": 6,
+    "save_steps": 2,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 1,
+    "max_length": 64,
+}
 # What torch.save raised on a full tmpfs (measured): the errno is lost on the way.
 TORCH_ENOSPC = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
 
@@ -28,8 +34,12 @@ class Killed(BaseException):
     """A SIGKILL mid-save, as far as the process can tell: nothing after it runs."""
 
 
-def test_a_checkpoint_killed_before_its_state_was_written_is_set_aside_and_the_rerun_resumes(teacher, tmp_path,  # noqa: F811
-                                                                                            monkeypatch, caplog):
+def test_a_checkpoint_killed_before_its_state_was_written_is_set_aside_and_the_rerun_resumes(
+    teacher,
+    tmp_path,  # noqa: F811
+    monkeypatch,
+    caplog,
+):
     _, tok = teacher
     folder, save = tmp_path / "checkpoints", TrainerState.save_to_json
 
@@ -66,8 +76,11 @@ def test_a_state_file_cut_short_is_torn_and_a_second_torn_one_gets_its_own_name(
     assert last_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_a_full_disk_mid_checkpoint_says_disk_full_and_the_rerun_resumes_from_the_whole_one(teacher, tmp_path,  # noqa: F811
-                                                                                           monkeypatch):
+def test_a_full_disk_mid_checkpoint_says_disk_full_and_the_rerun_resumes_from_the_whole_one(
+    teacher,
+    tmp_path,  # noqa: F811
+    monkeypatch,
+):
     _, tok = teacher
     folder, save = tmp_path / "checkpoints", Trainer._save_optimizer_and_scheduler
 
@@ -78,9 +91,12 @@ def test_a_full_disk_mid_checkpoint_says_disk_full_and_the_rerun_resumes_from_th
 
     monkeypatch.setattr(Trainer, "_save_optimizer_and_scheduler", disk_fills_at_step_4)
     monkeypatch.setattr(checkpoints_module, "free_bytes", lambda folder: 0)
-    with pytest.raises(DiskFull, match=rf"disk full while saving to {folder} \(0 MiB free on its disk; RuntimeError: "
-                                       r"\[enforce fail.*\)\. Free space on that disk, or put the run folder \(run.root\) "
-                                       "on a larger one, then rerun") as failed:
+    with pytest.raises(
+        DiskFull,
+        match=rf"disk full while saving to {folder} \(0 MiB free on its disk; RuntimeError: "
+        r"\[enforce fail.*\)\. Free space on that disk, or put the run folder \(run.root\) "
+        "on a larger one, then rerun",
+    ) as failed:
         train_sft(student(tok), tok, sft_rows(), TRAINING, tmp_path / "a", 0, folder)
     assert failed.value.errno == errno.ENOSPC
     monkeypatch.undo()  # space freed

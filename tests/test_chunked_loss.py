@@ -39,8 +39,9 @@ def test_chunked_kd_equals_the_dense_loss_and_its_gradients_in_float64(kind, tem
     mask = torch.arange(N) % 5 != 0
     dense = sparse_kd_loss(hidden @ weight.T + bias, ids, logprobs, tail, kind, temperature, mask, beta=0.3, skew=0.2)
     # 5 rows a chunk: 8 chunks, the last one short
-    fused = chunked_sparse_kd_loss(hidden, weight, ids, logprobs, tail, kind, temperature, mask, beta=0.3, skew=0.2,
-                                   bias=bias, chunk_size=5)
+    fused = chunked_sparse_kd_loss(
+        hidden, weight, ids, logprobs, tail, kind, temperature, mask, beta=0.3, skew=0.2, bias=bias, chunk_size=5
+    )
     assert fused.dtype == torch.float64 and dense.item() > 1e-3
     torch.testing.assert_close(fused, dense, rtol=0, atol=1e-6)
     for got, want in zip(grads(fused, hidden, weight, bias), grads(dense, hidden, weight, bias)):
@@ -67,8 +68,9 @@ def test_ce_and_kd_in_one_pass_equal_the_two_dense_losses_mixed():
     ce, kd = head_losses(hidden, weight, bias, labels, Teacher(ids, logprobs, tail, Divergence.jsd, 2.0), chunk_size=7)
     fused = alpha * ce.sum() / (labels != IGNORE_INDEX).sum() + (1 - alpha) * kd.mean()
     logits = hidden @ weight.T + bias
-    dense = alpha * cross_entropy(logits, labels) + (1 - alpha) * sparse_kd_loss(logits, ids, logprobs, tail,
-                                                                                 Divergence.jsd, 2.0)
+    dense = alpha * cross_entropy(logits, labels) + (1 - alpha) * sparse_kd_loss(
+        logits, ids, logprobs, tail, Divergence.jsd, 2.0
+    )
     torch.testing.assert_close(fused, dense, rtol=0, atol=1e-6)
     for got, want in zip(grads(fused, hidden, weight, bias), grads(dense, hidden, weight, bias)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -148,8 +150,13 @@ def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tm
 
     _, tok = tiny_teacher(tmp_path / "teacher")
     rows = [chat(TEMPLATE.replace("{{ question }}", r["question"]), r["text"]) for r in kept_rows(32)]
-    training = {"max_steps": 5, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
-                "max_length": 64}
+    training = {
+        "max_steps": 5,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_length": 64,
+    }
     calls = []
     original = head.fused_head
     monkeypatch.setattr(head, "fused_head", lambda *a: calls.append(original(*a)) or calls[-1])

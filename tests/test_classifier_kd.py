@@ -29,6 +29,7 @@ def mini(tmp_path) -> Path:
 
 # ---- recipe ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_classifier_recipe_validates_and_its_student_is_10x_smaller(path):
     r = load_classifier_recipe(path)
@@ -63,6 +64,7 @@ def test_recipe_errors_name_file_line_field_and_fix():
 
 # ---- the digits path ------------------------------------------------------------------------------------
 
+
 def test_digits_splits_are_disjoint_stratified_and_fixed_by_the_data_seed():
     a = classifier_kd.load_digits_splits(0, 0.4, 0.15)
     assert {k: len(v) for k, v in a.items()} == {"train": 808, "val": 270, "test": 719}
@@ -88,14 +90,19 @@ def test_a_student_learns_from_hard_labels_and_from_soft_targets():
     classifier_kd.train(teacher, data["train"], training, seed=0)
     soft = classifier_kd.predict_logits(teacher, data["train"].x)
     student = classifier_kd.mlp(64, [16], 10, 0.0, seed=1)
-    history = classifier_kd.train(student, data["train"], training, seed=1, teacher_logits=soft, alpha=0.1,
-                                  temperature=4.0)
+    history = classifier_kd.train(
+        student, data["train"], training, seed=1, teacher_logits=soft, alpha=0.1, temperature=4.0
+    )
     assert history[-1] < history[0]
-    assert classifier_kd.accuracy(classifier_kd.predict_logits(student, data["test"].x), data["test"].y)["accuracy"] > 0.5
+    assert (
+        classifier_kd.accuracy(classifier_kd.predict_logits(student, data["test"].x), data["test"].y)["accuracy"] > 0.5
+    )
     # the same seed gives the same student
     again = classifier_kd.mlp(64, [16], 10, 0.0, seed=1)
-    assert classifier_kd.train(again, data["train"], training, seed=1, teacher_logits=soft, alpha=0.1,
-                               temperature=4.0) == history
+    assert (
+        classifier_kd.train(again, data["train"], training, seed=1, teacher_logits=soft, alpha=0.1, temperature=4.0)
+        == history
+    )
 
 
 def test_spread_is_mean_and_sample_std():
@@ -105,6 +112,7 @@ def test_spread_is_mean_and_sample_std():
 
 
 # ---- the transformers path ------------------------------------------------------------------------------
+
 
 def test_generated_reviews_are_deterministic_balanced_and_need_word_order():
     rows = classifier_hf.generate_reviews(2000, seed=3)
@@ -126,21 +134,34 @@ def test_hinton_trainer_uses_the_shared_loss_and_trains_a_sequence_classifier(tm
     student = classifier_hf.sequence_classifier(tokenizer, 16, 1, 2, 32, seed=0)
     args = classifier_hf.training_arguments({"max_steps": 3, "per_device_train_batch_size": 16}, str(tmp_path), 0)
     trainer = classifier_hf.HintonTrainer(model=student, args=args, alpha=0.3, temperature=2.0)
-    batch = {"input_ids": train.x[:8], "attention_mask": (train.x[:8] != pad).long(), "labels": train.y[:8],
-             "teacher_logits": teacher_logits[:8]}
+    batch = {
+        "input_ids": train.x[:8],
+        "attention_mask": (train.x[:8] != pad).long(),
+        "labels": train.y[:8],
+        "teacher_logits": teacher_logits[:8],
+    }
     student.eval()
     loss = trainer.compute_loss(student, batch)
     logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert loss.item() == pytest.approx(hinton_loss(logits, teacher_logits[:8], train.y[:8], 0.3, 2.0).item(), rel=1e-5)
 
-    history = classifier_hf.train_classifier(student, train, pad, {"max_steps": 3, "per_device_train_batch_size": 16,
-                                                                   "logging_steps": 1}, tmp_path, 0,
-                                             teacher_logits=teacher_logits, alpha=0.3, temperature=2.0)
+    history = classifier_hf.train_classifier(
+        student,
+        train,
+        pad,
+        {"max_steps": 3, "per_device_train_batch_size": 16, "logging_steps": 1},
+        tmp_path,
+        0,
+        teacher_logits=teacher_logits,
+        alpha=0.3,
+        temperature=2.0,
+    )
     assert [h["step"] for h in history if "loss" in h] == [1, 2, 3]
     assert classifier_hf.predict_logits(student, splits["test"].x, pad).shape == (len(splits["test"]), 2)
 
 
 # ---- the flows, on the miniature recipe -----------------------------------------------------------------
+
 
 def read_artifacts(keys: list[str]) -> dict[str, object]:
     from prefect.client.orchestration import get_client
@@ -154,8 +175,10 @@ def read_artifacts(keys: list[str]) -> dict[str, object]:
 
 
 def stage_folders(run_dir: Path) -> dict[str, set[str]]:
-    return {stage: {p.name for p in (run_dir / stage).iterdir() if not p.name.startswith(".")}  # not lock files
-            for stage in ("classifier-data", "classifier-teacher", "classifier-student")}
+    return {
+        stage: {p.name for p in (run_dir / stage).iterdir() if not p.name.startswith(".")}  # not lock files
+        for stage in ("classifier-data", "classifier-teacher", "classifier-student")
+    }
 
 
 @pytest.mark.slow
@@ -184,8 +207,10 @@ def test_distill_classifier_then_sweep_on_the_miniature_recipe(prefect_server, m
     assert set(section["references"]) == {"ensemble of 2", "KD student (all classes)"}
     for s in section["students"].values():
         assert len(s["class_errors"]["values"]) == 2 and min(s["bias"]["values"]) >= 0
-    manifests = [json.loads((run_dir / "classifier-student" / f / "manifest.json").read_text())
-                 for f in folders["classifier-student"]]
+    manifests = [
+        json.loads((run_dir / "classifier-student" / f / "manifest.json").read_text())
+        for f in folders["classifier-student"]
+    ]
     no_threes = [m for m in manifests if m["omit_class"] == 3]
     # the training split has 808 images, 82 of them 3s
     assert len(no_threes) == 4 and {m["rows"] for m in no_threes} == {section["transfer_rows"]} == {808 - 82}
@@ -203,10 +228,20 @@ def test_distill_classifier_then_sweep_on_the_miniature_recipe(prefect_server, m
     # new students: 2 seeds x 4 grid points, less the one that is the distill flow's own (ensemble 2, T 4)
     assert len(after["classifier-student"] - folders["classifier-student"]) == 2 * 3
 
-    artifacts = read_artifacts(["classifier-mini-report", "classifier-mini-table", "classifier-mini-sweep-report",
-                                "classifier-mini-sweep-table"])
-    assert set(artifacts) == {"classifier-mini-report", "classifier-mini-table", "classifier-mini-sweep-report",
-                              "classifier-mini-sweep-table"}
+    artifacts = read_artifacts(
+        [
+            "classifier-mini-report",
+            "classifier-mini-table",
+            "classifier-mini-sweep-report",
+            "classifier-mini-sweep-table",
+        ]
+    )
+    assert set(artifacts) == {
+        "classifier-mini-report",
+        "classifier-mini-table",
+        "classifier-mini-sweep-report",
+        "classifier-mini-sweep-table",
+    }
     assert "Classic KD report: classifier-mini" in artifacts["classifier-mini-report"].data
     assert "data:image/png;base64," in artifacts["classifier-mini-sweep-report"].data
 
@@ -216,8 +251,10 @@ def test_distill_classifier_through_transformers_on_generated_reviews(prefect_se
     from flows.distill_classifier import distill_classifier
 
     text = mini.read_text()
-    head = text[:text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
-    mini.write_text(head + """
+    head = text[: text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
+    mini.write_text(
+        head
+        + """
 teacher:
   model: {kind: transformer, hidden: 64, layers: 1, heads: 2, intermediate: 128,
           training: {max_steps: 4, per_device_train_batch_size: 32}}
@@ -226,22 +263,26 @@ student:
           training: {max_steps: 4, per_device_train_batch_size: 32}}
 distill: {temperature: 2.0, alpha: 0.5}
 seeds: [0]
-""")
+"""
+    )
     report = distill_classifier(str(mini))
     run_dir = load_classifier_recipe(mini).run_dir
     assert report["data"]["source"] == "reviews"
     assert report["models"]["KD student"]["teacher_size_ratio"] >= 10
     data = next(p for p in (run_dir / "classifier-data").iterdir() if not p.name.startswith("."))
     assert (data / "tokenizer" / "tokenizer.json").is_file() and (data / "rows.jsonl").is_file()
-    assert all((p / "model" / "config.json").is_file() for p in (run_dir / "classifier-student").iterdir()
-               if not p.name.startswith("."))
+    assert all(
+        (p / "model" / "config.json").is_file()
+        for p in (run_dir / "classifier-student").iterdir()
+        if not p.name.startswith(".")
+    )
 
 
 def test_sweep_without_a_sweep_section_is_refused_before_any_work(prefect_server, mini):
     from flows.classifier_sweep import classifier_sweep
 
     text = mini.read_text()
-    mini.write_text(text[:text.index("sweep:")])
+    mini.write_text(text[: text.index("sweep:")])
     with pytest.raises(RecipeError, match="no `sweep` section"):
         classifier_sweep(str(mini))
     assert not (mini.parent / "runs").exists()

@@ -104,8 +104,9 @@ def shipped_keys(recipe: str) -> dict[str, str]:
     k["generate"] = GENERATE.key(section=r.generation, template=cot, teacher=fake("teacher"), data=fake("data"))
     k["curate"] = CURATE.key(section=r.filters, source=r.data.source, answers=fake("generate"), teacher=fake("teacher"))
     if r.logit_cache:
-        k["logit-cache"] = CAPTURE.key(section=r.logit_cache, template=cot, teacher=fake("teacher"),
-                                       curated=fake("curate"))
+        k["logit-cache"] = CAPTURE.key(
+            section=r.logit_cache, template=cot, teacher=fake("teacher"), curated=fake("curate")
+        )
     for s in r.student_runs():
         if isinstance(s.init, StudentInit):  # its start: the parent's trained folder, whose path carries its key
             s = s.model_copy(update={"model": f"{FIXED_START}-{s.init.student}", "init": None})
@@ -113,12 +114,24 @@ def shipped_keys(recipe: str) -> dict[str, str]:
             k[f"prune {s.name}"] = PRUNE.key(init=s.init, teacher=fake("teacher"), data=fake("data"), template=cot)
             s = s.model_copy(update={"model": FIXED_START, "init": None})
         curated, logits = student_inputs(s, fake("curate"), fake("logits"))
-        k[f"students {s.name}"] = STUDENTS.key(section=s, template=cot, teacher=fake("teacher"), data=fake("data"),
-                                              curated=curated, logits=logits)
-    k["evaluate"] = EVALUATE.key(section=r.evaluation, template=cot, source=r.data.source, model=fake("students"),
-                                 teacher=fake("teacher"), data=fake("data"))
-    k["deployment"] = DEPLOYMENT.key(models={"teacher": fake("teacher")}, settings=r.evaluation.deployment,
-                                     template=cot, data=fake("data"), split=r.evaluation.split)
+        k[f"students {s.name}"] = STUDENTS.key(
+            section=s, template=cot, teacher=fake("teacher"), data=fake("data"), curated=curated, logits=logits
+        )
+    k["evaluate"] = EVALUATE.key(
+        section=r.evaluation,
+        template=cot,
+        source=r.data.source,
+        model=fake("students"),
+        teacher=fake("teacher"),
+        data=fake("data"),
+    )
+    k["deployment"] = DEPLOYMENT.key(
+        models={"teacher": fake("teacher")},
+        settings=r.evaluation.deployment,
+        template=cot,
+        data=fake("data"),
+        split=r.evaluation.split,
+    )
     for m in r.evaluation.quantize:
         k[f"quantize {m}"] = QUANTIZE.key(method=m, model=fake("students"))
     return k
@@ -200,8 +213,9 @@ def local_judge_key(folder: Path) -> str:
     from tasks.evaluate import JUDGE
 
     section = EvaluationSection.Judge(backend="hf", model=str(folder))
-    return JUDGE.key(section=section, students={"s": fake("evaluate")}, teacher=fake("evaluate"), data=fake("data"),
-                     split="test")
+    return JUDGE.key(
+        section=section, students={"s": fake("evaluate")}, teacher=fake("evaluate"), data=fake("data"), split="test"
+    )
 
 
 def test_a_local_judge_is_keyed_by_its_files_and_so_are_its_kept_replies(tmp_path):
@@ -248,13 +262,23 @@ def openai_card(created: int) -> dict:
 
 
 def vllm_card(root: str) -> dict:  # vLLM stamps `created` with the time of the request
-    return {"id": "teacher-model", "object": "model", "created": time.time_ns(), "owned_by": "vllm", "root": root,
-            "max_model_len": 2048}
+    return {
+        "id": "teacher-model",
+        "object": "model",
+        "created": time.time_ns(),
+        "owned_by": "vllm",
+        "root": root,
+        "max_model_len": 2048,
+    }
 
 
 def generation(url: str) -> GenerationSection:
-    return GenerationSection(backend="openai", splits=["train"], max_new_tokens=8,
-                             api={"base_url": url + "/v1", "model": "teacher-model", "api_key_env": None})
+    return GenerationSection(
+        backend="openai",
+        splits=["train"],
+        max_new_tokens=8,
+        api={"base_url": url + "/v1", "model": "teacher-model", "api_key_env": None},
+    )
 
 
 def api_keys_now(url: str) -> dict[str, str]:
@@ -267,17 +291,29 @@ def api_keys_now(url: str) -> dict[str, str]:
     judge = EvaluationSection.Judge(base_url=url + "/v1", model="teacher-model", api_key_env=None)
     return {
         "generate": GENERATE.key(section=g, template="t", teacher=fake("teacher"), data=fake("data")),
-        "api-evaluate": API_EVALUATE.key(section=EvaluationSection(), template="t", source=DataSource.arithmetic, generation=g,
-                                         teacher=fake("teacher"), data=fake("data")),
-        "judge": JUDGE.key(section=judge, students={"s": fake("evaluate")}, teacher=fake("evaluate"),
-                           data=fake("data"), split="test"),
+        "api-evaluate": API_EVALUATE.key(
+            section=EvaluationSection(),
+            template="t",
+            source=DataSource.arithmetic,
+            generation=g,
+            teacher=fake("teacher"),
+            data=fake("data"),
+        ),
+        "judge": JUDGE.key(
+            section=judge, students={"s": fake("evaluate")}, teacher=fake("evaluate"), data=fake("data"), split="test"
+        ),
         "judge-replies": str(reply_folder(Path("/run"), judge)),
     }
 
 
-@pytest.mark.parametrize("card, another", [(lambda: openai_card(1700000000), lambda: openai_card(1800000000)),
-                                           (lambda: vllm_card("/models/a"), lambda: vllm_card("/models/b"))],
-                         ids=["openai-created", "vllm-root"])
+@pytest.mark.parametrize(
+    "card, another",
+    [
+        (lambda: openai_card(1700000000), lambda: openai_card(1800000000)),
+        (lambda: vllm_card("/models/a"), lambda: vllm_card("/models/b")),
+    ],
+    ids=["openai-created", "vllm-root"],
+)
 def test_another_model_served_under_the_same_name_and_url_gets_new_keys(card, another):
     current = {"card": card}
     with ServingTeacher(lambda: [{"id": "other"}, current["card"]()]) as server:
@@ -294,7 +330,10 @@ def test_the_card_is_read_once_per_run_and_a_server_that_cannot_say_keeps_the_la
         listed = server.listed
         for _ in range(3):
             assert served.served_identity(server.url + "/v1", "teacher-model") == {
-                "id": "teacher-model", "created": 1700000000, "owned_by": "org"}
+                "id": "teacher-model",
+                "created": 1700000000,
+                "owned_by": "org",
+            }
         assert server.listed == listed  # asked once in this process, not once per key
         url = server.url
     # The server is gone (no network): keyed by what it said last time, with a warning; nothing is asked anyway.
@@ -306,15 +345,17 @@ def test_the_card_is_read_once_per_run_and_a_server_that_cannot_say_keeps_the_la
 
         served.forget()
         g = generation(bare.url)
-        legacy = content_key("generate", "2", {"section": g, "template": "t", "teacher": fake("teacher"),
-                                               "data": fake("data")})
+        legacy = content_key(
+            "generate", "2", {"section": g, "template": "t", "teacher": fake("teacher"), "data": fake("data")}
+        )
         assert GENERATE.key(section=g, template="t", teacher=fake("teacher"), data=fake("data")) == legacy
     assert "keyed by its name and URL alone" in caplog.text
 
 
 def data_output(run_dir: Path) -> OutputRef:
-    rows = [{"id": f"r{i}", "question": f"{i}+1", "answer": str(i + 1), "rationale": f"{i}+1={i + 1}"}
-            for i in range(3)]
+    rows = [
+        {"id": f"r{i}", "question": f"{i}+1", "answer": str(i + 1), "rationale": f"{i}+1={i + 1}"} for i in range(3)
+    ]
     with building(run_dir, "data", "d" * 64) as tmp:
         pd.DataFrame(rows).to_parquet(tmp / "train.parquet", index=False)
         finish(tmp, "data", "d" * 64, inputs={}, splits={"train": 3})
@@ -331,8 +372,9 @@ def test_answers_paid_for_under_the_older_key_are_taken_over_not_asked_again(tmp
     data = data_output(run_dir)
     with ServingTeacher(lambda: [openai_card(1700000000)]) as server:
         g = generation(server.url)
-        legacy_key = content_key("generate", "2", {"section": g, "template": template, "teacher": teacher,
-                                                   "data": data})
+        legacy_key = content_key(
+            "generate", "2", {"section": g, "template": template, "teacher": teacher, "data": data}
+        )
         with building(run_dir, "generate", legacy_key) as tmp:  # as older code wrote it: no served model named
             pd.DataFrame([{"id": "r0", "text": "paid for", "sample": 0}]).to_parquet(tmp / "answers.parquet")
             pd.DataFrame({"id": []}).to_parquet(tmp / "failures.parquet")

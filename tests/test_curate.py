@@ -15,8 +15,14 @@ from kdflow.curation.pipeline import curate, filter_by_correctness, reason_count
 
 
 def answer(i, text, finish="stop", gold="15", question="12+3", sample=None, tokens=None):
-    row = {"id": f"r{i}", "question": question, "answer": gold, "text": text, "finish_reason": finish,
-           "completion_tokens": tokens if tokens is not None else len(text)}
+    row = {
+        "id": f"r{i}",
+        "question": question,
+        "answer": gold,
+        "text": text,
+        "finish_reason": finish,
+        "completion_tokens": tokens if tokens is not None else len(text),
+    }
     if sample is not None:
         row["sample"] = sample
     return row
@@ -45,8 +51,12 @@ def test_kept_plus_dropped_is_the_input_and_every_drop_has_a_reason():
     assert [r["id"] for r in kept] == ["r0", "r5"]
     assert sorted(r["id"] for r in kept + dropped) == sorted(r["id"] for r in ROWS)
     reasons = {r["id"]: r["reasons"] for r in dropped}
-    assert reasons == {"r1": ["wrong_answer"], "r2": ["no_final_answer"], "r3": ["truncated", "no_final_answer"],
-                       "r4": ["truncated"]}
+    assert reasons == {
+        "r1": ["wrong_answer"],
+        "r2": ["no_final_answer"],
+        "r3": ["truncated", "no_final_answer"],
+        "r4": ["truncated"],
+    }
     assert all(r["text"] for r in dropped)  # the raw text stays with the drop
     assert reason_counts(dropped) == {"wrong_answer": 1, "no_final_answer": 2, "truncated": 2}
 
@@ -67,8 +77,9 @@ def test_each_generic_filter_drops_with_its_own_reason():
         answer(6, "12 + 3 = 15.\nAnswer: 15", tokens=6),  # the same words: a copy once normalised
         answer(7, "twelve plus three\nAnswer: 15", tokens=6, question="3+12"),
     ]
-    section = filters(length={"min_tokens": 3, "max_tokens": 50}, patterns={"required": r"\d ?\+ ?\d|plus"},
-                      dedup={"near": False})
+    section = filters(
+        length={"min_tokens": 3, "max_tokens": 50}, patterns={"required": r"\d ?\+ ?\d|plus"}, dedup={"near": False}
+    )
     kept, dropped = curate(rows, section, check_answer, extract_answer, tokens=[r["completion_tokens"] for r in rows])
     assert len(kept) + len(dropped) == len(rows)
     assert [r["id"] for r in kept] == ["r0", "r7"]
@@ -85,18 +96,26 @@ def test_each_generic_filter_drops_with_its_own_reason():
 
 
 def test_near_duplicates_are_dropped_and_point_at_the_kept_row():
-    base = ("First add twelve and three to get fifteen, then check the sum once more by counting up from twelve "
-            "one step at a time until three steps are done, and write the total down carefully.\nAnswer: 15")
-    rows = [answer(0, base), answer(1, base.replace("carefully", "neatly")), answer(2, "12+3=15\nAnswer: 15"),
-            answer(3, "Start from twelve, count three more: thirteen, fourteen, fifteen. Answer: 15")]
+    base = (
+        "First add twelve and three to get fifteen, then check the sum once more by counting up from twelve "
+        "one step at a time until three steps are done, and write the total down carefully.\nAnswer: 15"
+    )
+    rows = [
+        answer(0, base),
+        answer(1, base.replace("carefully", "neatly")),
+        answer(2, "12+3=15\nAnswer: 15"),
+        answer(3, "Start from twelve, count three more: thirteen, fourteen, fifteen. Answer: 15"),
+    ]
     kept, dropped = curate(rows, filters(dedup={"by": "text", "threshold": 0.6}), check_answer, extract_answer)
     assert [r["id"] for r in kept] == ["r0", "r2", "r3"]
     assert by_id(dropped) == {"r1/0": ["near_duplicate"]} and dropped[0]["detail"] == "near_duplicate of r0/0"
 
 
 def test_self_consistency_with_gold_keeps_the_correct_samples_under_the_policy():
-    rows = [answer(0, t, sample=s) for s, t in enumerate(
-        ["12+3=15\nAnswer: 15", "Answer: 16", "12+3=15, so\nAnswer: 15", "Answer: 15"])]
+    rows = [
+        answer(0, t, sample=s)
+        for s, t in enumerate(["12+3=15\nAnswer: 15", "Answer: 16", "12+3=15, so\nAnswer: 15", "Answer: 15"])
+    ]
     for policy, k, expected in [("all", 1, [0, 2, 3]), ("shortest", 1, [3]), ("best_k", 2, [3, 0])]:
         kept, dropped = curate(rows, filters(self_consistency={"policy": policy, "k": k}), check_answer, extract_answer)
         assert sorted(r["sample"] for r in kept) == sorted(expected), policy
@@ -110,8 +129,12 @@ def test_self_consistency_without_gold_keeps_the_majority_answer():
     rows += [answer(1, t, gold="", sample=s, question="q2") for s, t in enumerate(["#### 3", "#### 4"])]
     kept, dropped = curate(rows, filters(self_consistency={"policy": "all"}), math_check, math_extract)
     assert [(r["id"], r["sample"]) for r in kept] == [("r0", 0), ("r0", 1), ("r0", 3)]
-    assert by_id(dropped) == {"r0/2": ["minority_answer"], "r0/4": ["no_final_answer"],
-                              "r1/0": ["no_majority"], "r1/1": ["no_majority"]}
+    assert by_id(dropped) == {
+        "r0/2": ["minority_answer"],
+        "r0/4": ["no_final_answer"],
+        "r1/0": ["no_majority"],
+        "r1/1": ["no_majority"],
+    }
 
 
 def test_judge_filter_scores_with_planted_replies_and_keeps_the_reply():
@@ -124,12 +147,16 @@ def test_judge_filter_scores_with_planted_replies_and_keeps_the_reply():
         return [next(v for k, v in replies.items() if k in p) for p in prompts]
 
     template = "Q: {{ question }}\nA: {{ answer }}\nScore:"
-    kept, dropped = curate(rows, filters(judge={"threshold": 6}), check_answer, extract_answer,
-                           judge_template=template, complete=complete)
+    kept, dropped = curate(
+        rows, filters(judge={"threshold": 6}), check_answer, extract_answer, judge_template=template, complete=complete
+    )
     assert len(prompts_seen) == 4  # the wrong answer never reaches the (expensive) judge
     assert [r["id"] for r in kept] == ["r0", "r3"] and kept[0]["judge_score"] == 9.0
     assert by_id(dropped) == {"r1/0": ["judge_low_score"], "r2/0": ["judge_unparsed"], "r4/0": ["wrong_answer"]}
-    assert {r["id"]: r["judge_reply"] for r in dropped if r["id"] != "r4"} == {"r1": replies["(1)"], "r2": replies["(2)"]}
+    assert {r["id"]: r["judge_reply"] for r in dropped if r["id"] != "r4"} == {
+        "r1": replies["(1)"],
+        "r2": replies["(2)"],
+    }
     with pytest.raises(ValueError, match="judge"):
         curate(rows, filters(judge={}), check_answer, extract_answer)
     assert parse_score("Score: 4\n...\nScore: 7.5") == 7.5 and parse_score("none") is None
@@ -168,8 +195,9 @@ def answers_and_teacher(run_dir, rows, tok, max_positions):
         return existing_output(run_dir, name, name.ljust(64, "0"))
 
     def teacher_folder(tmp):
-        llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0,
-                    max_positions=max_positions).save_pretrained(tmp / "model")
+        llama_model(
+            tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0, max_positions=max_positions
+        ).save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
         write_location(tmp, "model")
 
@@ -189,17 +217,42 @@ def test_curate_stage_writes_datasets_report_and_manifest(prefect_server, tmp_pa
     from tasks.curate import filter_answers
 
     texts = ["5+5=10, so #### 10", "It is \\boxed{10}", "#### 11", "I'm sorry, I can't help with that.", "#### 10"]
-    rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": s, "text": t,
-             "finish_reason": "stop", "completion_tokens": len(t)} for s, t in enumerate(texts)]
-    rows += [{"id": "q1", "split": "prompts", "question": "What is 2+2?", "answer": "4", "sample": 0,
-              "text": "Let me think about it step by", "finish_reason": "length", "completion_tokens": 96}]
+    rows = [
+        {
+            "id": "q0",
+            "split": "prompts",
+            "question": "What is 5+5?",
+            "answer": "10",
+            "sample": s,
+            "text": t,
+            "finish_reason": "stop",
+            "completion_tokens": len(t),
+        }
+        for s, t in enumerate(texts)
+    ]
+    rows += [
+        {
+            "id": "q1",
+            "split": "prompts",
+            "question": "What is 2+2?",
+            "answer": "4",
+            "sample": 0,
+            "text": "Let me think about it step by",
+            "finish_reason": "length",
+            "completion_tokens": 96,
+        }
+    ]
     tok = train_tokenizer(texts + ["Score: 7", "What is 5+5?"], vocab_size=80)
     tok.save_pretrained(tmp_path / "student-tokenizer")
 
     answers, teacher = answers_and_teacher(tmp_path, rows, tok, max_positions=1024)
-    section = filters(length={"min_tokens": 2, "tokenizer": str(tmp_path / "student-tokenizer")}, patterns={},
-                      self_consistency={"policy": "all"}, dedup={"by": "question_and_text"},
-                      judge={"threshold": 5, "max_new_tokens": 4})
+    section = filters(
+        length={"min_tokens": 2, "tokenizer": str(tmp_path / "student-tokenizer")},
+        patterns={},
+        self_consistency={"policy": "all"},
+        dedup={"by": "question_and_text"},
+        judge={"threshold": 5, "max_new_tokens": 4},
+    )
     ref = filter_answers.fn(tmp_path, section, DataSource.gsm8k, answers, teacher)
     out = Path(ref.path)
     kept, dropped = pd.read_parquet(out / "kept.parquet"), pd.read_parquet(out / "dropped.parquet")
@@ -258,12 +311,25 @@ def test_curate_stage_keeps_a_verify_timeout_in_the_drops_dataset(prefect_server
     from kdflow.store.outputs import building, existing_output, finish
     from tasks.curate import filter_answers
 
-    rows = [{"id": f"q{i}", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0, "text": t,
-             "finish_reason": "stop", "completion_tokens": len(t)} for i, t in enumerate(["#### 10", RUNAWAY])]
+    rows = [
+        {
+            "id": f"q{i}",
+            "split": "prompts",
+            "question": "What is 5+5?",
+            "answer": "10",
+            "sample": 0,
+            "text": t,
+            "finish_reason": "stop",
+            "completion_tokens": len(t),
+        }
+        for i, t in enumerate(["#### 10", RUNAWAY])
+    ]
     with building(tmp_path, "generate", "g" * 64) as tmp:
         pd.DataFrame(rows).to_parquet(tmp / "answers.parquet", index=False)
         finish(tmp, "generate", "g" * 64, inputs={})
-    ref = filter_answers.fn(tmp_path, FiltersSection(), DataSource.gsm8k, existing_output(tmp_path, "generate", "g" * 64))
+    ref = filter_answers.fn(
+        tmp_path, FiltersSection(), DataSource.gsm8k, existing_output(tmp_path, "generate", "g" * 64)
+    )
     dropped = pd.read_parquet(Path(ref.path) / "dropped.parquet")
     assert dropped["id"].tolist() == ["q1"] and list(dropped["reasons"].item()) == ["verify_timeout"]
     assert dropped["text"].item() == RUNAWAY and "9^9^9^9" in dropped["detail"].item()
@@ -281,16 +347,27 @@ def test_editing_the_judge_filter_template_reruns_the_curate_stage(prefect_serve
     from kdflow.training.tiny_models import train_tokenizer
     from tasks.curate import filter_answers
 
-    rows = [{"id": "q0", "split": "prompts", "question": "What is 5+5?", "answer": "10", "sample": 0,
-             "text": "#### 10", "finish_reason": "stop", "completion_tokens": 3}]
+    rows = [
+        {
+            "id": "q0",
+            "split": "prompts",
+            "question": "What is 5+5?",
+            "answer": "10",
+            "sample": 0,
+            "text": "#### 10",
+            "finish_reason": "stop",
+            "completion_tokens": 3,
+        }
+    ]
     tok = train_tokenizer(["#### 10", "Score: 7", "What is 5+5?"], vocab_size=60)
 
     answers, teacher = answers_and_teacher(tmp_path, rows, tok, max_positions=256)
     template = tmp_path / "prompts" / "my_judge.jinja"
     template.parent.mkdir()
     template.write_text("Rate this answer: {{ answer }}")
-    section = FiltersSection.model_validate({"judge": {"template": str(template), "max_new_tokens": 2}},
-                                            context={"recipe_dir": str(tmp_path)})
+    section = FiltersSection.model_validate(
+        {"judge": {"template": str(template), "max_new_tokens": 2}}, context={"recipe_dir": str(tmp_path)}
+    )
 
     @flow
     def curate_flow():

@@ -55,8 +55,15 @@ def test_a_student_saves_its_weights_at_each_curve_step(tokenizer, tmp_path):
     out = tmp_path / "out"
     remember = Remember(3)
     training = {**TRAINING, "max_steps": 9}
-    train_sft(student(tokenizer), tokenizer, rows(), training, out, seed=0,
-              callbacks=[CurveSnapshots(out, 3, tokenizer), remember])
+    train_sft(
+        student(tokenizer),
+        tokenizer,
+        rows(),
+        training,
+        out,
+        seed=0,
+        callbacks=[CurveSnapshots(out, 3, tokenizer), remember],
+    )
     curve = read_curve(out)
     assert [p["step"] for p in curve["points"]] == [3, 6, 9] and curve["max_steps"] == 9
     assert [p["model"] for p in curve["points"]] == ["curve/step-3", "curve/step-6", "model"]
@@ -78,12 +85,28 @@ class Crash(TrainerCallback):
 def test_a_resumed_student_keeps_the_snapshots_and_the_clock_of_the_attempt_that_crashed(tokenizer, tmp_path):
     work, training = tmp_path / "work", {**TRAINING, "max_steps": 9}
     with pytest.raises(KeyboardInterrupt):
-        train_sft(student(tokenizer), tokenizer, rows(), training, tmp_path / "first", seed=0, checkpoints=work,
-                  callbacks=[CurveSnapshots(tmp_path / "first", 3, tokenizer, work), Crash()])
+        train_sft(
+            student(tokenizer),
+            tokenizer,
+            rows(),
+            training,
+            tmp_path / "first",
+            seed=0,
+            checkpoints=work,
+            callbacks=[CurveSnapshots(tmp_path / "first", 3, tokenizer, work), Crash()],
+        )
     assert (work / "curve" / "step-3").is_dir() and (work / "checkpoint-6").is_dir()
     out = tmp_path / "second"  # a new temporary output folder, as a rerun of the stage builds
-    train_sft(student(tokenizer), tokenizer, rows(), training, out, seed=0, checkpoints=work,
-              callbacks=[CurveSnapshots(out, 3, tokenizer, work)])
+    train_sft(
+        student(tokenizer),
+        tokenizer,
+        rows(),
+        training,
+        out,
+        seed=0,
+        checkpoints=work,
+        callbacks=[CurveSnapshots(out, 3, tokenizer, work)],
+    )
     curve = read_curve(out)
     assert [p["step"] for p in curve["points"]] == [3, 6, 9] and curve["resumed_at"] == 6
     seconds = [p["seconds"] for p in curve["points"]]
@@ -108,17 +131,24 @@ def planted():
         return [{"step": 100 * (i + 1), "seconds": per_step * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)]
 
     return {
-        "seq-kd@0": points([0.1, 0.5, 0.9]), "seq-kd@1": points([0.2, 0.6, 0.92]), "seq-kd@2": points([0.0, 0.4, 0.88]),
+        "seq-kd@0": points([0.1, 0.5, 0.9]),
+        "seq-kd@1": points([0.2, 0.6, 0.92]),
+        "seq-kd@2": points([0.0, 0.4, 0.88]),
         # fast: reaches seq-kd's final mean (0.90) at step 200, and beats it there beyond the spread
-        "fast@0": points([0.3, 0.91, 0.95], 20.0), "fast@1": points([0.35, 0.92, 0.94], 20.0),
+        "fast@0": points([0.3, 0.91, 0.95], 20.0),
+        "fast@1": points([0.35, 0.92, 0.94], 20.0),
         "fast@2": points([0.4, 0.93, 0.96], 20.0),
-        "slow@0": points([0.0, 0.1, 0.5]), "slow@1": points([0.0, 0.2, 0.6]), "slow@2": points([0.0, 0.0, 0.4]),
+        "slow@0": points([0.0, 0.1, 0.5]),
+        "slow@1": points([0.0, 0.2, 0.6]),
+        "slow@2": points([0.0, 0.0, 0.4]),
     }
 
 
 def test_summary_verdicts_and_reach_on_planted_curves():
     s = summarise(planted(), "seq-kd", teacher=0.98)
-    assert s["arms"]["seq-kd"][300]["mean"] == pytest.approx(0.9) and s["arms"]["seq-kd"][300]["sd"] == pytest.approx(0.02)
+    assert s["arms"]["seq-kd"][300]["mean"] == pytest.approx(0.9) and s["arms"]["seq-kd"][300]["sd"] == pytest.approx(
+        0.02
+    )
     assert s["arms"]["fast"][200]["seconds"] == pytest.approx(40.0)
     verdicts = {(v["arm"], v["step"]): v["verdict"] for v in s["verdicts"]}
     assert verdicts[("fast", 200)] == "beats" and verdicts[("slow", 300)] == "loses"
@@ -127,8 +157,13 @@ def test_summary_verdicts_and_reach_on_planted_curves():
     assert s["reach"]["slow"]["step"] is None
     lines = verdict_lines(s)
     assert "- At step 200, **fast beats seq-kd** by 0.420 (seed spread 0.110)." in lines
-    assert any(line.startswith("- fast reaches seq-kd's final accuracy (0.900) at step 200: 67% of seq-kd's 300 "
-                               "steps, 40 s of training (seq-kd: 30 s)") for line in lines)
+    assert any(
+        line.startswith(
+            "- fast reaches seq-kd's final accuracy (0.900) at step 200: 67% of seq-kd's 300 "
+            "steps, 40 s of training (seq-kd: 30 s)"
+        )
+        for line in lines
+    )
     assert any(line.startswith("- slow does not reach") for line in lines)
     md = render(s, "curves.png")
     assert "| 300 | 0.900 ± 0.020 (30 s) | 0.950 ± 0.010 (60 s) | 0.500 ± 0.100 (30 s) |" in md
@@ -142,8 +177,13 @@ def test_a_warm_started_arm_is_counted_from_its_warm_start():
 
 
 def write(tmp_path, **fields):
-    study = {"recipe": "recipes/demo.yaml", "students": ["baseline", "seq-kd"], "seeds": [0, 1, 2],
-             "curve_points": 5, **fields}
+    study = {
+        "recipe": "recipes/demo.yaml",
+        "students": ["baseline", "seq-kd"],
+        "seeds": [0, 1, 2],
+        "curve_points": 5,
+        **fields,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
@@ -154,8 +194,12 @@ def test_a_bad_study_fails_before_any_work(tmp_path):
     runs = s.runs(load_recipe(s.recipe_path()))
     assert [r.name for r in runs][:3] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 6
     assert all(r.curve_points == 5 for r in runs) and [r.seed for r in runs[:3]] == [0, 1, 2]
-    added = {"name": "short", "data": "teacher", "architecture": {"hidden": 64, "layers": 2, "heads": 2,
-                                                                  "intermediate": 128}, "training": {"max_steps": 400}}
+    added = {
+        "name": "short",
+        "data": "teacher",
+        "architecture": {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
+        "training": {"max_steps": 400},
+    }
     s = load_study(write(tmp_path, add=[added], training={"max_steps": 1000, "learning_rate": 1e-3}))
     training = {r.name: r.training for r in s.runs(load_recipe(s.recipe_path()))}
     assert training["seq-kd@1"]["max_steps"] == 1000 and training["seq-kd@1"]["learning_rate"] == 1e-3
@@ -178,13 +222,21 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
 
     raw = yaml.safe_load(mini_recipe.read_text())
     warm = {**raw["students"][1], "name": "warm", "training": {**raw["students"][1]["training"], "max_steps": 4}}
-    path = write(tmp_path, recipe=str(mini_recipe), seeds=[0, 1], curve_points=2, add=[warm],
-                 warm_starts={"warm": {"student": "seq-kd", "step": 5}})
+    path = write(
+        tmp_path,
+        recipe=str(mini_recipe),
+        seeds=[0, 1],
+        curve_points=2,
+        add=[warm],
+        warm_starts={"warm": {"student": "seq-kd", "step": 5}},
+    )
     summary = learning_curves(str(path))
 
     assert set(summary["arms"]) == {"baseline", "seq-kd", "warm"}
     assert list(summary["arms"]["seq-kd"]) == [5, 10] and list(summary["arms"]["warm"]) == [7, 9]  # 5 + (2, 4)
-    assert all(c["seeds"] == 2 and 0.0 <= c["mean"] <= 1.0 for curve in summary["arms"].values() for c in curve.values())
+    assert all(
+        c["seeds"] == 2 and 0.0 <= c["mean"] <= 1.0 for curve in summary["arms"].values() for c in curve.values()
+    )
     out = load_recipe(mini_recipe).run_dir / "studies" / "study"
     saved = json.loads((out / "curves.json").read_text())
     assert saved["curves"]["warm@1"][0]["seconds"] > saved["curves"]["seq-kd@1"][0]["seconds"]  # warm start counted
@@ -205,7 +257,12 @@ def test_a_warm_start_must_name_a_step_its_source_saves(tmp_path):
     s = load_study(ROOT_SWEEPS / "study-on-policy.yaml")
     r = load_recipe(s.recipe_path())
     check_warm_starts(s, s.arms(r))  # the shipped one: seq-kd's snapshot at 200 of its 1,000 steps
-    bad = s.model_copy(update={"warm_starts": {"seq-kd-then-on-policy": s.warm_starts["seq-kd-then-on-policy"]
-                                               .model_copy(update={"step": 250})}})
+    bad = s.model_copy(
+        update={
+            "warm_starts": {
+                "seq-kd-then-on-policy": s.warm_starts["seq-kd-then-on-policy"].model_copy(update={"step": 250})
+            }
+        }
+    )
     with pytest.raises(ValueError, match=r"step 250: 'seq-kd' saves snapshots at \[200, 400, 600, 800\]"):
         check_warm_starts(bad, bad.arms(r))

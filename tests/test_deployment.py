@@ -23,9 +23,18 @@ HANG_S = 300  # a bound on waits that only catches a hang (the suite's Prefect s
 GRACE_S = 30  # docs, "Stopping a worker": a worker still running this long after one Ctrl-C gets a second
 RETRIES_503 = 8
 HTTP_TIMEOUT_S = 60  # per request: catches a dead server, not a slow one
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,900", "--virtual-time-budget=15000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,900",
+    "--virtual-time-budget=15000",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +71,7 @@ def call(method: str, url: str, **kwargs):
         response = httpx.request(method, url, timeout=HTTP_TIMEOUT_S, **kwargs)
         if response.status_code != 503:
             return response
-        time.sleep(min(2 ** attempt, 10))
+        time.sleep(min(2**attempt, 10))
     return response
 
 
@@ -82,12 +91,22 @@ def server(tmp_path):
     """(api url, env for CLI calls) of a fresh `prefect server start` on a free port."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
-           # The UI asks this address for the API; without it, it tries port 4200 (GUIDE §3).
-           "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        # The UI asks this address for the API; without it, it tries port 4200 (GUIDE §3).
+        "PREFECT_UI_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
     log = open(tmp_path / "server.log", "w")
-    process = subprocess.Popen([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_healthy(api, process)
         yield api, env
@@ -134,10 +153,15 @@ def where_it_waits(process: subprocess.Popen, log_path: Path) -> str:
         for task in sorted(Path(f"/proc/{process.pid}/task").iterdir()):
             with contextlib.suppress(OSError):
                 stat, name = (task / "stat").read_text(), (task / "comm").read_text().strip()
-                threads.append(f"  {task.name} {name} state {stat[stat.rindex(')') + 2]} wchan "
-                               f"{(task / 'wchan').read_text()} syscall {(task / 'syscall').read_text().strip()}")
-    return (log_path.read_text()[before:] + "threads (/proc: id, name, state, wait channel, system call):\n"
-            + "\n".join(threads))
+                threads.append(
+                    f"  {task.name} {name} state {stat[stat.rindex(')') + 2]} wchan "
+                    f"{(task / 'wchan').read_text()} syscall {(task / 'syscall').read_text().strip()}"
+                )
+    return (
+        log_path.read_text()[before:]
+        + "threads (/proc: id, name, state, wait channel, system call):\n"
+        + "\n".join(threads)
+    )
 
 
 def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path, request):
@@ -150,16 +174,24 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
 
     # What the UI's "Run" button sends: a flow run of the deployment with the form's parameters.
-    created = call("POST", f"{api}/deployments/{deployment['id']}/create_flow_run",
-                   json={"parameters": {"recipe": str(mini_recipe)}})
+    created = call(
+        "POST",
+        f"{api}/deployments/{deployment['id']}/create_flow_run",
+        json={"parameters": {"recipe": str(mini_recipe)}},
+    )
     assert created.status_code == 201, created.text
     run_id = created.json()["id"]
 
     log = open(tmp_path / "worker.log", "w")
     # A long-lived worker as a user starts one (asking the server every 2 s instead of 15), stopped after the run.
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "kdflow-cpu"],
-                              env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
-                              cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", "kdflow-cpu"],
+        env={**env, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         run = wait_final(api, run_id, worker)
     finally:
@@ -168,15 +200,26 @@ def test_deploy_run_from_api_and_see_it_in_the_ui(server, mini_recipe, tmp_path,
     assert run["state"]["type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-4000:]
     assert (mini_recipe.parent / "runs" / "mini" / "report.md").is_file()
 
-    artifacts = call("POST", f"{api}/artifacts/filter", json={
-        "artifacts": {"key": {"any_": ["mini-report"]}, "flow_run_id": {"any_": [run_id]}}}).json()
+    artifacts = call(
+        "POST",
+        f"{api}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["mini-report"]}, "flow_run_id": {"any_": [run_id]}}},
+    ).json()
     assert artifacts and "kdflow report: mini" in artifacts[0]["data"]
 
     # Task runs say what they are for (the student, the model, the backend), as the UI lists them.
-    names = {r["name"] for r in call("POST", f"{api}/task_runs/filter", json={
-        "flow_runs": {"id": {"any_": [run_id]}}}).json()}
-    assert {"train_student[baseline]", "train_student[seq-kd]", "evaluate_model[teacher]",
-            "evaluate_model[baseline]", "evaluate_model[seq-kd]", "generate_answers[hf]"} <= names, names
+    names = {
+        r["name"]
+        for r in call("POST", f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [run_id]}}}).json()
+    }
+    assert {
+        "train_student[baseline]",
+        "train_student[seq-kd]",
+        "evaluate_model[teacher]",
+        "evaluate_model[baseline]",
+        "evaluate_model[seq-kd]",
+        "generate_answers[hf]",
+    } <= names, names
 
     # The flow run's page as a user opens it: the UI must reach the API and show this run.
     chromium = shutil.which("chromium")
@@ -227,17 +270,33 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
     assert deployment["work_pool_name"] == "kdflow-gpu"
     assert deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
 
-    once = subprocess.run([*PREFECT, "worker", "start", "--pool", "kdflow-cpu", "--run-once"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120)
+    once = subprocess.run(
+        [*PREFECT, "worker", "start", "--pool", "kdflow-cpu", "--run-once"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert once.returncode == 0, once.stdout + once.stderr
 
     log_path = tmp_path / "idle-worker.log"
     # `python -m prefect worker start`, plus a faulthandler on SIGUSR1 for the diagnosis in where_it_waits.
-    dumpable = [sys.executable, "-c", "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, "
-                "all_threads=True); from prefect.cli import app; app()"]
+    dumpable = [
+        sys.executable,
+        "-c",
+        "import faulthandler, signal; faulthandler.register(signal.SIGUSR1, "
+        "all_threads=True); from prefect.cli import app; app()",
+    ]
     with open(log_path, "w") as log:
-        worker = subprocess.Popen([*dumpable, "worker", "start", "--pool", "kdflow-cpu"], env=env, cwd=tmp_path,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [*dumpable, "worker", "start", "--pool", "kdflow-cpu"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + HANG_S
         while "started!" not in log_path.read_text() and time.monotonic() < deadline and worker.poll() is None:
@@ -258,8 +317,10 @@ def test_deploy_all_needs_only_the_cpu_pool_the_gpu_file_is_opt_in_and_a_worker_
                 stopped_by = "kill -KILL"
                 worker.wait(HANG_S)
         if evidence:  # a recurrence of the slow or hung exit leaves its stacks in the test report
-            warnings.warn(f"the idle worker still ran {GRACE_S} s after one SIGINT; {stopped_by} stopped it. "
-                          f"Where it waited:\n{evidence}")
+            warnings.warn(
+                f"the idle worker still ran {GRACE_S} s after one SIGINT; {stopped_by} stopped it. "
+                f"Where it waited:\n{evidence}"
+            )
         log = log_path.read_text()
         assert worker.returncode == {"one SIGINT": 0}.get(stopped_by, -signal.SIGKILL), f"{stopped_by}:\n{log}"
         assert stopped_by != "a second SIGINT" or "Sending SIGKILL to the process worker" in log, log

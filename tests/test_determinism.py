@@ -8,8 +8,13 @@ from kdflow.config.templates import chat
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
-TRAINING = {"max_steps": 12, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 4,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 12,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 4,
+    "max_length": 64,
+}
 
 
 def train_once(folder, tokenizer, rows):
@@ -26,5 +31,9 @@ def test_the_same_recipe_trains_the_same_weights_twice_on_one_machine(tmp_path):
     second, losses_2 = train_once(tmp_path / "b", tokenizer, rows)
     assert losses_1 and losses_1 == losses_2
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
-    assert not all(torch.equal(first[k], llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64,
-                                                     seed=0).state_dict()[k]) for k in first)  # it did train
+    assert not all(
+        torch.equal(
+            first[k], llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=0).state_dict()[k]
+        )
+        for k in first
+    )  # it did train

@@ -64,12 +64,21 @@ def test_the_lossless_layout_returns_u8_steps_and_fp16_values_exactly():
     assert np.array_equal(back.numpy(), fp16.astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.parametrize("layout", [
-    dk.Layout(k=8, exact_k=2, exact_dtype="float32", terms=(0, 1), delta_encoding=True),
-    dk.Layout(k=8, exact_k=1, exact_dtype="float32", terms=(0, 1), normalize_t=True),
-    dk.Layout(k=8, exact_k=1, exact_dtype="float32", terms=(0,),
-              residual_bins=(dk.Bin("float32", 8, 4), dk.Bin("float16", 3, 3))),
-], ids=["delta", "normalize_t", "residual_bins"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dk.Layout(k=8, exact_k=2, exact_dtype="float32", terms=(0, 1), delta_encoding=True),
+        dk.Layout(k=8, exact_k=1, exact_dtype="float32", terms=(0, 1), normalize_t=True),
+        dk.Layout(
+            k=8,
+            exact_k=1,
+            exact_dtype="float32",
+            terms=(0,),
+            residual_bins=(dk.Bin("float32", 8, 4), dk.Bin("float16", 3, 3)),
+        ),
+    ],
+    ids=["delta", "normalize_t", "residual_bins"],
+)
 def test_each_config_field_decodes_as_distillkit_defines_it(layout):
     """A line (a + b·t) is fitted exactly, with or without deltas (a line's deltas are a constant and a step) and
     over t in [0, 1]; residual bins leave at most half a quantisation step per value."""

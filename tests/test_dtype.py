@@ -20,8 +20,12 @@ from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 from test_recipe import DEMO, error_of
 
 torch.set_num_threads(1)
-STUDENT = {"name": "s", "data": "gold", "architecture": {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
-           "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 2}}
+STUDENT = {
+    "name": "s",
+    "data": "gold",
+    "architecture": {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+    "training": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 3e-3, "logging_steps": 2},
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +42,15 @@ def test_a_bad_dtype_names_the_field_and_the_allowed_values():
 
 
 def test_a_training_flag_that_contradicts_dtype_is_refused_naming_both():
-    text = DEMO.replace("  - name: seq-kd            # SFT on the teacher's verified answers (gold prompts + 8,000 more)\n",
-                        "  - name: seq-kd\n    dtype: float32\n")
-    text = text.replace("    data: teacher\n    architecture: *student\n    training: *student_training\n  # White",
-                        "    data: teacher\n    architecture: *student\n    training: {bf16: true, max_steps: 10}\n"
-                        "  # White", 1)
+    text = DEMO.replace(
+        "  - name: seq-kd            # SFT on the teacher's verified answers (gold prompts + 8,000 more)\n",
+        "  - name: seq-kd\n    dtype: float32\n",
+    )
+    text = text.replace(
+        "    data: teacher\n    architecture: *student\n    training: *student_training\n  # White",
+        "    data: teacher\n    architecture: *student\n    training: {bf16: true, max_steps: 10}\n  # White",
+        1,
+    )
     message = error_of(text)
     assert "students.1" in message and "training.bf16: True contradicts dtype: float32" in message
 
@@ -71,8 +79,10 @@ def test_fp16_training_is_refused_on_a_cpu_before_any_work():
     check_trainable_here(Dtype.bfloat16, "student 's'")  # bf16 and fp32 train on a CPU
 
 
-@pytest.mark.parametrize("dtype, weights", [(None, torch.float32), ("float32", torch.float32),
-                                            ("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+@pytest.mark.parametrize(
+    "dtype, weights",
+    [(None, torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float32)],
+)
 def test_a_student_starts_in_its_dtype(teacher, dtype, weights):
     """float16 keeps float32 master weights: fp16 autocast trains them, with loss scaling."""
     from kdflow.training.student import init_student
@@ -88,8 +98,11 @@ def test_a_bfloat16_student_trains_on_a_cpu_and_is_saved_in_bfloat16(teacher, tm
     from kdflow.training.student import train_here
 
     _, ref, _ = teacher
-    rows = [{**chat(f"{a}+{b}", f"{a}+{b}={a + b}\nAnswer: {a + b}"), "row_id": f"r{a}{b}"}
-            for a in range(4) for b in range(4)]
+    rows = [
+        {**chat(f"{a}+{b}", f"{a}+{b}={a + b}\nAnswer: {a + b}"), "row_id": f"r{a}{b}"}
+        for a in range(4)
+        for b in range(4)
+    ]
     train_here(StudentSection(**STUDENT, dtype="bfloat16"), rows, ref, None, tmp_path, None)
     history = json.loads((tmp_path / "log_history.json").read_text())
     assert [h["loss"] for h in history if "loss" in h] and all(np.isfinite(h["loss"]) for h in history if "loss" in h)
@@ -112,8 +125,9 @@ def test_capture_runs_in_its_dtype_with_float32_log_probs(teacher, dtype, monkey
     monkeypatch.setattr(topk, "hf_topk", lambda model, *a: seen.append(model.dtype) or real(model, *a))
     caches = {}
     for d in ("float32", dtype):
-        out = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=4, value_encoding="fp16", dtype=d),
-                                TEMPLATE, ref, curated)
+        out = capture_logits.fn(
+            run_dir, LogitCacheSection(k=5, shard_rows=4, value_encoding="fp16", dtype=d), TEMPLATE, ref, curated
+        )
         caches[d] = LogitCache.open(out.path, expect_tokenizer=tokenizer)
     assert seen[-1] == getattr(torch, dtype)
     tolerance = {"float32": 0.0, "bfloat16": 0.25, "float16": 0.05}[dtype]
@@ -128,6 +142,7 @@ def test_a_vllm_capture_serves_the_teacher_in_the_sections_dtype(teacher):
 
     tmp, _, _ = teacher
     model_dir = str(tmp / "teacher-model")
+
     def dtype(args):
         return args[args.index("--dtype") + 1]
 
@@ -145,9 +160,23 @@ def test_evaluation_loads_the_model_and_the_teacher_in_its_dtype(teacher, dtype,
     tmp, _, _ = teacher
     loaded, real = [], metrics.load
     monkeypatch.setattr(metrics, "load", lambda d, dt=None: loaded.append(real(d, dt)[0].dtype) or real(d, dt))
-    rows = [{"id": f"test-{a}{b}", "question": f"{a}+{b}", "rationale": f"{a}+{b}={a + b}\nAnswer: {a + b}", "answer": str(a + b)}
-            for a in range(3) for b in range(2)]
+    rows = [
+        {
+            "id": f"test-{a}{b}",
+            "question": f"{a}+{b}",
+            "rationale": f"{a}+{b}={a + b}\nAnswer: {a + b}",
+            "answer": str(a + b),
+        }
+        for a in range(3)
+        for b in range(2)
+    ]
     folder = str(tmp / "teacher-model")
-    result, _ = metrics.evaluate(folder, folder, rows, TEMPLATE, lambda text, gold: gold in text,
-                                 EvaluationSection(max_new_tokens=8, batch_size=8, dtype=dtype))
+    result, _ = metrics.evaluate(
+        folder,
+        folder,
+        rows,
+        TEMPLATE,
+        lambda text, gold: gold in text,
+        EvaluationSection(max_new_tokens=8, batch_size=8, dtype=dtype),
+    )
     assert loaded == [getattr(torch, dtype)] * 2 and 0.0 <= result["accuracy"] <= 1.0

@@ -47,11 +47,14 @@ def check(text: str, gold: str) -> bool:
 
 # ---- accuracy and pass@k on planted outputs ----------------------------------------------------------
 
+
 def planted(texts):
     """A stand-in for generate(): returns ``texts`` in order, whatever the model."""
+
     def fake(model, tokenizer, prompts, max_new_tokens, batch_size, temperature=0.0, seed=0):
         assert len(prompts) == len(texts)
         return [{"text": t, "finish_reason": "stop", "completion_tokens": 3} for t in texts]
+
     return fake
 
 
@@ -87,17 +90,24 @@ def test_pass_at_k_closed_forms():
 
 
 def test_sampled_pass_at_k_counts_correct_samples_per_question(monkeypatch):
-    samples = ["Answer: 19", "Answer: 1",      # question 0: 1 of 2 right
-               "Answer: 31", "Answer: 31",     # question 1: 2 of 2
-               "Answer: 0", "no answer"]       # question 2: 0 of 2
+    samples = [
+        "Answer: 19",
+        "Answer: 1",  # question 0: 1 of 2 right
+        "Answer: 31",
+        "Answer: 31",  # question 1: 2 of 2
+        "Answer: 0",
+        "no answer",
+    ]  # question 2: 0 of 2
     monkeypatch.setattr(evaluate, "generate", planted(samples))
-    score, correct = evaluate.sampled_pass_at_k(None, None, ROWS, COT, check, k=1, samples=2, temperature=0.8,
-                                                max_new_tokens=8, batch_size=4)
+    score, correct = evaluate.sampled_pass_at_k(
+        None, None, ROWS, COT, check, k=1, samples=2, temperature=0.8, max_new_tokens=8, batch_size=4
+    )
     assert correct == [1, 2, 0]
     assert score == pytest.approx((0.5 + 1 + 0) / 3)
 
 
 # ---- perplexity and agreement on reference text ------------------------------------------------------
+
 
 def test_reference_sequences_mark_the_answer_tokens(tokenizer):
     for (ids, start), row in zip(reference_sequences(tokenizer, ROWS, COT), ROWS):
@@ -167,6 +177,7 @@ def test_same_vocabulary(tokenizer):
 
 # ---- LLM judge --------------------------------------------------------------------------------------
 
+
 def test_parse_verdict_on_planted_judgements():
     assert parse_verdict("A is right.\nVerdict: A") == "A"
     assert parse_verdict("verdict: **b**") == "B"
@@ -177,19 +188,42 @@ def test_parse_verdict_on_planted_judgements():
 
 
 def test_win_rate_scores_both_orders_and_keeps_unparsed_apart():
-    items = judge_prompts("Q: {{ question }}\nA: {{ answer_a }}\nB: {{ answer_b }}",
-                          [{"id": 1, "question": "2+2", "student": "4", "teacher": "5"}])
+    items = judge_prompts(
+        "Q: {{ question }}\nA: {{ answer_a }}\nB: {{ answer_b }}",
+        [{"id": 1, "question": "2+2", "student": "4", "teacher": "5"}],
+    )
     assert [i["student_is"] for i in items] == ["A", "B"]
     assert items[0]["prompt"] == "Q: 2+2\nA: 4\nB: 5" and items[1]["prompt"] == "Q: 2+2\nA: 5\nB: 4"
     # A judge that always says "A" prefers a position, not an answer: the student wins once, loses once.
     assert [outcome("A", i["student_is"]) for i in items] == ["win", "loss"]
     assert outcome("tie", "B") == "tie" and outcome(None, "A") is None
-    judgements = [{"id": i // 2, "outcome": o, "reason": r} for i, (o, r) in enumerate(
-        [("win", None), ("win", None), ("loss", None), ("tie", None), (None, "unparsed_verdict"), ("tie", None),
-         (None, "server_error"), (None, "unparsed_verdict")])]
+    judgements = [
+        {"id": i // 2, "outcome": o, "reason": r}
+        for i, (o, r) in enumerate(
+            [
+                ("win", None),
+                ("win", None),
+                ("loss", None),
+                ("tie", None),
+                (None, "unparsed_verdict"),
+                ("tie", None),
+                (None, "server_error"),
+                (None, "unparsed_verdict"),
+            ]
+        )
+    ]
     summary = win_rate(judgements)
-    assert summary == {"win_rate": pytest.approx((1 + 1 + 0 + 0.5 + 0.5) / 5), "judged": 5, "wins": 2, "ties": 2,
-                       "losses": 1, "unparsed": 2, "failed": 1, "pairs_parsed": 2, "consistent_pairs": 1}
+    assert summary == {
+        "win_rate": pytest.approx((1 + 1 + 0 + 0.5 + 0.5) / 5),
+        "judged": 5,
+        "wins": 2,
+        "ties": 2,
+        "losses": 1,
+        "unparsed": 2,
+        "failed": 1,
+        "pairs_parsed": 2,
+        "consistent_pairs": 1,
+    }
     assert win_rate([{"outcome": None}])["win_rate"] is None
 
 
@@ -202,14 +236,21 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
     from kdflow.training.sft import train_sft
 
     template = (Path(__file__).resolve().parent.parent / "prompts" / "judge.jinja").read_text()
-    rows = [{"id": i, "question": f"{i}+{i}", "student": f"Answer: {2 * i}", "teacher": f"Answer: {2 * i + 1}"}
-            for i in range(4)]
+    rows = [
+        {"id": i, "question": f"{i}+{i}", "student": f"Answer: {2 * i}", "teacher": f"Answer: {2 * i + 1}"}
+        for i in range(4)
+    ]
     prompts = [j["prompt"] for j in judge_prompts(template, rows)]
     tok = train_tokenizer(prompts + ["Verdict: A"], vocab_size=120)
     judge = llama_model(tok, hidden=64, layers=1, heads=2, intermediate=64, seed=0)
-    train_sft(judge, tok, [chat(p, "Verdict: A") for p in prompts] * 4,
-              {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 40},
-              tmp_path, seed=0)
+    train_sft(
+        judge,
+        tok,
+        [chat(p, "Verdict: A") for p in prompts] * 4,
+        {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 40},
+        tmp_path,
+        seed=0,
+    )
     judge.eval()
     tok.padding_side = "left"
     summary, judgements = evaluate.judge_win_rate(judge, tok, template, rows, max_new_tokens=8, batch_size=8)
@@ -221,11 +262,19 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
 
 # ---- deployment figures --------------------------------------------------------------------------------
 
+
 def test_flops_per_token_against_a_hand_count():
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         head_dim=32, intermediate_size=128, vocab_size=40)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        vocab_size=40,
+    )
     # per layer: q 64·64 + k, v 2·64·32 + o 64·64 + gate, up, down 3·64·128 = 36,864 weights
     # 2 layers 73,728 + LM head 64·40 = 2,560 -> 76,288 multiply-adds -> 152,576 FLOPs
     # attention at 10 keys: 4 · 2 layers · 2 heads · 32 · 10 = 5,120 FLOPs
@@ -267,9 +316,13 @@ def test_peak_memory_counts_weights_and_grows_with_the_batch(tokenizer):
 
 
 def test_measure_all_reports_every_figure_for_every_model(tokenizer):
-    models = {"big": (tiny(tokenizer, hidden=64, layers=2), tokenizer), "small": (tiny(tokenizer, hidden=32), tokenizer)}
-    figures = deployment.measure_all(models, "Solve step by step: 1+2", ["Solve step by step: 3+4"] * 4,
-                                     tokens=4, repeats=2)
+    models = {
+        "big": (tiny(tokenizer, hidden=64, layers=2), tokenizer),
+        "small": (tiny(tokenizer, hidden=32), tokenizer),
+    }
+    figures = deployment.measure_all(
+        models, "Solve step by step: 1+2", ["Solve step by step: 3+4"] * 4, tokens=4, repeats=2
+    )
     assert set(figures) == {"big", "small"}
     for f in figures.values():
         assert f["latency_ms_per_token"] > 0 and f["throughput_tokens_per_s"] > 0 and f["peak_memory_bytes"] > 0
@@ -282,8 +335,12 @@ def test_latency_and_throughput_from_a_scripted_clock(tokenizer, monkeypatch):
     median(rows × tokens / seconds) at the larger batch; warm-up runs first and not counted; models alternate."""
     big, small = tiny(tokenizer, hidden=64), tiny(tokenizer, hidden=32)
     names = {id(big): "big", id(small): "small"}
-    clock = {("big", 1): [0.2, 0.1, 0.3], ("big", 4): [0.5, 0.4, 2.0],  # 10 tokens; 4 rows × 10 tokens = 40
-             ("small", 1): [0.05, 0.05, 0.04], ("small", 4): [0.1, 0.2, 0.1]}
+    clock = {
+        ("big", 1): [0.2, 0.1, 0.3],
+        ("big", 4): [0.5, 0.4, 2.0],  # 10 tokens; 4 rows × 10 tokens = 40
+        ("small", 1): [0.05, 0.05, 0.04],
+        ("small", 4): [0.1, 0.2, 0.1],
+    }
     calls = []
 
     def timed(model, tok, enc, tokens):
@@ -293,8 +350,13 @@ def test_latency_and_throughput_from_a_scripted_clock(tokenizer, monkeypatch):
 
     monkeypatch.setattr(deployment, "timed_generate", timed)
     monkeypatch.setattr(deployment, "peak_generation_memory", lambda model, tok, enc, tokens: 1)
-    figures = deployment.measure_all({"big": (big, tokenizer), "small": (small, tokenizer)}, "Solve step by step: 1+2",
-                                     ["Solve step by step: 3+4"] * 4, tokens=10, repeats=3)
+    figures = deployment.measure_all(
+        {"big": (big, tokenizer), "small": (small, tokenizer)},
+        "Solve step by step: 1+2",
+        ["Solve step by step: 3+4"] * 4,
+        tokens=10,
+        repeats=3,
+    )
     assert figures["big"]["latency_ms_per_token"] == pytest.approx(20.0)  # median of 20, 10, 30 ms
     assert figures["big"]["throughput_tokens_per_s"] == pytest.approx(80.0)  # median of 80, 100, 20
     assert figures["small"]["latency_ms_per_token"] == pytest.approx(5.0)
@@ -338,6 +400,7 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
             tiny(tokenizer, hidden=hidden).save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
             write_location(tmp, "model")
+
         return build
 
     data = stage("data", "d", lambda tmp: pd.DataFrame(ROWS).to_parquet(tmp / "test.parquet"))
@@ -358,6 +421,7 @@ def test_measure_deployment_stage_writes_every_figure_with_the_formula_and_machi
 
 
 # ---- the evaluate stage's body, without Prefect ---------------------------------------------------------
+
 
 def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
     import pandas as pd
@@ -380,6 +444,7 @@ def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
             tiny(tokenizer, seed=seed).save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
             write_location(tmp, "model")
+
         return build
 
     data = stage("data", "d", lambda tmp: pd.DataFrame(ROWS).to_parquet(tmp / "test.parquet"))
@@ -392,5 +457,7 @@ def test_evaluate_model_stage_with_pass_at_k(tokenizer, tmp_path):
     assert m["perplexity"] > 1 and 0 <= m["agreement"] <= 1 and m["kl"] > 0
     predictions = pd.read_parquet(f"{evaluate.path}/predictions.parquet")
     assert list(predictions["id"]) == ["t-0", "t-1", "t-2"] and set(predictions["correct_samples"]) <= {0, 1, 2, 3}
-    itself = evaluate_model.fn(tmp_path, section, COT, DataSource.arithmetic, teacher, teacher, data).manifest()["metrics"]
+    itself = evaluate_model.fn(tmp_path, section, COT, DataSource.arithmetic, teacher, teacher, data).manifest()[
+        "metrics"
+    ]
     assert itself["agreement"] == 1.0 and itself["kl"] == pytest.approx(0.0, abs=1e-6)

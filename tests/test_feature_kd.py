@@ -42,8 +42,9 @@ def teacher_and_student(tokenizer):
     return teacher, student
 
 
-TRAINING = dict(max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=5,
-                lr_scheduler_type="constant")
+TRAINING = dict(
+    max_steps=30, per_device_train_batch_size=8, learning_rate=1e-2, logging_steps=5, lr_scheduler_type="constant"
+)
 
 
 @pytest.mark.parametrize("kind", list(FeatureLossKind))
@@ -110,8 +111,16 @@ def test_training_learns_the_projection_and_lowers_the_feature_loss(tokenizer, t
     teacher, student = teacher_and_student(tokenizer)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     config = sft_config(TRAINING, str(tmp_path / "checkpoints"), seed=0, cpu=True)
-    trainer = FeatureKDTrainer(student, teacher, layer_map=default_layer_map(1, 2), kind="mse", weight=1.0,
-                               args=config, train_dataset=Dataset.from_list(rows(64)), processing_class=tokenizer)
+    trainer = FeatureKDTrainer(
+        student,
+        teacher,
+        layer_map=default_layer_map(1, 2),
+        kind="mse",
+        weight=1.0,
+        args=config,
+        train_dataset=Dataset.from_list(rows(64)),
+        processing_class=tokenizer,
+    )
     projection = trainer.projections["s1_t2"]
     assert isinstance(projection, nn.Linear) and projection.weight.shape == (64, 32)
     initial = projection.weight.detach().clone()
@@ -130,8 +139,18 @@ def test_train_feature_kd_saves_a_plain_causal_lm(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     teacher, student = teacher_and_student(tokenizer)
-    history = train_feature_kd(student, teacher, tokenizer, rows(16), dict(TRAINING, max_steps=4, logging_steps=2),
-                               tmp_path, seed=0, layer_map=None, kind="cosine", weight=0.5)
+    history = train_feature_kd(
+        student,
+        teacher,
+        tokenizer,
+        rows(16),
+        dict(TRAINING, max_steps=4, logging_steps=2),
+        tmp_path,
+        seed=0,
+        layer_map=None,
+        kind="cosine",
+        weight=0.5,
+    )
     assert [e["feature_loss"] for e in history if "feature_loss" in e]
     assert json.loads((tmp_path / "log_history.json").read_text()) == history
     assert not hasattr(student, "feature_projections")
@@ -165,13 +184,37 @@ def test_a_resumed_run_continues_with_the_checkpointed_projections(tokenizer, tm
     checkpoints = tmp_path / "checkpoints"
     teacher, student = teacher_and_student(tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train_feature_kd(student, teacher, tokenizer, rows(16), training, tmp_path / "a", seed=0,
-                         layer_map=None, kind="mse", weight=1.0, checkpoints=checkpoints, callbacks=[StopAt(7)])
+        train_feature_kd(
+            student,
+            teacher,
+            tokenizer,
+            rows(16),
+            training,
+            tmp_path / "a",
+            seed=0,
+            layer_map=None,
+            kind="mse",
+            weight=1.0,
+            checkpoints=checkpoints,
+            callbacks=[StopAt(7)],
+        )
     saved = load_file(checkpoints / "checkpoint-5" / "model.safetensors")["feature_projections.s1_t2.weight"]
     first = FirstProjection()
     teacher, student = teacher_and_student(tokenizer)
-    history = train_feature_kd(student, teacher, tokenizer, rows(16), training, tmp_path / "b", seed=0,
-                               layer_map=None, kind="mse", weight=1.0, checkpoints=checkpoints, callbacks=[first])
+    history = train_feature_kd(
+        student,
+        teacher,
+        tokenizer,
+        rows(16),
+        training,
+        tmp_path / "b",
+        seed=0,
+        layer_map=None,
+        kind="mse",
+        weight=1.0,
+        checkpoints=checkpoints,
+        callbacks=[first],
+    )
     assert history[0] == {"resumed_from": "checkpoint-5"}
     assert [e["step"] for e in history if "feature_loss" in e] == list(range(1, 11))
     assert torch.equal(first.weight, saved)  # not a fresh projection: the one trained for 5 steps

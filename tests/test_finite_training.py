@@ -23,6 +23,7 @@ def error_of(text: str) -> str:
 
 # ---- at load ---------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", ".NaN", ".Inf"])
 def test_a_non_finite_learning_rate_is_refused_at_its_line(value):
     text = DEMO.replace("      learning_rate: 3.0e-3", f"      learning_rate: {value}")
@@ -35,14 +36,19 @@ def test_a_non_finite_number_nested_in_the_free_training_dict_is_refused_where_i
     teacher = "    warmup_steps: 50\n"
     text = DEMO.replace(teacher, teacher + "    lr_scheduler_kwargs: {min_lr: .nan}\n", 1)
     msg = error_of(text)
-    assert f"demo.yaml:{line_of(text, 'min_lr: .nan')}: teacher.training.lr_scheduler_kwargs.min_lr: nan is not a " \
-           "finite number" in msg
+    assert (
+        f"demo.yaml:{line_of(text, 'min_lr: .nan')}: teacher.training.lr_scheduler_kwargs.min_lr: nan is not a "
+        "finite number" in msg
+    )
 
 
 def test_typed_numbers_of_every_section_refuse_inf_and_nan():
     kd = "kd: {method: offline, divergence: forward_kl, alpha: 0.5, temperature: 1.0}"
     text = DEMO.replace(kd, kd.replace("temperature: 1.0", "temperature: .inf"))
-    assert f"demo.yaml:{line_of(text, 'temperature: .inf')}: students.2.kd.temperature: inf is not a finite" in error_of(text)
+    assert (
+        f"demo.yaml:{line_of(text, 'temperature: .inf')}: students.2.kd.temperature: inf is not a finite"
+        in error_of(text)
+    )
     text = DEMO.replace(kd, kd.replace("alpha: 0.5", "alpha: .nan"))
     assert "students.2.kd.alpha: nan is not a finite number" in error_of(text)
 
@@ -53,7 +59,7 @@ def test_kd_temperatures_outside_their_range_are_refused_with_the_range(temperat
     msg = error_of(DEMO.replace(kd, kd.replace("temperature: 1.0", f"temperature: {temperature}")))
     assert "students.2.kd.temperature: " in msg and "a softmax temperature must be in [0.01, 50.0]" in msg
     on_policy = "kd: {method: on_policy, divergence: reverse_kl, temperature: 1.0"
-    text = (DEMO.replace(kd, on_policy.replace("temperature: 1.0", f"temperature: {temperature}") + "}"))
+    text = DEMO.replace(kd, on_policy.replace("temperature: 1.0", f"temperature: {temperature}") + "}")
     assert "a softmax temperature must be in [0.01, 50.0]" in error_of(text)
 
 
@@ -64,8 +70,13 @@ def test_the_shipped_temperatures_and_learning_rates_still_load():
 
 # ---- while training --------------------------------------------------------------------------------------------
 
-TRAINING = {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 1,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 6,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 1,
+    "max_length": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +106,28 @@ def test_a_learning_rate_that_overflows_the_weights_fails_at_that_step_and_saves
     from kdflow.training.sft import train_sft
 
     _, tok = teacher
-    with pytest.raises(NonFiniteTraining, match=r"^\[students huge-lr\] the update made weights (NaN|infinite) at step "
-                                                r"1 of 6; training stopped .*training.learning_rate is 1e\+300 here"):
-        train_sft(student(tok), tok, sft_rows(), {**TRAINING, "learning_rate": 1e300, "save_steps": 1},
-                  tmp_path / "out", 0, tmp_path / "checkpoints", callbacks=[TrainingProgress("students", "huge-lr")])
+    with pytest.raises(
+        NonFiniteTraining,
+        match=r"^\[students huge-lr\] the update made weights (NaN|infinite) at step "
+        r"1 of 6; training stopped .*training.learning_rate is 1e\+300 here",
+    ):
+        train_sft(
+            student(tok),
+            tok,
+            sft_rows(),
+            {**TRAINING, "learning_rate": 1e300, "save_steps": 1},
+            tmp_path / "out",
+            0,
+            tmp_path / "checkpoints",
+            callbacks=[TrainingProgress("students", "huge-lr")],
+        )
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "log_history.json").exists()
     assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # the step that overflowed was never saved
 
 
-def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoints_stay_finite(teacher, tmp_path,
-                                                                                                monkeypatch):
+def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoints_stay_finite(
+    teacher, tmp_path, monkeypatch
+):
     """A NaN in the teacher's cached log-probs of step 3's batch: the loss is NaN (no longer a finite loss with a
     NaN gradient), training stops at step 3 before its update; checkpoint-2 is finite and a rerun resumes from it."""
     import pandas as pd
@@ -134,8 +157,11 @@ def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoin
 
     monkeypatch.setattr(CachedLogitsCollator, "__call__", poisoned)
     training, checkpoints = {**TRAINING, "save_steps": 2}, tmp_path / "checkpoints"
-    with pytest.raises(NonFiniteTraining, match=r"the loss became NaN at step 3 of 6; training stopped before that "
-                                                r"step's update"):
+    with pytest.raises(
+        NonFiniteTraining,
+        match=r"the loss became NaN at step 3 of 6; training stopped before that "
+        r"step's update",
+    ):
         train_offline_kd(student(tok), tok, cache, KDLoss(alpha=0.5), training, tmp_path / "a", 0, checkpoints)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     weights = load_file(checkpoints / "checkpoint-2" / "model.safetensors")
@@ -161,12 +187,17 @@ def test_the_students_stage_writes_no_manifest_for_a_model_that_did_not_stay_fin
     teacher_ref = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(folder)))
     data = stage_ref(run_dir, "data", lambda d: None)
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(16)).to_parquet(d / "kept.parquet"))
-    section = StudentSection(name="huge-lr", data="teacher", training={**TRAINING, "learning_rate": 1e300},
-                             architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64})
+    section = StudentSection(
+        name="huge-lr",
+        data="teacher",
+        training={**TRAINING, "learning_rate": 1e300},
+        architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+    )
     with pytest.raises(NonFiniteTraining, match=r"^\[students huge-lr\] the update made weights .* at step 1 of 6"):
         train_student.fn(run_dir, section, TEMPLATE, teacher_ref, data, curated)
-    out = STUDENTS.output(run_dir, section=section, template=TEMPLATE, teacher=teacher_ref, data=data, curated=curated,
-                          logits=None)
+    out = STUDENTS.output(
+        run_dir, section=section, template=TEMPLATE, teacher=teacher_ref, data=data, curated=curated, logits=None
+    )
     assert out.done is None  # not complete: a rerun trains it again rather than reusing and evaluating NaN weights
 
 

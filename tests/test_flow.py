@@ -12,8 +12,15 @@ pytestmark = pytest.mark.slow
 
 STAGE_RUNS = 13  # per distill run of mini.yaml with int8 copies: data (once: the teacher chain is given it), teacher,
 # generate, curate, 2 students, 2 int8 copies, 5 evaluations
-STAGES = {"make_data", "train_teacher_model", "generate_answers", "filter_answers", "train_student", "quantize_model",
-          "evaluate_model"}
+STAGES = {
+    "make_data",
+    "train_teacher_model",
+    "generate_answers",
+    "filter_answers",
+    "train_student",
+    "quantize_model",
+    "evaluate_model",
+}
 
 
 def task_states(flow_run_id) -> dict[str, list[str]]:
@@ -30,7 +37,8 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
         ids, frontier = [flow_run_id], [flow_run_id]
         while frontier:  # the teacher's subflow, and any subflow of a subflow
             children = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier)))
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=frontier))
+            )
             frontier = [c.id for c in children if c.id not in ids]
             ids += frontier
         return ids
@@ -98,7 +106,13 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     assert report["teacher"]["agreement"] == 1.0 and report["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)
     for m in [report["teacher"], *report["students"].values()]:
         assert m["perplexity"] >= 1.0 and 0.0 <= m["agreement"] <= 1.0 and m["kl"] >= -1e-6
-        for key in ("flops_per_token", "size_bytes", "peak_memory_bytes", "latency_ms_per_token", "throughput_tokens_per_s"):
+        for key in (
+            "flops_per_token",
+            "size_bytes",
+            "peak_memory_bytes",
+            "latency_ms_per_token",
+            "throughput_tokens_per_s",
+        ):
             assert m[key] > 0, key
     assert report["gap_closure"]["baseline"] == "baseline" and "gap_closure" in report["students"]["seq-kd"]
     assert report["deployment"]["machine"]["torch_threads"] >= 1 and report["lm_eval"]["status"] == "off"
@@ -121,7 +135,9 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     assert not any(o["made_in_this_run"] for o in ledger2["outputs"])
 
     # 3. Only the student section changes: only students (and their evaluations) run again.
-    text = mini_recipe.read_text().replace("learning_rate: 3.0e-3, logging_steps: 5}", "learning_rate: 1.0e-3, logging_steps: 5}", 1)
+    text = mini_recipe.read_text().replace(
+        "learning_rate: 3.0e-3, logging_steps: 5}", "learning_rate: 1.0e-3, logging_steps: 5}", 1
+    )
     mini_recipe.write_text(text)
     _, states = run_distill(mini_recipe)
     assert stage_names(states, "Completed") == {"train_student", "quantize_model", "evaluate_model"}
@@ -156,8 +172,11 @@ def test_report_artifact_is_published(prefect_server, mini_recipe):
 
     async def of_this_run(key: str):  # by flow-run id: other runs of the session publish the same keys
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+                )
+            )
 
     artifacts = asyncio.run(of_this_run("mini-report"))
     assert len(artifacts) == 1 and "kdflow report: mini" in artifacts[0].data
@@ -169,8 +188,13 @@ def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):
     from kdflow.config.loading import RecipeError
 
     bad = tmp_path / "bad.yaml"
-    bad.write_text(Path(__file__).with_name("mini.yaml").read_text().replace("root: runs", f"root: {tmp_path}/runs")
-                   .replace("heads: 2,", "heads: 4,", 1))
+    bad.write_text(
+        Path(__file__)
+        .with_name("mini.yaml")
+        .read_text()
+        .replace("root: runs", f"root: {tmp_path}/runs")
+        .replace("heads: 2,", "heads: 4,", 1)
+    )
     with pytest.raises(RecipeError, match="teacher.architecture: head dimension"):
         distill(str(bad))
     assert not (tmp_path / "runs").exists()

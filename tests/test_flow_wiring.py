@@ -49,8 +49,9 @@ def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
 
 
 def kdflow_command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)  # only stops a hang (see below)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+    )  # only stops a hang (see below)
 
 
 def test_kdflow_help_lists_the_stages_and_starts_nothing():
@@ -58,16 +59,26 @@ def test_kdflow_help_lists_the_stages_and_starts_nothing():
     assert done.returncode == 0
     for command in ("distill", "teacher", "generate", "curate", "logit-cache", "students", "evaluate", "compare"):
         assert command in done.stdout
-    probe = "import sys, flows.cli; flows.cli.parser(); print(sorted(m for m in ('prefect', 'torch') if m in sys.modules))"
-    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "[]"
+    probe = (
+        "import sys, flows.cli; flows.cli.parser(); print(sorted(m for m in ('prefect', 'torch') if m in sys.modules))"
+    )
+    assert (
+        subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True).stdout.strip() == "[]"
+    )
 
 
 @pytest.mark.parametrize("module", ["flows.distill", "flows.train_teacher", "flows.train_students", "flows.generate"])
 def test_a_flow_module_run_as_a_script_answers_help_without_starting_work(module, tmp_path):
     # The timeout only stops a hang: a flow module imports Prefect and torch before it reads its arguments, which
     # took 60 s on a loaded 2-core machine (120 s was once too little).
-    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path)})
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "PREFECT_HOME": str(tmp_path)},
+    )
     assert done.returncode == 0 and "usage: kdflow" in done.stdout
     assert "Starting temporary server" not in done.stdout + done.stderr and "RecipeError" not in done.stderr
 
@@ -87,7 +98,11 @@ def test_kdflow_compare_compares_reports(tmp_path):
 
     for name, acc in (("a", 0.5), ("b", 0.75)):
         (tmp_path / name).mkdir()
-        report = {"run": name, "teacher": {"accuracy": 0.9, "params": 10}, "students": {"s": {"accuracy": acc, "params": 1}}}
+        report = {
+            "run": name,
+            "teacher": {"accuracy": 0.9, "params": 10},
+            "students": {"s": {"accuracy": acc, "params": 1}},
+        }
         (tmp_path / name / "report.json").write_text(json.dumps(report))
     done = kdflow_command("compare", str(tmp_path / "a"), str(tmp_path / "b"))
     assert done.returncode == 0, done.stderr
@@ -105,8 +120,11 @@ def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
     link(ROOT)  # what `make smollm2` links: the recipe names models/SmolLM2-135M-Instruct.Q4_1.gguf
     r = load_recipe(ROOT / "recipes" / "smollm2.yaml")
     run = tmp_path / "runs" / "smollm2"
-    with pytest.raises(run_folder.MissingStage, match=r"no finished import of the teacher models/SmolLM2-135M-"
-                                                      r"Instruct.Q4_1.gguf in .*: run `kdflow teacher <recipe>`"):
+    with pytest.raises(
+        run_folder.MissingStage,
+        match=r"no finished import of the teacher models/SmolLM2-135M-"
+        r"Instruct.Q4_1.gguf in .*: run `kdflow teacher <recipe>`",
+    ):
         run_teacher(run, r)
     finished(run, "teacher")  # a teacher stage's output is not this teacher
     finished(run, "import-gguf")  # nor another file's import

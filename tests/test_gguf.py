@@ -55,15 +55,19 @@ def test_generation_goes_through_the_chat_template(smollm2_folder):
 
     from kdflow.teacher.hf_generate import generate
 
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2_folder), AutoTokenizer.from_pretrained(smollm2_folder)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(smollm2_folder),
+        AutoTokenizer.from_pretrained(smollm2_folder),
+    )
     question = "What is the capital of France?"
     [answer] = generate(model, tokenizer, [question], max_new_tokens=12, batch_size=1)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         return_dict=True, return_tensors="pt")["input_ids"]
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )["input_ids"]
     bare = tokenizer(question, return_tensors="pt")["input_ids"]
     with torch.no_grad():
-        through_chat = model.generate(chat, max_new_tokens=12, do_sample=False)[0, chat.shape[1]:]
-        without = model.generate(bare, max_new_tokens=12, do_sample=False)[0, bare.shape[1]:]
+        through_chat = model.generate(chat, max_new_tokens=12, do_sample=False)[0, chat.shape[1] :]
+        without = model.generate(bare, max_new_tokens=12, do_sample=False)[0, bare.shape[1] :]
     assert answer["text"] == tokenizer.decode(through_chat, skip_special_tokens=True).strip()
     assert answer["text"] != tokenizer.decode(without, skip_special_tokens=True).strip()
     assert "Paris" in answer["text"]
@@ -77,17 +81,22 @@ def test_top_k_of_real_answers_is_a_spread_out_distribution(smollm2_folder):
     from kdflow.logit_cache.topk import encode_row, hf_topk
     from kdflow.teacher.hf_generate import generate
 
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2_folder), AutoTokenizer.from_pretrained(smollm2_folder)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(smollm2_folder),
+        AutoTokenizer.from_pretrained(smollm2_folder),
+    )
     questions = ["Name a fruit that is yellow.", "Write one sentence about the sea."]
     answers = generate(model, tokenizer, questions, max_new_tokens=16, batch_size=2)
-    rows = [encode_row(tokenizer, f"r{i}", [{"role": "user", "content": q}], [{"role": "assistant", "content": a["text"]}])
-            for i, (q, a) in enumerate(zip(questions, answers))]
+    rows = [
+        encode_row(tokenizer, f"r{i}", [{"role": "user", "content": q}], [{"role": "assistant", "content": a["text"]}])
+        for i, (q, a) in enumerate(zip(questions, answers))
+    ]
     tops = hf_topk(model, rows, k=20, pad_id=tokenizer.pad_token_id)
     for row, top in zip(rows, tops):
         ids, logprobs = torch.as_tensor(top.ids), torch.as_tensor(top.logprobs)
         assert ids.shape == logprobs.shape and ids.shape[1] == 20 and ids.shape[0] == len(row.input_ids) - row.start - 1
         assert (logprobs <= 0).all() and (logprobs[:, :-1] >= logprobs[:, 1:]).all()
-        targets = torch.as_tensor(row.input_ids[row.start + 1:])
+        targets = torch.as_tensor(row.input_ids[row.start + 1 :])
         assert (ids == targets[:, None]).any(dim=1).float().mean() > 0.9
     top1 = torch.cat([torch.as_tensor(t.logprobs)[:, 0] for t in tops]).exp()
     assert top1.min() < 0.9  # not a one-hot teacher: some positions spread their mass
@@ -95,16 +104,17 @@ def test_top_k_of_real_answers_is_a_spread_out_distribution(smollm2_folder):
 
 # ---- bad files -------------------------------------------------------------------------------------------------
 
+
 def recipe_with_teacher(tmp_path: Path, model: str, students: str = "") -> Path:
     path = tmp_path / "r.yaml"
-    path.write_text(f"""run: {{name: r, root: {tmp_path / 'runs'}}}
+    path.write_text(f"""run: {{name: r, root: {tmp_path / "runs"}}}
 data: {{source: arithmetic, splits: {{train: 4, test: 2}}}}
 teacher: {{model: {model}}}
 generation: {{splits: [train]}}
 students:
   - name: s
     data: gold
-    {students or 'architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}'}
+    {students or "architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}"}
 """)
     return path
 
@@ -173,14 +183,26 @@ def test_vllm_serves_the_imported_folder_with_hfs_log_probs(smollm2_folder):
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(smollm2_folder), AutoTokenizer.from_pretrained(smollm2_folder)
-    rows = [encode_row(tokenizer, "r0", [{"role": "user", "content": "Give me a word that rhymes with cat."}],
-                       [{"role": "assistant", "content": "Hat is a word that rhymes with cat."}])]
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(smollm2_folder),
+        AutoTokenizer.from_pretrained(smollm2_folder),
+    )
+    rows = [
+        encode_row(
+            tokenizer,
+            "r0",
+            [{"role": "user", "content": "Give me a word that rhymes with cat."}],
+            [{"role": "assistant", "content": "Hat is a word that rhymes with cat."}],
+        )
+    ]
     [hf] = hf_topk(model, rows, k=20, pad_id=tokenizer.pad_token_id)
     args = [*prompt_logprobs_args(20, "float32"), "--max-model-len", "512", "--enforce-eager"]
-    with vllm_server(smollm2_folder, extra_args=args, startup_timeout_s=600, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
-        [served] = vllm_topk(OpenAI(base_url=url, api_key="none", max_retries=2, timeout=300), str(smollm2_folder),
-                             rows, k=20)
+    with vllm_server(
+        smollm2_folder, extra_args=args, startup_timeout_s=600, env={"VLLM_CPU_KVCACHE_SPACE": "1"}
+    ) as url:
+        [served] = vllm_topk(
+            OpenAI(base_url=url, api_key="none", max_retries=2, timeout=300), str(smollm2_folder), rows, k=20
+        )
     assert served.ids.shape == hf.ids.shape
     assert abs(served.logprobs - hf.logprobs).max() < 1e-3
     untied = abs(hf.logprobs[:, 1:] - hf.logprobs[:, :-1]).min(axis=1) > 1e-3  # rows whose order is unambiguous

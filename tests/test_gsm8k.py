@@ -11,7 +11,9 @@ from data.gsm8k import check_answer, final_answer, gold_answer, load_split
 from kdflow.store.data_files import DataError
 
 GSM8K = Path(os.environ.get("KDFLOW_GSM8K", Path(__file__).resolve().parents[1] / "data" / "gsm8k"))
-needs_gsm8k = pytest.mark.skipif(not (GSM8K / "test.jsonl").is_file(), reason=f"GSM8K not found at {GSM8K} (set KDFLOW_GSM8K)")
+needs_gsm8k = pytest.mark.skipif(
+    not (GSM8K / "test.jsonl").is_file(), reason=f"GSM8K not found at {GSM8K} (set KDFLOW_GSM8K)"
+)
 
 
 def change_final_number(solution: str, gold: str) -> str:
@@ -67,10 +69,19 @@ def test_fractions_and_scientific_notation_are_read_whole_or_refused(tmp_path):
     assert gold_answer("#### 6/8") == "3/4" and gold_answer("#### 4/2") == "2" and gold_answer("#### 1e5") == "100000"
     assert gold_answer("#### 1.5E-3") == "0.0015" and gold_answer("#### $1,234 dollars") == "1234"
     path = tmp_path / "test.jsonl"
-    for bad, why in [("3/0", "divides by zero"), ("1.2.3", "is not a number kdflow reads"), ("2^10", "is not a number"),
-                     ("3/4/5", "is not a number"), ("1e", "is not a number")]:
-        path.write_text(json.dumps({"question": "q", "answer": "1+1=2\n#### 2"}) + "\n"
-                        + json.dumps({"question": "q", "answer": f"so\n#### {bad}"}) + "\n")
+    for bad, why in [
+        ("3/0", "divides by zero"),
+        ("1.2.3", "is not a number kdflow reads"),
+        ("2^10", "is not a number"),
+        ("3/4/5", "is not a number"),
+        ("1e", "is not a number"),
+    ]:
+        path.write_text(
+            json.dumps({"question": "q", "answer": "1+1=2\n#### 2"})
+            + "\n"
+            + json.dumps({"question": "q", "answer": f"so\n#### {bad}"})
+            + "\n"
+        )
         with pytest.raises(DataError, match=rf"test.jsonl:2: the gold answer '#### {re.escape(bad)}' {why}"):
             load_split(path)
 
@@ -107,6 +118,9 @@ def test_gold_numbers_are_kept_exact_and_absurd_lengths_refused(tmp_path):
     path = tmp_path / "test.jsonl"
     for bad in ("1e400", "1e100", "1" * 101, "0." + "0" * 100 + "1"):
         path.write_text(json.dumps({"question": "q", "answer": f"so\n#### {bad}"}) + "\n")
-        with pytest.raises(DataError, match=rf"test.jsonl:1: the gold answer '#### {re.escape(bad[:40])}' has more than "
-                                            r"100 digits written out"):
+        with pytest.raises(
+            DataError,
+            match=rf"test.jsonl:1: the gold answer '#### {re.escape(bad[:40])}' has more than "
+            r"100 digits written out",
+        ):
             load_split(path)

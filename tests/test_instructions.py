@@ -25,7 +25,9 @@ FIELDS = {"id", "question", "rationale", "answer"}
 
 
 def section(**splits) -> DataSection:
-    return DataSection(source="instructions", transfer=T0, test=SELF_INSTRUCT, splits=splits or {"train": 2000, "test": 252})
+    return DataSection(
+        source="instructions", transfer=T0, test=SELF_INSTRUCT, splits=splits or {"train": 2000, "test": 252}
+    )
 
 
 def lines(path: str) -> list[dict]:
@@ -33,6 +35,7 @@ def lines(path: str) -> list[dict]:
 
 
 # ---- the real files -------------------------------------------------------------------------------------
+
 
 def test_the_real_files_give_disjoint_seeded_splits_with_the_pipelines_fields():
     splits = build_splits(section(train=2000, test=252))
@@ -45,14 +48,20 @@ def test_the_real_files_give_disjoint_seeded_splits_with_the_pipelines_fields():
     for row, s in zip(splits["test"], source):
         instance = s["instances"][0]
         assert row["rationale"] == row["answer"] == instance["output"]
-        assert row["question"] == (f"{s['instruction'].strip()}\n\n{instance['input'].strip()}" if instance["input"].strip()
-                                   else s["instruction"].strip())
+        assert row["question"] == (
+            f"{s['instruction'].strip()}\n\n{instance['input'].strip()}"
+            if instance["input"].strip()
+            else s["instruction"].strip()
+        )
     assert sum("\n\n" in r["question"] for r in splits["test"]) > 150  # most user-oriented instructions have an input
     # train: T0 rows, each its prompt and reference completion
     t0 = {r["id"]: r for r in lines(T0)}
     assert len(t0) == 5383
     for row in splits["train"]:
-        assert row["question"] == t0[row["id"]]["prompt"] and row["rationale"] == row["answer"] == t0[row["id"]]["completion"]
+        assert (
+            row["question"] == t0[row["id"]]["prompt"]
+            and row["rationale"] == row["answer"] == t0[row["id"]]["completion"]
+        )
 
 
 def test_splits_are_disjoint_seed_stable_and_independent_of_the_order_the_recipe_lists_them():
@@ -68,8 +77,11 @@ def test_splits_are_disjoint_seed_stable_and_independent_of_the_order_the_recipe
 
 
 def test_a_split_larger_than_its_file_names_the_split_and_the_row_count():
-    with pytest.raises(DataError, match=r"data\.splits\.test asks for 253 rows but .*user_oriented_instructions\.jsonl has "
-                                        r"252: lower it to at most 252"):
+    with pytest.raises(
+        DataError,
+        match=r"data\.splits\.test asks for 253 rows but .*user_oriented_instructions\.jsonl has "
+        r"252: lower it to at most 252",
+    ):
         build_splits(section(train=10, test=253))
     with pytest.raises(DataError, match=r"data\.splits: train 5,000, valid 400 ask for 5,400 rows .* has 5,383"):
         build_splits(section(train=5000, valid=400, test=10))
@@ -81,12 +93,16 @@ def test_bad_lines_fail_naming_file_and_line(tmp_path):
     transfer.write_text('{"id": "a", "prompt": "Say hi.", "completion": "hi"}\n{"id": "b", "completion": "x"}\n')
     with pytest.raises(DataError, match=rf"{transfer}:2: missing field\(s\) \['prompt'\]"):
         instructions.read_transfer(transfer)
-    transfer.write_text('{"id": "a", "prompt": "Say hi.", "completion": "hi"}\n\n{"id": "a", "prompt": "Hi?", "completion": "y"}\n')
+    transfer.write_text(
+        '{"id": "a", "prompt": "Say hi.", "completion": "hi"}\n\n{"id": "a", "prompt": "Hi?", "completion": "y"}\n'
+    )
     with pytest.raises(DataError, match=rf"{transfer}:3: id 'a' is also the id of {transfer}:1"):
         instructions.read_transfer(transfer)
     test = tmp_path / "s.jsonl"
     test.write_text('{"id": "u0", "instruction": "Name a colour.", "instances": []}\n')
-    with pytest.raises(DataError, match=rf"{test}:1: 'instances' must be a list whose first item has 'input' and 'output'"):
+    with pytest.raises(
+        DataError, match=rf"{test}:1: 'instances' must be a list whose first item has 'input' and 'output'"
+    ):
         instructions.read_test(test)
     test.write_text('{"id": "u0", "instruction": "Name a colour.", "instances": [{"input": "", "output": " "}]}\n')
     with pytest.raises(DataError, match=rf"{test}:1: the instance's 'output' is empty"):
@@ -123,9 +139,15 @@ evaluation: {evaluation}
 """
 
 
-def recipe(transfer=T0, test=SELF_INSTRUCT, filters="{correctness: false, dedup: {}, length: {max_tokens: 64}}",
-           evaluation="{max_new_tokens: 32}"):
-    return parse_recipe(RECIPE.format(transfer=transfer, test=test, filters=filters, evaluation=evaluation), "instr.yaml")
+def recipe(
+    transfer=T0,
+    test=SELF_INSTRUCT,
+    filters="{correctness: false, dedup: {}, length: {max_tokens: 64}}",
+    evaluation="{max_new_tokens: 32}",
+):
+    return parse_recipe(
+        RECIPE.format(transfer=transfer, test=test, filters=filters, evaluation=evaluation), "instr.yaml"
+    )
 
 
 def test_a_recipe_on_instruction_files_loads():
@@ -135,17 +157,27 @@ def test_a_recipe_on_instruction_files_loads():
 
 
 def test_a_missing_file_names_the_field_and_the_fix():
-    with pytest.raises(RecipeError, match=r"data\.transfer.*no file at .*data/t0-short/nope\.jsonl: point data\.transfer at "
-                                          r"an existing file, e\.g\. data/t0-short/prompts\.jsonl"):
+    with pytest.raises(
+        RecipeError,
+        match=r"data\.transfer.*no file at .*data/t0-short/nope\.jsonl: point data\.transfer at "
+        r"an existing file, e\.g\. data/t0-short/prompts\.jsonl",
+    ):
         recipe(transfer="data/t0-short/nope.jsonl")
     with pytest.raises(RecipeError, match=r"source 'instructions' needs data\.test"):
-        parse_recipe(RECIPE.format(transfer=T0, test=SELF_INSTRUCT, filters="{correctness: false}", evaluation="{}")
-                     .replace(f"  test: {SELF_INSTRUCT}\n", ""), "instr.yaml")
+        parse_recipe(
+            RECIPE.format(transfer=T0, test=SELF_INSTRUCT, filters="{correctness: false}", evaluation="{}").replace(
+                f"  test: {SELF_INSTRUCT}\n", ""
+            ),
+            "instr.yaml",
+        )
 
 
 def test_what_needs_an_answer_checker_is_refused_for_free_text():
-    with pytest.raises(RecipeError, match=r"filters\.correctness.*free text, with no answer checker: set "
-                                          r"filters\.correctness: false"):
+    with pytest.raises(
+        RecipeError,
+        match=r"filters\.correctness.*free text, with no answer checker: set "
+        r"filters\.correctness: false",
+    ):
         recipe(filters="{}")  # correctness is on by default
     with pytest.raises(RecipeError, match=r"self-consistency votes on final answers: remove filters\.self_consistency"):
         recipe(filters="{correctness: false, self_consistency: {}}")
@@ -162,11 +194,13 @@ def test_free_text_curation_runs_its_filters_and_never_a_checker():
     with pytest.raises(TypeError, match="no answer checker"):
         check("x", "y")
     base = {"question": "Describe the sea.", "answer": "Blue and wide.", "finish_reason": "stop"}
-    rows = [{**base, "id": "a", "text": "The sea is blue, wide and deep, and it moves all day long."},
-            {**base, "id": "b", "text": "   "},
-            {**base, "id": "c", "text": "The sea is", "finish_reason": "length"},
-            {**base, "id": "d", "text": "The sea is blue, wide and deep, and it moves all night long."},
-            {**base, "id": "e", "text": "Short."}]
+    rows = [
+        {**base, "id": "a", "text": "The sea is blue, wide and deep, and it moves all day long."},
+        {**base, "id": "b", "text": "   "},
+        {**base, "id": "c", "text": "The sea is", "finish_reason": "length"},
+        {**base, "id": "d", "text": "The sea is blue, wide and deep, and it moves all night long."},
+        {**base, "id": "e", "text": "Short."},
+    ]
     section = FiltersSection(correctness=False, length={"min_tokens": 3}, dedup={"by": "text", "threshold": 0.4})
     kept, dropped = curate(rows, section, check, extract, tokens=[14, 0, 3, 14, 2])
     assert [r["id"] for r in kept] == ["a"]
@@ -177,6 +211,7 @@ def test_free_text_curation_runs_its_filters_and_never_a_checker():
 
 # ---- ROUGE-L, counted by hand ---------------------------------------------------------------------------
 
+
 def lcs(a: list[str], b: list[str]) -> int:
     """The longest common subsequence's length, by the textbook table."""
     table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
@@ -186,12 +221,30 @@ def lcs(a: list[str], b: list[str]) -> int:
     return table[-1][-1]
 
 
-@pytest.mark.parametrize("task, prediction, pred_tokens, ref_tokens", [
-    # rouge-score's tokens: lower case, runs of [a-z0-9], Porter stems ("stars" -> "star", "sounds" -> "sound").
-    ("user_oriented_task_234", "I think 3 stars.", ["i", "think", "3", "star"], ["3", "star"]),  # LCS 2: F = 2·2/(4+2)
-    ("user_oriented_task_144", "a_n = 9n - 4", ["a", "n", "9n", "4"], ["an", "9", "n", "4"]),  # LCS 2 (n, 4): F = 4/8
-    ("user_oriented_task_1", "The writer sounds confident.", ["the", "writer", "sound", "confid"], ["confid"]),  # 2/5
-])
+@pytest.mark.parametrize(
+    "task, prediction, pred_tokens, ref_tokens",
+    [
+        # rouge-score's tokens: lower case, runs of [a-z0-9], Porter stems ("stars" -> "star", "sounds" -> "sound").
+        (
+            "user_oriented_task_234",
+            "I think 3 stars.",
+            ["i", "think", "3", "star"],
+            ["3", "star"],
+        ),  # LCS 2: F = 2·2/(4+2)
+        (
+            "user_oriented_task_144",
+            "a_n = 9n - 4",
+            ["a", "n", "9n", "4"],
+            ["an", "9", "n", "4"],
+        ),  # LCS 2 (n, 4): F = 4/8
+        (
+            "user_oriented_task_1",
+            "The writer sounds confident.",
+            ["the", "writer", "sound", "confid"],
+            ["confid"],
+        ),  # 2/5
+    ],
+)
 def test_rouge_l_against_hand_counts_on_self_instruct_references(task, prediction, pred_tokens, ref_tokens):
     from kdflow.evaluation.free_text import SCORER, rouge_l
 
@@ -200,8 +253,9 @@ def test_rouge_l_against_hand_counts_on_self_instruct_references(task, predictio
     n = lcs(pred_tokens, ref_tokens)
     precision, recall = n / len(pred_tokens), n / len(ref_tokens)
     by_hand = 100 * 2 * precision * recall / (precision + recall)
-    assert by_hand == pytest.approx({"user_oriented_task_234": 200 / 3, "user_oriented_task_144": 50.0,
-                                     "user_oriented_task_1": 40.0}[task])
+    assert by_hand == pytest.approx(
+        {"user_oriented_task_234": 200 / 3, "user_oriented_task_144": 50.0, "user_oriented_task_1": 40.0}[task]
+    )
     assert rouge_l(prediction, reference) == pytest.approx(by_hand)
     assert rouge_l(f"  {prediction}\n", reference) == pytest.approx(by_hand)  # surrounding white space is stripped
     assert rouge_l(reference, reference) == 100.0 and rouge_l("", reference) == 0.0
@@ -210,14 +264,19 @@ def test_rouge_l_against_hand_counts_on_self_instruct_references(task, predictio
 def test_mean_rouge_l_over_rows_and_a_failed_request_scores_zero():
     from kdflow.evaluation.free_text import scored
 
-    mean, rows = scored([{"id": 1, "answer": "3 stars", "text": "I think 3 stars."},
-                         {"id": 2, "answer": "3 stars", "text": "3 stars"},
-                         {"id": 3, "answer": "3 stars", "text": None}])
+    mean, rows = scored(
+        [
+            {"id": 1, "answer": "3 stars", "text": "I think 3 stars."},
+            {"id": 2, "answer": "3 stars", "text": "3 stars"},
+            {"id": 3, "answer": "3 stars", "text": None},
+        ]
+    )
     assert [r["rouge_l"] for r in rows] == pytest.approx([200 / 3, 100.0, 0.0])
     assert mean == pytest.approx((200 / 3 + 100) / 3)
 
 
 # ---- tiny models evaluated end to end, without Prefect --------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
@@ -238,8 +297,9 @@ def evaluated(tmp_path_factory):
     def model(name: str, seed: int, hidden: int):
         key = name.ljust(64, "0")
         with building(run, name, key) as tmp:
-            llama_model(tokenizer, hidden=hidden, layers=1, heads=2, intermediate=64, seed=seed,
-                        max_positions=4096).save_pretrained(tmp / "model")
+            llama_model(
+                tokenizer, hidden=hidden, layers=1, heads=2, intermediate=64, seed=seed, max_positions=4096
+            ).save_pretrained(tmp / "model")
             tokenizer.save_pretrained(tmp / "model")
             write_location(tmp, "model")
             finish(tmp, name, key, inputs={})
@@ -250,8 +310,16 @@ def evaluated(tmp_path_factory):
     template = (ROOT / "prompts" / "instruct.jinja").read_text()
     t = evaluate_model.fn(run, settings, template, DataSource.instructions, teacher, teacher, data)
     s = evaluate_model.fn(run, settings, template, DataSource.instructions, student, teacher, data, teacher_eval=t)
-    return {"rows": rows, "teacher": t, "student": s, "data": data, "settings": settings, "template": template,
-            "models": (teacher, student), "tokenizer": tokenizer}
+    return {
+        "rows": rows,
+        "teacher": t,
+        "student": s,
+        "data": data,
+        "settings": settings,
+        "template": template,
+        "models": (teacher, student),
+        "tokenizer": tokenizer,
+    }
 
 
 def predictions(ref) -> pd.DataFrame:
@@ -297,8 +365,14 @@ def test_the_evaluate_key_holds_the_teachers_evaluation_where_it_is_used(evaluat
     from tasks.evaluate import EVALUATE
 
     teacher, student = evaluated["models"]
-    args = dict(section=evaluated["settings"], template=evaluated["template"], source=DataSource.instructions,
-                model=student, teacher=teacher, data=evaluated["data"])
+    args = dict(
+        section=evaluated["settings"],
+        template=evaluated["template"],
+        source=DataSource.instructions,
+        model=student,
+        teacher=teacher,
+        data=evaluated["data"],
+    )
     assert EVALUATE.key(**args, teacher_eval=evaluated["teacher"]) != EVALUATE.key(**args)
     assert Path(evaluated["student"].path).name == EVALUATE.key(**args, teacher_eval=evaluated["teacher"])[:16]
     # without it (the other sources) the key is what it was before teacher_eval existed
@@ -314,8 +388,14 @@ def test_a_students_free_text_evaluation_without_the_teachers_answers_is_refused
     with pytest.raises(ValueError, match="pass the teacher's evaluation of the same split"):
         evaluate_free_text(student, teacher, evaluated["rows"], evaluated["template"], evaluated["settings"], None)
     with pytest.raises(ValueError, match="no answer for 1 of the 6 rows"):
-        evaluate_free_text(student, teacher, evaluated["rows"], evaluated["template"], evaluated["settings"],
-                           predictions(evaluated["teacher"]).to_dict("records")[1:])
+        evaluate_free_text(
+            student,
+            teacher,
+            evaluated["rows"],
+            evaluated["template"],
+            evaluated["settings"],
+            predictions(evaluated["teacher"]).to_dict("records")[1:],
+        )
 
 
 def test_the_report_shows_rouge_l_instead_of_accuracy(evaluated):
@@ -328,7 +408,9 @@ def test_the_report_shows_rouge_l_instead_of_accuracy(evaluated):
     curation = {"input_rows": 8, "kept": 8, "dropped": 0, "drop_reasons": {}}
     report = build_report("instr", t, {"baseline": gold, "seq-kd": {**s, "data": "teacher"}}, curation)
     assert report["gap_closure"]["metric"] == "rouge_l" and "on ROUGE-L" in report["gap_closure"]["note"]
-    expected = (s["rouge_l"] - gold["rouge_l"]) / (t["rouge_l"] - gold["rouge_l"]) if t["rouge_l"] > gold["rouge_l"] else None
+    expected = (
+        (s["rouge_l"] - gold["rouge_l"]) / (t["rouge_l"] - gold["rouge_l"]) if t["rouge_l"] > gold["rouge_l"] else None
+    )
     assert report["students"]["seq-kd"]["gap_closure"] == (pytest.approx(expected) if expected is not None else None)
     md = render_markdown(report)
     assert "| model | trained on | ROUGE-L | gap closed |" in md and "| accuracy |" not in md

@@ -21,7 +21,9 @@ from kdflow.evaluation.judge import TooManyJudgeFailures
 from kdflow.store.outputs import building, existing_output, finish
 from tasks.evaluate import judge_students, reply_folder
 
-QUESTIONS = [{"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)]
+QUESTIONS = [
+    {"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)
+]
 # What each model answered (its evaluate-stage predictions): a judge that reads the answers prefers RIGHT.
 TEACHER = ["RIGHT", "RIGHT", "WRONG", "RIGHT"]
 GOOD = ["RIGHT", "RIGHT", "RIGHT", "RIGHT"]  # ties q0, q1, q3; beats the teacher on q2
@@ -39,8 +41,10 @@ def stage(run_dir: Path, name: str, key: str, tables: dict[str, list[dict]] | No
 
 
 def evaluated(run_dir: Path, name: str, texts: list[str]):
-    predictions = [{"id": q["id"], "answer": q["answer"], "text": t, "finish_reason": "stop", "correct": t == "RIGHT"}
-                   for q, t in zip(QUESTIONS, texts)]
+    predictions = [
+        {"id": q["id"], "answer": q["answer"], "text": t, "finish_reason": "stop", "correct": t == "RIGHT"}
+        for q, t in zip(QUESTIONS, texts)
+    ]
     return stage(run_dir, "evaluate", f"e{name}", {"predictions.parquet": predictions})
 
 
@@ -71,14 +75,27 @@ def test_a_judge_that_reads_the_answers_scores_win_tie_loss(run):
     with FakeTeacher(reply=by_content) as fake:
         ref, rates = judged(run, fake.url)
     # good: q2 won in both orders (2 wins), q0, q1, q3 tied (6 ties): (2 + 6 × ½) / 8
-    assert rates["good"] == {"win_rate": pytest.approx(5 / 8), "judged": 8, "wins": 2, "ties": 6, "losses": 0,
-                             "unparsed": 0, "failed": 0, "pairs_parsed": 4, "consistent_pairs": 4}
+    assert rates["good"] == {
+        "win_rate": pytest.approx(5 / 8),
+        "judged": 8,
+        "wins": 2,
+        "ties": 6,
+        "losses": 0,
+        "unparsed": 0,
+        "failed": 0,
+        "pairs_parsed": 4,
+        "consistent_pairs": 4,
+    }
     # bad: q0, q1, q3 lost (6 losses), q2 tied: 2 × ½ / 8
     assert rates["bad"]["win_rate"] == pytest.approx(1 / 8) and (rates["bad"]["losses"], rates["bad"]["ties"]) == (6, 2)
     m = ref.manifest()
     assert m["win_rates"] == rates and m["questions"] == 4 and m["rows"] == 16
-    assert m["judge"] == {"backend": "openai", "model": "fake-judge", "base_url": fake.url + "/v1",
-                          "template": "prompts/judge.jinja"}
+    assert m["judge"] == {
+        "backend": "openai",
+        "model": "fake-judge",
+        "base_url": fake.url + "/v1",
+        "template": "prompts/judge.jinja",
+    }
     table = pd.read_parquet(Path(ref.path) / "judgements.parquet")
     assert len(table) == 16 and list(table["student_is"][:2]) == ["A", "B"]
     row = table[(table["student"] == "good") & (table["id"] == "q2") & (table["student_is"] == "B")].iloc[0]
@@ -96,8 +113,17 @@ def test_position_bias_cancels_and_unparsable_replies_are_counted_apart(run, tmp
     garbled = lambda prompt: "I cannot tell." if "question 3" in prompt else by_content(prompt)
     with FakeTeacher(reply=garbled) as fake:
         ref, rates = judged(run, fake.url)
-    assert rates["good"] == {"win_rate": pytest.approx(4 / 6), "judged": 6, "wins": 2, "ties": 4, "losses": 0,
-                             "unparsed": 2, "failed": 0, "pairs_parsed": 3, "consistent_pairs": 3}
+    assert rates["good"] == {
+        "win_rate": pytest.approx(4 / 6),
+        "judged": 6,
+        "wins": 2,
+        "ties": 4,
+        "losses": 0,
+        "unparsed": 2,
+        "failed": 0,
+        "pairs_parsed": 3,
+        "consistent_pairs": 3,
+    }
     table = pd.read_parquet(Path(ref.path) / "judgements.parquet")
     unparsed = table[table["outcome"].isna()]
     assert len(unparsed) == 4 and set(unparsed["reason"]) == {"unparsed_verdict"}
@@ -149,11 +175,14 @@ def test_the_stage_is_cached_by_content(run):
         assert judged(run, fake.url, concurrency=3, timeout_s=9, max_retries=1)[0] == first  # throughput knobs
 
     def key(section, **inputs):
-        return JUDGE.key(**{"section": section, "students": students, "teacher": teacher, "data": data,
-                            "split": "test", **inputs})
+        return JUDGE.key(
+            **{"section": section, "students": students, "teacher": teacher, "data": data, "split": "test", **inputs}
+        )
 
     changed = [judge(fake.url, max_questions=3), judge(fake.url, max_new_tokens=9), judge(fake.url + "/other")]
-    assert len({key(judge(fake.url)), *map(key, changed), key(judge(fake.url), students={"good": students["good"]})}) == 5
+    assert (
+        len({key(judge(fake.url)), *map(key, changed), key(judge(fake.url), students={"good": students["good"]})}) == 5
+    )
 
 
 def test_a_local_judge_is_served_by_the_stage_under_its_path(run, monkeypatch, tmp_path):
@@ -166,13 +195,16 @@ def test_a_local_judge_is_served_by_the_stage_under_its_path(run, monkeypatch, t
     folder = build_tiny_teacher(tmp_path / "judge-model")
     served = []
     with FakeTeacher(reply=by_content) as fake:
+
         @contextlib.contextmanager
         def fake_server(model_dir, **kw):
             served.append((str(model_dir), kw))
             yield fake.url + "/v1"
 
         monkeypatch.setattr("kdflow.teacher.completion.vllm_server", fake_server)
-        section = EvaluationSection.Judge(backend="vllm", model=str(folder), vllm={"extra_args": ["--dtype", "float32"]})
+        section = EvaluationSection.Judge(
+            backend="vllm", model=str(folder), vllm={"extra_args": ["--dtype", "float32"]}
+        )
         run_dir, data, students, teacher = run
         ref = judge_students.fn(run_dir, section, students, teacher, data, "test")
     assert [(m, kw["extra_args"]) for m, kw in served] == [(str(folder), ["--dtype", "float32"])]
@@ -195,6 +227,7 @@ def test_an_hf_judge_runs_in_process(run, tmp_path):
 
 
 # ---- the recipe section -----------------------------------------------------------------------------
+
 
 def mini(**evaluation) -> dict:
     """tests/mini.yaml as a dict, with more ``evaluation`` settings."""
@@ -234,6 +267,7 @@ def test_a_judge_leaves_the_evaluate_stage_key_alone():
 
 # ---- the evaluate flow and its report, with a judge ---------------------------------------------------
 
+
 @pytest.mark.slow
 def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_path):
     """flows/evaluate.py on a run folder of tiny models: the judge stage runs only with evaluation.judge, and
@@ -253,9 +287,12 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
 
     def model_stage(stage_name: str, key: str, seed: int, **manifest):
         def build(tmp):
-            llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=64, seed=seed).save_pretrained(tmp / "model")
+            llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=64, seed=seed).save_pretrained(
+                tmp / "model"
+            )
             tokenizer.save_pretrained(tmp / "model")
             write_location(tmp, "model")
+
         key = key.ljust(64, "0")
         with building(run_dir, stage_name, key) as tmp:
             build(tmp)
@@ -280,14 +317,19 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     for name in ("baseline", "seq-kd"):
         assert report["students"][name]["judge_win_rate"] == 0.5 and report["students"][name]["judge"]["ties"] == 12
     md = (run_dir / "report.md").read_text()
-    assert ("| model | trained on | accuracy | gap closed | perplexity | top-1 agreement | KL(teacher ‖ model) "
-            "| judge win rate vs teacher |") in md
-    assert re.search(r"\| teacher \| gold \|.*\| \(reference\) \|", md) and re.search(r"\| seq-kd \| teacher \|.*\| 0\.500 \|", md)
+    assert (
+        "| model | trained on | accuracy | gap closed | perplexity | top-1 agreement | KL(teacher ‖ model) "
+        "| judge win rate vs teacher |"
+    ) in md
+    assert re.search(r"\| teacher \| gold \|.*\| \(reference\) \|", md) and re.search(
+        r"\| seq-kd \| teacher \|.*\| 0\.500 \|", md
+    )
     assert "    - seq-kd: 0 wins, 12 ties, 0 losses; 0 replies without a verdict, 0 requests failed" in md
     assert json.loads((run_dir / "report.json").read_text())["students"]["baseline"]["judge_win_rate"] == 0.5
 
 
 # ---- the real vLLM server as the judge --------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_a_tiny_model_judge_on_the_real_vllm_server(vllm_server_url, vllm_model_dir, run, monkeypatch):
@@ -295,8 +337,14 @@ def test_a_tiny_model_judge_on_the_real_vllm_server(vllm_server_url, vllm_model_
     judgement is a parsed verdict or an unparsable reply (none failed), the counts adding up."""
     monkeypatch.setenv("KDFLOW_TEST_JUDGE_KEY", VLLM_TEST_API_KEY)
     run_dir, data, students, teacher = run
-    section = EvaluationSection.Judge(base_url=vllm_server_url, model=str(vllm_model_dir), max_new_tokens=16,
-                                      api_key_env="KDFLOW_TEST_JUDGE_KEY", concurrency=4, timeout_s=60)
+    section = EvaluationSection.Judge(
+        base_url=vllm_server_url,
+        model=str(vllm_model_dir),
+        max_new_tokens=16,
+        api_key_env="KDFLOW_TEST_JUDGE_KEY",
+        concurrency=4,
+        timeout_s=60,
+    )
     ref = judge_students.fn(run_dir, section, students, teacher, data, "test")
     rates = ref.manifest()["win_rates"]
     table = pd.read_parquet(Path(ref.path) / "judgements.parquet")
@@ -326,8 +374,11 @@ def test_a_password_in_the_judge_url_and_its_key_stay_out_of_the_run_folder(run,
         ref = judge_students.fn(run_dir, section, students, teacher, data, "test")
     assert ref.manifest()["win_rates"]["good"]["win_rate"] == pytest.approx(5 / 8)
     assert ref.manifest()["judge"]["base_url"] == fake.url.replace("http://", "http://***@") + "/v1"
-    leaks = [p for p in Path(run_dir).rglob("*") if p.is_file()
-             and (password.encode() in p.read_bytes() or VLLM_TEST_API_KEY.encode() in p.read_bytes())]
+    leaks = [
+        p
+        for p in Path(run_dir).rglob("*")
+        if p.is_file() and (password.encode() in p.read_bytes() or VLLM_TEST_API_KEY.encode() in p.read_bytes())
+    ]
     assert leaks == []  # manifests, judgements, and the hidden reply shards alike
     key = lambda u: JUDGE.key(section=judge(u), students=students, teacher=teacher, data=data, split="test")
     assert key(url) == key(url.replace(password, "another"))  # a new password is not a new judge

@@ -29,7 +29,13 @@ def test_offline_kd_students_and_seeds_in_the_distill_flow(prefect_server, mini_
     # the offline student's key names the logit cache it learnt from; the seq-KD student's does not
     assert manifests["logit-rkl@1"]["inputs"]["logits"]["ref"] == "logit-cache"
     assert manifests["seq-kd@1"]["inputs"]["logits"] is None
-    history = json.loads((run_dir / "students" / next(k for k, m in students.items()
-                          if json.loads(m.read_text())["name"] == "logit-rkl@0") / "log_history.json").read_text())
+    history = json.loads(
+        (
+            run_dir
+            / "students"
+            / next(k for k, m in students.items() if json.loads(m.read_text())["name"] == "logit-rkl@0")
+            / "log_history.json"
+        ).read_text()
+    )
     assert any("kd_loss" in h and "ce_loss" in h for h in history)
     assert not list((run_dir / "students").glob(".work-*"))  # checkpoints removed once each student is saved

@@ -56,9 +56,11 @@ def test_skew_variants_reduce_to_their_closed_forms():
     assert divergence(p, q, Divergence.skew_reverse_kl, skew=0.0).item() == pytest.approx(kl(Q, P))
     lam = 0.1
     assert divergence(p, q, Divergence.skew_kl, skew=lam).item() == pytest.approx(
-        kl(P, [lam * a + (1 - lam) * c for a, c in zip(P, Q)]))
+        kl(P, [lam * a + (1 - lam) * c for a, c in zip(P, Q)])
+    )
     assert divergence(p, q, Divergence.skew_reverse_kl, skew=lam).item() == pytest.approx(
-        kl(Q, [lam * c + (1 - lam) * a for a, c in zip(P, Q)]))
+        kl(Q, [lam * c + (1 - lam) * a for a, c in zip(P, Q)])
+    )
     # where the student gives a class ~0 mass, KL blows up and the skewed one stays bounded by -log λ
     q0 = logp(0.5, 0.5 - 1e-30, 1e-30)
     assert divergence(p, q0, Divergence.forward_kl).item() > 6
@@ -116,7 +118,8 @@ def test_the_sparse_loss_with_the_whole_vocabulary_is_the_dense_loss():
     for kind in Divergence:
         for T in (1.0, 2.0):
             assert sparse_kd_loss(student, ids, lps, tail, kind, T).item() == pytest.approx(
-                kd_loss(student, teacher, kind, T).item(), rel=1e-4, abs=1e-6)
+                kd_loss(student, teacher, kind, T).item(), rel=1e-4, abs=1e-6
+            )
 
 
 def test_sparse_buckets_follow_the_cache_tail_policy():
@@ -140,6 +143,7 @@ def test_sparse_buckets_follow_the_cache_tail_policy():
 
 
 # ---- non-finite teachers (issue 23, finding 1): no NaN gradient from a masked entry, no NaN dropped silently ------
+
 
 @pytest.mark.parametrize("kind", [Divergence.forward_kl, Divergence.reverse_kl])
 def test_classes_neither_side_gives_mass_add_nothing_to_the_value_or_the_gradient(kind):
@@ -166,7 +170,10 @@ def test_a_nan_teacher_makes_the_loss_nan_instead_of_a_finite_loss_with_nan_grad
 @pytest.mark.parametrize("kind", list(Divergence))
 def test_whatever_a_masked_position_of_the_teacher_holds_reaches_neither_the_loss_nor_its_gradient(kind):
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(2, 4, 6, generator=g, dtype=torch.float64), torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 4, 6, generator=g, dtype=torch.float64),
+    )
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
     clean = s.clone().requires_grad_()
     kd_loss(clean, t, kind, 2.0, mask).backward()

@@ -20,13 +20,19 @@ KEYED = [
     ({"divergence": "reverse_kl", "temperature": 2.0}, {"divergence": "reverse_kl", "temperature": 2.0}),
     ({"method": "offline", "divergence": "forward_kl", "alpha": 0.5, "temperature": 1.0}, {}),
     ({"divergence": "skew_kl", "skew": 0.2, "alpha": 0.7}, {"alpha": 0.7, "divergence": "skew_kl", "skew": 0.2}),
-    ({"method": "online", "divergence": "jsd", "beta": 0.2, "lmbda": 0.7, "max_new_tokens": 64},
-     {"beta": 0.2, "divergence": "jsd", "lmbda": 0.7, "max_new_tokens": 64, "method": "online"}),
-    ({"method": "online", "divergence": "jsd", "cross_tokenizer": "gold"},
-     {"cross_tokenizer": "gold", "divergence": "jsd", "method": "online"}),
+    (
+        {"method": "online", "divergence": "jsd", "beta": 0.2, "lmbda": 0.7, "max_new_tokens": 64},
+        {"beta": 0.2, "divergence": "jsd", "lmbda": 0.7, "max_new_tokens": 64, "method": "online"},
+    ),
+    (
+        {"method": "online", "divergence": "jsd", "cross_tokenizer": "gold"},
+        {"cross_tokenizer": "gold", "divergence": "jsd", "method": "online"},
+    ),
     ({"method": "feature", "feature": {}}, {"feature": {}, "method": "feature"}),
-    ({"method": "feature", "feature": {"layers": [[1, 2]], "kind": "cosine", "weight": 0.5}},
-     {"feature": {"kind": "cosine", "layers": [[1, 2]], "weight": 0.5}, "method": "feature"}),
+    (
+        {"method": "feature", "feature": {"layers": [[1, 2]], "kind": "cosine", "weight": 0.5}},
+        {"feature": {"kind": "cosine", "layers": [[1, 2]], "weight": 0.5}, "method": "feature"},
+    ),
 ]
 
 
@@ -48,25 +54,39 @@ def test_each_method_is_its_own_model_and_offline_is_the_default():
 
 def test_a_setting_of_another_method_is_refused_at_its_line_naming_the_method():
     line = line_of(DEMO, "divergence: reverse_kl")
-    lmbda = DEMO.replace("kd: {method: offline, divergence: reverse_kl", "kd: {method: offline, lmbda: 0.7, divergence: reverse_kl")
-    assert (f"demo.yaml:{line}: students.3.kd.lmbda: not a setting of kd method offline; remove it, or set method: "
-            "online") in error_of(lmbda)
-    feature = DEMO.replace("kd: {method: offline, divergence: reverse_kl", "kd: {method: feature, feature: {}, divergence: reverse_kl")
-    assert "students.3.kd.divergence: not a setting of kd method feature; remove it, or set method: offline" in error_of(feature)
+    lmbda = DEMO.replace(
+        "kd: {method: offline, divergence: reverse_kl", "kd: {method: offline, lmbda: 0.7, divergence: reverse_kl"
+    )
+    assert (
+        f"demo.yaml:{line}: students.3.kd.lmbda: not a setting of kd method offline; remove it, or set method: online"
+    ) in error_of(lmbda)
+    feature = DEMO.replace(
+        "kd: {method: offline, divergence: reverse_kl", "kd: {method: feature, feature: {}, divergence: reverse_kl"
+    )
+    assert (
+        "students.3.kd.divergence: not a setting of kd method feature; remove it, or set method: offline"
+        in error_of(feature)
+    )
     typo = DEMO.replace("kd: {method: offline, divergence: reverse_kl", "kd: {method: offline, divergance: reverse_kl")
-    assert "students.3.kd.divergance: not a setting of kd method offline; remove it or check its spelling" in error_of(typo)
+    assert "students.3.kd.divergance: not a setting of kd method offline; remove it or check its spelling" in error_of(
+        typo
+    )
     assert "students.3.kd: method 'distil': use one of ['offline', 'online', 'feature', 'on_policy']" in error_of(
-        DEMO.replace("method: offline, divergence: reverse_kl", "method: distil, divergence: reverse_kl"))
+        DEMO.replace("method: offline, divergence: reverse_kl", "method: distil, divergence: reverse_kl")
+    )
 
 
 def test_feature_errors_name_the_feature_field_not_the_union_tag():
     # the tag of the feature method and its own `feature` field share a name: the path keeps the field
-    text = DEMO.replace("kd: {method: offline, divergence: reverse_kl, alpha: 0.5, temperature: 1.0}",
-                        "kd:\n      method: feature\n      feature:\n        kind: l1")
+    text = DEMO.replace(
+        "kd: {method: offline, divergence: reverse_kl, alpha: 0.5, temperature: 1.0}",
+        "kd:\n      method: feature\n      feature:\n        kind: l1",
+    )
     kind_line = next(i for i, line in enumerate(text.splitlines(), 1) if "kind: l1" in line)
     assert f"demo.yaml:{kind_line}: students.3.kd.feature.kind: Input should be 'mse' or 'cosine'" in error_of(text)
-    missing = DEMO.replace("kd: {method: offline, divergence: reverse_kl, alpha: 0.5, temperature: 1.0}",
-                           "kd: {method: feature}")
+    missing = DEMO.replace(
+        "kd: {method: offline, divergence: reverse_kl, alpha: 0.5, temperature: 1.0}", "kd: {method: feature}"
+    )
     assert "students.3.kd.feature: required field is missing; add it" in error_of(missing)
 
 
@@ -74,8 +94,10 @@ def test_a_sweep_method_takes_the_same_sections(tmp_path):
     from kdflow.config.sweep import load_sweep
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
-                     "methods:\n  seq-kd: null\n  fkl: {temperature: 2.0}\n  gkd: {method: online, divergence: jsd, alpha: 0.5}\n")
+    sweep.write_text(
+        "recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
+        "methods:\n  seq-kd: null\n  fkl: {temperature: 2.0}\n  gkd: {method: online, divergence: jsd, alpha: 0.5}\n"
+    )
     with pytest.raises(RecipeError, match=rf"{sweep}:8: methods\.gkd\.alpha: not a setting of kd method online"):
         load_sweep(sweep)
     sweep.write_text(sweep.read_text().replace(", alpha: 0.5", ""))

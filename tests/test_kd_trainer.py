@@ -19,8 +19,13 @@ from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 10,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 40,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "logging_steps": 10,
+    "max_length": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +38,9 @@ def cache(tmp_path_factory):
     _, tokenizer = tiny_teacher(tmp / "teacher-model", sharpen=20.0)
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp / "teacher-model")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(48)).to_parquet(d / "kept.parquet"))
-    ref = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE,
-                            teacher, curated)
+    ref = capture_logits.fn(
+        run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE, teacher, curated
+    )
     return LogitCache.open(ref.path, expect_tokenizer=tokenizer), tokenizer
 
 
@@ -50,12 +56,16 @@ def test_the_collator_aligns_teacher_positions_with_completion_tokens(cache):
         cached, n, start = cache[r["row_id"]], len(r["input_ids"]), r["start"]
         assert batch["attention_mask"][b].sum() == n
         # labels: the completion tokens only; the prompt and the padding are -100
-        assert (batch["labels"][b, :start + 1] == IGNORE_INDEX).all() and (batch["labels"][b, n:] == IGNORE_INDEX).all()
-        assert torch.equal(batch["labels"][b, start + 1:n], cached.input_ids[start + 1:n])
+        assert (batch["labels"][b, : start + 1] == IGNORE_INDEX).all() and (
+            batch["labels"][b, n:] == IGNORE_INDEX
+        ).all()
+        assert torch.equal(batch["labels"][b, start + 1 : n], cached.input_ids[start + 1 : n])
         # teacher distributions sit at the logit positions that predict exactly those tokens
         at = batch["teacher_mask"][b].nonzero().squeeze(-1)
         assert at.tolist() == list(range(start, n - 1))
-        assert torch.equal(batch["teacher_ids"][b, at], cached.ids) and torch.equal(batch["teacher_tail"][b, at], cached.tail)
+        assert torch.equal(batch["teacher_ids"][b, at], cached.ids) and torch.equal(
+            batch["teacher_tail"][b, at], cached.tail
+        )
 
 
 def test_alignment_holds_across_shuffles_and_a_tampered_row_is_refused(cache):
@@ -73,7 +83,6 @@ def test_alignment_holds_across_shuffles_and_a_tampered_row_is_refused(cache):
         collate([swapped])
 
 
-
 def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_path):
     cache, tok = cache
     seen = []
@@ -86,8 +95,15 @@ def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_pat
     model = student(tok)
     CachedLogitsCollator.__call__ = recording
     try:
-        history = train_offline_kd(model, tok, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0),
-                                   {**TRAINING, "max_steps": 60}, tmp_path / "out", seed=0)
+        history = train_offline_kd(
+            model,
+            tok,
+            cache.folder,
+            KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0),
+            {**TRAINING, "max_steps": 60},
+            tmp_path / "out",
+            seed=0,
+        )
     finally:
         CachedLogitsCollator.__call__ = original
     logs = [h for h in history if "kd_loss" in h]
@@ -101,8 +117,15 @@ def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_pat
 def test_each_divergence_trains_without_nans(cache, tmp_path):
     cache, tok = cache
     for kind in Divergence:
-        history = train_offline_kd(student(tok), tok, cache.folder, KDLoss(kind, alpha=0.0),
-                                   {**TRAINING, "max_steps": 4, "logging_steps": 2}, tmp_path / kind.value, seed=0)
+        history = train_offline_kd(
+            student(tok),
+            tok,
+            cache.folder,
+            KDLoss(kind, alpha=0.0),
+            {**TRAINING, "max_steps": 4, "logging_steps": 2},
+            tmp_path / kind.value,
+            seed=0,
+        )
         losses = [h["kd_loss"] for h in history if "kd_loss" in h]
         assert losses and all(torch.isfinite(torch.tensor(losses))), kind
 
@@ -138,12 +161,14 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(cache, tmp_path):
     training = {**TRAINING, "max_steps": 20, "save_steps": 5, "logging_steps": 1}
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
-        train_offline_kd(student(tok), tok, cache.folder, KDLoss(), training, tmp_path / "a", 0, checkpoints,
-                         callbacks=[StopAt(12)])
+        train_offline_kd(
+            student(tok), tok, cache.folder, KDLoss(), training, tmp_path / "a", 0, checkpoints, callbacks=[StopAt(12)]
+        )
     assert (checkpoints / "checkpoint-10").is_dir()
     counter = CountSteps()
-    history = train_offline_kd(student(tok, seed=1), tok, cache.folder, KDLoss(), training, tmp_path / "b", 0,
-                               checkpoints, callbacks=[counter])
+    history = train_offline_kd(
+        student(tok, seed=1), tok, cache.folder, KDLoss(), training, tmp_path / "b", 0, checkpoints, callbacks=[counter]
+    )
     assert history[0] == {"resumed_from": "checkpoint-10"}
     assert counter.steps == list(range(11, 21))  # continued from step 10: 10 more steps, not 20 from 0
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 21))  # one log, no step twice
@@ -167,9 +192,16 @@ def test_the_chunked_head_trains_the_same_student_as_the_dense_loss(cache, tmp_p
     def run(name):
         model = student(tok)
         peft = lora_config(LoraSection(r=4), model) if lora else None
-        history = train_offline_kd(model, tok, cache.folder, KDLoss(Divergence.jsd, alpha=0.3, temperature=2.0),
-                                   {**TRAINING, "max_steps": 6, "logging_steps": 1}, tmp_path / name, seed=0,
-                                   peft_config=peft)
+        history = train_offline_kd(
+            model,
+            tok,
+            cache.folder,
+            KDLoss(Divergence.jsd, alpha=0.3, temperature=2.0),
+            {**TRAINING, "max_steps": 6, "logging_steps": 1},
+            tmp_path / name,
+            seed=0,
+            peft_config=peft,
+        )
         from transformers import AutoModelForCausalLM
 
         # the saved model is the trained one (merged with its adapter for LoRA)

@@ -20,13 +20,25 @@ from test_capture import TEMPLATE
 from test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "logging_steps": 2,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 6,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-2,
+    "logging_steps": 2,
+    "max_length": 64,
+}
 
 
 def lora_kd_student(setup, **fields) -> StudentSection:
-    return StudentSection(name="lora-kd", data="teacher", model=str(setup["base"]), lora={"r": 4},
-                          kd={"divergence": "forward_kl"}, training=TRAINING, **fields)
+    return StudentSection(
+        name="lora-kd",
+        data="teacher",
+        model=str(setup["base"]),
+        lora={"r": 4},
+        kd={"divergence": "forward_kl"},
+        training=TRAINING,
+        **fields,
+    )
 
 
 def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(setup, tmp_path):  # noqa: F811
@@ -54,8 +66,9 @@ def test_the_students_stage_trains_through_accelerate_launch_on_2_cpu_processes(
     from tasks.students import train_student
 
     section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
-    ref = train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
-                           setup["logits"])
+    ref = train_student.fn(
+        setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
+    )
     out = Path(ref.path)
     log = (out.parent / f".launch-{ref.key[:16]}.log").read_text()
     for rank in (0, 1):  # each rank started, and finished as a member of a process group of 2 (torch.distributed)
@@ -67,7 +80,11 @@ def test_the_students_stage_trains_through_accelerate_launch_on_2_cpu_processes(
     assert any("kd_loss" in h for h in history)
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert type(model) is LlamaForCausalLM and not any("lora" in k for k in model.state_dict())
-    assert ref.manifest()["params"] == count_params(model) == count_params(AutoModelForCausalLM.from_pretrained(setup["base"]))
+    assert (
+        ref.manifest()["params"]
+        == count_params(model)
+        == count_params(AutoModelForCausalLM.from_pretrained(setup["base"]))
+    )
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out.parent / f".launch-{ref.key[:16]}.json").exists()  # the job file is removed once done
     assert not (out.parent / f".work-{ref.key[:16]}").exists()
@@ -80,5 +97,6 @@ def test_a_failed_launch_raises_with_the_last_lines_of_its_log(setup, tmp_path):
     section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
     section = section.model_copy(update={"model": str(tmp_path / "no-such-model"), "name": "broken"})
     with pytest.raises(RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*no-such-model"):
-        train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
-                         setup["logits"])
+        train_student.fn(
+            setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
+        )

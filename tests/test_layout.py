@@ -5,7 +5,18 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WINGS = {"store", "config", "teacher", "curation", "logit_cache", "training", "evaluation", "reporting", "classic", "models"}
+WINGS = {
+    "store",
+    "config",
+    "teacher",
+    "curation",
+    "logit_cache",
+    "training",
+    "evaluation",
+    "reporting",
+    "classic",
+    "models",
+}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -21,8 +32,12 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def test_the_library_never_imports_prefect_tasks_or_flows():
-    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] in {"prefect", "tasks", "flows"})
-                 for p in (ROOT / "kdflow").rglob("*.py")}
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(
+            m for m in imported_modules(p) if m.split(".")[0] in {"prefect", "tasks", "flows"}
+        )
+        for p in (ROOT / "kdflow").rglob("*.py")
+    }
     assert {p: m for p, m in offenders.items() if m} == {}
 
 
@@ -59,8 +74,12 @@ MAX_MODULE_LINES = 500
 
 
 def test_no_module_over_500_lines():
-    long = {str(p.relative_to(ROOT)): n for folder in ("kdflow", "tasks", "flows") for p in (ROOT / folder).rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n
+        for folder in ("kdflow", "tasks", "flows")
+        for p in (ROOT / folder).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}, "split these by what they do"
 
 
@@ -68,9 +87,12 @@ def test_tasks_import_no_other_task_for_domain_code():
     """A task body calls the library; tasks share only the cache policy, the report's artifacts, the training
     progress artifact, the artifact keys and the API-key reader (a key may sit in a Prefect Secret block)."""
     allowed = {"tasks.caching", "tasks.report", "tasks.progress", "tasks.api_keys", "tasks.artifacts"}
-    found = {str(p.relative_to(ROOT)): sorted({".".join(m.split(".")[:2]) for m in imported_modules(p)
-                                               if m.startswith("tasks.")} - allowed)
-             for p in (ROOT / "tasks").glob("*.py")}
+    found = {
+        str(p.relative_to(ROOT)): sorted(
+            {".".join(m.split(".")[:2]) for m in imported_modules(p) if m.startswith("tasks.")} - allowed
+        )
+        for p in (ROOT / "tasks").glob("*.py")
+    }
     assert {p: m for p, m in found.items() if m} == {}
 
 
@@ -79,7 +101,8 @@ def test_the_wings_form_no_loop():
     uses: dict[str, set[str]] = {w: set() for w in WINGS}
     for wing in WINGS:
         for p in (ROOT / "kdflow" / wing).rglob("*.py"):
-            uses[wing] |= {m.split(".")[1] for m in imported_modules(p)
-                           if m.startswith("kdflow.") and m.split(".")[1] in WINGS} - {wing}
+            uses[wing] |= {
+                m.split(".")[1] for m in imported_modules(p) if m.startswith("kdflow.") and m.split(".")[1] in WINGS
+            } - {wing}
     loops = sorted((a, b) for a in WINGS for b in uses[a] if a in uses[b] and a < b)
     assert loops == [], f"wings that import each other: {loops}"

@@ -20,8 +20,15 @@ STARTED = datetime(2026, 1, 2, tzinfo=timezone.utc)  # the flow run: after OLD, 
 PRICES = CostSection(currency="EUR", api={"input_per_mtok": 1.0, "output_per_mtok": 4.0}, device={"per_hour": 2.0})
 
 
-def output(run: Path, stage: str, sha: str, inputs: dict | None = None, created_at: str = NEW,
-           folder: str | None = None, **figures) -> OutputRef:
+def output(
+    run: Path,
+    stage: str,
+    sha: str,
+    inputs: dict | None = None,
+    created_at: str = NEW,
+    folder: str | None = None,
+    **figures,
+) -> OutputRef:
     """A finished stage output as far as the ledger reads it: a manifest (no files)."""
     key = ((folder or sha) * 64)[:64]
     (run / stage / key[:16]).mkdir(parents=True)
@@ -39,21 +46,57 @@ def small_run(run: Path) -> tuple[dict, dict]:
     trained 0.2 h and a KD student 0.4 h, three evaluations of 0.1 h; the upstream made by an earlier run (OLD)."""
     data = output(run, "data", "d", created_at=OLD, rows=10)
     teacher = output(run, "teacher", "t", {"data": ref(data)}, OLD, rows=10, seconds=3600)
-    generate = output(run, "generate", "g", {"teacher": ref(teacher), "data": ref(data)}, OLD, rows=8,
-                      backend="openai", completion_tokens=500_000,
-                      accounting={"requests": 8, "prompt_tokens": 2_000_000, "completion_tokens": 500_000, "seconds": 90})
+    generate = output(
+        run,
+        "generate",
+        "g",
+        {"teacher": ref(teacher), "data": ref(data)},
+        OLD,
+        rows=8,
+        backend="openai",
+        completion_tokens=500_000,
+        accounting={"requests": 8, "prompt_tokens": 2_000_000, "completion_tokens": 500_000, "seconds": 90},
+    )
     curate = output(run, "curate", "c", {"answers": ref(generate)}, OLD, rows=7)
-    cache = output(run, "logit-cache", "l", {"curated": ref(curate), "teacher": ref(teacher)}, OLD, rows=7,
-                   positions=700, k=20, source="hf", seconds=1800)
-    base = output(run, "students", "b", {"data": ref(data), "teacher": ref(teacher)}, name="baseline", rows=10,
-                  seconds=720)
-    kd = output(run, "students", "k", {"curated": ref(curate), "data": ref(data), "teacher": ref(teacher),
-                                       "logits": ref(cache)}, folder="abcdef01", name="kd", rows=7, seconds=1440)
-    evals = {name: output(run, "evaluate", f"e-{name}", {"model": ref(model), "data": ref(data)}, rows=5,
-                          metrics={"seconds": 360}) for name, model in (("teacher", teacher), ("baseline", base), ("kd", kd))}
+    cache = output(
+        run,
+        "logit-cache",
+        "l",
+        {"curated": ref(curate), "teacher": ref(teacher)},
+        OLD,
+        rows=7,
+        positions=700,
+        k=20,
+        source="hf",
+        seconds=1800,
+    )
+    base = output(
+        run, "students", "b", {"data": ref(data), "teacher": ref(teacher)}, name="baseline", rows=10, seconds=720
+    )
+    kd = output(
+        run,
+        "students",
+        "k",
+        {"curated": ref(curate), "data": ref(data), "teacher": ref(teacher), "logits": ref(cache)},
+        folder="abcdef01",
+        name="kd",
+        rows=7,
+        seconds=1440,
+    )
+    evals = {
+        name: output(
+            run, "evaluate", f"e-{name}", {"model": ref(model), "data": ref(data)}, rows=5, metrics={"seconds": 360}
+        )
+        for name, model in (("teacher", teacher), ("baseline", base), ("kd", kd))
+    }
     deployment = output(run, "deployment", "dep", {"models": [ref(teacher), ref(base), ref(kd)]}, rows=3)
     students = {"baseline": [base, evals["baseline"]], "kd": [kd, evals["kd"]]}
-    overhead = {"teacher": [teacher, evals["teacher"]], "deployment": [deployment], "curation": [curate], "judge": [None]}
+    overhead = {
+        "teacher": [teacher, evals["teacher"]],
+        "deployment": [deployment],
+        "curation": [curate],
+        "judge": [None],
+    }
     return students, overhead
 
 
@@ -66,14 +109,26 @@ def test_a_ledger_by_hand_to_the_token_hour_and_cent(tmp_path):
     rows = {(r["stage"], r["sha256"]): r for r in ledger["outputs"]}
     assert len(rows) == 11  # data, teacher, generate, curate, cache, 2 students, 3 evaluations, deployment: once each
     g = rows[("generate", "g")]
-    assert (g["api"], g["api_input_tokens"], g["api_output_tokens"], g["device_hours"]) == (True, 2_000_000, 500_000, None)
+    assert (g["api"], g["api_input_tokens"], g["api_output_tokens"], g["device_hours"]) == (
+        True,
+        2_000_000,
+        500_000,
+        None,
+    )
     assert g["money"] == pytest.approx(2 * 1.0 + 0.5 * 4.0)  # tokens, not the 90 s it waited
     assert rows[("teacher", "t")]["device_hours"] == 1.0 and rows[("teacher", "t")]["money"] == pytest.approx(2.0)
     assert rows[("data", "d")]["device_hours"] is None and rows[("data", "d")]["money"] is None  # records no time
     assert rows[("evaluate", "e-kd")]["name"] == "kd"  # an evaluation is named by the model it is for
     # 1 + 0.5 + 0.2 + 0.4 + 3 × 0.1 device-hours at 2.0; 2M in at 1.0 and 0.5M out at 4.0 per million
-    assert ledger["total"] == pytest.approx({"outputs": 11, "api_input_tokens": 2_000_000, "api_output_tokens": 500_000,
-                                            "device_hours": 2.4, "money": 2.4 * 2.0 + 2.0 + 2.0})
+    assert ledger["total"] == pytest.approx(
+        {
+            "outputs": 11,
+            "api_input_tokens": 2_000_000,
+            "api_output_tokens": 500_000,
+            "device_hours": 2.4,
+            "money": 2.4 * 2.0 + 2.0 + 2.0,
+        }
+    )
     # the teacher is shared by both students (½ each); generate, curate and the cache are the KD student's alone; the
     # teacher's evaluation and the deployment measurement are overhead
     base, kd = ledger["students"]["baseline"], ledger["students"]["kd"]
@@ -116,8 +171,16 @@ def test_without_prices_the_ledger_still_counts_tokens_and_hours(tmp_path):
 def test_outputs_reused_from_an_earlier_run_count_once_and_say_so(tmp_path):
     students, overhead = small_run(tmp_path)
     # the same answers taken over under a later key (outputs.StageOutput.adopt: same files, same sha256): one output
-    output(tmp_path, "generate", "g", created_at=NEW, folder="g-adopted", backend="openai", adopted_from="g" * 64,
-           accounting={"prompt_tokens": 2_000_000, "completion_tokens": 500_000})
+    output(
+        tmp_path,
+        "generate",
+        "g",
+        created_at=NEW,
+        folder="g-adopted",
+        backend="openai",
+        adopted_from="g" * 64,
+        accounting={"prompt_tokens": 2_000_000, "completion_tokens": 500_000},
+    )
     ledger = build_ledger(tmp_path, students, overhead, GAP, PRICES, STARTED)
     made = {r["stage"] + " " + r["sha256"]: r["made_in_this_run"] for r in ledger["outputs"]}
     assert made["generate g"] is False and made["teacher t"] is False and made["students k"] is True
@@ -147,8 +210,15 @@ def test_a_student_started_from_another_shares_its_training(tmp_path):
     """A start named by its folder's path (``init: {from: student}``, a pruned teacher) is an input like a ref."""
     students, overhead = small_run(tmp_path)
     kd = students["kd"][0]
-    child = output(tmp_path, "students", "w", {"section": {"model": f"{kd.path}/model"}, "data": {"ref": "data", "sha256": "d"}},
-                   name="warm", rows=7, seconds=360)
+    child = output(
+        tmp_path,
+        "students",
+        "w",
+        {"section": {"model": f"{kd.path}/model"}, "data": {"ref": "data", "sha256": "d"}},
+        name="warm",
+        rows=7,
+        seconds=360,
+    )
     evaluation = output(tmp_path, "evaluate", "e-warm", {"model": ref(child)}, metrics={"seconds": 360})
     ledger = build_ledger(tmp_path, {**students, "warm": [child, evaluation]}, overhead, {**GAP, "warm": 0.6}, PRICES)
     shares = {r["sha256"]: r["students"] for r in ledger["outputs"]}
@@ -157,7 +227,9 @@ def test_a_student_started_from_another_shares_its_training(tmp_path):
     warm = ledger["students"]["warm"]
     assert warm["device_hours"] == pytest.approx(0.2 + 0.2 + 1 / 3 + 0.25)
     assert warm["api_input_tokens"] == pytest.approx(1_000_000)
-    assert sum(s["device_hours"] for s in ledger["students"].values()) + 0.1 == pytest.approx(ledger["total"]["device_hours"])
+    assert sum(s["device_hours"] for s in ledger["students"].values()) + 0.1 == pytest.approx(
+        ledger["total"]["device_hours"]
+    )
 
 
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()
@@ -168,21 +240,30 @@ def with_cost(cost: str) -> str:
 
 
 def test_a_recipe_states_prices_in_its_cost_section():
-    r = parse_recipe(with_cost("  currency: EUR\n  api: {input_per_mtok: 0.15, output_per_mtok: 0.6}\n"
-                               "  device: {per_hour: 2.5}\n"), "c.yaml")
+    r = parse_recipe(
+        with_cost("  currency: EUR\n  api: {input_per_mtok: 0.15, output_per_mtok: 0.6}\n  device: {per_hour: 2.5}\n"),
+        "c.yaml",
+    )
     assert (r.cost.currency, r.cost.api.output_per_mtok, r.cost.device.per_hour) == ("EUR", 0.6, 2.5)
     assert parse_recipe(DEMO, "c.yaml").cost is None
     assert parse_recipe(with_cost("  device: {per_hour: 0}\n"), "c.yaml").cost.api is None  # each part optional
 
 
-@pytest.mark.parametrize("cost, field, says", [
-    ("  api: {input_per_mtok: -1, output_per_mtok: 0.6}\n", "cost.api.input_per_mtok", "greater than or equal to 0"),
-    ("  api: {input_per_mtok: 0.1, output_per_mtok: .inf}\n", "cost.api.output_per_mtok", "not a finite number"),
-    ("  device: {per_hour: .nan}\n", "cost.device.per_hour", "not a finite number"),
-    ("  device: {per_hour: -0.5}\n", "cost.device.per_hour", "greater than or equal to 0"),
-    ("  api: {input_per_mtok: 0.1}\n", "cost.api.output_per_mtok", "required field is missing"),
-    ("  device: {per_hours: 2}\n", "cost.device.per_hours", "unknown field"),
-])
+@pytest.mark.parametrize(
+    "cost, field, says",
+    [
+        (
+            "  api: {input_per_mtok: -1, output_per_mtok: 0.6}\n",
+            "cost.api.input_per_mtok",
+            "greater than or equal to 0",
+        ),
+        ("  api: {input_per_mtok: 0.1, output_per_mtok: .inf}\n", "cost.api.output_per_mtok", "not a finite number"),
+        ("  device: {per_hour: .nan}\n", "cost.device.per_hour", "not a finite number"),
+        ("  device: {per_hour: -0.5}\n", "cost.device.per_hour", "greater than or equal to 0"),
+        ("  api: {input_per_mtok: 0.1}\n", "cost.api.output_per_mtok", "required field is missing"),
+        ("  device: {per_hours: 2}\n", "cost.device.per_hours", "unknown field"),
+    ],
+)
 def test_a_bad_price_is_a_recipe_error_naming_the_field(cost, field, says):
     text = with_cost(cost)
     with pytest.raises(RecipeError) as e:
@@ -195,8 +276,9 @@ def test_a_bad_price_is_a_recipe_error_naming_the_field(cost, field, says):
 def test_the_distill_flow_reports_its_ledger_and_a_price_change_reruns_nothing(prefect_server, mini_recipe):
     from flows.distill import distill
 
-    mini_recipe.write_text(mini_recipe.read_text() + "\ncost:\n  device: {per_hour: 3.0}\n"
-                                                      "  api: {input_per_mtok: 1, output_per_mtok: 2}\n")
+    mini_recipe.write_text(
+        mini_recipe.read_text() + "\ncost:\n  device: {per_hour: 3.0}\n  api: {input_per_mtok: 1, output_per_mtok: 2}\n"
+    )
     run = mini_recipe.parent / "runs" / "mini"
     first = distill(str(mini_recipe))["ledger"]
     stages = {r["stage"] for r in first["outputs"]}

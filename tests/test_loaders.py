@@ -68,8 +68,17 @@ def test_a_lone_surrogate_names_the_row_and_field(tmp_path):
         check_utf8([{"id": "r7", "tags": ["fine", "\ud800x"]}], "rows")
 
     # A teacher's reply holding one (a JSON "\ud83d" escape on its own): the answers table names the row.
-    rows = [{"id": "r1", "split": "prompts", "question": "q", "answer": "1", "sample": 0, "prompt": "p",
-             "teacher_prompt": "p"}]
+    rows = [
+        {
+            "id": "r1",
+            "split": "prompts",
+            "question": "q",
+            "answer": "1",
+            "sample": 0,
+            "prompt": "p",
+            "teacher_prompt": "p",
+        }
+    ]
     reply = {"id": "r1", "sample": 0, "text": "smile \ud83d", "finish_reason": "stop", "completion_tokens": 2}
     with pytest.raises(DataError, match=r"teacher answers: row 'r1', field 'text': a lone surrogate at character 6"):
         answer_table(rows, [reply])

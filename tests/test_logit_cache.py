@@ -64,14 +64,22 @@ def rows_of(tokenizer, n: int):
 
 
 def meta_for(tokenizer, model, k, encoding=ValueEncoding.fp16):
-    return cache_meta(teachers=[{"model": "tiny", "revision": None, "weight": 1.0}], tokenizer=tokenizer,
-                      vocab_size=model.config.vocab_size, k=k, temperature=1.0, encoding=encoding, source="hf")
+    return cache_meta(
+        teachers=[{"model": "tiny", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=model.config.vocab_size,
+        k=k,
+        temperature=1.0,
+        encoding=encoding,
+        source="hf",
+    )
 
 
 def write_cache(folder, tokenizer, model, rows, k, encoding=ValueEncoding.fp16, shard_rows=16):
     meta = meta_for(tokenizer, model, k, encoding)
-    return capture_shards(folder, [r.row_id for r in rows], shard_rows, meta,
-                          lambda idx: hf_topk(model, [rows[i] for i in idx], k))
+    return capture_shards(
+        folder, [r.row_id for r in rows], shard_rows, meta, lambda idx: hf_topk(model, [rows[i] for i in idx], k)
+    )
 
 
 def full_logprobs(model, row) -> torch.Tensor:
@@ -100,8 +108,10 @@ def test_value_encodings_keep_their_stated_error():
     assert np.abs(fp16 - lp).max() <= 21 * 2**-11
     assert len(encode_values(lp, ValueEncoding.u8)) == lp.size
     shuffled = lp[:, np.random.default_rng(1).permutation(20)]  # differences wrap mod 256: any order is exact
-    assert np.array_equal(decode_values(encode_values(shuffled, ValueEncoding.u8), ValueEncoding.u8, 20),
-                          u8[:, np.random.default_rng(1).permutation(20)])
+    assert np.array_equal(
+        decode_values(encode_values(shuffled, ValueEncoding.u8), ValueEncoding.u8, 20),
+        u8[:, np.random.default_rng(1).permutation(20)],
+    )
 
 
 def test_capture_matches_the_full_softmax(tmp_path, tokenizer, model):
@@ -195,8 +205,9 @@ def test_a_cache_for_another_tokenizer_template_or_vocab_is_refused(tmp_path, to
     other = train_tokenizer(["completely different text with other merges " * 3, "zebra quartz"], 48)
     with pytest.raises(CacheMismatch, match="tokenizer mismatch"):
         LogitCache.open(tmp_path / "c", expect_tokenizer=other)
-    retemplated = train_tokenizer([f"Solve step by step: {a}+{b}\n{a}+{b}={a + b}\nAnswer: {a + b}"
-                                   for a in range(10) for b in range(10)], 48)
+    retemplated = train_tokenizer(
+        [f"Solve step by step: {a}+{b}\n{a}+{b}={a + b}\nAnswer: {a + b}" for a in range(10) for b in range(10)], 48
+    )
     retemplated.chat_template = CHAT_TEMPLATE.replace("<|assistant|>", "<|assistant|>\n")
     with pytest.raises(CacheMismatch, match="chat template mismatch"):
         LogitCache.open(tmp_path / "c", expect_tokenizer=retemplated)
@@ -280,10 +291,22 @@ def test_sigkill_mid_capture_then_rerun_completes_without_duplicates(tmp_path, t
 
 def test_ensemble_merge_is_the_weighted_mean_of_probabilities():
     # V = 5, k = 2. Teacher A: p = [.5, .3, | rest .2 over 3 ids]; teacher B: p = [.6 (id 1), .2 (id 3) | .2].
-    a = TopK("r", np.arange(3), 1, np.array([[0, 1]]), np.log(np.array([[0.5, 0.3]], np.float32)),
-             np.log(np.array([0.2], np.float32)))
-    b = TopK("r", np.arange(3), 1, np.array([[1, 3]]), np.log(np.array([[0.6, 0.2]], np.float32)),
-             np.log(np.array([0.2], np.float32)))
+    a = TopK(
+        "r",
+        np.arange(3),
+        1,
+        np.array([[0, 1]]),
+        np.log(np.array([[0.5, 0.3]], np.float32)),
+        np.log(np.array([0.2], np.float32)),
+    )
+    b = TopK(
+        "r",
+        np.arange(3),
+        1,
+        np.array([[1, 3]]),
+        np.log(np.array([[0.6, 0.2]], np.float32)),
+        np.log(np.array([0.2], np.float32)),
+    )
     merged = merge_topk([a, b], [3.0, 1.0], vocab_size=5, k=2)
     pa = np.array([0.5, 0.3, 0.2 / 3, 0.2 / 3, 0.2 / 3])
     pb = np.array([0.2 / 3, 0.6, 0.2 / 3, 0.2, 0.2 / 3])

@@ -27,8 +27,13 @@ from test_logit_cache import rows_of, write_cache
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 K = 5
-TRAINING = {"max_steps": 6, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 1,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 6,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "logging_steps": 1,
+    "max_length": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +75,12 @@ def test_a_round_trip_through_each_format_is_exact_and_its_bytes_per_token_are_r
     assert back.manifest["value_encoding"] == cache.manifest["value_encoding"]
     assert back.manifest["teachers"] == cache.manifest["teachers"] and back.manifest["source"] == f"import:{fmt}"
     assert json.loads((tmp_path / "back" / "manifest.json").read_text())["rows"] == 40  # a finished stage output
-    print(f"\n{fmt} export of a {cache.manifest['value_encoding']} cache (V {cache.vocab_size}, k {K}, "
-          f"{sizes['positions']} answer positions): {sizes['bytes']} bytes = {sizes['bytes_per_position']} B per answer "
-          f"token, {sizes['bytes_per_token']} B per sequence token; the kdflow cache: {sizes['cache_bytes_per_position']}"
-          " B per answer token")
+    print(
+        f"\n{fmt} export of a {cache.manifest['value_encoding']} cache (V {cache.vocab_size}, k {K}, "
+        f"{sizes['positions']} answer positions): {sizes['bytes']} bytes = {sizes['bytes_per_position']} B per answer "
+        f"token, {sizes['bytes_per_token']} B per sequence token; the kdflow cache: {sizes['cache_bytes_per_position']}"
+        " B per answer token"
+    )
 
 
 def test_the_budget_layout_keeps_ids_and_the_top1_and_fits_the_rest(cache, teacher, tmp_path):
@@ -95,8 +102,9 @@ def test_the_budget_layout_keeps_ids_and_the_top1_and_fits_the_rest(cache, teach
 
 def student_run(tokenizer, cache_dir, out):
     model = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
-    history = train_offline_kd(model, tokenizer, cache_dir, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0),
-                               TRAINING, out, seed=0)
+    history = train_offline_kd(
+        model, tokenizer, cache_dir, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0), TRAINING, out, seed=0
+    )
     return [(h["ce_loss"], h["kd_loss"]) for h in history if "kd_loss" in h], model.state_dict()
 
 
@@ -119,8 +127,10 @@ def foreign(table: pa.Table) -> pa.Table:
 
 
 def topk_rows(cache) -> list[TopK]:
-    return [TopK(r.row_id, r.input_ids.numpy(), r.start, r.ids.numpy(), r.logprobs.numpy(), r.tail.numpy())
-            for r in cache.iter_rows()]
+    return [
+        TopK(r.row_id, r.input_ids.numpy(), r.start, r.ids.numpy(), r.logprobs.numpy(), r.tail.numpy())
+        for r in cache.iter_rows()
+    ]
 
 
 def test_an_axolotl_file_without_kdflows_tail_gets_one_minus_the_top_k_mass(cache, teacher, tmp_path):
@@ -128,9 +138,17 @@ def test_an_axolotl_file_without_kdflows_tail_gets_one_minus_the_top_k_mass(cach
     rows = topk_rows(cache)
     pq.write_table(foreign(axolotl.table_of(rows, K)), tmp_path / "raw.parquet")
     # axolotl's own data renormalise the top-k to sum 1: nothing is left for the tail
-    renormalised = [TopK(r.row_id, r.input_ids, r.start, r.ids,
-                         r.logprobs - np.log(np.exp(r.logprobs.astype(np.float64)).sum(-1, keepdims=True)), r.tail)
-                    for r in rows]
+    renormalised = [
+        TopK(
+            r.row_id,
+            r.input_ids,
+            r.start,
+            r.ids,
+            r.logprobs - np.log(np.exp(r.logprobs.astype(np.float64)).sum(-1, keepdims=True)),
+            r.tail,
+        )
+        for r in rows
+    ]
     pq.write_table(foreign(axolotl.table_of(renormalised, K)), tmp_path / "normalised.parquet")
     import_file(tmp_path / "raw.parquet", tmp_path / "a", "axolotl", tokenizer, encoding=ValueEncoding.fp16)
     import_file(tmp_path / "normalised.parquet", tmp_path / "b", "axolotl", tokenizer)
@@ -171,6 +189,7 @@ def test_a_distillkit_file_from_its_own_capture_reads_with_its_config_defaults(c
 
 # ---- bad input ---------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def axolotl_file(cache, tmp_path):
     table = foreign(axolotl.table_of(topk_rows(cache)[:6], K))
@@ -181,8 +200,12 @@ def axolotl_file(cache, tmp_path):
 def rewrite(path, table, column, row, change):
     values = table.column(column).to_pylist()
     values[row] = change(values[row])
-    pq.write_table(table.set_column(table.column_names.index(column), column,
-                                    pa.array(values, type=table.schema.field(column).type)), path)
+    pq.write_table(
+        table.set_column(
+            table.column_names.index(column), column, pa.array(values, type=table.schema.field(column).type)
+        ),
+        path,
+    )
 
 
 def test_another_tokenizer_is_refused_for_a_kdflow_export_for_a_foreign_file_and_at_training(cache, teacher, tmp_path):
@@ -194,13 +217,17 @@ def test_another_tokenizer_is_refused_for_a_kdflow_export_for_a_foreign_file_and
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))  # nothing half-written left
     small = train_tokenizer(["ab"], 12)  # fewer tokens than the file's ids
     pq.write_table(foreign(axolotl.table_of(topk_rows(cache)[:2], K)), tmp_path / "f.parquet")
-    with pytest.raises(LogitFileError, match=r"f\.parquet: row 0, position \d+: input token \d+ is not in the "
-                                             r"tokenizer .* pass --tokenizer"):
+    with pytest.raises(
+        LogitFileError,
+        match=r"f\.parquet: row 0, position \d+: input token \d+ is not in the "
+        r"tokenizer .* pass --tokenizer",
+    ):
         import_file(tmp_path / "f.parquet", tmp_path / "y", "axolotl", small, vocab_size=cache.vocab_size)
     import_file(tmp_path / "out", tmp_path / "imported", "axolotl", tokenizer)
     with pytest.raises(CacheMismatch, match="tokenizer mismatch"):  # the student's check, as for a captured cache
-        train_offline_kd(llama_model(other, 32, 1, 1, 64, 0), other, tmp_path / "imported", KDLoss(), TRAINING,
-                         tmp_path / "s", 0)
+        train_offline_kd(
+            llama_model(other, 32, 1, 1, 64, 0), other, tmp_path / "imported", KDLoss(), TRAINING, tmp_path / "s", 0
+        )
 
 
 @pytest.mark.parametrize("fmt", ["axolotl", "distillkit"])
@@ -216,8 +243,11 @@ def test_a_truncated_file_is_refused_naming_it(cache, teacher, fmt, tmp_path):
 def test_columns_of_unequal_length_are_refused_naming_file_and_row(axolotl_file, teacher, tmp_path):
     path, table = axolotl_file
     rewrite(path, table, "target_logprobs", 3, lambda v: v[:-1])
-    with pytest.raises(LogitFileError, match=r"file\.parquet: row 3: columns of unequal length \(input_ids (\d+), "
-                                             r"target_token_ids \1, target_logprobs \d+, target_mask \1\)"):
+    with pytest.raises(
+        LogitFileError,
+        match=r"file\.parquet: row 3: columns of unequal length \(input_ids (\d+), "
+        r"target_token_ids \1, target_logprobs \d+, target_mask \1\)",
+    ):
         import_file(path, tmp_path / "x", "axolotl", teacher[0])
 
 
@@ -230,25 +260,35 @@ def test_distillkit_columns_of_unequal_length_and_a_wrong_config_are_refused(cac
         import_file(tmp_path / "out", tmp_path / "x", "distillkit", teacher[0])
     pq.write_table(table, path)
     distillkit.write_config(tmp_path / "out" / distillkit.CONFIG_FILE, distillkit.lossless(K + 1), cache.vocab_size)
-    with pytest.raises(LogitFileError, match=r"row 0: bytepacked_indices has \d+ bytes per position, the compression "
-                                             r"config \(k=6.*wrong compression_config\.yaml"):
+    with pytest.raises(
+        LogitFileError,
+        match=r"row 0: bytepacked_indices has \d+ bytes per position, the compression "
+        r"config \(k=6.*wrong compression_config\.yaml",
+    ):
         import_file(tmp_path / "out", tmp_path / "x", "distillkit", teacher[0])
 
 
 def test_ids_at_or_above_the_vocabulary_are_refused_naming_row_position_and_fix(axolotl_file, cache, teacher, tmp_path):
     path, table = axolotl_file
     start = topk_rows(cache)[2].start
-    rewrite(path, table, "target_token_ids", 2, lambda v: v[:start + 1] + [[cache.vocab_size] * K] + v[start + 2:])
-    with pytest.raises(LogitFileError, match=rf"row 2, position {start + 1}: top-k id {cache.vocab_size} is outside the "
-                                             r"vocabulary .* pass --vocab-size"):
+    rewrite(path, table, "target_token_ids", 2, lambda v: v[: start + 1] + [[cache.vocab_size] * K] + v[start + 2 :])
+    with pytest.raises(
+        LogitFileError,
+        match=rf"row 2, position {start + 1}: top-k id {cache.vocab_size} is outside the "
+        r"vocabulary .* pass --vocab-size",
+    ):
         import_file(path, tmp_path / "x", "axolotl", teacher[0])
 
 
-@pytest.mark.parametrize("mask, message", [
-    (lambda m, s: m[:s + 1] + [[1] * 2 + [0] * (K - 2)] + m[s + 2:], "keeps 2 of 5 entries"),
-    (lambda m, s: m[:s + 1] + [[0] * K] + m[s + 2:], "target_mask has a gap"),
-    (lambda m, s: m[:s] + [[0] * K] + m[s:-1], "the last position is kept.*aligned one position off"),
-], ids=["partial", "gap", "off-by-one"])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (lambda m, s: m[: s + 1] + [[1] * 2 + [0] * (K - 2)] + m[s + 2 :], "keeps 2 of 5 entries"),
+        (lambda m, s: m[: s + 1] + [[0] * K] + m[s + 2 :], "target_mask has a gap"),
+        (lambda m, s: m[:s] + [[0] * K] + m[s:-1], "the last position is kept.*aligned one position off"),
+    ],
+    ids=["partial", "gap", "off-by-one"],
+)
 def test_a_target_mask_kdflow_cannot_store_says_why(axolotl_file, cache, teacher, tmp_path, mask, message):
     path, table = axolotl_file
     rewrite(path, table, "target_mask", 1, lambda m: mask(m, topk_rows(cache)[1].start))
@@ -258,6 +298,7 @@ def test_a_target_mask_kdflow_cannot_store_says_why(axolotl_file, cache, teacher
 
 # ---- the command ---------------------------------------------------------------------------------------------
 
+
 def test_the_commands_export_and_import_and_their_help_imports_no_torch(cache, teacher, tmp_path):
     from flows.cli import main
 
@@ -265,15 +306,29 @@ def test_the_commands_export_and_import_and_their_help_imports_no_torch(cache, t
     tokenizer.save_pretrained(tmp_path / "tok")
     assert main(["logit-cache", "export", "--format", "distillkit", str(cache.folder), str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / distillkit.CONFIG_FILE).is_file()
-    assert main(["logit-cache-import", "--format", "distillkit", str(tmp_path / "out"), str(tmp_path / "back"),
-                 "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert (
+        main(
+            [
+                "logit-cache-import",
+                "--format",
+                "distillkit",
+                str(tmp_path / "out"),
+                str(tmp_path / "back"),
+                "--tokenizer",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     same_rows(cache, LogitCache.open(tmp_path / "back", expect_tokenizer=tokenizer))
     with pytest.raises(FileExistsError, match="exists"):
         main(["logit-cache-export", "--format", "axolotl", str(cache.folder), str(tmp_path / "out")])
-    code = ("import sys; from flows.cli import main\n"
-            "for c in ('logit-cache-export', 'logit-cache-import'):\n"
-            "    try: main([c, '--help'])\n"
-            "    except SystemExit: pass\n"
-            "print('torch' in sys.modules, 'prefect' in sys.modules)")
+    code = (
+        "import sys; from flows.cli import main\n"
+        "for c in ('logit-cache-export', 'logit-cache-import'):\n"
+        "    try: main([c, '--help'])\n"
+        "    except SystemExit: pass\n"
+        "print('torch' in sys.modules, 'prefect' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"

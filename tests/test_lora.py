@@ -28,8 +28,13 @@ from kdflow.training.tiny_models import count_params, llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 5,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 30,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 5,
+    "max_length": 64,
+}
 LLAMA_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -44,8 +49,9 @@ def setup(tmp_path_factory):
     _, tokenizer = tiny_teacher(tmp / "teacher-model", sharpen=20.0)
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp / "teacher-model")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(48)).to_parquet(d / "kept.parquet"))
-    logits = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE,
-                               teacher, curated)
+    logits = capture_logits.fn(
+        run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE, teacher, curated
+    )
     # "Pretrained": 20 steps of full SFT on the task, so its embeddings (frozen under LoRA) already mean something.
     base = tmp / "student-base"
     student = llama_model(tokenizer, hidden=64, layers=2, heads=2, intermediate=128, seed=3)
@@ -53,8 +59,15 @@ def setup(tmp_path_factory):
     student.save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = stage_ref(run_dir, "data", lambda d: None)  # the students stage's input; unread by data: teacher
-    return {"tokenizer": tokenizer, "base": base, "run_dir": run_dir, "teacher": teacher, "curated": curated,
-            "logits": logits, "data": data}
+    return {
+        "tokenizer": tokenizer,
+        "base": base,
+        "run_dir": run_dir,
+        "teacher": teacher,
+        "curated": curated,
+        "logits": logits,
+        "data": data,
+    }
 
 
 def sft_rows():
@@ -80,7 +93,9 @@ def base_key(peft_name: str) -> str:
 def check_only_adapters_trained(seen: Inspect, base: LlamaForCausalLM, r: int):
     assert seen.trainable and all("lora_" in n for n in seen.trainable)
     # one A (r x in) and one B (out x r) per adapted linear layer: all-linear = 7 per Llama block, 2 blocks
-    linears = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR}
+    linears = {
+        n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in LLAMA_LINEAR
+    }
     assert len(linears) == 14
     assert sum(seen.trainable.values()) == sum(r * (m.in_features + m.out_features) for m in linears.values())
     base_state = base.state_dict()
@@ -94,7 +109,9 @@ def check_merged_output(out, base_dir, tokenizer):
     """out/model: a plain Llama = base + adapter, different from the base; out/adapter: the adapter files."""
     from peft import PeftModel
 
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (
+        out / "adapter" / "adapter_config.json"
+    ).is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     assert type(merged) is LlamaForCausalLM and not any("lora" in k for k in merged.state_dict())
@@ -117,8 +134,16 @@ def test_lora_sft_trains_only_the_adapters_and_saves_the_merged_model(setup, tmp
     tok, base_dir = setup["tokenizer"], setup["base"]
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     seen = Inspect()
-    history = train_sft(model, tok, sft_rows(), TRAINING, tmp_path, seed=0, callbacks=[seen],
-                        peft_config=lora_config(LoraSection(r=4), model))
+    history = train_sft(
+        model,
+        tok,
+        sft_rows(),
+        TRAINING,
+        tmp_path,
+        seed=0,
+        callbacks=[seen],
+        peft_config=lora_config(LoraSection(r=4), model),
+    )
     check_only_adapters_trained(seen, AutoModelForCausalLM.from_pretrained(base_dir), r=4)
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 6 and decreasing(losses, by=0.05), losses
@@ -130,9 +155,17 @@ def test_lora_offline_kd_learns_from_the_cache_through_the_adapters(setup, tmp_p
     cache = LogitCache.open(setup["logits"].path, expect_tokenizer=tok)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     seen = Inspect()
-    history = train_offline_kd(model, tok, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=1.0),
-                               TRAINING, tmp_path, seed=0, callbacks=[seen],
-                               peft_config=lora_config(LoraSection(r=4), model))
+    history = train_offline_kd(
+        model,
+        tok,
+        cache.folder,
+        KDLoss(Divergence.forward_kl, alpha=0.5, temperature=1.0),
+        TRAINING,
+        tmp_path,
+        seed=0,
+        callbacks=[seen],
+        peft_config=lora_config(LoraSection(r=4), model),
+    )
     check_only_adapters_trained(seen, AutoModelForCausalLM.from_pretrained(base_dir), r=4)
     logs = [h for h in history if "kd_loss" in h]
     # the KD term is computed on the adapted model's logits: only through the adapters can it go down
@@ -163,8 +196,17 @@ def test_an_interrupted_lora_run_resumes_from_its_adapter_checkpoint(setup, tmp_
 
     def run(out, callbacks):
         model = AutoModelForCausalLM.from_pretrained(base_dir)
-        return train_sft(model, tok, sft_rows(), training, out, 0, checkpoints, callbacks=callbacks,
-                         peft_config=lora_config(LoraSection(r=4), model))
+        return train_sft(
+            model,
+            tok,
+            sft_rows(),
+            training,
+            out,
+            0,
+            checkpoints,
+            callbacks=callbacks,
+            peft_config=lora_config(LoraSection(r=4), model),
+        )
 
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "a", [StopAt()])
@@ -175,17 +217,24 @@ def test_an_interrupted_lora_run_resumes_from_its_adapter_checkpoint(setup, tmp_
     check_merged_output(tmp_path / "b", base_dir, tok)
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"architecture": {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64}, "lora": {}},
-     "set `model:` to a pretrained model folder"),
-    ({"model": "m", "lora": {"target_modules": []}}, "an empty list adapts nothing"),
-    ({"model": "m", "lora": {"target_modules": ["q-proj"]}}, "are not module names"),
-    ({"model": "m", "lora": {"r": 0}}, "greater than or equal to 1"),
-    ({"model": "m", "data": "teacher", "kd": {"method": "feature", "feature": {}}, "lora": {}},
-     "peft would freeze the learned feature projections"),
-    ({"model": "m", "launch": {"accelerate_config": "accelerate/multi_gpu.yaml"}}, "set launch.num_processes"),
-    ({"model": "m", "launch": {"accelerate_config": "accelerate/none.yaml"}}, "no accelerate config at"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            {"architecture": {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64}, "lora": {}},
+            "set `model:` to a pretrained model folder",
+        ),
+        ({"model": "m", "lora": {"target_modules": []}}, "an empty list adapts nothing"),
+        ({"model": "m", "lora": {"target_modules": ["q-proj"]}}, "are not module names"),
+        ({"model": "m", "lora": {"r": 0}}, "greater than or equal to 1"),
+        (
+            {"model": "m", "data": "teacher", "kd": {"method": "feature", "feature": {}}, "lora": {}},
+            "peft would freeze the learned feature projections",
+        ),
+        ({"model": "m", "launch": {"accelerate_config": "accelerate/multi_gpu.yaml"}}, "set launch.num_processes"),
+        ({"model": "m", "launch": {"accelerate_config": "accelerate/none.yaml"}}, "no accelerate config at"),
+    ],
+)
 def test_the_recipe_refuses_bad_lora_and_launch_settings(fields, message):
     with pytest.raises(ValidationError, match=message):
         StudentSection.model_validate({"name": "s", "data": "gold", **fields})
@@ -205,10 +254,17 @@ def test_a_lora_error_in_a_recipe_names_the_field_line_and_fix():
 def test_the_students_stage_trains_a_lora_kd_student_and_records_the_plain_model(setup):
     from tasks.students import train_student
 
-    section = StudentSection(name="lora-kd", data="teacher", model=str(setup["base"]), lora={"r": 4},
-                             kd={"divergence": "forward_kl"}, training={**TRAINING, "max_steps": 6})
-    ref = train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
-                           setup["logits"])
+    section = StudentSection(
+        name="lora-kd",
+        data="teacher",
+        model=str(setup["base"]),
+        lora={"r": 4},
+        kd={"divergence": "forward_kl"},
+        training={**TRAINING, "max_steps": 6},
+    )
+    ref = train_student.fn(
+        setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
+    )
     manifest = ref.manifest()
     base = AutoModelForCausalLM.from_pretrained(setup["base"])
     assert manifest["name"] == "lora-kd" and manifest["rows"] == 48 and manifest["params"] == count_params(base)
@@ -225,9 +281,21 @@ def test_lora_online_gkd_trains_the_adapters_against_a_live_teacher(setup, tmp_p
     teacher = AutoModelForCausalLM.from_pretrained(model_location(setup["teacher"]))
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     seen = Inspect()
-    history = train_online(model, teacher, tok, sft_rows()[:16], {**TRAINING, "max_steps": 4, "logging_steps": 2},
-                           tmp_path, seed=0, lmbda=0.5, beta=0.5, temperature=1.0, max_new_tokens=8,
-                           callbacks=[seen], peft_config=lora_config(LoraSection(r=4), model))
+    history = train_online(
+        model,
+        teacher,
+        tok,
+        sft_rows()[:16],
+        {**TRAINING, "max_steps": 4, "logging_steps": 2},
+        tmp_path,
+        seed=0,
+        lmbda=0.5,
+        beta=0.5,
+        temperature=1.0,
+        max_new_tokens=8,
+        callbacks=[seen],
+        peft_config=lora_config(LoraSection(r=4), model),
+    )
     check_only_adapters_trained(seen, AutoModelForCausalLM.from_pretrained(base_dir), r=4)
     assert [math.isfinite(h["loss"]) for h in history if "loss" in h] == [True, True]
     check_merged_output(tmp_path, base_dir, tok)

@@ -33,8 +33,18 @@ def section(**kw) -> GenerationSection:
 
 
 def stage_rows(n=4):
-    return [{"id": f"p{i}", "split": "prompts", "question": f"question {i}.", "answer": "1", "sample": 0,
-             "prompt": f"question {i}.", "teacher_prompt": f"question {i}."} for i in range(n)]
+    return [
+        {
+            "id": f"p{i}",
+            "split": "prompts",
+            "question": f"question {i}.",
+            "answer": "1",
+            "sample": 0,
+            "prompt": f"question {i}.",
+            "teacher_prompt": f"question {i}.",
+        }
+        for i in range(n)
+    ]
 
 
 def test_an_unreadable_retry_after_falls_back_to_our_backoff():
@@ -84,8 +94,15 @@ def test_a_reply_that_stays_malformed_is_a_failure_row_and_the_stage_completes(p
         finish(tmp, "data", "d" * 64, inputs={}, splits={"prompts": 4})
     teacher = use_existing_teacher.fn(run_dir, TeacherSection(model="hub/teacher"))
     with FakeTeacher() as fake, FaultProxy(fake.url, rate=1.0, faults=(fault,), match="question 3.") as proxy:
-        s = section(api={"base_url": proxy.url + "/v1", "model": "m", "api_key_env": None, "max_retries": 2,
-                         "max_failure_fraction": 0.25})
+        s = section(
+            api={
+                "base_url": proxy.url + "/v1",
+                "model": "m",
+                "api_key_env": None,
+                "max_retries": 2,
+                "max_failure_fraction": 0.25,
+            }
+        )
         ref = generate_answers.fn(run_dir, s, COT, teacher, existing_output(run_dir, "data", "d" * 64))
     assert proxy.faults[fault] == 3  # the first try and both retries
     assert sorted(pd.read_parquet(f"{ref.path}/answers.parquet")["id"]) == ["p0", "p1", "p2"]
@@ -107,11 +124,22 @@ def test_a_malformed_reply_is_kept_redacted_and_cut_to_a_bounded_size():
 
     async def main():
         handler = lambda request: httpx.Response(200, text=page, headers={"content-type": "text/html"})  # noqa: E731
-        async with openai.AsyncOpenAI(base_url="http://teacher.test/v1", api_key=SENTINEL, max_retries=0,
-                                      http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler))) as client:
+        async with openai.AsyncOpenAI(
+            base_url="http://teacher.test/v1",
+            api_key=SENTINEL,
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        ) as client:
             request = TeacherRequest(id="r0", sample=0, messages=[{"role": "user", "content": "q"}])
-            return await ask_all(client, [request], Sampling(model="m", max_tokens=8), concurrency=1, max_retries=1,
-                                 on_record=records.append, secret=SENTINEL)
+            return await ask_all(
+                client,
+                [request],
+                Sampling(model="m", max_tokens=8),
+                concurrency=1,
+                max_retries=1,
+                on_record=records.append,
+                secret=SENTINEL,
+            )
 
     acct = asyncio.run(main())
     (record,) = records
@@ -121,26 +149,49 @@ def test_a_malformed_reply_is_kept_redacted_and_cut_to_a_bounded_size():
     assert acct.failures_by_reason == {"invalid_response": 1} and acct.retries_by_reason == {"invalid_response": 1}
 
 
-@pytest.mark.parametrize("text, tokens, problem", [
-    ("x" * 5_000_000, 64, r"the reply is 5,000,000 characters, more than 64 tokens \(max_tokens\) of at most 256 "
-                          "characters each can hold"),
-    ("x" * 5_000_000, None, "the reply is 5,000,000 characters"),
-    ("7+8=15", 1_250_000, r"the reply is 1250000 completion tokens, over the request's max_tokens 64"),
-])
+@pytest.mark.parametrize(
+    "text, tokens, problem",
+    [
+        (
+            "x" * 5_000_000,
+            64,
+            r"the reply is 5,000,000 characters, more than 64 tokens \(max_tokens\) of at most 256 "
+            "characters each can hold",
+        ),
+        ("x" * 5_000_000, None, "the reply is 5,000,000 characters"),
+        ("7+8=15", 1_250_000, r"the reply is 1250000 completion tokens, over the request's max_tokens 64"),
+    ],
+)
 def test_a_reply_longer_than_max_tokens_allows_is_a_failure_row_not_an_answer(text, tokens, problem):
     """Issue 23, finding 9: a server ignoring the limit sent 5 MB to a 64-token request, and it was kept whole."""
     records = []
     usage = {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": (tokens or 0) + 1} if tokens else None
-    body = {"id": "big", "object": "chat.completion", "created": 0, "model": "m", "usage": usage,
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+    body = {
+        "id": "big",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "usage": usage,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+    }
 
     async def main():
         handler = lambda request: httpx.Response(200, json=body)  # noqa: E731
-        async with openai.AsyncOpenAI(base_url="http://teacher.test/v1", api_key="k", max_retries=0,
-                                      http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler))) as client:
+        async with openai.AsyncOpenAI(
+            base_url="http://teacher.test/v1",
+            api_key="k",
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        ) as client:
             request = TeacherRequest(id="r0", sample=0, messages=[{"role": "user", "content": "q"}])
-            return await ask_all(client, [request], Sampling(model="m", max_tokens=64), concurrency=1, max_retries=1,
-                                 on_record=records.append)
+            return await ask_all(
+                client,
+                [request],
+                Sampling(model="m", max_tokens=64),
+                concurrency=1,
+                max_retries=1,
+                on_record=records.append,
+            )
 
     acct = asyncio.run(main())
     (record,) = records
@@ -154,8 +205,11 @@ def test_a_reply_within_max_tokens_is_an_answer():
 
     from kdflow.teacher.api_client import answer_record
 
-    response = SimpleNamespace(choices=[SimpleNamespace(message=SimpleNamespace(content="y" * 256 * 64),
-                                                        finish_reason="length", logprobs=None)],
-                               usage=SimpleNamespace(prompt_tokens=3, completion_tokens=64))
+    response = SimpleNamespace(
+        choices=[
+            SimpleNamespace(message=SimpleNamespace(content="y" * 256 * 64), finish_reason="length", logprobs=None)
+        ],
+        usage=SimpleNamespace(prompt_tokens=3, completion_tokens=64),
+    )
     request = TeacherRequest(id="r0", sample=0, messages=[])
     assert answer_record(request, response, Sampling(model="m", max_tokens=64))["completion_tokens"] == 64

@@ -21,6 +21,7 @@ MINI = (ROOT / "tests" / "classifier_mini.yaml").read_text()
 
 # ---- recipe ------------------------------------------------------------------------------------------------
 
+
 def test_the_recipe_option_is_typed_and_checked():
     assert parse_classifier_recipe(MINI, "mini.yaml").omitted_class.label == 3
     assert parse_classifier_recipe(MINI.replace("omitted_class: {label: 3}\n", ""), "m.yaml").omitted_class is None
@@ -28,19 +29,23 @@ def test_the_recipe_option_is_typed_and_checked():
         parse_classifier_recipe(MINI.replace("{label: 3}", "{label: 10}"), "mini.yaml")
     with pytest.raises(RecipeError, match=r"omitted_class\.lable: unknown field"):
         parse_classifier_recipe(MINI.replace("{label: 3}", "{lable: 3}"), "mini.yaml")
-    head = MINI[:MINI.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 500")
-    reviews = head + """
+    head = MINI[: MINI.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 500")
+    reviews = (
+        head
+        + """
 teacher: {model: {kind: transformer, hidden: 16, layers: 1, heads: 2, intermediate: 32}}
 student: {model: {kind: transformer, hidden: 8, layers: 1, heads: 2, intermediate: 8}}
 distill: {temperature: 2.0, alpha: 0.5}
 seeds: [0]
 omitted_class: {label: 1}
 """
+    )
     with pytest.raises(RecipeError, match="omitted_class works on data.source 'digits' only"):
         parse_classifier_recipe(reviews, "mini.yaml")
 
 
 # ---- the transfer set --------------------------------------------------------------------------------------
+
 
 def test_drop_class_removes_every_row_of_the_class_and_keeps_soft_targets_aligned():
     split = Split(torch.arange(12, dtype=torch.float32).reshape(6, 2), torch.tensor([0, 3, 1, 3, 2, 0]))
@@ -63,8 +68,9 @@ def digits_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("label", [3, 9])
-def test_a_student_fitted_without_a_class_never_sees_it_but_still_has_its_output(digits_data, tmp_path, monkeypatch,
-                                                                                 label):
+def test_a_student_fitted_without_a_class_never_sees_it_but_still_has_its_output(
+    digits_data, tmp_path, monkeypatch, label
+):
     from kdflow.classic import digits
     from kdflow.config.classic import MLP
 
@@ -132,26 +138,37 @@ def test_the_bias_is_chosen_on_validation_only_and_scored_on_test():
     assert figures["test_accuracy"] == pytest.approx(1 / 3) and figures["test_accuracy_raised"] == pytest.approx(2 / 3)
     # other test logits: the same raise; other val logits: another raise
     assert omitted.evaluate({"val": VAL_LOGITS, "test": test_logits * 5}, splits, 2)["bias"] == figures["bias"]
-    assert omitted.evaluate({"val": VAL_LOGITS[[0, 1, 2, 2]], "test": test_logits}, splits, 2)["bias"] != figures["bias"]
+    assert (
+        omitted.evaluate({"val": VAL_LOGITS[[0, 1, 2, 2]], "test": test_logits}, splits, 2)["bias"] != figures["bias"]
+    )
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
 
+
 def test_the_report_section_carries_the_figures_over_seeds():
     def student(bias, errors, raised_errors):
-        return {"bias": bias, "class": {"accuracy": 1 - errors / 10, "errors": errors, "rows": 10},
-                "class_raised": {"accuracy": 1 - raised_errors / 10, "errors": raised_errors, "rows": 10},
-                "test_accuracy": 0.9, "test_accuracy_raised": 0.95}
+        return {
+            "bias": bias,
+            "class": {"accuracy": 1 - errors / 10, "errors": errors, "rows": 10},
+            "class_raised": {"accuracy": 1 - raised_errors / 10, "errors": raised_errors, "rows": 10},
+            "test_accuracy": 0.9,
+            "test_accuracy_raised": 0.95,
+        }
 
-    per_seed = {0: {"hard-label student": student(0.0, 10, 10), "KD student": student(3.0, 8, 1)},
-                1: {"hard-label student": student(1.0, 10, 9), "KD student": student(4.0, 6, 3)}}
+    per_seed = {
+        0: {"hard-label student": student(0.0, 10, 10), "KD student": student(3.0, 8, 1)},
+        1: {"hard-label student": student(1.0, 10, 9), "KD student": student(4.0, 6, 3)},
+    }
     refs = {s: {"ensemble of 2": {"accuracy": 0.9, "errors": 1, "rows": 10}} for s in (0, 1)}
     section = omitted.summarize(3, 700, per_seed, refs)
     kd = section["students"]["KD student"]
     assert section["label"] == 3 and section["seeds"] == [0, 1] and section["bias_chosen_on"] == "val"
     assert section["transfer_rows"] == 700 and section["test_rows_of_class"] == 10
     assert kd["bias"]["mean"] == 3.5 and kd["class_errors"]["values"] == [8, 6]
-    assert kd["class_accuracy"]["mean"] == pytest.approx(0.3) and kd["class_accuracy_raised"]["mean"] == pytest.approx(0.8)
+    assert kd["class_accuracy"]["mean"] == pytest.approx(0.3) and kd["class_accuracy_raised"]["mean"] == pytest.approx(
+        0.8
+    )
     assert section["references"]["ensemble of 2"]["mean"] == pytest.approx(0.9)
     md = omitted.render_markdown(section)
     assert "no 3s in the students' transfer set" in md and "validation split (never the test split)" in md

@@ -28,8 +28,13 @@ from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 from test_recipe import DEMO
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 5,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 30,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 5,
+    "max_length": 64,
+}
 ARCH = {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64}
 
 
@@ -42,8 +47,10 @@ def teacher(tmp_path_factory):
 
 
 def rows(n: int) -> list[dict]:
-    return [{"row_id": f"r{i}", **chat(f"Solve step by step: {r['question']}", r["text"])}
-            for i, r in enumerate(kept_rows(n))]
+    return [
+        {"row_id": f"r{i}", **chat(f"Solve step by step: {r['question']}", r["text"])}
+        for i, r in enumerate(kept_rows(n))
+    ]
 
 
 def settings(**kw) -> OnPolicyKD:
@@ -55,6 +62,7 @@ def student(tokenizer, seed=0):
 
 
 # ---- the recipe section --------------------------------------------------------------------------------------
+
 
 def test_the_section_validates_and_keys_on_content_not_on_where_the_teacher_runs():
     def section(**kd):
@@ -74,9 +82,11 @@ def test_the_section_validates_and_keys_on_content_not_on_where_the_teacher_runs
 
 
 def test_a_recipe_with_an_off_policy_share_needs_the_logit_cache():
-    student_yaml = ("  - name: on-policy\n    data: teacher\n    kd: {method: on_policy, lmbda: 0.5}\n"
-                    "    architecture: *student\n    training: *student_training\n")
-    head, tail = DEMO[:DEMO.index("  # White-box KD on the same answers")], DEMO[DEMO.index("\nevaluation:"):]
+    student_yaml = (
+        "  - name: on-policy\n    data: teacher\n    kd: {method: on_policy, lmbda: 0.5}\n"
+        "    architecture: *student\n    training: *student_training\n"
+    )
+    head, tail = DEMO[: DEMO.index("  # White-box KD on the same answers")], DEMO[DEMO.index("\nevaluation:") :]
     text = head + student_yaml + tail
     assert parse_recipe(text, "demo.yaml").students[-1].kd.lmbda == 0.5
     with pytest.raises(RecipeError, match="lmbda 0.5 < 1 trains a share of its steps on the logit cache's rows"):
@@ -85,6 +95,7 @@ def test_a_recipe_with_an_off_policy_share_needs_the_logit_cache():
 
 
 # ---- samples ------------------------------------------------------------------------------------------------
+
 
 def test_a_sample_is_its_prompt_without_padding_then_its_tokens_up_to_the_end_of_turn():
     prompts = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
@@ -103,19 +114,26 @@ def test_a_prompt_that_leaves_nothing_to_sample_is_refused(teacher):
 
 # ---- training ----------------------------------------------------------------------------------------------
 
-def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never_loaded_here(teacher, tmp_path,
-                                                                                           monkeypatch):
+
+def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never_loaded_here(
+    teacher, tmp_path, monkeypatch
+):
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     folder, tok = teacher
     loads, load = [], PreTrainedModel.from_pretrained.__func__  # every model this process loads (weights are read
-    monkeypatch.setattr(PreTrainedModel, "from_pretrained",  # in Rust by safetensors: no Python open to audit)
-                        classmethod(lambda cls, path, *a, **kw: loads.append(str(path)) or load(cls, path, *a, **kw)))
+    monkeypatch.setattr(
+        PreTrainedModel,
+        "from_pretrained",  # in Rust by safetensors: no Python open to audit)
+        classmethod(lambda cls, path, *a, **kw: loads.append(str(path)) or load(cls, path, *a, **kw)),
+    )
     trained = student(tok)
     history = train_on_policy(trained, tok, rows(48), settings(), folder, None, TRAINING, tmp_path / "out", 0)
     assert not [p for p in loads if p.startswith(str(folder))], loads
     alive = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
-    assert trained in alive and not [m for m in alive if m.config._name_or_path == str(folder)]  # no model of the teacher's
+    assert trained in alive and not [
+        m for m in alive if m.config._name_or_path == str(folder)
+    ]  # no model of the teacher's
     AutoModelForCausalLM.from_pretrained(folder)
     assert str(folder) in loads  # the spy does see a teacher loaded here
     losses = [h["kd_loss"] for h in history if "kd_loss" in h]
@@ -128,8 +146,9 @@ def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never
     assert history[-1]["on_policy_batches"] == 30  # logged with the run's summary too
 
 
-def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_scores_the_next(teacher, tmp_path,
-                                                                                                monkeypatch):
+def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_scores_the_next(
+    teacher, tmp_path, monkeypatch
+):
     from kdflow.training import on_policy
 
     folder, tok = teacher
@@ -143,10 +162,14 @@ def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_s
 
     batch = on_policy.teacher_batch
     monkeypatch.setattr(on_policy.OnPolicyTrainer, "sample", spy_sample)
-    monkeypatch.setattr(on_policy, "teacher_batch",
-                        lambda items, *a: trained.append([ids.tolist() for ids, _, _ in items]) or batch(items, *a))
-    history = train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING,
-                              tmp_path / "out", 0)
+    monkeypatch.setattr(
+        on_policy,
+        "teacher_batch",
+        lambda items, *a: trained.append([ids.tolist() for ids, _, _ in items]) or batch(items, *a),
+    )
+    history = train_on_policy(
+        student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "out", 0
+    )
     steps = TRAINING["max_steps"]
     # the first step samples its prompts twice (filling the pipeline); each later one trains on the batch sampled
     # the step before, by the weights before the last update; the last batch sampled is scored, never trained on
@@ -161,12 +184,16 @@ def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_s
 
 
 def test_training_and_the_scoring_process_split_the_threads_then_this_process_gets_its_back(
-        teacher, tmp_path, monkeypatch):
+    teacher, tmp_path, monkeypatch
+):
     folder, tok = teacher
     given, during = [], []
     init = HFScorer.__init__
-    monkeypatch.setattr(HFScorer, "__init__", lambda self, *a, threads=None, **kw:
-                        given.append(threads) or init(self, *a, threads=threads, **kw))
+    monkeypatch.setattr(
+        HFScorer,
+        "__init__",
+        lambda self, *a, threads=None, **kw: given.append(threads) or init(self, *a, threads=threads, **kw),
+    )
 
     class Threads(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -175,8 +202,18 @@ def test_training_and_the_scoring_process_split_the_threads_then_this_process_ge
     torch.set_num_threads(4)
     try:
         for overlap in (True, False):
-            train_on_policy(student(tok), tok, rows(16), settings(overlap=overlap), folder, None,
-                            {**TRAINING, "max_steps": 2}, tmp_path / str(overlap), 0, callbacks=[Threads()])
+            train_on_policy(
+                student(tok),
+                tok,
+                rows(16),
+                settings(overlap=overlap),
+                folder,
+                None,
+                {**TRAINING, "max_steps": 2},
+                tmp_path / str(overlap),
+                0,
+                callbacks=[Threads()],
+            )
             assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(1)
@@ -184,8 +221,9 @@ def test_training_and_the_scoring_process_split_the_threads_then_this_process_ge
     assert given == [2, 2] and during == [2, 2, 2, 2]
 
 
-def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its_checkpoints(teacher, tmp_path,
-                                                                                            monkeypatch):
+def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its_checkpoints(
+    teacher, tmp_path, monkeypatch
+):
     folder, tok = teacher
     calls, score = [], HFScorer.score
 
@@ -197,9 +235,12 @@ def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its
         return score(self, rows)
 
     monkeypatch.setattr(HFScorer, "score", dying)
-    with pytest.raises(TeacherScoringError, match=r"(?s)exited with code -9 while scoring 8 samples.*"
-                                                  r"On-policy training stopped at step \d+, before its update "
-                                                  r"\(\d+ steps done\); its checkpoints are in"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"(?s)exited with code -9 while scoring 8 samples.*"
+        r"On-policy training stopped at step \d+, before its update "
+        r"\(\d+ steps done\); its checkpoints are in",
+    ):
         train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "o", 0)
     assert len(calls) == 5  # nothing more was handed to the dead teacher
 
@@ -218,11 +259,23 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_keeps_counting(teach
     training = {**TRAINING, "max_steps": 8, "save_steps": 4, "logging_steps": 1}
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
-        train_on_policy(student(tok), tok, rows(32), settings(), folder, None, training, tmp_path / "a", 0,
-                        checkpoints, callbacks=[StopAt(6)])
+        train_on_policy(
+            student(tok),
+            tok,
+            rows(32),
+            settings(),
+            folder,
+            None,
+            training,
+            tmp_path / "a",
+            0,
+            checkpoints,
+            callbacks=[StopAt(6)],
+        )
     assert (checkpoints / "checkpoint-4" / "on_policy.json").is_file()
-    history = train_on_policy(student(tok, seed=1), tok, rows(32), settings(), folder, None, training,
-                              tmp_path / "b", 0, checkpoints)
+    history = train_on_policy(
+        student(tok, seed=1), tok, rows(32), settings(), folder, None, training, tmp_path / "b", 0, checkpoints
+    )
     assert history[0] == {"resumed_from": "checkpoint-4"}
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 9))
     # the counts continue from the checkpoint's: 4 batches before it, 4 after, none of the killed run's extra 2
@@ -247,18 +300,22 @@ def test_lambda_mixes_cached_off_policy_batches_in_drawn_by_seed_and_step(teache
     from kdflow.logit_cache.format import cache_row_id
 
     folder, tok = teacher
-    kept = [{"row_id": cache_row_id(r), **chat(f"Solve step by step: {r['question']}", r["text"])}
-            for r in kept_rows(48)]
+    kept = [
+        {"row_id": cache_row_id(r), **chat(f"Solve step by step: {r['question']}", r["text"])} for r in kept_rows(48)
+    ]
     training = {**TRAINING, "max_steps": 12}
     counts = []
     for run in ("a", "b"):
         train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, cache_dir, training, tmp_path / run, 0)
         counts.append(json.loads((tmp_path / run / "on_policy.json").read_text()))
     a = counts[0]
-    assert a["on_policy_batches"] + a["off_policy_batches"] == 12 and min(a["on_policy_batches"],
-                                                                          a["off_policy_batches"]) > 0
-    assert {k: counts[1][k] for k in ("on_policy_batches", "off_policy_batches")} == \
-           {k: a[k] for k in ("on_policy_batches", "off_policy_batches")}  # the same draw each run
+    assert (
+        a["on_policy_batches"] + a["off_policy_batches"] == 12
+        and min(a["on_policy_batches"], a["off_policy_batches"]) > 0
+    )
+    assert {k: counts[1][k] for k in ("on_policy_batches", "off_policy_batches")} == {
+        k: a[k] for k in ("on_policy_batches", "off_policy_batches")
+    }  # the same draw each run
     with pytest.raises(ValueError, match="pass it"):
         train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, None, training, tmp_path / "c", 0)
 
@@ -324,18 +381,35 @@ def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_w
     seen = {}
     for batch_tokens in (10**6, 120):
         model = student(tok)
-        config = sft_config(TRAINING, str(tmp_path / str(batch_tokens)), 0, cpu=True, remove_unused_columns=False,
-                            dataset_kwargs={"skip_prepare_dataset": True})
+        config = sft_config(
+            TRAINING,
+            str(tmp_path / str(batch_tokens)),
+            0,
+            cpu=True,
+            remove_unused_columns=False,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        )
         scorer = Scorer(batch_tokens)
-        trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
-                                  processing_class=tok, data_collator=OnPolicyCollator(tok.pad_token_id),
-                                  settings=settings(), scorer=scorer, eos_token_id=tok.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+        trainer = OnPolicyTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(data),
+            processing_class=tok,
+            data_collator=OnPolicyCollator(tok.pad_token_id),
+            settings=settings(),
+            scorer=scorer,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
         torch.manual_seed(0)  # the same samples both times
         loss = trainer.training_step(model, dict(inputs))
-        seen[batch_tokens] = (scorer.parts_sent, loss, trainer._metrics["train"]["kd_loss"],
-                              [p.grad.clone() for p in model.parameters()])
+        seen[batch_tokens] = (
+            scorer.parts_sent,
+            loss,
+            trainer._metrics["train"]["kd_loss"],
+            [p.grad.clone() for p in model.parameters()],
+        )
     (one, whole_loss, whole_logged, whole), (many, parts_loss, parts_logged, parts) = seen.values()
     assert one == 1 and many > 2
     assert torch.allclose(parts_loss, whole_loss, rtol=1e-5) and whole_loss > 0
@@ -347,20 +421,34 @@ def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_w
 
 # ---- a real vLLM server -------------------------------------------------------------------------------------
 
+
 def served_samples(model_dir, n=6, new=10):
     """A tiny student's samples of prompts in the served teacher's tokenizer."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Solve step by step: {i}+{i + 1}"}],
-                                       add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-               for i in range(n)]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"Solve step by step: {i}+{i + 1}"}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        for i in range(n)
+    ]
     width = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     torch.manual_seed(0)
-    out = student(tok).generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, max_new_tokens=new,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    out = student(tok).generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        top_k=0,
+        max_new_tokens=new,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return samples(ids, mask, out, tok.eos_token_id)
 
 
@@ -398,8 +486,9 @@ class DiesAfter:
         self.proxy.__exit__(*exc)
 
 
-def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_resumes(vllm_server_url, vllm_model_dir,
-                                                                                    tmp_path, monkeypatch):
+def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_resumes(
+    vllm_server_url, vllm_model_dir, tmp_path, monkeypatch
+):
     from conftest import VLLM_TEST_API_KEY
     from fault_proxy import FaultProxy
     from tasks.students import STUDENTS, train_student
@@ -409,13 +498,30 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(vllm_model_dir)))
     data = stage_ref(run_dir, "data", lambda d: None)
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(16)).to_parquet(d / "kept.parquet"))
-    training = {"max_steps": 6, "save_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
-                "logging_steps": 1, "max_length": 64}
+    training = {
+        "max_steps": 6,
+        "save_steps": 2,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "max_length": 64,
+    }
 
     def section(url):
-        return StudentSection(name="op", data="teacher", architecture=ARCH, training=training,
-                              kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url, "k": 5,
-                                  "max_new_tokens": 6, "concurrency": 2})
+        return StudentSection(
+            name="op",
+            data="teacher",
+            architecture=ARCH,
+            training=training,
+            kd={
+                "method": "on_policy",
+                "teacher_backend": "vllm",
+                "base_url": url,
+                "k": 5,
+                "max_new_tokens": 6,
+                "concurrency": 2,
+            },
+        )
 
     # 4 samples a step in 2 requests (concurrency 2): the server answers steps 1-3, and dies in step 4
     with DiesAfter(vllm_server_url.removesuffix("/v1"), n=2 * 3) as proxy:
@@ -425,8 +531,15 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
     assert f"the teacher's vLLM server at {proxy.url}/v1 stopped answering" in message
     assert "stopped at step 4, before its update (3 steps done)" in message
     assert "resumes from the last one" in message
-    out = STUDENTS.output(run_dir, section=section(proxy.url + "/v1"), template=TEMPLATE, teacher=teacher, data=data,
-                          curated=curated, logits=None)
+    out = STUDENTS.output(
+        run_dir,
+        section=section(proxy.url + "/v1"),
+        template=TEMPLATE,
+        teacher=teacher,
+        data=data,
+        curated=curated,
+        logits=None,
+    )
     assert out.done is None and (out.work / "checkpoint-2").is_dir()
     with FaultProxy(vllm_server_url.removesuffix("/v1")) as healthy:  # the server is back, at another address
         ref = train_student.fn(run_dir, section(healthy.url + "/v1"), TEMPLATE, teacher, data, curated)
@@ -441,21 +554,32 @@ def test_the_report_shows_each_on_policy_students_tokens_and_time_split():
     from kdflow.reporting.run_report import build_report, render_markdown
     from test_report import CURATION, DEPLOYMENT, model
 
-    accounting = {"sample_s": 6.0, "score_s": 3.0, "train_s": 3.0, "student_tokens_sampled": 12345,
-                  "teacher_tokens_scored": 12345, "on_policy_batches": 50, "off_policy_batches": 0,
-                  "teacher_backend": "hf"}
-    students = {"seq-kd": {**model(0.8, 100_000), "data": "teacher"},
-                "on-policy": {**model(0.85, 100_000), "data": "teacher", "kd": "on_policy", "on_policy": accounting}}
-    students["overlapped"] = {**students["on-policy"], "on_policy": {**accounting, "score_s": 0.5, "teacher_s": 2.9,
-                                                                      "overlap": True}}
+    accounting = {
+        "sample_s": 6.0,
+        "score_s": 3.0,
+        "train_s": 3.0,
+        "student_tokens_sampled": 12345,
+        "teacher_tokens_scored": 12345,
+        "on_policy_batches": 50,
+        "off_policy_batches": 0,
+        "teacher_backend": "hf",
+    }
+    students = {
+        "seq-kd": {**model(0.8, 100_000), "data": "teacher"},
+        "on-policy": {**model(0.85, 100_000), "data": "teacher", "kd": "on_policy", "on_policy": accounting},
+    }
+    students["overlapped"] = {
+        **students["on-policy"],
+        "on_policy": {**accounting, "score_s": 0.5, "teacher_s": 2.9, "overlap": True},
+    }
     md = render_markdown(build_report("demo", model(0.9, 1_000_000), students, CURATION, DEPLOYMENT))
     assert "## On-policy training" in md
     assert "| on-policy | hf | 12,345 | 12,345 | 6.0 (50%) | 3.0 (25%) | 3.0 (25%) | — | 50 / 0 |" in md
     assert "| overlapped | hf, overlap | 12,345 | 12,345 | 6.0 (63%) | 0.5 (5%) | 3.0 (32%) | 2.9 | 50 / 0 |" in md
     assert "| seq-kd | hf" not in md  # only the students trained on-policy
-    assert "## On-policy training" not in render_markdown(build_report("demo", model(0.9, 1_000_000),
-                                                                       {"seq-kd": students["seq-kd"]}, CURATION,
-                                                                       DEPLOYMENT))
+    assert "## On-policy training" not in render_markdown(
+        build_report("demo", model(0.9, 1_000_000), {"seq-kd": students["seq-kd"]}, CURATION, DEPLOYMENT)
+    )
 
 
 def test_a_launched_on_policy_student_needs_one_served_teacher():
@@ -466,8 +590,9 @@ def test_a_launched_on_policy_student_needs_one_served_teacher():
     assert StudentSection(name="op", data="teacher", architecture=ARCH, launch=launch, kd=served).launch
 
 
-def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_it(vllm_server_url, vllm_model_dir,
-                                                                                   tmp_path, monkeypatch):
+def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_it(
+    vllm_server_url, vllm_model_dir, tmp_path, monkeypatch
+):
     """teacher_backend vllm without base_url: a server for the teacher's folder for the length of the training, with
     what prompt_logprobs need (no prefix caching, --max-logprobs k, the teacher's own dtype). The server's process
     lifecycle itself is kdflow.teacher.vllm_server's (tests/test_vllm_startup.py); here it is the session's server."""
@@ -492,23 +617,39 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
 
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)
     kd = OnPolicyKD(method="on_policy", k=5, max_new_tokens=6, teacher_backend="vllm")
-    train_on_policy(student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2},
-                    tmp_path / "out", 0)
-    assert started == [{"model": str(vllm_model_dir), "log": tmp_path / "out" / "teacher-scorer.log", "stopped": True,
-                        "args": ["--no-enable-prefix-caching", "--max-logprobs", "5", "--dtype", "float32",
-                                 "--skip-tokenizer-init"]}]
+    train_on_policy(
+        student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2}, tmp_path / "out", 0
+    )
+    assert started == [
+        {
+            "model": str(vllm_model_dir),
+            "log": tmp_path / "out" / "teacher-scorer.log",
+            "stopped": True,
+            "args": [
+                "--no-enable-prefix-caching",
+                "--max-logprobs",
+                "5",
+                "--dtype",
+                "float32",
+                "--skip-tokenizer-init",
+            ],
+        }
+    ]
     assert json.loads((tmp_path / "out" / "on_policy.json").read_text())["teacher_tokens_scored"] > 0
 
 
 # ---- scores that are not a distribution (issue 23, finding 3) -------------------------------------------------
+
 
 def scored_part(lps, ids=None):
     from kdflow.logit_cache.format import TopK, tail_from_topk
 
     lps = np.asarray(lps, dtype=np.float32)
     ids = np.arange(lps.size).reshape(lps.shape) if ids is None else np.asarray(ids)
-    return [0, 1], [TopK("a", np.arange(8), 3, ids, lps, tail_from_topk(lps)),
-                    TopK("b", np.arange(8), 3, ids, lps, tail_from_topk(lps))]
+    return [0, 1], [
+        TopK("a", np.arange(8), 3, ids, lps, tail_from_topk(lps)),
+        TopK("b", np.arange(8), 3, ids, lps, tail_from_topk(lps)),
+    ]
 
 
 def test_scores_must_be_finite_log_probs_of_the_students_tokens():
@@ -516,12 +657,20 @@ def test_scores_must_be_finite_log_probs_of_the_students_tokens():
 
     good = scored_part([[-0.1, -3.0], [-0.2, -2.5]])
     assert check_scores(good, 64, "t") is good
-    for bad, match in [(scored_part([[-0.1, -3.0], [np.nan, -2.5]]), r"t gave a NaN log-prob for sample 0 \('a'\) at "
-                                                                     r"completion position 1"),
-                       (scored_part([[-0.1, -np.inf], [-0.2, -2.5]]), r"gave a -inf log-prob .* at completion position 0"),
-                       (scored_part([[-0.1, -3.0]], ids=[[3, 64]]), r"gave token id 64 for sample 0 \('a'\), outside the "
-                                                                    r"student's vocabulary \(0 to 63\)"),
-                       (scored_part([[-0.1, -3.0]], ids=[[-1, 2]]), r"gave token id -1")]:
+    for bad, match in [
+        (
+            scored_part([[-0.1, -3.0], [np.nan, -2.5]]),
+            r"t gave a NaN log-prob for sample 0 \('a'\) at "
+            r"completion position 1",
+        ),
+        (scored_part([[-0.1, -np.inf], [-0.2, -2.5]]), r"gave a -inf log-prob .* at completion position 0"),
+        (
+            scored_part([[-0.1, -3.0]], ids=[[3, 64]]),
+            r"gave token id 64 for sample 0 \('a'\), outside the "
+            r"student's vocabulary \(0 to 63\)",
+        ),
+        (scored_part([[-0.1, -3.0]], ids=[[-1, 2]]), r"gave token id -1"),
+    ]:
         with pytest.raises(TeacherScoringError, match=match):
             check_scores(bad, 64, "t")
 
@@ -535,20 +684,35 @@ def test_a_vllm_reply_with_a_minus_inf_score_is_a_scoring_error_not_a_distributi
         def create(self, model, prompt, max_tokens, temperature, extra_body):
             k = extra_body["prompt_logprobs"]
             position = {str(t): {"logprob": -0.5 - t, "rank": t + 1} for t in range(k)}
-            choices = [SimpleNamespace(index=i, prompt_logprobs=[None, position, position,
-                                                                 {**position, "0": {"logprob": float("-inf"), "rank": 1}},
-                                                                 position, position]) for i in range(len(prompt))]
+            choices = [
+                SimpleNamespace(
+                    index=i,
+                    prompt_logprobs=[
+                        None,
+                        position,
+                        position,
+                        {**position, "0": {"logprob": float("-inf"), "rank": 1}},
+                        position,
+                        position,
+                    ],
+                )
+                for i in range(len(prompt))
+            ]
             return SimpleNamespace(choices=choices)
 
     scorer = VllmScorer("http://127.0.0.1:9/v1", "teacher", 3, concurrency=1, vocab_size=64)
     scorer.client = SimpleNamespace(completions=Completions(), close=lambda: None)
-    with pytest.raises(TeacherScoringError, match=r"vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob for "
-                                                  r"sample 0 \('r0'\) at completion position 0"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob for "
+        r"sample 0 \('r0'\) at completion position 0",
+    ):
         scorer.score([row])
 
 
 def test_a_non_finite_score_fails_the_step_before_its_update_and_a_rerun_resumes_from_a_finite_checkpoint(
-        teacher, tmp_path, monkeypatch):
+    teacher, tmp_path, monkeypatch
+):
     """The issue's case: a server's −inf score in step 3. Training stops in step 3 before its update, naming it;
     checkpoint-2 holds finite weights, nothing else is saved, and a rerun with the teacher healthy resumes from it."""
     from safetensors.torch import load_file
@@ -570,9 +734,12 @@ def test_a_non_finite_score_fails_the_step_before_its_update_and_a_rerun_resumes
     monkeypatch.setattr(topk, "vllm_topk_parts", served)
     kd = settings(teacher_backend="vllm", base_url="http://127.0.0.1:9/v1")
     training, checkpoints = {**TRAINING, "max_steps": 6, "save_steps": 2}, tmp_path / "checkpoints"
-    with pytest.raises(TeacherScoringError, match=r"(?s)vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob .*"
-                                                  r"On-policy training stopped at step 3, before its update "
-                                                  r"\(2 steps done\)"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"(?s)vLLM server at http://127.0.0.1:9/v1 gave a -inf log-prob .*"
+        r"On-policy training stopped at step 3, before its update "
+        r"\(2 steps done\)",
+    ):
         train_on_policy(student(tok), tok, rows(32), kd, folder, None, training, tmp_path / "a", 0, checkpoints)
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     assert all(torch.isfinite(w).all() for w in load_file(checkpoints / "checkpoint-2" / "model.safetensors").values())

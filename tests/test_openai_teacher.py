@@ -33,9 +33,20 @@ COT = "Solve step by step: {{ question }}"
 
 
 def completion(text="1+2=3\nAnswer: 3", logprobs=None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop", "logprobs": logprobs}
-    return {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [choice],
-            "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}}
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": "stop",
+        "logprobs": logprobs,
+    }
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "m",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12},
+    }
 
 
 def run(handler, requests, **kw):
@@ -43,12 +54,23 @@ def run(handler, requests, **kw):
     records = []
 
     async def main():
-        client = openai.AsyncOpenAI(base_url="http://teacher.test/v1", api_key=SENTINEL, max_retries=0,
-                                    http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+        client = openai.AsyncOpenAI(
+            base_url="http://teacher.test/v1",
+            api_key=SENTINEL,
+            max_retries=0,
+            http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        )
         async with client:
-            return await ask_all(client, requests, Sampling(model="m", max_tokens=8, **kw.pop("sampling", {})),
-                                 concurrency=kw.pop("concurrency", 4), max_retries=kw.pop("max_retries", 3),
-                                 on_record=records.append, secret=SENTINEL, **kw)
+            return await ask_all(
+                client,
+                requests,
+                Sampling(model="m", max_tokens=8, **kw.pop("sampling", {})),
+                concurrency=kw.pop("concurrency", 4),
+                max_retries=kw.pop("max_retries", 3),
+                on_record=records.append,
+                secret=SENTINEL,
+                **kw,
+            )
 
     return asyncio.run(main()), records
 
@@ -64,8 +86,12 @@ def fast_backoff(monkeypatch):
 
 def test_transient_errors_are_retried_and_counted_then_answered():
     seen = {"n": 0}
-    script = [httpx.Response(429, headers={"retry-after-ms": "1"}, json={"error": {"message": "slow down"}}),
-              httpx.Response(503, json={"error": {"message": "busy"}}), "timeout", "drop"]
+    script = [
+        httpx.Response(429, headers={"retry-after-ms": "1"}, json={"error": {"message": "slow down"}}),
+        httpx.Response(503, json={"error": {"message": "busy"}}),
+        "timeout",
+        "drop",
+    ]
 
     def handler(request):
         seen["n"] += 1
@@ -119,8 +145,10 @@ def test_auth_and_missing_model_stop_the_run_at_once_without_the_key(status):
 
 def test_logprobs_with_token_ids_are_kept_per_token():
     top = lambda ids: [{"token": f"token_id:{i}", "logprob": -0.1 * i, "bytes": None} for i in ids]
-    content = [{"token": "token_id:5", "logprob": -0.5, "bytes": None, "top_logprobs": top([5, 6, 7])},
-               {"token": "token_id:2", "logprob": -0.2, "bytes": None, "top_logprobs": top([2, 9, 4])}]
+    content = [
+        {"token": "token_id:5", "logprob": -0.5, "bytes": None, "top_logprobs": top([5, 6, 7])},
+        {"token": "token_id:2", "logprob": -0.2, "bytes": None, "top_logprobs": top([2, 9, 4])},
+    ]
     sent = {}
 
     def handler(request):
@@ -208,8 +236,16 @@ def test_generation_section_validates_and_keys_on_content_only():
         section(backend="openai", api={"base_url": "https://api.openai.com/v1"}, logprobs=50)
     key = lambda s: content_key("generate", "2", {"section": s})
     base = section(backend="openai", api={"base_url": "http://x/v1"})
-    same = section(backend="openai", api={"base_url": "http://x/v1", "concurrency": 3, "timeout_s": 5,
-                                          "api_key_env": "OTHER", "max_failure_fraction": 0.5})
+    same = section(
+        backend="openai",
+        api={
+            "base_url": "http://x/v1",
+            "concurrency": 3,
+            "timeout_s": 5,
+            "api_key_env": "OTHER",
+            "max_failure_fraction": 0.5,
+        },
+    )
     assert key(base) == key(same)
     assert key(base) != key(section(backend="openai", api={"base_url": "http://x/v1"}, temperature=0.5))
     assert key(section(template="prompts/instruct.jinja")) != key(section())
@@ -220,17 +256,46 @@ def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(
     from kdflow.teacher.generation import TooManyFailures, check_failures, failure_table
 
     s = section(backend="openai", api={"base_url": "http://x/v1", "max_failure_fraction": 0.1})
-    rows = [{"id": f"r{i}", "split": "train", "question": "q", "answer": "1", "sample": 0, "prompt": "p",
-             "teacher_prompt": "p"} for i in range(10)]
-    failed = [{"id": "r1", "sample": 0, "ok": False, "reason": "timeout", "status": None, "error": "APITimeoutError",
-               "attempts": 7}]
+    rows = [
+        {
+            "id": f"r{i}",
+            "split": "train",
+            "question": "q",
+            "answer": "1",
+            "sample": 0,
+            "prompt": "p",
+            "teacher_prompt": "p",
+        }
+        for i in range(10)
+    ]
+    failed = [
+        {
+            "id": "r1",
+            "sample": 0,
+            "ok": False,
+            "reason": "timeout",
+            "status": None,
+            "error": "APITimeoutError",
+            "attempts": 7,
+        }
+    ]
     check_failures(failed, 10, s, tmp_path)  # 10 %: allowed
     with pytest.raises(TooManyFailures, match=r"2 of 10 teacher requests failed for good \(20.0% > .*10.0%\).*timeout"):
         check_failures(failed * 2, 10, s, tmp_path)
     table = failure_table(rows, failed)
-    assert table.to_dict("records")[0] | {} == {"id": "r1", "split": "train", "question": "q", "answer": "1",
-                                                 "sample": 0, "prompt": "p", "reason": "timeout", "status": None,
-                                                 "error": "APITimeoutError", "attempts": 7, "raw": None}
+    assert table.to_dict("records")[0] | {} == {
+        "id": "r1",
+        "split": "train",
+        "question": "q",
+        "answer": "1",
+        "sample": 0,
+        "prompt": "p",
+        "reason": "timeout",
+        "status": None,
+        "error": "APITimeoutError",
+        "attempts": 7,
+        "raw": None,
+    }
     assert list(failure_table(rows, []).columns)[-5:] == ["reason", "status", "error", "attempts", "raw"]
 
 
@@ -239,17 +304,37 @@ def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_
     from fault_proxy import FakeTeacher, FaultProxy
     from kdflow.teacher.generation import api_answers
 
-    rows = [{"id": f"r{i}", "split": "prompts", "question": f"{i} {{{{ 7*7 }}}}", "answer": "1", "sample": s,
-             "prompt": f"q{i}", "teacher_prompt": f"q{i} {{{{ 7*7 }}}} #{s}"} for i in range(30) for s in range(2)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "split": "prompts",
+            "question": f"{i} {{{{ 7*7 }}}}",
+            "answer": "1",
+            "sample": s,
+            "prompt": f"q{i}",
+            "teacher_prompt": f"q{i} {{{{ 7*7 }}}} #{s}",
+        }
+        for i in range(30)
+        for s in range(2)
+    ]
     with FakeTeacher() as fake, FaultProxy(fake.url, rate=0.2, faults=("429", "500", "drop"), seed=3) as proxy:
-        s = section(backend="openai", n=2, temperature=0.5,
-                    api={"base_url": proxy.url + "/v1", "model": "m", "api_key_env": None, "max_retries": 20})
+        s = section(
+            backend="openai",
+            n=2,
+            temperature=0.5,
+            api={"base_url": proxy.url + "/v1", "model": "m", "api_key_env": None, "max_retries": 20},
+        )
         answers, failures, acct = api_answers(s, "m", rows, tmp_path / "shards")
         assert len(answers) == 60 and not failures and acct.answers == 60
         assert acct.retries == sum(proxy.faults.values()) > 0
         assert {(a["id"], a["sample"]) for a in answers} == {(r["id"], r["sample"]) for r in rows}
-        assert all(a["text"] == f"echo: {r['teacher_prompt']}" for a, r in
-                   zip(sorted(answers, key=lambda a: (a["id"], a["sample"])), sorted(rows, key=lambda r: (r["id"], r["sample"]))))
+        assert all(
+            a["text"] == f"echo: {r['teacher_prompt']}"
+            for a, r in zip(
+                sorted(answers, key=lambda a: (a["id"], a["sample"])),
+                sorted(rows, key=lambda r: (r["id"], r["sample"])),
+            )
+        )
         sent = sum(proxy.bodies.values())
         again = api_answers(s, "m", rows, tmp_path / "shards")
         assert sum(proxy.bodies.values()) == sent and again[2].resumed == 60 and len(again[0]) == 60
@@ -267,9 +352,12 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
     from tasks.teacher import use_existing_teacher
 
     run_dir = tmp_path / "run"
-    rows = {"train": [{"id": f"t{i}", "question": f"{i}+1", "rationale": f"{i}+1={i + 1}", "answer": str(i + 1)}
-                      for i in range(4)],
-            "prompts": [{"id": f"p{i}", "question": f"{i}+2 {{{{ 7*7 }}}}", "answer": str(i + 2)} for i in range(3)]}
+    rows = {
+        "train": [
+            {"id": f"t{i}", "question": f"{i}+1", "rationale": f"{i}+1={i + 1}", "answer": str(i + 1)} for i in range(4)
+        ],
+        "prompts": [{"id": f"p{i}", "question": f"{i}+2 {{{{ 7*7 }}}}", "answer": str(i + 2)} for i in range(3)],
+    }
     with building(run_dir, "data", "k" * 64) as tmp:
         for split, table in rows.items():
             pd.DataFrame(table).to_parquet(tmp / f"{split}.parquet", index=False)
@@ -280,7 +368,17 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
     ref = generate_answers.fn(run_dir, s, COT, teacher, data)
     answers = pd.read_parquet(f"{ref.path}/answers.parquet")
     assert len(answers) == 6 and sorted(answers["sample"].tolist()) == [0, 0, 0, 1, 1, 1]
-    assert {"id", "split", "question", "answer", "text", "finish_reason", "completion_tokens", "sample", "prompt",
-            "demo_ids"} <= set(answers.columns)
+    assert {
+        "id",
+        "split",
+        "question",
+        "answer",
+        "text",
+        "finish_reason",
+        "completion_tokens",
+        "sample",
+        "prompt",
+        "demo_ids",
+    } <= set(answers.columns)
     assert answers["prompt"].tolist()[0] == "Solve step by step: 0+2 {{ 7*7 }}"
     assert ref.manifest()["accounting"]["answers"] == 6 and ref.manifest()["failed"] == 0

@@ -111,6 +111,7 @@ def test_content_key_depends_on_content_only():
 
 # ---- damaged outputs are detected and rebuilt, never reused (issue 12, item 2) --------------------------------
 
+
 def test_a_truncated_file_under_an_intact_manifest_is_not_reused_and_is_rebuilt(tmp_path, caplog):
     ref = build(tmp_path, "t" * 64, payload="the whole answer")
     data = output_dir(tmp_path, "stage", "t" * 64) / "data.txt"
@@ -189,6 +190,7 @@ def test_files_and_folder_are_fsynced_before_the_manifest_and_the_rename(tmp_pat
 
 # ---- locks that hold on NFS: a regular file opened for writing (issue 12, item 1) ---------------------------
 
+
 def test_locks_are_taken_on_regular_files_opened_for_writing(tmp_path, monkeypatch):
     seen, real = [], fcntl.flock
 
@@ -220,6 +222,8 @@ def test_two_processes_finishing_the_same_key_leave_one_complete_output(tmp_path
         [p.join(120) for p in procs]
         assert [p.exitcode for p in procs] == [0, 0, 0, 0], f"round {round_}"
         ref = existing_output(tmp_path, "stage", key)
-        assert ref is not None and ref.is_complete() and outputs.check_output(output_dir(tmp_path, "stage", key)) is None
+        assert (
+            ref is not None and ref.is_complete() and outputs.check_output(output_dir(tmp_path, "stage", key)) is None
+        )
     names = sorted(p.name for p in (tmp_path / "stage").iterdir() if p.name != ".lock")
     assert names == sorted(f"p{r}" * 8 for r in range(10))  # no temporaries or trash left behind

@@ -28,8 +28,10 @@ def test_a_result_storage_block_is_read_from_sync_code_on_the_pinned_prefect(tmp
 
 def test_the_summary_names_the_report_and_each_models_figures():
     model = {"accuracy": 0.5, "perplexity": 1.25, "params": 1234, "latency_ms_per_token": 0.5}
-    report = {"teacher": {"api": True, "accuracy": 0.9, "model": "gpt-4o-mini", "weights": "not available"},
-              "students": {"seq-kd": model}}
+    report = {
+        "teacher": {"api": True, "accuracy": 0.9, "model": "gpt-4o-mini", "weights": "not available"},
+        "students": {"seq-kd": model},
+    }
     lines = summary_lines(report, "runs/demo/report.md")
     assert lines[0] == "report: runs/demo/report.md"
     assert lines[1].strip().startswith("teacher: ") and "gpt-4o-mini through the API" in lines[1]

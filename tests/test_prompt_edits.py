@@ -24,13 +24,20 @@ DEPENDENTS = {
 
 
 def recipe_naming_every_prompt(folder: Path) -> Path:
-    for name, source in (("cot.jinja", "cot.jinja"), ("instruct.jinja", "cot.jinja"), ("few_shot.jinja", "few_shot.jinja"),
-                         ("judge_filter.jinja", "judge_filter.jinja"), ("judge.jinja", "judge.jinja")):
+    for name, source in (
+        ("cot.jinja", "cot.jinja"),
+        ("instruct.jinja", "cot.jinja"),
+        ("few_shot.jinja", "few_shot.jinja"),
+        ("judge_filter.jinja", "judge_filter.jinja"),
+        ("judge.jinja", "judge.jinja"),
+    ):
         shutil.copy(ROOT / "prompts" / source, folder / name)
     r = yaml.safe_load(MINI.read_text())
     r["run"]["root"] = str(folder / "runs")
     r["prompts"] = {"cot": str(folder / "cot.jinja")}
-    r["generation"].update(template=str(folder / "instruct.jinja"), icl={"k": 1, "template": str(folder / "few_shot.jinja")})
+    r["generation"].update(
+        template=str(folder / "instruct.jinja"), icl={"k": 1, "template": str(folder / "few_shot.jinja")}
+    )
     r["filters"] = {"judge": {"template": str(folder / "judge_filter.jinja")}}
     r["evaluation"]["judge"] = {"backend": "hf", "model": "some/judge", "template": str(folder / "judge.jinja")}
     r["logit_cache"] = {"k": 5}
@@ -59,14 +66,31 @@ def stage_keys(recipe: Path) -> dict[str, str]:
         "generate": GENERATE.key(section=r.generation, template=cot, teacher=ref("teacher"), data=ref("data")),
         "curate": CURATE.key(section=r.filters, source=r.data.source, answers=ref("generate"), teacher=ref("teacher")),
         "logit-cache": CAPTURE.key(section=r.logit_cache, template=cot, teacher=ref("teacher"), curated=ref("curate")),
-        "students": STUDENTS.key(section=student, template=cot, teacher=ref("teacher"), data=ref("data"),
-                                 curated=ref("curate"), logits=None),
-        "evaluate": EVALUATE.key(section=r.evaluation, template=cot, source=r.data.source, model=ref("students"),
-                                 teacher=ref("teacher"), data=ref("data")),
-        "deployment": DEPLOYMENT.key(models={"teacher": ref("teacher")}, settings=r.evaluation.deployment, template=cot,
-                                     data=ref("data"), split=r.evaluation.split),
-        "judge": JUDGE.key(section=r.evaluation.judge, students={"seq-kd": ref("evaluate")}, teacher=ref("evaluate"),
-                           data=ref("data"), split=r.evaluation.split),
+        "students": STUDENTS.key(
+            section=student, template=cot, teacher=ref("teacher"), data=ref("data"), curated=ref("curate"), logits=None
+        ),
+        "evaluate": EVALUATE.key(
+            section=r.evaluation,
+            template=cot,
+            source=r.data.source,
+            model=ref("students"),
+            teacher=ref("teacher"),
+            data=ref("data"),
+        ),
+        "deployment": DEPLOYMENT.key(
+            models={"teacher": ref("teacher")},
+            settings=r.evaluation.deployment,
+            template=cot,
+            data=ref("data"),
+            split=r.evaluation.split,
+        ),
+        "judge": JUDGE.key(
+            section=r.evaluation.judge,
+            students={"seq-kd": ref("evaluate")},
+            teacher=ref("evaluate"),
+            data=ref("data"),
+            split=r.evaluation.split,
+        ),
     }
 
 

@@ -20,9 +20,11 @@ from kdflow.training.tiny_models import (
 )
 
 GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
-TEXTS = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
-         "Weng earns $12 an hour (babysitting); she did 50 minutes. “How much?” she asked.",
-         "Betty's wallet costs $100 — naïve café prices!\n\n#### 5"] * 20
+TEXTS = [
+    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
+    "Weng earns $12 an hour (babysitting); she did 50 minutes. “How much?” she asked.",
+    "Betty's wallet costs $100 — naïve café prices!\n\n#### 5",
+] * 20
 SMALL = dict(layers=2, hidden=128, heads=2, kv_heads=1, intermediate=256)  # head dim 64, as Qwen2.5's
 
 
@@ -34,8 +36,14 @@ def tokenizer():
 def test_the_preset_is_qwen25_05b():
     """Qwen2.5-0.5B's published shapes and its 494,032,768 parameters (built on the meta device: no memory)."""
     config = qwen2_config(QWEN25_05B)
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
-            config.intermediate_size, config.vocab_size) == (896, 24, 14, 2, 4864, 151_936)
+    assert (
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+        config.vocab_size,
+    ) == (896, 24, 14, 2, 4864, 151_936)
     assert config.tie_word_embeddings and config.rope_parameters["rope_theta"] == 1e6 and QWEN25_05B.head_dim == 64
     with torch.device("meta"):
         assert count_params(Qwen2ForCausalLM(config)) == 494_032_768
@@ -114,16 +122,26 @@ def test_vllm_cpu_serves_a_saved_qwen2_folder_with_the_same_ids_and_log_probs(to
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)  # peaked distributions: an order worth comparing
     save_qwen2(tmp_path, model, tokenizer)
-    rows = [encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"])
-            for i, m in enumerate(chat(q, a) for q, a in [("What is 7+8?", "7+8=15\n#### 15"),
-                                                           ("Weng earns $12 an hour.", "12 x 2 = $24.\n#### 24")])]
+    rows = [
+        encode_row(tokenizer, f"r{i}", m["prompt"], m["completion"])
+        for i, m in enumerate(
+            chat(q, a)
+            for q, a in [("What is 7+8?", "7+8=15\n#### 15"), ("Weng earns $12 an hour.", "12 x 2 = $24.\n#### 24")]
+        )
+    ]
     args = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--max-logprobs", "8"]
     with vllm_server(tmp_path, extra_args=args, startup_timeout_s=300, env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
         client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=2)
         from_vllm = vllm_topk(client, str(tmp_path), rows, 8, concurrency=2)
         text = TEXTS[1]
-        served = client.completions.create(model=str(tmp_path), prompt=text, max_tokens=1, echo=True, logprobs=0,
-                                           extra_body={"return_tokens_as_token_ids": True})
+        served = client.completions.create(
+            model=str(tmp_path),
+            prompt=text,
+            max_tokens=1,
+            echo=True,
+            logprobs=0,
+            extra_body={"return_tokens_as_token_ids": True},
+        )
     echoed = [int(t.removeprefix("token_id:")) for t in served.choices[0].logprobs.tokens][:-1]
     assert echoed == tokenizer(text).input_ids
     for v, h in zip(from_vllm, hf_topk(model, rows, 8)):

@@ -47,7 +47,9 @@ def line_of(text: str, needle: str) -> int:
 
 
 def test_unknown_field_names_field_line_and_fix():
-    text = DEMO.replace("  max_new_tokens: 96\n  batch_size: 512\n\nfilters", "  max_new_token: 96\n  batch_size: 512\n\nfilters")
+    text = DEMO.replace(
+        "  max_new_tokens: 96\n  batch_size: 512\n\nfilters", "  max_new_token: 96\n  batch_size: 512\n\nfilters"
+    )
     msg = error_of(text)
     assert f"demo.yaml:{line_of(text, 'max_new_token:')}: generation.max_new_token: unknown field" in msg
     assert "spelling" in msg
@@ -65,10 +67,12 @@ def test_bad_head_dimension_says_what_to_use():
 
 
 def test_trl_validates_training_knobs():
-    text = DEMO.replace("    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
-                        "    warmup_steps: 50\n    max_length: 128\n\ngeneration",
-                        "    learnin_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
-                        "    warmup_steps: 50\n    max_length: 128\n\ngeneration")
+    text = DEMO.replace(
+        "    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
+        "    warmup_steps: 50\n    max_length: 128\n\ngeneration",
+        "    learnin_rate: 3.0e-3\n    lr_scheduler_type: cosine\n"
+        "    warmup_steps: 50\n    max_length: 128\n\ngeneration",
+    )
     msg = error_of(text)
     assert "teacher.training" in msg and "learnin_rate" in msg and "trl.SFTConfig" in msg
     msg = error_of(DEMO.replace("lr_scheduler_type: cosine", "lr_scheduler_type: cosinus", 1))
@@ -101,21 +105,30 @@ def test_throughput_knobs_are_not_content():
     a = parse_recipe(DEMO)
     b = parse_recipe(DEMO.replace("batch_size: 512", "batch_size: 64"))
     assert canonical(a.generation) == canonical(b.generation)
-    assert canonical(a.generation) != canonical(parse_recipe(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 97", 1)).generation)
+    assert canonical(a.generation) != canonical(
+        parse_recipe(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 97", 1)).generation
+    )
 
 
 def test_kd_students_are_checked_before_any_work():
     no_cache = DEMO.replace("logit_cache:\n  k: 20\n", "")
     assert "logit-fkl" in error_of(no_cache) and "add a `logit_cache:` section" in error_of(no_cache)
-    gold = DEMO.replace("  - name: logit-fkl         # forward KL(teacher ‖ student): Hinton's soft targets\n    data: teacher",
-                        "  - name: logit-fkl\n    data: gold")
+    gold = DEMO.replace(
+        "  - name: logit-fkl         # forward KL(teacher ‖ student): Hinton's soft targets\n    data: teacher",
+        "  - name: logit-fkl\n    data: gold",
+    )
     assert "set data: teacher" in error_of(gold)
-    online = DEMO.replace("kd: {method: offline, divergence: forward_kl, alpha: 0.5", "kd: {method: online, divergence: forward_kl")
+    online = DEMO.replace(
+        "kd: {method: offline, divergence: forward_kl, alpha: 0.5", "kd: {method: online, divergence: forward_kl"
+    )
     assert "set divergence: jsd" in error_of(online)
     # GKD has no cross-entropy weight: an online section that keeps offline's alpha is told so, at alpha's line
     online = DEMO.replace("kd: {method: offline, divergence: forward_kl", "kd: {method: online, divergence: jsd")
     line = line_of(DEMO, "divergence: forward_kl")
-    assert f"demo.yaml:{line}: students.2.kd.alpha: not a setting of kd method online; remove it, or set method: offline" in error_of(online)
+    assert (
+        f"demo.yaml:{line}: students.2.kd.alpha: not a setting of kd method online; remove it, or set method: offline"
+        in error_of(online)
+    )
     bad = DEMO.replace("divergence: reverse_kl", "divergence: kl")
     message = error_of(bad)
     assert f"demo.yaml:{line_of(DEMO, 'divergence: reverse_kl')}: students.3.kd.divergence" in message
@@ -126,7 +139,9 @@ def test_seeds_train_every_student_once_per_seed():
     recipe = parse_recipe(DEMO.replace("  name: demo\n", "  name: demo\n  seeds: [0, 1, 2]\n"))
     runs = recipe.student_runs()
     assert [s.name for s in runs[:3]] == ["baseline@0", "baseline@1", "baseline@2"] and len(runs) == 12
-    assert [s.seed for s in runs[:3]] == [0, 1, 2] and runs[5].kd is None and runs[7].kd.divergence.value == "forward_kl"
+    assert (
+        [s.seed for s in runs[:3]] == [0, 1, 2] and runs[5].kd is None and runs[7].kd.divergence.value == "forward_kl"
+    )
     # `python -m flows.distill recipes/demo.yaml --seeds 0 1 2`: the same students, the same run folder
     plain = parse_recipe(DEMO)
     assert plain.with_seeds([0, 1, 2]).student_runs() == runs and plain.with_seeds([0, 1, 2]).run_dir == plain.run_dir
@@ -134,8 +149,12 @@ def test_seeds_train_every_student_once_per_seed():
     # `--students seq-kd baseline`: those two, in the recipe's order, each section unchanged (its stage key too)
     picked = plain.with_students(["seq-kd", "baseline"])
     assert [s.name for s in picked.students] == ["baseline", "seq-kd"] and picked.students[0] == plain.students[0]
-    assert [s.name for s in picked.with_seeds([1, 2]).student_runs()] == ["baseline@1", "baseline@2", "seq-kd@1",
-                                                                          "seq-kd@2"]
+    assert [s.name for s in picked.with_seeds([1, 2]).student_runs()] == [
+        "baseline@1",
+        "baseline@2",
+        "seq-kd@1",
+        "seq-kd@2",
+    ]
     with pytest.raises(ValueError, match=r"--students nope: no such student in the recipe; its students are baseline"):
         plain.with_students(["seq-kd", "nope"])
 
@@ -170,8 +189,10 @@ def test_a_split_name_that_climbs_out_is_refused_at_its_line(tmp_path):
     path = a_recipe_file(tmp_path, text)
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert (f"{path}:{line_of(path.read_text(), '../../../escaped')}: data.splits.../../../escaped: split name "
-            f"'../../../escaped': use letters, digits") in str(e.value)
+    assert (
+        f"{path}:{line_of(path.read_text(), '../../../escaped')}: data.splits.../../../escaped: split name "
+        f"'../../../escaped': use letters, digits"
+    ) in str(e.value)
     assert "it becomes a file name" in str(e.value)
     for bad in ["/etc/x", ".hidden", "a/b", "..", ""]:
         assert "split name" in error_of(DEMO.replace("    prompts: 8000 ", f"    '{bad}': 8000 ")), bad
@@ -192,8 +213,10 @@ def test_a_sweep_method_name_that_is_no_file_name_is_refused(tmp_path):
     from kdflow.config.sweep import load_sweep
 
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text("recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
-                     "methods:\n  seq-kd: null\n  ../up: {method: offline}\n")
+    sweep.write_text(
+        "recipe: recipes/demo.yaml\nstudent: seq-kd\nfractions: [1.0]\nseeds: [0]\n"
+        "methods:\n  seq-kd: null\n  ../up: {method: offline}\n"
+    )
     with pytest.raises(RecipeError, match=rf"{sweep}:7: methods\.\.\./up: method name '\.\./up': use letters"):
         load_sweep(sweep)
 
@@ -204,11 +227,15 @@ def test_a_template_outside_the_project_and_the_recipe_folder_is_refused(tmp_pat
     path = a_recipe_file(tmp_path, text)
     with pytest.raises(RecipeError) as e:
         load_recipe(path)
-    assert (f"{path}:{line_of(path.read_text(), '  cot:')}: prompts.cot: "
-            f"template '{template}' is outside the project folder") in str(e.value)
+    assert (
+        f"{path}:{line_of(path.read_text(), '  cot:')}: prompts.cot: "
+        f"template '{template}' is outside the project folder"
+    ) in str(e.value)
     assert "and the recipe's folder" in str(e.value) and "copy it under prompts/" in str(e.value)
     assert "root:x:0:0" not in str(e.value)
-    judge = DEMO.replace("filters:\n  correctness: true\n", f"filters:\n  correctness: true\n  judge: {{template: {template}}}\n")
+    judge = DEMO.replace(
+        "filters:\n  correctness: true\n", f"filters:\n  correctness: true\n  judge: {{template: {template}}}\n"
+    )
     assert "filters.judge.template: template" in error_of(judge)
 
 
@@ -262,17 +289,28 @@ def test_the_vllm_interpreter_must_be_a_python(tmp_path):
 
 
 def test_training_numbers_are_checked_where_they_are_written():
-    teacher_lr = "    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n    warmup_steps: 50\n    max_length: 128\n\ngen"
+    teacher_lr = (
+        "    learning_rate: 3.0e-3\n    lr_scheduler_type: cosine\n    warmup_steps: 50\n    max_length: 128\n\ngen"
+    )
     text = DEMO.replace(teacher_lr, teacher_lr.replace("3.0e-3", "abc"))
-    assert f"demo.yaml:{line_of(text, 'learning_rate: abc')}: teacher.training.learning_rate: 'abc' is not a float" in error_of(text)
+    assert (
+        f"demo.yaml:{line_of(text, 'learning_rate: abc')}: teacher.training.learning_rate: 'abc' is not a float"
+        in error_of(text)
+    )
     text = DEMO.replace("      max_steps: 1500", "      max_steps: -5")
     msg = error_of(text)
     assert f"demo.yaml:{line_of(text, 'max_steps: -5')}: students.0.training.max_steps: -5: must be a positive" in msg
     assert "(or -1: train num_train_epochs)" in msg
     msg = error_of(DEMO.replace("      learning_rate: 3.0e-3", "      learning_rate: 3e-3"))
-    assert "students.0.training.learning_rate: '3e-3' is not a float (YAML reads 3e-3 as text: write it with a dot" in msg
-    assert "students.0.training.learning_rate: 0: must be > 0" in error_of(DEMO.replace("      learning_rate: 3.0e-3", "      learning_rate: 0"))
-    assert "per_device_train_batch_size: 0: must be >= 1" in error_of(DEMO.replace("      per_device_train_batch_size: 64", "      per_device_train_batch_size: 0"))
+    assert (
+        "students.0.training.learning_rate: '3e-3' is not a float (YAML reads 3e-3 as text: write it with a dot" in msg
+    )
+    assert "students.0.training.learning_rate: 0: must be > 0" in error_of(
+        DEMO.replace("      learning_rate: 3.0e-3", "      learning_rate: 0")
+    )
+    assert "per_device_train_batch_size: 0: must be >= 1" in error_of(
+        DEMO.replace("      per_device_train_batch_size: 64", "      per_device_train_batch_size: 0")
+    )
     assert "max_steps: 'many' is not a int" in error_of(DEMO.replace("      max_steps: 1500", "      max_steps: many"))
     assert parse_recipe(DEMO.replace("      max_steps: 1500", "      max_steps: -1\n      num_train_epochs: 2"))
 
@@ -281,20 +319,27 @@ def test_classifier_training_arguments_are_checked_too():
     from kdflow.config.classic import parse_classifier_recipe
 
     text = (ROOT / "tests" / "classifier_mini.yaml").read_text()
-    head = text[:text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
-    text = head + ("teacher:\n  model: {kind: transformer, hidden: 64, layers: 1, heads: 2, intermediate: 128,\n"
-                   "          training: {max_steps: -5}}\n"
-                   "student:\n  model: {kind: transformer, hidden: 8, layers: 1, heads: 2, intermediate: 8}\n"
-                   "distill: {temperature: 2.0, alpha: 0.5}\nseeds: [0]\n")
-    with pytest.raises(RecipeError, match=rf"c.yaml:{line_of(text, 'max_steps: -5')}: teacher.model.training.max_steps: "
-                                          r"-5: must be a positive number of steps"):
+    head = text[: text.index("teacher:")].replace("source: digits", "source: reviews\n  rows: 300")
+    text = head + (
+        "teacher:\n  model: {kind: transformer, hidden: 64, layers: 1, heads: 2, intermediate: 128,\n"
+        "          training: {max_steps: -5}}\n"
+        "student:\n  model: {kind: transformer, hidden: 8, layers: 1, heads: 2, intermediate: 8}\n"
+        "distill: {temperature: 2.0, alpha: 0.5}\nseeds: [0]\n"
+    )
+    with pytest.raises(
+        RecipeError,
+        match=rf"c.yaml:{line_of(text, 'max_steps: -5')}: teacher.model.training.max_steps: "
+        r"-5: must be a positive number of steps",
+    ):
         parse_classifier_recipe(text, "c.yaml")
 
 
 def test_a_key_set_twice_is_refused_with_both_lines(tmp_path):
     text = DEMO.replace("    max_steps: 600\n", "    max_steps: 600\n    max_steps: 61\n", 1)
-    assert (f"demo.yaml:{line_of(text, 'max_steps: 61')}: teacher.training.max_steps: set twice (first at line "
-            f"{line_of(text, 'max_steps: 600')}); YAML would silently keep the last value: remove one") in error_of(text)
+    assert (
+        f"demo.yaml:{line_of(text, 'max_steps: 61')}: teacher.training.max_steps: set twice (first at line "
+        f"{line_of(text, 'max_steps: 600')}); YAML would silently keep the last value: remove one"
+    ) in error_of(text)
     top = DEMO + "\nrun:\n  name: other\n"
     assert f"demo.yaml:{len(top.splitlines()) - 1}: run: set twice (first at line 5)" in error_of(top)
     assert parse_recipe(DEMO)  # the anchors and aliases of the demo's students are not repeats
@@ -320,8 +365,11 @@ def test_a_byte_that_is_not_utf8_names_the_file_line_and_offset(tmp_path):
     data = DEMO.encode().replace(b"name: seq-kd", b"name: seq-kd\xe9", 1)
     path.write_bytes(data)
     offset = data.index(b"\xe9")
-    with pytest.raises(RecipeError, match=rf"{path}:{line_of(DEMO, 'name: seq-kd')}: byte 0xe9 at offset {offset} is "
-                                          r"not UTF-8 .*save the file as UTF-8"):
+    with pytest.raises(
+        RecipeError,
+        match=rf"{path}:{line_of(DEMO, 'name: seq-kd')}: byte 0xe9 at offset {offset} is "
+        r"not UTF-8 .*save the file as UTF-8",
+    ):
         load_recipe(path)
 
     from kdflow.config.classic import load_classifier_recipe
@@ -336,8 +384,14 @@ def test_importing_a_recipe_imports_neither_torch_nor_pyarrow():
     # The enums the sections use (Divergence, ValueEncoding) live in kdflow/config, not beside the losses and the
     # cache format: a flow, a CLI or a test that only reads a recipe does not pay for torch.
     probe = "import sys, kdflow.config.recipe; print(sorted({'torch', 'pyarrow'} & set(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -348,7 +402,9 @@ def test_names_and_sizes_beyond_any_real_run_are_refused_at_load():
     assert f"student name '{long}'" in error_of(DEMO.replace("name: seq-kd", f"name: {long}"))
     assert "at most 100 characters" in error_of(DEMO.replace("    prompts: 8000 ", f"    {long}: 8000 "))
     parse_recipe(DEMO.replace("name: seq-kd", "name: " + "a" * 100))  # 100 is fine
-    assert ("data.splits: split sizes must be integers from 1 to 10,000,000, got {'prompts': 1000000000}"
-            in error_of(DEMO.replace("    prompts: 8000 ", "    prompts: 1000000000 ")))
-    assert "generation.max_new_tokens: Input should be less than or equal to 1048576" in \
-        error_of(DEMO.replace("max_new_tokens: 96", "max_new_tokens: 1000000000", 1))
+    assert "data.splits: split sizes must be integers from 1 to 10,000,000, got {'prompts': 1000000000}" in error_of(
+        DEMO.replace("    prompts: 8000 ", "    prompts: 1000000000 ")
+    )
+    assert "generation.max_new_tokens: Input should be less than or equal to 1048576" in error_of(
+        DEMO.replace("max_new_tokens: 96", "max_new_tokens: 1000000000", 1)
+    )

@@ -83,8 +83,11 @@ def test_a_missing_template_says_where_it_was_looked_for(elsewhere):
 def test_a_sweep_copied_with_its_recipe_uses_that_copy(elsewhere):
     recipe = copy_of("recipes/demo.yaml", elsewhere)
     sweep = recipe.parent / "sweep.yaml"
-    sweep.write_text((ROOT / "recipes" / "sweeps" / "transfer-size.yaml").read_text()
-                     .replace("recipe: recipes/demo.yaml", "recipe: demo.yaml"))
+    sweep.write_text(
+        (ROOT / "recipes" / "sweeps" / "transfer-size.yaml")
+        .read_text()
+        .replace("recipe: recipes/demo.yaml", "recipe: demo.yaml")
+    )
     assert load_sweep(sweep).recipe_path() == recipe
     shutil.rmtree(recipe.parent / "runs", ignore_errors=True)
     recipe.unlink()

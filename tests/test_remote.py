@@ -58,13 +58,14 @@ def test_push_then_pull_gives_back_every_file(url, tmp_path):
 def test_the_manifest_is_uploaded_last(memory_url, tmp_path, monkeypatch):
     order = []
     put = MemoryFileSystem.put_file
-    monkeypatch.setattr(MemoryFileSystem, "put_file", lambda fs, src, dst, **kw: (order.append(dst), put(fs, src, dst, **kw)))
+    monkeypatch.setattr(
+        MemoryFileSystem, "put_file", lambda fs, src, dst, **kw: (order.append(dst), put(fs, src, dst, **kw))
+    )
     remote.push(an_output(tmp_path / "out"), f"{memory_url}/out")
     assert len(order) == 3 and order[-1].endswith(f"/out/{MANIFEST}")
 
 
-def test_an_upload_cut_short_is_not_an_output_and_leaves_a_complete_copy_there_whole(memory_url, tmp_path,
-                                                                                       monkeypatch):
+def test_an_upload_cut_short_is_not_an_output_and_leaves_a_complete_copy_there_whole(memory_url, tmp_path, monkeypatch):
     target, fs = f"{memory_url}/out", fsspec.filesystem("memory")
     old = an_output(tmp_path / "old")
     remote.push(old, target)  # a complete older copy, which a push of other bytes that dies must not take away
@@ -197,20 +198,23 @@ def recipe_with_run(run: str) -> str:
 
 def test_a_url_root_stages_locally_bound_to_the_run_url(memory_url, tmp_path):
     staging = tmp_path / "staging"
-    r = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/runs\n  staging: {staging}\n"),
-                     "mini.yaml")
+    r = parse_recipe(
+        recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/runs\n  staging: {staging}\n"), "mini.yaml"
+    )
     assert r.run.url == f"{memory_url}/runs/mini" and r.run_dir == staging / "mini"
     assert remote.bound_url(r.run_dir) == r.run.url
     local = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {tmp_path}\n"), "mini.yaml")
     assert local.run.url is None and remote.bound_url(local.run_dir) is None  # the same folder, not staging
-    other = parse_recipe(recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/elsewhere\n  staging: {staging}\n"),
-                         "mini.yaml")
+    other = parse_recipe(
+        recipe_with_run(f"run:\n  name: mini\n  root: {memory_url}/elsewhere\n  staging: {staging}\n"), "mini.yaml"
+    )
     with pytest.raises(ValueError, match="staging folder of .*, not of .*: set run.staging"):
         other.run_dir
 
 
-@pytest.mark.parametrize("root, message", [("nosuch://bucket/runs", "unknown file system 'nosuch'"),
-                                           ("s3://bucket/runs", "Install s3fs")])
+@pytest.mark.parametrize(
+    "root, message", [("nosuch://bucket/runs", "unknown file system 'nosuch'"), ("s3://bucket/runs", "Install s3fs")]
+)
 def test_a_url_fsspec_cannot_open_says_how_to_fix_it(root, message):
     if root.startswith("s3://") and importlib.util.find_spec("s3fs") is not None:
         pytest.skip("s3fs is installed here")
@@ -224,8 +228,11 @@ def test_a_remote_key_that_climbs_out_is_refused_and_nothing_lands_outside(memor
     remote.push(an_output(tmp_path / "made"), target)
     fsspec.filesystem("memory").pipe_file(f"{target}/../../../../escaped.txt", b"planted")
     local = tmp_path / "staging" / "r1" / STAGE / "out"
-    with pytest.raises(remote.UnsafeKey, match=r"the file name '\.\./\.\./\.\./\.\./escaped\.txt' would be written "
-                                               r"outside .*/staging/r1/stage/out; remove that object"):
+    with pytest.raises(
+        remote.UnsafeKey,
+        match=r"the file name '\.\./\.\./\.\./\.\./escaped\.txt' would be written "
+        r"outside .*/staging/r1/stage/out; remove that object",
+    ):
         remote.pull(target, local)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["manifest.json", "model.bin", "rows.parquet"]
 

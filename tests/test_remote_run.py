@@ -20,13 +20,15 @@ def outputs_under(run: Path, stage: str) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in sorted((run / stage).glob("[!.]*/manifest.json"))}
 
 
-def test_distill_with_a_remote_run_folder_then_reused_from_an_empty_staging_folder(prefect_server, mini_recipe,
-                                                                                  tmp_path):
+def test_distill_with_a_remote_run_folder_then_reused_from_an_empty_staging_folder(
+    prefect_server, mini_recipe, tmp_path
+):
     from flows.distill import distill
 
     remote_root, staging = tmp_path / "bucket" / "runs", tmp_path / "staging"
-    text = mini_recipe.read_text().replace(f"root: {tmp_path / 'runs'}",
-                                           f"root: file://{remote_root}\n  staging: {staging}")
+    text = mini_recipe.read_text().replace(
+        f"root: {tmp_path / 'runs'}", f"root: file://{remote_root}\n  staging: {staging}"
+    )
     mini_recipe.write_text(text)
     r = load_recipe(mini_recipe)
     assert r.run_dir == staging / "mini"

@@ -13,20 +13,39 @@ from kdflow.reporting.run_report import baseline_student, build_report, gap_clos
 
 ROOT = Path(__file__).resolve().parent.parent
 CURATION = {"input_rows": 10, "kept": 8, "dropped": 2, "drop_reasons": {"wrong_answer": 2}}
-DEPLOYMENT = {"machine": {"device": "test CPU", "cpu_count": 2, "torch_threads": 1, "platform": "linux", "torch": "2"},
-              "settings": {"latency_tokens": 32, "throughput_batch": 64, "repeats": 5}, "flops_formula": "2N + 4·L·h·hd·c"}
+DEPLOYMENT = {
+    "machine": {"device": "test CPU", "cpu_count": 2, "torch_threads": 1, "platform": "linux", "torch": "2"},
+    "settings": {"latency_tokens": 32, "throughput_batch": 64, "repeats": 5},
+    "flops_formula": "2N + 4·L·h·hd·c",
+}
 
 
 def model(accuracy: float, params: int, **extra) -> dict:
-    return {"accuracy": accuracy, "params": params, "rows": 100, "split": "test", "perplexity": 1.5, "agreement": 0.9,
-            "kl": 0.05, "reference_tokens": 1000, "flops_per_token": 2 * params, "size_bytes": 4 * params,
-            "peak_memory_bytes": 10 * params, "latency_ms_per_token": params / 1e5, "throughput_tokens_per_s": 1e9 / params,
-            "context": 40.5, **extra}
+    return {
+        "accuracy": accuracy,
+        "params": params,
+        "rows": 100,
+        "split": "test",
+        "perplexity": 1.5,
+        "agreement": 0.9,
+        "kl": 0.05,
+        "reference_tokens": 1000,
+        "flops_per_token": 2 * params,
+        "size_bytes": 4 * params,
+        "peak_memory_bytes": 10 * params,
+        "latency_ms_per_token": params / 1e5,
+        "throughput_tokens_per_s": 1e9 / params,
+        "context": 40.5,
+        **extra,
+    }
 
 
 def planted_report(run="demo") -> dict:
     teacher = model(0.9, 1_000_000, agreement=1.0, kl=0.0)
-    students = {"baseline": {**model(0.5, 100_000), "data": "gold"}, "seq-kd": {**model(0.8, 100_000), "data": "teacher"}}
+    students = {
+        "baseline": {**model(0.5, 100_000), "data": "gold"},
+        "seq-kd": {**model(0.8, 100_000), "data": "teacher"},
+    }
     return build_report(run, teacher, students, CURATION, DEPLOYMENT)
 
 
@@ -51,7 +70,10 @@ def test_report_gap_closure_ratios_and_backward_compatible_fields():
 
 def test_a_figure_that_could_not_be_had_says_why():
     r = planted_report()
-    r["students"]["seq-kd"] |= {"agreement": None, "agreement_skipped": "the student's tokenizer differs from the teacher's"}
+    r["students"]["seq-kd"] |= {
+        "agreement": None,
+        "agreement_skipped": "the student's tokenizer differs from the teacher's",
+    }
     md = render_markdown(r)
     assert "| seq-kd | teacher | 0.800 | 0.75 | 1.500 | — |" in md
     assert "- seq-kd: agreement not measured: the student's tokenizer differs from the teacher's" in md
@@ -68,9 +90,19 @@ def test_no_gold_student_means_gap_closure_not_applicable():
 
 def test_markdown_shows_every_metric_for_every_model():
     md = render_markdown(planted_report(), {"training loss per model": "report-loss.png"})
-    for header in ("accuracy", "gap closed", "perplexity", "top-1 agreement", "KL(teacher ‖ model)", "parameters",
-                   "FLOPs / token", "size on disk", "peak memory", "latency ms / token (batch 1)",
-                   "throughput tokens / s (batch 64)"):
+    for header in (
+        "accuracy",
+        "gap closed",
+        "perplexity",
+        "top-1 agreement",
+        "KL(teacher ‖ model)",
+        "parameters",
+        "FLOPs / token",
+        "size on disk",
+        "peak memory",
+        "latency ms / token (batch 1)",
+        "throughput tokens / s (batch 64)",
+    ):
         assert header in md, header
     assert "| teacher | gold | 0.900 | 1 (teacher) | 1.500 | 1.000 | 0.0000 |" in md
     assert "| seq-kd | teacher | 0.800 | 0.75 |" in md
@@ -78,20 +110,53 @@ def test_markdown_shows_every_metric_for_every_model():
     assert "2N + 4·L·h·hd·c" in md and "test CPU" in md and "![training loss per model](report-loss.png)" in md
     assert "lm-evaluation-harness: off" in md
     rows = table_rows(planted_report())
-    assert [r["model"] for r in rows] == ["teacher", "baseline", "seq-kd"] and rows[2]["gap_closure"] == pytest.approx(0.75)
+    assert [r["model"] for r in rows] == ["teacher", "baseline", "seq-kd"] and rows[2]["gap_closure"] == pytest.approx(
+        0.75
+    )
 
 
-JUDGE = {"judge": {"backend": "openai", "model": "gpt-judge", "base_url": "http://judge/v1", "template": "prompts/judge.jinja"},
-         "split": "test", "questions": 50,
-         "win_rates": {"baseline": {"win_rate": 0.25, "judged": 98, "wins": 10, "ties": 29, "losses": 59, "unparsed": 1,
-                                    "failed": 1, "pairs_parsed": 48, "consistent_pairs": 40},
-                       "seq-kd": {"win_rate": 0.45, "judged": 100, "wins": 30, "ties": 30, "losses": 40, "unparsed": 0,
-                                  "failed": 0, "pairs_parsed": 50, "consistent_pairs": 44}}}
+JUDGE = {
+    "judge": {
+        "backend": "openai",
+        "model": "gpt-judge",
+        "base_url": "http://judge/v1",
+        "template": "prompts/judge.jinja",
+    },
+    "split": "test",
+    "questions": 50,
+    "win_rates": {
+        "baseline": {
+            "win_rate": 0.25,
+            "judged": 98,
+            "wins": 10,
+            "ties": 29,
+            "losses": 59,
+            "unparsed": 1,
+            "failed": 1,
+            "pairs_parsed": 48,
+            "consistent_pairs": 40,
+        },
+        "seq-kd": {
+            "win_rate": 0.45,
+            "judged": 100,
+            "wins": 30,
+            "ties": 30,
+            "losses": 40,
+            "unparsed": 0,
+            "failed": 0,
+            "pairs_parsed": 50,
+            "consistent_pairs": 44,
+        },
+    },
+}
 
 
 def test_judge_win_rate_column_and_counts_when_a_judge_ran():
     teacher = model(0.9, 1_000_000, agreement=1.0, kl=0.0)
-    students = {"baseline": {**model(0.5, 100_000), "data": "gold"}, "seq-kd": {**model(0.8, 100_000), "data": "teacher"}}
+    students = {
+        "baseline": {**model(0.5, 100_000), "data": "gold"},
+        "seq-kd": {**model(0.8, 100_000), "data": "teacher"},
+    }
     r = build_report("demo", teacher, students, CURATION, DEPLOYMENT, judge=JUDGE)
     assert r["judge"]["status"] == "done" and r["judge"]["questions"] == 50 and "win_rates" not in r["judge"]
     assert r["students"]["seq-kd"]["judge_win_rate"] == 0.45 and r["students"]["baseline"]["judge"]["failed"] == 1
@@ -99,7 +164,9 @@ def test_judge_win_rate_column_and_counts_when_a_judge_ran():
     assert "| KL(teacher ‖ model) | judge win rate vs teacher |" in md
     assert "| teacher | gold | 0.900 | 1 (teacher) | 1.500 | 1.000 | 0.0000 | (reference) |" in md
     assert "| seq-kd | teacher | 0.800 | 0.75 | 1.500 | 0.900 | 0.0500 | 0.450 |" in md
-    assert "`gpt-judge` (openai, template `prompts/judge.jinja`)" in md and "first 50 questions of the `test` split" in md
+    assert (
+        "`gpt-judge` (openai, template `prompts/judge.jinja`)" in md and "first 50 questions of the `test` split" in md
+    )
     assert "    - baseline: 10 wins, 29 ties, 59 losses; 1 replies without a verdict, 1 requests failed; 40 of 48" in md
     assert [row["judge_win_rate"] for row in table_rows(r)] == [None, 0.25, 0.45]
     text = compare.render({"demo": r, "old": planted_report("old")})
@@ -120,9 +187,15 @@ def test_lm_eval_skip_and_results_are_shown():
     r = planted_report()
     r["lm_eval"] = {"status": "skipped", "reason": "no CUDA GPU"}
     assert "lm-evaluation-harness: **skipped**: no CUDA GPU." in render_markdown(r)
-    r["lm_eval"] = {"status": "done", "tasks": ["gsm8k"], "limit": None,
-                    "results": {"teacher": {"gsm8k": {"exact_match,strict-match": 0.7}},
-                                "seq-kd": {"gsm8k": {"exact_match,strict-match": 0.4}}}}
+    r["lm_eval"] = {
+        "status": "done",
+        "tasks": ["gsm8k"],
+        "limit": None,
+        "results": {
+            "teacher": {"gsm8k": {"exact_match,strict-match": 0.7}},
+            "seq-kd": {"gsm8k": {"exact_match,strict-match": 0.4}},
+        },
+    }
     md = render_markdown(r)
     assert "| model | gsm8k exact_match,strict-match |" in md and "| seq-kd | 0.400 |" in md
 
@@ -130,18 +203,24 @@ def test_lm_eval_skip_and_results_are_shown():
 def test_loss_curves_keep_the_ce_and_kd_terms_apart():
     from kdflow.reporting.plots import loss_curves, plot_losses
 
-    history = [{"loss": 2.0, "ce_loss": 1.5, "kd_loss": 2.5, "step": 5, "learning_rate": 1e-3, "epoch": 0.1},
-               {"loss": 1.0, "ce_loss": 0.5, "kd_loss": 1.5, "step": 10},
-               {"eval_loss": 9.0, "step": 10},  # an evaluation, not a training term
-               {"train_loss": 1.5, "train_runtime": 3.0, "step": 10}]  # the end-of-training summary
-    assert loss_curves(history) == {"loss": ([5, 10], [2.0, 1.0]), "ce_loss": ([5, 10], [1.5, 0.5]),
-                                    "kd_loss": ([5, 10], [2.5, 1.5])}
+    history = [
+        {"loss": 2.0, "ce_loss": 1.5, "kd_loss": 2.5, "step": 5, "learning_rate": 1e-3, "epoch": 0.1},
+        {"loss": 1.0, "ce_loss": 0.5, "kd_loss": 1.5, "step": 10},
+        {"eval_loss": 9.0, "step": 10},  # an evaluation, not a training term
+        {"train_loss": 1.5, "train_runtime": 3.0, "step": 10},
+    ]  # the end-of-training summary
+    assert loss_curves(history) == {
+        "loss": ([5, 10], [2.0, 1.0]),
+        "ce_loss": ([5, 10], [1.5, 0.5]),
+        "kd_loss": ([5, 10], [2.5, 1.5]),
+    }
     assert loss_curves([{"loss": 3.0, "step": 1}]) == {"loss": ([1], [3.0])}  # plain SFT: the total only
     assert plot_losses({"seq-kd": history, "baseline": [{"loss": 3.0, "step": 1}]}).startswith(b"\x89PNG")
     assert plot_losses({"teacher": []}) is None  # no model trained here: no plot, not an empty one
 
 
 # ---- the comparison command ---------------------------------------------------------------------------
+
 
 def write_run(folder: Path, report: dict) -> Path:
     folder.mkdir(parents=True)
@@ -160,16 +239,27 @@ def test_compare_two_run_folders(tmp_path, capsys):
     assert table == out_file.read_text()
     lines = [line for line in table.splitlines() if line.startswith("| demo")]
     assert [line.split(" | ")[:2] for line in lines] == [
-        ["| demo", "teacher"], ["| demo", "baseline"], ["| demo", "seq-kd"],
-        ["| demo-long", "teacher"], ["| demo-long", "baseline"], ["| demo-long", "seq-kd"]]
+        ["| demo", "teacher"],
+        ["| demo", "baseline"],
+        ["| demo", "seq-kd"],
+        ["| demo-long", "teacher"],
+        ["| demo-long", "baseline"],
+        ["| demo-long", "seq-kd"],
+    ]
     assert "| demo | seq-kd | teacher | 0.800 | 0.75 |" in table
     assert "| demo-long | seq-kd | teacher | 0.850 | 0.75 |" in table  # the report's own figure, not recomputed
     assert "- demo: test CPU" in table
 
 
 def test_compare_reads_old_reports_and_says_what_is_missing(tmp_path):
-    old = write_run(tmp_path / "old", {"run": "old", "teacher": {"accuracy": 0.9, "params": 1000},
-                                       "students": {"s": {"accuracy": 0.5, "params": 100, "data": "gold"}}})
+    old = write_run(
+        tmp_path / "old",
+        {
+            "run": "old",
+            "teacher": {"accuracy": 0.9, "params": 1000},
+            "students": {"s": {"accuracy": 0.5, "params": 100, "data": "gold"}},
+        },
+    )
     new = write_run(tmp_path / "new", planted_report("new"))
     text = compare.render({"old": compare.load_report(old), "new": compare.load_report(new / "report.json")})
     assert "| old | s | gold | 0.500 | — | — | — | — | — | 100 | — | — | — |" in text
@@ -181,14 +271,22 @@ def test_compare_reads_old_reports_and_says_what_is_missing(tmp_path):
 def test_compare_command_line(tmp_path):
     a = write_run(tmp_path / "a" / "demo", planted_report())
     b = write_run(tmp_path / "b" / "demo", planted_report())  # same folder name: labelled by path
-    done = subprocess.run([sys.executable, "-m", "kdflow.reporting.compare", str(a), str(b)], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "kdflow.reporting.compare", str(a), str(b)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert f"| {a} | teacher |" in done.stdout and f"| {b} | seq-kd |" in done.stdout
-    one = subprocess.run([sys.executable, "-m", "kdflow.reporting.compare", str(a)], cwd=ROOT, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "kdflow.reporting.compare", str(a)], cwd=ROOT, capture_output=True, text=True
+    )
     assert one.returncode == 2 and "two or more" in one.stderr
 
 
 # ---- write_report: files and Prefect artifacts ---------------------------------------------------------
+
 
 def stage(run_dir: Path, name: str, key: str, files: dict[str, str] | None = None, **manifest):
     from kdflow.store.outputs import building, existing_output, finish
@@ -214,23 +312,47 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
 
     run_dir = tmp_path / "runs" / "Report_Test"
     planted = planted_report()
-    history = json.dumps([{"loss": 3.0 / s, "step": s} for s in range(1, 20)] + [{"train_loss": 1.0, "train_runtime": 1}])
-    models = {"teacher": stage(run_dir, "teacher", "a", {"log_history.json": history}),
-              "baseline": stage(run_dir, "students", "b", {"log_history.json": history}),
-              "seq-kd": stage(run_dir, "students", "c")}  # no log history: left out of the loss plot
+    history = json.dumps(
+        [{"loss": 3.0 / s, "step": s} for s in range(1, 20)] + [{"train_loss": 1.0, "train_runtime": 1}]
+    )
+    models = {
+        "teacher": stage(run_dir, "teacher", "a", {"log_history.json": history}),
+        "baseline": stage(run_dir, "students", "b", {"log_history.json": history}),
+        "seq-kd": stage(run_dir, "students", "c"),
+    }  # no log history: left out of the loss plot
     metrics = {"teacher": planted["teacher"], **planted["students"]}
     evaluations = {n: stage(run_dir, "evaluate", f"e{i}", metrics=metrics[n]) for i, n in enumerate(models)}
-    figures = {n: {k: metrics[n][k] for k in ("params", "flops_per_token", "size_bytes", "peak_memory_bytes",
-                                               "latency_ms_per_token", "throughput_tokens_per_s", "context")}
-               for n in models}
+    figures = {
+        n: {
+            k: metrics[n][k]
+            for k in (
+                "params",
+                "flops_per_token",
+                "size_bytes",
+                "peak_memory_bytes",
+                "latency_ms_per_token",
+                "throughput_tokens_per_s",
+                "context",
+            )
+        }
+        for n in models
+    }
     deployment = stage(run_dir, "deployment", "d", figures=figures, **DEPLOYMENT)
     curated = stage(run_dir, "curate", "f", **CURATION)
 
     @flow
     def report_only():
         lm_eval = run_lm_eval(run_dir, models, EvaluationSection.LmEval(enabled=True))
-        return write_report(run_dir, "Report_Test", models, evaluations, deployment, lm_eval,
-                            {"baseline": {"data": "gold"}, "seq-kd": {"data": "teacher"}}, curated)
+        return write_report(
+            run_dir,
+            "Report_Test",
+            models,
+            evaluations,
+            deployment,
+            lm_eval,
+            {"baseline": {"data": "gold"}, "seq-kd": {"data": "teacher"}},
+            curated,
+        )
 
     report = report_only()
     assert json.loads((run_dir / "report.json").read_text()) == report
@@ -284,10 +406,24 @@ def test_seeds_give_mean_and_spread_and_each_student_meets_its_own_seeds_baselin
 def test_gap_closed_from_the_pruned_floor_on_every_metric_whichever_way_it_improves():
     """(student − floor) / (teacher − floor): ROUGE-L and agreement improve upwards, KL and log perplexity downwards;
     the floor itself has no row, and a report without a floor has no table."""
-    teacher = {"rouge_l": 20.0, "params": 1000, "rows": 3, "split": "test", "agreement": 1.0, "kl": 0.0,
-               "nll_per_token": 1.0}
-    floor = {"rouge_l": 2.0, "params": 600, "agreement": 0.2, "kl": 4.0, "nll_per_token": 5.0, "data": "none",
-             "untrained": True}
+    teacher = {
+        "rouge_l": 20.0,
+        "params": 1000,
+        "rows": 3,
+        "split": "test",
+        "agreement": 1.0,
+        "kl": 0.0,
+        "nll_per_token": 1.0,
+    }
+    floor = {
+        "rouge_l": 2.0,
+        "params": 600,
+        "agreement": 0.2,
+        "kl": 4.0,
+        "nll_per_token": 5.0,
+        "data": "none",
+        "untrained": True,
+    }
     student = {"rouge_l": 11.0, "params": 600, "agreement": 0.6, "kl": 1.0, "nll_per_token": 2.0, "data": "teacher"}
     r = build_report("real", teacher, {"pruned-15-importance": floor, "seq-kd": student}, CURATION)
     f = r["floor_gaps"]
@@ -308,9 +444,20 @@ def test_the_teacher_row_says_a_gguf_teacher_is_the_dequantized_file(tmp_path):
         (folder / "manifest.json").write_text(json.dumps(manifest))
         return OutputRef(stage=manifest["stage"], key="k", path=str(folder), sha256="s")
 
-    gguf = ref({"stage": "import-gguf", "dequantized": True, "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "model_name": "SmolLM2", "architecture": "llama", "quantization": "Q4_1", "dtype": "float32"})
-    assert origin(gguf) == {"origin": "given: SmolLM2-135M-Instruct.Q4_1.gguf (SmolLM2, Q4_1 GGUF), dequantized to float32"}
+    gguf = ref(
+        {
+            "stage": "import-gguf",
+            "dequantized": True,
+            "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "model_name": "SmolLM2",
+            "architecture": "llama",
+            "quantization": "Q4_1",
+            "dtype": "float32",
+        }
+    )
+    assert origin(gguf) == {
+        "origin": "given: SmolLM2-135M-Instruct.Q4_1.gguf (SmolLM2, Q4_1 GGUF), dequantized to float32"
+    }
     assert origin(ref({"stage": "teacher", "given": "/models/qwen"})) == {"origin": "given: /models/qwen"}
     assert origin(ref({"stage": "teacher", "params": 1000})) == {}  # trained here: the report says gold
     r = build_report("x", {**model(0.9, 1000), **origin(gguf)}, {"s": {**model(0.5, 100), "data": "gold"}}, CURATION)

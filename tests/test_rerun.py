@@ -46,8 +46,14 @@ def distill_process(recipe: Path, log: Path) -> subprocess.Popen:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "distill", str(recipe)], cwd=ROOT, env=env,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "distill", str(recipe)],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def assert_run_folder_sound(run_dir: Path) -> None:
@@ -61,14 +67,21 @@ def assert_run_folder_sound(run_dir: Path) -> None:
             manifest = json.loads((folder / MANIFEST).read_text())
             assert hash_folder(folder) == manifest["sha256"], folder
             refs = [v for v in manifest["inputs"].values() if isinstance(v, dict) and "ref" in v]
-            refs += [v for d in manifest["inputs"].values() if isinstance(d, dict) for v in d.values()
-                     if isinstance(v, dict) and "ref" in v]  # measure_deployment's {name: ref}
+            refs += [
+                v
+                for d in manifest["inputs"].values()
+                if isinstance(d, dict)
+                for v in d.values()
+                if isinstance(v, dict) and "ref" in v
+            ]  # measure_deployment's {name: ref}
             for ref in refs:
                 assert ref["sha256"] in shas[ref["ref"]], f"{folder} was built from a {ref['ref']} output that is gone"
     assert json.loads((run_dir / "report.json").read_text())["students"]
 
 
-def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it_then_stage_flows_alone(prefect_server, mini_recipe, monkeypatch):
+def test_failure_in_a_stage_then_rerun_repeats_nothing_before_it_then_stage_flows_alone(
+    prefect_server, mini_recipe, monkeypatch
+):
     from flows.distill import distill
 
     run_dir = load_recipe(mini_recipe).run_dir
@@ -157,8 +170,10 @@ def test_concurrent_runs_of_one_recipe_do_not_corrupt_each_other(prefect_server,
     assert len(run_folder.outputs(run_dir, "students")) == 2
     assert_run_folder_sound(run_dir)
     # Both processes reported the same models: each used the outputs that were renamed into place.
-    summaries = [[line for line in (tmp_path / f"run{i}.log").read_text().splitlines() if ": accuracy " in line]
-                 for i in range(2)]
+    summaries = [
+        [line for line in (tmp_path / f"run{i}.log").read_text().splitlines() if ": accuracy " in line]
+        for i in range(2)
+    ]
     assert summaries[0] and summaries[0] == summaries[1]
 
 

@@ -43,9 +43,15 @@ def test_stage_results_are_json_and_a_planted_pickle_is_never_loaded(prefect_ser
 
     # Someone with write access to the shared result storage replaces the record with a pickle.
     marker = tmp_path / "pwned"
-    planted = {"metadata": {"serializer": {"type": "pickle", "picklelib": "cloudpickle"}, "storage_key": key,
-                            "expiration": None, "storage_block_id": None},
-               "result": __import__("base64").b64encode(pickle.dumps(Planted(str(marker)))).decode()}
+    planted = {
+        "metadata": {
+            "serializer": {"type": "pickle", "picklelib": "cloudpickle"},
+            "storage_key": key,
+            "expiration": None,
+            "storage_block_id": None,
+        },
+        "result": __import__("base64").b64encode(pickle.dumps(Planted(str(marker)))).decode(),
+    }
     (storage_path() / key).write_text(json.dumps(planted))
     again = data_only()
     assert not marker.exists(), "a pickle in result storage was loaded"
@@ -67,8 +73,10 @@ def test_a_record_naming_a_module_anywhere_is_never_decoded(prefect_server, mini
     from tasks.data import DATA, make_data
 
     marker = tmp_path / "imported"
-    (tmp_path / f"{PLANTED_MODULE}.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n"
-                                                   "class X:\n    pass\ndef decode(d):\n    return d\n")
+    (tmp_path / f"{PLANTED_MODULE}.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('x')\n"
+        "class X:\n    pass\ndef decode(d):\n    return d\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     r = load_recipe(mini_recipe)
 
@@ -80,10 +88,19 @@ def test_a_record_naming_a_module_anywhere_is_never_decoded(prefect_server, mini
     key = DATA.key(run_dir=r.run_dir, section=r.data)
     good = json.loads((storage_path() / key).read_bytes())
     result = json.loads(good["result"])
-    nested = {**good, "result": json.dumps({**result, "data": {**result["data"],
-                                                                "x": {"__class__": f"{PLANTED_MODULE}.X", "data": {}}}})}
-    decoder = {**good, "metadata": {**good["metadata"], "serializer": {**good["metadata"]["serializer"],
-                                                                        "object_decoder": f"{PLANTED_MODULE}.decode"}}}
+    nested = {
+        **good,
+        "result": json.dumps(
+            {**result, "data": {**result["data"], "x": {"__class__": f"{PLANTED_MODULE}.X", "data": {}}}}
+        ),
+    }
+    decoder = {
+        **good,
+        "metadata": {
+            **good["metadata"],
+            "serializer": {**good["metadata"]["serializer"], "object_decoder": f"{PLANTED_MODULE}.decode"},
+        },
+    }
     for planted in (nested, decoder):
         (storage_path() / key).write_text(json.dumps(planted))
         again = data_only()

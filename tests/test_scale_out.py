@@ -20,9 +20,12 @@ pytestmark = pytest.mark.slow
 def openai_recipe(mini_recipe, teacher_dir, base_url: str):
     text = mini_recipe.read_text()
     text = re.sub(r"teacher:\n(  .*\n)+", f"teacher:\n  model: {teacher_dir}\n", text)
-    text = re.sub(r"generation:\n(  .*\n)+", "generation:\n  backend: openai\n  splits: [train, prompts]\n"
-                  f"  max_new_tokens: 24\n  api: {{base_url: '{base_url}', model: m, api_key_env: null, concurrency: 4}}\n",
-                  text)
+    text = re.sub(
+        r"generation:\n(  .*\n)+",
+        "generation:\n  backend: openai\n  splits: [train, prompts]\n"
+        f"  max_new_tokens: 24\n  api: {{base_url: '{base_url}', model: m, api_key_env: null, concurrency: 4}}\n",
+        text,
+    )
     mini_recipe.write_text(text)
     return mini_recipe
 
@@ -65,15 +68,20 @@ async def run_table(state, key: str) -> list[dict]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async with get_client() as client:
-        artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]),
+            )
+        )
     assert len(artifacts) == 1, f"{len(artifacts)} {key!r} artifacts in flow run {state.state_details.flow_run_id}"
     table = json.loads(artifacts[0].data)
     return table if isinstance(table, list) else [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
-def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_once(prefect_server, mini_recipe,
-                                                                                    tmp_path):
+def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_once(
+    prefect_server, mini_recipe, tmp_path
+):
     from prefect_dask import DaskTaskRunner
 
     from flows.capture_sharded import capture_sharded

@@ -50,15 +50,20 @@ def test_a_hub_token_in_training_knobs_is_refused_with_where_it_belongs_instead(
     with pytest.raises(RecipeError) as e:
         parse_recipe(text, "demo.yaml")
     line = next(i for i, s in enumerate(text.splitlines(), 1) if "hub_token" in s)
-    assert (f"demo.yaml:{line}: students.0.training.hub_token: remove it: a secret in a recipe reaches cache keys, "
-            "manifests and logs; set HF_TOKEN in the environment") in str(e.value)
+    assert (
+        f"demo.yaml:{line}: students.0.training.hub_token: remove it: a secret in a recipe reaches cache keys, "
+        "manifests and logs; set HF_TOKEN in the environment"
+    ) in str(e.value)
     assert HUB_TOKEN not in str(e.value)
 
 
 def test_credentials_in_a_run_url_are_refused_without_being_echoed():
     text = DEMO.replace("  name: demo\n", f"  name: demo\n  root: s3://kd:{PASSWORD}@bucket/runs\n", 1)
-    with pytest.raises(RecipeError, match=r"demo.yaml:7: run.root: s3://\*\*\*@bucket/runs: take the credentials out "
-                                          r"of the URL .*AWS_ACCESS_KEY_ID") as e:
+    with pytest.raises(
+        RecipeError,
+        match=r"demo.yaml:7: run.root: s3://\*\*\*@bucket/runs: take the credentials out "
+        r"of the URL .*AWS_ACCESS_KEY_ID",
+    ) as e:
         parse_recipe(text, "demo.yaml")
     assert PASSWORD not in str(e.value)
 
@@ -72,17 +77,31 @@ def test_an_unset_api_key_variable_is_named_not_reported_as_a_401(monkeypatch, v
         monkeypatch.delenv("KDFLOW_TEST_NO_KEY", raising=False)
     else:
         monkeypatch.setenv("KDFLOW_TEST_NO_KEY", value)
-    section = GenerationSection(backend="openai", splits=["prompts"],
-                                api={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "KDFLOW_TEST_NO_KEY"})
-    with pytest.raises(FatalApiError, match=rf"generation.api.api_key_env: the environment variable KDFLOW_TEST_NO_KEY "
-                                            rf"{state}; export KDFLOW_TEST_NO_KEY=<your key> .*or set "
-                                            r"generation.api.api_key_env: null") as e:
+    section = GenerationSection(
+        backend="openai",
+        splits=["prompts"],
+        api={"base_url": "http://127.0.0.1:9/v1", "api_key_env": "KDFLOW_TEST_NO_KEY"},
+    )
+    with pytest.raises(
+        FatalApiError,
+        match=rf"generation.api.api_key_env: the environment variable KDFLOW_TEST_NO_KEY "
+        rf"{state}; export KDFLOW_TEST_NO_KEY=<your key> .*or set "
+        r"generation.api.api_key_env: null",
+    ) as e:
         api_key(section)
     assert "401" not in str(e.value)
     judge = EvaluationSection.Judge(base_url="http://127.0.0.1:9/v1", model="m", api_key_env="KDFLOW_TEST_NO_KEY")
-    with pytest.raises(FatalApiError, match=rf"evaluation.judge.api_key_env: the environment variable KDFLOW_TEST_NO_KEY {state}"):
+    with pytest.raises(
+        FatalApiError, match=rf"evaluation.judge.api_key_env: the environment variable KDFLOW_TEST_NO_KEY {state}"
+    ):
         judge_api_key(judge)
     monkeypatch.setenv("KDFLOW_TEST_NO_KEY", "sk-set")
     assert api_key(section) == "sk-set"
-    assert api_key(GenerationSection(backend="openai", splits=["prompts"],
-                                     api={"base_url": "http://127.0.0.1:9/v1", "api_key_env": None})) is None
+    assert (
+        api_key(
+            GenerationSection(
+                backend="openai", splits=["prompts"], api={"base_url": "http://127.0.0.1:9/v1", "api_key_env": None}
+            )
+        )
+        is None
+    )

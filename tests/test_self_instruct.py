@@ -13,14 +13,18 @@ from kdflow.curation.expansion import candidates, dedup_instructions, expansion_
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = (ROOT / "prompts" / "self_instruct.jinja").read_text()
-SEEDS = [json.loads(line)["instruction"] for line in (ROOT / "data" / "seed_instructions.jsonl").read_text().splitlines()]
+SEEDS = [
+    json.loads(line)["instruction"] for line in (ROOT / "data" / "seed_instructions.jsonl").read_text().splitlines()
+]
 # What the tiny teacher is trained to write: a new task, an exact copy of it (case and punctuation aside), a
 # near copy of a seed, another new task, and a line too short to be a task.
-PLANTED = ("21. Write a poem about the quiet sea at night.\n"
-           "22. Write a poem about the quiet sea at night!\n"
-           "23. Explain to a ten-year-old why the sky is blue today.\n"
-           "24. Describe three ways to save water in a garden.\n"
-           "25. Ok")
+PLANTED = (
+    "21. Write a poem about the quiet sea at night.\n"
+    "22. Write a poem about the quiet sea at night!\n"
+    "23. Explain to a ten-year-old why the sky is blue today.\n"
+    "24. Describe three ways to save water in a garden.\n"
+    "25. Ok"
+)
 NEW = ["Write a poem about the quiet sea at night.", "Describe three ways to save water in a garden."]
 
 
@@ -53,10 +57,14 @@ def test_planted_copies_are_dropped_with_their_reasons():
 
 
 def test_near_copies_between_candidates():
-    rows = [{"source": "p/0", "instruction": t, "text": ""} for t in [
-        "Write a short story about a lighthouse keeper and a storm at sea.",
-        "Write a short story about a lighthouse keeper and a storm at night.",
-        "Compare electric and petrol cars for a family of four."]]
+    rows = [
+        {"source": "p/0", "instruction": t, "text": ""}
+        for t in [
+            "Write a short story about a lighthouse keeper and a storm at sea.",
+            "Write a short story about a lighthouse keeper and a storm at night.",
+            "Compare electric and petrol cars for a family of four.",
+        ]
+    ]
     kept, dropped = dedup_instructions(rows, SEEDS, threshold=0.7, ngram=2)
     assert [r["instruction"] for r in kept] == [rows[0]["instruction"], rows[2]["instruction"]]
     assert dropped[0]["reasons"] == ["near_duplicate"] and "lighthouse" in dropped[0]["detail"]
@@ -70,7 +78,11 @@ def test_the_shipped_recipe_validates():
 def test_a_bad_recipe_names_the_line(tmp_path):
     from kdflow.config.loading import RecipeError
 
-    text = (ROOT / "recipes" / "self-instruct" / "qwen7b.yaml").read_text().replace("splits: [instructions]", "splits: [test]")
+    text = (
+        (ROOT / "recipes" / "self-instruct" / "qwen7b.yaml")
+        .read_text()
+        .replace("splits: [instructions]", "splits: [test]")
+    )
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(RecipeError, match=r"bad.yaml:\d+: .*answering.splits must be \[instructions\]"):
         load_self_instruct_recipe(tmp_path / "bad.yaml")
@@ -84,9 +96,20 @@ def tiny_teacher(folder: Path, prompts: list[str]) -> Path:
 
     tok = train_tokenizer(prompts + [PLANTED] + SEEDS, vocab_size=300)
     model = llama_model(tok, hidden=64, layers=2, heads=2, intermediate=128, seed=0, max_positions=512)
-    train_sft(model, tok, [chat(p, PLANTED) for p in prompts] * 8,
-              {"max_steps": 120, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 120,
-               "max_length": 512}, folder, seed=0)
+    train_sft(
+        model,
+        tok,
+        [chat(p, PLANTED) for p in prompts] * 8,
+        {
+            "max_steps": 120,
+            "per_device_train_batch_size": 8,
+            "learning_rate": 1e-2,
+            "logging_steps": 120,
+            "max_length": 512,
+        },
+        folder,
+        seed=0,
+    )
     return folder / "model"
 
 
@@ -101,8 +124,8 @@ def test_self_instruct_flow_with_a_tiny_hf_teacher(prefect_server, tmp_path):
     model = tiny_teacher(tmp_path / "teacher", prompts)
     recipe = tmp_path / "si.yaml"
     recipe.write_text(f"""
-run: {{name: si, root: {tmp_path / 'runs'}}}
-seeds: {{path: {ROOT / 'data' / 'seed_instructions.jsonl'}}}
+run: {{name: si, root: {tmp_path / "runs"}}}
+seeds: {{path: {ROOT / "data" / "seed_instructions.jsonl"}}}
 teacher: {{model: {model}}}
 expansion: {{prompts: 3, seeds_per_prompt: 3, new_per_prompt: 5, seed: 0, threshold: 0.7, ngram: 2}}
 writing: {{splits: [expand], max_new_tokens: 100, batch_size: 8}}

@@ -37,16 +37,28 @@ def test_a_pruned_student_distilled_from_the_real_model_by_every_method(prefect_
     assert pruning["kept"] == sorted(sorted(range(30), key=lambda i: -pruning["influence"][i])[:2])
 
     students = report["students"]
-    assert set(students) == {"pruned-2-importance", "sft", "seq-kd", "offline-kd", "on-policy", "on-policy-warm",
-                             "gguf-sft"}
+    assert set(students) == {
+        "pruned-2-importance",
+        "sft",
+        "seq-kd",
+        "offline-kd",
+        "on-policy",
+        "on-policy-warm",
+        "gguf-sft",
+    }
     floor = students["pruned-2-importance"]
     assert floor["params"] == students["sft"]["params"] < report["teacher"]["params"]
     for name, m in students.items():
         assert 0.0 <= m["rouge_l"] <= 100.0, name
         assert m["kl"] >= 0.0 and 0.0 <= m["agreement"] <= 1.0, name
     assert report["teacher"]["agreement"] == 1.0
-    on_policy = json.loads(next(p for p in (run / "students").glob("*/manifest.json")
-                                if json.loads(p.read_text()).get("name") == "on-policy").read_text())
+    on_policy = json.loads(
+        next(
+            p
+            for p in (run / "students").glob("*/manifest.json")
+            if json.loads(p.read_text()).get("name") == "on-policy"
+        ).read_text()
+    )
     assert on_policy["on_policy"]["student_tokens_sampled"] > 0
 
     folders = {json.loads(p.read_text()).get("name"): p.parent for p in (run / "students").glob("*/manifest.json")}

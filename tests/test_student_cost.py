@@ -21,14 +21,24 @@ from kdflow.training.tiny_models import llama_model, train_tokenizer
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parent.parent
 COT = "Solve step by step: {{ question }}"
-ROWS = [{"id": f"t-{i}", "question": f"{i}+{i}", "rationale": f"={2 * i}\nAnswer: {2 * i}", "answer": str(2 * i)}
-        for i in range(1, 4)]
+ROWS = [
+    {"id": f"t-{i}", "question": f"{i}+{i}", "rationale": f"={2 * i}\nAnswer: {2 * i}", "answer": str(2 * i)}
+    for i in range(1, 4)
+]
 
 
 def config(**extra) -> LlamaConfig:
     # d 64, L 2, h 2 query heads and kv 1 of size 32, f 128, V 40
-    return LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                       intermediate_size=128, vocab_size=40, **extra)
+    return LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        vocab_size=40,
+        **extra,
+    )
 
 
 def net(**extra):
@@ -86,6 +96,7 @@ def test_bfloat16_weights_count_two_bytes():
 
 # ---- the roofline -------------------------------------------------------------------------------------------
 
+
 def test_roofline_bound_by_hand():
     phone = devices.DeviceProfile("p", "x", 50e9, "s", {"int8": 10e12}, "s")
     # memory: 1 MB / 50 GB/s = 20 µs; compute (int8): 1 GFLOP / 10 TOPS = 100 µs -> compute-bound, 100 µs
@@ -110,6 +121,7 @@ def test_every_device_number_has_its_source():
 
 
 # ---- energy -------------------------------------------------------------------------------------------------
+
 
 def fake_rapl(root: Path, package_uj: int, dram_uj: int | None = None) -> Path:
     """/sys/class/powercap as the kernel lays it out: intel-rapl/intel-rapl:0 (package-0), and its dram subzone."""
@@ -151,8 +163,9 @@ def test_measured_energy_per_token_from_a_fake_counter(tmp_path, tokenizer, monk
 
     monkeypatch.setattr(deployment, "timed_generate", timed)
     monkeypatch.setattr(deployment, "peak_generation_memory", lambda model, tok, enc, tokens: 1)
-    figures = deployment.measure_all({"big": (big, tokenizer), "small": (small, tokenizer)}, "1+1", ["2+2"] * 2,
-                                     tokens=8, repeats=3, counter=counter)
+    figures = deployment.measure_all(
+        {"big": (big, tokenizer), "small": (small, tokenizer)}, "1+1", ["2+2"] * 2, tokens=8, repeats=3, counter=counter
+    )
     assert figures["big"]["measured_energy_j_per_token"] == pytest.approx(2.0 / 8)
     assert figures["small"]["measured_energy_j_per_token"] == pytest.approx(0.5 / 8)
     e = energy.energy_per_token(figures["big"], 10.0, "a stated figure")
@@ -185,14 +198,16 @@ def test_a_power_figure_needs_its_source():
 
 # ---- cache keys: the new options rerun only what they change --------------------------------------------
 
+
 def test_quantize_and_power_leave_the_evaluate_and_deployment_keys_alone():
     def key(value):
         return content_key("s", "1", {"section": value})
 
     plain = EvaluationSection()
     assert key(EvaluationSection(quantize=["int8"])) == key(plain)  # evaluate stage: every model as before
-    assert key(EvaluationSection.Deployment(power={"watts": 30, "source": "wall meter"})) == \
-        key(EvaluationSection.Deployment())  # the measurement does not change; the report's estimate does
+    assert key(EvaluationSection.Deployment(power={"watts": 30, "source": "wall meter"})) == key(
+        EvaluationSection.Deployment()
+    )  # the measurement does not change; the report's estimate does
     assert key(EvaluationSection.Deployment(repeats=3)) != key(EvaluationSection.Deployment())
 
 
@@ -212,6 +227,7 @@ def test_an_unknown_quantization_is_a_recipe_error(tmp_path):
 
 # ---- int8 students --------------------------------------------------------------------------------------------
 
+
 def stage(root, name, key, build):
     key = key.ljust(64, "0")
     with building(root, name, key) as tmp:
@@ -222,9 +238,12 @@ def stage(root, name, key, build):
 
 def saved(tokenizer, hidden=64, seed=0):
     def build(tmp):
-        llama_model(tokenizer, hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed).save_pretrained(tmp / "model")
+        llama_model(tokenizer, hidden=hidden, layers=2, heads=2, intermediate=64, seed=seed).save_pretrained(
+            tmp / "model"
+        )
         tokenizer.save_pretrained(tmp / "model")
         write_location(tmp, "model")
+
     return build
 
 
@@ -253,8 +272,10 @@ def test_quantize_stage_then_evaluate_and_measure_like_any_model(tokenizer, tmp_
 
     assert quantized_name("seq-kd", "int8") == "seq-kd-int8" and quantized_name("seq-kd@2", "int8") == "seq-kd-int8@2"
     data = stage(tmp_path, "data", "d", lambda tmp: pd.DataFrame(ROWS).to_parquet(tmp / "test.parquet"))
-    teacher, student = stage(tmp_path, "teacher", "t", saved(tokenizer, 64, 1)), stage(tmp_path, "students", "s",
-                                                                                       saved(tokenizer, 32, 2))
+    teacher, student = (
+        stage(tmp_path, "teacher", "t", saved(tokenizer, 64, 1)),
+        stage(tmp_path, "students", "s", saved(tokenizer, 32, 2)),
+    )
     q = quantize_model.fn(tmp_path, "int8", student)
     assert q.manifest()["quantization"]["method"] == "int8"
     assert quantize_model.fn(tmp_path, "int8", student) == q  # a finished output is found, not rebuilt
@@ -262,8 +283,9 @@ def test_quantize_stage_then_evaluate_and_measure_like_any_model(tokenizer, tmp_
     m = evaluate_model.fn(tmp_path, section, COT, DataSource.arithmetic, q, teacher, data).manifest()["metrics"]
     assert m["rows"] == 3 and 0 <= m["accuracy"] <= 1 and m["perplexity"] > 1 and 0 <= m["agreement"] <= 1
     settings = EvaluationSection.Deployment(latency_tokens=3, throughput_batch=2, repeats=1)
-    dep = measure_deployment.fn(tmp_path, {"teacher": teacher, "student": student, "student-int8": q}, settings, COT,
-                                data, "test").manifest()
+    dep = measure_deployment.fn(
+        tmp_path, {"teacher": teacher, "student": student, "student-int8": q}, settings, COT, data, "test"
+    ).manifest()
     f = dep["figures"]
     assert dep["traffic_formula"] == traffic.TRAFFIC_FORMULA and dep["energy"]["counter"] is None
     assert f["student-int8"]["compute_dtype"] == "int8" and f["student"]["compute_dtype"] == "fp32"
@@ -272,38 +294,72 @@ def test_quantize_stage_then_evaluate_and_measure_like_any_model(tokenizer, tmp_
     assert f["student-int8"]["weight_bytes_per_token"] < f["student"]["weight_bytes_per_token"] / 2
     for fig in f.values():
         assert fig["memory_bytes_per_token"] == fig["weight_bytes_per_token"] + fig["kv_bytes_per_token"]
-        assert fig["arithmetic_intensity"] == pytest.approx(fig["flops_per_token"] / fig["memory_bytes_per_token"],
-                                                            abs=1e-4)
+        assert fig["arithmetic_intensity"] == pytest.approx(
+            fig["flops_per_token"] / fig["memory_bytes_per_token"], abs=1e-4
+        )
         assert "measured_energy_j_per_token" not in fig  # no counter on this machine: nothing claimed as measured
 
 
 # ---- the report ---------------------------------------------------------------------------------------------------
+
 
 def test_report_gives_every_model_traffic_energy_and_the_kd_x_quantization_table():
     from kdflow.reporting.run_report import build_report, render_markdown
     from tasks.report import cost
 
     def fig(params, dtype, latency, measured=None):
-        f = {"params": params, "flops_per_token": 2 * params, "memory_bytes_per_token": 4 * params,
-             "weight_bytes_per_token": 4 * params - 100, "kv_bytes_per_token": 100, "arithmetic_intensity": 0.5,
-             "compute_dtype": dtype, "size_bytes": 4 * params, "peak_memory_bytes": 5 * params,
-             "latency_ms_per_token": latency, "throughput_tokens_per_s": 100.0, "context": 30.0}
-        return f | ({"measured_energy_j_per_token": measured, "energy_counter": "RAPL package-0 (zeus)"} if measured else {})
+        f = {
+            "params": params,
+            "flops_per_token": 2 * params,
+            "memory_bytes_per_token": 4 * params,
+            "weight_bytes_per_token": 4 * params - 100,
+            "kv_bytes_per_token": 100,
+            "arithmetic_intensity": 0.5,
+            "compute_dtype": dtype,
+            "size_bytes": 4 * params,
+            "peak_memory_bytes": 5 * params,
+            "latency_ms_per_token": latency,
+            "throughput_tokens_per_s": 100.0,
+            "context": 30.0,
+        }
+        return f | (
+            {"measured_energy_j_per_token": measured, "energy_counter": "RAPL package-0 (zeus)"} if measured else {}
+        )
 
     power = DEFAULT_POWER
     q = {"accuracy": 0.7, "perplexity": 1.2, "rows": 10, "split": "test", "reference_tokens": 50}
     teacher = {**q, "accuracy": 0.9, **cost(fig(1000, "fp32", 2.0), power)}
-    students = {"baseline": {**q, "accuracy": 0.5, "data": "gold", **cost(fig(100, "fp32", 1.0), power)},
-                "seq-kd": {**q, "data": "teacher", **cost(fig(100, "fp32", 1.0), power)},
-                "baseline-int8": {**q, "accuracy": 0.45, "data": "gold", "quantized": "int8",
-                                  "quantized_from": "baseline", **cost(fig(100, "int8", 0.8, measured=0.003), power)},
-                "seq-kd-int8": {**q, "accuracy": 0.68, "data": "teacher", "quantized": "int8", "quantized_from": "seq-kd",
-                                **cost(fig(100, "int8", 0.8), power)}}
-    dep = {"machine": {"device": "cpu", "cpu_count": 2, "torch_threads": 1, "torch": "2"},
-           "settings": {"latency_tokens": 8, "throughput_batch": 4, "repeats": 1}, "flops_formula": "F",
-           "traffic_formula": traffic.TRAFFIC_FORMULA, "energy": {"counter": None, "why_not": "no RAPL zones"},
-           "energy_formula": energy.ENERGY_FORMULA, "roofline_formula": devices.ROOFLINE_FORMULA,
-           "power": power.model_dump(), "devices": devices.device_table()}
+    students = {
+        "baseline": {**q, "accuracy": 0.5, "data": "gold", **cost(fig(100, "fp32", 1.0), power)},
+        "seq-kd": {**q, "data": "teacher", **cost(fig(100, "fp32", 1.0), power)},
+        "baseline-int8": {
+            **q,
+            "accuracy": 0.45,
+            "data": "gold",
+            "quantized": "int8",
+            "quantized_from": "baseline",
+            **cost(fig(100, "int8", 0.8, measured=0.003), power),
+        },
+        "seq-kd-int8": {
+            **q,
+            "accuracy": 0.68,
+            "data": "teacher",
+            "quantized": "int8",
+            "quantized_from": "seq-kd",
+            **cost(fig(100, "int8", 0.8), power),
+        },
+    }
+    dep = {
+        "machine": {"device": "cpu", "cpu_count": 2, "torch_threads": 1, "torch": "2"},
+        "settings": {"latency_tokens": 8, "throughput_batch": 4, "repeats": 1},
+        "flops_formula": "F",
+        "traffic_formula": traffic.TRAFFIC_FORMULA,
+        "energy": {"counter": None, "why_not": "no RAPL zones"},
+        "energy_formula": energy.ENERGY_FORMULA,
+        "roofline_formula": devices.ROOFLINE_FORMULA,
+        "power": power.model_dump(),
+        "devices": devices.device_table(),
+    }
     report = build_report("r", teacher, students, {"input_rows": 1, "kept": 1, "dropped": 0, "drop_reasons": {}}, dep)
     assert report["gap_closure"]["baseline"] == "baseline"  # never its int8 copy
     assert report["students"]["seq-kd-int8"]["gap_closure"] == pytest.approx((0.68 - 0.5) / (0.9 - 0.5))

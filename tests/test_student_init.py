@@ -32,23 +32,34 @@ def test_init_from_a_student_parses_maps_to_the_same_seed_and_takes_its_parent_a
     assert warm.init == StudentInit(**{"from": "student", "student": "seq-kd"})
     assert warm.summary()["init"] == "from the trained student seq-kd"
     runs = r.with_seeds([1, 2]).student_runs()
-    assert [(s.name, s.init.student) for s in runs if isinstance(s.init, StudentInit)] == [("warm@1", "seq-kd@1"),
-                                                                                          ("warm@2", "seq-kd@2")]
+    assert [(s.name, s.init.student) for s in runs if isinstance(s.init, StudentInit)] == [
+        ("warm@1", "seq-kd@1"),
+        ("warm@2", "seq-kd@2"),
+    ]
     assert [s.name for s in r.with_students(["warm"]).students] == ["seq-kd", "warm"]
 
 
 @pytest.mark.parametrize("parent, why", [("warm", "is the student itself"), ("nope", "is not a student of the recipe")])
 def test_a_student_started_from_itself_or_from_no_student_is_refused_naming_the_line(parent, why):
     text = with_warm((ROOT / "tests" / "mini.yaml").read_text()).replace("student: seq-kd}", f"student: {parent}}}")
-    with pytest.raises(RecipeError, match=rf"<recipe>:\d+: students.2.init.student: student 'warm': init.student "
-                                          rf"'{parent}' {why}; name a student listed before 'warm' \(baseline, seq-kd\)"):
+    with pytest.raises(
+        RecipeError,
+        match=rf"<recipe>:\d+: students.2.init.student: student 'warm': init.student "
+        rf"'{parent}' {why}; name a student listed before 'warm' \(baseline, seq-kd\)",
+    ):
         parse_recipe(text)
 
 
 def test_a_parent_listed_after_its_child_is_refused():
-    text = (ROOT / "tests" / "mini.yaml").read_text().replace(
-        "  - name: seq-kd", "  - name: early\n    data: teacher\n    init: {from: student, student: seq-kd}\n"
-                            "    training: {max_steps: 2}\n  - name: seq-kd")
+    text = (
+        (ROOT / "tests" / "mini.yaml")
+        .read_text()
+        .replace(
+            "  - name: seq-kd",
+            "  - name: early\n    data: teacher\n    init: {from: student, student: seq-kd}\n"
+            "    training: {max_steps: 2}\n  - name: seq-kd",
+        )
+    )
     with pytest.raises(RecipeError, match="init.student 'seq-kd' is listed after it"):
         parse_recipe(text)
 

@@ -12,11 +12,19 @@ from kdflow.reporting.sweep import parse_name, regime_lines, render, summarise
 
 PLANTED = {
     # small transfer set: logit KD ahead by far more than the spread
-    "seq-kd-0.03@0": 0.20, "seq-kd-0.03@1": 0.30, "seq-kd-0.03@2": 0.25,
-    "logit-0.03@0": 0.60, "logit-0.03@1": 0.70, "logit-0.03@2": 0.65,
+    "seq-kd-0.03@0": 0.20,
+    "seq-kd-0.03@1": 0.30,
+    "seq-kd-0.03@2": 0.25,
+    "logit-0.03@0": 0.60,
+    "logit-0.03@1": 0.70,
+    "logit-0.03@2": 0.65,
     # large: ahead by less than the spread -> no verdict
-    "seq-kd-1@0": 0.90, "seq-kd-1@1": 0.95, "seq-kd-1@2": 0.85,
-    "logit-1@0": 0.97, "logit-1@1": 0.85, "logit-1@2": 0.90,
+    "seq-kd-1@0": 0.90,
+    "seq-kd-1@1": 0.95,
+    "seq-kd-1@2": 0.85,
+    "logit-1@0": 0.97,
+    "logit-1@1": 0.85,
+    "logit-1@2": 0.90,
 }
 
 
@@ -29,7 +37,9 @@ def test_summary_statistics_and_a_verdict_only_beyond_the_seed_spread():
     small = s["curves"]["logit"][0.03]
     assert small["mean"] == pytest.approx(0.65) and small["sd"] == pytest.approx(0.05)
     verdicts = {v["fraction"]: v for v in s["verdicts"]}
-    assert verdicts[0.03]["best"] == "logit" and verdicts[0.03]["beats"] and verdicts[0.03]["margin"] == pytest.approx(0.4)
+    assert (
+        verdicts[0.03]["best"] == "logit" and verdicts[0.03]["beats"] and verdicts[0.03]["margin"] == pytest.approx(0.4)
+    )
     assert verdicts[1.0]["margin"] == pytest.approx(0.0066667, abs=1e-6) and not verdicts[1.0]["beats"]
     lines = regime_lines(s, "seq-kd")
     assert len(lines) == 1 and "At 0.03 of the transfer set (250 rows), **logit beats seq-kd** by 0.400" in lines[0]
@@ -39,13 +49,21 @@ def test_summary_statistics_and_a_verdict_only_beyond_the_seed_spread():
 
 def test_no_win_is_said_plainly():
     flat = {k: v for k, v in PLANTED.items() if "-1@" in k}
-    assert "No transfer-set size where a white-box method beats seq-kd" in regime_lines(
-        summarise(flat, {1.0: 8000}, 0.99), "seq-kd")[0]
+    assert (
+        "No transfer-set size where a white-box method beats seq-kd"
+        in regime_lines(summarise(flat, {1.0: 8000}, 0.99), "seq-kd")[0]
+    )
 
 
 def write(tmp_path, **fields):
-    sweep = {"recipe": "recipes/demo.yaml", "student": "seq-kd", "fractions": [0.1], "seeds": [0, 1, 2],
-             "methods": {"seq-kd": None, "logit": {"temperature": 2.0}}, **fields}
+    sweep = {
+        "recipe": "recipes/demo.yaml",
+        "student": "seq-kd",
+        "fractions": [0.1],
+        "seeds": [0, 1, 2],
+        "methods": {"seq-kd": None, "logit": {"temperature": 2.0}},
+        **fields,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(sweep, sort_keys=False))
     return path
@@ -79,7 +97,9 @@ def test_the_sweep_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
     out = load_recipe(mini_recipe).run_dir / "sweep"
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["rows"]["0.5"] * 2 == pytest.approx(saved["rows"]["1.0"], abs=1)
-    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "## Where does white-box KD beat" in (out / "sweep.md").read_text()
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG" and "## Where does white-box KD beat" in (
+        out / "sweep.md"
+    ).read_text()
     # at one seed and share, both methods trained on the same rows
     manifests = [json.loads(m.read_text()) for m in (out.parent / "students").glob("*/manifest.json")]
     rows = {m["name"]: m["rows"] for m in manifests}

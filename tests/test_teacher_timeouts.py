@@ -64,9 +64,14 @@ def no_retries(monkeypatch):
 
 
 def chat_rows(n: int) -> list[dict]:
-    return [{"row_id": f"r{i}", "prompt": [{"role": "user", "content": f"Solve step by step: {i % 10}+{i % 7}"}],
-             "completion": [{"role": "assistant", "content": f"{i % 10}+{i % 7}={i % 10 + i % 7}"}]}
-            for i in range(n)]
+    return [
+        {
+            "row_id": f"r{i}",
+            "prompt": [{"role": "user", "content": f"Solve step by step: {i % 10}+{i % 7}"}],
+            "completion": [{"role": "assistant", "content": f"{i % 10}+{i % 7}={i % 10 + i % 7}"}],
+        }
+        for i in range(n)
+    ]
 
 
 def test_the_timeouts_are_recipe_fields_left_out_of_the_keys():
@@ -87,8 +92,11 @@ def test_a_stopped_scoring_process_fails_the_wait_after_the_timeout_and_is_kille
         os.kill(scorer.proc.pid, signal.SIGSTOP)
         # larger than a pipe holds (64 KiB), so that sending it blocks too until the child is killed
         big = EncodedRow("big", np.arange(20_000) % len(tok), 5)
-        with pytest.raises(TeacherScoringError, match=r"scoring process for .* gave no answer within 0.5 s while "
-                                                      r"scoring 2 samples, and was killed \(raise kd.timeout_s"):
+        with pytest.raises(
+            TeacherScoringError,
+            match=r"scoring process for .* gave no answer within 0.5 s while "
+            r"scoring 2 samples, and was killed \(raise kd.timeout_s",
+        ):
             scorer.score([row, big])
         assert scorer.proc.returncode == -signal.SIGKILL
         with pytest.raises(TeacherScoringError, match="exited with code -9 while scoring 1 samples"):
@@ -103,8 +111,11 @@ def test_a_server_that_never_answers_is_a_scoring_error_after_the_timeout(silent
     scorer = VllmScorer(silent_server, "teacher", 3, concurrency=2, max_retries=1, timeout_s=0.3)
     rows = [EncodedRow(f"r{i}", np.arange(8), 2) for i in range(3)]
     try:
-        with pytest.raises(TeacherScoringError, match=r"vLLM server at http://127.0.0.1:\d+/v1 gave no answer within "
-                                                      r"0.3 s on any of 2 tries while scoring 3 samples"):
+        with pytest.raises(
+            TeacherScoringError,
+            match=r"vLLM server at http://127.0.0.1:\d+/v1 gave no answer within "
+            r"0.3 s on any of 2 tries while scoring 3 samples",
+        ):
             scorer.score(rows)
     finally:
         scorer.close()
@@ -115,25 +126,34 @@ def test_a_malformed_server_reply_is_a_scoring_error_not_a_plain_exception():
 
     class Completions:  # 200 OK with something else than vLLM's prompt_logprobs
         def create(self, model, prompt, max_tokens, temperature, extra_body):
-            return SimpleNamespace(choices=[SimpleNamespace(index=i, prompt_logprobs=[None, {"3": {"logprob": -1}}])
-                                            for i in range(len(prompt))])
+            return SimpleNamespace(
+                choices=[
+                    SimpleNamespace(index=i, prompt_logprobs=[None, {"3": {"logprob": -1}}]) for i in range(len(prompt))
+                ]
+            )
 
     scorer = VllmScorer("http://127.0.0.1:9/v1", "teacher", 3, concurrency=1)
     scorer.client = SimpleNamespace(completions=Completions(), close=lambda: None)
-    with pytest.raises(TeacherScoringError, match=r"sent a reply that is not prompt_logprobs for 1 samples "
-                                                  r"\(ValueError: row 'r0': 2 prompt_logprobs for 6 tokens\)"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"sent a reply that is not prompt_logprobs for 1 samples "
+        r"\(ValueError: row 'r0': 2 prompt_logprobs for 6 tokens\)",
+    ):
         scorer.score([EncodedRow("r0", np.arange(6), 2)])
 
 
-def test_on_policy_training_against_a_silent_server_fails_naming_the_step(teacher, silent_server, no_retries,
-                                                                             tmp_path):
+def test_on_policy_training_against_a_silent_server_fails_naming_the_step(teacher, silent_server, no_retries, tmp_path):
     folder, tok = teacher
-    kd = OnPolicyKD(method="on_policy", k=5, max_new_tokens=4, teacher_backend="vllm", base_url=silent_server,
-                    timeout_s=0.3)
+    kd = OnPolicyKD(
+        method="on_policy", k=5, max_new_tokens=4, teacher_backend="vllm", base_url=silent_server, timeout_s=0.3
+    )
     training = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_length": 64}
     student = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
-    with pytest.raises(TeacherScoringError, match=r"(?s)gave no answer within 0.3 s on any of 1 tries .*"
-                                                  r"On-policy training stopped at step 1, before its update"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"(?s)gave no answer within 0.3 s on any of 1 tries .*"
+        r"On-policy training stopped at step 1, before its update",
+    ):
         train_on_policy(student, tok, chat_rows(8), kd, folder, None, training, tmp_path / "out", 0)
     assert not (tmp_path / "out" / "model").exists()
 
@@ -142,12 +162,17 @@ def test_a_vllm_capture_against_a_silent_server_fails_naming_the_rows(teacher, s
     from kdflow.logit_cache.capture import encoded_rows
 
     folder, tok = teacher
-    kept = [{"id": f"prompts-{i:06d}", "sample": 0, "question": f"{i}+1", "text": f"{i}+1={i + 1}\nAnswer: {i + 1}"}
-            for i in range(3)]
+    kept = [
+        {"id": f"prompts-{i:06d}", "sample": 0, "question": f"{i}+1", "text": f"{i}+1={i + 1}\nAnswer: {i + 1}"}
+        for i in range(3)
+    ]
     rows = encoded_rows(kept, "Solve step by step: {{ question }}", tok)
     section = LogitCacheSection(source="vllm", base_url=silent_server, k=3, shard_rows=2, timeout_s=0.3)
-    with pytest.raises(TeacherScoringError, match=r"gave no answer within 0.3 s on any of 1 tries while capturing "
-                                                  r"rows 0 to 1 \(raise logit_cache.timeout_s"):
+    with pytest.raises(
+        TeacherScoringError,
+        match=r"gave no answer within 0.3 s on any of 1 tries while capturing "
+        r"rows 0 to 1 \(raise logit_cache.timeout_s",
+    ):
         capture_vllm(tmp_path / "cache", str(folder), rows, section, {"k": 3}, None)
 
 
@@ -160,13 +185,17 @@ def test_on_policy_k_above_the_vocabulary_is_refused_before_the_teacher_starts(t
     monkeypatch.setattr(on_policy, "teacher_scorer", lambda *a, **kw: pytest.fail("the teacher was started"))
     student = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
     kd = OnPolicyKD(method="on_policy", k=100)
-    with pytest.raises(ValueError, match=rf"kd.k = 100 exceeds the student's vocabulary \({len(tok)} tokens\): .* use "
-                                         rf"k <= {len(tok)}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"kd.k = 100 exceeds the student's vocabulary \({len(tok)} tokens\): .* use "
+        rf"k <= {len(tok)}",
+    ):
         train_on_policy(student, tok, chat_rows(4), kd, folder, None, {"max_steps": 1}, tmp_path / "out", 0)
 
 
-def test_a_launched_on_policy_student_gets_the_teachers_url_whole_while_its_job_file_holds_it_redacted(tmp_path,
-                                                                                                       monkeypatch):
+def test_a_launched_on_policy_student_gets_the_teachers_url_whole_while_its_job_file_holds_it_redacted(
+    tmp_path, monkeypatch
+):
     """Issue 23, finding 9: the job file (a JSON dump) held https://***@host, and the launched processes read it."""
     from kdflow.config.student import StudentSection
     from kdflow.store.outputs import OutputRef
@@ -174,9 +203,13 @@ def test_a_launched_on_policy_student_gets_the_teachers_url_whole_while_its_job_
 
     url = "https://user:s3cret@teacher.example:8000/v1"
     launch = {"accelerate_config": "accelerate/cpu_2proc.yaml", "num_processes": 2}
-    section = StudentSection(name="op", data="teacher", launch=launch,
-                             architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
-                             kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url})
+    section = StudentSection(
+        name="op",
+        data="teacher",
+        launch=launch,
+        architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+        kd={"method": "on_policy", "teacher_backend": "vllm", "base_url": url},
+    )
     ref = OutputRef(stage="x", key="k" * 64, path=str(tmp_path), sha256="0" * 64)
     job = StudentJob(section=section, template="{{ question }}", teacher=ref, data=ref)
     job.write(tmp_path / "job.json")

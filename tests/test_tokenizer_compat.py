@@ -75,8 +75,9 @@ def test_gold_trains_a_student_from_a_teacher_with_a_different_tokenizer(small, 
     pairs = [(rng.randrange(10), rng.randrange(10)) for _ in range(24)]
     rows = [chat(f"Solve step by step: {a}+{b}", f"{a}+{b}={a + b}\nAnswer: {a + b}") for a, b in pairs]
     training = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=2)
-    history = train_gold(student, teacher, small, large, rows, training, tmp_path, seed=0,
-                         lmbda=lmbda, temperature=1.0, max_new_tokens=8)
+    history = train_gold(
+        student, teacher, small, large, rows, training, tmp_path, seed=0, lmbda=lmbda, temperature=1.0, max_new_tokens=8
+    )
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     # GOLD says which data each step trained on: the dataset's completions at λ = 0, the student's own at λ = 1

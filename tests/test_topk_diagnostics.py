@@ -26,12 +26,18 @@ from kdflow.training.topk_diagnostics import brief, outside_topk, position_means
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "logging_steps": 2,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 4,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 3e-3,
+    "logging_steps": 2,
+    "max_length": 64,
+}
 DIAGNOSTICS = ("topk_kept_mass", "topk_tail_mass", "top1_outside_topk", "kd_ce_ratio")
 
 
 # ---- each number in closed form ----------------------------------------------------------------------------------
+
 
 def test_kept_and_tail_mass_are_the_teachers_top_k_sum_and_the_rest():
     logprobs = torch.tensor([[0.5, 0.3], [0.9, 0.05]]).log()
@@ -69,11 +75,22 @@ def test_the_kd_ce_ratio_is_that_of_the_windows_mean_terms():
 
 
 def test_the_summary_keeps_the_mean_and_the_first_and_last_windows():
-    step = lambda s, kept, outside, ce, kd: {"step": s, "loss": 1.0, "topk_kept_mass": kept, "topk_tail_mass": 1 - kept,
-                                             "top1_outside_topk": outside, "ce_loss": ce, "kd_loss": kd,
-                                             "kd_ce_ratio": kd / ce}
-    history = [step(10, 0.8, 0.4, 4.0, 1.0), step(20, 0.9, 0.2, 2.0, 0.5), step(30, 1.0, 0.0, 1.0, 0.5),
-               {"train_runtime": 3.0, "step": 30}]
+    step = lambda s, kept, outside, ce, kd: {
+        "step": s,
+        "loss": 1.0,
+        "topk_kept_mass": kept,
+        "topk_tail_mass": 1 - kept,
+        "top1_outside_topk": outside,
+        "ce_loss": ce,
+        "kd_loss": kd,
+        "kd_ce_ratio": kd / ce,
+    }
+    history = [
+        step(10, 0.8, 0.4, 4.0, 1.0),
+        step(20, 0.9, 0.2, 2.0, 0.5),
+        step(30, 1.0, 0.0, 1.0, 0.5),
+        {"train_runtime": 3.0, "step": 30},
+    ]
     s = summary(history, alpha=0.5)
     assert s["logging_steps"] == 3 and s["alpha"] == 0.5
     assert s["mean"]["topk_kept_mass"] == pytest.approx(0.9) and s["mean"]["top1_outside_topk"] == pytest.approx(0.2)
@@ -85,16 +102,35 @@ def test_the_summary_keeps_the_mean_and_the_first_and_last_windows():
 
 
 def test_worrying_values_are_flagged_and_shown_in_the_table():
-    fine = {"topk_kept_mass": 0.97, "topk_tail_mass": 0.03, "top1_outside_topk": 0.01, "ce_loss": 1.0,
-            "kd_loss": 0.2, "kd_ce_ratio": 0.2}
+    fine = {
+        "topk_kept_mass": 0.97,
+        "topk_tail_mass": 0.03,
+        "top1_outside_topk": 0.01,
+        "ce_loss": 1.0,
+        "kd_loss": 0.2,
+        "kd_ce_ratio": 0.2,
+    }
     bad = {**fine, "topk_kept_mass": 0.85, "topk_tail_mass": 0.15, "top1_outside_topk": 0.3, "kd_ce_ratio": 0.001}
     assert warnings({"mean": fine, "last": fine}) == []
     flagged = warnings({"mean": fine, "last": bad})
     assert len(flagged) == 3 and all(w.startswith("last: ") for w in flagged)
     assert "tail mass 0.150 > 0.1" in flagged[0] and "30.0%" in flagged[1] and "barely trains" in flagged[2]
-    report = {"students": {"seq-kd": {"data": "teacher"},
-                           "kd": {"topk": with_warnings({"logging_steps": 3, "alpha": 0.5, "mean": fine,
-                                                         "first": {"step": 10, **bad}, "last": {"step": 30, **bad}})}}}
+    report = {
+        "students": {
+            "seq-kd": {"data": "teacher"},
+            "kd": {
+                "topk": with_warnings(
+                    {
+                        "logging_steps": 3,
+                        "alpha": 0.5,
+                        "mean": fine,
+                        "first": {"step": 10, **bad},
+                        "last": {"step": 30, **bad},
+                    }
+                )
+            },
+        }
+    }
     md = "\n".join(lines(report))
     assert "## Top-k diagnostics" in md and "**kd** (α 0.5, 3 logging steps)" in md and "seq-kd" not in md
     assert "| mean over training | 0.970 | 0.030 | 1.0% | 1 | 0.2 | 0.2 |" in md
@@ -128,6 +164,7 @@ def test_the_chunked_heads_outside_share_is_the_dense_argmaxs(temperature):
 
 # ---- the training is unchanged ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A real logit cache (a sharpened tiny teacher's top-5 on 48 kept answers, through the capture stage) and the
@@ -139,11 +176,19 @@ def setup(tmp_path_factory):
     _, tokenizer = tiny_teacher(tmp / "teacher-model", sharpen=20.0)
     teacher = stage_ref(run_dir, "teacher", lambda d: write_location(d, str(tmp / "teacher-model")))
     curated = stage_ref(run_dir, "curate", lambda d: pd.DataFrame(kept_rows(48)).to_parquet(d / "kept.parquet"))
-    logits = capture_logits.fn(run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE,
-                               teacher, curated)
+    logits = capture_logits.fn(
+        run_dir, LogitCacheSection(k=5, shard_rows=16, value_encoding="fp16"), TEMPLATE, teacher, curated
+    )
     data = stage_ref(run_dir, "data", lambda d: None)
-    return {"tokenizer": tokenizer, "run_dir": run_dir, "teacher": teacher, "curated": curated, "logits": logits,
-            "data": data, "teacher_dir": tmp / "teacher-model"}
+    return {
+        "tokenizer": tokenizer,
+        "run_dir": run_dir,
+        "teacher": teacher,
+        "curated": curated,
+        "logits": logits,
+        "data": data,
+        "teacher_dir": tmp / "teacher-model",
+    }
 
 
 class PureLoss(offline_kd.CachedKDTrainer):
@@ -159,17 +204,24 @@ class PureLoss(offline_kd.CachedKDTrainer):
         head = fused_head(model, int(at.sum()))
         if head is not None:
             _, hidden = final_hidden_states(model, inputs)
-            kd_teacher = Teacher(*(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.kd.divergence,
-                                 self.kd.temperature)
-            ce_rows, kd_rows = head_losses(hidden[:, :-1][at], head.weight, head.bias, labels=targets[at],
-                                           teacher=kd_teacher)
+            kd_teacher = Teacher(
+                *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.kd.divergence, self.kd.temperature
+            )
+            ce_rows, kd_rows = head_losses(
+                hidden[:, :-1][at], head.weight, head.bias, labels=targets[at], teacher=kd_teacher
+            )
             ce, kd = reduce(ce_rows, targets[at] != IGNORE_INDEX, "mean"), reduce(kd_rows, kd_at[at], "mean")
         else:
-            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                           use_cache=False).logits[:, :-1]
+            logits = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            ).logits[:, :-1]
             ce = cross_entropy(logits, targets)
-            kd = sparse_kd_loss(logits[kd_at], *(teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]),
-                                self.kd.divergence, self.kd.temperature)
+            kd = sparse_kd_loss(
+                logits[kd_at],
+                *(teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]),
+                self.kd.divergence,
+                self.kd.temperature,
+            )
         self._metrics["train"]["ce_loss"].append(ce.item())
         self._metrics["train"]["kd_loss"].append(kd.item())
         return self.kd.alpha * ce + (1.0 - self.kd.alpha) * kd
@@ -183,8 +235,15 @@ def test_diagnostics_leave_the_weights_and_losses_bit_identical(setup, tmp_path,
 
     def run(name):
         model = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
-        history = train_offline_kd(model, tok, setup["logits"].path, KDLoss(Divergence.forward_kl, 0.5, 2.0),
-                                   {**TRAINING, "logging_steps": 1}, tmp_path / name, seed=0)
+        history = train_offline_kd(
+            model,
+            tok,
+            setup["logits"].path,
+            KDLoss(Divergence.forward_kl, 0.5, 2.0),
+            {**TRAINING, "logging_steps": 1},
+            tmp_path / name,
+            seed=0,
+        )
         return history, {k: v.clone() for k, v in model.state_dict().items()}
 
     with_diagnostics, weights = run("on")
@@ -199,17 +258,23 @@ def test_diagnostics_leave_the_weights_and_losses_bit_identical(setup, tmp_path,
 
 # ---- logged per step, in the manifest, in the report ---------------------------------------------------------------
 
+
 def test_an_offline_kd_students_manifest_and_report_carry_its_diagnostics(setup, capsys):
     from kdflow.reporting.run_report import build_report, render_markdown
     from tasks.report import trained
     from tasks.students import train_student
     from test_report import CURATION, DEPLOYMENT, model
 
-    section = StudentSection(name="kd", data="teacher", architecture={"hidden": 32, "layers": 1, "heads": 1,
-                                                                      "intermediate": 64},
-                             kd={"divergence": "forward_kl", "alpha": 0.3}, training=TRAINING)
-    ref = train_student.fn(setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"],
-                           setup["logits"])
+    section = StudentSection(
+        name="kd",
+        data="teacher",
+        architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+        kd={"divergence": "forward_kl", "alpha": 0.3},
+        training=TRAINING,
+    )
+    ref = train_student.fn(
+        setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
+    )
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[students kd] step 4/4"))
     assert "  kept " in line and "  tail " in line and "top-1 outside " in line and "kd/ce " in line
     topk = ref.manifest()["topk"]
@@ -236,11 +301,21 @@ def test_an_on_policy_student_logs_them_per_step_one_value_per_micro_batch(setup
     from kdflow.training.on_policy import train_on_policy
 
     tok = setup["tokenizer"]
-    rows = [{"row_id": f"r{i}", **chat(f"Solve step by step: {r['question']}", r["text"])}
-            for i, r in enumerate(kept_rows(16))]
-    history = train_on_policy(llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0), tok, rows,
-                              OnPolicyKD(method="on_policy", k=5, max_new_tokens=8), setup["teacher_dir"], None,
-                              TRAINING, tmp_path / "out", 0)
+    rows = [
+        {"row_id": f"r{i}", **chat(f"Solve step by step: {r['question']}", r["text"])}
+        for i, r in enumerate(kept_rows(16))
+    ]
+    history = train_on_policy(
+        llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0),
+        tok,
+        rows,
+        OnPolicyKD(method="on_policy", k=5, max_new_tokens=8),
+        setup["teacher_dir"],
+        None,
+        TRAINING,
+        tmp_path / "out",
+        0,
+    )
     steps = [h for h in history if "kd_loss" in h]
     assert len(steps) == 2
     for h in steps:

@@ -16,8 +16,13 @@ from kdflow.training.tiny_models import llama_model
 from test_capture import TEMPLATE, kept_rows, tiny_teacher
 
 torch.set_num_threads(1)
-TRAINING = {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 2,
-            "max_length": 64}
+TRAINING = {
+    "max_steps": 8,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-2,
+    "logging_steps": 2,
+    "max_length": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +65,24 @@ def test_a_trainer_given_no_progress_still_prints_no_bare_dicts(tokenizer, tmp_p
 
 
 def test_the_students_stage_names_its_student_and_reports_through_on_progress(tokenizer, tmp_path, capsys):
-    section = StudentSection(name="baseline", data="gold", architecture={"hidden": 32, "layers": 1, "heads": 1,
-                                                                        "intermediate": 64}, training=TRAINING)
+    section = StudentSection(
+        name="baseline",
+        data="gold",
+        architecture={"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+        training=TRAINING,
+    )
     events = []
-    fit_student(student(tokenizer), tokenizer, section, [{"row_id": str(i), **r} for i, r in enumerate(rows())],
-                teacher=None, logits=None, out=tmp_path / "out", checkpoints=tmp_path / "ckpt",
-                on_progress=lambda *e: events.append(e))
+    fit_student(
+        student(tokenizer),
+        tokenizer,
+        section,
+        [{"row_id": str(i), **r} for i, r in enumerate(rows())],
+        teacher=None,
+        logits=None,
+        out=tmp_path / "out",
+        checkpoints=tmp_path / "ckpt",
+        on_progress=lambda *e: events.append(e),
+    )
     check_events(events, TRAINING["max_steps"])
     out = capsys.readouterr().out
     assert "[students baseline] step 8/8  loss " in out and "{'loss'" not in out
@@ -82,8 +99,9 @@ def test_the_prefect_artifact_is_keyed_by_student_and_updated_at_a_bounded_rate(
     on_progress = p.TrainingArtifact("students", "seq-kd@1")
     for step in range(1, 101):  # faster than EVERY_S: only the first and the last step reach the server
         on_progress(step, 100, 0.5, 100 - step)
-    assert created == [{"progress": 0.0, "key": "training-seq-kd-1",
-                        "description": "students seq-kd@1: training steps done"}]
+    assert created == [
+        {"progress": 0.0, "key": "training-seq-kd-1", "description": "students seq-kd@1: training steps done"}
+    ]
     assert [u[1]["progress"] for u in updates] == [1.0, 100.0] and updates[0][0] == "artifact-id"
     assert updates[-1][1]["description"] == "students seq-kd@1: step 100/100, loss 0.5000, about 0 s left"
 
@@ -103,8 +121,7 @@ def broken_artifact(monkeypatch, update):
     return p.TrainingArtifact("students", "seq-kd"), warnings
 
 
-def test_a_prefect_server_gone_mid_training_is_logged_once_and_the_training_finishes(tokenizer, tmp_path,
-                                                                                     monkeypatch):
+def test_a_prefect_server_gone_mid_training_is_logged_once_and_the_training_finishes(tokenizer, tmp_path, monkeypatch):
     import httpx
 
     tries = []
@@ -118,12 +135,15 @@ def test_a_prefect_server_gone_mid_training_is_logged_once_and_the_training_fini
     train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0, callbacks=[progress])
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert tries == [25.0]  # tried once; not again for every step
-    assert warnings == ["students seq-kd: progress artifact not updated (ConnectError: All connection attempts "
-                        "failed); training goes on without it"]
+    assert warnings == [
+        "students seq-kd: progress artifact not updated (ConnectError: All connection attempts "
+        "failed); training goes on without it"
+    ]
 
 
-def test_a_prefect_server_that_never_answers_holds_a_step_no_longer_than_the_call_bound(tokenizer, tmp_path,
-                                                                                        monkeypatch):
+def test_a_prefect_server_that_never_answers_holds_a_step_no_longer_than_the_call_bound(
+    tokenizer, tmp_path, monkeypatch
+):
     import threading
 
     import tasks.progress as p
@@ -132,13 +152,22 @@ def test_a_prefect_server_that_never_answers_holds_a_step_no_longer_than_the_cal
     artifact, warnings = broken_artifact(monkeypatch, lambda artifact, **kw: release.wait())  # hangs until released
     monkeypatch.setattr(p, "CALL_TIMEOUT_S", 0.2)
     try:
-        train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0,
-                  callbacks=[TrainingProgress("students", "seq-kd", artifact)])
+        train_sft(
+            student(tokenizer),
+            tokenizer,
+            rows(),
+            TRAINING,
+            tmp_path / "out",
+            seed=0,
+            callbacks=[TrainingProgress("students", "seq-kd", artifact)],
+        )
     finally:
         release.set()
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
-    assert warnings == ["students seq-kd: progress artifact not updated (TimeoutError: no answer from the Prefect API "
-                        "within 0.2 s); training goes on without it"]
+    assert warnings == [
+        "students seq-kd: progress artifact not updated (TimeoutError: no answer from the Prefect API "
+        "within 0.2 s); training goes on without it"
+    ]
 
 
 def test_duration():

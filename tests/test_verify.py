@@ -69,9 +69,14 @@ def test_a_runaway_answer_verified_from_a_worker_thread_gives_verify_timeout(sho
 
 
 def test_ordinary_answers_verify_from_worker_threads_at_once():
-    cases = [("5*3=15, so #### 72", "72", Verdict.correct), ("5*3=15, so #### 71", "72", Verdict.wrong),
-             ("I cannot say.", "72", Verdict.no_answer), ("x = \\frac{1}{2}", "0.5", Verdict.correct),
-             ("it costs $72.00 <<8*9=72>>", "72", Verdict.correct), ("", "72", Verdict.no_answer)] * 5
+    cases = [
+        ("5*3=15, so #### 72", "72", Verdict.correct),
+        ("5*3=15, so #### 71", "72", Verdict.wrong),
+        ("I cannot say.", "72", Verdict.no_answer),
+        ("x = \\frac{1}{2}", "0.5", Verdict.correct),
+        ("it costs $72.00 <<8*9=72>>", "72", Verdict.correct),
+        ("", "72", Verdict.no_answer),
+    ] * 5
     with ThreadPoolExecutor(4) as pool:  # several threads at once: each gets a worker of its own
         verdicts = list(pool.map(lambda case: judge(case[0], case[1]), cases, timeout=HANG_GUARD_S))
     assert verdicts == [expected for _, _, expected in cases]
@@ -79,8 +84,9 @@ def test_ordinary_answers_verify_from_worker_threads_at_once():
 
 
 def test_a_batch_goes_on_past_the_answer_that_timed_out(short_bound):
-    results = in_a_thread(run_calls, [("judge", ["#### 72", "72"]), ("judge", [MONSTER, "72"]),
-                                      ("final_answer", ["#### 7.5"])])
+    results = in_a_thread(
+        run_calls, [("judge", ["#### 72", "72"]), ("judge", [MONSTER, "72"]), ("final_answer", ["#### 7.5"])]
+    )
     assert results[0] == "correct" and isinstance(results[1], VerifyTimeout) and results[2] == "7.5"
 
 

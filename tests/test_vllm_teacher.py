@@ -37,9 +37,15 @@ def data_ref(run_dir: Path, splits: dict[str, int], literal: bool = False) -> Ou
     """A data stage output of arithmetic-like rows (train rows have a gold rationale, for ICL demonstrations)."""
     tables = {}
     for split, n in splits.items():
-        rows = [{"id": f"{split}-{i:04d}", "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}",
-                 "rationale": f"{i % 9 + 1}+{i % 7 + 1}={i % 9 + i % 7 + 2}\nAnswer: {i % 9 + i % 7 + 2 - i % 5}",
-                 "answer": str(i % 9 + i % 7 + 2 - i % 5)} for i in range(n)]
+        rows = [
+            {
+                "id": f"{split}-{i:04d}",
+                "question": f"{i % 9 + 1}+{i % 7 + 1}-{i % 5}",
+                "rationale": f"{i % 9 + 1}+{i % 7 + 1}={i % 9 + i % 7 + 2}\nAnswer: {i % 9 + i % 7 + 2 - i % 5}",
+                "answer": str(i % 9 + i % 7 + 2 - i % 5),
+            }
+            for i in range(n)
+        ]
         if literal and split != "train":
             rows[0]["question"] = LITERAL
         tables[split] = rows
@@ -52,8 +58,15 @@ def data_ref(run_dir: Path, splits: dict[str, int], literal: bool = False) -> Ou
 
 
 def section(base_url: str, model_dir: Path, **kw) -> GenerationSection:
-    api = {"base_url": base_url, "model": str(model_dir), "api_key_env": KEY_ENV, "token_ids": True,
-           "concurrency": 4, "timeout_s": 30, **kw.pop("api", {})}
+    api = {
+        "base_url": base_url,
+        "model": str(model_dir),
+        "api_key_env": KEY_ENV,
+        "token_ids": True,
+        "concurrency": 4,
+        "timeout_s": 30,
+        **kw.pop("api", {}),
+    }
     kw = {"splits": ["prompts"], "max_new_tokens": 16, **kw}
     return GenerationSection(backend="openai", api=api, **kw)
 
@@ -76,8 +89,9 @@ def key_env(monkeypatch):
     monkeypatch.setenv(KEY_ENV, VLLM_TEST_API_KEY)
 
 
-def test_stage_answers_with_logprobs_and_token_ids_and_leaks_no_key(prefect_server, vllm_server_url, vllm_model_dir,
-                                                                    tmp_path, key_env, capfd):
+def test_stage_answers_with_logprobs_and_token_ids_and_leaks_no_key(
+    prefect_server, vllm_server_url, vllm_model_dir, tmp_path, key_env, capfd
+):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -112,12 +126,14 @@ def test_stage_answers_with_logprobs_and_token_ids_and_leaks_no_key(prefect_serv
     row = literal
     ids = [int(i) for i in row["token_ids"]]
     with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1: -1]
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1 : -1]
     hf = torch.log_softmax(logits, -1)[torch.arange(len(ids)), torch.tensor(ids)]
     assert torch.allclose(hf, torch.tensor(list(row["token_logprobs"]), dtype=torch.float32), atol=2e-3)
 
     acct = ref.manifest()["accounting"]
-    assert acct["answers"] == 20 and acct["failures"] == 0 and acct["prompt_tokens"] > 0 and acct["completion_tokens"] > 0
+    assert (
+        acct["answers"] == 20 and acct["failures"] == 0 and acct["prompt_tokens"] > 0 and acct["completion_tokens"] > 0
+    )
 
     # The key is nowhere: run folder (every file), console, Prefect logs and artifacts.
     for path in run_dir.rglob("*"):
@@ -142,14 +158,16 @@ def prefect_logs_and_artifacts() -> tuple[str, list[dict]]:
             artifacts = await client.read_artifacts()
             runs = await client.read_task_runs()
         artifacts = [a.model_dump(mode="json") for a in artifacts]
-        return json.dumps([entry.model_dump(mode="json") for entry in logs] + artifacts
-                          + [r.model_dump(mode="json") for r in runs]), artifacts
+        return json.dumps(
+            [entry.model_dump(mode="json") for entry in logs] + artifacts + [r.model_dump(mode="json") for r in runs]
+        ), artifacts
 
     return asyncio.run(read())
 
 
-def test_icl_shows_k_demonstrations_and_stores_the_zero_shot_prompt(prefect_server, vllm_server_url, vllm_model_dir,
-                                                                     tmp_path, key_env):
+def test_icl_shows_k_demonstrations_and_stores_the_zero_shot_prompt(
+    prefect_server, vllm_server_url, vllm_model_dir, tmp_path, key_env
+):
     run_dir = tmp_path / "run"
     data = data_ref(run_dir, {"train": 8, "prompts": 6})
     train = {r["id"]: r for r in pd.read_parquet(Path(data.path) / "train.parquet").to_dict("records")}
@@ -171,8 +189,9 @@ def test_icl_shows_k_demonstrations_and_stores_the_zero_shot_prompt(prefect_serv
         assert bodies[asked[0]]["messages"][0] == {"role": "system", "content": "Be brief."}
 
 
-def test_all_rows_complete_under_20_percent_faults_with_retries_counted(prefect_server, vllm_server_url,
-                                                                         vllm_model_dir, tmp_path, key_env):
+def test_all_rows_complete_under_20_percent_faults_with_retries_counted(
+    prefect_server, vllm_server_url, vllm_model_dir, tmp_path, key_env
+):
     run_dir = tmp_path / "run"
     data = data_ref(run_dir, {"train": 2, "prompts": 50})
     # seed 7: the first 50 draws hold every kind of fault (5 x 429, 5 x 500, 4 drops, 3 slow)
@@ -188,13 +207,17 @@ def test_all_rows_complete_under_20_percent_faults_with_retries_counted(prefect_
     # Every injected fault was retried once and counted under its reason. A request that is merely slow on a
     # busy machine may time out too, so timeouts are at least the injected ones.
     by_reason = acct["retries_by_reason"]
-    assert [by_reason.get(r, 0) for r in ("rate_limited", "server_error", "connection")] == \
-        [proxy.faults["429"], proxy.faults["500"], proxy.faults["drop"]]
+    assert [by_reason.get(r, 0) for r in ("rate_limited", "server_error", "connection")] == [
+        proxy.faults["429"],
+        proxy.faults["500"],
+        proxy.faults["drop"],
+    ]
     assert by_reason.get("timeout", 0) >= proxy.faults["slow"] and acct["retries"] >= injected
 
 
-def test_a_401_fails_at_once_with_a_clear_message(prefect_server, vllm_server_url, vllm_model_dir, tmp_path,
-                                                  monkeypatch):
+def test_a_401_fails_at_once_with_a_clear_message(
+    prefect_server, vllm_server_url, vllm_model_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv(KEY_ENV, "sk-wrong-key")
     run_dir = tmp_path / "run"
     data = data_ref(run_dir, {"train": 2, "prompts": 30})
@@ -236,8 +259,9 @@ def run_and_kill(spec: Path, folder: Path, at: int, env: dict) -> None:
         child.wait()
 
 
-def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(prefect_server, vllm_server_url,
-                                                                             vllm_model_dir, tmp_path, key_env):
+def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(
+    prefect_server, vllm_server_url, vllm_model_dir, tmp_path, key_env
+):
     run_dir, concurrency, rows = tmp_path / "run", 4, 160
     data = data_ref(run_dir, {"train": 2, "prompts": rows})
     teacher_ref = teacher(run_dir, vllm_model_dir)
@@ -248,10 +272,22 @@ def test_sigkill_then_rerun_gives_one_answer_each_and_repeats_only_in_flight(pre
         key = GENERATE.key(section=s, template=COT, teacher=teacher_ref, data=data)
         folder = shard_folder(run_dir, key)
         spec = tmp_path / "spec.json"
-        spec.write_text(json.dumps({"section": {"backend": "openai", "splits": ["prompts"], "max_new_tokens": 32,
-                                                "api": s.api.model_dump(mode="json")},
-                                    "template": COT, "data": data.model_dump(), "model": str(vllm_model_dir),
-                                    "folder": str(folder)}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "section": {
+                        "backend": "openai",
+                        "splits": ["prompts"],
+                        "max_new_tokens": 32,
+                        "api": s.api.model_dump(mode="json"),
+                    },
+                    "template": COT,
+                    "data": data.model_dump(),
+                    "model": str(vllm_model_dir),
+                    "folder": str(folder),
+                }
+            )
+        )
         repeats = []
         for at in (rows // 4, rows // 2):  # two kills, each mid-run
             before = Counter(proxy.bodies)
@@ -304,8 +340,13 @@ def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_pat
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     run_dir, model_dir = tmp_path / "run", build_tiny_teacher(tmp_path / "own-teacher")
     data = data_ref(run_dir, {"train": 2, "prompts": 6})
-    s = GenerationSection(backend="vllm", splits=["prompts"], max_new_tokens=8, logprobs=2,
-                          vllm={"extra_args": ["--dtype", "float32", "--enforce-eager"]})
+    s = GenerationSection(
+        backend="vllm",
+        splits=["prompts"],
+        max_new_tokens=8,
+        logprobs=2,
+        vllm={"extra_args": ["--dtype", "float32", "--enforce-eager"]},
+    )
     ref = generate_answers.fn(run_dir, s, COT, teacher(run_dir, model_dir), data)
     answers = answers_of(ref)
     assert len(answers) == 6 and all(len(ids) > 0 for ids in answers["token_ids"])  # ids: vLLM's exact token ids

@@ -21,15 +21,27 @@ def modules(wing: str) -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules([str(ROOT / wing)]))
 
 
-index = ["# API reference", "",
-         "The `kdflow` library, from its docstrings: plain Python that imports nothing from Prefect, `tasks/` or "
-         "`flows/`, grouped by wing — one subpackage per part of the pipeline.", "",
-         "| wing | modules |", "|---|---|"]
+index = [
+    "# API reference",
+    "",
+    "The `kdflow` library, from its docstrings: plain Python that imports nothing from Prefect, `tasks/` or "
+    "`flows/`, grouped by wing — one subpackage per part of the pipeline.",
+    "",
+    "| wing | modules |",
+    "|---|---|",
+]
 for wing in wings():
     names = modules(wing)
     index.append(f"| [`kdflow.{wing}`]({wing}.md) | {', '.join(f'`{n}`' for n in names)} |")
-    lines = [f"# `kdflow.{wing}`", "", f"::: kdflow.{wing}", "    options:", "      members: false",
-             "      show_root_heading: false", ""]  # the package's docstring under the page's own title
+    lines = [
+        f"# `kdflow.{wing}`",
+        "",
+        f"::: kdflow.{wing}",
+        "    options:",
+        "      members: false",
+        "      show_root_heading: false",
+        "",
+    ]  # the package's docstring under the page's own title
     for name in names:
         lines += [f"::: kdflow.{wing}.{name}", ""]
     with mkdocs_gen_files.open(f"reference/api/{wing}.md", "w") as f:

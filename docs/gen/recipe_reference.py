@@ -39,7 +39,12 @@ def recipe_kinds() -> list[type[BaseModel]]:
     for info in pkgutil.iter_modules(kdflow.config.__path__):
         module = importlib.import_module(f"kdflow.config.{info.name}")
         for name, obj in vars(module).items():
-            if inspect.isclass(obj) and issubclass(obj, Strict) and name.endswith("Recipe") and obj.__module__ == module.__name__:
+            if (
+                inspect.isclass(obj)
+                and issubclass(obj, Strict)
+                and name.endswith("Recipe")
+                and obj.__module__ == module.__name__
+            ):
                 found[name] = obj
     main = found.pop("Recipe")  # the distillation recipe first
     return [main, *sorted(found.values(), key=lambda c: c.__name__)]
@@ -97,8 +102,15 @@ def default_of(field) -> str:
         value = value.value
     if isinstance(value, BaseModel):
         return "its defaults"
-    return "`" + yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip() \
-        .replace("|", "\\|") + "`"
+    return (
+        "`"
+        + yaml.safe_dump(value, default_flow_style=True, width=10_000)
+        .strip()
+        .removesuffix("...")
+        .strip()
+        .replace("|", "\\|")
+        + "`"
+    )
 
 
 def cell(text: str | None) -> str:
@@ -132,14 +144,18 @@ def walk(model: type[BaseModel], path: str, out: list, links: dict, seen: set, t
         for sub in models_in(field.annotation):
             if sub not in links:
                 shape = strip(field.annotation)
-                many = typing.get_origin(shape) is list or any(typing.get_origin(strip(a)) is list
-                                                                for a in typing.get_args(shape))
+                many = typing.get_origin(shape) is list or any(
+                    typing.get_origin(strip(a)) is list for a in typing.get_args(shape)
+                )
                 sub_path = f"{path}.{key}" + ("[]" if many else "")
                 sub_title = sub_path + (f" ({sub.__name__})" if len(models_in(field.annotation)) > 1 else "")
                 links[sub] = anchor(sub_title)
                 children.append((sub, sub_path, sub_title))
-    rows = [f"| `{field.alias or name}` | {type_name(field.annotation, links)} | {default_of(field)} | "
-            f"{cell(describe(field))} |" for name, field in model.model_fields.items()]
+    rows = [
+        f"| `{field.alias or name}` | {type_name(field.annotation, links)} | {default_of(field)} | "
+        f"{cell(describe(field))} |"
+        for name, field in model.model_fields.items()
+    ]
     out += [f"## `{title}` {{#{anchor(title)}}}", "", f"*{model.__module__}.{model.__name__}*", ""]
     if doc_of(model):
         out += [doc_of(model), ""]
@@ -152,7 +168,9 @@ def page() -> str:
     from kdflow.config.fields import PATH_RULE
 
     kinds = recipe_kinds()
-    out = [INTRO.format(path_rule=PATH_RULE, kinds=", ".join(f"[`{k.__name__}`](#{anchor(k.__name__)})" for k in kinds))]
+    out = [
+        INTRO.format(path_rule=PATH_RULE, kinds=", ".join(f"[`{k.__name__}`](#{anchor(k.__name__)})" for k in kinds))
+    ]
     links, seen = {}, set()  # a section shared by two recipe kinds is documented once, under the first
     for kind in kinds:
         walk(kind, kind.__name__, out, links, seen)

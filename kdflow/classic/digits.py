@@ -48,7 +48,8 @@ def load_digits_splits(seed: int, test_fraction: float, val_fraction: float) -> 
     x, y = digits.data.astype(np.float32) / 16.0, digits.target.astype(np.int64)
     rest_x, test_x, rest_y, test_y = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
     train_x, val_x, train_y, val_y = train_test_split(
-        rest_x, rest_y, test_size=val_fraction / (1 - test_fraction), stratify=rest_y, random_state=seed)
+        rest_x, rest_y, test_size=val_fraction / (1 - test_fraction), stratify=rest_y, random_state=seed
+    )
     arrays = {"train": (train_x, train_y), "val": (val_x, val_y), "test": (test_x, test_y)}
     return {name: Split(torch.from_numpy(a), torch.from_numpy(b)) for name, (a, b) in arrays.items()}
 
@@ -83,8 +84,16 @@ class Training:
     weight_decay: float = 0.0
 
 
-def train(model: nn.Module, data: Split, training: Training, seed: int, *, teacher_logits: torch.Tensor | None = None,
-          alpha: float = 1.0, temperature: float = 1.0) -> list[float]:
+def train(
+    model: nn.Module,
+    data: Split,
+    training: Training,
+    seed: int,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+) -> list[float]:
     """Train ``model`` in place with Adam on ``hinton_loss``; returns the mean loss of each epoch.
 
     ``teacher_logits``: (N, C) aligned row for row with ``data`` (same order), or None with ``alpha = 1``
@@ -129,6 +138,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 # ---- Reports: mean and spread over seeds, Markdown, plots (matplotlib, off-screen) ----------------------
+
 
 def spread(values: list[float]) -> dict:
     """{"mean", "std", "values"}: the sample standard deviation over seeds (0 for a single seed)."""
@@ -180,12 +190,16 @@ def _pm(s: dict, scale: float = 1.0, digits: int = 2) -> str:
 def table_rows(report: dict) -> list[dict]:
     """The report's models as rows (for a Prefect table artifact)."""
     return [
-        {"model": name, "parameters": m["params"], "teacher/model size": m["teacher_size_ratio"],
-         "test accuracy % (mean)": round(100 * m["test_accuracy"]["mean"], 2),
-         "test accuracy % (std)": round(100 * m["test_accuracy"]["std"], 2),
-         "test errors (mean)": round(m["test_errors"]["mean"], 2),
-         "test errors per seed": " ".join(str(v) for v in m["test_errors"]["values"]),
-         "val accuracy % (mean)": round(100 * m["val_accuracy"]["mean"], 2)}
+        {
+            "model": name,
+            "parameters": m["params"],
+            "teacher/model size": m["teacher_size_ratio"],
+            "test accuracy % (mean)": round(100 * m["test_accuracy"]["mean"], 2),
+            "test accuracy % (std)": round(100 * m["test_accuracy"]["std"], 2),
+            "test errors (mean)": round(m["test_errors"]["mean"], 2),
+            "test errors per seed": " ".join(str(v) for v in m["test_errors"]["values"]),
+            "val accuracy % (mean)": round(100 * m["val_accuracy"]["mean"], 2),
+        }
         for name, m in report["models"].items()
     ]
 
@@ -208,8 +222,10 @@ def render_markdown(report: dict, plot: str | None = None, png: bytes | None = N
     ]
     for name, m in report["models"].items():
         per = " ".join(str(v) for v in m["test_errors"]["values"])
-        lines.append(f"| {name} | {m['params']:,} | {m['teacher_size_ratio']}× | {_pm(m['test_accuracy'], 100)} | "
-                     f"{_pm(m['test_errors'], digits=1)} | {per} | {_pm(m['val_accuracy'], 100)} |")
+        lines.append(
+            f"| {name} | {m['params']:,} | {m['teacher_size_ratio']}× | {_pm(m['test_accuracy'], 100)} | "
+            f"{_pm(m['test_errors'], digits=1)} | {per} | {_pm(m['val_accuracy'], 100)} |"
+        )
     verdict = lambda ok: "yes" if ok else "**no**"  # noqa: E731
     n = len(seeds)
     lines += [
@@ -261,13 +277,17 @@ def plot_models(report: dict) -> bytes:
     ax.set_ylim(max(0.0, low - 2), 100)
     ax.set_xticks(range(len(names)), [f"{n}\n{report['models'][n]['params']:,} params" for n in names], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{report['run']}: T = {report['distill']['temperature']}, α = {report['distill']['alpha']}, "
-                 f"{len(report['seeds'])} seeds", fontsize=10)
+    ax.set_title(
+        f"{report['run']}: T = {report['distill']['temperature']}, α = {report['distill']['alpha']}, "
+        f"{len(report['seeds'])} seeds",
+        fontsize=10,
+    )
     return _png(fig)
 
 
-def summarize_sweep(run_name: str, data_manifest: dict, references: dict[int, dict[str, dict]],
-                    points: list[dict]) -> dict:
+def summarize_sweep(
+    run_name: str, data_manifest: dict, references: dict[int, dict[str, dict]], points: list[dict]
+) -> dict:
     """``references``: seed -> name -> {params, val, test} for the fixed models (single teacher, ensembles,
     hard-label student); ``points``: one per trained student, {seed, ensemble, alpha, temperature, params,
     val, test}. The grid gives each (ensemble, alpha, temperature) its spread over seeds."""
@@ -284,17 +304,23 @@ def summarize_sweep(run_name: str, data_manifest: dict, references: dict[int, di
         "grid": grid,
         # chosen on the validation split, so that its test accuracy is an honest estimate; every tie is kept
         # (a small validation split often cannot tell settings apart, and that should show)
-        "best_on_val": [g for g in grid if g["val_accuracy"]["mean"] >= max(h["val_accuracy"]["mean"] for h in grid) - 1e-9],
+        "best_on_val": [
+            g for g in grid if g["val_accuracy"]["mean"] >= max(h["val_accuracy"]["mean"] for h in grid) - 1e-9
+        ],
     }
 
 
 def sweep_table_rows(sweep: dict) -> list[dict]:
     return [
-        {"ensemble size": g["ensemble"], "alpha": g["alpha"], "T": g["temperature"],
-         "test accuracy % (mean)": round(100 * g["test_accuracy"]["mean"], 2),
-         "test accuracy % (std)": round(100 * g["test_accuracy"]["std"], 2),
-         "test errors (mean)": round(g["test_errors"]["mean"], 2),
-         "val accuracy % (mean)": round(100 * g["val_accuracy"]["mean"], 2)}
+        {
+            "ensemble size": g["ensemble"],
+            "alpha": g["alpha"],
+            "T": g["temperature"],
+            "test accuracy % (mean)": round(100 * g["test_accuracy"]["mean"], 2),
+            "test accuracy % (std)": round(100 * g["test_accuracy"]["std"], 2),
+            "test errors (mean)": round(g["test_errors"]["mean"], 2),
+            "val accuracy % (mean)": round(100 * g["val_accuracy"]["mean"], 2),
+        }
         for g in sweep["grid"]
     ]
 
@@ -311,18 +337,33 @@ def render_sweep_markdown(sweep: dict, plot: str | None = None, png: bytes | Non
         "|---|---:|---:|---:|---:|",
     ]
     for name, m in sweep["references"].items():
-        lines.append(f"| {name} | {m['params']:,} | {_pm(m['test_accuracy'], 100)} | {_pm(m['test_errors'], digits=1)} "
-                     f"| {_pm(m['val_accuracy'], 100)} |")
-    lines += ["", "| teacher ensemble size | α | T | test accuracy % | test errors | val accuracy % |",
-              "|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {m['params']:,} | {_pm(m['test_accuracy'], 100)} | {_pm(m['test_errors'], digits=1)} "
+            f"| {_pm(m['val_accuracy'], 100)} |"
+        )
+    lines += [
+        "",
+        "| teacher ensemble size | α | T | test accuracy % | test errors | val accuracy % |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for g in sweep["grid"]:
-        lines.append(f"| {g['ensemble']} | {g['alpha']} | {g['temperature']} | {_pm(g['test_accuracy'], 100)} | "
-                     f"{_pm(g['test_errors'], digits=1)} | {_pm(g['val_accuracy'], 100)} |")
+        lines.append(
+            f"| {g['ensemble']} | {g['alpha']} | {g['temperature']} | {_pm(g['test_accuracy'], 100)} | "
+            f"{_pm(g['test_errors'], digits=1)} | {_pm(g['val_accuracy'], 100)} |"
+        )
     best = sweep["best_on_val"]
-    lines += ["", f"Best on the validation split (mean val accuracy {_pm(best[0]['val_accuracy'], 100)} %"
-              + (f", {len(best)} settings tied" if len(best) > 1 else "") + "):", ""]
-    lines += [f"- ensemble {b['ensemble']}, α = {b['alpha']}, T = {b['temperature']}: test accuracy "
-              f"{_pm(b['test_accuracy'], 100)} %, {_pm(b['test_errors'], digits=1)} errors" for b in best]
+    lines += [
+        "",
+        f"Best on the validation split (mean val accuracy {_pm(best[0]['val_accuracy'], 100)} %"
+        + (f", {len(best)} settings tied" if len(best) > 1 else "")
+        + "):",
+        "",
+    ]
+    lines += [
+        f"- ensemble {b['ensemble']}, α = {b['alpha']}, T = {b['temperature']}: test accuracy "
+        f"{_pm(b['test_accuracy'], 100)} %, {_pm(b['test_errors'], digits=1)} errors"
+        for b in best
+    ]
     lines.append("")
     if png is not None:
         import base64
@@ -341,9 +382,15 @@ def plot_sweep(sweep: dict) -> bytes:
     for g in sweep["grid"]:
         lines.setdefault((g["ensemble"], g["alpha"]), []).append(g)
     for (k, alpha), gs in lines.items():
-        ax.errorbar([g["temperature"] for g in gs], [100 * g["test_accuracy"]["mean"] for g in gs],
-                    yerr=[100 * g["test_accuracy"]["std"] for g in gs], marker="o", ms=4, capsize=3,
-                    label=f"KD student, teacher ensemble {k}, α={alpha}")
+        ax.errorbar(
+            [g["temperature"] for g in gs],
+            [100 * g["test_accuracy"]["mean"] for g in gs],
+            yerr=[100 * g["test_accuracy"]["std"] for g in gs],
+            marker="o",
+            ms=4,
+            capsize=3,
+            label=f"KD student, teacher ensemble {k}, α={alpha}",
+        )
     refs = sweep["references"]
     ensembles = [n for n in refs if n.startswith("ensemble")]
     styles = {"hard-label student": ("black", "--"), "teacher": ("tab:gray", ":")}

@@ -29,13 +29,16 @@ def write_splits(section: ClassifierDataSection, out: Path) -> dict[str, Split]:
         splits = classifier_kd.load_digits_splits(section.seed, section.test_fraction, section.val_fraction)
     else:
         tokenizer = classifier_hf.word_tokenizer()
-        splits, rows = classifier_hf.load_review_splits(section.rows, section.seed, section.test_fraction,
-                                                        section.val_fraction, tokenizer)
+        splits, rows = classifier_hf.load_review_splits(
+            section.rows, section.seed, section.test_fraction, section.val_fraction, tokenizer
+        )
         tokenizer.save_pretrained(out / "tokenizer")
         with open(out / "rows.jsonl", "w") as f:
             f.writelines(json.dumps({**r, "split": name}) + "\n" for name, part in rows.items() for r in part)
-    save_file({f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
-              out / SPLITS_FILE)
+    save_file(
+        {f"{name}.{part}": getattr(s, part).contiguous() for name, s in splits.items() for part in "xy"},
+        out / SPLITS_FILE,
+    )
     return splits
 
 
@@ -48,8 +51,16 @@ def read_logits(ref: OutputRef, split: str) -> torch.Tensor:
     return load_file(Path(ref.path) / LOGITS)[split]
 
 
-def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher_logits: torch.Tensor | None = None,
-        alpha: float = 1.0, temperature: float = 1.0, omit_class: int | None = None) -> int:
+def fit(
+    model: MLP | Transformer,
+    data: OutputRef,
+    seed: int,
+    out: Path,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    omit_class: int | None = None,
+) -> int:
     """Train one classifier of the recipe's kind, save it under ``out`` with its logits on every split
     (``logits.safetensors``); returns its parameter count. ``omit_class``: train on the training split without
     that class (Hinton's omitted class; MLPs only); the logits still cover every row of every split."""
@@ -73,8 +84,9 @@ def fit(model: MLP | Transformer, data: OutputRef, seed: int, out: Path, teacher
 
         tokenizer = AutoTokenizer.from_pretrained(Path(data.path) / "tokenizer")
         pad = tokenizer.pad_token_id
-        net = classifier_hf.sequence_classifier(tokenizer, model.hidden, model.layers, model.heads,
-                                                model.intermediate, seed)
+        net = classifier_hf.sequence_classifier(
+            tokenizer, model.hidden, model.layers, model.heads, model.intermediate, seed
+        )
         classifier_hf.train_classifier(net, splits["train"], pad, model.training, out, seed, **kd)
         net.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")

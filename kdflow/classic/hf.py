@@ -31,14 +31,52 @@ from kdflow.config.classic import training_arguments
 from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.training.losses import hinton_loss
 
-SUBJECTS = ["the food", "the service", "the staff", "the room", "the screen", "the battery", "this phone",
-            "the plot", "the acting", "the price", "the delivery", "the sound", "the camera", "the hotel"]
+SUBJECTS = [
+    "the food",
+    "the service",
+    "the staff",
+    "the room",
+    "the screen",
+    "the battery",
+    "this phone",
+    "the plot",
+    "the acting",
+    "the price",
+    "the delivery",
+    "the sound",
+    "the camera",
+    "the hotel",
+]
 VERBS = ["is", "was", "seemed", "felt"]
 INTENSIFIERS = ["", "", "very", "really", "quite", "extremely", "somewhat"]
-POSITIVE = ["good", "great", "excellent", "lovely", "fantastic", "pleasant", "reliable", "friendly", "fast",
-            "clean", "sharp", "superb"]
-NEGATIVE = ["bad", "awful", "terrible", "poor", "slow", "rude", "dirty", "broken", "boring", "noisy", "cheap",
-            "disappointing"]
+POSITIVE = [
+    "good",
+    "great",
+    "excellent",
+    "lovely",
+    "fantastic",
+    "pleasant",
+    "reliable",
+    "friendly",
+    "fast",
+    "clean",
+    "sharp",
+    "superb",
+]
+NEGATIVE = [
+    "bad",
+    "awful",
+    "terrible",
+    "poor",
+    "slow",
+    "rude",
+    "dirty",
+    "broken",
+    "boring",
+    "noisy",
+    "cheap",
+    "disappointing",
+]
 CONNECTIVES = ["and", "but", "although", ","]
 LABELS = ["negative", "positive"]
 PAD, UNK, CLS = "[PAD]", "[UNK]", "[CLS]"
@@ -48,8 +86,13 @@ MAX_LENGTH = 24  # the longest review: [CLS] + 2 clauses of at most 7 words + 2 
 def _clause(rng: random.Random, positive: bool) -> str:
     negated = rng.random() < 0.4
     adjective = rng.choice(POSITIVE if positive != negated else NEGATIVE)
-    words = [rng.choice(SUBJECTS), rng.choice(VERBS), rng.choice(["not", "never"]) if negated else "",
-             rng.choice(INTENSIFIERS), adjective]
+    words = [
+        rng.choice(SUBJECTS),
+        rng.choice(VERBS),
+        rng.choice(["not", "never"]) if negated else "",
+        rng.choice(INTENSIFIERS),
+        adjective,
+    ]
     return " ".join(w for w in words if w)
 
 
@@ -75,7 +118,9 @@ def generate_reviews(rows: int, seed: int, noise: float = 0.05) -> list[dict]:
 
 
 def vocabulary() -> list[str]:
-    words = {w for phrase in SUBJECTS + VERBS + INTENSIFIERS + POSITIVE + NEGATIVE + CONNECTIVES for w in phrase.split()}
+    words = {
+        w for phrase in SUBJECTS + VERBS + INTENSIFIERS + POSITIVE + NEGATIVE + CONNECTIVES for w in phrase.split()
+    }
     return [PAD, UNK, CLS, *sorted(words | {"not", "never", "."})]
 
 
@@ -88,12 +133,14 @@ def word_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, vocab[CLS])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK, cls_token=CLS,
-                                   model_max_length=MAX_LENGTH)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, unk_token=UNK, cls_token=CLS, model_max_length=MAX_LENGTH
+    )
 
 
-def load_review_splits(rows: int, seed: int, test_fraction: float, val_fraction: float,
-                       tokenizer) -> tuple[dict[str, Split], dict[str, list[dict]]]:
+def load_review_splits(
+    rows: int, seed: int, test_fraction: float, val_fraction: float, tokenizer
+) -> tuple[dict[str, Split], dict[str, list[dict]]]:
     """Generated reviews split train / val / test (stratified), as token ids (N, MAX_LENGTH) and labels.
 
     Also returns the rows themselves per split, to keep with the data for people to read.
@@ -103,13 +150,15 @@ def load_review_splits(rows: int, seed: int, test_fraction: float, val_fraction:
     reviews = generate_reviews(rows, seed)
     labels = [r["label"] for r in reviews]
     rest, test = train_test_split(reviews, test_size=test_fraction, stratify=labels, random_state=seed)
-    train, val = train_test_split(rest, test_size=val_fraction / (1 - test_fraction),
-                                  stratify=[r["label"] for r in rest], random_state=seed)
+    train, val = train_test_split(
+        rest, test_size=val_fraction / (1 - test_fraction), stratify=[r["label"] for r in rest], random_state=seed
+    )
     parts = {"train": train, "val": val, "test": test}
     splits = {}
     for name, part in parts.items():
-        enc = tokenizer([r["text"] for r in part], padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [r["text"] for r in part], padding="max_length", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+        )
         splits[name] = Split(enc["input_ids"], torch.tensor([r["label"] for r in part]))
     return splits, parts
 
@@ -119,10 +168,18 @@ def sequence_classifier(tokenizer, hidden: int, layers: int, heads: int, interme
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(
-        "bert", vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=MAX_LENGTH, type_vocab_size=1,
-        pad_token_id=tokenizer.pad_token_id, num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)},
+        "bert",
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=MAX_LENGTH,
+        type_vocab_size=1,
+        pad_token_id=tokenizer.pad_token_id,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={n: i for i, n in enumerate(LABELS)},
     )
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config)
@@ -148,9 +205,18 @@ class HintonTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def train_classifier(model, data: Split, pad_id: int, training: dict, out_dir: Path, seed: int, *,
-                     teacher_logits: torch.Tensor | None = None, alpha: float = 1.0,
-                     temperature: float = 1.0) -> list[dict]:
+def train_classifier(
+    model,
+    data: Split,
+    pad_id: int,
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+) -> list[dict]:
     """Train ``model`` in place with ``HintonTrainer``; returns (and writes) the trainer's log history.
 
     ``data.x``: token ids (N, L); ``teacher_logits``: (N, C) row-aligned with ``data``, or None when
@@ -167,8 +233,14 @@ def train_classifier(model, data: Split, pad_id: int, training: dict, out_dir: P
         columns["teacher_logits"] = teacher_logits.float()
     dataset = Dataset.from_dict({k: v.tolist() for k, v in columns.items()}).with_format("torch")
     args = training_arguments(training, str(out_dir / "checkpoints"), seed)
-    trainer = HintonTrainer(model=model, args=args, train_dataset=dataset, data_collator=default_data_collator,
-                            alpha=alpha, temperature=temperature)
+    trainer = HintonTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+        alpha=alpha,
+        temperature=temperature,
+    )
     who = f"classifier seed {seed}" + (f", KD alpha {alpha}" if teacher_logits is not None else "")
     report_progress(trainer, "classic", who)  # progress lines naming it, not the trainer's bare {'loss': ...} dicts
     trainer.train()

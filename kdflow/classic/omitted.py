@@ -18,7 +18,9 @@ import torch
 from kdflow.classic.digits import Split, spread
 
 
-def drop_class(split: Split, label: int, teacher_logits: torch.Tensor | None = None) -> tuple[Split, torch.Tensor | None]:
+def drop_class(
+    split: Split, label: int, teacher_logits: torch.Tensor | None = None
+) -> tuple[Split, torch.Tensor | None]:
     """``split`` without any row of class ``label``, and the teacher's (N, C) logits cut to the same rows (same
     order), so that soft targets stay aligned with their images."""
     keep = split.y != label
@@ -70,13 +72,18 @@ def evaluate(logits: dict[str, torch.Tensor], splits: dict[str, Split], label: i
     delta = bias_for_class(logits["val"], splits["val"].y, label)
     test, y = logits["test"], splits["test"].y
     raised = raise_bias(test, label, delta)
-    return {"bias": delta,
-            "class": class_accuracy(test, y, label), "class_raised": class_accuracy(raised, y, label),
-            "test_accuracy": overall_accuracy(test, y), "test_accuracy_raised": overall_accuracy(raised, y)}
+    return {
+        "bias": delta,
+        "class": class_accuracy(test, y, label),
+        "class_raised": class_accuracy(raised, y, label),
+        "test_accuracy": overall_accuracy(test, y),
+        "test_accuracy_raised": overall_accuracy(raised, y),
+    }
 
 
-def summarize(label: int, transfer_rows: int, per_seed: dict[int, dict[str, dict]],
-              references: dict[int, dict[str, dict]]) -> dict:
+def summarize(
+    label: int, transfer_rows: int, per_seed: dict[int, dict[str, dict]], references: dict[int, dict[str, dict]]
+) -> dict:
     """``per_seed``: seed -> student name -> ``evaluate``'s dict; ``references``: seed -> name -> the class's
     ``class_accuracy`` for models that did see the class (the teacher ensemble, the usual KD student)."""
     names = list(next(iter(per_seed.values())))
@@ -88,17 +95,21 @@ def summarize(label: int, transfer_rows: int, per_seed: dict[int, dict[str, dict
         "test_rows_of_class": first["class"]["rows"],
         "bias_chosen_on": "val",
         "seeds": list(per_seed),
-        "students": {name: {
-            "bias": pick(name, lambda m: m["bias"]),
-            "class_accuracy": pick(name, lambda m: m["class"]["accuracy"]),
-            "class_accuracy_raised": pick(name, lambda m: m["class_raised"]["accuracy"]),
-            "class_errors": pick(name, lambda m: m["class"]["errors"]),
-            "class_errors_raised": pick(name, lambda m: m["class_raised"]["errors"]),
-            "test_accuracy": pick(name, lambda m: m["test_accuracy"]),
-            "test_accuracy_raised": pick(name, lambda m: m["test_accuracy_raised"]),
-        } for name in names},
-        "references": {name: spread([r[name]["accuracy"] for r in references.values()])
-                       for name in next(iter(references.values()))},
+        "students": {
+            name: {
+                "bias": pick(name, lambda m: m["bias"]),
+                "class_accuracy": pick(name, lambda m: m["class"]["accuracy"]),
+                "class_accuracy_raised": pick(name, lambda m: m["class_raised"]["accuracy"]),
+                "class_errors": pick(name, lambda m: m["class"]["errors"]),
+                "class_errors_raised": pick(name, lambda m: m["class_raised"]["errors"]),
+                "test_accuracy": pick(name, lambda m: m["test_accuracy"]),
+                "test_accuracy_raised": pick(name, lambda m: m["test_accuracy_raised"]),
+            }
+            for name in names
+        },
+        "references": {
+            name: spread([r[name]["accuracy"] for r in references.values()]) for name in next(iter(references.values()))
+        },
     }
 
 
@@ -113,7 +124,7 @@ def render_markdown(section: dict) -> str:
         f"## Omitted class: no {c}s in the students' transfer set (Hinton et al. 2015, §3)",
         "",
         f"The teachers trained on every class; both students below trained on the {section['transfer_rows']} "
-        f"training images that are not {c}s. \"raised\": class {c}'s logit raised by the bias chosen to maximise "
+        f'training images that are not {c}s. "raised": class {c}\'s logit raised by the bias chosen to maximise '
         f"overall accuracy on the validation split (never the test split). Test figures on the {n} test {c}s "
         f"and on the whole test split; mean ± sample std over seeds {section['seeds']}.",
         "",
@@ -123,9 +134,11 @@ def render_markdown(section: dict) -> str:
     ]
     for name, s in section["students"].items():
         per = " ".join(f"{a}→{b}" for a, b in zip(s["class_errors"]["values"], s["class_errors_raised"]["values"]))
-        lines.append(f"| {name} | {_pm(s['class_accuracy'])} | {_pm(s['class_accuracy_raised'])} | {per} | "
-                     f"{_pm(s['bias'], 1.0, 2)} | {_pm(s['test_accuracy'], digits=2)} | "
-                     f"{_pm(s['test_accuracy_raised'], digits=2)} |")
+        lines.append(
+            f"| {name} | {_pm(s['class_accuracy'])} | {_pm(s['class_accuracy_raised'])} | {per} | "
+            f"{_pm(s['bias'], 1.0, 2)} | {_pm(s['test_accuracy'], digits=2)} | "
+            f"{_pm(s['test_accuracy_raised'], digits=2)} |"
+        )
     refs = "; ".join(f"{name} {_pm(s)} %" for name, s in section["references"].items())
     lines += ["", f"For reference, test {c}s right by models that did see {c}s: {refs}.", ""]
     return "\n".join(lines)

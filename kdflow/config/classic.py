@@ -38,8 +38,10 @@ class ClassifierDataSection(Strict):
     @model_validator(mode="after")
     def _fractions(self):
         if self.test_fraction + self.val_fraction >= 0.9:
-            raise ValueError(f"test_fraction + val_fraction = {self.test_fraction + self.val_fraction:.2f} leaves "
-                             "under 10% to train on; lower them")
+            raise ValueError(
+                f"test_fraction + val_fraction = {self.test_fraction + self.val_fraction:.2f} leaves "
+                "under 10% to train on; lower them"
+            )
         if self.source is ClassifierData.reviews and self.rows is None:
             raise ValueError("source 'reviews' is generated: set data.rows (e.g. 3000)")
         if self.source is ClassifierData.digits and self.rows is not None:
@@ -147,17 +149,23 @@ class ClassifierRecipe(Strict):
         kind = KIND_FOR_SOURCE[self.data.source]
         for role, section in (("teacher", self.teacher), ("student", self.student)):
             if section.model.kind != kind:
-                raise ValueError(f"{role}.model.kind is {section.model.kind!r} but data.source "
-                                 f"{self.data.source.value!r} needs kind {kind!r}")
+                raise ValueError(
+                    f"{role}.model.kind is {section.model.kind!r} but data.source "
+                    f"{self.data.source.value!r} needs kind {kind!r}"
+                )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if self.sweep and max(self.sweep.ensemble_sizes) > self.teacher.ensemble:
-            raise ValueError(f"sweep.ensemble_sizes goes up to {max(self.sweep.ensemble_sizes)} but teacher.ensemble "
-                             f"is {self.teacher.ensemble}: raise teacher.ensemble or drop the larger sizes")
+            raise ValueError(
+                f"sweep.ensemble_sizes goes up to {max(self.sweep.ensemble_sizes)} but teacher.ensemble "
+                f"is {self.teacher.ensemble}: raise teacher.ensemble or drop the larger sizes"
+            )
         if self.omitted_class is not None:
             if self.data.source is not ClassifierData.digits:
-                raise ValueError("omitted_class works on data.source 'digits' only (a two-class set without one "
-                                 "class leaves nothing to tell apart): remove the omitted_class section")
+                raise ValueError(
+                    "omitted_class works on data.source 'digits' only (a two-class set without one "
+                    "class leaves nothing to tell apart): remove the omitted_class section"
+                )
             if self.omitted_class.label > 9:
                 raise ValueError(f"omitted_class.label is {self.omitted_class.label} but the digits are 0-9")
         return self
@@ -173,9 +181,14 @@ class ClassifierRecipe(Strict):
 
 def parse_classifier_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> ClassifierRecipe:
     """``folder``: the recipe file's folder (``fields.PATH_RULE``)."""
-    return parse_yaml(ClassifierRecipe, text, source,
-                      "a recipe is a YAML mapping with sections run, data, teacher, student, ...", skip=MODEL_KINDS,
-                      context=recipe_context(folder))
+    return parse_yaml(
+        ClassifierRecipe,
+        text,
+        source,
+        "a recipe is a YAML mapping with sections run, data, teacher, student, ...",
+        skip=MODEL_KINDS,
+        context=recipe_context(folder),
+    )
 
 
 def load_classifier_recipe(path: str | Path) -> ClassifierRecipe:
@@ -193,5 +206,6 @@ def training_arguments(training: dict, output_dir: str, seed: int):
     from transformers import TrainingArguments
 
     cpu = {} if torch.cuda.is_available() else dict(use_cpu=True, bf16=False, fp16=False)
-    return TrainingArguments(output_dir=output_dir, seed=seed, remove_unused_columns=False,
-                             **{**DEFAULTS, **training, **cpu})
+    return TrainingArguments(
+        output_dir=output_dir, seed=seed, remove_unused_columns=False, **{**DEFAULTS, **training, **cpu}
+    )

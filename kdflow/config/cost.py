@@ -30,7 +30,12 @@ class CostSection(Strict):
     """Prices for the report's cost ledger; each part is optional. Without prices (or without one part) the ledger
     still shows API tokens and device-hours, and money for the part that has a price."""
 
-    currency: str = Field("USD", min_length=1, max_length=8, pattern=r"^\S+$",
-                          description="what the prices are in, as the ledger writes it (USD, EUR, credits)")
+    currency: str = Field(
+        "USD",
+        min_length=1,
+        max_length=8,
+        pattern=r"^\S+$",
+        description="what the prices are in, as the ledger writes it (USD, EUR, credits)",
+    )
     api: ApiPrice | None = Field(None, description="per million API tokens, input and output")
     device: DevicePrice | None = Field(None, description="per hour of the machine the stages run on")

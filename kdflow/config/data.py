@@ -39,20 +39,30 @@ class DataSection(Strict):
     source: DataSource
     seed: int = 0
     difficulty: Difficulty = Difficulty()
-    solution_order: SolutionOrder = Field(SolutionOrder.fixed, description="arithmetic: commuted writes each addition's "
-                                          "operands in a random order (several valid rationales per question, so the "
-                                          "teacher's distribution carries something its greedy text does not)")
+    solution_order: SolutionOrder = Field(
+        SolutionOrder.fixed,
+        description="arithmetic: commuted writes each addition's "
+        "operands in a random order (several valid rationales per question, so the "
+        "teacher's distribution carries something its greedy text does not)",
+    )
     # teacher: the teacher's own training data; train: the student's gold set (question + rationale);
     # prompts: extra questions with only a final answer, for the teacher to write rationales for.
     splits: dict[str, int] = Field(description="rows per split")
-    path: RecipePath | None = Field(None, description="folder of <split>.jsonl files (gsm8k; a relative path: see "
-                                    "fields.PATH_RULE)")
-    transfer: RecipePath | None = Field(None, description="instructions: the transfer prompts, one {id, prompt, "
-                                        "completion} a line (e.g. data/t0-short/prompts.jsonl); every split but test "
-                                        "is drawn from it, disjoint, seeded by data.seed")
-    test: RecipePath | None = Field(None, description="instructions: the test split's file in Self-Instruct's format, "
-                                    "{id, instruction, instances: [{input, output}]} a line (e.g. "
-                                    "data/self-instruct/user_oriented_instructions.jsonl)")
+    path: RecipePath | None = Field(
+        None, description="folder of <split>.jsonl files (gsm8k; a relative path: see fields.PATH_RULE)"
+    )
+    transfer: RecipePath | None = Field(
+        None,
+        description="instructions: the transfer prompts, one {id, prompt, "
+        "completion} a line (e.g. data/t0-short/prompts.jsonl); every split but test "
+        "is drawn from it, disjoint, seeded by data.seed",
+    )
+    test: RecipePath | None = Field(
+        None,
+        description="instructions: the test split's file in Self-Instruct's format, "
+        "{id, instruction, instances: [{input, output}]} a line (e.g. "
+        "data/self-instruct/user_oriented_instructions.jsonl)",
+    )
 
     @field_validator("splits")
     @classmethod
@@ -71,30 +81,46 @@ class DataSection(Strict):
     @model_validator(mode="after")
     def _path_for_files(self):
         if self.source is DataSource.gsm8k and not self.path:
-            raise ValueError("source 'gsm8k' reads local files: set data.path to the folder holding train.jsonl/test.jsonl")
+            raise ValueError(
+                "source 'gsm8k' reads local files: set data.path to the folder holding train.jsonl/test.jsonl"
+            )
         if self.source is DataSource.instructions:
             self._instruction_files()
         else:
             for field in ("transfer", "test"):
                 if getattr(self, field) is not None:
-                    raise FieldError(f"{field} is a file of source 'instructions'; source {self.source.value!r} does "
-                                     "not read it: remove it", field)
+                    raise FieldError(
+                        f"{field} is a file of source 'instructions'; source {self.source.value!r} does "
+                        "not read it: remove it",
+                        field,
+                    )
         if self.source is not DataSource.arithmetic and self.solution_order is not SolutionOrder.fixed:
-            raise FieldError(f"source {self.source.value!r} has its own rationales; solution_order is for the "
-                             "arithmetic generator: remove it", "solution_order")
+            raise FieldError(
+                f"source {self.source.value!r} has its own rationales; solution_order is for the "
+                "arithmetic generator: remove it",
+                "solution_order",
+            )
         return self
 
     def _instruction_files(self) -> None:
         if self.path is not None:
-            raise FieldError("source 'instructions' reads two files, not a folder: remove data.path and set "
-                             "data.transfer and data.test", "path")
-        for field, example in (("transfer", "data/t0-short/prompts.jsonl"),
-                               ("test", "data/self-instruct/user_oriented_instructions.jsonl")):
+            raise FieldError(
+                "source 'instructions' reads two files, not a folder: remove data.path and set "
+                "data.transfer and data.test",
+                "path",
+            )
+        for field, example in (
+            ("transfer", "data/t0-short/prompts.jsonl"),
+            ("test", "data/self-instruct/user_oriented_instructions.jsonl"),
+        ):
             if getattr(self, field) is None:
                 raise FieldError(f"source 'instructions' needs data.{field}: set it to a file such as {example}", field)
             if not self.location(field).is_file():
-                raise FieldError(f"no file at {self.location(field)}: point data.{field} at an existing file, e.g. "
-                                 f"{example} ({PATH_RULE})", field)
+                raise FieldError(
+                    f"no file at {self.location(field)}: point data.{field} at an existing file, e.g. "
+                    f"{example} ({PATH_RULE})",
+                    field,
+                )
 
     def location(self, field: str) -> Path:
         """Where the file (or folder) that ``field`` names is read from: as written when absolute, else in the

@@ -22,8 +22,11 @@ class PowerFigure(Strict):
 
 
 # This project's machines: 2 cores of an AMD EPYC server CPU. The CPU's share only (no DRAM, disks, fans, PSU losses).
-DEFAULT_POWER = PowerFigure(watts=7.5, source="2 cores' share of a server CPU: AMD EPYC 9654, default TDP 360 W over "
-                                              "96 cores = 3.75 W per core (AMD's product page) × 2 cores")
+DEFAULT_POWER = PowerFigure(
+    watts=7.5,
+    source="2 cores' share of a server CPU: AMD EPYC 9654, default TDP 360 W over "
+    "96 cores = 3.75 W per core (AMD's product page) × 2 cores",
+)
 
 
 class EvaluationSection(Strict):
@@ -36,8 +39,10 @@ class EvaluationSection(Strict):
         latency_tokens: int = Field(32, ge=2, description="tokens each model generates per timed run")
         throughput_batch: int = Field(64, ge=1, description="prompts per batch for throughput and peak memory")
         repeats: int = Field(5, ge=1, description="timed runs per model (models alternate); the median is reported")
-        power: PowerFigure = Field(DEFAULT_POWER, description="for the energy estimate where no counter is readable; "
-                                   "give both watts and source")
+        power: PowerFigure = Field(
+            DEFAULT_POWER,
+            description="for the energy estimate where no counter is readable; give both watts and source",
+        )
 
     class LmEval(Strict):
         """An lm-evaluation-harness run for real-scale models: needs a CUDA GPU and `pip install lm-eval`
@@ -60,8 +65,18 @@ class EvaluationSection(Strict):
 
         # How fast or with which credentials, not what is judged: left out of the stage's key.
         __throughput_fields__: ClassVar[dict] = {
-            **{f: True for f in ("api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries",
-                                 "max_failure_fraction", "batch_size")},
+            **{
+                f: True
+                for f in (
+                    "api_key_env",
+                    "api_key_secret_block",
+                    "concurrency",
+                    "timeout_s",
+                    "max_retries",
+                    "max_failure_fraction",
+                    "batch_size",
+                )
+            },
             "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size", "kv_cache_gib"},
         }
         backend: Backend = Backend.openai
@@ -69,17 +84,19 @@ class EvaluationSection(Strict):
         base_url: str | None = Field(None, description="the API's URL, e.g. https://api.openai.com/v1 (openai only)")
         template: Template = Field("prompts/judge.jinja", description="judge prompt; its reply ends 'Verdict: A|B|tie'")
         max_questions: int | None = Field(None, ge=1, description="the first N questions of the split; None: all")
-        max_new_tokens: int = Field(256, ge=1, le=MAX_NEW_TOKENS, description="room for the judge's reasoning and its verdict line")
+        max_new_tokens: int = Field(
+            256, ge=1, le=MAX_NEW_TOKENS, description="room for the judge's reasoning and its verdict line"
+        )
         concurrency: int = Field(16, ge=1, description="requests in flight at once (openai, vllm)")
         batch_size: int = Field(16, ge=1, description="prompts per generate call (hf)")
         api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
         api_key_secret_block: str | None = Field(None, description="or: a Prefect Secret block holding it")
         timeout_s: float = Field(120.0, gt=0, description="per request")
         max_retries: int = Field(6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
-        max_failure_fraction: float = Field(0.05, ge=0.0, le=1.0,
-                                            description="the stage fails when more requests than this fail for good")
+        max_failure_fraction: float = Field(
+            0.05, ge=0.0, le=1.0, description="the stage fails when more requests than this fail for good"
+        )
         vllm: VllmServerSection = VllmServerSection()
-
 
         @computed_field  # in model_dump, hence in the cache key: editing the template re-judges
         @property
@@ -93,14 +110,20 @@ class EvaluationSection(Strict):
         @model_validator(mode="after")
         def _judge_named(self):
             if self.backend is Backend.openai and not self.base_url:
-                raise ValueError("backend 'openai' needs base_url (e.g. https://api.openai.com/v1); for a local "
-                                 "model folder use backend 'vllm' or 'hf'")
+                raise ValueError(
+                    "backend 'openai' needs base_url (e.g. https://api.openai.com/v1); for a local "
+                    "model folder use backend 'vllm' or 'hf'"
+                )
             if self.backend is not Backend.openai and self.base_url:
-                raise ValueError(f"base_url is for backend 'openai'; backend '{self.backend.value}' runs the judge "
-                                 "itself: remove base_url, or set backend: openai to use a running server")
+                raise ValueError(
+                    f"base_url is for backend 'openai'; backend '{self.backend.value}' runs the judge "
+                    "itself: remove base_url, or set backend: openai to use a running server"
+                )
             if self.backend is not Backend.openai and not Path(self.model).exists() and "/" not in self.model:
-                raise ValueError(f"model {self.model!r} is neither a local folder nor a hub id "
-                                 f"(backend '{self.backend.value}' loads it itself)")
+                raise ValueError(
+                    f"model {self.model!r} is neither a local folder nor a hub id "
+                    f"(backend '{self.backend.value}' loads it itself)"
+                )
             return self
 
     # deployment, lm_eval, judge and quantize are handed to their own stages, which key on them; leaving them out of
@@ -109,31 +132,41 @@ class EvaluationSection(Strict):
     split: SafeName = "test"
     max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
     batch_size: int = Field(256, ge=1)
-    pass_at_k: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="also report pass@k from `samples` sampled answers")
-    samples: int | None = Field(None, ge=1, le=MAX_SAMPLES, description="sampled answers per question for pass@k (default: k)")
+    pass_at_k: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description="also report pass@k from `samples` sampled answers"
+    )
+    samples: int | None = Field(
+        None, ge=1, le=MAX_SAMPLES, description="sampled answers per question for pass@k (default: k)"
+    )
     temperature: float = Field(0.8, gt=0.0, description="sampling temperature for pass@k")
     deployment: Deployment = Deployment()
     lm_eval: LmEval = LmEval()
     judge: Judge | None = Field(None, description="an LLM judge's win rate of each student against the teacher")
     dtype: Dtype | None = dtype_field("every model evaluated (and the teacher it is compared with) is loaded in it")
     quantize: list[Literal["int8"]] = Field(
-        default_factory=list, description="post-training quantized copies of every student, evaluated beside it "
-        "(`<student>-int8`): int8 = torch dynamic quantization of the Linear layers (CPU)")
+        default_factory=list,
+        description="post-training quantized copies of every student, evaluated beside it "
+        "(`<student>-int8`): int8 = torch dynamic quantization of the Linear layers (CPU)",
+    )
 
     @field_validator("quantize")
     @classmethod
     def _each_once(cls, v: list[str]) -> list[str]:
         twice = sorted({q for q in v if v.count(q) > 1})
         if twice:
-            raise ValueError(f"{', '.join(twice)} listed more than once: each quantization makes one copy of every "
-                             "student; list it once")
+            raise ValueError(
+                f"{', '.join(twice)} listed more than once: each quantization makes one copy of every "
+                "student; list it once"
+            )
         return v
 
     @model_validator(mode="after")
     def _samples_cover_k(self):
         if self.pass_at_k is not None and self.samples is not None and self.samples < self.pass_at_k:
-            raise ValueError(f"samples ({self.samples}) must be >= pass_at_k ({self.pass_at_k}): "
-                             "pass@k needs at least k sampled answers per question")
+            raise ValueError(
+                f"samples ({self.samples}) must be >= pass_at_k ({self.pass_at_k}): "
+                "pass@k needs at least k sampled answers per question"
+            )
         return self
 
     @property

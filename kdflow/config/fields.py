@@ -16,9 +16,11 @@ ROOT = Path(__file__).resolve().parents[2]  # the project folder (kdflow/config/
 
 # Where a recipe's relative paths (run.root, run.staging, templates, data.path, seeds.path, accelerate configs, a
 # sweep's recipe) point. A copied recipe used to write into the checkout's runs/ whatever folder it was in.
-PATH_RULE = ("relative paths in a recipe inside the project (recipes/, tests/) resolve against the project folder; in "
-             "a recipe outside it, against the recipe's own folder, except that a file it reads (a template, data, "
-             "seeds, an accelerate config) found there only is read from the project folder")
+PATH_RULE = (
+    "relative paths in a recipe inside the project (recipes/, tests/) resolve against the project folder; in "
+    "a recipe outside it, against the recipe's own folder, except that a file it reads (a template, data, "
+    "seeds, an accelerate config) found there only is read from the project folder"
+)
 
 
 def recipe_base(folder: Path | None) -> Path:
@@ -68,8 +70,9 @@ class Strict(BaseModel):
 # at most on common file systems, less once a stage adds its suffixes).
 MAX_NAME = 100
 SAFE_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_NAME - 1}}}")
-SAFE_NAME_FIX = (f"use letters, digits, '.', '_' or '-' only, starting with a letter or digit, at most {MAX_NAME} "
-                 "characters")
+SAFE_NAME_FIX = (
+    f"use letters, digits, '.', '_' or '-' only, starting with a letter or digit, at most {MAX_NAME} characters"
+)
 # Sizes beyond any real run, refused at load instead of failing (or filling memory) stages later: rows of one data
 # split, tokens one answer may take (2^20: more than any model's context), answers sampled per prompt.
 MAX_ROWS = 10_000_000
@@ -104,9 +107,11 @@ def _confined(path: str, resolved: str, info: ValidationInfo | None, what: str =
     if info is not None and info.context and info.context.get("recipe_dir"):
         folders.append(Path(info.context["recipe_dir"]).resolve())
     if not any(file.is_relative_to(f) for f in folders):
-        raise ValueError(f"{what} {path!r} is outside the project folder ({ROOT})"
-                         + (f" and the recipe's folder ({folders[1]})" if len(folders) > 1 else "")
-                         + ": copy it under prompts/ and point at it there")
+        raise ValueError(
+            f"{what} {path!r} is outside the project folder ({ROOT})"
+            + (f" and the recipe's folder ({folders[1]})" if len(folders) > 1 else "")
+            + ": copy it under prompts/ and point at it there"
+        )
     return resolved
 
 
@@ -119,8 +124,9 @@ def check_template(path: str | None, info: ValidationInfo | None = None) -> str 
         return None
     file = _confined(path, resolve(path, info), info)
     if not (ROOT / file).is_file():
-        raise ValueError(f"no template at {ROOT / file} ({PATH_RULE}): point it at a file under prompts/ or beside "
-                         "the recipe")
+        raise ValueError(
+            f"no template at {ROOT / file} ({PATH_RULE}): point it at a file under prompts/ or beside the recipe"
+        )
     return file
 
 

@@ -15,8 +15,11 @@ from kdflow.config.fields import ROOT, Strict, Template
 class LengthFilter(Strict):
     min_tokens: int = Field(1, ge=0)
     max_tokens: int | None = Field(None, ge=1)
-    tokenizer: str | None = Field(None, description="the student's tokenizer (folder or hub id); unset: the "
-                                  "answers' completion_tokens (the teacher's tokenizer, which the demo's students share)")
+    tokenizer: str | None = Field(
+        None,
+        description="the student's tokenizer (folder or hub id); unset: the "
+        "answers' completion_tokens (the teacher's tokenizer, which the demo's students share)",
+    )
 
     @model_validator(mode="after")
     def _bounds(self):
@@ -25,8 +28,12 @@ class LengthFilter(Strict):
         return self
 
 
-REFUSALS = [r"\bI(?: a|')m (?:sorry|unable)\b", r"\bI can(?:no|')t (?:help|assist|answer|provide)\b",
-            r"\bas an AI\b", r"\bI (?:won't|will not) (?:help|answer)\b"]
+REFUSALS = [
+    r"\bI(?: a|')m (?:sorry|unable)\b",
+    r"\bI can(?:no|')t (?:help|assist|answer|provide)\b",
+    r"\bas an AI\b",
+    r"\bI (?:won't|will not) (?:help|answer)\b",
+]
 
 
 def _regex(v: str) -> str:

@@ -32,7 +32,6 @@ from kdflow.config.fields import (
 class PromptsSection(Strict):
     cot: Template = Field("prompts/cot.jinja", description="chain-of-thought template, relative to the repo")
 
-
     def cot_text(self) -> str:
         return (ROOT / self.cot).read_text()
 
@@ -48,13 +47,14 @@ class Endpoint(str, enum.Enum):
     completions = "completions"  # /v1/completions: the rendered prompt is sent as raw text
 
 
-
 class ApiSection(Strict):
     """How the stage talks to an OpenAI-compatible endpoint (backends `openai` and `vllm`). The API key is
     read at run time from the environment variable or Prefect Secret block named here, never from the
     recipe, so it appears in no cache key, manifest or log."""
 
-    base_url: str | None = Field(None, description="e.g. https://api.openai.com/v1 (openai backend; vllm starts its own)")
+    base_url: str | None = Field(
+        None, description="e.g. https://api.openai.com/v1 (openai backend; vllm starts its own)"
+    )
     model: str | None = Field(None, description="model name the endpoint serves; default: the teacher's model")
     endpoint: Endpoint = Endpoint.chat
     api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
@@ -63,8 +63,9 @@ class ApiSection(Strict):
     concurrency: int = Field(32, ge=1, description="requests in flight at once")
     timeout_s: float = Field(120.0, gt=0, description="per request")
     max_retries: int = Field(6, ge=0, description="on 429, 5xx, timeouts and dropped connections")
-    max_failure_fraction: float = Field(0.01, ge=0.0, le=1.0,
-                                        description="the stage fails when more requests than this fail for good")
+    max_failure_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="the stage fails when more requests than this fail for good"
+    )
 
     @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
     def _no_password(self, v: str | None) -> str | None:
@@ -85,10 +86,18 @@ class VllmServerSection(Strict):
     extra_args: list[str] = Field(default_factory=list, description="more api_server flags, e.g. [--dtype, bfloat16]")
     port: int | None = Field(None, ge=1, le=65535, description="default: a free port")
     startup_timeout_s: float = Field(600.0, gt=0)
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs the served model is split across (vLLM's "
-                                      "--tensor-parallel-size): a teacher too big for one GPU")
-    kv_cache_gib: int | None = Field(None, ge=1, description="GiB of KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE); "
-                                     "default: what the model can use, at most half the free memory after its weights")
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="GPUs the served model is split across (vLLM's "
+        "--tensor-parallel-size): a teacher too big for one GPU",
+    )
+    kv_cache_gib: int | None = Field(
+        None,
+        ge=1,
+        description="GiB of KV cache on a CPU (VLLM_CPU_KVCACHE_SPACE); "
+        "default: what the model can use, at most half the free memory after its weights",
+    )
 
     @field_validator("python")
     @classmethod
@@ -96,8 +105,10 @@ class VllmServerSection(Strict):
         # The stage runs this file: it must at least be named like a Python (kdflow/teacher/vllm_server.py also asks it
         # for its version before starting the server).
         if not PYTHON_NAME.fullmatch(Path(v).name):
-            raise ValueError(f"{v!r} is not a Python interpreter: point it at the python of the virtualenv that has "
-                             "vllm (e.g. .venv-vllm/bin/python, made by `make vllm`)")
+            raise ValueError(
+                f"{v!r} is not a Python interpreter: point it at the python of the virtualenv that has "
+                "vllm (e.g. .venv-vllm/bin/python, made by `make vllm`)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -117,10 +128,11 @@ class IclSection(Strict):
     (its gold rationales); the stored training example is the zero-shot prompt with the teacher's answer."""
 
     k: int = Field(3, ge=1)
-    pool_split: SafeName = Field("train", description="split whose questions and gold rationales are the demonstrations")
+    pool_split: SafeName = Field(
+        "train", description="split whose questions and gold rationales are the demonstrations"
+    )
     template: Template = "prompts/few_shot.jinja"
     seed: int = 0
-
 
     @computed_field  # in model_dump, hence in the cache key: editing the template reruns the stage
     @property
@@ -132,12 +144,21 @@ class GenerationSection(Strict):
     # Throughput and plumbing, not content: left out of the cache key (a nested dict: pydantic's exclude).
     __throughput_fields__: ClassVar[dict] = {
         "batch_size": True,
-        "api": {"api_key_env", "api_key_secret_block", "concurrency", "timeout_s", "max_retries", "max_failure_fraction"},
+        "api": {
+            "api_key_env",
+            "api_key_secret_block",
+            "concurrency",
+            "timeout_s",
+            "max_retries",
+            "max_failure_fraction",
+        },
         "vllm": {"python", "port", "startup_timeout_s", "tensor_parallel_size", "kv_cache_gib"},
     }
     backend: Backend = Backend.hf
     splits: list[SafeName] = Field(description="splits whose questions the teacher answers")
-    template: Template | None = Field(None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot")
+    template: Template | None = Field(
+        None, description="prompt template (e.g. prompts/instruct.jinja); default: prompts.cot"
+    )
     system_prompt: str | None = None
     max_new_tokens: int = Field(96, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0)
@@ -149,7 +170,6 @@ class GenerationSection(Strict):
     api: ApiSection = ApiSection()
     vllm: VllmServerSection = VllmServerSection()
     icl: IclSection | None = None
-
 
     @computed_field  # in model_dump, hence in the cache key
     @property
@@ -166,7 +186,9 @@ class GenerationSection(Strict):
             unsupported = [f for f in ("system_prompt", "logprobs") if getattr(self, f) is not None]
             unsupported += ["top_p"] if self.top_p != 1.0 else []
             if unsupported:
-                raise ValueError(f"backend 'hf' does not support {unsupported}: remove them or use backend 'vllm' or 'openai'")
+                raise ValueError(
+                    f"backend 'hf' does not support {unsupported}: remove them or use backend 'vllm' or 'openai'"
+                )
         if self.logprobs is not None and self.logprobs > 20 and "api.openai.com" in (self.api.base_url or ""):
             raise ValueError(f"logprobs = {self.logprobs}: OpenAI's API returns at most 20 top logprobs; use <= 20")
         return self

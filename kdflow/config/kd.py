@@ -78,8 +78,12 @@ class OfflineKD(Strict):
     skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
 
     def summary(self) -> dict:
-        return {"kd": self.method.value, "divergence": self.divergence.value, "alpha": self.alpha,
-                "temperature": self.temperature}
+        return {
+            "kd": self.method.value,
+            "divergence": self.divergence.value,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+        }
 
 
 class OnlineKD(Strict):
@@ -93,25 +97,37 @@ class OnlineKD(Strict):
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β: 0 = forward KL, 1 = reverse KL")
     lmbda: float = Field(0.5, ge=0.0, le=1.0, description="the fraction of batches the student generates")
     max_new_tokens: int = Field(128, ge=1, description="tokens the student generates per on-policy sample")
-    cross_tokenizer: Literal["gold"] | None = Field(None, description="gold: TRL's GOLD (cross-tokenizer ULD) "
-                                                    "where the student's tokenizer differs from the teacher's")
+    cross_tokenizer: Literal["gold"] | None = Field(
+        None,
+        description="gold: TRL's GOLD (cross-tokenizer ULD) where the student's tokenizer differs from the teacher's",
+    )
 
     @field_validator("divergence")
     @classmethod
     def _jsd(cls, v: Divergence) -> Divergence:
         if v is not Divergence.jsd:
-            raise ValueError(f"method online trains with TRL's GKD, whose loss is JSD(beta): set divergence: jsd "
-                             f"(beta 0 = forward KL, 1 = reverse KL), not {v.value}")
+            raise ValueError(
+                f"method online trains with TRL's GKD, whose loss is JSD(beta): set divergence: jsd "
+                f"(beta 0 = forward KL, 1 = reverse KL), not {v.value}"
+            )
         return v
 
     def summary(self) -> dict:
-        return {"kd": self.method.value, "divergence": self.divergence.value, "beta": self.beta,
-                "lmbda": self.lmbda, "temperature": self.temperature}
+        return {
+            "kd": self.method.value,
+            "divergence": self.divergence.value,
+            "beta": self.beta,
+            "lmbda": self.lmbda,
+            "temperature": self.temperature,
+        }
 
 
 class FeatureLoss(Strict):
-    layers: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs of "
-                                                 "hidden_states indices (0 = embeddings); default: spread evenly")
+    layers: list[tuple[int, int]] | None = Field(
+        None,
+        description="(student layer, teacher layer) pairs of "
+        "hidden_states indices (0 = embeddings); default: spread evenly",
+    )
     kind: Literal["mse", "cosine"] = "mse"
     weight: float = Field(1.0, gt=0.0)
 
@@ -139,33 +155,54 @@ class OnPolicyKD(Strict):
     __throughput_fields__: ClassVar[set[str]] = {"base_url", "concurrency", "batch_tokens", "timeout_s"}
 
     method: Literal[KDMethod.on_policy]
-    divergence: Divergence = Field(Divergence.reverse_kl, description="per-token D(teacher ‖ student); reverse_kl "
-                                   "(mode-seeking) is what on-policy distillation minimises")
+    divergence: Divergence = Field(
+        Divergence.reverse_kl,
+        description="per-token D(teacher ‖ student); reverse_kl "
+        "(mode-seeking) is what on-policy distillation minimises",
+    )
     temperature: Temperature = Field(1.0, description="the student's sampling temperature")
-    max_new_tokens: int = Field(128, ge=1, description="tokens the student samples per prompt (capped by "
-                                "training.max_length)")
-    lmbda: float = Field(1.0, ge=0.0, le=1.0, description="share of steps on the student's own samples (GKD's λ); "
-                         "the rest train on cached rows of the logit cache (needs a `logit_cache:` section)")
-    k: int = Field(20, ge=1, le=1000, description="the teacher's top-k kept per scored position (the rest is one "
-                   "tail bucket)")
+    max_new_tokens: int = Field(
+        128, ge=1, description="tokens the student samples per prompt (capped by training.max_length)"
+    )
+    lmbda: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="share of steps on the student's own samples (GKD's λ); "
+        "the rest train on cached rows of the logit cache (needs a `logit_cache:` section)",
+    )
+    k: int = Field(
+        20, ge=1, le=1000, description="the teacher's top-k kept per scored position (the rest is one tail bucket)"
+    )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="JSD's β (divergence jsd)")
     skew: float = Field(0.1, ge=0.0, lt=1.0, description="λ of skew_kl / skew_reverse_kl")
-    teacher_backend: Literal["hf", "vllm"] = Field("hf", description="hf: the teacher in a scoring process of its "
-                                                   "own; vllm: a vLLM server's prompt_logprobs (started by the stage "
-                                                   "unless base_url names one)")
+    teacher_backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: the teacher in a scoring process of its "
+        "own; vllm: a vLLM server's prompt_logprobs (started by the stage "
+        "unless base_url names one)",
+    )
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (teacher_backend vllm)")
     concurrency: int = Field(8, ge=1, description="requests in flight to the vLLM server")
-    overlap: bool = Field(False, description="the teacher scores the next batch of samples while the student trains "
-                          "on this one (asynchronous, as in PipelineRL / Noukhovitch et al. 2024): a step waits on "
-                          "the teacher only for what training did not hide, and each batch was sampled by the "
-                          "student one on-policy batch ago, not by the current one")
-    timeout_s: float = Field(600.0, gt=0, description="seconds the teacher may stay silent (loading, one scored "
-                             "batch, one try of a request) before the stage fails naming the step: a stopped scoring "
-                             "process or a server that never replies would otherwise hold training forever")
+    overlap: bool = Field(
+        False,
+        description="the teacher scores the next batch of samples while the student trains "
+        "on this one (asynchronous, as in PipelineRL / Noukhovitch et al. 2024): a step waits on "
+        "the teacher only for what training did not hide, and each batch was sampled by the "
+        "student one on-policy batch ago, not by the current one",
+    )
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds the teacher may stay silent (loading, one scored "
+        "batch, one try of a request) before the stage fails naming the step: a stopped scoring "
+        "process or a server that never replies would otherwise hold training forever",
+    )
     # Small batches, not one: on the demo's 1M teacher a step's 64 samples as one 5,504-token batch took 247 ms on
     # one CPU thread, in batches of <= 1,024 tokens 128 ms (less padding, and activations that stay in cache).
-    batch_tokens: int = Field(1024, ge=16, description="padded tokens per forward pass of the HF scoring process "
-                              "(teacher_backend hf)")
+    batch_tokens: int = Field(
+        1024, ge=16, description="padded tokens per forward pass of the HF scoring process (teacher_backend hf)"
+    )
 
     @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
     def _redacted(self, v: str | None) -> str | None:
@@ -174,15 +211,24 @@ class OnPolicyKD(Strict):
     @model_validator(mode="after")
     def _server(self):
         if self.base_url is not None and self.teacher_backend != "vllm":
-            raise ValueError("base_url names a vLLM server; set teacher_backend: vllm, or remove base_url to score "
-                             "with the HF teacher in a process of its own")
+            raise ValueError(
+                "base_url names a vLLM server; set teacher_backend: vllm, or remove base_url to score "
+                "with the HF teacher in a process of its own"
+            )
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url {self.base_url!r}: give the server's OpenAI base, e.g. http://127.0.0.1:8000/v1")
+            raise ValueError(
+                f"base_url {self.base_url!r}: give the server's OpenAI base, e.g. http://127.0.0.1:8000/v1"
+            )
         return self
 
     def summary(self) -> dict:
-        return {"kd": self.method.value, "divergence": self.divergence.value, "lmbda": self.lmbda,
-                "temperature": self.temperature, "k": self.k} | ({"overlap": True} if self.overlap else {})
+        return {
+            "kd": self.method.value,
+            "divergence": self.divergence.value,
+            "lmbda": self.lmbda,
+            "temperature": self.temperature,
+            "k": self.k,
+        } | ({"overlap": True} if self.overlap else {})
 
 
 def _method_settings(value):
@@ -203,8 +249,13 @@ def _method_settings(value):
     return value
 
 
-MODELS = {KDMethod.offline: OfflineKD, KDMethod.online: OnlineKD, KDMethod.feature: FeatureKD,
-          KDMethod.on_policy: OnPolicyKD}
-KDSection = Annotated[OfflineKD | OnlineKD | FeatureKD | OnPolicyKD, Field(discriminator="method"),
-                      BeforeValidator(_method_settings)]
+MODELS = {
+    KDMethod.offline: OfflineKD,
+    KDMethod.online: OnlineKD,
+    KDMethod.feature: FeatureKD,
+    KDMethod.on_policy: OnPolicyKD,
+}
+KDSection = Annotated[
+    OfflineKD | OnlineKD | FeatureKD | OnPolicyKD, Field(discriminator="method"), BeforeValidator(_method_settings)
+]
 KD_METHODS = frozenset(m.value for m in KDMethod)  # the union's tags: not YAML keys, left out of error paths

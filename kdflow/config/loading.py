@@ -54,8 +54,10 @@ def read_recipe_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8 ({e.reason}); "
-                          "save the file as UTF-8") from None
+        raise RecipeError(
+            f"{path}:{line}: byte 0x{data[e.start]:02x} at offset {e.start} is not UTF-8 ({e.reason}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_recipe_file(path: str | Path, kind: str = "recipe") -> str:
@@ -86,8 +88,9 @@ def _duplicate_key(node, path: tuple = ()) -> tuple[str, int, int] | None:
     return None
 
 
-def load_yaml(text: str, source: str, what: str = "a recipe is a YAML mapping with sections run, data, teacher, ..."
-              ) -> dict:
+def load_yaml(
+    text: str, source: str, what: str = "a recipe is a YAML mapping with sections run, data, teacher, ..."
+) -> dict:
     """The YAML mapping of a recipe of any kind; invalid YAML, a repeated key or a non-mapping is a ``RecipeError``."""
     try:
         duplicate = _duplicate_key(yaml.compose(text, Loader=yaml.SafeLoader))
@@ -96,8 +99,10 @@ def load_yaml(text: str, source: str, what: str = "a recipe is a YAML mapping wi
         raise RecipeError(f"{source}: not valid YAML: {e}") from None
     if duplicate:
         field, line, first = duplicate
-        raise RecipeError(f"{source}:{line}: {field}: set twice (first at line {first}); YAML would silently keep "
-                          "the last value: remove one of them")
+        raise RecipeError(
+            f"{source}:{line}: {field}: set twice (first at line {first}); YAML would silently keep "
+            "the last value: remove one of them"
+        )
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: {what}")
     return raw
@@ -106,8 +111,16 @@ def load_yaml(text: str, source: str, what: str = "a recipe is a YAML mapping wi
 Schema = TypeVar("Schema", bound=BaseModel)
 
 
-def parse_yaml(schema: type[Schema], text: str, source: str, what: str, *, kind: str = "recipe",
-               context: dict | None = None, skip: frozenset[str] = frozenset()) -> Schema:
+def parse_yaml(
+    schema: type[Schema],
+    text: str,
+    source: str,
+    what: str,
+    *,
+    kind: str = "recipe",
+    context: dict | None = None,
+    skip: frozenset[str] = frozenset(),
+) -> Schema:
     """``text`` validated as ``schema``. ``what``: the file's expected shape, said when it is not a mapping;
     ``context``: pydantic's validation context (e.g. the recipe's folder); ``skip``: as in ``validation_problems``."""
     raw = load_yaml(text, source, what)
@@ -133,7 +146,9 @@ def _field_path(loc: tuple, skip: frozenset[str]) -> tuple:
     return tuple(out)
 
 
-def validation_problems(error: ValidationError, text: str, source: str, skip: frozenset[str] = frozenset()) -> list[str]:
+def validation_problems(
+    error: ValidationError, text: str, source: str, skip: frozenset[str] = frozenset()
+) -> list[str]:
     """One ``file:line: field: fix`` line per pydantic error. ``skip``: location parts that are not YAML keys
     (the tags of a discriminated union), left out of the field name and the line lookup."""
     root = yaml.compose(text)

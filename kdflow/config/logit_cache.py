@@ -44,10 +44,15 @@ class LogitCacheSection(Strict):
     batch_tokens: int = Field(16384, ge=16, description="padded tokens per forward pass (hf)")
     concurrency: int = Field(8, ge=1, description="requests in flight (vllm)")
     base_url: str | None = Field(None, description="a running vLLM server serving the teacher (vllm)")
-    timeout_s: float = Field(600.0, gt=0, description="seconds one try of a request may go unanswered (vllm): a "
-                             "server that accepts and never replies fails the capture instead of holding it forever")
-    dtype: Dtype | None = dtype_field("the teacher's precision during capture (hf: loaded in it; vllm: served in it; "
-                                      "log-probs in float32 either way)")
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds one try of a request may go unanswered (vllm): a "
+        "server that accepts and never replies fails the capture instead of holding it forever",
+    )
+    dtype: Dtype | None = dtype_field(
+        "the teacher's precision during capture (hf: loaded in it; vllm: served in it; log-probs in float32 either way)"
+    )
 
     @field_serializer("base_url", when_used="json")  # what cache keys and manifests hold: no user:password@
     def _no_password(self, v: str | None) -> str | None:
@@ -56,15 +61,19 @@ class LogitCacheSection(Strict):
     @model_validator(mode="after")
     def _source_limits(self):
         if self.source is not CaptureSource.hf and self.temperature != 1.0:
-            raise ValueError(f"temperature {self.temperature} needs source 'hf': {self.source.value} gives only the "
-                             "top-k at T = 1, and rescaling needs the whole distribution")
+            raise ValueError(
+                f"temperature {self.temperature} needs source 'hf': {self.source.value} gives only the "
+                "top-k at T = 1, and rescaling needs the whole distribution"
+            )
         if self.source is not CaptureSource.hf and self.ensemble:
             raise ValueError("ensemble members are captured with source 'hf'; set source: hf")
         if self.source is CaptureSource.api and self.dtype is not None:
             raise ValueError("dtype: with source 'api' the API's own model made the logprobs; remove dtype")
         if self.source is CaptureSource.vllm and self.base_url and self.dtype is not None:
-            raise ValueError("dtype: a running server (base_url) serves in the dtype it was started with; remove "
-                             "dtype, or remove base_url to let the stage start the server in that dtype")
+            raise ValueError(
+                "dtype: a running server (base_url) serves in the dtype it was started with; remove "
+                "dtype, or remove base_url to let the stage start the server in that dtype"
+            )
         if self.source is CaptureSource.api and self.k > 20:
             raise ValueError(f"k={self.k}: APIs return at most 20 top_logprobs; use k <= 20")
         return self

@@ -27,8 +27,11 @@ def dtype_field(what: str):
 
 # TRL's mixed-precision flags for each dtype: bf16 weights train under bf16 autocast; fp16 trains fp32 master
 # weights under fp16 autocast with loss scaling (the scaler refuses fp16 gradients); float32 turns both off.
-PRECISION_FLAGS = {Dtype.bfloat16: {"bf16": True, "fp16": False}, Dtype.float16: {"bf16": False, "fp16": True},
-                   Dtype.float32: {"bf16": False, "fp16": False}}
+PRECISION_FLAGS = {
+    Dtype.bfloat16: {"bf16": True, "fp16": False},
+    Dtype.float16: {"bf16": False, "fp16": True},
+    Dtype.float32: {"bf16": False, "fp16": False},
+}
 
 
 def check_precision(dtype: Dtype | None, training: dict[str, Any]) -> None:
@@ -38,8 +41,10 @@ def check_precision(dtype: Dtype | None, training: dict[str, Any]) -> None:
         return
     for flag, wanted in PRECISION_FLAGS[dtype].items():
         if flag in training and bool(training[flag]) != wanted:
-            raise ValueError(f"training.{flag}: {training[flag]} contradicts dtype: {dtype.value}, which sets "
-                             f"{flag} to {wanted}; remove training.{flag} (dtype decides the precision)")
+            raise ValueError(
+                f"training.{flag}: {training[flag]} contradicts dtype: {dtype.value}, which sets "
+                f"{flag} to {wanted}; remove training.{flag} (dtype decides the precision)"
+            )
 
 
 def training_flags(dtype: Dtype | None) -> dict[str, bool]:
@@ -60,8 +65,10 @@ def check_trainable_here(dtype: Dtype | None, section: str) -> None:
     import torch
 
     if dtype is Dtype.float16 and not torch.cuda.is_available():
-        raise ValueError(f"{section}.dtype float16: fp16 training needs a CUDA GPU (loss scaling) and none is here; "
-                         "use bfloat16 (trains on a CPU) or float32")
+        raise ValueError(
+            f"{section}.dtype float16: fp16 training needs a CUDA GPU (loss scaling) and none is here; "
+            "use bfloat16 (trains on a CPU) or float32"
+        )
 
 
 def load_dtype(dtype: Dtype | None):

@@ -51,19 +51,25 @@ class Recipe(Strict):
             if split not in self.data.splits:
                 raise ValueError(f"split {split!r} is not in data.splits {sorted(self.data.splits)}: add it there")
         if self.evaluation.split in self.generation.splits:
-            raise ValueError(f"generation.splits includes the evaluation split {self.evaluation.split!r}: "
-                             "students would train on test questions; remove it")
+            raise ValueError(
+                f"generation.splits includes the evaluation split {self.evaluation.split!r}: "
+                "students would train on test questions; remove it"
+            )
         for s in self.students:
             if s.kd is None:
                 continue
             if s.data is not StudentData.teacher:
                 raise ValueError(f"student {s.name!r}: kd distils the teacher on its own answers; set data: teacher")
             if isinstance(s.kd, OfflineKD) and self.logit_cache is None:
-                raise ValueError(f"student {s.name!r}: kd method offline trains from the logit cache; add a "
-                                 "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)")
+                raise ValueError(
+                    f"student {s.name!r}: kd method offline trains from the logit cache; add a "
+                    "`logit_cache:` section (e.g. `logit_cache: {k: 20}`)"
+                )
             if isinstance(s.kd, OnPolicyKD) and s.kd.lmbda < 1.0 and self.logit_cache is None:
-                raise ValueError(f"student {s.name!r}: kd method on_policy with lmbda {s.kd.lmbda} < 1 trains a share "
-                                 "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1")
+                raise ValueError(
+                    f"student {s.name!r}: kd method on_policy with lmbda {s.kd.lmbda} < 1 trains a share "
+                    "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1"
+                )
         if self.teacher.api:
             self._api_teacher_checks()
         if self.data.source is DataSource.instructions:
@@ -79,55 +85,101 @@ class Recipe(Strict):
             if isinstance(s.init, StudentInit):
                 before = [t.name for t in self.students[:i]]
                 if s.init.student not in before:
-                    later = ("is the student itself" if s.init.student == s.name else "is listed after it"
-                             if s.init.student in {t.name for t in self.students} else "is not a student of the recipe")
-                    raise FieldError(f"student {s.name!r}: init.student {s.init.student!r} {later}; name a student "
-                                     f"listed before {s.name!r} ({', '.join(before) or 'none is'}), which it starts from "
-                                     "once trained", "students", i, "init", "student")
+                    later = (
+                        "is the student itself"
+                        if s.init.student == s.name
+                        else "is listed after it"
+                        if s.init.student in {t.name for t in self.students}
+                        else "is not a student of the recipe"
+                    )
+                    raise FieldError(
+                        f"student {s.name!r}: init.student {s.init.student!r} {later}; name a student "
+                        f"listed before {s.name!r} ({', '.join(before) or 'none is'}), which it starts from "
+                        "once trained",
+                        "students",
+                        i,
+                        "init",
+                        "student",
+                    )
                 continue
             if s.init is None:
                 continue
             if self.teacher.api:
-                raise FieldError(f"student {s.name!r}: init from the teacher prunes its layers, and an API teacher's "
-                                 "weights are not here; use model: or architecture:", "students", i, "init")
+                raise FieldError(
+                    f"student {s.name!r}: init from the teacher prunes its layers, and an API teacher's "
+                    "weights are not here; use model: or architecture:",
+                    "students",
+                    i,
+                    "init",
+                )
             n = self.teacher.layer_count()
             if n is not None and s.init.layers > n:
-                raise FieldError(f"student {s.name!r}: init.layers {s.init.layers} is more than the teacher's {n} "
-                                 f"layers; keep between 1 and {n}", "students", i, "init", "layers")
+                raise FieldError(
+                    f"student {s.name!r}: init.layers {s.init.layers} is more than the teacher's {n} "
+                    f"layers; keep between 1 and {n}",
+                    "students",
+                    i,
+                    "init",
+                    "layers",
+                )
 
     def _free_text_checks(self) -> None:
         """Instruction data has reference answers, not answers a checker can verify: what needs a checker is refused."""
         why = "data.source 'instructions' is free text, with no answer checker"
         if self.filters.correctness:
-            raise FieldError(f"{why}: set filters.correctness: false (the filters for free text stay: empty, truncated, "
-                             "length, patterns, dedup, judge)", "filters", "correctness")
+            raise FieldError(
+                f"{why}: set filters.correctness: false (the filters for free text stay: empty, truncated, "
+                "length, patterns, dedup, judge)",
+                "filters",
+                "correctness",
+            )
         if self.filters.self_consistency is not None:
-            raise FieldError(f"{why}; self-consistency votes on final answers: remove filters.self_consistency",
-                             "filters", "self_consistency")
+            raise FieldError(
+                f"{why}; self-consistency votes on final answers: remove filters.self_consistency",
+                "filters",
+                "self_consistency",
+            )
         if self.evaluation.pass_at_k is not None:
-            raise FieldError(f"{why}; pass@k counts correct samples: remove evaluation.pass_at_k (quality is ROUGE-L "
-                             "against the reference)", "evaluation", "pass_at_k")
+            raise FieldError(
+                f"{why}; pass@k counts correct samples: remove evaluation.pass_at_k (quality is ROUGE-L "
+                "against the reference)",
+                "evaluation",
+                "pass_at_k",
+            )
 
     def _api_teacher_checks(self) -> None:
         """An API teacher is only the answers the API returns: what needs its weights is refused here, with why."""
         g, why = self.generation, "teacher.api: true: the API model is the teacher and its weights are not available"
         if g.backend is not Backend.openai:
-            raise FieldError("teacher.api: true asks the model generation.api names; set generation.backend: openai with "
-                             "api.base_url and api.model", "generation", "backend")
+            raise FieldError(
+                "teacher.api: true asks the model generation.api names; set generation.backend: openai with "
+                "api.base_url and api.model",
+                "generation",
+                "backend",
+            )
         if not g.api.model:
-            raise FieldError("teacher.api: true: name the API's model (the teacher) in generation.api.model",
-                             "generation", "api")
+            raise FieldError(
+                "teacher.api: true: name the API's model (the teacher) in generation.api.model", "generation", "api"
+            )
         if self.logit_cache is not None:
-            raise FieldError(f"{why}; the logit cache needs its forward pass (source hf/vllm) or, for source api, its "
-                             "tokenizer (the students' is trained here); remove logit_cache", "logit_cache")
+            raise FieldError(
+                f"{why}; the logit cache needs its forward pass (source hf/vllm) or, for source api, its "
+                "tokenizer (the students' is trained here); remove logit_cache",
+                "logit_cache",
+            )
         for i, s in enumerate(self.students):
             if s.kd is not None:
-                raise FieldError(f"student {s.name!r}: {why}; kd ({s.kd.method.value}) needs its logits or hidden "
-                                 "states; remove kd (the student learns from the API's answers: data: teacher)",
-                                 "students", i, "kd")
+                raise FieldError(
+                    f"student {s.name!r}: {why}; kd ({s.kd.method.value}) needs its logits or hidden "
+                    "states; remove kd (the student learns from the API's answers: data: teacher)",
+                    "students",
+                    i,
+                    "kd",
+                )
         if self.filters.judge is not None:
-            raise FieldError(f"{why}; the judge filter runs the teacher locally; remove filters.judge",
-                             "filters", "judge")
+            raise FieldError(
+                f"{why}; the judge filter runs the teacher locally; remove filters.judge", "filters", "judge"
+            )
 
     def with_seeds(self, seeds: list[int]) -> Recipe:
         """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""
@@ -138,8 +190,9 @@ class Recipe(Strict):
         the run folder and every cached stage stay the same, so the others' outputs are kept, not retrained."""
         known = [s.name for s in self.students]
         if unknown := [n for n in names if n not in known]:
-            raise ValueError(f"--students {' '.join(unknown)}: no such student in the recipe; its students are "
-                             f"{', '.join(known)}")
+            raise ValueError(
+                f"--students {' '.join(unknown)}: no such student in the recipe; its students are {', '.join(known)}"
+            )
         wanted = set(names)
         for s in reversed(self.students):  # a student started from another needs that one (cached if trained)
             if s.name in wanted and isinstance(s.init, StudentInit):
@@ -150,8 +203,11 @@ class Recipe(Strict):
         """The students to train: as listed, or each once per ``run.seeds`` seed, named ``<name>@<seed>``."""
         if not self.run.seeds:
             return list(self.students)
-        return [s.model_copy(update={"name": f"{s.name}@{seed}", "seed": seed, "init": seeded(s.init, seed)})
-                for s in self.students for seed in self.run.seeds]
+        return [
+            s.model_copy(update={"name": f"{s.name}@{seed}", "seed": seed, "init": seeded(s.init, seed)})
+            for s in self.students
+            for seed in self.run.seeds
+        ]
 
     @property
     def run_dir(self) -> Path:
@@ -168,8 +224,14 @@ def seeded(init: PrunedInit | StudentInit | None, seed: int) -> PrunedInit | Stu
 def parse_recipe(text: str, source: str = "<recipe>", folder: Path | None = None) -> Recipe:
     """``folder``: the recipe file's folder, where (besides the project folder) the templates it names may lie, and
     what its relative paths resolve against when it is outside the project (``fields.PATH_RULE``)."""
-    return parse_yaml(Recipe, text, source, "a recipe is a YAML mapping with sections run, data, teacher, ...",
-                      context=recipe_context(folder), skip=KD_METHODS)
+    return parse_yaml(
+        Recipe,
+        text,
+        source,
+        "a recipe is a YAML mapping with sections run, data, teacher, ...",
+        context=recipe_context(folder),
+        skip=KD_METHODS,
+    )
 
 
 def load_recipe(path: str | Path) -> Recipe:

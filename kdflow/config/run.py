@@ -13,15 +13,27 @@ from kdflow.store import remote
 class RunSection(Strict):
     name: str = Field(description="run folder name under `root`")
     # Defaults are validated too: a recipe outside the project that names no root writes beside itself.
-    root: str = Field("runs", validate_default=True, description="where run folders live: a local folder "
-                      "(relative: to the project for a recipe inside it, to the recipe's folder for one outside), or "
-                      "an fsspec URL (s3://bucket/runs, gs://…, file:///mnt/runs): stages then compute in `staging` "
-                      "and upload each finished output there (kdflow/store/remote.py)")
-    staging: str = Field("runs/.staging", validate_default=True, description="with a URL `root`: the local folder "
-                         "stages compute in (models and parquet files need local paths); outputs already at the URL "
-                         "are downloaded here")
-    seeds: list[int] | None = Field(None, min_length=1, description="train and evaluate every student once per "
-                                    "seed (named `<name>@<seed>`); the report gives mean and spread")
+    root: str = Field(
+        "runs",
+        validate_default=True,
+        description="where run folders live: a local folder "
+        "(relative: to the project for a recipe inside it, to the recipe's folder for one outside), or "
+        "an fsspec URL (s3://bucket/runs, gs://…, file:///mnt/runs): stages then compute in `staging` "
+        "and upload each finished output there (kdflow/store/remote.py)",
+    )
+    staging: str = Field(
+        "runs/.staging",
+        validate_default=True,
+        description="with a URL `root`: the local folder "
+        "stages compute in (models and parquet files need local paths); outputs already at the URL "
+        "are downloaded here",
+    )
+    seeds: list[int] | None = Field(
+        None,
+        min_length=1,
+        description="train and evaluate every student once per "
+        "seed (named `<name>@<seed>`); the report gives mean and spread",
+    )
 
     @field_validator("name")
     @classmethod
@@ -41,9 +53,11 @@ class RunSection(Strict):
         if not remote.is_url(v):
             return resolve(v, info, reads=False)  # fields.PATH_RULE: beside a recipe outside the project
         if redact_url(v) != v:  # bound into the staging folder (.remote.json) and shown in every message
-            raise ValueError(f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
-                             "system the usual way (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fsspec's "
-                             "config): the URL is written into the run folder")
+            raise ValueError(
+                f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
+                "system the usual way (e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or fsspec's "
+                "config): the URL is written into the run folder"
+            )
         remote.check_url(v)
         return v
 

@@ -19,8 +19,9 @@ WRITE_SPLIT, ANSWER_SPLIT = "expand", "instructions"
 
 
 class SeedsSection(Strict):
-    path: RecipePath = Field(description="JSONL / parquet / saved HF dataset of seed instructions (a relative path: "
-                             "see fields.PATH_RULE)")
+    path: RecipePath = Field(
+        description="JSONL / parquet / saved HF dataset of seed instructions (a relative path: see fields.PATH_RULE)"
+    )
     field: str = Field("instruction", description="the column holding the instruction text")
 
     def location(self) -> Path:
@@ -35,9 +36,10 @@ class ExpansionSection(Strict):
     seed: int = 0
     min_words: int = Field(3, ge=1)
     max_words: int = Field(80, ge=1)
-    threshold: float = Field(0.7, gt=0.0, le=1.0, description="MinHash Jaccard (word n-grams) that counts as a near copy")
+    threshold: float = Field(
+        0.7, gt=0.0, le=1.0, description="MinHash Jaccard (word n-grams) that counts as a near copy"
+    )
     ngram: int = Field(2, ge=1, description="instructions are short: word pairs, not the answers' triples")
-
 
     def template_text(self) -> str:
         return (ROOT / self.template).read_text()
@@ -56,7 +58,10 @@ class SelfInstructRecipe(Strict):
     def _checks(self):
         if self.teacher.model is None:
             raise ValueError("self-instruct needs an existing teacher: set teacher.model (a folder or hub id)")
-        for name, section, split in (("writing", self.writing, WRITE_SPLIT), ("answering", self.answering, ANSWER_SPLIT)):
+        for name, section, split in (
+            ("writing", self.writing, WRITE_SPLIT),
+            ("answering", self.answering, ANSWER_SPLIT),
+        ):
             if section.splits != [split]:
                 raise ValueError(f"{name}.splits must be [{split}] (the stage's own split), got {section.splits}")
         return self
@@ -68,6 +73,10 @@ class SelfInstructRecipe(Strict):
 
 def load_self_instruct_recipe(path: str | Path) -> SelfInstructRecipe:
     path = Path(path)
-    return parse_yaml(SelfInstructRecipe, read_recipe_file(path), str(path),
-                      "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...",
-                      context=recipe_context(path.parent))
+    return parse_yaml(
+        SelfInstructRecipe,
+        read_recipe_file(path),
+        str(path),
+        "a self-instruct recipe is a YAML mapping with sections run, seeds, teacher, ...",
+        context=recipe_context(path.parent),
+    )

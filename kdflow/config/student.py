@@ -37,7 +37,6 @@ class StudentData(str, enum.Enum):
     teacher = "teacher"  # SFT on the teacher's kept answers (sequence-level KD)
 
 
-
 class LoraSection(Strict):
     """LoRA (Hu et al. 2021) through peft: the pretrained student's weights stay frozen and a low-rank update
     ``(alpha / r) · B·A`` is learned beside each targeted linear layer. On save the update is merged into the
@@ -47,15 +46,19 @@ class LoraSection(Strict):
     alpha: float = Field(32.0, gt=0.0, description="the update is scaled by alpha / r")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
     target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="'all-linear': every linear layer but the LM head (peft's shorthand); or module "
-        "names, e.g. [q_proj, v_proj] (Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+        "all-linear",
+        description="'all-linear': every linear layer but the LM head (peft's shorthand); or module "
+        "names, e.g. [q_proj, v_proj] (Llama: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)",
+    )
 
     @field_validator("target_modules")
     @classmethod
     def _names(cls, v):
         if isinstance(v, list):
             if not v:
-                raise ValueError("an empty list adapts nothing: name modules (e.g. [q_proj, v_proj]) or use 'all-linear'")
+                raise ValueError(
+                    "an empty list adapts nothing: name modules (e.g. [q_proj, v_proj]) or use 'all-linear'"
+                )
             bad = [n for n in v if not re.fullmatch(r"[A-Za-z_][\w.]*", n)]
             if bad:
                 raise ValueError(f"{bad} are not module names; use names such as q_proj, v_proj, or 'all-linear'")
@@ -69,11 +72,19 @@ class PrunedInit(Strict):
 
     from_: Literal["teacher"] = Field(alias="from", description="the model pruned: the run's teacher")
     layers: int = Field(ge=1, description="decoder layers kept (the teacher's count or fewer)")
-    select: LayerSelect = Field(LayerSelect.every_other, description="every_other: evenly spaced layers "
-                                "(floor(i*n/k)); importance: the layers with the largest ShortGPT block influence "
-                                "(1 - cos(layer input, layer output)) on calibration rows of the train split")
-    calibration_rows: int = Field(64, ge=1, le=10_000, description="importance: train-split rows (prompt and "
-                                  "reference through the chat template) the influence is averaged over")
+    select: LayerSelect = Field(
+        LayerSelect.every_other,
+        description="every_other: evenly spaced layers "
+        "(floor(i*n/k)); importance: the layers with the largest ShortGPT block influence "
+        "(1 - cos(layer input, layer output)) on calibration rows of the train split",
+    )
+    calibration_rows: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="importance: train-split rows (prompt and "
+        "reference through the chat template) the influence is averaged over",
+    )
     calibration_max_length: int = Field(256, ge=8, le=8192, description="importance: tokens per calibration row")
 
     def summary(self) -> dict:
@@ -105,27 +116,33 @@ class LaunchSection(Strict):
     instead of inside the stage's process. The number of processes multiplies the global batch, so it and the
     config's text are part of the student's key."""
 
-    accelerate_config: str = Field(description="an accelerate config file, relative to the repo (e.g. "
-                                   "accelerate/multi_gpu.yaml) or absolute")
-    num_processes: int | None = Field(None, ge=1, description="overrides the config's num_processes (e.g. the "
-                                      "node's GPU count)")
+    accelerate_config: str = Field(
+        description="an accelerate config file, relative to the repo (e.g. accelerate/multi_gpu.yaml) or absolute"
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="overrides the config's num_processes (e.g. the node's GPU count)"
+    )
 
     @field_validator("accelerate_config")
     @classmethod
     def _exists(cls, v: str, info: ValidationInfo) -> str:
         v = resolve(v, info)
         if not (ROOT / v).is_file():  # an absolute path stays absolute under ROOT / v
-            raise ValueError(f"no accelerate config at {ROOT / v} ({PATH_RULE}): use "
-                             "accelerate/multi_gpu.yaml, accelerate/cpu_2proc.yaml, or a file written by "
-                             "`accelerate config`")
+            raise ValueError(
+                f"no accelerate config at {ROOT / v} ({PATH_RULE}): use "
+                "accelerate/multi_gpu.yaml, accelerate/cpu_2proc.yaml, or a file written by "
+                "`accelerate config`"
+            )
         return v
 
     @model_validator(mode="after")
     def _process_count(self):
         config = yaml.safe_load(self.config_text) or {}
         if self.num_processes is None and config.get("num_processes", -1) == -1:
-            raise ValueError(f"{self.accelerate_config} leaves the number of processes to you: set "
-                             "launch.num_processes (e.g. the node's GPU count)")
+            raise ValueError(
+                f"{self.accelerate_config} leaves the number of processes to you: set "
+                "launch.num_processes (e.g. the node's GPU count)"
+            )
         return self
 
     @computed_field  # in model_dump, hence in the key: editing the config (e.g. mixed precision) retrains
@@ -142,16 +159,28 @@ class StudentSection(Strict):
     name: StudentName = Field(description="names the student in the report (and `<name>@<seed>` with run.seeds)")
     data: StudentData
     kd: KDSection | None = Field(None, description="white-box KD on top of the student's data (data: teacher)")
-    data_fraction: float = Field(1.0, gt=0.0, le=1.0, description="train on this share of the student's rows: a "
-                                 "subset fixed by the seed, the same for every method (transfer-set sweeps)")
+    data_fraction: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="train on this share of the student's rows: a "
+        "subset fixed by the seed, the same for every method (transfer-set sweeps)",
+    )
     model: str | None = Field(None, description="a pretrained model folder, hub id or GGUF file to fine-tune")
     architecture: Architecture | None = Field(None, description="or: a fresh Llama of this size, teacher's tokenizer")
     init: Annotated[PrunedInit | StudentInit, Field(discriminator="from_")] | None = Field(
-        None, description="or: the teacher with a subset of its layers, e.g. {from: teacher, layers: 15, select: "
-        "importance}; or another student's trained model, e.g. {from: student, student: offline-kd}")
+        None,
+        description="or: the teacher with a subset of its layers, e.g. {from: teacher, layers: 15, select: "
+        "importance}; or another student's trained model, e.g. {from: student, student: offline-kd}",
+    )
     seed: int = 0
-    curve_points: int = Field(0, ge=0, le=100, description="save the weights at this many evenly spaced steps (the "
-                              "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none")
+    curve_points: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="save the weights at this many evenly spaced steps (the "
+        "last: the finished model) for a learning curve (kdflow/training/curves.py); 0: none",
+    )
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
     lora: LoraSection | None = Field(None, description="train LoRA adapters on the pretrained `model` (peft)")
     launch: LaunchSection | None = Field(None, description="train through `accelerate launch` (multi-GPU)")
@@ -181,28 +210,38 @@ class StudentSection(Strict):
     def _one_init(self):
         starts = [f for f in ("model", "architecture", "init") if getattr(self, f) is not None]
         if len(starts) != 1:
-            raise ValueError(f"set exactly one of model (fine-tune a pretrained student), architecture (a fresh one) "
-                             f"or init (pruned from the teacher, or a trained student); "
-                             f"{'got ' + ' and '.join(starts) if starts else 'none is set'}")
+            raise ValueError(
+                f"set exactly one of model (fine-tune a pretrained student), architecture (a fresh one) "
+                f"or init (pruned from the teacher, or a trained student); "
+                f"{'got ' + ' and '.join(starts) if starts else 'none is set'}"
+            )
         if self.lora is not None:
             self._check_lora()
         if is_gguf_path(self.model):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
         check_precision(self.dtype, self.training)
         if self.launch is not None and isinstance(self.kd, OnPolicyKD) and self.kd.base_url is None:
-            raise ValueError("launch with kd method on_policy: every launched process would start a teacher of its "
-                             "own; serve the teacher once (vLLM) and set kd.teacher_backend: vllm with kd.base_url")
+            raise ValueError(
+                "launch with kd method on_policy: every launched process would start a teacher of its "
+                "own; serve the teacher once (vLLM) and set kd.teacher_backend: vllm with kd.base_url"
+            )
         return self
 
     def _check_lora(self) -> None:
         if self.architecture is not None:
-            raise ValueError("lora: adapters train beside frozen pretrained weights, and a fresh `architecture:` "
-                             "student has none worth freezing: set `model:` to a pretrained model folder (or hub "
-                             "id) instead of `architecture:`, or remove `lora:` to train every weight")
+            raise ValueError(
+                "lora: adapters train beside frozen pretrained weights, and a fresh `architecture:` "
+                "student has none worth freezing: set `model:` to a pretrained model folder (or hub "
+                "id) instead of `architecture:`, or remove `lora:` to train every weight"
+            )
         kd = self.kd
         if isinstance(kd, FeatureKD):
-            raise ValueError("lora with kd method feature: peft would freeze the learned feature projections "
-                             "with the base weights; remove `lora:`, or use kd method offline or online")
+            raise ValueError(
+                "lora with kd method feature: peft would freeze the learned feature projections "
+                "with the base weights; remove `lora:`, or use kd method offline or online"
+            )
         if isinstance(kd, OnlineKD) and kd.cross_tokenizer is not None:
-            raise ValueError("lora with kd.cross_tokenizer gold is not supported yet; remove `lora:` to train "
-                             "the whole student with GOLD")
+            raise ValueError(
+                "lora with kd.cross_tokenizer gold is not supported yet; remove `lora:` to train "
+                "the whole student with GOLD"
+            )

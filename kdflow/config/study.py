@@ -27,17 +27,22 @@ class WarmStart(Strict):
 
 
 class StudyRecipe(Strict):
-    recipe: RecipePath = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) "
-                               "is used (a relative path: see fields.PATH_RULE)")
+    recipe: RecipePath = Field(
+        description="the distillation recipe whose run (data, teacher, answers, logit cache) "
+        "is used (a relative path: see fields.PATH_RULE)"
+    )
     students: list[SafeName] = Field(default_factory=list, description="the recipe's students to compare, by name")
     add: list[StudentSection] = Field(default_factory=list, description="more arms, as full student sections")
     seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
     curve_points: int = Field(5, ge=2, le=100, description="snapshots per student, evenly spaced, the last at the end")
     reference: SafeName = Field("seq-kd", description="the arm the others are compared with")
-    warm_starts: dict[SafeName, WarmStart] = Field(default_factory=dict, description="arm -> the snapshot it starts "
-                                                   "from (the arm is trained from those weights)")
-    training: dict[str, Any] = Field(default_factory=dict, description="overrides of the training keys of the "
-                                     "recipe's students (an added arm has its own, whole)")
+    warm_starts: dict[SafeName, WarmStart] = Field(
+        default_factory=dict, description="arm -> the snapshot it starts from (the arm is trained from those weights)"
+    )
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of the training keys of the recipe's students (an added arm has its own, whole)",
+    )
 
     @model_validator(mode="after")
     def _arms(self):
@@ -76,18 +81,34 @@ class StudyRecipe(Strict):
 
     def runs(self, recipe: Recipe) -> list[StudentSection]:
         """Every student to train: ``<arm>@<seed>`` with the study's snapshots and training overrides."""
-        return [arm.model_copy(update={"name": f"{arm.name}@{seed}", "seed": seed, "curve_points": self.curve_points,
-                                       "training": self.training_of(arm)})
-                for arm in self.arms(recipe) for seed in self.seeds]
+        return [
+            arm.model_copy(
+                update={
+                    "name": f"{arm.name}@{seed}",
+                    "seed": seed,
+                    "curve_points": self.curve_points,
+                    "training": self.training_of(arm),
+                }
+            )
+            for arm in self.arms(recipe)
+            for seed in self.seeds
+        ]
 
 
 def load_study(path: str | Path) -> StudyRecipe:
     path = Path(path)
-    study = parse_yaml(StudyRecipe, read_recipe_file(path, "study"), str(path),
-                       "a study is a YAML mapping with recipe, students, seeds, curve_points", kind="study",
-                       skip=KD_METHODS, context=recipe_context(path.parent))
+    study = parse_yaml(
+        StudyRecipe,
+        read_recipe_file(path, "study"),
+        str(path),
+        "a study is a YAML mapping with recipe, students, seeds, curve_points",
+        kind="study",
+        skip=KD_METHODS,
+        context=recipe_context(path.parent),
+    )
     if not study.recipe_path().is_file():
-        raise RecipeError(f"{path}: recipe: no file {study.recipe_path()} ({PATH_RULE}); point it at a distillation "
-                          "recipe")
+        raise RecipeError(
+            f"{path}: recipe: no file {study.recipe_path()} ({PATH_RULE}); point it at a distillation recipe"
+        )
     study.arms(load_recipe(study.recipe_path()))  # a bad recipe or an unknown student fails here, before any work
     return study

@@ -16,9 +16,13 @@ from kdflow.config.student import StudentData
 
 
 class SweepRecipe(Strict):
-    recipe: RecipePath = Field(description="the distillation recipe whose run (data, teacher, answers, logit cache) "
-                               "is used (a relative path: see fields.PATH_RULE)")
-    student: SafeName = Field(description="the recipe student (data: teacher) whose architecture and training are swept")
+    recipe: RecipePath = Field(
+        description="the distillation recipe whose run (data, teacher, answers, logit cache) "
+        "is used (a relative path: see fields.PATH_RULE)"
+    )
+    student: SafeName = Field(
+        description="the recipe student (data: teacher) whose architecture and training are swept"
+    )
     fractions: list[float] = Field(min_length=1, description="shares of the kept teacher answers, each in (0, 1]")
     seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
     methods: dict[str, KDSection | None] = Field(min_length=2, description="name -> kd section; null = seq-KD (SFT)")
@@ -55,23 +59,42 @@ class SweepRecipe(Strict):
         r = load_recipe(self.recipe_path())
         base = next((s for s in r.students if s.name == self.student), None)
         if base is None:
-            raise RecipeError(f"{self.recipe}: no student named {self.student!r}; students: {[s.name for s in r.students]}")
+            raise RecipeError(
+                f"{self.recipe}: no student named {self.student!r}; students: {[s.name for s in r.students]}"
+            )
         if base.data is not StudentData.teacher:
             raise RecipeError(f"sweep.student: {self.student!r} learns from gold data; pick a `data: teacher` student")
         training = {**base.training, **self.training}
-        return [base.model_copy(update={"name": f"{method}-{fraction:g}@{seed}", "kd": kd, "seed": seed,
-                                        "data_fraction": fraction, "training": training})
-                for fraction in self.fractions for method, kd in self.methods.items() for seed in self.seeds]
-
+        return [
+            base.model_copy(
+                update={
+                    "name": f"{method}-{fraction:g}@{seed}",
+                    "kd": kd,
+                    "seed": seed,
+                    "data_fraction": fraction,
+                    "training": training,
+                }
+            )
+            for fraction in self.fractions
+            for method, kd in self.methods.items()
+            for seed in self.seeds
+        ]
 
 
 def load_sweep(path: str | Path) -> SweepRecipe:
     path = Path(path)
-    sweep = parse_yaml(SweepRecipe, read_recipe_file(path, "sweep"), str(path),
-                       "a sweep is a YAML mapping with recipe, student, fractions, seeds, methods", kind="sweep",
-                       skip=KD_METHODS, context=recipe_context(path.parent))
+    sweep = parse_yaml(
+        SweepRecipe,
+        read_recipe_file(path, "sweep"),
+        str(path),
+        "a sweep is a YAML mapping with recipe, student, fractions, seeds, methods",
+        kind="sweep",
+        skip=KD_METHODS,
+        context=recipe_context(path.parent),
+    )
     if not sweep.recipe_path().is_file():
-        raise RecipeError(f"{path}: recipe: no file {sweep.recipe_path()} ({PATH_RULE}); point it at a distillation "
-                          "recipe")
+        raise RecipeError(
+            f"{path}: recipe: no file {sweep.recipe_path()} ({PATH_RULE}); point it at a distillation recipe"
+        )
     load_recipe(sweep.recipe_path())  # a bad recipe fails here too, before any work
     return sweep

@@ -15,10 +15,16 @@ from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count
 
 
 class TeacherSection(Strict):
-    api: bool = Field(False, description="the teacher is the model generation.api names (backend openai): nothing "
-                      "is trained or loaded here; students learn from its verified answers")
-    model: str | None = Field(None, description="an existing model folder, hub id or GGUF file (imported once into "
-                              "a Hugging Face folder in `dtype`, float32 by default): skips teacher training")
+    api: bool = Field(
+        False,
+        description="the teacher is the model generation.api names (backend openai): nothing "
+        "is trained or loaded here; students learn from its verified answers",
+    )
+    model: str | None = Field(
+        None,
+        description="an existing model folder, hub id or GGUF file (imported once into "
+        "a Hugging Face folder in `dtype`, float32 by default): skips teacher training",
+    )
     architecture: Architecture | None = None
     vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
     seed: int = 0
@@ -35,12 +41,16 @@ class TeacherSection(Strict):
         if self.api:
             local = [f for f in ("model", "architecture", "training", "dtype") if getattr(self, f)]
             if local:
-                raise ValueError(f"teacher.api: true makes the API model the teacher; remove teacher.{local[0]} "
-                                 "(or set api: false to train or load a local teacher)")
+                raise ValueError(
+                    f"teacher.api: true makes the API model the teacher; remove teacher.{local[0]} "
+                    "(or set api: false to train or load a local teacher)"
+                )
             return self
         if self.model is None and self.architecture is None:
-            raise ValueError("set teacher.model (an existing model folder), teacher.architecture (to train one) or "
-                             "teacher.api: true (the model generation.api names)")
+            raise ValueError(
+                "set teacher.model (an existing model folder), teacher.architecture (to train one) or "
+                "teacher.api: true (the model generation.api names)"
+            )
         if is_gguf_path(self.model):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
         elif self.model is not None and not Path(self.model).exists() and "/" not in self.model:

@@ -56,13 +56,20 @@ def plain_text(text: str, specials: list[str]) -> str:
 
 
 def plain_messages(messages: list[dict], specials: list[str]) -> list[dict]:
-    return [{**m, "content": plain_text(m["content"], specials)} if isinstance(m.get("content"), str) else m
-            for m in messages]
+    return [
+        {**m, "content": plain_text(m["content"], specials)} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
 
 
 def plain_rows(rows: list[dict], *tokenizers) -> list[dict]:
     """Conversational rows (``prompt`` / ``completion`` / ``messages`` lists of messages) whose message texts hold no
     special token of ``tokenizers``: what every trainer that templates rows itself (TRL's) is given."""
     specials = special_strings(*tokenizers)
-    return [{k: plain_messages(v, specials) if k in ("prompt", "completion", "messages") and isinstance(v, list)
-             else v for k, v in r.items()} for r in rows]
+    return [
+        {
+            k: plain_messages(v, specials) if k in ("prompt", "completion", "messages") and isinstance(v, list) else v
+            for k, v in r.items()
+        }
+        for r in rows
+    ]

@@ -53,7 +53,11 @@ TRAINING_RANGES = {
 
 def _scalar_types(annotation) -> tuple[set[type], bool] | None:
     """({int}, {float} or {bool}, None allowed) for a config field typed as a plain scalar; None otherwise."""
-    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else (annotation,)
+    args = (
+        typing.get_args(annotation)
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
+        else (annotation,)
+    )
     scalars = {a for a in args if a in (int, float, bool)}
     if not scalars or any(a not in (int, float, bool, type(None)) for a in args):
         return None
@@ -114,8 +118,9 @@ CHECKPOINTING = dict(save_strategy="steps", save_steps=0.1, save_total_limit=1)
 CPU_OVERRIDES = dict(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False)
 
 
-def sft_config(training: dict, output_dir: str, seed: int, cpu: bool, checkpoints: bool = False, config_class=None,
-               **fixed):
+def sft_config(
+    training: dict, output_dir: str, seed: int, cpu: bool, checkpoints: bool = False, config_class=None, **fixed
+):
     """A TRL config from a recipe's ``training`` keys (TRL validates them: unknown keys, bad values).
 
     ``config_class``: SFTConfig unless given (GKD and GOLD have their own); ``fixed``: settings a trainer
@@ -128,8 +133,9 @@ def sft_config(training: dict, output_dir: str, seed: int, cpu: bool, checkpoint
     base = {**DEFAULTS, **(CHECKPOINTING if checkpoints else {})}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-        return (config_class or SFTConfig)(output_dir=output_dir, seed=seed,
-                                           **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed})
+        return (config_class or SFTConfig)(
+            output_dir=output_dir, seed=seed, **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed}
+        )
 
 
 def check_sft_config(training: dict[str, Any]) -> dict[str, Any]:

@@ -24,8 +24,10 @@ def answer_checker(source: DataSource):
 def no_checker(*_):
     """Free text (``source: instructions``) has references, not answers to verify: the recipe refuses every filter and
     metric that would call a checker, so reaching this is a bug, not a wrong answer."""
-    raise TypeError("source 'instructions' has no answer checker (free text is scored by ROUGE-L against the reference);"
-                    " a filter or metric that needs one should have been refused at recipe load")
+    raise TypeError(
+        "source 'instructions' has no answer checker (free text is scored by ROUGE-L against the reference);"
+        " a filter or metric that needs one should have been refused at recipe load"
+    )
 
 
 def token_counts(rows: list[dict], section: FiltersSection) -> list[int] | None:

@@ -44,8 +44,9 @@ def minhashes(texts: list[str], ngram: int, num_perm: int) -> list[LeanMinHash]:
     return MinHash.bulk([list(shingles(t, ngram)) for t in texts], num_perm=num_perm, seed=1) if texts else []
 
 
-def near_duplicates(texts: list[str], threshold: float = 0.8, ngram: int = 3, num_perm: int = 128,
-                    against: list[str] = ()) -> list[tuple[str, int] | None]:
+def near_duplicates(
+    texts: list[str], threshold: float = 0.8, ngram: int = 3, num_perm: int = 128, against: list[str] = ()
+) -> list[tuple[str, int] | None]:
     """For each text, ``("against", j)`` when it is near ``against[j]``, ``("text", i)`` when it is near an
     earlier kept ``texts[i]``, or None. Near: estimated Jaccard similarity of word n-gram sets >= threshold.
     A text found to be a duplicate is not indexed, so chains (a~b, b~c) do not drop c for a's sake."""

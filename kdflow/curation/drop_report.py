@@ -21,15 +21,21 @@ def reason_table(kept: list[dict], dropped: list[dict]) -> pd.DataFrame:
     counts = Counter(r for row in dropped for r in row["reasons"])
     alone = Counter(row["reasons"][0] for row in dropped if len(row["reasons"]) == 1)
     total = len(kept) + len(dropped)
-    table = pd.DataFrame([{"reason": r, "rows": n, "only": alone[r], "% of input": round(100 * n / total, 2)}
-                          for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))],
-                         columns=["reason", "rows", "only", "% of input"])
+    table = pd.DataFrame(
+        [
+            {"reason": r, "rows": n, "only": alone[r], "% of input": round(100 * n / total, 2)}
+            for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        ],
+        columns=["reason", "rows", "only", "% of input"],
+    )
     return table
 
 
 def lengths(rows: list[dict]) -> list[int]:
     """Answer lengths in tokens: the student's (``tokens``) when measured, else the teacher's count."""
-    return [_count(r.get("tokens")) if r.get("tokens") is not None else _count(r.get("completion_tokens")) for r in rows]
+    return [
+        _count(r.get("tokens")) if r.get("tokens") is not None else _count(r.get("completion_tokens")) for r in rows
+    ]
 
 
 def _count(value) -> int:
@@ -45,7 +51,10 @@ def length_histogram(kept: list[dict], dropped: list[dict], bins: int = 10) -> p
         edges = np.array([edges[0], edges[0] + 1])
     kc, _ = np.histogram(k, edges)
     dc, _ = np.histogram(d, edges)
-    labels = [f"{lo}–{hi - 1}" if i < len(edges) - 2 else f"{lo}–{hi}" for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))]
+    labels = [
+        f"{lo}–{hi - 1}" if i < len(edges) - 2 else f"{lo}–{hi}"
+        for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:]))
+    ]
     return pd.DataFrame({"tokens": labels, "kept": kc, "dropped": dc})
 
 
@@ -73,15 +82,22 @@ def examples(dropped: list[dict]) -> list[dict]:
         reason = row["reasons"][0]
         if seen[reason] < EXAMPLES_PER_REASON:
             seen[reason] += 1
-            out.append({"reason": ", ".join(row["reasons"]), "id": f"{row['id']}/{row.get('sample', 0)}",
-                        "detail": row.get("detail", ""), "text": (row["text"] or "")[:200]})
+            out.append(
+                {
+                    "reason": ", ".join(row["reasons"]),
+                    "id": f"{row['id']}/{row.get('sample', 0)}",
+                    "detail": row.get("detail", ""),
+                    "text": (row["text"] or "")[:200],
+                }
+            )
     return out
 
 
 def markdown(table: pd.DataFrame) -> str:
     """A pipe table (pandas' to_markdown needs the tabulate package, which nothing else here uses)."""
-    return "\n".join([_cells(table.columns), "|" + "---|" * len(table.columns),
-                      *(_cells(r) for r in table.itertuples(index=False))])
+    return "\n".join(
+        [_cells(table.columns), "|" + "---|" * len(table.columns), *(_cells(r) for r in table.itertuples(index=False))]
+    )
 
 
 def _cells(values) -> str:
@@ -93,9 +109,14 @@ def write(folder: Path, kept: list[dict], dropped: list[dict]) -> dict:
     reasons, hist = reason_table(kept, dropped), length_histogram(kept, dropped)
     plot_lengths(kept, dropped, folder / LENGTHS)
     total = len(kept) + len(dropped)
-    summary = {"input_rows": total, "kept": len(kept), "dropped": len(dropped),
-               "reasons": reasons.to_dict("records"), "length_histogram": hist.to_dict("records"),
-               "examples": examples(dropped)}
+    summary = {
+        "input_rows": total,
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "reasons": reasons.to_dict("records"),
+        "length_histogram": hist.to_dict("records"),
+        "examples": examples(dropped),
+    }
     ex = pd.DataFrame(summary["examples"], columns=["reason", "id", "detail", "text"])
     md = [
         "# Curation report",

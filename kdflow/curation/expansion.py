@@ -18,16 +18,18 @@ from kdflow.store.data_files import load_rows
 ITEM_RE = re.compile(r"^\s*(?:\d+\s*[.):]|[-*•])\s*(.+?)\s*$")  # "4. Write ...", "5) ...", "- ..."
 
 
-def expansion_prompts(seeds: list[str], template: str, prompts: int, seeds_per_prompt: int, new_per_prompt: int,
-                      seed: int) -> list[dict]:
+def expansion_prompts(
+    seeds: list[str], template: str, prompts: int, seeds_per_prompt: int, new_per_prompt: int, seed: int
+) -> list[dict]:
     """``prompts`` rows ``{id, question}``: each shows a different random handful of seeds (the variety of the
     examples shown is what keeps the teacher from writing the same tasks again)."""
     rng = random.Random(seed)
     rows = []
     for i in range(prompts):
         shown = rng.sample(seeds, min(seeds_per_prompt, len(seeds)))
-        rows.append({"id": f"expand-{i:06d}", "question": render(template, seeds=shown, n=new_per_prompt),
-                     "answer": ""})
+        rows.append(
+            {"id": f"expand-{i:06d}", "question": render(template, seeds=shown, n=new_per_prompt), "answer": ""}
+        )
     return rows
 
 
@@ -43,8 +45,14 @@ def candidates(replies: list[dict], min_words: int, max_words: int) -> tuple[lis
     for r in replies:
         lines = parse_instructions(r["text"] or "")
         if not lines:
-            dropped.append({"source": f"{r['id']}/{r.get('sample', 0)}", "instruction": "", "text": r["text"],
-                            "reasons": [Reason.no_instruction.value]})
+            dropped.append(
+                {
+                    "source": f"{r['id']}/{r.get('sample', 0)}",
+                    "instruction": "",
+                    "text": r["text"],
+                    "reasons": [Reason.no_instruction.value],
+                }
+            )
         for j, line in enumerate(lines):
             row = {"source": f"{r['id']}/{r.get('sample', 0)}", "instruction": line, "text": r["text"]}
             words = len(line.split())
@@ -55,14 +63,18 @@ def candidates(replies: list[dict], min_words: int, max_words: int) -> tuple[lis
     return out, dropped
 
 
-def dedup_instructions(rows: list[dict], seeds: list[str], threshold: float, ngram: int,
-                       num_perm: int = 128) -> tuple[list[dict], list[dict]]:
+def dedup_instructions(
+    rows: list[dict], seeds: list[str], threshold: float, ngram: int, num_perm: int = 128
+) -> tuple[list[dict], list[dict]]:
     """(kept, dropped): exact copies (of a seed or an earlier candidate) go first, then MinHash near copies."""
     texts = seeds + [r["instruction"] for r in rows]
-    exact = exact_duplicates(texts)[len(seeds):]
+    exact = exact_duplicates(texts)[len(seeds) :]
     unique = [i for i, first in enumerate(exact) if first is None]
-    near = dict(zip(unique, near_duplicates([rows[i]["instruction"] for i in unique], threshold, ngram, num_perm,
-                                            against=seeds)))
+    near = dict(
+        zip(
+            unique, near_duplicates([rows[i]["instruction"] for i in unique], threshold, ngram, num_perm, against=seeds)
+        )
+    )
     kept, dropped = [], []
     for i, row in enumerate(rows):
         if exact[i] is not None:
@@ -71,7 +83,11 @@ def dedup_instructions(rows: list[dict], seeds: list[str], threshold: float, ngr
             dropped.append({**row, "reasons": [Reason.duplicate.value], "detail": f"duplicate of {of}"})
         elif near[i] is not None:
             kind, j = near[i]
-            reason, of = (Reason.near_seed, seeds[j]) if kind == "against" else (Reason.near_duplicate, rows[unique[j]]["instruction"])
+            reason, of = (
+                (Reason.near_seed, seeds[j])
+                if kind == "against"
+                else (Reason.near_duplicate, rows[unique[j]]["instruction"])
+            )
             dropped.append({**row, "reasons": [reason.value], "detail": f"{reason.value} of {of!r}"})
         else:
             kept.append(row)
@@ -91,8 +107,13 @@ def pick_instructions(replies: list[dict], seeds: list[str], section: ExpansionS
     found, unusable = candidates(replies, section.min_words, section.max_words)
     kept, copies = dedup_instructions(found, seeds, section.threshold, section.ngram)
     dropped = unusable + copies
-    instructions = [{"id": f"instruction-{i:06d}", "question": r["instruction"], "answer": "", "source": r["source"]}
-                    for i, r in enumerate(kept)]
-    return {"instructions": instructions, "dropped": dropped,
-            "counts": dict(Counter(reason for row in dropped for reason in row["reasons"])),
-            "candidates": len(found) + sum(r["instruction"] != "" for r in unusable)}
+    instructions = [
+        {"id": f"instruction-{i:06d}", "question": r["instruction"], "answer": "", "source": r["source"]}
+        for i, r in enumerate(kept)
+    ]
+    return {
+        "instructions": instructions,
+        "dropped": dropped,
+        "counts": dict(Counter(reason for row in dropped for reason in row["reasons"])),
+        "candidates": len(found) + sum(r["instruction"] != "" for r in unusable),
+    }

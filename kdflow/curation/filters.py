@@ -50,14 +50,17 @@ def pattern_reasons(text: str, refusals: list[re.Pattern], required: re.Pattern 
     return reasons
 
 
-def correctness_reasons(text: str, gold, check: Callable[[str, object], bool], extract: Callable[[str], object]) -> list[Reason]:
+def correctness_reasons(
+    text: str, gold, check: Callable[[str, object], bool], extract: Callable[[str], object]
+) -> list[Reason]:
     if extract(text) is None:
         return [Reason.no_final_answer]
     return [] if check(text, gold) else [Reason.wrong_answer]
 
 
-def duplicate_reasons(keys: list[str], exact: bool, near: bool, threshold: float, ngram: int,
-                      num_perm: int) -> list[tuple[Reason, int] | None]:
+def duplicate_reasons(
+    keys: list[str], exact: bool, near: bool, threshold: float, ngram: int, num_perm: int
+) -> list[tuple[Reason, int] | None]:
     """For each key, (reason, index of the earlier kept key it duplicates) or None. Exact copies are found
     first (cheap, certain); only the remaining texts go through MinHash."""
     out: list[tuple[Reason, int] | None] = [None] * len(keys)

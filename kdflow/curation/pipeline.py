@@ -45,8 +45,14 @@ def row_name(row: dict) -> str:
     return f"{row['id']}/{row.get('sample', 0)}"
 
 
-def row_reasons(row: dict, section: FiltersSection, check: Check, extract: Extract, tokens: int | None,
-                patterns: tuple[list[re.Pattern], re.Pattern | None] | None) -> tuple[list[Reason], str]:
+def row_reasons(
+    row: dict,
+    section: FiltersSection,
+    check: Check,
+    extract: Extract,
+    tokens: int | None,
+    patterns: tuple[list[re.Pattern], re.Pattern | None] | None,
+) -> tuple[list[Reason], str]:
     """Step 1: every per-row reason that applies (all of them, not just the first), and a detail when one
     needs it (why verification gave up)."""
     text = row["text"] or ""
@@ -79,8 +85,15 @@ def compile_patterns(section: FiltersSection):
     return refusals, required
 
 
-def self_consistency(rows: list[dict], alive: list[int], section: FiltersSection, check: Check, extract: Extract,
-                     reasons: list[list[Reason]], details: list[str]) -> None:
+def self_consistency(
+    rows: list[dict],
+    alive: list[int],
+    section: FiltersSection,
+    check: Check,
+    extract: Extract,
+    reasons: list[list[Reason]],
+    details: list[str],
+) -> None:
     """Step 2, per prompt: gold rows keep their correct samples under the policy; rows without gold keep the
     majority answer's samples (minority ones and ties are dropped), then the policy."""
     groups: dict[str, list[int]] = defaultdict(list)
@@ -130,11 +143,14 @@ def dedup_key(row: dict, on: DedupOn) -> str:
     return f"{row['question']}\n{row['text']}"
 
 
-def dedup(rows: list[dict], alive: list[int], section: FiltersSection, reasons: list[list[Reason]],
-          details: list[str]) -> None:
+def dedup(
+    rows: list[dict], alive: list[int], section: FiltersSection, reasons: list[list[Reason]], details: list[str]
+) -> None:
     """Step 3: the first of a set of (near) copies stays; the others point at it."""
     d = section.dedup
-    found = duplicate_reasons([dedup_key(rows[i], d.by) for i in alive], d.exact, d.near, d.threshold, d.ngram, d.num_perm)
+    found = duplicate_reasons(
+        [dedup_key(rows[i], d.by) for i in alive], d.exact, d.near, d.threshold, d.ngram, d.num_perm
+    )
     for i, match in zip(alive, found):
         if match is not None:
             reasons[i].append(match[0])
@@ -145,8 +161,15 @@ def judge_prompts(rows: list[dict], template: str) -> list[str]:
     return [render(template, question=r["question"], answer=r["text"]) for r in rows]
 
 
-def run_judge(rows: list[dict], alive: list[int], section: FiltersSection, template: str,
-              complete: Callable[[list[str]], list[str]], reasons: list[list[Reason]], details: list[str]) -> None:
+def run_judge(
+    rows: list[dict],
+    alive: list[int],
+    section: FiltersSection,
+    template: str,
+    complete: Callable[[list[str]], list[str]],
+    reasons: list[list[Reason]],
+    details: list[str],
+) -> None:
     """Step 4: ``complete`` (the teacher backend: prompts -> replies) scores each answer; its reply is kept."""
     replies = complete(judge_prompts([rows[i] for i in alive], template))
     for i, reply in zip(alive, replies, strict=True):
@@ -155,12 +178,20 @@ def run_judge(rows: list[dict], alive: list[int], section: FiltersSection, templ
         new = judge_reasons(score, section.judge.threshold)
         reasons[i] += new
         if new:
-            details[i] = f"judge score {score} < {section.judge.threshold}" if score is not None else "judge gave no score"
+            details[i] = (
+                f"judge score {score} < {section.judge.threshold}" if score is not None else "judge gave no score"
+            )
 
 
-def curate(rows: list[dict], section: FiltersSection, check: Check, extract: Extract,
-           tokens: list[int] | None = None, judge_template: str | None = None,
-           complete: Callable[[list[str]], list[str]] | None = None) -> tuple[list[dict], list[dict]]:
+def curate(
+    rows: list[dict],
+    section: FiltersSection,
+    check: Check,
+    extract: Extract,
+    tokens: list[int] | None = None,
+    judge_template: str | None = None,
+    complete: Callable[[list[str]], list[str]] | None = None,
+) -> tuple[list[dict], list[dict]]:
     """Split ``rows`` into (kept, dropped); each dropped row gains ``reasons`` (codes) and ``detail``.
     ``tokens``: the answer's length in the student's tokens, per row (the length filter needs it)."""
     if section.judge is not None and (complete is None or judge_template is None):
@@ -171,8 +202,11 @@ def curate(rows: list[dict], section: FiltersSection, check: Check, extract: Ext
     if tokens is not None:
         rows = [{**r, "tokens": t} for r, t in zip(rows, tokens, strict=True)]
     patterns = compile_patterns(section)
-    reasons, details = map(list, zip(*[row_reasons(r, section, check, extract, r.get("tokens"), patterns)
-                                        for r in rows])) if rows else ([], [])
+    reasons, details = (
+        map(list, zip(*[row_reasons(r, section, check, extract, r.get("tokens"), patterns) for r in rows]))
+        if rows
+        else ([], [])
+    )
     alive = lambda: [i for i in range(len(rows)) if not reasons[i]]  # noqa: E731
     if section.self_consistency is not None:
         self_consistency(rows, alive(), section, check, extract, reasons, details)
@@ -181,8 +215,11 @@ def curate(rows: list[dict], section: FiltersSection, check: Check, extract: Ext
     if section.judge is not None:
         run_judge(rows, alive(), section, judge_template, complete, reasons, details)
     kept = [rows[i] for i in range(len(rows)) if not reasons[i]]
-    dropped = [{**rows[i], "reasons": [r.value for r in reasons[i]], "detail": details[i]}
-               for i in range(len(rows)) if reasons[i]]
+    dropped = [
+        {**rows[i], "reasons": [r.value for r in reasons[i]], "detail": details[i]}
+        for i in range(len(rows))
+        if reasons[i]
+    ]
     assert len(kept) + len(dropped) == len(rows)
     return kept, dropped
 

@@ -54,16 +54,26 @@ class _Worker:
     """One math-verify process, spoken to in JSON lines over its stdin and stdout."""
 
     def __init__(self):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p)}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (PACKAGE_ROOT, os.environ.get("PYTHONPATH")) if p),
+        }
         # A session of its own: Ctrl-C in a terminal stops the caller, which closes the worker's stdin; the
         # worker then ends by itself (it is never left running, see kdflow.curation.verify_worker.serve).
-        self.process = subprocess.Popen([sys.executable, "-m", "kdflow.curation.verify_worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kdflow.curation.verify_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
         self.buffer = b""
         if self._reply(START_TIMEOUT_S) != {"ok": "ready"}:
             self.kill()
-            raise RuntimeError(f"the math-verify worker ({sys.executable} -m kdflow.curation.verify_worker) did not start "
-                               f"within {START_TIMEOUT_S:g} s; its stderr is above")
+            raise RuntimeError(
+                f"the math-verify worker ({sys.executable} -m kdflow.curation.verify_worker) did not start "
+                f"within {START_TIMEOUT_S:g} s; its stderr is above"
+            )
 
     def _reply(self, timeout: float) -> dict | None:
         """The next reply, or None when none came within ``timeout`` seconds; {} when the worker has exited."""
@@ -153,7 +163,7 @@ def run_calls(calls: list[tuple[str, list]]) -> list:
     while len(results) < len(calls):
         worker = _borrow()
         try:
-            replies, stopped = worker.run(calls[len(results):], TIMEOUT_S)
+            replies, stopped = worker.run(calls[len(results) :], TIMEOUT_S)
         except BaseException:  # interrupted mid-batch (KeyboardInterrupt too): its replies would be out of step
             worker.kill()
             raise
@@ -166,8 +176,12 @@ def run_calls(calls: list[tuple[str, list]]) -> list:
                 raise RuntimeError(f"math-verify failed on {_described(calls[len(results)])}: {reply['error']}")
             results.append(reply["ok"])
         if stopped is not None:
-            results.append(VerifyTimeout(f"math-verify gave no verdict on {_described(calls[len(results)])} "
-                                         f"({stopped}); the bound is kdflow.curation.verify.TIMEOUT_S = {TIMEOUT_S:g} s"))
+            results.append(
+                VerifyTimeout(
+                    f"math-verify gave no verdict on {_described(calls[len(results)])} "
+                    f"({stopped}); the bound is kdflow.curation.verify.TIMEOUT_S = {TIMEOUT_S:g} s"
+                )
+            )
     return results
 
 
@@ -207,7 +221,9 @@ def check_answer(text: str, gold) -> bool:
 # ---- self-consistency -----------------------------------------------------------------------------------
 
 
-def select(samples: list[dict], policy: Policy, k: int = 1, length: Callable[[dict], int] = lambda r: len(r["text"])) -> list[int]:
+def select(
+    samples: list[dict], policy: Policy, k: int = 1, length: Callable[[dict], int] = lambda r: len(r["text"])
+) -> list[int]:
     """Indices (into ``samples``) of the samples one prompt keeps under ``policy``; all of ``samples`` qualify.
     Shorter wins because, among equally correct rationales, the short one is the cheaper thing to imitate."""
     order = sorted(range(len(samples)), key=lambda i: (length(samples[i]), i))
@@ -223,8 +239,12 @@ def select(samples: list[dict], policy: Policy, k: int = 1, length: Callable[[di
     return chosen
 
 
-def majority(texts: list[str], check: Callable[[str, object], bool], extract: Callable[[str], object],
-             gave_up: dict[int, str] | None = None) -> int | None:
+def majority(
+    texts: list[str],
+    check: Callable[[str, object], bool],
+    extract: Callable[[str], object],
+    gave_up: dict[int, str] | None = None,
+) -> int | None:
     """The index of one text of the strict-plurality answer class, or None (no answers, or a tie). Two texts
     vote together when ``check`` accepts one against the other's extracted answer, so with this module's
     ``check_answer`` ``72`` and ``72.0`` are one vote class, and with the demo's exact checker equal integers are.
@@ -247,8 +267,9 @@ def majority(texts: list[str], check: Callable[[str, object], bool], extract: Ca
     return next(members[0] for _, members in classes if len(members) == sizes[0])
 
 
-def _vote(texts: list[str], answers: dict[int, object], check: Callable[[str, object], bool],
-          gave_up: dict[int, str]) -> list[tuple[object, list[int]]] | None:
+def _vote(
+    texts: list[str], answers: dict[int, object], check: Callable[[str, object], bool], gave_up: dict[int, str]
+) -> list[tuple[object, list[int]]] | None:
     """The answer classes (the first member's answer, members), or None after a timeout added to ``gave_up``."""
     classes: list[tuple[object, list[int]]] = []
     for i, answer in answers.items():

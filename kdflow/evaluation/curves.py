@@ -14,8 +14,14 @@ from kdflow.training.curves import read_curve
 CURVE_FILE = "curve.json"  # the curves stage's output: what ``curve_accuracy`` returns
 
 
-def curve_accuracy(student_dir: Path, rows: list[dict], template: str, check: Callable[[str, str], bool],
-                   max_new_tokens: int, batch_size: int) -> dict:
+def curve_accuracy(
+    student_dir: Path,
+    rows: list[dict],
+    template: str,
+    check: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict:
     """``{"points": [{step, seconds, model, accuracy, correct}], "max_steps", "resumed_at", "rows"}``: every
     snapshot answers every row greedily, as the evaluate stage's accuracy does."""
     curve = read_curve(student_dir)

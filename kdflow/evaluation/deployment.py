@@ -19,10 +19,12 @@ from kdflow.config.templates import plain_text, special_strings
 FIGURES = "deployment.json"  # the deployment stage's output: every model's figures
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
-FLOPS_FORMULA = ("2·[L·(d·(h + 2·kv)·hd + h·hd·d + 3·d·f) + d·V] + 4·L·h·hd·c  "
-                 "(L layers, d hidden, h query heads and kv key/value heads of size hd, f MLP width, V vocabulary, "
-                 "c keys attended; a multiply-add is 2 FLOPs; norms, rotary, softmax and activations left out: "
-                 "O(L·d) per token)")
+FLOPS_FORMULA = (
+    "2·[L·(d·(h + 2·kv)·hd + h·hd·d + 3·d·f) + d·V] + 4·L·h·hd·c  "
+    "(L layers, d hidden, h query heads and kv key/value heads of size hd, f MLP width, V vocabulary, "
+    "c keys attended; a multiply-add is 2 FLOPs; norms, rotary, softmax and activations left out: "
+    "O(L·d) per token)"
+)
 
 
 def flops_per_token(config, context: int) -> int:
@@ -39,8 +41,10 @@ def flops_per_token(config, context: int) -> int:
     hd = getattr(config, "head_dim", None) or d // heads
     mlp = getattr(config, "intermediate_size", None)
     if mlp is None:
-        raise ValueError(f"{type(config).__name__} has no intermediate_size: the formula covers Llama-style "
-                         "decoders (Llama, Qwen2, Mistral) only")
+        raise ValueError(
+            f"{type(config).__name__} has no intermediate_size: the formula covers Llama-style "
+            "decoders (Llama, Qwen2, Mistral) only"
+        )
     per_layer = d * (heads + 2 * kv) * hd + heads * hd * d + 3 * d * mlp
     return round(2 * (layers * per_layer + d * vocab) + 4 * layers * heads * hd * context)
 
@@ -54,7 +58,9 @@ def size_on_disk(location: str | Path) -> int:
 
         folder = Path(snapshot_download(str(location), local_files_only=True))
     # resolve(): the hub cache keeps files as links to blobs; a link's own size is not the file's
-    return sum(f.resolve().stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return sum(
+        f.resolve().stat().st_size for f in folder.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)
+    )
 
 
 def resident_bytes(model) -> int:
@@ -66,16 +72,28 @@ def resident_bytes(model) -> int:
 def _generate(model, enc: dict, tokens: int, pad_token_id: int):
     # min_new_tokens = max_new_tokens: every model writes the same number of tokens, so a model that would
     # stop early does not look faster.
-    return model.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                          pad_token_id=pad_token_id, top_p=None, top_k=None, temperature=None)
+    return model.generate(
+        **enc,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+    )
 
 
 def encode(tokenizer, prompts: list[str], device) -> dict:
     """Prompts through the chat template, left-padded (decoder-only batches end at the prompt)."""
     tokenizer.padding_side = "left"
     specials = special_strings(tokenizer)  # data text is never chat markup (templates.plain_text)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": plain_text(p, specials)}], tokenize=False,
-                                           add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": plain_text(p, specials)}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
 
 
@@ -125,8 +143,9 @@ def context_of(enc: dict, tokens: int) -> float:
     return prompt + (tokens + 1) / 2
 
 
-def measure_all(models: dict[str, tuple], prompt: str, batch_prompts: list[str], tokens: int, repeats: int,
-                counter=None) -> dict:
+def measure_all(
+    models: dict[str, tuple], prompt: str, batch_prompts: list[str], tokens: int, repeats: int, counter=None
+) -> dict:
     """Back-to-back cost of each ``name -> (model, tokenizer)``: latency per token at batch 1 on ``prompt``,
     throughput at batch ``len(batch_prompts)``, each the median of ``repeats`` runs with the models
     alternating (after one warm-up run each), then peak memory at the larger batch. ``counter``: an energy counter
@@ -155,7 +174,10 @@ def measure_all(models: dict[str, tuple], prompt: str, batch_prompts: list[str],
             "context": round(context_of(single[name], tokens), 1),
         }
         if counter:
-            out[name] |= {"measured_energy_j_per_token": statistics.median(joules[name]), "energy_counter": counter.what}
+            out[name] |= {
+                "measured_energy_j_per_token": statistics.median(joules[name]),
+                "energy_counter": counter.what,
+            }
     return out
 
 
@@ -164,9 +186,13 @@ def machine() -> dict:
     import os
     import platform
 
-    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "torch": torch.__version__}
+    return {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
 
 
 def cpu_name() -> str:
@@ -200,8 +226,10 @@ def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int,
     loaded = {name: load(d) for name, d in model_dirs.items()}
     if torch.cuda.is_available():  # cost is measured on the device the models would be served from
         # int8 models (torch's dynamic quantization) have CPU kernels only: they stay on the CPU
-        loaded = {name: (net if is_quantized(model_dirs[name]) else net.to("cuda"), tok)
-                  for name, (net, tok) in loaded.items()}
+        loaded = {
+            name: (net if is_quantized(model_dirs[name]) else net.to("cuda"), tok)
+            for name, (net, tok) in loaded.items()
+        }
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counter, why = energy.counter_for(device)
     measured = measure_all(loaded, prompts[0], prompts, latency_tokens, repeats, counter)
@@ -210,6 +238,12 @@ def figures(model_dirs: dict[str, str], prompts: list[str], latency_tokens: int,
         if net.device.type != device:  # the counter measured another device than the one this model ran on
             measured[name].pop("measured_energy_j_per_token", None)
         fl = flops(net.config, measured[name]["context"])
-        out[name] = {"params": count_params(net), **fl, **traffic(net, measured[name]["context"], fl["flops_per_token"]),
-                     "size_bytes": size_on_disk(model_dirs[name]), "device": net.device.type, **measured[name]}
+        out[name] = {
+            "params": count_params(net),
+            **fl,
+            **traffic(net, measured[name]["context"], fl["flops_per_token"]),
+            "size_bytes": size_on_disk(model_dirs[name]),
+            "device": net.device.type,
+            **measured[name],
+        }
     return out, {"counter": counter.what if counter else None, "why_not": why}

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-ROOFLINE_FORMULA = ("latency/token ≥ max(FLOPs/token ÷ peak FLOP/s at the model's compute dtype, bytes/token ÷ memory "
-                    "bandwidth), batch 1")
+ROOFLINE_FORMULA = (
+    "latency/token ≥ max(FLOPs/token ÷ peak FLOP/s at the model's compute dtype, bytes/token ÷ memory "
+    "bandwidth), batch 1"
+)
 
 
 @dataclass(frozen=True)
@@ -34,35 +36,52 @@ class DeviceProfile:
 # Dense peaks: vendors quote int8 and 16-bit tensor-core rates "with sparsity" (2:4 structured), twice the dense rate.
 DEVICES: tuple[DeviceProfile, ...] = (
     DeviceProfile(
-        "phone-soc", "Qualcomm Snapdragon 8 Gen 3 (2024 flagship phones)",
-        76.8e9, "Qualcomm's Snapdragon 8 Gen 3 specification: LPDDR5x up to 4800 MHz, i.e. 9600 MT/s; × a 64-bit bus "
-                "(4 × 16-bit channels, usual for phone SoCs; Qualcomm does not state it) / 8 = 76.8 GB/s",
-        {"int8": 45e12}, "Hexagon NPU 45 TOPS int8 as reported by third parties (e.g. runlocalai.co's hardware page); "
-                         "Qualcomm publishes no TOPS or FP32 figure for this chip, so fp32 has no compute term"),
+        "phone-soc",
+        "Qualcomm Snapdragon 8 Gen 3 (2024 flagship phones)",
+        76.8e9,
+        "Qualcomm's Snapdragon 8 Gen 3 specification: LPDDR5x up to 4800 MHz, i.e. 9600 MT/s; × a 64-bit bus "
+        "(4 × 16-bit channels, usual for phone SoCs; Qualcomm does not state it) / 8 = 76.8 GB/s",
+        {"int8": 45e12},
+        "Hexagon NPU 45 TOPS int8 as reported by third parties (e.g. runlocalai.co's hardware page); "
+        "Qualcomm publishes no TOPS or FP32 figure for this chip, so fp32 has no compute term",
+    ),
     DeviceProfile(
-        "laptop-cpu", "Intel Core Ultra 7 155H (Meteor Lake, 6 P + 8 E + 2 LP-E cores)",
-        120e9, "Intel ARK, Core Ultra 7 155H: max memory bandwidth 120 GB/s (LPDDR5x-7467)",
-        {"fp32": 1.41e12}, "derived from Intel ARK clocks: 6 P-cores × 32 FP32 FLOP/cycle (two 256-bit FMA units) × "
-                           "4.8 GHz + 8 E-cores × 16 FLOP/cycle × 3.8 GHz = 1.41 TFLOP/s (max turbo on every core: "
-                           "optimistic); Intel publishes no CPU FLOP/s and no CPU int8 rate (its NPU: 11 TOPS)"),
+        "laptop-cpu",
+        "Intel Core Ultra 7 155H (Meteor Lake, 6 P + 8 E + 2 LP-E cores)",
+        120e9,
+        "Intel ARK, Core Ultra 7 155H: max memory bandwidth 120 GB/s (LPDDR5x-7467)",
+        {"fp32": 1.41e12},
+        "derived from Intel ARK clocks: 6 P-cores × 32 FP32 FLOP/cycle (two 256-bit FMA units) × "
+        "4.8 GHz + 8 E-cores × 16 FLOP/cycle × 3.8 GHz = 1.41 TFLOP/s (max turbo on every core: "
+        "optimistic); Intel publishes no CPU FLOP/s and no CPU int8 rate (its NPU: 11 TOPS)",
+    ),
     DeviceProfile(
-        "edge-gpu", "NVIDIA Jetson AGX Orin 64GB",
-        204.8e9, "NVIDIA Jetson AGX Orin Series data sheet: 256-bit LPDDR5, 204.8 GB/s",
+        "edge-gpu",
+        "NVIDIA Jetson AGX Orin 64GB",
+        204.8e9,
+        "NVIDIA Jetson AGX Orin Series data sheet: 256-bit LPDDR5, 204.8 GB/s",
         {"fp32": 5.3e12, "int8": 137.5e12},
         "NVIDIA Jetson AGX Orin data sheet: 2048 CUDA cores at up to 1.3 GHz (× 2 FLOP per FMA = 5.3 TFLOP/s fp32); "
-        "275 TOPS int8 with sparsity (GPU + 2 DLAs) / 2 = 137.5 dense"),
+        "275 TOPS int8 with sparsity (GPU + 2 DLAs) / 2 = 137.5 dense",
+    ),
     DeviceProfile(
-        "datacenter-gpu-h100", "NVIDIA H100 SXM5 80GB",
-        3.35e12, "NVIDIA H100 Tensor Core GPU data sheet: GPU memory bandwidth 3.35 TB/s (HBM3)",
+        "datacenter-gpu-h100",
+        "NVIDIA H100 SXM5 80GB",
+        3.35e12,
+        "NVIDIA H100 Tensor Core GPU data sheet: GPU memory bandwidth 3.35 TB/s (HBM3)",
         {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12},
         "NVIDIA H100 data sheet (SXM): FP32 67 TFLOPS; BF16/FP16 tensor 1,979 and INT8 tensor 3,958 with sparsity, "
-        "halved for dense"),
+        "halved for dense",
+    ),
     DeviceProfile(
-        "datacenter-gpu-h200", "NVIDIA H200 SXM 141GB",
-        4.8e12, "NVIDIA H200 Tensor Core GPU data sheet: GPU memory bandwidth 4.8 TB/s (HBM3e)",
+        "datacenter-gpu-h200",
+        "NVIDIA H200 SXM 141GB",
+        4.8e12,
+        "NVIDIA H200 Tensor Core GPU data sheet: GPU memory bandwidth 4.8 TB/s (HBM3e)",
         {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12, "int8": 1979e12},
         "NVIDIA H200 data sheet (SXM): the same compute as H100 SXM (FP32 67 TFLOPS; BF16/FP16 1,979 and INT8 3,958 "
-        "TOPS with sparsity, halved for dense)"),
+        "TOPS with sparsity, halved for dense)",
+    ),
 )
 
 
@@ -82,15 +101,27 @@ def roofline(figures: dict, devices: tuple[DeviceProfile, ...] = DEVICES) -> dic
         return {}
     out = {}
     for d in devices:
-        r = roofline_seconds(figures.get("flops_per_token"), figures["memory_bytes_per_token"],
-                             figures.get("compute_dtype", "fp32"), d)
-        out[d.name] = {"us_per_token": float(f"{r['seconds'] * 1e6:.4g}"), "bound": r["bound"],
-                       "compute_term": r["compute_term"]}
+        r = roofline_seconds(
+            figures.get("flops_per_token"), figures["memory_bytes_per_token"], figures.get("compute_dtype", "fp32"), d
+        )
+        out[d.name] = {
+            "us_per_token": float(f"{r['seconds'] * 1e6:.4g}"),
+            "bound": r["bound"],
+            "compute_term": r["compute_term"],
+        }
     return out
 
 
 def device_table() -> list[dict]:
     """The profiles as plain data, for the report (every number with its source)."""
-    return [{"name": d.name, "example": d.example, "bandwidth_bytes_s": d.bandwidth_bytes_s,
-             "bandwidth_source": d.bandwidth_source, "peak_flops": dict(d.peak_flops), "peak_source": d.peak_source}
-            for d in DEVICES]
+    return [
+        {
+            "name": d.name,
+            "example": d.example,
+            "bandwidth_bytes_s": d.bandwidth_bytes_s,
+            "bandwidth_source": d.bandwidth_source,
+            "peak_flops": dict(d.peak_flops),
+            "peak_source": d.peak_source,
+        }
+        for d in DEVICES
+    ]

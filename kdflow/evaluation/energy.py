@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Callable
 
 POWERCAP = Path("/sys/class/powercap")
-ENERGY_FORMULA = ("measured = (counter after − counter before) ÷ tokens over each timed batch-1 run, "
-                  "median of the runs; estimated = stated power (W) × measured latency per token (s)")
+ENERGY_FORMULA = (
+    "measured = (counter after − counter before) ÷ tokens over each timed batch-1 run, "
+    "median of the runs; estimated = stated power (W) × measured latency per token (s)"
+)
 
 
 class Unavailable(Exception):
@@ -46,18 +48,24 @@ def rapl_counter(powercap: Path = POWERCAP) -> Counter:
     from zeus.exception import ZeusBaseError
 
     root = Path(powercap) / "intel-rapl"
-    packages = sorted(int(p.name.split(":")[1]) for p in root.glob("intel-rapl:*") if p.name.count(":") == 1) \
-        if root.is_dir() else []
+    packages = (
+        sorted(int(p.name.split(":")[1]) for p in root.glob("intel-rapl:*") if p.name.count(":") == 1)
+        if root.is_dir()
+        else []
+    )
     if not packages:
-        raise Unavailable(f"no RAPL zones under {root} (a VM, a container without /sys/class/powercap, or a CPU "
-                          "without RAPL)")
+        raise Unavailable(
+            f"no RAPL zones under {root} (a VM, a container without /sys/class/powercap, or a CPU without RAPL)"
+        )
     try:
         cpus = [RAPLCPU(i, str(root)) for i in packages]
         for cpu in cpus:  # a counter readable at start is readable later (root-only files fail here)
             cpu.get_total_energy_consumption()
     except (ZeusBaseError, OSError) as e:
-        raise Unavailable(f"RAPL counters under {root} are not readable ({type(e).__name__}: {e}); reading "
-                          "energy_uj needs root on most kernels") from None
+        raise Unavailable(
+            f"RAPL counters under {root} are not readable ({type(e).__name__}: {e}); reading "
+            "energy_uj needs root on most kernels"
+        ) from None
 
     def read() -> float:
         total_mj = 0.0
@@ -66,8 +74,9 @@ def rapl_counter(powercap: Path = POWERCAP) -> Counter:
             total_mj += m.cpu_mj + (m.dram_mj or 0.0)
         return total_mj / 1000.0
 
-    zones = ", ".join(f"package-{i}" + (" + dram" if c.supports_get_dram_energy_consumption() else "")
-                      for i, c in zip(packages, cpus))
+    zones = ", ".join(
+        f"package-{i}" + (" + dram" if c.supports_get_dram_energy_consumption() else "") for i, c in zip(packages, cpus)
+    )
     return Counter(f"RAPL {zones} (zeus), {root}", read)
 
 
@@ -83,8 +92,9 @@ def nvml_counter(gpu_index: int) -> Counter:
             raise Unavailable(f"GPU {gpu_index} has no NVML total-energy counter (older than Volta)")
     except (ZeusBaseError, ValueError) as e:
         raise Unavailable(f"NVML not usable for GPU {gpu_index} ({type(e).__name__}: {e})") from None
-    return Counter(f"NVML total energy, GPU {gpu_index} (zeus)",
-                   lambda: gpus.get_total_energy_consumption(gpu_index) / 1000.0)
+    return Counter(
+        f"NVML total energy, GPU {gpu_index} (zeus)", lambda: gpus.get_total_energy_consumption(gpu_index) / 1000.0
+    )
 
 
 def counter_for(device_type: str, gpu_index: int = 0, powercap: Path = POWERCAP) -> tuple[Counter | None, str | None]:
@@ -99,9 +109,15 @@ def energy_per_token(figures: dict, watts: float, source: str) -> dict:
     """One model's ``energy_j_per_token`` and its ``energy_source``: the measured figure where the deployment stage
     read a counter, else ``watts`` × its measured latency per token (``source``: where the watts come from)."""
     if figures.get("measured_energy_j_per_token") is not None:
-        return {"energy_j_per_token": figures["measured_energy_j_per_token"], "energy_source": "measured",
-                "energy_basis": figures.get("energy_counter", "an energy counter")}
+        return {
+            "energy_j_per_token": figures["measured_energy_j_per_token"],
+            "energy_source": "measured",
+            "energy_basis": figures.get("energy_counter", "an energy counter"),
+        }
     if figures.get("latency_ms_per_token") is None:
         return {"energy_j_per_token": None, "energy_source": None, "energy_basis": "no latency measured"}
-    return {"energy_j_per_token": watts * figures["latency_ms_per_token"] / 1000.0, "energy_source": "estimated",
-            "energy_basis": f"{watts:g} W × measured latency ({source})"}
+    return {
+        "energy_j_per_token": watts * figures["latency_ms_per_token"] / 1000.0,
+        "energy_source": "estimated",
+        "energy_basis": f"{watts:g} W × measured latency ({source})",
+    }

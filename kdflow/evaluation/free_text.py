@@ -40,12 +40,14 @@ def scored(predictions: list[dict]) -> tuple[float, list[dict]]:
     return sum(p["rouge_l"] for p in out) / max(len(out), 1), out
 
 
-def greedy_rouge_l(model, tokenizer, rows: list[dict], template: str, max_new_tokens: int,
-                   batch_size: int) -> tuple[float, list[dict]]:
+def greedy_rouge_l(
+    model, tokenizer, rows: list[dict], template: str, max_new_tokens: int, batch_size: int
+) -> tuple[float, list[dict]]:
     """(mean ROUGE-L, per-row predictions with ``text``, ``finish_reason``, ``completion_tokens``, ``rouge_l``): greedy
     answers to each question through ``template`` and the model's chat template."""
-    outputs = generate(model, tokenizer, [render(template, question=r["question"]) for r in rows], max_new_tokens,
-                       batch_size)
+    outputs = generate(
+        model, tokenizer, [render(template, question=r["question"]) for r in rows], max_new_tokens, batch_size
+    )
     return scored([{"id": r["id"], "answer": r["answer"], **o} for r, o in zip(rows, outputs)])
 
 
@@ -55,13 +57,22 @@ def with_teacher_answers(rows: list[dict], answers: list[dict]) -> list[dict]:
     by_id = {str(a["id"]): a["text"] for a in answers}
     missing = [r["id"] for r in rows if by_id.get(str(r["id"])) is None]
     if missing:
-        raise ValueError(f"the teacher's evaluation has no answer for {len(missing)} of the {len(rows)} rows (first: "
-                         f"{missing[0]}); evaluate the teacher on the same split first")
+        raise ValueError(
+            f"the teacher's evaluation has no answer for {len(missing)} of the {len(rows)} rows (first: "
+            f"{missing[0]}); evaluate the teacher on the same split first"
+        )
     return [{**r, TEACHER_ANSWER: by_id[str(r["id"])]} for r in rows]
 
 
-def teacher_answer_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str,
-                           section: EvaluationSection, answers: list[dict]) -> dict:
+def teacher_answer_metrics(
+    net,
+    tokenizer,
+    teacher_dir: str | None,
+    rows: list[dict],
+    template: str,
+    section: EvaluationSection,
+    answers: list[dict],
+) -> dict:
     """Top-1 ``agreement`` and ``kl`` (KL(teacher ‖ model), nats per token) teacher-forced on the teacher's answers,
     with the model's perplexity of them. ``teacher_dir`` None: the model is the teacher (1 and 0, measured so)."""
     if teacher_dir is None:
@@ -72,21 +83,34 @@ def teacher_answer_metrics(net, tokenizer, teacher_dir: str | None, rows: list[d
             return {"agreement_skipped": "the student's tokenizer differs from the teacher's"}
     sequences = reference_sequences(tokenizer, with_teacher_answers(rows, answers), template, field=TEACHER_ANSWER)
     s = score_reference(net, tokenizer, sequences, section.batch_size, teacher=teacher)
-    return {"agreement": s["agreement"], "kl": s["kl"], "teacher_answer_tokens": s["reference_tokens"],
-            "teacher_answer_perplexity": s["perplexity"], "agreement_on": "the teacher's greedy answers"}
+    return {
+        "agreement": s["agreement"],
+        "kl": s["kl"],
+        "teacher_answer_tokens": s["reference_tokens"],
+        "teacher_answer_perplexity": s["perplexity"],
+        "agreement_on": "the teacher's greedy answers",
+    }
 
 
-def evaluate_free_text(model_dir: str, teacher_dir: str | None, rows: list[dict], template: str,
-                       section: EvaluationSection, teacher_answers: list[dict] | None,
-                       no_teacher: str | None = None) -> tuple[dict, list[dict]]:
+def evaluate_free_text(
+    model_dir: str,
+    teacher_dir: str | None,
+    rows: list[dict],
+    template: str,
+    section: EvaluationSection,
+    teacher_answers: list[dict] | None,
+    no_teacher: str | None = None,
+) -> tuple[dict, list[dict]]:
     """(metrics, one prediction per row) for the model in ``model_dir``: ``rouge_l``; ``perplexity`` (with
     ``nll_per_token`` and ``reference_tokens``) of the split's references; ``agreement`` and ``kl`` on the teacher's
     answers (``teacher_answer_metrics``). ``teacher_dir`` None: the model is the teacher, scored on its own answers;
     otherwise ``teacher_answers`` are the teacher evaluation's predictions on this split. ``no_teacher``: why there
     are no teacher weights to agree with (an API teacher): ROUGE-L and perplexity only."""
     if teacher_dir is not None and teacher_answers is None and not no_teacher:
-        raise ValueError("a student's evaluation on instruction data scores it on the teacher's answers: pass the "
-                         "teacher's evaluation of the same split (evaluate the teacher first)")
+        raise ValueError(
+            "a student's evaluation on instruction data scores it on the teacher's answers: pass the "
+            "teacher's evaluation of the same split (evaluate the teacher first)"
+        )
     net, tokenizer = load(model_dir, section.dtype)
     start = time.perf_counter()
     rouge, predictions = greedy_rouge_l(net, tokenizer, rows, template, section.max_new_tokens, section.batch_size)

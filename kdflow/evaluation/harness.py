@@ -24,8 +24,17 @@ def run(model_dirs: dict[str, str], tasks: list[str], num_fewshot: int | None, l
 
     results = {}
     for name, model_dir in model_dirs.items():
-        out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": model_dir, "dtype": "auto"}, tasks=tasks,
-                                      num_fewshot=num_fewshot, limit=limit, batch_size="auto", device="cuda")
-        results[name] = {t: {m: v for m, v in r.items() if isinstance(v, (int, float)) and "stderr" not in m}
-                         for t, r in out["results"].items()}
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args={"pretrained": model_dir, "dtype": "auto"},
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size="auto",
+            device="cuda",
+        )
+        results[name] = {
+            t: {m: v for m, v in r.items() if isinstance(v, (int, float)) and "stderr" not in m}
+            for t, r in out["results"].items()
+        }
     return results

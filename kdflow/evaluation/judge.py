@@ -38,14 +38,22 @@ def env_key(section: EvaluationSection.Judge) -> str | None:
 
 def backend(section: EvaluationSection.Judge, api_key: Callable[[], str | None] | None = None) -> TeacherBackend:
     """The judge as its recipe section names it; ``api_key`` reads the key when a request is about to be sent."""
-    return TeacherBackend(section.backend, section.model, base_url=section.base_url,
-                          api_key=api_key or (lambda: env_key(section)), timeout_s=section.timeout_s,
-                          concurrency=section.concurrency, max_retries=section.max_retries,
-                          batch_size=section.batch_size, vllm=section.vllm)
+    return TeacherBackend(
+        section.backend,
+        section.model,
+        base_url=section.base_url,
+        api_key=api_key or (lambda: env_key(section)),
+        timeout_s=section.timeout_s,
+        concurrency=section.concurrency,
+        max_retries=section.max_retries,
+        batch_size=section.batch_size,
+        vllm=section.vllm,
+    )
 
 
-def ask_judge(judge: TeacherBackend, max_new_tokens: int, prompts: list[str], folder: Path, system: str | None = None
-              ) -> tuple[dict[str, dict], RequestAccounting]:
+def ask_judge(
+    judge: TeacherBackend, max_new_tokens: int, prompts: list[str], folder: Path, system: str | None = None
+) -> tuple[dict[str, dict], RequestAccounting]:
     """The judge's reply record (``ok`` True with ``text``, or a failure with its ``reason``) to every prompt, by
     ``prompt_id``. Only prompts ``folder`` holds no reply to are asked; no server starts when there are none.
     ``system``: a system message before each prompt (name ``folder`` after it: replies are kept by prompt alone)."""
@@ -68,7 +76,8 @@ def check_judge_failures(judgements: list[dict], section: EvaluationSection.Judg
         raise TooManyJudgeFailures(
             f"{len(failed)} of {len(judgements)} judge requests failed for good ({len(failed) / len(judgements):.1%} > "
             f"evaluation.judge.max_failure_fraction {section.max_failure_fraction:.1%}); by reason {reasons}; first: "
-            f"{failed[0]['error']}. The replies received are kept in {folder}: a rerun asks only for the others")
+            f"{failed[0]['error']}. The replies received are kept in {folder}: a rerun asks only for the others"
+        )
 
 
 def predictions(evaluation: OutputRef) -> list[dict]:

@@ -13,8 +13,16 @@ from kdflow.evaluation.quantize import count_params, load  # load: int8 folders 
 PREDICTIONS, METRICS = "predictions.parquet", "metrics.json"
 
 
-def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict], template: str, batch_size: int,
-                      no_teacher: str | None = None, dtype=None) -> dict:
+def reference_metrics(
+    net,
+    tokenizer,
+    teacher_dir: str | None,
+    rows: list[dict],
+    template: str,
+    batch_size: int,
+    no_teacher: str | None = None,
+    dtype=None,
+) -> dict:
     """Perplexity on the split's gold rationales, and agreement with the teacher where the vocabularies match.
     ``teacher_dir`` None: the model is the teacher (agreement 1 and KL 0 by definition, and measured so);
     ``no_teacher``: why there are no teacher weights to agree with (an API teacher): perplexity only."""
@@ -25,13 +33,22 @@ def reference_metrics(net, tokenizer, teacher_dir: str | None, rows: list[dict],
         return score_reference(net, tokenizer, sequences, batch_size, teacher=net)
     t_net, t_tokenizer = load(teacher_dir, dtype)
     if not same_vocabulary(tokenizer, t_tokenizer):
-        return {**score_reference(net, tokenizer, sequences, batch_size),
-                "agreement_skipped": "the student's tokenizer differs from the teacher's"}
+        return {
+            **score_reference(net, tokenizer, sequences, batch_size),
+            "agreement_skipped": "the student's tokenizer differs from the teacher's",
+        }
     return score_reference(net, tokenizer, sequences, batch_size, teacher=t_net)
 
 
-def evaluate(model_dir: str, teacher_dir: str | None, rows: list[dict], template: str, check,
-             section: EvaluationSection, no_teacher: str | None = None) -> tuple[dict, list[dict]]:
+def evaluate(
+    model_dir: str,
+    teacher_dir: str | None,
+    rows: list[dict],
+    template: str,
+    check,
+    section: EvaluationSection,
+    no_teacher: str | None = None,
+) -> tuple[dict, list[dict]]:
     """(metrics, one prediction per row) for the model in ``model_dir``; ``check(text, gold) -> bool``;
     ``no_teacher``: as in ``reference_metrics``."""
     net, tokenizer = load(model_dir, section.dtype)
@@ -39,12 +56,22 @@ def evaluate(model_dir: str, teacher_dir: str | None, rows: list[dict], template
     acc, predictions = accuracy(net, tokenizer, rows, template, check, section.max_new_tokens, section.batch_size)
     metrics = {"accuracy": acc, "params": count_params(net), "rows": len(rows), "split": section.split}
     if section.pass_at_k:
-        metrics["pass_at_k"], correct = sampled_pass_at_k(net, tokenizer, rows, template, check, section.pass_at_k,
-                                                          section.pass_samples, section.temperature,
-                                                          section.max_new_tokens, section.batch_size)
+        metrics["pass_at_k"], correct = sampled_pass_at_k(
+            net,
+            tokenizer,
+            rows,
+            template,
+            check,
+            section.pass_at_k,
+            section.pass_samples,
+            section.temperature,
+            section.max_new_tokens,
+            section.batch_size,
+        )
         metrics |= {"k": section.pass_at_k, "samples": section.pass_samples}
         predictions = [{**p, "correct_samples": c} for p, c in zip(predictions, correct)]
-    metrics |= reference_metrics(net, tokenizer, teacher_dir, rows, template, section.batch_size, no_teacher,
-                                 section.dtype)
+    metrics |= reference_metrics(
+        net, tokenizer, teacher_dir, rows, template, section.batch_size, no_teacher, section.dtype
+    )
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     return metrics, predictions

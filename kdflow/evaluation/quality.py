@@ -24,19 +24,34 @@ def checked(check: Callable[[str, str], bool], text: str, gold) -> tuple[bool, s
         return False, str(e)
 
 
-def accuracy(model, tokenizer, rows: list[dict], template: str, check: Callable[[str, str], bool],
-             max_new_tokens: int, batch_size: int) -> tuple[float, list[dict]]:
+def accuracy(
+    model,
+    tokenizer,
+    rows: list[dict],
+    template: str,
+    check: Callable[[str, str], bool],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[float, list[dict]]:
     """(accuracy, per-row predictions with ``text``, ``finish_reason``, ``correct`` and ``unverified``: None, or
     why the checker gave no verdict in time)."""
-    outputs = generate(model, tokenizer, [render(template, question=r["question"]) for r in rows],
-                       max_new_tokens, batch_size)
-    predictions = [{"id": r["id"], "answer": r["answer"], **o,
-                    **dict(zip(("correct", "unverified"), checked(check, o["text"], r["answer"])))}
-                   for r, o in zip(rows, outputs)]
+    outputs = generate(
+        model, tokenizer, [render(template, question=r["question"]) for r in rows], max_new_tokens, batch_size
+    )
+    predictions = [
+        {
+            "id": r["id"],
+            "answer": r["answer"],
+            **o,
+            **dict(zip(("correct", "unverified"), checked(check, o["text"], r["answer"]))),
+        }
+        for r, o in zip(rows, outputs)
+    ]
     return sum(p["correct"] for p in predictions) / len(predictions), predictions
 
 
 # ---- pass@k ------------------------------------------------------------------------------------------
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al. 2021, eq. 1):
@@ -48,21 +63,43 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
-def sampled_pass_at_k(model, tokenizer, rows: list[dict], template: str, check: Callable[[str, str], bool], k: int,
-                      samples: int, temperature: float, max_new_tokens: int, batch_size: int,
-                      seed: int = 0) -> tuple[float, list[int]]:
+def sampled_pass_at_k(
+    model,
+    tokenizer,
+    rows: list[dict],
+    template: str,
+    check: Callable[[str, str], bool],
+    k: int,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int = 0,
+) -> tuple[float, list[int]]:
     """(mean pass@k over rows, correct samples per row) from ``samples`` sampled answers per question."""
     prompts = [render(template, question=r["question"]) for r in rows]
-    outputs = generate(model, tokenizer, [p for p in prompts for _ in range(samples)], max_new_tokens, batch_size,
-                       temperature=temperature, seed=seed)
-    correct = [sum(checked(check, o["text"], r["answer"])[0] for o in outputs[i * samples:(i + 1) * samples])
-               for i, r in enumerate(rows)]
+    outputs = generate(
+        model,
+        tokenizer,
+        [p for p in prompts for _ in range(samples)],
+        max_new_tokens,
+        batch_size,
+        temperature=temperature,
+        seed=seed,
+    )
+    correct = [
+        sum(checked(check, o["text"], r["answer"])[0] for o in outputs[i * samples : (i + 1) * samples])
+        for i, r in enumerate(rows)
+    ]
     return sum(pass_at_k(samples, c, k) for c in correct) / len(rows), correct
 
 
 # ---- reference text: perplexity and agreement with the teacher ----------------------------------------
 
-def reference_sequences(tokenizer, rows: list[dict], template: str, field: str = "rationale") -> list[tuple[list[int], int]]:
+
+def reference_sequences(
+    tokenizer, rows: list[dict], template: str, field: str = "rationale"
+) -> list[tuple[list[int], int]]:
     """(token ids, index of the first answer token) per row: the question through ``template`` and the
     chat template, the reference answer ``row[field]`` as the assistant turn (its end-of-turn included)."""
     out, specials = [], special_strings(tokenizer)  # data text is never chat markup (templates.plain_text)
@@ -74,13 +111,17 @@ def reference_sequences(tokenizer, rows: list[dict], template: str, field: str =
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if ids[: len(p_ids)] != p_ids or len(ids) == len(p_ids):
-            raise ValueError(f"row {r.get('id')}: the chat template's prompt is not a prefix of the full conversation; "
-                             "cannot tell the answer tokens apart")
+            raise ValueError(
+                f"row {r.get('id')}: the chat template's prompt is not a prefix of the full conversation; "
+                "cannot tell the answer tokens apart"
+            )
         out.append((ids, len(p_ids)))
     return out
 
 
-def _batch(sequences: list[tuple[list[int], int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(
+    sequences: list[tuple[list[int], int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids (B, L), attention mask (B, L), and a mask (B, L − 1) of the positions whose
     logits predict an answer token (position t predicts token t + 1)."""
     width = max(len(ids) for ids, _ in sequences)
@@ -116,8 +157,7 @@ def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
 
 
 @torch.inference_mode()
-def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], batch_size: int,
-                    teacher=None) -> dict:
+def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], batch_size: int, teacher=None) -> dict:
     """Teacher-forced on the answer tokens of ``sequences`` (from ``reference_sequences``):
 
     - ``perplexity``: exp of the mean negative log-likelihood per answer token;
@@ -154,7 +194,7 @@ SCORE = {"win": 1.0, "tie": 0.5, "loss": 0.0}
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A", "B" or "tie" from the judge's last ``Verdict: …`` line; None when there is none."""
+    """ "A", "B" or "tie" from the judge's last ``Verdict: …`` line; None when there is none."""
     found = VERDICT_RE.findall(text)
     if not found:
         return None
@@ -169,8 +209,13 @@ def judge_prompts(template: str, rows: list[dict]) -> list[dict]:
     for r in rows:
         for student_is in ("A", "B"):
             a, b = (r["student"], r["teacher"]) if student_is == "A" else (r["teacher"], r["student"])
-            out.append({"id": r.get("id"), "student_is": student_is,
-                        "prompt": render(template, question=r["question"], answer_a=a, answer_b=b)})
+            out.append(
+                {
+                    "id": r.get("id"),
+                    "student_is": student_is,
+                    "prompt": render(template, question=r["question"], answer_a=a, answer_b=b),
+                }
+            )
     return out
 
 
@@ -189,15 +234,27 @@ UNPARSED = "unparsed_verdict"  # the judge answered, but with no "Verdict: A|B|t
 def judge_pairs(questions: list[dict], student: list[dict], teacher: list[dict], limit: int | None) -> list[dict]:
     """``{id, question, student, teacher}`` for the first ``limit`` questions (all when None), in the split's
     order. ``student`` and ``teacher``: each model's answers (``id``, ``text``) to those questions."""
-    answers = {"student": {str(p["id"]): p["text"] for p in student}, "teacher": {str(p["id"]): p["text"] for p in teacher}}
+    answers = {
+        "student": {str(p["id"]): p["text"] for p in student},
+        "teacher": {str(p["id"]): p["text"] for p in teacher},
+    }
     rows = questions[:limit]
     for who, by_id in answers.items():
         missing = [r["id"] for r in rows if str(r["id"]) not in by_id]
         if missing:
-            raise ValueError(f"the {who}'s answers lack {len(missing)} of the {len(rows)} questions (first: {missing[0]}); "
-                             "judge answers to the same split")
-    return [{"id": r["id"], "question": r["question"], "student": answers["student"][str(r["id"])],
-             "teacher": answers["teacher"][str(r["id"])]} for r in rows]
+            raise ValueError(
+                f"the {who}'s answers lack {len(missing)} of the {len(rows)} questions (first: {missing[0]}); "
+                "judge answers to the same split"
+            )
+    return [
+        {
+            "id": r["id"],
+            "question": r["question"],
+            "student": answers["student"][str(r["id"])],
+            "teacher": answers["teacher"][str(r["id"])],
+        }
+        for r in rows
+    ]
 
 
 def judgement(item: dict, reply: dict) -> dict:
@@ -205,11 +262,23 @@ def judgement(item: dict, reply: dict) -> dict:
     ``reply``: ``{"ok": True, "text"}``, or a request that failed for good (``ok`` False, ``reason``, ``error``),
     which keeps its reason code and is never scored."""
     if not reply["ok"]:
-        return {**item, "text": None, "verdict": None, "outcome": None, "reason": reply["reason"],
-                "error": reply.get("error")}
+        return {
+            **item,
+            "text": None,
+            "verdict": None,
+            "outcome": None,
+            "reason": reply["reason"],
+            "error": reply.get("error"),
+        }
     verdict = parse_verdict(reply["text"])
-    return {**item, "text": reply["text"], "verdict": verdict, "outcome": outcome(verdict, item["student_is"]),
-            "reason": None if verdict is not None else UNPARSED, "error": None}
+    return {
+        **item,
+        "text": reply["text"],
+        "verdict": verdict,
+        "outcome": outcome(verdict, item["student_is"]),
+        "reason": None if verdict is not None else UNPARSED,
+        "error": None,
+    }
 
 
 def win_rate(judgements: list[dict]) -> dict:
@@ -225,14 +294,22 @@ def win_rate(judgements: list[dict]) -> dict:
     for j in judgements:
         by_id.setdefault(j.get("id"), []).append(j["outcome"])
     both = [o for o in by_id.values() if len(o) == 2 and None not in o]
-    return {"win_rate": sum(SCORE[o] for o in scored) / len(scored) if scored else None, "judged": len(scored),
-            "wins": scored.count("win"), "ties": scored.count("tie"), "losses": scored.count("loss"),
-            "unparsed": len(judgements) - len(scored) - failed, "failed": failed,
-            "pairs_parsed": len(both), "consistent_pairs": sum(a == b for a, b in both)}
+    return {
+        "win_rate": sum(SCORE[o] for o in scored) / len(scored) if scored else None,
+        "judged": len(scored),
+        "wins": scored.count("win"),
+        "ties": scored.count("tie"),
+        "losses": scored.count("loss"),
+        "unparsed": len(judgements) - len(scored) - failed,
+        "failed": failed,
+        "pairs_parsed": len(both),
+        "consistent_pairs": sum(a == b for a, b in both),
+    }
 
 
-def judge_win_rate(judge, tokenizer, template: str, rows: list[dict], max_new_tokens: int,
-                   batch_size: int) -> tuple[dict, list[dict]]:
+def judge_win_rate(
+    judge, tokenizer, template: str, rows: list[dict], max_new_tokens: int, batch_size: int
+) -> tuple[dict, list[dict]]:
     """(win rate summary, every judgement with the judge's raw text and its parsed verdict), the judge an HF
     model in this process."""
     items = judge_prompts(template, rows)

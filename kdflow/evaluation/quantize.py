@@ -52,10 +52,14 @@ def save_int8(model_dir: str, out: Path) -> dict:
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     q = quantize_int8(net)
     torch.save(q.state_dict(), out / WEIGHTS)
-    info = {"method": "int8", "how": "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8): int8 weights, "
-            "per-tensor affine scale, activations quantized per matmul, outputs float32; embedding float32",
-            "engine": torch.backends.quantized.engine, "torch": torch.__version__,
-            "linear_layers": sum(1 for m in q.modules() if is_int8_linear(m))}
+    info = {
+        "method": "int8",
+        "how": "torch.ao.quantization.quantize_dynamic(nn.Linear, qint8): int8 weights, "
+        "per-tensor affine scale, activations quantized per matmul, outputs float32; embedding float32",
+        "engine": torch.backends.quantized.engine,
+        "torch": torch.__version__,
+        "linear_layers": sum(1 for m in q.modules() if is_int8_linear(m)),
+    }
     (out / MARKER).write_text(json.dumps(info, indent=2))
     return info
 
@@ -100,7 +104,10 @@ def count_params(model) -> int:
     """Distinct parameters, int8 matrices included (a quantized Linear keeps its weight outside ``parameters()``);
     a head tied to the embedding counts once, as in the float model it came from."""
     seen = {id(p): p.numel() for p in model.parameters()}
-    int8 = sum(m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
-               for m in model.modules() if is_int8_linear(m))
+    int8 = sum(
+        m.weight().numel() + (m.bias().numel() if m.bias() is not None else 0)
+        for m in model.modules()
+        if is_int8_linear(m)
+    )
     tied_head = getattr(model.config, "tie_word_embeddings", False) and is_int8_linear(getattr(model, "lm_head", None))
     return sum(seen.values()) + int8 - (model.lm_head.weight().numel() if tied_head else 0)

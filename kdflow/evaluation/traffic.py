@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import torch
 
-TRAFFIC_FORMULA = ("bytes/token = W + 2·L·kv·hd·c·b  (W: bytes of every weight, each at its stored dtype and read "
-                   "once — int8 matrices 1 byte per weight, an embedding table that only serves lookups one row, a "
-                   "head tied to it the whole table; the K and V caches of L layers, kv heads of size hd, at c "
-                   "earlier positions, b bytes per cached element; activations, rotary tables and quantization "
-                   "scales, O(L·d) per token, left out)")
+TRAFFIC_FORMULA = (
+    "bytes/token = W + 2·L·kv·hd·c·b  (W: bytes of every weight, each at its stored dtype and read "
+    "once — int8 matrices 1 byte per weight, an embedding table that only serves lookups one row, a "
+    "head tied to it the whole table; the K and V caches of L layers, kv heads of size hd, at c "
+    "earlier positions, b bytes per cached element; activations, rotary tables and quantization "
+    "scales, O(L·d) per token, left out)"
+)
 INTENSITY_FORMULA = "arithmetic intensity = FLOPs/token ÷ bytes/token (FLOPs per byte moved from memory)"
 
 
@@ -51,8 +53,9 @@ def weight_bytes_read(model) -> int:
 
 def stored_weight_bytes(model) -> int:
     """Bytes of every weight and buffer as stored (what occupies memory, int8 matrices included)."""
-    return (sum(t.numel() * t.element_size() for t, _ in _weights(model))
-            + sum(b.numel() * b.element_size() for b in model.buffers()))
+    return sum(t.numel() * t.element_size() for t, _ in _weights(model)) + sum(
+        b.numel() * b.element_size() for b in model.buffers()
+    )
 
 
 def kv_bytes_read(config, context: float, element_bytes: int) -> float:
@@ -85,6 +88,10 @@ def traffic(model, context: float, flops_per_token: int | None) -> dict:
     weights = weight_bytes_read(model)
     kv = kv_bytes_read(model.config, context, activation_bytes(model))
     total = round(weights + kv)
-    return {"memory_bytes_per_token": total, "weight_bytes_per_token": weights, "kv_bytes_per_token": round(kv),
-            "arithmetic_intensity": None if flops_per_token is None else round(flops_per_token / total, 4),
-            "compute_dtype": compute_dtype(model)}
+    return {
+        "memory_bytes_per_token": total,
+        "weight_bytes_per_token": weights,
+        "kv_bytes_per_token": round(kv),
+        "arithmetic_intensity": None if flops_per_token is None else round(flops_per_token / total, 4),
+        "compute_dtype": compute_dtype(model),
+    }

@@ -48,8 +48,18 @@ REQUIRED = ("input_ids", "target_token_ids", "target_logprobs", "target_mask")
 
 def table_of(rows: list[TopK], k: int, with_tail: bool = True) -> pa.Table:
     """kdflow rows -> axolotl's columns, one target row per token (padding where the cache has no distribution)."""
-    cols = {name: [] for name in ("input_ids", "attention_mask", "labels", "target_token_ids", "target_logprobs",
-                                  "target_mask", TAIL)}
+    cols = {
+        name: []
+        for name in (
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "target_token_ids",
+            "target_logprobs",
+            "target_mask",
+            TAIL,
+        )
+    }
     for r in rows:
         n, span = len(r.input_ids), slice(r.start, r.start + len(r.ids))
         ids, lp = np.tile(np.arange(k), (n, 1)), np.full((n, k), PAD_LOGPROB, dtype=np.float32)
@@ -57,14 +67,23 @@ def table_of(rows: list[TopK], k: int, with_tail: bool = True) -> pa.Table:
         ids[span], lp[span], mask[span], tail[span] = r.ids, r.logprobs, 1, r.tail
         labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
         labels[r.start + 1 :] = r.input_ids[r.start + 1 :]
-        for name, value in (("input_ids", r.input_ids), ("attention_mask", np.ones(n, dtype=np.int8)),
-                            ("labels", labels), ("target_token_ids", ids), ("target_logprobs", lp),
-                            ("target_mask", mask), (TAIL, tail)):
+        for name, value in (
+            ("input_ids", r.input_ids),
+            ("attention_mask", np.ones(n, dtype=np.int8)),
+            ("labels", labels),
+            ("target_token_ids", ids),
+            ("target_logprobs", lp),
+            ("target_mask", mask),
+            (TAIL, tail),
+        ):
             cols[name].append(value)
     types = {"input_ids": pa.int32(), "attention_mask": pa.int8(), "labels": pa.int32(), TAIL: pa.float32()}
     nested = {"target_token_ids": pa.int32(), "target_logprobs": pa.float32(), "target_mask": pa.int8()}
-    arrays = {name: (nested_column(v, nested[name]) if name in nested else list_column(v, types[name]))
-              for name, v in cols.items() if with_tail or name != TAIL}
+    arrays = {
+        name: (nested_column(v, nested[name]) if name in nested else list_column(v, types[name]))
+        for name, v in cols.items()
+        if with_tail or name != TAIL
+    }
     return pa.table(arrays)
 
 
@@ -72,8 +91,10 @@ def rows_of(batch: pa.RecordBatch, file, first_row: int) -> Iterator[Imported]:
     """axolotl's columns -> ``Imported`` rows: the positions whose ``target_mask`` is 1, which must be one span."""
     missing = [name for name in REQUIRED if name not in batch.schema.names]
     if missing:
-        raise LogitFileError(f"{file}: no column {', '.join(missing)}; axolotl's KD columns are {', '.join(REQUIRED)} "
-                             f"(tokenized, one target row per token); found {', '.join(batch.schema.names)}")
+        raise LogitFileError(
+            f"{file}: no column {', '.join(missing)}; axolotl's KD columns are {', '.join(REQUIRED)} "
+            f"(tokenized, one target row per token); found {', '.join(batch.schema.names)}"
+        )
     col = {name: batch.column(name) for name in batch.schema.names}
     input_ids = read_lists(col["input_ids"], file, first_row, "input_ids", np.int64)
     ids = read_nested(col["target_token_ids"], file, first_row, "target_token_ids", np.int64)
@@ -82,20 +103,36 @@ def rows_of(batch: pa.RecordBatch, file, first_row: int) -> Iterator[Imported]:
     tails = read_lists(col[TAIL], file, first_row, TAIL, np.float32) if TAIL in col else [None] * len(ids)
     for i, (tokens, t_ids, lp, mask, tail) in enumerate(zip(input_ids, ids, lps, masks, tails)):
         row = first_row + i
-        lengths = {"input_ids": len(tokens), "target_token_ids": len(t_ids), "target_logprobs": len(lp),
-                   "target_mask": len(mask), **({} if tail is None else {TAIL: len(tail)})}
+        lengths = {
+            "input_ids": len(tokens),
+            "target_token_ids": len(t_ids),
+            "target_logprobs": len(lp),
+            "target_mask": len(mask),
+            **({} if tail is None else {TAIL: len(tail)}),
+        }
         if len(set(lengths.values())) > 1:
             sizes = ", ".join(f"{name} {n}" for name, n in lengths.items())
-            raise LogitFileError(f"{where(file, row)}: columns of unequal length ({sizes}); "
-                                 "axolotl's KD columns hold one target row per input token: re-export the row")
+            raise LogitFileError(
+                f"{where(file, row)}: columns of unequal length ({sizes}); "
+                "axolotl's KD columns hold one target row per input token: re-export the row"
+            )
         if not (t_ids.shape == lp.shape == mask.shape):
-            raise LogitFileError(f"{where(file, row)}: target_token_ids {t_ids.shape[1]}, target_logprobs {lp.shape[1]} "
-                                 f"and target_mask {mask.shape[1]} entries per position differ; they must match")
+            raise LogitFileError(
+                f"{where(file, row)}: target_token_ids {t_ids.shape[1]}, target_logprobs {lp.shape[1]} "
+                f"and target_mask {mask.shape[1]} entries per position differ; they must match"
+            )
         start, length = _span(mask, file, row)
         span = slice(start, start + length)
         order = np.argsort(-lp[span], axis=-1, kind="stable")  # best first, as a cache stores them
-        yield Imported(row, None, tokens, start, np.take_along_axis(t_ids[span], order, -1),
-                       np.take_along_axis(lp[span], order, -1), None if tail is None else tail[span])
+        yield Imported(
+            row,
+            None,
+            tokens,
+            start,
+            np.take_along_axis(t_ids[span], order, -1),
+            np.take_along_axis(lp[span], order, -1),
+            None if tail is None else tail[span],
+        )
 
 
 def _span(mask: np.ndarray, file, row: int) -> tuple[int, int]:
@@ -103,18 +140,25 @@ def _span(mask: np.ndarray, file, row: int) -> tuple[int, int]:
     kept, partial = mask.all(-1), mask.any(-1) & ~mask.all(-1)
     if partial.any():
         j = int(np.flatnonzero(partial)[0])
-        raise LogitFileError(f"{where(file, row, j)}: target_mask keeps {int(mask[j].sum())} of {mask.shape[1]} entries; "
-                             "a kdflow cache holds exactly k per position: drop the short positions' mask or pad them")
+        raise LogitFileError(
+            f"{where(file, row, j)}: target_mask keeps {int(mask[j].sum())} of {mask.shape[1]} entries; "
+            "a kdflow cache holds exactly k per position: drop the short positions' mask or pad them"
+        )
     at = np.flatnonzero(kept)
     if not len(at):
-        raise LogitFileError(f"{where(file, row)}: target_mask is 0 everywhere: no teacher distribution to import "
-                             "(drop the row)")
+        raise LogitFileError(
+            f"{where(file, row)}: target_mask is 0 everywhere: no teacher distribution to import (drop the row)"
+        )
     if at[-1] - at[0] + 1 != len(at):
         gap = int(at[np.flatnonzero(np.diff(at) > 1)[0]] + 1)
-        raise LogitFileError(f"{where(file, row, gap)}: target_mask has a gap; kdflow stores one span of positions per "
-                             "sequence (the answer): split the row or fill the gap")
+        raise LogitFileError(
+            f"{where(file, row, gap)}: target_mask has a gap; kdflow stores one span of positions per "
+            "sequence (the answer): split the row or fill the gap"
+        )
     if at[-1] == len(mask) - 1:
-        raise LogitFileError(f"{where(file, row, int(at[-1]))}: the last position is kept, but row j is the "
-                             "distribution over input_ids[j + 1] and there is no token after the last: the file is "
-                             "aligned one position off (row j over input_ids[j]?); shift it by one")
+        raise LogitFileError(
+            f"{where(file, row, int(at[-1]))}: the last position is kept, but row j is the "
+            "distribution over input_ids[j + 1] and there is no token after the last: the file is "
+            "aligned one position off (row j over input_ids[j]?); shift it by one"
+        )
     return int(at[0]), len(at)

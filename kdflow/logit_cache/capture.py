@@ -38,19 +38,35 @@ def encoded_rows(kept: list[dict], template: str, tokenizer) -> list[topk.Encode
 def api_records(row: dict) -> list[dict]:
     """The generate stage's per-token logprob columns -> records for ``topk.topk_from_api_records``."""
     if row.get("token_ids") is None or row.get("top_ids") is None:
-        raise ValueError(f"row {cache_row_id(row)!r} has no token ids with its top_logprobs: generate with "
-                         "generation.logprobs set and token ids returned (return_tokens_as_token_ids)")
-    return [{"token_id": t, "logprob": lp, "top": list(zip(ids, lps))}
-            for t, lp, ids, lps in zip(row["token_ids"], row["token_logprobs"], row["top_ids"], row["top_logprobs"])]
+        raise ValueError(
+            f"row {cache_row_id(row)!r} has no token ids with its top_logprobs: generate with "
+            "generation.logprobs set and token ids returned (return_tokens_as_token_ids)"
+        )
+    return [
+        {"token_id": t, "logprob": lp, "top": list(zip(ids, lps))}
+        for t, lp, ids, lps in zip(row["token_ids"], row["token_logprobs"], row["top_ids"], row["top_logprobs"])
+    ]
 
 
 def capture_hf(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
     from kdflow.teacher.hf_generate import load
 
     model, tokenizer = load(model_dir, section.dtype)  # runs in that dtype; top-k log-probs in float32
-    return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
-                          lambda idx: topk.hf_topk(model, [rows[i] for i in idx], section.k, section.temperature,
-                                                      section.batch_tokens, tokenizer.pad_token_id or 0), log)
+    return capture_shards(
+        folder,
+        [r.row_id for r in rows],
+        section.shard_rows,
+        meta,
+        lambda idx: topk.hf_topk(
+            model,
+            [rows[i] for i in idx],
+            section.k,
+            section.temperature,
+            section.batch_tokens,
+            tokenizer.pad_token_id or 0,
+        ),
+        log,
+    )
 
 
 def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection, meta: dict, log) -> dict:
@@ -61,17 +77,20 @@ def capture_vllm(folder: Path, model_dir: str, rows, section: LogitCacheSection,
     def run(base_url: str) -> dict:
         # A timeout per try: the client's default (600 s, times 6 tries) is ours too, but written down and a recipe
         # field, so that a server that accepts and never replies fails the capture in a time the recipe chose.
-        client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5,
-                               timeout=section.timeout_s)
+        client = openai.OpenAI(
+            base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"), max_retries=5, timeout=section.timeout_s
+        )
 
         def compute(idx: list[int]) -> list[TopK]:
             try:
                 return topk.vllm_topk(client, model_dir, [rows[i] for i in idx], section.k, section.concurrency)
             except openai.APITimeoutError as e:
-                raise TeacherScoringError(f"the teacher's vLLM server at {redact_url(base_url)} gave no answer within "
-                                          f"{section.timeout_s:g} s on any of {client.max_retries + 1} tries while "
-                                          f"capturing rows {idx[0]} to {idx[-1]} (raise logit_cache.timeout_s if it "
-                                          "is only slow)") from e
+                raise TeacherScoringError(
+                    f"the teacher's vLLM server at {redact_url(base_url)} gave no answer within "
+                    f"{section.timeout_s:g} s on any of {client.max_retries + 1} tries while "
+                    f"capturing rows {idx[0]} to {idx[-1]} (raise logit_cache.timeout_s if it "
+                    "is only slow)"
+                ) from e
 
         return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta, compute, log)
 
@@ -89,9 +108,14 @@ def vllm_capture_args(section: LogitCacheSection, model_dir: str) -> list[str]:
 
 
 def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection, meta: dict, log) -> dict:
-    return capture_shards(folder, [r.row_id for r in rows], section.shard_rows, meta,
-                          lambda idx: [topk.topk_from_api_records(rows[i], api_records(kept[i]), section.k)
-                                       for i in idx], log)
+    return capture_shards(
+        folder,
+        [r.row_id for r in rows],
+        section.shard_rows,
+        meta,
+        lambda idx: [topk.topk_from_api_records(rows[i], api_records(kept[i]), section.k) for i in idx],
+        log,
+    )
 
 
 def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef):
@@ -105,16 +129,28 @@ def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef,
     vocab = _vocab_size(model_dir)
     members = [(model_dir, teacher.sha256, section.teacher_weight)]
     members += [(m.model, hash_folder(Path(m.model)), m.weight) for m in section.ensemble]
-    teachers = [(str(location), cache_meta(teachers=[{"model": str(location), "revision": revision, "weight": weight}],
-                                           tokenizer=tokenizer, vocab_size=vocab, k=section.k,
-                                           temperature=section.temperature, encoding=section.value_encoding,
-                                           source=section.source.value), weight)
-                for location, revision, weight in members]
+    teachers = [
+        (
+            str(location),
+            cache_meta(
+                teachers=[{"model": str(location), "revision": revision, "weight": weight}],
+                tokenizer=tokenizer,
+                vocab_size=vocab,
+                k=section.k,
+                temperature=section.temperature,
+                encoding=section.value_encoding,
+                source=section.source.value,
+            ),
+            weight,
+        )
+        for location, revision, weight in members
+    ]
     return tokenizer, kept, rows, teachers
 
 
-def capture_member(folder: Path, section: LogitCacheSection, location: str, kept: list[dict], rows, meta: dict,
-                   log) -> bool:
+def capture_member(
+    folder: Path, section: LogitCacheSection, location: str, kept: list[dict], rows, meta: dict, log
+) -> bool:
     """Capture one teacher's cache of ``rows`` in ``folder``; False when it was there already, whole.
 
     A finished cache (a crashed run's, or joined from workers' parts by flows/capture_sharded.py) is checked,
@@ -132,13 +168,16 @@ def capture_member(folder: Path, section: LogitCacheSection, location: str, kept
     return True
 
 
-def capture_teachers(work: Path, section: LogitCacheSection, tokenizer, kept: list[dict], rows, teachers, log
-                     ) -> tuple[Path, bool]:
+def capture_teachers(
+    work: Path, section: LogitCacheSection, tokenizer, kept: list[dict], rows, teachers, log
+) -> tuple[Path, bool]:
     """Each teacher's cache in ``work/teacher-<j>``, and their ensemble in ``work/ensemble`` when there are several.
     Returns the final cache's folder, and whether anything was captured here (False: every cache was whole)."""
     parts = [work / f"teacher-{j}" for j in range(len(teachers))]
-    captured = [capture_member(folder, section, location, kept, rows, meta, log)
-                for folder, (location, meta, _) in zip(parts, teachers)]
+    captured = [
+        capture_member(folder, section, location, kept, rows, meta, log)
+        for folder, (location, meta, _) in zip(parts, teachers)
+    ]
     if len(parts) == 1:
         return parts[0], any(captured)
     caches = [LogitCache.open(p, expect_tokenizer=tokenizer) for p in parts]

@@ -76,8 +76,10 @@ def read_nested(column: pa.Array, file, first_row: int, name: str, dtype) -> lis
         widths = inner[pos : pos + n]
         if n and (widths != widths[0]).any():
             j = int(np.flatnonzero(widths != widths[0])[0])
-            raise LogitFileError(f"{where(file, first_row + i, j)}: {name} has {widths[j]} entries where position 0 "
-                                 f"has {widths[0]}; every position of a row needs the same top-k")
+            raise LogitFileError(
+                f"{where(file, first_row + i, j)}: {name} has {widths[j]} entries where position 0 "
+                f"has {widths[0]}; every position of a row needs the same top-k"
+            )
         width = int(widths[0]) if n else 0
         rows.append(flat[at : at + n * width].reshape(int(n), width))
         at, pos = at + n * width, pos + n

@@ -74,8 +74,10 @@ class Layout:
         if not 0 <= self.exact_k <= self.k:
             raise ValueError(f"exact_k={self.exact_k} must lie in 0..k={self.k}")
         if self.exact_k < self.k and not self.terms and not self.residual_bins:
-            raise ValueError(f"exact_k={self.exact_k} < k={self.k}: give polynomial_terms or residual_bins for the "
-                             "other values, or set exact_k = k")
+            raise ValueError(
+                f"exact_k={self.exact_k} < k={self.k}: give polynomial_terms or residual_bins for the "
+                "other values, or set exact_k = k"
+            )
         if sum(b.num_elements for b in self.residual_bins) > self.k - self.exact_k:
             raise ValueError(f"residual_bins hold more than k - exact_k = {self.k - self.exact_k} values")
         for name in (self.exact_dtype, self.term_dtype, *(b.scale_dtype for b in self.residual_bins)):
@@ -114,31 +116,49 @@ def bytes_per_token(layout: Layout, vocab_size: int) -> int:
 
 # ---- its config file -----------------------------------------------------------------------------------
 
+
 def config_of(layout: Layout, vocab_size: int) -> dict:
     """``compression_config.yaml`` as DistillKit writes it (``model_dump(mode="json")``)."""
-    return {"d": vocab_size, "k": layout.k, "exact_k": layout.exact_k, "exact_dtype": layout.exact_dtype,
-            "polynomial_terms": list(layout.terms) or None, "term_dtype": layout.term_dtype,
-            "residual_bins": [{"scale_dtype": b.scale_dtype, "element_bits": b.element_bits,
-                               "num_elements": b.num_elements} for b in layout.residual_bins],
-            "delta_encoding": layout.delta_encoding, "error_diffusion": layout.error_diffusion,
-            "normalize_t": layout.normalize_t}
+    return {
+        "d": vocab_size,
+        "k": layout.k,
+        "exact_k": layout.exact_k,
+        "exact_dtype": layout.exact_dtype,
+        "polynomial_terms": list(layout.terms) or None,
+        "term_dtype": layout.term_dtype,
+        "residual_bins": [
+            {"scale_dtype": b.scale_dtype, "element_bits": b.element_bits, "num_elements": b.num_elements}
+            for b in layout.residual_bins
+        ],
+        "delta_encoding": layout.delta_encoding,
+        "error_diffusion": layout.error_diffusion,
+        "normalize_t": layout.normalize_t,
+    }
 
 
 def layout_of(config: dict, where: str = "the compression config") -> tuple[Layout, int]:
     """A parsed ``compression_config.yaml`` -> (its layout, its vocabulary ``d``), with DistillKit's defaults."""
     missing = [key for key in ("d", "k", "exact_k") if key not in config]
     if missing:
-        raise ValueError(f"{where}: no {', '.join(missing)}: not a DistillKit DistributionQuantizationConfig "
-                         "(a legacy LegacyLogitCompressionConfig is not read)")
+        raise ValueError(
+            f"{where}: no {', '.join(missing)}: not a DistillKit DistributionQuantizationConfig "
+            "(a legacy LegacyLogitCompressionConfig is not read)"
+        )
     try:
-        layout = Layout(k=int(config["k"]), exact_k=int(config["exact_k"]),
-                        exact_dtype=config.get("exact_dtype", "float32"),
-                        terms=tuple(config.get("polynomial_terms") or ()), term_dtype=config.get("term_dtype", "float32"),
-                        residual_bins=tuple(Bin(b["scale_dtype"], int(b["element_bits"]), int(b["num_elements"]))
-                                            for b in config.get("residual_bins") or ()),
-                        delta_encoding=bool(config.get("delta_encoding", DEFAULT_DELTA_ENCODING)),
-                        error_diffusion=bool(config.get("error_diffusion", False)),
-                        normalize_t=bool(config.get("normalize_t", False)))
+        layout = Layout(
+            k=int(config["k"]),
+            exact_k=int(config["exact_k"]),
+            exact_dtype=config.get("exact_dtype", "float32"),
+            terms=tuple(config.get("polynomial_terms") or ()),
+            term_dtype=config.get("term_dtype", "float32"),
+            residual_bins=tuple(
+                Bin(b["scale_dtype"], int(b["element_bits"]), int(b["num_elements"]))
+                for b in config.get("residual_bins") or ()
+            ),
+            delta_encoding=bool(config.get("delta_encoding", DEFAULT_DELTA_ENCODING)),
+            error_diffusion=bool(config.get("error_diffusion", False)),
+            normalize_t=bool(config.get("normalize_t", False)),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: {e}") from None
     return layout, int(config["d"])
@@ -158,6 +178,7 @@ def write_config(path: Path, layout: Layout, vocab_size: int) -> None:
 
 # ---- bit packing ---------------------------------------------------------------------------------------
 
+
 def pack_ids(ids: np.ndarray, bits: int) -> np.ndarray:
     """(N, m) non-negative ints -> (N, ceil(m · bits / 8)) uint8: each value's ``bits`` bits MSB first, as
     ``pack_to_bytes``."""
@@ -172,6 +193,7 @@ def unpack_ids(packed: np.ndarray, bits: int, m: int) -> np.ndarray:
 
 
 # ---- log-probs -----------------------------------------------------------------------------------------
+
 
 def _basis(layout: Layout, n: int) -> torch.Tensor:
     t = torch.linspace(0, 1, n, dtype=torch.float64) if layout.normalize_t else torch.arange(n, dtype=torch.float64)
@@ -227,8 +249,9 @@ def encode(ids: np.ndarray, logprobs: np.ndarray, layout: Layout, vocab_size: in
     return values, pack_ids(ids, index_bits(vocab_size))
 
 
-def decode(values: np.ndarray, packed_ids: np.ndarray, layout: Layout, vocab_size: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(
+    values: np.ndarray, packed_ids: np.ndarray, layout: Layout, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (N, k) ids and float32 log-probs, as DistillKit's ``decompress_to_sparse`` rebuilds them."""
     values = np.ascontiguousarray(values, dtype=np.uint8)
     n, at = len(values), 0
@@ -266,9 +289,13 @@ def write_like_distillkit(path: Path, rows: list, layout: Layout, vocab_size: in
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([("input_ids", pa.list_(pa.uint64())),
-                        ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
-                        ("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
+    schema = pa.schema(
+        [
+            ("input_ids", pa.list_(pa.uint64())),
+            ("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
+            ("bytepacked_indices", pa.list_(pa.list_(pa.uint8()))),
+        ]
+    )
     columns = {name: [] for name in schema.names}
     for r in rows:
         values, ids = encode(r.ids, r.logprobs, layout, vocab_size)
@@ -315,12 +342,22 @@ def table_of(rows: list, layout: Layout, vocab_size: int, with_tail: bool = True
         values, packed = encode(ids, lp, layout, vocab_size)
         labels = np.full(n, -100, dtype=np.int64)
         labels[r.start + 1 :] = r.input_ids[r.start + 1 :]
-        for name, value in (("input_ids", np.asarray(r.input_ids, dtype=np.uint64)), ("labels", labels),
-                            ("compressed_logprobs", values), ("bytepacked_indices", packed), (TAIL, tail)):
+        for name, value in (
+            ("input_ids", np.asarray(r.input_ids, dtype=np.uint64)),
+            ("labels", labels),
+            ("compressed_logprobs", values),
+            ("bytepacked_indices", packed),
+            (TAIL, tail),
+        ):
             cols[name].append(value)
     types = {"input_ids": pa.uint64(), "labels": pa.int64(), TAIL: pa.float32()}
-    return pa.table({name: (nested_column(v, pa.uint8()) if name not in types else list_column(v, types[name]))
-                     for name, v in cols.items() if with_tail or name != TAIL})
+    return pa.table(
+        {
+            name: (nested_column(v, pa.uint8()) if name not in types else list_column(v, types[name]))
+            for name, v in cols.items()
+            if with_tail or name != TAIL
+        }
+    )
 
 
 def rows_of(batch, layout: Layout, vocab_size: int, file, first_row: int, spans: list | None = None):
@@ -334,8 +371,10 @@ def rows_of(batch, layout: Layout, vocab_size: int, file, first_row: int, spans:
     raw = "token_ids" in names and "top_values" in names
     pair = ("token_ids", "top_values") if raw else ("bytepacked_indices", "compressed_logprobs")
     if "input_ids" not in names or not all(p in names for p in pair):
-        raise LogitFileError(f"{file}: DistillKit's columns are input_ids with compressed_logprobs and "
-                             f"bytepacked_indices (or token_ids and top_values); found {', '.join(names)}")
+        raise LogitFileError(
+            f"{file}: DistillKit's columns are input_ids with compressed_logprobs and "
+            f"bytepacked_indices (or token_ids and top_values); found {', '.join(names)}"
+        )
     col = {name: batch.column(name) for name in names}
     input_ids = read_lists(col["input_ids"], file, first_row, "input_ids", np.int64)
     first = read_nested(col[pair[0]], file, first_row, pair[0], np.int64 if raw else np.uint8)
@@ -347,16 +386,22 @@ def rows_of(batch, layout: Layout, vocab_size: int, file, first_row: int, spans:
         row, n = first_row + i, len(tokens)
         if len(a) != len(b) or (tails is not None and len(tails[i]) != len(a)):
             extra = "" if tails is None else f", {TAIL} {len(tails[i])}"
-            raise LogitFileError(f"{where(file, row)}: columns of unequal length ({pair[0]} {len(a)} positions, "
-                                 f"{pair[1]} {len(b)}{extra}); each holds one entry per position: re-export the row")
+            raise LogitFileError(
+                f"{where(file, row)}: columns of unequal length ({pair[0]} {len(a)} positions, "
+                f"{pair[1]} {len(b)}{extra}); each holds one entry per position: re-export the row"
+            )
         if len(a) > n:
-            raise LogitFileError(f"{where(file, row)}: {len(a)} positions for {n} input_ids; a sequence of n tokens "
-                                 "has at most n logit positions: were input_ids truncated?")
+            raise LogitFileError(
+                f"{where(file, row)}: {len(a)} positions for {n} input_ids; a sequence of n tokens "
+                "has at most n logit positions: were input_ids truncated?"
+            )
         for name, got, want in ((pair[0], a.shape[1], widths[0]), (pair[1], b.shape[1], widths[1])):
             if len(a) and got != want:
-                raise LogitFileError(f"{where(file, row)}: {name} has {got} {'entries' if raw else 'bytes'} per position, "
-                                     f"the compression config (k={layout.k}, d={vocab_size}) says {want}: wrong "
-                                     "compression_config.yaml for this file, or a damaged row")
+                raise LogitFileError(
+                    f"{where(file, row)}: {name} has {got} {'entries' if raw else 'bytes'} per position, "
+                    f"the compression config (k={layout.k}, d={vocab_size}) says {want}: wrong "
+                    "compression_config.yaml for this file, or a damaged row"
+                )
         ids, lp = (a, b) if raw else (t.numpy() for t in decode(b, a, layout, vocab_size))
         positions = min(len(a), n - 1)  # a position past the last token (n positions) has nothing to predict
         start, length = _span_of(spans[i] if spans else None, None if labels is None else labels[i], positions)

@@ -23,8 +23,10 @@ def merge_topk(members: list[TopK], weights: list[float], vocab_size: int, k: in
     first = members[0]
     for m in members[1:]:
         if m.row_id != first.row_id or m.start != first.start or not np.array_equal(m.input_ids, first.input_ids):
-            raise ValueError(f"row {first.row_id!r}: the teachers' caches hold different sequences; merge caches "
-                             "captured on the same rows with the same tokenizer")
+            raise ValueError(
+                f"row {first.row_id!r}: the teachers' caches hold different sequences; merge caches "
+                "captured on the same rows with the same tokenizer"
+            )
     w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
     L = len(first.ids)
     out_ids = np.zeros((L, k), dtype=np.int64)
@@ -49,17 +51,26 @@ def merge_topk(members: list[TopK], weights: list[float], vocab_size: int, k: in
     return TopK(first.row_id, first.input_ids, first.start, out_ids, out_lp, out_tail)
 
 
-def merge_caches(caches: list[LogitCache], weights: list[float], folder: Path, k: int | None = None,
-                 encoding: ValueEncoding | None = None) -> dict:
+def merge_caches(
+    caches: list[LogitCache],
+    weights: list[float],
+    folder: Path,
+    k: int | None = None,
+    encoding: ValueEncoding | None = None,
+) -> dict:
     """Merge several teachers' caches (same rows, same tokenizer) into one cache in ``folder``, streamed."""
     base = caches[0].manifest
     for c in caches[1:]:
         for field in ("tokenizer_sha256", "chat_template_sha256", "vocab_size"):
             if c.manifest[field] != base[field]:
-                raise CacheMismatch(f"{c.folder}: {field} differs from {caches[0].folder}'s: an ensemble's teachers "
-                                    "must share one tokenizer")
+                raise CacheMismatch(
+                    f"{c.folder}: {field} differs from {caches[0].folder}'s: an ensemble's teachers "
+                    "must share one tokenizer"
+                )
         if set(c.row_ids) != set(caches[0].row_ids):
-            raise ValueError(f"{c.folder} holds other rows than {caches[0].folder}: capture every teacher on the same rows")
+            raise ValueError(
+                f"{c.folder} holds other rows than {caches[0].folder}: capture every teacher on the same rows"
+            )
     k = k or min(c.k for c in caches)
     encoding = encoding or caches[0].encoding
     teachers = [{**t, "weight": w} for c, w in zip(caches, weights) for t in c.manifest["teachers"]]

@@ -67,8 +67,16 @@ READ_BUDGET_BYTES = 256 * 2**20
 OPEN_SHARDS = 32  # shard files a reader keeps open (opening one re-reads its footer and id table)
 
 ID_TABLE, LOCAL_ID_BYTES = b"kdflow.id_table", b"kdflow.local_id_bytes"  # per shard, in the parquet metadata
-SCHEMA = pa.schema([("row_id", pa.string()), ("start", pa.int32()), ("input_ids", pa.binary()),
-                    ("ids", pa.binary()), ("values", pa.binary()), ("tail", pa.binary())])
+SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("start", pa.int32()),
+        ("input_ids", pa.binary()),
+        ("ids", pa.binary()),
+        ("values", pa.binary()),
+        ("tail", pa.binary()),
+    ]
+)
 
 
 class CacheMismatch(ValueError):
@@ -116,6 +124,7 @@ class CachedRow:
 
 # ---- fingerprints -------------------------------------------------------------------------------------
 
+
 def sha256_text(text: str | None) -> str | None:
     return None if text is None else hashlib.sha256(text.encode()).hexdigest()
 
@@ -144,6 +153,7 @@ def id_bytes_for(vocab_size: int) -> int:
 
 
 # ---- encoding -----------------------------------------------------------------------------------------
+
 
 def encode_ids(ids: np.ndarray, width: int) -> bytes:
     """(…) non-negative ints -> ``width`` byte planes (all low bytes, then all next bytes, …): the high
@@ -188,6 +198,7 @@ def tail_from_topk(logprobs: np.ndarray) -> np.ndarray:
 
 
 # ---- rebuilding distributions -------------------------------------------------------------------------
+
 
 def sparse_target(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
     """The cached distribution as k + 1 classes (top-k, then the tail bucket), renormalised.
@@ -251,40 +262,73 @@ def write_shard(path: Path, rows: list[TopK], k: int, id_bytes: int, encoding: V
     for r in rows:
         L = len(r.input_ids) - 1 - r.start
         if r.ids.ndim != 2 or r.ids.shape[1] != k or not 0 < len(r.ids) <= L or r.logprobs.shape != r.ids.shape:
-            raise ValueError(f"row {r.row_id!r}: ids {r.ids.shape} / logprobs {r.logprobs.shape} do not fit "
-                             f"positions {r.start}..{len(r.input_ids) - 2} with k={k}")
+            raise ValueError(
+                f"row {r.row_id!r}: ids {r.ids.shape} / logprobs {r.logprobs.shape} do not fit "
+                f"positions {r.start}..{len(r.input_ids) - 2} with k={k}"
+            )
     vocab, local = shard_ids(rows)
     width = id_bytes_for(len(vocab))
-    table = pa.table({
-        "row_id": [r.row_id for r in rows],
-        "start": [r.start for r in rows],
-        "input_ids": [encode_ids(r.input_ids, id_bytes) for r in rows],
-        "ids": [encode_ids(ids, width) for ids in local],
-        "values": [encode_values(r.logprobs, encoding) for r in rows],
-        "tail": [np.asarray(r.tail, dtype="<f2").tobytes() for r in rows],
-    }, schema=SCHEMA.with_metadata({ID_TABLE: encode_ids(vocab, id_bytes), LOCAL_ID_BYTES: str(width)}))
+    table = pa.table(
+        {
+            "row_id": [r.row_id for r in rows],
+            "start": [r.start for r in rows],
+            "input_ids": [encode_ids(r.input_ids, id_bytes) for r in rows],
+            "ids": [encode_ids(ids, width) for ids in local],
+            "values": [encode_values(r.logprobs, encoding) for r in rows],
+            "tail": [np.asarray(r.tail, dtype="<f2").tobytes() for r in rows],
+        },
+        schema=SCHEMA.with_metadata({ID_TABLE: encode_ids(vocab, id_bytes), LOCAL_ID_BYTES: str(width)}),
+    )
     part = path.with_name(f".{path.name}.part")
     pq.write_table(table, part, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     os.replace(part, path)
-    return {"file": path.name, "rows": len(rows), "positions": int(sum(len(r.ids) for r in rows)),
-            "bytes": path.stat().st_size, "sha256": file_sha256(path), "row_ids": [r.row_id for r in rows]}
+    return {
+        "file": path.name,
+        "rows": len(rows),
+        "positions": int(sum(len(r.ids) for r in rows)),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+        "row_ids": [r.row_id for r in rows],
+    }
 
 
-def cache_meta(*, teachers: list[dict], tokenizer, vocab_size: int, k: int, temperature: float,
-               encoding: ValueEncoding, source: str) -> dict:
+def cache_meta(
+    *,
+    teachers: list[dict],
+    tokenizer,
+    vocab_size: int,
+    k: int,
+    temperature: float,
+    encoding: ValueEncoding,
+    source: str,
+) -> dict:
     """The cache manifest minus its shards. ``teachers``: [{"model", "revision", "weight"}]."""
     if k > vocab_size:
         raise ValueError(f"k={k} exceeds the vocabulary ({vocab_size}); use k <= {vocab_size}")
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "teachers": teachers, **tokenizer_fingerprint(tokenizer),
-            "vocab_size": vocab_size, "k": k, "temperature": temperature, "value_encoding": encoding.value,
-            "id_bytes": id_bytes_for(vocab_size), "id_encoding": "per-shard frequency table + ranks, byte planes",
-            "source": source,
-            "tail": "log(1 - sum of top-k p), float16; rebuilt spread evenly over the other V - k ids"}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "teachers": teachers,
+        **tokenizer_fingerprint(tokenizer),
+        "vocab_size": vocab_size,
+        "k": k,
+        "temperature": temperature,
+        "value_encoding": encoding.value,
+        "id_bytes": id_bytes_for(vocab_size),
+        "id_encoding": "per-shard frequency table + ranks, byte planes",
+        "source": source,
+        "tail": "log(1 - sum of top-k p), float16; rebuilt spread evenly over the other V - k ids",
+    }
 
 
 def write_manifest(folder: Path, meta: dict, shards: list[dict]) -> dict:
-    manifest = {**meta, "rows": sum(s["rows"] for s in shards), "positions": sum(s["positions"] for s in shards),
-                "bytes": sum(s["bytes"] for s in shards), "shards": shards}
+    manifest = {
+        **meta,
+        "rows": sum(s["rows"] for s in shards),
+        "positions": sum(s["positions"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "shards": shards,
+    }
     part = folder / f".{MANIFEST}.part"
     part.write_text(json.dumps(manifest, indent=1))
     os.replace(part, folder / MANIFEST)

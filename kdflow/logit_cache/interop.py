@@ -59,6 +59,7 @@ BATCH_ROWS = 256  # rows read from a file at a time
 
 # ---- export --------------------------------------------------------------------------------------------
 
+
 def find_cache(path: str | Path) -> Path:
     """A cache folder (with ``cache.json``), or a run folder holding exactly one finished logit cache."""
     path = Path(path)
@@ -68,13 +69,16 @@ def find_cache(path: str | Path) -> Path:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise FileNotFoundError(f"{path}: neither a logit cache ({MANIFEST}) nor a run folder with a finished one "
-                                "(logit-cache/<key>/); pass the cache folder itself")
+        raise FileNotFoundError(
+            f"{path}: neither a logit cache ({MANIFEST}) nor a run folder with a finished one "
+            "(logit-cache/<key>/); pass the cache folder itself"
+        )
     raise ValueError(f"{path} holds {len(found)} logit caches ({', '.join(str(p) for p in found)}); pass one of them")
 
 
-def export_cache(source: str | Path, out: str | Path, fmt: str, layout: distillkit.Layout | None = None,
-                 with_tail: bool = True) -> dict:
+def export_cache(
+    source: str | Path, out: str | Path, fmt: str, layout: distillkit.Layout | None = None, with_tail: bool = True
+) -> dict:
     """Write the cache at ``source`` (or a run folder's) to the folder ``out`` in ``fmt``; returns the sizes.
 
     ``layout``: DistillKit's compression (default ``distillkit.lossless(k)``). ``with_tail``: add ``kdflow_tail``."""
@@ -83,35 +87,64 @@ def export_cache(source: str | Path, out: str | Path, fmt: str, layout: distillk
     meta = cache.manifest
     layout = layout or distillkit.lossless(meta["k"])
     if fmt == "distillkit" and layout.k != meta["k"]:
-        raise ValueError(f"the layout's k={layout.k}, the cache's k={meta['k']}: DistillKit stores exactly k per "
-                         f"position; use a layout with k: {meta['k']}")
+        raise ValueError(
+            f"the layout's k={layout.k}, the cache's k={meta['k']}: DistillKit stores exactly k per "
+            f"position; use a layout with k: {meta['k']}"
+        )
     out = Path(out)
     with _building(out) as tmp:
         files, tokens = [], 0
         for s, shard in enumerate(meta["shards"]):
             rows = [cache[row_id] for row_id in shard["row_ids"]]
-            rows = [TopK(r.row_id, r.input_ids.numpy(), r.start, r.ids.numpy(), r.logprobs.numpy(), r.tail.numpy())
-                    for r in rows]
+            rows = [
+                TopK(r.row_id, r.input_ids.numpy(), r.start, r.ids.numpy(), r.logprobs.numpy(), r.tail.numpy())
+                for r in rows
+            ]
             tokens += sum(len(r.input_ids) for r in rows)
-            table = (distillkit.table_of(rows, layout, meta["vocab_size"], with_tail) if fmt == "distillkit"
-                     else axolotl.table_of(rows, meta["k"], with_tail))
-            tag = {"row_ids": [r.row_id for r in rows], "spans": [[r.start, len(r.ids)] for r in rows],
-                   "cache": {key: meta[key] for key in ("teachers", "tokenizer_sha256", "chat_template_sha256",
-                                                        "tokenizer_size", "vocab_size", "k", "temperature",
-                                                        "value_encoding")}}
+            table = (
+                distillkit.table_of(rows, layout, meta["vocab_size"], with_tail)
+                if fmt == "distillkit"
+                else axolotl.table_of(rows, meta["k"], with_tail)
+            )
+            tag = {
+                "row_ids": [r.row_id for r in rows],
+                "spans": [[r.start, len(r.ids)] for r in rows],
+                "cache": {
+                    key: meta[key]
+                    for key in (
+                        "teachers",
+                        "tokenizer_sha256",
+                        "chat_template_sha256",
+                        "tokenizer_size",
+                        "vocab_size",
+                        "k",
+                        "temperature",
+                        "value_encoding",
+                    )
+                },
+            }
             path = tmp / f"data_{s}.parquet"
             pq.write_table(table.replace_schema_metadata({METADATA: json.dumps(tag)}), path)
             files.append(path)
         if fmt == "distillkit":
             distillkit.write_config(tmp / distillkit.CONFIG_FILE, layout, meta["vocab_size"])
         size = sum(f.stat().st_size for f in files)
-    return {"format": fmt, "out": str(out), "files": len(files), "rows": meta["rows"], "positions": meta["positions"],
-            "bytes": size, "bytes_per_position": round(size / max(meta["positions"], 1), 2),
-            "bytes_per_token": round(size / max(tokens, 1), 2), "cache_bytes": meta["bytes"],
-            "cache_bytes_per_position": round(meta["bytes"] / max(meta["positions"], 1), 2)}
+    return {
+        "format": fmt,
+        "out": str(out),
+        "files": len(files),
+        "rows": meta["rows"],
+        "positions": meta["positions"],
+        "bytes": size,
+        "bytes_per_position": round(size / max(meta["positions"], 1), 2),
+        "bytes_per_token": round(size / max(tokens, 1), 2),
+        "cache_bytes": meta["bytes"],
+        "cache_bytes_per_position": round(meta["bytes"] / max(meta["positions"], 1), 2),
+    }
 
 
 # ---- import --------------------------------------------------------------------------------------------
+
 
 def data_files(source: str | Path) -> list[Path]:
     """A parquet file, or a folder's ``*.parquet`` in their numeric order (data_2 before data_10)."""
@@ -127,9 +160,19 @@ def data_files(source: str | Path) -> list[Path]:
     return files
 
 
-def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, vocab_size: int | None = None,
-                config: str | Path | None = None, teacher: str | None = None, encoding: ValueEncoding | None = None,
-                temperature: float | None = None, shard_rows: int = 1024) -> dict:
+def import_file(
+    source: str | Path,
+    out: str | Path,
+    fmt: str,
+    tokenizer,
+    *,
+    vocab_size: int | None = None,
+    config: str | Path | None = None,
+    teacher: str | None = None,
+    encoding: ValueEncoding | None = None,
+    temperature: float | None = None,
+    shard_rows: int = 1024,
+) -> dict:
     """Read ``source`` (a file or a folder of them) in ``fmt`` into a new kdflow cache at ``out``; returns its
     cache manifest. ``tokenizer``: the one the file's token ids come from (the student's). ``config``: DistillKit's
     ``compression_config.yaml`` (default: the one beside the files). The other settings default to what a kdflow
@@ -144,13 +187,17 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
     if fmt == "distillkit":
         config = Path(config) if config else (files[0].parent / distillkit.CONFIG_FILE)
         if not config.is_file():
-            raise FileNotFoundError(f"{config}: DistillKit's compression config is needed to decode its columns; pass "
-                                    "--distillkit-config (the compression_config.yaml its capture wrote)")
+            raise FileNotFoundError(
+                f"{config}: DistillKit's compression config is needed to decode its columns; pass "
+                "--distillkit-config (the compression_config.yaml its capture wrote)"
+            )
         layout, d = distillkit.read_config(config)
     vocab_size = vocab_size or (cached or {}).get("vocab_size") or d or len(tokenizer)
     if d is not None and d > vocab_size:
-        raise ValueError(f"{config}: d={d} ids, but the vocabulary is {vocab_size}; pass --vocab-size (the teacher's "
-                         "logits per position, the student's vocab_size)")
+        raise ValueError(
+            f"{config}: d={d} ids, but the vocabulary is {vocab_size}; pass --vocab-size (the teacher's "
+            "logits per position, the student's vocab_size)"
+        )
     k = layout.k if layout else (cached or {}).get("k")
     encoding = encoding or ValueEncoding((cached or {}).get("value_encoding", "u8"))
     out = Path(out)
@@ -164,8 +211,9 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
             seen.add(r.row_id)
             k = k or r.ids.shape[1]
             if r.ids.shape[1] != k:
-                raise LogitFileError(f"{source}: row {r.row_id!r} has top-{r.ids.shape[1]}, the rows before top-{k}; "
-                                     "a cache has one k")
+                raise LogitFileError(
+                    f"{source}: row {r.row_id!r} has top-{r.ids.shape[1]}, the rows before top-{k}; a cache has one k"
+                )
             batch.append(r)
             if len(batch) == shard_rows:
                 shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
@@ -174,20 +222,45 @@ def import_file(source: str | Path, out: str | Path, fmt: str, tokenizer, *, voc
             shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
         if not shards:
             raise LogitFileError(f"{source}: no rows")
-        teachers = (cached or {}).get("teachers") or [{"model": teacher or f"{fmt}:{files[0]}", "revision": None,
-                                                       "weight": 1.0}]
-        meta = cache_meta(teachers=teachers, tokenizer=tokenizer, vocab_size=vocab_size, k=k,
-                          temperature=temperature or (cached or {}).get("temperature", 1.0), encoding=encoding,
-                          source=f"import:{fmt}")
+        teachers = (cached or {}).get("teachers") or [
+            {"model": teacher or f"{fmt}:{files[0]}", "revision": None, "weight": 1.0}
+        ]
+        meta = cache_meta(
+            teachers=teachers,
+            tokenizer=tokenizer,
+            vocab_size=vocab_size,
+            k=k,
+            temperature=temperature or (cached or {}).get("temperature", 1.0),
+            encoding=encoding,
+            source=f"import:{fmt}",
+        )
         meta["tail"] = _tail_note(computed, len(seen), fmt)
         meta["imported_from"] = [{"file": str(f), "sha256": file_sha256(f)} for f in files]
         manifest = write_manifest(tmp, meta, shards)
         LogitCache.open(tmp, expect_tokenizer=tokenizer, expect_vocab_size=vocab_size).verify()
-        key = hashlib.sha256(json.dumps({"files": meta["imported_from"], "format": fmt, "k": k, "vocab": vocab_size,
-                                         "encoding": encoding.value}, sort_keys=True).encode()).hexdigest()
-        finish(tmp, STAGE, key, inputs={"format": fmt, "files": meta["imported_from"]}, rows=manifest["rows"],
-               positions=manifest["positions"], bytes=manifest["bytes"], cache_manifest=MANIFEST,
-               bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2))
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "files": meta["imported_from"],
+                    "format": fmt,
+                    "k": k,
+                    "vocab": vocab_size,
+                    "encoding": encoding.value,
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        finish(
+            tmp,
+            STAGE,
+            key,
+            inputs={"format": fmt, "files": meta["imported_from"]},
+            rows=manifest["rows"],
+            positions=manifest["positions"],
+            bytes=manifest["bytes"],
+            cache_manifest=MANIFEST,
+            bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
+        )
     return manifest
 
 
@@ -198,8 +271,11 @@ def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Ite
         at = 0
         for batch in _batches(file):
             spans = tag["spans"][at : at + batch.num_rows] if tag else None
-            read = (distillkit.rows_of(batch, layout, d, file, at, spans) if fmt == "distillkit"
-                    else axolotl.rows_of(batch, file, at))
+            read = (
+                distillkit.rows_of(batch, layout, d, file, at, spans)
+                if fmt == "distillkit"
+                else axolotl.rows_of(batch, file, at)
+            )
             for r in read:
                 row_id = tag["row_ids"][r.row] if tag else f"{file.stem}/{r.row}"
                 yield _checked(r, file, row_id, vocab_size, tokens), r.tail is None
@@ -212,19 +288,25 @@ def _checked(r: Imported, file: Path, row_id: str, vocab_size: int, tokens: int)
         raise LogitFileError(f"{at}: no teacher positions in it (labels or target_mask mark none); drop the row")
     if r.input_ids.size and (r.input_ids.min() < 0 or r.input_ids.max() >= tokens):
         bad = int(np.flatnonzero((r.input_ids < 0) | (r.input_ids >= tokens))[0])
-        raise LogitFileError(f"{where(file, r.row, bad)}: input token {r.input_ids[bad]} is not in the tokenizer "
-                             f"({tokens} tokens): the file was made with another tokenizer; pass --tokenizer of the "
-                             "model whose tokens these are")
+        raise LogitFileError(
+            f"{where(file, r.row, bad)}: input token {r.input_ids[bad]} is not in the tokenizer "
+            f"({tokens} tokens): the file was made with another tokenizer; pass --tokenizer of the "
+            "model whose tokens these are"
+        )
     if r.ids.min() < 0 or r.ids.max() >= vocab_size:
         j = int(np.flatnonzero(((r.ids < 0) | (r.ids >= vocab_size)).any(-1))[0])
         bad = r.ids[j][(r.ids[j] < 0) | (r.ids[j] >= vocab_size)][0]
-        raise LogitFileError(f"{where(file, r.row, r.start + j)}: top-k id {bad} is outside the vocabulary "
-                             f"(0 to {vocab_size - 1}): pass --vocab-size of the teacher whose logits these are, or "
-                             "check the file's tokenizer")
+        raise LogitFileError(
+            f"{where(file, r.row, r.start + j)}: top-k id {bad} is outside the vocabulary "
+            f"(0 to {vocab_size - 1}): pass --vocab-size of the teacher whose logits these are, or "
+            "check the file's tokenizer"
+        )
     if not np.isfinite(r.logprobs).all() or (r.tail is not None and not np.isfinite(r.tail).all()):
         j = int(np.flatnonzero(~np.isfinite(r.logprobs).all(-1))[0]) if not np.isfinite(r.logprobs).all() else 0
-        raise LogitFileError(f"{where(file, r.row, r.start + j)}: a log-prob is not finite (NaN or -inf); a student "
-                             "would train on it: recapture the row or drop it")
+        raise LogitFileError(
+            f"{where(file, r.row, r.start + j)}: a log-prob is not finite (NaN or -inf); a student "
+            "would train on it: recapture the row or drop it"
+        )
     logprobs = r.logprobs.astype(np.float32)
     tail = r.tail if r.tail is not None else tail_from_topk(logprobs)
     return TopK(row_id, r.input_ids.astype(np.int64), r.start, r.ids, logprobs, np.asarray(tail, dtype=np.float32))
@@ -235,8 +317,9 @@ def _batches(file: Path) -> Iterator[pa.RecordBatch]:
         reader = pq.ParquetFile(file)
         yield from reader.iter_batches(batch_size=BATCH_ROWS)
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
-        raise LogitFileError(f"{file}: not a whole parquet file ({e}): truncated or damaged; copy or export it again") \
-            from None
+        raise LogitFileError(
+            f"{file}: not a whole parquet file ({e}): truncated or damaged; copy or export it again"
+        ) from None
 
 
 def _tag(file: Path) -> dict | None:
@@ -244,8 +327,9 @@ def _tag(file: Path) -> dict | None:
     try:
         meta = pq.read_schema(file).metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
-        raise LogitFileError(f"{file}: not a whole parquet file ({e}): truncated or damaged; copy or export it again") \
-            from None
+        raise LogitFileError(
+            f"{file}: not a whole parquet file ({e}): truncated or damaged; copy or export it again"
+        ) from None
     return json.loads(meta[METADATA]) if METADATA in meta else None
 
 
@@ -253,8 +337,10 @@ def _tail_note(computed: int, rows: int, fmt: str) -> str:
     stored = "log(1 - sum of top-k p), float16; rebuilt spread evenly over the other V - k ids"
     if not computed:
         return f"{stored}; as the exported kdflow cache stored it (kdflow_tail)"
-    return (f"{stored}; computed from the top-k log-probs of the {fmt} file, which stores no tail ({computed} of {rows} "
-            "rows), floored at e^-30: the floor where the file's top-k were renormalised to sum 1")
+    return (
+        f"{stored}; computed from the top-k log-probs of the {fmt} file, which stores no tail ({computed} of {rows} "
+        "rows), floored at e^-30: the floor where the file's top-k were renormalised to sum 1"
+    )
 
 
 def _check_format(fmt: str) -> None:

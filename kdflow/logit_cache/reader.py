@@ -59,8 +59,13 @@ class LogitCache:
         self._pid = os.getpid()
 
     @classmethod
-    def open(cls, folder: str | Path, expect_tokenizer=None, expect_vocab_size: int | None = None,
-             read_budget_bytes: int = READ_BUDGET_BYTES) -> "LogitCache":
+    def open(
+        cls,
+        folder: str | Path,
+        expect_tokenizer=None,
+        expect_vocab_size: int | None = None,
+        read_budget_bytes: int = READ_BUDGET_BYTES,
+    ) -> "LogitCache":
         """Open a cache; with ``expect_tokenizer`` (the student's) refuse one made for other token ids."""
         folder = Path(folder)
         path = folder / MANIFEST
@@ -68,13 +73,17 @@ class LogitCache:
             raise FileNotFoundError(f"{folder} has no {MANIFEST}: not a logit cache, or its capture never finished")
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatch(f"{folder}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
-                                f"this reader reads {FORMAT!r} v{FORMAT_VERSION}")
+            raise CacheMismatch(
+                f"{folder}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
+                f"this reader reads {FORMAT!r} v{FORMAT_VERSION}"
+            )
         if expect_tokenizer is not None:
             check_tokenizer(manifest, expect_tokenizer, folder)
         if expect_vocab_size is not None and expect_vocab_size != manifest["vocab_size"]:
-            raise CacheMismatch(f"{folder}: vocab size mismatch: the cache has {manifest['vocab_size']} teacher "
-                                f"logits per position, the student {expect_vocab_size}")
+            raise CacheMismatch(
+                f"{folder}: vocab size mismatch: the cache has {manifest['vocab_size']} teacher "
+                f"logits per position, the student {expect_vocab_size}"
+            )
         return cls(folder, manifest, read_budget_bytes)
 
     def __len__(self) -> int:
@@ -155,26 +164,46 @@ class LogitCache:
         cols = table.to_pydict()
         out = []
         for row_id, start, input_ids, ids, values, tail in zip(*(cols[n] for n in SCHEMA.names)):
-            out.append(TopK(row_id, decode_ids(input_ids, self.id_bytes, 1).reshape(-1), start,
-                            vocab[decode_ids(ids, width, self.k)], decode_values(values, self.encoding, self.k),
-                            np.frombuffer(tail, dtype="<f2").astype(np.float32)))
+            out.append(
+                TopK(
+                    row_id,
+                    decode_ids(input_ids, self.id_bytes, 1).reshape(-1),
+                    start,
+                    vocab[decode_ids(ids, width, self.k)],
+                    decode_values(values, self.encoding, self.k),
+                    np.frombuffer(tail, dtype="<f2").astype(np.float32),
+                )
+            )
         return out
 
 
 def as_tensors(r: TopK) -> CachedRow:
-    return CachedRow(r.row_id, torch.from_numpy(r.input_ids), r.start, torch.from_numpy(r.positions),
-                     torch.from_numpy(r.ids), torch.from_numpy(r.logprobs), torch.from_numpy(r.tail))
+    return CachedRow(
+        r.row_id,
+        torch.from_numpy(r.input_ids),
+        r.start,
+        torch.from_numpy(r.positions),
+        torch.from_numpy(r.ids),
+        torch.from_numpy(r.logprobs),
+        torch.from_numpy(r.tail),
+    )
 
 
 def check_tokenizer(manifest: dict, tokenizer, where) -> None:
     """Raise ``CacheMismatch`` naming what differs between the cache's tokenizer and ``tokenizer``."""
     mine = tokenizer_fingerprint(tokenizer)
     if mine["tokenizer_size"] > manifest["vocab_size"]:
-        raise CacheMismatch(f"{where}: vocab mismatch: the student's tokenizer has {mine['tokenizer_size']} tokens, "
-                            f"the cache's teacher only {manifest['vocab_size']} logits per position")
+        raise CacheMismatch(
+            f"{where}: vocab mismatch: the student's tokenizer has {mine['tokenizer_size']} tokens, "
+            f"the cache's teacher only {manifest['vocab_size']} logits per position"
+        )
     if mine["tokenizer_sha256"] != manifest["tokenizer_sha256"]:
-        raise CacheMismatch(f"{where}: tokenizer mismatch: the cache was captured with another tokenizer "
-                            "(different vocabulary, merges or pre-tokenizer); its token ids mean other tokens here")
+        raise CacheMismatch(
+            f"{where}: tokenizer mismatch: the cache was captured with another tokenizer "
+            "(different vocabulary, merges or pre-tokenizer); its token ids mean other tokens here"
+        )
     if mine["chat_template_sha256"] != manifest["chat_template_sha256"]:
-        raise CacheMismatch(f"{where}: chat template mismatch: the cache's sequences were rendered with another "
-                            "chat template, so its positions do not line up with the student's")
+        raise CacheMismatch(
+            f"{where}: chat template mismatch: the cache's sequences were rendered with another "
+            "chat template, so its positions do not line up with the student's"
+        )

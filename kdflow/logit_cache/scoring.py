@@ -50,27 +50,36 @@ class TeacherScoringError(RuntimeError):
     """The teacher could not score the student's samples: its process or server is gone or failing."""
 
 
-def check_scores(part: topk.Part, vocab_size: int | None, teacher: str,
-                 vocabulary: str = "the student's vocabulary") -> topk.Part:
+def check_scores(
+    part: topk.Part, vocab_size: int | None, teacher: str, vocabulary: str = "the student's vocabulary"
+) -> topk.Part:
     """``part`` if every score in it is a finite log-prob and every id a token of ``vocabulary`` (``vocab_size``
     ids; None: not checked); else ``TeacherScoringError`` naming the sample, the position and the value, before
     anything trains on it (or a logit cache keeps it)."""
     indices, scored = part
     for i, t in zip(indices, scored):
-        ids, values = np.asarray(t.ids), np.concatenate([np.asarray(t.logprobs, dtype=np.float64).ravel(),
-                                                         np.asarray(t.tail, dtype=np.float64).ravel()])
+        ids, values = (
+            np.asarray(t.ids),
+            np.concatenate(
+                [np.asarray(t.logprobs, dtype=np.float64).ravel(), np.asarray(t.tail, dtype=np.float64).ravel()]
+            ),
+        )
         if not np.isfinite(values).all():
             bad = values[~np.isfinite(values)][0]
             where = np.argwhere(~np.isfinite(np.asarray(t.logprobs, dtype=np.float64)))
             at = f"completion position {where[0][0]}" if len(where) else "its tail mass"
-            raise TeacherScoringError(f"{teacher} gave a {'NaN' if math.isnan(bad) else bad} log-prob for sample {i} "
-                                      f"({t.row_id!r}) at {at}: a teacher whose scores are not finite (NaN weights, an "
-                                      "overflow in its dtype) would make the student's weights NaN; fix the teacher")
+            raise TeacherScoringError(
+                f"{teacher} gave a {'NaN' if math.isnan(bad) else bad} log-prob for sample {i} "
+                f"({t.row_id!r}) at {at}: a teacher whose scores are not finite (NaN weights, an "
+                "overflow in its dtype) would make the student's weights NaN; fix the teacher"
+            )
         if ids.size and (ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size)):
             bad = ids.min() if ids.min() < 0 else ids.max()
-            raise TeacherScoringError(f"{teacher} gave token id {bad} for sample {i} ({t.row_id!r}), outside "
-                                      f"{vocabulary} (0 to {vocab_size - 1 if vocab_size else '?'}): is it a model "
-                                      "with the student's tokenizer?")
+            raise TeacherScoringError(
+                f"{teacher} gave token id {bad} for sample {i} ({t.row_id!r}), outside "
+                f"{vocabulary} (0 to {vocab_size - 1 if vocab_size else '?'}): is it a model "
+                "with the student's tokenizer?"
+            )
     return part
 
 
@@ -86,20 +95,36 @@ class HFScorer:
     orphan keeps the teacher in memory. Its stderr (transformers' warnings, a traceback) goes to ``log``. A child
     silent for ``timeout_s`` (loading, or between two parts of an answer) is killed and the wait fails."""
 
-    def __init__(self, model_dir: str | Path, k: int, log: Path, threads: int | None = None,
-                 batch_tokens: int = 1024, vocab_size: int | None = None, timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        k: int,
+        log: Path,
+        threads: int | None = None,
+        batch_tokens: int = 1024,
+        vocab_size: int | None = None,
+        timeout_s: float = TIMEOUT_S,
+    ):
         self.model_dir, self.log, self.vocab_size, self.timeout_s = str(model_dir), Path(log), vocab_size, timeout_s
         import torch
 
         # By default as many torch threads as this process uses (training and scoring take turns; under overlap
         # the trainer splits the cores and says how many); on a CPU the teacher runs in float32 (transformers' default
         # device), where a GPU teacher wants the vLLM backend.
-        cmd = [sys.executable, "-m", "kdflow.logit_cache.score_worker", self.model_dir, str(k),
-               str(threads or torch.get_num_threads()), str(batch_tokens)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kdflow.logit_cache.score_worker",
+            self.model_dir,
+            str(k),
+            str(threads or torch.get_num_threads()),
+            str(batch_tokens),
+        ]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with open(self.log, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env,
-                                         cwd=ROOT)
+            self.proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT
+            )
         # A blocking read of the pipe cannot be given up on: a thread reads it, and _receive waits on the queue
         # with a timeout. Killing the child on a timeout closes the pipe, which ends the thread.
         self._inbox: queue.Queue = queue.Queue()
@@ -128,23 +153,28 @@ class HFScorer:
         except queue.Empty:
             self.proc.kill()  # SIGKILL ends a stopped (SIGSTOP) or hung child too
             self.proc.wait()
-            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) gave "
-                                      f"no answer within {self.timeout_s:g} s while {doing}, and was killed (raise "
-                                      f"kd.timeout_s if it is only slow); the last lines of {self.log}:\n"
-                                      f"{_tail(self.log)}") from None
+            raise TeacherScoringError(
+                f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) gave "
+                f"no answer within {self.timeout_s:g} s while {doing}, and was killed (raise "
+                f"kd.timeout_s if it is only slow); the last lines of {self.log}:\n"
+                f"{_tail(self.log)}"
+            ) from None
         if message is None:
             self._inbox.put(None)  # every later receive sees the end too
             code = self.proc.wait()
-            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) exited "
-                                      f"with code {code} while {doing}; the last lines of {self.log}:\n"
-                                      f"{_tail(self.log)}")
+            raise TeacherScoringError(
+                f"the teacher scoring process for {self.model_dir} (pid {self.proc.pid}) exited "
+                f"with code {code} while {doing}; the last lines of {self.log}:\n"
+                f"{_tail(self.log)}"
+            )
         kind, value = message
         if kind == "error":
-            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} failed while {doing}: "
-                                      f"{value}")
+            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} failed while {doing}: {value}")
         if kind not in expect:
-            raise TeacherScoringError(f"the teacher scoring process for {self.model_dir} sent {kind!r} while {doing}, "
-                                      f"not {' or '.join(map(repr, expect))}")
+            raise TeacherScoringError(
+                f"the teacher scoring process for {self.model_dir} sent {kind!r} while {doing}, "
+                f"not {' or '.join(map(repr, expect))}"
+            )
         return value
 
     def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
@@ -191,14 +221,26 @@ class VllmScorer:
     The client retries transient errors (``max_retries``, with backoff), a try with no answer within ``timeout_s``
     among them; what is left raises ``TeacherScoringError``, as does a reply that is not prompt_logprobs."""
 
-    def __init__(self, base_url: str, model: str, k: int, concurrency: int = 8, max_retries: int = 3,
-                 vocab_size: int | None = None, timeout_s: float = TIMEOUT_S):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        k: int,
+        concurrency: int = 8,
+        max_retries: int = 3,
+        vocab_size: int | None = None,
+        timeout_s: float = TIMEOUT_S,
+    ):
         import openai
 
         self.base_url, self.model, self.k, self.concurrency = base_url, model, k, concurrency
         self.vocab_size, self.timeout_s = vocab_size, timeout_s
-        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
-                                    max_retries=max_retries, timeout=timeout_s)
+        self.client = openai.OpenAI(
+            base_url=base_url,
+            api_key=os.environ.get("VLLM_API_KEY", "EMPTY"),
+            max_retries=max_retries,
+            timeout=timeout_s,
+        )
 
     def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
         """The top-k of ``rows``, one request's rows at a time, in order (``topk.vllm_topk_parts``)."""
@@ -210,14 +252,18 @@ class VllmScorer:
             for part in topk.vllm_topk_parts(self.client, self.model, rows, self.k, self.concurrency):
                 yield check_scores(part, self.vocab_size, server)
         except openai.APITimeoutError as e:
-            raise TeacherScoringError(f"{server} gave no answer within {self.timeout_s:g} s on any of "
-                                      f"{self.client.max_retries + 1} tries while scoring {len(rows)} samples (raise "
-                                      "kd.timeout_s if it is only slow)") from e
+            raise TeacherScoringError(
+                f"{server} gave no answer within {self.timeout_s:g} s on any of "
+                f"{self.client.max_retries + 1} tries while scoring {len(rows)} samples (raise "
+                "kd.timeout_s if it is only slow)"
+            ) from e
         except (openai.APIConnectionError, openai.APIStatusError) as e:
             raise TeacherScoringError(f"{server} stopped answering: {type(e).__name__}: {e}") from e
         except (ValueError, TypeError, AttributeError, KeyError) as e:  # JSONDecodeError is a ValueError
-            raise TeacherScoringError(f"{server} sent a reply that is not prompt_logprobs for {len(rows)} samples "
-                                      f"({type(e).__name__}: {e}): is it a vLLM server serving {self.model}?") from e
+            raise TeacherScoringError(
+                f"{server} sent a reply that is not prompt_logprobs for {len(rows)} samples "
+                f"({type(e).__name__}: {e}): is it a vLLM server serving {self.model}?"
+            ) from e
 
     def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
         return topk.in_order(len(rows), self.parts(rows))
@@ -227,17 +273,27 @@ class VllmScorer:
 
 
 @contextlib.contextmanager
-def teacher_scorer(backend: str, model_dir: str | Path, k: int, log: Path, base_url: str | None = None,
-                   concurrency: int = 8, batch_tokens: int = 1024, threads: int | None = None,
-                   vocab_size: int | None = None, timeout_s: float = TIMEOUT_S) -> Iterator[HFScorer | VllmScorer]:
+def teacher_scorer(
+    backend: str,
+    model_dir: str | Path,
+    k: int,
+    log: Path,
+    base_url: str | None = None,
+    concurrency: int = 8,
+    batch_tokens: int = 1024,
+    threads: int | None = None,
+    vocab_size: int | None = None,
+    timeout_s: float = TIMEOUT_S,
+) -> Iterator[HFScorer | VllmScorer]:
     """A scorer for the teacher at ``model_dir`` for the length of the block: ``hf`` (a scoring process), or
     ``vllm`` (the server at ``base_url``, else one started here with the settings a capture needs, its log in
     ``log``); ``batch_tokens``, ``threads``: the HF scoring process's padded tokens per forward and torch threads
     (default: this process's); ``vocab_size``: the student's, which every scored id must lie in; ``timeout_s``: the
     longest the teacher may stay silent."""
     if backend == "hf":
-        scorer = HFScorer(model_dir, k, log, threads=threads, batch_tokens=batch_tokens, vocab_size=vocab_size,
-                          timeout_s=timeout_s)
+        scorer = HFScorer(
+            model_dir, k, log, threads=threads, batch_tokens=batch_tokens, vocab_size=vocab_size, timeout_s=timeout_s
+        )
         try:
             yield scorer
         finally:

@@ -58,8 +58,9 @@ def encode_row(tokenizer, row_id: str, prompt: list[dict], completion: list[dict
     the trainers make plain the same way: ``templates.plain_rows``)."""
     specials = special_strings(tokenizer)  # data text is never chat markup
     prompt, completion = plain_messages(prompt, specials), plain_messages(completion, specials)
-    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"
+    ]
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
     start = common_prefix_length(prompt_ids, full) - 1
     if start < 0 or start >= len(full) - 1:
@@ -82,8 +83,9 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
-def topk_of_logits(logits: torch.Tensor, k: int, temperature: float, overwrite: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def topk_of_logits(
+    logits: torch.Tensor, k: int, temperature: float, overwrite: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, V) logits -> top-k ids (P, k), their log-probs (P, k) and the tail ``log Σ_{rest} p`` (P,) of
     ``softmax(logits / T)``.
 
@@ -143,8 +145,9 @@ def chunk_positions(vocab: int) -> int:
     return max(128, CHUNK_LOGITS // vocab)
 
 
-def hf_topk(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
-            pad_id: int = 0) -> list[TopK]:
+def hf_topk(
+    model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384, pad_id: int = 0
+) -> list[TopK]:
     """The teacher's top-k at every completion position of ``rows`` (returned in the same order); see
     ``hf_topk_parts``."""
     return in_order(len(rows), hf_topk_parts(model, rows, k, temperature, batch_tokens, pad_id))
@@ -163,8 +166,9 @@ def in_order(n: int, parts: Iterator[Part]) -> list[TopK]:
 
 
 @torch.inference_mode()
-def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384,
-                  pad_id: int = 0) -> Iterator[Part]:
+def hf_topk_parts(
+    model, rows: list[EncodedRow], k: int, temperature: float = 1.0, batch_tokens: int = 16384, pad_id: int = 0
+) -> Iterator[Part]:
     """The teacher's top-k at every completion position of ``rows``, one padded batch at a time, as soon as it
     is done: ``(indices into rows, their TopK)`` per batch (rows of similar length together), so that a caller can
     use one batch's answers while the next is computed (on-policy KD trains on them as they come).
@@ -181,7 +185,9 @@ def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.
         spans = [(rows[i].start, len(rows[i].input_ids) - 1) for i in batch]
         if split is None:  # logits with a transform of their own: the model's forward, from the first answer on
             first = min(s for s, _ in spans)
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1] - 1)).logits
+            logits = model(
+                input_ids=ids, attention_mask=mask, logits_to_keep=torch.arange(first, ids.shape[1] - 1)
+            ).logits
             states, project = logits.flatten(0, 1), lambda x: x
             positions = answer_positions(spans, first, logits.shape[1])
         else:
@@ -191,15 +197,25 @@ def hf_topk_parts(model, rows: list[EncodedRow], k: int, temperature: float = 1.
         vocab = model.config.vocab_size
         # Top-k 16 MiB of float32 at a time: the allocator reuses such buffers, and each pass over them stays in
         # cache; larger steps were page-faulted afresh (~10 % slower capture), smaller ones pay ops' fixed costs.
-        chunks = [topk_of_logits(logits, k, temperature, overwrite=True)
-                  for part in positions.split(chunk_positions(vocab))
-                  for logits in project(states.index_select(0, part)).split(max(1, CHUNK_LOGITS // vocab))]
+        chunks = [
+            topk_of_logits(logits, k, temperature, overwrite=True)
+            for part in positions.split(chunk_positions(vocab))
+            for logits in project(states.index_select(0, part)).split(max(1, CHUNK_LOGITS // vocab))
+        ]
         top_ids, top_lp, tail = (torch.cat(parts) for parts in zip(*chunks))
         at, scored = 0, []
         for i, (s, e) in zip(batch, spans):
             r = rows[i]
-            scored.append(TopK(r.row_id, r.input_ids, r.start, top_ids[at : at + e - s].numpy(),
-                               top_lp[at : at + e - s].numpy(), tail[at : at + e - s].numpy()))
+            scored.append(
+                TopK(
+                    r.row_id,
+                    r.input_ids,
+                    r.start,
+                    top_ids[at : at + e - s].numpy(),
+                    top_lp[at : at + e - s].numpy(),
+                    tail[at : at + e - s].numpy(),
+                )
+            )
             at += e - s
         yield batch, scored
 
@@ -218,11 +234,14 @@ def topk_from_prompt_logprobs(row: EncodedRow, prompt_logprobs: list[dict | None
     lps = np.zeros((L, k), dtype=np.float32)
     for j in range(L):
         entries = prompt_logprobs[row.start + 1 + j]
-        top = sorted(((int(tid), e["rank"], e["logprob"]) for tid, e in entries.items() if e["rank"] <= k),
-                     key=lambda x: x[1])
+        top = sorted(
+            ((int(tid), e["rank"], e["logprob"]) for tid, e in entries.items() if e["rank"] <= k), key=lambda x: x[1]
+        )
         if len(top) != k:
-            raise ValueError(f"row {row.row_id!r}, position {row.start + j}: the server returned {len(top)} "
-                             f"top entries, expected k={k} (start it with --max-logprobs >= {k})")
+            raise ValueError(
+                f"row {row.row_id!r}, position {row.start + j}: the server returned {len(top)} "
+                f"top entries, expected k={k} (start it with --max-logprobs >= {k})"
+            )
         ids[j] = [t for t, _, _ in top]
         lps[j] = [lp for _, _, lp in top]
     return TopK(row.row_id, row.input_ids, row.start, ids, lps, tail_from_topk(lps))
@@ -242,9 +261,15 @@ def vllm_topk(client, model: str, rows: list[EncodedRow], k: int, concurrency: i
     ``client``: an ``openai.OpenAI`` pointed at the server (its ``max_retries`` retries transient errors
     with backoff and honours Retry-After; a 400 is not retried).
     """
+
     def one(row: EncodedRow) -> TopK:
-        response = client.completions.create(model=model, prompt=[int(t) for t in row.input_ids], max_tokens=1,
-                                             temperature=0.0, extra_body={"prompt_logprobs": k})
+        response = client.completions.create(
+            model=model,
+            prompt=[int(t) for t in row.input_ids],
+            max_tokens=1,
+            temperature=0.0,
+            extra_body={"prompt_logprobs": k},
+        )
         prompt_logprobs = _field(response.choices[0], "prompt_logprobs")
         if prompt_logprobs is None:
             raise ValueError(f"row {row.row_id!r}: the server returned no prompt_logprobs (is it a vLLM server?)")
@@ -261,17 +286,21 @@ def vllm_topk_batched(client, model: str, rows: list[EncodedRow], k: int, reques
     return in_order(len(rows), vllm_topk_parts(client, model, rows, k, requests))
 
 
-def vllm_topk_parts(client, model: str, rows: list[EncodedRow], k: int,
-                    requests: int = 8) -> Iterator[Part]:
+def vllm_topk_parts(client, model: str, rows: list[EncodedRow], k: int, requests: int = 8) -> Iterator[Part]:
     """``vllm_topk_batched``'s requests, all sent at once, answered one request at a time in the rows' order:
     ``(indices into rows, their TopK)`` as soon as that request's answer is in (as ``hf_topk_parts``). Closing the
     generator early waits for the requests in flight."""
     size = -(-len(rows) // max(1, requests))
-    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
 
     def one(chunk: list[EncodedRow]) -> list[TopK]:
-        response = client.completions.create(model=model, prompt=[[int(t) for t in r.input_ids] for r in chunk],
-                                             max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": k})
+        response = client.completions.create(
+            model=model,
+            prompt=[[int(t) for t in r.input_ids] for r in chunk],
+            max_tokens=1,
+            temperature=0.0,
+            extra_body={"prompt_logprobs": k},
+        )
         choices = sorted(response.choices, key=lambda c: c.index)
         if len(choices) != len(chunk):
             raise ValueError(f"the server answered {len(choices)} of {len(chunk)} prompts (is it a vLLM server?)")
@@ -308,9 +337,11 @@ def topk_from_api_records(row: EncodedRow, records: list[dict], k: int) -> TopK:
     generated = [int(r["token_id"]) for r in records]
     if generated not in (completion, completion[:-1]):
         at = common_prefix_length(generated, completion)
-        raise AlignmentError(f"row {row.row_id!r}: the API's token {at} is {generated[at:at + 1]}, the student's "
-                             f"{completion[at:at + 1]} ({len(generated)} vs {len(completion)} tokens): re-tokenizing "
-                             "the answer changed its tokens; this row cannot use the API's logprobs")
+        raise AlignmentError(
+            f"row {row.row_id!r}: the API's token {at} is {generated[at : at + 1]}, the student's "
+            f"{completion[at : at + 1]} ({len(generated)} vs {len(completion)} tokens): re-tokenizing "
+            "the answer changed its tokens; this row cannot use the API's logprobs"
+        )
     ids = np.zeros((len(records), k), dtype=np.int64)
     lps = np.zeros((len(records), k), dtype=np.float32)
     for j, r in enumerate(records):

@@ -49,8 +49,14 @@ def _read_settings(path: Path) -> dict:
         raise ValueError(f"{path} is damaged (not JSON): delete {path.parent} to capture those rows again") from None
 
 
-def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict,
-                   compute: Callable[[list[int]], list[TopK]], on_shard=None) -> dict:
+def capture_shards(
+    folder: Path,
+    row_ids: list[str],
+    shard_rows: int,
+    meta: dict,
+    compute: Callable[[list[int]], list[TopK]],
+    on_shard=None,
+) -> dict:
     """Write the cache in ``folder`` shard by shard, resuming after a crash.
 
     Rows are assigned to shards by their order in ``row_ids`` (shard i holds rows i·S … (i+1)·S − 1), so a
@@ -81,10 +87,15 @@ def capture_shards(folder: Path, row_ids: list[str], shard_rows: int, meta: dict
                 raise RuntimeError(f"shard {index}: compute() returned rows out of order")
             # Before the shard exists: a NaN or -inf stored in the cache (u8 would even clamp it to a plausible
             # value) trains every student on it, and a finished shard is never captured again.
-            check_scores((list(range(begin, begin + len(ids))), rows), meta.get("vocab_size"),
-                         f"the teacher ({_teachers(meta)}), capturing shard {index},", "the cache's vocabulary")
-            entry = write_shard(folder / shard_name(index), rows, meta["k"], meta["id_bytes"],
-                                ValueEncoding(meta["value_encoding"]))
+            check_scores(
+                (list(range(begin, begin + len(ids))), rows),
+                meta.get("vocab_size"),
+                f"the teacher ({_teachers(meta)}), capturing shard {index},",
+                "the cache's vocabulary",
+            )
+            entry = write_shard(
+                folder / shard_name(index), rows, meta["k"], meta["id_bytes"], ValueEncoding(meta["value_encoding"])
+            )
             sidecar = folder / f"{shard_name(index)}.json"
             (folder / f".{sidecar.name}.part").write_text(json.dumps(entry))
             os.replace(folder / f".{sidecar.name}.part", sidecar)  # after the shard: a sidecar means a whole shard

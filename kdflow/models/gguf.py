@@ -56,14 +56,20 @@ def inspect_gguf(path: str | Path) -> GgufInfo:
     reader = _reader(path)
     architecture = str(reader.fields["general.architecture"].contents())
     if architecture not in supported_architectures():
-        raise GgufError(f"{path}: architecture {architecture!r} cannot be loaded from GGUF by transformers "
-                        f"(it loads {', '.join(supported_architectures())}); convert the original checkpoint "
-                        "instead and set model to its folder")
+        raise GgufError(
+            f"{path}: architecture {architecture!r} cannot be loaded from GGUF by transformers "
+            f"(it loads {', '.join(supported_architectures())}); convert the original checkpoint "
+            "instead and set model to its folder"
+        )
     name = reader.fields.get("general.name")
     types = [t.tensor_type.name for t in reader.tensors]
-    return GgufInfo(architecture=architecture, model_name=None if name is None else str(name.contents()),
-                    tensors=len(types), quantization=max(set(types), key=types.count),
-                    chat_template="tokenizer.chat_template" in reader.fields)
+    return GgufInfo(
+        architecture=architecture,
+        model_name=None if name is None else str(name.contents()),
+        tensors=len(types),
+        quantization=max(set(types), key=types.count),
+        chat_template="tokenizer.chat_template" in reader.fields,
+    )
 
 
 def _reader(path: Path):
@@ -81,14 +87,18 @@ def _cached_reader(name: str, size: int, mtime_ns: int):
         reader = GGUFReader(path)
     except (ValueError, IndexError, OSError) as e:
         # gguf's reader reports a short file as a reshape or dtype error of whichever tensor runs past the end.
-        raise GgufError(f"{path} is damaged or truncated ({path.stat().st_size:,} bytes; reading it failed: {e}); "
-                        "download or copy it again and check its sha256") from None
+        raise GgufError(
+            f"{path} is damaged or truncated ({path.stat().st_size:,} bytes; reading it failed: {e}); "
+            "download or copy it again and check its sha256"
+        ) from None
     if "general.architecture" not in reader.fields:
         raise GgufError(f"{path}: no general.architecture in its metadata, so no model class can be chosen; {GGUF_FIX}")
     end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
     if end > path.stat().st_size:
-        raise GgufError(f"{path} is truncated: its tensors end at byte {end:,}, the file has {path.stat().st_size:,}; "
-                        "download or copy it again")
+        raise GgufError(
+            f"{path} is truncated: its tensors end at byte {end:,}, the file has {path.stat().st_size:,}; "
+            "download or copy it again"
+        )
     return reader
 
 
@@ -113,20 +123,30 @@ def import_gguf(path: str | Path, folder: Path, dtype: str = "float32") -> dict:
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
     if missing or unexpected:
-        raise GgufError(f"{path}: the dequantized weights do not match {type(loaded).__name__} (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]}); transformers' GGUF support for {info.architecture!r} is "
-                        "incomplete: convert the original checkpoint instead")
+        raise GgufError(
+            f"{path}: the dequantized weights do not match {type(loaded).__name__} (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); transformers' GGUF support for {info.architecture!r} is "
+            "incomplete: convert the original checkpoint instead"
+        )
     model.tie_weights()
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)
-    GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                     else tokenizer.eos_token_id).save_pretrained(folder)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    ).save_pretrained(folder)
     _check_reload(loaded, folder, tokenizer, torch_dtype)
-    return {"gguf": path.name, **info.summary(), "dtype": dtype, "params": sum(p.numel() for p in model.parameters()),
-            "vocab_size": config.vocab_size, "layers": config.num_hidden_layers}
+    return {
+        "gguf": path.name,
+        **info.summary(),
+        "dtype": dtype,
+        "params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": config.vocab_size,
+        "layers": config.num_hidden_layers,
+    }
 
 
 def _check_reload(reference, folder: Path, tokenizer, torch_dtype) -> None:
@@ -138,8 +158,10 @@ def _check_reload(reference, folder: Path, tokenizer, torch_dtype) -> None:
     with torch.no_grad():
         a, b = reference(ids).logits, saved(ids).logits
     if not torch.equal(a, b):
-        raise GgufError(f"{folder}: the saved model's logits differ from the GGUF's (max |Δ| "
-                        f"{(a - b).abs().max().item():.3g}); not keeping it")
+        raise GgufError(
+            f"{folder}: the saved model's logits differ from the GGUF's (max |Δ| "
+            f"{(a - b).abs().max().item():.3g}); not keeping it"
+        )
 
 
 def layer_count(model: str) -> int | None:

@@ -49,8 +49,10 @@ def decoder_layers(model):
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no model.layers list: depth pruning supports decoder-only "
-                         "models laid out as Llama (model.layers)")
+        raise ValueError(
+            f"{type(model).__name__} has no model.layers list: depth pruning supports decoder-only "
+            "models laid out as Llama (model.layers)"
+        )
     return layers
 
 
@@ -69,6 +71,7 @@ def block_influence(model, batches) -> list[float]:
             x_in = args[0] if args else kwargs["hidden_states"]
             x_out = output[0] if isinstance(output, tuple) else output
             seen[index] = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # B × L
+
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
@@ -106,7 +109,7 @@ def keep_layers(model, kept: list[int]):
             prefix = ".".join(name.split(".")[:3]) + "."
             if prefix not in renumber:
                 continue
-            name = renumber[prefix] + name[len(prefix):]
+            name = renumber[prefix] + name[len(prefix) :]
         state[name] = tensor.clone()
     pruned = type(model)(config).to(next(model.parameters()).dtype)
     pruned.load_state_dict(state, strict=True)

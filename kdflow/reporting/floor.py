@@ -30,8 +30,11 @@ def floor_gaps(teacher: dict, students: dict[str, dict], quality: str) -> dict |
     metrics = [quality, *(k for k in FLOOR_METRICS if teacher.get(k) is not None)]
     if "kl" in metrics:  # the teacher's KL from itself is 0 by definition, and measured so
         teacher = {**teacher, "kl": teacher.get("kl", 0.0)}
-    gaps = {name: {k: closed(m.get(k), students[floor].get(k), teacher.get(k)) for k in metrics}
-            for name, m in students.items() if name != floor and not m.get("quantized")}
+    gaps = {
+        name: {k: closed(m.get(k), students[floor].get(k), teacher.get(k)) for k in metrics}
+        for name, m in students.items()
+        if name != floor and not m.get("quantized")
+    }
     return {"floor": floor, "metrics": metrics, "closed": gaps}
 
 
@@ -41,9 +44,14 @@ def floor_table(report: dict, quality_title: str) -> list[str]:
     if not f:
         return []
     titles = [quality_title if k == f["metrics"][0] else FLOOR_METRICS[k] for k in f["metrics"]]
-    lines = [f"Gap closed from the untrained `{f['floor']}` (0) to the teacher (1): (model − floor) / (teacher − "
-             "floor).", "", "| student | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    lines = [
+        f"Gap closed from the untrained `{f['floor']}` (0) to the teacher (1): (model − floor) / (teacher − floor).",
+        "",
+        "| student | " + " | ".join(titles) + " |",
+        "|---|" + "---:|" * len(titles),
+    ]
     for name, gaps in f["closed"].items():
-        lines.append(f"| {name} | " + " | ".join("—" if gaps[k] is None else f"{gaps[k]:.2f}" for k in f["metrics"])
-                     + " |")
+        lines.append(
+            f"| {name} | " + " | ".join("—" if gaps[k] is None else f"{gaps[k]:.2f}" for k in f["metrics"]) + " |"
+        )
     return [*lines, ""]

@@ -25,10 +25,12 @@ from pathlib import Path
 from kdflow.config.cost import CostSection
 from kdflow.store.outputs import MANIFEST, OutputRef, read_manifest
 
-SHARE_RULE = ("a student's cost is every output its model and its evaluation were made from, an output shared by n "
-              "of the report's students counting 1/n to each; outputs no student's model or evaluation was made from "
-              "(the deployment measurement, a judge, an evaluation of the teacher no student's evaluation reads) are "
-              "overhead: in the total, in no student's cost")
+SHARE_RULE = (
+    "a student's cost is every output its model and its evaluation were made from, an output shared by n "
+    "of the report's students counting 1/n to each; outputs no student's model or evaluation was made from "
+    "(the deployment measurement, a judge, an evaluation of the teacher no student's evaluation reads) are "
+    "overhead: in the total, in no student's cost"
+)
 SECONDS_PER_HOUR = 3600.0
 
 
@@ -64,8 +66,10 @@ def _work(m: dict) -> str:
     if stage == "logit-cache":
         return f"{m.get('positions', 0):,} positions, top-{m.get('k', '?')} ({m.get('source', '?')})"
     if stage == "students" and (op := m.get("on_policy")):
-        return (f"{rows or 0:,} rows; {op.get('student_tokens_sampled', 0):,} tokens sampled, "
-                f"{op.get('teacher_tokens_scored', 0):,} scored by the teacher")
+        return (
+            f"{rows or 0:,} rows; {op.get('student_tokens_sampled', 0):,} tokens sampled, "
+            f"{op.get('teacher_tokens_scored', 0):,} scored by the teacher"
+        )
     if stage == "judge":
         return f"{rows or 0:,} judgements, {acct.get('requests', 0):,} requests"
     if stage == "evaluate" and rows is not None:
@@ -88,14 +92,18 @@ def figures(m: dict) -> Figures:
     acct = m.get("accounting") or {}
     if _is_api(m):
         waited = f", {acct.get('seconds', 0):,.0f} s waiting on the API" if acct.get("seconds") else ""
-        return Figures(True, int(acct.get("prompt_tokens", 0)), int(acct.get("completion_tokens", 0)), None,
-                       _work(m) + waited)
-    seconds = next((s for s in (m.get("seconds"), (m.get("metrics") or {}).get("seconds"), acct.get("seconds"))
-                    if s is not None), None)
+        return Figures(
+            True, int(acct.get("prompt_tokens", 0)), int(acct.get("completion_tokens", 0)), None, _work(m) + waited
+        )
+    seconds = next(
+        (s for s in (m.get("seconds"), (m.get("metrics") or {}).get("seconds"), acct.get("seconds")) if s is not None),
+        None,
+    )
     return Figures(False, 0, 0, None if seconds is None else float(seconds), _work(m))
 
 
 # ---- which outputs ---------------------------------------------------------------------------------------------
+
 
 def index(run_dir: Path) -> dict[tuple[str, str], dict]:
     """Every finished output of a run folder by (stage, sha256) -> its manifest, with its ``folder`` and the names of
@@ -134,8 +142,9 @@ def upstream_refs(inputs, folders: dict[tuple[str, str], tuple[str, str]]) -> li
     return []
 
 
-def closure(roots: list[tuple[str, str]], found: dict[tuple[str, str], dict],
-            missing: set[tuple[str, str]]) -> set[tuple[str, str]]:
+def closure(
+    roots: list[tuple[str, str]], found: dict[tuple[str, str], dict], missing: set[tuple[str, str]]
+) -> set[tuple[str, str]]:
     """``roots`` and every output they were made from, transitively; outputs not in ``found`` are added to
     ``missing``."""
     folders = {(stage, name): (stage, sha) for (stage, sha), m in found.items() for name in m["folders"]}
@@ -165,6 +174,7 @@ def _made_at(m: dict) -> datetime | None:
 
 # ---- money -----------------------------------------------------------------------------------------------------
 
+
 def money(api_in: float, api_out: float, device_h: float, prices: CostSection | None) -> float | None:
     """The priced parts of a cost: API tokens at ``prices.api``, device-hours at ``prices.device``; None when neither
     part has a price."""
@@ -183,15 +193,26 @@ def _sum(rows: list[dict], prices: CostSection | None, weights: list[float] | No
     api_in = sum(w * r["api_input_tokens"] for r, w in zip(rows, weights))
     api_out = sum(w * r["api_output_tokens"] for r, w in zip(rows, weights))
     hours = sum(w * r["device_hours"] for r, w in zip(rows, weights) if r["device_hours"] is not None)
-    return {"outputs": len(rows), "api_input_tokens": api_in, "api_output_tokens": api_out, "device_hours": hours,
-            "money": money(api_in, api_out, hours, prices)}
+    return {
+        "outputs": len(rows),
+        "api_input_tokens": api_in,
+        "api_output_tokens": api_out,
+        "device_hours": hours,
+        "money": money(api_in, api_out, hours, prices),
+    }
 
 
 # ---- the ledger ------------------------------------------------------------------------------------------------
 
-def build_ledger(run_dir: Path, students: dict[str, list[OutputRef]], overhead: dict[str, list[OutputRef | None]],
-                 gap_closure: dict[str, float | None], prices: CostSection | None = None,
-                 since: datetime | None = None) -> dict:
+
+def build_ledger(
+    run_dir: Path,
+    students: dict[str, list[OutputRef]],
+    overhead: dict[str, list[OutputRef | None]],
+    gap_closure: dict[str, float | None],
+    prices: CostSection | None = None,
+    since: datetime | None = None,
+) -> dict:
     """The ledger as JSON. ``students``: per report student the outputs that are it (its model, its evaluation);
     ``overhead``: the other outputs the report reads, by what they are (the teacher and its evaluation, deployment,
     curation, judge; None for one the run has not);
@@ -209,14 +230,26 @@ def build_ledger(run_dir: Path, students: dict[str, list[OutputRef]], overhead: 
         m, f = found[ref], figures(found[ref])
         made = _made_at(m)
         hours = None if f.device_s is None else f.device_s / SECONDS_PER_HOUR
-        rows.append({"stage": ref[0], "key": m["key"][:16], "name": m.get("name") or named.get(ref), "sha256": ref[1],
-                     "created_at": m.get("created_at"),
-                     "made_in_this_run": None if start is None or made is None else made >= start,
-                     "api": f.api, "api_input_tokens": f.api_input_tokens, "api_output_tokens": f.api_output_tokens,
-                     "device_seconds": f.device_s, "device_hours": hours,
-                     "money": None if hours is None and not f.api else
-                     money(f.api_input_tokens, f.api_output_tokens, hours or 0.0, prices), "work": f.work,
-                     "students": sorted(n for n, c in own.items() if ref in c)})
+        rows.append(
+            {
+                "stage": ref[0],
+                "key": m["key"][:16],
+                "name": m.get("name") or named.get(ref),
+                "sha256": ref[1],
+                "created_at": m.get("created_at"),
+                "made_in_this_run": None if start is None or made is None else made >= start,
+                "api": f.api,
+                "api_input_tokens": f.api_input_tokens,
+                "api_output_tokens": f.api_output_tokens,
+                "device_seconds": f.device_s,
+                "device_hours": hours,
+                "money": None
+                if hours is None and not f.api
+                else money(f.api_input_tokens, f.api_output_tokens, hours or 0.0, prices),
+                "work": f.work,
+                "students": sorted(n for n, c in own.items() if ref in c),
+            }
+        )
     by_ref = {(r["stage"], r["sha256"]): r for r in rows}
     per_student = {}
     for name, refs in own.items():
@@ -242,11 +275,15 @@ def per_point(cost: dict, closed: float | None) -> dict:
     points = None if closed is None or not math.isfinite(closed) else 100 * closed
     if points is None or points <= 0:
         return {"gap_points": points, "device_hours_per_point": None, "money_per_point": None}
-    return {"gap_points": points, "device_hours_per_point": cost["device_hours"] / points,
-            "money_per_point": None if cost["money"] is None else cost["money"] / points}
+    return {
+        "gap_points": points,
+        "device_hours_per_point": cost["device_hours"] / points,
+        "money_per_point": None if cost["money"] is None else cost["money"] / points,
+    }
 
 
 # ---- Markdown ----------------------------------------------------------------------------------------------------
+
 
 def _tokens(v: float) -> str:
     return f"{v:,.0f}" if v else "—"
@@ -274,58 +311,126 @@ def section(ledger: dict | None) -> list[str]:
     currency = (ledger["prices"] or {}).get("currency", "")
     priced = bool(ledger["prices"] and (ledger["prices"]["api"] or ledger["prices"]["device"]))
     money_col = lambda v: [_money(v, currency)] if priced else []
-    head = ["stage", "output", "made in this run / reused", "API tokens in", "API tokens out", "device-hours",
-            *(["money"] if priced else []), "what"]
-    lines = ["## Cost ledger: what the outputs behind this report cost to make", "",
-             "| " + " | ".join(head) + " |", "|---|---|---|---:|---:|---:|" + ("---:|" if priced else "") + "---|"]
+    head = [
+        "stage",
+        "output",
+        "made in this run / reused",
+        "API tokens in",
+        "API tokens out",
+        "device-hours",
+        *(["money"] if priced else []),
+        "what",
+    ]
+    lines = [
+        "## Cost ledger: what the outputs behind this report cost to make",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|---|---|---:|---:|---:|" + ("---:|" if priced else "") + "---|",
+    ]
     for r in ledger["outputs"]:
         label = r["key"][:8] + (f" ({r['name']})" if r.get("name") else "")
         hours = "— (API)" if r["api"] else _hours(r["device_hours"])
-        lines.append("| " + " | ".join([r["stage"], label, _when(r["made_in_this_run"]), _tokens(r["api_input_tokens"]),
-                                        _tokens(r["api_output_tokens"]), hours, *money_col(r["money"]),
-                                        r["work"]]) + " |")
-    totals = [("**total**", ledger["total"])] + ([("of which made in this run", ledger["this_run"])]
-                                                 if ledger["since"] else [])
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["stage"],
+                    label,
+                    _when(r["made_in_this_run"]),
+                    _tokens(r["api_input_tokens"]),
+                    _tokens(r["api_output_tokens"]),
+                    hours,
+                    *money_col(r["money"]),
+                    r["work"],
+                ]
+            )
+            + " |"
+        )
+    totals = [("**total**", ledger["total"])] + (
+        [("of which made in this run", ledger["this_run"])] if ledger["since"] else []
+    )
     for title, t in totals:
-        lines.append("| " + " | ".join([title, f"{t['outputs']} outputs", "", _tokens(t["api_input_tokens"]),
-                                        _tokens(t["api_output_tokens"]), _hours(t["device_hours"]),
-                                        *money_col(t["money"]), ""]) + " |")
-    head = ["student", "API tokens in", "API tokens out", "device-hours", *(["money"] if priced else []),
-            "gap closed (points)", "device-hours / point", *(["money / point"] if priced else [])]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    title,
+                    f"{t['outputs']} outputs",
+                    "",
+                    _tokens(t["api_input_tokens"]),
+                    _tokens(t["api_output_tokens"]),
+                    _hours(t["device_hours"]),
+                    *money_col(t["money"]),
+                    "",
+                ]
+            )
+            + " |"
+        )
+    head = [
+        "student",
+        "API tokens in",
+        "API tokens out",
+        "device-hours",
+        *(["money"] if priced else []),
+        "gap closed (points)",
+        "device-hours / point",
+        *(["money / point"] if priced else []),
+    ]
     lines += ["", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for name, s in ledger["students"].items():
         per = s["device_hours_per_point"]
-        lines.append("| " + " | ".join([name, _tokens(s["api_input_tokens"]), _tokens(s["api_output_tokens"]),
-                                        _hours(s["device_hours"]), *money_col(s["money"]),
-                                        "—" if s["gap_points"] is None else f"{s['gap_points']:.1f}",
-                                        "—" if per is None else f"{per:.3g}",
-                                        *([_money(s["money_per_point"], currency)] if priced else [])]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    _tokens(s["api_input_tokens"]),
+                    _tokens(s["api_output_tokens"]),
+                    _hours(s["device_hours"]),
+                    *money_col(s["money"]),
+                    "—" if s["gap_points"] is None else f"{s['gap_points']:.1f}",
+                    "—" if per is None else f"{per:.3g}",
+                    *([_money(s["money_per_point"], currency)] if priced else []),
+                ]
+            )
+            + " |"
+        )
     return lines + ["", *notes(ledger), ""]
 
 
 def notes(ledger: dict) -> list[str]:
     p = ledger["prices"]
     if p is None:
-        prices = ("no prices in the recipe "
-                  "(add `cost: {api: {input_per_mtok, output_per_mtok}, device: {per_hour}}` for money)")
+        prices = (
+            "no prices in the recipe "
+            "(add `cost: {api: {input_per_mtok, output_per_mtok}, device: {per_hour}}` for money)"
+        )
     else:
-        parts = [f"API {p['api']['input_per_mtok']:g} / {p['api']['output_per_mtok']:g} {p['currency']} per million "
-                 "input / output tokens" if p["api"] else "API tokens not priced (no `cost.api`)",
-                 f"device {p['device']['per_hour']:g} {p['currency']} per hour" if p["device"] else
-                 "device time not priced (no `cost.device`)"]
+        parts = [
+            f"API {p['api']['input_per_mtok']:g} / {p['api']['output_per_mtok']:g} {p['currency']} per million "
+            "input / output tokens"
+            if p["api"]
+            else "API tokens not priced (no `cost.api`)",
+            f"device {p['device']['per_hour']:g} {p['currency']} per hour"
+            if p["device"]
+            else "device time not priced (no `cost.device`)",
+        ]
         prices = "; ".join(parts)
-    out = [f"- **Prices**: {prices}.",
-           "- **Device-hours**: each stage's own record of its work (wall-clock: training, generating, capturing, "
-           "evaluating) on the machine that ran it; an API stage's time is waiting, billed by its tokens instead. "
-           "Each output counts once, at what it cost when it was made: *reused* ones were made by an earlier flow run "
-           "and cost nothing again in this one.",
-           f"- **Per student**: {ledger['rule']}. A point of gap closed: 1 % of the gap between the baseline and the "
-           "teacher (see Gap closed); none for the baseline or a student that closed none."]
+    out = [
+        f"- **Prices**: {prices}.",
+        "- **Device-hours**: each stage's own record of its work (wall-clock: training, generating, capturing, "
+        "evaluating) on the machine that ran it; an API stage's time is waiting, billed by its tokens instead. "
+        "Each output counts once, at what it cost when it was made: *reused* ones were made by an earlier flow run "
+        "and cost nothing again in this one.",
+        f"- **Per student**: {ledger['rule']}. A point of gap closed: 1 % of the gap between the baseline and the "
+        "teacher (see Gap closed); none for the baseline or a student that closed none.",
+    ]
     if ledger["not_recorded"]:
         out.append(f"- Stages that record no time (counted as 0): {', '.join(ledger['not_recorded'])}.")
     if ledger["missing"]:
-        out.append(f"- Outputs named as inputs but not in the run folder (not counted): {', '.join(ledger['missing'])}.")
+        out.append(
+            f"- Outputs named as inputs but not in the run folder (not counted): {', '.join(ledger['missing'])}."
+        )
     if ledger["since"] is None:
         out.append("- Made in this run or reused: unknown (the report was not written inside a flow run).")
     return out
-

@@ -17,8 +17,9 @@ def _figure(panels: int, width: float, height: float, per_row: int = 3):
     import matplotlib.pyplot as plt
 
     columns, rows = min(panels, per_row), -(-panels // per_row)
-    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(width * columns, height * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[panels:]:
         ax.remove()
     return fig, list(axes.flat[:panels])
@@ -78,10 +79,17 @@ def plot_tradeoff(report: dict) -> bytes | None:
     models = report_models(report)
     key = metric_of(report)
     title, top = QUALITY[key][0], 1.0 if key == "accuracy" else 100.0  # accuracy is a share; ROUGE-L is × 100
-    panels = [("params", "parameters (log scale)", True), ("latency_ms_per_token", "latency ms / token, batch 1", False)]
+    panels = [
+        ("params", "parameters (log scale)", True),
+        ("latency_ms_per_token", "latency ms / token, batch 1", False),
+    ]
     # A figure some model lacks (an API teacher has no parameters or latency here): that model is a dashed line.
-    panels = [p for p in panels if sum(m.get(p[0]) is not None for m in models.values()) >= 2
-              or all(m.get(p[0]) is not None for m in models.values())]
+    panels = [
+        p
+        for p in panels
+        if sum(m.get(p[0]) is not None for m in models.values()) >= 2
+        or all(m.get(p[0]) is not None for m in models.values())
+    ]
     if not panels:
         return None
     fig, axes = _figure(len(panels), 4.2, 3.2)
@@ -90,15 +98,26 @@ def plot_tradeoff(report: dict) -> bytes | None:
         for name, m in models.items():
             if m.get(x_key) is None:
                 ax.axhline(m[key], ls="--", lw=1, color="#d62728" if name == "teacher" else "#1f77b4")
-                ax.annotate(f"{name} ({m['data']})", (0.02, m[key]), xycoords=("axes fraction", "data"),
-                            textcoords="offset points", xytext=(0, 3), fontsize=8)
+                ax.annotate(
+                    f"{name} ({m['data']})",
+                    (0.02, m[key]),
+                    xycoords=("axes fraction", "data"),
+                    textcoords="offset points",
+                    xytext=(0, 3),
+                    fontsize=8,
+                )
                 continue
             at.setdefault((m[x_key], m[key]), []).append(name)
         for (x, y), names in at.items():
             ax.scatter(x, y, s=40, color="#d62728" if "teacher" in names else "#1f77b4", zorder=3)
             # Below the point near the top, where a label above it would run into the frame (accuracy ~1).
-            ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if y > 0.9 * top else 4),
-                        fontsize=8)
+            ax.annotate(
+                ", ".join(names),
+                (x, y),
+                textcoords="offset points",
+                xytext=(5, -11 if y > 0.9 * top else 4),
+                fontsize=8,
+            )
         if log:
             from matplotlib import ticker
 

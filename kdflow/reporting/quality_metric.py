@@ -22,34 +22,53 @@ def quality_notes(report: dict) -> list[str]:
     t, free_text = report["teacher"], metric_of(report) == "rouge_l"
     models = [t, *report["students"].values()]
     if free_text:
-        out = [f"- **ROUGE-L**: greedy answers to the `{t['split']}` split's {t['rows']} instructions, each through the "
-               "model's chat template, against the reference answer: the F-measure of rougeL × 100 (rouge-score, its "
-               "default tokenizer with Porter stemming, as MiniLLM reports SelfInst), averaged over the instructions."]
+        out = [
+            f"- **ROUGE-L**: greedy answers to the `{t['split']}` split's {t['rows']} instructions, each through the "
+            "model's chat template, against the reference answer: the F-measure of rougeL × 100 (rouge-score, its "
+            "default tokenizer with Porter stemming, as MiniLLM reports SelfInst), averaged over the instructions."
+        ]
     else:
-        out = [f"- **Accuracy**: greedy chain-of-thought on the `{t['split']}` split ({t['rows']} questions), exact "
-               "final answer through the answer checker."]
+        out = [
+            f"- **Accuracy**: greedy chain-of-thought on the `{t['split']}` split ({t['rows']} questions), exact "
+            "final answer through the answer checker."
+        ]
     if t.get("pass_at_k") is not None:
-        out.append(f"- **pass@{t['k']}**: unbiased estimator (Chen et al. 2021) from {t['samples']} sampled answers per "
-                   "question.")
+        out.append(
+            f"- **pass@{t['k']}**: unbiased estimator (Chen et al. 2021) from {t['samples']} sampled answers per "
+            "question."
+        )
     if t.get("api"):
         scored_how = "the same way" if free_text else "by the same answer checker"
-        out.append(f"- **Teacher**: `{t['model']}` behind an OpenAI-compatible API ({t['api']['base_url']}), answering "
-                   f"the same prompts greedily through the API, scored {scored_how}. Perplexity, agreement, KL and every "
-                   f"cost figure are absent for it (— in the tables): {t['weights']}.")
-    agreement = ("agreement = share of answer positions where the model's most likely next token is the teacher's; "
-                 "KL(teacher ‖ model) in nats per token. " + ("Agreement and KL need the teacher's weights: none for an "
-                                                              "API teacher." if t.get("api") else
-                                                              "The teacher against itself: 1 and 0."))
+        out.append(
+            f"- **Teacher**: `{t['model']}` behind an OpenAI-compatible API ({t['api']['base_url']}), answering "
+            f"the same prompts greedily through the API, scored {scored_how}. Perplexity, agreement, KL and every "
+            f"cost figure are absent for it (— in the tables): {t['weights']}."
+        )
+    agreement = (
+        "agreement = share of answer positions where the model's most likely next token is the teacher's; "
+        "KL(teacher ‖ model) in nats per token. "
+        + (
+            "Agreement and KL need the teacher's weights: none for an API teacher."
+            if t.get("api")
+            else "The teacher against itself: 1 and 0."
+        )
+    )
     ppl = next((m for m in models if m.get("perplexity") is not None), None)
     if ppl is not None and not free_text:
-        out.append(f"- **Perplexity, agreement, KL**: teacher-forced on the split's gold rationales "
-                   f"({ppl['reference_tokens']:,} answer tokens, prompt tokens not scored); {agreement}")
+        out.append(
+            f"- **Perplexity, agreement, KL**: teacher-forced on the split's gold rationales "
+            f"({ppl['reference_tokens']:,} answer tokens, prompt tokens not scored); {agreement}"
+        )
     if ppl is not None and free_text:
-        out.append(f"- **Perplexity**: teacher-forced on the split's reference answers ({ppl['reference_tokens']:,} "
-                   "answer tokens, prompt tokens not scored).")
+        out.append(
+            f"- **Perplexity**: teacher-forced on the split's reference answers ({ppl['reference_tokens']:,} "
+            "answer tokens, prompt tokens not scored)."
+        )
     # On free text, agreement and KL are measured on the teacher's answers, not on the references (free_text.py).
     agreed = next((m for m in models if m.get("teacher_answer_tokens") is not None), None) if free_text else None
     if agreed is not None:
-        out.append(f"- **Agreement, KL**: teacher-forced on the teacher's own greedy answers to the same instructions "
-                   f"({agreed['teacher_answer_tokens']:,} answer tokens), which no model trained on; {agreement}")
+        out.append(
+            f"- **Agreement, KL**: teacher-forced on the teacher's own greedy answers to the same instructions "
+            f"({agreed['teacher_answer_tokens']:,} answer tokens), which no model trained on; {agreement}"
+        )
     return out

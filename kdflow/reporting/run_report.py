@@ -48,8 +48,9 @@ def gap_closure(student: float, baseline: float, teacher: float) -> float | None
 def baseline_student(students: dict[str, dict], seed: int | None = None) -> str | None:
     """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD;
     with ``run.seeds``, the one trained with ``seed`` (a student is compared with the baseline of its seed)."""
-    return next((name for name, s in students.items() if is_baseline(s) and (seed is None or s.get("seed") == seed)),
-                None)
+    return next(
+        (name for name, s in students.items() if is_baseline(s) and (seed is None or s.get("seed") == seed)), None
+    )
 
 
 def is_baseline(m: dict) -> bool:
@@ -68,7 +69,9 @@ KD_SETTINGS = [("alpha", "α"), ("beta", "β"), ("lmbda", "λ"), ("temperature",
 def trained_on(m: dict) -> str:
     """What a student learnt from, for the tables: its data, and the KD loss where there is one."""
     if m.get("quantized"):  # a post-training quantized copy: what its source learnt from, then the quantization
-        return f"{trained_on({k: v for k, v in m.items() if k != 'quantized'})}; weights {m['quantized']} after training"
+        return (
+            f"{trained_on({k: v for k, v in m.items() if k != 'quantized'})}; weights {m['quantized']} after training"
+        )
     if not m.get("kd"):
         return m["data"]
     # Each KD method reports its own settings (kdflow/config/kd.py, ``summary``): offline α and T, online β, λ and
@@ -91,13 +94,20 @@ def seed_summary(students: dict[str, dict], teacher: dict, key: str = "accuracy"
         values = [students[n][key] for n in names]
         mean = sum(values) / len(values)
         std = (sum((a - mean) ** 2 for a in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-        out[base] = {"seeds": [students[n].get("seed") for n in names], key: values, f"{key}_mean": mean,
-                     f"{key}_std": std, f"{key}_min": min(values), f"{key}_max": max(values),
-                     "trained_on": trained_on(students[names[0]])}
+        out[base] = {
+            "seeds": [students[n].get("seed") for n in names],
+            key: values,
+            f"{key}_mean": mean,
+            f"{key}_std": std,
+            f"{key}_min": min(values),
+            f"{key}_max": max(values),
+            "trained_on": trained_on(students[names[0]]),
+        }
     baseline = next((b for b, names in groups.items() if baseline_student({n: students[n] for n in names})), None)
     for base, g in out.items():
-        g["gap_closure_of_means"] = (None if baseline is None else
-                                     gap_closure(g[f"{key}_mean"], out[baseline][f"{key}_mean"], teacher[key]))
+        g["gap_closure_of_means"] = (
+            None if baseline is None else gap_closure(g[f"{key}_mean"], out[baseline][f"{key}_mean"], teacher[key])
+        )
     return out
 
 
@@ -109,8 +119,15 @@ def ratios(model: dict, teacher: dict) -> dict:
 JUDGE_OFF = {"status": "not run", "reason": "the recipe sets no evaluation.judge"}
 
 
-def build_report(run_name: str, teacher: dict, students: dict[str, dict], curation: dict,
-                 deployment: dict | None = None, lm_eval: dict | None = None, judge: dict | None = None) -> dict:
+def build_report(
+    run_name: str,
+    teacher: dict,
+    students: dict[str, dict],
+    curation: dict,
+    deployment: dict | None = None,
+    lm_eval: dict | None = None,
+    judge: dict | None = None,
+) -> dict:
     """``teacher`` and each student: their metrics, with at least accuracy (or, on instruction data, rouge_l: the
     quality metric, ``quality_key``) and params (each student also its ``data``); ``deployment``: {"machine",
     "settings", "flops_formula"} of the deployment stage; ``judge``: {"judge", "split", "questions", "win_rates":
@@ -123,9 +140,13 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         own = baseline_student(students, m.get("seed")) if seeded else baseline
         closed = None if own is None else gap_closure(m[key], students[own][key], teacher[key])
         compression = round(teacher["params"] / m["params"], 1) if teacher.get("params") else None  # API: unknown
-        out[name] = {**m, "compression": compression, "gap_closure": closed,
-                     "gap_baseline": own,
-                     "vs_teacher": ratios(m, teacher)}
+        out[name] = {
+            **m,
+            "compression": compression,
+            "gap_closure": closed,
+            "gap_baseline": own,
+            "vs_teacher": ratios(m, teacher),
+        }
         if judge is not None:
             out[name] |= {"judge_win_rate": judge["win_rates"][name]["win_rate"], "judge": judge["win_rates"][name]}
     if baseline is None:
@@ -136,8 +157,10 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
     else:
         note = f"(student − {baseline}) / (teacher − {baseline}) on {QUALITY[key][0]}"
         if seeded:
-            note = (f"(student − {base_name(baseline)}) / (teacher − {base_name(baseline)}) on {QUALITY[key][0]}, each "
-                    "student against the baseline trained with its own seed")
+            note = (
+                f"(student − {base_name(baseline)}) / (teacher − {base_name(baseline)}) on {QUALITY[key][0]}, each "
+                "student against the baseline trained with its own seed"
+            )
     return {
         "run": run_name,
         "teacher": teacher,
@@ -148,11 +171,14 @@ def build_report(run_name: str, teacher: dict, students: dict[str, dict], curati
         "curation": curation,
         "deployment": deployment,
         "lm_eval": lm_eval or {"status": "off"},
-        "judge": JUDGE_OFF if judge is None else {"status": "done", **{k: v for k, v in judge.items() if k != "win_rates"}},
+        "judge": JUDGE_OFF
+        if judge is None
+        else {"status": "done", **{k: v for k, v in judge.items() if k != "win_rates"}},
     }
 
 
 # ---- Markdown ----------------------------------------------------------------------------------------
+
 
 def _num(v, fmt: str) -> str:
     return "—" if v is None else format(v, fmt)
@@ -180,8 +206,17 @@ def quality_table(report: dict) -> list[str]:
     k = next((m["k"] for m in models.values() if m.get("k")), None)
     key = metric_of(report)
     title, fmt = QUALITY[key]
-    head = ["model", "trained on", title, *([f"pass@{k}"] if has_pass else []), "gap closed", "perplexity",
-            "top-1 agreement", "KL(teacher ‖ model)", *(["judge win rate vs teacher"] if _judged(report) else [])]
+    head = [
+        "model",
+        "trained on",
+        title,
+        *([f"pass@{k}"] if has_pass else []),
+        "gap closed",
+        "perplexity",
+        "top-1 agreement",
+        "KL(teacher ‖ model)",
+        *(["judge win rate vs teacher"] if _judged(report) else []),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for name, m in models.items():
         if name == "teacher":
@@ -190,8 +225,16 @@ def quality_table(report: dict) -> list[str]:
             closed = "0 (baseline)"
         else:
             closed = _num(m.get("gap_closure"), ".2f")
-        cells = [name, trained_on(m), _num(m[key], fmt), *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
-                 closed, _num(m.get("perplexity"), ".3f"), _num(m.get("agreement"), ".3f"), _num(m.get("kl"), ".4f")]
+        cells = [
+            name,
+            trained_on(m),
+            _num(m[key], fmt),
+            *([_num(m.get("pass_at_k"), ".3f")] if has_pass else []),
+            closed,
+            _num(m.get("perplexity"), ".3f"),
+            _num(m.get("agreement"), ".3f"),
+            _num(m.get("kl"), ".4f"),
+        ]
         if _judged(report):
             cells.append("(reference)" if name == "teacher" else _num(m.get("judge_win_rate"), ".3f"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -200,8 +243,10 @@ def quality_table(report: dict) -> list[str]:
 
 def cost_table(report: dict) -> list[str]:
     settings = (report.get("deployment") or {}).get("settings", {})
-    titles = [t.replace("tokens / s", f"tokens / s (batch {settings['throughput_batch']})") if settings else t
-              for _, t, _ in COST_COLUMNS]
+    titles = [
+        t.replace("tokens / s", f"tokens / s (batch {settings['throughput_batch']})") if settings else t
+        for _, t, _ in COST_COLUMNS
+    ]
     titles = [t.replace("latency ms / token", "latency ms / token (batch 1)") for t in titles]
     lines = ["| model | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(COST_COLUMNS)]
     for name, m in report_models(report).items():
@@ -219,8 +264,12 @@ def cost_table(report: dict) -> list[str]:
 def notes(report: dict) -> list[str]:
     """How every figure of the report was measured: quality (``quality_metric.quality_notes``), the gap closed, the
     judge, cost."""
-    return [*quality_notes(report), f"- **Gap closed**: {report['gap_closure']['note']}.", *judge_notes(report),
-            *deployment_notes(report)]
+    return [
+        *quality_notes(report),
+        f"- **Gap closed**: {report['gap_closure']['note']}.",
+        *judge_notes(report),
+        *deployment_notes(report),
+    ]
 
 
 def deployment_notes(report: dict) -> list[str]:
@@ -246,26 +295,35 @@ def deployment_notes(report: dict) -> list[str]:
             *([] if t.get("api") else ["- Ratios in parentheses: model / teacher."]),
         ]
     for name, m in report_models(report).items():  # a figure that could not be had says why ("—" in the tables)
-        out += [f"- {name}: {key.removesuffix('_skipped')} not measured: {why}" for key, why in m.items()
-                if key.endswith("_skipped") and not (t.get("api") and why == t.get("weights"))]  # said once above
+        out += [
+            f"- {name}: {key.removesuffix('_skipped')} not measured: {why}"
+            for key, why in m.items()
+            if key.endswith("_skipped") and not (t.get("api") and why == t.get("weights"))
+        ]  # said once above
     return out
 
 
 def judge_notes(report: dict) -> list[str]:
     j = report.get("judge") or JUDGE_OFF
     if j["status"] != "done":
-        return ["- **Judge win rate vs teacher**: not run (set `evaluation.judge` in the recipe to have an LLM judge "
-                "compare each student's answers with the teacher's)."]
+        return [
+            "- **Judge win rate vs teacher**: not run (set `evaluation.judge` in the recipe to have an LLM judge "
+            "compare each student's answers with the teacher's)."
+        ]
     who = j["judge"]
-    out = [f"- **Judge win rate vs teacher**: `{who['model']}` ({who['backend']}, template `{who['template']}`) compared "
-           f"each student's greedy answer with the teacher's on the first {j['questions']} questions of the "
-           f"`{j['split']}` split, each pair twice with the answers' places swapped (a judge that favours a place "
-           "scores ½); win 1, tie ½, loss 0, over the verdicts it could parse. 0.5 = as good as the teacher."]
+    out = [
+        f"- **Judge win rate vs teacher**: `{who['model']}` ({who['backend']}, template `{who['template']}`) compared "
+        f"each student's greedy answer with the teacher's on the first {j['questions']} questions of the "
+        f"`{j['split']}` split, each pair twice with the answers' places swapped (a judge that favours a place "
+        "scores ½); win 1, tie ½, loss 0, over the verdicts it could parse. 0.5 = as good as the teacher."
+    ]
     for name, s in report["students"].items():  # nested by 4 spaces: Python-Markdown needs 4, CommonMark takes it
         c = s.get("judge") or {}
-        out.append(f"    - {name}: {c.get('wins', 0)} wins, {c.get('ties', 0)} ties, {c.get('losses', 0)} losses; "
-                   f"{c.get('unparsed', 0)} replies without a verdict, {c.get('failed', 0)} requests failed; "
-                   f"{c.get('consistent_pairs', 0)} of {c.get('pairs_parsed', 0)} questions judged alike in both orders.")
+        out.append(
+            f"    - {name}: {c.get('wins', 0)} wins, {c.get('ties', 0)} ties, {c.get('losses', 0)} losses; "
+            f"{c.get('unparsed', 0)} replies without a verdict, {c.get('failed', 0)} requests failed; "
+            f"{c.get('consistent_pairs', 0)} of {c.get('pairs_parsed', 0)} questions judged alike in both orders."
+        )
     return out
 
 
@@ -278,13 +336,21 @@ def summary(report: dict) -> list[str]:
     lines = []
     for name, s in report["students"].items():
         share = f" ({s[key] / t[key]:.0%} of the teacher's)" if t[key] else ""
-        line = (f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}} vs the teacher's "
-                f"{t[key]:{fmt}}{share}")
+        line = (
+            f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}} vs the teacher's {t[key]:{fmt}}{share}"
+        )
         if not is_baseline(s) and s.get("gap_closure") is not None:
             line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})
-        costs = [f"{r[k]:.2g}× the {what}" for k, what in (("params", "parameters"), ("latency_ms_per_token", "latency"),
-                                                             ("throughput_tokens_per_s", "throughput")) if k in r]
+        costs = [
+            f"{r[k]:.2g}× the {what}"
+            for k, what in (
+                ("params", "parameters"),
+                ("latency_ms_per_token", "latency"),
+                ("throughput_tokens_per_s", "throughput"),
+            )
+            if k in r
+        ]
         lines.append(line + (f"; {', '.join(costs)}." if costs else "."))
     return lines
 
@@ -296,15 +362,24 @@ def seeds_table(report: dict) -> list[str]:
         return []
     key = metric_of(report)
     title, fmt = QUALITY[key]
-    lines = ["## Over seeds", "",
-             f"| student | trained on | seeds | {title} mean ± sd | min – max | gap closed (means) |",
-             "|---|---|---|---:|---:|---:|"]
+    lines = [
+        "## Over seeds",
+        "",
+        f"| student | trained on | seeds | {title} mean ± sd | min – max | gap closed (means) |",
+        "|---|---|---|---:|---:|---:|",
+    ]
     for base, g in seeds.items():
-        lines.append(f"| {base} | {g['trained_on']} | {', '.join(str(x) for x in g['seeds'])} | "
-                     f"{g[f'{key}_mean']:{fmt}} ± {g[f'{key}_std']:{fmt}} | {g[f'{key}_min']:{fmt}} – "
-                     f"{g[f'{key}_max']:{fmt}} | {_num(g['gap_closure_of_means'], '.2f')} |")
-    return lines + ["", "sd: sample standard deviation over the seeds. Gap closed (means): (mean − baseline's mean) / "
-                    "(teacher − baseline's mean).", ""]
+        lines.append(
+            f"| {base} | {g['trained_on']} | {', '.join(str(x) for x in g['seeds'])} | "
+            f"{g[f'{key}_mean']:{fmt}} ± {g[f'{key}_std']:{fmt}} | {g[f'{key}_min']:{fmt}} – "
+            f"{g[f'{key}_max']:{fmt}} | {_num(g['gap_closure_of_means'], '.2f')} |"
+        )
+    return lines + [
+        "",
+        "sd: sample standard deviation over the seeds. Gap closed (means): (mean − baseline's mean) / "
+        "(teacher − baseline's mean).",
+        "",
+    ]
 
 
 def on_policy_lines(report: dict) -> list[str]:
@@ -313,22 +388,33 @@ def on_policy_lines(report: dict) -> list[str]:
     rows = {name: s["on_policy"] for name, s in report["students"].items() if s.get("on_policy")}
     if not rows:
         return []
-    lines = ["## On-policy training", "", "| student | teacher scoring | tokens sampled | tokens scored | sample s | "
-             "score s | train s | teacher s | on / off-policy batches |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## On-policy training",
+        "",
+        "| student | teacher scoring | tokens sampled | tokens scored | sample s | "
+        "score s | train s | teacher s | on / off-policy batches |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, a in rows.items():
         total = max(a["sample_s"] + a["score_s"] + a["train_s"], 1e-9)
         share = lambda k: f"{a[k]:.1f} ({a[k] / total:.0%})"
         scoring = a.get("teacher_backend", "—") + (", overlap" if a.get("overlap") else "")
         teacher = f"{a['teacher_s']:.1f}" if "teacher_s" in a else "—"  # accounted since overlap came
-        lines.append(f"| {name} | {scoring} | {a['student_tokens_sampled']:,} | {a['teacher_tokens_scored']:,} | "
-                     f"{share('sample_s')} | {share('score_s')} | {share('train_s')} | {teacher} | "
-                     f"{a['on_policy_batches']} / {a['off_policy_batches']} |")
-    return lines + ["", "Sample: the student's generate; score: the time training waited for the teacher's top-k of "
-                    "exactly those tokens, in its own process or on a vLLM server (the round trip included); train: "
-                    "the rest of each optimizer step (forward, backward, update); teacher: the teacher's round trips "
-                    "themselves — the same as score, except under overlap, where the teacher scores the next batch "
-                    "while the student trains (its samples one step old) and only the wait counts as score. Off-policy "
-                    "batches are cached rows of the logit cache (lmbda < 1).", ""]
+        lines.append(
+            f"| {name} | {scoring} | {a['student_tokens_sampled']:,} | {a['teacher_tokens_scored']:,} | "
+            f"{share('sample_s')} | {share('score_s')} | {share('train_s')} | {teacher} | "
+            f"{a['on_policy_batches']} / {a['off_policy_batches']} |"
+        )
+    return lines + [
+        "",
+        "Sample: the student's generate; score: the time training waited for the teacher's top-k of "
+        "exactly those tokens, in its own process or on a vLLM server (the round trip included); train: "
+        "the rest of each optimizer step (forward, backward, update); teacher: the teacher's round trips "
+        "themselves — the same as score, except under overlap, where the teacher scores the next batch "
+        "while the student trains (its samples one step old) and only the wait counts as score. Off-policy "
+        "batches are cached rows of the logit cache (lmbda < 1).",
+        "",
+    ]
 
 
 def lm_eval_lines(lm_eval: dict) -> list[str]:
@@ -388,10 +474,23 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
 
 def table_rows(report: dict) -> list[dict]:
     """One flat row per model, for a Prefect table artifact."""
-    keys = [metric_of(report), "pass_at_k", "gap_closure", "perplexity", "agreement", "kl",
-            *(["judge_win_rate"] if _judged(report) else []), *[k for k, _, _ in COST_COLUMNS],
-            "memory_bytes_per_token", "arithmetic_intensity", "energy_j_per_token", "energy_source"]
-    return [{"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in report_models(report).items()]
+    keys = [
+        metric_of(report),
+        "pass_at_k",
+        "gap_closure",
+        "perplexity",
+        "agreement",
+        "kl",
+        *(["judge_win_rate"] if _judged(report) else []),
+        *[k for k, _, _ in COST_COLUMNS],
+        "memory_bytes_per_token",
+        "arithmetic_intensity",
+        "energy_j_per_token",
+        "energy_source",
+    ]
+    return [
+        {"model": name, "data": m["data"], **{k: m.get(k) for k in keys}} for name, m in report_models(report).items()
+    ]
 
 
 def embed(png: bytes) -> str:

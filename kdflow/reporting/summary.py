@@ -15,6 +15,8 @@ def summary_lines(report: dict, path) -> list[str]:
         if m.get("api"):
             lines.append(f"  {name:>10}: {title} {m[key]:{fmt}} ({m['model']} through the API; {m['weights']})")
             continue
-        lines.append(f"  {name:>10}: {title} {m[key]:{fmt}}, perplexity {m['perplexity']:.3f}, "
-                     f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token")
+        lines.append(
+            f"  {name:>10}: {title} {m[key]:{fmt}}, perplexity {m['perplexity']:.3f}, "
+            f"{m['params']:,} parameters, {m['latency_ms_per_token']:.2f} ms/token"
+        )
     return lines

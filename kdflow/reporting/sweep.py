@@ -42,15 +42,29 @@ def summarise(accuracy: dict[str, float], rows: dict[float, int], teacher: float
             if other == best:
                 continue
             v = beats(here[best], here[other])
-            verdicts.append({"fraction": fraction, "rows": rows.get(fraction), "best": best, "other": other,
-                             "margin": v["margin"], "spread": v["spread"], "beats": v["verdict"] == "beats"})
+            verdicts.append(
+                {
+                    "fraction": fraction,
+                    "rows": rows.get(fraction),
+                    "best": best,
+                    "other": other,
+                    "margin": v["margin"],
+                    "spread": v["spread"],
+                    "beats": v["verdict"] == "beats",
+                }
+            )
     return {"teacher_accuracy": teacher, "curves": curves, "verdicts": verdicts}
 
 
 def stats(values: list[float]) -> dict:
     """Accuracies over seeds: the values, mean, sample standard deviation (0 for one seed), min and max."""
-    return {"accuracy": values, "mean": statistics.fmean(values),
-            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+    return {
+        "accuracy": values,
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
 def beats(a: dict, b: dict) -> dict:
@@ -67,14 +81,20 @@ def regime_lines(summary: dict, reference: str) -> list[str]:
     losses = [v for v in summary["verdicts"] if v["beats"] and v["best"] == reference]
     out = []
     for v in wins:
-        out.append(f"- At {v['fraction']:g} of the transfer set ({v['rows']} rows), **{v['best']} beats {reference}** by "
-                   f"{v['margin']:.3f} accuracy, more than the seed spread ({v['spread']:.3f}).")
+        out.append(
+            f"- At {v['fraction']:g} of the transfer set ({v['rows']} rows), **{v['best']} beats {reference}** by "
+            f"{v['margin']:.3f} accuracy, more than the seed spread ({v['spread']:.3f})."
+        )
     for v in losses:
-        out.append(f"- At {v['fraction']:g} ({v['rows']} rows), {reference} beats {v['other']} by {v['margin']:.3f} "
-                   f"(spread {v['spread']:.3f}).")
+        out.append(
+            f"- At {v['fraction']:g} ({v['rows']} rows), {reference} beats {v['other']} by {v['margin']:.3f} "
+            f"(spread {v['spread']:.3f})."
+        )
     if not wins:
-        out.append(f"- No transfer-set size where a white-box method beats {reference} by more than the seed spread: "
-                   "on this task, at these settings, the gain comes from the teacher-labelled prompts, not the logits.")
+        out.append(
+            f"- No transfer-set size where a white-box method beats {reference} by more than the seed spread: "
+            "on this task, at these settings, the gain comes from the teacher-labelled prompts, not the logits."
+        )
     return out
 
 
@@ -82,19 +102,30 @@ def render(summary: dict, reference: str, plot: str | None) -> str:
     methods = list(summary["curves"])
     fractions = sorted({f for c in summary["curves"].values() for f in c})
     rows = {v["fraction"]: v["rows"] for v in summary["verdicts"]}
-    lines = ["# kdflow sweep: transfer-set size × method × seed", "",
-             f"Teacher accuracy: {summary['teacher_accuracy']:.3f}. Cells: test accuracy, mean ± sd over seeds "
-             "(min – max).", "",
-             "| share of transfer set | rows | " + " | ".join(methods) + " |", "|---:|---:|" + "---|" * len(methods)]
+    lines = [
+        "# kdflow sweep: transfer-set size × method × seed",
+        "",
+        f"Teacher accuracy: {summary['teacher_accuracy']:.3f}. Cells: test accuracy, mean ± sd over seeds (min – max).",
+        "",
+        "| share of transfer set | rows | " + " | ".join(methods) + " |",
+        "|---:|---:|" + "---|" * len(methods),
+    ]
     for f in fractions:
         cells = []
         for m in methods:
             c = summary["curves"][m].get(f)
             cells.append("—" if c is None else f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['min']:.3f} – {c['max']:.3f})")
         lines.append(f"| {f:g} | {rows.get(f, '—')} | " + " | ".join(cells) + " |")
-    lines += ["", "## Where does white-box KD beat seq-KD?", "", *regime_lines(summary, reference), "",
-              "A method beats another only where its mean exceeds the other's by more than the sum of their seed "
-              "standard deviations.", ""]
+    lines += [
+        "",
+        "## Where does white-box KD beat seq-KD?",
+        "",
+        *regime_lines(summary, reference),
+        "",
+        "A method beats another only where its mean exceeds the other's by more than the sum of their seed "
+        "standard deviations.",
+        "",
+    ]
     if plot:
         lines += [f"![accuracy vs transfer-set size]({plot})", ""]
     return "\n".join(lines)

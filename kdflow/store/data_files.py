@@ -41,20 +41,32 @@ def check_utf8(rows: list[dict], what: str, id_field: str = "id") -> None:
     for i, row in enumerate(rows):
         for field, value in row.items():
             if found := lone_surrogate(value, field):
-                raise DataError(f"{what}: row {row.get(id_field, f'#{i}')!r}, field {found[0]!r}: a lone surrogate "
-                                f"at character {found[1]} (half of a UTF-16 pair, e.g. a JSON \\ud83d escape without "
-                                "its other half) cannot be stored as UTF-8; fix or remove that row")
+                raise DataError(
+                    f"{what}: row {row.get(id_field, f'#{i}')!r}, field {found[0]!r}: a lone surrogate "
+                    f"at character {found[1]} (half of a UTF-16 pair, e.g. a JSON \\ud83d escape without "
+                    "its other half) cannot be stored as UTF-8; fix or remove that row"
+                )
 
 
-def load_rows(source: str | Path, required: tuple[str, ...] = (), prompt_field: str | None = None,
-              n: int | None = None, split: str = "train") -> list[dict]:
+def load_rows(
+    source: str | Path,
+    required: tuple[str, ...] = (),
+    prompt_field: str | None = None,
+    n: int | None = None,
+    split: str = "train",
+) -> list[dict]:
     """The first ``n`` rows (all when None) of ``source``; each must have the ``required`` fields, and
     ``prompt_field`` (when given) must hold non-empty text."""
     return [row for _, row in load_located_rows(source, required, prompt_field, n, split)]
 
 
-def load_located_rows(source: str | Path, required: tuple[str, ...] = (), prompt_field: str | None = None,
-                      n: int | None = None, split: str = "train") -> list[tuple[str, dict]]:
+def load_located_rows(
+    source: str | Path,
+    required: tuple[str, ...] = (),
+    prompt_field: str | None = None,
+    n: int | None = None,
+    split: str = "train",
+) -> list[tuple[str, dict]]:
     """As ``load_rows``, each row with where it came from (``file:line`` or ``file: row N``), so that a
     caller's own checks can name the place too."""
     path = Path(source)
@@ -67,8 +79,10 @@ def load_located_rows(source: str | Path, required: tuple[str, ...] = (), prompt
     elif not path.exists() and str(source).count("/") == 1 and not path.suffix:
         rows, where = _hub(str(source), split, n), "row"
     else:
-        raise DataError(f"{path}: no such file, or not a format kdflow reads (.jsonl, .parquet, or a folder "
-                        "saved with datasets' save_to_disk)")
+        raise DataError(
+            f"{path}: no such file, or not a format kdflow reads (.jsonl, .parquet, or a folder "
+            "saved with datasets' save_to_disk)"
+        )
     located = [(f"{path}:{number}" if where == "line" else f"{path}: row {number}", row) for number, row in rows]
     for at, row in located:
         _check(at, row, required, prompt_field)
@@ -87,9 +101,11 @@ def _check(at: str, row, required, prompt_field) -> None:
             raise DataError(f"{at}: empty prompt in field {prompt_field!r}; remove the row or fill it in")
     for field, value in row.items():
         if found := lone_surrogate(value, field):
-            raise DataError(f"{at}: field {found[0]!r} holds a lone surrogate at character {found[1]} (a JSON "
-                            "\\ud83d-style escape without its other half), which cannot be stored as UTF-8; fix "
-                            "the escape or remove the row")
+            raise DataError(
+                f"{at}: field {found[0]!r} holds a lone surrogate at character {found[1]} (a JSON "
+                "\\ud83d-style escape without its other half), which cannot be stored as UTF-8; fix "
+                "the escape or remove the row"
+            )
 
 
 def _jsonl(path: Path, n: int | None) -> list[tuple[int, dict]]:
@@ -101,14 +117,18 @@ def _jsonl(path: Path, n: int | None) -> list[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                                "re-encode the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{lineno}: not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r}); "
+                    "re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue  # a blank line (often the last) holds no row
             try:
                 rows.append((lineno, json.loads(line)))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
     return rows
 
 
@@ -146,8 +166,10 @@ def _hub(name: str, split: str, n: int | None) -> list[tuple[int, dict]]:
     try:
         data = load_dataset(name, split=split if n is None else f"{split}[:{n}]")
     except (ConnectionError, OSError, ValueError) as e:
-        raise DataError(f"{name}: could not load this hub dataset ({e}); download it and point the recipe at "
-                        "the local files instead") from None
+        raise DataError(
+            f"{name}: could not load this hub dataset ({e}); download it and point the recipe at "
+            "the local files instead"
+        ) from None
     return list(enumerate(data.to_list(), 1))
 
 

@@ -100,8 +100,9 @@ def folder_sha256(folder: Path) -> str:
 
 
 def _signature(folder: Path) -> str:
-    stats = sorted((str(f.relative_to(folder)), f.stat()) for f in folder.rglob("*")
-                   if f.is_file() and f.name != MANIFEST)
+    stats = sorted(
+        (str(f.relative_to(folder)), f.stat()) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST
+    )
     text = json.dumps([(n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats])
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -182,8 +182,10 @@ def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
             if stats[name].st_size != size:
                 return manifest, f"{name} has {stats[name].st_size} bytes, the manifest says {size}"
     # ctime too: a write changes it even when the old mtime is put back, and nobody can set it.
-    signature = (manifest["sha256"], tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-                                                  for n, st in stats.items())))
+    signature = (
+        manifest["sha256"],
+        tuple(sorted((n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats.items())),
+    )
     if _verified.get(str(folder)) == signature:
         return manifest, None
     changed = recorded is None or any(stats[n].st_mtime_ns != mtime for n, (_, mtime) in recorded.items())

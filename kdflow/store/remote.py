@@ -35,8 +35,10 @@ def check_url(url: str) -> None:
     """Raise with the fix when fsspec cannot open ``url`` (an unknown scheme, or its package not installed)."""
     protocol = url.split("://", 1)[0]
     if protocol not in fsspec.available_protocols():
-        raise ValueError(f"unknown file system {protocol!r} in {url!r}: use a local folder or an fsspec URL "
-                         "(s3://, gs://, az://, file://, memory://)")
+        raise ValueError(
+            f"unknown file system {protocol!r} in {url!r}: use a local folder or an fsspec URL "
+            "(s3://, gs://, az://, file://, memory://)"
+        )
     try:
         fsspec.get_filesystem_class(protocol)
     except ImportError as e:  # fsspec's message names the package, e.g. "Install s3fs to access S3"
@@ -84,7 +86,7 @@ def _same_copy(fs, root: str, local_dir: Path, files: list[str]) -> bool:
     ours = json.loads((local_dir / MANIFEST).read_text())
     if not isinstance(there, dict) or there.get("sha256") != ours.get("sha256"):
         return False
-    sizes = {path[len(root):].lstrip("/"): info["size"] for path, info in fs.find(root, detail=True).items()}
+    sizes = {path[len(root) :].lstrip("/"): info["size"] for path, info in fs.find(root, detail=True).items()}
     sizes.pop(MANIFEST, None)  # its timings differ between two builds of the same content
     return sizes == {rel: (local_dir / rel).stat().st_size for rel in files if rel != MANIFEST}
 
@@ -110,8 +112,10 @@ def inside(local_dir: Path, rel: str, source: str) -> Path:
     local_dir = Path(local_dir).resolve()
     target = (local_dir / rel).resolve()
     if not rel or posixpath.isabs(rel) or not target.is_relative_to(local_dir) or target == local_dir:
-        raise UnsafeKey(f"{source}: the file name {rel!r} would be written outside {local_dir}; remove that object "
-                        "from the remote run folder (kdflow never writes such names)")
+        raise UnsafeKey(
+            f"{source}: the file name {rel!r} would be written outside {local_dir}; remove that object "
+            "from the remote run folder (kdflow never writes such names)"
+        )
     return target
 
 
@@ -122,7 +126,7 @@ def pull(url: str, local_dir: Path) -> None:
     if not fs.isfile(f"{root}/{MANIFEST}"):
         raise FileNotFoundError(f"{url} has no {MANIFEST}: not a finished output (an upload cut short?)")
     local_dir = Path(local_dir)
-    files = {path: path[len(root):].lstrip("/") for path in sorted(fs.find(root))}
+    files = {path: path[len(root) :].lstrip("/") for path in sorted(fs.find(root))}
     targets = {path: inside(local_dir, rel, url) for path, rel in files.items() if rel != MANIFEST}
     for path, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +147,7 @@ def complete_outputs(stage_url: str) -> list[str]:
     """The folder names of the finished outputs under a stage's URL (names kdflow could not have written, such
     as '..', are left out with a warning: they become local folder names)."""
     fs, root = url_to_fs(stage_url.rstrip("/"))
-    names = sorted(path[len(root):].strip("/").split("/")[0] for path in fs.glob(f"{root}/*/{MANIFEST}"))
+    names = sorted(path[len(root) :].strip("/").split("/")[0] for path in fs.glob(f"{root}/*/{MANIFEST}"))
     for bad in [n for n in names if not OUTPUT_NAME.fullmatch(n)]:
         logging.getLogger(__name__).warning(f"{stage_url}/{bad}: not an output folder name kdflow writes; ignored")
     return [n for n in names if OUTPUT_NAME.fullmatch(n)]
@@ -169,8 +173,10 @@ def bind(local_dir: Path, url: str) -> Path:
         part.write_text(json.dumps({"url": url}))
         os.replace(part, local_dir / BINDING)
     elif bound != url:
-        raise ValueError(f"{local_dir} is the staging folder of {bound}, not of {url}: set run.staging to another "
-                         "folder (or run.name to another name)")
+        raise ValueError(
+            f"{local_dir} is the staging folder of {bound}, not of {url}: set run.staging to another "
+            "folder (or run.name to another name)"
+        )
     return local_dir
 
 

@@ -31,13 +31,16 @@ def outputs(run_dir: Path, stage: str) -> list[OutputRef]:
     for manifest in folder.glob(f"[!.]*/{MANIFEST}"):
         try:
             m = json.loads(manifest.read_text())
-            ref = OutputRef(stage=stage, key=m["key"], path=str(manifest.parent.resolve()), sha256=m["sha256"],
-                            rows=m.get("rows"))
+            ref = OutputRef(
+                stage=stage, key=m["key"], path=str(manifest.parent.resolve()), sha256=m["sha256"], rows=m.get("rows")
+            )
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             # Damaged (a manifest is replaced atomically, so never half-written by kdflow): not an output to build
             # on, and said, so that a stage that seems to have vanished can be found.
-            logging.getLogger(__name__).warning(f"{manifest.parent}: damaged {MANIFEST} ({type(e).__name__}: {e}); "
-                                                "not counted as a finished output: delete the folder to rebuild it")
+            logging.getLogger(__name__).warning(
+                f"{manifest.parent}: damaged {MANIFEST} ({type(e).__name__}: {e}); "
+                "not counted as a finished output: delete the folder to rebuild it"
+            )
             continue
         # created_at has one-second resolution; the file's mtime breaks ties between outputs of one second.
         found.append((m.get("created_at", ""), manifest.stat().st_mtime_ns, ref))
@@ -49,8 +52,10 @@ def latest(run_dir: Path, stage: str, name: str | None = None) -> OutputRef:
     refs = [r for r in outputs(run_dir, stage) if name is None or r.manifest().get("name") == name]
     if not refs:
         what = f"{stage!r} output" + (f" named {name!r}" if name else "")
-        raise MissingStage(f"no finished {what} in {run_dir}: run the stage that makes it first, or the whole "
-                           "flow (kdflow distill <recipe>)")
+        raise MissingStage(
+            f"no finished {what} in {run_dir}: run the stage that makes it first, or the whole "
+            "flow (kdflow distill <recipe>)"
+        )
     return refs[-1]
 
 

@@ -125,14 +125,22 @@ class StageOutput:
         """Finish this output as a copy of ``old``'s files — the same files, so the same sha256: nothing made from it
         is made again — with ``old``'s manifest figures, ``extra`` and ``adopted_from`` (its key)."""
         manifest = old.manifest()
-        log.warning(f"stage {self.stage.name!r}: taking {old.path} (made before its key recorded "
-                    f"{sorted(set(self.inputs) - set(manifest.get('inputs', {})))}) as the output of {self.key[:16]}")
+        log.warning(
+            f"stage {self.stage.name!r}: taking {old.path} (made before its key recorded "
+            f"{sorted(set(self.inputs) - set(manifest.get('inputs', {})))}) as the output of {self.key[:16]}"
+        )
         with self.building() as tmp:
             for file in sorted(p for p in Path(old.path).rglob("*") if p.is_file() and p.name != MANIFEST):
                 (tmp / file.relative_to(old.path)).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, tmp / file.relative_to(old.path))
             kept = {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
             # Not checked against ``files``: a copy holds what the older code made, as the older output did.
-            finish(tmp, self.stage.name, self.key, inputs=self.inputs, rows=manifest.get("rows"),
-                   **{**kept, **extra, "adopted_from": old.key})
+            finish(
+                tmp,
+                self.stage.name,
+                self.key,
+                inputs=self.inputs,
+                rows=manifest.get("rows"),
+                **{**kept, **extra, "adopted_from": old.key},
+            )
         return self.ref()

@@ -48,7 +48,7 @@ class ShardWriter:
         view = memoryview(data)
         try:
             while view:  # os.write may take fewer bytes than asked (a full disk, a signal): write the rest
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(self._fd, view) :]
         except OSError:
             self._torn = len(view) < len(data) or self._torn
             raise
@@ -83,7 +83,9 @@ def read_shards(folder: Path) -> tuple[dict[Key, dict], dict[Key, dict]]:
     """(answers, failures): the first successful record per key, and the last failure of keys without one."""
     answers: dict[Key, dict] = {}
     failures: dict[Key, dict] = {}
-    shards = sorted(folder.glob("shard-*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+    shards = (
+        sorted(folder.glob("shard-*.jsonl"), key=lambda p: (p.stat().st_mtime_ns, p.name)) if folder.is_dir() else []
+    )
     for shard in shards:
         for record in _records(shard):
             key = record_key(record)

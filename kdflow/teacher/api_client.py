@@ -36,8 +36,11 @@ from kdflow.config.generation import Endpoint
 BACKOFF_BASE_S, BACKOFF_CAP_S = 0.5, 30.0
 RETRY_AFTER_CAP_S = 300.0  # a server asking for longer than this is treated as asking for this
 RETRYABLE_STATUS = {408, 409, 429}  # and every 5xx
-FATAL_STATUS = {401: "the API key was rejected", 403: "the API key may not use this model or endpoint",
-                404: "no such model or endpoint"}
+FATAL_STATUS = {
+    401: "the API key was rejected",
+    403: "the API key may not use this model or endpoint",
+    404: "no such model or endpoint",
+}
 TOKEN_ID = re.compile(r"token_id:(\d+)")  # vLLM's spelling of a token with return_tokens_as_token_ids
 
 
@@ -181,10 +184,14 @@ def parse_chat_logprobs(content: list) -> dict:
     top_tokens = [[a.token for a in t.top_logprobs or []] for t in content]
     top_ids = [[_token_id(a) for a in row] for row in top_tokens]
     have_ids = bool(ids) and all(i is not None for i in ids) and all(i is not None for row in top_ids for i in row)
-    return {"tokens": tokens, "token_ids": ids if have_ids else None,
-            "token_logprobs": [t.logprob for t in content],
-            "top_tokens": top_tokens, "top_ids": top_ids if have_ids else None,
-            "top_logprobs": [[a.logprob for a in t.top_logprobs or []] for t in content]}
+    return {
+        "tokens": tokens,
+        "token_ids": ids if have_ids else None,
+        "token_logprobs": [t.logprob for t in content],
+        "top_tokens": top_tokens,
+        "top_ids": top_ids if have_ids else None,
+        "top_logprobs": [[a.logprob for a in t.top_logprobs or []] for t in content],
+    }
 
 
 def parse_completion_logprobs(lp) -> dict:
@@ -194,9 +201,14 @@ def parse_completion_logprobs(lp) -> dict:
     ids = [_token_id(t) for t in tokens]
     top_ids = [[_token_id(t) for t, _ in row] for row in tops]
     have_ids = bool(ids) and all(i is not None for i in ids) and all(i is not None for row in top_ids for i in row)
-    return {"tokens": tokens, "token_ids": ids if have_ids else None, "token_logprobs": list(lp.token_logprobs or []),
-            "top_tokens": [[t for t, _ in row] for row in tops], "top_ids": top_ids if have_ids else None,
-            "top_logprobs": [[v for _, v in row] for row in tops]}
+    return {
+        "tokens": tokens,
+        "token_ids": ids if have_ids else None,
+        "token_logprobs": list(lp.token_logprobs or []),
+        "top_tokens": [[t for t, _ in row] for row in tops],
+        "top_ids": top_ids if have_ids else None,
+        "top_logprobs": [[v for _, v in row] for row in tops],
+    }
 
 
 async def _create(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling):
@@ -265,12 +277,19 @@ def answer_record(request: TeacherRequest, response, s: Sampling) -> dict:
     chat = s.endpoint is Endpoint.chat
     usage = response.usage
     check_length(text, usage.completion_tokens if usage else None, s.max_tokens)
-    record = {"id": request.id, "sample": request.sample, "ok": True, "text": text,
-              "finish_reason": choice.finish_reason or "unknown",
-              "prompt_tokens": usage.prompt_tokens if usage else None,
-              "completion_tokens": usage.completion_tokens if usage else None}
+    record = {
+        "id": request.id,
+        "sample": request.sample,
+        "ok": True,
+        "text": text,
+        "finish_reason": choice.finish_reason or "unknown",
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+    }
     if s.logprobs is not None and choice.logprobs is not None:
-        record["logprobs"] = parse_chat_logprobs(choice.logprobs.content or []) if chat else parse_completion_logprobs(choice.logprobs)
+        record["logprobs"] = (
+            parse_chat_logprobs(choice.logprobs.content or []) if chat else parse_completion_logprobs(choice.logprobs)
+        )
     return record
 
 
@@ -279,11 +298,18 @@ def check_length(text: str, completion_tokens, max_tokens: int) -> None:
     proxy, a misconfigured deployment) sent 5 MB to a 64-token limit, and it was kept whole as an answer. Its own
     token count is checked, and, since that may be missing or wrong, its length against ``MAX_CHARS_PER_TOKEN``."""
     if isinstance(completion_tokens, int) and completion_tokens > max_tokens:
-        raise InvalidResponse(f"the reply is {completion_tokens} completion tokens, over the request's max_tokens "
-                              f"{max_tokens}", None, None)
+        raise InvalidResponse(
+            f"the reply is {completion_tokens} completion tokens, over the request's max_tokens {max_tokens}",
+            None,
+            None,
+        )
     if len(text) > MAX_CHARS_PER_TOKEN * max_tokens:
-        raise InvalidResponse(f"the reply is {len(text):,} characters, more than {max_tokens} tokens (max_tokens) of "
-                              f"at most {MAX_CHARS_PER_TOKEN} characters each can hold", None, None)
+        raise InvalidResponse(
+            f"the reply is {len(text):,} characters, more than {max_tokens} tokens (max_tokens) of "
+            f"at most {MAX_CHARS_PER_TOKEN} characters each can hold",
+            None,
+            None,
+        )
 
 
 def kept_raw(raw: str | None, secret: str | None) -> str | None:
@@ -292,11 +318,22 @@ def kept_raw(raw: str | None, secret: str | None) -> str | None:
     if raw is None:
         return None
     raw = redact(raw, secret)
-    return raw if len(raw) <= RAW_KEEP_CHARS else f"{raw[:RAW_KEEP_CHARS]}[... {len(raw) - RAW_KEEP_CHARS} more characters]"
+    return (
+        raw
+        if len(raw) <= RAW_KEEP_CHARS
+        else f"{raw[:RAW_KEEP_CHARS]}[... {len(raw) - RAW_KEEP_CHARS} more characters]"
+    )
 
 
-async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, max_retries: int,
-              acct: RequestAccounting, rng: random.Random, secret: str | None = None) -> dict:
+async def ask(
+    client: openai.AsyncOpenAI,
+    request: TeacherRequest,
+    s: Sampling,
+    max_retries: int,
+    acct: RequestAccounting,
+    rng: random.Random,
+    secret: str | None = None,
+) -> dict:
     """One answer record, or a failure record (``ok`` False, ``reason``, ``status``, ``error``, ``attempts``, and
     ``raw``: the body of a malformed 2xx, else None)."""
     for attempt in range(max_retries + 1):
@@ -307,8 +344,10 @@ async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, 
         except openai.APIError as e:
             status = getattr(e, "status_code", None)
             if status in FATAL_STATUS:
-                raise FatalApiError(f"the teacher API at {client.base_url} answered {status} "
-                                    f"({FATAL_STATUS[status]}): {redact(str(e), secret)}") from None
+                raise FatalApiError(
+                    f"the teacher API at {client.base_url} answered {status} "
+                    f"({FATAL_STATUS[status]}): {redact(str(e), secret)}"
+                ) from None
             reason, retryable = classify(e)
             error = f"{type(e).__name__}: {e}"
             response = getattr(e, "response", None)  # status errors carry one; timeouts and dropped connections not
@@ -321,8 +360,16 @@ async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, 
         if not retryable or attempt == max_retries:
             acct.failures += 1
             acct.failures_by_reason[reason.value] = acct.failures_by_reason.get(reason.value, 0) + 1
-            return {"id": request.id, "sample": request.sample, "ok": False, "reason": reason.value, "status": status,
-                    "error": redact(error, secret), "attempts": attempt + 1, "raw": kept_raw(raw, secret)}
+            return {
+                "id": request.id,
+                "sample": request.sample,
+                "ok": False,
+                "reason": reason.value,
+                "status": status,
+                "error": redact(error, secret),
+                "attempts": attempt + 1,
+                "raw": kept_raw(raw, secret),
+            }
         acct.retries += 1
         acct.retries_by_reason[reason.value] = acct.retries_by_reason.get(reason.value, 0) + 1
         await asyncio.sleep(backoff_seconds(attempt, retry_after_seconds(headers), rng))
@@ -334,10 +381,19 @@ async def ask(client: openai.AsyncOpenAI, request: TeacherRequest, s: Sampling, 
     return record
 
 
-async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest], s: Sampling, *, concurrency: int,
-                  max_retries: int, on_record: Callable[[dict], None],
-                  on_progress: Callable[[RequestAccounting], None] | None = None, secret: str | None = None,
-                  seed: int = 0, resumed: int = 0) -> RequestAccounting:
+async def ask_all(
+    client: openai.AsyncOpenAI,
+    requests: Iterable[TeacherRequest],
+    s: Sampling,
+    *,
+    concurrency: int,
+    max_retries: int,
+    on_record: Callable[[dict], None],
+    on_progress: Callable[[RequestAccounting], None] | None = None,
+    secret: str | None = None,
+    seed: int = 0,
+    resumed: int = 0,
+) -> RequestAccounting:
     """Ask every request with at most ``concurrency`` in flight; ``on_record`` gets each answer or failure
     record as it arrives (persist it there). A ``FatalApiError`` cancels the requests in flight and propagates."""
     acct, rng, pending = RequestAccounting(resumed=resumed), random.Random(seed), iter(requests)
@@ -363,14 +419,22 @@ async def ask_all(client: openai.AsyncOpenAI, requests: Iterable[TeacherRequest]
     return acct
 
 
-def run_all(base_url: str, api_key: str | None, timeout_s: float, requests: Iterable[TeacherRequest], s: Sampling,
-            **kwargs) -> RequestAccounting:
+def run_all(
+    base_url: str, api_key: str | None, timeout_s: float, requests: Iterable[TeacherRequest], s: Sampling, **kwargs
+) -> RequestAccounting:
     """``ask_all`` from synchronous code, with a client built (and closed) here."""
 
     async def main():
-        limits = httpx.Limits(max_connections=kwargs["concurrency"] + 8, max_keepalive_connections=kwargs["concurrency"] + 8)
-        async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=0,
-                                      http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s)) as client:
+        limits = httpx.Limits(
+            max_connections=kwargs["concurrency"] + 8, max_keepalive_connections=kwargs["concurrency"] + 8
+        )
+        async with openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=api_key or "EMPTY",
+            timeout=timeout_s,
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
+        ) as client:
             return await ask_all(client, requests, s, secret=api_key, **kwargs)
 
     return asyncio.run(main())

@@ -21,8 +21,10 @@ def from_env(variable: str | None, field: str) -> str | None:
     if variable is None:
         return None
     if state := unset(variable):
-        raise FatalApiError(f"{field}: the environment variable {variable} {state}; export {variable}=<your key> "
-                            f"where the stage runs, or set {field}: null for a server that takes no key")
+        raise FatalApiError(
+            f"{field}: the environment variable {variable} {state}; export {variable}=<your key> "
+            f"where the stage runs, or set {field}: null for a server that takes no key"
+        )
     return os.environ[variable]
 
 
@@ -83,4 +85,5 @@ def check_env_keys(needs: list[KeyNeed]) -> None:
                 f"{n.field}.api_key_env: the environment variable {n.env} {state}, and {n.field}.base_url "
                 f"{redact_url(n.base_url) or '(the OpenAI default, https://api.openai.com/v1)'} is not this machine: "
                 f"export {n.env}=<your key> where the flow runs, or name a Prefect Secret block holding it in "
-                f"{n.field}.api_key_secret_block (nothing was started)")
+                f"{n.field}.api_key_secret_block (nothing was started)"
+            )

@@ -44,9 +44,12 @@ class TeacherBackend:
         model, tokenizer = load(self.model)
         start = time.perf_counter()
         outputs = generate(model, tokenizer, prompts, max_new_tokens, self.batch_size, **sampling)
-        return outputs, RequestAccounting(requests=len(prompts), answers=len(prompts),
-                                          seconds=time.perf_counter() - start,
-                                          completion_tokens=sum(o["completion_tokens"] for o in outputs))
+        return outputs, RequestAccounting(
+            requests=len(prompts),
+            answers=len(prompts),
+            seconds=time.perf_counter() - start,
+            completion_tokens=sum(o["completion_tokens"] for o in outputs),
+        )
 
     def run(self, requests: Iterable[TeacherRequest], sampling: Sampling, **run) -> RequestAccounting:
         """Every request through the API, or through a vLLM server started here for them and stopped after
@@ -55,15 +58,22 @@ class TeacherBackend:
         if self.backend is Backend.vllm:
             v = self.vllm
             requests = plain_requests(requests, self.model)
-            with vllm_server(self.model, port=v.port, extra_args=v.server_args(), python=v.python,
-                             startup_timeout_s=v.startup_timeout_s, kv_cache_gib=v.kv_cache_gib) as base_url:
+            with vllm_server(
+                self.model,
+                port=v.port,
+                extra_args=v.server_args(),
+                python=v.python,
+                startup_timeout_s=v.startup_timeout_s,
+                kv_cache_gib=v.kv_cache_gib,
+            ) as base_url:
                 return run_all(base_url, None, self.timeout_s, requests, sampling, **run)
         if self.backend is Backend.hf:
             raise ValueError("backend hf answers in process (hf_generate), not per request")
         return run_all(self.base_url, self.api_key(), self.timeout_s, requests, sampling, **run)
 
-    def ask(self, prompts: dict[str, str], max_new_tokens: int, on_record: Callable[[dict], None],
-            system: str | None = None) -> RequestAccounting:
+    def ask(
+        self, prompts: dict[str, str], max_new_tokens: int, on_record: Callable[[dict], None], system: str | None = None
+    ) -> RequestAccounting:
         """Each prompt (id -> user message) answered greedily, its record (``id``, ``sample`` 0, ``ok``, ``text``...
         or a failure with its ``reason``) handed to ``on_record`` as it arrives. ``system``: a system message before
         each (API backends)."""
@@ -75,8 +85,10 @@ class TeacherBackend:
                 on_record({"id": i, "sample": 0, "ok": True, **o})
             return acct
         first = [{"role": "system", "content": system}] if system else []
-        requests = [TeacherRequest(id=i, sample=0, messages=[*first, {"role": "user", "content": p}])
-                    for i, p in prompts.items()]
+        requests = [
+            TeacherRequest(id=i, sample=0, messages=[*first, {"role": "user", "content": p}])
+            for i, p in prompts.items()
+        ]
         return self.run(requests, Sampling(model=self.model, max_tokens=max_new_tokens), on_record=on_record)
 
     def completer(self, max_new_tokens: int) -> Callable[[list[str]], list[str]]:
@@ -85,8 +97,9 @@ class TeacherBackend:
             from kdflow.teacher.hf_generate import generate, load
 
             model, tokenizer = load(self.model)
-            return lambda prompts: [o["text"] for o in generate(model, tokenizer, prompts, max_new_tokens,
-                                                                  self.batch_size)]
+            return lambda prompts: [
+                o["text"] for o in generate(model, tokenizer, prompts, max_new_tokens, self.batch_size)
+            ]
 
         def complete(prompts: list[str]) -> list[str]:
             records = {}

@@ -33,8 +33,11 @@ class TooManyFailures(RuntimeError):
 
 def prompted_rows(section: GenerationSection, template: str, data: OutputRef) -> list[dict]:
     """Every (row, sample) to answer, with the zero-shot ``prompt`` and the ``teacher_prompt`` it is asked with."""
-    rows = [{**{k: r[k] for k in ROW_FIELDS if k in r}, "split": split}
-            for split in section.splits for r in read_split(data, split)]
+    rows = [
+        {**{k: r[k] for k in ROW_FIELDS if k in r}, "split": split}
+        for split in section.splits
+        for r in read_split(data, split)
+    ]
     icl = section.icl
     pool = read_split(data, icl.pool_split) if icl else []
     if icl:
@@ -52,10 +55,13 @@ def prompted_rows(section: GenerationSection, template: str, data: OutputRef) ->
 def env_key(section: GenerationSection) -> Callable[[], str | None]:
     """The key from the environment variable the recipe names. A Prefect Secret block is read by the Prefect task
     (tasks/generate.py), which passes its own ``api_key``."""
+
     def key() -> str | None:
         if section.api.api_key_secret_block:
-            raise FatalApiError("generation.api.api_key_secret_block names a Prefect Secret block: run the stage "
-                                "as its Prefect task, which reads it, or pass api_key")
+            raise FatalApiError(
+                "generation.api.api_key_secret_block names a Prefect Secret block: run the stage "
+                "as its Prefect task, which reads it, or pass api_key"
+            )
         return api_keys.from_env(section.api.api_key_env, "generation.api.api_key_env")
 
     return key
@@ -65,35 +71,66 @@ def backend(section: GenerationSection, model: str, api_key: Callable[[], str | 
     """The teacher as the recipe's generation section asks it. ``model``: the served model name (openai), or the
     model folder (hf, vllm: the server serves it under its path)."""
     a = section.api
-    return TeacherBackend(section.backend, model, base_url=a.base_url, api_key=api_key or env_key(section),
-                          timeout_s=a.timeout_s, concurrency=a.concurrency, max_retries=a.max_retries,
-                          batch_size=section.batch_size, vllm=section.vllm)
+    return TeacherBackend(
+        section.backend,
+        model,
+        base_url=a.base_url,
+        api_key=api_key or env_key(section),
+        timeout_s=a.timeout_s,
+        concurrency=a.concurrency,
+        max_retries=a.max_retries,
+        batch_size=section.batch_size,
+        vllm=section.vllm,
+    )
 
 
 def hf_answers(section: GenerationSection, model_dir: str, rows: list[dict]) -> tuple[list[dict], RequestAccounting]:
     outputs, acct = backend(section, model_dir).hf_generate(
-        [r["teacher_prompt"] for r in rows], section.max_new_tokens, temperature=section.temperature,
-        seed=section.seed or 0)
+        [r["teacher_prompt"] for r in rows],
+        section.max_new_tokens,
+        temperature=section.temperature,
+        seed=section.seed or 0,
+    )
     return [{"id": r["id"], "sample": r["sample"], "ok": True, **o} for r, o in zip(rows, outputs)], acct
 
 
-def api_answers(section: GenerationSection, model: str, rows: list[dict], folder: Path, on_progress=None,
-                api_key: Callable[[], str | None] | None = None) -> tuple[list[dict], list[dict], RequestAccounting]:
+def api_answers(
+    section: GenerationSection,
+    model: str,
+    rows: list[dict],
+    folder: Path,
+    on_progress=None,
+    api_key: Callable[[], str | None] | None = None,
+) -> tuple[list[dict], list[dict], RequestAccounting]:
     """Ask for every (row, sample) the shards in ``folder`` do not answer yet; return all answers and the
     failures for good. ``model``: the served model name (backend openai), or the model folder vLLM serves."""
     answered, _ = read_shards(folder)
     todo = [r for r in rows if (str(r["id"]), r["sample"]) not in answered]
-    s = Sampling(model=model, max_tokens=section.max_new_tokens, temperature=section.temperature, top_p=section.top_p,
-                 seed=section.seed, logprobs=section.logprobs, endpoint=section.api.endpoint,
-                 token_ids=section.api.token_ids or section.backend is Backend.vllm)
-    requests = (teacher_request(r, r["sample"], r["teacher_prompt"], section.system_prompt, section.api.endpoint)
-                for r in todo)
+    s = Sampling(
+        model=model,
+        max_tokens=section.max_new_tokens,
+        temperature=section.temperature,
+        top_p=section.top_p,
+        seed=section.seed,
+        logprobs=section.logprobs,
+        endpoint=section.api.endpoint,
+        token_ids=section.api.token_ids or section.backend is Backend.vllm,
+    )
+    requests = (
+        teacher_request(r, r["sample"], r["teacher_prompt"], section.system_prompt, section.api.endpoint) for r in todo
+    )
     if not todo:  # all answered before a crash: no server to start, nothing to ask
         acct = RequestAccounting(resumed=len(rows))
     else:
         with ShardWriter(folder) as shard:
-            acct = backend(section, model, api_key).run(requests, s, seed=section.seed or 0, on_progress=on_progress,
-                                                        resumed=len(rows) - len(todo), on_record=shard.append)
+            acct = backend(section, model, api_key).run(
+                requests,
+                s,
+                seed=section.seed or 0,
+                on_progress=on_progress,
+                resumed=len(rows) - len(todo),
+                on_record=shard.append,
+            )
     answered, failed = read_shards(folder)
     return list(answered.values()), list(failed.values()), acct
 
@@ -106,7 +143,8 @@ def check_failures(failures: list[dict], total: int, section: GenerationSection,
         f"{len(failures)} of {total} teacher requests failed for good ({len(failures) / total:.1%} > "
         f"generation.api.max_failure_fraction {section.api.max_failure_fraction:.1%}); by reason {reasons}; "
         f"first: {failures[0]['error']}. The {total - len(failures)} answers are kept in {folder}: "
-        "a rerun asks only for the failed and missing ones")
+        "a rerun asks only for the failed and missing ones"
+    )
 
 
 def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
@@ -116,10 +154,16 @@ def answer_table(rows: list[dict], records: list[dict]) -> pd.DataFrame:
     for rec in records:
         row = by_key[(str(rec["id"]), rec["sample"])]
         logprobs = rec.get("logprobs") or {}
-        out.append({**{k: v for k, v in row.items() if k != "teacher_prompt"},
-                    "text": rec["text"], "finish_reason": rec["finish_reason"],
-                    "completion_tokens": rec["completion_tokens"], "prompt_tokens": rec.get("prompt_tokens"),
-                    **logprobs})
+        out.append(
+            {
+                **{k: v for k, v in row.items() if k != "teacher_prompt"},
+                "text": rec["text"],
+                "finish_reason": rec["finish_reason"],
+                "completion_tokens": rec["completion_tokens"],
+                "prompt_tokens": rec.get("prompt_tokens"),
+                **logprobs,
+            }
+        )
     order = {key: i for i, key in enumerate(by_key)}
     out.sort(key=lambda a: order[(str(a["id"]), a["sample"])])
     try:
@@ -135,6 +179,11 @@ def failure_table(rows: list[dict], failed: list[dict]) -> pd.DataFrame:
     by_key = {(str(r["id"]), r["sample"]): r for r in rows}
     # raw: the body of a reply that was no completion (invalid_response), kept so it can be read; else None.
     columns = [*ROW_FIELDS, "sample", "prompt", "reason", "status", "error", "attempts", "raw"]
-    out = [{**{k: v for k, v in by_key[(str(f["id"]), f["sample"])].items() if k != "teacher_prompt"},
-            **{k: f.get(k) for k in ("reason", "status", "error", "attempts", "raw")}} for f in failed]
+    out = [
+        {
+            **{k: v for k, v in by_key[(str(f["id"]), f["sample"])].items() if k != "teacher_prompt"},
+            **{k: f.get(k) for k in ("reason", "status", "error", "attempts", "raw")},
+        }
+        for f in failed
+    ]
     return pd.DataFrame(out, columns=columns if not out else None)

@@ -19,8 +19,9 @@ def load(model_dir: str, dtype: Dtype | None = None):
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-             temperature: float = 0.0, seed: int = 0) -> list[dict]:
+def generate(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, temperature: float = 0.0, seed: int = 0
+) -> list[dict]:
     """Answer each user prompt through the chat template.
 
     Returns one dict per prompt: ``text`` (special tokens removed), ``finish_reason`` ("stop" when the
@@ -34,8 +35,11 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": plain_text(prompts[i], specials)}], tokenize=False,
-                                          add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": plain_text(prompts[i], specials)}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
             for i in idx
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -29,11 +29,15 @@ def demonstrations(row_id: str, pool: list[dict], k: int, seed: int) -> list[dic
 
 def check_pool(pool: list[dict], k: int, split: str) -> None:
     if len(pool) < k + 1:
-        raise ValueError(f"generation.icl.pool_split {split!r} has {len(pool)} rows; k = {k} demonstrations need "
-                         f"at least {k + 1}: lower k or use a larger split")
+        raise ValueError(
+            f"generation.icl.pool_split {split!r} has {len(pool)} rows; k = {k} demonstrations need "
+            f"at least {k + 1}: lower k or use a larger split"
+        )
     if any(not isinstance(p.get("rationale"), str) for p in pool):
-        raise ValueError(f"generation.icl.pool_split {split!r} has rows without a gold `rationale` to demonstrate; "
-                         "use a split with solved examples (e.g. train)")
+        raise ValueError(
+            f"generation.icl.pool_split {split!r} has rows without a gold `rationale` to demonstrate; "
+            "use a split with solved examples (e.g. train)"
+        )
 
 
 def teacher_prompt(template: str, row: dict, icl_template: str | None = None, demos: list[dict] = ()) -> str:

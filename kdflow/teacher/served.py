@@ -101,10 +101,15 @@ def served_identity(base_url: str | None, model: str, api_key: Callable[[], str 
         last = _records().get(" ".join(who))
         last = last if isinstance(last, dict) and isinstance(last.get("identity"), dict) else None
         identity = last["identity"] if last else None
-        log.warning(f"could not learn which model {who[0]} serves as {model!r} ({e}); " + (
-            f"keyed by what it said on {last['seen']}: {identity}" if last else
-            "keyed by its name and URL alone: "
-            "a different model served under this name there would not be told apart"))
+        log.warning(
+            f"could not learn which model {who[0]} serves as {model!r} ({e}); "
+            + (
+                f"keyed by what it said on {last['seen']}: {identity}"
+                if last
+                else "keyed by its name and URL alone: "
+                "a different model served under this name there would not be told apart"
+            )
+        )
     with _lock:
         return _seen.setdefault(who, identity)
 

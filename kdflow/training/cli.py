@@ -36,10 +36,15 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
     section = sections[student]
     run = Path(run_dir) if run_dir else r.run_dir
     offline = needs_logit_cache(section)
-    return StudentJob(section=section, template=r.prompts.cot_text(), teacher=run_folder.latest(run, "teacher"),
-                      data=run_folder.latest(run, "data"),
-                      curated=run_folder.latest(run, "curate") if section.data is StudentData.teacher else None,
-                      logits=run_folder.latest(run, "logit-cache") if offline else None, checkpoints=checkpoints)
+    return StudentJob(
+        section=section,
+        template=r.prompts.cot_text(),
+        teacher=run_folder.latest(run, "teacher"),
+        data=run_folder.latest(run, "data"),
+        curated=run_folder.latest(run, "curate") if section.data is StudentData.teacher else None,
+        logits=run_folder.latest(run, "logit-cache") if offline else None,
+        checkpoints=checkpoints,
+    )
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -77,8 +82,11 @@ def run(argv: list[str] | None) -> None:
 
     from kdflow.training.student import StudentJob, student_rows, train_here  # late: torch and TRL take seconds
 
-    job = StudentJob.read(args.job) if args.job else job_from_run(args.recipe, args.student, args.run_dir,
-                                                                 args.checkpoints)
+    job = (
+        StudentJob.read(args.job)
+        if args.job
+        else job_from_run(args.recipe, args.student, args.run_dir, args.checkpoints)
+    )
     rows = student_rows(job.section, job.template, job.data, job.curated)
     if not rows:
         raise SystemExit(f"student {job.section.name!r} has no training rows")
@@ -86,11 +94,12 @@ def run(argv: list[str] | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rank, world = rank_and_world()
     print(f"[rank {rank}/{world}] training {job.section.name!r} on {len(rows)} rows", flush=True)
-    train_here(job.section, rows, job.teacher, job.logits, out,
-               Path(job.checkpoints) if job.checkpoints else None)
+    train_here(job.section, rows, job.teacher, job.logits, out, Path(job.checkpoints) if job.checkpoints else None)
     rank, world = rank_and_world()
-    print(f"[rank {rank}/{world}] done: " + ("wrote " + str(out / "model") if rank == 0 else "rank 0 writes the model"),
-          flush=True)
+    print(
+        f"[rank {rank}/{world}] done: " + ("wrote " + str(out / "model") if rank == 0 else "rank 0 writes the model"),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -114,6 +114,8 @@ def read_curve(student_dir: Path) -> dict:
     """A finished student's ``curve/curve.json``; an error naming the student folder and the fix when it has none."""
     path = Path(student_dir) / CURVE / INDEX
     if not path.is_file():
-        raise FileNotFoundError(f"{student_dir} has no learning curve ({path} is missing): train the student with "
-                                "`curve_points: N` in its section (a study recipe sets it)")
+        raise FileNotFoundError(
+            f"{student_dir} has no learning curve ({path} is missing): train the student with "
+            "`curve_points: N` in its section (a study recipe sets it)"
+        )
     return json.loads(path.read_text())

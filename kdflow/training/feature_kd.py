@@ -38,8 +38,13 @@ class FeatureLossKind(str, enum.Enum):
     cosine = "cosine"
 
 
-def feature_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projection: nn.Module,
-                 mask: torch.Tensor, kind: FeatureLossKind | str) -> torch.Tensor:
+def feature_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    projection: nn.Module,
+    mask: torch.Tensor,
+    kind: FeatureLossKind | str,
+) -> torch.Tensor:
     """Mean over the positions ``mask`` keeps of the distance between ``projection(student)`` and ``teacher``.
 
     ``student_hidden``: (B, L, Ds); ``teacher_hidden``: (B, L, Dt); ``projection``: Ds -> Dt (``nn.Identity``
@@ -49,8 +54,10 @@ def feature_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, pro
     """
     kind = FeatureLossKind(kind)
     if student_hidden.shape[:2] != teacher_hidden.shape[:2] or mask.shape != student_hidden.shape[:2]:
-        raise ValueError(f"positions differ: student {tuple(student_hidden.shape)}, teacher "
-                         f"{tuple(teacher_hidden.shape)}, mask {tuple(mask.shape)} (same tokenizer and batch needed)")
+        raise ValueError(
+            f"positions differ: student {tuple(student_hidden.shape)}, teacher "
+            f"{tuple(teacher_hidden.shape)}, mask {tuple(mask.shape)} (same tokenizer and batch needed)"
+        )
     projected = projection(student_hidden[mask]).float()  # (N, Dt)
     target = teacher_hidden[mask].float()
     if kind is FeatureLossKind.mse:
@@ -62,19 +69,27 @@ def feature_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, pro
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
     """Student block s -> teacher block round(s · T / S), for s = 1..S: spread uniformly, last to last."""
-    return [(s, (2 * s * teacher_layers + student_layers) // (2 * student_layers)) for s in range(1, student_layers + 1)]
+    return [
+        (s, (2 * s * teacher_layers + student_layers) // (2 * student_layers)) for s in range(1, student_layers + 1)
+    ]
 
 
-def check_layer_map(layer_map: list[tuple[int, int]], student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+def check_layer_map(
+    layer_map: list[tuple[int, int]], student_layers: int, teacher_layers: int
+) -> list[tuple[int, int]]:
     """The map as a list of int pairs, or a ValueError naming the bad pair and the allowed range."""
     pairs = [(int(s), int(t)) for s, t in layer_map]
     if not pairs:
-        raise ValueError("layer_map is empty: give at least one (student_layer, teacher_layer) pair, "
-                         "e.g. default_layer_map(student_layers, teacher_layers)")
+        raise ValueError(
+            "layer_map is empty: give at least one (student_layer, teacher_layer) pair, "
+            "e.g. default_layer_map(student_layers, teacher_layers)"
+        )
     for s, t in pairs:
         if not (0 <= s <= student_layers and 0 <= t <= teacher_layers):
-            raise ValueError(f"layer pair ({s}, {t}) is out of range: student layers are 0..{student_layers}, teacher "
-                             f"layers 0..{teacher_layers} (0 = embeddings, i = after block i)")
+            raise ValueError(
+                f"layer pair ({s}, {t}) is out of range: student layers are 0..{student_layers}, teacher "
+                f"layers 0..{teacher_layers} (0 = embeddings, i = after block i)"
+            )
     if len(set(pairs)) != len(pairs):
         raise ValueError(f"layer_map {pairs} repeats a pair")
     return pairs
@@ -86,8 +101,10 @@ def pair_key(student_layer: int, teacher_layer: int) -> str:
 
 def build_projections(layer_map: list[tuple[int, int]], student_width: int, teacher_width: int) -> nn.ModuleDict:
     """One projection per pair: a learned bias-free ``nn.Linear`` where widths differ, identity where equal."""
+
     def projection() -> nn.Module:
         return nn.Identity() if student_width == teacher_width else nn.Linear(student_width, teacher_width, bias=False)
+
     return nn.ModuleDict({pair_key(s, t): projection() for s, t in layer_map})
 
 
@@ -102,11 +119,21 @@ class FeatureKDTrainer(SFTTrainer):
     detached again (still at ``trainer.projections``), so the student saves as a plain causal LM.
     """
 
-    def __init__(self, model, teacher_model, *, layer_map: list[tuple[int, int]], kind: FeatureLossKind | str,
-                 weight: float, **kwargs):
+    def __init__(
+        self,
+        model,
+        teacher_model,
+        *,
+        layer_map: list[tuple[int, int]],
+        kind: FeatureLossKind | str,
+        weight: float,
+        **kwargs,
+    ):
         if weight < 0:
             raise ValueError(f"feature weight must be >= 0, got {weight}")
-        self.layer_map = check_layer_map(layer_map, model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
+        self.layer_map = check_layer_map(
+            layer_map, model.config.num_hidden_layers, teacher_model.config.num_hidden_layers
+        )
         self.kind = FeatureLossKind(kind)
         self.weight = weight
         self.projections = build_projections(self.layer_map, model.config.hidden_size, teacher_model.config.hidden_size)
@@ -127,9 +154,14 @@ class FeatureKDTrainer(SFTTrainer):
             teacher_hidden = self.teacher(**forward, output_hidden_states=True, use_cache=False).hidden_states
         ce = cross_entropy(outputs.logits[:, :-1], labels[:, 1:])  # logits at i predict token i + 1
         mask = labels != IGNORE_INDEX  # completion tokens: prompt and padding carry no label
-        features = torch.stack([
-            feature_loss(outputs.hidden_states[s], teacher_hidden[t], self.projections[pair_key(s, t)], mask, self.kind)
-            for s, t in self.layer_map]).mean()  # mean over pairs: ``weight`` means the same for 1 or 6 pairs
+        features = torch.stack(
+            [
+                feature_loss(
+                    outputs.hidden_states[s], teacher_hidden[t], self.projections[pair_key(s, t)], mask, self.kind
+                )
+                for s, t in self.layer_map
+            ]
+        ).mean()  # mean over pairs: ``weight`` means the same for 1 or 6 pairs
         mode = "train" if model.training else "eval"
         self._metrics[mode]["ce_loss"].append(ce.item())  # SFTTrainer.log averages these per logging step
         self._metrics[mode]["feature_loss"].append(features.item())
@@ -160,9 +192,21 @@ class FeatureKDTrainer(SFTTrainer):
                 delattr(model, PROJECTIONS)
 
 
-def train_feature_kd(student, teacher, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int, *,
-                     layer_map: list[tuple[int, int]] | None, kind: FeatureLossKind | str, weight: float,
-                     checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
+def train_feature_kd(
+    student,
+    teacher,
+    tokenizer,
+    rows: list[dict],
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    *,
+    layer_map: list[tuple[int, int]] | None,
+    kind: FeatureLossKind | str,
+    weight: float,
+    checkpoints: Path | None = None,
+    callbacks: list | None = None,
+) -> list[dict]:
     """Train ``student`` in place with CE + feature KD from ``teacher`` on prompt-completion ``rows``.
 
     ``layer_map`` None maps the layers uniformly (``default_layer_map``). ``checkpoints``: as in
@@ -179,9 +223,22 @@ def train_feature_kd(student, teacher, tokenizer, rows: list[dict], training: di
     disable_progress_bars()
     if layer_map is None:
         layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
-                        checkpoints=checkpoints is not None)
-    trainer = FeatureKDTrainer(student, teacher, layer_map=layer_map, kind=kind, weight=weight, args=config,
-                               train_dataset=Dataset.from_list(plain_rows(rows, tokenizer)), processing_class=tokenizer,
-                               callbacks=callbacks)
+    config = sft_config(
+        training,
+        str(checkpoints or out_dir / "checkpoints"),
+        seed,
+        cpu=not torch.cuda.is_available(),
+        checkpoints=checkpoints is not None,
+    )
+    trainer = FeatureKDTrainer(
+        student,
+        teacher,
+        layer_map=layer_map,
+        kind=kind,
+        weight=weight,
+        args=config,
+        train_dataset=Dataset.from_list(plain_rows(rows, tokenizer)),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     return fit(trainer, student, tokenizer, out_dir, checkpoints)

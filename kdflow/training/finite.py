@@ -36,7 +36,8 @@ def _stopped(label: str, trouble: str, state, args) -> NonFiniteTraining:
         f"{label}{trouble} at step {step} of {state.max_steps}; training stopped before that step's update, and "
         f"nothing from it on was saved (checkpoints hold the finite weights of earlier steps). Usual causes: a "
         f"learning rate too large (training.learning_rate is {args.learning_rate:g} here), a teacher's NaN or "
-        "infinite scores, an fp16 overflow (train in bf16 or fp32). Fix the recipe or the teacher, then rerun.")
+        "infinite scores, an fp16 overflow (train in bf16 or fp32). Fix the recipe or the teacher, then rerun."
+    )
 
 
 class FiniteSteps(TrainerCallback):
@@ -84,5 +85,7 @@ def check_weights(model, doing: str) -> None:
         return
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise NonFiniteTraining(f"{len(bad)} weight tensors of the trained model are not finite (e.g. {bad[0]}); "
-                                f"not {doing}. Lower training.learning_rate or check the teacher's scores, then rerun.")
+        raise NonFiniteTraining(
+            f"{len(bad)} weight tensors of the trained model are not finite (e.g. {bad[0]}); "
+            f"not {doing}. Lower training.learning_rate or check the teacher's scores, then rerun."
+        )

@@ -12,8 +12,13 @@ from kdflow.training.chunked_loss import chunk_rows
 log = logging.getLogger(__name__)
 
 # Logit transforms some architectures apply after the LM head; the chunked loss computes plain hidden @ W.T + b.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
-                     "lm_head_multiplier")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+    "lm_head_multiplier",
+)
 _LOGGED: set[str] = set()
 
 
@@ -67,6 +72,11 @@ def fused_head(model, rows: int, trainer: str = "offline KD"):
 def final_hidden_states(model, inputs: dict):
     """The decoder's last hidden states (B, L, H), after its final norm, through the trainer's own (maybe wrapped)
     model so that DDP and peft see the forward; the head computes one position's logits only."""
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                    output_hidden_states=True, logits_to_keep=1)
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        output_hidden_states=True,
+        logits_to_keep=1,
+    )
     return outputs, outputs.hidden_states[-1]

@@ -38,10 +38,17 @@ def lora_config(section, model):
         missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise ValueError(f"lora.target_modules {missing} name no linear layer of this model; its linear layers "
-                             f"are {short} (or use 'all-linear')")
-    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout, target_modules=targets,
-                      task_type=TaskType.CAUSAL_LM)
+            raise ValueError(
+                f"lora.target_modules {missing} name no linear layer of this model; its linear layers "
+                f"are {short} (or use 'all-linear')"
+            )
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=targets,
+        task_type=TaskType.CAUSAL_LM,
+    )
 
 
 def save_merged(peft_model, out_dir: Path):

@@ -37,14 +37,17 @@ def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(upcast(logits) / temperature, dim=-1)
 
 
-def divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Divergence,
-               beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def divergence(
+    teacher_logp: torch.Tensor, student_logp: torch.Tensor, kind: Divergence, beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
     """Per-position ``D(p ‖ q)`` from log-probabilities (..., C) -> (...). No temperature, no scaling:
     ``kd_loss`` adds both. ``beta`` is used by ``jsd`` only, ``skew`` (λ) by the skew variants only."""
     kind = Divergence(kind)  # an enum member or its exact name; anything else raises
     if teacher_logp.shape != student_logp.shape:
-        raise ValueError(f"teacher {tuple(teacher_logp.shape)} and student {tuple(student_logp.shape)} "
-                         "log-probs must have the same shape (..., C)")
+        raise ValueError(
+            f"teacher {tuple(teacher_logp.shape)} and student {tuple(student_logp.shape)} "
+            "log-probs must have the same shape (..., C)"
+        )
     lp, lq = upcast(teacher_logp), upcast(student_logp)
     if kind is Divergence.forward_kl:
         return _kl(lp, lq)
@@ -86,9 +89,16 @@ def _mix(log_a: torch.Tensor, log_b: torch.Tensor, weight: float) -> torch.Tenso
     return torch.logaddexp(log_a + math.log(weight), log_b + math.log1p(-weight))
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Divergence = Divergence.forward_kl,
-            temperature: float = 1.0, mask: torch.Tensor | None = None, reduction: Reduction = "mean",
-            beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    kind: Divergence = Divergence.forward_kl,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """``T² · D(softmax(z_t/T) ‖ softmax(z_s/T))`` per position, reduced over the positions ``mask`` keeps.
 
     ``student_logits``, ``teacher_logits``: (..., C); the teacher as logits or log-probs (``-inf`` allowed
@@ -97,16 +107,23 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: Di
     """
     _check_temperature(temperature)
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (..., C)")
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} must have the same shape (..., C)"
+        )
     teacher_logits = kept(teacher_logits, mask)
     log_q = torch.log_softmax(upcast(student_logits) / temperature, dim=-1)
     log_p = torch.log_softmax(upcast(teacher_logits) / temperature, dim=-1)
     return reduce(temperature**2 * divergence(log_p, log_q, kind, beta, skew), mask, reduction)
 
 
-def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-          mask: torch.Tensor | None = None, reduction: Reduction = "mean") -> torch.Tensor:
+def kd_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
     """Forward KL at temperature T, scaled by T²:  ``T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
 
     ``student_logits``, ``teacher_logits``: (..., C), teacher as logits or log-probs (may hold ``-inf``
@@ -126,6 +143,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperatur
 # and the student is not pushed to spread its tail evenly (the cache does not know the teacher's tail
 # shape, only its mass). For forward KL this is a lower bound of the full-vocabulary KL against the
 # cache's even-spread tail (log-sum inequality), equal to it when the student's tail is even too.
+
 
 def teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
     """Cached top-k log-probs (..., k) and tail log-mass (...) -> (..., k + 1) log-probs at temperature T.
@@ -156,10 +174,18 @@ def student_buckets(student_logits: torch.Tensor, ids: torch.Tensor, temperature
     return torch.cat([top, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
 
 
-def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, tail: torch.Tensor,
-                   kind: Divergence = Divergence.forward_kl, temperature: float = 1.0,
-                   mask: torch.Tensor | None = None, reduction: Reduction = "mean",
-                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor,
+    kind: Divergence = Divergence.forward_kl,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+    beta: float = 0.5,
+    skew: float = 0.1,
+) -> torch.Tensor:
     """``T² · D`` between a cached top-k teacher and the student, over k + 1 buckets (the tail policy above).
 
     ``student_logits``: (..., V); ``ids``, ``logprobs``: (..., k) the teacher's top-k at T = 1; ``tail``:
@@ -171,8 +197,9 @@ def sparse_kd_loss(student_logits: torch.Tensor, ids: torch.Tensor, logprobs: to
     return reduce(temperature**2 * divergence(p, q, kind, beta, skew), mask, reduction)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None,
-                  reduction: Reduction = "mean") -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None, reduction: Reduction = "mean"
+) -> torch.Tensor:
     """Hard-label cross-entropy ``−log softmax(z)_y`` (no temperature: Hinton's hard term uses T = 1).
 
     ``logits``: (..., C); ``labels``: (...) integer class ids, ``IGNORE_INDEX`` (-100) where there is
@@ -187,9 +214,15 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
     return reduce(nll, mask, reduction)
 
 
-def hinton_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor,
-                alpha: float, temperature: float, mask: torch.Tensor | None = None,
-                reduction: Reduction = "mean") -> torch.Tensor:
+def hinton_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    mask: torch.Tensor | None = None,
+    reduction: Reduction = "mean",
+) -> torch.Tensor:
     """``α · CE(y, softmax(z_s)) + (1 − α) · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T))``.
 
     ``student_logits``, ``teacher_logits``: (..., C); ``labels``: (...); ``mask``: (...) or None.
@@ -216,8 +249,10 @@ def kept(teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     ``torch.where``, its gradient (0 · NaN is NaN there). The student's logits are the model's own and not filled."""
     if mask is None:
         return teacher
-    if teacher.shape[:mask.dim()] != mask.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must have the positions' shape {tuple(teacher.shape[:mask.dim()])}")
+    if teacher.shape[: mask.dim()] != mask.shape:
+        raise ValueError(
+            f"mask {tuple(mask.shape)} must have the positions' shape {tuple(teacher.shape[: mask.dim()])}"
+        )
     at = mask.bool().reshape(*mask.shape, *[1] * (teacher.dim() - mask.dim()))
     return torch.where(at, teacher, torch.zeros((), dtype=teacher.dtype, device=teacher.device))
 

@@ -70,8 +70,10 @@ def cache_rows(cache: LogitCache, row_ids: list[str] | None = None, max_length: 
         ids = r.input_ids.tolist()
         if max_length is not None and len(ids) > max_length:
             if r.start + 1 >= max_length:
-                raise ValueError(f"row {r.row_id!r}: its prompt alone is {r.start + 1} tokens, max_length is "
-                                 f"{max_length}; raise training.max_length")
+                raise ValueError(
+                    f"row {r.row_id!r}: its prompt alone is {r.start + 1} tokens, max_length is "
+                    f"{max_length}; raise training.max_length"
+                )
             ids = ids[:max_length]
         rows.append({"row_id": r.row_id, "input_ids": ids, "start": r.start})
     if wanted is not None and len(rows) != len(wanted):
@@ -96,9 +98,11 @@ class CachedLogitsCollator:
         rows = []
         for e in examples:
             ids, row = torch.as_tensor(e["input_ids"], dtype=torch.long), self.cache[e["row_id"]]
-            if not torch.equal(row.input_ids[:len(ids)], ids):
-                raise ValueError(f"row {e['row_id']!r}: its token ids differ from the logit cache's; the dataset "
-                                 "and the cache are out of step (rebuild the rows with kd_trainer.cache_rows)")
+            if not torch.equal(row.input_ids[: len(ids)], ids):
+                raise ValueError(
+                    f"row {e['row_id']!r}: its token ids differ from the logit cache's; the dataset "
+                    "and the cache are out of step (rebuild the rows with kd_trainer.cache_rows)"
+                )
             rows.append((ids, e["start"], row))
         return teacher_batch(rows, self.cache.k, self.pad)
 
@@ -122,7 +126,7 @@ def teacher_batch(rows: list[tuple[torch.Tensor, int, object]], k: int, pad_toke
     for b, (ids, start, row) in enumerate(rows):
         n = len(ids)
         out["input_ids"][b, :n], out["attention_mask"][b, :n] = ids, 1
-        out["labels"][b, start + 1:n] = ids[start + 1:]
+        out["labels"][b, start + 1 : n] = ids[start + 1 :]
         # teacher position j is logit position start + j; positions cut off by truncation are dropped
         keep = min(len(row.ids), n - 1 - start)
         span = slice(start, start + keep)
@@ -155,16 +159,26 @@ class CachedKDTrainer(SFTTrainer):
             # The decoder without the LM head (the head sees one position); then the head on the answer positions
             # only, chunk by chunk (kdflow.training.chunked_loss): never (B, L, V) logits, nor (N, V) at once.
             outputs, hidden = final_hidden_states(model, inputs)
-            kd_teacher = None if self.kd.alpha == 1.0 else Teacher(
-                *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.kd.divergence, self.kd.temperature,
-                self.kd.beta, self.kd.skew)
-            ce_rows, kd_rows = head_losses(hidden[:, :-1][at], head.weight, head.bias,
-                                           labels=targets[at], teacher=kd_teacher)
+            kd_teacher = (
+                None
+                if self.kd.alpha == 1.0
+                else Teacher(
+                    *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]),
+                    self.kd.divergence,
+                    self.kd.temperature,
+                    self.kd.beta,
+                    self.kd.skew,
+                )
+            )
+            ce_rows, kd_rows = head_losses(
+                hidden[:, :-1][at], head.weight, head.bias, labels=targets[at], teacher=kd_teacher
+            )
             ce = reduce(ce_rows, targets[at] != IGNORE_INDEX, "mean")
             kd = None if kd_rows is None else reduce(kd_rows, kd_at[at], "mean")
             if kd_teacher is not None:  # where the student's top-1 lies came out of the same chunks
-                diagnostics = position_means(kd_teacher.logprobs, kd_teacher.tail, kd_teacher.student_outside,
-                                             head.weight.shape[0], kd_at[at])
+                diagnostics = position_means(
+                    kd_teacher.logprobs, kd_teacher.tail, kd_teacher.student_outside, head.weight.shape[0], kd_at[at]
+                )
         else:
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
             logits = outputs.logits[:, :-1]
@@ -173,8 +187,14 @@ class CachedKDTrainer(SFTTrainer):
             if self.kd.alpha < 1.0:
                 # only the completion positions' logits: (N, V), never the whole batch's (B, L, V) twice over
                 kd_teacher = [teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]]
-                kd = sparse_kd_loss(logits[kd_at], *kd_teacher,
-                                    self.kd.divergence, self.kd.temperature, beta=self.kd.beta, skew=self.kd.skew)
+                kd = sparse_kd_loss(
+                    logits[kd_at],
+                    *kd_teacher,
+                    self.kd.divergence,
+                    self.kd.temperature,
+                    beta=self.kd.beta,
+                    skew=self.kd.skew,
+                )
                 with torch.no_grad():  # the argmax of the logits already there: (B, L) ids, no (N, V) copy
                     outside = outside_topk(logits.argmax(-1)[kd_at], kd_teacher[0])
                     diagnostics = position_means(*kd_teacher[1:], outside, logits.shape[-1])
@@ -195,9 +215,19 @@ class CachedKDTrainer(SFTTrainer):
         super().log({**logs, **{prefix + k: v for k, v in ratio.items()}}, start_time)
 
 
-def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, training: dict, out_dir: Path, seed: int,
-                     checkpoints: Path | None = None, row_ids: list[str] | None = None,
-                     callbacks: list | None = None, peft_config=None) -> list[dict]:
+def train_offline_kd(
+    model,
+    tokenizer,
+    cache_dir: str | Path,
+    kd: KDLoss,
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    checkpoints: Path | None = None,
+    row_ids: list[str] | None = None,
+    callbacks: list | None = None,
+    peft_config=None,
+) -> list[dict]:
     """Train ``model`` in place from the logit cache at ``cache_dir``, save it and the tokenizer to
     ``out_dir/model``; returns the log history (``loss``, ``ce_loss``, ``kd_loss`` per logging step).
 
@@ -210,18 +240,33 @@ def train_offline_kd(model, tokenizer, cache_dir: str | Path, kd: KDLoss, traini
     from kdflow.training.sft import fit
 
     if training.get("packing"):
-        raise ValueError("training.packing: true merges rows into one sequence, which breaks their alignment with "
-                         "the cached teacher logits; set packing: false for a KD student")
+        raise ValueError(
+            "training.packing: true merges rows into one sequence, which breaks their alignment with "
+            "the cached teacher logits; set packing: false for a KD student"
+        )
     disable_progress_bars()
     cache = LogitCache.open(cache_dir, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
     # The rows are already token ids; TRL must not re-tokenize, truncate or drop the row id and start.
-    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
-                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
-                        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    config = sft_config(
+        training,
+        str(checkpoints or out_dir / "checkpoints"),
+        seed,
+        cpu=not torch.cuda.is_available(),
+        checkpoints=checkpoints is not None,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
     rows = cache_rows(cache, row_ids, config.max_length)
-    trainer = CachedKDTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                              processing_class=tokenizer, data_collator=CachedLogitsCollator(cache, _pad_id(tokenizer)),
-                              kd=kd, callbacks=callbacks, peft_config=peft_config)
+    trainer = CachedKDTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=CachedLogitsCollator(cache, _pad_id(tokenizer)),
+        kd=kd,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
     return fit(trainer, model, tokenizer, out_dir, checkpoints)
 
 

@@ -93,11 +93,13 @@ class OnPolicyCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         prompts = [e["input_ids"][: e["start"] + 1] for e in examples]
         P = max(len(p) for p in prompts)
-        out = {"prompt_ids": torch.full((len(prompts), P), self.pad, dtype=torch.long),
-               "prompt_mask": torch.zeros(len(prompts), P, dtype=torch.long)}
+        out = {
+            "prompt_ids": torch.full((len(prompts), P), self.pad, dtype=torch.long),
+            "prompt_mask": torch.zeros(len(prompts), P, dtype=torch.long),
+        }
         for b, p in enumerate(prompts):
-            out["prompt_ids"][b, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            out["prompt_mask"][b, P - len(p):] = 1
+            out["prompt_ids"][b, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            out["prompt_mask"][b, P - len(p) :] = 1
         return out | (self.cached(examples) if self.cached is not None else {})
 
 
@@ -107,7 +109,7 @@ def samples(prompts: torch.Tensor, mask: torch.Tensor, generated: torch.Tensor, 
     rows = []
     for b in range(len(prompts)):
         prompt = prompts[b][mask[b].bool()].tolist()
-        new = generated[b, prompts.shape[1]:].tolist()
+        new = generated[b, prompts.shape[1] :].tolist()
         if eos_id in new:
             new = new[: new.index(eos_id) + 1]
         rows.append(EncodedRow(str(b), np.asarray(prompt + new, dtype=np.int64), len(prompt) - 1))
@@ -200,8 +202,11 @@ class OnPolicyTrainer(CachedKDTrainer):
                     break
                 indices, scored = part
                 self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
-                batch = teacher_batch([(torch.from_numpy(rows[i].input_ids), rows[i].start, t)
-                                       for i, t in zip(indices, scored)], self.settings.k, self.pad)
+                batch = teacher_batch(
+                    [(torch.from_numpy(rows[i].input_ids), rows[i].start, t) for i, t in zip(indices, scored)],
+                    self.settings.k,
+                    self.pad,
+                )
                 self._weight = int(batch["teacher_mask"].sum()) / positions
                 weights.append(self._weight)
                 part_loss = super().training_step(model, batch, num_items_in_batch)
@@ -211,13 +216,15 @@ class OnPolicyTrainer(CachedKDTrainer):
             parts.close()
             self.accounting.teacher_s += time.perf_counter() - began
         if abs(sum(weights) - 1.0) > 1e-6:
-            raise TeacherScoringError(f"the teacher scored {sum(weights):.1%} of the sampled positions at step "
-                                      f"{self.state.global_step}; every sampled token must be scored")
+            raise TeacherScoringError(
+                f"the teacher scored {sum(weights):.1%} of the sampled positions at step "
+                f"{self.state.global_step}; every sampled token must be scored"
+            )
         # one logged value per micro-batch, as unstreamed: its weighted mean (the diagnostics are means over positions
         # too, appended with each part's kd_loss)
         for name in ("ce_loss", "kd_loss", *PER_POSITION):
             values = self._metrics["train"][name]
-            values[-len(weights):] = [sum(w * v for w, v in zip(weights, values[-len(weights):]))]
+            values[-len(weights) :] = [sum(w * v for w, v in zip(weights, values[-len(weights) :]))]
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -233,10 +240,17 @@ class OnPolicyTrainer(CachedKDTrainer):
         student.eval()
         room = self.args.max_length - prompts.shape[1] if self.args.max_length else self.settings.max_new_tokens
         # top_k 0 and top_p 1: sample from the student's whole distribution (generate's defaults would cut it).
-        out = student.generate(input_ids=prompts, attention_mask=mask, do_sample=True,
-                               temperature=self.settings.temperature, top_k=0, top_p=1.0,
-                               max_new_tokens=min(self.settings.max_new_tokens, room), eos_token_id=self.eos,
-                               pad_token_id=self.pad)
+        out = student.generate(
+            input_ids=prompts,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=self.settings.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=min(self.settings.max_new_tokens, room),
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+        )
         student.train(was_training)
         return samples(prompts.cpu(), mask.cpu(), out.cpu(), self.eos)
 
@@ -280,17 +294,20 @@ class OnPolicyTrainer(CachedKDTrainer):
             scored = self.teacher_answer(answer.result)
             self._pending = fresh, self._teacher.submit(self.timed_score, fresh)
         self.accounting.score_s += time.perf_counter() - waited
-        return teacher_batch([(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)],
-                             self.settings.k, self.pad)
+        return teacher_batch(
+            [(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)], self.settings.k, self.pad
+        )
 
     def teacher_answer(self, answer) -> list[TopK]:
         try:
             return answer()
         except TeacherScoringError as e:
             done = self.state.global_step  # the finished steps: this one's update has not happened
-            raise TeacherScoringError(f"{e}\nOn-policy training stopped at step {done + 1}, before its update ({done} "
-                                      f"steps done); its checkpoints are in {self.args.output_dir}: rerun the stage "
-                                      "once the teacher answers again and it resumes from the last one.") from e
+            raise TeacherScoringError(
+                f"{e}\nOn-policy training stopped at step {done + 1}, before its update ({done} "
+                f"steps done); its checkpoints are in {self.args.output_dir}: rerun the stage "
+                "once the teacher answers again and it resumes from the last one."
+            ) from e
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs or "train_runtime" in logs:
@@ -305,15 +322,28 @@ def prompt_rows(tokenizer, rows: list[dict], max_length: int | None) -> list[dic
     for r in rows:
         e = encode_row(tokenizer, r["row_id"], r["prompt"], r["completion"])
         if max_length is not None and e.start + 1 >= max_length:
-            raise ValueError(f"row {r['row_id']!r}: its prompt alone is {e.start + 1} tokens, training.max_length is "
-                             f"{max_length}: nothing is left to sample; raise training.max_length")
+            raise ValueError(
+                f"row {r['row_id']!r}: its prompt alone is {e.start + 1} tokens, training.max_length is "
+                f"{max_length}: nothing is left to sample; raise training.max_length"
+            )
         out.append({"row_id": e.row_id, "input_ids": e.input_ids.tolist(), "start": e.start})
     return out
 
 
-def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, teacher_dir: str | Path,
-                    cache_dir: str | Path | None, training: dict, out_dir: Path, seed: int,
-                    checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
+def train_on_policy(
+    model,
+    tokenizer,
+    rows: list[dict],
+    settings: OnPolicyKD,
+    teacher_dir: str | Path,
+    cache_dir: str | Path | None,
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    checkpoints: Path | None = None,
+    callbacks: list | None = None,
+    peft_config=None,
+) -> list[dict]:
     """Train ``model`` in place by on-policy KD from the teacher at ``teacher_dir`` (scored as ``settings`` says,
     never loaded here) on the prompts of ``rows`` (prompt-completion rows with ``row_id``), and save it with the
     tokenizer to ``out_dir/model``; ``cache_dir``: the logit cache, needed when ``settings.lmbda < 1``. Writes
@@ -325,17 +355,27 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
     from kdflow.training.sft import fit
 
     if training.get("packing"):
-        raise ValueError("training.packing: true merges rows into one sequence; an on-policy student samples each "
-                         "prompt's completion on its own: set packing: false")
+        raise ValueError(
+            "training.packing: true merges rows into one sequence; an on-policy student samples each "
+            "prompt's completion on its own: set packing: false"
+        )
     if settings.k > model.config.vocab_size:
         # Found here, before the teacher is started: its top-k would fail in the scoring process or the server, and
         # that error's advice (rerun once the teacher answers again) cannot help.
-        raise ValueError(f"kd.k = {settings.k} exceeds the student's vocabulary ({model.config.vocab_size} tokens): "
-                         f"the teacher's top-k cannot hold more ids than there are; use k <= {model.config.vocab_size}")
+        raise ValueError(
+            f"kd.k = {settings.k} exceeds the student's vocabulary ({model.config.vocab_size} tokens): "
+            f"the teacher's top-k cannot hold more ids than there are; use k <= {model.config.vocab_size}"
+        )
     disable_progress_bars()
-    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
-                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
-                        remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True})
+    config = sft_config(
+        training,
+        str(checkpoints or out_dir / "checkpoints"),
+        seed,
+        cpu=not torch.cuda.is_available(),
+        checkpoints=checkpoints is not None,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
     cache = None
     if settings.lmbda < 1.0:
         if cache_dir is None:
@@ -357,17 +397,43 @@ def train_on_policy(model, tokenizer, rows: list[dict], settings: OnPolicyKD, te
         torch.set_num_threads(threads - teacher_threads)
     with contextlib.ExitStack() as restore:
         restore.callback(torch.set_num_threads, threads)
-        scorer = restore.enter_context(teacher_scorer(settings.teacher_backend, teacher_dir, settings.k, log,
-                                                      settings.base_url, settings.concurrency, settings.batch_tokens,
-                                                      teacher_threads, vocab_size=model.config.vocab_size,
-                                                      timeout_s=settings.timeout_s))
-        trainer = OnPolicyTrainer(model=model, args=config, train_dataset=Dataset.from_list(data),
-                                  processing_class=tokenizer, data_collator=OnPolicyCollator(pad, cache),
-                                  callbacks=callbacks, peft_config=peft_config, settings=settings, scorer=scorer,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        scorer = restore.enter_context(
+            teacher_scorer(
+                settings.teacher_backend,
+                teacher_dir,
+                settings.k,
+                log,
+                settings.base_url,
+                settings.concurrency,
+                settings.batch_tokens,
+                teacher_threads,
+                vocab_size=model.config.vocab_size,
+                timeout_s=settings.timeout_s,
+            )
+        )
+        trainer = OnPolicyTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(data),
+            processing_class=tokenizer,
+            data_collator=OnPolicyCollator(pad, cache),
+            callbacks=callbacks,
+            peft_config=peft_config,
+            settings=settings,
+            scorer=scorer,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad,
+        )
         history = fit(trainer, model, tokenizer, out_dir, checkpoints)
     if trainer.accelerator.is_main_process:
-        (out_dir / ACCOUNTING_FILE).write_text(json.dumps({**trainer.accounting.rounded(),
-                                                           "teacher_backend": settings.teacher_backend,
-                                                           "overlap": settings.overlap}, indent=1))
+        (out_dir / ACCOUNTING_FILE).write_text(
+            json.dumps(
+                {
+                    **trainer.accounting.rounded(),
+                    "teacher_backend": settings.teacher_backend,
+                    "overlap": settings.overlap,
+                },
+                indent=1,
+            )
+        )
     return history

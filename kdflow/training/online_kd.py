@@ -24,9 +24,23 @@ def messages_row(row: dict) -> dict:
     return {"messages": [*row["prompt"], *row["completion"]]}
 
 
-def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int, *,
-                 lmbda: float, beta: float, temperature: float, max_new_tokens: int,
-                 checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
+def train_online(
+    student,
+    teacher,
+    tokenizer,
+    rows: list[dict],
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    *,
+    lmbda: float,
+    beta: float,
+    temperature: float,
+    max_new_tokens: int,
+    checkpoints: Path | None = None,
+    callbacks: list | None = None,
+    peft_config=None,
+) -> list[dict]:
     """Train ``student`` in place by GKD from the live ``teacher`` on prompt-completion ``rows``.
 
     ``lmbda``: fraction of steps trained on the student's own samples (0 = the dataset's completions only);
@@ -53,11 +67,25 @@ def train_online(student, teacher, tokenizer, rows: list[dict], training: dict, 
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     disable_progress_bars()
-    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed, cpu=not torch.cuda.is_available(),
-                        checkpoints=checkpoints is not None, config_class=GKDConfig,
-                        lmbda=lmbda, beta=beta, temperature=temperature, max_new_tokens=max_new_tokens)
-    trainer = GKDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
-                         peft_config=peft_config,
-                         train_dataset=Dataset.from_list([messages_row(r) for r in plain_rows(rows, tokenizer)]),
-                         processing_class=tokenizer)
+    config = sft_config(
+        training,
+        str(checkpoints or out_dir / "checkpoints"),
+        seed,
+        cpu=not torch.cuda.is_available(),
+        checkpoints=checkpoints is not None,
+        config_class=GKDConfig,
+        lmbda=lmbda,
+        beta=beta,
+        temperature=temperature,
+        max_new_tokens=max_new_tokens,
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher.eval(),
+        args=config,
+        callbacks=callbacks,
+        peft_config=peft_config,
+        train_dataset=Dataset.from_list([messages_row(r) for r in plain_rows(rows, tokenizer)]),
+        processing_class=tokenizer,
+    )
     return fit(trainer, student, tokenizer, out_dir, checkpoints)

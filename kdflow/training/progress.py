@@ -56,11 +56,15 @@ class TrainingProgress(TrainerCallback):
             if state.is_world_process_zero and (now - self.printed >= self.every_s or step >= total):
                 self.printed = now
                 brief = topk_diagnostics.brief(topk)
-                self._print(f"step {step}/{total}  loss {logs['loss']:.4f}  {brief + '  ' if brief else ''}"
-                            f"{duration(left)} left")
+                self._print(
+                    f"step {step}/{total}  loss {logs['loss']:.4f}  {brief + '  ' if brief else ''}"
+                    f"{duration(left)} left"
+                )
         elif "train_runtime" in logs and state.is_world_process_zero:
-            self._print(f"done: {step}/{total} steps in {duration(logs['train_runtime'])}, "
-                        f"mean loss {logs.get('train_loss', float('nan')):.4f}")
+            self._print(
+                f"done: {step}/{total} steps in {duration(logs['train_runtime'])}, "
+                f"mean loss {logs.get('train_loss', float('nan')):.4f}"
+            )
 
     def _print(self, text: str) -> None:
         print(f"{self.label} {text}", file=sys.stdout, flush=True)  # sys.stdout looked up now: pytest swaps it

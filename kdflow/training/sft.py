@@ -68,8 +68,17 @@ def save_model(trainer, model, tokenizer, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir / "model")
 
 
-def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path, seed: int,
-              checkpoints: Path | None = None, callbacks: list | None = None, peft_config=None) -> list[dict]:
+def train_sft(
+    model,
+    tokenizer,
+    rows: list[dict],
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    checkpoints: Path | None = None,
+    callbacks: list | None = None,
+    peft_config=None,
+) -> list[dict]:
     """Train ``model`` in place on ``rows`` and save it (with the tokenizer) to ``out_dir``.
 
     ``checkpoints``: a folder that outlives a failed attempt (not inside ``out_dir``, which is a temporary
@@ -81,12 +90,23 @@ def train_sft(model, tokenizer, rows: list[dict], training: dict, out_dir: Path,
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
-    config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
-                        cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None)
+    config = sft_config(
+        training,
+        str(checkpoints or out_dir / "checkpoints"),
+        seed,
+        cpu=not torch.cuda.is_available(),
+        checkpoints=checkpoints is not None,
+    )
     # TRL templates and tokenizes the rows itself: their texts must hold no special token (templates.plain_rows)
     data = Dataset.from_list(plain_rows(rows, tokenizer))
-    trainer = chunked_sft_trainer()(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                                    callbacks=callbacks, peft_config=peft_config)
+    trainer = chunked_sft_trainer()(
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+    )
     return fit(trainer, model, tokenizer, out_dir, checkpoints)
 
 
@@ -109,9 +129,16 @@ def chunked_sft_trainer():
     class ChunkedSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.get("labels")
-            plain = (return_outputs or labels is None or "attention_mask" not in inputs or labels.device.type != "cpu"
-                     or self.args.loss_type != "nll" or self.label_smoother is not None
-                     or self.compute_loss_func is not None or self.aux_loss_enabled)
+            plain = (
+                return_outputs
+                or labels is None
+                or "attention_mask" not in inputs
+                or labels.device.type != "cpu"
+                or self.args.loss_type != "nll"
+                or self.label_smoother is not None
+                or self.compute_loss_func is not None
+                or self.aux_loss_enabled
+            )
             targets = None if plain else labels[:, 1:]  # logits[:, t] predicts token t + 1
             head = None if plain else fused_head(model, int((targets != IGNORE_INDEX).sum()), "SFT")
             if head is None:

@@ -80,8 +80,9 @@ def needs_logit_cache(section: StudentSection) -> bool:
     return kd is not None and (kd.method is KDMethod.offline or isinstance(kd, OnPolicyKD) and kd.lmbda < 1.0)
 
 
-def student_inputs(section: StudentSection, curated: OutputRef | None,
-                   logits: OutputRef | None) -> tuple[OutputRef | None, OutputRef | None]:
+def student_inputs(
+    section: StudentSection, curated: OutputRef | None, logits: OutputRef | None
+) -> tuple[OutputRef | None, OutputRef | None]:
     """What of the run a student trains from: the curated answers unless it learns from gold alone, the logit
     cache only for offline KD — so a new filter or a new cache retrains only the students that use them."""
     return (curated if needs_curated(section) else None), (logits if needs_logit_cache(section) else None)
@@ -98,14 +99,24 @@ def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokeniz
     check_tokenizers(AutoTokenizer.from_pretrained(model_location(teacher)), tokenizer, cross_tokenizer=cross)
 
 
-def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], teacher: OutputRef,
-                logits: OutputRef | None, out: Path, checkpoints: Path, on_progress: OnProgress | None = None
-                ) -> list[dict]:
+def fit_student(
+    model,
+    tokenizer,
+    section: StudentSection,
+    rows: list[dict],
+    teacher: OutputRef,
+    logits: OutputRef | None,
+    out: Path,
+    checkpoints: Path,
+    on_progress: OnProgress | None = None,
+) -> list[dict]:
     """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
     kd, training, seed = section.kd, {**section.training, **training_flags(section.dtype)}, section.seed
-    callbacks = [TrainingProgress("students", section.name, on_progress),
-                 *curve_snapshots(section, out, tokenizer, checkpoints)]
+    callbacks = [
+        TrainingProgress("students", section.name, on_progress),
+        *curve_snapshots(section, out, tokenizer, checkpoints),
+    ]
     row_ids = [r["row_id"] for r in rows]
     rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
     # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
@@ -119,39 +130,104 @@ def fit_student(model, tokenizer, section: StudentSection, rows: list[dict], tea
     if kd.method is KDMethod.offline:
         from kdflow.training.offline_kd import KDLoss, train_offline_kd
 
-        return train_offline_kd(model, tokenizer, logits.path, KDLoss.of(kd), training, out, seed, checkpoints,
-                                row_ids=row_ids, peft_config=peft, callbacks=callbacks)
+        return train_offline_kd(
+            model,
+            tokenizer,
+            logits.path,
+            KDLoss.of(kd),
+            training,
+            out,
+            seed,
+            checkpoints,
+            row_ids=row_ids,
+            peft_config=peft,
+            callbacks=callbacks,
+        )
     if isinstance(kd, OnPolicyKD):  # the teacher scores out of process: never loaded here
         from kdflow.training.on_policy import train_on_policy
 
-        return train_on_policy(model, tokenizer, [{**r, "row_id": i} for r, i in zip(rows, row_ids)], kd,
-                               model_location(teacher), logits.path if logits is not None else None, training, out,
-                               seed, checkpoints, callbacks=callbacks, peft_config=peft)
+        return train_on_policy(
+            model,
+            tokenizer,
+            [{**r, "row_id": i} for r, i in zip(rows, row_ids)],
+            kd,
+            model_location(teacher),
+            logits.path if logits is not None else None,
+            training,
+            out,
+            seed,
+            checkpoints,
+            callbacks=callbacks,
+            peft_config=peft,
+        )
     dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
-    live = AutoModelForCausalLM.from_pretrained(model_location(teacher),
-                                                **({} if dtype is None else {"dtype": dtype})).eval()
+    live = AutoModelForCausalLM.from_pretrained(
+        model_location(teacher), **({} if dtype is None else {"dtype": dtype})
+    ).eval()
     if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
         from kdflow.training.tokenizer_compat import train_gold
 
-        return train_gold(model, live, tokenizer, AutoTokenizer.from_pretrained(model_location(teacher)), rows,
-                          training, out, seed, lmbda=kd.lmbda, temperature=kd.temperature,
-                          max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
-                          callbacks=callbacks)
+        return train_gold(
+            model,
+            live,
+            tokenizer,
+            AutoTokenizer.from_pretrained(model_location(teacher)),
+            rows,
+            training,
+            out,
+            seed,
+            lmbda=kd.lmbda,
+            temperature=kd.temperature,
+            max_new_tokens=kd.max_new_tokens,
+            checkpoints=checkpoints,
+            callbacks=callbacks,
+        )
     if kd.method is KDMethod.online:
         from kdflow.training.online_kd import train_online
 
-        return train_online(model, live, tokenizer, rows, training, out, seed, lmbda=kd.lmbda, beta=kd.beta,
-                            temperature=kd.temperature, max_new_tokens=kd.max_new_tokens, checkpoints=checkpoints,
-                            peft_config=peft, callbacks=callbacks)
+        return train_online(
+            model,
+            live,
+            tokenizer,
+            rows,
+            training,
+            out,
+            seed,
+            lmbda=kd.lmbda,
+            beta=kd.beta,
+            temperature=kd.temperature,
+            max_new_tokens=kd.max_new_tokens,
+            checkpoints=checkpoints,
+            peft_config=peft,
+            callbacks=callbacks,
+        )
     from kdflow.training.feature_kd import train_feature_kd
 
-    return train_feature_kd(model, live, tokenizer, rows, training, out, seed, layer_map=kd.feature.layers,
-                            kind=kd.feature.kind, weight=kd.feature.weight, checkpoints=checkpoints,
-                            callbacks=callbacks)
+    return train_feature_kd(
+        model,
+        live,
+        tokenizer,
+        rows,
+        training,
+        out,
+        seed,
+        layer_map=kd.feature.layers,
+        kind=kd.feature.kind,
+        weight=kd.feature.weight,
+        checkpoints=checkpoints,
+        callbacks=callbacks,
+    )
 
 
-def train_here(section: StudentSection, rows: list[dict], teacher: OutputRef, logits: OutputRef | None, out: Path,
-               checkpoints: Path | None, on_progress: OnProgress | None = None) -> None:
+def train_here(
+    section: StudentSection,
+    rows: list[dict],
+    teacher: OutputRef,
+    logits: OutputRef | None,
+    out: Path,
+    checkpoints: Path | None,
+    on_progress: OnProgress | None = None,
+) -> None:
     """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
     it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
     check_trainable_here(section.dtype, f"student {section.name!r}")
@@ -205,21 +281,37 @@ def launch_student(job: StudentJob, out: Path, job_file: Path, log: Path) -> Non
     raises with its last lines."""
     launch = job.section.launch
     job.write(job_file)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch.config_path),
-           *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
-           "-m", "kdflow.training.cli", "--job", str(job_file), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(launch.config_path),
+        *(["--num_processes", str(launch.num_processes)] if launch.num_processes else []),
+        "-m",
+        "kdflow.training.cli",
+        "--job",
+        str(job_file),
+        "--out",
+        str(out),
+    ]
     # The processes import kdflow from this checkout, whatever the caller's working directory.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           **job.secrets()}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        **job.secrets(),
+    }
     with open(log, "w") as f:
         code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if code != 0:
         tail = "\n".join(Path(log).read_text(errors="replace").splitlines()[-LOG_TAIL:])
-        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with {code}; the last lines "
-                           f"of {log}:\n{tail}")
+        raise RuntimeError(
+            f"student {job.section.name!r}: `accelerate launch` exited with {code}; the last lines of {log}:\n{tail}"
+        )
     if not (Path(out) / "model" / "config.json").is_file():
-        raise RuntimeError(f"student {job.section.name!r}: `accelerate launch` exited with 0 but wrote no model to "
-                           f"{out}; see {log}")
+        raise RuntimeError(
+            f"student {job.section.name!r}: `accelerate launch` exited with 0 but wrote no model to {out}; see {log}"
+        )
     job_file.unlink(missing_ok=True)
 
 

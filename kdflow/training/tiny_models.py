@@ -40,7 +40,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     """
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -58,8 +61,15 @@ def with_chat_template(tok: Tokenizer) -> PreTrainedTokenizerFast:
     return fast
 
 
-def llama_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int, heads: int, intermediate: int,
-                seed: int, max_positions: int = 256) -> LlamaForCausalLM:
+def llama_model(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden: int,
+    layers: int,
+    heads: int,
+    intermediate: int,
+    seed: int,
+    max_positions: int = 256,
+) -> LlamaForCausalLM:
     """A freshly initialised Llama sized by the recipe; head dimension is hidden / heads."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -123,19 +133,41 @@ def qwen2_config(shape: Qwen2Shape, tokenizer: PreTrainedTokenizerFast | None = 
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise ValueError(f"Qwen2 shape {shape}: hidden must divide by heads and heads by kv_heads")
     if tokenizer is not None and len(tokenizer) > shape.vocab_rows:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the shape only {shape.vocab_rows} "
-                         "embedding rows: raise vocab_rows to at least the tokenizer's length")
-    ids = ({} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                             pad_token_id=tokenizer.pad_token_id))
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the shape only {shape.vocab_rows} "
+            "embedding rows: raise vocab_rows to at least the tokenizer's length"
+        )
+    ids = (
+        {}
+        if tokenizer is None
+        else dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
     return Qwen2Config(
-        vocab_size=shape.vocab_rows, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        max_position_embeddings=shape.max_positions, tie_word_embeddings=shape.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta}, use_sliding_window=False, **ids)
+        vocab_size=shape.vocab_rows,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=shape.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        use_sliding_window=False,
+        **ids,
+    )
 
 
-def qwen2_model(tokenizer: PreTrainedTokenizerFast | None = None, shape: Qwen2Shape = QWEN25_05B, seed: int = 0,
-                dtype=None, **changes) -> Qwen2ForCausalLM:
+def qwen2_model(
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    shape: Qwen2Shape = QWEN25_05B,
+    seed: int = 0,
+    dtype=None,
+    **changes,
+) -> Qwen2ForCausalLM:
     """A freshly initialised (seeded, random) Qwen2-architecture causal LM of ``shape`` — by default
     Qwen2.5-0.5B's — with ``changes`` to shrink it, e.g. ``qwen2_model(tok, layers=2, hidden=128, heads=2,
     kv_heads=1, intermediate=256)``. The embedding keeps ``shape.vocab_rows`` rows whatever the tokenizer's
@@ -152,12 +184,41 @@ def synthetic_words(lines: int, seed: int = 0, words_per_line: int = 20) -> Iter
     """Lines of pronounceable made-up words (1–4 syllables), seeded: enough distinct words for a BPE to learn
     150k merges, which GSM8K's English alone cannot give (it yields ~24.8k tokens)."""
     rng = random.Random(seed)
-    onsets = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z",
-              "ch", "sh", "th", "st", "tr", "br", "pl", "gr", "kl"]
+    onsets = [
+        "",
+        "b",
+        "c",
+        "d",
+        "f",
+        "g",
+        "h",
+        "j",
+        "k",
+        "l",
+        "m",
+        "n",
+        "p",
+        "r",
+        "s",
+        "t",
+        "v",
+        "w",
+        "z",
+        "ch",
+        "sh",
+        "th",
+        "st",
+        "tr",
+        "br",
+        "pl",
+        "gr",
+        "kl",
+    ]
     vowels = ["a", "e", "i", "o", "u", "ai", "ou", "ea", "io", "y"]
     codas = ["", "n", "r", "s", "l", "m", "t", "x", "nd", "rk", "st"]
-    word = lambda: "".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
-                           for _ in range(rng.randint(1, 4)))
+    word = lambda: "".join(
+        rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas) for _ in range(rng.randint(1, 4))
+    )
     for _ in range(lines):
         yield " ".join(word() for _ in range(words_per_line))
 
@@ -168,8 +229,9 @@ def synthetic_words(lines: int, seed: int = 0, words_per_line: int = 20) -> Iter
 QWEN2_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501  (the regex as Qwen2Tokenizer has it)
 
 
-def large_vocab_tokenizer(texts: Iterable[str], vocab_size: int = QWEN25_TOKENS, synthetic_lines: int = 25_000,
-                          seed: int = 0) -> PreTrainedTokenizerFast:
+def large_vocab_tokenizer(
+    texts: Iterable[str], vocab_size: int = QWEN25_TOKENS, synthetic_lines: int = 25_000, seed: int = 0
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE of up to ``vocab_size`` tokens (default Qwen2.5's 151,665) with Qwen2's normaliser and
     pre-tokenizer and all 256 bytes in its alphabet (no text maps to ``<|unk|>``), learnt from ``texts`` (e.g.
     GSM8K) plus ``synthetic_lines`` of made-up words. With GSM8K and the default 25,000 synthetic lines it
@@ -177,17 +239,26 @@ def large_vocab_tokenizer(texts: Iterable[str], vocab_size: int = QWEN25_TOKENS,
     ``len()`` when you pass less text."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS, UNK, *ROLE_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([*texts, *synthetic_words(synthetic_lines, seed)], trainer=trainer)
     return with_chat_template(tok)
 
 
-ROUND_TRIP_PROBE = "Weng earns $12/hour (50 minutes): 0.2 x 50 = $10.\n\n#### 10 — naïve café's “quotes” <|assistant|>ok<|end|>"
+ROUND_TRIP_PROBE = (
+    "Weng earns $12/hour (50 minutes): 0.2 x 50 = $10.\n\n#### 10 — naïve café's “quotes” <|assistant|>ok<|end|>"
+)
 
 
 def save_qwen2(folder: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast) -> Path:
@@ -203,7 +274,9 @@ def save_qwen2(folder: Path, model: Qwen2ForCausalLM, tokenizer: PreTrainedToken
     tokenizer.save_pretrained(folder)
     reloaded = AutoTokenizer.from_pretrained(folder)
     if reloaded(ROUND_TRIP_PROBE).input_ids != tokenizer(ROUND_TRIP_PROBE).input_ids:
-        raise ValueError(f"{folder}: the saved qwen2 folder reloads its tokenizer as {type(reloaded).__name__}, "
-                         "which splits text differently; build the tokenizer with large_vocab_tokenizer (Qwen2's "
-                         "pre-tokenizer) or save the model as Llama (llama_model)")
+        raise ValueError(
+            f"{folder}: the saved qwen2 folder reloads its tokenizer as {type(reloaded).__name__}, "
+            "which splits text differently; build the tokenizer with large_vocab_tokenizer (Qwen2's "
+            "pre-tokenizer) or save the model as Llama (llama_model)"
+        )
     return folder

@@ -17,8 +17,10 @@ from kdflow.config.templates import plain_rows
 
 CROSS_TOKENIZER_METHODS = ("gold",)
 SPECIAL_TOKENS = ("bos", "eos", "pad")
-FIX = ("set kd.cross_tokenizer: gold to use TRL's GOLD (cross-tokenizer ULD) trainer, "
-       "or use a student with the teacher's tokenizer")
+FIX = (
+    "set kd.cross_tokenizer: gold to use TRL's GOLD (cross-tokenizer ULD) trainer, "
+    "or use a student with the teacher's tokenizer"
+)
 SHOWN = 3  # differing tokens quoted in a message: enough to recognise the problem, short enough to read
 
 
@@ -33,10 +35,14 @@ def check_tokenizers(teacher_tokenizer, student_tokenizer, *, cross_tokenizer: s
     allowed to go ahead can log them.
     """
     if cross_tokenizer is not None and cross_tokenizer not in CROSS_TOKENIZER_METHODS:
-        raise ValueError(f"kd.cross_tokenizer must be one of {CROSS_TOKENIZER_METHODS} or unset, got {cross_tokenizer!r}")
+        raise ValueError(
+            f"kd.cross_tokenizer must be one of {CROSS_TOKENIZER_METHODS} or unset, got {cross_tokenizer!r}"
+        )
     differences = tokenizer_differences(teacher_tokenizer, student_tokenizer)
     if differences and cross_tokenizer is None:
-        raise TokenizerMismatch("teacher and student tokenizers differ: " + "; ".join(differences) + f". To fix: {FIX}.")
+        raise TokenizerMismatch(
+            "teacher and student tokenizers differ: " + "; ".join(differences) + f". To fix: {FIX}."
+        )
     return differences
 
 
@@ -56,10 +62,13 @@ def vocab_difference(teacher_vocab: dict[str, int], student_vocab: dict[str, int
     student_tokens = {i: t for t, i in student_vocab.items()}
     ids = sorted(set(teacher_tokens) | set(student_tokens))
     differing = [i for i in ids if teacher_tokens.get(i) != student_tokens.get(i)]
-    shown = ", ".join(f"id {i}: teacher {teacher_tokens.get(i)!r} vs student {student_tokens.get(i)!r}"
-                      for i in differing[:SHOWN])
-    return (f"vocabularies differ (teacher {len(teacher_vocab)} tokens, student {len(student_vocab)}; "
-            f"{len(differing)} ids differ, first {shown})")
+    shown = ", ".join(
+        f"id {i}: teacher {teacher_tokens.get(i)!r} vs student {student_tokens.get(i)!r}" for i in differing[:SHOWN]
+    )
+    return (
+        f"vocabularies differ (teacher {len(teacher_vocab)} tokens, student {len(student_vocab)}; "
+        f"{len(differing)} ids differ, first {shown})"
+    )
 
 
 def special_token_difference(teacher_tokenizer, student_tokenizer, name: str) -> str | None:
@@ -76,17 +85,36 @@ def template_difference(teacher_template: str | None, student_template: str | No
     if teacher_template == student_template:
         return None
     if teacher_template is None or student_template is None:
-        return f"chat template differs (teacher {'none' if teacher_template is None else 'has one'}, " \
-               f"student {'none' if student_template is None else 'has one'})"
-    at = next((i for i, (a, b) in enumerate(zip(teacher_template, student_template)) if a != b),
-              min(len(teacher_template), len(student_template)))
-    return (f"chat template differs (teacher {len(teacher_template)} chars, student {len(student_template)}; "
-            f"first difference at char {at})")
+        return (
+            f"chat template differs (teacher {'none' if teacher_template is None else 'has one'}, "
+            f"student {'none' if student_template is None else 'has one'})"
+        )
+    at = next(
+        (i for i, (a, b) in enumerate(zip(teacher_template, student_template)) if a != b),
+        min(len(teacher_template), len(student_template)),
+    )
+    return (
+        f"chat template differs (teacher {len(teacher_template)} chars, student {len(student_template)}; "
+        f"first difference at char {at})"
+    )
 
 
-def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: list[dict], training: dict, out_dir: Path,
-               seed: int, *, lmbda: float, temperature: float, max_new_tokens: int,
-               checkpoints: Path | None = None, callbacks: list | None = None) -> list[dict]:
+def train_gold(
+    student,
+    teacher,
+    student_tokenizer,
+    teacher_tokenizer,
+    rows: list[dict],
+    training: dict,
+    out_dir: Path,
+    seed: int,
+    *,
+    lmbda: float,
+    temperature: float,
+    max_new_tokens: int,
+    checkpoints: Path | None = None,
+    callbacks: list | None = None,
+) -> list[dict]:
     """Train ``student`` in place from a live ``teacher`` with a different tokenizer, by TRL's GOLD trainer.
 
     The loss is ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation"): at each aligned position,
@@ -123,12 +151,25 @@ def train_gold(student, teacher, student_tokenizer, teacher_tokenizer, rows: lis
     # the trainer's constructor.
     with tempfile.TemporaryDirectory(prefix="kdflow-teacher-tokenizer-") as teacher_tokenizer_dir:
         teacher_tokenizer.save_pretrained(teacher_tokenizer_dir)
-        config = sft_config(training, str(checkpoints or out_dir / "checkpoints"), seed,
-                            cpu=not torch.cuda.is_available(), checkpoints=checkpoints is not None,
-                            config_class=GOLDConfig, use_uld_loss=True,
-                            teacher_tokenizer_name_or_path=teacher_tokenizer_dir, lmbda=lmbda,
-                            temperature=temperature, max_completion_length=max_new_tokens)
-        trainer = GOLDTrainer(model=student, teacher_model=teacher.eval(), args=config, callbacks=callbacks,
-                              train_dataset=Dataset.from_list(plain_rows(rows, student_tokenizer, teacher_tokenizer)),
-                              processing_class=student_tokenizer)
+        config = sft_config(
+            training,
+            str(checkpoints or out_dir / "checkpoints"),
+            seed,
+            cpu=not torch.cuda.is_available(),
+            checkpoints=checkpoints is not None,
+            config_class=GOLDConfig,
+            use_uld_loss=True,
+            teacher_tokenizer_name_or_path=teacher_tokenizer_dir,
+            lmbda=lmbda,
+            temperature=temperature,
+            max_completion_length=max_new_tokens,
+        )
+        trainer = GOLDTrainer(
+            model=student,
+            teacher_model=teacher.eval(),
+            args=config,
+            callbacks=callbacks,
+            train_dataset=Dataset.from_list(plain_rows(rows, student_tokenizer, teacher_tokenizer)),
+            processing_class=student_tokenizer,
+        )
     return fit(trainer, student, student_tokenizer, out_dir, checkpoints)

@@ -41,8 +41,9 @@ def outside_topk(student_top1: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def position_means(logprobs: torch.Tensor, tail: torch.Tensor, outside: torch.Tensor, vocab_size: int,
-                   mask: torch.Tensor | None = None) -> dict[str, float]:
+def position_means(
+    logprobs: torch.Tensor, tail: torch.Tensor, outside: torch.Tensor, vocab_size: int, mask: torch.Tensor | None = None
+) -> dict[str, float]:
     """``{topk_kept_mass, topk_tail_mass, top1_outside_topk}``: means over the positions ``mask`` (N,) keeps (all
     when None; 0 when none, as ``reduce`` gives) of the rows ``logprobs`` (N, k), ``tail`` (N,) and ``outside`` (N,)
     (``outside_topk``, or the chunked head's ``Teacher.student_outside``). One host sync for the three."""
@@ -93,8 +94,13 @@ def summary(history: list[dict], alpha: float | None = None) -> dict:
     if "ce_loss" in mean and "kd_loss" in mean and (r := ratio(mean["kd_loss"], mean["ce_loss"])) is not None:
         mean[RATIO] = r
     window = lambda step, d: {"step": step, **{k: round(v, 6) for k, v in d.items() if v is not None}}  # noqa: E731
-    return {"logging_steps": len(steps), **({} if alpha is None else {"alpha": alpha}),
-            "mean": {k: round(v, 6) for k, v in mean.items()}, "first": window(*steps[0]), "last": window(*steps[-1])}
+    return {
+        "logging_steps": len(steps),
+        **({} if alpha is None else {"alpha": alpha}),
+        "mean": {k: round(v, 6) for k, v in mean.items()},
+        "first": window(*steps[0]),
+        "last": window(*steps[-1]),
+    }
 
 
 def _mean(values: list[float]) -> float | None:
