@@ -198,6 +198,19 @@ def test_outputs_reused_from_an_earlier_run_count_once_and_say_so(tmp_path):
     assert "of which made in this run" not in "\n".join(section(unknown))
 
 
+def test_an_output_made_in_the_second_a_run_started_but_before_it_was_reused(tmp_path):
+    """A cached rerun started in the same second as the last output of the run before: made_in_this_run compares
+    the manifest's created_ns with the run's start, not two times cut to the second (a test failed on that tie)."""
+    start = datetime(2026, 12, 5, 12, 0, 0, 600_000, tzinfo=timezone.utc)
+    ns = int(start.timestamp() * 1e9)
+    before = output(tmp_path, "students", "a", created_at="2026-12-05T12:00:00Z", created_ns=ns - 300_000_000)
+    after = output(tmp_path, "students", "b", created_at="2026-12-05T12:00:00Z", created_ns=ns + 1_000)
+    old = output(tmp_path, "students", "c", created_at="2026-12-05T12:00:00Z")  # a manifest from before created_ns
+    ledger = build_ledger(tmp_path, {"a": [before], "b": [after], "c": [old]}, {}, {}, None, start)
+    made = {r["sha256"]: r["made_in_this_run"] for r in ledger["outputs"]}
+    assert made == {"a": False, "b": True, "c": True}  # to the second, as such manifests could only say
+
+
 def test_an_input_missing_from_the_run_folder_is_named_not_counted(tmp_path):
     students, overhead = small_run(tmp_path)
     (tmp_path / "logit-cache" / ("l" * 16) / "manifest.json").unlink()

@@ -165,7 +165,15 @@ def _ref(r: OutputRef) -> tuple[str, str]:
     return (r.stage, r.sha256)
 
 
+def _to_resolution(start: datetime, m: dict) -> datetime:
+    """The run's start, to the resolution of the manifest's time (an older manifest has whole seconds)."""
+    return start if isinstance(m.get("created_ns"), int) else start.replace(microsecond=0)
+
+
 def _made_at(m: dict) -> datetime | None:
+    """When the output was made: to the microsecond where the manifest has ``created_ns``, else to the second."""
+    if isinstance(m.get("created_ns"), int):
+        return datetime.fromtimestamp(m["created_ns"] / 1e9, tz=timezone.utc)
     try:
         return datetime.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     except (KeyError, ValueError):
@@ -224,7 +232,7 @@ def build_ledger(
     counted = set().union(*own.values(), closure([_ref(r) for r in rest], found, missing))
     # what each output the report reads is for (an evaluation's manifest does not name its model)
     named = {_ref(r): name for name, refs in [*overhead.items(), *students.items()] for r in refs if r is not None}
-    start = None if since is None else since.astimezone(timezone.utc).replace(microsecond=0)
+    start = None if since is None else since.astimezone(timezone.utc)
     rows = []
     for ref in sorted(counted, key=lambda r: (found[r].get("created_at", ""), r)):
         m, f = found[ref], figures(found[ref])
@@ -237,7 +245,7 @@ def build_ledger(
                 "name": m.get("name") or named.get(ref),
                 "sha256": ref[1],
                 "created_at": m.get("created_at"),
-                "made_in_this_run": None if start is None or made is None else made >= start,
+                "made_in_this_run": None if start is None or made is None else made >= _to_resolution(start, m),
                 "api": f.api,
                 "api_input_tokens": f.api_input_tokens,
                 "api_output_tokens": f.api_output_tokens,

@@ -331,6 +331,9 @@ def finish(tmp: Path, stage: str, key: str, *, inputs: dict, rows: int | None = 
         "inputs": canonical(inputs),
         "files": {str(f.relative_to(tmp)): [f.stat().st_size, f.stat().st_mtime_ns] for f in files},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # the same instant to the nanosecond: whether an output was made before or after a flow run started (the
+        # cost ledger) must not hang on a one-second tie between the last output of one run and the next run's start
+        "created_ns": time.time_ns(),
         "versions": _versions(),
         **extra,
     }

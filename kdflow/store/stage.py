@@ -40,7 +40,7 @@ from kdflow.store.outputs import MANIFEST, OutputRef, building, content_key, exi
 
 NOT_CONTENT = {"run_dir"}
 # What a manifest says of itself rather than of the output's content: not carried over by ``StageOutput.adopt``.
-OWN_FIELDS = {"stage", "key", "sha256", "rows", "inputs", "files", "created_at", "versions"}
+OWN_FIELDS = {"stage", "key", "sha256", "rows", "inputs", "files", "created_at", "created_ns", "versions"}
 log = logging.getLogger(__name__)
 
 
