@@ -4,9 +4,10 @@ first N transfer prompts of recipes/smollm2.yaml (data/t0-short), greedy, the sa
 model's chat template — what the generate stage does with `generation.backend: hf` or `vllm`.
 
 Both sides go through ``TeacherBackend.ask``, the path the stage and the judge share. vLLM's time is given with and
-without the server's start (a stage starts one per call). Prints tokens per second of each, the share of answers
-that are the same text on both, and then, last, the ratio vLLM / HF in completion tokens per second (server start
-included): which backend a CPU user should pick for the teacher's answers.
+without the server's start (a stage starts one per call), HF's with and without loading the model. Prints tokens
+per second of each, the share of answers that are the same text on both, and then, last, the ratio vLLM / HF in
+completion tokens per second (start and loading included): which backend a CPU user should pick for the teacher's
+answers.
 
     python benchmarks/generation_backends.py [--prompts 64] [--max-new-tokens 128] [--batch-size 64]
 """
@@ -84,7 +85,11 @@ def main() -> None:
     }
     result["ratio_vllm_over_hf"] = round(result["vllm"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
     save("generation_backends", result)
-    print(f"hf:   {hf_tokens} tokens in {hf_s:.1f} s = {hf_tokens / hf_s:.1f} tokens/s (batch {args.batch_size})")
+    print(
+        f"hf:   {hf_tokens} tokens in {hf_s:.1f} s = {hf_tokens / hf_s:.1f} tokens/s (batch {args.batch_size}), "
+        f"of which loading the model {hf_s - hf_acct.seconds:.1f} s; "
+        f"answering alone {hf_tokens / hf_acct.seconds:.1f} tokens/s"
+    )
     print(
         f"vllm: {v_tokens} tokens in {v_s:.1f} s = {v_tokens / v_s:.1f} tokens/s, of which the server's start "
         f"{v_s - v_acct.seconds:.1f} s; answering alone {v_tokens / v_acct.seconds:.1f} tokens/s"
