@@ -68,7 +68,10 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "hf": {
             "seconds": round(hf_s, 1),
+            "seconds_answering": round(hf_acct.seconds, 1),
+            "load_s": round(hf_s - hf_acct.seconds, 1),
             "completion_tokens": hf_tokens,
+            "tokens_per_s_answering": round(hf_tokens / hf_acct.seconds, 1),
             "tokens_per_s": round(hf_tokens / hf_s, 1),
             "batch_size": args.batch_size,
         },
