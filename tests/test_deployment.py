@@ -76,7 +76,7 @@ def call(method: str, url: str, **kwargs):
 
 
 def stop(process: subprocess.Popen) -> None:
-    """SIGINT first (a worker ignores SIGTERM for a while, GUIDE §3), then SIGKILL the process group."""
+    """SIGINT first (a worker ignores SIGTERM for a while), then SIGKILL the process group."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
         try:
@@ -95,7 +95,7 @@ def server(tmp_path):
         **os.environ,
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
         "PREFECT_API_URL": api,
-        # The UI asks this address for the API; without it, it tries port 4200 (GUIDE §3).
+        # The UI asks this address for the API; without it, it tries port 4200.
         "PREFECT_UI_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
