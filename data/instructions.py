@@ -7,7 +7,8 @@ The test file (Self-Instruct's 252 user-oriented instructions, ``{"id", "instruc
 
 Rows have the fields the pipeline uses: ``id``, ``question`` (the prompt), ``rationale`` (the reference answer: what
 ``data: gold`` students are fine-tuned on) and ``answer`` (the same reference, which evaluation scores ROUGE-L
-against). There is no answer checker: a reference is one good answer among many."""
+against). There is no answer checker (``no_checker`` refuses to be called): a reference is one good answer among
+many."""
 
 from __future__ import annotations
 
@@ -17,6 +18,15 @@ from pathlib import Path
 from kdflow.store.data_files import DataError, load_located_rows
 
 TEST = "test"  # the split read from the test file; every other split comes from the transfer file
+
+
+def no_checker(*_):
+    """Free text (``source: instructions``) has references, not answers to verify: the recipe refuses every filter and
+    metric that would call a checker, so reaching this is a bug, not a wrong answer."""
+    raise TypeError(
+        "source 'instructions' has no answer checker (free text is scored by ROUGE-L against the reference);"
+        " a filter or metric that needs one should have been refused at recipe load"
+    )
 
 
 def self_instruct_question(instruction: str, input_text: str) -> str:

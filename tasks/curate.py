@@ -9,11 +9,12 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_table_artifact
 
+from data.checkers import answer_checker
 from kdflow.config.data import DataSource
 from kdflow.config.filters import FiltersSection
 from kdflow.config.generation import Backend
 from kdflow.curation import drop_report
-from kdflow.curation.answers import answer_checker, token_counts
+from kdflow.curation.answers import token_counts
 from kdflow.curation.pipeline import DROPPED, KEPT, curate, reason_counts
 from kdflow.store.data_files import save_rows
 from kdflow.store.model_folders import model_location

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect import task
 
+from data.checkers import answer_checker
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
-from kdflow.curation.answers import answer_checker
 from kdflow.evaluation.curves import CURVE_FILE, curve_accuracy
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split

@@ -13,12 +13,12 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from data.checkers import answer_checker
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.fields import redact_url
 from kdflow.config.generation import ApiSection, Backend, GenerationSection
 from kdflow.config.templates import render
-from kdflow.curation.answers import answer_checker
 from kdflow.evaluation import deployment, harness
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
 from kdflow.evaluation.free_text import evaluate_free_text

@@ -186,8 +186,8 @@ def test_what_needs_an_answer_checker_is_refused_for_free_text():
 
 
 def test_free_text_curation_runs_its_filters_and_never_a_checker():
+    from data.checkers import answer_checker
     from kdflow.config.filters import FiltersSection
-    from kdflow.curation.answers import answer_checker
     from kdflow.curation.pipeline import curate
 
     check, extract = answer_checker(DataSource.instructions)

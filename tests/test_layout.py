@@ -1,5 +1,7 @@
 """The architecture, checked from the code's own imports: the library (kdflow/) is plain Python that never
-imports Prefect, tasks/ or flows/ (so it is testable and reusable without a server), and it is grouped in wings."""
+imports Prefect, tasks/ or flows/ (so it is testable and reusable without a server), and it is grouped in wings.
+The data sources (data/) sit one floor above it: they use the library (its file readers, math-verify), the library
+never imports them (it is handed a source's answer checker), and they import neither Prefect, tasks/ nor flows/."""
 
 import ast
 from pathlib import Path
@@ -31,14 +33,22 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-def test_the_library_never_imports_prefect_tasks_or_flows():
+def imports_of(folder: str, forbidden: set[str]) -> dict[str, list[str]]:
+    """Each file under the folder that imports a module of a forbidden top-level package, with those modules."""
     offenders = {
-        str(p.relative_to(ROOT)): sorted(
-            m for m in imported_modules(p) if m.split(".")[0] in {"prefect", "tasks", "flows"}
-        )
-        for p in (ROOT / "kdflow").rglob("*.py")
+        str(p.relative_to(ROOT)): sorted(m for m in imported_modules(p) if m.split(".")[0] in forbidden)
+        for p in (ROOT / folder).rglob("*.py")
     }
-    assert {p: m for p, m in offenders.items() if m} == {}
+    return {p: m for p, m in offenders.items() if m}
+
+
+def test_the_library_never_imports_prefect_tasks_flows_or_data():
+    assert imports_of("kdflow", {"prefect", "tasks", "flows", "data"}) == {}
+
+
+def test_data_sources_use_the_library_and_nothing_above_it():
+    """data/ -> kdflow/, one way: a data source may use the library, never Prefect, a task or a flow."""
+    assert imports_of("data", {"prefect", "tasks", "flows"}) == {}
 
 
 def test_the_library_is_in_wings():
