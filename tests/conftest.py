@@ -38,6 +38,16 @@ def prefect_server():
         yield
 
 
+def assert_rerun_report(rerun: dict, first: dict) -> None:
+    """An unchanged rerun's report is the first run's, but for its cost ledger, which says when each output was made:
+    on the rerun every output was reused (made by the first run), at what it cost then."""
+    rerun, first = dict(rerun), dict(first)
+    ledger, first_ledger = rerun.pop("ledger"), first.pop("ledger")
+    assert rerun == first, "an unchanged rerun changed the report"
+    assert ledger["total"] == first_ledger["total"] and ledger["outputs"]
+    assert ledger["this_run"]["outputs"] == 0 and not any(o["made_in_this_run"] for o in ledger["outputs"])
+
+
 @pytest.fixture
 def mini_recipe(tmp_path) -> Path:
     """The miniature recipe, writing its run folder under this test's tmp_path."""

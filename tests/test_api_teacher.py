@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MINI_RECIPE, VLLM_TEST_API_KEY
+from conftest import MINI_RECIPE, VLLM_TEST_API_KEY, assert_rerun_report
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe, parse_recipe
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE
@@ -218,4 +218,4 @@ def test_distill_with_an_api_teacher_end_to_end(prefect_server, vllm_server_url,
         raise AssertionError("an unchanged rerun sent a request to the API")
 
     monkeypatch.setattr(api_client, "_create", no_request)
-    assert distill(str(path)) == report, "an unchanged rerun changed the report"
+    assert_rerun_report(distill(str(path)), report)

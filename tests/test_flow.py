@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_rerun_report
 from kdflow.config.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -128,11 +129,7 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     executed = stage_names(states, "Completed")
     assert executed == set(), f"stages recomputed on an unchanged rerun: {executed}"
     assert stage_names(states, "Cached") == STAGES
-    # the same report, but for its cost ledger, which says when each output was made: now all reused, none made
-    ledger, ledger2 = report.pop("ledger"), report2.pop("ledger")
-    assert report2 == report
-    assert ledger2["total"] == ledger["total"] and ledger2["outputs"] and ledger2["this_run"]["outputs"] == 0
-    assert not any(o["made_in_this_run"] for o in ledger2["outputs"])
+    assert_rerun_report(report2, report)
 
     # 3. Only the student section changes: only students (and their evaluations) run again.
     text = mini_recipe.read_text().replace(
