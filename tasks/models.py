@@ -19,7 +19,7 @@ from kdflow.config.precision import Dtype
 from kdflow.config.student import PrunedInit
 from kdflow.config.templates import plain_messages, render, special_strings
 from kdflow.models.gguf import import_gguf
-from kdflow.models.pruning import PRUNING, LayerSelect, block_influence, evenly_spaced, keep_layers, most_influential
+from kdflow.models.pruning import PRUNING, prune
 from kdflow.store.model_folders import MODEL, SOURCE, model_location, write_location
 from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.run_folder import read_split
@@ -32,14 +32,14 @@ IMPORT_GGUF = Stage(
     lambda gguf, dtype: {"gguf_sha256": file_sha256(ROOT / gguf), "dtype": (dtype or Dtype.float32).value},
     files=(SOURCE, f"{MODEL}/"),
 )
-# The calibration rows matter only to importance; evenly spaced layers depend on the teacher alone.
+# The calibration rows matter only to importance and MLP width; evenly spaced layers depend on the teacher alone.
 PRUNE = Stage(
     "prune",
     "1",
     lambda init, teacher, data, template: {
         "init": init,
         "teacher": teacher,
-        **({"data": data, "template": template} if init.select is LayerSelect.importance else {}),
+        **({"data": data, "template": template} if init.calibrated else {}),
     },
     files=(SOURCE, f"{MODEL}/", PRUNING),
 )
@@ -63,8 +63,8 @@ def import_gguf_model(run_dir: Path, gguf: str, dtype: Dtype | None) -> OutputRe
 
 @task(cache_policy=StageCache(PRUNE), **STAGE_RESULTS, task_run_name="prune_teacher[{init.layers} {init.select.value}]")
 def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: OutputRef, template: str) -> OutputRef:
-    """The teacher with ``init.layers`` of its layers in ``model/``, and ``pruning.json``: the layers kept and, for
-    ``importance``, every layer's block influence and the calibration it was measured on."""
+    """The teacher with ``init.layers`` of its layers (and ``init.mlp_width`` MLP channels in each) in ``model/``, and
+    ``pruning.json``: what was kept and, where measured, the importance it was ranked by and the calibration."""
     out = PRUNE.output(run_dir, init=init, teacher=teacher, data=data, template=template)
     if done := out.done:
         return done
@@ -72,25 +72,18 @@ def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: Out
 
     location = model_location(teacher)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(location), AutoTokenizer.from_pretrained(location)
-    n = model.config.num_hidden_layers
-    record: dict = {"select": init.select.value, "teacher_layers": n}
-    if init.select is LayerSelect.importance:
+    batches, calibration = None, {}
+    if init.calibrated:
         batches, tokens = calibration_batches(
             tokenizer, read_split(data, "train")[: init.calibration_rows], template, init.calibration_max_length
         )
-        record |= {
-            "influence": block_influence(model, batches),
-            "calibration_rows": init.calibration_rows,
-            "calibration_tokens": tokens,
-        }
-        kept = most_influential(record["influence"], init.layers)
-    else:
-        kept = evenly_spaced(n, init.layers)
-    pruned = keep_layers(model, kept)
+        calibration = {"calibration_rows": init.calibration_rows, "calibration_tokens": tokens}
+    pruned, record = prune(model, init.layers, init.select, init.mlp_width, batches)
+    kept = record["kept"]
     with out.building() as tmp:
         pruned.save_pretrained(tmp / MODEL)
         tokenizer.save_pretrained(tmp / MODEL)
-        (tmp / PRUNING).write_text(json.dumps({**record, "kept": kept}, indent=2))
+        (tmp / PRUNING).write_text(json.dumps(record | calibration, indent=2))
         write_location(tmp, MODEL)
         out.finish(tmp, kept=kept, params=sum(p.numel() for p in pruned.parameters()), untrained=True)
     return out.ref()

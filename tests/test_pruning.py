@@ -1,13 +1,29 @@
-"""Depth pruning (kdflow/models/pruning.py) on closed forms: which layers each rule keeps, ShortGPT's block influence
-(0 for a layer that passes its input through; equal to the cosine computed from the model's own hidden states), and
-a pruned model that computes exactly what the teacher computes with the removed layers made identities."""
+"""Depth and width pruning (kdflow/models/pruning.py) on closed forms: which layers each rule keeps, ShortGPT's block
+influence (0 for a layer that passes its input through; equal to the cosine computed from the model's own hidden
+states), a pruned model that computes exactly what the teacher computes with the removed layers made identities;
+Minitron's MLP channel importance (proportional to a channel's scale, 0 for a dead channel), a width-pruned model
+that computes what the teacher computes with the dropped channels silenced, its size by closed form, and the recipe
+checks."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
-from kdflow.models.pruning import block_influence, evenly_spaced, keep_layers, most_influential
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import parse_recipe
+from kdflow.models.pruning import (
+    LayerSelect,
+    block_influence,
+    channel_importance,
+    evenly_spaced,
+    keep_channels,
+    keep_layers,
+    most_influential,
+    prune,
+    top_channels,
+)
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 
@@ -82,3 +98,170 @@ def test_a_pruned_model_computes_what_the_teacher_does_with_the_removed_layers_a
     assert sum(p.numel() for p in pruned.parameters()) == sum(p.numel() for p in model.parameters()) - 2 * per_layer
     with pytest.raises(ValueError, match="increasing indices below 4"):
         keep_layers(model, [2, 1])
+
+
+# ---- width: MLP channels (Minitron) ------------------------------------------------------------------------------
+
+HIDDEN, LAYERS, INTERMEDIATE = 64, 4, 128  # the tiny fixture's shape
+
+
+def silenced(model, channels: list[list[int]]):
+    """A copy of ``model`` in which every channel of layer ``j`` not in ``channels[j]`` adds nothing (its column of
+    ``down_proj`` zeroed): what a width-pruned model must compute."""
+    model = copy.deepcopy(model)
+    for j, kept in enumerate(channels):
+        dropped = sorted(set(range(INTERMEDIATE)) - set(kept))
+        model.model.layers[j].mlp.down_proj.weight.data[:, dropped] = 0
+    return model
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_top_channels_keeps_the_largest_in_channel_order_earlier_on_ties():
+    assert top_channels([0.1, 3.0, 0.0, 2.0, 2.0], 3) == [1, 3, 4]
+    assert top_channels([1.0, 1.0, 1.0], 2) == [0, 1]
+    with pytest.raises(ValueError, match="cannot keep 4 of 3 MLP channels"):
+        top_channels([0.1, 0.2, 0.3], 4)
+
+
+def test_a_width_pruned_model_has_the_new_intermediate_size_and_the_closed_form_parameter_count(tiny, tmp_path):
+    model, tokenizer = tiny
+    width = 32
+    pruned = keep_channels(keep_layers(model, [0, 3]), [list(range(width))] * 2)
+    assert pruned.config.intermediate_size == width and pruned.config.num_hidden_layers == 2
+    mlp = pruned.model.layers[1].mlp
+    assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (width, HIDDEN)
+    assert mlp.down_proj.weight.shape == (HIDDEN, width)
+    # each kept layer loses 3 · hidden · (intermediate − width) weights (no MLP biases in Llama); two layers are gone
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert params(pruned) == params(model) - 2 * per_layer - 2 * 3 * HIDDEN * (INTERMEDIATE - width)
+    # a normal Hugging Face folder: it saves, and reloads with the new size and the same logits
+    from transformers import AutoModelForCausalLM
+
+    pruned.save_pretrained(tmp_path / "model")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert type(again).__name__ == "LlamaForCausalLM" and again.config.intermediate_size == width
+    ids = batch(tokenizer)["input_ids"][:1]
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, pruned(ids).logits)
+
+
+def test_a_width_pruned_model_computes_what_the_teacher_does_with_the_dropped_channels_silenced(tiny):
+    model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(0)
+    channels = [sorted(torch.randperm(INTERMEDIATE, generator=generator)[:40].tolist()) for _ in range(LAYERS)]
+    pruned = keep_channels(model, channels)
+    assert torch.equal(pruned.model.layers[2].mlp.up_proj.weight, model.model.layers[2].mlp.up_proj.weight[channels[2]])
+    ids = batch(tokenizer)["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, silenced(model, channels)(ids).logits, atol=1e-5)
+        everything = keep_channels(model, [list(range(INTERMEDIATE))] * LAYERS)
+        assert torch.equal(everything(ids).logits, model(ids).logits)  # all channels kept: the teacher, exactly
+    with pytest.raises(ValueError, match="same number of increasing indices below 128"):
+        keep_channels(model, [[0, 1]] * 3 + [[1, 0]])
+
+
+def scaled_channels(model, layer: int, scale: torch.Tensor):
+    """A copy of ``model`` whose ``layer`` has every channel a copy of channel 0 scaled by ``scale`` (its ``up_proj``
+    row times ``scale[c]``): then ``a_c = scale[c] · a_0`` at every token, so the importance is ``|scale[c]| · F_0``."""
+    model = copy.deepcopy(model)
+    mlp = model.model.layers[layer].mlp
+    mlp.gate_proj.weight.data[:] = mlp.gate_proj.weight.data[0]
+    mlp.up_proj.weight.data[:] = scale[:, None] * mlp.up_proj.weight.data[0]
+    return model
+
+
+def test_channel_importance_follows_each_channels_scale_and_the_top_ones_are_kept(tiny):
+    model, tokenizer = tiny
+    scale = torch.randperm(INTERMEDIATE, generator=torch.Generator().manual_seed(1)).float() - 40.0  # some negative
+    scores = channel_importance(scaled_channels(model, 1, scale), [batch(tokenizer)])
+    assert len(scores) == LAYERS and all(len(s) == INTERMEDIATE for s in scores)
+    base = scores[1][int((scale == 1).nonzero())]  # the channel of scale 1: F_0
+    assert base > 0
+    assert torch.allclose(torch.tensor(scores[1], dtype=torch.float64), scale.abs().double() * base, rtol=1e-4)
+    assert top_channels(scores[1], 10) == sorted(scale.abs().argsort(descending=True)[:10].tolist())
+
+
+def test_channel_importance_is_minitrons_aggregate_mean_over_real_tokens_then_l2_over_rows(tiny):
+    model, tokenizer = tiny
+    b = batch(tokenizer)
+    seen = []
+    handle = model.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(**b)
+    handle.remove()
+    mask = b["attention_mask"].bool()
+    rows = torch.stack([seen[0][r][mask[r]].abs().mean(dim=0) for r in range(len(mask))])  # rows × intermediate
+    expected = rows.double().pow(2).sum(dim=0).sqrt()
+    # padding changes nothing: the same rows in two batches of one give the same scores
+    one_by_one = [{k: v[r : r + 1, mask[r]] for k, v in b.items()} for r in range(len(mask))]
+    assert any(not m.all() for m in mask)  # the batch of two has padding
+    for batches in ([b], one_by_one):
+        scores = torch.tensor(channel_importance(model, batches)[0], dtype=torch.float64)
+        assert torch.allclose(scores, expected, rtol=1e-5)
+
+
+def test_a_dead_channel_is_dropped_first(tiny):
+    model, tokenizer = tiny
+    dead = copy.deepcopy(model)
+    dead.model.layers[3].mlp.up_proj.weight.data[77] = 0  # its activation act(gate)·up is 0 at every token
+    scores = channel_importance(dead, [batch(tokenizer)])
+    assert scores[3][77] == 0.0 and min(s for c, s in enumerate(scores[3]) if c != 77) > 0
+    pruned, record = prune(dead, 2, LayerSelect.every_other, INTERMEDIATE - 1, [batch(tokenizer)])
+    assert record["kept"] == [0, 2]
+    assert 77 in record["channels"][0]["kept"]  # layer 0's channel 77 is alive
+    assert record["channels"][1]["layer"] == 2
+    dead_layer = prune(dead, 4, LayerSelect.every_other, INTERMEDIATE - 1, [batch(tokenizer)])[1]["channels"][3]
+    assert dead_layer["layer"] == 3 and dead_layer["kept"] == [c for c in range(INTERMEDIATE) if c != 77]
+
+
+def test_prune_records_depth_and_width_and_keeps_every_channel_at_full_width(tiny):
+    model, tokenizer = tiny
+    b = [batch(tokenizer)]
+    pruned, record = prune(model, 3, LayerSelect.importance, 48, b)
+    assert record["kept"] == most_influential(block_influence(model, b), 3)
+    assert pruned.config.intermediate_size == 48 and record["mlp_width"] == 48 and record["teacher_mlp_width"] == 128
+    scores = channel_importance(model, b)
+    for j, layer in enumerate(record["channels"]):
+        assert layer["layer"] == record["kept"][j]
+        assert (
+            layer["kept"] == top_channels(scores[layer["layer"]], 48) and layer["importance"] == scores[layer["layer"]]
+        )
+    full, record = prune(model, 4, LayerSelect.every_other, INTERMEDIATE, b)
+    ids = b[0]["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(full(ids).logits, model(ids).logits)
+    assert "channels" in record and "influence" not in record
+    assert "channels" not in prune(model, 2, LayerSelect.every_other)[1]  # depth only: no calibration needed
+    with pytest.raises(ValueError, match="keep between 1 and the teacher's 128 MLP channels"):
+        prune(model, 2, LayerSelect.every_other, 129, b)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PRUNED = """  - name: pruned
+    data: teacher
+    init: {from: teacher, layers: 1, mlp_width: WIDTH}
+    training: {max_steps: 2}
+
+evaluation:"""
+
+
+def recipe_with_width(width: str):
+    return parse_recipe(
+        (ROOT / "tests" / "mini.yaml").read_text().replace("evaluation:", PRUNED.replace("WIDTH", width), 1)
+    )
+
+
+def test_an_mlp_width_beyond_the_teachers_or_below_one_is_a_recipe_error_naming_the_field():
+    r = recipe_with_width("128")  # the mini teacher's intermediate size: every channel
+    assert r.students[-1].init.mlp_width == 128 and r.students[-1].init.label == "pruned-1-every-other-mlp128"
+    with pytest.raises(
+        RecipeError,
+        match=r"<recipe>:\d+: students.2.init.mlp_width: student 'pruned': init.mlp_width 129 is more than the "
+        r"teacher's 128 MLP channels per layer \(its intermediate_size\); keep between 1 and 128",
+    ):
+        recipe_with_width("129")
+    with pytest.raises(RecipeError, match=r"students.2.init.*mlp_width.*greater than or equal to 1"):
+        recipe_with_width("0")

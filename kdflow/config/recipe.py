@@ -78,9 +78,9 @@ class Recipe(Strict):
         return self
 
     def _pruning_checks(self) -> None:
-        """A student pruned from the teacher keeps at most the teacher's layers (known here for a teacher folder, a
-        GGUF file or an architecture to train), and needs the teacher's weights. A student started from another
-        starts from one listed before it (the order students train in)."""
+        """A student pruned from the teacher keeps at most the teacher's layers and MLP channels (known here for a
+        teacher folder, a GGUF file or an architecture to train), and needs the teacher's weights. A student started
+        from another starts from one listed before it (the order students train in)."""
         for i, s in enumerate(self.students):
             if isinstance(s.init, StudentInit):
                 before = [t.name for t in self.students[:i]]
@@ -121,6 +121,16 @@ class Recipe(Strict):
                     i,
                     "init",
                     "layers",
+                )
+            width = self.teacher.mlp_width() if s.init.mlp_width is not None else None
+            if width is not None and s.init.mlp_width > width:
+                raise FieldError(
+                    f"student {s.name!r}: init.mlp_width {s.init.mlp_width} is more than the teacher's {width} "
+                    f"MLP channels per layer (its intermediate_size); keep between 1 and {width}",
+                    "students",
+                    i,
+                    "init",
+                    "mlp_width",
                 )
 
     def _free_text_checks(self) -> None:

@@ -82,18 +82,32 @@ class PrunedInit(Strict):
         64,
         ge=1,
         le=10_000,
-        description="importance: train-split rows (prompt and "
-        "reference through the chat template) the influence is averaged over",
+        description="importance or mlp_width: train-split rows (prompt and "
+        "reference through the chat template) the importance is averaged over",
     )
-    calibration_max_length: int = Field(256, ge=8, le=8192, description="importance: tokens per calibration row")
+    calibration_max_length: int = Field(256, ge=8, le=8192, description="tokens per calibration row")
+    mlp_width: int | None = Field(
+        None,
+        ge=1,
+        description="width pruning (Minitron): MLP channels kept in every kept layer — the pruned model's "
+        "intermediate_size (NeMo's ffn_hidden_size), at most the teacher's; the channels with the largest "
+        "activation importance on the calibration rows stay. Unset: every channel",
+    )
 
     def summary(self) -> dict:
-        return {"init": f"pruned from the teacher: {self.layers} layers, {self.select.value}"}
+        width = "" if self.mlp_width is None else f", MLP width {self.mlp_width}"
+        return {"init": f"pruned from the teacher: {self.layers} layers, {self.select.value}{width}"}
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the pruning is measured on calibration rows (layer importance, or MLP channels)."""
+        return self.select is LayerSelect.importance or self.mlp_width is not None
 
     @property
     def label(self) -> str:
         """The untrained pruned model's name in the report."""
-        return f"pruned-{self.layers}-{self.select.value.replace('_', '-')}"
+        width = "" if self.mlp_width is None else f"-mlp{self.mlp_width}"
+        return f"pruned-{self.layers}-{self.select.value.replace('_', '-')}{width}"
 
 
 class StudentInit(Strict):

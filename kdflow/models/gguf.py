@@ -166,15 +166,26 @@ def _check_reload(reference, folder: Path, tokenizer, torch_dtype) -> None:
 
 def layer_count(model: str) -> int | None:
     """Decoder layers of a model folder (config.json) or GGUF file (``<arch>.block_count``); None when unknown."""
+    return _shape(model, "block_count", "num_hidden_layers")
+
+
+def mlp_width(model: str) -> int | None:
+    """MLP channels per layer of a model folder (``intermediate_size``) or GGUF file (``<arch>.feed_forward_length``);
+    None when unknown."""
+    return _shape(model, "feed_forward_length", "intermediate_size")
+
+
+def _shape(model: str, gguf_key: str, config_key: str) -> int | None:
     import json
 
     path = Path(model)
     if is_gguf_path(model) and path.is_file():
         reader = _reader(path)
         arch = str(reader.fields["general.architecture"].contents())
-        field = reader.fields.get(f"{arch}.block_count")
+        field = reader.fields.get(f"{arch}.{gguf_key}")
         return None if field is None else int(field.contents())
     config = path / "config.json"
     if config.is_file():
-        return json.loads(config.read_text()).get("num_hidden_layers")
+        value = json.loads(config.read_text()).get(config_key)
+        return value if isinstance(value, int) else None
     return None
