@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.train_teacher import teacher_chain
+from flows.train_teacher import named_teachers, teacher_chain
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
@@ -23,12 +23,13 @@ from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
 from kdflow.training.student import student_inputs
-from tasks.capture import capture_logits
+from tasks.capture import capture_logits, join_logit_caches
 from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
-from tasks.generate import generate_answers
+from tasks.generate import generate_answers, join_answers
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
+from tasks.preflight import teacher_preflight
 from tasks.quantize import quantize_students, quantized_name
 from tasks.report import write_report
 from tasks.students import train_student
@@ -88,10 +89,11 @@ def _check_secret_block(n: api_keys.KeyNeed) -> None:
 @dataclass
 class Upstream:
     data: OutputRef
-    teacher: OutputRef
+    teacher: OutputRef  # with several teachers, the default one
     answers: OutputRef
     curated: OutputRef
     logits: OutputRef | None
+    teachers: dict[str, OutputRef] | None = None  # several teachers, by name
 
 
 def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:
@@ -100,11 +102,41 @@ def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstrea
     check_api_keys(r.generation, judge)  # a missing key fails now, not as a 401 after the teacher has trained
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     data = make_data(run_dir, r.data)
+    if r.teachers:
+        return routed_upstream(r, data)
     teacher = teacher_chain(r, data)
+    teacher_preflight(r, teacher, data)  # a failed check stops the run here, before any spend
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
     return Upstream(data, teacher, answers, curated, logits)
+
+
+def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
+    """``upstream`` with several teachers: each answers the rows routed to it and captures its logits on the kept ones
+    it answered; their answers and caches are joined by row into what the students read, as one teacher's would be."""
+    run_dir, cot = r.run_dir, r.prompts.cot_text()
+    teachers = named_teachers(r, data)
+    routed = [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
+    parts = {
+        t.name: generate_answers.with_options(task_run_name=f"generate_answers[{t.name}]")(
+            run_dir, t.generation or r.generation, cot, teachers[t.name], data, r.routing, t.name
+        )
+        for t in routed
+    }
+    answers = join_answers(run_dir, parts)
+    default = teachers[r.routing.default]
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers, default)
+    logits = None
+    if r.logit_cache:
+        caches = {
+            t.name: capture_logits.with_options(task_run_name=f"capture_logits[{t.name}]")(
+                run_dir, r.logit_cache, cot, teachers[t.name], curated, t.name
+            )
+            for t in routed
+        }
+        logits = join_logit_caches(run_dir, caches)
+    return Upstream(data, default, answers, curated, logits, teachers)
 
 
 @dataclass
@@ -194,10 +226,13 @@ def evaluate_and_report(
     data: OutputRef,
     curated: OutputRef | None,
     untrained: dict[str, dict] | None = None,
+    routed: Upstream | None = None,
 ) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
     student's quantized copies join them (``seq-kd-int8``); ``untrained``: what the report says of models in
-    ``models`` that no recipe student trained (the pruned floors). Returns the report."""
+    ``models`` that no recipe student trained (the pruned floors); ``routed``: with several teachers, the upstream
+    chain that made them (each is evaluated on the whole test split and the report shows its figures on its rows).
+    Returns the report."""
     trained = {s.name: s.summary() for s in r.student_runs()}
     quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
     # what each quantized copy was made from, for the report's KD × quantization table
@@ -229,6 +264,7 @@ def evaluate_and_report(
         if r.evaluation.judge
         else None
     )
+    teachers = evaluate_teachers(run_dir, r, routed, data) if r.teachers and routed is not None else None
     return write_report(
         run_dir,
         r.run.name,
@@ -241,4 +277,30 @@ def evaluate_and_report(
         judged,
         r.evaluation.deployment.power,
         r.cost,
+        teachers,
     )
+
+
+def evaluate_teachers(run_dir: Path, r: Recipe, u: Upstream, data: OutputRef) -> dict:
+    """Each of several teachers evaluated on the whole test split (the default one's evaluation is the "teacher"
+    row's, the same key), and what the report's teachers section reads."""
+    cot = r.prompts.cot_text()
+    evaluations = {}
+    for t in r.teachers:
+        model = u.teachers[t.name]
+        if t.api:
+            g = t.generation or r.generation
+            evaluations[t.name] = evaluate_api_teacher(run_dir, r.evaluation, cot, r.data.source, g, model, data)
+        else:
+            evaluations[t.name] = evaluate_model.with_options(task_run_name=f"evaluate_model[teacher {t.name}]")(
+                run_dir, r.evaluation, cot, r.data.source, model, model, data
+            )
+    return {
+        "routing": r.routing,
+        "evaluations": evaluations,
+        "data": data,
+        "split": r.evaluation.split,
+        "answers": u.answers,
+        "curated": u.curated,
+        "logits": u.logits,
+    }

@@ -35,7 +35,7 @@ def distill(
     starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
     students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits)
     report = evaluate_and_report(
-        run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated, starts.floor_info
+        run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated, starts.floor_info, u
     )
     if r.run.url:  # the report beside the stage outputs on remote storage (each stage uploads its own)
         push_files(run_dir, [REPORT_JSON, REPORT_MD, *report["plots"]], r.run.url)

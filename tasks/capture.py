@@ -19,25 +19,32 @@ from prefect.logging import get_logger, get_run_logger
 
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.logit_cache.capture import capture_setup, capture_teachers
+from kdflow.logit_cache.ensemble import join_caches
 from kdflow.logit_cache.format import MANIFEST
 from kdflow.logit_cache.parts import link_or_copy
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage, StageOutput
+from kdflow.teacher.routing import token_shares
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
+# ``routed_to`` (one of several teachers, capturing the kept rows it answered) is in the key only where given, so that
+# a recipe with one teacher keeps its key.
 CAPTURE = Stage(
     "logit-cache",
     "1",
-    lambda section, template, teacher, curated: {
+    lambda section, template, teacher, curated, routed_to=None: {
         "section": section,
         "template": template,
         "teacher": teacher,
         "curated": curated,
+        **({"routed_to": routed_to} if routed_to is not None else {}),
     },
     files=(MANIFEST,),
 )
+# Routed teachers' caches joined by row into the one cache a student reads (kdflow/logit_cache/ensemble.join_caches).
+JOIN_CACHES = Stage("logit-cache-routed", "1", lambda parts: {"parts": parts}, files=(MANIFEST,))
 
 
 def shard_logger():
@@ -63,11 +70,19 @@ def _no_retry_on_startup(task, task_run, state) -> bool:
     task_run_name="capture_logits[{section.source.value} top-{section.k}]",
 )
 def capture_logits(
-    run_dir: Path, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef
+    run_dir: Path,
+    section: LogitCacheSection,
+    template: str,
+    teacher: OutputRef,
+    curated: OutputRef,
+    routed_to: str | None = None,
 ) -> OutputRef:
     """A retry (or a rerun after a crash) keeps every shard already written. Two runs of one key (two flow runs,
-    two workers) take turns on its work folder: the second waits, then finds the output finished."""
-    out = CAPTURE.output(run_dir, section=section, template=template, teacher=teacher, curated=curated)
+    two workers) take turns on its work folder: the second waits, then finds the output finished. ``routed_to``: of
+    several teachers, this one, on the kept rows it answered."""
+    out = CAPTURE.output(
+        run_dir, section=section, template=template, teacher=teacher, curated=curated, routed_to=routed_to
+    )
     if done := out.done:
         return done
     # Without the lock both captures wrote the same shards and sidecars, and one crashed on the other's half-written
@@ -75,13 +90,18 @@ def capture_logits(
     with exclusive(run_dir, CAPTURE.name, out.key):
         if done := out.done:
             return done  # a concurrent run of the same key finished it while this one waited
-        return _capture(out, section, template, teacher, curated)
+        return _capture(out, section, template, teacher, curated, routed_to)
 
 
 def _capture(
-    out: StageOutput, section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef
+    out: StageOutput,
+    section: LogitCacheSection,
+    template: str,
+    teacher: OutputRef,
+    curated: OutputRef,
+    routed_to: str | None = None,
 ) -> OutputRef:
-    tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated)
+    tokenizer, kept, rows, teachers = capture_setup(section, template, teacher, curated, routed_to)
     work, log = out.work, shard_logger()
 
     start = time.perf_counter()
@@ -117,3 +137,35 @@ def run_logger():
         return get_run_logger()
     except MissingContextError:
         return get_logger("kdflow.logit_cache.topk")
+
+
+@task(cache_policy=StageCache(JOIN_CACHES), **STAGE_RESULTS, task_run_name="join_logit_caches")
+def join_logit_caches(run_dir: Path, parts: dict[str, OutputRef]) -> OutputRef:
+    """``parts``: each routed teacher's logit-cache output, by teacher name: one cache of all their rows, each row as
+    its teacher's cache holds it; the manifest says each teacher's rows, positions and share of the positions."""
+    out = JOIN_CACHES.output(run_dir, parts=parts)
+    if done := out.done:
+        return done
+    caches = {name: LogitCache.open(Path(ref.path)) for name, ref in parts.items()}
+    with exclusive(run_dir, JOIN_CACHES.name, out.key):
+        join_caches(caches, out.work)
+        with out.building() as tmp:
+            for file in sorted(out.work.iterdir()):
+                link_or_copy(file, tmp / file.name)
+            manifest = LogitCache.open(tmp).manifest
+            positions = {name: c.manifest["positions"] for name, c in caches.items()}
+            out.finish(
+                tmp,
+                rows=manifest["rows"],
+                positions=manifest["positions"],
+                bytes=manifest["bytes"],
+                k=manifest["k"],
+                source="routed",
+                cache_manifest=MANIFEST,
+                by_teacher={
+                    name: {"rows": c.manifest["rows"], "positions": positions[name]} for name, c in caches.items()
+                },
+                token_share=token_shares(positions),
+            )
+        shutil.rmtree(out.work, ignore_errors=True)
+    return out.ref()

@@ -16,6 +16,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from tqdm import tqdm
 
 from kdflow.config.generation import Backend, GenerationSection
+from kdflow.config.teachers import Routing
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.store.stage import Stage
@@ -32,6 +33,7 @@ from kdflow.teacher.generation import (
     hf_answers,
     prompted_rows,
 )
+from kdflow.teacher.routing import TEACHER_COLUMN, join_tables, routed_ids, token_shares
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.api_keys import generation_api_key, served
 from tasks.caching import STAGE_RESULTS, StageCache
@@ -46,18 +48,23 @@ def shard_folder(run_dir: Path, key: str) -> Path:
 
 # Every prompt text is content: the CoT template here, the recipe's own template, few-shot template and system
 # prompt inside the section (its template_text fields are computed, hence in its dump).
+# ``routing`` and ``routed_to`` (one of several teachers answers the rows routed to it) are in the key only where given,
+# so that a recipe with one teacher keeps its key.
 GENERATE = Stage(
     "generate",
     "2",
-    lambda section, template, teacher, data: {
+    lambda section, template, teacher, data, routing=None, routed_to=None: {
         "section": section,
         "template": template,
         "teacher": teacher,
         "data": data,
         **served(section),
+        **({"routing": routing, "routed_to": routed_to} if routing is not None else {}),
     },
     files=(ANSWERS, FAILURES),
 )
+# Several teachers' answers as one table (a column ``teacher`` names each row's): what the curate stage reads.
+JOIN_ANSWERS = Stage("generate-routed", "1", lambda parts: {"parts": parts}, files=(ANSWERS, FAILURES))
 
 
 def _no_retry_on_verdicts(task, task_run, state) -> bool:
@@ -117,10 +124,19 @@ def run_name(parameters: dict) -> str:
     task_run_name=run_name,
 )
 def generate_answers(
-    run_dir: Path, section: GenerationSection, template: str, teacher: OutputRef, data: OutputRef
+    run_dir: Path,
+    section: GenerationSection,
+    template: str,
+    teacher: OutputRef,
+    data: OutputRef,
+    routing: Routing | None = None,
+    routed_to: str | None = None,
 ) -> OutputRef:
-    """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one."""
-    out = GENERATE.output(run_dir, section=section, template=template, teacher=teacher, data=data)
+    """``template``: the recipe's CoT prompt, used unless ``section.template`` names another one; ``routing`` and
+    ``routed_to``: of several teachers, this one answers only the rows routed to it."""
+    out = GENERATE.output(
+        run_dir, section=section, template=template, teacher=teacher, data=data, routing=routing, routed_to=routed_to
+    )
     if done := out.done:
         return done
     # Answers made before the served model's card was part of this key are taken as this model's, never asked again:
@@ -128,6 +144,9 @@ def generate_answers(
     if old := out.unrecorded("served"):
         return out.adopt(old, served=out.inputs["served"])
     rows = prompted_rows(section, section.template_text or template, data)
+    if routing is not None:
+        mine = routed_ids(data, section.splits, routing, routed_to)
+        rows = [r for r in rows if (r["split"], r["id"]) in mine]
     folder = shard_folder(run_dir, out.key)
     if "served" in out.inputs:
         adopt_folder(shard_folder(run_dir, out.key_without("served")), folder)
@@ -167,4 +186,44 @@ def generate_answers(
         table=[{"figure": k, "value": v} for k, v in acct.as_dict().items()],
         description=f"teacher requests ({section.backend.value}): answers, failures, tokens, time",
     )
+    return out.ref()
+
+
+@task(cache_policy=StageCache(JOIN_ANSWERS), **STAGE_RESULTS, task_run_name="join_answers")
+def join_answers(run_dir: Path, parts: dict[str, OutputRef]) -> OutputRef:
+    """``parts``: each routed teacher's generate output, by teacher name. Their answers and failures as one output,
+    each row naming its teacher; the manifest adds up their figures and says each teacher's share of the tokens."""
+    out = JOIN_ANSWERS.output(run_dir, parts=parts)
+    if done := out.done:
+        return done
+    answers = join_tables({name: Path(ref.path) / ANSWERS for name, ref in parts.items()})
+    failures = join_tables({name: Path(ref.path) / FAILURES for name, ref in parts.items()})
+    manifests = {name: ref.manifest() for name, ref in parts.items()}
+    accounting = {}
+    for m in manifests.values():  # the figures that add up: requests, tokens, seconds
+        for k, v in (m.get("accounting") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                accounting[k] = accounting.get(k, 0) + v
+    by_teacher = {
+        name: {
+            "rows": int((answers[TEACHER_COLUMN] == name).sum()) if len(answers) else 0,
+            "failed": m.get("failed", 0),
+            "completion_tokens": m.get("completion_tokens", 0),
+            "backend": m.get("backend"),
+        }
+        for name, m in manifests.items()
+    }
+    with out.building() as tmp:
+        answers.to_parquet(tmp / ANSWERS, index=False)
+        failures.to_parquet(tmp / FAILURES, index=False)
+        out.finish(
+            tmp,
+            rows=len(answers),
+            failed=len(failures),
+            backend="routed: " + ", ".join(f"{n} {t['backend']}" for n, t in by_teacher.items()),
+            accounting=accounting,
+            completion_tokens=sum(t["completion_tokens"] for t in by_teacher.values()),
+            by_teacher=by_teacher,
+            token_share=token_shares({n: t["completion_tokens"] for n, t in by_teacher.items()}),
+        )
     return out.ref()

@@ -7,21 +7,28 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
 
 from kdflow.config.cost import CostSection
 from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
+from kdflow.config.teachers import Routing
+from kdflow.curation.pipeline import KEPT
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
+from kdflow.evaluation.model_metrics import PREDICTIONS
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD, build_report, embed, render_markdown, table_rows
+from kdflow.reporting.teachers import routed_figures, teachers_markdown
 from kdflow.reporting.topk_report import with_warnings
 from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.store.outputs import OutputRef, write_atomic
+from kdflow.store.run_folder import read_split
+from kdflow.teacher.routing import TEACHER_COLUMN
 from tasks.artifacts import artifact_key
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
@@ -71,6 +78,28 @@ def flow_started() -> datetime | None:
     return run.state.timestamp if run.state is not None and run.state.is_running() else run.expected_start_time
 
 
+def teacher_section(
+    routing: Routing,
+    evaluations: dict[str, OutputRef],
+    data: OutputRef,
+    split: str,
+    answers: OutputRef,
+    curated: OutputRef,
+    logits: OutputRef | None = None,
+) -> dict:
+    """The report's ``teachers`` (kdflow/reporting/teachers.py) from the stage outputs: each teacher's evaluation on
+    the whole test split, the joined answers and logit cache, the curated rows (their ``teacher`` column)."""
+    kept = pd.read_parquet(Path(curated.path) / KEPT)
+    return routed_figures(
+        routing,
+        [{**r, "split": split} for r in read_split(data, split)],
+        {name: pd.read_parquet(Path(ref.path) / PREDICTIONS).to_dict("records") for name, ref in evaluations.items()},
+        answers.manifest(),
+        None if logits is None else logits.manifest(),
+        kept[TEACHER_COLUMN].value_counts().to_dict() if TEACHER_COLUMN in kept else None,
+    )
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(
@@ -85,19 +114,26 @@ def write_report(
     judge: OutputRef | None = None,
     power: PowerFigure = DEFAULT_POWER,
     prices: CostSection | None = None,
+    routed: dict | None = None,
 ) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
     what each student was trained on (its recipe ``data`` field); ``judge``: the judge_students output, None
     when the recipe names no judge (the report says it was not run); ``power``: the recipe's stated power, for the
     energy of models no counter measured (``energy_source: estimated``); ``prices``: the recipe's ``cost`` section, for
-    the cost ledger's money (tokens and device-hours without it)."""
+    the cost ledger's money (tokens and device-hours without it); ``routed``: with several teachers, what
+    ``teacher_section`` reads (the teacher row then is the routed teachers', each test row answered by its own)."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {
         name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
         for name, ref in evaluations.items()
     }
+    teachers = teacher_section(**routed) if routed else None
+    if (
+        teachers and teachers["routed_accuracy"] is not None
+    ):  # the students' gap is measured against the teachers they learnt from, each on its own rows
+        metrics["teacher"] = {**metrics["teacher"], "accuracy": teachers["routed_accuracy"]}
     report = build_report(
         run_name,
         teacher={**metrics["teacher"], **origin(models["teacher"])},
@@ -137,11 +173,16 @@ def write_report(
     for name, png in plots.values():
         write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
+    report["teachers"] = teachers
     write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2))
-    write_atomic(run_dir / REPORT_MD, render_markdown(report, {t: name for t, (name, _) in plots.items()}))
+    write_atomic(
+        run_dir / REPORT_MD,
+        render_markdown(report, {t: name for t, (name, _) in plots.items()}) + teachers_markdown(teachers),
+    )
     create_markdown_artifact(
         key=artifact_key(run_name, "report"),
-        markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}),
+        markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()})
+        + teachers_markdown(teachers),
         description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})",
     )
     create_table_artifact(

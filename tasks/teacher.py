@@ -15,7 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from kdflow.config.generation import ApiSection
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.teacher import TeacherSection
+from kdflow.config.teachers import RowMatch
 from kdflow.config.templates import render, sft_rows
+from kdflow.config.training import trainer_config
 from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
@@ -26,10 +28,17 @@ from kdflow.training.tiny_models import count_params, llama_model, train_tokeniz
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
+# ``train_on`` (one of several routed teachers, kdflow/config/teachers.py) is in the key only where it is given, so a
+# recipe with one teacher keeps its key.
 TEACHER = Stage(
     "teacher",
     "1",
-    lambda section, data, template: {"section": section, "data": data, "template": template},
+    lambda section, data, template, train_on=None: {
+        "section": section,
+        "data": data,
+        "template": template,
+        **({"train_on": train_on} if train_on is not None else {}),
+    },
     files=(SOURCE, f"{MODEL}/"),
 )
 # A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
@@ -72,30 +81,34 @@ def gold_tokenizer(rows: list[dict], template: str, vocab_size: int):
 
 # No retries: a failed training run is a bug or a bad recipe, not a blip; it is not retried blindly.
 @task(cache_policy=StageCache(TEACHER), **STAGE_RESULTS, task_run_name="train_teacher_model")
-def train_teacher_model(run_dir: Path, section: TeacherSection, data: OutputRef, template: str) -> OutputRef:
-    out = TEACHER.output(run_dir, section=section, data=data, template=template)
+def train_teacher_model(
+    run_dir: Path, section: TeacherSection, data: OutputRef, template: str, train_on: RowMatch | None = None
+) -> OutputRef:
+    """``train_on``: the teacher learns from these rows of its split only; its tokenizer is learnt from all of them,
+    so that teachers trained on different rows share one tokenizer (and one logit vocabulary)."""
+    out = TEACHER.output(run_dir, section=section, data=data, template=template, train_on=train_on)
     if done := out.done:
         return done
     check_trainable_here(section.dtype, "teacher")
-    rows = read_split(data, teacher_split(data))
+    split = teacher_split(data)
+    every = read_split(data, split)
+    rows = [r for r in every if train_on.keeps({**r, "split": split})] if train_on is not None else every
+    if not rows:
+        raise ValueError(
+            f"teacher train_on {train_on.model_dump()} keeps none of the {len(every)} rows of split {split!r}: "
+            "widen its values"
+        )
     with out.building() as tmp:
         start = time.perf_counter()
-        tokenizer = gold_tokenizer(rows, template, section.vocab_size)
+        tokenizer = gold_tokenizer(every, template, section.vocab_size)
         a = section.architecture
         model = llama_model(tokenizer, a.hidden, a.layers, a.heads, a.intermediate, seed=section.seed)
         if section.dtype is not None:
             model = model.to(weights_dtype(section.dtype))
         # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
         progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
-        train_sft(
-            model,
-            tokenizer,
-            sft_rows(rows, template, "rationale"),
-            {**section.training, **training_flags(section.dtype)},
-            tmp,
-            section.seed,
-            callbacks=[progress],
-        )
+        config = trainer_config({**section.training, **training_flags(section.dtype)}, tmp, section.seed)
+        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), config, tmp, callbacks=[progress])
         write_location(tmp, MODEL)
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()

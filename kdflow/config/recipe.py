@@ -27,6 +27,7 @@ from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.run import RunSection
 from kdflow.config.student import PrunedInit, StudentData, StudentInit, StudentSection
 from kdflow.config.teacher import TeacherSection
+from kdflow.config.teachers import NamedTeacher, Routing, check_routed, fill_teachers
 
 
 class Recipe(Strict):
@@ -40,6 +41,15 @@ class Recipe(Strict):
     evaluation: EvaluationSection = EvaluationSection()
     logit_cache: LogitCacheSection | None = None
     cost: CostSection | None = None  # the report's prices only: given to no stage, so in no stage's key
+    # Several teachers, each row answered by the one `routing` names (kdflow/config/teachers.py); `teacher` is then
+    # the default one, filled in before validation.
+    teachers: list[NamedTeacher] | None = None
+    routing: Routing | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_teacher(cls, data):
+        return fill_teachers(data)
 
     @model_validator(mode="after")
     def _cross_checks(self):
@@ -70,7 +80,8 @@ class Recipe(Strict):
                     f"student {s.name!r}: kd method on_policy with lmbda {s.kd.lmbda} < 1 trains a share "
                     "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1"
                 )
-        if self.teacher.api:
+        check_routed(self)
+        if self.teacher.api and self.teachers is None:  # each of several teachers has its own generation section
             self._api_teacher_checks()
         if self.data.source is DataSource.instructions:
             self._free_text_checks()

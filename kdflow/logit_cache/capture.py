@@ -28,6 +28,7 @@ from kdflow.logit_cache.scoring import TeacherScoringError, prompt_logprobs_args
 from kdflow.logit_cache.writer import capture_shards
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef, hash_folder
+from kdflow.teacher.routing import TEACHER_COLUMN
 
 
 def encoded_rows(kept: list[dict], template: str, tokenizer) -> list[topk.EncodedRow]:
@@ -118,13 +119,18 @@ def capture_api(folder: Path, kept: list[dict], rows, section: LogitCacheSection
     )
 
 
-def capture_setup(section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef):
-    """The teacher's tokenizer, the kept rows and their encodings, and each teacher's (model, cache meta, weight)."""
+def capture_setup(
+    section: LogitCacheSection, template: str, teacher: OutputRef, curated: OutputRef, routed_to: str | None = None
+):
+    """The teacher's tokenizer, the kept rows and their encodings, and each teacher's (model, cache meta, weight).
+    ``routed_to``: of several teachers, this one: only the kept rows it answered (their ``teacher`` column)."""
     from transformers import AutoTokenizer
 
     model_dir = model_location(teacher)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     kept = pd.read_parquet(Path(curated.path) / KEPT).to_dict("records")
+    if routed_to is not None:
+        kept = [r for r in kept if r.get(TEACHER_COLUMN) == routed_to]
     rows = encoded_rows(kept, template, tokenizer)
     vocab = _vocab_size(model_dir)
     members = [(model_dir, teacher.sha256, section.teacher_weight)]

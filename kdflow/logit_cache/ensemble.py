@@ -87,3 +87,41 @@ def merge_caches(
 
 def _as_topk(row: CachedRow) -> TopK:
     return TopK(row.row_id, row.input_ids.numpy(), row.start, row.ids.numpy(), row.logprobs.numpy(), row.tail.numpy())
+
+
+def join_caches(caches: dict[str, LogitCache], folder: Path) -> dict:
+    """Routed teachers' caches (one tokenizer, disjoint rows) as one cache in ``folder``: every row exactly as its
+    teacher's cache holds it, so a student reads it as it would read one teacher's. The manifest's ``teachers`` list
+    says, per teacher (``name``), its rows and positions: the token share the report shows."""
+    named = list(caches.items())
+    first_name, first = named[0]
+    for name, c in named[1:]:
+        for field in ("tokenizer_sha256", "chat_template_sha256", "vocab_size", "k", "value_encoding"):
+            if c.manifest[field] != first.manifest[field]:
+                raise CacheMismatch(
+                    f"{c.folder} (teacher {name!r}): {field} {c.manifest[field]!r} differs from teacher "
+                    f"{first_name!r}'s {first.manifest[field]!r}; routed teachers' caches join only with one "
+                    "tokenizer, k and value encoding"
+                )
+    owner: dict[str, str] = {}
+    for name, c in named:
+        for row_id in c.row_ids:
+            if row_id in owner:
+                raise ValueError(
+                    f"row {row_id!r} is in teacher {owner[row_id]!r}'s cache and {name!r}'s: route each row once"
+                )
+            owner[row_id] = name
+    teachers = [
+        {**t, "name": name, "rows": c.manifest["rows"], "positions": c.manifest["positions"]}
+        for name, c in named
+        for t in c.manifest["teachers"]
+    ]
+    meta = {**first.manifest, "teachers": teachers, "source": "routed"}
+    meta = {key: v for key, v in meta.items() if key not in ("rows", "positions", "bytes", "shards")}
+    row_ids = [row_id for _, c in named for row_id in c.row_ids]
+    shard_rows = max(s["rows"] for _, c in named for s in c.manifest["shards"])
+
+    def compute(indices: list[int]) -> list[TopK]:
+        return [_as_topk(caches[owner[row_ids[i]]][row_ids[i]]) for i in indices]
+
+    return capture_shards(Path(folder), row_ids, shard_rows, meta, compute)

@@ -1,0 +1,258 @@
+"""The ``teachers`` and ``routing`` sections: several named teachers, each row sent to one of them by a rule.
+
+    teachers:
+      - name: short                    # any teacher the ``teacher`` section can be: trained here, a folder, a GGUF
+        architecture: {...}            # file, the model ``generation`` serves (vLLM) or an API model (api: true)
+        train_on: {column: question, count: "[+-]", values: ["2", "3"]}   # a teacher trained here: its rows
+      - name: long
+        ...
+    routing:
+      column: question                 # the row's column the rule reads
+      count: "[+-]"                    # optional: route by how many matches of this regex the value holds
+      routes: {"2": short, "3": short}
+      default: long                    # every other value
+
+A recipe with ``teachers`` has no ``teacher`` section: the default teacher takes its place wherever one teacher is
+meant (the students' shared tokenizer, pruning, the judge filter), so a recipe with one ``teacher`` is as it was.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from kdflow.config.fields import ROOT, SafeName, Strict
+from kdflow.config.generation import GenerationSection
+from kdflow.config.teacher import TeacherSection
+from kdflow.models.gguf import is_gguf_path
+
+# The columns every data source gives its rows (data/arithmetic.py, data/gsm8k.py, data/instructions.py), and the
+# split each generation row is asked from: what a route may read.
+ROW_COLUMNS = ("id", "question", "rationale", "answer", "split")
+
+
+class RowKey(Strict):
+    column: str = Field(description=f"the row's column the rule reads: one of {', '.join(ROW_COLUMNS)}")
+    count: str | None = Field(
+        None, description="a regex: the key is how many times it matches the column's value (e.g. '[+-]': steps)"
+    )
+
+    @field_validator("count")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"count {v!r} is not a regex ({e}); e.g. '[+-]' counts the operators") from None
+        return v
+
+    def key(self, row: dict) -> str:
+        """The row's key under this rule, as a string (YAML mapping keys are strings)."""
+        if self.column not in row:
+            raise KeyError(
+                f"routing reads column {self.column!r}, which this row ({row.get('id', '?')}) lacks; its columns "
+                f"are {sorted(row)}: name one of them in routing.column"
+            )
+        value = row[self.column]
+        return str(len(re.findall(self.count, str(value)))) if self.count else str(value)
+
+
+class RowMatch(RowKey):
+    values: list[str] = Field(min_length=1, description="the keys of the rows it keeps")
+
+    def keeps(self, row: dict) -> bool:
+        return self.key(row) in self.values
+
+
+class Routing(RowKey):
+    routes: dict[str, str] = Field(default_factory=dict, description="a key -> the teacher that answers its rows")
+    default: str = Field(description="the teacher of every row whose key is not in routes")
+
+    def teacher_of(self, row: dict) -> str:
+        return self.routes.get(self.key(row), self.default)
+
+
+class NamedTeacher(TeacherSection):
+    name: SafeName
+    train_on: RowMatch | None = Field(
+        None, description="a teacher trained here learns from the teacher split's rows this keeps (all by default)"
+    )
+    generation: GenerationSection | None = Field(
+        None,
+        description="this teacher's own generation settings, merged over the recipe's `generation` (e.g. another "
+        "backend or api.model); the recipe's otherwise",
+    )
+
+    def section(self) -> TeacherSection:
+        """The teacher as the one-teacher stages take it: the stage keys of a recipe with one ``teacher`` are kept."""
+        return TeacherSection.model_construct(**{f: getattr(self, f) for f in TeacherSection.model_fields})
+
+
+def merge_generation(base: Any, override: Any) -> Any:
+    """The recipe's raw ``generation`` mapping with a teacher's raw override on top (nested mappings merged)."""
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    return {**base, **{k: merge_generation(base.get(k), v) if k in base else v for k, v in override.items()}}
+
+
+def fill_teachers(data: Any) -> Any:
+    """Before validation: a recipe with ``teachers`` gets its default teacher as ``teacher`` (and each teacher's
+    ``generation`` override merged over the recipe's); one with both sections is refused."""
+    if not isinstance(data, dict) or data.get("teachers") is None:
+        return data
+    teachers, routing = data["teachers"], data.get("routing")
+    if "teacher" in data:
+        raise ValueError(
+            "teacher and teachers are both set: keep `teachers:` (with `routing:`) for several teachers, or "
+            "`teacher:` for one"
+        )
+    if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) for t in teachers):
+        raise ValueError("teachers: a list of named teacher sections, e.g. [{name: math, model: ...}, ...]")
+    if not isinstance(routing, dict) or "default" not in routing:
+        raise ValueError(
+            "teachers needs routing: {column: ..., routes: {value: teacher}, default: teacher}, which says which "
+            "teacher answers each row"
+        )
+    named = {t.get("name"): t for t in teachers}
+    default = named.get(routing["default"])
+    if default is None:
+        raise ValueError(
+            f"routing.default {routing['default']!r} is not a teacher's name; name one of {sorted(map(str, named))}"
+        )
+    gen = data.get("generation")
+    return {
+        **data,
+        "teacher": {k: v for k, v in default.items() if k not in ("name", "train_on", "generation")},
+        "teachers": [
+            {**t, "generation": merge_generation(gen, t["generation"])} if t.get("generation") is not None else t
+            for t in teachers
+        ],
+    }
+
+
+def tokenizer_identity(t: TeacherSection) -> tuple[str, str] | None:
+    """What says two teachers tokenize alike, where known at load: trained here (the shared tokenizer at its size),
+    a model folder's tokenizer files, a GGUF file's vocabulary; None for a hub id or an API model."""
+    if t.api:
+        return None
+    if t.architecture is not None and t.model is None:
+        return "trained here", f"vocab_size {t.vocab_size}"
+    if is_gguf_path(t.model):
+        return "gguf", _gguf_tokens(ROOT / t.model)
+    folder = ROOT / t.model
+    if folder.is_dir():
+        import hashlib
+
+        files = [f for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model") if (folder / f).is_file()]
+        return "folder", hashlib.sha256(b"".join((folder / f).read_bytes() for f in files)).hexdigest()
+    return None
+
+
+def _gguf_tokens(path: Path) -> str:
+    import hashlib
+
+    from kdflow.models.gguf import _reader  # the cached reader that inspect_gguf used a moment ago
+
+    field = _reader(path).fields.get("tokenizer.ggml.tokens")
+    tokens = [] if field is None else field.contents()
+    return hashlib.sha256("\0".join(map(str, tokens)).encode()).hexdigest()
+
+
+def check_routed(r) -> None:
+    """The checks of a recipe ``r`` with ``teachers``, each naming the field and the fix."""
+    from kdflow.config.generation import Backend
+    from kdflow.config.kd import OfflineKD
+    from kdflow.config.loading import FieldError
+
+    if r.teachers is None:
+        if r.routing is not None:
+            raise FieldError("routing sends rows to the teachers a `teachers:` list names; add it", "routing")
+        return
+    names = [t.name for t in r.teachers]
+    if dup := sorted({n for n in names if names.count(n) > 1}):
+        raise FieldError(f"teachers.name must be unique; rename {dup}", "teachers")
+    for value, name in r.routing.routes.items():
+        if name not in names:
+            raise FieldError(
+                f"routing.routes sends {value!r} to {name!r}, which no teacher is named; name one of {names}",
+                "routing",
+                "routes",
+                value,
+            )
+    rules = [(("routing", "column"), r.routing.column)]
+    rules += [
+        (("teachers", i, "train_on", "column"), t.train_on.column) for i, t in enumerate(r.teachers) if t.train_on
+    ]
+    for loc, column in rules:
+        if column not in ROW_COLUMNS:
+            raise FieldError(
+                f"column {column!r}: the data's rows have no such column; route on one of {', '.join(ROW_COLUMNS)} "
+                "(with count: a regex, to route by how often it matches, e.g. '[+-]' for a chain's steps)",
+                *loc,
+            )
+    logits = r.logit_cache is not None or any(s.kd is not None for s in r.students)
+    for i, t in enumerate(r.teachers):
+        if t.train_on is not None and (t.model is not None or t.api):
+            raise FieldError(
+                f"teacher {t.name!r}: train_on picks the rows a teacher trained here learns from; this one is "
+                "not trained here (model or api): remove train_on",
+                "teachers",
+                i,
+                "train_on",
+            )
+        if not t.api:
+            continue
+        g = t.generation or r.generation
+        if g.backend is not Backend.openai or not g.api.model:
+            raise FieldError(
+                f"teacher {t.name!r}: api: true asks an API model; give it generation: {{backend: openai, "
+                "api: {base_url: ..., model: ...}}",
+                "teachers",
+                i,
+                "generation",
+            )
+        if logits:
+            raise FieldError(
+                f"teacher {t.name!r} is an API model, whose logits are not here, and this recipe needs logits "
+                "(a logit_cache or a kd student); route its rows to a local teacher, or drop logit_cache and kd",
+                "teachers",
+                i,
+                "api",
+            )
+    if r.teacher.api and r.filters.judge is not None:
+        raise FieldError("the default teacher is an API model and the judge filter runs it locally", "filters", "judge")
+    if not logits:
+        return
+    for i, s in enumerate(r.students):
+        if s.kd is not None and not isinstance(s.kd, OfflineKD):
+            raise FieldError(
+                f"student {s.name!r}: with several teachers a KD student learns from their logit caches merged "
+                f"by row (method offline); kd method {s.kd.method.value} would read one teacher's model",
+                "students",
+                i,
+                "kd",
+                "method",
+            )
+    if r.logit_cache is not None and r.logit_cache.ensemble:
+        raise FieldError(
+            "logit_cache.ensemble averages teachers on every row; with teachers: each row has its routed teacher's "
+            "logits: remove ensemble",
+            "logit_cache",
+            "ensemble",
+        )
+    known = [(i, t, tokenizer_identity(t)) for i, t in enumerate(r.teachers)]
+    known = [(i, t, ident) for i, t, ident in known if ident is not None]
+    for i, t, ident in known[1:]:
+        if ident != known[0][2]:
+            first = known[0][1]
+            raise FieldError(
+                f"teacher {t.name!r} tokenizes otherwise than {first.name!r} ({ident[0]}, {ident[1][:16]} against "
+                f"{known[0][2][0]}, {known[0][2][1][:16]}): a logit-KD student reads one vocabulary; use teachers "
+                "of one tokenizer, or drop logit_cache and kd (sequence-level KD takes any teachers' text)",
+                "teachers",
+                i,
+            )
