@@ -1,0 +1,291 @@
+"""Several teachers routed by a row's column (issue 26, part 2): the recipe's checks, the routing rule, the teachers'
+answers and logit caches joined by row (exactly), and the report's figures per teacher. Fast: no model is trained."""
+
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import MINI_RECIPE
+from kdflow.config.loading import RecipeError
+from kdflow.config.logit_cache import ValueEncoding
+from kdflow.config.recipe import parse_recipe
+from kdflow.config.teachers import Routing, RowMatch
+from kdflow.logit_cache.ensemble import join_caches
+from kdflow.logit_cache.format import CacheMismatch, TopK, cache_meta
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.logit_cache.writer import capture_shards
+from kdflow.reporting.teachers import routed_figures, teachers_markdown
+from kdflow.teacher.routing import TEACHER_COLUMN, join_tables, token_shares
+from kdflow.training.tiny_models import train_tokenizer
+
+TEACHER = "{hidden: 64, layers: 1, heads: 2, intermediate: 128}"
+TEACHERS = f"""teachers:
+  - name: add
+    architecture: {TEACHER}
+    vocab_size: 48
+    train_on: {{column: question, count: "-", values: ["0"]}}
+    training: {{max_steps: 5}}
+  - name: sub
+    architecture: {TEACHER}
+    vocab_size: 48
+    training: {{max_steps: 5}}
+routing:
+  column: question
+  count: "-"
+  routes: {{"0": add}}
+  default: sub
+"""
+
+
+def mini_text() -> str:
+    return MINI_RECIPE.read_text()
+
+
+def two_teachers(text: str | None = None, teachers: str = TEACHERS) -> str:
+    """The miniature recipe with its ``teacher`` section replaced by ``teachers``."""
+    text = text or mini_text()
+    start = text.index("teacher:\n")
+    end = text.index("generation:")
+    return text[:start] + teachers + "\n" + text[end:]
+
+
+def with_logit_student(text: str) -> str:
+    return text.replace("evaluation:", "logit_cache: {k: 4}\n\nevaluation:", 1).replace(
+        "  - name: seq-kd\n    data: teacher\n",
+        "  - name: seq-kd\n    data: teacher\n    kd: {method: offline, divergence: forward_kl, alpha: 0.5}\n",
+    )
+
+
+def refused(text: str) -> str:
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text)
+    return str(e.value)
+
+
+# --- the recipe ---------------------------------------------------------------------------------------------------
+
+
+def test_teachers_load_and_the_default_stands_for_the_teacher():
+    r = parse_recipe(with_logit_student(two_teachers()))
+    assert [t.name for t in r.teachers] == ["add", "sub"]
+    assert r.routing.default == "sub" and r.teacher.architecture == r.teachers[1].architecture
+    assert r.teachers[0].train_on == RowMatch(column="question", count="-", values=["0"])
+    assert r.teachers[0].section().model_dump() == {
+        **parse_recipe(mini_text()).teacher.model_dump(),
+        "training": {"max_steps": 5},
+    }
+
+
+def test_one_teacher_recipes_have_no_teachers():
+    r = parse_recipe(mini_text())
+    assert r.teachers is None and r.routing is None
+
+
+def test_an_unknown_teacher_in_a_route_is_refused_naming_it():
+    text = two_teachers(teachers=TEACHERS.replace('{"0": add}', '{"0": adder}'))
+    message = refused(text)
+    assert "routing" in message and "'adder'" in message and "add" in message and "sub" in message
+
+
+def test_a_default_that_is_no_teacher_is_refused():
+    assert "routing.default 'mul'" in refused(two_teachers(teachers=TEACHERS.replace("default: sub", "default: mul")))
+
+
+def test_a_route_column_the_data_lacks_is_refused():
+    message = refused(
+        two_teachers(teachers=TEACHERS.replace("  column: question\n  count", "  column: topic\n  count"))
+    )
+    assert "routing" in message and "column 'topic'" in message and "question" in message
+
+
+def test_train_on_a_column_the_data_lacks_is_refused():
+    text = two_teachers(teachers=TEACHERS.replace("train_on: {column: question", "train_on: {column: level"))
+    assert "train_on" in refused(text)
+
+
+def test_a_bad_count_regex_is_refused():
+    assert "is not a regex" in refused(two_teachers(teachers=TEACHERS.replace('count: "-"', 'count: "("')))
+
+
+def test_teachers_of_different_tokenizers_are_refused_where_logits_are_needed():
+    teachers = TEACHERS.replace(
+        "    vocab_size: 48\n    training: {max_steps: 5}", "    vocab_size: 40\n    training: {max_steps: 5}"
+    )
+    message = refused(with_logit_student(two_teachers(teachers=teachers)))
+    assert "teachers" in message and "'sub' tokenizes otherwise than 'add'" in message
+    parse_recipe(two_teachers(teachers=teachers))  # sequence-level KD takes any teachers' text
+
+
+def test_an_api_teacher_is_refused_where_logits_are_needed():
+    api = TEACHERS.replace(
+        f"  - name: sub\n    architecture: {TEACHER}\n    vocab_size: 48\n    training: {{max_steps: 5}}\n",
+        "  - name: sub\n    api: true\n    generation: {backend: openai, api: {base_url: 'http://127.0.0.1:9/v1', "
+        "model: m, api_key_env: null}}\n",
+    )
+    r = parse_recipe(two_teachers(teachers=api))  # text only: its answers are fine
+    assert r.teachers[1].generation.api.model == "m" and r.generation.backend.value == "hf"
+    assert r.teachers[1].generation.max_new_tokens == r.generation.max_new_tokens  # merged over the recipe's
+    message = refused(with_logit_student(two_teachers(teachers=api)))
+    assert "teachers" in message and "'sub' is an API model" in message
+
+
+def test_teacher_and_teachers_together_are_refused():
+    text = two_teachers()
+    text = text.replace("teachers:", f"teacher:\n  architecture: {TEACHER}\n\nteachers:", 1)
+    assert "teacher and teachers are both set" in refused(text)
+
+
+def test_duplicate_names_are_refused():
+    teachers = TEACHERS.replace("name: sub", "name: add").replace("default: sub", "default: add")
+    assert "teachers.name must be unique; rename ['add']" in refused(two_teachers(teachers=teachers))
+
+
+def test_kd_reading_one_teacher_model_is_refused_with_several():
+    text = with_logit_student(two_teachers()).replace(
+        "kd: {method: offline, divergence: forward_kl, alpha: 0.5}", "kd: {method: on_policy, lmbda: 1.0}"
+    )
+    assert "kd method on_policy would read one teacher's model" in refused(text)
+
+
+# --- routing -----------------------------------------------------------------------------------------------------
+
+
+def test_routing_by_value_and_by_count():
+    by_count = Routing(column="question", count="[+-]", routes={"2": "short", "3": "short"}, default="long")
+    assert [by_count.teacher_of({"question": q}) for q in ("1+2", "1+2-3", "1+2-3+4", "1+2-3+4-5")] == [
+        "long",
+        "short",
+        "short",
+        "long",
+    ]
+    by_value = Routing(column="split", routes={"train": "a"}, default="b")
+    assert by_value.teacher_of({"split": "train"}) == "a" and by_value.teacher_of({"split": "prompts"}) == "b"
+    with pytest.raises(KeyError, match="routing reads column 'topic'"):
+        Routing(column="topic", default="a").teacher_of({"id": "x", "question": "1+2"})
+
+
+def test_joined_answers_keep_every_row_once_in_id_order_with_its_teacher(tmp_path):
+    a = pd.DataFrame({"id": ["r2", "r0"], "sample": [0, 0], "text": ["two", "zero"]})
+    b = pd.DataFrame({"id": ["r1", "r3"], "sample": [0, 0], "text": ["one", "three"]})
+    a.to_parquet(tmp_path / "a.parquet")
+    b.to_parquet(tmp_path / "b.parquet")
+    joined = join_tables({"add": tmp_path / "a.parquet", "sub": tmp_path / "b.parquet", "none": tmp_path / "x"})
+    assert joined["id"].tolist() == ["r0", "r1", "r2", "r3"]
+    assert joined[TEACHER_COLUMN].tolist() == ["add", "sub", "add", "sub"]
+    assert joined["text"].tolist() == ["zero", "one", "two", "three"]
+    assert token_shares({"add": 30, "sub": 10}) == {"add": 0.75, "sub": 0.25}
+    assert token_shares({"add": 0}) == {"add": 0.0}
+
+
+# --- the logit caches, joined by row -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([f"{a}+{b}={a + b}" for a in range(10) for b in range(10)], 40)
+
+
+def synthetic_cache(folder, tokenizer, row_ids, seed, encoding=ValueEncoding.u8, k=4):
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+
+    def row(row_id: str) -> TopK:
+        n = int(rng.integers(5, 12))
+        start = int(rng.integers(1, n - 2))
+        L = n - 1 - start
+        logits = rng.normal(size=(L, vocab)) * 3
+        lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ids = np.argsort(-lp, axis=-1)[:, :k]
+        top = np.take_along_axis(lp, ids, -1)
+        tail = np.log1p(-np.exp(top).sum(-1))
+        return TopK(row_id, rng.integers(0, vocab, n), start, ids, top.astype(np.float32), tail.astype(np.float32))
+
+    meta = cache_meta(
+        teachers=[{"model": f"teacher-{seed}", "revision": None, "weight": 1.0}],
+        tokenizer=tokenizer,
+        vocab_size=vocab,
+        k=k,
+        temperature=1.0,
+        encoding=encoding,
+        source="hf",
+    )
+    rows = {r: row(r) for r in row_ids}
+    capture_shards(folder, row_ids, 3, meta, lambda idx: [rows[row_ids[i]] for i in idx])
+    return LogitCache.open(folder)
+
+
+@pytest.mark.parametrize("encoding", [ValueEncoding.u8, ValueEncoding.fp16])
+def test_joined_cache_holds_each_row_exactly_as_its_teachers_cache(tmp_path, tokenizer, encoding):
+    ids = [f"r{i}/0" for i in range(12)]
+    random.Random(0).shuffle(ids)
+    add = synthetic_cache(tmp_path / "add", tokenizer, ids[:7], 1, encoding)
+    sub = synthetic_cache(tmp_path / "sub", tokenizer, ids[7:], 2, encoding)
+    join_caches({"add": add, "sub": sub}, tmp_path / "joined")
+    joined = LogitCache.open(tmp_path / "joined", expect_tokenizer=tokenizer)
+    joined.verify()
+    assert sorted(joined.row_ids) == sorted(ids)
+    for source in (add, sub):
+        for row_id in source.row_ids:
+            want, got = source[row_id], joined[row_id]
+            assert got.start == want.start
+            for field in ("input_ids", "positions", "ids", "logprobs", "tail"):
+                assert np.array_equal(getattr(got, field).numpy(), getattr(want, field).numpy()), (row_id, field)
+    m = joined.manifest
+    assert (
+        m["source"] == "routed"
+        and m["rows"] == 12
+        and m["positions"] == add.manifest["positions"] + sub.manifest["positions"]
+    )
+    by_name = {t["name"]: t for t in m["teachers"]}
+    assert by_name["add"]["rows"] == 7 and by_name["sub"]["positions"] == sub.manifest["positions"]
+
+
+def test_joining_caches_of_other_tokenizers_or_shared_rows_is_refused(tmp_path, tokenizer):
+    add = synthetic_cache(tmp_path / "add", tokenizer, ["a/0", "b/0"], 1)
+    other = train_tokenizer([f"{a}*{b}" for a in range(10) for b in range(10)], 36)
+    sub = synthetic_cache(tmp_path / "sub", other, ["c/0"], 2)
+    with pytest.raises(CacheMismatch, match="teacher 'sub'"):
+        join_caches({"add": add, "sub": sub}, tmp_path / "j1")
+    twice = synthetic_cache(tmp_path / "twice", tokenizer, ["b/0", "c/0"], 3)
+    with pytest.raises(ValueError, match="row 'b/0' is in teacher 'add'"):
+        join_caches({"add": add, "sub": twice}, tmp_path / "j2")
+
+
+# --- the report --------------------------------------------------------------------------------------------------
+
+
+def test_report_figures_per_teacher_and_for_the_routed_teachers():
+    routing = Routing(column="question", count="-", routes={"0": "add"}, default="sub")
+    test = [{"id": f"t{i}", "question": q} for i, q in enumerate(["1+2", "3-1", "4+4", "5-2+1"])]
+    # add is right on its own rows (t0, t2) and wrong elsewhere; sub right on t1 only
+    predictions = {
+        "add": [{"id": f"t{i}", "correct": c} for i, c in enumerate([True, False, True, False])],
+        "sub": [{"id": f"t{i}", "correct": c} for i, c in enumerate([False, True, False, False])],
+    }
+    answers = {"by_teacher": {"add": {"rows": 30}, "sub": {"rows": 10}}, "token_share": {"add": 0.6, "sub": 0.4}}
+    logits = {"by_teacher": {"add": {"positions": 300}}, "token_share": {"add": 0.7, "sub": 0.3}}
+    f = routed_figures(routing, test, predictions, answers, logits, {"add": 28, "sub": 9})
+    assert f["routed_accuracy"] == 0.75  # t0 add ✓, t1 sub ✓, t2 add ✓, t3 sub ✗
+    add, sub = f["by_teacher"]["add"], f["by_teacher"]["sub"]
+    assert (add["test_rows"], add["accuracy_own_rows"], add["accuracy_other_rows"], add["accuracy_all_rows"]) == (
+        2,
+        1.0,
+        0.0,
+        0.5,
+    )
+    assert (sub["test_rows"], sub["accuracy_own_rows"], sub["accuracy_other_rows"]) == (2, 0.5, 0.0)
+    assert (
+        add["answers"] == 30
+        and add["kept"] == 28
+        and add["logit_token_share"] == 0.7
+        and sub["logit_positions"] is None
+    )
+    md = teachers_markdown(f)
+    assert (
+        "## Teachers" in md
+        and "**75.0 %**" in md
+        and "| add | 2 | 100.0 % | 0.0 % | 30 | 28 | 60.0 % | 300 | 70.0 % |" in md
+    )
+    assert teachers_markdown(None) == ""
