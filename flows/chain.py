@@ -29,6 +29,7 @@ from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers, join_answers
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
+from tasks.preflight import teacher_preflight
 from tasks.quantize import quantize_students, quantized_name
 from tasks.report import write_report
 from tasks.students import train_student
@@ -104,6 +105,7 @@ def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstrea
     if r.teachers:
         return routed_upstream(r, data)
     teacher = teacher_chain(r, data)
+    teacher_preflight(r, teacher, data)  # a failed check stops the run here, before any spend
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk

@@ -1,6 +1,7 @@
 """The `kdflow` command: the whole distillation, one stage of it, a study, or a comparison of runs.
 
     kdflow distill recipes/demo.yaml [--seeds 0 1 2]
+    kdflow preflight recipes/demo.yaml                         # check the teacher before any spend
     kdflow students recipes/demo.yaml --run-dir runs/demo      # retrain the students of a finished run
     kdflow compare runs/a runs/b
     kdflow logit-cache-export --format axolotl runs/demo exported/      # or distillkit; also `logit-cache export`
@@ -24,6 +25,12 @@ COMMANDS = {
         "flows.distill",
         "distill",
         "the whole distillation: data, teacher, answers, curation, logit cache, students, evaluation, report",
+    ),
+    "preflight": (
+        "flows.preflight",
+        "preflight",
+        "check the teacher before any spend: repeatable answers, HF vs vLLM log-probs, tokenizers, top-k, "
+        "prefix caching",
     ),
     "teacher": ("flows.train_teacher", "train_teacher", "train the teacher (or record the one the recipe names)"),
     "generate": ("flows.generate", "generate", "the teacher's answers (hf, vllm or an OpenAI-compatible API)"),
