@@ -63,13 +63,21 @@ def read_recipe_text(path: Path) -> str:
 def read_recipe_file(path: str | Path, kind: str = "recipe") -> str:
     """The text of the ``kind`` file at ``path``; a missing file is a ``RecipeError`` saying so."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"{path}: a folder, not a {kind} file: name the YAML file in it")
     if not path.is_file():
         raise RecipeError(f"{path}: no such {kind} file")
     return read_recipe_text(path)
 
 
-def _duplicate_key(node, path: tuple = ()) -> tuple[str, int, int] | None:
-    """(field, line, first line) of the first key that a mapping repeats: PyYAML silently keeps the last value."""
+def _duplicate_key(node, path: tuple = (), seen_nodes: set | None = None) -> tuple[str, int, int] | None:
+    """(field, line, first line) of the first key that a mapping repeats: PyYAML silently keeps the last value.
+    An aliased node (``*name``) is the anchored node itself, so each node is looked at once: walking every alias
+    anew took exponential time on nested aliases (ten lists of ten aliases of the list before, eight deep)."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return None
+    seen_nodes.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen: dict = {}
         for key, value in node.value:
@@ -79,11 +87,11 @@ def _duplicate_key(node, path: tuple = ()) -> tuple[str, int, int] | None:
             if name is not None and name in seen:
                 return ".".join(map(str, (*path, name))), key.start_mark.line + 1, seen[name]
             seen[name] = key.start_mark.line + 1
-            if found := _duplicate_key(value, (*path, name)):
+            if found := _duplicate_key(value, (*path, name), seen_nodes):
                 return found
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            if found := _duplicate_key(item, (*path, i)):
+            if found := _duplicate_key(item, (*path, i), seen_nodes):
                 return found
     return None
 
@@ -165,5 +173,7 @@ def validation_problems(
             msg = "required field is missing; add it"
         elif err["type"] == "finite_number":
             msg = NOT_FINITE.format(value=err["input"])
+        elif err["type"] == "string_type" and isinstance(err["input"], bool):
+            msg += f"; YAML reads an unquoted yes/no/on/off/true/false as the boolean {err['input']}: quote the value"
         problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")
     return problems
