@@ -242,6 +242,14 @@ def test_joined_cache_holds_each_row_exactly_as_its_teachers_cache(tmp_path, tok
     assert by_name["add"]["rows"] == 7 and by_name["sub"]["positions"] == sub.manifest["positions"]
 
 
+def test_a_teacher_that_kept_no_row_joins_as_nothing(tmp_path, tokenizer):
+    add = synthetic_cache(tmp_path / "add", tokenizer, ["a/0", "b/0"], 1)
+    none = synthetic_cache(tmp_path / "none", tokenizer, [], 2)
+    join_caches({"add": add, "none": none}, tmp_path / "joined")
+    joined = LogitCache.open(tmp_path / "joined")
+    assert joined.row_ids == ["a/0", "b/0"] and joined["b/0"].ids.equal(add["b/0"].ids)
+
+
 def test_joining_caches_of_other_tokenizers_or_shared_rows_is_refused(tmp_path, tokenizer):
     add = synthetic_cache(tmp_path / "add", tokenizer, ["a/0", "b/0"], 1)
     other = train_tokenizer([f"{a}*{b}" for a in range(10) for b in range(10)], 36)
@@ -289,3 +297,38 @@ def test_report_figures_per_teacher_and_for_the_routed_teachers():
         and "| add | 2 | 100.0 % | 0.0 % | 30 | 28 | 60.0 % | 300 | 70.0 % |" in md
     )
     assert teachers_markdown(None) == ""
+
+
+# --- on-policy scoring, routed -----------------------------------------------------------------------------------
+
+
+class PartsScorer:
+    """A scorer that answers in parts of two rows, tagging each answer with its name (a unit-test stand-in)."""
+
+    def __init__(self, name: str):
+        self.name, self.closed, self.seen = name, False, []
+
+    def parts(self, rows):
+        self.seen += [r.row_id for r in rows]
+        for begin in range(0, len(rows), 2):
+            chunk = list(range(begin, min(begin + 2, len(rows))))
+            yield chunk, [TopK(f"{self.name}:{rows[i].row_id}", rows[i].input_ids, 0, None, None, None) for i in chunk]
+
+    def close(self):
+        self.closed = True
+
+
+def test_routed_scorer_scores_each_row_by_its_teacher_under_the_callers_indices():
+    from kdflow.logit_cache.scoring import RoutedScorer, TeacherScoringError
+    from kdflow.logit_cache.topk import EncodedRow
+
+    rows = [EncodedRow(f"r{i}", np.arange(3), 1) for i in range(5)]
+    route = {"r0": "add", "r1": "sub", "r2": "add", "r3": "add", "r4": "sub"}
+    scorers = {"add": PartsScorer("add"), "sub": PartsScorer("sub")}
+    routed = RoutedScorer(scorers, lambda row: route[row.row_id])
+    assert [t.row_id for t in routed.score(rows)] == [f"{route[f'r{i}']}:r{i}" for i in range(5)]
+    assert scorers["add"].seen == ["r0", "r2", "r3"] and scorers["sub"].seen == ["r1", "r4"]
+    routed.close()
+    assert all(s.closed for s in scorers.values())
+    with pytest.raises(TeacherScoringError, match="routed to teacher 'mul'"):
+        RoutedScorer(scorers, lambda row: "mul").score(rows)

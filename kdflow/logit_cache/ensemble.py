@@ -119,7 +119,9 @@ def join_caches(caches: dict[str, LogitCache], folder: Path) -> dict:
     meta = {**first.manifest, "teachers": teachers, "source": "routed"}
     meta = {key: v for key, v in meta.items() if key not in ("rows", "positions", "bytes", "shards")}
     row_ids = [row_id for _, c in named for row_id in c.row_ids]
-    shard_rows = max(s["rows"] for _, c in named for s in c.manifest["shards"])
+    shard_rows = max(
+        (s["rows"] for _, c in named for s in c.manifest["shards"]), default=1
+    )  # a teacher may keep no row
 
     def compute(indices: list[int]) -> list[TopK]:
         return [_as_topk(caches[owner[row_ids[i]]][row_ids[i]]) for i in indices]

@@ -272,6 +272,44 @@ class VllmScorer:
         self.client.close()
 
 
+class RoutedScorer:
+    """Several teachers' scorers as one, for routed teachers (kdflow/config/teachers.py): each sampled row scored by
+    the scorer ``route(row)`` names, the answers given back under the caller's row indices, as one scorer's would be.
+    The teachers answer one after the other (each in its own process or server): a step waits for the sum of their
+    times, not the longest."""
+
+    def __init__(self, scorers: dict, route):
+        self.scorers, self.route = scorers, route
+
+    def parts(self, rows: list[topk.EncodedRow]) -> Iterator[topk.Part]:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(self.route(row), []).append(i)
+        for name, indices in groups.items():
+            if name not in self.scorers:
+                raise TeacherScoringError(
+                    f"row {rows[indices[0]].row_id!r} is routed to teacher {name!r}, which has no scorer here "
+                    f"(teachers: {', '.join(self.scorers)})"
+                )
+            inner = self.scorers[name].parts([rows[i] for i in indices])
+            try:
+                for local, scored in inner:
+                    yield [indices[j] for j in local], scored
+            finally:
+                inner.close()
+
+    def score(self, rows: list[topk.EncodedRow]) -> list[TopK]:
+        out: list[TopK | None] = [None] * len(rows)
+        for indices, scored in self.parts(rows):
+            for i, t in zip(indices, scored):
+                out[i] = t
+        return out
+
+    def close(self) -> None:
+        for scorer in self.scorers.values():
+            scorer.close()
+
+
 @contextlib.contextmanager
 def teacher_scorer(
     backend: str,
