@@ -200,6 +200,18 @@ def test_a_vllm_capture_checks_topk_prefix_caching_and_agreement_and_fails_where
     assert not [c for c in refused if c.name.startswith("backends_agree")]  # nothing to compare
 
 
+def test_a_server_asked_for_text_only_is_not_compared_and_16_bits_get_a_wider_tolerance():
+    g = GenerationSection(splits=["train"], backend="vllm")
+    server = Server("generation", "teacher", None, ("--dtype", "bfloat16"))
+    probes = FakeProbes()
+    found = {c.name: c for c in run_checks(plan(g, [server]), probes)}
+    assert found["repeatable[generation: vllm]"].status == pf.PASSED
+    skipped = found[f"backends_agree[HF vs {server.label}]"]
+    assert skipped.status == pf.SKIPPED and "text only" in skipped.detail
+    assert "hf_topk" not in probes.asked and not any(a.startswith("server_topk") for a in probes.asked)
+    assert pf.tolerance(None) == pf.tolerance("float32") == pf.TOLERANCE < pf.tolerance("bfloat16")
+
+
 def test_an_api_teacher_states_its_spread_and_its_top_logprobs_and_compares_nothing():
     g = GenerationSection(splits=["train"], backend="openai", logprobs=5, api={"base_url": "http://x/v1", "model": "m"})
     api = Server("generation", "m", "http://x/v1", (), None, 5)

@@ -26,7 +26,6 @@ from kdflow.config.student import PrunedInit, StudentInit, StudentSection
 from kdflow.evaluation import preflight as checks
 from kdflow.evaluation.preflight import Check
 
-BACKENDS_K = 5  # top-k compared where no stage of the recipe names a k (a generation server only)
 ANSWER_TOKENS = 32  # enough of an answer to tell two apart, cheap on any API
 NO_PREFIX_CACHING = "--no-enable-prefix-caching"
 
@@ -104,8 +103,21 @@ def make_plan(
         list(dict.fromkeys(servers)),  # two students scored by the same server: checked once
         [_student_tokenizer(s) for s in students],
         api_teacher=teacher_dir is None,
-        dtype=logit_cache.dtype.value if logit_cache is not None and logit_cache.dtype is not None else None,
+        dtype=_compared_dtype(teacher_dir, logit_cache),
     )
+
+
+def _compared_dtype(teacher_dir: str | None, logit_cache: LogitCacheSection | None) -> str | None:
+    """The dtype HF computes in for the comparison: the capture's where it names one, else the teacher's own (what a
+    server kdflow starts serves it in: ``served_dtype``), so that both sides compute in the same precision."""
+    if logit_cache is not None and logit_cache.dtype is not None:
+        return logit_cache.dtype.value
+    if teacher_dir is None:
+        return None
+    from kdflow.logit_cache.scoring import served_dtype
+
+    dtype = served_dtype(str(teacher_dir))
+    return None if dtype in ("auto", "float32") else dtype
 
 
 def _scoring_server(role: str, teacher_dir, base_url: str | None, k: int, key) -> Server:
@@ -198,7 +210,10 @@ def _server_checks(plan: Plan, probes: Probes, server: Server, answer: str) -> l
             found.append(checks.enough_logprobs(server.label, server.top_logprobs, None, str(e)))
     if plan.teacher_dir is None:  # an API teacher: no HF side, no prompt log-probs to ask of it
         return found
-    k = server.prompt_logprobs or BACKENDS_K
+    if not (server.prompt_logprobs or server.top_logprobs):  # text only: HF's and its log-probs never meet
+        why = "the recipe asks this server for text only: no log-probs of it are used"
+        return [*found, checks.skipped(f"backends_agree[HF vs {server.label}]", why)]
+    k = server.prompt_logprobs or server.top_logprobs
     try:
         other = probes.server_topk(plan, server, answer, k)
     except ServerRefused as e:
@@ -218,7 +233,7 @@ def _server_checks(plan: Plan, probes: Probes, server: Server, answer: str) -> l
         )
         found.append(checks.prefix_caching(server.label, on, how))
     reference = probes.hf_topk(plan, answer, k)
-    found.append(checks.backends_agree(f"HF vs {server.label}", reference, other, checks.TOLERANCE))
+    found.append(checks.backends_agree(f"HF vs {server.label}", reference, other, checks.tolerance(plan.dtype)))
     return found
 
 
