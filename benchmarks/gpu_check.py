@@ -326,13 +326,22 @@ def train(kind: str, work: Path, teacher: Path, sizes: Sizes) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if kind == "sft":
+        from kdflow.config.training import trainer_config
         from kdflow.training.sft import train_sft
 
-        train_sft(student, tokenizer, chats, training, out, seed=0, callbacks=[clock])
+        train_sft(student, tokenizer, chats, trainer_config(training, out, 0), out, callbacks=[clock])
     else:
-        from kdflow.training.offline_kd import KDLoss, train_offline_kd
+        from kdflow.config.training import trainer_config
+        from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 
-        train_offline_kd(student, tokenizer, work / "cache", KDLoss(), training, out, seed=0, callbacks=[clock])
+        train_offline_kd(
+            student,
+            tokenizer,
+            None,
+            trainer_config(training, out, 0, None, OfflineKDConfig, logit_cache=str(work / "cache")),
+            out,
+            callbacks=[clock],
+        )
     step = statistics.median(clock.times[sizes.warmup :] or clock.times)
     # Tokens per step: the rows' mean length after truncation (steps draw rows evenly over the epochs).
     lengths = [

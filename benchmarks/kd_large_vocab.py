@@ -139,7 +139,7 @@ def child(side: str, steps: int, threads: int, out: Path) -> dict:
     model, data, timer = student(), rows(), StepTimer()
     tokenizer = train_tokenizer(["the student reads the teacher"], 64)  # a processing class; the rows are ids
     micro, accumulate = (1, ROWS) if side == "dense" else (ROWS, 1)
-    args = SFTConfig(
+    args = (SFTConfig if side == "sft" else offline_kd.OfflineKDConfig)(
         output_dir=str(out),
         max_steps=steps,
         per_device_train_batch_size=micro,
@@ -155,6 +155,7 @@ def child(side: str, steps: int, threads: int, out: Path) -> dict:
         disable_tqdm=True,
         remove_unused_columns=side == "sft",
         dataset_kwargs={"skip_prepare_dataset": side != "sft"},
+        **({} if side == "sft" else {"logit_cache": "synthetic"}),  # the collator makes the teacher's side up
     )
     if side == "sft":
         sft_rows = [
@@ -177,7 +178,6 @@ def child(side: str, steps: int, threads: int, out: Path) -> dict:
             train_dataset=Dataset.from_list(data),
             processing_class=tokenizer,
             data_collator=SyntheticTeacher(),
-            kd=offline_kd.KDLoss(),
             callbacks=[timer],
         )
     before = rss_mb()

@@ -135,13 +135,22 @@ def child(folder: Path, config: str, steps: int, threads: int) -> dict:
     teacher = None if config in ("sft", "offline") else AutoModelForCausalLM.from_pretrained(folder / "teacher").eval()
     rss_before = rss_mb()
     if config == "sft":
+        from kdflow.config.training import trainer_config
         from kdflow.training.sft import train_sft
 
-        train_sft(student, tokenizer, data, training, out, 0, callbacks=[timer])
+        train_sft(student, tokenizer, data, trainer_config(training, out, 0), out, callbacks=[timer])
     elif config == "offline":
-        from kdflow.training.offline_kd import KDLoss, train_offline_kd
+        from kdflow.config.training import trainer_config
+        from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 
-        train_offline_kd(student, tokenizer, folder / "cache", KDLoss(), training, out, 0, callbacks=[timer])
+        train_offline_kd(
+            student,
+            tokenizer,
+            None,
+            trainer_config(training, out, 0, None, OfflineKDConfig, logit_cache=str(folder / "cache")),
+            out,
+            callbacks=[timer],
+        )
     elif config == "online":
         from kdflow.training.online_kd import train_online
 

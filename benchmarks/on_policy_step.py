@@ -96,15 +96,15 @@ def child(inputs: dict, config: str, steps: int, threads: int, base_url: str | N
     training, timer = {**TRAINING, "max_steps": steps}, StepTimer()
     with tempfile.TemporaryDirectory() as out:
         if config == "seq-kd":
+            from kdflow.config.training import trainer_config
             from kdflow.training.sft import train_sft
 
             history = train_sft(
                 student,
                 tokenizer,
                 [{k: v for k, v in r.items() if k != "row_id"} for r in rows],
-                training,
+                trainer_config(training, Path(out), 0),
                 Path(out),
-                0,
                 callbacks=[timer],
             )
         else:

@@ -17,6 +17,7 @@ from kdflow.config.precision import check_trainable_here, training_flags, weight
 from kdflow.config.teacher import TeacherSection
 from kdflow.config.teachers import RowMatch
 from kdflow.config.templates import render, sft_rows
+from kdflow.config.training import trainer_config
 from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
@@ -106,15 +107,8 @@ def train_teacher_model(
             model = model.to(weights_dtype(section.dtype))
         # Progress lines naming the teacher in the terminal, and the artifact training-teacher.
         progress = TrainingProgress(TEACHER.name, "teacher", TrainingArtifact(TEACHER.name, "teacher"))
-        train_sft(
-            model,
-            tokenizer,
-            sft_rows(rows, template, "rationale"),
-            {**section.training, **training_flags(section.dtype)},
-            tmp,
-            section.seed,
-            callbacks=[progress],
-        )
+        config = trainer_config({**section.training, **training_flags(section.dtype)}, tmp, section.seed)
+        train_sft(model, tokenizer, sft_rows(rows, template, "rationale"), config, tmp, callbacks=[progress])
         write_location(tmp, MODEL)
         out.finish(tmp, rows=len(rows), params=count_params(model), seconds=round(time.perf_counter() - start, 1))
     return out.ref()

@@ -143,7 +143,8 @@ def test_logits_with_a_transform_of_their_own_come_from_the_models_forward(token
 
 
 def test_an_offline_kd_student_trains_from_a_151936_id_cache(teacher, tokenizer, tmp_path):
-    from kdflow.training.offline_kd import KDLoss, train_offline_kd
+    from kdflow.config.training import trainer_config
+    from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 
     rows = rows_of(tokenizer, 24, seed=4)
     meta = cache_meta(
@@ -173,7 +174,20 @@ def test_an_offline_kd_student_trains_from_a_151936_id_cache(teacher, tokenizer,
         "max_length": 128,
     }
     history = train_offline_kd(
-        student, tokenizer, cache.folder, KDLoss(Divergence.forward_kl, alpha=0.5), training, tmp_path / "out", seed=0
+        student,
+        tokenizer,
+        None,
+        trainer_config(
+            training,
+            tmp_path / "out",
+            0,
+            None,
+            OfflineKDConfig,
+            logit_cache=str(cache.folder),
+            divergence=Divergence.forward_kl,
+            alpha=0.5,
+        ),
+        tmp_path / "out",
     )
     kd = [h["kd_loss"] for h in history if "kd_loss" in h]
     assert len(kd) == 6 and all(np.isfinite(kd)) and kd[-1] < kd[0]

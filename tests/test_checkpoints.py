@@ -13,6 +13,7 @@ from transformers import Trainer
 from transformers.trainer_callback import TrainerState
 
 import kdflow.training.checkpoints as checkpoints_module
+from kdflow.config.training import trainer_config
 from kdflow.training.checkpoints import DiskFull, disk_full, last_checkpoint, whole
 from kdflow.training.sft import train_sft
 from test_finite_training import sft_rows, student, teacher  # noqa: F401  (teacher: the fixture)
@@ -50,7 +51,7 @@ def test_a_checkpoint_killed_before_its_state_was_written_is_set_aside_and_the_r
 
     monkeypatch.setattr(TrainerState, "save_to_json", killed_at_step_4)
     with pytest.raises(Killed):
-        train_sft(student(tok), tok, sft_rows(), TRAINING, tmp_path / "a", 0, folder)
+        train_sft(student(tok), tok, sft_rows(), trainer_config(TRAINING, tmp_path / "a", 0, folder), tmp_path / "a")
     monkeypatch.setattr(TrainerState, "save_to_json", save)
     torn = folder / "checkpoint-4"
     assert (torn / "model.safetensors").is_file() and not (torn / "trainer_state.json").exists()
@@ -59,7 +60,9 @@ def test_a_checkpoint_killed_before_its_state_was_written_is_set_aside_and_the_r
     with caplog.at_level(logging.WARNING, logger="kdflow.training.checkpoints"):
         assert last_checkpoint(folder, set_aside=False) == str(folder / "checkpoint-2")  # another rank: only reads
         assert torn.is_dir()
-        history = train_sft(student(tok), tok, sft_rows(), TRAINING, tmp_path / "b", 0, folder)
+        history = train_sft(
+            student(tok), tok, sft_rows(), trainer_config(TRAINING, tmp_path / "b", 0, folder), tmp_path / "b"
+        )
     assert history[0] == {"resumed_from": "checkpoint-2"} and history[-1]["step"] == 6
     assert "checkpoint-4: a torn checkpoint" in caplog.text and "set aside as torn-checkpoint-4" in caplog.text
     assert (tmp_path / "b" / "model" / "model.safetensors").is_file() and not folder.exists()
@@ -97,10 +100,12 @@ def test_a_full_disk_mid_checkpoint_says_disk_full_and_the_rerun_resumes_from_th
         r"\[enforce fail.*\)\. Free space on that disk, or put the run folder \(run.root\) "
         "on a larger one, then rerun",
     ) as failed:
-        train_sft(student(tok), tok, sft_rows(), TRAINING, tmp_path / "a", 0, folder)
+        train_sft(student(tok), tok, sft_rows(), trainer_config(TRAINING, tmp_path / "a", 0, folder), tmp_path / "a")
     assert failed.value.errno == errno.ENOSPC
     monkeypatch.undo()  # space freed
-    history = train_sft(student(tok), tok, sft_rows(), TRAINING, tmp_path / "b", 0, folder)
+    history = train_sft(
+        student(tok), tok, sft_rows(), trainer_config(TRAINING, tmp_path / "b", 0, folder), tmp_path / "b"
+    )
     assert history[0] == {"resumed_from": "checkpoint-2"} and history[-1]["step"] == 6
 
 

@@ -144,6 +144,7 @@ def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tm
 
     import kdflow.training.head as head
     from kdflow.config.templates import chat
+    from kdflow.config.training import trainer_config
     from kdflow.training.sft import train_sft
     from kdflow.training.tiny_models import llama_model
     from test_capture import TEMPLATE, kept_rows, tiny_teacher
@@ -163,7 +164,7 @@ def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tm
 
     def run(name):
         model = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
-        history = train_sft(model, tok, rows, training, tmp_path / name, seed=0)
+        history = train_sft(model, tok, rows, trainer_config(training, tmp_path / name, 0), tmp_path / name)
         weights = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").state_dict()
         return [h["loss"] for h in history if "loss" in h], weights
 

@@ -13,6 +13,7 @@ from kdflow.config.fields import ROOT
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
 from kdflow.config.study import load_study
+from kdflow.config.training import trainer_config
 from kdflow.reporting.curves import render, shifted, summarise, verdict_lines
 from kdflow.reporting.sweep import beats
 from kdflow.training.curves import CurveSnapshots, curve_steps, read_curve
@@ -59,9 +60,8 @@ def test_a_student_saves_its_weights_at_each_curve_step(tokenizer, tmp_path):
         student(tokenizer),
         tokenizer,
         rows(),
-        training,
+        trainer_config(training, out, 0),
         out,
-        seed=0,
         callbacks=[CurveSnapshots(out, 3, tokenizer), remember],
     )
     curve = read_curve(out)
@@ -89,10 +89,8 @@ def test_a_resumed_student_keeps_the_snapshots_and_the_clock_of_the_attempt_that
             student(tokenizer),
             tokenizer,
             rows(),
-            training,
+            trainer_config(training, tmp_path / "first", 0, work),
             tmp_path / "first",
-            seed=0,
-            checkpoints=work,
             callbacks=[CurveSnapshots(tmp_path / "first", 3, tokenizer, work), Crash()],
         )
     assert (work / "curve" / "step-3").is_dir() and (work / "checkpoint-6").is_dir()
@@ -101,10 +99,8 @@ def test_a_resumed_student_keeps_the_snapshots_and_the_clock_of_the_attempt_that
         student(tokenizer),
         tokenizer,
         rows(),
-        training,
+        trainer_config(training, out, 0, work),
         out,
-        seed=0,
-        checkpoints=work,
         callbacks=[CurveSnapshots(out, 3, tokenizer, work)],
     )
     curve = read_curve(out)

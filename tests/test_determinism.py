@@ -5,6 +5,7 @@ another order, which is why the docs state a spread instead of promising equal f
 import torch
 
 from kdflow.config.templates import chat
+from kdflow.config.training import trainer_config
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
@@ -19,7 +20,7 @@ TRAINING = {
 
 def train_once(folder, tokenizer, rows):
     model = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
-    history = train_sft(model, tokenizer, rows, TRAINING, folder, seed=0)
+    history = train_sft(model, tokenizer, rows, trainer_config(TRAINING, folder, 0), folder)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, [h["loss"] for h in history if "loss" in h]
 
 

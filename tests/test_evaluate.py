@@ -233,6 +233,7 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
     from pathlib import Path
 
     from kdflow.config.templates import chat
+    from kdflow.config.training import trainer_config
     from kdflow.training.sft import train_sft
 
     template = (Path(__file__).resolve().parent.parent / "prompts" / "judge.jinja").read_text()
@@ -247,9 +248,10 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
         judge,
         tok,
         [chat(p, "Verdict: A") for p in prompts] * 4,
-        {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 40},
+        trainer_config(
+            {"max_steps": 40, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "logging_steps": 40}, tmp_path, 0
+        ),
         tmp_path,
-        seed=0,
     )
     judge.eval()
     tok.padding_side = "left"

@@ -11,7 +11,9 @@ from torch import nn
 from transformers import TrainerCallback
 
 from kdflow.config.templates import chat
+from kdflow.config.training import trainer_config
 from kdflow.training.feature_kd import (
+    FeatureKDConfig,
     FeatureKDTrainer,
     FeatureLossKind,
     check_layer_map,
@@ -94,6 +96,17 @@ def test_an_unknown_kind_is_refused():
         feature_loss(h, h, nn.Identity(), mask, "l1")
 
 
+def feature_config(training, out, checkpoints=None, **settings):
+    return trainer_config(training, out, 0, checkpoints, FeatureKDConfig, **settings)
+
+
+def test_the_config_refuses_a_negative_weight_and_an_unknown_loss(tmp_path):
+    with pytest.raises(ValueError, match=r"FeatureKDConfig.feature_weight = -1.0: Input should be greater than 0"):
+        feature_config(TRAINING, tmp_path, feature_weight=-1.0)
+    with pytest.raises(ValueError, match="'l1' is not a valid FeatureLossKind"):
+        feature_config(TRAINING, tmp_path, feature_loss="l1")
+
+
 def test_default_layer_map_is_uniform_and_maps_last_to_last():
     assert default_layer_map(1, 2) == [(1, 2)]
     assert default_layer_map(2, 4) == [(1, 2), (2, 4)]
@@ -106,17 +119,12 @@ def test_default_layer_map_is_uniform_and_maps_last_to_last():
 def test_training_learns_the_projection_and_lowers_the_feature_loss(tokenizer, tmp_path):
     from datasets import Dataset
 
-    from kdflow.config.training import sft_config
-
     teacher, student = teacher_and_student(tokenizer)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    config = sft_config(TRAINING, str(tmp_path / "checkpoints"), seed=0, cpu=True)
+    config = feature_config(TRAINING, tmp_path, feature_layers=default_layer_map(1, 2))
     trainer = FeatureKDTrainer(
         student,
         teacher,
-        layer_map=default_layer_map(1, 2),
-        kind="mse",
-        weight=1.0,
         args=config,
         train_dataset=Dataset.from_list(rows(64)),
         processing_class=tokenizer,
@@ -139,18 +147,10 @@ def test_train_feature_kd_saves_a_plain_causal_lm(tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     teacher, student = teacher_and_student(tokenizer)
-    history = train_feature_kd(
-        student,
-        teacher,
-        tokenizer,
-        rows(16),
-        dict(TRAINING, max_steps=4, logging_steps=2),
-        tmp_path,
-        seed=0,
-        layer_map=None,
-        kind="cosine",
-        weight=0.5,
+    config = feature_config(
+        dict(TRAINING, max_steps=4, logging_steps=2), tmp_path, feature_loss="cosine", feature_weight=0.5
     )
+    history = train_feature_kd(student, teacher, tokenizer, rows(16), config, tmp_path)
     assert [e["feature_loss"] for e in history if "feature_loss" in e]
     assert json.loads((tmp_path / "log_history.json").read_text()) == history
     assert not hasattr(student, "feature_projections")
@@ -184,37 +184,13 @@ def test_a_resumed_run_continues_with_the_checkpointed_projections(tokenizer, tm
     checkpoints = tmp_path / "checkpoints"
     teacher, student = teacher_and_student(tokenizer)
     with pytest.raises(KeyboardInterrupt):
-        train_feature_kd(
-            student,
-            teacher,
-            tokenizer,
-            rows(16),
-            training,
-            tmp_path / "a",
-            seed=0,
-            layer_map=None,
-            kind="mse",
-            weight=1.0,
-            checkpoints=checkpoints,
-            callbacks=[StopAt(7)],
-        )
+        config = feature_config(training, tmp_path / "a", checkpoints)
+        train_feature_kd(student, teacher, tokenizer, rows(16), config, tmp_path / "a", callbacks=[StopAt(7)])
     saved = load_file(checkpoints / "checkpoint-5" / "model.safetensors")["feature_projections.s1_t2.weight"]
     first = FirstProjection()
     teacher, student = teacher_and_student(tokenizer)
-    history = train_feature_kd(
-        student,
-        teacher,
-        tokenizer,
-        rows(16),
-        training,
-        tmp_path / "b",
-        seed=0,
-        layer_map=None,
-        kind="mse",
-        weight=1.0,
-        checkpoints=checkpoints,
-        callbacks=[first],
-    )
+    config = feature_config(training, tmp_path / "b", checkpoints)
+    history = train_feature_kd(student, teacher, tokenizer, rows(16), config, tmp_path / "b", callbacks=[first])
     assert history[0] == {"resumed_from": "checkpoint-5"}
     assert [e["step"] for e in history if "feature_loss" in e] == list(range(1, 11))
     assert torch.equal(first.weight, saved)  # not a fresh projection: the one trained for 5 steps

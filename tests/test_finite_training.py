@@ -101,6 +101,7 @@ def sft_rows():
 
 
 def test_a_learning_rate_that_overflows_the_weights_fails_at_that_step_and_saves_nothing(teacher, tmp_path):
+    from kdflow.config.training import trainer_config
     from kdflow.training.finite import NonFiniteTraining
     from kdflow.training.progress import TrainingProgress
     from kdflow.training.sft import train_sft
@@ -115,10 +116,10 @@ def test_a_learning_rate_that_overflows_the_weights_fails_at_that_step_and_saves
             student(tok),
             tok,
             sft_rows(),
-            {**TRAINING, "learning_rate": 1e300, "save_steps": 1},
+            trainer_config(
+                {**TRAINING, "learning_rate": 1e300, "save_steps": 1}, tmp_path / "out", 0, tmp_path / "checkpoints"
+            ),
             tmp_path / "out",
-            0,
-            tmp_path / "checkpoints",
             callbacks=[TrainingProgress("students", "huge-lr")],
         )
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "out" / "log_history.json").exists()
@@ -134,9 +135,10 @@ def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoin
     from safetensors.torch import load_file
 
     from kdflow.config.logit_cache import LogitCacheSection
+    from kdflow.config.training import trainer_config
     from kdflow.store.model_folders import write_location
     from kdflow.training.finite import NonFiniteTraining
-    from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, train_offline_kd
+    from kdflow.training.offline_kd import CachedLogitsCollator, OfflineKDConfig, train_offline_kd
     from tasks.capture import capture_logits
     from test_capture import TEMPLATE, kept_rows, stage_ref
 
@@ -162,13 +164,27 @@ def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoin
         match=r"the loss became NaN at step 3 of 6; training stopped before that "
         r"step's update",
     ):
-        train_offline_kd(student(tok), tok, cache, KDLoss(alpha=0.5), training, tmp_path / "a", 0, checkpoints)
+        train_offline_kd(
+            student(tok),
+            tok,
+            None,
+            trainer_config(
+                training, tmp_path / "a", 0, checkpoints, OfflineKDConfig, logit_cache=str(cache), alpha=0.5
+            ),
+            tmp_path / "a",
+        )
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     weights = load_file(checkpoints / "checkpoint-2" / "model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert not (tmp_path / "a" / "model").exists()
     monkeypatch.setattr(CachedLogitsCollator, "__call__", collate)  # the teacher is healthy again
-    history = train_offline_kd(student(tok), tok, cache, KDLoss(alpha=0.5), training, tmp_path / "b", 0, checkpoints)
+    history = train_offline_kd(
+        student(tok),
+        tok,
+        None,
+        trainer_config(training, tmp_path / "b", 0, checkpoints, OfflineKDConfig, logit_cache=str(cache), alpha=0.5),
+        tmp_path / "b",
+    )
     assert history[0] == {"resumed_from": "checkpoint-2"}
     assert all(math.isfinite(h["loss"]) for h in history if "loss" in h)
 

@@ -103,3 +103,83 @@ def test_a_sweep_method_takes_the_same_sections(tmp_path):
     sweep.write_text(sweep.read_text().replace(", alpha: 0.5", ""))
     students = {s.name: s.kd for s in load_sweep(sweep).students()}
     assert isinstance(students["fkl-1@0"], OfflineKD) and isinstance(students["gkd-1@0"], OnlineKD)
+
+
+# kd section -> the config its trainer is handed: its class, and the settings it must carry over by name
+CONFIGS = [
+    (None, "SFTConfig", {}),
+    (
+        {"divergence": "jsd", "alpha": 0.3, "temperature": 2.0, "beta": 0.2, "skew": 0.3},
+        "OfflineKDConfig",
+        {"divergence": "jsd", "alpha": 0.3, "temperature": 2.0, "beta": 0.2, "skew": 0.3},
+    ),
+    (
+        {"method": "on_policy", "k": 7, "temperature": 0.7, "overlap": True, "max_new_tokens": 9},
+        "OnPolicyConfig",
+        {"divergence": "reverse_kl", "k": 7, "temperature": 0.7, "overlap": True, "max_new_tokens": 9, "lmbda": 1.0},
+    ),
+    (
+        {"method": "online", "divergence": "jsd", "beta": 0.2, "lmbda": 0.7, "temperature": 0.9, "max_new_tokens": 9},
+        "GKDConfig",
+        {"beta": 0.2, "lmbda": 0.7, "temperature": 0.9, "max_new_tokens": 9},
+    ),
+    (
+        {"method": "online", "divergence": "jsd", "cross_tokenizer": "gold", "lmbda": 0.3, "max_new_tokens": 9},
+        "GOLDConfig",
+        {"lmbda": 0.3, "max_completion_length": 9, "use_uld_loss": True},
+    ),
+    (
+        {"method": "feature", "feature": {"layers": [[1, 1]], "kind": "cosine", "weight": 0.5}},
+        "FeatureKDConfig",
+        {"feature_layers": [(1, 1)], "feature_loss": "cosine", "feature_weight": 0.5},
+    ),
+]
+
+
+@pytest.mark.parametrize("kd, config_class, settings", CONFIGS, ids=[c[1] for c in CONFIGS])
+def test_fit_student_hands_each_trainer_one_config_built_from_the_section(
+    kd, config_class, settings, tmp_path, monkeypatch
+):
+    """The one place a method's config is built from its recipe section: the trainer gets it whole, with the
+    section's settings, its training keys, its seed, and the checkpoint folder the stage keeps between attempts."""
+    from transformers import TrainingArguments
+
+    import kdflow.training.feature_kd
+    import kdflow.training.gold
+    import kdflow.training.offline_kd
+    import kdflow.training.on_policy
+    import kdflow.training.online_kd
+    import kdflow.training.student as student
+    from kdflow.store.model_folders import write_location
+    from test_capture import stage_ref, tiny_teacher
+
+    handed = []
+    record = lambda *args, **kw: handed.extend(a for a in args if isinstance(a, TrainingArguments))
+    monkeypatch.setattr(student, "train_sft", record)
+    for module, name in [
+        (kdflow.training.offline_kd, "train_offline_kd"),
+        (kdflow.training.on_policy, "train_on_policy"),
+        (kdflow.training.online_kd, "train_online"),
+        (kdflow.training.gold, "train_gold"),
+        (kdflow.training.feature_kd, "train_feature_kd"),
+    ]:
+        monkeypatch.setattr(module, name, record)
+    _, tokenizer = tiny_teacher(tmp_path / "teacher-model")
+    teacher = stage_ref(tmp_path / "run", "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
+    logits = stage_ref(tmp_path / "run", "logit-cache", lambda d: None)
+    section = StudentSection(
+        name="s", data="teacher", architecture=ARCH, seed=3, training={"max_steps": 7, "learning_rate": 1e-3}, kd=kd
+    )
+    rows = [{"row_id": "r0", "prompt": [{"role": "user", "content": "1+1"}], "completion": []}]
+    student.fit_student(None, tokenizer, section, rows, teacher, logits, tmp_path / "out", tmp_path / "ckpt")
+    [config] = handed
+    assert type(config).__name__ == config_class
+    got = {k: v.value if hasattr(v, "value") else v for k, v in vars(config).items() if k in settings}
+    assert got == settings
+    assert (config.max_steps, config.learning_rate, config.seed) == (7, 1e-3, 3)
+    assert config.output_dir == str(tmp_path / "ckpt") and config.save_strategy == "steps"
+    if config_class == "OfflineKDConfig":
+        assert config.logit_cache == str(logits.path) and config.remove_unused_columns is False
+    if config_class in ("OnPolicyConfig", "GOLDConfig"):
+        teacher_dir = config.teacher if config_class == "OnPolicyConfig" else config.teacher_tokenizer_name_or_path
+        assert teacher_dir == str(tmp_path / "teacher-model")

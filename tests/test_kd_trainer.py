@@ -2,6 +2,7 @@
 going down with both terms logged, refusals (packing, another tokenizer), and resuming from a checkpoint."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -10,11 +11,12 @@ from transformers import TrainerCallback
 
 from kdflow.config.kd import Divergence
 from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.config.training import trainer_config
 from kdflow.logit_cache.format import CacheMismatch
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.model_folders import write_location
 from kdflow.training.losses import IGNORE_INDEX
-from kdflow.training.offline_kd import CachedLogitsCollator, KDLoss, cache_rows, train_offline_kd
+from kdflow.training.offline_kd import CachedLogitsCollator, OfflineKDConfig, cache_rows, train_offline_kd
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
@@ -46,6 +48,11 @@ def cache(tmp_path_factory):
 
 def student(tokenizer, seed=0):
     return llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=seed)
+
+
+def kd_config(cache, training, out, checkpoints=None, **settings):
+    """The offline KD config of ``settings`` on ``cache``, as the students stage builds it."""
+    return trainer_config(training, out, 0, checkpoints, OfflineKDConfig, logit_cache=str(cache.folder), **settings)
 
 
 def test_the_collator_aligns_teacher_positions_with_completion_tokens(cache):
@@ -95,15 +102,8 @@ def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_pat
     model = student(tok)
     CachedLogitsCollator.__call__ = recording
     try:
-        history = train_offline_kd(
-            model,
-            tok,
-            cache.folder,
-            KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0),
-            {**TRAINING, "max_steps": 60},
-            tmp_path / "out",
-            seed=0,
-        )
+        config = kd_config(cache, {**TRAINING, "max_steps": 60}, tmp_path / "out", alpha=0.5, temperature=2.0)
+        history = train_offline_kd(model, tok, None, config, tmp_path / "out")
     finally:
         CachedLogitsCollator.__call__ = original
     logs = [h for h in history if "kd_loss" in h]
@@ -117,15 +117,9 @@ def test_the_kd_trainer_learns_from_the_cache_and_logs_both_terms(cache, tmp_pat
 def test_each_divergence_trains_without_nans(cache, tmp_path):
     cache, tok = cache
     for kind in Divergence:
-        history = train_offline_kd(
-            student(tok),
-            tok,
-            cache.folder,
-            KDLoss(kind, alpha=0.0),
-            {**TRAINING, "max_steps": 4, "logging_steps": 2},
-            tmp_path / kind.value,
-            seed=0,
-        )
+        training = {**TRAINING, "max_steps": 4, "logging_steps": 2}
+        config = kd_config(cache, training, tmp_path / kind.value, divergence=kind, alpha=0.0)
+        history = train_offline_kd(student(tok), tok, None, config, tmp_path / kind.value)
         losses = [h["kd_loss"] for h in history if "kd_loss" in h]
         assert losses and all(torch.isfinite(torch.tensor(losses))), kind
 
@@ -133,10 +127,29 @@ def test_each_divergence_trains_without_nans(cache, tmp_path):
 def test_packing_and_a_cache_for_another_tokenizer_are_refused_before_training(cache, tmp_path):
     cache, tok = cache
     with pytest.raises(ValueError, match="packing"):
-        train_offline_kd(student(tok), tok, cache.folder, KDLoss(), {**TRAINING, "packing": True}, tmp_path, 0)
+        kd_config(cache, {**TRAINING, "packing": True}, tmp_path)
     other = train_tokenizer([f"{a}*{b}={a * b}" for a in range(10) for b in range(10)], 40)
     with pytest.raises(CacheMismatch):
-        train_offline_kd(student(other), other, cache.folder, KDLoss(), TRAINING, tmp_path, 0)
+        train_offline_kd(student(other), other, None, kd_config(cache, TRAINING, tmp_path), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "setting, value, fix",
+    [
+        ("alpha", 1.5, "less than or equal to 1"),
+        ("beta", -0.1, "greater than or equal to 0"),
+        ("skew", 1.0, "less than 1"),
+        ("temperature", 0.0, "a softmax temperature must be in [0.01, 50.0]"),
+        ("divergence", "kl", "'kl' is not a valid Divergence"),
+    ],
+)
+def test_the_config_refuses_a_setting_out_of_range_naming_it(cache, tmp_path, setting, value, fix):
+    """The recipe section's own checks, on the config a trainer takes (a library user builds one directly)."""
+    with pytest.raises(ValueError, match=re.escape(fix)) as info:
+        kd_config(cache[0], TRAINING, tmp_path, **{setting: value})
+    assert setting == "divergence" or f"OfflineKDConfig.{setting} = {value!r}" in str(info.value)
+    with pytest.raises(ValueError, match="logit_cache"):
+        trainer_config(TRAINING, tmp_path, 0, None, OfflineKDConfig)
 
 
 class StopAt(TrainerCallback):
@@ -161,14 +174,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(cache, tmp_path):
     training = {**TRAINING, "max_steps": 20, "save_steps": 5, "logging_steps": 1}
     checkpoints = tmp_path / "checkpoints"
     with pytest.raises(KeyboardInterrupt):
-        train_offline_kd(
-            student(tok), tok, cache.folder, KDLoss(), training, tmp_path / "a", 0, checkpoints, callbacks=[StopAt(12)]
-        )
+        config = kd_config(cache, training, tmp_path / "a", checkpoints)
+        train_offline_kd(student(tok), tok, None, config, tmp_path / "a", callbacks=[StopAt(12)])
     assert (checkpoints / "checkpoint-10").is_dir()
     counter = CountSteps()
-    history = train_offline_kd(
-        student(tok, seed=1), tok, cache.folder, KDLoss(), training, tmp_path / "b", 0, checkpoints, callbacks=[counter]
-    )
+    config = kd_config(cache, training, tmp_path / "b", checkpoints)
+    history = train_offline_kd(student(tok, seed=1), tok, None, config, tmp_path / "b", callbacks=[counter])
     assert history[0] == {"resumed_from": "checkpoint-10"}
     assert counter.steps == list(range(11, 21))  # continued from step 10: 10 more steps, not 20 from 0
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 21))  # one log, no step twice
@@ -192,16 +203,9 @@ def test_the_chunked_head_trains_the_same_student_as_the_dense_loss(cache, tmp_p
     def run(name):
         model = student(tok)
         peft = lora_config(LoraSection(r=4), model) if lora else None
-        history = train_offline_kd(
-            model,
-            tok,
-            cache.folder,
-            KDLoss(Divergence.jsd, alpha=0.3, temperature=2.0),
-            {**TRAINING, "max_steps": 6, "logging_steps": 1},
-            tmp_path / name,
-            seed=0,
-            peft_config=peft,
-        )
+        training = {**TRAINING, "max_steps": 6, "logging_steps": 1}
+        config = kd_config(cache, training, tmp_path / name, divergence=Divergence.jsd, alpha=0.3, temperature=2.0)
+        history = train_offline_kd(model, tok, None, config, tmp_path / name, peft_config=peft)
         from transformers import AutoModelForCausalLM
 
         # the saved model is the trained one (merged with its adapter for LoRA)

@@ -16,11 +16,12 @@ import torch
 
 from kdflow.config.kd import Divergence
 from kdflow.config.logit_cache import ValueEncoding
+from kdflow.config.training import trainer_config
 from kdflow.logit_cache import axolotl, distillkit
 from kdflow.logit_cache.format import TAIL_FLOOR, CacheMismatch, TopK, tail_from_topk
 from kdflow.logit_cache.interop import LogitFileError, export_cache, import_file
 from kdflow.logit_cache.reader import LogitCache
-from kdflow.training.offline_kd import KDLoss, train_offline_kd
+from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 from test_logit_cache import rows_of, write_cache
 
@@ -103,7 +104,21 @@ def test_the_budget_layout_keeps_ids_and_the_top1_and_fits_the_rest(cache, teach
 def student_run(tokenizer, cache_dir, out):
     model = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
     history = train_offline_kd(
-        model, tokenizer, cache_dir, KDLoss(Divergence.forward_kl, alpha=0.5, temperature=2.0), TRAINING, out, seed=0
+        model,
+        tokenizer,
+        None,
+        trainer_config(
+            TRAINING,
+            out,
+            0,
+            None,
+            OfflineKDConfig,
+            logit_cache=str(cache_dir),
+            divergence=Divergence.forward_kl,
+            alpha=0.5,
+            temperature=2.0,
+        ),
+        out,
     )
     return [(h["ce_loss"], h["kd_loss"]) for h in history if "kd_loss" in h], model.state_dict()
 
@@ -226,7 +241,11 @@ def test_another_tokenizer_is_refused_for_a_kdflow_export_for_a_foreign_file_and
     import_file(tmp_path / "out", tmp_path / "imported", "axolotl", tokenizer)
     with pytest.raises(CacheMismatch, match="tokenizer mismatch"):  # the student's check, as for a captured cache
         train_offline_kd(
-            llama_model(other, 32, 1, 1, 64, 0), other, tmp_path / "imported", KDLoss(), TRAINING, tmp_path / "s", 0
+            llama_model(other, 32, 1, 1, 64, 0),
+            other,
+            None,
+            trainer_config(TRAINING, tmp_path / "s", 0, None, OfflineKDConfig, logit_cache=str(tmp_path / "imported")),
+            tmp_path / "s",
         )
 
 

@@ -19,10 +19,11 @@ from kdflow.config.kd import Divergence
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.student import LoraSection, StudentSection
 from kdflow.config.templates import chat
+from kdflow.config.training import trainer_config
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.model_folders import write_location
 from kdflow.training.lora import lora_config
-from kdflow.training.offline_kd import KDLoss, train_offline_kd
+from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
@@ -55,7 +56,13 @@ def setup(tmp_path_factory):
     # "Pretrained": 20 steps of full SFT on the task, so its embeddings (frozen under LoRA) already mean something.
     base = tmp / "student-base"
     student = llama_model(tokenizer, hidden=64, layers=2, heads=2, intermediate=128, seed=3)
-    train_sft(student, tokenizer, sft_rows(), {**TRAINING, "max_steps": 20}, tmp / "pretraining", seed=0)
+    train_sft(
+        student,
+        tokenizer,
+        sft_rows(),
+        trainer_config({**TRAINING, "max_steps": 20}, tmp / "pretraining", 0),
+        tmp / "pretraining",
+    )
     student.save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = stage_ref(run_dir, "data", lambda d: None)  # the students stage's input; unread by data: teacher
@@ -138,9 +145,8 @@ def test_lora_sft_trains_only_the_adapters_and_saves_the_merged_model(setup, tmp
         model,
         tok,
         sft_rows(),
-        TRAINING,
+        trainer_config(TRAINING, tmp_path, 0),
         tmp_path,
-        seed=0,
         callbacks=[seen],
         peft_config=lora_config(LoraSection(r=4), model),
     )
@@ -158,11 +164,19 @@ def test_lora_offline_kd_learns_from_the_cache_through_the_adapters(setup, tmp_p
     history = train_offline_kd(
         model,
         tok,
-        cache.folder,
-        KDLoss(Divergence.forward_kl, alpha=0.5, temperature=1.0),
-        TRAINING,
+        None,
+        trainer_config(
+            TRAINING,
+            tmp_path,
+            0,
+            None,
+            OfflineKDConfig,
+            logit_cache=str(cache.folder),
+            divergence=Divergence.forward_kl,
+            alpha=0.5,
+            temperature=1.0,
+        ),
         tmp_path,
-        seed=0,
         callbacks=[seen],
         peft_config=lora_config(LoraSection(r=4), model),
     )
@@ -200,10 +214,8 @@ def test_an_interrupted_lora_run_resumes_from_its_adapter_checkpoint(setup, tmp_
             model,
             tok,
             sft_rows(),
-            training,
+            trainer_config(training, out, 0, checkpoints),
             out,
-            0,
-            checkpoints,
             callbacks=callbacks,
             peft_config=lora_config(LoraSection(r=4), model),
         )
@@ -275,27 +287,18 @@ def test_the_students_stage_trains_a_lora_kd_student_and_records_the_plain_model
 
 def test_lora_online_gkd_trains_the_adapters_against_a_live_teacher(setup, tmp_path):
     from kdflow.store.model_folders import model_location
-    from kdflow.training.online_kd import train_online
+    from kdflow.training.online_kd import GKDConfig, train_online
 
     tok, base_dir = setup["tokenizer"], setup["base"]
     teacher = AutoModelForCausalLM.from_pretrained(model_location(setup["teacher"]))
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     seen = Inspect()
-    history = train_online(
-        model,
-        teacher,
-        tok,
-        sft_rows()[:16],
-        {**TRAINING, "max_steps": 4, "logging_steps": 2},
-        tmp_path,
-        seed=0,
-        lmbda=0.5,
-        beta=0.5,
-        temperature=1.0,
-        max_new_tokens=8,
-        callbacks=[seen],
-        peft_config=lora_config(LoraSection(r=4), model),
+    training = {**TRAINING, "max_steps": 4, "logging_steps": 2}
+    config = trainer_config(
+        training, tmp_path, 0, None, GKDConfig, lmbda=0.5, beta=0.5, temperature=1.0, max_new_tokens=8
     )
+    peft = lora_config(LoraSection(r=4), model)
+    history = train_online(model, teacher, tok, sft_rows()[:16], config, tmp_path, callbacks=[seen], peft_config=peft)
     check_only_adapters_trained(seen, AutoModelForCausalLM.from_pretrained(base_dir), r=4)
     assert [math.isfinite(h["loss"]) for h in history if "loss" in h] == [True, True]
     check_merged_output(tmp_path, base_dir, tok)

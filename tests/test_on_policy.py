@@ -18,11 +18,12 @@ from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
 from kdflow.config.student import StudentSection
 from kdflow.config.templates import chat
+from kdflow.config.training import trainer_config
 from kdflow.logit_cache.scoring import HFScorer, TeacherScoringError, VllmScorer
 from kdflow.logit_cache.topk import EncodedRow, hf_topk
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import canonical
-from kdflow.training.on_policy import prompt_rows, samples, train_on_policy
+from kdflow.training.on_policy import OnPolicyConfig, prompt_rows, samples, train_on_policy
 from kdflow.training.tiny_models import llama_model
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 from test_recipe import DEMO
@@ -55,6 +56,15 @@ def rows(n: int) -> list[dict]:
 
 def settings(**kw) -> OnPolicyKD:
     return OnPolicyKD(method="on_policy", k=5, max_new_tokens=12, **kw)
+
+
+def op_config(kd: OnPolicyKD, teacher, cache, training, out, checkpoints=None) -> OnPolicyConfig:
+    """The config of the section ``kd`` against the teacher folder ``teacher``, as the students stage builds it."""
+    settings = kd.model_dump(exclude={"method"})
+    cache = None if cache is None else str(cache)
+    return trainer_config(
+        training, out, 0, checkpoints, OnPolicyConfig, teacher=str(teacher), logit_cache=cache, **settings
+    )
 
 
 def student(tokenizer, seed=0):
@@ -128,7 +138,9 @@ def test_the_student_learns_from_its_own_scored_samples_and_the_teacher_is_never
         classmethod(lambda cls, path, *a, **kw: loads.append(str(path)) or load(cls, path, *a, **kw)),
     )
     trained = student(tok)
-    history = train_on_policy(trained, tok, rows(48), settings(), folder, None, TRAINING, tmp_path / "out", 0)
+    history = train_on_policy(
+        trained, tok, rows(48), op_config(settings(), folder, None, TRAINING, tmp_path / "out"), tmp_path / "out"
+    )
     assert not [p for p in loads if p.startswith(str(folder))], loads
     alive = [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
     assert trained in alive and not [
@@ -168,7 +180,11 @@ def test_overlap_trains_on_the_batch_sampled_one_step_before_while_the_teacher_s
         lambda items, *a: trained.append([ids.tolist() for ids, _, _ in items]) or batch(items, *a),
     )
     history = train_on_policy(
-        student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "out", 0
+        student(tok),
+        tok,
+        rows(48),
+        op_config(settings(overlap=True), folder, None, TRAINING, tmp_path / "out"),
+        tmp_path / "out",
     )
     steps = TRAINING["max_steps"]
     # the first step samples its prompts twice (filling the pipeline); each later one trains on the batch sampled
@@ -206,12 +222,10 @@ def test_training_and_the_scoring_process_split_the_threads_then_this_process_ge
                 student(tok),
                 tok,
                 rows(16),
-                settings(overlap=overlap),
-                folder,
-                None,
-                {**TRAINING, "max_steps": 2},
+                op_config(
+                    settings(overlap=overlap), folder, None, {**TRAINING, "max_steps": 2}, tmp_path / str(overlap)
+                ),
                 tmp_path / str(overlap),
-                0,
                 callbacks=[Threads()],
             )
             assert torch.get_num_threads() == 4
@@ -241,7 +255,13 @@ def test_a_teacher_that_dies_under_overlap_fails_the_run_naming_the_step_and_its
         r"On-policy training stopped at step \d+, before its update "
         r"\(\d+ steps done\); its checkpoints are in",
     ):
-        train_on_policy(student(tok), tok, rows(48), settings(overlap=True), folder, None, TRAINING, tmp_path / "o", 0)
+        train_on_policy(
+            student(tok),
+            tok,
+            rows(48),
+            op_config(settings(overlap=True), folder, None, TRAINING, tmp_path / "o"),
+            tmp_path / "o",
+        )
     assert len(calls) == 5  # nothing more was handed to the dead teacher
 
 
@@ -263,18 +283,17 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_keeps_counting(teach
             student(tok),
             tok,
             rows(32),
-            settings(),
-            folder,
-            None,
-            training,
+            op_config(settings(), folder, None, training, tmp_path / "a", checkpoints),
             tmp_path / "a",
-            0,
-            checkpoints,
             callbacks=[StopAt(6)],
         )
     assert (checkpoints / "checkpoint-4" / "on_policy.json").is_file()
     history = train_on_policy(
-        student(tok, seed=1), tok, rows(32), settings(), folder, None, training, tmp_path / "b", 0, checkpoints
+        student(tok, seed=1),
+        tok,
+        rows(32),
+        op_config(settings(), folder, None, training, tmp_path / "b", checkpoints),
+        tmp_path / "b",
     )
     assert history[0] == {"resumed_from": "checkpoint-4"}
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 9))
@@ -306,7 +325,13 @@ def test_lambda_mixes_cached_off_policy_batches_in_drawn_by_seed_and_step(teache
     training = {**TRAINING, "max_steps": 12}
     counts = []
     for run in ("a", "b"):
-        train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, cache_dir, training, tmp_path / run, 0)
+        train_on_policy(
+            student(tok),
+            tok,
+            kept,
+            op_config(settings(lmbda=0.5), folder, cache_dir, training, tmp_path / run),
+            tmp_path / run,
+        )
         counts.append(json.loads((tmp_path / run / "on_policy.json").read_text()))
     a = counts[0]
     assert (
@@ -317,7 +342,7 @@ def test_lambda_mixes_cached_off_policy_batches_in_drawn_by_seed_and_step(teache
         k: a[k] for k in ("on_policy_batches", "off_policy_batches")
     }  # the same draw each run
     with pytest.raises(ValueError, match="pass it"):
-        train_on_policy(student(tok), tok, kept, settings(lmbda=0.5), folder, None, training, tmp_path / "c", 0)
+        op_config(settings(lmbda=0.5), folder, None, training, tmp_path / "c")
 
 
 def test_a_dead_scoring_process_is_an_error_naming_it_and_its_log(teacher, tmp_path):
@@ -360,7 +385,6 @@ def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_w
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from kdflow.config.training import sft_config
     from kdflow.logit_cache.topk import hf_topk_parts
     from kdflow.training.on_policy import OnPolicyCollator, OnPolicyTrainer
 
@@ -381,14 +405,7 @@ def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_w
     seen = {}
     for batch_tokens in (10**6, 120):
         model = student(tok)
-        config = sft_config(
-            TRAINING,
-            str(tmp_path / str(batch_tokens)),
-            0,
-            cpu=True,
-            remove_unused_columns=False,
-            dataset_kwargs={"skip_prepare_dataset": True},
-        )
+        config = op_config(settings(), folder, None, TRAINING, tmp_path / str(batch_tokens))
         scorer = Scorer(batch_tokens)
         trainer = OnPolicyTrainer(
             model=model,
@@ -396,7 +413,6 @@ def test_training_on_the_teachers_parts_as_they_come_gives_the_gradient_of_the_w
             train_dataset=Dataset.from_list(data),
             processing_class=tok,
             data_collator=OnPolicyCollator(tok.pad_token_id),
-            settings=settings(),
             scorer=scorer,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
@@ -618,7 +634,11 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
     tok = AutoTokenizer.from_pretrained(vllm_model_dir)
     kd = OnPolicyKD(method="on_policy", k=5, max_new_tokens=6, teacher_backend="vllm")
     train_on_policy(
-        student(tok), tok, rows(8), kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2}, tmp_path / "out", 0
+        student(tok),
+        tok,
+        rows(8),
+        op_config(kd, vllm_model_dir, None, {**TRAINING, "max_steps": 2}, tmp_path / "out"),
+        tmp_path / "out",
     )
     assert started == [
         {
@@ -740,11 +760,36 @@ def test_a_non_finite_score_fails_the_step_before_its_update_and_a_rerun_resumes
         r"On-policy training stopped at step 3, before its update "
         r"\(2 steps done\)",
     ):
-        train_on_policy(student(tok), tok, rows(32), kd, folder, None, training, tmp_path / "a", 0, checkpoints)
+        train_on_policy(
+            student(tok),
+            tok,
+            rows(32),
+            op_config(kd, folder, None, training, tmp_path / "a", checkpoints),
+            tmp_path / "a",
+        )
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
     assert all(torch.isfinite(w).all() for w in load_file(checkpoints / "checkpoint-2" / "model.safetensors").values())
     assert not (tmp_path / "a" / "model").exists()
     poisoned.clear()  # the teacher is healthy again
-    history = train_on_policy(student(tok), tok, rows(32), kd, folder, None, training, tmp_path / "b", 0, checkpoints)
+    history = train_on_policy(
+        student(tok), tok, rows(32), op_config(kd, folder, None, training, tmp_path / "b", checkpoints), tmp_path / "b"
+    )
     assert history[0] == {"resumed_from": "checkpoint-2"}
     assert all(np.isfinite(h["loss"]) for h in history if "loss" in h)
+
+
+def test_the_config_checks_its_settings_and_keeps_the_teachers_password_out_of_checkpoints(teacher, tmp_path):
+    """OnPolicyConfig takes the section's names and checks them with the section's own rules; checkpoints pickle the
+    config (training_args.bin), and what they and the logs hold of the teacher's URL has no user:password@."""
+    import pickle
+
+    folder, _ = teacher
+    with pytest.raises(ValueError, match=r"OnPolicyConfig.k = 0: Input should be greater than or equal to 1"):
+        op_config(settings().model_copy(update={"k": 0}), folder, None, TRAINING, tmp_path)
+    with pytest.raises(ValueError, match="base_url names a vLLM server; set teacher_backend: vllm"):
+        trainer_config(TRAINING, tmp_path, 0, None, OnPolicyConfig, teacher=str(folder), base_url="http://h:1/v1")
+    url = "https://user:secret@teacher.example:8000/v1"
+    config = op_config(settings(teacher_backend="vllm", base_url=url), folder, None, TRAINING, tmp_path)
+    assert config.base_url == url  # the scorer is handed the whole URL
+    assert "secret" not in pickle.dumps(config).decode("latin-1") and "secret" not in config.to_json_string()
+    assert pickle.loads(pickle.dumps(config)).base_url == "https://***@teacher.example:8000/v1"

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdflow.config.templates import chat
-from kdflow.training.online_kd import messages_row, train_online
+from kdflow.config.training import trainer_config
+from kdflow.training.online_kd import GKDConfig, messages_row, train_online
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
@@ -34,22 +35,9 @@ def test_a_row_becomes_one_conversation():
     assert messages_row(row) == {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
 
 
-def test_an_out_of_range_lambda_is_refused_before_training(tokenizer, tmp_path):
-    student = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=2)
+def test_an_out_of_range_lambda_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="lmbda must be in the range"):
-        train_online(
-            student,
-            student,
-            tokenizer,
-            rows(4),
-            TRAINING,
-            tmp_path,
-            seed=0,
-            lmbda=1.5,
-            beta=0.5,
-            temperature=1.0,
-            max_new_tokens=4,
-        )
+        trainer_config(TRAINING, tmp_path, 0, None, GKDConfig, lmbda=1.5, beta=0.5, temperature=1.0, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("lmbda", [0.0, 0.5])
@@ -64,19 +52,10 @@ def test_gkd_trains_a_tiny_student_from_a_live_teacher(tokenizer, tmp_path, monk
     )
     teacher = llama_model(tokenizer, hidden=64, layers=2, heads=2, intermediate=128, seed=1)
     student = llama_model(tokenizer, hidden=32, layers=1, heads=1, intermediate=64, seed=2)
-    history = train_online(
-        student,
-        teacher,
-        tokenizer,
-        rows(24),
-        TRAINING,
-        tmp_path,
-        seed=0,
-        lmbda=lmbda,
-        beta=0.5,
-        temperature=1.0,
-        max_new_tokens=8,
+    config = trainer_config(
+        TRAINING, tmp_path, 0, None, GKDConfig, lmbda=lmbda, beta=0.5, temperature=1.0, max_new_tokens=8
     )
+    history = train_online(student, teacher, tokenizer, rows(24), config, tmp_path)
     losses = [e["loss"] for e in history if "loss" in e]
     assert len(losses) == 3 and all(math.isfinite(x) and x > 0 for x in losses)
     assert json.loads((tmp_path / "log_history.json").read_text()) == history

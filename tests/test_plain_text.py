@@ -10,6 +10,7 @@ import torch
 
 from conftest import TINY_TEACHER_CORPUS
 from kdflow.config.templates import BREAK, chat, plain_rows, plain_text, special_strings
+from kdflow.config.training import trainer_config
 from kdflow.logit_cache.topk import encode_row
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
@@ -103,7 +104,7 @@ def test_generation_evaluation_and_training_see_the_question_as_text(tokenizer, 
 
     monkeypatch.setattr(sft, "chunked_sft_trainer", lambda: Trainer)
     with pytest.raises(Handed):
-        sft.train_sft(model, tokenizer, [chat(INJECTED, "15")], {"max_steps": 1}, tmp_path, seed=0)
+        sft.train_sft(model, tokenizer, [chat(INJECTED, "15")], trainer_config({"max_steps": 1}, tmp_path, 0), tmp_path)
     ids = tokenizer.apply_chat_template(given[0]["prompt"] + given[0]["completion"], tokenize=True, return_dict=True)[
         "input_ids"
     ]

@@ -91,6 +91,7 @@ def test_a_bad_recipe_names_the_line(tmp_path):
 def tiny_teacher(folder: Path, prompts: list[str]) -> Path:
     """A tiny Llama trained to answer every expansion prompt with PLANTED (and to say something to others)."""
     from kdflow.config.templates import chat
+    from kdflow.config.training import trainer_config
     from kdflow.training.sft import train_sft
     from kdflow.training.tiny_models import llama_model, train_tokenizer
 
@@ -100,15 +101,18 @@ def tiny_teacher(folder: Path, prompts: list[str]) -> Path:
         model,
         tok,
         [chat(p, PLANTED) for p in prompts] * 8,
-        {
-            "max_steps": 120,
-            "per_device_train_batch_size": 8,
-            "learning_rate": 1e-2,
-            "logging_steps": 120,
-            "max_length": 512,
-        },
+        trainer_config(
+            {
+                "max_steps": 120,
+                "per_device_train_batch_size": 8,
+                "learning_rate": 1e-2,
+                "logging_steps": 120,
+                "max_length": 512,
+            },
+            folder,
+            0,
+        ),
         folder,
-        seed=0,
     )
     return folder / "model"
 

@@ -22,6 +22,7 @@ from kdflow.store.outputs import canonical
 from kdflow.training.on_policy import prompt_rows, train_on_policy
 from kdflow.training.tiny_models import llama_model
 from test_capture import tiny_teacher
+from test_on_policy import op_config
 
 torch.set_num_threads(1)
 
@@ -154,7 +155,9 @@ def test_on_policy_training_against_a_silent_server_fails_naming_the_step(teache
         match=r"(?s)gave no answer within 0.3 s on any of 1 tries .*"
         r"On-policy training stopped at step 1, before its update",
     ):
-        train_on_policy(student, tok, chat_rows(8), kd, folder, None, training, tmp_path / "out", 0)
+        train_on_policy(
+            student, tok, chat_rows(8), op_config(kd, folder, None, training, tmp_path / "out"), tmp_path / "out"
+        )
     assert not (tmp_path / "out" / "model").exists()
 
 
@@ -190,7 +193,13 @@ def test_on_policy_k_above_the_vocabulary_is_refused_before_the_teacher_starts(t
         match=rf"kd.k = 100 exceeds the student's vocabulary \({len(tok)} tokens\): .* use "
         rf"k <= {len(tok)}",
     ):
-        train_on_policy(student, tok, chat_rows(4), kd, folder, None, {"max_steps": 1}, tmp_path / "out", 0)
+        train_on_policy(
+            student,
+            tok,
+            chat_rows(4),
+            op_config(kd, folder, None, {"max_steps": 1}, tmp_path / "out"),
+            tmp_path / "out",
+        )
 
 
 def test_a_launched_on_policy_student_gets_the_teachers_url_whole_while_its_job_file_holds_it_redacted(

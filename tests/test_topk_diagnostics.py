@@ -16,11 +16,12 @@ import kdflow.training.offline_kd as offline_kd
 from kdflow.config.kd import Divergence
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.student import StudentSection
+from kdflow.config.training import trainer_config
 from kdflow.reporting.topk_report import lines, warnings, with_warnings
 from kdflow.store.model_folders import write_location
 from kdflow.training.chunked_loss import Teacher, head_losses
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_kd_loss
-from kdflow.training.offline_kd import TEACHER_KEYS, KDLoss, train_offline_kd
+from kdflow.training.offline_kd import TEACHER_KEYS, OfflineKDConfig, train_offline_kd
 from kdflow.training.tiny_models import llama_model
 from kdflow.training.topk_diagnostics import brief, outside_topk, position_means, summary, teacher_mass, window_ratio
 from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
@@ -205,7 +206,7 @@ class PureLoss(offline_kd.CachedKDTrainer):
         if head is not None:
             _, hidden = final_hidden_states(model, inputs)
             kd_teacher = Teacher(
-                *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.kd.divergence, self.kd.temperature
+                *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]), self.args.divergence, self.args.temperature
             )
             ce_rows, kd_rows = head_losses(
                 hidden[:, :-1][at], head.weight, head.bias, labels=targets[at], teacher=kd_teacher
@@ -219,12 +220,12 @@ class PureLoss(offline_kd.CachedKDTrainer):
             kd = sparse_kd_loss(
                 logits[kd_at],
                 *(teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]),
-                self.kd.divergence,
-                self.kd.temperature,
+                self.args.divergence,
+                self.args.temperature,
             )
         self._metrics["train"]["ce_loss"].append(ce.item())
         self._metrics["train"]["kd_loss"].append(kd.item())
-        return self.kd.alpha * ce + (1.0 - self.kd.alpha) * kd
+        return self.args.alpha * ce + (1.0 - self.args.alpha) * kd
 
 
 @pytest.mark.parametrize("path", ["dense", "chunked"])
@@ -238,11 +239,19 @@ def test_diagnostics_leave_the_weights_and_losses_bit_identical(setup, tmp_path,
         history = train_offline_kd(
             model,
             tok,
-            setup["logits"].path,
-            KDLoss(Divergence.forward_kl, 0.5, 2.0),
-            {**TRAINING, "logging_steps": 1},
+            None,
+            trainer_config(
+                {**TRAINING, "logging_steps": 1},
+                tmp_path / name,
+                0,
+                None,
+                OfflineKDConfig,
+                logit_cache=str(setup["logits"].path),
+                divergence=Divergence.forward_kl,
+                alpha=0.5,
+                temperature=2.0,
+            ),
             tmp_path / name,
-            seed=0,
         )
         return history, {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -299,6 +308,7 @@ def test_an_on_policy_student_logs_them_per_step_one_value_per_micro_batch(setup
     from kdflow.config.kd import OnPolicyKD
     from kdflow.config.templates import chat
     from kdflow.training.on_policy import train_on_policy
+    from test_on_policy import op_config
 
     tok = setup["tokenizer"]
     rows = [
@@ -309,12 +319,14 @@ def test_an_on_policy_student_logs_them_per_step_one_value_per_micro_batch(setup
         llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0),
         tok,
         rows,
-        OnPolicyKD(method="on_policy", k=5, max_new_tokens=8),
-        setup["teacher_dir"],
-        None,
-        TRAINING,
+        op_config(
+            OnPolicyKD(method="on_policy", k=5, max_new_tokens=8),
+            setup["teacher_dir"],
+            None,
+            TRAINING,
+            tmp_path / "out",
+        ),
         tmp_path / "out",
-        0,
     )
     steps = [h for h in history if "kd_loss" in h]
     assert len(steps) == 2

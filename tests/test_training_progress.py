@@ -9,6 +9,7 @@ import torch
 
 from kdflow.config.student import StudentSection
 from kdflow.config.templates import chat
+from kdflow.config.training import trainer_config
 from kdflow.training.progress import TrainingProgress, duration
 from kdflow.training.sft import train_sft
 from kdflow.training.student import fit_student
@@ -45,10 +46,17 @@ def check_events(events, total):
     assert events[-1][3] == 0  # nothing left after the last step
 
 
+def train(tokenizer, out, *callbacks):
+    """A fresh student trained on ``rows()`` into ``out``."""
+    return train_sft(
+        student(tokenizer), tokenizer, rows(), trainer_config(TRAINING, out, 0), out, callbacks=list(callbacks)
+    )
+
+
 def test_progress_events_and_lines_name_the_model_instead_of_bare_loss_dicts(tokenizer, tmp_path, capsys):
     events = []
     progress = TrainingProgress("students", "seq-kd", lambda *e: events.append(e))
-    train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0, callbacks=[progress])
+    train(tokenizer, tmp_path / "out", progress)
     check_events(events, TRAINING["max_steps"])
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[students seq-kd] ")]
@@ -59,7 +67,7 @@ def test_progress_events_and_lines_name_the_model_instead_of_bare_loss_dicts(tok
 
 
 def test_a_trainer_given_no_progress_still_prints_no_bare_dicts(tokenizer, tmp_path, capsys):
-    train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0)
+    train(tokenizer, tmp_path / "out")
     out = capsys.readouterr().out
     assert "[training model] step 2/8" in out and "{'loss'" not in out
 
@@ -132,7 +140,7 @@ def test_a_prefect_server_gone_mid_training_is_logged_once_and_the_training_fini
 
     artifact, warnings = broken_artifact(monkeypatch, refused)
     progress = TrainingProgress("students", "seq-kd", artifact)
-    train_sft(student(tokenizer), tokenizer, rows(), TRAINING, tmp_path / "out", seed=0, callbacks=[progress])
+    train(tokenizer, tmp_path / "out", progress)
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
     assert tries == [25.0]  # tried once; not again for every step
     assert warnings == [
@@ -152,15 +160,7 @@ def test_a_prefect_server_that_never_answers_holds_a_step_no_longer_than_the_cal
     artifact, warnings = broken_artifact(monkeypatch, lambda artifact, **kw: release.wait())  # hangs until released
     monkeypatch.setattr(p, "CALL_TIMEOUT_S", 0.2)
     try:
-        train_sft(
-            student(tokenizer),
-            tokenizer,
-            rows(),
-            TRAINING,
-            tmp_path / "out",
-            seed=0,
-            callbacks=[TrainingProgress("students", "seq-kd", artifact)],
-        )
+        train(tokenizer, tmp_path / "out", TrainingProgress("students", "seq-kd", artifact))
     finally:
         release.set()
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

@@ -5,6 +5,11 @@ online one, is an error that names the method, not a setting silently ignored. `
 means ``offline``, as it did when one section served every method; the field names and defaults are those of that
 section, so that a recipe written for it keys its students the same (``kdflow.store.outputs.canonical``).
 
+The section is what keys a student; its trainer takes one config object of TRL's kind (``OfflineKDConfig``,
+``OnPolicyConfig``, ``FeatureKDConfig`` in kdflow/training/, TRL's ``GKDConfig`` and ``GOLDConfig``), built from it in
+one place (``kdflow.training.student.fit_student``). Those configs check their settings with these models
+(``check_settings``), so each range is written once, here.
+
 ``Divergence`` lives here rather than beside the losses (kdflow/training/losses.py imports it), so that loading a
 recipe does not import torch.
 """
@@ -14,7 +19,15 @@ from __future__ import annotations
 import enum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, field_serializer, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from kdflow.config.fields import Strict, redact_url
 from kdflow.config.loading import FieldError
@@ -259,3 +272,19 @@ KDSection = Annotated[
     OfflineKD | OnlineKD | FeatureKD | OnPolicyKD, Field(discriminator="method"), BeforeValidator(_method_settings)
 ]
 KD_METHODS = frozenset(m.value for m in KDMethod)  # the union's tags: not YAML keys, left out of error paths
+
+
+def check_settings(owner: str, section: type[Strict], values: dict, prefix: str = "") -> None:
+    """The recipe section's checks on a trainer config's ``values`` (kdflow/training/: each method's config checks
+    itself when built, as TRL's do), so that a setting's range is written once, here. A ValueError naming ``owner``'s
+    bad fields (``prefix`` + the section's name for each) and what they must be."""
+    try:
+        section(**values)
+    except ValidationError as e:
+        found = [
+            f"{owner}.{prefix}{'.'.join(map(str, err['loc']))} = {err['input']!r}: {err['msg']}"
+            if err["loc"]
+            else f"{owner}: {err['msg']}"
+            for err in e.errors()
+        ]
+        raise ValueError("; ".join(found)) from None

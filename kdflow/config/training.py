@@ -8,6 +8,7 @@ import math
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -136,6 +137,21 @@ def sft_config(
         return (config_class or SFTConfig)(
             output_dir=output_dir, seed=seed, **{**base, **training, **(CPU_OVERRIDES if cpu else {}), **fixed}
         )
+
+
+def trainer_config(
+    training: dict, out_dir: Path, seed: int, checkpoints: Path | None = None, config_class=None, **settings
+):
+    """The TRL config a kdflow trainer runs on: the recipe's ``training`` keys and a method's own ``settings``
+    (fields of ``config_class``, SFTConfig unless given), for training into ``out_dir`` on this machine.
+
+    ``checkpoints``: a folder that outlives a failed attempt, checkpointed into and resumed from (it becomes the
+    config's ``output_dir``); without one nothing is checkpointed."""
+    import torch
+
+    output_dir = str(checkpoints or Path(out_dir) / "checkpoints")
+    cpu = not torch.cuda.is_available()
+    return sft_config(training, output_dir, seed, cpu, checkpoints is not None, config_class, **settings)
 
 
 def check_sft_config(training: dict[str, Any]) -> dict[str, Any]:

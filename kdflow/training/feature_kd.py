@@ -15,12 +15,14 @@ Teacher and student must share the tokenizer (positions are compared one to one)
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
+from kdflow.config.kd import FeatureLoss, check_settings
 from kdflow.config.templates import plain_rows
 from kdflow.training.losses import IGNORE_INDEX, cross_entropy
 
@@ -108,6 +110,25 @@ def build_projections(layer_map: list[tuple[int, int]], student_width: int, teac
     return nn.ModuleDict({pair_key(s, t): projection() for s, t in layer_map})
 
 
+@dataclass
+class FeatureKDConfig(SFTConfig):
+    """SFTConfig and the feature loss's settings (the recipe's ``kd.feature``): ``loss = CE + feature_weight ·``
+    mean over ``feature_layers`` pairs of ``feature_loss`` between projected student and teacher hidden states."""
+
+    feature_layers: list[tuple[int, int]] | None = field(
+        default=None,
+        metadata={"help": "(student layer, teacher layer) pairs of hidden_states indices; None: spread evenly"},
+    )
+    feature_loss: FeatureLossKind = field(default=FeatureLossKind.mse, metadata={"help": "mse or cosine"})
+    feature_weight: float = field(default=1.0, metadata={"help": "weight of the feature term, > 0"})
+
+    def __post_init__(self):
+        self.feature_loss = FeatureLossKind(self.feature_loss)
+        values = {"layers": self.feature_layers, "kind": self.feature_loss.value, "weight": self.feature_weight}
+        check_settings(type(self).__name__, FeatureLoss, values, prefix="feature_")
+        super().__post_init__()
+
+
 class FeatureKDTrainer(SFTTrainer):
     """SFTTrainer whose loss adds ``weight ·`` a hidden-state distance to a live teacher to the completion CE.
 
@@ -119,27 +140,15 @@ class FeatureKDTrainer(SFTTrainer):
     detached again (still at ``trainer.projections``), so the student saves as a plain causal LM.
     """
 
-    def __init__(
-        self,
-        model,
-        teacher_model,
-        *,
-        layer_map: list[tuple[int, int]],
-        kind: FeatureLossKind | str,
-        weight: float,
-        **kwargs,
-    ):
-        if weight < 0:
-            raise ValueError(f"feature weight must be >= 0, got {weight}")
-        self.layer_map = check_layer_map(
-            layer_map, model.config.num_hidden_layers, teacher_model.config.num_hidden_layers
-        )
-        self.kind = FeatureLossKind(kind)
-        self.weight = weight
+    def __init__(self, model, teacher_model, *, args: FeatureKDConfig, **kwargs):
+        layers = (model.config.num_hidden_layers, teacher_model.config.num_hidden_layers)
+        given = args.feature_layers
+        self.layer_map = check_layer_map(default_layer_map(*layers) if given is None else given, *layers)
+        self.kind, self.weight = args.feature_loss, args.feature_weight
         self.projections = build_projections(self.layer_map, model.config.hidden_size, teacher_model.config.hidden_size)
         self.projections.to(dtype=model.dtype, device=model.device)
         setattr(model, PROJECTIONS, self.projections)
-        super().__init__(model=model, **kwargs)
+        super().__init__(model=model, args=args, **kwargs)
         # The teacher is only ever read: frozen, in eval mode (no dropout), placed like the student.
         teacher_model.requires_grad_(False)
         self.teacher = self.accelerator.prepare_model(teacher_model.eval(), evaluation_mode=True)
@@ -193,52 +202,26 @@ class FeatureKDTrainer(SFTTrainer):
 
 
 def train_feature_kd(
-    student,
-    teacher,
-    tokenizer,
-    rows: list[dict],
-    training: dict,
-    out_dir: Path,
-    seed: int,
-    *,
-    layer_map: list[tuple[int, int]] | None,
-    kind: FeatureLossKind | str,
-    weight: float,
-    checkpoints: Path | None = None,
-    callbacks: list | None = None,
+    student, teacher, tokenizer, rows: list[dict], config: FeatureKDConfig, out_dir: Path, callbacks: list | None = None
 ) -> list[dict]:
-    """Train ``student`` in place with CE + feature KD from ``teacher`` on prompt-completion ``rows``.
+    """Train ``student`` in place with CE + feature KD from ``teacher`` on prompt-completion ``rows``, as
+    ``config`` says (``feature_layers`` None maps the layers uniformly: ``default_layer_map``).
 
-    ``layer_map`` None maps the layers uniformly (``default_layer_map``). ``checkpoints``: as in
-    ``kdflow.training.sft.train_sft`` (checkpoints hold the projections too, so a resumed run continues with them).
-    Saves the student (a plain causal LM, without the projections) and the tokenizer to ``out_dir/"model"``;
-    returns the log history (with ``ce_loss`` and ``feature_loss`` per logging step), also written to
-    ``out_dir/"log_history.json"``.
+    Checkpoints hold the projections too, so a resumed run continues with them. Saves the student (a plain causal
+    LM, without the projections) and the tokenizer to ``out_dir/"model"``; returns the log history (with
+    ``ce_loss`` and ``feature_loss`` per logging step), also written to ``out_dir/"log_history.json"``.
     """
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.config.training import sft_config
     from kdflow.training.sft import fit
 
     disable_progress_bars()
-    if layer_map is None:
-        layer_map = default_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    config = sft_config(
-        training,
-        str(checkpoints or out_dir / "checkpoints"),
-        seed,
-        cpu=not torch.cuda.is_available(),
-        checkpoints=checkpoints is not None,
-    )
     trainer = FeatureKDTrainer(
         student,
         teacher,
-        layer_map=layer_map,
-        kind=kind,
-        weight=weight,
         args=config,
         train_dataset=Dataset.from_list(plain_rows(rows, tokenizer)),
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    return fit(trainer, student, tokenizer, out_dir, checkpoints)
+    return fit(trainer, student, tokenizer, out_dir)

@@ -25,13 +25,13 @@ ids again, so shuffling, epochs and resumes cannot misalign them. Packing would 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 
-from kdflow.config.kd import Divergence
+from kdflow.config.kd import Divergence, OfflineKD, check_settings
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.training.chunked_loss import Teacher, head_losses
 from kdflow.training.head import final_hidden_states, fused_head
@@ -41,19 +41,40 @@ from kdflow.training.topk_diagnostics import outside_topk, position_means, windo
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail", "teacher_mask")
 
 
-@dataclass(frozen=True)
-class KDLoss:
-    """The loss's settings (the recipe's ``kd`` section carries the same names)."""
+def check_unpacked(config, why: str) -> None:
+    """Rows stay whole: TRL keeps the extra columns (row id, start) and neither re-tokenizes nor packs them."""
+    if config.packing:
+        raise ValueError(f"training.packing: true merges rows into one sequence; {why}: set packing: false")
+    config.remove_unused_columns = False
+    config.dataset_kwargs = {"skip_prepare_dataset": True}
 
-    divergence: Divergence = Divergence.forward_kl
-    alpha: float = 0.5
-    temperature: float = 1.0
-    beta: float = 0.5
-    skew: float = 0.1
 
-    @classmethod
-    def of(cls, section) -> "KDLoss":
-        return cls(Divergence(section.divergence), section.alpha, section.temperature, section.beta, section.skew)
+KD_SETTINGS = ("divergence", "alpha", "temperature", "beta", "skew")  # the recipe's names, checked by its model
+
+
+@dataclass
+class OfflineKDConfig(SFTConfig):
+    """SFTConfig and the offline KD loss's settings (the recipe's ``kd`` section, method offline, by the same names):
+
+    ``alpha · CE(teacher's tokens) + (1 − alpha) · T² · D(teacher ‖ student)`` at ``temperature`` T, with D the
+    ``divergence`` (``beta``: JSD's β; ``skew``: the λ of skew_kl / skew_reverse_kl), the teacher's side read from
+    the logit cache in ``logit_cache``.
+    """
+
+    logit_cache: str | None = field(default=None, metadata={"help": "the logit cache's folder"})
+    divergence: Divergence = field(default=Divergence.forward_kl, metadata={"help": "D(teacher ‖ student)"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the cross-entropy term; 1 - alpha on KD"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax(z / T) on both sides, KD scaled by T²"})
+    beta: float = field(default=0.5, metadata={"help": "JSD's β (divergence jsd)"})
+    skew: float = field(default=0.1, metadata={"help": "λ of skew_kl / skew_reverse_kl"})
+
+    def __post_init__(self):
+        self.divergence = Divergence(self.divergence)
+        check_settings(type(self).__name__, OfflineKD, {n: getattr(self, n) for n in KD_SETTINGS})
+        if self.logit_cache is None:
+            raise ValueError("OfflineKDConfig.logit_cache: give the logit cache's folder (the capture stage's output)")
+        check_unpacked(self, "that breaks their alignment with the cached teacher logits")
+        super().__post_init__()
 
 
 def cache_rows(cache: LogitCache, row_ids: list[str] | None = None, max_length: int | None = None) -> list[dict]:
@@ -138,21 +159,29 @@ def teacher_batch(rows: list[tuple[torch.Tensor, int, object]], k: int, pad_toke
 
 
 class CachedKDTrainer(SFTTrainer):
-    """SFTTrainer whose loss mixes CE on the teacher's tokens with a KD term on its cached distributions."""
+    """SFTTrainer whose loss mixes CE on the teacher's tokens with a KD term on its cached distributions, as its
+    ``args`` (an ``OfflineKDConfig``) say."""
 
-    def __init__(self, *args, kd: KDLoss, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.kd = kd
         # The loss is a mean over this micro-batch's positions: let Trainer divide it by the accumulation steps
         # (it skips that for models that take num_items_in_batch, which this loss does not use).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
 
+    @property
+    def alpha(self) -> float:
+        return self.args.alpha
+
+    @property
+    def kd_temperature(self) -> float:
+        return self.args.temperature
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher = {key: inputs.pop(key) for key in TEACHER_KEYS}
         labels = inputs.pop("labels")
         targets = labels[:, 1:]  # logits[:, t] predicts token t + 1
-        kd_at = teacher["teacher_mask"][:, :-1] if self.kd.alpha < 1.0 else torch.zeros_like(targets, dtype=torch.bool)
+        kd_at = teacher["teacher_mask"][:, :-1] if self.alpha < 1.0 else torch.zeros_like(targets, dtype=torch.bool)
         at = (targets != IGNORE_INDEX) | kd_at
         head = None if return_outputs else fused_head(model, int(at.sum()))
         if head is not None:
@@ -161,13 +190,13 @@ class CachedKDTrainer(SFTTrainer):
             outputs, hidden = final_hidden_states(model, inputs)
             kd_teacher = (
                 None
-                if self.kd.alpha == 1.0
+                if self.alpha == 1.0
                 else Teacher(
                     *(teacher[key][:, :-1][at] for key in TEACHER_KEYS[:3]),
-                    self.kd.divergence,
-                    self.kd.temperature,
-                    self.kd.beta,
-                    self.kd.skew,
+                    self.args.divergence,
+                    self.kd_temperature,
+                    self.args.beta,
+                    self.args.skew,
                 )
             )
             ce_rows, kd_rows = head_losses(
@@ -184,21 +213,21 @@ class CachedKDTrainer(SFTTrainer):
             logits = outputs.logits[:, :-1]
             ce = cross_entropy(logits, targets)
             kd = None
-            if self.kd.alpha < 1.0:
+            if self.alpha < 1.0:
                 # only the completion positions' logits: (N, V), never the whole batch's (B, L, V) twice over
                 kd_teacher = [teacher[key][:, :-1][kd_at] for key in TEACHER_KEYS[:3]]
                 kd = sparse_kd_loss(
                     logits[kd_at],
                     *kd_teacher,
-                    self.kd.divergence,
-                    self.kd.temperature,
-                    beta=self.kd.beta,
-                    skew=self.kd.skew,
+                    self.args.divergence,
+                    self.kd_temperature,
+                    beta=self.args.beta,
+                    skew=self.args.skew,
                 )
                 with torch.no_grad():  # the argmax of the logits already there: (B, L) ids, no (N, V) copy
                     outside = outside_topk(logits.argmax(-1)[kd_at], kd_teacher[0])
                     diagnostics = position_means(*kd_teacher[1:], outside, logits.shape[-1])
-        loss = ce if kd is None else self.kd.alpha * ce + (1.0 - self.kd.alpha) * kd
+        loss = ce if kd is None else self.alpha * ce + (1.0 - self.alpha) * kd
         mode = "train" if model.training else "eval"
         self._metrics[mode]["ce_loss"].append(ce.item())
         if kd is not None:
@@ -218,57 +247,37 @@ class CachedKDTrainer(SFTTrainer):
 def train_offline_kd(
     model,
     tokenizer,
-    cache_dir: str | Path,
-    kd: KDLoss,
-    training: dict,
+    rows: list[dict] | None,
+    config: OfflineKDConfig,
     out_dir: Path,
-    seed: int,
-    checkpoints: Path | None = None,
-    row_ids: list[str] | None = None,
     callbacks: list | None = None,
     peft_config=None,
 ) -> list[dict]:
-    """Train ``model`` in place from the logit cache at ``cache_dir``, save it and the tokenizer to
-    ``out_dir/model``; returns the log history (``loss``, ``ce_loss``, ``kd_loss`` per logging step).
+    """Train ``model`` in place from the logit cache at ``config.logit_cache`` on the cache's rows named by
+    ``rows`` (dicts with a ``row_id``; None: every row), save it and the tokenizer to ``out_dir/model``; returns the
+    log history (``loss``, ``ce_loss``, ``kd_loss`` per logging step).
 
     The cache must have been captured with this tokenizer and chat template (checked before any work).
     ``peft_config``: train LoRA adapters only; both loss terms then come from the adapted model's logits.
     """
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.config.training import sft_config
     from kdflow.training.sft import fit
 
-    if training.get("packing"):
-        raise ValueError(
-            "training.packing: true merges rows into one sequence, which breaks their alignment with "
-            "the cached teacher logits; set packing: false for a KD student"
-        )
     disable_progress_bars()
-    cache = LogitCache.open(cache_dir, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
-    # The rows are already token ids; TRL must not re-tokenize, truncate or drop the row id and start.
-    config = sft_config(
-        training,
-        str(checkpoints or out_dir / "checkpoints"),
-        seed,
-        cpu=not torch.cuda.is_available(),
-        checkpoints=checkpoints is not None,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-    )
-    rows = cache_rows(cache, row_ids, config.max_length)
+    cache = LogitCache.open(config.logit_cache, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
+    data = cache_rows(cache, None if rows is None else [r["row_id"] for r in rows], config.max_length)
     trainer = CachedKDTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=Dataset.from_list(data),
         processing_class=tokenizer,
-        data_collator=CachedLogitsCollator(cache, _pad_id(tokenizer)),
-        kd=kd,
+        data_collator=CachedLogitsCollator(cache, pad_id(tokenizer)),
         callbacks=callbacks,
         peft_config=peft_config,
     )
-    return fit(trainer, model, tokenizer, out_dir, checkpoints)
+    return fit(trainer, model, tokenizer, out_dir)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

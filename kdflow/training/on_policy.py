@@ -55,16 +55,65 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 from transformers import TrainerCallback
+from trl import SFTConfig
 
-from kdflow.config.kd import OnPolicyKD
+from kdflow.config.fields import redact_url
+from kdflow.config.kd import Divergence, OnPolicyKD, check_settings
 from kdflow.logit_cache.format import TopK
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.logit_cache.scoring import TeacherScoringError, teacher_scorer
 from kdflow.logit_cache.topk import EncodedRow, encode_row
-from kdflow.training.offline_kd import CachedKDTrainer, CachedLogitsCollator, KDLoss, cache_rows, teacher_batch
+from kdflow.training.offline_kd import (
+    CachedKDTrainer,
+    CachedLogitsCollator,
+    cache_rows,
+    check_unpacked,
+    pad_id,
+    teacher_batch,
+)
 from kdflow.training.topk_diagnostics import PER_POSITION
 
 ACCOUNTING_FILE = "on_policy.json"  # in each checkpoint, and beside the trained model
+
+
+@dataclasses.dataclass
+class OnPolicyConfig(SFTConfig):
+    """SFTConfig and on-policy KD's settings (the recipe's ``kd`` section, method on_policy, by the same names; see
+    ``kdflow.config.kd.OnPolicyKD`` for each): the ``teacher``'s folder (scored as ``teacher_backend`` says, never
+    loaded here), and the ``logit_cache`` folder for the off-policy share ``1 − lmbda`` of the steps."""
+
+    teacher: str | None = dataclasses.field(default=None, metadata={"help": "the teacher's model folder"})
+    logit_cache: str | None = dataclasses.field(default=None, metadata={"help": "the logit cache (lmbda < 1)"})
+    divergence: Divergence = dataclasses.field(default=Divergence.reverse_kl, metadata={"help": "per-token D"})
+    beta: float = dataclasses.field(default=0.5, metadata={"help": "JSD's β (divergence jsd)"})
+    skew: float = dataclasses.field(default=0.1, metadata={"help": "λ of skew_kl / skew_reverse_kl"})
+    lmbda: float = dataclasses.field(default=1.0, metadata={"help": "share of steps on the student's samples"})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "the student's sampling temperature"})
+    max_new_tokens: int = dataclasses.field(default=128, metadata={"help": "tokens sampled per prompt"})
+    k: int = dataclasses.field(default=20, metadata={"help": "the teacher's top-k kept per scored position"})
+    teacher_backend: str = dataclasses.field(default="hf", metadata={"help": "hf or vllm"})
+    base_url: str | None = dataclasses.field(default=None, metadata={"help": "a vLLM server serving the teacher"})
+    concurrency: int = dataclasses.field(default=8, metadata={"help": "requests in flight to the vLLM server"})
+    overlap: bool = dataclasses.field(default=False, metadata={"help": "score batch t+1 while training on t"})
+    timeout_s: float = dataclasses.field(default=600.0, metadata={"help": "seconds the teacher may stay silent"})
+    batch_tokens: int = dataclasses.field(default=1024, metadata={"help": "padded tokens per HF scoring pass"})
+
+    def __post_init__(self):
+        self.divergence = Divergence(self.divergence)
+        settings = {f: getattr(self, f) for f in OnPolicyKD.model_fields if f != "method"}
+        check_settings(type(self).__name__, OnPolicyKD, {"method": "on_policy", **settings})
+        if self.teacher is None:
+            raise ValueError("OnPolicyConfig.teacher: give the teacher's model folder")
+        if self.lmbda < 1.0 and self.logit_cache is None:
+            raise ValueError(f"lmbda {self.lmbda} < 1 trains a share of the steps on the logit cache: pass it")
+        check_unpacked(self, "an on-policy student samples each prompt's completion on its own")
+        super().__post_init__()
+
+    def __getstate__(self):  # checkpoints pickle the config: the teacher's URL goes without user:password@
+        return {**self.__dict__, "base_url": redact_url(self.base_url)}
+
+    def to_dict(self):  # what logs and trackers show: likewise
+        return {**super().to_dict(), "base_url": redact_url(self.base_url)}
 
 
 @dataclasses.dataclass
@@ -138,10 +187,12 @@ class StepClock(TrainerCallback):
 class OnPolicyTrainer(CachedKDTrainer):
     """``CachedKDTrainer`` (α = 0: the divergence alone) whose batches are the student's own scored samples."""
 
-    def __init__(self, *args, settings: OnPolicyKD, scorer, eos_token_id: int, pad_token_id: int, **kwargs):
-        kd = KDLoss(settings.divergence, alpha=0.0, temperature=1.0, beta=settings.beta, skew=settings.skew)
-        super().__init__(*args, kd=kd, **kwargs)
-        self.settings, self.scorer, self.eos, self.pad = settings, scorer, eos_token_id, pad_token_id
+    alpha = 0.0  # the divergence alone
+    kd_temperature = 1.0  # at T = 1: the config's temperature is the student's sampling temperature
+
+    def __init__(self, *args, scorer, eos_token_id: int, pad_token_id: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scorer, self.eos, self.pad = scorer, eos_token_id, pad_token_id
         self.accounting = OnPolicyAccounting()
         self.add_callback(StepClock(self.accounting))
         self._step, self._micro = -1, 0
@@ -163,7 +214,7 @@ class OnPolicyTrainer(CachedKDTrainer):
 
     def on_policy_now(self) -> bool:
         """This micro-batch trains on the student's samples with probability λ, drawn from (seed, step, micro)."""
-        lmbda = self.settings.lmbda
+        lmbda = self.args.lmbda
         if lmbda >= 1.0 or lmbda <= 0.0:
             return lmbda >= 1.0
         if self.state.global_step != self._step:
@@ -177,7 +228,7 @@ class OnPolicyTrainer(CachedKDTrainer):
             self.accounting.off_policy_batches += 1
             return super().training_step(model, inputs, num_items_in_batch)
         self.accounting.on_policy_batches += 1
-        if self.settings.overlap or self.accelerator.distributed_type != DistributedType.NO:
+        if self.args.overlap or self.accelerator.distributed_type != DistributedType.NO:
             # Streamed parts would mean a backward per part: in DDP an all-reduce each, as many as the teacher's
             # parts on that rank — which differ between ranks and would hang them. One backward per micro-batch.
             return super().training_step(model, self.scored_samples(model, prompts, mask), num_items_in_batch)
@@ -204,7 +255,7 @@ class OnPolicyTrainer(CachedKDTrainer):
                 self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
                 batch = teacher_batch(
                     [(torch.from_numpy(rows[i].input_ids), rows[i].start, t) for i, t in zip(indices, scored)],
-                    self.settings.k,
+                    self.args.k,
                     self.pad,
                 )
                 self._weight = int(batch["teacher_mask"].sum()) / positions
@@ -238,16 +289,16 @@ class OnPolicyTrainer(CachedKDTrainer):
         student = self.accelerator.unwrap_model(model)
         was_training = student.training
         student.eval()
-        room = self.args.max_length - prompts.shape[1] if self.args.max_length else self.settings.max_new_tokens
+        room = self.args.max_length - prompts.shape[1] if self.args.max_length else self.args.max_new_tokens
         # top_k 0 and top_p 1: sample from the student's whole distribution (generate's defaults would cut it).
         out = student.generate(
             input_ids=prompts,
             attention_mask=mask,
             do_sample=True,
-            temperature=self.settings.temperature,
+            temperature=self.args.temperature,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=min(self.settings.max_new_tokens, room),
+            max_new_tokens=min(self.args.max_new_tokens, room),
             eos_token_id=self.eos,
             pad_token_id=self.pad,
         )
@@ -277,7 +328,7 @@ class OnPolicyTrainer(CachedKDTrainer):
         """This micro-batch's training inputs: the student's samples of ``prompts`` and the teacher's top-k of them
         — or, under ``overlap``, the samples handed to the teacher one on-policy micro-batch ago (and these
         handed over in their place)."""
-        if not self.settings.overlap:
+        if not self.args.overlap:
             rows = self.sampled(model, prompts, mask)
             waited = time.perf_counter()
             scored = self.teacher_answer(lambda: self.timed_score(rows))
@@ -295,7 +346,7 @@ class OnPolicyTrainer(CachedKDTrainer):
             self._pending = fresh, self._teacher.submit(self.timed_score, fresh)
         self.accounting.score_s += time.perf_counter() - waited
         return teacher_batch(
-            [(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)], self.settings.k, self.pad
+            [(torch.from_numpy(r.input_ids), r.start, t) for r, t in zip(rows, scored)], self.args.k, self.pad
         )
 
     def teacher_answer(self, answer) -> list[TopK]:
@@ -331,64 +382,39 @@ def prompt_rows(tokenizer, rows: list[dict], max_length: int | None) -> list[dic
 
 
 def train_on_policy(
-    model,
-    tokenizer,
-    rows: list[dict],
-    settings: OnPolicyKD,
-    teacher_dir: str | Path,
-    cache_dir: str | Path | None,
-    training: dict,
-    out_dir: Path,
-    seed: int,
-    checkpoints: Path | None = None,
-    callbacks: list | None = None,
-    peft_config=None,
+    model, tokenizer, rows: list[dict], config: OnPolicyConfig, out_dir: Path, callbacks=None, peft_config=None
 ) -> list[dict]:
-    """Train ``model`` in place by on-policy KD from the teacher at ``teacher_dir`` (scored as ``settings`` says,
+    """Train ``model`` in place by on-policy KD from the teacher at ``config.teacher`` (scored as ``config`` says,
     never loaded here) on the prompts of ``rows`` (prompt-completion rows with ``row_id``), and save it with the
-    tokenizer to ``out_dir/model``; ``cache_dir``: the logit cache, needed when ``settings.lmbda < 1``. Writes
-    ``out_dir/on_policy.json`` (the accounting) and returns the log history. ``checkpoints``, ``peft_config``: as
-    in ``kdflow.training.sft.train_sft``."""
+    tokenizer to ``out_dir/model``. Writes ``out_dir/on_policy.json`` (the accounting) and returns the log history.
+    ``peft_config``: as in ``kdflow.training.sft.train_sft``."""
     from datasets import Dataset, disable_progress_bars
 
-    from kdflow.config.training import sft_config
-    from kdflow.training.sft import fit
+    from kdflow.training.sft import checkpoint_folder, fit
 
-    if training.get("packing"):
-        raise ValueError(
-            "training.packing: true merges rows into one sequence; an on-policy student samples each "
-            "prompt's completion on its own: set packing: false"
-        )
-    if settings.k > model.config.vocab_size:
+    if config.k > model.config.vocab_size:
         # Found here, before the teacher is started: its top-k would fail in the scoring process or the server, and
         # that error's advice (rerun once the teacher answers again) cannot help.
         raise ValueError(
-            f"kd.k = {settings.k} exceeds the student's vocabulary ({model.config.vocab_size} tokens): "
+            f"kd.k = {config.k} exceeds the student's vocabulary ({model.config.vocab_size} tokens): "
             f"the teacher's top-k cannot hold more ids than there are; use k <= {model.config.vocab_size}"
         )
     disable_progress_bars()
-    config = sft_config(
-        training,
-        str(checkpoints or out_dir / "checkpoints"),
-        seed,
-        cpu=not torch.cuda.is_available(),
-        checkpoints=checkpoints is not None,
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-    )
     cache = None
-    if settings.lmbda < 1.0:
-        if cache_dir is None:
-            raise ValueError(f"lmbda {settings.lmbda} < 1 trains a share of the steps on the logit cache: pass it")
-        cache = LogitCache.open(cache_dir, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size)
+    if config.lmbda < 1.0:
+        cache = LogitCache.open(
+            config.logit_cache, expect_tokenizer=tokenizer, expect_vocab_size=model.config.vocab_size
+        )
         data = cache_rows(cache, [r["row_id"] for r in rows], config.max_length)
     else:
         data = prompt_rows(tokenizer, rows, config.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    log = Path(checkpoints or out_dir) / "teacher-scorer.log"  # kept with the checkpoints when training fails
+    pad = pad_id(tokenizer)
+    log = (
+        Path(checkpoint_folder(config) or out_dir) / "teacher-scorer.log"
+    )  # kept with the checkpoints when training fails
     log.parent.mkdir(parents=True, exist_ok=True)
     threads, teacher_threads = torch.get_num_threads(), None
-    if settings.teacher_backend == "hf" and threads > 1:
+    if config.teacher_backend == "hf" and threads > 1:
         # Training and the scoring process run at once (an exact step trains on the parts already scored while the
         # teacher scores the next; overlap trains on one batch while it scores the next): half the cores each.
         # Each with all of them oversubscribes the machine: on 2 cores (2 + 2 threads) a demo on-policy student
@@ -399,16 +425,16 @@ def train_on_policy(
         restore.callback(torch.set_num_threads, threads)
         scorer = restore.enter_context(
             teacher_scorer(
-                settings.teacher_backend,
-                teacher_dir,
-                settings.k,
+                config.teacher_backend,
+                config.teacher,
+                config.k,
                 log,
-                settings.base_url,
-                settings.concurrency,
-                settings.batch_tokens,
+                config.base_url,
+                config.concurrency,
+                config.batch_tokens,
                 teacher_threads,
                 vocab_size=model.config.vocab_size,
-                timeout_s=settings.timeout_s,
+                timeout_s=config.timeout_s,
             )
         )
         trainer = OnPolicyTrainer(
@@ -419,19 +445,18 @@ def train_on_policy(
             data_collator=OnPolicyCollator(pad, cache),
             callbacks=callbacks,
             peft_config=peft_config,
-            settings=settings,
             scorer=scorer,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
         )
-        history = fit(trainer, model, tokenizer, out_dir, checkpoints)
+        history = fit(trainer, model, tokenizer, out_dir)
     if trainer.accelerator.is_main_process:
         (out_dir / ACCOUNTING_FILE).write_text(
             json.dumps(
                 {
                     **trainer.accounting.rounded(),
-                    "teacher_backend": settings.teacher_backend,
-                    "overlap": settings.overlap,
+                    "teacher_backend": config.teacher_backend,
+                    "overlap": config.overlap,
                 },
                 indent=1,
             )

@@ -13,9 +13,16 @@ temperature of the on-policy completions only; the divergence is taken at T = 1.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
+from trl.import_utils import TRLExperimentalWarning
+
 from kdflow.config.templates import plain_rows
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GKD lives only there
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
 
 
 def messages_row(row: dict) -> dict:
@@ -29,56 +36,28 @@ def train_online(
     teacher,
     tokenizer,
     rows: list[dict],
-    training: dict,
+    config: GKDConfig,
     out_dir: Path,
-    seed: int,
-    *,
-    lmbda: float,
-    beta: float,
-    temperature: float,
-    max_new_tokens: int,
-    checkpoints: Path | None = None,
     callbacks: list | None = None,
     peft_config=None,
 ) -> list[dict]:
-    """Train ``student`` in place by GKD from the live ``teacher`` on prompt-completion ``rows``.
+    """Train ``student`` in place by GKD from the live ``teacher`` on prompt-completion ``rows``, as TRL's
+    ``GKDConfig`` ``config`` says.
 
-    ``lmbda``: fraction of steps trained on the student's own samples (0 = the dataset's completions only);
+    ``config.lmbda``: fraction of steps trained on the student's own samples (0 = the dataset's completions only);
     ``beta``: JSD interpolation (0 forward KL, 1 reverse KL); ``temperature``: sampling temperature of the
     on-policy completions; ``max_new_tokens``: their length cap. GKDConfig refuses ``lmbda`` or ``beta``
     outside [0, 1]. Teacher and student must share the tokenizer (check with
-    ``kdflow.training.tokenizer_compat.check_tokenizers``). ``checkpoints``, ``peft_config``: as in
-    ``kdflow.training.sft.train_sft``.
+    ``kdflow.training.tokenizer_compat.check_tokenizers``). ``peft_config``: as in ``kdflow.training.sft.train_sft``.
 
     Saves the student and the tokenizer to ``out_dir/"model"``; returns the log history, also written to
     ``out_dir/"log_history.json"``.
     """
-    import warnings
-
-    import torch
     from datasets import Dataset, disable_progress_bars
-    from trl.import_utils import TRLExperimentalWarning
 
-    from kdflow.config.training import sft_config
     from kdflow.training.sft import fit
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GKD lives only there
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
-
     disable_progress_bars()
-    config = sft_config(
-        training,
-        str(checkpoints or out_dir / "checkpoints"),
-        seed,
-        cpu=not torch.cuda.is_available(),
-        checkpoints=checkpoints is not None,
-        config_class=GKDConfig,
-        lmbda=lmbda,
-        beta=beta,
-        temperature=temperature,
-        max_new_tokens=max_new_tokens,
-    )
     trainer = GKDTrainer(
         model=student,
         teacher_model=teacher.eval(),
@@ -88,4 +67,4 @@ def train_online(
         train_dataset=Dataset.from_list([messages_row(r) for r in plain_rows(rows, tokenizer)]),
         processing_class=tokenizer,
     )
-    return fit(trainer, student, tokenizer, out_dir, checkpoints)
+    return fit(trainer, student, tokenizer, out_dir)

@@ -8,14 +8,19 @@ import shutil
 from pathlib import Path
 
 from kdflow.config.templates import plain_rows
-from kdflow.config.training import sft_config
 from kdflow.store.model_folders import LOG_HISTORY
 from kdflow.training.checkpoints import last_checkpoint, saving
 
 
-def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> list[dict]:
-    """Train (resuming from the newest checkpoint in ``checkpoints`` if one is there), save the model and
-    tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``. A LoRA student (the
+def checkpoint_folder(config) -> Path | None:
+    """Where a trainer on ``config`` checkpoints, and so what a rerun resumes from: its ``output_dir``, when it
+    saves checkpoints at all (``kdflow.config.training.trainer_config`` with a checkpoint folder)."""
+    return None if config.save_strategy == "no" else Path(config.output_dir)
+
+
+def fit(trainer, model, tokenizer, out_dir: Path) -> list[dict]:
+    """Train (resuming from the newest checkpoint in the config's ``checkpoint_folder`` if one is there), save the
+    model and tokenizer to ``out_dir/model`` and the log history to ``out_dir/log_history.json``. A LoRA student (the
     trainer holds a peft model) is saved merged, its adapter beside it in ``out_dir/adapter``. Progress lines
     come from the ``kdflow.training.progress.TrainingProgress`` among the trainer's callbacks (give one naming
     the stage and the model).
@@ -34,6 +39,7 @@ def fit(trainer, model, tokenizer, out_dir: Path, checkpoints: Path | None) -> l
     from kdflow.training.finite import check_weights, guard
     from kdflow.training.progress import report_progress
 
+    checkpoints = checkpoint_folder(trainer.args)
     label = report_progress(trainer)  # progress lines naming the model, not transformers' bare {'loss': ...} dicts
     guard(trainer, f"{label} ")
     resume = last_checkpoint(checkpoints, set_aside=trainer.accelerator.is_main_process)
@@ -69,34 +75,20 @@ def save_model(trainer, model, tokenizer, out_dir: Path) -> None:
 
 
 def train_sft(
-    model,
-    tokenizer,
-    rows: list[dict],
-    training: dict,
-    out_dir: Path,
-    seed: int,
-    checkpoints: Path | None = None,
-    callbacks: list | None = None,
-    peft_config=None,
+    model, tokenizer, rows: list[dict], config, out_dir: Path, callbacks: list | None = None, peft_config=None
 ) -> list[dict]:
-    """Train ``model`` in place on ``rows`` and save it (with the tokenizer) to ``out_dir``.
+    """Train ``model`` in place on prompt-completion ``rows`` as TRL's ``SFTConfig`` ``config`` says
+    (``kdflow.config.training.trainer_config`` builds it from a recipe's training keys), and save it (with the
+    tokenizer) to ``out_dir``.
 
-    ``checkpoints``: a folder that outlives a failed attempt (not inside ``out_dir``, which is a temporary
-    folder) to checkpoint into and resume from. ``peft_config``: train LoRA adapters only
+    The config's checkpoint folder (``checkpoint_folder``) outlives a failed attempt (it is not inside
+    ``out_dir``, a temporary folder): a rerun resumes from it. ``peft_config``: train LoRA adapters only
     (``kdflow.training.lora.lora_config``). ``callbacks``: e.g. a ``TrainingProgress`` naming the model. Returns
     the trainer's log history (loss per logging step).
     """
-    import torch
     from datasets import Dataset, disable_progress_bars
 
     disable_progress_bars()
-    config = sft_config(
-        training,
-        str(checkpoints or out_dir / "checkpoints"),
-        seed,
-        cpu=not torch.cuda.is_available(),
-        checkpoints=checkpoints is not None,
-    )
     # TRL templates and tokenizes the rows itself: their texts must hold no special token (templates.plain_rows)
     data = Dataset.from_list(plain_rows(rows, tokenizer))
     trainer = chunked_sft_trainer()(
@@ -107,7 +99,7 @@ def train_sft(
         callbacks=callbacks,
         peft_config=peft_config,
     )
-    return fit(trainer, model, tokenizer, out_dir, checkpoints)
+    return fit(trainer, model, tokenizer, out_dir)
 
 
 def chunked_sft_trainer():

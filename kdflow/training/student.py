@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -16,10 +17,11 @@ from pydantic import BaseModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kdflow.config.fields import ROOT, redact_url
-from kdflow.config.kd import KDMethod, OnlineKD, OnPolicyKD
+from kdflow.config.kd import FeatureKD, KDMethod, OfflineKD, OnlineKD, OnPolicyKD
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
 from kdflow.config.templates import sft_rows
+from kdflow.config.training import trainer_config
 from kdflow.curation.pipeline import KEPT
 from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import LOG_HISTORY, model_location
@@ -110,113 +112,64 @@ def fit_student(
     checkpoints: Path,
     on_progress: OnProgress | None = None,
 ) -> list[dict]:
-    """``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
+    """Train the student by its method, on the one config object that method's trainer takes: built here, and
+    only here, from the section's ``training`` keys and its ``kd`` settings (the section stays what keys the stage).
+    ``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
     student are printed either way)."""
-    kd, training, seed = section.kd, {**section.training, **training_flags(section.dtype)}, section.seed
+    kd, training = section.kd, {**section.training, **training_flags(section.dtype)}
+    config = partial(trainer_config, training, out, section.seed, checkpoints)
     callbacks = [
         TrainingProgress("students", section.name, on_progress),
         *curve_snapshots(section, out, tokenizer, checkpoints),
     ]
-    row_ids = [r["row_id"] for r in rows]
-    rows = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]
-    # LoRA: the recipe refuses it for feature KD and GOLD, so only these three trainers take it.
+    # LoRA: the recipe refuses it for feature KD and GOLD, so only the other trainers take it.
     peft = None
     if section.lora is not None:
         from kdflow.training.lora import lora_config
 
         peft = lora_config(section.lora, model)
+    texts = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]  # for the trainers that read text
     if kd is None:
-        return train_sft(model, tokenizer, rows, training, out, seed, checkpoints, callbacks, peft_config=peft)
-    if kd.method is KDMethod.offline:
-        from kdflow.training.offline_kd import KDLoss, train_offline_kd
+        return train_sft(model, tokenizer, texts, config(), out, callbacks, peft)
+    settings = kd.model_dump(exclude={"method"})  # the recipe's names are the config's
+    if isinstance(kd, OfflineKD):
+        from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 
-        return train_offline_kd(
-            model,
-            tokenizer,
-            logits.path,
-            KDLoss.of(kd),
-            training,
-            out,
-            seed,
-            checkpoints,
-            row_ids=row_ids,
-            peft_config=peft,
-            callbacks=callbacks,
-        )
+        cfg = config(OfflineKDConfig, logit_cache=str(logits.path), **settings)
+        return train_offline_kd(model, tokenizer, rows, cfg, out, callbacks, peft)
     if isinstance(kd, OnPolicyKD):  # the teacher scores out of process: never loaded here
-        from kdflow.training.on_policy import train_on_policy
+        from kdflow.training.on_policy import OnPolicyConfig, train_on_policy
 
-        return train_on_policy(
-            model,
-            tokenizer,
-            [{**r, "row_id": i} for r, i in zip(rows, row_ids)],
-            kd,
-            model_location(teacher),
-            logits.path if logits is not None else None,
-            training,
-            out,
-            seed,
-            checkpoints,
-            callbacks=callbacks,
-            peft_config=peft,
-        )
+        cache = str(logits.path) if logits is not None else None
+        cfg = config(OnPolicyConfig, teacher=str(model_location(teacher)), logit_cache=cache, **settings)
+        return train_on_policy(model, tokenizer, rows, cfg, out, callbacks, peft)
     dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
-    live = AutoModelForCausalLM.from_pretrained(
+    # loaded once its method's config has passed its checks
+    live = lambda: AutoModelForCausalLM.from_pretrained(
         model_location(teacher), **({} if dtype is None else {"dtype": dtype})
     ).eval()
-    if isinstance(kd, OnlineKD) and kd.cross_tokenizer == "gold":
-        from kdflow.training.tokenizer_compat import train_gold
+    if isinstance(kd, FeatureKD):
+        from kdflow.training.feature_kd import FeatureKDConfig, train_feature_kd
 
-        return train_gold(
-            model,
-            live,
-            tokenizer,
-            AutoTokenizer.from_pretrained(model_location(teacher)),
-            rows,
-            training,
-            out,
-            seed,
+        f = kd.feature
+        cfg = config(FeatureKDConfig, feature_layers=f.layers, feature_loss=f.kind, feature_weight=f.weight)
+        return train_feature_kd(model, live(), tokenizer, texts, cfg, out, callbacks)
+    if kd.cross_tokenizer == "gold":
+        from kdflow.training.gold import GOLDConfig, train_gold
+
+        cfg = config(
+            GOLDConfig,
+            use_uld_loss=True,
+            teacher_tokenizer_name_or_path=str(model_location(teacher)),
             lmbda=kd.lmbda,
             temperature=kd.temperature,
-            max_new_tokens=kd.max_new_tokens,
-            checkpoints=checkpoints,
-            callbacks=callbacks,
+            max_completion_length=kd.max_new_tokens,
         )
-    if kd.method is KDMethod.online:
-        from kdflow.training.online_kd import train_online
+        return train_gold(model, live(), tokenizer, texts, cfg, out, callbacks)
+    from kdflow.training.online_kd import GKDConfig, train_online
 
-        return train_online(
-            model,
-            live,
-            tokenizer,
-            rows,
-            training,
-            out,
-            seed,
-            lmbda=kd.lmbda,
-            beta=kd.beta,
-            temperature=kd.temperature,
-            max_new_tokens=kd.max_new_tokens,
-            checkpoints=checkpoints,
-            peft_config=peft,
-            callbacks=callbacks,
-        )
-    from kdflow.training.feature_kd import train_feature_kd
-
-    return train_feature_kd(
-        model,
-        live,
-        tokenizer,
-        rows,
-        training,
-        out,
-        seed,
-        layer_map=kd.feature.layers,
-        kind=kd.feature.kind,
-        weight=kd.feature.weight,
-        checkpoints=checkpoints,
-        callbacks=callbacks,
-    )
+    cfg = config(GKDConfig, lmbda=kd.lmbda, beta=kd.beta, temperature=kd.temperature, max_new_tokens=kd.max_new_tokens)
+    return train_online(model, live(), tokenizer, texts, cfg, out, callbacks, peft)
 
 
 def train_here(

@@ -1,19 +1,14 @@
-"""Teacher/student tokenizer compatibility, checked before any KD work, and cross-tokenizer KD with TRL's GOLD.
+"""Teacher/student tokenizer compatibility, checked before any KD work.
 
 White-box KD compares the teacher's and the student's distributions token by token, so both must split the
 text into the same tokens with the same ids, mark turns with the same special tokens, and render chats with
 the same template. A mismatch otherwise surfaces hours later as a shape error or, worse, as a loss that
 trains on misaligned positions. So the check runs first and fails with the fix in the message; a recipe that
-really wants different tokenizers says ``kd.cross_tokenizer: gold`` and gets TRL's GOLD trainer, whose ULD
-loss aligns the two tokenizations by the bytes they cover.
+really wants different tokenizers says ``kd.cross_tokenizer: gold`` and gets TRL's GOLD trainer
+(kdflow/training/gold.py), whose ULD loss aligns the two tokenizations by the bytes they cover.
 """
 
 from __future__ import annotations
-
-import warnings
-from pathlib import Path
-
-from kdflow.config.templates import plain_rows
 
 CROSS_TOKENIZER_METHODS = ("gold",)
 SPECIAL_TOKENS = ("bos", "eos", "pad")
@@ -97,79 +92,3 @@ def template_difference(teacher_template: str | None, student_template: str | No
         f"chat template differs (teacher {len(teacher_template)} chars, student {len(student_template)}; "
         f"first difference at char {at})"
     )
-
-
-def train_gold(
-    student,
-    teacher,
-    student_tokenizer,
-    teacher_tokenizer,
-    rows: list[dict],
-    training: dict,
-    out_dir: Path,
-    seed: int,
-    *,
-    lmbda: float,
-    temperature: float,
-    max_new_tokens: int,
-    checkpoints: Path | None = None,
-    callbacks: list | None = None,
-) -> list[dict]:
-    """Train ``student`` in place from a live ``teacher`` with a different tokenizer, by TRL's GOLD trainer.
-
-    The loss is ULD (Boizard et al. 2024, "Towards Cross-Tokenizer Distillation"): at each aligned position,
-    the L1 distance between the two next-token distributions sorted by probability, which needs no shared
-    vocabulary; GOLD's extended ULD first aligns the two tokenizations of the completion by the bytes each
-    token covers and merges the probabilities of tokens one side splits (both tokenizers must be
-    byte-level BPE for that; else set ``use_extended_uld: false`` in ``training``). ``lmbda``: fraction of
-    steps trained on the student's own samples; ``temperature``: their sampling temperature;
-    ``max_new_tokens``: their length cap. Rows are prompt-completion conversations. ``checkpoints``: as in
-    ``kdflow.training.sft.train_sft``.
-
-    Other GOLD settings (``uld_crossentropy_weight``, ``uld_use_hybrid_loss`` and ``beta`` for its matched
-    tokens, ``uld_*_temperature``) pass through ``training`` like every training key. GOLDConfig's own
-    learning-rate default is 1e-7: a recipe should set ``learning_rate``.
-
-    Saves the student and its tokenizer to ``out_dir/"model"``; returns the log history (GOLD adds
-    ``on_policy_loss`` / ``off_policy_loss``), also written to ``out_dir/"log_history.json"``.
-    """
-    import tempfile
-
-    import torch
-    from datasets import Dataset, disable_progress_bars
-    from trl.import_utils import TRLExperimentalWarning
-
-    from kdflow.config.training import sft_config
-    from kdflow.training.sft import fit
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TRLExperimentalWarning)  # chosen knowingly: GOLD lives only there
-        from trl.experimental.gold import GOLDConfig, GOLDTrainer
-
-    disable_progress_bars()
-    # GOLD loads the teacher's tokenizer by name or path only, so it gets a saved copy; it is read once, in
-    # the trainer's constructor.
-    with tempfile.TemporaryDirectory(prefix="kdflow-teacher-tokenizer-") as teacher_tokenizer_dir:
-        teacher_tokenizer.save_pretrained(teacher_tokenizer_dir)
-        config = sft_config(
-            training,
-            str(checkpoints or out_dir / "checkpoints"),
-            seed,
-            cpu=not torch.cuda.is_available(),
-            checkpoints=checkpoints is not None,
-            config_class=GOLDConfig,
-            use_uld_loss=True,
-            teacher_tokenizer_name_or_path=teacher_tokenizer_dir,
-            lmbda=lmbda,
-            temperature=temperature,
-            max_completion_length=max_new_tokens,
-        )
-        trainer = GOLDTrainer(
-            model=student,
-            teacher_model=teacher.eval(),
-            args=config,
-            callbacks=callbacks,
-            train_dataset=Dataset.from_list(plain_rows(rows, student_tokenizer, teacher_tokenizer)),
-            processing_class=student_tokenizer,
-        )
-    return fit(trainer, student, student_tokenizer, out_dir, checkpoints)
