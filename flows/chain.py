@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.train_teacher import named_teachers, teacher_chain
+from flows.train_teacher import as_teacher, named_teachers, teacher_chain
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
@@ -118,6 +118,8 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     teachers = named_teachers(r, data)
     routed = [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
+    for t in routed:  # each teacher that will answer, checked before any is asked (tasks/preflight.py)
+        teacher_preflight(as_teacher(r, t), teachers[t.name], data, t.name)
     parts = {
         t.name: generate_answers.with_options(task_run_name=f"generate_answers[{t.name}]")(
             run_dir, t.generation or r.generation, cot, teachers[t.name], data, r.routing, t.name

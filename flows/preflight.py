@@ -11,7 +11,7 @@ from prefect import flow
 
 from flows.chain import check_api_keys
 from flows.cli import run_as_script
-from flows.train_teacher import teacher_chain
+from flows.train_teacher import as_teacher, named_teachers, teacher_chain
 from kdflow.config.recipe import load_recipe
 from kdflow.store.outputs import OutputRef
 from tasks.data import make_data
@@ -20,10 +20,14 @@ from tasks.preflight import teacher_preflight
 
 # No log_prints (see flows/distill.py).
 @flow(name="preflight")
-def preflight(recipe: str = "recipes/demo.yaml") -> OutputRef:
+def preflight(recipe: str = "recipes/demo.yaml") -> OutputRef | dict[str, OutputRef]:
+    """The preflight's output; with several teachers (``teachers:``), each one's by name."""
     r = load_recipe(recipe)  # a bad recipe fails here, before any work
     check_api_keys(r.generation)
     data = make_data(r.run_dir, r.data)
+    if r.teachers:
+        made = named_teachers(r, data)
+        return {t.name: teacher_preflight(as_teacher(r, t), made[t.name], data, t.name) for t in r.teachers}
     return teacher_preflight(r, teacher_chain(r, data), data)
 
 

@@ -105,11 +105,13 @@ def run_preflight(
     return out.ref()
 
 
-def teacher_preflight(r: Recipe, teacher: OutputRef, data: OutputRef) -> OutputRef:
+def teacher_preflight(r: Recipe, teacher: OutputRef, data: OutputRef, name: str | None = None) -> OutputRef:
     """The preflight of the parsed recipe ``r`` once its teacher and data exist: what flows/chain.upstream runs before
-    the teacher's answers, and ``kdflow preflight`` alone. The template is the one the teacher is asked with."""
+    the teacher's answers, and ``kdflow preflight`` alone. The template is the one the teacher is asked with; ``name``:
+    one of several routed teachers (``r`` as that teacher sees it), which names the task run."""
     cot = r.prompts.cot_text()
-    return run_preflight(
+    task = run_preflight.with_options(task_run_name=f"preflight[{name}]") if name else run_preflight
+    return task(
         r.run_dir,
         r.generation,
         r.logit_cache,
