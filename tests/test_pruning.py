@@ -265,3 +265,57 @@ def test_an_mlp_width_beyond_the_teachers_or_below_one_is_a_recipe_error_naming_
         recipe_with_width("129")
     with pytest.raises(RecipeError, match=r"students.2.init.*mlp_width.*greater than or equal to 1"):
         recipe_with_width("0")
+
+
+@pytest.mark.slow
+def test_the_prune_stage_of_a_flow_run_narrows_the_mlp_and_the_student_trains_from_it(prefect_server, mini_recipe):
+    import json
+
+    from transformers import AutoConfig
+
+    from flows.distill import distill
+    from kdflow.store import run_folder
+
+    mini_recipe.write_text(mini_recipe.read_text().replace("evaluation:", PRUNED.replace("WIDTH", "64"), 1))
+    report = distill(str(mini_recipe), students=["pruned"])
+    assert {"pruned", "pruned-1-every-other-mlp64"} <= set(report["students"])  # the student and its floor
+    assert report["students"]["pruned"]["init"] == "pruned from the teacher: 1 layers, every_other, MLP width 64"
+    run_dir = mini_recipe.parent / "runs" / "mini"
+    prune_out = Path(run_folder.latest(run_dir, "prune").path)
+    record = json.loads((prune_out / "pruning.json").read_text())
+    assert record["mlp_width"] == 64 and record["teacher_mlp_width"] == 128 and record["calibration_tokens"] > 0
+    assert record["channels"][0]["kept"] == top_channels(record["channels"][0]["importance"], 64)
+    student = Path(run_folder.latest(run_dir, "students", "pruned").path) / "model"
+    assert AutoConfig.from_pretrained(student).intermediate_size == 64
+
+
+# ---- the real model ----------------------------------------------------------------------------------------------
+
+SMOLLM2_PARAMS_15 = 81_413_568  # SmolLM2-135M-Instruct with 15 of its 30 layers (hidden 576, MLP 1,536)
+
+
+@pytest.mark.slow
+def test_smollm2_pruned_to_15_layers_and_a_narrower_mlp_has_the_computed_size_and_runs(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdflow.models.gguf import import_gguf
+    from kdflow.models.smollm2 import gguf_path
+
+    import_gguf(gguf_path(), tmp_path / "teacher", "float32")  # the registry's GGUF, fetched once per machine
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    text = ["The capital of France is Paris.", "Write a haiku about the sea and the wind that moves it."]
+    enc = tokenizer(text, return_tensors="pt", padding=True)
+    calibration = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}]
+    pruned, record = prune(teacher, 15, LayerSelect.importance, 768, calibration)
+    assert len(record["kept"]) == 15 and [c["layer"] for c in record["channels"]] == record["kept"]
+    assert all(len(c["kept"]) == 768 and len(c["importance"]) == 1536 for c in record["channels"])
+    # each kept layer's gate, up and down projections lose 3 · 576 · (1536 − 768) weights
+    assert params(pruned) == SMOLLM2_PARAMS_15 - 15 * 3 * 576 * (1536 - 768) == 61_507_008
+    pruned.save_pretrained(tmp_path / "pruned")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert type(again).__name__ == "LlamaForCausalLM" and again.config.intermediate_size == 768
+    assert again.config.num_hidden_layers == 15
+    with torch.no_grad():
+        logits = again(**enc).logits
+    assert logits.shape == (2, enc["input_ids"].shape[1], 49_152) and torch.isfinite(logits).all()
