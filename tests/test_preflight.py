@@ -322,3 +322,20 @@ def test_kdflow_preflight_passes_on_the_mini_recipe_and_a_failed_check_stops_dis
     assert not run_folder.outputs(run_dir, "generate") and not (run_dir / "generate").exists()
     (failed,) = (run_dir / "preflight").glob("failed-*.json")
     assert json.loads(failed.read_text())["counts"]["failed"] == 1
+    # The Prefect artifact says the same, failures first.
+    markdown = latest_artifact("preflight")
+    assert "FAILED" in markdown and markdown.index("tokenizers[logit-kd] | failed") < markdown.index("repeatable")
+
+
+def latest_artifact(key: str) -> str:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read():
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        return max(found, key=lambda a: a.created).data
+
+    return asyncio.run(read())

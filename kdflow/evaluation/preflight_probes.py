@@ -41,6 +41,7 @@ class Server:
     args: tuple[str, ...] = ()
     prompt_logprobs: int | None = None  # k asked of it as prompt log-probs (teacher-forced top-k)
     top_logprobs: int | None = None  # k asked of it per generated token (generation.logprobs)
+    python: str | None = None  # the interpreter with vLLM, for one kdflow starts (default: kdflow's own choice)
     api_key: Callable[[], str | None] = field(default=lambda: None, compare=False, repr=False)
 
     @property
@@ -83,10 +84,20 @@ def make_plan(
     servers: list[Server] = []
     g = generation
     if g.backend is Backend.vllm:
-        servers.append(Server("generation", str(teacher_dir), None, tuple(g.vllm.server_args()), None, g.logprobs))
+        args = tuple(g.vllm.server_args())
+        servers.append(Server("generation", str(teacher_dir), None, args, None, g.logprobs, g.vllm.python))
     elif g.backend is Backend.openai:
         servers.append(
-            Server("generation", g.api.model or str(teacher_dir), g.api.base_url, (), None, g.logprobs, generation_key)
+            Server(
+                "generation",
+                g.api.model or str(teacher_dir),
+                g.api.base_url,
+                (),
+                None,
+                g.logprobs,
+                None,
+                generation_key,
+            )
         )
     vllm_key = lambda: os.environ.get("VLLM_API_KEY")  # noqa: E731 — what the capture and the scorer send
     if logit_cache is not None and logit_cache.source is CaptureSource.vllm:
@@ -122,12 +133,12 @@ def _compared_dtype(teacher_dir: str | None, logit_cache: LogitCacheSection | No
 
 def _scoring_server(role: str, teacher_dir, base_url: str | None, k: int, key) -> Server:
     if base_url:
-        return Server(role, str(teacher_dir), base_url, (), k, None, key)
+        return Server(role, str(teacher_dir), base_url, (), k, None, None, key)
     from kdflow.logit_cache.scoring import prompt_logprobs_args, served_dtype
 
     # The flags the stage starts its server with, less --skip-tokenizer-init: the preflight also asks it in text.
     args = [a for a in prompt_logprobs_args(k, served_dtype(str(teacher_dir))) if a != "--skip-tokenizer-init"]
-    return Server(role, str(teacher_dir), None, tuple(args), k, None, key)
+    return Server(role, str(teacher_dir), None, tuple(args), k, None, None, key)
 
 
 def _student_tokenizer(s: StudentSection) -> StudentTokenizer:
@@ -277,7 +288,8 @@ class TeacherProbes:
         if server.args not in self._urls:
             from kdflow.teacher.vllm_server import vllm_server
 
-            self._urls[server.args] = self._stack.enter_context(vllm_server(server.model, extra_args=server.args))
+            server_at = vllm_server(server.model, extra_args=server.args, python=server.python)
+            self._urls[server.args] = self._stack.enter_context(server_at)
         return self._urls[server.args]
 
     def _client(self, server: Server):
@@ -335,7 +347,7 @@ class TeacherProbes:
 
         try:
             got = vllm_topk(self._client(server), server.model, [self._row(plan, completion)], k, 1)[0]
-        except (openai.BadRequestError, ValueError) as e:
+        except (openai.APIStatusError, ValueError) as e:
             raise ServerRefused(_message(e)) from e
         return got.ids, got.logprobs
 
@@ -346,7 +358,7 @@ class TeacherProbes:
             reply = self._client(server).chat.completions.create(
                 model=server.model, messages=plan.messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=k
             )
-        except openai.BadRequestError as e:
+        except openai.APIStatusError as e:
             raise ServerRefused(_message(e)) from e
         content = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
         if not content:
