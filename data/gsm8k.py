@@ -92,6 +92,11 @@ def load_split(path: Path, n: int | None = None) -> list[dict]:
             f"{path}: no rows; put GSM8K rows in it (one JSON object per line with question and answer) "
             "or remove the split from data.splits"
         )
+    if n is not None and len(located) < n:  # the run would say it used n rows (manifests, report) and use fewer
+        raise DataError(
+            f"{path}: {len(located)} rows, but data.splits asks {n} of {path.stem!r}: lower data.splits."
+            f"{path.stem} to {len(located)} or add rows"
+        )
     for i, (at, record) in enumerate(located):
         answer, why = parse_gold(str(record["answer"]))
         if answer is None:

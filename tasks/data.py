@@ -10,7 +10,7 @@ from prefect import task
 from data import arithmetic, gsm8k, instructions
 from kdflow.config.data import DataSection, DataSource, SolutionOrder
 from kdflow.config.fields import PATH_RULE
-from kdflow.store.data_files import check_utf8
+from kdflow.store.data_files import DataError, check_utf8
 from kdflow.store.outputs import OutputRef, file_sha256
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
@@ -46,6 +46,11 @@ def build_splits(section: DataSection) -> dict[str, list[dict]]:
     out = {}
     for name, n in section.splits.items():
         file = folder / f"{name}.jsonl"
+        if file.exists() and not file.is_file():  # a folder, a FIFO (reading would wait forever), a device
+            raise DataError(
+                f"data.splits names {name!r} but {file} is not a regular file: put the split's rows in a "
+                "JSONL file there"
+            )
         if not file.is_file():
             raise FileNotFoundError(
                 f"data.splits names {name!r} but {file} does not exist: add the file or remove the "

@@ -1,12 +1,18 @@
 """Bad inputs found by the repeat audit (issue 23; docs/results/audit.md), each made here and answered with a clear
 error or handled."""
 
+import json
+import os
+
 import pytest
 
 from conftest import MINI_RECIPE
 from kdflow.config import loading
+from kdflow.config.data import DataSection
 from kdflow.config.loading import RecipeError, load_yaml
 from kdflow.config.recipe import load_recipe, parse_recipe
+from kdflow.store.data_files import DataError
+from tasks.data import build_splits
 
 
 def nested_aliases(levels: int) -> str:
@@ -49,3 +55,40 @@ def test_an_unquoted_yes_as_a_name_says_yaml_read_it_as_a_boolean():
 def test_a_folder_given_as_the_recipe_is_named_a_folder(tmp_path):
     with pytest.raises(RecipeError, match="a folder, not a recipe file: name the YAML file in it"):
         load_recipe(tmp_path)
+
+
+GOOD_ROW = json.dumps({"question": "Tom has 2 apples and buys 3. How many?", "answer": "2+3=5\n#### 5"}) + "\n"
+
+
+def gsm8k_folder(tmp_path, train: bytes) -> DataSection:
+    (tmp_path / "train.jsonl").write_bytes(train)
+    (tmp_path / "test.jsonl").write_text(GOOD_ROW)
+    return DataSection(source="gsm8k", path=str(tmp_path), splits={"train": 3, "test": 1})
+
+
+def test_a_file_with_fewer_rows_than_its_split_asks_is_refused_naming_both_counts(tmp_path):
+    section = gsm8k_folder(tmp_path, (GOOD_ROW * 2).encode())
+    with pytest.raises(DataError, match=r"train.jsonl: 2 rows, but data.splits asks 3 of 'train': lower data.splits"):
+        build_splits(section)
+    (tmp_path / "train.jsonl").write_text(GOOD_ROW * 3)
+    assert len(build_splits(section)["train"]) == 3
+
+
+def test_a_utf8_byte_order_mark_is_read_past_and_crlf_lines_are_rows(tmp_path):
+    section = gsm8k_folder(tmp_path, b"\xef\xbb\xbf" + (GOOD_ROW * 3).replace("\n", "\r\n").encode())
+    rows = build_splits(section)["train"]
+    assert [r["answer"] for r in rows] == ["5", "5", "5"] and rows[0]["question"].startswith("Tom")
+
+
+@pytest.mark.parametrize("make", ["folder", "fifo", "device"])
+def test_a_split_file_that_is_no_regular_file_is_named_so_before_it_is_read(tmp_path, make):
+    section = gsm8k_folder(tmp_path, GOOD_ROW.encode())
+    (tmp_path / "train.jsonl").unlink()
+    if make == "folder":
+        (tmp_path / "train.jsonl").mkdir()
+    elif make == "fifo":  # opening it to read would wait for a writer forever
+        os.mkfifo(tmp_path / "train.jsonl")
+    else:  # endless bytes without a newline
+        (tmp_path / "train.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match=r"data.splits names 'train' but .*train.jsonl is not a regular file"):
+        build_splits(section)

@@ -114,6 +114,8 @@ def _jsonl(path: Path, n: int | None) -> list[tuple[int, dict]]:
         for lineno, raw in enumerate(f, 1):
             if n is not None and len(rows) >= n:
                 break
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as Windows tools write one
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
