@@ -92,3 +92,13 @@ def test_a_split_file_that_is_no_regular_file_is_named_so_before_it_is_read(tmp_
         (tmp_path / "train.jsonl").symlink_to("/dev/zero")
     with pytest.raises(DataError, match=r"data.splits names 'train' but .*train.jsonl is not a regular file"):
         build_splits(section)
+
+
+def test_a_run_root_that_is_a_file_is_refused_at_load_naming_the_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for root in (tmp_path / "file", tmp_path / "file" / "runs"):
+        text = MINI_RECIPE.read_text().replace("root: runs", f"root: {root}")
+        with pytest.raises(RecipeError, match=rf"mini.yaml:5: run.root: .*{tmp_path / 'file'} is a file, not a folder"):
+            parse_recipe(text, "mini.yaml")
+    text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'new' / 'runs'}")
+    assert parse_recipe(text, "mini.yaml").run.root == str(tmp_path / "new" / "runs")  # a folder to create is fine

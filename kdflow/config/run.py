@@ -45,13 +45,17 @@ class RunSection(Strict):
     @field_validator("staging")
     @classmethod
     def _staging(cls, v: str, info: ValidationInfo) -> str:
-        return resolve(v, info, reads=False)
+        resolved = resolve(v, info, reads=False)
+        _folder_or_nothing(Path(resolved).expanduser(), "run.staging")
+        return resolved
 
     @field_validator("root")
     @classmethod
     def _reachable(cls, v: str, info: ValidationInfo) -> str:
         if not remote.is_url(v):
-            return resolve(v, info, reads=False)  # fields.PATH_RULE: beside a recipe outside the project
+            resolved = resolve(v, info, reads=False)  # fields.PATH_RULE: beside a recipe outside the project
+            _folder_or_nothing(Path(resolved).expanduser(), "run.root")
+            return resolved
         if redact_url(v) != v:  # bound into the staging folder (.remote.json) and shown in every message
             raise ValueError(
                 f"{redact_url(v)}: take the credentials out of the URL and give them to the file "
@@ -73,3 +77,15 @@ class RunSection(Strict):
             return (root if root.is_absolute() else base / root) / self.name
         staging = Path(self.staging).expanduser()
         return remote.bind((staging if staging.is_absolute() else base / staging) / self.name, self.url)
+
+
+def _folder_or_nothing(path: Path, field: str) -> None:
+    """``path``, or the nearest part of it that exists, must be a folder: a file there failed only when the data stage
+    first wrote (a bare NotADirectoryError)."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(
+                    f"{part} is a file, not a folder: point {field} at a folder (it is created if missing)"
+                )
+            return
