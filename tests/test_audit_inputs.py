@@ -11,6 +11,8 @@ from kdflow.config import loading
 from kdflow.config.data import DataSection
 from kdflow.config.loading import RecipeError, load_yaml
 from kdflow.config.recipe import load_recipe, parse_recipe
+from kdflow.curation import verify
+from kdflow.curation.verify import Verdict
 from kdflow.store.data_files import DataError
 from tasks.data import build_splits
 
@@ -102,3 +104,18 @@ def test_a_run_root_that_is_a_file_is_refused_at_load_naming_the_line(tmp_path):
             parse_recipe(text, "mini.yaml")
     text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'new' / 'runs'}")
     assert parse_recipe(text, "mini.yaml").run.root == str(tmp_path / "new" / "runs")  # a folder to create is fine
+
+
+@pytest.mark.parametrize(
+    "answer, gold, verdict",
+    [
+        ("so #### 1e10", "1", Verdict.wrong),  # math-verify alone read the mantissa: 'correct'
+        ("so #### 1e999", "1", Verdict.wrong),
+        ("so #### 2e5", "200000", Verdict.correct),  # alone: 'wrong'
+        ("Answer: 1.5E-3", "0.0015", Verdict.correct),
+        ("so #### 1e99999", "1", Verdict.no_answer),  # no answer means it; 10^99999 is not computed
+        ("so #### 3eggs", "3", Verdict.correct),  # a word after a number is no exponent
+    ],
+)
+def test_a_teachers_answer_in_e_notation_is_judged_by_its_whole_value(answer, gold, verdict):
+    assert verify.judge(answer, gold) is verdict

@@ -23,6 +23,10 @@ CALCULATOR_RE = re.compile(r"<<[^<>]*>>")
 # The last final-answer marker; what follows it (to the end of its line) is the answer.
 MARKER_RE = re.compile(r"(?:####|\bAnswer\s*:|\bfinal answer is\b|\banswer is\b)\s*(.*)", re.IGNORECASE)
 CORRECT, WRONG, NO_ANSWER = "correct", "wrong", "no_answer"  # kdflow.curation.verify.Verdict's values
+# A number in e-notation standing alone (2e5, 1.5E-3; not 3eggs, not x1e5): math-verify reads only its mantissa, so
+# '#### 1e10' matched a gold 1 and '#### 2e5' missed a gold 200000. Written as m*10^(e), it reads the whole number.
+E_NUMBER_RE = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([-+]?\d+)(?![\w.])")
+MAX_EXPONENT = 1000  # beyond it no answer is meant (and 10^e itself costs time): the number is read as no answer
 PARSE_CACHE = 16_384  # parsed answers kept: curation parses the same text (extract, then check) and gold repeats
 
 
@@ -30,7 +34,12 @@ def answer_span(text: str) -> str:
     """The part of ``text`` that holds the final answer: after the last marker, else the whole text."""
     text = CALCULATOR_RE.sub("", text)
     spans = [m.group(1) for m in MARKER_RE.finditer(text) if m.group(1).strip()]
-    return spans[-1] if spans else text
+    return E_NUMBER_RE.sub(_power_of_ten, spans[-1] if spans else text)
+
+
+def _power_of_ten(match: re.Match) -> str:
+    mantissa, exponent = match.groups()
+    return f"({mantissa}*10^({int(exponent)}))" if abs(int(exponent)) <= MAX_EXPONENT else "(a number out of range)"
 
 
 @functools.lru_cache(maxsize=PARSE_CACHE)
