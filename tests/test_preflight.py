@@ -187,7 +187,7 @@ def test_an_hf_only_recipe_checks_repeatability_and_tokenizers_and_skips_the_res
 
 def test_a_vllm_capture_checks_topk_prefix_caching_and_agreement_and_fails_where_refused():
     g = GenerationSection(splits=["train"])
-    capture = Server("logit cache", "teacher", "http://127.0.0.1:1/v1", (), 20)
+    capture = Server("logit cache", "teacher", "http://127.0.0.1:1/v1", prompt_logprobs=20)
     found = {c.name: c for c in run_checks(plan(g, [capture]), FakeProbes())}
     label = capture.label
     assert found[f"max_logprobs[{label}]"].status == pf.PASSED
@@ -202,7 +202,7 @@ def test_a_vllm_capture_checks_topk_prefix_caching_and_agreement_and_fails_where
 
 def test_a_server_asked_for_text_only_is_not_compared_and_16_bits_get_a_wider_tolerance():
     g = GenerationSection(splits=["train"], backend="vllm")
-    server = Server("generation", "teacher", None, ("--dtype", "bfloat16"))
+    server = Server("generation", "teacher", args=("--dtype", "bfloat16"))
     probes = FakeProbes()
     found = {c.name: c for c in run_checks(plan(g, [server]), probes)}
     assert found["repeatable[generation: vllm]"].status == pf.PASSED
@@ -214,7 +214,7 @@ def test_a_server_asked_for_text_only_is_not_compared_and_16_bits_get_a_wider_to
 
 def test_an_api_teacher_states_its_spread_and_its_top_logprobs_and_compares_nothing():
     g = GenerationSection(splits=["train"], backend="openai", logprobs=5, api={"base_url": "http://x/v1", "model": "m"})
-    api = Server("generation", "m", "http://x/v1", (), None, 5)
+    api = Server("generation", "m", "http://x/v1", top_logprobs=5)
     probes = FakeProbes(answers=["x", "y", "x"])
     found = {c.name: c for c in run_checks(plan(g, [api], api_teacher=True), probes)}
     assert found["repeatable[generation: openai]"].status == pf.PASSED

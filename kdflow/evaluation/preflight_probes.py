@@ -84,61 +84,65 @@ def make_plan(
     servers: list[Server] = []
     g = generation
     if g.backend is Backend.vllm:
-        args = tuple(g.vllm.server_args())
-        servers.append(Server("generation", str(teacher_dir), None, args, None, g.logprobs, g.vllm.python))
-    elif g.backend is Backend.openai:
         servers.append(
             Server(
                 "generation",
-                g.api.model or str(teacher_dir),
-                g.api.base_url,
-                (),
-                None,
-                g.logprobs,
-                None,
-                generation_key,
+                str(teacher_dir),
+                args=tuple(g.vllm.server_args()),
+                top_logprobs=g.logprobs,
+                python=g.vllm.python,
             )
         )
-    vllm_key = lambda: os.environ.get("VLLM_API_KEY")  # noqa: E731 — what the capture and the scorer send
+    elif g.backend is Backend.openai:
+        model = g.api.model or str(teacher_dir)
+        servers.append(Server("generation", model, g.api.base_url, top_logprobs=g.logprobs, api_key=generation_key))
     if logit_cache is not None and logit_cache.source is CaptureSource.vllm:
-        servers.append(_scoring_server("logit cache", teacher_dir, logit_cache.base_url, logit_cache.k, vllm_key))
+        dtype = logit_cache.dtype.value if logit_cache.dtype is not None else None
+        servers.append(_scoring_server("logit cache", teacher_dir, logit_cache.base_url, logit_cache.k, dtype))
     for s in students:
         if isinstance(s.kd, OnPolicyKD) and s.kd.teacher_backend == "vllm":
-            servers.append(_scoring_server("on-policy scoring", teacher_dir, s.kd.base_url, s.kd.k, vllm_key))
+            servers.append(_scoring_server("on-policy scoring", teacher_dir, s.kd.base_url, s.kd.k))
+    servers = list(dict.fromkeys(servers))  # two students scored by the same server: checked once
+    compared = teacher_dir is not None and any(s.prompt_logprobs or s.top_logprobs for s in servers)
     return Plan(
         teacher_dir,
         tokenizer_dir,
         generation,
         messages,
         completion,
-        list(dict.fromkeys(servers)),  # two students scored by the same server: checked once
+        servers,
         [_student_tokenizer(s) for s in students],
         api_teacher=teacher_dir is None,
-        dtype=_compared_dtype(teacher_dir, logit_cache),
+        dtype=_compared_dtype(teacher_dir, logit_cache) if compared else None,
     )
 
 
-def _compared_dtype(teacher_dir: str | None, logit_cache: LogitCacheSection | None) -> str | None:
+def _compared_dtype(teacher_dir: str, logit_cache: LogitCacheSection | None) -> str | None:
     """The dtype HF computes in for the comparison: the capture's where it names one, else the teacher's own (what a
     server kdflow starts serves it in: ``served_dtype``), so that both sides compute in the same precision."""
     if logit_cache is not None and logit_cache.dtype is not None:
         return logit_cache.dtype.value
-    if teacher_dir is None:
-        return None
     from kdflow.logit_cache.scoring import served_dtype
 
     dtype = served_dtype(str(teacher_dir))
     return None if dtype in ("auto", "float32") else dtype
 
 
-def _scoring_server(role: str, teacher_dir, base_url: str | None, k: int, key) -> Server:
+def _vllm_key() -> str | None:
+    return os.environ.get("VLLM_API_KEY")  # what the capture and the on-policy scorer send
+
+
+def _scoring_server(role: str, teacher_dir, base_url: str | None, k: int, dtype: str | None = None) -> Server:
+    """A server asked for prompt log-probs: the one at ``base_url``, or one started with the flags its stage uses
+    (``prompt_logprobs_args``, in ``dtype`` or the teacher's own), less --skip-tokenizer-init: the preflight also asks
+    it in text."""
     if base_url:
-        return Server(role, str(teacher_dir), base_url, (), k, None, None, key)
+        return Server(role, str(teacher_dir), base_url, prompt_logprobs=k, api_key=_vllm_key)
     from kdflow.logit_cache.scoring import prompt_logprobs_args, served_dtype
 
-    # The flags the stage starts its server with, less --skip-tokenizer-init: the preflight also asks it in text.
-    args = [a for a in prompt_logprobs_args(k, served_dtype(str(teacher_dir))) if a != "--skip-tokenizer-init"]
-    return Server(role, str(teacher_dir), None, tuple(args), k, None, None, key)
+    flags = prompt_logprobs_args(k, dtype or served_dtype(str(teacher_dir)))
+    args = tuple(a for a in flags if a != "--skip-tokenizer-init")
+    return Server(role, str(teacher_dir), args=args, prompt_logprobs=k, api_key=_vllm_key)
 
 
 def _student_tokenizer(s: StudentSection) -> StudentTokenizer:
