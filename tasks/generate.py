@@ -221,7 +221,9 @@ def join_answers(run_dir: Path, parts: dict[str, OutputRef]) -> OutputRef:
             rows=len(answers),
             failed=len(failures),
             backend="routed: " + ", ".join(f"{n} {t['backend']}" for n, t in by_teacher.items()),
-            accounting=accounting,
+            # Not ``accounting``: the cost ledger counts each teacher's generate output already, and would count
+            # their requests, tokens and seconds twice.
+            parts_accounting=accounting,
             completion_tokens=sum(t["completion_tokens"] for t in by_teacher.values()),
             by_teacher=by_teacher,
             token_share=token_shares({n: t["completion_tokens"] for n, t in by_teacher.items()}),

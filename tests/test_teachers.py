@@ -332,3 +332,25 @@ def test_routed_scorer_scores_each_row_by_its_teacher_under_the_callers_indices(
     assert all(s.closed for s in scorers.values())
     with pytest.raises(TeacherScoringError, match="routed to teacher 'mul'"):
         RoutedScorer(scorers, lambda row: "mul").score(rows)
+
+
+def test_joined_answers_stage_counts_no_teacher_request_twice_in_the_ledger(tmp_path):
+    from kdflow.reporting.ledger import figures
+    from kdflow.store.outputs import building, existing_output, finish
+    from kdflow.teacher.generation import ANSWERS, FAILURES
+    from tasks.generate import join_answers
+
+    parts = {}
+    for name, ids in (("add", ["r0", "r2"]), ("sub", ["r1"])):
+        with building(tmp_path, "generate", name) as tmp:
+            pd.DataFrame({"id": ids, "sample": 0, "text": ids, "completion_tokens": 5}).to_parquet(tmp / ANSWERS)
+            pd.DataFrame({"id": []}).to_parquet(tmp / FAILURES)
+            acct = {"requests": len(ids), "prompt_tokens": 7, "completion_tokens": 5 * len(ids), "seconds": 2.0}
+            finish(tmp, "generate", name, inputs={}, rows=len(ids), failed=0, backend="openai", accounting=acct,
+                   completion_tokens=5 * len(ids))  # fmt: skip
+        parts[name] = existing_output(tmp_path, "generate", name)
+    joined = join_answers.fn(tmp_path, parts).manifest()
+    assert joined["rows"] == 3 and joined["completion_tokens"] == 15
+    assert joined["token_share"] == {"add": 0.6667, "sub": 0.3333}
+    assert joined["parts_accounting"]["requests"] == 3 and "accounting" not in joined
+    assert figures(joined).device_s is None and not figures(joined).api  # each part's own figures are the ledger's
