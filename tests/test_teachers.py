@@ -90,7 +90,8 @@ def test_an_unknown_teacher_in_a_route_is_refused_naming_it():
 
 
 def test_a_default_that_is_no_teacher_is_refused():
-    assert "routing.default 'mul'" in refused(two_teachers(teachers=TEACHERS.replace("default: sub", "default: mul")))
+    message = refused(two_teachers(teachers=TEACHERS.replace("default: sub", "default: mul")))
+    assert ":27: routing.default: routing.default 'mul' is not a teacher's name" in message  # its line
 
 
 def test_a_route_column_the_data_lacks_is_refused():

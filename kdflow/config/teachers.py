@@ -105,23 +105,29 @@ def fill_teachers(data: Any) -> Any:
     if not isinstance(data, dict) or data.get("teachers") is None:
         return data
     teachers, routing = data["teachers"], data.get("routing")
+    from kdflow.config.loading import FieldError
+
     if "teacher" in data:
-        raise ValueError(
+        raise FieldError(
             "teacher and teachers are both set: keep `teachers:` (with `routing:`) for several teachers, or "
-            "`teacher:` for one"
+            "`teacher:` for one",
+            "teacher",
         )
     if not isinstance(teachers, list) or not teachers or not all(isinstance(t, dict) for t in teachers):
-        raise ValueError("teachers: a list of named teacher sections, e.g. [{name: math, model: ...}, ...]")
+        raise FieldError("teachers: a list of named teacher sections, e.g. [{name: math, model: ...}, ...]", "teachers")
     if not isinstance(routing, dict) or "default" not in routing:
-        raise ValueError(
+        raise FieldError(
             "teachers needs routing: {column: ..., routes: {value: teacher}, default: teacher}, which says which "
-            "teacher answers each row"
+            "teacher answers each row",
+            "routing",
         )
     named = {t.get("name"): t for t in teachers}
     default = named.get(routing["default"])
     if default is None:
-        raise ValueError(
-            f"routing.default {routing['default']!r} is not a teacher's name; name one of {sorted(map(str, named))}"
+        raise FieldError(
+            f"routing.default {routing['default']!r} is not a teacher's name; name one of {sorted(map(str, named))}",
+            "routing",
+            "default",
         )
     gen = data.get("generation")
     return {
