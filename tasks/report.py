@@ -11,6 +11,7 @@ import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.logging import get_logger
 
 from kdflow.config.cost import CostSection
 from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
@@ -30,6 +31,7 @@ from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.run_folder import read_split
 from kdflow.teacher.routing import TEACHER_COLUMN
 from tasks.artifacts import artifact_key
+from tasks.progress import bounded
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
 
@@ -179,15 +181,32 @@ def write_report(
         run_dir / REPORT_MD,
         render_markdown(report, {t: name for t, (name, _) in plots.items()}) + teachers_markdown(teachers),
     )
-    create_markdown_artifact(
+    publish(
+        create_markdown_artifact,
         key=artifact_key(run_name, "report"),
         markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()})
         + teachers_markdown(teachers),
         description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})",
     )
-    create_table_artifact(
+    publish(
+        create_table_artifact,
         key=artifact_key(run_name, "table"),
         table=table_rows(report),
         description=f"quality and cost per model, {run_name}",
     )
     return report
+
+
+def publish(create, **artifact) -> bool:
+    """One report artifact, best effort: it is a view of report.md and report.json, already written. A Prefect
+    API that has gone away (a refused connection, a timeout) must not fail a run whose every output is on disk;
+    it is logged, and False returned."""
+    try:
+        bounded(create, **artifact)
+        return True
+    except Exception as e:  # noqa: BLE001 -- whatever breaks the view must not break the run
+        get_logger("kdflow.report").warning(
+            f"report artifact {artifact.get('key')!r} not published ({type(e).__name__}: {e}); "
+            "the report is in the run folder"
+        )
+        return False

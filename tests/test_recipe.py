@@ -408,3 +408,11 @@ def test_names_and_sizes_beyond_any_real_run_are_refused_at_load():
     assert "generation.max_new_tokens: Input should be less than or equal to 1048576" in error_of(
         DEMO.replace("max_new_tokens: 96", "max_new_tokens: 1000000000", 1)
     )
+
+
+def test_a_vocabulary_too_large_to_train_is_refused_at_its_line():
+    # 1e9 passed the load and then made the BPE trainer ask for 70 GB and abort the whole process (audit, issue 23)
+    text = DEMO.replace("  vocab_size: 64\n", "  vocab_size: 1000000000\n")
+    msg = error_of(text)
+    assert "teacher.vocab_size" in msg and f"demo.yaml:{line_of(text, 'vocab_size: 1000000000')}:" in msg
+    assert "1048576" in msg.replace(",", "").replace("_", "")

@@ -462,3 +462,21 @@ def test_the_teacher_row_says_a_gguf_teacher_is_the_dequantized_file(tmp_path):
     assert origin(ref({"stage": "teacher", "params": 1000})) == {}  # trained here: the report says gold
     r = build_report("x", {**model(0.9, 1000), **origin(gguf)}, {"s": {**model(0.5, 100), "data": "gold"}}, CURATION)
     assert "| teacher | given: SmolLM2-135M-Instruct.Q4_1.gguf" in render_markdown(r)
+
+
+def test_a_report_artifact_the_prefect_api_cannot_take_is_logged_not_raised(caplog):
+    # The Prefect server gone mid-run made the report stage fail on its artifact after report.md was written (audit,
+    # issue 23): the artifact is a view of files already on disk.
+    import httpx
+
+    from tasks.report import publish
+
+    def refused(**artifact):
+        raise httpx.ConnectError("All connection attempts failed")
+
+    taken = {}
+    with caplog.at_level("WARNING", logger="kdflow.report"):
+        assert publish(refused, key="demo-report", markdown="# report") is False
+        assert publish(lambda **artifact: taken.update(artifact), key="demo-table", table=[{"model": "teacher"}])
+    assert "'demo-report' not published (ConnectError" in caplog.text and "in the run folder" in caplog.text
+    assert taken == {"key": "demo-table", "table": [{"model": "teacher"}]}

@@ -26,7 +26,11 @@ class TeacherSection(Strict):
         "a Hugging Face folder in `dtype`, float32 by default): skips teacher training",
     )
     architecture: Architecture | None = None
-    vocab_size: int = Field(64, ge=16, description="BPE size of the locally trained shared tokenizer")
+    # The BPE trainer allocates for the whole vocabulary up front: 1e9 asked it for 70 GB and aborted the process.
+    # 1,048,576 is four times the largest vocabulary of today's open models.
+    vocab_size: int = Field(
+        64, ge=16, le=1_048_576, description="BPE size of the locally trained shared tokenizer (16 to 1,048,576)"
+    )
     seed: int = 0
     training: dict[str, Any] = Field(default_factory=dict, description="trl.SFTConfig keyword arguments")
     dtype: Dtype | None = dtype_field("the teacher's weights and training precision when it is trained here")
