@@ -151,7 +151,7 @@ def generate_answers(
     if "served" in out.inputs:
         adopt_folder(shard_folder(run_dir, out.key_without("served")), folder)
     if section.backend is Backend.hf:
-        (answered, acct), failed = hf_answers(section, model_location(teacher), rows), []
+        answered, failed, acct = hf_answers(section, model_location(teacher), rows)
     else:
         already = len(read_shards(folder)[0])
         progress = Progress(len(rows), already)

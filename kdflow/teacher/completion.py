@@ -39,14 +39,17 @@ class TeacherBackend:
     def hf_generate(self, prompts: list[str], max_new_tokens: int, **sampling) -> tuple[list[dict], RequestAccounting]:
         """Every prompt answered in this process: one output per prompt (``text``, ``finish_reason``,
         ``completion_tokens``...), and what it cost. ``sampling``: hf_generate.generate's temperature, seed."""
-        from kdflow.teacher.hf_generate import generate, load
+        from kdflow.teacher.hf_generate import TOO_LONG, generate, load
 
         model, tokenizer = load(self.model)
         start = time.perf_counter()
         outputs = generate(model, tokenizer, prompts, max_new_tokens, self.batch_size, **sampling)
+        too_long = sum(o["finish_reason"] == TOO_LONG for o in outputs)  # not run: failures, as a server's 400
         return outputs, RequestAccounting(
             requests=len(prompts),
-            answers=len(prompts),
+            answers=len(prompts) - too_long,
+            failures=too_long,
+            failures_by_reason={"bad_request": too_long} if too_long else {},
             seconds=time.perf_counter() - start,
             completion_tokens=sum(o["completion_tokens"] for o in outputs),
         )

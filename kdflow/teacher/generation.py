@@ -18,7 +18,7 @@ from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 from kdflow.teacher import api_keys
 from kdflow.teacher.answer_shards import ShardWriter, read_shards
-from kdflow.teacher.api_client import FatalApiError, RequestAccounting, Sampling
+from kdflow.teacher.api_client import FailureReason, FatalApiError, RequestAccounting, Sampling
 from kdflow.teacher.completion import TeacherBackend
 from kdflow.teacher.prompts import check_pool, demonstrations, teacher_prompt, teacher_request, zero_shot
 
@@ -84,14 +84,33 @@ def backend(section: GenerationSection, model: str, api_key: Callable[[], str | 
     )
 
 
-def hf_answers(section: GenerationSection, model_dir: str, rows: list[dict]) -> tuple[list[dict], RequestAccounting]:
+def hf_answers(
+    section: GenerationSection, model_dir: str, rows: list[dict]
+) -> tuple[list[dict], list[dict], RequestAccounting]:
+    """The teacher's answers in this process, and as failures (``bad_request``, as a server would reject them) the
+    prompts that do not fit its context with ``max_new_tokens``."""
+    from kdflow.teacher.hf_generate import TOO_LONG  # torch, only where the teacher runs here
+
     outputs, acct = backend(section, model_dir).hf_generate(
         [r["teacher_prompt"] for r in rows],
         section.max_new_tokens,
         temperature=section.temperature,
         seed=section.seed or 0,
     )
-    return [{"id": r["id"], "sample": r["sample"], "ok": True, **o} for r, o in zip(rows, outputs)], acct
+    answers, failed = [], []
+    for r, o in zip(rows, outputs):
+        if o["finish_reason"] != TOO_LONG:
+            answers.append({"id": r["id"], "sample": r["sample"], "ok": True, **o})
+            continue
+        error = (
+            f"prompt of {o['prompt_tokens']} tokens + generation.max_new_tokens {section.max_new_tokens} is longer "
+            "than the teacher's context (config max_position_embeddings): shorten the prompt or max_new_tokens"
+        )
+        failed.append(
+            {"id": r["id"], "sample": r["sample"], "ok": False, "reason": FailureReason.bad_request.value}
+            | {"status": None, "error": error, "attempts": 0, "raw": None}
+        )
+    return answers, failed, acct
 
 
 def api_answers(

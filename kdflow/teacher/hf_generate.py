@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kdflow.config.precision import Dtype, load_dtype
 from kdflow.config.templates import plain_text, special_strings
 
+TOO_LONG = "prompt_too_long"  # a finish_reason: the prompt and max_new_tokens exceed the model's context
+
 
 def load(model_dir: str, dtype: Dtype | None = None):
     """The model in ``dtype`` (float32 when None) and its tokenizer, padding on the left."""
@@ -25,13 +27,15 @@ def generate(
     """Answer each user prompt through the chat template.
 
     Returns one dict per prompt: ``text`` (special tokens removed), ``finish_reason`` ("stop" when the
-    model ended its turn, "length" when it hit ``max_new_tokens``) and ``completion_tokens``.
+    model ended its turn, "length" when it hit ``max_new_tokens``, ``TOO_LONG`` when the prompt and
+    ``max_new_tokens`` do not fit the model's context: not run, an empty answer) and ``completion_tokens``.
     """
     torch.manual_seed(seed)
     # Sort by length so each batch pads little; results go back in the input order.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     specials = special_strings(tokenizer)  # a prompt's text is never chat markup (templates.plain_text)
     out: list[dict | None] = [None] * len(prompts)
+    context = getattr(model.config, "max_position_embeddings", None)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         texts = [
@@ -42,6 +46,16 @@ def generate(
             )
             for i in idx
         ]
+        # Positions past the model's context give garbage, and a huge prompt's attention alone takes hours: such a
+        # prompt is not run (a 10 MB question to a 256-position teacher was still in generation 300 s later).
+        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        fits = [n + max_new_tokens <= context for n in lengths] if context else [True] * len(idx)
+        for i, n, ok in zip(idx, lengths, fits):
+            if not ok:
+                out[i] = {"text": "", "finish_reason": TOO_LONG, "completion_tokens": 0, "prompt_tokens": n}
+        idx, texts = [i for i, ok in zip(idx, fits) if ok], [t for t, ok in zip(texts, fits) if ok]
+        if not idx:
+            continue
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         gen = model.generate(
             **enc,
