@@ -1,0 +1,1 @@
+"""Tests of the benchmarks' own scripts in benchmarks/."""

@@ -1,0 +1,1 @@
+"""The stages' Prefect glue in tasks/: stage keys, cached results, artifacts."""
