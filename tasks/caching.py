@@ -66,7 +66,7 @@ class StageCache(CachePolicy):
 def read_path(storage, path: str) -> bytes:
     """The bytes a result-storage block holds at ``path``, read synchronously. The one use of a private Prefect
     import: a storage block's ``read_path`` is async-compatible, and this helper is how Prefect's own result store
-    calls it from sync code (tests/test_prefect_glue.py checks it against the pinned Prefect version)."""
+    calls it from sync code (tests/tasks/test_prefect_glue.py checks it against the pinned Prefect version)."""
     return call_explicitly_sync_block_method(storage, "read_path", (path,), {})
 
 

@@ -1,7 +1,7 @@
 """The preflight's plan (which checks the recipe needs, against which server) and the probes that ask the teacher:
 HF in this process, a vLLM server (the one the recipe names, or one started here with the flags its stage would
 use), an OpenAI-compatible API. ``run_checks`` takes the probes as an argument, so its choices are tested with fakes
-and its questions against a real tiny model and the real vLLM server (tests/test_preflight.py).
+and its questions against a real tiny model and the real vLLM server (tests/evaluation/test_preflight.py).
 
 A server kdflow starts for a stage is started here once with that stage's flags: on a CPU that costs a vLLM start
 (~25-90 s), the price of checking the very server the capture will ask before it captures anything.

@@ -41,7 +41,7 @@ from pydantic import BaseModel
 from kdflow.store import remote
 
 MANIFEST = "manifest.json"
-# Test hook for failure-and-rerun tests (tests/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
+# Test hook for failure-and-rerun tests (tests/flows/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
 # stage fail as it starts building its output. Unset in normal use.
 FAIL_STAGE_ENV = "KDFLOW_FAIL_STAGE"
 # How a reused output is checked: "full" (the default: sizes always, the content hash when affordable or when a

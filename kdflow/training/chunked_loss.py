@@ -12,7 +12,7 @@ every chunk (``chunk_rows``; 64 MiB each at V = 151,936), whatever the number of
 
 The values are those of ``losses.cross_entropy`` and ``losses.sparse_kd_loss`` on ``hidden @ weight.T + bias``,
 for every divergence and temperature (the divergence itself is the same function, differentiated on the small
-bucket tensor only); tests/test_chunked_loss.py checks values and gradients against them. Like Liger-Kernel's
+bucket tensor only); tests/training/test_chunked_loss.py checks values and gradients against them. Like Liger-Kernel's
 fused linear losses and TRL's chunked log-probs (trl.kernels.chunked_logprob), only rows that carry a loss should
 be passed in: select the answer positions before the head.
 

@@ -14,7 +14,7 @@ from kdflow.config.classic import load_classifier_recipe, parse_classifier_recip
 from kdflow.config.loading import RecipeError
 from kdflow.training.losses import hinton_loss
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINI = ROOT / "tests" / "classifier_mini.yaml"
 SHIPPED = sorted((ROOT / "recipes").glob("classifier-*.yaml")) + [MINI]
 

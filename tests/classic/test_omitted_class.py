@@ -1,6 +1,6 @@
 """Hinton's omitted class (§3 of Hinton et al. 2015): the recipe option, the transfer set without the class, the
 bias raise chosen on the validation split, and the report's section. The flow itself runs on the miniature recipe
-in tests/test_classifier_kd.py."""
+in tests/classic/test_classifier_kd.py."""
 
 from pathlib import Path
 
@@ -15,7 +15,7 @@ from kdflow.config.classic import parse_classifier_recipe
 from kdflow.config.loading import RecipeError
 from kdflow.store.outputs import content_key
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINI = (ROOT / "tests" / "classifier_mini.yaml").read_text()
 
 

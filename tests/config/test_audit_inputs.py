@@ -6,7 +6,6 @@ import os
 
 import pytest
 
-from conftest import MINI_RECIPE
 from kdflow.config import loading
 from kdflow.config.data import DataSection
 from kdflow.config.loading import RecipeError, load_yaml
@@ -15,6 +14,7 @@ from kdflow.curation import verify
 from kdflow.curation.verify import Verdict
 from kdflow.store.data_files import DataError
 from tasks.data import build_splits
+from tests.conftest import MINI_RECIPE
 
 
 def nested_aliases(levels: int) -> str:

@@ -16,8 +16,8 @@ from kdflow.config.student import StudentSection
 from kdflow.config.templates import chat
 from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import canonical
-from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
-from test_recipe import DEMO, error_of
+from tests.config.test_recipe import DEMO, error_of
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
 STUDENT = {

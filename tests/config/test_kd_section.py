@@ -11,9 +11,9 @@ from kdflow.config.kd import FeatureKD, OfflineKD, OnlineKD
 from kdflow.config.loading import RecipeError
 from kdflow.config.student import StudentSection
 from kdflow.store.outputs import canonical
-from test_recipe import error_of, line_of
+from tests.config.test_recipe import error_of, line_of
 
-DEMO = (Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml").read_text()
+DEMO = (Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml").read_text()
 ARCH = {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128}
 # kd section as written -> its part of the student's canonical dict (the key's input), as at 87dff60
 KEYED = [
@@ -151,7 +151,7 @@ def test_fit_student_hands_each_trainer_one_config_built_from_the_section(
     import kdflow.training.online_kd
     import kdflow.training.student as student
     from kdflow.store.model_folders import write_location
-    from test_capture import stage_ref, tiny_teacher
+    from tests.logit_cache.test_capture import stage_ref, tiny_teacher
 
     handed = []
     record = lambda *args, **kw: handed.extend(a for a in args if isinstance(a, TrainingArguments))

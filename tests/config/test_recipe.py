@@ -8,7 +8,7 @@ import pytest
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe, parse_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # LLM distillation recipes; the classic-KD recipes (classifier-*.yaml) have their own loader and tests.
 SHIPPED = sorted(p for p in (ROOT / "recipes").glob("*.yaml") if not p.name.startswith("classifier-"))
 SHIPPED += [ROOT / "tests" / "mini.yaml"]

@@ -14,7 +14,7 @@ from kdflow.config.recipe import parse_recipe
 from kdflow.store.outputs import building, content_key, existing_output, finish
 from kdflow.teacher.api_client import FatalApiError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = (ROOT / "recipes" / "demo.yaml").read_text()
 PASSWORD = "pw-kdflow-SENTINEL-3b9d"
 HUB_TOKEN = "hf_kdflow_SENTINEL_51c2"

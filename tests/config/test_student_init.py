@@ -12,7 +12,7 @@ from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
 from kdflow.config.student import StudentInit
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # lr 1e-12: two Adam steps move a weight by ~2e-12, so the child's weights are its start's to 1e-9.
 WARM = """  - name: warm
     data: teacher

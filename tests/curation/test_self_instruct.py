@@ -11,7 +11,7 @@ from kdflow.config.self_instruct import load_self_instruct_recipe
 from kdflow.curation.dedup import shingles
 from kdflow.curation.expansion import candidates, dedup_instructions, expansion_prompts, parse_instructions
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = (ROOT / "prompts" / "self_instruct.jinja").read_text()
 SEEDS = [
     json.loads(line)["instruction"] for line in (ROOT / "data" / "seed_instructions.jsonl").read_text().splitlines()

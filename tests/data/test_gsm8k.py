@@ -10,7 +10,7 @@ import pytest
 from data.gsm8k import check_answer, final_answer, gold_answer, load_split
 from kdflow.store.data_files import DataError
 
-GSM8K = Path(os.environ.get("KDFLOW_GSM8K", Path(__file__).resolve().parents[1] / "data" / "gsm8k"))
+GSM8K = Path(os.environ.get("KDFLOW_GSM8K", Path(__file__).resolve().parents[2] / "data" / "gsm8k"))
 needs_gsm8k = pytest.mark.skipif(
     not (GSM8K / "test.jsonl").is_file(), reason=f"GSM8K not found at {GSM8K} (set KDFLOW_GSM8K)"
 )

@@ -236,7 +236,7 @@ def test_judge_win_rate_with_a_tiny_model_judge(tmp_path):
     from kdflow.config.training import trainer_config
     from kdflow.training.sft import train_sft
 
-    template = (Path(__file__).resolve().parent.parent / "prompts" / "judge.jinja").read_text()
+    template = (Path(__file__).resolve().parents[2] / "prompts" / "judge.jinja").read_text()
     rows = [
         {"id": i, "question": f"{i}+{i}", "student": f"Answer: {2 * i}", "teacher": f"Answer: {2 * i + 1}"}
         for i in range(4)

@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, VLLM_TEST_API_KEY
-from fault_proxy import FakeTeacher, FaultProxy
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
 from kdflow.evaluation.judge import TooManyJudgeFailures
 from kdflow.store.outputs import building, existing_output, finish
 from tasks.evaluate import judge_students, reply_folder
+from tests.conftest import ROOT, VLLM_TEST_API_KEY
+from tests.fault_proxy import FakeTeacher, FaultProxy
 
 QUESTIONS = [
     {"id": f"q{i}", "question": f"question {i}", "answer": str(i), "rationale": f"Answer: {i}"} for i in range(4)
@@ -190,7 +190,7 @@ def test_a_local_judge_is_served_by_the_stage_under_its_path(run, monkeypatch, t
     one is tested with the teacher) and asks for the model by that path; stopped when the stage ends."""
     import contextlib
 
-    from conftest import build_tiny_teacher
+    from tests.conftest import build_tiny_teacher
 
     folder = build_tiny_teacher(tmp_path / "judge-model")
     served = []
@@ -214,7 +214,7 @@ def test_a_local_judge_is_served_by_the_stage_under_its_path(run, monkeypatch, t
 
 
 def test_an_hf_judge_runs_in_process(run, tmp_path):
-    from conftest import build_tiny_teacher
+    from tests.conftest import build_tiny_teacher
 
     folder = build_tiny_teacher(tmp_path / "judge-model")
     run_dir, data, students, teacher = run

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TEACHER_CORPUS, build_tiny_teacher
 from kdflow.config.generation import GenerationSection
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.student import StudentSection
@@ -25,6 +24,7 @@ from kdflow.evaluation.preflight_probes import (
     prefix_caching_in,
     run_checks,
 )
+from tests.conftest import TINY_TEACHER_CORPUS, build_tiny_teacher
 
 torch.set_num_threads(1)
 MESSAGES = [{"role": "user", "content": "Solve step by step: 7+8-5"}]
@@ -270,7 +270,7 @@ def test_a_real_tiny_hf_teacher_answers_greedily_the_same_and_its_tokenizer_is_c
 @pytest.mark.slow
 def test_the_real_vllm_server_agrees_with_hf_and_its_limits_are_found(vllm_server_url, vllm_model_dir, monkeypatch):
     """The session's server runs with vLLM's defaults: prefix caching on, at most 20 log-probs."""
-    from conftest import VLLM_TEST_API_KEY
+    from tests.conftest import VLLM_TEST_API_KEY
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     model = str(vllm_model_dir)

@@ -19,7 +19,7 @@ from kdflow.store.outputs import building, content_key, existing_output, finish
 from kdflow.training.tiny_models import llama_model, train_tokenizer
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COT = "Solve step by step: {{ question }}"
 ROWS = [
     {"id": f"t-{i}", "question": f"{i}+{i}", "rationale": f"={2 * i}\nAnswer: {2 * i}", "answer": str(2 * i)}

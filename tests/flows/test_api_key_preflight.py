@@ -12,7 +12,7 @@ from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
 from kdflow.teacher.api_keys import MissingApiKey, is_local, key_needs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 UNSET = "KDFLOW_TEST_PREFLIGHT_UNSET_KEY"
 OPENAI = (
     "generation:\n  backend: openai\n  splits: [train, prompts]\n  max_new_tokens: 24\n"

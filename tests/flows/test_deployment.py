@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
 HANG_S = 300  # a bound on waits that only catches a hang (the suite's Prefect server gets as long to start)
 GRACE_S = 30  # docs, "Stopping a worker": a worker still running this long after one Ctrl-C gets a second

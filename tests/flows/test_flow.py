@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_rerun_report
 from kdflow.config.recipe import load_recipe
+from tests.conftest import assert_rerun_report
 
 pytestmark = pytest.mark.slow
 
@@ -187,7 +187,7 @@ def test_a_bad_recipe_fails_before_any_work(prefect_server, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         Path(__file__)
-        .with_name("mini.yaml")
+        .parent.with_name("mini.yaml")
         .read_text()
         .replace("root: runs", f"root: {tmp_path}/runs")
         .replace("heads: 2,", "heads: 4,", 1)

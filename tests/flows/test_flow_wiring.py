@@ -11,7 +11,7 @@ from kdflow.config.kd import OfflineKD
 from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ONLINE_STUDENT = """  - name: gkd
     data: teacher
     architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_rerun_report
 from kdflow.config.recipe import load_recipe
+from tests.conftest import assert_rerun_report
 
 pytestmark = pytest.mark.slow
 

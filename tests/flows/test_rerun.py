@@ -19,7 +19,7 @@ from kdflow.store.outputs import FAIL_STAGE_ENV, MANIFEST, InjectedFailure, hash
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("data", "teacher", "generate", "curate", "students", "evaluate", "deployment")
 
 

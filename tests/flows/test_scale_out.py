@@ -33,11 +33,11 @@ def openai_recipe(mini_recipe, teacher_dir, base_url: str):
 def test_generation_sharded_on_two_dask_workers_asks_each_request_once(prefect_server, mini_recipe, tmp_path):
     from prefect_dask import DaskTaskRunner
 
-    from conftest import build_tiny_teacher
-    from fault_proxy import FakeTeacher, FaultProxy
     from flows.generate_sharded import generate_sharded
     from flows.train_teacher import train_teacher
     from tasks.data import make_data
+    from tests.conftest import build_tiny_teacher
+    from tests.fault_proxy import FakeTeacher, FaultProxy
 
     teacher_dir = build_tiny_teacher(tmp_path / "teacher")
     with FakeTeacher(delay_s=0.01) as fake, FaultProxy(fake.url) as proxy:
@@ -88,7 +88,7 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     from kdflow.logit_cache.reader import LogitCache
     from kdflow.store.model_folders import write_location
     from tasks.capture import capture_logits
-    from test_capture import kept_rows, stage_ref, tiny_teacher
+    from tests.logit_cache.test_capture import kept_rows, stage_ref, tiny_teacher
 
     mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 5, shard_rows: 4, value_encoding: fp16}\n")
     r = load_recipe(mini_recipe)

@@ -16,7 +16,7 @@ from kdflow.store.outputs import existing_output
 from kdflow.store.run_folder import read_split
 from kdflow.teacher.generation import ANSWERS
 from kdflow.teacher.routing import TEACHER_COLUMN
-from test_teachers import two_teachers, with_logit_student
+from tests.teacher.test_teachers import two_teachers, with_logit_student
 
 pytestmark = pytest.mark.slow
 
@@ -83,10 +83,10 @@ def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from conftest import build_tiny_teacher
     from kdflow.logit_cache.scoring import HFScorer, RoutedScorer
     from kdflow.logit_cache.topk import EncodedRow
     from kdflow.training.tiny_models import llama_model
+    from tests.conftest import build_tiny_teacher
 
     a = build_tiny_teacher(tmp_path / "a")
     b = tmp_path / "b"

@@ -9,7 +9,7 @@ import torch
 from kdflow.logit_cache.format import MANIFEST
 from kdflow.logit_cache.parts import join_parts, part_bounds
 from kdflow.logit_cache.reader import LogitCache
-from test_logit_cache import model, rows_of, tokenizer, write_cache  # noqa: F401 (fixtures)
+from tests.logit_cache.test_logit_cache import model, rows_of, tokenizer, write_cache  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
 

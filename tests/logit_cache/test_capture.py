@@ -223,7 +223,7 @@ def test_hf_and_vllm_capture_agree_on_the_same_tiny_model(vllm_server_url, vllm_
     import openai
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from conftest import VLLM_TEST_API_KEY
+    from tests.conftest import VLLM_TEST_API_KEY
 
     tokenizer = AutoTokenizer.from_pretrained(vllm_model_dir)
     model = AutoModelForCausalLM.from_pretrained(vllm_model_dir, dtype=torch.float32).eval()
@@ -312,7 +312,7 @@ def test_a_bad_logit_cache_section_names_line_and_fix(section, message):
     from kdflow.config.loading import RecipeError
     from kdflow.config.recipe import parse_recipe
 
-    text = (Path(__file__).parent / "mini.yaml").read_text() + f"\nlogit_cache: {section}\n"
+    text = (Path(__file__).parents[1] / "mini.yaml").read_text() + f"\nlogit_cache: {section}\n"
     with pytest.raises(RecipeError) as e:
         parse_recipe(text, "mini.yaml")
     line = text.count("\n")  # the section is the last line

@@ -38,7 +38,7 @@ from kdflow.logit_cache.writer import capture_shards
 from kdflow.training.tiny_models import CHAT_TEMPLATE, llama_model, train_tokenizer
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,10 @@ from kdflow.logit_cache.interop import LogitFileError, export_cache, import_file
 from kdflow.logit_cache.reader import LogitCache
 from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 from kdflow.training.tiny_models import llama_model, train_tokenizer
-from test_logit_cache import rows_of, write_cache
+from tests.logit_cache.test_logit_cache import rows_of, write_cache
 
 torch.set_num_threads(1)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K = 5
 TRAINING = {
     "max_steps": 6,

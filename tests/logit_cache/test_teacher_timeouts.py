@@ -21,8 +21,8 @@ from kdflow.logit_cache.topk import EncodedRow
 from kdflow.store.outputs import canonical
 from kdflow.training.on_policy import prompt_rows, train_on_policy
 from kdflow.training.tiny_models import llama_model
-from test_capture import tiny_teacher
-from test_on_policy import op_config
+from tests.logit_cache.test_capture import tiny_teacher
+from tests.training.test_on_policy import op_config
 
 torch.set_num_threads(1)
 

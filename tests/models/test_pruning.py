@@ -239,7 +239,7 @@ def test_prune_records_depth_and_width_and_keeps_every_channel_at_full_width(tin
         prune(model, 2, LayerSelect.every_other, 129, b)
 
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PRUNED = """  - name: pruned
     data: teacher
     init: {from: teacher, layers: 1, mlp_width: WIDTH}

@@ -18,8 +18,8 @@ from kdflow.reporting.curves import render, shifted, summarise, verdict_lines
 from kdflow.reporting.sweep import beats
 from kdflow.training.curves import CurveSnapshots, curve_steps, read_curve
 from kdflow.training.sft import train_sft
-from test_capture import tiny_teacher
-from test_training_progress import TRAINING, rows, student
+from tests.logit_cache.test_capture import tiny_teacher
+from tests.training.test_training_progress import TRAINING, rows, student
 
 torch.set_num_threads(1)
 ROOT_SWEEPS = ROOT / "recipes" / "sweeps"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from kdflow.config.cost import CostSection
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
 from kdflow.reporting.ledger import build_ledger, section
 from kdflow.store.outputs import OutputRef
+from tests.conftest import ROOT
 
 OLD, NEW = "2026-01-01T00:00:00Z", "2026-01-02T12:00:00Z"
 STARTED = datetime(2026, 1, 2, tzinfo=timezone.utc)  # the flow run: after OLD, before NEW

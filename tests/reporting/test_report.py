@@ -11,7 +11,7 @@ import pytest
 from kdflow.reporting import compare
 from kdflow.reporting.run_report import baseline_student, build_report, gap_closure, render_markdown, table_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CURATION = {"input_rows": 10, "kept": 8, "dropped": 2, "drop_reasons": {"wrong_answer": 2}}
 DEPLOYMENT = {
     "machine": {"device": "test CPU", "cpu_count": 2, "torch_threads": 1, "platform": "linux", "torch": "2"},

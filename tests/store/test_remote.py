@@ -192,7 +192,7 @@ def test_a_plain_local_run_folder_touches_no_remote(tmp_path):
 
 
 def recipe_with_run(run: str) -> str:
-    text = (Path(__file__).with_name("mini.yaml")).read_text()
+    text = (Path(__file__).parent.with_name("mini.yaml")).read_text()
     return text.replace("run:\n  name: mini\n  root: runs\n", run)
 
 

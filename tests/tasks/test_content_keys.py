@@ -15,8 +15,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import ROOT
-from fault_proxy import FakeTeacher
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
@@ -27,6 +25,8 @@ from kdflow.store import model_folders
 from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
 from kdflow.teacher import served
 from kdflow.training.student import student_inputs
+from tests.conftest import ROOT
+from tests.fault_proxy import FakeTeacher
 
 GOLDEN = {
     "demo.yaml": {

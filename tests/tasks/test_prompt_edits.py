@@ -11,7 +11,7 @@ import yaml
 from kdflow.config.recipe import load_recipe
 from kdflow.store.outputs import OutputRef
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MINI = ROOT / "tests" / "mini.yaml"
 # prompt file -> the stages that read it
 DEPENDENTS = {

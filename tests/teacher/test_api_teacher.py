@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MINI_RECIPE, VLLM_TEST_API_KEY, assert_rerun_report
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe, parse_recipe
 from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE
 from kdflow.reporting.plots import plot_tradeoff
 from kdflow.reporting.run_report import build_report, render_markdown, table_rows
+from tests.conftest import MINI_RECIPE, VLLM_TEST_API_KEY, assert_rerun_report
 
 KEY_ENV = "KDFLOW_TEST_TEACHER_KEY"
 LOCAL_TEACHER = """teacher:
@@ -60,7 +60,7 @@ def test_api_teacher_recipe_loads_and_keys_no_local_teacher():
         "base_url": "http://127.0.0.1:9/v1",
         "endpoint": "chat",
     }
-    shipped = load_recipe(Path(__file__).resolve().parent.parent / "recipes" / "api-teacher.yaml")
+    shipped = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "api-teacher.yaml")
     assert shipped.teacher.api and shipped.generation.api.model
 
 

@@ -4,11 +4,11 @@ was still in generation 300 s later, in issue 23's repeat audit)."""
 
 from __future__ import annotations
 
-from conftest import TINY_TEACHER_CORPUS
 from kdflow.config.generation import GenerationSection
 from kdflow.teacher.generation import failure_table, hf_answers
 from kdflow.teacher.hf_generate import TOO_LONG, generate, load
 from kdflow.training.tiny_models import llama_model, train_tokenizer
+from tests.conftest import TINY_TEACHER_CORPUS
 
 
 def teacher_folder(folder, positions=64):

@@ -14,9 +14,9 @@ import openai
 import pandas as pd
 import pytest
 
-from fault_proxy import MALFORMED, MALFORMED_BODIES, FakeTeacher, FaultProxy
 from kdflow.config.generation import GenerationSection
 from kdflow.teacher.api_client import FailureReason, Sampling, TeacherRequest, ask_all, classify, retry_after_seconds
+from tests.fault_proxy import MALFORMED, MALFORMED_BODIES, FakeTeacher, FaultProxy
 
 SENTINEL = "sk-SENTINEL-do-not-leak-4242"
 COT = "Solve step by step: {{ question }}"

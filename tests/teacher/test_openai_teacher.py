@@ -301,8 +301,8 @@ def test_too_many_failures_fail_the_stage_with_counts_and_where_the_answers_are(
 
 def test_stage_request_path_offline_faults_retried_and_a_rerun_asks_nothing(tmp_path):
     """api_answers (the generate stage's durable path, no Prefect) against a fake teacher behind the fault proxy."""
-    from fault_proxy import FakeTeacher, FaultProxy
     from kdflow.teacher.generation import api_answers
+    from tests.fault_proxy import FakeTeacher, FaultProxy
 
     rows = [
         {
@@ -345,11 +345,11 @@ def test_hf_backend_stage_keeps_its_columns_and_adds_samples(prefect_server, tmp
     """The CPU backend through the stage body: n samples per question, the answers' columns, the ICL prompt."""
     import pandas as pd
 
-    from conftest import build_tiny_teacher
     from kdflow.config.teacher import TeacherSection
     from kdflow.store.outputs import building, existing_output, finish
     from tasks.generate import generate_answers
     from tasks.teacher import use_existing_teacher
+    from tests.conftest import build_tiny_teacher
 
     run_dir = tmp_path / "run"
     rows = {

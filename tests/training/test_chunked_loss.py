@@ -147,7 +147,7 @@ def test_sft_on_the_chunked_head_trains_the_same_student_as_trls_default_loss(tm
     from kdflow.config.training import trainer_config
     from kdflow.training.sft import train_sft
     from kdflow.training.tiny_models import llama_model
-    from test_capture import TEMPLATE, kept_rows, tiny_teacher
+    from tests.logit_cache.test_capture import TEMPLATE, kept_rows, tiny_teacher
 
     _, tok = tiny_teacher(tmp_path / "teacher")
     rows = [chat(TEMPLATE.replace("{{ question }}", r["question"]), r["text"]) for r in kept_rows(32)]

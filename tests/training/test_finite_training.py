@@ -10,7 +10,7 @@ import torch
 
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import parse_recipe
-from test_recipe import DEMO, line_of
+from tests.config.test_recipe import DEMO, line_of
 
 torch.set_num_threads(1)
 
@@ -81,7 +81,7 @@ TRAINING = {
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    from test_capture import tiny_teacher
+    from tests.logit_cache.test_capture import tiny_teacher
 
     folder = tmp_path_factory.mktemp("finite") / "teacher"
     return folder, tiny_teacher(folder, sharpen=20.0)[1]
@@ -95,7 +95,7 @@ def student(tokenizer):
 
 def sft_rows():
     from kdflow.config.templates import chat
-    from test_capture import TEMPLATE, kept_rows
+    from tests.logit_cache.test_capture import TEMPLATE, kept_rows
 
     return [chat(TEMPLATE.replace("{{ question }}", r["question"]), r["text"]) for r in kept_rows(32)]
 
@@ -140,7 +140,7 @@ def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoin
     from kdflow.training.finite import NonFiniteTraining
     from kdflow.training.offline_kd import CachedLogitsCollator, OfflineKDConfig, train_offline_kd
     from tasks.capture import capture_logits
-    from test_capture import TEMPLATE, kept_rows, stage_ref
+    from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref
 
     folder, tok = teacher
     run_dir = tmp_path / "run"
@@ -196,7 +196,7 @@ def test_the_students_stage_writes_no_manifest_for_a_model_that_did_not_stay_fin
     from kdflow.store.model_folders import write_location
     from kdflow.training.finite import NonFiniteTraining
     from tasks.students import STUDENTS, train_student
-    from test_capture import TEMPLATE, kept_rows, stage_ref
+    from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref
 
     folder, _ = teacher
     run_dir = tmp_path / "run"

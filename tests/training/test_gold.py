@@ -12,7 +12,7 @@ from kdflow.config.templates import chat
 from kdflow.config.training import trainer_config
 from kdflow.training.gold import GOLDConfig, train_gold
 from kdflow.training.tiny_models import llama_model
-from test_tokenizer_compat import large, small  # noqa: F401  (fixtures: two tokenizers of one corpus)
+from tests.training.test_tokenizer_compat import large, small  # noqa: F401  (fixtures: two tokenizers of one corpus)
 
 torch.set_num_threads(1)
 TRAINING = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=2)

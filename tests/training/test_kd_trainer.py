@@ -18,7 +18,7 @@ from kdflow.store.model_folders import write_location
 from kdflow.training.losses import IGNORE_INDEX
 from kdflow.training.offline_kd import CachedLogitsCollator, OfflineKDConfig, cache_rows, train_offline_kd
 from kdflow.training.tiny_models import llama_model, train_tokenizer
-from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
 TRAINING = {

@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from kdflow.config.fields import ROOT
 from kdflow.config.student import StudentSection
 from kdflow.training.tiny_models import count_params
-from test_capture import TEMPLATE
-from test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)
+from tests.logit_cache.test_capture import TEMPLATE
+from tests.training.test_lora import setup  # noqa: F401  (the fixture: a run folder with a logit cache and a pretrained student)
 
 torch.set_num_threads(1)
 TRAINING = {

@@ -26,7 +26,7 @@ from kdflow.training.lora import lora_config
 from kdflow.training.offline_kd import OfflineKDConfig, train_offline_kd
 from kdflow.training.sft import train_sft
 from kdflow.training.tiny_models import count_params, llama_model
-from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
 TRAINING = {
@@ -255,7 +255,7 @@ def test_the_recipe_refuses_bad_lora_and_launch_settings(fields, message):
 def test_a_lora_error_in_a_recipe_names_the_field_line_and_fix():
     from kdflow.config.loading import RecipeError
     from kdflow.config.recipe import parse_recipe
-    from test_recipe import DEMO
+    from tests.config.test_recipe import DEMO
 
     text = DEMO.replace("    data: gold\n", "    data: gold\n    lora: {r: 8}\n", 1)
     assert text != DEMO

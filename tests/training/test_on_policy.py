@@ -25,8 +25,8 @@ from kdflow.store.model_folders import write_location
 from kdflow.store.outputs import canonical
 from kdflow.training.on_policy import OnPolicyConfig, prompt_rows, samples, train_on_policy
 from kdflow.training.tiny_models import llama_model
-from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
-from test_recipe import DEMO
+from tests.config.test_recipe import DEMO
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
 TRAINING = {
@@ -471,7 +471,7 @@ def served_samples(model_dir, n=6, new=10):
 def test_a_vllm_server_scores_a_students_samples_as_the_hf_teacher_does(vllm_server_url, vllm_model_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from conftest import VLLM_TEST_API_KEY
+    from tests.conftest import VLLM_TEST_API_KEY
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     rows_ = served_samples(vllm_model_dir)
@@ -489,7 +489,7 @@ class DiesAfter:
     """A FaultProxy in front of the server that forwards ``n`` requests and then drops every connection."""
 
     def __init__(self, upstream: str, n: int):
-        from fault_proxy import FaultProxy
+        from tests.fault_proxy import FaultProxy
 
         self.proxy = FaultProxy(upstream, rate=1.0, faults=("drop",))
         seen, draw = [0], self.proxy._draw
@@ -505,9 +505,9 @@ class DiesAfter:
 def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_resumes(
     vllm_server_url, vllm_model_dir, tmp_path, monkeypatch
 ):
-    from conftest import VLLM_TEST_API_KEY
-    from fault_proxy import FaultProxy
     from tasks.students import STUDENTS, train_student
+    from tests.conftest import VLLM_TEST_API_KEY
+    from tests.fault_proxy import FaultProxy
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     run_dir = tmp_path / "run"
@@ -568,7 +568,7 @@ def test_a_server_that_dies_mid_training_fails_the_stage_clearly_and_a_rerun_res
 
 def test_the_report_shows_each_on_policy_students_tokens_and_time_split():
     from kdflow.reporting.run_report import build_report, render_markdown
-    from test_report import CURATION, DEPLOYMENT, model
+    from tests.reporting.test_report import CURATION, DEPLOYMENT, model
 
     accounting = {
         "sample_s": 6.0,
@@ -611,11 +611,12 @@ def test_the_stage_starts_a_server_for_the_teacher_with_capture_flags_and_stops_
 ):
     """teacher_backend vllm without base_url: a server for the teacher's folder for the length of the training, with
     what prompt_logprobs need (no prefix caching, --max-logprobs k, the teacher's own dtype). The server's process
-    lifecycle itself is kdflow.teacher.vllm_server's (tests/test_vllm_startup.py); here it is the session's server."""
+    lifecycle itself is kdflow.teacher.vllm_server's (tests/teacher/test_vllm_startup.py); here it is the session's
+    server."""
     import contextlib
 
     import kdflow.teacher.vllm_server as vllm_server_module
-    from conftest import VLLM_TEST_API_KEY
+    from tests.conftest import VLLM_TEST_API_KEY
 
     monkeypatch.setenv("VLLM_API_KEY", VLLM_TEST_API_KEY)
     started = []

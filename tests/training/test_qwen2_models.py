@@ -19,7 +19,7 @@ from kdflow.training.tiny_models import (
     train_tokenizer,
 )
 
-GSM8K = Path(__file__).resolve().parents[1] / "data" / "gsm8k"
+GSM8K = Path(__file__).resolve().parents[2] / "data" / "gsm8k"
 TEXTS = [
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72",
     "Weng earns $12 an hour (babysitting); she did 50 minutes. “How much?” she asked.",

@@ -1,6 +1,6 @@
 """Tokenizer compatibility: identical tokenizers pass, a different vocabulary / special token / template fails up
 front with the fix in the message, and ``cross_tokenizer: gold`` lets a mismatch through (to TRL's GOLD:
-tests/test_gold.py)."""
+tests/training/test_gold.py)."""
 
 import pytest
 

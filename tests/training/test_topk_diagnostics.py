@@ -24,7 +24,7 @@ from kdflow.training.losses import IGNORE_INDEX, cross_entropy, reduce, sparse_k
 from kdflow.training.offline_kd import TEACHER_KEYS, OfflineKDConfig, train_offline_kd
 from kdflow.training.tiny_models import llama_model
 from kdflow.training.topk_diagnostics import brief, outside_topk, position_means, summary, teacher_mass, window_ratio
-from test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, stage_ref, tiny_teacher
 
 torch.set_num_threads(1)
 TRAINING = {
@@ -272,7 +272,7 @@ def test_an_offline_kd_students_manifest_and_report_carry_its_diagnostics(setup,
     from kdflow.reporting.run_report import build_report, render_markdown
     from tasks.report import trained
     from tasks.students import train_student
-    from test_report import CURATION, DEPLOYMENT, model
+    from tests.reporting.test_report import CURATION, DEPLOYMENT, model
 
     section = StudentSection(
         name="kd",
@@ -308,7 +308,7 @@ def test_an_on_policy_student_logs_them_per_step_one_value_per_micro_batch(setup
     from kdflow.config.kd import OnPolicyKD
     from kdflow.config.templates import chat
     from kdflow.training.on_policy import train_on_policy
-    from test_on_policy import op_config
+    from tests.training.test_on_policy import op_config
 
     tok = setup["tokenizer"]
     rows = [

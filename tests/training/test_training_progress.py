@@ -14,7 +14,7 @@ from kdflow.training.progress import TrainingProgress, duration
 from kdflow.training.sft import train_sft
 from kdflow.training.student import fit_student
 from kdflow.training.tiny_models import llama_model
-from test_capture import TEMPLATE, kept_rows, tiny_teacher
+from tests.logit_cache.test_capture import TEMPLATE, kept_rows, tiny_teacher
 
 torch.set_num_threads(1)
 TRAINING = {
