@@ -48,15 +48,16 @@ def generate(
         ]
         # Positions past the model's context give garbage, and a huge prompt's attention alone takes hours: such a
         # prompt is not run (a 10 MB question to a 256-position teacher was still in generation 300 s later).
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]  # once: padded below, only what fits
+        lengths = [len(x) for x in ids]
         fits = [n + max_new_tokens <= context for n in lengths] if context else [True] * len(idx)
         for i, n, ok in zip(idx, lengths, fits):
             if not ok:
                 out[i] = {"text": "", "finish_reason": TOO_LONG, "completion_tokens": 0, "prompt_tokens": n}
-        idx, texts = [i for i, ok in zip(idx, fits) if ok], [t for t, ok in zip(texts, fits) if ok]
+        idx, ids = [i for i, ok in zip(idx, fits) if ok], [x for x, ok in zip(ids, fits) if ok]
         if not idx:
             continue
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         gen = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
