@@ -86,7 +86,22 @@ class Recipe(Strict):
         if self.data.source is DataSource.instructions:
             self._free_text_checks()
         self._pruning_checks()
+        self._top_k_check()
         return self
+
+    def _top_k_check(self) -> None:
+        """A top-k wider than the teacher's vocabulary cannot be captured: said here, not at the capture stage after
+        the teacher has answered."""
+        if self.logit_cache is None or self.teacher.api:
+            return
+        vocab = self.teacher.vocab()
+        if vocab is not None and self.logit_cache.k > vocab:
+            raise FieldError(
+                f"{self.logit_cache.k} ids per position are more than the teacher's vocabulary of {vocab} tokens; "
+                f"keep between 1 and {vocab}",
+                "logit_cache",
+                "k",
+            )
 
     def _pruning_checks(self) -> None:
         """A student pruned from the teacher keeps at most the teacher's layers and MLP channels (known here for a

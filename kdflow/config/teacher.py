@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
-from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width
+from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width, vocab_count
 
 
 class TeacherSection(Strict):
@@ -68,6 +68,13 @@ class TeacherSection(Strict):
         if self.architecture is not None:
             return self.architecture.layers
         return layer_count(str(ROOT / self.model)) if self.model else None
+
+    def vocab(self) -> int | None:
+        """The teacher's vocabulary where known before any work: at most ``vocab_size`` for a tokenizer trained here
+        (the BPE target), a model folder's or GGUF file's own; None for a hub id."""
+        if self.architecture is not None:
+            return self.vocab_size
+        return vocab_count(str(ROOT / self.model)) if self.model else None
 
     def mlp_width(self) -> int | None:
         """The teacher's MLP channels per layer (``intermediate_size``), where known as ``layer_count`` is."""

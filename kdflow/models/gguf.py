@@ -175,6 +175,17 @@ def mlp_width(model: str) -> int | None:
     return _shape(model, "feed_forward_length", "intermediate_size")
 
 
+def vocab_count(model: str) -> int | None:
+    """Vocabulary of a model folder (``vocab_size``) or GGUF file (``<arch>.vocab_size``, else its token list);
+    None when unknown."""
+    path = Path(model)
+    if is_gguf_path(model) and path.is_file():
+        found = _shape(model, "vocab_size", "vocab_size")
+        tokens = _reader(path).fields.get("tokenizer.ggml.tokens")
+        return found if found is not None or tokens is None else len(tokens.data)
+    return _shape(model, "vocab_size", "vocab_size")
+
+
 def _shape(model: str, gguf_key: str, config_key: str) -> int | None:
     import json
 

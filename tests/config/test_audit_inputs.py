@@ -119,3 +119,15 @@ def test_a_run_root_that_is_a_file_is_refused_at_load_naming_the_line(tmp_path):
 )
 def test_a_teachers_answer_in_e_notation_is_judged_by_its_whole_value(answer, gold, verdict):
     assert verify.judge(answer, gold) is verdict
+
+
+def test_a_top_k_wider_than_the_teachers_vocabulary_is_refused_at_load_naming_the_line(tmp_path):
+    """Before, the capture stage refused it, after the teacher had been trained and had answered."""
+    text = MINI_RECIPE.read_text() + "\nlogit_cache:\n  k: 49\n"
+    with pytest.raises(
+        RecipeError,
+        match=r"mini.yaml:\d+: logit_cache.k: 49 ids per position are more than the teacher's vocabulary "
+        r"of 48 tokens; keep between 1 and 48",
+    ):
+        parse_recipe(text, "mini.yaml")
+    assert parse_recipe(text.replace("k: 49", "k: 48"), "mini.yaml").logit_cache.k == 48
