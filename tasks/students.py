@@ -7,7 +7,11 @@ a rerun after a crash or a kill resumes from the last checkpoint instead of star
 
 A student whose section has ``launch:`` trains in processes of its own, started by ``accelerate launch``
 (``kdflow/training/cli.py``, which runs ``kdflow.training.student.train_here`` in each process), e.g. DDP over a node's
-GPUs."""
+GPUs.
+
+With several routed teachers an on-policy student is handed all of them (``routed``): each scores the student's
+samples of the rows routed to it, so the teachers and the routing are in its key (``needs_routed_teachers``); every
+other student reads their joined answers and logit cache, whose keys hold them already."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from kdflow.config.student import StudentSection
 from kdflow.store.model_folders import MODEL, SOURCE, keyed_by_content, write_location
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage
+from kdflow.teacher.routing import RoutedTeachers
 from kdflow.training.student import (
     StudentJob,
     launch_student,
@@ -35,16 +40,19 @@ from tasks.progress import TrainingArtifact
 
 # A pretrained student's local folder is keyed by its files (model_folders.keyed_by_content): new weights at the same
 # path retrain it; one inside a stage output (a pruned teacher, another student) keeps the key its path gives.
+# ``routed`` (several teachers scoring an on-policy student's samples) is in the key only where given, so that every
+# other student keeps its key.
 STUDENTS = Stage(
     "students",
     "1",
-    lambda section, template, teacher, data, curated, logits=None: {
+    lambda section, template, teacher, data, curated, logits=None, routed=None: {
         "section": keyed_by_content(section),
         "template": template,
         "teacher": teacher,
         "data": data,
         "curated": curated,
         "logits": logits,
+        **({"routing": routed.routing, "teachers": routed.teachers} if routed is not None else {}),
     },
     files=(SOURCE, f"{MODEL}/"),
 )
@@ -59,17 +67,28 @@ def train_student(
     data: OutputRef,
     curated: OutputRef | None,
     logits: OutputRef | None = None,
+    routed: RoutedTeachers | None = None,
 ) -> OutputRef:
     """``curated`` is None for a gold-only student, so that a new filter does not retrain the baseline;
-    ``logits`` (the logit cache) is passed to offline-KD students only."""
+    ``logits`` (the logit cache) is passed to offline-KD students only; ``routed`` (several teachers and their
+    routing) to on-policy students of several teachers only."""
     out = STUDENTS.output(
-        run_dir, section=section, template=template, teacher=teacher, data=data, curated=curated, logits=logits
+        run_dir,
+        section=section,
+        template=template,
+        teacher=teacher,
+        data=data,
+        curated=curated,
+        logits=logits,
+        routed=routed,
     )
     if done := out.done:
         return done
     if needs_logit_cache(section) and logits is None:
         raise ValueError(f"student {section.name!r} trains from the logit cache: pass the logit-cache stage's output")
-    rows = student_rows(section, template, data, curated)
+    if routed is not None and section.launch is not None:  # the recipe refuses it: a launch needs one served teacher
+        raise ValueError(f"student {section.name!r}: a launched student cannot be scored by several routed teachers")
+    rows = student_rows(section, template, data, curated, routed.routing if routed is not None else None)
     if not rows:
         raise ValueError(f"student {section.name!r} has no training rows: the filter kept no teacher answers")
     stage_dir, checkpoints = Path(run_dir) / STUDENTS.name, out.work
@@ -80,7 +99,7 @@ def train_student(
             start = time.perf_counter()
             if section.launch is None:  # progress lines in the terminal, and the artifact training-<student>
                 progress = TrainingArtifact(STUDENTS.name, section.name)
-                train_here(section, rows, teacher, logits, tmp, checkpoints, progress)
+                train_here(section, rows, teacher, logits, tmp, checkpoints, progress, routed)
             else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
                 job = StudentJob(
                     section=section,

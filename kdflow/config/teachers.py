@@ -14,6 +14,8 @@
 
 A recipe with ``teachers`` has no ``teacher`` section: the default teacher takes its place wherever one teacher is
 meant (the students' shared tokenizer, pruning, the judge filter), so a recipe with one ``teacher`` is as it was.
+A KD student of several teachers learns offline from their logit caches joined by row, or on-policy with each of its
+samples scored by the teacher its row is routed to (``check_routed_kd``); every teacher is then local.
 """
 
 from __future__ import annotations
@@ -171,7 +173,6 @@ def _gguf_tokens(path: Path) -> str:
 def check_routed(r) -> None:
     """The checks of a recipe ``r`` with ``teachers``, each naming the field and the fix."""
     from kdflow.config.generation import Backend
-    from kdflow.config.kd import OfflineKD
     from kdflow.config.loading import FieldError
 
     if r.teachers is None:
@@ -234,15 +235,7 @@ def check_routed(r) -> None:
     if not logits:
         return
     for i, s in enumerate(r.students):
-        if s.kd is not None and not isinstance(s.kd, OfflineKD):
-            raise FieldError(
-                f"student {s.name!r}: with several teachers a KD student learns from their logit caches merged "
-                f"by row (method offline); kd method {s.kd.method.value} would read one teacher's model",
-                "students",
-                i,
-                "kd",
-                "method",
-            )
+        check_routed_kd(s, i)
     if r.logit_cache is not None and r.logit_cache.ensemble:
         raise FieldError(
             "logit_cache.ensemble averages teachers on every row; with teachers: each row has its routed teacher's "
@@ -262,3 +255,36 @@ def check_routed(r) -> None:
                 "teachers",
                 i,
             )
+
+
+def check_routed_kd(s, i: int) -> None:
+    """A KD student ``s`` (the recipe's ``students[i]``) of several routed teachers: offline KD reads their logit caches
+    joined by row; on-policy KD has each sampled row scored by its row's teacher, each in an HF scoring process of
+    its own (kdflow/training/on_policy.py); online and feature KD would load one teacher into training."""
+    from kdflow.config.kd import OfflineKD, OnPolicyKD
+    from kdflow.config.loading import FieldError
+
+    if s.kd is None or isinstance(s.kd, OfflineKD):
+        return
+    if not isinstance(s.kd, OnPolicyKD):
+        raise FieldError(
+            f"student {s.name!r}: kd method {s.kd.method.value} loads one teacher model into training; with several "
+            "teachers use method offline (their logit caches joined by row) or on_policy (each sampled row scored "
+            "by its routed teacher)",
+            "students",
+            i,
+            "kd",
+            "method",
+        )
+    # A server serves one model, and a vLLM server started per teacher would each claim the GPU's memory for its
+    # KV cache while the others hold theirs: the teachers score in HF processes, one after the other.
+    if s.kd.teacher_backend != "hf" or s.kd.base_url is not None:
+        raise FieldError(
+            f"student {s.name!r}: with several teachers each scores the samples routed to it in a scoring process "
+            "of its own (teacher_backend hf); a vLLM server serves one teacher: set kd.teacher_backend: hf and "
+            "remove kd.base_url",
+            "students",
+            i,
+            "kd",
+            "teacher_backend",
+        )

@@ -6,22 +6,38 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from pydantic import BaseModel
 
 from kdflow.config.teachers import Routing
+from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 
 TEACHER_COLUMN = "teacher"  # the answers', kept rows' and dropped rows' column naming the teacher that wrote each
 
 
+class RoutedTeachers(BaseModel):
+    """Several teachers' outputs by name and the rule that sends each row to one of them: what a student that has its
+    own samples scored (on-policy KD) needs of them, each sample by the teacher of the row it was sampled from."""
+
+    routing: Routing
+    teachers: dict[str, OutputRef]
+
+    def folders(self) -> dict[str, str]:
+        """Each teacher's model folder, by name."""
+        return {name: str(model_location(ref)) for name, ref in self.teachers.items()}
+
+
+def row_teachers(data: OutputRef, splits: list[str], routing: Routing) -> dict[tuple[str, str], str]:
+    """The teacher ``routing`` sends each row of ``splits`` to, by (split, id)."""
+    return {
+        (split, r["id"]): routing.teacher_of({**r, "split": split}) for split in splits for r in read_split(data, split)
+    }
+
+
 def routed_ids(data: OutputRef, splits: list[str], routing: Routing, teacher: str) -> set[tuple[str, str]]:
     """The (split, id) of every row of ``splits`` that ``routing`` sends to ``teacher``."""
-    return {
-        (split, r["id"])
-        for split in splits
-        for r in read_split(data, split)
-        if routing.teacher_of({**r, "split": split}) == teacher
-    }
+    return {row for row, name in row_teachers(data, splits, routing).items() if name == teacher}
 
 
 def join_tables(files: dict[str, Path]) -> pd.DataFrame:

@@ -27,13 +27,18 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
     from kdflow.config.recipe import load_recipe
     from kdflow.config.student import StudentData
     from kdflow.store import run_folder
-    from kdflow.training.student import StudentJob, needs_logit_cache
+    from kdflow.training.student import StudentJob, needs_logit_cache, needs_routed_teachers
 
     r = load_recipe(recipe)
     sections = {s.name: s for s in r.student_runs()}
     if student not in sections:
         raise SystemExit(f"no student {student!r} in {recipe}; its students are {sorted(sections)}")
     section = sections[student]
+    if r.teachers and needs_routed_teachers(section):  # each teacher's output is found by its stage's key, in Prefect
+        raise SystemExit(
+            f"student {student!r} is scored on-policy by {len(r.teachers)} routed teachers: train it with "
+            f"`kdflow students {recipe}` (or `kdflow distill`), which hands it each one"
+        )
     run = Path(run_dir) if run_dir else r.run_dir
     offline = needs_logit_cache(section)
     return StudentJob(

@@ -32,13 +32,19 @@ throughput: the teacher's forward, on other cores or another machine, hides behi
 training instead of adding to them. The first on-policy step (and the first after a resume) fills the pipeline
 by sampling its prompts twice; the last batch handed over is scored and left untrained.
 
+With several routed teachers (a recipe's ``teachers`` and ``routing``) each sample is scored by the teacher its
+prompt's row is routed to: one scoring process per teacher, behind one ``RoutedScorer``; the teachers answer one
+after the other, so a step waits for the sum of their times. Each sample carries its row's id for that
+(``OnPolicyCollator``'s ``row_ids``).
+
 Accounting (``OnPolicyAccounting``): student tokens sampled, teacher tokens scored (completion positions whose top-k
 came back), and wall time split into sample / score / train (the rest of each optimizer step: forward, backward,
 optimizer); ``score_s`` is the time training waited on the teacher, ``teacher_s`` the teacher's round trips
 themselves, from the request to its last part (the part of ``teacher_s`` not in ``score_s`` was hidden: behind
 training on the parts already in, or, with ``overlap``, behind the next batch's sampling and training). It is
 logged with every loss, saved in each checkpoint (a resumed run continues its counts) and written to
-``on_policy.json`` beside the model.
+``on_policy.json`` beside the model; with routed teachers also each teacher's samples and tokens scored
+(``by_teacher``, not logged).
 """
 
 from __future__ import annotations
@@ -61,8 +67,9 @@ from kdflow.config.fields import redact_url
 from kdflow.config.kd import Divergence, OnPolicyKD, check_settings
 from kdflow.logit_cache.format import TopK
 from kdflow.logit_cache.reader import LogitCache
-from kdflow.logit_cache.scoring import TeacherScoringError, teacher_scorer
+from kdflow.logit_cache.scoring import RoutedScorer, TeacherScoringError, teacher_scorer
 from kdflow.logit_cache.topk import EncodedRow, encode_row
+from kdflow.teacher.routing import TEACHER_COLUMN, token_shares
 from kdflow.training.offline_kd import (
     CachedKDTrainer,
     CachedLogitsCollator,
@@ -126,14 +133,25 @@ class OnPolicyAccounting:
     teacher_tokens_scored: int = 0
     on_policy_batches: int = 0
     off_policy_batches: int = 0
+    by_teacher: dict = dataclasses.field(default_factory=dict)  # routed teachers: name -> {samples, tokens} scored
+
+    def count(self, rows: list[EncodedRow], scored: list[TopK], routes: dict[str, str] | None) -> None:
+        """The teacher's top-k of ``rows`` came back: its positions, and with ``routes`` (row id -> teacher) each
+        teacher's samples and positions."""
+        tokens = [len(t.ids) for t in scored]
+        self.teacher_tokens_scored += sum(tokens)
+        for row, n in zip(rows, tokens) if routes is not None else ():
+            mine = self.by_teacher.setdefault(routes[row.row_id], {"samples": 0, "tokens": 0})
+            mine["samples"], mine["tokens"] = mine["samples"] + 1, mine["tokens"] + n
 
     def rounded(self) -> dict:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class OnPolicyCollator:
-    """Left-padded prompts (``prompt_ids``, ``prompt_mask``: (B, P)) for the student to continue; with a logit
-    cache, also the rows' cached batch (``CachedLogitsCollator``) for the off-policy micro-batches."""
+    """Left-padded prompts (``prompt_ids``, ``prompt_mask``: (B, P)) for the student to continue, and their rows' ids
+    (``row_ids``, which name the samples: routed teachers score each by its row); with a logit cache, also the
+    rows' cached batch (``CachedLogitsCollator``) for the off-policy micro-batches."""
 
     def __init__(self, pad_token_id: int, cache: LogitCache | None = None):
         self.pad = pad_token_id
@@ -149,6 +167,7 @@ class OnPolicyCollator:
         for b, p in enumerate(prompts):
             out["prompt_ids"][b, P - len(p) :] = torch.as_tensor(p, dtype=torch.long)
             out["prompt_mask"][b, P - len(p) :] = 1
+        out["row_ids"] = [e["row_id"] for e in examples]
         return out | (self.cached(examples) if self.cached is not None else {})
 
 
@@ -190,9 +209,10 @@ class OnPolicyTrainer(CachedKDTrainer):
     alpha = 0.0  # the divergence alone
     kd_temperature = 1.0  # at T = 1: the config's temperature is the student's sampling temperature
 
-    def __init__(self, *args, scorer, eos_token_id: int, pad_token_id: int, **kwargs):
+    def __init__(self, *args, scorer, eos_token_id: int, pad_token_id: int, routes: dict | None = None, **kwargs):
+        """``routes``: with several routed teachers, each row id's teacher (for the accounting; ``scorer`` routes)."""
         super().__init__(*args, **kwargs)
-        self.scorer, self.eos, self.pad = scorer, eos_token_id, pad_token_id
+        self.scorer, self.eos, self.pad, self.routes = scorer, eos_token_id, pad_token_id, routes
         self.accounting = OnPolicyAccounting()
         self.add_callback(StepClock(self.accounting))
         self._step, self._micro = -1, 0
@@ -224,6 +244,7 @@ class OnPolicyTrainer(CachedKDTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         prompts, mask = inputs.pop("prompt_ids"), inputs.pop("prompt_mask")
+        row_ids = inputs.pop("row_ids")  # the samples' names: routed teachers score each by its row
         if not self.on_policy_now():
             self.accounting.off_policy_batches += 1
             return super().training_step(model, inputs, num_items_in_batch)
@@ -231,16 +252,19 @@ class OnPolicyTrainer(CachedKDTrainer):
         if self.args.overlap or self.accelerator.distributed_type != DistributedType.NO:
             # Streamed parts would mean a backward per part: in DDP an all-reduce each, as many as the teacher's
             # parts on that rank — which differ between ranks and would hang them. One backward per micro-batch.
-            return super().training_step(model, self.scored_samples(model, prompts, mask), num_items_in_batch)
-        return self.streamed_step(model, prompts, mask, num_items_in_batch)
+            batch = self.scored_samples(model, prompts, mask, row_ids)
+            return super().training_step(model, batch, num_items_in_batch)
+        return self.streamed_step(model, prompts, mask, row_ids, num_items_in_batch)
 
-    def streamed_step(self, model, prompts: torch.Tensor, mask: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    def streamed_step(
+        self, model, prompts: torch.Tensor, mask: torch.Tensor, row_ids: list[str], num_items_in_batch
+    ) -> torch.Tensor:
         """Exact on-policy, trained part by part as the teacher's answers come in: while the student's forward and
         backward run on one part of the samples, the teacher scores the next (``scorer.parts``: a padded batch of
         the HF scoring process, a request to vLLM). Each part's loss, a mean over its positions, is weighted by
         its share of the micro-batch's positions, so the gradients add up to the whole micro-batch's mean; only
         float rounding differs (tested). The wait is the teacher's first part and whatever training outruns."""
-        rows = self.sampled(model, prompts, mask)
+        rows = self.sampled(model, prompts, mask, row_ids)
         positions = sum(len(r.input_ids) - 1 - r.start for r in rows)
         began, loss, weights = time.perf_counter(), None, []
         parts = self.scorer.parts(rows)
@@ -252,7 +276,7 @@ class OnPolicyTrainer(CachedKDTrainer):
                 if part is None:
                     break
                 indices, scored = part
-                self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
+                self.accounting.count([rows[i] for i in indices], scored, self.routes)
                 batch = teacher_batch(
                     [(torch.from_numpy(rows[i].input_ids), rows[i].start, t) for i, t in zip(indices, scored)],
                     self.args.k,
@@ -314,31 +338,34 @@ class OnPolicyTrainer(CachedKDTrainer):
             scored = self.scorer.score(rows)
         finally:
             self.accounting.teacher_s += time.perf_counter() - began
-        self.accounting.teacher_tokens_scored += sum(len(t.ids) for t in scored)
+        self.accounting.count(rows, scored, self.routes)
         return scored
 
-    def sampled(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> list[EncodedRow]:
+    def sampled(self, model, prompts: torch.Tensor, mask: torch.Tensor, row_ids: list[str]) -> list[EncodedRow]:
+        """The student's samples of ``prompts``, each named by its prompt's row (``row_ids``)."""
         began = time.perf_counter()
-        rows = self.sample(model, prompts, mask)
+        rows = [dataclasses.replace(r, row_id=i) for r, i in zip(self.sample(model, prompts, mask), row_ids)]
         self.accounting.sample_s += time.perf_counter() - began
         self.accounting.student_tokens_sampled += sum(len(r.input_ids) - 1 - r.start for r in rows)
         return rows
 
-    def scored_samples(self, model, prompts: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def scored_samples(
+        self, model, prompts: torch.Tensor, mask: torch.Tensor, row_ids: list[str]
+    ) -> dict[str, torch.Tensor]:
         """This micro-batch's training inputs: the student's samples of ``prompts`` and the teacher's top-k of them
         — or, under ``overlap``, the samples handed to the teacher one on-policy micro-batch ago (and these
         handed over in their place)."""
         if not self.args.overlap:
-            rows = self.sampled(model, prompts, mask)
+            rows = self.sampled(model, prompts, mask, row_ids)
             waited = time.perf_counter()
             scored = self.teacher_answer(lambda: self.timed_score(rows))
         else:
             if self._teacher is None:
                 self._teacher = ThreadPoolExecutor(1, thread_name_prefix="teacher")
             if self._pending is None:  # an empty pipeline (the first step, a resume): this batch, sampled twice
-                first = self.sampled(model, prompts, mask)
+                first = self.sampled(model, prompts, mask, row_ids)
                 self._pending = first, self._teacher.submit(self.timed_score, first)
-            fresh = self.sampled(model, prompts, mask)
+            fresh = self.sampled(model, prompts, mask, row_ids)
             (rows, answer), waited = self._pending, time.perf_counter()
             # Handed over once the teacher has answered the last batch (it is busy with it until then anyway), so a
             # teacher that failed is never handed another.
@@ -361,8 +388,8 @@ class OnPolicyTrainer(CachedKDTrainer):
             ) from e
 
     def log(self, logs: dict, start_time=None):
-        if "loss" in logs or "train_runtime" in logs:
-            logs = {**logs, **self.accounting.rounded()}
+        if "loss" in logs or "train_runtime" in logs:  # figures only: by_teacher goes to on_policy.json
+            logs = {**logs, **{k: v for k, v in self.accounting.rounded().items() if k != "by_teacher"}}
         super().log(logs, start_time)
 
 
@@ -382,12 +409,21 @@ def prompt_rows(tokenizer, rows: list[dict], max_length: int | None) -> list[dic
 
 
 def train_on_policy(
-    model, tokenizer, rows: list[dict], config: OnPolicyConfig, out_dir: Path, callbacks=None, peft_config=None
+    model,
+    tokenizer,
+    rows: list[dict],
+    config: OnPolicyConfig,
+    out_dir: Path,
+    callbacks=None,
+    peft_config=None,
+    teachers: dict[str, str] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place by on-policy KD from the teacher at ``config.teacher`` (scored as ``config`` says,
     never loaded here) on the prompts of ``rows`` (prompt-completion rows with ``row_id``), and save it with the
     tokenizer to ``out_dir/model``. Writes ``out_dir/on_policy.json`` (the accounting) and returns the log history.
-    ``peft_config``: as in ``kdflow.training.sft.train_sft``."""
+    ``peft_config``: as in ``kdflow.training.sft.train_sft``. ``teachers``: several routed teachers' model folders
+    by name, in place of ``config.teacher``; each row then names its own in ``teacher``, which scores the student's
+    samples of its prompt."""
     from datasets import Dataset, disable_progress_bars
 
     from kdflow.training.sft import checkpoint_folder, fit
@@ -409,6 +445,7 @@ def train_on_policy(
     else:
         data = prompt_rows(tokenizer, rows, config.max_length)
     pad = pad_id(tokenizer)
+    routes = routed_rows(rows, teachers) if teachers is not None else None
     log = (
         Path(checkpoint_folder(config) or out_dir) / "teacher-scorer.log"
     )  # kept with the checkpoints when training fails
@@ -424,18 +461,7 @@ def train_on_policy(
     with contextlib.ExitStack() as restore:
         restore.callback(torch.set_num_threads, threads)
         scorer = restore.enter_context(
-            teacher_scorer(
-                config.teacher_backend,
-                config.teacher,
-                config.k,
-                log,
-                config.base_url,
-                config.concurrency,
-                config.batch_tokens,
-                teacher_threads,
-                vocab_size=model.config.vocab_size,
-                timeout_s=config.timeout_s,
-            )
+            live_scorer(config, log, teacher_threads, model.config.vocab_size, teachers, routes)
         )
         trainer = OnPolicyTrainer(
             model=model,
@@ -448,17 +474,72 @@ def train_on_policy(
             scorer=scorer,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad,
+            routes=routes,
         )
         history = fit(trainer, model, tokenizer, out_dir)
     if trainer.accelerator.is_main_process:
+        accounting = trainer.accounting.rounded()
+        if routes is None:
+            del accounting["by_teacher"]
+        else:  # each teacher's share of the positions scored: the on-policy counterpart of a logit cache's
+            shares = token_shares({name: n["tokens"] for name, n in accounting["by_teacher"].items()})
+            for name, n in accounting["by_teacher"].items():
+                n["token_share"] = shares[name]
         (out_dir / ACCOUNTING_FILE).write_text(
             json.dumps(
-                {
-                    **trainer.accounting.rounded(),
-                    "teacher_backend": config.teacher_backend,
-                    "overlap": config.overlap,
-                },
+                {**accounting, "teacher_backend": config.teacher_backend, "overlap": config.overlap},
                 indent=1,
             )
         )
     return history
+
+
+def routed_rows(rows: list[dict], teachers: dict[str, str]) -> dict[str, str]:
+    """Each row id -> the teacher (a name in ``teachers``) its row names in ``teacher``: who scores its samples."""
+    routes = {r["row_id"]: r.get(TEACHER_COLUMN) for r in rows}
+    if unknown := sorted({str(name) for name in routes.values() if name not in teachers}):
+        raise ValueError(
+            f"rows are routed to {unknown}, which are not among the teachers given ({', '.join(teachers)}): "
+            "each row's `teacher` must name one (kdflow.training.student.student_rows with the recipe's routing)"
+        )
+    return routes
+
+
+@contextlib.contextmanager
+def live_scorer(
+    config: OnPolicyConfig,
+    log: Path,
+    threads: int | None,
+    vocab_size: int,
+    teachers: dict[str, str] | None = None,
+    routes: dict[str, str] | None = None,
+):
+    """The teacher's scorer (``teacher_scorer``, as ``config`` says) for the length of the block, its stderr in
+    ``log``; with several routed teachers (``teachers``: folders by name, ``routes``: row id -> name), one scorer per
+    teacher that has rows, as one ``RoutedScorer``, each with its own log beside ``log``. They answer one after the
+    other, so each can have the ``threads`` of the one teacher."""
+
+    def scorer(folder: str, log: Path):
+        return teacher_scorer(
+            config.teacher_backend,
+            folder,
+            config.k,
+            log,
+            config.base_url,
+            config.concurrency,
+            config.batch_tokens,
+            threads,
+            vocab_size=vocab_size,
+            timeout_s=config.timeout_s,
+        )
+
+    if teachers is None:
+        with scorer(config.teacher, log) as one:
+            yield one
+        return
+    with contextlib.ExitStack() as started:  # each stopped at the end, as one teacher's is
+        scorers = {
+            name: started.enter_context(scorer(teachers[name], log.with_name(f"{log.stem}-{name}{log.suffix}")))
+            for name in sorted(set(routes.values()))
+        }
+        yield RoutedScorer(scorers, lambda row: routes[row.row_id])

@@ -20,6 +20,7 @@ from kdflow.config.fields import ROOT, redact_url
 from kdflow.config.kd import FeatureKD, KDMethod, OfflineKD, OnlineKD, OnPolicyKD
 from kdflow.config.precision import check_trainable_here, training_flags, weights_dtype
 from kdflow.config.student import StudentData, StudentSection
+from kdflow.config.teachers import Routing
 from kdflow.config.templates import sft_rows
 from kdflow.config.training import trainer_config
 from kdflow.curation.pipeline import KEPT
@@ -27,6 +28,7 @@ from kdflow.logit_cache.format import cache_row_id
 from kdflow.store.model_folders import LOG_HISTORY, model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
+from kdflow.teacher.routing import TEACHER_COLUMN, RoutedTeachers, row_teachers
 from kdflow.training.curves import curve_snapshots
 from kdflow.training.progress import OnProgress, TrainingProgress
 from kdflow.training.sft import train_sft
@@ -41,20 +43,27 @@ def subset(row_ids: list[str], fraction: float, seed: int) -> set[str]:
     return set(sorted(row_ids, key=rank)[:n])
 
 
-def student_rows(section: StudentSection, template: str, data: OutputRef, curated: OutputRef | None) -> list[dict]:
-    """The student's prompt-completion rows, each with its ``row_id`` (the logit cache's name for it)."""
+def student_rows(
+    section: StudentSection, template: str, data: OutputRef, curated: OutputRef | None, routing: Routing | None = None
+) -> list[dict]:
+    """The student's prompt-completion rows, each with its ``row_id`` (the logit cache's name for it); with
+    ``routing`` (several teachers score its samples, on-policy), each with its ``teacher`` too: the one ``routing``
+    sends its data row to (a gold row is a train-split row)."""
     if section.data is StudentData.gold:
-        rows = read_split(data, "train")
-        rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(rows, sft_rows(rows, template, "rationale"))]
+        rows = [{**r, "split": "train"} for r in read_split(data, "train")]
+        column = "rationale"
     elif curated is None:
         raise ValueError(f"student {section.name!r} learns from the teacher's answers; pass the curate stage's output")
     else:
-        kept = pd.read_parquet(Path(curated.path) / KEPT).to_dict("records")
-        rows = [{**c, "row_id": cache_row_id(r)} for r, c in zip(kept, sft_rows(kept, template, "text"))]
+        rows, column = pd.read_parquet(Path(curated.path) / KEPT).to_dict("records"), "text"  # each with its split
+    out = [{**c, "row_id": cache_row_id(r)} for r, c in zip(rows, sft_rows(rows, template, column))]
+    if routing is not None:  # the data rows' own columns, as generation routed them (a kept row lacks the rationale)
+        teachers = row_teachers(data, sorted({r["split"] for r in rows}), routing)
+        out = [{**c, TEACHER_COLUMN: teachers[r["split"], r["id"]]} for r, c in zip(rows, out)]
     if section.data_fraction < 1.0:
-        keep = subset([r["row_id"] for r in rows], section.data_fraction, section.seed)
-        rows = [r for r in rows if r["row_id"] in keep]
-    return rows
+        keep = subset([r["row_id"] for r in out], section.data_fraction, section.seed)
+        out = [r for r in out if r["row_id"] in keep]
+    return out
 
 
 def init_student(section: StudentSection, teacher: OutputRef):
@@ -80,6 +89,12 @@ def needs_logit_cache(section: StudentSection) -> bool:
     KD run the teacher live."""
     kd = section.kd
     return kd is not None and (kd.method is KDMethod.offline or isinstance(kd, OnPolicyKD) and kd.lmbda < 1.0)
+
+
+def needs_routed_teachers(section: StudentSection) -> bool:
+    """On-policy KD: with several routed teachers, each scores the student's samples of its rows during training, so
+    all of them (and the routing) are the student's inputs; every other student reads their joined outputs."""
+    return isinstance(section.kd, OnPolicyKD)
 
 
 def student_inputs(
@@ -111,11 +126,13 @@ def fit_student(
     out: Path,
     checkpoints: Path,
     on_progress: OnProgress | None = None,
+    routed: RoutedTeachers | None = None,
 ) -> list[dict]:
     """Train the student by its method, on the one config object that method's trainer takes: built here, and
     only here, from the section's ``training`` keys and its ``kd`` settings (the section stays what keys the stage).
     ``on_progress(step, total, loss, seconds_left)``: called on every logging step (progress lines naming the
-    student are printed either way)."""
+    student are printed either way). ``routed``: several teachers scoring an on-policy student's samples, each row's
+    by the teacher in its ``teacher`` field (``student_rows`` with the routing)."""
     kd, training = section.kd, {**section.training, **training_flags(section.dtype)}
     config = partial(trainer_config, training, out, section.seed, checkpoints)
     callbacks = [
@@ -128,7 +145,9 @@ def fit_student(
         from kdflow.training.lora import lora_config
 
         peft = lora_config(section.lora, model)
-    texts = [{k: v for k, v in r.items() if k != "row_id"} for r in rows]  # for the trainers that read text
+    if routed is not None and not isinstance(kd, OnPolicyKD):
+        raise ValueError(f"student {section.name!r}: only on-policy KD scores its samples by several routed teachers")
+    texts = [{k: v for k, v in r.items() if k not in ("row_id", TEACHER_COLUMN)} for r in rows]  # for text trainers
     if kd is None:
         return train_sft(model, tokenizer, texts, config(), out, callbacks, peft)
     settings = kd.model_dump(exclude={"method"})  # the recipe's names are the config's
@@ -142,7 +161,8 @@ def fit_student(
 
         cache = str(logits.path) if logits is not None else None
         cfg = config(OnPolicyConfig, teacher=str(model_location(teacher)), logit_cache=cache, **settings)
-        return train_on_policy(model, tokenizer, rows, cfg, out, callbacks, peft)
+        folders = routed.folders() if routed is not None else None
+        return train_on_policy(model, tokenizer, rows, cfg, out, callbacks, peft, teachers=folders)
     dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
     # loaded once its method's config has passed its checks
     live = lambda: AutoModelForCausalLM.from_pretrained(
@@ -180,13 +200,15 @@ def train_here(
     out: Path,
     checkpoints: Path | None,
     on_progress: OnProgress | None = None,
+    routed: RoutedTeachers | None = None,
 ) -> None:
     """Train the student in this process into ``out``: ``model/`` (merged, for LoRA, with ``adapter/`` beside
-    it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP)."""
+    it) and ``log_history.json``. Each process ``accelerate launch`` starts runs this too (DDP). ``routed``: as in
+    ``fit_student``."""
     check_trainable_here(section.dtype, f"student {section.name!r}")
     model, tokenizer = init_student(section, teacher)
     check_student_tokenizer(section, teacher, tokenizer)
-    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints, on_progress)
+    fit_student(model, tokenizer, section, rows, teacher, logits, out, checkpoints, on_progress, routed)
 
 
 class StudentJob(BaseModel):

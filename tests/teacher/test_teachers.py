@@ -1,11 +1,13 @@
 """Several teachers routed by a row's column (issue 26, part 2): the recipe's checks, the routing rule, the teachers'
-answers and logit caches joined by row (exactly), and the report's figures per teacher. Fast: no model is trained."""
+answers and logit caches joined by row (exactly), the report's figures per teacher, and on-policy steps scored by
+routed teachers. Fast: no model is trained beyond one step of a tiny student."""
 
 import random
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import ValueEncoding
@@ -143,11 +145,44 @@ def test_duplicate_names_are_refused():
     assert "teachers.name must be unique; rename ['add']" in refused(two_teachers(teachers=teachers))
 
 
-def test_kd_reading_one_teacher_model_is_refused_with_several():
-    text = with_logit_student(two_teachers()).replace(
-        "kd: {method: offline, divergence: forward_kl, alpha: 0.5}", "kd: {method: on_policy, lmbda: 1.0}"
+def with_kd(kd: str, teachers: str = TEACHERS) -> str:
+    """The two-teacher miniature with its seq-kd student trained by ``kd``."""
+    return with_logit_student(two_teachers(teachers=teachers)).replace(
+        "kd: {method: offline, divergence: forward_kl, alpha: 0.5}", kd
     )
-    assert "kd method on_policy would read one teacher's model" in refused(text)
+
+
+def test_on_policy_kd_with_routed_local_teachers_is_accepted():
+    r = parse_recipe(with_kd("kd: {method: on_policy, k: 4, lmbda: 1.0}"))
+    assert r.students[-1].kd.method.value == "on_policy" and [t.name for t in r.teachers] == ["add", "sub"]
+    # its off-policy share reads the joined logit cache, as an offline student does
+    assert parse_recipe(with_kd("kd: {method: on_policy, k: 4, lmbda: 0.5}")).students[-1].kd.lmbda == 0.5
+
+
+def test_kd_loading_one_teacher_model_into_training_is_refused_with_several():
+    online = "kd: {method: online, divergence: jsd}"
+    message = refused(with_kd(online))
+    assert "students.1.kd.method" in message and "kd method online loads one teacher model" in message
+    assert "on_policy" in message  # the fix names the methods that work
+    assert "kd method feature loads one teacher model" in refused(with_kd("kd: {method: feature, feature: {}}"))
+
+
+def test_on_policy_kd_with_a_vllm_server_is_refused_with_several_teachers():
+    served = "kd: {method: on_policy, teacher_backend: vllm, base_url: 'http://127.0.0.1:9/v1'}"
+    message = refused(with_kd(served))
+    assert "students.1.kd.teacher_backend" in message and "a vLLM server serves one teacher" in message
+    assert "kd.teacher_backend" in refused(with_kd("kd: {method: on_policy, teacher_backend: vllm}"))
+
+
+def test_on_policy_kd_with_an_api_teacher_is_refused_naming_the_teacher():
+    api = TEACHERS.replace(
+        f"  - name: sub\n    architecture: {TEACHER}\n    vocab_size: 48\n    training: {{max_steps: 5}}\n",
+        "  - name: sub\n    api: true\n    generation: {backend: openai, api: {base_url: 'http://127.0.0.1:9/v1', "
+        "model: m, api_key_env: null}}\n",
+    )
+    on_policy = with_kd("kd: {method: on_policy, lmbda: 1.0}", api).replace("logit_cache: {k: 4}\n\n", "")
+    message = refused(on_policy)
+    assert "teachers.1.api" in message and "teacher 'sub' is an API model, whose logits are not here" in message
 
 
 # --- routing -----------------------------------------------------------------------------------------------------
@@ -333,6 +368,97 @@ def test_routed_scorer_scores_each_row_by_its_teacher_under_the_callers_indices(
     assert all(s.closed for s in scorers.values())
     with pytest.raises(TeacherScoringError, match="routed to teacher 'mul'"):
         RoutedScorer(scorers, lambda row: "mul").score(rows)
+
+
+class InProcessTeacher:
+    """A teacher scoring in this process (``hf_topk_parts``), recording the rows it is asked: a unit-test stand-in
+    for a scoring process."""
+
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad, self.seen = model, pad_id, []
+
+    def parts(self, rows):
+        self.seen += [r.row_id for r in rows]
+        from kdflow.logit_cache.topk import hf_topk_parts
+
+        yield from hf_topk_parts(self.model, rows, 4, batch_tokens=120, pad_id=self.pad)  # several parts each
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_an_on_policy_step_has_each_sample_scored_by_the_teacher_of_its_row(tmp_path, overlap):
+    """The trainer's samples carry their rows' ids, and a ``RoutedScorer`` sends each to its row's teacher: exactly
+    the rows routed to a teacher reach it, and the accounting counts each teacher's samples and positions."""
+    from datasets import Dataset
+
+    from kdflow.config.kd import OnPolicyKD
+    from kdflow.config.templates import chat
+    from kdflow.config.training import trainer_config
+    from kdflow.logit_cache.format import cache_row_id
+    from kdflow.logit_cache.scoring import RoutedScorer
+    from kdflow.training.on_policy import OnPolicyCollator, OnPolicyConfig, OnPolicyTrainer, prompt_rows, routed_rows
+    from kdflow.training.tiny_models import llama_model
+    from tests.logit_cache.test_capture import kept_rows, tiny_teacher
+
+    add, tok = tiny_teacher(tmp_path / "add", seed=0, sharpen=20.0)
+    sub, _ = tiny_teacher(tmp_path / "sub", seed=1, sharpen=20.0)  # the same tokenizer, other weights
+    rows = [
+        {"row_id": cache_row_id(r), **chat(f"Solve step by step: {r['question']}", r["text"]), TEACHER_COLUMN: name}
+        for r, name in zip(kept_rows(8), ["add", "sub", "sub", "add", "add", "sub", "add", "add"])
+    ]
+    routes = routed_rows(rows, {"add": str(tmp_path / "add"), "sub": str(tmp_path / "sub")})
+    teachers = {"add": InProcessTeacher(add, tok.pad_token_id), "sub": InProcessTeacher(sub, tok.pad_token_id)}
+    settings = OnPolicyKD(method="on_policy", k=4, max_new_tokens=8, overlap=overlap).model_dump(exclude={"method"})
+    training = {"max_steps": 1, "per_device_train_batch_size": 8, "max_length": 64}
+    config = trainer_config(
+        training, tmp_path / "out", 0, None, OnPolicyConfig, teacher=str(tmp_path / "add"), **settings
+    )
+    data = prompt_rows(tok, rows, training["max_length"])
+    model = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
+    trainer = OnPolicyTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(data),
+        processing_class=tok,
+        data_collator=OnPolicyCollator(tok.pad_token_id),
+        scorer=RoutedScorer(teachers, lambda row: routes[row.row_id]),
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        routes=routes,
+    )
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which this test does not run
+    loss = trainer.training_step(model, OnPolicyCollator(tok.pad_token_id)(data))
+    batches = 1
+    if overlap:  # the first step fills the pipeline: its prompts sampled again and handed to the teachers
+        trainer._pending[1].result()
+        trainer._teacher.shutdown()
+        batches = 2
+    assert torch.isfinite(loss) and loss > 0
+    mine = {name: [r["row_id"] for r in rows if r[TEACHER_COLUMN] == name] for name in teachers}
+    assert mine["add"] and mine["sub"]
+    for name, teacher in teachers.items():
+        assert teacher.seen == mine[name] * batches, name
+    a = trainer.accounting
+    assert {name: n["samples"] for name, n in a.by_teacher.items()} == {"add": 5 * batches, "sub": 3 * batches}
+    assert sum(n["tokens"] for n in a.by_teacher.values()) == a.teacher_tokens_scored == a.student_tokens_sampled
+
+
+def test_an_on_policy_students_key_holds_its_teachers_and_routing_and_no_other_students_key_moves():
+    from kdflow.store.outputs import OutputRef
+    from kdflow.teacher.routing import RoutedTeachers
+    from tasks.students import STUDENTS
+
+    r = parse_recipe(with_kd("kd: {method: on_policy, k: 4}"))
+    ref = lambda name: OutputRef(stage="teacher", key=name, path=f"/nowhere/{name}", sha256=name * 8)  # noqa: E731
+    args = {"section": r.students[-1], "template": "t", "teacher": ref("b"), "data": ref("d"), "curated": ref("c")}
+    routed = RoutedTeachers(routing=r.routing, teachers={"add": ref("a"), "sub": ref("b")})
+    key = STUDENTS.key(**args, routed=routed)
+    assert STUDENTS.key(**args) == STUDENTS.key(**args, routed=None) != key  # one teacher: the key it always had
+    other = r.routing.model_copy(update={"routes": {"1": "add"}})
+    assert STUDENTS.key(**args, routed=routed.model_copy(update={"routing": other})) != key  # new routing: retrains
+    moved = routed.model_copy(update={"teachers": {"add": ref("a2"), "sub": ref("b")}})
+    assert STUDENTS.key(**args, routed=moved) != key  # a retrained teacher: retrains
+    assert STUDENTS.key(**args, routed=routed.model_copy(update={"teachers": {
+        name: t.model_copy(update={"path": "/elsewhere"}) for name, t in routed.teachers.items()}})) == key  # fmt: skip
 
 
 def test_joined_answers_stage_counts_no_teacher_request_twice_in_the_ledger(tmp_path):
