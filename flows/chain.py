@@ -22,7 +22,8 @@ from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
-from kdflow.training.student import student_inputs
+from kdflow.teacher.routing import RoutedTeachers
+from kdflow.training.student import needs_routed_teachers, student_inputs
 from tasks.capture import capture_logits, join_logit_caches
 from tasks.curate import filter_answers
 from tasks.data import make_data
@@ -94,6 +95,10 @@ class Upstream:
     curated: OutputRef
     logits: OutputRef | None
     teachers: dict[str, OutputRef] | None = None  # several teachers, by name
+
+    def routed(self, r: Recipe) -> RoutedTeachers | None:
+        """Several teachers and their routing, for the on-policy students they score (None with one teacher)."""
+        return RoutedTeachers(routing=r.routing, teachers=self.teachers) if self.teachers else None
 
 
 def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:
@@ -181,14 +186,19 @@ def train_in_order(
     data: OutputRef,
     curated: OutputRef | None,
     logits: OutputRef | None,
+    routed: RoutedTeachers | None = None,
 ) -> dict[str, OutputRef]:
     """Each student (as ``starting_points`` returns them), in the recipe's order; one started from another student
-    (``init: {from: student}``) starts from that student's trained model folder, whose path carries its key."""
+    (``init: {from: student}``) starts from that student's trained model folder, whose path carries its key.
+    ``routed``: several teachers, handed to the students they score on-policy (``Upstream.routed``)."""
     trained: dict[str, OutputRef] = {}
     for s in students:
         if isinstance(s.init, StudentInit):
             s = s.model_copy(update={"model": model_location(trained[s.init.student]), "init": None})
-        trained[s.name] = train_student(run_dir, s, template, teacher, data, *student_inputs(s, curated, logits))
+        scorers = routed if needs_routed_teachers(s) else None
+        trained[s.name] = train_student(
+            run_dir, s, template, teacher, data, *student_inputs(s, curated, logits), routed=scorers
+        )
     return trained
 
 

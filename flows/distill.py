@@ -33,7 +33,7 @@ def distill(
 
     u = upstream(r, r.evaluation.judge)  # API keys checked; data → teacher → answers → curated → logit cache
     starts = starting_points(run_dir, r, u.teacher, u.data)  # students pruned from the teacher or named by a GGUF file
-    students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits)
+    students = train_in_order(run_dir, starts.students, cot, u.teacher, u.data, u.curated, u.logits, u.routed(r))
     report = evaluate_and_report(
         run_dir, r, {"teacher": u.teacher, **starts.floors, **students}, u.data, u.curated, starts.floor_info, u
     )

@@ -16,7 +16,7 @@ from kdflow.config.recipe import load_recipe
 from kdflow.config.sweep import load_sweep
 from kdflow.reporting import sweep as sw
 from kdflow.store.outputs import OutputRef, write_atomic
-from kdflow.training.student import student_inputs, student_rows
+from kdflow.training.student import needs_routed_teachers, student_inputs, student_rows
 from tasks.students import train_student
 
 SEQ_KD = "seq-kd"
@@ -34,7 +34,15 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     u = upstream(r)
     data, teacher, curated = u.data, u.teacher, u.curated
     trained: dict[str, OutputRef] = {
-        st.name: train_student(run_dir, st, cot, teacher, data, *student_inputs(st, curated, u.logits))
+        st.name: train_student(
+            run_dir,
+            st,
+            cot,
+            teacher,
+            data,
+            *student_inputs(st, curated, u.logits),
+            routed=u.routed(r) if needs_routed_teachers(st) else None,
+        )
         for st in students
     }
     evaluations = evaluate_models(run_dir, r, {"teacher": teacher, **trained}, teacher, data)

@@ -22,7 +22,7 @@ from kdflow.evaluation.curves import CURVE_FILE
 from kdflow.reporting import curves as cv
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.training.curves import curve_steps, read_curve
-from kdflow.training.student import student_inputs
+from kdflow.training.student import needs_routed_teachers, student_inputs
 from tasks.curves import evaluate_curve
 from tasks.evaluate import evaluate_model
 from tasks.students import train_student
@@ -68,7 +68,10 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
             st = warm_section(st, source, warm.step)
             point = next(p for p in read_curve(Path(source.path))["points"] if p["step"] == warm.step)
             offsets[st.name] = (warm.step, point["seconds"])
-        trained[st.name] = train_student(run_dir, st, cot, u.teacher, u.data, *student_inputs(st, u.curated, u.logits))
+        routed = u.routed(r) if needs_routed_teachers(st) else None  # several teachers scoring an on-policy arm
+        trained[st.name] = train_student(
+            run_dir, st, cot, u.teacher, u.data, *student_inputs(st, u.curated, u.logits), routed=routed
+        )
 
     curves = {}
     for name, ref in trained.items():

@@ -12,11 +12,13 @@ from prefect import flow
 
 from flows.chain import recipe_and_run, run_teacher, starting_points, train_in_order
 from flows.cli import run_as_script
+from flows.train_teacher import named_teachers
 from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
-from kdflow.training.student import needs_curated, needs_logit_cache
+from kdflow.teacher.routing import RoutedTeachers
+from kdflow.training.student import needs_curated, needs_logit_cache, needs_routed_teachers
 
 
 def inputs_from_run(
@@ -38,7 +40,20 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
     cot = r.prompts.cot_text()
     data, teacher, curated, logits = inputs_from_run(run, r, r.students)
     starts = starting_points(run, r, teacher, data)  # students pruned from the teacher or named by a GGUF file
-    return train_in_order(run, starts.students, cot, teacher, data, curated, logits)
+    return train_in_order(run, starts.students, cot, teacher, data, curated, logits, routed_from_run(run, r, data))
+
+
+def routed_from_run(run: Path, r: Recipe, data: OutputRef) -> RoutedTeachers | None:
+    """Several teachers, for the on-policy students they score: each the output its own stage key names (the teacher
+    tasks take a finished one as it is; a missing one is made); None with one teacher or no such student."""
+    if not r.teachers or not any(needs_routed_teachers(s) for s in r.students):
+        return None
+    if Path(run).resolve() != r.run_dir.resolve():
+        raise ValueError(
+            f"the on-policy students of {r.run.name!r} are scored by its routed teachers, which are looked up in the "
+            f"recipe's run folder {r.run_dir}, not {run}: run without run_dir"
+        )
+    return RoutedTeachers(routing=r.routing, teachers=named_teachers(r, data))
 
 
 if __name__ == "__main__":

@@ -106,3 +106,48 @@ def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
         want = alone[route(row)][i]
         assert np.array_equal(routed[i].ids, want.ids) and np.allclose(routed[i].logprobs, want.logprobs, atol=0)
     assert not np.array_equal(alone["a"][0].logprobs, alone["b"][0].logprobs)  # the teachers differ
+
+
+def test_an_on_policy_student_has_each_sample_scored_by_its_rows_teacher(prefect_server, mini_recipe):
+    """On-policy KD with two routed teachers through the distill flow: each teacher scores the student's samples of
+    the rows routed to it. Each step's batch holds every kept row, so in 2 steps each row is sampled twice: each
+    teacher scored exactly twice the kept rows the generate stage recorded as its own."""
+    from flows.distill import distill
+
+    student = (
+        "  - name: seq-kd\n    data: teacher\n    kd: {method: on_policy, k: 4, max_new_tokens: 8}\n"
+        "    architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}\n"
+        "    training: {max_steps: 2, per_device_train_batch_size: 128, learning_rate: 3.0e-3, logging_steps: 1}\n"
+    )
+    text = two_teachers(mini_recipe.read_text())
+    text = text[: text.index("students:\n")] + "students:\n" + student + "\n" + text[text.index("evaluation:") :]
+    # every answer kept, right or wrong: each teacher then has rows whatever its 5 steps taught it
+    text = text.replace("students:", "filters: {correctness: false, truncated: false, empty: false}\n\nstudents:", 1)
+    mini_recipe.write_text(text)
+    r = load_recipe(mini_recipe)
+    report = distill(str(mini_recipe))
+    run_dir = r.run_dir
+
+    kept = pd.read_parquet(Path(outputs(run_dir, "curate")[0].path) / KEPT)
+    mine = kept[TEACHER_COLUMN].value_counts().to_dict()
+    assert set(mine) == {"add", "sub"} and sum(mine.values()) == len(kept) <= 128
+
+    [op] = outputs(run_dir, "students")
+    m = op.manifest()
+    assert set(m["inputs"]["teachers"]) == {"add", "sub"} and m["inputs"]["routing"]["default"] == "sub"
+    scored = m["on_policy"]["by_teacher"]
+    assert {name: n["samples"] for name, n in scored.items()} == {name: 2 * n for name, n in mine.items()}
+    assert sum(n["tokens"] for n in scored.values()) == m["on_policy"]["teacher_tokens_scored"]
+    assert m["on_policy"]["teacher_tokens_scored"] == m["on_policy"]["student_tokens_sampled"] > 0
+    assert sum(n["token_share"] for n in scored.values()) == pytest.approx(1.0, abs=1e-3)
+    # the top-k diagnostics, logged at each step from the parts both teachers scored
+    assert m["topk"]["logging_steps"] == 2 and 0 < m["topk"]["mean"]["topk_kept_mass"] <= 1
+    assert m["topk"]["mean"]["top1_outside_topk"] >= 0
+
+    # The report: the teachers' section stands (no logit cache: no logit positions), the student trained on-policy.
+    t = report["teachers"]
+    assert set(t["by_teacher"]) == {"add", "sub"}
+    assert sum(x["answer_token_share"] for x in t["by_teacher"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert all(x["logit_token_share"] is None for x in t["by_teacher"].values())
+    assert report["students"]["seq-kd"]["on_policy"]["on_policy_batches"] == 2
+    assert "## On-policy training" in (run_dir / "report.md").read_text()
