@@ -88,7 +88,8 @@ def _work(m: dict) -> str:
 def figures(m: dict) -> Figures:
     """A manifest's API tokens and device time. The time is the stage's own record of its work (training, generating,
     capturing, evaluating): ``seconds`` (teacher, import-gguf, logit-cache, students), ``metrics.seconds`` (evaluate),
-    ``accounting.seconds`` (generate, a local judge)."""
+    ``accounting.seconds`` (generate, a local judge); else the stage's wall time from asking for its output to its
+    manifest, ``wall_seconds`` (data, curate, prune, deployment, ...: every stage records it)."""
     acct = m.get("accounting") or {}
     if _is_api(m):
         waited = f", {acct.get('seconds', 0):,.0f} s waiting on the API" if acct.get("seconds") else ""
@@ -96,7 +97,16 @@ def figures(m: dict) -> Figures:
             True, int(acct.get("prompt_tokens", 0)), int(acct.get("completion_tokens", 0)), None, _work(m) + waited
         )
     seconds = next(
-        (s for s in (m.get("seconds"), (m.get("metrics") or {}).get("seconds"), acct.get("seconds")) if s is not None),
+        (
+            s
+            for s in (
+                m.get("seconds"),
+                (m.get("metrics") or {}).get("seconds"),
+                acct.get("seconds"),
+                m.get("wall_seconds"),
+            )
+            if s is not None
+        ),
         None,
     )
     return Figures(False, 0, 0, None if seconds is None else float(seconds), _work(m))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class StageOutput:
     run_dir: Path
     key: str
     inputs: dict[str, Any] = field(repr=False)
+    # When the task asked for its output: the manifest's ``wall_seconds`` (the cost ledger's time for a stage that
+    # keeps no record of its own work) runs from here to ``finish``.
+    started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
 
     @property
     def done(self) -> OutputRef | None:
@@ -96,6 +100,7 @@ class StageOutput:
         """The manifest, last; refused while one of the stage's declared ``files`` is missing."""
         if missing := [f for f in self.stage.files if not (Path(tmp) / f).exists()]:
             raise RuntimeError(f"stage {self.stage.name!r} built no {', '.join(missing)}: not complete, no manifest")
+        extra.setdefault("wall_seconds", round(time.perf_counter() - self.started, 1))
         finish(tmp, self.stage.name, self.key, inputs=self.inputs, rows=rows, **extra)
 
     def key_without(self, name: str) -> str:

@@ -300,6 +300,7 @@ def test_the_distill_flow_reports_its_ledger_and_a_price_change_reruns_nothing(p
     assert first["this_run"] == first["total"] and first["total"]["device_hours"] > 0
     assert first["total"]["money"] == pytest.approx(first["total"]["device_hours"] * 3.0)  # the hf teacher: no API
     assert set(first["students"]) == {"baseline", "seq-kd"} and not first["missing"]
+    assert not first["not_recorded"]  # every stage records at least its wall time (data, curate, deployment too)
     trained = {r["name"]: r for r in first["outputs"] if r["stage"] == "students"}
     assert set(trained) == {"baseline", "seq-kd"} and all(r["device_seconds"] > 0 for r in trained.values())
     report = json.loads((run / "report.json").read_text())
@@ -316,3 +317,11 @@ def test_the_distill_flow_reports_its_ledger_and_a_price_change_reruns_nothing(p
     assert second["total"]["money"] == pytest.approx(2 * first["total"]["money"])
     assert math.isfinite(second["students"]["seq-kd"]["device_hours"])
     assert "| reused |" in (run / "report.md").read_text()
+
+
+def test_a_stage_with_no_record_of_its_work_is_counted_by_its_wall_time():
+    from kdflow.reporting.ledger import figures
+
+    assert figures({"stage": "deployment", "wall_seconds": 90.0}).device_s == 90.0
+    assert figures({"stage": "students", "seconds": 10.0, "wall_seconds": 90.0}).device_s == 10.0  # its own first
+    assert figures({"stage": "data"}).device_s is None  # made before stages recorded it: "not recorded"

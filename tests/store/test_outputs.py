@@ -62,6 +62,22 @@ def test_a_stage_output_without_a_declared_file_gets_no_manifest(tmp_path):
     assert out.done is not None
 
 
+def test_every_stage_output_records_its_wall_time_from_the_ask_to_the_manifest(tmp_path):
+    """The cost ledger's time for stages that keep no record of their own work (data, curate, prune, deployment)."""
+    from kdflow.store.stage import Stage
+
+    stage = Stage("stage", "1", lambda n: {"n": n})
+    out = stage.output(tmp_path, n=1)
+    out.started -= 12.5  # asked for 12.5 s before now: the manifest counts at least that
+    with out.building() as tmp:
+        out.finish(tmp)
+    assert out.ref().manifest()["wall_seconds"] >= 12.5
+    given = stage.output(tmp_path, n=2)
+    with given.building() as tmp:
+        given.finish(tmp, wall_seconds=3.0)  # a stage that knows better says so
+    assert given.ref().manifest()["wall_seconds"] == 3.0
+
+
 def test_deleted_or_changed_outputs_are_not_complete(tmp_path):
     ref = build(tmp_path, "d" * 64)
     (output_dir(tmp_path, "stage", "d" * 64) / MANIFEST).unlink()

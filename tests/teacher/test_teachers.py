@@ -480,4 +480,5 @@ def test_joined_answers_stage_counts_no_teacher_request_twice_in_the_ledger(tmp_
     assert joined["rows"] == 3 and joined["completion_tokens"] == 15
     assert joined["token_share"] == {"add": 0.6667, "sub": 0.3333}
     assert joined["parts_accounting"]["requests"] == 3 and "accounting" not in joined
-    assert figures(joined).device_s is None and not figures(joined).api  # each part's own figures are the ledger's
+    # each part's own figures are the ledger's; the join counts only its own wall time, not the parts' requests
+    assert figures(joined).device_s == joined["wall_seconds"] and not figures(joined).api
