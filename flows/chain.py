@@ -96,6 +96,8 @@ class Upstream:
     logits: OutputRef | None
     teachers: dict[str, OutputRef] | None = None  # several teachers, by name
 
+    preflight: dict[str, OutputRef] | None = None  # each teacher's preflight, by name ("teacher" for the only one)
+
     def routed(self, r: Recipe) -> RoutedTeachers | None:
         """Several teachers and their routing, for the on-policy students they score (None with one teacher)."""
         return RoutedTeachers(routing=r.routing, teachers=self.teachers) if self.teachers else None
@@ -110,11 +112,11 @@ def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstrea
     if r.teachers:
         return routed_upstream(r, data)
     teacher = teacher_chain(r, data)
-    teacher_preflight(r, teacher, data)  # a failed check stops the run here, before any spend
+    checked = teacher_preflight(r, teacher, data)  # a failed check stops the run here, before any spend
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
-    return Upstream(data, teacher, answers, curated, logits)
+    return Upstream(data, teacher, answers, curated, logits, preflight={"teacher": checked})
 
 
 def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
@@ -123,8 +125,9 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     teachers = named_teachers(r, data)
     routed = [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
-    for t in routed:  # each teacher that will answer, checked before any is asked (tasks/preflight.py)
-        teacher_preflight(as_teacher(r, t), teachers[t.name], data, t.name)
+    checked = {  # each teacher that will answer, checked before any is asked (tasks/preflight.py)
+        t.name: teacher_preflight(as_teacher(r, t), teachers[t.name], data, t.name) for t in routed
+    }
     parts = {
         t.name: generate_answers.with_options(task_run_name=f"generate_answers[{t.name}]")(
             run_dir, t.generation or r.generation, cot, teachers[t.name], data, r.routing, t.name
@@ -143,7 +146,7 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
             for t in routed
         }
         logits = join_logit_caches(run_dir, caches)
-    return Upstream(data, default, answers, curated, logits, teachers)
+    return Upstream(data, default, answers, curated, logits, teachers, checked)
 
 
 @dataclass
@@ -239,12 +242,14 @@ def evaluate_and_report(
     curated: OutputRef | None,
     untrained: dict[str, dict] | None = None,
     routed: Upstream | None = None,
+    preflight: dict[str, OutputRef] | None = None,
 ) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
     student's quantized copies join them (``seq-kd-int8``); ``untrained``: what the report says of models in
     ``models`` that no recipe student trained (the pruned floors); ``routed``: with several teachers, the upstream
-    chain that made them (each is evaluated on the whole test split and the report shows its figures on its rows).
-    Returns the report."""
+    chain that made them (each is evaluated on the whole test split and the report shows its figures on its rows);
+    ``preflight``: each teacher's preflight output, which the report lists (default: ``routed``'s). Returns the
+    report."""
     trained = {s.name: s.summary() for s in r.student_runs()}
     quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
     # what each quantized copy was made from, for the report's KD × quantization table
@@ -290,6 +295,7 @@ def evaluate_and_report(
         r.evaluation.deployment.power,
         r.cost,
         teachers,
+        preflight if preflight is not None or routed is None else routed.preflight,
     )
 
 

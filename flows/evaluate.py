@@ -27,7 +27,10 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
         **starts.floors,
         **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()},
     }
-    return evaluate_and_report(run, r, models, data, curated, starts.floor_info)
+    # the preflight the distill flow ran on this teacher, listed in the report (several teachers: not told apart here)
+    checked = run_folder.outputs(run, "preflight") if not r.teachers else []
+    preflight = {"teacher": checked[-1]} if checked else {}
+    return evaluate_and_report(run, r, models, data, curated, starts.floor_info, preflight=preflight)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from tasks.api_keys import generation_api_key
 from tasks.artifacts import artifact_key
 from tasks.caching import STAGE_RESULTS, StageCache
 
-REPORT = "preflight.json"
+REPORT = checks.REPORT_JSON
 # The servers' addresses are in the key, though they are throughput fields of their sections: the preflight checks
 # the server at that address, and a pass there says nothing of another. A student's training knobs are not: only
 # what the checks read of it (its model, its KD method and where that scores).

@@ -20,9 +20,11 @@ from kdflow.curation.pipeline import KEPT
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.model_metrics import PREDICTIONS
+from kdflow.evaluation.preflight import REPORT_JSON as PREFLIGHT_JSON
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
+from kdflow.reporting.preflight_report import preflight_markdown, preflight_summary
 from kdflow.reporting.run_report import REPORT_JSON, REPORT_MD, build_report, embed, render_markdown, table_rows
 from kdflow.reporting.teachers import routed_figures, teachers_markdown
 from kdflow.reporting.topk_report import with_warnings
@@ -117,6 +119,7 @@ def write_report(
     power: PowerFigure = DEFAULT_POWER,
     prices: CostSection | None = None,
     routed: dict | None = None,
+    preflight: dict[str, OutputRef] | None = None,
 ) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
@@ -124,7 +127,8 @@ def write_report(
     when the recipe names no judge (the report says it was not run); ``power``: the recipe's stated power, for the
     energy of models no counter measured (``energy_source: estimated``); ``prices``: the recipe's ``cost`` section, for
     the cost ledger's money (tokens and device-hours without it); ``routed``: with several teachers, what
-    ``teacher_section`` reads (the teacher row then is the routed teachers', each test row answered by its own)."""
+    ``teacher_section`` reads (the teacher row then is the routed teachers', each test row answered by its own);
+    ``preflight``: each teacher's preflight-stage output by name, None or {} when none ran (then no section)."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {
@@ -176,16 +180,17 @@ def write_report(
         write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
     report["teachers"] = teachers
+    checked = {
+        name: json.loads((Path(ref.path) / PREFLIGHT_JSON).read_text()) for name, ref in (preflight or {}).items()
+    }
+    report["preflight"] = preflight_summary(checked)
+    sections = teachers_markdown(teachers, report["students"]) + preflight_markdown(checked)
     write_atomic(run_dir / REPORT_JSON, json.dumps(report, indent=2))
-    write_atomic(
-        run_dir / REPORT_MD,
-        render_markdown(report, {t: name for t, (name, _) in plots.items()}) + teachers_markdown(teachers),
-    )
+    write_atomic(run_dir / REPORT_MD, render_markdown(report, {t: name for t, (name, _) in plots.items()}) + sections)
     publish(
         create_markdown_artifact,
         key=artifact_key(run_name, "report"),
-        markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()})
-        + teachers_markdown(teachers),
+        markdown=render_markdown(report, {t: embed(png) for t, (_, png) in plots.items()}) + sections,
         description=f"kdflow report for {run_name} ({run_dir / REPORT_MD})",
     )
     publish(

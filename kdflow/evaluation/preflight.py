@@ -236,6 +236,9 @@ def skipped(name: str, why: str) -> Check:
     return Check(name, SKIPPED, why)
 
 
+REPORT_JSON = "preflight.json"  # what the preflight stage keeps, and the run report reads
+
+
 def report(checks: list[Check]) -> dict:
     """What the run folder's preflight.json holds."""
     return {

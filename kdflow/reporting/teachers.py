@@ -54,8 +54,9 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f} %"
 
 
-def teachers_markdown(figures: dict | None) -> str:
-    """The report's "Teachers" section ('' without several teachers)."""
+def teachers_markdown(figures: dict | None, students: dict[str, dict] | None = None) -> str:
+    """The report's "Teachers" section ('' without several teachers); ``students``: the report's, whose on-policy
+    students each add the share of their sampled tokens each teacher scored."""
     if not figures:
         return ""
     r = figures["routing"]
@@ -91,4 +92,18 @@ def teachers_markdown(figures: dict | None) -> str:
             _pct(t["logit_token_share"]),
         ]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + scoring_lines(students or {})) + "\n"
+
+
+def scoring_lines(students: dict[str, dict]) -> list[str]:
+    """Per on-policy student, each routed teacher's share of the sampled tokens it scored."""
+    lines = []
+    for name, s in students.items():
+        by_teacher = (s.get("on_policy") or {}).get("by_teacher")
+        if by_teacher:
+            shares = ", ".join(
+                f"{teacher} {_pct(n['token_share'])} ({n['tokens']:,} tokens of {n['samples']:,} samples)"
+                for teacher, n in by_teacher.items()
+            )
+            lines.append(f"On-policy student {name}: its samples scored by {shares}.")
+    return ["", *lines] if lines else []

@@ -102,7 +102,14 @@ def test_distill_end_to_end_then_cached_then_partial_rerun(prefect_server, mini_
     for m in [report["teacher"], *report["students"].values()]:
         assert 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0
     assert report["teacher"]["params"] > report["students"]["baseline"]["params"]
-    assert "| baseline | gold |" in (run_dir / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
+    assert "| baseline | gold |" in md
+    # The preflight that ran before the teacher answered: each of its checks a row of the report.
+    [checked] = [json.loads((Path(p) / "preflight.json").read_text()) for p in (run_dir / "preflight").glob("*/")]
+    assert report["preflight"] == {"teacher": checked} and checked["passed"] and checked["checks"]
+    assert "## Teacher preflight" in md
+    for check in checked["checks"]:
+        assert f"| teacher | {check['name']} | {check['status']} |" in md
     # Quality and cost side by side for every model, measured in this run.
     assert report["teacher"]["agreement"] == 1.0 and report["teacher"]["kl"] == pytest.approx(0.0, abs=1e-6)
     for m in [report["teacher"], *report["students"].values()]:

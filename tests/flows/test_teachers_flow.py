@@ -75,6 +75,7 @@ def test_two_routed_teachers_distil_one_student(prefect_server, mini_recipe):
     assert {"baseline", "seq-kd"} <= set(report["students"])
     assert "## Teachers" in (run_dir / "report.md").read_text()
     assert json.loads((run_dir / "report.json").read_text())["teachers"] == t
+    assert set(report["preflight"]) == {"add", "sub"} and all(p["passed"] for p in report["preflight"].values())
 
 
 def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
@@ -150,4 +151,10 @@ def test_an_on_policy_student_has_each_sample_scored_by_its_rows_teacher(prefect
     assert sum(x["answer_token_share"] for x in t["by_teacher"].values()) == pytest.approx(1.0, abs=1e-3)
     assert all(x["logit_token_share"] is None for x in t["by_teacher"].values())
     assert report["students"]["seq-kd"]["on_policy"]["on_policy_batches"] == 2
-    assert "## On-policy training" in (run_dir / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
+    assert "## On-policy training" in md
+    shares = ", ".join(
+        f"{name} {100 * n['token_share']:.1f} % ({n['tokens']:,} tokens of {n['samples']:,} samples)"
+        for name, n in scored.items()
+    )
+    assert f"On-policy student seq-kd: its samples scored by {shares}." in md  # each teacher's share of the scoring

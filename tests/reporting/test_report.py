@@ -480,3 +480,24 @@ def test_a_report_artifact_the_prefect_api_cannot_take_is_logged_not_raised(capl
         assert publish(lambda **artifact: taken.update(artifact), key="demo-table", table=[{"model": "teacher"}])
     assert "'demo-report' not published (ConnectError" in caplog.text and "in the run folder" in caplog.text
     assert taken == {"key": "demo-table", "table": [{"model": "teacher"}]}
+
+
+def test_the_preflight_section_lists_every_check_of_every_teacher_and_none_when_none_ran():
+    from kdflow.reporting.preflight_report import preflight_markdown, preflight_summary
+
+    def found(*checks):
+        return {
+            "passed": all(s != "failed" for _, s, _ in checks),
+            "counts": {s: sum(c[1] == s for c in checks) for s in ("passed", "failed", "skipped")},
+            "checks": [{"name": n, "status": s, "detail": d, "fix": None, "figures": {}} for n, s, d in checks],
+        }
+
+    reports = {
+        "add": found(("repeatable[generation: hf]", "passed", "3 identical answers")),
+        "sub": found(("backends_agree", "skipped", "HF alone | nothing to compare")),
+    }
+    md = preflight_markdown(reports)
+    assert "| add | repeatable[generation: hf] | passed | 3 identical answers |" in md
+    assert "| sub | backends_agree | skipped | HF alone \\| nothing to compare |" in md  # a | in a cell is escaped
+    assert preflight_summary(reports)["sub"]["counts"] == {"passed": 0, "failed": 0, "skipped": 1}
+    assert preflight_markdown(None) == preflight_markdown({}) == "" and preflight_summary({}) is None
