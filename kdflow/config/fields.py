@@ -15,7 +15,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 ROOT = Path(__file__).resolve().parents[2]  # the project folder (kdflow/config/fields.py)
 
 # Where a recipe's relative paths (run.root, run.staging, templates, data.path, seeds.path, accelerate configs, a
-# sweep's recipe) point. A copied recipe used to write into the checkout's runs/ whatever folder it was in.
+# sweep's recipe) point: a recipe copied out of the project writes beside itself, not into the checkout's runs/.
 PATH_RULE = (
     "relative paths in a recipe inside the project (recipes/, tests/) resolve against the project folder; in "
     "a recipe outside it, against the recipe's own folder, except that a file it reads (a template, data, "

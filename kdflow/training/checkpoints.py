@@ -2,8 +2,8 @@
 
 transformers 5 writes ``checkpoint-<step>`` in place — the weights, the optimizer and scheduler, the RNG states, and
 ``trainer_state.json`` last — so a kill or a full disk mid-save leaves a folder without it. transformers'
-``get_last_checkpoint`` picks the highest step whatever the folder holds, and every rerun then failed
-(``FileNotFoundError: …/trainer_state.json``) though an earlier checkpoint was whole. Here a torn checkpoint is
+``get_last_checkpoint`` picks the highest step whatever the folder holds, so every rerun would fail
+(``FileNotFoundError: …/trainer_state.json``) though an earlier checkpoint is whole. Here a torn checkpoint is
 renamed ``torn-checkpoint-<step>`` (outside the ``checkpoint-*`` pattern the Trainer resumes from and rotates), with a
 warning, and training resumes from the newest whole one.
 

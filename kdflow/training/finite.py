@@ -1,6 +1,6 @@
-"""Finite training or a clear failure. A learning rate of 1e300, a NaN teacher score or an fp16 overflow used to train
-on silently: transformers' ``logging_nan_inf_filter`` shows a NaN loss as the mean of the earlier ones, every saved
-weight was NaN, and the stage marked the model complete. Here each optimizer step checks
+"""Finite training or a clear failure. Left to transformers, a learning rate of 1e300, a NaN teacher score or an fp16
+overflow trains on silently: its ``logging_nan_inf_filter`` shows a NaN loss as the mean of the earlier ones, every
+saved weight is NaN, and the stage would mark the model complete. Here each optimizer step checks
 
 - the loss of each micro-batch, as it comes back from ``training_step`` (after its backward, before the update);
 - the gradient, before the optimizer steps (a finite loss can still have a NaN gradient);
