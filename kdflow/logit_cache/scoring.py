@@ -277,7 +277,7 @@ class RoutedScorer:
     the scorer ``route(row)`` names, the answers given back under the caller's row indices, as one scorer's would be.
     The teachers answer one after the other (each in its own process or server): a step waits for the sum of their
     times, not the longest. On-policy training builds one from a recipe's routed teachers
-    (``kdflow.training.on_policy.live_scorer``)."""
+    (``kdflow.training.on_policy_scoring.live_scorer``)."""
 
     def __init__(self, scorers: dict, route):
         self.scorers, self.route = scorers, route

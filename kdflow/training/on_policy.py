@@ -67,9 +67,9 @@ from kdflow.config.fields import redact_url
 from kdflow.config.kd import Divergence, OnPolicyKD, check_settings
 from kdflow.logit_cache.format import TopK
 from kdflow.logit_cache.reader import LogitCache
-from kdflow.logit_cache.scoring import RoutedScorer, TeacherScoringError, teacher_scorer
+from kdflow.logit_cache.scoring import TeacherScoringError
 from kdflow.logit_cache.topk import EncodedRow, encode_row
-from kdflow.teacher.routing import TEACHER_COLUMN, token_shares
+from kdflow.teacher.routing import token_shares
 from kdflow.training.offline_kd import (
     CachedKDTrainer,
     CachedLogitsCollator,
@@ -78,6 +78,7 @@ from kdflow.training.offline_kd import (
     pad_id,
     teacher_batch,
 )
+from kdflow.training.on_policy_scoring import live_scorer, routed_rows
 from kdflow.training.topk_diagnostics import PER_POSITION
 
 ACCOUNTING_FILE = "on_policy.json"  # in each checkpoint, and beside the trained model
@@ -492,54 +493,3 @@ def train_on_policy(
             )
         )
     return history
-
-
-def routed_rows(rows: list[dict], teachers: dict[str, str]) -> dict[str, str]:
-    """Each row id -> the teacher (a name in ``teachers``) its row names in ``teacher``: who scores its samples."""
-    routes = {r["row_id"]: r.get(TEACHER_COLUMN) for r in rows}
-    if unknown := sorted({str(name) for name in routes.values() if name not in teachers}):
-        raise ValueError(
-            f"rows are routed to {unknown}, which are not among the teachers given ({', '.join(teachers)}): "
-            "each row's `teacher` must name one (kdflow.training.student.student_rows with the recipe's routing)"
-        )
-    return routes
-
-
-@contextlib.contextmanager
-def live_scorer(
-    config: OnPolicyConfig,
-    log: Path,
-    threads: int | None,
-    vocab_size: int,
-    teachers: dict[str, str] | None = None,
-    routes: dict[str, str] | None = None,
-):
-    """The teacher's scorer (``teacher_scorer``, as ``config`` says) for the length of the block, its stderr in
-    ``log``; with several routed teachers (``teachers``: folders by name, ``routes``: row id -> name), one scorer per
-    teacher that has rows, as one ``RoutedScorer``, each with its own log beside ``log``. They answer one after the
-    other, so each can have the ``threads`` of the one teacher."""
-
-    def scorer(folder: str, log: Path):
-        return teacher_scorer(
-            config.teacher_backend,
-            folder,
-            config.k,
-            log,
-            config.base_url,
-            config.concurrency,
-            config.batch_tokens,
-            threads,
-            vocab_size=vocab_size,
-            timeout_s=config.timeout_s,
-        )
-
-    if teachers is None:
-        with scorer(config.teacher, log) as one:
-            yield one
-        return
-    with contextlib.ExitStack() as started:  # each stopped at the end, as one teacher's is
-        scorers = {
-            name: started.enter_context(scorer(teachers[name], log.with_name(f"{log.stem}-{name}{log.suffix}")))
-            for name in sorted(set(routes.values()))
-        }
-        yield RoutedScorer(scorers, lambda row: routes[row.row_id])

@@ -395,7 +395,8 @@ def test_an_on_policy_step_has_each_sample_scored_by_the_teacher_of_its_row(tmp_
     from kdflow.config.training import trainer_config
     from kdflow.logit_cache.format import cache_row_id
     from kdflow.logit_cache.scoring import RoutedScorer
-    from kdflow.training.on_policy import OnPolicyCollator, OnPolicyConfig, OnPolicyTrainer, prompt_rows, routed_rows
+    from kdflow.training.on_policy import OnPolicyCollator, OnPolicyConfig, OnPolicyTrainer, prompt_rows
+    from kdflow.training.on_policy_scoring import routed_rows
     from kdflow.training.tiny_models import llama_model
     from tests.logit_cache.test_capture import kept_rows, tiny_teacher
 
