@@ -182,10 +182,10 @@ def test_a_vllm_capture_against_a_silent_server_fails_naming_the_rows(teacher, s
 def test_on_policy_k_above_the_vocabulary_is_refused_before_the_teacher_starts(teacher, tmp_path, monkeypatch):
     """Issue 23, finding 9: k = 100 on a 48-token vocabulary reached the teacher, whose top-k failed, and the error
     advised a rerun once the teacher answered again."""
-    import kdflow.training.on_policy as on_policy
+    import kdflow.training.on_policy_scoring as scoring
 
     folder, tok = teacher
-    monkeypatch.setattr(on_policy, "teacher_scorer", lambda *a, **kw: pytest.fail("the teacher was started"))
+    monkeypatch.setattr(scoring, "teacher_scorer", lambda *a, **kw: pytest.fail("the teacher was started"))
     student = llama_model(tok, hidden=32, layers=1, heads=1, intermediate=64, seed=0)
     kd = OnPolicyKD(method="on_policy", k=100)
     with pytest.raises(
