@@ -3,7 +3,9 @@
 the logit cache (offline), with the live teacher (online GKD), or on its hidden states (feature KD).
 
 Training checkpoints go to a work folder named by the stage's key, outside the temporary output folder, so
-a rerun after a crash or a kill resumes from the last checkpoint instead of starting over.
+a rerun after a crash or a kill resumes from the last checkpoint instead of starting over. The trained model waits
+there too (``kdflow.training.trained``) until the output holding it is complete: a failure after training (the
+manifest's figures) reruns without training again. The work folder goes once the output is in place.
 
 A student whose section has ``launch:`` trains in processes of its own, started by ``accelerate launch``
 (``kdflow/training/cli.py``, which runs ``kdflow.training.student.train_here`` in each process), e.g. DDP over a node's
@@ -15,6 +17,7 @@ other student reads their joined answers and logit cache, whose keys hold them a
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from kdflow.training.student import (
     topk_summary,
     train_here,
 )
+from kdflow.training.trained import TRAINED, fresh, link_tree, seal, sealed
 from tasks.caching import STAGE_RESULTS, StageCache
 from tasks.progress import TrainingArtifact
 
@@ -96,31 +100,34 @@ def train_student(
         if done := out.done:
             return done  # a concurrent run of the same student finished it while this one waited
         with out.building() as tmp:
-            start = time.perf_counter()
-            if section.launch is None:  # progress lines in the terminal, and the artifact training-<student>
-                progress = TrainingArtifact(STUDENTS.name, section.name)
-                train_here(section, rows, teacher, logits, tmp, checkpoints, progress, routed)
-            else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
-                job = StudentJob(
-                    section=section,
-                    template=template,
-                    teacher=teacher,
-                    data=data,
-                    curated=curated,
-                    logits=logits,
-                    checkpoints=str(checkpoints),
-                )
-                launch_student(
-                    job, tmp, stage_dir / f".launch-{out.key[:16]}.json", stage_dir / f".launch-{out.key[:16]}.log"
-                )
+            if (trained := sealed(checkpoints)) is None:
+                start, part = time.perf_counter(), fresh(checkpoints)
+                if section.launch is None:  # progress lines in the terminal, and the artifact training-<student>
+                    progress = TrainingArtifact(STUDENTS.name, section.name)
+                    train_here(section, rows, teacher, logits, part, checkpoints, progress, routed)
+                else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
+                    job = StudentJob(
+                        section=section,
+                        template=template,
+                        teacher=teacher,
+                        data=data,
+                        curated=curated,
+                        logits=logits,
+                        checkpoints=str(checkpoints),
+                    )
+                    launch = f".launch-{out.key[:16]}"
+                    launch_student(job, part, stage_dir / f"{launch}.json", stage_dir / f"{launch}.log")
+                trained = seal(checkpoints, seconds=round(time.perf_counter() - start, 1))
+            link_tree(checkpoints / TRAINED, tmp)
             write_location(tmp, MODEL)
             out.finish(
                 tmp,
                 rows=len(rows),
                 name=section.name,
                 params=saved_params(tmp / MODEL),
-                seconds=round(time.perf_counter() - start, 1),
+                seconds=trained["seconds"],  # training's, in the attempt that trained it
                 **on_policy_accounting(tmp),
                 **topk_summary(tmp, section),
             )
+        shutil.rmtree(checkpoints, ignore_errors=True)  # only now that the output is in place
     return out.ref()

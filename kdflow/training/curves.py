@@ -10,19 +10,22 @@ The last point is the finished model itself (``model/``), not a copy. ``seconds`
 spent writing the snapshots is left out, so a curve's clock matches a student trained without one.
 
 Resume: with a work folder (the stage's checkpoint folder, which outlives a crash), snapshots are written there and
-moved into the output when training ends, and the training time at every checkpoint is recorded beside them, so a
+linked into the output when training ends, and the training time at every checkpoint is recorded beside them, so a
 run resumed from a checkpoint keeps the earlier points and continues their clock from that checkpoint's time (the
-time lost between the checkpoint and the crash is not counted). ``resumed_at`` in curve.json names the step.
+time lost between the checkpoint and the crash is not counted). ``resumed_at`` in curve.json names the step. They
+stay in the work folder until the stage removes it with its output complete: a run resumed from the last step (a
+failure after training) writes the whole curve again.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
+
+from kdflow.training.trained import link_tree
 
 CURVE = "curve"  # the folder inside a student's output
 INDEX = "curve.json"  # in it: the snapshots saved, with their steps and times
@@ -38,7 +41,7 @@ def curve_steps(max_steps: int, points: int) -> list[int]:
 class CurveSnapshots(TrainerCallback):
     """Saves the model (and tokenizer) as ``step-<n>`` at each of ``curve_steps(max_steps, points)`` but the last,
     into ``work/curve`` (or ``out_dir/curve`` without a work folder), and writes ``out_dir/curve/curve.json`` when
-    training ends, the snapshots moved beside it. Only the main process writes."""
+    training ends, the snapshots linked beside it. Only the main process writes."""
 
     def __init__(self, out_dir: Path, points: int, tokenizer, work: Path | None = None):
         self.folder, self.points, self.tokenizer = Path(out_dir) / CURVE, points, tokenizer
@@ -98,8 +101,10 @@ class CurveSnapshots(TrainerCallback):
         if self.saving != self.folder:
             for row in self.rows:
                 if row["model"] != "model":
-                    shutil.move(str(self.saving / Path(row["model"]).name), str(self.folder / Path(row["model"]).name))
-        (self.saving / "partial.json").unlink(missing_ok=True)
+                    name = Path(row["model"]).name
+                    link_tree(self.saving / name, self.folder / name)
+        else:
+            (self.saving / "partial.json").unlink(missing_ok=True)
         index = {"points": self.rows, "max_steps": state.max_steps, "resumed_at": self.resumed_at}
         (self.folder / INDEX).write_text(json.dumps(index, indent=1))
 

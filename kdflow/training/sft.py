@@ -4,7 +4,6 @@ and the save-and-resume contract every kdflow trainer shares (``fit``)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from kdflow.config.templates import plain_rows
@@ -27,7 +26,9 @@ def fit(trainer, model, tokenizer, out_dir: Path) -> list[dict]:
 
     No blind retry: a rerun after a crash or kill continues from the newest whole checkpoint's step, with its
     optimizer, scheduler and RNG states (a torn one is set aside: ``kdflow.training.checkpoints``); a save that fails
-    for want of space raises ``DiskFull`` naming the folder. Checkpoints are removed once the model is saved.
+    for want of space raises ``DiskFull`` naming the folder. The checkpoints stay: whoever owns their folder removes it
+    once the output holding the model is complete (the students stage, ``kdflow.training.trained``), so that a failure
+    after this returns resumes at the last step rather than at step 0.
 
     Training stays finite or fails (``kdflow.training.finite``): a non-finite loss, gradient or weight stops it at
     that step, before the update, and the model is saved only with finite weights, so a stage that writes its
@@ -53,8 +54,6 @@ def fit(trainer, model, tokenizer, out_dir: Path) -> list[dict]:
         with saving(out_dir):
             save_model(trainer, model, tokenizer, out_dir)
             (out_dir / LOG_HISTORY).write_text(json.dumps(history, indent=1))
-        if checkpoints is not None:
-            shutil.rmtree(checkpoints, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     return history
 
