@@ -1,5 +1,5 @@
 """DistillKit's logit-cache layout, which benchmarks/logit_cache_bytes.py sizes kdflow's cache against. The layout
-itself now lives in the library, kdflow/logit_cache/distillkit.py (rebuilt from DistillKit's source, with the
+itself lives in the library, kdflow/logit_cache/distillkit.py (rebuilt from DistillKit's source, with the
 sources cited there), because ``kdflow logit-cache-export`` / ``logit-cache-import`` write and read it too."""
 
 from kdflow.logit_cache.distillkit import (

@@ -1,6 +1,6 @@
 """``dtype``: the precision a model is loaded, trained, captured or evaluated in — one enum for the teacher, students,
-logit_cache and evaluation sections. Unset (the default) keeps what kdflow did before the field existed: float32
-weights, and TRL's own mixed-precision defaults on a GPU; so a recipe that leaves it out keeps its cache keys."""
+logit_cache and evaluation sections. Unset (the default) means float32 weights, and TRL's own mixed-precision
+defaults on a GPU; a default is left out of a section's cache key (``canonical`` in kdflow/store/outputs.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class Dtype(str, enum.Enum):
 
 
 def dtype_field(what: str):
-    return Field(None, description=f"bfloat16, float16 or float32: {what}; unset: float32 (as before the field)")
+    return Field(None, description=f"bfloat16, float16 or float32: {what}; unset: float32")
 
 
 # TRL's mixed-precision flags for each dtype: bf16 weights train under bf16 autocast; fp16 trains fp32 master

@@ -12,8 +12,8 @@ The card is read once per process (per base URL and model): every key computed i
 
 When the server cannot say (no network, a timeout, a 5xx, an endpoint without ``/models``, a key that may not list
 models, a name it does not list), the stage is keyed by what the server said the last time it was asked on this
-machine (``state_dir()/served-models.json``), with a warning; by the name and URL alone, as before these keys
-existed, when it was never asked. Failing instead would stop a rerun of a finished run on a machine off the network
+machine (``state_dir()/served-models.json``), with a warning; by the name and URL alone when it was never
+asked. Failing instead would stop a rerun of a finished run on a machine off the network
 (a report, a new student) though it would ask nothing; and keying by name and URL at once would give a finished run a
 new key and ask for every paid answer again. A server that is really down fails the stage at its first request anyway.
 """

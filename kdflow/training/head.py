@@ -55,8 +55,8 @@ def dense_reason(model) -> str | None:
 def fused_head(model, rows: int, trainer: str = "offline KD"):
     """The LM head (``nn.Linear``) to run the chunked losses through for ``rows`` positions, or None for the dense
     path: when the model's logits need more than the head (``dense_reason``, logged once), or when one chunk holds
-    every row anyway (e.g. the demo's 52-token vocabulary) — then the dense path *is* one chunk, and its figures
-    stay those measured before the chunked losses existed."""
+    every row anyway (e.g. the demo's 52-token vocabulary) — then the dense path *is* one chunk, and runs unchanged
+    (the same operations, so the same figures)."""
     head = causal_lm(model).get_output_embeddings()
     if rows <= chunk_rows(head.weight.shape[0]):
         return None

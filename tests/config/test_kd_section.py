@@ -1,6 +1,6 @@
 """A student's ``kd`` section (kdflow/config/kd.py): one model per method, told apart by ``method``. Each takes only
-its own settings, a section without ``method`` is offline, and the students' cache keys are those of the single
-section that served every method before (the pinned dicts below were computed at commit 87dff60, before the split)."""
+its own settings, a section without ``method`` is offline, and a student's cache key does not depend on how the
+section is modelled: the dicts below pin the keys of one section shared by every method (computed at commit 87dff60)."""
 
 from pathlib import Path
 

@@ -285,7 +285,7 @@ def test_the_vllm_interpreter_must_be_a_python(tmp_path):
     check_python(Path(sys.executable))
 
 
-# ---- bad values that used to pass validation and fail later (reliability issue, item 9) -------------------------
+# ---- bad values refused at load, not left to fail later (reliability issue, item 9) -------------------------------
 
 
 def test_training_numbers_are_checked_where_they_are_written():

@@ -79,7 +79,7 @@ def test_a_tied_head_reads_the_whole_table_once():
 def test_bytes_per_token_of_the_int8_copy_by_hand():
     q = quantize.quantize_int8(net(tie_word_embeddings=True))
     # int8 (1 byte): the layers' matrices and the head's own copy 40·64; float32: 4 norms + final norm, and one row
-    # of the embedding table (still float32, lookups only now that the head has its own int8 copy)
+    # of the embedding table (float32, lookups only: the head has its own int8 copy)
     weights = MATRICES + 40 * 64 + 4 * (4 * 64 + 64) + 4 * 64
     assert traffic.weight_bytes_read(q) == weights == 77_824
     t = traffic.traffic(q, context=10, flops_per_token=157_696)

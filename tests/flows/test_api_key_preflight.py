@@ -1,6 +1,6 @@
 """A missing API key for an API off this machine fails when the flow starts, naming the variable or Secret block
-and the fix ("Your own teacher, end to end", item 8): before, it was sent as "EMPTY" and the first sign was a 401
-once the stage had started. A server on this machine (vLLM, SGLang) may take no key: no error before the run."""
+and the fix ("Your own teacher, end to end", item 8), instead of sending "EMPTY" and meeting a 401 once the stage
+has started. A server on this machine (vLLM, SGLang) may take no key: no error before the run."""
 
 from pathlib import Path
 

@@ -97,7 +97,7 @@ def test_an_incomplete_folder_is_replaced_not_trusted(tmp_path):
 
 def test_concurrent_builds_of_the_same_key_leave_one_complete_output(tmp_path):
     # Many rounds, because the race this guards against (one run setting aside another's just-completed
-    # folder) needs an unlucky interleaving; 40 rounds of 6 threads found it reliably before the fix.
+    # folder) needs an unlucky interleaving; 40 rounds of 6 threads find it reliably where it is not guarded.
     for round_ in range(40):
         key = f"{round_:02d}" * 32
         refs, errors = [], []

@@ -129,7 +129,7 @@ def test_a_learning_rate_that_overflows_the_weights_fails_at_that_step_and_saves
 def test_a_nan_teacher_fails_the_step_it_reaches_naming_it_and_earlier_checkpoints_stay_finite(
     teacher, tmp_path, monkeypatch
 ):
-    """A NaN in the teacher's cached log-probs of step 3's batch: the loss is NaN (no longer a finite loss with a
+    """A NaN in the teacher's cached log-probs of step 3's batch: the loss is NaN (not a finite loss hiding a
     NaN gradient), training stops at step 3 before its update; checkpoint-2 is finite and a rerun resumes from it."""
     import pandas as pd
     from safetensors.torch import load_file

@@ -261,8 +261,8 @@ def test_sparse_buckets_follow_the_cache_tail_policy():
 
 @pytest.mark.parametrize("kind", [Divergence.forward_kl, Divergence.reverse_kl])
 def test_classes_neither_side_gives_mass_add_nothing_to_the_value_or_the_gradient(kind):
-    """Classes where teacher and student both have 0 mass (``-inf``) add 0 to KL and nothing to its gradient: the
-    product used to be masked after it was taken, and 0 · (−inf − −inf) made reverse KL's gradient NaN there."""
+    """Classes where teacher and student both have 0 mass (``-inf``) add 0 to KL and nothing to its gradient: a
+    product masked after it is taken makes reverse KL's gradient NaN there (0 · (−inf − −inf))."""
     teacher = logp(0.7, 0.3, 0.0, 0.0)
     student = torch.tensor([0.5, 0.0, float("-inf"), float("-inf")], dtype=torch.float64, requires_grad=True)
     loss = divergence(teacher, torch.log_softmax(student, -1), kind)

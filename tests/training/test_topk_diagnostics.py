@@ -193,7 +193,7 @@ def setup(tmp_path_factory):
 
 
 class PureLoss(offline_kd.CachedKDTrainer):
-    """The offline-KD loss as it was before the diagnostics: the same terms, nothing else computed or logged."""
+    """The offline-KD loss without the diagnostics: the same terms, nothing else computed or logged."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from kdflow.training.head import final_hidden_states, fused_head
