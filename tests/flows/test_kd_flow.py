@@ -38,4 +38,4 @@ def test_offline_kd_students_and_seeds_in_the_distill_flow(prefect_server, mini_
         ).read_text()
     )
     assert any("kd_loss" in h and "ce_loss" in h for h in history)
-    assert not list((run_dir / "students").glob(".work-*"))  # checkpoints removed once each student is saved
+    assert not list((run_dir / "students").glob(".work-*"))  # work folders removed once each output is in place

@@ -184,7 +184,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(cache, tmp_path):
     assert counter.steps == list(range(11, 21))  # continued from step 10: 10 more steps, not 20 from 0
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 21))  # one log, no step twice
     assert json.loads((tmp_path / "b" / "log_history.json").read_text())[0] == {"resumed_from": "checkpoint-10"}
-    assert not checkpoints.exists()  # removed once the model is saved
+    assert (checkpoints / "checkpoint-20").is_dir()  # kept: the stage removes them once its output is in place
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
