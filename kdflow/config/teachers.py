@@ -47,9 +47,15 @@ class RowKey(Strict):
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
             try:
-                re.compile(v)
+                pattern = re.compile(v)
             except re.error as e:
                 raise ValueError(f"count {v!r} is not a regex ({e}); e.g. '[+-]' counts the operators") from None
+            if pattern.fullmatch(""):
+                # findall counts an empty match at every position: the key would be the value's length + 1
+                raise ValueError(
+                    f"count {v!r} matches the empty string, so it would count every position of the value, not "
+                    "what it names; write a regex that matches at least one character, e.g. '[+-]'"
+                )
         return v
 
     def key(self, row: dict) -> str:
@@ -123,7 +129,17 @@ def fill_teachers(data: Any) -> Any:
             "teacher answers each row",
             "routing",
         )
-    named = {t.get("name"): t for t in teachers}
+    names = [t.get("name") for t in teachers]
+    if dup := sorted({str(n) for n in names if names.count(n) > 1}):
+        raise FieldError(f"teachers.name must be unique; rename {dup}", "teachers")
+    named = dict(zip(names, teachers))
+    if not isinstance(routing["default"], str):
+        raise FieldError(
+            f"routing.default {routing['default']!r} is not a teacher's name: name one teacher, one of "
+            f"{sorted(map(str, named))}",
+            "routing",
+            "default",
+        )
     default = named.get(routing["default"])
     if default is None:
         raise FieldError(

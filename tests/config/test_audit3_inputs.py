@@ -1,0 +1,42 @@
+"""Bad inputs found by the third audit (issue 23; docs/results/audit.md, "The third audit"): routed teachers' recipes
+and logit datasets, each made here and answered with a clear error naming the field or the file."""
+
+import pytest
+
+from kdflow.config.loading import RecipeError
+from kdflow.config.recipe import load_recipe
+from tests.teacher.test_teachers import two_teachers
+
+
+def recipe(tmp_path, old: str, new: str):
+    text = two_teachers()
+    assert old in text
+    path = tmp_path / "routed.yaml"
+    path.write_text(text.replace(old, new, 1).replace("root: runs", f"root: {tmp_path / 'runs'}"))
+    return path
+
+
+def test_two_teachers_of_one_name_are_refused_as_such_not_as_an_unknown_default(tmp_path):
+    # Before: "routing.default 'sub' is not a teacher's name; name one of ['add']", where 'sub' was never written.
+    with pytest.raises(RecipeError, match=r"routed.yaml:\d+: teachers: teachers.name must be unique; rename \['add'\]"):
+        load_recipe(recipe(tmp_path, "- name: sub", "- name: add"))
+
+
+def test_a_routing_default_that_is_not_one_name_is_refused_at_its_line(tmp_path):
+    # Before: a bare "TypeError: unhashable type: 'list'", naming neither the file nor the field.
+    with pytest.raises(
+        RecipeError, match=r"routed.yaml:\d+: routing.default: .*name one teacher, one of \['add', 'sub'\]"
+    ):
+        load_recipe(recipe(tmp_path, "default: sub", "default: [sub, add]"))
+
+
+@pytest.mark.parametrize("count", ['""', '"-*"', '"(x)?"'])
+def test_a_routing_count_that_matches_the_empty_string_is_refused(tmp_path, count):
+    # Before: accepted; re.findall counts an empty match at every position, so '' keyed each row by its length + 1
+    # and no route ever matched: every row went to the default teacher without a word.
+    with pytest.raises(RecipeError, match=r"routing.count: count .* matches the empty string"):
+        load_recipe(recipe(tmp_path, 'count: "-"\n  routes', f"count: {count}\n  routes"))
+    with pytest.raises(RecipeError, match=r"teachers.0.train_on.count: count .* matches the empty string"):
+        load_recipe(
+            recipe(tmp_path, 'train_on: {column: question, count: "-"', f"train_on: {{column: question, count: {count}")
+        )
