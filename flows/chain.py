@@ -100,7 +100,7 @@ class Upstream:
 
     def routed(self, r: Recipe) -> RoutedTeachers | None:
         """Several teachers and their routing, for the on-policy students they score (None with one teacher)."""
-        return RoutedTeachers(routing=r.routing, teachers=self.teachers) if self.teachers else None
+        return RoutedTeachers.of(r, self.teachers) if self.teachers else None
 
 
 def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstream:

@@ -53,7 +53,7 @@ def routed_from_run(run: Path, r: Recipe, data: OutputRef) -> RoutedTeachers | N
             f"the on-policy students of {r.run.name!r} are scored by its routed teachers, which are looked up in the "
             f"recipe's run folder {r.run_dir}, not {run}: run without run_dir"
         )
-    return RoutedTeachers(routing=r.routing, teachers=named_teachers(r, data))
+    return RoutedTeachers.of(r, named_teachers(r, data))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 from prefect import flow, tags
 
 from flows.cli import run_as_script
+from kdflow.config.kd import OnPolicyKD
 from kdflow.config.recipe import Recipe, load_recipe
 from kdflow.config.teachers import NamedTeacher, RowMatch
 from kdflow.models.gguf import is_gguf_path
@@ -34,8 +35,21 @@ def teacher_chain(r: Recipe, data: OutputRef | None = None, train_on: RowMatch |
 
 
 def as_teacher(r: Recipe, t: NamedTeacher) -> Recipe:
-    """The recipe as one of its routed teachers sees it: that teacher, and its own generation section."""
-    return r.model_copy(update={"teacher": t.section(), "generation": t.generation or r.generation})
+    """The recipe as one of its routed teachers sees it: that teacher, its own generation section, and on-policy
+    students scored by vLLM asking its own server (``served``), so that its preflight checks that server."""
+    students = r.students
+    if t.served is not None:
+        served = {"base_url": t.served.base_url}
+        students = [
+            s.model_copy(update={"kd": s.kd.model_copy(update=served)}) if scored_by_vllm(s) else s for s in students
+        ]
+    return r.model_copy(
+        update={"teacher": t.section(), "generation": t.generation or r.generation, "students": students}
+    )
+
+
+def scored_by_vllm(s) -> bool:
+    return isinstance(s.kd, OnPolicyKD) and s.kd.teacher_backend == "vllm"
 
 
 def named_teachers(r: Recipe, data: OutputRef | None = None) -> dict[str, OutputRef]:

@@ -6,6 +6,7 @@
         train_on: {column: question, count: "[+-]", values: ["2", "3"]}   # a teacher trained here: its rows
       - name: long
         ...
+        served: {base_url: http://10.0.0.6:8000/v1}   # optional: its own vLLM server, for on-policy scoring
     routing:
       column: question                 # the row's column the rule reads
       count: "[+-]"                    # optional: route by how many matches of this regex the value holds
@@ -15,7 +16,8 @@
 A recipe with ``teachers`` has no ``teacher`` section: the default teacher takes its place wherever one teacher is
 meant (the students' shared tokenizer, pruning, the judge filter), so a recipe with one ``teacher`` is as it was.
 A KD student of several teachers learns offline from their logit caches joined by row, or on-policy with each of its
-samples scored by the teacher its row is routed to (``check_routed_kd``); every teacher is then local.
+samples scored by the teacher its row is routed to (``check_routed_kd``); every teacher is then local. On-policy
+scoring by vLLM (``kd.teacher_backend: vllm``) asks each teacher's own server, the one its ``served`` names.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_serializer, field_validator
 
-from kdflow.config.fields import ROOT, SafeName, Strict
+from kdflow.config.fields import ROOT, SafeName, Strict, redact_url
 from kdflow.config.generation import GenerationSection
 from kdflow.config.teacher import TeacherSection
 from kdflow.models.gguf import is_gguf_path
@@ -84,6 +86,29 @@ class Routing(RowKey):
         return self.routes.get(self.key(row), self.default)
 
 
+class ServedTeacher(Strict):
+    """A teacher's own vLLM server, which scores the samples routed to it for on-policy students with
+    ``kd.teacher_backend: vllm`` (started with --no-enable-prefix-caching and --max-logprobs of at least kd.k). Where
+    it runs is not what it is: the URL is in no stage key, as ``kd.base_url`` is not. As with ``kd.base_url``, the
+    server is asked for the teacher's model folder as kdflow names it (what ``vllm serve <folder>`` serves it under;
+    the stage checks it before training and says the name to serve under)."""
+
+    base_url: str = Field(description="the server's OpenAI base, e.g. http://10.0.0.5:8000/v1")
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(
+                f"served.base_url {redact_url(v)!r}: give the server's OpenAI base, e.g. http://10.0.0.5:8000/v1"
+            )
+        return v
+
+    @field_serializer("base_url", when_used="json")  # what manifests and logs hold: no user:password@
+    def _redacted(self, v: str) -> str:
+        return redact_url(v)
+
+
 class NamedTeacher(TeacherSection):
     name: SafeName
     train_on: RowMatch | None = Field(
@@ -93,6 +118,11 @@ class NamedTeacher(TeacherSection):
         None,
         description="this teacher's own generation settings, merged over the recipe's `generation` (e.g. another "
         "backend or api.model); the recipe's otherwise",
+    )
+    served: ServedTeacher | None = Field(
+        None,
+        description="this teacher's own vLLM server, which scores its rows' samples for on-policy students with "
+        "kd.teacher_backend: vllm (each teacher needs one then)",
     )
 
     def section(self) -> TeacherSection:
@@ -150,7 +180,7 @@ def fill_teachers(data: Any) -> Any:
     gen = data.get("generation")
     return {
         **data,
-        "teacher": {k: v for k, v in default.items() if k not in ("name", "train_on", "generation")},
+        "teacher": {k: v for k, v in default.items() if k not in ("name", "train_on", "generation", "served")},
         "teachers": [
             {**t, "generation": merge_generation(gen, t["generation"])} if t.get("generation") is not None else t
             for t in teachers
@@ -246,12 +276,13 @@ def check_routed(r) -> None:
                 i,
                 "api",
             )
+    check_served(r)
     if r.teacher.api and r.filters.judge is not None:
         raise FieldError("the default teacher is an API model and the judge filter runs it locally", "filters", "judge")
     if not logits:
         return
     for i, s in enumerate(r.students):
-        check_routed_kd(s, i)
+        check_routed_kd(s, i, r.teachers)
     if r.logit_cache is not None and r.logit_cache.ensemble:
         raise FieldError(
             "logit_cache.ensemble averages teachers on every row; with teachers: each row has its routed teacher's "
@@ -273,10 +304,11 @@ def check_routed(r) -> None:
             )
 
 
-def check_routed_kd(s, i: int) -> None:
+def check_routed_kd(s, i: int, teachers: list[NamedTeacher]) -> None:
     """A KD student ``s`` (the recipe's ``students[i]``) of several routed teachers: offline KD reads their logit caches
     joined by row; on-policy KD has each sampled row scored by its row's teacher, each in an HF scoring process of
-    its own (kdflow/training/on_policy.py); online and feature KD would load one teacher into training."""
+    its own (kdflow/training/on_policy.py) or, with teacher_backend vllm, by that teacher's own server (its
+    ``served``); online and feature KD would load one teacher into training."""
     from kdflow.config.kd import OfflineKD, OnPolicyKD
     from kdflow.config.loading import FieldError
 
@@ -292,15 +324,71 @@ def check_routed_kd(s, i: int) -> None:
             "kd",
             "method",
         )
-    # A server serves one model, and a vLLM server started per teacher would each claim the GPU's memory for its
-    # KV cache while the others hold theirs: the teachers score in HF processes, one after the other.
-    if s.kd.teacher_backend != "hf" or s.kd.base_url is not None:
+    if s.kd.teacher_backend != "vllm":
+        return
+    if s.kd.base_url is not None:
         raise FieldError(
-            f"student {s.name!r}: with several teachers each scores the samples routed to it in a scoring process "
-            "of its own (teacher_backend hf); a vLLM server serves one teacher: set kd.teacher_backend: hf and "
-            "remove kd.base_url",
+            f"student {s.name!r}: kd.base_url names one vLLM server, and several teachers score this student, each "
+            "its own rows' samples: remove kd.base_url and give each teacher its server as `served: {base_url: ...}` "
+            "in its teachers entry",
             "students",
             i,
             "kd",
-            "teacher_backend",
+            "base_url",
         )
+    # kdflow starts no server per teacher. Started at once, each vLLM server claims its share of the GPU
+    # (--gpu-memory-utilization is a share of the whole device) for a KV cache whatever the others hold, so two
+    # would need sizes split by hand; started one after the other, every step would wait for each teacher's
+    # server to start again (a minute each). A server the user runs per teacher has neither cost.
+    for j, t in enumerate(teachers):
+        if t.served is None:
+            raise FieldError(
+                f"student {s.name!r} is scored by vLLM (kd.teacher_backend: vllm) and teacher {t.name!r} names no "
+                "server: give it `served: {base_url: http://<host>:<port>/v1}` (a vLLM server of that teacher, "
+                "started with --no-enable-prefix-caching --max-logprobs " + str(s.kd.k) + "), as every teacher; "
+                "or set kd.teacher_backend: hf to score each teacher in a process of its own. kdflow starts no "
+                "vLLM server per teacher: each would claim memory for its KV cache beside the others'",
+                "teachers",
+                j,
+                "served",
+            )
+
+
+def check_served(r) -> None:
+    """Each teacher's ``served`` server: asked only by on-policy students with teacher_backend vllm, and one per
+    teacher (two teachers at the same model of the same server would score each other's rows)."""
+    from kdflow.config.kd import OnPolicyKD
+    from kdflow.config.loading import FieldError
+
+    asked = any(isinstance(s.kd, OnPolicyKD) and s.kd.teacher_backend == "vllm" for s in r.students)
+    seen: dict[str, str] = {}
+    for j, t in enumerate(r.teachers):
+        if t.served is None:
+            continue
+        if t.api:
+            raise FieldError(
+                f"teacher {t.name!r} is an API model (api: true), whose log-probs kdflow does not score: remove "
+                "served, or make it a local teacher (model: its folder) served by vLLM",
+                "teachers",
+                j,
+                "served",
+            )
+        if not asked:
+            raise FieldError(
+                f"teacher {t.name!r} names a vLLM server (served), which only on-policy students with "
+                "kd.teacher_backend: vllm ask; no student here does: set that backend on an on-policy student, or "
+                "remove served",
+                "teachers",
+                j,
+                "served",
+            )
+        where = t.served.base_url.rstrip("/")
+        if where in seen:
+            raise FieldError(
+                f"teachers {seen[where]!r} and {t.name!r} name the same server, {redact_url(t.served.base_url)}, "
+                "which serves one model: one would score the other's rows; give each teacher its own server",
+                "teachers",
+                j,
+                "served",
+            )
+        seen[where] = t.name

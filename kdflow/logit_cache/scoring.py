@@ -311,6 +311,52 @@ class RoutedScorer:
             scorer.close()
 
 
+# A text whose ids the served teacher and its local tokenizer must agree on: digits, operators, words and spaces.
+TOKENIZER_PROBE = "Question: what is 12 + 7 - 3? Answer: 16. Be brief."
+
+
+def check_served(base_url: str, model: str, tokenizer_dir: str, teacher: str, timeout_s: float = 60.0) -> None:
+    """Before training on its scores: the vLLM server at ``base_url`` serves ``model``, and (where it has a tokenizer:
+    one started with --skip-tokenizer-init has none to ask) tokenizes a probe as the teacher's own tokenizer at
+    ``tokenizer_dir`` does; ``TeacherScoringError`` naming ``teacher``'s ``served`` field otherwise. Another model
+    behind the URL would score every one of its rows' samples with another distribution, or in another vocabulary."""
+    import httpx
+
+    where = f"teacher {teacher!r}'s vLLM server at {redact_url(base_url)}"
+    headers = {"Authorization": f"Bearer {os.environ.get('VLLM_API_KEY', 'EMPTY')}"}
+    try:
+        listed = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=timeout_s)
+        listed.raise_for_status()
+        names = [m["id"] for m in listed.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+        raise TeacherScoringError(
+            f"{where} does not list its models ({type(e).__name__}: {e}): is it up, and a vLLM server? (its "
+            "teachers entry's served.base_url)"
+        ) from e
+    if model not in names:
+        raise TeacherScoringError(
+            f"{where} serves {names}, not {model!r}: serve the teacher under that name (vLLM's "
+            "--served-model-name, or `vllm serve` that folder), or point the teacher's served.base_url at its server"
+        )
+    from transformers import AutoTokenizer
+
+    local = AutoTokenizer.from_pretrained(tokenizer_dir).encode(TOKENIZER_PROBE, add_special_tokens=False)
+    root = base_url.rstrip("/").removesuffix("/v1")
+    body = {"model": model, "prompt": TOKENIZER_PROBE, "add_special_tokens": False}
+    try:
+        answer = httpx.post(root + "/tokenize", json=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError:
+        return  # no tokenize route: the scores' ids are still checked against the vocabulary (check_scores)
+    if answer.status_code != 200:
+        return  # a server without a tokenizer: likewise
+    if (ids := answer.json().get("tokens")) != local:
+        raise TeacherScoringError(
+            f"{where} tokenizes {TOKENIZER_PROBE!r} as {ids}, and the teacher's tokenizer ({tokenizer_dir}) as "
+            f"{local}: it serves a model of another tokenizer, whose scores would be of other tokens; serve the "
+            "teacher's own model there (its teachers entry's served)"
+        )
+
+
 @contextlib.contextmanager
 def teacher_scorer(
     backend: str,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 from pydantic import BaseModel
 
-from kdflow.config.teachers import Routing
+from kdflow.config.teachers import Routing, ServedTeacher
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
@@ -22,6 +22,14 @@ class RoutedTeachers(BaseModel):
 
     routing: Routing
     teachers: dict[str, OutputRef]
+    # Each teacher's own vLLM server, for students scored by vLLM: where a teacher runs, not what it is, so not in the
+    # students' key (tasks/students.py keys ``routing`` and ``teachers``).
+    served: dict[str, ServedTeacher] = {}
+
+    @classmethod
+    def of(cls, r, teachers: dict[str, OutputRef]) -> RoutedTeachers:
+        """A recipe ``r``'s routing and served teachers, with its teachers' outputs by name."""
+        return cls(routing=r.routing, teachers=teachers, served={t.name: t.served for t in r.teachers if t.served})
 
     def folders(self) -> dict[str, str]:
         """Each teacher's model folder, by name."""

@@ -418,13 +418,15 @@ def train_on_policy(
     callbacks=None,
     peft_config=None,
     teachers: dict[str, str] | None = None,
+    served: dict | None = None,
 ) -> list[dict]:
     """Train ``model`` in place by on-policy KD from the teacher at ``config.teacher`` (scored as ``config`` says,
     never loaded here) on the prompts of ``rows`` (prompt-completion rows with ``row_id``), and save it with the
     tokenizer to ``out_dir/model``. Writes ``out_dir/on_policy.json`` (the accounting) and returns the log history.
     ``peft_config``: as in ``kdflow.training.sft.train_sft``. ``teachers``: several routed teachers' model folders
     by name, in place of ``config.teacher``; each row then names its own in ``teacher``, which scores the student's
-    samples of its prompt."""
+    samples of its prompt; ``served``: with ``config.teacher_backend`` vllm, each teacher's own server by name
+    (``kdflow.config.teachers.ServedTeacher``)."""
     from datasets import Dataset, disable_progress_bars
 
     from kdflow.training.sft import checkpoint_folder, fit
@@ -462,7 +464,7 @@ def train_on_policy(
     with contextlib.ExitStack() as restore:
         restore.callback(torch.set_num_threads, threads)
         scorer = restore.enter_context(
-            live_scorer(config, log, teacher_threads, model.config.vocab_size, teachers, routes)
+            live_scorer(config, log, teacher_threads, model.config.vocab_size, teachers, routes, served)
         )
         trainer = OnPolicyTrainer(
             model=model,

@@ -161,8 +161,8 @@ def fit_student(
 
         cache = str(logits.path) if logits is not None else None
         cfg = config(OnPolicyConfig, teacher=str(model_location(teacher)), logit_cache=cache, **settings)
-        folders = routed.folders() if routed is not None else None
-        return train_on_policy(model, tokenizer, rows, cfg, out, callbacks, peft, teachers=folders)
+        folders, served = (routed.folders(), routed.served) if routed is not None else (None, None)
+        return train_on_policy(model, tokenizer, rows, cfg, out, callbacks, peft, teachers=folders, served=served)
     dtype = weights_dtype(section.dtype)  # the live teacher runs in the student's precision
     # loaded once its method's config has passed its checks
     live = lambda: AutoModelForCausalLM.from_pretrained(

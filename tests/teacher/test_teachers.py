@@ -167,11 +167,14 @@ def test_kd_loading_one_teacher_model_into_training_is_refused_with_several():
     assert "kd method feature loads one teacher model" in refused(with_kd("kd: {method: feature, feature: {}}"))
 
 
-def test_on_policy_kd_with_a_vllm_server_is_refused_with_several_teachers():
+def test_on_policy_kd_by_vllm_with_several_teachers_needs_each_teachers_server():
+    """One kd.base_url cannot serve several teachers, and kdflow starts no server per teacher: each teacher's own is
+    its ``served`` (tests/teacher/test_served_teachers.py)."""
     served = "kd: {method: on_policy, teacher_backend: vllm, base_url: 'http://127.0.0.1:9/v1'}"
     message = refused(with_kd(served))
-    assert "students.1.kd.teacher_backend" in message and "a vLLM server serves one teacher" in message
-    assert "kd.teacher_backend" in refused(with_kd("kd: {method: on_policy, teacher_backend: vllm}"))
+    assert "students.1.kd.base_url" in message and "kd.base_url names one vLLM server" in message
+    message = refused(with_kd("kd: {method: on_policy, teacher_backend: vllm}"))
+    assert "teachers.0.served" in message and "teacher 'add' names no server" in message
 
 
 def test_on_policy_kd_with_an_api_teacher_is_refused_naming_the_teacher():
