@@ -156,12 +156,15 @@ class Starts:
     floor_info: dict[str, dict]  # what the report says of each
 
 
-def starting_points(run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRef) -> Starts:
+def starting_points(
+    run_dir: Path, r: Recipe, teacher: OutputRef, data: OutputRef, runs: list[StudentSection] | None = None
+) -> Starts:
     """Where each student starts: a student with ``init`` from the teacher pruned once per init (the prune stage),
     a student named by a GGUF file from its import; the rest as the recipe says (one started from another student
-    keeps its ``init``: ``train_in_order`` resolves it once that student is trained)."""
+    keeps its ``init``: ``train_in_order`` resolves it once that student is trained). ``runs``: the students to
+    place, the recipe's (``student_runs``) unless a study names its own."""
     cot = r.prompts.cot_text()
-    runs = r.student_runs()
+    runs = r.student_runs() if runs is None else runs
     inits = dict.fromkeys(s.init for s in runs if isinstance(s.init, PrunedInit))  # each once (seeds share it)
     pruned = {i: prune_teacher(run_dir, i, teacher, data, cot) for i in inits}
     files = dict.fromkeys((s.model, s.dtype) for s in runs if is_gguf_path(s.model))  # one import per file and dtype

@@ -1,5 +1,6 @@
 """The curves stage: each snapshot a student saved while training (``curve_points``), answered on the evaluation
-split — accuracy against student steps and training wall time (kdflow/evaluation/curves.py)."""
+split — the evaluate stage's quality figure (accuracy, or ROUGE-L on instruction data) against student steps and
+training wall time (kdflow/evaluation/curves.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from prefect import task
 from data.checkers import answer_checker
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
-from kdflow.evaluation.curves import CURVE_FILE, curve_accuracy
+from kdflow.evaluation.curves import CURVE_FILE, curve_quality
+from kdflow.reporting.quality_metric import source_metric
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
+# The metric follows from the source, which is in the key: instruction-data curves have keys of their own.
 CURVES = Stage(
     "curves",
     "1",
@@ -40,8 +43,14 @@ def evaluate_curve(
     if done := out.done:
         return done
     rows = read_split(data, section.split)
-    curve = curve_accuracy(
-        Path(student.path), rows, template, answer_checker(source)[0], section.max_new_tokens, section.batch_size
+    curve = curve_quality(
+        Path(student.path),
+        rows,
+        template,
+        source_metric(source),
+        answer_checker(source)[0],  # instruction data's refuses to be called, and is not: ROUGE-L needs none
+        section.max_new_tokens,
+        section.batch_size,
     )
     with out.building() as tmp:
         (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1))

@@ -1,6 +1,6 @@
 """The learning-curve study recipe (``flows/learning_curves.py``): students of one distillation recipe (and any
-added arms), each trained once per seed with ``curve_points`` snapshots, compared by accuracy against student steps
-and training wall time (kdflow/reporting/curves.py).
+added arms), each trained once per seed with ``curve_points`` snapshots, compared by the evaluate stage's quality figure
+(accuracy, or ROUGE-L on instruction data) against student steps and training wall time (kdflow/reporting/curves.py).
 
 An arm may start from another arm's snapshot (``warm_starts``: e.g. on-policy KD after a short seq-KD warm start):
 it is trained from that snapshot's weights, and its curve is drawn from the warm start's step and time on, so its
@@ -16,8 +16,8 @@ from pydantic import Field, model_validator
 from kdflow.config.fields import PATH_RULE, ROOT, RecipePath, SafeName, Strict, recipe_context
 from kdflow.config.kd import KD_METHODS
 from kdflow.config.loading import RecipeError, parse_yaml, read_recipe_file
-from kdflow.config.recipe import Recipe, load_recipe
-from kdflow.config.student import StudentSection
+from kdflow.config.recipe import Recipe, load_recipe, seeded
+from kdflow.config.student import StudentInit, StudentSection
 from kdflow.config.training import check_sft_config
 
 
@@ -72,8 +72,14 @@ class StudyRecipe(Strict):
         missing = [n for n in self.students if n not in by_name]
         if missing:
             raise RecipeError(f"{self.recipe}: no student named {missing}; students: {list(by_name)}")
-        arms = [by_name[n] for n in self.students] + list(self.add)
-        return sorted(arms, key=lambda s: s.name in self.warm_starts)
+        arms = sorted([by_name[n] for n in self.students] + list(self.add), key=lambda s: s.name in self.warm_starts)
+        for i, arm in enumerate(arms):  # the run it starts from is trained first, at the same seed
+            if isinstance(arm.init, StudentInit) and arm.init.student not in {a.name for a in arms[:i]}:
+                raise RecipeError(
+                    f"{self.recipe}: student {arm.name!r} starts from student {arm.init.student!r} (init: from: "
+                    f"student); add {arm.init.student!r} to the study's students, before {arm.name!r}"
+                )
+        return arms
 
     def training_of(self, arm: StudentSection) -> dict[str, Any]:
         """An arm's training keys: a recipe student's with the study's overrides, an added arm's as written."""
@@ -86,6 +92,7 @@ class StudyRecipe(Strict):
                 update={
                     "name": f"{arm.name}@{seed}",
                     "seed": seed,
+                    "init": seeded(arm.init, seed),  # from another arm: that arm's run at the same seed
                     "curve_points": self.curve_points,
                     "training": self.training_of(arm),
                 }

@@ -1,13 +1,15 @@
-"""Learning curves of a study (flows/learning_curves.py): test accuracy against student steps and against training
+"""Learning curves of a study (flows/learning_curves.py): test quality against student steps and against training
 wall time, per arm, mean ± sd over seeds; the sweep's verdict rule at every step (A beats B only when its mean
 exceeds B's by more than the sum of their seed standard deviations, ``sweep.beats``); and how many steps each arm
-needs to reach the reference's (seq-KD's) final accuracy.
+needs to reach the reference's (seq-KD's) final figure. The quality is the evaluate stage's for the data (``metric``:
+accuracy, or ROUGE-L × 100 on instruction data, ``quality_metric.QUALITY``), named so in every sentence and axis.
 """
 
 from __future__ import annotations
 
 import statistics
 
+from kdflow.reporting.quality_metric import QUALITY
 from kdflow.reporting.sweep import beats, stats
 
 
@@ -23,10 +25,15 @@ def shifted(points: list[dict], step: int, seconds: float) -> list[dict]:
     return [{**p, "step": p["step"] + step, "seconds": p["seconds"] + seconds} for p in points]
 
 
-def summarise(curves: dict[str, list[dict]], reference: str, teacher: float | None = None) -> dict:
-    """``curves``: ``<arm>@<seed>`` -> points ``{step, seconds, accuracy}``. Returns per arm and step the accuracy
+def summarise(
+    curves: dict[str, list[dict]], reference: str, teacher: float | None = None, metric: str = "accuracy"
+) -> dict:
+    """``curves``: ``<arm>@<seed>`` -> points ``{step, seconds, <metric>}``. Returns per arm and step the metric
     over seeds (``stats``) and the mean wall time; the verdicts of every arm against ``reference`` at each step
-    both have; and ``reach``: per arm, the first step (and time) whose mean reaches the reference's final mean."""
+    both have; and ``reach``: per arm, the first step (and time) whose mean reaches the reference's final mean.
+    ``teacher``: the teacher's figure on the same split (``teacher_<metric>``), None where there is none."""
+    if metric not in QUALITY:
+        raise ValueError(f"no learning curve of {metric!r}: one of {sorted(QUALITY)}")
     cells: dict[str, dict[int, list[dict]]] = {}
     for name, points in curves.items():
         arm, _ = arm_of(name)
@@ -35,7 +42,7 @@ def summarise(curves: dict[str, list[dict]], reference: str, teacher: float | No
     arms = {
         arm: {
             step: {
-                **stats([p["accuracy"] for p in ps]),
+                **stats([p[metric] for p in ps]),
                 "seconds": statistics.fmean(p["seconds"] for p in ps),
                 "seeds": len(ps),
             }
@@ -65,28 +72,36 @@ def summarise(curves: dict[str, list[dict]], reference: str, teacher: float | No
         }
     return {
         "reference": reference,
-        "teacher_accuracy": teacher,
+        "metric": metric,
+        f"teacher_{metric}": teacher,
         "arms": arms,
         "verdicts": verdicts,
-        "target": {"step": final_step, "accuracy": target, "seconds": ref[final_step]["seconds"]},
+        "target": {"step": final_step, metric: target, "seconds": ref[final_step]["seconds"]},
         "reach": reach,
     }
 
 
+def teacher_figure(summary: dict) -> float | None:
+    return summary[f"teacher_{summary['metric']}"]
+
+
 def verdict_lines(summary: dict) -> list[str]:
     """Plain sentences: where an arm beats the reference (or loses to it) by more than the seed spread, and how
-    soon each arm reaches the reference's final accuracy."""
-    ref, t = summary["reference"], summary["target"]
+    soon each arm reaches the reference's final figure."""
+    ref, t, metric = summary["reference"], summary["target"], summary["metric"]
+    title, fmt = QUALITY[metric]
+    final = f"final {title} ({t[metric]:{fmt}}"
     out = []
     for v in summary["verdicts"]:
         if v["verdict"] == "beats":
             out.append(
-                f"- At step {v['step']}, **{v['arm']} beats {ref}** by {v['margin']:.3f} (seed spread "
-                f"{v['spread']:.3f})."
+                f"- At step {v['step']}, **{v['arm']} beats {ref}** by {v['margin']:{fmt}} (seed spread "
+                f"{v['spread']:{fmt}})."
             )
         elif v["verdict"] == "loses":
             out.append(
-                f"- At step {v['step']}, {ref} beats {v['arm']} by {-v['margin']:.3f} (seed spread {v['spread']:.3f})."
+                f"- At step {v['step']}, {ref} beats {v['arm']} by {-v['margin']:{fmt}} (seed spread "
+                f"{v['spread']:{fmt}})."
             )
     if not any(v["verdict"] == "beats" for v in summary["verdicts"]):
         out.append(f"- No step at which an arm beats {ref} by more than the seed spread.")
@@ -94,13 +109,10 @@ def verdict_lines(summary: dict) -> list[str]:
         if arm == ref:
             continue
         if r["step"] is None:
-            out.append(
-                f"- {arm} does not reach {ref}'s final accuracy ({t['accuracy']:.3f} at step {t['step']}) "
-                "at any measured step."
-            )
+            out.append(f"- {arm} does not reach {ref}'s {final} at step {t['step']}) at any measured step.")
         else:
             out.append(
-                f"- {arm} reaches {ref}'s final accuracy ({t['accuracy']:.3f}) at step {r['step']}: "
+                f"- {arm} reaches {ref}'s {final}) at step {r['step']}: "
                 f"{r['share_of_reference_steps']:.0%} of {ref}'s {t['step']} steps, {r['seconds']:.0f} s of "
                 f"training ({ref}: {t['seconds']:.0f} s)."
             )
@@ -111,12 +123,12 @@ def render(summary: dict, plot: str | None, title: str = "kdflow learning curves
     arms = summary["arms"]
     steps = sorted({s for curve in arms.values() for s in curve})
     seeds = max(c["seeds"] for curve in arms.values() for c in curve.values())
-    teacher = summary["teacher_accuracy"]
+    teacher, (name, fmt) = teacher_figure(summary), QUALITY[summary["metric"]]
     lines = [
         f"# {title}",
         "",
-        (f"Teacher accuracy: {teacher:.3f}. " if teacher is not None else "")
-        + f"Cells: test accuracy, mean ± sd over {seeds} seeds, and the mean training wall time to that step.",
+        (f"Teacher {name}: {teacher:{fmt}}. " if teacher is not None else "")
+        + f"Cells: test {name}, mean ± sd over {seeds} seeds, and the mean training wall time to that step.",
         "",
         "| student steps | " + " | ".join(arms) + " |",
         "|---:|" + "---|" * len(arms),
@@ -125,7 +137,7 @@ def render(summary: dict, plot: str | None, title: str = "kdflow learning curves
         cells = []
         for arm in arms:
             c = arms[arm].get(step)
-            cells.append("—" if c is None else f"{c['mean']:.3f} ± {c['sd']:.3f} ({c['seconds']:.0f} s)")
+            cells.append("—" if c is None else f"{c['mean']:{fmt}} ± {c['sd']:{fmt}} ({c['seconds']:.0f} s)")
         lines.append(f"| {step} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -138,12 +150,13 @@ def render(summary: dict, plot: str | None, title: str = "kdflow learning curves
         "",
     ]
     if plot:
-        lines += [f"![accuracy vs student steps and wall time]({plot})", ""]
+        lines += [f"![{name} vs student steps and wall time]({plot})", ""]
     return "\n".join(lines)
 
 
 def plot_curves(summary: dict) -> bytes:
-    """Two panels: accuracy vs student steps and vs training seconds, mean with a ±sd band per arm; PNG bytes."""
+    """Two panels: the metric vs student steps and vs training seconds, mean with a ±sd band per arm, the teacher's
+    figure as a dashed line; PNG bytes."""
     import io
 
     import matplotlib
@@ -159,12 +172,16 @@ def plot_curves(summary: dict) -> bytes:
             sd = [c["sd"] for c in curve.values()]
             ax.plot(xs, mean, marker="o", label=arm)
             ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], alpha=0.15)
-        if summary["teacher_accuracy"] is not None:
-            ax.axhline(summary["teacher_accuracy"], color="grey", linestyle="--", label="teacher")
+        if (teacher := teacher_figure(summary)) is not None:
+            ax.axhline(teacher, color="grey", linestyle="--", label="teacher")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy")
-    axes[0].set_ylim(0, 1.02)
+    metric = summary["metric"]
+    axes[0].set_ylabel(f"test {QUALITY[metric][0]}")
+    if metric == "accuracy":  # a share; ROUGE-L (× 100) of a small student sits far below 100: its own scale
+        axes[0].set_ylim(0, 1.02)
+    else:
+        axes[0].set_ylim(bottom=0)
     axes[1].legend(loc="lower right")
     fig.tight_layout()
     buf = io.BytesIO()

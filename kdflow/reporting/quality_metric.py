@@ -4,12 +4,21 @@ that the tables, the summary, the seeds, the gap closed, the plot and the notes 
 
 from __future__ import annotations
 
+from kdflow.config.data import DataSource
+
 QUALITY = {"accuracy": ("accuracy", ".3f"), "rouge_l": ("ROUGE-L", ".1f")}  # key -> (title, format)
 
 
 def quality_key(teacher: dict) -> str:
     """``rouge_l`` where the teacher's metrics carry it (instruction data), else ``accuracy``."""
     return "rouge_l" if teacher.get("rouge_l") is not None else "accuracy"
+
+
+def source_metric(source: DataSource) -> str:
+    """The key the evaluate stage records a model's quality under for data of ``source``, known before any model is
+    evaluated (``quality_key`` reads it from a teacher's metrics): ``rouge_l`` on instruction data, else
+    ``accuracy``."""
+    return "rouge_l" if source is DataSource.instructions else "accuracy"
 
 
 def metric_of(report: dict) -> str:

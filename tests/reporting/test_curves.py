@@ -14,7 +14,7 @@ from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
 from kdflow.config.study import load_study
 from kdflow.config.training import trainer_config
-from kdflow.reporting.curves import render, shifted, summarise, verdict_lines
+from kdflow.reporting.curves import plot_curves, render, shifted, summarise, verdict_lines
 from kdflow.reporting.sweep import beats
 from kdflow.training.curves import CurveSnapshots, curve_steps, read_curve
 from kdflow.training.sft import train_sft
@@ -168,6 +168,64 @@ def test_summary_verdicts_and_reach_on_planted_curves():
         summarise(planted(), "nope")
 
 
+def test_the_curves_metric_is_the_evaluate_stages_for_the_data():
+    from data.checkers import answer_checker
+    from kdflow.config.data import DataSource
+    from kdflow.evaluation.curves import snapshot_quality
+    from kdflow.reporting.quality_metric import quality_key, source_metric
+
+    assert source_metric(DataSource.instructions) == "rouge_l"
+    assert source_metric(DataSource.gsm8k) == source_metric(DataSource.arithmetic) == "accuracy"
+    # what the report reads from a teacher's evaluation agrees with what the curves choose before any evaluation
+    assert quality_key({"rouge_l": 13.9, "perplexity": 4.2}) == source_metric(DataSource.instructions)
+    assert quality_key({"accuracy": 0.9}) == source_metric(DataSource.gsm8k)
+    with pytest.raises(ValueError, match="no learning curve of 'bleu'"):
+        snapshot_quality(None, None, [], "", "bleu", answer_checker(DataSource.gsm8k)[0], 8, 8)
+    with pytest.raises(ValueError, match="no learning curve of 'bleu'"):
+        summarise(planted(), "seq-kd", metric="bleu")
+
+
+def test_a_snapshot_on_instruction_data_is_scored_by_the_evaluate_stages_rouge_l(tokenizer, tmp_path):
+    from data.checkers import answer_checker
+    from kdflow.config.data import DataSource
+    from kdflow.evaluation.curves import snapshot_quality
+    from kdflow.evaluation.free_text import greedy_rouge_l
+
+    rows = [{"id": i, "question": q, "answer": "7+8=15"} for i, q in enumerate(["7+8", "15-5", "Answer: 10"])]
+    net = student(tokenizer)
+    never = answer_checker(DataSource.instructions)[0]  # refuses to be called: ROUGE-L asks no checker
+    figure = snapshot_quality(net, tokenizer, rows, "{{ question }}", "rouge_l", never, 6, 2)
+    assert figure == {"rouge_l": greedy_rouge_l(net, tokenizer, rows, "{{ question }}", 6, 2)[0]}
+
+
+def rouge_curves():
+    """``planted()`` as ROUGE-L × 100."""
+    return {
+        name: [{"step": p["step"], "seconds": p["seconds"], "rouge_l": 20 * p["accuracy"]} for p in points]
+        for name, points in planted().items()
+    }
+
+
+def test_curves_of_rouge_l_name_it_and_the_teachers_figure():
+    s = summarise(rouge_curves(), "seq-kd", teacher=13.87, metric="rouge_l")
+    assert s["metric"] == "rouge_l" and s["teacher_rouge_l"] == 13.87 and "teacher_accuracy" not in s
+    assert s["target"] == {"step": 300, "rouge_l": pytest.approx(18.0), "seconds": 30.0}
+    assert s["reach"]["fast"]["step"] == 200  # the verdicts and reach do not depend on the scale
+    lines = verdict_lines(s)
+    assert "- At step 200, **fast beats seq-kd** by 8.4 (seed spread 2.2)." in lines
+    assert any(line.startswith("- fast reaches seq-kd's final ROUGE-L (18.0) at step 200: 67%") for line in lines)
+    assert "- slow does not reach seq-kd's final ROUGE-L (18.0 at step 300) at any measured step." in lines
+    md = render(s, "curves.png")
+    assert "Teacher ROUGE-L: 13.9. Cells: test ROUGE-L, mean ± sd over 3 seeds" in md
+    assert "| 300 | 18.0 ± 0.4 (30 s) | 19.0 ± 0.2 (60 s) | 10.0 ± 2.0 (30 s) |" in md
+    assert "accuracy" not in md and "![ROUGE-L vs student steps and wall time](curves.png)" in md
+    assert plot_curves(s)[:4] == b"\x89PNG"
+    # the accuracy path's summary keeps its keys
+    acc = summarise(planted(), "seq-kd", teacher=0.98)
+    assert acc["teacher_accuracy"] == 0.98 and acc["target"]["accuracy"] == pytest.approx(0.9)
+    assert "Teacher accuracy: 0.980. Cells: test accuracy" in render(acc, None)
+
+
 def test_a_warm_started_arm_is_counted_from_its_warm_start():
     points = shifted([{"step": 50, "seconds": 5.0, "accuracy": 0.5}], 100, 12.5)
     assert points == [{"step": 150, "seconds": 17.5, "accuracy": 0.5}]
@@ -246,6 +304,19 @@ def test_the_study_flow_on_the_mini_recipe(prefect_server, mini_recipe, tmp_path
 def test_the_shipped_studies_load(name):
     s = load_study(ROOT_SWEEPS / name)
     assert len(s.runs(load_recipe(s.recipe_path()))) >= 6 and len(s.seeds) == 3
+
+
+def test_the_smollm2_study_loads_and_is_scored_by_rouge_l():
+    from kdflow.models.smollm2 import link
+    from kdflow.reporting.quality_metric import source_metric
+
+    link(ROOT)  # the GGUF the recipe names, as tests/config/test_recipe.py links it
+    s = load_study(ROOT_SWEEPS / "study-curves-smollm2.yaml")
+    r = load_recipe(s.recipe_path())
+    runs = {run.name: run for run in s.runs(r)}
+    assert source_metric(r.data.source) == "rouge_l" and len(runs) == 12 and len(s.seeds) == 3
+    assert runs["on-policy-warm@2"].init.student == "offline-kd@2"  # after offline-kd@2, which it starts from
+    assert list(runs).index("on-policy-warm@0") > list(runs).index("offline-kd@2")
 
 
 def test_a_warm_start_must_name_a_step_its_source_saves(tmp_path):
