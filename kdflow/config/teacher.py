@@ -3,7 +3,7 @@ the model ``generation.api`` names, whose weights this machine never sees (black
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -12,6 +12,15 @@ from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width, vocab_count
+
+# A Hugging Face hub repo id as a recipe names one: namespace/name, each of letters, digits, '-', '_' and '.', neither
+# starting with '.' or '-'. An absolute path or one starting with ./ or ../ is none, so a missing folder written so is
+# refused at load rather than by the first stage that loads it ("Repo id must be in the form ...").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def maybe_hub_id(model: str) -> bool:
+    return HUB_ID.fullmatch(model) is not None
 
 
 class TeacherSection(Strict):
@@ -57,8 +66,11 @@ class TeacherSection(Strict):
             )
         if is_gguf_path(self.model):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
-        elif self.model is not None and not Path(self.model).exists() and "/" not in self.model:
-            raise ValueError(f"teacher.model {self.model!r} is neither a folder nor a hub id")
+        elif self.model is not None and not (ROOT / self.model).exists() and not maybe_hub_id(self.model):
+            raise ValueError(
+                f"teacher.model {self.model!r}: no such folder, and not a hub id (namespace/name); point it at a "
+                "model folder (one with config.json), a .gguf file, or a hub id"
+            )
         check_precision(self.dtype, self.training)
         return self
 

@@ -40,3 +40,22 @@ def test_a_routing_count_that_matches_the_empty_string_is_refused(tmp_path, coun
         load_recipe(
             recipe(tmp_path, 'train_on: {column: question, count: "-"', f"train_on: {{column: question, count: {count}")
         )
+
+
+MINI_TEACHER = (
+    "  - name: sub\n    architecture: {hidden: 64, layers: 1, heads: 2, intermediate: 128}\n    vocab_size: 48\n"
+)
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/teacher", "./models/missing", "../missing/teacher"])
+def test_a_teacher_folder_that_is_not_there_and_no_hub_id_is_refused_at_load(tmp_path, model):
+    # Before: accepted; the teacher stage "completed", recording it, and the generate stage then failed with
+    # transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'".
+    path = recipe(tmp_path, MINI_TEACHER, f"  - name: sub\n    model: {model}\n")
+    with pytest.raises(RecipeError, match=r"routed.yaml:\d+: teachers.1: .*no such folder, and not a hub id"):
+        load_recipe(path)
+
+
+def test_a_hub_id_teacher_is_still_taken_as_one(tmp_path):
+    r = load_recipe(recipe(tmp_path, MINI_TEACHER, "  - name: sub\n    model: HuggingFaceTB/SmolLM2-135M-Instruct\n"))
+    assert r.teachers[1].model == "HuggingFaceTB/SmolLM2-135M-Instruct"
