@@ -15,6 +15,7 @@ from flows.train_teacher import as_teacher, named_teachers, teacher_chain
 from kdflow.config.data import DataSource
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.config.generation import GenerationSection
+from kdflow.config.logit_import import reader_start
 from kdflow.config.recipe import Recipe, load_recipe
 from kdflow.config.student import PrunedInit, StudentInit, StudentSection
 from kdflow.models.gguf import is_gguf_path
@@ -23,12 +24,13 @@ from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher import api_keys
 from kdflow.teacher.routing import RoutedTeachers
-from kdflow.training.student import needs_routed_teachers, student_inputs
+from kdflow.training.student import needs_curated, needs_routed_teachers, student_inputs, trains_on_imported_rows
 from tasks.capture import capture_logits, join_logit_caches
 from tasks.curate import filter_answers
 from tasks.data import make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
 from tasks.generate import generate_answers, join_answers
+from tasks.import_logits import import_logits
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
 from tasks.preflight import teacher_preflight
 from tasks.quantize import quantize_students, quantized_name
@@ -91,8 +93,8 @@ def _check_secret_block(n: api_keys.KeyNeed) -> None:
 class Upstream:
     data: OutputRef
     teacher: OutputRef  # with several teachers, the default one
-    answers: OutputRef
-    curated: OutputRef
+    answers: OutputRef | None  # None: no student learns from the teacher's answers (an imported logit cache)
+    curated: OutputRef | None
     logits: OutputRef | None
     teachers: dict[str, OutputRef] | None = None  # several teachers, by name
 
@@ -112,10 +114,30 @@ def upstream(r: Recipe, judge: EvaluationSection.Judge | None = None) -> Upstrea
     if r.teachers:
         return routed_upstream(r, data)
     teacher = teacher_chain(r, data)
+    if r.logit_cache and r.logit_cache.imported:  # another tool's logits: the teacher answers only if a student asks
+        return imported_upstream(r, data, teacher)
     checked = teacher_preflight(r, teacher, data)  # a failed check stops the run here, before any spend
     answers = generate_answers(run_dir, r.generation, cot, teacher, data)
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     logits = capture_logits(run_dir, r.logit_cache, cot, teacher, curated) if r.logit_cache else None  # KD from disk
+    return Upstream(data, teacher, answers, curated, logits, preflight={"teacher": checked})
+
+
+def imported_upstream(r: Recipe, data: OutputRef, teacher: OutputRef) -> Upstream:
+    """``upstream`` of a recipe whose logit cache is imported (kdflow/config/logit_import.py): the import in place of
+    the capture, made for the tokenizer of the students that read it; the preflight, the teacher's answers and their
+    curation only where a student learns from those answers (seq-KD, online or feature KD beside the import)."""
+    run_dir, cot = r.run_dir, r.prompts.cot_text()
+    start = reader_start(r)
+    owner = start.model if start is not None else None  # a student's own model; None: the teacher's tokenizer
+    if is_gguf_path(owner):  # the same import (and key) as the student's start in starting_points
+        owner = model_location(import_gguf_model(run_dir, owner, start.dtype))
+    logits = import_logits(run_dir, r.logit_cache, owner or model_location(teacher))
+    if not any(needs_curated(s) and not trains_on_imported_rows(s, logits) for s in r.students):
+        return Upstream(data, teacher, None, None, logits, preflight={})
+    checked = teacher_preflight(r, teacher, data)
+    answers = generate_answers(run_dir, r.generation, cot, teacher, data)
+    curated = filter_answers(run_dir, r.filters, r.data.source, answers, teacher)
     return Upstream(data, teacher, answers, curated, logits, preflight={"teacher": checked})
 
 

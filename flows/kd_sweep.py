@@ -48,7 +48,11 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     evaluations = evaluate_models(run_dir, r, {"teacher": teacher, **trained}, teacher, data)
 
     accuracy = {name: ref.manifest()["metrics"]["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
-    rows = {st.data_fraction: len(student_rows(st, cot, data, curated)) for st in students if st.seed == s.seeds[0]}
+    rows = {
+        st.data_fraction: len(student_rows(st, cot, data, curated, logits=u.logits))
+        for st in students
+        if st.seed == s.seeds[0]
+    }
     summary = sw.summarise(accuracy, rows, evaluations["teacher"].manifest()["metrics"]["accuracy"])
     reference = next((m for m, kd in s.methods.items() if kd is None), SEQ_KD)
     out = run_dir / "sweep"

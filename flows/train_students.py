@@ -18,17 +18,25 @@ from kdflow.config.student import StudentSection
 from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher.routing import RoutedTeachers
-from kdflow.training.student import needs_curated, needs_logit_cache, needs_routed_teachers
+from kdflow.training.student import (
+    cache_stage,
+    needs_curated,
+    needs_logit_cache,
+    needs_routed_teachers,
+    trains_on_imported_rows,
+)
 
 
 def inputs_from_run(
     run: Path, r: Recipe, students: list[StudentSection]
 ) -> tuple[OutputRef, OutputRef, OutputRef | None, OutputRef | None]:
     """(data, teacher, curated answers, logit cache) from the run folder's finished outputs: the curated answers
-    only when a student learns from them, the logit cache only when one trains offline from it."""
+    only when a student learns from them (not from an imported cache's own rows), the logit cache (captured or
+    imported) only when one trains offline from it."""
     data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
-    curated = run_folder.latest(run, "curate") if any(needs_curated(s) for s in students) else None
-    logits = run_folder.latest(run, "logit-cache") if any(needs_logit_cache(s) for s in students) else None
+    logits = run_folder.latest(run, cache_stage(r)) if any(needs_logit_cache(s) for s in students) else None
+    answers = any(needs_curated(s) and not trains_on_imported_rows(s, logits) for s in students)
+    curated = run_folder.latest(run, "curate") if answers else None
     return data, teacher, curated, logits
 
 

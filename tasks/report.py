@@ -114,7 +114,7 @@ def write_report(
     deployment: OutputRef,
     lm_eval: dict,
     students: dict[str, dict],
-    curated: OutputRef,
+    curated: OutputRef | None,
     judge: OutputRef | None = None,
     power: PowerFigure = DEFAULT_POWER,
     prices: CostSection | None = None,
@@ -144,7 +144,9 @@ def write_report(
         run_name,
         teacher={**metrics["teacher"], **origin(models["teacher"])},
         students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
-        curation={k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
+        curation=None  # no student learnt from the teacher's answers (an imported logit cache): none were asked for
+        if curated is None
+        else {k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
         deployment={
             **{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
             "intensity_formula": INTENSITY_FORMULA,

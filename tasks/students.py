@@ -92,7 +92,7 @@ def train_student(
         raise ValueError(f"student {section.name!r} trains from the logit cache: pass the logit-cache stage's output")
     if routed is not None and section.launch is not None:  # the recipe refuses it: a launch needs one served teacher
         raise ValueError(f"student {section.name!r}: a launched student cannot be scored by several routed teachers")
-    rows = student_rows(section, template, data, curated, routed.routing if routed is not None else None)
+    rows = student_rows(section, template, data, curated, routed.routing if routed is not None else None, logits)
     if not rows:
         raise ValueError(f"student {section.name!r} has no training rows: the filter kept no teacher answers")
     stage_dir, checkpoints = Path(run_dir) / STUDENTS.name, out.work

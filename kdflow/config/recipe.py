@@ -24,6 +24,7 @@ from kdflow.config.generation import Backend, GenerationSection, PromptsSection
 from kdflow.config.kd import KD_METHODS, OfflineKD, OnPolicyKD
 from kdflow.config.loading import FieldError, parse_yaml, read_recipe_file
 from kdflow.config.logit_cache import LogitCacheSection
+from kdflow.config.logit_import import check_import
 from kdflow.config.run import RunSection
 from kdflow.config.student import PrunedInit, StudentData, StudentInit, StudentSection
 from kdflow.config.teacher import TeacherSection
@@ -80,6 +81,8 @@ class Recipe(Strict):
                     f"student {s.name!r}: kd method on_policy with lmbda {s.kd.lmbda} < 1 trains a share "
                     "of its steps on the logit cache's rows; add a `logit_cache:` section, or set lmbda: 1"
                 )
+        if self.logit_cache is not None and self.logit_cache.imported:
+            check_import(self)
         check_routed(self)
         if self.teacher.api and self.teachers is None:  # each of several teachers has its own generation section
             self._api_teacher_checks()
@@ -92,8 +95,8 @@ class Recipe(Strict):
     def _top_k_check(self) -> None:
         """A top-k wider than the teacher's vocabulary cannot be captured: said here, not at the capture stage after
         the teacher has answered."""
-        if self.logit_cache is None or self.teacher.api:
-            return
+        if self.logit_cache is None or self.logit_cache.imported or self.teacher.api:
+            return  # an imported cache's k is the file's
         vocab = self.teacher.vocab()
         if vocab is not None and self.logit_cache.k > vocab:
             raise FieldError(

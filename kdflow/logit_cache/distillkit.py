@@ -41,8 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdflow.config.logit_cache import DISTILLKIT_CONFIG
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-CONFIG_FILE = "compression_config.yaml"  # beside the data files, as DistillKit's capture writes it
+CONFIG_FILE = DISTILLKIT_CONFIG  # beside the data files, as DistillKit's capture writes it
 DEFAULT_DELTA_ENCODING = True  # DistillKit's default when a config leaves it out
 
 

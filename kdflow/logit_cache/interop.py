@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdflow.config.logit_cache import ValueEncoding
+from kdflow.config.logit_cache import LogitFormat, ValueEncoding, data_files
 from kdflow.logit_cache import axolotl, distillkit
 from kdflow.logit_cache.columns import Imported, LogitFileError, where
 from kdflow.logit_cache.format import (
@@ -51,7 +50,7 @@ from kdflow.logit_cache.format import (
 from kdflow.logit_cache.reader import LogitCache, check_tokenizer
 from kdflow.store.outputs import file_sha256, finish
 
-FORMATS = ("distillkit", "axolotl")
+FORMATS = tuple(f.value for f in LogitFormat)
 METADATA = b"kdflow"  # per exported file: row ids, spans, the cache's fingerprint
 STAGE, VERSION = "logit-cache-import", "1"
 BATCH_ROWS = 256  # rows read from a file at a time
@@ -146,20 +145,6 @@ def export_cache(
 # ---- import --------------------------------------------------------------------------------------------
 
 
-def data_files(source: str | Path) -> list[Path]:
-    """A parquet file, or a folder's ``*.parquet`` in their numeric order (data_2 before data_10)."""
-    source = Path(source)
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such file or folder")
-    numeric = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
-    files = sorted(source.glob("*.parquet"), key=numeric)
-    if not files:
-        raise FileNotFoundError(f"{source}: no .parquet files in it")
-    return files
-
-
 def import_file(
     source: str | Path,
     out: str | Path,
@@ -179,6 +164,70 @@ def import_file(
     export recorded, else: ``vocab_size`` DistillKit's ``d`` or the tokenizer's length, u8 values, temperature 1."""
     _check_format(fmt)
     files = data_files(source)
+    with _building(Path(out)) as tmp:
+        manifest = import_into(
+            tmp,
+            files,
+            fmt,
+            tokenizer,
+            vocab_size=vocab_size,
+            config=config,
+            teacher=teacher,
+            encoding=encoding,
+            temperature=temperature,
+            shard_rows=shard_rows,
+        )
+        key = hashlib.sha256(
+            json.dumps(
+                {
+                    "files": manifest["imported_from"],
+                    "format": fmt,
+                    "k": manifest["k"],
+                    "vocab": manifest["vocab_size"],
+                    "encoding": manifest["value_encoding"],
+                },
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()
+        finish(
+            tmp,
+            STAGE,
+            key,
+            inputs={"format": fmt, "files": manifest["imported_from"]},
+            rows=manifest["rows"],
+            **import_figures(manifest),
+        )
+    return manifest
+
+
+def import_figures(manifest: dict) -> dict:
+    """What a stage manifest records of an imported cache's size, from its cache manifest."""
+    return {
+        "positions": manifest["positions"],
+        "bytes": manifest["bytes"],
+        "cache_manifest": MANIFEST,
+        "bytes_per_position": round(manifest["bytes"] / max(manifest["positions"], 1), 2),
+    }
+
+
+def import_into(
+    tmp: Path,
+    files: list[Path],
+    fmt: str,
+    tokenizer,
+    *,
+    vocab_size: int | None = None,
+    config: str | Path | None = None,
+    teacher: str | None = None,
+    encoding: ValueEncoding | None = None,
+    temperature: float | None = None,
+    shard_rows: int = 1024,
+    digests: list[str] | None = None,
+) -> dict:
+    """Read ``files`` in ``fmt`` into the cache folder ``tmp`` (shards, ``cache.json``; the caller finishes it);
+    returns its cache manifest. ``digests``: the files' sha256, where the caller has them."""
+    _check_format(fmt)
+    source = files[0] if len(files) == 1 else files[0].parent
     tags = [_tag(f) for f in files]
     cached = next((t["cache"] for t in tags if t), None)
     if cached is not None:  # kdflow's own export: the tokenizer must be the one its cache was made with
@@ -200,67 +249,44 @@ def import_file(
         )
     k = layout.k if layout else (cached or {}).get("k")
     encoding = encoding or ValueEncoding((cached or {}).get("value_encoding", "u8"))
-    out = Path(out)
     rows = _topk_rows(files, tags, fmt, layout, d, vocab_size, len(tokenizer))
-    with _building(out) as tmp:
-        shards, batch, seen, computed = [], [], set(), 0
-        for r, tail_computed in rows:
-            computed += tail_computed
-            if r.row_id in seen:
-                raise LogitFileError(f"{source}: row id {r.row_id!r} twice; the cache is looked up by row id")
-            seen.add(r.row_id)
-            k = k or r.ids.shape[1]
-            if r.ids.shape[1] != k:
-                raise LogitFileError(
-                    f"{source}: row {r.row_id!r} has top-{r.ids.shape[1]}, the rows before top-{k}; a cache has one k"
-                )
-            batch.append(r)
-            if len(batch) == shard_rows:
-                shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
-                batch = []
-        if batch:
+    shards, batch, seen, computed = [], [], set(), 0
+    for r, tail_computed in rows:
+        computed += tail_computed
+        if r.row_id in seen:
+            raise LogitFileError(f"{source}: row id {r.row_id!r} twice; the cache is looked up by row id")
+        seen.add(r.row_id)
+        k = k or r.ids.shape[1]
+        if r.ids.shape[1] != k:
+            raise LogitFileError(
+                f"{source}: row {r.row_id!r} has top-{r.ids.shape[1]}, the rows before top-{k}; a cache has one k"
+            )
+        batch.append(r)
+        if len(batch) == shard_rows:
             shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
-        if not shards:
-            raise LogitFileError(f"{source}: no rows")
-        teachers = (cached or {}).get("teachers") or [
-            {"model": teacher or f"{fmt}:{files[0]}", "revision": None, "weight": 1.0}
-        ]
-        meta = cache_meta(
-            teachers=teachers,
-            tokenizer=tokenizer,
-            vocab_size=vocab_size,
-            k=k,
-            temperature=temperature or (cached or {}).get("temperature", 1.0),
-            encoding=encoding,
-            source=f"import:{fmt}",
-        )
-        meta["tail"] = _tail_note(computed, len(seen), fmt)
-        meta["imported_from"] = [{"file": str(f), "sha256": file_sha256(f)} for f in files]
-        manifest = write_manifest(tmp, meta, shards)
-        LogitCache.open(tmp, expect_tokenizer=tokenizer, expect_vocab_size=vocab_size).verify()
-        key = hashlib.sha256(
-            json.dumps(
-                {
-                    "files": meta["imported_from"],
-                    "format": fmt,
-                    "k": k,
-                    "vocab": vocab_size,
-                    "encoding": encoding.value,
-                },
-                sort_keys=True,
-            ).encode()
-        ).hexdigest()
-        finish(
-            tmp,
-            STAGE,
-            key,
-            inputs={"format": fmt, "files": meta["imported_from"]},
-            rows=manifest["rows"],
-            positions=manifest["positions"],
-            bytes=manifest["bytes"],
-            cache_manifest=MANIFEST,
-            bytes_per_position=round(manifest["bytes"] / max(manifest["positions"], 1), 2),
-        )
+            batch = []
+    if batch:
+        shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
+    if not shards:
+        raise LogitFileError(f"{source}: no rows")
+    teachers = (cached or {}).get("teachers") or [
+        {"model": teacher or f"{fmt}:{files[0]}", "revision": None, "weight": 1.0}
+    ]
+    meta = cache_meta(
+        teachers=teachers,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        k=k,
+        temperature=temperature or (cached or {}).get("temperature", 1.0),
+        encoding=encoding,
+        source=f"import:{fmt}",
+    )
+    meta["tail"] = _tail_note(computed, len(seen), fmt)
+    meta["imported_from"] = [
+        {"file": str(f), "sha256": digest} for f, digest in zip(files, digests or [file_sha256(f) for f in files])
+    ]
+    manifest = write_manifest(tmp, meta, shards)
+    LogitCache.open(tmp, expect_tokenizer=tokenizer, expect_vocab_size=vocab_size).verify()
     return manifest
 
 

@@ -123,7 +123,7 @@ def build_report(
     run_name: str,
     teacher: dict,
     students: dict[str, dict],
-    curation: dict,
+    curation: dict | None,
     deployment: dict | None = None,
     lm_eval: dict | None = None,
     judge: dict | None = None,
@@ -435,7 +435,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     """The report as Markdown. ``images``: plot title -> where to find it (a file name next to report.md,
     or a ``data:`` URI to embed it in a Prefect artifact)."""
     c = report["curation"]
-    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none"
+    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none" if c else ""
     lines = [
         f"# kdflow report: {report['run']}",
         "",
@@ -460,7 +460,9 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         *notes(report),
         *cost_report.notes(report),
         "",
-        f"Teacher answers: {c['input_rows']} generated, {c['kept']} kept, {c['dropped']} dropped ({reasons}).",
+        f"Teacher answers: {c['input_rows']} generated, {c['kept']} kept, {c['dropped']} dropped ({reasons})."
+        if c
+        else "Teacher answers: none asked for (the students learnt from an imported logit dataset).",
         "",
         *lm_eval_lines(report.get("lm_eval") or {"status": "off"}),
         "",

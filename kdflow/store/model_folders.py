@@ -18,7 +18,7 @@ import os
 import threading
 from pathlib import Path
 
-from kdflow.store.outputs import MANIFEST, OutputRef, hash_folder, read_manifest, write_atomic
+from kdflow.store.outputs import MANIFEST, OutputRef, file_sha256, hash_folder, read_manifest, write_atomic
 
 SOURCE = "model.json"  # {"location": <folder relative to the stage output, absolute folder, or hub id>}
 MODEL = "model"  # the folder a stage that makes a model saves it in (weights, tokenizer, chat template)
@@ -84,25 +84,34 @@ _hashes_lock = threading.Lock()
 
 def folder_sha256(folder: Path) -> str:
     """``hash_folder(folder)``, computed again only when a file of the folder changed since it was last hashed."""
-    folder = Path(os.path.abspath(folder))
-    signature = _signature(folder)
+    return _remembered(Path(folder), hash_folder)
+
+
+def file_sha256_remembered(file: Path) -> str:
+    """``file_sha256(file)``, likewise computed again only when the file changed (an imported logit dataset: its
+    files' digests key the import, and a key is computed several times per run)."""
+    return _remembered(Path(file), file_sha256)
+
+
+def _remembered(path: Path, digest_of) -> str:
+    path = Path(os.path.abspath(path))
+    signature = _signature(path)
     with _hashes_lock:
         if not _hashes:
             _hashes.update(_load_hashes())
-        known = _hashes.get(str(folder))
+        known = _hashes.get(str(path))
     if known is not None and known[0] == signature:
         return known[1]
-    digest = hash_folder(folder)
+    digest = digest_of(path)
     with _hashes_lock:
-        _hashes[str(folder)] = (signature, digest)
+        _hashes[str(path)] = (signature, digest)
         _save_hashes(dict(_hashes))
     return digest
 
 
-def _signature(folder: Path) -> str:
-    stats = sorted(
-        (str(f.relative_to(folder)), f.stat()) for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST
-    )
+def _signature(path: Path) -> str:
+    files = [path] if path.is_file() else (f for f in path.rglob("*") if f.is_file() and f.name != MANIFEST)
+    stats = sorted((str(f.relative_to(path)), f.stat()) for f in files)
     text = json.dumps([(n, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for n, st in stats])
     return hashlib.sha256(text.encode()).hexdigest()
 

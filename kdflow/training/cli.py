@@ -27,7 +27,13 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
     from kdflow.config.recipe import load_recipe
     from kdflow.config.student import StudentData
     from kdflow.store import run_folder
-    from kdflow.training.student import StudentJob, needs_logit_cache, needs_routed_teachers
+    from kdflow.training.student import (
+        StudentJob,
+        cache_stage,
+        needs_logit_cache,
+        needs_routed_teachers,
+        trains_on_imported_rows,
+    )
 
     r = load_recipe(recipe)
     sections = {s.name: s for s in r.student_runs()}
@@ -40,14 +46,15 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
             f"`kdflow students {recipe}` (or `kdflow distill`), which hands it each one"
         )
     run = Path(run_dir) if run_dir else r.run_dir
-    offline = needs_logit_cache(section)
+    logits = run_folder.latest(run, cache_stage(r)) if needs_logit_cache(section) else None
+    answers = section.data is StudentData.teacher and not trains_on_imported_rows(section, logits)
     return StudentJob(
         section=section,
         template=r.prompts.cot_text(),
         teacher=run_folder.latest(run, "teacher"),
         data=run_folder.latest(run, "data"),
-        curated=run_folder.latest(run, "curate") if section.data is StudentData.teacher else None,
-        logits=run_folder.latest(run, "logit-cache") if offline else None,
+        curated=run_folder.latest(run, "curate") if answers else None,
+        logits=logits,
         checkpoints=checkpoints,
     )
 
@@ -92,7 +99,7 @@ def run(argv: list[str] | None) -> None:
         if args.job
         else job_from_run(args.recipe, args.student, args.run_dir, args.checkpoints)
     )
-    rows = student_rows(job.section, job.template, job.data, job.curated)
+    rows = student_rows(job.section, job.template, job.data, job.curated, logits=job.logits)
     if not rows:
         raise SystemExit(f"student {job.section.name!r} has no training rows")
     out = Path(args.out)

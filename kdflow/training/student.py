@@ -5,6 +5,7 @@ CLI (kdflow/training/cli.py, run in each launched process) both call ``train_her
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import subprocess
@@ -24,7 +25,9 @@ from kdflow.config.teachers import Routing
 from kdflow.config.templates import sft_rows
 from kdflow.config.training import trainer_config
 from kdflow.curation.pipeline import KEPT
+from kdflow.logit_cache.format import MANIFEST as CACHE_MANIFEST
 from kdflow.logit_cache.format import cache_row_id
+from kdflow.logit_cache.interop import STAGE as IMPORTED
 from kdflow.store.model_folders import LOG_HISTORY, model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
@@ -44,11 +47,19 @@ def subset(row_ids: list[str], fraction: float, seed: int) -> set[str]:
 
 
 def student_rows(
-    section: StudentSection, template: str, data: OutputRef, curated: OutputRef | None, routing: Routing | None = None
+    section: StudentSection,
+    template: str,
+    data: OutputRef,
+    curated: OutputRef | None,
+    routing: Routing | None = None,
+    logits: OutputRef | None = None,
 ) -> list[dict]:
     """The student's prompt-completion rows, each with its ``row_id`` (the logit cache's name for it); with
     ``routing`` (several teachers score its samples, on-policy), each with its ``teacher`` too: the one ``routing``
-    sends its data row to (a gold row is a train-split row)."""
+    sends its data row to (a gold row is a train-split row). ``logits``: the cache, where it is imported and the
+    student reads it: its own rows instead (``imported_rows``)."""
+    if trains_on_imported_rows(section, logits):
+        return imported_rows(section, logits)
     if section.data is StudentData.gold:
         rows = [{**r, "split": "train"} for r in read_split(data, "train")]
         column = "rationale"
@@ -64,6 +75,17 @@ def student_rows(
         keep = subset([r["row_id"] for r in out], section.data_fraction, section.seed)
         out = [r for r in out if r["row_id"] in keep]
     return out
+
+
+def imported_rows(section: StudentSection, logits: OutputRef) -> list[dict]:
+    """The rows of an imported cache a student trains on, by ``row_id`` (the trainer reads their tokens from the
+    cache): all of them, or the ``data_fraction`` the seed picks."""
+    manifest = json.loads((Path(logits.path) / CACHE_MANIFEST).read_text())
+    ids = [row_id for shard in manifest["shards"] for row_id in shard["row_ids"]]
+    if section.data_fraction < 1.0:
+        keep = subset(ids, section.data_fraction, section.seed)
+        ids = [row_id for row_id in ids if row_id in keep]
+    return [{"row_id": row_id} for row_id in ids]
 
 
 def init_student(section: StudentSection, teacher: OutputRef):
@@ -97,11 +119,25 @@ def needs_routed_teachers(section: StudentSection) -> bool:
     return isinstance(section.kd, OnPolicyKD)
 
 
+def trains_on_imported_rows(section: StudentSection, logits: OutputRef | None) -> bool:
+    """An imported logit cache (``logit_cache: {import: ...}``) holds sequences of its own, not the teacher's answers
+    by row id: a student that reads it trains on every one of them (its ``data_fraction`` of them)."""
+    return logits is not None and logits.stage == IMPORTED and needs_logit_cache(section)
+
+
+def cache_stage(r) -> str:
+    """The stage folder a recipe ``r``'s logit cache is in: its import's, or its capture's."""
+    return IMPORTED if r.logit_cache is not None and r.logit_cache.imported else "logit-cache"
+
+
 def student_inputs(
     section: StudentSection, curated: OutputRef | None, logits: OutputRef | None
 ) -> tuple[OutputRef | None, OutputRef | None]:
-    """What of the run a student trains from: the curated answers unless it learns from gold alone, the logit
-    cache only for offline KD — so a new filter or a new cache retrains only the students that use them."""
+    """What of the run a student trains from: the curated answers unless it learns from gold alone or from an
+    imported cache's own rows, the logit cache only for offline KD — so a new filter or a new cache retrains only the
+    students that use them."""
+    if trains_on_imported_rows(section, logits):
+        return None, logits
     return (curated if needs_curated(section) else None), (logits if needs_logit_cache(section) else None)
 
 
