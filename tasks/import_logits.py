@@ -78,7 +78,7 @@ def import_logits(run_dir: Path, section: LogitCacheSection, tokenizer: str) -> 
             out.finish(
                 tmp,
                 rows=manifest["rows"],
-                **interop.import_figures(manifest),
+                **{"k": manifest["k"], **interop.import_figures(manifest)},  # k: as a capture's manifest says it
                 source=f"import:{imp.format.value}",
                 imported_from=manifest["imported_from"],
                 seconds=round(time.perf_counter() - start, 1),
