@@ -197,6 +197,12 @@ def _shape(model: str, gguf_key: str, config_key: str) -> int | None:
         return None if field is None else int(field.contents())
     config = path / "config.json"
     if config.is_file():
-        value = json.loads(config.read_text()).get(config_key)
+        try:
+            found = json.loads(config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(
+                f"{config} is not valid JSON ({e}): the model folder is damaged; copy or save it again"
+            ) from None
+        value = found.get(config_key) if isinstance(found, dict) else None
         return value if isinstance(value, int) else None
     return None

@@ -5,6 +5,7 @@ import pytest
 
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
+from tests.conftest import MINI_RECIPE
 from tests.teacher.test_teachers import two_teachers
 
 
@@ -59,3 +60,16 @@ def test_a_teacher_folder_that_is_not_there_and_no_hub_id_is_refused_at_load(tmp
 def test_a_hub_id_teacher_is_still_taken_as_one(tmp_path):
     r = load_recipe(recipe(tmp_path, MINI_TEACHER, "  - name: sub\n    model: HuggingFaceTB/SmolLM2-135M-Instruct\n"))
     assert r.teachers[1].model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_a_teacher_folder_whose_config_is_not_json_is_named_with_the_file(tmp_path):
+    # Before: "(top level): Expecting property name enclosed in double quotes: line 2 column 1", naming no file.
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama", \n')
+    text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'runs'}")
+    start, end = text.index("teacher:\n"), text.index("generation:")
+    text = text[:start] + f"teacher:\n  model: {folder}\n\nlogit_cache: {{k: 4}}\n\n" + text[end:]
+    (tmp_path / "mini.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=r"teacher/config.json is not valid JSON .*the model folder is damaged"):
+        load_recipe(tmp_path / "mini.yaml")
