@@ -34,6 +34,38 @@ class Imported:
     tail: np.ndarray | None
 
 
+# p = exp(log-prob) is at most 1, and a position's top-k sums to at most 1. Rounding (fp16, bf16, u8 steps, a
+# producer's renormalisation) stays well inside these margins; a column of logits or of probabilities does not.
+LOGPROB_MAX, MASS_MAX = 0.01, 1.05
+
+
+def distribution_problem(ids: np.ndarray, logprobs: np.ndarray) -> tuple[int, str] | None:
+    """The first position of ``ids`` / ``logprobs`` (L, k; finite) whose top-k is not one distribution, and why;
+    None when every position is one. A repeated id would count its token twice, a log-prob above 0 or a top-k mass
+    above 1 is not a probability: stored, either trains a student towards what no teacher said."""
+    ordered = np.sort(ids, axis=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    above = (logprobs > LOGPROB_MAX).any(1)
+    mass = np.exp(logprobs.astype(np.float64)).sum(1)
+    over = mass > MASS_MAX
+    bad = repeated | above | over
+    if not bad.any():
+        return None
+    j = int(np.flatnonzero(bad)[0])
+    if repeated[j]:
+        twice = int(ordered[j][1:][ordered[j][1:] == ordered[j][:-1]][0])
+        return j, f"top-k id {twice} appears twice; a position's top-k names k different tokens: re-export the row"
+    if above[j]:
+        return j, (
+            f"log-prob {float(logprobs[j].max()):g} is above 0 (a probability above 1): the column holds logits or "
+            "something else, not log-probs; write log_softmax values"
+        )
+    return j, (
+        f"the top-k probabilities sum to {mass[j]:.3f}, more than 1: not one distribution (logits, or values of "
+        "another temperature?); write log_softmax values"
+    )
+
+
 def list_column(values: list[np.ndarray], item: pa.DataType) -> pa.Array:
     """list<item> from one 1-D array per row."""
     offsets = np.cumsum([0, *(len(v) for v in values)]).astype(np.int32)

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from kdflow.config.logit_cache import LogitFormat, ValueEncoding, data_files
 from kdflow.logit_cache import axolotl, distillkit
-from kdflow.logit_cache.columns import Imported, LogitFileError, where
+from kdflow.logit_cache.columns import Imported, LogitFileError, distribution_problem, where
 from kdflow.logit_cache.format import (
     MANIFEST,
     TopK,
@@ -333,6 +333,8 @@ def _checked(r: Imported, file: Path, row_id: str, vocab_size: int, tokens: int)
             f"{where(file, r.row, r.start + j)}: a log-prob is not finite (NaN or -inf); a student "
             "would train on it: recapture the row or drop it"
         )
+    if (problem := distribution_problem(r.ids, r.logprobs)) is not None:
+        raise LogitFileError(f"{where(file, r.row, r.start + problem[0])}: {problem[1]}")
     logprobs = r.logprobs.astype(np.float32)
     tail = r.tail if r.tail is not None else tail_from_topk(logprobs)
     return TopK(row_id, r.input_ids.astype(np.int64), r.start, r.ids, logprobs, np.asarray(tail, dtype=np.float32))

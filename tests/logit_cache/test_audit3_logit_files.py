@@ -1,0 +1,68 @@
+"""Logit datasets that are no distribution, found by the third audit (issue 23; docs/results/audit.md, "The third
+audit"): an import refuses them naming the file, row and position, where before they were stored without a word."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from kdflow.logit_cache import axolotl
+from kdflow.logit_cache.format import TopK, tail_from_topk
+from kdflow.logit_cache.interop import LogitFileError, import_file
+from kdflow.logit_cache.reader import LogitCache
+from kdflow.training.tiny_models import train_tokenizer
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer([f"{a}+{b}={a + b}" for a in range(10) for b in range(10)], 48)
+
+
+def rows(vocab: int, n: int = 3) -> list[TopK]:
+    """Sequences of 8 tokens, the last 3 positions with a top-4 log-softmax of random logits."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        logits = rng.normal(size=(3, vocab))
+        logprobs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        ids = np.argsort(-logprobs, axis=-1)[:, :K]
+        top = np.take_along_axis(logprobs, ids, -1).astype(np.float32)
+        out.append(TopK(f"r{i}", rng.integers(3, vocab, 8), 4, ids, top, tail_from_topk(top)))
+    return out
+
+
+def write(folder, tokenizer, plant=None):
+    folder.mkdir()
+    table = axolotl.table_of(rows(len(tokenizer)), K)
+    records = table.to_pylist()
+    if plant:
+        plant(records[1]["target_token_ids"][5], records[1]["target_logprobs"][5])  # row 1, position 5 (a kept one)
+    pq.write_table(type(table).from_pylist(records, schema=table.schema), folder / "data_0.parquet")
+    return folder
+
+
+def test_a_well_formed_file_imports(tmp_path, tokenizer):
+    import_file(write(tmp_path / "ok", tokenizer), tmp_path / "cache", "axolotl", tokenizer)
+    assert len(LogitCache.open(tmp_path / "cache", expect_tokenizer=tokenizer).row_ids) == 3
+
+
+def test_a_repeated_top_k_id_is_refused(tmp_path, tokenizer):
+    # Before: stored as it was; the student's loss then counted that token's probability twice.
+    folder = write(tmp_path / "f", tokenizer, lambda ids, lps: ids.__setitem__(1, ids[0]))
+    with pytest.raises(LogitFileError, match=r"data_0.parquet: row 1, position 5: top-k id \d+ appears twice"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_positive_log_prob_is_refused(tmp_path, tokenizer):
+    # Before: a log-prob of +5 was stored (clamped to 0 by u8: p = 1 beside the other top-k entries, and the tail).
+    folder = write(tmp_path / "f", tokenizer, lambda ids, lps: lps.__setitem__(0, 5.0))
+    with pytest.raises(LogitFileError, match=r"row 1, position 5: log-prob 5 is above 0 .*not log-probs"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+def test_top_k_probabilities_above_one_are_refused(tmp_path, tokenizer):
+    folder = write(tmp_path / "f", tokenizer, lambda ids, lps: lps.__setitem__(slice(None), [-0.1] * K))
+    with pytest.raises(LogitFileError, match=r"row 1, position 5: the top-k probabilities sum to 3.619, more than 1"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
