@@ -28,7 +28,7 @@ def import_inputs(section: LogitCacheSection, tokenizer: str) -> dict:
     """What an import is made of, by content. ``tokenizer``: the model folder or hub id whose tokenizer it records."""
     from transformers import AutoTokenizer
 
-    from kdflow.logit_cache.format import tokenizer_fingerprint
+    from kdflow.models.tokenizer_identity import tokenizer_fingerprint
 
     imp = section.import_
     files = imp.files()

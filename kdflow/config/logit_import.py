@@ -110,7 +110,7 @@ def _check_tokenizer(r, i: int, s, imp: LogitImport, record: dict | None) -> Non
         return  # a foreign file's ids are checked against the tokenizer when imported; a hub id is not read here
     from transformers import AutoTokenizer
 
-    from kdflow.logit_cache.format import tokenizer_fingerprint
+    from kdflow.models.tokenizer_identity import tokenizer_fingerprint
 
     mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(folder)))
     for key, what in (("tokenizer_sha256", "tokenizer"), ("chat_template_sha256", "chat template")):

@@ -39,7 +39,6 @@ Rows are found by ``row_id`` only — never by step or batch position — so shu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kdflow.config.logit_cache import ValueEncoding
+from kdflow.models.tokenizer_identity import tokenizer_fingerprint
 
 FORMAT, FORMAT_VERSION = "kdflow-logit-cache", 1
 MANIFEST = "cache.json"
@@ -123,26 +123,6 @@ class CachedRow:
 
 
 # ---- fingerprints -------------------------------------------------------------------------------------
-
-
-def sha256_text(text: str | None) -> str | None:
-    return None if text is None else hashlib.sha256(text.encode()).hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """Hashes of what decides token ids: the tokenizer's model, pre-/post-processing and added tokens
-    (not its padding or truncation settings, which do not change ids), and the chat template."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec = {k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")}
-    else:  # a slow tokenizer: its vocabulary is the best identity we have
-        spec = sorted(tokenizer.get_vocab().items())
-    return {
-        "tokenizer_sha256": sha256_text(json.dumps(spec, sort_keys=True)),
-        "chat_template_sha256": sha256_text(getattr(tokenizer, "chat_template", None)),
-        "tokenizer_size": len(tokenizer),
-    }
 
 
 def id_bytes_for(vocab_size: int) -> int:

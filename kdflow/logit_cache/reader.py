@@ -32,8 +32,8 @@ from kdflow.logit_cache.format import (
     decode_ids,
     decode_values,
     file_sha256,
-    tokenizer_fingerprint,
 )
+from kdflow.models.tokenizer_identity import tokenizer_fingerprint
 
 
 class LogitCache:
