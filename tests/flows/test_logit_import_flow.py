@@ -28,6 +28,7 @@ def test_a_recipe_imports_an_exported_logit_dataset_and_an_offline_student_train
     raw["logit_cache"] = {"k": 8}
     mini_recipe.write_text(yaml.safe_dump(raw))
     captured = capture_logits_flow(str(mini_recipe))  # data → teacher → answers → curated → the teacher's top-8
+    assert captured.rows, "the mini teacher kept no answers: nothing to export (the import test needs rows)"
     interop.export_cache(captured.path, tmp_path / "exported", "axolotl")
     teacher = model_location(run_folder.latest(load_recipe(mini_recipe).run_dir, "teacher"))
 
