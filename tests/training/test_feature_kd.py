@@ -194,4 +194,4 @@ def test_a_resumed_run_continues_with_the_checkpointed_projections(tokenizer, tm
     assert history[0] == {"resumed_from": "checkpoint-5"}
     assert [e["step"] for e in history if "feature_loss" in e] == list(range(1, 11))
     assert torch.equal(first.weight, saved)  # not a fresh projection: the one trained for 5 steps
-    assert not checkpoints.exists()
+    assert checkpoints.exists()  # training leaves them; the students stage removes them once its output is in place

@@ -299,7 +299,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_keeps_counting(teach
     assert [h["step"] for h in history[1:] if "loss" in h] == list(range(1, 9))
     # the counts continue from the checkpoint's: 4 batches before it, 4 after, none of the killed run's extra 2
     assert json.loads((tmp_path / "b" / "on_policy.json").read_text())["on_policy_batches"] == 8
-    assert not checkpoints.exists()
+    assert checkpoints.exists()  # training leaves them; the students stage removes them once its output is in place
 
 
 @pytest.fixture(scope="module")
