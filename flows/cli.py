@@ -19,6 +19,18 @@ import importlib
 import json
 import sys
 
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (the message names the value; argparse names the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count; give a whole number of at least 1")
+    return value
+
+
 # command -> (module, flow function, what it does); the stage commands are named after the run folder's stages.
 COMMANDS = {
     "distill": (
@@ -86,9 +98,9 @@ def parser() -> argparse.ArgumentParser:
                 "--run-dir", help="the run folder to take inputs from and write to (default: the recipe's)"
             )
         if name in SHARDED:
-            sub.add_argument("--workers", type=int, default=2, help="local cluster size (without --address)")
+            sub.add_argument("--workers", type=_positive, default=2, help="local cluster size (without --address)")
             sub.add_argument("--address", help="scheduler of an existing Dask cluster, e.g. tcp://10.0.0.5:8786")
-            sub.add_argument("--parts", type=int, help="how many parts the work is cut into (default: --workers)")
+            sub.add_argument("--parts", type=_positive, help="how many parts the work is cut into (default: --workers)")
         if name == "distill":
             sub.add_argument(
                 "--seeds",
@@ -150,7 +162,7 @@ def interop_commands(commands) -> None:
     )
     imp.add_argument(
         "--vocab-size",
-        type=int,
+        type=_positive,
         help="the teacher's logits per position, i.e. the student's vocab_size "
         "(default: what a kdflow export recorded, DistillKit's d, or the tokenizer's length)",
     )
@@ -161,7 +173,7 @@ def interop_commands(commands) -> None:
         choices=("u8", "fp16"),
         help="how the cache stores log-probs (default: what a kdflow export recorded, else u8)",
     )
-    imp.add_argument("--shard-rows", type=int, default=1024, help="rows per cache shard")
+    imp.add_argument("--shard-rows", type=_positive, default=1024, help="rows per cache shard")
 
 
 def run_interop(args) -> dict:

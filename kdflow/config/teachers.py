@@ -32,6 +32,7 @@ from kdflow.config.fields import ROOT, SafeName, Strict, redact_url
 from kdflow.config.generation import GenerationSection
 from kdflow.config.teacher import TeacherSection
 from kdflow.models.gguf import is_gguf_path
+from kdflow.models.tokenizer_identity import TOKENIZER_FILES
 
 # The columns every data source gives its rows (data/arithmetic.py, data/gsm8k.py, data/instructions.py), and the
 # split each generation row is asked from: what a route may read.
@@ -201,7 +202,7 @@ def tokenizer_identity(t: TeacherSection) -> tuple[str, str] | None:
     if folder.is_dir():
         import hashlib
 
-        files = [f for f in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model") if (folder / f).is_file()]
+        files = [f for f in TOKENIZER_FILES if (folder / f).is_file()]
         return "folder", hashlib.sha256(b"".join((folder / f).read_bytes() for f in files)).hexdigest()
     return None
 

@@ -169,7 +169,19 @@ def layout_of(config: dict, where: str = "the compression config") -> tuple[Layo
 def read_config(path: Path) -> tuple[Layout, int]:
     import yaml
 
-    return layout_of(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+    try:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(
+            f"{path}: not YAML ({str(e).splitlines()[0]}); pass the compression_config.yaml DistillKit's capture wrote "
+            "beside its parquet files"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{path}: a {type(config).__name__}, not a mapping of settings (d, k, exact_k, ...); pass the "
+            "compression_config.yaml DistillKit's capture wrote beside its parquet files"
+        )
+    return layout_of(config, str(path))
 
 
 def write_config(path: Path, layout: Layout, vocab_size: int) -> None:

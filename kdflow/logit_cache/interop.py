@@ -227,6 +227,10 @@ def import_into(
     """Read ``files`` in ``fmt`` into the cache folder ``tmp`` (shards, ``cache.json``; the caller finishes it);
     returns its cache manifest. ``digests``: the files' sha256, where the caller has them."""
     _check_format(fmt)
+    if vocab_size is not None and vocab_size < 1:
+        raise ValueError(
+            f"vocab_size {vocab_size}: give the teacher's logits per position (at least 1), or leave it unset"
+        )
     source = files[0] if len(files) == 1 else files[0].parent
     tags = [_tag(f) for f in files]
     cached = next((t["cache"] for t in tags if t), None)

@@ -6,6 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
+
+# The files a saved Hugging Face tokenizer keeps its vocabulary in (a fast tokenizer's one file, a BPE's pair, a
+# SentencePiece model); a model folder with none of them has no tokenizer to load.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model"))
 
 
 def sha256_text(text: str | None) -> str | None:

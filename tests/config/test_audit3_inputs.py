@@ -67,9 +67,34 @@ def test_a_teacher_folder_whose_config_is_not_json_is_named_with_the_file(tmp_pa
     folder = tmp_path / "teacher"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama", \n')
+    (folder / "tokenizer.json").write_text("{}")  # present, so the config is what is wrong with the folder
     text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'runs'}")
     start, end = text.index("teacher:\n"), text.index("generation:")
     text = text[:start] + f"teacher:\n  model: {folder}\n\nlogit_cache: {{k: 4}}\n\n" + text[end:]
     (tmp_path / "mini.yaml").write_text(text)
     with pytest.raises(RecipeError, match=r"teacher/config.json is not valid JSON .*the model folder is damaged"):
         load_recipe(tmp_path / "mini.yaml")
+
+
+def test_a_routing_key_written_as_a_yaml_number_says_to_quote_it(tmp_path):
+    # Before: "Input should be a valid string" at its line, without saying why a 0 is no string.
+    with pytest.raises(
+        RecipeError,
+        match=r"routed.yaml:\d+: routing.routes.0.\[key\]: .*YAML reads an unquoted 0 "
+        r"as a number: quote it \('0'\)",
+    ):
+        load_recipe(recipe(tmp_path, 'routes: {"0": add}', "routes: {0: add}"))
+
+
+def test_a_teacher_folder_without_tokenizer_files_is_refused_at_load(tmp_path):
+    # Before: refused as "tokenizes otherwise" than the other teacher, with the hash of no files.
+    folder = tmp_path / "teacher"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    path = recipe(tmp_path, MINI_TEACHER, f"  - name: sub\n    model: {folder}\n")
+    with pytest.raises(
+        RecipeError,
+        match=r"routed.yaml:\d+: teachers.1: .*the folder has no tokenizer files "
+        r"\(tokenizer.json, .*tokenizer.save_pretrained",
+    ):
+        load_recipe(path)

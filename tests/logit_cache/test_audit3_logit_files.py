@@ -66,3 +66,32 @@ def test_top_k_probabilities_above_one_are_refused(tmp_path, tokenizer):
     folder = write(tmp_path / "f", tokenizer, lambda ids, lps: lps.__setitem__(slice(None), [-0.1] * K))
     with pytest.raises(LogitFileError, match=r"row 1, position 5: the top-k probabilities sum to 3.619, more than 1"):
         import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+@pytest.mark.parametrize("text", ["d: 48\nk: [4\n", "- 48\n- 4\n"])
+def test_a_distillkit_config_that_is_not_a_yaml_mapping_is_named_with_the_fix(tmp_path, text):
+    # Before: a bare yaml ParserError (or "'list' object has no attribute 'get'"), naming neither the file nor the fix.
+    from kdflow.logit_cache import distillkit
+
+    config = tmp_path / distillkit.CONFIG_FILE
+    config.write_text(text)
+    with pytest.raises(ValueError, match=r"compression_config.yaml: (not YAML|a list, not a mapping).*pass the "):
+        distillkit.read_config(config)
+
+
+def test_a_vocabulary_size_below_one_is_refused_before_any_file_is_read(tmp_path, tokenizer):
+    # Before: "top-k id 3 is outside the vocabulary (0 to -6)", once the first row was read.
+    with pytest.raises(ValueError, match=r"vocab_size -5: give the teacher's logits per position \(at least 1\)"):
+        import_file(write(tmp_path / "f", tokenizer), tmp_path / "cache", "axolotl", tokenizer, vocab_size=-5)
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("option", ["--vocab-size", "--shard-rows"])
+def test_the_import_command_refuses_a_count_below_one_naming_the_option(capsys, option):
+    from flows.cli import parser
+
+    with pytest.raises(SystemExit):
+        parser().parse_args(
+            ["logit-cache-import", "--format", "axolotl", "in", "out", "--tokenizer", "t", option, "-5"]
+        )
+    assert f"argument {option}: -5 is not a count; give a whole number of at least 1" in capsys.readouterr().err
