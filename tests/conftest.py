@@ -15,6 +15,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="kdflow-prefect-")
 os.environ.setdefault("KDFLOW_STATE_DIR", tempfile.mkdtemp(prefix="kdflow-state-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a loaded machine starts slowly
+# A report or progress artifact is best effort, given up after 30 s without an answer (tasks/progress.py); a test that
+# checks one must not miss it because a loaded machine made the server slow. (Child processes inherit it.)
+os.environ.setdefault("KDFLOW_ARTIFACT_TIMEOUT_S", "900")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
