@@ -19,10 +19,11 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
-# The metric follows from the source, which is in the key: instruction-data curves have keys of their own.
+# The metric follows from the source, which is in the key: instruction-data curves have keys of their own. Version 2:
+# snapshots are loaded in evaluation.dtype (version 1 loaded them in float32 whatever it said).
 CURVES = Stage(
     "curves",
-    "1",
+    "2",
     lambda section, template, source, student, data: {
         "section": section,
         "template": template,
@@ -51,6 +52,7 @@ def evaluate_curve(
         answer_checker(source)[0],  # instruction data's refuses to be called, and is not: ROUGE-L needs none
         section.max_new_tokens,
         section.batch_size,
+        section.dtype,
     )
     with out.building() as tmp:
         (tmp / CURVE_FILE).write_text(json.dumps(curve, indent=1))

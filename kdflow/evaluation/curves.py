@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from kdflow.config.precision import Dtype
 from kdflow.evaluation.free_text import greedy_rouge_l
 from kdflow.evaluation.quality import accuracy
 from kdflow.teacher.hf_generate import load
@@ -38,13 +39,15 @@ def curve_quality(
     check: Callable,
     max_new_tokens: int,
     batch_size: int,
+    dtype: Dtype | None = None,
 ) -> dict:
-    """``{"points": [{step, seconds, model, <metric>, ...}], "max_steps", "resumed_at", "rows"}``: every snapshot
-    answers every row greedily, as the evaluate stage does (``snapshot_quality``)."""
+    """``{"points": [{step, seconds, model, <metric>, ...}], "max_steps", "resumed_at", "rows"}``: every snapshot,
+    loaded in ``dtype`` as the evaluate stage loads the finished student, answers every row greedily
+    (``snapshot_quality``)."""
     curve = read_curve(student_dir)
     points = []
     for point in curve["points"]:
-        net, tokenizer = load(str(Path(student_dir) / point["model"]))
+        net, tokenizer = load(str(Path(student_dir) / point["model"]), dtype)
         points.append(
             {**point, **snapshot_quality(net, tokenizer, rows, template, metric, check, max_new_tokens, batch_size)}
         )

@@ -334,3 +334,22 @@ def test_a_warm_start_must_name_a_step_its_source_saves(tmp_path):
     )
     with pytest.raises(ValueError, match=r"step 250: 'seq-kd' saves snapshots at \[200, 400, 600, 800\]"):
         check_warm_starts(bad, bad.arms(r))
+
+
+def test_each_snapshot_is_loaded_in_the_evaluation_dtype(tokenizer, tmp_path, monkeypatch):
+    # The evaluate stage loads the finished student in evaluation.dtype; its curve's points must be the same model.
+    from kdflow.config.precision import Dtype
+    from kdflow.evaluation import curves
+    from kdflow.training.curves import CURVE, INDEX
+
+    net = student(tokenizer)
+    net.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / CURVE).mkdir()
+    point = {"step": 9, "seconds": 1.0, "model": "model"}
+    (tmp_path / CURVE / INDEX).write_text(json.dumps({"points": [point], "max_steps": 9, "resumed_at": None}))
+    seen = []
+    monkeypatch.setattr(curves, "snapshot_quality", lambda net, *a: seen.append(net.dtype) or {"accuracy": 0.0})
+    curves.curve_quality(tmp_path, [], "{{ question }}", "accuracy", None, 4, 2, Dtype.bfloat16)
+    curves.curve_quality(tmp_path, [], "{{ question }}", "accuracy", None, 4, 2)
+    assert seen == [torch.bfloat16, torch.float32]
