@@ -268,13 +268,14 @@ def evaluate_and_report(
     untrained: dict[str, dict] | None = None,
     routed: Upstream | None = None,
     preflight: dict[str, OutputRef] | None = None,
+    logits: OutputRef | None = None,
 ) -> dict:
     """``models``: the teacher (under "teacher") and every student of the recipe; with ``evaluation.quantize``, each
     student's quantized copies join them (``seq-kd-int8``); ``untrained``: what the report says of models in
     ``models`` that no recipe student trained (the pruned floors); ``routed``: with several teachers, the upstream
     chain that made them (each is evaluated on the whole test split and the report shows its figures on its rows);
-    ``preflight``: each teacher's preflight output, which the report lists (default: ``routed``'s). Returns the
-    report."""
+    ``preflight``: each teacher's preflight output, which the report lists (default: ``routed``'s); ``logits``: the
+    logit cache the students read, which the report names (default: ``routed``'s). Returns the report."""
     trained = {s.name: s.summary() for s in r.student_runs()}
     quantized = quantize_students(run_dir, r.evaluation.quantize, {name: models[name] for name in trained})
     # what each quantized copy was made from, for the report's KD × quantization table
@@ -321,6 +322,7 @@ def evaluate_and_report(
         r.cost,
         teachers,
         preflight if preflight is not None or routed is None else routed.preflight,
+        logits if logits is not None or routed is None else routed.logits,
     )
 
 

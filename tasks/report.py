@@ -22,6 +22,7 @@ from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.model_metrics import PREDICTIONS
 from kdflow.evaluation.preflight import REPORT_JSON as PREFLIGHT_JSON
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
+from kdflow.logit_cache.format import MANIFEST as CACHE_MANIFEST
 from kdflow.reporting.ledger import build_ledger
 from kdflow.reporting.plots import plot_losses, plot_tradeoff
 from kdflow.reporting.preflight_report import preflight_markdown, preflight_summary
@@ -104,6 +105,24 @@ def teacher_section(
     )
 
 
+def logit_source(logits: OutputRef) -> dict:
+    """What the report says of the students' logit cache: its stage manifest's source, rows and top-k; an import's
+    files with their sha256; the teacher its cache manifest records (an import names one only where its recipe did)."""
+    m = logits.manifest()
+    cache = json.loads((Path(logits.path) / CACHE_MANIFEST).read_text())
+    teachers = [t["model"] for t in cache.get("teachers", [])]
+    files = [{"file": f["file"], "sha256": f["sha256"]} for f in m.get("imported_from") or []]
+    return {
+        "source": m.get("source"),
+        "rows": m["rows"],
+        "k": m.get("k"),
+        "teachers": teachers,
+        "files": files,
+        # unnamed, an import records "<format>:<first file>" as its teacher (kdflow/logit_cache/interop.py)
+        "named_teacher": bool(files) and teachers[:1] != [f"{m['source'].removeprefix('import:')}:{files[0]['file']}"],
+    }
+
+
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
 @task
 def write_report(
@@ -120,6 +139,7 @@ def write_report(
     prices: CostSection | None = None,
     routed: dict | None = None,
     preflight: dict[str, OutputRef] | None = None,
+    logits: OutputRef | None = None,
 ) -> dict:
     """``models`` and ``evaluations``: per model ("teacher" and each student by name) its trained model and
     its evaluate-stage output; ``deployment``: the measure_deployment output for all of them; ``students``:
@@ -128,7 +148,9 @@ def write_report(
     energy of models no counter measured (``energy_source: estimated``); ``prices``: the recipe's ``cost`` section, for
     the cost ledger's money (tokens and device-hours without it); ``routed``: with several teachers, what
     ``teacher_section`` reads (the teacher row then is the routed teachers', each test row answered by its own);
-    ``preflight``: each teacher's preflight-stage output by name, None or {} when none ran (then no section)."""
+    ``preflight``: each teacher's preflight-stage output by name, None or {} when none ran (then no section);
+    ``logits``: the logit cache the students read (captured, joined from routed teachers, or imported), which the
+    report names; None when no student read one."""
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {
@@ -182,6 +204,7 @@ def write_report(
         write_atomic(run_dir / name, png)
     report["plots"] = [name for name, _ in plots.values()]
     report["teachers"] = teachers
+    report["logit_cache"] = None if logits is None else logit_source(logits)
     checked = {
         name: json.loads((Path(ref.path) / PREFLIGHT_JSON).read_text()) for name, ref in (preflight or {}).items()
     }

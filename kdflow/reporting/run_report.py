@@ -261,6 +261,22 @@ def cost_table(report: dict) -> list[str]:
     return lines
 
 
+def logit_cache_lines(cache: dict | None) -> list[str]:
+    """What the students' logit cache was (``tasks.report.logit_source``): another tool's files, named with their
+    sha256 (the import's identity), or the teacher's top-k captured here. None: no student read one."""
+    if not cache:
+        return []
+    k, rows = cache.get("k"), cache["rows"]
+    fmt = (cache.get("source") or "").removeprefix("import:")
+    if cache.get("source", "").startswith("import:"):
+        files = cache["files"]
+        named = ", ".join(f"`{f['file']}` (sha256 {f['sha256'][:12]}…)" for f in files[:3])
+        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+        teacher = f", recorded as teacher `{cache['teachers'][0]}`" if cache.get("named_teacher") else ""
+        return [f"Logit cache: imported from {fmt} files {named}{more}{teacher}: {rows} rows, top-{k}.", ""]
+    return [f"Logit cache: the teacher's top-{k} log-probs on {rows} rows, captured here ({fmt}).", ""]
+
+
 def notes(report: dict) -> list[str]:
     """How every figure of the report was measured: quality (``quality_metric.quality_notes``), the gap closed, the
     judge, cost."""
@@ -464,6 +480,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         if c
         else "Teacher answers: none asked for (the students learnt from an imported logit dataset).",
         "",
+        *logit_cache_lines(report.get("logit_cache")),
         *lm_eval_lines(report.get("lm_eval") or {"status": "off"}),
         "",
     ]

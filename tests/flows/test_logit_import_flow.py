@@ -45,7 +45,16 @@ def test_a_recipe_imports_an_exported_logit_dataset_and_an_offline_student_train
     report = distill(str(recipe))
     run_dir = load_recipe(recipe).run_dir
     assert set(report["students"]) == {"baseline", "logit-kd"} and report["curation"] is None
-    assert "none asked for (the students learnt from an imported logit dataset)" in (run_dir / "report.md").read_text()
+    md = (run_dir / "report.md").read_text()
+    assert "none asked for (the students learnt from an imported logit dataset)" in md
+    exported = tmp_path / "exported" / "data_0.parquet"
+    assert f"Logit cache: imported from axolotl files `{exported}` (sha256 " in md  # which dataset, by its content
+    assert report["logit_cache"]["files"][0]["file"] == str(exported)
+    # a kdflow export carries its capture's cache manifest: the teacher recorded is the first run's
+    assert report["logit_cache"]["teachers"] == [
+        t["model"] for t in LogitCache.open(captured.path).manifest["teachers"]
+    ]
+    assert f"recorded as teacher `{report['logit_cache']['teachers'][0]}`" in md
     # the teacher was asked for nothing: no preflight, no answers, no curation, no capture
     assert not [s for s in ("preflight", "generate", "curate", "logit-cache") if (run_dir / s).exists()]
     imported = run_folder.latest(run_dir, interop.STAGE)

@@ -501,3 +501,27 @@ def test_the_preflight_section_lists_every_check_of_every_teacher_and_none_when_
     assert "| sub | backends_agree | skipped | HF alone \\| nothing to compare |" in md  # a | in a cell is escaped
     assert preflight_summary(reports)["sub"]["counts"] == {"passed": 0, "failed": 0, "skipped": 1}
     assert preflight_markdown(None) == preflight_markdown({}) == "" and preflight_summary({}) is None
+
+
+def test_the_report_names_the_logit_dataset_the_students_read():
+    files = [{"file": f"/data/kd/data_{i}.parquet", "sha256": f"{i}" * 64} for i in range(5)]
+    imported = {"source": "import:axolotl", "rows": 40, "k": 8, "teachers": ["qwen-7b"], "files": files}
+    md = render_markdown({**planted_report(), "logit_cache": {**imported, "named_teacher": True}})
+    assert (
+        "Logit cache: imported from axolotl files `/data/kd/data_0.parquet` (sha256 000000000000…), "
+        "`/data/kd/data_1.parquet` (sha256 111111111111…), `/data/kd/data_2.parquet` (sha256 222222222222…) and 2 "
+        "more, recorded as teacher `qwen-7b`: 40 rows, top-8." in md
+    )
+    unnamed = {**imported, "files": files[:1], "teachers": ["axolotl:/data/kd/data_0.parquet"], "named_teacher": False}
+    assert "(sha256 000000000000…): 40 rows, top-8." in render_markdown({**planted_report(), "logit_cache": unnamed})
+    captured = {
+        "source": "hf",
+        "rows": 12,
+        "k": 20,
+        "teachers": ["runs/x/teacher"],
+        "files": [],
+        "named_teacher": False,
+    }
+    md = render_markdown({**planted_report(), "logit_cache": captured})
+    assert "Logit cache: the teacher's top-20 log-probs on 12 rows, captured here (hf)." in md
+    assert "Logit cache" not in render_markdown(planted_report())  # no student read one
