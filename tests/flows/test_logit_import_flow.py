@@ -77,3 +77,9 @@ def test_a_recipe_imports_an_exported_logit_dataset_and_an_offline_student_train
     monkeypatch.setattr(interop, "import_into", reimport)
     assert_rerun_report(distill(str(recipe)), report)  # every stage a cache hit, the import too
     assert len(run_folder.outputs(run_dir, interop.STAGE)) == 1
+    # evaluation and the report alone, as `kdflow evaluate` reruns them: no curate output is looked for, and the
+    # report names the same imported cache
+    from flows.evaluate import evaluate
+
+    again = evaluate(str(recipe))
+    assert again["curation"] is None and again["logit_cache"] == report["logit_cache"]
