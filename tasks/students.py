@@ -76,16 +76,8 @@ def train_student(
     """``curated`` is None for a gold-only student, so that a new filter does not retrain the baseline;
     ``logits`` (the logit cache) is passed to offline-KD students only; ``routed`` (several teachers and their
     routing) to on-policy students of several teachers only."""
-    out = STUDENTS.output(
-        run_dir,
-        section=section,
-        template=template,
-        teacher=teacher,
-        data=data,
-        curated=curated,
-        logits=logits,
-        routed=routed,
-    )
+    inputs = dict(section=section, template=template, teacher=teacher, data=data, curated=curated, logits=logits)
+    out = STUDENTS.output(run_dir, **inputs, routed=routed)
     if done := out.done:
         return done
     if needs_logit_cache(section) and logits is None:
@@ -107,14 +99,8 @@ def train_student(
                     train_here(section, rows, teacher, logits, part, checkpoints, progress, routed)
                 else:  # the job file and the log stay beside the lock file, hidden from the run folder's readers
                     job = StudentJob(
-                        section=section,
-                        template=template,
-                        teacher=teacher,
-                        data=data,
-                        curated=curated,
-                        logits=logits,
-                        checkpoints=str(checkpoints),
-                    )
+                        **inputs, checkpoints=str(checkpoints)
+                    )  # the keyed inputs (a launch has one teacher)
                     launch = f".launch-{out.key[:16]}"
                     launch_student(job, part, stage_dir / f"{launch}.json", stage_dir / f"{launch}.log")
                 trained = seal(checkpoints, seconds=round(time.perf_counter() - start, 1))
