@@ -4,8 +4,9 @@
 
 A fresh `prefect server start` on a free port (its own PREFECT_HOME in a temporary folder), the `demo` deployment of
 prefect.yaml, a flow run of it created as the UI's Run button does with the miniature recipe (tests/mini.yaml) as
-its parameter, a process worker that runs it, then headless Chromium on the flow run's page, saved to
-docs/howto/img/prefect-flow-run.png. The same steps as tests/flows/test_deployment.py, which checks them.
+its parameter, a process worker that runs it, then headless Chromium on the flow run's page, the deployment's page and
+the run's report artifact, saved to docs/howto/img/prefect-{flow-run,deployment,report-artifact}.png. The same steps as
+tests/flows/test_deployment.py, which checks them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tasks.artifacts import artifact_key  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "docs" / "howto" / "img"
 PREFECT = [sys.executable, "-m", "prefect"]
@@ -34,8 +38,7 @@ CHROMIUM = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--window-size=1400,900",
-    "--virtual-time-budget=20000",
+    "--virtual-time-budget=40000",  # the UI settles (no loading overlay) on a loaded machine too
 ]
 
 
@@ -74,12 +77,13 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def shoot(tmp: Path, url: str, name: str) -> None:
+def shoot(tmp: Path, url: str, name: str, height: int = 900) -> None:
     chromium = shutil.which("chromium") or sys.exit("no chromium on PATH: `make chromium` installs it")
     out = OUT / name
     profile = f"--user-data-dir={tmp / ('chromium-' + name)}"
+    size = f"--window-size=1400,{height}"
     subprocess.run(
-        [chromium, *CHROMIUM, profile, f"--screenshot={out}", url], capture_output=True, timeout=180, check=True
+        [chromium, *CHROMIUM, size, profile, f"--screenshot={out}", url], capture_output=True, timeout=300, check=True
     )
     print(f"{out.relative_to(ROOT)}  <-  {url}")
 
@@ -137,6 +141,12 @@ def main() -> None:
         if state() != "COMPLETED":
             sys.exit(f"the flow run ended {state()}: see {tmp / 'worker.log'}")
         shoot(tmp, f"{ui}/runs/flow-run/{run['id']}", "prefect-flow-run.png")
+        shoot(tmp, f"{ui}/deployments/deployment/{deployment['id']}", "prefect-deployment.png")
+        key = artifact_key("mini", "report")  # tests/mini.yaml's run name
+        found = httpx.post(f"{api}/artifacts/filter", json={"artifacts": {"key": {"any_": [key]}}}, timeout=60).json()
+        if not found:
+            sys.exit(f"no {key!r} artifact on the server: see {tmp / 'worker.log'}")
+        shoot(tmp, f"{ui}/artifacts/artifact/{found[0]['id']}", "prefect-report-artifact.png", height=1600)
     finally:
         stop(server)
     shutil.rmtree(tmp, ignore_errors=True)  # kept, with the server's and the worker's logs, when something failed
