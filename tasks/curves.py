@@ -19,8 +19,8 @@ from kdflow.store.run_folder import read_split
 from kdflow.store.stage import Stage
 from tasks.caching import STAGE_RESULTS, StageCache
 
-# The metric follows from the source, which is in the key: instruction-data curves have keys of their own. Version 2:
-# snapshots are loaded in evaluation.dtype (version 1 loaded them in float32 whatever it said).
+# The metric follows from the source, which is in the key: instruction-data curves have keys of their own. The
+# snapshots are loaded in the section's dtype, which the key holds.
 CURVES = Stage(
     "curves",
     "2",
