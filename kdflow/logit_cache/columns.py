@@ -39,16 +39,21 @@ class Imported:
 LOGPROB_MAX, MASS_MAX = 0.01, 1.05
 
 
-def distribution_problem(ids: np.ndarray, logprobs: np.ndarray) -> tuple[int, str] | None:
+def distribution_problem(
+    ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None = None
+) -> tuple[int, str] | None:
     """The first position of ``ids`` / ``logprobs`` (L, k; finite) whose top-k is not one distribution, and why;
     None when every position is one. A repeated id would count its token twice, a log-prob above 0 or a top-k mass
-    above 1 is not a probability: stored, either trains a student towards what no teacher said."""
+    above 1 is not a probability: stored, either trains a student towards what no teacher said. ``tail`` (L; finite):
+    the file's log of the mass outside the top-k, where it has one; with the top-k it must not make more than 1."""
     ordered = np.sort(ids, axis=1)
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
     above = (logprobs > LOGPROB_MAX).any(1)
     mass = np.exp(logprobs.astype(np.float64)).sum(1)
     over = mass > MASS_MAX
-    bad = repeated | above | over
+    total = mass + (0.0 if tail is None else np.exp(np.asarray(tail, dtype=np.float64)))
+    tail_over = np.zeros_like(over) if tail is None else (np.asarray(tail) > LOGPROB_MAX) | (total > MASS_MAX)
+    bad = repeated | above | over | tail_over
     if not bad.any():
         return None
     j = int(np.flatnonzero(bad)[0])
@@ -60,9 +65,15 @@ def distribution_problem(ids: np.ndarray, logprobs: np.ndarray) -> tuple[int, st
             f"log-prob {float(logprobs[j].max()):g} is above 0 (a probability above 1): the column holds logits or "
             "something else, not log-probs; write log_softmax values"
         )
+    if over[j]:
+        return j, (
+            f"the top-k probabilities sum to {mass[j]:.3f}, more than 1: not one distribution (logits, or values of "
+            "another temperature?); write log_softmax values"
+        )
     return j, (
-        f"the top-k probabilities sum to {mass[j]:.3f}, more than 1: not one distribution (logits, or values of "
-        "another temperature?); write log_softmax values"
+        f"the tail (kdflow_tail {float(tail[j]):g}) puts {np.exp(float(tail[j])):.3f} of the mass outside the top-k, "
+        f"which with the top-k's {mass[j]:.3f} makes {total[j]:.3f}, more than 1: write log(1 - the top-k's sum), "
+        "or drop the column (the import then computes it)"
     )
 
 

@@ -337,7 +337,7 @@ def _checked(r: Imported, file: Path, row_id: str, vocab_size: int, tokens: int)
             f"{where(file, r.row, r.start + j)}: a log-prob is not finite (NaN or -inf); a student "
             "would train on it: recapture the row or drop it"
         )
-    if (problem := distribution_problem(r.ids, r.logprobs)) is not None:
+    if (problem := distribution_problem(r.ids, r.logprobs, r.tail)) is not None:
         raise LogitFileError(f"{where(file, r.row, r.start + problem[0])}: {problem[1]}")
     logprobs = r.logprobs.astype(np.float32)
     tail = r.tail if r.tail is not None else tail_from_topk(logprobs)

@@ -95,3 +95,20 @@ def test_the_import_command_refuses_a_count_below_one_naming_the_option(capsys, 
             ["logit-cache-import", "--format", "axolotl", "in", "out", "--tokenizer", "t", option, "-5"]
         )
     assert f"argument {option}: -5 is not a count; give a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tail", [0.5, -0.1])
+def test_a_tail_that_makes_the_mass_above_one_is_refused(tmp_path, tokenizer, tail):
+    # The fourth audit (docs/results/audit.md): a kdflow_tail of +0.5, or one of -0.1 beside a top-k of most of the
+    # mass, was stored as written, the position's probabilities then summing to 2.5 or 1.75.
+    folder = tmp_path / "f"
+    folder.mkdir()
+    table = axolotl.table_of(rows(len(tokenizer)), K)
+    records = table.to_pylist()
+    records[1][axolotl.TAIL][5] = tail
+    pq.write_table(type(table).from_pylist(records, schema=table.schema), folder / "data_0.parquet")
+    with pytest.raises(
+        LogitFileError, match=r"data_0.parquet: row 1, position 5: the tail \(kdflow_tail .*more than 1"
+    ):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+    assert not (tmp_path / "cache").exists()
