@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 
 def _positive(text: str) -> int:
@@ -192,7 +193,13 @@ def run_interop(args) -> dict:
     from transformers import AutoTokenizer
 
     from kdflow.config.logit_cache import ValueEncoding
+    from kdflow.config.teacher import maybe_hub_id
 
+    if not Path(args.tokenizer).exists() and not maybe_hub_id(args.tokenizer):
+        raise FileNotFoundError(
+            f"--tokenizer {args.tokenizer}: no such folder, and not a hub id (namespace/name); pass the folder (or hub "
+            "id) of the model whose tokens the file holds"
+        )
     manifest = interop.import_file(
         args.file,
         args.out,

@@ -175,6 +175,8 @@ def validation_problems(
             msg = NOT_FINITE.format(value=err["input"])
         elif err["type"] == "string_type" and isinstance(err["input"], bool):
             msg += f"; YAML reads an unquoted yes/no/on/off/true/false as the boolean {err['input']}: quote the value"
+        elif err["type"] == "string_type" and err["input"] is None:
+            msg += "; YAML reads an unquoted ~ or null as nothing: quote it ('~'), or write the value meant"
         elif err["type"] == "string_type" and isinstance(err["input"], (int, float)):
             msg += f"; YAML reads an unquoted {err['input']!r} as a number: quote it ('{err['input']}')"
         problems.append(f"{source}:{_line_of(root, loc)}: {field}: {msg}")

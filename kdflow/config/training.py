@@ -100,7 +100,11 @@ def check_training_values(training: dict[str, Any], config_class) -> None:
             want = " or ".join(sorted(t.__name__ for t in typed[0]))
             hint = ""
             if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-                hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value):.1e})"
+                number = float(value)
+                if float in typed[0]:
+                    hint = f" (YAML reads {value} as text: write it with a dot, e.g. {number:.1e})"
+                elif number.is_integer():  # a whole-number field: a float of the same value is no int either
+                    hint = f" (YAML reads {value} as text: write it as a whole number, {int(number)})"
             raise FieldError(f"{value!r} is not a {want}{hint}", key)
         if key in TRAINING_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
             ok, rule = TRAINING_RANGES[key]

@@ -98,3 +98,11 @@ def test_a_teacher_folder_without_tokenizer_files_is_refused_at_load(tmp_path):
         r"\(tokenizer.json, .*tokenizer.save_pretrained",
     ):
         load_recipe(path)
+
+
+def test_a_routing_key_written_as_a_yaml_null_says_to_quote_it(tmp_path):
+    # The fourth audit: "Input should be a valid string" without the hint the other scalars get.
+    with pytest.raises(
+        RecipeError, match=r"routing.routes.None.\[key\]: .*YAML reads an unquoted ~ or null as nothing"
+    ):
+        load_recipe(recipe(tmp_path, 'routes: {"0": add}', "routes: {~: add}"))

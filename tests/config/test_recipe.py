@@ -416,3 +416,12 @@ def test_a_vocabulary_too_large_to_train_is_refused_at_its_line():
     msg = error_of(text)
     assert "teacher.vocab_size" in msg and f"demo.yaml:{line_of(text, 'vocab_size: 1000000000')}:" in msg
     assert "1048576" in msg.replace(",", "").replace("_", "")
+
+
+def test_a_whole_number_in_e_notation_is_told_to_be_written_whole():
+    # The fourth audit (docs/results/audit.md): `max_steps: 1e3` was told to write 1.0e+03, which is refused in turn.
+    msg = error_of(DEMO.replace("      max_steps: 1500", "      max_steps: 1e3"))
+    assert (
+        "students.0.training.max_steps: '1e3' is not a int (YAML reads 1e3 as text: write it as a whole number, " in msg
+    )
+    assert "1000)" in msg and "with a dot" not in msg

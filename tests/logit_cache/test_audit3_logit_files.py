@@ -112,3 +112,22 @@ def test_a_tail_that_makes_the_mass_above_one_is_refused(tmp_path, tokenizer, ta
     ):
         import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_import_command_names_a_tokenizer_folder_that_is_not_there(tmp_path):
+    # The fourth audit: transformers' "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" instead.
+    from flows.cli import main
+
+    missing = tmp_path / "nonexist"
+    with pytest.raises(FileNotFoundError, match=rf"--tokenizer {missing}: no such folder, and not a hub id"):
+        main(
+            [
+                "logit-cache-import",
+                str(tmp_path / "in"),
+                str(tmp_path / "out"),
+                "--format",
+                "axolotl",
+                "--tokenizer",
+                str(missing),
+            ]
+        )
