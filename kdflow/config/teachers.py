@@ -237,6 +237,24 @@ def check_routed(r) -> None:
                 "routes",
                 value,
             )
+    routed_to = {r.routing.default, *r.routing.routes.values()}
+    if idle := [n for n in names if n not in routed_to]:
+        raise FieldError(
+            f"no row goes to {idle}: no route names them and none is routing.default; route a key to each, or remove "
+            "them from teachers (each teacher is trained or loaded, and evaluated)",
+            "routing",
+            "routes",
+        )
+    if r.routing.count is not None:
+        for value in r.routing.routes:
+            if not re.fullmatch(r"0|[1-9][0-9]*", value):
+                raise FieldError(
+                    f"with count, a row's key is how many times {r.routing.count!r} matches ('0', '1', '2', ...), so "
+                    f"no row has the key {value!r}: write a whole number without leading zeros",
+                    "routing",
+                    "routes",
+                    value,
+                )
     rules = [(("routing", "column"), r.routing.column)]
     rules += [
         (("teachers", i, "train_on", "column"), t.train_on.column) for i, t in enumerate(r.teachers) if t.train_on

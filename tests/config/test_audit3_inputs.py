@@ -106,3 +106,16 @@ def test_a_routing_key_written_as_a_yaml_null_says_to_quote_it(tmp_path):
         RecipeError, match=r"routing.routes.None.\[key\]: .*YAML reads an unquoted ~ or null as nothing"
     ):
         load_recipe(recipe(tmp_path, 'routes: {"0": add}', "routes: {~: add}"))
+
+
+def test_a_teacher_no_row_goes_to_is_refused(tmp_path):
+    # The fourth audit: `routes: {}` loaded; every row went to the default, the other teacher trained for nothing.
+    with pytest.raises(RecipeError, match=r"routed.yaml:\d+: routing.routes: no row goes to \['add'\]"):
+        load_recipe(recipe(tmp_path, 'routes: {"0": add}', "routes: {}"))
+
+
+@pytest.mark.parametrize("key", ["zero", "-1", "00"])
+def test_a_route_key_no_count_can_equal_is_refused(tmp_path, key):
+    # The fourth audit: with count, keys like these loaded and no row ever took their route.
+    with pytest.raises(RecipeError, match=rf"routing.routes.{key}: with count, .*no row has the key '{key}'"):
+        load_recipe(recipe(tmp_path, 'routes: {"0": add}', f'routes: {{"0": add, "{key}": sub}}'))
