@@ -168,7 +168,11 @@ def interop_commands(commands) -> None:
         "(default: what a kdflow export recorded, DistillKit's d, or the tokenizer's length)",
     )
     imp.add_argument("--distillkit-config", help="DistillKit's compression_config.yaml (default: beside the files)")
-    imp.add_argument("--teacher", help="the teacher's name, recorded in the cache's manifest")
+    imp.add_argument(
+        "--teacher",
+        help="the teacher's name, recorded in the cache's manifest (a kdflow export "
+        "records its own; another is refused)",
+    )
     imp.add_argument(
         "--value-encoding",
         choices=("u8", "fp16"),

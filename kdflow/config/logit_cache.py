@@ -94,7 +94,7 @@ class LogitImport(Strict):
     teacher: str | None = Field(
         None,
         description="the name of the model that made the logits, recorded in the cache's manifest (a kdflow "
-        "export's own record is kept); default: the format and first file's name",
+        "export records its own, and another name here is refused); default: the format and first file's name",
     )
 
     @field_validator("path")

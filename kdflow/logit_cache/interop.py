@@ -236,6 +236,12 @@ def import_into(
     cached = next((t["cache"] for t in tags if t), None)
     if cached is not None:  # kdflow's own export: the tokenizer must be the one its cache was made with
         check_tokenizer(cached, tokenizer, files[0])
+    recorded = (cached or {}).get("teachers")  # a kdflow export's teachers (an ensemble's, with their weights)
+    if teacher and recorded and [t["model"] for t in recorded] != [teacher]:
+        raise LogitFileError(
+            f"{source}: a kdflow export, which records its teachers {[t['model'] for t in recorded]}; the teacher "
+            f"{teacher!r} given would contradict it: drop the teacher name (the export's record is kept)"
+        )
     layout, d = None, None
     if fmt == "distillkit":
         config = Path(config) if config else (files[0].parent / distillkit.CONFIG_FILE)
@@ -273,9 +279,7 @@ def import_into(
         shards.append(write_shard(tmp / shard_name(len(shards)), batch, k, id_bytes_for(vocab_size), encoding))
     if not shards:
         raise LogitFileError(f"{source}: no rows")
-    teachers = (cached or {}).get("teachers") or [
-        {"model": teacher or f"{fmt}:{files[0]}", "revision": None, "weight": 1.0}
-    ]
+    teachers = recorded or [{"model": teacher or f"{fmt}:{files[0]}", "revision": None, "weight": 1.0}]
     meta = cache_meta(
         teachers=teachers,
         tokenizer=tokenizer,

@@ -76,6 +76,10 @@ def test_a_round_trip_through_each_format_is_exact_and_its_bytes_per_token_are_r
     assert back.manifest["value_encoding"] == cache.manifest["value_encoding"]
     assert back.manifest["teachers"] == cache.manifest["teachers"] and back.manifest["source"] == f"import:{fmt}"
     assert json.loads((tmp_path / "back" / "manifest.json").read_text())["rows"] == 40  # a finished stage output
+    # another teacher named at import contradicts the export's record: refused (the fourth audit found it ignored)
+    with pytest.raises(LogitFileError, match=r"a kdflow export, which records its teachers .*drop the teacher name"):
+        import_file(tmp_path / "out", tmp_path / "named", fmt, tokenizer, teacher="qwen-7b")
+    assert not (tmp_path / "named").exists()
     print(
         f"\n{fmt} export of a {cache.manifest['value_encoding']} cache (V {cache.vocab_size}, k {K}, "
         f"{sizes['positions']} answer positions): {sizes['bytes']} bytes = {sizes['bytes_per_position']} B per answer "
