@@ -25,7 +25,7 @@ from kdflow.config.kd import KD_METHODS, OfflineKD, OnPolicyKD
 from kdflow.config.loading import FieldError, parse_yaml, read_recipe_file
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.logit_import import check_import
-from kdflow.config.run import RunSection
+from kdflow.config.run import RunSection, check_seeds
 from kdflow.config.student import PrunedInit, StudentData, StudentInit, StudentSection
 from kdflow.config.teacher import TeacherSection
 from kdflow.config.teachers import NamedTeacher, Routing, check_routed, fill_teachers
@@ -222,7 +222,11 @@ class Recipe(Strict):
 
     def with_seeds(self, seeds: list[int]) -> Recipe:
         """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""
-        return self.model_copy(update={"run": self.run.model_copy(update={"seeds": [int(s) for s in seeds]})})
+        try:
+            checked = check_seeds([int(s) for s in seeds])
+        except ValueError as e:
+            raise ValueError(f"--seeds: {e}") from None
+        return self.model_copy(update={"run": self.run.model_copy(update={"seeds": checked})})
 
     def with_students(self, names: list[str]) -> Recipe:
         """This recipe with only the students named (as in the recipe, without a seed suffix), in the recipe's order:

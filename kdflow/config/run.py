@@ -35,6 +35,11 @@ class RunSection(Strict):
         "seed (named `<name>@<seed>`); the report gives mean and spread",
     )
 
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        return v if v is None else check_seeds(v)
+
     @field_validator("name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
@@ -89,3 +94,13 @@ def _folder_or_nothing(path: Path, field: str) -> None:
                     f"{part} is a file, not a folder: point {field} at a folder (it is created if missing)"
                 )
             return
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Seeds a run can train with: each once (a repeated one would name two runs of a student alike) and within what
+    numpy and torch seed (0 to 2**32 - 1)."""
+    if bad := [s for s in seeds if not 0 <= s < 2**32]:
+        raise ValueError(f"seed {bad[0]} is outside 0 to {2**32 - 1}, the seeds numpy and torch take")
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise ValueError(f"seed {repeated[0]} is given twice; list each seed once")
+    return seeds

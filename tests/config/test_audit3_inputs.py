@@ -119,3 +119,19 @@ def test_a_route_key_no_count_can_equal_is_refused(tmp_path, key):
     # The fourth audit: with count, keys like these loaded and no row ever took their route.
     with pytest.raises(RecipeError, match=rf"routing.routes.{key}: with count, .*no row has the key '{key}'"):
         load_recipe(recipe(tmp_path, 'routes: {"0": add}', f'routes: {{"0": add, "{key}": sub}}'))
+
+
+@pytest.mark.parametrize("seeds", ["[1, 1]", "[-1]", "[1180591620717411303424]"])
+def test_seeds_a_run_cannot_train_with_are_refused(tmp_path, seeds):
+    # The fourth audit: loaded; [1, 1] listed baseline@1 twice, and numpy takes no seed outside 0 to 2**32 - 1.
+    text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'runs'}")
+    text = text.replace("  name: mini\n", f"  name: mini\n  seeds: {seeds}\n", 1)
+    (tmp_path / "mini.yaml").write_text(text)
+    with pytest.raises(RecipeError, match=r"mini.yaml:\d+: run.seeds: seed .* (is given twice|is outside 0 to)"):
+        load_recipe(tmp_path / "mini.yaml")
+
+
+def test_seeds_from_the_command_line_are_checked_too():
+    with pytest.raises(ValueError, match=r"--seeds: seed 1 is given twice; list each seed once"):
+        load_recipe(MINI_RECIPE).with_seeds([1, 1])
+    assert load_recipe(MINI_RECIPE).with_seeds([2, 0]).run.seeds == [2, 0]
