@@ -9,6 +9,7 @@ from kdflow.reporting import cost_report, topk_report
 from kdflow.reporting.floor import floor_gaps, floor_table
 from kdflow.reporting.ledger import section as ledger_section
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
+from kdflow.reporting.training_data import training_data_lines
 
 # Deployment figures as (key, column title, how a value is written); ratios to the teacher follow each.
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # at the top of the run folder, rewritten every run
@@ -261,22 +262,6 @@ def cost_table(report: dict) -> list[str]:
     return lines
 
 
-def logit_cache_lines(cache: dict | None) -> list[str]:
-    """What the students' logit cache was (``tasks.report.logit_source``): another tool's files, named with their
-    sha256 (the import's identity), or the teacher's top-k captured here. None: no student read one."""
-    if not cache:
-        return []
-    k, rows = cache.get("k"), cache["rows"]
-    fmt = (cache.get("source") or "").removeprefix("import:")
-    if cache.get("source", "").startswith("import:"):
-        files = cache["files"]
-        named = ", ".join(f"`{f['file']}` (sha256 {f['sha256'][:12]}…)" for f in files[:3])
-        more = f" and {len(files) - 3} more" if len(files) > 3 else ""
-        teacher = f", recorded as teacher `{cache['teachers'][0]}`" if cache.get("named_teacher") else ""
-        return [f"Logit cache: imported from {fmt} files {named}{more}{teacher}: {rows} rows, top-{k}.", ""]
-    return [f"Logit cache: the teacher's top-{k} log-probs on {rows} rows, captured here ({fmt}).", ""]
-
-
 def notes(report: dict) -> list[str]:
     """How every figure of the report was measured: quality (``quality_metric.quality_notes``), the gap closed, the
     judge, cost."""
@@ -451,7 +436,6 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
     """The report as Markdown. ``images``: plot title -> where to find it (a file name next to report.md,
     or a ``data:`` URI to embed it in a Prefect artifact)."""
     c = report["curation"]
-    reasons = ", ".join(f"{r}: {n}" for r, n in sorted(c["drop_reasons"].items())) or "none" if c else ""
     lines = [
         f"# kdflow report: {report['run']}",
         "",
@@ -476,11 +460,7 @@ def render_markdown(report: dict, images: dict[str, str] | None = None) -> str:
         *notes(report),
         *cost_report.notes(report),
         "",
-        f"Teacher answers: {c['input_rows']} generated, {c['kept']} kept, {c['dropped']} dropped ({reasons})."
-        if c
-        else "Teacher answers: none asked for (the students learnt from an imported logit dataset).",
-        "",
-        *logit_cache_lines(report.get("logit_cache")),
+        *training_data_lines(c, report.get("logit_cache")),
         *lm_eval_lines(report.get("lm_eval") or {"status": "off"}),
         "",
     ]

@@ -129,6 +129,7 @@ def model_folder(tmp_path: Path, config: dict, weights: int = 1000) -> Path:
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "model.safetensors").write_bytes(b"\0" * weights)
+    (folder / "tokenizer.json").write_text("{}")  # a teacher folder holds its tokenizer (the recipe checks for one)
     return folder
 
 
