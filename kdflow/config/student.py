@@ -16,6 +16,7 @@ from kdflow.config.kd import FeatureKD, KDSection, OnlineKD, OnPolicyKD
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path
+from kdflow.models.model_folder import folder_problem
 from kdflow.models.pruning import LayerSelect
 
 
@@ -233,6 +234,10 @@ class StudentSection(Strict):
             self._check_lora()
         if is_gguf_path(self.model):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
+        elif self.model is not None and (ROOT / self.model).exists():
+            problem = folder_problem(ROOT / self.model)
+            if problem:
+                raise ValueError(f"model {self.model!r}: {problem}")
         check_precision(self.dtype, self.training)
         if self.launch is not None and isinstance(self.kd, OnPolicyKD) and self.kd.base_url is None:
             raise ValueError(

@@ -12,7 +12,7 @@ from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width, vocab_count
-from kdflow.models.tokenizer_identity import TOKENIZER_FILES, has_tokenizer
+from kdflow.models.model_folder import folder_problem
 
 # A Hugging Face hub repo id as a recipe names one: namespace/name, each of letters, digits, '-', '_' and '.', neither
 # starting with '.' or '-'. An absolute path or one starting with ./ or ../ is none, so a missing folder written so is
@@ -72,12 +72,10 @@ class TeacherSection(Strict):
                 f"teacher.model {self.model!r}: no such folder, and not a hub id (namespace/name); point it at a "
                 "model folder (one with config.json), a .gguf file, or a hub id"
             )
-        elif self.model is not None and (ROOT / self.model).is_dir() and not has_tokenizer(ROOT / self.model):
-            raise ValueError(
-                f"teacher.model {self.model!r}: the folder has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
-                "save the teacher's tokenizer into it (tokenizer.save_pretrained(folder)), since every backend reads "
-                "the teacher's token ids and chat template from there"
-            )
+        elif self.model is not None and (ROOT / self.model).exists():
+            problem = folder_problem(ROOT / self.model)  # no config, weights or tokenizer; a foreign tokenizer
+            if problem:
+                raise ValueError(f"teacher.model {self.model!r}: {problem}")
         check_precision(self.dtype, self.training)
         return self
 

@@ -91,10 +91,11 @@ def test_a_teacher_folder_without_tokenizer_files_is_refused_at_load(tmp_path):
     folder = tmp_path / "teacher"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
     path = recipe(tmp_path, MINI_TEACHER, f"  - name: sub\n    model: {folder}\n")
     with pytest.raises(
         RecipeError,
-        match=r"routed.yaml:\d+: teachers.1: .*the folder has no tokenizer files "
+        match=r"routed.yaml:\d+: teachers.1: .*teacher has no tokenizer files "
         r"\(tokenizer.json, .*tokenizer.save_pretrained",
     ):
         load_recipe(path)
