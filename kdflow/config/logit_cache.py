@@ -29,6 +29,15 @@ class CaptureSource(str, enum.Enum):
     api = "api"  # the top_logprobs an API returned while generating (gray-box KD; generation.logprobs, k <= 20)
 
 
+# The columns a file of each format must have (any one set): what the readers in kdflow/logit_cache/ need, checked
+# in the file's footer when a recipe loads. DistillKit writes its compressed pair, or raw ids and values.
+FORMAT_COLUMNS = {
+    "axolotl": (("input_ids", "target_token_ids", "target_logprobs", "target_mask"),),
+    "distillkit": (
+        ("input_ids", "bytepacked_indices", "compressed_logprobs"),
+        ("input_ids", "token_ids", "top_values"),
+    ),
+}
 DISTILLKIT_CONFIG = "compression_config.yaml"  # beside the data files, as DistillKit's capture writes it
 EXPORT_METADATA = b"kdflow"  # the parquet metadata key of kdflow's exports: row ids, spans, the cache's fingerprint
 
@@ -50,6 +59,30 @@ def data_files(source: str | Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{source}: no .parquet files in it")
     return files
+
+
+def parquet_problem(file: Path, fmt: str) -> str | None:
+    """What makes ``file`` unreadable as a logit dataset of format ``fmt``, seen from its footer alone (not a parquet
+    file, no rows, not the format's columns); None when it may be read. The rows themselves (ids inside the
+    vocabulary, finite log-probs, columns of equal length) are checked by the import, which reads them all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(file)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as e:
+        return f"{file}: not a whole parquet file ({e}): truncated, damaged or another format; export it again"
+    if meta.num_rows == 0:
+        return f"{file}: holds no rows; export the logit dataset again, or remove the file from the folder"
+    names = set(meta.schema.to_arrow_schema().names)
+    sets = FORMAT_COLUMNS[fmt]
+    if not any(names >= set(columns) for columns in sets):
+        wanted = " or ".join(", ".join(columns) for columns in sets)
+        return (
+            f"{file}: not a {fmt} logit dataset: its columns are {', '.join(sorted(names))}, and {fmt} files have "
+            f"{wanted}; set logit_cache.import.format to the format that wrote it"
+        )
+    return None
 
 
 _RULE = "the project folder for a recipe inside it, else the recipe's folder"
@@ -82,7 +115,9 @@ class LogitImport(Strict):
     vocab_size: int | None = Field(
         None,
         ge=1,
-        description="the teacher's logits per position, which must be the students' vocab_size; default: what a "
+        le=1_048_576,  # teacher.vocab_size's bound: four times the largest vocabulary of today's open models
+        description="the teacher's logits per position (1 to 1,048,576), which must be the students' vocab_size; "
+        "default: what a "
         "kdflow export recorded, else DistillKit's `d`, else the tokenizer's length (set it when the model's "
         "embedding is padded past its tokenizer)",
     )
@@ -119,6 +154,9 @@ class LogitImport(Strict):
                 f"packed; set logit_cache.import.config to the {DISTILLKIT_CONFIG} its capture wrote",
                 "config",
             )
+        for file in data_files(on_disk(self.path)):
+            if problem := parquet_problem(file, self.format.value):
+                raise FieldError(problem, "path")
         return self
 
     def files(self) -> list[Path]:

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from kdflow.config.logit_cache import FORMAT_COLUMNS
 from kdflow.logit_cache.columns import (
     Imported,
     LogitFileError,
@@ -43,7 +44,7 @@ from kdflow.logit_cache.format import TopK
 PAD_LOGPROB = -1e9  # collator.py's padding value for target_logprobs
 IGNORE_INDEX = -100
 TAIL = "kdflow_tail"
-REQUIRED = ("input_ids", "target_token_ids", "target_logprobs", "target_mask")
+(REQUIRED,) = FORMAT_COLUMNS["axolotl"]
 
 
 def table_of(rows: list[TopK], k: int, with_tail: bool = True) -> pa.Table:

@@ -3,6 +3,7 @@ naming the field and the fix; the import stage (tasks/import_logits.py) is keyed
 the students' tokenizer, not by where the files lie. The import inside a real distill run:
 tests/flows/test_logit_import_flow.py."""
 
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -94,6 +95,39 @@ def test_a_bad_import_section_is_refused_naming_the_field(tmp_path, files, secti
         section = {**section, "path": str(where.get(section["path"], section["path"]))}
     error = refused(recipe(tmp_path, files, logit_cache={"import": section}), tmp_path)
     assert f"{field}: " in error and message in error, error
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("not-parquet", r"data_0.parquet: not a whole parquet file .*export it again"),
+        ("truncated", r"data_0.parquet: not a whole parquet file .*truncated"),
+        ("no-rows", r"data_0.parquet: holds no rows; export the logit dataset again, or remove the file"),
+        (
+            "other-format",
+            r"data_0.parquet: not a distillkit logit dataset: its columns are .*target_logprobs.*"
+            r"set logit_cache.import.format to the format that wrote it",
+        ),
+        ("vocab", r"logit_cache.import.vocab_size: .*less than or equal to 1048576"),
+    ],
+)
+def test_files_the_import_stage_would_refuse_are_refused_at_load(tmp_path, files, damage, message):
+    """The fourth audit: each loaded, to be refused by the import stage after the teacher stage had run."""
+    folder, section = tmp_path / "files", {"format": "axolotl"}
+    shutil.copytree(files / "axolotl", folder)
+    first = folder / "data_0.parquet"
+    if damage == "not-parquet":
+        first.write_text("input_ids,target_token_ids\n1,2\n")
+    elif damage == "truncated":
+        first.write_bytes(first.read_bytes()[:-100])
+    elif damage == "no-rows":
+        pq.write_table(pq.read_table(first).slice(0, 0), first)
+    elif damage == "other-format":
+        section = {"format": "distillkit", "config": str(files / "distillkit" / "compression_config.yaml")}
+    else:
+        section["vocab_size"] = 10**12
+    error = refused(recipe(tmp_path, files, logit_cache={"import": {"path": str(folder), **section}}), tmp_path)
+    assert re.search(message, error), error
 
 
 @pytest.mark.parametrize(
