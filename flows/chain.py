@@ -245,6 +245,8 @@ def evaluate_models(
             run_dir, r.evaluation, cot, r.data.source, model, teacher, data, **teacher_eval
         )
 
+    if r.teacher.imported:  # nothing of the teacher is here to evaluate (or to score the students' answers on)
+        return {name: evaluate(name, model) for name, model in models.items() if name != "teacher"}
     if r.data.source is not DataSource.instructions or r.teacher.api:
         return {name: evaluate(name, model) for name, model in models.items()}
     answers = evaluate("teacher", teacher)
@@ -255,8 +257,9 @@ def evaluate_models(
 
 
 def with_weights(r: Recipe, models: dict[str, OutputRef]) -> dict[str, OutputRef]:
-    """The models whose weights are here to measure: all but an API teacher."""
-    return {name: ref for name, ref in models.items() if not (name == "teacher" and r.teacher.api)}
+    """The models whose weights are here to measure: all but an API teacher or an imported dataset's."""
+    absent = r.teacher.api or r.teacher.imported
+    return {name: ref for name, ref in models.items() if not (name == "teacher" and absent)}
 
 
 def evaluate_and_report(

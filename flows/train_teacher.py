@@ -16,13 +16,15 @@ from kdflow.models.gguf import is_gguf_path
 from kdflow.store.outputs import OutputRef
 from tasks.data import make_data
 from tasks.models import import_gguf_model
-from tasks.teacher import record_api_teacher, train_teacher_model, use_existing_teacher
+from tasks.teacher import record_api_teacher, record_imported_teacher, train_teacher_model, use_existing_teacher
 
 
 def teacher_chain(r: Recipe, data: OutputRef | None = None, train_on: RowMatch | None = None) -> OutputRef:
     """The teacher as the parsed recipe ``r`` says, the same tasks (and keys) for this flow and flows/chain.upstream:
     a GGUF file imported, a named model recorded, the API model recorded, or a teacher trained on ``data`` (made here
     when the caller has not made it already)."""
+    if r.teacher.imported:  # only its logits are here, in the imported dataset
+        return record_imported_teacher(r.run_dir, r.teacher)
     if is_gguf_path(r.teacher.model):  # dequantized once into a Hugging Face folder that every backend reads
         return import_gguf_model(r.run_dir, r.teacher.model, r.teacher.dtype)
     if r.teacher.model:

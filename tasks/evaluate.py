@@ -20,7 +20,7 @@ from kdflow.config.fields import redact_url
 from kdflow.config.generation import ApiSection, Backend, GenerationSection
 from kdflow.config.templates import render
 from kdflow.evaluation import deployment, harness
-from kdflow.evaluation.api_model import WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
+from kdflow.evaluation.api_model import IMPORTED_ONLY, WEIGHTS_UNAVAILABLE, api_accuracy, api_rouge_l
 from kdflow.evaluation.free_text import evaluate_free_text
 from kdflow.evaluation.judge import (
     JUDGEMENTS,
@@ -90,8 +90,8 @@ def evaluate_model(
     if done := out.done:
         return done
     rows = read_split(data, section.split)
-    teacher_dir = None if teacher == model else model_location(teacher)
-    no_teacher = WEIGHTS_UNAVAILABLE if teacher.manifest().get("api") else None  # an API teacher: nothing to agree with
+    no_teacher = absent_teacher(teacher)  # an API teacher, or only an imported dataset's: nothing to agree with
+    teacher_dir = None if teacher == model or no_teacher else model_location(teacher)
     if source is DataSource.instructions:
         answers = None if teacher_eval is None else predictions(teacher_eval)
         metrics, predicted = evaluate_free_text(
@@ -126,6 +126,13 @@ API_EVALUATE = Stage(
     },
     files=(PREDICTIONS, METRICS),
 )
+
+
+def absent_teacher(teacher: OutputRef) -> str | None:
+    """Why the teacher's weights are not here to agree with (an API model; a model known only by an imported logit
+    dataset), or None when they are."""
+    m = teacher.manifest()
+    return WEIGHTS_UNAVAILABLE if m.get("api") else IMPORTED_ONLY if m.get("imported") else None
 
 
 def teacher_api_key(api: ApiSection) -> str | None:

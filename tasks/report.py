@@ -17,6 +17,7 @@ from kdflow.config.cost import CostSection
 from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
 from kdflow.config.teachers import Routing
 from kdflow.curation.pipeline import KEPT
+from kdflow.evaluation.api_model import IMPORTED_ONLY
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
 from kdflow.evaluation.model_metrics import PREDICTIONS
@@ -63,6 +64,24 @@ def origin(teacher: OutputRef) -> dict:
             f"dequantized to {m['dtype']}"
         }
     return {"origin": f"given: {m['given']}"} if m.get("given") else {}
+
+
+def imported_teacher(metrics: dict[str, dict], logits: OutputRef | None) -> dict:
+    """The teacher row of a run whose teacher is known only by its imported logit dataset: the model the dataset
+    records, no figures (the quality metric present, as None, so that the report judges by the students' metric), and
+    the split the students were evaluated on."""
+    first = next(iter(metrics.values()))
+    key = "rouge_l" if "rouge_l" in first else "accuracy"
+    source = logit_source(logits) if logits is not None else None
+    recorded = source["teachers"][0] if source and source["named_teacher"] and source["teachers"] else None
+    return {
+        "imported": True,
+        "model": recorded or "the model that made the imported logit dataset",
+        "weights": IMPORTED_ONLY,
+        key: None,
+        "params": None,
+        **{k: first.get(k) for k in ("split", "rows")},
+    }
 
 
 def cost(figures: dict | None, power: PowerFigure) -> dict:
@@ -157,6 +176,8 @@ def write_report(
         name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
         for name, ref in evaluations.items()
     }
+    if "teacher" not in evaluations:  # known only by an imported logit dataset: nothing of it ran here
+        metrics["teacher"] = imported_teacher(metrics, logits)
     teachers = teacher_section(**routed) if routed else None
     if (
         teachers and teachers["routed_accuracy"] is not None
@@ -185,7 +206,7 @@ def write_report(
         run_dir,
         {name: [models[name], evaluations[name]] for name in students},
         {
-            "teacher": [models["teacher"], evaluations["teacher"]],
+            "teacher": [models["teacher"], evaluations.get("teacher")],
             "deployment": [deployment],
             "curation": [curated],
             "judge": [judge],

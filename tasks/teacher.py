@@ -1,6 +1,7 @@
 """Stage 1: the teacher. Trained from scratch on the gold rationales (the source's first step: "first
 train the big teacher, then distil the student from it"), an existing model named by the recipe, or the API model
-``generation.api`` names (``teacher.api: true``: recorded, nothing trained or loaded).
+``generation.api`` names (``teacher.api: true``: recorded, nothing trained or loaded), or the absent model that made
+an imported logit dataset (``teacher.imported: true``: recorded, nothing here).
 The shared tokenizer is trained here and saved with the teacher (or alone, for an API teacher), so from-scratch
 students inherit it."""
 
@@ -65,6 +66,9 @@ API_TEACHER = Stage(
     },
     files=(SOURCE, "tokenizer/"),
 )
+# A teacher that is only an imported logit dataset (``teacher.imported: true``): nothing of it is here but what the
+# import stage reads, so its record holds nothing but its manifest (the report names the model the dataset records).
+IMPORTED_TEACHER = Stage("teacher", "1", lambda section: {"section": section})
 TOKENIZER_CORPUS_ROWS = 5000  # plenty to learn every merge of this small language
 
 
@@ -144,4 +148,16 @@ def record_api_teacher(
         gold_tokenizer(rows, template, section.vocab_size).save_pretrained(tmp / "tokenizer")
         write_location(tmp, "tokenizer")
         out.finish(tmp, rows=len(rows), api=api.identity(), weights=None)
+    return out.ref()
+
+
+@task(cache_policy=StageCache(IMPORTED_TEACHER), **STAGE_RESULTS, task_run_name="record_imported_teacher")
+def record_imported_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
+    """The teacher of an imported logit dataset: recorded as absent (``imported``, no weights, no location), so that
+    what follows knows not to load, score or evaluate it."""
+    out = IMPORTED_TEACHER.output(run_dir, section=section)
+    if done := out.done:
+        return done
+    with out.building() as tmp:
+        out.finish(tmp, imported=True, weights=None)
     return out.ref()

@@ -76,6 +76,8 @@ def check_import(r) -> None:
                 "kd",
                 "lmbda",
             )
+    if r.teacher.imported:
+        _check_absent_teacher(r)
     readers = [(i, s) for i, s in enumerate(r.students) if reads_cache(s)]
     if not readers:
         raise FieldError(
@@ -86,6 +88,48 @@ def check_import(r) -> None:
     record = imp.export_record()
     for i, s in readers:
         _check_tokenizer(r, i, s, imp, record)
+
+
+def _check_absent_teacher(r) -> None:
+    """``teacher.imported: true``: the file's logits are all there is of the teacher, so every student trains from
+    them or from gold text, with a model (and tokenizer) of its own, and nothing compares against the teacher's
+    answers."""
+    from kdflow.config.kd import OfflineKD
+    from kdflow.config.student import StudentData
+
+    for i, s in enumerate(r.students):
+        if s.kd is not None and not isinstance(s.kd, OfflineKD):
+            raise FieldError(
+                f"student {s.name!r}: kd method {s.kd.method.value} runs the teacher live, and with teacher.imported: "
+                "true its weights are not here: use kd: {method: offline} (the imported logits), or name the "
+                "teacher's model in teacher.model",
+                "students",
+                i,
+                "kd",
+            )
+        if s.data is StudentData.teacher and s.kd is None:
+            raise FieldError(
+                f"student {s.name!r}: data: teacher learns from the teacher's answers, and with teacher.imported: "
+                "true no teacher is here to answer: give it kd: {method: offline} (the imported logits) or data: gold",
+                "students",
+                i,
+                "data",
+            )
+        if root_start(r, s).model is None:
+            raise FieldError(
+                f"student {s.name!r}: with teacher.imported: true there is no teacher to prune, nor a teacher's "
+                "tokenizer for a student of an architecture: give it model: (a pretrained model with the tokenizer "
+                "the file's token ids are in)",
+                "students",
+                i,
+            )
+    if r.evaluation.judge is not None:
+        raise FieldError(
+            "the judge compares each student's answers with the teacher's, and with teacher.imported: true no "
+            "teacher is here to answer: remove evaluation.judge",
+            "evaluation",
+            "judge",
+        )
 
 
 def _check_tokenizer(r, i: int, s, imp: LogitImport, record: dict | None) -> None:

@@ -83,6 +83,14 @@ class Recipe(Strict):
                 )
         if self.logit_cache is not None and self.logit_cache.imported:
             check_import(self)
+        elif self.teacher.imported:
+            raise FieldError(
+                "teacher.imported: true means the teacher is only the logits of an imported dataset: add "
+                "logit_cache: {import: {path: ..., format: distillkit | axolotl}}, or name the teacher (model, "
+                "architecture or api)",
+                "teacher",
+                "imported",
+            )
         check_routed(self)
         if self.teacher.api and self.teachers is None:  # each of several teachers has its own generation section
             self._api_teacher_checks()

@@ -30,6 +30,12 @@ class TeacherSection(Strict):
         description="the teacher is the model generation.api names (backend openai): nothing "
         "is trained or loaded here; students learn from its verified answers",
     )
+    imported: bool = Field(
+        False,
+        description="the teacher is the model that made the imported logit dataset (logit_cache.import), whose "
+        "weights are not here: nothing is trained, loaded or evaluated for it; students with a model of their own "
+        "train from the file, and the report measures them against each other",
+    )
     model: str | None = Field(
         None,
         description="an existing model folder, hub id or GGUF file (imported once into "
@@ -52,6 +58,14 @@ class TeacherSection(Strict):
 
     @model_validator(mode="after")
     def _train_or_load(self):
+        if self.imported:
+            local = [f for f in ("api", "model", "architecture", "training", "dtype") if getattr(self, f)]
+            if local:
+                raise ValueError(
+                    f"teacher.imported: true says the teacher is not here (only its logits, in logit_cache.import); "
+                    f"remove teacher.{local[0]} (or set imported: false to train, load or ask a teacher)"
+                )
+            return self
         if self.api:
             local = [f for f in ("model", "architecture", "training", "dtype") if getattr(self, f)]
             if local:
@@ -62,8 +76,9 @@ class TeacherSection(Strict):
             return self
         if self.model is None and self.architecture is None:
             raise ValueError(
-                "set teacher.model (an existing model folder), teacher.architecture (to train one) or "
-                "teacher.api: true (the model generation.api names)"
+                "set teacher.model (an existing model folder), teacher.architecture (to train one), "
+                "teacher.api: true (the model generation.api names) or teacher.imported: true (only its logits, "
+                "in logit_cache.import)"
             )
         if is_gguf_path(self.model):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now

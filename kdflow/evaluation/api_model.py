@@ -18,6 +18,7 @@ from kdflow.teacher.api_client import RequestAccounting
 from kdflow.teacher.completion import TeacherBackend
 
 WEIGHTS_UNAVAILABLE = "API model: weights not available"
+IMPORTED_ONLY = "the teacher is known only by its imported logit dataset: weights not here"
 
 
 def api_answers(

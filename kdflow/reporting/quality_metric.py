@@ -10,8 +10,9 @@ QUALITY = {"accuracy": ("accuracy", ".3f"), "rouge_l": ("ROUGE-L", ".1f")}  # ke
 
 
 def quality_key(teacher: dict) -> str:
-    """``rouge_l`` where the teacher's metrics carry it (instruction data), else ``accuracy``."""
-    return "rouge_l" if teacher.get("rouge_l") is not None else "accuracy"
+    """``rouge_l`` where the teacher's metrics carry it (instruction data; None for a teacher known only by an imported
+    logit dataset), else ``accuracy``."""
+    return "rouge_l" if "rouge_l" in teacher else "accuracy"
 
 
 def source_metric(source: DataSource) -> str:
@@ -53,12 +54,18 @@ def quality_notes(report: dict) -> list[str]:
             f"the same prompts greedily through the API, scored {scored_how}. Perplexity, agreement, KL and every "
             f"cost figure are absent for it (— in the tables): {t['weights']}."
         )
+    if t.get("imported"):
+        out.append(
+            f"- **Teacher**: `{t['model']}`, known only by the imported logit dataset the students learnt from "
+            "(Logit cache, below): its weights are not here, so it was not evaluated and has no row in the tables (no "
+            "gap closed, ratio to the teacher, agreement or KL)."
+        )
     agreement = (
         "agreement = share of answer positions where the model's most likely next token is the teacher's; "
         "KL(teacher ‖ model) in nats per token. "
         + (
             "Agreement and KL need the teacher's weights: none for an API teacher."
-            if t.get("api")
+            if t.get("api") or t.get("imported")
             else "The teacher against itself: 1 and 0."
         )
     )

@@ -40,8 +40,9 @@ def _bytes(v: float) -> str:
 
 def gap_closure(student: float, baseline: float, teacher: float) -> float | None:
     """(student − baseline) / (teacher − baseline): 0 = no better than the baseline, 1 = as good as the
-    teacher; None when the teacher is no better than the baseline (there is no gap to close)."""
-    if teacher <= baseline:
+    teacher; None when the teacher is no better than the baseline (there is no gap to close) or was not evaluated here
+    (known only by an imported logit dataset)."""
+    if teacher is None or teacher <= baseline:
         return None
     return (student - baseline) / (teacher - baseline)
 
@@ -150,7 +151,9 @@ def build_report(
         }
         if judge is not None:
             out[name] |= {"judge_win_rate": judge["win_rates"][name]["win_rate"], "judge": judge["win_rates"][name]}
-    if baseline is None:
+    if teacher.get("imported"):
+        note = "not defined: the teacher is known only by its imported logit dataset and was not evaluated here"
+    elif baseline is None:
         note = "not applicable: no student is trained on gold data only (recipe `data: gold`) to serve as the baseline"
     elif gap_closure(1.0, students[baseline][key], teacher[key]) is None:
         better = "more accurate" if key == "accuracy" else f"higher on {QUALITY[key][0]}"
@@ -194,6 +197,10 @@ def teacher_source(teacher: dict) -> str:
 
 
 def report_models(report: dict) -> dict[str, dict]:
+    """The models the tables and plots show: the teacher, unless nothing of it ran here (an imported dataset's), and
+    every student."""
+    if report["teacher"].get("imported"):
+        return dict(report["students"])
     return {"teacher": {**report["teacher"], "data": teacher_source(report["teacher"])}, **report["students"]}
 
 
@@ -293,7 +300,7 @@ def deployment_notes(report: dict) -> list[str]:
             f"prompt, prefill included); **throughput**: {s['throughput_batch']} × {s['latency_tokens']} tokens / wall "
             f"time. Median of {s['repeats']} runs; all models measured back to back, alternating, in one stage run on "
             f"{mc['device']} ({mc['cpu_count']} CPUs; torch {mc['torch']}, {mc['torch_threads']} thread(s)).",
-            *([] if t.get("api") else ["- Ratios in parentheses: model / teacher."]),
+            *([] if t.get("api") or t.get("imported") else ["- Ratios in parentheses: model / teacher."]),
         ]
     for name, m in report_models(report).items():  # a figure that could not be had says why ("—" in the tables)
         out += [
@@ -337,9 +344,8 @@ def summary(report: dict) -> list[str]:
     lines = []
     for name, s in report["students"].items():
         share = f" ({s[key] / t[key]:.0%} of the teacher's)" if t[key] else ""
-        line = (
-            f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}} vs the teacher's {t[key]:{fmt}}{share}"
-        )
+        versus = "" if t[key] is None else f" vs the teacher's {t[key]:{fmt}}{share}"  # None: an imported dataset's
+        line = f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}}{versus}"
         if not is_baseline(s) and s.get("gap_closure") is not None:
             line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})

@@ -12,6 +12,9 @@ def summary_lines(report: dict, path) -> list[str]:
     title, fmt = QUALITY[key]
     lines = [f"report: {path}"]
     for name, m in {"teacher": report["teacher"], **report["students"]}.items():
+        if m.get("imported"):
+            lines.append(f"  {name:>10}: {m['model']}, not here ({m['weights']})")
+            continue
         if m.get("api"):
             lines.append(f"  {name:>10}: {title} {m[key]:{fmt}} ({m['model']} through the API; {m['weights']})")
             continue

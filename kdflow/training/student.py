@@ -146,6 +146,8 @@ def check_student_tokenizer(section: StudentSection, teacher: OutputRef, tokeniz
     unless the recipe asks for GOLD (cross-tokenizer)."""
     if section.kd is None:
         return  # sequence-level KD learns from text; any tokenizer will do
+    if teacher.manifest().get("imported"):
+        return  # only the imported cache is here: the offline trainer checks its tokenizer when it opens it
     from kdflow.training.tokenizer_compat import check_tokenizers
 
     cross = section.kd.cross_tokenizer if isinstance(section.kd, OnlineKD) else None  # GOLD is an online method

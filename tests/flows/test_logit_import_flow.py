@@ -83,3 +83,32 @@ def test_a_recipe_imports_an_exported_logit_dataset_and_an_offline_student_train
 
     again = evaluate(str(recipe))
     assert again["curation"] is None and again["logit_cache"] == report["logit_cache"]
+
+    # The teacher not here at all (`teacher: {imported: true}`): students of a model of their own (the file's
+    # tokenizer; here a copy of the first run's teacher) train from the file; nothing of the teacher is loaded or
+    # evaluated, and the report says so instead of a teacher row.
+    monkeypatch.undo()  # a new run folder imports the file once
+    raw["run"]["name"] = "mini-import-no-teacher"
+    raw["teacher"] = {"imported": True}
+    raw["students"] = [{**s, "model": teacher} for s in raw["students"]]
+    for s in raw["students"]:
+        del s["architecture"]
+    recipe.write_text(yaml.safe_dump(raw))
+    alone = distill(str(recipe))
+    run_dir = load_recipe(recipe).run_dir
+    recorded = run_folder.latest(run_dir, "teacher").manifest()
+    assert recorded["imported"] is True and recorded["weights"] is None
+    assert not [s for s in ("preflight", "generate", "curate", "logit-cache") if (run_dir / s).exists()]
+    assert alone["teacher"]["imported"] and alone["teacher"]["model"] == report["logit_cache"]["teachers"][0]
+    assert alone["teacher"]["accuracy"] is None and alone["gap_closure"]["note"].startswith("not defined: the teacher")
+    evaluated = {json.loads(m.read_text())["inputs"]["model"]["ref"] for m in (run_dir / "evaluate").glob("*/man*")}
+    assert evaluated == {"students"}  # both students, and no teacher
+    for name in ("baseline", "logit-kd"):
+        s = alone["students"][name]
+        assert s["accuracy"] is not None and s["agreement_skipped"].startswith("the teacher is known only by")
+        assert s["latency_ms_per_token"] is not None and s["vs_teacher"] == {} and s["gap_closure"] is None
+    md = (run_dir / "report.md").read_text()
+    assert f"- **Teacher**: `{alone['teacher']['model']}`, known only by the imported logit dataset" in md
+    for section in ("## Quality", "## Cost:"):  # the tables of models have no teacher row
+        table = md.split(section)[1].split("\n## ")[0]
+        assert "| teacher |" not in table and "| logit-kd |" in table

@@ -206,3 +206,57 @@ def test_routed_teachers_are_refused_with_an_import(tmp_path, files):
     del raw["teacher"]
     error = refused(yaml.safe_dump(raw), tmp_path)
     assert "logit_cache.import: " in error and "remove teachers/routing" in error, error
+
+
+def without_teacher(tmp_path, files, students=None, **changes) -> str:
+    """The import recipe with ``teacher: {imported: true}``: both students fine-tune the file's model (the teacher
+    folder the file was made with) instead of an architecture on the teacher's tokenizer."""
+    base = yaml.safe_load(recipe(tmp_path, files))
+    own = [
+        {**{k: v for k, v in s.items() if k != "architecture"}, "model": str(files / "teacher")}
+        for s in base["students"]
+    ]
+    return recipe(tmp_path, files, students=students or own, **{"teacher": {"imported": True}, **changes})
+
+
+def test_a_run_with_only_the_teachers_logits_loads(tmp_path, files):
+    r = parse_recipe(without_teacher(tmp_path, files), folder=tmp_path)
+    assert r.teacher.imported and r.teacher.model is None and r.teacher.vocab() is None
+
+
+@pytest.mark.parametrize(
+    "case, field, fix",
+    [
+        ("no-import", "teacher.imported: ", "add logit_cache: {import: {path: ..."),
+        ("and-model", "teacher: ", "remove teacher.model (or set imported: false"),
+        ("architecture", "students.1: ", "give it model: (a pretrained model with the tokenizer"),
+        ("pruned", "students.1: ", "there is no teacher to prune"),
+        ("seq-kd", "students.0.data: ", "no teacher is here to answer: give it kd: {method: offline}"),
+        ("online", "students.1.kd: ", "kd method online runs the teacher live"),
+        ("judge", "evaluation.judge: ", "remove evaluation.judge"),
+    ],
+)
+def test_what_needs_the_teacher_itself_is_refused_when_only_its_logits_are_here(tmp_path, files, case, field, fix):
+    base = yaml.safe_load(without_teacher(tmp_path, files))
+    students, changes = base["students"], {}
+    if case == "and-model":
+        changes["teacher"] = {"imported": True, "model": str(files / "teacher")}
+    elif case == "architecture":
+        students = [students[0], OFFLINE]
+    elif case == "pruned":
+        pruned = {k: v for k, v in students[1].items() if k != "model"}
+        students = [students[0], {**pruned, "init": {"from": "teacher", "layers": 1}}]
+    elif case == "seq-kd":
+        students = [{**students[0], "data": "teacher"}, students[1]]
+    elif case == "online":
+        students = [students[0], {**students[1], "kd": {"method": "online", "divergence": "jsd"}}]
+    else:
+        changes["evaluation"] = {**base["evaluation"], "judge": {"base_url": "http://x/v1", "model": "m"}}
+    text = without_teacher(tmp_path, files, students=students, **changes)
+    if case == "no-import":  # no logit cache at all, and the gold student alone
+        raw = yaml.safe_load(text)
+        del raw["logit_cache"]
+        raw["students"] = [raw["students"][0]]
+        text = yaml.safe_dump(raw, sort_keys=False)
+    error = refused(text, tmp_path)
+    assert field in error and fix in error, error
