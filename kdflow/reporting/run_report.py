@@ -40,8 +40,7 @@ def _bytes(v: float) -> str:
 
 def gap_closure(student: float, baseline: float, teacher: float) -> float | None:
     """(student − baseline) / (teacher − baseline): 0 = no better than the baseline, 1 = as good as the
-    teacher; None when the teacher is no better than the baseline (there is no gap to close) or was not evaluated here
-    (known only by an imported logit dataset)."""
+    teacher; None when the teacher is no better than the baseline (no gap to close) or not evaluated (imported)."""
     if teacher is None or teacher <= baseline:
         return None
     return (student - baseline) / (teacher - baseline)
@@ -197,8 +196,7 @@ def teacher_source(teacher: dict) -> str:
 
 
 def report_models(report: dict) -> dict[str, dict]:
-    """The models the tables and plots show: the teacher, unless nothing of it ran here (an imported dataset's), and
-    every student."""
+    """The models the tables and plots show: the teacher (unless only its imported logits are here), the students."""
     if report["teacher"].get("imported"):
         return dict(report["students"])
     return {"teacher": {**report["teacher"], "data": teacher_source(report["teacher"])}, **report["students"]}
