@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -210,6 +211,36 @@ def _set_aside_if_damaged(final: Path, problem: str) -> None:
         _trash(final)
 
 
+# Who builds a temporary folder is in its name (.tmp-<key>-<host>-<pid>-<random>), so that a later build can tell a
+# folder left by a killed process (SIGKILL, a lost machine: no ``finally`` ran) from one still being built.
+HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+
+
+def remove_stale_builds(stage_dir: Path) -> list[Path]:
+    """Remove the temporary folders in ``stage_dir`` whose builder was a process of this machine that is gone; keep
+    any other (a live process's, another machine's, or a name without its builder). Returns what was removed."""
+    removed = []
+    for tmp in Path(stage_dir).glob(".tmp-*"):
+        parts = tmp.name.split("-")  # .tmp, key, host, pid, random: neither the key nor HOST holds a "-"
+        if len(parts) != 5 or parts[2] != HOST or not parts[3].isdigit() or _alive(int(parts[3])):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    if removed:
+        log.warning(f"removed {len(removed)} temporary folder(s) left in {stage_dir} by killed builds")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextmanager
 def building(run_dir: Path, stage: str, key: str):
     """Yield a temporary folder to build the output in; on success it is renamed into place.
@@ -221,7 +252,8 @@ def building(run_dir: Path, stage: str, key: str):
         raise InjectedFailure(f"{FAIL_STAGE_ENV}={stage}: injected failure (a test hook; unset it to run the stage)")
     final = output_dir(run_dir, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+    remove_stale_builds(final.parent)
+    tmp = final.parent / f".tmp-{key[:16]}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp

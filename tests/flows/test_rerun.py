@@ -148,6 +148,7 @@ def test_sigkill_mid_stage_then_rerun_completes_without_loss_or_duplicates(prefe
     assert made_since(before, run_dir, "data") == []  # finished before the kill: kept and reused
     teacher = run_folder.outputs(run_dir, "teacher")
     assert len(teacher) == 1 and training_steps(teacher) == 150  # trained once, in full, by the rerun
+    assert not list((run_dir / "teacher").glob(".tmp-*"))  # the killed build's folder removed by the rerun's
     generate = run_folder.outputs(run_dir, "generate")
     assert len(generate) == 1 and teacher_requests(generate) == 80
     import pandas as pd
