@@ -52,12 +52,16 @@ def data_files(source: str | Path) -> list[Path]:
     source = Path(source)
     if source.is_file():
         return [source]
+    if source.exists() and not source.is_dir():  # a FIFO or a device: opening it would wait for a writer forever
+        raise FileNotFoundError(f"{source}: not a regular file or a folder")
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such file or folder")
     numeric = lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]  # noqa: E731
     files = sorted(source.glob("*.parquet"), key=numeric)
     if not files:
         raise FileNotFoundError(f"{source}: no .parquet files in it")
+    if odd := [f for f in files if not f.is_file()]:
+        raise FileNotFoundError(f"{odd[0]}: not a regular file (a FIFO, device or folder named .parquet); remove it")
     return files
 
 

@@ -37,6 +37,9 @@ class Imported:
 # p = exp(log-prob) is at most 1, and a position's top-k sums to at most 1. Rounding (fp16, bf16, u8 steps, a
 # producer's renormalisation) stays well inside these margins; a column of logits or of probabilities does not.
 LOGPROB_MAX, MASS_MAX = 0.01, 1.05
+# The top-k and a stated tail must together make about 1: below 0.95 the tail leaves mass nowhere (u8's 1/24-nat steps
+# move a sum by at most 4 %), and a student would learn a distribution of less than one.
+MASS_MIN = 0.95
 
 
 def distribution_problem(
@@ -45,7 +48,7 @@ def distribution_problem(
     """The first position of ``ids`` / ``logprobs`` (L, k; finite) whose top-k is not one distribution, and why;
     None when every position is one. A repeated id would count its token twice, a log-prob above 0 or a top-k mass
     above 1 is not a probability: stored, either trains a student towards what no teacher said. ``tail`` (L; finite):
-    the file's log of the mass outside the top-k, where it has one; with the top-k it must not make more than 1."""
+    the file's log of the mass outside the top-k, where it has one; with the top-k it must make about 1 (0.95-1.05)."""
     ordered = np.sort(ids, axis=1)
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(1)
     above = (logprobs > LOGPROB_MAX).any(1)
@@ -53,7 +56,8 @@ def distribution_problem(
     over = mass > MASS_MAX
     total = mass + (0.0 if tail is None else np.exp(np.asarray(tail, dtype=np.float64)))
     tail_over = np.zeros_like(over) if tail is None else (np.asarray(tail) > LOGPROB_MAX) | (total > MASS_MAX)
-    bad = repeated | above | over | tail_over
+    tail_under = np.zeros_like(over) if tail is None else total < MASS_MIN
+    bad = repeated | above | over | tail_over | tail_under
     if not bad.any():
         return None
     j = int(np.flatnonzero(bad)[0])
@@ -72,8 +76,9 @@ def distribution_problem(
         )
     return j, (
         f"the tail (kdflow_tail {float(tail[j]):g}) puts {np.exp(float(tail[j])):.3f} of the mass outside the top-k, "
-        f"which with the top-k's {mass[j]:.3f} makes {total[j]:.3f}, more than 1: write log(1 - the top-k's sum), "
-        "or drop the column (the import then computes it)"
+        f"which with the top-k's {mass[j]:.3f} makes {total[j]:.3f}, "
+        f"{'more than 1' if total[j] > MASS_MAX else 'well under 1'}: write log(1 - the top-k's sum), or drop the "
+        "column (the import then computes it)"
     )
 
 
@@ -102,8 +107,20 @@ def read_lists(column: pa.Array, file, first_row: int, name: str, dtype) -> list
     """list<…> -> one 1-D array per row."""
     column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     bounds = np.cumsum([0, *_lengths(column, file, first_row, name)])
-    flat = column.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    flat = _cast(column.flatten().to_numpy(zero_copy_only=False), dtype, file, name)
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _cast(values: np.ndarray, dtype, file, name: str) -> np.ndarray:
+    """``values`` as ``dtype``; token ids written as fractions (16.5) are an error, not truncated to another token."""
+    if np.issubdtype(dtype, np.integer) and np.issubdtype(values.dtype, np.floating):
+        bad = ~np.isfinite(values) | (values != np.floor(values))
+        if bad.any():
+            raise LogitFileError(
+                f"{file}: {name} holds {values[bad][0]:g}, not a whole number: token ids are integers; write the "
+                "column as integers (the file's ids may have passed through a float column)"
+            )
+    return values.astype(dtype)
 
 
 def read_nested(column: pa.Array, file, first_row: int, name: str, dtype) -> list[np.ndarray]:
@@ -113,7 +130,7 @@ def read_nested(column: pa.Array, file, first_row: int, name: str, dtype) -> lis
     outer = _lengths(column, file, first_row, name)
     inner_lists = column.flatten()
     inner = _lengths(inner_lists, file, first_row, name)
-    flat = inner_lists.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    flat = _cast(inner_lists.flatten().to_numpy(zero_copy_only=False), dtype, file, name)
     rows, at, pos = [], 0, 0
     for i, n in enumerate(outer):
         widths = inner[pos : pos + n]

@@ -232,6 +232,13 @@ def import_into(
             f"vocab_size {vocab_size}: give the teacher's logits per position (at least 1), or leave it unset"
         )
     source = files[0] if len(files) == 1 else files[0].parent
+    digests = digests or [file_sha256(f) for f in files]
+    if len(set(digests)) < len(digests):  # the same sequences twice, under other row ids: refused, not imported twice
+        first = digests.index(next(d for d in digests if digests.count(d) > 1))
+        twin = digests.index(digests[first], first + 1)
+        raise LogitFileError(
+            f"{files[twin]}: the same bytes as {files[first]}; each row would be imported twice: remove the copy"
+        )
     tags = [_tag(f) for f in files]
     cached = next((t["cache"] for t in tags if t), None)
     if cached is not None:  # kdflow's own export: the tokenizer must be the one its cache was made with
@@ -290,9 +297,7 @@ def import_into(
         source=f"import:{fmt}",
     )
     meta["tail"] = _tail_note(computed, len(seen), fmt)
-    meta["imported_from"] = [
-        {"file": str(f), "sha256": digest} for f, digest in zip(files, digests or [file_sha256(f) for f in files])
-    ]
+    meta["imported_from"] = [{"file": str(f), "sha256": digest} for f, digest in zip(files, digests)]
     manifest = write_manifest(tmp, meta, shards)
     LogitCache.open(tmp, expect_tokenizer=tokenizer, expect_vocab_size=vocab_size).verify()
     return manifest
@@ -336,10 +341,11 @@ def _checked(r: Imported, file: Path, row_id: str, vocab_size: int, tokens: int)
             "check the file's tokenizer"
         )
     if not np.isfinite(r.logprobs).all() or (r.tail is not None and not np.isfinite(r.tail).all()):
-        j = int(np.flatnonzero(~np.isfinite(r.logprobs).all(-1))[0]) if not np.isfinite(r.logprobs).all() else 0
+        in_topk = not np.isfinite(r.logprobs).all()
+        j = int(np.flatnonzero(~np.isfinite(r.logprobs).all(-1) if in_topk else ~np.isfinite(r.tail))[0])
         raise LogitFileError(
-            f"{where(file, r.row, r.start + j)}: a log-prob is not finite (NaN or -inf); a student "
-            "would train on it: recapture the row or drop it"
+            f"{where(file, r.row, r.start + j)}: {'a log-prob' if in_topk else 'the tail (kdflow_tail)'} is not "
+            "finite (NaN or -inf); a student would train on it: recapture the row or drop it"
         )
     if (problem := distribution_problem(r.ids, r.logprobs, r.tail)) is not None:
         raise LogitFileError(f"{where(file, r.row, r.start + problem[0])}: {problem[1]}")

@@ -131,3 +131,71 @@ def test_the_import_command_names_a_tokenizer_folder_that_is_not_there(tmp_path)
                 str(missing),
             ]
         )
+
+
+def planted_tail(tmp_path, tokenizer, value: float, positions=(5,)):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    table = axolotl.table_of(rows(len(tokenizer)), K)
+    records = table.to_pylist()
+    for j in positions:
+        records[1][axolotl.TAIL][j] = value
+    pq.write_table(type(table).from_pylist(records, schema=table.schema), folder / "data_0.parquet")
+    return folder
+
+
+def test_a_tail_far_below_the_real_one_is_refused(tmp_path, tokenizer):
+    # The fifth audit: kdflow_tail -30 at every kept position was stored, leaving positions with 0.56 of the mass.
+    folder = planted_tail(tmp_path, tokenizer, -30.0)
+    with pytest.raises(
+        LogitFileError, match=r"row 1, position 5: the tail \(kdflow_tail -30\) .* makes 0\.\d+, well under 1"
+    ):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_a_tail_that_is_not_finite_is_named_at_its_own_position(tmp_path, tokenizer, value):
+    # The fifth audit: a NaN tail at position 6 was reported as "position 4: a log-prob is not finite".
+    folder = planted_tail(tmp_path, tokenizer, value, positions=(6,))
+    with pytest.raises(LogitFileError, match=r"row 1, position 6: the tail \(kdflow_tail\) is not finite"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+def test_token_ids_written_as_fractions_are_refused_not_truncated(tmp_path, tokenizer):
+    # The fifth audit: ids of 16.5 were imported as token 16.
+    import pyarrow as pa
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    table = axolotl.table_of(rows(len(tokenizer)), K)
+    ids = table.column("target_token_ids").to_pylist()
+    ids[1][5][0] += 0.5
+    floats = pa.array(ids, type=pa.list_(pa.list_(pa.float64())))
+    table = table.set_column(table.schema.get_field_index("target_token_ids"), "target_token_ids", floats)
+    pq.write_table(table, folder / "data_0.parquet")
+    with pytest.raises(LogitFileError, match=r"target_token_ids holds \d+\.5, not a whole number"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+def test_the_same_file_twice_in_a_folder_is_refused(tmp_path, tokenizer):
+    # The fifth audit: two identical files without kdflow metadata imported every sequence twice.
+    import shutil
+
+    folder = write(tmp_path / "f", tokenizer)
+    shutil.copy(folder / "data_0.parquet", folder / "data_1.parquet")
+    with pytest.raises(LogitFileError, match=r"data_1.parquet: the same bytes as .*data_0.parquet; .*remove the copy"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+
+
+def test_a_fifo_named_like_a_data_file_is_refused_without_opening_it(tmp_path, tokenizer):
+    # The fifth audit: the recipe load and the import command both waited forever on a FIFO (open blocks for a writer).
+    import os
+
+    from kdflow.config.logit_cache import data_files
+
+    folder = write(tmp_path / "f", tokenizer)
+    os.mkfifo(folder / "data_1.parquet")
+    with pytest.raises(FileNotFoundError, match=r"data_1.parquet: not a regular file \(a FIFO"):
+        import_file(folder, tmp_path / "cache", "axolotl", tokenizer)
+    with pytest.raises(FileNotFoundError, match=r"data_1.parquet: not a regular file or a folder"):
+        data_files(folder / "data_1.parquet")
