@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from kdflow.store.data_files import DataError, load_located_rows
+from kdflow.store.data_files import DataError, json_kind, load_located_rows
 
 TEST = "test"  # the split read from the test file; every other split comes from the transfer file
 
@@ -45,10 +45,42 @@ def read_transfer(path: Path) -> list[dict]:
     ``file:line``."""
     located = load_located_rows(path, required=("id", "prompt", "completion"), prompt_field="prompt")
     rows = [
-        {"id": str(r["id"]), "question": r["prompt"], "rationale": r["completion"], "answer": r["completion"]}
-        for _, r in located
+        {
+            "id": str(r["id"]),
+            "question": r["prompt"],
+            "rationale": _reference(r["completion"], at, "field 'completion'"),
+            "answer": r["completion"],
+        }
+        for at, r in located
     ]
     return _unique(rows, [at for at, _ in located])
+
+
+def _reference(value, at: str, field: str) -> str:
+    """A row's reference answer: non-empty text. It is what ``data: gold`` students learn and what ROUGE-L scores
+    against, so an empty one teaches nothing and ``None`` or a list crashes the scorer (or, as ``str(None)``, is scored
+    against the word "None")."""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{at}: {field} holds {json_kind(value)}, not text: there is no reference to score against; write "
+            "it as a JSON string or remove the row"
+        )
+    if not value.strip():
+        raise DataError(f"{at}: {field} is empty: there is no reference to score against; fill it in or remove the row")
+    return value
+
+
+def _input_text(value, at: str) -> str:
+    """An instance's ``input``: text, or null for none (as ``""``; ``str(None)`` appended "None" to the question
+    every model was evaluated on)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(
+            f"{at}: the instance's 'input' holds {json_kind(value)}, not text; write it as a JSON string, or "
+            '"" (or null) for an instruction without an input'
+        )
+    return value
 
 
 def read_test(path: Path) -> list[dict]:
@@ -70,15 +102,11 @@ def read_test(path: Path) -> list[dict]:
                 "format); fix the row or remove it"
             )
         first = instances[0]
-        if not str(first["output"]).strip():
-            raise DataError(
-                f"{at}: the instance's 'output' is empty: there is no reference to score against; fill it "
-                "in or remove the row"
-            )
+        _reference(first["output"], at, "the instance's 'output'")
         rows.append(
             {
                 "id": str(r["id"]),
-                "question": self_instruct_question(r["instruction"], str(first["input"])),
+                "question": self_instruct_question(r["instruction"], _input_text(first["input"], at)),
                 "rationale": first["output"],
                 "answer": first["output"],
             }

@@ -35,6 +35,19 @@ def lone_surrogate(value, field: str) -> tuple[str, int] | None:
     return None
 
 
+def json_kind(value) -> str:
+    """What a JSON value is, in the words a data file's author uses (``5`` is a number, ``[..]`` a list)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
 def check_utf8(rows: list[dict], what: str, id_field: str = "id") -> None:
     """Before rows become a parquet table: a lone surrogate fails naming the row (by ``id_field``) and the field,
     where pyarrow would only say 'surrogates not allowed'."""
@@ -97,6 +110,12 @@ def _check(at: str, row, required, prompt_field) -> None:
         raise DataError(f"{at}: missing field(s) {missing}; every row needs {list(required)}")
     if prompt_field is not None:
         prompt = row.get(prompt_field)
+        if prompt is not None and not isinstance(prompt, str):
+            # "empty" would send the fix the wrong way: a number or a list is there, it is just not text
+            raise DataError(
+                f"{at}: field {prompt_field!r} holds {json_kind(prompt)} ({prompt!r:.60}), not text; write the "
+                "prompt as a JSON string (quoted) or remove the row"
+            )
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{at}: empty prompt in field {prompt_field!r}; remove the row or fill it in")
     for field, value in row.items():

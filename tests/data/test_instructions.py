@@ -420,3 +420,59 @@ def test_the_report_shows_rouge_l_instead_of_accuracy(evaluated):
     table = compare.render({"instr": report})
     assert "| ROUGE-L |" in table and "| accuracy |" not in table
     assert plot_tradeoff(report).startswith(b"\x89PNG")  # ROUGE-L against parameters (no latency measured here)
+
+
+# ---- the fifth audit: values of the wrong JSON type -----------------------------------------------------
+
+
+def test_a_null_test_input_is_no_input_and_one_not_text_is_refused(tmp_path):
+    test = tmp_path / "s.jsonl"
+    test.write_text('{"id": "s1", "instruction": "Do 1", "instances": [{"input": null, "output": "o"}]}\n')
+    assert instructions.read_test(test)[0]["question"] == "Do 1"  # not "Do 1\n\nNone"
+    for value, kind in (("0", "a number"), ('["a"]', "a list"), ("true", "a boolean")):
+        test.write_text(f'{{"id": "s1", "instruction": "Do 1", "instances": [{{"input": {value}, "output": "o"}}]}}\n')
+        with pytest.raises(DataError, match=rf"{test}:1: the instance's 'input' holds {kind}, not text; write it as"):
+            instructions.read_test(test)
+
+
+@pytest.mark.parametrize("value, kind", [("null", "null"), ("3", "a number"), ('["a", "b"]', "a list")])
+def test_a_test_output_that_is_not_text_is_refused(tmp_path, value, kind):
+    test = tmp_path / "s.jsonl"
+    test.write_text(
+        '{"id": "s0", "instruction": "Do 0", "instances": [{"input": "", "output": "o"}]}\n'
+        f'{{"id": "s1", "instruction": "Do 1", "instances": [{{"input": "", "output": {value}}}]}}\n'
+    )
+    with pytest.raises(
+        DataError, match=rf"{test}:2: the instance's 'output' holds {kind}, not text: there is no reference"
+    ):
+        instructions.read_test(test)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [('""', "is empty"), ('"  "', "is empty"), ("null", "holds null, not text"), ('["a", "b"]', "holds a list")],
+)
+def test_a_transfer_completion_that_is_empty_or_not_text_is_refused(tmp_path, value, problem):
+    transfer = tmp_path / "t.jsonl"
+    transfer.write_text(
+        '{"id": "a", "prompt": "Say hi.", "completion": "hi"}\n'
+        f'{{"id": "b", "prompt": "Say bye.", "completion": {value}}}\n'
+    )
+    with pytest.raises(DataError, match=rf"{transfer}:2: field 'completion' {problem}.*(fill it in|JSON string)"):
+        instructions.read_transfer(transfer)
+
+
+def test_a_numeric_prompt_is_named_not_text_rather_than_empty(tmp_path):
+    transfer = tmp_path / "t.jsonl"
+    transfer.write_text('{"id": "a", "prompt": 5, "completion": "hi"}\n')
+    with pytest.raises(
+        DataError,
+        match=rf"{transfer}:1: field 'prompt' holds a number \(5\), not text; write the prompt as",
+    ):
+        instructions.read_transfer(transfer)
+    transfer.write_text('{"id": "a", "prompt": ["x"], "completion": "hi"}\n')
+    with pytest.raises(DataError, match=rf"{transfer}:1: field 'prompt' holds a list"):
+        instructions.read_transfer(transfer)
+    transfer.write_text('{"id": "a", "prompt": " ", "completion": "hi"}\n')  # empty text is still "empty"
+    with pytest.raises(DataError, match=rf"{transfer}:1: empty prompt in field 'prompt'"):
+        instructions.read_transfer(transfer)
