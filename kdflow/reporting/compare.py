@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from kdflow.reporting.quality_metric import metric_of
-from kdflow.reporting.run_report import REPORT_JSON
+from kdflow.reporting.run_report import REPORT_JSON, teacher_source
 
 COLUMNS = [  # (key in a model's report entry, column title, format)
     ("data", "trained on", "{}"),
@@ -38,7 +38,13 @@ def load_report(path: str | Path) -> dict:
     file = path / REPORT_JSON if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {REPORT_JSON}; pass a run folder (runs/<name>) whose flow has finished")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # cut short (a killed write, a full disk) or overwritten
+        raise ValueError(
+            f"{file}: not a readable report ({e}); the run's report is damaged: rerun `kdflow evaluate` on its recipe "
+            "to write it again"
+        ) from None
 
 
 def columns(reports: dict[str, dict]) -> list[tuple[str, str, str]]:
@@ -52,10 +58,18 @@ def rows(reports: dict[str, dict]) -> list[dict]:
     report does not have (an older report, a metric not measured) are None."""
     out = []
     for label, report in reports.items():
-        models = {"teacher": {"data": "gold", **report["teacher"]}, **report["students"]}
+        models = {"teacher": {**report["teacher"], "data": _teacher_data(report["teacher"])}, **report["students"]}
         for name, m in models.items():
             out.append({"run": label, "model": name, **{key: m.get(key) for key, _, _ in columns(reports)}})
     return out
+
+
+def _teacher_data(teacher: dict) -> str:
+    """What the teacher row's "trained on" says: what the run's own report says of its teacher (``teacher_source``:
+    gold only for one trained here, never for a given folder or an API model)."""
+    if teacher.get("imported"):  # no row in the run's own report: here the row says why it is empty
+        return f"{teacher.get('model')}: imported logits only, not evaluated"
+    return teacher_source(teacher)
 
 
 def _cell(value, fmt: str) -> str:
@@ -95,9 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give two or more run folders to compare")
+    if args.out and Path(args.out).is_dir():  # before the table is printed, not as a traceback after it
+        parser.error(
+            f"--out {args.out}: a folder, not a file; name the Markdown file to write, "
+            f"e.g. {Path(args.out) / 'compare.md'}"
+        )
     try:
         reports = {label: load_report(p) for label, p in zip(labels(args.runs), args.runs)}
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     table = render(reports)
     print(table, end="")
