@@ -19,6 +19,7 @@ from kdflow.config.teacher import TeacherSection
 from kdflow.config.teachers import RowMatch
 from kdflow.config.templates import render, sft_rows
 from kdflow.config.training import trainer_config
+from kdflow.models.model_folder import DamagedModel, weights_problem
 from kdflow.store.model_folders import MODEL, SOURCE, folder_sha256, write_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.run_folder import read_split
@@ -122,10 +123,14 @@ def train_teacher_model(
 # own finished output by that key instead.
 @task(cache_policy=NO_CACHE, task_run_name="use_existing_teacher[{section.model}]")
 def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
-    """A teacher named by the recipe (a local folder or a hub id): recorded, not copied."""
+    """A teacher named by the recipe (a local folder or a hub id): recorded, not copied. A local folder's weights are
+    read once here (per content), before any stage loads them: weights of other names or shapes than its config's, or
+    NaN in them, fail this stage naming the folder instead of giving a run of garbage answers."""
     out = EXISTING_TEACHER.output(run_dir, section=section)
     if done := out.done:
         return done
+    if Path(section.model).is_dir() and (problem := weights_problem(Path(section.model))):
+        raise DamagedModel(f"teacher.model: {problem}")
     with out.building() as tmp:
         local = Path(section.model)
         location = str(local.resolve()) if local.is_dir() else section.model

@@ -76,6 +76,15 @@ TINY_TEACHER_CORPUS = [
 ]
 
 
+def fake_weights(tag: bytes = b"weights") -> bytes:
+    """A whole safetensors file of one uint8 tensor holding ``tag``: what a test's stand-in model folder needs to pass
+    the recipe's header check (kdflow/models/model_folder.py), different bytes for a different tag."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    return save({"w": np.frombuffer(tag, dtype=np.uint8).copy()})
+
+
 def build_tiny_teacher(folder: Path) -> Path:
     """A 1-layer Llama (head dim 32, float32) and its BPE tokenizer with a chat template, saved to ``folder``."""
     from kdflow.training.tiny_models import llama_model, train_tokenizer

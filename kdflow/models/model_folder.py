@@ -35,6 +35,8 @@ def folder_problem(folder: Path) -> str | None:
         return f"{folder / 'config.json'} has no model_type: it is not a transformers model config; {RESAVE}"
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         return f"{folder} has no weights ({', '.join(WEIGHT_FILES)}); {RESAVE}"
+    if problem := safetensors_problem(folder):
+        return problem
     if not has_tokenizer(folder):
         return (
             f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); save the teacher's tokenizer into it "
@@ -48,6 +50,93 @@ def folder_problem(folder: Path) -> str | None:
             f"{folder}: the tokenizer makes token ids up to {ids - 1}, but config.json's vocab_size is {rows}, so the "
             "model has no embedding row for the rest: the tokenizer is not this model's; save the model's own "
             "tokenizer into the folder"
+        )
+    return None
+
+
+class DamagedModel(ValueError):
+    """A model folder whose weights a loader would silently get wrong (``weights_problem``)."""
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files the folder's weights are in: ``model.safetensors``, or the shards its index names."""
+    folder = Path(folder)
+    index = _json(folder / "model.safetensors.index.json")
+    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+        return [folder / name for name in dict.fromkeys(index["weight_map"].values())]
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def safetensors_problem(folder: Path) -> str | None:
+    """A safetensors file the folder's weights need that is missing, cut short or not safetensors (a zeroed or empty
+    file), read from its header alone; None when each is whole. What a loader would say instead names no file."""
+    for file in weight_files(folder):
+        if not file.is_file():
+            return f"{file}: named by model.safetensors.index.json but not there; copy the missing shard or {RESAVE}"
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header = f.read(length) if 0 < length <= size - 8 else b""
+        try:
+            tensors = json.loads(header) if header else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            tensors = None
+        if not isinstance(tensors, dict):
+            return f"{file}: not a safetensors file (its header does not parse: empty, zeroed or damaged); {RESAVE}"
+        end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
+        if 8 + length + end > size:
+            return f"{file}: cut short ({size:,} bytes of the {8 + length + end:,} its header describes); {RESAVE}"
+    return None
+
+
+def weights_problem(folder: Path) -> str | None:
+    """What a loader would silently get wrong in the folder's weights, found by reading them one tensor at a time: a
+    weight the model's config expects that the files lack (other names, e.g. ``transformer.*`` for ``model.*``: it
+    would be left at its random initialisation), one of another shape, or a value that is NaN or infinite (every
+    answer would be garbage). None when the weights are the model's. Needs torch and transformers, and reads every
+    byte: a stage runs it once per folder content, not the recipe load."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    files = weight_files(folder)
+    if not files:
+        return None  # PyTorch pickles (pytorch_model.bin): transformers' own loader is all there is
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    shapes, nonfinite = {}, None
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                shapes[name] = tuple(tensor.shape)
+                if nonfinite is None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    nonfinite = (file, name)
+    if getattr(config, "tie_word_embeddings", False):  # the output layer is the input embedding, stored once
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
+    missing = [
+        k for k in expected if k not in shapes and f"model.{k}" not in shapes and k.removeprefix("model.") not in shapes
+    ]
+    if missing:
+        return (
+            f"{folder}: {len(missing)} of the {len(expected)} weights its config.json ({config.model_type}) expects "
+            f"are not in the weight files, e.g. {missing[0]!r} (the files hold names like "
+            f"{next(iter(shapes), None)!r}); a loader would leave them at random values: {RESAVE}"
+        )
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if wrong:
+        k = wrong[0]
+        return (
+            f"{folder}: weight {k!r} has shape {list(shapes[k])}, and config.json makes it {list(expected[k])}: the "
+            f"config is not these weights'; {RESAVE}"
+        )
+    if nonfinite is not None:
+        return (
+            f"{nonfinite[0]}: weight {nonfinite[1]!r} holds NaN or infinite values: every logit it touches would be "
+            "NaN; use an undamaged copy of the model"
         )
     return None
 

@@ -5,7 +5,7 @@ import pytest
 
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
-from tests.conftest import MINI_RECIPE
+from tests.conftest import MINI_RECIPE, fake_weights
 from tests.teacher.test_teachers import two_teachers
 
 
@@ -91,7 +91,7 @@ def test_a_teacher_folder_without_tokenizer_files_is_refused_at_load(tmp_path):
     folder = tmp_path / "teacher"
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
-    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "model.safetensors").write_bytes(fake_weights())
     path = recipe(tmp_path, MINI_TEACHER, f"  - name: sub\n    model: {folder}\n")
     with pytest.raises(
         RecipeError,

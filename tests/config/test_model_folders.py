@@ -2,6 +2,7 @@
 first stage that read the weights): refused when the recipe loads, naming the folder, what is missing and the fix."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
 from kdflow.models.model_folder import folder_problem, token_id_count
-from tests.conftest import MINI_RECIPE
+from tests.conftest import MINI_RECIPE, fake_weights
 
 TOKENIZER = {
     "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "c": 2}},
@@ -25,7 +26,7 @@ def folder(tmp_path: Path, *, config=None, weights=True, tokenizer=TOKENIZER) ->
     if config is not False:
         (out / "config.json").write_text(json.dumps(config or {"model_type": "llama", "vocab_size": 48}))
     if weights:
-        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "model.safetensors").write_bytes(fake_weights())
     if tokenizer is not None:
         (out / "tokenizer.json").write_text(tokenizer if isinstance(tokenizer, str) else json.dumps(tokenizer))
     return out
@@ -78,3 +79,90 @@ def test_a_student_fine_tuned_from_a_damaged_folder_is_refused_at_load(tmp_path)
     (tmp_path / "mini.yaml").write_text(text)
     with pytest.raises(RecipeError, match=r"students.\d+: .*model '.*teacher': .*teacher has no weights"):
         load_recipe(tmp_path / "mini.yaml")
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        (b"", r"model.safetensors: not a safetensors file \(its header does not parse"),
+        (b"\0" * 4096, r"model.safetensors: not a safetensors file"),
+        (fake_weights(b"x" * 64)[:-10], r"model.safetensors: cut short \(\d+ bytes of the \d+ its header describes\)"),
+    ],
+    ids=["empty", "zeroed", "truncated"],
+)
+def test_a_weights_file_that_is_not_whole_safetensors_is_refused_at_load(tmp_path, weights, message):
+    # The fifth audit: each loaded, to fail in the first stage that read it with a SafetensorError naming no file.
+    teacher = folder(tmp_path)
+    (teacher / "model.safetensors").write_bytes(weights)
+    with pytest.raises(RecipeError, match=r"mini.yaml:\d+: teacher: .*" + message):
+        load_recipe(with_teacher(tmp_path, teacher))
+
+
+def test_a_shard_index_whose_shards_are_missing_is_refused_at_load(tmp_path):
+    teacher = folder(tmp_path, weights=False)
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (teacher / "model.safetensors.index.json").write_text(json.dumps(index))
+    (teacher / "model-00001-of-00002.safetensors").write_bytes(fake_weights())
+    with pytest.raises(RecipeError, match=r"model-00002-of-00002.safetensors: named by model.safetensors.index.json"):
+        load_recipe(with_teacher(tmp_path, teacher))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tests.conftest import build_tiny_teacher
+
+    return build_tiny_teacher(tmp_path_factory.mktemp("tiny") / "teacher")
+
+
+def damaged(tmp_path: Path, tiny: Path, change) -> Path:
+    """A copy of the tiny teacher whose weights ``change`` edits (a dict of name -> tensor, returned)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = shutil.copytree(tiny, tmp_path / "damaged")
+    tensors = change(load_file(out / "model.safetensors"))
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_whole_weights_pass_the_teacher_stage_check(tiny):
+    from kdflow.models.model_folder import weights_problem
+
+    assert weights_problem(tiny) is None
+
+
+def test_a_nan_weight_fails_the_teacher_stage_naming_the_weight(tmp_path, tiny):
+    # The fifth audit: a teacher with one NaN weight ran to the end: 80 empty answers, accuracy 0, perplexity nan.
+    from kdflow.config.teacher import TeacherSection
+    from kdflow.models.model_folder import DamagedModel
+    from tasks.teacher import use_existing_teacher
+
+    def nan(t):
+        t["model.embed_tokens.weight"][0, 0] = float("nan")
+        return t
+
+    teacher = damaged(tmp_path, tiny, nan)
+    with pytest.raises(DamagedModel, match=r"weight 'model.embed_tokens.weight' holds NaN or infinite values"):
+        use_existing_teacher.fn(tmp_path / "run", TeacherSection(model=str(teacher)))
+    assert not (tmp_path / "run" / "teacher").exists() or not any(
+        (tmp_path / "run" / "teacher").glob("*/manifest.json")
+    )
+
+
+def test_weights_under_other_names_or_shapes_fail_the_teacher_stage(tmp_path, tiny):
+    # The fifth audit: weights named transformer.* were loaded as random values (a transformers warning only), and
+    # the run failed far later with "the filter kept no teacher answers".
+    from kdflow.models.model_folder import weights_problem
+
+    renamed = damaged(tmp_path, tiny, lambda t: {k.replace("model.", "transformer.", 1): v for k, v in t.items()})
+    assert re.search(
+        r"weights its config.json \(llama\) expects are not in the weight files, e.g. 'model\.",
+        weights_problem(renamed),
+    )
+    import shutil
+
+    wide = shutil.copytree(tiny, tmp_path / "wide")  # a config of twice the MLP width beside the same weights
+    config = json.loads((tiny / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    assert re.search(r"weight '.*mlp.*' has shape \[.*\], and config.json makes it \[.*\]", weights_problem(wide))

@@ -25,7 +25,7 @@ from kdflow.store import model_folders
 from kdflow.store.outputs import OutputRef, building, content_key, existing_output, finish
 from kdflow.teacher import served
 from kdflow.training.student import student_inputs
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fake_weights
 from tests.fault_proxy import FakeTeacher
 
 GOLDEN = {
@@ -149,7 +149,7 @@ def model_folder(folder: Path, weights: bytes = b"weights-1") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "tokenizer.json").write_text('{"model": {}}')
-    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "model.safetensors").write_bytes(fake_weights(weights))
     return folder
 
 
@@ -178,7 +178,7 @@ def test_a_pretrained_students_folder_is_keyed_by_its_files_not_its_path(tmp_pat
     monkeypatch.setenv(model_folders.STATE_ENV, str(tmp_path / "state"))
     model_folders._hashes.clear()  # a new process: the digest comes from the record file, by the files' stat
     assert student_key(str(folder)) == key
-    (folder / "model.safetensors").write_bytes(b"weights-2")  # new weights, same path
+    (folder / "model.safetensors").write_bytes(fake_weights(b"weights-2"))  # new weights, same path
     changed = student_key(str(folder))
     assert changed != key
     moved = folder.rename(tmp_path / "elsewhere")
@@ -194,7 +194,9 @@ def test_a_start_inside_a_stage_output_keeps_the_key_its_path_gives(tmp_path):
     section = StudentSection(name="s", data="gold", model=start)
     args = {"template": "t", "teacher": fake("teacher"), "data": fake("data"), "curated": None, "logits": None}
     assert student_key(start) == content_key("students", "1", {"section": section, **args})
-    (output / "model" / "model.safetensors").write_bytes(b"changed")  # (the output's own check catches this)
+    (output / "model" / "model.safetensors").write_bytes(
+        fake_weights(b"changed")
+    )  # (the output's own check catches this)
     assert student_key(start) == content_key("students", "1", {"section": section, **args})
     assert model_folders.local_model_sha256("some-org/some-model") is None  # a hub id: its name
 
@@ -205,7 +207,7 @@ def test_a_teacher_folder_is_keyed_by_its_files(tmp_path):
     folder = model_folder(tmp_path / "teacher")
     key = EXISTING_TEACHER.key(section=TeacherSection(model=str(folder)))
     assert EXISTING_TEACHER.key(section=TeacherSection(model=str(folder))) == key
-    (folder / "model.safetensors").write_bytes(b"weights-2")
+    (folder / "model.safetensors").write_bytes(fake_weights(b"weights-2"))
     assert EXISTING_TEACHER.key(section=TeacherSection(model=str(folder))) != key
 
 
@@ -225,7 +227,7 @@ def test_a_local_judge_is_keyed_by_its_files_and_so_are_its_kept_replies(tmp_pat
     section = EvaluationSection.Judge(backend="hf", model=str(folder))
     key, replies = local_judge_key(folder), reply_folder(tmp_path, section)
     assert (local_judge_key(folder), reply_folder(tmp_path, section)) == (key, replies)
-    (folder / "model.safetensors").write_bytes(b"another judge")
+    (folder / "model.safetensors").write_bytes(fake_weights(b"another judge"))
     assert local_judge_key(folder) != key and reply_folder(tmp_path, section) != replies
 
 
