@@ -6,6 +6,9 @@ comes from the YAML's own nodes, so that the message points at the setting to ch
 
 from __future__ import annotations
 
+import math
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +22,30 @@ class RecipeError(ValueError):
 
 # YAML reads `.inf`, `-.inf` and `.nan` as floats; no recipe setting means them (a learning rate of inf trains NaN).
 NOT_FINITE = "{value!r} is not a finite number: write a number (YAML reads .inf and .nan as infinity and not-a-number)"
+
+
+# YAML 1.1 reads a number in e-notation as a float only with a dot and a signed exponent (3.0e-4); `3e-4` and `1e3`
+# stay text, which a float or whole-number field then refuses.
+E_NOTATION = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
+
+
+def e_notation_hint(value, whole: bool) -> str | None:
+    """What to write instead of ``value`` when it is e-notation text (None otherwise): for a whole-number field
+    (``whole``) that number written out (1e3: 1000), else the number with a dot. One past the float range (1e400),
+    which reads as inf, is out of range: a dot would make it inf, which no setting takes."""
+    if not isinstance(value, str) or not E_NOTATION.fullmatch(value.strip()):
+        return None
+    number = Decimal(value.strip())
+    if not math.isfinite(float(number)):
+        return (
+            f"YAML reads {value} as text, and as a number it is out of range, past the largest float (1.8e308): "
+            "write a smaller number"
+        )
+    if not whole:
+        return f"YAML reads {value} as text: write it with a dot, e.g. {float(number):.1e}"
+    if number == number.to_integral_value():
+        return f"YAML reads {value} as text: write it as a whole number, {int(number)}"
+    return f"YAML reads {value} as text, and {float(number):g} is not a whole number: write a whole number"
 
 
 class FieldError(ValueError):
@@ -172,7 +199,10 @@ def validation_problems(
         elif err["type"] == "missing":
             msg = "required field is missing; add it"
         elif err["type"] == "finite_number":
-            msg = NOT_FINITE.format(value=err["input"])
+            hint = e_notation_hint(err["input"], whole=False)  # 1e400 is text that reads as inf
+            msg = NOT_FINITE.format(value=err["input"]) if hint is None else f"{err['input']!r}: {hint}"
+        elif err["type"] == "int_parsing" and (hint := e_notation_hint(err["input"], whole=True)):
+            msg += f" ({hint})"
         elif err["type"] == "string_type" and isinstance(err["input"], bool):
             msg += f"; YAML reads an unquoted yes/no/on/off/true/false as the boolean {err['input']}: quote the value"
         elif err["type"] == "string_type" and err["input"] is None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, ValidationInfo, field_validator
 
 from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, Strict, redact_url, resolve
+from kdflow.config.loading import FieldError
 from kdflow.store import remote
 
 
@@ -34,6 +35,11 @@ class RunSection(Strict):
         description="train and evaluate every student once per "
         "seed (named `<name>@<seed>`); the report gives mean and spread",
     )
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _no_boolean_seeds(cls, v):
+        return refuse_boolean_seeds(v)
 
     @field_validator("seeds")
     @classmethod
@@ -96,9 +102,24 @@ def _folder_or_nothing(path: Path, field: str) -> None:
             return
 
 
+def refuse_boolean_seeds(seeds):
+    """``seeds`` as given, before pydantic reads them: a boolean among them fails naming its entry. pydantic reads
+    ``true`` as the int 1, so ``seeds: [true, 0]`` trained seeds 1 and 0 without a word."""
+    if isinstance(seeds, list):
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool):
+                raise FieldError(
+                    f"{str(seed).lower()} is a boolean, not a seed (YAML reads an unquoted true/false/yes/no/on/off "
+                    "as one): write the seed as a whole number, e.g. 0",
+                    i,
+                )
+    return seeds
+
+
 def check_seeds(seeds: list[int]) -> list[int]:
     """Seeds a run can train with: each once (a repeated one would name two runs of a student alike) and within what
-    numpy and torch seed (0 to 2**32 - 1)."""
+    numpy and torch seed (0 to 2**32 - 1); a boolean is no seed (``True == 1`` in Python)."""
+    refuse_boolean_seeds(seeds)
     if bad := [s for s in seeds if not 0 <= s < 2**32]:
         raise ValueError(f"seed {bad[0]} is outside 0 to {2**32 - 1}, the seeds numpy and torch take")
     if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):

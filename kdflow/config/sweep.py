@@ -11,8 +11,11 @@ from pydantic import Field, field_validator, model_validator
 from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, SafeName, Strict, recipe_context
 from kdflow.config.kd import KD_METHODS, KDSection
 from kdflow.config.loading import FieldError, RecipeError, parse_yaml, read_recipe_file
+from kdflow.config.precision import check_precision
 from kdflow.config.recipe import load_recipe
+from kdflow.config.run import check_seeds, refuse_boolean_seeds
 from kdflow.config.student import StudentData
+from kdflow.config.training import check_sft_config
 
 
 class SweepRecipe(Strict):
@@ -34,6 +37,23 @@ class SweepRecipe(Strict):
         if any(not 0.0 < f <= 1.0 for f in v):
             raise ValueError(f"each fraction must be in (0, 1], got {v}")
         return sorted(set(v))
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _no_boolean_seeds(cls, v):
+        return refuse_boolean_seeds(v)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return check_seeds(v)  # as run.seeds: [0, 0] named two students alike, [-1] failed in numpy
+
+    @field_validator("training")
+    @classmethod
+    def _training(cls, v: dict[str, Any]) -> dict[str, Any]:
+        # as a recipe student's `training:`: merged with model_copy, these reached torch unchecked (a negative
+        # learning rate failed in the first student's optimizer, naming no sweep field)
+        return check_sft_config(v)
 
     @field_validator("methods")
     @classmethod
@@ -65,6 +85,15 @@ class SweepRecipe(Strict):
         if base.data is not StudentData.teacher:
             raise RecipeError(f"sweep.student: {self.student!r} learns from gold data; pick a `data: teacher` student")
         training = {**base.training, **self.training}
+        try:  # each part passed on its own; together (TRL's cross-field checks, the student's dtype) they must too
+            check_sft_config(training)
+            check_precision(base.dtype, training)
+        except ValueError as e:
+            key = f".{e.loc[0]}" if isinstance(e, FieldError) and e.loc else ""
+            raise RecipeError(
+                f"sweep training{key}: with student {self.student!r}'s own training in {self.recipe}: {e}; change "
+                "the sweep's override or the student's setting"
+            ) from None
         return [
             base.model_copy(
                 update={
@@ -96,5 +125,5 @@ def load_sweep(path: str | Path) -> SweepRecipe:
         raise RecipeError(
             f"{path}: recipe: no file {sweep.recipe_path()} ({PATH_RULE}); point it at a distillation recipe"
         )
-    load_recipe(sweep.recipe_path())  # a bad recipe fails here too, before any work
+    sweep.students()  # a bad recipe, student or merged training fails here too, before any work
     return sweep

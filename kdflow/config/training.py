@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from kdflow.config.fields import Strict
-from kdflow.config.loading import NOT_FINITE, FieldError
+from kdflow.config.loading import NOT_FINITE, FieldError, e_notation_hint
 
 
 class Architecture(Strict):
@@ -98,14 +97,8 @@ def check_training_values(training: dict[str, Any], config_class) -> None:
         typed = _scalar_types(fields.get(key))
         if typed is not None and not (value is None and typed[1]) and not _value_ok(value, typed[0]):
             want = " or ".join(sorted(t.__name__ for t in typed[0]))
-            hint = ""
-            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
-                number = float(value)
-                if float in typed[0]:
-                    hint = f" (YAML reads {value} as text: write it with a dot, e.g. {number:.1e})"
-                elif number.is_integer():  # a whole-number field: a float of the same value is no int either
-                    hint = f" (YAML reads {value} as text: write it as a whole number, {int(number)})"
-            raise FieldError(f"{value!r} is not a {want}{hint}", key)
+            hint = e_notation_hint(value, whole=float not in typed[0])  # a float of an int's value is no int either
+            raise FieldError(f"{value!r} is not a {want}{f' ({hint})' if hint else ''}", key)
         if key in TRAINING_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
             ok, rule = TRAINING_RANGES[key]
             if not ok(value):
