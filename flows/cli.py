@@ -197,7 +197,7 @@ def run_interop(args) -> dict:
     from transformers import AutoTokenizer
 
     from kdflow.config.logit_cache import ValueEncoding
-    from kdflow.config.teacher import maybe_hub_id
+    from kdflow.models.model_folder import maybe_hub_id
 
     if not Path(args.tokenizer).exists() and not maybe_hub_id(args.tokenizer):
         raise FileNotFoundError(

@@ -231,7 +231,7 @@ class Recipe(Strict):
     def with_seeds(self, seeds: list[int]) -> Recipe:
         """This recipe with ``run.seeds`` replaced (the run folder and every cached stage stay the same)."""
         try:
-            checked = check_seeds([int(s) for s in seeds])
+            checked = check_seeds([s if isinstance(s, bool) else int(s) for s in seeds])  # True is no seed
         except ValueError as e:
             raise ValueError(f"--seeds: {e}") from None
         return self.model_copy(update={"run": self.run.model_copy(update={"seeds": checked})})

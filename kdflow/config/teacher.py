@@ -3,7 +3,6 @@ the model ``generation.api`` names, whose weights this machine never sees (black
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -12,16 +11,7 @@ from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width, vocab_count
-from kdflow.models.model_folder import folder_problem
-
-# A Hugging Face hub repo id as a recipe names one: namespace/name, each of letters, digits, '-', '_' and '.', neither
-# starting with '.' or '-'. An absolute path or one starting with ./ or ../ is none, so a missing folder written so is
-# refused at load rather than by the first stage that loads it ("Repo id must be in the form ...").
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-def maybe_hub_id(model: str) -> bool:
-    return HUB_ID.fullmatch(model) is not None
+from kdflow.models.model_folder import folder_problem, maybe_hub_id
 
 
 class TeacherSection(Strict):

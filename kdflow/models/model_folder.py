@@ -6,6 +6,7 @@ docs/results/audit.md), after the stages before it had run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from kdflow.models.tokenizer_identity import TOKENIZER_FILES, has_tokenizer
@@ -17,7 +18,15 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# A Hugging Face hub repo id as a recipe names one: namespace/name, each of letters, digits, '-', '_' and '.', neither
+# starting with '.' or '-'. An absolute path or one starting with ./ or ../ is none, so a missing folder written so is
+# refused at load rather than by the first stage that loads it ("Repo id must be in the form ...").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 RESAVE = "save the model again into it (model.save_pretrained(folder), tokenizer.save_pretrained(folder))"
+
+
+def maybe_hub_id(model: str) -> bool:
+    return HUB_ID.fullmatch(model) is not None
 
 
 def folder_problem(folder: Path) -> str | None:

@@ -86,6 +86,8 @@ def test_the_command_lines_seeds_take_whole_numbers_only(capsys):
     assert "argument --seeds: invalid int value: 'true'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"--seeds: seed 1 is given twice"):
         load_recipe(MINI_RECIPE).with_seeds([1, 1])
+    with pytest.raises(ValueError, match=r"--seeds: true is a boolean, not a seed"):  # a Python caller's True
+        load_recipe(MINI_RECIPE).with_seeds([True, 0])
 
 
 @pytest.mark.parametrize(

@@ -166,3 +166,20 @@ def test_weights_under_other_names_or_shapes_fail_the_teacher_stage(tmp_path, ti
     config = json.loads((tiny / "config.json").read_text())
     (wide / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
     assert re.search(r"weight '.*mlp.*' has shape \[.*\], and config.json makes it \[.*\]", weights_problem(wide))
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/student", "./nope/student"])
+def test_a_student_model_that_is_not_there_and_no_hub_id_is_refused_at_load(tmp_path, model):
+    # The fifth audit: loaded as a hub id, to fail in the students stage with "Repo id must be in the form ...".
+    text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'runs'}")
+    added = f"  - name: fine-tuned\n    model: {model}\n    data: gold\n    training: {{max_steps: 1}}\n"
+    (tmp_path / "mini.yaml").write_text(text.replace("\nevaluation:", added + "\nevaluation:", 1))
+    with pytest.raises(RecipeError, match=r"students.2: .*no such folder, and not a hub id"):
+        load_recipe(tmp_path / "mini.yaml")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "mini.yaml").write_text(
+        text.replace("\nevaluation:", added.replace(model, str(loop)) + "\nevaluation:")
+    )
+    with pytest.raises(RecipeError, match=r"no such folder, and not a hub id"):
+        load_recipe(tmp_path / "mini.yaml")
