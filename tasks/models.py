@@ -74,10 +74,12 @@ def prune_teacher(run_dir: Path, init: PrunedInit, teacher: OutputRef, data: Out
     model, tokenizer = AutoModelForCausalLM.from_pretrained(location), AutoTokenizer.from_pretrained(location)
     batches, calibration = None, {}
     if init.calibrated:
-        batches, tokens = calibration_batches(
-            tokenizer, read_split(data, "train")[: init.calibration_rows], template, init.calibration_max_length
-        )
-        calibration = {"calibration_rows": init.calibration_rows, "calibration_tokens": tokens}
+        rows = read_split(data, "train")[: init.calibration_rows]
+        batches, tokens = calibration_batches(tokenizer, rows, template, init.calibration_max_length)
+        # the rows measured on: fewer than asked when the split is smaller (the fifth audit found the ask recorded)
+        calibration = {"calibration_rows": len(rows), "calibration_tokens": tokens}
+        if len(rows) < init.calibration_rows:
+            calibration["calibration_rows_asked"] = init.calibration_rows
     pruned, record = prune(model, init.layers, init.select, init.mlp_width, batches)
     kept = record["kept"]
     with out.building() as tmp:

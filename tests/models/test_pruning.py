@@ -284,6 +284,8 @@ def test_the_prune_stage_of_a_flow_run_narrows_the_mlp_and_the_student_trains_fr
     prune_out = Path(run_folder.latest(run_dir, "prune").path)
     record = json.loads((prune_out / "pruning.json").read_text())
     assert record["mlp_width"] == 64 and record["teacher_mlp_width"] == 128 and record["calibration_tokens"] > 0
+    # the mini recipe's 40 train rows, not the 64 asked (the fifth audit found the ask recorded)
+    assert record["calibration_rows"] == 40 and record["calibration_rows_asked"] == 64
     assert record["channels"][0]["kept"] == top_channels(record["channels"][0]["importance"], 64)
     student = Path(run_folder.latest(run_dir, "students", "pruned").path) / "model"
     assert AutoConfig.from_pretrained(student).intermediate_size == 64
