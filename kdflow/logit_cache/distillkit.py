@@ -419,6 +419,11 @@ def rows_of(batch, layout: Layout, vocab_size: int, file, first_row: int, spans:
         ids, lp = (a, b) if raw else (t.numpy() for t in decode(b, a, layout, vocab_size))
         positions = min(len(a), n - 1)  # a position past the last token (n positions) has nothing to predict
         start, length = _span_of(spans[i] if spans else None, None if labels is None else labels[i], positions)
+        if spans and labels is not None and (marked := _span_of(None, labels[i], positions)[0]) != start:
+            raise LogitFileError(
+                f"{where(file, row)}: the kdflow metadata's span starts at position {start}, the labels at {marked}: "
+                "the rows or labels were edited after the export; export the cache again"
+            )
         keep = slice(start, start + length)
         yield Imported(row, None, tokens, start, ids[keep], lp[keep], None if tails is None else tails[i][keep])
 

@@ -316,6 +316,13 @@ def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Ite
                 else axolotl.rows_of(batch, file, at)
             )
             for r in read:
+                if tag and list(tag["spans"][r.row]) != [r.start, len(r.ids)]:  # the rows are not the ones it lists
+                    raise LogitFileError(
+                        f"{where(file, r.row)}: positions {r.start}-{r.start + len(r.ids) - 1}, where the file's "
+                        f"kdflow metadata lists row {tag['row_ids'][r.row]!r} at {tag['spans'][r.row][0]}-"
+                        f"{sum(tag['spans'][r.row]) - 1}: the rows were reordered or edited after the export, and "
+                        "the row ids would name other sequences; export the cache again"
+                    )
                 row_id = tag["row_ids"][r.row] if tag else f"{file.stem}/{r.row}"
                 yield _checked(r, file, row_id, vocab_size, tokens), r.tail is None
             at += batch.num_rows

@@ -355,3 +355,28 @@ def test_the_commands_export_and_import_and_their_help_imports_no_torch(cache, t
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False False"
+
+
+def test_an_exports_rows_reordered_or_relabelled_after_it_was_written_are_refused(cache, teacher, tmp_path):
+    # The fifth audit: rows of a kdflow export reordered with its metadata kept imported with exit 0, each row id then
+    # naming another row's sequence; DistillKit labels that start a position later than the metadata's span lost that
+    # position without a word.
+    export_cache(cache.folder, tmp_path / "axolotl", "axolotl")
+    path = tmp_path / "axolotl" / "data_0.parquet"
+    table = pq.read_table(path)
+    order = [1, 0, *range(2, table.num_rows)]  # rows 0 and 1 hold answers of other lengths
+    pq.write_table(table.take(order).replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(LogitFileError, match=r"data_0\.parquet: row 0: positions .* the rows were reordered or edited"):
+        import_file(tmp_path / "axolotl", tmp_path / "x", "axolotl", teacher[0])
+
+    export_cache(cache.folder, tmp_path / "dk", "distillkit")
+    path = tmp_path / "dk" / "data_0.parquet"
+    table = pq.read_table(path)
+
+    def later(labels):
+        first = next(i for i, t in enumerate(labels) if t >= 0)
+        return [*labels[:first], -100, *labels[first + 1 :]]  # the first trained label masked: one later
+
+    rewrite(path, table, "labels", 0, later)
+    with pytest.raises(LogitFileError, match=r"row 0: the kdflow metadata's span starts at position \d+, the labels"):
+        import_file(tmp_path / "dk", tmp_path / "y", "distillkit", teacher[0])
