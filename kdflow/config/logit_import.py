@@ -86,8 +86,30 @@ def check_import(r) -> None:
             *where,
         )
     record = imp.export_record()
+    if record is not None:  # a kdflow export: what it recorded is known here, before the teacher stage runs
+        _check_against_record(imp, record, where)
     for i, s in readers:
         _check_tokenizer(r, i, s, imp, record)
+
+
+def _check_against_record(imp: LogitImport, record: dict, where: tuple) -> None:
+    """The import's settings against what a kdflow export records of its cache (the import refuses the same later)."""
+    recorded = [t["model"] for t in record.get("teachers", [])]
+    if imp.teacher and recorded and recorded != [imp.teacher]:
+        raise FieldError(
+            f"{imp.path} is a kdflow export, which records its teachers {recorded}; the teacher {imp.teacher!r} "
+            "would contradict it: remove logit_cache.import.teacher (the export's record is kept)",
+            *where,
+            "teacher",
+        )
+    if imp.vocab_size is not None and imp.vocab_size != record["vocab_size"]:
+        raise FieldError(
+            f"{imp.path} is a kdflow export of a cache of {record['vocab_size']} logits per position: remove "
+            f"logit_cache.import.vocab_size {imp.vocab_size} (the export's is used), or set it to "
+            f"{record['vocab_size']}",
+            *where,
+            "vocab_size",
+        )
 
 
 def _check_absent_teacher(r) -> None:

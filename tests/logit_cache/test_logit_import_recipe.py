@@ -260,3 +260,16 @@ def test_what_needs_the_teacher_itself_is_refused_when_only_its_logits_are_here(
         text = yaml.safe_dump(raw, sort_keys=False)
     error = refused(text, tmp_path)
     assert field in error and fix in error, error
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"teacher": "some/other-teacher"}, r"logit_cache.import.teacher: .*records its teachers .*would contradict"),
+        ({"vocab_size": 47}, r"logit_cache.import.vocab_size: .*remove logit_cache.import.vocab_size 47 .*set it to"),
+    ],
+)
+def test_settings_a_kdflow_export_contradicts_are_refused_at_load(tmp_path, files, setting, message):
+    # The fifth audit: each loaded, to be refused by the import stage after the teacher stage had run.
+    section = {"import": {"path": str(files / "axolotl"), "format": "axolotl", **setting}}
+    assert re.search(message, refused(recipe(tmp_path, files, logit_cache=section), tmp_path))
