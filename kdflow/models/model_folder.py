@@ -114,8 +114,11 @@ def weights_problem(folder: Path) -> str | None:
     if not files:
         return None  # PyTorch pickles (pytorch_model.bin): transformers' own loader is all there is
     config = AutoConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    with torch.device("meta"):  # the names and shapes its config makes, with no memory for the values
+        model = AutoModelForCausalLM.from_config(config)
+    # Parameters, not the state dict: a tied output layer is the embedding's parameter, listed once, and buffers
+    # (rotary frequencies and the like) are computed, not loaded.
+    expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
     shapes, nonfinite = {}, None
     for file in files:
         with safe_open(str(file), framework="pt") as f:

@@ -183,3 +183,25 @@ def test_a_student_model_that_is_not_there_and_no_hub_id_is_refused_at_load(tmp_
     )
     with pytest.raises(RecipeError, match=r"no such folder, and not a hub id"):
         load_recipe(tmp_path / "mini.yaml")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma", "gpt2"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_saved_models_of_other_architectures_pass_the_weights_check(tmp_path, model_type, tied):
+    """No false refusal: what save_pretrained writes (tied or untied output layer, bfloat16 shards with an index)
+    passes, whatever the architecture's names and buffers."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdflow.models.model_folder import safetensors_problem, weights_problem
+
+    if model_type == "gpt2":
+        config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    else:
+        sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+        config = AutoConfig.for_model(model_type, **sizes, num_key_value_heads=2, vocab_size=100, head_dim=8)
+    config.tie_word_embeddings = tied
+    model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file()  # sharded, as large models are
+    assert safetensors_problem(tmp_path / "model") is None and weights_problem(tmp_path / "model") is None

@@ -20,6 +20,7 @@ from kdflow.teacher.vllm_sizing import (
     flag,
     kv_bytes_per_token,
 )
+from tests.conftest import build_tiny_teacher, fake_weights
 
 MEMINFO = "MemTotal:       24000000 kB\nMemFree:         2000000 kB\nMemAvailable:   11639194 kB\n"  # 11.1 GiB
 NODE0 = (
@@ -127,8 +128,8 @@ def test_flags_are_read_in_both_spellings():
 def model_folder(tmp_path: Path, config: dict, weights: int = 1000) -> Path:
     folder = tmp_path / "model"
     folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "model.safetensors").write_bytes(b"\0" * weights)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", **config}))
+    (folder / "model.safetensors").write_bytes(fake_weights(b"\0" * weights))  # whole safetensors: the recipe checks
     (folder / "tokenizer.json").write_text("{}")  # a teacher folder holds its tokenizer (the recipe checks for one)
     return folder
 
@@ -243,5 +244,5 @@ def test_the_generate_stage_does_not_retry_a_server_that_cannot_start(prefect_se
     data = data_ref(run_dir, {"train": 2, "prompts": 3})
     s = GenerationSection(backend="vllm", splits=["prompts"], max_new_tokens=8, vllm={"python": str(python)})
     with pytest.raises(vs.VllmStartupError, match="less than desired CPU memory utilization"):
-        generate_flow(run_dir, s, COT, teacher(run_dir, model_folder(tmp_path, DEMO_TEACHER)), data)
+        generate_flow(run_dir, s, COT, teacher(run_dir, build_tiny_teacher(tmp_path / "teacher")), data)
     assert calls.read_text().count("start") == 1  # one attempt: no blind retries of a deterministic failure
