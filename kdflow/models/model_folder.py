@@ -67,21 +67,37 @@ class DamagedModel(ValueError):
     """A model folder whose weights a loader would silently get wrong (``weights_problem``)."""
 
 
+# Bytes per element of each safetensors dtype (the format's own list): a header's offsets must match its shapes.
+SAFETENSORS_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2}
+SAFETENSORS_DTYPES |= {"I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files the folder's weights are in: ``model.safetensors``, or the shards its index names."""
-    folder = Path(folder)
-    index = _json(folder / "model.safetensors.index.json")
-    if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
-        return [folder / name for name in dict.fromkeys(index["weight_map"].values())]
-    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    """Every file a loader may read the folder's weights from: ``model.safetensors`` and the shards its index names
+    (a folder can hold both: save_pretrained writing shards beside an older single file leaves that file, and which
+    one a loader takes is not ours to guess), else the PyTorch pickles likewise."""
+    folder, files = Path(folder), []
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        index = _json(folder / f"{single}.index.json")
+        if (folder / single).is_file():
+            files.append(folder / single)
+        if isinstance(index, dict) and isinstance(index.get("weight_map"), dict):
+            files += [folder / str(name) for name in dict.fromkeys(index["weight_map"].values())]
+        if files:
+            return list(dict.fromkeys(files))
+    return files
 
 
 def safetensors_problem(folder: Path) -> str | None:
-    """A safetensors file the folder's weights need that is missing, cut short or not safetensors (a zeroed or empty
-    file), read from its header alone; None when each is whole. What a loader would say instead names no file."""
+    """A weight file the folder needs that is missing, or a safetensors file cut short or whose header is not a whole
+    safetensors header (a zeroed or empty file; offsets that are negative, overlap or do not match their shapes; a
+    dtype the format lacks), read from the headers alone; None when each is whole. What a loader would say instead
+    names no file."""
     for file in weight_files(folder):
         if not file.is_file():
-            return f"{file}: named by model.safetensors.index.json but not there; copy the missing shard or {RESAVE}"
+            return f"{file}: named by the weights' index but not there; copy the missing shard or {RESAVE}"
+        if file.suffix != ".safetensors":
+            continue
         size = file.stat().st_size
         with open(file, "rb") as f:
             head = f.read(8)
@@ -93,64 +109,111 @@ def safetensors_problem(folder: Path) -> str | None:
             tensors = None
         if not isinstance(tensors, dict):
             return f"{file}: not a safetensors file (its header does not parse: empty, zeroed or damaged); {RESAVE}"
+        if problem := _header_problem({k: v for k, v in tensors.items() if k != "__metadata__"}):
+            return f"{file}: a damaged safetensors header ({problem}); {RESAVE}"
         end = max((t["data_offsets"][1] for k, t in tensors.items() if k != "__metadata__"), default=0)
         if 8 + length + end > size:
             return f"{file}: cut short ({size:,} bytes of the {8 + length + end:,} its header describes); {RESAVE}"
     return None
 
 
+def _header_problem(tensors: dict) -> str | None:
+    """What is wrong with a parsed safetensors header's tensor entries, or None."""
+    spans = []
+    for name, t in tensors.items():
+        if not isinstance(t, dict) or t.get("dtype") not in SAFETENSORS_DTYPES:
+            return f"tensor {name!r}: no dtype the format has"
+        shape, offsets = t.get("shape"), t.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            return f"tensor {name!r}: shape {shape!r} is not a list of sizes"
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(n, int) for n in offsets)):
+            return f"tensor {name!r}: data_offsets {offsets!r} is not [start, end]"
+        count = 1
+        for n in shape:
+            count *= n
+        if not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != count * SAFETENSORS_DTYPES[t["dtype"]]:
+            return f"tensor {name!r}: data_offsets {offsets} do not hold its {t['dtype']} shape {shape}"
+        spans.append((offsets[0], offsets[1], name))
+    spans.sort()
+    for (_, end, before), (begin, _, after) in zip(spans, spans[1:]):
+        if begin < end:
+            return f"tensors {before!r} and {after!r} overlap"
+    return None
+
+
 def weights_problem(folder: Path) -> str | None:
     """What a loader would silently get wrong in the folder's weights, found by reading them one tensor at a time: a
     weight the model's config expects that the files lack (other names, e.g. ``transformer.*`` for ``model.*``: it
-    would be left at its random initialisation), one of another shape, or a value that is NaN or infinite (every
-    answer would be garbage). None when the weights are the model's. Needs torch and transformers, and reads every
-    byte: a stage runs it once per folder content, not the recipe load."""
+    would be left at its random initialisation), one of another shape, an integer tensor where the model has a float
+    weight (quantized values without their quantization config), or a value that is NaN or infinite (every answer
+    would be garbage). None when the weights are the model's. Needs torch and transformers, and reads every byte: a
+    stage runs it once per folder content, not the recipe load."""
     import torch
-    from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForCausalLM
 
     folder = Path(folder)
     files = weight_files(folder)
     if not files:
-        return None  # PyTorch pickles (pytorch_model.bin): transformers' own loader is all there is
+        return None
     config = AutoConfig.from_pretrained(folder)
     with torch.device("meta"):  # the names and shapes its config makes, with no memory for the values
         model = AutoModelForCausalLM.from_config(config)
     # Parameters, not the state dict: a tied output layer is the embedding's parameter, listed once, and buffers
     # (rotary frequencies and the like) are computed, not loaded.
     expected = {k: tuple(v.shape) for k, v in model.named_parameters()}
-    shapes, nonfinite = {}, None
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                shapes[name] = tuple(tensor.shape)
-                if nonfinite is None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    nonfinite = (file, name)
     if getattr(config, "tie_word_embeddings", False):  # the output layer is the input embedding, stored once
         expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
-    missing = [
-        k for k in expected if k not in shapes and f"model.{k}" not in shapes and k.removeprefix("model.") not in shapes
-    ]
+    base = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    stored, bad = {}, None  # expected name -> shape; the first (file, name, why) found wrong
+    for file in files:
+        try:
+            tensors = _tensors(file)
+            for name, tensor in tensors:
+                # a base model's save (no "model." / "transformer." prefix) loads into the causal LM: the same weights
+                key = name if name in expected or not base or f"{base}{name}" not in expected else f"{base}{name}"
+                stored[key] = tuple(tensor.shape)
+                if bad is None and key in expected and not tensor.is_floating_point():
+                    bad = (
+                        file,
+                        name,
+                        f"is stored as {str(tensor.dtype).removeprefix('torch.')}, and the model's is "
+                        "a float weight: quantized values without their quantization config would be cast as they are",
+                    )
+                elif bad is None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    bad = (file, name, "holds NaN or infinite values: every logit it touches would be NaN")
+        except Exception as e:  # noqa: BLE001 -- whatever the reader says, it says it of this file
+            return f"{file}: unreadable as model weights ({type(e).__name__}: {e}); {RESAVE}"
+    missing = [k for k in expected if k not in stored]
     if missing:
         return (
             f"{folder}: {len(missing)} of the {len(expected)} weights its config.json ({config.model_type}) expects "
             f"are not in the weight files, e.g. {missing[0]!r} (the files hold names like "
-            f"{next(iter(shapes), None)!r}); a loader would leave them at random values: {RESAVE}"
+            f"{next(iter(stored), None)!r}); a loader would leave them at random values: {RESAVE}"
         )
-    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    wrong = [k for k in expected if stored[k] != expected[k]]
     if wrong:
         k = wrong[0]
         return (
-            f"{folder}: weight {k!r} has shape {list(shapes[k])}, and config.json makes it {list(expected[k])}: the "
+            f"{folder}: weight {k!r} has shape {list(stored[k])}, and config.json makes it {list(expected[k])}: the "
             f"config is not these weights'; {RESAVE}"
         )
-    if nonfinite is not None:
-        return (
-            f"{nonfinite[0]}: weight {nonfinite[1]!r} holds NaN or infinite values: every logit it touches would be "
-            "NaN; use an undamaged copy of the model"
-        )
+    if bad is not None:
+        return f"{bad[0]}: weight {bad[1]!r} {bad[2]}; use an undamaged copy of the model"
     return None
+
+
+def _tensors(file: Path):
+    """(name, tensor) of a safetensors file one at a time, or of a PyTorch pickle (memory-mapped, weights only)."""
+    import torch
+
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        yield from torch.load(file, map_location="cpu", weights_only=True, mmap=True).items()
 
 
 def token_id_count(folder: Path) -> int | None:

@@ -103,7 +103,7 @@ def test_a_shard_index_whose_shards_are_missing_is_refused_at_load(tmp_path):
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (teacher / "model.safetensors.index.json").write_text(json.dumps(index))
     (teacher / "model-00001-of-00002.safetensors").write_bytes(fake_weights())
-    with pytest.raises(RecipeError, match=r"model-00002-of-00002.safetensors: named by model.safetensors.index.json"):
+    with pytest.raises(RecipeError, match=r"model-00002-of-00002.safetensors: named by the weights. index but not there"):
         load_recipe(with_teacher(tmp_path, teacher))
 
 
@@ -205,3 +205,85 @@ def test_saved_models_of_other_architectures_pass_the_weights_check(tmp_path, mo
     model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
     assert (tmp_path / "model" / "model.safetensors.index.json").is_file()  # sharded, as large models are
     assert safetensors_problem(tmp_path / "model") is None and weights_problem(tmp_path / "model") is None
+
+
+def header_file(path: Path, tensors: dict, data: bytes = b"\0" * 16) -> None:
+    """A safetensors file with exactly the header ``tensors`` (whatever it says) and ``data`` after it."""
+    header = json.dumps(tensors).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+
+
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, r"data_offsets \[-8, 0\] do not hold"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            r"tensors 'a' and 'b' overlap",
+        ),
+        ({"w": {"dtype": "F33", "shape": [2], "data_offsets": [0, 8]}}, r"tensor 'w': no dtype the format has"),
+        ({"w": [1, 2]}, r"tensor 'w': no dtype the format has"),
+        ({"w": {"dtype": "F32", "shape": [2]}}, r"data_offsets None is not \[start, end\]"),
+    ],
+    ids=["negative", "overlap", "dtype", "list", "no-offsets"],
+)
+def test_a_damaged_safetensors_header_is_refused_at_load_naming_the_file(tmp_path, tensors, message):
+    # The sixth audit: each loaded, to fail at the teacher stage as a bare SafetensorError (or crash the recipe load
+    # with a KeyError) naming no file.
+    teacher = folder(tmp_path)
+    header_file(teacher / "model.safetensors", tensors)
+    with pytest.raises(RecipeError, match=r"model.safetensors: a damaged safetensors header \(.*" + message):
+        load_recipe(with_teacher(tmp_path, teacher))
+
+
+def test_a_nan_weight_in_a_single_file_beside_clean_shards_is_found(tmp_path, tiny):
+    # The sixth audit: shards saved into a folder holding a damaged model.safetensors leave that file, which a loader
+    # may read first; only the shards were checked.
+    from transformers import AutoModelForCausalLM
+
+    from kdflow.models.model_folder import weights_problem
+
+    def nan(t):
+        t["model.norm.weight"][0] = float("nan")
+        return t
+
+    teacher = damaged(tmp_path, tiny, nan)
+    AutoModelForCausalLM.from_pretrained(tiny).save_pretrained(teacher, max_shard_size="50KB")
+    assert (teacher / "model.safetensors.index.json").is_file() and (teacher / "model.safetensors").is_file()
+    assert re.search(r"model.safetensors: weight 'model.norm.weight' holds NaN", weights_problem(teacher))
+
+
+def test_an_integer_weight_and_a_nan_in_a_pytorch_pickle_are_found(tmp_path, tiny):
+    import torch
+    from safetensors.torch import load_file
+
+    from kdflow.models.model_folder import weights_problem
+
+    quantized = damaged(tmp_path, tiny, lambda t: {**t, "model.norm.weight": t["model.norm.weight"].to(torch.int8)})
+    assert re.search(
+        r"weight 'model.norm.weight' is stored as int8, and the model's is a float", weights_problem(quantized)
+    )
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "model.safetensors":
+            (pickled / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tiny / "model.safetensors")
+    tensors["model.norm.weight"][1] = float("inf")
+    torch.save(tensors, pickled / "pytorch_model.bin")
+    assert re.search(r"pytorch_model.bin: weight 'model.norm.weight' holds NaN or infinite", weights_problem(pickled))
+
+
+def test_a_base_models_save_passes_as_the_loader_takes_it(tmp_path):
+    # The sixth audit: GPT2Model's save (the hub layout of gpt2: no "transformer." prefix) was refused as missing every
+    # weight, though from_pretrained loads it into GPT2LMHeadModel with the same logits.
+    from transformers import AutoConfig, GPT2Model
+
+    from kdflow.models.model_folder import weights_problem
+
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    GPT2Model(config).save_pretrained(tmp_path / "gpt2")
+    assert weights_problem(tmp_path / "gpt2") is None
