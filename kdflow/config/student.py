@@ -123,7 +123,8 @@ class StudentInit(Strict):
     student: StudentName = Field(description="the student whose trained model this one starts from (listed before it)")
 
     def summary(self) -> dict:
-        return {"init": f"from the trained student {self.student}"}
+        # ``starts_from``: what it learnt before is in its weights, so it is nobody's baseline (reporting/run_report.py)
+        return {"init": f"from the trained student {self.student}", "starts_from": self.student}
 
 
 class LaunchSection(Strict):

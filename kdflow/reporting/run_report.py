@@ -55,8 +55,8 @@ def baseline_student(students: dict[str, dict], seed: int | None = None) -> str 
 
 
 def is_baseline(m: dict) -> bool:
-    """Trained on gold data only, no KD, weights as trained (its int8 copy is a quantized model, not the baseline)."""
-    return m.get("data") == "gold" and m.get("kd") is None and not m.get("quantized")
+    """Gold data only, no KD, not started from another student's weights, not a quantized copy: the SFT baseline."""
+    return m.get("data") == "gold" and m.get("kd") is None and not m.get("quantized") and not m.get("starts_from")
 
 
 def base_name(name: str) -> str:

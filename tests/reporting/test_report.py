@@ -525,3 +525,19 @@ def test_the_report_names_the_logit_dataset_the_students_read():
     md = render_markdown({**planted_report(), "logit_cache": captured})
     assert "Logit cache: the teacher's top-20 log-probs on 12 rows, captured here (hf)." in md
     assert "Logit cache" not in render_markdown(planted_report())  # no student read one
+
+
+def test_a_gold_student_started_from_a_kd_student_is_nobodys_baseline():
+    # The sixth audit: `chain` (data: gold, init: {from: student, student: logit-kd}) was shown as "0 (baseline)", and
+    # listed first it became the baseline every other student was measured against.
+    kd = {"kd": "offline", "divergence": "forward_kl", "alpha": 0.5, "temperature": 1.0}
+    chain = model(0.6, 100, data="gold", init="from the trained student logit-kd", starts_from="logit-kd")
+    students = {
+        "logit-kd": model(0.5, 100, data="teacher", **kd),
+        "chain": chain,
+        "baseline": model(0.1, 100, data="gold"),
+    }
+    r = build_report("demo", model(0.9, 1000), students, CURATION, DEPLOYMENT)
+    assert r["gap_closure"]["baseline"] == "baseline"
+    assert r["students"]["logit-kd"]["gap_closure"] == pytest.approx(0.5)
+    assert r["students"]["chain"]["gap_closure"] == pytest.approx(0.625)
