@@ -211,9 +211,19 @@ def _set_aside_if_damaged(final: Path, problem: str) -> None:
         _trash(final)
 
 
-# Who builds a temporary folder is in its name (.tmp-<key>-<host>-<pid>-<random>), so that a later build can tell a
-# folder left by a killed process (SIGKILL, a lost machine: no ``finally`` ran) from one still being built.
-HOST = "".join(c if c.isalnum() else "_" for c in socket.gethostname()) or "host"
+# Who builds a temporary folder is in its name (.tmp-<key>-<builder>-<pid>-<random>), so that a later build can tell a
+# folder left by a killed process (SIGKILL, a lost machine: no ``finally`` ran) from one still being built. The builder
+# is this machine and PID namespace (a container's PIDs are not its host's, nor another container's, even where the
+# hostname is shared), hashed: hostnames like node-1 and node.1 stay apart, and the name holds no "-".
+def _builder() -> str:
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # no /proc (not Linux): the hostname alone
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:12]
+
+
+BUILDER = _builder()
 
 
 def remove_stale_builds(stage_dir: Path) -> list[Path]:
@@ -221,8 +231,8 @@ def remove_stale_builds(stage_dir: Path) -> list[Path]:
     any other (a live process's, another machine's, or a name without its builder). Returns what was removed."""
     removed = []
     for tmp in Path(stage_dir).glob(".tmp-*"):
-        parts = tmp.name.split("-")  # .tmp, key, host, pid, random: neither the key nor HOST holds a "-"
-        if len(parts) != 5 or parts[2] != HOST or not parts[3].isdigit() or _alive(int(parts[3])):
+        parts = tmp.name.split("-")  # .tmp, key, builder, pid, random: none holds a "-"
+        if len(parts) != 5 or parts[2] != BUILDER or not parts[3].isdigit() or _alive(int(parts[3])):
             continue
         shutil.rmtree(tmp, ignore_errors=True)
         removed.append(tmp)
@@ -253,7 +263,7 @@ def building(run_dir: Path, stage: str, key: str):
     final = output_dir(run_dir, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_builds(final.parent)
-    tmp = final.parent / f".tmp-{key[:16]}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".tmp-{key[:16]}-{BUILDER}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
