@@ -108,6 +108,7 @@ def export_cache(
             tag = {
                 "row_ids": [r.row_id for r in rows],
                 "spans": [[r.start, len(r.ids)] for r in rows],
+                "tokens_sha256": [tokens_digest(r.input_ids) for r in rows],  # each row's sequence, for the import
                 "cache": {
                     key: meta[key]
                     for key in (
@@ -316,6 +317,13 @@ def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Ite
                 else axolotl.rows_of(batch, file, at)
             )
             for r in read:
+                digests = (tag or {}).get("tokens_sha256")  # exports since 2026-12-06 (older ones: the spans alone)
+                if digests and digests[r.row] != tokens_digest(r.input_ids):
+                    raise LogitFileError(
+                        f"{where(file, r.row)}: its tokens are not the sequence the file's kdflow metadata lists as "
+                        f"row {tag['row_ids'][r.row]!r}: the rows were reordered or edited after the export, and the "
+                        "row ids would name other sequences; export the cache again"
+                    )
                 if tag and list(tag["spans"][r.row]) != [r.start, len(r.ids)]:  # the rows are not the ones it lists
                     raise LogitFileError(
                         f"{where(file, r.row)}: positions {r.start}-{r.start + len(r.ids) - 1}, where the file's "
@@ -369,6 +377,11 @@ def _batches(file: Path) -> Iterator[pa.RecordBatch]:
         raise LogitFileError(
             f"{file}: not a whole parquet file ({e}): truncated or damaged; copy or export it again"
         ) from None
+
+
+def tokens_digest(input_ids) -> str:
+    """A row's token sequence, hashed (as 64-bit ids, whatever width a format stores them in)."""
+    return hashlib.sha256(np.asarray(input_ids, dtype=np.int64).tobytes()).hexdigest()[:16]
 
 
 def _tag(file: Path) -> dict | None:

@@ -366,7 +366,22 @@ def test_an_exports_rows_reordered_or_relabelled_after_it_was_written_are_refuse
     table = pq.read_table(path)
     order = [1, 0, *range(2, table.num_rows)]  # rows 0 and 1 hold answers of other lengths
     pq.write_table(table.take(order).replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(LogitFileError, match=r"data_0\.parquet: row 0: its tokens are not the sequence .* reordered"):
+        import_file(tmp_path / "axolotl", tmp_path / "x", "axolotl", teacher[0])
+    # an export written before the rows' digests: the spans still tell rows of other lengths apart
+    meta = json.loads(table.schema.metadata[b"kdflow"])
+    del meta["tokens_sha256"]
+    older = table.schema.metadata | {b"kdflow": json.dumps(meta).encode()}
+    pq.write_table(table.take(order).replace_schema_metadata(older), path)
     with pytest.raises(LogitFileError, match=r"data_0\.parquet: row 0: positions .* the rows were reordered or edited"):
+        import_file(tmp_path / "axolotl", tmp_path / "x", "axolotl", teacher[0])
+    # rows of equal spans swapped: only the digests see it
+    spans = meta["spans"]
+    same = next((i, j) for i in range(len(spans)) for j in range(i + 1, len(spans)) if spans[i] == spans[j])
+    order = list(range(table.num_rows))
+    order[same[0]], order[same[1]] = order[same[1]], order[same[0]]
+    pq.write_table(table.take(order).replace_schema_metadata(table.schema.metadata), path)
+    with pytest.raises(LogitFileError, match=rf"row {same[0]}: its tokens are not the sequence"):
         import_file(tmp_path / "axolotl", tmp_path / "x", "axolotl", teacher[0])
 
     export_cache(cache.folder, tmp_path / "dk", "distillkit")
