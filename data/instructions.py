@@ -13,6 +13,7 @@ many."""
 from __future__ import annotations
 
 import random
+import unicodedata
 from pathlib import Path
 
 from kdflow.store.data_files import DataError, json_kind, load_located_rows
@@ -47,7 +48,7 @@ def read_transfer(path: Path) -> list[dict]:
     rows = [
         {
             "id": str(r["id"]),
-            "question": r["prompt"],
+            "question": _prompt(r["prompt"], at, "prompt"),
             "rationale": _reference(r["completion"], at, "field 'completion'"),
             "answer": r["completion"],
         }
@@ -65,8 +66,29 @@ def _reference(value, at: str, field: str) -> str:
             f"{at}: {field} holds {json_kind(value)}, not text: there is no reference to score against; write "
             "it as a JSON string or remove the row"
         )
-    if not value.strip():
-        raise DataError(f"{at}: {field} is empty: there is no reference to score against; fill it in or remove the row")
+    if not visible(value):
+        raise DataError(
+            f"{at}: {field} is empty (no visible character): there is no reference to score against; fill it in or "
+            "remove the row"
+        )
+    return value
+
+
+# Characters that show nothing: whitespace, controls and format characters (category Cf: the zero-width space U+200B,
+# joiners U+200C/U+200D, the byte-order mark U+FEFF). str.strip() keeps the format ones, so a reference of only U+200B
+# passed as text: a gold student learnt to write nothing, and ROUGE-L scored against no word.
+INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in INVISIBLE for ch in text)
+
+
+def _prompt(value: str, at: str, field: str) -> str:
+    # load_located_rows refuses an empty or blank prompt, but by str.strip(), which keeps the zero-width characters
+    if not visible(value):
+        raise DataError(f"{at}: empty prompt in field {field!r} (no visible character); remove the row or fill it in")
     return value
 
 
@@ -102,6 +124,7 @@ def read_test(path: Path) -> list[dict]:
                 "format); fix the row or remove it"
             )
         first = instances[0]
+        _prompt(r["instruction"], at, "instruction")
         _reference(first["output"], at, "the instance's 'output'")
         rows.append(
             {

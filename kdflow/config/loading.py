@@ -32,7 +32,8 @@ E_NOTATION = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 def e_notation_hint(value, whole: bool) -> str | None:
     """What to write instead of ``value`` when it is e-notation text (None otherwise): for a whole-number field
     (``whole``) that number written out (1e3: 1000), else the number with a dot. One past the float range (1e400),
-    which reads as inf, is out of range: a dot would make it inf, which no setting takes."""
+    which reads as inf, is out of range: a dot would make it inf, which no setting takes. One below it (1e-400),
+    which reads as 0, is out of range too: a dot would make it 0, another number than the one written."""
     if not isinstance(value, str) or not E_NOTATION.fullmatch(value.strip()):
         return None
     number = Decimal(value.strip())
@@ -41,11 +42,28 @@ def e_notation_hint(value, whole: bool) -> str | None:
             f"YAML reads {value} as text, and as a number it is out of range, past the largest float (1.8e308): "
             "write a smaller number"
         )
+    if number != 0 and float(number) == 0:
+        return (
+            f"YAML reads {value} as text, and as a number it is out of range, below the smallest float (4.9e-324): "
+            f"write a larger {'whole ' if whole else ''}number, or 0 if 0 is meant"
+        )
     if not whole:
-        return f"YAML reads {value} as text: write it with a dot, e.g. {float(number):.1e}"
+        return f"YAML reads {value} as text: write it with a dot, e.g. {_dotted(float(number))}"
     if number == number.to_integral_value():
         return f"YAML reads {value} as text: write it as a whole number, {int(number)}"
-    return f"YAML reads {value} as text, and {float(number):g} is not a whole number: write a whole number"
+    # float() may round a fraction to a whole number (1.00000000000000001e0 -> 1.0): then name it as written
+    shown = f"{float(number):g}" if not float(number).is_integer() else value.strip()
+    return f"YAML reads {value} as text, and {shown} is not a whole number: write a whole number"
+
+
+def _dotted(number: float) -> str:
+    """``number`` in e-notation with a dot, which YAML reads as a float, with as few digits as give the same float
+    back: a fixed one digit after the dot turned 1.234e-5 into another learning rate, 1.2e-05."""
+    for digits in range(1, 17):
+        text = f"{number:.{digits}e}"
+        if float(text) == number:
+            return text
+    return f"{number:.17e}"
 
 
 class FieldError(ValueError):

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from kdflow.config.fields import PATH_RULE, ROOT, SAFE_NAME, SAFE_NAME_FIX, RecipePath, SafeName, Strict, recipe_context
 from kdflow.config.kd import KD_METHODS, KDSection
-from kdflow.config.loading import FieldError, RecipeError, parse_yaml, read_recipe_file
+from kdflow.config.loading import FieldError, RecipeError, _line_of, parse_yaml, read_recipe_file
 from kdflow.config.precision import check_precision
 from kdflow.config.recipe import load_recipe
 from kdflow.config.run import check_seeds, refuse_boolean_seeds
@@ -77,6 +78,15 @@ class SweepRecipe(Strict):
     def students(self):
         """Every student to train: ``<method>-<fraction>@<seed>``, the recipe student's copy for each."""
         r = load_recipe(self.recipe_path())
+        if r.teacher.imported:
+            # flows/kd_sweep.py reads the teacher's evaluation; a teacher known only by its imported logits has none,
+            # so the sweep loaded and failed after training every arm
+            line = _line_of(yaml.compose(self.recipe_path().read_text()), ("teacher", "imported"))
+            raise RecipeError(
+                f"{self.recipe_path()}:{line}: teacher.imported: the sweep measures each arm against the teacher's "
+                "accuracy, and a teacher known only by its imported logit dataset is never evaluated, so it has none: "
+                "name the teacher's model in teacher.model (it is then loaded and evaluated), or sweep another recipe"
+            )
         base = next((s for s in r.students if s.name == self.student), None)
         if base is None:
             raise RecipeError(

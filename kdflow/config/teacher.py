@@ -49,7 +49,9 @@ class TeacherSection(Strict):
     @model_validator(mode="after")
     def _train_or_load(self):
         if self.imported:
-            local = [f for f in ("api", "model", "architecture", "training", "dtype") if getattr(self, f)]
+            # every field the recipe sets, not only the truthy ones: vocab_size and seed (and api: false) were
+            # accepted and did nothing, an imported teacher being neither trained, loaded nor asked
+            local = [f for f in TeacherSection.model_fields if f in self.model_fields_set and f != "imported"]
             if local:
                 raise ValueError(
                     f"teacher.imported: true says the teacher is not here (only its logits, in logit_cache.import); "

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_serializer, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_serializer, field_validator
 
 from kdflow.config.fields import ROOT, SafeName, Strict, redact_url
 from kdflow.config.generation import GenerationSection
@@ -163,6 +163,19 @@ def fill_teachers(data: Any) -> Any:
     names = [t.get("name") for t in teachers]
     if dup := sorted({str(n) for n in names if names.count(n) > 1}):
         raise FieldError(f"teachers.name must be unique; rename {dup}", "teachers")
+    # Said here, before validation: later, the default teacher's copy as `teacher` was refused naming
+    # teacher.imported at line 1 (a field the file lacks), and any other routed teacher loaded and failed in a stage.
+    for i, t in enumerate(teachers):
+        if _true(t.get("imported")):
+            raise FieldError(
+                f"teacher {t.get('name')!r}: imported: true says a teacher is only an imported logit dataset, which "
+                "is the single `teacher:` of a run with logit_cache.import; each routed teacher answers its own rows "
+                "and has their logits captured: give it model, architecture or api, or use `teacher: {imported: "
+                "true}` without teachers/routing",
+                "teachers",
+                i,
+                "imported",
+            )
     named = dict(zip(names, teachers))
     if not isinstance(routing["default"], str):
         raise FieldError(
@@ -187,6 +200,14 @@ def fill_teachers(data: Any) -> Any:
             for t in teachers
         ],
     }
+
+
+def _true(value: Any) -> bool:
+    """Whether pydantic reads ``value`` as the boolean true (YAML's true/yes/on, or a quoted "true")."""
+    try:
+        return TypeAdapter(bool).validate_python(value) is True
+    except ValidationError:
+        return False  # not a boolean: the section's own validation says so
 
 
 def tokenizer_identity(t: TeacherSection) -> tuple[str, str] | None:
