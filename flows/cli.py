@@ -197,11 +197,11 @@ def run_interop(args) -> dict:
     from transformers import AutoTokenizer
 
     from kdflow.config.logit_cache import ValueEncoding
-    from kdflow.models.model_folder import maybe_hub_id
+    from kdflow.models.model_folder import NOT_THERE, maybe_hub_id
 
     if not Path(args.tokenizer).exists() and not maybe_hub_id(args.tokenizer):
         raise FileNotFoundError(
-            f"--tokenizer {args.tokenizer}: no such folder, and not a hub id (namespace/name); pass the folder (or hub "
+            f"--tokenizer {args.tokenizer}: {NOT_THERE}; pass the folder (or hub "
             "id) of the model whose tokens the file holds"
         )
     manifest = interop.import_file(

@@ -16,7 +16,7 @@ from kdflow.config.kd import FeatureKD, KDSection, OnlineKD, OnPolicyKD
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path
-from kdflow.models.model_folder import folder_problem, maybe_hub_id
+from kdflow.models.model_folder import NOT_THERE, folder_problem, maybe_hub_id
 from kdflow.models.pruning import LayerSelect
 
 
@@ -241,7 +241,7 @@ class StudentSection(Strict):
                 raise ValueError(f"model {self.model!r}: {problem}")
         elif self.model is not None and not maybe_hub_id(self.model):
             raise ValueError(
-                f"model {self.model!r}: no such folder, and not a hub id (namespace/name); point it at a model folder "
+                f"model {self.model!r}: {NOT_THERE}; point it at a model folder "
                 "(one with config.json), a .gguf file, or a hub id"
             )
         check_precision(self.dtype, self.training)

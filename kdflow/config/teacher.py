@@ -11,7 +11,7 @@ from kdflow.config.fields import ROOT, Strict
 from kdflow.config.precision import Dtype, check_precision, dtype_field
 from kdflow.config.training import Architecture, check_sft_config
 from kdflow.models.gguf import inspect_gguf, is_gguf_path, layer_count, mlp_width, vocab_count
-from kdflow.models.model_folder import folder_problem, maybe_hub_id
+from kdflow.models.model_folder import NOT_THERE, folder_problem, maybe_hub_id
 
 
 class TeacherSection(Strict):
@@ -76,7 +76,7 @@ class TeacherSection(Strict):
             inspect_gguf(ROOT / self.model)  # not GGUF, truncated, an architecture transformers cannot load: fail now
         elif self.model is not None and not (ROOT / self.model).exists() and not maybe_hub_id(self.model):
             raise ValueError(
-                f"teacher.model {self.model!r}: no such folder, and not a hub id (namespace/name); point it at a "
+                f"teacher.model {self.model!r}: {NOT_THERE}; point it at a "
                 "model folder (one with config.json), a .gguf file, or a hub id"
             )
         elif self.model is not None and (ROOT / self.model).exists():

@@ -29,6 +29,14 @@ def maybe_hub_id(model: str) -> bool:
     return HUB_ID.fullmatch(model) is not None
 
 
+# Said of a model path that is neither here nor a hub id. A legacy hub id without a namespace (gpt2, distilgpt2) is
+# refused too: it cannot be told from a missing folder, and the hub answers its namespaced form as well.
+NOT_THERE = (
+    "no such folder, and not a hub id (namespace/name: a legacy id without a namespace is written with it, e.g. "
+    "openai-community/gpt2 for gpt2)"
+)
+
+
 def folder_problem(folder: Path) -> str | None:
     """What is wrong with ``folder`` as a model folder, with the fix; None when it holds all a backend loads."""
     folder = Path(folder)

@@ -103,7 +103,9 @@ def test_a_shard_index_whose_shards_are_missing_is_refused_at_load(tmp_path):
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
     (teacher / "model.safetensors.index.json").write_text(json.dumps(index))
     (teacher / "model-00001-of-00002.safetensors").write_bytes(fake_weights())
-    with pytest.raises(RecipeError, match=r"model-00002-of-00002.safetensors: named by the weights. index but not there"):
+    with pytest.raises(
+        RecipeError, match=r"model-00002-of-00002.safetensors: named by the weights. index but not there"
+    ):
         load_recipe(with_teacher(tmp_path, teacher))
 
 
@@ -287,3 +289,11 @@ def test_a_base_models_save_passes_as_the_loader_takes_it(tmp_path):
     config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
     GPT2Model(config).save_pretrained(tmp_path / "gpt2")
     assert weights_problem(tmp_path / "gpt2") is None
+
+
+@pytest.mark.parametrize("model", ["gpt2", "distilgpt2"])
+def test_a_legacy_hub_id_without_namespace_is_told_its_namespaced_form(tmp_path, model):
+    # The sixth audit: refused as "not a hub id (namespace/name)", though the hub resolves it; the message now says how
+    # to write it (it cannot be told from a missing folder of that name).
+    with pytest.raises(RecipeError, match=r"teacher: .*not a hub id .*e\.g\. openai-community/gpt2 for gpt2"):
+        load_recipe(with_teacher(tmp_path, model))
