@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 
 from kdflow.reporting import cost_report, topk_report
+from kdflow.reporting.baseline import baseline_student, gap_closure, start_of
 from kdflow.reporting.floor import floor_gaps, floor_table
 from kdflow.reporting.ledger import section as ledger_section
 from kdflow.reporting.quality_metric import QUALITY, metric_of, quality_key, quality_notes
@@ -36,27 +37,6 @@ def _bytes(v: float) -> str:
         if abs(v) >= scale:
             return f"{v / scale:.3g} {unit}"
     return f"{v:.0f} B"
-
-
-def gap_closure(student: float, baseline: float, teacher: float) -> float | None:
-    """(student − baseline) / (teacher − baseline): 0 = no better than the baseline, 1 = as good as the
-    teacher; None when the teacher is no better than the baseline (no gap to close) or not evaluated (imported)."""
-    if teacher is None or teacher <= baseline:
-        return None
-    return (student - baseline) / (teacher - baseline)
-
-
-def baseline_student(students: dict[str, dict], seed: int | None = None) -> str | None:
-    """The student trained on gold data only (recipe ``data: gold``): what the same student gets without KD;
-    with ``run.seeds``, the one trained with ``seed`` (a student is compared with the baseline of its seed)."""
-    return next(
-        (name for name, s in students.items() if is_baseline(s) and (seed is None or s.get("seed") == seed)), None
-    )
-
-
-def is_baseline(m: dict) -> bool:
-    """Gold data only, no KD, not started from another student's weights, not a quantized copy: the SFT baseline."""
-    return m.get("data") == "gold" and m.get("kd") is None and not m.get("quantized") and not m.get("starts_from")
 
 
 def base_name(name: str) -> str:
@@ -138,7 +118,7 @@ def build_report(
     key = quality_key(teacher)
     out = {}
     for name, m in students.items():
-        own = baseline_student(students, m.get("seed")) if seeded else baseline
+        own = baseline_student(students, m.get("seed") if seeded else None, start=start_of(students, name))
         closed = None if own is None else gap_closure(m[key], students[own][key], teacher[key])
         compression = round(teacher["params"] / m["params"], 1) if teacher.get("params") else None  # API: unknown
         out[name] = {
@@ -227,7 +207,7 @@ def quality_table(report: dict) -> list[str]:
     for name, m in models.items():
         if name == "teacher":
             closed = "1 (teacher)"
-        elif is_baseline(m):
+        elif m.get("gap_baseline") == name:  # the baseline the others of its start (and seed) are measured against
             closed = "0 (baseline)"
         else:
             closed = _num(m.get("gap_closure"), ".2f")
@@ -344,7 +324,7 @@ def summary(report: dict) -> list[str]:
         share = f" ({s[key] / t[key]:.0%} of the teacher's)" if t[key] else ""
         versus = "" if t[key] is None else f" vs the teacher's {t[key]:{fmt}}{share}"  # None: an imported dataset's
         line = f"- **{name}** (trained on {trained_on(s)}): {title} {s[key]:{fmt}}{versus}"
-        if not is_baseline(s) and s.get("gap_closure") is not None:
+        if s.get("gap_baseline") != name and s.get("gap_closure") is not None:
             line += f"; closes {s['gap_closure']:.0%} of the gap over `{s.get('gap_baseline') or baseline}`"
         r = s.get("vs_teacher", {})
         costs = [

@@ -541,3 +541,32 @@ def test_a_gold_student_started_from_a_kd_student_is_nobodys_baseline():
     assert r["gap_closure"]["baseline"] == "baseline"
     assert r["students"]["logit-kd"]["gap_closure"] == pytest.approx(0.5)
     assert r["students"]["chain"]["gap_closure"] == pytest.approx(0.625)
+
+
+def test_each_student_is_measured_against_the_baseline_of_its_own_start_and_only_that_one_says_so():
+    # The seventh audit: a pruned student trained on gold, listed first, became everyone's baseline (a fresh KD student
+    # then closed 0.25 instead of 0.625); a second gold student, and one on half the data, showed "0 (baseline)"
+    # while report.json measured them against another; the half-data one, listed first, became the baseline.
+    from kdflow.reporting.run_report import render_markdown
+
+    kd = {"kd": "offline", "divergence": "forward_kl", "alpha": 0.5, "temperature": 1.0}
+    pruned = {"data": "gold", "init": "pruned from the teacher: 1 layers, every_other"}
+    students = {
+        "pruned": model(0.70, 50, **pruned),
+        "gold-half": model(0.30, 100, data="gold", data_fraction=0.5),
+        "kd": model(0.75, 100, data="teacher", **kd),
+        "pruned-kd": model(0.80, 50, **{**pruned, "data": "teacher"}, **kd),
+        "baseline": model(0.50, 100, data="gold"),
+        "big-gold": model(0.70, 200, data="gold"),
+    }
+    r = build_report("demo", model(0.9, 1000), students, CURATION, DEPLOYMENT)
+    s = r["students"]
+    assert s["kd"]["gap_baseline"] == "baseline" and s["kd"]["gap_closure"] == pytest.approx(0.625)
+    assert s["pruned-kd"]["gap_baseline"] == "pruned" and s["pruned-kd"]["gap_closure"] == pytest.approx(0.5)
+    assert s["gold-half"]["gap_baseline"] == "baseline" and s["big-gold"]["gap_closure"] == pytest.approx(0.5)
+    md = render_markdown(r)
+    quality = md.split("## Quality")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in quality.splitlines() if line.startswith("| ")}
+    assert "0 (baseline)" in rows["baseline"] and "0 (baseline)" in rows["pruned"]
+    assert "0 (baseline)" not in rows["big-gold"] and "| 0.50 |" in rows["big-gold"]
+    assert "0 (baseline)" not in rows["gold-half"]
