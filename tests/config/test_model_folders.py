@@ -297,3 +297,35 @@ def test_a_legacy_hub_id_without_namespace_is_told_its_namespaced_form(tmp_path,
     # to write it (it cannot be told from a missing folder of that name).
     with pytest.raises(RecipeError, match=r"teacher: .*not a hub id .*e\.g\. openai-community/gpt2 for gpt2"):
         load_recipe(with_teacher(tmp_path, model))
+
+
+def test_architectures_transformers_renames_on_load_pass_and_low_precision_weights_are_named(tmp_path, tiny):
+    # The seventh audit: GPT-NeoX (embed_out, renamed lm_head on load) and mixtures of experts (fused on load) were
+    # refused though from_pretrained loads them exactly; a float8 weight without a quantization config passed (or was
+    # "unreadable"); a legacy-format pickle could not be memory-mapped.
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdflow.models.model_folder import weights_problem
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    for model_type, extra in (("gpt_neox", {}), ("mixtral", {"num_key_value_heads": 2, "num_local_experts": 4})):
+        config = AutoConfig.for_model(model_type, **sizes, vocab_size=100, **extra)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / model_type)
+        assert weights_problem(tmp_path / model_type) is None, model_type
+
+    fp8 = damaged(tmp_path, tiny, lambda t: {**t, "model.norm.weight": t["model.norm.weight"].to(torch.float8_e4m3fn)})
+    assert re.search(
+        r"'model.norm.weight' is stored as float8_e4m3fn, .*without their quantization", weights_problem(fp8)
+    )
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "model.safetensors":
+            (legacy / f.name).write_bytes(f.read_bytes())
+    torch.save(
+        load_file(tiny / "model.safetensors"), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False
+    )
+    assert weights_problem(legacy) is None
