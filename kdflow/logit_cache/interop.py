@@ -309,6 +309,14 @@ def _topk_rows(files, tags, fmt, layout, d, vocab_size: int, tokens: int) -> Ite
     (the file had none)."""
     for file, tag in zip(files, tags):
         at = 0
+        rows = pq.ParquetFile(file).metadata.num_rows if tag else 0
+        for key in ("row_ids", "spans", "tokens_sha256") if tag else ():
+            if key in tag and (not isinstance(tag[key], list) or len(tag[key]) != rows):
+                raise LogitFileError(
+                    f"{file}: its kdflow metadata lists {key} for {len(tag[key]) if isinstance(tag[key], list) else 0}"
+                    f" rows, and the file holds {rows}: the metadata or the rows were edited after the export; export "
+                    "the cache again"
+                )
         for batch in _batches(file):
             spans = tag["spans"][at : at + batch.num_rows] if tag else None
             read = (

@@ -395,3 +395,17 @@ def test_an_exports_rows_reordered_or_relabelled_after_it_was_written_are_refuse
     rewrite(path, table, "labels", 0, later)
     with pytest.raises(LogitFileError, match=r"row 0: the kdflow metadata's span starts at position \d+, the labels"):
         import_file(tmp_path / "dk", tmp_path / "y", "distillkit", teacher[0])
+
+
+def test_an_exports_metadata_of_another_row_count_is_refused_naming_the_file(cache, teacher, tmp_path):
+    # The seventh audit: a tokens_sha256 list cut to one entry gave a bare IndexError naming no file.
+    export_cache(cache.folder, tmp_path / "axolotl", "axolotl")
+    path = tmp_path / "axolotl" / "data_0.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"kdflow"])
+    meta["tokens_sha256"] = meta["tokens_sha256"][:1]
+    pq.write_table(table.replace_schema_metadata(table.schema.metadata | {b"kdflow": json.dumps(meta).encode()}), path)
+    with pytest.raises(
+        LogitFileError, match=r"data_0\.parquet: its kdflow metadata lists tokens_sha256 for 1 rows, and the"
+    ):
+        import_file(tmp_path / "axolotl", tmp_path / "x", "axolotl", teacher[0])
