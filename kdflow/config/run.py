@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
 from kdflow.config.fields import SAFE_NAME, SAFE_NAME_FIX, Strict, redact_url, resolve
 from kdflow.config.loading import FieldError
@@ -29,22 +30,12 @@ class RunSection(Strict):
         "stages compute in (models and parquet files need local paths); outputs already at the URL "
         "are downloaded here",
     )
-    seeds: list[int] | None = Field(
+    seeds: Seeds | None = Field(
         None,
         min_length=1,
         description="train and evaluate every student once per "
         "seed (named `<name>@<seed>`); the report gives mean and spread",
     )
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _no_boolean_seeds(cls, v):
-        return refuse_boolean_seeds(v)
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int] | None) -> list[int] | None:
-        return v if v is None else check_seeds(v)
 
     @field_validator("name")
     @classmethod
@@ -125,3 +116,7 @@ def check_seeds(seeds: list[int]) -> list[int]:
     if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
         raise ValueError(f"seed {repeated[0]} is given twice; list each seed once")
     return seeds
+
+
+# Seeds as every section takes them (run.seeds, a sweep's seeds): no booleans, each once, each one numpy and torch take.
+Seeds = Annotated[list[int], BeforeValidator(refuse_boolean_seeds), AfterValidator(check_seeds)]

@@ -14,7 +14,7 @@ from kdflow.config.kd import KD_METHODS, KDSection
 from kdflow.config.loading import FieldError, RecipeError, _line_of, parse_yaml, read_recipe_file
 from kdflow.config.precision import check_precision
 from kdflow.config.recipe import load_recipe
-from kdflow.config.run import check_seeds, refuse_boolean_seeds
+from kdflow.config.run import Seeds
 from kdflow.config.student import StudentData
 from kdflow.config.training import check_sft_config
 
@@ -28,7 +28,8 @@ class SweepRecipe(Strict):
         description="the recipe student (data: teacher) whose architecture and training are swept"
     )
     fractions: list[float] = Field(min_length=1, description="shares of the kept teacher answers, each in (0, 1]")
-    seeds: list[int] = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
+    # as run.seeds: [0, 0] named two students alike, [-1] failed in numpy
+    seeds: Seeds = Field(min_length=1, description=">= 3 for a mean and a spread worth reading")
     methods: dict[str, KDSection | None] = Field(min_length=2, description="name -> kd section; null = seq-KD (SFT)")
     training: dict[str, Any] = Field(default_factory=dict, description="overrides of the student's training keys")
 
@@ -38,16 +39,6 @@ class SweepRecipe(Strict):
         if any(not 0.0 < f <= 1.0 for f in v):
             raise ValueError(f"each fraction must be in (0, 1], got {v}")
         return sorted(set(v))
-
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _no_boolean_seeds(cls, v):
-        return refuse_boolean_seeds(v)
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, v: list[int]) -> list[int]:
-        return check_seeds(v)  # as run.seeds: [0, 0] named two students alike, [-1] failed in numpy
 
     @field_validator("training")
     @classmethod
