@@ -128,6 +128,18 @@ def damaged(tmp_path: Path, tiny: Path, change) -> Path:
     return out
 
 
+def as_pickle(out: Path, tiny: Path, tensors: dict, legacy: bool = False) -> Path:
+    """The tiny teacher's folder with ``tensors`` as ``pytorch_model.bin`` (torch's legacy format with ``legacy``)."""
+    import torch
+
+    out.mkdir()
+    for f in tiny.iterdir():
+        if f.name != "model.safetensors":
+            (out / f.name).write_bytes(f.read_bytes())
+    torch.save(tensors, out / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    return out
+
+
 def test_whole_weights_pass_the_teacher_stage_check(tiny):
     from kdflow.models.model_folder import weights_problem
 
@@ -268,14 +280,9 @@ def test_an_integer_weight_and_a_nan_in_a_pytorch_pickle_are_found(tmp_path, tin
     assert re.search(
         r"weight 'model.norm.weight' is stored as int8, and the model's is a float", weights_problem(quantized)
     )
-    pickled = tmp_path / "pickled"
-    pickled.mkdir()
-    for f in tiny.iterdir():
-        if f.name != "model.safetensors":
-            (pickled / f.name).write_bytes(f.read_bytes())
     tensors = load_file(tiny / "model.safetensors")
     tensors["model.norm.weight"][1] = float("inf")
-    torch.save(tensors, pickled / "pytorch_model.bin")
+    pickled = as_pickle(tmp_path / "pickled", tiny, tensors)
     assert re.search(r"pytorch_model.bin: weight 'model.norm.weight' holds NaN or infinite", weights_problem(pickled))
 
 
@@ -320,12 +327,5 @@ def test_architectures_transformers_renames_on_load_pass_and_low_precision_weigh
         r"'model.norm.weight' is stored as float8_e4m3fn, .*without their quantization", weights_problem(fp8)
     )
 
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    for f in tiny.iterdir():
-        if f.name != "model.safetensors":
-            (legacy / f.name).write_bytes(f.read_bytes())
-    torch.save(
-        load_file(tiny / "model.safetensors"), legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False
-    )
+    legacy = as_pickle(tmp_path / "legacy", tiny, load_file(tiny / "model.safetensors"), legacy=True)
     assert weights_problem(legacy) is None
