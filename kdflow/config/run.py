@@ -12,6 +12,35 @@ from kdflow.config.loading import FieldError
 from kdflow.store import remote
 
 
+def refuse_boolean_seeds(seeds):
+    """``seeds`` as given, before pydantic reads them: a boolean among them fails naming its entry. pydantic reads
+    ``true`` as the int 1, so ``seeds: [true, 0]`` trained seeds 1 and 0 without a word."""
+    if isinstance(seeds, list):
+        for i, seed in enumerate(seeds):
+            if isinstance(seed, bool):
+                raise FieldError(
+                    f"{str(seed).lower()} is a boolean, not a seed (YAML reads an unquoted true/false/yes/no/on/off "
+                    "as one): write the seed as a whole number, e.g. 0",
+                    i,
+                )
+    return seeds
+
+
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Seeds a run can train with: each once (a repeated one would name two runs of a student alike) and within what
+    numpy and torch seed (0 to 2**32 - 1); a boolean is no seed (``True == 1`` in Python)."""
+    refuse_boolean_seeds(seeds)
+    if bad := [s for s in seeds if not 0 <= s < 2**32]:
+        raise ValueError(f"seed {bad[0]} is outside 0 to {2**32 - 1}, the seeds numpy and torch take")
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise ValueError(f"seed {repeated[0]} is given twice; list each seed once")
+    return seeds
+
+
+# Seeds as every section takes them (run.seeds, a sweep's seeds): no booleans, each once, each one numpy and torch take.
+Seeds = Annotated[list[int], BeforeValidator(refuse_boolean_seeds), AfterValidator(check_seeds)]
+
+
 class RunSection(Strict):
     name: str = Field(description="run folder name under `root`")
     # Defaults are validated too: a recipe outside the project that names no root writes beside itself.
@@ -91,32 +120,3 @@ def _folder_or_nothing(path: Path, field: str) -> None:
                     f"{part} is a file, not a folder: point {field} at a folder (it is created if missing)"
                 )
             return
-
-
-def refuse_boolean_seeds(seeds):
-    """``seeds`` as given, before pydantic reads them: a boolean among them fails naming its entry. pydantic reads
-    ``true`` as the int 1, so ``seeds: [true, 0]`` trained seeds 1 and 0 without a word."""
-    if isinstance(seeds, list):
-        for i, seed in enumerate(seeds):
-            if isinstance(seed, bool):
-                raise FieldError(
-                    f"{str(seed).lower()} is a boolean, not a seed (YAML reads an unquoted true/false/yes/no/on/off "
-                    "as one): write the seed as a whole number, e.g. 0",
-                    i,
-                )
-    return seeds
-
-
-def check_seeds(seeds: list[int]) -> list[int]:
-    """Seeds a run can train with: each once (a repeated one would name two runs of a student alike) and within what
-    numpy and torch seed (0 to 2**32 - 1); a boolean is no seed (``True == 1`` in Python)."""
-    refuse_boolean_seeds(seeds)
-    if bad := [s for s in seeds if not 0 <= s < 2**32]:
-        raise ValueError(f"seed {bad[0]} is outside 0 to {2**32 - 1}, the seeds numpy and torch take")
-    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
-        raise ValueError(f"seed {repeated[0]} is given twice; list each seed once")
-    return seeds
-
-
-# Seeds as every section takes them (run.seeds, a sweep's seeds): no booleans, each once, each one numpy and torch take.
-Seeds = Annotated[list[int], BeforeValidator(refuse_boolean_seeds), AfterValidator(check_seeds)]
