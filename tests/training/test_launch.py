@@ -91,12 +91,15 @@ def test_the_students_stage_trains_through_accelerate_launch_on_2_cpu_processes(
 
 
 @pytest.mark.slow
-def test_a_failed_launch_raises_with_the_last_lines_of_its_log(setup, tmp_path):  # noqa: F811
+def test_a_failed_launch_raises_with_the_last_lines_of_its_log(setup):  # noqa: F811
     from tasks.students import train_student
 
     section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
-    section = section.model_copy(update={"model": str(tmp_path / "no-such-model"), "name": "broken"})
-    with pytest.raises(RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*no-such-model"):
+    # A hub id passes the recipe's checks (it may exist), and HF_HUB_OFFLINE makes the launched processes fail on it.
+    section = section.model_copy(update={"model": "kdflow-tests/no-such-model", "name": "broken"})
+    with pytest.raises(
+        RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*couldn.t find them in the cached files"
+    ):
         train_student.fn(
             setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
         )
