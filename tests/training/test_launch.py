@@ -97,9 +97,7 @@ def test_a_failed_launch_raises_with_the_last_lines_of_its_log(setup):  # noqa: 
     section = lora_kd_student(setup, launch={"accelerate_config": "accelerate/cpu_2proc.yaml"})
     # A hub id passes the recipe's checks (it may exist), and HF_HUB_OFFLINE makes the launched processes fail on it.
     section = section.model_copy(update={"model": "kdflow-tests/no-such-model", "name": "broken"})
-    with pytest.raises(
-        RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*couldn.t find them in the cached files"
-    ):
+    with pytest.raises(RuntimeError, match=r"(?s)`accelerate launch` exited with 1.*find them in the cached"):
         train_student.fn(
             setup["run_dir"], section, TEMPLATE, setup["teacher"], setup["data"], setup["curated"], setup["logits"]
         )
