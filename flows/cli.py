@@ -17,8 +17,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
+
+from flows import STARTUP_TIMEOUT_ENV
+
+# How Prefect's RuntimeError begins when its temporary server never answered (prefect/server/api/server.py).
+NO_SERVER = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 
 def _positive(text: str) -> int:
@@ -240,16 +246,37 @@ def main(argv: list[str] | None = None) -> int:
             if args.address
             else DaskTaskRunner(cluster_kwargs={"n_workers": args.workers, "threads_per_worker": 1, "processes": True})
         )
-        result = stage_flow.with_options(task_runner=runner)(args.recipe, args.run_dir, args.parts or args.workers)
+        result = started(
+            args.command,
+            stage_flow.with_options(task_runner=runner),
+            args.recipe,
+            args.run_dir,
+            args.parts or args.workers,
+        )
     elif args.command == "distill":
-        result = stage_flow(args.recipe, args.seeds, args.students)
+        result = started(args.command, stage_flow, args.recipe, args.seeds, args.students)
     elif getattr(args, "run_dir", None):
-        result = stage_flow(args.recipe, args.run_dir)
+        result = started(args.command, stage_flow, args.recipe, args.run_dir)
     else:
-        result = stage_flow(args.recipe)
+        result = started(args.command, stage_flow, args.recipe)
     if args.command != "distill":  # distill prints its own summary
         print(json.dumps(result, indent=2, default=lambda o: o.model_dump() if hasattr(o, "model_dump") else str(o)))
     return 0
+
+
+def started(command: str, stage_flow, *inputs):
+    """Runs the flow; a temporary Prefect server that never answered ends the command with the fix, not a traceback."""
+    try:
+        return stage_flow(*inputs)
+    except RuntimeError as e:
+        if not str(e).startswith(NO_SERVER):
+            raise
+        sys.exit(
+            f"kdflow {command}: Prefect's temporary local server did not answer within "
+            f"{os.environ.get(STARTUP_TIMEOUT_ENV)} s (the machine is busy?), so no stage ran. Set "
+            f"{STARTUP_TIMEOUT_ENV} higher, or start a server once (`prefect server start`) and point every "
+            "run at it with PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
 
 
 def run_as_script(command: str) -> None:

@@ -1,12 +1,14 @@
 """How the flows are wired, without running them: what a stage flow rerun alone takes from the run folder, and
 the `kdflow` command (whose --help starts nothing)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from flows import STARTUP_TIMEOUT_ENV
 from kdflow.config.kd import OfflineKD
 from kdflow.config.recipe import load_recipe
 from kdflow.store import run_folder
@@ -136,3 +138,39 @@ def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
     assert run_teacher(run, r).key == key
     mini = load_recipe(ROOT / "tests" / "mini.yaml")
     assert run_teacher(run, mini).stage == "teacher"  # a trained teacher: the teacher stage's newest output
+
+
+def test_a_flow_gives_prefects_temporary_server_minutes_to_start_unless_told_otherwise():
+    """Prefect's 20 s were too short on a loaded 2-core machine (a flow ended in Prefect's traceback before any
+    stage); flows/__init__.py sets a longer default before Prefect reads its settings, and a value set wins."""
+    probe = (
+        "import flows.distill; from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS as S; "
+        "print(S.value())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != STARTUP_TIMEOUT_ENV}
+    for extra, expected in (({}, "600"), ({STARTUP_TIMEOUT_ENV: "45"}, "45")):
+        done = subprocess.run(
+            [sys.executable, "-c", probe], cwd=ROOT, env={**env, **extra}, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == expected
+
+
+def test_a_temporary_server_that_never_answers_ends_the_command_with_the_fix(mini_recipe, tmp_path):
+    """A start-up allowance of 0 s makes Prefect's real timeout at once, on any machine: the command says what to
+    set, prints no traceback and writes nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update({STARTUP_TIMEOUT_ENV: "0", "PREFECT_HOME": str(tmp_path / "prefect")})
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.distill", str(mini_recipe)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "temporary local server did not answer within 0 s" in done.stderr, done.stderr[-2000:]
+    assert f"Set {STARTUP_TIMEOUT_ENV} higher" in done.stderr and "PREFECT_API_URL=" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
