@@ -17,14 +17,16 @@ from tasks.caching import STAGE_RESULTS, StageCache
 
 
 def data_content(section: DataSection) -> dict:
-    """What the splits are made from: the section, and for instruction files their content (an edited file makes new
-    splits; the other sources' keys are as they were)."""
-    if section.source is not DataSource.instructions:
+    """What the splits are made from: the section, and for data files their content, so that an edited file makes
+    new splits (a key of the path alone reused the old gold answers after an edit). The generated source has none."""
+    if section.source is DataSource.instructions:
+        files = {field: section.location(field) for field in ("transfer", "test")}
+    elif section.source is DataSource.gsm8k:
+        files = {name: section.location("path") / f"{name}.jsonl" for name in section.splits}
+    else:
         return {"section": section}
-    return {
-        "section": section,
-        "files": {field: file_sha256(section.location(field)) for field in ("transfer", "test")},
-    }
+    # A split file that is missing or not a regular file is left to build_splits, which names it and the fix.
+    return {"section": section, "files": {k: file_sha256(p) if p.is_file() else None for k, p in files.items()}}
 
 
 DATA = Stage("data", "1", data_content)

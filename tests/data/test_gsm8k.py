@@ -124,3 +124,28 @@ def test_gold_numbers_are_kept_exact_and_absurd_lengths_refused(tmp_path):
             r"100 digits written out",
         ):
             load_split(path)
+
+
+def test_an_edited_gsm8k_file_makes_new_splits(tmp_path):
+    """The eighth audit: the data stage keyed a GSM8K folder by its path, so an edited gold answer was never read
+    (the old split reused, no word). Its files are now part of the key, as instruction files are."""
+    import pandas as pd
+
+    from kdflow.config.data import DataSection
+    from tasks.data import make_data
+
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(1, 5)]
+    for split in ("train", "test"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    section = DataSection(source="gsm8k", path=str(folder), splits={"train": 4, "test": 4})
+    first = make_data.fn(tmp_path / "run", section)
+    assert pd.read_parquet(Path(first.path) / "test.parquet")["answer"].tolist() == ["2", "4", "6", "8"]
+
+    edited = [{**rows[0], "answer": "1 + 1 = 3\n#### 3"}, *rows[1:]]
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in edited))
+    second = make_data.fn(tmp_path / "run", section)
+    assert second.key != first.key
+    assert pd.read_parquet(Path(second.path) / "test.parquet")["answer"].tolist() == ["3", "4", "6", "8"]
+    assert make_data.fn(tmp_path / "run", section).key == second.key  # unchanged files: the same output
