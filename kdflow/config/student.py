@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -220,6 +222,14 @@ class StudentSection(Strict):
             out["lora_r"] = self.lora.r
         if self.dtype is not None:
             out["dtype"] = self.dtype.value
+        # For the report's baseline (reporting/baseline.py): the starting weights, and how the training ran. A gold
+        # student is a KD student's baseline only from the same weights, and preferably trained the same way.
+        if self.model is not None:
+            out["start"] = f"model {self.model}"
+        elif self.architecture is not None:
+            out["start"] = "fresh " + json.dumps(self.architecture.model_dump(mode="json"), sort_keys=True)
+        how = {"training": self.training, "lora": None if self.lora is None else self.lora.model_dump(mode="json")}
+        out["training_digest"] = hashlib.sha256(json.dumps(how, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return out
 
     @model_validator(mode="after")

@@ -28,27 +28,41 @@ def is_baseline(m: dict) -> bool:
 ANY_START = object()
 
 
-def baseline_student(students: dict[str, dict], seed: int | None = None, start=ANY_START) -> str | None:
-    """The first SFT baseline (``is_baseline``) among ``students``; with ``seed``, one trained with that seed (each
-    student is compared with its own seed's); with ``start``, one of that start (``init``: the pruned teacher a student
-    was cut from; None for a fresh architecture or a pretrained model), so that a pruned KD student is measured against
-    a pruned baseline and a fresh one against a fresh one."""
-    return next(
-        (
-            name
-            for name, s in students.items()
-            if is_baseline(s)
-            and (seed is None or s.get("seed") == seed)
-            and (start is ANY_START or s.get("init") == start)
-        ),
-        None,
-    )
+def baseline_student(
+    students: dict[str, dict], seed: int | None = None, start=ANY_START, trained_as: dict | None = None
+) -> str | None:
+    """The SFT baseline (``is_baseline``) among ``students``; with ``seed``, one trained with that seed (each student
+    is compared with its own seed's); with ``start`` (``start_of``), one of those starting weights — a pruned KD
+    student is measured against a pruned baseline, a fresh one against one of its own size, one fine-tuned from a
+    pretrained model against that model's. Of several, the first trained as ``trained_as`` is (the same training
+    settings, then at least LoRA or not alike), else the first listed."""
+    found = [
+        name
+        for name, s in students.items()
+        if is_baseline(s) and (seed is None or s.get("seed") == seed) and (start is ANY_START or start_key(s) == start)
+    ]
+    if trained_as is None or not found:
+        return found[0] if found else None
+
+    def likeness(name: str) -> tuple[bool, bool]:
+        s = students[name]
+        return s.get("training_digest") == trained_as.get("training_digest"), s.get("lora_r") == trained_as.get(
+            "lora_r"
+        )
+
+    return max(found, key=likeness)  # max keeps the first of equals: the order of the recipe
 
 
-def start_of(students: dict[str, dict], name: str):
-    """What ``students[name]`` started from, for ``baseline_student``'s ``start``: its ``init`` (None for a fresh
-    architecture or a pretrained model), or, for one started from another student (``starts_from``, with ``run.seeds``
-    the one of its seed), that student's start, and so on to the first."""
+def start_key(m: dict) -> tuple:
+    """A student's starting weights as its record says: the pruned or chained ``init``, the pretrained model or the
+    fresh architecture (``start``)."""
+    return m.get("init"), m.get("start")
+
+
+def start_of(students: dict[str, dict], name: str) -> tuple:
+    """What ``students[name]`` started from, for ``baseline_student``'s ``start``: its ``start_key``, or, for one
+    started from another student (``starts_from``, with ``run.seeds`` the one of its seed), that student's start, and
+    so on to the first."""
     m, seen = students[name], {name}
     while m.get("starts_from"):
         parent = next((p for p in (f"{m['starts_from']}@{m.get('seed')}", m["starts_from"]) if p in students), None)
@@ -56,4 +70,4 @@ def start_of(students: dict[str, dict], name: str):
             break
         seen.add(parent)
         m = students[parent]
-    return m.get("init")
+    return start_key(m)

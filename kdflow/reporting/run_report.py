@@ -118,7 +118,9 @@ def build_report(
     key = quality_key(teacher)
     out = {}
     for name, m in students.items():
-        own = baseline_student(students, m.get("seed") if seeded else None, start=start_of(students, name))
+        own = baseline_student(
+            students, m.get("seed") if seeded else None, start=start_of(students, name), trained_as=m
+        )
         closed = None if own is None else gap_closure(m[key], students[own][key], teacher[key])
         compression = round(teacher["params"] / m["params"], 1) if teacher.get("params") else None  # API: unknown
         out[name] = {

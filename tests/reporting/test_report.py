@@ -570,3 +570,49 @@ def test_each_student_is_measured_against_the_baseline_of_its_own_start_and_only
     assert "0 (baseline)" in rows["baseline"] and "0 (baseline)" in rows["pruned"]
     assert "0 (baseline)" not in rows["big-gold"] and "| 0.50 |" in rows["big-gold"]
     assert "0 (baseline)" not in rows["gold-half"]
+
+
+def test_a_baseline_has_the_students_starting_weights_and_is_preferably_trained_like_it(tmp_path):
+    # The eighth audit: every fresh architecture and every pretrained model had the same start in the record (no
+    # `init`), so a big KD student was measured against the small gold baseline listed first, and one fine-tuned from
+    # a pretrained model against a fresh one; a LoRA or 2-step gold student listed first was everyone's baseline.
+    from kdflow.config.student import StudentSection
+    from kdflow.training.tiny_models import llama_model, train_tokenizer
+
+    folder = tmp_path / "pretrained"
+    tokenizer = train_tokenizer(["1+1=2", "2+2=4"] * 5, vocab_size=40)
+    llama_model(tokenizer, hidden=16, layers=1, heads=1, intermediate=32, seed=0).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    small, big = (
+        {"hidden": 32, "layers": 1, "heads": 1, "intermediate": 64},
+        {"hidden": 64, "layers": 2, "heads": 2, "intermediate": 128},
+    )
+    steps = {"max_steps": 10}
+    kd = {"method": "offline", "divergence": "forward_kl"}
+
+    def record(accuracy: float, **section) -> dict:
+        s = StudentSection(name="x", training=section.pop("training", steps), **section)
+        return model(accuracy, 100, **s.summary())
+
+    students = {
+        "base-small": record(0.50, data="gold", architecture=small),
+        "base-big": record(0.70, data="gold", architecture=big),
+        "kd-small": record(0.60, data="teacher", architecture=small, kd=kd),
+        "kd-big": record(0.80, data="teacher", architecture=big, kd=kd),
+        "kd-pretrained": record(0.60, data="teacher", model=str(folder), kd=kd),
+    }
+    s = build_report("demo", model(0.9, 1000), students, CURATION, DEPLOYMENT)["students"]
+    assert s["kd-small"]["gap_baseline"] == "base-small" and s["kd-small"]["gap_closure"] == pytest.approx(0.25)
+    assert s["kd-big"]["gap_baseline"] == "base-big" and s["kd-big"]["gap_closure"] == pytest.approx(0.5)
+    assert s["kd-pretrained"]["gap_baseline"] is None and s["kd-pretrained"]["gap_closure"] is None  # none of its start
+
+    tuned = {
+        "gold-lora": record(0.30, data="gold", model=str(folder), lora={"r": 4}),
+        "gold-2-steps": record(0.20, data="gold", model=str(folder), training={"max_steps": 2}),
+        "gold": record(0.50, data="gold", model=str(folder)),
+        "kd": record(0.60, data="teacher", model=str(folder), kd=kd),
+        "kd-lora": record(0.40, data="teacher", model=str(folder), lora={"r": 4}, kd=kd),
+    }
+    s = build_report("demo", model(0.9, 1000), tuned, CURATION, DEPLOYMENT)["students"]
+    assert s["kd"]["gap_baseline"] == "gold" and s["kd"]["gap_closure"] == pytest.approx(0.25)
+    assert s["kd-lora"]["gap_baseline"] == "gold-lora" and s["kd-lora"]["gap_closure"] == pytest.approx(1 / 6)
