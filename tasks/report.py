@@ -35,6 +35,7 @@ from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.run_folder import read_split
 from kdflow.teacher.routing import TEACHER_COLUMN
 from tasks.artifacts import artifact_key
+from tasks.evaluate import evaluation_metrics
 from tasks.progress import bounded
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
@@ -173,8 +174,7 @@ def write_report(
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {
-        name: {**ref.manifest()["metrics"], **cost(dep["figures"].get(name), power)}
-        for name, ref in evaluations.items()
+        name: {**evaluation_metrics(ref), **cost(dep["figures"].get(name), power)} for name, ref in evaluations.items()
     }
     if "teacher" not in evaluations:  # known only by an imported logit dataset: nothing of it ran here
         metrics["teacher"] = imported_teacher(metrics, logits)

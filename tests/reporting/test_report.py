@@ -321,7 +321,10 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
         "seq-kd": stage(run_dir, "students", "c"),
     }  # no log history: left out of the loss plot
     metrics = {"teacher": planted["teacher"], **planted["students"]}
-    evaluations = {n: stage(run_dir, "evaluate", f"e{i}", metrics=metrics[n]) for i, n in enumerate(models)}
+    evaluations = {
+        n: stage(run_dir, "evaluate", f"e{i}", {"metrics.json": json.dumps(metrics[n])}, metrics=metrics[n])
+        for i, n in enumerate(models)
+    }
     figures = {
         n: {
             k: metrics[n][k]
@@ -616,3 +619,23 @@ def test_a_baseline_has_the_students_starting_weights_and_is_preferably_trained_
     s = build_report("demo", model(0.9, 1000), tuned, CURATION, DEPLOYMENT)["students"]
     assert s["kd"]["gap_baseline"] == "gold" and s["kd"]["gap_closure"] == pytest.approx(0.25)
     assert s["kd-lora"]["gap_baseline"] == "gold-lora" and s["kd-lora"]["gap_closure"] == pytest.approx(1 / 6)
+
+
+def test_the_report_reads_an_evaluations_figures_from_its_checked_file_not_the_manifest(tmp_path):
+    # The eighth audit: the report read `metrics` from manifest.json, which no hash covers, so a hand-edited manifest
+    # (accuracy 0.2 → 0.97) was reported as measured. metrics.json is covered by the manifest's sha256.
+    from kdflow.store.outputs import MANIFEST, building, existing_output, finish
+    from tasks.evaluate import evaluation_metrics
+
+    key = "evaluate".ljust(64, "0")
+    with building(tmp_path, "evaluate", key) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({"accuracy": 0.2}))
+        finish(tmp, "evaluate", key, inputs={}, metrics={"accuracy": 0.2})
+    ref = existing_output(tmp_path, "evaluate", key)
+    manifest = Path(ref.path) / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"accuracy": 0.2', '"accuracy": 0.97'))
+    assert ref.manifest()["metrics"]["accuracy"] == 0.97  # nothing checks the manifest's copy ...
+    assert evaluation_metrics(existing_output(tmp_path, "evaluate", key))["accuracy"] == 0.2  # ... the report's is this
+
+    (Path(ref.path) / "metrics.json").write_text(json.dumps({"accuracy": 0.97}))
+    assert existing_output(tmp_path, "evaluate", key) is None  # an edited metrics.json: set aside, made again
