@@ -22,14 +22,13 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import run_teacher
+from flows.chain import found_upstream, run_teacher
 from flows.cli import run_as_script
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.recipe import load_recipe
 from kdflow.logit_cache.capture import capture_member, capture_setup
 from kdflow.logit_cache.parts import join_parts, part_bounds
-from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from tasks.capture import CAPTURE, capture_logits, shard_logger
 
@@ -84,7 +83,8 @@ def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> 
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
     run, cot, section = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text(), r.logit_cache
-    teacher, curated = run_teacher(run, r), run_folder.latest(run, "curate")
+    teacher = run_teacher(run, r)
+    curated = found_upstream(run, r, teacher, curated=True, logits=False).curated  # the recipe's, not the newest
     if not CAPTURE.output(run, section=section, template=cot, teacher=teacher, curated=curated).done:
         futures = [capture_part.submit(run, section, cot, teacher, curated, p, parts) for p in range(parts)]
         done = [f.result() for f in futures]

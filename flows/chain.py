@@ -22,20 +22,27 @@ from kdflow.models.gguf import is_gguf_path
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
+from kdflow.store.stage import Stage
 from kdflow.teacher import api_keys
 from kdflow.teacher.routing import RoutedTeachers
-from kdflow.training.student import needs_curated, needs_routed_teachers, student_inputs, trains_on_imported_rows
-from tasks.capture import capture_logits, join_logit_caches
-from tasks.curate import filter_answers
-from tasks.data import make_data
+from kdflow.training.student import (
+    cache_stage,
+    needs_curated,
+    needs_routed_teachers,
+    student_inputs,
+    trains_on_imported_rows,
+)
+from tasks.capture import CAPTURE, capture_logits, join_logit_caches
+from tasks.curate import CURATE, filter_answers
+from tasks.data import DATA, make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
-from tasks.generate import generate_answers, join_answers
+from tasks.generate import GENERATE, generate_answers, join_answers
 from tasks.import_logits import import_logits
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
 from tasks.preflight import teacher_preflight
 from tasks.quantize import quantize_students, quantized_name
 from tasks.report import write_report
-from tasks.students import train_student
+from tasks.students import STUDENTS, train_student
 
 
 def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
@@ -169,6 +176,61 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
         }
         logits = join_logit_caches(run_dir, caches)
     return Upstream(data, default, answers, curated, logits, teachers, checked)
+
+
+def found(run: Path, stage: Stage, **inputs) -> OutputRef:
+    """For a stage rerun alone: the output of ``stage`` that ``inputs`` (the recipe's settings and the upstream outputs
+    found before it) key, not merely the newest in the folder: after an edit and its revert the newest is the edited
+    recipe's, which a report would then show as this recipe's."""
+    if done := stage.output(run, **inputs).done:
+        return done
+    others = run_folder.outputs(run, stage.name)
+    raise run_folder.MissingStage(
+        f"no finished {stage.name!r} output of this recipe's settings in {run}"
+        + (f" ({len(others)} of other settings: the recipe was edited since they were made)" if others else "")
+        + ": run the stage that makes it, or the whole flow (kdflow distill <recipe>), first"
+    )
+
+
+def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logits: bool) -> Upstream:
+    """``upstream`` from the run folder, each output the one the recipe keys (``found``): the data, and where asked
+    the curated answers and the captured logit cache. With several teachers, or an imported cache, whose keys take
+    more than the recipe holds, the newest of each instead."""
+    data = found(run, DATA, section=r.data)
+    if r.teachers or (r.logit_cache is not None and r.logit_cache.imported):
+        return Upstream(
+            data,
+            teacher,
+            None,
+            run_folder.latest(run, "curate") if curated else None,
+            run_folder.latest(run, cache_stage(r)) if logits else None,
+        )
+    cot = r.prompts.cot_text()
+    answers = kept = cache = None
+    if curated or logits:
+        answers = found(run, GENERATE, section=r.generation, template=cot, teacher=teacher, data=data)
+        kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
+    if logits:  # (a recipe without a logit_cache section has none of its own: the newest, or MissingStage)
+        cache = (
+            found(run, CAPTURE, section=r.logit_cache, template=cot, teacher=teacher, curated=kept)
+            if r.logit_cache is not None
+            else run_folder.latest(run, cache_stage(r))
+        )
+    return Upstream(data, teacher, answers, kept if curated else None, cache)
+
+
+def trained_students(run: Path, students: list[StudentSection], template: str, up: Upstream) -> dict[str, OutputRef]:
+    """What ``train_in_order`` made of ``students`` (as ``starting_points`` returns them), found in the run folder
+    under the keys the recipe gives them: a student whose settings were edited since it was trained is missing, not
+    replaced by the edited one's model."""
+    trained: dict[str, OutputRef] = {}
+    for s in students:
+        if isinstance(s.init, StudentInit):
+            s = s.model_copy(update={"model": model_location(trained[s.init.student]), "init": None})
+        curated, logits = student_inputs(s, up.curated, up.logits)
+        inputs = dict(section=s, template=template, teacher=up.teacher, data=up.data, curated=curated, logits=logits)
+        trained[s.name] = found(run, STUDENTS, **inputs)
+    return trained
 
 
 @dataclass

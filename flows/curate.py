@@ -1,5 +1,5 @@
-"""The curate stage alone, on an existing run folder: the recipe's filters over the run's latest teacher
-answers (the judge filter asks the run's teacher).
+"""The curate stage alone, on an existing run folder: the recipe's filters over the teacher answers the
+recipe's settings key (the judge filter asks the run's teacher).
 
     python -m flows.curate recipes/demo.yaml [RUN_DIR]
 """
@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import recipe_and_run, run_teacher
+from flows.chain import found, recipe_and_run, run_teacher
 from flows.cli import run_as_script
-from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from tasks.curate import filter_answers
+from tasks.data import DATA
+from tasks.generate import GENERATE
 
 
 # No log_prints (see flows/distill.py).
@@ -20,7 +21,9 @@ from tasks.curate import filter_answers
 def curate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> OutputRef:
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
-    answers, teacher = run_folder.latest(run, "generate"), run_teacher(run, r)
+    teacher = run_teacher(run, r)
+    data = found(run, DATA, section=r.data)  # the outputs this recipe keys, not the newest (flows/chain.py found)
+    answers = found(run, GENERATE, section=r.generation, template=r.prompts.cot_text(), teacher=teacher, data=data)
     return filter_answers(run, r.filters, r.data.source, answers, teacher)
 
 

@@ -1,5 +1,6 @@
-"""Evaluation and the report alone, on an existing run folder: the run's teacher and the latest output of
-each student the recipe names, evaluated and measured back to back, then report.md / report.json.
+"""Evaluation and the report alone, on an existing run folder: the run's teacher and each student as the recipe
+trains it (the output its settings key: a student edited since it was trained is missing, not another model),
+evaluated and measured back to back, then report.md / report.json.
 
     python -m flows.evaluate recipes/demo.yaml [RUN_DIR]
 """
@@ -8,10 +9,19 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, evaluate_and_report, recipe_and_run, run_teacher, starting_points
+from flows.chain import (
+    check_api_keys,
+    evaluate_and_report,
+    found_upstream,
+    recipe_and_run,
+    run_teacher,
+    starting_points,
+    trained_students,
+)
 from flows.cli import run_as_script
 from kdflow.logit_cache import interop
 from kdflow.store import run_folder
+from kdflow.training.student import needs_logit_cache
 from tasks.capture import CAPTURE, JOIN_CACHES
 
 
@@ -23,14 +33,12 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     # The judge's key (and an API teacher's: it answers the test questions), before any model is evaluated.
     check_api_keys(r.generation if r.teacher.api else None, judge=r.evaluation.judge)
     imported = r.logit_cache is not None and r.logit_cache.imported  # then the teacher answered nothing: no curation
-    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
-    curated = None if imported else run_folder.latest(run, "curate")
+    teacher = run_teacher(run, r)
+    # Each output the recipe keys, not the newest of its name: an edited and reverted recipe's models are not its own
+    up = found_upstream(run, r, teacher, curated=not imported, logits=any(needs_logit_cache(s) for s in r.students))
+    data, curated = up.data, up.curated
     starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
-    models = {
-        "teacher": teacher,
-        **starts.floors,
-        **{s.name: run_folder.latest(run, "students", s.name) for s in r.student_runs()},
-    }
+    models = {"teacher": teacher, **starts.floors, **trained_students(run, starts.students, r.prompts.cot_text(), up)}
     # the preflight the distill flow ran on this teacher, listed in the report (several teachers: not told apart here)
     checked = run_folder.outputs(run, "preflight") if not r.teachers else []
     preflight = {"teacher": checked[-1]} if checked else {}

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, recipe_and_run, run_teacher
+from flows.chain import check_api_keys, found, recipe_and_run, run_teacher
 from flows.cli import run_as_script
-from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
+from tasks.data import DATA
 from tasks.generate import generate_answers
 
 
@@ -21,7 +21,7 @@ def generate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> O
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
     check_api_keys(r.generation)  # a missing key fails now, naming it, not as a 401 mid-stage
-    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
+    data, teacher = found(run, DATA, section=r.data), run_teacher(run, r)  # the recipe's data, not the newest
     return generate_answers(run, r.generation, r.prompts.cot_text(), teacher, data)
 
 

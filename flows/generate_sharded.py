@@ -21,16 +21,16 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import check_api_keys, run_teacher
+from flows.chain import check_api_keys, found, run_teacher
 from flows.cli import run_as_script
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.config.recipe import load_recipe
-from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher.answer_shards import adopt_folder
 from kdflow.teacher.generation import api_answers, prompted_rows
 from tasks.api_keys import generation_api_key
+from tasks.data import DATA
 from tasks.generate import GENERATE, generate_answers, shard_folder
 
 
@@ -65,7 +65,7 @@ def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -
         raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
     check_api_keys(r.generation)  # a missing key fails now, naming it, not as a 401 in every shard
     run, cot = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text()
-    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
+    data, teacher = found(run, DATA, section=r.data), run_teacher(run, r)  # the recipe's data, not the newest
     if not GENERATE.output(run, section=r.generation, template=cot, teacher=teacher, data=data).done:
         futures = [answer_shard.submit(run, r.generation, cot, teacher, data, i, shards) for i in range(shards)]
         done = [f.result() for f in futures]

@@ -10,16 +10,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.chain import recipe_and_run, run_teacher, starting_points, train_in_order
+from flows.chain import found_upstream, recipe_and_run, run_teacher, starting_points, train_in_order
 from flows.cli import run_as_script
 from flows.train_teacher import named_teachers
 from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
-from kdflow.store import run_folder
 from kdflow.store.outputs import OutputRef
 from kdflow.teacher.routing import RoutedTeachers
 from kdflow.training.student import (
-    cache_stage,
     needs_curated,
     needs_logit_cache,
     needs_routed_teachers,
@@ -33,11 +31,14 @@ def inputs_from_run(
     """(data, teacher, curated answers, logit cache) from the run folder's finished outputs: the curated answers
     only when a student learns from them (not from an imported cache's own rows), the logit cache (captured or
     imported) only when one trains offline from it."""
-    data, teacher = run_folder.latest(run, "data"), run_teacher(run, r)
-    logits = run_folder.latest(run, cache_stage(r)) if any(needs_logit_cache(s) for s in students) else None
+    teacher = run_teacher(run, r)
+    offline = any(needs_logit_cache(s) for s in students)
+    # Each the output the recipe keys (flows/chain.py found), not the newest of the stage: after an edited filter and
+    # its revert, the newest curation is the edited recipe's.
+    logits = found_upstream(run, r, teacher, curated=False, logits=offline).logits
     answers = any(needs_curated(s) and not trains_on_imported_rows(s, logits) for s in students)
-    curated = run_folder.latest(run, "curate") if answers else None
-    return data, teacher, curated, logits
+    up = found_upstream(run, r, teacher, curated=answers, logits=False)
+    return up.data, teacher, up.curated, logits
 
 
 # No log_prints (see flows/distill.py).

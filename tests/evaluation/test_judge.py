@@ -273,9 +273,13 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     """flows/evaluate.py on a run folder of tiny models: the judge stage runs only with evaluation.judge, and
     report.md / report.json / the table artifact carry its column; without a judge, the report says so."""
     from flows.evaluate import evaluate
+    from kdflow.store import run_folder
     from kdflow.store.model_folders import write_location
     from kdflow.training.tiny_models import llama_model, train_tokenizer
+    from tasks.curate import CURATE
     from tasks.data import make_data
+    from tasks.generate import GENERATE
+    from tasks.students import STUDENTS
 
     recipe = mini(deployment={"latency_tokens": 4, "throughput_batch": 2, "repeats": 1})
     recipe["run"]["root"], recipe["data"]["splits"] = str(tmp_path / "runs"), {"train": 4, "prompts": 4, "test": 6}
@@ -298,10 +302,24 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
             build(tmp)
             finish(tmp, stage_name, key, inputs={}, **manifest)
 
+    # Each output under the key the recipe gives it: the evaluate flow looks them up by key (flows/chain.py found).
     model_stage("teacher", "t", 0)
-    model_stage("students", "b", 1, name="baseline")
-    model_stage("students", "s", 2, name="seq-kd")
-    stage(run_dir, "curate", "c", input_rows=8, kept=8, dropped=0, drop_reasons={})
+    teacher, data, cot = run_folder.latest(run_dir, "teacher"), run_folder.latest(run_dir, "data"), r.prompts.cot_text()
+    answers = stage(run_dir, "generate", GENERATE.key(section=r.generation, template=cot, teacher=teacher, data=data))
+    curated = stage(
+        run_dir,
+        "curate",
+        CURATE.key(section=r.filters, source=r.data.source, answers=answers, teacher=teacher),
+        input_rows=8,
+        kept=8,
+        dropped=0,
+        drop_reasons={},
+    )
+    for seed, s in enumerate(r.students, 1):
+        keyed = dict(
+            section=s, template=cot, teacher=teacher, data=data, curated=curated if s.data.value != "gold" else None
+        )
+        model_stage("students", STUDENTS.key(**keyed), seed, name=s.name)
 
     plain = evaluate(str(tmp_path / "plain.yaml"))
     assert plain["judge"]["status"] == "not run" and "judge_win_rate" not in plain["students"]["seq-kd"]

@@ -22,13 +22,30 @@ ONLINE_STUDENT = """  - name: gkd
 """
 
 
-def finished(run_dir: Path, stage: str) -> None:
-    from kdflow.store.outputs import building, finish
+def finished(run_dir: Path, stage: str, key: str | None = None):
+    """A finished output of ``stage`` under ``key`` (the recipe's, as a stage rerun alone looks it up)."""
+    from kdflow.store.outputs import building, existing_output, finish
 
-    key = f"{stage}-fixture".ljust(64, "0")
+    key = key or f"{stage}-fixture".ljust(64, "0")
     with building(run_dir, stage, key) as tmp:
         (tmp / "x").write_text(stage)
         finish(tmp, stage, key, inputs={})
+    return existing_output(run_dir, stage, key)
+
+
+def finished_upstream(r) -> None:
+    """The data, a teacher, its answers and their curation, each under the key the recipe gives it."""
+    from tasks.curate import CURATE
+    from tasks.data import DATA
+    from tasks.generate import GENERATE
+
+    data = finished(r.run_dir, "data", DATA.key(section=r.data))
+    teacher = finished(r.run_dir, "teacher")
+    cot = r.prompts.cot_text()
+    answers = finished(
+        r.run_dir, "generate", GENERATE.key(section=r.generation, template=cot, teacher=teacher, data=data)
+    )
+    finished(r.run_dir, "curate", CURATE.key(section=r.filters, source=r.data.source, answers=answers, teacher=teacher))
 
 
 def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
@@ -39,8 +56,7 @@ def test_students_alone_need_no_logit_cache_for_online_kd(mini_recipe):
     text = mini_recipe.read_text().replace("\nevaluation:", ONLINE_STUDENT + "\nevaluation:", 1)
     mini_recipe.write_text(text)
     r = load_recipe(mini_recipe)
-    for stage in ("data", "teacher", "curate"):
-        finished(r.run_dir, stage)
+    finished_upstream(r)
     data, teacher, curated, logits = inputs_from_run(r.run_dir, r, r.students)
     assert logits is None and curated is not None and {data.stage, teacher.stage} == {"data", "teacher"}
 
@@ -174,3 +190,37 @@ def test_a_temporary_server_that_never_answers_ends_the_command_with_the_fix(min
     assert f"Set {STARTUP_TIMEOUT_ENV} higher" in done.stderr and "PREFECT_API_URL=" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_stage_rerun_alone_takes_the_recipes_outputs_not_the_newest(mini_recipe):
+    """The eighth audit: `kdflow evaluate` after an edit and its revert reported the edited recipe's students and
+    curation (the newest of each name) as this recipe's. Each is now the output the recipe's settings key; a student
+    made only with other settings is missing, with the reason."""
+    from flows.chain import found_upstream, trained_students
+    from tasks.students import STUDENTS
+
+    r = load_recipe(mini_recipe)
+    finished_upstream(r)
+    edited = r.model_copy(update={"filters": r.filters.model_copy(update={"truncated": False})})
+    finished_upstream(edited)  # the edited recipe's curation, made last
+    teacher, cot = run_folder.latest(r.run_dir, "teacher"), r.prompts.cot_text()
+    up = found_upstream(r.run_dir, r, teacher, curated=True, logits=False)
+    assert up.curated.key == found_upstream(r.run_dir, r, teacher, curated=True, logits=False).curated.key
+    assert up.curated.key != found_upstream(r.run_dir, edited, teacher, curated=True, logits=False).curated.key
+    assert up.curated.key != run_folder.latest(r.run_dir, "curate").key  # the newest is the edited one
+
+    def student_key(s, upstream) -> str:
+        curated = upstream.curated if s.data.value == "teacher" else None
+        return STUDENTS.key(section=s, template=cot, teacher=teacher, data=upstream.data, curated=curated)
+
+    seq_kd = next(s for s in r.students if s.name == "seq-kd")
+    changed = seq_kd.model_copy(update={"training": {**seq_kd.training, "learning_rate": 2.0e-3}})
+    for s in r.students:
+        finished(r.run_dir, "students", student_key(s, up))
+    finished(r.run_dir, "students", student_key(changed, up))  # the edited seq-kd, made last
+    # finish() records no name here; the lookup is by key alone, so the names do not matter to it.
+    trained = trained_students(r.run_dir, r.students, cot, up)
+    assert trained["seq-kd"].key == student_key(seq_kd, up) != student_key(changed, up)
+
+    with pytest.raises(run_folder.MissingStage, match="of other settings: the recipe was edited since"):
+        trained_students(r.run_dir, [changed.model_copy(update={"training": {"max_steps": 3}})], cot, up)
