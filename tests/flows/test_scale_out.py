@@ -88,13 +88,29 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     from kdflow.logit_cache.reader import LogitCache
     from kdflow.store.model_folders import write_location
     from tasks.capture import capture_logits
+    from tasks.curate import CURATE
+    from tasks.data import make_data
+    from tasks.generate import GENERATE
     from tests.logit_cache.test_capture import kept_rows, stage_ref, tiny_teacher
 
     mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 5, shard_rows: 4, value_encoding: fp16}\n")
     r = load_recipe(mini_recipe)
     tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
     teacher = stage_ref(r.run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
-    curated = stage_ref(r.run_dir, "curate", lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"))
+    # The stage flow finds its curated rows under the key the recipe gives them (flows/chain.py found_upstream).
+    data, cot = make_data.fn(r.run_dir, r.data), r.prompts.cot_text()
+    answers = stage_ref(
+        r.run_dir,
+        "generate",
+        lambda d: None,
+        GENERATE.key(section=r.generation, template=cot, teacher=teacher, data=data),
+    )
+    curated = stage_ref(
+        r.run_dir,
+        "curate",
+        lambda d: pd.DataFrame(kept_rows(23)).to_parquet(d / "kept.parquet"),
+        CURATE.key(section=r.filters, source=r.data.source, answers=answers, teacher=teacher),
+    )
 
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
     state = capture_sharded.with_options(task_runner=runner)(str(mini_recipe), None, 2, return_state=True)

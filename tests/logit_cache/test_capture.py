@@ -42,8 +42,8 @@ def tiny_teacher(folder, seed=0, sharpen=1.0):
     return model.eval(), tokenizer
 
 
-def stage_ref(run_dir, stage, files):
-    key = f"{stage}-fixture-key-0000000000"
+def stage_ref(run_dir, stage, files, key: str | None = None):
+    key = key or f"{stage}-fixture-key-0000000000"
     with building(run_dir, stage, key) as tmp:
         files(tmp)
         finish(tmp, stage, key, inputs={})
