@@ -14,10 +14,10 @@ from flows.chain import evaluate_models, upstream
 from flows.cli import run_as_script
 from kdflow.config.recipe import load_recipe
 from kdflow.config.sweep import load_sweep
+from kdflow.evaluation.model_metrics import read_metrics
 from kdflow.reporting import sweep as sw
 from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.training.student import needs_routed_teachers, student_inputs, student_rows
-from tasks.evaluate import evaluation_metrics
 from tasks.students import train_student
 
 SEQ_KD = "seq-kd"
@@ -48,13 +48,13 @@ def kd_sweep(sweep: str = "recipes/sweeps/transfer-size.yaml") -> dict:
     }
     evaluations = evaluate_models(run_dir, r, {"teacher": teacher, **trained}, teacher, data)
 
-    accuracy = {name: evaluation_metrics(ref)["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
+    accuracy = {name: read_metrics(ref.path)["accuracy"] for name, ref in evaluations.items() if name != "teacher"}
     rows = {
         st.data_fraction: len(student_rows(st, cot, data, curated, logits=u.logits))
         for st in students
         if st.seed == s.seeds[0]
     }
-    summary = sw.summarise(accuracy, rows, evaluation_metrics(evaluations["teacher"])["accuracy"])
+    summary = sw.summarise(accuracy, rows, read_metrics(evaluations["teacher"].path)["accuracy"])
     reference = next((m for m, kd in s.methods.items() if kd is None), SEQ_KD)
     out = run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from kdflow.config.recipe import load_recipe
 from kdflow.config.student import StudentInit, StudentSection
 from kdflow.config.study import StudyRecipe, load_study
 from kdflow.evaluation.curves import CURVE_FILE
+from kdflow.evaluation.model_metrics import read_metrics
 from kdflow.reporting import curves as cv
 from kdflow.reporting.quality_metric import source_metric
 from kdflow.store.model_folders import model_location
@@ -28,7 +29,7 @@ from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.training.curves import curve_steps, read_curve
 from kdflow.training.student import needs_routed_teachers, student_inputs
 from tasks.curves import evaluate_curve
-from tasks.evaluate import evaluate_model, evaluation_metrics
+from tasks.evaluate import evaluate_model
 from tasks.students import train_student
 
 
@@ -109,7 +110,7 @@ def learning_curves(study: str = "recipes/sweeps/study-curves.yaml") -> dict:
         evaluated = evaluate_model.with_options(task_run_name="evaluate[teacher]")(
             run_dir, r.evaluation, cot, r.data.source, u.teacher, u.teacher, u.data
         )
-        teacher = evaluation_metrics(evaluated)[metric]
+        teacher = read_metrics(evaluated.path)[metric]
 
     summary = cv.summarise(curves, s.reference, teacher, metric)
     out = run_dir / "studies" / Path(study).stem  # beside the stage folders (curves/ is the curves stage)

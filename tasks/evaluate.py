@@ -108,12 +108,6 @@ def evaluate_model(
     return out.ref()
 
 
-def evaluation_metrics(ref: OutputRef) -> dict:
-    """An evaluation's figures, from its metrics.json: a file the manifest's sha256 covers (an edited file is found
-    and the output rebuilt), not the copy in the manifest itself, which nothing checks."""
-    return json.loads((Path(ref.path) / METRICS).read_text())
-
-
 # The same stage folder as evaluate_model (its predictions serve the judge alike); the API's identity is the model,
 # and it is asked as it was for the students' answers (the generation template, else the CoT one; the system prompt).
 # The served model's card too (tasks/api_keys.served): another model under the same name and URL is evaluated anew.

@@ -20,7 +20,7 @@ from kdflow.curation.pipeline import KEPT
 from kdflow.evaluation.api_model import IMPORTED_ONLY
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
-from kdflow.evaluation.model_metrics import PREDICTIONS
+from kdflow.evaluation.model_metrics import PREDICTIONS, read_metrics
 from kdflow.evaluation.preflight import REPORT_JSON as PREFLIGHT_JSON
 from kdflow.evaluation.traffic import INTENSITY_FORMULA
 from kdflow.logit_cache.format import MANIFEST as CACHE_MANIFEST
@@ -35,7 +35,6 @@ from kdflow.store.outputs import OutputRef, write_atomic
 from kdflow.store.run_folder import read_split
 from kdflow.teacher.routing import TEACHER_COLUMN
 from tasks.artifacts import artifact_key
-from tasks.evaluate import evaluation_metrics
 from tasks.progress import bounded
 
 LOSS_PLOT, TRADEOFF_PLOT = "report-loss.png", "report-tradeoff.png"
@@ -174,7 +173,7 @@ def write_report(
     dep = deployment.manifest()
     # An API teacher has no deployment figures (nothing of it runs here).
     metrics = {
-        name: {**evaluation_metrics(ref), **cost(dep["figures"].get(name), power)} for name, ref in evaluations.items()
+        name: {**read_metrics(ref.path), **cost(dep["figures"].get(name), power)} for name, ref in evaluations.items()
     }
     if "teacher" not in evaluations:  # known only by an imported logit dataset: nothing of it ran here
         metrics["teacher"] = imported_teacher(metrics, logits)

@@ -3,7 +3,9 @@ rationales and agreement with the teacher — what the evaluate stage records.""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from kdflow.config.evaluation import EvaluationSection
 from kdflow.evaluation.quality import accuracy, reference_sequences, same_vocabulary, sampled_pass_at_k, score_reference
@@ -11,6 +13,12 @@ from kdflow.evaluation.quantize import count_params, load  # load: int8 folders 
 
 # The evaluate stage's files, one output per model: every answer with its verdict, and the figures.
 PREDICTIONS, METRICS = "predictions.parquet", "metrics.json"
+
+
+def read_metrics(folder: str | Path) -> dict:
+    """An evaluation output's figures, from its metrics.json: a file the manifest's sha256 covers (an edited file is
+    found and the output rebuilt), not the copy in the manifest itself, which nothing checks."""
+    return json.loads((Path(folder) / METRICS).read_text())
 
 
 def reference_metrics(

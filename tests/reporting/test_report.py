@@ -624,8 +624,8 @@ def test_a_baseline_has_the_students_starting_weights_and_is_preferably_trained_
 def test_the_report_reads_an_evaluations_figures_from_its_checked_file_not_the_manifest(tmp_path):
     # The eighth audit: the report read `metrics` from manifest.json, which no hash covers, so a hand-edited manifest
     # (accuracy 0.2 → 0.97) was reported as measured. metrics.json is covered by the manifest's sha256.
+    from kdflow.evaluation.model_metrics import read_metrics
     from kdflow.store.outputs import MANIFEST, building, existing_output, finish
-    from tasks.evaluate import evaluation_metrics
 
     key = "evaluate".ljust(64, "0")
     with building(tmp_path, "evaluate", key) as tmp:
@@ -635,7 +635,7 @@ def test_the_report_reads_an_evaluations_figures_from_its_checked_file_not_the_m
     manifest = Path(ref.path) / MANIFEST
     manifest.write_text(manifest.read_text().replace('"accuracy": 0.2', '"accuracy": 0.97'))
     assert ref.manifest()["metrics"]["accuracy"] == 0.97  # nothing checks the manifest's copy ...
-    assert evaluation_metrics(existing_output(tmp_path, "evaluate", key))["accuracy"] == 0.2  # ... the report's is this
+    assert read_metrics(existing_output(tmp_path, "evaluate", key).path)["accuracy"] == 0.2  # ... the report's is this
 
     (Path(ref.path) / "metrics.json").write_text(json.dumps({"accuracy": 0.97}))
     assert existing_output(tmp_path, "evaluate", key) is None  # an edited metrics.json: set aside, made again
