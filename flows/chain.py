@@ -219,12 +219,18 @@ def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logi
     return Upstream(data, teacher, answers, kept if curated else None, cache)
 
 
-def trained_students(run: Path, students: list[StudentSection], template: str, up: Upstream) -> dict[str, OutputRef]:
+def trained_students(
+    run: Path, students: list[StudentSection], template: str, up: Upstream, several_teachers: bool = False
+) -> dict[str, OutputRef]:
     """What ``train_in_order`` made of ``students`` (as ``starting_points`` returns them), found in the run folder
     under the keys the recipe gives them: a student whose settings were edited since it was trained is missing, not
-    replaced by the edited one's model."""
+    replaced by the edited one's model. (An on-policy student of several teachers, whose key holds every teacher: the
+    newest of its name.)"""
     trained: dict[str, OutputRef] = {}
     for s in students:
+        if several_teachers and needs_routed_teachers(s):
+            trained[s.name] = run_folder.latest(run, STUDENTS.name, s.name)
+            continue
         if isinstance(s.init, StudentInit):
             s = s.model_copy(update={"model": model_location(trained[s.init.student]), "init": None})
         curated, logits = student_inputs(s, up.curated, up.logits)

@@ -38,7 +38,11 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     up = found_upstream(run, r, teacher, curated=not imported, logits=any(needs_logit_cache(s) for s in r.students))
     data, curated = up.data, up.curated
     starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
-    models = {"teacher": teacher, **starts.floors, **trained_students(run, starts.students, r.prompts.cot_text(), up)}
+    models = {
+        "teacher": teacher,
+        **starts.floors,
+        **trained_students(run, starts.students, r.prompts.cot_text(), up, bool(r.teachers)),
+    }
     # the preflight the distill flow ran on this teacher, listed in the report (several teachers: not told apart here)
     checked = run_folder.outputs(run, "preflight") if not r.teachers else []
     preflight = {"teacher": checked[-1]} if checked else {}
