@@ -32,17 +32,19 @@ from kdflow.training.student import (
     student_inputs,
     trains_on_imported_rows,
 )
-from tasks.capture import CAPTURE, capture_logits, join_logit_caches
+from tasks.capture import CAPTURE, JOIN_CACHES, capture_logits, join_logit_caches
 from tasks.curate import CURATE, filter_answers
 from tasks.data import DATA, make_data
 from tasks.evaluate import evaluate_api_teacher, evaluate_model, judge_students, measure_deployment, run_lm_eval
-from tasks.generate import GENERATE, generate_answers, join_answers
+from tasks.generate import GENERATE, JOIN_ANSWERS, generate_answers, join_answers
+from tasks.import_logits import IMPORT as IMPORT_LOGITS
 from tasks.import_logits import import_logits
 from tasks.models import IMPORT_GGUF, import_gguf_model, prune_teacher
-from tasks.preflight import teacher_preflight
+from tasks.preflight import PREFLIGHT, preflight_args, teacher_preflight
 from tasks.quantize import quantize_students, quantized_name
 from tasks.report import write_report
 from tasks.students import STUDENTS, train_student
+from tasks.teacher import API_TEACHER, EXISTING_TEACHER, IMPORTED_TEACHER, TEACHER
 
 
 def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
@@ -52,17 +54,34 @@ def recipe_and_run(recipe: str, run_dir: str | None) -> tuple[Recipe, Path]:
     return r, Path(run_dir) if run_dir else r.run_dir
 
 
-def run_teacher(run: Path, r: Recipe) -> OutputRef:
-    """A run's finished teacher, for a stage rerun alone: a GGUF teacher's import (the import-gguf stage's output for
-    this file and dtype), else the teacher stage's newest output."""
-    if is_gguf_path(r.teacher.model):
-        if done := IMPORT_GGUF.output(run, gguf=r.teacher.model, dtype=r.teacher.dtype).done:
-            return done
-        raise run_folder.MissingStage(
-            f"no finished import of the teacher {r.teacher.model} in {run}: run `kdflow "
-            "teacher <recipe>` (or the whole flow, kdflow distill <recipe>) first"
-        )
-    return run_folder.latest(run, "teacher")
+def run_teacher(run: Path, r: Recipe, data: OutputRef | None = None) -> OutputRef:
+    """A run's finished teacher, for a stage rerun alone: the output ``teacher_chain`` keys for this recipe (with
+    several teachers, the default one), not the newest teacher in the folder. ``data``: the recipe's data output,
+    found here when not given (a trained or API teacher is keyed by it)."""
+    if r.teachers:
+        return run_teachers(run, r, data)[r.routing.default]
+    return _found_teacher(run, r, data, None)
+
+
+def run_teachers(run: Path, r: Recipe, data: OutputRef | None = None) -> dict[str, OutputRef]:
+    """Each of the recipe's several teachers, by name, as ``named_teachers`` keys it (found, not made)."""
+    return {t.name: _found_teacher(run, as_teacher(r, t), data, t.train_on) for t in r.teachers}
+
+
+def _found_teacher(run: Path, r: Recipe, data: OutputRef | None, train_on) -> OutputRef:
+    """``teacher_chain``'s output for ``r``, looked up: each branch keys its stage as that function's task does."""
+    t, make = r.teacher, "`kdflow teacher <recipe>`"
+    if t.imported:
+        return found(run, IMPORTED_TEACHER, make, section=t)
+    if is_gguf_path(t.model):
+        return found(run, IMPORT_GGUF, make, f"import of the teacher {t.model}", gguf=t.model, dtype=t.dtype)
+    if t.model:
+        return found(run, EXISTING_TEACHER, make, section=t)
+    data = data if data is not None else found(run, DATA, section=r.data)
+    cot = r.prompts.cot_text()
+    if t.api:
+        return found(run, API_TEACHER, make, section=t, api=r.generation.api, data=data, template=cot)
+    return found(run, TEACHER, make, section=t, data=data, template=cot, train_on=train_on)
 
 
 def check_api_keys(generation: GenerationSection | None = None, judge: EvaluationSection.Judge | None = None) -> None:
@@ -148,12 +167,17 @@ def imported_upstream(r: Recipe, data: OutputRef, teacher: OutputRef) -> Upstrea
     return Upstream(data, teacher, answers, curated, logits, preflight={"teacher": checked})
 
 
+def answering_teachers(r: Recipe) -> list:
+    """Of several teachers, those that answer rows: the default and each one a route sends rows to."""
+    return [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
+
+
 def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     """``upstream`` with several teachers: each answers the rows routed to it and captures its logits on the kept ones
     it answered; their answers and caches are joined by row into what the students read, as one teacher's would be."""
     run_dir, cot = r.run_dir, r.prompts.cot_text()
     teachers = named_teachers(r, data)
-    routed = [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
+    routed = answering_teachers(r)
     checked = {  # each teacher that will answer, checked before any is asked (tasks/preflight.py)
         t.name: teacher_preflight(as_teacher(r, t), teachers[t.name], data, t.name) for t in routed
     }
@@ -178,64 +202,111 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     return Upstream(data, default, answers, curated, logits, teachers, checked)
 
 
-def found(run: Path, stage: Stage, **inputs) -> OutputRef:
+def found(run: Path, stage: Stage, make: str | None = None, what: str | None = None, **inputs) -> OutputRef:
     """For a stage rerun alone: the output of ``stage`` that ``inputs`` (the recipe's settings and the upstream outputs
     found before it) key, not merely the newest in the folder: after an edit and its revert the newest is the edited
-    recipe's, which a report would then show as this recipe's."""
+    recipe's, which a report would then show as this recipe's. ``make``: the command that makes it (default: "the stage
+    that makes it"); ``what``: what it is, for the error (default: the stage's output)."""
     if done := stage.output(run, **inputs).done:
         return done
     others = run_folder.outputs(run, stage.name)
     raise run_folder.MissingStage(
-        f"no finished {stage.name!r} output of this recipe's settings in {run}"
+        f"no finished {what or repr(stage.name) + ' output'} of this recipe's settings in {run}"
         + (f" ({len(others)} of other settings: the recipe was edited since they were made)" if others else "")
-        + ": run the stage that makes it, or the whole flow (kdflow distill <recipe>), first"
+        + f": run {make or 'the stage that makes it'}, or the whole flow (kdflow distill <recipe>), first"
     )
 
 
 def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logits: bool) -> Upstream:
     """``upstream`` from the run folder, each output the one the recipe keys (``found``): the data, and where asked
-    the curated answers and the captured logit cache. With several teachers, or an imported cache, whose keys take
-    more than the recipe holds, the newest of each instead."""
+    the curated answers and the logit cache (captured, imported or several teachers' joined). ``teacher``: the
+    recipe's (``run_teacher``); with several teachers each is found by its own key and the result holds them all."""
     data = found(run, DATA, section=r.data)
-    if r.teachers or (r.logit_cache is not None and r.logit_cache.imported):
-        return Upstream(
-            data,
-            teacher,
-            None,
-            run_folder.latest(run, "curate") if curated else None,
-            run_folder.latest(run, cache_stage(r)) if logits else None,
-        )
     cot = r.prompts.cot_text()
+    teachers = run_teachers(run, r, data) if r.teachers else None
     answers = kept = cache = None
-    if curated or logits:
-        answers = found(run, GENERATE, section=r.generation, template=cot, teacher=teacher, data=data)
-        kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
-    if logits:  # (a recipe without a logit_cache section has none of its own: the newest, or MissingStage)
-        cache = (
-            found(run, CAPTURE, section=r.logit_cache, template=cot, teacher=teacher, curated=kept)
-            if r.logit_cache is not None
-            else run_folder.latest(run, cache_stage(r))
-        )
-    return Upstream(data, teacher, answers, kept if curated else None, cache)
+    if r.teachers:
+        if curated or logits:
+            parts = {
+                t.name: found(
+                    run,
+                    GENERATE,
+                    section=t.generation or r.generation,
+                    template=cot,
+                    teacher=teachers[t.name],
+                    data=data,
+                    routing=r.routing,
+                    routed_to=t.name,
+                )
+                for t in answering_teachers(r)
+            }
+            answers = found(run, JOIN_ANSWERS, parts=parts)
+            kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
+        if logits and r.logit_cache is not None:
+            caches = {
+                t.name: found(
+                    run,
+                    CAPTURE,
+                    section=r.logit_cache,
+                    template=cot,
+                    teacher=teachers[t.name],
+                    curated=kept,
+                    routed_to=t.name,
+                )
+                for t in answering_teachers(r)
+            }
+            cache = found(run, JOIN_CACHES, parts=caches)
+    else:
+        imported = r.logit_cache is not None and r.logit_cache.imported
+        if curated or (logits and not imported):
+            answers = found(run, GENERATE, section=r.generation, template=cot, teacher=teacher, data=data)
+            kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
+        if logits and imported:
+            cache = found(run, IMPORT_LOGITS, section=r.logit_cache, tokenizer=_import_tokenizer(run, r, teacher))
+        elif logits and r.logit_cache is not None:
+            cache = found(run, CAPTURE, section=r.logit_cache, template=cot, teacher=teacher, curated=kept)
+    if logits and r.logit_cache is None:  # a recipe without a logit_cache section has none of its own
+        cache = run_folder.latest(run, cache_stage(r))  # the newest, or MissingStage
+    return Upstream(data, teacher, answers, kept if curated else None, cache, teachers)
+
+
+def _import_tokenizer(run: Path, r: Recipe, teacher: OutputRef) -> str:
+    """The tokenizer an imported logit cache was made for, as ``imported_upstream`` names it: the reading student's
+    own model (a GGUF file: its import's folder), else the teacher's."""
+    start = reader_start(r)
+    owner = start.model if start is not None else None
+    if is_gguf_path(owner):
+        owner = model_location(found(run, IMPORT_GGUF, gguf=owner, dtype=start.dtype))
+    return str(owner or model_location(teacher))
+
+
+def run_preflights(run: Path, r: Recipe, up: Upstream) -> dict[str, OutputRef]:
+    """The preflight ``upstream`` ran on each teacher that answers ("teacher" for the only one), by the key it ran
+    under, where the run folder holds it: a run made by stage flows alone, or a recipe whose teacher answers nothing
+    (an imported cache), has none."""
+    if r.teachers:
+        asked = {t.name: (as_teacher(r, t), up.teachers[t.name]) for t in answering_teachers(r)}
+    else:
+        asked = {"teacher": (r, up.teacher)}
+    checked = {name: PREFLIGHT.output(run, **preflight_args(rt, t, up.data)).done for name, (rt, t) in asked.items()}
+    return {name: ref for name, ref in checked.items() if ref is not None}
 
 
 def trained_students(
-    run: Path, students: list[StudentSection], template: str, up: Upstream, several_teachers: bool = False
+    run: Path, students: list[StudentSection], template: str, up: Upstream, routed: RoutedTeachers | None = None
 ) -> dict[str, OutputRef]:
     """What ``train_in_order`` made of ``students`` (as ``starting_points`` returns them), found in the run folder
     under the keys the recipe gives them: a student whose settings were edited since it was trained is missing, not
-    replaced by the edited one's model. (An on-policy student of several teachers, whose key holds every teacher: the
-    newest of its name.)"""
+    replaced by the edited one's model. ``routed``: several teachers (``Upstream.routed``), in the key of the
+    on-policy students they score, as ``train_in_order`` hands them."""
     trained: dict[str, OutputRef] = {}
     for s in students:
-        if several_teachers and needs_routed_teachers(s):
-            trained[s.name] = run_folder.latest(run, STUDENTS.name, s.name)
-            continue
         if isinstance(s.init, StudentInit):
             s = s.model_copy(update={"model": model_location(trained[s.init.student]), "init": None})
         curated, logits = student_inputs(s, up.curated, up.logits)
         inputs = dict(section=s, template=template, teacher=up.teacher, data=up.data, curated=curated, logits=logits)
-        trained[s.name] = found(run, STUDENTS, **inputs)
+        scorers = routed if needs_routed_teachers(s) else None
+        trained[s.name] = found(run, STUDENTS, **inputs, routed=scorers)
     return trained
 
 

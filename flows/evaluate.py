@@ -14,15 +14,14 @@ from flows.chain import (
     evaluate_and_report,
     found_upstream,
     recipe_and_run,
+    run_preflights,
     run_teacher,
     starting_points,
     trained_students,
 )
 from flows.cli import run_as_script
-from kdflow.logit_cache import interop
 from kdflow.store import run_folder
 from kdflow.training.student import needs_logit_cache
-from tasks.capture import CAPTURE, JOIN_CACHES
 
 
 # No log_prints (see flows/distill.py).
@@ -35,22 +34,33 @@ def evaluate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> d
     imported = r.logit_cache is not None and r.logit_cache.imported  # then the teacher answered nothing: no curation
     teacher = run_teacher(run, r)
     # Each output the recipe keys, not the newest of its name: an edited and reverted recipe's models are not its own
-    up = found_upstream(run, r, teacher, curated=not imported, logits=any(needs_logit_cache(s) for s in r.students))
+    needs = any(needs_logit_cache(s) for s in r.students)
+    try:  # the recipe's logit cache, which the report names even where no student reads it
+        up = found_upstream(run, r, teacher, curated=not imported, logits=needs or r.logit_cache is not None)
+    except run_folder.MissingStage:
+        if needs:
+            raise
+        up = found_upstream(run, r, teacher, curated=not imported, logits=False)  # none here: the report names none
     data, curated = up.data, up.curated
     starts = starting_points(run, r, teacher, data)  # the pruned floors (cached: found, not made again)
     models = {
         "teacher": teacher,
         **starts.floors,
-        **trained_students(run, starts.students, r.prompts.cot_text(), up, bool(r.teachers)),
+        **trained_students(run, starts.students, r.prompts.cot_text(), up, up.routed(r)),
     }
-    # the preflight the distill flow ran on this teacher, listed in the report (several teachers: not told apart here)
-    checked = run_folder.outputs(run, "preflight") if not r.teachers else []
-    preflight = {"teacher": checked[-1]} if checked else {}
-    # the logit cache the students read, which the report names (none in the folder: the report says nothing of it)
-    stage = interop.STAGE if imported else JOIN_CACHES.name if r.teachers else CAPTURE.name
-    caches = run_folder.outputs(run, stage) if r.logit_cache is not None else []
-    logits = caches[-1] if caches else None
-    return evaluate_and_report(run, r, models, data, curated, starts.floor_info, preflight=preflight, logits=logits)
+    # the preflight the distill flow ran on each teacher and the logit cache the students read, which the report
+    # lists: this recipe's where the folder has them, else nothing
+    return evaluate_and_report(
+        run,
+        r,
+        models,
+        data,
+        curated,
+        starts.floor_info,
+        routed=up if r.teachers else None,  # several teachers: each evaluated, as the distill flow's report has them
+        preflight=run_preflights(run, r, up),
+        logits=up.logits,
+    )
 
 
 if __name__ == "__main__":

@@ -105,19 +105,23 @@ def run_preflight(
     return out.ref()
 
 
+def preflight_args(r: Recipe, teacher: OutputRef, data: OutputRef) -> dict:
+    """``run_preflight``'s arguments (and so its key) for the parsed recipe ``r``: what a stage rerun alone looks up
+    (flows/chain.py) and ``teacher_preflight`` runs, written once."""
+    return dict(
+        generation=r.generation,
+        logit_cache=r.logit_cache,
+        students=r.students,
+        teacher=teacher,
+        data=data,
+        template=r.generation.template_text or r.prompts.cot_text(),
+        api_teacher=r.teacher.api,
+    )
+
+
 def teacher_preflight(r: Recipe, teacher: OutputRef, data: OutputRef, name: str | None = None) -> OutputRef:
     """The preflight of the parsed recipe ``r`` once its teacher and data exist: what flows/chain.upstream runs before
     the teacher's answers, and ``kdflow preflight`` alone. The template is the one the teacher is asked with; ``name``:
     one of several routed teachers (``r`` as that teacher sees it), which names the task run."""
-    cot = r.prompts.cot_text()
     task = run_preflight.with_options(task_run_name=f"preflight[{name}]") if name else run_preflight
-    return task(
-        r.run_dir,
-        r.generation,
-        r.logit_cache,
-        r.students,
-        teacher,
-        data,
-        r.generation.template_text or cot,
-        r.teacher.api,
-    )
+    return task(r.run_dir, **preflight_args(r, teacher, data))

@@ -4,8 +4,8 @@
     accelerate launch --config_file accelerate/multi_gpu.yaml --num_processes 8 \\
         -m kdflow.training.cli --recipe R --student NAME --run-dir D --out OUT
 
-takes the run's finished inputs from its run folder (the newest output of each stage the student needs, as
-``flows/train_students.py`` does) and trains exactly as the students stage does
+takes the run's finished inputs from its run folder (the output of each stage the student needs that the recipe's
+settings key, as ``flows/train_students.py`` does) and trains exactly as the students stage does
 (``kdflow.training.student.train_here``), writing ``OUT/model`` (a plain causal LM; LoRA merged),
 ``OUT/log_history.json`` and, for LoRA, ``OUT/adapter``. Under ``accelerate launch`` the main process alone writes them.
 ``--student`` is a name from the recipe, or ``<name>@<seed>`` where the recipe sets ``run.seeds``.
@@ -23,13 +23,11 @@ from pathlib import Path
 
 
 def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: str | None):
-    """A ``StudentJob`` for the recipe's student ``student`` on the run folder's newest finished outputs."""
+    """A ``StudentJob`` for the recipe's student ``student`` on the run folder's outputs the recipe keys."""
     from kdflow.config.recipe import load_recipe
     from kdflow.config.student import StudentData
-    from kdflow.store import run_folder
     from kdflow.training.student import (
         StudentJob,
-        cache_stage,
         needs_logit_cache,
         needs_routed_teachers,
         trains_on_imported_rows,
@@ -46,14 +44,20 @@ def job_from_run(recipe: str, student: str, run_dir: str | None, checkpoints: st
             f"`kdflow students {recipe}` (or `kdflow distill`), which hands it each one"
         )
     run = Path(run_dir) if run_dir else r.run_dir
-    logits = run_folder.latest(run, cache_stage(r)) if needs_logit_cache(section) else None
+    # Each input the one the recipe keys, as the stage flows find them, not the newest of its stage: after an edit and
+    # its revert the newest is the edited recipe's. (flows/ is imported here, in a command, not by the library.)
+    from flows.chain import found_upstream, run_teacher
+
+    teacher = run_teacher(run, r)
+    logits = found_upstream(run, r, teacher, curated=False, logits=needs_logit_cache(section)).logits
     answers = section.data is StudentData.teacher and not trains_on_imported_rows(section, logits)
+    up = found_upstream(run, r, teacher, curated=answers, logits=False)
     return StudentJob(
         section=section,
         template=r.prompts.cot_text(),
-        teacher=run_folder.latest(run, "teacher"),
-        data=run_folder.latest(run, "data"),
-        curated=run_folder.latest(run, "curate") if answers else None,
+        teacher=teacher,
+        data=up.data,
+        curated=up.curated,
         logits=logits,
         checkpoints=checkpoints,
     )

@@ -28,7 +28,7 @@ def finished(run_dir: Path, stage: str, key: str | None = None):
 
     key = key or f"{stage}-fixture".ljust(64, "0")
     with building(run_dir, stage, key) as tmp:
-        (tmp / "x").write_text(stage)
+        (tmp / "x").write_text(f"{stage} {key}")  # outputs of other keys differ in content, as real ones would
         finish(tmp, stage, key, inputs={})
     return existing_output(run_dir, stage, key)
 
@@ -38,10 +38,11 @@ def finished_upstream(r) -> None:
     from tasks.curate import CURATE
     from tasks.data import DATA
     from tasks.generate import GENERATE
+    from tasks.teacher import TEACHER
 
-    data = finished(r.run_dir, "data", DATA.key(section=r.data))
-    teacher = finished(r.run_dir, "teacher")
     cot = r.prompts.cot_text()
+    data = finished(r.run_dir, "data", DATA.key(section=r.data))
+    teacher = finished(r.run_dir, "teacher", TEACHER.key(section=r.teacher, data=data, template=cot))
     answers = finished(
         r.run_dir, "generate", GENERATE.key(section=r.generation, template=cot, teacher=teacher, data=data)
     )
@@ -141,7 +142,7 @@ def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
     with pytest.raises(
         run_folder.MissingStage,
         match=r"no finished import of the teacher models/SmolLM2-135M-"
-        r"Instruct.Q4_1.gguf in .*: run `kdflow teacher <recipe>`",
+        r"Instruct.Q4_1.gguf of this recipe's settings in .*: run `kdflow teacher <recipe>`",
     ):
         run_teacher(run, r)
     finished(run, "teacher")  # a teacher stage's output is not this teacher
@@ -153,7 +154,8 @@ def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
         finish(tmp, "import-gguf", key, inputs={})
     assert run_teacher(run, r).key == key
     mini = load_recipe(ROOT / "tests" / "mini.yaml")
-    assert run_teacher(run, mini).stage == "teacher"  # a trained teacher: the teacher stage's newest output
+    with pytest.raises(run_folder.MissingStage, match="no finished 'data' output of this recipe's settings"):
+        run_teacher(run, mini)  # a trained teacher is keyed by the recipe's data, which is not there
 
 
 def test_a_flow_gives_prefects_temporary_server_minutes_to_start_unless_told_otherwise():
@@ -196,14 +198,14 @@ def test_a_stage_rerun_alone_takes_the_recipes_outputs_not_the_newest(mini_recip
     """The eighth audit: `kdflow evaluate` after an edit and its revert reported the edited recipe's students and
     curation (the newest of each name) as this recipe's. Each is now the output the recipe's settings key; a student
     made only with other settings is missing, with the reason."""
-    from flows.chain import found_upstream, trained_students
+    from flows.chain import found_upstream, run_teacher, trained_students
     from tasks.students import STUDENTS
 
     r = load_recipe(mini_recipe)
     finished_upstream(r)
     edited = r.model_copy(update={"filters": r.filters.model_copy(update={"truncated": False})})
     finished_upstream(edited)  # the edited recipe's curation, made last
-    teacher, cot = run_folder.latest(r.run_dir, "teacher"), r.prompts.cot_text()
+    teacher, cot = run_teacher(r.run_dir, r), r.prompts.cot_text()
     up = found_upstream(r.run_dir, r, teacher, curated=True, logits=False)
     assert up.curated.key == found_upstream(r.run_dir, r, teacher, curated=True, logits=False).curated.key
     assert up.curated.key != found_upstream(r.run_dir, edited, teacher, curated=True, logits=False).curated.key
@@ -224,3 +226,127 @@ def test_a_stage_rerun_alone_takes_the_recipes_outputs_not_the_newest(mini_recip
 
     with pytest.raises(run_folder.MissingStage, match="of other settings: the recipe was edited since"):
         trained_students(r.run_dir, [changed.model_copy(update={"training": {"max_steps": 3}})], cot, up)
+
+
+def test_a_stage_rerun_alone_takes_the_recipes_teacher_not_the_newest(mini_recipe):
+    """The eighth audit left the teacher as the newest of its stage: after a teacher edit and its revert, a stage
+    rerun alone read the edited recipe's teacher (and everything keyed by it). It is now the output the recipe's
+    teacher section keys; a folder with only another teacher's says so."""
+    from flows.chain import found_upstream, run_teacher
+
+    r = load_recipe(mini_recipe)
+    finished_upstream(r)
+    edited = r.model_copy(update={"teacher": r.teacher.model_copy(update={"training": {"max_steps": 7}})})
+    finished_upstream(edited)  # the edited teacher, its answers and curation, made last
+    teacher = run_teacher(r.run_dir, r)
+    assert teacher.key != run_folder.latest(r.run_dir, "teacher").key == run_teacher(r.run_dir, edited).key
+    up = found_upstream(r.run_dir, r, teacher, curated=True, logits=False)
+    assert up.curated.key != found_upstream(r.run_dir, edited, run_teacher(r.run_dir, edited), True, False).curated.key
+    assert up.curated.manifest()["inputs"] == {} and up.teacher == teacher  # (the fixture's) under r's own key
+
+    other = r.model_copy(update={"teacher": r.teacher.model_copy(update={"training": {"max_steps": 9}})})
+    with pytest.raises(run_folder.MissingStage, match=r"no finished 'teacher' .*\(2 of other settings: the recipe"):
+        run_teacher(r.run_dir, other)
+
+
+def routed_chain(r, cache: bool = True) -> dict:
+    """Several teachers' outputs, each under the key ``upstream`` gives it: the data, each teacher, each one's answers
+    to its rows, their join and curation, and (``cache``) each one's logit cache and their join."""
+    from flows.chain import answering_teachers
+    from flows.train_teacher import as_teacher
+    from tasks.capture import CAPTURE, JOIN_CACHES
+    from tasks.curate import CURATE
+    from tasks.data import DATA
+    from tasks.generate import GENERATE, JOIN_ANSWERS
+    from tasks.teacher import TEACHER
+
+    run, cot = r.run_dir, r.prompts.cot_text()
+    data = finished(run, "data", DATA.key(section=r.data))
+    teachers = {
+        t.name: finished(
+            run, "teacher", TEACHER.key(section=as_teacher(r, t).teacher, data=data, template=cot, train_on=t.train_on)
+        )
+        for t in r.teachers
+    }
+    answering = answering_teachers(r)
+    parts = {
+        t.name: finished(
+            run,
+            "generate",
+            GENERATE.key(
+                section=t.generation or r.generation,
+                template=cot,
+                teacher=teachers[t.name],
+                data=data,
+                routing=r.routing,
+                routed_to=t.name,
+            ),
+        )
+        for t in answering
+    }
+    answers = finished(run, "generate-routed", JOIN_ANSWERS.key(parts=parts))
+    default = teachers[r.routing.default]
+    kept = finished(
+        run, "curate", CURATE.key(section=r.filters, source=r.data.source, answers=answers, teacher=default)
+    )
+    out = {"teachers": teachers, "curated": kept, "logits": None}
+    if cache:
+        caches = {
+            t.name: finished(
+                run,
+                "logit-cache",
+                CAPTURE.key(
+                    section=r.logit_cache, template=cot, teacher=teachers[t.name], curated=kept, routed_to=t.name
+                ),
+            )
+            for t in answering
+        }
+        out["logits"] = finished(run, "logit-cache-routed", JOIN_CACHES.key(parts=caches))
+    return out
+
+
+def test_a_stage_rerun_alone_takes_several_teachers_outputs_by_their_keys(mini_recipe):
+    """With several teachers, a stage rerun alone took the newest curation and joined logit cache, and an on-policy
+    student of them the newest of its name. Each is now the output ``upstream`` keys: the teachers, their joined
+    answers' curation, their joined cache, and the student, whose key holds every teacher."""
+    from flows.chain import found_upstream, run_teacher, trained_students
+    from tasks.students import STUDENTS
+    from tests.teacher.test_teachers import two_teachers, with_logit_student
+
+    on_policy = (
+        "  - name: op\n    data: teacher\n    kd: {method: on_policy, k: 4, max_new_tokens: 8}\n"
+        "    architecture: {hidden: 32, layers: 1, heads: 1, intermediate: 64}\n    training: {max_steps: 2}\n"
+    )
+    text = with_logit_student(two_teachers(mini_recipe.read_text()))
+    mini_recipe.write_text(text.replace("students:\n", "students:\n" + on_policy, 1))
+    r = load_recipe(mini_recipe)
+    mine = routed_chain(r)
+    edited = r.model_copy(update={"filters": r.filters.model_copy(update={"truncated": False})})
+    theirs = routed_chain(edited)  # the edited recipe's curation and caches, made last
+    assert theirs["curated"].key == run_folder.latest(r.run_dir, "curate").key != mine["curated"].key
+
+    teacher = run_teacher(r.run_dir, r)
+    assert teacher.key == mine["teachers"][r.routing.default].key
+    up = found_upstream(r.run_dir, r, teacher, curated=True, logits=True)
+    assert (up.curated.key, up.logits.key) == (mine["curated"].key, mine["logits"].key)
+    assert {n: t.key for n, t in up.teachers.items()} == {n: t.key for n, t in mine["teachers"].items()}
+
+    # an on-policy student of both teachers: found under its key (which holds every teacher), not the newest
+    on_policy = next(s for s in r.students if s.name == "op")
+    cot, routed = r.prompts.cot_text(), up.routed(r)
+
+    def student_key(s, upstream, scorers) -> str:
+        return STUDENTS.key(
+            section=s,
+            template=cot,
+            teacher=upstream.teacher,
+            data=upstream.data,
+            curated=upstream.curated,
+            routed=scorers,
+        )
+
+    finished(r.run_dir, "students", student_key(on_policy, up, routed))
+    other = found_upstream(r.run_dir, edited, teacher, curated=True, logits=False)
+    finished(r.run_dir, "students", student_key(on_policy, other, other.routed(edited)))  # made last
+    found_ = trained_students(r.run_dir, [on_policy], cot, up, routed)
+    assert found_["op"].key == student_key(on_policy, up, routed) != run_folder.latest(r.run_dir, "students").key

@@ -16,6 +16,7 @@ from kdflow.store.outputs import existing_output
 from kdflow.store.run_folder import read_split
 from kdflow.teacher.generation import ANSWERS
 from kdflow.teacher.routing import TEACHER_COLUMN
+from tests.conftest import assert_rerun_report
 from tests.teacher.test_teachers import two_teachers, with_logit_student
 
 pytestmark = pytest.mark.slow
@@ -76,6 +77,12 @@ def test_two_routed_teachers_distil_one_student(prefect_server, mini_recipe):
     assert "## Teachers" in (run_dir / "report.md").read_text()
     assert json.loads((run_dir / "report.json").read_text())["teachers"] == t
     assert set(report["preflight"]) == {"add", "sub"} and all(p["passed"] for p in report["preflight"].values())
+
+    # `kdflow evaluate` alone finds each teacher's outputs by its key (not the newest of each stage) and writes the
+    # distill flow's report again: the teachers' section, both preflights and the joined cache included.
+    from flows.evaluate import evaluate
+
+    assert_rerun_report(evaluate(str(mini_recipe)), report)
 
 
 def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
@@ -158,3 +165,8 @@ def test_an_on_policy_student_has_each_sample_scored_by_its_rows_teacher(prefect
         for name, n in scored.items()
     )
     assert f"On-policy student seq-kd: its samples scored by {shares}." in md  # each teacher's share of the scoring
+
+    # `kdflow evaluate` alone finds the on-policy student under its key, which holds both teachers
+    from flows.evaluate import evaluate
+
+    assert_rerun_report(evaluate(str(mini_recipe)), report)

@@ -1,6 +1,6 @@
 """Training one student outside Prefect (kdflow/training/cli.py) and through `accelerate launch`.
 
-The CLI on a run folder takes the run's newest finished inputs and trains like the students stage. The stage,
+The CLI on a run folder takes the finished inputs its recipe keys and trains like the students stage. The stage,
 for a student with `launch:`, runs `accelerate launch` with accelerate/cpu_2proc.yaml: two CPU processes in one
 gloo process group (DDP) train a LoRA offline-KD student; both ranks take part (each logs its rank in the group
 of 2, and the epoch count shows the global batch was twice the per-process one), rank 0 alone writes, and the
@@ -13,7 +13,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from kdflow.config.fields import ROOT
 from kdflow.config.student import StudentSection
 from kdflow.training.tiny_models import count_params
 from tests.logit_cache.test_capture import TEMPLATE
@@ -41,24 +40,38 @@ def lora_kd_student(setup, **fields) -> StudentSection:
     )
 
 
-def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(setup, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(prefect_server, mini_recipe, tmp_path):
+    """The run folder made by the flows (data, teacher, answers, curation, top-5 cache); then an edited recipe's top-4
+    cache, made last. The CLI, given the first recipe, trains on that recipe's cache, not the newest."""
     import yaml
 
-    from kdflow.training.cli import main
+    from flows.capture_logits import capture_logits_flow
+    from kdflow.config.recipe import load_recipe
+    from kdflow.store import run_folder
+    from kdflow.training.cli import job_from_run, main
 
-    raw = yaml.safe_load((ROOT / "tests" / "mini.yaml").read_text())
-    raw["run"] = {"name": setup["run_dir"].name, "root": str(setup["run_dir"].parent)}
+    raw = yaml.safe_load(mini_recipe.read_text())
     raw["logit_cache"] = {"k": 5}
-    raw["students"] = [lora_kd_student(setup).model_dump(mode="json", exclude_defaults=True)]
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
-    main(["--recipe", str(recipe), "--student", "lora-kd", "--out", str(tmp_path / "out")])
+    raw["filters"] = {"correctness": False}  # every answer the tiny teacher writes is a row to train on
+    student = {**raw["students"][1], "name": "logit-kd", "kd": {"divergence": "forward_kl"}}
+    raw["students"] = [{**student, "training": {**student["training"], "max_steps": 6, "logging_steps": 2}}]
+    mini_recipe.write_text(yaml.safe_dump(raw))
+    captured = capture_logits_flow(str(mini_recipe))
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump({**raw, "logit_cache": {"k": 4}}))
+    newer = capture_logits_flow(str(edited))  # the same run folder: its cache is the newest
+    run = load_recipe(mini_recipe).run_dir
+    assert run_folder.latest(run, "logit-cache").key == newer.key != captured.key
+
+    job = job_from_run(str(mini_recipe), "logit-kd", None, None)
+    assert job.logits.key == captured.key and job.curated == run_folder.latest(run, "curate")  # (one curation)
+    main(["--recipe", str(mini_recipe), "--student", "logit-kd", "--out", str(tmp_path / "out")])
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")) is LlamaForCausalLM
-    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     history = json.loads((tmp_path / "out" / "log_history.json").read_text())
     assert any("kd_loss" in h for h in history) and history[-1]["step"] == 6
-    with pytest.raises(SystemExit, match="no student 'nobody'.*'lora-kd'"):
-        main(["--recipe", str(recipe), "--student", "nobody", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="no student 'nobody'.*'logit-kd'"):
+        main(["--recipe", str(mini_recipe), "--student", "nobody", "--out", str(tmp_path / "x")])
 
 
 @pytest.mark.slow
