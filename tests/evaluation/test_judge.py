@@ -280,6 +280,7 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
     from tasks.data import make_data
     from tasks.generate import GENERATE
     from tasks.students import STUDENTS
+    from tasks.teacher import TEACHER
 
     recipe = mini(deployment={"latency_tokens": 4, "throughput_batch": 2, "repeats": 1})
     recipe["run"]["root"], recipe["data"]["splits"] = str(tmp_path / "runs"), {"train": 4, "prompts": 4, "test": 6}
@@ -303,8 +304,9 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
             finish(tmp, stage_name, key, inputs={}, **manifest)
 
     # Each output under the key the recipe gives it: the evaluate flow looks them up by key (flows/chain.py found).
-    model_stage("teacher", "t", 0)
-    teacher, data, cot = run_folder.latest(run_dir, "teacher"), run_folder.latest(run_dir, "data"), r.prompts.cot_text()
+    data, cot = run_folder.latest(run_dir, "data"), r.prompts.cot_text()
+    model_stage("teacher", TEACHER.key(section=r.teacher, data=data, template=cot), 0)
+    teacher = run_folder.latest(run_dir, "teacher")
     answers = stage(run_dir, "generate", GENERATE.key(section=r.generation, template=cot, teacher=teacher, data=data))
     curated = stage(
         run_dir,

@@ -91,14 +91,20 @@ def test_logit_capture_sharded_on_two_dask_workers_is_one_cache_with_every_row_o
     from tasks.curate import CURATE
     from tasks.data import make_data
     from tasks.generate import GENERATE
+    from tasks.teacher import TEACHER
     from tests.logit_cache.test_capture import kept_rows, stage_ref, tiny_teacher
 
     mini_recipe.write_text(mini_recipe.read_text() + "\nlogit_cache: {k: 5, shard_rows: 4, value_encoding: fp16}\n")
     r = load_recipe(mini_recipe)
     tiny_teacher(tmp_path / "teacher-model", sharpen=20.0)
-    teacher = stage_ref(r.run_dir, "teacher", lambda d: write_location(d, str(tmp_path / "teacher-model")))
-    # The stage flow finds its curated rows under the key the recipe gives them (flows/chain.py found_upstream).
+    # The stage flow finds the teacher and its curated rows under the keys the recipe gives them (flows/chain.py).
     data, cot = make_data.fn(r.run_dir, r.data), r.prompts.cot_text()
+    teacher = stage_ref(
+        r.run_dir,
+        "teacher",
+        lambda d: write_location(d, str(tmp_path / "teacher-model")),
+        TEACHER.key(section=r.teacher, data=data, template=cot),
+    )
     answers = stage_ref(
         r.run_dir,
         "generate",
