@@ -55,8 +55,12 @@ def baseline_student(
 
 def start_key(m: dict) -> tuple:
     """A student's starting weights as its record says: the pruned or chained ``init``, the pretrained model or the
-    fresh architecture (``start``)."""
-    return m.get("init"), m.get("start")
+    fresh architecture (``start``) — and for a fresh one its seed, which draws those weights
+    (kdflow/training/student.py builds it with the section's seed); a pruned or pretrained start is the same whatever
+    the seed."""
+    start = m.get("start")
+    fresh = isinstance(start, str) and start.startswith("fresh ")
+    return m.get("init"), start, m.get("seed") if fresh else None
 
 
 def start_of(students: dict[str, dict], name: str) -> tuple:

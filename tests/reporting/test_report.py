@@ -609,6 +609,18 @@ def test_a_baseline_has_the_students_starting_weights_and_is_preferably_trained_
     assert s["kd-big"]["gap_baseline"] == "base-big" and s["kd-big"]["gap_closure"] == pytest.approx(0.5)
     assert s["kd-pretrained"]["gap_baseline"] is None and s["kd-pretrained"]["gap_closure"] is None  # none of its start
 
+    # The ninth audit: a fresh student's seed draws its starting weights, so a seed-1 KD student was measured against
+    # the seed-0 gold baseline listed first; it is measured against the seed-1 one, and with none, against nobody.
+    seeded = {
+        "base-0": record(0.50, data="gold", architecture=small),
+        "base-1": record(0.40, data="gold", architecture=small, seed=1),
+        "kd-1": record(0.60, data="teacher", architecture=small, kd=kd, seed=1),
+        "kd-2": record(0.60, data="teacher", architecture=small, kd=kd, seed=2),
+    }
+    s = build_report("demo", model(0.9, 1000), seeded, CURATION, DEPLOYMENT)["students"]
+    assert s["kd-1"]["gap_baseline"] == "base-1" and s["kd-1"]["gap_closure"] == pytest.approx(0.4)
+    assert s["kd-2"]["gap_baseline"] is None and s["kd-2"]["gap_closure"] is None
+
     tuned = {
         "gold-lora": record(0.30, data="gold", model=str(folder), lora={"r": 4}),
         "gold-2-steps": record(0.20, data="gold", model=str(folder), training={"max_steps": 2}),

@@ -1,4 +1,4 @@
-"""Training one student outside Prefect (kdflow/training/cli.py) and through `accelerate launch`.
+"""Training one student outside Prefect (flows/train_one.py, kdflow/training/cli.py) and through `accelerate launch`.
 
 The CLI on a run folder takes the finished inputs its recipe keys and trains like the students stage. The stage,
 for a student with `launch:`, runs `accelerate launch` with accelerate/cpu_2proc.yaml: two CPU processes in one
@@ -47,9 +47,9 @@ def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(prefect_serve
     import yaml
 
     from flows.capture_logits import capture_logits_flow
+    from flows.train_one import main, student_job
     from kdflow.config.recipe import load_recipe
     from kdflow.store import run_folder
-    from kdflow.training.cli import job_from_run, main
 
     raw = yaml.safe_load(mini_recipe.read_text())
     raw["logit_cache"] = {"k": 5}
@@ -64,7 +64,7 @@ def test_the_cli_trains_a_recipe_student_on_the_run_folders_inputs(prefect_serve
     run = load_recipe(mini_recipe).run_dir
     assert run_folder.latest(run, "logit-cache").key == newer.key != captured.key
 
-    job = job_from_run(str(mini_recipe), "logit-kd", None, None)
+    job = student_job(str(mini_recipe), "logit-kd")
     assert job.logits.key == captured.key and job.curated == run_folder.latest(run, "curate")  # (one curation)
     main(["--recipe", str(mini_recipe), "--student", "logit-kd", "--out", str(tmp_path / "out")])
     assert type(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "model")) is LlamaForCausalLM
