@@ -22,7 +22,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import found_upstream, run_teacher
+from flows.chain import found_upstream, one_teacher, run_teacher
 from flows.cli import run_as_script
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import LogitCacheSection
@@ -80,6 +80,7 @@ def join_cache(
 def capture_sharded(recipe: str, run_dir: str | None = None, parts: int = 2) -> OutputRef:
     """Run under a DaskTaskRunner (`kdflow logit-cache-sharded` makes one); ``parts``: one per worker is plenty."""
     r = load_recipe(recipe)
+    one_teacher(r, "logit-cache-sharded")
     if r.logit_cache is None:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
     run, cot, section = Path(run_dir) if run_dir else r.run_dir, r.prompts.cot_text(), r.logit_cache

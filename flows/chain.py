@@ -172,6 +172,19 @@ def answering_teachers(r: Recipe) -> list:
     return [t for t in r.teachers if t.name == r.routing.default or t.name in r.routing.routes.values()]
 
 
+def routed_answers(run_dir: Path, r: Recipe, teachers: dict[str, OutputRef], data: OutputRef) -> OutputRef:
+    """Several teachers' answers: each answers the rows routed to it, the parts joined into one table (what the curate
+    stage reads). ``teachers``: each by name (``named_teachers``, or ``run_teachers`` in a stage rerun alone)."""
+    cot = r.prompts.cot_text()
+    parts = {
+        t.name: generate_answers.with_options(task_run_name=f"generate_answers[{t.name}]")(
+            run_dir, t.generation or r.generation, cot, teachers[t.name], data, r.routing, t.name
+        )
+        for t in answering_teachers(r)
+    }
+    return join_answers(run_dir, parts)
+
+
 def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     """``upstream`` with several teachers: each answers the rows routed to it and captures its logits on the kept ones
     it answered; their answers and caches are joined by row into what the students read, as one teacher's would be."""
@@ -181,13 +194,7 @@ def routed_upstream(r: Recipe, data: OutputRef) -> Upstream:
     checked = {  # each teacher that will answer, checked before any is asked (tasks/preflight.py)
         t.name: teacher_preflight(as_teacher(r, t), teachers[t.name], data, t.name) for t in routed
     }
-    parts = {
-        t.name: generate_answers.with_options(task_run_name=f"generate_answers[{t.name}]")(
-            run_dir, t.generation or r.generation, cot, teachers[t.name], data, r.routing, t.name
-        )
-        for t in routed
-    }
-    answers = join_answers(run_dir, parts)
+    answers = routed_answers(run_dir, r, teachers, data)
     default = teachers[r.routing.default]
     curated = filter_answers(run_dir, r.filters, r.data.source, answers, default)
     logits = None
@@ -227,20 +234,7 @@ def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logi
     answers = kept = cache = None
     if r.teachers:
         if curated or logits:
-            parts = {
-                t.name: found(
-                    run,
-                    GENERATE,
-                    section=t.generation or r.generation,
-                    template=cot,
-                    teacher=teachers[t.name],
-                    data=data,
-                    routing=r.routing,
-                    routed_to=t.name,
-                )
-                for t in answering_teachers(r)
-            }
-            answers = found(run, JOIN_ANSWERS, parts=parts)
+            answers = found_answers(run, r, teacher, data, teachers)
             kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
         if logits and r.logit_cache is not None:
             caches = {
@@ -259,7 +253,7 @@ def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logi
     else:
         imported = r.logit_cache is not None and r.logit_cache.imported
         if curated or (logits and not imported):
-            answers = found(run, GENERATE, section=r.generation, template=cot, teacher=teacher, data=data)
+            answers = found_answers(run, r, teacher, data)
             kept = found(run, CURATE, section=r.filters, source=r.data.source, answers=answers, teacher=teacher)
         if logits and imported:
             cache = found(run, IMPORT_LOGITS, section=r.logit_cache, tokenizer=_import_tokenizer(run, r, teacher))
@@ -268,6 +262,41 @@ def found_upstream(run: Path, r: Recipe, teacher: OutputRef, curated: bool, logi
     if logits and r.logit_cache is None:  # a recipe without a logit_cache section has none of its own
         cache = run_folder.latest(run, cache_stage(r))  # the newest, or MissingStage
     return Upstream(data, teacher, answers, kept if curated else None, cache, teachers)
+
+
+def found_answers(
+    run: Path, r: Recipe, teacher: OutputRef, data: OutputRef, teachers: dict[str, OutputRef] | None = None
+) -> OutputRef:
+    """The teacher's answers the recipe keys; with several teachers, their joined answers (each part by its teacher's
+    key and routing). ``teachers``: several teachers' outputs by name, found here when not given."""
+    cot = r.prompts.cot_text()
+    if not r.teachers:
+        return found(run, GENERATE, section=r.generation, template=cot, teacher=teacher, data=data)
+    teachers = teachers if teachers is not None else run_teachers(run, r, data)
+    parts = {
+        t.name: found(
+            run,
+            GENERATE,
+            section=t.generation or r.generation,
+            template=cot,
+            teacher=teachers[t.name],
+            data=data,
+            routing=r.routing,
+            routed_to=t.name,
+        )
+        for t in answering_teachers(r)
+    }
+    return found(run, JOIN_ANSWERS, parts=parts)
+
+
+def one_teacher(r: Recipe, command: str) -> None:
+    """A stage that runs one teacher (the sharded generation and capture) refuses a recipe of several, before any
+    work: running the default teacher alone would answer or score rows routed to another."""
+    if r.teachers:
+        raise ValueError(
+            f"`kdflow {command}` runs one teacher, and {r.run.name!r} routes rows to {len(r.teachers)} teachers "
+            f"({', '.join(t.name for t in r.teachers)}): run `kdflow distill <recipe>` (or the stage without sharding)"
+        )
 
 
 def _import_tokenizer(run: Path, r: Recipe, teacher: OutputRef) -> str:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import found, recipe_and_run, run_teacher
+from flows.chain import found, found_answers, recipe_and_run, run_teacher
 from flows.cli import run_as_script
 from kdflow.store.outputs import OutputRef
 from tasks.curate import filter_answers
 from tasks.data import DATA
-from tasks.generate import GENERATE
 
 
 # No log_prints (see flows/distill.py).
@@ -23,7 +22,7 @@ def curate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> Out
     r, run = recipe_and_run(recipe, run_dir)
     teacher = run_teacher(run, r)
     data = found(run, DATA, section=r.data)  # the outputs this recipe keys, not the newest (flows/chain.py found)
-    answers = found(run, GENERATE, section=r.generation, template=r.prompts.cot_text(), teacher=teacher, data=data)
+    answers = found_answers(run, r, teacher, data)  # several teachers: their joined answers
     return filter_answers(run, r.filters, r.data.source, answers, teacher)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, found, recipe_and_run, run_teacher
+from flows.chain import check_api_keys, found, recipe_and_run, routed_answers, run_teacher, run_teachers
 from flows.cli import run_as_script
 from kdflow.store.outputs import OutputRef
 from tasks.data import DATA
@@ -21,8 +21,12 @@ def generate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> O
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
     check_api_keys(r.generation)  # a missing key fails now, naming it, not as a 401 mid-stage
-    data, teacher = found(run, DATA, section=r.data), run_teacher(run, r)  # the recipe's data, not the newest
-    return generate_answers(run, r.generation, r.prompts.cot_text(), teacher, data)
+    data = found(run, DATA, section=r.data)  # the recipe's data, not the newest
+    if r.teachers:  # each teacher answers the rows routed to it, joined as the distill flow joins them
+        for own in (t.generation for t in r.teachers if t.generation is not None):
+            check_api_keys(own)  # a teacher with a generation section of its own: its API key too
+        return routed_answers(run, r, run_teachers(run, r, data), data)
+    return generate_answers(run, r.generation, r.prompts.cot_text(), run_teacher(run, r, data), data)
 
 
 if __name__ == "__main__":

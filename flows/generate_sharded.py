@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import check_api_keys, found, run_teacher
+from flows.chain import check_api_keys, found, one_teacher, run_teacher
 from flows.cli import run_as_script
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.config.recipe import load_recipe
@@ -61,6 +61,7 @@ def answer_shard(
 def generate_sharded(recipe: str, run_dir: str | None = None, shards: int = 2) -> OutputRef:
     """Run under a DaskTaskRunner (`kdflow generate-sharded` makes one); ``shards``: one per worker is plenty."""
     r = load_recipe(recipe)
+    one_teacher(r, "generate-sharded")
     if r.generation.backend is Backend.hf:
         raise ValueError("generation.backend hf runs in one process; shard the openai or vllm backend")
     check_api_keys(r.generation)  # a missing key fails now, naming it, not as a 401 in every shard

@@ -350,3 +350,17 @@ def test_a_stage_rerun_alone_takes_several_teachers_outputs_by_their_keys(mini_r
     finished(r.run_dir, "students", student_key(on_policy, other, other.routed(edited)))  # made last
     found_ = trained_students(r.run_dir, [on_policy], cot, up, routed)
     assert found_["op"].key == student_key(on_policy, up, routed) != run_folder.latest(r.run_dir, "students").key
+
+
+def test_the_sharded_stages_refuse_several_teachers_before_any_work(mini_recipe):
+    """The ninth audit: `kdflow logit-cache-sharded` (and generate-sharded) on a recipe of two routed teachers ran
+    the default teacher on every row, exit 0. They run one teacher, so they refuse, naming the teachers and the fix."""
+    from flows.capture_sharded import capture_sharded
+    from flows.generate_sharded import generate_sharded
+    from tests.teacher.test_teachers import two_teachers, with_logit_student
+
+    mini_recipe.write_text(with_logit_student(two_teachers(mini_recipe.read_text())))
+    for flow, command in ((capture_sharded, "logit-cache-sharded"), (generate_sharded, "generate-sharded")):
+        with pytest.raises(ValueError, match=rf"`kdflow {command}` runs one teacher, .* 2 teachers \(add, sub\)"):
+            flow.fn(str(mini_recipe))
+    assert not load_recipe(mini_recipe).run_dir.exists()  # nothing was made

@@ -80,9 +80,15 @@ def test_two_routed_teachers_distil_one_student(prefect_server, mini_recipe):
 
     # `kdflow evaluate` alone finds each teacher's outputs by its key (not the newest of each stage) and writes the
     # distill flow's report again: the teachers' section, both preflights and the joined cache included.
+    from flows.curate import curate
     from flows.evaluate import evaluate
+    from flows.generate import generate
 
     assert_rerun_report(evaluate(str(mini_recipe)), report)
+    # `kdflow generate` and `kdflow curate` alone: each teacher answers its own rows, joined, as in the distill flow
+    # (the ninth audit: the default teacher alone answered every row); here the distill flow's outputs, reused
+    assert generate(str(mini_recipe)).key == joined.key
+    assert curate(str(mini_recipe)).key == outputs(run_dir, "curate")[0].key
 
 
 def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
