@@ -17,10 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.chain import found_upstream, run_teacher
+from flows.chain import found, found_upstream, run_teacher
 from kdflow.config.recipe import load_recipe
-from kdflow.config.student import StudentData
+from kdflow.config.student import PrunedInit, StudentData, StudentInit
+from kdflow.store.model_folders import model_location
 from kdflow.training.student import StudentJob, needs_logit_cache, needs_routed_teachers, trains_on_imported_rows
+from tasks.data import DATA
+from tasks.models import PRUNE
 
 
 def student_job(recipe: str, student: str, run_dir: str | None = None, checkpoints: str | None = None) -> StudentJob:
@@ -37,6 +40,15 @@ def student_job(recipe: str, student: str, run_dir: str | None = None, checkpoin
         )
     run = Path(run_dir) if run_dir else r.run_dir
     teacher = run_teacher(run, r)
+    if isinstance(section.init, StudentInit):  # its start is another student's trained model, found by that one's key
+        raise SystemExit(
+            f"student {student!r} starts from the trained student {section.init.student!r}: train both with "
+            f"`kdflow students {recipe}` (or `kdflow distill`), which hands it that model"
+        )
+    if isinstance(section.init, PrunedInit):  # the teacher pruned once by the prune stage: its model folder
+        data = found(run, DATA, section=r.data)
+        pruned = found(run, PRUNE, init=section.init, teacher=teacher, data=data, template=r.prompts.cot_text())
+        section = section.model_copy(update={"model": model_location(pruned), "init": None})
     logits = found_upstream(run, r, teacher, curated=False, logits=needs_logit_cache(section)).logits
     answers = section.data is StudentData.teacher and not trains_on_imported_rows(section, logits)
     up = found_upstream(run, r, teacher, curated=answers, logits=False)

@@ -364,3 +364,41 @@ def test_the_sharded_stages_refuse_several_teachers_before_any_work(mini_recipe)
         with pytest.raises(ValueError, match=rf"`kdflow {command}` runs one teacher, .* 2 teachers \(add, sub\)"):
             flow.fn(str(mini_recipe))
     assert not load_recipe(mini_recipe).run_dir.exists()  # nothing was made
+
+
+def test_the_one_student_command_starts_a_pruned_student_from_the_prune_stage_and_refuses_a_chained_one(mini_recipe):
+    """The ninth audit: `python -m kdflow.training.cli --student more` (a student started from another student) ended
+    in an AttributeError, its start unresolved. A pruned start is the prune stage's model folder, found by its key;
+    a student started from another one is refused with the command that trains both."""
+    from flows.chain import run_teacher
+    from flows.train_one import student_job
+    from kdflow.store.model_folders import write_location
+    from kdflow.store.outputs import building, finish
+    from tasks.data import DATA
+    from tasks.models import PRUNE
+    from tests.conftest import fake_weights
+
+    students = (
+        "  - name: pruned\n    data: teacher\n    init: {from: teacher, layers: 1}\n    training: {max_steps: 2}\n"
+        "  - name: more\n    data: teacher\n    init: {from: student, student: pruned}\n    training: {max_steps: 2}\n"
+    )
+    text = mini_recipe.read_text()
+    mini_recipe.write_text(text.replace("students:\n", "students:\n" + students, 1))
+    r = load_recipe(mini_recipe)
+    finished_upstream(r)
+    with pytest.raises(SystemExit, match=r"student 'more' starts from the trained student 'pruned': train both with"):
+        student_job(str(mini_recipe), "more")
+    with pytest.raises(run_folder.MissingStage, match="no finished 'prune' output of this recipe's settings"):
+        student_job(str(mini_recipe), "pruned")
+    init, data = next(s for s in r.students if s.name == "pruned").init, run_folder.latest(r.run_dir, "data")
+    key = PRUNE.key(init=init, teacher=run_teacher(r.run_dir, r), data=data, template=r.prompts.cot_text())
+    assert data.key == DATA.key(section=r.data)
+    with building(r.run_dir, "prune", key) as tmp:
+        write_location(tmp, "model")
+        (tmp / "model").mkdir()
+        (tmp / "model" / "config.json").write_text('{"model_type": "llama"}')
+        (tmp / "model" / "model.safetensors").write_bytes(fake_weights())
+        (tmp / "model" / "tokenizer.json").write_text("{}")  # the checks read names and headers, not the tokenizer
+        finish(tmp, "prune", key, inputs={})
+    job = student_job(str(mini_recipe), "pruned")
+    assert job.section.init is None and job.section.model.endswith(f"prune/{key[:16]}/model")
