@@ -87,8 +87,8 @@ def test_two_routed_teachers_distil_one_student(prefect_server, mini_recipe):
     assert_rerun_report(evaluate(str(mini_recipe)), report)
     # `kdflow generate` and `kdflow curate` alone: each teacher answers its own rows, joined, as in the distill flow
     # (the ninth audit: the default teacher alone answered every row); here the distill flow's outputs, reused
-    assert generate(str(mini_recipe)).key == joined.key
-    assert curate(str(mini_recipe)).key == outputs(run_dir, "curate")[0].key
+    assert Path(generate(str(mini_recipe)).path) == Path(joined.path)
+    assert Path(curate(str(mini_recipe)).path) == Path(outputs(run_dir, "curate")[0].path)
 
 
 def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
