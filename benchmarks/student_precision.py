@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import save  # noqa: E402
+from benchmarks.width_pruning import teacher_folder  # noqa: E402  (the GGUF imported once, or the folder given)
 
 LAYERS, WARMUP = 15, 2
 TRAINING = {"per_device_train_batch_size": 8, "learning_rate": 1.0e-4, "max_length": 384, "logging_steps": 1}
@@ -72,16 +73,6 @@ def child(teacher: Path, config: str, n_rows: int, steps: int, threads: int, out
         "weights": str(next(student.parameters()).dtype),
         "threads": torch.get_num_threads(),
     }
-
-
-def teacher_folder(given: str, scratch: Path) -> Path:
-    if given:
-        return Path(given)
-    from kdflow.models.gguf import import_gguf
-    from kdflow.models.smollm2 import gguf_path
-
-    import_gguf(gguf_path(), scratch / "teacher", "float32")
-    return scratch / "teacher"
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import found_upstream, one_teacher, run_teacher
 from flows.cli import run_as_script
+from flows.lookups import found_upstream, one_teacher, run_teacher
 from kdflow.config.loading import RecipeError
 from kdflow.config.logit_cache import LogitCacheSection
 from kdflow.config.recipe import load_recipe

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import found, found_answers, recipe_and_run, run_teacher
 from flows.cli import run_as_script
+from flows.lookups import found, found_answers, recipe_and_run, run_teacher
 from kdflow.store.outputs import OutputRef
 from tasks.curate import filter_answers
 from tasks.data import DATA
@@ -21,7 +21,7 @@ def curate(recipe: str = "recipes/demo.yaml", run_dir: str | None = None) -> Out
     """``run_dir``: the run folder to take inputs from and write to (default: the recipe's)."""
     r, run = recipe_and_run(recipe, run_dir)
     teacher = run_teacher(run, r)
-    data = found(run, DATA, section=r.data)  # the outputs this recipe keys, not the newest (flows/chain.py found)
+    data = found(run, DATA, section=r.data)  # the outputs this recipe keys, not the newest (flows/lookups.py found)
     answers = found_answers(run, r, teacher, data)  # several teachers: their joined answers
     return filter_answers(run, r.filters, r.data.source, answers, teacher)
 

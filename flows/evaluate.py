@@ -9,17 +9,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import (
-    check_api_keys,
-    evaluate_and_report,
-    found_upstream,
-    recipe_and_run,
-    run_preflights,
-    run_teacher,
-    starting_points,
-    trained_students,
-)
+from flows.chain import check_api_keys, evaluate_and_report, starting_points
 from flows.cli import run_as_script
+from flows.lookups import found_upstream, recipe_and_run, run_preflights, run_teacher, trained_students
 from kdflow.store import run_folder
 from kdflow.training.student import needs_logit_cache
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.chain import check_api_keys, found, recipe_and_run, routed_answers, run_teacher, run_teachers
+from flows.chain import check_api_keys, routed_answers
 from flows.cli import run_as_script
+from flows.lookups import found, recipe_and_run, run_teacher, run_teachers
 from kdflow.store.outputs import OutputRef
 from tasks.data import DATA
 from tasks.generate import generate_answers

@@ -21,8 +21,9 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.chain import check_api_keys, found, one_teacher, run_teacher
+from flows.chain import check_api_keys
 from flows.cli import run_as_script
+from flows.lookups import found, one_teacher, run_teacher
 from kdflow.config.generation import Backend, GenerationSection
 from kdflow.config.recipe import load_recipe
 from kdflow.store.model_folders import model_location

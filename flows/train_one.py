@@ -6,7 +6,7 @@
         -m flows.train_one --recipe R --student NAME --out OUT
 
 The inputs are the run folder's outputs that the recipe's settings key, as the students stage's rerun alone finds
-them (flows/chain.py), not the newest of each stage: after an edit and its revert, the newest is the edited recipe's.
+them (flows/lookups.py), not the newest of each stage: after an edit and its revert, the newest is the edited recipe's.
 Then it trains exactly as the students stage does (``kdflow.training.cli.train_job``), writing ``OUT/model``,
 ``OUT/log_history.json`` and, for LoRA, ``OUT/adapter``; the main process alone writes them. ``--student`` is a name
 from the recipe, or ``<name>@<seed>`` where the recipe sets ``run.seeds``.
@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.chain import found, found_upstream, run_teacher
+from flows.lookups import found, found_upstream, run_teacher
 from kdflow.config.recipe import load_recipe
 from kdflow.config.student import PrunedInit, StudentData, StudentInit
 from kdflow.store.model_folders import model_location
+from kdflow.training.cli import launched
 from kdflow.training.student import StudentJob, needs_logit_cache, needs_routed_teachers, trains_on_imported_rows
 from tasks.data import DATA
 from tasks.models import PRUNE
@@ -64,11 +65,7 @@ def student_job(recipe: str, student: str, run_dir: str | None = None, checkpoin
 
 
 def main(argv: list[str] | None = None) -> None:
-    # torchrun (accelerate's multi-process launcher) ends its output with a summary of failed ranks; under
-    # @record that summary carries each rank's exception, so the last lines of a failed launch name the cause.
-    from torch.distributed.elastic.multiprocessing.errors import record
-
-    record(run)(argv)
+    launched(run, argv)  # each rank's exception in the launcher's summary
 
 
 def run(argv: list[str] | None) -> None:

@@ -10,8 +10,9 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.chain import found_upstream, recipe_and_run, run_teacher, starting_points, train_in_order
+from flows.chain import starting_points, train_in_order
 from flows.cli import run_as_script
+from flows.lookups import found_upstream, recipe_and_run, run_teacher
 from flows.train_teacher import named_teachers
 from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
@@ -33,7 +34,7 @@ def inputs_from_run(
     imported) only when one trains offline from it."""
     teacher = run_teacher(run, r)
     offline = any(needs_logit_cache(s) for s in students)
-    # Each the output the recipe keys (flows/chain.py found), not the newest of the stage: after an edited filter and
+    # Each the output the recipe keys (flows/lookups.py found), not the newest of the stage: after an edited filter and
     # its revert, the newest curation is the edited recipe's.
     logits = found_upstream(run, r, teacher, curated=False, logits=offline).logits
     answers = any(needs_curated(s) and not trains_on_imported_rows(s, logits) for s in students)

@@ -34,11 +34,16 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # torchrun (accelerate's multi-process launcher) ends its output with a summary of failed ranks; under
-    # @record that summary carries each rank's exception, so the last lines of a failed launch name the cause.
+    launched(run, argv)
+
+
+def launched(entry, argv: list[str] | None) -> None:
+    """``entry(argv)`` as a command ``accelerate launch`` may start. torchrun (its multi-process launcher) ends its
+    output with a summary of failed ranks; under @record that summary carries each rank's exception, so the last
+    lines of a failed launch name the cause."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    record(run)(argv)
+    record(entry)(argv)
 
 
 def run(argv: list[str] | None) -> None:

@@ -303,7 +303,7 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
             build(tmp)
             finish(tmp, stage_name, key, inputs={}, **manifest)
 
-    # Each output under the key the recipe gives it: the evaluate flow looks them up by key (flows/chain.py found).
+    # Each output under the key the recipe gives it: the evaluate flow looks them up by key (flows/lookups.py found).
     data, cot = run_folder.latest(run_dir, "data"), r.prompts.cot_text()
     model_stage("teacher", TEACHER.key(section=r.teacher, data=data, template=cot), 0)
     teacher = run_folder.latest(run_dir, "teacher")

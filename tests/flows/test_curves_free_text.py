@@ -64,8 +64,8 @@ def test_an_arm_started_from_another_student_needs_that_student_before_it(tmp_pa
 
 @pytest.mark.slow
 def test_learning_curves_on_instruction_data_are_rouge_l(prefect_server, tmp_path, recipe):
-    from flows.chain import run_teacher
     from flows.learning_curves import learning_curves
+    from flows.lookups import run_teacher
     from kdflow.evaluation.curves import CURVE_FILE
     from kdflow.store import run_folder
     from tasks.evaluate import evaluate_model

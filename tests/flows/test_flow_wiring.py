@@ -131,7 +131,7 @@ def test_kdflow_compare_compares_reports(tmp_path):
 def test_a_stage_rerun_alone_finds_a_gguf_teachers_import(tmp_path):
     """A GGUF teacher is the import-gguf stage's output, not a teacher stage's: `kdflow generate|curate|students|
     evaluate` on such a run found no teacher (they looked for the teacher stage only)."""
-    from flows.chain import run_teacher
+    from flows.lookups import run_teacher
     from kdflow.models.smollm2 import link
     from kdflow.store.outputs import building, finish
     from tasks.models import IMPORT_GGUF
@@ -198,7 +198,7 @@ def test_a_stage_rerun_alone_takes_the_recipes_outputs_not_the_newest(mini_recip
     """The eighth audit: `kdflow evaluate` after an edit and its revert reported the edited recipe's students and
     curation (the newest of each name) as this recipe's. Each is now the output the recipe's settings key; a student
     made only with other settings is missing, with the reason."""
-    from flows.chain import found_upstream, run_teacher, trained_students
+    from flows.lookups import found_upstream, run_teacher, trained_students
     from tasks.students import STUDENTS
 
     r = load_recipe(mini_recipe)
@@ -232,7 +232,7 @@ def test_a_stage_rerun_alone_takes_the_recipes_teacher_not_the_newest(mini_recip
     """The eighth audit left the teacher as the newest of its stage: after a teacher edit and its revert, a stage
     rerun alone read the edited recipe's teacher (and everything keyed by it). It is now the output the recipe's
     teacher section keys; a folder with only another teacher's says so."""
-    from flows.chain import found_upstream, run_teacher
+    from flows.lookups import found_upstream, run_teacher
 
     r = load_recipe(mini_recipe)
     finished_upstream(r)
@@ -309,7 +309,7 @@ def test_a_stage_rerun_alone_takes_several_teachers_outputs_by_their_keys(mini_r
     """With several teachers, a stage rerun alone took the newest curation and joined logit cache, and an on-policy
     student of them the newest of its name. Each is now the output ``upstream`` keys: the teachers, their joined
     answers' curation, their joined cache, and the student, whose key holds every teacher."""
-    from flows.chain import found_upstream, run_teacher, trained_students
+    from flows.lookups import found_upstream, run_teacher, trained_students
     from tasks.students import STUDENTS
     from tests.teacher.test_teachers import two_teachers, with_logit_student
 
@@ -370,7 +370,7 @@ def test_the_one_student_command_starts_a_pruned_student_from_the_prune_stage_an
     """The ninth audit: `python -m kdflow.training.cli --student more` (a student started from another student) ended
     in an AttributeError, its start unresolved. A pruned start is the prune stage's model folder, found by its key;
     a student started from another one is refused with the command that trains both."""
-    from flows.chain import run_teacher
+    from flows.lookups import run_teacher
     from flows.train_one import student_job
     from kdflow.store.model_folders import write_location
     from kdflow.store.outputs import building, finish
