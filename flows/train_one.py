@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.lookups import found, found_upstream, run_teacher
+from flows.lookups import found
+from flows.train_students import inputs_from_run
 from kdflow.config.recipe import load_recipe
-from kdflow.config.student import PrunedInit, StudentData, StudentInit
+from kdflow.config.student import PrunedInit, StudentInit
 from kdflow.store.model_folders import model_location
 from kdflow.training.cli import launched
-from kdflow.training.student import StudentJob, needs_logit_cache, needs_routed_teachers, trains_on_imported_rows
-from tasks.data import DATA
+from kdflow.training.student import StudentJob, needs_routed_teachers
 from tasks.models import PRUNE
 
 
@@ -40,25 +40,21 @@ def student_job(recipe: str, student: str, run_dir: str | None = None, checkpoin
             f"`kdflow students {recipe}` (or `kdflow distill`), which hands it each one"
         )
     run = Path(run_dir) if run_dir else r.run_dir
-    teacher = run_teacher(run, r)
     if isinstance(section.init, StudentInit):  # its start is another student's trained model, found by that one's key
         raise SystemExit(
             f"student {student!r} starts from the trained student {section.init.student!r}: train both with "
             f"`kdflow students {recipe}` (or `kdflow distill`), which hands it that model"
         )
+    data, teacher, curated, logits = inputs_from_run(run, r, [section])  # the students stage's own lookup
     if isinstance(section.init, PrunedInit):  # the teacher pruned once by the prune stage: its model folder
-        data = found(run, DATA, section=r.data)
         pruned = found(run, PRUNE, init=section.init, teacher=teacher, data=data, template=r.prompts.cot_text())
         section = section.model_copy(update={"model": model_location(pruned), "init": None})
-    logits = found_upstream(run, r, teacher, curated=False, logits=needs_logit_cache(section)).logits
-    answers = section.data is StudentData.teacher and not trains_on_imported_rows(section, logits)
-    up = found_upstream(run, r, teacher, curated=answers, logits=False)
     return StudentJob(
         section=section,
         template=r.prompts.cot_text(),
         teacher=teacher,
-        data=up.data,
-        curated=up.curated,
+        data=data,
+        curated=curated,
         logits=logits,
         checkpoints=checkpoints,
     )
