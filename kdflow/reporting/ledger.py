@@ -132,9 +132,10 @@ def index(run_dir: Path) -> dict[tuple[str, str], dict]:
     return found
 
 
-# A model folder inside a stage output, named by its path in a section (a student started from the pruned teacher or
-# from another student: ``.../students/<key>/model``): that output is an input too.
-OUTPUT_PATH = re.compile(r"(?:^|/)([A-Za-z0-9._-]+)/([0-9a-f]{16})(?:/|$)")
+# A model folder inside a stage output, named in a section by its path (``.../students/<key>/model``, as manifests
+# written before 2026-12-07 hold it) or as its key sees it (``output:students/<key>/model``, model_folders.
+# keyed_by_content): a student started from the pruned teacher or from another student. That output is an input too.
+OUTPUT_PATH = re.compile(r"(?:^|[/:])([A-Za-z0-9._-]+)/([0-9a-f]{16})(?:/|$)")
 
 
 def upstream_refs(inputs, folders: dict[tuple[str, str], tuple[str, str]]) -> list[tuple[str, str]]:

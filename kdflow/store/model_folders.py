@@ -44,21 +44,23 @@ def state_dir() -> Path:
     return Path(os.environ.get(STATE_ENV) or Path.home() / ".cache" / "kdflow")
 
 
-def in_stage_output(path: str | Path) -> bool:
-    """Whether ``path`` lies inside a finished stage output (``<run>/<stage>/<key>/...``: a folder whose manifest
-    names the key its folder is called by), hence is content-addressed by that key."""
+def stage_output_root(path: str | Path) -> Path | None:
+    """The finished stage output ``path`` lies in (``<run>/<stage>/<key>/...``: a folder whose manifest names the key
+    its folder is called by), hence is content-addressed by that key; None where it lies in none."""
     path = Path(os.path.abspath(path))
     for folder in (path, *path.parents):
         if (folder / MANIFEST).is_file():
             manifest = read_manifest(folder)
-            return bool(manifest) and str(manifest.get("key", "")).startswith(folder.name) and len(folder.name) == 16
-    return False
+            if bool(manifest) and str(manifest.get("key", "")).startswith(folder.name) and len(folder.name) == 16:
+                return folder
+            return None
+    return None
 
 
 def local_model_sha256(name: str | None) -> str | None:
     """The content hash a model a recipe names is keyed by: a local folder's files, or None where the name says
     what it holds (a hub id, a GGUF file keyed by its import stage, a folder inside a finished stage output)."""
-    if not name or not Path(name).is_dir() or in_stage_output(name):
+    if not name or not Path(name).is_dir() or stage_output_root(name) is not None:
         return None
     return folder_sha256(Path(name))
 
@@ -66,8 +68,14 @@ def local_model_sha256(name: str | None) -> str | None:
 def keyed_by_content(section):
     """``section`` as its stage key sees it: a local model folder in ``section.model`` replaced by
     ``sha256:<its files>``, so that new weights at the same path make a new key and the same weights moved to
-    another path do not; the section as it is otherwise (its key exactly as before)."""
-    digest = local_model_sha256(section.model)
+    another path do not; a folder inside a finished stage output (a pruned start, another student) by
+    ``output:<stage>/<key>/<path inside it>``, which that key content-addresses, so that a run folder copied or
+    moved elsewhere keeps its keys; the section as it is otherwise (a hub id: its key exactly as before)."""
+    name = section.model
+    if name and Path(name).is_dir() and (root := stage_output_root(name)) is not None:
+        inside = Path(os.path.abspath(name)).relative_to(root).as_posix()
+        return section.model_copy(update={"model": f"output:{root.parent.name}/{root.name}/{inside}"})
+    digest = local_model_sha256(name)
     return section if digest is None else section.model_copy(update={"model": f"sha256:{digest}"})
 
 

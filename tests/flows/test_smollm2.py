@@ -63,9 +63,27 @@ def test_a_pruned_student_distilled_from_the_real_model_by_every_method(prefect_
 
     folders = {json.loads(p.read_text()).get("name"): p.parent for p in (run / "students").glob("*/manifest.json")}
     manifests = {name: json.loads((folder / "manifest.json").read_text()) for name, folder in folders.items()}
-    # the warm student starts from the offline-KD student's trained folder, the GGUF student from the teacher's import
-    assert manifests["on-policy-warm"]["inputs"]["section"]["model"] == str(folders["offline-kd"] / "model")
+    # the warm student starts from the offline-KD student's trained folder, the GGUF student from the teacher's import,
+    # each keyed by that output's key, not by where the run folder lies
+    warm_start = f"output:students/{folders['offline-kd'].name}/model"
+    assert manifests["on-policy-warm"]["inputs"]["section"]["model"] == warm_start
     assert manifests["on-policy-warm"]["on_policy"]["student_tokens_sampled"] > 0
     [imported] = [p.parent for p in (run / "import-gguf").glob("*/manifest.json")]  # one, for teacher and student
-    assert manifests["gguf-sft"]["inputs"]["section"]["model"] == str(imported / "model")
+    assert manifests["gguf-sft"]["inputs"]["section"]["model"] == f"output:import-gguf/{imported.name}/model"
     assert students["gguf-sft"]["params"] == report["teacher"]["params"] == 134_515_008
+
+    # The run folder copied elsewhere (hard links: no bytes copied): `kdflow evaluate --run-dir <copy>` finds every
+    # student by its key, the one started from another student too, and reports the same figures (the ninth audit's
+    # #28: that student's key held its parent's absolute path, and the copy was refused as an edited recipe).
+    import os
+    import shutil
+
+    from flows.evaluate import evaluate
+
+    copy = smollm2_recipe.parent / "elsewhere" / "smollm2-mini"
+    shutil.copytree(run, copy, copy_function=os.link)
+    again = evaluate(str(smollm2_recipe), run_dir=str(copy))
+    assert {n: (m["rouge_l"], m["kl"]) for n, m in again["students"].items()} == {
+        n: (m["rouge_l"], m["kl"]) for n, m in students.items()
+    }
+    assert not {p.parent.name for p in (copy / "students").glob("*/manifest.json")} - {p.name for p in folders.values()}

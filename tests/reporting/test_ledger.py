@@ -219,15 +219,18 @@ def test_an_input_missing_from_the_run_folder_is_named_not_counted(tmp_path):
     assert ledger["total"]["device_hours"] == pytest.approx(2.4 - 0.5)
 
 
-def test_a_student_started_from_another_shares_its_training(tmp_path):
-    """A start named by its folder's path (``init: {from: student}``, a pruned teacher) is an input like a ref."""
+@pytest.mark.parametrize("named", ["path", "key"])
+def test_a_student_started_from_another_shares_its_training(tmp_path, named):
+    """A start inside a stage output (``init: {from: student}``, a pruned teacher) is an input like a ref, named by
+    its folder's path (older manifests) or as its key sees it (``output:<stage>/<key>/model``)."""
     students, overhead = small_run(tmp_path)
     kd = students["kd"][0]
+    start = f"{kd.path}/model" if named == "path" else f"output:students/{Path(kd.path).name}/model"
     child = output(
         tmp_path,
         "students",
         "w",
-        {"section": {"model": f"{kd.path}/model"}, "data": {"ref": "data", "sha256": "d"}},
+        {"section": {"model": start}, "data": {"ref": "data", "sha256": "d"}},
         name="warm",
         rows=7,
         seconds=360,

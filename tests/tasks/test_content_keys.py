@@ -2,8 +2,9 @@
 
 A local model folder (a pretrained student's ``model``, a local judge, a teacher folder) by its files: new weights at
 the same path give a new key, the same weights give the same key without hashing them again. A folder inside a
-finished stage output (``runs/<run>/<stage>/<key>/model``: a pruned teacher, an imported GGUF) keeps the key its path
-always gave: the shipped recipes' keys are pinned below, so a long study resumes from its cache. An API teacher or
+finished stage output (``runs/<run>/<stage>/<key>/model``: a pruned teacher, an imported GGUF, another student) by
+that output's key and the path inside it, wherever the run folder lies. The shipped recipes' keys are pinned below,
+so a long study resumes from its cache. An API teacher or
 judge by what its server lists for the name at ``/v1/models`` (kdflow/teacher/served.py): a different model under the
 same name at the same URL gives a new key, and answers paid for under the older key are taken over, never asked again.
 """
@@ -50,18 +51,18 @@ GOLDEN = {
         "curate": "fa3ae11154eddcbc93e894ab2f4aac96652dd4bfed9fe25faec0406a46bf7c3a",
         "logit-cache": "63d1530d0f913088191e9f88d1e9e78a57f1a87296a030ca0ca76a1122785ae7",
         "prune sft": "6df3f96c0ee118dddd9b91d3534a75f3f2e5fd54bd33309f012bda99210fe681",
-        "students sft": "088b673ee677f05a23c2429ab6425b391dab01ffcedb8131460a23c296eb288c",
+        "students sft": "62a7199cd209089634295ca23fe3dbb734d3aa7f547d5999ed128982bc6a3aff",
         "prune seq-kd": "6df3f96c0ee118dddd9b91d3534a75f3f2e5fd54bd33309f012bda99210fe681",
-        "students seq-kd": "f3ecadf9a64bb5a0ae437843f3763086f65415396d0e83c670777d0f378ceaf6",
+        "students seq-kd": "3512e4e4c25f1409140dd3331b106ce0b64ec020196d5d218cda149012557b63",
         "prune offline-kd": "6df3f96c0ee118dddd9b91d3534a75f3f2e5fd54bd33309f012bda99210fe681",
-        "students offline-kd": "8e90c0eb2e2f13f2d4323634c82751ad63ad95c1f59776466907edb4f6655e69",
+        "students offline-kd": "6729e2669af99777f7a93a3c7bb87559ae7e8fbb1f957c39c6c91fdc76b48a14",
         "prune on-policy": "6df3f96c0ee118dddd9b91d3534a75f3f2e5fd54bd33309f012bda99210fe681",
-        "students on-policy": "a1b8592ceb10cc1760541db4d07c7caef787601dfdaf2b2c6ae66e3b6473416d",
+        "students on-policy": "30787916b19c8c560db3bf47a8b305728fded743c535faa238f698556a55457c",
         "evaluate": "e47e259b3a546ae85287708214cc62bb88450bbf23363c795b869fa51c01c6fe",
         "deployment": "dca4cf8e300ad2ca6a8b4a596225964af858cef7ee84cf6535d7c1bdac75222f",
     },
 }
-FIXED_START = "/fixed/runs/x/prune/0123456789abcdef/model"  # a pruned start as chain.starting_points names it
+FIXED_START = "output:prune/0123456789abcdef/model"  # a pruned start as its key sees it (keyed_by_content)
 
 
 @pytest.fixture(autouse=True)
@@ -185,19 +186,25 @@ def test_a_pretrained_students_folder_is_keyed_by_its_files_not_its_path(tmp_pat
     assert student_key(str(moved)) == changed  # the same files under another path: the same content
 
 
-def test_a_start_inside_a_stage_output_keeps_the_key_its_path_gives(tmp_path):
-    """What chain.starting_points passes for a pruned (or imported, or another student's) start: keyed exactly as
-    before content keys, so a resumed run finds the students it trained."""
+def test_a_start_inside_a_stage_output_is_keyed_by_that_output_wherever_the_run_folder_lies(tmp_path):
+    """What chain.starting_points passes for a pruned (or imported, or another student's) start: keyed by the stage
+    output's own key and the path inside it, so that a run folder copied or moved elsewhere finds the students it
+    trained (the ninth audit's #28: keyed by the absolute path, `kdflow evaluate --run-dir <copy>` refused)."""
+    import shutil
 
     output = stage_output(tmp_path / "runs" / "x", "prune", "ab" * 32)
     start = str(output / "model")
+    key = student_key(start)
     section = StudentSection(name="s", data="gold", model=start)
+    section = section.model_copy(update={"model": "output:prune/abababababababab/model"})
     args = {"template": "t", "teacher": fake("teacher"), "data": fake("data"), "curated": None, "logits": None}
-    assert student_key(start) == content_key("students", "1", {"section": section, **args})
-    (output / "model" / "model.safetensors").write_bytes(
-        fake_weights(b"changed")
-    )  # (the output's own check catches this)
-    assert student_key(start) == content_key("students", "1", {"section": section, **args})
+    assert key == content_key("students", "1", {"section": section, **args})
+    shutil.copytree(tmp_path / "runs" / "x", tmp_path / "elsewhere" / "y")
+    assert student_key(str(tmp_path / "elsewhere" / "y" / "prune" / output.name / "model")) == key
+    other = stage_output(tmp_path / "runs" / "x", "prune", "cd" * 32)  # another pruning: another start
+    assert student_key(str(other / "model")) != key
+    (output / "model" / "model.safetensors").write_bytes(fake_weights(b"changed"))  # (the output's own check: not here)
+    assert student_key(start) == key
     assert model_folders.local_model_sha256("some-org/some-model") is None  # a hub id: its name
 
 
