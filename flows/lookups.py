@@ -17,7 +17,7 @@ from kdflow.config.student import StudentInit, StudentSection
 from kdflow.models.gguf import is_gguf_path
 from kdflow.store import run_folder
 from kdflow.store.model_folders import model_location
-from kdflow.store.outputs import OutputRef
+from kdflow.store.outputs import OutputRef, output_dir
 from kdflow.store.stage import Stage
 from kdflow.teacher.routing import RoutedTeachers
 from kdflow.training.student import cache_stage, needs_routed_teachers, student_inputs
@@ -74,13 +74,18 @@ def found(run: Path, stage: Stage, make: str | None = None, what: str | None = N
     found before it) key, not merely the newest in the folder: after an edit and its revert the newest is the edited
     recipe's, which a report would then show as this recipe's. ``make``: the command that makes it (default: "the stage
     that makes it"); ``what``: what it is, for the error (default: the stage's output)."""
-    if done := stage.output(run, **inputs).done:
+    output = stage.output(run, **inputs)
+    there = output_dir(run, stage.name, output.key).is_dir()  # before .done, which sets a damaged one aside
+    if done := output.done:
         return done
     others = run_folder.outputs(run, stage.name)
+    if there:  # the recipe's own output was there but damaged (the warning before this says how): removed
+        why = f" (its output {output.key[:16]} was damaged and has been removed: the log's warning says how)"
+    else:
+        why = f" ({len(others)} of other settings: the recipe was edited since they were made)" if others else ""
     raise run_folder.MissingStage(
-        f"no finished {what or repr(stage.name) + ' output'} of this recipe's settings in {run}"
-        + (f" ({len(others)} of other settings: the recipe was edited since they were made)" if others else "")
-        + f": run {make or 'the stage that makes it'}, or the whole flow (kdflow distill <recipe>), first"
+        f"no finished {what or repr(stage.name) + ' output'} of this recipe's settings in {run}{why}"
+        f": run {make or 'the stage that makes it'}, or the whole flow (kdflow distill <recipe>), first"
     )
 
 

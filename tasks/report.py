@@ -16,7 +16,7 @@ from prefect.logging import get_logger
 from kdflow.config.cost import CostSection
 from kdflow.config.evaluation import DEFAULT_POWER, PowerFigure
 from kdflow.config.teachers import Routing
-from kdflow.curation.pipeline import KEPT
+from kdflow.curation.pipeline import DROPPED, KEPT, reason_counts
 from kdflow.evaluation.api_model import IMPORTED_ONLY
 from kdflow.evaluation.devices import ROOFLINE_FORMULA, device_table, roofline
 from kdflow.evaluation.energy import ENERGY_FORMULA, energy_per_token
@@ -143,6 +143,19 @@ def logit_source(logits: OutputRef) -> dict:
 
 
 # Cheap and its outputs live outside any stage folder, so it always runs (no cache).
+def curation_figures(curated: OutputRef) -> dict:
+    """The curation's counts, from its files: the output's sha256 covers those, not the figures its manifest repeats,
+    so a hand edit of the manifest cannot reach the report (the ninth audit's #29)."""
+    kept = pd.read_parquet(Path(curated.path) / KEPT, columns=["id"])
+    dropped = pd.read_parquet(Path(curated.path) / DROPPED, columns=["reasons"])
+    return {
+        "input_rows": len(kept) + len(dropped),
+        "kept": len(kept),
+        "dropped": len(dropped),
+        "drop_reasons": reason_counts([{"reasons": list(r)} for r in dropped["reasons"]]),
+    }
+
+
 @task
 def write_report(
     run_dir: Path,
@@ -188,7 +201,7 @@ def write_report(
         students={name: {**metrics[name], **info, **trained(models[name])} for name, info in students.items()},
         curation=None  # no student learnt from the teacher's answers (an imported logit cache): none were asked for
         if curated is None
-        else {k: curated.manifest()[k] for k in ("input_rows", "kept", "dropped", "drop_reasons")},
+        else curation_figures(curated),
         deployment={
             **{k: dep.get(k) for k in ("machine", "settings", "flops_formula", "traffic_formula", "energy")},
             "intensity_formula": INTENSITY_FORMULA,

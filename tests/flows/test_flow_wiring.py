@@ -227,6 +227,12 @@ def test_a_stage_rerun_alone_takes_the_recipes_outputs_not_the_newest(mini_recip
     with pytest.raises(run_folder.MissingStage, match="of other settings: the recipe was edited since"):
         trained_students(r.run_dir, [changed.model_copy(update={"training": {"max_steps": 3}})], cot, up)
 
+    # the recipe's own student damaged (its files no longer hash to its manifest's sha256): set aside, and the error
+    # says so instead of blaming an edit that did not happen (the ninth audit's #31)
+    (Path(trained["seq-kd"].path) / "x").write_text("damaged")
+    with pytest.raises(run_folder.MissingStage, match=f"its output {trained['seq-kd'].key[:16]} was damaged"):
+        trained_students(r.run_dir, [seq_kd], cot, up)
+
 
 def test_a_stage_rerun_alone_takes_the_recipes_teacher_not_the_newest(mini_recipe):
     """The eighth audit left the teacher as the newest of its stage: after a teacher edit and its revert, a stage

@@ -299,6 +299,22 @@ def stage(run_dir: Path, name: str, key: str, files: dict[str, str] | None = Non
     return existing_output(run_dir, name, key)
 
 
+def curation_output(run_dir: Path):
+    """A curate output whose files hold CURATION's rows (8 kept, 2 dropped as wrong answers) and whose manifest's
+    figures were edited by hand (the ninth audit's #29): the output's sha256 covers the files, not those figures."""
+    import pandas as pd
+
+    from kdflow.store.outputs import building, existing_output, finish
+
+    key = "f".ljust(64, "0")
+    with building(run_dir, "curate", key) as tmp:
+        pd.DataFrame({"id": [f"q{i}" for i in range(8)], "text": "x"}).to_parquet(tmp / "kept.parquet")
+        reasons = {"id": ["q8", "q9"], "text": "x", "reasons": [["wrong_answer"], ["wrong_answer"]]}
+        pd.DataFrame(reasons).to_parquet(tmp / "dropped.parquet")
+        finish(tmp, "curate", key, inputs={}, input_rows=80, kept=30, dropped=50, drop_reasons={"wrong_answer": 50})
+    return existing_output(run_dir, "curate", key)
+
+
 def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
     import asyncio
 
@@ -341,7 +357,7 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
         for n in models
     }
     deployment = stage(run_dir, "deployment", "d", figures=figures, **DEPLOYMENT)
-    curated = stage(run_dir, "curate", "f", **CURATION)
+    curated = curation_output(run_dir)
 
     @flow
     def report_only():
@@ -359,6 +375,7 @@ def test_write_report_writes_files_and_artifacts(prefect_server, tmp_path):
 
     report = report_only()
     assert json.loads((run_dir / "report.json").read_text()) == report
+    assert report["curation"] == CURATION  # the files' counts, not the hand-edited manifest's
     assert report["students"]["seq-kd"]["gap_closure"] == pytest.approx(0.75)
     # lm-eval is not installed here, and there is no GPU: a skip with its reason, not an error
     assert report["lm_eval"]["status"] == "skipped" and report["lm_eval"]["reason"]
