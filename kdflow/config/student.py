@@ -229,6 +229,8 @@ class StudentSection(Strict):
         elif self.architecture is not None:
             out["start"] = "fresh " + json.dumps(self.architecture.model_dump(mode="json"), sort_keys=True)
         how = {"training": self.training, "lora": None if self.lora is None else self.lora.model_dump(mode="json")}
+        if self.dtype is not None:  # a bf16 student is measured against a bf16 baseline before an fp32 one
+            how["dtype"] = self.dtype.value
         out["training_digest"] = hashlib.sha256(json.dumps(how, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return out
 

@@ -649,6 +649,15 @@ def test_a_baseline_has_the_students_starting_weights_and_is_preferably_trained_
     assert s["kd"]["gap_baseline"] == "gold" and s["kd"]["gap_closure"] == pytest.approx(0.25)
     assert s["kd-lora"]["gap_baseline"] == "gold-lora" and s["kd-lora"]["gap_closure"] == pytest.approx(1 / 6)
 
+    # The ninth audit's #36: a bfloat16 KD student was measured against the float32 gold baseline listed first
+    precise = {
+        "gold": record(0.50, data="gold", model=str(folder)),
+        "gold-bf16": record(0.30, data="gold", model=str(folder), dtype="bfloat16"),
+        "kd-bf16": record(0.60, data="teacher", model=str(folder), kd=kd, dtype="bfloat16"),
+    }
+    s = build_report("demo", model(0.9, 1000), precise, CURATION, DEPLOYMENT)["students"]
+    assert s["kd-bf16"]["gap_baseline"] == "gold-bf16" and s["kd-bf16"]["gap_closure"] == pytest.approx(0.5)
+
 
 def test_the_report_reads_an_evaluations_figures_from_its_checked_file_not_the_manifest(tmp_path):
     # The eighth audit: the report read `metrics` from manifest.json, which no hash covers, so a hand-edited manifest
