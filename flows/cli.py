@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 from flows import STARTUP_TIMEOUT_ENV
-
-# How Prefect's RuntimeError begins when its temporary server never answered (prefect/server/api/server.py).
-NO_SERVER = "Timed out while attempting to connect to ephemeral Prefect API server"
+from flows.local_server import NO_SERVER, local_server
 
 
 def _positive(text: str) -> int:
@@ -265,9 +263,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def started(command: str, stage_flow, *inputs):
-    """Runs the flow; a temporary Prefect server that never answered ends the command with the fix, not a traceback."""
+    """Runs the flow on the command's own temporary server (flows/local_server.py: group signals, Ctrl-C among them,
+    do not take it down before the flow has reported its end); one that never answered ends the command with the fix,
+    not a traceback."""
     try:
-        return stage_flow(*inputs)
+        with local_server():
+            return stage_flow(*inputs)
+    except KeyboardInterrupt:  # Ctrl-C: the flow has reported itself crashed; no traceback for what the user asked
+        print(
+            f"kdflow {command}: interrupted. Finished stages are kept in the run folder (a student's training in its "
+            "checkpoints): the same command goes on from them.",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     except RuntimeError as e:
         if not str(e).startswith(NO_SERVER):
             raise
