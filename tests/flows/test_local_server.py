@@ -8,6 +8,7 @@ Each test runs `python -m flows.distill` on tests/mini.yaml with a teacher that 
 it once the teacher's progress shows, and checks how it ended. The waits below only stop a hang: nothing here depends
 on how fast the machine is."""
 
+import contextlib
 import os
 import re
 import signal
@@ -44,13 +45,18 @@ def started_command(tmp_path: Path) -> tuple[subprocess.Popen, Path, int]:
             start_new_session=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
-    deadline = time.monotonic() + HANG_S
-    while "[teacher teacher] step" not in log.read_text():
-        assert command.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the teacher never started training"
-        time.sleep(0.5)
-    server = SERVER.search(log.read_text())
-    assert server, log.read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + HANG_S
+        while "[teacher teacher] step" not in log.read_text():
+            assert command.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the teacher never started training"
+            time.sleep(0.5)
+        server = SERVER.search(log.read_text())
+        assert server, log.read_text()[-3000:]
+    except BaseException:  # never leave a teacher training for ten million steps behind a failed test
+        os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+        raise
     return command, log, int(server.group(1))
 
 
@@ -105,4 +111,8 @@ def test_the_server_goes_with_a_command_killed_outright(tmp_path):
     command, log, server = started_command(tmp_path)
     command.kill()
     command.wait()
-    assert gone(server), f"the temporary server (pid {server}) outlived its command"
+    try:
+        assert gone(server), f"the temporary server (pid {server}) outlived its command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server, signal.SIGKILL)
