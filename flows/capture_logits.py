@@ -6,12 +6,15 @@ distributions on the kept answers, for KD from disk.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from flows.chain import upstream
 from flows.cli import run_as_script
 from kdflow.config.loading import RecipeError
 from kdflow.config.recipe import load_recipe
+from kdflow.logit_cache.reader import LogitCache
 from kdflow.store.outputs import OutputRef
 
 
@@ -23,10 +26,10 @@ def capture_logits_flow(recipe: str = "recipes/demo.yaml") -> OutputRef:
         raise RecipeError(f"{recipe}: no logit_cache section; add one (e.g. `logit_cache: {{k: 20}}`)")
     cache = upstream(r).logits  # the same chain (and keys) as flows/distill.py
 
-    m = cache.manifest()
+    m = LogitCache.open(Path(cache.path)).manifest  # every cache's own (captured, joined from teachers, imported)
     print(
         f"logit cache: {cache.path}: {m['rows']:,} rows, {m['positions']:,} answer tokens, "
-        f"{m['bytes_per_position']} bytes/token at k={m['k']}"
+        f"{m['bytes'] / max(m['positions'], 1):.2f} bytes/token at k={m['k']}"
     )
     return cache
 

@@ -89,6 +89,10 @@ def test_two_routed_teachers_distil_one_student(prefect_server, mini_recipe):
     # (the ninth audit: the default teacher alone answered every row); here the distill flow's outputs, reused
     assert Path(generate(str(mini_recipe)).path) == Path(joined.path)
     assert Path(curate(str(mini_recipe)).path) == Path(outputs(run_dir, "curate")[0].path)
+    # `kdflow logit-cache` alone: the joined cache, and its summary line (the tenth audit: a KeyError after the work)
+    from flows.capture_logits import capture_logits_flow
+
+    assert Path(capture_logits_flow(str(mini_recipe)).path) == Path(outputs(run_dir, "logit-cache-routed")[0].path)
 
 
 def test_routed_scorer_with_two_real_teacher_processes(tmp_path):
