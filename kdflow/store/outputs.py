@@ -164,6 +164,17 @@ def read_manifest(folder: Path) -> dict | None:
 _verified: dict[str, tuple] = {}
 
 
+# The files' sha256 does not cover what the manifest itself says (rows, counts, figures, wall seconds), which reports
+# and the cost ledger read: a hash of the manifest's own fields, written with it, does, so a hand edit of the manifest
+# makes the output damaged like an edit of its files (outputs made before it was recorded are not checked for it).
+SELF_SHA256 = "manifest_sha256"
+
+
+def manifest_sha256(manifest: dict) -> str:
+    fields = {k: v for k, v in manifest.items() if k != SELF_SHA256}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
     """(the manifest of the finished output in ``folder``, why the folder does not match it or None when it does)."""
     folder = Path(folder)
@@ -172,6 +183,8 @@ def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
         return None, f"{MANIFEST} is missing, torn or not a manifest"
     if os.environ.get(VERIFY_ENV, "full") == "off":
         return manifest, None
+    if SELF_SHA256 in manifest and manifest_sha256(manifest) != manifest[SELF_SHA256]:
+        return manifest, f"its {MANIFEST} was changed after it was written (its fields no longer hash to {SELF_SHA256})"
     stats = {str(f.relative_to(folder)): f.stat() for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST}
     recorded = manifest.get("files")  # {name: [size, mtime_ns]}; absent in outputs made before it was recorded
     if recorded is not None:
@@ -379,6 +392,7 @@ def finish(tmp: Path, stage: str, key: str, *, inputs: dict, rows: int | None = 
         "versions": _versions(),
         **extra,
     }
+    manifest[SELF_SHA256] = manifest_sha256(json.loads(json.dumps(manifest, default=str)))
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
     for folder in {f.parent for f in files} | {tmp}:
         _fsync_dir(folder)

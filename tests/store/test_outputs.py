@@ -168,6 +168,23 @@ def test_missing_and_extra_files_are_damage(tmp_path):
     assert existing_output(tmp_path, "stage", "x" * 64) is None
 
 
+@pytest.mark.parametrize("edit", [{"rows": 50}, {"drop_reasons": {"wrong_answer": 50}}, {"wall_seconds": 0.1}])
+def test_a_hand_edited_manifest_is_damage_and_is_rebuilt(tmp_path, caplog, edit):
+    """The files' sha256 does not cover the manifest's own figures, which reports and the cost ledger read (the
+    ninth and tenth audits: edited curation and logit-cache counts reached the report); its own hash does."""
+    ref = build(tmp_path, "m" * 64)
+    manifest = output_dir(tmp_path, "stage", "m" * 64) / MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), **edit}, indent=2))
+    assert not ref.is_complete() and existing_output(tmp_path, "stage", "m" * 64) is None
+    assert f"its {MANIFEST} was changed after it was written" in caplog.text and "built again" in caplog.text
+    again = build(tmp_path, "m" * 64)
+    assert again.is_complete() and again.manifest()["rows"] == 1
+    legacy = json.loads(manifest.read_text())  # an output made before manifests hashed themselves: trusted as before
+    del legacy[outputs.SELF_SHA256]
+    manifest.write_text(json.dumps({**legacy, "rows": 7}))
+    assert again.is_complete()
+
+
 def test_a_torn_manifest_is_rebuilt_not_a_json_error(tmp_path, caplog):
     build(tmp_path, "j" * 64)
     manifest = output_dir(tmp_path, "stage", "j" * 64) / MANIFEST
@@ -181,7 +198,7 @@ def test_an_output_made_before_file_lists_is_verified_by_its_hash(tmp_path):
     ref = build(tmp_path, "o" * 64)
     manifest = output_dir(tmp_path, "stage", "o" * 64) / MANIFEST
     m = json.loads(manifest.read_text())
-    del m["files"]
+    del m["files"], m[outputs.SELF_SHA256]  # neither was recorded then
     manifest.write_text(json.dumps(m))
     assert ref.is_complete()  # reused as it is: run folders made before the change are not recomputed
     (output_dir(tmp_path, "stage", "o" * 64) / "data.txt").write_text("y")
