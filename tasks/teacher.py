@@ -7,6 +7,7 @@ students inherit it."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -43,16 +44,20 @@ TEACHER = Stage(
     },
     files=(SOURCE, f"{MODEL}/"),
 )
-# A teacher named by the recipe: a local folder is keyed by its bytes, so replacing the weights in place
-# invalidates what follows (folder_sha256: hash_folder's digest, hashed again only when a file changed).
+# A teacher named by the recipe: a local folder is keyed by its bytes (folder_sha256: hash_folder's digest, hashed
+# again only when a file changed), and its output holds that digest (weights.json). What follows keys the teacher by
+# its output's sha256, so new weights in place invalidate it. Version 2: version 1's output held the location alone,
+# so the same sha256 for any weights at one path, and the old teacher's answers and students were reused (the tenth
+# audit's #38).
+WEIGHTS = "weights.json"
 EXISTING_TEACHER = Stage(
     "teacher",
-    "1",
+    "2",
     lambda section: {
         "section": section,
         "weights": folder_sha256(Path(section.model)) if Path(section.model).is_dir() else None,
     },
-    files=(SOURCE,),
+    files=(SOURCE, WEIGHTS),
 )
 # An API teacher: the model's identity (name, base_url without a password) is what it is; the tokenizer for
 # from-scratch students is made from the data's gold text with the prompt template.
@@ -135,6 +140,8 @@ def use_existing_teacher(run_dir: Path, section: TeacherSection) -> OutputRef:
         local = Path(section.model)
         location = str(local.resolve()) if local.is_dir() else section.model
         write_location(tmp, location)
+        weights = out.inputs["weights"]  # the folder's digest its key holds (None for a hub id: its name is all)
+        (tmp / WEIGHTS).write_text(json.dumps({"sha256": weights}))
         out.finish(tmp, given=location)  # the report's teacher row names it
     return out.ref()
 

@@ -218,6 +218,28 @@ def test_a_teacher_folder_is_keyed_by_its_files(tmp_path):
     assert EXISTING_TEACHER.key(section=TeacherSection(model=str(folder))) != key
 
 
+def test_new_teacher_weights_in_place_give_the_teacher_output_another_content(tmp_path):
+    """What follows (answers, logit cache, students, evaluations) keys the teacher by its output's sha256: with new
+    weights at the same path that must change too, or the old teacher's answers and students are reused and reported
+    as the new one's (the tenth audit's #38: the output held the location alone)."""
+    from transformers import AutoTokenizer
+
+    from kdflow.training.tiny_models import llama_model
+    from tasks.teacher import use_existing_teacher
+    from tests.conftest import build_tiny_teacher
+
+    folder = build_tiny_teacher(tmp_path / "teacher")
+    section = TeacherSection(model=str(folder))
+    before = use_existing_teacher.fn(tmp_path / "runs", section)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    llama_model(tokenizer, hidden=64, layers=1, heads=2, intermediate=128, seed=1, max_positions=1024).save_pretrained(
+        folder
+    )  # other weights, same path
+    after = use_existing_teacher.fn(tmp_path / "runs", section)
+    assert after.key != before.key and after.sha256 != before.sha256
+    assert use_existing_teacher.fn(tmp_path / "runs", section).sha256 == after.sha256  # the same weights: reused
+
+
 def local_judge_key(folder: Path) -> str:
     from tasks.evaluate import JUDGE
 
