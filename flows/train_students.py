@@ -12,8 +12,7 @@ from prefect import flow
 
 from flows.chain import starting_points, train_in_order
 from flows.cli import run_as_script
-from flows.lookups import found_upstream, recipe_and_run, run_teacher
-from flows.train_teacher import named_teachers
+from flows.lookups import found_upstream, recipe_and_run, run_teacher, run_teachers
 from kdflow.config.recipe import Recipe
 from kdflow.config.student import StudentSection
 from kdflow.store.outputs import OutputRef
@@ -54,16 +53,12 @@ def train_students(recipe: str = "recipes/demo.yaml", run_dir: str | None = None
 
 
 def routed_from_run(run: Path, r: Recipe, data: OutputRef) -> RoutedTeachers | None:
-    """Several teachers, for the on-policy students they score: each the output its own stage key names (the teacher
-    tasks take a finished one as it is; a missing one is made); None with one teacher or no such student."""
+    """Several teachers, for the on-policy students they score: each the output its own stage key names in ``run``
+    (found, as every other input here: a copied or moved run folder too); None with one teacher or no such
+    student."""
     if not r.teachers or not any(needs_routed_teachers(s) for s in r.students):
         return None
-    if Path(run).resolve() != r.run_dir.resolve():
-        raise ValueError(
-            f"the on-policy students of {r.run.name!r} are scored by its routed teachers, which are looked up in the "
-            f"recipe's run folder {r.run_dir}, not {run}: run without run_dir"
-        )
-    return RoutedTeachers.of(r, named_teachers(r, data))
+    return RoutedTeachers.of(r, run_teachers(run, r, data))
 
 
 if __name__ == "__main__":

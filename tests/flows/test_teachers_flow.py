@@ -180,3 +180,15 @@ def test_an_on_policy_student_has_each_sample_scored_by_its_rows_teacher(prefect
     from flows.evaluate import evaluate
 
     assert_rerun_report(evaluate(str(mini_recipe)), report)
+
+    # `kdflow students --run-dir <a copy>`: the routed teachers are found in the copy by their keys, as every other
+    # input (the tenth audit: refused, "looked up in the recipe's run folder"); the student is the one trained above
+    import os
+    import shutil
+
+    from flows.train_students import train_students
+
+    copy = run_dir.parent / "copy"
+    shutil.copytree(run_dir, copy, copy_function=os.link)
+    assert train_students(str(mini_recipe), run_dir=str(copy))["seq-kd"].sha256 == op.sha256
+    assert len(outputs(copy, "students")) == 1  # nothing trained again
