@@ -17,12 +17,22 @@ from kdflow.curation import drop_report
 from kdflow.curation.answers import token_counts
 from kdflow.curation.pipeline import DROPPED, KEPT, curate, reason_counts
 from kdflow.store.data_files import save_rows
-from kdflow.store.model_folders import model_location
+from kdflow.store.model_folders import folder_sha256, model_location
 from kdflow.store.outputs import OutputRef
 from kdflow.store.stage import Stage
 from kdflow.teacher.completion import TeacherBackend
 from kdflow.teacher.generation import ANSWERS, FAILURES
 from tasks.caching import STAGE_RESULTS, StageCache
+
+
+def length_tokenizer(section: FiltersSection) -> dict:
+    """The length filter's tokenizer by its files where it is a local folder (another tokenizer put at the same path
+    counts other lengths: the tenth audit's #41), {} otherwise (a hub id, or none: every other key as it was)."""
+    name = section.length.tokenizer if section.length else None
+    if not name or not Path(name).is_dir():
+        return {}
+    return {"length_tokenizer": f"sha256:{folder_sha256(Path(name))}"}
+
 
 # The judge filter's template is read from its file here, so that Prefect's key (computed from the task's
 # arguments) sees an edit of the prompt too, not only the body.
@@ -35,6 +45,7 @@ CURATE = Stage(
         "answers": answers,
         "teacher": teacher,
         "judge_template": section.judge.template_text() if section.judge else None,
+        **length_tokenizer(section),
     },
     files=(KEPT, DROPPED, *drop_report.FILES),
 )

@@ -430,3 +430,25 @@ def test_answers_paid_for_under_the_older_key_are_taken_over_not_asked_again(tmp
 
     assert adopt_folder(legacy_shards, shard_folder(run_dir, out.key))
     assert ("r1", 0) in read_shards(shard_folder(run_dir, out.key))[0] and not legacy_shards.exists()
+
+
+def test_the_length_filters_tokenizer_folder_is_keyed_by_its_files(tmp_path):
+    """Another tokenizer copied to the same path counts other lengths, so other rows are kept (the tenth audit's #41:
+    the curation was keyed by the path and reused)."""
+    from kdflow.config.data import DataSource
+    from kdflow.config.filters import FiltersSection
+    from kdflow.training.tiny_models import train_tokenizer
+    from tasks.curate import CURATE
+
+    folder = tmp_path / "tok"
+    train_tokenizer(["1+1=2", "2+2=4"] * 5, vocab_size=40).save_pretrained(folder)
+
+    def key(section: FiltersSection) -> str:
+        return CURATE.key(section=section, source=DataSource.arithmetic, answers=fake("generate"), teacher=None)
+
+    section = FiltersSection(length={"max_tokens": 19, "tokenizer": str(folder)})
+    before = key(section)
+    assert key(section) == before
+    train_tokenizer(["1+1=2", "2+2=4", "3*3=9", "10-1=9"] * 5, vocab_size=60).save_pretrained(folder)
+    assert key(section) != before
+    assert "length_tokenizer" not in CURATE.inputs(section=FiltersSection(), source=DataSource.arithmetic, answers=None)
