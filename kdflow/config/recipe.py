@@ -98,6 +98,9 @@ class Recipe(Strict):
             self._free_text_checks()
         self._pruning_checks()
         self._top_k_check()
+        if self.run.seeds and (own := own_seeds(self.students)):
+            i, name = own[0]
+            raise FieldError(f"{SEEDS_REPLACE.format(name=name)}, or remove run.seeds", "students", i, "seed")
         return self
 
     def _top_k_check(self) -> None:
@@ -234,6 +237,8 @@ class Recipe(Strict):
             checked = check_seeds([s if isinstance(s, bool) else int(s) for s in seeds])  # True is no seed
         except ValueError as e:
             raise ValueError(f"--seeds: {e}") from None
+        if own := own_seeds(self.students):
+            raise ValueError(f"--seeds: {SEEDS_REPLACE.format(name=own[0][1])}, or leave out --seeds")
         return self.model_copy(update={"run": self.run.model_copy(update={"seeds": checked})})
 
     def with_students(self, names: list[str]) -> Recipe:
@@ -263,6 +268,18 @@ class Recipe(Strict):
     @property
     def run_dir(self) -> Path:
         return self.run.local_dir(ROOT)
+
+
+# The tenth audit (#31): run.seeds replaced a student's own `seed:` without a word.
+SEEDS_REPLACE = (
+    "student {name!r} sets its own seed, which run.seeds (--seeds) would replace: every student is trained once per "
+    "seed as <name>@<seed>; remove the student's `seed:`"
+)
+
+
+def own_seeds(students: list[StudentSection]) -> list[tuple[int, str]]:
+    """(index, name) of each student that sets ``seed`` itself."""
+    return [(i, s.name) for i, s in enumerate(students) if "seed" in s.model_fields_set]
 
 
 def seeded(init: PrunedInit | StudentInit | None, seed: int) -> PrunedInit | StudentInit | None:

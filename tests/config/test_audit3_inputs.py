@@ -136,3 +136,16 @@ def test_seeds_from_the_command_line_are_checked_too():
     with pytest.raises(ValueError, match=r"--seeds: seed 1 is given twice; list each seed once"):
         load_recipe(MINI_RECIPE).with_seeds([1, 1])
     assert load_recipe(MINI_RECIPE).with_seeds([2, 0]).run.seeds == [2, 0]
+
+
+def test_a_students_own_seed_beside_run_seeds_is_refused(tmp_path):
+    # The tenth audit (#31): run.seeds trained `kd1@0` and `kd1@1` from a student that set `seed: 1`, without a word.
+    text = MINI_RECIPE.read_text().replace("root: runs", f"root: {tmp_path / 'runs'}")
+    text = text.replace("  - name: seq-kd\n", "  - name: seq-kd\n    seed: 1\n", 1)
+    (tmp_path / "mini.yaml").write_text(text)
+    assert load_recipe(tmp_path / "mini.yaml").students[1].seed == 1  # alone, a student's own seed is its seed
+    with pytest.raises(ValueError, match=r"--seeds: student 'seq-kd' sets its own seed, which .* would replace"):
+        load_recipe(tmp_path / "mini.yaml").with_seeds([0, 1])
+    (tmp_path / "mini.yaml").write_text(text.replace("  name: mini\n", "  name: mini\n  seeds: [0, 1]\n", 1))
+    with pytest.raises(RecipeError, match=r"mini.yaml:\d+: students.1.seed: student 'seq-kd' sets its own seed"):
+        load_recipe(tmp_path / "mini.yaml")
