@@ -23,19 +23,30 @@ from kdflow.logit_cache.ensemble import join_caches
 from kdflow.logit_cache.format import MANIFEST
 from kdflow.logit_cache.parts import link_or_copy
 from kdflow.logit_cache.reader import LogitCache
+from kdflow.store.model_folders import keyed_by_content
 from kdflow.store.outputs import OutputRef, exclusive
 from kdflow.store.stage import Stage, StageOutput
 from kdflow.teacher.routing import token_shares
 from kdflow.teacher.vllm_server import VllmStartupError
 from tasks.caching import STAGE_RESULTS, StageCache
 
+
 # ``routed_to`` (one of several teachers, capturing the kept rows it answered) is in the key only where given, so that
 # a recipe with one teacher keeps its key.
+def ensemble_by_content(section):
+    """``section`` with each ensemble member's local folder keyed by its files (new weights at the same path capture
+    another cache), as a teacher folder is; the section as it is without members (every other key as it was)."""
+    if not getattr(section, "ensemble", None):
+        return section
+    members = [keyed_by_content(m) for m in section.ensemble]
+    return section.model_copy(update={"ensemble": members})
+
+
 CAPTURE = Stage(
     "logit-cache",
     "1",
     lambda section, template, teacher, curated, routed_to=None: {
-        "section": section,
+        "section": ensemble_by_content(section),
         "template": template,
         "teacher": teacher,
         "curated": curated,

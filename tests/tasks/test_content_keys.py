@@ -452,3 +452,22 @@ def test_the_length_filters_tokenizer_folder_is_keyed_by_its_files(tmp_path):
     train_tokenizer(["1+1=2", "2+2=4", "3*3=9", "10-1=9"] * 5, vocab_size=60).save_pretrained(folder)
     assert key(section) != before
     assert "length_tokenizer" not in CURATE.inputs(section=FiltersSection(), source=DataSource.arithmetic, answers=None)
+
+
+def test_an_ensemble_members_folder_is_keyed_by_its_files(tmp_path):
+    """New weights at an ensemble member's path make another logit cache, as a teacher folder's do."""
+    from kdflow.config.logit_cache import LogitCacheSection
+    from tasks.capture import CAPTURE
+
+    folder = model_folder(tmp_path / "member")
+    section = LogitCacheSection(k=4, ensemble=[{"model": str(folder), "weight": 0.5}])
+
+    def key() -> str:
+        return CAPTURE.key(section=section, template="t", teacher=fake("teacher"), curated=fake("curate"))
+
+    before = key()
+    assert key() == before
+    (folder / "model.safetensors").write_bytes(fake_weights(b"weights-2"))
+    assert key() != before
+    plain = LogitCacheSection(k=4)
+    assert CAPTURE.inputs(section=plain, template="t", teacher=None, curated=None)["section"] is plain
