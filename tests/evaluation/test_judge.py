@@ -312,6 +312,7 @@ def test_evaluate_flow_with_a_judge_reports_its_win_rate(prefect_server, tmp_pat
         run_dir,
         "curate",
         CURATE.key(section=r.filters, source=r.data.source, answers=answers, teacher=teacher),
+        {"kept.parquet": [{"id": f"q{i}"} for i in range(8)], "dropped.parquet": []},
         input_rows=8,
         kept=8,
         dropped=0,
