@@ -69,12 +69,15 @@ def keyed_by_content(section):
     """``section`` as its stage key sees it: a local model folder in ``section.model`` replaced by
     ``sha256:<its files>``, so that new weights at the same path make a new key and the same weights moved to
     another path do not; a folder inside a finished stage output (a pruned start, another student) by
-    ``output:<stage>/<key>/<path inside it>``, which that key content-addresses, so that a run folder copied or
-    moved elsewhere keeps its keys; the section as it is otherwise (a hub id: its key exactly as before)."""
+    ``output:<stage>/<key>/<path inside it>@<the output's sha256>``: where it lies is left out, so that a run folder
+    copied or moved elsewhere keeps its keys, and what it holds is in, so that a parent rebuilt under its key (set
+    aside as damaged and trained again) with other bytes retrains what started from it; the section as it is
+    otherwise (a hub id: its key exactly as before)."""
     name = section.model
     if name and Path(name).is_dir() and (root := stage_output_root(name)) is not None:
         inside = Path(os.path.abspath(name)).relative_to(root).as_posix()
-        return section.model_copy(update={"model": f"output:{root.parent.name}/{root.name}/{inside}"})
+        sha256 = read_manifest(root)["sha256"]
+        return section.model_copy(update={"model": f"output:{root.parent.name}/{root.name}/{inside}@{sha256}"})
     digest = local_model_sha256(name)
     return section if digest is None else section.model_copy(update={"model": f"sha256:{digest}"})
 

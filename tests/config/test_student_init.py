@@ -77,7 +77,8 @@ def test_the_child_starts_from_its_parents_trained_weights(prefect_server, mini_
     parent, child = (run_folder.latest(run_dir, "students", name) for name in ("seq-kd", "warm"))
     # the child's key names the parent's trained folder by the parent's key, wherever the run folder lies
     section = json.loads((Path(child.path) / "manifest.json").read_text())["inputs"]["section"]
-    assert section["model"] == f"output:students/{Path(parent.path).name}/model" and "init" not in section
+    assert section["model"] == f"output:students/{Path(parent.path).name}/model@{parent.sha256}"
+    assert "init" not in section
     start, end = (load_file(Path(p) / "model" / "model.safetensors") for p in (parent.path, child.path))
     assert start.keys() == end.keys()
     for name in start:

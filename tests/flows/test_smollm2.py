@@ -65,11 +65,15 @@ def test_a_pruned_student_distilled_from_the_real_model_by_every_method(prefect_
     manifests = {name: json.loads((folder / "manifest.json").read_text()) for name, folder in folders.items()}
     # the warm student starts from the offline-KD student's trained folder, the GGUF student from the teacher's import,
     # each keyed by that output's key, not by where the run folder lies
-    warm_start = f"output:students/{folders['offline-kd'].name}/model"
+    warm_start = f"output:students/{folders['offline-kd'].name}/model@{manifests['offline-kd']['sha256']}"
     assert manifests["on-policy-warm"]["inputs"]["section"]["model"] == warm_start
     assert manifests["on-policy-warm"]["on_policy"]["student_tokens_sampled"] > 0
     [imported] = [p.parent for p in (run / "import-gguf").glob("*/manifest.json")]  # one, for teacher and student
-    assert manifests["gguf-sft"]["inputs"]["section"]["model"] == f"output:import-gguf/{imported.name}/model"
+    import_sha256 = json.loads((imported / "manifest.json").read_text())["sha256"]
+    assert (
+        manifests["gguf-sft"]["inputs"]["section"]["model"]
+        == f"output:import-gguf/{imported.name}/model@{import_sha256}"
+    )
     assert students["gguf-sft"]["params"] == report["teacher"]["params"] == 134_515_008
 
     # The run folder copied elsewhere (hard links: no bytes copied): `kdflow evaluate --run-dir <copy>` finds every

@@ -196,7 +196,8 @@ def test_a_start_inside_a_stage_output_is_keyed_by_that_output_wherever_the_run_
     start = str(output / "model")
     key = student_key(start)
     section = StudentSection(name="s", data="gold", model=start)
-    section = section.model_copy(update={"model": "output:prune/abababababababab/model"})
+    sha256 = model_folders.read_manifest(output)["sha256"]
+    section = section.model_copy(update={"model": f"output:prune/abababababababab/model@{sha256}"})
     args = {"template": "t", "teacher": fake("teacher"), "data": fake("data"), "curated": None, "logits": None}
     assert key == content_key("students", "1", {"section": section, **args})
     shutil.copytree(tmp_path / "runs" / "x", tmp_path / "elsewhere" / "y")
@@ -206,6 +207,12 @@ def test_a_start_inside_a_stage_output_is_keyed_by_that_output_wherever_the_run_
     (output / "model" / "model.safetensors").write_bytes(fake_weights(b"changed"))  # (the output's own check: not here)
     assert student_key(start) == key
     assert model_folders.local_model_sha256("some-org/some-model") is None  # a hub id: its name
+    # the same output rebuilt under its key with other bytes (set aside as damaged, trained again): a new start
+    shutil.rmtree(output)
+    with building(tmp_path / "runs" / "x", "prune", "ab" * 32) as tmp:
+        model_folder(tmp / "model", b"weights-2")
+        finish(tmp, "prune", "ab" * 32, inputs={})
+    assert student_key(start) != key
 
 
 def test_a_teacher_folder_is_keyed_by_its_files(tmp_path):
