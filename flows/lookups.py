@@ -82,7 +82,12 @@ def found(run: Path, stage: Stage, make: str | None = None, what: str | None = N
     if there:  # the recipe's own output was there but damaged (the warning before this says how): removed
         why = f" (its output {output.key[:16]} was damaged and has been removed: the log's warning says how)"
     else:
-        why = f" ({len(others)} of other settings: the recipe was edited since they were made)" if others else ""
+        why = (
+            f" ({len(others)} of other settings: the recipe was edited since they were made, or a kdflow upgrade "
+            "changed how this stage is keyed)"
+            if others
+            else ""
+        )
     raise run_folder.MissingStage(
         f"no finished {what or repr(stage.name) + ' output'} of this recipe's settings in {run}{why}"
         f": run {make or 'the stage that makes it'}, or the whole flow (kdflow distill <recipe>), first"
@@ -200,5 +205,5 @@ def trained_students(
         curated, logits = student_inputs(s, up.curated, up.logits)
         inputs = dict(section=s, template=template, teacher=up.teacher, data=up.data, curated=curated, logits=logits)
         scorers = routed if needs_routed_teachers(s) else None
-        trained[s.name] = found(run, STUDENTS, **inputs, routed=scorers)
+        trained[s.name] = found(run, STUDENTS, what=f"student {s.name!r}", **inputs, routed=scorers)
     return trained

@@ -134,8 +134,8 @@ def logit_source(logits: OutputRef) -> dict:
     files = [{"file": f["file"], "sha256": f["sha256"]} for f in m.get("imported_from") or []]
     return {
         "source": m.get("source"),
-        "rows": m["rows"],
-        "k": m.get("k"),
+        "rows": cache["rows"],  # from the cache's own manifest, which the output's sha256 covers
+        "k": cache.get("k"),
         "teachers": teachers,
         "files": files,
         # unnamed, an import records "<format>:<first file>" as its teacher (kdflow/logit_cache/interop.py)

@@ -5,8 +5,8 @@ A local folder named in a recipe (a pretrained student's ``model``, a local judg
 weights, a new tokenizer — under the same path; a key made of the path would then reuse what the old weights made.
 So such a folder is keyed by the sha256 of its files (``folder_sha256``, the same digest as ``hash_folder``). A
 folder inside a finished stage output (``runs/<run>/<stage>/<key>/model``: a pruned teacher, an imported GGUF
-file, another student) is content-addressed already by the key in its path, so it stays keyed by its path, as it
-always was: those keys, and every output made under them, do not change. A hub id is keyed by its name.
+file, another student) is keyed by that output's stage, key and sha256 (``keyed_by_content``), not by where the run
+folder lies. A hub id is keyed by its name.
 """
 
 from __future__ import annotations

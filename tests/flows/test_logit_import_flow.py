@@ -50,6 +50,7 @@ def test_a_recipe_imports_an_exported_logit_dataset_and_an_offline_student_train
     exported = tmp_path / "exported" / "data_0.parquet"
     assert f"Logit cache: imported from axolotl files `{exported}` (sha256 " in md  # which dataset, by its content
     assert report["logit_cache"]["files"][0]["file"] == str(exported)
+    assert report["logit_cache"]["rows"] == captured.rows and report["logit_cache"]["k"] == 8  # from cache.json
     # a kdflow export carries its capture's cache manifest: the teacher recorded is the first run's
     assert report["logit_cache"]["teachers"] == [
         t["model"] for t in LogitCache.open(captured.path).manifest["teachers"]
