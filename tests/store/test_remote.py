@@ -258,3 +258,15 @@ def test_push_files_takes_names_inside_the_run_folder_only(memory_url, tmp_path)
     with pytest.raises(remote.UnsafeKey, match=r"'\.\./secret\.txt' would be written outside"):
         remote.push_files(tmp_path / "run", ["report.md", "../secret.txt"], f"{memory_url}/runs/r1")
     assert not fsspec.filesystem("memory").exists(f"{memory_url}/runs/secret.txt")
+
+
+def test_a_remote_manifest_edited_by_hand_is_not_taken_and_the_rebuild_replaces_it(memory_url, tmp_path):
+    # The eleventh audit (#23): a push took a remote copy with an edited manifest (its files' sha256 unchanged) as
+    # the same copy and left it there, so every pull of it was set aside and rebuilt, and the rebuild never uploaded.
+    build(remote.bind(tmp_path / "a", memory_url), "e" * 64)
+    fs, manifest = fsspec.filesystem("memory"), f"{memory_url}/{STAGE}/{'e' * 16}/{MANIFEST}"
+    fs.pipe_file(manifest, json.dumps({**json.loads(fs.cat_file(manifest)), "rows": 50}).encode())
+    fresh = remote.bind(tmp_path / "b", memory_url)
+    assert existing_output(fresh, STAGE, "e" * 64) is None  # set aside as damaged: the stage builds it again ...
+    build(fresh, "e" * 64)
+    assert json.loads(fs.cat_file(manifest))["rows"] == 1  # ... and its upload replaces the edited copy
