@@ -40,6 +40,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from kdflow.store import remote
+from kdflow.store.self_hash import SELF_SHA256, edited, manifest_sha256
 
 MANIFEST = "manifest.json"
 # Test hook for failure-and-rerun tests (tests/flows/test_rerun.py): KDFLOW_FAIL_STAGE=<stage folder name> makes that
@@ -164,17 +165,6 @@ def read_manifest(folder: Path) -> dict | None:
 _verified: dict[str, tuple] = {}
 
 
-# The files' sha256 does not cover what the manifest itself says (rows, counts, figures, wall seconds), which reports
-# and the cost ledger read: a hash of the manifest's own fields, written with it, does, so a hand edit of the manifest
-# makes the output damaged like an edit of its files (outputs made before it was recorded are not checked for it).
-SELF_SHA256 = "manifest_sha256"
-
-
-def manifest_sha256(manifest: dict) -> str:
-    fields = {k: v for k, v in manifest.items() if k != SELF_SHA256}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
 def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
     """(the manifest of the finished output in ``folder``, why the folder does not match it or None when it does)."""
     folder = Path(folder)
@@ -183,7 +173,7 @@ def verified_manifest(folder: Path) -> tuple[dict | None, str | None]:
         return None, f"{MANIFEST} is missing, torn or not a manifest"
     if os.environ.get(VERIFY_ENV, "full") == "off":
         return manifest, None
-    if SELF_SHA256 in manifest and manifest_sha256(manifest) != manifest[SELF_SHA256]:
+    if edited(manifest):
         return manifest, f"its {MANIFEST} was changed after it was written (its fields no longer hash to {SELF_SHA256})"
     stats = {str(f.relative_to(folder)): f.stat() for f in folder.rglob("*") if f.is_file() and f.name != MANIFEST}
     recorded = manifest.get("files")  # {name: [size, mtime_ns]}; absent in outputs made before it was recorded

@@ -23,6 +23,8 @@ from pathlib import Path
 import fsspec
 from fsspec.core import url_to_fs
 
+from kdflow.store.self_hash import edited
+
 MANIFEST = "manifest.json"  # as kdflow/store/outputs.py (which imports this module)
 BINDING = ".remote.json"
 
@@ -86,9 +88,7 @@ def _same_copy(fs, root: str, local_dir: Path, files: list[str]) -> bool:
     ours = json.loads((local_dir / MANIFEST).read_text())
     if not isinstance(there, dict) or there.get("sha256") != ours.get("sha256"):
         return False
-    from kdflow.store.outputs import SELF_SHA256, manifest_sha256  # (outputs imports this module)
-
-    if SELF_SHA256 in there and manifest_sha256(there) != there[SELF_SHA256]:
+    if edited(there):
         return False  # its manifest edited after it was written: pushed again over it
     sizes = {path[len(root) :].lstrip("/"): info["size"] for path, info in fs.find(root, detail=True).items()}
     sizes.pop(MANIFEST, None)  # its timings differ between two builds of the same content
