@@ -74,12 +74,13 @@ def keyed_by_content(section):
     aside as damaged and trained again) with other bytes retrains what started from it; the section as it is
     otherwise (a hub id: its key exactly as before)."""
     name = section.model
-    if name and Path(name).is_dir() and (root := stage_output_root(name)) is not None:
+    if not name or not Path(name).is_dir():
+        return section
+    if (root := stage_output_root(name)) is not None:  # one walk up the parents, not two
         inside = Path(os.path.abspath(name)).relative_to(root).as_posix()
         sha256 = read_manifest(root)["sha256"]
         return section.model_copy(update={"model": f"output:{root.parent.name}/{root.name}/{inside}@{sha256}"})
-    digest = local_model_sha256(name)
-    return section if digest is None else section.model_copy(update={"model": f"sha256:{digest}"})
+    return section.model_copy(update={"model": f"sha256:{folder_sha256(Path(name))}"})
 
 
 # Hashing a 15 GB model folder takes ~10 s from the page cache and minutes from a cold disk, and a key is computed
