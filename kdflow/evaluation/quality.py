@@ -156,6 +156,31 @@ def same_vocabulary(tokenizer_a, tokenizer_b) -> bool:
     return tokenizer_a.get_vocab() == tokenizer_b.get_vocab()
 
 
+def answer_logprobs(
+    model, ids: torch.Tensor, attention: torch.Tensor, target: torch.Tensor, vocab: int
+) -> torch.Tensor:
+    """(T, V) float32 log-probabilities at the ``target`` positions (the answer tokens' predictors) only.
+
+    Through the decoder's last hidden states and the LM head at those positions when the head is a plain linear map
+    (``kdflow.training.head.dense_reason``): the head and the softmax then cost nothing at the prompt's and the
+    padding's positions, which on the study's evaluation (a 49k vocabulary, prompts as long as the answers) are half
+    of them. Otherwise (logit soft-capping, scaling) the model's own logits at every position, then the targets."""
+    from kdflow.training.head import dense_reason, final_hidden_states
+
+    target = target.to(model.device)
+    if dense_reason(model) is None:
+        _, hidden = final_hidden_states(
+            model, {"input_ids": ids.to(model.device), "attention_mask": attention.to(model.device)}
+        )
+        head = model.get_output_embeddings()
+        logits = head(hidden[:, :-1][target])[:, :vocab]
+    else:
+        logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits[
+            :, :-1, :vocab
+        ][target]
+    return torch.log_softmax(logits.float(), -1)
+
+
 @torch.inference_mode()
 def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], batch_size: int, teacher=None) -> dict:
     """Teacher-forced on the answer tokens of ``sequences`` (from ``reference_sequences``):
@@ -163,7 +188,8 @@ def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], ba
     - ``perplexity``: exp of the mean negative log-likelihood per answer token;
     - with a ``teacher`` sharing the tokenizer: ``agreement``, the fraction of answer positions where both
       models' most likely next token is the same, and ``kl``, the mean over those positions of
-      KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)), in nats.
+      KL(teacher ‖ student) = Σ_v p_t(v) (log p_t(v) − log p_s(v)), in nats. A ``teacher`` that is ``model`` itself
+      is run once (agreement 1 and KL 0, measured from that one pass).
 
     Logits beyond ``len(tokenizer)`` (padding rows some models add to the embedding) are dropped first.
     """
@@ -172,13 +198,13 @@ def score_reference(model, tokenizer, sequences: list[tuple[list[int], int]], ba
     tokens = 0
     for chunk in _chunks(sequences, batch_size, vocab):
         ids, attention, target = _batch(chunk, tokenizer.pad_token_id, model.device)
-        logp = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab].float(), -1)
-        logp = logp[target]  # (T, V): answer positions only
+        logp = answer_logprobs(model, ids, attention, target, vocab)  # (T, V): answer positions only
         nll -= logp.gather(-1, ids[:, 1:][target].unsqueeze(-1)).sum().item()
         tokens += int(target.sum())
         if teacher is not None:
-            t_logits = teacher(input_ids=ids.to(teacher.device), attention_mask=attention.to(teacher.device)).logits
-            t_logp = torch.log_softmax(t_logits[:, :-1, :vocab].float(), -1)[target.to(teacher.device)].to(logp.device)
+            t_logp = (
+                logp if teacher is model else answer_logprobs(teacher, ids, attention, target, vocab).to(logp.device)
+            )
             agree += (t_logp.argmax(-1) == logp.argmax(-1)).sum().item()
             kl += (t_logp.exp() * (t_logp - logp)).sum().item()
     out = {"perplexity": math.exp(nll / tokens), "nll_per_token": nll / tokens, "reference_tokens": tokens}

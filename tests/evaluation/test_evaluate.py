@@ -1,6 +1,7 @@
 """Quality and cost metrics on cases with known answers: planted outputs, a model against itself, closed
 forms, and the FLOPs formula against a hand count and torch's own FLOP counter."""
 
+import functools
 import math
 from pathlib import Path
 
@@ -167,6 +168,31 @@ def test_agreement_and_kl_between_two_different_models(tokenizer):
             n += len(ids) - start
     assert scores["agreement"] == pytest.approx(agree / n)
     assert scores["kl"] == pytest.approx(kl / n, rel=1e-4) and scores["kl"] > 0
+
+
+def test_scores_through_the_head_at_answer_positions_equal_the_models_own_logits(tokenizer, monkeypatch):
+    # The head runs only at the answer positions when it is a plain linear map; a model whose logits need more (a
+    # soft-capped head, say) takes its own full logits. Both paths must give the same figures.
+    sequences = reference_sequences(tokenizer, ROWS, COT)
+    student, teacher = tiny(tokenizer, seed=1), tiny(tokenizer, seed=2)
+    calls = []
+    real = type(student).forward
+
+    @functools.wraps(real)  # the same signature: logits_to_keep is what tells a plain head
+    def counted(self, *args, **kwargs):
+        calls.append(kwargs.get("logits_to_keep", 0))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(student), "forward", counted)
+    head = score_reference(student, tokenizer, sequences, batch_size=2, teacher=teacher)
+    assert calls and all(k == 1 for k in calls)  # one position's logits per row: the head ran on the answers only
+    calls.clear()
+    import kdflow.training.head as head_module
+
+    monkeypatch.setattr(head_module, "dense_reason", lambda model: "a soft-capped head")
+    dense = score_reference(student, tokenizer, sequences, batch_size=2, teacher=teacher)
+    assert calls and all(k == 0 for k in calls)  # every position's logits
+    assert dense == pytest.approx(head, rel=1e-5)
 
 
 def test_same_vocabulary(tokenizer):
