@@ -95,6 +95,10 @@ def local_server() -> Iterator[str | None]:
         yield None
         return
     env = {
+        # A throwaway server's usage heartbeat to Prefect: on a machine without internet (many training boxes) it
+        # printed an ERROR line, or a "database is locked" traceback racing the new database's migrations, at the
+        # start of every command. Off unless the user turned it on.
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         **os.environ,
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
