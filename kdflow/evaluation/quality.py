@@ -167,17 +167,12 @@ def answer_logprobs(
     of them. Otherwise (logit soft-capping, scaling) the model's own logits at every position, then the targets."""
     from kdflow.training.head import dense_reason, final_hidden_states
 
-    target = target.to(model.device)
+    ids, attention, target = ids.to(model.device), attention.to(model.device), target.to(model.device)
     if dense_reason(model) is None:
-        _, hidden = final_hidden_states(
-            model, {"input_ids": ids.to(model.device), "attention_mask": attention.to(model.device)}
-        )
-        head = model.get_output_embeddings()
-        logits = head(hidden[:, :-1][target])[:, :vocab]
+        _, hidden = final_hidden_states(model, {"input_ids": ids, "attention_mask": attention})
+        logits = model.get_output_embeddings()(hidden[:, :-1][target])[:, :vocab]
     else:
-        logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits[
-            :, :-1, :vocab
-        ][target]
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1, :vocab][target]
     return torch.log_softmax(logits.float(), -1)
 
 
